@@ -1,0 +1,58 @@
+"""The embedding entry point: load any supported weights file into a runnable model.
+
+    from engine.api import load_model
+    lm = load_model("q.safetensors")            # or an HF dir, a GGUF file, None = SmolLM2 default
+    logits = lm.model.forward(np.array(lm.tokenizer.encode("Hello").ids))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .backend import BackendError, resolve_device
+from .config import ModelConfig
+from .model import Model, ModelWeights
+
+
+@dataclass
+class LoadedModel:
+    model: object                 # engine.model.Model (NumPy) or the GPU model
+    config: ModelConfig
+    tokenizer: object             # tokenizers.Tokenizer
+    chat_template: str | None
+    source: str
+    device: str
+    recipe: dict = field(default_factory=dict)   # quantization recipe of a q.safetensors file
+
+
+def load_weights(path=None):
+    """(ModelWeights, tokenizer, chat_template, source, recipe) from a path; None = the default model."""
+    from . import weights  # noqa: PLC0415  (keeps `import engine.api` light)
+    if path is None:
+        path = weights.default_model_path()
+    ck = weights.load_checkpoint(path)
+    if isinstance(ck, weights.Checkpoint):
+        mw = ModelWeights.from_hf(ck.config, ck.tensors)
+        return mw, ck.tokenizer, ck.chat_template, str(ck.source), {}
+    # a quantized file: engine.qfile returns the weights already assembled
+    return ck.weights, ck.tokenizer, ck.chat_template, str(ck.source), dict(ck.recipe)
+
+
+def gpu_engine_available() -> bool:
+    import importlib.util  # noqa: PLC0415
+    return importlib.util.find_spec("engine.model_cuda") is not None
+
+
+def load_model(path=None, device: str = "cpu") -> LoadedModel:
+    asked = device
+    device = resolve_device(device)
+    if device == "cuda" and not gpu_engine_available():
+        if asked == "cuda":
+            raise BackendError("--device cuda: this build has no GPU engine yet; use --device cpu")
+        device = "cpu"
+    mw, tok, tmpl, source, recipe = load_weights(path)
+    if device == "cuda":
+        from .model_cuda import CudaModel  # noqa: PLC0415
+        model = CudaModel(mw)
+    else:
+        model = Model(mw)
+    return LoadedModel(model, mw.config, tok, tmpl, source, device, recipe)

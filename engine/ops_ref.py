@@ -1,0 +1,112 @@
+"""Reference ops of the Llama forward pass, written once against an array module `xp`.
+
+Every op takes and returns float32 arrays of the module that holds its inputs
+(NumPy here; CuPy arrays work too for the float ops). The quantized linear is
+NumPy-only: it is the integer reference (engine/formats.py) the GPU kernels match.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import formats
+from .backend import xp_of
+
+# K-chunk for the exact float32 integer GEMM: products |x8·w8| ≤ 127² = 16129, so a
+# chunk of 1040 channels keeps every partial sum below 2^24, where float32 is exact
+# whatever order BLAS sums in. Chunks are then added in int64.
+EXACT_F32_CHUNK = (1 << 24) // (formats.QMAX_I8 * formats.QMAX_I8)  # 1040
+
+
+def rmsnorm(x, w, eps: float):
+    xp = xp_of(x)
+    var = (x * x).mean(axis=-1, keepdims=True)              # (T, 1)
+    return (x * (1.0 / xp.sqrt(var + eps))).astype(xp.float32) * w
+
+
+def rope_tables(xp, head_dim: int, theta: float, positions):
+    """cos, sin of shape (T, head_dim) for HF's rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))  # (D/2,)
+    freqs = np.outer(np.asarray(positions, dtype=np.float64), inv_freq)                    # (T, D/2)
+    emb = np.concatenate([freqs, freqs], axis=-1)                                          # (T, D)
+    return xp.asarray(np.cos(emb), dtype=xp.float32), xp.asarray(np.sin(emb), dtype=xp.float32)
+
+
+def apply_rope(x, cos, sin):
+    """x (T, H, D) rotated by position: x·cos + rotate_half(x)·sin."""
+    xp = xp_of(x)
+    half = x.shape[-1] // 2
+    rot = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # (T, H, D)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+def attention(q, k, v, q_start: int):
+    """Causal grouped-query attention.
+
+    q (T, Hq, D) at absolute positions q_start..q_start+T-1; k, v (S, Hkv, D) at
+    positions 0..S-1. Query i sees keys 0..q_start+i. Returns (T, Hq·D).
+    """
+    xp = xp_of(q)
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    rep = hq // hkv
+    qg = q.reshape(t, hkv, rep, d).transpose(1, 2, 0, 3)                  # (Hkv, rep, T, D)
+    kt = k.transpose(1, 2, 0)                                             # (Hkv, D, S)
+    scores = (qg @ kt[:, None]) * (1.0 / np.sqrt(d))                      # (Hkv, rep, T, S)
+    qpos = q_start + xp.arange(t)[:, None]                                # (T, 1)
+    kpos = xp.arange(s)[None, :]                                          # (1, S)
+    scores = xp.where(kpos <= qpos, scores, xp.float32(-xp.inf))
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    p = xp.exp(scores)
+    p = p / p.sum(axis=-1, keepdims=True)
+    out = p @ v.transpose(1, 0, 2)[:, None]                               # (Hkv, rep, T, D)
+    return out.transpose(2, 0, 1, 3).reshape(t, hq * d).astype(xp.float32)
+
+
+def silu(x):
+    xp = xp_of(x)
+    return x / (1.0 + xp.exp(-x))
+
+
+def gemm_int8_exact(x8, w8f):
+    """acc = x8 · w8ᵀ exactly, with float32 BLAS on K-chunks of ≤ EXACT_F32_CHUNK.
+
+    x8 (M, K) int8; w8f (N, K) float32 holding int8 values. Returns (M, N) int32,
+    equal to formats.gemm_a8w4_ref (tested) but about 2-4× faster on the CPU.
+    """
+    xf = x8.astype(np.float32)                                           # (M, K)
+    k = xf.shape[1]
+    acc = np.zeros((xf.shape[0], w8f.shape[0]), dtype=np.int64)          # (M, N)
+    for k0 in range(0, k, EXACT_F32_CHUNK):
+        k1 = min(k, k0 + EXACT_F32_CHUNK)
+        acc += (xf[:, k0:k1] @ w8f[:, k0:k1].T).astype(np.int64)
+    return acc.astype(np.int32)
+
+
+class PreparedLinear:
+    """A QuantLinear with its weight expanded once for the NumPy reference path."""
+
+    def __init__(self, ql: formats.QuantLinear):
+        self.ql = ql
+        if ql.kind in ("dg", "i8") and ql.act != "none":
+            self.w8f = ql.int8_weight().astype(np.float32)   # (N, K), exact integers
+            self.wdeq = None
+        else:
+            self.w8f = None
+            self.wdeq = ql.dequantize()                      # (N, K) f32
+
+    def __call__(self, x):
+        ql = self.ql
+        x = np.asarray(x, dtype=np.float32)
+        if self.w8f is None:
+            return formats.linear_ref(x, ql, wdeq=self.wdeq)
+        sx = formats.activation_scales(ql, x)                # (M,)
+        x8 = formats.quantize_act_ref(x, sx)                 # (M, K) int8
+        acc = gemm_int8_exact(x8, self.w8f)                  # (M, N) int32
+        return formats.epilogue_ref(acc, sx, ql.cscale)
+
+
+def linear(x, w):
+    """y = x · wᵀ for a float weight (N, K) or a PreparedLinear."""
+    if isinstance(w, PreparedLinear):
+        return w(x)
+    return x @ w.T
