@@ -107,6 +107,9 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     stop = stop or set()
     cache = model.new_cache(n + budget)
 
+    if temperature == 0 and hasattr(model, "decode_greedy"):
+        return _generate_gpu_greedy(model, prompt_ids, budget, stop, on_token)
+
     t0 = time.perf_counter()
     logits = model.forward(np.asarray(prompt_ids, dtype=np.int64), cache, last_only=True)
     tok = sampling.sample(to_numpy(logits[0]), temperature, top_k, top_p, rng)
@@ -120,5 +123,32 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
         out.append(tok)
         if on_token and tok not in stop:
             on_token(tok)
+    t2 = time.perf_counter()
+    return out, GenerationStats(n, len(out), t1 - t0, t2 - t1)
+
+
+def _generate_gpu_greedy(model, prompt_ids, budget, stop, on_token):
+    """Greedy decoding on the GPU engine: graph-replayed steps, only token ids reach the host."""
+    n = len(prompt_ids)
+    cache = model.new_cache(n + budget)
+    t0 = time.perf_counter()
+    first = int(model.prefill(np.asarray(prompt_ids), cache)[0].argmax())   # on the GPU; one id crosses
+    t1 = time.perf_counter()
+    out = [first]
+    if first not in stop:
+        if on_token:
+            on_token(first)
+
+        def step(ids):
+            tok = int(ids[0])
+            out.append(tok)
+            if tok in stop:
+                return True
+            if on_token:
+                on_token(tok)
+            return False
+
+        if budget > 1:
+            model.decode_greedy(cache, [first], budget - 1, on_step=step)
     t2 = time.perf_counter()
     return out, GenerationStats(n, len(out), t1 - t0, t2 - t1)

@@ -1,0 +1,340 @@
+"""The GPU engine: the same Llama forward as engine/model.py on CuPy, with fused kernels.
+
+Per layer and step: rmsnorm_quant → fused qkv A8W4 GEMM → rope_qkv_cache → attention
+(flash-decoding for one new token per sequence, a cuBLAS-backed causal attention for
+prefill) → quant_rows → o GEMM → residual_add → rmsnorm_quant → fused gate|up GEMM →
+silu_mul_quant → down GEMM → residual_add. The residual stream is float32; GEMM
+outputs, q and the KV cache are float16. Layers whose weights are float run the same
+steps with cuBLAS FP16 linears: that is "our FP16 path", the in-run speed baseline.
+
+A decode step for a batch of sequences is captured once as a CUDA graph: every
+buffer is preallocated, positions and lengths live on the device and the greedy
+argmax advances them inside the graph, so a replay needs no host work and only the
+sampled token ids cross back to the host.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import formats, kernels, ops_cuda
+from .backend import BackendError, _cupy
+from .config import ModelConfig
+from .model import ModelError, ModelWeights
+
+MODE = {"static": 0, "dynamic": 1, "fp16": 2}
+DECODE_CHUNK = 256          # keys per flash-decoding block (cuda/fused.cu DEC_MAX_CHUNK)
+
+
+def _fuse(qls):
+    """Concatenate QuantLinears that read one input along N (q|k|v, gate|up)."""
+    a = qls[0]
+    for q in qls[1:]:
+        if (q.kind, q.act, q.group, q.in_features) != (a.kind, a.act, a.group, a.in_features):
+            raise ModelError("layers fused into one GEMM must share kind, act mode, group and K")
+        if a.act == "static" and q.ascale != a.ascale:
+            raise ModelError("q/k/v (and gate/up) read one input and must share one static act scale")
+    cat = lambda f: np.concatenate([getattr(q, f) for q in qls], axis=0)  # noqa: E731
+    return formats.QuantLinear(kind=a.kind, act=a.act, in_features=a.in_features,
+                               out_features=sum(q.out_features for q in qls), group=a.group,
+                               qweight=cat("qweight"), qzeros=cat("qzeros"), gscale=cat("gscale"),
+                               cscale=cat("cscale"), ascale=a.ascale)
+
+
+class GpuLinear:
+    """One (possibly fused) linear on the GPU: packed A8W4 or a float16 weight for cuBLAS."""
+
+    def __init__(self, cp, ws):
+        self.cp = cp
+        if all(isinstance(w, formats.QuantLinear) for w in ws):
+            ql = ws[0] if len(ws) == 1 else _fuse(ws)
+            if ql.kind != "dg":
+                raise BackendError(f"the GPU engine runs dual-grained ('dg') layers; this file holds "
+                                   f"'{ql.kind}' layers: use --device cpu")
+            self.packed = ops_cuda.pack_for_gpu(ql)
+            self.mode = MODE[ql.act]
+            self.scale = cp.asarray([ql.ascale or 1.0], dtype=cp.float32)   # read by static mode only
+            self.w16 = None
+            self.n = ql.out_features
+        elif all(isinstance(w, np.ndarray) for w in ws):
+            w = np.concatenate(ws, axis=0) if len(ws) > 1 else ws[0]
+            self.w16 = cp.asarray(w, dtype=cp.float16)                      # (N, K)
+            self.packed, self.mode, self.scale = None, MODE["fp16"], cp.ones(1, cp.float32)
+            self.n = w.shape[0]
+        else:
+            raise ModelError("a fused group mixes float and quantized weights")
+
+    def __call__(self, x8, sx, xh, out):
+        """out (M, N) fp16 = x · Wᵀ from int8 x8 with scales sx, or from fp16 xh."""
+        if self.w16 is not None:
+            self.cp.matmul(xh, self.w16.T, out=out)
+        else:
+            ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out)
+        return out
+
+    def nbytes(self) -> int:
+        if self.w16 is not None:
+            return self.w16.nbytes
+        return ops_cuda.packed_nbytes(self.packed)
+
+
+class GpuKVCache:
+    """float16 K/V for L layers and B sequences: (L, B, cap, Hkv, D); lengths on host and device."""
+
+    def __init__(self, cp, config: ModelConfig, capacity: int, batch: int = 1):
+        shape = (config.num_hidden_layers, batch, capacity, config.num_key_value_heads, config.head_dim)
+        self.k = cp.zeros(shape, dtype=cp.float16)
+        self.v = cp.zeros(shape, dtype=cp.float16)
+        self.capacity, self.batch = capacity, batch
+        self.lens_host = np.zeros(batch, dtype=np.int64)
+        self.graph = None          # the captured decode step, built on first use
+        self.step = None           # its buffers
+
+    @property
+    def length(self) -> int:
+        return int(self.lens_host[0])
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class _Buffers:
+    """Preallocated activations for up to M rows (graph capture allows no allocation).
+
+    Scratch that holds operands of different widths is one flat buffer, viewed as a
+    contiguous (m, n) matrix on demand: kernels and GEMMs index rows densely.
+    """
+
+    def __init__(self, cp, c: ModelConfig, m: int, vocab_rows: int):
+        h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
+        wide = max(h, i, c.q_size)
+        f16, f32 = cp.float16, cp.float32
+        self.h = cp.zeros((m, h), f32)
+        self._x8 = cp.zeros((m * wide,), cp.int8)
+        self._xh = cp.zeros((m * wide,), f16)
+        self.sx = cp.zeros((m,), f32)
+        self.qkv = cp.zeros((m, c.q_size + 2 * c.kv_size), f16)
+        self.q = cp.zeros((m, c.num_attention_heads, d), f16)
+        self.a = cp.zeros((m, c.q_size), f16)
+        self.y = cp.zeros((m, h), f16)
+        self.gu = cp.zeros((m, 2 * i), f16)
+        self.logits = cp.zeros((vocab_rows, c.vocab_size), f16)
+
+    def x8(self, m: int, n: int):
+        return self._x8[:m * n].reshape(m, n)
+
+    def xh(self, m: int, n: int):
+        return self._xh[:m * n].reshape(m, n)
+
+
+class CudaModel:
+    """Runs ModelWeights on the GPU. Same forward() contract as engine.model.Model."""
+
+    def __init__(self, weights: ModelWeights):
+        cp = _cupy()
+        if cp is None:
+            raise BackendError("the GPU engine needs CuPy and a CUDA device")
+        self.cp, self.config, c = cp, weights.config, weights.config
+        if c.head_dim > 128 or c.head_dim % 32:
+            raise BackendError(f"the GPU attention kernels need head_dim a multiple of 32 up to 128, "
+                               f"got {c.head_dim}")
+        self.k = kernels.fused_module()
+        self.embed = cp.asarray(weights.embed, dtype=cp.float16)               # (V, H)
+        self.lm_head = self.embed if c.tie_word_embeddings else cp.asarray(weights.lm_head, cp.float16)
+        self.norm = cp.asarray(weights.norm, dtype=cp.float32)
+        self.layers = []
+        for L in weights.layers:
+            self.layers.append(dict(
+                attn_norm=cp.asarray(L.attn_norm, cp.float32), mlp_norm=cp.asarray(L.mlp_norm, cp.float32),
+                qkv=GpuLinear(cp, [L.q, L.k, L.v]), o=GpuLinear(cp, [L.o]),
+                gu=GpuLinear(cp, [L.gate, L.up]), down=GpuLinear(cp, [L.down])))
+        inv = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
+        ang = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), inv)  # (P, D/2)
+        self.cos = cp.asarray(np.cos(ang), dtype=cp.float32)
+        self.sin = cp.asarray(np.sin(ang), dtype=cp.float32)
+        self._bufs = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def weight_bytes(self) -> dict:
+        lin = sum(g.nbytes() for L in self.layers for g in (L["qkv"], L["o"], L["gu"], L["down"]))
+        other = self.embed.nbytes + self.norm.nbytes + sum(
+            L["attn_norm"].nbytes + L["mlp_norm"].nbytes for L in self.layers)
+        if self.lm_head is not self.embed:
+            other += self.lm_head.nbytes
+        return {"linears": lin, "other": other}
+
+    def new_cache(self, capacity: int | None = None, batch: int = 1) -> GpuKVCache:
+        return GpuKVCache(self.cp, self.config, capacity or self.config.max_position_embeddings, batch)
+
+    def _buffers(self, m: int, vocab_rows: int):
+        key = (m, vocab_rows)
+        if key not in self._bufs:
+            self._bufs[key] = _Buffers(self.cp, self.config, m, vocab_rows)
+        return self._bufs[key]
+
+    # ------------------------------------------------------------------ the layer stack
+    def _launch(self, name, grid, block, args):
+        self.k.get_function(name)(grid, block, args)
+
+    def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, pos, seq, attend):
+        """Run every layer on b.h[:m] in place. attend(layer, b) fills b.a from b.q and the cache."""
+        c, cp = self.config, self.cp
+        hq, hkv, d, hid, inter = (c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                  c.hidden_size, c.intermediate_size)
+        eps = np.float32(c.rms_norm_eps)
+        n_h = np.int32(m * hid)
+        for li, L in enumerate(self.layers):
+            qkv, o, gu, down = L["qkv"], L["o"], L["gu"], L["down"]
+            x8, xh = b.x8(m, hid), b.xh(m, hid)
+            self._launch("rmsnorm_quant", (m,), (256,), (b.h, L["attn_norm"], np.int32(hid), eps,
+                         np.int32(qkv.mode), qkv.scale, x8, b.sx, xh))
+            qkv(x8, b.sx[:m], xh, b.qkv[:m])
+            self._launch("rope_qkv_cache", (m, hq + hkv), (d // 2,),
+                         (b.qkv, np.int32(hq), np.int32(hkv), np.int32(d), pos, seq, self.cos, self.sin,
+                          b.q, cache.k[li], cache.v[li], np.int32(cache.capacity)))
+            attend(li, b)                                                   # b.a[:m] (M, Hq·D)
+            a8, ah = b.x8(m, c.q_size), b.a[:m]
+            if o.mode != MODE["fp16"]:
+                self._launch("quant_rows", (m,), (256,), (b.a, np.int32(c.q_size), np.int32(o.mode),
+                             o.scale, a8, b.sx))
+            o(a8, b.sx[:m], ah, b.y[:m])
+            self._launch("residual_add", ((m * hid + 255) // 256,), (256,), (b.h, b.y, n_h))
+            self._launch("rmsnorm_quant", (m,), (256,), (b.h, L["mlp_norm"], np.int32(hid), eps,
+                         np.int32(gu.mode), gu.scale, x8, b.sx, xh))
+            gu(x8, b.sx[:m], xh, b.gu[:m])
+            m8, mh = b.x8(m, inter), b.xh(m, inter)
+            self._launch("silu_mul_quant", (m,), (256,), (b.gu, np.int32(inter), np.int32(down.mode),
+                         down.scale, m8, b.sx, mh))
+            down(m8, b.sx[:m], mh, b.y[:m])
+            self._launch("residual_add", ((m * hid + 255) // 256,), (256,), (b.h, b.y, n_h))
+
+    def _head(self, b: _Buffers, rows: slice, nrows: int):
+        """Final norm + lm_head for b.h[rows] into b.logits[:nrows] (fp16)."""
+        c, cp = self.config, self.cp
+        h = b.h[rows]
+        xh = b.xh(nrows, c.hidden_size)
+        self._launch("rmsnorm_quant", (nrows,), (256,), (h, self.norm, np.int32(c.hidden_size),
+                     np.float32(c.rms_norm_eps), np.int32(MODE["fp16"]), self.norm, b.x8(nrows, 1), b.sx, xh))
+        cp.matmul(xh, self.lm_head.T, out=b.logits[:nrows])
+
+    # ------------------------------------------------------------------ prefill / full forward
+    def _attend_prefill(self, cache: GpuKVCache, s: int, start: int, t: int):
+        """Causal GQA of t new queries against the first start+t cached keys of sequence s."""
+        cp, c = self.cp, self.config
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        rep = hq // hkv
+
+        def attend(li, b):
+            n = start + t
+            q = b.q[:t].astype(cp.float32).reshape(t, hkv, rep, d).transpose(1, 2, 0, 3)  # (Hkv, rep, T, D)
+            k = cache.k[li, s, :n].astype(cp.float32).transpose(1, 2, 0)                  # (Hkv, D, S)
+            v = cache.v[li, s, :n].astype(cp.float32).transpose(1, 0, 2)                  # (Hkv, S, D)
+            sc = cp.matmul(q, k[:, None]) * np.float32(1.0 / np.sqrt(d))                  # (Hkv, rep, T, S)
+            future = cp.arange(n)[None, :] > (start + cp.arange(t))[:, None]               # (T, S)
+            sc = cp.where(future, cp.float32(-cp.inf), sc)
+            sc -= sc.max(axis=-1, keepdims=True)
+            p = cp.exp(sc)
+            p /= p.sum(axis=-1, keepdims=True)
+            out = cp.matmul(p, v[:, None])                                                # (Hkv, rep, T, D)
+            b.a[:t] = out.transpose(2, 0, 1, 3).reshape(t, hq * d).astype(cp.float16)
+        return attend
+
+    def prefill(self, tokens, cache: GpuKVCache, seq: int = 0, logits: str = "last"):
+        """Append tokens (T,) to sequence `seq` of the cache; fp16 logits (T or 1, V) on the GPU."""
+        cp, c = self.cp, self.config
+        tokens = np.asarray(tokens)
+        t = int(tokens.shape[0])
+        start = int(cache.lens_host[seq])
+        if t == 0 or start + t > cache.capacity:
+            raise ModelError(f"cannot add {t} tokens to a cache holding {start} of {cache.capacity}")
+        rows = t if logits == "all" else 1
+        b = self._buffers(t, rows)
+        tok = cp.asarray(tokens, dtype=cp.int32)
+        pos = cp.arange(start, start + t, dtype=cp.int32)
+        seqs = cp.full((t,), seq, dtype=cp.int32)
+        self._launch("embed_gather", (t,), (256,), (self.embed, tok, np.int32(c.hidden_size), b.h))
+        self._layers(b, t, cache, pos, seqs, self._attend_prefill(cache, seq, start, t))
+        cache.lens_host[seq] += t
+        self._head(b, slice(0, t) if logits == "all" else slice(t - 1, t), rows)
+        return b.logits[:rows]
+
+    def forward(self, tokens, cache: GpuKVCache | None = None, observer=None, last_only: bool = False):
+        """Same contract as Model.forward: float32 logits (T, V), or (1, V) when last_only (CuPy)."""
+        if observer is not None:
+            raise ModelError("observers run on the NumPy path (--device cpu)")
+        tokens = np.asarray(tokens)
+        c = self.config
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise ModelError(f"forward needs a non-empty 1-D token array, got shape {tokens.shape}")
+        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
+            raise ModelError(f"token ids must lie in [0, {c.vocab_size})")
+        if cache is None:
+            cache = self.new_cache(len(tokens))
+        if cache.length + len(tokens) > c.max_position_embeddings:
+            raise ModelError(f"sequence exceeds the context of {c.max_position_embeddings}")
+        return self.prefill(tokens, cache, 0, "last" if last_only else "all").astype(self.cp.float32)
+
+    # ------------------------------------------------------------------ graphed greedy decode
+    def _decode_step(self, cache: GpuKVCache, st: dict):
+        c, b, nb = self.config, st["bufs"], cache.batch
+        hq, d = c.num_attention_heads, c.head_dim
+        nsplit = st["nsplit"]
+
+        def attend(li, bb):
+            self._launch("attn_decode_split", (nb, hq, nsplit), (128,),
+                         (bb.q, cache.k[li], cache.v[li], st["lens"], np.int32(hq),
+                          np.int32(c.num_key_value_heads), np.int32(d), np.int32(cache.capacity),
+                          np.int32(DECODE_CHUNK), np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"]))
+            self._launch("attn_decode_combine", (nb, hq), (d,),
+                         (st["ml"], st["acc"], np.int32(hq), np.int32(d), np.int32(nsplit), bb.a))
+
+        self._launch("embed_gather", (nb,), (256,), (self.embed, st["tok"], np.int32(c.hidden_size), b.h))
+        self._layers(b, nb, cache, st["pos"], st["seq"], attend)
+        self._head(b, slice(0, nb), nb)
+        self._launch("argmax_rows", (nb,), (1024,), (b.logits, np.int32(c.vocab_size), st["tok"],
+                     np.int32(1), st["pos"], st["lens"]))
+
+    def _decode_state(self, cache: GpuKVCache, last_tokens):
+        cp, nb = self.cp, cache.batch
+        nsplit = -(-cache.capacity // DECODE_CHUNK)
+        d, hq = self.config.head_dim, self.config.num_attention_heads
+        return {"bufs": _Buffers(cp, self.config, nb, nb), "nsplit": nsplit,
+                "tok": cp.asarray(np.asarray(last_tokens, dtype=np.int32)),
+                "pos": cp.asarray(cache.lens_host.astype(np.int32)),
+                "lens": cp.asarray(cache.lens_host.astype(np.int32) + 1),
+                "seq": cp.arange(nb, dtype=cp.int32),
+                "ml": cp.zeros((nb * hq * nsplit * 2,), cp.float32),
+                "acc": cp.zeros((nb * hq * nsplit * d,), cp.float32)}
+
+    def decode_greedy(self, cache: GpuKVCache, last_tokens, n_steps: int, use_graph: bool = True,
+                      on_step=None):
+        """n_steps greedy tokens for every sequence of the cache, starting from last_tokens (B,).
+
+        Each step feeds the previous token (at position lens) and writes the next into the
+        device buffer; on_step(ids (B,)) sees each step's ids (one small device→host copy) and
+        stops the loop by returning True. Returns (steps done, B) int32 on the host.
+        """
+        cp = self.cp
+        if int(cache.lens_host.max()) + n_steps > cache.capacity:
+            raise ModelError("the KV cache is too small for that many decode steps")
+        st = self._decode_state(cache, last_tokens)
+        stream = cp.cuda.Stream(non_blocking=True)
+        out = cp.zeros((n_steps, cache.batch), dtype=cp.int32)
+        graph = None
+        done = 0
+        with stream:
+            if use_graph:
+                stream.begin_capture()
+                self._decode_step(cache, st)
+                graph = stream.end_capture()
+            for i in range(n_steps):
+                if graph is not None:
+                    graph.launch(stream)
+                else:
+                    self._decode_step(cache, st)
+                out[i] = st["tok"]
+                done = i + 1
+                if on_step is not None and on_step(cp.asnumpy(st["tok"])):
+                    break
+        stream.synchronize()
+        cache.lens_host += done
+        return cp.asnumpy(out[:done])
