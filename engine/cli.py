@@ -98,7 +98,7 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, device):
         raise click.UsageError("give exactly one of --text FILE or --corpus wiki")
     text = data.load_text_file(text_path) if text_path else data.wiki_text("eval")
     lm = load_model(weights_path, device)
-    tokens = np.asarray(lm.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+    tokens = np.asarray(data.encode_text(lm.tokenizer, text), dtype=np.int32)
     t0 = time.perf_counter()
     r = perplexity(lambda t: lm.model.forward(t), tokens, window=window, max_windows=max_windows)
     dt = time.perf_counter() - t0

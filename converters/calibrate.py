@@ -1,0 +1,220 @@
+"""Calibration: run the float model over token sequences and record each linear input's statistics.
+
+For every layer l and site (engine.model.SITES: attn_in → q,k,v; o_in → o;
+mlp_in → gate,up; down_in → down) we accumulate over all calibration tokens:
+
+  absmax      (K,)   float32  per-channel max |x_j|           (smoothing, FPTQ policy)
+  tok_absmax  (T,)   float32  per-token max_j |x_j|            (static activation scale)
+  H           (K, K) float64  Gram matrix XᵀX                  (DGQ / FPTQ weight search)
+
+and, when asked (kv8), per layer and KV head the max |v| and the max RoPE pair
+magnitude sqrt(k_j² + k_{j+D/2}²) of k before rotation — RoPE rotates each such
+pair, so this bounds |k| after rotation at every position, also beyond the
+calibration length.
+
+Statistics come from the float model (not layer-by-layer from the already
+quantized layers 0..l−1): one or two forward passes serve every layer, and the
+quantization of each layer is independent (docs/FORMAT.md, "Recipe").
+
+H is accumulated in float64 with BLAS dsyrk (half the work of XᵀX), one
+sequence at a time; memory is Σ K² · 8 bytes over the sites (SmolLM2-135M:
+about 0.8 GB); `layers=` restricts the statistics to some layers (and stops the
+forward after the last one) to bound memory on larger models.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.linalg.blas import dsyrk
+
+DEFAULT_N_SEQ = 64       # calibration sequences ...
+DEFAULT_SEQ_LEN = 512    # ... of this many tokens: 32768 tokens for SmolLM2
+DEFAULT_SEED = 0
+
+
+class CalibrationError(ValueError):
+    """Calibration input (tokens, text file, options) that cannot be used."""
+
+
+@dataclass
+class SiteStats:
+    absmax: np.ndarray                   # (K,) float32
+    tok_absmax: np.ndarray               # (T,) float32
+    H: np.ndarray | None                 # (K, K) float64, symmetric; None when not collected
+    n_tokens: int
+
+    @property
+    def amax(self) -> float:
+        """max |x| over all tokens and channels."""
+        return float(self.absmax.max(initial=0.0))
+
+
+@dataclass
+class Calibration:
+    sites: dict                          # (layer, site) -> SiteStats
+    kv_absmax: np.ndarray | None         # (L, 2, Hkv) float32: [k pair-magnitude max, v absmax]
+    n_seq: int
+    seq_len: int
+    source: str
+    info: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+def calibration_tokens(tokenizer, calib=None, n_seq: int = DEFAULT_N_SEQ, seq_len: int = DEFAULT_SEQ_LEN,
+                       seed: int = DEFAULT_SEED, vocab_size: int | None = None):
+    """Token sequences (n_seq, seq_len) int32 and a description of their source.
+
+    calib: None → the wiki corpus "calib" split (engine.data); a path → that UTF-8
+    text file; "random" → uniform random token ids (FPTQ reports that this works
+    too; needs vocab_size); an int array (n, T) → used as given.
+    """
+    from engine import data  # noqa: PLC0415  (corpus code only when calibrating)
+    if isinstance(calib, np.ndarray):
+        if calib.ndim != 2 or calib.size == 0 or not np.issubdtype(calib.dtype, np.integer):
+            raise CalibrationError(f"calibration tokens must be a non-empty 2-D integer array, got "
+                                   f"{calib.dtype} {calib.shape}")
+        return calib.astype(np.int32), f"tokens {calib.shape[0]}x{calib.shape[1]}"
+    if isinstance(calib, str) and calib == "random":
+        if not vocab_size:
+            raise CalibrationError("random calibration tokens need the vocabulary size")
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, vocab_size, size=(n_seq, seq_len)).astype(np.int32), "random tokens"
+    if calib is None:
+        return data.calibration_sequences(tokenizer, n_seq, seq_len, split="calib", seed=seed), "wiki:calib"
+    if isinstance(calib, (str, os.PathLike)):
+        text = data.load_text_file(calib)
+        return data.calibration_sequences(tokenizer, n_seq, seq_len, text=text, seed=seed), f"file:{calib}"
+    raise CalibrationError(f"calib must be None, a text file path, 'random' or a token array, got {type(calib)}")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+class _Stop(Exception):
+    """Raised by the observer past the last layer of interest to end the forward early."""
+
+
+def _linear_float(w) -> np.ndarray:
+    return w.dequantize() if hasattr(w, "dequantize") else np.asarray(w, dtype=np.float32)
+
+
+class _Observer:
+    def __init__(self, weights, gram: bool, kv: bool, layers, sites):
+        c = weights.config
+        self.gram, self.kv = gram, kv
+        self.layers = set(layers)
+        self.last = max(self.layers)
+        self.sites = set(sites)
+        self.absmax, self.tok, self.H, self.n = {}, {}, {}, {}
+        self.kv_absmax = np.zeros((c.num_hidden_layers, 2, c.num_key_value_heads), np.float32) if kv else None
+        self.kv_w = {}
+        if kv:
+            for li in self.layers:
+                L = weights.layers[li]
+                self.kv_w[li] = (_linear_float(L.k), _linear_float(L.v))
+        self.hkv, self.d = c.num_key_value_heads, c.head_dim
+
+    def __call__(self, li: int, site: str, x):
+        if li > self.last:
+            raise _Stop
+        if li not in self.layers:
+            return
+        x = np.asarray(x, dtype=np.float32)                              # (T, K)
+        if site in self.sites:
+            key = (li, site)
+            ax = np.abs(x)                                               # (T, K)
+            cmax = ax.max(axis=0)                                        # (K,)
+            self.absmax[key] = cmax if key not in self.absmax else np.maximum(self.absmax[key], cmax)
+            self.tok.setdefault(key, []).append(ax.max(axis=1))          # (T,)
+            self.n[key] = self.n.get(key, 0) + x.shape[0]
+            if self.gram:
+                k = x.shape[1]
+                if key not in self.H:
+                    self.H[key] = np.zeros((k, k), dtype=np.float64, order="F")
+                # Upper triangle of H += XᵀX (A = Xᵀ is (K, T), F-ordered as a view of X).
+                self.H[key] = dsyrk(1.0, x.astype(np.float64).T, beta=1.0, c=self.H[key],
+                                    trans=0, lower=0, overwrite_c=1)
+        if self.kv and site == "attn_in":
+            wk, wv = self.kv_w[li]
+            t, h, d = x.shape[0], self.hkv, self.d
+            k = (x @ wk.T).reshape(t, h, d)                              # (T, Hkv, D) before RoPE
+            v = (x @ wv.T).reshape(t, h, d)                              # (T, Hkv, D)
+            pair = np.sqrt(k[..., : d // 2] ** 2 + k[..., d // 2:] ** 2)  # (T, Hkv, D/2)
+            np.maximum(self.kv_absmax[li, 0], pair.max(axis=(0, 2)), out=self.kv_absmax[li, 0])
+            np.maximum(self.kv_absmax[li, 1], np.abs(v).max(axis=(0, 2)), out=self.kv_absmax[li, 1])
+
+
+def _symmetric(Hu: np.ndarray) -> np.ndarray:
+    """Full symmetric matrix from dsyrk's upper triangle, C-ordered."""
+    H = np.triu(Hu)
+    return np.ascontiguousarray(H + np.triu(H, 1).T)
+
+
+def calibrate(weights, seqs, *, gram: bool = True, kv: bool = False, layers=None, sites=None,
+              progress: bool = True, desc: str = "calibrate", source: str = "tokens") -> Calibration:
+    """Run engine.model.Model(weights) over each sequence of `seqs` (n, T) and collect statistics.
+
+    gram: also accumulate H = XᵀX (costly: skip it for RTN methods).
+    kv:   also collect the per-head K/V maxima for an 8-bit KV cache.
+    layers / sites: restrict the statistics (default: all).
+    """
+    from engine.model import SITES, Model  # noqa: PLC0415
+    seqs = np.asarray(seqs)
+    if seqs.ndim != 2 or seqs.size == 0:
+        raise CalibrationError(f"calibration sequences must be a non-empty (n, T) array, got {seqs.shape}")
+    c = weights.config
+    layers = list(range(c.num_hidden_layers)) if layers is None else sorted(set(layers))
+    sites = SITES if sites is None else tuple(sites)
+    obs = _Observer(weights, gram, kv, layers, sites)
+    model = Model(weights)
+    it = range(seqs.shape[0])
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+        it = tqdm(it, desc=desc, unit="seq", leave=False)
+    for i in it:
+        try:
+            model.forward(seqs[i], observer=obs, last_only=True)
+        except _Stop:
+            pass
+    stats = {}
+    for key in obs.absmax:
+        stats[key] = SiteStats(absmax=obs.absmax[key], tok_absmax=np.concatenate(obs.tok[key]),
+                               H=_symmetric(obs.H[key]) if gram else None, n_tokens=obs.n[key])
+        obs.H.pop(key, None)                                             # free as we go
+    return Calibration(sites=stats, kv_absmax=obs.kv_absmax, n_seq=int(seqs.shape[0]),
+                       seq_len=int(seqs.shape[1]), source=source)
+
+
+# ----------------------------------------------------------------------------- activation scales
+
+ACT_CLIPS = ("max",)   # or a percentile in (0, 100] of the per-token absmax, e.g. 99.9
+
+
+def parse_act_clip(clip) -> str | float:
+    """'max' or a float percentile in (0, 100]; raise CalibrationError otherwise."""
+    if clip == "max":
+        return "max"
+    try:
+        p = float(clip)
+    except (TypeError, ValueError):
+        raise CalibrationError(f"act_clip must be 'max' or a percentile in (0, 100], got {clip!r}") from None
+    if not 0 < p <= 100:
+        raise CalibrationError(f"act_clip percentile must lie in (0, 100], got {p}")
+    return p
+
+
+def static_ascale(st: SiteStats, clip="max") -> float:
+    """Per-tensor symmetric INT8 scale: clipped amax / 127.
+
+    clip "max": amax = the largest |x| seen in calibration (never clips a calibration
+    token); a percentile p: amax = the p-th percentile of the per-token absmax
+    (tokens above it saturate at ±127).
+    """
+    clip = parse_act_clip(clip)
+    t = st.tok_absmax
+    amax = float(t.max(initial=0.0)) if clip == "max" else float(np.percentile(t, clip))
+    if not amax > 0:
+        amax = 1.0      # an all-zero input: any scale is exact
+    return float(np.float32(amax / 127.0))

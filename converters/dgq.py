@@ -1,0 +1,320 @@
+"""Per-layer weight quantizers: RTN UINT4 groups and the DGQ dual-grained search.
+
+Notation (../shared/ALGORITHMS.md §1, engine/formats.py): a linear is y = x · Wᵀ,
+W (N out, K in), groups of `group` consecutive input channels, G = ceil(K/group)
+groups (the last one may be short). H = XᵀX (K, K) float64 is the Gram matrix of
+the layer's calibration inputs X (T tokens, K): for any weight error d (N, K),
+the output error is ‖X dᵀ‖² = Σ_n d[n] H d[n]ᵀ, so the searches below need H,
+never X (the "Gram trick"; H is accumulated once per site by calibrate.py).
+
+Choices the paper leaves open (documented in docs/FORMAT.md as well):
+- The min/max of a group always include 0 (lo = min(w, 0), hi = max(w, 0)), so 0
+  is exactly representable and a short last group can be zero-padded to `group`
+  channels without changing its range (padded channels get code z, error 0, and
+  their rows/cols of H are zero).
+- Rounding is round-half-to-even (np.rint) everywhere.
+- Phase 2 keeps the phase-1 codes (only clamped by the overflow guard), as the
+  paper does; it does not re-round them at the effective scale S·s8.
+- Both grids also contain r = 1 exactly (the RTN start), and the final choice per
+  row is whichever of {searched, RTN start (r=1, r=1)} has the lower full-row
+  objective in float64 — so the search is never worse than RTN on the objective.
+- The phase-2 grid is evaluated in float32 (2× faster BLAS; the ranking of grid
+  points is unaffected in practice); the final RTN comparison is in float64.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine import formats
+from engine.formats import QMAX_I8, QMAX_U4, S_MAX, S_MIN
+
+# Clipping-ratio grids of the two phases (ALGORITHMS.md §1), plus r = 1 (RTN).
+PHASE1_RATIOS = np.concatenate([[1.0], 1.02 - 0.22 * np.arange(1, 21) / 20])   # (21,)
+PHASE2_RATIOS = np.concatenate([[1.0], 1.02 - 0.82 * np.arange(1, 81) / 80])   # (81,)
+
+# Rows per chunk are chosen so that one (rows, K) float64 temporary stays near
+# this many elements (8 MiB·4): bounds memory for 7B-size layers, and is large
+# enough that the BLAS calls run at full speed.
+CHUNK_ELEMS = 1 << 22
+
+
+class QuantizeError(ValueError):
+    """A weight, Gram matrix or option that the quantizers cannot work with."""
+
+
+def _row_chunks(n: int, per_row: int):
+    step = max(1, CHUNK_ELEMS // max(1, per_row))
+    for a in range(0, n, step):
+        yield a, min(n, a + step)
+
+
+def _check_weight(W) -> np.ndarray:
+    W = np.asarray(W)
+    if W.ndim != 2 or W.size == 0:
+        raise QuantizeError(f"a weight must be a non-empty 2-D (N, K) array, got shape {W.shape}")
+    if not np.isfinite(W).all():
+        raise QuantizeError("the weight holds NaN or Inf values")
+    return W
+
+
+def _check_gram(H, k: int) -> np.ndarray:
+    H = np.asarray(H)
+    if H.shape != (k, k):
+        raise QuantizeError(f"Gram matrix has shape {H.shape}, expected ({k}, {k})")
+    if not np.isfinite(H).all():
+        raise QuantizeError("the Gram matrix holds NaN or Inf values")
+    return H
+
+
+# ----------------------------------------------------------------------------- groups
+
+def to_groups(W: np.ndarray, group: int) -> np.ndarray:
+    """(N, K) -> (N, G, group) float64, the short last group zero-padded."""
+    n, k = W.shape
+    G = formats.n_groups(k, group)
+    Wp = np.zeros((n, G * group), dtype=np.float64)
+    Wp[:, :k] = W
+    return Wp.reshape(n, G, group)
+
+
+def from_groups(a: np.ndarray, k: int) -> np.ndarray:
+    """(N, G, group) -> (N, K), dropping the padding."""
+    return a.reshape(a.shape[0], -1)[:, :k]
+
+
+def h_blocks(H: np.ndarray, group: int) -> np.ndarray:
+    """The diagonal (group, group) blocks of H, zero-padded: (G, group, group) float64."""
+    k = H.shape[0]
+    G = formats.n_groups(k, group)
+    Hp = np.zeros((G * group, G * group), dtype=np.float64)
+    Hp[:k, :k] = H
+    idx = np.arange(G)
+    return Hp.reshape(G, group, G, group)[idx, :, idx, :]       # (G, g, g)
+
+
+def group_range(Wg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """lo = min(w, 0), hi = max(w, 0) per group: two (N, G) arrays."""
+    return np.minimum(Wg.min(axis=-1), 0.0), np.maximum(Wg.max(axis=-1), 0.0)
+
+
+def group_params(lo: np.ndarray, hi: np.ndarray, r) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric UINT4 scale and zero point at clipping ratio r: s (N, G) f64, z (N, G) f64.
+
+    s = r·(hi − lo)/15, z = clamp(round(−r·lo/s), 0, 15). An all-zero group gets
+    s = 1 (any positive value works: its codes are all z and dequantize to 0).
+    """
+    r = np.asarray(r, dtype=np.float64)
+    if r.ndim == 1:
+        r = r[:, None]                                                   # per-row ratio
+    s = r * (hi - lo) / QMAX_U4                                          # (N, G)
+    s = np.where(s > 0, s, 1.0)
+    z = np.clip(np.rint(-r * lo / s), 0, QMAX_U4)                        # (N, G)
+    return s, z
+
+
+def group_codes(Wg: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """q = clamp(round(w / s) + z, 0, 15): (N, G, group) float64 holding integers."""
+    return np.clip(np.rint(Wg / s[..., None]) + z[..., None], 0, QMAX_U4)
+
+
+def rtn_w4(W, group: int = formats.DEFAULT_GROUP):
+    """Round-to-nearest asymmetric per-group min-max UINT4.
+
+    Returns codes (N, K) uint8, zeros (N, G) uint8, scales (N, G) float32 with
+    W ≈ (codes − zeros[:, k//group]) · scales[:, k//group]. Handles K % group ≠ 0.
+    """
+    W = _check_weight(W)
+    n, k = W.shape
+    codes = np.empty((n, k), dtype=np.uint8)
+    G = formats.n_groups(k, group)
+    zeros = np.empty((n, G), dtype=np.uint8)
+    scales = np.empty((n, G), dtype=np.float32)
+    for a, b in _row_chunks(n, G * group):
+        Wg = to_groups(W[a:b], group)                                    # (n, G, g)
+        s, z = group_params(*group_range(Wg), 1.0)
+        codes[a:b] = from_groups(group_codes(Wg, s, z), k)
+        zeros[a:b] = z
+        scales[a:b] = s
+    return codes, zeros, scales
+
+
+# ----------------------------------------------------------------------------- DGQ phase 1
+
+def phase1(W, Hb: np.ndarray | None, group: int, ratios=PHASE1_RATIOS):
+    """Fine grain: per (row, group) the clipping ratio minimising the group's output error.
+
+    W (N, K); Hb (G, g, g) from h_blocks(H) — or None for plain RTN (r = 1).
+    Returns codes (N, K) f64, z (N, G) f64, s (N, G) f64, r (N, G) f64.
+    The objective of group g in row n is (w − ŵ) H_g (w − ŵ)ᵀ = ‖X_g (w − ŵ)ᵀ‖²
+    over ALL calibration tokens (the reference code's last-batch-only H is a bug).
+    """
+    W = _check_weight(W)
+    n, k = W.shape
+    G = formats.n_groups(k, group)
+    if Hb is None:
+        ratios = np.array([1.0])
+    elif Hb.shape != (G, group, group):
+        raise QuantizeError(f"Gram blocks have shape {Hb.shape}, expected ({G}, {group}, {group})")
+    codes = np.empty((G, n, group))
+    z_out = np.empty((G, n))
+    s_out = np.empty((G, n))
+    r_out = np.empty((G, n))
+    for a, b in _row_chunks(n, G * group * 4):
+        # Group-major (G, n, g) so that each group's (n, g) @ (g, g) product is one contiguous GEMM.
+        Wg = np.ascontiguousarray(to_groups(W[a:b], group).transpose(1, 0, 2))   # (G, n, g)
+        lo, hi = group_range(Wg)                                                   # (G, n)
+        best = None
+        for r in ratios:
+            s, z = group_params(lo, hi, r)                                         # (G, n)
+            q = group_codes(Wg, s, z)                                              # (G, n, g)
+            if Hb is None:
+                codes[:, a:b], z_out[:, a:b], s_out[:, a:b], r_out[:, a:b] = q, z, s, r
+                break
+            D = Wg - (q - z[..., None]) * s[..., None]                             # (G, n, g)
+            err = np.einsum("gni,gni->gn", D @ Hb, D)                              # (G, n)
+            if best is None:
+                best = err
+                codes[:, a:b], z_out[:, a:b], s_out[:, a:b], r_out[:, a:b] = q, z, s, r
+                continue
+            better = err < best                                                    # (G, n)
+            best = np.where(better, err, best)
+            codes[:, a:b] = np.where(better[..., None], q, codes[:, a:b])
+            z_out[:, a:b] = np.where(better, z, z_out[:, a:b])
+            s_out[:, a:b] = np.where(better, s, s_out[:, a:b])
+            r_out[:, a:b] = np.where(better, r, r_out[:, a:b])
+    return from_groups(codes.transpose(1, 0, 2), k), z_out.T.copy(), s_out.T.copy(), r_out.T.copy()
+
+
+# ----------------------------------------------------------------------------- DGQ phase 2
+
+def phase2_params(w_absmax, s_g, z, codes, r, group: int):
+    """Coarse grain at per-row ratio r (N,): s8 (N,) f64, S (N, G) f64, clamped codes (N, K) f64.
+
+    s8 = r·max|W[n,:]|/127, S = clamp(round(s_g/s8), 1, 127); overflow guard
+    m = floor(127/S): codes clamped to [max(0, z−m), min(15, z+m)] so that
+    |q − z|·S ≤ 127 always (formats.check_no_overflow).
+    """
+    k = codes.shape[1]
+    gi = formats.group_index(k, group)
+    amax = np.where(w_absmax > 0, w_absmax, float(QMAX_I8))             # all-zero row: any s8
+    s8 = np.asarray(r, dtype=np.float64) * amax / QMAX_I8               # (N,)
+    S = np.clip(np.rint(s_g / s8[:, None]), S_MIN, S_MAX)               # (N, G)
+    m = np.floor(QMAX_I8 / S)                                           # (N, G)
+    lo = np.maximum(z - m, 0)[:, gi]                                    # (N, K)
+    hi = np.minimum(z + m, QMAX_U4)[:, gi]                              # (N, K)
+    return s8, S, np.clip(codes, lo, hi)
+
+
+def dg_int8(codes, z, S, group: int) -> np.ndarray:
+    """W8 = (q − z)·S: (N, K) float array holding integers in [−127, 127]."""
+    gi = formats.group_index(codes.shape[1], group)
+    return (codes - z[:, gi]) * S[:, gi]
+
+
+def row_objective(W, W_hat, H, dtype=np.float64) -> np.ndarray:
+    """‖X (W[n] − Ŵ[n])ᵀ‖² per row = d H dᵀ: (N,) float64."""
+    d = (np.asarray(W, dtype=np.float64) - W_hat).astype(dtype, copy=False)  # (N, K)
+    return np.einsum("nk,nk->n", d @ H.astype(dtype, copy=False), d).astype(np.float64)
+
+
+def phase2(W, H: np.ndarray | None, codes, z, s_g, group: int, ratios=PHASE2_RATIOS,
+           search_dtype=np.float32):
+    """Coarse grain: per row the ratio r minimising ‖X (W[n] − s8·W8[n])ᵀ‖² with the full H.
+
+    Returns s8 (N,) f64, S (N, G) f64, clamped codes (N, K) f64, r (N,), err (N,)
+    (err is the search-precision objective; NaN when H is None, i.e. r = 1 only).
+    """
+    W = _check_weight(W)
+    n, k = W.shape
+    amax = np.abs(W).max(axis=1).astype(np.float64)                      # (N,)
+    r_out = np.ones(n)
+    e_out = np.full(n, np.nan)
+    if H is not None:
+        Hs = np.asarray(H).astype(search_dtype)                          # (K, K)
+        gi = formats.group_index(k, group)
+        for a, b in _row_chunks(n, k):
+            w = W[a:b].astype(search_dtype)                              # (n, K)
+            # q − z lies in [−z, 15 − z]; the guard's clamp to [max(0, z−m), min(15, z+m)]
+            # is then exactly a clamp of q − z to [−m, m].
+            qz = to_groups(codes[a:b] - z[a:b][:, gi], group).astype(search_dtype)  # (n, G, g)
+            amax_c = np.where(amax[a:b] > 0, amax[a:b], float(QMAX_I8))
+            best = None
+            for r in ratios:
+                s8 = r * amax_c / QMAX_I8                                # (n,) f64, as phase2_params
+                S = np.clip(np.rint(s_g[a:b] / s8[:, None]), S_MIN, S_MAX)          # (n, G)
+                m = np.floor(QMAX_I8 / S).astype(search_dtype)[..., None]          # (n, G, 1)
+                w8 = np.minimum(np.maximum(qz, -m), m) * S.astype(search_dtype)[..., None]  # (n, G, g)
+                d = w - s8.astype(search_dtype)[:, None] * w8.reshape(b - a, -1)[:, :k]  # (n, K)
+                err = np.einsum("nk,nk->n", d @ Hs, d)                   # (n,)
+                if best is None:
+                    best, r_out[a:b] = err, r
+                    continue
+                better = err < best
+                best = np.where(better, err, best)
+                r_out[a:b] = np.where(better, r, r_out[a:b])
+            e_out[a:b] = best
+    s8, S, qc = phase2_params(amax, s_g, z, codes, r_out, group)
+    return s8, S, qc, r_out, e_out
+
+
+# ----------------------------------------------------------------------------- the layer
+
+def _dg_linear(codes, z, S, s8, act, ascale, group, meta) -> formats.QuantLinear:
+    n, k = codes.shape
+    ql = formats.QuantLinear(
+        kind="dg", act=act, in_features=k, out_features=n, group=group,
+        qweight=formats.pack_uint4(codes.astype(np.uint8)),
+        qzeros=z.astype(np.uint8), gscale=S.astype(np.uint8),
+        cscale=np.asarray(s8, dtype=np.float32), ascale=ascale, meta=meta)
+    formats.check_no_overflow(ql)
+    return ql
+
+
+def dgq_linear(W, H=None, group: int = formats.DEFAULT_GROUP, act: str = "static",
+               ascale: float | None = None, search: bool = True) -> formats.QuantLinear:
+    """DGQ A8W4: W (N, K) float -> QuantLinear(kind="dg").
+
+    search=False (or H None) gives the RTN start: phase 1 and phase 2 at r = 1.
+    With the search, each row ends at whichever of {searched, RTN start} has the
+    lower float64 objective d H dᵀ, so it is never worse than RTN. `meta` records
+    the summed objectives (obj_rtn, obj) and how many rows kept the RTN start.
+    """
+    W = _check_weight(W)
+    n, k = W.shape
+    if k % 2:
+        raise QuantizeError(f"UINT4 packing needs an even in_features, got {k}")
+    codes0, z0, sg0, _ = phase1(W, None, group)
+    s80, S0, q0, _, _ = phase2(W, None, codes0, z0, sg0, group)
+    if not search or H is None:
+        return _dg_linear(q0, z0, S0, s80, act, ascale, group, {"search": False})
+    H = _check_gram(H, k).astype(np.float64, copy=False)
+    codes1, z1, sg1, r1 = phase1(W, h_blocks(H, group), group)
+    s81, S1, q1, r2, _ = phase2(W, H, codes1, z1, sg1, group)
+    # Final choice per row in float64, with s8 rounded to the float32 that is stored.
+    e0 = np.empty(n)
+    e1 = np.empty(n)
+    for a, b in _row_chunks(n, k):
+        w0 = np.float32(s80[a:b]).astype(np.float64)[:, None] * dg_int8(q0[a:b], z0[a:b], S0[a:b], group)
+        w1 = np.float32(s81[a:b]).astype(np.float64)[:, None] * dg_int8(q1[a:b], z1[a:b], S1[a:b], group)
+        e0[a:b] = row_objective(W[a:b], w0, H)
+        e1[a:b] = row_objective(W[a:b], w1, H)
+    keep = e1 <= e0                                                      # (N,) searched rows
+    pick = lambda x1, x0: np.where(keep.reshape((-1,) + (1,) * (x1.ndim - 1)), x1, x0)  # noqa: E731
+    meta = {"search": True, "obj_rtn": float(e0.sum()), "obj": float(np.where(keep, e1, e0).sum()),
+            "rows_rtn": int((~keep).sum()), "r1_mean": float(r1.mean()), "r2_mean": float(r2.mean())}
+    return _dg_linear(pick(q1, q0), pick(z1, z0), pick(S1, S0), pick(s81, s80), act, ascale, group, meta)
+
+
+def dequantize_f64(ql: formats.QuantLinear) -> np.ndarray:
+    """(N, K) float64 weight of a stored layer, without float32 rounding of the products."""
+    if ql.kind in ("dg", "i8"):
+        return ql.int8_weight().astype(np.float64) * ql.cscale.astype(np.float64)[:, None]
+    k, g = ql.in_features, ql.group
+    q = ql.codes().astype(np.float64)
+    z = formats.expand_groups(ql.qzeros, k, g).astype(np.float64)
+    return (q - z) * formats.expand_groups(ql.wscale, k, g).astype(np.float64)
+
+
+def layer_objective(ql: formats.QuantLinear, W, H) -> np.ndarray:
+    """Per-row output error d H dᵀ of a stored layer against the float weight W: (N,) float64."""
+    return row_objective(W, dequantize_f64(ql), np.asarray(H, dtype=np.float64))

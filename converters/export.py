@@ -1,0 +1,146 @@
+"""Write a Checkpoint as a Hugging Face model directory (config, safetensors, tokenizer).
+
+The directory is built in a temporary sibling and moved into place with os.replace,
+so a reader never sees half a model. The safetensors carry {"format": "pt"} metadata,
+which transformers requires, so the export loads there as well as in this engine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+from engine.tokenizer import token_string
+from engine.weights import Checkpoint, WeightsError, check_tensors, expected_shapes, write_safetensors
+
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}   # name -> bytes per element
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+class ExportError(ValueError):
+    """An export that cannot be written as asked (bad option, occupied target)."""
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 123, "500MB", "2GB" or "1GiB" (the units transformers' max_shard_size takes)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ExportError(f"shard size must be bytes or a size like '2GB', got {size!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ExportError(f"shard size must be positive, got {size!r}")
+    return n
+
+
+def _plan_shards(sizes: dict[str, int], shard_size: int | None) -> list[list[str]]:
+    """Consecutive tensors packed greedily into shards of at most shard_size bytes
+    (a tensor larger than that gets a shard of its own)."""
+    if shard_size is None:
+        return [list(sizes)]
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, n in sizes.items():
+        if shards[-1] and used + n > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += n
+    return shards
+
+
+def export_hf_dir(ckpt: Checkpoint, out_dir: str | os.PathLike, dtype: str = "float32",
+                  shard_size: int | str | None = None, overwrite: bool = False) -> Path:
+    """Write `ckpt` as an HF Llama directory in `dtype`; return the directory's path.
+
+    shard_size (bytes or "2GB") splits the weights into model-0000i-of-0000n.safetensors
+    plus model.safetensors.index.json; None writes one model.safetensors.
+    An existing non-empty out_dir is an error unless overwrite=True.
+    """
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    limit = None if shard_size is None else parse_size(shard_size)
+    try:
+        check_tensors(ckpt.config, ckpt.tensors, where=f"checkpoint {ckpt.source}")
+    except WeightsError as e:
+        raise ExportError(str(e)) from None
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out}: directory exists and is not empty (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = _sibling(out, "tmp")
+    tmp.mkdir()                                    # not mkdtemp: its 0700 mode would stick
+    try:
+        _write_dir(ckpt, tmp, dtype, limit)
+        if out.is_dir() and any(out.iterdir()):
+            old = _sibling(out, "old")
+            os.replace(out, old)                   # rename() cannot replace a non-empty directory
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)               # put the previous model back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)                   # replaces an empty directory too
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _sibling(out: Path, tag: str) -> Path:
+    return out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}")
+
+
+def _write_dir(ckpt: Checkpoint, d: Path, dtype: str, limit: int | None) -> None:
+    cfg = ckpt.config
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = dtype
+    _write_json(d / "config.json", hf)
+    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id") if getattr(cfg, k) is not None}
+    if gen:
+        _write_json(d / "generation_config.json", gen)
+
+    names = list(expected_shapes(cfg))             # canonical order: layers stay together
+    sizes = {n: ckpt.tensors[n].size * DTYPES[dtype] for n in names}
+    shards = _plan_shards(sizes, limit)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        write_safetensors(d / "model.safetensors", {n: ckpt.tensors[n] for n in names}, meta,
+                          float_dtype=dtype)
+    else:
+        weight_map = {}
+        for i, group in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(d / fname, {n: ckpt.tensors[n] for n in group}, meta, float_dtype=dtype)
+            weight_map.update({n: fname for n in group})
+        _write_json(d / "model.safetensors.index.json",
+                    {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+
+    tok = ckpt.tokenizer
+    if tok is not None:
+        tok.save(str(d / "tokenizer.json"))
+    if tok is not None or ckpt.chat_template:
+        tc = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_max_length": cfg.max_position_embeddings}
+        if tok is not None:
+            for key, tid in (("bos_token", cfg.bos_token_id), ("eos_token", cfg.eos_token_id)):
+                if token_string(tok, tid):
+                    tc[key] = token_string(tok, tid)
+        if ckpt.chat_template:
+            tc["chat_template"] = ckpt.chat_template
+        _write_json(d / "tokenizer_config.json", tc)
+
+
+def _write_json(path: Path, obj) -> None:
+    # Only ever called inside the temporary directory, so a plain write is atomic enough.
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

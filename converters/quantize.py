@@ -1,0 +1,227 @@
+"""Quantize a float checkpoint: calibration, smoothing, per-layer quantization, the recipe.
+
+    from engine.weights import load_checkpoint
+    from converters.quantize import quantize_checkpoint
+    from engine.qfile import save_qfile
+    ck = load_checkpoint(path)
+    weights, recipe = quantize_checkpoint(ck, "dgq")
+    save_qfile("model.q.safetensors", weights, ck.config, ck.tokenizer, ck.chat_template, recipe)
+
+Methods (METHODS; `wbits`, `act` as noted):
+  dgq          percentile smoothing + DGQ search, kind "dg", A8 static (or act="dynamic")
+  dgq-rtn      the same format at the search's start point (r = 1, r = 1): the ablation
+  fptq         FPTQ per-site policy (static / LAE+static / dynamic per token) + kind "g"
+               weights with DGQ's phase-1 clipping search
+  fptq-dg      the FPTQ policy with DGQ "dg" weights (runs on the integer A8W4 kernel)
+  rtn          RTN A8W4: kind "g" min-max, static per-tensor A8 (wbits=8: per-channel W8)
+  smoothquant  SmoothQuant α = 0.5 + RTN "g" (wbits=8: SmoothQuant W8A8, kind "i8")
+  w4a16        RTN "g" g128, float activations (act "none"), no calibration
+  w8a8         per-channel symmetric W8 (kind "i8"), static A8 = rtn with wbits=8
+
+Calibration statistics come from the float model (not sequentially from the
+quantized layers); with smoothing there are two passes: per-channel absmax
+first (to choose the scales), then everything else on the folded model.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import formats
+
+from . import calibrate as cal
+from . import smooth
+from .baselines import g_linear, i8_linear
+from .dgq import QuantizeError, dgq_linear
+
+# FPTQ's per-site thresholds on the calibration max|X| (ALGORITHMS.md §2).
+FPTQ_STATIC_MAX = 15.0
+FPTQ_LAE_MAX = 150.0
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    weights: str                 # "dg" | "g" | "i8"
+    search: bool                 # weight search on the output objective (needs H)
+    smoothing: str | None        # "percentile" | "smoothquant" | "lae" (fptq: per-site) | None
+    fptq: bool = False           # per-site activation policy
+
+
+METHODS = {
+    "dgq": MethodSpec("dg", True, "percentile"),
+    "dgq-rtn": MethodSpec("dg", False, "percentile"),
+    "fptq": MethodSpec("g", True, "lae", fptq=True),
+    "fptq-dg": MethodSpec("dg", True, "lae", fptq=True),
+    "rtn": MethodSpec("g", False, None),
+    "smoothquant": MethodSpec("g", False, "smoothquant"),
+    "w4a16": MethodSpec("g", False, None),
+    "w8a8": MethodSpec("i8", False, None),
+}
+
+
+def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
+    if method not in METHODS:
+        raise QuantizeError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    spec = METHODS[method]
+    bits = 8 if method == "w8a8" else wbits
+    if bits not in (4, 8):
+        raise QuantizeError(f"wbits must be 4 or 8, got {wbits!r}")
+    if bits == 8:
+        if method not in ("rtn", "smoothquant", "w8a8"):
+            raise QuantizeError(f"method {method} quantizes weights to 4 bits; 8-bit weights: "
+                                "rtn, smoothquant or w8a8")
+        spec = MethodSpec("i8", False, spec.smoothing)
+    if act not in formats.ACT_MODES:
+        raise QuantizeError(f"act must be one of {', '.join(formats.ACT_MODES)}, got {act!r}")
+    if method == "w4a16":
+        if act not in ("static", "none"):
+            raise QuantizeError("w4a16 keeps activations in float; act does not apply")
+        act = "none"
+    elif spec.fptq and act != "static":
+        raise QuantizeError(f"{method} picks the activation mode per layer; act does not apply")
+    elif act == "none" and method != "rtn":
+        raise QuantizeError(f"act 'none' (weight-only) is for rtn / w4a16, not {method}")
+    return spec, bits, act
+
+
+def _fptq_mode(amax: float, site: str) -> str:
+    """FPTQ's policy for one site: 'static', 'lae' (LAE + static) or 'dynamic'."""
+    if amax <= FPTQ_STATIC_MAX:
+        return "static"
+    if amax <= FPTQ_LAE_MAX and site in smooth.FOLDABLE_SITES:
+        return "lae"
+    # > 150, or o_in between 15 and 150 where LAE cannot be folded (GQA): per token.
+    return "dynamic"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, search: bool = False):
+    """One float (N, K) weight -> QuantLinear of kind `weights` ("dg" | "g" | "i8")."""
+    if weights == "dg":
+        return dgq_linear(W, H, group, act, ascale, search=search)
+    if weights == "g":
+        return g_linear(W, group, act, ascale, H=H if search else None)
+    if weights == "i8":
+        return i8_linear(W, act, ascale, group)
+    raise QuantizeError(f"unknown weight kind {weights!r}")
+
+
+def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP,
+                        act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
+                        n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN,
+                        act_clip="max", seed: int = cal.DEFAULT_SEED):
+    """Quantize every linear of a float Checkpoint; return (ModelWeights with QuantLinears, recipe).
+
+    ckpt: engine.weights.Checkpoint (config, HF tensors, tokenizer, ...).
+    calib: None (wiki "calib" split), a text file path, "random", or an (n, T) token array.
+    act_clip: static activation clipping, "max" or a percentile of the per-token absmax.
+    The recipe (a JSON-able dict) records every choice; save it with engine.qfile.save_qfile.
+    """
+    from engine.model import HF_LINEAR, LINEAR_NAMES, SITE_OF, ModelWeights  # noqa: PLC0415
+    t0 = time.perf_counter()
+    spec, bits, act = _resolve(method, wbits, act)
+    act_clip = cal.parse_act_clip(act_clip)
+    if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+        raise QuantizeError(f"group must be a positive integer, got {group!r}")
+    config = ckpt.config
+    if spec.weights != "i8":
+        for n, k in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size)):
+            if k % 2:
+                raise QuantizeError(f"4-bit packing needs an even {n}, got {k}")
+    weights = ModelWeights.from_hf(config, ckpt.tensors)
+    L = config.num_hidden_layers
+
+    needs_static = act == "static" or spec.fptq
+    need_calib = needs_static or spec.search or spec.smoothing or kv8
+    recipe = {"method": method, "wbits": bits, "group": group, "weights": spec.weights,
+              "weight_search": spec.search, "act": "per-site" if spec.fptq else act,
+              "act_clip": act_clip if needs_static else None, "smoothing": spec.smoothing,
+              "smoothing_sites": list(smooth.FOLDABLE_SITES) if spec.smoothing and not spec.fptq else [],
+              "o_proj_smoothing": "skipped (GQA: v_proj rows feed several o_proj input channels)",
+              "kv8": bool(kv8), "stats_from": "float model (not layer-sequential)",
+              "converter": "dgq-engine converters.quantize"}
+    seqs = None
+    if need_calib:
+        seqs, source = cal.calibration_tokens(ckpt.tokenizer, calib, n_seq, seq_len, seed, config.vocab_size)
+        recipe["calibration"] = {"source": source, "n_seq": int(seqs.shape[0]), "seq_len": int(seqs.shape[1]),
+                                 "tokens": int(seqs.size), "seed": seed}
+
+    # Pass 1 (smoothing methods): per-channel absmax of the float model picks the scales.
+    site_mode = {}
+    if spec.smoothing:
+        sites = None if spec.fptq else smooth.FOLDABLE_SITES
+        c0 = cal.calibrate(weights, seqs, gram=False, sites=sites, progress=progress,
+                           desc=f"{method}: absmax pass")
+        scales = {}
+        for (li, site), st in c0.sites.items():
+            if spec.fptq:
+                site_mode[(li, site)] = _fptq_mode(st.amax, site)
+                if site_mode[(li, site)] != "lae":
+                    continue
+            scales[(li, site)] = smooth.scales_for(spec.smoothing, st.absmax, weights.layers[li], site)
+        weights = smooth.fold_scales(weights, scales)
+        if spec.fptq:
+            recipe["fptq_policy"] = {
+                "static_max": FPTQ_STATIC_MAX, "lae_max": FPTQ_LAE_MAX,
+                "sites": {f"{li}.{site}": {"amax": c0.sites[(li, site)].amax, "mode": m}
+                          for (li, site), m in sorted(site_mode.items())}}
+        del c0
+
+    # Pass 2: Gram matrices, per-token maxima (and K/V maxima) on the (folded) float model.
+    stats = None
+    if need_calib and (needs_static or spec.search or kv8):
+        stats = cal.calibrate(weights, seqs, gram=spec.search, kv=kv8, progress=progress,
+                              desc=f"{method}: calibration pass")
+        recipe["calibration"]["h_dtype"] = "float64" if spec.search else None
+
+    layers_out, layer_info = [], {}
+    it = range(L)
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+        it = tqdm(it, desc=f"{method}: quantize", unit="layer")
+    for li in it:
+        lw = weights.layers[li]
+        new, info = {}, {}
+        for n in LINEAR_NAMES:
+            site = SITE_OF[n]
+            st = stats.sites.get((li, site)) if stats is not None else None
+            a_mode = site_mode.get((li, site), "static") if spec.fptq else act
+            if a_mode == "lae":
+                a_mode = "static"
+            ascale = cal.static_ascale(st, act_clip) if a_mode == "static" else None
+            H = st.H if (st is not None and spec.search) else None
+            ql = quantize_linear(np.asarray(getattr(lw, n)), spec.weights, a_mode, ascale, group,
+                                 H=H, search=spec.search)
+            new[n] = ql
+            if ql.meta.get("search") and "obj" in ql.meta:
+                info[HF_LINEAR[n]] = {k: ql.meta[k] for k in ("obj_rtn", "obj", "rows_rtn")}
+        if st is not None:
+            # The per-layer H are no longer needed: free them as we go.
+            for site in ("attn_in", "o_in", "mlp_in", "down_in"):
+                if (li, site) in stats.sites:
+                    stats.sites[(li, site)].H = None
+        layers_out.append(type(lw)(attn_norm=lw.attn_norm, mlp_norm=lw.mlp_norm, **new))
+        if info:
+            layer_info[str(li)] = info
+    out = ModelWeights(config=config, embed=weights.embed, layers=layers_out, norm=weights.norm,
+                       lm_head=weights.lm_head)
+
+    if layer_info:
+        recipe["objective"] = {"rtn": sum(v["obj_rtn"] for d in layer_info.values() for v in d.values()),
+                               "final": sum(v["obj"] for d in layer_info.values() for v in d.values()),
+                               "layers": layer_info}
+    if kv8:
+        s = np.where(stats.kv_absmax > 0, stats.kv_absmax / formats.QMAX_I8, 1.0).astype(np.float32)  # (L, 2, Hkv)
+        recipe["kv_cache"] = {"bits": 8, "granularity": "per layer and KV head, symmetric",
+                              "k_stat": "max RoPE pair magnitude of k (bounds |k| after rotation)",
+                              "k_scale": [[float(x) for x in row] for row in s[:, 0]],
+                              "v_scale": [[float(x) for x in row] for row in s[:, 1]]}
+    recipe["time_s"] = round(time.perf_counter() - t0, 2)
+    recipe["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return out, recipe

@@ -1,0 +1,196 @@
+"""`python -m engine.bench e2e`: end-to-end prefill and decode speed of the GPU engine.
+
+Models: SmolLM2-135M (a q.safetensors given with --qfile, else random weights of its
+shape in valid DGQ format) and a Llama-2-7B-shaped model with random DGQ weights
+generated here. Speed depends on shapes, not values, so random weights are honest for
+speed (never for quality). Each model also runs through our FP16 path (cuBLAS linears)
+as the in-run baseline. Prints one JSON object per row with --json, and a table.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from . import formats
+from .config import ModelConfig
+from .model import LINEAR_NAMES, LayerWeights, ModelWeights
+
+SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                      max_position_embeddings=8192, tie_word_embeddings=True)
+LLAMA2_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=32, head_dim=128, rope_theta=10000.0,
+                        max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def _shapes(c: ModelConfig) -> dict:
+    h, i = c.hidden_size, c.intermediate_size
+    return {"q": (c.q_size, h), "k": (c.kv_size, h), "v": (c.kv_size, h), "o": (h, c.q_size),
+            "gate": (i, h), "up": (i, h), "down": (h, i)}
+
+
+def random_dg_layer(rng, n, k, group=128, act="dynamic"):
+    """Random dual-grained weights that satisfy the format (no int8 overflow)."""
+    g = formats.n_groups(k, group)
+    z = rng.integers(5, 11, (n, g), dtype=np.uint8)
+    s = rng.integers(1, 12, (n, g), dtype=np.uint8)      # |q - z| ≤ 10, S ≤ 11 → |W8| ≤ 110
+    q = rng.integers(0, 16, (n, k // 2), dtype=np.uint8) | (rng.integers(0, 16, (n, k // 2), dtype=np.uint8) << 4)
+    return formats.QuantLinear(kind="dg", act=act, in_features=k, out_features=n, group=group,
+                               qweight=q.astype(np.uint8), qzeros=z, gscale=s,
+                               cscale=np.full(n, 1.0 / (40 * np.sqrt(k)), np.float32),
+                               ascale=0.05 if act == "static" else None)
+
+
+def random_model(c: ModelConfig, quantized: bool, seed=0) -> ModelWeights:
+    """One random layer's arrays shared by every layer (the GPU still gets one copy per layer)."""
+    rng = np.random.default_rng(seed)
+    if quantized:
+        lin = {n: random_dg_layer(rng, *s) for n, s in _shapes(c).items()}
+    else:
+        lin = {n: (rng.standard_normal(s, dtype=np.float32) * (0.5 / np.sqrt(s[1]))) for n, s in _shapes(c).items()}
+    ones = np.ones(c.hidden_size, np.float32)
+    layers = [LayerWeights(attn_norm=ones, mlp_norm=ones, **{n: lin[n] for n in LINEAR_NAMES})
+              for _ in range(c.num_hidden_layers)]
+    embed = rng.standard_normal((c.vocab_size, c.hidden_size), dtype=np.float32) * 0.02
+    head = embed if c.tie_word_embeddings else rng.standard_normal(embed.shape, dtype=np.float32) * 0.02
+    return ModelWeights(config=c, embed=embed, layers=layers, norm=ones, lm_head=head)
+
+
+def dequantized_copy(mw: ModelWeights) -> ModelWeights:
+    """The same model with float linears: the FP16 baseline of an A8W4 file."""
+    cache = {}
+
+    def deq(ql):
+        if id(ql) not in cache:
+            cache[id(ql)] = ql.dequantize() if isinstance(ql, formats.QuantLinear) else ql
+        return cache[id(ql)]
+    layers = [LayerWeights(attn_norm=L.attn_norm, mlp_norm=L.mlp_norm, **{n: deq(getattr(L, n)) for n in LINEAR_NAMES})
+              for L in mw.layers]
+    return ModelWeights(config=mw.config, embed=mw.embed, layers=layers, norm=mw.norm, lm_head=mw.lm_head)
+
+
+def copy_bandwidth(cp, nbytes=1 << 30) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus written."""
+    a = cp.empty(nbytes, dtype=cp.uint8)
+    b = cp.empty_like(a)
+    a.fill(1)
+    for _ in range(3):
+        b[...] = a
+    ts = []
+    for _ in range(10):
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record()
+        b[...] = a
+        e1.record()
+        e1.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3)
+    del a, b
+    return 2 * nbytes / float(np.median(ts))
+
+
+def _timed(cp, fn, reps):
+    fn()
+    cp.cuda.Device().synchronize()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        cp.cuda.Device().synchronize()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), ctx=128, steps=64, bw=None):
+    from .model_cuda import CudaModel  # noqa: PLC0415
+    rows = []
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    base = pool.used_bytes()
+    gm = CudaModel(mw)
+    wb = gm.weight_bytes()
+    n_params = sum(np.prod(getattr(mw.layers[0], n).shape) for n in LINEAR_NAMES) * len(mw.layers)
+    bits = 8 * wb["linears"] / n_params
+    rng = np.random.default_rng(0)
+    c = mw.config
+    for t in prefill_lens:
+        if t > c.max_position_embeddings:
+            continue
+        toks = rng.integers(0, c.vocab_size, t)
+        cache = gm.new_cache(t)
+
+        def run():
+            cache.lens_host[:] = 0
+            gm.prefill(toks, cache)
+        s = _timed(cp, run, 3)
+        rows.append(dict(model=name, phase="prefill", tokens=t, batch=1, seconds=s, tok_s=t / s,
+                         bits_per_param=bits, weight_bytes=wb["linears"] + wb["other"]))
+    for bsz in batches:
+        cache = gm.new_cache(ctx + steps + 1, batch=bsz)
+        firsts = []
+        for i in range(bsz):
+            firsts.append(int(gm.prefill(rng.integers(0, c.vocab_size, ctx), cache, seq=i)[0].argmax()))
+        gm.decode_greedy(cache, firsts, 2)            # warm-up (compiles, captures once)
+        cache.lens_host[:] = ctx
+        t0 = time.perf_counter()
+        gm.decode_greedy(cache, firsts, steps)
+        s = time.perf_counter() - t0
+        # bytes a step must read: every weight once (embedding: one row per sequence) + the KV cache
+        kv = 2 * c.num_hidden_layers * c.kv_size * 2 * (ctx + steps / 2) * bsz
+        wbytes = wb["linears"] + wb["other"] - gm.embed.nbytes + bsz * c.hidden_size * 2
+        if c.tie_word_embeddings:
+            wbytes += gm.embed.nbytes
+        row = dict(model=name, phase="decode", tokens=steps, batch=bsz, seconds=s,
+                   tok_s=steps * bsz / s, step_ms=1e3 * s / steps, bytes_per_step=wbytes + kv,
+                   bits_per_param=bits)
+        if bw:
+            row["pct_copy_bw"] = 100 * (wbytes + kv) / (s / steps) / bw
+        rows.append(row)
+    rows.append(dict(model=name, phase="memory", gpu_bytes=pool.used_bytes() - base, bits_per_param=bits,
+                     linear_bytes=wb["linears"]))
+    del gm
+    pool.free_all_blocks()
+    return rows
+
+
+def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b")):
+    from .backend import _cupy  # noqa: PLC0415
+    cp = _cupy()
+    if cp is None:
+        raise SystemExit("engine.bench e2e needs a GPU (CuPy + CUDA device)")
+    bw = copy_bandwidth(cp)
+    rows = [dict(phase="device", name=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+                 copy_bw_gbs=bw / 1e9)]
+    for key in models:
+        if key == "smollm2":
+            if qfile:
+                from .qfile import load_qfile  # noqa: PLC0415
+                mw, label = load_qfile(qfile).weights, "SmolLM2-135M DGQ"
+            else:
+                mw, label = random_model(SMOLLM2, True), "SmolLM2-135M-shaped (random DGQ)"
+        else:
+            mw, label = random_model(LLAMA2_7B, True), "Llama-2-7B-shaped (random DGQ)"
+        kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
+        rows += bench_model(cp, label + " A8W4", mw, bw=bw, **kw)
+        rows += bench_model(cp, label + " FP16", dequantized_copy(mw), bw=bw, **kw)
+        del mw
+    for r in rows:
+        if json_out:
+            print(json.dumps(r))
+    print(format_table(rows))
+    return rows
+
+
+def format_table(rows) -> str:
+    out = ["| model | phase | tokens | batch | tok/s | step ms | % copy BW | bits/param | GPU MB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["phase"] == "device":
+            out.insert(0, f"device: {r['name']}, copy bandwidth {r['copy_bw_gbs']:.0f} GB/s\n")
+            continue
+        f = lambda k, fmt: (fmt % r[k]) if k in r else ""  # noqa: E731
+        out.append(f"| {r['model']} | {r['phase']} | {f('tokens', '%d')} | {f('batch', '%d')} | "
+                   f"{f('tok_s', '%.0f')} | {f('step_ms', '%.2f')} | {f('pct_copy_bw', '%.0f')} | "
+                   f"{f('bits_per_param', '%.2f')} | {('%.0f' % (r['gpu_bytes'] / 2**20)) if 'gpu_bytes' in r else ''} |")
+    return "\n".join(out)

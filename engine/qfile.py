@@ -1,0 +1,272 @@
+"""The q.safetensors file: a quantized model, its config, tokenizer and recipe in one file.
+
+docs/FORMAT.md is the specification; this module is its only reader and writer.
+
+  tensors   float32: model.embed_tokens.weight, model.norm.weight, lm_head.weight (untied only),
+            model.layers.{i}.input_layernorm.weight, model.layers.{i}.post_attention_layernorm.weight
+            per linear, under its HF prefix P (e.g. model.layers.0.self_attn.q_proj):
+              kind "dg":    P.qweight u8 (N, K/2), P.qzeros u8 (N, G), P.gscale u8 (N, G), P.cscale f32 (N,)
+              kind "g":     P.qweight u8 (N, K/2), P.qzeros u8 (N, G), P.wscale f32 (N, G)
+              kind "i8":    P.qweight i8 (N, K),   P.cscale f32 (N,)
+              kind "float": P.weight f32 (N, K)    (a linear left unquantized)
+              act "static" adds P.ascale f32 ()    (a 0-d tensor)
+  metadata  format = "dgq-safetensors", version = "1", config (HF config.json as JSON),
+            tokenizer (tokenizer.json text), chat_template (absent when the model has none),
+            recipe (JSON object), linears (JSON: {P: {"kind", "act", "group"}}).
+
+Every check failure on load is one QFileError naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import formats
+from .config import ConfigError, ModelConfig
+from .formats import FORMAT_NAME, FORMAT_VERSION
+
+FLOAT_KIND = "float"
+# Tensors of each kind besides ascale, with their dtype.
+KIND_TENSORS = {
+    "dg": {"qweight": np.uint8, "qzeros": np.uint8, "gscale": np.uint8, "cscale": np.float32},
+    "g": {"qweight": np.uint8, "qzeros": np.uint8, "wscale": np.float32},
+    "i8": {"qweight": np.int8, "cscale": np.float32},
+    FLOAT_KIND: {"weight": np.float32},
+}
+REQUIRED_META = ("format", "version", "config", "tokenizer", "recipe", "linears")
+
+
+class QFileError(ValueError):
+    """A q.safetensors file that is missing, truncated, foreign, or breaks the format."""
+
+
+@dataclass
+class QCheckpoint:
+    """What load_qfile returns: the assembled weights and everything needed to run them."""
+    config: ModelConfig
+    weights: object                       # engine.model.ModelWeights with QuantLinears
+    tokenizer: object                     # tokenizers.Tokenizer
+    chat_template: str | None
+    recipe: dict
+    source: str
+    tokenizer_json: str = ""
+    linears: dict = field(default_factory=dict)
+
+    @property
+    def kv_scales(self) -> np.ndarray | None:
+        """(L, 2, Hkv) float32 symmetric INT8 scales [k, v] per layer and KV head, or None."""
+        return kv_scales_from_recipe(self.recipe, self.config)
+
+
+def kv_scales_from_recipe(recipe: dict, config: ModelConfig) -> np.ndarray | None:
+    kv = recipe.get("kv_cache") if isinstance(recipe, dict) else None
+    if not kv:
+        return None
+    a = np.array([kv["k_scale"], kv["v_scale"]], dtype=np.float32).transpose(1, 0, 2)  # (L, 2, Hkv)
+    return a
+
+
+def _linear_prefixes(config: ModelConfig) -> dict:
+    """HF prefix -> (layer, short name, (N, K)) for every linear of the model."""
+    from .model import HF_LINEAR, LINEAR_NAMES, expected_shapes  # noqa: PLC0415
+    shapes = expected_shapes(config)
+    out = {}
+    for i in range(config.num_hidden_layers):
+        for n in LINEAR_NAMES:
+            p = f"model.layers.{i}.{HF_LINEAR[n]}"
+            out[p] = (i, n, shapes[p + ".weight"])
+    return out
+
+
+def _float_names(config: ModelConfig) -> dict:
+    from .model import expected_shapes  # noqa: PLC0415
+    return {k: v for k, v in expected_shapes(config).items() if len(v) == 1 or "embed" in k or "lm_head" in k}
+
+
+def _tokenizer_text(tokenizer) -> str:
+    if isinstance(tokenizer, str):
+        return tokenizer
+    if hasattr(tokenizer, "to_str"):
+        return tokenizer.to_str()
+    raise QFileError(f"tokenizer must be tokenizer.json text or a tokenizers.Tokenizer, got {type(tokenizer)}")
+
+
+# ----------------------------------------------------------------------------- write
+
+def save_qfile(path, weights, config: ModelConfig, tokenizer_json, chat_template: str | None,
+               recipe: dict) -> int:
+    """Write a quantized model atomically (temp file + os.replace); return the file size in bytes.
+
+    weights: engine.model.ModelWeights whose linears are QuantLinears (or float arrays);
+    tokenizer_json: the tokenizer.json text or a tokenizers.Tokenizer.
+    """
+    from .weights import write_safetensors  # noqa: PLC0415
+    path = Path(path)
+    if weights.config != config:
+        raise QFileError(f"{path}: the weights were built for a different config")
+    tensors = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.norm}
+    if not config.tie_word_embeddings:
+        tensors["lm_head.weight"] = weights.lm_head
+    linears = {}
+    prefixes = _linear_prefixes(config)
+    for p, (i, n, shape) in prefixes.items():
+        L = weights.layers[i]
+        if n == "q":
+            tensors[f"model.layers.{i}.input_layernorm.weight"] = L.attn_norm
+            tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = L.mlp_norm
+        w = getattr(L, n)
+        if isinstance(w, formats.QuantLinear):
+            formats.validate(w)
+            if w.shape != shape:
+                raise QFileError(f"{path}: {p} has shape {w.shape}, the config wants {shape}")
+            linears[p] = {"kind": w.kind, "act": w.act, "group": int(w.group)}
+            for t in KIND_TENSORS[w.kind]:
+                tensors[f"{p}.{t}"] = getattr(w, t)
+            if w.act == "static":
+                tensors[f"{p}.ascale"] = np.array(w.ascale, dtype=np.float32)       # 0-d
+        else:
+            linears[p] = {"kind": FLOAT_KIND, "act": "none", "group": 0}
+            tensors[f"{p}.weight"] = np.asarray(w, dtype=np.float32)
+    for name in _float_names(config):
+        if name in tensors:
+            tensors[name] = np.asarray(tensors[name], dtype=np.float32)
+    try:
+        recipe_text = json.dumps(recipe, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise QFileError(f"{path}: the recipe is not JSON-serialisable: {e}") from None
+    meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION),
+            "config": json.dumps(config.to_hf()), "tokenizer": _tokenizer_text(tokenizer_json),
+            "recipe": recipe_text, "linears": json.dumps(linears)}
+    if chat_template is not None:
+        meta["chat_template"] = chat_template
+    return write_safetensors(path, tensors, meta)
+
+
+# ----------------------------------------------------------------------------- read
+
+def _fail(path, msg: str):
+    raise QFileError(f"{path}: {msg}")
+
+
+def _json(path, meta: dict, key: str):
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        _fail(path, f"metadata {key!r} is not valid JSON ({e})")
+
+
+def load_qfile(path) -> QCheckpoint:
+    """Read and check a q.safetensors file; return a QCheckpoint with ModelWeights ready to run."""
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    from .model import LayerWeights, ModelWeights  # noqa: PLC0415
+    from .weights import WeightsError, read_safetensors, read_safetensors_header  # noqa: PLC0415
+    path = Path(path)
+    if not path.is_file():
+        _fail(path, "no such file")
+    try:
+        header, meta, _ = read_safetensors_header(path)
+    except WeightsError as e:
+        raise QFileError(str(e)) from None
+    if meta.get("format") != FORMAT_NAME:
+        _fail(path, f"not a {FORMAT_NAME} file (metadata format = {meta.get('format')!r})")
+    if meta.get("version") != str(FORMAT_VERSION):
+        _fail(path, f"{FORMAT_NAME} version {meta.get('version')!r} is not supported "
+                    f"(this engine reads version {FORMAT_VERSION})")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        _fail(path, f"metadata key(s) missing: {', '.join(missing)}")
+    try:
+        cfg = _json(path, meta, "config")
+        if not isinstance(cfg, dict):
+            _fail(path, "metadata 'config' is not a JSON object")
+        config = ModelConfig.from_hf(cfg)
+    except ConfigError as e:
+        _fail(path, f"bad config: {e}")
+    recipe = _json(path, meta, "recipe")
+    linears = _json(path, meta, "linears")
+    if not isinstance(recipe, dict) or not isinstance(linears, dict):
+        _fail(path, "metadata 'recipe' and 'linears' must be JSON objects")
+    try:
+        tokenizer = Tokenizer.from_str(meta["tokenizer"])
+    except Exception as e:  # the tokenizers library raises its own exception type
+        _fail(path, f"metadata 'tokenizer' is not a valid tokenizer.json ({e})")
+
+    # Names: exactly the expected set, nothing missing, nothing extra.
+    prefixes = _linear_prefixes(config)
+    if set(linears) != set(prefixes):
+        extra = sorted(set(linears) - set(prefixes))[:3]
+        lack = sorted(set(prefixes) - set(linears))[:3]
+        _fail(path, f"metadata 'linears' does not match the config (missing {lack}, unexpected {extra})")
+    expect = {n: (np.float32, s) for n, s in _float_names(config).items()}
+    for p, (_, _, (n_out, k_in)) in prefixes.items():
+        spec = linears[p]
+        if not isinstance(spec, dict) or spec.get("kind") not in KIND_TENSORS:
+            _fail(path, f"{p}: unknown linear kind in metadata: {spec!r}")
+        kind, act, group = spec["kind"], spec.get("act"), spec.get("group")
+        if kind != FLOAT_KIND and (not isinstance(group, int) or isinstance(group, bool) or group < 1):
+            _fail(path, f"{p}: bad group size {group!r}")
+        G = formats.n_groups(k_in, group) if kind != FLOAT_KIND else 0
+        shapes = {"qweight": (n_out, k_in) if kind == "i8" else (n_out, k_in // 2), "qzeros": (n_out, G),
+                  "gscale": (n_out, G), "wscale": (n_out, G), "cscale": (n_out,), "weight": (n_out, k_in)}
+        for t, dt in KIND_TENSORS[kind].items():
+            expect[f"{p}.{t}"] = (dt, shapes[t])
+        if act == "static":
+            expect[f"{p}.ascale"] = (np.float32, ())
+    lack = sorted(set(expect) - set(header))
+    if lack:
+        _fail(path, f"tensor(s) missing: {', '.join(lack[:5])}{' ...' if len(lack) > 5 else ''}")
+    extra = sorted(set(header) - set(expect))
+    if extra:
+        _fail(path, f"unexpected tensor(s): {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    try:
+        tensors, _ = read_safetensors(path)
+    except WeightsError as e:
+        raise QFileError(str(e)) from None
+    for name, (dt, shape) in expect.items():
+        a = tensors[name]
+        if a.dtype != np.dtype(dt):
+            _fail(path, f"tensor {name} has dtype {a.dtype}, expected {np.dtype(dt)}")
+        if a.shape != tuple(shape):
+            _fail(path, f"tensor {name} has shape {a.shape}, expected {tuple(shape)}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            _fail(path, f"tensor {name} holds NaN or Inf values")
+
+    def linear(p):
+        spec = linears[p]
+        if spec["kind"] == FLOAT_KIND:
+            return tensors[f"{p}.weight"]
+        n_out, k_in = prefixes[p][2]
+        try:
+            return formats.QuantLinear(
+                kind=spec["kind"], act=spec.get("act"), in_features=k_in, out_features=n_out,
+                group=spec["group"], ascale=float(tensors[f"{p}.ascale"]) if f"{p}.ascale" in tensors else None,
+                **{t: tensors[f"{p}.{t}"] for t in KIND_TENSORS[spec["kind"]]})
+        except formats.FormatError as e:
+            _fail(path, f"{p}: {e}")
+
+    layers = []
+    for i in range(config.num_hidden_layers):
+        lin = {n: linear(p) for p, (li, n, _) in prefixes.items() if li == i}
+        layers.append(LayerWeights(attn_norm=tensors[f"model.layers.{i}.input_layernorm.weight"],
+                                   mlp_norm=tensors[f"model.layers.{i}.post_attention_layernorm.weight"],
+                                   **lin))
+    embed = tensors["model.embed_tokens.weight"]
+    weights = ModelWeights(config=config, embed=embed, layers=layers, norm=tensors["model.norm.weight"],
+                           lm_head=embed if config.tie_word_embeddings else tensors["lm_head.weight"])
+    ck = QCheckpoint(config=config, weights=weights, tokenizer=tokenizer,
+                     chat_template=meta.get("chat_template"), recipe=recipe, source=str(path),
+                     tokenizer_json=meta["tokenizer"], linears=linears)
+    try:
+        kv = ck.kv_scales
+    except (KeyError, TypeError, ValueError) as e:
+        _fail(path, f"recipe 'kv_cache' is malformed ({e})")
+    if kv is not None and (kv.shape != (config.num_hidden_layers, 2, config.num_key_value_heads)
+                           or not np.isfinite(kv).all() or (kv <= 0).any()):
+        _fail(path, f"recipe 'kv_cache' scales must be positive with shape "
+                    f"(layers {config.num_hidden_layers}, KV heads {config.num_key_value_heads})")
+    return ck
