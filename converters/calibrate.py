@@ -16,8 +16,7 @@ Statistics come from the float model (not layer-by-layer from the already
 quantized layers 0..l−1): one or two forward passes serve every layer, and the
 quantization of each layer is independent (docs/FORMAT.md, "Recipe").
 
-H is accumulated in float64 with BLAS dsyrk (half the work of XᵀX), one
-sequence at a time; memory is Σ K² · 8 bytes over the sites (SmolLM2-135M:
+H is accumulated in float64 (float64 products, one sequence at a time); memory is Σ K² · 8 bytes over the sites (SmolLM2-135M:
 about 0.8 GB); `layers=` restricts the statistics to some layers (and stops the
 forward after the last one) to bound memory on larger models.
 """
@@ -27,7 +26,6 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.linalg.blas import dsyrk
 
 DEFAULT_N_SEQ = 64       # calibration sequences ...
 DEFAULT_SEQ_LEN = 512    # ... of this many tokens: 32768 tokens for SmolLM2
@@ -41,7 +39,7 @@ class CalibrationError(ValueError):
 @dataclass
 class SiteStats:
     absmax: np.ndarray                   # (K,) float32
-    tok_absmax: np.ndarray               # (T,) float32
+    tok_absmax: np.ndarray | None        # (T,) float32; None once derived by scaled()
     H: np.ndarray | None                 # (K, K) float64, symmetric; None when not collected
     n_tokens: int
 
@@ -132,10 +130,11 @@ class _Observer:
             if self.gram:
                 k = x.shape[1]
                 if key not in self.H:
-                    self.H[key] = np.zeros((k, k), dtype=np.float64, order="F")
-                # Upper triangle of H += XᵀX (A = Xᵀ is (K, T), F-ordered as a view of X).
-                self.H[key] = dsyrk(1.0, x.astype(np.float64).T, beta=1.0, c=self.H[key],
-                                    trans=0, lower=0, overwrite_c=1)
+                    self.H[key] = np.zeros((k, k), dtype=np.float64)
+                # Plain float64 GEMM, not BLAS syrk: with this OpenBLAS, interleaving
+                # ?syrk with the forward's sgemm made both 2-3x slower (measured).
+                x64 = x.astype(np.float64)                               # (T, K)
+                self.H[key] += x64.T @ x64                               # (K, K)
         if self.kv and site == "attn_in":
             wk, wv = self.kv_w[li]
             t, h, d = x.shape[0], self.hkv, self.d
@@ -144,12 +143,6 @@ class _Observer:
             pair = np.sqrt(k[..., : d // 2] ** 2 + k[..., d // 2:] ** 2)  # (T, Hkv, D/2)
             np.maximum(self.kv_absmax[li, 0], pair.max(axis=(0, 2)), out=self.kv_absmax[li, 0])
             np.maximum(self.kv_absmax[li, 1], np.abs(v).max(axis=(0, 2)), out=self.kv_absmax[li, 1])
-
-
-def _symmetric(Hu: np.ndarray) -> np.ndarray:
-    """Full symmetric matrix from dsyrk's upper triangle, C-ordered."""
-    H = np.triu(Hu)
-    return np.ascontiguousarray(H + np.triu(H, 1).T)
 
 
 def calibrate(weights, seqs, *, gram: bool = True, kv: bool = False, layers=None, sites=None,
@@ -181,10 +174,22 @@ def calibrate(weights, seqs, *, gram: bool = True, kv: bool = False, layers=None
     stats = {}
     for key in obs.absmax:
         stats[key] = SiteStats(absmax=obs.absmax[key], tok_absmax=np.concatenate(obs.tok[key]),
-                               H=_symmetric(obs.H[key]) if gram else None, n_tokens=obs.n[key])
+                               H=obs.H[key] if gram else None, n_tokens=obs.n[key])
         obs.H.pop(key, None)                                             # free as we go
     return Calibration(sites=stats, kv_absmax=obs.kv_absmax, n_seq=int(seqs.shape[0]),
                        seq_len=int(seqs.shape[1]), source=source)
+
+
+def scaled(st: SiteStats, s) -> SiteStats:
+    """The statistics of the input x / s (s: (K,) smoothing scales), derived without a new pass.
+
+    absmax and H transform exactly (absmax / s, H / (s sᵀ)); the per-token absmax
+    does not (it is a max over channels of differently scaled values), so it is
+    dropped: after smoothing, only act_clip "max" can use derived statistics.
+    """
+    s = np.asarray(s, dtype=np.float64)                                  # (K,)
+    H = None if st.H is None else st.H / np.outer(s, s)                  # (K, K)
+    return SiteStats(absmax=(st.absmax / s).astype(np.float32), tok_absmax=None, H=H, n_tokens=st.n_tokens)
 
 
 # ----------------------------------------------------------------------------- activation scales
@@ -213,8 +218,12 @@ def static_ascale(st: SiteStats, clip="max") -> float:
     (tokens above it saturate at ±127).
     """
     clip = parse_act_clip(clip)
-    t = st.tok_absmax
-    amax = float(t.max(initial=0.0)) if clip == "max" else float(np.percentile(t, clip))
+    if clip == "max":
+        amax = st.amax          # = the max of the per-token absmax, and survives scaled()
+    else:
+        if st.tok_absmax is None:
+            raise CalibrationError("a percentile act_clip needs per-token statistics of the final inputs")
+        amax = float(np.percentile(st.tok_absmax, clip))
     if not amax > 0:
         amax = 1.0      # an all-zero input: any scale is exact
     return float(np.float32(amax / 127.0))

@@ -19,8 +19,9 @@ Methods (METHODS; `wbits`, `act` as noted):
   w8a8         per-channel symmetric W8 (kind "i8"), static A8 = rtn with wbits=8
 
 Calibration statistics come from the float model (not sequentially from the
-quantized layers); with smoothing there are two passes: per-channel absmax
-first (to choose the scales), then everything else on the folded model.
+quantized layers); one forward pass serves every method: smoothing rescales
+the recorded absmax and H exactly (calibrate.scaled); only a percentile
+activation clip after smoothing needs a second pass on the folded model.
 """
 from __future__ import annotations
 
@@ -152,32 +153,43 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
         recipe["calibration"] = {"source": source, "n_seq": int(seqs.shape[0]), "seq_len": int(seqs.shape[1]),
                                  "tokens": int(seqs.size), "seed": seed}
 
-    # Pass 1 (smoothing methods): per-channel absmax of the float model picks the scales.
-    site_mode = {}
+    # Statistics. One pass over the float model gives everything; smoothing then only
+    # rescales absmax and H (calibrate.scaled). A percentile act_clip needs the per-token
+    # maxima of the smoothed inputs, which do not rescale: then a cheap absmax-only pass
+    # picks the scales and a second pass runs on the folded model.
+    site_mode, stats = {}, None
+    two_pass = bool(spec.smoothing) and needs_static and act_clip != "max"
+    if need_calib:
+        sites = None if (spec.fptq or not two_pass) else smooth.FOLDABLE_SITES
+        stats = cal.calibrate(weights, seqs, gram=spec.search and not two_pass, kv=kv8 and not two_pass,
+                              sites=sites, progress=progress,
+                              desc=f"{method}: calibration" + (" (absmax pass)" if two_pass else ""))
+    recipe["calibration_passes"] = (2 if two_pass else 1) if need_calib else 0
     if spec.smoothing:
-        sites = None if spec.fptq else smooth.FOLDABLE_SITES
-        c0 = cal.calibrate(weights, seqs, gram=False, sites=sites, progress=progress,
-                           desc=f"{method}: absmax pass")
         scales = {}
-        for (li, site), st in c0.sites.items():
+        for (li, site), st in stats.sites.items():
+            if site not in smooth.FOLDABLE_SITES:
+                continue
             if spec.fptq:
                 site_mode[(li, site)] = _fptq_mode(st.amax, site)
                 if site_mode[(li, site)] != "lae":
                     continue
             scales[(li, site)] = smooth.scales_for(spec.smoothing, st.absmax, weights.layers[li], site)
-        weights = smooth.fold_scales(weights, scales)
         if spec.fptq:
+            for (li, site), st in stats.sites.items():
+                site_mode.setdefault((li, site), _fptq_mode(st.amax, site))
             recipe["fptq_policy"] = {
                 "static_max": FPTQ_STATIC_MAX, "lae_max": FPTQ_LAE_MAX,
-                "sites": {f"{li}.{site}": {"amax": c0.sites[(li, site)].amax, "mode": m}
+                "sites": {f"{li}.{site}": {"amax": stats.sites[(li, site)].amax, "mode": m}
                           for (li, site), m in sorted(site_mode.items())}}
-        del c0
-
-    # Pass 2: Gram matrices, per-token maxima (and K/V maxima) on the (folded) float model.
-    stats = None
-    if need_calib and (needs_static or spec.search or kv8):
-        stats = cal.calibrate(weights, seqs, gram=spec.search, kv=kv8, progress=progress,
-                              desc=f"{method}: calibration pass")
+        weights = smooth.fold_scales(weights, scales)
+        if two_pass:
+            stats = cal.calibrate(weights, seqs, gram=spec.search, kv=kv8, progress=progress,
+                                  desc=f"{method}: calibration (folded model)")
+        else:
+            for key, s in scales.items():
+                stats.sites[key] = cal.scaled(stats.sites[key], s)
+    if stats is not None:
         recipe["calibration"]["h_dtype"] = "float64" if spec.search else None
 
     layers_out, layer_info = [], {}

@@ -131,10 +131,11 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), ctx=
         firsts = []
         for i in range(bsz):
             firsts.append(int(gm.prefill(rng.integers(0, c.vocab_size, ctx), cache, seq=i)[0].argmax()))
-        gm.decode_greedy(cache, firsts, 2)            # warm-up (compiles, captures once)
+        gm.decode_greedy(cache, firsts, 2)            # warm-up: compiles, captures the step graph
         cache.lens_host[:] = ctx
+        cp.cuda.Device().synchronize()
         t0 = time.perf_counter()
-        gm.decode_greedy(cache, firsts, steps)
+        gm.decode_greedy(cache, firsts, steps)        # graph replays only
         s = time.perf_counter() - t0
         # bytes a step must read: every weight once (embedding: one row per sequence) + the KV cache
         kv = 2 * c.num_hidden_layers * c.kv_size * 2 * (ctx + steps / 2) * bsz
@@ -147,6 +148,10 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), ctx=
         if bw:
             row["pct_copy_bw"] = 100 * (wbytes + kv) / (s / steps) / bw
         rows.append(row)
+        if bsz == 1:
+            prof = profile_decode_step(gm, cache, firsts)
+            rows.append(dict(model=name, phase="profile", batch=bsz,
+                             ms={k: round(v, 4) for k, v in sorted(prof.items(), key=lambda kv: -kv[1])}))
     rows.append(dict(model=name, phase="memory", gpu_bytes=pool.used_bytes() - base, bits_per_param=bits,
                      linear_bytes=wb["linears"]))
     del gm
@@ -186,6 +191,8 @@ def format_table(rows) -> str:
     out = ["| model | phase | tokens | batch | tok/s | step ms | % copy BW | bits/param | GPU MB |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r["phase"] == "profile":
+            continue
         if r["phase"] == "device":
             out.insert(0, f"device: {r['name']}, copy bandwidth {r['copy_bw_gbs']:.0f} GB/s\n")
             continue
@@ -194,3 +201,42 @@ def format_table(rows) -> str:
                    f"{f('tok_s', '%.0f')} | {f('step_ms', '%.2f')} | {f('pct_copy_bw', '%.0f')} | "
                    f"{f('bits_per_param', '%.2f')} | {('%.0f' % (r['gpu_bytes'] / 2**20)) if 'gpu_bytes' in r else ''} |")
     return "\n".join(out)
+
+
+def profile_decode_step(gm, cache, last_tokens, reps: int = 5) -> dict:
+    """GPU milliseconds per kernel kind in one eager decode step (events around every launch)."""
+    cp = gm.cp
+    from . import model_cuda  # noqa: PLC0415
+    times: dict = {}
+    orig_launch, orig_call = gm._launch, model_cuda.GpuLinear.__call__
+
+    def timed(name, fn):
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record()
+        r = fn()
+        e1.record()
+        times.setdefault(name, []).append((e0, e1))
+        return r
+
+    def launch(name, grid, block, args):
+        return timed(name, lambda: orig_launch(name, grid, block, args))
+
+    def call(self, *a):
+        return timed("gemm_a8w4" if self.w16 is None else "gemv_f16/cublas", lambda: orig_call(self, *a))
+
+    gm._launch = launch
+    model_cuda.GpuLinear.__call__ = call
+    try:
+        st = cache.step or gm._decode_state(cache)
+        cache.step = st
+        lens = cache.lens_host.astype(np.int32)
+        for _ in range(reps):
+            st["tok"].set(np.asarray(last_tokens, dtype=np.int32))
+            st["pos"].set(lens)
+            st["lens"].set(lens + 1)
+            gm._decode_step(cache, st)
+        cp.cuda.Device().synchronize()
+    finally:
+        gm._launch = orig_launch
+        model_cuda.GpuLinear.__call__ = orig_call
+    return {k: sum(cp.cuda.get_elapsed_time(a, b) for a, b in v) / reps for k, v in times.items()}

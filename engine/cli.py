@@ -12,8 +12,10 @@ import sys
 import time
 
 import click
+import numpy as np
 
 from .backend import DEVICES, BackendError
+from .model import LINEAR_NAMES
 
 
 def _peak_rss_mb() -> float:
@@ -61,7 +63,7 @@ def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
     lm = load_model(weights_path, device)
     load_s = time.perf_counter() - t0
     chat = bool(lm.chat_template) and not raw
-    ids = encode_prompt(lm.tokenizer, prompt, lm.chat_template, chat)
+    ids = encode_prompt(lm.tokenizer, prompt, lm.chat_template, chat, lm.config)
     stream = TextStream(lm.tokenizer)
 
     def emit(tok):
@@ -108,6 +110,68 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, device):
     click.echo(f"perplexity: {r['perplexity']:.4f}")
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", required=False)
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The q.safetensors file to write (atomically).")
+@click.option("--method", type=click.Choice(["dgq", "dgq-rtn", "fptq", "fptq-dg", "rtn", "smoothquant",
+                                             "w4a16", "w8a8"]),
+              default="dgq", show_default=True, help="See converters/quantize.py and docs/FORMAT.md.")
+@click.option("--wbits", type=int, default=4, show_default=True)
+@click.option("--group", type=int, default=128, show_default=True, help="Input channels per weight group.")
+@click.option("--act", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="INT8 activations: calibrated per-tensor scale, or per token at run time.")
+@click.option("--kv8", is_flag=True, help="Also store 8-bit KV-cache scales from calibration.")
+@click.option("--calib", default=None,
+              help="Calibration: default the wiki calibration split; a text file path; or 'random'.")
+@click.option("--n-seq", type=int, default=None, help="Calibration sequences (default in converters/calibrate.py).")
+@click.option("--seq-len", type=int, default=None, help="Tokens per calibration sequence.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_len, quiet):
+    """Quantize MODEL (HF directory or GGUF file; default SmolLM2) into a q.safetensors file."""
+    from converters import calibrate as cal  # noqa: PLC0415
+    from converters.quantize import quantize_checkpoint  # noqa: PLC0415
+
+    from . import weights  # noqa: PLC0415
+    from .qfile import save_qfile  # noqa: PLC0415
+    t0 = time.perf_counter()
+    src = model or str(weights.default_model_path())
+    ck = weights.load_checkpoint(src)
+    if not isinstance(ck, weights.Checkpoint):
+        raise click.BadParameter("the model is already quantized; give a float HF directory or GGUF file",
+                                 param_hint="MODEL")
+    mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, kv8=kv8, calib=calib,
+                                     progress=not quiet, n_seq=n_seq or cal.DEFAULT_N_SEQ,
+                                     seq_len=seq_len or cal.DEFAULT_SEQ_LEN)
+    size = save_qfile(out_path, mw, ck.config, ck.tokenizer, ck.chat_template, recipe)
+    n_lin = sum(int(np.prod(getattr(L, n).shape)) for L in mw.layers for n in LINEAR_NAMES)
+    lin_bytes = sum(getattr(L, n).nbytes() for L in mw.layers for n in LINEAR_NAMES)
+    click.echo(f"wrote {out_path}: {size / 2**20:.1f} MiB; linears {8 * lin_bytes / n_lin:.2f} bits/param "
+               f"({n_lin / 1e6:.1f} M params); method {method}; {time.perf_counter() - t0:.0f} s; "
+               f"peak RSS {_peak_rss_mb():.0f} MB", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", required=False)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The Hugging Face-style directory to write.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--shard-size", default=None, help="Split the weights into shards of at most this size, e.g. 200MB.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty directory.")
+@user_errors
+def export(model, out_dir, dtype, shard_size, overwrite):
+    """Write MODEL (GGUF file or HF directory; default SmolLM2) as an HF safetensors directory."""
+    from converters.export import export_hf_dir  # noqa: PLC0415
+
+    from . import weights  # noqa: PLC0415
+    ck = weights.load_checkpoint(model or str(weights.default_model_path()))
+    if not isinstance(ck, weights.Checkpoint):
+        raise click.BadParameter("quantized files cannot be exported as float checkpoints", param_hint="MODEL")
+    out = export_hf_dir(ck, out_dir, dtype=dtype, shard_size=shard_size, overwrite=overwrite)
+    click.echo(f"wrote {out}", err=True)
+
+
 def run_main():
     run(prog_name="dgq-run")
 
@@ -117,10 +181,8 @@ def eval_main():
 
 
 def quantize_main():
-    from .cli_quantize import quantize  # noqa: PLC0415
     quantize(prog_name="dgq-quantize")
 
 
 def export_main():
-    from .cli_quantize import export  # noqa: PLC0415
     export(prog_name="dgq-export")

@@ -51,7 +51,7 @@ def stop_ids(tokenizer, config) -> set[int]:
     return ids
 
 
-def encode_prompt(tokenizer, prompt: str, chat_template: str | None, chat: bool) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, chat_template: str | None, chat: bool, config=None) -> list[int]:
     """Token ids for a prompt: through the model's chat template when `chat`, else as is."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise GenerationError("--prompt is empty: give some text to continue")
@@ -60,9 +60,13 @@ def encode_prompt(tokenizer, prompt: str, chat_template: str | None, chat: bool)
     if chat:
         if not chat_template:
             raise GenerationError("this model has no chat template; use --raw")
-        from .tokenizer import render_chat  # noqa: PLC0415
+        from .tokenizer import render_chat, token_string  # noqa: PLC0415
+        special = {}
+        if config is not None:   # templates that write {{ bos_token }} need the strings
+            special = dict(bos_token=token_string(tokenizer, config.bos_token_id),
+                           eos_token=token_string(tokenizer, config.eos_token_id))
         text = render_chat(chat_template, [{"role": "user", "content": prompt}],
-                           add_generation_prompt=True)
+                           add_generation_prompt=True, **special)
         return tokenizer.encode(text, add_special_tokens=False).ids
     return tokenizer.encode(prompt).ids
 

@@ -22,7 +22,8 @@ from .config import ModelConfig
 from .model import ModelError, ModelWeights
 
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}
-DECODE_CHUNK = 256          # keys per flash-decoding block (cuda/fused.cu DEC_MAX_CHUNK)
+DECODE_CHUNK = 64           # keys per flash-decoding block (≤ cuda/fused.cu DEC_MAX_CHUNK)
+GEMV_F16_MAXM = 32          # rows the fp16 GEMV takes (cuda/fused.cu GEMV_F16_MAXM)
 
 
 def _fuse(qls):
@@ -40,17 +41,43 @@ def _fuse(qls):
                                cscale=cat("cscale"), ascale=a.ascale)
 
 
+def matmul_f16(cp, x, w, out):
+    """out (M, N) fp16 = x (M, K) · w (N, K)ᵀ: our GEMV for M ≤ 32 (graph-capturable), else cuBLAS.
+
+    Used for the lm_head, which sits inside the captured decode step.
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    if m <= GEMV_F16_MAXM and k % 8 == 0:
+        kernels.function("fused.cu", "gemv_f16", ())((-(-n // 8),), (256,),
+                                                     (x, w, out, np.int32(m), np.int32(n), np.int32(k)))
+    else:
+        cp.matmul(x, w.T, out=out)
+    return out
+
+
 class GpuLinear:
     """One (possibly fused) linear on the GPU: packed A8W4 or a float16 weight for cuBLAS."""
 
-    def __init__(self, cp, ws):
+    def __init__(self, cp, ws, host_cache: dict | None = None):
         self.cp = cp
         if all(isinstance(w, formats.QuantLinear) for w in ws):
-            ql = ws[0] if len(ws) == 1 else _fuse(ws)
-            if ql.kind != "dg":
+            if any(w.kind != "dg" for w in ws):
                 raise BackendError(f"the GPU engine runs dual-grained ('dg') layers; this file holds "
-                                   f"'{ql.kind}' layers: use --device cpu")
-            self.packed = ops_cuda.pack_for_gpu(ql)
+                                   f"'{ws[0].kind}' layers: use --device cpu")
+            # Host repacking is the slow part of loading; layers that share arrays (the
+            # random bench models) repack once and upload once per layer.
+            key = tuple(id(w) for w in ws)
+            ph, ql = (host_cache or {}).get(key, (None, None))
+            if ph is None:
+                ql = ws[0] if len(ws) == 1 else _fuse(ws)
+                formats.check_no_overflow(ql)
+                ph = ops_cuda.pack_host(ql)
+                if host_cache is not None:
+                    host_cache[key] = (ph, ql)
+            self.packed = ops_cuda.PackedA8W4(ph.n, ph.k, ph.group, ph.n_pad, ph.k_pad, cp.asarray(ph.qw),
+                                              cp.asarray(ph.meta), cp.asarray(ph.s8), ql.act, ql.ascale)
+            self.kp = self.packed.k_pad          # int8 activations are padded to the kernel's K
             self.mode = MODE[ql.act]
             self.scale = cp.asarray([ql.ascale or 1.0], dtype=cp.float32)   # read by static mode only
             self.w16 = None
@@ -59,14 +86,14 @@ class GpuLinear:
             w = np.concatenate(ws, axis=0) if len(ws) > 1 else ws[0]
             self.w16 = cp.asarray(w, dtype=cp.float16)                      # (N, K)
             self.packed, self.mode, self.scale = None, MODE["fp16"], cp.ones(1, cp.float32)
-            self.n = w.shape[0]
+            self.n, self.kp = w.shape
         else:
             raise ModelError("a fused group mixes float and quantized weights")
 
     def __call__(self, x8, sx, xh, out):
         """out (M, N) fp16 = x · Wᵀ from int8 x8 with scales sx, or from fp16 xh."""
         if self.w16 is not None:
-            self.cp.matmul(xh, self.w16.T, out=out)
+            self.cp.matmul(xh, self.w16.T, out=out)         # cuBLAS: the FP16 baseline
         else:
             ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out)
         return out
@@ -74,7 +101,7 @@ class GpuLinear:
     def nbytes(self) -> int:
         if self.w16 is not None:
             return self.w16.nbytes
-        return ops_cuda.packed_nbytes(self.packed)
+        return self.packed.nbytes()
 
 
 class GpuKVCache:
@@ -106,7 +133,7 @@ class _Buffers:
 
     def __init__(self, cp, c: ModelConfig, m: int, vocab_rows: int):
         h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
-        wide = max(h, i, c.q_size)
+        wide = max(h, i, c.q_size) + 256      # room for K padded to the GEMM's multiple
         f16, f32 = cp.float16, cp.float32
         self.h = cp.zeros((m, h), f32)
         self._x8 = cp.zeros((m * wide,), cp.int8)
@@ -134,19 +161,22 @@ class CudaModel:
         if cp is None:
             raise BackendError("the GPU engine needs CuPy and a CUDA device")
         self.cp, self.config, c = cp, weights.config, weights.config
-        if c.head_dim > 128 or c.head_dim % 32:
-            raise BackendError(f"the GPU attention kernels need head_dim a multiple of 32 up to 128, "
-                               f"got {c.head_dim}")
-        self.k = kernels.fused_module()
+        if c.head_dim not in (64, 128):
+            raise BackendError(f"the GPU attention kernels take head_dim 64 or 128, got {c.head_dim}")
+        kernels.module("fused.cu", ())                     # compile once, up front
         self.embed = cp.asarray(weights.embed, dtype=cp.float16)               # (V, H)
         self.lm_head = self.embed if c.tie_word_embeddings else cp.asarray(weights.lm_head, cp.float16)
         self.norm = cp.asarray(weights.norm, dtype=cp.float32)
         self.layers = []
+        hc = {}
         for L in weights.layers:
             self.layers.append(dict(
                 attn_norm=cp.asarray(L.attn_norm, cp.float32), mlp_norm=cp.asarray(L.mlp_norm, cp.float32),
-                qkv=GpuLinear(cp, [L.q, L.k, L.v]), o=GpuLinear(cp, [L.o]),
-                gu=GpuLinear(cp, [L.gate, L.up]), down=GpuLinear(cp, [L.down])))
+                qkv=GpuLinear(cp, [L.q, L.k, L.v], hc), o=GpuLinear(cp, [L.o], hc),
+                gu=GpuLinear(cp, [L.gate, L.up], hc), down=GpuLinear(cp, [L.down], hc)))
+        del hc
+        # CuPy cannot capture cuBLAS calls: a model with float linears decodes eagerly
+        self.graphable = all(g.w16 is None for L in self.layers for g in (L["qkv"], L["o"], L["gu"], L["down"]))
         inv = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
         ang = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), inv)  # (P, D/2)
         self.cos = cp.asarray(np.cos(ang), dtype=cp.float32)
@@ -173,7 +203,7 @@ class CudaModel:
 
     # ------------------------------------------------------------------ the layer stack
     def _launch(self, name, grid, block, args):
-        self.k.get_function(name)(grid, block, args)
+        kernels.function("fused.cu", name, ())(grid, block, args)
 
     def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, pos, seq, attend):
         """Run every layer on b.h[:m] in place. attend(layer, b) fills b.a from b.q and the cache."""
@@ -184,26 +214,27 @@ class CudaModel:
         n_h = np.int32(m * hid)
         for li, L in enumerate(self.layers):
             qkv, o, gu, down = L["qkv"], L["o"], L["gu"], L["down"]
-            x8, xh = b.x8(m, hid), b.xh(m, hid)
+            x8, xh = b.x8(m, qkv.kp), b.xh(m, hid)
             self._launch("rmsnorm_quant", (m,), (256,), (b.h, L["attn_norm"], np.int32(hid), eps,
-                         np.int32(qkv.mode), qkv.scale, x8, b.sx, xh))
+                         np.int32(qkv.mode), qkv.scale, x8, np.int32(qkv.kp), b.sx, xh))
             qkv(x8, b.sx[:m], xh, b.qkv[:m])
             self._launch("rope_qkv_cache", (m, hq + hkv), (d // 2,),
                          (b.qkv, np.int32(hq), np.int32(hkv), np.int32(d), pos, seq, self.cos, self.sin,
                           b.q, cache.k[li], cache.v[li], np.int32(cache.capacity)))
             attend(li, b)                                                   # b.a[:m] (M, Hq·D)
-            a8, ah = b.x8(m, c.q_size), b.a[:m]
+            a8, ah = b.x8(m, o.kp), b.a[:m]
             if o.mode != MODE["fp16"]:
                 self._launch("quant_rows", (m,), (256,), (b.a, np.int32(c.q_size), np.int32(o.mode),
-                             o.scale, a8, b.sx))
+                             o.scale, a8, np.int32(o.kp), b.sx))
             o(a8, b.sx[:m], ah, b.y[:m])
             self._launch("residual_add", ((m * hid + 255) // 256,), (256,), (b.h, b.y, n_h))
+            x8 = b.x8(m, gu.kp)
             self._launch("rmsnorm_quant", (m,), (256,), (b.h, L["mlp_norm"], np.int32(hid), eps,
-                         np.int32(gu.mode), gu.scale, x8, b.sx, xh))
+                         np.int32(gu.mode), gu.scale, x8, np.int32(gu.kp), b.sx, xh))
             gu(x8, b.sx[:m], xh, b.gu[:m])
-            m8, mh = b.x8(m, inter), b.xh(m, inter)
+            m8, mh = b.x8(m, down.kp), b.xh(m, inter)
             self._launch("silu_mul_quant", (m,), (256,), (b.gu, np.int32(inter), np.int32(down.mode),
-                         down.scale, m8, b.sx, mh))
+                         down.scale, m8, np.int32(down.kp), b.sx, mh))
             down(m8, b.sx[:m], mh, b.y[:m])
             self._launch("residual_add", ((m * hid + 255) // 256,), (256,), (b.h, b.y, n_h))
 
@@ -213,8 +244,8 @@ class CudaModel:
         h = b.h[rows]
         xh = b.xh(nrows, c.hidden_size)
         self._launch("rmsnorm_quant", (nrows,), (256,), (h, self.norm, np.int32(c.hidden_size),
-                     np.float32(c.rms_norm_eps), np.int32(MODE["fp16"]), self.norm, b.x8(nrows, 1), b.sx, xh))
-        cp.matmul(xh, self.lm_head.T, out=b.logits[:nrows])
+                     np.float32(c.rms_norm_eps), np.int32(MODE["fp16"]), self.norm, b.x8(nrows, 1), np.int32(1), b.sx, xh))
+        matmul_f16(cp, xh, self.lm_head, b.logits[:nrows])
 
     # ------------------------------------------------------------------ prefill / full forward
     def _attend_prefill(self, cache: GpuKVCache, s: int, start: int, t: int):
@@ -293,17 +324,17 @@ class CudaModel:
         self._launch("argmax_rows", (nb,), (1024,), (b.logits, np.int32(c.vocab_size), st["tok"],
                      np.int32(1), st["pos"], st["lens"]))
 
-    def _decode_state(self, cache: GpuKVCache, last_tokens):
+    def _decode_state(self, cache: GpuKVCache):
+        """Device buffers of a decode step, fixed for the life of the cache (the graph holds them)."""
         cp, nb = self.cp, cache.batch
         nsplit = -(-cache.capacity // DECODE_CHUNK)
         d, hq = self.config.head_dim, self.config.num_attention_heads
         return {"bufs": _Buffers(cp, self.config, nb, nb), "nsplit": nsplit,
-                "tok": cp.asarray(np.asarray(last_tokens, dtype=np.int32)),
-                "pos": cp.asarray(cache.lens_host.astype(np.int32)),
-                "lens": cp.asarray(cache.lens_host.astype(np.int32) + 1),
-                "seq": cp.arange(nb, dtype=cp.int32),
+                "tok": cp.zeros((nb,), cp.int32), "pos": cp.zeros((nb,), cp.int32),
+                "lens": cp.zeros((nb,), cp.int32), "seq": cp.arange(nb, dtype=cp.int32),
                 "ml": cp.zeros((nb * hq * nsplit * 2,), cp.float32),
-                "acc": cp.zeros((nb * hq * nsplit * d,), cp.float32)}
+                "acc": cp.zeros((nb * hq * nsplit * d,), cp.float32),
+                "stream": cp.cuda.Stream(non_blocking=True)}
 
     def decode_greedy(self, cache: GpuKVCache, last_tokens, n_steps: int, use_graph: bool = True,
                       on_step=None):
@@ -312,25 +343,37 @@ class CudaModel:
         Each step feeds the previous token (at position lens) and writes the next into the
         device buffer; on_step(ids (B,)) sees each step's ids (one small device→host copy) and
         stops the loop by returning True. Returns (steps done, B) int32 on the host.
+        The captured graph is kept with the cache: later calls only reset three small buffers.
         """
         cp = self.cp
         if int(cache.lens_host.max()) + n_steps > cache.capacity:
             raise ModelError("the KV cache is too small for that many decode steps")
-        st = self._decode_state(cache, last_tokens)
-        stream = cp.cuda.Stream(non_blocking=True)
+        if len(last_tokens) != cache.batch:
+            raise ModelError(f"need one last token per sequence ({cache.batch}), got {len(last_tokens)}")
+        if cache.step is None:
+            cache.step = self._decode_state(cache)
+        st = cache.step
+        use_graph = use_graph and self.graphable
+        lens = cache.lens_host.astype(np.int32)
+        st["tok"].set(np.asarray(last_tokens, dtype=np.int32))
+        st["pos"].set(lens)
+        st["lens"].set(lens + 1)
+        cp.cuda.Device().synchronize()       # prefill and the resets ran on the default stream
+        stream = st["stream"]
         out = cp.zeros((n_steps, cache.batch), dtype=cp.int32)
-        graph = None
         done = 0
         with stream:
-            if use_graph:
-                stream.begin_capture()
-                self._decode_step(cache, st)
-                graph = stream.end_capture()
             for i in range(n_steps):
-                if graph is not None:
-                    graph.launch(stream)
+                if use_graph and cache.graph is not None:
+                    cache.graph.launch(stream)
                 else:
                     self._decode_step(cache, st)
+                    # the first step runs eagerly: it compiles kernels and sizes workspaces,
+                    # which must not happen during capture; then the step is captured once
+                    if use_graph:
+                        stream.begin_capture()
+                        self._decode_step(cache, st)
+                        cache.graph = stream.end_capture()
                 out[i] = st["tok"]
                 done = i + 1
                 if on_step is not None and on_step(cp.asnumpy(st["tok"])):

@@ -504,10 +504,9 @@ def _opt_int(v: Any) -> int | None:
 # ----------------------------------------------------------------------------- dispatch
 
 def is_dgq_file(path: str | os.PathLike) -> bool:
-    """True when a .safetensors file carries our quantized format in its metadata.
-    Any metadata value equal to FORMAT_NAME counts, so the exact key is up to engine/qfile.py."""
+    """True when a .safetensors file's metadata says format = dgq-safetensors (engine/qfile.py)."""
     _, metadata, _ = read_safetensors_header(path)
-    return FORMAT_NAME in metadata.values()
+    return metadata.get("format") == FORMAT_NAME
 
 
 def load_checkpoint(path: str | os.PathLike):

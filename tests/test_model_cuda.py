@@ -33,7 +33,7 @@ def quantized_tiny(act, seed=0, **kw):
         for name in LINEAR_NAMES:
             n, k = getattr(L, name).shape
             site_scale = {"q": 0.02, "k": 0.02, "v": 0.02, "gate": 0.03, "up": 0.03}.get(name, 0.01)
-            setattr(L, name, random_dg(rng, n, k, 32, act, site_scale))
+            setattr(L, name, random_dg(rng, n, k, 64, act, site_scale))
     return mw
 
 
@@ -44,7 +44,7 @@ def rel(a, b):
 @pytest.mark.parametrize("act", ["dynamic", "static"])
 def test_gpu_logits_match_reference(act):
     from engine.model_cuda import CudaModel
-    mw = quantized_tiny(act, head_dim=32, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+    mw = quantized_tiny(act, head_dim=64, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
                         intermediate_size=96)
     tokens = np.array([3, 17, 5, 60, 0, 42, 8, 8, 19, 33, 1])
     ref = Model(mw).forward(tokens)
@@ -55,7 +55,7 @@ def test_gpu_logits_match_reference(act):
 
 def test_gpu_fp16_path_matches_float_reference():
     from engine.model_cuda import CudaModel
-    c = tiny_config(head_dim=32, hidden_size=64, intermediate_size=96)
+    c = tiny_config(head_dim=64, hidden_size=64, intermediate_size=96)
     mw = ModelWeights.from_hf(c, random_tensors(c, 3))
     tokens = np.arange(20) % c.vocab_size
     assert rel(CudaModel(mw).forward(tokens).get(), Model(mw).forward(tokens)) < 1e-2
@@ -63,7 +63,7 @@ def test_gpu_fp16_path_matches_float_reference():
 
 def test_graph_decode_equals_eager_and_incremental_reference():
     from engine.model_cuda import CudaModel
-    mw = quantized_tiny("dynamic", seed=1, head_dim=32, hidden_size=64, intermediate_size=96)
+    mw = quantized_tiny("dynamic", seed=1, head_dim=64, hidden_size=64, intermediate_size=96)
     gm = CudaModel(mw)
     prompt = np.array([5, 9, 2, 44, 7])
     outs = []
@@ -82,7 +82,7 @@ def test_graph_decode_equals_eager_and_incremental_reference():
 
 def test_batched_decode_equals_single_sequences():
     from engine.model_cuda import CudaModel
-    mw = quantized_tiny("dynamic", seed=2, head_dim=32, hidden_size=64, intermediate_size=96)
+    mw = quantized_tiny("dynamic", seed=2, head_dim=64, hidden_size=64, intermediate_size=96)
     gm = CudaModel(mw)
     prompts = [np.array([1, 2, 3]), np.array([9, 8, 7, 6, 5]), np.array([40])]
     singles = []
@@ -95,3 +95,17 @@ def test_batched_decode_equals_single_sequences():
     batched = gm.decode_greedy(cache, firsts, 8)
     for i in range(3):
         np.testing.assert_array_equal(batched[:, i], singles[i])
+
+
+def test_decode_over_many_attention_splits():
+    """A context longer than several flash-decoding chunks (64 keys) and a ragged last chunk."""
+    from engine.model_cuda import DECODE_CHUNK, CudaModel
+    mw = quantized_tiny("dynamic", seed=4, head_dim=64, hidden_size=64, intermediate_size=96,
+                        max_position_embeddings=512)
+    gm = CudaModel(mw)
+    prompt = (np.arange(3 * DECODE_CHUNK + 11) * 7) % mw.config.vocab_size
+    cache = gm.new_cache(len(prompt) + 8)
+    first = int(gm.prefill(prompt, cache).astype(np.float32).argmax())
+    got = np.concatenate([[first], gm.decode_greedy(cache, [first], 6)[:, 0]])
+    ref = Model(mw).forward(np.concatenate([prompt, got[:-1]]))[len(prompt) - 1:].argmax(axis=-1)
+    assert (ref == got).mean() >= 0.85, (ref, got)

@@ -337,6 +337,9 @@ def test_dispatch_quantized_and_plain_safetensors(tmp_path):
     if importlib.util.find_spec("engine.qfile") is None:
         with pytest.raises(WeightsError, match="not supported yet"):
             load_checkpoint(p)
+    else:                                  # dispatched to engine.qfile, which finds it incomplete
+        with pytest.raises(ValueError, match=r"q\.safetensors"):
+            load_checkpoint(p)
     plain = tmp_path / "plain.safetensors"
     write_safetensors(plain, {"x": np.zeros(4, np.float32)}, {"format": "pt"})
     with pytest.raises(WeightsError, match=r"plain\.safetensors.*directory"):

@@ -1,0 +1,89 @@
+"""Quality table: SmolLM2-135M perplexity on the wiki evaluation split, one row per method.
+
+    python bench/quality.py [--windows 40] [--out docs/QUALITY.md]
+
+Every row is scored on the same windows (the first N of 512 tokens of the wiki
+evaluation split) with the NumPy reference path, so the integer A8W4 rows are
+exactly what the GPU kernels compute. Calibration uses the wiki calibration split
+(converters/calibrate.py defaults), never the evaluation split.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+ROWS = [  # (label, method, act)
+    ("FP32 (dequantized Q4_1 GGUF)", None, None),
+    ("A16W4 RTN g128", "w4a16", "static"),
+    ("A8W8 (per-channel W8, static A8)", "w8a8", "static"),
+    ("RTN A8W4 g128", "rtn", "static"),
+    ("SmoothQuant A8W4 g128", "smoothquant", "static"),
+    ("FPTQ W4A8 g128", "fptq", "static"),
+    ("DGQ A8W4 g128 static", "dgq", "static"),
+    ("DGQ A8W4 g128 dynamic", "dgq", "dynamic"),
+]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--only", default=None, help="comma-separated methods to run (labels' method names)")
+    ap.add_argument("--out", default=None, help="also append the markdown table to this file")
+    ap.add_argument("--jsonl", default=None, help="append one JSON object per row to this file")
+    a = ap.parse_args(argv)
+
+    from converters.quantize import quantize_checkpoint
+    from engine import data
+    from engine.eval import perplexity
+    from engine.model import Model, ModelWeights
+    from engine.weights import default_model_path, load_checkpoint
+
+    ck = load_checkpoint(default_model_path())
+    tokens = np.asarray(data.encode_text(ck.tokenizer, data.wiki_text("eval")), dtype=np.int32)
+    only = set(a.only.split(",")) if a.only else None
+    results = []
+    for label, method, act in ROWS:
+        if only and (method or "fp32") not in only:
+            continue
+        t0 = time.perf_counter()
+        if method is None:
+            mw, recipe = ModelWeights.from_hf(ck.config, ck.tensors), {}
+        else:
+            mw, recipe = quantize_checkpoint(ck, method, act=act, progress=False)
+        tq = time.perf_counter() - t0
+        m = Model(mw)
+        r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
+        row = dict(label=label, method=method, act=act, perplexity=r["perplexity"], n_tokens=r["n_tokens"],
+                   quantize_s=tq, eval_s=time.perf_counter() - t0 - tq,
+                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        if a.jsonl:
+            with open(a.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del m, mw
+    fp = next((r["perplexity"] for r in results if r["method"] is None), None)
+    lines = [f"SmolLM2-135M-Instruct, wiki evaluation split, first {a.windows} windows of {a.window} tokens "
+             f"({results[0]['n_tokens'] if results else 0} scored tokens), NumPy reference path, "
+             f"{datetime.date.today()}.", "",
+             "| model | perplexity | vs FP32 | quantize time (2 cores) |", "|---|---|---|---|"]
+    for r in results:
+        rel = f"{100 * (r['perplexity'] / fp - 1):+.1f}%" if fp else ""
+        lines.append(f"| {r['label']} | {r['perplexity']:.3f} | {rel} | {r['quantize_s']:.0f} s |")
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+// common.cuh — shared device helpers for the DGQ kernels.
+//
+// engine/kernels.py inlines this file textually before compiling (NVRTC through
+// cupy.RawModule), so the compile-cache key covers it. No system headers: the
+// kernels build the same under NVRTC and under a plain `nvcc -c` compile check.
+//
+// THE GPU WEIGHT LAYOUT (built once in engine/ops_cuda.py: pack_host)
+// -------------------------------------------------------------------
+// A "dg" layer W8[n,k] = (q[n,k] - z[n,g]) * S[n,g] (formats.py) is stored as
+//   qw   : uint32[R][C][32][4]    R = Np/16 row tiles, C = Kp/64 chunks,
+//                                 one 16-byte vector per lane of a warp
+//   meta : uint32[R][Gp][8]       lane-group g's (S, z) for rows g and g+8
+// Lane l = 4*g + t (g = l/4 "groupID", t = l%4, as in the PTX mma fragments)
+// of row tile r and chunk c holds four words
+//   .x = word(row 16r+g,   kstep 0)   .y = word(row 16r+g+8, kstep 0)
+//   .z = word(row 16r+g,   kstep 1)   .w = word(row 16r+g+8, kstep 1)
+// where word(n, s) packs the 8 codes of W[n][64c + 32s + {4t+i, 16+4t+i}],
+// i = 0..3: byte i = code(4t+i) | code(16+4t+i) << 4.
+// Those are exactly the k positions a lane owns in an m16n8k32 int8 fragment
+// (A operand: a0/a2 for row g, a1/a3 for row g+8; B operand: b0/b1 for
+// column g), so ONE layout feeds every kernel: the decode GEMV and wgmma use
+// W as the A operand (rows = output channels), the mma.sync GEMM as the B
+// operand. A warp loading one chunk of one row tile reads 512 contiguous bytes.
+// meta word = S[g] | z[g] << 8 | S[g+8] << 16 | z[g+8] << 24.
+// Padding: K -> Kp (multiple of 128 and of the group) with codes equal to the
+// zero point (padded groups: z = 0, S = 1, code 0); N -> Np (multiple of 16)
+// with z = 0, S = 1, code 0. Every padded weight dequantizes to exactly 0.
+#pragma once
+
+#define DGQ_QMAX_U4 15        // formats.QMAX_U4
+#define DGQ_QMAX_I8 127       // formats.QMAX_I8
+#define DGQ_TILE_N 16         // rows per packed row tile
+#define DGQ_CHUNK_K 64        // k per packed 16-byte lane vector (two k32 steps)
+#define DGQ_K_ALIGN 128       // Kp is a multiple of this (one pipeline stage)
+
+static_assert(DGQ_QMAX_U4 * DGQ_QMAX_I8 < 2048, "q*S must fit the 16-bit lanes below");
+static_assert(DGQ_CHUNK_K == 2 * 32, "a chunk is two m16n8k32 k-steps");
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+typedef signed char i8;
+
+struct alignas(16) u32x4 { u32 x, y, z, w; };
+
+// ----------------------------------------------------------------- dequantization
+// Per (row, group) constants for dq_word. C = 256 - z*S may be negative; it is
+// kept modulo 2^32 and replicated into two 16-bit lanes (c02) or the same lanes
+// shifted by one byte (c13).
+struct DqConst { u32 s, c02, c13; };
+
+__device__ __forceinline__ DqConst dq_const(u32 s, u32 z) {
+    DqConst d;
+    d.s = s;
+    const u32 c = 256u - z * s;
+    d.c02 = c * 0x00010001u;
+    d.c13 = d.c02 << 8;
+    return d;
+}
+
+// meta word -> constants for row g (lo) and row g+8 (hi)
+__device__ __forceinline__ void dq_meta(u32 m, DqConst& lo, DqConst& hi) {
+    lo = dq_const(m & 0xFFu, (m >> 8) & 0xFFu);
+    hi = dq_const((m >> 16) & 0xFFu, m >> 24);
+}
+
+// 8 UINT4 codes -> two registers of 4 int8 each: a = W8 at k 4t..4t+3,
+// b = W8 at k 16+4t..16+4t+3 (the a0/a2 or b0/b1 fragment pair).
+// Why it is exact: two codes sit in separate 16-bit lanes, one IMAD gives
+// q*S + C = (q - z)*S + 256 per lane, which lies in [129, 383] because the
+// format guarantees |(q - z)*S| <= 127 (overflow guard). No lane borrows or
+// carries into the next, and the low byte of each lane is (q - z)*S mod 256,
+// i.e. the int8 value. byte_perm then gathers the four useful bytes. 11
+// integer instructions per 8 weights, no conversions.
+__device__ __forceinline__ void dq_word(u32 w, const DqConst& d, u32& a, u32& b) {
+    const u32 u = w >> 4;
+    const u32 r0 = (w & 0x000F000Fu) * d.s + d.c02;   // codes k0, k2 -> bytes 0, 2
+    const u32 r2 = (w & 0x0F000F00u) * d.s + d.c13;   // codes k1, k3 -> bytes 1, 3
+    const u32 r1 = (u & 0x000F000Fu) * d.s + d.c02;   // codes k16, k18
+    const u32 r3 = (u & 0x0F000F00u) * d.s + d.c13;   // codes k17, k19
+    a = __byte_perm(r0, r2, 0x7250);
+    b = __byte_perm(r1, r3, 0x7250);
+}
+
+// ----------------------------------------------------------------- memory helpers
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// Weights are read exactly once: bypass L1, ask L2 for 256-byte sectors.
+__device__ __forceinline__ u32x4 ldg_stream(const u32x4* p) {
+    u32x4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ u32 ldg_u32(const void* p) {
+    u32 r;
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// L2-coherent load (skips L1, which is not coherent across blocks).
+__device__ __forceinline__ int ldcg_s32(const int* p) {
+    int r;
+    asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(r) : "l"(p) : "memory");
+    return r;
+}
+
+// 16-byte async copy global -> shared; pred false writes zeros (src-size 0).
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool pred) {
+    const int n = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+// ----------------------------------------------------------------- tensor cores
+// D += A(16x32, row) * B(32x8, col), int8 in, int32 accumulate (sm_80+); d[0..3] in/out.
+__device__ __forceinline__ void mma_s8(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+// ----------------------------------------------------------------- epilogue
+// formats.epilogue_ref: y = (float32(acc) * sx[m]) * s8[n], then round to fp16.
+// Two separate round-to-nearest multiplies (no FMA can form: nothing is added).
+__device__ __forceinline__ u16 f32_to_f16_bits(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ float dg_epilogue(int acc, float sx, float s8) {
+    return __fmul_rn(__fmul_rn(__int2float_rn(acc), sx), s8);
+}
+
+// Split-K bookkeeping shared by the tiled kernels. Each split writes its int32
+// partial tile in fragment order (coalesced: element r of thread tid lands at
+// [r][tid]); the last split to arrive at a tile (counter) adds the others into
+// its registers and runs the epilogue, then re-arms the counter for the next
+// launch. Integer sums are exact, so the order of arrival does not matter.
+// Returns true in the block that must finish the tile.
+template <int NREG, int NTHREADS>
+__device__ __forceinline__ bool splitk_reduce(int (&acc)[NREG], int* ws, int* counters,
+                                              int tile, int split, int splits, int ntiles) {
+    if (splits == 1) return true;
+    __shared__ int s_last;
+    const int tid = threadIdx.x;
+    int* mine = ws + ((size_t)split * ntiles + tile) * (NREG * NTHREADS);
+#pragma unroll
+    for (int r = 0; r < NREG; ++r) mine[r * NTHREADS + tid] = acc[r];
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        const int prev = atomicAdd(counters + tile, 1);
+        s_last = (prev == splits - 1);
+    }
+    __syncthreads();
+    if (!s_last) return false;
+    __threadfence();
+    for (int s = 0; s < splits; ++s) {
+        if (s == split) continue;
+        const int* other = ws + ((size_t)s * ntiles + tile) * (NREG * NTHREADS);
+#pragma unroll
+        for (int r = 0; r < NREG; ++r) acc[r] += ldcg_s32(other + r * NTHREADS + tid);
+    }
+    if (tid == 0) counters[tile] = 0;
+    return true;
+}
+
+// Grouped rasterization (tiles of GROUP_M consecutive M-tiles sweep N together)
+// so blocks running at the same time share both operands in L2.
+__device__ __forceinline__ void raster(int pid, int num_m, int num_n, int group_m, int& tm, int& tn) {
+    const int width = group_m * num_n;
+    const int gid = pid / width;
+    const int first_m = gid * group_m;
+    const int gsize = (num_m - first_m < group_m) ? num_m - first_m : group_m;
+    tm = first_m + (pid % width) % gsize;
+    tn = (pid % width) / gsize;
+}

@@ -1,0 +1,430 @@
+"""Benchmarks: `python -m engine.bench <subcommand>`.
+
+  gemm       the A8W4 GEMM family against cuBLAS FP16 (cupy.matmul), cuBLAS INT8
+             W8A8 (torch._int_mm, B column-major) and tinygemm W4A16
+             (torch._weight_int4pack_mm, g128) over M x (K x N); ms, TOP/s, weight
+             GB/s and % of the device-to-device copy bandwidth measured in the
+             same run. torch is used only here, only for the peers, and only
+             when it imports.
+  gemm-tune  the same timing over kernel variants (tile sizes, stages, split-K),
+             to choose ops_cuda.TUNE.
+
+Timing (ALGORITHMS.md §6, METHOD.md): CUDA events around every call, median of
+>= 50 calls after warm-up. Before each timed batch a spin kernel holds the GPU
+for a few ms while the host enqueues the whole batch, so Python launch overhead
+never shows up as GPU idle time inside an event pair. Weight buffers rotate
+(several copies whose total exceeds the L2 size) so decode shapes stream from
+HBM as they would in a model, not from L2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from engine import backend, kernels, ops_cuda
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (8192, 8192), (8192, 28672), (28672, 8192)]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+QUICK_SHAPES = [(4096, 4096), (8192, 8192)]
+QUICK_MS = [1, 16, 64, 256, 4096]
+GROUP = 128
+
+_SPIN_SRC = r"""
+extern "C" __global__ void empty() {}
+extern "C" __global__ void spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}
+"""
+
+
+class BenchError(ValueError):
+    """The benchmark cannot run here (no GPU) or was given impossible options."""
+
+
+def _cp():
+    cp = backend._cupy()
+    if cp is None:
+        raise BenchError("python -m engine.bench needs an NVIDIA GPU with CuPy")
+    return cp
+
+
+_SPIN = None
+
+
+def _spin_module():
+    global _SPIN
+    if _SPIN is None:
+        _SPIN = _cp().RawModule(code=_SPIN_SRC)
+    return _SPIN
+
+
+def _spin(ns: int):
+    _spin_module().get_function("spin")((1,), (1,), (np.uint64(ns),))
+
+
+def launch_overhead_ms() -> float:
+    """Median event-timed duration of an empty kernel: the floor under every row's time."""
+    fn = _spin_module().get_function("empty")
+    return time_calls(lambda i: fn((1,), (32,), ()), reps=50)
+
+
+def time_calls(fn, reps: int = 50, warmup: int = 5) -> float:
+    """Median GPU milliseconds of fn(i) over `reps` calls, each between its own pair of events."""
+    cp = _cp()
+    dev = cp.cuda.Device()
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        fn(i)
+    dev.synchronize()
+    host_per_call = (time.perf_counter() - t0) / max(warmup, 1)
+    starts = [cp.cuda.Event() for _ in range(reps)]
+    ends = [cp.cuda.Event() for _ in range(reps)]
+    _spin(int(min(0.3, max(0.002, 3 * host_per_call * reps)) * 1e9))
+    for i in range(reps):
+        starts[i].record()
+        fn(warmup + i)
+        ends[i].record()
+    ends[-1].synchronize()
+    return float(np.median([cp.cuda.get_elapsed_time(s, e) for s, e in zip(starts, ends)]))
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy GB/s, counting bytes read plus bytes written."""
+    cp = _cp()
+    src = cp.ones((nbytes,), dtype=cp.uint8)
+    dst = cp.empty_like(src)
+    ms = time_calls(lambda i: cp.copyto(dst, src), reps=20, warmup=3)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _n_buffers(nbytes: int) -> int:
+    l2 = kernels.device_info()["l2_bytes"]
+    return int(min(16, max(2, math.ceil(3 * l2 / max(nbytes, 1)))))
+
+
+# ----------------------------------------------------------------------------- peers
+
+def _torch():
+    try:
+        import torch  # noqa: PLC0415  (peers only; never imported by engine code paths)
+        if torch.cuda.is_available():
+            return torch
+    except Exception:
+        pass
+    return None
+
+
+class Peers:
+    """cuBLAS INT8 and tinygemm W4A16 through torch, when it imports."""
+
+    def __init__(self):
+        self.torch = _torch()
+        self.tiny_error = None
+
+    def int8_setup(self, n, k, nb):
+        t = self.torch
+        if t is None:
+            return None
+        w = t.randint(-127, 128, (n, k), dtype=t.int8, device="cuda")
+        return [w.clone().t() for _ in range(nb)]          # (K, N) column-major views
+
+    def tiny_setup(self, n, k, nb):
+        t = self.torch
+        if t is None or self.tiny_error:
+            return None
+        try:
+            w = t.randint(0, 256, (n, k // 2), dtype=t.uint8, device="cuda")
+            try:
+                wp = t._convert_weight_to_int4pack(w, 8)
+            except Exception:
+                wp = t._convert_weight_to_int4pack(t.randint(0, 16, (n, k), dtype=t.int32, device="cuda"), 8)
+            sz = (t.rand((k // GROUP, n, 2), device="cuda") * 0.01).to(t.bfloat16)
+            x = t.randn((1, k), device="cuda", dtype=t.bfloat16)
+            t._weight_int4pack_mm(x, wp, GROUP, sz)
+            return [(wp.clone(), sz.clone()) for _ in range(nb)]
+        except Exception as e:  # API differs across torch versions: report, don't fail
+            self.tiny_error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            return None
+
+
+# ----------------------------------------------------------------------------- gemm
+
+def _gemm_rows(shapes, ms, peers: Peers, copy_gbs: float, reps: int):
+    cp = _cp()
+    t = peers.torch
+    for k, n in shapes:
+        probe = ops_cuda.random_packed(n, k, GROUP, seed=0)
+        nb = _n_buffers(probe.nbytes())
+        ours = [probe] + [ops_cuda.random_packed(n, k, GROUP, seed=i) for i in range(1, nb)]
+        wbytes = probe.nbytes()
+        w16_0 = (cp.random.random((n, k), dtype=cp.float32) - 0.5).astype(cp.float16)
+        nb16 = _n_buffers(w16_0.nbytes)
+        w16 = [w16_0] + [w16_0.copy() for _ in range(nb16 - 1)]
+        w8 = peers.int8_setup(n, k, _n_buffers(n * k))
+        tiny = peers.tiny_setup(n, k, _n_buffers(n * k // 2))
+        for m in ms:
+            x8 = cp.random.randint(-127, 128, (m, k), dtype=cp.int32).astype(cp.int8)
+            sx = cp.full((m,), 0.01, dtype=cp.float32)
+            y = cp.empty((m, n), dtype=cp.float16)
+            kern = ops_cuda.choose_kernel(m)
+            if kern == "wgmma":
+                bt, st, nwg, wpf, ovl, sp = ops_cuda.TUNE["wgmma"][ops_cuda.wgmma_bucket(m)]
+                kern = f"wgmma {bt}/{st}/{nwg}/{wpf}/{ovl}"
+            elif kern == "gemv":
+                mt = 1 if m <= 8 else 2 if m <= 16 else 4
+                kern = "gemv {}/{}".format(*ops_cuda.TUNE["gemv"][mt])
+            t_ours = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, ours[i % nb], out=y), reps)
+            x16 = (cp.random.random((m, k), dtype=cp.float32) - 0.5).astype(cp.float16)
+            y16 = cp.empty((m, n), dtype=cp.float16)
+            t_f16 = time_calls(lambda i: cp.matmul(x16, w16[i % nb16].T, out=y16), reps)
+            t_i8 = t_tiny = None
+            if w8 is not None and m > 16:
+                a8 = t.randint(-127, 128, (m, k), dtype=t.int8, device="cuda")
+                t_i8 = time_calls(lambda i: t._int_mm(a8, w8[i % len(w8)]), reps)
+            if tiny is not None:
+                xb = t.randn((m, k), device="cuda", dtype=t.bfloat16)
+                t_tiny = time_calls(lambda i: t._weight_int4pack_mm(xb, tiny[i % len(tiny)][0], GROUP,
+                                                                    tiny[i % len(tiny)][1]),
+                                    reps if m < 1024 else 10, warmup=2 if m >= 1024 else 5)
+            ops = 2.0 * m * n * k
+            yield {
+                "m": m, "k": k, "n": n, "kernel": kern,
+                "ms": t_ours, "tops": ops / (t_ours * 1e-3) / 1e12,
+                "weight_gbs": wbytes / (t_ours * 1e-3) / 1e9,
+                "pct_copy": 100.0 * wbytes / (t_ours * 1e-3) / 1e9 / copy_gbs,
+                "fp16_ms": t_f16, "x_fp16": t_f16 / t_ours,
+                "int8_ms": t_i8, "x_int8": (t_i8 / t_ours) if t_i8 else None,
+                "tiny_ms": t_tiny, "x_tiny": (t_tiny / t_ours) if t_tiny else None,
+            }
+            del x8, sx, y, x16, y16
+        del ours, w16, w8, tiny, probe
+        cp.get_default_memory_pool().free_all_blocks()
+        if t is not None:
+            t.cuda.empty_cache()
+
+
+def _fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+def _table(rows, header: str) -> str:
+    lines = [header, "",
+             "| M | K×N | kernel | ms | TOP/s | weight GB/s | % copy BW | cuBLAS fp16 ms | ×fp16 "
+             "| cuBLAS int8 ms | ×int8 | tinygemm ms | ×tinygemm |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['m']} | {r['k']}×{r['n']} | {r['kernel']} | {r['ms']:.4f} | {r['tops']:.1f} | "
+            f"{r['weight_gbs']:.0f} | {r['pct_copy']:.0f} | {r['fp16_ms']:.4f} | {r['x_fp16']:.2f} | "
+            f"{_fmt(r['int8_ms'], '.4f')} | {_fmt(r['x_int8'], '.2f')} | {_fmt(r['tiny_ms'], '.4f')} | "
+            f"{_fmt(r['x_tiny'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def _header(copy_gbs: float, peers: Peers, quick: bool, empty_ms: float) -> str:
+    info = kernels.device_info()
+    cp = _cp()
+    t = peers.torch
+    date = _dt.date.today().isoformat()
+    lines = [f"# A8W4 GEMM, {info['name']} ({info['sm_count']} SMs, L2 {info['l2_bytes'] >> 20} MiB), {date}",
+             "",
+             f"`python -m engine.bench gemm{' --quick' if quick else ''}`; CuPy {cp.__version__}, "
+             f"torch {t.__version__ if t else 'absent'}; device-to-device copy {copy_gbs:.0f} GB/s "
+             f"(read + write). Median of ≥ 50 event-timed calls after warm-up (tinygemm at M ≥ 1024: 10), "
+             f"rotating weight buffers (> 3× L2). Our weight bytes = packed int4 + meta + s8. "
+             f"×peer = peer time / our time (> 1: we are faster). Group 128. "
+             f"An empty kernel measures {empty_ms * 1e3:.1f} µs in this harness (launch + events): "
+             f"every row pays it, which caps small shapes' % of copy bandwidth."]
+    if peers.tiny_error:
+        lines.append(f"tinygemm unavailable: {peers.tiny_error}")
+    return "\n".join(lines)
+
+
+def apply_tune(path: str) -> dict:
+    """Load dispatch choices written by `gemm-pick` into ops_cuda.TUNE (same session's tuning)."""
+    with open(path) as f:
+        picks = json.load(f)
+    for bucket, cfg in picks.get("wgmma", {}).items():
+        ops_cuda.TUNE["wgmma"][bucket] = tuple(cfg[k] for k in ops_cuda.WGMMA_KEYS)
+    for mt, cfg in picks.get("gemv", {}).items():
+        ops_cuda.TUNE["gemv"][int(mt)] = (cfg["rw"], cfg["u"])
+    return picks
+
+
+def cmd_gemm_pick(args) -> int:
+    """Choose, per M bucket, the configuration with the smallest summed time in a tune log."""
+    rows = [json.loads(line) for line in open(args.tune_log) if line.strip()]
+    rows = [r for r in rows if "ms" in r]
+    picks: dict = {"wgmma": {}, "gemv": {}}
+    lo, hi = ops_cuda.TUNE["wgmma_bounds"]
+    buckets = {"small": lambda m: 16 < m <= lo, "mid": lambda m: lo < m <= hi, "large": lambda m: m > hi}
+    for name, inb in buckets.items():
+        cases = {(r["m"], r["k"], r["n"]) for r in rows if r["kernel"] == "wgmma" and inb(r["m"])}
+        tot: dict = {}
+        for r in rows:
+            if r["kernel"] == "wgmma" and inb(r["m"]):
+                key = json.dumps({k: r["cfg"].get(k) for k in ops_cuda.WGMMA_KEYS})
+                tot.setdefault(key, {})[(r["m"], r["k"], r["n"])] = r["ms"]
+        full = {k: sum(v.values()) for k, v in tot.items() if len(v) == len(cases)}
+        if full:
+            picks["wgmma"][name] = json.loads(min(full, key=full.get))
+    for mt in ops_cuda.GEMV_CFGS:
+        tot = {}
+        for r in rows:
+            if r["kernel"] == "gemv" and r["cfg"]["mt"] == mt:
+                key = (r["cfg"]["rw"], r["cfg"]["u"])
+                tot[key] = tot.get(key, 0.0) + r["ms"]
+        if tot:
+            rw, u = min(tot, key=tot.get)
+            picks["gemv"][str(mt)] = {"rw": rw, "u": u}
+    text = json.dumps(picks, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def cmd_gemm(args) -> int:
+    if args.tune_json:
+        apply_tune(args.tune_json)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    ms = QUICK_MS if args.quick else MS
+    peers = Peers()
+    copy_gbs = copy_bandwidth()
+    empty_ms = launch_overhead_ms()
+    rows = []
+    for r in _gemm_rows(shapes, ms, peers, copy_gbs, args.reps):
+        rows.append(r)
+        if args.json:
+            print(json.dumps({**r, "device": kernels.device_info()["name"], "copy_gbs": copy_gbs}), flush=True)
+        else:
+            print(f"M={r['m']:5d} K={r['k']:5d} N={r['n']:5d} {r['kernel']:5s} {r['ms']:.4f} ms "
+                  f"{r['tops']:7.1f} TOP/s {r['pct_copy']:5.1f}% copy  x{r['x_fp16']:.2f} fp16",
+                  file=sys.stderr, flush=True)
+    text = _table(rows, _header(copy_gbs, peers, args.quick, empty_ms))
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text + "\n")
+    if not args.json:
+        print(text)
+    return 0
+
+
+# ----------------------------------------------------------------------------- tuning
+
+TUNE_CASES = [(1, 8192, 8192), (1, 4096, 4096), (16, 8192, 8192), (16, 4096, 4096), (32, 8192, 8192),
+              (64, 8192, 8192), (128, 8192, 8192), (256, 8192, 8192), (256, 4096, 4096), (256, 8192, 28672),
+              (1024, 8192, 8192), (4096, 8192, 8192), (4096, 4096, 11008), (4096, 28672, 8192)]
+# every row of TUNE_CASES is timed with every variant that applies to its M
+
+
+def _variants(m):
+    v = []
+    if m <= 32:
+        mt = 1 if m <= 8 else 2 if m <= 16 else 4
+        v += [("gemv", {"mt": mt, "rw": rw, "u": u}) for rw, u in ops_cuda.GEMV_CFGS[mt]]
+    if m >= 16:
+        for bm in ((64, 128) if m <= 256 else (128,)):
+            for sp in ((1, 0) if m <= 256 else (1,)):
+                v.append(("mma", {"bm": bm, "splits": sp or None}))
+        if ops_cuda.has_wgmma():
+            for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
+                if (bt == 64) != (m <= 64) or (bt == 256 and m < 256):
+                    continue
+                for sp in ((1, 0) if m <= 512 else (1,)):
+                    v.append(("wgmma", {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl,
+                                        "splits": sp or None}))
+    return v
+
+
+def cmd_gemm_tune(args) -> int:
+    cp = _cp()
+    for m, k, n in TUNE_CASES:
+        layer = ops_cuda.random_packed(n, k, GROUP, seed=1)
+        nb = _n_buffers(layer.nbytes())
+        layers = [layer] + [ops_cuda.random_packed(n, k, GROUP, seed=i) for i in range(2, nb + 1)]
+        x8 = cp.random.randint(-127, 128, (m, k), dtype=cp.int32).astype(cp.int8)
+        sx = cp.full((m,), 0.01, dtype=cp.float32)
+        y = cp.empty((m, n), dtype=cp.float16)
+        for kern, cfg in _variants(m):
+            try:
+                ms = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, layers[i % nb], kernel=kern, cfg=cfg, out=y),
+                                args.reps)
+                res = {"m": m, "k": k, "n": n, "kernel": kern, "cfg": cfg, "ms": ms,
+                       "tops": 2.0 * m * n * k / (ms * 1e-3) / 1e12,
+                       "weight_gbs": layer.nbytes() / (ms * 1e-3) / 1e9}
+            except Exception as e:
+                res = {"m": m, "k": k, "n": n, "kernel": kern, "cfg": cfg, "error": str(e)[:300]}
+            print(json.dumps(res), flush=True)
+        del layers, layer
+        cp.get_default_memory_pool().free_all_blocks()
+    return 0
+
+
+def cmd_gemm_one(args) -> int:
+    """Time (or, under ncu, just run) one shape with one kernel configuration."""
+    cp = _cp()
+    layer = ops_cuda.random_packed(args.n, args.k, GROUP, seed=1)
+    nb = _n_buffers(layer.nbytes())
+    layers = [layer] + [ops_cuda.random_packed(args.n, args.k, GROUP, seed=i) for i in range(2, nb + 1)]
+    x8 = cp.random.randint(-127, 128, (args.m, args.k), dtype=cp.int32).astype(cp.int8)
+    sx = cp.full((args.m,), 0.01, dtype=cp.float32)
+    y = cp.empty((args.m, args.n), dtype=cp.float16)
+    cfg = json.loads(args.cfg) if args.cfg else None
+    ms = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, layers[i % nb], kernel=args.kernel, cfg=cfg, out=y),
+                    args.reps)
+    print(json.dumps({"m": args.m, "k": args.k, "n": args.n, "kernel": args.kernel, "cfg": cfg, "ms": ms,
+                      "tops": 2.0 * args.m * args.n * args.k / (ms * 1e-3) / 1e12,
+                      "weight_gbs": layer.nbytes() / (ms * 1e-3) / 1e9}))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("gemm", help="A8W4 GEMM vs cuBLAS FP16 / INT8 / tinygemm over M x (K x N)")
+    g.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
+    g.add_argument("--quick", action="store_true", help="2 shapes x 5 M instead of 7 x 11")
+    g.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
+    g.add_argument("--reps", type=int, default=50, help="timed calls per measurement (median; default 50)")
+    g.add_argument("--tune-json", metavar="PATH", help="dispatch choices from `gemm-pick` (else ops_cuda.TUNE)")
+    g.set_defaults(func=cmd_gemm)
+    pk = sub.add_parser("gemm-pick", help="choose ops_cuda.TUNE values from a gemm-tune log")
+    pk.add_argument("tune_log")
+    pk.add_argument("--out", metavar="PATH")
+    pk.set_defaults(func=cmd_gemm_pick, reps=1)
+    t = sub.add_parser("gemm-tune", help="time kernel variants to choose ops_cuda.TUNE")
+    t.add_argument("--reps", type=int, default=50)
+    t.set_defaults(func=cmd_gemm_tune)
+    o = sub.add_parser("gemm-one", help="time one shape and kernel configuration (also for profilers)")
+    o.add_argument("--m", type=int, required=True)
+    o.add_argument("--k", type=int, required=True)
+    o.add_argument("--n", type=int, required=True)
+    o.add_argument("--kernel", default="auto", choices=("auto", "gemv", "mma", "wgmma"))
+    o.add_argument("--cfg", default="", help='JSON overrides, e.g. \'{"bt": 128, "nwg": 4}\'')
+    o.add_argument("--reps", type=int, default=50)
+    o.set_defaults(func=cmd_gemm_one)
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        raise BenchError("--reps must be at least 1")
+    if args.cmd != "gemm-pick":
+        _cp()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (BenchError, ops_cuda.CudaOpError, kernels.KernelError) as e:
+        print(f"engine.bench: {e}", file=sys.stderr)
+        sys.exit(2)

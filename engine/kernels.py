@@ -1,0 +1,120 @@
+"""Loading the CUDA sources in cuda/ as CuPy RawModules, compiled once per process.
+
+Each .cu file is compiled with NVRTC through `cupy.RawModule(code=...)` after its
+quoted `#include "..."` lines have been replaced by the header text. CuPy keys its
+on-disk cache on the code string and the options but not on headers found
+through -I, so inlining makes the key cover every header: editing common.cuh
+can never leave a stale kernel behind. In-process, modules are cached by a
+SHA-256 of (inlined code, options, name expressions).
+
+The architecture comes from the device: `sm_90a` on compute capability 9.0
+(needed for wgmma), `sm_XY` elsewhere; below sm_80 there is no int8 mma.sync
+and we refuse.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from pathlib import Path
+
+from engine import backend
+
+CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
+_INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.M)
+_PRAGMA_ONCE_RE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.M)
+
+
+class KernelError(RuntimeError):
+    """A CUDA source could not be found, compiled or run on this device."""
+
+
+def source(name: str) -> str:
+    """The text of cuda/<name> with quoted includes expanded (each header once)."""
+    seen: set[Path] = set()
+
+    def expand(path: Path) -> str:
+        if not path.is_file():
+            raise KernelError(f"CUDA source {path} is missing (engine/kernels.py looks in {CUDA_DIR})")
+        text = _PRAGMA_ONCE_RE.sub("", path.read_text())
+
+        def repl(m: re.Match) -> str:
+            inc = (path.parent / m.group(1)).resolve()
+            if inc in seen:
+                return ""
+            seen.add(inc)
+            return f"// ---- begin {m.group(1)}\n{expand(inc)}\n// ---- end {m.group(1)}"
+
+        return _INCLUDE_RE.sub(repl, text)
+
+    return expand(CUDA_DIR / name)
+
+
+@functools.lru_cache(maxsize=None)
+def device_info() -> dict:
+    """Properties of the current device that launch decisions need."""
+    cp = backend._cupy()
+    if cp is None:
+        raise KernelError("no usable GPU: CuPy is missing or sees no CUDA device")
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    cc = int(dev.compute_capability)
+    name = props["name"]
+    return {
+        "name": name.decode() if isinstance(name, bytes) else str(name),
+        "cc": cc,
+        "sm_count": int(props["multiProcessorCount"]),
+        "l2_bytes": int(props["l2CacheSize"]),
+        "smem_optin": int(props.get("sharedMemPerBlockOptin", 49152)),
+    }
+
+
+def arch_flag() -> str:
+    cc = device_info()["cc"]
+    if cc < 80:
+        raise KernelError(f"the INT8 mma kernels need compute capability 8.0 or newer, this GPU has {cc / 10:.1f}")
+    return "sm_90a" if cc == 90 else f"sm_{cc}"
+
+
+_MODULES: dict[tuple, object] = {}
+_FUNCS: dict[tuple, object] = {}
+
+
+def module(name: str, name_expressions: tuple[str, ...]):
+    """The compiled RawModule for cuda/<name> with these template instantiations.
+
+    Read, inlined and compiled once per process; CuPy's disk cache is keyed on the
+    inlined code, so a header edit recompiles.
+    """
+    cp = backend._cupy()
+    if cp is None:
+        raise KernelError("no usable GPU: CuPy is missing or sees no CUDA device")
+    arch = arch_flag()
+    mkey = (name, name_expressions, arch)
+    mod = _MODULES.get(mkey)
+    if mod is None:
+        code = source(name)
+        options = ("--std=c++17", f"--gpu-architecture={arch}")
+        try:
+            mod = cp.RawModule(code=code, options=options, name_expressions=list(name_expressions))
+            mod.compile()
+        except Exception as e:  # CompileException carries the NVRTC log
+            raise KernelError(f"compiling cuda/{name} for {arch} failed:\n{e}") from e
+        _MODULES[mkey] = mod
+        _MODULES[("sha256", name, arch)] = hashlib.sha256(code.encode()).hexdigest()
+    return mod
+
+
+def source_hash(name: str) -> str | None:
+    """SHA-256 of the inlined source that the loaded module was built from (for bench logs)."""
+    return _MODULES.get(("sha256", name, arch_flag()))
+
+
+def function(name: str, expr: str, name_expressions: tuple[str, ...]):
+    """One kernel (a RawKernel) out of cuda/<name>; `expr` must be in name_expressions."""
+    key = (name, expr, name_expressions)
+    fn = _FUNCS.get(key)
+    if fn is None:
+        fn = module(name, name_expressions).get_function(expr)
+        _FUNCS[key] = fn
+    return fn

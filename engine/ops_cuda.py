@@ -1,0 +1,447 @@
+"""Launchers for the CUDA kernels in cuda/ and the GPU weight layout they read.
+
+Name triplets (STYLE.md): formats.quantize_act_ref ↔ cuda/quant_act.cu ↔ quantize_act_*;
+formats.gemm_a8w4_ref + epilogue_ref ↔ cuda/gemm_a8w4.cu, cuda/gemm_a8w4_sm90.cu ↔ gemm_a8w4.
+
+The GPU layout of a "dg" layer (documented in full in cuda/common.cuh) is built
+here once, in NumPy, by `pack_host`; `unpack_host` inverts it and is what the
+CPU test round-trips. Everything that touches CuPy is imported lazily, so this
+module imports (and the layout code runs) on a machine without a GPU.
+
+Public API (all arrays CuPy unless noted):
+  pack_for_gpu(ql)                         -> PackedA8W4   (upload once at load time)
+  quantize_act_static(x, scale, k_pad=)    -> x8 (M, k_pad) int8
+  quantize_act_dynamic(x, k_pad=)          -> x8 (M, k_pad) int8, sx (M,) f32
+  quantize_act(x, layer)                   -> x8, sx        (layer.act decides)
+  gemm_a8w4(x8, sx, layer, kernel=)        -> y (M, N) fp16
+  gemm_a8w4_acc(x8, layer, kernel=)        -> acc (M, N) int32   (tests)
+  linear_a8w4(x, layer)                    -> y (M, N) fp16   (quantize + GEMM)
+Kernels are chosen by M (`choose_kernel`): "gemv" (M ≤ 16), "wgmma" (sm_90),
+"mma" (any sm_80+). One CUDA stream at a time may use the split-K workspace.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import formats
+from engine import kernels
+
+TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
+CHUNK_K = 64         # k per 16-byte lane vector (DGQ_CHUNK_K)
+K_ALIGN = 128        # Kp is a multiple of this and of the group (DGQ_K_ALIGN)
+THREADS = 256
+
+
+class CudaOpError(ValueError):
+    """An input the CUDA ops cannot take: wrong dtype, shape, layer kind or group size."""
+
+
+# ----------------------------------------------------------------------------- host layout
+
+@dataclass
+class PackedHost:
+    """The GPU layout in NumPy (see cuda/common.cuh for the meaning of each array)."""
+    n: int
+    k: int
+    group: int
+    n_pad: int
+    k_pad: int
+    qw: np.ndarray      # (Np/16, Kp/64, 32, 4) uint32
+    meta: np.ndarray    # (Np/16, Kp/group, 8) uint32
+    s8: np.ndarray      # (Np,) float32, zero in padded rows
+
+
+def padded_dims(n: int, k: int, group: int) -> tuple[int, int]:
+    """(Np, Kp) of the GPU layout; the group must be 64·2^j so chunk→group is a shift."""
+    if group < CHUNK_K or group % CHUNK_K or (group // CHUNK_K) & (group // CHUNK_K - 1):
+        raise CudaOpError(f"the CUDA kernels need a group size of 64·2^j (64, 128, 256, ...), got {group}")
+    ka = max(K_ALIGN, group)
+    return -(-n // TILE_N) * TILE_N, -(-k // ka) * ka
+
+
+def pack_host(ql: formats.QuantLinear) -> PackedHost:
+    """Canonical "dg" layer -> GPU layout (NumPy). Pads K with codes = zero point."""
+    if ql.kind != "dg":
+        raise CudaOpError(f"the A8W4 kernels run dual-grained ('dg') layers, got kind {ql.kind!r}")
+    n, k, group = ql.out_features, ql.in_features, ql.group
+    n_pad, k_pad = padded_dims(n, k, group)
+    G, g_pad = formats.n_groups(k, group), k_pad // group
+    z = np.zeros((n_pad, g_pad), np.uint8)
+    s = np.ones((n_pad, g_pad), np.uint8)
+    z[:n, :G] = ql.qzeros
+    s[:n, :G] = ql.gscale
+    q = np.repeat(z, group, axis=1)                       # (Np, Kp) padded codes = zero point
+    q[:n, :k] = ql.codes()
+    R, C = n_pad // TILE_N, k_pad // CHUNK_K
+    # row = 16r + 8hh + g ; k = 64c + 32s + 16half + 4t + i
+    q8 = q.reshape(R, 2, 8, C, 2, 2, 4, 4)
+    byte = q8[:, :, :, :, :, 0] | (q8[:, :, :, :, :, 1] << 4)   # (r, hh, g, c, s, t, i)
+    byte = byte.transpose(0, 3, 2, 5, 4, 1, 6)                  # (r, c, g, t, s, hh, i)
+    qw = np.ascontiguousarray(byte).reshape(R, C, 32, 16).view("<u4").reshape(R, C, 32, 4)
+    zs = z.reshape(R, 2, 8, g_pad)
+    ss = s.reshape(R, 2, 8, g_pad)
+    mb = np.stack([ss[:, 0], zs[:, 0], ss[:, 1], zs[:, 1]], axis=-1)   # (r, g, G, 4 bytes)
+    mb = mb.transpose(0, 2, 1, 3)                                      # (r, G, g, 4 bytes)
+    meta = np.ascontiguousarray(mb).view("<u4").reshape(R, g_pad, 8)
+    s8 = np.zeros((n_pad,), np.float32)
+    s8[:n] = ql.cscale
+    return PackedHost(n, k, group, n_pad, k_pad, qw, meta, s8)
+
+
+def unpack_host(ph: PackedHost, crop: bool = True):
+    """GPU layout -> (codes (N,K) u8, qzeros (N,G) u8, gscale (N,G) u8); crop=False keeps padding."""
+    R, C = ph.n_pad // TILE_N, ph.k_pad // CHUNK_K
+    g_pad = ph.k_pad // ph.group
+    b = np.ascontiguousarray(ph.qw).view(np.uint8).reshape(R, C, 8, 4, 2, 2, 4)  # (r, c, g, t, s, hh, i)
+    b = b.transpose(0, 5, 2, 1, 4, 3, 6)                                         # (r, hh, g, c, s, t, i)
+    q = np.stack([b & 0x0F, b >> 4], axis=5)                                     # (r, hh, g, c, s, half, t, i)
+    q = q.reshape(ph.n_pad, ph.k_pad)
+    mb = np.ascontiguousarray(ph.meta).view(np.uint8).reshape(R, g_pad, 8, 4)
+    s = np.stack([mb[..., 0], mb[..., 2]], axis=1).transpose(0, 1, 3, 2).reshape(ph.n_pad, g_pad)
+    z = np.stack([mb[..., 1], mb[..., 3]], axis=1).transpose(0, 1, 3, 2).reshape(ph.n_pad, g_pad)
+    if not crop:
+        return q, z, s
+    G = formats.n_groups(ph.k, ph.group)
+    return q[:ph.n, :ph.k], z[:ph.n, :G], s[:ph.n, :G]
+
+
+# ----------------------------------------------------------------------------- device layer
+
+@dataclass
+class PackedA8W4:
+    """A "dg" layer resident on the GPU in the kernels' layout."""
+    n: int
+    k: int
+    group: int
+    n_pad: int
+    k_pad: int
+    qw: object          # cupy (Np/16, Kp/64, 32, 4) uint32
+    meta: object        # cupy (Np/16, Kp/group, 8) uint32
+    s8: object          # cupy (Np,) float32
+    act: str = "dynamic"
+    ascale: float | None = None
+
+    @property
+    def gshift(self) -> int:
+        return (self.group // CHUNK_K).bit_length() - 1
+
+    def nbytes(self) -> int:
+        return int(self.qw.nbytes + self.meta.nbytes + self.s8.nbytes)
+
+
+def _cp():
+    from engine import backend
+    cp = backend._cupy()
+    if cp is None:
+        raise CudaOpError("CUDA ops need a GPU and CuPy (engine.backend.has_gpu() is False)")
+    return cp
+
+
+def pack_for_gpu(ql: formats.QuantLinear, check: bool = True) -> PackedA8W4:
+    """Repack a canonical "dg" layer into the kernel layout and upload it (once, at load time)."""
+    if check:
+        formats.check_no_overflow(ql)   # the dequant trick is exact only under the guard
+    cp = _cp()
+    ph = pack_host(ql)
+    return PackedA8W4(ph.n, ph.k, ph.group, ph.n_pad, ph.k_pad, cp.asarray(ph.qw), cp.asarray(ph.meta),
+                      cp.asarray(ph.s8), ql.act, ql.ascale)
+
+
+def random_packed(n: int, k: int, group: int = 128, seed: int = 0, act: str = "dynamic") -> PackedA8W4:
+    """A valid random layer generated directly on the GPU (benchmarks: no host packing).
+
+    Any nibble is a valid code once S ≤ 8 (|q − z|·S ≤ 15·8 < 127); padding is not
+    zero here, which only matters for bit-exactness checks, not for timing.
+    """
+    cp = _cp()
+    n_pad, k_pad = padded_dims(n, k, group)
+    R, C, g_pad = n_pad // TILE_N, k_pad // CHUNK_K, k_pad // group
+    rs = cp.random.RandomState(seed)
+    qw = rs.randint(0, 1 << 16, size=(R, C, 32, 8), dtype=np.int32).astype(cp.uint16).view(cp.uint32)
+    sb = rs.randint(1, 9, size=(R, g_pad, 8, 2), dtype=np.int32).astype(cp.uint32)
+    zb = rs.randint(0, 16, size=(R, g_pad, 8, 2), dtype=np.int32).astype(cp.uint32)
+    meta = sb[..., 0] | (zb[..., 0] << 8) | (sb[..., 1] << 16) | (zb[..., 1] << 24)
+    s8 = (rs.random_sample(n_pad, dtype=cp.float32) * 1e-3 + 1e-4).astype(cp.float32)
+    return PackedA8W4(n, k, group, n_pad, k_pad, qw, meta.astype(cp.uint32), s8, act,
+                      1.0 if act == "static" else None)
+
+
+# ----------------------------------------------------------------------------- kernel registry
+
+GEMV_CFGS = {                                             # MT -> (RW, U) instantiated
+    1: ((1, 2), (1, 4), (2, 2), (2, 4), (4, 2)),
+    2: ((1, 2), (1, 4), (2, 2), (2, 4), (4, 2)),
+    4: ((1, 2), (2, 2)),                                  # bigger ones spill (255 registers)
+}
+GEMV_MT = tuple(GEMV_CFGS)
+MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
+WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
+    (64, 4, 2, 2, 0), (64, 4, 2, 2, 1), (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
+    (128, 4, 2, 2, 0), (128, 4, 2, 2, 1), (128, 4, 2, 2, 2), (128, 5, 2, 2, 2), (128, 6, 2, 4, 2),
+    (128, 4, 4, 2, 2),
+    (256, 4, 2, 2, 2), (256, 4, 2, 2, 1),
+)
+
+_B = ("false", "true")
+_GEMV = tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>" for mt, cfgs in GEMV_CFGS.items() for rw, u in cfgs
+              for o in _B)
+_MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
+_WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
+               for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
+_QUANT = ("quant_act_static<u16>", "quant_act_static<float>",
+          "quant_act_dynamic<u16>", "quant_act_dynamic<float>")
+
+# Dispatch knobs, set from bench/results (docs/KERNELS.md says which run chose them).
+# wgmma buckets by M: small ≤ bounds[0] < mid ≤ bounds[1] < large; each a config
+# (bt, stages, nwg, wpf, ovl, splits) with splits None = split K until the tiles fill the GPU.
+TUNE = {
+    "gemv_max_m": 16,                                   # M at or below this runs the GEMV
+    "gemv": {1: (1, 2), 2: (2, 2), 4: (2, 2)},          # MT -> (RW, U)
+    "wgmma_bounds": (64, 512),
+    "wgmma": {"small": (64, 6, 2, 4, 1, None), "mid": (128, 4, 2, 2, 1, None),
+              "large": (128, 4, 2, 2, 1, 1)},
+    "mma_bm_small": 64, "mma_small_max_m": 64,
+    "split_target": 1.0,     # split K until tiles*splits >= split_target * SMs * blocks/SM
+    # sm_90 only; the portable mma.sync path is the fallback. DGQ_NO_WGMMA=1 turns it off
+    # (the one environment flag of the CUDA ops; read once, here).
+    "use_wgmma": not os.environ.get("DGQ_NO_WGMMA"),
+}
+WGMMA_KEYS = ("bt", "stages", "nwg", "wpf", "ovl", "splits")
+
+
+def wgmma_bucket(m: int) -> str:
+    lo, hi = TUNE["wgmma_bounds"]
+    return "small" if m <= lo else "mid" if m <= hi else "large"
+
+
+def _fn(file: str, expr: str, registry: tuple[str, ...]):
+    return kernels.function(file, expr, registry)
+
+
+def has_wgmma() -> bool:
+    return kernels.device_info()["cc"] == 90
+
+
+def choose_kernel(m: int) -> str:
+    if m <= TUNE["gemv_max_m"]:
+        return "gemv"
+    if TUNE["use_wgmma"] and has_wgmma():
+        return "wgmma"
+    return "mma"
+
+
+def kernels_for(m: int) -> list[str]:
+    """Every kernel that can run this M on this device (tests run all of them)."""
+    ks = ["mma"]
+    if m <= 8 * max(GEMV_MT):
+        ks.insert(0, "gemv")
+    if has_wgmma():
+        ks.append("wgmma")
+    return ks
+
+
+# ----------------------------------------------------------------------------- activations
+
+def _check_x(x, name="x"):
+    cp = _cp()
+    if not isinstance(x, cp.ndarray) or x.ndim != 2:
+        raise CudaOpError(f"{name} must be a 2-D CuPy array, got {type(x).__name__} "
+                          f"{getattr(x, 'shape', None)}")
+    if x.dtype not in (np.float16, np.float32):
+        raise CudaOpError(f"{name} must be float16 or float32, got {x.dtype}")
+    if x.strides[1] != x.itemsize:
+        x = cp.ascontiguousarray(x)
+    return x
+
+
+def _quant_launch(x, k_pad):
+    x = _check_x(x)
+    m, k = x.shape
+    k_pad = k if k_pad is None else int(k_pad)
+    if k_pad < k:
+        raise CudaOpError(f"k_pad ({k_pad}) must be at least K ({k})")
+    suffix = "u16" if x.dtype == np.float16 else "float"
+    return x, m, k, k_pad, suffix, x.strides[0] // x.itemsize
+
+
+def quantize_act_static(x, scale: float, k_pad: int | None = None):
+    """x (M, K) fp16/fp32 -> x8 (M, k_pad) int8 = clamp(rint(x / scale)), zeros past K."""
+    cp = _cp()
+    x, m, k, k_pad, sfx, ldx = _quant_launch(x, k_pad)
+    s = float(np.float32(scale))
+    if not (np.isfinite(s) and s > 0):
+        raise CudaOpError(f"the static activation scale must be positive and finite, got {scale!r}")
+    out = cp.empty((m, k_pad), dtype=cp.int8)
+    total = m * -(-k_pad // 4)
+    if total:
+        blocks = min(-(-total // THREADS), kernels.device_info()["sm_count"] * 16)
+        _fn("quant_act.cu", f"quant_act_static<{sfx}>", _QUANT)(
+            (blocks,), (THREADS,), (x, out, np.float32(s), np.int32(m), np.int32(k), np.int32(ldx),
+                                    np.int32(k_pad)))
+    return out
+
+
+def quantize_act_dynamic(x, k_pad: int | None = None):
+    """x (M, K) -> (x8 (M, k_pad) int8, sx (M,) f32) with per-token scale max|x|/127."""
+    cp = _cp()
+    x, m, k, k_pad, sfx, ldx = _quant_launch(x, k_pad)
+    out = cp.empty((m, k_pad), dtype=cp.int8)
+    sx = cp.empty((m,), dtype=cp.float32)
+    if m:
+        _fn("quant_act.cu", f"quant_act_dynamic<{sfx}>", _QUANT)(
+            (m,), (THREADS,), (x, out, sx, np.int32(m), np.int32(k), np.int32(ldx), np.int32(k_pad)))
+    return out, sx
+
+
+def quantize_act(x, layer: PackedA8W4):
+    """Quantize per the layer's activation mode, padded to the layer's Kp."""
+    cp = _cp()
+    if layer.act == "static":
+        x8 = quantize_act_static(x, layer.ascale, k_pad=layer.k_pad)
+        return x8, cp.full((x8.shape[0],), np.float32(layer.ascale), dtype=cp.float32)
+    if layer.act == "dynamic":
+        return quantize_act_dynamic(x, k_pad=layer.k_pad)
+    raise CudaOpError(f"activation mode {layer.act!r} has no A8W4 kernel")
+
+
+# ----------------------------------------------------------------------------- GEMM
+
+_WS: dict = {}
+
+
+def _workspace(n_ints: int, n_tiles: int):
+    """Split-K partials and per-tile counters (zeroed once; the kernels re-arm them)."""
+    cp = _cp()
+    dev = cp.cuda.Device().id
+    ws = _WS.get(dev)
+    if ws is None or ws[0].size < n_ints or ws[1].size < n_tiles:
+        ws = (cp.empty((max(n_ints, 1 << 20),), dtype=cp.int32),
+              cp.zeros((max(n_tiles, 4096),), dtype=cp.int32))
+        _WS[dev] = ws
+    return ws
+
+
+def _prep_x8(x8, layer: PackedA8W4):
+    cp = _cp()
+    if not isinstance(x8, cp.ndarray) or x8.ndim != 2 or x8.dtype != np.int8:
+        raise CudaOpError(f"x8 must be a 2-D int8 CuPy array, got {type(x8).__name__} "
+                          f"{getattr(x8, 'dtype', None)} {getattr(x8, 'shape', None)}")
+    m, k = x8.shape
+    if k == layer.k_pad and x8.flags.c_contiguous:
+        return x8
+    if k not in (layer.k, layer.k_pad):
+        raise CudaOpError(f"x8 has {k} columns; the layer takes K={layer.k} (or padded {layer.k_pad})")
+    xp = cp.zeros((m, layer.k_pad), dtype=cp.int8)
+    xp[:, :k] = x8
+    return xp
+
+
+def _splits(tiles: int, kt: int, blocks_per_sm: int) -> int:
+    sms = kernels.device_info()["sm_count"]
+    target = TUNE["split_target"] * sms * blocks_per_sm
+    if tiles >= target:
+        return 1
+    return int(max(1, min(kt // 4, math.ceil(target / tiles), 16)))
+
+
+_SMEM_SET: dict = {}
+
+
+def _set_smem(fn, expr: str, smem: int):
+    if smem > 48 * 1024 and _SMEM_SET.get(expr, 0) < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+        _SMEM_SET[expr] = smem
+
+
+def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict | None, out=None):
+    cp = _cp()
+    x8 = _prep_x8(x8, layer)
+    m = x8.shape[0]
+    n = layer.n
+    dtype = cp.int32 if out_i32 else cp.float16
+    if out is None:
+        out = cp.empty((m, n), dtype=dtype)
+    elif not (isinstance(out, cp.ndarray) and out.dtype == dtype and out.shape == (m, n) and out.flags.c_contiguous):
+        raise CudaOpError(f"out must be a C-contiguous ({m}, {n}) {np.dtype(dtype)} CuPy array")
+    if m == 0 or n == 0:
+        return out
+    if out_i32:
+        sx = cp.empty((1,), dtype=cp.float32)
+    else:
+        if not isinstance(sx, cp.ndarray) or sx.dtype != np.float32 or sx.shape != (m,):
+            raise CudaOpError(f"sx must be a ({m},) float32 CuPy array, got "
+                              f"{getattr(sx, 'dtype', None)} {getattr(sx, 'shape', None)}")
+    cfg = dict(cfg or {})
+    kernel = choose_kernel(m) if kernel == "auto" else kernel
+    R, C, Gp = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K, layer.k_pad // layer.group
+    o = _B[int(out_i32)]
+    common = (np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(layer.k_pad))
+    if kernel == "gemv":
+        mt = cfg.get("mt", 1 if m <= 8 else 2 if m <= 16 else 4)
+        if m > 8 * mt or mt not in GEMV_CFGS:
+            raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
+        rw, u = cfg.get("rw", TUNE["gemv"][mt][0]), cfg.get("u", TUNE["gemv"][mt][1])
+        if (rw, u) not in GEMV_CFGS[mt]:
+            raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
+        fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>", _GEMV)
+        fn((-(-R // rw),), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out,
+                                        np.int32(m), np.int32(n), *common))
+        return out
+    if kernel == "mma":
+        bm = cfg.get("bm", TUNE["mma_bm_small"] if m <= TUNE["mma_small_max_m"] else 128)
+        st = cfg.get("stages", 4)
+        smem = st * (bm * 128 + 8 * 2 * 512 + 8 * 2 * 32)
+        expr = f"gemm_a8w4_mma<{bm},{st},{o}>"
+        fn = _fn("gemm_a8w4.cu", expr, _MMA)
+        nreg, bps = (bm // 32) * 16, 2
+        tile_m, tile_rt, threads = bm, 8, THREADS
+    elif kernel == "wgmma":
+        if not has_wgmma():
+            raise CudaOpError("the wgmma kernel needs an sm_90 GPU (H100/H200)")
+        base = dict(zip(WGMMA_KEYS, TUNE["wgmma"][wgmma_bucket(m)]))
+        cfg = {**base, **cfg}
+        bt, st, nwg, wpf, ovl = (cfg[key] for key in WGMMA_KEYS[:5])
+        if (bt, st, nwg, wpf, ovl) not in WGMMA_CFGS:
+            raise CudaOpError(f"wgmma config {(bt, st, nwg, wpf, ovl)} is not instantiated (WGMMA_CFGS)")
+        threads = nwg * 128
+        smem = max(st * bt * 128, bt * (nwg * 64 + 8) * 2) + 1024
+        expr = f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
+        fn = _fn("gemm_a8w4_sm90.cu", expr, _WGMMA)
+        nreg, bps = bt // 2, (2 if (bt <= 128 and nwg == 2 and wpf <= 2) else 1)
+        tile_m, tile_rt = bt, nwg * 4
+    else:
+        raise CudaOpError(f"unknown kernel {kernel!r}; expected auto, gemv, mma or wgmma")
+    tiles = -(-m // tile_m) * -(-R // tile_rt)
+    splits = cfg.get("splits") or _splits(tiles, C // 2, bps)
+    splits = int(max(1, min(splits, C // 2)))
+    ws, cnt = _workspace(splits * tiles * nreg * threads if splits > 1 else 0, tiles)
+    _set_smem(fn, expr, smem)
+    fn((tiles, splits), (threads,), (layer.qw, layer.meta, x8, sx, layer.s8, out, ws, cnt,
+                                     np.int32(m), np.int32(n), *common, np.int32(splits)),
+       shared_mem=smem)
+    return out
+
+
+def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None):
+    """y (M, N) fp16 = fp16((float(Σ_k x8·W8) * sx[m]) * s8[n]), bit-exact to the reference.
+
+    x8 is (M, K) or (M, Kp) int8 (Kp = layer.k_pad; quantize_act pads for free),
+    sx (M,) float32. kernel: "auto" | "gemv" | "mma" | "wgmma"; cfg overrides tile
+    choices (bench tuning); out: an optional preallocated (M, N) float16 array.
+    """
+    return _run_gemm(x8, sx, layer, False, kernel, cfg, out)
+
+
+def gemm_a8w4_acc(x8, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None):
+    """acc (M, N) int32 = Σ_k x8[m,k]·W8[n,k], exactly formats.gemm_a8w4_ref."""
+    return _run_gemm(x8, None, layer, True, kernel, cfg, out)
+
+
+def linear_a8w4(x, layer: PackedA8W4, kernel: str = "auto"):
+    """y = x · Ŵᵀ for a "dg" layer: activation quantization then the A8W4 GEMM, fp16 out."""
+    x8, sx = quantize_act(x, layer)          # (M, Kp) int8, (M,) f32
+    return gemm_a8w4(x8, sx, layer, kernel=kernel)

@@ -1,0 +1,336 @@
+"""CUDA kernels against the NumPy reference (formats.py), plus CPU checks of the GPU layout.
+
+The layout tests (no GPU) round-trip pack_host/unpack_host and emulate, in NumPy
+uint32 arithmetic, the register dequantization (common.cuh dq_word) and the
+mma fragment assignment, so a layout bug shows up in CI too. The GPU tests
+(`@pytest.mark.gpu`) require bit-exact int32 accumulators for every kernel, fp16
+outputs equal to the reference epilogue rounded to fp16, and bit-exact
+activation quantization. Outputs are poisoned before each launch so an element
+a kernel forgets to write cannot pass by inheriting a previous result.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import backend, formats
+from engine import ops_cuda
+
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not backend.has_gpu(), reason="needs an NVIDIA GPU and CuPy")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def random_dg(n, k, group=128, seed=0, act="dynamic", small_s=None, ascale=0.05):
+    """A valid "dg" layer: codes clamped by the overflow guard |(q - z)·S| ≤ 127."""
+    rng = np.random.default_rng(seed)
+    G = formats.n_groups(k, group)
+    z = rng.integers(0, 16, (n, G)).astype(np.uint8)
+    if small_s is None:
+        small_s = rng.random() < 0.5
+    s = rng.integers(1, 9 if small_s else 128, (n, G)).astype(np.uint8)
+    q = rng.integers(0, 16, (n, k))
+    m = formats.expand_groups(127 // s.astype(np.int32), k, group)
+    ze = formats.expand_groups(z.astype(np.int32), k, group)
+    q = np.clip(q, np.maximum(0, ze - m), np.minimum(15, ze + m)).astype(np.uint8)
+    cscale = (rng.random(n, dtype=np.float32) * 2e-3 + 1e-4).astype(np.float32)
+    return formats.QuantLinear(kind="dg", act=act, in_features=k, out_features=n, group=group,
+                               qweight=formats.pack_uint4(q), qzeros=z, gscale=s, cscale=cscale,
+                               ascale=ascale if act == "static" else None)
+
+
+def random_x8(m, k, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.integers(-127, 128, (m, k)).astype(np.int8)
+
+
+M32 = np.uint64(0xFFFFFFFF)
+
+
+def _dq_word_np(w, s, z):
+    """NumPy twin of common.cuh dq_word: uint32 words -> (a, b) uint32 of 4 int8 each."""
+    w, s, z = (np.asarray(v, np.uint64) for v in (w, s, z))
+    c = (np.uint64(256) - z * s) & M32
+    c02 = (c * np.uint64(0x00010001)) & M32
+    c13 = (c02 << np.uint64(8)) & M32
+    u = w >> np.uint64(4)
+    r0 = ((w & np.uint64(0x000F000F)) * s + c02) & M32
+    r2 = ((w & np.uint64(0x0F000F00)) * s + c13) & M32
+    r1 = ((u & np.uint64(0x000F000F)) * s + c02) & M32
+    r3 = ((u & np.uint64(0x0F000F00)) * s + c13) & M32
+    lo, hi = np.uint64(0x00FF00FF), np.uint64(0xFF00FF00)
+    return ((r0 & lo) | (r2 & hi)).astype(np.uint32), ((r1 & lo) | (r3 & hi)).astype(np.uint32)
+
+
+def _bytes_i8(v):
+    """(...,) uint32 -> (..., 4) int8, byte 0 first."""
+    return np.ascontiguousarray(v.astype("<u4")).view(np.int8).reshape(*v.shape, 4)
+
+
+# ----------------------------------------------------------------------------- CPU: layout
+
+@pytest.mark.parametrize("n,k,group", [(40, 576, 128), (16, 128, 128), (24, 640, 64), (8, 512, 256)])
+def test_pack_unpack_roundtrip(n, k, group):
+    ql = random_dg(n, k, group, seed=n + k)
+    ph = ops_cuda.pack_host(ql)
+    assert ph.qw.shape == (ph.n_pad // 16, ph.k_pad // 64, 32, 4) and ph.qw.dtype == np.uint32
+    assert ph.k_pad % max(128, group) == 0 and ph.n_pad % 16 == 0
+    q, z, s = ops_cuda.unpack_host(ph)
+    np.testing.assert_array_equal(q, ql.codes())
+    np.testing.assert_array_equal(z, ql.qzeros)
+    np.testing.assert_array_equal(s, ql.gscale)
+    # padded K and N dequantize to exactly zero: (q - z)·S = 0
+    qp, zp, sp = ops_cuda.unpack_host(ph, crop=False)
+    w8 = (qp.astype(np.int32) - np.repeat(zp, group, 1)) * np.repeat(sp, group, 1)
+    assert not w8[:, k:].any() and not w8[n:, :].any()
+    np.testing.assert_array_equal(w8[:n, :k], ql.int8_weight())
+
+
+def test_group_size_rejected():
+    with pytest.raises(ops_cuda.CudaOpError):
+        ops_cuda.padded_dims(64, 576, 96)
+    with pytest.raises(ops_cuda.CudaOpError):
+        ops_cuda.pack_host(formats.QuantLinear(kind="i8", act="dynamic", in_features=8, out_features=8, group=128,
+                                               qweight=np.zeros((8, 8), np.int8),
+                                               cscale=np.ones(8, np.float32)))
+
+
+def test_register_dequant_and_fragments_emulated():
+    """Rebuild W8 the way a warp sees it: mma A fragments a0..a3 per k-step from each lane's
+    16-byte vector and meta word (common.cuh), and compare with QuantLinear.int8_weight()."""
+    ql = random_dg(48, 576, 128, seed=7, small_s=False)
+    ph = ops_cuda.pack_host(ql)
+    R, C = ph.n_pad // 16, ph.k_pad // 64
+    w8 = np.zeros((ph.n_pad, ph.k_pad), np.int8)
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    for r in range(R):
+        for c in range(C):
+            vec = ph.qw[r, c]                                # (32 lanes, 4 words)
+            mw = ph.meta[r, (c * 64) // ph.group][g]          # (32,) meta word of lane group g
+            s_lo, z_lo = mw & 0xFF, (mw >> 8) & 0xFF
+            s_hi, z_hi = (mw >> 16) & 0xFF, mw >> 24
+            for step in range(2):
+                a0, a2 = _dq_word_np(vec[:, 2 * step], s_lo, z_lo)       # row g
+                a1, a3 = _dq_word_np(vec[:, 2 * step + 1], s_hi, z_hi)   # row g+8
+                k0 = 64 * c + 32 * step
+                for reg, drow, dk in ((a0, 0, 0), (a1, 8, 0), (a2, 0, 16), (a3, 8, 16)):
+                    vals = _bytes_i8(reg)                                 # (32, 4)
+                    for i in range(4):
+                        w8[16 * r + drow + g, k0 + dk + 4 * t + i] = vals[:, i]
+    np.testing.assert_array_equal(w8[:48, :576], ql.int8_weight())
+    assert not w8[:, 576:].any() and not w8[48:].any()
+
+
+def test_dequant_trick_exhaustive():
+    """Every (code, z, S) allowed by the overflow guard, in every nibble position."""
+    rows = []
+    for s in range(1, 128):
+        m = 127 // s
+        for z in range(16):
+            for q in range(max(0, z - m), min(15, z + m) + 1):
+                rows.append((q, z, s))
+    q, z, s = (np.array(v, np.uint64) for v in zip(*rows))
+    for pos in range(8):
+        # the other seven nibbles hold the zero point (a valid code: W8 = 0)
+        w = sum(((q if j == pos else z) << np.uint64(4 * j)) for j in range(8))
+        a, b = _dq_word_np(w, s, z)
+        out = np.concatenate([_bytes_i8(a), _bytes_i8(b)], axis=1)   # k = 0,1,2,3,16,17,18,19
+        order = [0, 4, 1, 5, 2, 6, 3, 7]                              # nibble j -> output slot
+        expect = ((q.astype(np.int64) - z.astype(np.int64)) * s.astype(np.int64)).astype(np.int8)
+        np.testing.assert_array_equal(out[:, order[pos]], expect)
+        others = [i for i in range(8) if i != order[pos]]
+        assert not out[:, others].any()
+
+
+# ----------------------------------------------------------------------------- GPU
+
+def _cp():
+    import cupy
+    return cupy
+
+
+def _acc_check(ql, x8, kernel, cfg=None):
+    cp = _cp()
+    layer = ops_cuda.pack_for_gpu(ql)
+    ref = formats.gemm_a8w4_ref(x8, ql.int8_weight())
+    out = cp.full((x8.shape[0], ql.out_features), -12345, dtype=cp.int32)
+    got = ops_cuda.gemm_a8w4_acc(cp.asarray(x8), layer, kernel=kernel, cfg=cfg, out=out)
+    bad = np.argwhere(cp.asnumpy(got) != ref)
+    assert bad.size == 0, f"{kernel}: {len(bad)} wrong of {ref.size}, first at {bad[:3].tolist()}"
+    return layer, ref
+
+
+def _f16_check(ql, layer, x8, ref_acc, sx, kernel):
+    cp = _cp()
+    want = formats.epilogue_ref(ref_acc, sx, ql.cscale).astype(np.float16)
+    out = cp.full(want.shape, np.float16(np.nan), dtype=cp.float16)
+    got = cp.asnumpy(ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx), layer, kernel=kernel, out=out))
+    assert not np.isnan(got).any(), f"{kernel}: unwritten outputs"
+    # fp16 ulp distance (same sign ordering trick); the kernel computes the same float32 value
+    gi = got.view(np.int16).astype(np.int32)
+    wi = want.view(np.int16).astype(np.int32)
+    gi = np.where(gi < 0, -32768 - gi, gi)
+    wi = np.where(wi < 0, -32768 - wi, wi)
+    ulp = np.abs(gi - wi).max(initial=0)
+    assert ulp <= 1, f"{kernel}: fp16 output differs by {ulp} ulp"
+    return ulp
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("m,k,n,group", [
+    (1, 4096, 1024, 128), (3, 576, 200, 128), (8, 128, 8, 128), (16, 2048, 520, 128),
+    (17, 1024, 264, 64), (33, 1280, 136, 128), (64, 576, 192, 128), (130, 2304, 1032, 128),
+    (300, 1024, 392, 256),
+])
+def test_gemm_bitexact_all_kernels(m, k, n, group):
+    ql = random_dg(n, k, group, seed=m * 7 + n)
+    x8 = random_x8(m, k, seed=m + k)
+    sx = (np.random.default_rng(m).random(m, dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
+    for kernel in ops_cuda.kernels_for(m):
+        layer, ref = _acc_check(ql, x8, kernel)
+        _f16_check(ql, layer, x8, ref, sx, kernel)
+
+
+@gpu
+@needs_gpu
+def test_gemm_fuzz():
+    rng = np.random.default_rng(2026)
+    for case in range(14):
+        m = int(rng.integers(1, 301))
+        k = int(rng.integers(1, 129)) * 128
+        n = int(rng.integers(1, 97)) * 8
+        group = int(rng.choice([64, 128, 128, 256]))   # 256 with K % 256 = 128: short last group
+        ql = random_dg(n, k, group, seed=case)
+        x8 = random_x8(m, k, seed=100 + case)
+        sx = (rng.random(m, dtype=np.float32) * 0.05 + 1e-4).astype(np.float32)
+        for kernel in ops_cuda.kernels_for(m):
+            layer, ref = _acc_check(ql, x8, kernel)
+        _f16_check(ql, layer, x8, ref, sx, "auto")
+
+
+@gpu
+@needs_gpu
+def test_gemm_extremes():
+    """Codes 0 and 15 against zero points 15 and 0, S = 127 and S = 8/9, |x8| = 127, K = 16384."""
+    n, k, group = 64, 16384, 128
+    G = k // group
+    rng = np.random.default_rng(5)
+    z = np.where(rng.random((n, G)) < 0.5, 0, 15).astype(np.uint8)
+    s = rng.choice(np.array([127, 8, 9, 1], np.uint8), (n, G))
+    m = formats.expand_groups(127 // s.astype(np.int32), k, group)
+    ze = formats.expand_groups(z.astype(np.int32), k, group)
+    q = np.where(rng.random((n, k)) < 0.5, 0, 15)
+    q = np.clip(q, np.maximum(0, ze - m), np.minimum(15, ze + m)).astype(np.uint8)
+    ql = formats.QuantLinear(kind="dg", act="dynamic", in_features=k, out_features=n, group=group,
+                             qweight=formats.pack_uint4(q), qzeros=z, gscale=s,
+                             cscale=np.full(n, 1e-6, np.float32))
+    x8 = np.where(rng.random((20, k)) < 0.5, -127, 127).astype(np.int8)
+    x8[0] = 127
+    for kernel in ops_cuda.kernels_for(20):
+        _acc_check(ql, x8, kernel)
+    # all-maximal row against all-maximal weights: |acc| = 127²·16384 still fits int32
+    ql2 = formats.QuantLinear(kind="dg", act="dynamic", in_features=k, out_features=8, group=group,
+                              qweight=formats.pack_uint4(np.full((8, k), 1, np.uint8)),
+                              qzeros=np.zeros((8, G), np.uint8), gscale=np.full((8, G), 127, np.uint8),
+                              cscale=np.ones(8, np.float32))
+    for kernel in ops_cuda.kernels_for(1):
+        _, ref = _acc_check(ql2, np.full((1, k), 127, np.int8), kernel)
+        assert ref[0, 0] == 127 * 127 * k
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("k", [128, 576])
+def test_gemm_small_k_and_m1(k):
+    ql = random_dg(24, k, 128, seed=k)
+    x8 = random_x8(1, k, seed=k)
+    for kernel in ops_cuda.kernels_for(1):
+        _acc_check(ql, x8, kernel)
+
+
+@gpu
+@needs_gpu
+def test_split_k_repeatable():
+    """Forced split-K: counters re-arm, so a second launch on the same workspace is still exact."""
+    ql = random_dg(256, 4096, 128, seed=11)
+    x8 = random_x8(96, 4096, seed=12)
+    for kernel in [k for k in ops_cuda.kernels_for(96) if k != "gemv"]:
+        for _ in range(2):
+            _acc_check(ql, x8, kernel, cfg={"splits": 3})
+
+
+@gpu
+@needs_gpu
+def test_quant_static_bitexact():
+    cp = _cp()
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((37, 1000)) * 3).astype(np.float16)
+    s = np.float32(0.0371)
+    x[0, :10] = (np.arange(10) + 0.5) * 0.125   # exact ties with s = 0.125 below
+    for dt in (np.float16, np.float32):
+        for scale in (s, np.float32(0.125)):
+            got = cp.asnumpy(ops_cuda.quantize_act_static(cp.asarray(x.astype(dt)), scale, k_pad=1024))
+            np.testing.assert_array_equal(got[:, :1000], formats.quantize_act_ref(x.astype(np.float32), scale))
+            assert not got[:, 1000:].any()
+
+
+@gpu
+@needs_gpu
+def test_quant_dynamic_bitexact():
+    cp = _cp()
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((19, 576)) * rng.random((19, 1)) * 40).astype(np.float16)
+    x[3] = 0
+    for dt in (np.float16, np.float32):
+        x8, sx = ops_cuda.quantize_act_dynamic(cp.asarray(x.astype(dt)), k_pad=640)
+        want_s = formats.act_scale_dynamic(x.astype(np.float32))
+        np.testing.assert_array_equal(cp.asnumpy(sx), want_s)
+        got = cp.asnumpy(x8)
+        np.testing.assert_array_equal(got[:, :576], formats.quantize_act_ref(x.astype(np.float32), want_s))
+        assert not got[:, 576:].any()
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("act,m", [("dynamic", 1), ("static", 5), ("dynamic", 77)])
+def test_linear_matches_linear_ref(act, m):
+    """Quantize + GEMM on the GPU vs formats.linear_ref (fp32 input, K = 576 padded to 640)."""
+    cp = _cp()
+    ql = random_dg(192, 576, 128, seed=m, act=act, ascale=0.03)
+    x = (np.random.default_rng(m).standard_normal((m, 576)) * 2).astype(np.float32)
+    want = formats.linear_ref(x, ql).astype(np.float16)
+    got = cp.asnumpy(ops_cuda.linear_a8w4(cp.asarray(x), ops_cuda.pack_for_gpu(ql)))
+    np.testing.assert_array_equal(got, want)
+
+
+@gpu
+@needs_gpu
+def test_every_instantiated_variant_bitexact():
+    """Every GEMV (MT, RW, U) and wgmma (BT, STAGES, NWG, WPF, OVL) the registry compiles,
+    with K = 1152 (9 stages: odd, not a multiple of the weight prefetch ring) and split-K."""
+    ql = random_dg(200, 1152, 128, seed=21)
+    sx = lambda m: (np.random.default_rng(m).random(m, dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
+    for mt, cfgs in ops_cuda.GEMV_CFGS.items():
+        m = 8 * mt - 3
+        x8 = random_x8(m, 1152, seed=mt)
+        for rw, u in cfgs:
+            layer, ref = _acc_check(ql, x8, "gemv", cfg={"mt": mt, "rw": rw, "u": u})
+    for m in (40, 150):
+        x8 = random_x8(m, 1152, seed=m)
+        for bm, _ in ops_cuda.MMA_CFGS:
+            for splits in (1, 2):
+                _acc_check(ql, x8, "mma", cfg={"bm": bm, "splits": splits})
+        if not ops_cuda.has_wgmma():
+            continue
+        for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
+            cfg = {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl}
+            for splits in (1, 2):
+                layer, ref = _acc_check(ql, x8, "wgmma", cfg={**cfg, "splits": splits})
+            cp = _cp()
+            want = formats.epilogue_ref(ref, sx(m), ql.cscale).astype(np.float16)
+            got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx(m)), layer, kernel="wgmma", cfg=cfg,
+                                     out=cp.full(want.shape, np.float16(np.nan), dtype=cp.float16))
+            np.testing.assert_array_equal(cp.asnumpy(got), want, err_msg=str(cfg))
