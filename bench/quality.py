@@ -35,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--only", default=None, help="comma-separated methods to run (labels' method names)")
+    ap.add_argument("--n-seq", type=int, default=None, help="calibration sequences (default: the converter's)")
+    ap.add_argument("--seq-len", type=int, default=None, help="calibration sequence length")
     ap.add_argument("--out", default=None, help="also append the markdown table to this file")
     ap.add_argument("--jsonl", default=None, help="append one JSON object per row to this file")
     a = ap.parse_args(argv)
@@ -56,7 +58,8 @@ def main(argv=None):
         if method is None:
             mw, recipe = ModelWeights.from_hf(ck.config, ck.tensors), {}
         else:
-            mw, recipe = quantize_checkpoint(ck, method, act=act, progress=False)
+            kw = {k: v for k, v in (("n_seq", a.n_seq), ("seq_len", a.seq_len)) if v}
+            mw, recipe = quantize_checkpoint(ck, method, act=act, progress=False, **kw)
         tq = time.perf_counter() - t0
         m = Model(mw)
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)

@@ -6,16 +6,18 @@
 //   wgmma.mma_async.m64n{BT}k32.s32.s8.s8   (A: 64 channels x 32 k from registers,
 //                                            B: BT tokens x 32 k from shared memory)
 // (the approach of vLLM's Machete, ALGORITHMS.md §5): the packed int4 weights go
-// from global memory straight into registers (16-byte loads, prefetched two
+// from global memory straight into registers (16-byte loads, prefetched WPF
 // stages ahead), are widened to int8 with the IMAD trick of common.cuh, and
 // never touch shared memory. Only the activations are staged: a STAGES-deep
 // cp.async pipeline of BT x 128-byte tiles in the 128-byte-swizzled K-major
 // layout that the wgmma shared-memory descriptor reads directly.
 // Block = NWG warpgroups; warp w owns row tile rt0 + w (16 channels), so a block
-// covers NWG*64 channels x BT tokens. More channels per block means fewer
-// activation bytes from L2 per MAC (v1 with 128x128 tiles moved ~4.8 TB/s of
-// L2 traffic at 830 TOP/s, which is about what L2 delivers). wgmma runs at twice the int8
-// rate of mma.sync on H100, which is what makes this path worth the extra file.
+// covers NWG*64 channels x BT tokens. Measured on H100 (docs/KERNELS.md): the
+// kernel is bound by how many wgmmas each warpgroup keeps in flight, not by L2
+// (44 %) or issue slots (50 %); OVL=2 (4 k-steps in flight) with 2 blocks per SM
+// is the fastest variant, NWG=4 and BT=256 (one block per SM) are slower.
+// wgmma runs at twice the int8 rate of mma.sync on H100, which is what makes this
+// path worth the extra file (M=4096: 814 vs 550 TOP/s for the mma.sync kernel).
 // The fp16 epilogue is staged through shared memory for 16-byte coalesced
 // stores (the fragment holds 2 tokens x 1 channel per register pair).
 #include "common.cuh"

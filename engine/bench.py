@@ -19,6 +19,7 @@ HBM as they would in a model, not from L2.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import datetime as _dt
 import json
 import math
@@ -389,6 +390,18 @@ def cmd_gemm_one(args) -> int:
     return 0
 
 
+def cmd_e2e(args) -> int:
+    from engine.bench_e2e import format_table, run_e2e  # noqa: PLC0415
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    bad = set(models) - {"smollm2", "llama7b"}
+    if bad:
+        raise BenchError(f"--models: unknown {', '.join(sorted(bad))}; choose from smollm2, llama7b")
+    rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models)
+    if args.md:
+        Path(args.md).write_text(format_table(rows) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -414,6 +427,13 @@ def main(argv=None) -> int:
     o.add_argument("--cfg", default="", help='JSON overrides, e.g. \'{"bt": 128, "nwg": 4}\'')
     o.add_argument("--reps", type=int, default=50)
     o.set_defaults(func=cmd_gemm_one)
+    e = sub.add_parser("e2e", help="end-to-end prefill/decode tokens/s of the GPU engine vs our FP16 path")
+    e.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
+    e.add_argument("--quick", action="store_true", help="512-token prefill, batch 1 and 8 only")
+    e.add_argument("--qfile", metavar="PATH", help="a SmolLM2 q.safetensors (default: random DGQ weights of its shape)")
+    e.add_argument("--models", default="smollm2,llama7b", help="comma-separated: smollm2, llama7b")
+    e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
+    e.set_defaults(func=cmd_e2e, reps=1)
     args = p.parse_args(argv)
     if args.reps < 1:
         raise BenchError("--reps must be at least 1")

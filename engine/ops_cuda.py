@@ -180,11 +180,10 @@ GEMV_CFGS = {                                             # MT -> (RW, U) instan
 GEMV_MT = tuple(GEMV_CFGS)
 MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
 WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
-    (64, 4, 2, 2, 0), (64, 4, 2, 2, 1), (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
+    (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
     (128, 4, 2, 2, 0), (128, 4, 2, 2, 1), (128, 4, 2, 2, 2), (128, 5, 2, 2, 2), (128, 6, 2, 4, 2),
-    (128, 4, 4, 2, 2),
-    (256, 4, 2, 2, 2), (256, 4, 2, 2, 1),
-)
+    (256, 4, 2, 2, 2),
+)   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
 
 _B = ("false", "true")
 _GEMV = tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>" for mt, cfgs in GEMV_CFGS.items() for rw, u in cfgs
@@ -195,15 +194,16 @@ _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
 _QUANT = ("quant_act_static<u16>", "quant_act_static<float>",
           "quant_act_dynamic<u16>", "quant_act_dynamic<float>")
 
-# Dispatch knobs, set from bench/results (docs/KERNELS.md says which run chose them).
-# wgmma buckets by M: small ≤ bounds[0] < mid ≤ bounds[1] < large; each a config
-# (bt, stages, nwg, wpf, ovl, splits) with splits None = split K until the tiles fill the GPU.
+# Dispatch knobs: `python -m engine.bench gemm-pick` over the 2026-11-25 H100 tuning log
+# (bench/results/2026-11-25-gemm-tune-h100.jsonl) chose these; the bench table of that run
+# used exactly them. wgmma buckets by M: small ≤ bounds[0] < mid ≤ bounds[1] < large; each
+# a config (bt, stages, nwg, wpf, ovl, splits), splits None = split K until the GPU is full.
 TUNE = {
     "gemv_max_m": 16,                                   # M at or below this runs the GEMV
-    "gemv": {1: (1, 2), 2: (2, 2), 4: (2, 2)},          # MT -> (RW, U)
+    "gemv": {1: (1, 2), 2: (4, 2), 4: (2, 2)},          # MT -> (RW, U)
     "wgmma_bounds": (64, 512),
-    "wgmma": {"small": (64, 6, 2, 4, 1, None), "mid": (128, 4, 2, 2, 1, None),
-              "large": (128, 4, 2, 2, 1, 1)},
+    "wgmma": {"small": (64, 6, 2, 4, 2, None), "mid": (128, 4, 2, 2, 2, None),
+              "large": (128, 4, 2, 2, 2, 1)},
     "mma_bm_small": 64, "mma_small_max_m": 64,
     "split_target": 1.0,     # split K until tiles*splits >= split_target * SMs * blocks/SM
     # sm_90 only; the portable mma.sync path is the fallback. DGQ_NO_WGMMA=1 turns it off
