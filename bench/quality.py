@@ -25,7 +25,7 @@ ROWS = [  # (label, method, act)
     ("RTN A8W4 g128", "rtn", "static"),
     ("SmoothQuant A8W4 g128", "smoothquant", "static"),
     ("FPTQ W4A8 g128", "fptq", "static"),
-    ("DGQ A8W4 g128 static", "dgq", "static"),
+    ("DGQ A8W4 g128 static (down_proj per token)", "dgq", "static"),
     ("DGQ A8W4 g128 dynamic", "dgq", "dynamic"),
 ]
 

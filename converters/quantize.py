@@ -8,7 +8,8 @@
     save_qfile("model.q.safetensors", weights, ck.config, ck.tokenizer, ck.chat_template, recipe)
 
 Methods (METHODS; `wbits`, `act` as noted):
-  dgq          percentile smoothing + DGQ search, kind "dg", A8 static (or act="dynamic")
+  dgq          percentile smoothing (q,k,v and gate,up inputs) + DGQ search, kind "dg";
+               act="static": per-tensor A8 except down_proj (per token), or act="dynamic"
   dgq-rtn      the same format at the search's start point (r = 1, r = 1): the ablation
   fptq         FPTQ per-site policy (static / LAE+static / dynamic per token) + kind "g"
                weights with DGQ's phase-1 clipping search
@@ -43,17 +44,30 @@ FPTQ_STATIC_MAX = 15.0
 FPTQ_LAE_MAX = 150.0
 
 
+# Where SmoothQuant-style smoothing is folded: the inputs of q,k,v and of gate,up, as in
+# SmoothQuant's own Llama code. Not down_proj's input: its massive first-token outliers
+# (SmolLM2: max|x| up to 3119 at layer 11, ~9 after percentile smoothing) would move into
+# down_proj's columns as ×100s, and the dual-grained format (one INT8 scale per row)
+# cannot absorb that — measured: DGQ with down_in smoothed, ppl 1432 vs 25.5 (float 21.2).
+SMOOTH_SITES = ("attn_in", "mlp_in")
+# Sites kept per-token dynamic under act="static" for DGQ: down_proj's input has those
+# token outliers, and one static per-tensor scale cannot cover 3119 and 1 (measured:
+# every site static ppl 59.6; down_proj dynamic 25.8; everything dynamic 25.5).
+DGQ_DYNAMIC_SITES = ("down_in",)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     weights: str                 # "dg" | "g" | "i8"
     search: bool                 # weight search on the output objective (needs H)
     smoothing: str | None        # "percentile" | "smoothquant" | "lae" (fptq: per-site) | None
     fptq: bool = False           # per-site activation policy
+    dynamic_sites: tuple = ()    # sites that stay per-token dynamic when act="static"
 
 
 METHODS = {
-    "dgq": MethodSpec("dg", True, "percentile"),
-    "dgq-rtn": MethodSpec("dg", False, "percentile"),
+    "dgq": MethodSpec("dg", True, "percentile", dynamic_sites=DGQ_DYNAMIC_SITES),
+    "dgq-rtn": MethodSpec("dg", False, "percentile", dynamic_sites=DGQ_DYNAMIC_SITES),
     "fptq": MethodSpec("g", True, "lae", fptq=True),
     "fptq-dg": MethodSpec("dg", True, "lae", fptq=True),
     "rtn": MethodSpec("g", False, None),
@@ -74,7 +88,7 @@ def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
         if method not in ("rtn", "smoothquant", "w8a8"):
             raise QuantizeError(f"method {method} quantizes weights to 4 bits; 8-bit weights: "
                                 "rtn, smoothquant or w8a8")
-        spec = MethodSpec("i8", False, spec.smoothing)
+        spec = MethodSpec("i8", False, spec.smoothing, dynamic_sites=spec.dynamic_sites)
     if act not in formats.ACT_MODES:
         raise QuantizeError(f"act must be one of {', '.join(formats.ACT_MODES)}, got {act!r}")
     if method == "w4a16":
@@ -143,7 +157,9 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     recipe = {"method": method, "wbits": bits, "group": group, "weights": spec.weights,
               "weight_search": spec.search, "act": "per-site" if spec.fptq else act,
               "act_clip": act_clip if needs_static else None, "smoothing": spec.smoothing,
-              "smoothing_sites": list(smooth.FOLDABLE_SITES) if spec.smoothing and not spec.fptq else [],
+              "smoothing_sites": ("per-site (fptq_policy)" if spec.fptq else
+                                  list(SMOOTH_SITES) if spec.smoothing else []),
+              "dynamic_sites": list(spec.dynamic_sites) if act == "static" else [],
               "o_proj_smoothing": "skipped (GQA: v_proj rows feed several o_proj input channels)",
               "kv8": bool(kv8), "stats_from": "float model (not layer-sequential)",
               "converter": "dgq-engine converters.quantize"}
@@ -160,7 +176,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     site_mode, stats = {}, None
     two_pass = bool(spec.smoothing) and needs_static and act_clip != "max"
     if need_calib:
-        sites = None if (spec.fptq or not two_pass) else smooth.FOLDABLE_SITES
+        sites = None if (spec.fptq or not two_pass) else SMOOTH_SITES
         stats = cal.calibrate(weights, seqs, gram=spec.search and not two_pass, kv=kv8 and not two_pass,
                               sites=sites, progress=progress,
                               desc=f"{method}: calibration" + (" (absmax pass)" if two_pass else ""))
@@ -168,7 +184,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     if spec.smoothing:
         scales = {}
         for (li, site), st in stats.sites.items():
-            if site not in smooth.FOLDABLE_SITES:
+            if site not in (smooth.FOLDABLE_SITES if spec.fptq else SMOOTH_SITES):
                 continue
             if spec.fptq:
                 site_mode[(li, site)] = _fptq_mode(st.amax, site)
@@ -204,6 +220,8 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
             site = SITE_OF[n]
             st = stats.sites.get((li, site)) if stats is not None else None
             a_mode = site_mode.get((li, site), "static") if spec.fptq else act
+            if a_mode == "static" and site in spec.dynamic_sites:
+                a_mode = "dynamic"
             if a_mode == "lae":
                 a_mode = "static"
             ascale = cal.static_ascale(st, act_clip) if a_mode == "static" else None

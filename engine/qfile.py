@@ -19,7 +19,6 @@ Every check failure on load is one QFileError naming the file.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
