@@ -50,9 +50,18 @@ def load_model(path=None, device: str = "cpu") -> LoadedModel:
             raise BackendError("--device cuda: this build has no GPU engine yet; use --device cpu")
         device = "cpu"
     mw, tok, tmpl, source, recipe = load_weights(path)
+    model = None
     if device == "cuda":
         from .model_cuda import CudaModel  # noqa: PLC0415
-        model = CudaModel(mw)
-    else:
+        try:
+            model = CudaModel(mw)
+        except BackendError as e:
+            if asked == "cuda":
+                raise
+            # --device auto: a file the GPU engine cannot run (e.g. a simulated baseline) runs on the CPU
+            import sys  # noqa: PLC0415
+            print(f"note: running on the CPU: {e}", file=sys.stderr)
+            device = "cpu"
+    if model is None:
         model = Model(mw)
     return LoadedModel(model, mw.config, tok, tmpl, source, device, recipe)

@@ -110,9 +110,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     rng = np.random.default_rng(seed)
     stop = stop or set()
     cache = model.new_cache(n + budget)
-
     if temperature == 0 and hasattr(model, "decode_greedy"):
-        return _generate_gpu_greedy(model, prompt_ids, budget, stop, on_token)
+        return _generate_gpu_greedy(model, cache, prompt_ids, budget, stop, on_token)
 
     t0 = time.perf_counter()
     logits = model.forward(np.asarray(prompt_ids, dtype=np.int64), cache, last_only=True)
@@ -131,10 +130,9 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     return out, GenerationStats(n, len(out), t1 - t0, t2 - t1)
 
 
-def _generate_gpu_greedy(model, prompt_ids, budget, stop, on_token):
+def _generate_gpu_greedy(model, cache, prompt_ids, budget, stop, on_token):
     """Greedy decoding on the GPU engine: graph-replayed steps, only token ids reach the host."""
     n = len(prompt_ids)
-    cache = model.new_cache(n + budget)
     t0 = time.perf_counter()
     first = int(model.prefill(np.asarray(prompt_ids), cache)[0].argmax())   # on the GPU; one id crosses
     t1 = time.perf_counter()

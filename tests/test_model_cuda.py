@@ -109,3 +109,18 @@ def test_decode_over_many_attention_splits():
     got = np.concatenate([[first], gm.decode_greedy(cache, [first], 6)[:, 0]])
     ref = Model(mw).forward(np.concatenate([prompt, got[:-1]]))[len(prompt) - 1:].argmax(axis=-1)
     assert (ref == got).mean() >= 0.85, (ref, got)
+
+
+def test_generate_uses_graphed_greedy_and_agrees_with_reference():
+    from engine.generate import GenerationStats, generate
+    from engine.model_cuda import CudaModel
+    mw = quantized_tiny("dynamic", seed=5, head_dim=64, hidden_size=64, intermediate_size=96)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    want, _ = generate(Model(mw), prompt, 10)
+    got, st = generate(CudaModel(mw), prompt, 10)
+    assert isinstance(st, GenerationStats) and st.new_tokens == len(got) == 10
+    assert np.mean(np.array(want) == np.array(got)) >= 0.8, (want, got)
+    # a stop id ends generation early and is returned, not streamed
+    seen = []
+    out, _ = generate(CudaModel(mw), prompt, 10, stop={got[3]}, on_token=seen.append)
+    assert out[-1] == got[3] and seen == out[:-1]
