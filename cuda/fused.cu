@@ -312,6 +312,7 @@ extern "C" __global__ void argmax_rows(const __half* __restrict__ logits, int V,
             if (ob > best || (ob == best && oi < idx)) { best = ob; idx = oi; }
         }
         if (lane == 0) {
+            if (idx == 0x7fffffff) idx = 0;      // all logits NaN: still a valid token id
             out[blockIdx.x] = idx;
             if (advance) { pos[blockIdx.x] += 1; lens[blockIdx.x] += 1; }
         }

@@ -53,9 +53,10 @@ def load_model(path=None, device: str = "cpu") -> LoadedModel:
     model = None
     if device == "cuda":
         from .model_cuda import CudaModel  # noqa: PLC0415
+        from .ops_cuda import CudaOpError  # noqa: PLC0415
         try:
             model = CudaModel(mw)
-        except BackendError as e:
+        except (BackendError, CudaOpError) as e:
             if asked == "cuda":
                 raise
             # --device auto: a file the GPU engine cannot run (e.g. a simulated baseline) runs on the CPU

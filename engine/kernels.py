@@ -25,7 +25,7 @@ _INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.M)
 _PRAGMA_ONCE_RE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.M)
 
 
-class KernelError(RuntimeError):
+class KernelError(backend.BackendError):
     """A CUDA source could not be found, compiled or run on this device."""
 
 

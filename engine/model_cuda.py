@@ -131,9 +131,9 @@ class _Buffers:
     contiguous (m, n) matrix on demand: kernels and GEMMs index rows densely.
     """
 
-    def __init__(self, cp, c: ModelConfig, m: int, vocab_rows: int):
+    def __init__(self, cp, c: ModelConfig, m: int, vocab_rows: int, wide: int):
         h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
-        wide = max(h, i, c.q_size) + 256      # room for K padded to the GEMM's multiple
+        self.m, self.vocab_rows = m, vocab_rows
         f16, f32 = cp.float16, cp.float32
         self.h = cp.zeros((m, h), f32)
         self._x8 = cp.zeros((m * wide,), cp.int8)
@@ -175,13 +175,16 @@ class CudaModel:
                 qkv=GpuLinear(cp, [L.q, L.k, L.v], hc), o=GpuLinear(cp, [L.o], hc),
                 gu=GpuLinear(cp, [L.gate, L.up], hc), down=GpuLinear(cp, [L.down], hc)))
         del hc
+        # widest int8/fp16 activation row: K padded to the GEMM's multiple of the group
+        self._wide = max([c.hidden_size, c.intermediate_size, c.q_size] +
+                         [g.kp for L in self.layers for g in (L["qkv"], L["o"], L["gu"], L["down"])])
         # CuPy cannot capture cuBLAS calls: a model with float linears decodes eagerly
         self.graphable = all(g.w16 is None for L in self.layers for g in (L["qkv"], L["o"], L["gu"], L["down"]))
         inv = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
         ang = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), inv)  # (P, D/2)
         self.cos = cp.asarray(np.cos(ang), dtype=cp.float32)
         self.sin = cp.asarray(np.sin(ang), dtype=cp.float32)
-        self._bufs = {}
+        self._bufs = None
 
     # ------------------------------------------------------------------ bookkeeping
     def weight_bytes(self) -> dict:
@@ -196,10 +199,14 @@ class CudaModel:
         return GpuKVCache(self.cp, self.config, capacity or self.config.max_position_embeddings, batch)
 
     def _buffers(self, m: int, vocab_rows: int):
-        key = (m, vocab_rows)
-        if key not in self._bufs:
-            self._bufs[key] = _Buffers(self.cp, self.config, m, vocab_rows)
-        return self._bufs[key]
+        """Prefill scratch for m rows: one set, grown geometrically, used through [:m] views."""
+        b = self._bufs
+        if b is None or b.m < m or b.vocab_rows < vocab_rows:
+            self._bufs = None                   # let the old set go before allocating the new
+            grow = lambda need, have: max(need, 2 * have) if have else need  # noqa: E731
+            b = self._bufs = _Buffers(self.cp, self.config, grow(m, b.m if b else 0),
+                                      grow(vocab_rows, b.vocab_rows if b else 0), self._wide)
+        return b
 
     # ------------------------------------------------------------------ the layer stack
     def _launch(self, name, grid, block, args):
@@ -270,13 +277,21 @@ class CudaModel:
         return attend
 
     def prefill(self, tokens, cache: GpuKVCache, seq: int = 0, logits: str = "last"):
-        """Append tokens (T,) to sequence `seq` of the cache; fp16 logits (T or 1, V) on the GPU."""
+        """Append tokens (T,) to sequence `seq` of the cache; fp16 logits (T or 1, V) on the GPU.
+
+        The logits are a view of scratch memory, valid until the next prefill: copy to keep them.
+        """
         cp, c = self.cp, self.config
         tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise ModelError(f"prefill needs a non-empty 1-D token array, got shape {tokens.shape}")
+        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
+            raise ModelError(f"token ids must lie in [0, {c.vocab_size})")
         t = int(tokens.shape[0])
         start = int(cache.lens_host[seq])
-        if t == 0 or start + t > cache.capacity:
-            raise ModelError(f"cannot add {t} tokens to a cache holding {start} of {cache.capacity}")
+        if start + t > min(cache.capacity, c.max_position_embeddings):
+            raise ModelError(f"cannot add {t} tokens to a sequence of {start}: the cache holds "
+                             f"{cache.capacity}, the context {c.max_position_embeddings}")
         rows = t if logits == "all" else 1
         b = self._buffers(t, rows)
         tok = cp.asarray(tokens, dtype=cp.int32)
@@ -293,15 +308,8 @@ class CudaModel:
         if observer is not None:
             raise ModelError("observers run on the NumPy path (--device cpu)")
         tokens = np.asarray(tokens)
-        c = self.config
-        if tokens.ndim != 1 or tokens.size == 0:
-            raise ModelError(f"forward needs a non-empty 1-D token array, got shape {tokens.shape}")
-        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-            raise ModelError(f"token ids must lie in [0, {c.vocab_size})")
         if cache is None:
-            cache = self.new_cache(len(tokens))
-        if cache.length + len(tokens) > c.max_position_embeddings:
-            raise ModelError(f"sequence exceeds the context of {c.max_position_embeddings}")
+            cache = self.new_cache(max(int(tokens.size), 1))
         return self.prefill(tokens, cache, 0, "last" if last_only else "all").astype(self.cp.float32)
 
     # ------------------------------------------------------------------ graphed greedy decode
@@ -329,7 +337,7 @@ class CudaModel:
         cp, nb = self.cp, cache.batch
         nsplit = -(-cache.capacity // DECODE_CHUNK)
         d, hq = self.config.head_dim, self.config.num_attention_heads
-        return {"bufs": _Buffers(cp, self.config, nb, nb), "nsplit": nsplit,
+        return {"bufs": _Buffers(cp, self.config, nb, nb, self._wide), "nsplit": nsplit,
                 "tok": cp.zeros((nb,), cp.int32), "pos": cp.zeros((nb,), cp.int32),
                 "lens": cp.zeros((nb,), cp.int32), "seq": cp.arange(nb, dtype=cp.int32),
                 "ml": cp.zeros((nb * hq * nsplit * 2,), cp.float32),
@@ -353,16 +361,18 @@ class CudaModel:
         if cache.step is None:
             cache.step = self._decode_state(cache)
         st = cache.step
-        use_graph = use_graph and self.graphable
+        # graphs need every call capturable: A8W4 linears, and the fp16 lm_head through our GEMV
+        use_graph = (use_graph and self.graphable and cache.batch <= GEMV_F16_MAXM
+                     and self.config.hidden_size % 8 == 0)
         lens = cache.lens_host.astype(np.int32)
         st["tok"].set(np.asarray(last_tokens, dtype=np.int32))
         st["pos"].set(lens)
         st["lens"].set(lens + 1)
         cp.cuda.Device().synchronize()       # prefill and the resets ran on the default stream
         stream = st["stream"]
-        out = cp.zeros((n_steps, cache.batch), dtype=cp.int32)
         done = 0
         with stream:
+            out = cp.empty((n_steps, cache.batch), dtype=cp.int32)
             for i in range(n_steps):
                 if use_graph and cache.graph is not None:
                     cache.graph.launch(stream)
@@ -372,8 +382,14 @@ class CudaModel:
                     # which must not happen during capture; then the step is captured once
                     if use_graph:
                         stream.begin_capture()
-                        self._decode_step(cache, st)
-                        cache.graph = stream.end_capture()
+                        try:
+                            self._decode_step(cache, st)
+                        finally:
+                            graph = stream.end_capture()
+                        cache.graph = graph
+                        # the graph holds the split-K workspace's pointers: keep those arrays
+                        # alive even if a later, larger GEMM makes ops_cuda allocate new ones
+                        st["workspace"] = ops_cuda._WS.get(cp.cuda.Device().id)
                 out[i] = st["tok"]
                 done = i + 1
                 if on_step is not None and on_step(cp.asnumpy(st["tok"])):
