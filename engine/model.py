@@ -112,6 +112,19 @@ def expected_shapes(c: ModelConfig) -> dict:
     return out
 
 
+def check_tokens(tokens, c: ModelConfig, start: int = 0) -> np.ndarray:
+    """tokens as a non-empty 1-D array of valid ids that fit the context after `start`."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise ModelError(f"forward needs a non-empty 1-D token array, got shape {tokens.shape}")
+    if tokens.min() < 0 or tokens.max() >= c.vocab_size:
+        raise ModelError(f"token ids must lie in [0, {c.vocab_size}), got {tokens.min()}..{tokens.max()}")
+    if start + tokens.shape[0] > c.max_position_embeddings:
+        raise ModelError(f"sequence of {start + tokens.shape[0]} tokens exceeds the context of "
+                         f"{c.max_position_embeddings}")
+    return tokens
+
+
 class Model:
     """Runs ModelWeights with NumPy (the reference path)."""
 
@@ -138,16 +151,9 @@ class Model:
         observer(layer, site, x) sees the input of each group of linears (see SITES).
         """
         c, xp = self.config, self.xp
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1 or tokens.size == 0:
-            raise ModelError(f"forward needs a non-empty 1-D token array, got shape {tokens.shape}")
-        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-            raise ModelError(f"token ids must lie in [0, {c.vocab_size}), got {tokens.min()}..{tokens.max()}")
-        t = tokens.shape[0]
         start = cache.length if cache is not None else 0
-        if start + t > c.max_position_embeddings:
-            raise ModelError(f"sequence of {start + t} tokens exceeds the context of "
-                             f"{c.max_position_embeddings}")
+        tokens = check_tokens(tokens, c, start)
+        t = tokens.shape[0]
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         cos, sin = ops_ref.rope_tables(xp, d, c.rope_theta, np.arange(start, start + t))  # (T, D)
         lin = ops_ref.linear

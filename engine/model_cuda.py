@@ -19,7 +19,7 @@ import numpy as np
 from . import formats, kernels, ops_cuda
 from .backend import BackendError, _cupy
 from .config import ModelConfig
-from .model import ModelError, ModelWeights
+from .model import ModelError, ModelWeights, check_tokens
 
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}
 DECODE_CHUNK = 64           # keys per flash-decoding block (≤ cuda/fused.cu DEC_MAX_CHUNK)
@@ -282,16 +282,11 @@ class CudaModel:
         The logits are a view of scratch memory, valid until the next prefill: copy to keep them.
         """
         cp, c = self.cp, self.config
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1 or tokens.size == 0:
-            raise ModelError(f"prefill needs a non-empty 1-D token array, got shape {tokens.shape}")
-        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-            raise ModelError(f"token ids must lie in [0, {c.vocab_size})")
-        t = int(tokens.shape[0])
         start = int(cache.lens_host[seq])
-        if start + t > min(cache.capacity, c.max_position_embeddings):
-            raise ModelError(f"cannot add {t} tokens to a sequence of {start}: the cache holds "
-                             f"{cache.capacity}, the context {c.max_position_embeddings}")
+        tokens = check_tokens(tokens, c, start)
+        t = int(tokens.shape[0])
+        if start + t > cache.capacity:
+            raise ModelError(f"cannot add {t} tokens to a sequence of {start}: the cache holds {cache.capacity}")
         rows = t if logits == "all" else 1
         b = self._buffers(t, rows)
         tok = cp.asarray(tokens, dtype=cp.int32)
