@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from engine import formats
 from engine.backend import has_gpu
+from engine.bench_e2e import random_dg_layer
 from engine.model import LINEAR_NAMES, Model, ModelWeights
 
 from test_model import random_tensors, tiny_config
@@ -11,18 +11,6 @@ from test_model import random_tensors, tiny_config
 pytestmark = pytest.mark.gpu
 if not has_gpu():
     pytest.skip("no GPU", allow_module_level=True)
-
-
-def random_dg(rng, n, k, group, act, ascale):
-    """A random dual-grained layer: codes, zeros and S such that |(q - z)·S| ≤ 127."""
-    g = formats.n_groups(k, group)
-    z = rng.integers(4, 12, (n, g)).astype(np.uint8)
-    s = rng.integers(1, 9, (n, g)).astype(np.uint8)          # |q - z| ≤ 11 → |W8| ≤ 99
-    q = rng.integers(0, 16, (n, k)).astype(np.uint8)
-    return formats.QuantLinear(kind="dg", act=act, in_features=k, out_features=n, group=group,
-                               qweight=formats.pack_uint4(q), qzeros=z, gscale=s,
-                               cscale=(rng.uniform(0.5, 1.5, n) / (60 * np.sqrt(k))).astype(np.float32),
-                               ascale=ascale if act == "static" else None)
 
 
 def quantized_tiny(act, seed=0, **kw):
@@ -33,7 +21,8 @@ def quantized_tiny(act, seed=0, **kw):
         for name in LINEAR_NAMES:
             n, k = getattr(L, name).shape
             site_scale = {"q": 0.02, "k": 0.02, "v": 0.02, "gate": 0.03, "up": 0.03}.get(name, 0.01)
-            setattr(L, name, random_dg(rng, n, k, 64, act, site_scale))
+            cscale = rng.uniform(0.5, 1.5, n) / (60 * np.sqrt(k))
+            setattr(L, name, random_dg_layer(rng, n, k, 64, act, site_scale, cscale))
     return mw
 
 
