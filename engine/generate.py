@@ -90,9 +90,13 @@ class TextStream:
 
 def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = 0,
-             stop: set[int] | None = None, on_token=None):
+             stop: set[int] | None = None, on_token=None, kv8: bool = False):
     """Generate up to max_new_tokens after prompt_ids; returns (new ids, GenerationStats).
 
+    kv8 keeps the KV cache in INT8 with per-(token, kv head) scales (engine/kv_cache.py).
+
+    A model with decode() (the GPU engine) samples on the device in graph-replayed steps;
+    others run the host loop with engine/sampling.py. seed None draws a fresh seed.
     on_token(id) is called as each token is produced. Generation stops at a stop id
     (which is returned but not passed on) or when the context is full.
     """
@@ -109,9 +113,11 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     budget = min(max_new_tokens, ctx - n)
     rng = np.random.default_rng(seed)
     stop = stop or set()
-    cache = model.new_cache(n + budget)
-    if temperature == 0 and hasattr(model, "decode_greedy"):
-        return _generate_gpu_greedy(model, cache, prompt_ids, budget, stop, on_token)
+    cache = model.new_cache(n + budget, kv8=kv8)
+    if hasattr(model, "decode"):
+        seed = int(rng.integers(2**63)) if seed is None else seed
+        return _generate_gpu(model, cache, prompt_ids, budget, stop, on_token,
+                             dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
 
     t0 = time.perf_counter()
     logits = model.forward(np.asarray(prompt_ids, dtype=np.int64), cache, last_only=True)
@@ -130,11 +136,13 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     return out, GenerationStats(n, len(out), t1 - t0, t2 - t1)
 
 
-def _generate_gpu_greedy(model, cache, prompt_ids, budget, stop, on_token):
-    """Greedy decoding on the GPU engine: graph-replayed steps, only token ids reach the host."""
+def _generate_gpu(model, cache, prompt_ids, budget, stop, on_token, sampling_kw):
+    """Decoding on the GPU engine: graph-replayed steps that sample on the device, so only
+    token ids reach the host."""
     n = len(prompt_ids)
     t0 = time.perf_counter()
-    first = int(model.prefill(np.asarray(prompt_ids), cache)[0].argmax())   # on the GPU; one id crosses
+    logits = model.prefill(np.asarray(prompt_ids), cache)                  # (1, V) on the GPU
+    first = model.sample_logits(logits, 0, n - 1, **sampling_kw)            # one id crosses
     t1 = time.perf_counter()
     out = [first]
     if first not in stop:
@@ -151,6 +159,6 @@ def _generate_gpu_greedy(model, cache, prompt_ids, budget, stop, on_token):
             return False
 
         if budget > 1:
-            model.decode_greedy(cache, [first], budget - 1, on_step=step)
+            model.decode(cache, [first], budget - 1, on_step=step, **sampling_kw)
     t2 = time.perf_counter()
     return out, GenerationStats(n, len(out), t1 - t0, t2 - t1)

@@ -1,19 +1,41 @@
-"""Preallocated key/value cache for incremental decoding (one sequence)."""
+"""Preallocated key/value cache for incremental decoding (one sequence).
+
+kv8 stores K and V as symmetric INT8 with one float32 scale per (token, kv head) and
+dequantizes on read: this is the reference the GPU engine's INT8 cache matches
+(engine/model_cuda.py GpuKVCache, cuda/attention.cu).
+"""
 from __future__ import annotations
 
+from . import formats
 from .config import ModelConfig
 
 
-class KVCache:
-    """K and V for every layer: (L, capacity, Hkv, D) each, filled up to `length`."""
+def quantize_kv_ref(x):
+    """x (T, Hkv, D) -> (x8 int8 (T, Hkv, D), s float32 (T, Hkv)): x8 = clamp(rint(x / s), ±127),
+    s = max|x| / 127 over the D values of one token and head (1 for an all-zero row)."""
+    t, h, d = x.shape
+    flat = x.reshape(t * h, d)                                        # (T·Hkv, D)
+    s = formats.act_scale_dynamic(flat)                               # (T·Hkv,)
+    return formats.quantize_act_ref(flat, s).reshape(t, h, d), s.reshape(t, h)
 
-    def __init__(self, config: ModelConfig, capacity: int, xp, dtype=None):
+
+class KVCache:
+    """K and V for every layer: (L, capacity, Hkv, D) each, filled up to `length`.
+
+    kv8: K, V are int8 with scales ks, vs (L, capacity, Hkv); write() returns them dequantized.
+    """
+
+    def __init__(self, config: ModelConfig, capacity: int, xp, dtype=None, kv8: bool = False):
         if capacity <= 0:
             raise ValueError(f"KV cache capacity must be positive, got {capacity}")
         shape = (config.num_hidden_layers, capacity, config.num_key_value_heads, config.head_dim)
-        dtype = dtype or xp.float32
+        self.kv8 = kv8
+        dtype = xp.int8 if kv8 else (dtype or xp.float32)
         self.k = xp.zeros(shape, dtype=dtype)
         self.v = xp.zeros(shape, dtype=dtype)
+        if kv8:
+            self.ks = xp.zeros(shape[:-1], dtype=xp.float32)
+            self.vs = xp.zeros(shape[:-1], dtype=xp.float32)
         self.capacity = capacity
         self.length = 0          # tokens committed (all layers)
 
@@ -23,9 +45,18 @@ class KVCache:
         end = self.length + t
         if end > self.capacity:
             raise ValueError(f"KV cache full: {end} tokens exceed its capacity of {self.capacity}")
-        self.k[layer, self.length:end] = k
-        self.v[layer, self.length:end] = v
-        return self.k[layer, :end], self.v[layer, :end]
+        if not self.kv8:
+            self.k[layer, self.length:end] = k
+            self.v[layer, self.length:end] = v
+            return self.k[layer, :end], self.v[layer, :end]
+        self.k[layer, self.length:end], self.ks[layer, self.length:end] = quantize_kv_ref(k)
+        self.v[layer, self.length:end], self.vs[layer, self.length:end] = quantize_kv_ref(v)
+        kd = self.k[layer, :end] * self.ks[layer, :end, :, None]       # (S, Hkv, D) float32
+        vd = self.v[layer, :end] * self.vs[layer, :end, :, None]
+        return kd, vd
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.k, self.v) + ((self.ks, self.vs) if self.kv8 else ()))
 
     def commit(self, t: int):
         self.length += t

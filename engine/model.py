@@ -141,8 +141,9 @@ class Model:
             return ops_ref.PreparedLinear(w)
         return w
 
-    def new_cache(self, capacity: int | None = None) -> KVCache:
-        return KVCache(self.config, capacity or self.config.max_position_embeddings, self.xp)
+    def new_cache(self, capacity: int | None = None, kv8: bool = False) -> KVCache:
+        """A float32 cache, or with kv8 INT8 K/V with per-(token, kv head) scales."""
+        return KVCache(self.config, capacity or self.config.max_position_embeddings, self.xp, kv8=kv8)
 
     def forward(self, tokens, cache: KVCache | None = None, observer=None, last_only: bool = False):
         """Logits (T, V) float32 for tokens (T,) — or (1, V) for the last token when last_only.

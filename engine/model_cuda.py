@@ -1,15 +1,18 @@
 """The GPU engine: the same Llama forward as engine/model.py on CuPy, with fused kernels.
 
-Per layer and step: rmsnorm_quant → fused qkv A8W4 GEMM → rope_qkv_cache → attention
-(flash-decoding for one new token per sequence, a cuBLAS-backed causal attention for
-prefill) → quant_rows → o GEMM → residual_add → rmsnorm_quant → fused gate|up GEMM →
-silu_mul_quant → down GEMM → residual_add. The residual stream is float32; GEMM
-outputs, q and the KV cache are float16. Layers whose weights are float run the same
+Per layer and step: add_rmsnorm_quant (the previous layer's residual add, RMSNorm,
+INT8 quantization) → fused qkv A8W4 GEMM → rope_qkv_cache → attention (flash-decoding
+for one new token per sequence, flash-attention for prefill; cuda/attention.cu) →
+quant_rows → o GEMM → add_rmsnorm_quant → fused gate|up GEMM → silu_mul_quant → down
+GEMM; the last layer's add happens in the final norm. The residual stream is float32; GEMM
+outputs and q are float16; the KV cache is float16, or INT8 with one float32 scale per
+token and kv head (kv8). Layers whose weights are float run the same
 steps with cuBLAS FP16 linears: that is "our FP16 path", the in-run speed baseline.
 
 A decode step for a batch of sequences is captured once as a CUDA graph: every
-buffer is preallocated, positions and lengths live on the device and the greedy
-argmax advances them inside the graph, so a replay needs no host work and only the
+buffer is preallocated, positions, lengths and the sampling settings live on the
+device, and the sampling kernel (cuda/sample.cu: greedy, temperature, top-k, top-p)
+advances positions inside the graph, so a replay needs no host work and only the
 sampled token ids cross back to the host.
 """
 from __future__ import annotations
@@ -22,8 +25,14 @@ from .config import ModelConfig
 from .model import ModelError, ModelWeights, check_tokens
 
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}
-DECODE_CHUNK = 64           # keys per flash-decoding block (≤ cuda/fused.cu DEC_MAX_CHUNK)
-GEMV_F16_MAXM = 32          # rows the fp16 GEMV takes (cuda/fused.cu GEMV_F16_MAXM)
+DECODE_CHUNK = 64           # keys per flash-decoding block (≤ cuda/attention.cu DEC_MAX_CHUNK)
+GEMV_F16_MT = (1, 4, 8, 16, 32)   # M buckets of the fp16 GEMV (cuda/fused.cu gemv_f16_m*)
+GEMV_F16_MAXM = GEMV_F16_MT[-1]
+ROW_PER, SILU_PER = 16, 32  # row elements a thread holds (cuda/fused.cu ROW_PER, SILU_PER)
+FA_BM, FA_BN = 64, 64       # query rows per block, keys per tile of attn_prefill (cuda/attention.cu)
+KV_TYPES = ("__half", "signed char")       # the cache element types the attention kernels take
+ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in KV_TYPES] + [f"attn_decode_split<{t}>" for t in KV_TYPES]
+                   + [f"attn_prefill<{d}, {t}>" for d in (64, 128) for t in KV_TYPES])
 
 
 def _fuse(qls):
@@ -49,10 +58,38 @@ def matmul_f16(cp, x, w, out):
     m, k = x.shape
     n = w.shape[0]
     if m <= GEMV_F16_MAXM and k % 8 == 0:
-        kernels.function("fused.cu", "gemv_f16", ())((-(-n // 8),), (256,),
-                                                     (x, w, out, np.int32(m), np.int32(n), np.int32(k)))
+        mt = next(t for t in GEMV_F16_MT if t >= m)
+        kernels.function("fused.cu", f"gemv_f16_m{mt}", ())((-(-n // 8),), (256,),
+                                                            (x, w, out, np.int32(m), np.int32(n), np.int32(k)))
     else:
         cp.matmul(x, w.T, out=out)
+    return out
+
+
+def row_threads(width: int) -> int:
+    """Block size of the row kernels (cuda/fused.cu): about 4 elements a thread, whole warps."""
+    return min(1024, 32 * -(-width // 128))
+
+
+def kv_type(cache_array) -> str:
+    """The attention kernels' template argument for a cache array (fp16 or int8)."""
+    return "signed char" if cache_array.dtype.itemsize == 1 else "__half"
+
+
+def attn_prefill(q, kc, vc, ks, vs, out, seq: int, start: int, t: int):
+    """out[:t] (t, Hq·D) fp16 = causal GQA of q[:t] (t, Hq, D) at positions start..start+t-1
+    against the first start+t positions of sequence seq in one layer's cache kc, vc
+    (B, cap, Hkv, D) — fp16, or int8 with scales ks, vs (B, cap, Hkv) (read only then).
+    """
+    _, cap, hkv, d = kc.shape
+    hq = q.shape[1]
+    fn = kernels.function("attention.cu", f"attn_prefill<{d}, {kv_type(kc)}>", ATTN_EXPRS)
+    smem = 4 * FA_BN * (d + 8) * 2 + (4 * FA_BN * d if kc.dtype.itemsize == 1 else 0)  # FaSmem::BYTES
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    fn((-(-t // FA_BM), hq), (128,), (q, kc, vc, ks, vs, out, np.int32(t), np.int32(start), np.int32(hq),
+                                       np.int32(hkv), np.int32(cap), np.int32(seq),
+                                       np.float32(np.log2(np.e) / np.sqrt(d))), shared_mem=smem)
     return out
 
 
@@ -105,12 +142,21 @@ class GpuLinear:
 
 
 class GpuKVCache:
-    """float16 K/V for L layers and B sequences: (L, B, cap, Hkv, D); lengths on host and device."""
+    """K/V for L layers and B sequences: (L, B, cap, Hkv, D); lengths on host and device.
 
-    def __init__(self, cp, config: ModelConfig, capacity: int, batch: int = 1):
+    float16, or with kv8 int8 plus float32 scales ks, vs (L, B, cap, Hkv): one per token and
+    kv head, x8 = clamp(rint(x / s), ±127), s = max|x| / 127 (formats.quantize_act_ref).
+    """
+
+    def __init__(self, cp, config: ModelConfig, capacity: int, batch: int = 1, kv8: bool = False):
         shape = (config.num_hidden_layers, batch, capacity, config.num_key_value_heads, config.head_dim)
-        self.k = cp.zeros(shape, dtype=cp.float16)
-        self.v = cp.zeros(shape, dtype=cp.float16)
+        self.kv8 = kv8
+        self.k = cp.zeros(shape, dtype=cp.int8 if kv8 else cp.float16)
+        self.v = cp.zeros(shape, dtype=cp.int8 if kv8 else cp.float16)
+        # the fp16 kernels take scale pointers but never read them: one float per layer
+        sshape = shape[:-1] if kv8 else (shape[0], 1)
+        self.ks = cp.ones(sshape, dtype=cp.float32)
+        self.vs = cp.ones(sshape, dtype=cp.float32)
         self.capacity, self.batch = capacity, batch
         self.lens_host = np.zeros(batch, dtype=np.int64)
         self.graph = None          # the captured decode step, built on first use
@@ -121,7 +167,7 @@ class GpuKVCache:
         return int(self.lens_host[0])
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + (self.ks.nbytes + self.vs.nbytes if self.kv8 else 0)
 
 
 class _Buffers:
@@ -163,7 +209,12 @@ class CudaModel:
         self.cp, self.config, c = cp, weights.config, weights.config
         if c.head_dim not in (64, 128):
             raise BackendError(f"the GPU attention kernels take head_dim 64 or 128, got {c.head_dim}")
+        for what, width, per in (("hidden size", c.hidden_size, ROW_PER), ("q size", c.q_size, ROW_PER),
+                                 ("intermediate size", c.intermediate_size, SILU_PER)):
+            if width > per * 1024:
+                raise BackendError(f"the GPU row kernels take a {what} up to {per * 1024}, got {width}")
         kernels.module("fused.cu", ())                     # compile once, up front
+        kernels.module("attention.cu", ATTN_EXPRS)
         self.embed = cp.asarray(weights.embed, dtype=cp.float16)               # (V, H)
         self.lm_head = self.embed if c.tie_word_embeddings else cp.asarray(weights.lm_head, cp.float16)
         self.norm = cp.asarray(weights.norm, dtype=cp.float32)
@@ -195,8 +246,8 @@ class CudaModel:
             other += self.lm_head.nbytes
         return {"linears": lin, "other": other}
 
-    def new_cache(self, capacity: int | None = None, batch: int = 1) -> GpuKVCache:
-        return GpuKVCache(self.cp, self.config, capacity or self.config.max_position_embeddings, batch)
+    def new_cache(self, capacity: int | None = None, batch: int = 1, kv8: bool = False) -> GpuKVCache:
+        return GpuKVCache(self.cp, self.config, capacity or self.config.max_position_embeddings, batch, kv8)
 
     def _buffers(self, m: int, vocab_rows: int):
         """Prefill scratch for m rows: one set, grown geometrically, used through [:m] views."""
@@ -212,68 +263,63 @@ class CudaModel:
     def _launch(self, name, grid, block, args):
         kernels.function("fused.cu", name, ())(grid, block, args)
 
+    def _attn(self, expr, grid, block, args):
+        kernels.function("attention.cu", expr, ATTN_EXPRS)(grid, block, args)
+
     def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, pos, seq, attend):
         """Run every layer on b.h[:m] in place. attend(layer, b) fills b.a from b.q and the cache."""
         c, cp = self.config, self.cp
         hq, hkv, d, hid, inter = (c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                   c.hidden_size, c.intermediate_size)
         eps = np.float32(c.rms_norm_eps)
-        n_h = np.int32(m * hid)
+        y = None                # the previous sublayer's output, added to h by the next norm
         for li, L in enumerate(self.layers):
             qkv, o, gu, down = L["qkv"], L["o"], L["gu"], L["down"]
             x8, xh = b.x8(m, qkv.kp), b.xh(m, hid)
-            self._launch("rmsnorm_quant", (m,), (256,), (b.h, L["attn_norm"], np.int32(hid), eps,
-                         np.int32(qkv.mode), qkv.scale, x8, np.int32(qkv.kp), b.sx, xh))
+            self._norm(b, m, y, L["attn_norm"], qkv.mode, qkv.scale, x8, qkv.kp, xh)
             qkv(x8, b.sx[:m], xh, b.qkv[:m])
-            self._launch("rope_qkv_cache", (m, hq + hkv), (d // 2,),
-                         (b.qkv, np.int32(hq), np.int32(hkv), np.int32(d), pos, seq, self.cos, self.sin,
-                          b.q, cache.k[li], cache.v[li], np.int32(cache.capacity)))
+            self._attn(f"rope_qkv_cache<{kv_type(cache.k)}>", (m, hq + hkv), (d // 2,),
+                       (b.qkv, np.int32(hq), np.int32(hkv), np.int32(d), pos, seq, self.cos, self.sin,
+                        b.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], np.int32(cache.capacity)))
             attend(li, b)                                                   # b.a[:m] (M, Hq·D)
             a8, ah = b.x8(m, o.kp), b.a[:m]
             if o.mode != MODE["fp16"]:
-                self._launch("quant_rows", (m,), (256,), (b.a, np.int32(c.q_size), np.int32(o.mode),
+                self._launch("quant_rows", (m,), (row_threads(c.q_size),), (b.a, np.int32(c.q_size), np.int32(o.mode),
                              o.scale, a8, np.int32(o.kp), b.sx))
             o(a8, b.sx[:m], ah, b.y[:m])
-            self._launch("residual_add", ((m * hid + 255) // 256,), (256,), (b.h, b.y, n_h))
             x8 = b.x8(m, gu.kp)
-            self._launch("rmsnorm_quant", (m,), (256,), (b.h, L["mlp_norm"], np.int32(hid), eps,
-                         np.int32(gu.mode), gu.scale, x8, np.int32(gu.kp), b.sx, xh))
+            self._norm(b, m, b.y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh)
             gu(x8, b.sx[:m], xh, b.gu[:m])
             m8, mh = b.x8(m, down.kp), b.xh(m, inter)
-            self._launch("silu_mul_quant", (m,), (256,), (b.gu, np.int32(inter), np.int32(down.mode),
+            self._launch("silu_mul_quant", (m,), (row_threads(inter),), (b.gu, np.int32(inter), np.int32(down.mode),
                          down.scale, m8, np.int32(down.kp), b.sx, mh))
             down(m8, b.sx[:m], mh, b.y[:m])
-            self._launch("residual_add", ((m * hid + 255) // 256,), (256,), (b.h, b.y, n_h))
+            y = b.y
+        return y
 
-    def _head(self, b: _Buffers, rows: slice, nrows: int):
-        """Final norm + lm_head for b.h[rows] into b.logits[:nrows] (fp16)."""
-        c, cp = self.config, self.cp
-        h = b.h[rows]
+    def _norm(self, b: _Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None):
+        """h += y (y None: no add), then RMSNorm(h)·w into x8/sx (modes 0, 1) or xh (fp16)."""
+        c = self.config
+        self._launch("add_rmsnorm_quant", (m,), (row_threads(c.hidden_size),),
+                     (b.h if h is None else h, np.uint64(0) if y is None else y, w, np.int32(c.hidden_size),
+                      np.float32(c.rms_norm_eps), np.int32(mode), scale, x8, np.int32(ld), b.sx, xh))
+
+    def _head(self, b: _Buffers, y, rows: slice, nrows: int):
+        """Last residual add, final norm and lm_head for b.h[rows] into b.logits[:nrows] (fp16).
+
+        Only the head's rows get the last add: the other rows of h are dead once the cache is written.
+        """
+        c = self.config
         xh = b.xh(nrows, c.hidden_size)
-        self._launch("rmsnorm_quant", (nrows,), (256,), (h, self.norm, np.int32(c.hidden_size),
-                     np.float32(c.rms_norm_eps), np.int32(MODE["fp16"]), self.norm, b.x8(nrows, 1), np.int32(1), b.sx, xh))
-        matmul_f16(cp, xh, self.lm_head, b.logits[:nrows])
+        self._norm(b, nrows, None if y is None else y[rows], self.norm, MODE["fp16"], self.norm,
+                   b.x8(nrows, 1), 1, xh, h=b.h[rows])
+        matmul_f16(self.cp, xh, self.lm_head, b.logits[:nrows])
 
     # ------------------------------------------------------------------ prefill / full forward
     def _attend_prefill(self, cache: GpuKVCache, s: int, start: int, t: int):
         """Causal GQA of t new queries against the first start+t cached keys of sequence s."""
-        cp, c = self.cp, self.config
-        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        rep = hq // hkv
-
         def attend(li, b):
-            n = start + t
-            q = b.q[:t].astype(cp.float32).reshape(t, hkv, rep, d).transpose(1, 2, 0, 3)  # (Hkv, rep, T, D)
-            k = cache.k[li, s, :n].astype(cp.float32).transpose(1, 2, 0)                  # (Hkv, D, S)
-            v = cache.v[li, s, :n].astype(cp.float32).transpose(1, 0, 2)                  # (Hkv, S, D)
-            sc = cp.matmul(q, k[:, None]) * np.float32(1.0 / np.sqrt(d))                  # (Hkv, rep, T, S)
-            future = cp.arange(n)[None, :] > (start + cp.arange(t))[:, None]               # (T, S)
-            sc = cp.where(future, cp.float32(-cp.inf), sc)
-            sc -= sc.max(axis=-1, keepdims=True)
-            p = cp.exp(sc)
-            p /= p.sum(axis=-1, keepdims=True)
-            out = cp.matmul(p, v[:, None])                                                # (Hkv, rep, T, D)
-            b.a[:t] = out.transpose(2, 0, 1, 3).reshape(t, hq * d).astype(cp.float16)
+            attn_prefill(b.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], b.a, s, start, t)
         return attend
 
     def prefill(self, tokens, cache: GpuKVCache, seq: int = 0, logits: str = "last"):
@@ -293,9 +339,9 @@ class CudaModel:
         pos = cp.arange(start, start + t, dtype=cp.int32)
         seqs = cp.full((t,), seq, dtype=cp.int32)
         self._launch("embed_gather", (t,), (256,), (self.embed, tok, np.int32(c.hidden_size), b.h))
-        self._layers(b, t, cache, pos, seqs, self._attend_prefill(cache, seq, start, t))
+        y = self._layers(b, t, cache, pos, seqs, self._attend_prefill(cache, seq, start, t))
         cache.lens_host[seq] += t
-        self._head(b, slice(0, t) if logits == "all" else slice(t - 1, t), rows)
+        self._head(b, y, slice(0, t) if logits == "all" else slice(t - 1, t), rows)
         return b.logits[:rows]
 
     def forward(self, tokens, cache: GpuKVCache | None = None, observer=None, last_only: bool = False):
@@ -307,25 +353,34 @@ class CudaModel:
             cache = self.new_cache(max(int(tokens.size), 1))
         return self.prefill(tokens, cache, 0, "last" if last_only else "all").astype(self.cp.float32)
 
-    # ------------------------------------------------------------------ graphed greedy decode
+    # ------------------------------------------------------------------ graphed decode with sampling
+    def sample_logits(self, logits, seq: int, pos: int, temperature: float = 0.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: int = 0) -> int:
+        """One token from fp16 logits (1, V) by the decode step's kernel and random stream:
+        the first token after a prefill, drawn for sequence `seq` after position `pos`."""
+        cp = self.cp
+        out = cp.zeros((1,), cp.int32)
+        ops_cuda.sample_rows(logits[:1], cp.asarray(ops_cuda.sample_params(temperature, top_k, top_p, seed)),
+                             cp.asarray([seq], cp.int32), cp.asarray([pos], cp.int32), out)
+        return int(out[0])
+
     def _decode_step(self, cache: GpuKVCache, st: dict):
         c, b, nb = self.config, st["bufs"], cache.batch
         hq, d = c.num_attention_heads, c.head_dim
         nsplit = st["nsplit"]
 
         def attend(li, bb):
-            self._launch("attn_decode_split", (nb, hq, nsplit), (128,),
-                         (bb.q, cache.k[li], cache.v[li], st["lens"], np.int32(hq),
-                          np.int32(c.num_key_value_heads), np.int32(d), np.int32(cache.capacity),
-                          np.int32(DECODE_CHUNK), np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"]))
-            self._launch("attn_decode_combine", (nb, hq), (d,),
-                         (st["ml"], st["acc"], np.int32(hq), np.int32(d), np.int32(nsplit), bb.a))
+            self._attn(f"attn_decode_split<{kv_type(cache.k)}>", (nb, hq, nsplit), (128,),
+                       (bb.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], st["lens"], np.int32(hq),
+                        np.int32(c.num_key_value_heads), np.int32(d), np.int32(cache.capacity),
+                        np.int32(DECODE_CHUNK), np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"]))
+            self._attn("attn_decode_combine", (nb, hq), (d,),
+                       (st["ml"], st["acc"], np.int32(hq), np.int32(d), np.int32(nsplit), bb.a))
 
         self._launch("embed_gather", (nb,), (256,), (self.embed, st["tok"], np.int32(c.hidden_size), b.h))
-        self._layers(b, nb, cache, st["pos"], st["seq"], attend)
-        self._head(b, slice(0, nb), nb)
-        self._launch("argmax_rows", (nb,), (1024,), (b.logits, np.int32(c.vocab_size), st["tok"],
-                     np.int32(1), st["pos"], st["lens"]))
+        y = self._layers(b, nb, cache, st["pos"], st["seq"], attend)
+        self._head(b, y, slice(0, nb), nb)
+        ops_cuda.sample_rows(b.logits[:nb], st["params"], st["seq"], st["pos"], st["tok"], lens=st["lens"])
 
     def _decode_state(self, cache: GpuKVCache):
         """Device buffers of a decode step, fixed for the life of the cache (the graph holds them)."""
@@ -335,18 +390,27 @@ class CudaModel:
         return {"bufs": _Buffers(cp, self.config, nb, nb, self._wide), "nsplit": nsplit,
                 "tok": cp.zeros((nb,), cp.int32), "pos": cp.zeros((nb,), cp.int32),
                 "lens": cp.zeros((nb,), cp.int32), "seq": cp.arange(nb, dtype=cp.int32),
+                "params": cp.asarray(ops_cuda.sample_params()),    # read by the graph at every replay
                 "ml": cp.zeros((nb * hq * nsplit * 2,), cp.float32),
                 "acc": cp.zeros((nb * hq * nsplit * d,), cp.float32),
                 "stream": cp.cuda.Stream(non_blocking=True)}
 
     def decode_greedy(self, cache: GpuKVCache, last_tokens, n_steps: int, use_graph: bool = True,
                       on_step=None):
-        """n_steps greedy tokens for every sequence of the cache, starting from last_tokens (B,).
+        """decode() at temperature 0."""
+        return self.decode(cache, last_tokens, n_steps, use_graph=use_graph, on_step=on_step)
+
+    def decode(self, cache: GpuKVCache, last_tokens, n_steps: int, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, use_graph: bool = True, on_step=None):
+        """n_steps sampled tokens for every sequence of the cache, starting from last_tokens (B,).
 
         Each step feeds the previous token (at position lens) and writes the next into the
         device buffer; on_step(ids (B,)) sees each step's ids (one small device→host copy) and
         stops the loop by returning True. Returns (steps done, B) int32 on the host.
-        The captured graph is kept with the cache: later calls only reset three small buffers.
+        Sampling follows engine/sampling.py; sequence b's draw at position p is fixed by
+        (seed, b, p), so a seed replays the same tokens. The captured graph is kept with the
+        cache and reads the settings from device memory: later calls, with any settings,
+        only reset four small buffers.
         """
         cp = self.cp
         if int(cache.lens_host.max()) + n_steps > cache.capacity:
@@ -363,6 +427,7 @@ class CudaModel:
         st["tok"].set(np.asarray(last_tokens, dtype=np.int32))
         st["pos"].set(lens)
         st["lens"].set(lens + 1)
+        st["params"].set(ops_cuda.sample_params(temperature, top_k, top_p, seed))
         cp.cuda.Device().synchronize()       # prefill and the resets ran on the default stream
         stream = st["stream"]
         done = 0

@@ -1,7 +1,8 @@
 """Launchers for the CUDA kernels in cuda/ and the GPU weight layout they read.
 
 Name triplets (STYLE.md): formats.quantize_act_ref ↔ cuda/quant_act.cu ↔ quantize_act_*;
-formats.gemm_a8w4_ref + epilogue_ref ↔ cuda/gemm_a8w4.cu, cuda/gemm_a8w4_sm90.cu ↔ gemm_a8w4.
+formats.gemm_a8w4_ref + epilogue_ref ↔ cuda/gemm_a8w4.cu, cuda/gemm_a8w4_sm90.cu ↔ gemm_a8w4;
+sampling.sample ↔ cuda/sample.cu ↔ sample_rows.
 
 The GPU layout of a "dg" layer (documented in full in cuda/common.cuh) is built
 here once, in NumPy, by `pack_host`; `unpack_host` inverts it and is what the
@@ -16,6 +17,7 @@ Public API (all arrays CuPy unless noted):
   gemm_a8w4(x8, sx, layer, kernel=)        -> y (M, N) fp16
   gemm_a8w4_acc(x8, layer, kernel=)        -> acc (M, N) int32   (tests)
   linear_a8w4(x, layer)                    -> y (M, N) fp16   (quantize + GEMM)
+  sample_rows(logits, params, seq, pos, out, lens=)  out (B,) int32 token ids  (sample_params packs)
 Kernels are chosen by M (`choose_kernel`): "gemv" (M ≤ 16), "wgmma" (sm_90),
 "mma" (any sm_80+). One CUDA stream at a time may use the split-K workspace.
 """
@@ -445,3 +447,37 @@ def linear_a8w4(x, layer: PackedA8W4, kernel: str = "auto"):
     """y = x · Ŵᵀ for a "dg" layer: activation quantization then the A8W4 GEMM, fp16 out."""
     x8, sx = quantize_act(x, layer)          # (M, Kp) int8, (M,) f32
     return gemm_a8w4(x8, sx, layer, kernel=kernel)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+SAMPLE_THREADS = 1024    # cuda/sample.cu SAMPLE_THREADS: one block per row
+
+
+def sample_params(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+    """The sampling kernel's settings as uint32[5] (cuda/sample.cu): T and top_p as float32 bits,
+    top_k, the 64-bit seed in two words. Copy into the device array the kernel reads."""
+    tp = np.array([temperature, top_p], np.float32).view(np.uint32)
+    s = int(seed) & (2**64 - 1)
+    return np.array([tp[0], tp[1], min(int(top_k), 2**32 - 1), s & 0xFFFFFFFF, s >> 32], np.uint32)
+
+
+def sample_rows(logits, params, seq, pos, out, lens=None, rows: int | None = None):
+    """out[b] = a token drawn from row b of fp16 logits (B, V) by the rules of engine/sampling.py.
+
+    params: device uint32[5] from sample_params; seq, pos: (B,) int32, the Philox counter of row b
+    (a sequence and the position of the token the logits follow); out (B,) int32. With lens,
+    pos and lens advance by one (a decode step). A 1-D logits row (V,) is drawn from `rows` times.
+    """
+    if logits.dtype != np.float16 or logits.ndim not in (1, 2) or logits.strides[-1] != 2:
+        raise CudaOpError(f"logits must be float16 (B, V) or (V,) with unit stride, got {logits.dtype} "
+                          f"{logits.shape}")
+    v = int(logits.shape[-1])
+    if not 0 < v < 2**23:      # uint64 fixed-point sums hold V · 2^40
+        raise CudaOpError(f"the sampling kernel takes 0 < V < 2^23, got {v}")
+    b = int(logits.shape[0]) if logits.ndim == 2 and rows is None else int(rows or 1)
+    ld = logits.strides[0] // 2 if logits.ndim == 2 else 0
+    _fn("sample.cu", "sample_rows", ())((b,), (SAMPLE_THREADS,),
+                                        (logits, np.int64(ld), np.int32(v), params, seq, pos,
+                                         pos if lens is None else lens, np.int32(lens is not None), out))
+    return out

@@ -12,7 +12,10 @@ a cut at k or at p is deterministic. The draw is one rng.random() through the
 inverse CDF, so a seeded np.random.Generator reproduces the same token sequence.
 
 This is the host (NumPy) sampler; cupy logits are copied to the host. The GPU
-path will get its own on-device sampler.
+engine samples on the device by the same rules (cuda/sample.cu, inside the graphed
+decode step): exact top-k/top-p on the fp16 logits, ties by id, one draw through the
+inverse CDF, with Philox random numbers keyed by the seed and counted by (sequence,
+position). A seed reproduces its tokens on each path, not across the two.
 """
 from __future__ import annotations
 

@@ -113,3 +113,69 @@ def test_generate_uses_graphed_greedy_and_agrees_with_reference():
     seen = []
     out, _ = generate(CudaModel(mw), prompt, 10, stop={got[3]}, on_token=seen.append)
     assert out[-1] == got[3] and seen == out[:-1]
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 9, 17, 32])
+def test_fp16_gemv_buckets_match_float64(m):
+    """The lm_head GEMV (one kernel per M bucket) against a float64 product."""
+    import cupy as cp
+    from engine.model_cuda import matmul_f16
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, 1000)).astype(np.float16)
+    w = rng.standard_normal((777, 1000)).astype(np.float16)
+    out = cp.zeros((m, 777), cp.float16)
+    matmul_f16(cp, cp.asarray(x), cp.asarray(w), out)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    assert rel(out.get().astype(np.float64), ref) < 2e-3
+
+
+@pytest.mark.parametrize("width", [64, 576, 4096, 5000, 11008])
+@pytest.mark.parametrize("mode", ["static", "dynamic", "fp16"])
+def test_row_kernels_match_numpy(width, mode):
+    """add_rmsnorm_quant (with and without the residual add), silu_mul_quant and quant_rows at
+    block sizes from one warp to 1024 threads, against NumPy float32."""
+    import cupy as cp
+    from engine.model_cuda import MODE, ROW_PER, row_threads
+    from engine.kernels import function
+    rng = np.random.default_rng(width)
+    m, eps, scale = 3, 1e-5, 0.02
+    h = rng.standard_normal((m, width)).astype(np.float32)
+    y = rng.standard_normal((m, width)).astype(np.float16)
+    w = rng.uniform(0.5, 1.5, width).astype(np.float32)
+    gu = (rng.standard_normal((m, 2 * width)) * 2).astype(np.float16)
+    ld = width + 64
+    sc = cp.asarray([scale], cp.float32)
+
+    def run(name, args):
+        x8 = cp.full((m, ld), 7, cp.int8)
+        sx = cp.zeros((m,), cp.float32)
+        xh = cp.zeros((m, width), cp.float16)
+        tail = (np.int32(MODE[mode]), sc, x8, np.int32(ld), sx) + ((xh,) if name != "quant_rows" else ())
+        function("fused.cu", name, ())((m,), (row_threads(width),), args + tail)
+        return x8.get(), sx.get(), xh.get()
+
+    def check(got, want, rtol):
+        x8, sx, xh = got
+        if mode == "fp16":
+            np.testing.assert_allclose(xh.astype(np.float32), want, rtol=rtol, atol=1e-3)
+            return
+        s = np.full(m, scale, np.float32) if mode == "static" else np.abs(want).max(1) / 127
+        np.testing.assert_allclose(sx, s, rtol=1e-5)
+        ref = np.clip(np.rint(want / s[:, None]), -127, 127)       # formats.quantize_act_ref's rule
+        assert np.abs(x8[:, :width].astype(np.int32) - ref).max() <= 1
+        assert (x8[:, width:] == 0).all()                       # the pad columns are zeroed
+
+    for with_y in (False, True):
+        if width > ROW_PER * 1024:
+            continue
+        hd = cp.asarray(h)
+        got = run("add_rmsnorm_quant", (hd, cp.asarray(y) if with_y else np.uint64(0), cp.asarray(w),
+                                        np.int32(width), np.float32(eps)))
+        hh = h + y.astype(np.float32) if with_y else h
+        np.testing.assert_allclose(hd.get(), hh, rtol=1e-6)      # the add is written back
+        want = hh / np.sqrt((hh * hh).mean(1, keepdims=True) + eps) * w
+        check(got, want, 2e-3)
+    g, u = gu[:, :width].astype(np.float32), gu[:, width:].astype(np.float32)
+    check(run("silu_mul_quant", (cp.asarray(gu), np.int32(width))), g / (1 + np.exp(-g)) * u, 2e-3)
+    if mode != "fp16":
+        check(run("quant_rows", (cp.asarray(y), np.int32(width))), y.astype(np.float32), 1e-6)

@@ -1,0 +1,445 @@
+// attention.cu — everything that touches the KV cache: RoPE + cache write, flash-attention
+// prefill, flash-decoding.
+//
+// Layouts: q (M, Hq, D) fp16 after RoPE; the KV cache of one layer is (B, cap, Hkv, D),
+// fp16 or (kv8) int8 with one float32 scale per (b, position, kv head) in (B, cap, Hkv).
+// Attention outputs are (M, Hq·D) fp16. Hq is a multiple of Hkv (grouped-query: q head h
+// reads kv head h / (Hq / Hkv)). D ∈ {64, 128}.
+//
+// kv8 (per-token INT8 cache): k8 = clamp(rint(k / s), ±127) with s = max|k| / 127 over the
+// D values of one (token, kv head) — 1 for an all-zero row — the rule of
+// engine/formats.quantize_act_ref; the same for v. Kernels are templated on the cache
+// element type KV (__half or signed char); for __half the scale arguments are not read.
+// The attention kernels dequantize int8 to fp16 (x8·s, rounded once) as they read.
+//
+// Positions and sequence lengths of decode are read from device memory so a decode step
+// can be captured once as a CUDA graph and replayed.
+#include <cuda_fp16.h>
+#include "common.cuh"
+
+#define NEG_INF __int_as_float(0xff800000)   // NVRTC has no math.h INFINITY
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Block-wide reductions for blockDim.x a multiple of 32, at most 1024.
+__device__ float block_sum(float v) {
+    __shared__ float sh[32];
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();                 // sh may still be read by a previous call
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    v = (threadIdx.x < (blockDim.x >> 5)) ? sh[threadIdx.x] : 0.f;
+    if (wid == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    return sh[0];
+}
+__device__ float block_max(float v) {
+    __shared__ float sh[32];
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    v = (threadIdx.x < (blockDim.x >> 5)) ? sh[threadIdx.x] : 0.f;
+    if (wid == 0) v = warp_max(v);
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    return sh[0];
+}
+
+// ----------------------------------------------------------------- the cache element types
+// Two consecutive elements of a cache row as floats (x8 values for int8: the caller scales).
+__device__ __forceinline__ float2 load2(const __half* row, int i2) {
+    return __half22float2(reinterpret_cast<const __half2*>(row)[i2]);
+}
+__device__ __forceinline__ float2 load2(const i8* row, int i2) {
+    char2 c = reinterpret_cast<const char2*>(row)[i2];
+    return make_float2((float)c.x, (float)c.y);
+}
+template <typename KV> __device__ __forceinline__ float row_scale(const float* s, size_t i);
+template <> __device__ __forceinline__ float row_scale<__half>(const float*, size_t) { return 1.f; }
+template <> __device__ __forceinline__ float row_scale<i8>(const float* s, size_t i) { return s[i]; }
+
+// Store a pair of a cache row (the D/2 threads of a block own pairs (j, j + D/2));
+// for int8, s is the row's scale from the block's absmax (same rule as quantize_act_ref).
+__device__ __forceinline__ void store_pair(__half* row, float* srow, int j, int half_d, float a, float b) {
+    row[j] = __float2half_rn(a);
+    row[j + half_d] = __float2half_rn(b);
+}
+__device__ __forceinline__ void store_pair(i8* row, float* srow, int j, int half_d, float a, float b) {
+    float amax = block_max(fmaxf(fabsf(a), fabsf(b)));
+    float s = amax > 0.f ? amax / 127.f : 1.f;
+    int qa = __float2int_rn(__fdiv_rn(a, s)), qb = __float2int_rn(__fdiv_rn(b, s));
+    row[j] = (i8)max(-127, min(127, qa));
+    row[j + half_d] = (i8)max(-127, min(127, qb));
+    if (j == 0) *srow = s;
+}
+
+// grid (M, Hq + Hkv), block D/2. RoPE (HF rotate-half pairs j, j + D/2) on q and k of the
+// fused qkv output (M, (Hq + 2 Hkv) D); q goes to q_out (M, Hq, D), k and v to the cache
+// at [seq[m], pos[m]] (kv8: quantized from the float32 rotated k and the fp16 v).
+// cos/sin tables are (max_pos, D/2) float32, built on the host in float64.
+template <typename KV>
+__global__ void rope_qkv_cache(const __half* __restrict__ qkv, int Hq, int Hkv, int D,
+                               const int* __restrict__ pos, const int* __restrict__ seq,
+                               const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                               __half* __restrict__ q_out, KV* __restrict__ kc, KV* __restrict__ vc,
+                               float* __restrict__ ks, float* __restrict__ vs, int cap) {
+    int m = blockIdx.x, head = blockIdx.y, j = threadIdx.x, half_d = D >> 1;
+    int p = pos[m];
+    const __half* row = qkv + (size_t)m * (Hq + 2 * Hkv) * D;
+    float c = cos_t[(size_t)p * half_d + j], s = sin_t[(size_t)p * half_d + j];
+    const __half* src = row + (size_t)head * D;          // q heads, then k heads
+    float x1 = __half2float(src[j]), x2 = __half2float(src[j + half_d]);
+    float o1 = x1 * c - x2 * s, o2 = x2 * c + x1 * s;
+    if (head < Hq) {
+        __half* dst = q_out + ((size_t)m * Hq + head) * D;
+        dst[j] = __float2half_rn(o1);
+        dst[j + half_d] = __float2half_rn(o2);
+    } else {
+        int kh = head - Hq;
+        size_t r = ((size_t)seq[m] * cap + p) * Hkv + kh;  // (b, position, kv head)
+        store_pair(kc + r * D, ks + r, j, half_d, o1, o2);
+        const __half* v = row + (size_t)(Hq + Hkv + kh) * D;
+        store_pair(vc + r * D, vs + r, j, half_d, __half2float(v[j]), __half2float(v[j + half_d]));
+    }
+}
+
+// ================================================================= flash-attention prefill
+// FlashAttention-2 forward for the t new queries of one sequence (positions start..start+t-1)
+// against its first n = start + t cached keys, causal, grouped-query.
+//
+// grid (ceil(t / 64), Hq), block 128 (4 warps). Block (x, h) owns 64 query rows of head h;
+// warp w owns rows 16w..16w+15 and keeps its Q fragments (16 × D) and the O accumulator
+// (16 × D, fp32) in registers. Key/value tiles of 64 rows stream through shared memory
+// with cp.async double buffering: tile j+1 loads while tile j computes. Per tile,
+// S = Q·Kᵀ and O += P·V run on tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate;
+// operands through ldmatrix, V with .trans), and the softmax is online in fp32 (exp2 with
+// the scale folded in). The S accumulator fragment is P's A fragment, so P never leaves
+// registers. Tiles wholly above the diagonal are never loaded (causal: the block stops at
+// its last query's position), and a warp skips a tile its 16 rows cannot see.
+// Blocks are issued last tile first: the longest rows start first, the short ones fill in.
+// Shared rows are padded by 8 halves (D + 8): the 8 rows an ldmatrix reads then start 16 bytes
+// apart modulo 128 and hit distinct banks.
+// kv8: int8 tiles land in a staging ring by cp.async and are dequantized into the fp16 tile
+// (one conversion per element per block) before the tensor-core pass.
+#define FA_BM 64            // query rows per block
+#define FA_BN 64            // keys per tile
+#define FA_THREADS 128
+
+__device__ __forceinline__ void mma_f16(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&h);
+}
+
+// Bytes of dynamic shared memory the prefill kernel needs (the launcher mirrors this).
+template <int D, typename KV>
+struct FaSmem {
+    static constexpr int LD = D + 8;                                   // padded row, halves
+    static constexpr int TILE = FA_BN * LD * 2;                        // one fp16 tile, bytes
+    static constexpr int STAGE = sizeof(KV) == 1 ? FA_BN * D : 0;      // one int8 tile, bytes
+    static constexpr int BYTES = 4 * TILE + 4 * STAGE;                 // K, V × 2 buffers (+ staging)
+};
+
+// Issue the cp.async copies of rows [r0, r0 + 64) of a (rows, row_stride) matrix into shared
+// rows of ld bytes; rows ≥ nrows are zero-filled (their addresses are clamped to row 0).
+template <int ROW_BYTES>
+__device__ __forceinline__ void load_tile(u32 dst, int ld, const char* base, size_t row_stride,
+                                          int r0, int nrows) {
+    constexpr int CH = ROW_BYTES / 16;
+#pragma unroll
+    for (int i = threadIdx.x; i < FA_BN * CH; i += FA_THREADS) {
+        int r = i / CH, c = i % CH;
+        bool ok = r0 + r < nrows;
+        const char* src = base + (size_t)(ok ? r0 + r : 0) * row_stride + c * 16;
+        cp_async16(dst + r * ld + c * 16, src, ok);
+    }
+}
+
+// kv8: staged int8 rows [r0, r0 + 64) → fp16 tile, x8 · scale (scale 0 past nrows).
+template <int D>
+__device__ __forceinline__ void dequant_tile(__half* dst, const i8* stage, const float* scale,
+                                             size_t scale_stride, int r0, int nrows) {
+    constexpr int CH = D / 16, LD = D + 8;
+    for (int i = threadIdx.x; i < FA_BN * CH; i += FA_THREADS) {
+        int r = i / CH, c = i % CH;
+        float s = r0 + r < nrows ? scale[(size_t)(r0 + r) * scale_stride] : 0.f;
+        uint4 w = *reinterpret_cast<const uint4*>(stage + r * D + c * 16);
+        const i8* b = reinterpret_cast<const i8*>(&w);
+        u32 h[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) h[e] = pack_h2((float)b[2 * e] * s, (float)b[2 * e + 1] * s);
+        uint4* o = reinterpret_cast<uint4*>(dst + r * LD + c * 16);
+        o[0] = make_uint4(h[0], h[1], h[2], h[3]);
+        o[1] = make_uint4(h[4], h[5], h[6], h[7]);
+    }
+}
+
+template <int D, typename KV>
+__global__ void __launch_bounds__(FA_THREADS)
+attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
+             const float* __restrict__ ks, const float* __restrict__ vs, __half* __restrict__ out,
+             int t, int start, int Hq, int Hkv, int cap, int seq, float scale_log2) {
+    constexpr bool KV8 = sizeof(KV) == 1;
+    constexpr int LD = FaSmem<D, KV>::LD, TILE = FaSmem<D, KV>::TILE, STAGE = FaSmem<D, KV>::STAGE;
+    constexpr int KD = D / 16;                       // k16 steps over D
+    extern __shared__ __align__(16) unsigned char smem[];
+    __half* sK = reinterpret_cast<__half*>(smem);                 // [2][FA_BN][LD]
+    __half* sV = reinterpret_cast<__half*>(smem + 2 * TILE);      // [2][FA_BN][LD]
+    i8* stK = reinterpret_cast<i8*>(smem + 4 * TILE);             // kv8: [2][FA_BN][D]
+    i8* stV = stK + 2 * STAGE;
+    const u32 sK_a = smem_u32(sK), sV_a = smem_u32(sV), stK_a = smem_u32(stK), stV_a = smem_u32(stV);
+
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, kvh = h / (Hq / Hkv);
+    const int m0 = qt * FA_BM, n = start + t;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
+    const int ntiles = (min(n, start + m0 + FA_BM) + FA_BN - 1) / FA_BN;
+    const size_t kv_stride = (size_t)Hkv * D;        // elements between consecutive positions
+    const KV* kbase = kc + (size_t)seq * cap * kv_stride + (size_t)kvh * D;
+    const KV* vbase = vc + (size_t)seq * cap * kv_stride + (size_t)kvh * D;
+    const float* ksb = ks + (size_t)seq * cap * Hkv + kvh;
+    const float* vsb = vs + (size_t)seq * cap * Hkv + kvh;
+
+    auto issue = [&](int j, int buf) {               // cp.async of key/value tile j
+        if constexpr (KV8) {
+            load_tile<D>(stK_a + buf * STAGE, D, (const char*)kbase, kv_stride, j * FA_BN, n);
+            load_tile<D>(stV_a + buf * STAGE, D, (const char*)vbase, kv_stride, j * FA_BN, n);
+        } else {
+            load_tile<2 * D>(sK_a + buf * TILE, 2 * LD, (const char*)kbase, 2 * kv_stride, j * FA_BN, n);
+            load_tile<2 * D>(sV_a + buf * TILE, 2 * LD, (const char*)vbase, 2 * kv_stride, j * FA_BN, n);
+        }
+    };
+    // Q rows [m0, m0 + 64) of head h are staged in K buffer 1 (free until tile 1 is issued).
+    load_tile<2 * D>(sK_a + TILE, 2 * LD, (const char*)(q + (size_t)m0 * Hq * D + (size_t)h * D),
+                     (size_t)Hq * D * 2, 0, t - m0);
+    issue(0, 0);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    u32 qa[KD][4];
+    {
+        const u32 base = sK_a + TILE + ((warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8) * 2;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) ldmatrix_x4(base + kk * 32, qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3]);
+    }
+    __syncthreads();
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.f, 0.f};   // rows g and g + 8 (l: partial per lane)
+    const int qpos0 = start + m0 + warp * 16 + g;                // position of row g
+    // ldmatrix lane offsets: K as B (non-trans): keys +(lane>>4)*8 + (lane&7), d +((lane>>3)&1)*8;
+    // V as B (trans): keys +((lane>>3)&1)*8 + (lane&7), d +(lane>>4)*8.
+    const u32 k_off = (((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8) * 2;
+    const u32 v_off = ((((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8) * 2;
+
+    for (int j = 0; j < ntiles; ++j) {
+        const int buf = j & 1;
+        if (j + 1 < ntiles) issue(j + 1, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if constexpr (KV8) {
+            dequant_tile<D>(sK + buf * (TILE / 2), stK + buf * STAGE, ksb, Hkv, j * FA_BN, n);
+            dequant_tile<D>(sV + buf * (TILE / 2), stV + buf * STAGE, vsb, Hkv, j * FA_BN, n);
+            __syncthreads();
+        }
+        const int j0 = j * FA_BN;
+        if (j0 <= qpos0 - g + 15) {                  // some row of this warp sees a key of the tile
+            float s[FA_BN / 8][4];
+#pragma unroll
+            for (int i = 0; i < FA_BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+            const u32 kb = sK_a + buf * TILE + k_off;
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+                for (int np = 0; np < FA_BN / 16; ++np) {
+                    u32 b0, b1, b2, b3;
+                    ldmatrix_x4(kb + (np * 16 * LD + kk * 16) * 2, b0, b1, b2, b3);
+                    mma_f16(s[2 * np], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
+                    mma_f16(s[2 * np + 1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b2, b3);
+                }
+            }
+            if (j0 + FA_BN - 1 > qpos0 - g || j0 + FA_BN > n) {   // the diagonal (or the end): mask
+#pragma unroll
+                for (int i = 0; i < FA_BN / 8; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        int key = j0 + i * 8 + 2 * tq + (e & 1);
+                        int lim = min(qpos0 + (e >> 1) * 8, n - 1);
+                        if (key > lim) s[i][e] = NEG_INF;
+                    }
+            }
+            // online softmax; every row sees key 0 in tile 0, so mrow is finite from then on
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = NEG_INF;
+#pragma unroll
+                for (int i = 0; i < FA_BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                float mnew = fmaxf(mrow[r], mx);
+                float alpha = exp2f((mrow[r] - mnew) * scale_log2);
+                mrow[r] = mnew;
+                float off = mnew * scale_log2, sum = 0.f;
+#pragma unroll
+                for (int i = 0; i < FA_BN / 8; ++i) {
+                    s[i][2 * r] = exp2f(fmaf(s[i][2 * r], scale_log2, -off));
+                    s[i][2 * r + 1] = exp2f(fmaf(s[i][2 * r + 1], scale_log2, -off));
+                    sum += s[i][2 * r] + s[i][2 * r + 1];
+                }
+                lrow[r] = lrow[r] * alpha + sum;
+#pragma unroll
+                for (int i = 0; i < D / 8; ++i) { o[i][2 * r] *= alpha; o[i][2 * r + 1] *= alpha; }
+            }
+            // O += P·V: the S fragments of key tiles 2ks, 2ks+1 are the A fragment of k-step ks
+            const u32 vb = sV_a + buf * TILE + v_off;
+#pragma unroll
+            for (int ks2 = 0; ks2 < FA_BN / 16; ++ks2) {
+                u32 a0 = pack_h2(s[2 * ks2][0], s[2 * ks2][1]), a1 = pack_h2(s[2 * ks2][2], s[2 * ks2][3]);
+                u32 a2 = pack_h2(s[2 * ks2 + 1][0], s[2 * ks2 + 1][1]);
+                u32 a3 = pack_h2(s[2 * ks2 + 1][2], s[2 * ks2 + 1][3]);
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    u32 b0, b1, b2, b3;
+                    ldmatrix_x4_trans(vb + (ks2 * 16 * LD + dp * 16) * 2, b0, b1, b2, b3);
+                    mma_f16(o[2 * dp], a0, a1, a2, a3, b0, b1);
+                    mma_f16(o[2 * dp + 1], a0, a1, a2, a3, b2, b3);
+                }
+            }
+        }
+        __syncthreads();                             // buffer buf is reloaded two tiles on
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = lrow[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        int row = m0 + warp * 16 + g + r * 8;
+        if (row < t) {
+            float inv = 1.f / l;
+            __half* dst = out + ((size_t)row * Hq + h) * D + 2 * tq;
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i)
+                *reinterpret_cast<__half2*>(dst + i * 8) = __floats2half2_rn(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
+        }
+    }
+}
+
+// ================================================================= flash-decoding
+// Pass 1. grid (B, Hq, nsplit), block 128 (4 warps), D ∈ {64, 128}.
+// Block (b, h, sp) scores keys [sp·chunk, min(len_b, (sp+1)·chunk)) of sequence b against its
+// one query and writes the unnormalised partial (max m, sum l, acc[D]) for the combine pass.
+// Warps take keys round-robin; a lane reads pairs of each K and V row, so every load
+// is a coalesced row and the V pass keeps 4 warps' loads in flight (a thread
+// looping over keys alone was latency-bound: 3 ms of a 5.4 ms 7B decode step).
+// kv8: a key's score is scale_k · (q · k8); a value row enters the sum with weight p · scale_v.
+#define DEC_THREADS 128
+#define DEC_WARPS 4
+#define DEC_MAX_CHUNK 256
+#define DEC_MAX_D2 64                       // D/2 pairs, D ≤ 128
+template <typename KV>
+__global__ void attn_decode_split(const __half* __restrict__ q, const KV* __restrict__ kc,
+                                  const KV* __restrict__ vc, const float* __restrict__ ks,
+                                  const float* __restrict__ vs, const int* __restrict__ lens,
+                                  int Hq, int Hkv, int D, int cap, int chunk, float scale,
+                                  float* __restrict__ part_ml, float* __restrict__ part_acc) {
+    __shared__ float2 qs[DEC_MAX_D2];
+    __shared__ float ps[DEC_MAX_CHUNK];
+    __shared__ float2 red[DEC_WARPS][DEC_MAX_D2];
+    int b = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
+    int kvh = h / (Hq / Hkv);
+    int len = lens[b];
+    int k0 = sp * chunk, k1 = min(len, k0 + chunk);
+    int d2n = D >> 1;
+    size_t pidx = ((size_t)b * Hq + h) * nsplit + sp;
+    if (k0 >= k1) {                         // nothing to score: an empty partial
+        if (threadIdx.x == 0) { part_ml[2 * pidx] = NEG_INF; part_ml[2 * pidx + 1] = 0.f; }
+        for (int d = threadIdx.x; d < D; d += blockDim.x) part_acc[pidx * D + d] = 0.f;
+        return;
+    }
+    const __half2* q2 = reinterpret_cast<const __half2*>(q + ((size_t)b * Hq + h) * D);
+    for (int i = threadIdx.x; i < d2n; i += blockDim.x) qs[i] = __half22float2(q2[i]);
+    __syncthreads();
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    size_t row_stride = (size_t)Hkv * D;                // elements between consecutive keys
+    const KV* kbase = kc + ((size_t)b * cap * Hkv + kvh) * D;
+    const KV* vbase = vc + ((size_t)b * cap * Hkv + kvh) * D;
+    size_t sbase = (size_t)b * cap * Hkv + kvh;         // scale of key k: [sbase + k·Hkv]
+    for (int k = k0 + wid; k < k1; k += DEC_WARPS) {
+        const KV* kr = kbase + k * row_stride;
+        float dot = 0.f;
+        for (int i = lane; i < d2n; i += 32) {
+            float2 kv = load2(kr, i), qv = qs[i];
+            dot += qv.x * kv.x + qv.y * kv.y;
+        }
+        dot = warp_sum(dot);
+        if (lane == 0) ps[k - k0] = dot * row_scale<KV>(ks, sbase + (size_t)k * Hkv) * scale;
+    }
+    __syncthreads();
+    float mx = NEG_INF;
+    for (int i = threadIdx.x; i < k1 - k0; i += blockDim.x) mx = fmaxf(mx, ps[i]);
+    mx = block_max(mx);
+    float l = 0.f;
+    for (int i = threadIdx.x; i < k1 - k0; i += blockDim.x) { float e = __expf(ps[i] - mx); ps[i] = e; l += e; }
+    l = block_sum(l);                       // also orders the ps writes before the reads below
+    float2 acc0 = make_float2(0.f, 0.f), acc1 = make_float2(0.f, 0.f);   // pairs lane, lane + 32
+    for (int k = k0 + wid; k < k1; k += DEC_WARPS) {
+        const KV* vr = vbase + k * row_stride;
+        float p = ps[k - k0] * row_scale<KV>(vs, sbase + (size_t)k * Hkv);
+        float2 v0 = load2(vr, lane);
+        acc0.x += p * v0.x; acc0.y += p * v0.y;
+        if (lane + 32 < d2n) {
+            float2 v1 = load2(vr, lane + 32);
+            acc1.x += p * v1.x; acc1.y += p * v1.y;
+        }
+    }
+    red[wid][lane] = acc0;
+    if (lane + 32 < DEC_MAX_D2) red[wid][lane + 32] = acc1;
+    __syncthreads();
+    for (int i = threadIdx.x; i < d2n; i += blockDim.x) {
+        float2 t = red[0][i];
+        for (int w = 1; w < DEC_WARPS; ++w) { t.x += red[w][i].x; t.y += red[w][i].y; }
+        part_acc[pidx * D + 2 * i] = t.x;
+        part_acc[pidx * D + 2 * i + 1] = t.y;
+    }
+    if (threadIdx.x == 0) { part_ml[2 * pidx] = mx; part_ml[2 * pidx + 1] = l; }
+}
+
+// Pass 2. grid (B, Hq), block D. out (B, Hq·D) fp16.
+extern "C" __global__ void attn_decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
+                                               int Hq, int D, int nsplit, __half* __restrict__ out) {
+    int b = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    size_t base = ((size_t)b * Hq + h) * nsplit;
+    float mx = NEG_INF;
+    for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, part_ml[2 * (base + s)]);
+    float l = 0.f, acc = 0.f;
+    for (int s = 0; s < nsplit; ++s) {
+        float ms = part_ml[2 * (base + s)];
+        if (ms == NEG_INF) continue;
+        float w = __expf(ms - mx);
+        l += w * part_ml[2 * (base + s) + 1];
+        acc += w * part_acc[(base + s) * D + d];
+    }
+    if (d < D) out[((size_t)b * Hq + h) * D + d] = __float2half_rn(acc / l);
+}

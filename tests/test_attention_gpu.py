@@ -1,0 +1,114 @@
+"""cuda/attention.cu attn_prefill (flash-attention prefill) against a float64 NumPy causal GQA.
+
+Tolerance: the kernel rounds P to fp16 before P·V (≤ 2^-11 relative per weight, weights
+summing to 1: ≤ 2^-11·max|v|) and writes fp16 (≤ 2^-11·|o|); kv8 adds the fp16 rounding of
+the dequantized k, v. We allow max|got − ref| ≤ 2^-9·max|v|, twice the sum of those bounds.
+Outputs are poisoned (NaN) first, rows past t included, so an unwritten or stray element fails.
+"""
+import numpy as np
+import pytest
+
+from engine import formats
+from engine.backend import has_gpu
+
+pytestmark = pytest.mark.gpu
+if not has_gpu():
+    pytest.skip("no GPU", allow_module_level=True)
+
+CASES = [(0, 1), (0, 64), (0, 100), (37, 1), (37, 91), (130, 190), (1, 127)]   # (start, t)
+CAP, B, SEQ, HKV = 336, 2, 1, 2
+
+
+def causal_gqa_f64(q, k, v, start):
+    """q (t, Hq, D), k/v (n, Hkv, D) float64; query i sees keys 0..start+i. Returns (t, Hq·D)."""
+    t, hq, d = q.shape
+    n, hkv, _ = k.shape
+    rep = hq // hkv
+    kk, vv = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)          # (n, Hq, D)
+    s = np.einsum("thd,nhd->htn", q, kk) / np.sqrt(d)                      # (Hq, t, n)
+    s[:, np.arange(n)[None, :] > start + np.arange(t)[:, None]] = -np.inf
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("htn,nhd->thd", p, vv).reshape(t, hq * d)
+
+
+def quantize_rows(x):
+    """Per-(token, head) symmetric int8 of x (..., D): (x8, scales (...)), formats' rule."""
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
+    s = formats.act_scale_dynamic(flat)
+    return formats.quantize_act_ref(flat, s).reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+@pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
+@pytest.mark.parametrize("rep", [1, 3, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_attn_prefill_matches_float64(d, rep, kv8):
+    import cupy as cp
+
+    from engine.model_cuda import attn_prefill
+    rng = np.random.default_rng(d * 10 + rep)
+    hq = HKV * rep
+    for start, t in CASES:
+        n = start + t
+        q = (2 * rng.standard_normal((t, hq, d))).astype(np.float16)
+        k = rng.standard_normal((B, CAP, HKV, d)).astype(np.float16)
+        v = rng.standard_normal((B, CAP, HKV, d)).astype(np.float16)
+        if kv8:
+            k8, ks = quantize_rows(k)
+            v8, vs = quantize_rows(v)
+            ks[:, n:], vs[:, n:] = np.nan, np.nan                          # never read
+            kc, vc = cp.asarray(k8), cp.asarray(v8)
+            kref = k8[SEQ, :n].astype(np.float64) * ks[SEQ, :n, :, None]
+            vref = v8[SEQ, :n].astype(np.float64) * vs[SEQ, :n, :, None]
+        else:
+            k[:, n:], v[:, n:] = np.nan, np.nan                           # never read
+            ks = vs = np.ones((1,), np.float32)
+            kc, vc = cp.asarray(k), cp.asarray(v)
+            kref, vref = k[SEQ, :n].astype(np.float64), v[SEQ, :n].astype(np.float64)
+        out = cp.full((t + 5, hq * d), np.nan, dtype=cp.float16)
+        attn_prefill(cp.asarray(q), kc, vc, cp.asarray(ks), cp.asarray(vs), out, SEQ, start, t)
+        got = out.get().astype(np.float64)
+        ref = causal_gqa_f64(q.astype(np.float64), kref, vref, start)
+        err = np.abs(got[:t] - ref).max()
+        assert err <= 2.0 ** -9 * np.abs(vref).max(), (start, t, err)
+        assert np.isnan(got[t:]).all(), "rows past t were written"
+
+
+def test_chunked_prefill_equals_one_prefill():
+    """start > 0 inside the model: a prompt prefilled in two chunks gives the same last logits."""
+    from engine.model import Model
+    from engine.model_cuda import CudaModel
+    from test_model_cuda import quantized_tiny, rel
+    mw = quantized_tiny("dynamic", seed=6, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                        hidden_size=64, intermediate_size=96, max_position_embeddings=512)
+    gm = CudaModel(mw)
+    tokens = (np.arange(150) * 11) % mw.config.vocab_size
+    one = gm.prefill(tokens, gm.new_cache(200)).astype(np.float32).get()
+    cache = gm.new_cache(200)
+    gm.prefill(tokens[:70], cache)
+    two = gm.prefill(tokens[70:], cache).astype(np.float32).get()
+    assert rel(two, one) < 1e-2, rel(two, one)
+    ref = Model(mw).forward(tokens)[-1:]
+    assert rel(one, ref) < 2e-2, rel(one, ref)
+
+
+def test_gpu_kv8_matches_numpy_kv8_reference():
+    """INT8 cache end to end: rope_qkv_cache quantizes, attn_prefill (start 0 and > 0) and
+    flash-decoding read int8; logits and greedy tokens against the NumPy kv8 reference."""
+    from engine.model import Model
+    from engine.model_cuda import CudaModel
+    from test_model_cuda import quantized_tiny, rel
+    mw = quantized_tiny("dynamic", seed=7, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                        hidden_size=64, intermediate_size=96, max_position_embeddings=512)
+    gm, ref = CudaModel(mw), Model(mw)
+    tokens = (np.arange(90) * 13) % mw.config.vocab_size
+    gc, rc = gm.new_cache(128, kv8=True), ref.new_cache(128, kv8=True)
+    assert gc.k.dtype == np.int8 and gc.nbytes() <= 0.55 * 4 * gc.k.nbytes   # vs fp16 K and V
+    for chunk in (tokens[:70], tokens[70:]):
+        got = gm.prefill(chunk, gc, logits="all").astype(np.float32).get()
+        want = ref.forward(chunk, rc)
+        assert rel(got, want) < 2e-2, rel(got, want)
+    first = int(got[-1].argmax())
+    steps = gm.decode_greedy(gc, [first], 12)[:, 0]
+    want = ref.forward(np.concatenate([[first], steps[:-1]]), rc).argmax(axis=-1)   # teacher-forced
+    assert np.mean(want == steps) >= 0.8, (want, steps)
