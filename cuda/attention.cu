@@ -14,46 +14,8 @@
 //
 // Positions and sequence lengths of decode are read from device memory so a decode step
 // can be captured once as a CUDA graph and replayed.
-#include <cuda_fp16.h>
 #include "common.cuh"
-
-#define NEG_INF __int_as_float(0xff800000)   // NVRTC has no math.h INFINITY
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-// Block-wide reductions for blockDim.x a multiple of 32, at most 1024.
-__device__ float block_sum(float v) {
-    __shared__ float sh[32];
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();                 // sh may still be read by a previous call
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? sh[threadIdx.x] : 0.f;
-    if (wid == 0) v = warp_sum(v);
-    if (threadIdx.x == 0) sh[0] = v;
-    __syncthreads();
-    return sh[0];
-}
-__device__ float block_max(float v) {
-    __shared__ float sh[32];
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? sh[threadIdx.x] : 0.f;
-    if (wid == 0) v = warp_max(v);
-    if (threadIdx.x == 0) sh[0] = v;
-    __syncthreads();
-    return sh[0];
-}
+#include "rows.cuh"
 
 // ----------------------------------------------------------------- the cache element types
 // Two consecutive elements of a cache row as floats (x8 values for int8: the caller scales).
@@ -64,9 +26,9 @@ __device__ __forceinline__ float2 load2(const i8* row, int i2) {
     char2 c = reinterpret_cast<const char2*>(row)[i2];
     return make_float2((float)c.x, (float)c.y);
 }
-template <typename KV> __device__ __forceinline__ float row_scale(const float* s, size_t i);
-template <> __device__ __forceinline__ float row_scale<__half>(const float*, size_t) { return 1.f; }
-template <> __device__ __forceinline__ float row_scale<i8>(const float* s, size_t i) { return s[i]; }
+template <typename KV> __device__ __forceinline__ float kv_scale(const float* s, size_t i);
+template <> __device__ __forceinline__ float kv_scale<__half>(const float*, size_t) { return 1.f; }
+template <> __device__ __forceinline__ float kv_scale<i8>(const float* s, size_t i) { return s[i]; }
 
 // Store a pair of a cache row (the D/2 threads of a block own pairs (j, j + D/2));
 // for int8, s is the row's scale from the block's absmax (same rule as quantize_act_ref).
@@ -348,98 +310,140 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
 
 // ================================================================= flash-decoding
 // Pass 1. grid (B, Hq, nsplit), block 128 (4 warps), D ∈ {64, 128}.
-// Block (b, h, sp) scores keys [sp·chunk, min(len_b, (sp+1)·chunk)) of sequence b against its
-// one query and writes the unnormalised partial (max m, sum l, acc[D]) for the combine pass.
-// Warps take keys round-robin; a lane reads pairs of each K and V row, so every load
-// is a coalesced row and the V pass keeps 4 warps' loads in flight (a thread
-// looping over keys alone was latency-bound: 3 ms of a 5.4 ms 7B decode step).
+// Block (b, h, sp) scores keys [sp·DEC_CHUNK, min(len_b, (sp+1)·DEC_CHUNK)) of sequence b
+// against its one query and writes the unnormalised partial (max m, sum l, acc[D]) for the
+// combine pass. Warp w owns 16 consecutive keys; a lane holds D/64 pairs of each key's row,
+// and the key loop is unrolled, so all 16 K rows (then all 16 V rows) of a warp are loaded
+// before the first is used: two memory round trips a block. (v2 took keys round-robin in a
+// runtime loop, one round trip per key: 20 µs a layer in the 7B decode graph.) The softmax
+// max and sum over the block's 64 scores are recomputed by every warp from shared memory,
+// which costs one barrier instead of four.
 // kv8: a key's score is scale_k · (q · k8); a value row enters the sum with weight p · scale_v.
-#define DEC_THREADS 128
 #define DEC_WARPS 4
-#define DEC_MAX_CHUNK 256
+#define DEC_CHUNK 64                        // keys per block (model_cuda.DECODE_CHUNK)
+#define DEC_KPW (DEC_CHUNK / DEC_WARPS)     // keys per warp
 #define DEC_MAX_D2 64                       // D/2 pairs, D ≤ 128
 template <typename KV>
-__global__ void attn_decode_split(const __half* __restrict__ q, const KV* __restrict__ kc,
-                                  const KV* __restrict__ vc, const float* __restrict__ ks,
-                                  const float* __restrict__ vs, const int* __restrict__ lens,
-                                  int Hq, int Hkv, int D, int cap, int chunk, float scale,
-                                  float* __restrict__ part_ml, float* __restrict__ part_acc) {
-    __shared__ float2 qs[DEC_MAX_D2];
-    __shared__ float ps[DEC_MAX_CHUNK];
+__global__ void __launch_bounds__(128) attn_decode_split(
+        const __half* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
+        const float* __restrict__ ks, const float* __restrict__ vs, const int* __restrict__ lens,
+        int Hq, int Hkv, int D, int cap, float scale, float* __restrict__ part_ml,
+        float* __restrict__ part_acc) {
+    __shared__ float ps[DEC_CHUNK];
     __shared__ float2 red[DEC_WARPS][DEC_MAX_D2];
     int b = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
     int kvh = h / (Hq / Hkv);
     int len = lens[b];
-    int k0 = sp * chunk, k1 = min(len, k0 + chunk);
-    int d2n = D >> 1;
+    int k0 = sp * DEC_CHUNK, k1 = min(len, k0 + DEC_CHUNK);
+    bool two = D > 64;                      // a lane holds pairs lane and lane + 32 (D = 128)
     size_t pidx = ((size_t)b * Hq + h) * nsplit + sp;
-    if (k0 >= k1) {                         // nothing to score: an empty partial
+    if (k0 >= k1) {                         // past the sequence: the combine skips this split
         if (threadIdx.x == 0) { part_ml[2 * pidx] = NEG_INF; part_ml[2 * pidx + 1] = 0.f; }
-        for (int d = threadIdx.x; d < D; d += blockDim.x) part_acc[pidx * D + d] = 0.f;
         return;
     }
-    const __half2* q2 = reinterpret_cast<const __half2*>(q + ((size_t)b * Hq + h) * D);
-    for (int i = threadIdx.x; i < d2n; i += blockDim.x) qs[i] = __half22float2(q2[i]);
-    __syncthreads();
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const __half2* q2 = reinterpret_cast<const __half2*>(q + ((size_t)b * Hq + h) * D);
+    float2 qa = __half22float2(q2[lane]), qb = two ? __half22float2(q2[lane + 32]) : make_float2(0.f, 0.f);
     size_t row_stride = (size_t)Hkv * D;                // elements between consecutive keys
-    const KV* kbase = kc + ((size_t)b * cap * Hkv + kvh) * D;
-    const KV* vbase = vc + ((size_t)b * cap * Hkv + kvh) * D;
     size_t sbase = (size_t)b * cap * Hkv + kvh;         // scale of key k: [sbase + k·Hkv]
-    for (int k = k0 + wid; k < k1; k += DEC_WARPS) {
-        const KV* kr = kbase + k * row_stride;
-        float dot = 0.f;
-        for (int i = lane; i < d2n; i += 32) {
-            float2 kv = load2(kr, i), qv = qs[i];
-            dot += qv.x * kv.x + qv.y * kv.y;
-        }
-        dot = warp_sum(dot);
-        if (lane == 0) ps[k - k0] = dot * row_scale<KV>(ks, sbase + (size_t)k * Hkv) * scale;
+    const KV* kbase = kc + sbase * D;
+    const KV* vbase = vc + sbase * D;
+    int kw = k0 + wid * DEC_KPW;                        // this warp's first key
+
+    // Rows past k1 are loaded from the last key instead (always in bounds) and masked after:
+    // no branch stands between the loads, so a lane issues all of them before the first use
+    // (a branch per key made v3 wait one round trip per key: 18 µs a block under ncu).
+    float dot[DEC_KPW];
+#pragma unroll
+    for (int i = 0; i < DEC_KPW; ++i) {
+        const KV* kr = kbase + min(kw + i, k1 - 1) * row_stride;
+        float2 ka = load2(kr, lane), kb = two ? load2(kr, lane + 32) : make_float2(0.f, 0.f);
+        dot[i] = qa.x * ka.x + qa.y * ka.y + qb.x * kb.x + qb.y * kb.y;
+    }
+#pragma unroll
+    for (int i = 0; i < DEC_KPW; ++i) {
+        float d = warp_sum(dot[i]);
+        if (lane == i)
+            ps[wid * DEC_KPW + i] = kw + i < k1 ? d * kv_scale<KV>(ks, sbase + (size_t)(kw + i) * Hkv) * scale
+                                                : NEG_INF;
     }
     __syncthreads();
-    float mx = NEG_INF;
-    for (int i = threadIdx.x; i < k1 - k0; i += blockDim.x) mx = fmaxf(mx, ps[i]);
-    mx = block_max(mx);
-    float l = 0.f;
-    for (int i = threadIdx.x; i < k1 - k0; i += blockDim.x) { float e = __expf(ps[i] - mx); ps[i] = e; l += e; }
-    l = block_sum(l);                       // also orders the ps writes before the reads below
-    float2 acc0 = make_float2(0.f, 0.f), acc1 = make_float2(0.f, 0.f);   // pairs lane, lane + 32
-    for (int k = k0 + wid; k < k1; k += DEC_WARPS) {
+    float s0 = ps[lane], s1 = ps[lane + 32];
+    float mx = warp_max(fmaxf(s0, s1));                 // ≥ one real score: k0 < k1
+    float l = warp_sum(__expf(s0 - mx) + __expf(s1 - mx));
+
+    float2 acc0 = make_float2(0.f, 0.f), acc1 = acc0;
+#pragma unroll
+    for (int i = 0; i < DEC_KPW; ++i) {
+        int k = min(kw + i, k1 - 1);
         const KV* vr = vbase + k * row_stride;
-        float p = ps[k - k0] * row_scale<KV>(vs, sbase + (size_t)k * Hkv);
-        float2 v0 = load2(vr, lane);
-        acc0.x += p * v0.x; acc0.y += p * v0.y;
-        if (lane + 32 < d2n) {
-            float2 v1 = load2(vr, lane + 32);
-            acc1.x += p * v1.x; acc1.y += p * v1.y;
-        }
+        float2 va = load2(vr, lane), vb = two ? load2(vr, lane + 32) : make_float2(0.f, 0.f);
+        float p = __expf(ps[wid * DEC_KPW + i] - mx) * kv_scale<KV>(vs, sbase + (size_t)k * Hkv);  // 0 past k1
+        acc0.x += p * va.x; acc0.y += p * va.y;
+        acc1.x += p * vb.x; acc1.y += p * vb.y;
     }
     red[wid][lane] = acc0;
-    if (lane + 32 < DEC_MAX_D2) red[wid][lane + 32] = acc1;
+    red[wid][lane + 32] = acc1;
     __syncthreads();
-    for (int i = threadIdx.x; i < d2n; i += blockDim.x) {
+    float* pa = part_acc + pidx * D;
+    for (int i = threadIdx.x; i < (D >> 1); i += blockDim.x) {
         float2 t = red[0][i];
+#pragma unroll
         for (int w = 1; w < DEC_WARPS; ++w) { t.x += red[w][i].x; t.y += red[w][i].y; }
-        part_acc[pidx * D + 2 * i] = t.x;
-        part_acc[pidx * D + 2 * i + 1] = t.y;
+        reinterpret_cast<float2*>(pa)[i] = t;
     }
     if (threadIdx.x == 0) { part_ml[2 * pidx] = mx; part_ml[2 * pidx + 1] = l; }
 }
 
-// Pass 2. grid (B, Hq), block D. out (B, Hq·D) fp16.
-extern "C" __global__ void attn_decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
-                                               int Hq, int D, int nsplit, __half* __restrict__ out) {
-    int b = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-    size_t base = ((size_t)b * Hq + h) * nsplit;
-    float mx = NEG_INF;
-    for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, part_ml[2 * (base + s)]);
-    float l = 0.f, acc = 0.f;
-    for (int s = 0; s < nsplit; ++s) {
-        float ms = part_ml[2 * (base + s)];
-        if (ms == NEG_INF) continue;
-        float w = __expf(ms - mx);
-        l += w * part_ml[2 * (base + s) + 1];
-        acc += w * part_acc[(base + s) * D + d];
+// Pass 2. grid (B), block ≤ 1024 (model_cuda.row_threads(Hq·D)). Merges the partials of the
+// splits a sequence uses (⌈len / DEC_CHUNK⌉, read from lens) into the attention output row
+// (Hq·D) and hands it on as the o_proj input: quantized (modes 0/1: x8, sx) or fp16 (mode 2:
+// out). One launch instead of a combine and a quant_rows. The per-(head, split) weights
+// exp(m_s − m)/Σ are computed once into shared memory; then every element's sum over the
+// splits issues its loads back to back.
+#define DEC_MAX_WEIGHTS 8192                // Hq · nsplit (model_cuda checks)
+template <int PER>
+__global__ void __launch_bounds__(1024) attn_decode_combine(
+        const float* __restrict__ part_ml, const float* __restrict__ part_acc,
+        const int* __restrict__ lens, int Hq, int D, int nsplit, int mode,
+        const float* __restrict__ static_scale, signed char* __restrict__ x8, int ld,
+        float* __restrict__ sx, __half* __restrict__ out) {
+    __shared__ float wts[DEC_MAX_WEIGHTS];
+    int b = blockIdx.x, W = Hq * D;
+    int used = min(nsplit, (lens[b] + DEC_CHUNK - 1) / DEC_CHUNK);
+    const float* ml = part_ml + 2 * (size_t)b * Hq * nsplit;
+    for (int h = threadIdx.x; h < Hq; h += blockDim.x) {          // one thread a head
+        float mx = NEG_INF, l = 0.f;
+        for (int s = 0; s < used; ++s) mx = fmaxf(mx, ml[2 * (h * nsplit + s)]);
+        for (int s = 0; s < used; ++s) {
+            float w = __expf(ml[2 * (h * nsplit + s)] - mx);
+            wts[h * nsplit + s] = w;
+            l += w * ml[2 * (h * nsplit + s) + 1];
+        }
+        for (int s = 0; s < used; ++s) wts[h * nsplit + s] /= l;
     }
-    if (d < D) out[((size_t)b * Hq + h) * D + d] = __float2half_rn(acc / l);
+    __syncthreads();
+    float v[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        int e = threadIdx.x + i * blockDim.x;
+        v[i] = 0.f;
+        if (e < W) {
+            int h = e / D;
+            const float* acc = part_acc + ((size_t)b * Hq + h) * nsplit * D + e % D;
+#pragma unroll 4
+            for (int s = 0; s < used; ++s) v[i] += wts[h * nsplit + s] * acc[(size_t)s * D];
+        }
+    }
+    if (mode == MODE_FP16) {                    // the fp16 row, rounded like the quantized path's input
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            int e = threadIdx.x + i * blockDim.x;
+            if (e < W) out[(size_t)b * W + e] = __float2half_rn(v[i]);
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < PER; ++i) v[i] = __half2float(__float2half_rn(v[i]));   // as quant_rows saw it
+    store_row(v, W, mode, static_scale, x8, ld, sx, out);
 }

@@ -9,122 +9,23 @@
 // is float32 (M, H).
 // Positions and sequence lengths are read from device memory, never passed by
 // value, so a decode step can be captured once as a CUDA graph and replayed.
-//
-// Quantization rule (engine/formats.py): x8 = clamp(rint(x / s), -127, 127) with
-// IEEE division, s = max|row| / 127 (1 for an all-zero row) in dynamic mode.
-// mode: 0 = static scale static_scale[0]; 1 = dynamic per row; 2 = fp16 output only.
-#include <cuda_fp16.h>
-
-#define QMAX 127
-#define MODE_STATIC 0
-#define MODE_DYNAMIC 1
-#define MODE_FP16 2
-#define NEG_INF __int_as_float(0xff800000)   // NVRTC has no math.h INFINITY
-
-__device__ __forceinline__ signed char quant1(float x, float s) {
-    int q = __float2int_rn(__fdiv_rn(x, s));
-    return (signed char)max(-QMAX, min(QMAX, q));
-}
-
-// Block-wide reductions for blockDim.x a multiple of 32, at most 1024.
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-__device__ float block_sum(float v) {
-    __shared__ float sh[32];
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();                 // sh may still be read by a previous call
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? sh[threadIdx.x] : 0.f;
-    if (wid == 0) v = warp_sum(v);
-    if (threadIdx.x == 0) sh[0] = v;
-    __syncthreads();
-    return sh[0];
-}
-__device__ float block_max(float v) {
-    __shared__ float sh[32];
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? sh[threadIdx.x] : 0.f;
-    if (wid == 0) v = warp_max(v);
-    if (threadIdx.x == 0) sh[0] = v;
-    __syncthreads();
-    return sh[0];
-}
-
-// Scale for one row from its absmax (dynamic) or the static scale.
-__device__ __forceinline__ float row_scale(int mode, float amax, const float* static_scale) {
-    if (mode == MODE_DYNAMIC) return amax > 0.f ? amax / 127.f : 1.f;
-    return static_scale[0];
-}
-
-// Int8 rows are written with leading dimension ld ≥ width: the GEMM's K is padded to a
-// multiple of the group (cuda/common.cuh), and the pad columns must be zero.
-__device__ __forceinline__ void zero_pad(signed char* row, int width, int ld) {
-    for (int j = width + threadIdx.x; j < ld; j += blockDim.x) row[j] = 0;
-}
-
-// The row kernels below hold a row in registers: thread t keeps elements t + i·blockDim
-// (i < PER), all loaded before any is used, so a row costs one memory round trip instead
-// of one per loop trip (v1 looped over 256 threads: 5–16 µs a launch in the 7B decode
-// graph). The launcher (model_cuda.row_threads) picks blockDim = ⌈width / 4⌉ rounded up
-// to a warp, at most 1024, and checks width ≤ PER · blockDim.
-#define ROW_PER 16                           // hidden size, q size ≤ 16 · 1024
-#define SILU_PER 32                          // intermediate size ≤ 32 · 1024
-
-// Store a row held as v[PER] (thread-strided) quantized per mode, with its scale.
-template <int PER>
-__device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode, const float* static_scale,
-                                          signed char* x8, int ld, float* sx, __half* xh) {
-    const int row = blockIdx.x;
-    if (mode == MODE_FP16) {
-#pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            int j = threadIdx.x + i * blockDim.x;
-            if (j < W) xh[(size_t)row * W + j] = __float2half_rn(v[i]);
-        }
-        return;
-    }
-    float amax = 0.f;
-    if (mode == MODE_DYNAMIC) {
-#pragma unroll
-        for (int i = 0; i < PER; ++i) amax = fmaxf(amax, fabsf(v[i]));   // slots past W hold 0
-        amax = block_max(amax);
-    }
-    float s = row_scale(mode, amax, static_scale);
-    if (threadIdx.x == 0) sx[row] = s;
-    signed char* out = x8 + (size_t)row * ld;
-#pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        int j = threadIdx.x + i * blockDim.x;
-        if (j < W) out[j] = quant1(v[i], s);
-    }
-    zero_pad(out, W, ld);
-}
+// Quantization rule and modes: cuda/rows.cuh.
+#include "rows.cuh"
 
 // grid (M), block ≤ 1024. First the residual add h += y when y is given (the o_proj or
 // down_proj output of the step before; nullptr skips it), then x = (h * rstd) * w,
 // quantized (modes 0/1) or stored fp16 (mode 2). One launch instead of an add and a norm.
-extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y,
+template <int PER>
+__global__ void __launch_bounds__(1024) add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y,
                                              const float* __restrict__ w, int H, float eps, int mode,
                                              const float* __restrict__ static_scale,
                                              signed char* __restrict__ x8, int ld, float* __restrict__ sx,
                                              __half* __restrict__ xh) {
     float* row = h + (size_t)blockIdx.x * H;
     const __half* yr = y ? y + (size_t)blockIdx.x * H : nullptr;
-    float v[ROW_PER], wv[ROW_PER];          // w is loaded with h: one round trip for both
+    float v[PER], wv[PER];          // w is loaded with h: one round trip for both
 #pragma unroll
-    for (int i = 0; i < ROW_PER; ++i) {
+    for (int i = 0; i < PER; ++i) {
         int j = threadIdx.x + i * blockDim.x;
         v[i] = j < H ? row[j] : 0.f;
         wv[i] = j < H ? w[j] : 0.f;
@@ -132,29 +33,30 @@ extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm_quant(float* __re
     }
     float ss = 0.f;
 #pragma unroll
-    for (int i = 0; i < ROW_PER; ++i) {
+    for (int i = 0; i < PER; ++i) {
         int j = threadIdx.x + i * blockDim.x;
         if (yr && j < H) row[j] = v[i];
         ss += v[i] * v[i];
     }
     float rstd = 1.f / sqrtf(block_sum(ss) / H + eps);
 #pragma unroll
-    for (int i = 0; i < ROW_PER; ++i) v[i] = (v[i] * rstd) * wv[i];     // 0 past H
+    for (int i = 0; i < PER; ++i) v[i] = (v[i] * rstd) * wv[i];     // 0 past H
     store_row(v, H, mode, static_scale, x8, ld, sx, xh);
 }
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
 
 // grid (M), block ≤ 1024. gu is the fused gate|up GEMM output (M, 2I): m = silu(gate) * up.
-extern "C" __global__ void __launch_bounds__(1024) silu_mul_quant(const __half* __restrict__ gu, int I, int mode,
+template <int PER>
+__global__ void __launch_bounds__(1024) silu_mul_quant(const __half* __restrict__ gu, int I, int mode,
                                           const float* __restrict__ static_scale,
                                           signed char* __restrict__ x8, int ld, float* __restrict__ sx,
                                           __half* __restrict__ mh) {
     const __half* g = gu + (size_t)blockIdx.x * 2 * I;
     const __half* u = g + I;
-    float v[SILU_PER];
+    float v[PER];
 #pragma unroll
-    for (int i = 0; i < SILU_PER; ++i) {
+    for (int i = 0; i < PER; ++i) {
         int j = threadIdx.x + i * blockDim.x;
         v[i] = j < I ? silu_mul(__half2float(g[j]), __half2float(u[j])) : 0.f;
     }
@@ -162,13 +64,14 @@ extern "C" __global__ void __launch_bounds__(1024) silu_mul_quant(const __half* 
 }
 
 // grid (M), block ≤ 1024. Quantize fp16 rows (the attention output feeding o_proj).
-extern "C" __global__ void __launch_bounds__(1024) quant_rows(const __half* __restrict__ x, int K, int mode,
+template <int PER>
+__global__ void __launch_bounds__(1024) quant_rows(const __half* __restrict__ x, int K, int mode,
                                       const float* __restrict__ static_scale,
                                       signed char* __restrict__ x8, int ld, float* __restrict__ sx) {
     const __half* row = x + (size_t)blockIdx.x * K;
-    float v[ROW_PER];
+    float v[PER];
 #pragma unroll
-    for (int i = 0; i < ROW_PER; ++i) {
+    for (int i = 0; i < PER; ++i) {
         int j = threadIdx.x + i * blockDim.x;
         v[i] = j < K ? __half2float(row[j]) : 0.f;
     }

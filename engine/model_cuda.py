@@ -25,13 +25,16 @@ from .config import ModelConfig
 from .model import ModelError, ModelWeights, check_tokens
 
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}
-DECODE_CHUNK = 64           # keys per flash-decoding block (≤ cuda/attention.cu DEC_MAX_CHUNK)
+DECODE_CHUNK = 64           # keys per flash-decoding block (cuda/attention.cu DEC_CHUNK)
+DECODE_MAX_WEIGHTS = 8192   # heads × splits the combine holds (cuda/attention.cu DEC_MAX_WEIGHTS)
 GEMV_F16_MT = (1, 4, 8, 16, 32)   # M buckets of the fp16 GEMV (cuda/fused.cu gemv_f16_m*)
 GEMV_F16_MAXM = GEMV_F16_MT[-1]
-ROW_PER, SILU_PER = 16, 32  # row elements a thread holds (cuda/fused.cu ROW_PER, SILU_PER)
+ROW_PERS = (1, 2, 4, 8, 16, 32)  # row elements a thread holds: the row kernels' instantiations
+FUSED_EXPRS = tuple(f"{k}<{p}>" for k in ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows") for p in ROW_PERS)
 FA_BM, FA_BN = 64, 64       # query rows per block, keys per tile of attn_prefill (cuda/attention.cu)
 KV_TYPES = ("__half", "signed char")       # the cache element types the attention kernels take
 ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in KV_TYPES] + [f"attn_decode_split<{t}>" for t in KV_TYPES]
+                   + [f"attn_decode_combine<{p}>" for p in ROW_PERS]
                    + [f"attn_prefill<{d}, {t}>" for d in (64, 128) for t in KV_TYPES])
 
 
@@ -59,16 +62,20 @@ def matmul_f16(cp, x, w, out):
     n = w.shape[0]
     if m <= GEMV_F16_MAXM and k % 8 == 0:
         mt = next(t for t in GEMV_F16_MT if t >= m)
-        kernels.function("fused.cu", f"gemv_f16_m{mt}", ())((-(-n // 8),), (256,),
+        kernels.function("fused.cu", f"gemv_f16_m{mt}", FUSED_EXPRS)((-(-n // 8),), (256,),
                                                             (x, w, out, np.int32(m), np.int32(n), np.int32(k)))
     else:
         cp.matmul(x, w.T, out=out)
     return out
 
 
-def row_threads(width: int) -> int:
-    """Block size of the row kernels (cuda/fused.cu): about 4 elements a thread, whole warps."""
-    return min(1024, 32 * -(-width // 128))
+def row_launch(name: str, width: int) -> tuple[str, int]:
+    """(kernel expression, block size) of a row kernel (cuda/rows.cuh) for rows of `width`:
+    the smallest PER with PER · 1024 ≥ width, and ⌈width / PER⌉ threads in whole warps."""
+    per = next((p for p in ROW_PERS if p * 1024 >= width), None)
+    if per is None:
+        raise BackendError(f"the GPU row kernels take rows of up to {ROW_PERS[-1] * 1024} values, got {width}")
+    return f"{name}<{per}>", min(1024, 32 * -(-width // (32 * per)))
 
 
 def kv_type(cache_array) -> str:
@@ -209,11 +216,9 @@ class CudaModel:
         self.cp, self.config, c = cp, weights.config, weights.config
         if c.head_dim not in (64, 128):
             raise BackendError(f"the GPU attention kernels take head_dim 64 or 128, got {c.head_dim}")
-        for what, width, per in (("hidden size", c.hidden_size, ROW_PER), ("q size", c.q_size, ROW_PER),
-                                 ("intermediate size", c.intermediate_size, SILU_PER)):
-            if width > per * 1024:
-                raise BackendError(f"the GPU row kernels take a {what} up to {per * 1024}, got {width}")
-        kernels.module("fused.cu", ())                     # compile once, up front
+        for width in (c.hidden_size, c.q_size, c.intermediate_size):
+            row_launch("rows", width)                       # raises for rows too wide
+        kernels.module("fused.cu", FUSED_EXPRS)            # compile once, up front
         kernels.module("attention.cu", ATTN_EXPRS)
         self.embed = cp.asarray(weights.embed, dtype=cp.float16)               # (V, H)
         self.lm_head = self.embed if c.tie_word_embeddings else cp.asarray(weights.lm_head, cp.float16)
@@ -261,13 +266,21 @@ class CudaModel:
 
     # ------------------------------------------------------------------ the layer stack
     def _launch(self, name, grid, block, args):
-        kernels.function("fused.cu", name, ())(grid, block, args)
+        kernels.function("fused.cu", name, FUSED_EXPRS)(grid, block, args)
+
+    def _row(self, name, m, width, args):
+        """One row kernel over m rows of `width` (its PER instantiation and block size)."""
+        expr, threads = row_launch(name, width)
+        self._launch(expr, (m,), (threads,), args)
 
     def _attn(self, expr, grid, block, args):
         kernels.function("attention.cu", expr, ATTN_EXPRS)(grid, block, args)
 
     def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, pos, seq, attend):
-        """Run every layer on b.h[:m] in place. attend(layer, b) fills b.a from b.q and the cache."""
+        """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h.
+
+        attend(layer, b, o, a8) reads b.q and the cache and fills b.a, or o's input a8/b.sx directly.
+        """
         c, cp = self.config, self.cp
         hq, hkv, d, hid, inter = (c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                   c.hidden_size, c.intermediate_size)
@@ -281,17 +294,17 @@ class CudaModel:
             self._attn(f"rope_qkv_cache<{kv_type(cache.k)}>", (m, hq + hkv), (d // 2,),
                        (b.qkv, np.int32(hq), np.int32(hkv), np.int32(d), pos, seq, self.cos, self.sin,
                         b.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], np.int32(cache.capacity)))
-            attend(li, b)                                                   # b.a[:m] (M, Hq·D)
             a8, ah = b.x8(m, o.kp), b.a[:m]
-            if o.mode != MODE["fp16"]:
-                self._launch("quant_rows", (m,), (row_threads(c.q_size),), (b.a, np.int32(c.q_size), np.int32(o.mode),
+            # attend fills b.a[:m] (M, Hq·D) fp16, or returns True once it has written o's input itself
+            if not attend(li, b, o, a8) and o.mode != MODE["fp16"]:
+                self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
                              o.scale, a8, np.int32(o.kp), b.sx))
             o(a8, b.sx[:m], ah, b.y[:m])
             x8 = b.x8(m, gu.kp)
             self._norm(b, m, b.y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh)
             gu(x8, b.sx[:m], xh, b.gu[:m])
             m8, mh = b.x8(m, down.kp), b.xh(m, inter)
-            self._launch("silu_mul_quant", (m,), (row_threads(inter),), (b.gu, np.int32(inter), np.int32(down.mode),
+            self._row("silu_mul_quant", m, inter, (b.gu, np.int32(inter), np.int32(down.mode),
                          down.scale, m8, np.int32(down.kp), b.sx, mh))
             down(m8, b.sx[:m], mh, b.y[:m])
             y = b.y
@@ -300,7 +313,7 @@ class CudaModel:
     def _norm(self, b: _Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None):
         """h += y (y None: no add), then RMSNorm(h)·w into x8/sx (modes 0, 1) or xh (fp16)."""
         c = self.config
-        self._launch("add_rmsnorm_quant", (m,), (row_threads(c.hidden_size),),
+        self._row("add_rmsnorm_quant", m, c.hidden_size,
                      (b.h if h is None else h, np.uint64(0) if y is None else y, w, np.int32(c.hidden_size),
                       np.float32(c.rms_norm_eps), np.int32(mode), scale, x8, np.int32(ld), b.sx, xh))
 
@@ -318,7 +331,7 @@ class CudaModel:
     # ------------------------------------------------------------------ prefill / full forward
     def _attend_prefill(self, cache: GpuKVCache, s: int, start: int, t: int):
         """Causal GQA of t new queries against the first start+t cached keys of sequence s."""
-        def attend(li, b):
+        def attend(li, b, o, a8):
             attn_prefill(b.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], b.a, s, start, t)
         return attend
 
@@ -369,13 +382,17 @@ class CudaModel:
         hq, d = c.num_attention_heads, c.head_dim
         nsplit = st["nsplit"]
 
-        def attend(li, bb):
+        def attend(li, bb, o, a8):
             self._attn(f"attn_decode_split<{kv_type(cache.k)}>", (nb, hq, nsplit), (128,),
                        (bb.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], st["lens"], np.int32(hq),
                         np.int32(c.num_key_value_heads), np.int32(d), np.int32(cache.capacity),
-                        np.int32(DECODE_CHUNK), np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"]))
-            self._attn("attn_decode_combine", (nb, hq), (d,),
-                       (st["ml"], st["acc"], np.int32(hq), np.int32(d), np.int32(nsplit), bb.a))
+                        np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"]))
+            # the combine also quantizes the row for o_proj (or writes it fp16 for a float o)
+            expr, threads = row_launch("attn_decode_combine", c.q_size)
+            self._attn(expr, (nb,), (threads,),
+                       (st["ml"], st["acc"], st["lens"], np.int32(hq), np.int32(d), np.int32(nsplit),
+                        np.int32(o.mode), o.scale, a8, np.int32(o.kp), bb.sx, bb.a))
+            return True
 
         self._launch("embed_gather", (nb,), (256,), (self.embed, st["tok"], np.int32(c.hidden_size), b.h))
         y = self._layers(b, nb, cache, st["pos"], st["seq"], attend)
@@ -386,6 +403,9 @@ class CudaModel:
         """Device buffers of a decode step, fixed for the life of the cache (the graph holds them)."""
         cp, nb = self.cp, cache.batch
         nsplit = -(-cache.capacity // DECODE_CHUNK)
+        if self.config.num_attention_heads * nsplit > DECODE_MAX_WEIGHTS:
+            raise ModelError(f"a decode cache of {cache.capacity} positions is too long for the attention "
+                             f"combine (at most {DECODE_MAX_WEIGHTS // self.config.num_attention_heads * DECODE_CHUNK})")
         d, hq = self.config.head_dim, self.config.num_attention_heads
         return {"bufs": _Buffers(cp, self.config, nb, nb, self._wide), "nsplit": nsplit,
                 "tok": cp.zeros((nb,), cp.int32), "pos": cp.zeros((nb,), cp.int32),

@@ -86,10 +86,11 @@ def test_batched_decode_equals_single_sequences():
         np.testing.assert_array_equal(batched[:, i], singles[i])
 
 
-def test_decode_over_many_attention_splits():
+@pytest.mark.parametrize("head_dim,act", [(64, "dynamic"), (128, "static")])
+def test_decode_over_many_attention_splits(head_dim, act):
     """A context longer than several flash-decoding chunks (64 keys) and a ragged last chunk."""
     from engine.model_cuda import DECODE_CHUNK, CudaModel
-    mw = quantized_tiny("dynamic", seed=4, head_dim=64, hidden_size=64, intermediate_size=96,
+    mw = quantized_tiny(act, seed=4, head_dim=head_dim, hidden_size=64, intermediate_size=96,
                         max_position_embeddings=512)
     gm = CudaModel(mw)
     prompt = (np.arange(3 * DECODE_CHUNK + 11) * 7) % mw.config.vocab_size
@@ -129,13 +130,13 @@ def test_fp16_gemv_buckets_match_float64(m):
     assert rel(out.get().astype(np.float64), ref) < 2e-3
 
 
-@pytest.mark.parametrize("width", [64, 576, 4096, 5000, 11008])
+@pytest.mark.parametrize("width", [64, 576, 4096, 5000, 11008, 20000])
 @pytest.mark.parametrize("mode", ["static", "dynamic", "fp16"])
 def test_row_kernels_match_numpy(width, mode):
     """add_rmsnorm_quant (with and without the residual add), silu_mul_quant and quant_rows at
     block sizes from one warp to 1024 threads, against NumPy float32."""
     import cupy as cp
-    from engine.model_cuda import MODE, ROW_PER, row_threads
+    from engine.model_cuda import FUSED_EXPRS, MODE, row_launch
     from engine.kernels import function
     rng = np.random.default_rng(width)
     m, eps, scale = 3, 1e-5, 0.02
@@ -151,7 +152,8 @@ def test_row_kernels_match_numpy(width, mode):
         sx = cp.zeros((m,), cp.float32)
         xh = cp.zeros((m, width), cp.float16)
         tail = (np.int32(MODE[mode]), sc, x8, np.int32(ld), sx) + ((xh,) if name != "quant_rows" else ())
-        function("fused.cu", name, ())((m,), (row_threads(width),), args + tail)
+        expr, threads = row_launch(name, width)
+        function("fused.cu", expr, FUSED_EXPRS)((m,), (threads,), args + tail)
         return x8.get(), sx.get(), xh.get()
 
     def check(got, want, rtol):
@@ -166,8 +168,6 @@ def test_row_kernels_match_numpy(width, mode):
         assert (x8[:, width:] == 0).all()                       # the pad columns are zeroed
 
     for with_y in (False, True):
-        if width > ROW_PER * 1024:
-            continue
         hd = cp.asarray(h)
         got = run("add_rmsnorm_quant", (hd, cp.asarray(y) if with_y else np.uint64(0), cp.asarray(w),
                                         np.int32(width), np.float32(eps)))
