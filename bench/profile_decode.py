@@ -5,11 +5,8 @@
 Prints the first-run cost (model build with the fused.cu compile, first prefill with the
 GEMM compiles, first decode steps with the GEMV compiles and the graph capture; CuPy
 caches compiled kernels on disk, so a second run shows the warm figures), the graphed
-decode speed, and a per-launch breakdown: every launch of one eager step is recorded,
-then the launches of each kind (one per layer, each with its own weights) are
-captured into a graph of their own and replayed, so a row's time is
-what that launch costs inside a graph (kernel plus the gap to the next node). No
-profiler is needed (the device has ncu but no nsys).
+decode speed, and the per-launch breakdown of engine.bench_e2e.graph_breakdown (what
+each launch costs inside a graph; no profiler needed: the device has ncu, no nsys).
 """
 import argparse
 import time
@@ -17,7 +14,7 @@ import time
 import numpy as np
 
 from engine.backend import _cupy
-from engine.bench_e2e import LLAMA2_7B, SMOLLM2, random_model
+from engine.bench_e2e import LLAMA2_7B, SMOLLM2, format_breakdown, graph_breakdown, graph_time, random_model
 from engine.model_cuda import CudaModel
 
 
@@ -49,84 +46,9 @@ def main():
     gm.decode_greedy(cache, firsts, a.steps)
     dt = time.perf_counter() - t0
     print(f"decode b={a.batch}: {a.steps * a.batch / dt:.0f} tok/s, {1e3 * dt / a.steps:.3f} ms/step")
-    breakdown(gm, cache, cp)
+    print(format_breakdown(graph_breakdown(gm, cache)))
     if a.sweep_gemv:
         sweep_gemv(gm, cp, a.batch)
-
-
-def breakdown(gm, cache, cp, reps=20):
-    """Graph-replay microseconds per launch of one decode step, summed by kernel (and GEMM shape)."""
-    from engine import model_cuda
-    calls = []
-    orig_launch, orig_attn, orig_call = gm._launch, gm._attn, model_cuda.GpuLinear.__call__
-
-    def recorder(orig):
-        def launch(name, grid, block, args):
-            calls.append((name, lambda: orig(name, grid, block, args)))
-            return orig(name, grid, block, args)
-        return launch
-
-    def call(self, *args):
-        calls.append((f"gemm N={self.n} K={self.kp}", lambda: orig_call(self, *args)))
-        return orig_call(self, *args)
-
-    orig_mm = model_cuda.matmul_f16
-
-    def mm(*args):
-        calls.append(("lm_head gemv_f16", lambda: orig_mm(*args)))
-        return orig_mm(*args)
-
-    gm._launch, gm._attn = recorder(orig_launch), recorder(orig_attn)
-    model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = call, mm
-    try:
-        gm._decode_step(cache, cache.step)
-    finally:
-        gm._launch, gm._attn = orig_launch, orig_attn
-        model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = orig_call, orig_mm
-    cp.cuda.Device().synchronize()
-    stream = cp.cuda.Stream(non_blocking=True)
-    groups = {}
-    for name, fn in calls:
-        groups.setdefault(name, []).append(fn)
-    per, count = {}, {}
-    for name, fns in groups.items():   # every layer's own launch (own weights: no false L2 hits)
-        with stream:
-            stream.begin_capture()
-            for _ in range(-(-reps // len(fns))):
-                for fn in fns:
-                    fn()
-            g = stream.end_capture()
-            g.launch(stream)
-            stream.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(5):
-                g.launch(stream)
-            stream.synchronize()
-        n_launch = len(fns) * -(-reps // len(fns))
-        per[name] = (time.perf_counter() - t0) / (5 * n_launch) * 1e6
-        count[name] = len(fns)
-    total = sum(per[k] * count[k] for k in per)
-    print(f"sum of per-launch graph times: {total / 1e3:.3f} ms over {sum(count.values())} launches")
-    for k in sorted(per, key=lambda k: -per[k] * count[k]):
-        print(f"  {k:32s} {count[k]:4d} x {per[k]:8.2f} us = {per[k] * count[k] / 1e3:7.3f} ms")
-
-
-
-def graph_time(cp, fns, reps=3):
-    """Microseconds per call of fns (run in order) replayed as one graph."""
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        for fn in fns:
-            fn()
-        g = stream.end_capture()
-        g.launch(stream)
-        stream.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            g.launch(stream)
-        stream.synchronize()
-    return (time.perf_counter() - t0) / (reps * len(fns)) * 1e6
 
 
 def sweep_gemv(gm, cp, m):

@@ -3,8 +3,10 @@
 Models: SmolLM2-135M (a q.safetensors given with --qfile, else random weights of its
 shape in valid DGQ format) and a Llama-2-7B-shaped model with random DGQ weights
 generated here. Speed depends on shapes, not values, so random weights are honest for
-speed (never for quality). Each model also runs through our FP16 path (cuBLAS linears)
-as the in-run baseline. Prints one JSON object per row with --json, and a table.
+speed (never for quality). Each model also runs through our FP16 path (cuBLAS linears
+for prefill, our fp16 GEMV in the graphed decode step) as the in-run baseline; the
+A8W4 model also decodes with the INT8 KV cache (kv8 rows). Prints one JSON object per
+row with --json, and a table.
 """
 from __future__ import annotations
 
@@ -89,7 +91,8 @@ def _timed(cp, fn, reps):
     return float(np.median(ts))
 
 
-def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), ctx=128, steps=64, bw=None):
+def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_batches=(), ctx=128, steps=64,
+                bw=None):
     from .model_cuda import CudaModel  # noqa: PLC0415
     rows = []
     pool = cp.get_default_memory_pool()
@@ -113,8 +116,8 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), ctx=
         s = _timed(cp, run, 3)
         rows.append(dict(model=name, phase="prefill", tokens=t, batch=1, seconds=s, tok_s=t / s,
                          bits_per_param=bits, weight_bytes=wb["linears"] + wb["other"]))
-    for bsz in batches:
-        cache = gm.new_cache(ctx + steps + 1, batch=bsz)
+    for bsz, kv8 in [(b, False) for b in batches] + [(b, True) for b in kv8_batches]:
+        cache = gm.new_cache(ctx + steps + 1, batch=bsz, kv8=kv8)
         firsts = []
         for i in range(bsz):
             firsts.append(int(gm.prefill(rng.integers(0, c.vocab_size, ctx), cache, seq=i)[0].argmax()))
@@ -125,20 +128,21 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), ctx=
         gm.decode_greedy(cache, firsts, steps)        # graph replays only
         s = time.perf_counter() - t0
         # bytes a step must read: every weight once (embedding: one row per sequence) + the KV cache
-        kv = 2 * c.num_hidden_layers * c.kv_size * 2 * (ctx + steps / 2) * bsz
+        kv = cache.nbytes() / cache.capacity * (ctx + steps / 2)
         wbytes = wb["linears"] + wb["other"] - gm.embed.nbytes + bsz * c.hidden_size * 2
         if c.tie_word_embeddings:
             wbytes += gm.embed.nbytes
-        row = dict(model=name, phase="decode", tokens=steps, batch=bsz, seconds=s,
+        row = dict(model=name + (" kv8" if kv8 else ""), phase="decode", tokens=steps, batch=bsz, seconds=s,
                    tok_s=steps * bsz / s, step_ms=1e3 * s / steps, bytes_per_step=wbytes + kv,
                    bits_per_param=bits)
         if bw:
             row["pct_copy_bw"] = 100 * (wbytes + kv) / (s / steps) / bw
         rows.append(row)
-        if bsz == 1:
-            prof = profile_decode_step(gm, cache, firsts)
+        if bsz == 1 and not kv8:
+            prof = graph_breakdown(gm, cache)
             rows.append(dict(model=name, phase="profile", batch=bsz,
-                             ms={k: round(v, 4) for k, v in sorted(prof.items(), key=lambda kv: -kv[1])}))
+                             us_per_launch={k: [n, round(us, 2)] for k, (n, us) in prof.items()}))
+        del cache
     rows.append(dict(model=name, phase="memory", gpu_bytes=pool.used_bytes() - base, bits_per_param=bits,
                      linear_bytes=wb["linears"]))
     del gm
@@ -165,7 +169,7 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
         else:
             mw, label = random_model(LLAMA2_7B, True), "Llama-2-7B-shaped (random DGQ)"
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
-        rows += bench_model(cp, label + " A8W4", mw, bw=bw, **kw)
+        rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32), **kw)
         rows += bench_model(cp, label + " FP16", dequantized_copy(mw), bw=bw, **kw)
         del mw
     for r in rows:
@@ -191,45 +195,72 @@ def format_table(rows) -> str:
     return "\n".join(out)
 
 
-def profile_decode_step(gm, cache, last_tokens, reps: int = 5) -> dict:
-    """Milliseconds per kernel kind in eager decode steps, from events around every launch.
+def graph_breakdown(gm, cache, reps: int = 20) -> dict:
+    """Microseconds per launch of one decode step as a CUDA graph replays it, by kernel.
 
-    In eager mode the span between two events includes the Python launch gap, so these
-    figures over-state small kernels (they summed to ≈ 3× the graphed step time on the
-    H100): use them to rank kernels, not as GPU times.
+    Every launch of one eager step is recorded; then the launches of each kind (one per
+    layer, each with its own weights, so no false L2 hits) are captured into a graph of
+    their own and replayed. A row's time is what that launch costs inside a graph: the
+    kernel and the gap to the next node. Returns {name: (count, us per launch)}.
     """
-    cp = gm.cp
     from . import model_cuda  # noqa: PLC0415
-    times: dict = {}
-    orig_launch, orig_call = gm._launch, model_cuda.GpuLinear.__call__
+    cp = gm.cp
+    calls = []
+    orig_launch, orig_attn, orig_call, orig_mm = gm._launch, gm._attn, model_cuda.GpuLinear.__call__, \
+        model_cuda.matmul_f16
 
-    def timed(name, fn):
-        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-        e0.record()
-        r = fn()
-        e1.record()
-        times.setdefault(name, []).append((e0, e1))
-        return r
+    def recorder(orig):
+        def launch(name, grid, block, args):
+            calls.append((name, lambda: orig(name, grid, block, args)))
+            return orig(name, grid, block, args)
+        return launch
 
-    def launch(name, grid, block, args):
-        return timed(name, lambda: orig_launch(name, grid, block, args))
+    def call(self, *args):
+        calls.append((f"{'gemm_a8w4' if self.w16 is None else 'linear_f16'} N={self.n}", lambda: orig_call(self, *args)))
+        return orig_call(self, *args)
 
-    def call(self, *a):
-        return timed("gemm_a8w4" if self.w16 is None else "gemv_f16/cublas", lambda: orig_call(self, *a))
+    def mm(*args):
+        calls.append(("lm_head gemv_f16", lambda: orig_mm(*args)))
+        return orig_mm(*args)
 
-    gm._launch = launch
-    model_cuda.GpuLinear.__call__ = call
+    gm._launch, gm._attn = recorder(orig_launch), recorder(orig_attn)
+    model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = call, mm
     try:
-        st = cache.step or gm._decode_state(cache)
-        cache.step = st
-        lens = cache.lens_host.astype(np.int32)
-        for _ in range(reps):
-            st["tok"].set(np.asarray(last_tokens, dtype=np.int32))
-            st["pos"].set(lens)
-            st["lens"].set(lens + 1)
-            gm._decode_step(cache, st)
-        cp.cuda.Device().synchronize()
+        gm._decode_step(cache, cache.step)
     finally:
-        gm._launch = orig_launch
-        model_cuda.GpuLinear.__call__ = orig_call
-    return {k: sum(cp.cuda.get_elapsed_time(a, b) for a, b in v) / reps for k, v in times.items()}
+        gm._launch, gm._attn = orig_launch, orig_attn
+        model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = orig_call, orig_mm
+    cp.cuda.Device().synchronize()
+    groups: dict = {}
+    for name, fn in calls:
+        groups.setdefault(name, []).append(fn)
+    out = {}
+    for name, fns in groups.items():
+        rounds = -(-reps // len(fns))
+        out[name] = (len(fns), graph_time(cp, fns * rounds))
+    return out
+
+
+def graph_time(cp, fns, reps: int = 5) -> float:
+    """Microseconds per call of fns (run in order), captured once as a graph and replayed."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        for fn in fns:
+            fn()
+        g = stream.end_capture()
+        g.launch(stream)
+        stream.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            g.launch(stream)
+        stream.synchronize()
+    return (time.perf_counter() - t0) / (reps * len(fns)) * 1e6
+
+
+def format_breakdown(prof: dict) -> str:
+    total = sum(n * us for n, us in prof.values())
+    lines = [f"sum of per-launch graph times: {total / 1e3:.3f} ms over {sum(n for n, _ in prof.values())} launches"]
+    for k, (n, us) in sorted(prof.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
+        lines.append(f"  {k:32s} {n:4d} x {us:8.2f} us = {n * us / 1e3:7.3f} ms")
+    return "\n".join(lines)

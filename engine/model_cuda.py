@@ -1,13 +1,14 @@
 """The GPU engine: the same Llama forward as engine/model.py on CuPy, with fused kernels.
 
 Per layer and step: add_rmsnorm_quant (the previous layer's residual add, RMSNorm,
-INT8 quantization) → fused qkv A8W4 GEMM → rope_qkv_cache → attention (flash-decoding
-for one new token per sequence, flash-attention for prefill; cuda/attention.cu) →
-quant_rows → o GEMM → add_rmsnorm_quant → fused gate|up GEMM → silu_mul_quant → down
-GEMM; the last layer's add happens in the final norm. The residual stream is float32; GEMM
+INT8 quantization) → fused qkv A8W4 GEMM → rope_qkv_cache → attention (cuda/attention.cu:
+for decode, flash-decoding and a combine that also quantizes the o_proj input; for
+prefill, flash-attention then quant_rows) → o GEMM → add_rmsnorm_quant → fused gate|up
+GEMM → silu_mul_quant → down GEMM; the last layer's add happens in the final norm. The residual stream is float32; GEMM
 outputs and q are float16; the KV cache is float16, or INT8 with one float32 scale per
 token and kv head (kv8). Layers whose weights are float run the same
-steps with cuBLAS FP16 linears: that is "our FP16 path", the in-run speed baseline.
+steps with FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 32 rows, so their
+decode step is graphed too): that is "our FP16 path", the in-run speed baseline.
 
 A decode step for a batch of sequences is captured once as a CUDA graph: every
 buffer is preallocated, positions, lengths and the sampling settings live on the
@@ -27,7 +28,7 @@ from .model import ModelError, ModelWeights, check_tokens
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}
 DECODE_CHUNK = 64           # keys per flash-decoding block (cuda/attention.cu DEC_CHUNK)
 DECODE_MAX_WEIGHTS = 8192   # heads × splits the combine holds (cuda/attention.cu DEC_MAX_WEIGHTS)
-GEMV_F16_MT = (1, 4, 8, 16, 32)   # M buckets of the fp16 GEMV (cuda/fused.cu gemv_f16_m*)
+GEMV_F16_MT = (1, 4, 8)     # M buckets of the fp16 GEMV (cuda/fused.cu gemv_f16_m*)
 GEMV_F16_MAXM = GEMV_F16_MT[-1]
 ROW_PERS = (1, 2, 4, 8, 16, 32)  # row elements a thread holds: the row kernels' instantiations
 FUSED_EXPRS = tuple(f"{k}<{p}>" for k in ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows") for p in ROW_PERS)
@@ -54,9 +55,9 @@ def _fuse(qls):
 
 
 def matmul_f16(cp, x, w, out):
-    """out (M, N) fp16 = x (M, K) · w (N, K)ᵀ: our GEMV for M ≤ 32 (graph-capturable), else cuBLAS.
+    """out (M, N) fp16 = x (M, K) · w (N, K)ᵀ: our GEMV for M ≤ 8 (graph-capturable), else cuBLAS.
 
-    Used for the lm_head, which sits inside the captured decode step.
+    Used for the lm_head and the FP16 path's linears, which sit inside the captured decode step.
     """
     m, k = x.shape
     n = w.shape[0]
@@ -101,7 +102,7 @@ def attn_prefill(q, kc, vc, ks, vs, out, seq: int, start: int, t: int):
 
 
 class GpuLinear:
-    """One (possibly fused) linear on the GPU: packed A8W4 or a float16 weight for cuBLAS."""
+    """One (possibly fused) linear on the GPU: packed A8W4, or a float16 weight (matmul_f16)."""
 
     def __init__(self, cp, ws, host_cache: dict | None = None):
         self.cp = cp
@@ -137,7 +138,7 @@ class GpuLinear:
     def __call__(self, x8, sx, xh, out):
         """out (M, N) fp16 = x · Wᵀ from int8 x8 with scales sx, or from fp16 xh."""
         if self.w16 is not None:
-            self.cp.matmul(xh, self.w16.T, out=out)         # cuBLAS: the FP16 baseline
+            matmul_f16(self.cp, xh, self.w16, out)          # the FP16 baseline: cuBLAS or our GEMV
         else:
             ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out)
         return out
@@ -234,8 +235,10 @@ class CudaModel:
         # widest int8/fp16 activation row: K padded to the GEMM's multiple of the group
         self._wide = max([c.hidden_size, c.intermediate_size, c.q_size] +
                          [g.kp for L in self.layers for g in (L["qkv"], L["o"], L["gu"], L["down"])])
-        # CuPy cannot capture cuBLAS calls: a model with float linears decodes eagerly
-        self.graphable = all(g.w16 is None for L in self.layers for g in (L["qkv"], L["o"], L["gu"], L["down"]))
+        # CuPy cannot capture cuBLAS calls: float linears are graphed through our fp16 GEMV
+        # (M ≤ GEMV_F16_MAXM, K % 8 == 0); otherwise such a model decodes eagerly
+        self._f16_ks = [g.w16.shape[1] for L in self.layers for g in (L["qkv"], L["o"], L["gu"], L["down"])
+                        if g.w16 is not None]
         inv = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
         ang = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), inv)  # (P, D/2)
         self.cos = cp.asarray(np.cos(ang), dtype=cp.float32)
@@ -317,16 +320,26 @@ class CudaModel:
                      (b.h if h is None else h, np.uint64(0) if y is None else y, w, np.int32(c.hidden_size),
                       np.float32(c.rms_norm_eps), np.int32(mode), scale, x8, np.int32(ld), b.sx, xh))
 
-    def _head(self, b: _Buffers, y, rows: slice, nrows: int):
+    def _head(self, b: _Buffers, y, rows: slice, nrows: int, lm_head: bool = True):
         """Last residual add, final norm and lm_head for b.h[rows] into b.logits[:nrows] (fp16).
 
         Only the head's rows get the last add: the other rows of h are dead once the cache is written.
+        lm_head=False stops after the norm (b.xh holds its output).
         """
         c = self.config
         xh = b.xh(nrows, c.hidden_size)
         self._norm(b, nrows, None if y is None else y[rows], self.norm, MODE["fp16"], self.norm,
                    b.x8(nrows, 1), 1, xh, h=b.h[rows])
-        matmul_f16(self.cp, xh, self.lm_head, b.logits[:nrows])
+        if lm_head:
+            matmul_f16(self.cp, xh, self.lm_head, b.logits[:nrows])
+
+    def graphable(self, batch: int) -> tuple[bool, bool]:
+        """(layers, head): whether a decode step for `batch` sequences can be captured up to the
+        final norm, and the lm_head with sampling too. CuPy cannot capture cuBLAS: A8W4 linears
+        always can be, float linears and the lm_head through our fp16 GEMV (M ≤ GEMV_F16_MAXM)."""
+        gemv = batch <= GEMV_F16_MAXM
+        return (all(gemv and k % 8 == 0 for k in self._f16_ks),
+                gemv and self.config.hidden_size % 8 == 0)
 
     # ------------------------------------------------------------------ prefill / full forward
     def _attend_prefill(self, cache: GpuKVCache, s: int, start: int, t: int):
@@ -377,7 +390,8 @@ class CudaModel:
                              cp.asarray([seq], cp.int32), cp.asarray([pos], cp.int32), out)
         return int(out[0])
 
-    def _decode_step(self, cache: GpuKVCache, st: dict):
+    def _decode_step(self, cache: GpuKVCache, st: dict, with_tail: bool = True):
+        """One decode step: embedding, layers, final norm, and (with_tail) lm_head + sampling."""
         c, b, nb = self.config, st["bufs"], cache.batch
         hq, d = c.num_attention_heads, c.head_dim
         nsplit = st["nsplit"]
@@ -396,7 +410,14 @@ class CudaModel:
 
         self._launch("embed_gather", (nb,), (256,), (self.embed, st["tok"], np.int32(c.hidden_size), b.h))
         y = self._layers(b, nb, cache, st["pos"], st["seq"], attend)
-        self._head(b, y, slice(0, nb), nb)
+        self._head(b, y, slice(0, nb), nb, lm_head=False)
+        if with_tail:
+            self._decode_tail(cache, st)
+
+    def _decode_tail(self, cache: GpuKVCache, st: dict):
+        """lm_head and sampling of a decode step (outside the graph when cuBLAS runs the lm_head)."""
+        b, nb = st["bufs"], cache.batch
+        matmul_f16(self.cp, b.xh(nb, self.config.hidden_size), self.lm_head, b.logits[:nb])
         ops_cuda.sample_rows(b.logits[:nb], st["params"], st["seq"], st["pos"], st["tok"], lens=st["lens"])
 
     def _decode_state(self, cache: GpuKVCache):
@@ -440,9 +461,11 @@ class CudaModel:
         if cache.step is None:
             cache.step = self._decode_state(cache)
         st = cache.step
-        # graphs need every call capturable: A8W4 linears, and the fp16 lm_head through our GEMV
-        use_graph = (use_graph and self.graphable and cache.batch <= GEMV_F16_MAXM
-                     and self.config.hidden_size % 8 == 0)
+        # graphs need every call capturable (see graphable): the step up to the final norm, and
+        # the lm_head with sampling when our GEMV runs it; else cuBLAS runs it after each replay
+        body, tail = self.graphable(cache.batch)
+        use_graph = use_graph and body
+        tail = tail and use_graph
         lens = cache.lens_host.astype(np.int32)
         st["tok"].set(np.asarray(last_tokens, dtype=np.int32))
         st["pos"].set(lens)
@@ -456,14 +479,17 @@ class CudaModel:
             for i in range(n_steps):
                 if use_graph and cache.graph is not None:
                     cache.graph.launch(stream)
+                    if not tail:
+                        self._decode_tail(cache, st)
                 else:
                     self._decode_step(cache, st)
-                    # the first step runs eagerly: it compiles kernels and sizes workspaces,
-                    # which must not happen during capture; then the step is captured once
+                    # the first step runs eagerly (its tail too): it compiles kernels and sizes
+                    # workspaces, which must not happen during capture; then the step is captured
+                    # once, for the replays of the following steps (capture runs nothing)
                     if use_graph:
                         stream.begin_capture()
                         try:
-                            self._decode_step(cache, st)
+                            self._decode_step(cache, st, with_tail=tail)
                         finally:
                             graph = stream.end_capture()
                         cache.graph = graph
