@@ -26,13 +26,13 @@ activation clip after smoothing needs a second pass on the folded model.
 """
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine import formats
+from engine.api import peak_rss_mb
 
 from . import calibrate as cal
 from . import smooth
@@ -110,10 +110,6 @@ def _fptq_mode(amax: float, site: str) -> str:
         return "lae"
     # > 150, or o_in between 15 and 150 where LAE cannot be folded (GQA): per token.
     return "dynamic"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, search: bool = False):
@@ -253,5 +249,5 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
                               "k_scale": [[float(x) for x in row] for row in s[:, 0]],
                               "v_scale": [[float(x) for x in row] for row in s[:, 1]]}
     recipe["time_s"] = round(time.perf_counter() - t0, 2)
-    recipe["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return out, recipe

@@ -2,7 +2,8 @@
 //
 // What: RMSNorm + INT8 activation quantization, SiLU·mul + quantization, plain
 // row quantization, residual add fused into the next RMSNorm, embedding
-// gather and a greedy argmax. Each is one launch that reads its input once.
+// gather and the fp16 GEMV of the lm_head. Each is one launch that reads its input once.
+// Sampling lives in cuda/sample.cu.
 // RoPE with the KV-cache write and the attention kernels live in cuda/attention.cu.
 //
 // Layouts: activations are row-major (M tokens, features). The residual stream h
@@ -83,45 +84,6 @@ extern "C" __global__ void embed_gather(const __half* __restrict__ emb, const in
                                         float* __restrict__ h) {
     const __half* row = emb + (size_t)tok[blockIdx.x] * H;
     for (int j = threadIdx.x; j < H; j += blockDim.x) h[(size_t)blockIdx.x * H + j] = __half2float(row[j]);
-}
-
-// grid (B), block 1024. Greedy sampling: out[b] = argmax_v logits[b, v], the lowest index on ties;
-// then advances the sequence: tok[b] = out, pos[b] += 1, lens[b] += 1 (so a replayed graph
-// step needs no host copy). Pass advance = 0 to only write out.
-extern "C" __global__ void argmax_rows(const __half* __restrict__ logits, int V, int* __restrict__ out,
-                                       int advance, int* __restrict__ pos, int* __restrict__ lens) {
-    __shared__ float bv[32];
-    __shared__ int bi[32];
-    const __half* row = logits + (size_t)blockIdx.x * V;
-    float best = NEG_INF;
-    int idx = 0x7fffffff;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        float x = __half2float(row[v]);
-        if (x > best) { best = x; idx = v; }   // v grows per thread: first max kept
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ob = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ob > best || (ob == best && oi < idx)) { best = ob; idx = oi; }
-    }
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    if (lane == 0) { bv[wid] = best; bi[wid] = idx; }
-    __syncthreads();
-    if (wid == 0) {
-        int nw = blockDim.x >> 5;
-        best = lane < nw ? bv[lane] : NEG_INF;
-        idx = lane < nw ? bi[lane] : 0x7fffffff;
-        for (int o = 16; o > 0; o >>= 1) {
-            float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-            if (ob > best || (ob == best && oi < idx)) { best = ob; idx = oi; }
-        }
-        if (lane == 0) {
-            if (idx == 0x7fffffff) idx = 0;      // all logits NaN: still a valid token id
-            out[blockIdx.x] = idx;
-            if (advance) { pos[blockIdx.x] += 1; lens[blockIdx.x] += 1; }
-        }
-    }
 }
 
 // grid (ceil(N / 8)), block 256: warp w of block b computes out[:, 8b + w] = x · w[8b + w]ᵀ.

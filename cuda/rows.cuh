@@ -27,32 +27,23 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-__device__ float block_sum(float v) {
+// Block-wide sum (MAX false) or max (MAX true); every thread gets the result.
+template <bool MAX>
+__device__ float block_reduce(float v) {
     __shared__ float sh[32];
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     __syncthreads();                 // sh may still be read by a previous call
     if (lane == 0) sh[wid] = v;
     __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? sh[threadIdx.x] : 0.f;
-    if (wid == 0) v = warp_sum(v);
+    v = (threadIdx.x < (blockDim.x >> 5)) ? sh[threadIdx.x] : (MAX ? NEG_INF : 0.f);
+    if (wid == 0) v = MAX ? warp_max(v) : warp_sum(v);
     if (threadIdx.x == 0) sh[0] = v;
     __syncthreads();
     return sh[0];
 }
-__device__ float block_max(float v) {
-    __shared__ float sh[32];
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    v = (threadIdx.x < (blockDim.x >> 5)) ? sh[threadIdx.x] : 0.f;
-    if (wid == 0) v = warp_max(v);
-    if (threadIdx.x == 0) sh[0] = v;
-    __syncthreads();
-    return sh[0];
-}
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
 // Scale for one row from its absmax (dynamic) or the static scale.
 __device__ __forceinline__ float row_scale(int mode, float amax, const float* static_scale) {

@@ -5,8 +5,8 @@
 // most probable (ties at the cut: lower ids first), of those the smallest most-probable
 // prefix whose mass reaches top_p, and draw one of the kept tokens by the inverse CDF
 // (taken in id order: the order changes which u maps to which token, not the law).
-// Writes out[b]; with `advance`, pos[b] and lens[b] += 1 as argmax_rows did, so a
-// graphed decode step feeds the drawn token straight into the next step.
+// Writes out[b]; with `advance`, also pos[b] and lens[b] += 1, so a graphed decode step
+// feeds the drawn token straight into the next step.
 //
 // Exact without sorting: an fp16 logit has at most 65536 values, so ranking by
 // probability is ranking by a 16-bit key (the fp16 bits made monotone; equal keys are

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass, field
 
 from .backend import BackendError, resolve_device
@@ -66,3 +67,8 @@ def load_model(path=None, device: str = "cpu") -> LoadedModel:
     if model is None:
         model = Model(mw)
     return LoadedModel(model, mw.config, tok, tmpl, source, device, recipe)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (the CLI and the converter report it)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

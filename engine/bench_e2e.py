@@ -219,18 +219,28 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         calls.append((f"{'gemm_a8w4' if self.w16 is None else 'linear_f16'} N={self.n}", lambda: orig_call(self, *args)))
         return orig_call(self, *args)
 
-    def mm(*args):
-        calls.append(("lm_head gemv_f16", lambda: orig_mm(*args)))
+    def mm(*args):                       # (cp, x, w, out): only the lm_head's is a row of its own
+        if args[2] is gm.lm_head:
+            calls.append(("lm_head", lambda: orig_mm(*args)))
         return orig_mm(*args)
+
+    orig_sample = model_cuda.ops_cuda.sample_rows
+
+    def sample(*args, **kw):
+        calls.append(("sample_rows", lambda: orig_sample(*args, **kw)))
+        return orig_sample(*args, **kw)
 
     gm._launch, gm._attn = recorder(orig_launch), recorder(orig_attn)
     model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = call, mm
+    model_cuda.ops_cuda.sample_rows = sample
     try:
         gm._decode_step(cache, cache.step)
     finally:
         gm._launch, gm._attn = orig_launch, orig_attn
         model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = orig_call, orig_mm
+        model_cuda.ops_cuda.sample_rows = orig_sample
     cp.cuda.Device().synchronize()
+    saved = {k: cache.step[k].copy() for k in ("tok", "pos", "lens")}   # sample_rows advances them
     groups: dict = {}
     for name, fn in calls:
         groups.setdefault(name, []).append(fn)
@@ -238,6 +248,8 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
     for name, fns in groups.items():
         rounds = -(-reps // len(fns))
         out[name] = (len(fns), graph_time(cp, fns * rounds))
+    for k, v in saved.items():
+        cache.step[k][...] = v
     return out
 
 

@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
 import sys
 import time
 
 import click
 import numpy as np
 
+from .api import load_model, peak_rss_mb
 from .backend import DEVICES, BackendError
 from .model import LINEAR_NAMES
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def user_errors(fn):
@@ -59,7 +55,6 @@ kv8_option = click.option("--kv8", is_flag=True,
 @user_errors
 def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8, device):
     """Generate text; tokens stream to stdout, speed goes to stderr."""
-    from .api import load_model  # noqa: PLC0415
     from .generate import TextStream, encode_prompt, generate, stop_ids  # noqa: PLC0415
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
@@ -80,7 +75,7 @@ def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
     click.echo(f"[{lm.device}] loaded {os.path.basename(lm.source.rstrip('/'))} in {load_s:.1f} s; "
                f"prefill {st.prompt_tokens} tokens at {st.prefill_tps:.1f} tok/s; "
                f"decode {st.new_tokens} tokens at {st.decode_tps:.1f} tok/s; "
-               f"peak RSS {_peak_rss_mb():.0f} MB", err=True)
+               f"peak RSS {peak_rss_mb():.0f} MB", err=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,7 +94,6 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, device):
     import numpy as np  # noqa: PLC0415
 
     from . import data  # noqa: PLC0415
-    from .api import load_model  # noqa: PLC0415
     from .eval import perplexity  # noqa: PLC0415
     if (text_path is None) == (corpus is None):
         raise click.UsageError("give exactly one of --text FILE or --corpus wiki")
@@ -159,7 +153,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     lin_bytes = sum(getattr(L, n).nbytes() for L in mw.layers for n in LINEAR_NAMES)
     click.echo(f"wrote {out_path}: {size / 2**20:.1f} MiB; linears {8 * lin_bytes / n_lin:.2f} bits/param "
                f"({n_lin / 1e6:.1f} M params); method {method}; {time.perf_counter() - t0:.0f} s; "
-               f"peak RSS {_peak_rss_mb():.0f} MB", err=True)
+               f"peak RSS {peak_rss_mb():.0f} MB", err=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
