@@ -54,7 +54,7 @@ def main():
 def sweep_gemv(gm, cp, m):
     """Each linear shape, every layer's weights in turn, under each instantiated GEMV config."""
     from engine import ops_cuda
-    mt = 1 if m <= 8 else 2 if m <= 16 else 4
+    mt = ops_cuda.gemv_mt(m)
     for key in ("qkv", "o", "gu", "down"):
         lins = [L[key].packed for L in gm.layers]
         x8 = cp.ones((m, lins[0].k_pad), cp.int8)

@@ -10,7 +10,8 @@
 // D values of one (token, kv head) — 1 for an all-zero row — the rule of
 // engine/formats.quantize_act_ref; the same for v. Kernels are templated on the cache
 // element type KV (__half or signed char); for __half the scale arguments are not read.
-// The attention kernels dequantize int8 to fp16 (x8·s, rounded once) as they read.
+// Prefill dequantizes int8 tiles to fp16 (x8·s, rounded once) in shared memory; decode
+// applies the scales in fp32 (scale_k · (q · k8), p · scale_v) and never rounds to fp16.
 //
 // Positions and sequence lengths of decode are read from device memory so a decode step
 // can be captured once as a CUDA graph and replayed.
@@ -399,7 +400,7 @@ __global__ void __launch_bounds__(128) attn_decode_split(
     if (threadIdx.x == 0) { part_ml[2 * pidx] = mx; part_ml[2 * pidx + 1] = l; }
 }
 
-// Pass 2. grid (B), block ≤ 1024 (model_cuda.row_threads(Hq·D)). Merges the partials of the
+// Pass 2. grid (B), block ≤ 1024 (model_cuda.row_launch("attn_decode_combine", Hq·D)). Merges the partials of the
 // splits a sequence uses (⌈len / DEC_CHUNK⌉, read from lens) into the attention output row
 // (Hq·D) and hands it on as the o_proj input: quantized (modes 0/1: x8, sx) or fp16 (mode 2:
 // out). One launch instead of a combine and a quant_rows. The per-(head, split) weights

@@ -64,6 +64,9 @@ __device__ __forceinline__ void zero_pad(signed char* row, int width, int ld) {
 // with PER · 1024 ≥ width and ⌈width / PER⌉ threads: a one-row launch runs on one SM, so it
 // wants every warp it can get (1024 threads) and no empty slots, whose predicated-off
 // instructions still take issue cycles (both were measured: 5–11 µs a launch otherwise).
+// __launch_bounds__(1024) caps a thread at 64 registers: add_rmsnorm_quant<32> and
+// attn_decode_combine<32> (rows over 16384 values) and silu_mul_quant<8> spill a little to
+// local memory (ptxas -v, 12–96 bytes; L1-cached); the others stay in registers.
 // Store a row held as v[PER] (thread-strided) quantized per mode, with its scale.
 template <int PER>
 __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode, const float* static_scale,

