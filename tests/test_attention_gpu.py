@@ -113,3 +113,61 @@ def test_gpu_kv8_matches_numpy_kv8_reference():
     steps = gm.decode_greedy(gc, [first], 12)[:, 0]
     want = ref.forward(np.concatenate([[first], steps[:-1]]), rc).argmax(axis=-1)   # teacher-forced
     assert np.mean(want == steps) >= 0.8, (want, steps)
+
+
+@pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
+@pytest.mark.parametrize("rep", [1, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_flash_decoding_matches_float64(d, rep, kv8):
+    """attn_decode_split + attn_decode_combine (fp16 out, and the dynamic INT8 o_proj input) for
+    ragged lengths: one key, a whole 64-key split, one past it, several splits, empty splits.
+    Cache rows (and kv8 scales) past each length are NaN, so a stray read fails."""
+    import cupy as cp
+
+    from engine.kernels import function
+    from engine.model_cuda import ATTN_EXPRS, DECODE_CHUNK, MODE, kv_type, row_launch
+    rng = np.random.default_rng(7 * d + rep)
+    hq, lens = HKV * rep, np.array([1, 64, 65, 200], np.int32)
+    b, cap = len(lens), 256
+    nsplit = cap // DECODE_CHUNK
+    q = (2 * rng.standard_normal((b, hq, d))).astype(np.float16)
+    k = rng.standard_normal((b, cap, HKV, d)).astype(np.float16)
+    v = rng.standard_normal((b, cap, HKV, d)).astype(np.float16)
+    if kv8:
+        (k8, ks), (v8, vs) = quantize_rows(k), quantize_rows(v)
+        kref, vref = k8.astype(np.float64) * ks[..., None], v8.astype(np.float64) * vs[..., None]
+        for i, n in enumerate(lens):
+            ks[i, n:], vs[i, n:] = np.nan, np.nan
+        kc, vc = cp.asarray(k8), cp.asarray(v8)
+    else:
+        kref, vref = k.astype(np.float64), v.astype(np.float64)
+        for i, n in enumerate(lens):
+            k[i, n:], v[i, n:] = np.nan, np.nan
+        ks = vs = np.ones((1,), np.float32)
+        kc, vc = cp.asarray(k), cp.asarray(v)
+    ml = cp.zeros((b * hq * nsplit * 2,), cp.float32)
+    acc = cp.zeros((b * hq * nsplit * d,), cp.float32)
+    lens_d = cp.asarray(lens)
+    function("attention.cu", f"attn_decode_split<{kv_type(kc)}>", ATTN_EXPRS)(
+        (b, hq, nsplit), (128,), (cp.asarray(q), kc, vc, cp.asarray(ks), cp.asarray(vs), lens_d, np.int32(hq),
+                                  np.int32(HKV), np.int32(d), np.int32(cap), np.float32(1 / np.sqrt(d)), ml, acc))
+    ref = np.concatenate([causal_gqa_f64(q[i:i + 1].astype(np.float64), kref[i, :n], vref[i, :n], n - 1)
+                          for i, n in enumerate(lens)])                   # (B, Hq·D)
+    expr, threads = row_launch("attn_decode_combine", hq * d)
+    ld = hq * d + 32
+    for mode in ("fp16", "dynamic"):
+        out = cp.full((b, hq * d), np.nan, cp.float16)
+        x8 = cp.full((b, ld), 7, cp.int8)
+        sx = cp.zeros((b,), cp.float32)
+        function("attention.cu", expr, ATTN_EXPRS)(
+            (b,), (threads,), (ml, acc, lens_d, np.int32(hq), np.int32(d), np.int32(nsplit), np.int32(MODE[mode]),
+                               cp.ones((1,), cp.float32), x8, np.int32(ld), sx, out))
+        if mode == "fp16":
+            err = np.abs(out.get().astype(np.float64) - ref).max(axis=1)
+            assert (err <= 2.0 ** -9 * np.abs(vref).max()).all(), err
+        else:
+            s = np.abs(ref).max(axis=1) / 127
+            np.testing.assert_allclose(sx.get(), s, rtol=2e-3)
+            x = x8.get().astype(np.int32)
+            assert np.abs(x[:, :hq * d] - np.clip(np.rint(ref / s[:, None]), -127, 127)).max() <= 1
+            assert (x[:, hq * d:] == 0).all()                         # pad columns zeroed
