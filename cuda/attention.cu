@@ -38,11 +38,9 @@ __device__ __forceinline__ void store_pair(__half* row, float* srow, int j, int 
     row[j + half_d] = __float2half_rn(b);
 }
 __device__ __forceinline__ void store_pair(i8* row, float* srow, int j, int half_d, float a, float b) {
-    float amax = block_max(fmaxf(fabsf(a), fabsf(b)));
-    float s = amax > 0.f ? amax / 127.f : 1.f;
-    int qa = __float2int_rn(__fdiv_rn(a, s)), qb = __float2int_rn(__fdiv_rn(b, s));
-    row[j] = (i8)max(-127, min(127, qa));
-    row[j + half_d] = (i8)max(-127, min(127, qb));
+    float s = row_scale(MODE_DYNAMIC, block_max(fmaxf(fabsf(a), fabsf(b))), nullptr);   // cuda/rows.cuh
+    row[j] = quant1(a, s);
+    row[j + half_d] = quant1(b, s);
     if (j == 0) *srow = s;
 }
 

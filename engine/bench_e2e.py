@@ -213,6 +213,10 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
     # the eager step and the replays of sample_rows advance the step's state, and replayed
     # rope/attention launches must see the same in-bounds positions: restore it around both
     saved = {k: cache.step[k].copy() for k in ("tok", "pos", "lens")}
+
+    def restore():
+        for k, v in saved.items():
+            cache.step[k][...] = v
     calls = []
     orig_launch, orig_attn, orig_call, orig_mm = gm._launch, gm._attn, model_cuda.GpuLinear.__call__, \
         model_cuda.matmul_f16
@@ -248,8 +252,7 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = orig_call, orig_mm
         model_cuda.ops_cuda.sample_rows = orig_sample
     cp.cuda.Device().synchronize()
-    for k, v in saved.items():
-        cache.step[k][...] = v
+    restore()
     groups: dict = {}
     for name, fn in calls:
         groups.setdefault(name, []).append(fn)
@@ -257,8 +260,7 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
     for name, fns in groups.items():
         rounds = -(-reps // len(fns))
         out[name] = (len(fns), graph_time(cp, fns * rounds))
-    for k, v in saved.items():
-        cache.step[k][...] = v
+    restore()
     return out
 
 

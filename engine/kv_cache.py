@@ -11,12 +11,11 @@ from .config import ModelConfig
 
 
 def quantize_kv_ref(x):
-    """x (T, Hkv, D) -> (x8 int8 (T, Hkv, D), s float32 (T, Hkv)): x8 = clamp(rint(x / s), ±127),
+    """x (..., D), e.g. (T, Hkv, D) -> (x8 int8 (..., D), s float32 (...)): x8 = clamp(rint(x / s), ±127),
     s = max|x| / 127 over the D values of one token and head (1 for an all-zero row)."""
-    t, h, d = x.shape
-    flat = x.reshape(t * h, d)                                        # (T·Hkv, D)
+    flat = x.reshape(-1, x.shape[-1])                                 # (T·Hkv, D)
     s = formats.act_scale_dynamic(flat)                               # (T·Hkv,)
-    return formats.quantize_act_ref(flat, s).reshape(t, h, d), s.reshape(t, h)
+    return formats.quantize_act_ref(flat, s).reshape(x.shape), s.reshape(x.shape[:-1])
 
 
 class KVCache:

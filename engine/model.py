@@ -97,7 +97,7 @@ class ModelWeights:
 
 def expected_shapes(c: ModelConfig) -> dict:
     """HF tensor name -> shape for a config."""
-    h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
+    h, i = c.hidden_size, c.intermediate_size
     lin = {"q": (c.q_size, h), "k": (c.kv_size, h), "v": (c.kv_size, h), "o": (h, c.q_size),
            "gate": (i, h), "up": (i, h), "down": (h, i)}
     out = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}

@@ -4,11 +4,11 @@ Per layer and step: add_rmsnorm_quant (the previous layer's residual add, RMSNor
 INT8 quantization) → fused qkv A8W4 GEMM → rope_qkv_cache → attention (cuda/attention.cu:
 for decode, flash-decoding and a combine that also quantizes the o_proj input; for
 prefill, flash-attention then quant_rows) → o GEMM → add_rmsnorm_quant → fused gate|up
-GEMM → silu_mul_quant → down GEMM; the last layer's add happens in the final norm. The residual stream is float32; GEMM
-outputs and q are float16; the KV cache is float16, or INT8 with one float32 scale per
-token and kv head (kv8). Layers whose weights are float run the same
-steps with FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 8 rows, so their
-decode step is graphed too): that is "our FP16 path", the in-run speed baseline.
+GEMM → silu_mul_quant → down GEMM; the last layer's add happens in the final norm. The
+residual stream is float32; GEMM outputs and q are float16; the KV cache is float16, or
+INT8 with one float32 scale per token and kv head (kv8). Layers whose weights are float
+run the same steps with FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 8 rows,
+so their decode step is graphed too): that is "our FP16 path", the in-run speed baseline.
 
 A decode step for a batch of sequences is captured once as a CUDA graph: every
 buffer is preallocated, positions, lengths and the sampling settings live on the
@@ -296,10 +296,9 @@ class CudaModel:
 
         attend(layer, b, o, a8) reads b.q and the cache and fills b.a, or o's input a8/b.sx directly.
         """
-        c, cp = self.config, self.cp
+        c = self.config
         hq, hkv, d, hid, inter = (c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                   c.hidden_size, c.intermediate_size)
-        eps = np.float32(c.rms_norm_eps)
         y = None                # the previous sublayer's output, added to h by the next norm
         for li, L in enumerate(self.layers):
             qkv, o, gu, down = L["qkv"], L["o"], L["gu"], L["down"]
@@ -313,14 +312,14 @@ class CudaModel:
             # attend fills b.a[:m] (M, Hq·D) fp16, or returns True once it has written o's input itself
             if not attend(li, b, o, a8) and o.mode != MODE["fp16"]:
                 self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
-                             o.scale, a8, np.int32(o.kp), b.sx))
+                                                      o.scale, a8, np.int32(o.kp), b.sx))
             o(a8, b.sx[:m], ah, b.y[:m])
             x8 = b.x8(m, gu.kp)
             self._norm(b, m, b.y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh)
             gu(x8, b.sx[:m], xh, b.gu[:m])
             m8, mh = b.x8(m, down.kp), b.xh(m, inter)
             self._row("silu_mul_quant", m, inter, (b.gu, np.int32(inter), np.int32(down.mode),
-                         down.scale, m8, np.int32(down.kp), b.sx, mh))
+                                                   down.scale, m8, np.int32(down.kp), b.sx, mh))
             down(m8, b.sx[:m], mh, b.y[:m])
             y = b.y
         return y
@@ -329,8 +328,8 @@ class CudaModel:
         """h += y (y None: no add), then RMSNorm(h)·w into x8/sx (modes 0, 1) or xh (fp16)."""
         c = self.config
         self._row("add_rmsnorm_quant", m, c.hidden_size,
-                     (b.h if h is None else h, np.uint64(0) if y is None else y, w, np.int32(c.hidden_size),
-                      np.float32(c.rms_norm_eps), np.int32(mode), scale, x8, np.int32(ld), b.sx, xh))
+                  (b.h if h is None else h, np.uint64(0) if y is None else y, w, np.int32(c.hidden_size),
+                   np.float32(c.rms_norm_eps), np.int32(mode), scale, x8, np.int32(ld), b.sx, xh))
 
     def _head(self, b: _Buffers, y, rows: slice, nrows: int, lm_head: bool = True):
         """Last residual add, final norm and lm_head for b.h[rows] into b.logits[:nrows] (fp16).

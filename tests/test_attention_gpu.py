@@ -9,7 +9,7 @@ Outputs are poisoned (NaN) first, rows past t included, so an unwritten or stray
 import numpy as np
 import pytest
 
-from engine import formats
+from engine.kv_cache import quantize_kv_ref
 from engine.backend import has_gpu
 
 pytestmark = pytest.mark.gpu
@@ -33,13 +33,6 @@ def causal_gqa_f64(q, k, v, start):
     return np.einsum("htn,nhd->thd", p, vv).reshape(t, hq * d)
 
 
-def quantize_rows(x):
-    """Per-(token, head) symmetric int8 of x (..., D): (x8, scales (...)), formats' rule."""
-    flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
-    s = formats.act_scale_dynamic(flat)
-    return formats.quantize_act_ref(flat, s).reshape(x.shape), s.reshape(x.shape[:-1])
-
-
 @pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
 @pytest.mark.parametrize("rep", [1, 3, 4])
 @pytest.mark.parametrize("d", [64, 128])
@@ -55,8 +48,8 @@ def test_attn_prefill_matches_float64(d, rep, kv8):
         k = rng.standard_normal((B, CAP, HKV, d)).astype(np.float16)
         v = rng.standard_normal((B, CAP, HKV, d)).astype(np.float16)
         if kv8:
-            k8, ks = quantize_rows(k)
-            v8, vs = quantize_rows(v)
+            k8, ks = quantize_kv_ref(k)
+            v8, vs = quantize_kv_ref(v)
             ks[:, n:], vs[:, n:] = np.nan, np.nan                          # never read
             kc, vc = cp.asarray(k8), cp.asarray(v8)
             kref = k8[SEQ, :n].astype(np.float64) * ks[SEQ, :n, :, None]
@@ -134,7 +127,7 @@ def test_flash_decoding_matches_float64(d, rep, kv8):
     k = rng.standard_normal((b, cap, HKV, d)).astype(np.float16)
     v = rng.standard_normal((b, cap, HKV, d)).astype(np.float16)
     if kv8:
-        (k8, ks), (v8, vs) = quantize_rows(k), quantize_rows(v)
+        (k8, ks), (v8, vs) = quantize_kv_ref(k), quantize_kv_ref(v)
         kref, vref = k8.astype(np.float64) * ks[..., None], v8.astype(np.float64) * vs[..., None]
         for i, n in enumerate(lens):
             ks[i, n:], vs[i, n:] = np.nan, np.nan
