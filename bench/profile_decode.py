@@ -1,6 +1,6 @@
 """Where a graphed decode step of a random Llama-2-7B-shaped DGQ model spends its time.
 
-    python bench/profile_decode.py [--model smollm2] [--batch 8]
+    python bench/profile_decode.py [--model smollm2] [--batch 8] [--fp16] [--sweep-gemv]
 
 Prints the first-run cost (model build with the fused.cu compile, first prefill with the
 GEMM compiles, first decode steps with the GEMV compiles and the graph capture; CuPy
@@ -14,7 +14,9 @@ import time
 import numpy as np
 
 from engine.backend import _cupy
-from engine.bench_e2e import LLAMA2_7B, SMOLLM2, format_breakdown, graph_breakdown, graph_time, random_model
+from engine import launch
+from engine.bench_e2e import (LLAMA2_7B, SMOLLM2, dequantized_copy, format_breakdown, graph_breakdown,
+                              graph_time, random_model)
 from engine.model_cuda import CudaModel
 
 
@@ -24,6 +26,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--fp16", action="store_true", help="also time the FP16 path (dequantized copy)")
     ap.add_argument("--sweep-gemv", action="store_true", help="time every GEMV config on each linear shape")
     a = ap.parse_args()
     cp = _cupy()
@@ -32,23 +35,47 @@ def main():
     gm = CudaModel(mw)
     cp.cuda.Device().synchronize()
     t1 = time.perf_counter()
-    cache = gm.new_cache(a.ctx + 2 * a.steps + 4, batch=a.batch)
-    rng = np.random.default_rng(0)
-    firsts = [int(gm.prefill(rng.integers(0, mw.config.vocab_size, a.ctx), cache, seq=i)[0].argmax())
-              for i in range(a.batch)]
+    cache, firsts = _prefilled(gm, mw, a)
     t2 = time.perf_counter()
     gm.decode_greedy(cache, firsts, 2)
     t3 = time.perf_counter()
     print(f"build {t1 - t0:.2f} s (pack + upload + fused.cu compile), first prefill {t2 - t1:.2f} s, "
           f"first 2 decode steps incl. capture {t3 - t2:.2f} s")
+    print(f"A8W4 decode b={a.batch}, PDL {'on' if launch.pdl_enabled() else 'off'}: {_decode(gm, cache, firsts, a)}")
+    if launch.pdl_enabled():
+        with launch.plain_launches():
+            c2, f2 = _prefilled(gm, mw, a)
+            print(f"A8W4 decode b={a.batch}, PDL off: {_decode(gm, c2, f2, a)}")
+        del c2
+    print(format_breakdown(graph_breakdown(gm, cache)))
+    if a.sweep_gemv:
+        sweep_gemv(gm, cp, a.batch)
+    if a.fp16:
+        del gm, cache
+        cp.get_default_memory_pool().free_all_blocks()
+        g16 = CudaModel(dequantized_copy(mw))
+        c16, f16 = _prefilled(g16, mw, a)
+        print(f"FP16 decode b={a.batch}, PDL {'on' if launch.pdl_enabled() else 'off'}: {_decode(g16, c16, f16, a)}")
+        print(format_breakdown(graph_breakdown(g16, c16)))
+
+
+def _prefilled(gm, mw, a):
+    cache = gm.new_cache(a.ctx + 2 * a.steps + 4, batch=a.batch)
+    rng = np.random.default_rng(0)
+    firsts = [int(gm.prefill(rng.integers(0, mw.config.vocab_size, a.ctx), cache, seq=i)[0].argmax())
+              for i in range(a.batch)]
+    return cache, firsts
+
+
+def _decode(gm, cache, firsts, a) -> str:
+    """Graphed decode speed (warm-up steps first: compile and capture)."""
+    cp = gm.cp
+    gm.decode_greedy(cache, firsts, 2)
     cp.cuda.Device().synchronize()
     t0 = time.perf_counter()
     gm.decode_greedy(cache, firsts, a.steps)
     dt = time.perf_counter() - t0
-    print(f"decode b={a.batch}: {a.steps * a.batch / dt:.0f} tok/s, {1e3 * dt / a.steps:.3f} ms/step")
-    print(format_breakdown(graph_breakdown(gm, cache)))
-    if a.sweep_gemv:
-        sweep_gemv(gm, cp, a.batch)
+    return f"{a.steps * a.batch / dt:.0f} tok/s, {1e3 * dt / a.steps:.3f} ms/step"
 
 
 def sweep_gemv(gm, cp, m):

@@ -54,6 +54,7 @@ __global__ void rope_qkv_cache(const __half* __restrict__ qkv, int Hq, int Hkv, 
                                const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                __half* __restrict__ q_out, KV* __restrict__ kc, KV* __restrict__ vc,
                                float* __restrict__ ks, float* __restrict__ vs, int cap) {
+    pdl_enter();
     int m = blockIdx.x, head = blockIdx.y, j = threadIdx.x, half_d = D >> 1;
     int p = pos[m];
     const __half* row = qkv + (size_t)m * (Hq + 2 * Hkv) * D;
@@ -156,6 +157,7 @@ __global__ void __launch_bounds__(FA_THREADS)
 attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
              const float* __restrict__ ks, const float* __restrict__ vs, __half* __restrict__ out,
              int t, int start, int Hq, int Hkv, int cap, int seq, float scale_log2) {
+    pdl_enter();
     constexpr bool KV8 = sizeof(KV) == 1;
     constexpr int LD = FaSmem<D, KV>::LD, TILE = FaSmem<D, KV>::TILE, STAGE = FaSmem<D, KV>::STAGE;
     constexpr int KD = D / 16;                       // k16 steps over D
@@ -332,6 +334,7 @@ __global__ void __launch_bounds__(128) attn_decode_split(
         const float* __restrict__ ks, const float* __restrict__ vs, const int* __restrict__ lens,
         int Hq, int Hkv, int D, int cap, float scale, float* __restrict__ part_ml,
         float* __restrict__ part_acc) {
+    pdl_enter();
     __shared__ float ps[DEC_CHUNK];
     __shared__ float2 red[DEC_WARPS][DEC_MAX_D2];
     int b = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
@@ -411,6 +414,7 @@ __global__ void __launch_bounds__(1024) attn_decode_combine(
         const int* __restrict__ lens, int Hq, int D, int nsplit, int mode,
         const float* __restrict__ static_scale, signed char* __restrict__ x8, int ld,
         float* __restrict__ sx, __half* __restrict__ out) {
+    pdl_enter();
     __shared__ float wts[DEC_MAX_WEIGHTS];
     int b = blockIdx.x, W = Hq * D;
     int used = min(nsplit, (lens[b] + DEC_CHUNK - 1) / DEC_CHUNK);

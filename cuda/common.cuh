@@ -26,6 +26,7 @@
 // zero point (padded groups: z = 0, S = 1, code 0); N -> Np (multiple of 16)
 // with z = 0, S = 1, code 0. Every padded weight dequantizes to exactly 0.
 #pragma once
+#include "pdl.cuh"
 
 #define DGQ_QMAX_U4 15        // formats.QMAX_U4
 #define DGQ_QMAX_I8 127       // formats.QMAX_I8

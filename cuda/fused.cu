@@ -22,6 +22,7 @@ __global__ void __launch_bounds__(1024) add_rmsnorm_quant(float* __restrict__ h,
                                              const float* __restrict__ static_scale,
                                              signed char* __restrict__ x8, int ld, float* __restrict__ sx,
                                              __half* __restrict__ xh) {
+    pdl_enter();
     float* row = h + (size_t)blockIdx.x * H;
     const __half* yr = y ? y + (size_t)blockIdx.x * H : nullptr;
     float v[PER], wv[PER];          // w is loaded with h: one round trip for both
@@ -53,6 +54,7 @@ __global__ void __launch_bounds__(1024) silu_mul_quant(const __half* __restrict_
                                           const float* __restrict__ static_scale,
                                           signed char* __restrict__ x8, int ld, float* __restrict__ sx,
                                           __half* __restrict__ mh) {
+    pdl_enter();
     const __half* g = gu + (size_t)blockIdx.x * 2 * I;
     const __half* u = g + I;
     float v[PER];
@@ -69,6 +71,7 @@ template <int PER>
 __global__ void __launch_bounds__(1024) quant_rows(const __half* __restrict__ x, int K, int mode,
                                       const float* __restrict__ static_scale,
                                       signed char* __restrict__ x8, int ld, float* __restrict__ sx) {
+    pdl_enter();
     const __half* row = x + (size_t)blockIdx.x * K;
     float v[PER];
 #pragma unroll
@@ -82,6 +85,7 @@ __global__ void __launch_bounds__(1024) quant_rows(const __half* __restrict__ x,
 // grid (M), block 256. h[m] = embed[tok[m]] (fp16 table, fp32 residual stream).
 extern "C" __global__ void embed_gather(const __half* __restrict__ emb, const int* __restrict__ tok, int H,
                                         float* __restrict__ h) {
+    pdl_enter();
     const __half* row = emb + (size_t)tok[blockIdx.x] * H;
     for (int j = threadIdx.x; j < H; j += blockDim.x) h[(size_t)blockIdx.x * H + j] = __half2float(row[j]);
 }
@@ -100,19 +104,24 @@ __device__ __forceinline__ void gemv_f16_tile(const __half* __restrict__ x, cons
                                               __half* __restrict__ out, int M, int N, int K) {
     int lane = threadIdx.x & 31;
     int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (n >= N) return;
+    const bool live = n < N;
     float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-    const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)n * K);
-    int k8n = K >> 3;
-    for (int k0 = lane; k0 < k8n; k0 += 32 * U) {
-        uint4 wv[U];
+    const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)(live ? n : 0) * K);
+    int k8n = live ? K >> 3 : 0;
+    uint4 wv[U];
+    auto load = [&](int k0) {                             // all loads first: U in flight per lane
 #pragma unroll
-        for (int u = 0; u < U; ++u) {                     // all loads first: U in flight per lane
+        for (int u = 0; u < U; ++u) {
             int k8 = k0 + 32 * u;
             wv[u] = k8 < k8n ? __ldcs(wr + k8) : make_uint4(0u, 0u, 0u, 0u);   // streamed once
         }
+    };
+    load(lane);                   // weights are no kernel's output: read before the PDL wait
+    pdl_enter();
+    if (!live) return;
+    for (int k0 = lane; k0 < k8n; k0 += 32 * U) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             int k8 = k0 + 32 * u;
@@ -132,6 +141,7 @@ __device__ __forceinline__ void gemv_f16_tile(const __half* __restrict__ x, cons
                 }
             }
         }
+        load(k0 + 32 * U);
     }
 #pragma unroll
     for (int m = 0; m < MT; ++m) {

@@ -80,7 +80,9 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     }
 
     // Issue every load of a batch (chunks c0, c0+8, ..., c0+8(U-1)); past C: zeros, no access.
-    auto load = [&](int c0, GemvBatch<MT, RW, U>& b) {
+    // Weights and their meta (no kernel writes them) apart from the activations, so the
+    // first batch's weights can stream before the PDL wait (cuda/pdl.cuh).
+    auto load_w = [&](int c0, GemvBatch<MT, RW, U>& b) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + NW * u;
@@ -95,6 +97,13 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
                     b.mv[u][r] = 0u;
                 }
             }
+        }
+    };
+    auto load_x = [&](int c0, GemvBatch<MT, RW, U>& b) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + NW * u;
+            const bool ok = c < C;
 #pragma unroll
             for (int j = 0; j < MT; ++j) {
                 if (ok && mok[j]) {
@@ -132,8 +141,11 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
 
     // Register double buffer: the next batch's loads are in flight while this one computes,
     // so a warp never waits a full memory round trip per batch.
+    auto load = [&](int c0, GemvBatch<MT, RW, U>& b) { load_w(c0, b); load_x(c0, b); };
     GemvBatch<MT, RW, U> b0, b1;
-    load(warp, b0);
+    load_w(warp, b0);
+    pdl_enter();
+    load_x(warp, b0);
     for (int c0 = warp; c0 < C; c0 += 2 * NW * U) {
         load(c0 + NW * U, b1);
         compute(c0, b0);
@@ -172,6 +184,7 @@ __global__ void __launch_bounds__(256) gemm_a8w4_mma(
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
     int* __restrict__ ws, int* __restrict__ counters,
     int M, int N, int R, int C, int Gp, int gshift, int ldx, int splits) {
+    pdl_enter();
     constexpr int BK = 128;
     constexpr int WM = BM / 2, MTW = WM / 16;                // warps: 2 along M x 4 along N
     constexpr int X_BYTES = BM * BK;                         // swizzled rows of 128 B

@@ -161,6 +161,7 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
     int* __restrict__ ws, int* __restrict__ counters,
     int M, int N, int R, int C, int Gp, int gshift, int ldx, int splits) {
+    pdl_enter();
     constexpr int BK = 128;
     constexpr int NT = NWG * 128;       // threads
     constexpr int RTB = NWG * 4;        // row tiles per block

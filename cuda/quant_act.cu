@@ -47,6 +47,7 @@ __device__ __forceinline__ void quant_row4(const T* __restrict__ xr, i8* __restr
 template <typename T>
 __global__ void quant_act_static(const T* __restrict__ x, i8* __restrict__ out, float scale,
                                  int M, int K, int ldx, int ldo) {
+    pdl_enter();
     const int per_row = (ldo + 3) / 4;
     const long long total = (long long)M * per_row;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
@@ -60,6 +61,7 @@ __global__ void quant_act_static(const T* __restrict__ x, i8* __restrict__ out, 
 template <typename T>
 __global__ void __launch_bounds__(256) quant_act_dynamic(const T* __restrict__ x, i8* __restrict__ out,
                                                          float* __restrict__ sx, int M, int K, int ldx, int ldo) {
+    pdl_enter();
     __shared__ float red[8];
     const int m = blockIdx.x;
     const T* xr = x + (size_t)m * ldx;

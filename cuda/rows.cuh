@@ -6,6 +6,7 @@
 // mode: 0 = static scale static_scale[0]; 1 = dynamic per row; 2 = fp16 output only.
 #pragma once
 #include <cuda_fp16.h>
+#include "pdl.cuh"
 
 #define QMAX 127
 #define MODE_STATIC 0

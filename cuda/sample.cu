@@ -37,6 +37,7 @@
 // (batch 32 within ~25 %): 3 % of a SmolLM2-sized decode step. Splitting a row over a
 // cluster of blocks is the open speed-up for batch 1.
 #include <cuda_fp16.h>
+#include "pdl.cuh"
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -337,6 +338,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_rows(const __half* __restrict__ logits, long long ld, int V, const u32* __restrict__ params,
             const int* __restrict__ seq, int* __restrict__ pos, int* __restrict__ lens, int advance,
             int* __restrict__ out) {
+    pdl_enter();
     __shared__ Shared sh;
     const int b = blockIdx.x;
     const __half* row = logits + (long long)b * ld;

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from . import formats
+from . import formats, launch
 from .config import ModelConfig
 from .model import LINEAR_NAMES, LayerWeights, ModelWeights
 
@@ -116,7 +116,7 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
         s = _timed(cp, run, 3)
         rows.append(dict(model=name, phase="prefill", tokens=t, batch=1, seconds=s, tok_s=t / s,
                          bits_per_param=bits, weight_bytes=wb["linears"] + wb["other"]))
-    for bsz, kv8 in [(b, False) for b in batches] + [(b, True) for b in kv8_batches]:
+    def decode_row(bsz, kv8, label):
         cache = gm.new_cache(ctx + steps + 1, batch=bsz, kv8=kv8)
         firsts = []
         for i in range(bsz):
@@ -132,16 +132,25 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
         wbytes = wb["linears"] + wb["other"] - gm.embed.nbytes + bsz * c.hidden_size * 2
         if c.tie_word_embeddings:
             wbytes += gm.embed.nbytes
-        row = dict(model=name + (" kv8" if kv8 else ""), phase="decode", tokens=steps, batch=bsz, seconds=s,
+        row = dict(model=label, phase="decode", tokens=steps, batch=bsz, seconds=s,
                    tok_s=steps * bsz / s, step_ms=1e3 * s / steps, bytes_per_step=wbytes + kv,
-                   bits_per_param=bits)
+                   bits_per_param=bits, pdl=launch.pdl_enabled())
         if bw:
             row["pct_copy_bw"] = 100 * (wbytes + kv) / (s / steps) / bw
+        return row, cache
+
+    for bsz, kv8 in [(b, False) for b in batches] + [(b, True) for b in kv8_batches]:
+        row, cache = decode_row(bsz, kv8, name + (" kv8" if kv8 else ""))
         rows.append(row)
         if bsz == 1 and not kv8:
             prof = graph_breakdown(gm, cache)
             rows.append(dict(model=name, phase="profile", batch=bsz,
                              us_per_launch={k: [n, round(us, 2)] for k, (n, us) in prof.items()}))
+            if launch.pdl_enabled():                  # the same step with plain stream-ordered launches
+                del cache
+                with launch.plain_launches():
+                    row, cache = decode_row(bsz, kv8, name + " no-PDL")
+                rows.append(row)
         del cache
     rows.append(dict(model=name, phase="memory", gpu_bytes=pool.used_bytes() - base, bits_per_param=bits,
                      linear_bytes=wb["linears"]))

@@ -18,7 +18,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from engine import backend
+from engine import backend, launch
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
 _INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.M)
@@ -111,10 +111,11 @@ def source_hash(name: str) -> str | None:
 
 
 def function(name: str, expr: str, name_expressions: tuple[str, ...]):
-    """One kernel (a RawKernel) out of cuda/<name>; `expr` must be in name_expressions."""
+    """One kernel out of cuda/<name> (a launch.Kernel: a RawKernel launched with programmatic
+    dependent launch where the GPU has it); `expr` must be in name_expressions."""
     key = (name, expr, name_expressions)
     fn = _FUNCS.get(key)
     if fn is None:
-        fn = module(name, name_expressions).get_function(expr)
+        fn = launch.Kernel(module(name, name_expressions).get_function(expr))
         _FUNCS[key] = fn
     return fn

@@ -33,3 +33,29 @@ def test_sample_params_pack_and_validate():
             ops_cuda.sample_params(**bad)
     with pytest.raises(ops_cuda.CudaOpError, match="seed"):
         ops_cuda.sample_params(seed=None)
+
+
+def test_kernel_launch_marshalling_without_a_gpu():
+    """engine/launch.py packs arguments as the driver reads them: pointers for arrays,
+    a scalar's own bytes, null for None; bad grids and argument types are one clear error."""
+    from engine import launch
+
+    class FakeArray:                 # stands in for cupy.ndarray
+        class data:
+            ptr = 0xDEADBEEF000
+
+    class FakeCp:
+        ndarray = FakeArray
+
+    import ctypes
+    assert launch._arg(FakeArray(), FakeCp).value == 0xDEADBEEF000
+    assert launch._arg(None, FakeCp).value is None
+    for v in (np.int32(-7), np.float32(0.1), np.uint64(2**63 + 5), np.int64(-1)):
+        assert bytes(launch._arg(v, FakeCp)) == v.tobytes()
+    assert ctypes.sizeof(launch._Attr) == 72 and ctypes.sizeof(launch._Config) == 56  # cuda.h layouts
+    with pytest.raises(BackendError, match="NumPy scalars"):
+        launch._arg(3, FakeCp)                 # a Python int has no C type: the launchers pass np.int32
+    assert launch._dims((4, 2), "grid") == (4, 2, 1) and launch._dims(7, "block") == (7, 1, 1)
+    for bad in ((), (0,), (1, 1, 1, 1)):
+        with pytest.raises(BackendError, match="grid"):
+            launch._dims(bad, "grid")

@@ -1,0 +1,137 @@
+"""Kernel launches with programmatic dependent launch (PDL) on sm_90+.
+
+CuPy's RawKernel launches through cuLaunchKernel, which keeps strict stream order: a
+kernel's blocks are scheduled only after the previous kernel has drained, and in a
+decode step of 320 short kernels that gap, plus the ramp of each kernel's first loads,
+is a large share of the time. cuLaunchKernelEx with the launch attribute
+PROGRAMMATIC_STREAM_SERIALIZATION lets a kernel start while the previous one finishes;
+the kernel itself waits (griddepcontrol.wait, cuda/pdl.cuh) before it touches anything
+the previous one writes or reads. Every kernel in cuda/ does, so `Kernel` launches them
+all this way. Stream capture records the attribute as a programmatic graph edge, so the
+captured decode step keeps the overlap.
+
+The driver entry point is reached through ctypes (CuPy does not wrap cuLaunchKernelEx),
+so this module marshals the arguments itself: CuPy arrays as device pointers, NumPy
+scalars by their bytes (every launcher in the engine passes explicit np.int32 /
+np.float32 / np.int64 / np.uint64 scalars, as CuPy's RawKernel also expects), None as a
+null pointer.
+
+DGQ_PDL=0 in the environment turns PDL off (plain CuPy launches): the A/B switch of the
+benchmarks. GPUs below compute capability 9.0 have no PDL and always launch plainly.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+
+import numpy as np
+
+from .backend import BackendError, _cupy
+
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _Attr(ctypes.Structure):          # CUlaunchAttribute: id, pad to 8, a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint32), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int32),
+                ("value_rest", ctypes.c_char * 60)]
+
+
+class _Config(ctypes.Structure):        # CUlaunchConfig
+    _fields_ = [("grid_x", ctypes.c_uint32), ("grid_y", ctypes.c_uint32), ("grid_z", ctypes.c_uint32),
+                ("block_x", ctypes.c_uint32), ("block_y", ctypes.c_uint32), ("block_z", ctypes.c_uint32),
+                ("shared_mem", ctypes.c_uint32), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_Attr)), ("num_attrs", ctypes.c_uint32)]
+
+
+_STATE: dict = {}
+
+
+def _driver():
+    """cuLaunchKernelEx from libcuda, or None where PDL is off or unavailable (cached)."""
+    if "fn" not in _STATE:
+        fn = None
+        cp = _cupy()
+        if cp is not None and os.environ.get("DGQ_PDL", "1") != "0" \
+                and int(cp.cuda.Device().compute_capability) >= 90:
+            try:
+                lib = ctypes.CDLL("libcuda.so.1")
+                fn = lib.cuLaunchKernelEx
+            except (OSError, AttributeError):
+                fn = None           # a driver older than CUDA 12.0: plain launches
+            if fn is not None:
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                               ctypes.c_void_p]
+        _STATE["fn"] = fn
+    return _STATE["fn"]
+
+
+@contextlib.contextmanager
+def plain_launches():
+    """Within the block, launch without PDL (tests and benchmarks compare the two)."""
+    saved = _driver()
+    _STATE["fn"] = None
+    try:
+        yield
+    finally:
+        _STATE["fn"] = saved
+
+
+def pdl_enabled() -> bool:
+    """Whether kernels launch with programmatic dependent launch in this process."""
+    return _driver() is not None
+
+
+def _dims(d, what: str) -> tuple[int, int, int]:
+    d = (d,) if isinstance(d, (int, np.integer)) else tuple(d)
+    if not 1 <= len(d) <= 3 or any(int(v) < 1 for v in d):
+        raise BackendError(f"kernel {what} must be 1 to 3 positive sizes, got {d}")
+    return tuple(int(v) for v in d) + (1,) * (3 - len(d))
+
+
+def _arg(a, cp):
+    if isinstance(a, cp.ndarray):
+        return ctypes.c_void_p(a.data.ptr)
+    if isinstance(a, np.generic):
+        return (ctypes.c_char * a.nbytes).from_buffer_copy(a.tobytes())
+    if a is None:
+        return ctypes.c_void_p(0)
+    raise BackendError(f"kernel arguments are CuPy arrays, NumPy scalars or None, got {type(a).__name__}")
+
+
+class Kernel:
+    """A compiled kernel (CuPy RawKernel) whose calls launch with PDL where available.
+
+    Called like a RawKernel: kernel(grid, block, args, shared_mem=0). Attribute reads and
+    writes (max_dynamic_shared_size_bytes, num_regs, ...) go to the RawKernel.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw):
+        object.__setattr__(self, "raw", raw)
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.raw, name, value)
+
+    def __call__(self, grid, block, args, shared_mem: int = 0):
+        fn = _driver()
+        if fn is None:
+            return self.raw(grid, block, args, shared_mem=shared_mem)
+        cp = _cupy()
+        gx, gy, gz = _dims(grid, "grid")
+        bx, by, bz = _dims(block, "block")
+        attr = _Attr(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        cfg = _Config(gx, gy, gz, bx, by, bz, int(shared_mem), cp.cuda.get_current_stream().ptr,
+                      ctypes.pointer(attr), 1)
+        held = [_arg(a, cp) for a in args]          # alive until the driver has copied them
+        params = (ctypes.c_void_p * max(1, len(held)))(*[ctypes.addressof(h) for h in held])
+        err = fn(ctypes.byref(cfg), self.raw.kernel.ptr, params, None)
+        if err != 0:
+            raise BackendError(f"cuLaunchKernelEx of {self.raw.name} failed with CUresult {err} "
+                               f"(grid {grid}, block {block}, shared {shared_mem} B); DGQ_PDL=0 launches "
+                               f"without programmatic dependent launch")
