@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from engine.backend import _cupy
-from engine import launch
+from engine import launch, model_cuda
 from engine.bench_e2e import (LLAMA2_7B, SMOLLM2, dequantized_copy, format_breakdown, graph_breakdown,
                               graph_time, random_model)
 from engine.model_cuda import CudaModel
@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--fp16", action="store_true", help="also time the FP16 path (dequantized copy)")
     ap.add_argument("--sweep-gemv", action="store_true", help="time every GEMV config on each linear shape")
+    ap.add_argument("--row-widths", default="", help="comma-separated model_cuda.ROW_CTA_WIDTH values to time "
+                    "(a row wider than this is split over a cluster of CTAs)")
     a = ap.parse_args()
     cp = _cupy()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
@@ -48,6 +50,14 @@ def main():
             print(f"A8W4 decode b={a.batch}, PDL off: {_decode(gm, c2, f2, a)}")
         del c2
     print(format_breakdown(graph_breakdown(gm, cache)))
+    for w in filter(None, a.row_widths.split(",")):
+        saved, model_cuda.ROW_CTA_WIDTH = model_cuda.ROW_CTA_WIDTH, int(w)
+        try:
+            c3, f3 = _prefilled(gm, mw, a)
+            print(f"A8W4 decode b={a.batch}, ROW_CTA_WIDTH {w}: {_decode(gm, c3, f3, a)}")
+            del c3
+        finally:
+            model_cuda.ROW_CTA_WIDTH = saved
     if a.sweep_gemv:
         sweep_gemv(gm, cp, a.batch)
     if a.fp16:

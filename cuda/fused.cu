@@ -13,73 +13,85 @@
 // Quantization rule and modes: cuda/rows.cuh.
 #include "rows.cuh"
 
-// grid (M), block ≤ 1024. First the residual add h += y when y is given (the o_proj or
-// down_proj output of the step before; nullptr skips it), then x = (h * rstd) * w,
-// quantized (modes 0/1) or stored fp16 (mode 2). One launch instead of an add and a norm.
-template <int PER>
-__global__ void __launch_bounds__(1024) add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y,
-                                             const float* __restrict__ w, int H, float eps, int mode,
-                                             const float* __restrict__ static_scale,
-                                             signed char* __restrict__ x8, int ld, float* __restrict__ sx,
-                                             __half* __restrict__ xh) {
-    pdl_enter();
-    float* row = h + (size_t)blockIdx.x * H;
-    const __half* yr = y ? y + (size_t)blockIdx.x * H : nullptr;
-    float v[PER], wv[PER];          // w is loaded with h: one round trip for both
+// grid (M·CL), clusters of CL (cuda/rows.cuh RowTeam), block ≤ 1024. First the residual add
+// h += y when y is given (the o_proj or down_proj output of the step before; nullptr skips
+// it), then x = (h * rstd) * w, quantized (modes 0/1) or stored fp16 (mode 2). One launch
+// instead of an add and a norm.
+template <int PER, int CL>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(1024)
+add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const float* __restrict__ w, int H,
+                  float eps, int mode, const float* __restrict__ static_scale, signed char* __restrict__ x8,
+                  int ld, float* __restrict__ sx, __half* __restrict__ xh) {
+    RowTeam<CL> team;
+    float wv[PER];                  // the norm weight is no kernel's output: read before the PDL wait
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
-        int j = threadIdx.x + i * blockDim.x;
-        v[i] = j < H ? row[j] : 0.f;
+        int j = team.tid + i * team.T;
         wv[i] = j < H ? w[j] : 0.f;
+    }
+    pdl_enter();
+    float* row = h + (size_t)team.row * H;
+    const __half* yr = y ? y + (size_t)team.row * H : nullptr;
+    float v[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        int j = team.tid + i * team.T;
+        v[i] = j < H ? row[j] : 0.f;
         if (yr && j < H) v[i] += __half2float(yr[j]);
     }
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
-        int j = threadIdx.x + i * blockDim.x;
+        int j = team.tid + i * team.T;
         if (yr && j < H) row[j] = v[i];
         ss += v[i] * v[i];
     }
-    float rstd = 1.f / sqrtf(block_sum(ss) / H + eps);
+    float rstd = 1.f / sqrtf(team.template reduce<false>(ss, 0) / H + eps);
 #pragma unroll
     for (int i = 0; i < PER; ++i) v[i] = (v[i] * rstd) * wv[i];     // 0 past H
-    store_row(v, H, mode, static_scale, x8, ld, sx, xh);
+    store_row(v, H, mode, static_scale, x8, ld, sx, xh, team);
+    team.finish();
 }
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
 
-// grid (M), block ≤ 1024. gu is the fused gate|up GEMM output (M, 2I): m = silu(gate) * up.
-template <int PER>
-__global__ void __launch_bounds__(1024) silu_mul_quant(const __half* __restrict__ gu, int I, int mode,
-                                          const float* __restrict__ static_scale,
-                                          signed char* __restrict__ x8, int ld, float* __restrict__ sx,
-                                          __half* __restrict__ mh) {
+// grid (M·CL), clusters of CL, block ≤ 1024. gu is the fused gate|up GEMM output (M, 2I):
+// m = silu(gate) * up.
+template <int PER, int CL>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(1024)
+silu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __restrict__ static_scale,
+               signed char* __restrict__ x8, int ld, float* __restrict__ sx, __half* __restrict__ mh) {
+    RowTeam<CL> team;
     pdl_enter();
-    const __half* g = gu + (size_t)blockIdx.x * 2 * I;
+    const __half* g = gu + (size_t)team.row * 2 * I;
     const __half* u = g + I;
     float v[PER];
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
-        int j = threadIdx.x + i * blockDim.x;
+        int j = team.tid + i * team.T;
         v[i] = j < I ? silu_mul(__half2float(g[j]), __half2float(u[j])) : 0.f;
     }
-    store_row(v, I, mode, static_scale, x8, ld, sx, mh);
+    store_row(v, I, mode, static_scale, x8, ld, sx, mh, team);
+    team.finish();
 }
 
-// grid (M), block ≤ 1024. Quantize fp16 rows (the attention output feeding o_proj).
-template <int PER>
-__global__ void __launch_bounds__(1024) quant_rows(const __half* __restrict__ x, int K, int mode,
-                                      const float* __restrict__ static_scale,
-                                      signed char* __restrict__ x8, int ld, float* __restrict__ sx) {
+// grid (M·CL), clusters of CL, block ≤ 1024. Quantize fp16 rows (the attention output
+// feeding o_proj in prefill).
+template <int PER, int CL>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(1024)
+quant_rows(const __half* __restrict__ x, int K, int mode, const float* __restrict__ static_scale,
+           signed char* __restrict__ x8, int ld, float* __restrict__ sx) {
+    RowTeam<CL> team;
     pdl_enter();
-    const __half* row = x + (size_t)blockIdx.x * K;
+    const __half* row = x + (size_t)team.row * K;
     float v[PER];
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
-        int j = threadIdx.x + i * blockDim.x;
+        int j = team.tid + i * team.T;
         v[i] = j < K ? __half2float(row[j]) : 0.f;
     }
-    store_row(v, K, mode, static_scale, x8, ld, sx, nullptr);
+    store_row(v, K, mode, static_scale, x8, ld, sx, nullptr, team);
+    team.finish();
 }
 
 // grid (M), block 256. h[m] = embed[tok[m]] (fp16 table, fp32 residual stream).

@@ -140,17 +140,20 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     };
 
     // Register double buffer: the next batch's loads are in flight while this one computes,
-    // so a warp never waits a full memory round trip per batch.
+    // so a warp never waits a full memory round trip per batch. Both batches' weights are
+    // requested before the PDL wait: with K = 4096 and U = 4 that is a block's whole slice.
     auto load = [&](int c0, GemvBatch<MT, RW, U>& b) { load_w(c0, b); load_x(c0, b); };
     GemvBatch<MT, RW, U> b0, b1;
     load_w(warp, b0);
+    load_w(warp + NW * U, b1);
     pdl_enter();
     load_x(warp, b0);
+    load_x(warp + NW * U, b1);
     for (int c0 = warp; c0 < C; c0 += 2 * NW * U) {
-        load(c0 + NW * U, b1);
         compute(c0, b0);
         load(c0 + 2 * NW * U, b0);
         compute(c0 + NW * U, b1);
+        load(c0 + 3 * NW * U, b1);
     }
 
     // reduce the 8 warps' partial sums (each covers a different part of K)

@@ -52,31 +52,87 @@ __device__ __forceinline__ float row_scale(int mode, float amax, const float* st
     return static_scale[0];
 }
 
-// Int8 rows are written with leading dimension ld ≥ width: the GEMM's K is padded to a
-// multiple of the group (cuda/common.cuh), and the pad columns must be zero.
-__device__ __forceinline__ void zero_pad(signed char* row, int width, int ld) {
-    for (int j = width + threadIdx.x; j < ld; j += blockDim.x) row[j] = 0;
+// The CTAs that share one row: a thread block cluster of CL CTAs (sm_90; CL = 1 is one
+// CTA, and the only choice elsewhere). A one-row kernel on one SM is bound by its
+// instructions and latency chain (docs/KERNELS.md); CL SMs split the row's work. Thread
+// tid = rank · blockDim + threadIdx of T = CL · blockDim threads handles elements
+// tid + i·T. Reductions go block-wide, then across the cluster through distributed shared
+// memory: every CTA publishes its value in a slot (one slot per reduction of a kernel, so
+// no slot is rewritten), one cluster barrier, every thread reads the CL values in rank order
+// (the same float sum everywhere). finish() keeps each CTA alive until no other can still
+// read its slots.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
 }
 
-// A row held in registers: thread t keeps elements t + i·blockDim (i < PER), all loaded
+template <int CL>
+struct RowTeam {
+    int row, tid, T;
+    __device__ __forceinline__ RowTeam() {
+        unsigned rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if (CL > 1) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+#endif
+        row = blockIdx.x / CL;
+        tid = (int)rank * blockDim.x + threadIdx.x;
+        T = CL * blockDim.x;
+    }
+    template <bool MAX>
+    __device__ __forceinline__ float reduce(float v, int slot) {
+        v = block_reduce<MAX>(v);
+        if (CL == 1) return v;
+        __shared__ float part[2];
+        if (threadIdx.x == 0) part[slot] = v;
+        cluster_sync();
+        float r = MAX ? NEG_INF : 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        const unsigned local = (unsigned)__cvta_generic_to_shared(&part[slot]);
+#pragma unroll
+        for (int c = 0; c < CL; ++c) {
+            unsigned remote;
+            float x;
+            asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(c));
+            asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(x) : "r"(remote) : "memory");
+            r = MAX ? fmaxf(r, x) : r + x;
+        }
+#endif
+        return r;
+    }
+    __device__ __forceinline__ void finish() {
+        if (CL > 1) cluster_sync();
+    }
+};
+
+// Int8 rows are written with leading dimension ld ≥ width: the GEMM's K is padded to a
+// multiple of the group (cuda/common.cuh), and the pad columns must be zero.
+template <int CL>
+__device__ __forceinline__ void zero_pad(signed char* row, int width, int ld, const RowTeam<CL>& team) {
+    for (int j = width + team.tid; j < ld; j += team.T) row[j] = 0;
+}
+
+// A row held in registers: thread t keeps elements t + i·T (i < PER), all loaded
 // before any is used, so a row costs one memory round trip instead of one per loop trip
-// (v1 looped over 256 threads: 5–16 µs a launch in the 7B decode graph). PER is a template
-// argument and the launcher (engine/model_cuda.row_launch) picks the smallest power of two
-// with PER · 1024 ≥ width and ⌈width / PER⌉ threads: a one-row launch runs on one SM, so it
-// wants every warp it can get (1024 threads) and no empty slots, whose predicated-off
-// instructions still take issue cycles (both were measured: 5–11 µs a launch otherwise).
+// (v1 looped over 256 threads: 5–16 µs a launch in the 7B decode graph). PER and CL are
+// template arguments and the launcher (engine/model_cuda.row_launch) picks the cluster size
+// for the row's width, then the smallest power of two with PER · 1024 ≥ width / CL and
+// ⌈width / (CL · PER)⌉ threads: a one-row launch wants every warp it can get and no empty
+// slots, whose predicated-off instructions still take issue cycles (both were measured:
+// 5–11 µs a launch otherwise).
 // __launch_bounds__(1024) caps a thread at 64 registers: add_rmsnorm_quant<32> and
 // attn_decode_combine<32> (rows over 16384 values) and silu_mul_quant<8> spill a little to
 // local memory (ptxas -v, 12–96 bytes; L1-cached); the others stay in registers.
-// Store a row held as v[PER] (thread-strided) quantized per mode, with its scale.
-template <int PER>
+// Store a row held as v[PER] (team-strided) quantized per mode, with its scale.
+template <int PER, int CL>
 __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode, const float* static_scale,
-                                          signed char* x8, int ld, float* sx, __half* xh) {
-    const int row = blockIdx.x;
+                                          signed char* x8, int ld, float* sx, __half* xh,
+                                          RowTeam<CL>& team) {
+    const int row = team.row;
     if (mode == MODE_FP16) {
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
-            int j = threadIdx.x + i * blockDim.x;
+            int j = team.tid + i * team.T;
             if (j < W) xh[(size_t)row * W + j] = __float2half_rn(v[i]);
         }
         return;
@@ -85,16 +141,15 @@ __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode
     if (mode == MODE_DYNAMIC) {
 #pragma unroll
         for (int i = 0; i < PER; ++i) amax = fmaxf(amax, fabsf(v[i]));   // slots past W hold 0
-        amax = block_max(amax);
+        amax = team.template reduce<true>(amax, 1);
     }
     float s = row_scale(mode, amax, static_scale);
-    if (threadIdx.x == 0) sx[row] = s;
+    if (team.tid == 0) sx[row] = s;
     signed char* out = x8 + (size_t)row * ld;
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
-        int j = threadIdx.x + i * blockDim.x;
+        int j = team.tid + i * team.T;
         if (j < W) out[j] = quant1(v[i], s);
     }
-    zero_pad(out, W, ld);
+    zero_pad(out, W, ld, team);
 }
-

@@ -31,7 +31,12 @@ DECODE_MAX_WEIGHTS = 8192   # heads × splits the combine holds (cuda/attention.
 GEMV_F16_MT = (1, 4, 8)     # M buckets of the fp16 GEMV (cuda/fused.cu gemv_f16_m*)
 GEMV_F16_MAXM = GEMV_F16_MT[-1]
 ROW_PERS = (1, 2, 4, 8, 16, 32)  # row elements a thread holds: the row kernels' instantiations
-FUSED_EXPRS = tuple(f"{k}<{p}>" for k in ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows") for p in ROW_PERS)
+ROW_CLUSTERS = (1, 2, 4, 8)      # CTAs sharing a row (thread block clusters, sm_90)
+ROW_CLUSTER_PERS = ROW_PERS[:3]  # PER instantiated with clusters of 2 or more
+ROW_CTA_WIDTH = 2048             # on sm_90, a row wider than this is split over a cluster
+ROW_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows")
+FUSED_EXPRS = tuple(f"{k}<{p}, {cl}>" for k in ROW_KERNELS for cl in ROW_CLUSTERS
+                    for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS))
 FA_BM, FA_BN = 64, 64       # query rows per block, keys per tile of attn_prefill (cuda/attention.cu)
 KV_TYPES = ("__half", "signed char")       # the cache element types the attention kernels take
 ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in KV_TYPES] + [f"attn_decode_split<{t}>" for t in KV_TYPES]
@@ -70,13 +75,28 @@ def matmul_f16(cp, x, w, out):
     return out
 
 
-def row_launch(name: str, width: int) -> tuple[str, int]:
-    """(kernel expression, block size) of a row kernel (cuda/rows.cuh) for rows of `width`:
-    the smallest PER with PER · 1024 ≥ width, and ⌈width / PER⌉ threads in whole warps."""
-    per = next((p for p in ROW_PERS if p * 1024 >= width), None)
+def row_cluster(width: int, cta_width: int | None = None) -> int:
+    """CTAs per row for a row kernel on sm_90: the smallest cluster that leaves each CTA at
+    most `cta_width` (default ROW_CTA_WIDTH) values."""
+    cta_width = ROW_CTA_WIDTH if cta_width is None else cta_width
+    return next((cl for cl in ROW_CLUSTERS if -(-width // cl) <= cta_width), ROW_CLUSTERS[-1])
+
+
+def row_launch(name: str, width: int, cl: int = 1) -> tuple[str, int]:
+    """(kernel expression, block size) of a row kernel (cuda/rows.cuh) for rows of `width`
+    shared by clusters of `cl` CTAs: the smallest PER with PER · 1024 ≥ ⌈width / cl⌉, and
+    ⌈width / (cl · PER)⌉ threads in whole warps. attn_decode_combine runs one CTA a row."""
+    if cl not in ROW_CLUSTERS or (cl > 1 and name == "attn_decode_combine"):
+        raise BackendError(f"{name} runs on clusters of {ROW_CLUSTERS if name in ROW_KERNELS else (1,)} CTAs, "
+                           f"not {cl}")
+    share = -(-width // cl)
+    pers = ROW_PERS if cl == 1 else ROW_CLUSTER_PERS
+    per = next((p for p in pers if p * 1024 >= share), None)
     if per is None:
-        raise BackendError(f"the GPU row kernels take rows of up to {ROW_PERS[-1] * 1024} values, got {width}")
-    return f"{name}<{per}>", min(1024, 32 * -(-width // (32 * per)))
+        raise BackendError(f"the GPU row kernels take rows of up to {pers[-1] * 1024 * cl} values on "
+                           f"clusters of {cl}, got {width}")
+    threads = min(1024, 32 * -(-share // (32 * per)))
+    return (f"{name}<{per}>" if name == "attn_decode_combine" else f"{name}<{per}, {cl}>"), threads
 
 
 def kv_type(cache_array) -> str:
@@ -219,6 +239,7 @@ class CudaModel:
             raise BackendError(f"the GPU attention kernels take head_dim 64 or 128, got {c.head_dim}")
         for width in (c.hidden_size, c.q_size, c.intermediate_size):
             row_launch("rows", width)                       # raises for rows too wide
+        self._clusters = kernels.device_info()["cc"] >= 90   # row kernels split wide rows over clusters
         kernels.module("fused.cu", FUSED_EXPRS)            # compile once, up front
         kernels.module("attention.cu", ATTN_EXPRS)
         self.embed = cp.asarray(weights.embed, dtype=cp.float16)               # (V, H)
@@ -284,9 +305,10 @@ class CudaModel:
         kernels.function("fused.cu", name, FUSED_EXPRS)(grid, block, args)
 
     def _row(self, name, m, width, args):
-        """One row kernel over m rows of `width` (its PER instantiation and block size)."""
-        expr, threads = row_launch(name, width)
-        self._launch(expr, (m,), (threads,), args)
+        """One row kernel over m rows of `width` (its cluster, PER instantiation and block size)."""
+        cl = row_cluster(width) if self._clusters else 1
+        expr, threads = row_launch(name, width, cl)
+        self._launch(expr, (m * cl,), (threads,), args)
 
     def _attn(self, expr, grid, block, args):
         kernels.function("attention.cu", expr, ATTN_EXPRS)(grid, block, args)

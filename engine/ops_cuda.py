@@ -203,6 +203,10 @@ _QUANT = ("quant_act_static<u16>", "quant_act_static<float>",
 TUNE = {
     "gemv_max_m": 16,                                   # M at or below this runs the GEMV
     "gemv": {1: (1, 2), 2: (4, 2), 4: (2, 2)},          # MT -> (RW, U)
+    # with at most this many row tiles per SM (N = 4096: 256 tiles) a block runs U = 4:
+    # more bytes in flight per warp beats occupancy there (2026-11-25 H100 sweep, graphed:
+    # o 6.37 -> 5.13 us, down 14.27 -> 11.25 us; qkv and gate|up stay faster at U = 2)
+    "gemv_few": {1: (1, 4)}, "gemv_few_tiles_per_sm": 2,
     "wgmma_bounds": (64, 512),
     "wgmma": {"small": (64, 6, 2, 4, 2, None), "mid": (128, 4, 2, 2, 2, None),
               "large": (128, 4, 2, 2, 2, 1)},
@@ -391,7 +395,9 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         mt = cfg.get("mt", gemv_mt(m))
         if m > 8 * mt or mt not in GEMV_CFGS:
             raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
-        rw, u = cfg.get("rw", TUNE["gemv"][mt][0]), cfg.get("u", TUNE["gemv"][mt][1])
+        few = mt in TUNE["gemv_few"] and R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
+        rw0, u0 = TUNE["gemv_few"][mt] if few else TUNE["gemv"][mt]
+        rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
         if (rw, u) not in GEMV_CFGS[mt]:
             raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
         fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>", _GEMV)

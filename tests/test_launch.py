@@ -4,21 +4,38 @@ import numpy as np
 import pytest
 
 from engine import ops_cuda
-from engine.model_cuda import ROW_PERS, row_launch
+from engine.model_cuda import FUSED_EXPRS, ROW_CLUSTER_PERS, ROW_CLUSTERS, ROW_PERS, row_cluster, row_launch
 from engine.backend import BackendError
 from engine.sampling import SamplingError
 
 
 def test_row_launch_covers_every_width_with_whole_warps():
     for width in range(1, ROW_PERS[-1] * 1024 + 1):
-        expr, threads = row_launch("add_rmsnorm_quant", width)
-        per = int(expr[expr.index("<") + 1:-1])
-        assert threads % 32 == 0 and 32 <= threads <= 1024
-        assert per * threads >= width                     # every element has a slot
-        assert per * (threads - 32) < width               # no warp is left without an element
-        assert per == 1 or (per // 2) * 1024 < width      # the smallest PER that fits
+        for cl in ROW_CLUSTERS:
+            if cl > 1 and width > ROW_CLUSTER_PERS[-1] * 1024 * cl:
+                continue
+            expr, threads = row_launch("add_rmsnorm_quant", width, cl)
+            assert expr in FUSED_EXPRS                          # an instantiated kernel
+            per, ecl = (int(v) for v in expr[expr.index("<") + 1:-1].split(","))
+            share = -(-width // cl)                             # a CTA's part of the row
+            assert ecl == cl and threads % 32 == 0 and 32 <= threads <= 1024
+            assert per * threads * cl >= width                  # every element has a slot
+            assert per * (threads - 32) < share                 # no warp is left without an element
+            assert per == 1 or (per // 2) * 1024 < share        # the smallest PER that fits
     with pytest.raises(BackendError, match="rows of up to"):
         row_launch("silu_mul_quant", ROW_PERS[-1] * 1024 + 1)
+    with pytest.raises(BackendError, match="rows of up to"):
+        row_launch("silu_mul_quant", ROW_CLUSTER_PERS[-1] * 1024 * 2 + 1, 2)
+    with pytest.raises(BackendError, match="clusters"):
+        row_launch("attn_decode_combine", 4096, 2)
+    with pytest.raises(BackendError, match="clusters"):
+        row_launch("silu_mul_quant", 4096, 3)
+
+
+def test_row_cluster_keeps_each_cta_within_its_width():
+    assert [row_cluster(w, 2048) for w in (576, 2048, 2049, 4096, 8192, 11008, 16384, 40000)] == \
+        [1, 1, 2, 2, 4, 8, 8, 8]
+    assert row_cluster(11008, 4096) == 4 and row_cluster(11008, 1 << 20) == 1
 
 
 def test_sample_params_pack_and_validate():

@@ -146,12 +146,18 @@ def test_fp16_gemv_buckets_match_float64(m):
 
 @pytest.mark.parametrize("width", [64, 576, 4096, 5000, 11008, 20000])
 @pytest.mark.parametrize("mode", ["static", "dynamic", "fp16"])
-def test_row_kernels_match_numpy(width, mode):
+@pytest.mark.parametrize("cl", [1, 2, 8])
+def test_row_kernels_match_numpy(width, mode, cl):
     """add_rmsnorm_quant (with and without the residual add), silu_mul_quant and quant_rows at
-    block sizes from one warp to 1024 threads, against NumPy float32."""
+    block sizes from one warp to 1024 threads, one CTA a row or a cluster of cl (sm_90; CTAs
+    whose part of a narrow row is empty included), against NumPy float32."""
     import cupy as cp
-    from engine.model_cuda import FUSED_EXPRS, MODE, row_launch
-    from engine.kernels import function
+    from engine.model_cuda import FUSED_EXPRS, MODE, ROW_CLUSTER_PERS, row_launch
+    from engine.kernels import device_info, function
+    if cl > 1 and device_info()["cc"] < 90:
+        pytest.skip("thread block clusters need sm_90")
+    if cl > 1 and width > ROW_CLUSTER_PERS[-1] * 1024 * cl:
+        pytest.skip("not instantiated: the engine never sends so wide a row to so small a cluster")
     rng = np.random.default_rng(width)
     m, eps, scale = 3, 1e-5, 0.02
     h = rng.standard_normal((m, width)).astype(np.float32)
@@ -166,8 +172,8 @@ def test_row_kernels_match_numpy(width, mode):
         sx = cp.zeros((m,), cp.float32)
         xh = cp.zeros((m, width), cp.float16)
         tail = (np.int32(MODE[mode]), sc, x8, np.int32(ld), sx) + ((xh,) if name != "quant_rows" else ())
-        expr, threads = row_launch(name, width)
-        function("fused.cu", expr, FUSED_EXPRS)((m,), (threads,), args + tail)
+        expr, threads = row_launch(name, width, cl)
+        function("fused.cu", expr, FUSED_EXPRS)((m * cl,), (threads,), args + tail)
         return x8.get(), sx.get(), xh.get()
 
     def check(got, want, rtol):
