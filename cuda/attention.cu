@@ -424,6 +424,19 @@ __global__ void __launch_bounds__(1024) attn_decode_combine(
     int b = blockIdx.x, W = Hq * D;
     int used = min(nsplit, (lens[b] + DEC_CHUNK - 1) / DEC_CHUNK);
     const float* ml = part_ml + 2 * (size_t)b * Hq * nsplit;
+    // The first DEC_PF splits' partial sums are requested before the weights are computed
+    // (they do not depend on them): their round trip overlaps the weights' one. Rows over
+    // 4096 values skip it, within the 64 registers of a 1024-thread block.
+    constexpr int DEC_PF = PER <= 4 ? 4 : 0;
+    auto acc_of = [&](int e) { return part_acc + ((size_t)b * Hq + e / D) * nsplit * D + e % D; };
+    float pre[PER][DEC_PF > 0 ? DEC_PF : 1];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        int e = threadIdx.x + i * blockDim.x;
+        const float* a = acc_of(min(e, W - 1));
+#pragma unroll
+        for (int s = 0; s < DEC_PF; ++s) pre[i][s] = (e < W && s < used) ? a[(size_t)s * D] : 0.f;
+    }
     for (int h = threadIdx.x; h < Hq; h += blockDim.x) {          // one thread a head
         float mx = NEG_INF, l = 0.f;
         for (int s = 0; s < used; ++s) mx = fmaxf(mx, ml[2 * (h * nsplit + s)]);
@@ -441,10 +454,13 @@ __global__ void __launch_bounds__(1024) attn_decode_combine(
         int e = threadIdx.x + i * blockDim.x;
         v[i] = 0.f;
         if (e < W) {
-            int h = e / D;
-            const float* acc = part_acc + ((size_t)b * Hq + h) * nsplit * D + e % D;
+            const float* wh = wts + (e / D) * nsplit;
+            const float* a = acc_of(e);
+#pragma unroll
+            for (int s = 0; s < DEC_PF; ++s)
+                if (s < used) v[i] += wh[s] * pre[i][s];
 #pragma unroll 4
-            for (int s = 0; s < used; ++s) v[i] += wts[h * nsplit + s] * acc[(size_t)s * D];
+            for (int s = DEC_PF; s < used; ++s) v[i] += wh[s] * a[(size_t)s * D];
         }
     }
     if (mode == MODE_FP16) {                    // the fp16 row, rounded like the quantized path's input
