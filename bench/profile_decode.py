@@ -89,27 +89,22 @@ def _decode(gm, cache, firsts, a) -> str:
 
 
 def sweep_gemv(gm, cp, m):
-    """Each linear shape, every layer's weights in turn, under GEMV configs and split-K factors
-    (graphed, so with PDL where the launcher uses it); `auto` is what the dispatcher runs."""
+    """Each linear shape, every layer's weights in turn, under each instantiated GEMV config."""
     from engine import ops_cuda
     mt = ops_cuda.gemv_mt(m)
-    cfgs = [c for c in ops_cuda.GEMV_CFGS[mt] if c[0] == 1] if mt == 1 else ops_cuda.GEMV_CFGS[mt]
     for key in ("qkv", "o", "gu", "down"):
         lins = [L[key].packed for L in gm.layers]
-        ws = gm.layers[0][key].workspace
         x8 = cp.ones((m, lins[0].k_pad), cp.int8)
         sx = cp.ones((m,), cp.float32)
         out = cp.empty((m, lins[0].n), cp.float16)
         mb = sum(p.nbytes() for p in lins) / len(lins) / 1e6
         res = []
-        runs = [("auto", None)] + [(f"RW={rw} U={u} S={sp}", {"mt": mt, "rw": rw, "u": u, "splits": sp})
-                                   for rw, u in cfgs for sp in (1, 2, 3, 4)]
-        for label, cfg in runs:
-            fns = [lambda p=p, cfg=cfg: ops_cuda.gemm_a8w4(x8, sx, p, kernel="gemv", cfg=cfg, out=out, workspace=ws)
-                   for p in lins]
+        for rw, u in ops_cuda.GEMV_CFGS[mt]:
+            fns = [lambda p=p: ops_cuda.gemm_a8w4(x8, sx, p, kernel="gemv", cfg={"mt": mt, "rw": rw, "u": u},
+                                                  out=out) for p in lins]
             us = graph_time(cp, fns)
-            res.append(f"{label}: {us:6.2f} us ({mb / us:.2f} TB/s)")
-        print(f"gemv M={m} {key} N={lins[0].n} K={lins[0].k_pad} {mb:.1f} MB\n    " + "\n    ".join(res))
+            res.append(f"RW={rw} U={u}: {us:6.2f} us ({mb / us:.2f} TB/s)")
+        print(f"gemv M={m} {key} N={lins[0].n} K={lins[0].k_pad} {mb:.1f} MB | " + " | ".join(res))
 
 
 if __name__ == "__main__":

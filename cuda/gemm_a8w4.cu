@@ -43,8 +43,7 @@ template <int MT, int RW, int U, bool OUT_I32>
 __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
-    int M, int N, int R, int C, int Gp, int gshift, int ldx, int* __restrict__ ws, int* __restrict__ counters,
-    int splits) {
+    int M, int N, int R, int C, int Gp, int gshift, int ldx) {
     constexpr int NW = 8;
     static_assert(RW * MT <= 8, "reduction buffer must stay within 32 KB of static shared memory");
     __shared__ int red[NW][RW * MT * 4][32];
@@ -52,9 +51,6 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int rt0 = blockIdx.x * RW;
-    // split-K (grid.y = splits): this block's chunks [cbeg, cbeg + Lc), on group boundaries
-    const int gch = 1 << gshift, ng = C / gch, split = blockIdx.y;
-    const int cbeg = ng * split / splits * gch, Lc = ng * (split + 1) / splits * gch - cbeg;
 
     int acc[RW][MT][4];
 #pragma unroll
@@ -71,8 +67,8 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
 #pragma unroll
     for (int r = 0; r < RW; ++r) {
         rok[r] = rt0 + r < R;
-        wbase[r] = qw + ((size_t)(rok[r] ? rt0 + r : 0) * C + cbeg) * 32 + lane;
-        mbase[r] = meta + ((size_t)(rok[r] ? rt0 + r : 0) * Gp + (cbeg >> gshift)) * 8 + g;
+        wbase[r] = qw + (size_t)(rok[r] ? rt0 + r : 0) * C * 32 + lane;
+        mbase[r] = meta + (size_t)(rok[r] ? rt0 + r : 0) * Gp * 8 + g;
     }
     const i8* xbase[MT];
     bool mok[MT];
@@ -80,7 +76,7 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     for (int j = 0; j < MT; ++j) {
         mok[j] = 8 * j + g < M;
         // b0/b1 of k-step 0 and 1: k = 4t, 16+4t, 32+4t, 48+4t (natural order)
-        xbase[j] = x8 + (size_t)(mok[j] ? 8 * j + g : 0) * ldx + (size_t)cbeg * DGQ_CHUNK_K + 4 * t;
+        xbase[j] = x8 + (size_t)(mok[j] ? 8 * j + g : 0) * ldx + 4 * t;
     }
 
     // Issue every load of a batch (chunks c0, c0+8, ..., c0+8(U-1)); past C: zeros, no access.
@@ -90,7 +86,7 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + NW * u;
-            const bool ok = c < Lc;
+            const bool ok = c < C;
 #pragma unroll
             for (int r = 0; r < RW; ++r) {
                 if (ok && rok[r]) {
@@ -107,7 +103,7 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + NW * u;
-            const bool ok = c < Lc;
+            const bool ok = c < C;
 #pragma unroll
             for (int j = 0; j < MT; ++j) {
                 if (ok && mok[j]) {
@@ -125,7 +121,7 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     auto compute = [&](int c0, const GemvBatch<MT, RW, U>& b) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            if (c0 + NW * u >= Lc) break;  // warp-uniform
+            if (c0 + NW * u >= C) break;  // warp-uniform
 #pragma unroll
             for (int r = 0; r < RW; ++r) {
                 DqConst lo, hi;
@@ -153,7 +149,7 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     pdl_enter();
     load_x(warp, b0);
     load_x(warp + NW * U, b1);
-    for (int c0 = warp; c0 < Lc; c0 += 2 * NW * U) {
+    for (int c0 = warp; c0 < C; c0 += 2 * NW * U) {
         compute(c0, b0);
         load(c0 + 2 * NW * U, b0);
         compute(c0 + NW * U, b1);
@@ -168,48 +164,11 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
 #pragma unroll
             for (int e = 0; e < 4; ++e) red[warp][(r * MT + j) * 4 + e][lane] = acc[r][j][e];
     __syncthreads();
-    constexpr int NV = RW * MT * 4 * 32, PT = (NV + 255) / 256;     // tile values, per thread
-    int vv[PT];
+    for (int idx = threadIdx.x; idx < RW * MT * 4 * 32; idx += blockDim.x) {
+        const int el = idx >> 5, ln = idx & 31;
+        int v = 0;
 #pragma unroll
-    for (int p = 0; p < PT; ++p) {
-        const int idx = threadIdx.x + 256 * p, el = idx >> 5, ln = idx & 31;
-        vv[p] = 0;
-        if (idx < NV) {
-#pragma unroll
-            for (int w = 0; w < NW; ++w) vv[p] += red[w][el][ln];
-        }
-    }
-    if (splits > 1) {
-        // The tile's int32 partial sums meet in ws; the last split to arrive adds them (exact
-        // in any order), runs the epilogue and re-arms the counter (as common.cuh splitk_reduce).
-        __shared__ int s_last;
-        const int tile = blockIdx.x;
-#pragma unroll
-        for (int p = 0; p < PT; ++p) {
-            const int idx = threadIdx.x + 256 * p;
-            if (idx < NV) ws[((size_t)split * gridDim.x + tile) * NV + idx] = vv[p];
-        }
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) s_last = atomicAdd(counters + tile, 1) == splits - 1;
-        __syncthreads();
-        if (!s_last) return;
-        __threadfence();
-        for (int s2 = 0; s2 < splits; ++s2) {
-            if (s2 == split) continue;
-#pragma unroll
-            for (int p = 0; p < PT; ++p) {
-                const int idx = threadIdx.x + 256 * p;
-                if (idx < NV) vv[p] += ldcg_s32(ws + ((size_t)s2 * gridDim.x + tile) * NV + idx);
-            }
-        }
-        if (threadIdx.x == 0) counters[tile] = 0;
-    }
-#pragma unroll
-    for (int p = 0; p < PT; ++p) {
-        const int idx = threadIdx.x + 256 * p, el = idx >> 5, ln = idx & 31;
-        if (idx >= NV) continue;
-        const int v = vv[p];
+        for (int w = 0; w < NW; ++w) v += red[w][el][ln];
         const int r = el / (MT * 4), j = (el >> 2) % MT, e = el & 3;
         // D fragment of mma(A = weights, B = tokens): row = channel, col = token
         const int n = DGQ_TILE_N * (rt0 + r) + (ln >> 2) + 8 * (e >> 1);

@@ -78,23 +78,6 @@ def plain_launches():
         _STATE["fn"] = saved
 
 
-def occupancy(kernel, threads: int, shared_mem: int = 0) -> int:
-    """Blocks of `threads` threads a multiprocessor holds at once (the driver's occupancy
-    calculator, cuOccupancyMaxActiveBlocksPerMultiprocessor)."""
-    if "occ" not in _STATE:
-        lib = ctypes.CDLL("libcuda.so.1")
-        fn = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-        _STATE["occ"] = fn
-    raw = kernel.raw if isinstance(kernel, Kernel) else kernel
-    n = ctypes.c_int(0)
-    err = _STATE["occ"](ctypes.byref(n), raw.kernel.ptr, int(threads), int(shared_mem))
-    if err != 0:
-        raise BackendError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUresult {err}")
-    return int(n.value)
-
-
 def pdl_enabled() -> bool:
     """Whether kernels launch with programmatic dependent launch in this process."""
     return _driver() is not None

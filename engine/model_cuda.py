@@ -148,7 +148,6 @@ class GpuLinear:
             self.scale = cp.asarray([ql.ascale or 1.0], dtype=cp.float32)   # read by static mode only
             self.w16 = None
             self.n = ql.out_features
-            self.workspace = None                # the model's split-K workspace (CudaModel sets it)
         elif all(isinstance(w, np.ndarray) for w in ws):
             w = np.concatenate(ws, axis=0) if len(ws) > 1 else ws[0]
             self.w16 = cp.asarray(w, dtype=cp.float16)                      # (N, K)
@@ -162,7 +161,7 @@ class GpuLinear:
         if self.w16 is not None:
             matmul_f16(self.cp, xh, self.w16, out)          # the FP16 baseline: cuBLAS or our GEMV
         else:
-            ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out, workspace=self.workspace)
+            ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out)
         return out
 
     def nbytes(self) -> int:
@@ -255,18 +254,6 @@ class CudaModel:
                 qkv=GpuLinear(cp, [L.q, L.k, L.v], hc), o=GpuLinear(cp, [L.o], hc),
                 gu=GpuLinear(cp, [L.gate, L.up], hc), down=GpuLinear(cp, [L.down], hc)))
         del hc
-        # one split-K workspace for the decode GEMVs (ops_cuda.gemv_splits), owned by the model
-        # so a captured graph's pointers stay valid; the GEMVs run one after another
-        tiles = [g.packed.n_pad // 16 for L in self.layers for g in (L["qkv"], L["o"], L["gu"], L["down"])
-                 if g.packed is not None]
-        if tiles:
-            most = max(tiles) + max(rw for cfgs in ops_cuda.GEMV_CFGS.values() for rw, _ in cfgs)
-            mt = ops_cuda.gemv_mt(ops_cuda.TUNE["gemv_max_m"])
-            ws = (cp.empty((ops_cuda.TUNE["gemv_max_splits"] * most * mt * 4 * 32,), cp.int32),
-                  cp.zeros((most,), cp.int32))
-            for L in self.layers:
-                for g in (L["qkv"], L["o"], L["gu"], L["down"]):
-                    g.workspace = ws
         # widest int8/fp16 activation row: K padded to the GEMM's multiple of the group
         self._wide = max([c.hidden_size, c.intermediate_size, c.q_size] +
                          [g.kp for L in self.layers for g in (L["qkv"], L["o"], L["gu"], L["down"])])

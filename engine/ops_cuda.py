@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import formats
-from engine import kernels, launch
+from engine import kernels
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
 CHUNK_K = 64         # k per 16-byte lane vector (DGQ_CHUNK_K)
@@ -207,9 +207,6 @@ TUNE = {
     # more bytes in flight per warp beats occupancy there (2026-11-25 H100 sweep, graphed:
     # o 6.37 -> 5.13 us, down 14.27 -> 11.25 us; qkv and gate|up stay faster at U = 2)
     "gemv_few": {1: (1, 4)}, "gemv_few_tiles_per_sm": 2,
-    # GEMV split-K: the fewest splits (≤ gemv_max_splits, each ≥ gemv_min_split_chunks of K)
-    # whose blocks fill their last wave to gemv_wave_fill (units / capacity over its ceiling)
-    "gemv_max_splits": 4, "gemv_min_split_chunks": 16, "gemv_wave_fill": 0.9,
     "wgmma_bounds": (64, 512),
     "wgmma": {"small": (64, 6, 2, 4, 2, None), "mid": (128, 4, 2, 2, 2, None),
               "large": (128, 4, 2, 2, 2, 1)},
@@ -371,27 +368,7 @@ def _set_smem(fn, expr: str, smem: int):
         _SMEM_SET[expr] = smem
 
 
-def gemv_splits(blocks: int, chunks: int, gshift: int, fn) -> int:
-    """Split-K factor of a GEMV launch: `blocks` row-tile blocks over K = `chunks` 64-wide
-    chunks (groups of 2^gshift chunks stay whole). 768 blocks on 528 slots leave the second
-    wave 45 % full; splitting K in two gives 1536 units and a last wave 91 % full."""
-    cap = launch.occupancy(fn, THREADS) * kernels.device_info()["sm_count"]
-    groups = chunks >> gshift
-    best, best_fill = 1, 0.0
-    for s in range(1, TUNE["gemv_max_splits"] + 1):
-        if s > 1 and (groups // s) << gshift < TUNE["gemv_min_split_chunks"]:
-            break
-        waves = blocks * s / cap
-        fill = waves / math.ceil(waves)
-        if fill >= TUNE["gemv_wave_fill"]:
-            return s
-        if fill > best_fill:
-            best, best_fill = s, fill
-    return best
-
-
-def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict | None, out=None,
-              workspace=None):
+def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict | None, out=None):
     cp = _cp()
     x8 = _prep_x8(x8, layer)
     m = x8.shape[0]
@@ -424,18 +401,8 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if (rw, u) not in GEMV_CFGS[mt]:
             raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
         fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>", _GEMV)
-        blocks = -(-R // rw)
-        splits = cfg.get("splits") or gemv_splits(blocks, C, layer.gshift, fn)
-        nv = rw * mt * 4 * 32                                   # int32 values of a block's tile
-        if splits > 1:
-            ws, cnt = workspace or _workspace(splits * blocks * nv, blocks)
-            if ws.size < splits * blocks * nv or cnt.size < blocks:
-                raise CudaOpError(f"the GEMV split-K workspace holds {ws.size} partials and {cnt.size} "
-                                  f"counters; this call needs {splits * blocks * nv} and {blocks}")
-        else:
-            ws = cnt = np.uint64(0)                              # null: unused without splits
-        fn((blocks, splits), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out,
-                                          np.int32(m), np.int32(n), *common, ws, cnt, np.int32(splits)))
+        fn((-(-R // rw),), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out,
+                                        np.int32(m), np.int32(n), *common))
         return out
     if kernel == "mma":
         bm = cfg.get("bm", TUNE["mma_bm_small"] if m <= TUNE["mma_small_max_m"] else 128)
@@ -472,17 +439,14 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     return out
 
 
-def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None,
-              workspace=None):
+def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None):
     """y (M, N) fp16 = fp16((float(Σ_k x8·W8) * sx[m]) * s8[n]), bit-exact to the reference.
 
     x8 is (M, K) or (M, Kp) int8 (Kp = layer.k_pad; quantize_act pads for free),
     sx (M,) float32. kernel: "auto" | "gemv" | "mma" | "wgmma"; cfg overrides tile
     choices (bench tuning); out: an optional preallocated (M, N) float16 array.
-    workspace: (int32 partials, int32 zeroed counters) for a split-K GEMV; a captured graph
-    must own its own (the shared default may be reallocated by a later, larger call).
     """
-    return _run_gemm(x8, sx, layer, False, kernel, cfg, out, workspace)
+    return _run_gemm(x8, sx, layer, False, kernel, cfg, out)
 
 
 def gemm_a8w4_acc(x8, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None):

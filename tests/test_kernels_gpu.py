@@ -317,15 +317,7 @@ def test_every_instantiated_variant_bitexact():
         m = 8 * mt - 3
         x8 = random_x8(m, 1152, seed=mt)
         for rw, u in cfgs:
-            for splits in (1, 2, 3):     # K = 9 groups: splits of 4 + 5 and 3 + 3 + 3 groups
-                layer, ref = _acc_check(ql, x8, "gemv", cfg={"mt": mt, "rw": rw, "u": u, "splits": splits})
-        cp = _cp()
-        want = formats.epilogue_ref(ref, sx(m), ql.cscale).astype(np.float16)
-        for splits in (1, 2):
-            got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx(m)), layer, kernel="gemv",
-                                     cfg={"mt": mt, "splits": splits},
-                                     out=cp.full(want.shape, np.float16(np.nan), dtype=cp.float16))
-            np.testing.assert_array_equal(cp.asnumpy(got), want)
+            layer, ref = _acc_check(ql, x8, "gemv", cfg={"mt": mt, "rw": rw, "u": u})
     for m in (40, 150):
         x8 = random_x8(m, 1152, seed=m)
         for bm, _ in ops_cuda.MMA_CFGS:
