@@ -28,7 +28,6 @@ def main():
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--fp16", action="store_true", help="also time the FP16 path (dequantized copy)")
     ap.add_argument("--sweep-gemv", action="store_true", help="time every GEMV config on each linear shape")
-    ap.add_argument("--l2-prefetch-ab", action="store_true", help="decode with the GEMV L2 prefetch off, then on")
     ap.add_argument("--row-widths", default="", help="comma-separated model_cuda.ROW_CTA_WIDTH values to time "
                     "(a row wider than this is split over a cluster of CTAs)")
     a = ap.parse_args()
@@ -51,13 +50,6 @@ def main():
             print(f"A8W4 decode b={a.batch}, PDL off: {_decode(gm, c2, f2, a)}")
         del c2
     print(format_breakdown(graph_breakdown(gm, cache)))
-    if a.l2_prefetch_ab:
-        from engine import ops_cuda
-        for pf in (False, True):
-            ops_cuda.TUNE["gemv_l2_prefetch"] = pf
-            c4, f4 = _prefilled(gm, mw, a)
-            print(f"A8W4 decode b={a.batch}, GEMV L2 prefetch {'on' if pf else 'off'}: {_decode(gm, c4, f4, a)}")
-            del c4
     for w in filter(None, a.row_widths.split(",")):
         saved, model_cuda.ROW_CTA_WIDTH = model_cuda.ROW_CTA_WIDTH, int(w)
         try:
@@ -72,13 +64,6 @@ def main():
         del gm, cache
         cp.get_default_memory_pool().free_all_blocks()
         g16 = CudaModel(dequantized_copy(mw))
-        if a.l2_prefetch_ab:
-            from engine import ops_cuda
-            ops_cuda.TUNE["gemv_l2_prefetch"] = False
-            c16, f16 = _prefilled(g16, mw, a)
-            print(f"FP16 decode b={a.batch}, GEMV L2 prefetch off: {_decode(g16, c16, f16, a)}")
-            del c16
-            ops_cuda.TUNE["gemv_l2_prefetch"] = True
         c16, f16 = _prefilled(g16, mw, a)
         print(f"FP16 decode b={a.batch}, PDL {'on' if launch.pdl_enabled() else 'off'}: {_decode(g16, c16, f16, a)}")
         print(format_breakdown(graph_breakdown(g16, c16)))

@@ -113,7 +113,7 @@ extern "C" __global__ void embed_gather(const __half* __restrict__ emb, const in
 // past L1) the FP16 7B decode step took 56 ms; larger M goes to cuBLAS.
 template <int MT, int U>
 __device__ __forceinline__ void gemv_f16_tile(const __half* __restrict__ x, const __half* __restrict__ w,
-                                              __half* __restrict__ out, int M, int N, int K, int l2_prefetch) {
+                                              __half* __restrict__ out, int M, int N, int K) {
     int lane = threadIdx.x & 31;
     int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const bool live = n < N;
@@ -131,11 +131,6 @@ __device__ __forceinline__ void gemv_f16_tile(const __half* __restrict__ x, cons
         }
     };
     load(lane);                   // weights are no kernel's output: read before the PDL wait
-    if (l2_prefetch) {            // and the block's rows pulled into L2 (as the A8W4 GEMV does)
-        const int n0 = blockIdx.x * (blockDim.x >> 5), rows = min((int)(blockDim.x >> 5), N - n0);
-        const char* wb = reinterpret_cast<const char*>(w + (size_t)n0 * K);
-        for (int l = threadIdx.x; l < (rows * K * 2 + 127) / 128; l += blockDim.x) prefetch_l2(wb + (size_t)l * 128);
-    }
     pdl_enter();
     if (!live) return;
     for (int k0 = lane; k0 < k8n; k0 += 32 * U) {
@@ -173,7 +168,7 @@ __device__ __forceinline__ void gemv_f16_tile(const __half* __restrict__ x, cons
 #define GEMV_F16_ENTRY(MT, U)                                                                      \
     extern "C" __global__ void __launch_bounds__(256) gemv_f16_m##MT(                             \
         const __half* __restrict__ x, const __half* __restrict__ w, __half* __restrict__ out,      \
-        int M, int N, int K, int l2_prefetch) { gemv_f16_tile<MT, U>(x, w, out, M, N, K, l2_prefetch); }
+        int M, int N, int K) { gemv_f16_tile<MT, U>(x, w, out, M, N, K); }
 GEMV_F16_ENTRY(1, 8)
 GEMV_F16_ENTRY(4, 4)
 GEMV_F16_ENTRY(8, 4)

@@ -43,7 +43,7 @@ template <int MT, int RW, int U, bool OUT_I32>
 __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
-    int M, int N, int R, int C, int Gp, int gshift, int ldx, int l2_prefetch) {
+    int M, int N, int R, int C, int Gp, int gshift, int ldx) {
     constexpr int NW = 8;
     static_assert(RW * MT <= 8, "reduction buffer must stay within 32 KB of static shared memory");
     __shared__ int red[NW][RW * MT * 4][32];
@@ -146,16 +146,6 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     GemvBatch<MT, RW, U> b0, b1;
     load_w(warp, b0);
     load_w(warp + NW * U, b1);
-    // The rest of the block's slice (RW consecutive row tiles of qw and meta) is pulled into L2
-    // now: with PDL this block is resident while the kernels before it run (attention, the
-    // norms), when DRAM would otherwise idle; after the wait its loads hit L2.
-    if (l2_prefetch) {
-        const int tiles = min(RW, R - rt0);
-        const char* wb = reinterpret_cast<const char*>(qw + (size_t)rt0 * C * 32);
-        for (int l = threadIdx.x; l < tiles * C * 4; l += blockDim.x) prefetch_l2(wb + (size_t)l * 128);
-        const char* mb = reinterpret_cast<const char*>(meta + (size_t)rt0 * Gp * 8);
-        for (int l = threadIdx.x; l < (tiles * Gp * 32 + 127) / 128; l += blockDim.x) prefetch_l2(mb + (size_t)l * 128);
-    }
     pdl_enter();
     load_x(warp, b0);
     load_x(warp + NW * U, b1);

@@ -36,9 +36,3 @@ __device__ __forceinline__ void pdl_enter() {
     pdl_trigger();
     pdl_wait();
 }
-
-// Bring the 128-byte line holding p into L2 (no registers, no wait): the GEMVs call it on
-// their weight slice before pdl_wait, so DRAM streams it while the kernels before them run.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
-}

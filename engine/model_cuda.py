@@ -70,8 +70,7 @@ def matmul_f16(cp, x, w, out):
     if m <= GEMV_F16_MAXM and k % 8 == 0:
         mt = next(t for t in GEMV_F16_MT if t >= m)
         kernels.function("fused.cu", f"gemv_f16_m{mt}", FUSED_EXPRS)((-(-n // 8),), (256,),
-                                                            (x, w, out, np.int32(m), np.int32(n), np.int32(k),
-                                                             np.int32(ops_cuda.TUNE["gemv_l2_prefetch"])))
+                                                            (x, w, out, np.int32(m), np.int32(n), np.int32(k)))
     else:
         cp.matmul(x, w.T, out=out)
     return out

@@ -207,8 +207,6 @@ TUNE = {
     # more bytes in flight per warp beats occupancy there (2026-11-25 H100 sweep, graphed:
     # o 6.37 -> 5.13 us, down 14.27 -> 11.25 us; qkv and gate|up stay faster at U = 2)
     "gemv_few": {1: (1, 4)}, "gemv_few_tiles_per_sm": 2,
-    # each GEMV block pulls its weight slice into L2 before its PDL wait (cuda/gemm_a8w4.cu)
-    "gemv_l2_prefetch": True,
     "wgmma_bounds": (64, 512),
     "wgmma": {"small": (64, 6, 2, 4, 2, None), "mid": (128, 4, 2, 2, 2, None),
               "large": (128, 4, 2, 2, 2, 1)},
@@ -404,8 +402,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
             raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
         fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>", _GEMV)
         fn((-(-R // rw),), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out,
-                                        np.int32(m), np.int32(n), *common,
-                                        np.int32(cfg.get("l2_prefetch", TUNE["gemv_l2_prefetch"]))))
+                                        np.int32(m), np.int32(n), *common))
         return out
     if kernel == "mma":
         bm = cfg.get("bm", TUNE["mma_bm_small"] if m <= TUNE["mma_small_max_m"] else 128)
