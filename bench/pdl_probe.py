@@ -1,4 +1,4 @@
-"""Does programmatic dependent launch overlap kernels, eagerly and inside a CUDA graph?
+"""Does programmatic dependent launch overlap kernels inside a CUDA graph?
 
     python bench/pdl_probe.py
 
@@ -6,7 +6,9 @@ A chain of probe kernels, each stamping %globaltimer at entry (before its gridde
 after the wait, and at its end (after spinning a few microseconds). With PDL the next kernel's
 entry comes before the previous kernel's end; without it, after. Printed per setting: the median
 of entry(i+1) - end(i) (negative: the next kernel was resident while this one ran) and of
-post-wait(i+1) - end(i) (the dependency's resolution latency), in microseconds.
+post-wait(i+1) - end(i) (the dependency's resolution latency), in microseconds. Eager chains
+are timed too: engine/launch.py uses PDL only under stream capture, so there they show CuPy's
+plain launches both ways (the host-side launch cost).
 """
 import numpy as np
 
