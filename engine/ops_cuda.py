@@ -203,10 +203,11 @@ _QUANT = ("quant_act_static<u16>", "quant_act_static<float>",
 TUNE = {
     "gemv_max_m": 16,                                   # M at or below this runs the GEMV
     "gemv": {1: (1, 2), 2: (4, 2), 4: (2, 2)},          # MT -> (RW, U)
-    # with at most this many row tiles per SM (N = 4096: 256 tiles) a block runs U = 4:
-    # more bytes in flight per warp beats occupancy there (2026-11-25 H100 sweep, graphed:
-    # o 6.37 -> 5.13 us, down 14.27 -> 11.25 us; qkv and gate|up stay faster at U = 2)
-    "gemv_few": {1: (1, 4)}, "gemv_few_tiles_per_sm": 2,
+    # with at most this many row tiles per SM (N = 4096: 256 tiles) a block runs U = 3:
+    # more bytes in flight per warp beats occupancy there (2026-11-25 H100 sweep, graphed,
+    # U = 2 / 3 / 4: o 6.52 / 5.83 / 6.22 us, down 13.84 / 11.23 / 11.68 us; qkv and
+    # gate|up are fastest at U = 2: 11.99 / 14.74 / 14.38 and 19.70 / 25.96 / 25.57 us)
+    "gemv_few": {1: (1, 3)}, "gemv_few_tiles_per_sm": 2,
     "wgmma_bounds": (64, 512),
     "wgmma": {"small": (64, 6, 2, 4, 2, None), "mid": (128, 4, 2, 2, 2, None),
               "large": (128, 4, 2, 2, 2, 1)},
