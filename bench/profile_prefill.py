@@ -1,0 +1,57 @@
+"""Where a prefill's time goes: GPU-bound or host-bound, and the host's top functions.
+
+    python bench/profile_prefill.py [--model smollm2|llama7b] [--tokens 512]
+
+Times the prefill (median of 5 after a warm-up), then runs one under cProfile and prints the
+functions with the most cumulative host time. DGQ_PDL=0 in the environment gives the plain
+launch path for comparison.
+"""
+import argparse
+import cProfile
+import pstats
+import time
+
+import numpy as np
+
+from engine.backend import _cupy
+from engine.bench_e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
+from engine.model_cuda import CudaModel
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=("llama7b", "smollm2"), default="smollm2")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--fp16", action="store_true")
+    a = ap.parse_args()
+    cp = _cupy()
+    mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
+    gm = CudaModel(dequantized_copy(mw) if a.fp16 else mw)
+    cache = gm.new_cache(a.tokens)
+    toks = np.random.default_rng(0).integers(0, mw.config.vocab_size, a.tokens)
+
+    def run():
+        cache.lens_host[:] = 0
+        gm.prefill(toks, cache)
+    run()
+    cp.cuda.Device().synchronize()
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        run()
+        t1 = time.perf_counter()
+        cp.cuda.Device().synchronize()
+        ts.append((t1 - t0, time.perf_counter() - t0))
+    host, total = np.median([t[0] for t in ts]), np.median([t[1] for t in ts])
+    print(f"{a.model} {'FP16' if a.fp16 else 'A8W4'} prefill {a.tokens}: {1e3 * total:.2f} ms "
+          f"({a.tokens / total:.0f} tok/s), host returns after {1e3 * host:.2f} ms")
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    cp.cuda.Device().synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
+if __name__ == "__main__":
+    main()
