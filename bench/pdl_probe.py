@@ -46,9 +46,10 @@ def main():
                     ctx = launch.plain_launches() if not pdl else _null()
                     with ctx, stream:
                         if graph:
-                            stream.begin_capture()
-                            chain()
-                            g = stream.end_capture()
+                            with launch.capturing():
+                                stream.begin_capture()
+                                chain()
+                                g = stream.end_capture()
                             g.launch(stream)
                             stream.synchronize()
                             g.launch(stream)

@@ -15,6 +15,7 @@ import numpy as np
 
 from engine.backend import _cupy
 from engine.bench_e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
+from engine import model_cuda
 from engine.model_cuda import CudaModel
 
 
@@ -23,7 +24,11 @@ def main():
     ap.add_argument("--model", choices=("llama7b", "smollm2"), default="smollm2")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--row-cta-width", type=int, default=None, help="model_cuda.ROW_CTA_WIDTH for this run")
+    ap.add_argument("--no-profile", action="store_true")
     a = ap.parse_args()
+    if a.row_cta_width:
+        model_cuda.ROW_CTA_WIDTH = a.row_cta_width
     cp = _cupy()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
     gm = CudaModel(dequantized_copy(mw) if a.fp16 else mw)
@@ -45,6 +50,8 @@ def main():
     host, total = np.median([t[0] for t in ts]), np.median([t[1] for t in ts])
     print(f"{a.model} {'FP16' if a.fp16 else 'A8W4'} prefill {a.tokens}: {1e3 * total:.2f} ms "
           f"({a.tokens / total:.0f} tok/s), host returns after {1e3 * host:.2f} ms")
+    if a.no_profile:
+        return
     prof = cProfile.Profile()
     prof.enable()
     run()

@@ -277,10 +277,11 @@ def graph_time(cp, fns, reps: int = 5) -> float:
     """Microseconds per call of fns (run in order), captured once as a graph and replayed."""
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
-        stream.begin_capture()
-        for fn in fns:
-            fn()
-        g = stream.end_capture()
+        with launch.capturing():
+            stream.begin_capture()
+            for fn in fns:
+                fn()
+            g = stream.end_capture()
         g.launch(stream)
         stream.synchronize()
         t0 = time.perf_counter()

@@ -6,7 +6,7 @@ is 320 short kernels in a row. cuLaunchKernelEx with the launch attribute
 PROGRAMMATIC_STREAM_SERIALIZATION lets a kernel start while the previous one finishes;
 the kernel itself waits (griddepcontrol.wait, cuda/pdl.cuh) before it touches anything
 the previous one writes or reads. Every kernel in cuda/ does, so `Kernel` may launch any of
-them this way. It does so while a stream is being captured: the attribute becomes a
+them this way. It does so inside `capturing()`, around a stream capture: the attribute becomes a
 programmatic graph edge, and the replayed decode step keeps the overlap (H100: the gap from
 one kernel's end to the next one's start past its wait falls from 0.8-1.1 to 0.5-0.6 µs,
 bench/pdl_probe.py). Eager launches stay on CuPy's faster host path.
@@ -69,6 +69,18 @@ def _driver():
 
 
 @contextlib.contextmanager
+def capturing():
+    """Around a stream capture: kernels launched inside use PDL (where enabled), so the graph
+    gets programmatic edges. A flag, not a driver query: asking the stream whether it
+    captures costs more host time per launch than the launch (one thread launches)."""
+    _STATE["capturing"] = _STATE.get("capturing", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE["capturing"] -= 1
+
+
+@contextlib.contextmanager
 def plain_launches():
     """Within the block, launch without PDL (tests and benchmarks compare the two)."""
     saved = _driver()
@@ -120,13 +132,13 @@ class Kernel:
         setattr(self.raw, name, value)
 
     def __call__(self, grid, block, args, shared_mem: int = 0):
-        fn = _driver()
-        cp = _cupy()
-        stream = cp.cuda.get_current_stream() if fn is not None else None
-        if fn is None or not stream.is_capturing():
+        if not _STATE.get("capturing") or _driver() is None:
             # Eagerly the host is the bottleneck of short kernels, and this ctypes path costs
             # about twice CuPy's launch (bench/pdl_probe.py: 22 vs 11 µs): PDL in graphs only.
             return self.raw(grid, block, args, shared_mem=shared_mem)
+        fn = _driver()
+        cp = _cupy()
+        stream = cp.cuda.get_current_stream()
         gx, gy, gz = _dims(grid, "grid")
         bx, by, bz = _dims(block, "block")
         attr = _Attr(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)

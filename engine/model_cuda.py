@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import formats, kernels, ops_cuda
+from . import formats, kernels, launch, ops_cuda
 from .backend import BackendError, _cupy
 from .config import ModelConfig
 from .model import ModelError, ModelWeights, check_tokens
@@ -526,11 +526,12 @@ class CudaModel:
                     # workspaces, which must not happen during capture; then the step is captured
                     # once, for the replays of the following steps (capture runs nothing)
                     if use_graph:
-                        stream.begin_capture()
-                        try:
-                            self._decode_step(cache, st, with_tail=tail)
-                        finally:
-                            graph = stream.end_capture()
+                        with launch.capturing():
+                            stream.begin_capture()
+                            try:
+                                self._decode_step(cache, st, with_tail=tail)
+                            finally:
+                                graph = stream.end_capture()
                         cache.graph = graph
                         # the graph holds the split-K workspace's pointers: keep those arrays
                         # alive even if a later, larger GEMM makes ops_cuda allocate new ones
