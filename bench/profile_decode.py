@@ -28,7 +28,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--fp16", action="store_true", help="also time the FP16 path (dequantized copy)")
     ap.add_argument("--sweep-gemv", action="store_true", help="time every GEMV config on each linear shape")
-    ap.add_argument("--row-widths", default="", help="comma-separated model_cuda.ROW_CTA_WIDTH values to time "
+    ap.add_argument("--row-widths", default="", help="comma-separated model_cuda.ROW_CTA_WIDTH values to time, for every row kernel "
                     "(a row wider than this is split over a cluster of CTAs)")
     a = ap.parse_args()
     cp = _cupy()
@@ -52,12 +52,13 @@ def main():
     print(format_breakdown(graph_breakdown(gm, cache)))
     for w in filter(None, a.row_widths.split(",")):
         saved, model_cuda.ROW_CTA_WIDTH = model_cuda.ROW_CTA_WIDTH, int(w)
+        by_kernel, model_cuda.ROW_CTA_WIDTH_BY_KERNEL = model_cuda.ROW_CTA_WIDTH_BY_KERNEL, {}
         try:
             c3, f3 = _prefilled(gm, mw, a)
             print(f"A8W4 decode b={a.batch}, ROW_CTA_WIDTH {w}: {_decode(gm, c3, f3, a)}")
             del c3
         finally:
-            model_cuda.ROW_CTA_WIDTH = saved
+            model_cuda.ROW_CTA_WIDTH, model_cuda.ROW_CTA_WIDTH_BY_KERNEL = saved, by_kernel
     if a.sweep_gemv:
         sweep_gemv(gm, cp, a.batch)
     if a.fp16:
