@@ -43,6 +43,18 @@ __device__ float block_reduce(float v) {
     __syncthreads();
     return sh[0];
 }
+// The same with one barrier instead of three, for a caller that owns `sh` (32 floats) and
+// uses it once per kernel (RowTeam's slots): no barrier guards a reuse, and every warp
+// reduces the 32 warp results itself (the same butterfly, so every thread gets the same bits).
+template <bool MAX>
+__device__ __forceinline__ float block_reduce_once(float v, float* sh) {
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    v = MAX ? warp_max(v) : warp_sum(v);
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    v = lane < (blockDim.x >> 5) ? sh[lane] : (MAX ? NEG_INF : 0.f);
+    return MAX ? warp_max(v) : warp_sum(v);
+}
 __device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
@@ -58,9 +70,9 @@ __device__ __forceinline__ float row_scale(int mode, float amax, const float* st
 // tid = rank · blockDim + threadIdx of T = CL · blockDim threads handles elements
 // tid + i·T. Reductions go block-wide, then across the cluster through distributed shared
 // memory: every CTA publishes its value in a slot (one slot per reduction of a kernel, so
-// no slot is rewritten), one cluster barrier, every thread reads the CL values in rank order
-// (the same float sum everywhere). finish() keeps each CTA alive until no other can still
-// read its slots.
+// no slot is rewritten; each slot also has its own block-reduction buffer), one cluster
+// barrier, every thread reads the CL values in rank order (the same float sum everywhere).
+// finish() keeps each CTA alive until no other can still read its slots.
 __device__ __forceinline__ void cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
@@ -81,7 +93,8 @@ struct RowTeam {
     }
     template <bool MAX>
     __device__ __forceinline__ float reduce(float v, int slot) {
-        v = block_reduce<MAX>(v);
+        __shared__ float warps[2][32];
+        v = block_reduce_once<MAX>(v, warps[slot]);
         if (CL == 1) return v;
         __shared__ float part[2];
         if (threadIdx.x == 0) part[slot] = v;
