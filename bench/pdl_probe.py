@@ -16,7 +16,7 @@ from engine import launch
 from engine.backend import _cupy
 
 SRC = r'''
-extern "C" __global__ void probe(unsigned long long* t, int i, long long spin_ns, int blocks_stamp) {
+extern "C" __global__ void probe(unsigned long long* t, int i, long long spin_ns) {
     unsigned long long t0, t1, t2;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -42,7 +42,7 @@ def main():
 
                     def chain():
                         for i in range(n):
-                            k((blocks,), (128,), (t, np.int32(i), np.int64(spin_us * 1000), np.int32(0)))
+                            k((blocks,), (128,), (t, np.int32(i), np.int64(spin_us * 1000)))
                     ctx = launch.plain_launches() if not pdl else _null()
                     with ctx, stream:
                         if graph:

@@ -3,8 +3,7 @@
     python bench/profile_prefill.py [--model smollm2|llama7b] [--tokens 512]
 
 Times the prefill (median of 5 after a warm-up), then runs one under cProfile and prints the
-functions with the most cumulative host time. DGQ_PDL=0 in the environment gives the plain
-launch path for comparison.
+functions with the most host time. Prefill launches eagerly, through CuPy (no PDL).
 """
 import argparse
 import cProfile

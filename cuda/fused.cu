@@ -18,7 +18,7 @@
 // it), then x = (h * rstd) * w, quantized (modes 0/1) or stored fp16 (mode 2). One launch
 // instead of an add and a norm.
 template <int PER, int CL>
-__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(1024)
+__global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
 add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const float* __restrict__ w, int H,
                   float eps, int mode, const float* __restrict__ static_scale, signed char* __restrict__ x8,
                   int ld, float* __restrict__ sx, __half* __restrict__ xh) {
@@ -58,7 +58,7 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + 
 // grid (M·CL), clusters of CL, block ≤ 1024. gu is the fused gate|up GEMM output (M, 2I):
 // m = silu(gate) * up.
 template <int PER, int CL>
-__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(1024)
+__global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
 silu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __restrict__ static_scale,
                signed char* __restrict__ x8, int ld, float* __restrict__ sx, __half* __restrict__ mh) {
     RowTeam<CL> team;
@@ -78,7 +78,7 @@ silu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __re
 // grid (M·CL), clusters of CL, block ≤ 1024. Quantize fp16 rows (the attention output
 // feeding o_proj in prefill).
 template <int PER, int CL>
-__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(1024)
+__global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
 quant_rows(const __half* __restrict__ x, int K, int mode, const float* __restrict__ static_scale,
            signed char* __restrict__ x8, int ld, float* __restrict__ sx) {
     RowTeam<CL> team;

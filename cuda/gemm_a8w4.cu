@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
 
     // Register double buffer: the next batch's loads are in flight while this one computes,
     // so a warp never waits a full memory round trip per batch. Both batches' weights are
-    // requested before the PDL wait: with K = 4096 and U = 4 that is a block's whole slice.
+    // requested before the PDL wait (with K = 4096 and U = 2, half of a block's slice).
     auto load = [&](int c0, GemvBatch<MT, RW, U>& b) { load_w(c0, b); load_x(c0, b); };
     GemvBatch<MT, RW, U> b0, b1;
     load_w(warp, b0);

@@ -1,22 +1,24 @@
 // pdl.cuh — programmatic dependent launch (PDL), the device side.
 //
-// engine/launch.py launches every kernel of cuda/ with the launch attribute
-// PROGRAMMATIC_STREAM_SERIALIZATION on sm_90+: a kernel may then start while
-// the kernel before it in the stream is still running. Its blocks become
-// resident and run up to pdl_wait(), which returns once every grid it depends
-// on has completed and its writes are visible. So every kernel here
+// While a decode step is captured as a CUDA graph (engine/launch.py capturing()),
+// every kernel of cuda/ is launched with the attribute PROGRAMMATIC_STREAM_SERIALIZATION
+// on sm_90+: a kernel may then start while the kernel before it in the stream is still
+// running. Its blocks become resident and run up to pdl_wait(), which returns once every
+// grid it depends on has completed and its writes are visible. So every kernel here
 //   - calls pdl_wait() in every thread before it reads anything an earlier
 //     kernel wrote and before it writes anything (its outputs may still be
 //     read by the kernel before it), and never returns before the wait: a
 //     grid that completes without waiting would let the kernel after it pass
 //     its own wait while our predecessor still runs;
-//   - may read what no kernel writes (weights, tables) before the wait: that
-//     is the point, the decode GEMV streams its first weights in the shadow
-//     of the previous kernel's tail;
+//   - may read before the wait only what no kernel of the whole graph writes
+//     (weights, tables): every kernel triggers its successor at its start, so
+//     launches cascade and a kernel can be resident while kernels several steps
+//     earlier still run. That is the point: the decode GEMV streams its first
+//     weights in the shadow of the kernels before it;
 //   - calls pdl_trigger() to let the next kernel launch early (it still waits
 //     for our completion, so where the trigger sits is a matter of speed only).
-// Without the attribute (older GPUs, DGQ_PDL=0, cuBLAS in between) both are
-// no-ops and stream order holds as usual.
+// Without the attribute (eager launches, older GPUs, DGQ_PDL=0, cuBLAS in between)
+// both are no-ops and stream order holds as usual.
 #pragma once
 
 __device__ __forceinline__ void pdl_wait() {

@@ -55,7 +55,6 @@ __device__ __forceinline__ float block_reduce_once(float v, float* sh) {
     v = lane < (blockDim.x >> 5) ? sh[lane] : (MAX ? NEG_INF : 0.f);
     return MAX ? warp_max(v) : warp_sum(v);
 }
-__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
 // Scale for one row from its absmax (dynamic) or the static scale.
@@ -73,6 +72,15 @@ __device__ __forceinline__ float row_scale(int mode, float amax, const float* st
 // no slot is rewritten; each slot also has its own block-reduction buffer), one cluster
 // barrier, every thread reads the CL values in rank order (the same float sum everywhere).
 // finish() keeps each CTA alive until no other can still read its slots.
+// Clusters exist from sm_90 on; below, the attribute is left out (nvcc rejects it) and a
+// RowTeam of more than one CTA traps: the launcher (model_cuda.CudaModel._row) never asks for
+// one there, and a kernel that silently reduced over one CTA would write wrong rows.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define ROW_CLUSTER_DIMS(CL)
+#else
+#define ROW_CLUSTER_DIMS(CL) __cluster_dims__(CL, 1, 1)
+#endif
+
 __device__ __forceinline__ void cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
@@ -86,6 +94,8 @@ struct RowTeam {
         unsigned rank = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         if (CL > 1) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+#else
+        if (CL > 1) __trap();
 #endif
         row = blockIdx.x / CL;
         tid = (int)rank * blockDim.x + threadIdx.x;
@@ -133,9 +143,10 @@ __device__ __forceinline__ void zero_pad(signed char* row, int width, int ld, co
 // ⌈width / (CL · PER)⌉ threads: a one-row launch wants every warp it can get and no empty
 // slots, whose predicated-off instructions still take issue cycles (both were measured:
 // 5–11 µs a launch otherwise).
-// __launch_bounds__(1024) caps a thread at 64 registers: add_rmsnorm_quant<32> and
-// attn_decode_combine<32> (rows over 16384 values) and silu_mul_quant<8> spill a little to
-// local memory (ptxas -v, 12–96 bytes; L1-cached); the others stay in registers.
+// __launch_bounds__(1024) caps a thread at 64 registers: the PER = 32 instantiations (rows
+// over 16384 values on one CTA) spill to local memory (ptxas -v: add_rmsnorm_quant<32, 1>
+// about 300 bytes, attn_decode_combine<32> about 100; L1-cached); the rows of the models we
+// run (4096 values or fewer a CTA) stay in registers.
 // Store a row held as v[PER] (team-strided) quantized per mode, with its scale.
 template <int PER, int CL>
 __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode, const float* static_scale,

@@ -134,7 +134,7 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
             wbytes += gm.embed.nbytes
         row = dict(model=label, phase="decode", tokens=steps, batch=bsz, seconds=s,
                    tok_s=steps * bsz / s, step_ms=1e3 * s / steps, bytes_per_step=wbytes + kv,
-                   bits_per_param=bits, pdl=launch.pdl_enabled())
+                   bits_per_param=bits, pdl=launch.pdl_enabled() and all(gm.graphable(bsz)))
         if bw:
             row["pct_copy_bw"] = 100 * (wbytes + kv) / (s / steps) / bw
         return row, cache

@@ -71,8 +71,9 @@ def _driver():
 @contextlib.contextmanager
 def capturing():
     """Around a stream capture: kernels launched inside use PDL (where enabled), so the graph
-    gets programmatic edges. A flag, not a driver query: asking the stream whether it
-    captures costs more host time per launch than the launch (one thread launches)."""
+    gets programmatic edges. A process-wide flag, not a driver query (asking the stream
+    whether it captures costs more host time per launch than the launch): the engine
+    launches from one thread, and nothing may launch on another stream meanwhile."""
     _STATE["capturing"] = _STATE.get("capturing", 0) + 1
     try:
         yield

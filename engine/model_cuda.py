@@ -65,6 +65,8 @@ def matmul_f16(cp, x, w, out):
     """out (M, N) fp16 = x (M, K) · w (N, K)ᵀ: our GEMV for M ≤ 8 (graph-capturable), else cuBLAS.
 
     Used for the lm_head and the FP16 path's linears, which sit inside the captured decode step.
+    w must be a weight (no kernel of the step writes it): the GEMV reads its first rows before
+    its PDL wait (cuda/pdl.cuh).
     """
     m, k = x.shape
     n = w.shape[0]
@@ -242,6 +244,7 @@ class CudaModel:
         for width in (c.hidden_size, c.q_size, c.intermediate_size):
             row_launch("rows", width)                       # raises for rows too wide
         self._clusters = kernels.device_info()["cc"] >= 90   # row kernels split wide rows over clusters
+        launch.pdl_enabled()                # load the driver entry point now, not inside a capture
         kernels.module("fused.cu", FUSED_EXPRS)            # compile once, up front
         kernels.module("attention.cu", ATTN_EXPRS)
         self.embed = cp.asarray(weights.embed, dtype=cp.float16)               # (V, H)

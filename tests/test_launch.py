@@ -70,6 +70,9 @@ def test_kernel_launch_marshalling_without_a_gpu():
     for v in (np.int32(-7), np.float32(0.1), np.uint64(2**63 + 5), np.int64(-1)):
         assert bytes(launch._arg(v, FakeCp)) == v.tobytes()
     assert ctypes.sizeof(launch._Attr) == 72 and ctypes.sizeof(launch._Config) == 56  # cuda.h layouts
+    assert launch._Attr.value.offset == 8
+    assert (launch._Config.stream.offset, launch._Config.attrs.offset, launch._Config.num_attrs.offset) == \
+        (32, 40, 48)
     with pytest.raises(BackendError, match="NumPy scalars"):
         launch._arg(3, FakeCp)                 # a Python int has no C type: the launchers pass np.int32
     assert launch._dims((4, 2), "grid") == (4, 2, 1) and launch._dims(7, "block") == (7, 1, 1)

@@ -201,27 +201,42 @@ def test_row_kernels_match_numpy(width, mode, cl):
         check(run("quant_rows", (cp.asarray(y), np.int32(width))), y.astype(np.float32), 1e-6)
 
 
-def test_pdl_launches_equal_plain_launches():
+def test_pdl_launches_equal_plain_launches(monkeypatch):
     """Programmatic dependent launch (engine/launch.py, cuda/pdl.cuh) changes when kernels
-    start, never what they compute: prefill logits and graphed decode logits are bit-identical
-    to plain stream-ordered launches, on a model wide enough for kernels to overlap."""
+    start, never what they compute: a decode step captured with PDL launches (counted, so the
+    test fails if capture stopped using them) replays to bit-identical logits and tokens as one
+    captured with plain stream-ordered launches, on a model wide enough for kernels to overlap
+    and with the row kernels on clusters (ROW_CTA_WIDTH lowered to 256)."""
     import os
-    from engine import kernels, launch
+    from engine import kernels, launch, model_cuda
     from engine.model_cuda import CudaModel
-    if kernels.device_info()["cc"] >= 90 and os.environ.get("DGQ_PDL", "1") != "0":
-        assert launch.pdl_enabled()
+    if kernels.device_info()["cc"] < 90 or os.environ.get("DGQ_PDL", "1") == "0":
+        pytest.skip("PDL needs sm_90 and DGQ_PDL unset")
+    assert launch.pdl_enabled()
+    monkeypatch.setattr(model_cuda, "ROW_CTA_WIDTH", 256)
+    monkeypatch.setattr(model_cuda, "ROW_CTA_WIDTH_BY_KERNEL", {})
     mw = quantized_tiny("dynamic", seed=4, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
                         hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                         max_position_embeddings=512)
     gm = CudaModel(mw)
     prompt = np.arange(1, 300) % mw.config.vocab_size
+    real, calls = launch._driver(), []
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
     runs = []
     for plain in (False, True):
         ctx = launch.plain_launches() if plain else contextlib.nullcontext()
         with ctx:
+            if not plain:
+                monkeypatch.setitem(launch._STATE, "fn", counted)
             cache = gm.new_cache(512)
-            pre = gm.prefill(prompt, cache).get()
+            pre = gm.prefill(prompt, cache).get()          # eager: plain launches either way
             toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 40, True)[:, 0]
             runs.append((pre, toks, cache.step["bufs"].logits[:1].get()))
+            if not plain:
+                monkeypatch.setitem(launch._STATE, "fn", real)
+                assert len(calls) >= 10 * mw.config.num_hidden_layers, len(calls)   # 10 kernels a layer
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
