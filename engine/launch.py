@@ -133,11 +133,11 @@ class Kernel:
         setattr(self.raw, name, value)
 
     def __call__(self, grid, block, args, shared_mem: int = 0):
-        if not _STATE.get("capturing") or _driver() is None:
+        fn = _driver() if _STATE.get("capturing") else None
+        if fn is None:
             # Eagerly the host is the bottleneck of short kernels, and this ctypes path costs
             # about twice CuPy's launch (bench/pdl_probe.py: 22 vs 11 µs): PDL in graphs only.
             return self.raw(grid, block, args, shared_mem=shared_mem)
-        fn = _driver()
         cp = _cupy()
         stream = cp.cuda.get_current_stream()
         gx, gy, gz = _dims(grid, "grid")
