@@ -314,165 +314,203 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
 }
 
 // ================================================================= flash-decoding
-// Pass 1. grid (B, Hq, nsplit), block 128 (4 warps), D ∈ {64, 128}.
-// Block (b, h, sp) scores keys [sp·DEC_CHUNK, min(len_b, (sp+1)·DEC_CHUNK)) of sequence b
-// against its one query and writes the unnormalised partial (max m, sum l, acc[D]) for the
-// combine pass. Warp w owns 16 consecutive keys; a lane holds D/64 pairs of each key's row,
-// and the key loop is unrolled, so all 16 K and V rows of a warp are loaded before the
-// first is used: one memory round trip a block. (v2 took keys round-robin in a
-// runtime loop, one round trip per key: 20 µs a layer in the 7B decode graph.) The softmax
-// max and sum over the block's 64 scores are recomputed by every warp from shared memory,
-// which costs one barrier instead of four.
+// One kernel a decode step and layer: RoPE of the new token's q and k, its k and v into the
+// cache, flash-decoding over the cache, and the merge of the splits.
+// grid (B, Hq, nsplit), block 128 (4 warps), D ∈ {64, 128}. The new token of sequence b sits
+// at position p = lens[b] − 1 (the decode step advances lens after sampling); qkv is the fused
+// q|k|v GEMM output (B, (Hq + 2 Hkv) D) fp16.
+// Block (b, h, sp) scores keys [sp·DEC_CHUNK, min(len_b, (sp+1)·DEC_CHUNK)) against its one
+// query and writes the unnormalised partial (max m, sum l, acc[D]). Warp w owns 16
+// consecutive keys; a lane holds D/64 pairs of each key's row, and the key loop is unrolled,
+// so all 16 K and V rows of a warp are loaded before the first is used: one memory round trip
+// a block. The softmax max and sum over the block's 64 scores are recomputed by every warp from
+// shared memory, which costs one barrier instead of four.
+// RoPE: each block rotates its q itself (rounded to fp16, as rope_qkv_cache stores q), and the
+// blocks of the last split (which holds p) rotate k and take the new key and value from
+// registers, not from the cache; the first q head of each kv group writes them to the cache
+// (kv8: quantized from the rotated float k and the fp16 v, scale from the head's absmax, the
+// rule of rope_qkv_cache). No block reads cache row p.
+// Merge: the last of a head's nsplit blocks to finish (an atomic counter, which it resets for
+// the next step) combines the partials into the head's D outputs, fp16 into out (B, Hq·D).
+// Three launches (rope, split, combine) became one: in a graphed decode step every launch
+// is a link of a dependent chain (docs/KERNELS.md).
 // kv8: a key's score is scale_k · (q · k8); a value row enters the sum with weight p · scale_v.
 #define DEC_WARPS 4
 #define DEC_CHUNK 64                        // keys per block (model_cuda.DECODE_CHUNK)
 #define DEC_KPW (DEC_CHUNK / DEC_WARPS)     // keys per warp
 #define DEC_MAX_D2 64                       // D/2 pairs, D ≤ 128
+
+// RoPE (rotate-half pairs j, j + D/2) of one head row at position p, as a lane of a warp holds
+// it: elements (2·lane, 2·lane + 1) in a and, for D = 128, (2·lane + 64, 2·lane + 65) in b —
+// each other's partners. For D = 64 the partner pair sits in lane ^ 16.
+__device__ __forceinline__ void rope_lane(const __half* src, int p, int D, const float* cos_t,
+                                          const float* sin_t, int lane, float2& a, float2& b) {
+    const int hd = D >> 1;
+    const float2 x = load2(src, lane);
+    if (D > 64) {
+        const float2 y = load2(src, lane + 32);
+        const float2 c = reinterpret_cast<const float2*>(cos_t + (size_t)p * hd)[lane];
+        const float2 s = reinterpret_cast<const float2*>(sin_t + (size_t)p * hd)[lane];
+        a = make_float2(x.x * c.x - y.x * s.x, x.y * c.y - y.y * s.y);
+        b = make_float2(y.x * c.x + x.x * s.x, y.y * c.y + x.y * s.y);
+    } else {
+        const float2 y = make_float2(__shfl_xor_sync(0xffffffffu, x.x, 16), __shfl_xor_sync(0xffffffffu, x.y, 16));
+        const int j2 = lane & 15;                                   // pair index j / 2 within the half
+        const float2 c = reinterpret_cast<const float2*>(cos_t + (size_t)p * hd)[j2];
+        const float2 s = reinterpret_cast<const float2*>(sin_t + (size_t)p * hd)[j2];
+        a = lane < 16 ? make_float2(x.x * c.x - y.x * s.x, x.y * c.y - y.y * s.y)
+                      : make_float2(x.x * c.x + y.x * s.x, x.y * c.y + y.y * s.y);
+        b = make_float2(0.f, 0.f);
+    }
+}
+
+__device__ __forceinline__ float2 round_h2(float2 v) { return __half22float2(__floats2half2_rn(v.x, v.y)); }
+
+// The new token's k (or v) row as the cache will hold it: fp16-rounded, or int8 codes (as
+// floats) with the scale s from the head's absmax. Stores it when `store` (one warp per kv head).
+__device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two, int lane, bool store,
+                                       __half* row, float* srow) {
+    a = round_h2(a);
+    b = round_h2(b);
+    s = 1.f;
+    if (store) {
+        reinterpret_cast<__half2*>(row)[lane] = __floats2half2_rn(a.x, a.y);
+        if (two) reinterpret_cast<__half2*>(row)[lane + 32] = __floats2half2_rn(b.x, b.y);
+    }
+}
+__device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two, int lane, bool store,
+                                       i8* row, float* srow) {
+    s = row_scale(MODE_DYNAMIC, warp_max(fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)))),
+                  nullptr);                                           // b is 0 for D = 64
+    const signed char a0 = quant1(a.x, s), a1 = quant1(a.y, s), b0 = quant1(b.x, s), b1 = quant1(b.y, s);
+    a = make_float2(a0, a1);
+    b = make_float2(b0, b1);
+    if (store) {
+        reinterpret_cast<char2*>(row)[lane] = make_char2(a0, a1);
+        if (two) reinterpret_cast<char2*>(row)[lane + 32] = make_char2(b0, b1);
+        if (lane == 0) *srow = s;
+    }
+}
+
 template <typename KV>
-__global__ void __launch_bounds__(128) attn_decode_split(
-        const __half* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
-        const float* __restrict__ ks, const float* __restrict__ vs, const int* __restrict__ lens,
-        int Hq, int Hkv, int D, int cap, float scale, float* __restrict__ part_ml,
-        float* __restrict__ part_acc) {
+__global__ void __launch_bounds__(128) attn_decode(
+        const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+        KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
+        const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
+        float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
+        __half* __restrict__ out) {
     pdl_enter();
     __shared__ float ps[DEC_CHUNK];
     __shared__ float2 red[DEC_WARPS][DEC_MAX_D2];
-    int b = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
-    int kvh = h / (Hq / Hkv);
-    int len = lens[b];
-    int k0 = sp * DEC_CHUNK, k1 = min(len, k0 + DEC_CHUNK);
-    bool two = D > 64;                      // a lane holds pairs lane and lane + 32 (D = 128)
-    size_t pidx = ((size_t)b * Hq + h) * nsplit + sp;
-    if (k0 >= k1) {                         // past the sequence: the combine skips this split
-        if (threadIdx.x == 0) { part_ml[2 * pidx] = NEG_INF; part_ml[2 * pidx + 1] = 0.f; }
-        return;
-    }
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    const __half2* q2 = reinterpret_cast<const __half2*>(q + ((size_t)b * Hq + h) * D);
-    float2 qa = __half22float2(q2[lane]), qb = two ? __half22float2(q2[lane + 32]) : make_float2(0.f, 0.f);
-    size_t row_stride = (size_t)Hkv * D;                // elements between consecutive keys
-    size_t sbase = (size_t)b * cap * Hkv + kvh;         // scale of key k: [sbase + k·Hkv]
-    const KV* kbase = kc + sbase * D;
-    const KV* vbase = vc + sbase * D;
-    int kw = k0 + wid * DEC_KPW;                        // this warp's first key
+    __shared__ int last;
+    const int b = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
+    const int rep = Hq / Hkv, kvh = h / rep;
+    const int len = lens[b], p = len - 1;
+    const int k0 = sp * DEC_CHUNK, k1 = min(len, k0 + DEC_CHUNK);
+    const bool two = D > 64;                    // a lane holds pairs lane and lane + 32 (D = 128)
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const size_t pidx = ((size_t)b * Hq + h) * nsplit + sp;
+    if (k0 < k1) {
+        const __half* row = qkv + (size_t)b * (Hq + 2 * Hkv) * D;
+        float2 qa, qb;
+        rope_lane(row + (size_t)h * D, p, D, cos_t, sin_t, lane, qa, qb);
+        qa = round_h2(qa);
+        qb = round_h2(qb);
+        const size_t row_stride = (size_t)Hkv * D;          // elements between consecutive keys
+        const size_t sbase = (size_t)b * cap * Hkv + kvh;   // scale of key k: [sbase + k·Hkv]
+        const KV* kbase = kc + sbase * D;
+        const KV* vbase = vc + sbase * D;
+        const int kw = k0 + wid * DEC_KPW;                  // this warp's first key
 
-    // Rows past k1 are loaded from the last key instead (always in bounds) and masked after:
-    // no branch stands between the loads, so a lane issues all of them before the first use
-    // (a branch per key made v3 wait one round trip per key: 18 µs a block under ncu).
-    // The V rows are requested with the K rows, before the softmax needs its barrier: one
-    // memory round trip a block instead of two.
-    float dot[DEC_KPW];
-    float2 va[DEC_KPW], vb[DEC_KPW];
-#pragma unroll
-    for (int i = 0; i < DEC_KPW; ++i) {
-        const size_t off = (size_t)min(kw + i, k1 - 1) * row_stride;
-        const KV* kr = kbase + off;
-        const KV* vr = vbase + off;
-        float2 ka = load2(kr, lane), kb = two ? load2(kr, lane + 32) : make_float2(0.f, 0.f);
-        va[i] = load2(vr, lane);
-        vb[i] = two ? load2(vr, lane + 32) : make_float2(0.f, 0.f);
-        dot[i] = qa.x * ka.x + qa.y * ka.y + qb.x * kb.x + qb.y * kb.y;
-    }
-#pragma unroll
-    for (int i = 0; i < DEC_KPW; ++i) {
-        float d = warp_sum(dot[i]);
-        if (lane == i)
-            ps[wid * DEC_KPW + i] = kw + i < k1 ? d * kv_scale<KV>(ks, sbase + (size_t)(kw + i) * Hkv) * scale
-                                                : NEG_INF;
-    }
-    __syncthreads();
-    float s0 = ps[lane], s1 = ps[lane + 32];
-    float mx = warp_max(fmaxf(s0, s1));                 // ≥ one real score: k0 < k1
-    float l = warp_sum(__expf(s0 - mx) + __expf(s1 - mx));
-
-    float2 acc0 = make_float2(0.f, 0.f), acc1 = acc0;
-#pragma unroll
-    for (int i = 0; i < DEC_KPW; ++i) {
-        int k = min(kw + i, k1 - 1);
-        float p = __expf(ps[wid * DEC_KPW + i] - mx) * kv_scale<KV>(vs, sbase + (size_t)k * Hkv);  // 0 past k1
-        acc0.x += p * va[i].x; acc0.y += p * va[i].y;
-        acc1.x += p * vb[i].x; acc1.y += p * vb[i].y;
-    }
-    red[wid][lane] = acc0;
-    red[wid][lane + 32] = acc1;
-    __syncthreads();
-    float* pa = part_acc + pidx * D;
-    for (int i = threadIdx.x; i < (D >> 1); i += blockDim.x) {
-        float2 t = red[0][i];
-#pragma unroll
-        for (int w = 1; w < DEC_WARPS; ++w) { t.x += red[w][i].x; t.y += red[w][i].y; }
-        reinterpret_cast<float2*>(pa)[i] = t;
-    }
-    if (threadIdx.x == 0) { part_ml[2 * pidx] = mx; part_ml[2 * pidx + 1] = l; }
-}
-
-// Pass 2. grid (B), block ≤ 1024 (model_cuda.row_launch("attn_decode_combine", Hq·D)). Merges the partials of the
-// splits a sequence uses (⌈len / DEC_CHUNK⌉, read from lens) into the attention output row
-// (Hq·D) and hands it on as the o_proj input: quantized (modes 0/1: x8, sx) or fp16 (mode 2:
-// out). One launch instead of a combine and a quant_rows. The per-(head, split) weights
-// exp(m_s − m)/Σ are computed once into shared memory; then every element's sum over the
-// splits issues its loads back to back.
-#define DEC_MAX_WEIGHTS 8192                // Hq · nsplit (model_cuda checks)
-template <int PER>
-__global__ void __launch_bounds__(1024) attn_decode_combine(
-        const float* __restrict__ part_ml, const float* __restrict__ part_acc,
-        const int* __restrict__ lens, int Hq, int D, int nsplit, int mode,
-        const float* __restrict__ static_scale, signed char* __restrict__ x8, int ld,
-        float* __restrict__ sx, __half* __restrict__ out) {
-    pdl_enter();
-    __shared__ float wts[DEC_MAX_WEIGHTS];
-    int b = blockIdx.x, W = Hq * D;
-    int used = min(nsplit, (lens[b] + DEC_CHUNK - 1) / DEC_CHUNK);
-    const float* ml = part_ml + 2 * (size_t)b * Hq * nsplit;
-    // The first DEC_PF splits' partial sums are requested before the weights are computed
-    // (they do not depend on them): their round trip overlaps the weights' one. Rows over
-    // 4096 values skip it, within the 64 registers of a 1024-thread block.
-    constexpr int DEC_PF = PER <= 4 ? 4 : 0;
-    auto acc_of = [&](int e) { return part_acc + ((size_t)b * Hq + e / D) * nsplit * D + e % D; };
-    float pre[PER][DEC_PF > 0 ? DEC_PF : 1];
-#pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        int e = threadIdx.x + i * blockDim.x;
-        const float* a = acc_of(min(e, W - 1));
-#pragma unroll
-        for (int s = 0; s < DEC_PF; ++s) pre[i][s] = (e < W && s < used) ? a[(size_t)s * D] : 0.f;
-    }
-    for (int h = threadIdx.x; h < Hq; h += blockDim.x) {          // one thread a head
-        float mx = NEG_INF, l = 0.f;
-        for (int s = 0; s < used; ++s) mx = fmaxf(mx, ml[2 * (h * nsplit + s)]);
-        for (int s = 0; s < used; ++s) {
-            float w = __expf(ml[2 * (h * nsplit + s)] - mx);
-            wts[h * nsplit + s] = w;
-            l += w * ml[2 * (h * nsplit + s) + 1];
+        // the new token's key and value (blocks of the split that holds p)
+        const bool has_new = k1 == len;                     // block-uniform
+        float2 kna = make_float2(0.f, 0.f), knb = kna, vna = kna, vnb = kna;
+        float skn = 1.f, svn = 1.f;
+        if (has_new) {
+            const bool store = h % rep == 0 && p >= kw && p < kw + DEC_KPW;   // one warp per kv head
+            const size_t r = sbase + (size_t)p * Hkv;
+            rope_lane(row + (size_t)(Hq + kvh) * D, p, D, cos_t, sin_t, lane, kna, knb);
+            const __half* v = row + (size_t)(Hq + Hkv + kvh) * D;
+            vna = load2(v, lane);
+            vnb = two ? load2(v, lane + 32) : make_float2(0.f, 0.f);
+            new_kv(kna, knb, skn, two, lane, store, kc + r * D, ks + r);
+            new_kv(vna, vnb, svn, two, lane, store, vc + r * D, vs + r);
         }
-        for (int s = 0; s < used; ++s) wts[h * nsplit + s] /= l;
+
+        // Rows past k1 are loaded from row k1 − 1 instead (always in bounds) and masked after:
+        // no branch stands between the loads, so a lane issues all of them before the first use
+        // (a branch per key made an earlier version wait one round trip per key). Row p is
+        // being written by this kernel: its loads are replaced by the registers above.
+        // The V rows are requested with the K rows, before the softmax needs its barrier.
+        float dot[DEC_KPW];
+        float2 va[DEC_KPW], vb[DEC_KPW];
+        float ksc[DEC_KPW], vsc[DEC_KPW];
+#pragma unroll
+        for (int i = 0; i < DEC_KPW; ++i) {
+            const int k = min(kw + i, k1 - 1);
+            const size_t off = (size_t)k * row_stride;
+            const KV* kr = kbase + off;
+            const KV* vr = vbase + off;
+            float2 ka = load2(kr, lane), kb = two ? load2(kr, lane + 32) : make_float2(0.f, 0.f);
+            va[i] = load2(vr, lane);
+            vb[i] = two ? load2(vr, lane + 32) : make_float2(0.f, 0.f);
+            ksc[i] = kv_scale<KV>(ks, sbase + (size_t)k * Hkv);
+            vsc[i] = kv_scale<KV>(vs, sbase + (size_t)k * Hkv);
+            if (k == p) { ka = kna; kb = knb; va[i] = vna; vb[i] = vnb; ksc[i] = skn; vsc[i] = svn; }
+            dot[i] = qa.x * ka.x + qa.y * ka.y + qb.x * kb.x + qb.y * kb.y;
+        }
+#pragma unroll
+        for (int i = 0; i < DEC_KPW; ++i) {
+            float d = warp_sum(dot[i]);
+            if (lane == i) ps[wid * DEC_KPW + i] = kw + i < k1 ? d * ksc[i] * scale : NEG_INF;
+        }
+        __syncthreads();
+        float s0 = ps[lane], s1 = ps[lane + 32];
+        float mx = warp_max(fmaxf(s0, s1));                 // ≥ one real score: k0 < k1
+        float l = warp_sum(__expf(s0 - mx) + __expf(s1 - mx));
+
+        float2 acc0 = make_float2(0.f, 0.f), acc1 = acc0;
+#pragma unroll
+        for (int i = 0; i < DEC_KPW; ++i) {
+            float pw = __expf(ps[wid * DEC_KPW + i] - mx) * vsc[i];     // 0 past k1
+            acc0.x += pw * va[i].x; acc0.y += pw * va[i].y;
+            acc1.x += pw * vb[i].x; acc1.y += pw * vb[i].y;
+        }
+        red[wid][lane] = acc0;
+        red[wid][lane + 32] = acc1;
+        __syncthreads();
+        float* pa = part_acc + pidx * D;
+        for (int i = threadIdx.x; i < (D >> 1); i += blockDim.x) {
+            float2 t = red[0][i];
+#pragma unroll
+            for (int w = 1; w < DEC_WARPS; ++w) { t.x += red[w][i].x; t.y += red[w][i].y; }
+            reinterpret_cast<float2*>(pa)[i] = t;
+        }
+        if (threadIdx.x == 0) { part_ml[2 * pidx] = mx; part_ml[2 * pidx + 1] = l; }
+    }
+
+    // The last block of head (b, h) merges the ⌈len / DEC_CHUNK⌉ partials (threadfence pattern:
+    // every block publishes its partial before its count; the last reads them through L2).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* cnt = counters + (size_t)b * Hq + h;
+        last = atomicAdd(cnt, 1) == nsplit - 1;
+        if (last) *cnt = 0;                     // ready for the next step (graph replays)
     }
     __syncthreads();
-    float v[PER];
-#pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        int e = threadIdx.x + i * blockDim.x;
-        v[i] = 0.f;
-        if (e < W) {
-            const float* wh = wts + (e / D) * nsplit;
-            const float* a = acc_of(e);
-#pragma unroll
-            for (int s = 0; s < DEC_PF; ++s)
-                if (s < used) v[i] += wh[s] * pre[i][s];
+    if (!last) return;
+    __threadfence();
+    const int used = min(nsplit, (len + DEC_CHUNK - 1) / DEC_CHUNK);
+    const float* ml = part_ml + 2 * ((size_t)b * Hq + h) * nsplit;
+    const float* acc = part_acc + ((size_t)b * Hq + h) * nsplit * D;
+    float mx = NEG_INF, l = 0.f;
+    for (int s = 0; s < used; ++s) mx = fmaxf(mx, __ldcg(ml + 2 * s));
+    for (int s = 0; s < used; ++s) l += __expf(__ldcg(ml + 2 * s) - mx) * __ldcg(ml + 2 * s + 1);
+    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+        float v = 0.f;
 #pragma unroll 4
-            for (int s = DEC_PF; s < used; ++s) v[i] += wh[s] * a[(size_t)s * D];
-        }
+        for (int s = 0; s < used; ++s) v += (__expf(__ldcg(ml + 2 * s) - mx) / l) * __ldcg(acc + (size_t)s * D + e);
+        out[((size_t)b * Hq + h) * D + e] = __float2half_rn(v);
     }
-    if (mode == MODE_FP16) {                    // the fp16 row, rounded like the quantized path's input
-#pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            int e = threadIdx.x + i * blockDim.x;
-            if (e < W) out[(size_t)b * W + e] = __float2half_rn(v[i]);
-        }
-        return;
-    }
-#pragma unroll
-    for (int i = 0; i < PER; ++i) v[i] = __half2float(__float2half_rn(v[i]));   // as quant_rows saw it
-    RowTeam<1> team;
-    store_row(v, W, mode, static_scale, x8, ld, sx, out, team);
 }

@@ -30,6 +30,7 @@
 //   right before the mma (no int8 copy in shared memory). Optional split-K
 //   across blocks (grid.y) when M x N has too few tiles to fill the GPU.
 #include "common.cuh"
+#include "rows.cuh"
 
 // ============================================================================ decode
 template <int MT, int RW, int U>
@@ -39,14 +40,96 @@ struct GemvBatch {           // one batch of U chunks per warp, held in register
     u32 xb[U][MT][4];
 };
 
-template <int MT, int RW, int U, bool OUT_I32>
+// Where the GEMV's activations come from (the template argument PRO). A decode step at
+// batch 1 folds the row kernels around its linears into the GEMVs (engine/model_cuda.py):
+//   PRO_X8   int8 x8 (M, ldx) and scales sx from global memory (the plain GEMM contract);
+//   PRO_F16  an fp16 row (M, K), quantized here (the attention output feeding o_proj);
+//   PRO_NORM a float32 residual row h (M, K): RMSNorm with weight nw, then quantized here
+//            (add_rmsnorm_quant without the add: the GEMV before this one added it).
+// For PRO_F16/PRO_NORM every block quantizes the whole row into shared memory (M · ldx
+// bytes of dynamic shared memory) by the rule of cuda/rows.cuh (mode 0 static sscale[0],
+// 1 dynamic absmax); K ≤ PRO_MAX_K, K % 4 == 0. Re-reading the row from L2 in each block
+// costs less than a kernel launch in the dependent chain of a decode step.
+// resid (any PRO): instead of writing y, add it to the float32 residual stream,
+// resid[m, n] += float(fp16(y[m, n])) (the add of add_rmsnorm_quant); needs N = its width.
+#define PRO_X8 0
+#define PRO_F16 1
+#define PRO_NORM 2
+#define PRO_PV 4                                   // float4 vectors a thread holds
+#define PRO_MAX_K (PRO_PV * 4 * 256)               // engine/ops_cuda.PRO_MAX_K
+
+__device__ __forceinline__ u32 quant4(float4 v, float s) {
+    return (u32)(unsigned char)quant1(v.x, s) | ((u32)(unsigned char)quant1(v.y, s) << 8) | ((u32)(unsigned char)quant1(v.z, s) << 16)
+         | ((u32)(unsigned char)quant1(v.w, s) << 24);
+}
+
+// Quantize row m of src (PRO_F16: fp16, PRO_NORM: float32 normalised by nw) into xs; returns s.
+template <int PRO>
+__device__ __forceinline__ float gemv_prologue_row(const void* src, const float* nw, const float* sscale,
+                                                   float eps, int mode, int K, int ldx, int m,
+                                                   i8* xs, float (&sh)[2][32]) {
+    const int tid = threadIdx.x, K4 = K >> 2;
+    float4 v[PRO_PV];
+    float4 w[PRO_PV];
+#pragma unroll
+    for (int i = 0; i < PRO_PV; ++i) {
+        const int e4 = tid + 256 * i;
+        v[i] = w[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (e4 < K4) {
+            if (PRO == PRO_NORM) {
+                v[i] = reinterpret_cast<const float4*>(src)[(size_t)m * K4 + e4];
+                w[i] = reinterpret_cast<const float4*>(nw)[e4];
+            } else {
+                const uint2 raw = reinterpret_cast<const uint2*>(src)[(size_t)m * K4 + e4];
+                const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+                const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+                v[i] = make_float4(a.x, a.y, b.x, b.y);
+            }
+        }
+    }
+    if (PRO == PRO_NORM) {
+        float ss = 0.f;
+#pragma unroll
+        for (int i = 0; i < PRO_PV; ++i) ss += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
+        const float rstd = 1.f / sqrtf(block_reduce_once<false>(ss, sh[0]) / K + eps);
+#pragma unroll
+        for (int i = 0; i < PRO_PV; ++i) {      // (h · rstd) · w as add_rmsnorm_quant; 0 past K
+            v[i].x = (v[i].x * rstd) * w[i].x; v[i].y = (v[i].y * rstd) * w[i].y;
+            v[i].z = (v[i].z * rstd) * w[i].z; v[i].w = (v[i].w * rstd) * w[i].w;
+        }
+    }
+    float amax = 0.f;
+    if (mode == MODE_DYNAMIC) {
+#pragma unroll
+        for (int i = 0; i < PRO_PV; ++i)
+            amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v[i].x), fabsf(v[i].y))), fmaxf(fabsf(v[i].z), fabsf(v[i].w)));
+        amax = block_reduce_once<true>(amax, sh[1]);
+    }
+    const float s = row_scale(mode, amax, sscale);
+    i8* row = xs + (size_t)m * ldx;
+#pragma unroll
+    for (int i = 0; i < PRO_PV; ++i) {
+        const int e4 = tid + 256 * i;
+        if (e4 < K4) reinterpret_cast<u32*>(row)[e4] = quant4(v[i], s);
+    }
+    for (int e = K + tid; e < ldx; e += 256) row[e] = 0;       // the GEMM's pad columns
+    return s;
+}
+
+template <int MT, int RW, int U, bool OUT_I32, int PRO = PRO_X8>
 __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
-    int M, int N, int R, int C, int Gp, int gshift, int ldx) {
+    int M, int N, int R, int C, int Gp, int gshift, int ldx,
+    const void* __restrict__ src, const float* __restrict__ nw, const float* __restrict__ sscale,
+    float eps, int mode, int K, float* __restrict__ resid) {
     constexpr int NW = 8;
     static_assert(RW * MT <= 8, "reduction buffer must stay within 32 KB of static shared memory");
+    static_assert(PRO == PRO_X8 || (MT == 1 && !OUT_I32), "the quantizing prologues run M <= 8, fp16 out");
     __shared__ int red[NW][RW * MT * 4][32];
+    extern __shared__ __align__(16) i8 xs[];         // PRO_F16 / PRO_NORM: the quantized rows
+    __shared__ float sxs[8];
+    __shared__ float pro_sh[8][2][32];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -76,7 +159,7 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     for (int j = 0; j < MT; ++j) {
         mok[j] = 8 * j + g < M;
         // b0/b1 of k-step 0 and 1: k = 4t, 16+4t, 32+4t, 48+4t (natural order)
-        xbase[j] = x8 + (size_t)(mok[j] ? 8 * j + g : 0) * ldx + 4 * t;
+        xbase[j] = (PRO == PRO_X8 ? x8 : xs) + (size_t)(mok[j] ? 8 * j + g : 0) * ldx + 4 * t;
     }
 
     // Issue every load of a batch (chunks c0, c0+8, ..., c0+8(U-1)); past C: zeros, no access.
@@ -108,10 +191,18 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
             for (int j = 0; j < MT; ++j) {
                 if (ok && mok[j]) {
                     const i8* xp = xbase[j] + c * DGQ_CHUNK_K;
-                    b.xb[u][j][0] = ldg_u32(xp);
-                    b.xb[u][j][1] = ldg_u32(xp + 16);
-                    b.xb[u][j][2] = ldg_u32(xp + 32);
-                    b.xb[u][j][3] = ldg_u32(xp + 48);
+                    if (PRO == PRO_X8) {
+                        b.xb[u][j][0] = ldg_u32(xp);
+                        b.xb[u][j][1] = ldg_u32(xp + 16);
+                        b.xb[u][j][2] = ldg_u32(xp + 32);
+                        b.xb[u][j][3] = ldg_u32(xp + 48);
+                    } else {
+                        const u32* xw = reinterpret_cast<const u32*>(xp);
+                        b.xb[u][j][0] = xw[0];
+                        b.xb[u][j][1] = xw[4];
+                        b.xb[u][j][2] = xw[8];
+                        b.xb[u][j][3] = xw[12];
+                    }
                 } else {
                     b.xb[u][j][0] = b.xb[u][j][1] = b.xb[u][j][2] = b.xb[u][j][3] = 0u;
                 }
@@ -147,6 +238,13 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     load_w(warp, b0);
     load_w(warp + NW * U, b1);
     pdl_enter();
+    if (PRO != PRO_X8) {
+        for (int m = 0; m < M; ++m) {
+            const float s = gemv_prologue_row<PRO>(src, nw, sscale, eps, mode, K, ldx, m, xs, pro_sh[m]);
+            if (threadIdx.x == 0) sxs[m] = s;
+        }
+        __syncthreads();
+    }
     load_x(warp, b0);
     load_x(warp + NW * U, b1);
     for (int c0 = warp; c0 < C; c0 += 2 * NW * U) {
@@ -174,8 +272,13 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
         const int n = DGQ_TILE_N * (rt0 + r) + (ln >> 2) + 8 * (e >> 1);
         const int m = 8 * j + 2 * (ln & 3) + (e & 1);
         if (m < M && n < N) {
-            if (OUT_I32) static_cast<int*>(out)[(size_t)m * N + n] = v;
-            else static_cast<u16*>(out)[(size_t)m * N + n] = f32_to_f16_bits(dg_epilogue(v, sx[m], s8[n]));
+            if (OUT_I32) {
+                static_cast<int*>(out)[(size_t)m * N + n] = v;
+            } else {
+                const u16 y = f32_to_f16_bits(dg_epilogue(v, PRO == PRO_X8 ? sx[m] : sxs[m], s8[n]));
+                if (resid) resid[(size_t)m * N + n] += __half2float(__ushort_as_half(y));
+                else static_cast<u16*>(out)[(size_t)m * N + n] = y;
+            }
         }
     }
 }

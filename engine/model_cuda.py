@@ -27,7 +27,7 @@ from .model import ModelError, ModelWeights, check_tokens
 
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}
 DECODE_CHUNK = 64           # keys per flash-decoding block (cuda/attention.cu DEC_CHUNK)
-DECODE_MAX_WEIGHTS = 8192   # heads × splits the combine holds (cuda/attention.cu DEC_MAX_WEIGHTS)
+FUSE_MAX_M = 1              # decode batches up to this fold the row kernels into the GEMVs
 GEMV_F16_MT = (1, 4, 8)     # M buckets of the fp16 GEMV (cuda/fused.cu gemv_f16_m*)
 GEMV_F16_MAXM = GEMV_F16_MT[-1]
 ROW_PERS = (1, 2, 4, 8, 16, 32)  # row elements a thread holds: the row kernels' instantiations
@@ -41,8 +41,7 @@ FUSED_EXPRS = tuple(f"{k}<{p}, {cl}>" for k in ROW_KERNELS for cl in ROW_CLUSTER
                     for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS))
 FA_BM, FA_BN = 64, 64       # query rows per block, keys per tile of attn_prefill (cuda/attention.cu)
 KV_TYPES = ("__half", "signed char")       # the cache element types the attention kernels take
-ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in KV_TYPES] + [f"attn_decode_split<{t}>" for t in KV_TYPES]
-                   + [f"attn_decode_combine<{p}>" for p in ROW_PERS]
+ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in KV_TYPES] + [f"attn_decode<{t}>" for t in KV_TYPES]
                    + [f"attn_prefill<{d}, {t}>" for d in (64, 128) for t in KV_TYPES])
 
 
@@ -89,10 +88,9 @@ def row_cluster(width: int, cta_width: int | None = None) -> int:
 def row_launch(name: str, width: int, cl: int = 1) -> tuple[str, int]:
     """(kernel expression, block size) of a row kernel (cuda/rows.cuh) for rows of `width`
     shared by clusters of `cl` CTAs: the smallest PER with PER · 1024 ≥ ⌈width / cl⌉, and
-    ⌈width / (cl · PER)⌉ threads in whole warps. attn_decode_combine runs one CTA a row."""
-    if cl not in ROW_CLUSTERS or (cl > 1 and name == "attn_decode_combine"):
-        raise BackendError(f"{name} runs on clusters of {ROW_CLUSTERS if name in ROW_KERNELS else (1,)} CTAs, "
-                           f"not {cl}")
+    ⌈width / (cl · PER)⌉ threads in whole warps."""
+    if cl not in ROW_CLUSTERS:
+        raise BackendError(f"{name} runs on clusters of {ROW_CLUSTERS} CTAs, not {cl}")
     share = -(-width // cl)
     pers = ROW_PERS if cl == 1 else ROW_CLUSTER_PERS
     per = next((p for p in pers if p * 1024 >= share), None)
@@ -100,7 +98,7 @@ def row_launch(name: str, width: int, cl: int = 1) -> tuple[str, int]:
         raise BackendError(f"the GPU row kernels take rows of up to {pers[-1] * 1024 * cl} values on "
                            f"clusters of {cl}, got {width}")
     threads = min(1024, 32 * -(-share // (32 * per)))
-    return (f"{name}<{per}>" if name == "attn_decode_combine" else f"{name}<{per}, {cl}>"), threads
+    return f"{name}<{per}, {cl}>", threads
 
 
 def kv_type(cache_array) -> str:
@@ -166,6 +164,10 @@ class GpuLinear:
         else:
             ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out)
         return out
+
+    def fused(self, out, **inputs):
+        """The decode GEMV with its row kernels folded in (ops_cuda.gemv_a8w4_fused)."""
+        return ops_cuda.gemv_a8w4_fused(self.packed, out, sscale=self.scale, **inputs)
 
     def nbytes(self) -> int:
         if self.w16 is not None:
@@ -289,10 +291,6 @@ class CudaModel:
                              f"(the model's context), got {capacity!r}")
         if not (isinstance(batch, (int, np.integer)) and batch >= 1):
             raise ModelError(f"batch must be a positive integer, got {batch!r}")
-        nsplit = -(-int(capacity) // DECODE_CHUNK)
-        if c.num_attention_heads * nsplit > DECODE_MAX_WEIGHTS:
-            raise ModelError(f"a cache of {capacity} positions is too long for the decode attention "
-                             f"combine (at most {DECODE_MAX_WEIGHTS // c.num_attention_heads * DECODE_CHUNK})")
         return GpuKVCache(self.cp, c, int(capacity), int(batch), kv8)
 
     def _buffers(self, m: int, vocab_rows: int):
@@ -318,37 +316,58 @@ class CudaModel:
     def _attn(self, expr, grid, block, args):
         kernels.function("attention.cu", expr, ATTN_EXPRS)(grid, block, args)
 
-    def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, pos, seq, attend):
-        """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h.
+    def _fusable(self, m: int) -> bool:
+        """Whether m rows run the folded decode layer: every linear A8W4, rows the prologue takes."""
+        c = self.config
+        return (m <= FUSE_MAX_M and all(L[g].mode != MODE["fp16"] for L in self.layers
+                                         for g in ("qkv", "o", "gu", "down"))
+                and all(w <= ops_cuda.PRO_MAX_K and w % 4 == 0 for w in (c.hidden_size, c.q_size)))
 
-        attend(layer, b, o, a8) reads b.q and the cache and fills b.a, or o's input a8/b.sx directly.
+    def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, attend):
+        """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h
+        (None when the layers added it themselves).
+
+        attend(layer, b) reads b.qkv[:m] and the cache, writes the new k, v into the cache and
+        fills b.a[:m] (M, Hq·D) fp16. Up to FUSE_MAX_M rows of A8W4 layers, the row kernels
+        fold into the GEMVs (cuda/gemm_a8w4.cu PRO_*): qkv and gate|up normalise and quantize
+        h themselves, o quantizes the attention row, and o and down add into h.
         """
         c = self.config
-        hq, hkv, d, hid, inter = (c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                  c.hidden_size, c.intermediate_size)
+        hid, inter = c.hidden_size, c.intermediate_size
+        fused = self._fusable(m)
         y = None                # the previous sublayer's output, added to h by the next norm
         for li, L in enumerate(self.layers):
             qkv, o, gu, down = L["qkv"], L["o"], L["gu"], L["down"]
-            x8, xh = b.x8(m, qkv.kp), b.xh(m, hid)
-            self._norm(b, m, y, L["attn_norm"], qkv.mode, qkv.scale, x8, qkv.kp, xh)
-            qkv(x8, b.sx[:m], xh, b.qkv[:m])
-            self._attn(f"rope_qkv_cache<{kv_type(cache.k)}>", (m, hq + hkv), (d // 2,),
-                       (b.qkv, np.int32(hq), np.int32(hkv), np.int32(d), pos, seq, self.cos, self.sin,
-                        b.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], np.int32(cache.capacity)))
+            h = b.h[:m]
+            if fused:
+                qkv.fused(b.qkv[:m], h=h, norm_w=L["attn_norm"], eps=c.rms_norm_eps)
+            else:
+                x8, xh = b.x8(m, qkv.kp), b.xh(m, hid)
+                self._norm(b, m, y, L["attn_norm"], qkv.mode, qkv.scale, x8, qkv.kp, xh)
+                qkv(x8, b.sx[:m], xh, b.qkv[:m])
+            attend(li, b)
             a8, ah = b.x8(m, o.kp), b.a[:m]
-            # attend fills b.a[:m] (M, Hq·D) fp16, or returns True once it has written o's input itself
-            if not attend(li, b, o, a8) and o.mode != MODE["fp16"]:
-                self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
-                                                      o.scale, a8, np.int32(o.kp), b.sx))
-            o(a8, b.sx[:m], ah, b.y[:m])
-            x8 = b.x8(m, gu.kp)
-            self._norm(b, m, b.y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh)
-            gu(x8, b.sx[:m], xh, b.gu[:m])
+            if fused:
+                o.fused(None, f16=ah, resid=h)
+            else:
+                if o.mode != MODE["fp16"]:
+                    self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
+                                                          o.scale, a8, np.int32(o.kp), b.sx))
+                o(a8, b.sx[:m], ah, b.y[:m])
+            x8, xh = b.x8(m, gu.kp), b.xh(m, hid)
+            if fused:
+                gu.fused(b.gu[:m], h=h, norm_w=L["mlp_norm"], eps=c.rms_norm_eps)
+            else:
+                self._norm(b, m, b.y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh)
+                gu(x8, b.sx[:m], xh, b.gu[:m])
             m8, mh = b.x8(m, down.kp), b.xh(m, inter)
             self._row("silu_mul_quant", m, inter, (b.gu, np.int32(inter), np.int32(down.mode),
                                                    down.scale, m8, np.int32(down.kp), b.sx, mh))
-            down(m8, b.sx[:m], mh, b.y[:m])
-            y = b.y
+            if fused:
+                down.fused(None, x8=m8, sx=b.sx[:m], resid=h)
+            else:
+                down(m8, b.sx[:m], mh, b.y[:m])
+                y = b.y
         return y
 
     def _norm(self, b: _Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None):
@@ -381,9 +400,15 @@ class CudaModel:
                 gemv and self.config.hidden_size % 8 == 0)
 
     # ------------------------------------------------------------------ prefill / full forward
-    def _attend_prefill(self, cache: GpuKVCache, s: int, start: int, t: int):
+    def _attend_prefill(self, cache: GpuKVCache, s: int, start: int, t: int, pos, seqs):
         """Causal GQA of t new queries against the first start+t cached keys of sequence s."""
-        def attend(li, b, o, a8):
+        c = self.config
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+        def attend(li, b):
+            self._attn(f"rope_qkv_cache<{kv_type(cache.k)}>", (t, hq + hkv), (d // 2,),
+                       (b.qkv, np.int32(hq), np.int32(hkv), np.int32(d), pos, seqs, self.cos, self.sin,
+                        b.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], np.int32(cache.capacity)))
             attn_prefill(b.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], b.a, s, start, t)
         return attend
 
@@ -406,7 +431,7 @@ class CudaModel:
         pos = cp.arange(start, start + t, dtype=cp.int32)
         seqs = cp.full((t,), seq, dtype=cp.int32)
         self._launch("embed_gather", (t,), (256,), (self.embed, tok, np.int32(c.hidden_size), b.h))
-        y = self._layers(b, t, cache, pos, seqs, self._attend_prefill(cache, seq, start, t))
+        y = self._layers(b, t, cache, self._attend_prefill(cache, seq, start, t, pos, seqs))
         cache.lens_host[seq] += t
         self._head(b, y, slice(0, t) if logits == "all" else slice(t - 1, t), rows)
         return b.logits[:rows]
@@ -437,20 +462,16 @@ class CudaModel:
         hq, d = c.num_attention_heads, c.head_dim
         nsplit = st["nsplit"]
 
-        def attend(li, bb, o, a8):
-            self._attn(f"attn_decode_split<{kv_type(cache.k)}>", (nb, hq, nsplit), (128,),
-                       (bb.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], st["lens"], np.int32(hq),
-                        np.int32(c.num_key_value_heads), np.int32(d), np.int32(cache.capacity),
-                        np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"]))
-            # the combine also quantizes the row for o_proj (or writes it fp16 for a float o)
-            expr, threads = row_launch("attn_decode_combine", c.q_size)
-            self._attn(expr, (nb,), (threads,),
-                       (st["ml"], st["acc"], st["lens"], np.int32(hq), np.int32(d), np.int32(nsplit),
-                        np.int32(o.mode), o.scale, a8, np.int32(o.kp), bb.sx, bb.a))
-            return True
+        def attend(li, bb):
+            # RoPE, cache write, flash-decoding and the merge in one launch (cuda/attention.cu)
+            self._attn(f"attn_decode<{kv_type(cache.k)}>", (nb, hq, nsplit), (128,),
+                       (bb.qkv, self.cos, self.sin, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li],
+                        st["lens"], np.int32(hq), np.int32(c.num_key_value_heads), np.int32(d),
+                        np.int32(cache.capacity), np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"],
+                        st["counters"], bb.a))
 
         self._launch("embed_gather", (nb,), (256,), (self.embed, st["tok"], np.int32(c.hidden_size), b.h))
-        y = self._layers(b, nb, cache, st["pos"], st["seq"], attend)
+        y = self._layers(b, nb, cache, attend)
         self._head(b, y, slice(0, nb), nb, lm_head=False)
         if with_tail:
             self._decode_tail(cache, st)
@@ -472,6 +493,7 @@ class CudaModel:
                 "params": cp.asarray(ops_cuda.sample_params()),    # read by the graph at every replay
                 "ml": cp.zeros((nb * hq * nsplit * 2,), cp.float32),
                 "acc": cp.zeros((nb * hq * nsplit * d,), cp.float32),
+                "counters": cp.zeros((nb * hq,), cp.int32),      # attn_decode's merge; reset by it
                 "stream": cp.cuda.Stream(non_blocking=True)}
 
     def decode_greedy(self, cache: GpuKVCache, last_tokens, n_steps: int, use_graph: bool = True,

@@ -188,8 +188,11 @@ WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WP
 )   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
 
 _B = ("false", "true")
+PRO = {"x8": 0, "f16": 1, "norm": 2}                     # cuda/gemm_a8w4.cu PRO_*
+PRO_MAX_K = 4096                                          # PRO_MAX_K: the widest row a prologue takes
 _GEMV = tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>" for mt, cfgs in GEMV_CFGS.items() for rw, u in cfgs
-              for o in _B)
+              for o in _B) + tuple(f"gemm_a8w4_gemv<1,{rw},{u},false,{p}>" for rw, u in GEMV_CFGS[1]
+                                   for p in (PRO["f16"], PRO["norm"]))
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
@@ -393,17 +396,9 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     o = _B[int(out_i32)]
     common = (np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(layer.k_pad))
     if kernel == "gemv":
-        mt = cfg.get("mt", gemv_mt(m))
-        if m > 8 * mt or mt not in GEMV_CFGS:
-            raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
-        few = mt in TUNE["gemv_few"] and R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
-        rw0, u0 = TUNE["gemv_few"][mt] if few else TUNE["gemv"][mt]
-        rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
-        if (rw, u) not in GEMV_CFGS[mt]:
-            raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
-        fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>", _GEMV)
-        fn((-(-R // rw),), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out,
-                                        np.int32(m), np.int32(n), *common))
+        fn, grid = _gemv_fn(m, R, o, cfg)
+        fn(grid, (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(n), *common,
+                              *_NO_PROLOGUE))
         return out
     if kernel == "mma":
         bm = cfg.get("bm", TUNE["mma_bm_small"] if m <= TUNE["mma_small_max_m"] else 128)
@@ -437,6 +432,89 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     fn((tiles, splits), (threads,), (layer.qw, layer.meta, x8, sx, layer.s8, out, ws, cnt,
                                      np.int32(m), np.int32(n), *common, np.int32(splits)),
        shared_mem=smem)
+    return out
+
+
+_NO_PROLOGUE = (np.uint64(0), np.uint64(0), np.uint64(0), np.float32(0), np.int32(0), np.int32(0), np.uint64(0))
+
+
+def _gemv_fn(m: int, R: int, o: str, cfg: dict, pro: int = 0):
+    """The GEMV kernel and grid for M rows and R row tiles (TUNE picks RW and U; cfg overrides)."""
+    mt = cfg.get("mt", gemv_mt(m))
+    if m > 8 * mt or mt not in GEMV_CFGS:
+        raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
+    few = mt in TUNE["gemv_few"] and R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
+    rw0, u0 = TUNE["gemv_few"][mt] if few else TUNE["gemv"][mt]
+    rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
+    if (rw, u) not in GEMV_CFGS[mt]:
+        raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
+    expr = f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>" if pro == 0 else f"gemm_a8w4_gemv<{mt},{rw},{u},{o},{pro}>"
+    return _fn("gemm_a8w4.cu", expr, _GEMV), (-(-R // rw),)
+
+
+def _dev_array(name: str, a, dtype, shape):
+    cp = _cp()
+    if not (isinstance(a, cp.ndarray) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
+        raise CudaOpError(f"{name} must be a C-contiguous {shape} {np.dtype(dtype)} CuPy array, got "
+                          f"{type(a).__name__} {getattr(a, 'dtype', None)} {getattr(a, 'shape', None)}")
+    return a
+
+
+def gemv_a8w4_fused(layer: PackedA8W4, out, *, x8=None, sx=None, f16=None, h=None, norm_w=None,
+                    eps: float = 0.0, sscale=None, resid=None, cfg: dict | None = None):
+    """The decode GEMV with the row kernels around it folded in (cuda/gemm_a8w4.cu PRO_*).
+
+    Input, one of: x8 (M, K or Kp) int8 with sx (M,) float32 (as gemm_a8w4); f16 (M, K) float16,
+    quantized in the kernel; h (M, K) float32, RMSNorm'd with norm_w (K,) float32 and eps, then
+    quantized. Quantization follows layer.act: dynamic absmax, or static with the scale in the
+    device array sscale (1,). Output: y into out (M, N) float16, or with resid (M, N) float32,
+    resid += fp16(y) and out is not written. M ≤ 8; the quantizing inputs need K ≤ PRO_MAX_K
+    and K % 4 == 0.
+    """
+    cfg = dict(cfg or {})
+    n, kp = layer.n, layer.k_pad
+    srcs = [a for a in (x8, f16, h) if a is not None]
+    if len(srcs) != 1:
+        raise CudaOpError("give exactly one input: x8 (with sx), f16 or h (with norm_w)")
+    m = int(srcs[0].shape[0]) if getattr(srcs[0], "ndim", 0) == 2 else -1
+    if not 0 < m <= 8:
+        raise CudaOpError(f"the fused GEMV takes 1 to 8 rows, got shape {getattr(srcs[0], 'shape', None)}")
+    if resid is not None:
+        _dev_array("resid", resid, np.float32, (m, n))
+        out = resid                           # a valid pointer; the kernel writes resid only
+    else:
+        _dev_array("out", out, np.float16, (m, n))
+    R, C, Gp = layer.n_pad // TILE_N, kp // CHUNK_K, kp // layer.group
+    common = (np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(kp))
+    res = np.uint64(0) if resid is None else resid
+    if x8 is not None:
+        x8 = _prep_x8(x8, layer)
+        _dev_array("sx", sx, np.float32, (m,))
+        fn, grid = _gemv_fn(m, R, "false", cfg)
+        fn(grid, (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(n), *common,
+                              *_NO_PROLOGUE[:-1], res))
+        return out
+    k = layer.k
+    if k > PRO_MAX_K or k % 4:
+        raise CudaOpError(f"the quantizing GEMV prologue takes K ≤ {PRO_MAX_K} with K % 4 == 0, got {k}")
+    mode = {"static": 0, "dynamic": 1}.get(layer.act)
+    if mode is None:
+        raise CudaOpError(f"unknown activation mode {layer.act!r}")
+    if mode == 0:
+        _dev_array("sscale", sscale, np.float32, (1,))
+    if h is not None:
+        _dev_array("h", h, np.float32, (m, k))
+        _dev_array("norm_w", norm_w, np.float32, (k,))
+        src, pro = h, PRO["norm"]
+    else:
+        _dev_array("f16", f16, np.float16, (m, k))
+        src, pro = f16, PRO["f16"]
+    fn, grid = _gemv_fn(m, R, "false", {**cfg, "mt": 1}, pro)
+    none = np.uint64(0)
+    fn(grid, (THREADS,), (layer.qw, layer.meta, none, none, layer.s8, out, np.int32(m), np.int32(n), *common,
+                          src, none if norm_w is None else norm_w, none if sscale is None else sscale,
+                          np.float32(eps), np.int32(mode), np.int32(k), res),
+       shared_mem=m * kp)
     return out
 
 

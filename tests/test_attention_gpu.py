@@ -108,59 +108,85 @@ def test_gpu_kv8_matches_numpy_kv8_reference():
     assert np.mean(want == steps) >= 0.8, (want, steps)
 
 
+def rope_f64(x, p, cos_t, sin_t):
+    """HF rotate-half RoPE of rows x (..., D) at position p with the engine's float32 tables."""
+    hd = x.shape[-1] // 2
+    c, s = cos_t[p].astype(np.float64), sin_t[p].astype(np.float64)
+    a, b = x[..., :hd].astype(np.float64), x[..., hd:].astype(np.float64)
+    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+
 @pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
 @pytest.mark.parametrize("rep", [1, 4])
 @pytest.mark.parametrize("d", [64, 128])
 def test_flash_decoding_matches_float64(d, rep, kv8):
-    """attn_decode_split + attn_decode_combine (fp16 out, and the dynamic INT8 o_proj input) for
-    ragged lengths: one key, a whole 64-key split, one past it, several splits, empty splits.
-    Cache rows (and kv8 scales) past each length are NaN, so a stray read fails."""
+    """attn_decode (RoPE of the new q and k, cache write, flash-decoding, merge of the splits)
+    for ragged lengths: one key, a whole 64-key split, one past it, several splits, empty
+    splits. The new token's cache row and every row past it start as NaN (kv8: their scales),
+    so a read of the row being written, or past the length, fails; the row must come back
+    holding the rotated k and the v. A second launch must give the same bits (the merge's
+    counters reset themselves)."""
     import cupy as cp
 
     from engine.kernels import function
-    from engine.model_cuda import ATTN_EXPRS, DECODE_CHUNK, MODE, kv_type, row_launch
+    from engine.model_cuda import ATTN_EXPRS, DECODE_CHUNK, kv_type
     rng = np.random.default_rng(7 * d + rep)
     hq, lens = HKV * rep, np.array([1, 64, 65, 200], np.int32)
     b, cap = len(lens), 256
     nsplit = cap // DECODE_CHUNK
-    q = (2 * rng.standard_normal((b, hq, d))).astype(np.float16)
+    inv = 1.0 / (10000.0 ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    ang = np.outer(np.arange(cap, dtype=np.float64), inv)
+    cos_t, sin_t = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    qkv = rng.standard_normal((b, hq + 2 * HKV, d)).astype(np.float16)
     k = rng.standard_normal((b, cap, HKV, d)).astype(np.float16)
     v = rng.standard_normal((b, cap, HKV, d)).astype(np.float16)
+    q = np.stack([rope_f64(qkv[i, :hq], n - 1, cos_t, sin_t) for i, n in enumerate(lens)]).astype(np.float16)
+    k_new = np.stack([rope_f64(qkv[i, hq:hq + HKV], n - 1, cos_t, sin_t) for i, n in enumerate(lens)])
+    v_new = qkv[:, hq + HKV:].astype(np.float32)
+    for i, n in enumerate(lens):
+        k[i, n - 1], v[i, n - 1] = k_new[i], v_new[i]
     if kv8:
-        (k8, ks), (v8, vs) = quantize_kv_ref(k), quantize_kv_ref(v)
-        kref, vref = k8.astype(np.float64) * ks[..., None], v8.astype(np.float64) * vs[..., None]
+        (k8, ks), (v8, vs) = quantize_kv_ref(k.astype(np.float32)), quantize_kv_ref(v)
         for i, n in enumerate(lens):
-            ks[i, n:], vs[i, n:] = np.nan, np.nan
+            k8[i, n - 1], ks[i, n - 1] = quantize_kv_ref(k_new[i].astype(np.float32))
+        kref, vref = k8.astype(np.float64) * ks[..., None], v8.astype(np.float64) * vs[..., None]
+        want_k, want_ks = k8.copy(), ks.copy()
+        for i, n in enumerate(lens):
+            ks[i, n - 1:], vs[i, n - 1:] = np.nan, np.nan
         kc, vc = cp.asarray(k8), cp.asarray(v8)
     else:
         kref, vref = k.astype(np.float64), v.astype(np.float64)
+        want_k = k.copy()
         for i, n in enumerate(lens):
-            k[i, n:], v[i, n:] = np.nan, np.nan
+            k[i, n - 1:], v[i, n - 1:] = np.nan, np.nan
         ks = vs = np.ones((1,), np.float32)
         kc, vc = cp.asarray(k), cp.asarray(v)
+    ksd, vsd = cp.asarray(ks), cp.asarray(vs)
     ml = cp.zeros((b * hq * nsplit * 2,), cp.float32)
     acc = cp.zeros((b * hq * nsplit * d,), cp.float32)
-    lens_d = cp.asarray(lens)
-    function("attention.cu", f"attn_decode_split<{kv_type(kc)}>", ATTN_EXPRS)(
-        (b, hq, nsplit), (128,), (cp.asarray(q), kc, vc, cp.asarray(ks), cp.asarray(vs), lens_d, np.int32(hq),
-                                  np.int32(HKV), np.int32(d), np.int32(cap), np.float32(1 / np.sqrt(d)), ml, acc))
+    counters = cp.zeros((b * hq,), cp.int32)
     ref = np.concatenate([causal_gqa_f64(q[i:i + 1].astype(np.float64), kref[i, :n], vref[i, :n], n - 1)
                           for i, n in enumerate(lens)])                   # (B, Hq·D)
-    expr, threads = row_launch("attn_decode_combine", hq * d)
-    ld = hq * d + 32
-    for mode in ("fp16", "dynamic"):
+    outs = []
+    for _ in range(2):
         out = cp.full((b, hq * d), np.nan, cp.float16)
-        x8 = cp.full((b, ld), 7, cp.int8)
-        sx = cp.zeros((b,), cp.float32)
-        function("attention.cu", expr, ATTN_EXPRS)(
-            (b,), (threads,), (ml, acc, lens_d, np.int32(hq), np.int32(d), np.int32(nsplit), np.int32(MODE[mode]),
-                               cp.ones((1,), cp.float32), x8, np.int32(ld), sx, out))
-        if mode == "fp16":
-            err = np.abs(out.get().astype(np.float64) - ref).max(axis=1)
-            assert (err <= 2.0 ** -9 * np.abs(vref).max()).all(), err
+        function("attention.cu", f"attn_decode<{kv_type(kc)}>", ATTN_EXPRS)(
+            (b, hq, nsplit), (128,), (cp.asarray(qkv), cp.asarray(cos_t), cp.asarray(sin_t), kc, vc, ksd, vsd,
+                                      cp.asarray(lens), np.int32(hq), np.int32(HKV), np.int32(d), np.int32(cap),
+                                      np.float32(1 / np.sqrt(d)), ml, acc, counters, out))
+        outs.append(out.get())
+    assert not counters.any()
+    np.testing.assert_array_equal(outs[0], outs[1])
+    err = np.abs(outs[0].astype(np.float64) - ref).max(axis=1)
+    assert (err <= 2.0 ** -8 * np.abs(vref).max()).all(), err
+    rows = [(i, n - 1) for i, n in enumerate(lens)]
+    got_k = kc.get()
+    for i, p in rows:                                       # the new rows, written once per kv head
+        if kv8:
+            assert np.abs(got_k[i, p].astype(np.int32) - want_k[i, p]).max() <= 1
+            np.testing.assert_allclose(ksd.get()[i, p], want_ks[i, p], rtol=1e-5)
+            np.testing.assert_array_equal(vc.get()[i, p], v8[i, p])
         else:
-            s = np.abs(ref).max(axis=1) / 127
-            np.testing.assert_allclose(sx.get(), s, rtol=2e-3)
-            x = x8.get().astype(np.int32)
-            assert np.abs(x[:, :hq * d] - np.clip(np.rint(ref / s[:, None]), -127, 127)).max() <= 1
-            assert (x[:, hq * d:] == 0).all()                         # pad columns zeroed
+            np.testing.assert_allclose(got_k[i, p].astype(np.float32), want_k[i, p].astype(np.float32),
+                                       rtol=2.0 ** -10, atol=2.0 ** -14)
+            np.testing.assert_array_equal(vc.get()[i, p], qkv[i, hq + HKV:])
