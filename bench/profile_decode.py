@@ -50,13 +50,15 @@ def main():
             print(f"A8W4 decode b={a.batch}, PDL off: {_decode(gm, c2, f2, a)}")
         del c2
     if gm._fusable(a.batch):
-        saved_fuse, model_cuda.FUSE_MAX_M = model_cuda.FUSE_MAX_M, 0
-        try:
-            c4, f4 = _prefilled(gm, mw, a)
-            print(f"A8W4 decode b={a.batch}, row kernels not folded into the GEMVs: {_decode(gm, c4, f4, a)}")
-            del c4
-        finally:
-            model_cuda.FUSE_MAX_M = saved_fuse
+        saved_fold = model_cuda.FOLD
+        for fold in ((), ("resid",), ("resid", "attn_quant"), ("resid", "norm")):
+            model_cuda.FOLD = fold
+            try:
+                c4, f4 = _prefilled(gm, mw, a)
+                print(f"A8W4 decode b={a.batch}, row kernels folded into the GEMVs {fold}: {_decode(gm, c4, f4, a)}")
+                del c4
+            finally:
+                model_cuda.FOLD = saved_fold
     print(format_breakdown(graph_breakdown(gm, cache)))
     for w in filter(None, a.row_widths.split(",")):
         saved, model_cuda.ROW_CTA_WIDTH = model_cuda.ROW_CTA_WIDTH, int(w)

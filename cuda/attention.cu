@@ -27,6 +27,11 @@ __device__ __forceinline__ float2 load2(const i8* row, int i2) {
     char2 c = reinterpret_cast<const char2*>(row)[i2];
     return make_float2((float)c.x, (float)c.y);
 }
+template <typename KV> struct KvPair;                       // two consecutive cache elements, raw
+template <> struct KvPair<__half> { typedef __half2 T; };
+template <> struct KvPair<i8> { typedef char2 T; };
+__device__ __forceinline__ float2 to_f2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_f2(char2 v) { return make_float2((float)v.x, (float)v.y); }
 template <typename KV> __device__ __forceinline__ float kv_scale(const float* s, size_t i);
 template <> __device__ __forceinline__ float kv_scale<__half>(const float*, size_t) { return 1.f; }
 template <> __device__ __forceinline__ float kv_scale<i8>(const float* s, size_t i) { return s[i]; }
@@ -330,6 +335,8 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
 // registers, not from the cache; the first q head of each kv group writes them to the cache
 // (kv8: quantized from the rotated float k and the fp16 v, scale from the head's absmax, the
 // rule of rope_qkv_cache). No block reads cache row p.
+// The cache rows of positions before p and lens are read before the PDL wait: no kernel of
+// the step writes them (cuda/pdl.cuh).
 // Merge: the last of a head's nsplit blocks to finish (an atomic counter, which it resets for
 // the next step) combines the partials into the head's D outputs, fp16 into out (B, Hq·D).
 // Three launches (rope, split, combine) became one: in a graphed decode step every launch
@@ -399,7 +406,6 @@ __global__ void __launch_bounds__(128) attn_decode(
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out) {
-    pdl_enter();
     __shared__ float ps[DEC_CHUNK];
     __shared__ float2 red[DEC_WARPS][DEC_MAX_D2];
     __shared__ int last;
@@ -410,18 +416,40 @@ __global__ void __launch_bounds__(128) attn_decode(
     const bool two = D > 64;                    // a lane holds pairs lane and lane + 32 (D = 128)
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     const size_t pidx = ((size_t)b * Hq + h) * nsplit + sp;
+    const size_t row_stride = (size_t)Hkv * D;              // elements between consecutive keys
+    const size_t sbase = (size_t)b * cap * Hkv + kvh;       // scale of key k: [sbase + k·Hkv]
+    const int kw = k0 + wid * DEC_KPW;                      // this warp's first key
+
+    // The cache rows before the PDL wait: lens and the rows of earlier positions stay fixed for
+    // a whole decode step (cuda/pdl.cuh), so their round trip overlaps the kernels before this
+    // one. Rows past k1 are loaded from row k1 − 1 instead (always in bounds) and masked after:
+    // no branch stands between the loads, so a lane issues all of them before the first use.
+    // Row p is written by this kernel: its values are replaced by the new token's registers.
+    typename KvPair<KV>::T kra[DEC_KPW], krb[DEC_KPW], vra[DEC_KPW], vrb[DEC_KPW];
+    float ksc[DEC_KPW], vsc[DEC_KPW];
+    if (k0 < k1) {
+        const KV* kbase = kc + sbase * D;
+        const KV* vbase = vc + sbase * D;
+#pragma unroll
+        for (int i = 0; i < DEC_KPW; ++i) {
+            const int k = min(kw + i, k1 - 1);
+            const size_t off = (size_t)k * row_stride;
+            const typename KvPair<KV>::T* kr = reinterpret_cast<const typename KvPair<KV>::T*>(kbase + off);
+            const typename KvPair<KV>::T* vr = reinterpret_cast<const typename KvPair<KV>::T*>(vbase + off);
+            kra[i] = kr[lane];
+            vra[i] = vr[lane];
+            if (two) { krb[i] = kr[lane + 32]; vrb[i] = vr[lane + 32]; }
+            ksc[i] = kv_scale<KV>(ks, sbase + (size_t)k * Hkv);
+            vsc[i] = kv_scale<KV>(vs, sbase + (size_t)k * Hkv);
+        }
+    }
+    pdl_enter();
     if (k0 < k1) {
         const __half* row = qkv + (size_t)b * (Hq + 2 * Hkv) * D;
         float2 qa, qb;
         rope_lane(row + (size_t)h * D, p, D, cos_t, sin_t, lane, qa, qb);
         qa = round_h2(qa);
         qb = round_h2(qb);
-        const size_t row_stride = (size_t)Hkv * D;          // elements between consecutive keys
-        const size_t sbase = (size_t)b * cap * Hkv + kvh;   // scale of key k: [sbase + k·Hkv]
-        const KV* kbase = kc + sbase * D;
-        const KV* vbase = vc + sbase * D;
-        const int kw = k0 + wid * DEC_KPW;                  // this warp's first key
-
         // the new token's key and value (blocks of the split that holds p)
         const bool has_new = k1 == len;                     // block-uniform
         float2 kna = make_float2(0.f, 0.f), knb = kna, vna = kna, vnb = kna;
@@ -437,26 +465,14 @@ __global__ void __launch_bounds__(128) attn_decode(
             new_kv(vna, vnb, svn, two, lane, store, vc + r * D, vs + r);
         }
 
-        // Rows past k1 are loaded from row k1 − 1 instead (always in bounds) and masked after:
-        // no branch stands between the loads, so a lane issues all of them before the first use
-        // (a branch per key made an earlier version wait one round trip per key). Row p is
-        // being written by this kernel: its loads are replaced by the registers above.
-        // The V rows are requested with the K rows, before the softmax needs its barrier.
         float dot[DEC_KPW];
         float2 va[DEC_KPW], vb[DEC_KPW];
-        float ksc[DEC_KPW], vsc[DEC_KPW];
 #pragma unroll
         for (int i = 0; i < DEC_KPW; ++i) {
-            const int k = min(kw + i, k1 - 1);
-            const size_t off = (size_t)k * row_stride;
-            const KV* kr = kbase + off;
-            const KV* vr = vbase + off;
-            float2 ka = load2(kr, lane), kb = two ? load2(kr, lane + 32) : make_float2(0.f, 0.f);
-            va[i] = load2(vr, lane);
-            vb[i] = two ? load2(vr, lane + 32) : make_float2(0.f, 0.f);
-            ksc[i] = kv_scale<KV>(ks, sbase + (size_t)k * Hkv);
-            vsc[i] = kv_scale<KV>(vs, sbase + (size_t)k * Hkv);
-            if (k == p) { ka = kna; kb = knb; va[i] = vna; vb[i] = vnb; ksc[i] = skn; vsc[i] = svn; }
+            float2 ka = to_f2(kra[i]), kb = two ? to_f2(krb[i]) : make_float2(0.f, 0.f);
+            va[i] = to_f2(vra[i]);
+            vb[i] = two ? to_f2(vrb[i]) : make_float2(0.f, 0.f);
+            if (min(kw + i, k1 - 1) == p) { ka = kna; kb = knb; va[i] = vna; vb[i] = vnb; ksc[i] = skn; vsc[i] = svn; }
             dot[i] = qa.x * ka.x + qa.y * ka.y + qb.x * kb.x + qb.y * kb.y;
         }
 #pragma unroll

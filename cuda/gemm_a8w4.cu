@@ -117,7 +117,7 @@ __device__ __forceinline__ float gemv_prologue_row(const void* src, const float*
 }
 
 template <int MT, int RW, int U, bool OUT_I32, int PRO = PRO_X8>
-__global__ void __launch_bounds__(256) gemm_a8w4_gemv(
+__global__ void __launch_bounds__(256, PRO == PRO_X8 ? 0 : 3) gemm_a8w4_gemv(
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
     int M, int N, int R, int C, int Gp, int gshift, int ldx,
@@ -133,8 +133,11 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int rt0 = blockIdx.x * RW;
-
+    // Block b computes row tiles b·RW.. (+RW), then b·RW + gridDim.x·RW, ...: one tile group
+    // when the grid covers R (the plain launch), several when the launcher caps the grid at
+    // what stays resident (the quantizing prologues, paid once a block, not once a tile).
+    int rt0 = blockIdx.x * RW;
+    const int rstep = gridDim.x * RW;
     int acc[RW][MT][4];
 #pragma unroll
     for (int r = 0; r < RW; ++r)
@@ -143,16 +146,27 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[r][j][e] = 0;
 
-    // Per-warp base addresses, computed once; a chunk c adds c*512 B (weights), c*64 B (x).
+    // Per-warp base addresses of the current tile group; a chunk c adds c*512 B (weights), c*64 B (x).
     const u32x4* wbase[RW];
     const u32* mbase[RW];
     bool rok[RW];
+    auto set_tiles = [&](int rt) {
 #pragma unroll
-    for (int r = 0; r < RW; ++r) {
-        rok[r] = rt0 + r < R;
-        wbase[r] = qw + (size_t)(rok[r] ? rt0 + r : 0) * C * 32 + lane;
-        mbase[r] = meta + (size_t)(rok[r] ? rt0 + r : 0) * Gp * 8 + g;
-    }
+        for (int r = 0; r < RW; ++r) {
+            rok[r] = rt + r < R;
+            wbase[r] = qw + (size_t)(rok[r] ? rt + r : 0) * C * 32 + lane;
+            mbase[r] = meta + (size_t)(rok[r] ? rt + r : 0) * Gp * 8 + g;
+        }
+    };
+    set_tiles(rt0);
+    // The epilogue's element of thread idx in tile group rt: output channel n, token m.
+    auto epi_mn = [&](int rt, int idx, int& m, int& n) {
+        const int el = idx >> 5, ln = idx & 31;
+        const int r = el / (MT * 4), j = (el >> 2) % MT, e = el & 3;
+        // D fragment of mma(A = weights, B = tokens): row = channel, col = token
+        n = DGQ_TILE_N * (rt + r) + (ln >> 2) + 8 * (e >> 1);
+        m = 8 * j + 2 * (ln & 3) + (e & 1);
+    };
     const i8* xbase[MT];
     bool mok[MT];
 #pragma unroll
@@ -237,7 +251,20 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     GemvBatch<MT, RW, U> b0, b1;
     load_w(warp, b0);
     load_w(warp + NW * U, b1);
+    // With at most one epilogue element a thread (EPI1), the first tile group's epilogue
+    // operands are fetched early: s8 (a weight) before the PDL wait, sx and the residual right
+    // after it, so the epilogue waits for no memory round trip.
+    constexpr int EPI = RW * MT * 4 * 32;
+    constexpr bool EPI1 = EPI <= 256 && !OUT_I32;
+    float s8p = 0.f, sxp = 0.f, hp = 0.f;
+    int em = 0, en = 0;
+    const bool elive = EPI1 && (epi_mn(rt0, threadIdx.x, em, en), threadIdx.x < EPI && em < M && en < N);
+    if (elive) s8p = s8[en];
     pdl_enter();
+    if (elive) {
+        if (PRO == PRO_X8) sxp = sx[em];
+        if (resid) hp = resid[(size_t)em * N + en];
+    }
     if (PRO != PRO_X8) {
         for (int m = 0; m < M; ++m) {
             const float s = gemv_prologue_row<PRO>(src, nw, sscale, eps, mode, K, ldx, m, xs, pro_sh[m]);
@@ -247,38 +274,65 @@ __global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     }
     load_x(warp, b0);
     load_x(warp + NW * U, b1);
-    for (int c0 = warp; c0 < C; c0 += 2 * NW * U) {
-        compute(c0, b0);
-        load(c0 + 2 * NW * U, b0);
-        compute(c0 + NW * U, b1);
-        load(c0 + 3 * NW * U, b1);
-    }
-
-    // reduce the 8 warps' partial sums (each covers a different part of K)
+    auto stream = [&]() {                      // the chunks of the current tile group
+        for (int c0 = warp; c0 < C; c0 += 2 * NW * U) {
+            compute(c0, b0);
+            load(c0 + 2 * NW * U, b0);
+            compute(c0 + NW * U, b1);
+            load(c0 + 3 * NW * U, b1);
+        }
+    };
+    // reduce the 8 warps' partial sums (each covers a different part of K) of tiles rt..;
+    // the first group's operands s8, sx, resid come from pre (see below) when EPI1
+    auto finish = [&](int rt, bool first, float s8p, float sxp, float hp) {
 #pragma unroll
-    for (int r = 0; r < RW; ++r)
+        for (int r = 0; r < RW; ++r)
 #pragma unroll
-        for (int j = 0; j < MT; ++j)
+            for (int j = 0; j < MT; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) red[warp][(r * MT + j) * 4 + e][lane] = acc[r][j][e];
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < RW * MT * 4 * 32; idx += blockDim.x) {
-        const int el = idx >> 5, ln = idx & 31;
-        int v = 0;
+                for (int e = 0; e < 4; ++e) {
+                    red[warp][(r * MT + j) * 4 + e][lane] = acc[r][j][e];
+                    acc[r][j][e] = 0;
+                }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < EPI; idx += blockDim.x) {
+            const int el = idx >> 5, ln = idx & 31;
+            int v = 0;
 #pragma unroll
-        for (int w = 0; w < NW; ++w) v += red[w][el][ln];
-        const int r = el / (MT * 4), j = (el >> 2) % MT, e = el & 3;
-        // D fragment of mma(A = weights, B = tokens): row = channel, col = token
-        const int n = DGQ_TILE_N * (rt0 + r) + (ln >> 2) + 8 * (e >> 1);
-        const int m = 8 * j + 2 * (ln & 3) + (e & 1);
-        if (m < M && n < N) {
-            if (OUT_I32) {
-                static_cast<int*>(out)[(size_t)m * N + n] = v;
-            } else {
-                const u16 y = f32_to_f16_bits(dg_epilogue(v, PRO == PRO_X8 ? sx[m] : sxs[m], s8[n]));
-                if (resid) resid[(size_t)m * N + n] += __half2float(__ushort_as_half(y));
-                else static_cast<u16*>(out)[(size_t)m * N + n] = y;
+            for (int w = 0; w < NW; ++w) v += red[w][el][ln];
+            int m, n;
+            epi_mn(rt, idx, m, n);
+            if (m < M && n < N) {
+                if (OUT_I32) {
+                    static_cast<int*>(out)[(size_t)m * N + n] = v;
+                } else {
+                    const bool pre = EPI1 && first;
+                    const float sxm = PRO == PRO_X8 ? (pre ? sxp : sx[m]) : sxs[m];
+                    const u16 y = f32_to_f16_bits(dg_epilogue(v, sxm, pre ? s8p : s8[n]));
+                    if (resid) resid[(size_t)m * N + n] = (pre ? hp : resid[(size_t)m * N + n])
+                                                           + __half2float(__ushort_as_half(y));
+                    else static_cast<u16*>(out)[(size_t)m * N + n] = y;
+                }
             }
+        }
+    };
+    if constexpr (PRO == PRO_X8) {             // the plain GEMV: one tile group a block
+        stream();
+        finish(rt0, true, s8p, sxp, hp);
+    } else {
+        for (bool first = true;; first = false) {
+            stream();
+            const int rt = rt0;
+            rt0 += rstep;
+            const bool more = rt0 < R;
+            if (more) {                        // the next group's first two batches stream while this one reduces
+                set_tiles(rt0);
+                load(warp, b0);
+                load(warp + NW * U, b1);
+            }
+            finish(rt, first, s8p, sxp, hp);
+            if (!more) break;
+            __syncthreads();                   // red is rewritten by the next tile group
         }
     }
 }

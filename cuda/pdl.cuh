@@ -14,7 +14,12 @@
 //     (weights, tables): every kernel triggers its successor at its start, so
 //     launches cascade and a kernel can be resident while kernels several steps
 //     earlier still run. That is the point: the decode GEMV streams its first
-//     weights in the shadow of the kernels before it;
+//     weights in the shadow of the kernels before it. One more kind of data is
+//     fixed for a whole replay of the decode step: the sequence lengths and
+//     positions (sample_rows, the step's last kernel, advances them after its
+//     own wait; graph replays run one after another) and so the KV-cache rows of
+//     positions before the new token (written by earlier steps). attn_decode
+//     reads those before its wait;
 //   - calls pdl_trigger() to let the next kernel launch early (it still waits
 //     for our completion, so where the trigger sits is a matter of speed only).
 // Without the attribute (eager launches, older GPUs, DGQ_PDL=0, cuBLAS in between)

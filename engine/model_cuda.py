@@ -28,6 +28,7 @@ from .model import ModelError, ModelWeights, check_tokens
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}
 DECODE_CHUNK = 64           # keys per flash-decoding block (cuda/attention.cu DEC_CHUNK)
 FUSE_MAX_M = 1              # decode batches up to this fold the row kernels into the GEMVs
+FOLD = ("resid", "attn_quant", "norm")   # what folds (CudaModel._layers); bench/profile_decode A/Bs
 GEMV_F16_MT = (1, 4, 8)     # M buckets of the fp16 GEMV (cuda/fused.cu gemv_f16_m*)
 GEMV_F16_MAXM = GEMV_F16_MT[-1]
 ROW_PERS = (1, 2, 4, 8, 16, 32)  # row elements a thread holds: the row kernels' instantiations
@@ -323,6 +324,14 @@ class CudaModel:
                                          for g in ("qkv", "o", "gu", "down"))
                 and all(w <= ops_cuda.PRO_MAX_K and w % 4 == 0 for w in (c.hidden_size, c.q_size)))
 
+    def _fold(self, m: int) -> frozenset:
+        """The row kernels that fold into the GEMVs for m rows: "resid" (o and down add into h),
+        "attn_quant" (o quantizes the attention row), "norm" (qkv and gate|up normalise h; needs resid)."""
+        if not self._fusable(m):
+            return frozenset()
+        fold = frozenset(FOLD)
+        return fold if "resid" in fold else fold - {"norm"}
+
     def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, attend):
         """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h
         (None when the layers added it themselves).
@@ -334,12 +343,12 @@ class CudaModel:
         """
         c = self.config
         hid, inter = c.hidden_size, c.intermediate_size
-        fused = self._fusable(m)
+        fold = self._fold(m)
         y = None                # the previous sublayer's output, added to h by the next norm
         for li, L in enumerate(self.layers):
             qkv, o, gu, down = L["qkv"], L["o"], L["gu"], L["down"]
             h = b.h[:m]
-            if fused:
+            if "norm" in fold:
                 qkv.fused(b.qkv[:m], h=h, norm_w=L["attn_norm"], eps=c.rms_norm_eps)
             else:
                 x8, xh = b.x8(m, qkv.kp), b.xh(m, hid)
@@ -347,27 +356,31 @@ class CudaModel:
                 qkv(x8, b.sx[:m], xh, b.qkv[:m])
             attend(li, b)
             a8, ah = b.x8(m, o.kp), b.a[:m]
-            if fused:
-                o.fused(None, f16=ah, resid=h)
+            if "attn_quant" in fold:
+                o.fused(b.y[:m], f16=ah, resid=h if "resid" in fold else None)
             else:
                 if o.mode != MODE["fp16"]:
                     self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
                                                           o.scale, a8, np.int32(o.kp), b.sx))
-                o(a8, b.sx[:m], ah, b.y[:m])
+                if "resid" in fold:
+                    o.fused(None, x8=a8, sx=b.sx[:m], resid=h)
+                else:
+                    o(a8, b.sx[:m], ah, b.y[:m])
+            y = None if "resid" in fold else b.y
             x8, xh = b.x8(m, gu.kp), b.xh(m, hid)
-            if fused:
+            if "norm" in fold:
                 gu.fused(b.gu[:m], h=h, norm_w=L["mlp_norm"], eps=c.rms_norm_eps)
             else:
-                self._norm(b, m, b.y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh)
+                self._norm(b, m, y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh)
                 gu(x8, b.sx[:m], xh, b.gu[:m])
             m8, mh = b.x8(m, down.kp), b.xh(m, inter)
             self._row("silu_mul_quant", m, inter, (b.gu, np.int32(inter), np.int32(down.mode),
                                                    down.scale, m8, np.int32(down.kp), b.sx, mh))
-            if fused:
+            if "resid" in fold:
                 down.fused(None, x8=m8, sx=b.sx[:m], resid=h)
             else:
                 down(m8, b.sx[:m], mh, b.y[:m])
-                y = b.y
+            y = None if "resid" in fold else b.y
         return y
 
     def _norm(self, b: _Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None):

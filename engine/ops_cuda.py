@@ -510,6 +510,10 @@ def gemv_a8w4_fused(layer: PackedA8W4, out, *, x8=None, sx=None, f16=None, h=Non
         _dev_array("f16", f16, np.float16, (m, k))
         src, pro = f16, PRO["f16"]
     fn, grid = _gemv_fn(m, R, "false", {**cfg, "mt": 1}, pro)
+    # every block quantizes the row once, then loops over row tiles: no more blocks than stay resident
+    regs = -(-fn.num_regs // 8) * 8
+    resident = kernels.device_info()["sm_count"] * max(1, min(2048 // THREADS, 65536 // (regs * THREADS)))
+    grid = (min(grid[0], cfg.get("grid", resident)),)
     none = np.uint64(0)
     fn(grid, (THREADS,), (layer.qw, layer.meta, none, none, layer.s8, out, np.int32(m), np.int32(n), *common,
                           src, none if norm_w is None else norm_w, none if sscale is None else sscale,

@@ -237,6 +237,6 @@ def test_pdl_launches_equal_plain_launches(monkeypatch):
             runs.append((pre, toks, cache.step["bufs"].logits[:1].get()))
             if not plain:
                 monkeypatch.setitem(launch._STATE, "fn", real)
-                assert len(calls) >= 10 * mw.config.num_hidden_layers, len(calls)   # 10 kernels a layer
+                assert len(calls) >= 6 * mw.config.num_hidden_layers, len(calls)   # 4 GEMVs, attention, silu a layer
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
