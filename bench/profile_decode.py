@@ -9,12 +9,13 @@ decode speed, and the per-launch breakdown of engine.bench_e2e.graph_breakdown (
 each launch costs inside a graph; no profiler needed: the device has ncu, no nsys).
 """
 import argparse
+import contextlib
 import time
 
 import numpy as np
 
 from engine.backend import _cupy
-from engine import launch, model_cuda
+from engine import launch, model_cuda, ops_cuda
 from engine.bench_e2e import (LLAMA2_7B, SMOLLM2, dequantized_copy, format_breakdown, graph_breakdown,
                               graph_time, random_model)
 from engine.model_cuda import CudaModel
@@ -28,6 +29,13 @@ def main():
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--fp16", action="store_true", help="also time the FP16 path (dequantized copy)")
     ap.add_argument("--sweep-gemv", action="store_true", help="time every GEMV config on each linear shape")
+    ap.add_argument("--gemv-tunes", default="", help="';'-separated GEMV settings to time on the whole step, "
+                    "each 'RW,U/RW,U': (RW, U) for shapes with many row tiles / few (ops_cuda.TUNE gemv, gemv_few)")
+    ap.add_argument("--cp-stages", default="", help="';'-separated 'many,few' ring depths of the cp.async GEMV "
+                    "to time on the whole step (0,0: the register GEMV)")
+    ap.add_argument("--ablate", action="store_true", help="time the step with each kind of launch left out: what it "
+                    "costs on the critical path in place (the outputs are wrong; timing only)")
+    ap.add_argument("--fold-ab", action="store_true", help="time the step with each set of row kernels folded into the GEMVs")
     ap.add_argument("--row-widths", default="", help="comma-separated model_cuda.ROW_CTA_WIDTH values to time, for every row kernel "
                     "(a row wider than this is split over a cluster of CTAs)")
     a = ap.parse_args()
@@ -49,7 +57,33 @@ def main():
             c2, f2 = _prefilled(gm, mw, a)
             print(f"A8W4 decode b={a.batch}, PDL off: {_decode(gm, c2, f2, a)}")
         del c2
-    if gm._fusable(a.batch):
+    for st in filter(None, a.cp_stages.split(";")):
+        saved_cp = ops_cuda.TUNE["gemv_cp"]
+        ops_cuda.TUNE["gemv_cp"] = tuple(int(v) for v in st.split(",")) if st != "0,0" else None
+        try:
+            c6, f6 = _prefilled(gm, mw, a)
+            print(f"A8W4 decode b={a.batch}, cp.async GEMV stages {st}: {_decode(gm, c6, f6, a)}")
+            del c6
+        finally:
+            ops_cuda.TUNE["gemv_cp"] = saved_cp
+    if a.ablate:
+        base = _decode(gm, *_prefilled(gm, mw, a), a)
+        print(f"A8W4 decode b={a.batch}, everything: {base}")
+        for kind in ("attn_decode", "add_rmsnorm_quant", "quant_rows", "silu_mul_quant", "N=22016", "N=12288",
+                     "N=4096", "lm_head", "sample_rows"):
+            with _without(gm, kind):
+                print(f"A8W4 decode b={a.batch}, without {kind}: {_decode(gm, *_prefilled(gm, mw, a), a)}")
+    for tune in filter(None, a.gemv_tunes.split(";")):
+        many, few = (tuple(int(v) for v in part.split(",")) for part in tune.split("/"))
+        saved = (dict(ops_cuda.TUNE["gemv"]), dict(ops_cuda.TUNE["gemv_few"]))
+        ops_cuda.TUNE["gemv"][1], ops_cuda.TUNE["gemv_few"][1] = many, few
+        try:
+            c5, f5 = _prefilled(gm, mw, a)
+            print(f"A8W4 decode b={a.batch}, GEMV (RW, U) many {many} few {few}: {_decode(gm, c5, f5, a)}")
+            del c5
+        finally:
+            ops_cuda.TUNE["gemv"], ops_cuda.TUNE["gemv_few"] = saved
+    if a.fold_ab and gm._fusable(a.batch):
         saved_fold = model_cuda.FOLD
         for fold in ((), ("resid",), ("resid", "attn_quant"), ("resid", "norm")):
             model_cuda.FOLD = fold
@@ -78,6 +112,30 @@ def main():
         c16, f16 = _prefilled(g16, mw, a)
         print(f"FP16 decode b={a.batch}, PDL {'on' if launch.pdl_enabled() else 'off'}: {_decode(g16, c16, f16, a)}")
         print(format_breakdown(graph_breakdown(g16, c16)))
+
+
+@contextlib.contextmanager
+def _without(gm, kind: str):
+    """Leave out every launch whose name contains `kind` (kernel expressions, 'N=<out features>'
+    for the linears, 'lm_head', 'sample_rows') while decode steps are run and captured."""
+    orig = (gm._launch, gm._attn, model_cuda.GpuLinear.__call__, model_cuda.GpuLinear.fused,
+            model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows)
+
+    def skip(fn, name_of):
+        def wrapped(*args, **kw):
+            return None if kind in name_of(*args) else fn(*args, **kw)
+        return wrapped
+    gm._launch = skip(orig[0], lambda name, *r: name)
+    gm._attn = skip(orig[1], lambda name, *r: name)
+    model_cuda.GpuLinear.__call__ = skip(orig[2], lambda self, *r: f"N={self.n}")
+    model_cuda.GpuLinear.fused = skip(orig[3], lambda self, *r: f"N={self.n}")
+    model_cuda.matmul_f16 = skip(orig[4], lambda cp, x, w, out: "lm_head" if w is gm.lm_head else "")
+    model_cuda.ops_cuda.sample_rows = skip(orig[5], lambda *r: "sample_rows")
+    try:
+        yield
+    finally:
+        (gm._launch, gm._attn, model_cuda.GpuLinear.__call__, model_cuda.GpuLinear.fused,
+         model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows) = orig
 
 
 def _prefilled(gm, mw, a):

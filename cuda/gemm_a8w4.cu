@@ -337,6 +337,121 @@ __global__ void __launch_bounds__(256, PRO == PRO_X8 ? 0 : 3) gemm_a8w4_gemv(
     }
 }
 
+// gemm_a8w4_gemv_cp<S, OUT_I32> — the decode GEMV for M ≤ 8 tokens whose rows fit in shared
+// memory (M · ldx ≤ GEMV_CP_MAX_X), with the weights streamed through a ring of S stages of
+// shared memory per warp by cp.async instead of two register batches. A block is one row tile
+// (16 channels), its 8 warps split K as in gemm_a8w4_gemv. Each lane copies its own 16-byte
+// weight vector and the meta word it needs, and reads back only those, so the ring needs no
+// barrier: cp.async.wait_group is per thread. S − 1 chunks per warp are requested before the
+// PDL wait, and after it every consumed stage is refilled at once, so S − 1 chunks stay in
+// flight per warp with no registers held for them (the register GEMV keeps at most two
+// batches: after its wait it computes the prefetched batches and restarts the stream from
+// empty). x is copied to shared memory once per block after the wait.
+#define GEMV_CP_MAX_X 16384                 // bytes of x rows a block holds (ops_cuda.GEMV_CP_MAX_X)
+
+__device__ __forceinline__ void cp_async16_stream(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(dst), "l"(src) : "memory");
+}
+
+template <int S, bool OUT_I32>
+__global__ void __launch_bounds__(256) gemm_a8w4_gemv_cp(
+    const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
+    const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
+    int M, int N, int R, int C, int Gp, int gshift, int ldx, float* __restrict__ resid) {
+    constexpr int NW = 8;
+    static_assert(S >= 2, "a ring needs two stages");
+    __shared__ int red[NW][4][32];
+    extern __shared__ __align__(16) unsigned char dsm[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int rt = blockIdx.x;
+    const u32 wring = smem_u32(dsm) + (u32)(warp * S * 32 + lane) * 16;                  // + stage · 512
+    const u32 mring = smem_u32(dsm) + (u32)(NW * S * 32 * 16) + (u32)(warp * S * 32 + lane) * 4;   // + stage · 128
+    const u32x4* wsh = reinterpret_cast<const u32x4*>(dsm) + warp * S * 32 + lane;
+    const u32* msh = reinterpret_cast<const u32*>(dsm + NW * S * 32 * 16) + warp * S * 32 + lane;
+    i8* xs = reinterpret_cast<i8*>(dsm + NW * S * 32 * 20);
+    const u32x4* wb = qw + (size_t)rt * C * 32 + lane;
+    const u32* mb = meta + (size_t)rt * Gp * 8 + g;
+
+    // chunk i of this warp is c = warp + 8 i, in stage i % S; one commit group per chunk
+    // (empty past C, so the group count is the same in every lane)
+    auto issue = [&](int i) {
+        const int c = warp + NW * i;
+        if (c < C) {
+            const int st = i % S;
+            cp_async16_stream(wring + st * 512, wb + c * 32);
+            cp_async4(mring + st * 128, mb + (c >> gshift) * 8);
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) issue(i);     // weights are no kernel's output: before the wait
+
+    // the epilogue's operands (one element a thread: 4 × 32 ≤ 256), fetched early as in gemm_a8w4_gemv
+    const int el = threadIdx.x >> 5, ln = threadIdx.x & 31;
+    const int en = DGQ_TILE_N * rt + (ln >> 2) + 8 * (el >> 1), em = 2 * (ln & 3) + (el & 1);
+    const bool elive = threadIdx.x < 128 && em < M && en < N;
+    float s8p = 0.f, sxp = 0.f, hp = 0.f;
+    if (elive && !OUT_I32) s8p = s8[en];
+    pdl_enter();
+    if (elive && !OUT_I32) {
+        sxp = sx[em];
+        if (resid) hp = resid[(size_t)em * N + en];
+    }
+    for (int o = threadIdx.x * 16; o < M * ldx; o += 256 * 16)
+        *reinterpret_cast<uint4*>(xs + o) = *reinterpret_cast<const uint4*>(x8 + o);
+    __syncthreads();
+
+    int acc[4] = {0, 0, 0, 0};
+    const bool mok = g < M;
+    const i8* xrow = xs + (mok ? g : 0) * ldx + 4 * t;
+    for (int i = 0;; ++i) {
+        const int c = warp + NW * i;
+        if (c >= C) break;
+        cp_async_wait<S - 2>();                  // chunk i has landed
+        issue(i + S - 1);                        // into stage (i − 1) % S, read by this lane last trip
+        const int st = i % S;
+        const u32x4 wv = wsh[st * 32];
+        const u32 mv = msh[st * 32];
+        u32 xb[4] = {0u, 0u, 0u, 0u};
+        if (mok) {
+            const u32* xw = reinterpret_cast<const u32*>(xrow + c * DGQ_CHUNK_K);
+            xb[0] = xw[0]; xb[1] = xw[4]; xb[2] = xw[8]; xb[3] = xw[12];
+        }
+        DqConst lo, hi;
+        dq_meta(mv, lo, hi);
+        u32 a0, a1, a2, a3;
+        dq_word(wv.x, lo, a0, a2);               // rows g,   k-step 0
+        dq_word(wv.y, hi, a1, a3);               // rows g+8, k-step 0
+        mma_s8(acc, a0, a1, a2, a3, xb[0], xb[1]);
+        dq_word(wv.z, lo, a0, a2);               // k-step 1
+        dq_word(wv.w, hi, a1, a3);
+        mma_s8(acc, a0, a1, a2, a3, xb[2], xb[3]);
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][e][lane] = acc[e];
+    __syncthreads();
+    if (threadIdx.x < 128) {
+        int v = 0;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) v += red[w][el][ln];
+        if (em < M && en < N) {
+            if (OUT_I32) {
+                static_cast<int*>(out)[(size_t)em * N + en] = v;
+            } else {
+                const u16 y = f32_to_f16_bits(dg_epilogue(v, sxp, s8p));
+                if (resid) resid[(size_t)em * N + en] = hp + __half2float(__ushort_as_half(y));
+                else static_cast<u16*>(out)[(size_t)em * N + en] = y;
+            }
+        }
+    }
+}
+
 // ============================================================================ prefill (mma.sync)
 template <int BM, int STAGES, bool OUT_I32>
 __global__ void __launch_bounds__(256) gemm_a8w4_mma(

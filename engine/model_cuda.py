@@ -28,7 +28,7 @@ from .model import ModelError, ModelWeights, check_tokens
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}
 DECODE_CHUNK = 64           # keys per flash-decoding block (cuda/attention.cu DEC_CHUNK)
 FUSE_MAX_M = 1              # decode batches up to this fold the row kernels into the GEMVs
-FOLD = ("resid", "attn_quant", "norm")   # what folds (CudaModel._layers); bench/profile_decode A/Bs
+FOLD = ("resid",)          # what folds (CudaModel._layers); bench/profile_decode --fold-ab times the rest
 GEMV_F16_MT = (1, 4, 8)     # M buckets of the fp16 GEMV (cuda/fused.cu gemv_f16_m*)
 GEMV_F16_MAXM = GEMV_F16_MT[-1]
 ROW_PERS = (1, 2, 4, 8, 16, 32)  # row elements a thread holds: the row kernels' instantiations

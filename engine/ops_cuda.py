@@ -188,11 +188,14 @@ WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WP
 )   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
 
 _B = ("false", "true")
+GEMV_CP_STAGES = (6, 12)                                  # gemm_a8w4_gemv_cp ring depths instantiated
+GEMV_CP_MAX_X = 16384                                     # cuda/gemm_a8w4.cu GEMV_CP_MAX_X
 PRO = {"x8": 0, "f16": 1, "norm": 2}                     # cuda/gemm_a8w4.cu PRO_*
 PRO_MAX_K = 4096                                          # PRO_MAX_K: the widest row a prologue takes
 _GEMV = tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>" for mt, cfgs in GEMV_CFGS.items() for rw, u in cfgs
               for o in _B) + tuple(f"gemm_a8w4_gemv<1,{rw},{u},false,{p}>" for rw, u in GEMV_CFGS[1]
-                                   for p in (PRO["f16"], PRO["norm"]))
+                                   for p in (PRO["f16"], PRO["norm"])) + tuple(
+    f"gemm_a8w4_gemv_cp<{st},{o}>" for st in GEMV_CP_STAGES for o in _B)
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
@@ -211,6 +214,9 @@ TUNE = {
     # U = 2 / 3 / 4: o 6.52 / 5.83 / 6.22 us, down 13.84 / 11.23 / 11.68 us; qkv and
     # gate|up are fastest at U = 2: 11.99 / 14.74 / 14.38 and 19.70 / 25.96 / 25.57 us)
     "gemv_few": {1: (1, 3)}, "gemv_few_tiles_per_sm": 2,
+    # M ≤ 8 with x rows in shared memory: the cp.async ring GEMV, stages for (many, few) row
+    # tiles per SM; None: the register GEMV
+    "gemv_cp": (6, 12),
     "wgmma_bounds": (64, 512),
     "wgmma": {"small": (64, 6, 2, 4, 2, None), "mid": (128, 4, 2, 2, 2, None),
               "large": (128, 4, 2, 2, 2, 1)},
@@ -396,9 +402,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     o = _B[int(out_i32)]
     common = (np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(layer.k_pad))
     if kernel == "gemv":
-        fn, grid = _gemv_fn(m, R, o, cfg)
-        fn(grid, (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(n), *common,
-                              *_NO_PROLOGUE))
+        _gemv(layer, x8, sx, out, m, o, cfg)
         return out
     if kernel == "mma":
         bm = cfg.get("bm", TUNE["mma_bm_small"] if m <= TUNE["mma_small_max_m"] else 128)
@@ -452,6 +456,29 @@ def _gemv_fn(m: int, R: int, o: str, cfg: dict, pro: int = 0):
     return _fn("gemm_a8w4.cu", expr, _GEMV), (-(-R // rw),)
 
 
+def _gemv(layer: PackedA8W4, x8, sx, out, m: int, o: str, cfg: dict, resid=None):
+    """Launch the decode GEMV on int8 x8: the cp.async ring variant where TUNE and the shape
+    allow it (cfg "cp": stages, 0 for the register GEMV), else gemm_a8w4_gemv."""
+    R, C, Gp, kp = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K, layer.k_pad // layer.group, layer.k_pad
+    common = (np.int32(m), np.int32(layer.n), np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift),
+              np.int32(kp))
+    res = np.uint64(0) if resid is None else resid
+    cps = TUNE["gemv_cp"]
+    few = R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
+    stages = cfg.get("cp", cps[few] if cps else 0)
+    if stages and m <= 8 and m * kp <= GEMV_CP_MAX_X and "rw" not in cfg and cfg.get("mt", 1) == 1:
+        if stages not in GEMV_CP_STAGES:
+            raise CudaOpError(f"gemm_a8w4_gemv_cp is instantiated for {GEMV_CP_STAGES} stages, not {stages}")
+        expr = f"gemm_a8w4_gemv_cp<{stages},{o}>"
+        fn = _fn("gemm_a8w4.cu", expr, _GEMV)
+        smem = 8 * stages * 32 * 20 + m * kp
+        _set_smem(fn, expr, smem)
+        fn((R,), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, *common, res), shared_mem=smem)
+        return
+    fn, grid = _gemv_fn(m, R, o, cfg)
+    fn(grid, (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, *common, *_NO_PROLOGUE[:-1], res))
+
+
 def _dev_array(name: str, a, dtype, shape):
     cp = _cp()
     if not (isinstance(a, cp.ndarray) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
@@ -490,9 +517,7 @@ def gemv_a8w4_fused(layer: PackedA8W4, out, *, x8=None, sx=None, f16=None, h=Non
     if x8 is not None:
         x8 = _prep_x8(x8, layer)
         _dev_array("sx", sx, np.float32, (m,))
-        fn, grid = _gemv_fn(m, R, "false", cfg)
-        fn(grid, (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(n), *common,
-                              *_NO_PROLOGUE[:-1], res))
+        _gemv(layer, x8, sx, out, m, "false", cfg, resid)
         return out
     k = layer.k
     if k > PRO_MAX_K or k % 4:

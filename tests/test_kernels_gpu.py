@@ -309,7 +309,7 @@ def test_linear_matches_linear_ref(act, m):
 @gpu
 @needs_gpu
 def test_every_instantiated_variant_bitexact():
-    """Every GEMV (MT, RW, U) and wgmma (BT, STAGES, NWG, WPF, OVL) the registry compiles,
+    """Every GEMV (MT, RW, U), cp.async ring GEMV (stages) and wgmma (BT, STAGES, NWG, WPF, OVL) the registry compiles,
     with K = 1152 (9 stages: odd, not a multiple of the weight prefetch ring) and split-K."""
     ql = random_dg(200, 1152, 128, seed=21)
     sx = lambda m: (np.random.default_rng(m).random(m, dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
@@ -318,6 +318,15 @@ def test_every_instantiated_variant_bitexact():
         x8 = random_x8(m, 1152, seed=mt)
         for rw, u in cfgs:
             layer, ref = _acc_check(ql, x8, "gemv", cfg={"mt": mt, "rw": rw, "u": u})
+    for st in ops_cuda.GEMV_CP_STAGES:             # the cp.async ring GEMV: M ≤ 8, x rows in shared memory
+        for m in (1, 5, 8):
+            x8 = random_x8(m, 1152, seed=m + st)
+            layer, ref = _acc_check(ql, x8, "gemv", cfg={"cp": st})
+            cp = _cp()
+            want = formats.epilogue_ref(ref, sx(m), ql.cscale).astype(np.float16)
+            got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx(m)), layer, kernel="gemv", cfg={"cp": st},
+                                     out=cp.full(want.shape, np.float16(np.nan), dtype=cp.float16))
+            np.testing.assert_array_equal(cp.asnumpy(got), want, err_msg=f"cp {st} m {m}")
     for m in (40, 150):
         x8 = random_x8(m, 1152, seed=m)
         for bm, _ in ops_cuda.MMA_CFGS:
