@@ -31,11 +31,8 @@ def main():
     ap.add_argument("--sweep-gemv", action="store_true", help="time every GEMV config on each linear shape")
     ap.add_argument("--gemv-tunes", default="", help="';'-separated GEMV settings to time on the whole step, "
                     "each 'RW,U/RW,U': (RW, U) for shapes with many row tiles / few (ops_cuda.TUNE gemv, gemv_few)")
-    ap.add_argument("--cp-stages", default="", help="';'-separated 'many,few' ring depths of the cp.async GEMV "
-                    "to time on the whole step (0,0: the register GEMV)")
     ap.add_argument("--ablate", action="store_true", help="time the step with each kind of launch left out: what it "
                     "costs on the critical path in place (the outputs are wrong; timing only)")
-    ap.add_argument("--fold-ab", action="store_true", help="time the step with each set of row kernels folded into the GEMVs")
     ap.add_argument("--row-widths", default="", help="comma-separated model_cuda.ROW_CTA_WIDTH values to time, for every row kernel "
                     "(a row wider than this is split over a cluster of CTAs)")
     a = ap.parse_args()
@@ -57,15 +54,6 @@ def main():
             c2, f2 = _prefilled(gm, mw, a)
             print(f"A8W4 decode b={a.batch}, PDL off: {_decode(gm, c2, f2, a)}")
         del c2
-    for st in filter(None, a.cp_stages.split(";")):
-        saved_cp = ops_cuda.TUNE["gemv_cp"]
-        ops_cuda.TUNE["gemv_cp"] = tuple(int(v) for v in st.split(",")) if st != "0,0" else None
-        try:
-            c6, f6 = _prefilled(gm, mw, a)
-            print(f"A8W4 decode b={a.batch}, cp.async GEMV stages {st}: {_decode(gm, c6, f6, a)}")
-            del c6
-        finally:
-            ops_cuda.TUNE["gemv_cp"] = saved_cp
     if a.ablate:
         base = _decode(gm, *_prefilled(gm, mw, a), a)
         print(f"A8W4 decode b={a.batch}, everything: {base}")
@@ -83,16 +71,6 @@ def main():
             del c5
         finally:
             ops_cuda.TUNE["gemv"], ops_cuda.TUNE["gemv_few"] = saved
-    if a.fold_ab and gm._fusable(a.batch):
-        saved_fold = model_cuda.FOLD
-        for fold in ((), ("resid",), ("resid", "attn_quant"), ("resid", "norm")):
-            model_cuda.FOLD = fold
-            try:
-                c4, f4 = _prefilled(gm, mw, a)
-                print(f"A8W4 decode b={a.batch}, row kernels folded into the GEMVs {fold}: {_decode(gm, c4, f4, a)}")
-                del c4
-            finally:
-                model_cuda.FOLD = saved_fold
     print(format_breakdown(graph_breakdown(gm, cache)))
     for w in filter(None, a.row_widths.split(",")):
         saved, model_cuda.ROW_CTA_WIDTH = model_cuda.ROW_CTA_WIDTH, int(w)
@@ -118,8 +96,8 @@ def main():
 def _without(gm, kind: str):
     """Leave out every launch whose name contains `kind` (kernel expressions, 'N=<out features>'
     for the linears, 'lm_head', 'sample_rows') while decode steps are run and captured."""
-    orig = (gm._launch, gm._attn, model_cuda.GpuLinear.__call__, model_cuda.GpuLinear.fused,
-            model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows)
+    orig = (gm._launch, gm._attn, model_cuda.GpuLinear.__call__, model_cuda.matmul_f16,
+            model_cuda.ops_cuda.sample_rows)
 
     def skip(fn, name_of):
         def wrapped(*args, **kw):
@@ -128,14 +106,13 @@ def _without(gm, kind: str):
     gm._launch = skip(orig[0], lambda name, *r: name)
     gm._attn = skip(orig[1], lambda name, *r: name)
     model_cuda.GpuLinear.__call__ = skip(orig[2], lambda self, *r: f"N={self.n}")
-    model_cuda.GpuLinear.fused = skip(orig[3], lambda self, *r: f"N={self.n}")
-    model_cuda.matmul_f16 = skip(orig[4], lambda cp, x, w, out: "lm_head" if w is gm.lm_head else "")
-    model_cuda.ops_cuda.sample_rows = skip(orig[5], lambda *r: "sample_rows")
+    model_cuda.matmul_f16 = skip(orig[3], lambda cp, x, w, out: "lm_head" if w is gm.lm_head else "")
+    model_cuda.ops_cuda.sample_rows = skip(orig[4], lambda *r: "sample_rows")
     try:
         yield
     finally:
-        (gm._launch, gm._attn, model_cuda.GpuLinear.__call__, model_cuda.GpuLinear.fused,
-         model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows) = orig
+        (gm._launch, gm._attn, model_cuda.GpuLinear.__call__, model_cuda.matmul_f16,
+         model_cuda.ops_cuda.sample_rows) = orig
 
 
 def _prefilled(gm, mw, a):

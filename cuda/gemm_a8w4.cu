@@ -20,6 +20,9 @@
 //   computed, the next one's loads in flight (v1 without the second batch
 //   waited one full memory round trip per batch: 64 % of copy bandwidth).
 //   RW > 1 reuses each token fragment for RW row tiles (fewer L1 loads at M=16).
+//   With resid, y is added to the float32 residual stream instead of stored,
+//   resid[m,n] += float(fp16(y[m,n])) (the add of add_rmsnorm_quant, which the
+//   batch-1 decode step folds in here: one kernel fewer a sublayer).
 //
 // gemm_a8w4_mma<BM, STAGES, OUT_I32> — prefill, M > 16, any sm_80+ GPU.
 //   Block tile BM tokens x 128 output channels x 128 k, 8 warps as 2 (M) x 4
@@ -29,8 +32,8 @@
 //   meta words. Each warp widens its 32 x 128 weights to int8 in registers
 //   right before the mma (no int8 copy in shared memory). Optional split-K
 //   across blocks (grid.y) when M x N has too few tiles to fill the GPU.
+#include <cuda_fp16.h>
 #include "common.cuh"
-#include "rows.cuh"
 
 // ============================================================================ decode
 template <int MT, int RW, int U>
@@ -40,104 +43,19 @@ struct GemvBatch {           // one batch of U chunks per warp, held in register
     u32 xb[U][MT][4];
 };
 
-// Where the GEMV's activations come from (the template argument PRO). A decode step at
-// batch 1 folds the row kernels around its linears into the GEMVs (engine/model_cuda.py):
-//   PRO_X8   int8 x8 (M, ldx) and scales sx from global memory (the plain GEMM contract);
-//   PRO_F16  an fp16 row (M, K), quantized here (the attention output feeding o_proj);
-//   PRO_NORM a float32 residual row h (M, K): RMSNorm with weight nw, then quantized here
-//            (add_rmsnorm_quant without the add: the GEMV before this one added it).
-// For PRO_F16/PRO_NORM every block quantizes the whole row into shared memory (M · ldx
-// bytes of dynamic shared memory) by the rule of cuda/rows.cuh (mode 0 static sscale[0],
-// 1 dynamic absmax); K ≤ PRO_MAX_K, K % 4 == 0. Re-reading the row from L2 in each block
-// costs less than a kernel launch in the dependent chain of a decode step.
-// resid (any PRO): instead of writing y, add it to the float32 residual stream,
-// resid[m, n] += float(fp16(y[m, n])) (the add of add_rmsnorm_quant); needs N = its width.
-#define PRO_X8 0
-#define PRO_F16 1
-#define PRO_NORM 2
-#define PRO_PV 4                                   // float4 vectors a thread holds
-#define PRO_MAX_K (PRO_PV * 4 * 256)               // engine/ops_cuda.PRO_MAX_K
-
-__device__ __forceinline__ u32 quant4(float4 v, float s) {
-    return (u32)(unsigned char)quant1(v.x, s) | ((u32)(unsigned char)quant1(v.y, s) << 8) | ((u32)(unsigned char)quant1(v.z, s) << 16)
-         | ((u32)(unsigned char)quant1(v.w, s) << 24);
-}
-
-// Quantize row m of src (PRO_F16: fp16, PRO_NORM: float32 normalised by nw) into xs; returns s.
-template <int PRO>
-__device__ __forceinline__ float gemv_prologue_row(const void* src, const float* nw, const float* sscale,
-                                                   float eps, int mode, int K, int ldx, int m,
-                                                   i8* xs, float (&sh)[2][32]) {
-    const int tid = threadIdx.x, K4 = K >> 2;
-    float4 v[PRO_PV];
-    float4 w[PRO_PV];
-#pragma unroll
-    for (int i = 0; i < PRO_PV; ++i) {
-        const int e4 = tid + 256 * i;
-        v[i] = w[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (e4 < K4) {
-            if (PRO == PRO_NORM) {
-                v[i] = reinterpret_cast<const float4*>(src)[(size_t)m * K4 + e4];
-                w[i] = reinterpret_cast<const float4*>(nw)[e4];
-            } else {
-                const uint2 raw = reinterpret_cast<const uint2*>(src)[(size_t)m * K4 + e4];
-                const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
-                const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
-                v[i] = make_float4(a.x, a.y, b.x, b.y);
-            }
-        }
-    }
-    if (PRO == PRO_NORM) {
-        float ss = 0.f;
-#pragma unroll
-        for (int i = 0; i < PRO_PV; ++i) ss += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
-        const float rstd = 1.f / sqrtf(block_reduce_once<false>(ss, sh[0]) / K + eps);
-#pragma unroll
-        for (int i = 0; i < PRO_PV; ++i) {      // (h · rstd) · w as add_rmsnorm_quant; 0 past K
-            v[i].x = (v[i].x * rstd) * w[i].x; v[i].y = (v[i].y * rstd) * w[i].y;
-            v[i].z = (v[i].z * rstd) * w[i].z; v[i].w = (v[i].w * rstd) * w[i].w;
-        }
-    }
-    float amax = 0.f;
-    if (mode == MODE_DYNAMIC) {
-#pragma unroll
-        for (int i = 0; i < PRO_PV; ++i)
-            amax = fmaxf(fmaxf(amax, fmaxf(fabsf(v[i].x), fabsf(v[i].y))), fmaxf(fabsf(v[i].z), fabsf(v[i].w)));
-        amax = block_reduce_once<true>(amax, sh[1]);
-    }
-    const float s = row_scale(mode, amax, sscale);
-    i8* row = xs + (size_t)m * ldx;
-#pragma unroll
-    for (int i = 0; i < PRO_PV; ++i) {
-        const int e4 = tid + 256 * i;
-        if (e4 < K4) reinterpret_cast<u32*>(row)[e4] = quant4(v[i], s);
-    }
-    for (int e = K + tid; e < ldx; e += 256) row[e] = 0;       // the GEMM's pad columns
-    return s;
-}
-
-template <int MT, int RW, int U, bool OUT_I32, int PRO = PRO_X8>
-__global__ void __launch_bounds__(256, PRO == PRO_X8 ? 0 : 3) gemm_a8w4_gemv(
+template <int MT, int RW, int U, bool OUT_I32>
+__global__ void __launch_bounds__(256) gemm_a8w4_gemv(
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
-    int M, int N, int R, int C, int Gp, int gshift, int ldx,
-    const void* __restrict__ src, const float* __restrict__ nw, const float* __restrict__ sscale,
-    float eps, int mode, int K, float* __restrict__ resid) {
+    int M, int N, int R, int C, int Gp, int gshift, int ldx, float* __restrict__ resid) {
     constexpr int NW = 8;
     static_assert(RW * MT <= 8, "reduction buffer must stay within 32 KB of static shared memory");
-    static_assert(PRO == PRO_X8 || (MT == 1 && !OUT_I32), "the quantizing prologues run M <= 8, fp16 out");
     __shared__ int red[NW][RW * MT * 4][32];
-    extern __shared__ __align__(16) i8 xs[];         // PRO_F16 / PRO_NORM: the quantized rows
-    __shared__ float sxs[8];
-    __shared__ float pro_sh[8][2][32];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    // Block b computes row tiles b·RW.. (+RW), then b·RW + gridDim.x·RW, ...: one tile group
-    // when the grid covers R (the plain launch), several when the launcher caps the grid at
-    // what stays resident (the quantizing prologues, paid once a block, not once a tile).
-    int rt0 = blockIdx.x * RW;
-    const int rstep = gridDim.x * RW;
+    const int rt0 = blockIdx.x * RW;
+
     int acc[RW][MT][4];
 #pragma unroll
     for (int r = 0; r < RW; ++r)
@@ -146,34 +64,23 @@ __global__ void __launch_bounds__(256, PRO == PRO_X8 ? 0 : 3) gemm_a8w4_gemv(
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[r][j][e] = 0;
 
-    // Per-warp base addresses of the current tile group; a chunk c adds c*512 B (weights), c*64 B (x).
+    // Per-warp base addresses, computed once; a chunk c adds c*512 B (weights), c*64 B (x).
     const u32x4* wbase[RW];
     const u32* mbase[RW];
     bool rok[RW];
-    auto set_tiles = [&](int rt) {
 #pragma unroll
-        for (int r = 0; r < RW; ++r) {
-            rok[r] = rt + r < R;
-            wbase[r] = qw + (size_t)(rok[r] ? rt + r : 0) * C * 32 + lane;
-            mbase[r] = meta + (size_t)(rok[r] ? rt + r : 0) * Gp * 8 + g;
-        }
-    };
-    set_tiles(rt0);
-    // The epilogue's element of thread idx in tile group rt: output channel n, token m.
-    auto epi_mn = [&](int rt, int idx, int& m, int& n) {
-        const int el = idx >> 5, ln = idx & 31;
-        const int r = el / (MT * 4), j = (el >> 2) % MT, e = el & 3;
-        // D fragment of mma(A = weights, B = tokens): row = channel, col = token
-        n = DGQ_TILE_N * (rt + r) + (ln >> 2) + 8 * (e >> 1);
-        m = 8 * j + 2 * (ln & 3) + (e & 1);
-    };
+    for (int r = 0; r < RW; ++r) {
+        rok[r] = rt0 + r < R;
+        wbase[r] = qw + (size_t)(rok[r] ? rt0 + r : 0) * C * 32 + lane;
+        mbase[r] = meta + (size_t)(rok[r] ? rt0 + r : 0) * Gp * 8 + g;
+    }
     const i8* xbase[MT];
     bool mok[MT];
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
         mok[j] = 8 * j + g < M;
         // b0/b1 of k-step 0 and 1: k = 4t, 16+4t, 32+4t, 48+4t (natural order)
-        xbase[j] = (PRO == PRO_X8 ? x8 : xs) + (size_t)(mok[j] ? 8 * j + g : 0) * ldx + 4 * t;
+        xbase[j] = x8 + (size_t)(mok[j] ? 8 * j + g : 0) * ldx + 4 * t;
     }
 
     // Issue every load of a batch (chunks c0, c0+8, ..., c0+8(U-1)); past C: zeros, no access.
@@ -205,18 +112,10 @@ __global__ void __launch_bounds__(256, PRO == PRO_X8 ? 0 : 3) gemm_a8w4_gemv(
             for (int j = 0; j < MT; ++j) {
                 if (ok && mok[j]) {
                     const i8* xp = xbase[j] + c * DGQ_CHUNK_K;
-                    if (PRO == PRO_X8) {
-                        b.xb[u][j][0] = ldg_u32(xp);
-                        b.xb[u][j][1] = ldg_u32(xp + 16);
-                        b.xb[u][j][2] = ldg_u32(xp + 32);
-                        b.xb[u][j][3] = ldg_u32(xp + 48);
-                    } else {
-                        const u32* xw = reinterpret_cast<const u32*>(xp);
-                        b.xb[u][j][0] = xw[0];
-                        b.xb[u][j][1] = xw[4];
-                        b.xb[u][j][2] = xw[8];
-                        b.xb[u][j][3] = xw[12];
-                    }
+                    b.xb[u][j][0] = ldg_u32(xp);
+                    b.xb[u][j][1] = ldg_u32(xp + 16);
+                    b.xb[u][j][2] = ldg_u32(xp + 32);
+                    b.xb[u][j][3] = ldg_u32(xp + 48);
                 } else {
                     b.xb[u][j][0] = b.xb[u][j][1] = b.xb[u][j][2] = b.xb[u][j][3] = 0u;
                 }
@@ -251,202 +150,61 @@ __global__ void __launch_bounds__(256, PRO == PRO_X8 ? 0 : 3) gemm_a8w4_gemv(
     GemvBatch<MT, RW, U> b0, b1;
     load_w(warp, b0);
     load_w(warp + NW * U, b1);
-    // With at most one epilogue element a thread (EPI1), the first tile group's epilogue
-    // operands are fetched early: s8 (a weight) before the PDL wait, sx and the residual right
-    // after it, so the epilogue waits for no memory round trip.
+    // The epilogue's element of thread idx: output channel n, token m (D fragment of
+    // mma(A = weights, B = tokens): row = channel, col = token). With at most one element a
+    // thread (EPI1), its operands are fetched early: s8 (a weight) before the PDL wait, sx and
+    // the residual right after it, so the epilogue waits for no memory round trip (a step
+    // 2.26 → 2.20 ms with attention's early reads, H100, 7B).
+    auto epi_mn = [&](int idx, int& m, int& n) {
+        const int el = idx >> 5, ln = idx & 31;
+        const int r = el / (MT * 4), j = (el >> 2) % MT, e = el & 3;
+        n = DGQ_TILE_N * (rt0 + r) + (ln >> 2) + 8 * (e >> 1);
+        m = 8 * j + 2 * (ln & 3) + (e & 1);
+    };
     constexpr int EPI = RW * MT * 4 * 32;
     constexpr bool EPI1 = EPI <= 256 && !OUT_I32;
     float s8p = 0.f, sxp = 0.f, hp = 0.f;
     int em = 0, en = 0;
-    const bool elive = EPI1 && (epi_mn(rt0, threadIdx.x, em, en), threadIdx.x < EPI && em < M && en < N);
+    if (EPI1) epi_mn(threadIdx.x, em, en);
+    const bool elive = EPI1 && threadIdx.x < EPI && em < M && en < N;
     if (elive) s8p = s8[en];
     pdl_enter();
     if (elive) {
-        if (PRO == PRO_X8) sxp = sx[em];
-        if (resid) hp = resid[(size_t)em * N + en];
-    }
-    if (PRO != PRO_X8) {
-        for (int m = 0; m < M; ++m) {
-            const float s = gemv_prologue_row<PRO>(src, nw, sscale, eps, mode, K, ldx, m, xs, pro_sh[m]);
-            if (threadIdx.x == 0) sxs[m] = s;
-        }
-        __syncthreads();
-    }
-    load_x(warp, b0);
-    load_x(warp + NW * U, b1);
-    auto stream = [&]() {                      // the chunks of the current tile group
-        for (int c0 = warp; c0 < C; c0 += 2 * NW * U) {
-            compute(c0, b0);
-            load(c0 + 2 * NW * U, b0);
-            compute(c0 + NW * U, b1);
-            load(c0 + 3 * NW * U, b1);
-        }
-    };
-    // reduce the 8 warps' partial sums (each covers a different part of K) of tiles rt..;
-    // the first group's operands s8, sx, resid come from pre (see below) when EPI1
-    auto finish = [&](int rt, bool first, float s8p, float sxp, float hp) {
-#pragma unroll
-        for (int r = 0; r < RW; ++r)
-#pragma unroll
-            for (int j = 0; j < MT; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    red[warp][(r * MT + j) * 4 + e][lane] = acc[r][j][e];
-                    acc[r][j][e] = 0;
-                }
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < EPI; idx += blockDim.x) {
-            const int el = idx >> 5, ln = idx & 31;
-            int v = 0;
-#pragma unroll
-            for (int w = 0; w < NW; ++w) v += red[w][el][ln];
-            int m, n;
-            epi_mn(rt, idx, m, n);
-            if (m < M && n < N) {
-                if (OUT_I32) {
-                    static_cast<int*>(out)[(size_t)m * N + n] = v;
-                } else {
-                    const bool pre = EPI1 && first;
-                    const float sxm = PRO == PRO_X8 ? (pre ? sxp : sx[m]) : sxs[m];
-                    const u16 y = f32_to_f16_bits(dg_epilogue(v, sxm, pre ? s8p : s8[n]));
-                    if (resid) resid[(size_t)m * N + n] = (pre ? hp : resid[(size_t)m * N + n])
-                                                           + __half2float(__ushort_as_half(y));
-                    else static_cast<u16*>(out)[(size_t)m * N + n] = y;
-                }
-            }
-        }
-    };
-    if constexpr (PRO == PRO_X8) {             // the plain GEMV: one tile group a block
-        stream();
-        finish(rt0, true, s8p, sxp, hp);
-    } else {
-        for (bool first = true;; first = false) {
-            stream();
-            const int rt = rt0;
-            rt0 += rstep;
-            const bool more = rt0 < R;
-            if (more) {                        // the next group's first two batches stream while this one reduces
-                set_tiles(rt0);
-                load(warp, b0);
-                load(warp + NW * U, b1);
-            }
-            finish(rt, first, s8p, sxp, hp);
-            if (!more) break;
-            __syncthreads();                   // red is rewritten by the next tile group
-        }
-    }
-}
-
-// gemm_a8w4_gemv_cp<S, OUT_I32> — the decode GEMV for M ≤ 8 tokens whose rows fit in shared
-// memory (M · ldx ≤ GEMV_CP_MAX_X), with the weights streamed through a ring of S stages of
-// shared memory per warp by cp.async instead of two register batches. A block is one row tile
-// (16 channels), its 8 warps split K as in gemm_a8w4_gemv. Each lane copies its own 16-byte
-// weight vector and the meta word it needs, and reads back only those, so the ring needs no
-// barrier: cp.async.wait_group is per thread. S − 1 chunks per warp are requested before the
-// PDL wait, and after it every consumed stage is refilled at once, so S − 1 chunks stay in
-// flight per warp with no registers held for them (the register GEMV keeps at most two
-// batches: after its wait it computes the prefetched batches and restarts the stream from
-// empty). x is copied to shared memory once per block after the wait.
-#define GEMV_CP_MAX_X 16384                 // bytes of x rows a block holds (ops_cuda.GEMV_CP_MAX_X)
-
-__device__ __forceinline__ void cp_async16_stream(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async4(u32 dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(dst), "l"(src) : "memory");
-}
-
-template <int S, bool OUT_I32>
-__global__ void __launch_bounds__(256) gemm_a8w4_gemv_cp(
-    const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
-    const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
-    int M, int N, int R, int C, int Gp, int gshift, int ldx, float* __restrict__ resid) {
-    constexpr int NW = 8;
-    static_assert(S >= 2, "a ring needs two stages");
-    __shared__ int red[NW][4][32];
-    extern __shared__ __align__(16) unsigned char dsm[];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int rt = blockIdx.x;
-    const u32 wring = smem_u32(dsm) + (u32)(warp * S * 32 + lane) * 16;                  // + stage · 512
-    const u32 mring = smem_u32(dsm) + (u32)(NW * S * 32 * 16) + (u32)(warp * S * 32 + lane) * 4;   // + stage · 128
-    const u32x4* wsh = reinterpret_cast<const u32x4*>(dsm) + warp * S * 32 + lane;
-    const u32* msh = reinterpret_cast<const u32*>(dsm + NW * S * 32 * 16) + warp * S * 32 + lane;
-    i8* xs = reinterpret_cast<i8*>(dsm + NW * S * 32 * 20);
-    const u32x4* wb = qw + (size_t)rt * C * 32 + lane;
-    const u32* mb = meta + (size_t)rt * Gp * 8 + g;
-
-    // chunk i of this warp is c = warp + 8 i, in stage i % S; one commit group per chunk
-    // (empty past C, so the group count is the same in every lane)
-    auto issue = [&](int i) {
-        const int c = warp + NW * i;
-        if (c < C) {
-            const int st = i % S;
-            cp_async16_stream(wring + st * 512, wb + c * 32);
-            cp_async4(mring + st * 128, mb + (c >> gshift) * 8);
-        }
-        cp_async_commit();
-    };
-#pragma unroll
-    for (int i = 0; i < S - 1; ++i) issue(i);     // weights are no kernel's output: before the wait
-
-    // the epilogue's operands (one element a thread: 4 × 32 ≤ 256), fetched early as in gemm_a8w4_gemv
-    const int el = threadIdx.x >> 5, ln = threadIdx.x & 31;
-    const int en = DGQ_TILE_N * rt + (ln >> 2) + 8 * (el >> 1), em = 2 * (ln & 3) + (el & 1);
-    const bool elive = threadIdx.x < 128 && em < M && en < N;
-    float s8p = 0.f, sxp = 0.f, hp = 0.f;
-    if (elive && !OUT_I32) s8p = s8[en];
-    pdl_enter();
-    if (elive && !OUT_I32) {
         sxp = sx[em];
         if (resid) hp = resid[(size_t)em * N + en];
     }
-    for (int o = threadIdx.x * 16; o < M * ldx; o += 256 * 16)
-        *reinterpret_cast<uint4*>(xs + o) = *reinterpret_cast<const uint4*>(x8 + o);
-    __syncthreads();
-
-    int acc[4] = {0, 0, 0, 0};
-    const bool mok = g < M;
-    const i8* xrow = xs + (mok ? g : 0) * ldx + 4 * t;
-    for (int i = 0;; ++i) {
-        const int c = warp + NW * i;
-        if (c >= C) break;
-        cp_async_wait<S - 2>();                  // chunk i has landed
-        issue(i + S - 1);                        // into stage (i − 1) % S, read by this lane last trip
-        const int st = i % S;
-        const u32x4 wv = wsh[st * 32];
-        const u32 mv = msh[st * 32];
-        u32 xb[4] = {0u, 0u, 0u, 0u};
-        if (mok) {
-            const u32* xw = reinterpret_cast<const u32*>(xrow + c * DGQ_CHUNK_K);
-            xb[0] = xw[0]; xb[1] = xw[4]; xb[2] = xw[8]; xb[3] = xw[12];
-        }
-        DqConst lo, hi;
-        dq_meta(mv, lo, hi);
-        u32 a0, a1, a2, a3;
-        dq_word(wv.x, lo, a0, a2);               // rows g,   k-step 0
-        dq_word(wv.y, hi, a1, a3);               // rows g+8, k-step 0
-        mma_s8(acc, a0, a1, a2, a3, xb[0], xb[1]);
-        dq_word(wv.z, lo, a0, a2);               // k-step 1
-        dq_word(wv.w, hi, a1, a3);
-        mma_s8(acc, a0, a1, a2, a3, xb[2], xb[3]);
+    load_x(warp, b0);
+    load_x(warp + NW * U, b1);
+    for (int c0 = warp; c0 < C; c0 += 2 * NW * U) {
+        compute(c0, b0);
+        load(c0 + 2 * NW * U, b0);
+        compute(c0 + NW * U, b1);
+        load(c0 + 3 * NW * U, b1);
     }
-    cp_async_wait<0>();
 
+    // reduce the 8 warps' partial sums (each covers a different part of K)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][e][lane] = acc[e];
+    for (int r = 0; r < RW; ++r)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) red[warp][(r * MT + j) * 4 + e][lane] = acc[r][j][e];
     __syncthreads();
-    if (threadIdx.x < 128) {
+    for (int idx = threadIdx.x; idx < EPI; idx += blockDim.x) {
+        const int el = idx >> 5, ln = idx & 31;
         int v = 0;
 #pragma unroll
         for (int w = 0; w < NW; ++w) v += red[w][el][ln];
-        if (em < M && en < N) {
+        int m, n;
+        epi_mn(idx, m, n);
+        if (m < M && n < N) {
             if (OUT_I32) {
-                static_cast<int*>(out)[(size_t)em * N + en] = v;
+                static_cast<int*>(out)[(size_t)m * N + n] = v;
             } else {
-                const u16 y = f32_to_f16_bits(dg_epilogue(v, sxp, s8p));
-                if (resid) resid[(size_t)em * N + en] = hp + __half2float(__ushort_as_half(y));
-                else static_cast<u16*>(out)[(size_t)em * N + en] = y;
+                const u16 y = f32_to_f16_bits(dg_epilogue(v, EPI1 ? sxp : sx[m], EPI1 ? s8p : s8[n]));
+                const size_t o = (size_t)m * N + n;
+                if (resid) resid[o] = (EPI1 ? hp : resid[o]) + __half2float(__ushort_as_half(y));
+                else static_cast<u16*>(out)[o] = y;
             }
         }
     }

@@ -237,21 +237,14 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         return launch
 
     def call(self, *args):
-        calls.append((f"{'gemm_a8w4' if self.w16 is None else 'linear_f16'} N={self.n}", lambda: orig_call(self, *args)))
+        name = f"{'gemm_a8w4' if self.w16 is None else 'linear_f16'}{'+resid' if len(args) > 4 and args[4] is not None else ''} N={self.n}"
+        calls.append((name, lambda: orig_call(self, *args)))
         return orig_call(self, *args)
 
     def mm(*args):                       # (cp, x, w, out): only the lm_head's is a row of its own
         if args[2] is gm.lm_head and tail:  # (past the fp16 GEMV's rows cuBLAS runs it: not capturable)
             calls.append(("lm_head", lambda: orig_mm(*args)))
         return orig_mm(*args)
-
-    orig_fused = model_cuda.GpuLinear.fused
-
-    def fused(self, out, **kw):
-        src = next(k for k in ("h", "f16", "x8") if kw.get(k) is not None)
-        name = f"gemv_{ {'h': 'norm', 'f16': 'f16', 'x8': 'x8'}[src]}{'+resid' if kw.get('resid') is not None else ''} N={self.n}"
-        calls.append((name, lambda: orig_fused(self, out, **kw)))
-        return orig_fused(self, out, **kw)
 
     orig_sample = model_cuda.ops_cuda.sample_rows
 
@@ -260,14 +253,13 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         return orig_sample(*args, **kw)
 
     gm._launch, gm._attn = recorder(orig_launch), recorder(orig_attn)
-    model_cuda.GpuLinear.__call__, model_cuda.matmul_f16, model_cuda.GpuLinear.fused = call, mm, fused
+    model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = call, mm
     model_cuda.ops_cuda.sample_rows = sample
     try:
         gm._decode_step(cache, cache.step)
     finally:
         gm._launch, gm._attn = orig_launch, orig_attn
         model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = orig_call, orig_mm
-        model_cuda.GpuLinear.fused = orig_fused
         model_cuda.ops_cuda.sample_rows = orig_sample
     cp.cuda.Device().synchronize()
     restore()

@@ -27,8 +27,6 @@ from .model import ModelError, ModelWeights, check_tokens
 
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}
 DECODE_CHUNK = 64           # keys per flash-decoding block (cuda/attention.cu DEC_CHUNK)
-FUSE_MAX_M = 1              # decode batches up to this fold the row kernels into the GEMVs
-FOLD = ("resid",)          # what folds (CudaModel._layers); bench/profile_decode --fold-ab times the rest
 GEMV_F16_MT = (1, 4, 8)     # M buckets of the fp16 GEMV (cuda/fused.cu gemv_f16_m*)
 GEMV_F16_MAXM = GEMV_F16_MT[-1]
 ROW_PERS = (1, 2, 4, 8, 16, 32)  # row elements a thread holds: the row kernels' instantiations
@@ -158,17 +156,16 @@ class GpuLinear:
         else:
             raise ModelError("a fused group mixes float and quantized weights")
 
-    def __call__(self, x8, sx, xh, out):
-        """out (M, N) fp16 = x · Wᵀ from int8 x8 with scales sx, or from fp16 xh."""
+    def __call__(self, x8, sx, xh, out, resid=None):
+        """out (M, N) fp16 = x · Wᵀ from int8 x8 with scales sx, or from fp16 xh; with resid
+        (A8W4 GEMV sizes only), resid += that instead (ops_cuda.gemm_a8w4)."""
         if self.w16 is not None:
+            if resid is not None:
+                raise BackendError("the residual add runs in the A8W4 GEMV only")
             matmul_f16(self.cp, xh, self.w16, out)          # the FP16 baseline: cuBLAS or our GEMV
         else:
-            ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out)
+            ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out, resid=resid)
         return out
-
-    def fused(self, out, **inputs):
-        """The decode GEMV with its row kernels folded in (ops_cuda.gemv_a8w4_fused)."""
-        return ops_cuda.gemv_a8w4_fused(self.packed, out, sscale=self.scale, **inputs)
 
     def nbytes(self) -> int:
         if self.w16 is not None:
@@ -317,70 +314,43 @@ class CudaModel:
     def _attn(self, expr, grid, block, args):
         kernels.function("attention.cu", expr, ATTN_EXPRS)(grid, block, args)
 
-    def _fusable(self, m: int) -> bool:
-        """Whether m rows run the folded decode layer: every linear A8W4, rows the prologue takes."""
-        c = self.config
-        return (m <= FUSE_MAX_M and all(L[g].mode != MODE["fp16"] for L in self.layers
-                                         for g in ("qkv", "o", "gu", "down"))
-                and all(w <= ops_cuda.PRO_MAX_K and w % 4 == 0 for w in (c.hidden_size, c.q_size)))
-
-    def _fold(self, m: int) -> frozenset:
-        """The row kernels that fold into the GEMVs for m rows: "resid" (o and down add into h),
-        "attn_quant" (o quantizes the attention row), "norm" (qkv and gate|up normalise h; needs resid)."""
-        if not self._fusable(m):
-            return frozenset()
-        fold = frozenset(FOLD)
-        return fold if "resid" in fold else fold - {"norm"}
+    def _fold_resid(self, m: int) -> bool:
+        """Whether the o and down GEMVs add into h themselves for m rows (every linear A8W4 and
+        M small enough for the GEMV kernel): the norms after them then skip the add."""
+        return m <= ops_cuda.TUNE["gemv_max_m"] and all(L[g].mode != MODE["fp16"] for L in self.layers
+                                                         for g in ("qkv", "o", "gu", "down"))
 
     def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, attend):
         """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h
-        (None when the layers added it themselves).
+        (None when the GEMVs added it themselves, see _fold_resid).
 
         attend(layer, b) reads b.qkv[:m] and the cache, writes the new k, v into the cache and
-        fills b.a[:m] (M, Hq·D) fp16. Up to FUSE_MAX_M rows of A8W4 layers, the row kernels
-        fold into the GEMVs (cuda/gemm_a8w4.cu PRO_*): qkv and gate|up normalise and quantize
-        h themselves, o quantizes the attention row, and o and down add into h.
+        fills b.a[:m] (M, Hq·D) fp16.
         """
         c = self.config
         hid, inter = c.hidden_size, c.intermediate_size
-        fold = self._fold(m)
+        resid = b.h[:m] if self._fold_resid(m) else None
         y = None                # the previous sublayer's output, added to h by the next norm
         for li, L in enumerate(self.layers):
             qkv, o, gu, down = L["qkv"], L["o"], L["gu"], L["down"]
-            h = b.h[:m]
-            if "norm" in fold:
-                qkv.fused(b.qkv[:m], h=h, norm_w=L["attn_norm"], eps=c.rms_norm_eps)
-            else:
-                x8, xh = b.x8(m, qkv.kp), b.xh(m, hid)
-                self._norm(b, m, y, L["attn_norm"], qkv.mode, qkv.scale, x8, qkv.kp, xh)
-                qkv(x8, b.sx[:m], xh, b.qkv[:m])
+            x8, xh = b.x8(m, qkv.kp), b.xh(m, hid)
+            self._norm(b, m, y, L["attn_norm"], qkv.mode, qkv.scale, x8, qkv.kp, xh)
+            qkv(x8, b.sx[:m], xh, b.qkv[:m])
             attend(li, b)
             a8, ah = b.x8(m, o.kp), b.a[:m]
-            if "attn_quant" in fold:
-                o.fused(b.y[:m], f16=ah, resid=h if "resid" in fold else None)
-            else:
-                if o.mode != MODE["fp16"]:
-                    self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
-                                                          o.scale, a8, np.int32(o.kp), b.sx))
-                if "resid" in fold:
-                    o.fused(None, x8=a8, sx=b.sx[:m], resid=h)
-                else:
-                    o(a8, b.sx[:m], ah, b.y[:m])
-            y = None if "resid" in fold else b.y
-            x8, xh = b.x8(m, gu.kp), b.xh(m, hid)
-            if "norm" in fold:
-                gu.fused(b.gu[:m], h=h, norm_w=L["mlp_norm"], eps=c.rms_norm_eps)
-            else:
-                self._norm(b, m, y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh)
-                gu(x8, b.sx[:m], xh, b.gu[:m])
+            if o.mode != MODE["fp16"]:
+                self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
+                                                      o.scale, a8, np.int32(o.kp), b.sx))
+            o(a8, b.sx[:m], ah, b.y[:m], resid)
+            y = None if resid is not None else b.y
+            x8 = b.x8(m, gu.kp)
+            self._norm(b, m, y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh)
+            gu(x8, b.sx[:m], xh, b.gu[:m])
             m8, mh = b.x8(m, down.kp), b.xh(m, inter)
             self._row("silu_mul_quant", m, inter, (b.gu, np.int32(inter), np.int32(down.mode),
                                                    down.scale, m8, np.int32(down.kp), b.sx, mh))
-            if "resid" in fold:
-                down.fused(None, x8=m8, sx=b.sx[:m], resid=h)
-            else:
-                down(m8, b.sx[:m], mh, b.y[:m])
-            y = None if "resid" in fold else b.y
+            down(m8, b.sx[:m], mh, b.y[:m], resid)
+            y = None if resid is not None else b.y
         return y
 
     def _norm(self, b: _Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None):

@@ -188,14 +188,8 @@ WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WP
 )   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
 
 _B = ("false", "true")
-GEMV_CP_STAGES = (6, 12)                                  # gemm_a8w4_gemv_cp ring depths instantiated
-GEMV_CP_MAX_X = 16384                                     # cuda/gemm_a8w4.cu GEMV_CP_MAX_X
-PRO = {"x8": 0, "f16": 1, "norm": 2}                     # cuda/gemm_a8w4.cu PRO_*
-PRO_MAX_K = 4096                                          # PRO_MAX_K: the widest row a prologue takes
 _GEMV = tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>" for mt, cfgs in GEMV_CFGS.items() for rw, u in cfgs
-              for o in _B) + tuple(f"gemm_a8w4_gemv<1,{rw},{u},false,{p}>" for rw, u in GEMV_CFGS[1]
-                                   for p in (PRO["f16"], PRO["norm"])) + tuple(
-    f"gemm_a8w4_gemv_cp<{st},{o}>" for st in GEMV_CP_STAGES for o in _B)
+              for o in _B)
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
@@ -214,9 +208,6 @@ TUNE = {
     # U = 2 / 3 / 4: o 6.52 / 5.83 / 6.22 us, down 13.84 / 11.23 / 11.68 us; qkv and
     # gate|up are fastest at U = 2: 11.99 / 14.74 / 14.38 and 19.70 / 25.96 / 25.57 us)
     "gemv_few": {1: (1, 3)}, "gemv_few_tiles_per_sm": 2,
-    # M ≤ 8 with x rows in shared memory: the cp.async ring GEMV, stages for (many, few) row
-    # tiles per SM; None: the register GEMV
-    "gemv_cp": (6, 12),
     "wgmma_bounds": (64, 512),
     "wgmma": {"small": (64, 6, 2, 4, 2, None), "mid": (128, 4, 2, 2, 2, None),
               "large": (128, 4, 2, 2, 2, 1)},
@@ -378,13 +369,20 @@ def _set_smem(fn, expr: str, smem: int):
         _SMEM_SET[expr] = smem
 
 
-def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict | None, out=None):
+def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict | None, out=None, resid=None):
     cp = _cp()
     x8 = _prep_x8(x8, layer)
     m = x8.shape[0]
     n = layer.n
     dtype = cp.int32 if out_i32 else cp.float16
-    if out is None:
+    if resid is not None:
+        if not (isinstance(resid, cp.ndarray) and resid.dtype == np.float32 and resid.shape == (m, n)
+                and resid.flags.c_contiguous):
+            raise CudaOpError(f"resid must be a C-contiguous ({m}, {n}) float32 CuPy array")
+        if (kernel if kernel != "auto" else choose_kernel(m)) != "gemv":
+            raise CudaOpError(f"the residual add runs in the GEMV kernel (M ≤ {TUNE['gemv_max_m']}), not for M={m}")
+        out = resid                              # a valid pointer: with resid the kernel writes only resid
+    elif out is None:
         out = cp.empty((m, n), dtype=dtype)
     elif not (isinstance(out, cp.ndarray) and out.dtype == dtype and out.shape == (m, n) and out.flags.c_contiguous):
         raise CudaOpError(f"out must be a C-contiguous ({m}, {n}) {np.dtype(dtype)} CuPy array")
@@ -402,7 +400,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     o = _B[int(out_i32)]
     common = (np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(layer.k_pad))
     if kernel == "gemv":
-        _gemv(layer, x8, sx, out, m, o, cfg)
+        _gemv(layer, x8, sx, out, m, o, cfg, resid)
         return out
     if kernel == "mma":
         bm = cfg.get("bm", TUNE["mma_bm_small"] if m <= TUNE["mma_small_max_m"] else 128)
@@ -439,11 +437,9 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     return out
 
 
-_NO_PROLOGUE = (np.uint64(0), np.uint64(0), np.uint64(0), np.float32(0), np.int32(0), np.int32(0), np.uint64(0))
-
-
-def _gemv_fn(m: int, R: int, o: str, cfg: dict, pro: int = 0):
-    """The GEMV kernel and grid for M rows and R row tiles (TUNE picks RW and U; cfg overrides)."""
+def _gemv(layer: PackedA8W4, x8, sx, out, m: int, o: str, cfg: dict, resid=None):
+    """Launch gemm_a8w4_gemv (TUNE picks RW and U by M and the row tiles; cfg overrides)."""
+    R, C, Gp = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K, layer.k_pad // layer.group
     mt = cfg.get("mt", gemv_mt(m))
     if m > 8 * mt or mt not in GEMV_CFGS:
         raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
@@ -452,109 +448,23 @@ def _gemv_fn(m: int, R: int, o: str, cfg: dict, pro: int = 0):
     rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
     if (rw, u) not in GEMV_CFGS[mt]:
         raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
-    expr = f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>" if pro == 0 else f"gemm_a8w4_gemv<{mt},{rw},{u},{o},{pro}>"
-    return _fn("gemm_a8w4.cu", expr, _GEMV), (-(-R // rw),)
+    fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>", _GEMV)
+    fn((-(-R // rw),), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(layer.n),
+                                    np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift),
+                                    np.int32(layer.k_pad), np.uint64(0) if resid is None else resid))
 
 
-def _gemv(layer: PackedA8W4, x8, sx, out, m: int, o: str, cfg: dict, resid=None):
-    """Launch the decode GEMV on int8 x8: the cp.async ring variant where TUNE and the shape
-    allow it (cfg "cp": stages, 0 for the register GEMV), else gemm_a8w4_gemv."""
-    R, C, Gp, kp = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K, layer.k_pad // layer.group, layer.k_pad
-    common = (np.int32(m), np.int32(layer.n), np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift),
-              np.int32(kp))
-    res = np.uint64(0) if resid is None else resid
-    cps = TUNE["gemv_cp"]
-    few = R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
-    stages = cfg.get("cp", cps[few] if cps else 0)
-    if stages and m <= 8 and m * kp <= GEMV_CP_MAX_X and "rw" not in cfg and cfg.get("mt", 1) == 1:
-        if stages not in GEMV_CP_STAGES:
-            raise CudaOpError(f"gemm_a8w4_gemv_cp is instantiated for {GEMV_CP_STAGES} stages, not {stages}")
-        expr = f"gemm_a8w4_gemv_cp<{stages},{o}>"
-        fn = _fn("gemm_a8w4.cu", expr, _GEMV)
-        smem = 8 * stages * 32 * 20 + m * kp
-        _set_smem(fn, expr, smem)
-        fn((R,), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, *common, res), shared_mem=smem)
-        return
-    fn, grid = _gemv_fn(m, R, o, cfg)
-    fn(grid, (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, *common, *_NO_PROLOGUE[:-1], res))
-
-
-def _dev_array(name: str, a, dtype, shape):
-    cp = _cp()
-    if not (isinstance(a, cp.ndarray) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
-        raise CudaOpError(f"{name} must be a C-contiguous {shape} {np.dtype(dtype)} CuPy array, got "
-                          f"{type(a).__name__} {getattr(a, 'dtype', None)} {getattr(a, 'shape', None)}")
-    return a
-
-
-def gemv_a8w4_fused(layer: PackedA8W4, out, *, x8=None, sx=None, f16=None, h=None, norm_w=None,
-                    eps: float = 0.0, sscale=None, resid=None, cfg: dict | None = None):
-    """The decode GEMV with the row kernels around it folded in (cuda/gemm_a8w4.cu PRO_*).
-
-    Input, one of: x8 (M, K or Kp) int8 with sx (M,) float32 (as gemm_a8w4); f16 (M, K) float16,
-    quantized in the kernel; h (M, K) float32, RMSNorm'd with norm_w (K,) float32 and eps, then
-    quantized. Quantization follows layer.act: dynamic absmax, or static with the scale in the
-    device array sscale (1,). Output: y into out (M, N) float16, or with resid (M, N) float32,
-    resid += fp16(y) and out is not written. M ≤ 8; the quantizing inputs need K ≤ PRO_MAX_K
-    and K % 4 == 0.
-    """
-    cfg = dict(cfg or {})
-    n, kp = layer.n, layer.k_pad
-    srcs = [a for a in (x8, f16, h) if a is not None]
-    if len(srcs) != 1:
-        raise CudaOpError("give exactly one input: x8 (with sx), f16 or h (with norm_w)")
-    m = int(srcs[0].shape[0]) if getattr(srcs[0], "ndim", 0) == 2 else -1
-    if not 0 < m <= 8:
-        raise CudaOpError(f"the fused GEMV takes 1 to 8 rows, got shape {getattr(srcs[0], 'shape', None)}")
-    if resid is not None:
-        _dev_array("resid", resid, np.float32, (m, n))
-        out = resid                           # a valid pointer; the kernel writes resid only
-    else:
-        _dev_array("out", out, np.float16, (m, n))
-    R, C, Gp = layer.n_pad // TILE_N, kp // CHUNK_K, kp // layer.group
-    common = (np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(kp))
-    res = np.uint64(0) if resid is None else resid
-    if x8 is not None:
-        x8 = _prep_x8(x8, layer)
-        _dev_array("sx", sx, np.float32, (m,))
-        _gemv(layer, x8, sx, out, m, "false", cfg, resid)
-        return out
-    k = layer.k
-    if k > PRO_MAX_K or k % 4:
-        raise CudaOpError(f"the quantizing GEMV prologue takes K ≤ {PRO_MAX_K} with K % 4 == 0, got {k}")
-    mode = {"static": 0, "dynamic": 1}.get(layer.act)
-    if mode is None:
-        raise CudaOpError(f"unknown activation mode {layer.act!r}")
-    if mode == 0:
-        _dev_array("sscale", sscale, np.float32, (1,))
-    if h is not None:
-        _dev_array("h", h, np.float32, (m, k))
-        _dev_array("norm_w", norm_w, np.float32, (k,))
-        src, pro = h, PRO["norm"]
-    else:
-        _dev_array("f16", f16, np.float16, (m, k))
-        src, pro = f16, PRO["f16"]
-    fn, grid = _gemv_fn(m, R, "false", {**cfg, "mt": 1}, pro)
-    # every block quantizes the row once, then loops over row tiles: no more blocks than stay resident
-    regs = -(-fn.num_regs // 8) * 8
-    resident = kernels.device_info()["sm_count"] * max(1, min(2048 // THREADS, 65536 // (regs * THREADS)))
-    grid = (min(grid[0], cfg.get("grid", resident)),)
-    none = np.uint64(0)
-    fn(grid, (THREADS,), (layer.qw, layer.meta, none, none, layer.s8, out, np.int32(m), np.int32(n), *common,
-                          src, none if norm_w is None else norm_w, none if sscale is None else sscale,
-                          np.float32(eps), np.int32(mode), np.int32(k), res),
-       shared_mem=m * kp)
-    return out
-
-
-def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None):
+def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None,
+              resid=None):
     """y (M, N) fp16 = fp16((float(Σ_k x8·W8) * sx[m]) * s8[n]), bit-exact to the reference.
 
     x8 is (M, K) or (M, Kp) int8 (Kp = layer.k_pad; quantize_act pads for free),
     sx (M,) float32. kernel: "auto" | "gemv" | "mma" | "wgmma"; cfg overrides tile
     choices (bench tuning); out: an optional preallocated (M, N) float16 array.
+    resid: a (M, N) float32 array (GEMV only, M ≤ TUNE["gemv_max_m"]): resid += float(y)
+    instead of writing y; returns resid.
     """
-    return _run_gemm(x8, sx, layer, False, kernel, cfg, out)
+    return _run_gemm(x8, sx, layer, False, kernel, cfg, out, resid)
 
 
 def gemm_a8w4_acc(x8, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None):

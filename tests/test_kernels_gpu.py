@@ -309,7 +309,7 @@ def test_linear_matches_linear_ref(act, m):
 @gpu
 @needs_gpu
 def test_every_instantiated_variant_bitexact():
-    """Every GEMV (MT, RW, U), cp.async ring GEMV (stages) and wgmma (BT, STAGES, NWG, WPF, OVL) the registry compiles,
+    """Every GEMV (MT, RW, U) and wgmma (BT, STAGES, NWG, WPF, OVL) the registry compiles,
     with K = 1152 (9 stages: odd, not a multiple of the weight prefetch ring) and split-K."""
     ql = random_dg(200, 1152, 128, seed=21)
     sx = lambda m: (np.random.default_rng(m).random(m, dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
@@ -318,15 +318,6 @@ def test_every_instantiated_variant_bitexact():
         x8 = random_x8(m, 1152, seed=mt)
         for rw, u in cfgs:
             layer, ref = _acc_check(ql, x8, "gemv", cfg={"mt": mt, "rw": rw, "u": u})
-    for st in ops_cuda.GEMV_CP_STAGES:             # the cp.async ring GEMV: M ≤ 8, x rows in shared memory
-        for m in (1, 5, 8):
-            x8 = random_x8(m, 1152, seed=m + st)
-            layer, ref = _acc_check(ql, x8, "gemv", cfg={"cp": st})
-            cp = _cp()
-            want = formats.epilogue_ref(ref, sx(m), ql.cscale).astype(np.float16)
-            got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx(m)), layer, kernel="gemv", cfg={"cp": st},
-                                     out=cp.full(want.shape, np.float16(np.nan), dtype=cp.float16))
-            np.testing.assert_array_equal(cp.asnumpy(got), want, err_msg=f"cp {st} m {m}")
     for m in (40, 150):
         x8 = random_x8(m, 1152, seed=m)
         for bm, _ in ops_cuda.MMA_CFGS:
@@ -347,61 +338,32 @@ def test_every_instantiated_variant_bitexact():
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("act,m", [("dynamic", 1), ("static", 1), ("dynamic", 3)])
-def test_fused_gemv_prologues_and_residual(act, m):
-    """gemv_a8w4_fused (cuda/gemm_a8w4.cu PRO_*): an fp16 row quantized in the kernel is
-    bit-exact to formats.linear_ref; the residual epilogue adds fp16(y) into float32 h
-    bit-exactly (x8 input too); the RMSNorm prologue matches RMSNorm + linear_ref up to a
-    code flipped at a rounding tie (its sum of squares runs in another order)."""
-    from engine import ops_ref
+@pytest.mark.parametrize("m,cfg", [(1, {}), (3, {}), (1, {"rw": 2, "u": 2}), (12, {"rw": 4, "u": 2})])
+def test_gemv_residual_add_bitexact(m, cfg):
+    """gemm_a8w4(resid=h): the GEMV adds fp16(y) into float32 h instead of writing y, bit-exactly
+    as h + float(y) (the add of add_rmsnorm_quant), and leaves out untouched."""
     cp = _cp()
     rng = np.random.default_rng(40 + m)
-    ql = random_dg(200, 576, 128, seed=m, act=act, ascale=0.03)
+    ql = random_dg(200, 576, 128, seed=m)
     layer = ops_cuda.pack_for_gpu(ql)
-    sscale = cp.asarray([ql.ascale or 1.0], cp.float32)
-    x = (rng.standard_normal((m, 576)) * 2).astype(np.float16)
-    want = formats.linear_ref(x.astype(np.float32), ql).astype(np.float16)
-    out = cp.full((m, 200), np.nan, cp.float16)
-    ops_cuda.gemv_a8w4_fused(layer, out, f16=cp.asarray(x), sscale=sscale)
-    np.testing.assert_array_equal(out.get(), want)
-
-    h0 = rng.standard_normal((m, 200)).astype(np.float32)
-    h = cp.asarray(h0)
-    ops_cuda.gemv_a8w4_fused(layer, None, f16=cp.asarray(x), sscale=sscale, resid=h)
-    np.testing.assert_array_equal(h.get(), h0 + want.astype(np.float32))
-
     x8 = random_x8(m, 576, seed=m)
     sx = (rng.random(m, dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
     y = formats.epilogue_ref(formats.gemm_a8w4_ref(x8, ql.int8_weight()), sx, ql.cscale).astype(np.float16)
+    h0 = rng.standard_normal((m, 200)).astype(np.float32)
     h = cp.asarray(h0)
-    ops_cuda.gemv_a8w4_fused(layer, None, x8=cp.asarray(x8), sx=cp.asarray(sx), resid=h)
+    got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx), layer, kernel="gemv", cfg=cfg, resid=h)
+    assert got is h
     np.testing.assert_array_equal(h.get(), h0 + y.astype(np.float32))
-
-    hn = (rng.standard_normal((m, 576)) * 5).astype(np.float32)
-    w = (rng.random(576) + 0.5).astype(np.float32)
-    want = formats.linear_ref(ops_rmsnorm(ops_ref, hn, w), ql)
-    out = cp.full((m, 200), np.nan, cp.float16)
-    ops_cuda.gemv_a8w4_fused(layer, out, h=cp.asarray(hn), norm_w=cp.asarray(w), eps=1e-5, sscale=sscale)
-    got = out.get().astype(np.float32)
-    s = formats.act_scale_dynamic(ops_rmsnorm(ops_ref, hn, w)) if act == "dynamic" else np.full(m, ql.ascale)
-    flip = 127 * s[:, None] * ql.cscale[None, :] * 2            # two codes off by one
-    assert (np.abs(got - want) <= flip + 2.0 ** -10 * np.abs(want)).all()
-    assert np.mean(got == want.astype(np.float16).astype(np.float32)) > 0.95
-
-
-def ops_rmsnorm(ops_ref, h, w):
-    return ops_ref.rmsnorm(h, w, 1e-5).astype(np.float32)
 
 
 @gpu
 @needs_gpu
-def test_fused_gemv_rejects_bad_input():
+def test_gemv_residual_rejects_bad_input():
     cp = _cp()
     layer = ops_cuda.pack_for_gpu(random_dg(64, 256, 128, seed=2))
-    out = cp.zeros((1, 64), cp.float16)
-    with pytest.raises(ops_cuda.CudaOpError, match="exactly one input"):
-        ops_cuda.gemv_a8w4_fused(layer, out)
-    with pytest.raises(ops_cuda.CudaOpError, match="1 to 8 rows"):
-        ops_cuda.gemv_a8w4_fused(layer, cp.zeros((9, 64), cp.float16), f16=cp.zeros((9, 256), cp.float16))
-    with pytest.raises(ops_cuda.CudaOpError, match="h must be"):
-        ops_cuda.gemv_a8w4_fused(layer, out, h=cp.zeros((1, 256), cp.float16), norm_w=cp.ones(256, cp.float32))
+    x8, sx = cp.zeros((1, 256), cp.int8), cp.ones((1,), cp.float32)
+    with pytest.raises(ops_cuda.CudaOpError, match="resid must be"):
+        ops_cuda.gemm_a8w4(x8, sx, layer, resid=cp.zeros((1, 64), cp.float16))
+    with pytest.raises(ops_cuda.CudaOpError, match="runs in the GEMV"):
+        ops_cuda.gemm_a8w4(cp.zeros((40, 256), cp.int8), cp.ones((40,), cp.float32), layer,
+                           resid=cp.zeros((40, 64), cp.float32))
