@@ -77,8 +77,10 @@ __device__ __forceinline__ float row_scale(int mode, float amax, const float* st
 // one there, and a kernel that silently reduced over one CTA would write wrong rows.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define ROW_CLUSTER_DIMS(CL)
+#define ROW_CLUSTER_DIMS_Z(CL)
 #else
 #define ROW_CLUSTER_DIMS(CL) __cluster_dims__(CL, 1, 1)
+#define ROW_CLUSTER_DIMS_Z(CL) __cluster_dims__(1, 1, (CL) > 0 ? (CL) : 1)   // CL = 0: no cluster
 #endif
 
 __device__ __forceinline__ void cluster_sync() {
@@ -87,18 +89,34 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
+// The float at p in the shared memory of CTA `rank` of this cluster (distributed shared memory).
+__device__ __forceinline__ float ld_cluster(const float* p, int rank) {
+    float x = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned remote;
+    const unsigned local = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(x) : "r"(remote) : "memory");
+#endif
+    return x;
+}
+__device__ __forceinline__ int cluster_rank() {
+    unsigned rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+#endif
+    return (int)rank;
+}
+
 template <int CL>
 struct RowTeam {
     int row, tid, T;
     __device__ __forceinline__ RowTeam() {
-        unsigned rank = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        if (CL > 1) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-#else
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
         if (CL > 1) __trap();
 #endif
         row = blockIdx.x / CL;
-        tid = (int)rank * blockDim.x + threadIdx.x;
+        tid = (CL > 1 ? cluster_rank() : 0) * (int)blockDim.x + threadIdx.x;
         T = CL * blockDim.x;
     }
     template <bool MAX>
@@ -110,17 +128,11 @@ struct RowTeam {
         if (threadIdx.x == 0) part[slot] = v;
         cluster_sync();
         float r = MAX ? NEG_INF : 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        const unsigned local = (unsigned)__cvta_generic_to_shared(&part[slot]);
 #pragma unroll
         for (int c = 0; c < CL; ++c) {
-            unsigned remote;
-            float x;
-            asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(c));
-            asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(x) : "r"(remote) : "memory");
+            const float x = ld_cluster(&part[slot], c);
             r = MAX ? fmaxf(r, x) : r + x;
         }
-#endif
         return r;
     }
     __device__ __forceinline__ void finish() {

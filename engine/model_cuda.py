@@ -40,7 +40,9 @@ FUSED_EXPRS = tuple(f"{k}<{p}, {cl}>" for k in ROW_KERNELS for cl in ROW_CLUSTER
                     for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS))
 FA_BM, FA_BN = 64, 64       # query rows per block, keys per tile of attn_prefill (cuda/attention.cu)
 KV_TYPES = ("__half", "signed char")       # the cache element types the attention kernels take
-ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in KV_TYPES] + [f"attn_decode<{t}>" for t in KV_TYPES]
+DECODE_CLUSTERS = (1, 2, 4, 8)   # attn_decode's splits of a head as one cluster (sm_90, nsplit ≤ 8); 0: atomics
+ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in KV_TYPES]
+                   + [f"attn_decode<{t}, {cl}>" for t in KV_TYPES for cl in (0,) + DECODE_CLUSTERS]
                    + [f"attn_prefill<{d}, {t}>" for d in (64, 128) for t in KV_TYPES])
 
 
@@ -98,6 +100,12 @@ def row_launch(name: str, width: int, cl: int = 1) -> tuple[str, int]:
                            f"clusters of {cl}, got {width}")
     threads = min(1024, 32 * -(-share // (32 * per)))
     return f"{name}<{per}, {cl}>", threads
+
+
+def decode_cluster(nsplit: int) -> int:
+    """attn_decode's cluster size for nsplit splits (sm_90): the smallest that holds them, or
+    0 (merge through global memory) past DECODE_CLUSTERS[-1]."""
+    return next((cl for cl in DECODE_CLUSTERS if cl >= nsplit), 0)
 
 
 def kv_type(cache_array) -> str:
@@ -444,10 +452,11 @@ class CudaModel:
         c, b, nb = self.config, st["bufs"], cache.batch
         hq, d = c.num_attention_heads, c.head_dim
         nsplit = st["nsplit"]
+        cl = decode_cluster(nsplit) if self._clusters else 0
 
         def attend(li, bb):
             # RoPE, cache write, flash-decoding and the merge in one launch (cuda/attention.cu)
-            self._attn(f"attn_decode<{kv_type(cache.k)}>", (nb, hq, nsplit), (128,),
+            self._attn(f"attn_decode<{kv_type(cache.k)}, {cl}>", (nb, hq, cl or nsplit), (128,),
                        (bb.qkv, self.cos, self.sin, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li],
                         st["lens"], np.int32(hq), np.int32(c.num_key_value_heads), np.int32(d),
                         np.int32(cache.capacity), np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"],

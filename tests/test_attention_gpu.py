@@ -125,7 +125,7 @@ def test_flash_decoding_matches_float64(d, rep, kv8):
     splits. The new token's cache row and every row past it start as NaN (kv8: their scales),
     so a read of the row being written, or past the length, fails; the row must come back
     holding the rotated k and the v. A second launch must give the same bits (the merge's
-    counters reset themselves)."""
+    counters reset themselves), and so must the cluster merges (sm_90)."""
     import cupy as cp
 
     from engine.kernels import function
@@ -167,16 +167,24 @@ def test_flash_decoding_matches_float64(d, rep, kv8):
     counters = cp.zeros((b * hq,), cp.int32)
     ref = np.concatenate([causal_gqa_f64(q[i:i + 1].astype(np.float64), kref[i, :n], vref[i, :n], n - 1)
                           for i, n in enumerate(lens)])                   # (B, Hq·D)
+    from engine.kernels import device_info
+    from engine.model_cuda import decode_cluster
+    # the merge through global memory (0), and on sm_90 through clusters: the launcher's size
+    # for nsplit, and a larger one (empty splits past nsplit)
+    clusters = (0, decode_cluster(nsplit), 8) if device_info()["cc"] >= 90 else (0,)
     outs = []
-    for _ in range(2):
-        out = cp.full((b, hq * d), np.nan, cp.float16)
-        function("attention.cu", f"attn_decode<{kv_type(kc)}>", ATTN_EXPRS)(
-            (b, hq, nsplit), (128,), (cp.asarray(qkv), cp.asarray(cos_t), cp.asarray(sin_t), kc, vc, ksd, vsd,
-                                      cp.asarray(lens), np.int32(hq), np.int32(HKV), np.int32(d), np.int32(cap),
-                                      np.float32(1 / np.sqrt(d)), ml, acc, counters, out))
-        outs.append(out.get())
+    for cl in clusters:
+        for _ in range(2):
+            out = cp.full((b, hq * d), np.nan, cp.float16)
+            function("attention.cu", f"attn_decode<{kv_type(kc)}, {cl}>", ATTN_EXPRS)(
+                (b, hq, cl or nsplit), (128,), (cp.asarray(qkv), cp.asarray(cos_t), cp.asarray(sin_t), kc, vc,
+                                                ksd, vsd, cp.asarray(lens), np.int32(hq), np.int32(HKV),
+                                                np.int32(d), np.int32(cap), np.float32(1 / np.sqrt(d)), ml, acc,
+                                                counters, out))
+            outs.append(out.get())
     assert not counters.any()
-    np.testing.assert_array_equal(outs[0], outs[1])
+    for got in outs[1:]:                     # repeatable, and the same bits whichever merge ran
+        np.testing.assert_array_equal(got, outs[0])
     err = np.abs(outs[0].astype(np.float64) - ref).max(axis=1)
     assert (err <= 2.0 ** -8 * np.abs(vref).max()).all(), err
     rows = [(i, n - 1) for i, n in enumerate(lens)]
