@@ -402,7 +402,7 @@ __device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two,
 }
 
 template <typename KV, int CL>
-__global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128) attn_decode(
+__global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 3 : 4) attn_decode(
         const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
         KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
