@@ -54,6 +54,14 @@ def main():
             c2, f2 = _prefilled(gm, mw, a)
             print(f"A8W4 decode b={a.batch}, PDL off: {_decode(gm, c2, f2, a)}")
         del c2
+    if model_cuda.decode_cluster(2) and gm._clusters:
+        orig_dc, model_cuda.decode_cluster = model_cuda.decode_cluster, lambda nsplit: 0
+        try:
+            c7, f7 = _prefilled(gm, mw, a)
+            print(f"A8W4 decode b={a.batch}, attention merge through global memory: {_decode(gm, c7, f7, a)}")
+            del c7
+        finally:
+            model_cuda.decode_cluster = orig_dc
     if a.ablate:
         base = _decode(gm, *_prefilled(gm, mw, a), a)
         print(f"A8W4 decode b={a.batch}, everything: {base}")
