@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from engine.backend import _cupy
-from engine import launch, model_cuda, ops_cuda
+from engine import kernels, launch, model_cuda, ops_cuda
 from engine.bench_e2e import (LLAMA2_7B, SMOLLM2, dequantized_copy, format_breakdown, graph_breakdown,
                               graph_time, random_model)
 from engine.model_cuda import CudaModel
@@ -54,8 +54,9 @@ def main():
             c2, f2 = _prefilled(gm, mw, a)
             print(f"A8W4 decode b={a.batch}, PDL off: {_decode(gm, c2, f2, a)}")
         del c2
-    if model_cuda.decode_cluster(2) and gm._clusters:
-        orig_dc, model_cuda.decode_cluster = model_cuda.decode_cluster, lambda nsplit: 0
+    if gm._clusters and model_cuda.decode_cluster(2, a.batch * gm.config.num_attention_heads,
+                                                  kernels.device_info()["sm_count"]):
+        orig_dc, model_cuda.decode_cluster = model_cuda.decode_cluster, lambda *args: 0
         try:
             c7, f7 = _prefilled(gm, mw, a)
             print(f"A8W4 decode b={a.batch}, attention merge through global memory: {_decode(gm, c7, f7, a)}")

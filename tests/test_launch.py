@@ -77,3 +77,11 @@ def test_kernel_launch_marshalling_without_a_gpu():
     for bad in ((), (0,), (1, 1, 1, 1)):
         with pytest.raises(BackendError, match="grid"):
             launch._dims(bad, "grid")
+
+
+def test_decode_cluster_policy():
+    from engine.model_cuda import DECODE_CLUSTERS, decode_cluster
+    assert [decode_cluster(n) for n in (1, 2, 3, 4, 5, 8, 9, 64)] == [1, 2, 4, 4, 8, 8, 0, 0]
+    assert decode_cluster(4, heads=32, sms=132) == 4          # batch 1 of 32 heads: one wave
+    assert decode_cluster(4, heads=256, sms=132) == 0         # batch 8: the merge through memory
+    assert set(decode_cluster(n) for n in range(1, 9)) == set(DECODE_CLUSTERS)
