@@ -1,14 +1,16 @@
 """The GPU engine: the same Llama forward as engine/model.py on CuPy, with fused kernels.
 
-Per layer and step: add_rmsnorm_quant (the previous layer's residual add, RMSNorm,
-INT8 quantization) → fused qkv A8W4 GEMM → rope_qkv_cache → attention (cuda/attention.cu:
-for decode, flash-decoding and a combine that also quantizes the o_proj input; for
-prefill, flash-attention then quant_rows) → o GEMM → add_rmsnorm_quant → fused gate|up
-GEMM → silu_mul_quant → down GEMM; the last layer's add happens in the final norm. The
-residual stream is float32; GEMM outputs and q are float16; the KV cache is float16, or
-INT8 with one float32 scale per token and kv head (kv8). Layers whose weights are float
-run the same steps with FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 8 rows,
-so their decode step is graphed too): that is "our FP16 path", the in-run speed baseline.
+Per layer and step: add_rmsnorm_quant (the previous sublayer's residual add unless the GEMV
+did it, RMSNorm, INT8 quantization) → fused qkv A8W4 GEMM → attention (cuda/attention.cu:
+for prefill rope_qkv_cache then flash-attention; for decode one attn_decode launch: RoPE,
+cache write, flash-decoding, merge of the splits) → quant_rows → o GEMM → add_rmsnorm_quant →
+fused gate|up GEMM → silu_mul_quant → down GEMM. Up to 16 rows of an all-A8W4 model, the o and
+down GEMVs add their output into the residual stream themselves (_fold_resid); otherwise the
+next norm adds it, and the last layer's add happens in the final norm. The residual stream is
+float32; GEMM outputs and q are float16; the KV cache is float16, or INT8 with one float32
+scale per token and kv head (kv8). Layers whose weights are float run the same steps with
+FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 8 rows, so their decode step is
+graphed too): that is "our FP16 path", the in-run speed baseline.
 
 A decode step for a batch of sequences is captured once as a CUDA graph: every
 buffer is preallocated, positions, lengths and the sampling settings live on the
