@@ -1,12 +1,15 @@
 """Where a graphed decode step of a random Llama-2-7B-shaped DGQ model spends its time.
 
-    python bench/profile_decode.py [--model smollm2] [--batch 8] [--fp16] [--sweep-gemv]
+    python bench/profile_decode.py [--model smollm2] [--batch 8] [--fp16] [--sweep-gemv] [--ablate]
+                                   [--gemv-tunes '1,2/1,3;1,3/1,3'] [--row-widths 2048,4096]
 
 Prints the first-run cost (model build with the fused.cu compile, first prefill with the
 GEMM compiles, first decode steps with the GEMV compiles and the graph capture; CuPy
 caches compiled kernels on disk, so a second run shows the warm figures), the graphed
 decode speed, and the per-launch breakdown of engine.bench_e2e.graph_breakdown (what
-each launch costs inside a graph; no profiler needed: the device has ncu, no nsys).
+each launch costs inside a graph; no profiler needed: the device has ncu, no nsys). --ablate
+times the step with each kind of launch left out, which is a kernel's cost in place on the
+critical path; the A/B lines compare PDL, attn_decode's cluster merge and GEMV settings.
 """
 import argparse
 import contextlib
