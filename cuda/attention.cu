@@ -334,7 +334,8 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
 // blocks of the last split (which holds p) rotate k and take the new key and value from
 // registers, not from the cache; the first q head of each kv group writes them to the cache
 // (kv8: quantized from the rotated float k and the fp16 v, scale from the head's absmax, the
-// rule of rope_qkv_cache). No block reads cache row p.
+// rule of rope_qkv_cache). No block uses the cache's row p: the clamped loads below may read
+// it while it is being written, and those values are always replaced.
 // CL > 0 (sm_90, nsplit ≤ CL ≤ 8): the splits of a head form a cluster and merge through
 // distributed shared memory instead (grid z = CL, the splits past nsplit are empty).
 // The cache rows of positions before p and lens are read before the PDL wait: no kernel of

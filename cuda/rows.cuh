@@ -80,7 +80,7 @@ __device__ __forceinline__ float row_scale(int mode, float amax, const float* st
 #define ROW_CLUSTER_DIMS_Z(CL)
 #else
 #define ROW_CLUSTER_DIMS(CL) __cluster_dims__(CL, 1, 1)
-#define ROW_CLUSTER_DIMS_Z(CL) __cluster_dims__(1, 1, (CL) > 0 ? (CL) : 1)   // CL = 0: no cluster
+#define ROW_CLUSTER_DIMS_Z(CL) __cluster_dims__(1, 1, (CL) > 0 ? (CL) : 1)   // CL = 0: clusters of one CTA
 #endif
 
 __device__ __forceinline__ void cluster_sync() {

@@ -180,7 +180,7 @@ class GpuLinear:
             matmul_f16(self.cp, xh, self.w16, out)          # the FP16 baseline: cuBLAS or our GEMV
         else:
             ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out, resid=resid)
-        return out
+        return out if resid is None else resid
 
     def nbytes(self) -> int:
         if self.w16 is not None:
@@ -460,6 +460,8 @@ class CudaModel:
         hq, d = c.num_attention_heads, c.head_dim
         nsplit = st["nsplit"]
         cl = decode_cluster(nsplit, nb * hq, kernels.device_info()["sm_count"]) if self._clusters else 0
+        if 0 < cl < nsplit:                 # a cluster must hold every split, or keys would be dropped
+            raise BackendError(f"attn_decode: a cluster of {cl} cannot hold {nsplit} splits")
 
         def attend(li, bb):
             # RoPE, cache write, flash-decoding and the merge in one launch (cuda/attention.cu)
@@ -484,7 +486,7 @@ class CudaModel:
     def _decode_state(self, cache: GpuKVCache):
         """Device buffers of a decode step, fixed for the life of the cache (the graph holds them)."""
         cp, nb = self.cp, cache.batch
-        nsplit = -(-cache.capacity // DECODE_CHUNK)         # new_cache checked Hq · nsplit
+        nsplit = -(-cache.capacity // DECODE_CHUNK)
         d, hq = self.config.head_dim, self.config.num_attention_heads
         return {"bufs": _Buffers(cp, self.config, nb, nb, self._wide), "nsplit": nsplit,
                 "tok": cp.zeros((nb,), cp.int32), "pos": cp.zeros((nb,), cp.int32),

@@ -194,6 +194,7 @@ def test_flash_decoding_matches_float64(d, rep, kv8):
             assert np.abs(got_k[i, p].astype(np.int32) - want_k[i, p]).max() <= 1
             np.testing.assert_allclose(ksd.get()[i, p], want_ks[i, p], rtol=1e-5)
             np.testing.assert_array_equal(vc.get()[i, p], v8[i, p])
+            np.testing.assert_array_equal(vsd.get()[i, p], quantize_kv_ref(v_new[i])[1])
         else:
             np.testing.assert_allclose(got_k[i, p].astype(np.float32), want_k[i, p].astype(np.float32),
                                        rtol=2.0 ** -10, atol=2.0 ** -14)

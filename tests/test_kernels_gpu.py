@@ -354,6 +354,11 @@ def test_gemv_residual_add_bitexact(m, cfg):
     got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx), layer, kernel="gemv", cfg=cfg, resid=h)
     assert got is h
     np.testing.assert_array_equal(h.get(), h0 + y.astype(np.float32))
+    out = cp.full((m, 200), np.nan, cp.float16)                  # given out as well: left as it was
+    h = cp.asarray(h0)
+    ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx), layer, kernel="gemv", cfg=cfg, out=out, resid=h)
+    assert np.isnan(out.get()).all()
+    np.testing.assert_array_equal(h.get(), h0 + y.astype(np.float32))
 
 
 @gpu

@@ -201,12 +201,15 @@ def test_row_kernels_match_numpy(width, mode, cl):
         check(run("quant_rows", (cp.asarray(y), np.int32(width))), y.astype(np.float32), 1e-6)
 
 
-def test_pdl_launches_equal_plain_launches(monkeypatch):
+@pytest.mark.parametrize("merge", ["cluster", "memory"])
+def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
     """Programmatic dependent launch (engine/launch.py, cuda/pdl.cuh) changes when kernels
     start, never what they compute: a decode step captured with PDL launches (counted, so the
     test fails if capture stopped using them) replays to bit-identical logits and tokens as one
     captured with plain stream-ordered launches, on a model wide enough for kernels to overlap
-    and with the row kernels on clusters (ROW_CTA_WIDTH lowered to 256)."""
+    and with the row kernels on clusters (ROW_CTA_WIDTH lowered to 256); attn_decode merging
+    its splits through a cluster, and through global memory (its reads before the PDL wait
+    then race nothing either)."""
     import os
     from engine import kernels, launch, model_cuda
     from engine.model_cuda import CudaModel
@@ -215,6 +218,8 @@ def test_pdl_launches_equal_plain_launches(monkeypatch):
     assert launch.pdl_enabled()
     monkeypatch.setattr(model_cuda, "ROW_CTA_WIDTH", 256)
     monkeypatch.setattr(model_cuda, "ROW_CTA_WIDTH_BY_KERNEL", {})
+    if merge == "memory":
+        monkeypatch.setattr(model_cuda, "decode_cluster", lambda *args: 0)
     mw = quantized_tiny("dynamic", seed=4, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
                         hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                         max_position_embeddings=512)
