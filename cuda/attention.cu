@@ -19,19 +19,17 @@
 #include "rows.cuh"
 
 // ----------------------------------------------------------------- the cache element types
-// Two consecutive elements of a cache row as floats (x8 values for int8: the caller scales).
-__device__ __forceinline__ float2 load2(const __half* row, int i2) {
-    return __half22float2(reinterpret_cast<const __half2*>(row)[i2]);
-}
-__device__ __forceinline__ float2 load2(const i8* row, int i2) {
-    char2 c = reinterpret_cast<const char2*>(row)[i2];
-    return make_float2((float)c.x, (float)c.y);
-}
-template <typename KV> struct KvPair;                       // two consecutive cache elements, raw
+// Two consecutive elements of a cache row, raw (KvPair), and as floats (x8 values for int8:
+// the caller scales).
+template <typename KV> struct KvPair;
 template <> struct KvPair<__half> { typedef __half2 T; };
 template <> struct KvPair<i8> { typedef char2 T; };
 __device__ __forceinline__ float2 to_f2(__half2 v) { return __half22float2(v); }
 __device__ __forceinline__ float2 to_f2(char2 v) { return make_float2((float)v.x, (float)v.y); }
+// Elements 2·i2 and 2·i2 + 1 of an fp16 row as floats.
+__device__ __forceinline__ float2 load2(const __half* row, int i2) {
+    return to_f2(reinterpret_cast<const __half2*>(row)[i2]);
+}
 template <typename KV> __device__ __forceinline__ float kv_scale(const float* s, size_t i);
 template <> __device__ __forceinline__ float kv_scale<__half>(const float*, size_t) { return 1.f; }
 template <> __device__ __forceinline__ float kv_scale<i8>(const float* s, size_t i) { return s[i]; }
@@ -528,7 +526,7 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
         // layer more in the 7B step on the H100.)
         cluster_sync();
         const int rank = cluster_rank(), per = D / CL;
-        float ms[CL > 0 ? CL : 1], mxc = NEG_INF, lc = 0.f;
+        float ms[CL], mxc = NEG_INF, lc = 0.f;
 #pragma unroll
         for (int c = 0; c < CL; ++c) { ms[c] = ld_cluster(&sml[0], c); mxc = fmaxf(mxc, ms[c]); }
 #pragma unroll

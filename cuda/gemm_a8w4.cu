@@ -22,7 +22,7 @@
 //   RW > 1 reuses each token fragment for RW row tiles (fewer L1 loads at M=16).
 //   With resid, y is added to the float32 residual stream instead of stored,
 //   resid[m,n] += float(fp16(y[m,n])) (the add of add_rmsnorm_quant, which the
-//   batch-1 decode step folds in here: one kernel fewer a sublayer).
+//   decode step folds in here up to 16 rows: the norm after it skips the add).
 //
 // gemm_a8w4_mma<BM, STAGES, OUT_I32> — prefill, M > 16, any sm_80+ GPU.
 //   Block tile BM tokens x 128 output channels x 128 k, 8 warps as 2 (M) x 4

@@ -332,8 +332,7 @@ class CudaModel:
     def _fold_resid(self, m: int) -> bool:
         """Whether the o and down GEMVs add into h themselves for m rows (every linear A8W4 and
         M small enough for the GEMV kernel): the norms after them then skip the add."""
-        return m <= ops_cuda.TUNE["gemv_max_m"] and all(L[g].mode != MODE["fp16"] for L in self.layers
-                                                         for g in ("qkv", "o", "gu", "down"))
+        return m <= ops_cuda.TUNE["gemv_max_m"] and not self._f16_ks
 
     def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, attend):
         """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h
@@ -460,8 +459,6 @@ class CudaModel:
         hq, d = c.num_attention_heads, c.head_dim
         nsplit = st["nsplit"]
         cl = decode_cluster(nsplit, nb * hq, kernels.device_info()["sm_count"]) if self._clusters else 0
-        if 0 < cl < nsplit:                 # a cluster must hold every split, or keys would be dropped
-            raise BackendError(f"attn_decode: a cluster of {cl} cannot hold {nsplit} splits")
 
         def attend(li, bb):
             # RoPE, cache write, flash-decoding and the merge in one launch (cuda/attention.cu)

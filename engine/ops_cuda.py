@@ -379,7 +379,8 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if not (isinstance(resid, cp.ndarray) and resid.dtype == np.float32 and resid.shape == (m, n)
                 and resid.flags.c_contiguous):
             raise CudaOpError(f"resid must be a C-contiguous ({m}, {n}) float32 CuPy array")
-        if (kernel if kernel != "auto" else choose_kernel(m)) != "gemv":
+        kernel = choose_kernel(m) if kernel == "auto" else kernel
+        if kernel != "gemv":
             raise CudaOpError(f"the residual add runs in the GEMV kernel (M ≤ {TUNE['gemv_max_m']}), not for M={m}")
         out = resid                              # a valid pointer: with resid the kernel writes only resid
     elif out is None:
@@ -400,7 +401,17 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     o = _B[int(out_i32)]
     common = (np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(layer.k_pad))
     if kernel == "gemv":
-        _gemv(layer, x8, sx, out, m, o, cfg, resid)
+        mt = cfg.get("mt", gemv_mt(m))
+        if m > 8 * mt or mt not in GEMV_CFGS:
+            raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
+        few = mt in TUNE["gemv_few"] and R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
+        rw0, u0 = TUNE["gemv_few"][mt] if few else TUNE["gemv"][mt]
+        rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
+        if (rw, u) not in GEMV_CFGS[mt]:
+            raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
+        fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>", _GEMV)
+        fn((-(-R // rw),), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(n),
+                                        *common, np.uint64(0) if resid is None else resid))
         return out
     if kernel == "mma":
         bm = cfg.get("bm", TUNE["mma_bm_small"] if m <= TUNE["mma_small_max_m"] else 128)
@@ -435,23 +446,6 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
                                      np.int32(m), np.int32(n), *common, np.int32(splits)),
        shared_mem=smem)
     return out
-
-
-def _gemv(layer: PackedA8W4, x8, sx, out, m: int, o: str, cfg: dict, resid=None):
-    """Launch gemm_a8w4_gemv (TUNE picks RW and U by M and the row tiles; cfg overrides)."""
-    R, C, Gp = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K, layer.k_pad // layer.group
-    mt = cfg.get("mt", gemv_mt(m))
-    if m > 8 * mt or mt not in GEMV_CFGS:
-        raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
-    few = mt in TUNE["gemv_few"] and R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
-    rw0, u0 = TUNE["gemv_few"][mt] if few else TUNE["gemv"][mt]
-    rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
-    if (rw, u) not in GEMV_CFGS[mt]:
-        raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
-    fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o}>", _GEMV)
-    fn((-(-R // rw),), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(layer.n),
-                                    np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift),
-                                    np.int32(layer.k_pad), np.uint64(0) if resid is None else resid))
 
 
 def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None,
