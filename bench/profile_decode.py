@@ -9,7 +9,8 @@ caches compiled kernels on disk, so a second run shows the warm figures), the gr
 decode speed, and the per-launch breakdown of engine.bench_e2e.graph_breakdown (what
 each launch costs inside a graph; no profiler needed: the device has ncu, no nsys). --ablate
 times the step with each kind of launch left out, which is a kernel's cost in place on the
-critical path; the A/B lines compare PDL, attn_decode's cluster merge and GEMV settings.
+critical path; the A/B lines compare PDL, attn_decode's cluster merge, the quantization folded
+into the GEMVs (model_cuda.FOLD_QUANT) and GEMV settings.
 """
 import argparse
 import contextlib
@@ -66,6 +67,15 @@ def main():
             del c7
         finally:
             model_cuda.decode_cluster = orig_dc
+    if model_cuda.FOLD_QUANT and gm._fold_quant(a.batch):
+        model_cuda.FOLD_QUANT = False
+        try:
+            c8, f8 = _prefilled(gm, mw, a)
+            print(f"A8W4 decode b={a.batch}, quant_rows + silu_mul_quant (not folded into the GEMVs): "
+                  f"{_decode(gm, c8, f8, a)}")
+            del c8
+        finally:
+            model_cuda.FOLD_QUANT = True
     if a.ablate:
         base = _decode(gm, *_prefilled(gm, mw, a), a)
         print(f"A8W4 decode b={a.batch}, everything: {base}")
@@ -108,8 +118,9 @@ def main():
 def _without(gm, kind: str):
     """Leave out every launch whose name contains `kind` (kernel expressions, 'N=<out features>'
     for the linears, 'lm_head', 'sample_rows') while decode steps are run and captured."""
-    orig = (gm._launch, gm._attn, model_cuda.GpuLinear.__call__, model_cuda.matmul_f16,
-            model_cuda.ops_cuda.sample_rows)
+    G = model_cuda.GpuLinear
+    orig = (gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows,
+            G.quant_gemv, G.silu_gemv)
 
     def skip(fn, name_of):
         def wrapped(*args, **kw):
@@ -120,11 +131,13 @@ def _without(gm, kind: str):
     model_cuda.GpuLinear.__call__ = skip(orig[2], lambda self, *r: f"N={self.n}")
     model_cuda.matmul_f16 = skip(orig[3], lambda cp, x, w, out: "lm_head" if w is gm.lm_head else "")
     model_cuda.ops_cuda.sample_rows = skip(orig[4], lambda *r: "sample_rows")
+    G.quant_gemv = skip(orig[5], lambda self, *r: f"N={self.n}")
+    G.silu_gemv = skip(orig[6], lambda self, *r: f"N={self.n}")
     try:
         yield
     finally:
-        (gm._launch, gm._attn, model_cuda.GpuLinear.__call__, model_cuda.matmul_f16,
-         model_cuda.ops_cuda.sample_rows) = orig
+        (gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows,
+         G.quant_gemv, G.silu_gemv) = orig
 
 
 def _prefilled(gm, mw, a):

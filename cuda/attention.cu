@@ -400,13 +400,20 @@ __device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two,
     }
 }
 
+// amax_out (nullable): amax_out[b] = max(itself, max |out| of the warp), as float bits (the row
+// of sequence b is ≥ 0, zeroed by the norm before qkv): the o GEMV quantizes the row with it.
+__device__ __forceinline__ void out_amax(float am, unsigned* amax_out, int b) {
+    am = warp_max(am);
+    if (amax_out && (threadIdx.x & 31) == 0 && am > 0.f) atomicMax(amax_out + b, __float_as_uint(am));
+}
+
 template <typename KV, int CL>
 __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 3 : 4) attn_decode(
         const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
         KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
-        __half* __restrict__ out) {
+        __half* __restrict__ out, unsigned* __restrict__ amax_out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     if (CL > 0) __trap();                       // clusters are sm_90: the launcher never asks here
 #endif
@@ -531,14 +538,18 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
         for (int c = 0; c < CL; ++c) { ms[c] = ld_cluster(&sml[0], c); mxc = fmaxf(mxc, ms[c]); }
 #pragma unroll
         for (int c = 0; c < CL; ++c) { ms[c] = __expf(ms[c] - mxc); lc += ms[c] * ld_cluster(&sml[1], c); }
+        float am = 0.f;
         for (int i = threadIdx.x; i < per; i += blockDim.x) {
             const int e = rank * per + i;
             const float* src = reinterpret_cast<const float*>(sacc) + e;
             float v = 0.f;
 #pragma unroll
             for (int c = 0; c < CL; ++c) v += (ms[c] / lc) * ld_cluster(src, c);
-            out[((size_t)b * Hq + h) * D + e] = __float2half_rn(v);
+            const __half o = __float2half_rn(v);
+            out[((size_t)b * Hq + h) * D + e] = o;
+            am = fmaxf(am, fabsf(__half2float(o)));
         }
+        out_amax(am, amax_out, b);
         cluster_sync();
         return;
     }
@@ -561,10 +572,14 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
     float mx = NEG_INF, l = 0.f;
     for (int s = 0; s < used; ++s) mx = fmaxf(mx, __ldcg(ml + 2 * s));
     for (int s = 0; s < used; ++s) l += __expf(__ldcg(ml + 2 * s) - mx) * __ldcg(ml + 2 * s + 1);
+    float am = 0.f;
     for (int e = threadIdx.x; e < D; e += blockDim.x) {
         float v = 0.f;
 #pragma unroll 4
         for (int s = 0; s < used; ++s) v += (__expf(__ldcg(ml + 2 * s) - mx) / l) * __ldcg(acc + (size_t)s * D + e);
-        out[((size_t)b * Hq + h) * D + e] = __float2half_rn(v);
+        const __half o = __float2half_rn(v);
+        out[((size_t)b * Hq + h) * D + e] = o;
+        am = fmaxf(am, fabsf(__half2float(o)));
     }
+    out_amax(am, amax_out, b);
 }

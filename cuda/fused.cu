@@ -16,12 +16,13 @@
 // grid (M·CL), clusters of CL (cuda/rows.cuh RowTeam), block ≤ 1024. First the residual add
 // h += y when y is given (the o_proj or down_proj output of the step before; nullptr skips
 // it), then x = (h * rstd) * w, quantized (modes 0/1) or stored fp16 (mode 2). One launch
-// instead of an add and a norm.
+// instead of an add and a norm. zero (nullable): zero[row] = 0, the amax slot a later kernel
+// of the sublayer max-reduces into (attn_decode's output, the SiLU GEMV's; model_cuda._fold_quant).
 template <int PER, int CL>
 __global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
 add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const float* __restrict__ w, int H,
                   float eps, int mode, const float* __restrict__ static_scale, signed char* __restrict__ x8,
-                  int ld, float* __restrict__ sx, __half* __restrict__ xh) {
+                  int ld, float* __restrict__ sx, __half* __restrict__ xh, unsigned* __restrict__ zero) {
     RowTeam<CL> team;
     float wv[PER];                  // the norm weight is no kernel's output: read before the PDL wait
 #pragma unroll
@@ -30,6 +31,7 @@ add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const flo
         wv[i] = j < H ? w[j] : 0.f;
     }
     pdl_enter();
+    if (zero && team.tid == 0) zero[team.row] = 0u;
     float* row = h + (size_t)team.row * H;
     const __half* yr = y ? y + (size_t)team.row * H : nullptr;
     float v[PER];
@@ -53,23 +55,22 @@ add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const flo
     team.finish();
 }
 
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
-
 // grid (M·CL), clusters of CL, block ≤ 1024. gu is the fused gate|up GEMM output (M, 2I):
-// m = silu(gate) * up.
+// m = silu(gate) * up. il: gate and up interleaved per 16 columns (8 gate channels, then the
+// same 8 up channels: ops_cuda.interleave_rows), else gate is columns 0..I-1 and up I..2I-1.
 template <int PER, int CL>
 __global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
 silu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __restrict__ static_scale,
-               signed char* __restrict__ x8, int ld, float* __restrict__ sx, __half* __restrict__ mh) {
+               signed char* __restrict__ x8, int ld, float* __restrict__ sx, __half* __restrict__ mh, int il) {
     RowTeam<CL> team;
     pdl_enter();
     const __half* g = gu + (size_t)team.row * 2 * I;
-    const __half* u = g + I;
     float v[PER];
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
         int j = team.tid + i * team.T;
-        v[i] = j < I ? silu_mul(__half2float(g[j]), __half2float(u[j])) : 0.f;
+        const int jg = il ? ((j >> 3) << 4) + (j & 7) : j, ju = il ? jg + 8 : j + I;
+        v[i] = j < I ? silu_mul(__half2float(g[jg]), __half2float(g[ju])) : 0.f;
     }
     store_row(v, I, mode, static_scale, x8, ld, sx, mh, team);
     team.finish();

@@ -57,6 +57,9 @@ __device__ __forceinline__ float block_reduce_once(float v, float* sh) {
 }
 __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
+// SiLU(g)·u of the MLP, one definition for silu_mul_quant and the SiLU GEMV epilogue (bit-equal).
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+
 // Scale for one row from its absmax (dynamic) or the static scale.
 __device__ __forceinline__ float row_scale(int mode, float amax, const float* static_scale) {
     if (mode == MODE_DYNAMIC) return amax > 0.f ? amax / 127.f : 1.f;

@@ -42,6 +42,7 @@ FUSED_EXPRS = tuple(f"{k}<{p}, {cl}>" for k in ROW_KERNELS for cl in ROW_CLUSTER
                     for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS))
 FA_BM, FA_BN = 64, 64       # query rows per block, keys per tile of attn_prefill (cuda/attention.cu)
 KV_TYPES = ("__half", "signed char")       # the cache element types the attention kernels take
+FOLD_QUANT = True           # one-token steps quantize o's and down's inputs in the GEMVs (_fold_quant)
 DECODE_CLUSTERS = (1, 2, 4, 8)   # attn_decode's splits of a head as one cluster (sm_90, nsplit ≤ 8); 0: atomics
 ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in KV_TYPES]
                    + [f"attn_decode<{t}, {cl}>" for t in KV_TYPES for cl in (0,) + DECODE_CLUSTERS]
@@ -61,6 +62,14 @@ def _fuse(qls):
                                out_features=sum(q.out_features for q in qls), group=a.group,
                                qweight=cat("qweight"), qzeros=cat("qzeros"), gscale=cat("gscale"),
                                cscale=cat("cscale"), ascale=a.ascale)
+
+
+def _permute_rows(ql, rows):
+    """The QuantLinear with output rows in the order `rows` (per-row arrays only)."""
+    return formats.QuantLinear(kind=ql.kind, act=ql.act, in_features=ql.in_features,
+                               out_features=ql.out_features, group=ql.group, qweight=ql.qweight[rows],
+                               qzeros=ql.qzeros[rows], gscale=ql.gscale[rows], cscale=ql.cscale[rows],
+                               ascale=ql.ascale)
 
 
 def matmul_f16(cp, x, w, out):
@@ -140,18 +149,23 @@ def attn_prefill(q, kc, vc, ks, vs, out, seq: int, start: int, t: int):
 class GpuLinear:
     """One (possibly fused) linear on the GPU: packed A8W4, or a float16 weight (matmul_f16)."""
 
-    def __init__(self, cp, ws, host_cache: dict | None = None):
+    def __init__(self, cp, ws, host_cache: dict | None = None, interleave: bool = False):
         self.cp = cp
+        self.interleaved = False     # gate|up rows in the SiLU GEMV's order (ops_cuda.interleave_rows)
         if all(isinstance(w, formats.QuantLinear) for w in ws):
             if any(w.kind != "dg" for w in ws):
                 raise BackendError(f"the GPU engine runs dual-grained ('dg') layers; this file holds "
                                    f"'{ws[0].kind}' layers: use --device cpu")
+            self.interleaved = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
+                and ws[0].out_features % 8 == 0
             # Host repacking is the slow part of loading; layers that share arrays (the
             # random bench models) repack once and upload once per layer.
-            key = tuple(id(w) for w in ws)
+            key = tuple(id(w) for w in ws) + (self.interleaved,)
             ph, ql = (host_cache or {}).get(key, (None, None))
             if ph is None:
                 ql = ws[0] if len(ws) == 1 else _fuse(ws)
+                if self.interleaved:
+                    ql = _permute_rows(ql, ops_cuda.interleave_rows(ql.out_features))
                 formats.check_no_overflow(ql)
                 ph = ops_cuda.pack_host(ql)
                 if host_cache is not None:
@@ -181,6 +195,18 @@ class GpuLinear:
         else:
             ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out, resid=resid)
         return out if resid is None else resid
+
+    def quant_gemv(self, x, amax, resid):
+        """resid (1, N) += this layer applied to the float row x (1, K), quantized in the GEMV
+        with max|x| from amax (dynamic) or the static scale (model_cuda._fold_quant)."""
+        dyn = self.mode == MODE["dynamic"]
+        return ops_cuda.gemv_a8w4_quant(x, amax if dyn else self.scale, self.packed,
+                                        "dynamic" if dyn else "static", resid=resid)
+
+    def silu_gemv(self, x8, sx, out, amax):
+        """out (1, N/2) float32 = silu(gate)·up of this interleaved gate|up layer, amax = its
+        max |·| (ops_cuda.gemv_a8w4_silu)."""
+        return ops_cuda.gemv_a8w4_silu(x8, sx, self.packed, out, amax)
 
     def nbytes(self) -> int:
         if self.w16 is not None:
@@ -237,6 +263,8 @@ class _Buffers:
         self.a = cp.zeros((m, c.q_size), f16)
         self.y = cp.zeros((m, h), f16)
         self.gu = cp.zeros((m, 2 * i), f16)
+        self.mf = cp.zeros((m, i), f32)               # silu(gate)·up of the SiLU GEMV (_fold_quant)
+        self.amax = cp.zeros((2, m), cp.uint32)       # max|row| of b.a (o's input) and of mf, float bits
         self.logits = cp.zeros((vocab_rows, c.vocab_size), f16)
 
     def x8(self, m: int, n: int):
@@ -271,7 +299,7 @@ class CudaModel:
             self.layers.append(dict(
                 attn_norm=cp.asarray(L.attn_norm, cp.float32), mlp_norm=cp.asarray(L.mlp_norm, cp.float32),
                 qkv=GpuLinear(cp, [L.q, L.k, L.v], hc), o=GpuLinear(cp, [L.o], hc),
-                gu=GpuLinear(cp, [L.gate, L.up], hc), down=GpuLinear(cp, [L.down], hc)))
+                gu=GpuLinear(cp, [L.gate, L.up], hc, interleave=True), down=GpuLinear(cp, [L.down], hc)))
         del hc
         # widest int8/fp16 activation row: K padded to the GEMM's multiple of the group
         self._wide = max([c.hidden_size, c.intermediate_size, c.q_size] +
@@ -334,45 +362,67 @@ class CudaModel:
         M small enough for the GEMV kernel): the norms after them then skip the add."""
         return m <= ops_cuda.TUNE["gemv_max_m"] and not self._f16_ks
 
+    def _fold_quant(self, m: int) -> bool:
+        """Whether a one-token step drops quant_rows and silu_mul_quant: attn_decode and the SiLU
+        GEMV (gate|up rows interleaved) max-reduce their outputs into b.amax, and the o and down
+        GEMVs quantize their float rows themselves (ops_cuda.gemv_a8w4_quant). Needs
+        _fold_resid, int8 activations for o and down and even K."""
+        return (FOLD_QUANT and m == 1 and self._fold_resid(m) and all(
+            L["gu"].interleaved and L["o"].mode != MODE["fp16"] and L["down"].mode != MODE["fp16"]
+            and L["o"].packed.k % 2 == 0 and L["down"].packed.k % 2 == 0 for L in self.layers))
+
     def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, attend):
         """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h
         (None when the GEMVs added it themselves, see _fold_resid).
 
-        attend(layer, b) reads b.qkv[:m] and the cache, writes the new k, v into the cache and
-        fills b.a[:m] (M, Hq·D) fp16.
+        attend(layer, b, amax) reads b.qkv[:m] and the cache, writes the new k, v into the cache
+        and fills b.a[:m] (M, Hq·D) fp16; with amax (decode, _fold_quant) it also max-reduces
+        |b.a[row]| into amax[row] (float bits).
         """
         c = self.config
         hid, inter = c.hidden_size, c.intermediate_size
         resid = b.h[:m] if self._fold_resid(m) else None
+        fq = self._fold_quant(m)
+        amax_o, amax_d = (b.amax[0, :m], b.amax[1, :m]) if fq else (None, None)
         y = None                # the previous sublayer's output, added to h by the next norm
         for li, L in enumerate(self.layers):
             qkv, o, gu, down = L["qkv"], L["o"], L["gu"], L["down"]
             x8, xh = b.x8(m, qkv.kp), b.xh(m, hid)
-            self._norm(b, m, y, L["attn_norm"], qkv.mode, qkv.scale, x8, qkv.kp, xh)
+            self._norm(b, m, y, L["attn_norm"], qkv.mode, qkv.scale, x8, qkv.kp, xh, zero=amax_o)
             qkv(x8, b.sx[:m], xh, b.qkv[:m])
-            attend(li, b)
+            attend(li, b, amax_o)
             a8, ah = b.x8(m, o.kp), b.a[:m]
-            if o.mode != MODE["fp16"]:
-                self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
-                                                      o.scale, a8, np.int32(o.kp), b.sx))
-            o(a8, b.sx[:m], ah, b.y[:m], resid)
+            if fq:
+                o.quant_gemv(ah, amax_o, resid)
+            else:
+                if o.mode != MODE["fp16"]:
+                    self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
+                                                          o.scale, a8, np.int32(o.kp), b.sx))
+                o(a8, b.sx[:m], ah, b.y[:m], resid)
             y = None if resid is not None else b.y
             x8 = b.x8(m, gu.kp)
-            self._norm(b, m, y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh)
-            gu(x8, b.sx[:m], xh, b.gu[:m])
-            m8, mh = b.x8(m, down.kp), b.xh(m, inter)
-            self._row("silu_mul_quant", m, inter, (b.gu, np.int32(inter), np.int32(down.mode),
-                                                   down.scale, m8, np.int32(down.kp), b.sx, mh))
-            down(m8, b.sx[:m], mh, b.y[:m], resid)
+            self._norm(b, m, y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh, zero=amax_d)
+            if fq:
+                gu.silu_gemv(x8, b.sx[:m], b.mf[:m], amax_d)
+                down.quant_gemv(b.mf[:m], amax_d, resid)
+            else:
+                gu(x8, b.sx[:m], xh, b.gu[:m])
+                m8, mh = b.x8(m, down.kp), b.xh(m, inter)
+                self._row("silu_mul_quant", m, inter, (b.gu, np.int32(inter), np.int32(down.mode),
+                                                       down.scale, m8, np.int32(down.kp), b.sx, mh,
+                                                       np.int32(gu.interleaved)))
+                down(m8, b.sx[:m], mh, b.y[:m], resid)
             y = None if resid is not None else b.y
         return y
 
-    def _norm(self, b: _Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None):
-        """h += y (y None: no add), then RMSNorm(h)·w into x8/sx (modes 0, 1) or xh (fp16)."""
+    def _norm(self, b: _Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None, zero=None):
+        """h += y (y None: no add), then RMSNorm(h)·w into x8/sx (modes 0, 1) or xh (fp16);
+        zero: a (m,) uint32 array the kernel sets to 0 (an amax slot of _fold_quant)."""
         c = self.config
         self._row("add_rmsnorm_quant", m, c.hidden_size,
                   (b.h if h is None else h, np.uint64(0) if y is None else y, w, np.int32(c.hidden_size),
-                   np.float32(c.rms_norm_eps), np.int32(mode), scale, x8, np.int32(ld), b.sx, xh))
+                   np.float32(c.rms_norm_eps), np.int32(mode), scale, x8, np.int32(ld), b.sx, xh,
+                   np.uint64(0) if zero is None else zero))
 
     def _head(self, b: _Buffers, y, rows: slice, nrows: int, lm_head: bool = True):
         """Last residual add, final norm and lm_head for b.h[rows] into b.logits[:nrows] (fp16).
@@ -402,7 +452,7 @@ class CudaModel:
         c = self.config
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
 
-        def attend(li, b):
+        def attend(li, b, amax=None):
             self._attn(f"rope_qkv_cache<{kv_type(cache.k)}>", (t, hq + hkv), (d // 2,),
                        (b.qkv, np.int32(hq), np.int32(hkv), np.int32(d), pos, seqs, self.cos, self.sin,
                         b.q, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li], np.int32(cache.capacity)))
@@ -460,13 +510,13 @@ class CudaModel:
         nsplit = st["nsplit"]
         cl = decode_cluster(nsplit, nb * hq, kernels.device_info()["sm_count"]) if self._clusters else 0
 
-        def attend(li, bb):
+        def attend(li, bb, amax=None):
             # RoPE, cache write, flash-decoding and the merge in one launch (cuda/attention.cu)
             self._attn(f"attn_decode<{kv_type(cache.k)}, {cl}>", (nb, hq, cl or nsplit), (128,),
                        (bb.qkv, self.cos, self.sin, cache.k[li], cache.v[li], cache.ks[li], cache.vs[li],
                         st["lens"], np.int32(hq), np.int32(c.num_key_value_heads), np.int32(d),
                         np.int32(cache.capacity), np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"],
-                        st["counters"], bb.a))
+                        st["counters"], bb.a, np.uint64(0) if amax is None else amax))
 
         self._launch("embed_gather", (nb,), (256,), (self.embed, st["tok"], np.int32(c.hidden_size), b.h))
         y = self._layers(b, nb, cache, attend)

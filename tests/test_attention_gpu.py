@@ -176,12 +176,16 @@ def test_flash_decoding_matches_float64(d, rep, kv8):
     for cl in clusters:
         for _ in range(2):
             out = cp.full((b, hq * d), np.nan, cp.float16)
+            amax = cp.zeros((b,), cp.uint32)
             function("attention.cu", f"attn_decode<{kv_type(kc)}, {cl}>", ATTN_EXPRS)(
                 (b, hq, cl or nsplit), (128,), (cp.asarray(qkv), cp.asarray(cos_t), cp.asarray(sin_t), kc, vc,
                                                 ksd, vsd, cp.asarray(lens), np.int32(hq), np.int32(HKV),
                                                 np.int32(d), np.int32(cap), np.float32(1 / np.sqrt(d)), ml, acc,
-                                                counters, out))
+                                                counters, out, amax))
             outs.append(out.get())
+            # the row's absmax, for the o GEMV that quantizes it (model_cuda._fold_quant)
+            np.testing.assert_array_equal(amax.get().view(np.float32),
+                                          np.abs(outs[-1].astype(np.float32)).max(axis=1))
     assert not counters.any()
     for got in outs[1:]:                     # repeatable, and the same bits whichever merge ran
         np.testing.assert_array_equal(got, outs[0])

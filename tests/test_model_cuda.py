@@ -167,11 +167,14 @@ def test_row_kernels_match_numpy(width, mode, cl):
     ld = width + 64
     sc = cp.asarray([scale], cp.float32)
 
-    def run(name, args):
+    zero = cp.full((m,), 5, cp.uint32)
+
+    def run(name, args, extra=()):
         x8 = cp.full((m, ld), 7, cp.int8)
         sx = cp.zeros((m,), cp.float32)
         xh = cp.zeros((m, width), cp.float16)
         tail = (np.int32(MODE[mode]), sc, x8, np.int32(ld), sx) + ((xh,) if name != "quant_rows" else ())
+        tail += extra
         expr, threads = row_launch(name, width, cl)
         function("fused.cu", expr, FUSED_EXPRS)((m * cl,), (threads,), args + tail)
         return x8.get(), sx.get(), xh.get()
@@ -190,13 +193,20 @@ def test_row_kernels_match_numpy(width, mode, cl):
     for with_y in (False, True):
         hd = cp.asarray(h)
         got = run("add_rmsnorm_quant", (hd, cp.asarray(y) if with_y else np.uint64(0), cp.asarray(w),
-                                        np.int32(width), np.float32(eps)))
+                                        np.int32(width), np.float32(eps)),
+                  (zero,) if with_y else (np.uint64(0),))
+        if with_y:
+            assert not zero.any()                                 # the amax slots of _fold_quant
         hh = h + y.astype(np.float32) if with_y else h
         np.testing.assert_allclose(hd.get(), hh, rtol=1e-6)      # the add is written back
         want = hh / np.sqrt((hh * hh).mean(1, keepdims=True) + eps) * w
         check(got, want, 2e-3)
     g, u = gu[:, :width].astype(np.float32), gu[:, width:].astype(np.float32)
-    check(run("silu_mul_quant", (cp.asarray(gu), np.int32(width))), g / (1 + np.exp(-g)) * u, 2e-3)
+    check(run("silu_mul_quant", (cp.asarray(gu), np.int32(width)), (np.int32(0),)), g / (1 + np.exp(-g)) * u, 2e-3)
+    if width % 8 == 0:              # gate|up interleaved per 16 columns (ops_cuda.interleave_rows)
+        from engine.ops_cuda import interleave_rows
+        gi = cp.asarray(np.ascontiguousarray(gu[:, interleave_rows(2 * width)]))
+        check(run("silu_mul_quant", (gi, np.int32(width)), (np.int32(1),)), g / (1 + np.exp(-g)) * u, 2e-3)
     if mode != "fp16":
         check(run("quant_rows", (cp.asarray(y), np.int32(width))), y.astype(np.float32), 1e-6)
 
@@ -245,3 +255,30 @@ def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
                 assert len(calls) >= 6 * mw.config.num_hidden_layers, len(calls)   # 4 GEMVs, attention, silu a layer
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_fold_quant_equals_row_kernels(monkeypatch, act):
+    """A one-token decode step with quant_rows and silu_mul_quant folded into the GEMVs
+    (model_cuda._fold_quant: attn_decode and the SiLU GEMV max-reduce their rows, o and down
+    quantize them on load) gives the bits of the step with the row kernels, graphed and
+    eager, prefill and decode alike (gate|up interleaved in both)."""
+    from engine import model_cuda
+    from engine.model_cuda import CudaModel
+    mw = quantized_tiny(act, seed=6, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
+                        hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
+                        max_position_embeddings=256)
+    gm = CudaModel(mw)
+    assert all(L["gu"].interleaved for L in gm.layers) and gm._fold_quant(1) and not gm._fold_quant(2)
+    prompt = np.arange(5, 120) % mw.config.vocab_size
+    runs = []
+    for fold in (True, False):
+        monkeypatch.setattr(model_cuda, "FOLD_QUANT", fold)
+        for graph in (True, False):
+            cache = gm.new_cache(256)
+            pre = gm.prefill(prompt, cache).get()
+            toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 24, graph)[:, 0]
+            runs.append((pre, toks, cache.step["bufs"].logits[:1].get(), cache.k.get()))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
