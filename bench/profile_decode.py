@@ -68,18 +68,21 @@ def main():
         finally:
             model_cuda.decode_cluster = orig_dc
     if model_cuda.FOLD_QUANT and gm._fold_quant(a.batch):
-        model_cuda.FOLD_QUANT = False
-        try:
-            c8, f8 = _prefilled(gm, mw, a)
-            print(f"A8W4 decode b={a.batch}, quant_rows + silu_mul_quant (not folded into the GEMVs): "
-                  f"{_decode(gm, c8, f8, a)}")
-            del c8
-        finally:
-            model_cuda.FOLD_QUANT = True
+        saved = model_cuda.QUANT_IN_GEMV
+        other = "quant_amax launches for o's and down's inputs" if saved else "o and down quantizing on load"
+        for fold, in_gemv, what in ((True, not saved, other),
+                                    (False, saved, "quant_rows + silu_mul_quant (nothing folded)")):
+            model_cuda.FOLD_QUANT, model_cuda.QUANT_IN_GEMV = fold, in_gemv
+            try:
+                c8, f8 = _prefilled(gm, mw, a)
+                print(f"A8W4 decode b={a.batch}, {what}: {_decode(gm, c8, f8, a)}")
+                del c8
+            finally:
+                model_cuda.FOLD_QUANT, model_cuda.QUANT_IN_GEMV = True, saved
     if a.ablate:
         base = _decode(gm, *_prefilled(gm, mw, a), a)
         print(f"A8W4 decode b={a.batch}, everything: {base}")
-        for kind in ("attn_decode", "add_rmsnorm_quant", "quant_rows", "silu_mul_quant", "N=22016", "N=12288",
+        for kind in ("attn_decode", "add_rmsnorm_quant", "quant_rows", "silu_mul_quant", "quant_amax", "N=22016", "N=12288",
                      "N=4096", "lm_head", "sample_rows"):
             with _without(gm, kind):
                 print(f"A8W4 decode b={a.batch}, without {kind}: {_decode(gm, *_prefilled(gm, mw, a), a)}")

@@ -95,6 +95,31 @@ quant_rows(const __half* __restrict__ x, int K, int mode, const float* __restric
     team.finish();
 }
 
+// grid (⌈ld / 1024⌉, M), block 256. Quantize rows whose absmax is already known (the batch-1
+// decode step: attn_decode and the SiLU GEMV max-reduce their outputs, model_cuda._fold_quant):
+// x8[m, j] = quant1(x[m, j], s) for j < K, 0 for K ≤ j < ld, sx[m] = s, with s from
+// scale[m] = max|x[m]| as float bits (mode 1) or the static scale[0] (mode 0). No reduction,
+// so a row spreads over many blocks and costs one memory round trip. ld % 4 == 0.
+template <typename T>
+__global__ void __launch_bounds__(256) quant_amax(const T* __restrict__ x, int K, int mode,
+                                                  const float* __restrict__ scale, signed char* __restrict__ x8,
+                                                  int ld, float* __restrict__ sx) {
+    pdl_enter();
+    const int m = blockIdx.y;
+    const float s = mode == MODE_DYNAMIC ? row_scale(MODE_DYNAMIC, scale[m], nullptr) : scale[0];
+    if (blockIdx.x == 0 && threadIdx.x == 0) sx[m] = s;
+    const int j = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (j >= ld) return;
+    const T* row = x + (size_t)m * K;
+    float v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = j + i < K ? (float)row[j + i] : 0.f;
+    unsigned w = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w |= (unsigned)(unsigned char)quant1(v[i], s) << (8 * i);
+    *reinterpret_cast<unsigned*>(x8 + (size_t)m * ld + j) = w;
+}
+
 // grid (M), block 256. h[m] = embed[tok[m]] (fp16 table, fp32 residual stream).
 extern "C" __global__ void embed_gather(const __half* __restrict__ emb, const int* __restrict__ tok, int H,
                                         float* __restrict__ h) {

@@ -39,10 +39,11 @@ ROW_CTA_WIDTH = 4096             # on sm_90, a row wider than this is split over
 ROW_CTA_WIDTH_BY_KERNEL = {"silu_mul_quant": 2048}   # 11008 wide: 8 CTAs 3.4 µs, 4 CTAs 3.8 µs
 ROW_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows")
 FUSED_EXPRS = tuple(f"{k}<{p}, {cl}>" for k in ROW_KERNELS for cl in ROW_CLUSTERS
-                    for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS))
+                    for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS)) + ("quant_amax<float>", "quant_amax<__half>")
 FA_BM, FA_BN = 64, 64       # query rows per block, keys per tile of attn_prefill (cuda/attention.cu)
 KV_TYPES = ("__half", "signed char")       # the cache element types the attention kernels take
-FOLD_QUANT = True           # one-token steps quantize o's and down's inputs in the GEMVs (_fold_quant)
+FOLD_QUANT = True           # one-token steps: SiLU in the gate|up GEMV, no absmax reductions (_fold_quant)
+QUANT_IN_GEMV = True        # ... and o, down quantize their float rows on load (else quant_amax launches)
 DECODE_CLUSTERS = (1, 2, 4, 8)   # attn_decode's splits of a head as one cluster (sm_90, nsplit ≤ 8); 0: atomics
 ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in KV_TYPES]
                    + [f"attn_decode<{t}, {cl}>" for t in KV_TYPES for cl in (0,) + DECODE_CLUSTERS]
@@ -392,8 +393,11 @@ class CudaModel:
             qkv(x8, b.sx[:m], xh, b.qkv[:m])
             attend(li, b, amax_o)
             a8, ah = b.x8(m, o.kp), b.a[:m]
-            if fq:
+            if fq and QUANT_IN_GEMV:
                 o.quant_gemv(ah, amax_o, resid)
+            elif fq:
+                self._quant_amax(b.a, m, c.q_size, o, amax_o, a8, b.sx)
+                o(a8, b.sx[:m], ah, b.y[:m], resid)
             else:
                 if o.mode != MODE["fp16"]:
                     self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
@@ -404,7 +408,12 @@ class CudaModel:
             self._norm(b, m, y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh, zero=amax_d)
             if fq:
                 gu.silu_gemv(x8, b.sx[:m], b.mf[:m], amax_d)
-                down.quant_gemv(b.mf[:m], amax_d, resid)
+                if QUANT_IN_GEMV:
+                    down.quant_gemv(b.mf[:m], amax_d, resid)
+                else:
+                    m8 = b.x8(m, down.kp)
+                    self._quant_amax(b.mf, m, inter, down, amax_d, m8, b.sx)
+                    down(m8, b.sx[:m], None, b.y[:m], resid)
             else:
                 gu(x8, b.sx[:m], xh, b.gu[:m])
                 m8, mh = b.x8(m, down.kp), b.xh(m, inter)
@@ -414,6 +423,14 @@ class CudaModel:
                 down(m8, b.sx[:m], mh, b.y[:m], resid)
             y = None if resid is not None else b.y
         return y
+
+    def _quant_amax(self, x, m: int, k: int, lin: GpuLinear, amax, x8, sx):
+        """x8 (m, lin.kp), sx = the rows x[:m, :k] quantized for lin, their absmax known (amax)."""
+        kind = "float" if x.dtype == np.float32 else "__half"
+        dyn = lin.mode == MODE["dynamic"]
+        self._launch(f"quant_amax<{kind}>", (-(-lin.kp // 1024), m), (256,),
+                     (x, np.int32(k), np.int32(lin.mode), amax if dyn else lin.scale, x8, np.int32(lin.kp),
+                      sx))
 
     def _norm(self, b: _Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None, zero=None):
         """h += y (y None: no add), then RMSNorm(h)·w into x8/sx (modes 0, 1) or xh (fp16);

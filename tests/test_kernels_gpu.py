@@ -512,7 +512,13 @@ def test_gemv_silu_then_quant_equals_row_kernel_path(inter, k):
     ops_cuda.gemv_a8w4_quant(mf, amax, down, "dynamic", resid=h)
     np.testing.assert_array_equal(h.get(), want.get())
     np.testing.assert_array_equal(m8.get()[0, :inter],                       # same int8 row, same scale
-                                  formats.quantize_act_ref(mf.get(), msx.get()))
+                                  formats.quantize_act_ref(mf.get(), msx.get())[0])
+    q8, qsx = cp.full((1, down.k_pad), 9, cp.int8), cp.zeros((1,), cp.float32)   # quant_amax: the same
+    function("fused.cu", "quant_amax<float>", FUSED_EXPRS)((-(-down.k_pad // 1024), 1), (256,),
+                                                          (mf, np.int32(inter), np.int32(MODE["dynamic"]), amax,
+                                                           q8, np.int32(down.k_pad), qsx))
+    np.testing.assert_array_equal(q8.get(), m8.get())
+    np.testing.assert_array_equal(qsx.get(), msx.get())
 
 
 @gpu
