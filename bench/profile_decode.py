@@ -9,8 +9,8 @@ caches compiled kernels on disk, so a second run shows the warm figures), the gr
 decode speed, and the per-launch breakdown of engine.bench_e2e.graph_breakdown (what
 each launch costs inside a graph; no profiler needed: the device has ncu, no nsys). --ablate
 times the step with each kind of launch left out, which is a kernel's cost in place on the
-critical path; the A/B lines compare PDL, attn_decode's cluster merge, the quantization folded
-into the GEMVs (model_cuda.FOLD_QUANT) and GEMV settings.
+critical path; the A/B lines compare PDL, attn_decode's cluster merge, the SiLU GEMV with
+quant_amax against silu_mul_quant and quant_rows (model_cuda.FOLD_QUANT) and GEMV settings.
 """
 import argparse
 import contextlib
@@ -68,17 +68,13 @@ def main():
         finally:
             model_cuda.decode_cluster = orig_dc
     if model_cuda.FOLD_QUANT and gm._fold_quant(a.batch):
-        saved = model_cuda.QUANT_IN_GEMV
-        other = "quant_amax launches for o's and down's inputs" if saved else "o and down quantizing on load"
-        for fold, in_gemv, what in ((True, not saved, other),
-                                    (False, saved, "quant_rows + silu_mul_quant (nothing folded)")):
-            model_cuda.FOLD_QUANT, model_cuda.QUANT_IN_GEMV = fold, in_gemv
-            try:
-                c8, f8 = _prefilled(gm, mw, a)
-                print(f"A8W4 decode b={a.batch}, {what}: {_decode(gm, c8, f8, a)}")
-                del c8
-            finally:
-                model_cuda.FOLD_QUANT, model_cuda.QUANT_IN_GEMV = True, saved
+        model_cuda.FOLD_QUANT = False
+        try:
+            c8, f8 = _prefilled(gm, mw, a)
+            print(f"A8W4 decode b={a.batch}, quant_rows + silu_mul_quant (not folded): {_decode(gm, c8, f8, a)}")
+            del c8
+        finally:
+            model_cuda.FOLD_QUANT = True
     if a.ablate:
         base = _decode(gm, *_prefilled(gm, mw, a), a)
         print(f"A8W4 decode b={a.batch}, everything: {base}")
@@ -123,7 +119,7 @@ def _without(gm, kind: str):
     for the linears, 'lm_head', 'sample_rows') while decode steps are run and captured."""
     G = model_cuda.GpuLinear
     orig = (gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows,
-            G.quant_gemv, G.silu_gemv)
+            G.silu_gemv)
 
     def skip(fn, name_of):
         def wrapped(*args, **kw):
@@ -134,13 +130,12 @@ def _without(gm, kind: str):
     model_cuda.GpuLinear.__call__ = skip(orig[2], lambda self, *r: f"N={self.n}")
     model_cuda.matmul_f16 = skip(orig[3], lambda cp, x, w, out: "lm_head" if w is gm.lm_head else "")
     model_cuda.ops_cuda.sample_rows = skip(orig[4], lambda *r: "sample_rows")
-    G.quant_gemv = skip(orig[5], lambda self, *r: f"N={self.n}")
-    G.silu_gemv = skip(orig[6], lambda self, *r: f"N={self.n}")
+    G.silu_gemv = skip(orig[5], lambda self, *r: f"N={self.n}")
     try:
         yield
     finally:
         (gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows,
-         G.quant_gemv, G.silu_gemv) = orig
+         G.silu_gemv) = orig
 
 
 def _prefilled(gm, mw, a):

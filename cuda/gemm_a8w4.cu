@@ -23,19 +23,14 @@
 //   With resid, y is added to the float32 residual stream instead of stored,
 //   resid[m,n] += float(fp16(y[m,n])) (the add of add_rmsnorm_quant, which the
 //   decode step folds in here up to 16 rows: the norm after it skips the add).
-//   Two variants take the row kernels around a batch-1 decode step's MLP and o
-//   (engine/model_cuda.py _fold_quant), MT = 1 and RW = 1 only:
-//   - XQ = XQ_F32 / XQ_F16: x is a float32 / fp16 row (ldx = its stride, xk valid
-//     values, zeros past), quantized here by the rule of cuda/rows.cuh with the
-//     scale from sx: mode dynamic, sx[0] holds max|x| (a producer's atomicMax),
-//     static, sx[0] is the scale. Lane L quantizes values 2L, 2L+1 of a chunk and
-//     shuffles build each lane's fragment words: 32 lanes share the work that
-//     otherwise one lane per token would do (M = 1: four lanes).
-//   - SILU: the layer's rows are gate|up interleaved per 16-row tile (rows 0-7 gate
-//     channels 8r..8r+7, rows 8-15 the same up channels, ops_cuda.interleave_rows),
-//     so one thread holds both halves of a channel: out (M, N/2) float32 receives
-//     silu(gate)·up, from the fp16-rounded gate and up as silu_mul_quant reads them,
-//     and amax_out[m] the atomic max of |out| (zeroed by the norm before this GEMV).
+//   SILU (batch-1 decode, engine/model_cuda.py _fold_quant; MT = RW = 1): the
+//   layer's rows are gate|up interleaved per 16-row tile (rows 0-7 gate channels
+//   8r..8r+7, rows 8-15 the same up channels, ops_cuda.interleave_rows), so one
+//   thread holds both halves of a channel: out (M, N/2) float32 receives
+//   silu(gate)·up, from the fp16-rounded gate and up as silu_mul_quant reads them,
+//   and amax_out[m] the atomic max of |out| (zeroed by the norm before this GEMV),
+//   which quant_amax (cuda/fused.cu) then quantizes with: no row reduction, no
+//   silu_mul_quant launch.
 //
 // gemm_a8w4_mma<BM, STAGES, OUT_I32> — prefill, M > 16, any sm_80+ GPU.
 //   Block tile BM tokens x 128 output channels x 128 k, 8 warps as 2 (M) x 4
@@ -57,32 +52,17 @@ struct GemvBatch {           // one batch of U chunks per warp, held in register
     u32 xb[U][MT][4];
 };
 
-#define XQ_I8 0
-#define XQ_F32 1
-#define XQ_F16 2
-
-// One activation of a float row quantized as quant1(x, s) (cuda/rows.cuh) with r = 1/s: x·r is
-// within 2^-15 of x/s for |x/s| ≤ 128 (two roundings of 2^-24 each), so the two round to the
-// same integer unless x·r lies within 2^-14 of a half-integer; there (about one value in
-// 8000) and when 1/s overflows the IEEE quotient decides. Bit-exact to quant1, one multiply.
-__device__ __forceinline__ u32 quant_fast(float x, float s, float r, bool exact) {
-    float y = x * r;
-    if (exact || fabsf(fabsf(y - truncf(y)) - 0.5f) < 1.0e-4f) y = __fdiv_rn(x, s);
-    return (u32)(unsigned char)(signed char)max(-QMAX, min(QMAX, __float2int_rn(y)));
-}
-
 // The SiLU epilogue's extra registers would drop gate|up (U = 2, 64 registers, 4 blocks an SM)
 // to 3 blocks an SM: its bound keeps 4.
-template <int MT, int RW, int U, bool OUT_I32, int XQ = XQ_I8, bool SILU = false>
+template <int MT, int RW, int U, bool OUT_I32, bool SILU = false>
 __global__ void __launch_bounds__(256, SILU && U == 2 ? 4 : 0) gemm_a8w4_gemv(
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
     int M, int N, int R, int C, int Gp, int gshift, int ldx, float* __restrict__ resid,
-    int xmode, int xk, unsigned* __restrict__ amax_out) {
+    unsigned* __restrict__ amax_out) {
     constexpr int NW = 8;
     static_assert(RW * MT <= 8, "reduction buffer must stay within 32 KB of static shared memory");
-    static_assert((XQ == XQ_I8 && !SILU) || (MT == 1 && RW == 1 && !OUT_I32),
-                  "the quantizing and SiLU variants run M <= 8, one row tile a block, fp16 math");
+    static_assert(!SILU || (MT == 1 && RW == 1 && !OUT_I32), "the SiLU variant runs M <= 8, one row tile a block");
     __shared__ int red[NW][RW * MT * 4][32];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -137,71 +117,28 @@ __global__ void __launch_bounds__(256, SILU && U == 2 ? 4 : 0) gemm_a8w4_gemv(
         }
     };
     auto load_x = [&](int c0, GemvBatch<MT, RW, U>& b) {
-        if constexpr (XQ != XQ_I8) {     // the raw pair k = 64c + 2·lane, +1 of token 0 (M = 1)
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int k = (c0 + NW * u) * DGQ_CHUNK_K + 2 * lane;
-                b.xb[u][0][0] = b.xb[u][0][1] = 0u;
-                if (k < xk) {
-                    if (XQ == XQ_F32) {
-                        const float2 v = *reinterpret_cast<const float2*>(reinterpret_cast<const float*>(x8) + k);
-                        b.xb[u][0][0] = __float_as_uint(v.x);
-                        b.xb[u][0][1] = __float_as_uint(v.y);
-                    } else {
-                        b.xb[u][0][0] = *reinterpret_cast<const u32*>(reinterpret_cast<const __half*>(x8) + k);
-                    }
-                }
-            }
-        } else {
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + NW * u;
+            const bool ok = c < C;
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int c = c0 + NW * u;
-                const bool ok = c < C;
-#pragma unroll
-                for (int j = 0; j < MT; ++j) {
-                    if (ok && mok[j]) {
-                        const i8* xp = xbase[j] + c * DGQ_CHUNK_K;
-                        b.xb[u][j][0] = ldg_u32(xp);
-                        b.xb[u][j][1] = ldg_u32(xp + 16);
-                        b.xb[u][j][2] = ldg_u32(xp + 32);
-                        b.xb[u][j][3] = ldg_u32(xp + 48);
-                    } else {
-                        b.xb[u][j][0] = b.xb[u][j][1] = b.xb[u][j][2] = b.xb[u][j][3] = 0u;
-                    }
+            for (int j = 0; j < MT; ++j) {
+                if (ok && mok[j]) {
+                    const i8* xp = xbase[j] + c * DGQ_CHUNK_K;
+                    b.xb[u][j][0] = ldg_u32(xp);
+                    b.xb[u][j][1] = ldg_u32(xp + 16);
+                    b.xb[u][j][2] = ldg_u32(xp + 32);
+                    b.xb[u][j][3] = ldg_u32(xp + 48);
+                } else {
+                    b.xb[u][j][0] = b.xb[u][j][1] = b.xb[u][j][2] = b.xb[u][j][3] = 0u;
                 }
             }
         }
     };
-    float xs = 1.f, xr = 1.f;            // XQ: the row's scale and its reciprocal (after the wait)
-    bool xexact = false;
     auto compute = [&](int c0, const GemvBatch<MT, RW, U>& b) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (c0 + NW * u >= C) break;  // warp-uniform
-            u32 xq[MT][4];
-            if constexpr (XQ != XQ_I8) {
-                // lane L holds k = 2L, 2L+1 as two int8 in a half word; lane (g, t) gathers
-                // k = 4t.., 16+4t.., 32+4t.., 48+4t.. (4 bytes each) from lanes 2t, 2t+1 (+8, 16, 24)
-                float v0, v1;
-                if (XQ == XQ_F32) {
-                    v0 = __uint_as_float(b.xb[u][0][0]);
-                    v1 = __uint_as_float(b.xb[u][0][1]);
-                } else {
-                    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&b.xb[u][0][0]));
-                    v0 = f.x;
-                    v1 = f.y;
-                }
-                const u32 pr = quant_fast(v0, xs, xr, xexact) | (quant_fast(v1, xs, xr, xexact) << 8);
-#pragma unroll
-                for (int w = 0; w < 4; ++w)
-                    xq[0][w] = __byte_perm(__shfl_sync(0xffffffffu, pr, 8 * w + 2 * t),
-                                           __shfl_sync(0xffffffffu, pr, 8 * w + 2 * t + 1), 0x5410);
-            } else {
-#pragma unroll
-                for (int j = 0; j < MT; ++j)
-#pragma unroll
-                    for (int w = 0; w < 4; ++w) xq[j][w] = b.xb[u][j][w];
-            }
 #pragma unroll
             for (int r = 0; r < RW; ++r) {
                 DqConst lo, hi;
@@ -210,11 +147,11 @@ __global__ void __launch_bounds__(256, SILU && U == 2 ? 4 : 0) gemm_a8w4_gemv(
                 dq_word(b.wv[u][r].x, lo, a0, a2);   // rows g,   k-step 0
                 dq_word(b.wv[u][r].y, hi, a1, a3);   // rows g+8, k-step 0
 #pragma unroll
-                for (int j = 0; j < MT; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, xq[j][0], xq[j][1]);
+                for (int j = 0; j < MT; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, b.xb[u][j][0], b.xb[u][j][1]);
                 dq_word(b.wv[u][r].z, lo, a0, a2);   // k-step 1
                 dq_word(b.wv[u][r].w, hi, a1, a3);
 #pragma unroll
-                for (int j = 0; j < MT; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, xq[j][2], xq[j][3]);
+                for (int j = 0; j < MT; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, b.xb[u][j][2], b.xb[u][j][3]);
             }
         }
     };
@@ -253,13 +190,8 @@ __global__ void __launch_bounds__(256, SILU && U == 2 ? 4 : 0) gemm_a8w4_gemv(
         if (SILU) s8u = s8[en + 8];
     }
     pdl_enter();
-    if constexpr (XQ != XQ_I8) {
-        xs = xmode == MODE_DYNAMIC ? row_scale(MODE_DYNAMIC, sx[0], nullptr) : sx[0];
-        xr = 1.f / xs;
-        xexact = !(xr <= 3.0e38f);
-    }
     if (elive) {
-        sxp = XQ != XQ_I8 ? xs : sx[em];
+        sxp = sx[em];
         if (resid) hp = resid[(size_t)em * N + en];
     }
     load_x(warp, b0);
@@ -311,7 +243,7 @@ __global__ void __launch_bounds__(256, SILU && U == 2 ? 4 : 0) gemm_a8w4_gemv(
                 if (OUT_I32) {
                     static_cast<int*>(out)[(size_t)m * N + n] = v;
                 } else {
-                    const u16 y = f32_to_f16_bits(dg_epilogue(v, EPI1 ? sxp : XQ != XQ_I8 ? xs : sx[m], EPI1 ? s8p : s8[n]));
+                    const u16 y = f32_to_f16_bits(dg_epilogue(v, EPI1 ? sxp : sx[m], EPI1 ? s8p : s8[n]));
                     const size_t o = (size_t)m * N + n;
                     if (resid) resid[o] = (EPI1 ? hp : resid[o]) + __half2float(__ushort_as_half(y));
                     else static_cast<u16*>(out)[o] = y;

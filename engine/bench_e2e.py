@@ -247,13 +247,9 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         return orig_mm(*args)
 
     G = model_cuda.GpuLinear
-    orig_q, orig_s = G.quant_gemv, G.silu_gemv
+    orig_s = G.silu_gemv
 
-    def qcall(self, *args):                  # the GEMVs of _fold_quant: o and down, gate|up
-        calls.append((f"gemm_a8w4+quant+resid N={self.n}", lambda: orig_q(self, *args)))
-        return orig_q(self, *args)
-
-    def scall(self, *args):
+    def scall(self, *args):                  # gate|up with SiLU in its epilogue (_fold_quant)
         calls.append((f"gemm_a8w4+silu N={self.n}", lambda: orig_s(self, *args)))
         return orig_s(self, *args)
 
@@ -266,14 +262,14 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
     gm._launch, gm._attn = recorder(orig_launch), recorder(orig_attn)
     model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = call, mm
     model_cuda.ops_cuda.sample_rows = sample
-    G.quant_gemv, G.silu_gemv = qcall, scall
+    G.silu_gemv = scall
     try:
         gm._decode_step(cache, cache.step)
     finally:
         gm._launch, gm._attn = orig_launch, orig_attn
         model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = orig_call, orig_mm
         model_cuda.ops_cuda.sample_rows = orig_sample
-        G.quant_gemv, G.silu_gemv = orig_q, orig_s
+        G.silu_gemv = orig_s
     cp.cuda.Device().synchronize()
     restore()
     groups: dict = {}

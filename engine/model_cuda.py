@@ -43,7 +43,6 @@ FUSED_EXPRS = tuple(f"{k}<{p}, {cl}>" for k in ROW_KERNELS for cl in ROW_CLUSTER
 FA_BM, FA_BN = 64, 64       # query rows per block, keys per tile of attn_prefill (cuda/attention.cu)
 KV_TYPES = ("__half", "signed char")       # the cache element types the attention kernels take
 FOLD_QUANT = True           # one-token steps: SiLU in the gate|up GEMV, no absmax reductions (_fold_quant)
-QUANT_IN_GEMV = True        # ... and o, down quantize their float rows on load (else quant_amax launches)
 DECODE_CLUSTERS = (1, 2, 4, 8)   # attn_decode's splits of a head as one cluster (sm_90, nsplit ≤ 8); 0: atomics
 ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in KV_TYPES]
                    + [f"attn_decode<{t}, {cl}>" for t in KV_TYPES for cl in (0,) + DECODE_CLUSTERS]
@@ -196,13 +195,6 @@ class GpuLinear:
         else:
             ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out, resid=resid)
         return out if resid is None else resid
-
-    def quant_gemv(self, x, amax, resid):
-        """resid (1, N) += this layer applied to the float row x (1, K), quantized in the GEMV
-        with max|x| from amax (dynamic) or the static scale (model_cuda._fold_quant)."""
-        dyn = self.mode == MODE["dynamic"]
-        return ops_cuda.gemv_a8w4_quant(x, amax if dyn else self.scale, self.packed,
-                                        "dynamic" if dyn else "static", resid=resid)
 
     def silu_gemv(self, x8, sx, out, amax):
         """out (1, N/2) float32 = silu(gate)·up of this interleaved gate|up layer, amax = its
@@ -364,13 +356,14 @@ class CudaModel:
         return m <= ops_cuda.TUNE["gemv_max_m"] and not self._f16_ks
 
     def _fold_quant(self, m: int) -> bool:
-        """Whether a one-token step drops quant_rows and silu_mul_quant: attn_decode and the SiLU
-        GEMV (gate|up rows interleaved) max-reduce their outputs into b.amax, and the o and down
-        GEMVs quantize their float rows themselves (ops_cuda.gemv_a8w4_quant). Needs
-        _fold_resid, int8 activations for o and down and even K."""
+        """Whether a one-token step drops silu_mul_quant and the absmax reductions of
+        silu_mul_quant and quant_rows: the SiLU GEMV (gate|up rows interleaved) writes
+        silu(gate)·up and its absmax, attn_decode the absmax of its output row, and quant_amax
+        launches quantize both rows for down and o. Needs _fold_resid and int8 activations
+        for o and down."""
         return (FOLD_QUANT and m == 1 and self._fold_resid(m) and all(
             L["gu"].interleaved and L["o"].mode != MODE["fp16"] and L["down"].mode != MODE["fp16"]
-            and L["o"].packed.k % 2 == 0 and L["down"].packed.k % 2 == 0 for L in self.layers))
+            for L in self.layers))
 
     def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, attend):
         """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h
@@ -393,9 +386,7 @@ class CudaModel:
             qkv(x8, b.sx[:m], xh, b.qkv[:m])
             attend(li, b, amax_o)
             a8, ah = b.x8(m, o.kp), b.a[:m]
-            if fq and QUANT_IN_GEMV:
-                o.quant_gemv(ah, amax_o, resid)
-            elif fq:
+            if fq:
                 self._quant_amax(b.a, m, c.q_size, o, amax_o, a8, b.sx)
                 o(a8, b.sx[:m], ah, b.y[:m], resid)
             else:
@@ -408,12 +399,9 @@ class CudaModel:
             self._norm(b, m, y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh, zero=amax_d)
             if fq:
                 gu.silu_gemv(x8, b.sx[:m], b.mf[:m], amax_d)
-                if QUANT_IN_GEMV:
-                    down.quant_gemv(b.mf[:m], amax_d, resid)
-                else:
-                    m8 = b.x8(m, down.kp)
-                    self._quant_amax(b.mf, m, inter, down, amax_d, m8, b.sx)
-                    down(m8, b.sx[:m], None, b.y[:m], resid)
+                m8 = b.x8(m, down.kp)
+                self._quant_amax(b.mf, m, inter, down, amax_d, m8, b.sx)
+                down(m8, b.sx[:m], None, b.y[:m], resid)
             else:
                 gu(x8, b.sx[:m], xh, b.gu[:m])
                 m8, mh = b.x8(m, down.kp), b.xh(m, inter)

@@ -17,7 +17,6 @@ Public API (all arrays CuPy unless noted):
   gemm_a8w4(x8, sx, layer, kernel=)        -> y (M, N) fp16
   gemm_a8w4_acc(x8, layer, kernel=)        -> acc (M, N) int32   (tests)
   linear_a8w4(x, layer)                    -> y (M, N) fp16   (quantize + GEMM)
-  gemv_a8w4_quant(x, scale, layer, mode)   -> y (1, N) fp16 from a float row (quantized in the GEMV)
   gemv_a8w4_silu(x8, sx, layer, out, amax) -> out (1, N/2) f32 = silu(gate)·up, amax (gate|up rows
                                               interleaved by interleave_rows at load)
   sample_rows(logits, params, seq, pos, out, lens=, rows=)  out (B,) int32 ids  (sample_params packs)
@@ -202,12 +201,10 @@ WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WP
 )   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
 
 _B = ("false", "true")
-XQ = {"i8": 0, "f32": 1, "f16": 2}                       # the GEMV's x (cuda/gemm_a8w4.cu XQ_*)
-GEMV_FUSED_U = (2, 3)                                     # U of the quantizing / SiLU GEMVs (RW = MT = 1)
-_GEMV = (tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},0,false>" for mt, cfgs in GEMV_CFGS.items()
+GEMV_SILU_U = (2, 3)                                      # U of the SiLU GEMV (RW = MT = 1)
+_GEMV = (tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false>" for mt, cfgs in GEMV_CFGS.items()
                for rw, u in cfgs for o in _B)
-         + tuple(f"gemm_a8w4_gemv<1,1,{u},false,{xq},{silu}>" for u in GEMV_FUSED_U
-                 for xq, silu in ((1, "false"), (2, "false"), (0, "true"))))
+         + tuple(f"gemm_a8w4_gemv<1,1,{u},false,true>" for u in GEMV_SILU_U))
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
@@ -427,10 +424,9 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
         if (rw, u) not in GEMV_CFGS[mt]:
             raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
-        fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o},0,false>", _GEMV)
+        fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false>", _GEMV)
         fn((-(-R // rw),), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(n),
-                                        *common, np.uint64(0) if resid is None else resid,
-                                        np.int32(0), np.int32(0), np.uint64(0)))
+                                        *common, np.uint64(0) if resid is None else resid, np.uint64(0)))
         return out
     if kernel == "mma":
         bm = cfg.get("bm", TUNE["mma_bm_small"] if m <= TUNE["mma_small_max_m"] else 128)
@@ -480,34 +476,6 @@ def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None 
     return _run_gemm(x8, sx, layer, False, kernel, cfg, out, resid)
 
 
-def _gemv_u(layer: PackedA8W4) -> int:
-    """U (register batch depth) of the one-token GEMV for this layer, as gemm_a8w4 picks it."""
-    few = layer.n_pad // TILE_N <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
-    u = (TUNE["gemv_few"][1] if few and 1 in TUNE["gemv_few"] else TUNE["gemv"][1])[1]
-    return u if u in GEMV_FUSED_U else GEMV_FUSED_U[0]
-
-
-def gemv_a8w4_quant(x, scale, layer: PackedA8W4, mode: str = "dynamic", out=None, resid=None):
-    """One token through a "dg" layer, quantizing a float row on the fly (the batch-1 decode step).
-
-    x: (1, K) float32 or float16, contiguous; scale: a (1,) float32 device array, with mode
-    "dynamic" max|x| (as a producer's atomicMax wrote it: attn_decode, gemv_a8w4_silu), with
-    "static" the scale itself. Equals quantize_act + gemm_a8w4 bit for bit (cuda/gemm_a8w4.cu
-    XQ_F32 / XQ_F16). out (1, N) fp16, or resid (1, N) float32 += y (then resid is returned).
-    """
-    cp = _cp()
-    xq = {np.dtype(np.float32): XQ["f32"], np.dtype(np.float16): XQ["f16"]}.get(getattr(x, "dtype", None))
-    if not (isinstance(x, cp.ndarray) and xq is not None and x.ndim == 2 and x.shape[0] == 1
-            and x.shape[1] == layer.k and x.flags.c_contiguous and layer.k % 2 == 0):
-        raise CudaOpError(f"x must be a contiguous (1, {layer.k}) float32/float16 CuPy array "
-                          f"(K even), got {getattr(x, 'dtype', None)} {getattr(x, 'shape', None)}")
-    if mode not in ("static", "dynamic"):
-        raise CudaOpError(f"mode must be 'static' or 'dynamic', got {mode!r}")
-    if not (isinstance(scale, cp.ndarray) and scale.dtype in (np.float32, np.uint32) and scale.size >= 1):
-        raise CudaOpError("scale must be a float32 (or float-bits uint32) CuPy array of at least one element")
-    return _gemv_fused(layer, xq, x, scale, 1 if mode == "dynamic" else 0, out, resid, None)
-
-
 def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax):
     """The fused gate|up layer (rows interleaved by interleave_rows) for one token: out (1, N/2)
     float32 = silu(gate)·up from the fp16-rounded gate and up, amax (1,) uint32 = max(amax, max|out|)
@@ -524,31 +492,14 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax):
         raise CudaOpError("amax must be a uint32 CuPy array of at least one element")
     if not (isinstance(sx, cp.ndarray) and sx.dtype == np.float32 and sx.shape == (1,)):
         raise CudaOpError("sx must be a (1,) float32 CuPy array")
-    return _gemv_fused(layer, XQ["i8"], x8, sx, 0, out, None, amax)
-
-
-def _gemv_fused(layer: PackedA8W4, xq: int, x, scale, xmode: int, out, resid, amax):
-    cp = _cp()
-    n = layer.n
-    silu = amax is not None
-    if resid is not None:
-        if not (isinstance(resid, cp.ndarray) and resid.dtype == np.float32 and resid.shape == (1, n)
-                and resid.flags.c_contiguous):
-            raise CudaOpError(f"resid must be a C-contiguous (1, {n}) float32 CuPy array")
-        out = resid
-    elif out is None:
-        out = cp.empty((1, n), dtype=cp.float16)
-    elif not silu and not (isinstance(out, cp.ndarray) and out.dtype == np.float16 and out.shape == (1, n)
-                           and out.flags.c_contiguous):
-        raise CudaOpError(f"out must be a C-contiguous (1, {n}) float16 CuPy array")
     R, C, Gp = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K, layer.k_pad // layer.group
-    u = _gemv_u(layer)
-    ldx = x.shape[1]
-    fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<1,1,{u},false,{xq},{_B[int(silu)]}>", _GEMV)
-    fn((R,), (THREADS,), (layer.qw, layer.meta, x, scale, layer.s8, out, np.int32(1), np.int32(n),
-                          np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(ldx),
-                          np.uint64(0) if resid is None else resid, np.int32(xmode), np.int32(layer.k),
-                          np.uint64(0) if amax is None else amax))
+    few = R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
+    u = (TUNE["gemv_few"] if few and 1 in TUNE["gemv_few"] else TUNE["gemv"])[1][1]
+    u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
+    fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<1,1,{u},false,true>", _GEMV)
+    fn((R,), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(1), np.int32(layer.n),
+                          np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(layer.k_pad),
+                          np.uint64(0), amax))
     return out
 
 

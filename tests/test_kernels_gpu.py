@@ -374,19 +374,6 @@ def test_gemv_residual_rejects_bad_input():
                            resid=cp.zeros((40, 64), cp.float32))
 
 
-def _quant_fast_np(x, s):
-    """NumPy twin of cuda/gemm_a8w4.cu quant_fast: x·(1/s) in float32, the IEEE quotient where
-    that product lies within 1e-4 of a half-integer (or 1/s overflows)."""
-    x = np.asarray(x, np.float32)
-    s = np.float32(s)
-    with np.errstate(over="ignore", invalid="ignore"):
-        r = np.float32(1) / s
-        y = x * r
-        near = np.abs(np.abs(y - np.trunc(y)) - np.float32(0.5)) < np.float32(1e-4)
-        y = np.where(near | ~(r <= np.float32(3.0e38)), x / s, y)
-    return np.clip(np.rint(y), -127, 127).astype(np.int8)
-
-
 def test_interleave_rows():
     """Each 16-row tile of the interleaved gate|up layer: 8 gate channels, then the same 8 up."""
     p = ops_cuda.interleave_rows(64)
@@ -399,86 +386,13 @@ def test_interleave_rows():
         ops_cuda.interleave_rows(40)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_quant_fast_equals_division_rule(seed):
-    """The GEMV's quantize-on-load (multiply by 1/s, divide only near a half) gives the bits of
-    formats.quantize_act_ref (divide) for random rows, exact and off-by-an-ulp half-integers,
-    dynamic and static scales, tiny scales and clamped values. CPU: the float32 twin."""
-    rng = np.random.default_rng(seed)
-    for _ in range(50):
-        x = (rng.standard_normal(4096) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32)
-        for s in (np.abs(x).max() / np.float32(127), np.float32(rng.uniform(1e-3, 1.0))):
-            s = np.float32(s)
-            n = rng.integers(-127, 127, 512).astype(np.float32) + np.float32(0.5)
-            h = (n * s).astype(np.float32)                  # values whose quotient is near n + 0.5
-            cand = np.concatenate([x, h, np.nextafter(h, np.float32(np.inf)), np.nextafter(h, -np.float32(np.inf)),
-                                   np.float32([0, -0.0, 1e30, -1e30])])
-            np.testing.assert_array_equal(_quant_fast_np(cand, s), formats.quantize_act_ref(cand, s))
-    tiny = np.float32(1e-40)                                # 1/s overflows: the division decides
-    cand = np.float32([0, 1e-40, -3e-40, 5e-41])
-    np.testing.assert_array_equal(_quant_fast_np(cand, tiny), formats.quantize_act_ref(cand, tiny))
-
-
-def _near_half_row(rng, k, s, amax=None):
-    """A float32 row with many values at and next to (n + 1/2)·s, the rounding edge; with amax,
-    |x| < amax except x[0] = amax (so a dynamic scale is amax / 127 = s)."""
-    x = (rng.standard_normal(k) * 40 * s).astype(np.float32)
-    idx = rng.choice(k, k // 4, replace=False)
-    h = ((rng.integers(-120, 120, idx.size) + np.float32(0.5)) * s).astype(np.float32)
-    x[idx] = np.where(rng.random(idx.size) < 0.5, h, np.nextafter(h, np.float32(np.inf) * np.sign(h)))
-    if amax is not None:
-        x = np.clip(x, -np.nextafter(amax, np.float32(0)), np.nextafter(amax, np.float32(0)))
-        x[0] = amax
-    return x
-
-
-@gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-@pytest.mark.parametrize("k,u", [(576, 3), (576, 2), (1024, 3), (11008, 2)])
-def test_gemv_quant_bitexact(monkeypatch, dtype, mode, k, u):
-    """gemv_a8w4_quant (x a float row quantized inside the GEMV) equals quantize_act_ref +
-    gemm_a8w4_ref + epilogue_ref bit for bit, into out and with the residual add; K padded
-    (576 → 640) and unpadded, both register batch depths."""
-    cp = _cp()
-    if u == 2:
-        monkeypatch.setitem(ops_cuda.TUNE, "gemv_few", {})         # U = 2 (the many-tile setting)
-        monkeypatch.setitem(ops_cuda.TUNE, "gemv", {**ops_cuda.TUNE["gemv"], 1: (1, 2)})
-    rng = np.random.default_rng(k + u)
-    n = 200
-    ql = random_dg(n, k, 128, seed=k)
-    layer = ops_cuda.pack_for_gpu(ql)
-    if mode == "dynamic":
-        am = np.float32(1.27) if dtype == "float32" else np.float32(np.float16(1.27))
-        x = _near_half_row(rng, k, am / np.float32(127), am).astype(dtype)[None, :]
-        xf = x.astype(np.float32)
-        amax = np.abs(xf).max(1)
-        s = amax / np.float32(127)
-        scale = cp.asarray(amax.astype(np.float32).view(np.uint32))      # as atomicMax leaves it
-    else:
-        s = np.float32([0.0123])
-        x = _near_half_row(rng, k, s[0]).astype(dtype)[None, :]           # some past ±127.5·s: clamped
-        xf = x.astype(np.float32)
-        scale = cp.asarray(s)
-    x8 = formats.quantize_act_ref(xf, s)
-    y = formats.epilogue_ref(formats.gemm_a8w4_ref(x8, ql.int8_weight()), s, ql.cscale).astype(np.float16)
-    got = ops_cuda.gemv_a8w4_quant(cp.asarray(x), scale, layer, mode,
-                                   out=cp.full((1, n), np.nan, cp.float16))
-    np.testing.assert_array_equal(got.get(), y)
-    h0 = rng.standard_normal((1, n)).astype(np.float32)
-    h = cp.asarray(h0)
-    assert ops_cuda.gemv_a8w4_quant(cp.asarray(x), scale, layer, mode, resid=h) is h
-    np.testing.assert_array_equal(h.get(), h0 + y.astype(np.float32))
-
-
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024)])
 def test_gemv_silu_then_quant_equals_row_kernel_path(inter, k):
-    """The batch-1 MLP with the row kernel folded away: gate|up interleaved → SiLU GEMV (fp32 row
-    + atomic absmax) → down quantizing its input (gemv_a8w4_quant), against the launch sequence
-    it replaces (gate|up GEMM → silu_mul_quant → down GEMM): the same bits in h."""
+    """The batch-1 MLP without silu_mul_quant: gate|up interleaved → SiLU GEMV (fp32 row + atomic
+    absmax) → quant_amax → down, against the launch sequence it replaces (gate|up GEMM →
+    silu_mul_quant → down GEMM): the same int8 row, scale and bits in h."""
     import cupy as cp
     from engine.kernels import function
     from engine.model_cuda import FUSED_EXPRS, MODE, _fuse, _permute_rows, row_launch
@@ -508,31 +422,29 @@ def test_gemv_silu_then_quant_equals_row_kernel_path(inter, k):
     ref = gh[:, :inter] / (1 + np.exp(-gh[:, :inter])) * gh[:, inter:]
     np.testing.assert_allclose(mf.get(), ref, rtol=1e-5, atol=1e-7)          # silu(gate)·up, float32
     assert amax.get().view(np.float32)[0] == np.abs(mf.get()).max()          # the atomic absmax
-    h = cp.asarray(h0)
-    ops_cuda.gemv_a8w4_quant(mf, amax, down, "dynamic", resid=h)
-    np.testing.assert_array_equal(h.get(), want.get())
-    np.testing.assert_array_equal(m8.get()[0, :inter],                       # same int8 row, same scale
+    np.testing.assert_array_equal(m8.get()[0, :inter],                       # the row kernel's int8
                                   formats.quantize_act_ref(mf.get(), msx.get())[0])
-    q8, qsx = cp.full((1, down.k_pad), 9, cp.int8), cp.zeros((1,), cp.float32)   # quant_amax: the same
+    q8, qsx = cp.full((1, down.k_pad), 9, cp.int8), cp.zeros((1,), cp.float32)
     function("fused.cu", "quant_amax<float>", FUSED_EXPRS)((-(-down.k_pad // 1024), 1), (256,),
                                                           (mf, np.int32(inter), np.int32(MODE["dynamic"]), amax,
                                                            q8, np.int32(down.k_pad), qsx))
-    np.testing.assert_array_equal(q8.get(), m8.get())
+    np.testing.assert_array_equal(q8.get(), m8.get())                        # pad columns zeroed too
     np.testing.assert_array_equal(qsx.get(), msx.get())
+    h = cp.asarray(h0)
+    ops_cuda.gemm_a8w4(q8, qsx, down, resid=h)
+    np.testing.assert_array_equal(h.get(), want.get())
 
 
 @gpu
 @needs_gpu
-def test_gemv_quant_rejects_bad_input():
+def test_gemv_silu_rejects_bad_input():
     cp = _cp()
     layer = ops_cuda.pack_for_gpu(random_dg(64, 256, 128, seed=2))
-    amax = cp.ones((1,), cp.float32)
-    with pytest.raises(ops_cuda.CudaOpError, match="x must be"):
-        ops_cuda.gemv_a8w4_quant(cp.zeros((2, 256), cp.float32), amax, layer)
-    with pytest.raises(ops_cuda.CudaOpError, match="x must be"):
-        ops_cuda.gemv_a8w4_quant(cp.zeros((1, 256), cp.int8), amax, layer)
-    with pytest.raises(ops_cuda.CudaOpError, match="mode must be"):
-        ops_cuda.gemv_a8w4_quant(cp.zeros((1, 256), cp.float32), amax, layer, mode="fp16")
+    x8, sx, amax = cp.zeros((1, 256), cp.int8), cp.ones((1,), cp.float32), cp.zeros((1,), cp.uint32)
     with pytest.raises(ops_cuda.CudaOpError, match="out must be"):
-        ops_cuda.gemv_a8w4_silu(cp.zeros((1, 256), cp.int8), amax, layer, cp.zeros((1, 64), cp.float32),
-                                cp.zeros((1,), cp.uint32))
+        ops_cuda.gemv_a8w4_silu(x8, sx, layer, cp.zeros((1, 64), cp.float32), amax)
+    with pytest.raises(ops_cuda.CudaOpError, match="amax must be"):
+        ops_cuda.gemv_a8w4_silu(x8, sx, layer, cp.zeros((1, 32), cp.float32), cp.zeros((1,), cp.float32))
+    with pytest.raises(ops_cuda.CudaOpError, match="one token"):
+        ops_cuda.gemv_a8w4_silu(cp.zeros((2, 256), cp.int8), cp.ones((2,), cp.float32), layer,
+                                cp.zeros((1, 32), cp.float32), amax)

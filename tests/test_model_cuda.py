@@ -259,10 +259,10 @@ def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
 
 @pytest.mark.parametrize("act", ["dynamic", "static"])
 def test_fold_quant_equals_row_kernels(monkeypatch, act):
-    """A one-token decode step with quant_rows and silu_mul_quant folded into the GEMVs
-    (model_cuda._fold_quant: attn_decode and the SiLU GEMV max-reduce their rows, o and down
-    quantize them on load, or quant_amax launches do) gives the bits of the step with the row
-    kernels, graphed and eager, prefill and decode alike (gate|up interleaved in all)."""
+    """A one-token decode step without silu_mul_quant and quant_rows (model_cuda._fold_quant:
+    the SiLU GEMV and attn_decode max-reduce their rows, quant_amax quantizes them) gives the
+    bits of the step with the row kernels, graphed and eager, prefill and decode alike
+    (gate|up interleaved in both)."""
     from engine import model_cuda
     from engine.model_cuda import CudaModel
     mw = quantized_tiny(act, seed=6, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
@@ -272,9 +272,8 @@ def test_fold_quant_equals_row_kernels(monkeypatch, act):
     assert all(L["gu"].interleaved for L in gm.layers) and gm._fold_quant(1) and not gm._fold_quant(2)
     prompt = np.arange(5, 120) % mw.config.vocab_size
     runs = []
-    for fold, in_gemv in ((True, True), (True, False), (False, False)):
+    for fold in (True, False):
         monkeypatch.setattr(model_cuda, "FOLD_QUANT", fold)
-        monkeypatch.setattr(model_cuda, "QUANT_IN_GEMV", in_gemv)
         for graph in (True, False):
             cache = gm.new_cache(256)
             pre = gm.prefill(prompt, cache).get()
