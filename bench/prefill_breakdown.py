@@ -1,0 +1,83 @@
+"""Where a prefill of a random Llama-2-7B-shaped DGQ model spends its time, A8W4 against FP16.
+
+    python bench/prefill_breakdown.py [--tokens 2048] [--model llama7b|smollm2]
+
+Runs one warm prefill with every launch (row kernels, attention, linears, lm_head) bracketed
+by CUDA events and sums the milliseconds by kind, then the same for the FP16 path (the
+dequantized copy: cuBLAS linears). Events around each launch add a little time per launch,
+so the totals sit slightly above an unprofiled prefill (printed too); at 2048 tokens every
+kernel runs for tens of microseconds or more, so the split is what matters.
+"""
+import argparse
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from engine.backend import _cupy
+from engine import model_cuda
+from engine.bench_e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
+from engine.model_cuda import CudaModel
+
+
+def profile(gm, tokens, cp) -> tuple[dict, float]:
+    """({kind: (launches, ms)}, unprofiled prefill ms) for one prefill of `tokens`."""
+    cache = gm.new_cache(len(tokens) + 8)
+    gm.prefill(tokens, cache)                       # warm: compiles, buffers
+    cp.cuda.Device().synchronize()
+    cache = gm.new_cache(len(tokens) + 8)
+    t0 = time.perf_counter()
+    gm.prefill(tokens, cache)
+    cp.cuda.Device().synchronize()
+    plain_ms = 1e3 * (time.perf_counter() - t0)
+    times = defaultdict(list)
+
+    def timed(name, fn):
+        def run(*args, **kw):
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record()
+            out = fn(*args, **kw)
+            b.record()
+            times[name(*args)].append((a, b))
+            return out
+        return run
+    G = model_cuda.GpuLinear
+    orig = (gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16)
+    gm._launch = timed(lambda name, *r: name.split("<")[0], orig[0])
+    gm._attn = timed(lambda name, *r: name.split("<")[0], orig[1])
+    G.__call__ = timed(lambda self, *r: f"linear N={self.n}", orig[2])
+    model_cuda.matmul_f16 = timed(lambda cp_, x, w, out: "lm_head", orig[3])
+    try:
+        cache = gm.new_cache(len(tokens) + 8)
+        gm.prefill(tokens, cache)
+        cp.cuda.Device().synchronize()
+    finally:
+        gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16 = orig
+    out = {k: (len(v), sum(cp.cuda.get_elapsed_time(a, b) for a, b in v)) for k, v in times.items()}
+    return out, plain_ms
+
+
+def show(label, prof, plain_ms):
+    total = sum(ms for _, ms in prof.values())
+    print(f"{label}: prefill {plain_ms:.2f} ms unprofiled; launches sum to {total:.2f} ms")
+    for k, (n, ms) in sorted(prof.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {k:28s} {n:5d} launches {ms:8.3f} ms")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--model", choices=("llama7b", "smollm2"), default="llama7b")
+    a = ap.parse_args()
+    cp = _cupy()
+    mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
+    tokens = np.random.default_rng(0).integers(0, mw.config.vocab_size, a.tokens)
+    gm = CudaModel(mw)
+    show("A8W4", *profile(gm, tokens, cp))
+    del gm
+    cp.get_default_memory_pool().free_all_blocks()
+    show("FP16", *profile(CudaModel(dequantized_copy(mw)), tokens, cp))
+
+
+if __name__ == "__main__":
+    main()
