@@ -34,50 +34,6 @@ template <typename KV> __device__ __forceinline__ float kv_scale(const float* s,
 template <> __device__ __forceinline__ float kv_scale<__half>(const float*, size_t) { return 1.f; }
 template <> __device__ __forceinline__ float kv_scale<i8>(const float* s, size_t i) { return s[i]; }
 
-// Store a pair of a cache row (the D/2 threads of a block own pairs (j, j + D/2));
-// for int8, s is the row's scale from the block's absmax (same rule as quantize_act_ref).
-__device__ __forceinline__ void store_pair(__half* row, float* srow, int j, int half_d, float a, float b) {
-    row[j] = __float2half_rn(a);
-    row[j + half_d] = __float2half_rn(b);
-}
-__device__ __forceinline__ void store_pair(i8* row, float* srow, int j, int half_d, float a, float b) {
-    float s = row_scale(MODE_DYNAMIC, block_max(fmaxf(fabsf(a), fabsf(b))), nullptr);   // cuda/rows.cuh
-    row[j] = quant1(a, s);
-    row[j + half_d] = quant1(b, s);
-    if (j == 0) *srow = s;
-}
-
-// grid (M, Hq + Hkv), block D/2. RoPE (HF rotate-half pairs j, j + D/2) on q and k of the
-// fused qkv output (M, (Hq + 2 Hkv) D); q goes to q_out (M, Hq, D), k and v to the cache
-// at [seq[m], pos[m]] (kv8: quantized from the float32 rotated k and the fp16 v).
-// cos/sin tables are (max_pos, D/2) float32, built on the host in float64.
-template <typename KV>
-__global__ void rope_qkv_cache(const __half* __restrict__ qkv, int Hq, int Hkv, int D,
-                               const int* __restrict__ pos, const int* __restrict__ seq,
-                               const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                               __half* __restrict__ q_out, KV* __restrict__ kc, KV* __restrict__ vc,
-                               float* __restrict__ ks, float* __restrict__ vs, int cap) {
-    pdl_enter();
-    int m = blockIdx.x, head = blockIdx.y, j = threadIdx.x, half_d = D >> 1;
-    int p = pos[m];
-    const __half* row = qkv + (size_t)m * (Hq + 2 * Hkv) * D;
-    float c = cos_t[(size_t)p * half_d + j], s = sin_t[(size_t)p * half_d + j];
-    const __half* src = row + (size_t)head * D;          // q heads, then k heads
-    float x1 = __half2float(src[j]), x2 = __half2float(src[j + half_d]);
-    float o1 = x1 * c - x2 * s, o2 = x2 * c + x1 * s;
-    if (head < Hq) {
-        __half* dst = q_out + ((size_t)m * Hq + head) * D;
-        dst[j] = __float2half_rn(o1);
-        dst[j + half_d] = __float2half_rn(o2);
-    } else {
-        int kh = head - Hq;
-        size_t r = ((size_t)seq[m] * cap + p) * Hkv + kh;  // (b, position, kv head)
-        store_pair(kc + r * D, ks + r, j, half_d, o1, o2);
-        const __half* v = row + (size_t)(Hq + Hkv + kh) * D;
-        store_pair(vc + r * D, vs + r, j, half_d, __half2float(v[j]), __half2float(v[j + half_d]));
-    }
-}
-
 // ================================================================= flash-attention prefill
 // FlashAttention-2 forward for the t new queries of one sequence (positions start..start+t-1)
 // against its first n = start + t cached keys, causal, grouped-query.
@@ -397,6 +353,43 @@ __device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two,
         reinterpret_cast<char2*>(row)[lane] = make_char2(a0, a1);
         if (two) reinterpret_cast<char2*>(row)[lane + 32] = make_char2(b0, b1);
         if (lane == 0) *srow = s;
+    }
+}
+
+// grid (M, ⌈(Hq + Hkv) / 4⌉), block 128: warp w of block (m, y) takes head 4y + w of token m.
+// RoPE (HF rotate-half pairs j, j + D/2) on q and k of the fused qkv output (M, (Hq + 2 Hkv) D);
+// q goes to q_out (M, Hq, D), k and v to the cache at [seq[m], pos[m]] (kv8: quantized from the
+// float32 rotated k and the fp16 v, scale from the head's absmax). A lane holds D/32 values of
+// its head as pairs (rope_lane, new_kv: the same arithmetic as attn_decode's new token).
+// cos/sin tables are (max_pos, D/2) float32, built on the host in float64. (v1 ran a block of
+// D/2 threads per head and token with 2-byte accesses: 161 µs a layer for 2048 tokens of the
+// 7B shape on the H100, 8 % of the prefill.)
+template <typename KV>
+__global__ void __launch_bounds__(128) rope_qkv_cache(
+        const __half* __restrict__ qkv, int Hq, int Hkv, int D, const int* __restrict__ pos,
+        const int* __restrict__ seq, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+        __half* __restrict__ q_out, KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks,
+        float* __restrict__ vs, int cap) {
+    pdl_enter();
+    const int m = blockIdx.x, lane = threadIdx.x & 31, head = blockIdx.y * 4 + (threadIdx.x >> 5);
+    if (head >= Hq + Hkv) return;                           // warp-uniform
+    const int p = pos[m];
+    const bool two = D > 64;
+    const __half* row = qkv + (size_t)m * (Hq + 2 * Hkv) * D;
+    float2 a, b;
+    rope_lane(row + (size_t)head * D, p, D, cos_t, sin_t, lane, a, b);
+    if (head < Hq) {
+        __half2* dst = reinterpret_cast<__half2*>(q_out + ((size_t)m * Hq + head) * D);
+        dst[lane] = __floats2half2_rn(a.x, a.y);
+        if (two) dst[lane + 32] = __floats2half2_rn(b.x, b.y);
+    } else {
+        const int kh = head - Hq;
+        const size_t r = ((size_t)seq[m] * cap + p) * Hkv + kh;   // (b, position, kv head)
+        float s;
+        new_kv(a, b, s, two, lane, true, kc + r * D, ks + r);
+        const __half* v = row + (size_t)(Hq + Hkv + kh) * D;
+        float2 va = load2(v, lane), vb = two ? load2(v, lane + 32) : make_float2(0.f, 0.f);
+        new_kv(va, vb, s, two, lane, true, vc + r * D, vs + r);
     }
 }
 
