@@ -1,7 +1,7 @@
 """Where a graphed decode step of a random Llama-2-7B-shaped DGQ model spends its time.
 
     python bench/profile_decode.py [--model smollm2] [--batch 8] [--fp16] [--sweep-gemv] [--ablate]
-                                   [--gemv-tunes '1,2/1,3;1,3/1,3'] [--row-widths 2048,4096]
+                                   [--gemv-tunes '1,2/1,3;1,2/1,2,16'] [--row-widths 2048,4096]
 
 Prints the first-run cost (model build with the fused.cu compile, first prefill with the
 GEMM compiles, first decode steps with the GEMV compiles and the graph capture; CuPy
@@ -34,7 +34,8 @@ def main():
     ap.add_argument("--fp16", action="store_true", help="also time the FP16 path (dequantized copy)")
     ap.add_argument("--sweep-gemv", action="store_true", help="time every GEMV config on each linear shape")
     ap.add_argument("--gemv-tunes", default="", help="';'-separated GEMV settings to time on the whole step, "
-                    "each 'RW,U/RW,U': (RW, U) for shapes with many row tiles / few (ops_cuda.TUNE gemv, gemv_few)")
+                    "each 'RW,U/RW,U[,NW]': (RW, U) for shapes with many row tiles / few (ops_cuda.TUNE gemv, gemv_few, "
+                    "gemv_few_nw: warps a block)")
     ap.add_argument("--ablate", action="store_true", help="time the step with each kind of launch left out: what it "
                     "costs on the critical path in place (the outputs are wrong; timing only)")
     ap.add_argument("--row-widths", default="", help="comma-separated model_cuda.ROW_CTA_WIDTH values to time, for every row kernel "
@@ -84,14 +85,15 @@ def main():
                 print(f"A8W4 decode b={a.batch}, without {kind}: {_decode(gm, *_prefilled(gm, mw, a), a)}")
     for tune in filter(None, a.gemv_tunes.split(";")):
         many, few = (tuple(int(v) for v in part.split(",")) for part in tune.split("/"))
-        saved = (dict(ops_cuda.TUNE["gemv"]), dict(ops_cuda.TUNE["gemv_few"]))
-        ops_cuda.TUNE["gemv"][1], ops_cuda.TUNE["gemv_few"][1] = many, few
+        saved = (dict(ops_cuda.TUNE["gemv"]), dict(ops_cuda.TUNE["gemv_few"]), ops_cuda.TUNE["gemv_few_nw"])
+        ops_cuda.TUNE["gemv"][1], ops_cuda.TUNE["gemv_few"][1] = many[:2], few[:2]
+        ops_cuda.TUNE["gemv_few_nw"] = few[2] if len(few) > 2 else 8
         try:
             c5, f5 = _prefilled(gm, mw, a)
-            print(f"A8W4 decode b={a.batch}, GEMV (RW, U) many {many} few {few}: {_decode(gm, c5, f5, a)}")
+            print(f"A8W4 decode b={a.batch}, GEMV (RW, U[, NW]) many {many} few {few}: {_decode(gm, c5, f5, a)}")
             del c5
         finally:
-            ops_cuda.TUNE["gemv"], ops_cuda.TUNE["gemv_few"] = saved
+            ops_cuda.TUNE["gemv"], ops_cuda.TUNE["gemv_few"], ops_cuda.TUNE["gemv_few_nw"] = saved
     print(format_breakdown(graph_breakdown(gm, cache)))
     for w in filter(None, a.row_widths.split(",")):
         saved, model_cuda.ROW_CTA_WIDTH = model_cuda.ROW_CTA_WIDTH, int(w)
@@ -168,11 +170,13 @@ def sweep_gemv(gm, cp, m):
         out = cp.empty((m, lins[0].n), cp.float16)
         mb = sum(p.nbytes() for p in lins) / len(lins) / 1e6
         res = []
-        for rw, u in ops_cuda.GEMV_CFGS[mt]:
-            fns = [lambda p=p: ops_cuda.gemm_a8w4(x8, sx, p, kernel="gemv", cfg={"mt": mt, "rw": rw, "u": u},
-                                                  out=out) for p in lins]
+        cfgs = [(rw, u, 8) for rw, u in ops_cuda.GEMV_CFGS[mt]] + [(rw, u, 16) for rw, u in
+                                                                   ops_cuda.GEMV_WIDE.get(mt, ())]
+        for rw, u, nw in cfgs:
+            cfg = {"mt": mt, "rw": rw, "u": u, "nw": nw}
+            fns = [lambda p=p, cfg=cfg: ops_cuda.gemm_a8w4(x8, sx, p, kernel="gemv", cfg=cfg, out=out) for p in lins]
             us = graph_time(cp, fns)
-            res.append(f"RW={rw} U={u}: {us:6.2f} us ({mb / us:.2f} TB/s)")
+            res.append(f"RW={rw} U={u} NW={nw}: {us:6.2f} us ({mb / us:.2f} TB/s)")
         print(f"gemv M={m} {key} N={lins[0].n} K={lins[0].k_pad} {mb:.1f} MB | " + " | ".join(res))
 
 

@@ -14,7 +14,7 @@
 //   weights are the mma A operand (16 output channels x 32 k), the tokens the
 //   B operand (n8), so M = 1..8 costs one mma per 512 weights. Block = 8 warps
 //   on RW row tiles (16*RW output channels); the 8 warps split K (chunk c goes
-//   to warp c % 8) and reduce through shared memory at the end, so N alone
+//   to warp c % 8; NW = 16: c % 16) and reduce through shared memory at the end, so N alone
 //   (N/16/RW blocks) fills the GPU and K is still streamed by 8 warps per
 //   block. Each warp keeps two batches of U chunks in registers: one being
 //   computed, the next one's loads in flight (v1 without the second batch
@@ -52,16 +52,17 @@ struct GemvBatch {           // one batch of U chunks per warp, held in register
     u32 xb[U][MT][4];
 };
 
-// The SiLU epilogue's extra registers would drop gate|up (U = 2, 64 registers, 4 blocks an SM)
-// to 3 blocks an SM: its bound keeps 4.
-template <int MT, int RW, int U, bool OUT_I32, bool SILU = false>
-__global__ void __launch_bounds__(256, SILU && U == 2 ? 4 : 0) gemm_a8w4_gemv(
+// NW warps a block split K (8, or 16 for shapes with few row tiles: 2 blocks of 16 warps an
+// SM hold twice the loads in flight of 2 blocks of 8, within 64 registers). The SiLU
+// epilogue's extra registers would drop gate|up (U = 2, 64 registers, 4 blocks an SM) to 3
+// blocks an SM: its bound keeps 4.
+template <int MT, int RW, int U, bool OUT_I32, bool SILU = false, int NW = 8>
+__global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0) gemm_a8w4_gemv(
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
     int M, int N, int R, int C, int Gp, int gshift, int ldx, float* __restrict__ resid,
     unsigned* __restrict__ amax_out) {
-    constexpr int NW = 8;
-    static_assert(RW * MT <= 8, "reduction buffer must stay within 32 KB of static shared memory");
+    static_assert(NW * RW * MT <= 64, "reduction buffer must stay within 32 KB of static shared memory");
     static_assert(!SILU || (MT == 1 && RW == 1 && !OUT_I32), "the SiLU variant runs M <= 8, one row tile a block");
     __shared__ int red[NW][RW * MT * 4][32];
 

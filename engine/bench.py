@@ -281,7 +281,7 @@ def cmd_gemm_pick(args) -> int:
     for mt in ops_cuda.GEMV_CFGS:
         tot = {}
         for r in rows:
-            if r["kernel"] == "gemv" and r["cfg"]["mt"] == mt:
+            if r["kernel"] == "gemv" and r["cfg"]["mt"] == mt and r["cfg"].get("nw", 8) == 8:
                 key = (r["cfg"]["rw"], r["cfg"]["u"])
                 tot[key] = tot.get(key, 0.0) + r["ms"]
         if tot:
@@ -334,6 +334,7 @@ def _variants(m):
     if m <= 32:
         mt = 1 if m <= 8 else 2 if m <= 16 else 4
         v += [("gemv", {"mt": mt, "rw": rw, "u": u}) for rw, u in ops_cuda.GEMV_CFGS[mt]]
+        v += [("gemv", {"mt": mt, "rw": rw, "u": u, "nw": 16}) for rw, u in ops_cuda.GEMV_WIDE.get(mt, ())]
     if m >= 16:
         for bm in ((64, 128) if m <= 256 else (128,)):
             for sp in ((1, 0) if m <= 256 else (1,)):

@@ -192,6 +192,7 @@ GEMV_CFGS = {                                             # MT -> (RW, U) instan
     2: ((1, 2), (1, 4), (2, 2), (2, 4), (4, 2)),
     4: ((1, 2), (2, 2)),                                  # bigger ones spill (255 registers)
 }
+GEMV_WIDE = {1: ((1, 2),)}          # MT -> (RW, U) also instantiated with 16 warps a block (NW)
 GEMV_MT = tuple(GEMV_CFGS)
 MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
 WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
@@ -204,6 +205,8 @@ _B = ("false", "true")
 GEMV_SILU_U = (2, 3)                                      # U of the SiLU GEMV (RW = MT = 1)
 _GEMV = (tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false>" for mt, cfgs in GEMV_CFGS.items()
                for rw, u in cfgs for o in _B)
+         + tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false,16>" for mt, cfgs in GEMV_WIDE.items()
+                 for rw, u in cfgs for o in _B)
          + tuple(f"gemm_a8w4_gemv<1,1,{u},false,true>" for u in GEMV_SILU_U))
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
@@ -223,6 +226,7 @@ TUNE = {
     # U = 2 / 3 / 4: o 6.52 / 5.83 / 6.22 us, down 13.84 / 11.23 / 11.68 us; qkv and
     # gate|up are fastest at U = 2: 11.99 / 14.74 / 14.38 and 19.70 / 25.96 / 25.57 us)
     "gemv_few": {1: (1, 3)}, "gemv_few_tiles_per_sm": 2,
+    "gemv_few_nw": 8,        # warps a block for those shapes (16: GEMV_WIDE configs only)
     "wgmma_bounds": (64, 512),
     "wgmma": {"small": (64, 6, 2, 4, 2, None), "mid": (128, 4, 2, 2, 2, None),
               "large": (128, 4, 2, 2, 2, 1)},
@@ -422,10 +426,12 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         few = mt in TUNE["gemv_few"] and R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
         rw0, u0 = TUNE["gemv_few"][mt] if few else TUNE["gemv"][mt]
         rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
-        if (rw, u) not in GEMV_CFGS[mt]:
-            raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} is not instantiated (GEMV_CFGS)")
-        fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false>", _GEMV)
-        fn((-(-R // rw),), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(n),
+        nw = cfg.get("nw", TUNE["gemv_few_nw"] if few else 8)
+        if (rw, u) not in (GEMV_CFGS[mt] if nw == 8 else GEMV_WIDE.get(mt, ()) if nw == 16 else ()):
+            raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} NW={nw} is not instantiated "
+                              f"(GEMV_CFGS, GEMV_WIDE)")
+        fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false{'' if nw == 8 else ',16'}>", _GEMV)
+        fn((-(-R // rw),), (32 * nw,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(n),
                                         *common, np.uint64(0) if resid is None else resid, np.uint64(0)))
         return out
     if kernel == "mma":

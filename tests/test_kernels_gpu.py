@@ -318,6 +318,8 @@ def test_every_instantiated_variant_bitexact():
         x8 = random_x8(m, 1152, seed=mt)
         for rw, u in cfgs:
             layer, ref = _acc_check(ql, x8, "gemv", cfg={"mt": mt, "rw": rw, "u": u})
+        for rw, u in ops_cuda.GEMV_WIDE.get(mt, ()):                 # 16 warps a block
+            layer, ref = _acc_check(ql, x8, "gemv", cfg={"mt": mt, "rw": rw, "u": u, "nw": 16})
     for m in (40, 150):
         x8 = random_x8(m, 1152, seed=m)
         for bm, _ in ops_cuda.MMA_CFGS:
@@ -338,7 +340,8 @@ def test_every_instantiated_variant_bitexact():
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("m,cfg", [(1, {}), (3, {}), (1, {"rw": 2, "u": 2}), (12, {"rw": 4, "u": 2})])
+@pytest.mark.parametrize("m,cfg", [(1, {}), (3, {}), (1, {"rw": 2, "u": 2}), (12, {"rw": 4, "u": 2}),
+                                   (1, {"rw": 1, "u": 2, "nw": 16})])
 def test_gemv_residual_add_bitexact(m, cfg):
     """gemm_a8w4(resid=h): the GEMV adds fp16(y) into float32 h instead of writing y, bit-exactly
     as h + float(y) (the add of add_rmsnorm_quant), and leaves out untouched."""
