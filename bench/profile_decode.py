@@ -1,6 +1,6 @@
 """Where a graphed decode step of a random Llama-2-7B-shaped DGQ model spends its time.
 
-    python bench/profile_decode.py [--model smollm2] [--batch 8] [--fp16] [--sweep-gemv] [--ablate]
+    python bench/profile_decode.py [--model smollm2] [--batch 8] [--fp16] [--sweep-gemv] [--ablate] [--int8-head]
                                    [--gemv-tunes '1,2/1,3;1,2/1,2,16'] [--row-widths 2048,4096]
 
 Prints the first-run cost (model build with the fused.cu compile, first prefill with the
@@ -38,6 +38,8 @@ def main():
                     "gemv_few_nw: warps a block)")
     ap.add_argument("--ablate", action="store_true", help="time the step with each kind of launch left out: what it "
                     "costs on the critical path in place (the outputs are wrong; timing only)")
+    ap.add_argument("--int8-head", action="store_true", help="also time the step with the INT8 lm_head "
+                    "(ModelWeights.with_int8_lm_head, dgq-run --lm-head int8)")
     ap.add_argument("--row-widths", default="", help="comma-separated model_cuda.ROW_CTA_WIDTH values to time, for every row kernel "
                     "(a row wider than this is split over a cluster of CTAs)")
     a = ap.parse_args()
@@ -76,6 +78,12 @@ def main():
             del c8
         finally:
             model_cuda.FOLD_QUANT = True
+    if a.int8_head:
+        g8 = CudaModel(mw.with_int8_lm_head())
+        c9, f9 = _prefilled(g8, mw, a)
+        print(f"A8W4 decode b={a.batch}, INT8 lm_head: {_decode(g8, c9, f9, a)}")
+        del g8, c9
+        cp.get_default_memory_pool().free_all_blocks()
     if a.ablate:
         base = _decode(gm, *_prefilled(gm, mw, a), a)
         print(f"A8W4 decode b={a.batch}, everything: {base}")
@@ -121,7 +129,7 @@ def _without(gm, kind: str):
     for the linears, 'lm_head', 'sample_rows') while decode steps are run and captured."""
     G = model_cuda.GpuLinear
     orig = (gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows,
-            G.silu_gemv)
+            G.silu_gemv, model_cuda.matmul_w8)
 
     def skip(fn, name_of):
         def wrapped(*args, **kw):
@@ -133,11 +141,12 @@ def _without(gm, kind: str):
     model_cuda.matmul_f16 = skip(orig[3], lambda cp, x, w, out: "lm_head" if w is gm.lm_head else "")
     model_cuda.ops_cuda.sample_rows = skip(orig[4], lambda *r: "sample_rows")
     G.silu_gemv = skip(orig[5], lambda self, *r: f"N={self.n}")
+    model_cuda.matmul_w8 = skip(orig[6], lambda *r: "lm_head")
     try:
         yield
     finally:
         (gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows,
-         G.silu_gemv) = orig
+         G.silu_gemv, model_cuda.matmul_w8) = orig
 
 
 def _prefilled(gm, mw, a):

@@ -128,18 +128,23 @@ extern "C" __global__ void embed_gather(const __half* __restrict__ emb, const in
     for (int j = threadIdx.x; j < H; j += blockDim.x) h[(size_t)blockIdx.x * H + j] = __half2float(row[j]);
 }
 
-// grid (ceil(N / 8)), block 256: warp w of block b computes out[:, 8b + w] = x · w[8b + w]ᵀ.
-// x (M, K) fp16 row-major, w (N, K) fp16 row-major, out (M, N) fp16; M ≤ MT, K % 8 == 0.
-// The lm_head of a graphed decode step: cuBLAS cannot be called while CuPy captures a graph.
+// grid (ceil(N / 8)), block 256: warp w of block b computes out[:, 8b + w] = x · w[8b + w]ᵀ
+// (· scale[8b + w] for INT8 weights). x (M, K) fp16 row-major, w (N, K) fp16 or int8 row-major,
+// out (M, N) fp16; M ≤ MT, K % 8 == 0 (fp16) or K % 16 == 0 (int8).
+// The lm_head of a graphed decode step (fp16, or INT8 with one scale per row:
+// ModelWeights.with_int8_lm_head): cuBLAS cannot be called while CuPy captures a graph.
 // The product streams w once: each lane issues U 16-byte loads before it uses any, x rows
 // come from L1/L2, fp32 accumulation. MT is a template argument so that M = 1 carries one
 // accumulator, not 32 predicated ones (v1, runtime M ≤ 32 and one load in flight per lane,
 // read the 7B lm_head at 18 % of copy bandwidth). Up to M = 8 only: every row of x is
 // re-read from L2 for each 16-byte weight vector, so at M = 32 with K = 4096 (256 KB of x,
-// past L1) the FP16 7B decode step took 56 ms; larger M goes to cuBLAS.
-template <int MT, int U>
-__device__ __forceinline__ void gemv_f16_tile(const __half* __restrict__ x, const __half* __restrict__ w,
-                                              __half* __restrict__ out, int M, int N, int K) {
+// past L1) the FP16 7B decode step took 56 ms; larger M goes to cuBLAS (fp16) or to
+// 8-row slices (int8).
+template <int MT, int U, typename W>
+__device__ __forceinline__ void gemv_tile(const __half* __restrict__ x, const W* __restrict__ w,
+                                          const float* __restrict__ scale, __half* __restrict__ out,
+                                          int M, int N, int K) {
+    constexpr int E = 16 / sizeof(W);                    // weights per 16-byte vector
     int lane = threadIdx.x & 31;
     int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const bool live = n < N;
@@ -147,35 +152,58 @@ __device__ __forceinline__ void gemv_f16_tile(const __half* __restrict__ x, cons
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = 0.f;
     const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)(live ? n : 0) * K);
-    int k8n = live ? K >> 3 : 0;
+    int kvn = live ? K / E : 0;
     uint4 wv[U];
     auto load = [&](int k0) {                             // all loads first: U in flight per lane
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            int k8 = k0 + 32 * u;
-            wv[u] = k8 < k8n ? __ldcs(wr + k8) : make_uint4(0u, 0u, 0u, 0u);   // streamed once
+            int kv = k0 + 32 * u;
+            wv[u] = kv < kvn ? __ldcs(wr + kv) : make_uint4(0u, 0u, 0u, 0u);   // streamed once
         }
     };
     load(lane);                   // weights are no kernel's output: read before the PDL wait
+    const float sc = live && scale ? scale[n] : 1.f;
     pdl_enter();
     if (!live) return;
-    for (int k0 = lane; k0 < k8n; k0 += 32 * U) {
+    for (int k0 = lane; k0 < kvn; k0 += 32 * U) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            int k8 = k0 + 32 * u;
-            if (k8 >= k8n) break;
-            const __half2* w2 = reinterpret_cast<const __half2*>(&wv[u]);
-            float2 wf0 = __half22float2(w2[0]), wf1 = __half22float2(w2[1]);
-            float2 wf2 = __half22float2(w2[2]), wf3 = __half22float2(w2[3]);
+            int kv = k0 + 32 * u;
+            if (kv >= kvn) break;
+            if constexpr (E == 8) {
+                const __half2* w2 = reinterpret_cast<const __half2*>(&wv[u]);
+                float2 wf0 = __half22float2(w2[0]), wf1 = __half22float2(w2[1]);
+                float2 wf2 = __half22float2(w2[2]), wf3 = __half22float2(w2[3]);
 #pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                if (m < M) {
-                    uint4 xv = reinterpret_cast<const uint4*>(x + (size_t)m * K)[k8];
-                    const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
-                    float2 a = __half22float2(x2[0]), b = __half22float2(x2[1]);
-                    float2 c = __half22float2(x2[2]), d = __half22float2(x2[3]);
-                    acc[m] += a.x * wf0.x + a.y * wf0.y + b.x * wf1.x + b.y * wf1.y
-                            + c.x * wf2.x + c.y * wf2.y + d.x * wf3.x + d.y * wf3.y;
+                for (int m = 0; m < MT; ++m) {
+                    if (m < M) {
+                        uint4 xv = reinterpret_cast<const uint4*>(x + (size_t)m * K)[kv];
+                        const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
+                        float2 a = __half22float2(x2[0]), b = __half22float2(x2[1]);
+                        float2 c = __half22float2(x2[2]), d = __half22float2(x2[3]);
+                        acc[m] += a.x * wf0.x + a.y * wf0.y + b.x * wf1.x + b.y * wf1.y
+                                + c.x * wf2.x + c.y * wf2.y + d.x * wf3.x + d.y * wf3.y;
+                    }
+                }
+            } else {                                      // 16 int8 weights: two x vectors
+                const unsigned q[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+                float wf[16];
+#pragma unroll
+                for (int i = 0; i < 16; ++i) wf[i] = (float)(signed char)(q[i >> 2] >> (8 * (i & 3)));
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    if (m < M) {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            uint4 xv = reinterpret_cast<const uint4*>(x + (size_t)m * K)[2 * kv + h];
+                            const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
+                            float2 a = __half22float2(x2[0]), b = __half22float2(x2[1]);
+                            float2 c = __half22float2(x2[2]), d = __half22float2(x2[3]);
+                            const float* f = wf + 8 * h;
+                            acc[m] += a.x * f[0] + a.y * f[1] + b.x * f[2] + b.y * f[3]
+                                    + c.x * f[4] + c.y * f[5] + d.x * f[6] + d.y * f[7];
+                        }
+                    }
                 }
             }
         }
@@ -185,16 +213,24 @@ __device__ __forceinline__ void gemv_f16_tile(const __half* __restrict__ x, cons
     for (int m = 0; m < MT; ++m) {
         if (m < M) {
             float v = warp_sum(acc[m]);
-            if (lane == 0) out[(size_t)m * N + n] = __float2half_rn(v);
+            if (lane == 0) out[(size_t)m * N + n] = __float2half_rn(v * sc);
         }
     }
 }
 
-// One entry point per M bucket (the launcher, model_cuda.matmul_f16, picks the smallest MT ≥ M).
+// One entry point per M bucket and weight type (the launchers, model_cuda.matmul_f16 and
+// matmul_w8, pick the smallest MT ≥ M).
 #define GEMV_F16_ENTRY(MT, U)                                                                      \
     extern "C" __global__ void __launch_bounds__(256) gemv_f16_m##MT(                             \
         const __half* __restrict__ x, const __half* __restrict__ w, __half* __restrict__ out,      \
-        int M, int N, int K) { gemv_f16_tile<MT, U>(x, w, out, M, N, K); }
+        int M, int N, int K) { gemv_tile<MT, U, __half>(x, w, nullptr, out, M, N, K); }
+#define GEMV_W8_ENTRY(MT, U)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) gemv_w8_m##MT(                              \
+        const __half* __restrict__ x, const signed char* __restrict__ w, const float* __restrict__ scale, \
+        __half* __restrict__ out, int M, int N, int K) { gemv_tile<MT, U, signed char>(x, w, scale, out, M, N, K); }
 GEMV_F16_ENTRY(1, 8)
 GEMV_F16_ENTRY(4, 4)
 GEMV_F16_ENTRY(8, 4)
+GEMV_W8_ENTRY(1, 8)
+GEMV_W8_ENTRY(4, 4)
+GEMV_W8_ENTRY(8, 4)

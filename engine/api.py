@@ -43,7 +43,15 @@ def gpu_engine_available() -> bool:
     return importlib.util.find_spec("engine.model_cuda") is not None
 
 
-def load_model(path=None, device: str = "cpu") -> LoadedModel:
+LM_HEADS = ("fp16", "int8")
+
+
+def load_model(path=None, device: str = "cpu", lm_head: str = "fp16") -> LoadedModel:
+    """Load weights and build the NumPy or GPU model. lm_head "int8": the output head as
+    symmetric INT8 with one scale per vocabulary row (ModelWeights.with_int8_lm_head), on
+    both paths; "fp16" (default) keeps it as the file has it."""
+    if lm_head not in LM_HEADS:
+        raise BackendError(f"lm_head must be one of {LM_HEADS}, got {lm_head!r}")
     asked = device
     device = resolve_device(device)
     if device == "cuda" and not gpu_engine_available():
@@ -51,6 +59,8 @@ def load_model(path=None, device: str = "cpu") -> LoadedModel:
             raise BackendError("--device cuda: this build has no GPU engine yet; use --device cpu")
         device = "cpu"
     mw, tok, tmpl, source, recipe = load_weights(path)
+    if lm_head == "int8":
+        mw = mw.with_int8_lm_head()
     model = None
     if device == "cuda":
         from .model_cuda import CudaModel  # noqa: PLC0415

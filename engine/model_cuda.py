@@ -90,6 +90,20 @@ def matmul_f16(cp, x, w, out):
     return out
 
 
+def matmul_w8(cp, x, w8, scale, out):
+    """out (M, N) fp16 = (x (M, K) fp16 · w8 (N, K)ᵀ int8) · scale[n]: the INT8 lm_head
+    (ModelWeights.with_int8_lm_head), our GEMV in slices of up to 8 rows (graph-capturable)."""
+    m, k = x.shape
+    n = w8.shape[0]
+    for r0 in range(0, m, GEMV_F16_MAXM):
+        r = min(GEMV_F16_MAXM, m - r0)
+        mt = next(t for t in GEMV_F16_MT if t >= r)
+        kernels.function("fused.cu", f"gemv_w8_m{mt}", FUSED_EXPRS)((-(-n // 8),), (256,),
+                                                                   (x[r0:], w8, scale, out[r0:], np.int32(r),
+                                                                    np.int32(n), np.int32(k)))
+    return out
+
+
 def row_cluster(width: int, cta_width: int | None = None) -> int:
     """CTAs per row for a row kernel on sm_90: the smallest cluster that leaves each CTA at
     most `cta_width` (default ROW_CTA_WIDTH) values."""
@@ -284,7 +298,14 @@ class CudaModel:
         kernels.module("fused.cu", FUSED_EXPRS)            # compile once, up front
         kernels.module("attention.cu", ATTN_EXPRS)
         self.embed = cp.asarray(weights.embed, dtype=cp.float16)               # (V, H)
-        self.lm_head = self.embed if c.tie_word_embeddings else cp.asarray(weights.lm_head, cp.float16)
+        if weights.lm_head_q is not None:            # INT8 head (ModelWeights.with_int8_lm_head)
+            if c.hidden_size % 16:
+                raise BackendError(f"the INT8 lm_head GEMV takes a hidden size that is a multiple of 16, "
+                                   f"got {c.hidden_size}")
+            self.lm_head, self.lm_scale = (cp.asarray(a) for a in weights.lm_head_q)
+        else:
+            self.lm_head = self.embed if c.tie_word_embeddings else cp.asarray(weights.lm_head, cp.float16)
+            self.lm_scale = None
         self.norm = cp.asarray(weights.norm, dtype=cp.float32)
         self.layers = []
         hc = {}
@@ -313,7 +334,7 @@ class CudaModel:
         other = self.embed.nbytes + self.norm.nbytes + sum(
             L["attn_norm"].nbytes + L["mlp_norm"].nbytes for L in self.layers)
         if self.lm_head is not self.embed:
-            other += self.lm_head.nbytes
+            other += self.lm_head.nbytes + (0 if self.lm_scale is None else self.lm_scale.nbytes)
         return {"linears": lin, "other": other}
 
     def new_cache(self, capacity: int | None = None, batch: int = 1, kv8: bool = False) -> GpuKVCache:
@@ -445,15 +466,23 @@ class CudaModel:
         self._norm(b, nrows, None if y is None else y[rows], self.norm, MODE["fp16"], self.norm,
                    b.x8(nrows, 1), 1, xh, h=b.h[rows])
         if lm_head:
-            matmul_f16(self.cp, xh, self.lm_head, b.logits[:nrows])
+            self._lm_head(xh, b.logits[:nrows])
+
+    def _lm_head(self, x, out):
+        """out (M, V) fp16 = the output head applied to x (M, H) fp16: fp16 (cuBLAS or our GEMV)
+        or INT8 (our GEMV, any M)."""
+        if self.lm_scale is not None:
+            return matmul_w8(self.cp, x, self.lm_head, self.lm_scale, out)
+        return matmul_f16(self.cp, x, self.lm_head, out)
 
     def graphable(self, batch: int) -> tuple[bool, bool]:
         """(layers, head): whether a decode step for `batch` sequences can be captured up to the
         final norm, and the lm_head with sampling too. CuPy cannot capture cuBLAS: A8W4 linears
-        always can be, float linears and the lm_head through our fp16 GEMV (M ≤ GEMV_F16_MAXM)."""
+        always can be, float linears and the lm_head through our fp16 GEMV (M ≤ GEMV_F16_MAXM),
+        an INT8 lm_head at any batch (8-row slices of its GEMV)."""
         gemv = batch <= GEMV_F16_MAXM
         return (all(gemv and k % 8 == 0 for k in self._f16_ks),
-                gemv and self.config.hidden_size % 8 == 0)
+                self.lm_scale is not None or (gemv and self.config.hidden_size % 8 == 0))
 
     # ------------------------------------------------------------------ prefill / full forward
     def _attend_prefill(self, cache: GpuKVCache, s: int, start: int, t: int, pos, seqs):
@@ -536,7 +565,7 @@ class CudaModel:
     def _decode_tail(self, cache: GpuKVCache, st: dict):
         """lm_head and sampling of a decode step (outside the graph when cuBLAS runs the lm_head)."""
         b, nb = st["bufs"], cache.batch
-        matmul_f16(self.cp, b.xh(nb, self.config.hidden_size), self.lm_head, b.logits[:nb])
+        self._lm_head(b.xh(nb, self.config.hidden_size), b.logits[:nb])
         ops_cuda.sample_rows(b.logits[:nb], st["params"], st["seq"], st["pos"], st["tok"], lens=st["lens"])
 
     def _decode_state(self, cache: GpuKVCache):

@@ -81,6 +81,35 @@ def test_eval_text_file(tiny_dir, tmp_path):
     assert 1.0 < float(last.split()[1]) < 1e4
 
 
+def test_lm_head_int8(tiny_dir, tmp_path):
+    """--lm-head int8: dgq-eval scores with the INT8 head (close to the float one) and says so,
+    dgq-run greedy-decodes what the NumPy model with that head decodes; a bad value is refused."""
+    f = tmp_path / "t.txt"
+    f.write_text("the other one is at the center of the river. " * 40)
+    ppl = {}
+    for head in ("fp16", "int8"):
+        r = CliRunner().invoke(eval_cmd, ["--weights", str(tiny_dir), "--text", str(f), "--window", "32",
+                                          "--lm-head", head, "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        assert ("int8 lm_head" in r.stdout) == (head == "int8")
+        ppl[head] = float(r.stdout.strip().splitlines()[-1].split()[1])
+    assert abs(ppl["int8"] / ppl["fp16"] - 1) < 0.02, ppl
+    r = CliRunner().invoke(run, ["--weights", str(tiny_dir), "--prompt", "the cat", "--raw", "--max-new-tokens",
+                                 "5", "--lm-head", "int8", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    ck = load_hf_dir(tiny_dir)
+    m = Model(ModelWeights.from_hf(ck.config, ck.tensors).with_int8_lm_head())
+    ids, new = list(ck.tokenizer.encode("the cat").ids), []
+    for _ in range(5):
+        nxt = int(m.forward(np.array(ids + new))[-1].argmax())
+        if nxt == ck.config.eos_token_id:
+            break
+        new.append(nxt)
+    assert r.stdout.rstrip("\n") == ck.tokenizer.decode(new, skip_special_tokens=True)
+    r = CliRunner().invoke(run, ["--weights", str(tiny_dir), "--prompt", "x", "--lm-head", "int4"])
+    assert r.exit_code != 0 and "--lm-head" in r.output
+
+
 def test_eval_needs_exactly_one_source(tiny_dir):
     r = CliRunner().invoke(eval_cmd, ["--weights", str(tiny_dir), "--device", "cpu"])
     assert r.exit_code != 0 and "--text" in r.output

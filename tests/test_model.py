@@ -1,4 +1,6 @@
 """The reference forward pass against an independent, loop-based NumPy computation."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,25 @@ def test_exact_f32_gemm_equals_reference():
         w8[0] = 127
         np.testing.assert_array_equal(ops_ref.gemm_int8_exact(x8, w8.astype(np.float32)),
                                       formats.gemm_a8w4_ref(x8, w8))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_int8_lm_head(tie):
+    """with_int8_lm_head: one scale per vocabulary row, codes within ±127, each weight within
+    half a step of the float head, a tied embedding left as it was; the NumPy forward then uses
+    exactly W8·s, and its logits stay close to the float head's."""
+    c = tiny_config(tie_word_embeddings=tie)
+    mw = ModelWeights.from_hf(c, random_tensors(c, seed=3))
+    embed0 = mw.embed.copy()
+    q = mw.with_int8_lm_head()
+    w8, s = q.lm_head_q
+    assert w8.dtype == np.int8 and w8.shape == (c.vocab_size, c.hidden_size) and s.shape == (c.vocab_size,)
+    assert np.abs(w8.astype(np.int32)).max() <= 127 and (np.abs(w8).max(axis=1) == 127).all()
+    np.testing.assert_array_equal(q.lm_head, w8.astype(np.float32) * s[:, None])
+    assert (np.abs(q.lm_head - mw.lm_head) <= s[:, None] / 2 * (1 + 1e-6)).all()
+    np.testing.assert_array_equal(q.embed, embed0)
+    assert mw.lm_head_q is None and q.with_int8_lm_head() is q
+    tokens = np.array([3, 17, 5, 60, 0, 42])
+    ref, got = Model(mw).forward(tokens), Model(q).forward(tokens)
+    np.testing.assert_array_equal(got, Model(replace(mw, lm_head=q.lm_head)).forward(tokens))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2
