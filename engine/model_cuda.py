@@ -37,6 +37,8 @@ ROW_CLUSTER_PERS = ROW_PERS[:3]  # PER instantiated with clusters of 2 or more
 ROW_CTA_WIDTH = 4096             # on sm_90, a row wider than this is split over a cluster (H100, 7B
                                  # decode: 2048 / 4096 / none = 2.56 / 2.46 / 2.55 ms a step)
 ROW_CTA_WIDTH_BY_KERNEL = {"silu_mul_quant": 2048}   # 11008 wide: 8 CTAs 3.4 µs, 4 CTAs 3.8 µs
+ROW_THREADS_MANY = 256      # threads a row when the rows fill the GPU (prefill): 4× the rows in flight
+ROW_PER_MANY = 16           # ... up to this many values a thread (PER = 32 spills at 64 registers)
 ROW_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows")
 FUSED_EXPRS = tuple(f"{k}<{p}, {cl}>" for k in ROW_KERNELS for cl in ROW_CLUSTERS
                     for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS)) + ("quant_amax<float>", "quant_amax<__half>")
@@ -111,15 +113,17 @@ def row_cluster(width: int, cta_width: int | None = None) -> int:
     return next((cl for cl in ROW_CLUSTERS if -(-width // cl) <= cta_width), ROW_CLUSTERS[-1])
 
 
-def row_launch(name: str, width: int, cl: int = 1) -> tuple[str, int]:
+def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024) -> tuple[str, int]:
     """(kernel expression, block size) of a row kernel (cuda/rows.cuh) for rows of `width`
-    shared by clusters of `cl` CTAs: the smallest PER with PER · 1024 ≥ ⌈width / cl⌉, and
-    ⌈width / (cl · PER)⌉ threads in whole warps."""
+    shared by clusters of `cl` CTAs: the smallest PER with PER · cap ≥ ⌈width / cl⌉, and
+    ⌈width / (cl · PER)⌉ threads in whole warps. cap < 1024 (many rows: prefill) takes PER up
+    to ROW_PER_MANY, past which the 1024-thread rule applies."""
     if cl not in ROW_CLUSTERS:
         raise BackendError(f"{name} runs on clusters of {ROW_CLUSTERS} CTAs, not {cl}")
     share = -(-width // cl)
     pers = ROW_PERS if cl == 1 else ROW_CLUSTER_PERS
-    per = next((p for p in pers if p * 1024 >= share), None)
+    per = next((p for p in pers if p * cap >= share and p <= ROW_PER_MANY), None) if cap < 1024 else None
+    per = per or next((p for p in pers if p * 1024 >= share), None)
     if per is None:
         raise BackendError(f"the GPU row kernels take rows of up to {pers[-1] * 1024 * cl} values on "
                            f"clusters of {cl}, got {width}")
@@ -369,7 +373,7 @@ class CudaModel:
         # clusters of 8 took 293 µs a launch, 7.7× its bytes at copy bandwidth)
         few = m < kernels.device_info()["sm_count"]
         cl = row_cluster(width, ROW_CTA_WIDTH_BY_KERNEL.get(name)) if self._clusters and few else 1
-        expr, threads = row_launch(name, width, cl)
+        expr, threads = row_launch(name, width, cl, 1024 if few else ROW_THREADS_MANY)
         self._launch(expr, (m * cl,), (threads,), args)
 
     def _attn(self, expr, grid, block, args):

@@ -225,8 +225,9 @@ TUNE = {
     # more bytes in flight per warp beats occupancy there (2026-11-25 H100 sweep, graphed,
     # U = 2 / 3 / 4: o 6.52 / 5.83 / 6.22 us, down 13.84 / 11.23 / 11.68 us; qkv and
     # gate|up are fastest at U = 2: 11.99 / 14.74 / 14.38 and 19.70 / 25.96 / 25.57 us)
-    "gemv_few": {1: (1, 3)}, "gemv_few_tiles_per_sm": 2,
-    "gemv_few_nw": 8,        # warps a block for those shapes (16: GEMV_WIDE configs only)
+    # 16 warps a block there, U = 2 (GEMV_WIDE): 2 blocks an SM hold 32 warps of loads in flight
+    # instead of 16 (7B b=1 step 2.049 → 2.030 ms, same process; U = 3 at 8 warps before)
+    "gemv_few": {1: (1, 2)}, "gemv_few_tiles_per_sm": 2, "gemv_few_nw": 16,
     "wgmma_bounds": (64, 512),
     "wgmma": {"small": (64, 6, 2, 4, 2, None), "mid": (128, 4, 2, 2, 2, None),
               "large": (128, 4, 2, 2, 2, 1)},
@@ -426,7 +427,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         few = mt in TUNE["gemv_few"] and R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
         rw0, u0 = TUNE["gemv_few"][mt] if few else TUNE["gemv"][mt]
         rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
-        nw = cfg.get("nw", TUNE["gemv_few_nw"] if few else 8)
+        nw = cfg.get("nw", TUNE["gemv_few_nw"] if few and "rw" not in cfg and "u" not in cfg else 8)
         if (rw, u) not in (GEMV_CFGS[mt] if nw == 8 else GEMV_WIDE.get(mt, ()) if nw == 16 else ()):
             raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} NW={nw} is not instantiated "
                               f"(GEMV_CFGS, GEMV_WIDE)")

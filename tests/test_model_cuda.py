@@ -146,11 +146,12 @@ def test_fp16_gemv_buckets_match_float64(m):
 
 @pytest.mark.parametrize("width", [64, 576, 4096, 5000, 11008, 20000])
 @pytest.mark.parametrize("mode", ["static", "dynamic", "fp16"])
-@pytest.mark.parametrize("cl", [1, 2, 8])
-def test_row_kernels_match_numpy(width, mode, cl):
+@pytest.mark.parametrize("cl,cap", [(1, 1024), (1, 256), (2, 1024), (8, 1024)])
+def test_row_kernels_match_numpy(width, mode, cl, cap):
     """add_rmsnorm_quant (with and without the residual add), silu_mul_quant and quant_rows at
     block sizes from one warp to 1024 threads, one CTA a row or a cluster of cl (sm_90; CTAs
-    whose part of a narrow row is empty included), against NumPy float32."""
+    whose part of a narrow row is empty included), and with the many-rows launch (cap 256
+    threads, up to 16 values a thread), against NumPy float32."""
     import cupy as cp
     from engine.model_cuda import FUSED_EXPRS, MODE, ROW_CLUSTER_PERS, row_launch
     from engine.kernels import device_info, function
@@ -175,7 +176,7 @@ def test_row_kernels_match_numpy(width, mode, cl):
         xh = cp.zeros((m, width), cp.float16)
         tail = (np.int32(MODE[mode]), sc, x8, np.int32(ld), sx) + ((xh,) if name != "quant_rows" else ())
         tail += extra
-        expr, threads = row_launch(name, width, cl)
+        expr, threads = row_launch(name, width, cl, cap)
         function("fused.cu", expr, FUSED_EXPRS)((m * cl,), (threads,), args + tail)
         return x8.get(), sx.get(), xh.get()
 
