@@ -10,6 +10,7 @@ row with --json, and a table.
 """
 from __future__ import annotations
 
+import gc
 import json
 import time
 
@@ -96,6 +97,7 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
     from .model_cuda import CudaModel  # noqa: PLC0415
     rows = []
     pool = cp.get_default_memory_pool()
+    gc.collect()                   # the previous model's graphs and caches, before the baseline
     pool.free_all_blocks()
     base = pool.used_bytes()
     gm = CudaModel(mw)

@@ -76,12 +76,16 @@ def test_greedy_64_tokens_match_numpy(models):
 
 
 def test_wiki_perplexity_matches_numpy(models):
+    """Within 0.5 % over 8 windows of 512 (4088 scored tokens). Over 2 windows the ratio is
+    noise: fp32 reductions in another order move activations across INT8 rounding boundaries
+    (see above), and two launch shapes of the same row kernels measured −0.52 % and +0.64 %
+    there, −0.09 % and +0.13 % over 8 windows (H100, 2026-11-25)."""
     from engine.eval import perplexity
     tok, ref, gpu = models
     try:
         tokens = np.asarray(data.encode_text(tok, data.wiki_text("eval")), dtype=np.int32)
     except data.DataError as e:
         pytest.skip(str(e))
-    r = perplexity(lambda t: ref.forward(t), tokens, 512, max_windows=2, progress=False)
-    g = perplexity(lambda t: gpu.forward(t), tokens, 512, max_windows=2, progress=False)
+    r = perplexity(lambda t: ref.forward(t), tokens, 512, max_windows=8, progress=False)
+    g = perplexity(lambda t: gpu.forward(t), tokens, 512, max_windows=8, progress=False)
     assert abs(g["perplexity"] / r["perplexity"] - 1) < 0.005, (g["perplexity"], r["perplexity"])
