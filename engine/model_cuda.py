@@ -6,7 +6,10 @@ for prefill rope_qkv_cache then flash-attention; for decode one attn_decode laun
 cache write, flash-decoding, merge of the splits) → quant_rows → o GEMM → add_rmsnorm_quant →
 fused gate|up GEMM → silu_mul_quant → down GEMM. Up to 16 rows of an all-A8W4 model, the o and
 down GEMVs add their output into the residual stream themselves (_fold_resid); otherwise the
-next norm adds it, and the last layer's add happens in the final norm. The residual stream is
+next norm adds it, and the last layer's add happens in the final norm. For one token
+(_fold_quant) the gate|up rows are interleaved so its GEMV epilogue writes silu(gate)·up and
+max-reduces the row's absmax, attn_decode max-reduces its output's, and quant_amax launches
+(no reduction) quantize both rows: silu_mul_quant and quant_rows drop out of the step. The residual stream is
 float32; GEMM outputs and q are float16; the KV cache is float16, or INT8 with one float32
 scale per token and kv head (kv8). Layers whose weights are float run the same steps with
 FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 8 rows, so their decode step is
