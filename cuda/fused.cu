@@ -18,11 +18,14 @@
 // it), then x = (h * rstd) * w, quantized (modes 0/1) or stored fp16 (mode 2). One launch
 // instead of an add and a norm. zero (nullable): zero[row] = 0, the amax slot a later kernel
 // of the sublayer max-reduces into (attn_decode's output, the SiLU GEMV's; model_cuda._fold_quant).
+// emb (nullable, the first layer): h[row] = emb[tok[row]] first, the embedding gather of the
+// token (fp16 table), instead of reading h; y must then be null.
 template <int PER, int CL>
 __global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
 add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const float* __restrict__ w, int H,
                   float eps, int mode, const float* __restrict__ static_scale, signed char* __restrict__ x8,
-                  int ld, float* __restrict__ sx, __half* __restrict__ xh, unsigned* __restrict__ zero) {
+                  int ld, float* __restrict__ sx, __half* __restrict__ xh, unsigned* __restrict__ zero,
+                  const __half* __restrict__ emb, const int* __restrict__ tok) {
     RowTeam<CL> team;
     float wv[PER];                  // the norm weight is no kernel's output: read before the PDL wait
 #pragma unroll
@@ -34,18 +37,19 @@ add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const flo
     if (zero && team.tid == 0) zero[team.row] = 0u;
     float* row = h + (size_t)team.row * H;
     const __half* yr = y ? y + (size_t)team.row * H : nullptr;
+    const __half* er = emb ? emb + (size_t)tok[team.row] * H : nullptr;
     float v[PER];
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
         int j = team.tid + i * team.T;
-        v[i] = j < H ? row[j] : 0.f;
+        v[i] = j < H ? (er ? __half2float(er[j]) : row[j]) : 0.f;
         if (yr && j < H) v[i] += __half2float(yr[j]);
     }
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
         int j = team.tid + i * team.T;
-        if (yr && j < H) row[j] = v[i];
+        if ((yr || er) && j < H) row[j] = v[i];
         ss += v[i] * v[i];
     }
     float rstd = 1.f / sqrtf(team.template reduce<false>(ss, 0) / H + eps);

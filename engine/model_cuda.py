@@ -397,13 +397,14 @@ class CudaModel:
             L["gu"].interleaved and L["o"].mode != MODE["fp16"] and L["down"].mode != MODE["fp16"]
             for L in self.layers))
 
-    def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, attend):
+    def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, attend, tok=None):
         """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h
         (None when the GEMVs added it themselves, see _fold_resid).
 
         attend(layer, b, amax) reads b.qkv[:m] and the cache, writes the new k, v into the cache
         and fills b.a[:m] (M, Hq·D) fp16; with amax (decode, _fold_quant) it also max-reduces
-        |b.a[row]| into amax[row] (float bits).
+        |b.a[row]| into amax[row] (float bits). tok (M,) int32 on the device: the first norm
+        gathers their embeddings into b.h itself (one launch fewer).
         """
         c = self.config
         hid, inter = c.hidden_size, c.intermediate_size
@@ -414,7 +415,8 @@ class CudaModel:
         for li, L in enumerate(self.layers):
             qkv, o, gu, down = L["qkv"], L["o"], L["gu"], L["down"]
             x8, xh = b.x8(m, qkv.kp), b.xh(m, hid)
-            self._norm(b, m, y, L["attn_norm"], qkv.mode, qkv.scale, x8, qkv.kp, xh, zero=amax_o)
+            self._norm(b, m, y, L["attn_norm"], qkv.mode, qkv.scale, x8, qkv.kp, xh, zero=amax_o,
+                       tok=tok if li == 0 else None)
             qkv(x8, b.sx[:m], xh, b.qkv[:m])
             attend(li, b, amax_o)
             a8, ah = b.x8(m, o.kp), b.a[:m]
@@ -452,14 +454,18 @@ class CudaModel:
                      (x, np.int32(k), np.int32(lin.mode), amax if dyn else lin.scale, x8, np.int32(lin.kp),
                       sx))
 
-    def _norm(self, b: _Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None, zero=None):
-        """h += y (y None: no add), then RMSNorm(h)·w into x8/sx (modes 0, 1) or xh (fp16);
-        zero: a (m,) uint32 array the kernel sets to 0 (an amax slot of _fold_quant)."""
+    def _norm(self, b: _Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None, zero=None,
+              tok=None):
+        """h += y (y None: no add; tok given: h = the tokens' embeddings), then RMSNorm(h)·w into
+        x8/sx (modes 0, 1) or xh (fp16); zero: a (m,) uint32 array the kernel sets to 0 (an amax
+        slot of _fold_quant)."""
         c = self.config
+        null = np.uint64(0)
         self._row("add_rmsnorm_quant", m, c.hidden_size,
-                  (b.h if h is None else h, np.uint64(0) if y is None else y, w, np.int32(c.hidden_size),
+                  (b.h if h is None else h, null if y is None else y, w, np.int32(c.hidden_size),
                    np.float32(c.rms_norm_eps), np.int32(mode), scale, x8, np.int32(ld), b.sx, xh,
-                   np.uint64(0) if zero is None else zero))
+                   null if zero is None else zero, null if tok is None else self.embed,
+                   null if tok is None else tok))
 
     def _head(self, b: _Buffers, y, rows: slice, nrows: int, lm_head: bool = True):
         """Last residual add, final norm and lm_head for b.h[rows] into b.logits[:nrows] (fp16).
@@ -522,8 +528,7 @@ class CudaModel:
         tok = cp.asarray(tokens, dtype=cp.int32)
         pos = cp.arange(start, start + t, dtype=cp.int32)
         seqs = cp.full((t,), seq, dtype=cp.int32)
-        self._launch("embed_gather", (t,), (256,), (self.embed, tok, np.int32(c.hidden_size), b.h))
-        y = self._layers(b, t, cache, self._attend_prefill(cache, seq, start, t, pos, seqs))
+        y = self._layers(b, t, cache, self._attend_prefill(cache, seq, start, t, pos, seqs), tok)
         cache.lens_host[seq] += t
         self._head(b, y, slice(0, t) if logits == "all" else slice(t - 1, t), rows)
         return b.logits[:rows]
@@ -563,8 +568,7 @@ class CudaModel:
                         np.int32(cache.capacity), np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"],
                         st["counters"], bb.a, np.uint64(0) if amax is None else amax))
 
-        self._launch("embed_gather", (nb,), (256,), (self.embed, st["tok"], np.int32(c.hidden_size), b.h))
-        y = self._layers(b, nb, cache, attend)
+        y = self._layers(b, nb, cache, attend, st["tok"])     # the first norm gathers the embeddings
         self._head(b, y, slice(0, nb), nb, lm_head=False)
         if with_tail:
             self._decode_tail(cache, st)

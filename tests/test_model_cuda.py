@@ -195,13 +195,22 @@ def test_row_kernels_match_numpy(width, mode, cl, cap):
         hd = cp.asarray(h)
         got = run("add_rmsnorm_quant", (hd, cp.asarray(y) if with_y else np.uint64(0), cp.asarray(w),
                                         np.int32(width), np.float32(eps)),
-                  (zero,) if with_y else (np.uint64(0),))
+                  (zero, np.uint64(0), np.uint64(0)) if with_y else (np.uint64(0),) * 3)
         if with_y:
             assert not zero.any()                                 # the amax slots of _fold_quant
         hh = h + y.astype(np.float32) if with_y else h
         np.testing.assert_allclose(hd.get(), hh, rtol=1e-6)      # the add is written back
         want = hh / np.sqrt((hh * hh).mean(1, keepdims=True) + eps) * w
         check(got, want, 2e-3)
+    # the first layer's norm gathers the tokens' embeddings (fp16 table) into h itself
+    emb = (rng.standard_normal((7, width)) * 3).astype(np.float16)
+    tok = np.array([4, 0, 4], np.int32)
+    hd = cp.full((m, width), np.nan, cp.float32)
+    got = run("add_rmsnorm_quant", (hd, np.uint64(0), cp.asarray(w), np.int32(width), np.float32(eps)),
+              (np.uint64(0), cp.asarray(emb), cp.asarray(tok)))
+    hh = emb[tok].astype(np.float32)
+    np.testing.assert_array_equal(hd.get(), hh)
+    check(got, hh / np.sqrt((hh * hh).mean(1, keepdims=True) + eps) * w, 2e-3)
     g, u = gu[:, :width].astype(np.float32), gu[:, width:].astype(np.float32)
     check(run("silu_mul_quant", (cp.asarray(gu), np.int32(width)), (np.int32(0),)), g / (1 + np.exp(-g)) * u, 2e-3)
     if width % 8 == 0:              # gate|up interleaved per 16 columns (ops_cuda.interleave_rows)
