@@ -13,7 +13,7 @@ import json
 
 from engine import ops_cuda
 from engine.backend import _cupy
-from engine.bench import GROUP, _n_buffers, time_calls
+from engine.bench import _n_buffers, gemm_case, time_calls
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate|up": (4096, 22016), "down": (11008, 4096)}
 
@@ -26,12 +26,8 @@ def main():
     cp = _cupy()
     m = a.m
     for name, (k, n) in SHAPES.items():
-        layer = ops_cuda.random_packed(n, k, GROUP, seed=1)
-        nb = _n_buffers(layer.nbytes())
-        layers = [layer] + [ops_cuda.random_packed(n, k, GROUP, seed=i) for i in range(2, nb + 1)]
-        x8 = cp.random.randint(-127, 128, (m, k), dtype=cp.int32).astype(cp.int8)
-        sx = cp.full((m,), 0.01, dtype=cp.float32)
-        y = cp.empty((m, n), dtype=cp.float16)
+        layers, x8, sx, y = gemm_case(m, k, n)
+        nb = len(layers)
         flop = 2.0 * m * n * k
         for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
             if bt == 64:
@@ -44,7 +40,7 @@ def main():
         ms = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, layers[i % nb], out=y), a.reps)
         print(json.dumps({"shape": name, "m": m, "k": k, "n": n, "kernel": "auto (ops_cuda.TUNE)", "ms": ms,
                           "tops": flop / (ms * 1e-3) / 1e12}), flush=True)
-        del layers, layer
+        del layers
         nw = max(2, _n_buffers(n * k * 2))
         ws = [cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16) for _ in range(nw)]
         xh = cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16)

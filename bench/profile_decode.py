@@ -63,21 +63,9 @@ def main():
         del c2
     if gm._clusters and model_cuda.decode_cluster(2, a.batch * gm.config.num_attention_heads,
                                                   kernels.device_info()["sm_count"]):
-        orig_dc, model_cuda.decode_cluster = model_cuda.decode_cluster, lambda *args: 0
-        try:
-            c7, f7 = _prefilled(gm, mw, a)
-            print(f"A8W4 decode b={a.batch}, attention merge through global memory: {_decode(gm, c7, f7, a)}")
-            del c7
-        finally:
-            model_cuda.decode_cluster = orig_dc
+        _variant(gm, mw, a, "attention merge through global memory", "decode_cluster", lambda *args: 0)
     if model_cuda.FOLD_QUANT and gm._fold_quant(a.batch):
-        model_cuda.FOLD_QUANT = False
-        try:
-            c8, f8 = _prefilled(gm, mw, a)
-            print(f"A8W4 decode b={a.batch}, quant_rows + silu_mul_quant (not folded): {_decode(gm, c8, f8, a)}")
-            del c8
-        finally:
-            model_cuda.FOLD_QUANT = True
+        _variant(gm, mw, a, "quant_rows + silu_mul_quant (not folded)", "FOLD_QUANT", False)
     if a.int8_head:
         g8 = CudaModel(mw.with_int8_lm_head())
         c9, f9 = _prefilled(g8, mw, a)
@@ -121,6 +109,17 @@ def main():
         c16, f16 = _prefilled(g16, mw, a)
         print(f"FP16 decode b={a.batch}, PDL {'on' if launch.pdl_enabled() else 'off'}: {_decode(g16, c16, f16, a)}")
         print(format_breakdown(graph_breakdown(g16, c16)))
+
+
+def _variant(gm, mw, a, label: str, attr: str, value):
+    """One decode line with model_cuda.<attr> set to value while its step is captured."""
+    saved = getattr(model_cuda, attr)
+    setattr(model_cuda, attr, value)
+    try:
+        cache, firsts = _prefilled(gm, mw, a)
+        print(f"A8W4 decode b={a.batch}, {label}: {_decode(gm, cache, firsts, a)}")
+    finally:
+        setattr(model_cuda, attr, saved)
 
 
 @contextlib.contextmanager

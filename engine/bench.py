@@ -349,15 +349,23 @@ def _variants(m):
     return v
 
 
+def gemm_case(m: int, k: int, n: int):
+    """(layers, x8, sx, y) for timing an (M, K) × (N, K)ᵀ A8W4 GEMM: enough random layers that
+    call i, on layers[i % len(layers)], never finds the previous call's weights in L2."""
+    cp = _cp()
+    layer = ops_cuda.random_packed(n, k, GROUP, seed=1)
+    nb = _n_buffers(layer.nbytes())
+    layers = [layer] + [ops_cuda.random_packed(n, k, GROUP, seed=i) for i in range(2, nb + 1)]
+    x8 = cp.random.randint(-127, 128, (m, k), dtype=cp.int32).astype(cp.int8)
+    sx = cp.full((m,), 0.01, dtype=cp.float32)
+    return layers, x8, sx, cp.empty((m, n), dtype=cp.float16)
+
+
 def cmd_gemm_tune(args) -> int:
     cp = _cp()
     for m, k, n in TUNE_CASES:
-        layer = ops_cuda.random_packed(n, k, GROUP, seed=1)
-        nb = _n_buffers(layer.nbytes())
-        layers = [layer] + [ops_cuda.random_packed(n, k, GROUP, seed=i) for i in range(2, nb + 1)]
-        x8 = cp.random.randint(-127, 128, (m, k), dtype=cp.int32).astype(cp.int8)
-        sx = cp.full((m,), 0.01, dtype=cp.float32)
-        y = cp.empty((m, n), dtype=cp.float16)
+        layers, x8, sx, y = gemm_case(m, k, n)
+        layer, nb = layers[0], len(layers)
         for kern, cfg in _variants(m):
             try:
                 ms = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, layers[i % nb], kernel=kern, cfg=cfg, out=y),
@@ -375,13 +383,8 @@ def cmd_gemm_tune(args) -> int:
 
 def cmd_gemm_one(args) -> int:
     """Time (or, under ncu, just run) one shape with one kernel configuration."""
-    cp = _cp()
-    layer = ops_cuda.random_packed(args.n, args.k, GROUP, seed=1)
-    nb = _n_buffers(layer.nbytes())
-    layers = [layer] + [ops_cuda.random_packed(args.n, args.k, GROUP, seed=i) for i in range(2, nb + 1)]
-    x8 = cp.random.randint(-127, 128, (args.m, args.k), dtype=cp.int32).astype(cp.int8)
-    sx = cp.full((args.m,), 0.01, dtype=cp.float32)
-    y = cp.empty((args.m, args.n), dtype=cp.float16)
+    layers, x8, sx, y = gemm_case(args.m, args.k, args.n)
+    layer, nb = layers[0], len(layers)
     cfg = json.loads(args.cfg) if args.cfg else None
     ms = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, layers[i % nb], kernel=args.kernel, cfg=cfg, out=y),
                     args.reps)
