@@ -1,8 +1,9 @@
 // fused.cu — the per-token steps of the GPU engine around the A8W4 GEMMs.
 //
-// What: RMSNorm + INT8 activation quantization, SiLU·mul + quantization, plain
-// row quantization, residual add fused into the next RMSNorm, embedding
-// gather and the fp16 GEMV of the lm_head. Each is one launch that reads its input once.
+// What: RMSNorm + INT8 activation quantization (with the residual add, or the first
+// layer's embedding gather, fused in), SiLU·mul + quantization, row quantization (with
+// or without a known absmax) and the fp16 / INT8 GEMV of the lm_head. Each is one
+// launch that reads its input once.
 // Sampling lives in cuda/sample.cu.
 // RoPE with the KV-cache write and the attention kernels live in cuda/attention.cu.
 //
@@ -122,14 +123,6 @@ __global__ void __launch_bounds__(256) quant_amax(const T* __restrict__ x, int K
 #pragma unroll
     for (int i = 0; i < 4; ++i) w |= (unsigned)(unsigned char)quant1(v[i], s) << (8 * i);
     *reinterpret_cast<unsigned*>(x8 + (size_t)m * ld + j) = w;
-}
-
-// grid (M), block 256. h[m] = embed[tok[m]] (fp16 table, fp32 residual stream).
-extern "C" __global__ void embed_gather(const __half* __restrict__ emb, const int* __restrict__ tok, int H,
-                                        float* __restrict__ h) {
-    pdl_enter();
-    const __half* row = emb + (size_t)tok[blockIdx.x] * H;
-    for (int j = threadIdx.x; j < H; j += blockDim.x) h[(size_t)blockIdx.x * H + j] = __half2float(row[j]);
 }
 
 // grid (ceil(N / 8)), block 256: warp w of block b computes out[:, 8b + w] = x · w[8b + w]ᵀ
