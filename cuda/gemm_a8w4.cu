@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0
         load(c0 + 3 * NW * U, b1);
     }
 
-    // reduce the 8 warps' partial sums (each covers a different part of K)
+    // reduce the NW warps' partial sums (each covers a different part of K)
 #pragma unroll
     for (int r = 0; r < RW; ++r)
 #pragma unroll

@@ -388,7 +388,7 @@ class CudaModel:
         return m <= ops_cuda.TUNE["gemv_max_m"] and not self._f16_ks
 
     def _fold_quant(self, m: int) -> bool:
-        """Whether a one-token step drops silu_mul_quant and the absmax reductions of
+        """Whether a one-token decode step drops silu_mul_quant and the absmax reductions of
         silu_mul_quant and quant_rows: the SiLU GEMV (gate|up rows interleaved) writes
         silu(gate)·up and its absmax, attn_decode the absmax of its output row, and quant_amax
         launches quantize both rows for down and o. Needs _fold_resid and int8 activations
@@ -397,19 +397,21 @@ class CudaModel:
             L["gu"].interleaved and L["o"].mode != MODE["fp16"] and L["down"].mode != MODE["fp16"]
             for L in self.layers))
 
-    def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, attend, tok=None):
+    def _layers(self, b: _Buffers, m: int, cache: GpuKVCache, attend, tok=None, decode: bool = False):
         """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h
         (None when the GEMVs added it themselves, see _fold_resid).
 
         attend(layer, b, amax) reads b.qkv[:m] and the cache, writes the new k, v into the cache
         and fills b.a[:m] (M, Hq·D) fp16; with amax (decode, _fold_quant) it also max-reduces
         |b.a[row]| into amax[row] (float bits). tok (M,) int32 on the device: the first norm
-        gathers their embeddings into b.h itself (one launch fewer).
+        gathers their embeddings into b.h itself (one launch fewer). decode: a decode step,
+        whose attend fills amax (only there does _fold_quant apply: a one-token prefill's
+        attention writes no absmax).
         """
         c = self.config
         hid, inter = c.hidden_size, c.intermediate_size
         resid = b.h[:m] if self._fold_resid(m) else None
-        fq = self._fold_quant(m)
+        fq = decode and self._fold_quant(m)
         amax_o, amax_d = (b.amax[0, :m], b.amax[1, :m]) if fq else (None, None)
         y = None                # the previous sublayer's output, added to h by the next norm
         for li, L in enumerate(self.layers):
@@ -568,7 +570,7 @@ class CudaModel:
                         np.int32(cache.capacity), np.float32(1.0 / np.sqrt(d)), st["ml"], st["acc"],
                         st["counters"], bb.a, np.uint64(0) if amax is None else amax))
 
-        y = self._layers(b, nb, cache, attend, st["tok"])     # the first norm gathers the embeddings
+        y = self._layers(b, nb, cache, attend, st["tok"], decode=True)   # the first norm gathers the embeddings
         self._head(b, y, slice(0, nb), nb, lm_head=False)
         if with_tail:
             self._decode_tail(cache, st)

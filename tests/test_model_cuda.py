@@ -33,11 +33,14 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("act", ["dynamic", "static"])
-def test_gpu_logits_match_reference(act):
+@pytest.mark.parametrize("n_tokens", [11, 1])
+def test_gpu_logits_match_reference(act, n_tokens):
+    """Prefill logits against the NumPy integer reference; one token too (the GEMV path, where
+    the decode step folds the row kernels away and a prefill must not)."""
     from engine.model_cuda import CudaModel
     mw = quantized_tiny(act, head_dim=64, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
                         intermediate_size=96)
-    tokens = np.array([3, 17, 5, 60, 0, 42, 8, 8, 19, 33, 1])
+    tokens = np.array([3, 17, 5, 60, 0, 42, 8, 8, 19, 33, 1])[:n_tokens]
     ref = Model(mw).forward(tokens)
     got = CudaModel(mw).forward(tokens).get()
     assert got.shape == ref.shape
@@ -271,8 +274,9 @@ def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
 def test_fold_quant_equals_row_kernels(monkeypatch, act):
     """A one-token decode step without silu_mul_quant and quant_rows (model_cuda._fold_quant:
     the SiLU GEMV and attn_decode max-reduce their rows, quant_amax quantizes them) gives the
-    bits of the step with the row kernels, graphed and eager, prefill and decode alike
-    (gate|up interleaved in both)."""
+    bits of the step with the row kernels, graphed and eager (gate|up interleaved in both).
+    Prefills never fold, a one-token one included (checked against NumPy in
+    test_gpu_logits_match_reference)."""
     from engine import model_cuda
     from engine.model_cuda import CudaModel
     mw = quantized_tiny(act, seed=6, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
