@@ -6,11 +6,11 @@ for prefill rope_qkv_cache then flash-attention; for decode one attn_decode laun
 cache write, flash-decoding, merge of the splits) → quant_rows → o GEMM → add_rmsnorm_quant →
 fused gate|up GEMM → silu_mul_quant → down GEMM. Up to 16 rows of an all-A8W4 model, the o and
 down GEMVs add their output into the residual stream themselves (_fold_resid); otherwise the
-next norm adds it, and the last layer's add happens in the final norm. For one token
-(_fold_quant) the gate|up rows are interleaved so its GEMV epilogue writes silu(gate)·up and
-max-reduces the row's absmax, attn_decode max-reduces its output's, and quant_amax launches
-(no reduction) quantize both rows: silu_mul_quant and quant_rows drop out of the step. The residual stream is
-float32; GEMM outputs and q are float16; the KV cache is float16, or INT8 with one float32
+next norm adds it, and the last layer's add happens in the final norm. In a one-token decode
+step (_fold_quant) the gate|up rows are interleaved so its GEMV epilogue writes silu(gate)·up
+and max-reduces the row's absmax, attn_decode max-reduces its output's, and quant_amax
+launches (no reduction) quantize both rows: silu_mul_quant and quant_rows drop out of the
+step. The residual stream is float32; GEMM outputs and q are float16; the KV cache is float16, or INT8 with one float32
 scale per token and kv head (kv8). Layers whose weights are float run the same steps with
 FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 8 rows, so their decode step is
 graphed too): that is "our FP16 path", the in-run speed baseline.
@@ -426,27 +426,23 @@ class CudaModel:
             a8, ah = b.x8(m, o.kp), b.a[:m]
             if fq:
                 self._quant_amax(b.a, m, c.q_size, o, amax_o, a8, b.sx)
-                o(a8, b.sx[:m], ah, b.y[:m], resid)
-            else:
-                if o.mode != MODE["fp16"]:
-                    self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
-                                                          o.scale, a8, np.int32(o.kp), b.sx))
-                o(a8, b.sx[:m], ah, b.y[:m], resid)
+            elif o.mode != MODE["fp16"]:
+                self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
+                                                      o.scale, a8, np.int32(o.kp), b.sx))
+            o(a8, b.sx[:m], ah, b.y[:m], resid)
             y = None if resid is not None else b.y
             x8 = b.x8(m, gu.kp)
             self._norm(b, m, y, L["mlp_norm"], gu.mode, gu.scale, x8, gu.kp, xh, zero=amax_d)
+            m8, mh = b.x8(m, down.kp), b.xh(m, inter)
             if fq:
                 gu.silu_gemv(x8, b.sx[:m], b.mf[:m], amax_d)
-                m8 = b.x8(m, down.kp)
                 self._quant_amax(b.mf, m, inter, down, amax_d, m8, b.sx)
-                down(m8, b.sx[:m], None, b.y[:m], resid)
             else:
                 gu(x8, b.sx[:m], xh, b.gu[:m])
-                m8, mh = b.x8(m, down.kp), b.xh(m, inter)
                 self._row("silu_mul_quant", m, inter, (b.gu, np.int32(inter), np.int32(down.mode),
                                                        down.scale, m8, np.int32(down.kp), b.sx, mh,
                                                        np.int32(gu.interleaved)))
-                down(m8, b.sx[:m], mh, b.y[:m], resid)
+            down(m8, b.sx[:m], mh, b.y[:m], resid)
             y = None if resid is not None else b.y
         return y
 

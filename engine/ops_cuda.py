@@ -249,6 +249,14 @@ def _fn(file: str, expr: str, registry: tuple[str, ...]):
     return kernels.function(file, expr, registry)
 
 
+def _gemv_tune(mt: int, r: int) -> tuple[int, int, int]:
+    """(RW, U, NW) that TUNE gives the GEMV for MT token tiles over r row tiles: the "few"
+    setting while the row tiles are at most gemv_few_tiles_per_sm per SM."""
+    few = mt in TUNE["gemv_few"] and r <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
+    rw, u = TUNE["gemv_few"][mt] if few else TUNE["gemv"][mt]
+    return rw, u, TUNE["gemv_few_nw"] if few else 8
+
+
 def has_wgmma() -> bool:
     return kernels.device_info()["cc"] == 90
 
@@ -424,10 +432,9 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         mt = cfg.get("mt", gemv_mt(m))
         if m > 8 * mt or mt not in GEMV_CFGS:
             raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
-        few = mt in TUNE["gemv_few"] and R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
-        rw0, u0 = TUNE["gemv_few"][mt] if few else TUNE["gemv"][mt]
+        rw0, u0, nw0 = _gemv_tune(mt, R)
         rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
-        nw = cfg.get("nw", TUNE["gemv_few_nw"] if few and "rw" not in cfg and "u" not in cfg else 8)
+        nw = cfg.get("nw", nw0 if "rw" not in cfg and "u" not in cfg else 8)
         if (rw, u) not in (GEMV_CFGS[mt] if nw == 8 else GEMV_WIDE.get(mt, ()) if nw == 16 else ()):
             raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} NW={nw} is not instantiated "
                               f"(GEMV_CFGS, GEMV_WIDE)")
@@ -500,8 +507,7 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax):
     if not (isinstance(sx, cp.ndarray) and sx.dtype == np.float32 and sx.shape == (1,)):
         raise CudaOpError("sx must be a (1,) float32 CuPy array")
     R, C, Gp = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K, layer.k_pad // layer.group
-    few = R <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
-    u = (TUNE["gemv_few"] if few and 1 in TUNE["gemv_few"] else TUNE["gemv"])[1][1]
+    u = _gemv_tune(1, R)[1]
     u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
     fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<1,1,{u},false,true>", _GEMV)
     fn((R,), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(1), np.int32(layer.n),
