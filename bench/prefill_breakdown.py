@@ -1,12 +1,13 @@
 """Where a prefill of a random Llama-2-7B-shaped DGQ model spends its time, A8W4 against FP16.
 
-    python bench/prefill_breakdown.py [--tokens 2048] [--model llama7b|smollm2]
+    python bench/prefill_breakdown.py [--tokens 2048] [--model llama7b|smollm2] [--row-vec 8,1]
 
 Runs one warm prefill with every launch (row kernels, attention, linears, lm_head) bracketed
 by CUDA events and sums the milliseconds by kind, then the same for the FP16 path (the
 dequantized copy: cuBLAS linears). Events around each launch add a little time per launch,
 so the totals sit slightly above an unprofiled prefill (printed too); at 2048 tokens every
-kernel runs for tens of microseconds or more, so the split is what matters.
+kernel runs for tens of microseconds or more, so the split is what matters. --row-vec runs
+both paths once per model_cuda.ROW_VEC value (the row kernels' access width), in one process.
 """
 import argparse
 import time
@@ -68,15 +69,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--model", choices=("llama7b", "smollm2"), default="llama7b")
+    ap.add_argument("--row-vec", default=str(model_cuda.ROW_VEC), help="comma-separated ROW_VEC values")
     a = ap.parse_args()
     cp = _cupy()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
     tokens = np.random.default_rng(0).integers(0, mw.config.vocab_size, a.tokens)
-    gm = CudaModel(mw)
-    show("A8W4", *profile(gm, tokens, cp))
-    del gm
-    cp.get_default_memory_pool().free_all_blocks()
-    show("FP16", *profile(CudaModel(dequantized_copy(mw)), tokens, cp))
+    for label, weights in (("A8W4", mw), ("FP16", None)):
+        gm = CudaModel(weights or dequantized_copy(mw))
+        for vec in (int(v) for v in a.row_vec.split(",")):
+            model_cuda.ROW_VEC = vec
+            show(f"{label} ROW_VEC={vec}", *profile(gm, tokens, cp))
+        del gm
+        cp.get_default_memory_pool().free_all_blocks()
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def main():
     if gm._clusters and model_cuda.decode_cluster(2, a.batch * gm.config.num_attention_heads,
                                                   kernels.device_info()["sm_count"]):
         _variant(gm, mw, a, "attention merge through global memory", "decode_cluster", lambda *args: 0)
+    _variant(gm, mw, a, f"row kernels with ROW_VEC_FEW = {not model_cuda.ROW_VEC_FEW}", "ROW_VEC_FEW",
+             not model_cuda.ROW_VEC_FEW)
     if model_cuda.FOLD_QUANT and gm._fold_quant(a.batch):
         _variant(gm, mw, a, "quant_rows + silu_mul_quant (not folded)", "FOLD_QUANT", False)
     if a.int8_head:

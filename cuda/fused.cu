@@ -21,82 +21,97 @@
 // of the sublayer max-reduces into (attn_decode's output, the SiLU GEMV's; model_cuda._fold_quant).
 // emb (nullable, the first layer): h[row] = emb[tok[row]] first, the embedding gather of the
 // token (fp16 table), instead of reading h; y must then be null.
-template <int PER, int CL>
+template <int PER, int CL, int VEC>
 __global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
 add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const float* __restrict__ w, int H,
                   float eps, int mode, const float* __restrict__ static_scale, signed char* __restrict__ x8,
                   int ld, float* __restrict__ sx, __half* __restrict__ xh, unsigned* __restrict__ zero,
                   const __half* __restrict__ emb, const int* __restrict__ tok) {
     RowTeam<CL> team;
-    float wv[PER];                  // the norm weight is no kernel's output: read before the PDL wait
+    constexpr int NC = PER / VEC;   // chunks a thread holds (cuda/rows.cuh Pack)
+    float wv[PER] = {};             // the norm weight is no kernel's output: read before the PDL wait
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        int j = team.tid + i * team.T;
-        wv[i] = j < H ? w[j] : 0.f;
+    for (int c = 0; c < NC; ++c) {
+        const int j = chunk_col<VEC>(team, c);
+        if (j < H) load_vec<VEC>(w + j, &wv[c * VEC]);
     }
     pdl_enter();
     if (zero && team.tid == 0) zero[team.row] = 0u;
     float* row = h + (size_t)team.row * H;
     const __half* yr = y ? y + (size_t)team.row * H : nullptr;
     const __half* er = emb ? emb + (size_t)tok[team.row] * H : nullptr;
-    float v[PER];
+    float v[PER] = {};
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        int j = team.tid + i * team.T;
-        v[i] = j < H ? (er ? __half2float(er[j]) : row[j]) : 0.f;
-        if (yr && j < H) v[i] += __half2float(yr[j]);
+    for (int c = 0; c < NC; ++c) {
+        const int j = chunk_col<VEC>(team, c);
+        if (j >= H) continue;
+        if (er) load_vec<VEC>(er + j, &v[c * VEC]);
+        else load_vec<VEC>(row + j, &v[c * VEC]);
+        if (yr) {
+            float t[VEC];
+            load_vec<VEC>(yr + j, t);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) v[c * VEC + e] += t[e];
+        }
     }
     float ss = 0.f;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        int j = team.tid + i * team.T;
-        if ((yr || er) && j < H) row[j] = v[i];
-        ss += v[i] * v[i];
+    for (int c = 0; c < NC; ++c) {
+        const int j = chunk_col<VEC>(team, c);
+        if ((yr || er) && j < H) store_vec<VEC>(row + j, &v[c * VEC]);
     }
+#pragma unroll
+    for (int i = 0; i < PER; ++i) ss += v[i] * v[i];
     float rstd = 1.f / sqrtf(team.template reduce<false>(ss, 0) / H + eps);
 #pragma unroll
     for (int i = 0; i < PER; ++i) v[i] = (v[i] * rstd) * wv[i];     // 0 past H
-    store_row(v, H, mode, static_scale, x8, ld, sx, xh, team);
+    store_row<PER, CL, VEC>(v, H, mode, static_scale, x8, ld, sx, xh, team);
     team.finish();
 }
 
 // grid (M·CL), clusters of CL, block ≤ 1024. gu is the fused gate|up GEMM output (M, 2I):
 // m = silu(gate) * up. il: gate and up interleaved per 16 columns (8 gate channels, then the
 // same 8 up channels: ops_cuda.interleave_rows), else gate is columns 0..I-1 and up I..2I-1.
-template <int PER, int CL>
+// A chunk (VEC ≤ 8 elements, 8 % VEC == 0) lies within one run of 8 channels.
+template <int PER, int CL, int VEC>
 __global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
 silu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __restrict__ static_scale,
                signed char* __restrict__ x8, int ld, float* __restrict__ sx, __half* __restrict__ mh, int il) {
     RowTeam<CL> team;
     pdl_enter();
     const __half* g = gu + (size_t)team.row * 2 * I;
-    float v[PER];
+    float v[PER] = {};
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        int j = team.tid + i * team.T;
+    for (int c = 0; c < PER / VEC; ++c) {
+        const int j = chunk_col<VEC>(team, c);
+        if (j >= I) continue;
         const int jg = il ? ((j >> 3) << 4) + (j & 7) : j, ju = il ? jg + 8 : j + I;
-        v[i] = j < I ? silu_mul(__half2float(g[jg]), __half2float(g[ju])) : 0.f;
+        float gv[VEC], uv[VEC];
+        load_vec<VEC>(g + jg, gv);
+        load_vec<VEC>(g + ju, uv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[c * VEC + e] = silu_mul(gv[e], uv[e]);
     }
-    store_row(v, I, mode, static_scale, x8, ld, sx, mh, team);
+    store_row<PER, CL, VEC>(v, I, mode, static_scale, x8, ld, sx, mh, team);
     team.finish();
 }
 
 // grid (M·CL), clusters of CL, block ≤ 1024. Quantize fp16 rows (the attention output
 // feeding o_proj in prefill).
-template <int PER, int CL>
+template <int PER, int CL, int VEC>
 __global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
 quant_rows(const __half* __restrict__ x, int K, int mode, const float* __restrict__ static_scale,
            signed char* __restrict__ x8, int ld, float* __restrict__ sx) {
     RowTeam<CL> team;
     pdl_enter();
     const __half* row = x + (size_t)team.row * K;
-    float v[PER];
+    float v[PER] = {};
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        int j = team.tid + i * team.T;
-        v[i] = j < K ? __half2float(row[j]) : 0.f;
+    for (int c = 0; c < PER / VEC; ++c) {
+        const int j = chunk_col<VEC>(team, c);
+        if (j < K) load_vec<VEC>(row + j, &v[c * VEC]);
     }
-    store_row(v, K, mode, static_scale, x8, ld, sx, nullptr, team);
+    store_row<PER, CL, VEC>(v, K, mode, static_scale, x8, ld, sx, nullptr, team);
     team.finish();
 }
 

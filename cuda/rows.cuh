@@ -143,6 +143,42 @@ struct RowTeam {
     }
 };
 
+// VEC consecutive elements moved in one access (Pack): the row kernels' element j of a
+// thread is chunk (tid + c·T) of VEC elements, c < PER / VEC. VEC = 1 is the element-strided
+// layout of the decode launches; the prefill launches (thousands of rows, one CTA each) take
+// VEC = 8 (16-byte fp16 loads, 8-byte int8 stores) where the row width and every row's base
+// allow it (model_cuda.row_launch). Loads and stores of a Pack are aligned to its size.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack { T e[N]; };
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ void from_float(float& d, float x) { d = x; }
+__device__ __forceinline__ void from_float(__half& d, float x) { d = __float2half_rn(x); }
+
+template <int VEC, typename T>
+__device__ __forceinline__ void load_vec(const T* p, float* v) {
+    const Pack<T, VEC> q = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v[e] = to_float(q.e[e]);
+}
+template <int VEC, typename T>
+__device__ __forceinline__ void store_vec(T* p, const float* v) {
+    Pack<T, VEC> q;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) from_float(q.e[e], v[e]);
+    *reinterpret_cast<Pack<T, VEC>*>(p) = q;
+}
+template <int VEC>
+__device__ __forceinline__ void store_quant(signed char* p, const float* v, float s) {
+    Pack<signed char, VEC> q;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) q.e[e] = quant1(v[e], s);
+    *reinterpret_cast<Pack<signed char, VEC>*>(p) = q;
+}
+// First element of a thread's chunk c.
+template <int VEC, int CL>
+__device__ __forceinline__ int chunk_col(const RowTeam<CL>& team, int c) { return (team.tid + c * team.T) * VEC; }
+
 // Int8 rows are written with leading dimension ld ≥ width: the GEMM's K is padded to a
 // multiple of the group (cuda/common.cuh), and the pad columns must be zero.
 template <int CL>
@@ -150,8 +186,8 @@ __device__ __forceinline__ void zero_pad(signed char* row, int width, int ld, co
     for (int j = width + team.tid; j < ld; j += team.T) row[j] = 0;
 }
 
-// A row held in registers: thread t keeps elements t + i·T (i < PER), all loaded
-// before any is used, so a row costs one memory round trip instead of one per loop trip
+// A row held in registers: thread t keeps PER elements, the VEC-element chunks t + c·T
+// (c < PER / VEC; VEC = 1: elements t + i·T), all loaded before any is used, so a row costs one memory round trip instead of one per loop trip
 // (v1 looped over 256 threads: 5–16 µs a launch in the 7B decode graph). PER and CL are
 // template arguments and the launcher (engine/model_cuda.row_launch) picks the cluster size
 // for the row's width, then the smallest power of two with PER · 1024 ≥ width / CL and
@@ -162,17 +198,18 @@ __device__ __forceinline__ void zero_pad(signed char* row, int width, int ld, co
 // over 16384 values on one CTA) spill to local memory (ptxas -v: add_rmsnorm_quant<32, 1>
 // about 300 bytes, attn_decode_combine<32> about 100; L1-cached); the rows of the models we
 // run (4096 values or fewer a CTA) stay in registers.
-// Store a row held as v[PER] (team-strided) quantized per mode, with its scale.
-template <int PER, int CL>
+// Store a row held as v[PER] (VEC-chunk team-strided) quantized per mode, with its scale.
+// W % VEC == 0; the x8 rows (ld) and xh rows (W) start VEC-element aligned.
+template <int PER, int CL, int VEC>
 __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode, const float* static_scale,
                                           signed char* x8, int ld, float* sx, __half* xh,
                                           RowTeam<CL>& team) {
     const int row = team.row;
     if (mode == MODE_FP16) {
 #pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            int j = team.tid + i * team.T;
-            if (j < W) xh[(size_t)row * W + j] = __float2half_rn(v[i]);
+        for (int c = 0; c < PER / VEC; ++c) {
+            const int j = chunk_col<VEC>(team, c);
+            if (j < W) store_vec<VEC>(xh + (size_t)row * W + j, &v[c * VEC]);
         }
         return;
     }
@@ -186,9 +223,9 @@ __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode
     if (team.tid == 0) sx[row] = s;
     signed char* out = x8 + (size_t)row * ld;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-        int j = team.tid + i * team.T;
-        if (j < W) out[j] = quant1(v[i], s);
+    for (int c = 0; c < PER / VEC; ++c) {
+        const int j = chunk_col<VEC>(team, c);
+        if (j < W) store_quant<VEC>(out + j, &v[c * VEC], s);
     }
     zero_pad(out, W, ld, team);
 }

@@ -43,8 +43,13 @@ ROW_CTA_WIDTH_BY_KERNEL = {"silu_mul_quant": 2048}   # 11008 wide: 8 CTAs 3.4 µ
 ROW_THREADS_MANY = 256      # threads a row when the rows fill the GPU (prefill): 4× the rows in flight
 ROW_PER_MANY = 16           # ... up to this many values a thread (PER = 32 spills at 64 registers)
 ROW_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows")
-FUSED_EXPRS = tuple(f"{k}<{p}, {cl}>" for k in ROW_KERNELS for cl in ROW_CLUSTERS
-                    for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS)) + ("quant_amax<float>", "quant_amax<__half>")
+ROW_VEC = 8                 # elements a thread moves in one access in the prefill launches (cuda/rows.cuh
+                            # Pack; 16-byte fp16 loads); 1 there = the decode launches' element stride
+ROW_VEC_FEW = False         # the same for the few-row (decode) launches of one CTA a row
+FUSED_EXPRS = tuple(f"{k}<{p}, {cl}, 1>" for k in ROW_KERNELS for cl in ROW_CLUSTERS
+                    for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS)) + tuple(
+    f"{k}<{p}, 1, {v}>" for k in ROW_KERNELS for p in ROW_PERS for v in (4, 8) if v <= p
+) + ("quant_amax<float>", "quant_amax<__half>")
 FA_BM, FA_BN = 64, 64       # query rows per block, keys per tile of attn_prefill (cuda/attention.cu)
 KV_TYPES = ("__half", "signed char")       # the cache element types the attention kernels take
 FOLD_QUANT = True           # one-token steps: SiLU in the gate|up GEMV, no absmax reductions (_fold_quant)
@@ -118,11 +123,13 @@ def row_cluster(width: int, cta_width: int | None = None) -> int:
     return next((cl for cl in ROW_CLUSTERS if -(-width // cl) <= cta_width), ROW_CLUSTERS[-1])
 
 
-def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024) -> tuple[str, int]:
+def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = False) -> tuple[str, int]:
     """(kernel expression, block size) of a row kernel (cuda/rows.cuh) for rows of `width`
     shared by clusters of `cl` CTAs: the smallest PER with PER · cap ≥ ⌈width / cl⌉, and
     ⌈width / (cl · PER)⌉ threads in whole warps. cap < 1024 (many rows: prefill) takes PER up
-    to ROW_PER_MANY, past which the 1024-thread rule applies."""
+    to ROW_PER_MANY, past which the 1024-thread rule applies. vec (one CTA a row, and the
+    caller has checked that every row starts aligned to its VEC elements): VEC = the widest of 8, 4 that
+    divides both PER (at most ROW_VEC) and width, else 1."""
     if cl not in ROW_CLUSTERS:
         raise BackendError(f"{name} runs on clusters of {ROW_CLUSTERS} CTAs, not {cl}")
     share = -(-width // cl)
@@ -133,7 +140,8 @@ def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024) -> tuple[str
         raise BackendError(f"the GPU row kernels take rows of up to {pers[-1] * 1024 * cl} values on "
                            f"clusters of {cl}, got {width}")
     threads = min(1024, 32 * -(-share // (32 * per)))
-    return f"{name}<{per}, {cl}>", threads
+    v = next((v for v in (8, 4) if vec and cl == 1 and v <= min(per, ROW_VEC) and width % v == 0), 1)
+    return f"{name}<{per}, {cl}, {v}>", threads
 
 
 def decode_cluster(nsplit: int, heads: int = 1, sms: int = 1 << 30) -> int:
@@ -371,14 +379,18 @@ class CudaModel:
     def _launch(self, name, grid, block, args):
         kernels.function("fused.cu", name, FUSED_EXPRS)(grid, block, args)
 
-    def _row(self, name, m, width, args):
-        """One row kernel over m rows of `width` (its cluster, PER instantiation and block size)."""
+    def _row(self, name, m, width, args, ld: int):
+        """One row kernel over m rows of `width` (its cluster, PER and VEC instantiation and block
+        size); ld: the int8 output's leading dimension."""
         # a cluster shares a row while the rows alone leave SMs idle (decode); a prefill's
         # thousands of rows fill the GPU one CTA each (H100, 7B, 2048 tokens: silu_mul_quant on
-        # clusters of 8 took 293 µs a launch, 7.7× its bytes at copy bandwidth)
+        # clusters of 8 took 293 µs a launch, 7.7× its bytes at copy bandwidth), with wide
+        # accesses where every array starts 32-byte aligned and every int8 row 8-byte aligned
         few = m < kernels.device_info()["sm_count"]
         cl = row_cluster(width, ROW_CTA_WIDTH_BY_KERNEL.get(name)) if self._clusters and few else 1
-        expr, threads = row_launch(name, width, cl, 1024 if few else ROW_THREADS_MANY)
+        vec = (ROW_VEC_FEW or not few) and ld % 8 == 0 and all(
+            a.data.ptr % 32 == 0 for a in args if isinstance(a, self.cp.ndarray))
+        expr, threads = row_launch(name, width, cl, 1024 if few else ROW_THREADS_MANY, vec)
         self._launch(expr, (m * cl,), (threads,), args)
 
     def _attn(self, expr, grid, block, args):
@@ -428,7 +440,7 @@ class CudaModel:
                 self._quant_amax(b.a, m, c.q_size, o, amax_o, a8, b.sx)
             elif o.mode != MODE["fp16"]:
                 self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
-                                                      o.scale, a8, np.int32(o.kp), b.sx))
+                                                      o.scale, a8, np.int32(o.kp), b.sx), o.kp)
             o(a8, b.sx[:m], ah, b.y[:m], resid)
             y = None if resid is not None else b.y
             x8 = b.x8(m, gu.kp)
@@ -441,7 +453,7 @@ class CudaModel:
                 gu(x8, b.sx[:m], xh, b.gu[:m])
                 self._row("silu_mul_quant", m, inter, (b.gu, np.int32(inter), np.int32(down.mode),
                                                        down.scale, m8, np.int32(down.kp), b.sx, mh,
-                                                       np.int32(gu.interleaved)))
+                                                       np.int32(gu.interleaved)), down.kp)
             down(m8, b.sx[:m], mh, b.y[:m], resid)
             y = None if resid is not None else b.y
         return y
@@ -465,7 +477,7 @@ class CudaModel:
                   (b.h if h is None else h, null if y is None else y, w, np.int32(c.hidden_size),
                    np.float32(c.rms_norm_eps), np.int32(mode), scale, x8, np.int32(ld), b.sx, xh,
                    null if zero is None else zero, null if tok is None else self.embed,
-                   null if tok is None else tok))
+                   null if tok is None else tok), ld)
 
     def _head(self, b: _Buffers, y, rows: slice, nrows: int, lm_head: bool = True):
         """Last residual add, final norm and lm_head for b.h[rows] into b.logits[:nrows] (fp16).

@@ -16,7 +16,8 @@ def test_row_launch_covers_every_width_with_whole_warps():
                 continue
             expr, threads = row_launch("add_rmsnorm_quant", width, cl)
             assert expr in FUSED_EXPRS                          # an instantiated kernel
-            per, ecl = (int(v) for v in expr[expr.index("<") + 1:-1].split(","))
+            per, ecl, vec = (int(v) for v in expr[expr.index("<") + 1:-1].split(","))
+            assert vec == 1                                     # element-strided unless asked
             share = -(-width // cl)                             # a CTA's part of the row
             assert ecl == cl and threads % 32 == 0 and 32 <= threads <= 1024
             assert per * threads * cl >= width                  # every element has a slot
@@ -28,6 +29,23 @@ def test_row_launch_covers_every_width_with_whole_warps():
         row_launch("silu_mul_quant", ROW_CLUSTER_PERS[-1] * 1024 * 2 + 1, 2)
     with pytest.raises(BackendError, match="clusters"):
         row_launch("silu_mul_quant", 4096, 3)
+
+
+def test_row_launch_wide_accesses():
+    """vec: the widest of 8, 4 elements a thread's chunk that divides PER and the width, one
+    CTA a row only; the same PER and block size as without."""
+    for width in range(1, 20001, 7):
+        for cap in (1024, 256):
+            expr, threads = row_launch("silu_mul_quant", width, 1, cap, vec=True)
+            plain, pthreads = row_launch("silu_mul_quant", width, 1, cap)
+            assert expr in FUSED_EXPRS and threads == pthreads
+            per, _, vec = (int(v) for v in expr[expr.index("<") + 1:-1].split(","))
+            assert plain == f"silu_mul_quant<{per}, 1, 1>"
+            assert per % vec == 0 and width % vec == 0
+            assert vec == 8 or not (per >= 8 and width % 8 == 0)
+            assert vec >= 4 or not (per >= 4 and width % 4 == 0)
+    assert row_launch("quant_rows", 11008, 1, 256, vec=True) == ("quant_rows<16, 1, 8>", 704)
+    assert row_launch("quant_rows", 4096, 2, 1024, vec=True)[0] == "quant_rows<2, 2, 1>"   # clusters: 1
 
 
 def test_row_cluster_keeps_each_cta_within_its_width():

@@ -47,6 +47,27 @@ def test_gpu_logits_match_reference(act, n_tokens):
     assert rel(got, ref) < 2e-2, rel(got, ref)
 
 
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_gpu_prefill_with_wide_row_accesses_matches_reference(monkeypatch, act):
+    """A prefill of more rows than SMs: the row kernels run one CTA a row with 8- and 4-element
+    accesses (model_cuda.ROW_VEC; 32 threads a row here, so that tiny rows hold 4 and 8 values a
+    thread), against the NumPy integer reference."""
+    from engine import model_cuda
+    from engine.kernels import device_info
+    monkeypatch.setattr(model_cuda, "ROW_THREADS_MANY", 32)
+    mw = quantized_tiny(act, head_dim=64, num_attention_heads=4, num_key_value_heads=2, hidden_size=128,
+                        intermediate_size=256, max_position_embeddings=512)
+    tokens = (np.arange(device_info()["sm_count"] + 5) * 13) % mw.config.vocab_size
+    gm = model_cuda.CudaModel(mw)
+    seen = []
+    launch = gm._launch
+    gm._launch = lambda name, *a: (seen.append(name), launch(name, *a))
+    got = gm.forward(tokens).get()
+    assert {"add_rmsnorm_quant<4, 1, 4>", "silu_mul_quant<8, 1, 8>", "quant_rows<8, 1, 8>"} <= set(seen)
+    ref = Model(mw).forward(tokens)
+    assert rel(got, ref) < 2e-2, rel(got, ref)
+
+
 def test_gpu_fp16_path_matches_float_reference():
     from engine.model_cuda import CudaModel
     c = tiny_config(head_dim=64, hidden_size=64, intermediate_size=96)
@@ -147,14 +168,16 @@ def test_fp16_gemv_buckets_match_float64(m):
     assert rel(out.get().astype(np.float64), ref) < 2e-3
 
 
-@pytest.mark.parametrize("width", [64, 576, 4096, 5000, 11008, 20000])
+@pytest.mark.parametrize("width", [64, 576, 4096, 4100, 5000, 11008, 20000])
 @pytest.mark.parametrize("mode", ["static", "dynamic", "fp16"])
-@pytest.mark.parametrize("cl,cap", [(1, 1024), (1, 256), (2, 1024), (8, 1024)])
-def test_row_kernels_match_numpy(width, mode, cl, cap):
+@pytest.mark.parametrize("cl,cap,vec", [(1, 1024, False), (1, 256, False), (1, 1024, True), (1, 256, True),
+                                        (2, 1024, False), (8, 1024, False)])
+def test_row_kernels_match_numpy(width, mode, cl, cap, vec):
     """add_rmsnorm_quant (with and without the residual add), silu_mul_quant and quant_rows at
     block sizes from one warp to 1024 threads, one CTA a row or a cluster of cl (sm_90; CTAs
-    whose part of a narrow row is empty included), and with the many-rows launch (cap 256
-    threads, up to 16 values a thread), against NumPy float32."""
+    whose part of a narrow row is empty included), with the many-rows launch (cap 256
+    threads, up to 16 values a thread), and with 8- or 4-element accesses (vec: 4100 takes 4,
+    narrow rows fall back to 1), against NumPy float32."""
     import cupy as cp
     from engine.model_cuda import FUSED_EXPRS, MODE, ROW_CLUSTER_PERS, row_launch
     from engine.kernels import device_info, function
@@ -179,7 +202,7 @@ def test_row_kernels_match_numpy(width, mode, cl, cap):
         xh = cp.zeros((m, width), cp.float16)
         tail = (np.int32(MODE[mode]), sc, x8, np.int32(ld), sx) + ((xh,) if name != "quant_rows" else ())
         tail += extra
-        expr, threads = row_launch(name, width, cl, cap)
+        expr, threads = row_launch(name, width, cl, cap, vec)
         function("fused.cu", expr, FUSED_EXPRS)((m * cl,), (threads,), args + tail)
         return x8.get(), sx.get(), xh.get()
 
