@@ -157,23 +157,40 @@ __device__ __forceinline__ void from_float(__half& d, float x) { d = __float2hal
 
 template <int VEC, typename T>
 __device__ __forceinline__ void load_vec(const T* p, float* v) {
-    const Pack<T, VEC> q = *reinterpret_cast<const Pack<T, VEC>*>(p);
+    if constexpr (VEC == 1) {
+        v[0] = to_float(*p);
+    } else {
+        const Pack<T, VEC> q = *reinterpret_cast<const Pack<T, VEC>*>(p);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) v[e] = to_float(q.e[e]);
+        for (int e = 0; e < VEC; ++e) v[e] = to_float(q.e[e]);
+    }
+}
+template <int VEC>
+__device__ __forceinline__ void zero_vec(float* v) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v[e] = 0.f;
 }
 template <int VEC, typename T>
 __device__ __forceinline__ void store_vec(T* p, const float* v) {
-    Pack<T, VEC> q;
+    if constexpr (VEC == 1) {
+        from_float(*p, v[0]);
+    } else {
+        Pack<T, VEC> q;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) from_float(q.e[e], v[e]);
-    *reinterpret_cast<Pack<T, VEC>*>(p) = q;
+        for (int e = 0; e < VEC; ++e) from_float(q.e[e], v[e]);
+        *reinterpret_cast<Pack<T, VEC>*>(p) = q;
+    }
 }
 template <int VEC>
-__device__ __forceinline__ void store_quant(signed char* p, const float* v, float s) {
-    Pack<signed char, VEC> q;
+__device__ __forceinline__ void store_quant(signed char* out, int j, const float* v, float s) {
+    if constexpr (VEC == 1) {
+        out[j] = quant1(v[0], s);
+    } else {
+        Pack<signed char, VEC> q;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) q.e[e] = quant1(v[e], s);
-    *reinterpret_cast<Pack<signed char, VEC>*>(p) = q;
+        for (int e = 0; e < VEC; ++e) q.e[e] = quant1(v[e], s);
+        *reinterpret_cast<Pack<signed char, VEC>*>(out + j) = q;
+    }
 }
 // First element of a thread's chunk c.
 template <int VEC, int CL>
@@ -225,7 +242,7 @@ __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode
 #pragma unroll
     for (int c = 0; c < PER / VEC; ++c) {
         const int j = chunk_col<VEC>(team, c);
-        if (j < W) store_quant<VEC>(out + j, &v[c * VEC], s);
+        if (j < W) store_quant<VEC>(out, j, &v[c * VEC], s);
     }
     zero_pad(out, W, ld, team);
 }
