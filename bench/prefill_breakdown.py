@@ -72,7 +72,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--model", choices=("llama7b", "smollm2"), default="llama7b")
-    ap.add_argument("--row-vec", default=str(model_cuda.ROW_VEC), help="comma-separated ROW_VEC values")
+    ap.add_argument("--row-vec", default=str(model_cuda.ROW_VEC), help="comma-separated model_cuda.ROW_VEC values (8, 1)")
     a = ap.parse_args()
     cp = _cupy()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)

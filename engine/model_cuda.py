@@ -44,11 +44,12 @@ ROW_THREADS_MANY = 256      # threads a row when the rows fill the GPU (prefill)
 ROW_PER_MANY = 16           # ... up to this many values a thread (PER = 32 spills at 64 registers)
 ROW_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows")
 ROW_VEC = 8                 # elements a thread moves in one access in the prefill launches (cuda/rows.cuh
-                            # Pack; 16-byte fp16 loads); 1 there = the decode launches' element stride
+                            # Pack; 16-byte fp16 loads), 4 where PER = 4; 8 or 1 (the element stride
+                            # everywhere): the values FUSED_EXPRS instantiates
 ROW_VEC_FEW = False         # the same for the few-row (decode) launches of one CTA a row
 FUSED_EXPRS = tuple(f"{k}<{p}, {cl}, 1>" for k in ROW_KERNELS for cl in ROW_CLUSTERS
                     for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS)) + tuple(
-    f"{k}<{p}, 1, {v}>" for k in ROW_KERNELS for p in ROW_PERS for v in (4, 8) if v <= p
+    f"{k}<{p}, 1, {min(p, 8)}>" for k in ROW_KERNELS for p in ROW_PERS if p >= 4
 ) + ("quant_amax<float>", "quant_amax<__half>")
 FA_BM, FA_BN = 64, 64       # query rows per block, keys per tile of attn_prefill (cuda/attention.cu)
 KV_TYPES = ("__half", "signed char")       # the cache element types the attention kernels take
@@ -128,8 +129,8 @@ def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = 
     shared by clusters of `cl` CTAs: the smallest PER with PER · cap ≥ ⌈width / cl⌉, and
     ⌈width / (cl · PER)⌉ threads in whole warps. cap < 1024 (many rows: prefill) takes PER up
     to ROW_PER_MANY, past which the 1024-thread rule applies. vec (one CTA a row, and the
-    caller has checked that every row starts aligned to its VEC elements): VEC = the widest of 8, 4 that
-    divides both PER (at most ROW_VEC) and width, else 1."""
+    caller has checked that every row starts 32-byte aligned): VEC = min(PER, ROW_VEC) when
+    PER ≥ 4 and VEC divides the width, else 1."""
     if cl not in ROW_CLUSTERS:
         raise BackendError(f"{name} runs on clusters of {ROW_CLUSTERS} CTAs, not {cl}")
     share = -(-width // cl)
@@ -140,7 +141,8 @@ def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = 
         raise BackendError(f"the GPU row kernels take rows of up to {pers[-1] * 1024 * cl} values on "
                            f"clusters of {cl}, got {width}")
     threads = min(1024, 32 * -(-share // (32 * per)))
-    v = next((v for v in (8, 4) if vec and cl == 1 and v <= min(per, ROW_VEC) and width % v == 0), 1)
+    v = min(per, ROW_VEC) if vec and cl == 1 and per >= 4 else 1
+    v = v if width % v == 0 else 1
     return f"{name}<{per}, {cl}, {v}>", threads
 
 

@@ -32,7 +32,7 @@ def test_row_launch_covers_every_width_with_whole_warps():
 
 
 def test_row_launch_wide_accesses():
-    """vec: the widest of 8, 4 elements a thread's chunk that divides PER and the width, one
+    """vec: chunks of min(PER, 8) elements where PER ≥ 4 and the chunk divides the width, one
     CTA a row only; the same PER and block size as without."""
     for width in range(1, 20001, 7):
         for cap in (1024, 256):
@@ -41,9 +41,8 @@ def test_row_launch_wide_accesses():
             assert expr in FUSED_EXPRS and threads == pthreads
             per, _, vec = (int(v) for v in expr[expr.index("<") + 1:-1].split(","))
             assert plain == f"silu_mul_quant<{per}, 1, 1>"
-            assert per % vec == 0 and width % vec == 0
-            assert vec == 8 or not (per >= 8 and width % 8 == 0)
-            assert vec >= 4 or not (per >= 4 and width % 4 == 0)
+            want = min(per, 8) if per >= 4 else 1
+            assert vec == (want if width % want == 0 else 1)
     assert row_launch("quant_rows", 11008, 1, 256, vec=True) == ("quant_rows<16, 1, 8>", 704)
     assert row_launch("quant_rows", 4096, 2, 1024, vec=True)[0] == "quant_rows<2, 2, 1>"   # clusters: 1
 

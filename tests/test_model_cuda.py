@@ -176,8 +176,8 @@ def test_row_kernels_match_numpy(width, mode, cl, cap, vec):
     """add_rmsnorm_quant (with and without the residual add), silu_mul_quant and quant_rows at
     block sizes from one warp to 1024 threads, one CTA a row or a cluster of cl (sm_90; CTAs
     whose part of a narrow row is empty included), with the many-rows launch (cap 256
-    threads, up to 16 values a thread), and with 8- or 4-element accesses (vec: 4100 takes 4,
-    narrow rows fall back to 1), against NumPy float32."""
+    threads, up to 16 values a thread), and with 8- or 4-element accesses (vec: 576 at cap 256
+    takes 4; 4100 and narrow rows fall back to 1), against NumPy float32."""
     import cupy as cp
     from engine.model_cuda import FUSED_EXPRS, MODE, ROW_CLUSTER_PERS, row_launch
     from engine.kernels import device_info, function
