@@ -72,14 +72,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--model", choices=("llama7b", "smollm2"), default="llama7b")
-    ap.add_argument("--row-vec", default=str(model_cuda.ROW_VEC), help="comma-separated model_cuda.ROW_VEC values (8, 1)")
+    ap.add_argument("--row-vec", default=str(model_cuda.ROW_VEC),
+                    help="comma-separated model_cuda.ROW_VEC values, each 8 or 1 (the instantiated ones)")
     a = ap.parse_args()
     cp = _cupy()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
     tokens = np.random.default_rng(0).integers(0, mw.config.vocab_size, a.tokens)
+    vecs = [int(v) for v in a.row_vec.split(",")]
+    if not set(vecs) <= {1, 8}:
+        ap.error(f"--row-vec takes 8 or 1, got {a.row_vec}")
     for label, weights in (("A8W4", mw), ("FP16", None)):
         gm = CudaModel(weights or dequantized_copy(mw))
-        for vec in (int(v) for v in a.row_vec.split(",")):
+        for vec in vecs:
             model_cuda.ROW_VEC = vec
             show(f"{label} ROW_VEC={vec}", *profile(gm, tokens, cp))
         del gm

@@ -381,17 +381,19 @@ class CudaModel:
     def _launch(self, name, grid, block, args):
         kernels.function("fused.cu", name, FUSED_EXPRS)(grid, block, args)
 
-    def _row(self, name, m, width, args, ld: int):
+    def _row(self, name, m, width, args, wide, ld):
         """One row kernel over m rows of `width` (its cluster, PER and VEC instantiation and block
-        size); ld: the int8 output's leading dimension."""
+        size). wide: the arrays it reads or writes row by row (VEC > 1 needs each 32-byte
+        aligned; the others, such as sx, are read or written one value at a time); ld: the int8
+        output's leading dimension, None where the kernel writes fp16 only."""
         # a cluster shares a row while the rows alone leave SMs idle (decode); a prefill's
         # thousands of rows fill the GPU one CTA each (H100, 7B, 2048 tokens: silu_mul_quant on
         # clusters of 8 took 293 µs a launch, 7.7× its bytes at copy bandwidth), with wide
         # accesses where every array starts 32-byte aligned and every int8 row 8-byte aligned
         few = m < kernels.device_info()["sm_count"]
         cl = row_cluster(width, ROW_CTA_WIDTH_BY_KERNEL.get(name)) if self._clusters and few else 1
-        vec = (ROW_VEC_FEW or not few) and ld % 8 == 0 and all(
-            a.data.ptr % 32 == 0 for a in args if isinstance(a, self.cp.ndarray))
+        vec = (ROW_VEC_FEW or not few) and (ld is None or ld % 8 == 0) and all(
+            a.data.ptr % 32 == 0 for a in wide if isinstance(a, self.cp.ndarray))
         expr, threads = row_launch(name, width, cl, 1024 if few else ROW_THREADS_MANY, vec)
         self._launch(expr, (m * cl,), (threads,), args)
 
@@ -442,7 +444,7 @@ class CudaModel:
                 self._quant_amax(b.a, m, c.q_size, o, amax_o, a8, b.sx)
             elif o.mode != MODE["fp16"]:
                 self._row("quant_rows", m, c.q_size, (b.a, np.int32(c.q_size), np.int32(o.mode),
-                                                      o.scale, a8, np.int32(o.kp), b.sx), o.kp)
+                                                      o.scale, a8, np.int32(o.kp), b.sx), (b.a, a8), o.kp)
             o(a8, b.sx[:m], ah, b.y[:m], resid)
             y = None if resid is not None else b.y
             x8 = b.x8(m, gu.kp)
@@ -455,7 +457,8 @@ class CudaModel:
                 gu(x8, b.sx[:m], xh, b.gu[:m])
                 self._row("silu_mul_quant", m, inter, (b.gu, np.int32(inter), np.int32(down.mode),
                                                        down.scale, m8, np.int32(down.kp), b.sx, mh,
-                                                       np.int32(gu.interleaved)), down.kp)
+                                                       np.int32(gu.interleaved)), (b.gu, m8, mh),
+                          None if down.mode == MODE["fp16"] else down.kp)
             down(m8, b.sx[:m], mh, b.y[:m], resid)
             y = None if resid is not None else b.y
         return y
@@ -475,11 +478,13 @@ class CudaModel:
         slot of _fold_quant)."""
         c = self.config
         null = np.uint64(0)
+        h = b.h if h is None else h
         self._row("add_rmsnorm_quant", m, c.hidden_size,
-                  (b.h if h is None else h, null if y is None else y, w, np.int32(c.hidden_size),
+                  (h, null if y is None else y, w, np.int32(c.hidden_size),
                    np.float32(c.rms_norm_eps), np.int32(mode), scale, x8, np.int32(ld), b.sx, xh,
                    null if zero is None else zero, null if tok is None else self.embed,
-                   null if tok is None else tok), ld)
+                   null if tok is None else tok),
+                  (h, y, w, x8, xh, None if tok is None else self.embed), None if mode == MODE["fp16"] else ld)
 
     def _head(self, b: _Buffers, y, rows: slice, nrows: int, lm_head: bool = True):
         """Last residual add, final norm and lm_head for b.h[rows] into b.logits[:nrows] (fp16).

@@ -44,6 +44,11 @@ def test_row_launch_wide_accesses():
             want = min(per, 8) if per >= 4 else 1
             assert vec == (want if width % want == 0 else 1)
     assert row_launch("quant_rows", 11008, 1, 256, vec=True) == ("quant_rows<16, 1, 8>", 704)
+    # the prefill widths of the models we run: 7B 4096 / 11008, SmolLM2 576 / 1536
+    assert row_launch("add_rmsnorm_quant", 4096, 1, 256, vec=True) == ("add_rmsnorm_quant<16, 1, 8>", 256)
+    assert row_launch("add_rmsnorm_quant", 576, 1, 256, vec=True) == ("add_rmsnorm_quant<4, 1, 4>", 160)
+    assert row_launch("silu_mul_quant", 1536, 1, 256, vec=True) == ("silu_mul_quant<8, 1, 8>", 192)
+    assert row_launch("silu_mul_quant", 4100, 1, 256, vec=True)[0] == "silu_mul_quant<8, 1, 1>"
     assert row_launch("quant_rows", 4096, 2, 1024, vec=True)[0] == "quant_rows<2, 2, 1>"   # clusters: 1
 
 
