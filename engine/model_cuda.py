@@ -46,7 +46,8 @@ ROW_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows")
 ROW_VEC = 8                 # elements a thread moves in one access in the prefill launches (cuda/rows.cuh
                             # Pack; 16-byte fp16 loads), 4 where PER = 4; 8 or 1 (the element stride
                             # everywhere): the values FUSED_EXPRS instantiates
-ROW_VEC_FEW = False         # the same for the few-row (decode) launches of one CTA a row
+ROW_VEC_FEW = False         # the same for the few-row (decode) launches of one CTA a row: 7B b=1 step
+                            # −27 µs on an H100, off until the GPU tests run with it (docs/KERNELS.md)
 FUSED_EXPRS = tuple(f"{k}<{p}, {cl}, 1>" for k in ROW_KERNELS for cl in ROW_CLUSTERS
                     for p in (ROW_PERS if cl == 1 else ROW_CLUSTER_PERS)) + tuple(
     f"{k}<{p}, 1, {min(p, 8)}>" for k in ROW_KERNELS for p in ROW_PERS if p >= 4
