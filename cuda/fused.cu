@@ -161,10 +161,7 @@ __global__ void __launch_bounds__(256) quant_amax(const T* __restrict__ x, int K
     float v[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] = j + i < K ? (float)row[j + i] : 0.f;
-    unsigned w = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w |= (unsigned)(unsigned char)quant1(v[i], s) << (8 * i);
-    *reinterpret_cast<unsigned*>(x8 + (size_t)m * ld + j) = w;
+    store_quant<4>(x8 + (size_t)m * ld, j, v, s);
 }
 
 // grid (ceil(N / 8)), block 256: warp w of block b computes out[:, 8b + w] = x · w[8b + w]ᵀ
@@ -179,6 +176,14 @@ __global__ void __launch_bounds__(256) quant_amax(const T* __restrict__ x, int K
 // re-read from L2 for each 16-byte weight vector, so at M = 32 with K = 4096 (256 KB of x,
 // past L1) the FP16 7B decode step took 56 ms; larger M goes to cuBLAS (fp16) or to
 // 8-row slices (int8).
+// Σ of the 8 fp16 values of xv times f[0..7] in fp32, summed left to right.
+__device__ __forceinline__ float dot8(uint4 xv, const float* f) {
+    const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
+    float2 a = __half22float2(x2[0]), b = __half22float2(x2[1]);
+    float2 c = __half22float2(x2[2]), d = __half22float2(x2[3]);
+    return a.x * f[0] + a.y * f[1] + b.x * f[2] + b.y * f[3] + c.x * f[4] + c.y * f[5] + d.x * f[6] + d.y * f[7];
+}
+
 template <int MT, int U, typename W>
 __device__ __forceinline__ void gemv_tile(const __half* __restrict__ x, const W* __restrict__ w,
                                           const float* __restrict__ scale, __half* __restrict__ out,
@@ -209,40 +214,26 @@ __device__ __forceinline__ void gemv_tile(const __half* __restrict__ x, const W*
         for (int u = 0; u < U; ++u) {
             int kv = k0 + 32 * u;
             if (kv >= kvn) break;
+            float wf[E];                                  // the vector's weights as floats
             if constexpr (E == 8) {
                 const __half2* w2 = reinterpret_cast<const __half2*>(&wv[u]);
-                float2 wf0 = __half22float2(w2[0]), wf1 = __half22float2(w2[1]);
-                float2 wf2 = __half22float2(w2[2]), wf3 = __half22float2(w2[3]);
 #pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    if (m < M) {
-                        uint4 xv = reinterpret_cast<const uint4*>(x + (size_t)m * K)[kv];
-                        const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
-                        float2 a = __half22float2(x2[0]), b = __half22float2(x2[1]);
-                        float2 c = __half22float2(x2[2]), d = __half22float2(x2[3]);
-                        acc[m] += a.x * wf0.x + a.y * wf0.y + b.x * wf1.x + b.y * wf1.y
-                                + c.x * wf2.x + c.y * wf2.y + d.x * wf3.x + d.y * wf3.y;
-                    }
+                for (int i = 0; i < 4; ++i) {
+                    const float2 f = __half22float2(w2[i]);
+                    wf[2 * i] = f.x;
+                    wf[2 * i + 1] = f.y;
                 }
             } else {                                      // 16 int8 weights: two x vectors
                 const unsigned q[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
-                float wf[16];
 #pragma unroll
                 for (int i = 0; i < 16; ++i) wf[i] = (float)(signed char)(q[i >> 2] >> (8 * (i & 3)));
+            }
 #pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    if (m < M) {
+            for (int m = 0; m < MT; ++m) {
+                if (m < M) {
+                    const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)m * K);
 #pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            uint4 xv = reinterpret_cast<const uint4*>(x + (size_t)m * K)[2 * kv + h];
-                            const __half2* x2 = reinterpret_cast<const __half2*>(&xv);
-                            float2 a = __half22float2(x2[0]), b = __half22float2(x2[1]);
-                            float2 c = __half22float2(x2[2]), d = __half22float2(x2[3]);
-                            const float* f = wf + 8 * h;
-                            acc[m] += a.x * f[0] + a.y * f[1] + b.x * f[2] + b.y * f[3]
-                                    + c.x * f[4] + c.y * f[5] + d.x * f[6] + d.y * f[7];
-                        }
-                    }
+                    for (int h = 0; h < E / 8; ++h) acc[m] += dot8(xr[(E / 8) * kv + h], wf + 8 * h);
                 }
             }
         }

@@ -397,6 +397,13 @@ def _set_smem(fn, expr: str, smem: int):
         _SMEM_SET[expr] = smem
 
 
+def _geometry(layer: PackedA8W4):
+    """(R row tiles, C K chunks, the (R, C, Gp, gshift, k_pad) int32 arguments every A8W4 kernel
+    takes) of a packed layer."""
+    R, C = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K
+    return R, C, tuple(np.int32(v) for v in (R, C, layer.k_pad // layer.group, layer.gshift, layer.k_pad))
+
+
 def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict | None, out=None, resid=None):
     cp = _cp()
     x8 = _prep_x8(x8, layer)
@@ -425,9 +432,8 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
                               f"{getattr(sx, 'dtype', None)} {getattr(sx, 'shape', None)}")
     cfg = dict(cfg or {})
     kernel = choose_kernel(m) if kernel == "auto" else kernel
-    R, C, Gp = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K, layer.k_pad // layer.group
+    R, C, common = _geometry(layer)
     o = _B[int(out_i32)]
-    common = (np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(layer.k_pad))
     if kernel == "gemv":
         mt = cfg.get("mt", gemv_mt(m))
         if m > 8 * mt or mt not in GEMV_CFGS:
@@ -506,12 +512,11 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax):
         raise CudaOpError("amax must be a uint32 CuPy array of at least one element")
     if not (isinstance(sx, cp.ndarray) and sx.dtype == np.float32 and sx.shape == (1,)):
         raise CudaOpError("sx must be a (1,) float32 CuPy array")
-    R, C, Gp = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K, layer.k_pad // layer.group
+    R, _, common = _geometry(layer)
     u = _gemv_tune(1, R)[1]
     u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
     fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<1,1,{u},false,true>", _GEMV)
-    fn((R,), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(1), np.int32(layer.n),
-                          np.int32(R), np.int32(C), np.int32(Gp), np.int32(layer.gshift), np.int32(layer.k_pad),
+    fn((R,), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(1), np.int32(layer.n), *common,
                           np.uint64(0), amax))
     return out
 
