@@ -161,7 +161,10 @@ __global__ void __launch_bounds__(256) quant_amax(const T* __restrict__ x, int K
     float v[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] = j + i < K ? (float)row[j + i] : 0.f;
-    store_quant<4>(x8 + (size_t)m * ld, j, v, s);
+    unsigned w = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w |= (unsigned)(unsigned char)quant1(v[i], s) << (8 * i);
+    *reinterpret_cast<unsigned*>(x8 + (size_t)m * ld + j) = w;
 }
 
 // grid (ceil(N / 8)), block 256: warp w of block b computes out[:, 8b + w] = x · w[8b + w]ᵀ
