@@ -11,10 +11,10 @@ import json
 
 import numpy as np
 
-from engine.bench import time_calls
-from engine.backend import _cupy
-from engine.kernels import device_info
-from engine.model_cuda import attn_prefill
+from engine.bench.common import time_calls
+from engine.gpu.backend import cupy_or_none
+from engine.gpu.kernels import device_info
+from engine.gpu.model import attn_prefill
 
 PEAK_TFLOPS = 989.0
 
@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--no-old", action="store_true", help="skip the CuPy float32 path")
     a = ap.parse_args()
-    cp = _cupy()
+    cp = cupy_or_none()
     rng = np.random.default_rng(0)
     for t in a.t:
         n = a.start + t

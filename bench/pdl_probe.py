@@ -12,8 +12,8 @@ plain launches both ways (the host-side launch cost).
 """
 import numpy as np
 
-from engine import launch
-from engine.backend import _cupy
+from engine.gpu import launch
+from engine.gpu.backend import cupy_or_none
 
 SRC = r'''
 extern "C" __global__ void probe(unsigned long long* t, int i, long long spin_ns) {
@@ -29,7 +29,7 @@ extern "C" __global__ void probe(unsigned long long* t, int i, long long spin_ns
 
 
 def main():
-    cp = _cupy()
+    cp = cupy_or_none()
     mod = cp.RawModule(code=SRC, options=("--gpu-architecture=sm_90a",))
     k = launch.Kernel(mod.get_function("probe"))
     n = 24

@@ -15,10 +15,10 @@ from collections import defaultdict
 
 import numpy as np
 
-from engine.backend import _cupy
-from engine import model_cuda
-from engine.bench_e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
-from engine.model_cuda import CudaModel
+from engine.gpu.backend import cupy_or_none
+from engine.gpu import model as model_cuda
+from engine.bench.e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
+from engine.gpu.model import CudaModel
 
 
 def profile(gm, tokens, cp) -> tuple[dict, float]:
@@ -75,7 +75,7 @@ def main():
     ap.add_argument("--row-vec", default=str(model_cuda.ROW_VEC),
                     help="comma-separated model_cuda.ROW_VEC values, each 8 or 1 (the instantiated ones)")
     a = ap.parse_args()
-    cp = _cupy()
+    cp = cupy_or_none()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
     tokens = np.random.default_rng(0).integers(0, mw.config.vocab_size, a.tokens)
     vecs = [int(v) for v in a.row_vec.split(",")]

@@ -11,9 +11,10 @@ should use at this M, and how far each of the four GEMMs of a layer is from cuBL
 import argparse
 import json
 
-from engine import ops_cuda
-from engine.backend import _cupy
-from engine.bench import _n_buffers, gemm_case, time_calls
+from engine.gpu import ops as ops_cuda
+from engine.gpu.backend import cupy_or_none
+from engine.bench.common import n_buffers, time_calls
+from engine.bench.gemm import gemm_case
 
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate|up": (4096, 22016), "down": (11008, 4096)}
 
@@ -23,7 +24,7 @@ def main():
     ap.add_argument("--m", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=30)
     a = ap.parse_args()
-    cp = _cupy()
+    cp = cupy_or_none()
     m = a.m
     for name, (k, n) in SHAPES.items():
         layers, x8, sx, y = gemm_case(m, k, n)
@@ -41,7 +42,7 @@ def main():
         print(json.dumps({"shape": name, "m": m, "k": k, "n": n, "kernel": "auto (ops_cuda.TUNE)", "ms": ms,
                           "tops": flop / (ms * 1e-3) / 1e12}), flush=True)
         del layers
-        nw = max(2, _n_buffers(n * k * 2))
+        nw = max(2, n_buffers(n * k * 2))
         ws = [cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16) for _ in range(nw)]
         xh = cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16)
         ms = time_calls(lambda i: cp.matmul(xh, ws[i % nw].T, out=y), a.reps)

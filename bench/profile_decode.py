@@ -6,7 +6,7 @@
 Prints the first-run cost (model build with the fused.cu compile, first prefill with the
 GEMM compiles, first decode steps with the GEMV compiles and the graph capture; CuPy
 caches compiled kernels on disk, so a second run shows the warm figures), the graphed
-decode speed, and the per-launch breakdown of engine.bench_e2e.graph_breakdown (what
+decode speed, and the per-launch breakdown of engine.bench.e2e.graph_breakdown (what
 each launch costs inside a graph; no profiler needed: the device has ncu, no nsys). --ablate
 times the step with each kind of launch left out, which is a kernel's cost in place on the
 critical path; the A/B lines compare PDL, attn_decode's cluster merge, the SiLU GEMV with
@@ -18,11 +18,13 @@ import time
 
 import numpy as np
 
-from engine.backend import _cupy
-from engine import kernels, launch, model_cuda, ops_cuda
-from engine.bench_e2e import (LLAMA2_7B, SMOLLM2, dequantized_copy, format_breakdown, graph_breakdown,
+from engine.gpu.backend import cupy_or_none
+from engine.gpu import kernels, launch
+from engine.gpu import model as model_cuda
+from engine.gpu import ops as ops_cuda
+from engine.bench.e2e import (LLAMA2_7B, SMOLLM2, dequantized_copy, format_breakdown, graph_breakdown,
                               graph_time, random_model)
-from engine.model_cuda import CudaModel
+from engine.gpu.model import CudaModel
 
 
 def main():
@@ -43,7 +45,7 @@ def main():
     ap.add_argument("--row-widths", default="", help="comma-separated model_cuda.ROW_CTA_WIDTH values to time, for every row kernel "
                     "(a row wider than this is split over a cluster of CTAs)")
     a = ap.parse_args()
-    cp = _cupy()
+    cp = cupy_or_none()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
     t0 = time.perf_counter()
     gm = CudaModel(mw)
@@ -171,7 +173,7 @@ def _decode(gm, cache, firsts, a) -> str:
 
 def sweep_gemv(gm, cp, m):
     """Each linear shape, every layer's weights in turn, under each instantiated GEMV config."""
-    from engine import ops_cuda
+    from engine.gpu import ops as ops_cuda
     mt = ops_cuda.gemv_mt(m)
     for key in ("qkv", "o", "gu", "down"):
         lins = [L[key].packed for L in gm.layers]

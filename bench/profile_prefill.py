@@ -12,10 +12,10 @@ import time
 
 import numpy as np
 
-from engine.backend import _cupy
-from engine.bench_e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
-from engine import model_cuda
-from engine.model_cuda import CudaModel
+from engine.gpu.backend import cupy_or_none
+from engine.bench.e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
+from engine.gpu import model as model_cuda
+from engine.gpu.model import CudaModel
 
 
 def main():
@@ -28,7 +28,7 @@ def main():
     a = ap.parse_args()
     if a.row_cta_width:
         model_cuda.ROW_CTA_WIDTH = a.row_cta_width
-    cp = _cupy()
+    cp = cupy_or_none()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
     gm = CudaModel(dequantized_copy(mw) if a.fp16 else mw)
     cache = gm.new_cache(a.tokens)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import resource
 import sys
 import time
 
@@ -42,10 +41,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     from converters.quantize import quantize_checkpoint
-    from engine import data
-    from engine.eval import perplexity
+    from engine.io import corpus as data
+    from engine.model.perplexity import perplexity
     from engine.model import Model, ModelWeights
-    from engine.weights import default_model_path, load_checkpoint
+    from engine.io.checkpoint import default_model_path, load_checkpoint
+    from engine.util.sysinfo import peak_rss_mb
 
     ck = load_checkpoint(default_model_path())
     tokens = np.asarray(data.encode_text(ck.tokenizer, data.wiki_text("eval")), dtype=np.int32)
@@ -65,7 +65,7 @@ def main(argv=None):
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
         row = dict(label=label, method=method, act=act, perplexity=r["perplexity"], n_tokens=r["n_tokens"],
                    quantize_s=tq, eval_s=time.perf_counter() - t0 - tq,
-                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                   peak_rss_mb=peak_rss_mb())
         results.append(row)
         print(json.dumps(row), flush=True)
         if a.jsonl:

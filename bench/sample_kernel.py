@@ -10,8 +10,8 @@ import argparse
 
 import numpy as np
 
-from engine import ops_cuda
-from engine.backend import _cupy
+from engine.gpu import ops as ops_cuda
+from engine.gpu.backend import cupy_or_none
 
 SETTINGS = {"greedy": (0.0, 0, 1.0), "T=1": (1.0, 0, 1.0), "T=1 k=50": (1.0, 50, 1.0),
             "T=0.8 p=0.9": (0.8, 0, 0.9), "T=0.8 k=50 p=0.9": (0.8, 50, 0.9)}
@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 49152, 151936])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     a = ap.parse_args()
-    cp = _cupy()
+    cp = cupy_or_none()
     print(f"device: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
     print("| V | batch | " + " | ".join(SETTINGS) + " |  (µs per call)")
     print("|---|---|" + "---|" * len(SETTINGS))

@@ -23,7 +23,7 @@ about 0.8 GB); `layers=` restricts the statistics to some layers (and stops the
 forward after the last one) to bound memory on larger models.
 
 Default calibration set: 64 sequences × 512 tokens (32768 tokens) cut from the
-wiki corpus "calib" split (engine.data.calibration_sequences, seed 0), or a
+wiki corpus "calib" split (engine.io.corpus.calibration_sequences, seed 0), or a
 user's text file. The sequences start mid-text without a BOS token; their first
 token acts as the attention sink and carries the massive activations a prompt's
 first token carries at run time, so the statistics include them.
@@ -73,11 +73,11 @@ def calibration_tokens(tokenizer, calib=None, n_seq: int = DEFAULT_N_SEQ, seq_le
                        seed: int = DEFAULT_SEED, vocab_size: int | None = None):
     """Token sequences (n_seq, seq_len) int32 and a description of their source.
 
-    calib: None → the wiki corpus "calib" split (engine.data); a path → that UTF-8
+    calib: None → the wiki corpus "calib" split (engine.io.corpus); a path → that UTF-8
     text file; "random" → uniform random token ids (FPTQ reports that this works
     too; needs vocab_size); an int array (n, T) → used as given.
     """
-    from engine import data  # noqa: PLC0415  (corpus code only when calibrating)
+    from engine.io import corpus as data  # noqa: PLC0415  (corpus code only when calibrating)
     if isinstance(calib, np.ndarray):
         if calib.ndim != 2 or calib.size == 0 or not np.issubdtype(calib.dtype, np.integer):
             raise CalibrationError(f"calibration tokens must be a non-empty 2-D integer array, got "
@@ -161,7 +161,7 @@ def calibrate(weights, seqs, *, gram: bool = True, kv: bool = False, layers=None
     kv:   also collect the per-head K/V maxima for an 8-bit KV cache.
     layers / sites: restrict the statistics (default: all).
     """
-    from engine.model import SITES, Model  # noqa: PLC0415
+    from engine.model.llama import SITES, Model  # noqa: PLC0415
     seqs = np.asarray(seqs)
     if seqs.ndim != 2 or seqs.size == 0:
         raise CalibrationError(f"calibration sequences must be a non-empty (n, T) array, got {seqs.shape}")

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 
-from engine.tokenizer import token_string
-from engine.weights import Checkpoint, WeightsError, check_tensors, expected_shapes, write_safetensors
+from engine.io.tokenizer import token_string
+from engine.io.layout import Checkpoint, WeightsError, check_tensors, expected_shapes
+from engine.io.safetensors import write_safetensors
+from engine.util.files import temp_sibling
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}   # name -> bytes per element
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -76,12 +77,12 @@ def export_hf_dir(ckpt: Checkpoint, out_dir: str | os.PathLike, dtype: str = "fl
         raise ExportError(f"{out}: directory exists and is not empty (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    tmp = _sibling(out, "tmp")
+    tmp = temp_sibling(out, "tmp")
     tmp.mkdir()                                    # not mkdtemp: its 0700 mode would stick
     try:
         _write_dir(ckpt, tmp, dtype, limit)
         if out.is_dir() and any(out.iterdir()):
-            old = _sibling(out, "old")
+            old = temp_sibling(out, "old")
             os.replace(out, old)                   # rename() cannot replace a non-empty directory
             try:
                 os.replace(tmp, out)
@@ -95,10 +96,6 @@ def export_hf_dir(ckpt: Checkpoint, out_dir: str | os.PathLike, dtype: str = "fl
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _sibling(out: Path, tag: str) -> Path:
-    return out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}")
 
 
 def _write_dir(ckpt: Checkpoint, d: Path, dtype: str, limit: int | None) -> None:

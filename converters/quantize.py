@@ -1,8 +1,8 @@
 """Quantize a float checkpoint: calibration, smoothing, per-layer quantization, the recipe.
 
-    from engine.weights import load_checkpoint
+    from engine.io.checkpoint import load_checkpoint
     from converters.quantize import quantize_checkpoint
-    from engine.qfile import save_qfile
+    from engine.io.qfile import save_qfile
     ck = load_checkpoint(path)
     weights, recipe = quantize_checkpoint(ck, "dgq")
     save_qfile("model.q.safetensors", weights, ck.config, ck.tokenizer, ck.chat_template, recipe)
@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import formats
-from engine.api import peak_rss_mb
+from engine.io.layout import HF_LINEAR, LINEAR_NAMES, ModelWeights
+from engine.model.llama import SITE_OF
+from engine.util.sysinfo import peak_rss_mb
 
 from . import calibrate as cal
 from . import smooth
@@ -132,9 +134,8 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     ckpt: engine.weights.Checkpoint (config, HF tensors, tokenizer, ...).
     calib: None (wiki "calib" split), a text file path, "random", or an (n, T) token array.
     act_clip: static activation clipping, "max" or a percentile of the per-token absmax.
-    The recipe (a JSON-able dict) records every choice; save it with engine.qfile.save_qfile.
+    The recipe (a JSON-able dict) records every choice; save it with engine.io.qfile.save_qfile.
     """
-    from engine.model import HF_LINEAR, LINEAR_NAMES, SITE_OF, ModelWeights  # noqa: PLC0415
     t0 = time.perf_counter()
     spec, bits, act = _resolve(method, wbits, act)
     act_clip = cal.parse_act_clip(act_clip)

@@ -9,8 +9,8 @@ Outputs are poisoned (NaN) first, rows past t included, so an unwritten or stray
 import numpy as np
 import pytest
 
-from engine.kv_cache import quantize_kv_ref
-from engine.backend import has_gpu
+from engine.model.kv_cache import quantize_kv_ref
+from engine.gpu.backend import has_gpu
 
 pytestmark = pytest.mark.gpu
 if not has_gpu():
@@ -39,7 +39,7 @@ def causal_gqa_f64(q, k, v, start):
 def test_attn_prefill_matches_float64(d, rep, kv8):
     import cupy as cp
 
-    from engine.model_cuda import attn_prefill
+    from engine.gpu.model import attn_prefill
     rng = np.random.default_rng(d * 10 + rep)
     hq = HKV * rep
     for start, t in CASES:
@@ -71,7 +71,7 @@ def test_attn_prefill_matches_float64(d, rep, kv8):
 def test_chunked_prefill_equals_one_prefill():
     """start > 0 inside the model: a prompt prefilled in two chunks gives the same last logits."""
     from engine.model import Model
-    from engine.model_cuda import CudaModel
+    from engine.gpu.model import CudaModel
     from test_model_cuda import quantized_tiny, rel
     mw = quantized_tiny("dynamic", seed=6, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
                         hidden_size=64, intermediate_size=96, max_position_embeddings=512)
@@ -90,7 +90,7 @@ def test_gpu_kv8_matches_numpy_kv8_reference():
     """INT8 cache end to end: rope_qkv_cache quantizes, attn_prefill (start 0 and > 0) and
     flash-decoding read int8; logits and greedy tokens against the NumPy kv8 reference."""
     from engine.model import Model
-    from engine.model_cuda import CudaModel
+    from engine.gpu.model import CudaModel
     from test_model_cuda import quantized_tiny, rel
     mw = quantized_tiny("dynamic", seed=7, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
                         hidden_size=64, intermediate_size=96, max_position_embeddings=512)
@@ -128,8 +128,8 @@ def test_flash_decoding_matches_float64(d, rep, kv8):
     counters reset themselves), and so must the cluster merges (sm_90)."""
     import cupy as cp
 
-    from engine.kernels import function
-    from engine.model_cuda import ATTN_EXPRS, DECODE_CHUNK, kv_type
+    from engine.gpu.kernels import function
+    from engine.gpu.model import ATTN_EXPRS, DECODE_CHUNK, kv_type
     rng = np.random.default_rng(7 * d + rep)
     hq, lens = HKV * rep, np.array([1, 64, 65, 200], np.int32)
     b, cap = len(lens), 256
@@ -167,8 +167,8 @@ def test_flash_decoding_matches_float64(d, rep, kv8):
     counters = cp.zeros((b * hq,), cp.int32)
     ref = np.concatenate([causal_gqa_f64(q[i:i + 1].astype(np.float64), kref[i, :n], vref[i, :n], n - 1)
                           for i, n in enumerate(lens)])                   # (B, Hq·D)
-    from engine.kernels import device_info
-    from engine.model_cuda import decode_cluster
+    from engine.gpu.kernels import device_info
+    from engine.gpu.model import decode_cluster
     # the merge through global memory (0), and on sm_90 through clusters: the launcher's size
     # for nsplit, and a larger one (empty splits past nsplit)
     clusters = (0, decode_cluster(nsplit), 8) if device_info()["cc"] >= 90 else (0,)

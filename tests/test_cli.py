@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import eval_cmd, run
+from dgq_cli import eval_cmd, run
 from engine.model import Model, ModelWeights
-from engine.weights import load_hf_dir
+from engine.io.hf_dir import load_hf_dir
 from test_model import independent_forward
 from tiny_model import make_tiny_checkpoint
 

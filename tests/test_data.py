@@ -3,8 +3,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from engine import data
-from engine.data import DataError, calibration_sequences, clean_wikitext, encode_text, load_text_file
+from engine.io import corpus as data
+from engine.io.corpus import DataError, calibration_sequences, clean_wikitext, encode_text, load_text_file
 
 
 # ----------------------------------------------------------------------------- markup cleaner

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from engine.eval import EvalError, perplexity, window_nll
+from engine.model.perplexity import EvalError, perplexity, window_nll
 
 V = 37
 

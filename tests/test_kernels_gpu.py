@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import backend, formats
-from engine import ops_cuda
+from engine import formats
+from engine.gpu import backend
+from engine.gpu import ops as ops_cuda
 
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not backend.has_gpu(), reason="needs an NVIDIA GPU and CuPy")
@@ -397,8 +398,8 @@ def test_gemv_silu_then_quant_equals_row_kernel_path(inter, k):
     absmax) → quant_amax → down, against the launch sequence it replaces (gate|up GEMM →
     silu_mul_quant → down GEMM): the same int8 row, scale and bits in h."""
     import cupy as cp
-    from engine.kernels import function
-    from engine.model_cuda import FUSED_EXPRS, MODE, _fuse, _permute_rows, row_launch
+    from engine.gpu.kernels import function
+    from engine.gpu.model import FUSED_EXPRS, MODE, _fuse, _permute_rows, row_launch
     gate, up = random_dg(inter, k, 128, seed=1), random_dg(inter, k, 128, seed=2)
     down = ops_cuda.pack_for_gpu(random_dg(96, inter, 128, seed=3))
     gu = _fuse([gate, up])

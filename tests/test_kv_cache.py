@@ -2,7 +2,7 @@
 import numpy as np
 
 from engine import formats
-from engine.kv_cache import quantize_kv_ref
+from engine.model.kv_cache import quantize_kv_ref
 from engine.model import Model, ModelWeights
 
 from test_model import random_tensors, tiny_config

@@ -3,10 +3,10 @@ sampling kernel's packed settings (cuda/rows.cuh, cuda/sample.cu)."""
 import numpy as np
 import pytest
 
-from engine import ops_cuda
-from engine.model_cuda import FUSED_EXPRS, ROW_CLUSTER_PERS, ROW_CLUSTERS, ROW_PERS, row_cluster, row_launch
-from engine.backend import BackendError
-from engine.sampling import SamplingError
+from engine.gpu import ops as ops_cuda
+from engine.gpu.model import FUSED_EXPRS, ROW_CLUSTER_PERS, ROW_CLUSTERS, ROW_PERS, row_cluster, row_launch
+from engine.gpu.backend import BackendError
+from engine.model.sampling import SamplingError
 
 
 def test_row_launch_covers_every_width_with_whole_warps():
@@ -75,7 +75,7 @@ def test_sample_params_pack_and_validate():
 def test_kernel_launch_marshalling_without_a_gpu():
     """engine/launch.py packs arguments as the driver reads them: pointers for arrays,
     a scalar's own bytes, null for None; bad grids and argument types are one clear error."""
-    from engine import launch
+    from engine.gpu import launch
 
     class FakeArray:                 # stands in for cupy.ndarray
         class data:
@@ -102,7 +102,7 @@ def test_kernel_launch_marshalling_without_a_gpu():
 
 
 def test_decode_cluster_policy():
-    from engine.model_cuda import DECODE_CLUSTERS, decode_cluster
+    from engine.gpu.model import DECODE_CLUSTERS, decode_cluster
     assert [decode_cluster(n) for n in (1, 2, 3, 4, 5, 8, 9, 64)] == [1, 2, 4, 4, 8, 8, 0, 0]
     assert decode_cluster(4, heads=32, sms=132) == 4          # batch 1 of 32 heads: one wave
     assert decode_cluster(4, heads=256, sms=132) == 0         # batch 8: the merge through memory

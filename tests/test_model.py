@@ -4,8 +4,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from engine import formats, ops_ref
-from engine.config import ModelConfig
+from engine import formats
+from engine.model import ops_ref
+from engine.io.config import ModelConfig
 from engine.model import Model, ModelError, ModelWeights, expected_shapes
 
 
@@ -29,7 +30,7 @@ def random_tensors(c, seed=0):
 
 
 def independent_forward(c, t, tokens):
-    """float64, explicit loops over positions and heads; no code shared with engine.ops_ref."""
+    """float64, explicit loops over positions and heads; no code shared with engine.model.ops_ref."""
     def norm(x, w):
         return x / np.sqrt(np.mean(x * x) + c.rms_norm_eps) * w
 

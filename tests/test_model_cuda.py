@@ -4,8 +4,8 @@ import contextlib
 import numpy as np
 import pytest
 
-from engine.backend import has_gpu
-from engine.bench_e2e import random_dg_layer
+from engine.gpu.backend import has_gpu
+from engine.bench.e2e import random_dg_layer
 from engine.model import LINEAR_NAMES, Model, ModelWeights
 
 from test_model import random_tensors, tiny_config
@@ -37,7 +37,7 @@ def rel(a, b):
 def test_gpu_logits_match_reference(act, n_tokens):
     """Prefill logits against the NumPy integer reference; one token too (the GEMV path, where
     the decode step folds the row kernels away and a prefill must not)."""
-    from engine.model_cuda import CudaModel
+    from engine.gpu.model import CudaModel
     mw = quantized_tiny(act, head_dim=64, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
                         intermediate_size=96)
     tokens = np.array([3, 17, 5, 60, 0, 42, 8, 8, 19, 33, 1])[:n_tokens]
@@ -52,8 +52,8 @@ def test_gpu_prefill_with_wide_row_accesses_matches_reference(monkeypatch, act):
     """A prefill of more rows than SMs: the row kernels run one CTA a row with 8- and 4-element
     accesses (model_cuda.ROW_VEC; 32 threads a row here, so that tiny rows hold 4 and 8 values a
     thread), against the NumPy integer reference."""
-    from engine import model_cuda
-    from engine.kernels import device_info
+    from engine.gpu import model as model_cuda
+    from engine.gpu.kernels import device_info
     monkeypatch.setattr(model_cuda, "ROW_THREADS_MANY", 32)
     mw = quantized_tiny(act, head_dim=64, num_attention_heads=4, num_key_value_heads=2, hidden_size=128,
                         intermediate_size=256, max_position_embeddings=512)
@@ -69,7 +69,7 @@ def test_gpu_prefill_with_wide_row_accesses_matches_reference(monkeypatch, act):
 
 
 def test_gpu_fp16_path_matches_float_reference():
-    from engine.model_cuda import CudaModel
+    from engine.gpu.model import CudaModel
     c = tiny_config(head_dim=64, hidden_size=64, intermediate_size=96)
     mw = ModelWeights.from_hf(c, random_tensors(c, 3))
     tokens = np.arange(20) % c.vocab_size
@@ -78,7 +78,7 @@ def test_gpu_fp16_path_matches_float_reference():
 
 @pytest.mark.parametrize("weights", ["a8w4", "fp16"])
 def test_graph_decode_equals_eager_and_incremental_reference(weights):
-    from engine.model_cuda import CudaModel
+    from engine.gpu.model import CudaModel
     if weights == "a8w4":
         mw = quantized_tiny("dynamic", seed=1, head_dim=64, hidden_size=64, intermediate_size=96)
     else:            # the FP16 path: cuBLAS for prefill, our fp16 GEMV inside the graph
@@ -105,7 +105,7 @@ def test_graph_decode_equals_eager_and_incremental_reference(weights):
 @pytest.mark.parametrize("batch", [3, 10])
 def test_batched_decode_equals_single_sequences(batch):
     """Batch 10 is past the fp16 GEMV: the graph ends at the final norm, cuBLAS runs the lm_head."""
-    from engine.model_cuda import CudaModel
+    from engine.gpu.model import CudaModel
     mw = quantized_tiny("dynamic", seed=2, head_dim=64, hidden_size=64, intermediate_size=96)
     gm = CudaModel(mw)
     assert gm.graphable(batch) == (True, batch <= 8)
@@ -127,7 +127,7 @@ def test_batched_decode_equals_single_sequences(batch):
 @pytest.mark.parametrize("head_dim,act", [(64, "dynamic"), (128, "static")])
 def test_decode_over_many_attention_splits(head_dim, act):
     """A context longer than several flash-decoding chunks (64 keys) and a ragged last chunk."""
-    from engine.model_cuda import DECODE_CHUNK, CudaModel
+    from engine.gpu.model import DECODE_CHUNK, CudaModel
     mw = quantized_tiny(act, seed=4, head_dim=head_dim, hidden_size=64, intermediate_size=96,
                         max_position_embeddings=512)
     gm = CudaModel(mw)
@@ -140,8 +140,8 @@ def test_decode_over_many_attention_splits(head_dim, act):
 
 
 def test_generate_uses_graphed_greedy_and_agrees_with_reference():
-    from engine.generate import GenerationStats, generate
-    from engine.model_cuda import CudaModel
+    from engine.model.generate import GenerationStats, generate
+    from engine.gpu.model import CudaModel
     mw = quantized_tiny("dynamic", seed=5, head_dim=64, hidden_size=64, intermediate_size=96)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     want, _ = generate(Model(mw), prompt, 10)
@@ -158,7 +158,7 @@ def test_generate_uses_graphed_greedy_and_agrees_with_reference():
 def test_fp16_gemv_buckets_match_float64(m):
     """The lm_head GEMV (one kernel per M bucket) against a float64 product."""
     import cupy as cp
-    from engine.model_cuda import matmul_f16
+    from engine.gpu.model import matmul_f16
     rng = np.random.default_rng(m)
     x = rng.standard_normal((m, 1000)).astype(np.float16)
     w = rng.standard_normal((777, 1000)).astype(np.float16)
@@ -179,8 +179,8 @@ def test_row_kernels_match_numpy(width, mode, cl, cap, vec):
     threads, up to 16 values a thread), and with 8- or 4-element accesses (vec: 576 at cap 256
     takes 4; 4100 and narrow rows fall back to 1), against NumPy float32."""
     import cupy as cp
-    from engine.model_cuda import FUSED_EXPRS, MODE, ROW_CLUSTER_PERS, row_launch
-    from engine.kernels import device_info, function
+    from engine.gpu.model import FUSED_EXPRS, MODE, ROW_CLUSTER_PERS, row_launch
+    from engine.gpu.kernels import device_info, function
     if cl > 1 and device_info()["cc"] < 90:
         pytest.skip("thread block clusters need sm_90")
     if cl > 1 and width > ROW_CLUSTER_PERS[-1] * 1024 * cl:
@@ -242,7 +242,7 @@ def test_row_kernels_match_numpy(width, mode, cl, cap, vec):
     g, u = gu[:, :width].astype(np.float32), gu[:, width:].astype(np.float32)
     check(run("silu_mul_quant", (cp.asarray(gu), np.int32(width)), (np.int32(0),)), g / (1 + np.exp(-g)) * u, 2e-3)
     if width % 8 == 0:              # gate|up interleaved per 16 columns (ops_cuda.interleave_rows)
-        from engine.ops_cuda import interleave_rows
+        from engine.gpu.ops import interleave_rows
         gi = cp.asarray(np.ascontiguousarray(gu[:, interleave_rows(2 * width)]))
         check(run("silu_mul_quant", (gi, np.int32(width)), (np.int32(1),)), g / (1 + np.exp(-g)) * u, 2e-3)
     if mode != "fp16":
@@ -259,9 +259,10 @@ def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
     its splits through a cluster, and through global memory (its reads before the PDL wait
     then race nothing either)."""
     import os
-    from engine import kernels, launch, model_cuda
-    from engine.model_cuda import CudaModel
-    if kernels.device_info()["cc"] < 90 or os.environ.get("DGQ_PDL", "1") == "0":
+    from engine.gpu import flags, kernels, launch
+    from engine.gpu import model as model_cuda
+    from engine.gpu.model import CudaModel
+    if kernels.device_info()["cc"] < 90 or not flags.PDL:
         pytest.skip("PDL needs sm_90 and DGQ_PDL unset")
     assert launch.pdl_enabled()
     monkeypatch.setattr(model_cuda, "ROW_CTA_WIDTH", 256)
@@ -302,8 +303,8 @@ def test_fold_quant_equals_row_kernels(monkeypatch, act):
     bits of the step with the row kernels, graphed and eager (gate|up interleaved in both).
     Prefills never fold, a one-token one included (checked against NumPy in
     test_gpu_logits_match_reference)."""
-    from engine import model_cuda
-    from engine.model_cuda import CudaModel
+    from engine.gpu import model as model_cuda
+    from engine.gpu.model import CudaModel
     mw = quantized_tiny(act, seed=6, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
                         hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
                         max_position_embeddings=256)
@@ -329,7 +330,7 @@ def test_int8_lm_head_gpu(tie):
     position (11 rows: GEMV slices of 8 and 3) match the NumPy path with the same head, and a
     graphed decode step (its head inside the graph, at batch 1 and at batch 10, past the fp16
     GEMV's 8 rows) equals the eager one."""
-    from engine.model_cuda import CudaModel
+    from engine.gpu.model import CudaModel
     mw = quantized_tiny("dynamic", seed=7, head_dim=64, hidden_size=64, intermediate_size=96,
                         tie_word_embeddings=tie).with_int8_lm_head()
     gm = CudaModel(mw)

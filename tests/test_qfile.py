@@ -9,8 +9,10 @@ import pytest
 from converters.quantize import quantize_checkpoint
 from engine import formats
 from engine.model import LINEAR_NAMES, Model, ModelWeights
-from engine.qfile import QFileError, load_qfile, save_qfile
-from engine.weights import Checkpoint, load_checkpoint, read_safetensors, write_safetensors
+from engine.io.qfile import QFileError, load_qfile, save_qfile
+from engine.io.checkpoint import load_checkpoint
+from engine.io.layout import Checkpoint
+from engine.io.safetensors import read_safetensors, write_safetensors
 from tiny_model import TINY_CHAT_TEMPLATE, make_tiny_config, make_tiny_tensors, make_tiny_tokenizer
 
 

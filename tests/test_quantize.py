@@ -9,7 +9,7 @@ from converters.baselines import g_linear, i8_linear
 from converters.quantize import METHODS, QuantizeError, _fptq_mode, quantize_checkpoint
 from engine import formats
 from engine.model import HF_LINEAR, LINEAR_NAMES, SITE_OF, Model, ModelWeights
-from engine.weights import Checkpoint
+from engine.io.layout import Checkpoint
 from tiny_model import TINY_CHAT_TEMPLATE, make_tiny_config, make_tiny_tensors, make_tiny_tokenizer
 
 
@@ -215,7 +215,7 @@ def test_calibration_statistics_match_a_direct_recording():
 
 
 def test_kv_scales_bound_k_after_rope_at_any_position():
-    from engine import ops_ref
+    from engine.model import ops_ref
     ck = tiny_ckpt()
     c = ck.config
     w = ModelWeights.from_hf(c, ck.tensors)

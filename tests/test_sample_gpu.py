@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from engine.backend import has_gpu
+from engine.gpu.backend import has_gpu
 
 pytestmark = pytest.mark.gpu
 if not has_gpu():
@@ -11,7 +11,7 @@ if not has_gpu():
 
 import cupy as cp  # noqa: E402
 
-from engine import ops_cuda  # noqa: E402
+from engine.gpu import ops as ops_cuda  # noqa: E402
 
 
 def kernel_draws(logits, n, temperature=1.0, top_k=0, top_p=1.0, seed=0, pos=0):
@@ -106,7 +106,7 @@ def test_nan_logits_are_never_drawn():
 # ----------------------------------------------------------------------------- the decode step
 
 def _model():
-    from engine.model_cuda import CudaModel
+    from engine.gpu.model import CudaModel
     from test_model_cuda import quantized_tiny
     return CudaModel(quantized_tiny("dynamic", seed=6, head_dim=64, hidden_size=64, intermediate_size=96))
 
@@ -147,7 +147,7 @@ def test_decode_seeded_sampling_replays():
 
 
 def test_generate_samples_on_the_gpu():
-    from engine.generate import generate
+    from engine.model.generate import generate
     gm = _model()
     gm.forward = None          # the host loop would call forward for every token
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from engine.sampling import SamplingError, check_args, sample
+from engine.model.sampling import SamplingError, check_args, sample
 
 
 def _softmax(x):

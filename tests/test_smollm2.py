@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from engine import data
-from engine.weights import WeightsError, default_model_path
+from engine.io import corpus as data
+from engine.io.checkpoint import default_model_path
+from engine.io.layout import WeightsError
 
 pytestmark = pytest.mark.slow
 
@@ -24,14 +25,14 @@ def smollm2():
 
 
 def test_greedy_continuation_is_paris(smollm2):
-    from engine.generate import generate, stop_ids
+    from engine.model.generate import generate, stop_ids
     ids = smollm2.tokenizer.encode("The capital of France is").ids
     out, _ = generate(smollm2.model, ids, 3, stop=stop_ids(smollm2.tokenizer, smollm2.config))
     assert smollm2.tokenizer.decode(out).startswith(" Paris")
 
 
 def test_wiki_perplexity_first_four_windows(smollm2):
-    from engine.eval import perplexity
+    from engine.model.perplexity import perplexity
     try:
         text = data.wiki_text("eval")
     except data.DataError as e:

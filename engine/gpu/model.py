@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import formats, kernels, launch, ops_cuda
-from .backend import BackendError, _cupy
-from .config import ModelConfig
-from .model import ModelError, ModelWeights, check_tokens
+from .. import formats
+from ..io.config import ModelConfig
+from ..io.layout import ModelError, ModelWeights
+from ..model.llama import check_tokens
+from . import kernels, launch
+from . import ops as ops_cuda
+from .backend import BackendError, cupy_or_none
 
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}
 DECODE_CHUNK = 64           # keys per flash-decoding block (cuda/attention.cu DEC_CHUNK)
@@ -305,7 +308,7 @@ class CudaModel:
     """Runs ModelWeights on the GPU. Same forward() contract as engine.model.Model."""
 
     def __init__(self, weights: ModelWeights):
-        cp = _cupy()
+        cp = cupy_or_none()
         if cp is None:
             raise BackendError("the GPU engine needs CuPy and a CUDA device")
         self.cp, self.config, c = cp, weights.config, weights.config
@@ -625,7 +628,7 @@ class CudaModel:
         Each step feeds the previous token (at position lens) and writes the next into the
         device buffer; on_step(ids (B,)) sees each step's ids (one small device→host copy) and
         stops the loop by returning True. Returns (steps done, B) int32 on the host.
-        Sampling follows engine/sampling.py; sequence b's draw at position p is fixed by
+        Sampling follows engine/model/sampling.py; sequence b's draw at position p is fixed by
         (seed, b, p), so a seed replays the same tokens. The captured graph is kept with the
         cache and reads the settings from device memory: later calls, with any settings,
         only reset four small buffers.

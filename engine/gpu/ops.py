@@ -26,13 +26,13 @@ Kernels are chosen by M (`choose_kernel`): "gemv" (M ≤ 16), "wgmma" (sm_90),
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from engine import formats
-from engine import kernels
+from .. import formats
+from ..model import sampling
+from . import backend, flags, kernels
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
 CHUNK_K = 64         # k per 16-byte lane vector (DGQ_CHUNK_K)
@@ -149,10 +149,9 @@ class PackedA8W4:
 
 
 def _cp():
-    from engine import backend
-    cp = backend._cupy()
+    cp = backend.cupy_or_none()
     if cp is None:
-        raise CudaOpError("CUDA ops need a GPU and CuPy (engine.backend.has_gpu() is False)")
+        raise CudaOpError("CUDA ops need a GPU and CuPy (engine.gpu.backend.has_gpu() is False)")
     return cp
 
 
@@ -234,8 +233,8 @@ TUNE = {
     "mma_bm_small": 64, "mma_small_max_m": 64,
     "split_target": 1.0,     # split K until tiles*splits >= split_target * SMs * blocks/SM
     # sm_90 only; the portable mma.sync path is the fallback. DGQ_NO_WGMMA=1 turns it off
-    # (the one environment flag of the CUDA ops; read once, here).
-    "use_wgmma": not os.environ.get("DGQ_NO_WGMMA"),
+    # (engine/gpu/flags.py).
+    "use_wgmma": flags.WGMMA,
 }
 WGMMA_KEYS = ("bt", "stages", "nwg", "wpf", "ovl", "splits")
 
@@ -540,7 +539,6 @@ SAMPLE_THREADS = 1024    # cuda/sample.cu SAMPLE_THREADS: one block per row
 def sample_params(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
     """The sampling kernel's settings as uint32[5] (cuda/sample.cu): T and top_p as float32 bits,
     top_k, the 64-bit seed in two words. Copy into the device array the kernel reads."""
-    from engine import sampling
     sampling.check_args(temperature, top_k, top_p)          # the host sampler's rules and errors
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise CudaOpError(f"seed must be an integer, got {seed!r}")
@@ -550,7 +548,7 @@ def sample_params(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, 
 
 
 def sample_rows(logits, params, seq, pos, out, lens=None, rows: int | None = None):
-    """out[b] = a token drawn from row b of fp16 logits (B, V) by the rules of engine/sampling.py.
+    """out[b] = a token drawn from row b of fp16 logits (B, V) by the rules of engine/model/sampling.py.
 
     params: device uint32[5] from sample_params; seq, pos: (B,) int32, the Philox counter of row b
     (a sequence and the position of the token the logits follow); out (B,) int32. With lens,

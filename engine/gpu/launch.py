@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 
 import numpy as np
 
-from .backend import BackendError, _cupy
+from . import flags
+from .backend import BackendError, cupy_or_none
 
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
@@ -52,8 +52,8 @@ def _driver():
     """cuLaunchKernelEx from libcuda, or None where PDL is off or unavailable (cached)."""
     if "fn" not in _STATE:
         fn = None
-        cp = _cupy()
-        if cp is not None and os.environ.get("DGQ_PDL", "1") != "0" \
+        cp = cupy_or_none()
+        if cp is not None and flags.PDL \
                 and int(cp.cuda.Device().compute_capability) >= 90:
             try:
                 lib = ctypes.CDLL("libcuda.so.1")
@@ -138,7 +138,7 @@ class Kernel:
             # Eagerly the host is the bottleneck of short kernels, and this ctypes path costs
             # about twice CuPy's launch (bench/pdl_probe.py: 22 vs 11 µs): PDL in graphs only.
             return self.raw(grid, block, args, shared_mem=shared_mem)
-        cp = _cupy()
+        cp = cupy_or_none()
         stream = cp.cuda.get_current_stream()
         gx, gy, gz = _dims(grid, "grid")
         bx, by, bz = _dims(block, "block")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import sampling
-from .backend import to_numpy
+from ..util.arrays import to_numpy
 
 # Tokens that end a turn in the chat formats we know; used when present in the vocabulary.
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
@@ -60,7 +60,7 @@ def encode_prompt(tokenizer, prompt: str, chat_template: str | None, chat: bool,
     if chat:
         if not chat_template:
             raise GenerationError("this model has no chat template; use --raw")
-        from .tokenizer import render_chat, token_string  # noqa: PLC0415
+        from ..io.tokenizer import render_chat, token_string  # noqa: PLC0415
         special = {}
         if config is not None:   # templates that write {{ bos_token }} need the strings
             special = dict(bos_token=token_string(tokenizer, config.bos_token_id),

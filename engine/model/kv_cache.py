@@ -2,12 +2,12 @@
 
 kv8 stores K and V as symmetric INT8 with one float32 scale per (token, kv head) and
 dequantizes on read: this is the reference the GPU engine's INT8 cache matches
-(engine/model_cuda.py GpuKVCache, cuda/attention.cu).
+(engine/gpu/model.py GpuKVCache, cuda/attention.cu).
 """
 from __future__ import annotations
 
-from . import formats
-from .config import ModelConfig
+from .. import formats
+from ..io.config import ModelConfig
 
 
 def quantize_kv_ref(x):

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from engine.backend import to_numpy
+from ..util.arrays import to_numpy
 
 
 class SamplingError(ValueError):

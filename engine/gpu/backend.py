@@ -1,14 +1,16 @@
-"""Array-module selection: the only place that imports CuPy (lazily).
+"""Device selection: the only module of the project that imports CuPy (lazily).
 
-Model code is written once against `xp`; `get_xp("cuda")` returns cupy,
-`get_xp("cpu")` numpy, `get_xp("auto")` cupy when it imports and sees a GPU.
+`cupy_or_none()` is cupy when it imports and sees a CUDA device, else None; `resolve_device`
+turns the --device choice into "cpu" or "cuda". Code outside engine/gpu never imports CuPy:
+it meets CuPy arrays only through engine/util/arrays.py.
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
+
+from . import flags
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -18,12 +20,12 @@ class BackendError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=1)
-def _cupy():
+def cupy_or_none():
     """cupy if it imports and a CUDA device is visible, else None."""
-    if os.environ.get("DGQ_DISABLE_CUDA"):
+    if flags.DISABLE_CUDA:
         return None
     try:
-        import cupy  # noqa: PLC0415  (the one lazy import of cupy in the engine)
+        import cupy  # noqa: PLC0415  (the one import of cupy in the project)
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return None
         return cupy
@@ -31,8 +33,16 @@ def _cupy():
         return None
 
 
+def require_cupy():
+    """cupy, or BackendError saying why the GPU engine cannot run here."""
+    cp = cupy_or_none()
+    if cp is None:
+        raise BackendError("the GPU engine needs CuPy and a CUDA device")
+    return cp
+
+
 def has_gpu() -> bool:
-    return _cupy() is not None
+    return cupy_or_none() is not None
 
 
 def resolve_device(device: str) -> str:
@@ -48,19 +58,4 @@ def resolve_device(device: str) -> str:
 
 
 def get_xp(device: str = "cpu"):
-    return _cupy() if resolve_device(device) == "cuda" else np
-
-
-def xp_of(a):
-    """The array module that owns `a`."""
-    cp = _cupy()
-    if cp is not None and isinstance(a, cp.ndarray):
-        return cp
-    return np
-
-
-def to_numpy(a) -> np.ndarray:
-    cp = _cupy()
-    if cp is not None and isinstance(a, cp.ndarray):
-        return cp.asnumpy(a)
-    return np.asarray(a)
+    return cupy_or_none() if resolve_device(device) == "cuda" else np

@@ -1,18 +1,19 @@
-"""The Llama-family forward pass: flat, written once against `xp`.
+"""The Llama layout: tensor names and shapes, and the weight records every room passes around.
 
-RMSNorm → (q, k, v) → RoPE → causal GQA → o → residual → RMSNorm → SwiGLU → residual,
-then the final norm and the (possibly tied) lm_head. A linear is a float (N, K)
-array or a formats.QuantLinear; the quantized ones run the integer reference.
+A checkpoint in memory is float32 tensors under their Hugging Face names (`expected_shapes`
+lists them; linear weights are (N out, K in), q/k rows in HF "rotate-half" RoPE order).
+`ModelWeights` holds them by role, each linear a float array or a formats.QuantLinear.
+The loaders (hf_dir, gguf_file, qfile) build these records; engine/model runs them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
-from . import formats, ops_ref
+from .. import formats
 from .config import ModelConfig
-from .kv_cache import KVCache
 
 LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 # HF tensor name of each linear, relative to model.layers.{i}.
@@ -20,12 +21,6 @@ HF_LINEAR = {
     "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
     "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
 }
-# Which observer site feeds each linear (linears at one site share their input).
-SITE_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
-           "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
-SITES = ("attn_in", "o_in", "mlp_in", "down_in")
-
-
 class ModelError(ValueError):
     """Weights that do not fit the config, or a bad forward-pass argument."""
 
@@ -127,80 +122,32 @@ def expected_shapes(c: ModelConfig) -> dict:
     return out
 
 
-def check_tokens(tokens, c: ModelConfig, start: int = 0) -> np.ndarray:
-    """tokens as a non-empty 1-D array of valid ids that fit the context after `start`."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or tokens.size == 0:
-        raise ModelError(f"forward needs a non-empty 1-D token array, got shape {tokens.shape}")
-    if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-        raise ModelError(f"token ids must lie in [0, {c.vocab_size}), got {tokens.min()}..{tokens.max()}")
-    if start + tokens.shape[0] > c.max_position_embeddings:
-        raise ModelError(f"sequence of {start + tokens.shape[0]} tokens exceeds the context of "
-                         f"{c.max_position_embeddings}")
-    return tokens
 
 
-class Model:
-    """Runs ModelWeights with NumPy (the reference path)."""
+class WeightsError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not match its config."""
 
-    def __init__(self, weights: ModelWeights):
-        self.w = weights
-        self.config = weights.config
-        self.xp = np
-        # Expand quantized weights once, not per token.
-        self._lin = [{n: self._prepare(getattr(L, n)) for n in LINEAR_NAMES} for L in weights.layers]
 
-    @staticmethod
-    def _prepare(w):
-        if isinstance(w, formats.QuantLinear):
-            return ops_ref.PreparedLinear(w)
-        return w
+@dataclass
+class Checkpoint:
+    """A float checkpoint as every loader returns it (engine/io/hf_dir.py, gguf_file.py)."""
+    config: ModelConfig
+    tensors: dict[str, np.ndarray]        # HF name -> float32 array (lm_head.weight absent when tied)
+    tokenizer: Any                        # tokenizers.Tokenizer | None
+    chat_template: str | None
+    source: str
 
-    def new_cache(self, capacity: int | None = None, kv8: bool = False) -> KVCache:
-        """A float32 cache, or with kv8 INT8 K/V with per-(token, kv head) scales."""
-        return KVCache(self.config, capacity or self.config.max_position_embeddings, self.xp, kv8=kv8)
 
-    def forward(self, tokens, cache: KVCache | None = None, observer=None, last_only: bool = False):
-        """Logits (T, V) float32 for tokens (T,) — or (1, V) for the last token when last_only.
-
-        With a cache, tokens continue the cached sequence and are appended to it.
-        observer(layer, site, x) sees the input of each group of linears (see SITES).
-        """
-        c, xp = self.config, self.xp
-        start = cache.length if cache is not None else 0
-        tokens = check_tokens(tokens, c, start)
-        t = tokens.shape[0]
-        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        cos, sin = ops_ref.rope_tables(xp, d, c.rope_theta, np.arange(start, start + t))  # (T, D)
-        lin = ops_ref.linear
-
-        h = self.w.embed[tokens]                                        # (T, H)
-        for li, L in enumerate(self.w.layers):
-            W = self._lin[li]
-            x = ops_ref.rmsnorm(h, L.attn_norm, c.rms_norm_eps)         # (T, H)
-            if observer:
-                observer(li, "attn_in", x)
-            q = lin(x, W["q"]).reshape(t, hq, d)                        # (T, Hq, D)
-            k = lin(x, W["k"]).reshape(t, hkv, d)                       # (T, Hkv, D)
-            v = lin(x, W["v"]).reshape(t, hkv, d)                       # (T, Hkv, D)
-            q = ops_ref.apply_rope(q, cos, sin)
-            k = ops_ref.apply_rope(k, cos, sin)
-            if cache is not None:
-                k, v = cache.write(li, k, v)                            # (S, Hkv, D)
-            a = ops_ref.attention(q, k, v, start)                       # (T, Hq·D)
-            if observer:
-                observer(li, "o_in", a)
-            h = h + lin(a, W["o"])                                      # (T, H)
-            x = ops_ref.rmsnorm(h, L.mlp_norm, c.rms_norm_eps)          # (T, H)
-            if observer:
-                observer(li, "mlp_in", x)
-            m = ops_ref.silu(lin(x, W["gate"])) * lin(x, W["up"])       # (T, I)
-            if observer:
-                observer(li, "down_in", m)
-            h = h + lin(m, W["down"])                                   # (T, H)
-        if cache is not None:
-            cache.commit(t)
-        if last_only:
-            h = h[-1:]
-        h = ops_ref.rmsnorm(h, self.w.norm, c.rms_norm_eps)              # (T, H)
-        return (h @ self.w.lm_head.T).astype(np.float32)                  # (T, V)
+def check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], where: str) -> None:
+    """Raise WeightsError naming `where` and the tensor unless `tensors` is exactly the expected set."""
+    want = expected_shapes(config)
+    for name, shape in want.items():
+        if name not in tensors:
+            raise WeightsError(f"{where}: missing tensor {name} (expected shape {shape})")
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise WeightsError(f"{where}: tensor {name} has shape {got}, the config needs {shape}")
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        raise WeightsError(f"{where}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all); "
+                           "is this a Llama-family checkpoint?")

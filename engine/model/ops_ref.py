@@ -2,14 +2,14 @@
 
 Every op takes and returns float32 arrays of the module that holds its inputs
 (NumPy here; CuPy arrays work too for the float ops). The quantized linear is
-NumPy-only: it is the integer reference (engine/formats.py) the GPU kernels match.
+NumPy-only: it is the integer reference (engine/formats/) the GPU kernels match.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import formats
-from .backend import xp_of
+from .. import formats
+from ..util.arrays import xp_of
 
 # K-chunk for the exact float32 integer GEMM: products |x8·w8| ≤ 127² = 16129, so a
 # chunk of 1040 channels keeps every partial sum below 2^24, where float32 is exact

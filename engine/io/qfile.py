@@ -4,7 +4,8 @@ docs/FORMAT.md is the specification; this module is its only reader and writer.
 
   tensors   float32: model.embed_tokens.weight, model.norm.weight, lm_head.weight (untied only),
             model.layers.{i}.input_layernorm.weight, model.layers.{i}.post_attention_layernorm.weight
-            per linear, under its HF prefix P (e.g. model.layers.0.self_attn.q_proj):
+            per linear, under its HF prefix P (e.g. model.layers.0.self_attn.q_proj), the tensors
+            its kind's module defines (engine/formats/<kind>.py `tensors`):
               kind "dg":    P.qweight u8 (N, K/2), P.qzeros u8 (N, G), P.gscale u8 (N, G), P.cscale f32 (N,)
               kind "g":     P.qweight u8 (N, K/2), P.qzeros u8 (N, G), P.wscale f32 (N, G)
               kind "i8":    P.qweight i8 (N, K),   P.cscale f32 (N,)
@@ -23,19 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from . import formats
+from .. import formats
 from .config import ConfigError, ModelConfig
-from .formats import FORMAT_NAME, FORMAT_VERSION
+from .layout import HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelWeights, WeightsError, expected_shapes
+from .safetensors import read_safetensors, read_safetensors_header, write_safetensors
 
-FLOAT_KIND = "float"
-# Tensors of each kind besides ascale, with their dtype.
-KIND_TENSORS = {
-    "dg": {"qweight": np.uint8, "qzeros": np.uint8, "gscale": np.uint8, "cscale": np.float32},
-    "g": {"qweight": np.uint8, "qzeros": np.uint8, "wscale": np.float32},
-    "i8": {"qweight": np.int8, "cscale": np.float32},
-    FLOAT_KIND: {"weight": np.float32},
-}
+FORMAT_NAME = "dgq-safetensors"
+FORMAT_VERSION = 1
+FLOAT_KIND = "float"    # a linear left unquantized: P.weight f32 (N, K)
 REQUIRED_META = ("format", "version", "config", "tokenizer", "recipe", "linears")
 
 
@@ -47,7 +45,7 @@ class QFileError(ValueError):
 class QCheckpoint:
     """What load_qfile returns: the assembled weights and everything needed to run them."""
     config: ModelConfig
-    weights: object                       # engine.model.ModelWeights with QuantLinears
+    weights: ModelWeights                 # linears are QuantLinears (or float arrays)
     tokenizer: object                     # tokenizers.Tokenizer
     chat_template: str | None
     recipe: dict
@@ -71,7 +69,6 @@ def kv_scales_from_recipe(recipe: dict, config: ModelConfig) -> np.ndarray | Non
 
 def _linear_prefixes(config: ModelConfig) -> dict:
     """HF prefix -> (layer, short name, (N, K)) for every linear of the model."""
-    from .model import HF_LINEAR, LINEAR_NAMES, expected_shapes  # noqa: PLC0415
     shapes = expected_shapes(config)
     out = {}
     for i in range(config.num_hidden_layers):
@@ -82,7 +79,6 @@ def _linear_prefixes(config: ModelConfig) -> dict:
 
 
 def _float_names(config: ModelConfig) -> dict:
-    from .model import expected_shapes  # noqa: PLC0415
     return {k: v for k, v in expected_shapes(config).items() if len(v) == 1 or "embed" in k or "lm_head" in k}
 
 
@@ -100,10 +96,9 @@ def save_qfile(path, weights, config: ModelConfig, tokenizer_json, chat_template
                recipe: dict) -> int:
     """Write a quantized model atomically (temp file + os.replace); return the file size in bytes.
 
-    weights: engine.model.ModelWeights whose linears are QuantLinears (or float arrays);
+    weights: ModelWeights whose linears are QuantLinears (or float arrays);
     tokenizer_json: the tokenizer.json text or a tokenizers.Tokenizer.
     """
-    from .weights import write_safetensors  # noqa: PLC0415
     path = Path(path)
     if weights.config != config:
         raise QFileError(f"{path}: the weights were built for a different config")
@@ -123,8 +118,8 @@ def save_qfile(path, weights, config: ModelConfig, tokenizer_json, chat_template
             if w.shape != shape:
                 raise QFileError(f"{path}: {p} has shape {w.shape}, the config wants {shape}")
             linears[p] = {"kind": w.kind, "act": w.act, "group": int(w.group)}
-            for t in KIND_TENSORS[w.kind]:
-                tensors[f"{p}.{t}"] = getattr(w, t)
+            for t, a in w.tensors().items():
+                tensors[f"{p}.{t}"] = a
             if w.act == "static":
                 tensors[f"{p}.ascale"] = np.array(w.ascale, dtype=np.float32)       # 0-d
         else:
@@ -160,10 +155,6 @@ def _json(path, meta: dict, key: str):
 
 def load_qfile(path) -> QCheckpoint:
     """Read and check a q.safetensors file; return a QCheckpoint with ModelWeights ready to run."""
-    from tokenizers import Tokenizer  # noqa: PLC0415
-
-    from .model import LayerWeights, ModelWeights  # noqa: PLC0415
-    from .weights import WeightsError, read_safetensors, read_safetensors_header  # noqa: PLC0415
     path = Path(path)
     if not path.is_file():
         _fail(path, "no such file")
@@ -204,16 +195,20 @@ def load_qfile(path) -> QCheckpoint:
     expect = {n: (np.float32, s) for n, s in _float_names(config).items()}
     for p, (_, _, (n_out, k_in)) in prefixes.items():
         spec = linears[p]
-        if not isinstance(spec, dict) or spec.get("kind") not in KIND_TENSORS:
+        if not isinstance(spec, dict) or spec.get("kind") not in formats.KINDS and spec.get("kind") != FLOAT_KIND:
             _fail(path, f"{p}: unknown linear kind in metadata: {spec!r}")
         kind, act, group = spec["kind"], spec.get("act"), spec.get("group")
-        if kind != FLOAT_KIND and (not isinstance(group, int) or isinstance(group, bool) or group < 1):
+        if kind == FLOAT_KIND:
+            expect[f"{p}.weight"] = (np.float32, (n_out, k_in))
+            continue
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
             _fail(path, f"{p}: bad group size {group!r}")
-        G = formats.n_groups(k_in, group) if kind != FLOAT_KIND else 0
-        shapes = {"qweight": (n_out, k_in) if kind == "i8" else (n_out, k_in // 2), "qzeros": (n_out, G),
-                  "gscale": (n_out, G), "wscale": (n_out, G), "cscale": (n_out,), "weight": (n_out, k_in)}
-        for t, dt in KIND_TENSORS[kind].items():
-            expect[f"{p}.{t}"] = (dt, shapes[t])
+        try:
+            layout = formats.kind_tensors(kind, n_out, k_in, group)     # the kind's layout, defined once
+        except formats.FormatError as e:
+            _fail(path, f"{p}: {e}")
+        for t, spec_t in layout.items():
+            expect[f"{p}.{t}"] = spec_t
         if act == "static":
             expect[f"{p}.ascale"] = (np.float32, ())
     lack = sorted(set(expect) - set(header))
@@ -244,7 +239,7 @@ def load_qfile(path) -> QCheckpoint:
             return formats.QuantLinear(
                 kind=spec["kind"], act=spec.get("act"), in_features=k_in, out_features=n_out,
                 group=spec["group"], ascale=float(tensors[f"{p}.ascale"]) if f"{p}.ascale" in tensors else None,
-                **{t: tensors[f"{p}.{t}"] for t in KIND_TENSORS[spec["kind"]]})
+                **{t: tensors[f"{p}.{t}"] for t in formats.kind_tensors(spec["kind"], n_out, k_in, spec["group"])})
         except formats.FormatError as e:
             _fail(path, f"{p}: {e}")
 

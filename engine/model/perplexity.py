@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from engine.backend import to_numpy
+from ..util.arrays import to_numpy
 
 ROW_CHUNK = 128  # rows of logits converted to float64 at once: bounds memory at V = 49k
 

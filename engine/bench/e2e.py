@@ -16,9 +16,11 @@ import time
 
 import numpy as np
 
-from . import formats, launch
-from .config import ModelConfig
-from .model import LINEAR_NAMES, LayerWeights, ModelWeights
+from .. import formats
+from ..gpu import launch
+from ..io.config import ModelConfig
+from ..io.layout import LINEAR_NAMES, LayerWeights, ModelWeights
+from .common import copy_bandwidth
 
 SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
@@ -94,7 +96,7 @@ def _timed(cp, fn, reps):
 
 def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_batches=(), ctx=128, steps=64,
                 bw=None):
-    from .model_cuda import CudaModel  # noqa: PLC0415
+    from ..gpu.model import CudaModel  # noqa: PLC0415
     rows = []
     pool = cp.get_default_memory_pool()
     gc.collect()                   # the previous model's graphs and caches, before the baseline
@@ -162,11 +164,10 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
 
 
 def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b")):
-    from .backend import _cupy  # noqa: PLC0415
-    cp = _cupy()
+    from ..gpu.backend import cupy_or_none  # noqa: PLC0415
+    cp = cupy_or_none()
     if cp is None:
         raise SystemExit("engine.bench e2e needs a GPU (CuPy + CUDA device)")
-    from .bench import copy_bandwidth  # noqa: PLC0415  (engine.bench's one copy measurement)
     bw = copy_bandwidth() * 1e9                        # bytes/s, read + written
     rows = [dict(phase="device", name=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
                  copy_bw_gbs=bw / 1e9)]
@@ -217,7 +218,7 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
     their own and replayed. A row's time is what that launch costs inside a graph: the
     kernel and the gap to the next node. Returns {name: (count, us per launch)}.
     """
-    from . import model_cuda  # noqa: PLC0415
+    from ..gpu import model as model_cuda  # noqa: PLC0415
     cp = gm.cp
     body, tail = gm.graphable(cache.batch)
     if not body:

@@ -1,4 +1,6 @@
-"""Command-line tools (click). bin/ and the console scripts call into here; logic lives in the packages.
+"""The dgq-* commands (click): the one module above both engine/ and converters/; nothing imports it.
+
+bin/ and the console scripts call into here; logic lives in the packages.
 
 Every user-facing error is one line on stderr and exit status 1; set DGQ_DEBUG=1
 to see the traceback instead.
@@ -13,9 +15,10 @@ import time
 import click
 import numpy as np
 
-from .api import load_model, peak_rss_mb
-from .backend import DEVICES, BackendError
-from .model import LINEAR_NAMES
+from engine.api import load_model
+from engine.gpu.backend import DEVICES, BackendError
+from engine.io.layout import LINEAR_NAMES
+from engine.util.sysinfo import peak_rss_mb
 
 
 def user_errors(fn):
@@ -61,7 +64,7 @@ kv8_option = click.option("--kv8", is_flag=True,
 @user_errors
 def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8, lm_head, device):
     """Generate text; tokens stream to stdout, speed goes to stderr."""
-    from .generate import TextStream, encode_prompt, generate, stop_ids  # noqa: PLC0415
+    from engine.model.generate import TextStream, encode_prompt, generate, stop_ids  # noqa: PLC0415
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
     t0 = time.perf_counter()
@@ -98,15 +101,13 @@ def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
 @user_errors
 def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head, device):
     """Perplexity over non-overlapping windows; the last line is `perplexity: <value>`."""
-    import numpy as np  # noqa: PLC0415
-
-    from . import data  # noqa: PLC0415
-    from .eval import perplexity  # noqa: PLC0415
+    from engine.io.corpus import encode_text, load_text_file, wiki_text  # noqa: PLC0415
+    from engine.model.perplexity import perplexity  # noqa: PLC0415
     if (text_path is None) == (corpus is None):
         raise click.UsageError("give exactly one of --text FILE or --corpus wiki")
-    text = data.load_text_file(text_path) if text_path else data.wiki_text("eval")
+    text = load_text_file(text_path) if text_path else wiki_text("eval")
     lm = load_model(weights_path, device, lm_head=lm_head)
-    tokens = np.asarray(data.encode_text(lm.tokenizer, text), dtype=np.int32)
+    tokens = np.asarray(encode_text(lm.tokenizer, text), dtype=np.int32)
     t0 = time.perf_counter()
     if kv8:     # each window through a fresh INT8 cache: its keys are quantized before attention
         def logits_fn(t):
@@ -146,12 +147,13 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     from converters import calibrate as cal  # noqa: PLC0415
     from converters.quantize import quantize_checkpoint  # noqa: PLC0415
 
-    from . import weights  # noqa: PLC0415
-    from .qfile import save_qfile  # noqa: PLC0415
+    from engine.io.checkpoint import default_model_path, load_checkpoint  # noqa: PLC0415
+    from engine.io.layout import Checkpoint  # noqa: PLC0415
+    from engine.io.qfile import save_qfile  # noqa: PLC0415
     t0 = time.perf_counter()
-    src = model or str(weights.default_model_path())
-    ck = weights.load_checkpoint(src)
-    if not isinstance(ck, weights.Checkpoint):
+    src = model or str(default_model_path())
+    ck = load_checkpoint(src)
+    if not isinstance(ck, Checkpoint):
         raise click.BadParameter("the model is already quantized; give a float HF directory or GGUF file",
                                  param_hint="MODEL")
     mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, kv8=kv8, calib=calib,
@@ -177,9 +179,10 @@ def export(model, out_dir, dtype, shard_size, overwrite):
     """Write MODEL (GGUF file or HF directory; default SmolLM2) as an HF safetensors directory."""
     from converters.export import export_hf_dir  # noqa: PLC0415
 
-    from . import weights  # noqa: PLC0415
-    ck = weights.load_checkpoint(model or str(weights.default_model_path()))
-    if not isinstance(ck, weights.Checkpoint):
+    from engine.io.checkpoint import default_model_path, load_checkpoint  # noqa: PLC0415
+    from engine.io.layout import Checkpoint  # noqa: PLC0415
+    ck = load_checkpoint(model or str(default_model_path()))
+    if not isinstance(ck, Checkpoint):
         raise click.BadParameter("quantized files cannot be exported as float checkpoints", param_hint="MODEL")
     out = export_hf_dir(ck, out_dir, dtype=dtype, shard_size=shard_size, overwrite=overwrite)
     click.echo(f"wrote {out}", err=True)

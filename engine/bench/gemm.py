@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m engine.bench <subcommand>`.
+"""`python -m engine.bench gemm | gemm-tune | gemm-pick | gemm-one`: the A8W4 GEMM family.
 
   gemm       the A8W4 GEMM family against cuBLAS FP16 (cupy.matmul), cuBLAS INT8
              W8A8 (torch._int_mm, B column-major) and tinygemm W4A16
@@ -7,109 +7,24 @@
              same run. torch is used only here, only for the peers, and only
              when it imports.
   gemm-tune  the same timing over kernel variants (tile sizes, stages, split-K),
-             to choose ops_cuda.TUNE.
-
-Timing (ALGORITHMS.md §6, METHOD.md): CUDA events around every call, median of
->= 50 calls after warm-up. Before each timed batch a spin kernel holds the GPU
-for a few ms while the host enqueues the whole batch, so Python launch overhead
-never shows up as GPU idle time inside an event pair. Weight buffers rotate
-(several copies whose total exceeds the L2 size) so decode shapes stream from
-HBM as they would in a model, not from L2.
+             to choose engine.gpu.ops.TUNE.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 import datetime as _dt
 import json
-import math
 import sys
-import time
 
-import numpy as np
 
-from engine import backend, kernels, ops_cuda
+from ..gpu import kernels
+from ..gpu import ops as ops_cuda
+from .common import copy_bandwidth, cp_or_fail, launch_overhead_ms, n_buffers, time_calls
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (8192, 8192), (8192, 28672), (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 QUICK_SHAPES = [(4096, 4096), (8192, 8192)]
 QUICK_MS = [1, 16, 64, 256, 4096]
 GROUP = 128
-
-_SPIN_SRC = r"""
-extern "C" __global__ void empty() {}
-extern "C" __global__ void spin(unsigned long long ns) {
-    unsigned long long t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
-}
-"""
-
-
-class BenchError(ValueError):
-    """The benchmark cannot run here (no GPU) or was given impossible options."""
-
-
-def _cp():
-    cp = backend._cupy()
-    if cp is None:
-        raise BenchError("python -m engine.bench needs an NVIDIA GPU with CuPy")
-    return cp
-
-
-_SPIN = None
-
-
-def _spin_module():
-    global _SPIN
-    if _SPIN is None:
-        _SPIN = _cp().RawModule(code=_SPIN_SRC)
-    return _SPIN
-
-
-def _spin(ns: int):
-    _spin_module().get_function("spin")((1,), (1,), (np.uint64(ns),))
-
-
-def launch_overhead_ms() -> float:
-    """Median event-timed duration of an empty kernel: the floor under every row's time."""
-    fn = _spin_module().get_function("empty")
-    return time_calls(lambda i: fn((1,), (32,), ()), reps=50)
-
-
-def time_calls(fn, reps: int = 50, warmup: int = 5) -> float:
-    """Median GPU milliseconds of fn(i) over `reps` calls, each between its own pair of events."""
-    cp = _cp()
-    dev = cp.cuda.Device()
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        fn(i)
-    dev.synchronize()
-    host_per_call = (time.perf_counter() - t0) / max(warmup, 1)
-    starts = [cp.cuda.Event() for _ in range(reps)]
-    ends = [cp.cuda.Event() for _ in range(reps)]
-    _spin(int(min(0.3, max(0.002, 3 * host_per_call * reps)) * 1e9))
-    for i in range(reps):
-        starts[i].record()
-        fn(warmup + i)
-        ends[i].record()
-    ends[-1].synchronize()
-    return float(np.median([cp.cuda.get_elapsed_time(s, e) for s, e in zip(starts, ends)]))
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy GB/s, counting bytes read plus bytes written."""
-    cp = _cp()
-    src = cp.ones((nbytes,), dtype=cp.uint8)
-    dst = cp.empty_like(src)
-    ms = time_calls(lambda i: cp.copyto(dst, src), reps=20, warmup=3)
-    del src, dst
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def _n_buffers(nbytes: int) -> int:
-    l2 = kernels.device_info()["l2_bytes"]
-    return int(min(16, max(2, math.ceil(3 * l2 / max(nbytes, 1)))))
 
 
 # ----------------------------------------------------------------------------- peers
@@ -160,18 +75,18 @@ class Peers:
 # ----------------------------------------------------------------------------- gemm
 
 def _gemm_rows(shapes, ms, peers: Peers, copy_gbs: float, reps: int):
-    cp = _cp()
+    cp = cp_or_fail()
     t = peers.torch
     for k, n in shapes:
         probe = ops_cuda.random_packed(n, k, GROUP, seed=0)
-        nb = _n_buffers(probe.nbytes())
+        nb = n_buffers(probe.nbytes())
         ours = [probe] + [ops_cuda.random_packed(n, k, GROUP, seed=i) for i in range(1, nb)]
         wbytes = probe.nbytes()
         w16_0 = (cp.random.random((n, k), dtype=cp.float32) - 0.5).astype(cp.float16)
-        nb16 = _n_buffers(w16_0.nbytes)
+        nb16 = n_buffers(w16_0.nbytes)
         w16 = [w16_0] + [w16_0.copy() for _ in range(nb16 - 1)]
-        w8 = peers.int8_setup(n, k, _n_buffers(n * k))
-        tiny = peers.tiny_setup(n, k, _n_buffers(n * k // 2))
+        w8 = peers.int8_setup(n, k, n_buffers(n * k))
+        tiny = peers.tiny_setup(n, k, n_buffers(n * k // 2))
         for m in ms:
             x8 = cp.random.randint(-127, 128, (m, k), dtype=cp.int32).astype(cp.int8)
             sx = cp.full((m,), 0.01, dtype=cp.float32)
@@ -233,7 +148,7 @@ def _table(rows, header: str) -> str:
 
 def _header(copy_gbs: float, peers: Peers, quick: bool, empty_ms: float) -> str:
     info = kernels.device_info()
-    cp = _cp()
+    cp = cp_or_fail()
     t = peers.torch
     date = _dt.date.today().isoformat()
     lines = [f"# A8W4 GEMM, {info['name']} ({info['sm_count']} SMs, L2 {info['l2_bytes'] >> 20} MiB), {date}",
@@ -352,9 +267,9 @@ def _variants(m):
 def gemm_case(m: int, k: int, n: int):
     """(layers, x8, sx, y) for timing an (M, K) × (N, K)ᵀ A8W4 GEMM: enough random layers that
     call i, on layers[i % len(layers)], never finds the previous call's weights in L2."""
-    cp = _cp()
+    cp = cp_or_fail()
     layer = ops_cuda.random_packed(n, k, GROUP, seed=1)
-    nb = _n_buffers(layer.nbytes())
+    nb = n_buffers(layer.nbytes())
     layers = [layer] + [ops_cuda.random_packed(n, k, GROUP, seed=i) for i in range(2, nb + 1)]
     x8 = cp.random.randint(-127, 128, (m, k), dtype=cp.int32).astype(cp.int8)
     sx = cp.full((m,), 0.01, dtype=cp.float32)
@@ -362,7 +277,7 @@ def gemm_case(m: int, k: int, n: int):
 
 
 def cmd_gemm_tune(args) -> int:
-    cp = _cp()
+    cp = cp_or_fail()
     for m, k, n in TUNE_CASES:
         layers, x8, sx, y = gemm_case(m, k, n)
         layer, nb = layers[0], len(layers)
@@ -392,63 +307,3 @@ def cmd_gemm_one(args) -> int:
                       "tops": 2.0 * args.m * args.n * args.k / (ms * 1e-3) / 1e12,
                       "weight_gbs": layer.nbytes() / (ms * 1e-3) / 1e9}))
     return 0
-
-
-def cmd_e2e(args) -> int:
-    from engine.bench_e2e import format_table, run_e2e  # noqa: PLC0415
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    bad = set(models) - {"smollm2", "llama7b"}
-    if bad:
-        raise BenchError(f"--models: unknown {', '.join(sorted(bad))}; choose from smollm2, llama7b")
-    rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models)
-    if args.md:
-        Path(args.md).write_text(format_table(rows) + "\n")
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("gemm", help="A8W4 GEMM vs cuBLAS FP16 / INT8 / tinygemm over M x (K x N)")
-    g.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
-    g.add_argument("--quick", action="store_true", help="2 shapes x 5 M instead of 7 x 11")
-    g.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
-    g.add_argument("--reps", type=int, default=50, help="timed calls per measurement (median; default 50)")
-    g.add_argument("--tune-json", metavar="PATH", help="dispatch choices from `gemm-pick` (else ops_cuda.TUNE)")
-    g.set_defaults(func=cmd_gemm)
-    pk = sub.add_parser("gemm-pick", help="choose ops_cuda.TUNE values from a gemm-tune log")
-    pk.add_argument("tune_log")
-    pk.add_argument("--out", metavar="PATH")
-    pk.set_defaults(func=cmd_gemm_pick, reps=1)
-    t = sub.add_parser("gemm-tune", help="time kernel variants to choose ops_cuda.TUNE")
-    t.add_argument("--reps", type=int, default=50)
-    t.set_defaults(func=cmd_gemm_tune)
-    o = sub.add_parser("gemm-one", help="time one shape and kernel configuration (also for profilers)")
-    o.add_argument("--m", type=int, required=True)
-    o.add_argument("--k", type=int, required=True)
-    o.add_argument("--n", type=int, required=True)
-    o.add_argument("--kernel", default="auto", choices=("auto", "gemv", "mma", "wgmma"))
-    o.add_argument("--cfg", default="", help='JSON overrides, e.g. \'{"bt": 128, "nwg": 4}\'')
-    o.add_argument("--reps", type=int, default=50)
-    o.set_defaults(func=cmd_gemm_one)
-    e = sub.add_parser("e2e", help="end-to-end prefill/decode tokens/s of the GPU engine vs our FP16 path")
-    e.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
-    e.add_argument("--quick", action="store_true", help="512-token prefill, batch 1 and 8 only")
-    e.add_argument("--qfile", metavar="PATH", help="a SmolLM2 q.safetensors (default: random DGQ weights of its shape)")
-    e.add_argument("--models", default="smollm2,llama7b", help="comma-separated: smollm2, llama7b")
-    e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
-    e.set_defaults(func=cmd_e2e, reps=1)
-    args = p.parse_args(argv)
-    if args.reps < 1:
-        raise BenchError("--reps must be at least 1")
-    if args.cmd != "gemm-pick":
-        _cp()
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BenchError, ops_cuda.CudaOpError, kernels.KernelError) as e:
-        print(f"engine.bench: {e}", file=sys.stderr)
-        sys.exit(2)

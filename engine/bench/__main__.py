@@ -1,0 +1,78 @@
+"""Benchmarks: `python -m engine.bench <subcommand>` (`-h` lists them).
+
+  gemm, gemm-tune, gemm-pick, gemm-one   the A8W4 GEMM family (engine/bench/gemm.py)
+  e2e                                    prefill / decode tokens/s of the GPU engine against our
+                                         FP16 path (engine/bench/e2e.py)
+
+Each prints a table; bench/results/ keeps the dated ones that docs cite.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..gpu import kernels
+from ..gpu import ops as ops_cuda
+from . import gemm
+from .common import BenchError, cp_or_fail
+from .e2e import format_table, run_e2e
+
+
+def cmd_e2e(args) -> int:
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    bad = set(models) - {"smollm2", "llama7b"}
+    if bad:
+        raise BenchError(f"--models: unknown {', '.join(sorted(bad))}; choose from smollm2, llama7b")
+    rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models)
+    if args.md:
+        Path(args.md).write_text(format_table(rows) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.bench", description="Benchmarks of the GPU engine")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("gemm", help="A8W4 GEMM vs cuBLAS FP16 / INT8 / tinygemm over M x (K x N)")
+    g.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
+    g.add_argument("--quick", action="store_true", help="2 shapes x 5 M instead of 7 x 11")
+    g.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
+    g.add_argument("--reps", type=int, default=50, help="timed calls per measurement (median; default 50)")
+    g.add_argument("--tune-json", metavar="PATH", help="dispatch choices from `gemm-pick` (else ops_cuda.TUNE)")
+    g.set_defaults(func=gemm.cmd_gemm)
+    pk = sub.add_parser("gemm-pick", help="choose ops_cuda.TUNE values from a gemm-tune log")
+    pk.add_argument("tune_log")
+    pk.add_argument("--out", metavar="PATH")
+    pk.set_defaults(func=gemm.cmd_gemm_pick, reps=1)
+    t = sub.add_parser("gemm-tune", help="time kernel variants to choose ops_cuda.TUNE")
+    t.add_argument("--reps", type=int, default=50)
+    t.set_defaults(func=gemm.cmd_gemm_tune)
+    o = sub.add_parser("gemm-one", help="time one shape and kernel configuration (also for profilers)")
+    o.add_argument("--m", type=int, required=True)
+    o.add_argument("--k", type=int, required=True)
+    o.add_argument("--n", type=int, required=True)
+    o.add_argument("--kernel", default="auto", choices=("auto", "gemv", "mma", "wgmma"))
+    o.add_argument("--cfg", default="", help='JSON overrides, e.g. \'{"bt": 128, "nwg": 4}\'')
+    o.add_argument("--reps", type=int, default=50)
+    o.set_defaults(func=gemm.cmd_gemm_one)
+    e = sub.add_parser("e2e", help="end-to-end prefill/decode tokens/s of the GPU engine vs our FP16 path")
+    e.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
+    e.add_argument("--quick", action="store_true", help="512-token prefill, batch 1 and 8 only")
+    e.add_argument("--qfile", metavar="PATH", help="a SmolLM2 q.safetensors (default: random DGQ weights of its shape)")
+    e.add_argument("--models", default="smollm2,llama7b", help="comma-separated: smollm2, llama7b")
+    e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
+    e.set_defaults(func=cmd_e2e, reps=1)
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        raise BenchError("--reps must be at least 1")
+    if args.cmd != "gemm-pick":
+        cp_or_fail()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (BenchError, ops_cuda.CudaOpError, kernels.KernelError) as e:
+        print(f"engine.bench: {e}", file=sys.stderr)
+        sys.exit(2)

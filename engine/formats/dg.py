@@ -1,0 +1,56 @@
+"""Kind "dg": dual-grained A8W4 (DGQ), the engine's own format.
+
+Integer group scale S ∈ [1, 127] times a float per-row scale s8:
+    W8[n,k] = (q[n,k] - z[n,g]) · S[n,g]     (int8, |W8| ≤ 127 by the overflow guard)
+    W[n,k]  ≈ s8[n] · W8[n,k]
+The GEMM is pure INT8 over the whole K with one float rescale per output
+(common.epilogue_ref); cuda/gemm_a8w4*.cu must reproduce it bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .common import (QMAX_I8, QMAX_U4, FormatError, check, check_even_k, expand_groups,
+                     n_groups, unpack_uint4)
+
+NAME = "dg"
+S_MIN, S_MAX = 1, 127   # integer group scale range
+INTEGER = True          # runs as an INT8 GEMM (int8_weight) when activations are quantized
+
+
+def tensors(n: int, k: int, group: int) -> dict:
+    """name -> (dtype, shape) of the arrays a "dg" layer stores."""
+    check_even_k(k)
+    G = n_groups(k, group)
+    return {"qweight": (np.uint8, (n, k // 2)), "qzeros": (np.uint8, (n, G)),
+            "gscale": (np.uint8, (n, G)), "cscale": (np.float32, (n,))}
+
+
+def validate(ql) -> None:
+    check(int(ql.qzeros.max(initial=0)) <= QMAX_U4, "zero points must lie in 0..15")
+    check(int(ql.gscale.min(initial=S_MIN)) >= S_MIN and int(ql.gscale.max(initial=S_MIN)) <= S_MAX,
+          "integer group scales must lie in 1..127")
+    check(ql.act != "none", "dual-grained layers quantize activations (act static or dynamic)")
+
+
+def _w8_int32(ql) -> np.ndarray:
+    k, g = ql.in_features, ql.group
+    q = unpack_uint4(ql.qweight).astype(np.int32)
+    z = expand_groups(ql.qzeros, k, g).astype(np.int32)
+    s = expand_groups(ql.gscale, k, g).astype(np.int32)
+    return (q - z) * s                                   # (N, K)
+
+
+def int8_weight(ql) -> np.ndarray:
+    """(N, K) int8 W8 = (q - z) · S."""
+    return _w8_int32(ql).astype(np.int8)
+
+
+def dequantize(ql) -> np.ndarray:
+    return int8_weight(ql).astype(np.float32) * ql.cscale[:, None]
+
+
+def check_no_overflow(ql) -> None:
+    """The dual-grained invariant: every |(q - z) · S| fits in int8 (≤ 127)."""
+    if np.abs(_w8_int32(ql)).max(initial=0) > QMAX_I8:
+        raise FormatError("dual-grained weights overflow int8: some |(q - z) * S| > 127")

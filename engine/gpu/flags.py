@@ -1,0 +1,15 @@
+"""Every environment switch of the engine, read once, here (import time).
+
+  DGQ_DISABLE_CUDA=1   behave as if no GPU were present (--device auto runs NumPy)
+  DGQ_PDL=0            no programmatic dependent launch in captured decode steps (gpu/launch.py)
+  DGQ_NO_WGMMA=1       A8W4 GEMMs on the mma.sync kernels even on sm_90 (gpu/ops.py)
+
+DGQ_DEBUG=1 (tracebacks instead of one-line errors) belongs to the CLI and is read there.
+"""
+from __future__ import annotations
+
+import os
+
+DISABLE_CUDA = bool(os.environ.get("DGQ_DISABLE_CUDA"))
+PDL = os.environ.get("DGQ_PDL", "1") != "0"
+WGMMA = not os.environ.get("DGQ_NO_WGMMA")

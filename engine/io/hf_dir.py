@@ -1,0 +1,123 @@
+"""Hugging Face model directories (config.json, *.safetensors [+ index], tokenizer.json),
+read as float32 tensors under their HF names into a Checkpoint (engine/io/layout.py)."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError, ModelConfig
+from .layout import Checkpoint, WeightsError, expected_shapes
+from .safetensors import read_safetensors, read_safetensors_header
+from .tokenizer import TokenizerError, load_hf_tokenizer
+
+# Hugging Face model types whose checkpoints are exactly our Llama layout (no biases,
+# plain RMSNorm weight, SwiGLU MLP); anything else would load and then compute garbage.
+HF_MODEL_TYPES = ("llama", "mistral")
+
+
+# ----------------------------------------------------------------------------- Hugging Face directories
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON: {e}") from None
+
+
+def _weight_files(d: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of an HF directory, and the index's weight map if sharded."""
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        doc = _read_json(index)
+        wmap = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise WeightsError(f"{index}: no weight_map")
+        files = []
+        for fname in dict.fromkeys(wmap.values()):
+            f = d / str(fname)
+            if not f.is_file():
+                raise WeightsError(f"{index}: lists shard {fname}, which does not exist")
+            files.append(f)
+        return files, {k: str(v) for k, v in wmap.items()}
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single], None
+    if any(d.glob("*.bin")) or any(d.glob("*.pt")) or any(d.glob("*.pth")):
+        raise WeightsError(f"{d}: only safetensors weights are supported (found PyTorch pickle "
+                           "files; convert them with safetensors first)")
+    raise WeightsError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf_dir(path: str | os.PathLike) -> Checkpoint:
+    """Load a Hugging Face Llama-family model directory (fp32/fp16/bf16 safetensors) as float32."""
+    d = Path(path)
+    if not d.exists():
+        raise WeightsError(f"{d}: no such file or directory")
+    if not d.is_dir():
+        raise WeightsError(f"{d}: not a directory (a Hugging Face model is a directory)")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise WeightsError(f"{d}: no config.json (not a Hugging Face model directory)")
+    cfg = _read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise WeightsError(f"{cfg_path}: not a JSON object")
+    mtype = cfg.get("model_type")
+    if mtype is not None and mtype not in HF_MODEL_TYPES:
+        raise WeightsError(f"{cfg_path}: model_type {mtype!r} is not supported "
+                           f"(only {', '.join(HF_MODEL_TYPES)})")
+    if cfg.get("rope_scaling"):
+        warnings.warn(f"{cfg_path}: rope_scaling {cfg['rope_scaling']!r} is ignored; "
+                      "long-context outputs will differ from the reference", stacklevel=2)
+    try:
+        config = ModelConfig.from_hf(cfg)
+    except ConfigError as e:
+        raise WeightsError(f"{cfg_path}: {e}") from None
+
+    want = expected_shapes(config)
+    files, wmap = _weight_files(d)
+    tensors: dict[str, np.ndarray] = {}
+    where: dict[str, Path] = {}
+    for f in files:
+        header, _, _ = read_safetensors_header(f)
+        for name, e in header.items():
+            if name not in want:
+                # HF itself ignores these two: a stored lm_head of a tied model, RoPE buffers.
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise WeightsError(f"{f}: unexpected tensor {name}; is this a Llama-family checkpoint?")
+            if name in where:
+                raise WeightsError(f"{f}: tensor {name} is also stored in {where[name].name}")
+            if tuple(e["shape"]) != want[name]:
+                raise WeightsError(f"{f}: tensor {name} has shape {tuple(e['shape'])}, "
+                                   f"the config needs {want[name]}")
+            if e["dtype"] not in ("F32", "F16", "BF16"):
+                raise WeightsError(f"{f}: tensor {name} has dtype {e['dtype']}; "
+                                   "expected F32, F16 or BF16")
+            if wmap is not None and wmap.get(name) != f.name:
+                raise WeightsError(f"{f}: holds tensor {name}, which the index places in "
+                                   f"{wmap.get(name)!r}")
+            where[name] = f
+        names = [n for n in header if n in want]
+        arrays, _ = read_safetensors(f, names)
+        for n, a in arrays.items():
+            tensors[n] = a.astype(np.float32, copy=False)
+    for name, shape in want.items():
+        if name not in tensors:
+            listed = f" (the index places it in {wmap[name]})" if wmap and name in wmap else ""
+            raise WeightsError(f"{d}: missing tensor {name} with shape {shape}{listed}")
+    tensors = {n: tensors[n] for n in want}          # canonical order
+
+    try:
+        tokenizer, template = load_hf_tokenizer(d)
+    except TokenizerError as e:
+        raise WeightsError(str(e)) from None
+    return Checkpoint(config, tensors, tokenizer, template, str(d))

@@ -1,0 +1,188 @@
+"""Raw safetensors reading and writing, bfloat16 included: the one place that touches the format.
+
+The safetensors package's NumPy API cannot handle bfloat16 (NumPy has no such dtype), so we
+parse the format ourselves:
+  [8-byte little-endian header length N][N bytes of JSON header][data]
+  header = {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, ...,
+            "__metadata__": {str: str}}   (offsets are relative to the start of the data)
+bfloat16 is the top half of a float32, so it is read as uint16 bits shifted into a float32
+and written with round-to-nearest-even on the float32 bits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..util.files import atomic_file
+from .layout import WeightsError
+
+
+# ----------------------------------------------------------------------------- bfloat16
+
+def f32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even; NaN stays a (quiet) NaN."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    # Adding 0x7FFF plus the lowest kept bit rounds half to even; finite values near the
+    # top round to inf, as IEEE rounding does. Only NaNs could wrap, and they are replaced.
+    r = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if nan.any():
+        r = np.where(nan, (u >> np.uint32(16)) | np.uint32(0x0040), r)
+    return r.astype(np.uint16)
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exact."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def round_to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
+    """The float32 values `a` takes after a round trip through `dtype` (float32/float16/bfloat16)."""
+    a = np.asarray(a, dtype=np.float32)
+    if dtype == "float32":
+        return a
+    if dtype == "float16":
+        return a.astype(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        return bf16_bits_to_f32(f32_to_bf16_bits(a)).reshape(a.shape)
+    raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+
+
+# ----------------------------------------------------------------------------- raw safetensors
+
+# safetensors dtype code -> NumPy dtype (little-endian). "BF16" is handled apart.
+_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+              "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+_FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_ST_ITEMSIZE = {**{k: np.dtype(v).itemsize for k, v in _ST_DTYPES.items()}, "BF16": 2}
+_MAX_HEADER = 100_000_000   # the safetensors spec's own limit on the JSON header
+
+
+def _st_code(dtype: np.dtype) -> str | None:
+    """safetensors code of a NumPy dtype (either byte order), None when it has none."""
+    dt = np.dtype(dtype)
+    if dt.byteorder == ">":
+        dt = dt.newbyteorder("<")
+    return next((code for code, s in _ST_DTYPES.items() if dt == np.dtype(s)), None)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
+    """Parse and validate the header: (tensor entries, metadata, offset of the data in the file)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise WeightsError(f"{path}: truncated or corrupt safetensors file "
+                                   f"(header claims {n} bytes, file holds {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    data_len = size - 8 - n
+    for name, e in header.items():
+        try:
+            code, shape, (b, end) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
+            b, end = int(b), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path}: corrupt safetensors header entry for tensor {name}") from None
+        if code not in _ST_ITEMSIZE:
+            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {code!r}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_ITEMSIZE[code]
+        if min(shape, default=0) < 0 or b < 0 or end - b != nbytes:
+            raise WeightsError(f"{path}: corrupt safetensors header: tensor {name} with shape "
+                               f"{shape} {code} does not match its byte range [{b}, {end})")
+        if end > data_len:
+            raise WeightsError(f"{path}: truncated file: tensor {name} ends at byte {end} "
+                               f"of the data, the file holds only {data_len}")
+        e["shape"], e["data_offsets"] = shape, [b, end]
+    return header, metadata, 8 + n
+
+
+def read_safetensors(path: str | os.PathLike, names: Iterable[str] | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict]:
+    """Read tensors (all, or `names`) and the metadata. Arrays own their memory (the file is
+    not kept mapped); BF16 comes back as float32, every other dtype as itself."""
+    path = Path(path)
+    header, metadata, start = read_safetensors_header(path)
+    want = list(header) if names is None else list(names)
+    out: dict[str, np.ndarray] = {}
+    if not want:
+        return out, metadata
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        for name in want:
+            if name not in header:
+                raise WeightsError(f"{path}: no tensor {name} in this file")
+            e = header[name]
+            b, end = e["data_offsets"]
+            raw = mm[start + b:start + end]                       # (nbytes,) uint8, still mapped
+            if e["dtype"] == "BF16":
+                arr = bf16_bits_to_f32(raw.view("<u2"))            # a fresh float32 array
+            else:
+                arr = np.array(raw.view(_ST_DTYPES[e["dtype"]]))   # copy out of the mapping
+            out[name] = arr.reshape(e["shape"])
+    finally:
+        del mm
+    return out, metadata
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None, *,
+                      float_dtype: str | None = None) -> int:
+    """Write a safetensors file atomically; return its size in bytes.
+
+    float_dtype ("float32" | "float16" | "bfloat16") converts every floating tensor on the
+    way out (bfloat16 with round-to-nearest-even); None keeps each array's own dtype.
+    """
+    path = Path(path)
+    if float_dtype is not None and float_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"float_dtype must be one of {', '.join(_FLOAT_DTYPES)}, got {float_dtype!r}")
+    meta = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("safetensors metadata must map str to str")
+    blobs: list[tuple[str, str, tuple[int, ...], np.ndarray]] = []
+    for name, a in tensors.items():
+        a = np.asarray(a)
+        if float_dtype is not None and a.dtype.kind == "f":
+            code = _FLOAT_DTYPES[float_dtype]
+            data = (f32_to_bf16_bits(a) if code == "BF16"
+                    else np.ascontiguousarray(a, dtype=_ST_DTYPES[code]))
+        else:
+            code = _st_code(a.dtype)
+            if code is None:
+                raise ValueError(f"tensor {name}: dtype {a.dtype} cannot be stored in safetensors")
+            data = np.ascontiguousarray(a, dtype=_ST_DTYPES[code])
+        blobs.append((name, code, tuple(a.shape), data))
+    # Larger items first keeps every tensor aligned to its item size, as the reference writer does.
+    blobs.sort(key=lambda t: -_ST_ITEMSIZE[t[1]])
+    header: dict[str, Any] = {"__metadata__": meta} if meta else {}
+    offset = 0
+    for name, code, shape, data in blobs:
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)                      # data starts 8-byte aligned, per the spec
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for *_, data in blobs:
+            f.write(memoryview(data).cast("B"))
+    return 8 + len(hb) + offset

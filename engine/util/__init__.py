@@ -1,0 +1,2 @@
+"""Small helpers that several rooms need, kept once and below all of them: array-module
+lookup without importing CuPy, atomic file writes, process memory. Imports nothing of ours."""
