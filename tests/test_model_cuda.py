@@ -258,7 +258,6 @@ def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
     and with the row kernels on clusters (ROW_CTA_WIDTH lowered to 256); attn_decode merging
     its splits through a cluster, and through global memory (its reads before the PDL wait
     then race nothing either)."""
-    import os
     from engine.gpu import flags, kernels, launch
     from engine.gpu import model as model_cuda
     from engine.gpu.model import CudaModel
