@@ -21,6 +21,8 @@ HF_LINEAR = {
     "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
     "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
 }
+
+
 class ModelError(ValueError):
     """Weights that do not fit the config, or a bad forward-pass argument."""
 
