@@ -1,6 +1,6 @@
 """Per-layer weight quantizers: RTN UINT4 groups and the DGQ dual-grained search.
 
-Notation (../shared/ALGORITHMS.md §1, engine/formats.py): a linear is y = x · Wᵀ,
+Notation (the DGQ paper's; layout in engine/formats/dg.py): a linear is y = x · Wᵀ,
 W (N out, K in), groups of `group` consecutive input channels, G = ceil(K/group)
 groups (the last one may be short). H = XᵀX (K, K) float64 is the Gram matrix of
 the layer's calibration inputs X (T tokens, K): for any weight error d (N, K),
@@ -28,7 +28,8 @@ import numpy as np
 from engine import formats
 from engine.formats import QMAX_I8, QMAX_U4, S_MAX, S_MIN
 
-# Clipping-ratio grids of the two phases (ALGORITHMS.md §1), plus r = 1 (RTN).
+# Clipping-ratio grids of the DGQ paper's two phases (r = 1.02 − 0.22·i/20, i = 1..20, and
+# r = 1.02 − 0.82·i/80, i = 1..80), plus r = 1 (RTN).
 PHASE1_RATIOS = np.concatenate([[1.0], 1.02 - 0.22 * np.arange(1, 21) / 20])   # (21,)
 PHASE2_RATIOS = np.concatenate([[1.0], 1.02 - 0.82 * np.arange(1, 81) / 80])   # (81,)
 

@@ -41,7 +41,8 @@ from . import smooth
 from .baselines import g_linear, i8_linear
 from .dgq import QuantizeError, dgq_linear
 
-# FPTQ's per-site thresholds on the calibration max|X| (ALGORITHMS.md §2).
+# FPTQ's per-site thresholds on the calibration max|X| (the FPTQ paper): up to 15 static
+# per-tensor INT8, up to 150 LAE + static, above that per-token dynamic.
 FPTQ_STATIC_MAX = 15.0
 FPTQ_LAE_MAX = 150.0
 
@@ -131,7 +132,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
                         act_clip="max", seed: int = cal.DEFAULT_SEED):
     """Quantize every linear of a float Checkpoint; return (ModelWeights with QuantLinears, recipe).
 
-    ckpt: engine.weights.Checkpoint (config, HF tensors, tokenizer, ...).
+    ckpt: engine.io.layout.Checkpoint (config, HF tensors, tokenizer, ...).
     calib: None (wiki "calib" split), a text file path, "random", or an (n, T) token array.
     act_clip: static activation clipping, "max" or a percentile of the per-token absmax.
     The recipe (a JSON-able dict) records every choice; save it with engine.io.qfile.save_qfile.

@@ -2,7 +2,7 @@
 
 A linear input x (T, K) is replaced by x / s and every weight reading it by
 W · diag(s), so x · Wᵀ is unchanged while the activation outliers shrink
-(../shared/ALGORITHMS.md §1-2). Three ways to choose s from the calibration
+(DGQ, SmoothQuant and FPTQ each fold such scales). Three ways to choose s from the calibration
 per-channel absmax a_j = max over tokens |x_j|:
 
 - "percentile" (DGQ): k = int(0.005·C + 1.5), b = the k-th largest a_j;

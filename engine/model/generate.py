@@ -93,10 +93,10 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
              stop: set[int] | None = None, on_token=None, kv8: bool = False):
     """Generate up to max_new_tokens after prompt_ids; returns (new ids, GenerationStats).
 
-    kv8 keeps the KV cache in INT8 with per-(token, kv head) scales (engine/kv_cache.py).
+    kv8 keeps the KV cache in INT8 with per-(token, kv head) scales (engine/model/kv_cache.py).
 
     A model with decode() (the GPU engine) samples on the device in graph-replayed steps;
-    others run the host loop with engine/sampling.py. seed None draws a fresh seed.
+    others run the host loop with engine/model/sampling.py. seed None draws a fresh seed.
     on_token(id) is called as each token is produced. Generation stops at a stop id
     (which is returned but not passed on) or when the context is full.
     """
