@@ -1,5 +1,9 @@
 """Loading the CUDA sources in cuda/ as CuPy RawModules, compiled once per process.
 
+The sources live in cuda/ at the repository root. A wheel carries them as package data,
+engine/gpu/cuda/*.cu(h) (setup.cfg maps that package to cuda/); the loader reads that copy
+when it is there, else cuda/ of the checkout this file sits in (an editable install).
+
 Each .cu file is compiled with NVRTC through `cupy.RawModule(code=...)` after its
 quoted `#include "..."` lines have been replaced by the header text. CuPy keys its
 on-disk cache on the code string and the options but not on headers found
@@ -20,7 +24,11 @@ from pathlib import Path
 
 from . import backend, launch
 
-CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
+# The package's own copy decides when it is there: installed from a wheel, the checkout path
+# below would name site-packages/cuda, which is NVIDIA's cuda-python, not ours.
+_PACKAGED_CUDA = Path(__file__).resolve().parent / "cuda"      # engine/gpu/cuda/ in a wheel
+_CHECKOUT_CUDA = Path(__file__).resolve().parents[2] / "cuda"  # <repo>/cuda/ in a checkout
+CUDA_DIR = _PACKAGED_CUDA if _PACKAGED_CUDA.is_dir() else _CHECKOUT_CUDA
 _INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.M)
 _PRAGMA_ONCE_RE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.M)
 
@@ -35,7 +43,8 @@ def source(name: str) -> str:
 
     def expand(path: Path) -> str:
         if not path.is_file():
-            raise KernelError(f"CUDA source {path} is missing (engine/kernels.py looks in {CUDA_DIR})")
+            raise KernelError(f"CUDA source {path} is missing (engine/gpu/kernels.py reads {_PACKAGED_CUDA} "
+                              f"in an installed wheel, else {_CHECKOUT_CUDA} in a checkout)")
         text = _PRAGMA_ONCE_RE.sub("", path.read_text())
 
         def repl(m: re.Match) -> str:
