@@ -39,7 +39,7 @@ def causal_gqa_f64(q, k, v, start):
 def test_attn_prefill_matches_float64(d, rep, kv8):
     import cupy as cp
 
-    from engine.gpu.model import attn_prefill
+    from engine.gpu.attention import attn_prefill, prefill_scale
     rng = np.random.default_rng(d * 10 + rep)
     hq = HKV * rep
     for start, t in CASES:
@@ -60,7 +60,8 @@ def test_attn_prefill_matches_float64(d, rep, kv8):
             kc, vc = cp.asarray(k), cp.asarray(v)
             kref, vref = k[SEQ, :n].astype(np.float64), v[SEQ, :n].astype(np.float64)
         out = cp.full((t + 5, hq * d), np.nan, dtype=cp.float16)
-        attn_prefill(cp.asarray(q), kc, vc, cp.asarray(ks), cp.asarray(vs), out, SEQ, start, t)
+        attn_prefill(q=cp.asarray(q), kc=kc, vc=vc, ks=cp.asarray(ks), vs=cp.asarray(vs), out=out, t=t, start=start,
+                     Hq=hq, Hkv=HKV, cap=CAP, seq=SEQ, scale_log2=prefill_scale(d))
         got = out.get().astype(np.float64)
         ref = causal_gqa_f64(q.astype(np.float64), kref, vref, start)
         err = np.abs(got[:t] - ref).max()
@@ -128,12 +129,12 @@ def test_flash_decoding_matches_float64(d, rep, kv8):
     counters reset themselves), and so must the cluster merges (sm_90)."""
     import cupy as cp
 
-    from engine.gpu.kernels import function
-    from engine.gpu.model import ATTN_EXPRS, DECODE_CHUNK, kv_type
+    from engine.gpu.attention import attn_decode
+    from engine.gpu.tuning import ATTENTION
     rng = np.random.default_rng(7 * d + rep)
     hq, lens = HKV * rep, np.array([1, 64, 65, 200], np.int32)
     b, cap = len(lens), 256
-    nsplit = cap // DECODE_CHUNK
+    nsplit = cap // ATTENTION.decode_chunk
     inv = 1.0 / (10000.0 ** (np.arange(0, d, 2, dtype=np.float64) / d))
     ang = np.outer(np.arange(cap, dtype=np.float64), inv)
     cos_t, sin_t = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
@@ -168,7 +169,7 @@ def test_flash_decoding_matches_float64(d, rep, kv8):
     ref = np.concatenate([causal_gqa_f64(q[i:i + 1].astype(np.float64), kref[i, :n], vref[i, :n], n - 1)
                           for i, n in enumerate(lens)])                   # (B, Hq·D)
     from engine.gpu.kernels import device_info
-    from engine.gpu.model import decode_cluster
+    from engine.gpu.attention import decode_cluster
     # the merge through global memory (0), and on sm_90 through clusters: the launcher's size
     # for nsplit, and a larger one (empty splits past nsplit)
     clusters = (0, decode_cluster(nsplit), 8) if device_info()["cc"] >= 90 else (0,)
@@ -177,13 +178,11 @@ def test_flash_decoding_matches_float64(d, rep, kv8):
         for _ in range(2):
             out = cp.full((b, hq * d), np.nan, cp.float16)
             amax = cp.zeros((b,), cp.uint32)
-            function("attention.cu", f"attn_decode<{kv_type(kc)}, {cl}>", ATTN_EXPRS)(
-                (b, hq, cl or nsplit), (128,), (cp.asarray(qkv), cp.asarray(cos_t), cp.asarray(sin_t), kc, vc,
-                                                ksd, vsd, cp.asarray(lens), np.int32(hq), np.int32(HKV),
-                                                np.int32(d), np.int32(cap), np.float32(1 / np.sqrt(d)), ml, acc,
-                                                counters, out, amax))
+            attn_decode(b, nsplit, cl, qkv=cp.asarray(qkv), cos_t=cp.asarray(cos_t), sin_t=cp.asarray(sin_t),
+                        kc=kc, vc=vc, ks=ksd, vs=vsd, lens=cp.asarray(lens), Hq=hq, Hkv=HKV, D=d, cap=cap,
+                        scale=1 / np.sqrt(d), part_ml=ml, part_acc=acc, counters=counters, out=out, amax_out=amax)
             outs.append(out.get())
-            # the row's absmax, for the o GEMV that quantizes it (model_cuda._fold_quant)
+            # the row's absmax, for the o GEMV that quantizes it (CudaModel._fold_quant)
             np.testing.assert_array_equal(amax.get().view(np.float32),
                                           np.abs(outs[-1].astype(np.float32)).max(axis=1))
     assert not counters.any()

@@ -398,8 +398,9 @@ def test_gemv_silu_then_quant_equals_row_kernel_path(inter, k):
     absmax) → quant_amax → down, against the launch sequence it replaces (gate|up GEMM →
     silu_mul_quant → down GEMM): the same int8 row, scale and bits in h."""
     import cupy as cp
-    from engine.gpu.kernels import function
-    from engine.gpu.model import FUSED_EXPRS, MODE, _fuse, _permute_rows, row_launch
+    from engine.gpu import fused
+    from engine.gpu.fused import MODE, RowShape
+    from engine.gpu.linear import _fuse, _permute_rows
     gate, up = random_dg(inter, k, 128, seed=1), random_dg(inter, k, 128, seed=2)
     down = ops_cuda.pack_for_gpu(random_dg(96, inter, 128, seed=3))
     gu = _fuse([gate, up])
@@ -412,10 +413,8 @@ def test_gemv_silu_then_quant_equals_row_kernel_path(inter, k):
     # the launches it replaces
     g = ops_cuda.gemm_a8w4(x8, sx, plain)
     m8, msx = cp.zeros((1, down.k_pad), cp.int8), cp.zeros((1,), cp.float32)
-    expr, threads = row_launch("silu_mul_quant", inter)
-    function("fused.cu", expr, FUSED_EXPRS)((1,), (threads,), (g, np.int32(inter), np.int32(MODE["dynamic"]),
-                                                               cp.ones(1, cp.float32), m8, np.int32(down.k_pad),
-                                                               msx, cp.zeros((1, inter), cp.float16), np.int32(0)))
+    fused.silu_mul_quant(1, RowShape(), gu=g, I=inter, mode=MODE["dynamic"], static_scale=cp.ones(1, cp.float32),
+                         x8=m8, ld=down.k_pad, sx=msx, mh=cp.zeros((1, inter), cp.float16), il=0)
     want = cp.asarray(h0)
     ops_cuda.gemm_a8w4(m8, msx, down, resid=want)
 
@@ -429,9 +428,7 @@ def test_gemv_silu_then_quant_equals_row_kernel_path(inter, k):
     np.testing.assert_array_equal(m8.get()[0, :inter],                       # the row kernel's int8
                                   formats.quantize_act_ref(mf.get(), msx.get())[0])
     q8, qsx = cp.full((1, down.k_pad), 9, cp.int8), cp.zeros((1,), cp.float32)
-    function("fused.cu", "quant_amax<float>", FUSED_EXPRS)((-(-down.k_pad // 1024), 1), (256,),
-                                                          (mf, np.int32(inter), np.int32(MODE["dynamic"]), amax,
-                                                           q8, np.int32(down.k_pad), qsx))
+    fused.quant_amax(1, x=mf, K=inter, mode=MODE["dynamic"], scale=amax, x8=q8, ld=down.k_pad, sx=qsx)
     np.testing.assert_array_equal(q8.get(), m8.get())                        # pad columns zeroed too
     np.testing.assert_array_equal(qsx.get(), msx.get())
     h = cp.asarray(h0)

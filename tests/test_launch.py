@@ -4,9 +4,13 @@ import numpy as np
 import pytest
 
 from engine.gpu import ops as ops_cuda
-from engine.gpu.model import FUSED_EXPRS, ROW_CLUSTER_PERS, ROW_CLUSTERS, ROW_PERS, row_cluster, row_launch
+from engine.gpu.fused import FUSED_EXPRS, row_cluster, row_launch
+from engine.gpu.tuning import ROW_VARIANTS
 from engine.gpu.backend import BackendError
 from engine.model.sampling import SamplingError
+
+
+ROW_PERS, ROW_CLUSTERS, ROW_CLUSTER_PERS = ROW_VARIANTS.pers, ROW_VARIANTS.clusters, ROW_VARIANTS.cluster_pers
 
 
 def test_row_launch_covers_every_width_with_whole_warps():
@@ -102,8 +106,9 @@ def test_kernel_launch_marshalling_without_a_gpu():
 
 
 def test_decode_cluster_policy():
-    from engine.gpu.model import DECODE_CLUSTERS, decode_cluster
+    from engine.gpu.attention import decode_cluster
+    from engine.gpu.tuning import ATTENTION
     assert [decode_cluster(n) for n in (1, 2, 3, 4, 5, 8, 9, 64)] == [1, 2, 4, 4, 8, 8, 0, 0]
     assert decode_cluster(4, heads=32, sms=132) == 4          # batch 1 of 32 heads: one wave
     assert decode_cluster(4, heads=256, sms=132) == 0         # batch 8: the merge through memory
-    assert set(decode_cluster(n) for n in range(1, 9)) == set(DECODE_CLUSTERS)
+    assert set(decode_cluster(n) for n in range(1, 9)) == set(ATTENTION.decode_clusters)

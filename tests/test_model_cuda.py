@@ -50,19 +50,19 @@ def test_gpu_logits_match_reference(act, n_tokens):
 @pytest.mark.parametrize("act", ["dynamic", "static"])
 def test_gpu_prefill_with_wide_row_accesses_matches_reference(monkeypatch, act):
     """A prefill of more rows than SMs: the row kernels run one CTA a row with 8- and 4-element
-    accesses (model_cuda.ROW_VEC; 32 threads a row here, so that tiny rows hold 4 and 8 values a
+    accesses (tuning.ROWS.vec; 32 threads a row here, so that tiny rows hold 4 and 8 values a
     thread), against the NumPy integer reference."""
-    from engine.gpu import model as model_cuda
+    from engine.gpu import kargs, tuning
     from engine.gpu.kernels import device_info
-    monkeypatch.setattr(model_cuda, "ROW_THREADS_MANY", 32)
+    from engine.gpu.model import CudaModel
+    monkeypatch.setattr(tuning.ROWS, "threads_many", 32)
     mw = quantized_tiny(act, head_dim=64, num_attention_heads=4, num_key_value_heads=2, hidden_size=128,
                         intermediate_size=256, max_position_embeddings=512)
     tokens = (np.arange(device_info()["sm_count"] + 5) * 13) % mw.config.vocab_size
-    gm = model_cuda.CudaModel(mw)
+    gm = CudaModel(mw)
     seen = []
-    launch = gm._launch
-    gm._launch = lambda name, *a: (seen.append(name), launch(name, *a))
-    got = gm.forward(tokens).get()
+    with kargs.intercepted(lambda expr, run: (seen.append(expr), run())):
+        got = gm.forward(tokens).get()
     assert {"add_rmsnorm_quant<4, 1, 4>", "silu_mul_quant<8, 1, 8>", "quant_rows<8, 1, 8>"} <= set(seen)
     ref = Model(mw).forward(tokens)
     assert rel(got, ref) < 2e-2, rel(got, ref)
@@ -92,7 +92,7 @@ def test_graph_decode_equals_eager_and_incremental_reference(weights):
         cache = gm.new_cache(64)
         first = int(gm.prefill(prompt, cache).astype(np.float32).argmax())
         outs.append(np.concatenate([[first], gm.decode_greedy(cache, [first], 12, use_graph)[:, 0]]))
-        assert (cache.graph is not None) == use_graph
+        assert (cache.step.graph is not None) == use_graph
     np.testing.assert_array_equal(outs[0], outs[1])
     # the decode kernels agree with a full forward over the produced sequence
     seq = np.concatenate([prompt, outs[0][:-1]])
@@ -119,7 +119,7 @@ def test_batched_decode_equals_single_sequences(batch):
     cache = gm.new_cache(32, batch=batch)
     firsts = [int(gm.prefill(p, cache, seq=i).astype(np.float32).argmax()) for i, p in enumerate(prompts)]
     batched = gm.decode_greedy(cache, firsts, 8)
-    assert cache.graph is not None
+    assert cache.step.graph is not None
     for i in range(batch):
         np.testing.assert_array_equal(batched[:, i], singles[i])
 
@@ -127,11 +127,12 @@ def test_batched_decode_equals_single_sequences(batch):
 @pytest.mark.parametrize("head_dim,act", [(64, "dynamic"), (128, "static")])
 def test_decode_over_many_attention_splits(head_dim, act):
     """A context longer than several flash-decoding chunks (64 keys) and a ragged last chunk."""
-    from engine.gpu.model import DECODE_CHUNK, CudaModel
+    from engine.gpu.model import CudaModel
+    from engine.gpu.tuning import ATTENTION
     mw = quantized_tiny(act, seed=4, head_dim=head_dim, hidden_size=64, intermediate_size=96,
                         max_position_embeddings=512)
     gm = CudaModel(mw)
-    prompt = (np.arange(3 * DECODE_CHUNK + 11) * 7) % mw.config.vocab_size
+    prompt = (np.arange(3 * ATTENTION.decode_chunk + 11) * 7) % mw.config.vocab_size
     cache = gm.new_cache(len(prompt) + 8)
     first = int(gm.prefill(prompt, cache).astype(np.float32).argmax())
     got = np.concatenate([[first], gm.decode_greedy(cache, [first], 6)[:, 0]])
@@ -158,7 +159,7 @@ def test_generate_uses_graphed_greedy_and_agrees_with_reference():
 def test_fp16_gemv_buckets_match_float64(m):
     """The lm_head GEMV (one kernel per M bucket) against a float64 product."""
     import cupy as cp
-    from engine.gpu.model import matmul_f16
+    from engine.gpu.fused import matmul_f16
     rng = np.random.default_rng(m)
     x = rng.standard_normal((m, 1000)).astype(np.float16)
     w = rng.standard_normal((777, 1000)).astype(np.float16)
@@ -179,11 +180,13 @@ def test_row_kernels_match_numpy(width, mode, cl, cap, vec):
     threads, up to 16 values a thread), and with 8- or 4-element accesses (vec: 576 at cap 256
     takes 4; 4100 and narrow rows fall back to 1), against NumPy float32."""
     import cupy as cp
-    from engine.gpu.model import FUSED_EXPRS, MODE, ROW_CLUSTER_PERS, row_launch
-    from engine.gpu.kernels import device_info, function
+    from engine.gpu import fused
+    from engine.gpu.fused import MODE, RowShape, row_launch
+    from engine.gpu.kernels import device_info
+    from engine.gpu.tuning import ROW_VARIANTS
     if cl > 1 and device_info()["cc"] < 90:
         pytest.skip("thread block clusters need sm_90")
-    if cl > 1 and width > ROW_CLUSTER_PERS[-1] * 1024 * cl:
+    if cl > 1 and width > ROW_VARIANTS.cluster_pers[-1] * 1024 * cl:
         pytest.skip("not instantiated: the engine never sends so wide a row to so small a cluster")
     rng = np.random.default_rng(width)
     m, eps, scale = 3, 1e-5, 0.02
@@ -195,17 +198,18 @@ def test_row_kernels_match_numpy(width, mode, cl, cap, vec):
     sc = cp.asarray([scale], cp.float32)
 
     zero = cp.full((m,), 5, cp.uint32)
+    shape, md = RowShape(cl, cap, vec), MODE[mode]
 
-    def run(name, args, extra=()):
+    def run(name, launch):
+        """launch(x8, sx, xh) runs kernel `name` with the shape under test (its expression:
+        row_launch(name, width, cl, cap, vec))."""
         x8 = cp.full((m, ld), 7, cp.int8)
         sx = cp.zeros((m,), cp.float32)
         xh = cp.zeros((m, width), cp.float16)
-        tail = (np.int32(MODE[mode]), sc, x8, np.int32(ld), sx) + ((xh,) if name != "quant_rows" else ())
-        tail += extra
         expr, threads = row_launch(name, width, cl, cap, vec)
         narrow = width in (64, 4100) or (width, cap) == (576, 1024)   # PER < 4, or 8 ∤ width
         assert expr.endswith(", 1>") != (vec and cl == 1 and not narrow)  # wide accesses where they can be
-        function("fused.cu", expr, FUSED_EXPRS)((m * cl,), (threads,), args + tail)
+        launch(x8, sx, xh)
         return x8.get(), sx.get(), xh.get()
 
     def check(got, want, rtol):
@@ -221,9 +225,9 @@ def test_row_kernels_match_numpy(width, mode, cl, cap, vec):
 
     for with_y in (False, True):
         hd = cp.asarray(h)
-        got = run("add_rmsnorm_quant", (hd, cp.asarray(y) if with_y else np.uint64(0), cp.asarray(w),
-                                        np.int32(width), np.float32(eps)),
-                  (zero, np.uint64(0), np.uint64(0)) if with_y else (np.uint64(0),) * 3)
+        got = run("add_rmsnorm_quant", lambda x8, sx, xh: fused.add_rmsnorm_quant(
+            m, shape, h=hd, y=cp.asarray(y) if with_y else None, w=cp.asarray(w), H=width, eps=eps, mode=md,
+            static_scale=sc, x8=x8, ld=ld, sx=sx, xh=xh, zero=zero if with_y else None, emb=None, tok=None))
         if with_y:
             assert not zero.any()                                 # the amax slots of _fold_quant
         hh = h + y.astype(np.float32) if with_y else h
@@ -234,19 +238,26 @@ def test_row_kernels_match_numpy(width, mode, cl, cap, vec):
     emb = (rng.standard_normal((7, width)) * 3).astype(np.float16)
     tok = np.array([4, 0, 4], np.int32)
     hd = cp.full((m, width), np.nan, cp.float32)
-    got = run("add_rmsnorm_quant", (hd, np.uint64(0), cp.asarray(w), np.int32(width), np.float32(eps)),
-              (np.uint64(0), cp.asarray(emb), cp.asarray(tok)))
+    got = run("add_rmsnorm_quant", lambda x8, sx, xh: fused.add_rmsnorm_quant(
+        m, shape, h=hd, y=None, w=cp.asarray(w), H=width, eps=eps, mode=md, static_scale=sc, x8=x8, ld=ld,
+        sx=sx, xh=xh, zero=None, emb=cp.asarray(emb), tok=cp.asarray(tok)))
     hh = emb[tok].astype(np.float32)
     np.testing.assert_array_equal(hd.get(), hh)
     check(got, hh / np.sqrt((hh * hh).mean(1, keepdims=True) + eps) * w, 2e-3)
     g, u = gu[:, :width].astype(np.float32), gu[:, width:].astype(np.float32)
-    check(run("silu_mul_quant", (cp.asarray(gu), np.int32(width)), (np.int32(0),)), g / (1 + np.exp(-g)) * u, 2e-3)
+    check(run("silu_mul_quant", lambda x8, sx, xh: fused.silu_mul_quant(
+        m, shape, gu=cp.asarray(gu), I=width, mode=md, static_scale=sc, x8=x8, ld=ld, sx=sx, mh=xh, il=0)),
+        g / (1 + np.exp(-g)) * u, 2e-3)
     if width % 8 == 0:              # gate|up interleaved per 16 columns (ops_cuda.interleave_rows)
         from engine.gpu.ops import interleave_rows
         gi = cp.asarray(np.ascontiguousarray(gu[:, interleave_rows(2 * width)]))
-        check(run("silu_mul_quant", (gi, np.int32(width)), (np.int32(1),)), g / (1 + np.exp(-g)) * u, 2e-3)
+        check(run("silu_mul_quant", lambda x8, sx, xh: fused.silu_mul_quant(
+            m, shape, gu=gi, I=width, mode=md, static_scale=sc, x8=x8, ld=ld, sx=sx, mh=xh, il=1)),
+            g / (1 + np.exp(-g)) * u, 2e-3)
     if mode != "fp16":
-        check(run("quant_rows", (cp.asarray(y), np.int32(width))), y.astype(np.float32), 1e-6)
+        check(run("quant_rows", lambda x8, sx, xh: fused.quant_rows(
+            m, shape, x=cp.asarray(y), K=width, mode=md, static_scale=sc, x8=x8, ld=ld, sx=sx)),
+            y.astype(np.float32), 1e-6)
 
 
 @pytest.mark.parametrize("merge", ["cluster", "memory"])
@@ -255,19 +266,18 @@ def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
     start, never what they compute: a decode step captured with PDL launches (counted, so the
     test fails if capture stopped using them) replays to bit-identical logits and tokens as one
     captured with plain stream-ordered launches, on a model wide enough for kernels to overlap
-    and with the row kernels on clusters (ROW_CTA_WIDTH lowered to 256); attn_decode merging
+    and with the row kernels on clusters (tuning.ROWS.cta_width lowered to 256); attn_decode merging
     its splits through a cluster, and through global memory (its reads before the PDL wait
     then race nothing either)."""
-    from engine.gpu import flags, kernels, launch
-    from engine.gpu import model as model_cuda
+    from engine.gpu import attention, flags, kernels, launch, tuning
     from engine.gpu.model import CudaModel
     if kernels.device_info()["cc"] < 90 or not flags.PDL:
         pytest.skip("PDL needs sm_90 and DGQ_PDL unset")
     assert launch.pdl_enabled()
-    monkeypatch.setattr(model_cuda, "ROW_CTA_WIDTH", 256)
-    monkeypatch.setattr(model_cuda, "ROW_CTA_WIDTH_BY_KERNEL", {})
+    monkeypatch.setattr(tuning.ROWS, "cta_width", 256)
+    monkeypatch.setattr(tuning.ROWS, "cta_width_by_kernel", {})
     if merge == "memory":
-        monkeypatch.setattr(model_cuda, "decode_cluster", lambda *args: 0)
+        monkeypatch.setattr(attention, "decode_cluster", lambda *args: 0)
     mw = quantized_tiny("dynamic", seed=4, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
                         hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                         max_position_embeddings=512)
@@ -287,7 +297,7 @@ def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
             cache = gm.new_cache(512)
             pre = gm.prefill(prompt, cache).get()          # eager: plain launches either way
             toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 40, True)[:, 0]
-            runs.append((pre, toks, cache.step["bufs"].logits[:1].get()))
+            runs.append((pre, toks, cache.step.bufs.logits[:1].get()))
             if not plain:
                 monkeypatch.setitem(launch._STATE, "fn", real)
                 assert len(calls) >= 6 * mw.config.num_hidden_layers, len(calls)   # 4 GEMVs, attention, silu a layer
@@ -297,27 +307,27 @@ def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
 
 @pytest.mark.parametrize("act", ["dynamic", "static"])
 def test_fold_quant_equals_row_kernels(monkeypatch, act):
-    """A one-token decode step without silu_mul_quant and quant_rows (model_cuda._fold_quant:
+    """A one-token decode step without silu_mul_quant and quant_rows (CudaModel._fold_quant:
     the SiLU GEMV and attn_decode max-reduce their rows, quant_amax quantizes them) gives the
     bits of the step with the row kernels, graphed and eager (gate|up interleaved in both).
     Prefills never fold, a one-token one included (checked against NumPy in
     test_gpu_logits_match_reference)."""
-    from engine.gpu import model as model_cuda
+    from engine.gpu import tuning
     from engine.gpu.model import CudaModel
     mw = quantized_tiny(act, seed=6, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
                         hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
                         max_position_embeddings=256)
     gm = CudaModel(mw)
-    assert all(L["gu"].interleaved for L in gm.layers) and gm._fold_quant(1) and not gm._fold_quant(2)
+    assert all(L.gu.interleaved for L in gm.layers) and gm._fold_quant(1) and not gm._fold_quant(2)
     prompt = np.arange(5, 120) % mw.config.vocab_size
     runs = []
     for fold in (True, False):
-        monkeypatch.setattr(model_cuda, "FOLD_QUANT", fold)
+        monkeypatch.setattr(tuning.DECODE, "fold_quant", fold)
         for graph in (True, False):
             cache = gm.new_cache(256)
             pre = gm.prefill(prompt, cache).get()
             toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 24, graph)[:, 0]
-            runs.append((pre, toks, cache.step["bufs"].logits[:1].get(), cache.k.get()))
+            runs.append((pre, toks, cache.step.bufs.logits[:1].get(), cache.k.get()))
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             np.testing.assert_array_equal(a, b)
@@ -345,5 +355,5 @@ def test_int8_lm_head_gpu(tie):
             firsts = [int(gm.prefill(tokens[:3 + i % 5], cache, seq=i).astype(np.float32).argmax())
                       for i in range(batch)]
             outs.append(gm.decode_greedy(cache, firsts, 10, use_graph))
-            assert (cache.graph is not None) == use_graph
+            assert (cache.step.graph is not None) == use_graph
         np.testing.assert_array_equal(outs[0], outs[1])

@@ -210,6 +210,16 @@ def format_table(rows) -> str:
     return "\n".join(out)
 
 
+# the kernels the model launches itself (gpu/fused.py, gpu/attention.py): a breakdown row each
+# by kernel expression; the linears, the lm_head and sampling are rows of their own
+MODEL_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows", "quant_amax", "rope_qkv_cache",
+                 "attn_decode", "attn_prefill")
+
+
+def model_kernel(expr: str) -> bool:
+    return expr.split("<")[0] in MODEL_KERNELS
+
+
 def graph_breakdown(gm, cache, reps: int = 20) -> dict:
     """Microseconds per launch of one decode step as a CUDA graph replays it, by kernel.
 
@@ -218,29 +228,30 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
     their own and replayed. A row's time is what that launch costs inside a graph: the
     kernel and the gap to the next node. Returns {name: (count, us per launch)}.
     """
-    from ..gpu import model as model_cuda  # noqa: PLC0415
+    from ..gpu import decode, fused, kargs, linear  # noqa: PLC0415
+    from ..gpu import ops as ops_cuda  # noqa: PLC0415
     cp = gm.cp
     body, tail = gm.graphable(cache.batch)
     if not body:
         raise ValueError(f"a decode step of batch {cache.batch} is not captured as a graph: no breakdown")
     if cache.step is None:
-        cache.step = gm._decode_state(cache)
+        cache.step = decode.new_state(gm, cache)
+    st = cache.step
     # the eager step and the replays of sample_rows advance the step's state, and replayed
     # rope/attention launches must see the same in-bounds positions: restore it around both
-    saved = {k: cache.step[k].copy() for k in ("tok", "pos", "lens")}
+    saved = {k: getattr(st, k).copy() for k in ("tok", "pos", "lens")}
 
     def restore():
         for k, v in saved.items():
-            cache.step[k][...] = v
+            getattr(st, k)[...] = v
     calls = []
-    orig_launch, orig_attn, orig_call, orig_mm = gm._launch, gm._attn, model_cuda.GpuLinear.__call__, \
-        model_cuda.matmul_f16
+    G = linear.GpuLinear
+    orig_call, orig_mm, orig_s, orig_w8 = G.__call__, fused.matmul_f16, G.silu_gemv, fused.matmul_w8
 
-    def recorder(orig):
-        def launch(name, grid, block, args):
-            calls.append((name, lambda: orig(name, grid, block, args)))
-            return orig(name, grid, block, args)
-        return launch
+    def record(expr, run):
+        if model_kernel(expr):
+            calls.append((expr, run))
+        return run()
 
     def call(self, *args):
         name = f"{'gemm_a8w4' if self.w16 is None else 'linear_f16'}{'+resid' if len(args) > 4 and args[4] is not None else ''} N={self.n}"
@@ -252,35 +263,29 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
             calls.append(("lm_head", lambda: orig_mm(*args)))
         return orig_mm(*args)
 
-    G = model_cuda.GpuLinear
-    orig_s, orig_w8 = G.silu_gemv, model_cuda.matmul_w8
-
     def mm8(*args):                      # the INT8 lm_head (ModelWeights.with_int8_lm_head)
         if tail:
             calls.append(("lm_head int8", lambda: orig_w8(*args)))
         return orig_w8(*args)
 
-    def scall(self, *args):                  # gate|up with SiLU in its epilogue (_fold_quant)
+    def scall(self, *args):                  # gate|up with SiLU in its epilogue (fold_quant)
         calls.append((f"gemm_a8w4+silu N={self.n}", lambda: orig_s(self, *args)))
         return orig_s(self, *args)
 
-    orig_sample = model_cuda.ops_cuda.sample_rows
+    orig_sample = ops_cuda.sample_rows
 
     def sample(*args, **kw):
         calls.append(("sample_rows", lambda: orig_sample(*args, **kw)))
         return orig_sample(*args, **kw)
 
-    gm._launch, gm._attn = recorder(orig_launch), recorder(orig_attn)
-    model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = call, mm
-    model_cuda.ops_cuda.sample_rows = sample
-    G.silu_gemv, model_cuda.matmul_w8 = scall, mm8
+    G.__call__, fused.matmul_f16, G.silu_gemv, fused.matmul_w8 = call, mm, scall, mm8
+    ops_cuda.sample_rows = sample
     try:
-        gm._decode_step(cache, cache.step)
+        with kargs.intercepted(record):
+            decode.step(gm, cache, st)
     finally:
-        gm._launch, gm._attn = orig_launch, orig_attn
-        model_cuda.GpuLinear.__call__, model_cuda.matmul_f16 = orig_call, orig_mm
-        model_cuda.ops_cuda.sample_rows = orig_sample
-        G.silu_gemv, model_cuda.matmul_w8 = orig_s, orig_w8
+        G.__call__, fused.matmul_f16, G.silu_gemv, fused.matmul_w8 = orig_call, orig_mm, orig_s, orig_w8
+        ops_cuda.sample_rows = orig_sample
     cp.cuda.Device().synchronize()
     restore()
     groups: dict = {}

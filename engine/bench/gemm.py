@@ -7,7 +7,7 @@
              same run. torch is used only here, only for the peers, and only
              when it imports.
   gemm-tune  the same timing over kernel variants (tile sizes, stages, split-K),
-             to choose engine.gpu.ops.TUNE.
+             to choose engine.gpu.tuning.GEMM.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import json
 import sys
 
 
-from ..gpu import kernels
+from ..gpu import kernels, tuning
 from ..gpu import ops as ops_cuda
 from .common import copy_bandwidth, cp_or_fail, launch_overhead_ms, n_buffers, time_calls
 
@@ -93,11 +93,11 @@ def _gemm_rows(shapes, ms, peers: Peers, copy_gbs: float, reps: int):
             y = cp.empty((m, n), dtype=cp.float16)
             kern = ops_cuda.choose_kernel(m)
             if kern == "wgmma":
-                bt, st, nwg, wpf, ovl, sp = ops_cuda.TUNE["wgmma"][ops_cuda.wgmma_bucket(m)]
-                kern = f"wgmma {bt}/{st}/{nwg}/{wpf}/{ovl}"
+                kern = "wgmma {}/{}/{}/{}/{}".format(*tuning.GEMM.wgmma[ops_cuda.wgmma_bucket(m)].tile)
             elif kern == "gemv":
                 mt = 1 if m <= 8 else 2 if m <= 16 else 4
-                kern = "gemv {}/{}".format(*ops_cuda.TUNE["gemv"][mt])
+                g = tuning.GEMM.gemv[mt]
+                kern = f"gemv {g.rw}/{g.u}"
             t_ours = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, ours[i % nb], out=y), reps)
             x16 = (cp.random.random((m, k), dtype=cp.float32) - 0.5).astype(cp.float16)
             y16 = cp.empty((m, n), dtype=cp.float16)
@@ -166,13 +166,13 @@ def _header(copy_gbs: float, peers: Peers, quick: bool, empty_ms: float) -> str:
 
 
 def apply_tune(path: str) -> dict:
-    """Load dispatch choices written by `gemm-pick` into ops_cuda.TUNE (same session's tuning)."""
+    """Load dispatch choices written by `gemm-pick` into tuning.GEMM (same session's tuning)."""
     with open(path) as f:
         picks = json.load(f)
     for bucket, cfg in picks.get("wgmma", {}).items():
-        ops_cuda.TUNE["wgmma"][bucket] = tuple(cfg[k] for k in ops_cuda.WGMMA_KEYS)
+        tuning.GEMM.wgmma[bucket] = tuning.WgmmaCfg(**{k: cfg[k] for k in tuning.WGMMA_KEYS})
     for mt, cfg in picks.get("gemv", {}).items():
-        ops_cuda.TUNE["gemv"][int(mt)] = (cfg["rw"], cfg["u"])
+        tuning.GEMM.gemv[int(mt)] = tuning.GemvCfg(cfg["rw"], cfg["u"])
     return picks
 
 
@@ -181,14 +181,14 @@ def cmd_gemm_pick(args) -> int:
     rows = [json.loads(line) for line in open(args.tune_log) if line.strip()]
     rows = [r for r in rows if "ms" in r]
     picks: dict = {"wgmma": {}, "gemv": {}}
-    lo, hi = ops_cuda.TUNE["wgmma_bounds"]
+    lo, hi = tuning.GEMM.wgmma_bounds
     buckets = {"small": lambda m: 16 < m <= lo, "mid": lambda m: lo < m <= hi, "large": lambda m: m > hi}
     for name, inb in buckets.items():
         cases = {(r["m"], r["k"], r["n"]) for r in rows if r["kernel"] == "wgmma" and inb(r["m"])}
         tot: dict = {}
         for r in rows:
             if r["kernel"] == "wgmma" and inb(r["m"]):
-                key = json.dumps({k: r["cfg"].get(k) for k in ops_cuda.WGMMA_KEYS})
+                key = json.dumps({k: r["cfg"].get(k) for k in tuning.WGMMA_KEYS})
                 tot.setdefault(key, {})[(r["m"], r["k"], r["n"])] = r["ms"]
         full = {k: sum(v.values()) for k, v in tot.items() if len(v) == len(cases)}
         if full:

@@ -2,7 +2,8 @@
 
 Name triplets (STYLE.md): formats.quantize_act_ref ↔ cuda/quant_act.cu ↔ quantize_act_*;
 formats.gemm_a8w4_ref + epilogue_ref ↔ cuda/gemm_a8w4.cu, cuda/gemm_a8w4_sm90.cu ↔ gemm_a8w4;
-sampling.sample ↔ cuda/sample.cu ↔ sample_rows.
+sampling.sample ↔ cuda/sample.cu ↔ sample_rows. Every launch passes the kernel's parameters
+by name (gpu/kargs.py); the dispatch choices are tuning.GEMM, the instantiations tuning.*_CFGS.
 
 The GPU layout of a "dg" layer (documented in full in cuda/common.cuh) is built
 here once, in NumPy, by `pack_host`; `unpack_host` inverts it and is what the
@@ -25,6 +26,7 @@ Kernels are chosen by M (`choose_kernel`): "gemv" (M ≤ 16), "wgmma" (sm_90),
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,7 +34,8 @@ import numpy as np
 
 from .. import formats
 from ..model import sampling
-from . import backend, flags, kernels
+from . import backend, kargs, kernels
+from .tuning import GEMM, GEMV_CFGS, GEMV_MT, GEMV_SILU_U, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS  # noqa: F401
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
 CHUNK_K = 64         # k per 16-byte lane vector (DGQ_CHUNK_K)
@@ -186,22 +189,7 @@ def random_packed(n: int, k: int, group: int = 128, seed: int = 0, act: str = "d
 
 # ----------------------------------------------------------------------------- kernel registry
 
-GEMV_CFGS = {                                             # MT -> (RW, U) instantiated
-    1: ((1, 2), (1, 3), (1, 4), (2, 2), (2, 4), (4, 2)),
-    2: ((1, 2), (1, 4), (2, 2), (2, 4), (4, 2)),
-    4: ((1, 2), (2, 2)),                                  # bigger ones spill (255 registers)
-}
-GEMV_WIDE = {1: ((1, 2),)}          # MT -> (RW, U) also instantiated with 16 warps a block (NW)
-GEMV_MT = tuple(GEMV_CFGS)
-MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
-WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
-    (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
-    (128, 4, 2, 2, 0), (128, 4, 2, 2, 1), (128, 4, 2, 2, 2), (128, 5, 2, 2, 2), (128, 6, 2, 4, 2),
-    (256, 4, 2, 2, 2),
-)   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
-
 _B = ("false", "true")
-GEMV_SILU_U = (2, 3)                                      # U of the SiLU GEMV (RW = MT = 1)
 _GEMV = (tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false>" for mt, cfgs in GEMV_CFGS.items()
                for rw, u in cfgs for o in _B)
          + tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false,16>" for mt, cfgs in GEMV_WIDE.items()
@@ -212,48 +200,24 @@ _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
 _QUANT = ("quant_act_static<u16>", "quant_act_static<float>",
           "quant_act_dynamic<u16>", "quant_act_dynamic<float>")
-
-# Dispatch knobs: `python -m engine.bench gemm-pick` over the 2026-11-25 H100 tuning log
-# (bench/results/2026-11-25-gemm-tune-h100.jsonl) chose these; the bench table of that run
-# used exactly them. wgmma buckets by M: small ≤ bounds[0] < mid ≤ bounds[1] < large; each
-# a config (bt, stages, nwg, wpf, ovl, splits), splits None = split K until the GPU is full.
-TUNE = {
-    "gemv_max_m": 16,                                   # M at or below this runs the GEMV
-    "gemv": {1: (1, 2), 2: (4, 2), 4: (2, 2)},          # MT -> (RW, U)
-    # with at most this many row tiles per SM (N = 4096: 256 tiles) a block runs U = 3:
-    # more bytes in flight per warp beats occupancy there (2026-11-25 H100 sweep, graphed,
-    # U = 2 / 3 / 4: o 6.52 / 5.83 / 6.22 us, down 13.84 / 11.23 / 11.68 us; qkv and
-    # gate|up are fastest at U = 2: 11.99 / 14.74 / 14.38 and 19.70 / 25.96 / 25.57 us)
-    # 16 warps a block there, U = 2 (GEMV_WIDE): 2 blocks an SM hold 32 warps of loads in flight
-    # instead of 16 (7B b=1 step 2.049 → 2.030 ms, same process; U = 3 at 8 warps before)
-    "gemv_few": {1: (1, 2)}, "gemv_few_tiles_per_sm": 2, "gemv_few_nw": 16,
-    "wgmma_bounds": (64, 512),
-    "wgmma": {"small": (64, 6, 2, 4, 2, None), "mid": (128, 4, 2, 2, 2, None),
-              "large": (128, 4, 2, 2, 2, 1)},
-    "mma_bm_small": 64, "mma_small_max_m": 64,
-    "split_target": 1.0,     # split K until tiles*splits >= split_target * SMs * blocks/SM
-    # sm_90 only; the portable mma.sync path is the fallback. DGQ_NO_WGMMA=1 turns it off
-    # (engine/gpu/flags.py).
-    "use_wgmma": flags.WGMMA,
-}
-WGMMA_KEYS = ("bt", "stages", "nwg", "wpf", "ovl", "splits")
+GEMV_FILE = kargs.KernelFile("gemm_a8w4.cu", _GEMV)
+MMA_FILE = kargs.KernelFile("gemm_a8w4.cu", _MMA)
+WGMMA_FILE = kargs.KernelFile("gemm_a8w4_sm90.cu", _WGMMA)
+QUANT_FILE = kargs.KernelFile("quant_act.cu", _QUANT)
+SAMPLE_FILE = kargs.KernelFile("sample.cu", ())
 
 
 def wgmma_bucket(m: int) -> str:
-    lo, hi = TUNE["wgmma_bounds"]
+    lo, hi = GEMM.wgmma_bounds
     return "small" if m <= lo else "mid" if m <= hi else "large"
 
 
-def _fn(file: str, expr: str, registry: tuple[str, ...]):
-    return kernels.function(file, expr, registry)
-
-
 def _gemv_tune(mt: int, r: int) -> tuple[int, int, int]:
-    """(RW, U, NW) that TUNE gives the GEMV for MT token tiles over r row tiles: the "few"
-    setting while the row tiles are at most gemv_few_tiles_per_sm per SM."""
-    few = mt in TUNE["gemv_few"] and r <= TUNE["gemv_few_tiles_per_sm"] * kernels.device_info()["sm_count"]
-    rw, u = TUNE["gemv_few"][mt] if few else TUNE["gemv"][mt]
-    return rw, u, TUNE["gemv_few_nw"] if few else 8
+    """(RW, U, NW) that tuning.GEMM gives the GEMV for MT token tiles over r row tiles: the
+    "few" setting while the row tiles are at most gemv_few_tiles_per_sm per SM."""
+    few = mt in GEMM.gemv_few and r <= GEMM.gemv_few_tiles_per_sm * kernels.device_info()["sm_count"]
+    cfg = GEMM.gemv_few[mt] if few else GEMM.gemv[mt]
+    return cfg.rw, cfg.u, GEMM.gemv_few_nw if few else 8
 
 
 def has_wgmma() -> bool:
@@ -266,9 +230,9 @@ def gemv_mt(m: int) -> int:
 
 
 def choose_kernel(m: int) -> str:
-    if m <= TUNE["gemv_max_m"]:
+    if m <= GEMM.gemv_max_m:
         return "gemv"
-    if TUNE["use_wgmma"] and has_wgmma():
+    if GEMM.use_wgmma and has_wgmma():
         return "wgmma"
     return "mma"
 
@@ -318,9 +282,8 @@ def quantize_act_static(x, scale: float, k_pad: int | None = None):
     total = m * -(-k_pad // 4)
     if total:
         blocks = min(-(-total // THREADS), kernels.device_info()["sm_count"] * 16)
-        _fn("quant_act.cu", f"quant_act_static<{sfx}>", _QUANT)(
-            (blocks,), (THREADS,), (x, out, np.float32(s), np.int32(m), np.int32(k), np.int32(ldx),
-                                    np.int32(k_pad)))
+        kargs.launch(QUANT_FILE, f"quant_act_static<{sfx}>", (blocks,), (THREADS,),
+                     x=x, out=out, scale=s, M=m, K=k, ldx=ldx, ldo=k_pad)
     return out
 
 
@@ -331,8 +294,8 @@ def quantize_act_dynamic(x, k_pad: int | None = None):
     out = cp.empty((m, k_pad), dtype=cp.int8)
     sx = cp.empty((m,), dtype=cp.float32)
     if m:
-        _fn("quant_act.cu", f"quant_act_dynamic<{sfx}>", _QUANT)(
-            (m,), (THREADS,), (x, out, sx, np.int32(m), np.int32(k), np.int32(ldx), np.int32(k_pad)))
+        kargs.launch(QUANT_FILE, f"quant_act_dynamic<{sfx}>", (m,), (THREADS,),
+                     x=x, out=out, sx=sx, M=m, K=k, ldx=ldx, ldo=k_pad)
     return out, sx
 
 
@@ -381,10 +344,16 @@ def _prep_x8(x8, layer: PackedA8W4):
 
 def _splits(tiles: int, kt: int, blocks_per_sm: int) -> int:
     sms = kernels.device_info()["sm_count"]
-    target = TUNE["split_target"] * sms * blocks_per_sm
+    target = GEMM.split_target * sms * blocks_per_sm
     if tiles >= target:
         return 1
     return int(max(1, min(kt // 4, math.ceil(target / tiles), 16)))
+
+
+def mma_smem(bm: int, stages: int) -> int:
+    """Dynamic shared memory of gemm_a8w4_mma<BM, STAGES>: STAGES × (X_BYTES + W_BYTES + M_BYTES),
+    an activation tile of BM rows × 128 bytes, 8 row tiles × 2 chunks of weights and of meta."""
+    return stages * (bm * 128 + 8 * 2 * 512 + 8 * 2 * 32)
 
 
 _SMEM_SET: dict = {}
@@ -396,11 +365,20 @@ def _set_smem(fn, expr: str, smem: int):
         _SMEM_SET[expr] = smem
 
 
-def _geometry(layer: PackedA8W4):
-    """(R row tiles, C K chunks, the (R, C, Gp, gshift, k_pad) int32 arguments every A8W4 kernel
-    takes) of a packed layer."""
-    R, C = layer.n_pad // TILE_N, layer.k_pad // CHUNK_K
-    return R, C, tuple(np.int32(v) for v in (R, C, layer.k_pad // layer.group, layer.gshift, layer.k_pad))
+@dataclass(frozen=True)
+class Geometry:
+    """The arguments R (row tiles), C (K chunks), Gp (groups), gshift and ldx (= Kp) that
+    every A8W4 kernel takes, of a packed layer."""
+    R: int
+    C: int
+    Gp: int
+    gshift: int
+    ldx: int
+
+
+def _geometry(layer: PackedA8W4) -> Geometry:
+    return Geometry(layer.n_pad // TILE_N, layer.k_pad // CHUNK_K, layer.k_pad // layer.group, layer.gshift,
+                    layer.k_pad)
 
 
 def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict | None, out=None, resid=None):
@@ -415,7 +393,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
             raise CudaOpError(f"resid must be a C-contiguous ({m}, {n}) float32 CuPy array")
         kernel = choose_kernel(m) if kernel == "auto" else kernel
         if kernel != "gemv":
-            raise CudaOpError(f"the residual add runs in the GEMV kernel (M ≤ {TUNE['gemv_max_m']}), not for M={m}")
+            raise CudaOpError(f"the residual add runs in the GEMV kernel (M ≤ {GEMM.gemv_max_m}), not for M={m}")
         out = resid                              # a valid pointer: with resid the kernel writes only resid
     elif out is None:
         out = cp.empty((m, n), dtype=dtype)
@@ -431,7 +409,8 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
                               f"{getattr(sx, 'dtype', None)} {getattr(sx, 'shape', None)}")
     cfg = dict(cfg or {})
     kernel = choose_kernel(m) if kernel == "auto" else kernel
-    R, C, common = _geometry(layer)
+    g = _geometry(layer)
+    R, C = g.R, g.C
     o = _B[int(out_i32)]
     if kernel == "gemv":
         mt = cfg.get("mt", gemv_mt(m))
@@ -443,30 +422,27 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if (rw, u) not in (GEMV_CFGS[mt] if nw == 8 else GEMV_WIDE.get(mt, ()) if nw == 16 else ()):
             raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} NW={nw} is not instantiated "
                               f"(GEMV_CFGS, GEMV_WIDE)")
-        fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false{'' if nw == 8 else ',16'}>", _GEMV)
-        fn((-(-R // rw),), (32 * nw,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(m), np.int32(n),
-                                        *common, np.uint64(0) if resid is None else resid, np.uint64(0)))
+        kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false{'' if nw == 8 else ',16'}>",
+                     (-(-R // rw),), (32 * nw,), qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out,
+                     M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=resid, amax_out=None)
         return out
     if kernel == "mma":
-        bm = cfg.get("bm", TUNE["mma_bm_small"] if m <= TUNE["mma_small_max_m"] else 128)
+        bm = cfg.get("bm", GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128)
         st = cfg.get("stages", 4)
-        smem = st * (bm * 128 + 8 * 2 * 512 + 8 * 2 * 32)
-        expr = f"gemm_a8w4_mma<{bm},{st},{o}>"
-        fn = _fn("gemm_a8w4.cu", expr, _MMA)
+        smem = mma_smem(bm, st)
+        kf, expr = MMA_FILE, f"gemm_a8w4_mma<{bm},{st},{o}>"
         nreg, bps = (bm // 32) * 16, 2
         tile_m, tile_rt, threads = bm, 8, THREADS
     elif kernel == "wgmma":
         if not has_wgmma():
             raise CudaOpError("the wgmma kernel needs an sm_90 GPU (H100/H200)")
-        base = dict(zip(WGMMA_KEYS, TUNE["wgmma"][wgmma_bucket(m)]))
-        cfg = {**base, **cfg}
+        cfg = {**dataclasses.asdict(GEMM.wgmma[wgmma_bucket(m)]), **cfg}
         bt, st, nwg, wpf, ovl = (cfg[key] for key in WGMMA_KEYS[:5])
         if (bt, st, nwg, wpf, ovl) not in WGMMA_CFGS:
             raise CudaOpError(f"wgmma config {(bt, st, nwg, wpf, ovl)} is not instantiated (WGMMA_CFGS)")
         threads = nwg * 128
         smem = max(st * bt * 128, bt * (nwg * 64 + 8) * 2) + 1024
-        expr = f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
-        fn = _fn("gemm_a8w4_sm90.cu", expr, _WGMMA)
+        kf, expr = WGMMA_FILE, f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
         nreg, bps = bt // 2, (2 if (bt <= 128 and nwg == 2 and wpf <= 2) else 1)
         tile_m, tile_rt = bt, nwg * 4
     else:
@@ -475,10 +451,15 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     splits = cfg.get("splits") or _splits(tiles, C // 2, bps)
     splits = int(max(1, min(splits, C // 2)))
     ws, cnt = _workspace(splits * tiles * nreg * threads if splits > 1 else 0, tiles)
-    _set_smem(fn, expr, smem)
-    fn((tiles, splits), (threads,), (layer.qw, layer.meta, x8, sx, layer.s8, out, ws, cnt,
-                                     np.int32(m), np.int32(n), *common, np.int32(splits)),
-       shared_mem=smem)
+    _set_smem(kargs.function(kf, expr), expr, smem)
+    if kernel == "mma":
+        kargs.launch(kf, f"gemm_a8w4_mma<{bm},{st},{o}>", (tiles, splits), (threads,), shared_mem=smem,
+                     qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,
+                     M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits)
+    else:
+        kargs.launch(kf, f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>", (tiles, splits), (threads,),
+                     shared_mem=smem, qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws,
+                     counters=cnt, M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits)
     return out
 
 
@@ -489,7 +470,7 @@ def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None 
     x8 is (M, K) or (M, Kp) int8 (Kp = layer.k_pad; quantize_act pads for free),
     sx (M,) float32. kernel: "auto" | "gemv" | "mma" | "wgmma"; cfg overrides tile
     choices (bench tuning); out: an optional preallocated (M, N) float16 array.
-    resid: a (M, N) float32 array (GEMV only, M ≤ TUNE["gemv_max_m"]): resid += float(y)
+    resid: a (M, N) float32 array (GEMV only, M ≤ tuning.GEMM.gemv_max_m): resid += float(y)
     instead of writing y; returns resid.
     """
     return _run_gemm(x8, sx, layer, False, kernel, cfg, out, resid)
@@ -511,12 +492,12 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax):
         raise CudaOpError("amax must be a uint32 CuPy array of at least one element")
     if not (isinstance(sx, cp.ndarray) and sx.dtype == np.float32 and sx.shape == (1,)):
         raise CudaOpError("sx must be a (1,) float32 CuPy array")
-    R, _, common = _geometry(layer)
-    u = _gemv_tune(1, R)[1]
+    g = _geometry(layer)
+    u = _gemv_tune(1, g.R)[1]
     u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
-    fn = _fn("gemm_a8w4.cu", f"gemm_a8w4_gemv<1,1,{u},false,true>", _GEMV)
-    fn((R,), (THREADS,), (layer.qw, layer.meta, x8, sx, layer.s8, out, np.int32(1), np.int32(layer.n), *common,
-                          np.uint64(0), amax))
+    kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<1,1,{u},false,true>", (g.R,), (THREADS,),
+                 qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=1, N=layer.n, R=g.R, C=g.C,
+                 Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=None, amax_out=amax)
     return out
 
 
@@ -562,7 +543,6 @@ def sample_rows(logits, params, seq, pos, out, lens=None, rows: int | None = Non
         raise CudaOpError(f"the sampling kernel takes 0 < V < 2^23, got {v}")
     b = int(logits.shape[0]) if logits.ndim == 2 and rows is None else int(rows or 1)
     ld = logits.strides[0] // 2 if logits.ndim == 2 else 0
-    _fn("sample.cu", "sample_rows", ())((b,), (SAMPLE_THREADS,),
-                                        (logits, np.int64(ld), np.int32(v), params, seq, pos,
-                                         pos if lens is None else lens, np.int32(lens is not None), out))
+    kargs.launch(SAMPLE_FILE, "sample_rows", (b,), (SAMPLE_THREADS,), logits=logits, ld=ld, V=v, params=params,
+                 seq=seq, pos=pos, lens=pos if lens is None else lens, advance=lens is not None, out=out)
     return out

@@ -1,0 +1,154 @@
+"""Launchers of cuda/fused.cu: the row kernels (cuda/rows.cuh) and the fp16 / INT8 GEMVs.
+
+Name triplets (STYLE.md): the NumPy model's RMSNorm + formats.quantize_act_ref ↔
+add_rmsnorm_quant; silu·up + quantize ↔ silu_mul_quant; quantize_act_ref ↔ quant_rows,
+quant_amax; x @ w.T ↔ gemv_f16_m<MT> (matmul_f16) and gemv_w8_m<MT> (matmul_w8).
+
+A row kernel handles one row of `width` values per CTA, or per cluster of CTAs on sm_90
+(cuda/rows.cuh RowTeam); `row_launch` picks the instantiation <PER, CL, VEC> and the block.
+The launchers take the kernel's parameters as keywords (gpu/kargs.py checks the names).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kargs, kernels
+from .backend import BackendError, cupy_or_none
+from .tuning import GEMV_F16, ROW_VARIANTS, ROWS
+
+MODE = {"static": 0, "dynamic": 1, "fp16": 2}     # cuda/rows.cuh MODE_STATIC, MODE_DYNAMIC, MODE_FP16
+ROW_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows")
+_V = ROW_VARIANTS
+FUSED_EXPRS = tuple(f"{k}<{p}, {cl}, 1>" for k in ROW_KERNELS for cl in _V.clusters
+                    for p in (_V.pers if cl == 1 else _V.cluster_pers)) + tuple(
+    f"{k}<{p}, 1, {min(p, _V.max_vec)}>" for k in ROW_KERNELS for p in _V.pers if p >= 4
+) + ("quant_amax<float>", "quant_amax<__half>")
+FUSED = kargs.KernelFile("fused.cu", FUSED_EXPRS)
+
+# the parameter holding each row kernel's width, and the arrays it reads or writes row by
+# row (wide accesses need each to start 32-byte aligned; sx and the like are read or
+# written one value at a time)
+ROW_WIDTH = {"add_rmsnorm_quant": "H", "silu_mul_quant": "I", "quant_rows": "K"}
+ROW_ARRAYS = {"add_rmsnorm_quant": ("h", "y", "w", "x8", "xh", "emb"), "silu_mul_quant": ("gu", "x8", "mh"),
+              "quant_rows": ("x", "x8")}
+
+
+@dataclass(frozen=True)
+class RowShape:
+    """A row kernel launch chosen by hand (tests): clusters of cl CTAs, at most cap threads a
+    row where cap < 1024, and wide accesses where possible (row_launch)."""
+    cl: int = 1
+    cap: int = 1024
+    vec: bool = False
+
+
+def row_cluster(width: int, cta_width: int | None = None) -> int:
+    """CTAs per row for a row kernel on sm_90: the smallest cluster that leaves each CTA at
+    most `cta_width` (default ROWS.cta_width) values."""
+    cta_width = ROWS.cta_width if cta_width is None else cta_width
+    return next((cl for cl in _V.clusters if -(-width // cl) <= cta_width), _V.clusters[-1])
+
+
+def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = False) -> tuple[str, int]:
+    """(kernel expression, block size) of a row kernel (cuda/rows.cuh) for rows of `width`
+    shared by clusters of `cl` CTAs: the smallest PER with PER · cap ≥ ⌈width / cl⌉, and
+    ⌈width / (cl · PER)⌉ threads in whole warps. cap < 1024 (many rows: prefill) takes PER up
+    to ROWS.per_many, past which the 1024-thread rule applies. vec (one CTA a row, and the
+    caller has checked that every row starts 32-byte aligned): VEC = min(PER, ROWS.vec) when
+    PER ≥ 4 and VEC divides the width, else 1."""
+    if cl not in _V.clusters:
+        raise BackendError(f"{name} runs on clusters of {_V.clusters} CTAs, not {cl}")
+    share = -(-width // cl)
+    pers = _V.pers if cl == 1 else _V.cluster_pers
+    per = next((p for p in pers if p * cap >= share and p <= ROWS.per_many), None) if cap < 1024 else None
+    per = per or next((p for p in pers if p * 1024 >= share), None)
+    if per is None:
+        raise BackendError(f"the GPU row kernels take rows of up to {pers[-1] * 1024 * cl} values on "
+                           f"clusters of {cl}, got {width}")
+    threads = min(1024, 32 * -(-share // (32 * per)))
+    v = min(per, ROWS.vec) if vec and cl == 1 and per >= 4 else 1
+    v = v if width % v == 0 else 1
+    return f"{name}<{per}, {cl}, {v}>", threads
+
+
+def _row(name: str, rows: int, shape: RowShape | None, args: dict):
+    """One row kernel over `rows` rows. shape None: the engine's choice. A cluster shares a
+    row while the rows alone leave SMs idle (decode); a prefill's thousands of rows fill the
+    GPU one CTA each (H100, 7B, 2048 tokens: silu_mul_quant on clusters of 8 took 293 µs a
+    launch, 7.7× its bytes at copy bandwidth), with wide accesses where every array starts
+    32-byte aligned and every int8 row 8-byte aligned."""
+    width = args[ROW_WIDTH[name]]
+    if shape is None:
+        info = kernels.device_info()
+        few = rows < info["sm_count"]
+        cl = row_cluster(width, ROWS.cta_width_by_kernel.get(name)) if info["cc"] >= 90 and few else 1
+        ld = None if args["mode"] == MODE["fp16"] else args["ld"]    # fp16 mode writes no int8 row
+        cp = cupy_or_none()
+        vec = not few and (ld is None or ld % 8 == 0) and all(
+            args[a].data.ptr % 32 == 0 for a in ROW_ARRAYS[name] if isinstance(args[a], cp.ndarray))
+        shape = RowShape(cl, 1024 if few else ROWS.threads_many, vec)
+    expr, threads = row_launch(name, width, shape.cl, shape.cap, shape.vec)
+    kargs.launch(FUSED, expr, (rows * shape.cl,), (threads,), **args)
+
+
+@kargs.launcher("add_rmsnorm_quant")
+def add_rmsnorm_quant(rows: int, shape: RowShape | None = None, **args):
+    """h += y (y None: no add; tok given: h = emb[tok]), then RMSNorm(h)·w quantized into
+    x8/sx (modes static, dynamic) or written to xh (fp16); zero: a (rows,) uint32 array set to 0."""
+    _row("add_rmsnorm_quant", rows, shape, args)
+
+
+@kargs.launcher("silu_mul_quant")
+def silu_mul_quant(rows: int, shape: RowShape | None = None, **args):
+    """silu(gate)·up of gu (rows, 2I) (il: gate|up interleaved per 16 columns), quantized into
+    x8/sx, or written to mh (fp16 mode)."""
+    _row("silu_mul_quant", rows, shape, args)
+
+
+@kargs.launcher("quant_rows")
+def quant_rows(rows: int, shape: RowShape | None = None, **args):
+    """x (rows, K) fp16 quantized into x8 (rows, ld) / sx."""
+    _row("quant_rows", rows, shape, args)
+
+
+@kargs.launcher("quant_amax")
+def quant_amax(rows: int, **args):
+    """x (rows, K) fp32 or fp16 quantized into x8 (rows, ld) / sx with a known absmax: `scale`
+    holds float bits of each row's max |x| (dynamic) or the static scale. No reduction."""
+    kind = "float" if args["x"].dtype == np.float32 else "__half"
+    kargs.launch(FUSED, f"quant_amax<{kind}>", (-(-args["ld"] // 1024), rows), (256,), **args)
+
+
+def matmul_f16(cp, x, w, out):
+    """out (M, N) fp16 = x (M, K) · w (N, K)ᵀ: our GEMV for M ≤ 8 (graph-capturable), else cuBLAS.
+
+    Used for the lm_head and the FP16 path's linears, which sit inside the captured decode step.
+    w must be a weight (no kernel of the step writes it): the GEMV reads its first rows before
+    its PDL wait (cuda/pdl.cuh).
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    if m <= GEMV_F16.max_m and k % 8 == 0:
+        mt = next(t for t in GEMV_F16.mts if t >= m)
+        kargs.launch(FUSED, f"gemv_f16_m{mt}", (-(-n // GEMV_F16.rows_per_block),), (GEMV_F16.threads,),
+                     x=x, w=w, out=out, M=m, N=n, K=k)
+    else:
+        cp.matmul(x, w.T, out=out)
+    return out
+
+
+def matmul_w8(cp, x, w8, scale, out):
+    """out (M, N) fp16 = (x (M, K) fp16 · w8 (N, K)ᵀ int8) · scale[n]: the INT8 lm_head
+    (ModelWeights.with_int8_lm_head), our GEMV in slices of up to 8 rows (graph-capturable).
+    Each slice streams the whole head: past 8 rows the fp16 head through cuBLAS reads fewer
+    bytes (a cuBLAS route for large M is not written yet)."""
+    m, k = x.shape
+    n = w8.shape[0]
+    for r0 in range(0, m, GEMV_F16.max_m):
+        r = min(GEMV_F16.max_m, m - r0)
+        mt = next(t for t in GEMV_F16.mts if t >= r)
+        kargs.launch(FUSED, f"gemv_w8_m{mt}", (-(-n // GEMV_F16.rows_per_block),), (GEMV_F16.threads,),
+                     x=x[r0:], w=w8, scale=scale, out=out[r0:], M=r, N=n, K=k)
+    return out

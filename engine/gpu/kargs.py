@@ -1,0 +1,223 @@
+"""Kernel launches by keyword: each kernel's parameter list is read from its .cu source once.
+
+`launch(KernelFile, expr, grid, block, shared_mem, name=value, ...)` looks up the kernel's
+parameters (names and C types, parsed from cuda/<file> by `parse_kernels`), checks that the
+keywords are exactly those names, and passes the values in the parameter order, scalars
+converted by C type (int -> np.int32, float -> np.float32, long long -> np.int64, ...; a
+None pointer -> a null np.uint64(0)). The order and converters are cached per kernel, so a
+launch costs one dict lookup and a tuple build more than a positional one. Launches go
+through kernels.function, i.e. launch.Kernel: programmatic dependent launch inside
+`launch.capturing()`, CuPy's plain launch otherwise.
+
+Named launchers (the row and attention kernels, gpu/fused.py and gpu/attention.py) are
+marked with `@launcher(kernel)`; they choose a grid and pass their keywords through.
+tests/test_kernel_args.py checks statically that every call of `launch` and of a named
+launcher in engine/, tests/ and bench/ passes exactly the kernel's parameter names.
+
+`intercepted(wrap)` routes every keyword launch through wrap(expr, run) (run() launches):
+how benchmarks time, record or leave out launches by kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+
+# C scalar type -> the NumPy scalar CuPy and launch.py marshal with that type's bytes
+SCALARS = {"int": np.int32, "unsigned": np.uint32, "unsigned int": np.uint32, "float": np.float32,
+           "long long": np.int64, "unsigned long long": np.uint64, "double": np.float64}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    ctype: str          # qualifiers dropped: "int", "float", "__half*", "KV*", "unsigned*"
+
+    @property
+    def pointer(self) -> bool:
+        return self.ctype.endswith("*")
+
+
+@dataclass(frozen=True)
+class KernelFile:
+    """A .cu file and the template instantiations compiled from it (one RawModule)."""
+    file: str
+    exprs: tuple
+
+
+class KernelArgError(TypeError):
+    """A launch whose keywords are not the kernel's parameter names."""
+
+
+_COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+_DEFINE_RE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)\(([^)]*)\)(.*)$", re.M)
+_IDENT_RE = re.compile(r"[A-Za-z_][\w#]*")
+
+
+def _balanced(text: str, i: int) -> int:
+    """Index past the parenthesis group that opens at text[i]."""
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[j], 0)
+        if depth == 0:
+            return j + 1
+    raise ValueError("unbalanced parentheses")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+def _split_params(text: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"(": 1, "<": 1, ")": -1, ">": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur] if cur.strip() else out
+
+
+def _param(decl: str) -> Param:
+    decl = decl.replace("*", " * ")
+    words = [w for w in decl.split() if w not in ("const", "__restrict__", "volatile")]
+    name, ctype = words[-1], " ".join(words[:-1]).replace(" *", "*")
+    if not name.isidentifier() or not ctype:
+        raise ValueError(f"cannot read the kernel parameter {decl.strip()!r}")
+    return Param(name, ctype)
+
+
+def _globals(text: str) -> list[tuple[str, tuple[Param, ...]]]:
+    """(name, params) of every __global__ function in text (comments and macros removed):
+    after `__global__` come `void` and attributes such as `__launch_bounds__(...)`; the last
+    `name(...)` before the body (or `;`) is the kernel and its parameter list."""
+    found = []
+    for m in re.finditer(r"\b__global__\b", text):
+        i, groups = m.end(), []
+        while True:
+            w = _IDENT_RE.match(text, _skip_ws(text, i))
+            if w is None:
+                break
+            j = _skip_ws(text, w.end())
+            if text[j:j + 1] != "(":
+                i = w.end()
+                continue
+            i = _balanced(text, j)
+            groups.append((w.group(), text[j + 1:i - 1]))
+            if text[_skip_ws(text, i):][:1] in ("{", ";"):
+                break
+        if not groups:
+            raise ValueError(f"cannot read the __global__ declaration at offset {m.start()}")
+        name, plist = groups[-1]
+        found.append((name, tuple(_param(p) for p in _split_params(plist))))
+    return found
+
+
+def parse_kernels(text: str) -> dict[str, tuple[Param, ...]]:
+    """Kernel name -> its parameters, for every __global__ function of a CUDA source. Kernels
+    defined by a function-like macro (`gemv_f16_m##MT`) are expanded at each use of the macro."""
+    text = _COMMENT_RE.sub("", text.replace("\\\n", " "))
+    out: dict[str, tuple[Param, ...]] = {}
+    macros = []
+    for m in _DEFINE_RE.finditer(text):
+        if "__global__" in m.group(3):
+            macros.append((m.group(1), [a.strip() for a in m.group(2).split(",")], m.group(3)))
+    body = _DEFINE_RE.sub("", text)
+    for name, params in _globals(body):
+        out.setdefault(name, params)
+    for mname, margs, mbody in macros:
+        for use in re.finditer(rf"^[ \t]*{mname}\(([^)]*)\)", body, re.M):
+            vals = [v.strip() for v in use.group(1).split(",")]
+            for name, params in _globals(mbody):
+                for a, v in zip(margs, vals):
+                    name = name.replace(f"##{a}", v)
+                out[name] = params
+    return out
+
+
+_PARSED: dict[str, dict] = {}
+
+
+def signature(file: str, kernel: str) -> tuple[Param, ...]:
+    """The parameters of `kernel` in cuda/<file> (read and parsed once per file)."""
+    sigs = _PARSED.get(file)
+    if sigs is None:
+        sigs = _PARSED[file] = parse_kernels(kernels.source(file))
+    if kernel not in sigs:
+        raise KernelArgError(f"cuda/{file} defines no kernel {kernel!r}")
+    return sigs[kernel]
+
+
+def _null_or(v):
+    return np.uint64(0) if v is None else v
+
+
+def _binding(file: str, expr: str) -> tuple:
+    """((name, converter), ...) in parameter order for the kernel of `expr`."""
+    out = []
+    for p in signature(file, expr.split("<")[0].strip()):
+        if p.pointer:
+            out.append((p.name, _null_or))
+        elif p.ctype in SCALARS:
+            out.append((p.name, SCALARS[p.ctype]))
+        else:
+            raise KernelArgError(f"cuda/{file} {expr}: no NumPy scalar for parameter {p.name} of type {p.ctype}")
+    return tuple(out)
+
+
+_BOUND: dict[tuple, tuple] = {}
+_WRAP: list = []
+
+
+def bind(kf: KernelFile, expr: str, args: dict) -> tuple:
+    """The kernel's argument tuple from keywords: exactly its parameter names, in its order."""
+    key = (kf.file, expr)
+    order = _BOUND.get(key)
+    if order is None:
+        order = _BOUND[key] = _binding(kf.file, expr)
+    if len(args) != len(order) or not all(n in args for n, _ in order):
+        names = [n for n, _ in order]
+        missing, extra = [n for n in names if n not in args], [n for n in args if n not in names]
+        raise KernelArgError(f"{expr} (cuda/{kf.file}) takes {', '.join(names)}; "
+                             f"missing {missing or 'none'}, unknown {extra or 'none'}")
+    return tuple(conv(args[n]) for n, conv in order)
+
+
+def function(kf: KernelFile, expr: str):
+    """The launch.Kernel of `expr` (for attributes such as max_dynamic_shared_size_bytes)."""
+    return kernels.function(kf.file, expr, kf.exprs)
+
+
+def launch(kf: KernelFile, expr: str, grid, block, shared_mem: int = 0, **args):
+    """Launch kernel `expr` of kf with keyword arguments (module docstring)."""
+    vals = bind(kf, expr, args)
+    fn = kernels.function(kf.file, expr, kf.exprs)
+    if _WRAP:
+        return _WRAP[-1](expr, lambda: fn(grid, block, vals, shared_mem=shared_mem))
+    return fn(grid, block, vals, shared_mem=shared_mem)
+
+
+def launcher(kernel: str):
+    """Marks a named launcher of `kernel` (its keywords are checked by tests/test_kernel_args.py)."""
+    def mark(fn):
+        fn.kernel = kernel
+        return fn
+    return mark
+
+
+@contextlib.contextmanager
+def intercepted(wrap):
+    """Within the block, every keyword launch calls wrap(expr, run) instead; run() launches."""
+    _WRAP.append(wrap)
+    try:
+        yield
+    finally:
+        _WRAP.pop()

@@ -1,0 +1,95 @@
+"""One (possibly fused) linear of the CuPy model: packed A8W4 or a float16 weight."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import formats
+from ..io.layout import ModelError
+from . import fused
+from . import ops as ops_cuda
+from .backend import BackendError
+from .fused import MODE
+
+
+def _fuse(qls):
+    """Concatenate QuantLinears that read one input along N (q|k|v, gate|up)."""
+    a = qls[0]
+    for q in qls[1:]:
+        if (q.kind, q.act, q.group, q.in_features) != (a.kind, a.act, a.group, a.in_features):
+            raise ModelError("layers fused into one GEMM must share kind, act mode, group and K")
+        if a.act == "static" and q.ascale != a.ascale:
+            raise ModelError("q/k/v (and gate/up) read one input and must share one static act scale")
+    cat = lambda f: np.concatenate([getattr(q, f) for q in qls], axis=0)  # noqa: E731
+    return formats.QuantLinear(kind=a.kind, act=a.act, in_features=a.in_features,
+                               out_features=sum(q.out_features for q in qls), group=a.group,
+                               qweight=cat("qweight"), qzeros=cat("qzeros"), gscale=cat("gscale"),
+                               cscale=cat("cscale"), ascale=a.ascale)
+
+
+def _permute_rows(ql, rows):
+    """The QuantLinear with output rows in the order `rows` (per-row arrays only)."""
+    return formats.QuantLinear(kind=ql.kind, act=ql.act, in_features=ql.in_features,
+                               out_features=ql.out_features, group=ql.group, qweight=ql.qweight[rows],
+                               qzeros=ql.qzeros[rows], gscale=ql.gscale[rows], cscale=ql.cscale[rows],
+                               ascale=ql.ascale)
+
+
+class GpuLinear:
+    """One (possibly fused) linear on the GPU: packed A8W4, or a float16 weight (matmul_f16)."""
+
+    def __init__(self, cp, ws, host_cache: dict | None = None, interleave: bool = False):
+        self.cp = cp
+        self.interleaved = False     # gate|up rows in the SiLU GEMV's order (ops_cuda.interleave_rows)
+        if all(isinstance(w, formats.QuantLinear) for w in ws):
+            if any(w.kind != "dg" for w in ws):
+                raise BackendError(f"the GPU engine runs dual-grained ('dg') layers; this file holds "
+                                   f"'{ws[0].kind}' layers: use --device cpu")
+            self.interleaved = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
+                and ws[0].out_features % 8 == 0
+            # Host repacking is the slow part of loading; layers that share arrays (the
+            # random bench models) repack once and upload once per layer.
+            key = tuple(id(w) for w in ws) + (self.interleaved,)
+            ph, ql = (host_cache or {}).get(key, (None, None))
+            if ph is None:
+                ql = ws[0] if len(ws) == 1 else _fuse(ws)
+                if self.interleaved:
+                    ql = _permute_rows(ql, ops_cuda.interleave_rows(ql.out_features))
+                formats.check_no_overflow(ql)
+                ph = ops_cuda.pack_host(ql)
+                if host_cache is not None:
+                    host_cache[key] = (ph, ql)
+            self.packed = ops_cuda.PackedA8W4(ph.n, ph.k, ph.group, ph.n_pad, ph.k_pad, cp.asarray(ph.qw),
+                                              cp.asarray(ph.meta), cp.asarray(ph.s8), ql.act, ql.ascale)
+            self.kp = self.packed.k_pad          # int8 activations are padded to the kernel's K
+            self.mode = MODE[ql.act]
+            self.scale = cp.asarray([ql.ascale or 1.0], dtype=cp.float32)   # read by static mode only
+            self.w16 = None
+            self.n = ql.out_features
+        elif all(isinstance(w, np.ndarray) for w in ws):
+            w = np.concatenate(ws, axis=0) if len(ws) > 1 else ws[0]
+            self.w16 = cp.asarray(w, dtype=cp.float16)                      # (N, K)
+            self.packed, self.mode, self.scale = None, MODE["fp16"], cp.ones(1, cp.float32)
+            self.n, self.kp = w.shape
+        else:
+            raise ModelError("a fused group mixes float and quantized weights")
+
+    def __call__(self, x8, sx, xh, out, resid=None):
+        """out (M, N) fp16 = x · Wᵀ from int8 x8 with scales sx, or from fp16 xh; with resid
+        (A8W4 GEMV sizes only), resid += that instead (ops_cuda.gemm_a8w4)."""
+        if self.w16 is not None:
+            if resid is not None:
+                raise BackendError("the residual add runs in the A8W4 GEMV only")
+            fused.matmul_f16(self.cp, xh, self.w16, out)    # the FP16 baseline: cuBLAS or our GEMV
+        else:
+            ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out, resid=resid)
+        return out if resid is None else resid
+
+    def silu_gemv(self, x8, sx, out, amax):
+        """out (1, N/2) float32 = silu(gate)·up of this interleaved gate|up layer, amax = its
+        max |·| (ops_cuda.gemv_a8w4_silu)."""
+        return ops_cuda.gemv_a8w4_silu(x8, sx, self.packed, out, amax)
+
+    def nbytes(self) -> int:
+        if self.w16 is not None:
+            return self.w16.nbytes
+        return self.packed.nbytes()

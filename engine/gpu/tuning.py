@@ -1,0 +1,168 @@
+"""Every launch choice of the GPU engine, as named records, in one place.
+
+Two kinds of record. Frozen ones say what cuda/*.cu is compiled for (the template
+instantiations the launchers may name) and mirror constants of the sources: changing them
+means changing the kernels, and tests/test_cuda_sources.py reads the sources to check them.
+Mutable ones (module-level instances) are the dispatch choices: benchmarks and tests set
+their fields for an A/B run (`monkeypatch.setattr(tuning.ROWS, "cta_width", 256)`), and
+the launchers read them at every launch. Environment switches are read in flags.py only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from . import flags
+
+# ----------------------------------------------------------------------------- row kernels
+# cuda/fused.cu add_rmsnorm_quant, silu_mul_quant, quant_rows <PER, CL, VEC> on cuda/rows.cuh
+
+
+@dataclass(frozen=True)
+class RowVariants:
+    """The row kernels' instantiations (gpu/fused.py FUSED_EXPRS)."""
+    pers: tuple = (1, 2, 4, 8, 16, 32)     # row elements a thread holds
+    clusters: tuple = (1, 2, 4, 8)         # CTAs sharing a row (thread block clusters, sm_90)
+    cluster_pers: tuple = (1, 2, 4)        # PER instantiated with clusters of 2 or more
+    max_vec: int = 8                       # widest access (cuda/rows.cuh Pack; 16-byte fp16 loads):
+    #                                        VEC = min(PER, 8) for PER >= 4, one CTA a row
+
+
+@dataclass
+class RowTuning:
+    """How the row kernels are launched (gpu/fused.py row_launch, row_cluster)."""
+    # on sm_90, a row wider than this is split over a cluster (H100, 7B decode:
+    # 2048 / 4096 / none = 2.56 / 2.46 / 2.55 ms a step)
+    cta_width: int = 4096
+    # 11008 wide: 8 CTAs 3.4 µs, 4 CTAs 3.8 µs
+    cta_width_by_kernel: dict = field(default_factory=lambda: {"silu_mul_quant": 2048})
+    threads_many: int = 256    # threads a row when the rows fill the GPU (prefill): 4× the rows in flight
+    per_many: int = 16         # ... up to this many values a thread (PER = 32 spills at 64 registers)
+    # elements a thread moves in one access in the many-row (prefill) launches, 4 where PER = 4;
+    # 8 or 1 (the element stride everywhere): the values FUSED_EXPRS instantiates. The few-row
+    # (decode) launches of one CTA a row stay element-strided.
+    vec: int = 8
+
+
+ROW_VARIANTS = RowVariants()
+ROWS = RowTuning()
+
+# ----------------------------------------------------------------------------- attention
+# cuda/attention.cu rope_qkv_cache, attn_decode, attn_prefill
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    head_dims: tuple = (64, 128)              # attn_prefill<D, KV> instantiations
+    kv_types: tuple = ("__half", "signed char")   # the cache element types the kernels take
+    prefill_bm: int = 64       # query rows per block of attn_prefill (FA_BM)
+    prefill_bn: int = 64       # keys per tile (FA_BN)
+    threads: int = 128         # every attention kernel's block (FA_THREADS, DEC_WARPS · 32)
+    rope_heads: int = 4        # heads a rope_qkv_cache block rotates (one warp each)
+    decode_chunk: int = 64     # keys per flash-decoding block (DEC_CHUNK)
+    # attn_decode's splits of a head as one cluster (sm_90, nsplit ≤ 8); 0: merge through memory
+    decode_clusters: tuple = (1, 2, 4, 8)
+
+
+ATTENTION = AttentionShape()
+
+
+@dataclass
+class DecodeTuning:
+    # one-token steps: SiLU in the gate|up GEMV, no absmax reductions (gpu/model.py fold_quant)
+    fold_quant: bool = True
+
+
+DECODE = DecodeTuning()
+
+# ----------------------------------------------------------------------------- fp16 / int8 GEMV
+# cuda/fused.cu gemv_f16_m<MT>, gemv_w8_m<MT>: the lm_head and the FP16 path's linears
+
+
+@dataclass(frozen=True)
+class GemvF16Shape:
+    mts: tuple = (1, 4, 8)     # M buckets (GEMV_F16_ENTRY, GEMV_W8_ENTRY)
+    threads: int = 256
+    rows_per_block: int = 8    # output rows a block computes (one a warp)
+
+    @property
+    def max_m(self) -> int:
+        return self.mts[-1]
+
+
+GEMV_F16 = GemvF16Shape()
+
+# ----------------------------------------------------------------------------- A8W4 GEMM
+# cuda/gemm_a8w4.cu gemm_a8w4_gemv, gemm_a8w4_mma; cuda/gemm_a8w4_sm90.cu gemm_a8w4_wgmma.
+# The instantiation tables are template-argument lists in the order of the `<...>`.
+
+GEMV_CFGS = {                                             # MT -> (RW, U) instantiated
+    1: ((1, 2), (1, 3), (1, 4), (2, 2), (2, 4), (4, 2)),
+    2: ((1, 2), (1, 4), (2, 2), (2, 4), (4, 2)),
+    4: ((1, 2), (2, 2)),                                  # bigger ones spill (255 registers)
+}
+GEMV_WIDE = {1: ((1, 2),)}          # MT -> (RW, U) also instantiated with 16 warps a block (NW)
+GEMV_MT = tuple(GEMV_CFGS)
+GEMV_SILU_U = (2, 3)                                      # U of the SiLU GEMV (RW = MT = 1)
+MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
+WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
+    (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
+    (128, 4, 2, 2, 0), (128, 4, 2, 2, 1), (128, 4, 2, 2, 2), (128, 5, 2, 2, 2), (128, 6, 2, 4, 2),
+    (256, 4, 2, 2, 2),
+)   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
+
+
+@dataclass(frozen=True)
+class GemvCfg:
+    """One gemm_a8w4_gemv choice for an MT bucket: RW row tiles a warp, U chunks unrolled."""
+    rw: int
+    u: int
+
+
+@dataclass(frozen=True)
+class WgmmaCfg:
+    """One gemm_a8w4_wgmma choice: the template arguments and the K splits (None: split K
+    until the GPU is full)."""
+    bt: int
+    stages: int
+    nwg: int
+    wpf: int
+    ovl: int
+    splits: int | None = None
+
+    @property
+    def tile(self) -> tuple:
+        """(BT, STAGES, NWG, WPF, OVL): the instantiation (WGMMA_CFGS)."""
+        return (self.bt, self.stages, self.nwg, self.wpf, self.ovl)
+
+
+WGMMA_KEYS = tuple(f.name for f in fields(WgmmaCfg))      # the cfg-dict keys of the wgmma kernel
+
+
+@dataclass
+class GemmTuning:
+    """Dispatch knobs: `python -m engine.bench gemm-pick` over the 2026-11-25 H100 tuning log
+    (bench/results/2026-11-25-gemm-tune-h100.jsonl) chose these; the bench table of that run
+    used exactly them. wgmma buckets by M: small ≤ wgmma_bounds[0] < mid ≤ wgmma_bounds[1] < large."""
+    gemv_max_m: int = 16                                 # M at or below this runs the GEMV
+    gemv: dict = field(default_factory=lambda: {1: GemvCfg(1, 2), 2: GemvCfg(4, 2), 4: GemvCfg(2, 2)})
+    # with at most gemv_few_tiles_per_sm row tiles per SM (N = 4096: 256 tiles) a block runs
+    # gemv_few: more bytes in flight per warp beats occupancy there (2026-11-25 H100 sweep,
+    # graphed, U = 2 / 3 / 4: o 6.52 / 5.83 / 6.22 us, down 13.84 / 11.23 / 11.68 us; qkv and
+    # gate|up are fastest at U = 2: 11.99 / 14.74 / 14.38 and 19.70 / 25.96 / 25.57 us).
+    # 16 warps a block there, U = 2 (GEMV_WIDE): 2 blocks an SM hold 32 warps of loads in flight
+    # instead of 16 (7B b=1 step 2.049 → 2.030 ms, same process; U = 3 at 8 warps before)
+    gemv_few: dict = field(default_factory=lambda: {1: GemvCfg(1, 2)})
+    gemv_few_tiles_per_sm: int = 2
+    gemv_few_nw: int = 16
+    wgmma_bounds: tuple = (64, 512)
+    wgmma: dict = field(default_factory=lambda: {"small": WgmmaCfg(64, 6, 2, 4, 2, None),
+                                                 "mid": WgmmaCfg(128, 4, 2, 2, 2, None),
+                                                 "large": WgmmaCfg(128, 4, 2, 2, 2, 1)})
+    mma_bm_small: int = 64
+    mma_small_max_m: int = 64
+    split_target: float = 1.0   # split K until tiles*splits >= split_target * SMs * blocks/SM
+    # sm_90 only; the portable mma.sync path is the fallback. DGQ_NO_WGMMA=1 turns it off (flags.py)
+    use_wgmma: bool = flags.WGMMA
+
+
+GEMM = GemmTuning()
