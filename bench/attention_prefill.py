@@ -14,7 +14,7 @@ import numpy as np
 from engine.bench.common import time_calls
 from engine.gpu.backend import cupy_or_none
 from engine.gpu.kernels import device_info
-from engine.gpu.model import attn_prefill
+from engine.gpu.attention import attn_prefill, prefill_scale
 
 PEAK_TFLOPS = 989.0
 
@@ -60,14 +60,18 @@ def main():
         ref = cp.zeros_like(out)
         flops = 4.0 * a.d * a.hq * sum(a.start + i + 1 for i in range(t))
         row = {"device": device_info()["name"], "hq": a.hq, "hkv": a.hkv, "d": a.d, "start": a.start, "t": t}
-        ms = time_calls(lambda i: attn_prefill(q, kc, vc, one, one, out, 0, a.start, t), reps=30)
+
+        def run(k, v, ks, vs):
+            attn_prefill(q=q, kc=k, vc=v, ks=ks, vs=vs, out=out, t=t, start=a.start, Hq=a.hq, Hkv=a.hkv, cap=n,
+                         seq=0, scale_log2=prefill_scale(a.d))
+        ms = time_calls(lambda i: run(kc, vc, one, one), reps=30)
         row.update(kernel_ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1),
                    pct_peak=round(100 * flops / ms / 1e9 / PEAK_TFLOPS, 1))
-        ms8 = time_calls(lambda i: attn_prefill(q, k8, k8, sc, sc, out, 0, a.start, t), reps=30)
+        ms8 = time_calls(lambda i: run(k8, k8, sc, sc), reps=30)
         row.update(kv8_ms=round(ms8, 4), kv8_tflops=round(flops / ms8 / 1e9, 1))
         if not a.no_old:
             old = time_calls(lambda i: cupy_f32_attention(cp, q, kc, vc, ref, 0, a.start, t), reps=10, warmup=2)
-            attn_prefill(q, kc, vc, one, one, out, 0, a.start, t)
+            run(kc, vc, one, one)
             err = float(cp.abs(out.astype(cp.float32) - ref.astype(cp.float32)).max())
             row.update(old_ms=round(old, 3), speedup=round(old / ms, 1), max_abs_diff_vs_old=err)
         print(json.dumps(row), flush=True)

@@ -7,7 +7,7 @@ by CUDA events and sums the milliseconds by kind, then the same for the FP16 pat
 dequantized copy: cuBLAS linears). Events around each launch add a little time per launch,
 so the totals sit slightly above an unprofiled prefill (printed too); at 2048 tokens every
 kernel runs for tens of microseconds or more, so the split is what matters. --row-vec runs
-both paths once per model_cuda.ROW_VEC value (the row kernels' access width), in one process.
+both paths once per tuning.ROWS.vec value (the row kernels' access width), in one process.
 """
 import argparse
 import time
@@ -16,8 +16,8 @@ from collections import defaultdict
 import numpy as np
 
 from engine.gpu.backend import cupy_or_none
-from engine.gpu import model as model_cuda
-from engine.bench.e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
+from engine.gpu import fused, kargs, linear, tuning
+from engine.bench.e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, model_kernel, random_model
 from engine.gpu.model import CudaModel
 
 
@@ -44,19 +44,21 @@ def profile(gm, tokens, cp) -> tuple[dict, float]:
             times[name(*args)].append((a, b))
             return out
         return run
-    G = model_cuda.GpuLinear
-    orig = (gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16)
-    gm._launch = timed(lambda name, *r: name.split("<")[0], orig[0])
-    gm._attn = timed(lambda name, *r: name.split("<")[0], orig[1])
-    G.__call__ = timed(lambda self, *r: f"linear N={self.n}", orig[2])
+    G = linear.GpuLinear
+    orig = (G.__call__, fused.matmul_f16)
+    # the row and attention kernels by name; the GEMMs and GEMVs inside the linears are timed
+    # by the linear's wrapper
+    kernel = timed(lambda expr, run: expr.split("<")[0] if model_kernel(expr) else None, lambda expr, run: run())
+    G.__call__ = timed(lambda self, *r: f"linear N={self.n}", orig[0])
     # the FP16 linears call matmul_f16 too, inside GpuLinear.__call__: only the head is its own kind
-    model_cuda.matmul_f16 = timed(lambda cp_, x, w, out: "lm_head" if w is gm.lm_head else None, orig[3])
+    fused.matmul_f16 = timed(lambda cp_, x, w, out: "lm_head" if w is gm.lm_head else None, orig[1])
     try:
-        cache = gm.new_cache(len(tokens) + 8)
-        gm.prefill(tokens, cache)
-        cp.cuda.Device().synchronize()
+        with kargs.intercepted(kernel):
+            cache = gm.new_cache(len(tokens) + 8)
+            gm.prefill(tokens, cache)
+            cp.cuda.Device().synchronize()
     finally:
-        gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16 = orig
+        G.__call__, fused.matmul_f16 = orig
     out = {k: (len(v), sum(cp.cuda.get_elapsed_time(a, b) for a, b in v)) for k, v in times.items()}
     return out, plain_ms
 
@@ -72,8 +74,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--model", choices=("llama7b", "smollm2"), default="llama7b")
-    ap.add_argument("--row-vec", default=str(model_cuda.ROW_VEC),
-                    help="comma-separated model_cuda.ROW_VEC values, each 8 or 1 (the instantiated ones)")
+    ap.add_argument("--row-vec", default=str(tuning.ROWS.vec),
+                    help="comma-separated tuning.ROWS.vec values, each 8 or 1 (the instantiated ones)")
     a = ap.parse_args()
     cp = cupy_or_none()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
@@ -84,7 +86,7 @@ def main():
     for label, weights in (("A8W4", mw), ("FP16", None)):
         gm = CudaModel(weights or dequantized_copy(mw))
         for vec in vecs:
-            model_cuda.ROW_VEC = vec
+            tuning.ROWS.vec = vec
             show(f"{label} ROW_VEC={vec}", *profile(gm, tokens, cp))
         del gm
         cp.get_default_memory_pool().free_all_blocks()

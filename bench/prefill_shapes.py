@@ -5,7 +5,7 @@
 One JSON row per (shape, kernel, configuration) with ms and TOP/s; the cuBLAS FP16 row of each
 shape is the FP16 path's linear (cupy.matmul, fp16 out). Each layer's weights rotate through
 enough copies that no call finds the previous call's weights in L2 (engine.bench._n_buffers).
-The question it answers: which configuration the prefill bucket (ops_cuda.TUNE "large")
+The question it answers: which configuration the prefill bucket (tuning.GEMM.wgmma["large"])
 should use at this M, and how far each of the four GEMMs of a layer is from cuBLAS FP16.
 """
 import argparse
@@ -39,7 +39,7 @@ def main():
             print(json.dumps({"shape": name, "m": m, "k": k, "n": n, "kernel": "wgmma", "cfg": cfg, "ms": ms,
                               "tops": flop / (ms * 1e-3) / 1e12}), flush=True)
         ms = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, layers[i % nb], out=y), a.reps)
-        print(json.dumps({"shape": name, "m": m, "k": k, "n": n, "kernel": "auto (ops_cuda.TUNE)", "ms": ms,
+        print(json.dumps({"shape": name, "m": m, "k": k, "n": n, "kernel": "auto (tuning.GEMM)", "ms": ms,
                           "tops": flop / (ms * 1e-3) / 1e12}), flush=True)
         del layers
         nw = max(2, n_buffers(n * k * 2))

@@ -10,7 +10,7 @@ decode speed, and the per-launch breakdown of engine.bench.e2e.graph_breakdown (
 each launch costs inside a graph; no profiler needed: the device has ncu, no nsys). --ablate
 times the step with each kind of launch left out, which is a kernel's cost in place on the
 critical path; the A/B lines compare PDL, attn_decode's cluster merge, the SiLU GEMV with
-quant_amax against silu_mul_quant and quant_rows (model_cuda.FOLD_QUANT) and GEMV settings.
+quant_amax against silu_mul_quant and quant_rows (tuning.DECODE.fold_quant) and GEMV settings.
 """
 import argparse
 import contextlib
@@ -19,11 +19,10 @@ import time
 import numpy as np
 
 from engine.gpu.backend import cupy_or_none
-from engine.gpu import kernels, launch
-from engine.gpu import model as model_cuda
+from engine.gpu import attention, fused, kargs, kernels, launch, linear, tuning
 from engine.gpu import ops as ops_cuda
 from engine.bench.e2e import (LLAMA2_7B, SMOLLM2, dequantized_copy, format_breakdown, graph_breakdown,
-                              graph_time, random_model)
+                              graph_time, model_kernel, random_model)
 from engine.gpu.model import CudaModel
 
 
@@ -36,13 +35,13 @@ def main():
     ap.add_argument("--fp16", action="store_true", help="also time the FP16 path (dequantized copy)")
     ap.add_argument("--sweep-gemv", action="store_true", help="time every GEMV config on each linear shape")
     ap.add_argument("--gemv-tunes", default="", help="';'-separated GEMV settings to time on the whole step, "
-                    "each 'RW,U/RW,U[,NW]': (RW, U) for shapes with many row tiles / few (ops_cuda.TUNE gemv, gemv_few, "
+                    "each 'RW,U/RW,U[,NW]': (RW, U) for shapes with many row tiles / few (tuning.GEMM gemv, gemv_few, "
                     "gemv_few_nw: warps a block)")
     ap.add_argument("--ablate", action="store_true", help="time the step with each kind of launch left out: what it "
                     "costs on the critical path in place (the outputs are wrong; timing only)")
     ap.add_argument("--int8-head", action="store_true", help="also time the step with the INT8 lm_head "
                     "(ModelWeights.with_int8_lm_head, dgq-run --lm-head int8)")
-    ap.add_argument("--row-widths", default="", help="comma-separated model_cuda.ROW_CTA_WIDTH values to time, for every row kernel "
+    ap.add_argument("--row-widths", default="", help="comma-separated tuning.ROWS.cta_width values to time, for every row kernel "
                     "(a row wider than this is split over a cluster of CTAs)")
     a = ap.parse_args()
     cp = cupy_or_none()
@@ -63,13 +62,11 @@ def main():
             c2, f2 = _prefilled(gm, mw, a)
             print(f"A8W4 decode b={a.batch}, PDL off: {_decode(gm, c2, f2, a)}")
         del c2
-    if gm._clusters and model_cuda.decode_cluster(2, a.batch * gm.config.num_attention_heads,
-                                                  kernels.device_info()["sm_count"]):
-        _variant(gm, mw, a, "attention merge through global memory", "decode_cluster", lambda *args: 0)
-    _variant(gm, mw, a, f"row kernels with ROW_VEC_FEW = {not model_cuda.ROW_VEC_FEW}", "ROW_VEC_FEW",
-             not model_cuda.ROW_VEC_FEW)
-    if model_cuda.FOLD_QUANT and gm._fold_quant(a.batch):
-        _variant(gm, mw, a, "quant_rows + silu_mul_quant (not folded)", "FOLD_QUANT", False)
+    if gm._clusters and attention.decode_cluster(2, a.batch * gm.config.num_attention_heads,
+                                                 kernels.device_info()["sm_count"]):
+        _variant(gm, mw, a, "attention merge through global memory", attention, "decode_cluster", lambda *args: 0)
+    if tuning.DECODE.fold_quant and gm._fold_quant(a.batch):
+        _variant(gm, mw, a, "quant_rows + silu_mul_quant (not folded)", tuning.DECODE, "fold_quant", False)
     if a.int8_head:
         g8 = CudaModel(mw.with_int8_lm_head())
         c9, f9 = _prefilled(g8, mw, a)
@@ -85,25 +82,27 @@ def main():
                 print(f"A8W4 decode b={a.batch}, without {kind}: {_decode(gm, *_prefilled(gm, mw, a), a)}")
     for tune in filter(None, a.gemv_tunes.split(";")):
         many, few = (tuple(int(v) for v in part.split(",")) for part in tune.split("/"))
-        saved = (dict(ops_cuda.TUNE["gemv"]), dict(ops_cuda.TUNE["gemv_few"]), ops_cuda.TUNE["gemv_few_nw"])
-        ops_cuda.TUNE["gemv"][1], ops_cuda.TUNE["gemv_few"][1] = many[:2], few[:2]
-        ops_cuda.TUNE["gemv_few_nw"] = few[2] if len(few) > 2 else 8
+        g = tuning.GEMM
+        saved = (dict(g.gemv), dict(g.gemv_few), g.gemv_few_nw)
+        g.gemv[1], g.gemv_few[1] = tuning.GemvCfg(*many[:2]), tuning.GemvCfg(*few[:2])
+        g.gemv_few_nw = few[2] if len(few) > 2 else 8
         try:
             c5, f5 = _prefilled(gm, mw, a)
             print(f"A8W4 decode b={a.batch}, GEMV (RW, U[, NW]) many {many} few {few}: {_decode(gm, c5, f5, a)}")
             del c5
         finally:
-            ops_cuda.TUNE["gemv"], ops_cuda.TUNE["gemv_few"], ops_cuda.TUNE["gemv_few_nw"] = saved
+            g.gemv, g.gemv_few, g.gemv_few_nw = saved
     print(format_breakdown(graph_breakdown(gm, cache)))
     for w in filter(None, a.row_widths.split(",")):
-        saved, model_cuda.ROW_CTA_WIDTH = model_cuda.ROW_CTA_WIDTH, int(w)
-        by_kernel, model_cuda.ROW_CTA_WIDTH_BY_KERNEL = model_cuda.ROW_CTA_WIDTH_BY_KERNEL, {}
+        rows = tuning.ROWS
+        saved, rows.cta_width = rows.cta_width, int(w)
+        by_kernel, rows.cta_width_by_kernel = rows.cta_width_by_kernel, {}
         try:
             c3, f3 = _prefilled(gm, mw, a)
             print(f"A8W4 decode b={a.batch}, ROW_CTA_WIDTH {w}: {_decode(gm, c3, f3, a)}")
             del c3
         finally:
-            model_cuda.ROW_CTA_WIDTH, model_cuda.ROW_CTA_WIDTH_BY_KERNEL = saved, by_kernel
+            rows.cta_width, rows.cta_width_by_kernel = saved, by_kernel
     if a.sweep_gemv:
         sweep_gemv(gm, cp, a.batch)
     if a.fp16:
@@ -115,41 +114,41 @@ def main():
         print(format_breakdown(graph_breakdown(g16, c16)))
 
 
-def _variant(gm, mw, a, label: str, attr: str, value):
-    """One decode line with model_cuda.<attr> set to value while its step is captured."""
-    saved = getattr(model_cuda, attr)
-    setattr(model_cuda, attr, value)
+def _variant(gm, mw, a, label: str, owner, attr: str, value):
+    """One decode line with owner.<attr> (a module or a tuning record) set to value while its
+    step is captured."""
+    saved = getattr(owner, attr)
+    setattr(owner, attr, value)
     try:
         cache, firsts = _prefilled(gm, mw, a)
         print(f"A8W4 decode b={a.batch}, {label}: {_decode(gm, cache, firsts, a)}")
     finally:
-        setattr(model_cuda, attr, saved)
+        setattr(owner, attr, saved)
 
 
 @contextlib.contextmanager
 def _without(gm, kind: str):
     """Leave out every launch whose name contains `kind` (kernel expressions, 'N=<out features>'
     for the linears, 'lm_head', 'sample_rows') while decode steps are run and captured."""
-    G = model_cuda.GpuLinear
-    orig = (gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows,
-            G.silu_gemv, model_cuda.matmul_w8)
+    G = linear.GpuLinear
+    orig = (G.__call__, fused.matmul_f16, ops_cuda.sample_rows, G.silu_gemv, fused.matmul_w8)
 
     def skip(fn, name_of):
         def wrapped(*args, **kw):
             return None if kind in name_of(*args) else fn(*args, **kw)
         return wrapped
-    gm._launch = skip(orig[0], lambda name, *r: name)
-    gm._attn = skip(orig[1], lambda name, *r: name)
-    model_cuda.GpuLinear.__call__ = skip(orig[2], lambda self, *r: f"N={self.n}")
-    model_cuda.matmul_f16 = skip(orig[3], lambda cp, x, w, out: "lm_head" if w is gm.lm_head else "")
-    model_cuda.ops_cuda.sample_rows = skip(orig[4], lambda *r: "sample_rows")
-    G.silu_gemv = skip(orig[5], lambda self, *r: f"N={self.n}")
-    model_cuda.matmul_w8 = skip(orig[6], lambda *r: "lm_head")
+    # the row and attention kernels by expression (the GEMMs inside the linears go by N=)
+    kernel = skip(lambda expr, run: run(), lambda expr, run: expr if model_kernel(expr) else "")
+    G.__call__ = skip(orig[0], lambda self, *r: f"N={self.n}")
+    fused.matmul_f16 = skip(orig[1], lambda cp, x, w, out: "lm_head" if w is gm.lm_head else "")
+    ops_cuda.sample_rows = skip(orig[2], lambda *r: "sample_rows")
+    G.silu_gemv = skip(orig[3], lambda self, *r: f"N={self.n}")
+    fused.matmul_w8 = skip(orig[4], lambda *r: "lm_head")
     try:
-        yield
+        with kargs.intercepted(kernel):
+            yield
     finally:
-        (gm._launch, gm._attn, G.__call__, model_cuda.matmul_f16, model_cuda.ops_cuda.sample_rows,
-         G.silu_gemv, model_cuda.matmul_w8) = orig
+        G.__call__, fused.matmul_f16, ops_cuda.sample_rows, G.silu_gemv, fused.matmul_w8 = orig
 
 
 def _prefilled(gm, mw, a):
@@ -176,7 +175,7 @@ def sweep_gemv(gm, cp, m):
     from engine.gpu import ops as ops_cuda
     mt = ops_cuda.gemv_mt(m)
     for key in ("qkv", "o", "gu", "down"):
-        lins = [L[key].packed for L in gm.layers]
+        lins = [getattr(L, key).packed for L in gm.layers]
         x8 = cp.ones((m, lins[0].k_pad), cp.int8)
         sx = cp.ones((m,), cp.float32)
         out = cp.empty((m, lins[0].n), cp.float16)

@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.gpu.backend import cupy_or_none
 from engine.bench.e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
-from engine.gpu import model as model_cuda
+from engine.gpu import tuning
 from engine.gpu.model import CudaModel
 
 
@@ -23,11 +23,11 @@ def main():
     ap.add_argument("--model", choices=("llama7b", "smollm2"), default="smollm2")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--fp16", action="store_true")
-    ap.add_argument("--row-cta-width", type=int, default=None, help="model_cuda.ROW_CTA_WIDTH for this run")
+    ap.add_argument("--row-cta-width", type=int, default=None, help="tuning.ROWS.cta_width for this run")
     ap.add_argument("--no-profile", action="store_true")
     a = ap.parse_args()
     if a.row_cta_width:
-        model_cuda.ROW_CTA_WIDTH = a.row_cta_width
+        tuning.ROWS.cta_width = a.row_cta_width
     cp = cupy_or_none()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
     gm = CudaModel(dequantized_copy(mw) if a.fp16 else mw)
