@@ -1,7 +1,8 @@
 """QuantLinear: one quantized linear layer in the canonical, kernel-agnostic layout, and the
 NumPy reference y = x · Ŵᵀ that every kind's kernels must match.
 
-Each weight kind lives in its own module (dg.py, g.py, i8.py) and defines there, once, the
+Each weight kind lives in its own module (dg.py, g.py, i8.py; pot.py and intb.py define one
+kind per code width: pot2..pot4, int2..int4) and defines there, once, the
 tensors it stores (`tensors(n, k, group)`: name -> (dtype, shape)), its value checks and its
 dequantization. This module only dispatches on `QuantLinear.kind`.
 """
@@ -11,11 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import dg, g, i8
+from . import dg, g, i8, intb, pot
 from .common import (ACT_MODES, FormatError, act_scale_dynamic, check, check_tensors, epilogue_ref,
                      gemm_a8w4_ref, quantize_act_ref, unpack_uint4)
 
-KINDS = {m.NAME: m for m in (dg, g, i8)}
+KINDS = {**{m.NAME: m for m in (dg, g, i8)}, **pot.KINDS, **intb.KINDS}
 WEIGHT_KINDS = tuple(KINDS)
 ARRAY_FIELDS = ("qweight", "qzeros", "gscale", "cscale", "wscale")
 

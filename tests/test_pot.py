@@ -1,0 +1,210 @@
+"""Power-of-two ("pot2..4") and uniform bit-plane ("int2..4") weights: layout, reference,
+validation, converter and file round trip (CPU)."""
+import numpy as np
+import pytest
+
+from converters.pot import int_linear, pot_linear
+from converters.quantize import quantize_checkpoint
+from engine import formats
+from engine.formats import planes
+from engine.io.qfile import QFileError, load_qfile, save_qfile
+from engine.io.safetensors import read_safetensors, write_safetensors
+from engine.model import LINEAR_NAMES, Model, ModelWeights
+from test_quantize import tiny_ckpt, tiny_seqs
+
+BITS = (2, 3, 4)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k", [32, 64, 100, 576, 1])
+def test_planes_round_trip(bits, k):
+    rng = np.random.default_rng(bits * 1000 + k)
+    codes = rng.integers(0, 1 << bits, size=(7, k))
+    p = planes.pack_planes(codes, bits)
+    assert p.shape == (7, -(-k // 32), bits) and p.dtype == np.uint32
+    np.testing.assert_array_equal(planes.unpack_planes(p, bits, k), codes)
+    assert planes.padding_is_zero(p, k)
+
+
+def test_planes_bit_order():
+    """Word j of a chunk holds bit j of every code, code i at bit i (the kernels' contract)."""
+    codes = np.zeros((1, 32), dtype=np.uint8)
+    codes[0, 5] = 0b101
+    p = planes.pack_planes(codes, 3)
+    assert p[0, 0].tolist() == [1 << 5, 0, 1 << 5]
+
+
+def test_planes_reject_out_of_range():
+    with pytest.raises(formats.FormatError, match="0..7"):
+        planes.pack_planes(np.array([[8]]), 3)
+
+
+def _pot(bits, k=64, group=32, seed=0, n=6):
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    return W, pot_linear(W, bits, group, search=False)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pot_levels(bits):
+    """Hand-built codes: m = 0 is zero whatever the sign, m ≥ 1 is ±s·2^-(m-1)."""
+    kind = formats.KINDS[f"pot{bits}"]
+    L = kind.levels
+    codes = np.array([[m | (sgn << (bits - 1)) for sgn in (0, 1) for m in range(L + 1)]], dtype=np.uint8)
+    k = codes.shape[1]
+    s = np.float16(0.75)
+    ql = formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=1, group=k,
+                             qweight=planes.pack_planes(codes, bits), wscale=np.array([[s]], np.float16))
+    want = [sg * (0.0 if m == 0 else 0.75 * 2.0 ** -(m - 1)) for sg in (1, -1) for m in range(L + 1)]
+    np.testing.assert_array_equal(ql.dequantize()[0], np.array(want, dtype=np.float32))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pot_reference_equals_fp16_bit_trick(bits):
+    """What the kernels compute, on the fp16 bits: bits(s) - ((m-1) << 10), sign XOR-ed in,
+    0 for m = 0. The float32 reference must equal it exactly for every valid scale."""
+    W, ql = _pot(bits, k=256, group=32, n=40, seed=bits)
+    rng = np.random.default_rng(7)
+    exp = rng.integers(ql.wscale.shape[0] * 0 + formats.KINDS[f"pot{bits}"].min_scale_exp, 31, ql.wscale.shape)
+    mant = rng.integers(0, 1024, ql.wscale.shape)
+    ql.wscale = ((exp << 10) | mant).astype(np.uint16).view(np.float16)     # any valid scale
+    formats.validate(ql)
+    codes = planes.unpack_planes(ql.qweight, bits, ql.in_features).astype(np.uint16)
+    m = codes & ((1 << (bits - 1)) - 1)
+    sign = codes >> (bits - 1)
+    sbits = formats.expand_groups(ql.wscale.view(np.uint16), ql.in_features, ql.group).astype(np.uint16)
+    w16 = ((sbits - ((m - 1) << 10)) ^ (sign << 15)).astype(np.uint16)
+    w16 = np.where(m == 0, np.uint16(0), w16).view(np.float16)
+    np.testing.assert_array_equal(w16.astype(np.float32), ql.dequantize())
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pot_validation(bits):
+    _, ql = _pot(bits)
+    kw = dict(kind=ql.kind, in_features=ql.in_features, out_features=ql.out_features, group=ql.group)
+    low = ql.wscale.copy()
+    low[0, 0] = np.float16(2.0 ** (formats.KINDS[ql.kind].min_scale_exp - 16))   # one below the floor
+    with pytest.raises(formats.FormatError, match="at least 2"):
+        formats.QuantLinear(act="none", qweight=ql.qweight, wscale=low, **kw)
+    for bad in (-1.0, np.nan, np.inf):
+        s = ql.wscale.copy()
+        s[1, 0] = bad
+        with pytest.raises(formats.FormatError, match="positive finite"):
+            formats.QuantLinear(act="none", qweight=ql.qweight, wscale=s, **kw)
+    with pytest.raises(formats.FormatError, match="weight-only"):
+        formats.QuantLinear(act="dynamic", qweight=ql.qweight, wscale=ql.wscale, **kw)
+    with pytest.raises(formats.FormatError, match="shape"):
+        formats.QuantLinear(act="none", qweight=ql.qweight[:, :1], wscale=ql.wscale, **kw)
+    with pytest.raises(formats.FormatError, match="dtype"):
+        formats.QuantLinear(act="none", qweight=ql.qweight, wscale=ql.wscale.astype(np.float32), **kw)
+
+
+def test_padding_must_be_zero():
+    W = np.random.default_rng(0).standard_normal((3, 40)).astype(np.float32)
+    ql = pot_linear(W, 3, 32, search=False)
+    q = ql.qweight.copy()
+    q[0, -1, 0] |= np.uint32(1 << 31)                     # a code past K = 40
+    with pytest.raises(formats.FormatError, match="past in_features"):
+        formats.QuantLinear(kind="pot3", act="none", in_features=40, out_features=3, group=32, qweight=q,
+                            wscale=ql.wscale)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pot_rounds_to_the_nearest_level(bits):
+    """search=False keeps s = the group's max |w|; every weight lands on its nearest level."""
+    W, ql = _pot(bits, k=96, group=32, n=20)
+    D = ql.dequantize()
+    lev = formats.KINDS[ql.kind].magnitudes()
+    s = formats.expand_groups(ql.wscale, 96, 32).astype(np.float64)
+    cand = np.sign(W)[..., None] * lev * s[..., None]                          # (N, K, L+1)
+    best = np.abs(cand - W[..., None]).min(axis=-1)
+    np.testing.assert_allclose(np.abs(D - W), best, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn", [pot_linear, int_linear])
+@pytest.mark.parametrize("bits", BITS)
+def test_search_is_never_worse(fn, bits):
+    """Step 1 holds β = 1 and step 2 γ = 0: the output objective never grows with H."""
+    rng = np.random.default_rng(bits)
+    W = (rng.standard_normal((32, 96)) * 0.05).astype(np.float32)
+    X = rng.standard_normal((300, 96))
+    X[:, :2] *= 20
+    H = X.T @ X
+
+    def block_obj(ql):
+        d = (ql.dequantize() - W).astype(np.float64)
+        return sum(np.einsum("ni,ij,nj->", d[:, g:g + 32], H[g:g + 32, g:g + 32], d[:, g:g + 32])
+                   for g in range(0, 96, 32))
+    no_h = fn(W, bits, 32, search=True)
+    with_h = fn(W, bits, 32, H=H, search=True)
+    assert block_obj(with_h) <= block_obj(no_h) * (1 + 1e-9)
+    rtn = fn(W, bits, 32, search=False)
+    assert ((no_h.dequantize() - W) ** 2).sum() <= ((rtn.dequantize() - W) ** 2).sum() * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_int_is_min_max(bits):
+    W = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    ql = int_linear(W, bits, 64)
+    qmax = (1 << bits) - 1
+    lo, hi = np.minimum(W.min(1), 0), np.maximum(W.max(1), 0)
+    np.testing.assert_allclose(ql.wscale[:, 0].astype(np.float32), (hi - lo) / qmax, rtol=1e-3)
+    err = np.abs(ql.dequantize() - W).max(axis=1)
+    assert (err <= ql.wscale[:, 0].astype(np.float32) * 0.51 + 1e-6).all()
+
+
+def test_converter_rejects_bad_bits_and_groups():
+    W = np.ones((4, 64), np.float32)
+    with pytest.raises(ValueError, match="2, 3 or 4"):
+        pot_linear(W, 5)
+    with pytest.raises(ValueError, match="32, 64 or 128"):
+        int_linear(W, 3, 16)
+
+
+@pytest.mark.parametrize("method,kind", [("pot", "pot"), ("int-rtn", "int"), ("int-search", "int")])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_quantize_checkpoint_weight_only(method, kind, bits, tmp_path):
+    ck = tiny_ckpt(hidden_size=48, intermediate_size=96, head_dim=6)
+    seqs = tiny_seqs(ck.config)
+    ref = Model(ModelWeights.from_hf(ck.config, ck.tensors)).forward(seqs[0])
+    w, recipe = quantize_checkpoint(ck, method, wbits=bits, group=32, calib=seqs, progress=False)
+    assert all(getattr(L, n).kind == f"{kind}{bits}" and getattr(L, n).act == "none"
+               for L in w.layers for n in LINEAR_NAMES)
+    assert recipe["wbits"] == bits and recipe["weight_search"] == (method != "int-rtn")
+    out = Model(w).forward(seqs[0])
+    if bits == 3:            # 2-bit weights of a random tiny model keep little of its output
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.6   # measured 0.43-0.47
+    p = tmp_path / "m.q.safetensors"
+    save_qfile(p, w, ck.config, ck.tokenizer, ck.chat_template, recipe)
+    back = load_qfile(p)
+    np.testing.assert_array_equal(Model(back.weights).forward(seqs[0]), out)
+
+
+def test_quantize_rejects_bad_wbits():
+    ck = tiny_ckpt()
+    with pytest.raises(ValueError, match="2, 3 or 4"):
+        quantize_checkpoint(ck, "pot", wbits=8, progress=False)
+
+
+def test_bad_pot_file_gives_one_clear_error(tmp_path):
+    ck = tiny_ckpt(hidden_size=48, intermediate_size=96, head_dim=6)
+    w, recipe = quantize_checkpoint(ck, "int-rtn", wbits=3, group=32, calib=tiny_seqs(ck.config),
+                                    progress=False)
+    for L in w.layers:
+        for n in LINEAR_NAMES:
+            setattr(L, n, pot_linear(getattr(L, n).dequantize(), 3, 32, search=False))
+    src = tmp_path / "ok.q.safetensors"
+    save_qfile(src, w, ck.config, ck.tokenizer, ck.chat_template, recipe)
+    name = "model.layers.0.self_attn.q_proj.wscale"
+    for i, (edit, words) in enumerate([
+            (lambda t: t[name].__setitem__((0, 0), np.nan), ("NaN",)),
+            (lambda t: t[name].__setitem__((0, 0), np.float16(1e-6)), ("q_proj", "at least")),
+            (lambda t: t.__setitem__(name, t[name][:, :1]), ("shape",)),
+            (lambda t: t.__setitem__(name, t[name].astype(np.float32)), ("dtype",))]):
+        tensors, meta = read_safetensors(src)
+        edit(tensors)
+        bad = tmp_path / f"bad{i}.q.safetensors"
+        write_safetensors(bad, tensors, meta)
+        with pytest.raises(QFileError) as e:
+            load_qfile(bad)
+        assert str(bad) in str(e.value) and all(wd in str(e.value) for wd in words), str(e.value)
