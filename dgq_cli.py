@@ -128,9 +128,10 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="The q.safetensors file to write (atomically).")
 @click.option("--method", type=click.Choice(["dgq", "dgq-rtn", "fptq", "fptq-dg", "rtn", "smoothquant",
-                                             "w4a16", "w8a8"]),
+                                             "w4a16", "w8a8", "pot", "int-rtn", "int-search"]),
               default="dgq", show_default=True, help="See converters/quantize.py and docs/FORMAT.md.")
-@click.option("--wbits", type=int, default=4, show_default=True)
+@click.option("--wbits", type=int, default=4, show_default=True,
+              help="4 or 8 for the A8 methods; 2, 3 or 4 for pot, int-rtn, int-search.")
 @click.option("--group", type=int, default=128, show_default=True, help="Input channels per weight group.")
 @click.option("--act", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
               help="INT8 activations: calibrated per-tensor scale, or per token at run time.")

@@ -1,6 +1,7 @@
 """Quality table: SmolLM2-135M perplexity on the wiki evaluation split, one row per method.
 
     python bench/quality.py [--windows 40] [--out docs/QUALITY.md]
+    python bench/quality.py --set weight-only [--groups 128,64] [--bits 4,3,2]   # pot / int-* rows
 
 Every row is scored on the same windows (the first N of 512 tokens of the wiki
 evaluation split) with the NumPy reference path, so the integer A8W4 rows are
@@ -17,16 +18,33 @@ import time
 
 import numpy as np
 
-ROWS = [  # (label, method, act)
-    ("FP32 (dequantized Q4_1 GGUF)", None, None),
-    ("A16W4 RTN g128", "w4a16", "static"),
-    ("A8W8 (per-channel W8, static A8)", "w8a8", "static"),
-    ("RTN A8W4 g128", "rtn", "static"),
-    ("SmoothQuant A8W4 g128", "smoothquant", "static"),
-    ("FPTQ W4A8 g128", "fptq", "static"),
-    ("DGQ A8W4 g128 static (down_proj per token)", "dgq", "static"),
-    ("DGQ A8W4 g128 dynamic", "dgq", "dynamic"),
+ROWS = [  # (label, method, act, wbits, group)
+    ("FP32 (dequantized Q4_1 GGUF)", None, None, None, None),
+    ("A16W4 RTN g128", "w4a16", "static", 4, 128),
+    ("A8W8 (per-channel W8, static A8)", "w8a8", "static", 8, 128),
+    ("RTN A8W4 g128", "rtn", "static", 4, 128),
+    ("SmoothQuant A8W4 g128", "smoothquant", "static", 4, 128),
+    ("FPTQ W4A8 g128", "fptq", "static", 4, 128),
+    ("DGQ A8W4 g128 static (down_proj per token)", "dgq", "static", 4, 128),
+    ("DGQ A8W4 g128 dynamic", "dgq", "dynamic", 4, 128),
 ]
+WEIGHT_ONLY = ("pot", "int-search", "int-rtn")     # b-bit weights, float activations
+
+
+def weight_only_rows(bits, groups):
+    rows = [ROWS[0]]
+    for g in groups:
+        for b in bits:
+            rows += [(f"{m} W{b} g{g}", m, "none", b, g) for m in WEIGHT_ONLY]
+    return rows
+
+
+def bits_per_weight(mw) -> float:
+    """Stored bits of the linears (codes and scales) per weight."""
+    from engine.model import LINEAR_NAMES
+    lin = [getattr(L, n) for L in mw.layers for n in LINEAR_NAMES]
+    n = sum(int(np.prod(q.shape)) for q in lin)
+    return 8 * sum(q.nbytes() if hasattr(q, "nbytes") and callable(q.nbytes) else q.nbytes for q in lin) / n
 
 
 def main(argv=None):
@@ -38,6 +56,10 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=None, help="calibration sequence length")
     ap.add_argument("--out", default=None, help="also append the markdown table to this file")
     ap.add_argument("--jsonl", default=None, help="append one JSON object per row to this file")
+    ap.add_argument("--set", choices=("a8", "weight-only"), default="a8",
+                    help="a8: the A8W4/A16W4 table; weight-only: pot / int-search / int-rtn rows")
+    ap.add_argument("--bits", default="4,3,2", help="weight-only: code widths")
+    ap.add_argument("--groups", default="128,64", help="weight-only: group sizes")
     a = ap.parse_args(argv)
 
     from converters.quantize import quantize_checkpoint
@@ -51,7 +73,9 @@ def main(argv=None):
     tokens = np.asarray(data.encode_text(ck.tokenizer, data.wiki_text("eval")), dtype=np.int32)
     only = set(a.only.split(",")) if a.only else None
     results = []
-    for label, method, act in ROWS:
+    rows = ROWS if a.set == "a8" else weight_only_rows([int(b) for b in a.bits.split(",")],
+                                                       [int(g) for g in a.groups.split(",")])
+    for label, method, act, wbits, group in rows:
         if only and (method or "fp32") not in only:
             continue
         t0 = time.perf_counter()
@@ -59,11 +83,12 @@ def main(argv=None):
             mw, recipe = ModelWeights.from_hf(ck.config, ck.tensors), {}
         else:
             kw = {k: v for k, v in (("n_seq", a.n_seq), ("seq_len", a.seq_len)) if v}
-            mw, recipe = quantize_checkpoint(ck, method, act=act, progress=False, **kw)
+            mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, progress=False, **kw)
         tq = time.perf_counter() - t0
         m = Model(mw)
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
-        row = dict(label=label, method=method, act=act, perplexity=r["perplexity"], n_tokens=r["n_tokens"],
+        row = dict(label=label, method=method, act=act, wbits=wbits, group=group, bits_per_weight=bits_per_weight(mw),
+                   perplexity=r["perplexity"], n_tokens=r["n_tokens"],
                    quantize_s=tq, eval_s=time.perf_counter() - t0 - tq,
                    peak_rss_mb=peak_rss_mb())
         results.append(row)
@@ -76,10 +101,11 @@ def main(argv=None):
     lines = [f"SmolLM2-135M-Instruct, wiki evaluation split, first {a.windows} windows of {a.window} tokens "
              f"({results[0]['n_tokens'] if results else 0} scored tokens), NumPy reference path, "
              f"{datetime.date.today()}.", "",
-             "| model | perplexity | vs FP32 | quantize time (2 cores) |", "|---|---|---|---|"]
+             "| model | perplexity | vs FP32 | bits/weight | quantize time (2 cores) |", "|---|---|---|---|---|"]
     for r in results:
         rel = f"{100 * (r['perplexity'] / fp - 1):+.1f}%" if fp else ""
-        lines.append(f"| {r['label']} | {r['perplexity']:.3f} | {rel} | {r['quantize_s']:.0f} s |")
+        lines.append(f"| {r['label']} | {r['perplexity']:.3f} | {rel} | {r['bits_per_weight']:.3f} | "
+                     f"{r['quantize_s']:.0f} s |")
     table = "\n".join(lines)
     print(table)
     if a.out:

@@ -18,6 +18,10 @@ Methods (METHODS; `wbits`, `act` as noted):
   smoothquant  SmoothQuant α = 0.5 + RTN "g" (wbits=8: SmoothQuant W8A8, kind "i8")
   w4a16        RTN "g" g128, float activations (act "none"), no calibration
   w8a8         per-channel symmetric W8 (kind "i8"), static A8 = rtn with wbits=8
+  pot          power-of-two weights, wbits 2/3/4 (kind "pot<b>"), float activations: PoTPTQ's
+               data-free scale grid, then refinement on the calibration Gram matrix (pot.py)
+  int-rtn      uniform asymmetric min-max weights, wbits 2/3/4 (kind "int<b>"), float activations
+  int-search   the same format with PoT's two-step scale search: the fair baseline for pot
 
 Calibration statistics come from the float model (not sequentially from the
 quantized layers); one forward pass serves every method: smoothing rescales
@@ -40,6 +44,7 @@ from . import calibrate as cal
 from . import smooth
 from .baselines import g_linear, i8_linear
 from .dgq import QuantizeError, dgq_linear
+from .pot import int_linear, pot_linear
 
 # FPTQ's per-site thresholds on the calibration max|X| (the FPTQ paper): up to 15 static
 # per-tensor INT8, up to 150 LAE + static, above that per-token dynamic.
@@ -61,7 +66,7 @@ DGQ_DYNAMIC_SITES = ("down_in",)
 
 @dataclass(frozen=True)
 class MethodSpec:
-    weights: str                 # "dg" | "g" | "i8"
+    weights: str                 # "dg" | "g" | "i8" | "pot" | "int" (the last two: b-bit, weight-only)
     search: bool                 # weight search on the output objective (needs H)
     smoothing: str | None        # "percentile" | "smoothquant" | "lae" (fptq: per-site) | None
     fptq: bool = False           # per-site activation policy
@@ -77,13 +82,23 @@ METHODS = {
     "smoothquant": MethodSpec("g", False, "smoothquant"),
     "w4a16": MethodSpec("g", False, None),
     "w8a8": MethodSpec("i8", False, None),
+    "pot": MethodSpec("pot", True, None),
+    "int-rtn": MethodSpec("int", False, None),
+    "int-search": MethodSpec("int", True, None),
 }
+WEIGHT_ONLY_BITS = (2, 3, 4)     # the bit-plane kinds (pot, int-*)
 
 
 def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
     if method not in METHODS:
         raise QuantizeError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     spec = METHODS[method]
+    if spec.weights in ("pot", "int"):
+        if wbits not in WEIGHT_ONLY_BITS:
+            raise QuantizeError(f"{method} takes wbits 2, 3 or 4, got {wbits!r}")
+        if act not in ("static", "none"):
+            raise QuantizeError(f"{method} keeps activations in float; act does not apply")
+        return spec, wbits, "none"
     bits = 8 if method == "w8a8" else wbits
     if bits not in (4, 8):
         raise QuantizeError(f"wbits must be 4 or 8, got {wbits!r}")
@@ -115,8 +130,13 @@ def _fptq_mode(amax: float, site: str) -> str:
     return "dynamic"
 
 
-def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, search: bool = False):
-    """One float (N, K) weight -> QuantLinear of kind `weights` ("dg" | "g" | "i8")."""
+def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, search: bool = False,
+                    bits: int = 4):
+    """One float (N, K) weight -> QuantLinear of kind `weights` ("dg" | "g" | "i8" | "pot" | "int")."""
+    if weights == "pot":
+        return pot_linear(W, bits, group, H=H if search else None, search=search)
+    if weights == "int":
+        return int_linear(W, bits, group, H=H if search else None, search=search)
     if weights == "dg":
         return dgq_linear(W, H, group, act, ascale, search=search)
     if weights == "g":
@@ -143,7 +163,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     if not isinstance(group, int) or isinstance(group, bool) or group < 1:
         raise QuantizeError(f"group must be a positive integer, got {group!r}")
     config = ckpt.config
-    if spec.weights != "i8":
+    if spec.weights in ("dg", "g"):
         for n, k in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size)):
             if k % 2:
                 raise QuantizeError(f"4-bit packing needs an even {n}, got {k}")
@@ -225,7 +245,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
             ascale = cal.static_ascale(st, act_clip) if a_mode == "static" else None
             H = st.H if (st is not None and spec.search) else None
             ql = quantize_linear(np.asarray(getattr(lw, n)), spec.weights, a_mode, ascale, group,
-                                 H=H, search=spec.search)
+                                 H=H, search=spec.search, bits=bits)
             new[n] = ql
             if ql.meta.get("search") and "obj" in ql.meta:
                 info[HF_LINEAR[n]] = {k: ql.meta[k] for k in ("obj_rtn", "obj", "rows_rtn")}

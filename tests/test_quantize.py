@@ -267,10 +267,12 @@ def test_calibration_tokens_sources(tmp_path):
 
 KINDS = {"dgq": "dg", "dgq-rtn": "dg", "fptq": "g", "fptq-dg": "dg", "rtn": "g", "smoothquant": "g",
          "w4a16": "g", "w8a8": "i8"}
+assert set(KINDS) | {"pot", "int-rtn", "int-search"} == set(METHODS)   # a new method gets a test
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(KINDS))
 def test_quantize_checkpoint_every_method(method):
+    """Every A8 / A16W4 method (the b-bit weight-only ones: tests/test_pot.py)."""
     ck = tiny_ckpt(hidden_size=48, intermediate_size=96, head_dim=6, tie_word_embeddings=True)
     seqs = tiny_seqs(ck.config)
     ref = Model(ModelWeights.from_hf(ck.config, ck.tensors)).forward(seqs[0])

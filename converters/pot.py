@@ -1,0 +1,210 @@
+"""Weight-only b-bit quantizers (b = 2, 3, 4): power-of-two ("pot<b>") and uniform ("int<b>").
+
+PoTPTQ's two steps (arXiv 2507.11959), applied per group of `group` input channels:
+  1. data-free: s = β·S0 over the grid β ∈ {0.01, 0.02, …, 2.00} (S0 = the group's largest
+     magnitude for PoT, (max - min)/(2^b - 1) for uniform), keeping the β with the least
+     weight error ‖w - ŵ‖². We visit it coarse to fine (every 5th β, then the nine 0.01
+     steps around each group's coarse best: 49 evaluations instead of 200, the same answer
+     wherever the error does not dip between two coarse points);
+  2. calibration: s ← s·(1 + γ), γ ∈ GAMMAS (0 included, so never worse than step 1 on this
+     objective), keeping the γ with the least output error of the group, e H_gg eᵀ with
+     e = w - ŵ and H_gg the group's diagonal block of the calibration Gram matrix XᵀX (the
+     objective DGQ's phase 1 uses; cross-group terms are left out).
+Both steps evaluate the float16 scale actually stored (rounded, floored for PoT: see
+engine/formats/pot.py), so the error measured is the error of the file.
+
+Choices of ours where the paper is vague: PoT codes round to the nearest level in the linear
+domain (the least squared error; the paper rounds log2|w|); a zero code exists (see
+formats/pot.py); uniform kinds include 0 in each group's range (as the A8W4 kinds do), so a
+zero weight stays exact. Baselines: "int-rtn" = min-max uniform (no search), "int-search" =
+uniform with the same two-step scale search.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine import formats
+from engine.formats import planes
+from engine.formats.pot import FP16_EXP_BIAS
+
+from .dgq import QuantizeError, _check_gram, _check_weight, from_groups, group_range, h_blocks, to_groups
+
+BETAS = np.arange(1, 201) / 100.0                      # step 1: 0.01 … 2.00 × S0 (the paper's grid)
+BETA_COARSE = 5                                        # ... visited coarse to fine: every 5th point,
+                                                       # then the 0.01 steps around each group's best
+GAMMAS = np.round(np.arange(-20, 21) / 100.0, 2)       # step 2: s·(1 + γ), γ ∈ −0.20 … 0.20
+ROWS_PER_CHUNK = 4096                                  # bounds the (rows, G, group) temporaries
+
+
+def fp16_scale(s: np.ndarray, min_exp: int = 1) -> np.ndarray:
+    """s rounded to float16 and floored at 2^(min_exp - 15) (a normal float16 with exponent
+    field ≥ min_exp); returned as float32 holding exactly the stored values."""
+    floor = np.float32(2.0 ** (min_exp - FP16_EXP_BIAS))
+    s16 = np.maximum(np.asarray(s, dtype=np.float32), floor).astype(np.float16)
+    return np.maximum(s16.astype(np.float32), floor)
+
+
+# ----------------------------------------------------------------------------- the two families
+
+class _Pot:
+    """Power-of-two codes: sign bit on top, magnitude field m (0 = zero, else 2^-(m-1)).
+
+    Nearest level in the linear domain, in closed form: with u = log2(s / |w|), the
+    candidates 2^-j and 2^-(j+1) around |w|/s meet at 0.75·2^-j, i.e. at frac(u) = log2(4/3),
+    so j = floor(u + 1 - log2(4/3)) clipped to 0..levels-1; below half the smallest level
+    (u > levels) the weight rounds to zero.
+    """
+    SHIFT = 1.0 - np.log2(4.0 / 3.0)
+
+    def __init__(self, bits: int):
+        self.kind = formats.KINDS[f"pot{bits}"]
+        self.bits, self.levels = bits, self.kind.levels
+
+    def start(self, Wg):
+        self.absw = np.abs(Wg)                                                   # (R, G, g)
+        with np.errstate(divide="ignore"):
+            self.log2w = np.log2(self.absw)                                      # -inf for 0
+        return self.absw.max(axis=-1)                                            # (R, G): S0
+
+    def scale(self, s):
+        return fp16_scale(s, self.kind.min_scale_exp)
+
+    def fields(self, s):
+        """(j, nonzero): the level 2^-j of every weight and whether it is not zero."""
+        u = np.log2(s)[..., None] - self.log2w                                   # (R, G, g)
+        j = np.clip(np.floor(u + self.SHIFT), 0, self.levels - 1)
+        return j, u <= self.levels
+
+    def magnitude(self, s):
+        j, nz = self.fields(s)
+        return np.where(nz, np.exp2(-j), np.float32(0)) * s[..., None]          # (R, G, g)
+
+    def dequant(self, Wg, s):
+        return np.copysign(self.magnitude(s), Wg)
+
+    def weight_error(self, Wg, s):
+        return ((self.absw - self.magnitude(s)) ** 2).sum(axis=-1)               # (R, G)
+
+    def codes(self, Wg, s):
+        j, nz = self.fields(s)
+        m = np.where(nz, j + 1, 0).astype(np.uint8)
+        return np.where((Wg < 0) & nz, np.uint8(1 << (self.bits - 1)), np.uint8(0)) | m
+
+
+class _Int:
+    """Uniform asymmetric codes q ∈ 0..2^b-1 with zero point z: ŵ = (q - z)·s."""
+
+    def __init__(self, bits: int):
+        self.bits, self.qmax = bits, (1 << bits) - 1
+
+    def start(self, Wg):
+        lo, hi = group_range(Wg)
+        self.lo = lo
+        return np.where(hi > lo, (hi - lo) / np.float32(self.qmax), np.float32(1))
+
+    def scale(self, s):
+        return fp16_scale(s)
+
+    def zero(self, s):
+        return np.clip(np.rint(-self.lo / s), 0, self.qmax)
+
+    def codes(self, Wg, s):
+        z = self.zero(s)[..., None]
+        return np.clip(np.rint(Wg / s[..., None]) + z, 0, self.qmax).astype(np.uint8)
+
+    def dequant(self, Wg, s):
+        return (self.codes(Wg, s) - self.zero(s)[..., None]) * s[..., None]
+
+    def weight_error(self, Wg, s):
+        return ((Wg - self.dequant(Wg, s)) ** 2).sum(axis=-1)                    # (R, G)
+
+
+# ----------------------------------------------------------------------------- search
+
+def _keep(best_s, best, best_beta, fam, Wg, s0, beta):
+    """Step 1 at multiplier(s) beta (a scalar, or (R, G) per group): keep what lowers the weight error."""
+    s = fam.scale(np.float32(beta) * s0 if np.ndim(beta) == 0 else beta.astype(np.float32) * s0)
+    err = fam.weight_error(Wg, s)                                                # (R, G)
+    beta = np.broadcast_to(np.float32(beta), err.shape) if np.ndim(beta) == 0 else beta
+    if best is None:
+        return s, err, np.array(beta, dtype=np.float64)
+    better = err < best
+    return (np.where(better, s, best_s), np.where(better, err, best),
+            np.where(better, beta, best_beta))
+
+
+def _search(fam, Wg, Hb, search: bool):
+    """The stored scale per group (R, G) float32: S0 without search, else the two steps."""
+    s0 = fam.start(Wg)
+    if not search:
+        return fam.scale(s0)
+    coarse = BETAS[BETA_COARSE - 1::BETA_COARSE]                                 # 0.05, 0.10, … 2.00
+    best_s, best, best_beta = None, None, None
+    for beta in coarse:
+        best_s, best, best_beta = _keep(best_s, best, best_beta, fam, Wg, s0, beta)
+    center = best_beta
+    for off in range(1 - BETA_COARSE, BETA_COARSE):                              # 0.01 steps around it
+        if off:
+            beta = np.clip(center + off * BETAS[0], BETAS[0], BETAS[-1])
+            best_s, best, best_beta = _keep(best_s, best, best_beta, fam, Wg, s0, beta)
+    if Hb is None:
+        return best_s
+    s1, best = best_s, None
+    for gamma in GAMMAS:                                                         # step 2: e H_gg eᵀ
+        s = fam.scale(s1 * np.float32(1.0 + gamma))
+        e = (Wg - fam.dequant(Wg, s)).transpose(1, 0, 2)                         # (G, R, g)
+        err = ((e @ Hb) * e).sum(axis=-1).T                                      # (R, G)
+        if best is None:
+            best_s, best = s, err
+        else:
+            better = err < best
+            best_s, best = np.where(better, s, best_s), np.where(better, err, best)
+    return best_s
+
+
+def _quantize(fam, W, H, group: int, search: bool):
+    W = _check_weight(W)
+    n, k = W.shape
+    if group not in (32, 64, 128):
+        raise QuantizeError(f"{fam.bits}-bit weights take groups of 32, 64 or 128, got {group}")
+    Hb = None if H is None else h_blocks(_check_gram(H, k).astype(np.float64, copy=False), group).astype(np.float32)
+    codes = np.empty((n, k), dtype=np.uint8)
+    scales = np.empty((n, formats.n_groups(k, group)), dtype=np.float32)
+    for a in range(0, n, ROWS_PER_CHUNK):
+        b = min(n, a + ROWS_PER_CHUNK)
+        # float32 halves the cost of the grids; the scales are stored in float16 anyway
+        Wg = to_groups(W[a:b], group).astype(np.float32)                         # (R, G, g)
+        s = _search(fam, Wg, Hb, search)
+        scales[a:b] = s
+        codes[a:b] = from_groups(fam.codes(Wg, s), k)
+    return codes, scales
+
+
+def pot_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
+               search: bool = True) -> formats.QuantLinear:
+    """Power-of-two b-bit weights, float activations: QuantLinear(kind="pot<b>").
+    search=False: S0 (the group's largest magnitude) as the scale; H adds step 2."""
+    if bits not in (2, 3, 4):
+        raise QuantizeError(f"power-of-two weights take 2, 3 or 4 bits, got {bits}")
+    fam = _Pot(bits)
+    codes, s = _quantize(fam, W, H, group, search)
+    n, k = codes.shape
+    return formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=n, group=group,
+                               qweight=planes.pack_planes(codes, bits), wscale=s.astype(np.float16),
+                               meta={"search": bool(search), "gram": H is not None})
+
+
+def int_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
+               search: bool = False) -> formats.QuantLinear:
+    """Uniform asymmetric b-bit weights, float activations: QuantLinear(kind="int<b>").
+    search=False is min-max RTN ("int-rtn"); search=True the same two steps as PoT."""
+    if bits not in (2, 3, 4):
+        raise QuantizeError(f"uniform bit-plane weights take 2, 3 or 4 bits, got {bits}")
+    fam = _Int(bits)
+    codes, s = _quantize(fam, W, H, group, search)
+    n, k = codes.shape
+    fam.start(to_groups(np.asarray(W), group).astype(np.float32))                                                                # lo for the zero points
+    z = fam.zero(s)
+    return formats.QuantLinear(kind=f"int{bits}", act="none", in_features=k, out_features=n, group=group,
+                               qweight=planes.pack_planes(codes, bits), qzeros=z.astype(np.uint8),
+                               wscale=s.astype(np.float16), meta={"search": bool(search), "gram": H is not None})
