@@ -7,7 +7,7 @@ after the wait, and at its end (after spinning a few microseconds). With PDL the
 entry comes before the previous kernel's end; without it, after. Printed per setting: the median
 of entry(i+1) - end(i) (negative: the next kernel was resident while this one ran) and of
 post-wait(i+1) - end(i) (the dependency's resolution latency), in microseconds. Eager chains
-are timed too: engine/launch.py uses PDL only under stream capture, so there they show CuPy's
+are timed too: engine/gpu/launch.py uses PDL only under stream capture, so there they show CuPy's
 plain launches both ways (the host-side launch cost).
 """
 import numpy as np

@@ -300,7 +300,7 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
 // is a link of a dependent chain (docs/KERNELS.md).
 // kv8: a key's score is scale_k · (q · k8); a value row enters the sum with weight p · scale_v.
 #define DEC_WARPS 4
-#define DEC_CHUNK 64                        // keys per block (model_cuda.DECODE_CHUNK)
+#define DEC_CHUNK 64                        // keys per block (engine/gpu/tuning.py ATTENTION)
 #define DEC_KPW (DEC_CHUNK / DEC_WARPS)     // keys per warp
 #define DEC_MAX_D2 64                       // D/2 pairs, D ≤ 128
 

@@ -1,10 +1,10 @@
 // common.cuh — shared device helpers for the DGQ kernels.
 //
-// engine/kernels.py inlines this file textually before compiling (NVRTC through
+// engine/gpu/kernels.py inlines this file textually before compiling (NVRTC through
 // cupy.RawModule), so the compile-cache key covers it. No system headers: the
 // kernels build the same under NVRTC and under a plain `nvcc -c` compile check.
 //
-// THE GPU WEIGHT LAYOUT (built once in engine/ops_cuda.py: pack_host)
+// THE GPU WEIGHT LAYOUT (built once in engine/gpu/ops.py: pack_host)
 // -------------------------------------------------------------------
 // A "dg" layer W8[n,k] = (q[n,k] - z[n,g]) * S[n,g] (formats.py) is stored as
 //   qw   : uint32[R][C][32][4]    R = Np/16 row tiles, C = Kp/64 chunks,

@@ -18,7 +18,7 @@
 // h += y when y is given (the o_proj or down_proj output of the step before; nullptr skips
 // it), then x = (h * rstd) * w, quantized (modes 0/1) or stored fp16 (mode 2). One launch
 // instead of an add and a norm. zero (nullable): zero[row] = 0, the amax slot a later kernel
-// of the sublayer max-reduces into (attn_decode's output, the SiLU GEMV's; model_cuda._fold_quant).
+// of the sublayer max-reduces into (attn_decode's output, the SiLU GEMV's; engine/gpu/model.py _fold_quant).
 // emb (nullable, the first layer): h[row] = emb[tok[row]] first, the embedding gather of the
 // token (fp16 table), instead of reading h; y must then be null.
 template <int PER, int CL, int VEC>
@@ -143,7 +143,7 @@ quant_rows(const __half* __restrict__ x, int K, int mode, const float* __restric
 }
 
 // grid (⌈ld / 1024⌉, M), block 256. Quantize rows whose absmax is already known (the batch-1
-// decode step: attn_decode and the SiLU GEMV max-reduce their outputs, model_cuda._fold_quant):
+// decode step: attn_decode and the SiLU GEMV max-reduce their outputs, engine/gpu/model.py _fold_quant):
 // x8[m, j] = quant1(x[m, j], s) for j < K, 0 for K ≤ j < ld, sx[m] = s, with s from
 // scale[m] = max|x[m]| as float bits (mode 1) or the static scale[0] (mode 0). No reduction,
 // so a row spreads over many blocks and costs one memory round trip. ld % 4 == 0.
@@ -251,7 +251,7 @@ __device__ __forceinline__ void gemv_tile(const __half* __restrict__ x, const W*
     }
 }
 
-// One entry point per M bucket and weight type (the launchers, model_cuda.matmul_f16 and
+// One entry point per M bucket and weight type (the launchers, engine/gpu/fused.py matmul_f16 and
 // matmul_w8, pick the smallest MT ≥ M).
 #define GEMV_F16_ENTRY(MT, U)                                                                      \
     extern "C" __global__ void __launch_bounds__(256) gemv_f16_m##MT(                             \

@@ -23,7 +23,7 @@
 //   With resid, y is added to the float32 residual stream instead of stored,
 //   resid[m,n] += float(fp16(y[m,n])) (the add of add_rmsnorm_quant, which the
 //   decode step folds in here up to 16 rows: the norm after it skips the add).
-//   SILU (batch-1 decode, engine/model_cuda.py _fold_quant; MT = RW = 1): the
+//   SILU (batch-1 decode, engine/gpu/model.py _fold_quant; MT = RW = 1): the
 //   layer's rows are gate|up interleaved per 16-row tile (rows 0-7 gate channels
 //   8r..8r+7, rows 8-15 the same up channels, ops_cuda.interleave_rows), so one
 //   thread holds both halves of a channel: out (M, N/2) float32 receives

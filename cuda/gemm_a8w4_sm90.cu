@@ -5,7 +5,7 @@
 // dequantized weights are the *register* A operand of
 //   wgmma.mma_async.m64n{BT}k32.s32.s8.s8   (A: 64 channels x 32 k from registers,
 //                                            B: BT tokens x 32 k from shared memory)
-// (the approach of vLLM's Machete, ALGORITHMS.md §5): the packed int4 weights go
+// (the approach of vLLM's Machete): the packed int4 weights go
 // from global memory straight into registers (16-byte loads, prefetched WPF
 // stages ahead), are widened to int8 with the IMAD trick of common.cuh, and
 // never touch shared memory. Only the activations are staged: a STAGES-deep

@@ -1,6 +1,6 @@
 // pdl.cuh — programmatic dependent launch (PDL), the device side.
 //
-// While a decode step is captured as a CUDA graph (engine/launch.py capturing()),
+// While a decode step is captured as a CUDA graph (engine/gpu/launch.py capturing()),
 // every kernel of cuda/ is launched with the attribute PROGRAMMATIC_STREAM_SERIALIZATION
 // on sm_90+: a kernel may then start while the kernel before it in the stream is still
 // running. Its blocks become resident and run up to pdl_wait(), which returns once every

@@ -1,7 +1,7 @@
 // rows.cuh — block reductions and the INT8 row quantization shared by the row kernels
-// (cuda/fused.cu) and the attention combine (cuda/attention.cu). Inlined by engine/kernels.py.
+// (cuda/fused.cu) and the attention combine (cuda/attention.cu). Inlined by engine/gpu/kernels.py.
 //
-// Quantization rule (engine/formats.py): x8 = clamp(rint(x / s), -127, 127) with IEEE
+// Quantization rule (engine/formats/common.py): x8 = clamp(rint(x / s), -127, 127) with IEEE
 // division, s = max|row| / 127 (1 for an all-zero row) in dynamic mode.
 // mode: 0 = static scale static_scale[0]; 1 = dynamic per row; 2 = fp16 output only.
 #pragma once
@@ -76,7 +76,7 @@ __device__ __forceinline__ float row_scale(int mode, float amax, const float* st
 // barrier, every thread reads the CL values in rank order (the same float sum everywhere).
 // finish() keeps each CTA alive until no other can still read its slots.
 // Clusters exist from sm_90 on; below, the attribute is left out (nvcc rejects it) and a
-// RowTeam of more than one CTA traps: the launcher (model_cuda.CudaModel._row) never asks for
+// RowTeam of more than one CTA traps: the launcher (engine/gpu/fused.py _row) never asks for
 // one there, and a kernel that silently reduced over one CTA would write wrong rows.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define ROW_CLUSTER_DIMS(CL)
@@ -147,7 +147,7 @@ struct RowTeam {
 // thread is chunk (tid + c·T) of VEC elements, c < PER / VEC. VEC = 1 is the element-strided
 // layout of the decode launches; the prefill launches (thousands of rows, one CTA each) take
 // VEC = 8 (16-byte fp16 loads, 8-byte int8 stores) where the row width and every row's base
-// allow it (model_cuda.row_launch). Loads and stores of a Pack are aligned to its size.
+// allow it (engine/gpu/fused.py row_launch). Loads and stores of a Pack are aligned to its size.
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack { T e[N]; };
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -206,7 +206,7 @@ __device__ __forceinline__ void zero_pad(signed char* row, int width, int ld, co
 // A row held in registers: thread t keeps PER elements, the VEC-element chunks t + c·T
 // (c < PER / VEC; VEC = 1: elements t + i·T), all loaded before any is used, so a row costs one memory round trip instead of one per loop trip
 // (v1 looped over 256 threads: 5–16 µs a launch in the 7B decode graph). PER and CL are
-// template arguments and the launcher (engine/model_cuda.row_launch) picks the cluster size
+// template arguments and the launcher (engine/gpu/fused.py row_launch) picks the cluster size
 // for the row's width, then the smallest power of two with PER · 1024 ≥ width / CL and
 // ⌈width / (CL · PER)⌉ threads: a one-row launch wants every warp it can get and no empty
 // slots, whose predicated-off instructions still take issue cycles (both were measured:

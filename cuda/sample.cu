@@ -1,6 +1,6 @@
 // sample.cu — next-token sampling on the GPU: temperature, top-k, top-p, one draw.
 //
-// What: for row b of fp16 logits (V,), the rules of engine/sampling.py: temperature 0
+// What: for row b of fp16 logits (V,), the rules of engine/model/sampling.py: temperature 0
 // (or top_k 1) -> argmax, lowest id on ties; else p ∝ exp((x - max) / T), keep the top_k
 // most probable (ties at the cut: lower ids first), of those the smallest most-probable
 // prefix whose mass reaches top_p, and draw one of the kept tokens by the inverse CDF
@@ -25,7 +25,7 @@
 //
 // params (uint32[5] in device memory, read at every launch, so one captured graph
 // serves every setting): temperature (f32 bits), top_p (f32 bits), top_k (0 = off),
-// seed low word, seed high word. Packed by engine/ops_cuda.py sample_params.
+// seed low word, seed high word. Packed by engine/gpu/ops.py sample_params.
 //
 // Launch: grid (rows), block 1024 (SAMPLE_THREADS). Row b reads logits + b * ld (ld = 0
 // repeats one row: the distribution test draws many times from it). Cost, in passes

@@ -77,7 +77,7 @@ def test_sample_params_pack_and_validate():
 
 
 def test_kernel_launch_marshalling_without_a_gpu():
-    """engine/launch.py packs arguments as the driver reads them: pointers for arrays,
+    """engine/gpu/launch.py packs arguments as the driver reads them: pointers for arrays,
     a scalar's own bytes, null for None; bad grids and argument types are one clear error."""
     from engine.gpu import launch
 

@@ -262,7 +262,7 @@ def test_row_kernels_match_numpy(width, mode, cl, cap, vec):
 
 @pytest.mark.parametrize("merge", ["cluster", "memory"])
 def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
-    """Programmatic dependent launch (engine/launch.py, cuda/pdl.cuh) changes when kernels
+    """Programmatic dependent launch (engine/gpu/launch.py, cuda/pdl.cuh) changes when kernels
     start, never what they compute: a decode step captured with PDL launches (counted, so the
     test fails if capture stopped using them) replays to bit-identical logits and tokens as one
     captured with plain stream-ordered launches, on a model wide enough for kernels to overlap

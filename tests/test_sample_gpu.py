@@ -1,4 +1,4 @@
-"""The GPU sampling kernel (cuda/sample.cu) against the rules of engine/sampling.py (gpu-marked)."""
+"""The GPU sampling kernel (cuda/sample.cu) against the rules of engine/model/sampling.py (gpu-marked)."""
 import numpy as np
 import pytest
 from scipy import stats
@@ -23,7 +23,7 @@ def kernel_draws(logits, n, temperature=1.0, top_k=0, top_p=1.0, seed=0, pos=0):
 
 
 def exact_probs(logits16, t, k, p):
-    """The kept set's renormalised softmax by engine/sampling.py's rules (float64, stable ranks)."""
+    """The kept set's renormalised softmax by engine/model/sampling.py's rules (float64, stable ranks)."""
     x = logits16.astype(np.float64)
     probs = np.exp((x - x.max()) / t)
     probs /= probs.sum()

@@ -42,7 +42,7 @@ def test_logits_match_integer_reference(models):
     whole quantization step (per-token scales reach 18 on SmolLM2's down_proj input), and 30
     layers compound it. So the bound is measured, not guessed: the same reference with every
     linear output rounded to fp16 (measured 2026-11-25: rel 0.14, top-1 agreement 0.6) sets
-    the scale, and the GPU must stay within twice that (STYLE.md: fp16 kernels within 2× the
+    the scale, and the GPU must stay within twice that (the project's rule: fp16 kernels within 2× the
     error of an fp16 reference).
     """
     from engine.model import ops_ref

@@ -1,6 +1,6 @@
 """Launchers of cuda/attention.cu: rope_qkv_cache and attn_prefill (prefill), attn_decode.
 
-Name triplets (STYLE.md): engine/model/llama.py's RoPE + cache write ↔ rope_qkv_cache;
+Name triplets (reference ↔ kernel ↔ launcher): engine/model/llama.py's RoPE + cache write ↔ rope_qkv_cache;
 its causal GQA ↔ attn_prefill (flash attention, prefill) and attn_decode (RoPE, cache
 write, flash-decoding and the merge of the splits in one launch). The cache is fp16, or
 int8 with one float32 scale per token and kv head (kv8). The launchers take the kernel's

@@ -1,6 +1,6 @@
 """Launchers of cuda/fused.cu: the row kernels (cuda/rows.cuh) and the fp16 / INT8 GEMVs.
 
-Name triplets (STYLE.md): the NumPy model's RMSNorm + formats.quantize_act_ref ↔
+Name triplets (reference ↔ kernel ↔ launcher): the NumPy model's RMSNorm + formats.quantize_act_ref ↔
 add_rmsnorm_quant; silu·up + quantize ↔ silu_mul_quant; quantize_act_ref ↔ quant_rows,
 quant_amax; x @ w.T ↔ gemv_f16_m<MT> (matmul_f16) and gemv_w8_m<MT> (matmul_w8).
 

@@ -1,6 +1,6 @@
 """Launchers for the CUDA kernels in cuda/ and the GPU weight layout they read.
 
-Name triplets (STYLE.md): formats.quantize_act_ref ↔ cuda/quant_act.cu ↔ quantize_act_*;
+Name triplets (reference ↔ kernel ↔ launcher): formats.quantize_act_ref ↔ cuda/quant_act.cu ↔ quantize_act_*;
 formats.gemm_a8w4_ref + epilogue_ref ↔ cuda/gemm_a8w4.cu, cuda/gemm_a8w4_sm90.cu ↔ gemm_a8w4;
 sampling.sample ↔ cuda/sample.cu ↔ sample_rows. Every launch passes the kernel's parameters
 by name (gpu/kargs.py); the dispatch choices are tuning.GEMM, the instantiations tuning.*_CFGS.
