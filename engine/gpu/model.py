@@ -29,7 +29,7 @@ from ..model.llama import check_tokens
 from . import attention, fused, kernels, launch
 from . import decode as decoding
 from . import ops as ops_cuda
-from .backend import BackendError, cupy_or_none
+from .backend import BackendError, require_cupy
 from .cache import Buffers, GpuKVCache
 from .fused import MODE
 from .linear import GpuLinear
@@ -66,9 +66,7 @@ class CudaModel:
     """Runs ModelWeights on the GPU. Same forward() contract as engine.model.Model."""
 
     def __init__(self, weights: ModelWeights):
-        cp = cupy_or_none()
-        if cp is None:
-            raise BackendError("the GPU engine needs CuPy and a CUDA device")
+        cp = require_cupy()
         self.cp, self.config, c = cp, weights.config, weights.config
         if c.head_dim not in (64, 128):
             raise BackendError(f"the GPU attention kernels take head_dim 64 or 128, got {c.head_dim}")
