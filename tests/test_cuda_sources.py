@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.gpu import attention, fused, kargs, kernels, ops, tuning
+from engine.gpu import attention, fused, kargs, kernels, ops, tuning, wb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,12 +85,20 @@ def test_gemv_f16_buckets_and_block():
     assert tuning.GEMV_F16.threads // 32 == tuning.GEMV_F16.rows_per_block     # one output row a warp
 
 
+def test_wb_constants():
+    """gemv_wb.cu's chunk is the plane layout's word, its block the launcher's warps."""
+    from engine.formats import planes
+    d = defines("gemv_wb.cu")
+    assert d["WB_CHUNK"] == tuning.WB.chunk == planes.CHUNK
+    assert d["WB_WARPS"] == tuning.WB.warps
+
+
 def test_sample_block():
     assert defines("sample.cu")["SAMPLE_THREADS"] == ops.SAMPLE_THREADS
 
 
 @pytest.mark.parametrize("kf", [fused.FUSED, attention.ATTN, ops.GEMV_FILE, ops.MMA_FILE, ops.WGMMA_FILE,
-                                ops.QUANT_FILE], ids=lambda kf: kf.exprs[0])
+                                ops.QUANT_FILE, wb.WB_FILE], ids=lambda kf: kf.exprs[0])
 def test_every_instantiation_names_a_kernel_of_its_file(kf):
     names = kargs.parse_kernels(kernels.source(kf.file))
     src = text(kf.file)

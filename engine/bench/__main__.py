@@ -1,6 +1,7 @@
 """Benchmarks: `python -m engine.bench <subcommand>` (`-h` lists them).
 
   gemm, gemm-tune, gemm-pick, gemm-one   the A8W4 GEMM family (engine/bench/gemm.py)
+  gemv-wb                                weight-only pot / int GEMVs (engine/bench/wb.py)
   e2e                                    prefill / decode tokens/s of the GPU engine against our
                                          FP16 path (engine/bench/e2e.py)
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from ..gpu import kernels
 from ..gpu import ops as ops_cuda
-from . import gemm
+from . import gemm, wb
 from .common import BenchError, cp_or_fail
 from .e2e import format_table, run_e2e
 
@@ -55,6 +56,11 @@ def main(argv=None) -> int:
     o.add_argument("--cfg", default="", help='JSON overrides, e.g. \'{"bt": 128, "nwg": 4}\'')
     o.add_argument("--reps", type=int, default=50)
     o.set_defaults(func=gemm.cmd_gemm_one)
+    w = sub.add_parser("gemv-wb", help="weight-only pot2..4 / int2..4 GEMVs vs our A8W4 GEMV and cuBLAS FP16")
+    w.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
+    w.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
+    w.add_argument("--reps", type=int, default=50)
+    w.set_defaults(func=wb.cmd_gemv_wb)
     e = sub.add_parser("e2e", help="end-to-end prefill/decode tokens/s of the GPU engine vs our FP16 path")
     e.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
     e.add_argument("--quick", action="store_true", help="512-token prefill, batch 1 and 8 only")

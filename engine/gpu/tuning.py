@@ -46,6 +46,21 @@ class RowTuning:
 ROW_VARIANTS = RowVariants()
 ROWS = RowTuning()
 
+# ----------------------------------------------------------------------------- b-bit weight-only GEMVs
+# cuda/gemv_wb.cu gemv_pot<BITS, MT>, gemv_int<BITS, MT>
+
+
+@dataclass(frozen=True)
+class WbVariants:
+    """The weight-only GEMVs' instantiations (gpu/wb.py WB_EXPRS) and launch shape."""
+    bits: tuple = (2, 3, 4)
+    mts: tuple = (1, 4, 16)      # M buckets; larger M runs in slices of the last
+    warps: int = 8               # one output row a warp (WB_WARPS)
+    chunk: int = 32              # codes a plane word holds (WB_CHUNK; engine/formats/planes.py)
+
+
+WB = WbVariants()
+
 # ----------------------------------------------------------------------------- attention
 # cuda/attention.cu rope_qkv_cache, attn_decode, attn_prefill
 

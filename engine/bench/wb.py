@@ -1,0 +1,84 @@
+"""`python -m engine.bench gemv-wb`: the weight-only b-bit GEMVs (pot2..4, int2..4) against our
+A8W4 GEMV and cuBLAS FP16, same process, at small M on LLM shapes.
+
+Weights are random valid codes (made on the GPU) with scales of realistic size; enough copies rotate that a
+call never finds the previous call's weights in L2. Bytes counted: codes plus scales (plus
+zero points for int), the weights' share of the traffic at small M.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .. import formats
+from ..formats import planes
+from ..gpu import ops as ops_cuda
+from ..gpu import wb
+from .common import copy_bandwidth, cp_or_fail, n_buffers, time_calls
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]     # (K, N)
+MS = [1, 4, 16]
+
+
+def random_wb_layer(cp, rng, kind: str, bits: int, n: int, k: int, group: int = 128) -> wb.PackedWB:
+    """A random valid layer made on the GPU: any plane words are valid codes (K is a multiple
+    of 32 here, so there is no padding to keep zero); scales around 0.02, above the pot floor."""
+    g = formats.n_groups(k, group)
+    qw = (cp.random.random((n, planes.n_chunks(k), bits)) * 2.0**32).astype(cp.uint32)
+    s = cp.asarray(rng.uniform(0.01, 0.03, (n, g)).astype(np.float16))
+    z = cp.asarray(rng.integers(0, 1 << bits, (n, g)).astype(np.uint8)) if kind == "int" else None
+    return wb.PackedWB(kind, bits, n, k, group, qw, s, z)
+
+
+def cmd_gemv_wb(args) -> int:
+    cp = cp_or_fail()
+    rng = np.random.default_rng(0)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.0f} GB/s (read + write)")
+    rows = []
+    for k, n in SHAPES:
+        cases = {}
+        for kind in ("pot", "int"):
+            for bits in (2, 3, 4):
+                layer = random_wb_layer(cp, rng, kind, bits, n, k)
+                cases[f"{kind}{bits}"] = [layer] + [random_wb_layer(cp, rng, kind, bits, n, k)
+                                                     for _ in range(n_buffers(layer.nbytes()) - 1)]
+        dg = ops_cuda.random_packed(n, k, 128, seed=1)
+        cases["a8w4"] = [dg] + [ops_cuda.random_packed(n, k, 128, seed=i) for i in range(2, n_buffers(dg.nbytes()) + 1)]
+        w16 = [cp.asarray(rng.standard_normal((n, k)) * 0.02, dtype=cp.float16)
+               for _ in range(n_buffers(2 * n * k))]
+        for m in MS:
+            x = cp.asarray(rng.standard_normal((m, k)), dtype=cp.float16)
+            x8 = cp.random.randint(-127, 128, (m, k), dtype=cp.int32).astype(cp.int8)
+            sx = cp.full((m,), 0.01, dtype=cp.float32)
+            out = cp.empty((m, n), dtype=cp.float16)
+            res = {}
+            for name, layers in cases.items():
+                if name == "a8w4":
+                    fn = lambda i, L=layers: ops_cuda.gemm_a8w4(x8, sx, L[i % len(L)], out=out)   # noqa: E731
+                else:
+                    fn = lambda i, L=layers: wb.gemv_wb(x, L[i % len(L)], out)                    # noqa: E731
+                res[name] = (time_calls(fn, reps=args.reps), layers[0].nbytes())
+            res["fp16"] = (time_calls(lambda i: cp.matmul(x, w16[i % len(w16)].T, out=out), reps=args.reps),
+                           2 * n * k)
+            for name, (ms, nbytes) in res.items():
+                row = {"k": k, "n": n, "m": m, "kernel": name, "ms": ms, "weight_gbs": nbytes / ms / 1e6,
+                       "pct_copy_bw": 100 * nbytes / ms / 1e6 / bw, "bits_per_weight": 8 * nbytes / (n * k),
+                       "vs_int_same_bits": (res[f"int{name[3]}"][0] / ms) if name.startswith("pot") else None,
+                       "vs_a8w4": res["a8w4"][0] / ms, "vs_fp16": res["fp16"][0] / ms}
+                rows.append(row)
+                if args.json:
+                    print(json.dumps(row), flush=True)
+    lines = ["| K×N | M | kernel | ms | bits/w | weight GB/s | % copy BW | int-b / this | A8W4 / this | FP16 / this |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vi = f"{r['vs_int_same_bits']:.2f}×" if r["vs_int_same_bits"] else ""
+        lines.append(f"| {r['k']}×{r['n']} | {r['m']} | {r['kernel']} | {r['ms']:.4f} | {r['bits_per_weight']:.2f} | "
+                     f"{r['weight_gbs']:.0f} | {r['pct_copy_bw']:.0f} | {vi} | {r['vs_a8w4']:.2f}× | {r['vs_fp16']:.2f}× |")
+    table = "\n".join(lines)
+    print(table)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(f"copy bandwidth {bw:.0f} GB/s\n\n{table}\n")
+    return 0

@@ -1,0 +1,53 @@
+"""Weight-only b-bit GEMVs (cuda/gemv_wb.cu) against the NumPy reference of their formats (gpu-marked).
+
+The kernels dequantize exactly (the fp16 bit trick of engine/formats/pot.py, the exact FMA of
+the uniform kinds) and sum in fp32, so each output is the float64 reference rounded to fp16:
+within one fp16 ulp, plus the fp32 summation error (bounded by 2^-20 · Σ|x·w|).
+"""
+import zlib
+
+import numpy as np
+import pytest
+
+from converters.pot import int_linear, pot_linear
+from engine.gpu.backend import has_gpu
+
+pytestmark = pytest.mark.gpu
+if not has_gpu():
+    pytest.skip("no GPU", allow_module_level=True)
+
+
+def fp16_ulp(v):
+    return np.spacing(np.abs(v).astype(np.float16)).astype(np.float64)
+
+
+@pytest.mark.parametrize("kind", ["pot", "int"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 96, 32), (33, 100, 64), (8, 4096, 128), (24, 576, 64)])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 40])
+def test_gemv_wb_matches_reference(kind, bits, n, k, group, m):
+    import cupy as cp
+
+    from engine.gpu import wb
+    rng = np.random.default_rng(zlib.crc32(repr((kind, bits, n, k, group, m)).encode()))
+    W = (rng.standard_normal((n, k)) * rng.uniform(0.01, 0.2, (n, 1))).astype(np.float32)
+    ql = (pot_linear if kind == "pot" else int_linear)(W, bits, group, search=False)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    wd = ql.dequantize().astype(np.float64)                              # (N, K), exact fp16 values
+    ref = x.astype(np.float64) @ wd.T                                     # (M, N)
+    bound = fp16_ulp(ref) + 2.0 ** -20 * (np.abs(x.astype(np.float64)) @ np.abs(wd).T) + 1e-7
+    p = wb.pack_wb(ql)
+    out = cp.full((m, n), np.nan, dtype=cp.float16)                       # poisoned: every element written
+    wb.gemv_wb(cp.asarray(x), p, out)
+    got = cp.asnumpy(out).astype(np.float64)
+    assert np.isfinite(got).all()
+    err = np.abs(got - ref)
+    assert (err <= bound).all(), f"max err {err.max()} at {np.unravel_index(np.argmax(err - bound), err.shape)}"
+
+
+def test_gemv_wb_rejects_other_kinds():
+    from engine.bench.e2e import random_dg_layer
+    from engine.gpu import wb
+    from engine.gpu.ops import CudaOpError
+    with pytest.raises(CudaOpError, match="pot2..4"):
+        wb.pack_wb(random_dg_layer(np.random.default_rng(0), 16, 128))
