@@ -39,6 +39,23 @@ def weight_only_rows(bits, groups):
     return rows
 
 
+def reuse_calibration():
+    """The weight-only rows smooth nothing, so every row's calibration pass over the float model
+    gives the same statistics: run it once and hand each row a copy (quantize_checkpoint frees
+    each layer's Gram matrices as it goes)."""
+    import copy
+
+    from converters import calibrate as cal
+    run, memo = cal.calibrate, {}
+
+    def cached(weights, seqs, **kw):
+        key = (np.asarray(seqs).tobytes(), kw.get("gram"), kw.get("kv"), kw.get("sites"))
+        if key not in memo:
+            memo[key] = run(weights, seqs, **kw)
+        return copy.deepcopy(memo[key])
+    cal.calibrate = cached
+
+
 def bits_per_weight(mw) -> float:
     """Stored bits of the linears (codes and scales) per weight."""
     from engine.model import LINEAR_NAMES
@@ -73,6 +90,8 @@ def main(argv=None):
     tokens = np.asarray(data.encode_text(ck.tokenizer, data.wiki_text("eval")), dtype=np.int32)
     only = set(a.only.split(",")) if a.only else None
     results = []
+    if a.set == "weight-only":
+        reuse_calibration()
     rows = ROWS if a.set == "a8" else weight_only_rows([int(b) for b in a.bits.split(",")],
                                                        [int(g) for g in a.groups.split(",")])
     for label, method, act, wbits, group in rows:

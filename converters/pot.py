@@ -6,7 +6,7 @@ PoTPTQ's two steps (arXiv 2507.11959), applied per group of `group` input channe
      weight error ‖w - ŵ‖². We visit it coarse to fine (every 5th β, then the nine 0.01
      steps around each group's coarse best: 49 evaluations instead of 200, the same answer
      wherever the error does not dip between two coarse points);
-  2. calibration: s ← s·(1 + γ), γ ∈ GAMMAS (0 included, so never worse than step 1 on this
+  2. calibration: s ← s·(1 + γ), γ ∈ GAMMAS (−0.75 … +1.5, 0 included, so never worse than step 1 on this
      objective), keeping the γ with the least output error of the group, e H_gg eᵀ with
      e = w - ŵ and H_gg the group's diagonal block of the calibration Gram matrix XᵀX (the
      objective DGQ's phase 1 uses; cross-group terms are left out).
@@ -32,7 +32,10 @@ from .dgq import QuantizeError, _check_gram, _check_weight, from_groups, group_r
 BETAS = np.arange(1, 201) / 100.0                      # step 1: 0.01 … 2.00 × S0 (the paper's grid)
 BETA_COARSE = 5                                        # ... visited coarse to fine: every 5th point,
                                                        # then the 0.01 steps around each group's best
-GAMMAS = np.round(np.arange(-20, 21) / 100.0, 2)       # step 2: s·(1 + γ), γ ∈ −0.20 … 0.20
+# step 2: s·(1 + γ), γ ∈ −0.75 … +1.50 in steps of 0.05. Wide on purpose: the output error
+# prefers much larger scales than the weight error does (SmolLM2 PoT-3 g128, 4 windows:
+# ±0.2 57.17, ±0.5 48.16, −0.75..+1.5 40.95; a log-spaced 2^(−1..1.5) grid 44.72)
+GAMMAS = np.round(np.arange(-15, 31) * 0.05, 2)
 ROWS_PER_CHUNK = 4096                                  # bounds the (rows, G, group) temporaries
 
 
