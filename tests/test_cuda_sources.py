@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.gpu import attention, fused, kargs, kernels, ops, tuning, wb
@@ -35,8 +36,15 @@ def test_row_modes_and_variants():
     assert fused.MODE == {"static": d["MODE_STATIC"], "dynamic": d["MODE_DYNAMIC"], "fp16": d["MODE_FP16"]}
     for k in fused.ROW_KERNELS:       # the three row kernels are templated <PER, CL, VEC>
         assert re.search(rf"template <int PER, int CL, int VEC>\s*__global__[^;{{]*?\b{k}\(", text("fused.cu")), k
-    # the widest access is one 16-byte fp16 load (rows.cuh Pack)
-    assert tuning.ROW_VARIANTS.max_vec * 2 == 16
+    # rows.cuh: a Pack<T, N> moves sizeof(T)·N bytes in one access, and the prefill launches'
+    # VEC (max_vec) is documented there as so many bytes a fp16 load and an int8 store
+    src = text("rows.cuh")
+    assert re.search(r"struct alignas\(sizeof\(T\) \* N\) Pack \{ T e\[N\]; \};", src)
+    vec, fp16_bytes, int8_bytes = (int(g) for g in re.search(
+        r"VEC = (\d+) \((\d+)-byte fp16 loads, (\d+)-byte int8 stores\)", src).groups())
+    max_vec = tuning.ROW_VARIANTS.max_vec
+    assert vec == max_vec
+    assert fp16_bytes == max_vec * np.dtype(np.float16).itemsize and int8_bytes == max_vec * np.dtype(np.int8).itemsize
     assert tuning.ROWS.vec in (1, tuning.ROW_VARIANTS.max_vec)
 
 
@@ -91,6 +99,7 @@ def test_wb_constants():
     d = defines("gemv_wb.cu")
     assert d["WB_CHUNK"] == tuning.WB.chunk == planes.CHUNK
     assert d["WB_WARPS"] == tuning.WB.warps
+    assert d["WB_ROWS"] == tuning.WB.rows
 
 
 def test_sample_block():

@@ -8,13 +8,15 @@ missing or extra keyword fails here instead of as a wrong argument on the GPU.
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine.gpu import kargs, kernels
+from engine.gpu import kargs, kernels, tuning
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = sorted(p.name for p in (ROOT / "cuda").glob("*.cu"))
@@ -32,15 +34,21 @@ def all_kernels() -> dict[str, tuple[str, ...]]:
 
 
 def test_every_global_kernel_is_parsed():
-    ks = all_kernels()
+    ks, macros = all_kernels(), {}
     for f in CUDA:
         text = re.sub(r"//[^\n]*", "", (ROOT / "cuda" / f).read_text())
         parsed = kargs.parse_kernels(text)
-        # each __global__ outside a macro is one kernel; a macro's is one per use of the macro
-        no_macros = re.sub(r"^[ \t]*#[ \t]*define[^\n]*", "", text.replace("\\\n", " "), flags=re.M)
+        # each __global__ outside a macro is one kernel; a macro's is one per use of the macro,
+        # counted in the text (a line opening with the macro's name and a parenthesis)
+        joined = text.replace("\\\n", " ")
+        defs = re.findall(r"^[ \t]*#[ \t]*define[ \t]+(\w+)\(([^\n]*)", joined, re.M)
+        no_macros = re.sub(r"^[ \t]*#[ \t]*define[^\n]*", "", joined, flags=re.M)
         plain = len(re.findall(r"\b__global__\b", no_macros))
-        macro = len([k for k in parsed if re.search(r"_m\d+$", k)])
-        assert len(parsed) == plain + macro, f
+        macro = sum(body.count("__global__") * len(re.findall(rf"^[ \t]*{name}\(", no_macros, re.M))
+                    for name, body in defs)
+        macros[f] = macro
+        assert len(parsed) == plain + macro, (f, len(parsed), plain, macro)
+    assert macros["fused.cu"] == 2 * len(tuning.GEMV_F16.mts)     # GEMV_F16_ENTRY, GEMV_W8_ENTRY uses
     assert ks["attn_decode"][-2:] == ("out", "amax_out")
     assert ks["gemv_w8_m8"] == ("x", "w", "scale", "out", "M", "N", "K")
     assert ks["sample_rows"] == ("logits", "ld", "V", "params", "seq", "pos", "lens", "advance", "out")
@@ -163,11 +171,17 @@ def check_calls(trees, known) -> tuple[list[str], int]:
     return problems, checked
 
 
-def _trees():
+def _trees(edits=None):
+    """(path, tree) of every module of engine/, tests/, bench/; edits {file name: (old, new)}
+    replaces text first (the tests that show a check can fail)."""
     out = []
     for d in ("engine", "tests", "bench"):
         for p in sorted((ROOT / d).rglob("*.py")):
-            out.append((p, ast.parse(p.read_text(encoding="utf-8"))))
+            text = p.read_text(encoding="utf-8")
+            for old, new in (edits or {}).get(p.name, ()):
+                assert old in text, (p, old)
+                text = text.replace(old, new)
+            out.append((p, ast.parse(text)))
     return out
 
 
@@ -180,10 +194,68 @@ def test_every_launch_passes_exactly_the_kernel_parameters():
     assert set(launchers) == {"add_rmsnorm_quant", "silu_mul_quant", "quant_rows", "quant_amax",
                               "rope_qkv_cache", "attn_prefill", "attn_decode"}
     assert checked >= 20, checked
-    # every launcher is called somewhere, every kernel is launched by name somewhere
-    text = "\n".join(ast.unparse(t) for _, t in trees)
-    for lname in launchers:
-        assert re.search(rf"\b{lname}\(", text), lname
+    assert not unlaunched(trees, known), unlaunched(trees, known)
+
+
+def _calls_of(name, trees) -> list[str]:
+    """path:line of every call of `name` (plain or attribute) outside its own definition."""
+    out = []
+    for path, tree in trees:
+        parents = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+        for c in ast.walk(tree):
+            if isinstance(c, ast.Call) and _name(c.func) == name:
+                fn = _enclosing(c, parents)
+                if fn is None or fn.name != name:
+                    out.append(f"{path}:{c.lineno}")
+    return out
+
+
+def engine_kernel_files() -> list:
+    """The module-level KernelFile objects of engine/gpu/*.py (one per file and instantiations)."""
+    import engine.gpu as gpu
+    out = []
+    for m in pkgutil.iter_modules(gpu.__path__):
+        for v in vars(importlib.import_module(f"engine.gpu.{m.name}")).values():
+            if isinstance(v, kargs.KernelFile) and v not in out:
+                out.append(v)
+    return out
+
+
+def unlaunched(trees, known) -> list[str]:
+    """What nothing calls: named launchers that no code calls, and kernels of the engine's
+    KernelFiles that no kargs.launch in engine/ names and no called named launcher launches."""
+    launchers = _launchers(trees)
+    problems = [f"launcher {n} is never called" for n in launchers if not _calls_of(n, trees)]
+    engine = [(path, tree) for path, tree in trees if Path(path).relative_to(ROOT).parts[0] == "engine"]
+    launched = {k for n, (k, _, _) in launchers.items() if _calls_of(n, engine)}
+    for path, tree in engine:
+        for c in ast.walk(tree):
+            if isinstance(c, ast.Call) and _name(c.func) == "launch" and isinstance(c.func, ast.Attribute) \
+                    and _name(c.func.value) == "kargs" and len(c.args) > 1:
+                launched |= _expr_kernels(c.args[1], known)
+    for kf in engine_kernel_files():
+        for k in sorted(kargs.parse_kernels(kernels.source(kf.file))):
+            if k not in launched:
+                problems.append(f"kernel {k} of cuda/{kf.file} is launched nowhere in engine/")
+    return sorted(set(problems))
+
+
+def test_the_launched_checks_can_fail():
+    """A launcher whose only callers are gone, a kernel no launch names: both are reported
+    (the launcher's own `def add_rmsnorm_quant(` line is no call)."""
+    known = all_kernels()
+    gone = ("fused.add_rmsnorm_quant(", "fused.other_norm(")
+    trees = _trees({"model.py": [gone], "test_model_cuda.py": [gone],
+                    "fused.py": [('f"gemv_w8_m{mt}"', 'f"gemv_f16_m{mt}"')]})
+    problems = unlaunched(trees, known)
+    assert problems == ["kernel add_rmsnorm_quant of cuda/fused.cu is launched nowhere in engine/",
+                        "kernel gemv_w8_m1 of cuda/fused.cu is launched nowhere in engine/",
+                        "kernel gemv_w8_m4 of cuda/fused.cu is launched nowhere in engine/",
+                        "kernel gemv_w8_m8 of cuda/fused.cu is launched nowhere in engine/",
+                        "launcher add_rmsnorm_quant is never called"], problems
+    # called from tests only: the launcher is used, its kernel still launched nowhere in engine/
+    assert unlaunched(_trees({"model.py": [gone]}), known) == [
+        "kernel add_rmsnorm_quant of cuda/fused.cu is launched nowhere in engine/"]
 
 
 @pytest.mark.parametrize("snippet,what", [
@@ -222,3 +294,40 @@ def test_bind_orders_and_converts_by_c_type():
                         zero=None, emb=None, tokens=None))
     with pytest.raises(kargs.KernelArgError, match="defines no kernel"):
         kargs.signature("fused.cu", "no_such_kernel")
+
+
+def test_cached_bind_and_launch_match_the_checked_one(monkeypatch):
+    """After the first, fully checked bind of a tuple of keyword names, later calls build the
+    same tuple (types, values, the very array objects) from the cache; another tuple of names,
+    a wrong one included, is another key and is checked in full."""
+    monkeypatch.setattr(kargs, "_BOUND", {})
+    monkeypatch.setattr(kargs, "_LAUNCHES", {})
+    seen = []
+    monkeypatch.setattr(kernels, "function", lambda file, expr, exprs: lambda g, b, vals, shared_mem=0:
+                        seen.append(vals))
+    launch = kargs.launch         # by another name: the static check reads literal keywords, these are dicts
+    expr = "add_rmsnorm_quant<2, 1, 1>"
+    kf = kargs.KernelFile("fused.cu", (expr,))
+    h, w, x8, sx = (np.zeros(2, np.float16) for _ in range(4))
+    kw = dict(h=h, y=None, w=w, H=3, eps=1e-5, mode=1, static_scale=None, x8=x8, ld=6, sx=sx, xh=None,
+              zero=None, emb=None, tok=True)
+    want = (h, np.uint64(0), w, np.int32(3), np.float32(1e-5), np.int32(1), np.uint64(0), x8, np.int32(6), sx,
+            np.uint64(0), np.uint64(0), np.uint64(0), True)
+
+    def same(a, b):
+        return len(a) == len(b) and all(type(x) is type(y) and (x is y if isinstance(x, np.ndarray) else x == y)
+                                        for x, y in zip(a, b))
+    first = kargs.bind(kf, expr, kw)
+    assert (kf.file, expr, tuple(kw)) in kargs._BOUND and same(first, want)
+    assert same(kargs.bind(kf, expr, dict(kw)), first)                     # the cached builder
+    for _ in range(2):                                                     # checked, then cached
+        launch(kf, expr, (1,), (32,), **kw)
+    assert len(seen) == 2 and same(seen[0], first) and same(seen[1], first)
+    bad = {**{k: v for k, v in kw.items() if k != "tok"}, "tokens": None}
+    for call in (lambda: kargs.bind(kf, expr, bad), lambda: launch(kf, expr, (1,), (32,), **bad)):
+        with pytest.raises(kargs.KernelArgError, match=r"missing \['tok'\], unknown \['tokens'\]"):
+            call()
+    short = {k: v for k, v in kw.items() if k != "tok"}
+    with pytest.raises(kargs.KernelArgError, match=r"missing \['tok'\], unknown none"):
+        launch(kf, expr, (1,), (32,), **short)
+    assert len(kargs._BOUND) == 1 and len(seen) == 2                        # nothing wrong was cached

@@ -48,7 +48,10 @@ def row_cluster(width: int, cta_width: int | None = None) -> int:
     """CTAs per row for a row kernel on sm_90: the smallest cluster that leaves each CTA at
     most `cta_width` (default ROWS.cta_width) values."""
     cta_width = ROWS.cta_width if cta_width is None else cta_width
-    return next((cl for cl in _V.clusters if -(-width // cl) <= cta_width), _V.clusters[-1])
+    for cl in _V.clusters:
+        if -(-width // cl) <= cta_width:
+            return cl
+    return _V.clusters[-1]
 
 
 def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = False) -> tuple[str, int]:
@@ -73,6 +76,19 @@ def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = 
     return f"{name}<{per}, {cl}, {v}>", threads
 
 
+_ROW_LAUNCHES: dict[tuple, tuple[str, int]] = {}
+
+
+def _row_launch(name: str, width: int, cl: int, cap: int, vec: bool) -> tuple[str, int]:
+    """row_launch, memoized on its arguments and the tuning fields it reads (a launch's host
+    time: ~1 µs of Python per call otherwise; ROW_VARIANTS is frozen, ROWS may be patched)."""
+    key = (name, width, cl, cap, vec, ROWS.per_many, ROWS.vec)
+    hit = _ROW_LAUNCHES.get(key)
+    if hit is None:
+        hit = _ROW_LAUNCHES[key] = row_launch(name, width, cl, cap, vec)
+    return hit
+
+
 def _row(name: str, rows: int, shape: RowShape | None, args: dict):
     """One row kernel over `rows` rows. shape None: the engine's choice. A cluster shares a
     row while the rows alone leave SMs idle (decode); a prefill's thousands of rows fill the
@@ -88,9 +104,11 @@ def _row(name: str, rows: int, shape: RowShape | None, args: dict):
         cp = cupy_or_none()
         vec = not few and (ld is None or ld % 8 == 0) and all(
             args[a].data.ptr % 32 == 0 for a in ROW_ARRAYS[name] if isinstance(args[a], cp.ndarray))
-        shape = RowShape(cl, 1024 if few else ROWS.threads_many, vec)
-    expr, threads = row_launch(name, width, shape.cl, shape.cap, shape.vec)
-    kargs.launch(FUSED, expr, (rows * shape.cl,), (threads,), **args)
+        cap = 1024 if few else ROWS.threads_many
+    else:
+        cl, cap, vec = shape.cl, shape.cap, shape.vec
+    expr, threads = _row_launch(name, width, cl, cap, vec)
+    kargs.launch(FUSED, expr, (rows * cl,), (threads,), **args)
 
 
 @kargs.launcher("add_rmsnorm_quant")
