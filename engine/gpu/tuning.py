@@ -54,8 +54,9 @@ ROWS = RowTuning()
 class WbVariants:
     """The weight-only GEMVs' instantiations (gpu/wb.py WB_EXPRS) and launch shape."""
     bits: tuple = (2, 3, 4)
-    mts: tuple = (1, 4, 16)      # M buckets; larger M runs in slices of the last
-    warps: int = 8               # one output row a warp (WB_WARPS)
+    nts: tuple = (1, 2)          # 8-column tiles of x: NT = 1 up to M = 8, 2 up to 16; larger M in slices
+    rows: int = 16               # output rows a block (WB_ROWS, the mma's M)
+    warps: int = 8               # warps a block, splitting K by chunks (WB_WARPS)
     chunk: int = 32              # codes a plane word holds (WB_CHUNK; engine/formats/planes.py)
 
 

@@ -1,4 +1,4 @@
-"""Launchers of cuda/gemv_wb.cu: weight-only b-bit GEMVs for the "pot<b>" and "int<b>" kinds.
+"""Launchers of cuda/gemv_wb.cu: weight-only b-bit GEMVs (tensor cores) for "pot<b>" and "int<b>".
 
 Name triplets (reference ↔ kernel ↔ launcher): formats.linear_ref of a pot/int layer (act
 "none") ↔ gemv_pot / gemv_int ↔ gemv_wb. The canonical bit-plane layout of the file is the
@@ -16,7 +16,8 @@ from .backend import require_cupy
 from .ops import CudaOpError
 from .tuning import WB
 
-WB_EXPRS = tuple(f"gemv_{kind}<{b}, {mt}>" for kind in ("pot", "int") for b in WB.bits for mt in WB.mts)
+WB_EXPRS = tuple(f"gemv_{kind}<{b}, {nt}>" for kind in ("pot", "int") for b in WB.bits for nt in WB.nts)
+MAX_M = 8 * WB.nts[-1]       # rows of x one launch takes
 WB_FILE = kargs.KernelFile("gemv_wb.cu", WB_EXPRS)
 
 
@@ -49,20 +50,20 @@ def pack_wb(ql: formats.QuantLinear) -> PackedWB:
 
 
 def gemv_wb(x, p: PackedWB, out=None):
-    """out (M, N) fp16 = x (M, K) fp16 · Ŵᵀ; M of any size, in slices of at most WB.mts[-1] rows."""
+    """out (M, N) fp16 = x (M, K) fp16 · Ŵᵀ; M of any size, in slices of at most MAX_M rows."""
     cp = require_cupy()
     m, k = x.shape
     if k != p.k or x.dtype != np.float16 or not x.flags.c_contiguous:
         raise CudaOpError(f"gemv_wb needs x as a C-contiguous fp16 (M, {p.k}) array, got {x.dtype} {x.shape}")
     out = cp.empty((m, p.n), dtype=cp.float16) if out is None else out
-    grid = (-(-p.n // WB.warps),)
-    for r0 in range(0, m, WB.mts[-1]):
-        r = min(WB.mts[-1], m - r0)
-        mt = next(t for t in WB.mts if t >= r)
+    grid = (-(-p.n // WB.rows),)
+    for r0 in range(0, m, MAX_M):
+        r = min(MAX_M, m - r0)
+        nt = next(t for t in WB.nts if 8 * t >= r)
         if p.kind == "pot":
-            kargs.launch(WB_FILE, f"gemv_pot<{p.bits}, {mt}>", grid, (32 * WB.warps,), x=x[r0:], qw=p.qw,
+            kargs.launch(WB_FILE, f"gemv_pot<{p.bits}, {nt}>", grid, (32 * WB.warps,), x=x[r0:], qw=p.qw,
                          scale=p.scale, out=out[r0:], M=r, N=p.n, K=k, group=p.group)
         else:
-            kargs.launch(WB_FILE, f"gemv_int<{p.bits}, {mt}>", grid, (32 * WB.warps,), x=x[r0:], qw=p.qw,
+            kargs.launch(WB_FILE, f"gemv_int<{p.bits}, {nt}>", grid, (32 * WB.warps,), x=x[r0:], qw=p.qw,
                          scale=p.scale, zero=p.zero, out=out[r0:], M=r, N=p.n, K=k, group=p.group)
     return out
