@@ -90,3 +90,27 @@ def test_wiki_perplexity_matches_numpy(models):
     r = perplexity(lambda t: ref.forward(t), tokens, 512, max_windows=8, progress=False)
     g = perplexity(lambda t: gpu.forward(t), tokens, 512, max_windows=8, progress=False)
     assert abs(g["perplexity"] / r["perplexity"] - 1) < 0.005, (g["perplexity"], r["perplexity"])
+
+
+def test_pot4_wiki_perplexity_matches_numpy():
+    """A SmolLM2 PoT-W4 model (every linear pot4 g128 at the data-free start, no calibration:
+    seconds) through the GPU engine (gemv_wb, fp16 activations) against the NumPy reference:
+    perplexity within 0.5 % over 8 windows of 512."""
+    from converters.pot import pot_linear
+    from engine.gpu.model import CudaModel
+    from engine.io.checkpoint import load_checkpoint
+    from engine.model import LINEAR_NAMES, Model, ModelWeights
+    from engine.model.perplexity import perplexity
+    try:
+        ck = load_checkpoint(default_model_path())
+        tokens = np.asarray(data.encode_text(ck.tokenizer, data.wiki_text("eval")), dtype=np.int32)
+    except (WeightsError, data.DataError) as e:
+        pytest.skip(str(e))
+    mw = ModelWeights.from_hf(ck.config, ck.tensors)
+    for L in mw.layers:
+        for n in LINEAR_NAMES:
+            setattr(L, n, pot_linear(getattr(L, n), 4, 128, search=False))
+    ref, gpu = Model(mw), CudaModel(mw)
+    r = perplexity(lambda t: ref.forward(t), tokens, 512, max_windows=8, progress=False)
+    g = perplexity(lambda t: gpu.forward(t), tokens, 512, max_windows=8, progress=False)
+    assert abs(g["perplexity"] / r["perplexity"] - 1) < 0.005, (g["perplexity"], r["perplexity"])

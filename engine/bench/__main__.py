@@ -25,7 +25,10 @@ def cmd_e2e(args) -> int:
     bad = set(models) - {"smollm2", "llama7b"}
     if bad:
         raise BenchError(f"--models: unknown {', '.join(sorted(bad))}; choose from smollm2, llama7b")
-    rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models)
+    pot = tuple(int(b) for b in args.pot_bits.split(",") if b.strip())
+    if set(pot) - {2, 3, 4}:
+        raise BenchError(f"--pot-bits: choose from 2, 3, 4, got {args.pot_bits!r}")
+    rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models, pot_bits=pot)
     if args.md:
         Path(args.md).write_text(format_table(rows) + "\n")
     return 0
@@ -66,6 +69,7 @@ def main(argv=None) -> int:
     e.add_argument("--quick", action="store_true", help="512-token prefill, batch 1 and 8 only")
     e.add_argument("--qfile", metavar="PATH", help="a SmolLM2 q.safetensors (default: random DGQ weights of its shape)")
     e.add_argument("--models", default="smollm2,llama7b", help="comma-separated: smollm2, llama7b")
+    e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)
     args = p.parse_args(argv)

@@ -54,11 +54,25 @@ def random_dg_layer(rng, n, k, group=128, act="dynamic", ascale=0.05, cscale=Non
                                ascale=ascale if act == "static" else None)
 
 
-def random_model(c: ModelConfig, quantized: bool, seed=0) -> ModelWeights:
-    """One random layer's arrays shared by every layer (the GPU still gets one copy per layer)."""
+def random_pot_layer(rng, n, k, bits, group=128):
+    """Random valid power-of-two weights: any plane words are valid codes when K is a multiple
+    of 32; scales 2/√K put the typical |w| near the random DGQ layers' ~1/√K."""
+    if k % 32:
+        raise ValueError(f"random_pot_layer needs K a multiple of 32, got {k}")
+    qw = rng.integers(0, 2**32, (n, k // 32, bits), dtype=np.uint32)
+    s = np.full((n, formats.n_groups(k, group)), 2.0 / np.sqrt(k), dtype=np.float16)
+    return formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=n, group=group,
+                               qweight=qw, wscale=s)
+
+
+def random_model(c: ModelConfig, quantized: bool | int, seed=0) -> ModelWeights:
+    """One random layer's arrays shared by every layer (the GPU still gets one copy per layer).
+    quantized: True = random DGQ (A8W4) layers, an int b = random pot<b> layers, False = float."""
     rng = np.random.default_rng(seed)
-    if quantized:
+    if quantized is True:
         lin = {n: random_dg_layer(rng, *s) for n, s in _shapes(c).items()}
+    elif quantized:
+        lin = {n: random_pot_layer(rng, *s, bits=int(quantized)) for n, s in _shapes(c).items()}
     else:
         lin = {n: (rng.standard_normal(s, dtype=np.float32) * (0.5 / np.sqrt(s[1]))) for n, s in _shapes(c).items()}
     ones = np.ones(c.hidden_size, np.float32)
@@ -163,7 +177,7 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
     return rows
 
 
-def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b")):
+def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b"), pot_bits=(4, 3, 2)):
     from ..gpu.backend import cupy_or_none  # noqa: PLC0415
     cp = cupy_or_none()
     if cp is None:
@@ -174,7 +188,7 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
     for key in models:
         if key == "smollm2":
             if qfile:
-                from .qfile import load_qfile  # noqa: PLC0415
+                from ..io.qfile import load_qfile  # noqa: PLC0415
                 mw, label = load_qfile(qfile).weights, "SmolLM2-135M DGQ"
             else:
                 mw, label = random_model(SMOLLM2, True), "SmolLM2-135M-shaped (random DGQ)"
@@ -187,6 +201,10 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
                             batches=(1, 8), steps=kw.get("steps", 64))
         rows += bench_model(cp, label + " FP16", dequantized_copy(mw), bw=bw, **kw)
         del mw
+        for b in pot_bits:          # weight-only power-of-two models of the same shape: decode only
+            shape = SMOLLM2 if key == "smollm2" else LLAMA2_7B
+            rows += bench_model(cp, label.split(" (")[0] + f" (random W{b}-PoT)", random_model(shape, b), bw=bw,
+                                prefill_lens=(), batches=(1, 8), steps=kw.get("steps", 64))
     for r in rows:
         if json_out:
             print(json.dumps(r))

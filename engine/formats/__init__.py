@@ -12,10 +12,10 @@ from .common import (ACT_MODES, DEFAULT_GROUP, QMAX_I8, QMAX_U4, FormatError, ac
                      epilogue_ref, expand_groups, gemm_a8w4_ref, group_index, n_groups, pack_uint4,
                      quantize_act_ref, unpack_uint4)
 from .dg import S_MAX, S_MIN, check_no_overflow
-from .linear import (KINDS, WEIGHT_KINDS, QuantLinear, activation_scales, kind_tensors, linear_ref,
+from .linear import (ARRAY_FIELDS, KINDS, WEIGHT_KINDS, QuantLinear, activation_scales, kind_tensors, linear_ref,
                      validate)
 
-__all__ = ["ACT_MODES", "DEFAULT_GROUP", "KINDS", "QMAX_I8", "QMAX_U4", "S_MAX", "S_MIN", "WEIGHT_KINDS",
+__all__ = ["ACT_MODES", "ARRAY_FIELDS", "DEFAULT_GROUP", "KINDS", "QMAX_I8", "QMAX_U4", "S_MAX", "S_MIN", "WEIGHT_KINDS",
            "FormatError", "QuantLinear", "act_scale_dynamic", "activation_scales", "check_no_overflow",
            "epilogue_ref", "expand_groups", "gemm_a8w4_ref", "group_index", "kind_tensors", "linear_ref",
            "n_groups", "pack_uint4", "quantize_act_ref", "unpack_uint4", "validate"]

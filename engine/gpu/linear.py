@@ -1,11 +1,12 @@
-"""One (possibly fused) linear of the CuPy model: packed A8W4 or a float16 weight."""
+"""One (possibly fused) linear of the CuPy model: packed A8W4, b-bit weight-only (pot, int) or
+a float16 weight."""
 from __future__ import annotations
 
 import numpy as np
 
 from .. import formats
 from ..io.layout import ModelError
-from . import fused
+from . import fused, wb
 from . import ops as ops_cuda
 from .backend import BackendError
 from .fused import MODE
@@ -19,31 +20,41 @@ def _fuse(qls):
             raise ModelError("layers fused into one GEMM must share kind, act mode, group and K")
         if a.act == "static" and q.ascale != a.ascale:
             raise ModelError("q/k/v (and gate/up) read one input and must share one static act scale")
-    cat = lambda f: np.concatenate([getattr(q, f) for q in qls], axis=0)  # noqa: E731
+    arrays = {f: np.concatenate([getattr(q, f) for q in qls], axis=0)            # every per-row array
+              for f in formats.ARRAY_FIELDS if getattr(a, f) is not None}
     return formats.QuantLinear(kind=a.kind, act=a.act, in_features=a.in_features,
                                out_features=sum(q.out_features for q in qls), group=a.group,
-                               qweight=cat("qweight"), qzeros=cat("qzeros"), gscale=cat("gscale"),
-                               cscale=cat("cscale"), ascale=a.ascale)
+                               ascale=a.ascale, **arrays)
 
 
 def _permute_rows(ql, rows):
     """The QuantLinear with output rows in the order `rows` (per-row arrays only)."""
+    arrays = {f: getattr(ql, f)[rows] for f in formats.ARRAY_FIELDS if getattr(ql, f) is not None}
     return formats.QuantLinear(kind=ql.kind, act=ql.act, in_features=ql.in_features,
-                               out_features=ql.out_features, group=ql.group, qweight=ql.qweight[rows],
-                               qzeros=ql.qzeros[rows], gscale=ql.gscale[rows], cscale=ql.cscale[rows],
-                               ascale=ql.ascale)
+                               out_features=ql.out_features, group=ql.group, ascale=ql.ascale, **arrays)
+
+
+WB_KINDS = tuple(f"{k}{b}" for k in ("pot", "int") for b in (2, 3, 4))     # run by gpu/wb.py
 
 
 class GpuLinear:
-    """One (possibly fused) linear on the GPU: packed A8W4, or a float16 weight (matmul_f16)."""
+    """One (possibly fused) linear on the GPU: packed A8W4, b-bit weight-only (gemv_wb, fp16
+    activations), or a float16 weight (matmul_f16)."""
 
     def __init__(self, cp, ws, host_cache: dict | None = None, interleave: bool = False):
         self.cp = cp
         self.interleaved = False     # gate|up rows in the SiLU GEMV's order (ops_cuda.interleave_rows)
-        if all(isinstance(w, formats.QuantLinear) for w in ws):
+        self.wb = None               # a PackedWB for the weight-only kinds
+        if all(isinstance(w, formats.QuantLinear) and w.kind in WB_KINDS for w in ws):
+            self.wb = wb.pack_wb(ws[0] if len(ws) == 1 else _fuse(ws))
+            self.packed, self.w16, self.mode = None, None, MODE["fp16"]       # reads the fp16 activations
+            self.scale = cp.ones(1, cp.float32)
+            self.n, self.kp = self.wb.n, self.wb.k
+        elif all(isinstance(w, formats.QuantLinear) for w in ws):
             if any(w.kind != "dg" for w in ws):
-                raise BackendError(f"the GPU engine runs dual-grained ('dg') layers; this file holds "
-                                   f"'{ws[0].kind}' layers: use --device cpu")
+                kinds = sorted({w.kind for w in ws})
+                raise BackendError(f"the GPU engine runs dual-grained ('dg'), pot2..4 and int2..4 layers; "
+                                   f"this file holds {kinds} (one fused group may not mix kinds): use --device cpu")
             self.interleaved = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
                 and ws[0].out_features % 8 == 0
             # Host repacking is the slow part of loading; layers that share arrays (the
@@ -76,9 +87,11 @@ class GpuLinear:
     def __call__(self, x8, sx, xh, out, resid=None):
         """out (M, N) fp16 = x · Wᵀ from int8 x8 with scales sx, or from fp16 xh; with resid
         (A8W4 GEMV sizes only), resid += that instead (ops_cuda.gemm_a8w4)."""
-        if self.w16 is not None:
-            if resid is not None:
-                raise BackendError("the residual add runs in the A8W4 GEMV only")
+        if (self.w16 is not None or self.wb is not None) and resid is not None:
+            raise BackendError("the residual add runs in the A8W4 GEMV only")
+        if self.wb is not None:
+            wb.gemv_wb(xh, self.wb, out)                   # any M (slices of 16 rows), graph-capturable
+        elif self.w16 is not None:
             fused.matmul_f16(self.cp, xh, self.w16, out)    # the FP16 baseline: cuBLAS or our GEMV
         else:
             ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out, resid=resid)
@@ -90,6 +103,8 @@ class GpuLinear:
         return ops_cuda.gemv_a8w4_silu(x8, sx, self.packed, out, amax)
 
     def nbytes(self) -> int:
+        if self.wb is not None:
+            return self.wb.nbytes()
         if self.w16 is not None:
             return self.w16.nbytes
         return self.packed.nbytes()

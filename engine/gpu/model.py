@@ -100,6 +100,8 @@ class CudaModel:
         # CuPy cannot capture cuBLAS calls: float linears are graphed through our fp16 GEMV
         # (M ≤ GEMV_F16.max_m, K % 8 == 0); otherwise such a model decodes eagerly
         self._f16_ks = [g.w16.shape[1] for L in self.layers for g in L.linears() if g.w16 is not None]
+        # the residual add folds into the A8W4 GEMV only (not the fp16 or b-bit weight-only ones)
+        self._all_a8w4 = all(g.packed is not None for L in self.layers for g in L.linears())
         inv = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
         ang = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), inv)  # (P, D/2)
         self.cos = cp.asarray(np.cos(ang), dtype=cp.float32)
@@ -140,7 +142,7 @@ class CudaModel:
     def _fold_resid(self, m: int) -> bool:
         """Whether the o and down GEMVs add into h themselves for m rows (every linear A8W4 and
         M small enough for the GEMV kernel): the norms after them then skip the add."""
-        return m <= GEMM.gemv_max_m and not self._f16_ks
+        return m <= GEMM.gemv_max_m and self._all_a8w4
 
     def _fold_quant(self, m: int) -> bool:
         """Whether a one-token decode step drops silu_mul_quant and the absmax reductions of
