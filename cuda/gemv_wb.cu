@@ -22,8 +22,10 @@
 //        bits as (0x4000 - (m << 10)) ^ sign (0x4000 is 2.0), masked to 0 where m = 0;
 //   int: unit = q - z, from (0x6400 | q) - (1024 + z) in fp16: exact small integers.
 // The products are exact and the mma sums in fp32, so out is the float64 reference rounded to
-// fp16 within fp32 summation error (tests/test_wb_gpu.py: ≤ 1 ulp).
+// fp16 within fp32 summation error (tests/test_wb_gpu.py: ≤ 1 ulp). Inside a captured decode step
+// it is launched with programmatic dependent launch like every kernel of cuda/ (pdl.cuh).
 #include <cuda_fp16.h>
+#include "pdl.cuh"
 
 #define WB_CHUNK 32
 #define WB_WARPS 8
@@ -93,6 +95,7 @@ __device__ __forceinline__ void gemv_wb_tile(const __half* __restrict__ x, const
                                              const __half* __restrict__ scale, const unsigned char* __restrict__ zero,
                                              __half* __restrict__ out, int M, int N, int K, int group) {
     __shared__ float red[WB_WARPS][WB_ROWS][8 * NT];
+    pdl_enter();              // x is the kernel before's output, out may still be read by it (cuda/pdl.cuh)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * WB_ROWS;
