@@ -72,21 +72,12 @@ def test_gpu_engine_runs_weight_only_models(kind, bits):
     captured decode step against eager decoding and the reference's greedy choices."""
     from engine.gpu.model import CudaModel
     from engine.model import Model
+    from test_model_cuda import check_graph_decode
     mw = _wb_model(kind, bits)
-    gm, ref = CudaModel(mw), Model(mw)
     tokens = np.arange(20) % mw.config.vocab_size
-    g, r = gm.forward(tokens).get(), ref.forward(tokens)
+    g, r = CudaModel(mw).forward(tokens).get(), Model(mw).forward(tokens)
     assert np.linalg.norm(g - r) / np.linalg.norm(r) < 1e-2                # as the FP16 path's test
-    assert gm.graphable(1) == (True, True)
-    prompt = np.array([5, 9, 2, 44, 7])
-    outs = []
-    for use_graph in (True, False):
-        cache = gm.new_cache(64)
-        first = int(gm.prefill(prompt, cache).astype(np.float32).argmax())
-        outs.append(np.concatenate([[first], gm.decode_greedy(cache, [first], 12, use_graph)[:, 0]]))
-    np.testing.assert_array_equal(outs[0], outs[1])
-    full = ref.forward(np.concatenate([prompt, outs[0][:-1]]))
-    assert (full[len(prompt) - 1:].argmax(axis=-1) == outs[0]).mean() >= 0.9
+    check_graph_decode(mw)
 
 
 def test_gpu_engine_rejects_a_mixed_fused_group():
