@@ -24,7 +24,7 @@ def fp16_ulp(v):
 @pytest.mark.parametrize("kind", ["pot", "int"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 96, 32), (33, 100, 64), (8, 4096, 128), (24, 576, 64)])
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 40, 300])
 def test_gemv_wb_matches_reference(kind, bits, n, k, group, m):
     import cupy as cp
 
