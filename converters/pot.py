@@ -37,6 +37,8 @@ BETA_COARSE = 5                                        # ... visited coarse to f
 # ±0.2 57.17, ±0.5 48.16, −0.75..+1.5 40.95; a log-spaced 2^(−1..1.5) grid 44.72)
 GAMMAS = np.round(np.arange(-15, 31) * 0.05, 2)
 ROWS_PER_CHUNK = 4096                                  # bounds the (rows, G, group) temporaries
+GROUPS = (32, 64, 128)                                 # a 32-code plane word never straddles two groups
+BITS = (2, 3, 4)
 
 
 def fp16_scale(s: np.ndarray, min_exp: int = 1) -> np.ndarray:
@@ -165,11 +167,17 @@ def _search(fam, Wg, Hb, search: bool):
     return best_s
 
 
+def check_bits_group(bits: int, group: int) -> None:
+    if bits not in BITS:
+        raise QuantizeError(f"b-bit weight-only kinds take 2, 3 or 4 bits, got {bits!r}")
+    if group not in GROUPS:
+        raise QuantizeError(f"{bits}-bit weights take groups of 32, 64 or 128, got {group!r}")
+
+
 def _quantize(fam, W, H, group: int, search: bool):
     W = _check_weight(W)
     n, k = W.shape
-    if group not in (32, 64, 128):
-        raise QuantizeError(f"{fam.bits}-bit weights take groups of 32, 64 or 128, got {group}")
+    check_bits_group(fam.bits, group)
     Hb = None if H is None else h_blocks(_check_gram(H, k).astype(np.float64, copy=False), group).astype(np.float32)
     codes = np.empty((n, k), dtype=np.uint8)
     scales = np.empty((n, formats.n_groups(k, group)), dtype=np.float32)

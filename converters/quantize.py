@@ -44,7 +44,8 @@ from . import calibrate as cal
 from . import smooth
 from .baselines import g_linear, i8_linear
 from .dgq import QuantizeError, dgq_linear
-from .pot import int_linear, pot_linear
+from .pot import BITS as WEIGHT_ONLY_BITS
+from .pot import check_bits_group, int_linear, pot_linear
 
 # FPTQ's per-site thresholds on the calibration max|X| (the FPTQ paper): up to 15 static
 # per-tensor INT8, up to 150 LAE + static, above that per-token dynamic.
@@ -86,7 +87,6 @@ METHODS = {
     "int-rtn": MethodSpec("int", False, None),
     "int-search": MethodSpec("int", True, None),
 }
-WEIGHT_ONLY_BITS = (2, 3, 4)     # the bit-plane kinds (pot, int-*)
 
 
 def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
@@ -163,6 +163,8 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     if not isinstance(group, int) or isinstance(group, bool) or group < 1:
         raise QuantizeError(f"group must be a positive integer, got {group!r}")
     config = ckpt.config
+    if spec.weights in ("pot", "int"):
+        check_bits_group(bits, group)                  # before the calibration pass, not after
     if spec.weights in ("dg", "g"):
         for n, k in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size)):
             if k % 2:
