@@ -3,9 +3,10 @@
 PoTPTQ's two steps (arXiv 2507.11959), applied per group of `group` input channels:
   1. data-free: s = β·S0 over the grid β ∈ {0.01, 0.02, …, 2.00} (S0 = the group's largest
      magnitude for PoT, (max - min)/(2^b - 1) for uniform), keeping the β with the least
-     weight error ‖w - ŵ‖². We visit it coarse to fine (every 5th β, then the nine 0.01
-     steps around each group's coarse best: 49 evaluations instead of 200, the same answer
-     wherever the error does not dip between two coarse points);
+     weight error ‖w - ŵ‖². We visit it coarse to fine (every 5th β, then the eight 0.01
+     steps around each group's coarse best: 48 evaluations instead of 200). That approximates
+     the full grid: on heavy-tailed test weights it kept a worse β in 60 of 256 groups for
+     pot4 (up to +1 % weight error) and 11 of 256 for int3 (up to +6.8 %);
   2. calibration: s ← s·(1 + γ), γ ∈ GAMMAS (−0.75 … +1.5, 0 included, so never worse than step 1 on this
      objective), keeping the γ with the least output error of the group, e H_gg eᵀ with
      e = w - ŵ and H_gg the group's diagonal block of the calibration Gram matrix XᵀX (the
@@ -38,15 +39,14 @@ BETA_COARSE = 5                                        # ... visited coarse to f
 GAMMAS = np.round(np.arange(-15, 31) * 0.05, 2)
 ROWS_PER_CHUNK = 4096                                  # bounds the (rows, G, group) temporaries
 GROUPS = (32, 64, 128)                                 # a 32-code plane word never straddles two groups
-BITS = (2, 3, 4)
+BITS = planes.PLANE_BITS
 
 
 def fp16_scale(s: np.ndarray, min_exp: int = 1) -> np.ndarray:
     """s rounded to float16 and floored at 2^(min_exp - 15) (a normal float16 with exponent
     field ≥ min_exp); returned as float32 holding exactly the stored values."""
-    floor = np.float32(2.0 ** (min_exp - FP16_EXP_BIAS))
-    s16 = np.maximum(np.asarray(s, dtype=np.float32), floor).astype(np.float16)
-    return np.maximum(s16.astype(np.float32), floor)
+    floor = np.float32(2.0 ** (min_exp - FP16_EXP_BIAS))      # a power of two: rounding keeps it
+    return np.maximum(np.asarray(s, dtype=np.float32), floor).astype(np.float16).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- the two families
@@ -177,10 +177,10 @@ def check_bits_group(bits: int, group: int) -> None:
 def _quantize(fam, W, H, group: int, search: bool):
     W = _check_weight(W)
     n, k = W.shape
-    check_bits_group(fam.bits, group)
     Hb = None if H is None else h_blocks(_check_gram(H, k).astype(np.float64, copy=False), group).astype(np.float32)
     codes = np.empty((n, k), dtype=np.uint8)
     scales = np.empty((n, formats.n_groups(k, group)), dtype=np.float32)
+    zeros = np.empty(scales.shape, dtype=np.uint8) if isinstance(fam, _Int) else None
     for a in range(0, n, ROWS_PER_CHUNK):
         b = min(n, a + ROWS_PER_CHUNK)
         # float32 halves the cost of the grids; the scales are stored in float16 anyway
@@ -188,17 +188,18 @@ def _quantize(fam, W, H, group: int, search: bool):
         s = _search(fam, Wg, Hb, search)
         scales[a:b] = s
         codes[a:b] = from_groups(fam.codes(Wg, s), k)
-    return codes, scales
+        if zeros is not None:
+            zeros[a:b] = fam.zero(s)                                             # of this chunk's lo
+    return codes, scales, zeros
 
 
 def pot_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
                search: bool = True) -> formats.QuantLinear:
     """Power-of-two b-bit weights, float activations: QuantLinear(kind="pot<b>").
     search=False: S0 (the group's largest magnitude) as the scale; H adds step 2."""
-    if bits not in (2, 3, 4):
-        raise QuantizeError(f"power-of-two weights take 2, 3 or 4 bits, got {bits}")
+    check_bits_group(bits, group)
     fam = _Pot(bits)
-    codes, s = _quantize(fam, W, H, group, search)
+    codes, s, _ = _quantize(fam, W, H, group, search)
     n, k = codes.shape
     return formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=n, group=group,
                                qweight=planes.pack_planes(codes, bits), wscale=s.astype(np.float16),
@@ -209,13 +210,10 @@ def int_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
                search: bool = False) -> formats.QuantLinear:
     """Uniform asymmetric b-bit weights, float activations: QuantLinear(kind="int<b>").
     search=False is min-max RTN ("int-rtn"); search=True the same two steps as PoT."""
-    if bits not in (2, 3, 4):
-        raise QuantizeError(f"uniform bit-plane weights take 2, 3 or 4 bits, got {bits}")
+    check_bits_group(bits, group)
     fam = _Int(bits)
-    codes, s = _quantize(fam, W, H, group, search)
+    codes, s, z = _quantize(fam, W, H, group, search)
     n, k = codes.shape
-    fam.start(to_groups(np.asarray(W), group).astype(np.float32))                                                                # lo for the zero points
-    z = fam.zero(s)
     return formats.QuantLinear(kind=f"int{bits}", act="none", in_features=k, out_features=n, group=group,
                                qweight=planes.pack_planes(codes, bits), qzeros=z.astype(np.uint8),
                                wscale=s.astype(np.float16), meta={"search": bool(search), "gram": H is not None})

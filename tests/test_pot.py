@@ -61,11 +61,11 @@ def test_pot_levels(bits):
 
 @pytest.mark.parametrize("bits", BITS)
 def test_pot_reference_equals_fp16_bit_trick(bits):
-    """What the kernels compute, on the fp16 bits: bits(s) - ((m-1) << 10), sign XOR-ed in,
-    0 for m = 0. The float32 reference must equal it exactly for every valid scale."""
+    """The format's guarantee (engine/formats/pot.py): on the fp16 bits, bits(s) - ((m-1) << 10)
+    with the sign XOR-ed in (0 for m = 0) is exactly the reference weight for every valid scale."""
     W, ql = _pot(bits, k=256, group=32, n=40, seed=bits)
     rng = np.random.default_rng(7)
-    exp = rng.integers(ql.wscale.shape[0] * 0 + formats.KINDS[f"pot{bits}"].min_scale_exp, 31, ql.wscale.shape)
+    exp = rng.integers(formats.KINDS[f"pot{bits}"].min_scale_exp, 31, ql.wscale.shape)
     mant = rng.integers(0, 1024, ql.wscale.shape)
     ql.wscale = ((exp << 10) | mant).astype(np.uint16).view(np.float16)     # any valid scale
     formats.validate(ql)
@@ -82,6 +82,9 @@ def test_pot_reference_equals_fp16_bit_trick(bits):
 def test_pot_validation(bits):
     _, ql = _pot(bits)
     kw = dict(kind=ql.kind, in_features=ql.in_features, out_features=ql.out_features, group=ql.group)
+    at = ql.wscale.copy()
+    at[0, 0] = np.float16(2.0 ** (formats.KINDS[ql.kind].min_scale_exp - 15))     # exactly the floor: valid
+    formats.QuantLinear(act="none", qweight=ql.qweight, wscale=at, **kw)
     low = ql.wscale.copy()
     low[0, 0] = np.float16(2.0 ** (formats.KINDS[ql.kind].min_scale_exp - 16))   # one below the floor
     with pytest.raises(formats.FormatError, match="at least 2"):
@@ -97,6 +100,22 @@ def test_pot_validation(bits):
         formats.QuantLinear(act="none", qweight=ql.qweight[:, :1], wscale=ql.wscale, **kw)
     with pytest.raises(formats.FormatError, match="dtype"):
         formats.QuantLinear(act="none", qweight=ql.qweight, wscale=ql.wscale.astype(np.float32), **kw)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_int_validation(bits):
+    W = np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32)
+    ql = int_linear(W, bits, 32)
+    kw = dict(kind=ql.kind, act="none", in_features=64, out_features=4, group=32, qweight=ql.qweight)
+    z = ql.qzeros.copy()
+    z[0, 0] = 1 << bits                                   # one past the largest code
+    with pytest.raises(formats.FormatError, match="zero points"):
+        formats.QuantLinear(qzeros=z, wscale=ql.wscale, **kw)
+    for bad in (0.0, -1.0, np.nan, np.inf):
+        s = ql.wscale.copy()
+        s[1, 1] = bad
+        with pytest.raises(formats.FormatError, match="positive finite"):
+            formats.QuantLinear(qzeros=ql.qzeros, wscale=s, **kw)
 
 
 def test_padding_must_be_zero():
@@ -140,6 +159,22 @@ def test_search_is_never_worse(fn, bits):
     assert block_obj(with_h) <= block_obj(no_h) * (1 + 1e-9)
     rtn = fn(W, bits, 32, search=False)
     assert ((no_h.dequantize() - W) ** 2).sum() <= ((rtn.dequantize() - W) ** 2).sum() * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("fam_name", ["pot", "int"])
+def test_fine_pass_improves_on_the_coarse_grid(fam_name):
+    """Step 1's 0.01 steps around the coarse best: never worse than every 5th β alone, and
+    better somewhere (heavy-tailed weights, so the error curve is not flat)."""
+    from converters import pot as P
+    fam = P._Pot(3) if fam_name == "pot" else P._Int(3)
+    rng = np.random.default_rng(5)
+    Wg = (rng.standard_t(3, size=(64, 4, 32)) * 0.02).astype(np.float32)
+    s0 = fam.start(Wg)
+    coarse = np.min([fam.weight_error(Wg, fam.scale(np.float32(b) * s0))
+                     for b in P.BETAS[P.BETA_COARSE - 1::P.BETA_COARSE]], axis=0)   # (R, G)
+    final = fam.weight_error(Wg, P._search(fam, Wg, None, True))
+    assert (final <= coarse * (1 + 1e-6)).all()
+    assert (final < coarse * (1 - 1e-4)).any()
 
 
 @pytest.mark.parametrize("bits", BITS)

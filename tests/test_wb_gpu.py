@@ -1,7 +1,8 @@
 """Weight-only b-bit GEMVs (cuda/gemv_wb.cu) against the NumPy reference of their formats (gpu-marked).
 
-The kernels dequantize exactly (the fp16 bit trick of engine/formats/pot.py, the exact FMA of
-the uniform kinds) and sum in fp32, so each output is the float64 reference rounded to fp16:
+The kernels build exact unit weights (±2^-(m-1) on the fp16 bits for PoT, q - z for the uniform
+kinds), take the products on the tensor cores in fp32 and apply the group scale to each chunk's
+fp32 partial sum, so each output is the float64 reference rounded to fp16:
 within one fp16 ulp, plus the fp32 summation error (bounded by 2^-20 · Σ|x·w|).
 """
 import zlib
@@ -23,7 +24,8 @@ def fp16_ulp(v):
 
 @pytest.mark.parametrize("kind", ["pot", "int"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 96, 32), (33, 100, 64), (8, 4096, 128), (24, 576, 64)])
+@pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 96, 32), (33, 100, 64), (8, 4096, 128), (24, 576, 64),
+                                       (19, 33, 32), (40, 257, 64)])
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 40, 300])
 def test_gemv_wb_matches_reference(kind, bits, n, k, group, m):
     import cupy as cp

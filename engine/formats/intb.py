@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .common import check, expand_groups, n_groups
-from .planes import n_chunks, padding_is_zero, unpack_planes
+from .planes import PLANE_BITS, n_chunks, padding_is_zero, unpack_planes
 
 
 class IntKind:
@@ -45,4 +45,4 @@ class IntKind:
         return (q - z) * s
 
 
-KINDS = {f"int{b}": IntKind(b) for b in (2, 3, 4)}
+KINDS = {f"int{b}": IntKind(b) for b in PLANE_BITS}

@@ -9,11 +9,14 @@ the two are the same set). We keep a zero code although it costs one level: on S
 PoT-3 without one scored ppl 77.5 against 45.8 with it (v_proj cannot take weights that
 never reach 0).
 
-Why the scale is float16 with a floor: the GPU dequantizes with integer arithmetic on the
-fp16 bits, bits(ŵ) = bits(s) - ((m-1) << 10), then XORs the sign in (no int->float convert,
-no multiply). That is exact while s·2^-(m-1) stays a normal fp16, i.e. while the exponent
-field of s is at least 2^(b-1)-1; the validator demands it, so the float32 reference below
-equals the kernels bit for bit.
+Why the scale is float16 with a floor: the format guarantees that every weight is a normal
+fp16 that a kernel can build with integer arithmetic on the bits of s, bits(ŵ) =
+bits(s) - ((m-1) << 10) with the sign XOR-ed in (no int->float convert, no multiply). That
+holds while the exponent field of s is at least 2^(b-1)-1, and the validator demands it
+(tests/test_pot.py checks the identity). The first GEMV used exactly that; the current one
+(cuda/gemv_wb.cu) builds scale-free units 2^-(m-1) the same way and applies s to fp32 partial
+sums, so it does not need the floor, but the guarantee stays: it costs nothing (scales that
+small are weights below 0.004, SmolLM2 never hit it) and keeps both kernel designs exact.
 
 Tensors: qweight (N, ceil(K/32), b) uint32 bit planes (planes.py), wscale (N, G) float16.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from .common import check, expand_groups, n_groups
-from .planes import n_chunks, padding_is_zero, unpack_planes
+from .planes import PLANE_BITS, n_chunks, padding_is_zero, unpack_planes
 
 FP16_EXP_SHIFT = 10
 FP16_EXP_BIAS = 15
@@ -66,4 +69,4 @@ class PotKind:
         return sign * self.magnitudes()[m] * s                           # exact in float32
 
 
-KINDS = {f"pot{b}": PotKind(b) for b in (2, 3, 4)}
+KINDS = {f"pot{b}": PotKind(b) for b in PLANE_BITS}

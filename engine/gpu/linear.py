@@ -34,7 +34,7 @@ def _permute_rows(ql, rows):
                                out_features=ql.out_features, group=ql.group, ascale=ql.ascale, **arrays)
 
 
-WB_KINDS = tuple(f"{k}{b}" for k in ("pot", "int") for b in (2, 3, 4))     # run by gpu/wb.py
+WB_KINDS = tuple(k for k in formats.KINDS if k[:3] in ("pot", "int"))       # run by gpu/wb.py
 
 
 class GpuLinear:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from ..formats.planes import PLANE_BITS
 from . import flags
 
 # ----------------------------------------------------------------------------- row kernels
@@ -53,7 +54,7 @@ ROWS = RowTuning()
 @dataclass(frozen=True)
 class WbVariants:
     """The weight-only GEMVs' instantiations (gpu/wb.py WB_EXPRS) and launch shape."""
-    bits: tuple = (2, 3, 4)
+    bits: tuple = PLANE_BITS     # every width of the bit-plane kinds
     nts: tuple = (1, 2)          # 8-column tiles of x: NT = 1 up to M = 8, 2 up to 16; larger M in slices
     rows: int = 16               # output rows a block (WB_ROWS, the mma's M)
     warps: int = 8               # warps a block, splitting K by chunks (WB_WARPS)
