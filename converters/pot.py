@@ -8,7 +8,8 @@ PoTPTQ's two steps (arXiv 2507.11959), applied per group of `group` input channe
      the full grid: on heavy-tailed test weights it kept a worse β in 60 of 256 groups for
      pot4 (up to +1 % weight error) and 11 of 256 for int3 (up to +6.8 %);
   2. calibration: s ← s·(1 + γ), γ ∈ GAMMAS (−0.75 … +1.5, 0 included, so never worse than step 1 on this
-     objective), keeping the γ with the least output error of the group, e H_gg eᵀ with
+     objective), and S0 itself (never worse than RTN either), keeping the scale with the least
+     output error of the group, e H_gg eᵀ with
      e = w - ŵ and H_gg the group's diagonal block of the calibration Gram matrix XᵀX (the
      objective DGQ's phase 1 uses; cross-group terms are left out).
 Both steps evaluate the float16 scale actually stored (rounded, floored for PoT: see
@@ -155,8 +156,9 @@ def _search(fam, Wg, Hb, search: bool):
     if Hb is None:
         return best_s
     s1, best = best_s, None
-    for gamma in GAMMAS:                                                         # step 2: e H_gg eᵀ
-        s = fam.scale(s1 * np.float32(1.0 + gamma))
+    # step 2: e H_gg eᵀ over s1·(1 + γ), and the start scale S0 itself (min-max for uniform codes),
+    # so the result is never worse than RTN on this objective
+    for s in [fam.scale(s0)] + [fam.scale(s1 * np.float32(1.0 + g)) for g in GAMMAS]:
         e = (Wg - fam.dequant(Wg, s)).transpose(1, 0, 2)                         # (G, R, g)
         err = ((e @ Hb) * e).sum(axis=-1).T                                      # (R, G)
         if best is None:
