@@ -143,23 +143,24 @@ def test_pot_rounds_to_the_nearest_level(bits):
 @pytest.mark.parametrize("fn", [pot_linear, int_linear])
 @pytest.mark.parametrize("bits", BITS)
 def test_search_is_never_worse(fn, bits):
-    """Step 1 holds β = 1, step 2 holds γ = 0 and S0: with H the output objective is never worse
-    than without H, nor than the start scale (RTN for the uniform codes)."""
+    """Per group, on the group's output objective d H_gg dᵀ: the search with H is never worse than
+    the search without H (step 2 holds γ = 0) nor than the start scale S0, RTN for the uniform
+    codes (step 2 holds S0). Heavy-tailed weights: without S0 among the candidates, 1 to 24 of
+    these 192 groups came out worse than RTN."""
     rng = np.random.default_rng(bits)
-    W = (rng.standard_normal((32, 96)) * 0.05).astype(np.float32)
+    W = (rng.standard_t(3, size=(64, 96)) * 0.03).astype(np.float32)
     X = rng.standard_normal((300, 96))
     X[:, :2] *= 20
     H = X.T @ X
 
-    def block_obj(ql):
+    def group_obj(ql):
         d = (ql.dequantize() - W).astype(np.float64)
-        return sum(np.einsum("ni,ij,nj->", d[:, g:g + 32], H[g:g + 32, g:g + 32], d[:, g:g + 32])
-                   for g in range(0, 96, 32))
-    no_h = fn(W, bits, 32, search=True)
-    with_h = fn(W, bits, 32, H=H, search=True)
-    rtn = fn(W, bits, 32, search=False)
-    assert block_obj(with_h) <= block_obj(no_h) * (1 + 1e-9)
-    assert block_obj(with_h) <= block_obj(rtn) * (1 + 1e-9)
+        return np.stack([np.einsum("ni,ij,nj->n", d[:, g:g + 32], H[g:g + 32, g:g + 32], d[:, g:g + 32])
+                         for g in range(0, 96, 32)], axis=1)                  # (N, G)
+    no_h, rtn = fn(W, bits, 32, search=True), fn(W, bits, 32, search=False)
+    with_h = group_obj(fn(W, bits, 32, H=H, search=True))
+    assert (with_h <= group_obj(no_h) * (1 + 1e-9)).all()
+    assert (with_h <= group_obj(rtn) * (1 + 1e-9)).all()
     assert ((no_h.dequantize() - W) ** 2).sum() <= ((rtn.dequantize() - W) ** 2).sum() * (1 + 1e-6)
 
 
