@@ -58,10 +58,11 @@ def reuse_calibration():
 
 def bits_per_weight(mw) -> float:
     """Stored bits of the linears (codes and scales) per weight."""
+    from engine import formats
     from engine.model import LINEAR_NAMES
     lin = [getattr(L, n) for L in mw.layers for n in LINEAR_NAMES]
     n = sum(int(np.prod(q.shape)) for q in lin)
-    return 8 * sum(q.nbytes() if hasattr(q, "nbytes") and callable(q.nbytes) else q.nbytes for q in lin) / n
+    return 8 * sum(q.nbytes() if isinstance(q, formats.QuantLinear) else q.nbytes for q in lin) / n
 
 
 def main(argv=None):
