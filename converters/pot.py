@@ -176,7 +176,9 @@ def check_bits_group(bits: int, group: int) -> None:
         raise QuantizeError(f"{bits}-bit weights take groups of 32, 64 or 128, got {group!r}")
 
 
-def _quantize(fam, W, H, group: int, search: bool):
+def _quantize(fam, kind: str, W, H, group: int, search: bool) -> formats.QuantLinear:
+    """The QuantLinear of `kind` for W: codes and scales (and zero points) row chunk by row chunk."""
+    check_bits_group(fam.bits, group)
     W = _check_weight(W)
     n, k = W.shape
     Hb = None if H is None else h_blocks(_check_gram(H, k).astype(np.float64, copy=False), group).astype(np.float32)
@@ -192,7 +194,10 @@ def _quantize(fam, W, H, group: int, search: bool):
         codes[a:b] = from_groups(fam.codes(Wg, s), k)
         if zeros is not None:
             zeros[a:b] = fam.zero(s)                                             # of this chunk's lo
-    return codes, scales, zeros
+    extra = {} if zeros is None else {"qzeros": zeros}
+    return formats.QuantLinear(kind=f"{kind}{fam.bits}", act="none", in_features=k, out_features=n, group=group,
+                               qweight=planes.pack_planes(codes, fam.bits), wscale=scales.astype(np.float16),
+                               meta={"search": bool(search), "gram": H is not None}, **extra)
 
 
 def pot_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
@@ -200,12 +205,7 @@ def pot_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
     """Power-of-two b-bit weights, float activations: QuantLinear(kind="pot<b>").
     search=False: S0 (the group's largest magnitude) as the scale; H adds step 2."""
     check_bits_group(bits, group)
-    fam = _Pot(bits)
-    codes, s, _ = _quantize(fam, W, H, group, search)
-    n, k = codes.shape
-    return formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=n, group=group,
-                               qweight=planes.pack_planes(codes, bits), wscale=s.astype(np.float16),
-                               meta={"search": bool(search), "gram": H is not None})
+    return _quantize(_Pot(bits), "pot", W, H, group, search)
 
 
 def int_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
@@ -213,9 +213,4 @@ def int_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
     """Uniform asymmetric b-bit weights, float activations: QuantLinear(kind="int<b>").
     search=False is min-max RTN ("int-rtn"); search=True the same two steps as PoT."""
     check_bits_group(bits, group)
-    fam = _Int(bits)
-    codes, s, z = _quantize(fam, W, H, group, search)
-    n, k = codes.shape
-    return formats.QuantLinear(kind=f"int{bits}", act="none", in_features=k, out_features=n, group=group,
-                               qweight=planes.pack_planes(codes, bits), qzeros=z.astype(np.uint8),
-                               wscale=s.astype(np.float16), meta={"search": bool(search), "gram": H is not None})
+    return _quantize(_Int(bits), "int", W, H, group, search)
