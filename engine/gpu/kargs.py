@@ -239,7 +239,7 @@ def launch(kf: KernelFile, expr: str, grid, block, shared_mem: int = 0, **args):
         vals, fn = hit[1](args), hit[2]
     else:                                   # first launch with these names (or another KernelFile)
         vals = bind(kf, expr, args)
-        fn = kernels.function(kf.file, expr, kf.exprs)
+        fn = function(kf, expr)
         _LAUNCHES[key] = (kf.exprs, _BOUND[key], fn)
     if _WRAP:
         return _WRAP[-1](expr, lambda: fn(grid, block, vals, shared_mem=shared_mem))
