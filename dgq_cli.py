@@ -21,17 +21,60 @@ from engine.io.layout import LINEAR_NAMES
 from engine.util.sysinfo import peak_rss_mb
 
 
+def one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
 def user_errors(fn):
-    """Turn the engine's validation errors into one clear line instead of a traceback."""
+    """Turn the engine's validation errors into one clear line instead of a traceback.
+
+    Anything else (a bug of ours, MemoryError) is still one line, marked "internal error";
+    tests/test_fuzz_inputs.py fails on that marker, so every damaged input must be caught
+    by a check that says what is wrong."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
+        except click.ClickException:
+            raise
         except (ValueError, BackendError, OSError) as e:
             if os.environ.get("DGQ_DEBUG"):
                 raise
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(one_line(e) or type(e).__name__) from None
+        except MemoryError:
+            if os.environ.get("DGQ_DEBUG"):
+                raise
+            raise click.ClickException("out of memory; the input is larger than this machine can hold "
+                                       "(or its header lies about its size)") from None
+        except Exception as e:  # noqa: BLE001  (the last line of defence against a traceback)
+            if os.environ.get("DGQ_DEBUG"):
+                raise
+            raise click.ClickException(f"internal error: {type(e).__name__}: {one_line(e)[:300]} "
+                                       "(please report it; DGQ_DEBUG=1 shows the traceback)") from None
     return wrapper
+
+
+def check_prompt(prompt: str) -> None:
+    from engine.model.generate import GenerationError  # noqa: PLC0415
+    try:
+        prompt.encode("utf-8")             # undecodable argv bytes arrive as lone surrogates
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"--prompt is not valid UTF-8 text (undecodable byte at character "
+                              f"{e.start}); pass the prompt in UTF-8") from None
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty", param_hint="--prompt")
+
+
+def check_weights_arg(path) -> None:
+    """--weights / MODEL: present and readable before anything is loaded."""
+    if path is None:
+        return
+    from engine.io.layout import WeightsError  # noqa: PLC0415
+    from engine.util.files import PathError, input_path  # noqa: PLC0415
+    try:
+        input_path(path, "--weights" if path else "MODEL", kind="any")
+    except PathError as e:
+        raise WeightsError(str(e)) from None
 
 
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
@@ -52,11 +95,11 @@ kv8_option = click.option("--kv8", is_flag=True,
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @weights_option
 @click.option("--prompt", required=True, help="Text to continue or to answer.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k cut.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = no top-k cut.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the model's chat template.")
 @kv8_option
 @lm_head_option
@@ -65,8 +108,10 @@ kv8_option = click.option("--kv8", is_flag=True,
 def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8, lm_head, device):
     """Generate text; tokens stream to stdout, speed goes to stderr."""
     from engine.model.generate import TextStream, encode_prompt, generate, stop_ids  # noqa: PLC0415
-    if not prompt.strip():
-        raise click.BadParameter("the prompt is empty", param_hint="--prompt")
+    from engine.model.sampling import check_args  # noqa: PLC0415
+    check_prompt(prompt)                      # every flag before the model loads
+    check_args(temperature, top_k, top_p)
+    check_weights_arg(weights_path)
     t0 = time.perf_counter()
     lm = load_model(weights_path, device, lm_head=lm_head)
     load_s = time.perf_counter() - t0
@@ -93,8 +138,8 @@ def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
               help="A UTF-8 text file to score.")
 @click.option("--corpus", type=click.Choice(["wiki"]), default=None,
               help="Built-in corpus: 'wiki' = the evaluation split of the gensim Wikipedia sample.")
-@click.option("--window", type=int, default=512, show_default=True, help="Tokens per window.")
-@click.option("--max-windows", type=int, default=None, help="Score only the first N windows.")
+@click.option("--window", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
+@click.option("--max-windows", type=click.IntRange(min=1), default=None, help="Score only the first N windows.")
 @kv8_option
 @lm_head_option
 @device_option
@@ -106,7 +151,13 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
     if (text_path is None) == (corpus is None):
         raise click.UsageError("give exactly one of --text FILE or --corpus wiki")
     text = load_text_file(text_path) if text_path else wiki_text("eval")
+    check_weights_arg(weights_path)
     lm = load_model(weights_path, device, lm_head=lm_head)
+    if window > lm.config.max_position_embeddings:
+        raise click.BadParameter(f"{window} tokens exceed the model's context of "
+                                 f"{lm.config.max_position_embeddings}", param_hint="--window")
+    if lm.tokenizer is None:
+        raise click.UsageError("this model file carries no tokenizer; dgq-eval needs one to read text")
     tokens = np.asarray(encode_text(lm.tokenizer, text), dtype=np.int32)
     t0 = time.perf_counter()
     if kv8:     # each window through a fresh INT8 cache: its keys are quantized before attention
@@ -130,17 +181,19 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
 @click.option("--method", type=click.Choice(["dgq", "dgq-rtn", "fptq", "fptq-dg", "rtn", "smoothquant",
                                              "w4a16", "w8a8", "pot", "int-rtn", "int-search"]),
               default="dgq", show_default=True, help="See converters/quantize.py and docs/FORMAT.md.")
-@click.option("--wbits", type=int, default=4, show_default=True,
+@click.option("--wbits", type=click.IntRange(min=1), default=4, show_default=True,
               help="4 or 8 for the A8 methods; 2, 3 or 4 for pot, int-rtn, int-search.")
-@click.option("--group", type=int, default=128, show_default=True, help="Input channels per weight group.")
+@click.option("--group", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Input channels per weight group.")
 @click.option("--act", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
               help="INT8 activations: calibrated per-tensor scale, or per token at run time.")
 @click.option("--kv8", is_flag=True, help="Also store calibrated 8-bit KV-cache scales in the recipe "
               "(dgq-run/dgq-eval --kv8 scale per token instead).")
 @click.option("--calib", default=None,
               help="Calibration: default the wiki calibration split; a text file path; or 'random'.")
-@click.option("--n-seq", type=int, default=None, help="Calibration sequences (default in converters/calibrate.py).")
-@click.option("--seq-len", type=int, default=None, help="Tokens per calibration sequence.")
+@click.option("--n-seq", type=click.IntRange(min=1), default=None,
+              help="Calibration sequences (default in converters/calibrate.py).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per calibration sequence.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
 def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_len, quiet):
@@ -150,16 +203,27 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
 
     from engine.io.checkpoint import default_model_path, load_checkpoint  # noqa: PLC0415
     from engine.io.layout import Checkpoint  # noqa: PLC0415
+    from converters.quantize import check_options  # noqa: PLC0415
+    from engine.io.corpus import load_text_file  # noqa: PLC0415
     from engine.io.qfile import save_qfile  # noqa: PLC0415
     t0 = time.perf_counter()
+    # Every flag and path before the model loads or the quantization runs (minutes).
+    n_seq = cal.DEFAULT_N_SEQ if n_seq is None else n_seq
+    seq_len = cal.DEFAULT_SEQ_LEN if seq_len is None else seq_len
+    check_options(method, wbits, group, act)
+    cal.check_sizes(n_seq, seq_len)
+    check_weights_arg(model)
     src = model or str(default_model_path())
+    if calib is not None and calib != "random":
+        load_text_file(calib)
+    check_q_out(out_path, [src] + ([calib] if calib not in (None, "random") else []))
     ck = load_checkpoint(src)
     if not isinstance(ck, Checkpoint):
         raise click.BadParameter("the model is already quantized; give a float HF directory or GGUF file",
                                  param_hint="MODEL")
     mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, kv8=kv8, calib=calib,
-                                     progress=not quiet, n_seq=n_seq or cal.DEFAULT_N_SEQ,
-                                     seq_len=seq_len or cal.DEFAULT_SEQ_LEN)
+                                     progress=not quiet, n_seq=n_seq, seq_len=seq_len)
+    check_q_out(out_path, [src])             # the inputs may have moved while it ran
     size = save_qfile(out_path, mw, ck.config, ck.tokenizer, ck.chat_template, recipe)
     n_lin = sum(int(np.prod(getattr(L, n).shape)) for L in mw.layers for n in LINEAR_NAMES)
     lin_bytes = sum(getattr(L, n).nbytes() for L in mw.layers for n in LINEAR_NAMES)
@@ -168,21 +232,51 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
                f"peak RSS {peak_rss_mb():.0f} MB", err=True)
 
 
+def check_q_out(out, inputs) -> None:
+    """--out of dgq-quantize: a file path whose directory exists, that is not one of the inputs
+    (the model file, any file of the model directory, the calibration text)."""
+    from engine.util.files import PathError, is_within, out_path, same_file  # noqa: PLC0415
+    try:
+        p = out_path(out, "--out")
+    except PathError as e:
+        raise click.BadParameter(str(e), param_hint="--out") from None
+    if p.is_dir():
+        raise click.BadParameter(f"{out} is a directory; name the .safetensors file to write",
+                                 param_hint="--out")
+    if not p.parent.is_dir():
+        raise click.BadParameter(f"{out}: the directory {p.parent} does not exist", param_hint="--out")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{out}: no permission to write in {p.parent}", param_hint="--out")
+    if os.path.lexists(p):
+        for src in inputs:
+            if src is None or not os.path.lexists(src):
+                continue
+            if same_file(p, src) or (os.path.isdir(src) and is_within(p, src)):
+                raise click.BadParameter(f"{out} is one of the inputs ({src}); writing it would destroy "
+                                         "the model being read. Choose another path", param_hint="--out")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The Hugging Face-style directory to write.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--shard-size", default=None, help="Split the weights into shards of at most this size, e.g. 200MB.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export (a directory holding dgq-export's "
+              ".dgq-export marker); any other non-empty directory is refused.")
 @user_errors
 def export(model, out_dir, dtype, shard_size, overwrite):
     """Write MODEL (GGUF file or HF directory; default SmolLM2) as an HF safetensors directory."""
-    from converters.export import export_hf_dir  # noqa: PLC0415
+    from converters.export import check_out_dir, export_hf_dir, parse_size  # noqa: PLC0415
 
     from engine.io.checkpoint import default_model_path, load_checkpoint  # noqa: PLC0415
     from engine.io.layout import Checkpoint  # noqa: PLC0415
-    ck = load_checkpoint(model or str(default_model_path()))
+    if shard_size is not None:
+        parse_size(shard_size)                 # every flag before the model loads
+    check_weights_arg(model)
+    src = model or str(default_model_path())
+    check_out_dir(out_dir, overwrite, sources=[src])
+    ck = load_checkpoint(src)
     if not isinstance(ck, Checkpoint):
         raise click.BadParameter("quantized files cannot be exported as float checkpoints", param_hint="MODEL")
     out = export_hf_dir(ck, out_dir, dtype=dtype, shard_size=shard_size, overwrite=overwrite)

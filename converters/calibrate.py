@@ -69,6 +69,22 @@ class Calibration:
 
 # ----------------------------------------------------------------------------- tokens
 
+MAX_CALIB_TOKENS = 1 << 24    # 16M tokens: far past any useful calibration set, well below RAM
+
+
+def check_sizes(n_seq, seq_len, context: int | None = None) -> None:
+    """n_seq and seq_len: positive integers whose product a calibration pass can hold, and
+    seq_len within the model's context when it is known."""
+    for flag, v in (("--n-seq", n_seq), ("--seq-len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise CalibrationError(f"{flag} must be a positive integer, got {v!r}")
+    if int(n_seq) * int(seq_len) > MAX_CALIB_TOKENS:
+        raise CalibrationError(f"--n-seq {n_seq} x --seq-len {seq_len} is {int(n_seq) * int(seq_len)} "
+                               f"calibration tokens, more than the {MAX_CALIB_TOKENS} a pass can hold")
+    if context is not None and seq_len > context:
+        raise CalibrationError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens")
+
+
 def calibration_tokens(tokenizer, calib=None, n_seq: int = DEFAULT_N_SEQ, seq_len: int = DEFAULT_SEQ_LEN,
                        seed: int = DEFAULT_SEED, vocab_size: int | None = None):
     """Token sequences (n_seq, seq_len) int32 and a description of their source.
@@ -78,6 +94,7 @@ def calibration_tokens(tokenizer, calib=None, n_seq: int = DEFAULT_N_SEQ, seq_le
     too; needs vocab_size); an int array (n, T) → used as given.
     """
     from engine.io import corpus as data  # noqa: PLC0415  (corpus code only when calibrating)
+    check_sizes(n_seq, seq_len)
     if isinstance(calib, np.ndarray):
         if calib.ndim != 2 or calib.size == 0 or not np.issubdtype(calib.dtype, np.integer):
             raise CalibrationError(f"calibration tokens must be a non-empty 2-D integer array, got "

@@ -15,14 +15,55 @@ from pathlib import Path
 from engine.io.tokenizer import token_string
 from engine.io.layout import Checkpoint, WeightsError, check_tensors, expected_shapes
 from engine.io.safetensors import write_safetensors
-from engine.util.files import temp_sibling
+from engine.util.files import (PathError, clean_stale, forget_temporary, is_within, out_path,
+                               register_temporary, temp_sibling)
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}   # name -> bytes per element
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
+# Every export carries this file, so --overwrite can tell a directory this tool wrote (safe to
+# replace) from anything else (never deleted: a user's files may be in it).
+MARKER = ".dgq-export"
+
+
 class ExportError(ValueError):
     """An export that cannot be written as asked (bad option, occupied target)."""
+
+
+def check_out_dir(out_dir, overwrite: bool = False, sources=()) -> Path:
+    """The export target, checked before anything is loaded or written: not one of (or above)
+    the `sources`; a new path, an empty directory, or with overwrite a directory an earlier
+    export wrote (it holds MARKER). Returns it as an absolute path."""
+    try:
+        out = out_path(out_dir, "--out")
+    except PathError as e:
+        raise ExportError(str(e)) from None
+    for src in sources:
+        if src is not None and os.path.lexists(src) and (is_within(src, out) or is_within(out, src)):
+            raise ExportError(f"--out {out_dir}: the output would overlap the input {src}; "
+                              "choose a directory outside it")
+    if os.path.lexists(out) and not out.is_dir():
+        raise ExportError(f"--out {out_dir}: exists and is not a directory")
+    if out.is_dir():
+        try:
+            entries = [e.name for e in os.scandir(out)]
+        except OSError as e:
+            raise ExportError(f"--out {out_dir}: cannot read the directory: {e.strerror or e}") from None
+        if entries and not overwrite:
+            raise ExportError(f"--out {out_dir}: directory exists and is not empty "
+                              "(pass --overwrite / overwrite=True to replace an earlier export)")
+        if entries and MARKER not in entries:
+            raise ExportError(f"--out {out_dir}: not a directory written by dgq-export (no {MARKER} file); "
+                              "--overwrite only replaces earlier exports. Remove it yourself or pick another path")
+    parent = out.parent                            # missing parents are created: check the nearest one
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"--out {out_dir}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out_dir}: no permission to write in {parent}")
+    return out
 
 
 def parse_size(size: int | str) -> int:
@@ -32,10 +73,10 @@ def parse_size(size: int | str) -> int:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
         if not m or m.group(2).upper() not in _UNITS:
-            raise ExportError(f"shard size must be bytes or a size like '2GB', got {size!r}")
+            raise ExportError(f"--shard-size: shard size must be bytes or a size like '2GB', got {size!r}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if n <= 0:
-        raise ExportError(f"shard size must be positive, got {size!r}")
+        raise ExportError(f"--shard-size: shard size must be positive, got {size!r}")
     return n
 
 
@@ -70,16 +111,18 @@ def export_hf_dir(ckpt: Checkpoint, out_dir: str | os.PathLike, dtype: str = "fl
         check_tensors(ckpt.config, ckpt.tensors, where=f"checkpoint {ckpt.source}")
     except WeightsError as e:
         raise ExportError(str(e)) from None
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out}: directory exists and is not empty (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    given = out_dir
+    out = check_out_dir(out_dir, overwrite, sources=[ckpt.source])
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"--out {given}: cannot create {out.parent}: {e.strerror or e}") from None
+    clean_stale(out)                               # leftovers of a killed earlier export
 
     tmp = temp_sibling(out, "tmp")
-    tmp.mkdir()                                    # not mkdtemp: its 0700 mode would stick
+    register_temporary(tmp, is_dir=True)           # removed on SIGTERM/SIGHUP too
     try:
+        tmp.mkdir()                                # not mkdtemp: its 0700 mode would stick
         _write_dir(ckpt, tmp, dtype, limit)
         if out.is_dir() and any(out.iterdir()):
             old = temp_sibling(out, "old")
@@ -92,14 +135,20 @@ def export_hf_dir(ckpt: Checkpoint, out_dir: str | os.PathLike, dtype: str = "fl
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)                   # replaces an empty directory too
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"--out {given}: cannot write the export: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    finally:
+        forget_temporary(tmp)
+    return Path(out_dir)
 
 
 def _write_dir(ckpt: Checkpoint, d: Path, dtype: str, limit: int | None) -> None:
     cfg = ckpt.config
+    _write_json(d / MARKER, {"written_by": "dgq-export", "dtype": dtype})
     hf = cfg.to_hf()
     hf["torch_dtype"] = dtype
     _write_json(d / "config.json", hf)

@@ -120,6 +120,17 @@ def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
     return spec, bits, act
 
 
+def check_options(method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP, act: str = "static") -> None:
+    """Every option that needs no model, checked before one is loaded (QuantizeError)."""
+    if isinstance(wbits, bool) or not isinstance(wbits, (int, np.integer)):
+        raise QuantizeError(f"--wbits must be an integer, got {wbits!r}")
+    spec, bits, _ = _resolve(method, int(wbits), act)
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
+        raise QuantizeError(f"--group must be a positive integer, got {group!r}")
+    if spec.weights in ("pot", "int"):
+        check_bits_group(bits, int(group))
+
+
 def _fptq_mode(amax: float, site: str) -> str:
     """FPTQ's policy for one site: 'static', 'lae' (LAE + static) or 'dynamic'."""
     if amax <= FPTQ_STATIC_MAX:
@@ -165,6 +176,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     config = ckpt.config
     if spec.weights in ("pot", "int"):
         check_bits_group(bits, group)                  # before the calibration pass, not after
+
     if spec.weights in ("dg", "g"):
         for n, k in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size)):
             if k % 2:
@@ -185,6 +197,8 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
               "converter": "dgq-engine converters.quantize"}
     seqs = None
     if need_calib:
+        if not isinstance(calib, np.ndarray):
+            cal.check_sizes(n_seq, seq_len, config.max_position_embeddings)
         seqs, source = cal.calibration_tokens(ckpt.tokenizer, calib, n_seq, seq_len, seed, config.vocab_size)
         recipe["calibration"] = {"source": source, "n_seq": int(seqs.shape[0]), "seq_len": int(seqs.shape[1]),
                                  "tokens": int(seqs.size), "seed": seed}

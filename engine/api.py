@@ -6,13 +6,14 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 
 from .gpu.backend import BackendError, resolve_device
 from .io.checkpoint import default_model_path, load_checkpoint
 from .io.config import ModelConfig
-from .io.layout import Checkpoint, ModelWeights
+from .io.layout import Checkpoint, ModelWeights, WeightsError
 from .model.llama import Model
 
 
@@ -28,7 +29,13 @@ class LoadedModel:
 
 
 def load_weights(path=None):
-    """(ModelWeights, tokenizer, chat_template, source, recipe) from a path; None = the default model."""
+    """(ModelWeights, tokenizer, chat_template, source, recipe) from a path; None = the default model.
+    Every refusal of the file is a WeightsError naming it."""
+    if path is not None and (isinstance(path, bool) or not isinstance(path, (str, os.PathLike))):
+        raise WeightsError(f"path must be a file or directory path (str or os.PathLike) or None, "
+                           f"got {type(path).__name__}")
+    if isinstance(path, str) and not path.strip():
+        raise WeightsError("path is empty; give a weights file or directory, or None for the default model")
     ck = load_checkpoint(default_model_path() if path is None else path)
     if isinstance(ck, Checkpoint):
         mw = ModelWeights.from_hf(ck.config, ck.tensors)
@@ -44,7 +51,7 @@ def load_model(path=None, device: str = "cpu", lm_head: str = "fp16") -> LoadedM
     """Load weights and build the NumPy or GPU model. lm_head "int8": the output head as
     symmetric INT8 with one scale per vocabulary row (ModelWeights.with_int8_lm_head), on
     both paths; "fp16" (default) keeps it as the file has it."""
-    if lm_head not in LM_HEADS:
+    if not isinstance(lm_head, str) or lm_head not in LM_HEADS:
         raise BackendError(f"lm_head must be one of {LM_HEADS}, got {lm_head!r}")
     asked = device
     device = resolve_device(device)

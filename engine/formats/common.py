@@ -27,6 +27,10 @@ QMAX_U4 = 15          # codes and zero points are UINT4: 0..15
 QMAX_I8 = 127         # symmetric INT8: -127..127 (never -128)
 
 ACT_MODES = ("static", "dynamic", "none")
+# Largest finite fp16: the GPU engine holds weights and activations in fp16, so a scale that
+# puts a dequantized weight or an activation beyond it cannot run there (and, finite but
+# absurd, only floods the CPU path with overflow warnings): the format rejects it.
+FP16_MAX = 65504.0
 
 
 class FormatError(ValueError):
@@ -87,6 +91,16 @@ def check_tensors(ql, spec: dict) -> None:
     """Every tensor of a kind's spec {name: (dtype, shape)} present on `ql` with that dtype and shape."""
     for name, (dtype, shape) in spec.items():
         check_array(name, getattr(ql, name), dtype, shape)
+
+
+def check_scale(name: str, s, qmax: int) -> None:
+    """Float scales: finite, and |s|·qmax (the largest value they can make) within fp16."""
+    a = np.asarray(s, dtype=np.float64)
+    check(bool(np.isfinite(a).all()), f"{name} holds NaN or Inf")
+    if a.size:
+        big = float(np.abs(a).max())
+        check(big * qmax <= FP16_MAX, f"{name} holds {big:.3g}: times {qmax} that is beyond fp16's "
+                                      f"{FP16_MAX:g}, no real weight is that large (the file is corrupt)")
 
 
 def check_even_k(k: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import (QMAX_I8, QMAX_U4, FormatError, check, check_even_k, expand_groups,
+from .common import (QMAX_I8, QMAX_U4, FormatError, check, check_even_k, check_scale, expand_groups,
                      n_groups, unpack_uint4)
 
 NAME = "dg"
@@ -31,6 +31,7 @@ def validate(ql) -> None:
     check(int(ql.gscale.min(initial=S_MIN)) >= S_MIN and int(ql.gscale.max(initial=S_MIN)) <= S_MAX,
           "integer group scales must lie in 1..127")
     check(ql.act != "none", "dual-grained layers quantize activations (act static or dynamic)")
+    check_scale("cscale", ql.cscale, QMAX_I8)
 
 
 def _w8_int32(ql) -> np.ndarray:
@@ -42,15 +43,36 @@ def _w8_int32(ql) -> np.ndarray:
 
 
 def int8_weight(ql) -> np.ndarray:
-    """(N, K) int8 W8 = (q - z) · S."""
-    return _w8_int32(ql).astype(np.int8)
+    """(N, K) int8 W8 = (q - z) · S; FormatError when the overflow guard is broken (a cast
+    would wrap 128 to -128 silently)."""
+    w = _w8_int32(ql)
+    if w.size and int(np.abs(w).max()) > QMAX_I8:
+        raise FormatError(_OVERFLOW)
+    return w.astype(np.int8)
 
 
 def dequantize(ql) -> np.ndarray:
     return int8_weight(ql).astype(np.float32) * ql.cscale[:, None]
 
 
+_OVERFLOW = "dual-grained weights overflow int8: some |(q - z) * S| > 127 (docs/FORMAT.md: the file is corrupt)"
+
+
 def check_no_overflow(ql) -> None:
-    """The dual-grained invariant: every |(q - z) · S| fits in int8 (≤ 127)."""
-    if np.abs(_w8_int32(ql)).max(initial=0) > QMAX_I8:
-        raise FormatError("dual-grained weights overflow int8: some |(q - z) * S| > 127")
+    """The dual-grained invariant: every |(q - z) · S| fits in int8 (≤ 127).
+
+    Per group only the extreme codes matter: max |q - z| = max(qmax - z, z - qmin). Works on
+    uint8 codes and (N, G) extremes, so loaders can afford it on every layer."""
+    n, k, g = ql.out_features, ql.in_features, ql.group
+    q = unpack_uint4(ql.qweight)                                   # (N, K) uint8
+    G = n_groups(k, g)
+    pad = G * g - k
+    if pad:                                  # repeat a real code: padding changes no extreme
+        q = np.concatenate([q, np.repeat(q[:, -1:], pad, axis=1)], axis=1)
+    q = q.reshape(n, G, g)
+    qmax = q.max(axis=2).astype(np.int32)                          # (N, G)
+    qmin = q.min(axis=2).astype(np.int32)                          # (N, G)
+    z = ql.qzeros.astype(np.int32)
+    worst = np.maximum(qmax - z, z - qmin) * ql.gscale.astype(np.int32)
+    if worst.size and int(worst.max()) > QMAX_I8:
+        raise FormatError(_OVERFLOW)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import QMAX_U4, check, check_even_k, expand_groups, n_groups, unpack_uint4
+from .common import QMAX_U4, check, check_even_k, check_scale, expand_groups, n_groups, unpack_uint4
 
 NAME = "g"
 INTEGER = False
@@ -19,6 +19,7 @@ def tensors(n: int, k: int, group: int) -> dict:
 
 def validate(ql) -> None:
     check(int(ql.qzeros.max(initial=0)) <= QMAX_U4, "zero points must lie in 0..15")
+    check_scale("wscale", ql.wscale, QMAX_U4)
 
 
 def dequantize(ql) -> np.ndarray:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import QMAX_I8, check
+from .common import QMAX_I8, check, check_scale
 
 NAME = "i8"
 INTEGER = True
@@ -15,6 +15,7 @@ def tensors(n: int, k: int, group: int) -> dict:
 
 def validate(ql) -> None:
     check(ql.qweight.size == 0 or int(ql.qweight.min()) >= -QMAX_I8, "int8 weights must not use -128")
+    check_scale("cscale", ql.cscale, QMAX_I8)
 
 
 def int8_weight(ql) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import dg, g, i8, intb, pot
-from .common import (ACT_MODES, FormatError, act_scale_dynamic, check, check_tensors, epilogue_ref,
+from .common import (ACT_MODES, FP16_MAX, QMAX_I8, FormatError, act_scale_dynamic, check, check_tensors, epilogue_ref,
                      gemm_a8w4_ref, quantize_act_ref, unpack_uint4)
 
 KINDS = {**{m.NAME: m for m in (dg, g, i8)}, **pot.KINDS, **intb.KINDS}
@@ -91,6 +91,8 @@ def validate(ql: QuantLinear) -> None:
     if ql.act == "static":
         check(ql.ascale is not None and np.isfinite(ql.ascale) and ql.ascale > 0,
               "a static activation mode needs a positive finite ascale")
+        check(float(ql.ascale) * QMAX_I8 <= FP16_MAX,
+              f"ascale {float(ql.ascale):.3g} puts activations beyond fp16 (the file is corrupt)")
         ql.ascale = float(np.float32(ql.ascale))
 
 

@@ -9,6 +9,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from ..util.files import PathError, input_path
 from .gguf_file import load_gguf
 from .hf_dir import load_hf_dir
 from .layout import WeightsError
@@ -27,10 +28,22 @@ def is_dgq_file(path: str | os.PathLike) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike):
-    """A float Checkpoint (HF directory, GGUF) or a QCheckpoint (DGQ .safetensors) for `path`."""
-    p = Path(path)
-    if not p.exists():
-        raise WeightsError(f"{p}: no such file or directory")
+    """A float Checkpoint (HF directory, GGUF) or a QCheckpoint (DGQ .safetensors) for `path`.
+
+    Every refusal is a WeightsError (QFileError is one) with one line naming the file."""
+    try:
+        return _load(path)
+    except WeightsError:
+        raise
+    except ValueError as e:       # ConfigError, TokenizerError, FormatError, PathError, ...
+        raise WeightsError(" ".join(str(e).split())) from None
+
+
+def _load(path):
+    try:
+        p = input_path(path, "the weights", kind="any")
+    except PathError as e:
+        raise WeightsError(str(e)) from None
     if p.is_dir():
         return load_hf_dir(p)
     if p.suffix.lower() == ".gguf":
@@ -40,9 +53,13 @@ def load_checkpoint(path: str | os.PathLike):
             raise WeightsError(f"{p}: a plain .safetensors file carries no config; "
                                "pass the Hugging Face directory that holds it")
         return load_qfile(p)
-    with open(p, "rb") as fh:
-        if fh.read(4) == b"GGUF":
-            return load_gguf(p)
+    try:
+        with open(p, "rb") as fh:              # a regular file (input_path): this cannot block
+            magic = fh.read(4)
+    except OSError as e:
+        raise WeightsError(f"{p}: cannot read: {e.strerror or e}") from None
+    if magic == b"GGUF":
+        return load_gguf(p)
     raise WeightsError(f"{p}: unknown checkpoint kind; expected a Hugging Face directory, "
                        "a .gguf file or a DGQ .safetensors file")
 

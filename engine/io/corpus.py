@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..util.files import PathError, input_path
+
 WIKI_RELPATH = ("test", "test_data",
                 "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
 WIKI_INSTALL_HINT = "pip install --no-deps gensim==4.4.0"
@@ -292,11 +294,10 @@ def wiki_text(split: str) -> str:
 
 def load_text_file(path: str | os.PathLike) -> str:
     """A UTF-8 text file (a BOM is allowed; CRLF -> LF), with one clear error when unusable."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"text file {p} does not exist")
-    if not p.is_file():
-        raise DataError(f"text file {p} is not a regular file")
+    try:
+        p = input_path(path, "the text file")
+    except PathError as e:
+        raise DataError(f"text file: {e}") from None
     try:
         data = p.read_bytes()
     except OSError as e:

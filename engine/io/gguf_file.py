@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from ..util.files import PathError, input_path
 from .config import ConfigError, ModelConfig
-from .layout import Checkpoint, WeightsError, expected_shapes
+from .layout import Checkpoint, WeightsError, check_finite, check_fits, expected_shapes
 from .tokenizer import TokenizerError, chat_template_from_gguf, gguf_value, tokenizer_from_gguf
 
 
@@ -53,69 +54,98 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _gguf_kv(fields: dict, path: Path, key: str, default: Any = WeightsError) -> Any:
     if key in fields:
-        return gguf_value(fields[key])
+        try:
+            return gguf_value(fields[key])
+        except Exception as e:  # a corrupt field: bad UTF-8, a truncated array, ...
+            raise WeightsError(f"{path}: GGUF key {key!r} is corrupt ({type(e).__name__})") from None
     if default is WeightsError:
         raise WeightsError(f"{path}: GGUF file lacks the key {key!r}")
     return default
+
+
+def _gguf_int(fields: dict, path: Path, key: str, default: Any = WeightsError) -> Any:
+    v = _gguf_kv(fields, path, key, default)
+    if v is None and default is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise WeightsError(f"{path}: GGUF key {key!r} must be an integer, got {str(v)[:40]!r}")
+    return int(v)
+
+
+def _gguf_float(fields: dict, path: Path, key: str, default: float) -> float:
+    v = _gguf_kv(fields, path, key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise WeightsError(f"{path}: GGUF key {key!r} must be a number, got {str(v)[:40]!r}")
+    return _f32_value(v)
 
 
 def load_gguf(path: str | os.PathLike) -> Checkpoint:
     """Load a llama-architecture GGUF: dequantize every tensor to float32 in HF layout."""
     import gguf  # noqa: PLC0415  (only GGUF loading needs it)
 
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/struct.error/IndexError on bad files
-        raise WeightsError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    f = reader.fields
+        path = input_path(path, "a GGUF file")
+    except PathError as e:
+        raise WeightsError(str(e)) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")           # the reader warns about duplicate keys, ...
+            reader = gguf.GGUFReader(path)
+        f = reader.fields
+        by_name = {t.name: t for t in reader.tensors}
+    except Exception as e:  # the reader raises ValueError/struct.error/IndexError/... on bad files
+        msg = " ".join(str(e).split())[:160]
+        raise WeightsError(f"{path}: not a readable GGUF file ({type(e).__name__}: {msg})") from None
+    if len(by_name) != len(reader.tensors):
+        raise WeightsError(f"{path}: corrupt GGUF file: a tensor name appears twice")
     arch = _gguf_kv(f, path, "general.architecture")
     if arch != "llama":
         raise WeightsError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
 
-    hidden = int(_gguf_kv(f, path, "llama.embedding_length"))
-    n_head = int(_gguf_kv(f, path, "llama.attention.head_count"))
+    hidden = _gguf_int(f, path, "llama.embedding_length")
+    n_head = _gguf_int(f, path, "llama.attention.head_count")
     if n_head <= 0:
         raise WeightsError(f"{path}: llama.attention.head_count must be positive, got {n_head}")
-    n_kv = int(_gguf_kv(f, path, "llama.attention.head_count_kv", n_head))
-    head_dim = int(_gguf_kv(f, path, "llama.attention.key_length", hidden // n_head))
-    rope_dim = _gguf_kv(f, path, "llama.rope.dimension_count", None)
-    if rope_dim is not None and int(rope_dim) != head_dim:
+    n_kv = _gguf_int(f, path, "llama.attention.head_count_kv", n_head)
+    head_dim = _gguf_int(f, path, "llama.attention.key_length", hidden // n_head)
+    rope_dim = _gguf_int(f, path, "llama.rope.dimension_count", None)
+    if rope_dim is not None and rope_dim != head_dim:
         raise WeightsError(f"{path}: partial RoPE (rope.dimension_count {rope_dim} < head_dim "
                            f"{head_dim}) is not supported")
     scaling = _gguf_kv(f, path, "llama.rope.scaling.type", "none")
     if scaling not in ("none", ""):
         warnings.warn(f"{path}: RoPE scaling {scaling!r} is ignored", stacklevel=2)
 
-    by_name = {t.name: t for t in reader.tensors}
     # The embedding's rows are the model's vocabulary (HF's vocab_size); the token list
     # normally has the same length, since convert_hf_to_gguf pads it.
     if "token_embd.weight" in by_name:
         vocab = int(by_name["token_embd.weight"].shape[-1])   # GGUF shapes are (K, N): N is last
     elif "tokenizer.ggml.tokens" in f:
-        vocab = len(_gguf_kv(f, path, "tokenizer.ggml.tokens"))
+        toks = _gguf_kv(f, path, "tokenizer.ggml.tokens")
+        vocab = len(toks) if isinstance(toks, list) else 0
     else:
-        vocab = int(_gguf_kv(f, path, "llama.vocab_size"))
+        vocab = _gguf_int(f, path, "llama.vocab_size")
     try:
         config = ModelConfig(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(_gguf_kv(f, path, "llama.feed_forward_length")),
-            num_hidden_layers=int(_gguf_kv(f, path, "llama.block_count")),
+            intermediate_size=_gguf_int(f, path, "llama.feed_forward_length"),
+            num_hidden_layers=_gguf_int(f, path, "llama.block_count"),
             num_attention_heads=n_head,
             num_key_value_heads=n_kv,
             head_dim=head_dim,
-            rope_theta=_f32_value(_gguf_kv(f, path, "llama.rope.freq_base", 10000.0)),
-            rms_norm_eps=_f32_value(_gguf_kv(f, path, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            max_position_embeddings=int(_gguf_kv(f, path, "llama.context_length", 2048)),
+            rope_theta=_gguf_float(f, path, "llama.rope.freq_base", 10000.0),
+            rms_norm_eps=_gguf_float(f, path, "llama.attention.layer_norm_rms_epsilon", 1e-5),
+            max_position_embeddings=_gguf_int(f, path, "llama.context_length", 2048),
             tie_word_embeddings="output.weight" not in by_name,
-            bos_token_id=_opt_int(_gguf_kv(f, path, "tokenizer.ggml.bos_token_id", None)),
-            eos_token_id=_opt_int(_gguf_kv(f, path, "tokenizer.ggml.eos_token_id", None)),
+            bos_token_id=_gguf_int(f, path, "tokenizer.ggml.bos_token_id", None),
+            eos_token_id=_gguf_int(f, path, "tokenizer.ggml.eos_token_id", None),
         )
     except ConfigError as e:
         raise WeightsError(f"{path}: {e}") from None
+    # Against what the file really holds, before anything is sized from the config
+    # (1 bit a parameter: below every GGML quantization type).
+    check_fits(config, path, len(reader.tensors), path.stat().st_size, min_bits=1)
 
     want = expected_shapes(config)
     tensors: dict[str, np.ndarray] = {}
@@ -123,19 +153,30 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
         name = gguf_to_hf_name(t.name)
         if name is None or name not in want:
             raise WeightsError(f"{path}: unsupported tensor {t.name} in a llama GGUF")
+        want_n = int(np.prod(want[name], dtype=np.int64))
+        if int(np.prod([int(x) for x in t.shape], dtype=np.int64)) != want_n:
+            raise WeightsError(f"{path}: tensor {t.name} has shape {tuple(int(x) for x in reversed(t.shape))}, "
+                               f"the config needs {want[name]} for {name}")
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                w = gguf.quants.dequantize(t.data, t.tensor_type)
+            if np.may_share_memory(w, t.data):   # F32 tensors come back as views of the mapping
+                w = np.array(w, dtype=np.float32)
+            w = np.ascontiguousarray(w, dtype=np.float32)                # (N, K) or (K,)
         except NotImplementedError:
             raise WeightsError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
                                "which gguf cannot dequantize") from None
-        except ValueError as e:                  # a block count that does not fit the shape
-            raise WeightsError(f"{path}: tensor {t.name} is corrupt ({e})") from None
-        if np.may_share_memory(w, t.data):       # F32 tensors come back as views of the mapping
-            w = np.array(w, dtype=np.float32)
-        w = np.ascontiguousarray(w, dtype=np.float32)                    # (N, K) or (K,)
+        except Exception as e:                   # a block count that does not fit the shape, ...
+            msg = " ".join(str(e).split())[:120]
+            raise WeightsError(f"{path}: tensor {t.name} is corrupt ({type(e).__name__}: {msg})") from None
+        if w.size != want_n:
+            raise WeightsError(f"{path}: tensor {t.name} holds {w.size} values, "
+                               f"{name} needs {want_n} (truncated or corrupt file)")
         if tuple(w.shape) != want[name]:
             raise WeightsError(f"{path}: tensor {t.name} has shape {tuple(w.shape)}, "
                                f"the config needs {want[name]} for {name}")
+        check_finite(t.name, w, path)
         if name.endswith("q_proj.weight"):
             w = unpermute_qk(w, n_head)
         elif name.endswith("k_proj.weight"):
@@ -148,9 +189,13 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
 
     try:
         tokenizer = tokenizer_from_gguf(f)
+        template = chat_template_from_gguf(f)
     except TokenizerError as e:
         raise WeightsError(f"{path}: {e}") from None
-    template = chat_template_from_gguf(f)
+    except Exception as e:  # a corrupt vocabulary field (bad UTF-8, wrong element type, ...)
+        raise WeightsError(f"{path}: the GGUF tokenizer fields are corrupt ({type(e).__name__})") from None
+    if template is not None and not isinstance(template, str):
+        raise WeightsError(f"{path}: tokenizer.chat_template is not a string")
     del reader, by_name                              # drop the file mapping
     return Checkpoint(config, tensors, tokenizer, template, str(path))
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from ..util.files import PathError, input_path
 from .config import ConfigError, ModelConfig
-from .layout import Checkpoint, WeightsError, expected_shapes
+from .layout import Checkpoint, WeightsError, check_finite, check_fits, expected_shapes
 from .safetensors import read_safetensors, read_safetensors_header
 from .tokenizer import TokenizerError, load_hf_tokenizer
 
@@ -22,32 +23,58 @@ HF_MODEL_TYPES = ("llama", "mistral")
 
 # ----------------------------------------------------------------------------- Hugging Face directories
 
+MAX_JSON_BYTES = 256 << 20     # config/index/tokenizer JSON; the largest tokenizer.json is ~20 MB
+
+
+def _checked(path: Path, what: str) -> Path:
+    try:
+        p = input_path(path, what)
+    except PathError as e:
+        raise WeightsError(str(e)) from None
+    if p.stat().st_size > MAX_JSON_BYTES:
+        raise WeightsError(f"{p}: {p.stat().st_size} bytes is far too large for {what}; the file is corrupt")
+    return p
+
+
 def _read_json(path: Path) -> Any:
+    _checked(path, "a JSON file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: not valid JSON: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise WeightsError(f"{path}: not valid JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _weight_files(d: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of an HF directory, and the index's weight map if sharded."""
     index = d / "model.safetensors.index.json"
-    if index.exists():
+    if os.path.lexists(index):
         doc = _read_json(index)
         wmap = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(wmap, dict) or not wmap:
             raise WeightsError(f"{index}: no weight_map")
         files = []
         for fname in dict.fromkeys(wmap.values()):
-            f = d / str(fname)
-            if not f.is_file():
+            if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname \
+                    or fname in (".", "..") or "\0" in fname:
+                raise WeightsError(f"{index}: shard name {fname!r} is not a file name in the model "
+                                   "directory; the index is corrupt")
+            f = d / fname
+            if not os.path.lexists(f):
                 raise WeightsError(f"{index}: lists shard {fname}, which does not exist")
+            try:
+                input_path(f, "a safetensors shard")
+            except PathError as e:
+                raise WeightsError(str(e)) from None
             files.append(f)
         return files, {k: str(v) for k, v in wmap.items()}
     single = d / "model.safetensors"
-    if single.is_file():
+    if os.path.lexists(single):
+        try:
+            input_path(single, "model.safetensors")
+        except PathError as e:
+            raise WeightsError(str(e)) from None
         return [single], None
     if any(d.glob("*.bin")) or any(d.glob("*.pt")) or any(d.glob("*.pth")):
         raise WeightsError(f"{d}: only safetensors weights are supported (found PyTorch pickle "
@@ -57,13 +84,12 @@ def _weight_files(d: Path) -> tuple[list[Path], dict[str, str] | None]:
 
 def load_hf_dir(path: str | os.PathLike) -> Checkpoint:
     """Load a Hugging Face Llama-family model directory (fp32/fp16/bf16 safetensors) as float32."""
-    d = Path(path)
-    if not d.exists():
-        raise WeightsError(f"{d}: no such file or directory")
-    if not d.is_dir():
-        raise WeightsError(f"{d}: not a directory (a Hugging Face model is a directory)")
+    try:
+        d = input_path(path, "a Hugging Face model", kind="dir")
+    except PathError as e:
+        raise WeightsError(str(e)) from None
     cfg_path = d / "config.json"
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):
         raise WeightsError(f"{d}: no config.json (not a Hugging Face model directory)")
     cfg = _read_json(cfg_path)
     if not isinstance(cfg, dict):
@@ -80,12 +106,16 @@ def load_hf_dir(path: str | os.PathLike) -> Checkpoint:
     except ConfigError as e:
         raise WeightsError(f"{cfg_path}: {e}") from None
 
-    want = expected_shapes(config)
     files, wmap = _weight_files(d)
+    headers = {f: read_safetensors_header(f)[0] for f in files}
+    # Against what the files really hold, before anything is sized from the config.
+    check_fits(config, cfg_path, sum(len(h) for h in headers.values()),
+               sum(f.stat().st_size for f in files), min_bits=16)
+    want = expected_shapes(config)
     tensors: dict[str, np.ndarray] = {}
     where: dict[str, Path] = {}
     for f in files:
-        header, _, _ = read_safetensors_header(f)
+        header = headers[f]
         for name, e in header.items():
             if name not in want:
                 # HF itself ignores these two: a stored lm_head of a tied model, RoPE buffers.
@@ -109,6 +139,7 @@ def load_hf_dir(path: str | os.PathLike) -> Checkpoint:
         names = [n for n in header if n in want]
         arrays, _ = read_safetensors(f, names)
         for n, a in arrays.items():
+            check_finite(n, a, f)
             tensors[n] = a.astype(np.float32, copy=False)
     for name, shape in want.items():
         if name not in tensors:

@@ -107,6 +107,46 @@ class ModelWeights:
         return out
 
 
+def n_params(c: ModelConfig) -> int:
+    """Parameters the config implies (Python ints: a corrupt config cannot overflow this)."""
+    h, i = c.hidden_size, c.intermediate_size
+    per_layer = 2 * h + c.q_size * h * 2 + c.kv_size * h * 2 + 3 * i * h
+    return c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h + c.num_hidden_layers * per_layer
+
+
+def n_tensors(c: ModelConfig) -> int:
+    """Tensors of the HF layout (9 a layer: 2 norms and 7 linears)."""
+    return 2 + (0 if c.tie_word_embeddings else 1) + 9 * c.num_hidden_layers
+
+
+def check_fits(c: ModelConfig, where, tensors_held: int, bytes_held: int, min_bits: float,
+               tensors_per_linear: int = 1) -> None:
+    """Refuse a config that the file cannot hold before anything is sized from it: a corrupt
+    layer count or width would otherwise build a name table of 10^9 layers or a TiB array.
+    tensors_held / bytes_held: what the file really holds; min_bits: the fewest bits a
+    parameter can take in this kind of file."""
+    # Half the need, so that a file short of a tensor or two still gets the precise
+    # "missing tensor X" from the loader; a corrupt count is off by far more.
+    need_t = 2 + (0 if c.tie_word_embeddings else 1) + c.num_hidden_layers * (2 + 7 * tensors_per_linear)
+    if 2 * tensors_held + 9 < need_t:
+        raise WeightsError(f"{where}: the config declares {c.num_hidden_layers} layers "
+                           f"({need_t} tensors at least) but the file holds {tensors_held} tensors; "
+                           "the config or the file is corrupt")
+    need_b = int(n_params(c) * min_bits / 8)
+    if 2 * bytes_held < need_b:
+        raise WeightsError(f"{where}: the config needs {n_params(c)} parameters "
+                           f"(at least {need_b} bytes) but the weights hold {bytes_held} bytes; "
+                           "the config or the file is corrupt (or truncated)")
+
+
+def check_finite(name: str, a: np.ndarray, where) -> None:
+    """Raise WeightsError naming the tensor when a float tensor holds NaN or Inf."""
+    if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        raise WeightsError(f"{where}: tensor {name} holds {bad} NaN/Inf value(s); "
+                           "the checkpoint is damaged (re-download or re-export it)")
+
+
 def expected_shapes(c: ModelConfig) -> dict:
     """HF tensor name -> shape for a config."""
     h, i = c.hidden_size, c.intermediate_size

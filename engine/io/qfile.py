@@ -27,8 +27,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .. import formats
+from ..util.files import PathError, input_path
 from .config import ConfigError, ModelConfig
-from .layout import HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelWeights, WeightsError, expected_shapes
+from .layout import (HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelWeights, WeightsError, check_fits,
+                     expected_shapes)
 from .safetensors import read_safetensors, read_safetensors_header, write_safetensors
 
 FORMAT_NAME = "dgq-safetensors"
@@ -37,8 +39,9 @@ FLOAT_KIND = "float"    # a linear left unquantized: P.weight f32 (N, K)
 REQUIRED_META = ("format", "version", "config", "tokenizer", "recipe", "linears")
 
 
-class QFileError(ValueError):
-    """A q.safetensors file that is missing, truncated, foreign, or breaks the format."""
+class QFileError(WeightsError):
+    """A q.safetensors file that is missing, truncated, foreign, or breaks the format
+    (a WeightsError, so every loader fails with one exception type)."""
 
 
 @dataclass
@@ -149,15 +152,16 @@ def _fail(path, msg: str):
 def _json(path, meta: dict, key: str):
     try:
         return json.loads(meta[key])
-    except json.JSONDecodeError as e:
-        _fail(path, f"metadata {key!r} is not valid JSON ({e})")
+    except (json.JSONDecodeError, RecursionError) as e:
+        _fail(path, f"metadata {key!r} is not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
 
 def load_qfile(path) -> QCheckpoint:
     """Read and check a q.safetensors file; return a QCheckpoint with ModelWeights ready to run."""
-    path = Path(path)
-    if not path.is_file():
-        _fail(path, "no such file")
+    try:
+        path = input_path(path, "a q.safetensors file")
+    except PathError as e:
+        raise QFileError(str(e)) from None
     try:
         header, meta, _ = read_safetensors_header(path)
     except WeightsError as e:
@@ -177,6 +181,10 @@ def load_qfile(path) -> QCheckpoint:
         config = ModelConfig.from_hf(cfg)
     except ConfigError as e:
         _fail(path, f"bad config: {e}")
+    try:   # against what the file holds, before anything is sized from the config
+        check_fits(config, path, len(header), path.stat().st_size, min_bits=2)
+    except WeightsError as e:
+        raise QFileError(str(e)) from None
     recipe = _json(path, meta, "recipe")
     linears = _json(path, meta, "linears")
     if not isinstance(recipe, dict) or not isinstance(linears, dict):
@@ -195,14 +203,17 @@ def load_qfile(path) -> QCheckpoint:
     expect = {n: (np.float32, s) for n, s in _float_names(config).items()}
     for p, (_, _, (n_out, k_in)) in prefixes.items():
         spec = linears[p]
-        if not isinstance(spec, dict) or spec.get("kind") not in formats.KINDS and spec.get("kind") != FLOAT_KIND:
+        if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) \
+                or spec.get("kind") not in formats.KINDS and spec.get("kind") != FLOAT_KIND:
             _fail(path, f"{p}: unknown linear kind in metadata: {spec!r}")
         kind, act, group = spec["kind"], spec.get("act"), spec.get("group")
         if kind == FLOAT_KIND:
             expect[f"{p}.weight"] = (np.float32, (n_out, k_in))
             continue
-        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+        if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= 1 << 20:
             _fail(path, f"{p}: bad group size {group!r}")
+        if act not in formats.ACT_MODES:
+            _fail(path, f"{p}: unknown activation mode {act!r}; expected one of {formats.ACT_MODES}")
         try:
             layout = formats.kind_tensors(kind, n_out, k_in, group)     # the kind's layout, defined once
         except formats.FormatError as e:
@@ -229,6 +240,9 @@ def load_qfile(path) -> QCheckpoint:
             _fail(path, f"tensor {name} has shape {a.shape}, expected {tuple(shape)}")
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             _fail(path, f"tensor {name} holds NaN or Inf values")
+        if name.endswith(".ascale") and not 0 < float(a) * formats.QMAX_I8 <= formats.FP16_MAX:
+            _fail(path, f"tensor {name} = {float(a):.3g} is not a usable activation scale "
+                        f"(positive, at most {formats.FP16_MAX / formats.QMAX_I8:.0f})")
 
     def linear(p):
         spec = linears[p]
@@ -236,10 +250,13 @@ def load_qfile(path) -> QCheckpoint:
             return tensors[f"{p}.weight"]
         n_out, k_in = prefixes[p][2]
         try:
-            return formats.QuantLinear(
+            ql = formats.QuantLinear(
                 kind=spec["kind"], act=spec.get("act"), in_features=k_in, out_features=n_out,
                 group=spec["group"], ascale=float(tensors[f"{p}.ascale"]) if f"{p}.ascale" in tensors else None,
                 **{t: tensors[f"{p}.{t}"] for t in formats.kind_tensors(spec["kind"], n_out, k_in, spec["group"])})
+            if ql.kind == "dg":
+                formats.check_no_overflow(ql)   # docs/FORMAT.md's invariant, for every device
+            return ql
         except formats.FormatError as e:
             _fail(path, f"{p}: {e}")
 

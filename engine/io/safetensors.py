@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..util.files import atomic_file
+from ..util.files import PathError, atomic_file, input_path
 from .layout import WeightsError
 
 
@@ -72,8 +72,15 @@ def _st_code(dtype: np.dtype) -> str | None:
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
-    """Parse and validate the header: (tensor entries, metadata, offset of the data in the file)."""
-    path = Path(path)
+    """Parse and validate the header: (tensor entries, metadata, offset of the data in the file).
+
+    Checked against the file's real size before any tensor is read: every byte range lies in
+    the file, matches its dtype and shape, and no two ranges overlap (the safetensors library
+    rejects overlaps too; two tensors sharing bytes would alias silently)."""
+    try:
+        path = input_path(path, "a safetensors file")
+    except PathError as e:
+        raise WeightsError(str(e)) from None
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -89,30 +96,46 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise WeightsError(f"{path}: corrupt safetensors header (not valid JSON: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise WeightsError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_len = size - 8 - n
+    ranges = []
     for name, e in header.items():
         try:
-            code, shape, (b, end) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
-            b, end = int(b), int(end)
+            code, shape, (b, end) = e["dtype"], e["shape"], e["data_offsets"]
+            if not isinstance(shape, list) or not all(type(d) is int for d in shape) \
+                    or type(b) is not int or type(end) is not int or not isinstance(code, str):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{path}: corrupt safetensors header entry for tensor {name}") from None
+            raise WeightsError(f"{path}: corrupt safetensors header entry for tensor {name} "
+                               "(needs dtype, an integer shape list and two integer data_offsets)") from None
         if code not in _ST_ITEMSIZE:
             raise WeightsError(f"{path}: tensor {name} has unsupported dtype {code!r}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_ITEMSIZE[code]
-        if min(shape, default=0) < 0 or b < 0 or end - b != nbytes:
+        if any(d < 0 for d in shape) or b < 0 or end < b:
+            raise WeightsError(f"{path}: corrupt safetensors header: tensor {name} has a negative "
+                               f"size or byte range (shape {shape}, data_offsets [{b}, {end}])")
+        nbytes = _ST_ITEMSIZE[code]
+        for d in shape:                       # Python ints: a lying shape cannot overflow
+            nbytes *= d
+        if end - b != nbytes:
             raise WeightsError(f"{path}: corrupt safetensors header: tensor {name} with shape "
                                f"{shape} {code} does not match its byte range [{b}, {end})")
         if end > data_len:
             raise WeightsError(f"{path}: truncated file: tensor {name} ends at byte {end} "
                                f"of the data, the file holds only {data_len}")
-        e["shape"], e["data_offsets"] = shape, [b, end]
+        if nbytes:
+            ranges.append((b, end, name))
+    ranges.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+        if b1 < e0:
+            raise WeightsError(f"{path}: corrupt safetensors header: tensors {n0} [{b0}, {e0}) and "
+                               f"{n1} [{b1}, {e1}) share bytes")
     return header, metadata, 8 + n
 
 

@@ -53,7 +53,19 @@ def stop_ids(tokenizer, config) -> set[int]:
 
 def encode_prompt(tokenizer, prompt: str, chat_template: str | None, chat: bool, config=None) -> list[int]:
     """Token ids for a prompt: through the model's chat template when `chat`, else as is."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    if isinstance(prompt, (bytes, bytearray)):
+        try:
+            prompt = bytes(prompt).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GenerationError(f"--prompt is not valid UTF-8 text (invalid byte at offset {e.start})") from None
+    if not isinstance(prompt, str):
+        raise GenerationError(f"--prompt must be text, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")            # a command line's undecodable bytes arrive as lone surrogates
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"--prompt is not valid UTF-8 text (undecodable byte at character {e.start}); "
+                              "pass the prompt in UTF-8") from None
+    if not prompt.strip():
         raise GenerationError("--prompt is empty: give some text to continue")
     if tokenizer is None:
         raise GenerationError("this model file carries no tokenizer")
@@ -101,6 +113,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     (which is returned but not passed on) or when the context is full.
     """
     ctx = model.config.max_position_embeddings
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise GenerationError(f"--max-new-tokens must be an integer, got {max_new_tokens!r}")
     n = len(prompt_ids)
     if n == 0:
         raise GenerationError("the prompt encodes to no tokens")

@@ -25,12 +25,23 @@ def check_tokens(tokens, c: ModelConfig, start: int = 0) -> np.ndarray:
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size == 0:
         raise ModelError(f"forward needs a non-empty 1-D token array, got shape {tokens.shape}")
+    if tokens.dtype.kind not in "iu":     # a bool array would index as a mask, floats truncate
+        raise ModelError(f"token ids must be an integer array, got dtype {tokens.dtype}")
     if tokens.min() < 0 or tokens.max() >= c.vocab_size:
         raise ModelError(f"token ids must lie in [0, {c.vocab_size}), got {tokens.min()}..{tokens.max()}")
     if start + tokens.shape[0] > c.max_position_embeddings:
         raise ModelError(f"sequence of {start + tokens.shape[0]} tokens exceeds the context of "
                          f"{c.max_position_embeddings}")
     return tokens
+
+
+def check_finite(x, where: str):
+    """One clear error instead of NaN/Inf flowing on: quantizing a NaN activation to INT8
+    would turn it into an ordinary number silently. Cheap next to the linears ((T, H) reads)."""
+    if not np.isfinite(x).all():
+        raise ModelError(f"non-finite values (NaN/Inf) in the {where}: the weights are damaged or "
+                         "their scales are out of range for this input")
+    return x
 
 
 class Model:
@@ -59,18 +70,23 @@ class Model:
         With a cache, tokens continue the cached sequence and are appended to it.
         observer(layer, site, x) sees the input of each group of linears (see SITES).
         """
-        c, xp = self.config, self.xp
         start = cache.length if cache is not None else 0
-        tokens = check_tokens(tokens, c, start)
+        tokens = check_tokens(tokens, self.config, start)
+        with np.errstate(over="ignore", invalid="ignore"):    # checked below, one clear error
+            return self._forward(tokens, cache, observer, last_only, start)
+
+    def _forward(self, tokens, cache, observer, last_only, start):
+        c, xp = self.config, self.xp
         t = tokens.shape[0]
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         cos, sin = ops_ref.rope_tables(xp, d, c.rope_theta, np.arange(start, start + t))  # (T, D)
         lin = ops_ref.linear
+        fin = check_finite
 
         h = self.w.embed[tokens]                                        # (T, H)
         for li, L in enumerate(self.w.layers):
             W = self._lin[li]
-            x = ops_ref.rmsnorm(h, L.attn_norm, c.rms_norm_eps)         # (T, H)
+            x = fin(ops_ref.rmsnorm(h, L.attn_norm, c.rms_norm_eps), f"input of layer {li}")  # (T, H)
             if observer:
                 observer(li, "attn_in", x)
             q = lin(x, W["q"]).reshape(t, hq, d)                        # (T, Hq, D)
@@ -80,14 +96,14 @@ class Model:
             k = ops_ref.apply_rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.write(li, k, v)                            # (S, Hkv, D)
-            a = ops_ref.attention(q, k, v, start)                       # (T, Hq·D)
+            a = fin(ops_ref.attention(q, k, v, start), f"attention output of layer {li}")  # (T, Hq·D)
             if observer:
                 observer(li, "o_in", a)
             h = h + lin(a, W["o"])                                      # (T, H)
-            x = ops_ref.rmsnorm(h, L.mlp_norm, c.rms_norm_eps)          # (T, H)
+            x = fin(ops_ref.rmsnorm(h, L.mlp_norm, c.rms_norm_eps), f"MLP input of layer {li}")  # (T, H)
             if observer:
                 observer(li, "mlp_in", x)
-            m = ops_ref.silu(lin(x, W["gate"])) * lin(x, W["up"])       # (T, I)
+            m = fin(ops_ref.silu(lin(x, W["gate"])) * lin(x, W["up"]), f"MLP of layer {li}")  # (T, I)
             if observer:
                 observer(li, "down_in", m)
             h = h + lin(m, W["down"])                                   # (T, H)
@@ -95,5 +111,5 @@ class Model:
             cache.commit(t)
         if last_only:
             h = h[-1:]
-        h = ops_ref.rmsnorm(h, self.w.norm, c.rms_norm_eps)              # (T, H)
-        return (h @ self.w.lm_head.T).astype(np.float32)                  # (T, V)
+        h = fin(ops_ref.rmsnorm(h, self.w.norm, c.rms_norm_eps), "final norm")  # (T, H)
+        return fin((h @ self.w.lm_head.T).astype(np.float32), "logits")  # (T, V)
