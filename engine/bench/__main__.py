@@ -4,6 +4,8 @@
   gemv-wb                                weight-only pot / int GEMVs (engine/bench/wb.py)
   e2e                                    prefill / decode tokens/s of the GPU engine against our
                                          FP16 path (engine/bench/e2e.py)
+  perf collect | fit | report            the learned runtime/power/energy model of the A8W4 GEMMs
+                                         (engine/bench/perf.py; fit and report run without a GPU)
 
 Each prints a table; bench/results/ keeps the dated ones that docs cite.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from ..gpu import kernels
 from ..gpu import ops as ops_cuda
-from . import gemm, wb
+from . import gemm, perf, wb
 from .common import BenchError, cp_or_fail
 from .e2e import format_table, run_e2e
 
@@ -72,10 +74,11 @@ def main(argv=None) -> int:
     e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)
+    perf.add_parser(sub)
     args = p.parse_args(argv)
     if args.reps < 1:
         raise BenchError("--reps must be at least 1")
-    if args.cmd != "gemm-pick":
+    if args.cmd != "gemm-pick" and getattr(args, "needs_gpu", True):
         cp_or_fail()
     return args.func(args)
 
@@ -83,6 +86,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (BenchError, ops_cuda.CudaOpError, kernels.KernelError) as e:
+    except (BenchError, ops_cuda.CudaOpError, kernels.KernelError, perf.perfmodel.PerfModelError) as e:
         print(f"engine.bench: {e}", file=sys.stderr)
         sys.exit(2)

@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import formats
 from ..model import sampling
-from . import backend, kargs, kernels
+from . import backend, choice, kargs, kernels, launch
 from .tuning import GEMM, GEMV_CFGS, GEMV_MT, GEMV_SILU_U, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS  # noqa: F401
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
@@ -381,6 +381,29 @@ def _geometry(layer: PackedA8W4) -> Geometry:
                     layer.k_pad)
 
 
+def _learned(x8, sx, layer: PackedA8W4, kernel: str, cfg, out_i32: bool, gemv_only: bool):
+    """(kernel, cfg) from gpu/choice.py for an "auto" call without overrides when the policy
+    is learned or exhaustive; the call's own (kernel, cfg) when the table decides."""
+    m = x8.shape[0]
+    if kernel != "auto" or cfg or out_i32 or m == 0 or not choice.active():
+        return kernel, cfg
+    timer = None
+    if choice.STATE.policy == "exhaustive" and not launch._STATE.get("capturing") and not gemv_only:
+        def timer(kern, c):
+            cp = _cp()
+            y = cp.empty((m, layer.n), dtype=cp.float16)
+            _run_gemm(x8, sx, layer, False, kern, c, y)            # compiles, sizes the workspace
+            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+            e0.record()
+            for _ in range(3):
+                _run_gemm(x8, sx, layer, False, kern, c, y)
+            e1.record()
+            e1.synchronize()
+            return cp.cuda.get_elapsed_time(e0, e1) / 3
+    got = choice.pick(m, layer.n, layer.k, layer.group, gemv_only, timer)
+    return got if got is not None else (kernel, cfg)
+
+
 def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict | None, out=None, resid=None):
     cp = _cp()
     x8 = _prep_x8(x8, layer)
@@ -391,6 +414,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if not (isinstance(resid, cp.ndarray) and resid.dtype == np.float32 and resid.shape == (m, n)
                 and resid.flags.c_contiguous):
             raise CudaOpError(f"resid must be a C-contiguous ({m}, {n}) float32 CuPy array")
+        kernel, cfg = _learned(x8, sx, layer, kernel, cfg, out_i32, True)
         kernel = choose_kernel(m) if kernel == "auto" else kernel
         if kernel != "gemv":
             raise CudaOpError(f"the residual add runs in the GEMV kernel (M ≤ {GEMM.gemv_max_m}), not for M={m}")
@@ -407,6 +431,8 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if not isinstance(sx, cp.ndarray) or sx.dtype != np.float32 or sx.shape != (m,):
             raise CudaOpError(f"sx must be a ({m},) float32 CuPy array, got "
                               f"{getattr(sx, 'dtype', None)} {getattr(sx, 'shape', None)}")
+    if resid is None:
+        kernel, cfg = _learned(x8, sx, layer, kernel, cfg, out_i32, False)
     cfg = dict(cfg or {})
     kernel = choose_kernel(m) if kernel == "auto" else kernel
     g = _geometry(layer)

@@ -1,0 +1,203 @@
+"""Which A8W4 GEMM configuration runs a call: the hand-made table, the learned model, or a
+measurement of every candidate (docs/PERFMODEL.md).
+
+Policies (flags.KERNEL_CHOICE, DGQ_KERNEL_CHOICE; `configure(...)` from the API):
+  table        tuning.GEMM, exactly as before (gpu/ops.py choose_kernel, _gemv_tune)
+  learned      the candidate with the lowest predicted runtime (objective "time"), or the lowest
+               predicted energy among those predicted within 5 % of the fastest ("energy"), from
+               the device's model file (perfmodel.py); the default when that file exists
+  exhaustive   time every candidate once per shape on first use (CUDA events) and keep the fastest
+A model is used only for the device it names (kernels.device_info()["name"]) and only when it
+saw every candidate configuration of a shape; otherwise the table decides, and the reason is
+said once (a PerfModelWarning). Picks are memoised per (M, N, K, group).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from . import flags, kernels, perfmodel
+from .perfmodel import PerfModelError, config_key
+from .tuning import GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS
+
+POLICIES = ("table", "learned", "exhaustive")
+OBJECTIVES = ("time", "energy")
+ENERGY_SLACK = 0.05          # objective energy: within 5 % of the fastest predicted runtime
+
+
+class ChoiceError(ValueError):
+    """An unknown policy or objective."""
+
+
+class PerfModelWarning(UserWarning):
+    """The learned choice cannot be used here; the table decides (said once per reason)."""
+
+
+# ----------------------------------------------------------------------------- candidates
+
+def gemv_mt(m: int) -> int:
+    return 1 if m <= 8 else 2 if m <= 16 else 4            # gpu/ops.py gemv_mt
+
+
+def candidates(m: int, wgmma: bool) -> list[tuple[str, dict]]:
+    """Every configuration the learned and exhaustive choices weigh for M rows (and that
+    `perf collect` times): the GEMV variants of M's token-tile bucket up to M = 32, mma.sync
+    BM × stages × (auto, no) split-K from M = 16, and on sm_90 the wgmma tiles (BT = 64 up to
+    M = 128, BT = 256 from M = 256) × (auto, no) split-K. Every pick of the table is among them."""
+    out = []
+    if m <= 8 * max(GEMV_CFGS):
+        mt = gemv_mt(m)
+        out += [("gemv", {"mt": mt, "rw": rw, "u": u, "nw": 8}) for rw, u in GEMV_CFGS[mt]]
+        out += [("gemv", {"mt": mt, "rw": rw, "u": u, "nw": 16}) for rw, u in GEMV_WIDE.get(mt, ())]
+    if m >= 16:
+        for bm, st in MMA_CFGS:
+            for sp in (None, 1):
+                out.append(("mma", {"bm": bm, "stages": st, "splits": sp}))
+        if wgmma:
+            for bt, st, nwg, wpf, ovl in WGMMA_CFGS:
+                if (bt == 64 and m > 128) or (bt == 256 and m < 256):
+                    continue
+                for sp in (None, 1):
+                    out.append(("wgmma", {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl, "splits": sp}))
+    return out
+
+
+def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool) -> tuple[str, dict]:
+    """The configuration tuning.GEMM gives (gpu/ops.py choose_kernel, _gemv_tune, wgmma_bucket),
+    spelled out as an explicit cfg."""
+    rt = -(-n // 16)
+    if m <= GEMM.gemv_max_m:
+        mt = gemv_mt(m)
+        few = mt in GEMM.gemv_few and rt <= GEMM.gemv_few_tiles_per_sm * sm_count
+        c = GEMM.gemv_few[mt] if few else GEMM.gemv[mt]
+        return "gemv", {"mt": mt, "rw": c.rw, "u": c.u, "nw": GEMM.gemv_few_nw if few else 8}
+    if GEMM.use_wgmma and wgmma:
+        lo, hi = GEMM.wgmma_bounds
+        c = GEMM.wgmma["small" if m <= lo else "mid" if m <= hi else "large"]
+        return "wgmma", {"bt": c.bt, "stages": c.stages, "nwg": c.nwg, "wpf": c.wpf, "ovl": c.ovl, "splits": c.splits}
+    return "mma", {"bm": GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128, "stages": 4, "splits": None}
+
+
+def learned_pick(model: perfmodel.PerfModel, m: int, n: int, k: int, group: int, cands: list, objective: str = "time"):
+    """(index into cands, predictions) of the model's pick, or (None, reason) when a candidate
+    is a configuration the model never saw."""
+    unseen = [config_key(kern, c) for kern, c in cands if config_key(kern, c) not in model.configs]
+    if unseen:
+        return None, f"configurations the model never saw: {', '.join(unseen[:4])}{' ...' if len(unseen) > 4 else ''}"
+    rows = [model.features_of(kern, c, m, n, k, group) for kern, c in cands]
+    pred = model.predict(rows)
+    t = pred["runtime_ms"]
+    if objective == "energy":
+        if "energy_mj" not in pred:
+            return None, "the model has no power forest (objective energy)"
+        near = [i for i in range(len(cands)) if t[i] <= (1 + ENERGY_SLACK) * t.min()]
+        return min(near, key=lambda i: (pred["energy_mj"][i], t[i])), pred
+    return int(t.argmin()), pred
+
+
+# ----------------------------------------------------------------------------- the policy
+
+class _State:
+    def __init__(self):
+        self.asked = flags.KERNEL_CHOICE       # "" = learned when the device's model exists
+        self.objective = flags.OBJECTIVE
+        self.model_path = flags.PERF_MODEL or None
+        self.policy = None                     # resolved on first use (needs the device)
+        self.model = None
+        self.memo: dict = {}
+        self.said: set = set()
+        self.note = None                       # the last fallback message
+
+
+STATE = _State()
+
+
+def _say(msg: str) -> None:
+    STATE.note = msg
+    if msg not in STATE.said:
+        STATE.said.add(msg)
+        warnings.warn(msg, PerfModelWarning, stacklevel=3)
+
+
+def _check(policy, objective):
+    if policy not in ("",) + POLICIES:
+        raise ChoiceError(f"kernel choice must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if objective not in OBJECTIVES:
+        raise ChoiceError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+
+def configure(policy: str | None = None, objective: str | None = None, model_path=None) -> None:
+    """Set the policy ("" or None: learned when the device's model exists, else table), the
+    objective and optionally a model file; resolved at the next GEMM (or by `resolve()`)."""
+    policy = STATE.asked if policy is None else policy
+    objective = STATE.objective if objective is None else objective
+    _check(policy, objective)
+    STATE.asked, STATE.objective = policy, objective
+    if model_path is not None:
+        STATE.model_path = str(model_path) or None
+    STATE.policy, STATE.model, STATE.note = None, None, None
+    STATE.memo.clear()
+
+
+def load_for_device(path, device_name: str) -> perfmodel.PerfModel:
+    """The model at path, checked against the device; PerfModelError names what is wrong."""
+    model = perfmodel.load(path)
+    if model.device != device_name:
+        raise PerfModelError(f"performance model {path} was fitted on {model.device!r}, this GPU is "
+                             f"{device_name!r}: run `python -m engine.bench perf collect` and `perf fit` here")
+    return model
+
+
+def resolve(device_name: str | None = None) -> str:
+    """The effective policy on this device (loads and checks the model once)."""
+    if STATE.policy is not None:
+        return STATE.policy
+    _check(STATE.asked, STATE.objective)       # DGQ_KERNEL_CHOICE / DGQ_OBJECTIVE are read at import
+    asked = STATE.asked
+    if asked in ("table", "exhaustive"):
+        STATE.policy = asked
+        return asked
+    name = device_name or kernels.device_info()["name"]
+    path = Path(STATE.model_path) if STATE.model_path else perfmodel.shipped_path(name)
+    if not STATE.model_path and not path.is_file() and asked == "":
+        STATE.policy = "table"                  # the default, silently: no model for this device
+        return "table"
+    try:
+        STATE.model = load_for_device(path, name)
+        STATE.policy = "learned"
+    except PerfModelError as e:
+        _say(f"{e}; the kernel table (engine/gpu/tuning.py) decides instead")
+        STATE.policy = "table"
+    return STATE.policy
+
+
+def active() -> bool:
+    """False when the table decides: gpu/ops.py then takes its old path unchanged."""
+    return (STATE.policy or resolve()) != "table"
+
+
+def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None):
+    """(kernel, cfg) for an A8W4 GEMM, or None for the table's choice. gemv_only: the call
+    needs the GEMV (a residual add). timer(kernel, cfg) -> ms times one candidate (exhaustive)."""
+    key = (m, n, k, group, gemv_only)
+    hit = STATE.memo.get(key)
+    if hit is not None:
+        return hit[0]
+    info = kernels.device_info()
+    cands = candidates(m, info["cc"] == 90 and GEMM.use_wgmma)
+    if gemv_only:
+        cands = [c for c in cands if c[0] == "gemv"]
+    res = None
+    if cands and STATE.policy == "learned":
+        i, pred = learned_pick(STATE.model, m, n, k, group, cands, STATE.objective)
+        if i is None:
+            _say(f"performance model {STATE.model.path}: {pred}; the kernel table decides for those shapes")
+        else:
+            res = cands[i]
+    elif cands and STATE.policy == "exhaustive":
+        if timer is None:
+            return None                        # not measurable here (e.g. inside a graph capture)
+        times = [timer(kern, c) for kern, c in cands]
+        res = cands[min(range(len(cands)), key=times.__getitem__)]
+    STATE.memo[key] = (res,)
+    return res

@@ -1,0 +1,336 @@
+"""The learned performance model of the A8W4 GEMM kernels, evaluated with NumPy (docs/PERFMODEL.md).
+
+`python -m engine.bench perf fit` fits scikit-learn random forests on a `perf collect` CSV and
+exports them here as plain arrays (.npz, loaded with allow_pickle=False): per tree the node
+arrays children_left, children_right, feature, threshold and value, exactly sklearn's
+`tree_` arrays, plus a JSON metadata record (the device, the feature names, every kernel
+configuration the data held with its per-device attributes, the targets' standardisation,
+date and scikit-learn version). `PerfModel.forest_raw` walks those arrays the way sklearn's
+`Tree.apply` does (features as float32, `x <= threshold` in float64, left) and averages the
+leaves in tree order, so it returns bit for bit what `RandomForestRegressor.predict` does
+(tests/test_perfmodel.py checks it). scikit-learn is never imported by the engine.
+
+Also here, because the fit and the engine's choice both need it and neither may import the
+launchers (gpu/ops.py imports gpu/choice.py): a configuration's canonical key, and its launch
+plan and features, mirroring gpu/ops.py `_run_gemm` (`perf collect` records the real launch
+next to the plan and stops on any difference).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .tuning import GEMM
+
+FORMAT = "dgq-perfmodel-1"
+FAMILIES = ("gemv", "mma", "wgmma")
+TILE_N, CHUNK_K, K_ALIGN, THREADS = 16, 64, 128, 256      # gpu/ops.py (cuda/common.cuh DGQ_*)
+
+# our model's features (a configuration's static attributes regs and occ come from the device)
+FEATURES = ("m", "n", "k", "group", "family", "mt", "rw", "u", "nw", "bm", "stages", "bt", "nwg", "wpf",
+            "ovl", "split_auto", "splits", "tile_m", "tile_n", "tile_k", "threads", "smem", "regs", "occ",
+            "grid", "waves", "wave_eff", "m_util", "flops", "bytes", "tile_bytes", "ai")
+# the GPPerf feature set (ALGORITHMS.md §4): sizes, block tile, arithmetic intensity, bytes, FLOPs
+PAPER_FEATURES = ("m", "n", "k", "tile_m", "tile_n", "tile_k", "ai", "bytes", "flops")
+ATTRS = ("regs", "occ")
+
+
+class PerfModelError(ValueError):
+    """A performance model file that cannot be used: missing, corrupt, foreign or for another device."""
+
+
+# ----------------------------------------------------------------------------- configurations
+
+def config_key(kernel: str, cfg: dict) -> str:
+    """Canonical text of one configuration (CSV column `config`, model metadata, choice)."""
+    if kernel == "gemv":
+        return f"gemv mt={cfg['mt']} rw={cfg['rw']} u={cfg['u']} nw={cfg.get('nw', 8)}"
+    sp = cfg.get("splits") or "auto"
+    if kernel == "mma":
+        return f"mma bm={cfg['bm']} stages={cfg.get('stages', 4)} splits={sp}"
+    if kernel == "wgmma":
+        return (f"wgmma bt={cfg['bt']} stages={cfg['stages']} nwg={cfg['nwg']} wpf={cfg['wpf']} "
+                f"ovl={cfg['ovl']} splits={sp}")
+    raise PerfModelError(f"unknown kernel family {kernel!r}; expected one of {FAMILIES}")
+
+
+def parse_key(key: str) -> tuple[str, dict]:
+    """(kernel, cfg) of a config_key: the cfg dict gpu/ops.py gemm_a8w4 takes."""
+    fam, *parts = key.split()
+    if fam not in FAMILIES:
+        raise PerfModelError(f"configuration {key!r}: unknown kernel family {fam!r}")
+    cfg = {}
+    for p in parts:
+        name, _, v = p.partition("=")
+        cfg[name] = None if v == "auto" else int(v)
+    if config_key(fam, cfg) != key:
+        raise PerfModelError(f"configuration {key!r} is not in canonical form")
+    return fam, cfg
+
+
+def padded(n: int, k: int, group: int) -> tuple[int, int]:
+    ka = max(K_ALIGN, group)
+    return -(-n // TILE_N) * TILE_N, -(-k // ka) * ka
+
+
+def auto_splits(tiles: int, kt: int, blocks_per_sm: int, sm_count: int) -> int:
+    """gpu/ops.py _splits: split K until tiles·splits reaches split_target · SMs · blocks/SM."""
+    target = GEMM.split_target * sm_count * blocks_per_sm
+    if tiles >= target:
+        return 1
+    return int(max(1, min(kt // 4, math.ceil(target / tiles), 16)))
+
+
+def launch_plan(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_count: int) -> dict:
+    """What gpu/ops.py _run_gemm launches for this configuration: expr, grid, block, smem and
+    the tile geometry."""
+    n_pad, k_pad = padded(n, k, group)
+    R, C = n_pad // TILE_N, k_pad // CHUNK_K
+    p = {"mt": 0, "rw": 0, "u": 0, "nw": 0, "bm": 0, "stages": 0, "bt": 0, "nwg": 0, "wpf": 0, "ovl": 0,
+         "split_auto": 0, "nreg": 0}
+    if kernel == "gemv":
+        mt, rw, u, nw = cfg["mt"], cfg["rw"], cfg["u"], cfg.get("nw", 8)
+        p.update(mt=mt, rw=rw, u=u, nw=nw, expr=f"gemm_a8w4_gemv<{mt},{rw},{u},false,false{'' if nw == 8 else ',16'}>",
+                 grid=(-(-R // rw), 1), threads=32 * nw, smem=0, splits=1, tile_m=8 * mt, tile_n=TILE_N * rw,
+                 tile_k=CHUNK_K * u, tiles=-(-R // rw))
+        return p
+    if kernel == "mma":
+        bm, st = cfg["bm"], cfg.get("stages", 4)
+        smem = st * (bm * 128 + 8 * 2 * 512 + 8 * 2 * 32)                 # gpu/ops.py mma_smem
+        nreg, bps, tile_m, tile_rt, threads = (bm // 32) * 16, 2, bm, 8, THREADS
+        p.update(bm=bm, stages=st, expr=f"gemm_a8w4_mma<{bm},{st},false>")
+    elif kernel == "wgmma":
+        bt, st, nwg, wpf, ovl = (cfg[x] for x in ("bt", "stages", "nwg", "wpf", "ovl"))
+        threads = nwg * 128
+        smem = max(st * bt * 128, bt * (nwg * 64 + 8) * 2) + 1024
+        nreg, bps = bt // 2, (2 if (bt <= 128 and nwg == 2 and wpf <= 2) else 1)
+        tile_m, tile_rt = bt, nwg * 4
+        p.update(bt=bt, stages=st, nwg=nwg, wpf=wpf, ovl=ovl, expr=f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},false>")
+    else:
+        raise PerfModelError(f"unknown kernel family {kernel!r}; expected one of {FAMILIES}")
+    tiles = -(-m // tile_m) * -(-R // tile_rt)
+    splits = cfg.get("splits") or auto_splits(tiles, C // 2, bps, sm_count)
+    splits = int(max(1, min(splits, C // 2)))
+    p.update(grid=(tiles, splits), threads=threads, smem=smem, splits=splits, split_auto=int(not cfg.get("splits")),
+             tile_m=tile_m, tile_n=TILE_N * tile_rt, tile_k=128, tiles=tiles, nreg=nreg)
+    return p
+
+
+def features(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_count: int, attrs: dict) -> dict:
+    """The FEATURES of one call: sizes, configuration, launch geometry, occupancy (attrs: the
+    configuration's registers `regs` and resident blocks per SM `occ`, measured on the device),
+    compulsory bytes, FLOPs and arithmetic intensity."""
+    p = launch_plan(kernel, cfg, m, n, k, group, sm_count)
+    n_pad, k_pad = padded(n, k, group)
+    occ = max(int(attrs["occ"]), 1)
+    grid = p["grid"][0] * p["grid"][1]
+    waves = grid / (sm_count * occ)
+    w_bytes = n_pad * k_pad // 2 + (n_pad // TILE_N) * (k_pad // group) * 32 + 4 * n_pad   # qw + meta + s8
+    x_bytes = m * k_pad + 4 * m
+    o_bytes = 2 * m * n
+    ws_bytes = 2 * 4 * p["splits"] * p["tiles"] * p["nreg"] * p["threads"] if p["splits"] > 1 else 0
+    nbytes = w_bytes + x_bytes + o_bytes + ws_bytes
+    m_tiles = -(-m // p["tile_m"])
+    n_tiles = -(-n_pad // p["tile_n"])
+    flops = 2.0 * m * n * k
+    f = {"m": m, "n": n, "k": k, "group": group, "family": FAMILIES.index(kernel),
+         **{x: p[x] for x in ("mt", "rw", "u", "nw", "bm", "stages", "bt", "nwg", "wpf", "ovl", "split_auto",
+                              "splits", "tile_m", "tile_n", "tile_k", "threads", "smem")},
+         "regs": int(attrs["regs"]), "occ": occ, "grid": grid, "waves": waves,
+         "wave_eff": waves / math.ceil(waves), "m_util": m / (m_tiles * p["tile_m"]),
+         "flops": flops, "bytes": float(nbytes), "tile_bytes": float(w_bytes * m_tiles + x_bytes * n_tiles),
+         "ai": flops / nbytes}
+    return f
+
+
+def feature_matrix(rows: list[dict], names=FEATURES) -> np.ndarray:
+    return np.array([[float(r[x]) for x in names] for r in rows], dtype=np.float64).reshape(len(rows), len(names))
+
+
+# ----------------------------------------------------------------------------- the forests
+
+@dataclass
+class Forest:
+    """One exported forest: the trees' node arrays concatenated, trees delimited by offsets."""
+    name: str
+    features: tuple           # the feature names its columns read
+    targets: tuple            # what each output is (e.g. log_runtime_ms, power_w, log_energy_mj)
+    mean: np.ndarray          # (n_outputs,) the standardisation the fit applied to the targets
+    scale: np.ndarray
+    offsets: np.ndarray       # (n_trees + 1,) int64
+    left: np.ndarray          # (nodes,) int32, tree-local; -1 at leaves
+    right: np.ndarray
+    feature: np.ndarray       # (nodes,) int32
+    threshold: np.ndarray     # (nodes,) float64
+    value: np.ndarray         # (nodes, n_outputs) float64
+
+    def raw(self, X: np.ndarray) -> np.ndarray:
+        """(rows, n_outputs) float64: sklearn's forest.predict on X in standardised units."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != len(self.features):
+            raise PerfModelError(f"forest {self.name}: X must be (rows, {len(self.features)}), got {X.shape}")
+        if not np.isfinite(X).all():
+            raise PerfModelError(f"forest {self.name}: features must be finite")
+        X32 = X.astype(np.float32).astype(np.float64)          # sklearn compares float32 features
+        rows = np.arange(X.shape[0])
+        out = np.zeros((X.shape[0], self.value.shape[1]), dtype=np.float64)
+        for t in range(len(self.offsets) - 1):
+            base = int(self.offsets[t])
+            node = np.full(X.shape[0], base, dtype=np.int64)
+            while True:
+                inner = self.left[node] >= 0
+                if not inner.any():
+                    break
+                ni = node[inner]
+                go_left = X32[rows[inner], self.feature[ni]] <= self.threshold[ni]
+                node[inner] = base + np.where(go_left, self.left[ni], self.right[ni])
+            out += self.value[node]
+        out /= len(self.offsets) - 1
+        return out
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """(rows, n_outputs) in the targets' units (mean + scale · raw)."""
+        return self.mean + self.scale * self.raw(X)
+
+
+def _check_forest(name: str, f: Forest, path) -> None:
+    n = len(f.left)
+    ok = (f.offsets.ndim == 1 and len(f.offsets) >= 2 and f.offsets[0] == 0 and f.offsets[-1] == n
+          and np.all(np.diff(f.offsets) > 0)
+          and all(a.shape == (n,) for a in (f.right, f.feature, f.threshold))
+          and f.value.ndim == 2 and f.value.shape[0] == n and f.value.shape[1] == len(f.targets)
+          and f.mean.shape == f.scale.shape == (len(f.targets),))
+    if ok:
+        sizes = np.repeat(np.diff(f.offsets), np.diff(f.offsets))
+        local = np.arange(n) - np.repeat(f.offsets[:-1], np.diff(f.offsets))
+        inner = f.left >= 0
+        # sklearn numbers children after their parent: checking that bounds every walk
+        ok = (np.all((f.left > local) | ~inner) and np.all((f.right > local) | ~inner)
+              and np.all(f.left[inner] < sizes[inner]) and np.all(f.right[inner] < sizes[inner])
+              and np.all((f.right < 0) == ~inner)
+              and np.all((f.feature[inner] >= 0) & (f.feature[inner] < len(f.features)))
+              and np.isfinite(f.threshold[inner]).all() and np.isfinite(f.value).all())
+    if not ok:
+        raise PerfModelError(f"performance model {path}: forest {name!r} is malformed (corrupt file?)")
+
+
+# ----------------------------------------------------------------------------- the model file
+
+@dataclass
+class PerfModel:
+    """A loaded model file: its metadata and forests ("time": log runtime on every row;
+    "power": log runtime, power and log energy on the rows with an NVML measurement)."""
+    path: str
+    meta: dict
+    forests: dict
+
+    @property
+    def device(self) -> str:
+        return self.meta["device"]["name"]
+
+    @property
+    def configs(self) -> dict:
+        """config_key -> {"regs": .., "occ": ..} for every configuration the data held."""
+        return self.meta["configs"]
+
+    def features_of(self, kernel: str, cfg: dict, m: int, n: int, k: int, group: int) -> dict:
+        attrs = self.configs[config_key(kernel, cfg)]
+        return features(kernel, cfg, m, n, k, group, self.meta["device"]["sm_count"], attrs)
+
+    def predict(self, rows: list[dict]) -> dict:
+        """Predictions for feature rows: runtime_ms (time forest), power_w and energy_mj (power forest)."""
+        out = {}
+        t = self.forests["time"]
+        out["runtime_ms"] = np.exp(t.predict(feature_matrix(rows, t.features))[:, t.targets.index("log_runtime_ms")])
+        pw = self.forests.get("power")
+        if pw is not None:
+            y = pw.predict(feature_matrix(rows, pw.features))
+            out["power_w"] = y[:, pw.targets.index("power_w")]
+            out["energy_mj"] = np.exp(y[:, pw.targets.index("log_energy_mj")])
+        return out
+
+
+def save(path, meta: dict, forests: dict) -> None:
+    """Write a model file atomically (np.savez_compressed of plain arrays, metadata as JSON bytes)."""
+    from ..util.files import atomic_file  # noqa: PLC0415
+    meta = dict(meta, format=FORMAT, forests={name: {"features": list(f.features), "targets": list(f.targets),
+                                                      "mean": [float(v) for v in f.mean],
+                                                      "scale": [float(v) for v in f.scale]}
+                                               for name, f in forests.items()})
+    arrays = {"meta_json": np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)}
+    for name, f in forests.items():
+        arrays.update({f"{name}.offsets": f.offsets.astype(np.int64), f"{name}.left": f.left.astype(np.int32),
+                       f"{name}.right": f.right.astype(np.int32), f"{name}.feature": f.feature.astype(np.int32),
+                       f"{name}.threshold": f.threshold.astype(np.float64),
+                       f"{name}.value": f.value.astype(np.float64)})
+    with atomic_file(path, "xb", flag="performance model") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def load(path) -> PerfModel:
+    """Read and check a model file; any defect is one PerfModelError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PerfModelError(f"performance model {path}: no such file")
+    try:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # zip, npy header, object arrays: all "not a model file"
+        raise PerfModelError(f"performance model {path}: not a readable model file "
+                             f"({type(e).__name__}: {str(e)[:120]})") from None
+    if "meta_json" not in arrays:
+        raise PerfModelError(f"performance model {path}: no meta_json record: a foreign file, not one "
+                             f"`python -m engine.bench perf fit` wrote")
+    try:
+        meta = json.loads(bytes(arrays.pop("meta_json")).decode())
+    except Exception as e:
+        raise PerfModelError(f"performance model {path}: unreadable metadata ({type(e).__name__}: "
+                             f"{str(e)[:120]})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PerfModelError(f"performance model {path}: format {meta.get('format') if isinstance(meta, dict) else None!r}"
+                             f" is not {FORMAT!r} (a foreign file, or written by another version)")
+    try:
+        forests = {}
+        for name, fm in meta["forests"].items():
+            f = Forest(name, tuple(fm["features"]), tuple(fm["targets"]), np.asarray(fm["mean"], np.float64),
+                       np.asarray(fm["scale"], np.float64), arrays[f"{name}.offsets"], arrays[f"{name}.left"],
+                       arrays[f"{name}.right"], arrays[f"{name}.feature"], arrays[f"{name}.threshold"],
+                       arrays[f"{name}.value"])
+            if not set(f.features) <= set(FEATURES):
+                raise PerfModelError(f"performance model {path}: forest {name!r} reads unknown features "
+                                     f"{sorted(set(f.features) - set(FEATURES))}")
+            _check_forest(name, f, path)
+            forests[name] = f
+        if "time" not in forests or "log_runtime_ms" not in forests["time"].targets:
+            raise PerfModelError(f"performance model {path}: no runtime forest")
+        if "power" in forests and not {"power_w", "log_energy_mj"} <= set(forests["power"].targets):
+            raise PerfModelError(f"performance model {path}: the power forest lacks power_w / log_energy_mj")
+        dev = meta["device"]
+        if not (isinstance(dev["name"], str) and int(dev["sm_count"]) > 0):
+            raise PerfModelError(f"performance model {path}: bad device record {dev!r}")
+        for key, attrs in meta["configs"].items():
+            parse_key(key)
+            if not all(isinstance(attrs.get(a), int) for a in ATTRS):
+                raise PerfModelError(f"performance model {path}: configuration {key!r} lacks {ATTRS}")
+    except PerfModelError:
+        raise
+    except Exception as e:
+        raise PerfModelError(f"performance model {path}: malformed metadata ({type(e).__name__}: {str(e)[:120]})") from None
+    return PerfModel(str(path), meta, forests)
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200': the file name of a device's model and data."""
+    s = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "-".join(p for p in s.split("-") if p) or "unknown"
+
+
+MODEL_DIR = Path(__file__).resolve().parent / "perf_models"     # shipped models (package data)
+
+
+def shipped_path(device_name: str) -> Path:
+    return MODEL_DIR / f"{device_slug(device_name)}.npz"

@@ -1,0 +1,374 @@
+"""The learned GEMM performance model (docs/PERFMODEL.md): fit, export, NumPy evaluation, choice.
+
+CPU tests fit on tests/data/perf_small.csv (synthetic rows from engine.bench.perf.synthetic:
+real features, formula runtimes) and check that fitting is deterministic, that the exported
+arrays predict bit for bit what scikit-learn predicts, that held-out folds never share a
+shape with training, that a corrupt, foreign or other-device model file gives one clear
+message and the table decides, that unseen configurations fall back to the table, that the
+energy objective stays within 5 % of the fastest prediction, and that the choice helpers mirror
+gpu/ops.py. The GPU test runs `perf collect --quick`, then fits and reports on its CSV.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.gpu import backend, choice, kernels, perfmodel, tuning
+from engine.gpu import ops as ops_cuda
+from engine.gpu.perfmodel import FEATURES, PerfModelError, config_key
+
+sklearn = pytest.importorskip("sklearn", reason="the fit needs scikit-learn: pip install -e '.[test]'")
+from engine.bench import perf  # noqa: E402
+
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not backend.has_gpu(), reason="needs an NVIDIA GPU and CuPy")
+
+CSV = Path(__file__).parent / "data" / "perf_small.csv"
+DEV = {"name": "Synthetic GPU", "cc": 90, "sm_count": 132, "l2_bytes": 50 << 20, "smem_optin": 232448}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return perf.read_csv(CSV)[1]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("perf")
+    res = perf.fit(CSV, d / "model.npz", d / "report.md", n_trees=12, folds=3, random_split_too=False, plot=False)
+    return res, d
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """kernels.device_info() of a made-up sm_90 GPU named like the committed CSV; the choice state reset."""
+    monkeypatch.setattr(kernels, "device_info", lambda: dict(DEV))
+    saved = (choice.STATE.asked, choice.STATE.objective, choice.STATE.model_path)
+    yield
+    choice.configure(saved[0], saved[1], saved[2] or "")
+
+
+def test_csv_round_trip_and_columns(rows, tmp_path):
+    meta, again = perf.read_csv(CSV)
+    assert meta["device"]["name"] == DEV["name"] and len(again) == len(rows) > 100
+    assert set(perf.COLUMNS) <= set(rows[0]) and {"kernel", "m", "n", "k", "runtime_ms", "power_w", "energy_mj"} <= set(rows[0])
+    perf.write_csv(tmp_path / "x.csv", meta, rows)
+    assert perf.read_csv(tmp_path / "x.csv")[1] == rows
+
+
+def test_group_split_never_leaks_a_shape(rows):
+    folds = perf.group_folds(rows, 4)
+    assert len(folds) == 4
+    seen_test = set()
+    for tr, te in folds:
+        train = {(rows[i]["m"], rows[i]["n"], rows[i]["k"]) for i in tr}
+        test = {(rows[i]["m"], rows[i]["n"], rows[i]["k"]) for i in te}
+        assert train and test and not train & test
+        seen_test |= test
+        assert len(tr) + len(te) == len(rows)
+    assert len(seen_test) == len({(r["m"], r["n"], r["k"]) for r in rows})
+
+
+def test_fit_is_deterministic_and_export_is_exact(rows, fitted, tmp_path):
+    res, d = fitted
+    again = perf.fit(CSV, tmp_path / "m.npz", tmp_path / "r.md", n_trees=12, folds=3, random_split_too=False,
+                     plot=False)
+    for name, f in res["forests"].items():
+        g = again["forests"][name]
+        for field in ("offsets", "left", "right", "feature", "threshold", "value", "mean", "scale"):
+            assert np.array_equal(getattr(f, field), getattr(g, field)), (name, field)
+    assert (d / "report.md").read_text().replace("model.npz", "m.npz") == (tmp_path / "r.md").read_text()
+    # sklearn vs the exported arrays, on the rows and on perturbed rows (other threshold sides)
+    X = perfmodel.feature_matrix(rows, FEATURES)
+    rng = np.random.default_rng(0)
+    Xp = np.vstack([X, X * rng.uniform(0.5, 2.0, X.shape)])
+    loaded = perfmodel.load(d / "model.npz")
+    rf_t = res["rf_time"]
+    assert np.array_equal(perf.sk_raw(rf_t, Xp), loaded.forests["time"].raw(Xp))
+    prow = [r for r in rows if r.get("power_w") is not None]
+    rf_p, f_p = perf.fit_forest(prow, perf.TARGETS_POWER, n_trees=12)
+    assert f_p.value.shape[1] == 3
+    assert np.array_equal(perf.sk_raw(rf_p, Xp), f_p.raw(Xp))
+    assert np.array_equal(loaded.forests["power"].raw(Xp), f_p.raw(Xp))     # the same fit, saved and loaded
+    assert loaded.meta["device"]["name"] == DEV["name"] and loaded.meta["sklearn"] == sklearn.__version__
+    assert set(loaded.configs) == {r["config"] for r in rows}
+
+
+def test_exported_power_forest_matches_sklearn(rows):
+    prow = [r for r in rows if r.get("power_w") is not None]
+    rf, f = perf.fit_forest(prow, perf.TARGETS_POWER, n_trees=7, seed=3)
+    X = perfmodel.feature_matrix(rows, FEATURES)
+    assert np.array_equal(perf.sk_raw(rf, X), f.raw(X))
+    got = f.predict(X)
+    assert np.abs(got - (f.mean + f.scale * perf.sk_raw(rf, X))).max() <= 1e-12
+
+
+def test_report_names_the_split_and_the_paper(fitted):
+    res, d = fitted
+    text = (d / "report.md").read_text()
+    assert "GroupKFold by (M, N, K)" in text and "R² 0.98" in text and "| ours | all | runtime_ms |" in text
+    assert "| roofline |" in text and "| paper |" in text and "learned / best" in text
+
+
+# ----------------------------------------------------------------------------- model files
+
+def _expect_fallback(path, monkeypatch, what):
+    choice.configure("learned", "time", str(path))
+    with pytest.warns(choice.PerfModelWarning) as w:
+        assert choice.resolve() == "table"
+    msg = str(w[0].message)
+    assert str(path) in msg and what in msg and "table" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        choice.configure("learned", "time", str(path))
+        choice.STATE.said.add(msg)      # said once per process
+        assert choice.resolve() == "table" and not choice.active()
+    return msg
+
+
+def test_corrupt_file_gives_one_clear_error_and_the_table(tmp_path, fake_device, monkeypatch, fitted):
+    bad = tmp_path / "corrupt.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(PerfModelError, match="not a readable model file"):
+        perfmodel.load(bad)
+    _expect_fallback(bad, monkeypatch, "not a readable")
+    # a truncated copy of a good file
+    good = (fitted[1] / "model.npz").read_bytes()
+    trunc = tmp_path / "trunc.npz"
+    trunc.write_bytes(good[: len(good) // 2])
+    with pytest.raises(PerfModelError, match=str(trunc)):
+        perfmodel.load(trunc)
+    missing = tmp_path / "none.npz"
+    _expect_fallback(missing, monkeypatch, "no such file")
+
+
+def test_foreign_file_is_refused(tmp_path, fake_device, monkeypatch):
+    foreign = tmp_path / "weights.npz"
+    np.savez(foreign, a=np.arange(3))
+    with pytest.raises(PerfModelError, match="a foreign file"):
+        perfmodel.load(foreign)
+    other = tmp_path / "other.npz"
+    np.savez(other, meta_json=np.frombuffer(json.dumps({"format": "xgboost-9"}).encode(), np.uint8))
+    with pytest.raises(PerfModelError, match="foreign"):
+        perfmodel.load(other)
+    obj = tmp_path / "pickled.npz"
+    np.savez(obj, meta_json=np.array([{"format": perfmodel.FORMAT}], dtype=object))
+    with pytest.raises(PerfModelError):                 # never unpickled
+        perfmodel.load(obj)
+    _expect_fallback(foreign, monkeypatch, "a foreign file")
+
+
+def test_malformed_forest_is_refused(tmp_path, fitted):
+    src = fitted[1] / "model.npz"
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["time.left"] = arrays["time.left"].copy()
+    inner = np.flatnonzero(arrays["time.left"] >= 0)
+    arrays["time.left"][inner[0]] = 0                  # a cycle back to the root
+    bad = tmp_path / "cycle.npz"
+    np.savez(bad, **arrays)
+    with pytest.raises(PerfModelError, match="malformed"):
+        perfmodel.load(bad)
+
+
+def test_other_device_is_never_used(tmp_path, fitted, monkeypatch, fake_device):
+    monkeypatch.setattr(kernels, "device_info", lambda: dict(DEV, name="NVIDIA H200"))
+    path = fitted[1] / "model.npz"
+    with pytest.raises(PerfModelError, match="fitted on 'Synthetic GPU'"):
+        choice.load_for_device(path, "NVIDIA H200")
+    _expect_fallback(path, monkeypatch, "this GPU is 'NVIDIA H200'")
+
+
+def test_default_policy_is_table_without_a_model(fake_device, monkeypatch, tmp_path):
+    monkeypatch.setattr(perfmodel, "MODEL_DIR", tmp_path)
+    choice.configure("", "time", "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # silently: no model for this device is normal
+        assert choice.resolve() == "table"
+
+
+def test_default_policy_is_learned_with_the_devices_model(fake_device, monkeypatch, tmp_path, fitted):
+    monkeypatch.setattr(perfmodel, "MODEL_DIR", tmp_path)
+    (tmp_path / "synthetic-gpu.npz").write_bytes((fitted[1] / "model.npz").read_bytes())
+    choice.configure("", "time", "")
+    assert choice.resolve() == "learned" and choice.active()
+
+
+def test_bad_policy_names_the_choices(fake_device):
+    with pytest.raises(choice.ChoiceError, match="table, learned, exhaustive"):
+        choice.configure("fastest")
+    with pytest.raises(choice.ChoiceError, match="time, energy"):
+        choice.configure("learned", "power")
+
+
+# ----------------------------------------------------------------------------- the choice
+
+def _learned(fitted, objective="time"):
+    choice.configure("learned", objective, str(fitted[1] / "model.npz"))
+    assert choice.resolve() == "learned"
+    return choice.STATE.model
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 24, 100, 700, 5000])
+def test_learned_pick_is_the_lowest_prediction(fitted, fake_device, m):
+    model = _learned(fitted)
+    n, k = 5120, 3072
+    cands = choice.candidates(m, True)
+    i, pred = choice.learned_pick(model, m, n, k, 128, cands)
+    assert i == int(np.argmin(pred["runtime_ms"]))
+    assert choice.pick(m, n, k, 128) == cands[i]
+    assert choice.pick(m, n, k, 128) is choice.pick(m, n, k, 128)      # memoised
+
+
+@pytest.mark.parametrize("m", [4, 64, 1024])
+def test_energy_objective_stays_within_5_percent(fitted, fake_device, m):
+    model = _learned(fitted, "energy")
+    cands = choice.candidates(m, True)
+    i, pred = choice.learned_pick(model, m, 4096, 4096, 128, cands, "energy")
+    t, e = pred["runtime_ms"], pred["energy_mj"]
+    assert t[i] <= 1.05 * t.min()
+    near = t <= 1.05 * t.min()
+    assert e[i] == e[near].min()
+    assert choice.pick(m, 4096, 4096, 128) == cands[i]
+
+
+def test_unseen_configuration_falls_back_to_the_table(fitted, fake_device, monkeypatch):
+    _learned(fitted)
+    monkeypatch.setattr(choice, "WGMMA_CFGS", tuning.WGMMA_CFGS + ((128, 3, 2, 2, 2),))   # a new instantiation
+    with pytest.warns(choice.PerfModelWarning, match="never saw: wgmma bt=128 stages=3"):
+        assert choice.pick(300, 4096, 4096, 128) is None
+    assert choice.pick(8, 4096, 4096, 128) is not None          # GEMV candidates are all known
+
+
+def test_gemv_only_picks_a_gemv(fitted, fake_device):
+    _learned(fitted)
+    kern, cfg = choice.pick(16, 4096, 4096, 128, gemv_only=True)
+    assert kern == "gemv" and cfg["mt"] == 2
+
+
+def test_ops_hook_leaves_the_table_path_alone(fitted, fake_device):
+    layer = ops_cuda.PackedA8W4(4096, 4096, 128, 4096, 4096, None, None, None)
+    x8 = np.zeros((64, 4096), np.int8)
+    choice.configure("table", "time", "")
+    assert ops_cuda._learned(x8, None, layer, "auto", None, False, False) == ("auto", None)
+    _learned(fitted)
+    kern, cfg = ops_cuda._learned(x8, None, layer, "auto", None, False, False)
+    assert (kern, cfg) in choice.candidates(64, True)
+    # explicit kernels, cfg overrides and int32 outputs (tests) are never redirected
+    assert ops_cuda._learned(x8, None, layer, "mma", None, False, False) == ("mma", None)
+    assert ops_cuda._learned(x8, None, layer, "auto", {"bm": 64}, False, False) == ("auto", {"bm": 64})
+    assert ops_cuda._learned(x8, None, layer, "auto", None, True, False) == ("auto", None)
+
+
+# ----------------------------------------------------------------------------- mirrors of gpu/ops.py
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_table_pick_mirrors_ops(monkeypatch, cc):
+    monkeypatch.setattr(kernels, "device_info", lambda: dict(DEV, cc=cc))
+    for m in (1, 5, 8, 9, 16, 17, 40, 64, 65, 300, 512, 513, 8192):
+        for n in (512, 4096, 8448, 32768):
+            kern, cfg = choice.table_pick(m, n, 128, DEV["sm_count"], cc == 90)
+            assert kern == ops_cuda.choose_kernel(m)
+            assert (kern, cfg) in choice.candidates(m, cc == 90), (m, n, kern, cfg)
+            if kern == "gemv":
+                assert cfg["mt"] == ops_cuda.gemv_mt(m)
+                assert (cfg["rw"], cfg["u"], cfg["nw"]) == ops_cuda._gemv_tune(cfg["mt"], -(-n // 16))
+            elif kern == "wgmma":
+                assert cfg == dataclasses.asdict(tuning.GEMM.wgmma[ops_cuda.wgmma_bucket(m)])
+
+
+def test_launch_plan_mirrors_ops(monkeypatch):
+    monkeypatch.setattr(kernels, "device_info", lambda: dict(DEV))
+    for m, n, k in ((16, 4096, 4096), (100, 512, 32768), (4096, 28672, 8192), (17, 1000, 700)):
+        for kern, cfg in choice.candidates(m, True):
+            p = perfmodel.launch_plan(kern, cfg, m, n, k, 128, DEV["sm_count"])
+            key = config_key(kern, cfg)
+            assert perfmodel.parse_key(key) == (kern, {**cfg, **({"splits": cfg.get("splits")} if kern != "gemv" else {})})
+            if kern == "mma":
+                assert p["smem"] == ops_cuda.mma_smem(cfg["bm"], cfg["stages"])
+            if kern != "gemv" and not cfg["splits"]:
+                bps = 2 if kern == "mma" or (cfg["bt"] <= 128 and cfg["nwg"] == 2 and cfg["wpf"] <= 2) else 1
+                n_pad, k_pad = ops_cuda.padded_dims(n, k, 128)
+                want = max(1, min(ops_cuda._splits(p["tiles"], k_pad // 128, bps), k_pad // 128))
+                assert p["splits"] == want
+            f = perfmodel.features(kern, cfg, m, n, k, 128, DEV["sm_count"], {"regs": 96, "occ": 2})
+            assert list(f) == list(FEATURES) and all(np.isfinite(float(v)) for v in f.values())
+
+
+def test_candidates_are_instantiated():
+    for m in (1, 8, 9, 16, 17, 32, 33, 128, 129, 256, 8192):
+        for kern, cfg in choice.candidates(m, True):
+            if kern == "gemv":
+                table = tuning.GEMV_CFGS if cfg["nw"] == 8 else tuning.GEMV_WIDE
+                assert (cfg["rw"], cfg["u"]) in table[cfg["mt"]] and m <= 8 * cfg["mt"]
+            elif kern == "mma":
+                assert (cfg["bm"], cfg["stages"]) in tuning.MMA_CFGS
+            else:
+                assert (cfg["bt"], cfg["stages"], cfg["nwg"], cfg["wpf"], cfg["ovl"]) in tuning.WGMMA_CFGS
+
+
+def test_plan_is_deterministic_and_fits_the_budget():
+    a = perf.plan(480.0, seed=0)
+    b = perf.plan(480.0, seed=0)
+    assert a["hash"] == b["hash"] and a["points"] == b["points"]
+    assert a["est_s"] <= 480.0 * 1.05 and any(p["power"] for p in a["points"])
+    assert perf.plan(480.0, seed=1)["hash"] != a["hash"]
+    q = perf.plan(30.0, quick=True)
+    assert 0 < len(q["points"]) <= 20 and q["est_s"] <= 32
+    for p in a["points"]:
+        assert 1 <= p["m"] <= 8192 and p["k"] % 128 == 0 and p["n"] % 128 == 0
+        assert 512 <= p["k"] <= 32768 or p["source"] == "llm"
+
+
+def test_cli_fit_and_report(tmp_path, capsys):
+    from engine.bench.__main__ import main
+    model, md = tmp_path / "m.npz", tmp_path / "r.md"
+    assert main(["perf", "fit", str(CSV), "--model", str(model), "--md", str(md), "--trees", "4", "--folds", "2",
+                 "--jobs", "1", "--no-random-split"]) == 0
+    assert main(["perf", "report", str(model), "--csv", str(CSV), "--md", str(tmp_path / "rep.md")]) == 0
+    text = (tmp_path / "rep.md").read_text()
+    assert "Synthetic GPU" in text and "learned / best" in text
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@gpu
+@needs_gpu
+def test_collect_quick_then_fit_and_choose(tmp_path):
+    """`perf collect --quick` end to end on this GPU (NVML power included), then fit, report, and
+    the learned choice running real GEMMs bit-exactly like the table's."""
+    pytest.importorskip("pynvml", reason="perf collect needs nvidia-ml-py")
+    from engine.bench.__main__ import main
+    csv_path = tmp_path / "quick.csv"
+    assert main(["perf", "collect", "--quick", "--out", str(csv_path)]) == 0
+    meta, rows = perf.read_csv(csv_path)
+    info = kernels.device_info()
+    assert meta["device"]["name"] == info["name"] and len(rows) > 50
+    assert all(r["runtime_ms"] > 0 for r in rows)
+    pw = [r for r in rows if r.get("power_w") is not None]
+    assert pw and all(20 < r["power_w"] < 2000 and r["energy_mj"] > 0 for r in pw)
+    model = tmp_path / "model.npz"
+    assert main(["perf", "fit", str(csv_path), "--model", str(model), "--md", str(tmp_path / "r.md"),
+                 "--trees", "20", "--folds", "3", "--no-random-split"]) == 0
+    assert main(["perf", "report", str(model), "--csv", str(csv_path)]) == 0
+    cp = backend.cupy_or_none()
+    saved = (choice.STATE.asked, choice.STATE.objective, choice.STATE.model_path)
+    try:
+        layer = ops_cuda.random_packed(4096, 4096, 128, seed=3)
+        for m in (1, 16, 64, 256):
+            x8 = cp.random.randint(-127, 128, (m, 4096), dtype=cp.int32).astype(cp.int8)
+            sx = cp.full((m,), 0.01, dtype=cp.float32)
+            choice.configure("table", "time", "")
+            ref = ops_cuda.gemm_a8w4(x8, sx, layer)
+            for pol, obj in (("learned", "time"), ("learned", "energy"), ("exhaustive", "time")):
+                choice.configure(pol, obj, str(model))
+                assert choice.resolve() == pol
+                got = ops_cuda.gemm_a8w4(x8, sx, layer)
+                assert cp.array_equal(got, ref), (m, pol, obj)
+    finally:
+        choice.configure(saved[0], saved[1], saved[2] or "")
