@@ -47,10 +47,14 @@ def load_weights(path=None):
 LM_HEADS = ("fp16", "int8")
 
 
-def load_model(path=None, device: str = "cpu", lm_head: str = "fp16") -> LoadedModel:
+def load_model(path=None, device: str = "cpu", lm_head: str = "fp16", kernel_choice: str | None = None,
+               objective: str | None = None) -> LoadedModel:
     """Load weights and build the NumPy or GPU model. lm_head "int8": the output head as
     symmetric INT8 with one scale per vocabulary row (ModelWeights.with_int8_lm_head), on
-    both paths; "fp16" (default) keeps it as the file has it."""
+    both paths; "fp16" (default) keeps it as the file has it. kernel_choice ("table" |
+    "learned" | "exhaustive") and objective ("time" | "energy") set how the GPU engine picks
+    each A8W4 GEMM's configuration (engine/gpu/choice.py); None keeps DGQ_KERNEL_CHOICE /
+    DGQ_OBJECTIVE (default: learned when the GPU's model file exists, else the table)."""
     if not isinstance(lm_head, str) or lm_head not in LM_HEADS:
         raise BackendError(f"lm_head must be one of {LM_HEADS}, got {lm_head!r}")
     asked = device
@@ -60,8 +64,11 @@ def load_model(path=None, device: str = "cpu", lm_head: str = "fp16") -> LoadedM
         mw = mw.with_int8_lm_head()
     model = None
     if device == "cuda":
+        from .gpu import choice  # noqa: PLC0415
         from .gpu.model import CudaModel  # noqa: PLC0415  (the GPU package loads only when asked for)
         from .gpu.ops import CudaOpError  # noqa: PLC0415
+        if kernel_choice is not None or objective is not None:
+            choice.configure(kernel_choice, objective)      # ChoiceError (a ValueError) names the choices
         try:
             model = CudaModel(mw)
         except (BackendError, CudaOpError) as e:
