@@ -104,7 +104,7 @@ def shape_cost_s(k, n) -> float:
     return 0.05 + 3 * (n * k / 2) / 2e11            # random_packed buffers
 
 
-def plan(budget_s: float, seed: int = 0, quick: bool = False, power_frac: float = 0.4, power_s: float = 0.3,
+def plan(budget_s: float, seed: int = 0, quick: bool = False, power_frac: float = 0.5, power_s: float = 0.3,
          wgmma: bool = True) -> dict:
     """The deterministic subsample of problems() that fits the budget: whole (K, N) shapes in
     problems() order (LLM shapes first) while the estimate fits; every timed problem with all
@@ -161,8 +161,12 @@ class PowerMeter:
             raise BenchError("perf collect measures power with NVML: pip install nvidia-ml-py") from e
         self.nv = pynvml
         pynvml.nvmlInit()
-        bus = cp.cuda.runtime.deviceGetPCIBusId(cp.cuda.Device().id)
-        self.h = pynvml.nvmlDeviceGetHandleByPciBusId(bus.encode() if isinstance(bus, str) else bus)
+        dev = cp.cuda.Device().id
+        try:      # NVML numbers GPUs its own way (CUDA_VISIBLE_DEVICES): match the PCI bus id
+            bus = cp.cuda.runtime.deviceGetPCIBusId(dev)
+            self.h = pynvml.nvmlDeviceGetHandleByPciBusId(bus.encode() if isinstance(bus, str) else bus)
+        except Exception:
+            self.h = pynvml.nvmlDeviceGetHandleByIndex(dev)
         try:
             pynvml.nvmlDeviceGetTotalEnergyConsumption(self.h)
             self.has_energy = True
@@ -220,7 +224,8 @@ def _launch_recorder(kargs, record: dict):
     orig = kargs.launch
 
     def rec(kf, expr, grid, block, shared_mem=0, **args):
-        record.update(kf=kf, expr=expr, grid=tuple(grid), block=tuple(block), smem=shared_mem)
+        grid, block = tuple(grid) + (1, 1), tuple(block)          # (x,) -> (x, 1, ...)
+        record.update(kf=kf, expr=expr, grid=grid[:2], block=block, smem=shared_mem)
         return orig(kf, expr, grid, block, shared_mem=shared_mem, **args)
     return orig, rec
 
@@ -232,9 +237,11 @@ def _attrs(cp, kargs, kf, expr, threads, smem, info) -> dict:
     regs = int(fn.num_regs)
     try:
         occ = int(cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.raw.kernel.ptr, threads, smem))
-    except Exception:
+    except Exception as e:
         occ = min(2048 // threads, 65536 // max(regs * threads, 1),
                   (info.get("smem_optin", 232448) // smem) if smem else 32)
+        print(f"perf collect: occupancy query failed for {expr} ({type(e).__name__}: {e}); "
+              f"estimated {occ} blocks/SM from registers and shared memory", file=sys.stderr)
     return {"regs": regs, "occ": max(occ, 0)}
 
 
@@ -278,7 +285,7 @@ def _power_loop(cp, meter, call, est_ms: float, power_s: float, settle_s: float 
 
 
 def collect(out: str | None = None, budget_s: float = 480.0, quick: bool = False, seed: int = 0,
-            power_s: float = 0.3, power_frac: float = 0.4, progress: bool = True) -> str:
+            power_s: float = 0.3, power_frac: float = 0.5, progress: bool = True) -> str:
     """Run the plan on this GPU and write the CSV (atomically; resumes an interrupted run of the
     same plan from <out>.partial). Returns the CSV path."""
     from ..gpu import kargs, kernels  # noqa: PLC0415
@@ -311,7 +318,7 @@ def collect(out: str | None = None, budget_s: float = 480.0, quick: bool = False
     if partial.is_file():
         head = [ln for ln in partial.read_text().splitlines() if ln.startswith("# meta: ")]
         if head and json.loads(head[0][8:]).get("plan_hash") == pl["hash"]:
-            for r in read_csv(partial)[1]:
+            for r in _rows(partial.read_text()):
                 done.add((r["config"], int(r["m"]), int(r["k"]), int(r["n"])))
             print(f"perf collect: resuming {partial} ({len(done)} rows done)", file=sys.stderr)
         else:
@@ -348,7 +355,7 @@ def collect(out: str | None = None, budget_s: float = 480.0, quick: bool = False
         bar = None
     pts = pl["points"]
     with open(partial, "a", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         i = 0
         while i < len(pts):
             k, n = pts[i]["k"], pts[i]["n"]
@@ -432,14 +439,21 @@ def read_csv(path) -> tuple[dict, list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"perf: no such CSV {path}")
-    meta, body = {}, []
-    for ln in path.read_text().splitlines():
-        if ln.startswith("# meta: "):
-            meta = json.loads(ln[8:])
-        elif not ln.startswith("#") and ln.strip():
-            body.append(ln)
+    text = path.read_text()
+    meta = next((json.loads(ln[8:]) for ln in text.splitlines() if ln.startswith("# meta: ")), {})
+    rows = _rows(text)
+    if not rows:
+        raise BenchError(f"perf: {path} holds no rows")
+    missing = set(META_COLS[:9]) - set(rows[0])
+    if missing:
+        raise BenchError(f"perf: {path} lacks the columns {sorted(missing)} (not a `perf collect` CSV?)")
+    return meta, rows
+
+
+def _rows(text: str) -> list[dict]:
+    body = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     rows = []
-    for r in csv.DictReader(io.StringIO("\n".join(body))):
+    for line, r in enumerate(csv.DictReader(io.StringIO("\n".join(body))), 2):
         out = {}
         for c, v in r.items():
             if v in ("", None):
@@ -447,15 +461,13 @@ def read_csv(path) -> tuple[dict, list[dict]]:
             elif c in ("device", "kernel", "config", "source", "expr"):
                 out[c] = v
             else:
-                x = float(v)
+                try:
+                    x = float(v)
+                except ValueError:
+                    raise BenchError(f"perf: CSV data row {line - 1}, column {c}: {v!r} is not a number") from None
                 out[c] = int(x) if x.is_integer() and c not in ("runtime_ms", "power_w", "energy_mj", "loop_ms") else x
         rows.append(out)
-    if not rows:
-        raise BenchError(f"perf: {path} holds no rows")
-    missing = set(META_COLS[:9]) - set(rows[0])
-    if missing:
-        raise BenchError(f"perf: {path} lacks the columns {sorted(missing)} (not a `perf collect` CSV?)")
-    return meta, rows
+    return rows
 
 
 def write_csv(path, meta: dict, rows: list[dict], comments=()) -> None:
@@ -525,7 +537,7 @@ def targets(rows: list[dict], names) -> np.ndarray:
     return np.array(cols, dtype=np.float64).T.reshape(len(rows), len(names))
 
 
-def fit_forest(rows, names, feats=FEATURES, n_trees: int = 100, seed: int = 0, min_leaf: int = 2,
+def fit_forest(rows, names, feats=FEATURES, n_trees: int = 64, seed: int = 0, min_leaf: int = 3,
                max_features: float = 0.5, n_jobs: int = 1):
     """(sklearn forest, Forest export) fitted on standardised targets; deterministic in seed."""
     _, RF, *_ = _sk()
@@ -676,7 +688,7 @@ def metrics(y, p, log: bool = False) -> dict:
     return out
 
 
-def cross_validate(rows, n_splits=5, n_trees=100, seed=0, random_split=False, n_jobs=1) -> dict:
+def cross_validate(rows, n_splits=5, n_trees=64, seed=0, random_split=False, n_jobs=1, min_leaf=3) -> dict:
     """Held-out predictions of ours, the roofline and the paper's model for every row (power
     targets for power rows), folds by (M, N, K) problem (or random rows: the paper's protocol)."""
     _, _, _, KFold, _ = _sk()
@@ -691,8 +703,9 @@ def cross_validate(rows, n_splits=5, n_trees=100, seed=0, random_split=False, n_
         trr = [rows[i] for i in tr]
         ter = [rows[i] for i in te]
         trp = [r for r in trr if r.get("power_w") is not None]
-        _, tf = fit_forest(trr, TARGETS_TIME, n_trees=n_trees, seed=seed, n_jobs=n_jobs)
-        pf = fit_forest(trp, TARGETS_POWER, n_trees=n_trees, seed=seed, n_jobs=n_jobs)[1] if len(trp) >= 4 else None
+        _, tf = fit_forest(trr, TARGETS_TIME, n_trees=n_trees, seed=seed, n_jobs=n_jobs, min_leaf=min_leaf)
+        pf = fit_forest(trp, TARGETS_POWER, n_trees=n_trees, seed=seed, n_jobs=n_jobs,
+                        min_leaf=min_leaf)[1] if len(trp) >= 4 else None
         got = {"ours": ours_predict(tf, pf, ter), "roofline": roofline_predict(roofline_fit(trr), ter),
                "paper": paper_predict(paper_models(trr, trp, seed), ter)}
         for meth, d in got.items():
@@ -805,8 +818,8 @@ def choice_lines(s: dict) -> list[str]:
     return lines
 
 
-def fit(csv_path, model_out=None, md_out=None, n_trees: int = 100, folds: int = 5, seed: int = 0,
-        random_split_too: bool = True, plot: bool = True, n_jobs: int = 1) -> dict:
+def fit(csv_path, model_out=None, md_out=None, n_trees: int = 64, folds: int = 5, seed: int = 0,
+        random_split_too: bool = True, plot: bool = True, n_jobs: int = 1, min_leaf: int = 3) -> dict:
     """Cross-validate by shape, fit the shipped forests on every row, export, write the report."""
     sklearn, *_ = _sk()
     meta, rows = read_csv(csv_path)
@@ -815,18 +828,20 @@ def fit(csv_path, model_out=None, md_out=None, n_trees: int = 100, folds: int = 
     if len(names) != 1 or dev["name"] not in names:
         raise BenchError(f"perf fit: {csv_path} mixes devices or disagrees with its header: {sorted(names)}")
     prow = [r for r in rows if r.get("power_w") is not None]
-    cv = cross_validate(rows, folds, n_trees, seed, n_jobs=n_jobs)
+    cv = cross_validate(rows, folds, n_trees, seed, n_jobs=n_jobs, min_leaf=min_leaf)
     pred = cv["pred"]
     wg = any(r["kernel"] == "wgmma" for r in rows)
     ch = choice_eval(rows, pred["ours"]["runtime_ms"], pred["ours"]["energy_mj"], dev["sm_count"], wg)
     ch_roof = choice_eval(rows, pred["roofline"]["runtime_ms"], None, dev["sm_count"], wg)
     ch_paper = choice_eval(rows, pred["paper"]["runtime_ms"], None, dev["sm_count"], wg)
-    rnd = cross_validate(rows, folds, n_trees, seed, random_split=True, n_jobs=n_jobs)["pred"] if random_split_too else None
+    rnd = cross_validate(rows, folds, n_trees, seed, random_split=True, n_jobs=n_jobs,
+                         min_leaf=min_leaf)["pred"] if random_split_too else None
     # the shipped model: every row
-    rf_t, tf = fit_forest(rows, TARGETS_TIME, n_trees=n_trees, seed=seed, n_jobs=n_jobs)
+    rf_t, tf = fit_forest(rows, TARGETS_TIME, n_trees=n_trees, seed=seed, n_jobs=n_jobs, min_leaf=min_leaf)
     forests = {"time": tf}
     if len(prow) >= 4:
-        forests["power"] = fit_forest(prow, TARGETS_POWER, n_trees=n_trees, seed=seed, n_jobs=n_jobs)[1]
+        forests["power"] = fit_forest(prow, TARGETS_POWER, n_trees=n_trees, seed=seed, n_jobs=n_jobs,
+                                      min_leaf=min_leaf)[1]
     configs = {}
     for r in rows:
         configs.setdefault(r["config"], {"regs": int(r["regs"]), "occ": int(r["occ"])})
@@ -835,7 +850,7 @@ def fit(csv_path, model_out=None, md_out=None, n_trees: int = 100, folds: int = 
     mmeta = {"device": {k: dev[k] for k in ("name", "sm_count", "cc") if k in dev}, "feature_names": list(FEATURES),
              "families": sorted({r["kernel"] for r in rows}), "configs": configs, "date": date,
              "sklearn": sklearn.__version__, "csv": Path(csv_path).name, "rows": len(rows), "power_rows": len(prow),
-             "n_trees": n_trees, "seed": seed,
+             "n_trees": n_trees, "min_leaf": min_leaf, "seed": seed,
              "cv": {"runtime": metrics([r["runtime_ms"] for r in rows], pred["ours"]["runtime_ms"], True)}}
     model_out = Path(model_out) if model_out else perfmodel.shipped_path(dev["name"])
     model_out.parent.mkdir(parents=True, exist_ok=True)
@@ -843,13 +858,15 @@ def fit(csv_path, model_out=None, md_out=None, n_trees: int = 100, folds: int = 
     n_prob = len(set(problem_groups(rows)))
     lines = [f"# GEMM performance model, {dev['name']}, {date}", "",
              f"`python -m engine.bench perf fit {csv_path}`: {len(rows)} rows ({len(prow)} with power) over "
-             f"{n_prob} (M, N, K) problems; scikit-learn {sklearn.__version__}; {n_trees} trees. Held out: "
+             f"{n_prob} (M, N, K) problems; scikit-learn {sklearn.__version__}; {n_trees} trees, >= {min_leaf} rows a "
+             f"leaf, half the features a split. Held out: "
              f"{len(cv['folds'])}-fold GroupKFold by (M, N, K) — no problem is in both a fold's training and "
              f"test rows. ours: RandomForestRegressor on {len(FEATURES)} features (log runtime on every row; "
              f"log runtime, power, log energy multi-output on the power rows); roofline: max(bytes/bw, "
              f"flops/peak) + t0 and power linear in the two utilisations, per family, fitted on the training "
              f"folds; paper: GPPerf's MultiOutputRegressor(RF(100, depth 6)) on {', '.join(PAPER_FEATURES)}. "
-             f"Model file: {model_out.name}.", "", "## Accuracy on held-out shapes", ""]
+             f"Model file: {model_out.name} ({model_out.stat().st_size / 1e6:.1f} MB).", "",
+             "## Accuracy on held-out shapes", ""]
     lines += accuracy_table(rows, pred)
     lines += ["", "## Ours by kernel family (held-out shapes)", ""]
     lines += accuracy_table(rows, {"ours": pred["ours"]}, by_family=True)[0:2] + \
@@ -953,14 +970,15 @@ def add_parser(sub) -> None:
     c.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     c.add_argument("--seed", type=int, default=0, help="random shapes' seed (another seed: held-out shapes for report)")
     c.add_argument("--power-s", type=float, default=0.3, help="seconds each power point loops (>= 0.3)")
-    c.add_argument("--power-frac", type=float, default=0.4, help="share of the budget spent on power points")
+    c.add_argument("--power-frac", type=float, default=0.5, help="share of the budget spent on power points (default 0.5)")
     c.add_argument("--out", metavar="PATH", help="CSV path (default bench/data/<device>-<date>-perf.csv)")
     c.set_defaults(func=cmd_collect, reps=1, needs_gpu=True)
     f = ps.add_parser("fit", help="(CPU, scikit-learn) fit and evaluate on held-out shapes; export the model")
     f.add_argument("csv")
     f.add_argument("--model", metavar="PATH", help="model file (default engine/gpu/perf_models/<device>.npz)")
     f.add_argument("--md", metavar="PATH", help="report (default bench/results/<date>-perf-<device>.md)")
-    f.add_argument("--trees", type=int, default=100)
+    f.add_argument("--trees", type=int, default=64, help="trees a forest (default 64)")
+    f.add_argument("--min-leaf", type=int, default=3, help="rows a leaf at least (default 3; smaller: larger file)")
     f.add_argument("--folds", type=int, default=5)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--jobs", type=int, default=-1, help="fit in parallel (predictions stay sequential)")
@@ -986,7 +1004,7 @@ def cmd_fit(args) -> int:
     if args.trees < 1 or args.folds < 2:
         raise BenchError("--trees must be >= 1 and --folds >= 2")
     fit(args.csv, args.model, args.md, args.trees, args.folds, args.seed, not args.no_random_split,
-        n_jobs=args.jobs)
+        n_jobs=args.jobs, min_leaf=args.min_leaf)
     return 0
 
 
