@@ -372,3 +372,155 @@ def test_collect_quick_then_fit_and_choose(tmp_path):
                 assert cp.array_equal(got, ref), (m, pol, obj)
     finally:
         choice.configure(saved[0], saved[1], saved[2] or "")
+
+
+# ----------------------------------------------------------------------------- collect's plumbing, no GPU
+
+class _Clock:
+    """A virtual GPU timeline: launches take `step` seconds; events and syncs follow it."""
+    def __init__(self, step=0.001):
+        import time
+        self.time, self.step, self.vt = time, step, 0.0
+
+    def launch(self, n=1):
+        self.vt = max(self.vt, self.time.perf_counter()) + n * self.step
+
+    def now(self):
+        return max(self.vt, self.time.perf_counter())
+
+    def wait(self, t):
+        self.time.sleep(max(0.0, t - self.time.perf_counter()))
+
+
+def _fake_cupy(clock):
+    import types
+    cp = types.SimpleNamespace(__version__="fake", int8=np.int8, int32=np.int32, float16=np.float16,
+                               float32=np.float32, uint32=np.uint32)
+    cp.random = types.SimpleNamespace(randint=lambda lo, hi, shape, dtype=None: np.zeros(shape, dtype or np.int64))
+    cp.full, cp.empty, cp.zeros, cp.ones = (lambda s, v, dtype=None: np.full(s, v, dtype)), np.empty, np.zeros, np.ones
+    cp.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
+
+    class Event:
+        def record(self, stream=None):
+            self.t = clock.now()
+
+        def synchronize(self):
+            clock.wait(self.t)
+
+    class Graph:
+        def launch(self, stream=None):
+            clock.launch(4)
+
+    class Stream:
+        def __init__(self, non_blocking=False):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def begin_capture(self):
+            pass
+
+        def end_capture(self):
+            return Graph()
+
+        def synchronize(self):
+            clock.wait(clock.vt)
+
+    dev = types.SimpleNamespace(id=0, synchronize=lambda: clock.wait(clock.vt))
+    cp.cuda = types.SimpleNamespace(
+        Event=Event, Stream=Stream, Device=lambda *a: dev,
+        get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
+        driver=types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda f, t, s: 2),
+        runtime=types.SimpleNamespace(deviceGetPCIBusId=lambda d: "0000:01:00.0"))
+    return cp
+
+
+def _fake_nvml():
+    import time
+    import types
+
+    class NVMLError(Exception):
+        pass
+    t0 = time.perf_counter()
+    # 300 W, an energy counter that moves every 20 ms
+    energy = lambda h: int(300.0 * 1e3 * (int((time.perf_counter() - t0) / 0.02) * 0.02))  # noqa: E731
+    return types.SimpleNamespace(NVMLError=NVMLError, nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+                                 nvmlDeviceGetHandleByPciBusId=lambda b: "h", nvmlDeviceGetHandleByIndex=lambda i: "h",
+                                 nvmlDeviceGetTotalEnergyConsumption=energy,
+                                 nvmlDeviceGetPowerUsage=lambda h: 300000)
+
+
+def test_collect_plumbing_with_a_fake_gpu(tmp_path, monkeypatch):
+    """perf collect end to end on a fake CuPy, NVML and gemm_a8w4 that launches what
+    launch_plan says: planning, the launch check, attributes, power from the energy counter,
+    the CSV with its header, resume and the atomic publish. Not a measurement."""
+    import sys
+    from engine.bench import common
+    from engine.gpu import kargs
+    clock = _Clock()
+    cp = _fake_cupy(clock)
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml())
+    monkeypatch.setattr(kernels, "device_info", lambda: dict(DEV, name="Fake GPU"))
+    monkeypatch.setattr(common, "cp_or_fail", lambda: cp)
+    monkeypatch.setattr(common, "n_buffers", lambda nbytes: 2)
+    monkeypatch.setattr(common, "time_calls", lambda fn, reps=50, warmup=5: [fn(i) for i in range(2)] and 0.0123)
+    monkeypatch.setattr(kargs, "launch", lambda kf, expr, grid, block, shared_mem=0, **a: clock.launch())
+    fn = type("F", (), {"num_regs": 96, "raw": type("R", (), {"kernel": type("K", (), {"ptr": 1})()})()})()
+    monkeypatch.setattr(kargs, "function", lambda kf, expr: fn)
+
+    def random_packed(n, k, group=128, seed=0, act="dynamic"):
+        n_pad, k_pad = ops_cuda.padded_dims(n, k, group)
+        return ops_cuda.PackedA8W4(n, k, group, n_pad, k_pad, np.zeros(1), np.zeros(1), np.zeros(1))
+
+    def gemm_a8w4(x8, sx, layer, kernel="auto", cfg=None, out=None, resid=None):
+        if cfg:
+            p = perfmodel.launch_plan(kernel, cfg, x8.shape[0], layer.n, layer.k, layer.group, DEV["sm_count"])
+            kargs.launch(ops_cuda.GEMV_FILE, p["expr"], p["grid"][:1] if kernel == "gemv" else p["grid"],
+                         (p["threads"],), shared_mem=p["smem"])
+        return out
+    monkeypatch.setattr(ops_cuda, "random_packed", random_packed)
+    monkeypatch.setattr(ops_cuda, "gemm_a8w4", gemm_a8w4)
+    real_plan = perf.plan
+
+    def small_plan(*a, **k):
+        pl = real_plan(*a, **k)
+        pts = [p for p in pl["points"] if p["m"] in (1, 300)][:3]
+        pts[0]["power"] = True
+        return dict(pl, points=[dict(p, power=p is pts[0]) for p in pts])
+    monkeypatch.setattr(perf, "plan", small_plan)
+    out = tmp_path / "fake.csv"
+    partial = out.with_name(out.name + ".partial")
+    # an interrupted run: the first call dies on the second problem; the rerun resumes
+    calls = {"n": 0}
+    real_features = perfmodel.features
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real_features(*a, **k)
+    monkeypatch.setattr(perfmodel, "features", dying)
+    with pytest.raises(KeyboardInterrupt):
+        perf.collect(str(out), budget_s=30, quick=True, progress=False)
+    assert partial.is_file() and not out.exists()
+    done = len(perf._rows(partial.read_text()))
+    assert done == 9
+    monkeypatch.setattr(perfmodel, "features", real_features)
+    assert perf.collect(str(out), budget_s=30, quick=True, progress=False) == str(out)
+    assert not partial.exists()
+    text = out.read_text()
+    assert "NVML energy counter present" in text and "# measured" in text
+    import re
+    assert 15 < float(re.search(r"update interval ([\d.]+) ms", text).group(1)) < 25
+    meta, rows = perf.read_csv(out)
+    assert meta["device"]["name"] == "Fake GPU" and meta["quick"] is True
+    keys = [(r["config"], r["m"], r["n"], r["k"]) for r in rows]
+    assert len(keys) == len(set(keys))                  # resumed, nothing twice
+    pw = [r for r in rows if r["power_w"] is not None]
+    assert pw and all(abs(r["power_w"] - 300.0) < 15 and r["power_src"] == "energy" for r in pw)
+    assert all(r["runtime_ms"] == 0.0123 and r["regs"] == 96 and r["occ"] == 2 for r in rows)
+    assert {r["m"] for r in rows} <= {1, 300}

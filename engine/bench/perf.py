@@ -47,7 +47,7 @@ TUNED = [(1, 8192, 8192), (1, 4096, 4096), (16, 8192, 8192), (16, 4096, 4096), (
          (64, 8192, 8192), (128, 8192, 8192), (256, 8192, 8192), (256, 4096, 4096), (256, 8192, 28672),
          (1024, 8192, 8192), (4096, 8192, 8192), (4096, 4096, 11008), (4096, 28672, 8192)]   # gemm.py TUNE_CASES (M, K, N)
 META_COLS = ("device", "kernel", "config", "m", "n", "k", "group", "source", "runtime_ms", "reps", "power_w",
-             "energy_mj", "loop_ms", "power_s", "power_calls", "expr", "grid_x", "grid_y", "block", "smem_launch")
+             "energy_mj", "loop_ms", "power_s", "power_calls", "power_src", "expr", "grid_x", "grid_y", "block", "smem_launch")
 COLUMNS = META_COLS + tuple(f for f in FEATURES if f not in ("m", "n", "k", "group"))
 TARGETS_TIME = ("log_runtime_ms",)
 TARGETS_POWER = ("log_runtime_ms", "power_w", "log_energy_mj")
@@ -224,8 +224,8 @@ def _launch_recorder(kargs, record: dict):
     orig = kargs.launch
 
     def rec(kf, expr, grid, block, shared_mem=0, **args):
-        grid, block = tuple(grid) + (1, 1), tuple(block)          # (x,) -> (x, 1, ...)
-        record.update(kf=kf, expr=expr, grid=grid[:2], block=block, smem=shared_mem)
+        g2 = (tuple(grid) + (1, 1))[:2]                            # (x,) -> (x, 1)
+        record.update(kf=kf, expr=expr, grid=g2, block=tuple(block), smem=shared_mem)
         return orig(kf, expr, grid, block, shared_mem=shared_mem, **args)
     return orig, rec
 
@@ -406,7 +406,7 @@ def collect(out: str | None = None, budget_s: float = 480.0, quick: bool = False
                     if p["power"]:
                         loop_ms, pw, how, calls = _power_loop(cp, meter, call, max(ms, 1e-3), power_s)
                         row.update(power_w=pw, energy_mj=pw * loop_ms, loop_ms=loop_ms, power_s=power_s,
-                                   power_calls=calls)
+                                   power_calls=calls, power_src=how)
                     f = perfmodel.features(kern, cfg, m, n, k, GROUP, info["sm_count"], attrs_cache[key])
                     row.update({c: v for c, v in f.items() if c not in row})
                     w.writerow(["" if row.get(c) is None else row.get(c) for c in COLUMNS])
@@ -458,7 +458,7 @@ def _rows(text: str) -> list[dict]:
         for c, v in r.items():
             if v in ("", None):
                 out[c] = None
-            elif c in ("device", "kernel", "config", "source", "expr"):
+            elif c in ("device", "kernel", "config", "source", "expr", "power_src"):
                 out[c] = v
             else:
                 try:
@@ -503,7 +503,7 @@ def synthetic(seed: int = 0, n_shapes: int = 12, sm_count: int = 132, name: str 
             if pi % 2 == 0:
                 util = min(1.0, f["bytes"] / (t * 1e-3) / 3e12 + f["flops"] / (t * 1e-3) / 7e14)
                 pw = 90 + 500 * util * (0.8 + 0.2 * ((h >> 8) % 5) / 4) + float(rng.normal(0, 3))
-                r.update(power_w=pw, energy_mj=pw * t, loop_ms=t, power_s=0.3, power_calls=1000)
+                r.update(power_w=pw, energy_mj=pw * t, loop_ms=t, power_s=0.3, power_calls=1000, power_src="synthetic")
             rows.append(r)
     meta = {"device": {"name": name, "sm_count": sm_count, "cc": 90, "l2_bytes": 50 << 20}, "seed": seed,
             "synthetic": True}
