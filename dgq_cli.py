@@ -65,14 +65,14 @@ def check_prompt(prompt: str) -> None:
         raise click.BadParameter("the prompt is empty", param_hint="--prompt")
 
 
-def check_weights_arg(path) -> None:
+def check_weights_arg(path, flag: str = "--weights") -> None:
     """--weights / MODEL: present and readable before anything is loaded."""
     if path is None:
         return
     from engine.io.layout import WeightsError  # noqa: PLC0415
     from engine.util.files import PathError, input_path  # noqa: PLC0415
     try:
-        input_path(path, "--weights" if path else "MODEL", kind="any")
+        input_path(path, flag, kind="any")
     except PathError as e:
         raise WeightsError(str(e)) from None
 
@@ -212,7 +212,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     seq_len = cal.DEFAULT_SEQ_LEN if seq_len is None else seq_len
     check_options(method, wbits, group, act)
     cal.check_sizes(n_seq, seq_len)
-    check_weights_arg(model)
+    check_weights_arg(model, "MODEL")
     src = model or str(default_model_path())
     if calib is not None and calib != "random":
         load_text_file(calib)
@@ -273,7 +273,7 @@ def export(model, out_dir, dtype, shard_size, overwrite):
     from engine.io.layout import Checkpoint  # noqa: PLC0415
     if shard_size is not None:
         parse_size(shard_size)                 # every flag before the model loads
-    check_weights_arg(model)
+    check_weights_arg(model, "MODEL")
     src = model or str(default_model_path())
     check_out_dir(out_dir, overwrite, sources=[src])
     ck = load_checkpoint(src)

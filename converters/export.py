@@ -43,6 +43,9 @@ def check_out_dir(out_dir, overwrite: bool = False, sources=()) -> Path:
         if src is not None and os.path.lexists(src) and (is_within(src, out) or is_within(out, src)):
             raise ExportError(f"--out {out_dir}: the output would overlap the input {src}; "
                               "choose a directory outside it")
+    if is_within(os.getcwd(), out):
+        raise ExportError(f"--out {out_dir}: is (or holds) the current directory, which the export would "
+                          "replace under this shell; give the path of a new directory")
     if os.path.lexists(out) and not out.is_dir():
         raise ExportError(f"--out {out_dir}: exists and is not a directory")
     if out.is_dir():

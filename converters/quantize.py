@@ -95,13 +95,13 @@ def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
     spec = METHODS[method]
     if spec.weights in ("pot", "int"):
         if wbits not in WEIGHT_ONLY_BITS:
-            raise QuantizeError(f"{method} takes wbits 2, 3 or 4, got {wbits!r}")
+            raise QuantizeError(f"{method} takes --wbits 2, 3 or 4, got {wbits!r}")
         if act not in ("static", "none"):
             raise QuantizeError(f"{method} keeps activations in float; act does not apply")
         return spec, wbits, "none"
     bits = 8 if method == "w8a8" else wbits
     if bits not in (4, 8):
-        raise QuantizeError(f"wbits must be 4 or 8, got {wbits!r}")
+        raise QuantizeError(f"--wbits must be 4 or 8 for {method}, got {wbits!r}")
     if bits == 8:
         if method not in ("rtn", "smoothquant", "w8a8"):
             raise QuantizeError(f"method {method} quantizes weights to 4 bits; 8-bit weights: "

@@ -95,7 +95,8 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
         by_name = {t.name: t for t in reader.tensors}
     except Exception as e:  # the reader raises ValueError/struct.error/IndexError/... on bad files
         msg = " ".join(str(e).split())[:160]
-        raise WeightsError(f"{path}: not a readable GGUF file ({type(e).__name__}: {msg})") from None
+        raise WeightsError(f"{path}: not a readable GGUF file: truncated or corrupt "
+                           f"(the gguf reader says {type(e).__name__}: {msg})") from None
     if len(by_name) != len(reader.tensors):
         raise WeightsError(f"{path}: corrupt GGUF file: a tensor name appears twice")
     arch = _gguf_kv(f, path, "general.architecture")

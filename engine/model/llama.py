@@ -44,6 +44,16 @@ def check_finite(x, where: str):
     return x
 
 
+def norm(h, w, eps: float, where: str):
+    """RMSNorm that refuses activations past float32's range: there x·x overflows to inf and the
+    norm would silently return zeros (a finite, wrong answer)."""
+    check_finite(h, where)
+    if not np.isfinite((h * h).mean(axis=-1)).all():                   # (T,)
+        raise ModelError(f"non-finite values (float32 overflow: |x| > 1e19) in the {where}: "
+                         "the weights are damaged or their scales are out of range for this input")
+    return ops_ref.rmsnorm(h, w, eps)
+
+
 class Model:
     """Runs ModelWeights with NumPy (the reference path)."""
 
@@ -86,7 +96,7 @@ class Model:
         h = self.w.embed[tokens]                                        # (T, H)
         for li, L in enumerate(self.w.layers):
             W = self._lin[li]
-            x = fin(ops_ref.rmsnorm(h, L.attn_norm, c.rms_norm_eps), f"input of layer {li}")  # (T, H)
+            x = fin(norm(h, L.attn_norm, c.rms_norm_eps, f"input of layer {li}"), f"input of layer {li}")  # (T, H)
             if observer:
                 observer(li, "attn_in", x)
             q = lin(x, W["q"]).reshape(t, hq, d)                        # (T, Hq, D)
@@ -100,16 +110,16 @@ class Model:
             if observer:
                 observer(li, "o_in", a)
             h = h + lin(a, W["o"])                                      # (T, H)
-            x = fin(ops_ref.rmsnorm(h, L.mlp_norm, c.rms_norm_eps), f"MLP input of layer {li}")  # (T, H)
+            x = fin(norm(h, L.mlp_norm, c.rms_norm_eps, f"MLP input of layer {li}"), f"MLP input of layer {li}")  # (T, H)
             if observer:
                 observer(li, "mlp_in", x)
             m = fin(ops_ref.silu(lin(x, W["gate"])) * lin(x, W["up"]), f"MLP of layer {li}")  # (T, I)
             if observer:
                 observer(li, "down_in", m)
-            h = h + lin(m, W["down"])                                   # (T, H)
+            h = fin(h + lin(m, W["down"]), f"output of layer {li}")      # (T, H)
         if cache is not None:
             cache.commit(t)
         if last_only:
             h = h[-1:]
-        h = fin(ops_ref.rmsnorm(h, self.w.norm, c.rms_norm_eps), "final norm")  # (T, H)
+        h = fin(norm(h, self.w.norm, c.rms_norm_eps, "final norm"), "final norm")  # (T, H)
         return fin((h @ self.w.lm_head.T).astype(np.float32), "logits")  # (T, V)
