@@ -176,20 +176,23 @@ class Forest:
         if not np.isfinite(X).all():
             raise PerfModelError(f"forest {self.name}: features must be finite")
         X32 = X.astype(np.float32).astype(np.float64)          # sklearn compares float32 features
-        rows = np.arange(X.shape[0])
+        n_trees = len(self.offsets) - 1
+        # every tree at once: node (trees, rows) in global numbering, walked until all are leaves
+        node = np.repeat(self.offsets[:-1, None], X.shape[0], axis=1).astype(np.int64)
+        base = node.copy()
+        col = np.broadcast_to(np.arange(X.shape[0]), node.shape)
+        while True:
+            inner = self.left[node] >= 0
+            if not inner.any():
+                break
+            ni = node[inner]
+            go_left = X32[col[inner], self.feature[ni]] <= self.threshold[ni]
+            node[inner] = base[inner] + np.where(go_left, self.left[ni], self.right[ni])
+        leaves = self.value[node]                                # (trees, rows, outputs)
         out = np.zeros((X.shape[0], self.value.shape[1]), dtype=np.float64)
-        for t in range(len(self.offsets) - 1):
-            base = int(self.offsets[t])
-            node = np.full(X.shape[0], base, dtype=np.int64)
-            while True:
-                inner = self.left[node] >= 0
-                if not inner.any():
-                    break
-                ni = node[inner]
-                go_left = X32[rows[inner], self.feature[ni]] <= self.threshold[ni]
-                node[inner] = base + np.where(go_left, self.left[ni], self.right[ni])
-            out += self.value[node]
-        out /= len(self.offsets) - 1
+        for t in range(n_trees):                                 # in tree order, as sklearn sums
+            out += leaves[t]
+        out /= n_trees
         return out
 
     def predict(self, X: np.ndarray) -> np.ndarray:
