@@ -237,6 +237,16 @@ def test_energy_objective_stays_within_5_percent(fitted, fake_device, m):
     assert choice.pick(m, 4096, 4096, 128) == cands[i]
 
 
+def test_select_rule():
+    t, e = [1.0, 1.03, 1.2, 1.04], [5.0, 4.0, 1.0, 3.0]
+    assert choice.select(t) == 0
+    assert choice.select(t, table=1, margin=0.0) == 0
+    assert choice.select(t, table=1, margin=0.05) == 1          # the table kept within the margin
+    assert choice.select(t, table=2, margin=0.05) == 0
+    assert choice.select(t, e, "energy") == 3                    # lowest energy among t <= 1.05
+    assert choice.select(t, e, "energy", table=0, margin=0.5) == 3
+
+
 def test_unseen_configuration_falls_back_to_the_table(fitted, fake_device, monkeypatch):
     _learned(fitted)
     monkeypatch.setattr(choice, "WGMMA_CFGS", tuning.WGMMA_CFGS + ((128, 3, 2, 2, 2),))   # a new instantiation

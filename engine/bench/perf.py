@@ -714,7 +714,7 @@ def cross_validate(rows, n_splits=5, n_trees=64, seed=0, random_split=False, n_j
     return {"pred": pred, "folds": folds}
 
 
-def choice_eval(rows, pred_t, pred_e=None, sm_count=132, wgmma=True) -> dict:
+def choice_eval(rows, pred_t, pred_e=None, sm_count=132, wgmma=True, margin: float = 0.0) -> dict:
     """Per problem with every candidate measured: the measured runtime of the pick by predicted
     runtime, of the table's pick and of the best (oracle); with energy predictions, the energy
     objective's pick (lowest predicted energy within 5 % of the fastest predicted)."""
@@ -728,15 +728,13 @@ def choice_eval(rows, pred_t, pred_e=None, sm_count=132, wgmma=True) -> dict:
             continue
         ii = [idx[c] for c in cands]
         t = np.array([rows[i]["runtime_ms"] for i in ii])
-        learned = int(np.argmin(pred_t[ii]))
         table = cands.index(config_key(*choice.table_pick(m, n, g, sm_count, wgmma)))
+        learned = choice.select(pred_t[ii], None, "time", table, margin)
         rec = {"m": m, "n": n, "k": k, "oracle": float(t.min()), "learned": float(t[learned]), "table": float(t[table]),
                "tuned": (m, k, n) in TUNED, "llm": rows[ii[0]].get("source") == "llm"}
         e = [rows[i].get("energy_mj") for i in ii]
         if pred_e is not None and all(v is not None for v in e) and np.isfinite(pred_e[ii]).all():
-            pt = pred_t[ii]
-            near = [j for j in range(len(ii)) if pt[j] <= 1.05 * pt.min()]
-            je = min(near, key=lambda j: (pred_e[ii][j], pt[j]))
+            je = choice.select(pred_t[ii], pred_e[ii], "energy")
             rec.update(e_time_pick=float(e[learned]), e_energy_pick=float(e[je]), t_energy_pick=float(t[je]),
                        e_oracle=float(min(e)))
         out.append(rec)
@@ -878,6 +876,11 @@ def fit(csv_path, model_out=None, md_out=None, n_trees: int = 64, folds: int = 5
               f"power {PAPER_REF['power_w']}.", "", "## Kernel choice on held-out shapes (measured runtimes)", ""]
     lines += ["ours:", ""] + choice_lines(ch) + ["", "roofline picks:", ""] + choice_lines(ch_roof)[:3] + \
         ["", "paper-feature picks:", ""] + choice_lines(ch_paper)[:3]
+    for mg in (0.02, 0.05):        # choice.TABLE_MARGIN candidates: keep the table's pick unless beaten by mg
+        s2 = choice_eval(rows, pred["ours"]["runtime_ms"], None, dev["sm_count"], wg, margin=mg)
+        lines += ["", f"ours, table kept unless another pick is predicted {100 * mg:.0f} % faster "
+                  f"(choice.TABLE_MARGIN = {mg}):", ""] + choice_lines(s2)[:3] + [ln for ln in choice_lines(s2)
+                                                                                if ln.startswith("On the")]
     md_out = Path(md_out) if md_out else RESULTS_DIR / f"{date}-perf-{slug}.md"
     md_out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(md_out, "x", flag="perf fit report") as f:

@@ -23,6 +23,9 @@ from .tuning import GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS
 POLICIES = ("table", "learned", "exhaustive")
 OBJECTIVES = ("time", "energy")
 ENERGY_SLACK = 0.05          # objective energy: within 5 % of the fastest predicted runtime
+# objective time: keep the table's pick unless another is predicted this much faster (0: the
+# plain argmin; `perf fit` reports the pick's quality at 0, 2 and 5 %)
+TABLE_MARGIN = 0.0
 
 
 class ChoiceError(ValueError):
@@ -78,21 +81,31 @@ def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool) -> tuple[
     return "mma", {"bm": GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128, "stages": 4, "splits": None}
 
 
-def learned_pick(model: perfmodel.PerfModel, m: int, n: int, k: int, group: int, cands: list, objective: str = "time"):
+def select(t, e=None, objective: str = "time", table: int | None = None, margin: float = TABLE_MARGIN) -> int:
+    """The rule, on predicted runtimes t (and energies e) of the candidates: the fastest (the
+    table's pick `table` while it is predicted within `margin` of it); with objective energy,
+    the lowest energy among those predicted within ENERGY_SLACK of the fastest."""
+    best = min(range(len(t)), key=lambda i: t[i])
+    if objective == "energy":
+        near = [i for i in range(len(t)) if t[i] <= (1 + ENERGY_SLACK) * t[best]]
+        return min(near, key=lambda i: (e[i], t[i]))
+    if table is not None and margin > 0 and t[table] <= (1 + margin) * t[best]:
+        return table
+    return best
+
+
+def learned_pick(model: perfmodel.PerfModel, m: int, n: int, k: int, group: int, cands: list, objective: str = "time",
+                 table: int | None = None):
     """(index into cands, predictions) of the model's pick, or (None, reason) when a candidate
-    is a configuration the model never saw."""
+    is a configuration the model never saw. table: the index of the table's pick (TABLE_MARGIN)."""
     unseen = [config_key(kern, c) for kern, c in cands if config_key(kern, c) not in model.configs]
     if unseen:
         return None, f"configurations the model never saw: {', '.join(unseen[:4])}{' ...' if len(unseen) > 4 else ''}"
     rows = [model.features_of(kern, c, m, n, k, group) for kern, c in cands]
     pred = model.predict(rows)
-    t = pred["runtime_ms"]
-    if objective == "energy":
-        if "energy_mj" not in pred:
-            return None, "the model has no power forest (objective energy)"
-        near = [i for i in range(len(cands)) if t[i] <= (1 + ENERGY_SLACK) * t.min()]
-        return min(near, key=lambda i: (pred["energy_mj"][i], t[i])), pred
-    return int(t.argmin()), pred
+    if objective == "energy" and "energy_mj" not in pred:
+        return None, "the model has no power forest (objective energy)"
+    return select(pred["runtime_ms"], pred.get("energy_mj"), objective, table), pred
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -189,7 +202,9 @@ def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None
         cands = [c for c in cands if c[0] == "gemv"]
     res = None
     if cands and STATE.policy == "learned":
-        i, pred = learned_pick(STATE.model, m, n, k, group, cands, STATE.objective)
+        tp = table_pick(m, n, group, info["sm_count"], info["cc"] == 90 and GEMM.use_wgmma) if not gemv_only else None
+        i, pred = learned_pick(STATE.model, m, n, k, group, cands, STATE.objective,
+                               cands.index(tp) if tp in cands else None)
         if i is None:
             _say(f"performance model {STATE.model.path}: {pred}; the kernel table decides for those shapes")
         else:

@@ -22,7 +22,9 @@ Public API (all arrays CuPy unless noted):
                                               interleaved by interleave_rows at load)
   sample_rows(logits, params, seq, pos, out, lens=, rows=)  out (B,) int32 ids  (sample_params packs)
 Kernels are chosen by M (`choose_kernel`): "gemv" (M ≤ 16), "wgmma" (sm_90),
-"mma" (any sm_80+). One CUDA stream at a time may use the split-K workspace.
+"mma" (any sm_80+), and their configurations by tuning.GEMM, unless gpu/choice.py's policy is
+learned or exhaustive (`_learned`; docs/PERFMODEL.md). One CUDA stream at a time may use the
+split-K workspace.
 """
 from __future__ import annotations
 
