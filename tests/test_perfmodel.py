@@ -255,6 +255,12 @@ def test_unseen_configuration_falls_back_to_the_table(fitted, fake_device, monke
     assert choice.pick(8, 4096, 4096, 128) is not None          # GEMV candidates are all known
 
 
+def test_unseen_group_falls_back_to_the_table(fitted, fake_device):
+    _learned(fitted)
+    with pytest.warns(choice.PerfModelWarning, match="group size 256: the model saw only \\[128\\]"):
+        assert choice.pick(64, 4096, 4096, 256) is None
+
+
 def test_gemv_only_picks_a_gemv(fitted, fake_device):
     _learned(fitted)
     kern, cfg = choice.pick(16, 4096, 4096, 128, gemv_only=True)

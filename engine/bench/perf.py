@@ -847,6 +847,7 @@ def fit(csv_path, model_out=None, md_out=None, n_trees: int = 64, folds: int = 5
     slug = perfmodel.device_slug(dev["name"])
     mmeta = {"device": {k: dev[k] for k in ("name", "sm_count", "cc") if k in dev}, "feature_names": list(FEATURES),
              "families": sorted({r["kernel"] for r in rows}), "configs": configs, "date": date,
+             "groups": sorted({int(r["group"]) for r in rows}),
              "sklearn": sklearn.__version__, "csv": Path(csv_path).name, "rows": len(rows), "power_rows": len(prow),
              "n_trees": n_trees, "min_leaf": min_leaf, "seed": seed,
              "cv": {"runtime": metrics([r["runtime_ms"] for r in rows], pred["ours"]["runtime_ms"], True)}}

@@ -98,6 +98,9 @@ def learned_pick(model: perfmodel.PerfModel, m: int, n: int, k: int, group: int,
                  table: int | None = None):
     """(index into cands, predictions) of the model's pick, or (None, reason) when a candidate
     is a configuration the model never saw. table: the index of the table's pick (TABLE_MARGIN)."""
+    groups = model.meta.get("groups", [group])
+    if group not in groups:
+        return None, f"group size {group}: the model saw only {groups}"
     unseen = [config_key(kern, c) for kern, c in cands if config_key(kern, c) not in model.configs]
     if unseen:
         return None, f"configurations the model never saw: {', '.join(unseen[:4])}{' ...' if len(unseen) > 4 else ''}"
