@@ -519,6 +519,9 @@ def hf_cases() -> list[Case]:
         "chat-template-broken": write("tokenizer_config.json",
                                       json.dumps({"chat_template": "{% for m in messages %}{{ m"})),
         "chat-template-not-json": write("tokenizer_config.json", "{nope"),
+        "tokenizer-fifo": fifo("tokenizer.json"),
+        "tokenizer-loop": loop("tokenizer.json"),
+        "jinja-not-utf8": write("chat_template.jinja", b"\xff\xfe{{ messages }}"),
         "extra-pickle-only": lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(b"x")),
     }
     cases = []

@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..util.files import PathError, input_path
+
 # llama.cpp token types (gguf.TokenType): only these two matter for rebuilding the tokenizer.
 TOKEN_TYPE_CONTROL = 3        # special tokens: <|im_start|>, <|endoftext|>, ...
 TOKEN_TYPE_USER_DEFINED = 4   # added tokens that are matched verbatim but are not special
@@ -139,6 +141,13 @@ def load_hf_tokenizer(model_dir: str | os.PathLike):
     from tokenizers import Tokenizer  # noqa: PLC0415
 
     d = Path(model_dir)
+    for name in ("tokenizer.json", "chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        p = d / name
+        if os.path.lexists(p):        # present: it must be a readable regular file (a FIFO would block)
+            try:
+                input_path(p, name)
+            except PathError as e:
+                raise TokenizerError(str(e)) from None
     tok = None
     tok_path = d / "tokenizer.json"
     if tok_path.is_file():
@@ -150,7 +159,10 @@ def load_hf_tokenizer(model_dir: str | os.PathLike):
     template = None
     jinja = d / "chat_template.jinja"
     if jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{jinja}: cannot read the chat template: {e}") from None
     else:
         for name in ("chat_template.json", "tokenizer_config.json"):
             p = d / name
@@ -158,7 +170,7 @@ def load_hf_tokenizer(model_dir: str | os.PathLike):
                 continue
             try:
                 doc = json.loads(p.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise TokenizerError(f"{p}: not valid JSON: {e}") from None
             t = doc.get("chat_template") if isinstance(doc, dict) else None
             if isinstance(t, list):   # named templates: [{"name": "default", "template": ...}, ...]

@@ -99,9 +99,9 @@ class Model:
             x = fin(norm(h, L.attn_norm, c.rms_norm_eps, f"input of layer {li}"), f"input of layer {li}")  # (T, H)
             if observer:
                 observer(li, "attn_in", x)
-            q = lin(x, W["q"]).reshape(t, hq, d)                        # (T, Hq, D)
-            k = lin(x, W["k"]).reshape(t, hkv, d)                       # (T, Hkv, D)
-            v = lin(x, W["v"]).reshape(t, hkv, d)                       # (T, Hkv, D)
+            q = fin(lin(x, W["q"]), f"q of layer {li}").reshape(t, hq, d)    # (T, Hq, D)
+            k = fin(lin(x, W["k"]), f"k of layer {li}").reshape(t, hkv, d)   # (T, Hkv, D); an INT8 cache
+            v = fin(lin(x, W["v"]), f"v of layer {li}").reshape(t, hkv, d)   # (T, Hkv, D)  would hide NaN
             q = ops_ref.apply_rope(q, cos, sin)
             k = ops_ref.apply_rope(k, cos, sin)
             if cache is not None:
