@@ -16,6 +16,7 @@ own writer), random bytes, text files, and bad command-line flags.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -128,8 +129,21 @@ def copy_target(kind: str, work: Path, base: Base) -> tuple[Path, Path, str]:
 ST_TARGETS = ("hf", "shard", "q_dg")
 
 
+_VIA = itertools.cycle(("run", "quantize", "run", "export"))
+
+
 def _run(weights, api: bool = False):
-    return ("api", str(weights)) if api else ("run", ["--weights", str(weights)] + RUN)
+    """The invocation for a damaged weights file: load_model, or in turn dgq-run, dgq-quantize
+    and dgq-export (each must refuse it before writing anything)."""
+    if api:
+        return ("api", str(weights))
+    via = next(_VIA)
+    out = Path(weights).parent / ("o.q.safetensors" if via == "quantize" else "x")
+    if via == "quantize":
+        return ("quantize", [str(weights), "--out", str(out), "--method", "w4a16", "--quiet"])
+    if via == "export":
+        return ("export", [str(weights), "--out", str(out)])
+    return ("run", ["--weights", str(weights)] + RUN)
 
 
 def st_truncations() -> list[Case]:

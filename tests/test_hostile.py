@@ -396,6 +396,14 @@ def test_stale_temporaries_of_killed_runs_are_cleaned_and_live_ones_kept(tmp_pat
     assert sorted(os.listdir(tmp_path)) == sorted([target.name, live.name, other.name])
 
 
+def test_a_stale_export_directory_is_cleaned_by_the_next_export(tmp_path, hf):
+    stale = tmp_path / f".export.{dead_pid()}.0badc0de.tmp"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "model.safetensors").write_bytes(b"half")
+    export_hf_dir(load_hf_dir(hf), tmp_path / "export")
+    assert sorted(os.listdir(tmp_path)) == ["export", "m"]
+
+
 def test_a_killed_overwrite_gets_the_previous_export_back(tmp_path, hf):
     out = tmp_path / "export"
     export_hf_dir(load_hf_dir(hf), out)

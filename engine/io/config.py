@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -55,7 +56,7 @@ class ModelConfig:
                                   f"(at most {hi}); the file is corrupt")
         for f in ("rope_theta", "rms_norm_eps"):
             v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 \
                     or (f == "rope_theta" and v == 0):
                 raise ConfigError(f"config field {f} must be a finite {'positive' if f == 'rope_theta' else 'non-negative'} "
                                   f"number, got {v!r}")
