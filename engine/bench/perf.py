@@ -49,8 +49,8 @@ TUNED = [(1, 8192, 8192), (1, 4096, 4096), (16, 8192, 8192), (16, 4096, 4096), (
 META_COLS = ("device", "kernel", "config", "m", "n", "k", "group", "source", "runtime_ms", "reps", "power_w",
              "energy_mj", "loop_ms", "power_s", "power_calls", "power_src", "expr", "grid_x", "grid_y", "block", "smem_launch")
 COLUMNS = META_COLS + tuple(f for f in FEATURES if f not in ("m", "n", "k", "group"))
-TARGETS_TIME = ("log_runtime_ms",)
-TARGETS_POWER = ("log_runtime_ms", "power_w", "log_energy_mj")
+TARGETS_TIME = ("log_runtime_rel",)                                 # perfmodel.REL_TARGETS: / t_roof
+TARGETS_POWER = ("log_runtime_rel", "power_w", "log_energy_rel")
 PAPER_REF = {"runtime_ms": "R² 0.98, mean error 15.6 %", "power_w": "R² 0.78, median error 5.4 %"}
 
 
@@ -434,8 +434,11 @@ def collect(out: str | None = None, budget_s: float = 480.0, quick: bool = False
 
 # ----------------------------------------------------------------------------- CSV
 
-def read_csv(path) -> tuple[dict, list[dict]]:
-    """(meta from the `# meta:` line, rows with numbers as float/int and blanks as None)."""
+def read_csv(path, refeature: bool = True) -> tuple[dict, list[dict]]:
+    """(meta from the `# meta:` line, rows with numbers as float/int and blanks as None). With
+    refeature, each row's features are recomputed from its problem, configuration and measured
+    attributes by this engine's perfmodel.features (what the choice computes: no train/serve skew,
+    and a CSV from before a new feature still fits)."""
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"perf: no such CSV {path}")
@@ -447,6 +450,15 @@ def read_csv(path) -> tuple[dict, list[dict]]:
     missing = set(META_COLS[:9]) - set(rows[0])
     if missing:
         raise BenchError(f"perf: {path} lacks the columns {sorted(missing)} (not a `perf collect` CSV?)")
+    if refeature:
+        sm = int((meta.get("device") or {}).get("sm_count") or 0)
+        if sm <= 0:
+            raise BenchError(f"perf: {path} has no `# meta:` line with the device's sm_count")
+        try:
+            rows = [{**r, **perfmodel.features(*parse_key(r["config"]), r["m"], r["n"], r["k"], r["group"], sm,
+                                               {"regs": r["regs"], "occ": r["occ"]})} for r in rows]
+        except (perfmodel.PerfModelError, KeyError, TypeError) as e:
+            raise BenchError(f"perf: {path}: a row's configuration or attributes are unusable ({e})") from None
     return meta, rows
 
 
@@ -528,6 +540,10 @@ def targets(rows: list[dict], names) -> np.ndarray:
     for t in names:
         if t == "log_runtime_ms":
             cols.append([math.log(r["runtime_ms"]) for r in rows])
+        elif t == "log_runtime_rel":
+            cols.append([math.log(r["runtime_ms"] / r["t_roof"]) for r in rows])
+        elif t == "log_energy_rel":
+            cols.append([math.log(r["energy_mj"] / r["t_roof"]) for r in rows])
         elif t == "power_w":
             cols.append([r["power_w"] for r in rows])
         elif t == "log_energy_mj":
@@ -550,7 +566,7 @@ def fit_forest(rows, names, feats=FEATURES, n_trees: int = 64, seed: int = 0, mi
             n_jobs=n_jobs)
     rf.fit(X, Z[:, 0] if len(names) == 1 else Z)
     rf.set_params(n_jobs=1)              # predict sums trees in order: the export matches bit for bit
-    return rf, export_forest(rf, "time" if names == TARGETS_TIME else "power", feats, names, mean, scale)
+    return rf, export_forest(rf, "power" if "power_w" in names else "time", feats, names, mean, scale)
 
 
 def export_forest(rf, name, feats, names, mean, scale) -> perfmodel.Forest:
@@ -636,15 +652,15 @@ def roofline_predict(params, rows) -> dict:
     return {"runtime_ms": t, "power_w": pw, "energy_mj": pw * t}
 
 
-def paper_models(rows, prow, seed=0):
+def paper_models(rows, prow, seed=0, n_jobs=1):
     """GPPerf: MultiOutputRegressor(RandomForestRegressor(100 trees, depth 6)) over the paper's
     features, raw targets (runtime on every row; runtime, power, energy on the power rows)."""
     _, RF, _, _, MOR = _sk()
-    mt = RF(n_estimators=100, max_depth=6, random_state=seed).fit(perfmodel.feature_matrix(rows, PAPER_FEATURES),
+    mt = RF(n_estimators=100, max_depth=6, random_state=seed, n_jobs=n_jobs).fit(perfmodel.feature_matrix(rows, PAPER_FEATURES),
                                                                  [r["runtime_ms"] for r in rows])
     mp = None
     if prow:
-        mp = MOR(RF(n_estimators=100, max_depth=6, random_state=seed)).fit(
+        mp = MOR(RF(n_estimators=100, max_depth=6, random_state=seed, n_jobs=n_jobs)).fit(
             perfmodel.feature_matrix(prow, PAPER_FEATURES),
             np.array([[r["runtime_ms"], r["power_w"], r["energy_mj"]] for r in prow]))
     return mt, mp
@@ -662,10 +678,10 @@ def paper_predict(models, rows) -> dict:
 
 def ours_predict(tf, pf, rows) -> dict:
     X = perfmodel.feature_matrix(rows, FEATURES)
-    out = {"runtime_ms": np.exp(tf.predict(X)[:, 0])}
+    out = {"runtime_ms": tf.quantities(X)["runtime_ms"]}
     if pf is not None:
-        y = pf.predict(X)
-        out.update(power_w=y[:, 1], energy_mj=np.exp(y[:, 2]))
+        q = pf.quantities(X)
+        out.update(power_w=q["power_w"], energy_mj=q["energy_mj"])
     return out
 
 
@@ -698,7 +714,7 @@ def cross_validate(rows, n_splits=5, n_trees=64, seed=0, random_split=False, n_j
     else:
         folds = group_folds(rows, n_splits)
     pred = {meth: {t: np.full(n, np.nan) for t in ("runtime_ms", "power_w", "energy_mj")}
-            for meth in ("ours", "roofline", "paper")}
+            for meth in ("ours", "ours-abs", "roofline", "paper")}
     for tr, te in folds:
         trr = [rows[i] for i in tr]
         ter = [rows[i] for i in te]
@@ -706,8 +722,11 @@ def cross_validate(rows, n_splits=5, n_trees=64, seed=0, random_split=False, n_j
         _, tf = fit_forest(trr, TARGETS_TIME, n_trees=n_trees, seed=seed, n_jobs=n_jobs, min_leaf=min_leaf)
         pf = fit_forest(trp, TARGETS_POWER, n_trees=n_trees, seed=seed, n_jobs=n_jobs,
                         min_leaf=min_leaf)[1] if len(trp) >= 4 else None
-        got = {"ours": ours_predict(tf, pf, ter), "roofline": roofline_predict(roofline_fit(trr), ter),
-               "paper": paper_predict(paper_models(trr, trp, seed), ter)}
+        _, ta = fit_forest(trr, ("log_runtime_ms",), n_trees=n_trees, seed=seed, n_jobs=n_jobs, min_leaf=min_leaf)
+        got = {"ours": ours_predict(tf, pf, ter),
+               "ours-abs": {"runtime_ms": ta.quantities(perfmodel.feature_matrix(ter, FEATURES))["runtime_ms"]},
+               "roofline": roofline_predict(roofline_fit(trr), ter),
+               "paper": paper_predict(paper_models(trr, trp, seed, n_jobs), ter)}
         for meth, d in got.items():
             for t, v in d.items():
                 pred[meth][t][te] = v
@@ -860,10 +879,12 @@ def fit(csv_path, model_out=None, md_out=None, n_trees: int = 64, folds: int = 5
              f"{n_prob} (M, N, K) problems; scikit-learn {sklearn.__version__}; {n_trees} trees, >= {min_leaf} rows a "
              f"leaf, half the features a split. Held out: "
              f"{len(cv['folds'])}-fold GroupKFold by (M, N, K) — no problem is in both a fold's training and "
-             f"test rows. ours: RandomForestRegressor on {len(FEATURES)} features (log runtime on every row; "
-             f"log runtime, power, log energy multi-output on the power rows); roofline: max(bytes/bw, "
+             f"test rows. ours: RandomForestRegressor on {len(FEATURES)} features (log(runtime / t_roof) on every "
+             f"row; log(runtime / t_roof), power, log(energy / t_roof) multi-output on the power rows; t_roof a "
+             f"fixed nominal roofline, engine/gpu/perfmodel.py); roofline: max(bytes/bw, "
              f"flops/peak) + t0 and power linear in the two utilisations, per family, fitted on the training "
-             f"folds; paper: GPPerf's MultiOutputRegressor(RF(100, depth 6)) on {', '.join(PAPER_FEATURES)}. "
+             f"folds; paper: GPPerf's MultiOutputRegressor(RF(100, depth 6)) on {', '.join(PAPER_FEATURES)}; "
+             f"ours-abs: ours on log runtime itself instead of its ratio to t_roof (an ablation). "
              f"Model file: {model_out.name} ({model_out.stat().st_size / 1e6:.1f} MB).", "",
              "## Accuracy on held-out shapes", ""]
     lines += accuracy_table(rows, pred)

@@ -33,10 +33,16 @@ TILE_N, CHUNK_K, K_ALIGN, THREADS = 16, 64, 128, 256      # gpu/ops.py (cuda/com
 # our model's features (a configuration's static attributes regs and occ come from the device)
 FEATURES = ("m", "n", "k", "group", "family", "mt", "rw", "u", "nw", "bm", "stages", "bt", "nwg", "wpf",
             "ovl", "split_auto", "splits", "tile_m", "tile_n", "tile_k", "threads", "smem", "regs", "occ",
-            "grid", "waves", "wave_eff", "m_util", "flops", "bytes", "tile_bytes", "ai")
+            "grid", "waves", "wave_eff", "m_util", "flops", "bytes", "tile_bytes", "ai", "t_roof")
 # the GPPerf feature set (ALGORITHMS.md §4): sizes, block tile, arithmetic intensity, bytes, FLOPs
 PAPER_FEATURES = ("m", "n", "k", "tile_m", "tile_n", "tile_k", "ai", "bytes", "flops")
 ATTRS = ("regs", "occ")
+# The forests predict runtime and energy relative to a fixed nominal roofline, t_roof (ms) =
+# max(bytes / 3 TB/s, 2MNK / 1 POP/s) + 2 µs: trees are piecewise constant, so a target that
+# spans six decades generalises to unseen sizes far better as a ratio to a physical scale.
+# The constants only set that scale (the forests learn the ratio); they are not the device's.
+ROOF_BYTES_PER_MS, ROOF_OPS_PER_MS, ROOF_FLOOR_MS = 3e9, 1e12, 2e-3
+REL_TARGETS = {"log_runtime_rel": "runtime_ms", "log_energy_rel": "energy_mj"}
 
 
 class PerfModelError(ValueError):
@@ -143,7 +149,8 @@ def features(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_coun
          "regs": int(attrs["regs"]), "occ": occ, "grid": grid, "waves": waves,
          "wave_eff": waves / math.ceil(waves), "m_util": m / (m_tiles * p["tile_m"]),
          "flops": flops, "bytes": float(nbytes), "tile_bytes": float(w_bytes * m_tiles + x_bytes * n_tiles),
-         "ai": flops / nbytes}
+         "ai": flops / nbytes,
+         "t_roof": max(nbytes / ROOF_BYTES_PER_MS, flops / ROOF_OPS_PER_MS) + ROOF_FLOOR_MS}
     return f
 
 
@@ -199,6 +206,21 @@ class Forest:
         """(rows, n_outputs) in the targets' units (mean + scale · raw)."""
         return self.mean + self.scale * self.raw(X)
 
+    def quantities(self, X: np.ndarray) -> dict:
+        """{runtime_ms, power_w, energy_mj (those it predicts): (rows,)} from the outputs: a
+        log_*_rel output times the row's t_roof, a log_* output exponentiated, others as they are."""
+        y = self.predict(X)
+        t_roof = X[:, self.features.index("t_roof")] if "t_roof" in self.features else None
+        out = {}
+        for j, name in enumerate(self.targets):
+            if name in REL_TARGETS:
+                out[REL_TARGETS[name]] = np.exp(y[:, j]) * t_roof
+            elif name.startswith("log_"):
+                out[name[4:]] = np.exp(y[:, j])
+            else:
+                out[name] = y[:, j]
+        return out
+
 
 def _check_forest(name: str, f: Forest, path) -> None:
     n = len(f.left)
@@ -246,14 +268,12 @@ class PerfModel:
 
     def predict(self, rows: list[dict]) -> dict:
         """Predictions for feature rows: runtime_ms (time forest), power_w and energy_mj (power forest)."""
-        out = {}
         t = self.forests["time"]
-        out["runtime_ms"] = np.exp(t.predict(feature_matrix(rows, t.features))[:, t.targets.index("log_runtime_ms")])
+        out = {"runtime_ms": t.quantities(feature_matrix(rows, t.features))["runtime_ms"]}
         pw = self.forests.get("power")
         if pw is not None:
-            y = pw.predict(feature_matrix(rows, pw.features))
-            out["power_w"] = y[:, pw.targets.index("power_w")]
-            out["energy_mj"] = np.exp(y[:, pw.targets.index("log_energy_mj")])
+            q = pw.quantities(feature_matrix(rows, pw.features))
+            out.update(power_w=q["power_w"], energy_mj=q["energy_mj"])
         return out
 
 
@@ -308,10 +328,15 @@ def load(path) -> PerfModel:
                                      f"{sorted(set(f.features) - set(FEATURES))}")
             _check_forest(name, f, path)
             forests[name] = f
-        if "time" not in forests or "log_runtime_ms" not in forests["time"].targets:
+        known = set(REL_TARGETS) | {"log_runtime_ms", "log_energy_mj", "power_w"}
+        for name, f in forests.items():
+            if not set(f.targets) <= known or (set(f.targets) & set(REL_TARGETS) and "t_roof" not in f.features):
+                raise PerfModelError(f"performance model {path}: forest {name!r} has unknown targets {f.targets}")
+        if "time" not in forests or not {"log_runtime_rel", "log_runtime_ms"} & set(forests["time"].targets):
             raise PerfModelError(f"performance model {path}: no runtime forest")
-        if "power" in forests and not {"power_w", "log_energy_mj"} <= set(forests["power"].targets):
-            raise PerfModelError(f"performance model {path}: the power forest lacks power_w / log_energy_mj")
+        if "power" in forests and not ({"power_w"} <= set(forests["power"].targets)
+                                       and {"log_energy_rel", "log_energy_mj"} & set(forests["power"].targets)):
+            raise PerfModelError(f"performance model {path}: the power forest lacks power and energy outputs")
         dev = meta["device"]
         if not (isinstance(dev["name"], str) and int(dev["sm_count"]) > 0):
             raise PerfModelError(f"performance model {path}: bad device record {dev!r}")
