@@ -199,6 +199,8 @@ def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None
     hit = STATE.memo.get(key)
     if hit is not None:
         return hit[0]
+    if (STATE.policy or resolve()) == "table":
+        return None
     info = kernels.device_info()
     cands = candidates(m, info["cc"] == 90 and GEMM.use_wgmma)
     if gemv_only:
