@@ -93,7 +93,8 @@ def row_cost_s(m, k, n) -> float:
     est = _est_kernel_ms(m, k, n)
     reps = reps_for(est)
     host = 0.03                                    # ms of Python per launch
-    return 0.004 + (reps + 5) * max(est, host) / 1e3 + min(0.3, max(0.002, 3 * host * reps / 1e3))
+    # time_calls: 5 warm-up calls, a spin of 3x (warm-up time a call) x reps, then the reps
+    return 0.004 + (reps + 5) * max(est, host) / 1e3 + min(0.3, max(0.002, 3 * max(est, host) * reps / 1e3))
 
 
 def power_cost_s(power_s: float) -> float:
