@@ -45,9 +45,11 @@ LLM_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (8192, 
 LLM_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]  # engine/bench/gemm.py MS
 TUNED = [(1, 8192, 8192), (1, 4096, 4096), (16, 8192, 8192), (16, 4096, 4096), (32, 8192, 8192),
          (64, 8192, 8192), (128, 8192, 8192), (256, 8192, 8192), (256, 4096, 4096), (256, 8192, 28672),
-         (1024, 8192, 8192), (4096, 8192, 8192), (4096, 4096, 11008), (4096, 28672, 8192)]   # gemm.py TUNE_CASES (M, K, N)
+         (1024, 8192, 8192), (4096, 8192, 8192), (4096, 4096, 11008),
+         (4096, 28672, 8192)]                          # engine/bench/gemm.py TUNE_CASES (M, K, N)
 META_COLS = ("device", "kernel", "config", "m", "n", "k", "group", "source", "runtime_ms", "reps", "power_w",
-             "energy_mj", "loop_ms", "power_s", "power_calls", "power_src", "expr", "grid_x", "grid_y", "block", "smem_launch")
+             "energy_mj", "loop_ms", "power_s", "power_calls", "power_src", "expr", "grid_x", "grid_y", "block",
+             "smem_launch")
 COLUMNS = META_COLS + tuple(f for f in FEATURES if f not in ("m", "n", "k", "group"))
 TARGETS_TIME = ("log_runtime_rel",)                                 # perfmodel.REL_TARGETS: / t_roof
 TARGETS_POWER = ("log_runtime_rel", "power_w", "log_energy_rel")
@@ -502,7 +504,7 @@ def synthetic(seed: int = 0, n_shapes: int = 12, sm_count: int = 132, name: str 
     planned problems and candidates, fake per-configuration attributes and a roofline-like
     runtime with deterministic noise; power on every other problem."""
     rng = np.random.default_rng(seed)
-    pts = [(m, k, n) for m, k, n, _ in problems(seed, n_random=n_shapes, ms_per_shape=3)[len(LLM_SHAPES) * len(LLM_MS):]]
+    pts = [(m, k, n) for m, k, n, s in problems(seed, n_random=n_shapes, ms_per_shape=3) if s == "random"]
     pts += [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096)]
     rows = []
     for pi, (m, k, n) in enumerate(pts):
@@ -660,8 +662,8 @@ def paper_models(rows, prow, seed=0, n_jobs=1):
     """GPPerf: MultiOutputRegressor(RandomForestRegressor(100 trees, depth 6)) over the paper's
     features, raw targets (runtime on every row; runtime, power, energy on the power rows)."""
     _, RF, _, _, MOR = _sk()
-    mt = RF(n_estimators=100, max_depth=6, random_state=seed, n_jobs=n_jobs).fit(perfmodel.feature_matrix(rows, PAPER_FEATURES),
-                                                                 [r["runtime_ms"] for r in rows])
+    mt = RF(n_estimators=100, max_depth=6, random_state=seed, n_jobs=n_jobs).fit(
+        perfmodel.feature_matrix(rows, PAPER_FEATURES), [r["runtime_ms"] for r in rows])
     mp = None
     if prow:
         mp = MOR(RF(n_estimators=100, max_depth=6, random_state=seed, n_jobs=n_jobs)).fit(
@@ -824,7 +826,8 @@ def choice_lines(s: dict) -> list[str]:
     lines = ["| held-out problems | learned / best | table / best | learned vs table | learned within 3 % of best "
              "| worst learned / best |", "|---:|---:|---:|---:|---:|---:|",
              f"| {s['n']} | {_fmt(s['learned_vs_oracle'])} | {_fmt(s['table_vs_oracle'])} | "
-             f"{_fmt(s['learned_vs_table'])} | {_pct(s['learned_within_3pct'])} | {_fmt(s['worst_learned_vs_oracle'])} |"]
+             f"{_fmt(s['learned_vs_table'])} | {_pct(s['learned_within_3pct'])} | "
+             f"{_fmt(s['worst_learned_vs_oracle'])} |"]
     lines.append("")
     lines.append("Throughput ratios are geometric means of measured runtime(best) / runtime(pick) (1 = the "
                  "exhaustive best); learned vs table = runtime(table) / runtime(learned).")
@@ -999,7 +1002,8 @@ def add_parser(sub) -> None:
     c.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     c.add_argument("--seed", type=int, default=0, help="random shapes' seed (another seed: held-out shapes for report)")
     c.add_argument("--power-s", type=float, default=0.3, help="seconds each power point loops (>= 0.3)")
-    c.add_argument("--power-frac", type=float, default=0.5, help="share of the budget spent on power points (default 0.5)")
+    c.add_argument("--power-frac", type=float, default=0.5,
+                   help="share of the budget spent on power points (default 0.5)")
     c.add_argument("--out", metavar="PATH", help="CSV path (default bench/data/<device>-<date>-perf.csv)")
     c.set_defaults(func=cmd_collect, reps=1, needs_gpu=True)
     f = ps.add_parser("fit", help="(CPU, scikit-learn) fit and evaluate on held-out shapes; export the model")

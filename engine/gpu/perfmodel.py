@@ -115,7 +115,8 @@ def launch_plan(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_c
         smem = max(st * bt * 128, bt * (nwg * 64 + 8) * 2) + 1024
         nreg, bps = bt // 2, (2 if (bt <= 128 and nwg == 2 and wpf <= 2) else 1)
         tile_m, tile_rt = bt, nwg * 4
-        p.update(bt=bt, stages=st, nwg=nwg, wpf=wpf, ovl=ovl, expr=f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},false>")
+        p.update(bt=bt, stages=st, nwg=nwg, wpf=wpf, ovl=ovl,
+                 expr=f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},false>")
     else:
         raise PerfModelError(f"unknown kernel family {kernel!r}; expected one of {FAMILIES}")
     tiles = -(-m // tile_m) * -(-R // tile_rt)
@@ -314,8 +315,9 @@ def load(path) -> PerfModel:
         raise PerfModelError(f"performance model {path}: unreadable metadata ({type(e).__name__}: "
                              f"{str(e)[:120]})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PerfModelError(f"performance model {path}: format {meta.get('format') if isinstance(meta, dict) else None!r}"
-                             f" is not {FORMAT!r} (a foreign file, or written by another version)")
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise PerfModelError(f"performance model {path}: format {fmt!r} is not {FORMAT!r} (a foreign file, or "
+                             f"written by another version)")
     try:
         forests = {}
         for name, fm in meta["forests"].items():
@@ -347,7 +349,8 @@ def load(path) -> PerfModel:
     except PerfModelError:
         raise
     except Exception as e:
-        raise PerfModelError(f"performance model {path}: malformed metadata ({type(e).__name__}: {str(e)[:120]})") from None
+        raise PerfModelError(f"performance model {path}: malformed metadata "
+                             f"({type(e).__name__}: {str(e)[:120]})") from None
     return PerfModel(str(path), meta, forests)
 
 
