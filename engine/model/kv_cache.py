@@ -6,6 +6,8 @@ dequantizes on read: this is the reference the GPU engine's INT8 cache matches
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import formats
 from ..io.config import ModelConfig
 
@@ -32,11 +34,16 @@ class KVCache:
             raise ValueError("a kv8 cache stores int8 with float32 scales: pass no dtype")
         self.kv8 = kv8
         dtype = xp.int8 if kv8 else (dtype or xp.float32)
-        self.k = xp.zeros(shape, dtype=dtype)
-        self.v = xp.zeros(shape, dtype=dtype)
-        if kv8:
-            self.ks = xp.zeros(shape[:-1], dtype=xp.float32)
-            self.vs = xp.zeros(shape[:-1], dtype=xp.float32)
+        try:
+            self.k = xp.zeros(shape, dtype=dtype)
+            self.v = xp.zeros(shape, dtype=dtype)
+            if kv8:
+                self.ks = xp.zeros(shape[:-1], dtype=xp.float32)
+                self.vs = xp.zeros(shape[:-1], dtype=xp.float32)
+        except MemoryError:
+            gib = 2 * int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize / 2**30
+            raise ValueError(f"a KV cache of {capacity} tokens needs {gib:.1f} GiB, more than this "
+                             "machine can hold; ask for a smaller capacity") from None
         self.capacity = capacity
         self.length = 0          # tokens committed (all layers)
 

@@ -32,7 +32,7 @@ class PathError(ValueError):
 # ----------------------------------------------------------------------------- temporaries
 
 _LIVE: dict[str, bool] = {}          # temporary path -> is a directory
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()       # re-entrant: the signal handler runs on the thread that may hold it
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 _PREVIOUS: dict[int, object] = {}
 
