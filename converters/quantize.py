@@ -97,7 +97,7 @@ def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
         if wbits not in WEIGHT_ONLY_BITS:
             raise QuantizeError(f"{method} takes --wbits 2, 3 or 4, got {wbits!r}")
         if act not in ("static", "none"):
-            raise QuantizeError(f"{method} keeps activations in float; act does not apply")
+            raise QuantizeError(f"{method} keeps activations in float; --act does not apply")
         return spec, wbits, "none"
     bits = 8 if method == "w8a8" else wbits
     if bits not in (4, 8):
@@ -108,15 +108,15 @@ def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
                                 "rtn, smoothquant or w8a8")
         spec = MethodSpec("i8", False, spec.smoothing, dynamic_sites=spec.dynamic_sites)
     if act not in formats.ACT_MODES:
-        raise QuantizeError(f"act must be one of {', '.join(formats.ACT_MODES)}, got {act!r}")
+        raise QuantizeError(f"--act must be one of {', '.join(formats.ACT_MODES)}, got {act!r}")
     if method == "w4a16":
         if act not in ("static", "none"):
-            raise QuantizeError("w4a16 keeps activations in float; act does not apply")
+            raise QuantizeError("w4a16 keeps activations in float; --act does not apply")
         act = "none"
     elif spec.fptq and act != "static":
-        raise QuantizeError(f"{method} picks the activation mode per layer; act does not apply")
+        raise QuantizeError(f"{method} picks the activation mode per layer; --act does not apply")
     elif act == "none" and method != "rtn":
-        raise QuantizeError(f"act 'none' (weight-only) is for rtn / w4a16, not {method}")
+        raise QuantizeError(f"--act none (weight-only) is for rtn / w4a16, not {method}")
     return spec, bits, act
 
 
@@ -172,7 +172,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     spec, bits, act = _resolve(method, wbits, act)
     act_clip = cal.parse_act_clip(act_clip)
     if not isinstance(group, int) or isinstance(group, bool) or group < 1:
-        raise QuantizeError(f"group must be a positive integer, got {group!r}")
+        raise QuantizeError(f"--group must be a positive integer, got {group!r}")
     config = ckpt.config
     if spec.weights in ("pot", "int"):
         check_bits_group(bits, group)                  # before the calibration pass, not after

@@ -272,8 +272,11 @@ def test_n_seq_zero_is_refused_not_the_default(hf, tmp_path):
 
 
 def test_boolean_token_array_is_not_a_mask(hf):
+    from engine.model.generate import generate
     ck = load_hf_dir(hf)
     m = Model(ModelWeights.from_hf(ck.config, ck.tensors))
+    with pytest.raises(GenerationError, match="integer token ids"):
+        generate(m, np.array([True, False, True]), 2)
     with pytest.raises(ModelError, match="integer array"):
         m.forward(np.array([True, False, True]))
     with pytest.raises(ModelError, match="integer array"):

@@ -115,6 +115,10 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     ctx = model.config.max_position_embeddings
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
         raise GenerationError(f"--max-new-tokens must be an integer, got {max_new_tokens!r}")
+    ids = np.asarray(prompt_ids)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise GenerationError(f"prompt_ids must be a 1-D sequence of integer token ids, got "
+                              f"{ids.dtype} {ids.shape}")
     n = len(prompt_ids)
     if n == 0:
         raise GenerationError("the prompt encodes to no tokens")
