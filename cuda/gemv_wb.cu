@@ -1,80 +1,87 @@
-// gemv_wb.cu — weight-only b-bit GEMV on tensor cores (b = 2, 3, 4): power-of-two ("pot") and
-// uniform ("int") codes in the bit-plane layout of engine/formats/planes.py, fp16 activations.
+// gemv_wb.cu — weight-only b-bit GEMV and GEMM on tensor cores (b = 2, 3, 4): power-of-two
+// ("pot") and uniform ("int") codes in the tile layout of engine/formats/tiles.py, fp16 x.
 //
-// What: out (M, N) fp16 = x (M, K) fp16 · Ŵ (N, K)ᵀ for M ≤ 8·NT (the launcher, engine/gpu/wb.py,
-// runs larger M in slices). A block owns 16 output rows; its WB_WARPS warps split K into
-// contiguous ranges of 32-channel chunks and their fp32 partial sums meet in shared memory at
-// the end. A warp loads the plane words of WB_U chunks before it computes on them.
+// What: out (M, N) fp16 = x (M, K) fp16 · Ŵ (N, K)ᵀ. gemv_*<BITS, NT> takes M ≤ 8·NT (decode):
+// a block owns one row tile (16 output rows), its WB_WARPS warps split the k tiles and meet in
+// shared memory at the end. gemm_*<BITS> takes any M (prefill): a block owns WB_GEMM_WARPS row
+// tiles (one a warp) and 64 rows of x, staged in shared memory a k tile at a time.
 //
-// Layout (engine/formats/planes.py): qw (N, ceil(K/32), BITS) uint32; word j of a chunk holds
-// bit j of the chunk's 32 codes (code i at bit i). scale (N, G) fp16 per group of `group`
-// channels (32, 64 or 128: a chunk never straddles two groups); zero (N, G) uint8 ("int" only).
+// Layout (tiles.py): a tile is 16 rows × 128 channels, 64·BITS words; lane l = 4g + t reads
+// its 2·BITS words (rows g and g + 8) with one or two coalesced vector loads. Of each row the
+// lane holds channels 16s + 4t + e (step s, e = 0..3), the A-fragment elements of
+// mma.sync.m16n8k16 in step s with the k order permuted (A and B alike), so that x's four
+// channels are one 8-byte load. The four codes of a step sit in the four nibbles of one 16-bit
+// half of a word (b = 3: steps 6 and 7 are gathered from the words' spare bit 3 first).
 //
-// One chunk = two mma.sync.m16n8k16 steps per 8 columns of x. The k order inside a chunk is
-// ours to choose (A and B are permuted alike): MMA k = 2t + e of step s is channel p + 16e of
-// pair p = 8s + t, and k = 2t + 8 + e is pair p + 4 (t = lane % 4). So an A register holds
-// the pair (p, p + 16) of one row, the two halves of a 32-bit word whose bits sit 16 apart in
-// a plane: after one shift of each plane word by t (once a chunk), every pair is taken with
-// compile-time shifts.
-//
-// A holds exact "unit" weights; the group scale multiplies each chunk's fp32 partial sum:
-//   pot: code = sign (bit BITS-1) | m; unit = 0 for m = 0, else ±2^-(m-1), built on the fp16
-//        bits as (0x4000 - (m << 10)) ^ sign (0x4000 is 2.0), masked to 0 where m = 0;
-//   int: unit = q - z, from (0x6400 | q) - (1024 + z) in fp16: exact small integers.
+// Dequantization, to exact "unit" weights (the group scale multiplies fp32 partial sums):
+//   pot: one byte permute (PRMT) looks the four codes up in an 8-entry table of fp16 high
+//        bytes (0, ±2^0, ±2^-1, ...; b = 4 looks up the magnitude and ORs in the sign with a
+//        second, sign-replicating PRMT), two more PRMTs spread them into two half2 registers.
+//        About 1.2 (b = 2, 3) to 1.8 (b = 4) instructions a weight; no conversion, no multiply.
+//   int: a PRMT puts a code pair's byte twice into a word, one AND/OR (LOP3) makes the fp16
+//        pair (1024 + c0, 64 + c1) and HSUB2 subtracts (1024 + z, 64 + z): about 1.5 a weight.
 // The products are exact and the mma sums in fp32, so out is the float64 reference rounded to
-// fp16 within fp32 summation error (tests/test_wb_gpu.py: ≤ 1 ulp). Inside a captured decode step
-// it is launched with programmatic dependent launch like every kernel of cuda/ (pdl.cuh).
+// fp16 within fp32 summation error (tests/test_wb_gpu.py). Launched with programmatic dependent
+// launch like every kernel of cuda/ (pdl.cuh): the GEMV loads its first weights before the wait.
 #include <cuda_fp16.h>
 #include "pdl.cuh"
 
-#define WB_CHUNK 32
-#define WB_WARPS 8
-#define WB_ROWS 16                         // output rows a block (the mma's M)
+#define WB_TILE_K 128
+#define WB_ROWS 16                          // output rows a tile (the mma's M)
+#define WB_STEPS 8                          // k16 steps a tile
+#define WB_WARPS 8                          // GEMV: warps a block, splitting one row tile's k tiles
 #define WB_THREADS (32 * WB_WARPS)
-#define WB_U 4                             // chunks a warp loads ahead (bytes in flight)
+#define WB_U 4                              // GEMV: tiles a warp has in flight
+#define WB_GEMM_WARPS 4                     // GEMM: warps a block, one row tile each
+#define WB_GEMM_NT 8                        // GEMM: 8-row tiles of x a block (64 rows)
+#define WB_XS (WB_TILE_K + 16)              // GEMM: x row stride in shared memory, halves (B loads conflict-free)
 #define WB_KIND_POT 0
 #define WB_KIND_INT 1
 
-__device__ __forceinline__ unsigned wb_shift(unsigned v, int d) {   // d is a constant after unrolling
-    return d >= 0 ? v >> d : v << -d;
+__device__ __forceinline__ unsigned wb_prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned r;                                        // the generic mode (bit 3 of a selector nibble: sign-replicate)
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
 }
 
-// The BITS plane words of one row's chunk (zeros past N).
-template <int BITS>
-__device__ __forceinline__ void wb_load(const unsigned* __restrict__ p, bool live, unsigned (&w)[BITS]) {
-    if (!live) {
-#pragma unroll
-        for (int j = 0; j < BITS; ++j) w[j] = 0u;
-    } else if constexpr (BITS == 4) {
-        const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
-        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-    } else if constexpr (BITS == 2) {
-        const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
-        w[0] = v.x; w[1] = v.y;
-    } else {
-#pragma unroll
-        for (int j = 0; j < BITS; ++j) w[j] = __ldcs(p + j);
-    }
+// fp16 high bytes of the units: pot<b> code = sign (bit b-1) | m, unit 0 (m = 0) or ±2^-(m-1)
+template <int BITS> struct WbLut;
+template <> struct WbLut<2> { static constexpr unsigned a = 0xBC003C00u, b = 0u; };          // 0 +1 0 -1
+template <> struct WbLut<3> { static constexpr unsigned a = 0x34383C00u, b = 0xB4B8BC00u; };  // 0 +1 +½ +¼ 0 -1 -½ -¼
+template <> struct WbLut<4> { static constexpr unsigned a = 0x34383C00u, b = 0x24282C30u; };  // m = 0..7 (sign apart)
+
+// The spare word of b = 3 (steps 6, 7): nibble i = bit 3 of nibble i of w0, w1, w2.
+__device__ __forceinline__ unsigned wb_spare(unsigned w0, unsigned w1, unsigned w2) {
+    return ((w0 >> 3) & 0x11111111u) | ((w1 >> 2) & 0x22222222u) | ((w2 >> 1) & 0x44444444u);
 }
 
-// The unit weights of pair p = t + 4q (channels p, p + 16) of one row as a half2, from the
-// plane words already shifted right by t (ws), q a compile-time constant. zh2: the fp16 pair
-// (1024 + z, 1024 + z) of the row's group ("int").
-template <int KIND, int BITS, int Q>
-__device__ __forceinline__ unsigned wb_unit(const unsigned (&ws)[BITS], unsigned any, unsigned zh2) {
+// The four codes of step s (a constant after unrolling) of one row as two A registers: lo holds
+// channels e = 0, 1, hi e = 2, 3. rw: the row's words; zc: "int" (1024 + z, 64 + z) and, for the
+// upper code pair of a b = 2 nibble, (256 + z, 16 + z).
+template <int KIND, int BITS>
+__device__ __forceinline__ void wb_step(const unsigned (&rw)[BITS], unsigned spare, int s, unsigned zc0, unsigned zc1,
+                                        unsigned& lo, unsigned& hi) {
+    const unsigned w = BITS == 2 ? rw[s / 4] : (BITS == 3 && s >= 6) ? spare : rw[s / 2];
+    const int half = BITS == 2 ? (s % 4) / 2 : s % 2;   // which 16 bits hold the step
+    const int sub = BITS == 2 ? s % 2 : 0;              // b = 2: bits 0-1 or 2-3 of each nibble
     if constexpr (KIND == WB_KIND_POT) {
-        unsigned m2 = 0;                                                  // m << 10 in each half
-#pragma unroll
-        for (int j = 0; j < BITS - 1; ++j) m2 |= wb_shift(ws[j], 4 * Q - 10 - j) & (0x04000400u << j);
-        const unsigned sg = wb_shift(ws[BITS - 1], 4 * Q - 15) & 0x80008000u;
-        const unsigned nz = (wb_shift(any, 4 * Q) & 0x00010001u) * 0xFFFFu;  // 0xFFFF where m != 0
-        return ((0x40004000u - m2) ^ sg) & nz;
+        const unsigned sel = (w >> (16 * half + 2 * sub)) & (BITS == 2 ? 0x3333u : 0x7777u);
+        unsigned r = wb_prmt(WbLut<BITS>::a, WbLut<BITS>::b, sel);          // 4 high bytes
+        if constexpr (BITS == 4)                                            // 0xFF where bit 3 (the sign) is set
+            r |= wb_prmt(w << 4, w, half ? 0xFBEAu : 0xD9C8u) & 0x80808080u;
+        lo = wb_prmt(r, 0u, 0x1404u);                                      // (0, r0, 0, r1)
+        hi = wb_prmt(r, 0u, 0x3424u);
     } else {
-        unsigned q2 = 0x64006400u;                                        // 1024 + q in each half
-#pragma unroll
-        for (int j = 0; j < BITS; ++j) q2 |= wb_shift(ws[j], 4 * Q - j) & (0x00010001u << j);
-        const __half2 d = __hsub2(*reinterpret_cast<const __half2*>(&q2), *reinterpret_cast<const __half2*>(&zh2));
-        return *reinterpret_cast<const unsigned*>(&d);
+        const unsigned mask = BITS == 4 ? 0x00F0000Fu : BITS == 3 ? 0x00700007u : sub ? 0x00C0000Cu : 0x00300003u;
+        const unsigned magic = sub ? 0x4C005C00u : 0x54006400u;            // (256 | 1024) + c0, (16 | 64) + c1
+        const unsigned zc = sub ? zc1 : zc0;
+        const unsigned byte = 2 * half;
+        const unsigned p0 = (wb_prmt(w, 0u, 0x4040u + 0x0101u * byte) & mask) | magic;
+        const unsigned p1 = (wb_prmt(w, 0u, 0x4040u + 0x0101u * (byte + 1)) & mask) | magic;
+        const __half2 d0 = __hsub2(*reinterpret_cast<const __half2*>(&p0), *reinterpret_cast<const __half2*>(&zc));
+        const __half2 d1 = __hsub2(*reinterpret_cast<const __half2*>(&p1), *reinterpret_cast<const __half2*>(&zc));
+        lo = *reinterpret_cast<const unsigned*>(&d0);
+        hi = *reinterpret_cast<const unsigned*>(&d1);
     }
 }
 
@@ -85,92 +92,172 @@ __device__ __forceinline__ void wb_mma(float (&d)[4], const unsigned (&a)[4], un
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// x[m, k] as fp16 bits, 0 outside (M, K).
-__device__ __forceinline__ unsigned wb_x(const __half* __restrict__ x, int m, int k, int M, int K) {
-    return (m < M && k < K) ? (unsigned)__half_as_ushort(x[(size_t)m * K + k]) : 0u;
+// A lane's 2·BITS words of one tile.
+template <int BITS>
+__device__ __forceinline__ void wb_load(const unsigned* __restrict__ tile, int lane, bool live, unsigned (&w)[2 * BITS]) {
+    if (!live) {
+#pragma unroll
+        for (int i = 0; i < 2 * BITS; ++i) w[i] = 0u;
+        return;
+    }
+    const uint4 a = __ldcs(reinterpret_cast<const uint4*>(tile) + lane);
+    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+    if constexpr (BITS == 4) {
+        const uint4 b = __ldcs(reinterpret_cast<const uint4*>(tile + 128) + lane);
+        w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+    } else if constexpr (BITS == 3) {
+        const uint2 b = __ldcs(reinterpret_cast<const uint2*>(tile + 128) + lane);
+        w[4] = b.x; w[5] = b.y;
+    }
+}
+
+// x[m, k .. k+3] as two half2 words, zeros outside (M, K); vec: rows 8-byte aligned (K % 4 == 0).
+__device__ __forceinline__ uint2 wb_x4(const __half* __restrict__ x, int m, int k, int M, int K, bool vec) {
+    uint2 v = make_uint2(0u, 0u);
+    if (m < M) {
+        const __half* p = x + (size_t)m * K + k;
+        if (vec && k + 4 <= K) {
+            v = __ldg(reinterpret_cast<const uint2*>(p));
+        } else {
+            unsigned e[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) e[i] = k + i < K ? (unsigned)__half_as_ushort(p[i]) : 0u;
+            v = make_uint2(e[0] | (e[1] << 16), e[2] | (e[3] << 16));
+        }
+    }
+    return v;
+}
+
+// B of every step of the tile starting at channel k0 (k0 = K: none, zeros), rows 8j + g of x.
+template <int NT>
+__device__ __forceinline__ void wb_load_x(const __half* __restrict__ x, int k0, int g, int t, int M, int K, bool vec,
+                                          uint2 (&xb)[WB_STEPS][NT]) {
+#pragma unroll
+    for (int s = 0; s < WB_STEPS; ++s)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) xb[s][j] = wb_x4(x, 8 * j + g, k0 + 16 * s + 4 * t, M, K, vec);
+}
+
+// The per-group pair (rows g, g + 8) of a tile: scale as half2 bits, zero points as two bytes.
+// The tile's first group is loaded with its words; further ones (groups of 64 or 32) when used.
+struct WbGroups {
+    unsigned s0, z0;
+    const unsigned* sp;
+    const unsigned short* zp;
+};
+
+template <int KIND>
+__device__ __forceinline__ void wb_load_groups(const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
+                                               size_t tile, int gpt, int g, bool live, WbGroups& q) {
+    const size_t at = tile * gpt * 8 + g;
+    q.sp = scale + at;
+    q.zp = KIND == WB_KIND_INT ? zero + at : nullptr;
+    q.s0 = live ? __ldg(q.sp) : 0u;
+    q.z0 = (KIND == WB_KIND_INT && live) ? (unsigned)__ldg(q.zp) : 0u;
+}
+
+template <int KIND>
+__device__ __forceinline__ void wb_group(const WbGroups& q, int gi, unsigned& sv, unsigned& zz) {
+    sv = gi == 0 ? q.s0 : __ldg(q.sp + 8 * gi);
+    zz = KIND != WB_KIND_INT ? 0u : gi == 0 ? q.z0 : (unsigned)__ldg(q.zp + 8 * gi);
+}
+
+// The (1024 + z, 64 + z) and (256 + z, 16 + z) half2 constants of one zero point.
+__device__ __forceinline__ void wb_zc(unsigned z, unsigned& zc0, unsigned& zc1) {
+    const float zf = (float)z;
+    const __half2 a = __floats2half2_rn(1024.f + zf, 64.f + zf), b = __floats2half2_rn(256.f + zf, 16.f + zf);
+    zc0 = *reinterpret_cast<const unsigned*>(&a);
+    zc1 = *reinterpret_cast<const unsigned*>(&b);
+}
+
+// One tile of one lane: acc[j] += Σ_groups s · (A_tile · B_j); xb(s, j): B of step s (registers or shared memory).
+template <int KIND, int BITS, int NT, typename XB>
+__device__ __forceinline__ void wb_tile(const unsigned (&w)[2 * BITS], const WbGroups& q, int gpt, XB xb,
+                                        float (&acc)[NT][4]) {
+    unsigned wg[BITS], wh[BITS];
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) { wg[i] = w[i]; wh[i] = w[BITS + i]; }
+    unsigned sg = 0u, sh = 0u;
+    if constexpr (BITS == 3) { sg = wb_spare(wg[0], wg[1], wg[2]); sh = wb_spare(wh[0], wh[1], wh[2]); }
+    const int lg = gpt == 1 ? 3 : gpt == 2 ? 2 : 1;                        // log2 of the steps a group: 8, 4, 2
+    const int last = (1 << lg) - 1;
+    float d[NT][4];
+    unsigned zg0 = 0u, zg1 = 0u, zh0 = 0u, zh1 = 0u, sv = 0u, zz = 0u;
+#pragma unroll
+    for (int s = 0; s < WB_STEPS; ++s) {
+        const int gi = s >> lg;
+        if ((s & last) == 0) {
+#pragma unroll
+            for (int j = 0; j < NT; ++j) d[j][0] = d[j][1] = d[j][2] = d[j][3] = 0.f;
+            wb_group<KIND>(q, gi, sv, zz);
+            if constexpr (KIND == WB_KIND_INT) {
+                wb_zc(zz & 0xFFu, zg0, zg1);
+                wb_zc(zz >> 8, zh0, zh1);
+            }
+        }
+        unsigned a[4];
+        wb_step<KIND, BITS>(wg, sg, s, zg0, zg1, a[0], a[2]);              // row g
+        wb_step<KIND, BITS>(wh, sh, s, zh0, zh1, a[1], a[3]);              // row g + 8
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const uint2 b = xb(s, j);
+            wb_mma(d[j], a, b.x, b.y);
+        }
+        if ((s & last) == last) {
+            const float s0 = __half2float(__ushort_as_half((unsigned short)(sv & 0xFFFFu)));
+            const float s1 = __half2float(__ushort_as_half((unsigned short)(sv >> 16)));
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {                                 // D rows g (d0, d1), g + 8 (d2, d3)
+                acc[j][0] = fmaf(s0, d[j][0], acc[j][0]);
+                acc[j][1] = fmaf(s0, d[j][1], acc[j][1]);
+                acc[j][2] = fmaf(s1, d[j][2], acc[j][2]);
+                acc[j][3] = fmaf(s1, d[j][3], acc[j][3]);
+            }
+        }
+    }
 }
 
 template <int KIND, int BITS, int NT>
-__device__ __forceinline__ void gemv_wb_tile(const __half* __restrict__ x, const unsigned* __restrict__ qw,
-                                             const __half* __restrict__ scale, const unsigned char* __restrict__ zero,
-                                             __half* __restrict__ out, int M, int N, int K, int group) {
+__device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const unsigned* __restrict__ tiles,
+                                             const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
+                                             __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
     __shared__ float red[WB_WARPS][WB_ROWS][8 * NT];
-    pdl_enter();              // x is the kernel before's output, out may still be read by it (cuda/pdl.cuh)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * WB_ROWS;
-    const int rows[2] = {n0 + g, n0 + g + 8};
-    const int kc = (K + WB_CHUNK - 1) / WB_CHUNK;
-    const int G = (K + group - 1) / group;
-    const int cpg = group / WB_CHUNK;                                     // chunks a group
+    const int rt = blockIdx.x;
+    const int per = (KT + WB_WARPS - 1) / WB_WARPS;                      // contiguous k tiles a warp
+    const int k_lo = min(KT, warp * per), k_hi = min(KT, k_lo + per);
+    const size_t tile0 = (size_t)rt * KT;
     float acc[NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-    // warp w takes the contiguous chunks [c_lo, c_hi): a row's WB_U chunks are one contiguous read
-    const int per = (kc + WB_WARPS - 1) / WB_WARPS;
-    const int c_lo = warp * per, c_hi = min(kc, c_lo + per);
-    for (int c0 = c_lo; c0 < c_hi; c0 += WB_U) {
-        unsigned wu[WB_U][2][BITS];                                       // all loads first: WB_U chunks in flight
+    unsigned w[WB_U][2 * BITS];                                           // a ring: tile kt sits in slot kt % WB_U
+    WbGroups q[WB_U];
+#pragma unroll
+    for (int u = 0; u < WB_U; ++u) {          // weights are no kernel's output: in flight before the wait (pdl.cuh)
+        const bool live = k_lo + u < k_hi;
+        wb_load<BITS>(tiles + (tile0 + k_lo + u) * (64 * BITS), lane, live, w[u]);
+        wb_load_groups<KIND>(scale, zero, tile0 + k_lo + u, gpt, g, live, q[u]);
+    }
+    pdl_enter();
+    uint2 xc[WB_STEPS][NT];
+    wb_load_x<NT>(x, k_lo < k_hi ? k_lo * WB_TILE_K : K, g, t, M, K, vec, xc);
+    for (int kt0 = k_lo; kt0 < k_hi; kt0 += WB_U) {
 #pragma unroll
         for (int u = 0; u < WB_U; ++u) {
-            const int c = c0 + u;
+            const int kt = kt0 + u;
+            if (kt >= k_hi) break;
+            uint2 xn[WB_STEPS][NT];                                       // the next tile's x, in flight meanwhile
+            wb_load_x<NT>(x, kt + 1 < k_hi ? (kt + 1) * WB_TILE_K : K, g, t, M, K, vec, xn);
+            wb_tile<KIND, BITS, NT>(w[u], q[u], gpt, [&](int s, int j) { return xc[s][j]; }, acc);
+            const bool live = kt + WB_U < k_hi;                           // the slot takes tile kt + WB_U
+            wb_load<BITS>(tiles + (tile0 + kt + WB_U) * (64 * BITS), lane, live, w[u]);
+            wb_load_groups<KIND>(scale, zero, tile0 + kt + WB_U, gpt, g, live, q[u]);
 #pragma unroll
-            for (int r = 0; r < 2; ++r)
-                wb_load<BITS>(qw + ((size_t)rows[r] * kc + c) * BITS, rows[r] < N && c < c_hi, wu[u][r]);
-        }
+            for (int s = 0; s < WB_STEPS; ++s)
 #pragma unroll
-        for (int u = 0; u < WB_U; ++u) {
-            const int c = c0 + u;
-            if (c >= c_hi) break;
-            const unsigned (&w)[2][BITS] = wu[u];
-            const int gi = c / cpg;
-            float s[2];
-            unsigned zh2[2] = {0u, 0u};
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const bool live = rows[r] < N;
-                s[r] = live ? __half2float(scale[(size_t)rows[r] * G + gi]) : 0.f;
-                if constexpr (KIND == WB_KIND_INT) {
-                    const __half zh = __float2half_rn(1024.f + (live ? (float)zero[(size_t)rows[r] * G + gi] : 0.f));
-                    const __half2 z2 = __halves2half2(zh, zh);
-                    zh2[r] = *reinterpret_cast<const unsigned*>(&z2);
-                }
-            }
-            // A for both k-steps: a[s] = {row g pair 8s+t, row g+8 pair 8s+t, row g pair 8s+4+t, row g+8 pair 8s+4+t}
-            unsigned a[2][4];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                unsigned ws[BITS], any = 0u;
-#pragma unroll
-                for (int j = 0; j < BITS; ++j) {
-                    ws[j] = w[r][j] >> t;
-                    if (j < BITS - 1) any |= ws[j];
-                }
-                a[0][r] = wb_unit<KIND, BITS, 0>(ws, any, zh2[r]);
-                a[0][2 + r] = wb_unit<KIND, BITS, 1>(ws, any, zh2[r]);
-                a[1][r] = wb_unit<KIND, BITS, 2>(ws, any, zh2[r]);
-                a[1][2 + r] = wb_unit<KIND, BITS, 3>(ws, any, zh2[r]);
-            }
-            const int k0 = c * WB_CHUNK;
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const int m = 8 * j + g;                                      // B's column: a row of x
-                float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                for (int st = 0; st < 2; ++st) {
-                    const int p0 = 8 * st + t, p1 = p0 + 4;
-                    const unsigned b0 = wb_x(x, m, k0 + p0, M, K) | (wb_x(x, m, k0 + p0 + 16, M, K) << 16);
-                    const unsigned b1 = wb_x(x, m, k0 + p1, M, K) | (wb_x(x, m, k0 + p1 + 16, M, K) << 16);
-                    wb_mma(d, a[st], b0, b1);
-                }
-                acc[j][0] = fmaf(s[0], d[0], acc[j][0]);                      // D rows g (c0, c1), g + 8 (c2, c3)
-                acc[j][1] = fmaf(s[0], d[1], acc[j][1]);
-                acc[j][2] = fmaf(s[1], d[2], acc[j][2]);
-                acc[j][3] = fmaf(s[1], d[3], acc[j][3]);
-            }
+                for (int j = 0; j < NT; ++j) xc[s][j] = xn[s][j];
         }
     }
 #pragma unroll
@@ -181,8 +268,9 @@ __device__ __forceinline__ void gemv_wb_tile(const __half* __restrict__ x, const
         red[warp][g + 8][8 * j + 2 * t + 1] = acc[j][3];
     }
     __syncthreads();
+    const int n0 = rt * WB_ROWS;
     for (int i = threadIdx.x; i < WB_ROWS * 8 * NT; i += WB_THREADS) {
-        const int r = i / (8 * NT), m = i % (8 * NT);
+        const int m = i / WB_ROWS, r = i % WB_ROWS;                       // consecutive threads: consecutive n
         if (n0 + r < N && m < M) {
             float v = 0.f;
 #pragma unroll
@@ -192,16 +280,154 @@ __device__ __forceinline__ void gemv_wb_tile(const __half* __restrict__ x, const
     }
 }
 
-template <int BITS, int NT>
+template <int KIND, int BITS>
+__device__ __forceinline__ void gemm_wb_body(const __half* __restrict__ x, const unsigned* __restrict__ tiles,
+                                             const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
+                                             __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
+    __shared__ __align__(16) __half xs[8 * WB_GEMM_NT][WB_XS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int NTL = (N + WB_ROWS - 1) / WB_ROWS;
+    const int rt = blockIdx.x * WB_GEMM_WARPS + warp;                     // this warp's row tile
+    const bool rlive = rt < NTL;
+    const int m0 = blockIdx.y * 8 * WB_GEMM_NT;
+    const size_t tile0 = (size_t)rt * KT;
+    float acc[WB_GEMM_NT][4];
+#pragma unroll
+    for (int j = 0; j < WB_GEMM_NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    unsigned w[2 * BITS];
+    WbGroups q;
+    wb_load<BITS>(tiles + tile0 * (64 * BITS), lane, rlive && KT > 0, w);
+    wb_load_groups<KIND>(scale, zero, tile0, gpt, g, rlive && KT > 0, q);
+    pdl_enter();
+    for (int kt = 0; kt < KT; ++kt) {
+        __syncthreads();                                                  // the last tile's readers are done
+        for (int i = threadIdx.x; i < 8 * WB_GEMM_NT * (WB_TILE_K / 4); i += 32 * WB_GEMM_WARPS) {
+            const int r = i / (WB_TILE_K / 4), c = 4 * (i % (WB_TILE_K / 4));
+            *reinterpret_cast<uint2*>(&xs[r][c]) = wb_x4(x, m0 + r, kt * WB_TILE_K + c, M, K, vec);
+        }
+        __syncthreads();
+        unsigned wn[2 * BITS];
+        WbGroups qn;
+        const bool nlive = rlive && kt + 1 < KT;
+        wb_load<BITS>(tiles + (tile0 + kt + 1) * (64 * BITS), lane, nlive, wn);
+        wb_load_groups<KIND>(scale, zero, tile0 + kt + 1, gpt, g, nlive, qn);
+        if (rlive)
+            wb_tile<KIND, BITS, WB_GEMM_NT>(w, q, gpt, [&](int s, int j) {
+                return *reinterpret_cast<const uint2*>(&xs[8 * j + g][16 * s + 4 * t]);
+            }, acc);
+#pragma unroll
+        for (int i = 0; i < 2 * BITS; ++i) w[i] = wn[i];
+        q = qn;
+    }
+    if (!rlive) return;
+#pragma unroll
+    for (int j = 0; j < WB_GEMM_NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int m = m0 + 8 * j + 2 * t + (e & 1), n = rt * WB_ROWS + g + 8 * (e >> 1);
+            if (m < M && n < N) out[(size_t)m * N + n] = __float2half_rn(acc[j][e]);
+        }
+}
+
+// Ŵ (N, K) fp16 = unit · s, one tile a warp: the weights of a large-M product, which cuBLAS then
+// multiplies (engine/gpu/wb.py). unit · s is exact for pot (a power of two times a normal fp16
+// scale), rounded once for int.
+template <int KIND, int BITS>
+__device__ __forceinline__ void wb_dequant_body(const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale,
+                                                const unsigned short* __restrict__ zero, __half* __restrict__ w16,
+                                                int N, int K, int KT, int gpt) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int rt = blockIdx.x, kt = blockIdx.y * WB_WARPS + (threadIdx.x >> 5);
+    const bool live = kt < KT;
+    const size_t tile = (size_t)rt * KT + kt;
+    unsigned w[2 * BITS];
+    WbGroups q;
+    wb_load<BITS>(tiles + tile * (64 * BITS), lane, live, w);
+    wb_load_groups<KIND>(scale, zero, tile, gpt, g, live, q);
+    pdl_enter();                                  // w16 may still be read by the kernel before (cuBLAS)
+    if (!live) return;
+    unsigned wg[BITS], wh[BITS];
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) { wg[i] = w[i]; wh[i] = w[BITS + i]; }
+    unsigned sg = 0u, sh = 0u;
+    if constexpr (BITS == 3) { sg = wb_spare(wg[0], wg[1], wg[2]); sh = wb_spare(wh[0], wh[1], wh[2]); }
+    const int lg = gpt == 1 ? 3 : gpt == 2 ? 2 : 1;
+#pragma unroll
+    for (int s = 0; s < WB_STEPS; ++s) {
+        const int gi = s >> lg;
+        unsigned zg0 = 0u, zg1 = 0u, zh0 = 0u, zh1 = 0u, sv, zz;
+        wb_group<KIND>(q, gi, sv, zz);
+        if constexpr (KIND == WB_KIND_INT) {
+            wb_zc(zz & 0xFFu, zg0, zg1);
+            wb_zc(zz >> 8, zh0, zh1);
+        }
+        const __half2 s0 = __half2half2(__ushort_as_half((unsigned short)(sv & 0xFFFFu)));
+        const __half2 s1 = __half2half2(__ushort_as_half((unsigned short)(sv >> 16)));
+        unsigned a[4];
+        wb_step<KIND, BITS>(wg, sg, s, zg0, zg1, a[0], a[2]);
+        wb_step<KIND, BITS>(wh, sh, s, zh0, zh1, a[1], a[3]);
+        const int k = kt * WB_TILE_K + 16 * s + 4 * t;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int n = rt * WB_ROWS + g + 8 * h;
+            if (n >= N) continue;
+            const __half2 lo = __hmul2(*reinterpret_cast<const __half2*>(&a[h]), h ? s1 : s0);
+            const __half2 hi = __hmul2(*reinterpret_cast<const __half2*>(&a[2 + h]), h ? s1 : s0);
+            __half* p = w16 + (size_t)n * K + k;
+            if ((K & 3) == 0 && k + 4 <= K) {
+                uint2 v;
+                v.x = *reinterpret_cast<const unsigned*>(&lo);
+                v.y = *reinterpret_cast<const unsigned*>(&hi);
+                *reinterpret_cast<uint2*>(p) = v;
+            } else {
+                const __half e[4] = {__low2half(lo), __high2half(lo), __low2half(hi), __high2half(hi)};
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    if (k + i < K) p[i] = e[i];
+            }
+        }
+    }
+}
+
+template <int BITS>
 __global__ void __launch_bounds__(WB_THREADS)
-gemv_pot(const __half* __restrict__ x, const unsigned* __restrict__ qw, const __half* __restrict__ scale,
-         __half* __restrict__ out, int M, int N, int K, int group) {
-    gemv_wb_tile<WB_KIND_POT, BITS, NT>(x, qw, scale, nullptr, out, M, N, K, group);
+dequant_pot(const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale, __half* __restrict__ w16,
+            int N, int K, int KT, int gpt) {
+    wb_dequant_body<WB_KIND_POT, BITS>(tiles, scale, nullptr, w16, N, K, KT, gpt);
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(WB_THREADS)
+dequant_int(const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
+            __half* __restrict__ w16, int N, int K, int KT, int gpt) {
+    wb_dequant_body<WB_KIND_INT, BITS>(tiles, scale, zero, w16, N, K, KT, gpt);
 }
 
 template <int BITS, int NT>
-__global__ void __launch_bounds__(WB_THREADS)
-gemv_int(const __half* __restrict__ x, const unsigned* __restrict__ qw, const __half* __restrict__ scale,
-         const unsigned char* __restrict__ zero, __half* __restrict__ out, int M, int N, int K, int group) {
-    gemv_wb_tile<WB_KIND_INT, BITS, NT>(x, qw, scale, zero, out, M, N, K, group);
+__global__ void __launch_bounds__(WB_THREADS, NT == 1 ? 2 : 1)   // NT = 2 needs more than 128 registers
+gemv_pot(const __half* __restrict__ x, const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale,
+         __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
+    gemv_wb_body<WB_KIND_POT, BITS, NT>(x, tiles, scale, nullptr, out, M, N, K, KT, gpt, vec);
+}
+
+template <int BITS, int NT>
+__global__ void __launch_bounds__(WB_THREADS, NT == 1 ? 2 : 1)   // NT = 2 needs more than 128 registers
+gemv_int(const __half* __restrict__ x, const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale,
+         const unsigned short* __restrict__ zero, __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
+    gemv_wb_body<WB_KIND_INT, BITS, NT>(x, tiles, scale, zero, out, M, N, K, KT, gpt, vec);
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(32 * WB_GEMM_WARPS)
+gemm_pot(const __half* __restrict__ x, const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale,
+         __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
+    gemm_wb_body<WB_KIND_POT, BITS>(x, tiles, scale, nullptr, out, M, N, K, KT, gpt, vec);
+}
+
+template <int BITS>
+__global__ void __launch_bounds__(32 * WB_GEMM_WARPS)
+gemm_int(const __half* __restrict__ x, const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale,
+         const unsigned short* __restrict__ zero, __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
+    gemm_wb_body<WB_KIND_INT, BITS>(x, tiles, scale, zero, out, M, N, K, KT, gpt, vec);
 }

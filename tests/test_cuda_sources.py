@@ -94,12 +94,13 @@ def test_gemv_f16_buckets_and_block():
 
 
 def test_wb_constants():
-    """gemv_wb.cu's chunk is the plane layout's word, its block the launcher's warps."""
-    from engine.formats import planes
+    """gemv_wb.cu's tile is the tile layout's, its blocks the launcher's."""
+    from engine.formats import tiles
     d = defines("gemv_wb.cu")
-    assert d["WB_CHUNK"] == tuning.WB.chunk == planes.CHUNK
-    assert d["WB_WARPS"] == tuning.WB.warps
-    assert d["WB_ROWS"] == tuning.WB.rows
+    assert (d["WB_TILE_K"], d["WB_ROWS"]) == (tuning.WB.tile_k, tuning.WB.rows) == (tiles.TILE_K, tiles.TILE_ROWS)
+    assert d["WB_STEPS"] == tiles.STEPS
+    assert (d["WB_WARPS"], d["WB_GEMM_WARPS"], d["WB_GEMM_NT"]) == (tuning.WB.warps, tuning.WB.gemm_warps,
+                                                                   tuning.WB.gemm_nt)
 
 
 def test_sample_block():

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     w.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
     w.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     w.add_argument("--reps", type=int, default=50)
+    w.add_argument("--ms", default="", help="comma-separated M (default 1,4,16,64,256,1024)")
     w.set_defaults(func=wb.cmd_gemv_wb)
     e = sub.add_parser("e2e", help="end-to-end prefill/decode tokens/s of the GPU engine vs our FP16 path")
     e.add_argument("--json", action="store_true", help="one JSON object per row on stdout")

@@ -12,23 +12,27 @@ import json
 import numpy as np
 
 from .. import formats
-from ..formats import planes
+from ..formats import tiles
 from ..gpu import ops as ops_cuda
 from ..gpu import wb
 from .common import copy_bandwidth, cp_or_fail, n_buffers, time_calls
+from .gemm import GROUP, Peers
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]     # (K, N)
-MS = [1, 4, 16]
+MS = [1, 4, 16, 64, 256, 1024]
 
 
 def random_wb_layer(cp, rng, kind: str, bits: int, n: int, k: int, group: int = 128) -> wb.PackedWB:
-    """A random valid layer made on the GPU: any plane words are valid codes (K is a multiple
-    of 32 here, so there is no padding to keep zero); scales around 0.02, above the pot floor."""
+    """A random valid layer made on the GPU: any tile words are valid codes (K and N are
+    multiples of the tile here, so there is no padding to keep zero); scales around 0.02."""
     g = formats.n_groups(k, group)
-    qw = (cp.random.random((n, planes.n_chunks(k), bits)) * 2.0**32).astype(cp.uint32)
-    s = cp.asarray(rng.uniform(0.01, 0.03, (n, g)).astype(np.float16))
-    z = cp.asarray(rng.integers(0, 1 << bits, (n, g)).astype(np.uint8)) if kind == "int" else None
-    return wb.PackedWB(kind, bits, n, k, group, qw, s, z)
+    nt, kt = tiles.tile_dims(n, k)
+    words = (cp.random.random(nt * kt * tiles.tile_words(bits)) * 2.0**32).astype(cp.uint32)
+    s = rng.uniform(0.01, 0.03, (n, g)).astype(np.float16)
+    z = rng.integers(0, 1 << bits, (n, g)).astype(np.uint8) if kind == "int" else None
+    packed = wb.pack_tiles(kind, bits, n, k, group, cp.zeros((n, k), cp.uint8), s, z)
+    packed.tiles = words
+    return packed
 
 
 def cmd_gemv_wb(args) -> int:
@@ -37,6 +41,8 @@ def cmd_gemv_wb(args) -> int:
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s (read + write)")
     rows = []
+    peers = Peers()
+    ms_list = [int(v) for v in args.ms.split(",")] if getattr(args, "ms", None) else MS
     for k, n in SHAPES:
         cases = {}
         for kind in ("pot", "int"):
@@ -48,7 +54,8 @@ def cmd_gemv_wb(args) -> int:
         cases["a8w4"] = [dg] + [ops_cuda.random_packed(n, k, 128, seed=i) for i in range(2, n_buffers(dg.nbytes()) + 1)]
         w16 = [cp.asarray(rng.standard_normal((n, k)) * 0.02, dtype=cp.float16)
                for _ in range(n_buffers(2 * n * k))]
-        for m in MS:
+        tiny = peers.tiny_setup(n, k, n_buffers(n * k // 2))
+        for m in ms_list:
             x = cp.asarray(rng.standard_normal((m, k)), dtype=cp.float16)
             x8 = cp.random.randint(-127, 128, (m, k), dtype=cp.int32).astype(cp.int8)
             sx = cp.full((m,), 0.01, dtype=cp.float32)
@@ -60,22 +67,33 @@ def cmd_gemv_wb(args) -> int:
                 else:
                     fn = lambda i, L=layers: wb.gemv_wb(x, L[i % len(L)], out)                    # noqa: E731
                 res[name] = (time_calls(fn, reps=args.reps), layers[0].nbytes())
+                if name in ("pot3", "int3") and m > wb.WB.gemv_max_m:   # the in-register GEMM, for comparison
+                    res[name + "-mma"] = (time_calls(lambda i, L=layers: wb.gemv_wb(x, L[i % len(L)], out, large_m="mma"),
+                                                     reps=args.reps), layers[0].nbytes())
             res["fp16"] = (time_calls(lambda i: cp.matmul(x, w16[i % len(w16)].T, out=out), reps=args.reps),
                            2 * n * k)
+            if tiny is not None:                  # tinygemm W4A16 (g128, bf16) through torch: a peer
+                t = peers.torch
+                xb = t.randn((m, k), device="cuda", dtype=t.bfloat16)
+                res["tinygemm-w4"] = (time_calls(lambda i: t._weight_int4pack_mm(
+                    xb, tiny[i % len(tiny)][0], GROUP, tiny[i % len(tiny)][1]), reps=args.reps),
+                    n * k // 2 + n * (k // GROUP) * 4)
             for name, (ms, nbytes) in res.items():
                 row = {"k": k, "n": n, "m": m, "kernel": name, "ms": ms, "weight_gbs": nbytes / ms / 1e6,
                        "pct_copy_bw": 100 * nbytes / ms / 1e6 / bw, "bits_per_weight": 8 * nbytes / (n * k),
-                       "vs_int_same_bits": (res[f"int{name[3]}"][0] / ms) if name.startswith("pot") else None,
-                       "vs_a8w4": res["a8w4"][0] / ms, "vs_fp16": res["fp16"][0] / ms}
+                       "vs_int_same_bits": (res["int" + name[3:]][0] / ms) if name.startswith("pot") else None,
+                       "vs_a8w4": res["a8w4"][0] / ms, "vs_fp16": res["fp16"][0] / ms,
+                       "vs_tinygemm": (res["tinygemm-w4"][0] / ms) if "tinygemm-w4" in res else None}
                 rows.append(row)
                 if args.json:
                     print(json.dumps(row), flush=True)
-    lines = ["| K×N | M | kernel | ms | bits/w | weight GB/s | % copy BW | int-b / this | A8W4 / this | FP16 / this |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| K×N | M | kernel | ms | bits/w | weight GB/s | % copy BW | int-b / this | A8W4 / this | FP16 / this "
+             "| tinygemm / this |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vi = f"{r['vs_int_same_bits']:.2f}×" if r["vs_int_same_bits"] else ""
         lines.append(f"| {r['k']}×{r['n']} | {r['m']} | {r['kernel']} | {r['ms']:.4f} | {r['bits_per_weight']:.2f} | "
-                     f"{r['weight_gbs']:.0f} | {r['pct_copy_bw']:.0f} | {vi} | {r['vs_a8w4']:.2f}× | {r['vs_fp16']:.2f}× |")
+                     f"{r['weight_gbs']:.0f} | {r['pct_copy_bw']:.0f} | {vi} | {r['vs_a8w4']:.2f}× | {r['vs_fp16']:.2f}× | "
+                     + (f"{r['vs_tinygemm']:.2f}× |" if r["vs_tinygemm"] else " |"))
     table = "\n".join(lines)
     print(table)
     if args.md:

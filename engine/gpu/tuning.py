@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..formats.planes import PLANE_BITS
+from ..formats.tiles import TILE_K, TILE_ROWS
 from . import flags
 
 # ----------------------------------------------------------------------------- row kernels
@@ -47,21 +48,39 @@ class RowTuning:
 ROW_VARIANTS = RowVariants()
 ROWS = RowTuning()
 
-# ----------------------------------------------------------------------------- b-bit weight-only GEMVs
-# cuda/gemv_wb.cu gemv_pot<BITS, MT>, gemv_int<BITS, MT>
+# ----------------------------------------------------------------------------- b-bit weight-only GEMV / GEMM
+# cuda/gemv_wb.cu gemv_pot<BITS, NT>, gemv_int<BITS, NT>, gemm_pot<BITS>, gemm_int<BITS>
 
 
 @dataclass(frozen=True)
 class WbVariants:
-    """The weight-only GEMVs' instantiations (gpu/wb.py WB_EXPRS) and launch shape."""
-    bits: tuple = PLANE_BITS     # every width of the bit-plane kinds
-    nts: tuple = (1, 2)          # 8-column tiles of x: NT = 1 up to M = 8, 2 up to 16; larger M in slices
-    rows: int = 16               # output rows a block (WB_ROWS, the mma's M)
-    warps: int = 8               # warps a block, splitting K by chunks (WB_WARPS)
-    chunk: int = 32              # codes a plane word holds (WB_CHUNK; engine/formats/planes.py)
+    """The weight-only kernels' instantiations (gpu/wb.py WB_EXPRS) and launch shapes."""
+    bits: tuple = PLANE_BITS     # every width of the b-bit kinds
+    nts: tuple = (1, 2)          # GEMV 8-column tiles of x: NT = 1 up to M = 8, 2 up to 16; the GEMM above
+    rows: int = TILE_ROWS        # output rows a tile (WB_ROWS, the mma's M)
+    tile_k: int = TILE_K         # channels a tile (WB_TILE_K)
+    warps: int = 8               # GEMV: warps a block, splitting one row tile's k tiles (WB_WARPS)
+    gemm_warps: int = 4          # GEMM: warps a block, one row tile each (WB_GEMM_WARPS)
+    gemm_nt: int = 8             # GEMM: 8-row tiles of x a block (WB_GEMM_NT)
+
+    @property
+    def gemv_max_m(self) -> int:
+        return 8 * self.nts[-1]
 
 
 WB = WbVariants()
+
+
+@dataclass
+class WbTuning:
+    """How gpu/wb.py runs M above WB.gemv_max_m: "dequant" writes Ŵ in fp16 (dequant_*) and
+    multiplies with cuBLAS; "mma" runs gemm_* (in-register dequantization, 64 rows of x a block).
+    H200, 2026-12-02, K×N 4096×11008, pot3: M = 64 / 256 / 1024 took 0.156 / 0.306 / 0.918 ms
+    with "mma" against cuBLAS FP16 alone 0.027 / 0.036 / 0.126 ms."""
+    large_m: str = "dequant"
+
+
+WB_TUNE = WbTuning()
 
 # ----------------------------------------------------------------------------- attention
 # cuda/attention.cu rope_qkv_cache, attn_decode, attn_prefill

@@ -1,8 +1,9 @@
-"""Launchers of cuda/gemv_wb.cu: weight-only b-bit GEMVs (tensor cores) for "pot<b>" and "int<b>".
+"""Launchers of cuda/gemv_wb.cu: weight-only b-bit GEMV (M ≤ 16) and GEMM for "pot<b>" and "int<b>".
 
 Name triplets (reference ↔ kernel ↔ launcher): formats.linear_ref of a pot/int layer (act
-"none") ↔ gemv_pot / gemv_int ↔ gemv_wb. The canonical bit-plane layout of the file is the
-kernels' layout too (engine/formats/planes.py), so uploading is a copy, no repacking.
+"none") ↔ gemv_pot / gemv_int (M ≤ WB.gemv_max_m), gemm_pot / gemm_int (larger M) ↔ gemv_wb.
+The file's bit planes (formats/planes.py) become the kernels' tiles (formats/tiles.py) on the
+GPU at upload, with the same array code run by CuPy.
 """
 from __future__ import annotations
 
@@ -11,59 +12,129 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import formats
+from ..formats import tiles
 from . import kargs
 from .backend import require_cupy
 from .ops import CudaOpError
-from .tuning import WB
+from . import fused
+from .tuning import WB, WB_TUNE
 
-WB_EXPRS = tuple(f"gemv_{kind}<{b}, {nt}>" for kind in ("pot", "int") for b in WB.bits for nt in WB.nts)
-MAX_M = 8 * WB.nts[-1]       # rows of x one launch takes
+WB_EXPRS = tuple([f"gemv_{kind}<{b}, {nt}>" for kind in ("pot", "int") for b in WB.bits for nt in WB.nts]
+                 + [f"{f}_{kind}<{b}>" for f in ("gemm", "dequant") for kind in ("pot", "int") for b in WB.bits])
 WB_FILE = kargs.KernelFile("gemv_wb.cu", WB_EXPRS)
+GROUPS = (32, 64, 128)       # groups a tile holds whole (tiles.TILE_K is a multiple)
 
 
 @dataclass
 class PackedWB:
-    """A pot/int layer on the GPU: planes (N, Kc, bits) uint32, scale (N, G) fp16, zero (N, G) u8."""
+    """A pot/int layer on the GPU in the tile layout: tiles (flat uint32), scale (NT, KT, G/tile, 8)
+    uint32 = half2 (row g, row g + 8), zero the same as uint16 = 2 bytes ("int" only)."""
     kind: str            # "pot" | "int"
     bits: int
     n: int
     k: int
     group: int
-    qw: object
+    tiles: object
     scale: object
     zero: object | None
 
+    @property
+    def kt(self) -> int:
+        return tiles.tile_dims(self.n, self.k)[1]
+
     def nbytes(self) -> int:
-        return int(self.qw.nbytes + self.scale.nbytes + (0 if self.zero is None else self.zero.nbytes))
+        return int(self.tiles.nbytes + self.scale.nbytes + (0 if self.zero is None else self.zero.nbytes))
+
+
+def _check_kind(kind: str, bits: int, group: int) -> None:
+    if kind not in ("pot", "int") or bits not in WB.bits:
+        raise CudaOpError(f"gemv_wb runs pot2..4 and int2..4 layers, not {kind}{bits}")
+    if group not in GROUPS:
+        raise CudaOpError(f"gemv_wb needs groups of {', '.join(map(str, GROUPS))} channels, got {group}")
+
+
+def pack_tiles(kind: str, bits: int, n: int, k: int, group: int, codes, scale, zero=None) -> PackedWB:
+    """A layer from CuPy arrays: codes (N, K) integers, scale (N, G) fp16, zero (N, G) uint8."""
+    cp = require_cupy()
+    _check_kind(kind, bits, group)
+    t = tiles.tile_codes(codes, bits, xp=cp)
+    s = tiles.tile_groups(cp.asarray(scale, dtype=cp.float16), n, k, group, xp=cp).view(cp.uint32)[..., 0]
+    z = None
+    if kind == "int":
+        z = tiles.tile_groups(cp.asarray(zero, dtype=cp.uint8), n, k, group, xp=cp).view(cp.uint16)[..., 0]
+    return PackedWB(kind, bits, n, k, group, t, cp.ascontiguousarray(s),
+                    None if z is None else cp.ascontiguousarray(z))
 
 
 def pack_wb(ql: formats.QuantLinear) -> PackedWB:
-    """Upload a "pot<b>" / "int<b>" layer (weight-only, act "none")."""
+    """Upload a "pot<b>" / "int<b>" layer (weight-only, act "none"), planes -> tiles on the GPU."""
     cp = require_cupy()
     kind, bits = ql.kind[:3], int(ql.kind[3:]) if ql.kind[3:].isdigit() else 0
-    if kind not in ("pot", "int") or bits not in WB.bits:
-        raise CudaOpError(f"gemv_wb runs pot2..4 and int2..4 layers, not {ql.kind!r}")
-    if ql.group % WB.chunk:
-        raise CudaOpError(f"gemv_wb needs groups that are a multiple of {WB.chunk}, got {ql.group}")
-    return PackedWB(kind, bits, ql.out_features, ql.in_features, ql.group, cp.asarray(ql.qweight),
-                    cp.asarray(ql.wscale), None if kind == "pot" else cp.asarray(ql.qzeros))
+    _check_kind(kind, bits, ql.group)
+    codes = tiles.planes_to_codes(cp.asarray(ql.qweight), bits, ql.in_features, xp=cp)
+    return pack_tiles(kind, bits, ql.out_features, ql.in_features, ql.group, codes, ql.wscale,
+                      None if kind == "pot" else ql.qzeros)
 
 
-def gemv_wb(x, p: PackedWB, out=None):
-    """out (M, N) fp16 = x (M, K) fp16 · Ŵᵀ; M of any size, in slices of at most MAX_M rows."""
+_SCRATCH: dict = {}          # device id -> the fp16 buffer Ŵ is written to for cuBLAS (grows, never shrinks)
+
+
+def _scratch(cp, size: int):
+    dev = cp.cuda.Device().id
+    buf = _SCRATCH.get(dev)
+    if buf is None or buf.size < size:
+        buf = _SCRATCH[dev] = cp.empty(size, dtype=cp.float16)
+    return buf[:size]
+
+
+def dequantize_wb(p: PackedWB, out=None):
+    """Ŵ (N, K) fp16 = unit · s of every weight (exact for pot; int rounds (q - z)·s once)."""
+    cp = require_cupy()
+    w16 = _scratch(cp, p.n * p.k).reshape(p.n, p.k) if out is None else out
+    nt_rows, kt = tiles.tile_dims(p.n, p.k)
+    grid, block, gpt = (nt_rows, -(-kt // WB.warps)), (32 * WB.warps,), tiles.TILE_K // p.group
+    if p.kind == "pot":
+        kargs.launch(WB_FILE, f"dequant_pot<{p.bits}>", grid, block, tiles=p.tiles, scale=p.scale, w16=w16,
+                     N=p.n, K=p.k, KT=kt, gpt=gpt)
+    else:
+        kargs.launch(WB_FILE, f"dequant_int<{p.bits}>", grid, block, tiles=p.tiles, scale=p.scale, zero=p.zero,
+                     w16=w16, N=p.n, K=p.k, KT=kt, gpt=gpt)
+    return w16
+
+
+def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
+    """out (M, N) fp16 = x (M, K) fp16 · Ŵᵀ, any M: the GEMV up to WB.gemv_max_m rows; above,
+    `large_m` (default WB_TUNE.large_m): "dequant" (Ŵ in fp16, then cuBLAS) or "mma" (gemm_*)."""
     cp = require_cupy()
     m, k = x.shape
     if k != p.k or x.dtype != np.float16 or not x.flags.c_contiguous:
         raise CudaOpError(f"gemv_wb needs x as a C-contiguous fp16 (M, {p.k}) array, got {x.dtype} {x.shape}")
     out = cp.empty((m, p.n), dtype=cp.float16) if out is None else out
-    grid = (-(-p.n // WB.rows),)
-    for r0 in range(0, m, MAX_M):
-        r = min(MAX_M, m - r0)
-        nt = next(t for t in WB.nts if 8 * t >= r)
+    if m == 0:
+        return out
+    nt_rows = tiles.tile_dims(p.n, p.k)[0]
+    vec = int(k % 4 == 0 and x.data.ptr % 8 == 0)
+    large_m = large_m or WB_TUNE.large_m
+    kt, gpt = p.kt, tiles.TILE_K // p.group
+    if m <= WB.gemv_max_m:
+        nt = next(t for t in WB.nts if 8 * t >= m)
+        grid, block = (nt_rows,), (32 * WB.warps,)
         if p.kind == "pot":
-            kargs.launch(WB_FILE, f"gemv_pot<{p.bits}, {nt}>", grid, (32 * WB.warps,), x=x[r0:], qw=p.qw,
-                         scale=p.scale, out=out[r0:], M=r, N=p.n, K=k, group=p.group)
+            kargs.launch(WB_FILE, f"gemv_pot<{p.bits}, {nt}>", grid, block, x=x, tiles=p.tiles, scale=p.scale,
+                         out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec)
         else:
-            kargs.launch(WB_FILE, f"gemv_int<{p.bits}, {nt}>", grid, (32 * WB.warps,), x=x[r0:], qw=p.qw,
-                         scale=p.scale, zero=p.zero, out=out[r0:], M=r, N=p.n, K=k, group=p.group)
+            kargs.launch(WB_FILE, f"gemv_int<{p.bits}, {nt}>", grid, block, x=x, tiles=p.tiles, scale=p.scale,
+                         zero=p.zero, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec)
+    elif large_m == "dequant":
+        fused.matmul_f16(cp, x, dequantize_wb(p), out)
+    elif large_m == "mma":
+        grid, block = (-(-nt_rows // WB.gemm_warps), -(-m // (8 * WB.gemm_nt))), (32 * WB.gemm_warps,)
+        if p.kind == "pot":
+            kargs.launch(WB_FILE, f"gemm_pot<{p.bits}>", grid, block, x=x, tiles=p.tiles, scale=p.scale,
+                         out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec)
+        else:
+            kargs.launch(WB_FILE, f"gemm_int<{p.bits}>", grid, block, x=x, tiles=p.tiles, scale=p.scale,
+                         zero=p.zero, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec)
+    else:
+        raise CudaOpError(f"large_m is 'dequant' or 'mma', not {large_m!r}")
     return out
