@@ -722,6 +722,52 @@ def gguf_cases() -> list[Case]:
     return cases
 
 
+def gguf_offset_cases() -> list[Case]:
+    """Lies in a tensor info's data offset (patched in the file the gguf writer produced): the
+    same bytes as another tensor, bytes shifted into a neighbour, or past the end."""
+    cases = []
+    for mode in ("same", "shifted", "beyond", "huge"):
+        def build(work, base, mode=mode):
+            import gguf
+            f = work / "m.gguf"
+            raw = bytearray(base.gguf.read_bytes())
+            r = gguf.GGUFReader(base.gguf)
+            by = {t.name: t for t in r.tensors}
+            a, b = by["blk.0.attn_norm.weight"], by["blk.0.ffn_norm.weight"]        # both (H,) F32
+            rel = lambda t: int(t.data_offset) - int(r.data_offset)                # noqa: E731
+            new = {"same": rel(a), "shifted": rel(a) + 32, "beyond": len(raw), "huge": 2**62}[mode]
+            pos = b.field.offset + sum(p.nbytes for p in b.field.parts[:-1])
+            struct.pack_into("<Q", raw, pos, new)
+            f.write_bytes(bytes(raw))
+            return _run(f, api=mode == "same")
+        cases.append(Case(f"gguf-offset-{mode}", build))
+    return cases
+
+
+def digit_cases() -> list[Case]:
+    """Seeded random digit changes in a tensor entry's shape or data_offsets: any one changed
+    digit breaks size == (end - begin) for that entry, so each must be refused."""
+    cases = []
+    for t in ST_TARGETS:
+        for i in range(12):
+            def build(work, base, t=t, i=i):
+                rng = np.random.default_rng(1000 * len(t) + i)
+                f, w, _ = copy_target(t, work, base)
+                h, data = st_parse(f)
+                names = sorted(tensor_names(h))
+                e = h[names[int(rng.integers(len(names)))]]
+                field = "shape" if rng.random() < 0.5 else "data_offsets"
+                j = int(rng.integers(len(e[field])))
+                digits = list(str(e[field][j]))
+                k = int(rng.integers(len(digits)))
+                digits[k] = str((int(digits[k]) + int(rng.integers(1, 10))) % 10)
+                e[field][j] = int("".join(digits))
+                f.write_bytes(st_build(h, data))
+                return _run(w, api=i % 4 == 0)
+            cases.append(Case(f"st-digit-{t}-{i}", build))
+    return cases
+
+
 def _gguf_data_offset(path: Path) -> int:
     import gguf
     return int(gguf.GGUFReader(path).data_offset)
@@ -869,7 +915,8 @@ def flag_cases() -> list[Case]:
 
 def all_cases() -> list[Case]:
     out = (st_truncations() + st_length_lies() + st_entry_lies() + st_overlaps() + st_json_mutations()
-           + q_metadata_cases() + q_value_cases() + hf_cases() + gguf_cases() + random_cases()
+           + q_metadata_cases() + q_value_cases() + hf_cases() + gguf_cases() + gguf_offset_cases()
+           + digit_cases() + random_cases()
            + text_cases() + flag_cases())
     names = [c.name for c in out]
     assert len(names) == len(set(names)), "duplicate case names"

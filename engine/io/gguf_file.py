@@ -99,6 +99,18 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
                            f"(the gguf reader says {type(e).__name__}: {msg})") from None
     if len(by_name) != len(reader.tensors):
         raise WeightsError(f"{path}: corrupt GGUF file: a tensor name appears twice")
+    # Byte ranges against the file's real size, and no two sharing bytes (the reader checks
+    # neither: a lying offset would alias one tensor's data as another's, silently).
+    size = path.stat().st_size
+    ranges = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
+    for b, e, name in ranges:
+        if e > size:
+            raise WeightsError(f"{path}: truncated GGUF file: tensor {name} ends at byte {e}, "
+                               f"the file holds {size}")
+    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+        if b1 < e0 and e0 > b0 and e1 > b1:
+            raise WeightsError(f"{path}: corrupt GGUF file: tensors {n0} [{b0}, {e0}) and {n1} "
+                               f"[{b1}, {e1}) share bytes")
     arch = _gguf_kv(f, path, "general.architecture")
     if arch != "llama":
         raise WeightsError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
