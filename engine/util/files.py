@@ -34,7 +34,6 @@ class PathError(ValueError):
 _LIVE: dict[str, bool] = {}          # temporary path -> is a directory
 _LOCK = threading.RLock()       # re-entrant: the signal handler runs on the thread that may hold it
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
-_PREVIOUS: dict[int, object] = {}
 
 
 def _remove(p: str, is_dir: bool) -> None:
@@ -58,29 +57,21 @@ def remove_live_temporaries() -> None:
 
 def _on_signal(signum, frame):
     remove_live_temporaries()
-    prev = _PREVIOUS.get(signum)
-    if callable(prev):
-        prev(signum, frame)
-        return
-    if prev == signal.SIG_IGN:
-        return
     signal.signal(signum, signal.SIG_DFL)         # die of the signal, as without the handler
     os.kill(os.getpid(), signum)
 
 
 def _install_handlers() -> None:
-    """Install the cleanup handler once, from the main thread (signal.signal works only there)."""
+    """Install the cleanup handler from the main thread (signal.signal works only there), and
+    only where the signal would kill the process anyway (SIG_DFL): a program that ignores it or
+    handles it itself (a graceful shutdown) keeps its behaviour, and a killed run's leftovers are
+    then removed by the next write (clean_stale)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for s in _SIGNALS:
-        cur = signal.getsignal(s)
-        if cur is _on_signal:
-            continue
-        try:
-            signal.signal(s, _on_signal)
-        except (ValueError, OSError):
-            continue
-        _PREVIOUS[s] = cur
+        if signal.getsignal(s) is signal.SIG_DFL:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, _on_signal)
 
 
 def register_temporary(p: str | os.PathLike, is_dir: bool = False) -> None:
