@@ -216,6 +216,9 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     src = model or str(default_model_path())
     if calib is not None and calib != "random":
         load_text_file(calib)
+    elif calib is None and (kv8 or method not in ("w4a16", "int-rtn")):
+        from engine.io.corpus import wiki_path  # noqa: PLC0415
+        wiki_path()                            # the default calibration text is installed
     check_q_out(out_path, [src] + ([calib] if calib not in (None, "random") else []))
     ck = load_checkpoint(src)
     if not isinstance(ck, Checkpoint):

@@ -500,3 +500,23 @@ def test_load_model_takes_only_paths(hf):
     for bad, needle in [(42, "path"), ("", "empty"), ("  ", "empty")]:
         with pytest.raises(WeightsError, match=needle):
             load_model(bad)
+
+
+def test_valid_inputs_still_work_through_every_command(tmp_path, hf):
+    """The checks refuse nothing valid: quantize (into the model's own directory, a new file),
+    run and eval the result, export it back."""
+    out = hf / "new.q.safetensors"
+    r = cli(dgq_cli.quantize, [str(hf), "--out", str(out), "--method", "dgq-rtn", "--group", "16",
+                               "--calib", "random", "--n-seq", "2", "--seq-len", "16", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert load_qfile(out).config == load_hf_dir(hf).config
+    assert not [n for n in os.listdir(hf) if n.startswith(".")]
+    r = cli(dgq_cli.run, ["--weights", str(out)] + RUN)
+    assert r.exit_code == 0, r.output
+    text = tmp_path / "t.txt"
+    text.write_text("the other one is at the center of the river. " * 20)
+    r = cli(dgq_cli.eval_cmd, ["--weights", str(out), "--text", str(text), "--window", "16", "--device", "cpu"])
+    assert r.exit_code == 0 and r.output.strip().splitlines()[-1].startswith("perplexity: "), r.output
+    r = cli(dgq_cli.export, [str(hf), "--out", str(tmp_path / "e"), "--shard-size", "20KB"])
+    assert r.exit_code == 0, r.output
+    assert load_hf_dir(tmp_path / "e").config == load_hf_dir(hf).config
