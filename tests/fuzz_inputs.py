@@ -536,7 +536,8 @@ def hf_cases() -> list[Case]:
         "tokenizer-fifo": fifo("tokenizer.json"),
         "tokenizer-loop": loop("tokenizer.json"),
         "jinja-not-utf8": write("chat_template.jinja", b"\xff\xfe{{ messages }}"),
-        "extra-pickle-only": lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(b"x")),
+        "extra-pickle-only": lambda d: ((d / "model.safetensors").unlink(),
+                                        (d / "pytorch_model.bin").write_bytes(b"x")),
     }
     cases = []
     for ename, edit in edits.items():

@@ -58,8 +58,8 @@ class ModelConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 \
                     or (f == "rope_theta" and v == 0):
-                raise ConfigError(f"config field {f} must be a finite {'positive' if f == 'rope_theta' else 'non-negative'} "
-                                  f"number, got {v!r}")
+                sign = "positive" if f == "rope_theta" else "non-negative"
+                raise ConfigError(f"config field {f} must be a finite {sign} number, got {v!r}")
         for f in ("bos_token_id", "eos_token_id"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):

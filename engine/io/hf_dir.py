@@ -43,7 +43,8 @@ def _read_json(path: Path) -> Any:
     except OSError as e:
         raise WeightsError(f"{path}: cannot read: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise WeightsError(f"{path}: not valid JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"{path}: not valid JSON: {why}") from None
 
 
 def _weight_files(d: Path) -> tuple[list[Path], dict[str, str] | None]:

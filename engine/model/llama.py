@@ -103,7 +103,8 @@ class Model:
         h = self.w.embed[tokens]                                        # (T, H)
         for li, L in enumerate(self.w.layers):
             W = self._lin[li]
-            x = fin(norm(h, L.attn_norm, c.rms_norm_eps, f"input of layer {li}"), f"input of layer {li}")  # (T, H)
+            where = f"input of layer {li}"
+            x = fin(norm(h, L.attn_norm, c.rms_norm_eps, where), where)         # (T, H)
             if observer:
                 observer(li, "attn_in", x)
             q = fin(lin(x, W["q"]), f"q of layer {li}").reshape(t, hq, d)    # (T, Hq, D)
@@ -117,7 +118,8 @@ class Model:
             if observer:
                 observer(li, "o_in", a)
             h = h + lin(a, W["o"])                                      # (T, H)
-            x = fin(norm(h, L.mlp_norm, c.rms_norm_eps, f"MLP input of layer {li}"), f"MLP input of layer {li}")  # (T, H)
+            where = f"MLP input of layer {li}"
+            x = fin(norm(h, L.mlp_norm, c.rms_norm_eps, where), where)          # (T, H)
             if observer:
                 observer(li, "mlp_in", x)
             m = fin(ops_ref.silu(lin(x, W["gate"])) * lin(x, W["up"]), f"MLP of layer {li}")  # (T, I)
