@@ -388,20 +388,25 @@ def test_stale_temporaries_of_killed_runs_are_cleaned_and_live_ones_kept(tmp_pat
     target = tmp_path / "m.q.safetensors"
     stale = tmp_path / f".m.q.safetensors.{dead_pid()}.0123abcd.tmp"
     stale.write_bytes(b"half")
+    fresh = tmp_path / f".m.q.safetensors.{dead_pid()}.4567abcd.tmp"     # maybe another host's writer
+    fresh.write_bytes(b"recent")
     live = tmp_path / f".m.q.safetensors.{os.getppid()}.89abcdef.tmp"    # a running writer's
     live.write_bytes(b"busy")
     other = tmp_path / ".unrelated.tmp"
     other.write_bytes(b"not ours")
+    for p in (stale, live, other):
+        os.utime(p, (1, 1))                                               # untouched for decades
     for _ in range(3):                                                    # no run adds one
         with atomic_file(target) as f:
             f.write(b"data")
-    assert sorted(os.listdir(tmp_path)) == sorted([target.name, live.name, other.name])
+    assert sorted(os.listdir(tmp_path)) == sorted([target.name, live.name, other.name, fresh.name])
 
 
 def test_a_stale_export_directory_is_cleaned_by_the_next_export(tmp_path, hf):
     stale = tmp_path / f".export.{dead_pid()}.0badc0de.tmp"
     (stale / "sub").mkdir(parents=True)
     (stale / "sub" / "model.safetensors").write_bytes(b"half")
+    os.utime(stale, (1, 1))
     export_hf_dir(load_hf_dir(hf), tmp_path / "export")
     assert sorted(os.listdir(tmp_path)) == ["export", "m"]
 
@@ -411,6 +416,8 @@ def test_a_killed_overwrite_gets_the_previous_export_back(tmp_path, hf):
     export_hf_dir(load_hf_dir(hf), out)
     old = tmp_path / f".export.{dead_pid()}.00000000.old"           # killed between the two renames
     os.replace(out, old)
+    assert clean_stale(out) == []                                    # too recent: maybe still moving
+    os.utime(old, (1, 1))
     assert clean_stale(out) == [old]
     assert (out / MARKER).is_file() and not old.exists()
 

@@ -22,6 +22,7 @@ import shutil
 import signal
 import stat
 import threading
+import time
 from pathlib import Path
 
 
@@ -118,11 +119,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(path: str | os.PathLike) -> list[Path]:
+STALE_AFTER_S = 60      # untouched this long (and its writer gone): a temporary is litter
+
+
+def clean_stale(path: str | os.PathLike, min_age_s: float = STALE_AFTER_S) -> list[Path]:
     """Remove temporaries of `path` left by writers that were killed (SIGKILL, power loss):
-    `.NAME.PID.HEX.tmp` whose PID is not running. A stale `.old` (a previous directory moved
+    `.NAME.PID.HEX.tmp` whose PID is not running and that nobody touched for `min_age_s`
+    (a PID of another machine or container sharing the directory looks dead from here; its
+    writer would still be touching the file). A stale `.old` (a previous directory moved
     aside while a new one went in) is put back when the target is missing, else removed.
-    Returns what was removed or restored."""
+    Returns what was removed or restored; younger leftovers are ignored until a later run."""
     path = out_path(path)
     pat = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[0-9a-f]{8}\.(tmp|old)\Z")
     done = []
@@ -133,6 +139,11 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
     for e in entries:
         m = pat.match(e.name)
         if not m or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if time.time() - e.stat(follow_symlinks=False).st_mtime < min_age_s:
+                continue
+        except OSError:
             continue
         p = Path(e.path)
         if m.group(2) == "old" and not os.path.lexists(path):
