@@ -199,12 +199,11 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
 def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_len, quiet):
     """Quantize MODEL (HF directory or GGUF file; default SmolLM2) into a q.safetensors file."""
     from converters import calibrate as cal  # noqa: PLC0415
-    from converters.quantize import quantize_checkpoint  # noqa: PLC0415
+    from converters.quantize import check_options, quantize_checkpoint  # noqa: PLC0415
 
     from engine.io.checkpoint import default_model_path, load_checkpoint  # noqa: PLC0415
+    from engine.io.corpus import load_text_file, wiki_path  # noqa: PLC0415
     from engine.io.layout import Checkpoint  # noqa: PLC0415
-    from converters.quantize import check_options  # noqa: PLC0415
-    from engine.io.corpus import load_text_file  # noqa: PLC0415
     from engine.io.qfile import save_qfile  # noqa: PLC0415
     t0 = time.perf_counter()
     # Every flag and path before the model loads or the quantization runs (minutes).
@@ -217,7 +216,6 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     if calib is not None and calib != "random":
         load_text_file(calib)
     elif calib is None and (kv8 or method not in ("w4a16", "int-rtn")):
-        from engine.io.corpus import wiki_path  # noqa: PLC0415
         wiki_path()                            # the default calibration text is installed
     check_q_out(out_path, [src] + ([calib] if calib not in (None, "random") else []))
     ck = load_checkpoint(src)
