@@ -220,8 +220,10 @@ __device__ __forceinline__ void wb_tile(const unsigned (&w)[2 * BITS], const WbG
 template <int KIND, int BITS, int NT>
 __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const unsigned* __restrict__ tiles,
                                              const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
-                                             __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
+                                             __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec,
+                                             int xsmem) {
     __shared__ float red[WB_WARPS][WB_ROWS][8 * NT];
+    extern __shared__ __align__(16) __half xsh[];                         // xsmem: x (M, KT·128), zero past K
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int rt = blockIdx.x;
@@ -241,23 +243,39 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
         wb_load_groups<KIND>(scale, zero, tile0 + k_lo + u, gpt, g, live, q[u]);
     }
     pdl_enter();
+    const int kp = KT * WB_TILE_K;
+    if (xsmem) {              // x once into shared memory: B loads then wait ~30 cycles, not an L2 round trip
+        for (int i = threadIdx.x; i < M * (kp / 4); i += WB_THREADS) {
+            const int m = i / (kp / 4), c = 4 * (i % (kp / 4));
+            *reinterpret_cast<uint2*>(&xsh[(size_t)m * kp + c]) = wb_x4(x, m, c, M, K, vec);
+        }
+        __syncthreads();
+    }
     uint2 xc[WB_STEPS][NT];
-    wb_load_x<NT>(x, k_lo < k_hi ? k_lo * WB_TILE_K : K, g, t, M, K, vec, xc);
+    if (!xsmem) wb_load_x<NT>(x, k_lo < k_hi ? k_lo * WB_TILE_K : K, g, t, M, K, vec, xc);
     for (int kt0 = k_lo; kt0 < k_hi; kt0 += WB_U) {
 #pragma unroll
         for (int u = 0; u < WB_U; ++u) {
             const int kt = kt0 + u;
             if (kt >= k_hi) break;
-            uint2 xn[WB_STEPS][NT];                                       // the next tile's x, in flight meanwhile
-            wb_load_x<NT>(x, kt + 1 < k_hi ? (kt + 1) * WB_TILE_K : K, g, t, M, K, vec, xn);
-            wb_tile<KIND, BITS, NT>(w[u], q[u], gpt, [&](int s, int j) { return xc[s][j]; }, acc);
+            if (xsmem) {
+                const int kb = kt * WB_TILE_K + 4 * t;
+                wb_tile<KIND, BITS, NT>(w[u], q[u], gpt, [&](int s, int j) {
+                    const int m = 8 * j + g;
+                    return m < M ? *reinterpret_cast<const uint2*>(&xsh[(size_t)m * kp + kb + 16 * s]) : make_uint2(0u, 0u);
+                }, acc);
+            } else {
+                uint2 xn[WB_STEPS][NT];                                   // the next tile's x, in flight meanwhile
+                wb_load_x<NT>(x, kt + 1 < k_hi ? (kt + 1) * WB_TILE_K : K, g, t, M, K, vec, xn);
+                wb_tile<KIND, BITS, NT>(w[u], q[u], gpt, [&](int s, int j) { return xc[s][j]; }, acc);
+#pragma unroll
+                for (int s = 0; s < WB_STEPS; ++s)
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) xc[s][j] = xn[s][j];
+            }
             const bool live = kt + WB_U < k_hi;                           // the slot takes tile kt + WB_U
             wb_load<BITS>(tiles + (tile0 + kt + WB_U) * (64 * BITS), lane, live, w[u]);
             wb_load_groups<KIND>(scale, zero, tile0 + kt + WB_U, gpt, g, live, q[u]);
-#pragma unroll
-            for (int s = 0; s < WB_STEPS; ++s)
-#pragma unroll
-                for (int j = 0; j < NT; ++j) xc[s][j] = xn[s][j];
         }
     }
 #pragma unroll
@@ -407,15 +425,16 @@ dequant_int(const unsigned* __restrict__ tiles, const unsigned* __restrict__ sca
 template <int BITS, int NT>
 __global__ void __launch_bounds__(WB_THREADS, NT == 1 ? 2 : 1)   // NT = 2 needs more than 128 registers
 gemv_pot(const __half* __restrict__ x, const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale,
-         __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
-    gemv_wb_body<WB_KIND_POT, BITS, NT>(x, tiles, scale, nullptr, out, M, N, K, KT, gpt, vec);
+         __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec, int xsmem) {
+    gemv_wb_body<WB_KIND_POT, BITS, NT>(x, tiles, scale, nullptr, out, M, N, K, KT, gpt, vec, xsmem);
 }
 
 template <int BITS, int NT>
 __global__ void __launch_bounds__(WB_THREADS, NT == 1 ? 2 : 1)   // NT = 2 needs more than 128 registers
 gemv_int(const __half* __restrict__ x, const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale,
-         const unsigned short* __restrict__ zero, __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
-    gemv_wb_body<WB_KIND_INT, BITS, NT>(x, tiles, scale, zero, out, M, N, K, KT, gpt, vec);
+         const unsigned short* __restrict__ zero, __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec,
+         int xsmem) {
+    gemv_wb_body<WB_KIND_INT, BITS, NT>(x, tiles, scale, zero, out, M, N, K, KT, gpt, vec, xsmem);
 }
 
 template <int BITS>

@@ -28,12 +28,16 @@ def fp16_ulp(v):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 96, 32), (33, 100, 64), (8, 4096, 128), (24, 576, 64),
                                        (19, 33, 32), (40, 257, 64)])
-@pytest.mark.parametrize("m,large_m", [(1, None), (3, None), (16, None), (17, "mma"), (40, "mma"), (300, "mma"),
-                                       (17, "dequant"), (300, "dequant")])
-def test_gemv_wb_matches_reference(kind, bits, n, k, group, m, large_m):
+@pytest.mark.parametrize("m,large_m,xs", [(1, None, True), (3, None, True), (16, None, True), (1, None, False),
+                                          (9, None, False), (17, "mma", True), (40, "mma", True), (300, "mma", True),
+                                          (17, "dequant", True), (300, "dequant", True)])
+def test_gemv_wb_matches_reference(kind, bits, n, k, group, m, large_m, xs, monkeypatch):
+    """xs False: the GEMV with x prefetched into registers instead of shared memory."""
     import cupy as cp
 
-    from engine.gpu import wb
+    from engine.gpu import tuning, wb
+    if not xs:
+        monkeypatch.setattr(tuning.WB_TUNE, "xs_max_bytes", 0)
     rng = np.random.default_rng(zlib.crc32(repr((kind, bits, n, k, group, m)).encode()))
     W = (rng.standard_normal((n, k)) * rng.uniform(0.01, 0.2, (n, 1))).astype(np.float32)
     ql = (pot_linear if kind == "pot" else int_linear)(W, bits, group, search=False)

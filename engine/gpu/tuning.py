@@ -78,6 +78,10 @@ class WbTuning:
     H200, 2026-12-02, K×N 4096×11008, pot3: M = 64 / 256 / 1024 took 0.156 / 0.306 / 0.918 ms
     with "mma" against cuBLAS FP16 alone 0.027 / 0.036 / 0.126 ms."""
     large_m: str = "dequant"
+    # the GEMV stages x in shared memory when M·KT·128·2 bytes fit here (else it prefetches x a
+    # tile ahead into registers). H200, M = 1, W3-PoT 8192×8192: 27.1 µs with x from registers,
+    # 18.8 µs with x loads removed altogether (bench/wb_sweep.py, the "no-x" ablation)
+    xs_max_bytes: int = 96 * 1024
 
 
 WB_TUNE = WbTuning()

@@ -76,6 +76,15 @@ def pack_wb(ql: formats.QuantLinear) -> PackedWB:
                       None if kind == "pot" else ql.qzeros)
 
 
+_SMEM_SET: dict = {}         # expr -> the dynamic shared memory it may use (set past the 48 KiB default)
+
+
+def _allow_smem(expr: str, smem: int) -> None:
+    if smem > 48 * 1024 and _SMEM_SET.get(expr, 0) < smem:
+        kargs.function(WB_FILE, expr).max_dynamic_shared_size_bytes = smem
+        _SMEM_SET[expr] = smem
+
+
 _SCRATCH: dict = {}          # device id -> the fp16 buffer Ŵ is written to for cuBLAS (grows, never shrinks)
 
 
@@ -119,12 +128,17 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
     if m <= WB.gemv_max_m:
         nt = next(t for t in WB.nts if 8 * t >= m)
         grid, block = (nt_rows,), (32 * WB.warps,)
+        xs = m * kt * tiles.TILE_K * 2                   # x in shared memory, when it fits
+        xsmem = int(xs <= WB_TUNE.xs_max_bytes)
+        smem = xs if xsmem else 0
+        expr = f"gemv_{p.kind}<{p.bits}, {nt}>"
+        _allow_smem(expr, smem)
         if p.kind == "pot":
-            kargs.launch(WB_FILE, f"gemv_pot<{p.bits}, {nt}>", grid, block, x=x, tiles=p.tiles, scale=p.scale,
-                         out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec)
+            kargs.launch(WB_FILE, f"gemv_pot<{p.bits}, {nt}>", grid, block, shared_mem=smem, x=x, tiles=p.tiles,
+                         scale=p.scale, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec, xsmem=xsmem)
         else:
-            kargs.launch(WB_FILE, f"gemv_int<{p.bits}, {nt}>", grid, block, x=x, tiles=p.tiles, scale=p.scale,
-                         zero=p.zero, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec)
+            kargs.launch(WB_FILE, f"gemv_int<{p.bits}, {nt}>", grid, block, shared_mem=smem, x=x, tiles=p.tiles,
+                         scale=p.scale, zero=p.zero, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec, xsmem=xsmem)
     elif large_m == "dequant":
         fused.matmul_f16(cp, x, dequantize_wb(p), out)
     elif large_m == "mma":
