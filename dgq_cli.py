@@ -87,6 +87,19 @@ lm_head_option = click.option("--lm-head", type=click.Choice(("fp16", "int8")), 
                               help="int8: the output head as INT8 with one scale per vocabulary row, on CPU "
                                    "and GPU (half the head's bytes per decoded token; logits move by "
                                    "about 0.1 %).")
+
+def kernel_options(fn):
+    """--kernel-choice / --objective: how the GPU engine picks each A8W4 GEMM's configuration."""
+    fn = click.option("--objective", type=click.Choice(("time", "energy")), default=None,
+                      help="With --kernel-choice learned: the fastest pick (time) or the lowest predicted "
+                           "energy within 5 % of it (energy). Default: DGQ_OBJECTIVE, else time.")(fn)
+    return click.option("--kernel-choice", type=click.Choice(("table", "learned", "exhaustive")), default=None,
+                        help="GPU GEMM configurations from the hand-made table, the learned performance model "
+                             "(docs/PERFMODEL.md; DGQ_PERF_MODEL names its file) or a measurement of each. "
+                             "Default: DGQ_KERNEL_CHOICE, else learned when this GPU's model file is "
+                             "installed, else the table.")(fn)
+
+
 kv8_option = click.option("--kv8", is_flag=True,
                           help="INT8 KV cache with one scale per token and kv head, computed as tokens "
                                "arrive (about half the memory; calibrated scales in the file are not used).")
@@ -103,9 +116,11 @@ kv8_option = click.option("--kv8", is_flag=True,
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the model's chat template.")
 @kv8_option
 @lm_head_option
+@kernel_options
 @device_option
 @user_errors
-def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8, lm_head, device):
+def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8, lm_head, kernel_choice,
+        objective, device):
     """Generate text; tokens stream to stdout, speed goes to stderr."""
     from engine.model.generate import TextStream, encode_prompt, generate, stop_ids  # noqa: PLC0415
     from engine.model.sampling import check_args  # noqa: PLC0415
@@ -113,7 +128,7 @@ def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
     check_args(temperature, top_k, top_p)
     check_weights_arg(weights_path)
     t0 = time.perf_counter()
-    lm = load_model(weights_path, device, lm_head=lm_head)
+    lm = load_model(weights_path, device, lm_head=lm_head, kernel_choice=kernel_choice, objective=objective)
     load_s = time.perf_counter() - t0
     chat = bool(lm.chat_template) and not raw
     ids = encode_prompt(lm.tokenizer, prompt, lm.chat_template, chat, lm.config)
@@ -142,9 +157,10 @@ def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
 @click.option("--max-windows", type=click.IntRange(min=1), default=None, help="Score only the first N windows.")
 @kv8_option
 @lm_head_option
+@kernel_options
 @device_option
 @user_errors
-def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head, device):
+def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head, kernel_choice, objective, device):
     """Perplexity over non-overlapping windows; the last line is `perplexity: <value>`."""
     from engine.io.corpus import encode_text, load_text_file, wiki_text  # noqa: PLC0415
     from engine.model.perplexity import perplexity  # noqa: PLC0415
@@ -152,7 +168,7 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
         raise click.UsageError("give exactly one of --text FILE or --corpus wiki")
     text = load_text_file(text_path) if text_path else wiki_text("eval")
     check_weights_arg(weights_path)
-    lm = load_model(weights_path, device, lm_head=lm_head)
+    lm = load_model(weights_path, device, lm_head=lm_head, kernel_choice=kernel_choice, objective=objective)
     if window > lm.config.max_position_embeddings:
         raise click.BadParameter(f"{window} tokens exceed the model's context of "
                                  f"{lm.config.max_position_embeddings}", param_hint="--window")

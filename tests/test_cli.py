@@ -113,3 +113,21 @@ def test_lm_head_int8(tiny_dir, tmp_path):
 def test_eval_needs_exactly_one_source(tiny_dir):
     r = CliRunner().invoke(eval_cmd, ["--weights", str(tiny_dir), "--device", "cpu"])
     assert r.exit_code != 0 and "--text" in r.output
+
+
+def test_kernel_choice_flags_reach_load_model(tiny_dir, monkeypatch):
+    """--kernel-choice / --objective are checked by click and passed to load_model unchanged."""
+    import dgq_cli
+    seen = {}
+    real = dgq_cli.load_model
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(dgq_cli, "load_model", spy)
+    r = CliRunner().invoke(run, ["--weights", str(tiny_dir), "--prompt", "the cat", "--raw", "--max-new-tokens", "2",
+                                 "--device", "cpu", "--kernel-choice", "learned", "--objective", "energy"])
+    assert r.exit_code == 0, r.output
+    assert (seen["kernel_choice"], seen["objective"]) == ("learned", "energy")
+    r = CliRunner().invoke(run, ["--weights", str(tiny_dir), "--prompt", "x", "--kernel-choice", "fastest"])
+    assert r.exit_code == 2 and "--kernel-choice" in r.output
