@@ -32,12 +32,11 @@ def fp16_ulp(v):
                                           (9, None, False), (17, "mma", True), (40, "mma", True), (300, "mma", True),
                                           (17, "dequant", True), (300, "dequant", True)])
 def test_gemv_wb_matches_reference(kind, bits, n, k, group, m, large_m, xs, monkeypatch):
-    """xs False: the GEMV with x prefetched into registers instead of shared memory."""
+    """xs: the GEMV with x staged in shared memory (True) or prefetched into registers (False)."""
     import cupy as cp
 
     from engine.gpu import tuning, wb
-    if not xs:
-        monkeypatch.setattr(tuning.WB_TUNE, "xs_max_bytes", 0)
+    monkeypatch.setattr(tuning.WB_TUNE, "xs_max_rows", 16 if xs else 0)   # both GEMV x paths at every M
     rng = np.random.default_rng(zlib.crc32(repr((kind, bits, n, k, group, m)).encode()))
     W = (rng.standard_normal((n, k)) * rng.uniform(0.01, 0.2, (n, 1))).astype(np.float32)
     ql = (pot_linear if kind == "pot" else int_linear)(W, bits, group, search=False)

@@ -16,7 +16,7 @@ import json
 import sys
 
 
-from ..gpu import kernels, tuning
+from ..gpu import choice, kernels, tuning
 from ..gpu import ops as ops_cuda
 from .common import copy_bandwidth, cp_or_fail, launch_overhead_ms, n_buffers, time_calls
 
@@ -211,6 +211,7 @@ def cmd_gemm_pick(args) -> int:
 
 
 def cmd_gemm(args) -> int:
+    choice.configure("table")       # the rows name the table's configurations (or --tune-json's)
     if args.tune_json:
         apply_tune(args.tune_json)
     shapes = QUICK_SHAPES if args.quick else SHAPES

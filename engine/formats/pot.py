@@ -13,10 +13,10 @@ Why the scale is float16 with a floor: the format guarantees that every weight i
 fp16 that a kernel can build with integer arithmetic on the bits of s, bits(ŵ) =
 bits(s) - ((m-1) << 10) with the sign XOR-ed in (no int->float convert, no multiply). That
 holds while the exponent field of s is at least 2^(b-1)-1, and the validator demands it
-(tests/test_pot.py checks the identity). The first GEMV used exactly that; the current one
-(cuda/gemv_wb.cu) builds scale-free units 2^-(m-1) the same way and applies s to fp32 partial
-sums, so it does not need the floor, but the guarantee stays: it costs nothing (scales that
-small are weights below 0.004, SmolLM2 never hit it) and keeps both kernel designs exact.
+(tests/test_pot.py checks the identity). The first GEMV used exactly that; the current GEMV
+(cuda/gemv_wb.cu) looks scale-free units 2^-(m-1) up in a byte table and applies s to fp32
+partial sums, and its large-M path writes unit · s in fp16 for cuBLAS, exact thanks to the
+floor. It costs nothing (scales that small are weights below 0.004, SmolLM2 never hit it).
 
 Tensors: qweight (N, ceil(K/32), b) uint32 bit planes (planes.py), wscale (N, G) float16.
 """

@@ -78,9 +78,13 @@ class WbTuning:
     H200, 2026-12-02, K×N 4096×11008, pot3: M = 64 / 256 / 1024 took 0.156 / 0.306 / 0.918 ms
     with "mma" against cuBLAS FP16 alone 0.027 / 0.036 / 0.126 ms."""
     large_m: str = "dequant"
-    # the GEMV stages x in shared memory when M·KT·128·2 bytes fit here (else it prefetches x a
-    # tile ahead into registers). H200, M = 1, W3-PoT 8192×8192: 27.1 µs with x from registers,
-    # 18.8 µs with x loads removed altogether (bench/wb_sweep.py, the "no-x" ablation)
+    # the GEMV stages x in shared memory for M ≤ xs_max_rows when M·KT·128·2 bytes fit in
+    # xs_max_bytes (else it prefetches x a tile ahead into registers). H200, M = 1, W3-PoT
+    # 8192×8192: 26.9 µs from registers, 22.6 µs from shared memory (18.8 µs with no x loads at
+    # all, bench/wb_sweep.py "no-x"); 7B W3-PoT decode b=1 342 -> 415 tok/s. Every block stages all
+    # of x, M·K·2 bytes against its 16 rows' 2·b·K bytes of weights, so more rows cost more than
+    # they save: with staging up to M = 16, decode at b=8 fell from 2387 to 1662 tok/s.
+    xs_max_rows: int = 1
     xs_max_bytes: int = 96 * 1024
 
 

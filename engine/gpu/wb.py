@@ -129,7 +129,7 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
         nt = next(t for t in WB.nts if 8 * t >= m)
         grid, block = (nt_rows,), (32 * WB.warps,)
         xs = m * kt * tiles.TILE_K * 2                   # x in shared memory, when it fits
-        xsmem = int(xs <= WB_TUNE.xs_max_bytes)
+        xsmem = int(m <= WB_TUNE.xs_max_rows and xs <= WB_TUNE.xs_max_bytes)
         smem = xs if xsmem else 0
         expr = f"gemv_{p.kind}<{p.bits}, {nt}>"
         _allow_smem(expr, smem)
