@@ -448,14 +448,19 @@ def q_value_cases() -> list[Case]:
 
 # ----------------------------------------------------------------------------- HF directories
 
+def json_edit(name: str, fn):
+    """An edit of directory d: the JSON file d/name, changed in place by fn."""
+    def edit(d: Path):
+        p = d / name
+        doc = json.loads(p.read_text())
+        fn(doc)
+        p.write_text(json.dumps(doc))
+    return edit
+
+
 def hf_cases() -> list[Case]:
     def cfg(fn):
-        def edit(d: Path):
-            p = d / "config.json"
-            c = json.loads(p.read_text())
-            fn(c)
-            p.write_text(json.dumps(c))
-        return edit
+        return json_edit("config.json", fn)
 
     def write(name, content):
         def edit(d: Path):
@@ -551,12 +556,7 @@ def hf_cases() -> list[Case]:
         cases.append(Case(f"hf-{ename}", build))
 
     def index(fn):
-        def edit(d: Path):
-            p = d / "model.safetensors.index.json"
-            doc = json.loads(p.read_text())
-            fn(doc)
-            p.write_text(json.dumps(doc))
-        return edit
+        return json_edit("model.safetensors.index.json", fn)
 
     def wm(fn):
         return index(lambda doc: fn(doc["weight_map"]))
