@@ -2,6 +2,7 @@
 
     python bench/quality.py [--windows 40] [--out docs/QUALITY.md]
     python bench/quality.py --set weight-only [--groups 128,64] [--bits 4,3,2]   # pot / int-* rows
+    python bench/quality.py --set pot-a8 --windows 20     # W3 codes on the INT8 kernels (issue 15 stretch)
 
 Every row is scored on the same windows (the first N of 512 tokens of the wiki
 evaluation split) with the NumPy reference path, so the integer A8W4 rows are
@@ -39,6 +40,29 @@ def weight_only_rows(bits, groups):
     return rows
 
 
+POT_A8_ROWS = [  # (label, method, act, wbits, group, as INT8-activation "dg")
+    ("pot W3 g128 (A16)", "pot", "none", 3, 128, False),
+    ("pot W3 g128 as dg, INT8 per-token activations", "pot", "none", 3, 128, True),
+    ("int-search W3 g128 (A16)", "int-search", "none", 3, 128, False),
+    ("int-search W3 g128 as dg, INT8 per-token activations", "int-search", "none", 3, 128, True),
+    ("DGQ A8W4 g128 dynamic", "dgq", "dynamic", 4, 128, False),
+]
+
+
+def as_int8_activations(mw):
+    """Every pot/int linear as the dual-grained layer of the same codes (converters.pot.as_dual_grained)."""
+    import copy
+
+    from converters.pot import as_dual_grained
+    from engine.model import LINEAR_NAMES
+    mw = copy.copy(mw)
+    mw.layers = [copy.copy(L) for L in mw.layers]
+    for L in mw.layers:
+        for n in LINEAR_NAMES:
+            setattr(L, n, as_dual_grained(getattr(L, n), "dynamic"))
+    return mw
+
+
 def reuse_calibration():
     """The weight-only rows smooth nothing, so every row's calibration pass over the float model
     gives the same statistics: run it once and hand each row a copy (quantize_checkpoint frees
@@ -74,8 +98,9 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=None, help="calibration sequence length")
     ap.add_argument("--out", default=None, help="also append the markdown table to this file")
     ap.add_argument("--jsonl", default=None, help="append one JSON object per row to this file")
-    ap.add_argument("--set", choices=("a8", "weight-only"), default="a8",
-                    help="a8: the A8W4/A16W4 table; weight-only: pot / int-search / int-rtn rows")
+    ap.add_argument("--set", choices=("a8", "weight-only", "pot-a8"), default="a8",
+                    help="a8: the A8W4/A16W4 table; weight-only: pot / int-search / int-rtn rows; pot-a8: "
+                         "W3 codes with INT8 activations on the dual-grained kernels")
     ap.add_argument("--bits", default="4,3,2", help="weight-only: code widths")
     ap.add_argument("--groups", default="128,64", help="weight-only: group sizes")
     a = ap.parse_args(argv)
@@ -91,20 +116,32 @@ def main(argv=None):
     tokens = np.asarray(data.encode_text(ck.tokenizer, data.wiki_text("eval")), dtype=np.int32)
     only = set(a.only.split(",")) if a.only else None
     results = []
-    if a.set == "weight-only":
+    if a.set != "a8":
         reuse_calibration()
-    rows = ROWS if a.set == "a8" else weight_only_rows([int(b) for b in a.bits.split(",")],
-                                                       [int(g) for g in a.groups.split(",")])
-    for label, method, act, wbits, group in rows:
+    if a.set == "a8":
+        rows = ROWS
+    elif a.set == "weight-only":
+        rows = weight_only_rows([int(b) for b in a.bits.split(",")], [int(g) for g in a.groups.split(",")])
+    else:
+        rows = [ROWS[0]] + POT_A8_ROWS
+    made = {}                                   # (method, wbits, group) -> (mw, recipe, seconds)
+    for label, method, act, wbits, group, *convert in rows:
         if only and (method or "fp32") not in only:
             continue
         t0 = time.perf_counter()
+        key = (method, act, wbits, group)
         if method is None:
             mw, recipe = ModelWeights.from_hf(ck.config, ck.tensors), {}
+        elif key in made:
+            mw, recipe, _ = made[key]
         else:
             kw = {k: v for k, v in (("n_seq", a.n_seq), ("seq_len", a.seq_len)) if v}
             mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, progress=False, **kw)
-        tq = time.perf_counter() - t0
+            if a.set == "pot-a8":
+                made[key] = (mw, recipe, time.perf_counter() - t0)
+        if convert and convert[0]:
+            mw = as_int8_activations(mw)
+        tq = time.perf_counter() - t0 + (made[key][2] if key in made and convert and convert[0] else 0.0)
         m = Model(mw)
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
         row = dict(label=label, method=method, act=act, wbits=wbits, group=group, bits_per_weight=bits_per_weight(mw),

@@ -214,3 +214,39 @@ def int_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
     search=False is min-max RTN ("int-rtn"); search=True the same two steps as PoT."""
     check_bits_group(bits, group)
     return _quantize(_Int(bits), "int", W, H, group, search)
+
+
+def as_dual_grained(ql: formats.QuantLinear, act: str = "dynamic") -> formats.QuantLinear:
+    """The same b-bit codes as a dual-grained A8W4 layer ("dg", INT8 activations): the stretch
+    question of issue 15, whether PoT weights can ride the INT8 tensor-core kernels.
+
+    Every code becomes an exact small integer q - z of INT4: PoT units ±2^-(m-1) times
+    c = 2^(levels-1) (pot2: {0, ±1}, pot3: {0, ±1, ±2, ±4}), uniform q - z as they are. What
+    changes is the group scale: s[n, g] / c ≈ s8[n] · S[n, g] with S an integer in 1 .. Smax,
+    Smax = ⌊127 / max|q - z|⌋ of the row (the INT8 overflow guard), s8 the row's largest step
+    over Smax. pot4 reaches 2^-6 and does not fit INT4."""
+    kind, bits = ql.kind[:3], int(ql.kind[3:]) if ql.kind[3:].isdigit() else 0
+    if kind not in ("pot", "int") or (kind == "pot" and bits > 3):
+        raise QuantizeError(f"as_dual_grained takes pot2, pot3 and int2..4 layers, not {ql.kind!r}")
+    k, group = ql.in_features, ql.group
+    codes = planes.unpack_planes(ql.qweight, bits, k).astype(np.int32)              # (N, K)
+    G = formats.n_groups(k, group)
+    if kind == "pot":
+        levels = (1 << (bits - 1)) - 1
+        c = 1 << (levels - 1)
+        m = codes & levels
+        unit = np.where(m == 0, 0, c >> np.maximum(m - 1, 0)) * np.where(codes >> (bits - 1), -1, 1)
+        z = np.full((ql.out_features, G), 8, dtype=np.int32)
+        q = unit + 8                                                                 # 8 ± c: in 0..15
+        step = ql.wscale.astype(np.float64) / c
+    else:
+        z = ql.qzeros.astype(np.int32)
+        q = codes
+        step = ql.wscale.astype(np.float64)
+    dev = np.abs(q - formats.expand_groups(z, k, group)).max(axis=1)                # (N,)
+    smax = np.minimum(127 // np.maximum(dev, 1), formats.S_MAX)
+    s8 = step.max(axis=1) / smax                                                      # (N,)
+    S = np.clip(np.rint(step / s8[:, None]), 1, smax[:, None]).astype(np.uint8)
+    return formats.QuantLinear(kind="dg", act=act, in_features=k, out_features=ql.out_features, group=group,
+                               qweight=formats.pack_uint4(q), qzeros=z.astype(np.uint8), gscale=S,
+                               cscale=s8.astype(np.float32), meta={"from": ql.kind})

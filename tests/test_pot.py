@@ -246,3 +246,33 @@ def test_bad_pot_file_gives_one_clear_error(tmp_path):
         with pytest.raises(QFileError) as e:
             load_qfile(bad)
         assert str(bad) in str(e.value) and all(wd in str(e.value) for wd in words), str(e.value)
+
+
+@pytest.mark.parametrize("kind,bits", [("pot", 2), ("pot", 3), ("int", 2), ("int", 3), ("int", 4)])
+def test_as_dual_grained_keeps_codes_and_rounds_only_scales(kind, bits):
+    """The W-PoT × INT8 stretch: codes become exact INT4 integers; only the group scales move,
+    each by at most half an integer step of the row's grid (and never past the INT8 guard)."""
+    from converters.pot import as_dual_grained, int_linear, pot_linear
+    from engine.formats import dg as dgk
+    from engine.formats.common import expand_groups
+    rng = np.random.default_rng(bits)
+    W = (rng.standard_normal((48, 256)) * rng.uniform(0.01, 0.1, (48, 1))).astype(np.float32)
+    ql = (pot_linear if kind == "pot" else int_linear)(W, bits, 64, search=False)
+    d = as_dual_grained(ql)
+    w8 = dgk.int8_weight(d).astype(np.int64)                        # raises if the guard broke
+    unit = ql.dequantize().astype(np.float64) / expand_groups(ql.wscale, 256, 64).astype(np.float64)
+    S = expand_groups(d.gscale, 256, 64).astype(np.int64)
+    c = (1 << ((1 << (bits - 1)) - 2)) if kind == "pot" else 1
+    np.testing.assert_array_equal(w8, np.rint(unit * c).astype(np.int64) * S)      # codes exact
+    step = ql.wscale.astype(np.float64) / c
+    got = d.gscale.astype(np.float64) * d.cscale[:, None]
+    near = np.abs(got - step) <= 0.5 * d.cscale[:, None] + 1e-12 * step
+    assert (near | ((d.gscale == 1) & (step < d.cscale[:, None]))).all()     # S floors at 1
+
+
+def test_as_dual_grained_refuses_pot4():
+    from converters.dgq import QuantizeError
+    from converters.pot import as_dual_grained, pot_linear
+    ql = pot_linear(np.ones((2, 128), np.float32), 4, 128, search=False)
+    with pytest.raises(QuantizeError, match="pot2, pot3"):
+        as_dual_grained(ql)
