@@ -22,6 +22,13 @@ from engine.gpu import backend, choice, kernels, perfmodel, tuning
 from engine.gpu import ops as ops_cuda
 from engine.gpu.perfmodel import FEATURES, PerfModelError, config_key
 
+
+@pytest.fixture(autouse=True)
+def _learn_gemv_too(monkeypatch):
+    """The mechanism tests below also cover the GEMV picks, which the shipped default leaves to
+    the table (choice.LEARN_GEMV; test_gemv_stays_with_the_table_by_default)."""
+    monkeypatch.setattr(choice, "LEARN_GEMV", True)
+
 sklearn = pytest.importorskip("sklearn", reason="the fit needs scikit-learn: pip install -e '.[test]'")
 from engine.bench import perf  # noqa: E402
 
@@ -266,6 +273,14 @@ def test_gemv_only_picks_a_gemv(fitted, fake_device):
     _learned(fitted)
     kern, cfg = choice.pick(16, 4096, 4096, 128, gemv_only=True)
     assert kern == "gemv" and cfg["mt"] == 2
+
+
+def test_gemv_stays_with_the_table_by_default(fitted, fake_device, monkeypatch):
+    monkeypatch.setattr(choice, "LEARN_GEMV", False)
+    _learned(fitted)
+    assert choice.pick(1, 4096, 4096, 128) is None                       # decode: the table's GEMV
+    assert choice.pick(16, 4096, 4096, 128, gemv_only=True) is None
+    assert choice.pick(64, 4096, 4096, 128) in choice.candidates(64, True)   # above: learned
 
 
 def test_ops_hook_leaves_the_table_path_alone(fitted, fake_device):

@@ -29,6 +29,12 @@ ENERGY_SLACK = 0.05          # objective energy: within 5 % of the fastest predi
 # shapes was 7.5 % slower than the table; at 0.02 none was slower and the held-out geomean stayed
 # 0.979 of the exhaustive best
 TABLE_MARGIN = 0.02
+# learned: whether the model also picks where the table runs the GEMV (M ≤ GEMM.gemv_max_m, the
+# decode). Off: on the H200 the learned GEMV picks decoded the 7B-shaped model 1.5-1.9 % slower
+# than the table's, whose GEMV choices were tuned on whole decode steps (PDL overlap, fused
+# variants), and the GEMV is the family the model predicts worst (runtime R² 0.925, where
+# configurations differ by a few per cent).
+LEARN_GEMV = False
 
 
 class ChoiceError(ValueError):
@@ -209,6 +215,8 @@ def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None
     if gemv_only:
         cands = [c for c in cands if c[0] == "gemv"]
     res = None
+    if STATE.policy == "learned" and not LEARN_GEMV and (gemv_only or m <= GEMM.gemv_max_m):
+        cands = []                             # the table's GEMV (LEARN_GEMV)
     if cands and STATE.policy == "learned":
         tp = table_pick(m, n, group, info["sm_count"], info["cc"] == 90 and GEMM.use_wgmma) if not gemv_only else None
         i, pred = learned_pick(STATE.model, m, n, k, group, cands, STATE.objective,
