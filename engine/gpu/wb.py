@@ -86,12 +86,15 @@ def _allow_smem(expr: str, smem: int) -> None:
 
 
 _SCRATCH: dict = {}          # device id -> the fp16 buffer Ŵ is written to for cuBLAS (grows, never shrinks)
+_RETIRED: list = []          # buffers a larger one replaced: captured decode graphs may still point at them
 
 
 def _scratch(cp, size: int):
     dev = cp.cuda.Device().id
     buf = _SCRATCH.get(dev)
     if buf is None or buf.size < size:
+        if buf is not None:
+            _RETIRED.append(buf)             # never freed: a graph captured with it would read freed memory
         buf = _SCRATCH[dev] = cp.empty(size, dtype=cp.float16)
     return buf[:size]
 
