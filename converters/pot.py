@@ -229,6 +229,8 @@ def as_dual_grained(ql: formats.QuantLinear, act: str = "dynamic") -> formats.Qu
     if kind not in ("pot", "int") or (kind == "pot" and bits > 3):
         raise QuantizeError(f"as_dual_grained takes pot2, pot3 and int2..4 layers, not {ql.kind!r}")
     k, group = ql.in_features, ql.group
+    if k % 2:
+        raise QuantizeError(f"dual-grained layers pack two 4-bit codes a byte: in_features must be even, got {k}")
     codes = planes.unpack_planes(ql.qweight, bits, k).astype(np.int32)              # (N, K)
     G = formats.n_groups(k, group)
     if kind == "pot":
@@ -246,6 +248,7 @@ def as_dual_grained(ql: formats.QuantLinear, act: str = "dynamic") -> formats.Qu
     dev = np.abs(q - formats.expand_groups(z, k, group)).max(axis=1)                # (N,)
     smax = np.minimum(127 // np.maximum(dev, 1), formats.S_MAX)
     s8 = step.max(axis=1) / smax                                                      # (N,)
+    s8 = np.where(s8 > 0, s8, 1.0)                     # a row of zero scales (not ours: floored) stays zero
     S = np.clip(np.rint(step / s8[:, None]), 1, smax[:, None]).astype(np.uint8)
     return formats.QuantLinear(kind="dg", act=act, in_features=k, out_features=ql.out_features, group=group,
                                qweight=formats.pack_uint4(q), qzeros=z.astype(np.uint8), gscale=S,

@@ -234,7 +234,7 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-    unsigned w[WB_U][2 * BITS];                                           // a ring: tile kt sits in slot kt % WB_U
+    unsigned w[WB_U][2 * BITS];                                           // a ring: tile kt sits in slot (kt - k_lo) % WB_U
     WbGroups q[WB_U];
 #pragma unroll
     for (int u = 0; u < WB_U; ++u) {          // weights are no kernel's output: in flight before the wait (pdl.cuh)

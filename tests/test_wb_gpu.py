@@ -27,10 +27,11 @@ def fp16_ulp(v):
 @pytest.mark.parametrize("kind", ["pot", "int"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 96, 32), (33, 100, 64), (8, 4096, 128), (24, 576, 64),
-                                       (19, 33, 32), (40, 257, 64)])
+                                       (19, 33, 32), (40, 257, 64), (24, 4480, 64)])   # 35 k tiles: the ring reloads
 @pytest.mark.parametrize("m,large_m,xs", [(1, None, True), (3, None, True), (16, None, True), (1, None, False),
                                           (9, None, False), (17, "mma", True), (40, "mma", True), (300, "mma", True),
-                                          (17, "dequant", True), (300, "dequant", True)])
+                                          (17, "dequant", True), (300, "dequant", True), (17, "slices", False),
+                                          (40, "slices", False)])
 def test_gemv_wb_matches_reference(kind, bits, n, k, group, m, large_m, xs, monkeypatch):
     """xs: the GEMV with x staged in shared memory (True) or prefetched into registers (False)."""
     import cupy as cp
@@ -98,3 +99,21 @@ def test_gpu_engine_rejects_a_mixed_fused_group():
     L.k = int_linear(L.k.dequantize(), 3, 32)                                # q|k|v would mix kinds
     with pytest.raises((BackendError, ValueError), match="kind"):
         CudaModel(mw)
+
+
+def test_graphed_decode_past_16_sequences():
+    """At batch 20 the b-bit linears run M = 20 inside the captured step: there gemv_wb takes
+    16-row GEMV slices (cuBLAS, its eager large-M path, cannot be captured). Graphed decoding
+    equals eager decoding."""
+    from engine.gpu.model import CudaModel
+    mw = _wb_model("pot", 3)
+    gm = CudaModel(mw)
+    assert gm.graphable(20)[0]
+    tokens = np.array([3, 17, 5, 60, 0, 42, 8, 8, 19, 33, 1]) % mw.config.vocab_size
+    outs = []
+    for use_graph in (True, False):
+        cache = gm.new_cache(48, batch=20)
+        firsts = [int(gm.prefill(tokens[:3 + i % 5], cache, seq=i).astype(np.float32).argmax()) for i in range(20)]
+        outs.append(gm.decode_greedy(cache, firsts, 6, use_graph))
+        assert (cache.step.graph is not None) == use_graph
+    np.testing.assert_array_equal(outs[0], outs[1])

@@ -69,6 +69,11 @@ def _driver():
 
 
 @contextlib.contextmanager
+def is_capturing() -> bool:
+    """Whether a stream capture is in progress (inside capturing())."""
+    return bool(_STATE.get("capturing"))
+
+
 def capturing():
     """Around a stream capture: kernels launched inside use PDL (where enabled), so the graph
     gets programmatic edges. A process-wide flag, not a driver query (asking the stream

@@ -90,7 +90,7 @@ class GpuLinear:
         if (self.w16 is not None or self.wb is not None) and resid is not None:
             raise BackendError("the residual add runs in the A8W4 GEMV only")
         if self.wb is not None:
-            wb.gemv_wb(xh, self.wb, out)                   # any M (slices of 16 rows), graph-capturable
+            wb.gemv_wb(xh, self.wb, out)                   # any M; in a capture, 16-row GEMV slices
         elif self.w16 is not None:
             fused.matmul_f16(self.cp, xh, self.w16, out)    # the FP16 baseline: cuBLAS or our GEMV
         else:

@@ -13,10 +13,9 @@ import numpy as np
 
 from .. import formats
 from ..formats import tiles
-from . import kargs
+from . import kargs, launch
 from .backend import require_cupy
 from .ops import CudaOpError
-from . import fused
 from .tuning import WB, WB_TUNE
 
 WB_EXPRS = tuple([f"gemv_{kind}<{b}, {nt}>" for kind in ("pot", "int") for b in WB.bits for nt in WB.nts]
@@ -114,9 +113,14 @@ def dequantize_wb(p: PackedWB, out=None):
     return w16
 
 
+LARGE_M = ("dequant", "mma", "slices")
+
+
 def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
     """out (M, N) fp16 = x (M, K) fp16 · Ŵᵀ, any M: the GEMV up to WB.gemv_max_m rows; above,
-    `large_m` (default WB_TUNE.large_m): "dequant" (Ŵ in fp16, then cuBLAS) or "mma" (gemm_*)."""
+    `large_m` (default WB_TUNE.large_m): "dequant" (Ŵ in fp16, then cuBLAS), "mma" (gemm_*) or
+    "slices" (the GEMV on WB.gemv_max_m rows at a time). Inside a stream capture (the decode
+    graphs) "dequant" becomes "slices": CuPy cannot capture cuBLAS."""
     cp = require_cupy()
     m, k = x.shape
     if k != p.k or x.dtype != np.float16 or not x.flags.c_contiguous:
@@ -124,9 +128,16 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
     out = cp.empty((m, p.n), dtype=cp.float16) if out is None else out
     if m == 0:
         return out
+    large_m = large_m or WB_TUNE.large_m
+    if large_m not in LARGE_M:
+        raise CudaOpError(f"large_m is one of {', '.join(LARGE_M)}, not {large_m!r}")
+    if m > WB.gemv_max_m and (large_m == "slices" or (large_m == "dequant" and launch.is_capturing())):
+        for r0 in range(0, m, WB.gemv_max_m):
+            r1 = min(m, r0 + WB.gemv_max_m)
+            gemv_wb(x[r0:r1], p, out[r0:r1])
+        return out
     nt_rows = tiles.tile_dims(p.n, p.k)[0]
     vec = int(k % 4 == 0 and x.data.ptr % 8 == 0)
-    large_m = large_m or WB_TUNE.large_m
     kt, gpt = p.kt, tiles.TILE_K // p.group
     if m <= WB.gemv_max_m:
         nt = next(t for t in WB.nts if 8 * t >= m)
@@ -143,8 +154,8 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
             kargs.launch(WB_FILE, f"gemv_int<{p.bits}, {nt}>", grid, block, shared_mem=smem, x=x, tiles=p.tiles,
                          scale=p.scale, zero=p.zero, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec, xsmem=xsmem)
     elif large_m == "dequant":
-        fused.matmul_f16(cp, x, dequantize_wb(p), out)
-    elif large_m == "mma":
+        cp.matmul(x, dequantize_wb(p).T, out=out)          # cuBLAS (eager: see the capture case above)
+    else:
         grid, block = (-(-nt_rows // WB.gemm_warps), -(-m // (8 * WB.gemm_nt))), (32 * WB.gemm_warps,)
         if p.kind == "pot":
             kargs.launch(WB_FILE, f"gemm_pot<{p.bits}>", grid, block, x=x, tiles=p.tiles, scale=p.scale,
@@ -152,6 +163,4 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
         else:
             kargs.launch(WB_FILE, f"gemm_int<{p.bits}>", grid, block, x=x, tiles=p.tiles, scale=p.scale,
                          zero=p.zero, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec)
-    else:
-        raise CudaOpError(f"large_m is 'dequant' or 'mma', not {large_m!r}")
     return out
