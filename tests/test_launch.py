@@ -112,3 +112,15 @@ def test_decode_cluster_policy():
     assert decode_cluster(4, heads=32, sms=132) == 4          # batch 1 of 32 heads: one wave
     assert decode_cluster(4, heads=256, sms=132) == 0         # batch 8: the merge through memory
     assert set(decode_cluster(n) for n in range(1, 9)) == set(ATTENTION.decode_clusters)
+
+
+def test_is_capturing_follows_the_capture_context():
+    """gemv_wb reads it to keep cuBLAS out of a captured decode step."""
+    from engine.gpu import launch
+    assert not launch.is_capturing()
+    with launch.capturing():
+        assert launch.is_capturing()
+        with launch.capturing():
+            assert launch.is_capturing()
+        assert launch.is_capturing()
+    assert not launch.is_capturing()

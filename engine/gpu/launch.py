@@ -68,12 +68,12 @@ def _driver():
     return _STATE["fn"]
 
 
-@contextlib.contextmanager
 def is_capturing() -> bool:
     """Whether a stream capture is in progress (inside capturing())."""
     return bool(_STATE.get("capturing"))
 
 
+@contextlib.contextmanager
 def capturing():
     """Around a stream capture: kernels launched inside use PDL (where enabled), so the graph
     gets programmatic edges. A process-wide flag, not a driver query (asking the stream
