@@ -4,7 +4,7 @@ weight the model builds must be the format's exact value. tests/test_wb_gpu.py r
 import numpy as np
 import pytest
 
-from engine.formats import planes, tiles
+from engine.formats import tiles
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -19,14 +19,6 @@ def test_tiles_round_trip(bits, n, k):
     # exactly b bits a weight once the tiles are full
     if n % 16 == 0 and k % 128 == 0:
         assert t.nbytes * 8 == bits * n * k
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_planes_to_codes_matches_unpack(bits):
-    rng = np.random.default_rng(bits)
-    codes = rng.integers(0, 1 << bits, (5, 70)).astype(np.uint8)
-    p = planes.pack_planes(codes, bits)
-    np.testing.assert_array_equal(tiles.planes_to_codes(p, bits, 70), codes)
 
 
 def test_tile_groups_pairs_rows():

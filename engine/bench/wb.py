@@ -30,9 +30,7 @@ def random_wb_layer(cp, rng, kind: str, bits: int, n: int, k: int, group: int = 
     words = (cp.random.random(nt * kt * tiles.tile_words(bits)) * 2.0**32).astype(cp.uint32)
     s = rng.uniform(0.01, 0.03, (n, g)).astype(np.float16)
     z = rng.integers(0, 1 << bits, (n, g)).astype(np.uint8) if kind == "int" else None
-    packed = wb.pack_tiles(kind, bits, n, k, group, cp.zeros((n, k), cp.uint8), s, z)
-    packed.tiles = words
-    return packed
+    return wb.pack_tiles(kind, bits, n, k, group, None, s, z, words=words)
 
 
 def cmd_gemv_wb(args) -> int:

@@ -42,14 +42,15 @@ def pack_planes(codes: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def unpack_planes(planes: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """(N, Kc, bits) uint32 -> (N, K) uint8 codes; the inverse of pack_planes."""
-    p = np.asarray(planes, dtype=np.uint32)
+def unpack_planes(planes: np.ndarray, bits: int, k: int, xp=np) -> np.ndarray:
+    """(N, Kc, bits) uint32 -> (N, K) uint8 codes; the inverse of pack_planes. xp: the array
+    module (CuPy unpacks on the GPU, engine/gpu/wb.py)."""
+    p = xp.asarray(planes, dtype=xp.uint32)
     n, kc, _ = p.shape
-    shifts = np.arange(CHUNK, dtype=np.uint32)
-    codes = np.zeros((n, kc, CHUNK), dtype=np.uint8)
+    shifts = xp.arange(CHUNK, dtype=xp.uint32)
+    codes = xp.zeros((n, kc, CHUNK), dtype=xp.uint8)
     for j in range(bits):
-        codes |= (((p[:, :, j, None] >> shifts) & np.uint32(1)).astype(np.uint8) << np.uint8(j))
+        codes |= (((p[:, :, j, None] >> shifts) & np.uint32(1)).astype(xp.uint8) << np.uint8(j))
     return codes.reshape(n, kc * CHUNK)[:, :k]
 
 

@@ -117,11 +117,3 @@ def tile_groups(values, n: int, k: int, group: int, xp=np):
     v[:n, : values.shape[1]] = values
     v = v.reshape(nt, 2, 8, kt, gpt).transpose(0, 3, 4, 2, 1)
     return xp.ascontiguousarray(v)
-
-
-def planes_to_codes(planes, bits: int, k: int, xp=np):
-    """(N, ceil(K/32), bits) bit planes -> (N, K) uint32 codes (planes.unpack_planes on any xp)."""
-    p = planes.astype(xp.uint32)
-    shifts = xp.arange(32, dtype=xp.uint32)
-    codes = sum(((p[:, :, j, None] >> shifts) & 1) << j for j in range(bits))
-    return codes.reshape(p.shape[0], -1)[:, :k]

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import formats
-from ..formats import tiles
+from ..formats import planes, tiles
 from . import kargs, launch
 from .backend import require_cupy
-from .ops import CudaOpError
+from .ops import CudaOpError, set_smem
 from .tuning import WB, WB_TUNE
 
 WB_EXPRS = tuple([f"gemv_{kind}<{b}, {nt}>" for kind in ("pot", "int") for b in WB.bits for nt in WB.nts]
@@ -37,10 +37,6 @@ class PackedWB:
     scale: object
     zero: object | None
 
-    @property
-    def kt(self) -> int:
-        return tiles.tile_dims(self.n, self.k)[1]
-
     def nbytes(self) -> int:
         return int(self.tiles.nbytes + self.scale.nbytes + (0 if self.zero is None else self.zero.nbytes))
 
@@ -52,11 +48,12 @@ def _check_kind(kind: str, bits: int, group: int) -> None:
         raise CudaOpError(f"gemv_wb needs groups of {', '.join(map(str, GROUPS))} channels, got {group}")
 
 
-def pack_tiles(kind: str, bits: int, n: int, k: int, group: int, codes, scale, zero=None) -> PackedWB:
-    """A layer from CuPy arrays: codes (N, K) integers, scale (N, G) fp16, zero (N, G) uint8."""
+def pack_tiles(kind: str, bits: int, n: int, k: int, group: int, codes, scale, zero=None, words=None) -> PackedWB:
+    """A layer from arrays: codes (N, K) integers, scale (N, G) fp16, zero (N, G) uint8 ("int");
+    words: tile words made already (tiles.tile_codes; the benchmarks' random ones), instead of codes."""
     cp = require_cupy()
     _check_kind(kind, bits, group)
-    t = tiles.tile_codes(codes, bits, xp=cp)
+    t = tiles.tile_codes(codes, bits, xp=cp) if words is None else words
     s = tiles.tile_groups(cp.asarray(scale, dtype=cp.float16), n, k, group, xp=cp).view(cp.uint32)[..., 0]
     z = None
     if kind == "int":
@@ -70,18 +67,9 @@ def pack_wb(ql: formats.QuantLinear) -> PackedWB:
     cp = require_cupy()
     kind, bits = ql.kind[:3], int(ql.kind[3:]) if ql.kind[3:].isdigit() else 0
     _check_kind(kind, bits, ql.group)
-    codes = tiles.planes_to_codes(cp.asarray(ql.qweight), bits, ql.in_features, xp=cp)
+    codes = planes.unpack_planes(ql.qweight, bits, ql.in_features, xp=cp)
     return pack_tiles(kind, bits, ql.out_features, ql.in_features, ql.group, codes, ql.wscale,
                       None if kind == "pot" else ql.qzeros)
-
-
-_SMEM_SET: dict = {}         # expr -> the dynamic shared memory it may use (set past the 48 KiB default)
-
-
-def _allow_smem(expr: str, smem: int) -> None:
-    if smem > 48 * 1024 and _SMEM_SET.get(expr, 0) < smem:
-        kargs.function(WB_FILE, expr).max_dynamic_shared_size_bytes = smem
-        _SMEM_SET[expr] = smem
 
 
 _SCRATCH: dict = {}          # device id -> the fp16 buffer Ŵ is written to for cuBLAS (grows, never shrinks)
@@ -136,9 +124,9 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
             r1 = min(m, r0 + WB.gemv_max_m)
             gemv_wb(x[r0:r1], p, out[r0:r1])
         return out
-    nt_rows = tiles.tile_dims(p.n, p.k)[0]
+    nt_rows, kt = tiles.tile_dims(p.n, p.k)
     vec = int(k % 4 == 0 and x.data.ptr % 8 == 0)
-    kt, gpt = p.kt, tiles.TILE_K // p.group
+    gpt = tiles.TILE_K // p.group
     if m <= WB.gemv_max_m:
         nt = next(t for t in WB.nts if 8 * t >= m)
         grid, block = (nt_rows,), (32 * WB.warps,)
@@ -146,7 +134,7 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
         xsmem = int(m <= WB_TUNE.xs_max_rows and xs <= WB_TUNE.xs_max_bytes)
         smem = xs if xsmem else 0
         expr = f"gemv_{p.kind}<{p.bits}, {nt}>"
-        _allow_smem(expr, smem)
+        set_smem(kargs.function(WB_FILE, expr), expr, smem)
         if p.kind == "pot":
             kargs.launch(WB_FILE, f"gemv_pot<{p.bits}, {nt}>", grid, block, shared_mem=smem, x=x, tiles=p.tiles,
                          scale=p.scale, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec, xsmem=xsmem)
