@@ -61,6 +61,45 @@ def norm(h, w, eps: float, where: str):
     return ops_ref.rmsnorm(h, w, eps)
 
 
+def prepare_linears(layer) -> dict:
+    """A layer's linears ready for layer_forward: float arrays as they are, QuantLinears
+    expanded once (ops_ref.PreparedLinear)."""
+    return {n: Model._prepare(getattr(layer, n)) for n in LINEAR_NAMES}
+
+
+def layer_forward(c: ModelConfig, li: int, L, W: dict, h, cos, sin, start: int = 0, cache=None, observer=None):
+    """One decoder layer: h (T, H) -> h (T, H). W = prepare_linears(L); cos, sin (T, D) for the
+    positions start..start+T−1. The converters run it layer by layer (converters/quantize.py);
+    Model.forward runs it for every layer, so both compute exactly the same numbers."""
+    t = h.shape[0]
+    hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    lin = ops_ref.linear
+    fin = check_finite
+    where = f"input of layer {li}"
+    x = fin(norm(h, L.attn_norm, c.rms_norm_eps, where), where)         # (T, H)
+    if observer:
+        observer(li, "attn_in", x)
+    q = fin(lin(x, W["q"]), f"q of layer {li}").reshape(t, hq, d)    # (T, Hq, D)
+    k = fin(lin(x, W["k"]), f"k of layer {li}").reshape(t, hkv, d)   # (T, Hkv, D); an INT8 cache
+    v = fin(lin(x, W["v"]), f"v of layer {li}").reshape(t, hkv, d)   # (T, Hkv, D)  would hide NaN
+    q = ops_ref.apply_rope(q, cos, sin)
+    k = ops_ref.apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.write(li, k, v)                                    # (S, Hkv, D)
+    a = fin(ops_ref.attention(q, k, v, start), f"attention output of layer {li}")  # (T, Hq·D)
+    if observer:
+        observer(li, "o_in", a)
+    h = h + lin(a, W["o"])                                              # (T, H)
+    where = f"MLP input of layer {li}"
+    x = fin(norm(h, L.mlp_norm, c.rms_norm_eps, where), where)          # (T, H)
+    if observer:
+        observer(li, "mlp_in", x)
+    m = fin(ops_ref.silu(lin(x, W["gate"])) * lin(x, W["up"]), f"MLP of layer {li}")  # (T, I)
+    if observer:
+        observer(li, "down_in", m)
+    return fin(h + lin(m, W["down"]), f"output of layer {li}")          # (T, H)
+
+
 class Model:
     """Runs ModelWeights with NumPy (the reference path)."""
 
@@ -69,7 +108,7 @@ class Model:
         self.config = weights.config
         self.xp = np
         # Expand quantized weights once, not per token.
-        self._lin = [{n: self._prepare(getattr(L, n)) for n in LINEAR_NAMES} for L in weights.layers]
+        self._lin = [prepare_linears(L) for L in weights.layers]
 
     @staticmethod
     def _prepare(w):
@@ -95,40 +134,13 @@ class Model:
     def _forward(self, tokens, cache, observer, last_only, start):
         c, xp = self.config, self.xp
         t = tokens.shape[0]
-        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        cos, sin = ops_ref.rope_tables(xp, d, c.rope_theta, np.arange(start, start + t))  # (T, D)
-        lin = ops_ref.linear
-        fin = check_finite
-
+        cos, sin = ops_ref.rope_tables(xp, c.head_dim, c.rope_theta, np.arange(start, start + t))  # (T, D)
         h = self.w.embed[tokens]                                        # (T, H)
         for li, L in enumerate(self.w.layers):
-            W = self._lin[li]
-            where = f"input of layer {li}"
-            x = fin(norm(h, L.attn_norm, c.rms_norm_eps, where), where)         # (T, H)
-            if observer:
-                observer(li, "attn_in", x)
-            q = fin(lin(x, W["q"]), f"q of layer {li}").reshape(t, hq, d)    # (T, Hq, D)
-            k = fin(lin(x, W["k"]), f"k of layer {li}").reshape(t, hkv, d)   # (T, Hkv, D); an INT8 cache
-            v = fin(lin(x, W["v"]), f"v of layer {li}").reshape(t, hkv, d)   # (T, Hkv, D)  would hide NaN
-            q = ops_ref.apply_rope(q, cos, sin)
-            k = ops_ref.apply_rope(k, cos, sin)
-            if cache is not None:
-                k, v = cache.write(li, k, v)                            # (S, Hkv, D)
-            a = fin(ops_ref.attention(q, k, v, start), f"attention output of layer {li}")  # (T, Hq·D)
-            if observer:
-                observer(li, "o_in", a)
-            h = h + lin(a, W["o"])                                      # (T, H)
-            where = f"MLP input of layer {li}"
-            x = fin(norm(h, L.mlp_norm, c.rms_norm_eps, where), where)          # (T, H)
-            if observer:
-                observer(li, "mlp_in", x)
-            m = fin(ops_ref.silu(lin(x, W["gate"])) * lin(x, W["up"]), f"MLP of layer {li}")  # (T, I)
-            if observer:
-                observer(li, "down_in", m)
-            h = fin(h + lin(m, W["down"]), f"output of layer {li}")      # (T, H)
+            h = layer_forward(c, li, L, self._lin[li], h, cos, sin, start, cache, observer)  # (T, H)
         if cache is not None:
             cache.commit(t)
         if last_only:
             h = h[-1:]
-        h = fin(norm(h, self.w.norm, c.rms_norm_eps, "final norm"), "final norm")  # (T, H)
-        return fin((h @ self.w.lm_head.T).astype(np.float32), "logits")  # (T, V)
+        h = check_finite(norm(h, self.w.norm, c.rms_norm_eps, "final norm"), "final norm")  # (T, H)
+        return check_finite((h @ self.w.lm_head.T).astype(np.float32), "logits")  # (T, V)
