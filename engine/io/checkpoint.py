@@ -27,27 +27,29 @@ def is_dgq_file(path: str | os.PathLike) -> bool:
     return metadata.get("format") == FORMAT_NAME
 
 
-def load_checkpoint(path: str | os.PathLike):
+def load_checkpoint(path: str | os.PathLike, lazy: bool = False):
     """A float Checkpoint (HF directory, GGUF) or a QCheckpoint (DGQ .safetensors) for `path`.
 
-    Every refusal is a WeightsError (QFileError is one) with one line naming the file."""
+    lazy: a float checkpoint's tensors are read when asked for (io/layout.py LazyTensors), so a
+    converter holds one layer at a time. Every refusal is a WeightsError (QFileError is one)
+    with one line naming the file."""
     try:
-        return _load(path)
+        return _load(path, lazy)
     except WeightsError:
         raise
     except ValueError as e:       # ConfigError, TokenizerError, FormatError, PathError, ...
         raise WeightsError(" ".join(str(e).split())) from None
 
 
-def _load(path):
+def _load(path, lazy=False):
     try:
         p = input_path(path, "the weights", kind="any")
     except PathError as e:
         raise WeightsError(str(e)) from None
     if p.is_dir():
-        return load_hf_dir(p)
+        return load_hf_dir(p, lazy)
     if p.suffix.lower() == ".gguf":
-        return load_gguf(p)
+        return load_gguf(p, lazy)
     if p.suffix.lower() == ".safetensors":
         if not is_dgq_file(p):
             raise WeightsError(f"{p}: a plain .safetensors file carries no config; "
@@ -59,7 +61,7 @@ def _load(path):
     except OSError as e:
         raise WeightsError(f"{p}: cannot read: {e.strerror or e}") from None
     if magic == b"GGUF":
-        return load_gguf(p)
+        return load_gguf(p, lazy)
     raise WeightsError(f"{p}: unknown checkpoint kind; expected a Hugging Face directory, "
                        "a .gguf file or a DGQ .safetensors file")
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..util.files import PathError, input_path
 from .config import ConfigError, ModelConfig
-from .layout import Checkpoint, WeightsError, check_finite, check_fits, expected_shapes
+from .layout import Checkpoint, LazyTensors, WeightsError, check_finite, check_fits, expected_shapes
 from .tokenizer import TokenizerError, chat_template_from_gguf, gguf_value, tokenizer_from_gguf
 
 
@@ -79,8 +79,13 @@ def _gguf_float(fields: dict, path: Path, key: str, default: float) -> float:
     return _f32_value(v)
 
 
-def load_gguf(path: str | os.PathLike) -> Checkpoint:
-    """Load a llama-architecture GGUF: dequantize every tensor to float32 in HF layout."""
+def load_gguf(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
+    """Load a llama-architecture GGUF: dequantize every tensor to float32 in HF layout.
+
+    Names and shapes are checked at once; the tensors are dequantized now, or with lazy=True
+    each when it is asked for (Checkpoint.tensors is then a LazyTensors). Either way a tensor is
+    read through its own short-lived memory map of the file, so walking the model does not
+    keep the pages already read resident."""
     import gguf  # noqa: PLC0415  (only GGUF loading needs it)
 
     try:
@@ -161,7 +166,7 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
     check_fits(config, path, len(reader.tensors), path.stat().st_size, min_bits=1)
 
     want = expected_shapes(config)
-    tensors: dict[str, np.ndarray] = {}
+    loaders = {}
     for t in reader.tensors:
         name = gguf_to_hf_name(t.name)
         if name is None or name not in want:
@@ -170,35 +175,16 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
         if int(np.prod([int(x) for x in t.shape], dtype=np.int64)) != want_n:
             raise WeightsError(f"{path}: tensor {t.name} has shape {tuple(int(x) for x in reversed(t.shape))}, "
                                f"the config needs {want[name]} for {name}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                w = gguf.quants.dequantize(t.data, t.tensor_type)
-            if np.may_share_memory(w, t.data):   # F32 tensors come back as views of the mapping
-                w = np.array(w, dtype=np.float32)
-            w = np.ascontiguousarray(w, dtype=np.float32)                # (N, K) or (K,)
-        except NotImplementedError:
-            raise WeightsError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
-                               "which gguf cannot dequantize") from None
-        except Exception as e:                   # a block count that does not fit the shape, ...
-            msg = " ".join(str(e).split())[:120]
-            raise WeightsError(f"{path}: tensor {t.name} is corrupt ({type(e).__name__}: {msg})") from None
-        if w.size != want_n:
-            raise WeightsError(f"{path}: tensor {t.name} holds {w.size} values, "
-                               f"{name} needs {want_n} (truncated or corrupt file)")
-        if tuple(w.shape) != want[name]:
-            raise WeightsError(f"{path}: tensor {t.name} has shape {tuple(w.shape)}, "
-                               f"the config needs {want[name]} for {name}")
-        check_finite(t.name, w, path)
-        if name.endswith("q_proj.weight"):
-            w = unpermute_qk(w, n_head)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_qk(w, n_kv)
-        tensors[name] = w
+        heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
+        loaders[name] = _loader(path, t, name, want[name], heads)
     for name, shape in want.items():
-        if name not in tensors:
+        if name not in loaders:
             raise WeightsError(f"{path}: missing tensor for {name} (shape {shape})")
-    tensors = {n: tensors[n] for n in want}
+    if lazy:
+        tensors = LazyTensors({n: loaders[n] for n in want}, want)
+    else:
+        tensors = {n: loaders[n]() for n in loaders}                 # in file order
+        tensors = {n: tensors[n] for n in want}
 
     try:
         tokenizer = tokenizer_from_gguf(f)
@@ -211,6 +197,47 @@ def load_gguf(path: str | os.PathLike) -> Checkpoint:
         raise WeightsError(f"{path}: tokenizer.chat_template is not a string")
     del reader, by_name                              # drop the file mapping
     return Checkpoint(config, tensors, tokenizer, template, str(path))
+
+
+def _loader(path: Path, t, name: str, shape: tuple, heads: int | None):
+    """Read, dequantize and check one tensor (undoing the q/k row permutation when heads is
+    set). Only plain facts of `t` are kept, not the reader and its whole-file mapping."""
+    import gguf  # noqa: PLC0415
+
+    gname, qtype, offset = t.name, t.tensor_type, int(t.data_offset)
+    dtype, dshape = t.data.dtype, tuple(int(x) for x in t.data.shape)
+    want_n = int(np.prod(shape, dtype=np.int64))
+
+    def load() -> np.ndarray:
+        try:
+            mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=dshape)
+        except (OSError, ValueError) as e:
+            raise WeightsError(f"{path}: cannot read tensor {gname} (the file changed or was "
+                               f"truncated after it was opened: {getattr(e, 'strerror', None) or e})") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                w = gguf.quants.dequantize(mm, qtype)
+            if np.may_share_memory(w, mm):   # F32 tensors come back as views of the mapping
+                w = np.array(w, dtype=np.float32)
+            w = np.ascontiguousarray(w, dtype=np.float32)                # (N, K) or (K,)
+        except NotImplementedError:
+            raise WeightsError(f"{path}: tensor {gname} has type {qtype.name}, "
+                               "which gguf cannot dequantize") from None
+        except Exception as e:                   # a block count that does not fit the shape, ...
+            msg = " ".join(str(e).split())[:120]
+            raise WeightsError(f"{path}: tensor {gname} is corrupt ({type(e).__name__}: {msg})") from None
+        finally:
+            del mm
+        if w.size != want_n:
+            raise WeightsError(f"{path}: tensor {gname} holds {w.size} values, "
+                               f"{name} needs {want_n} (truncated or corrupt file)")
+        if tuple(w.shape) != shape:
+            raise WeightsError(f"{path}: tensor {gname} has shape {tuple(w.shape)}, "
+                               f"the config needs {shape} for {name}")
+        check_finite(gname, w, path)
+        return unpermute_qk(w, heads) if heads else w
+    return load
 
 
 def _f32_value(v: Any) -> float:

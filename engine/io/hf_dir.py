@@ -12,8 +12,8 @@ import numpy as np
 
 from ..util.files import PathError, input_path
 from .config import ConfigError, ModelConfig
-from .layout import Checkpoint, WeightsError, check_finite, check_fits, expected_shapes
-from .safetensors import read_safetensors, read_safetensors_header
+from .layout import Checkpoint, LazyTensors, WeightsError, check_finite, check_fits, expected_shapes
+from .safetensors import read_safetensors_header, read_tensor
 from .tokenizer import TokenizerError, load_hf_tokenizer
 
 # Hugging Face model types whose checkpoints are exactly our Llama layout (no biases,
@@ -83,8 +83,12 @@ def _weight_files(d: Path) -> tuple[list[Path], dict[str, str] | None]:
     raise WeightsError(f"{d}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_hf_dir(path: str | os.PathLike) -> Checkpoint:
-    """Load a Hugging Face Llama-family model directory (fp32/fp16/bf16 safetensors) as float32."""
+def load_hf_dir(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
+    """Load a Hugging Face Llama-family model directory (fp32/fp16/bf16 safetensors) as float32.
+
+    Names, shapes and dtypes are checked against the config at once; the tensors themselves
+    are read now, or with lazy=True on access (Checkpoint.tensors is then a LazyTensors: a NaN
+    is reported when its tensor is read)."""
     try:
         d = input_path(path, "a Hugging Face model", kind="dir")
     except PathError as e:
@@ -108,15 +112,15 @@ def load_hf_dir(path: str | os.PathLike) -> Checkpoint:
         raise WeightsError(f"{cfg_path}: {e}") from None
 
     files, wmap = _weight_files(d)
-    headers = {f: read_safetensors_header(f)[0] for f in files}
+    headers = {f: read_safetensors_header(f) for f in files}       # (entries, metadata, data start)
     # Against what the files really hold, before anything is sized from the config.
-    check_fits(config, cfg_path, sum(len(h) for h in headers.values()),
+    check_fits(config, cfg_path, sum(len(h[0]) for h in headers.values()),
                sum(f.stat().st_size for f in files), min_bits=16)
     want = expected_shapes(config)
-    tensors: dict[str, np.ndarray] = {}
+    loaders = {}
     where: dict[str, Path] = {}
     for f in files:
-        header = headers[f]
+        header, _, start = headers[f]
         for name, e in header.items():
             if name not in want:
                 # HF itself ignores these two: a stored lm_head of a tied model, RoPE buffers.
@@ -137,19 +141,29 @@ def load_hf_dir(path: str | os.PathLike) -> Checkpoint:
                 raise WeightsError(f"{f}: holds tensor {name}, which the index places in "
                                    f"{wmap.get(name)!r}")
             where[name] = f
-        names = [n for n in header if n in want]
-        arrays, _ = read_safetensors(f, names)
-        for n, a in arrays.items():
-            check_finite(n, a, f)
-            tensors[n] = a.astype(np.float32, copy=False)
+            loaders[name] = _loader(f, start, e, name)
     for name, shape in want.items():
-        if name not in tensors:
+        if name not in loaders:
             listed = f" (the index places it in {wmap[name]})" if wmap and name in wmap else ""
             raise WeightsError(f"{d}: missing tensor {name} with shape {shape}{listed}")
-    tensors = {n: tensors[n] for n in want}          # canonical order
+    lazy_tensors = LazyTensors({n: loaders[n] for n in want}, want)    # canonical order
+    if lazy:
+        tensors = lazy_tensors
+    else:
+        by_file = sorted(want, key=lambda n: (files.index(where[n]), headers[where[n]][0][n]["data_offsets"][0]))
+        tensors = {n: lazy_tensors[n] for n in by_file}               # read in file order
+        tensors = {n: tensors[n] for n in want}
 
     try:
         tokenizer, template = load_hf_tokenizer(d)
     except TokenizerError as e:
         raise WeightsError(str(e)) from None
     return Checkpoint(config, tensors, tokenizer, template, str(d))
+
+
+def _loader(f: Path, start: int, e: dict, name: str):
+    def load() -> np.ndarray:
+        a = read_tensor(f, start, e, name)
+        check_finite(name, a, f)
+        return a.astype(np.float32, copy=False)
+    return load

@@ -7,8 +7,10 @@ The loaders (hf_dir, gguf_file, qfile) build these records; engine/model runs th
 """
 from __future__ import annotations
 
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -42,6 +44,29 @@ class LayerWeights:
     def linears(self) -> dict:
         return {n: getattr(self, n) for n in LINEAR_NAMES}
 
+    @classmethod
+    def from_hf(cls, config: ModelConfig, tensors, li: int) -> "LayerWeights":
+        """Layer `li`'s float32 weights out of an HF-named mapping (a dict or LazyTensors: only
+        this layer's nine tensors are read), every name and shape checked."""
+        p = f"model.layers.{li}."
+        get = _getter(config, tensors)
+        lin = {n: get(p + HF_LINEAR[n] + ".weight") for n in LINEAR_NAMES}
+        return cls(attn_norm=get(p + "input_layernorm.weight"),
+                   mlp_norm=get(p + "post_attention_layernorm.weight"), **lin)
+
+
+def _getter(config: ModelConfig, tensors):
+    shapes = expected_shapes(config)
+
+    def get(name):
+        if name not in tensors:
+            raise ModelError(f"tensor {name} is missing")
+        a = tensors[name]
+        if tuple(a.shape) != shapes[name]:
+            raise ModelError(f"tensor {name} has shape {tuple(a.shape)}, expected {shapes[name]}")
+        return np.asarray(a, dtype=np.float32)
+    return get
+
 
 @dataclass
 class ModelWeights:
@@ -70,22 +95,8 @@ class ModelWeights:
     def from_hf(cls, config: ModelConfig, tensors: dict) -> "ModelWeights":
         """Pick the tensors out of an HF-named dict, checking every name and shape."""
         c = config
-        shapes = expected_shapes(c)
-
-        def get(name):
-            if name not in tensors:
-                raise ModelError(f"tensor {name} is missing")
-            a = tensors[name]
-            if tuple(a.shape) != shapes[name]:
-                raise ModelError(f"tensor {name} has shape {tuple(a.shape)}, expected {shapes[name]}")
-            return np.asarray(a, dtype=np.float32)
-
-        layers = []
-        for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
-            lin = {n: get(p + HF_LINEAR[n] + ".weight") for n in LINEAR_NAMES}
-            layers.append(LayerWeights(attn_norm=get(p + "input_layernorm.weight"),
-                                       mlp_norm=get(p + "post_attention_layernorm.weight"), **lin))
+        get = _getter(c, tensors)
+        layers = [LayerWeights.from_hf(c, tensors, i) for i in range(c.num_hidden_layers)]
         embed = get("model.embed_tokens.weight")
         lm_head = embed if c.tie_word_embeddings else get("lm_head.weight")
         return cls(config=c, embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
@@ -170,11 +181,49 @@ class WeightsError(ValueError):
     """A checkpoint that is missing, unreadable, or does not match its config."""
 
 
+class LazyTensors(Mapping):
+    """HF name -> float32 array, each read from its file when asked for (engine/io/hf_dir.py,
+    gguf_file.py with lazy=True): a converter can walk a model larger than memory one layer at a
+    time. Every access reads afresh (nothing is cached here: the caller owns what it keeps);
+    `loads` counts reads and `live()` names the arrays still referenced, so tests can check
+    that only one layer's weights are resident at a time."""
+
+    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]], shapes: dict[str, tuple]):
+        self._loaders = dict(loaders)
+        self.shapes = dict(shapes)                      # name -> shape, known without a read
+        self.loads = 0
+        self._live: dict[int, str] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._loaders:
+            raise KeyError(name)
+        a = self._loaders[name]()
+        self.loads += 1
+        key = id(a)
+        self._live[key] = name
+        weakref.finalize(a, self._live.pop, key, None)
+        return a
+
+    def __contains__(self, name) -> bool:               # Mapping's default would read the tensor
+        return name in self._loaders
+
+    def __iter__(self):
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def live(self) -> list[str]:
+        """Names of the arrays handed out that are still referenced somewhere."""
+        return sorted(self._live.values())
+
+
 @dataclass
 class Checkpoint:
     """A float checkpoint as every loader returns it (engine/io/hf_dir.py, gguf_file.py)."""
     config: ModelConfig
-    tensors: dict[str, np.ndarray]        # HF name -> float32 array (lm_head.weight absent when tied)
+    tensors: Mapping[str, np.ndarray]     # HF name -> float32 array (lm_head.weight absent when tied);
+                                          # a dict, or LazyTensors (read on access) with lazy=True
     tokenizer: Any                        # tokenizers.Tokenizer | None
     chat_template: str | None
     source: str

@@ -154,17 +154,37 @@ def read_safetensors(path: str | os.PathLike, names: Iterable[str] | None = None
         for name in want:
             if name not in header:
                 raise WeightsError(f"{path}: no tensor {name} in this file")
-            e = header[name]
-            b, end = e["data_offsets"]
-            raw = mm[start + b:start + end]                       # (nbytes,) uint8, still mapped
-            if e["dtype"] == "BF16":
-                arr = bf16_bits_to_f32(raw.view("<u2"))            # a fresh float32 array
-            else:
-                arr = np.array(raw.view(_ST_DTYPES[e["dtype"]]))   # copy out of the mapping
-            out[name] = arr.reshape(e["shape"])
+            out[name] = _tensor_from(mm, start, header[name], path, name)
     finally:
         del mm
     return out, metadata
+
+
+def _tensor_from(mm: np.ndarray, start: int, e: dict, path, name: str) -> np.ndarray:
+    b, end = e["data_offsets"]
+    raw = mm[start + b:start + end]                           # (nbytes,) uint8, still mapped
+    if raw.shape[0] != end - b:
+        raise WeightsError(f"{path}: tensor {name} lies past the end of the file "
+                           "(the file changed or was truncated after it was opened)")
+    if e["dtype"] == "BF16":
+        arr = bf16_bits_to_f32(raw.view("<u2"))                # a fresh float32 array
+    else:
+        arr = np.array(raw.view(_ST_DTYPES[e["dtype"]]))       # copy out of the mapping
+    return arr.reshape(e["shape"])
+
+
+def read_tensor(path: str | os.PathLike, start: int, entry: dict, name: str = "tensor") -> np.ndarray:
+    """One tensor, given its header entry and the data offset from read_safetensors_header.
+    The file is mapped only for this read, so a walk over a large checkpoint does not keep
+    the pages it has read resident (they would count in this process's RSS)."""
+    try:
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot read tensor {name}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return _tensor_from(mm, start, entry, path, name)
+    finally:
+        del mm
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
