@@ -1,5 +1,6 @@
 """q.safetensors: exact round trip, end-to-end quantize → save → load → forward, and rejection
 of every kind of broken file with one QFileError naming the file."""
+import dataclasses
 import json
 import os
 
@@ -12,7 +13,7 @@ from engine.model import LINEAR_NAMES, Model, ModelWeights
 from engine.io.qfile import QFileError, load_qfile, save_qfile
 from engine.io.checkpoint import load_checkpoint
 from engine.io.layout import Checkpoint
-from engine.io.safetensors import read_safetensors, write_safetensors
+from engine.io.safetensors import read_safetensors, round_to_dtype, write_safetensors
 from tiny_model import TINY_CHAT_TEMPLATE, make_tiny_config, make_tiny_tensors, make_tiny_tokenizer
 
 
@@ -33,6 +34,13 @@ def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("q") / "tiny.q.safetensors"
     save_qfile(path, w, ck.config, ck.tokenizer, ck.chat_template, recipe)
     return ck, w, recipe, path
+
+
+def as_stored(w):
+    """w as the file holds it: embedding and lm_head rounded to fp16 (save_qfile's default)."""
+    f16 = lambda a: round_to_dtype(a, "float16")                      # noqa: E731
+    embed = f16(w.embed)
+    return dataclasses.replace(w, embed=embed, lm_head=embed if w.lm_head is w.embed else f16(w.lm_head))
 
 
 def assert_same_linear(a, b):
@@ -58,11 +66,11 @@ def test_round_trip_is_exact_and_runs(saved):
         np.testing.assert_array_equal(La.mlp_norm, Lb.mlp_norm)
         for n in LINEAR_NAMES:
             assert_same_linear(getattr(La, n), getattr(Lb, n))
-    np.testing.assert_array_equal(w.embed, q.weights.embed)
-    np.testing.assert_array_equal(w.lm_head, q.weights.lm_head)
+    np.testing.assert_array_equal(as_stored(w).embed, q.weights.embed)
+    np.testing.assert_array_equal(as_stored(w).lm_head, q.weights.lm_head)
     assert q.kv_scales.shape == (ck.config.num_hidden_layers, 2, ck.config.num_key_value_heads)
     toks = seqs_for(ck.config)[0]
-    np.testing.assert_array_equal(Model(q.weights).forward(toks), Model(w).forward(toks))
+    np.testing.assert_array_equal(Model(q.weights).forward(toks), Model(as_stored(w)).forward(toks))
     # the engine's dispatch finds it too
     assert load_checkpoint(path).recipe == recipe
 
@@ -79,7 +87,7 @@ def test_end_to_end_other_kinds(tmp_path, method, tie, template):
     q = load_qfile(p)
     assert q.chat_template == template and q.kv_scales is None
     toks = seqs_for(ck.config)[1]
-    np.testing.assert_array_equal(Model(q.weights).forward(toks), Model(w).forward(toks))
+    np.testing.assert_array_equal(Model(q.weights).forward(toks), Model(as_stored(w)).forward(toks))
     if tie:
         assert q.weights.lm_head is q.weights.embed
 

@@ -2,7 +2,8 @@
 
 docs/FORMAT.md is the specification; this module is its only reader and writer.
 
-  tensors   float32: model.embed_tokens.weight, model.norm.weight, lm_head.weight (untied only),
+  tensors   float16 (or float32): model.embed_tokens.weight, lm_head.weight (untied only);
+            float32: model.norm.weight,
             model.layers.{i}.input_layernorm.weight, model.layers.{i}.post_attention_layernorm.weight
             per linear, under its HF prefix P (e.g. model.layers.0.self_attn.q_proj), the tensors
             its kind's module defines (engine/formats/<kind>.py `tensors`):
@@ -15,7 +16,8 @@ docs/FORMAT.md is the specification; this module is its only reader and writer.
             tokenizer (tokenizer.json text), chat_template (absent when the model has none),
             recipe (JSON object), linears (JSON: {P: {"kind", "act", "group"}}).
 
-Every check failure on load is one QFileError naming the file.
+Every check failure on load is one QFileError naming the file. QFileWriter writes a file
+layer by layer (the converter streams into it); save_qfile writes a whole ModelWeights with it.
 """
 from __future__ import annotations
 
@@ -31,12 +33,17 @@ from ..util.files import PathError, input_path
 from .config import ConfigError, ModelConfig
 from .layout import (HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelWeights, WeightsError, check_fits,
                      expected_shapes)
-from .safetensors import read_safetensors, read_safetensors_header, write_safetensors
+from .safetensors import SafetensorsWriter, read_safetensors, read_safetensors_header
 
 FORMAT_NAME = "dgq-safetensors"
 FORMAT_VERSION = 1
 FLOAT_KIND = "float"    # a linear left unquantized: P.weight f32 (N, K)
 REQUIRED_META = ("format", "version", "config", "tokenizer", "recipe", "linears")
+# The embedding and the output head: float16 by default (half of a small model's file; the GPU
+# engine holds them in fp16 anyway), float32 on request. Readers accept both.
+EMBED_DTYPES = ("float16", "float32")
+EMBED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+FP16_MAX = 65504.0
 
 
 class QFileError(WeightsError):
@@ -95,52 +102,115 @@ def _tokenizer_text(tokenizer) -> str:
 
 # ----------------------------------------------------------------------------- write
 
+class QFileWriter:
+    """A q.safetensors file written in pieces, so a converter never holds the whole model:
+
+        w = QFileWriter(path, config)            # embed_dtype "float16" (default) or "float32"
+        w.add_floats(embed, norm, lm_head)       # first (lm_head None when tied)
+        w.add_layer(i, layer)                    # i = 0, 1, ... in order; then drop the layer
+        size = w.finish(tokenizer, chat_template, recipe)
+
+    Tensors go out in save_qfile's order, so the file equals save_qfile's byte for byte. The
+    file appears atomically at finish(); abort() (or an exception inside `with`) leaves nothing.
+    """
+
+    def __init__(self, path, config: ModelConfig, embed_dtype: str = "float16"):
+        if embed_dtype not in EMBED_DTYPES:
+            raise QFileError(f"{path}: embed_dtype must be one of {', '.join(EMBED_DTYPES)}, got {embed_dtype!r}")
+        self.path, self.config, self.embed_dtype = Path(path), config, embed_dtype
+        self._w = SafetensorsWriter(path)
+        self._prefixes = _linear_prefixes(config)
+        self.linears: dict = {}
+        self.float_dtypes: dict = {}
+        self.next_layer = None
+
+    def add_floats(self, embed, norm, lm_head=None) -> None:
+        if self.next_layer is not None:
+            raise QFileError(f"{self.path}: add_floats() comes before the layers")
+        self._float("model.embed_tokens.weight", embed)
+        self._w.add("model.norm.weight", np.asarray(norm, dtype=np.float32))
+        if not self.config.tie_word_embeddings:
+            if lm_head is None:
+                raise QFileError(f"{self.path}: an untied model needs lm_head")
+            self._float("lm_head.weight", lm_head)
+        self.next_layer = 0
+
+    def _float(self, name: str, a) -> None:
+        a = np.asarray(a, dtype=np.float32)
+        dt = self.embed_dtype
+        if dt == "float16" and a.size and float(np.abs(a).max()) > FP16_MAX:
+            dt = "float32"                       # values fp16 cannot hold: keep this one exact
+        self.float_dtypes[name] = dt
+        self._w.add(name, a.astype(dt, copy=False))
+
+    def add_layer(self, i: int, L) -> None:
+        if self.next_layer is None or i != self.next_layer:
+            raise QFileError(f"{self.path}: layer {i} out of order (expected {self.next_layer}; "
+                             "add_floats() first)")
+        for n in LINEAR_NAMES:
+            p = f"model.layers.{i}.{HF_LINEAR[n]}"
+            shape = self._prefixes[p][2]
+            if n == "q":
+                self._w.add(f"model.layers.{i}.input_layernorm.weight", np.asarray(L.attn_norm, dtype=np.float32))
+                self._w.add(f"model.layers.{i}.post_attention_layernorm.weight",
+                            np.asarray(L.mlp_norm, dtype=np.float32))
+            w = getattr(L, n)
+            if isinstance(w, formats.QuantLinear):
+                formats.validate(w)
+                if w.shape != shape:
+                    raise QFileError(f"{self.path}: {p} has shape {w.shape}, the config wants {shape}")
+                self.linears[p] = {"kind": w.kind, "act": w.act, "group": int(w.group)}
+                for t, a in w.tensors().items():
+                    self._w.add(f"{p}.{t}", a)
+                if w.act == "static":
+                    self._w.add(f"{p}.ascale", np.array(w.ascale, dtype=np.float32))     # 0-d
+            else:
+                self.linears[p] = {"kind": FLOAT_KIND, "act": "none", "group": 0}
+                self._w.add(f"{p}.weight", np.asarray(w, dtype=np.float32))
+        self.next_layer = i + 1
+
+    def finish(self, tokenizer_json, chat_template: str | None, recipe: dict) -> int:
+        """Write the metadata and move the file into place; return its size in bytes."""
+        if self.next_layer != self.config.num_hidden_layers:
+            raise QFileError(f"{self.path}: {self.next_layer} of {self.config.num_hidden_layers} layers written")
+        try:
+            recipe_text = json.dumps(recipe, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise QFileError(f"{self.path}: the recipe is not JSON-serialisable: {e}") from None
+        meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION),
+                "config": json.dumps(self.config.to_hf()), "tokenizer": _tokenizer_text(tokenizer_json),
+                "recipe": recipe_text, "linears": json.dumps(self.linears)}
+        if chat_template is not None:
+            meta["chat_template"] = chat_template
+        return self._w.finish(meta)
+
+    def abort(self) -> None:
+        self._w.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.abort()
+        return False
+
+
 def save_qfile(path, weights, config: ModelConfig, tokenizer_json, chat_template: str | None,
-               recipe: dict) -> int:
+               recipe: dict, embed_dtype: str = "float16") -> int:
     """Write a quantized model atomically (temp file + os.replace); return the file size in bytes.
 
     weights: ModelWeights whose linears are QuantLinears (or float arrays);
-    tokenizer_json: the tokenizer.json text or a tokenizers.Tokenizer.
+    tokenizer_json: the tokenizer.json text or a tokenizers.Tokenizer;
+    embed_dtype: how the embedding and lm_head are stored, "float16" or "float32".
     """
     path = Path(path)
     if weights.config != config:
         raise QFileError(f"{path}: the weights were built for a different config")
-    tensors = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.norm}
-    if not config.tie_word_embeddings:
-        tensors["lm_head.weight"] = weights.lm_head
-    linears = {}
-    prefixes = _linear_prefixes(config)
-    for p, (i, n, shape) in prefixes.items():
-        L = weights.layers[i]
-        if n == "q":
-            tensors[f"model.layers.{i}.input_layernorm.weight"] = L.attn_norm
-            tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = L.mlp_norm
-        w = getattr(L, n)
-        if isinstance(w, formats.QuantLinear):
-            formats.validate(w)
-            if w.shape != shape:
-                raise QFileError(f"{path}: {p} has shape {w.shape}, the config wants {shape}")
-            linears[p] = {"kind": w.kind, "act": w.act, "group": int(w.group)}
-            for t, a in w.tensors().items():
-                tensors[f"{p}.{t}"] = a
-            if w.act == "static":
-                tensors[f"{p}.ascale"] = np.array(w.ascale, dtype=np.float32)       # 0-d
-        else:
-            linears[p] = {"kind": FLOAT_KIND, "act": "none", "group": 0}
-            tensors[f"{p}.weight"] = np.asarray(w, dtype=np.float32)
-    for name in _float_names(config):
-        if name in tensors:
-            tensors[name] = np.asarray(tensors[name], dtype=np.float32)
-    try:
-        recipe_text = json.dumps(recipe, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise QFileError(f"{path}: the recipe is not JSON-serialisable: {e}") from None
-    meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION),
-            "config": json.dumps(config.to_hf()), "tokenizer": _tokenizer_text(tokenizer_json),
-            "recipe": recipe_text, "linears": json.dumps(linears)}
-    if chat_template is not None:
-        meta["chat_template"] = chat_template
-    return write_safetensors(path, tensors, meta)
+    with QFileWriter(path, config, embed_dtype) as w:
+        w.add_floats(weights.embed, weights.norm, weights.lm_head)
+        for i, L in enumerate(weights.layers):
+            w.add_layer(i, L)
+        return w.finish(tokenizer_json, chat_template, recipe)
 
 
 # ----------------------------------------------------------------------------- read
@@ -234,8 +304,11 @@ def load_qfile(path) -> QCheckpoint:
         raise QFileError(str(e)) from None
     for name, (dt, shape) in expect.items():
         a = tensors[name]
+        if name in EMBED_NAMES and a.dtype == np.float16:
+            a = tensors[name] = a.astype(np.float32)                # fp16 on disk, float32 in memory
         if a.dtype != np.dtype(dt):
-            _fail(path, f"tensor {name} has dtype {a.dtype}, expected {np.dtype(dt)}")
+            _fail(path, f"tensor {name} has dtype {a.dtype}, expected "
+                        f"{'float16 or float32' if name in EMBED_NAMES else np.dtype(dt)}")
         if a.shape != tuple(shape):
             _fail(path, f"tensor {name} has shape {a.shape}, expected {tuple(shape)}")
         if a.dtype.kind == "f" and not np.isfinite(a).all():

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from ..util.files import PathError, atomic_file, input_path
+from ..util.files import (PathError, atomic_file, forget_temporary, input_path, out_path, register_temporary,
+                          temp_sibling)
 from .layout import WeightsError
 
 
@@ -229,3 +231,130 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
         for *_, data in blobs:
             f.write(memoryview(data).cast("B"))
     return 8 + len(hb) + offset
+
+
+class SafetensorsWriter:
+    """write_safetensors one tensor at a time, for files larger than memory.
+
+    The header (byte offsets) must precede the data, but a converter knows its last tensors
+    and the metadata only at the end. So each tensor goes to a spill file for its item size as
+    it comes (larger items first keeps every tensor aligned, as write_safetensors orders them),
+    and finish() writes the header and then copies the spill files behind it, in the kernel
+    (os.copy_file_range) where it can: memory stays at one tensor, disk at the file plus its
+    largest spill. Same tensors in the same order give exactly write_safetensors' bytes. The
+    result appears atomically (util/files.atomic_file); abort(), an exception inside `with`,
+    or SIGTERM/SIGHUP remove every temporary.
+
+        with SafetensorsWriter(path) as w:
+            w.add("a", array); ...
+            size = w.finish(metadata)
+    """
+
+    def __init__(self, path: str | os.PathLike, flag: str = "output"):
+        self.path = out_path(path, flag)
+        self.flag = flag
+        self._spills: dict[int, tuple[Path, Any]] = {}       # item size -> (temporary, open file)
+        self._entries: list[tuple[str, str, tuple[int, ...], int, int]] = []  # name, code, shape, size, bytes
+        self._names: set[str] = set()
+        self.done = False
+
+    def add(self, name: str, a: np.ndarray, float_dtype: str | None = None) -> None:
+        """Append one tensor (converted like write_safetensors' float_dtype)."""
+        if self.done:
+            raise ValueError(f"{self.path}: the file is already finished")
+        if name in self._names:
+            raise ValueError(f"tensor {name} added twice")
+        a = np.asarray(a)
+        if float_dtype is not None and a.dtype.kind == "f":
+            if float_dtype not in _FLOAT_DTYPES:
+                raise ValueError(f"float_dtype must be one of {', '.join(_FLOAT_DTYPES)}, got {float_dtype!r}")
+            code = _FLOAT_DTYPES[float_dtype]
+            data = (f32_to_bf16_bits(a) if code == "BF16" else np.ascontiguousarray(a, dtype=_ST_DTYPES[code]))
+        else:
+            code = _st_code(a.dtype)
+            if code is None:
+                raise ValueError(f"tensor {name}: dtype {a.dtype} cannot be stored in safetensors")
+            data = np.ascontiguousarray(a, dtype=_ST_DTYPES[code])
+        size = _ST_ITEMSIZE[code]
+        if size not in self._spills:
+            tmp = temp_sibling(self.path)
+            register_temporary(tmp)
+            try:
+                self._spills[size] = (tmp, open(tmp, "xb"))
+            except OSError as e:
+                forget_temporary(tmp)
+                raise OSError(e.errno, f"{self.flag} {self.path}: cannot write: {e.strerror or e}") from None
+        try:
+            self._spills[size][1].write(memoryview(data).cast("B"))
+        except OSError as e:
+            raise OSError(e.errno, f"{self.flag} {self.path}: cannot write: {e.strerror or e}") from None
+        self._names.add(name)
+        self._entries.append((name, code, tuple(a.shape), size, data.nbytes))
+
+    def finish(self, metadata: dict[str, str] | None = None) -> int:
+        """Write the file (header, then the spilled data) atomically; return its size in bytes."""
+        meta = dict(metadata or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise ValueError("safetensors metadata must map str to str")
+        try:
+            order = sorted(self._entries, key=lambda t: -t[3])          # stable: as write_safetensors
+            header: dict[str, Any] = {"__metadata__": meta} if meta else {}
+            offset = 0
+            for name, code, shape, _, nbytes in order:
+                header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            hb += b" " * (-len(hb) % 8)
+            for _, f in self._spills.values():
+                f.close()
+            with atomic_file(self.path, flag=self.flag) as out:
+                out.write(struct.pack("<Q", len(hb)))
+                out.write(hb)
+                out.flush()
+                for size in sorted(self._spills, reverse=True):
+                    tmp, _ = self._spills.pop(size)
+                    _append(out, tmp)
+                    os.unlink(tmp)
+                    forget_temporary(tmp)
+            self.done = True
+            return 8 + len(hb) + offset
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Remove every temporary (a no-op after finish)."""
+        for tmp, f in self._spills.values():
+            f.close()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            forget_temporary(tmp)
+        self._spills.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.abort()
+        return False
+
+
+def _append(out, src: Path) -> None:
+    """Copy the file `src` to the end of the open file `out` without reading it into memory."""
+    n = src.stat().st_size
+    with open(src, "rb") as f:
+        try:
+            while n > 0:
+                k = os.copy_file_range(f.fileno(), out.fileno(), min(n, 1 << 30))
+                if k == 0:
+                    break
+                n -= k
+            if n == 0:
+                out.seek(0, os.SEEK_END)                 # the buffered writer's idea of the position
+                return
+        except (AttributeError, OSError):
+            pass
+        f.seek(src.stat().st_size - n)
+        out.seek(0, os.SEEK_END)
+        shutil.copyfileobj(f, out, 16 << 20)
