@@ -12,15 +12,18 @@ magnitude sqrt(k_j² + k_{j+D/2}²) of k before rotation — RoPE rotates each s
 pair, so this bounds |k| after rotation at every position, also beyond the
 calibration length.
 
-Statistics come from the float model (not layer-by-layer from the already
-quantized layers 0..l−1): one or two forward passes serve every layer, and the
-quantization of each layer is independent (docs/FORMAT.md, "Recipe").
+`calibrate_layer` gathers one layer's statistics from that layer's inputs (n, T, H) and
+moves the inputs on through it: converters/quantize.py walks the model a layer at a time,
+so memory holds one layer's weights and statistics, not the whole model's. The inputs are
+the float model's activations (calibration "float", the default: each layer's statistics
+are the ones a whole-model pass gives, bit for bit) or, with "sequential", the outputs of the
+already quantized layers 0..l−1 (as GPTQ and AWQ calibrate). `calibrate` is the whole-model
+pass over Model.forward (the reference the layer walk is tested against).
 
 H is accumulated in float64 (float64 products, one sequence at a time). Its
 cost is close to the forward's own linears (SmolLM2, 512 tokens, 2 cores:
-forward 1.8 s, with H 3 s). Memory is Σ K² · 8 bytes over the sites (SmolLM2-135M:
-about 0.8 GB); `layers=` restricts the statistics to some layers (and stops the
-forward after the last one) to bound memory on larger models.
+forward 1.8 s, with H 3 s). Memory is Σ K² · 8 bytes over the sites: one layer's worth in
+the layer walk (TinyLlama: 0.35 GB), every layer's in `calibrate` (SmolLM2-135M: 0.8 GB).
 
 Default calibration set: 64 sequences × 512 tokens (32768 tokens) cut from the
 wiki corpus "calib" split (engine.io.corpus.calibration_sequences, seed 0), or a
@@ -124,19 +127,15 @@ def _linear_float(w) -> np.ndarray:
 
 
 class _Observer:
-    def __init__(self, weights, gram: bool, kv: bool, layers, sites):
-        c = weights.config
+    def __init__(self, c, gram: bool, kv: bool, layers, sites, kv_w: dict):
+        """kv_w: layer -> (k, v) float weights (only with kv)."""
         self.gram, self.kv = gram, kv
         self.layers = set(layers)
         self.last = max(self.layers)
         self.sites = set(sites)
         self.absmax, self.tok, self.H, self.n = {}, {}, {}, {}
         self.kv_absmax = np.zeros((c.num_hidden_layers, 2, c.num_key_value_heads), np.float32) if kv else None
-        self.kv_w = {}
-        if kv:
-            for li in self.layers:
-                L = weights.layers[li]
-                self.kv_w[li] = (_linear_float(L.k), _linear_float(L.v))
+        self.kv_w = kv_w if kv else {}
         self.hkv, self.d = c.num_key_value_heads, c.head_dim
 
     def __call__(self, li: int, site: str, x):
@@ -185,7 +184,8 @@ def calibrate(weights, seqs, *, gram: bool = True, kv: bool = False, layers=None
     c = weights.config
     layers = list(range(c.num_hidden_layers)) if layers is None else sorted(set(layers))
     sites = SITES if sites is None else tuple(sites)
-    obs = _Observer(weights, gram, kv, layers, sites)
+    kv_w = {li: (_linear_float(weights.layers[li].k), _linear_float(weights.layers[li].v)) for li in layers} if kv else {}
+    obs = _Observer(c, gram, kv, layers, sites, kv_w)
     model = Model(weights)
     it = range(seqs.shape[0])
     if progress:
@@ -196,13 +196,52 @@ def calibrate(weights, seqs, *, gram: bool = True, kv: bool = False, layers=None
             model.forward(seqs[i], observer=obs, last_only=True)
         except _Stop:
             pass
+    return Calibration(sites=_site_stats(obs, gram), kv_absmax=obs.kv_absmax, n_seq=int(seqs.shape[0]),
+                       seq_len=int(seqs.shape[1]), source=source)
+
+
+def _site_stats(obs: _Observer, gram: bool) -> dict:
     stats = {}
     for key in obs.absmax:
         stats[key] = SiteStats(absmax=obs.absmax[key], tok_absmax=np.concatenate(obs.tok[key]),
                                H=obs.H[key] if gram else None, n_tokens=obs.n[key])
         obs.H.pop(key, None)                                             # free as we go
-    return Calibration(sites=stats, kv_absmax=obs.kv_absmax, n_seq=int(seqs.shape[0]),
-                       seq_len=int(seqs.shape[1]), source=source)
+    return stats
+
+
+def calibrate_layer(config, li: int, layer, X, cos, sin, *, gram: bool = True, kv: bool = False,
+                    sites=None, advance: bool = False, progress: bool = False, desc: str = "calibrate"):
+    """Statistics of layer `li` (float LayerWeights) on its inputs X (n, T, H) float32.
+
+    Returns ({site: SiteStats}, kv (2, Hkv) float32 or None). cos, sin: RoPE tables (T, D) for
+    positions 0..T−1. advance: X[i] is replaced by the layer's output as soon as its statistics
+    are taken (the inputs of the next layer, without a second buffer). The numbers are exactly
+    those `calibrate` records for this layer when X holds the float model's activations.
+    """
+    from engine.model.llama import SITES  # noqa: PLC0415
+    sites = SITES if sites is None else tuple(sites)
+    kv_w = {li: (_linear_float(layer.k), _linear_float(layer.v))} if kv else {}
+    obs = _Observer(config, gram, kv, [li], sites, kv_w)
+    run_layer(config, li, layer, X, cos, sin, observer=obs, advance=advance, progress=progress, desc=desc)
+    stats = {site: st for (_, site), st in _site_stats(obs, gram).items()}
+    return stats, (obs.kv_absmax[li] if kv else None)
+
+
+def run_layer(config, li: int, layer, X, cos, sin, *, observer=None, advance: bool = True,
+              progress: bool = False, desc: str = "layer") -> None:
+    """Run layer `li` (float or quantized LayerWeights) over each sequence of X (n, T, H);
+    with advance, X[i] becomes its output (in place)."""
+    from engine.model.llama import layer_forward, prepare_linears  # noqa: PLC0415
+    W = prepare_linears(layer)
+    it = range(X.shape[0])
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+        it = tqdm(it, desc=desc, unit="seq", leave=False)
+    with np.errstate(over="ignore", invalid="ignore"):       # checked inside: one clear ModelError
+        for i in it:
+            y = layer_forward(config, li, layer, W, X[i], cos, sin, observer=observer)     # (T, H)
+            if advance:
+                X[i] = y
 
 
 def scaled(st: SiteStats, s) -> SiteStats:

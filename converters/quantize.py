@@ -36,8 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import formats
-from engine.io.layout import HF_LINEAR, LINEAR_NAMES, ModelWeights
-from engine.model.llama import SITE_OF
+from engine.io.layout import HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelError, ModelWeights, expected_shapes
+from engine.io.qfile import QFileWriter
+from engine.model.llama import SITE_OF, check_tokens
+from engine.model.ops_ref import rope_tables
 from engine.util.sysinfo import peak_rss_mb
 
 from . import calibrate as cal
@@ -157,23 +159,112 @@ def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, searc
     raise QuantizeError(f"unknown weight kind {weights!r}")
 
 
+CALIBRATIONS = ("float", "sequential")
+
+
 def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP,
                         act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
                         n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN,
-                        act_clip="max", seed: int = cal.DEFAULT_SEED):
+                        act_clip="max", seed: int = cal.DEFAULT_SEED, calibration: str = "float",
+                        on_layer=None):
     """Quantize every linear of a float Checkpoint; return (ModelWeights with QuantLinears, recipe).
 
-    ckpt: engine.io.layout.Checkpoint (config, HF tensors, tokenizer, ...).
+    ckpt: engine.io.layout.Checkpoint (config, HF tensors — a dict or a lazy mapping, tokenizer, ...).
     calib: None (wiki "calib" split), a text file path, "random", or an (n, T) token array.
     act_clip: static activation clipping, "max" or a percentile of the per-token absmax.
+    calibration: "float" (each layer calibrated on the float model's activations) or
+    "sequential" (on the outputs of the already quantized layers before it).
+    on_layer(li, layer): called with each quantized layer as it is done.
     The recipe (a JSON-able dict) records every choice; save it with engine.io.qfile.save_qfile.
+    The whole result is held in memory; quantize_to_file streams it to a file instead.
+    """
+    layers = []
+
+    def keep(li, layer):
+        layers.append(layer)
+        if on_layer is not None:
+            on_layer(li, layer)
+
+    floats, recipe = _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len,
+                               act_clip, seed, calibration, keep, floats_out=None)
+    out = ModelWeights(config=ckpt.config, embed=floats["embed"], layers=layers, norm=floats["norm"],
+                       lm_head=floats["lm_head"])
+    return out, recipe
+
+
+def quantize_to_file(ckpt, path, method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP,
+                     act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
+                     n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN, act_clip="max",
+                     seed: int = cal.DEFAULT_SEED, calibration: str = "float", embed_dtype: str = "float16",
+                     on_layer=None) -> tuple[dict, int, dict]:
+    """quantize_checkpoint streamed into a q.safetensors file (engine.io.qfile.QFileWriter): each
+    layer is written and dropped as soon as it is quantized, and with a lazy checkpoint
+    (load_checkpoint(path, lazy=True)) only one layer's float weights are ever read into memory.
+    The file appears atomically at the end; nothing is left behind on an error.
+
+    Returns (recipe, file size in bytes, {"params": linear parameters, "bytes": their stored bytes}).
+    """
+    sizes = {"params": 0, "bytes": 0}
+    with QFileWriter(path, ckpt.config, embed_dtype) as w:
+        def write(li, layer):
+            t = time.perf_counter()
+            w.add_layer(li, layer)
+            for n in LINEAR_NAMES:
+                ql = getattr(layer, n)
+                sizes["params"] += int(np.prod(ql.shape))
+                sizes["bytes"] += ql.nbytes() if isinstance(ql, formats.QuantLinear) else ql.nbytes
+            phase["write"] += time.perf_counter() - t
+            if on_layer is not None:
+                on_layer(li, layer)
+
+        phase = {"write": 0.0}
+        _, recipe = _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len,
+                              act_clip, seed, calibration, write, floats_out=w, phase=phase)
+        t = time.perf_counter()
+        recipe["embed_dtype"] = w.float_dtypes.get("model.embed_tokens.weight", embed_dtype)
+        size = w.finish(ckpt.tokenizer, ckpt.chat_template, recipe)
+        recipe["phase_s"]["write"] = round(phase["write"] + time.perf_counter() - t, 2)
+    return recipe, size, sizes
+
+
+def _check_tensors(config, tensors) -> None:
+    """Every name and shape before the first layer runs (a LazyTensors knows its shapes unread)."""
+    shapes = getattr(tensors, "shapes", None)
+    for name, shape in expected_shapes(config).items():
+        if name not in tensors:
+            raise ModelError(f"tensor {name} is missing")
+        got = tuple(shapes[name]) if shapes is not None else tuple(tensors[name].shape)
+        if got != shape:
+            raise ModelError(f"tensor {name} has shape {got}, expected {shape}")
+
+
+def _float_tensor(tensors, name: str) -> np.ndarray:
+    return np.asarray(tensors[name], dtype=np.float32)
+
+
+def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len, act_clip, seed,
+              calibration, emit, floats_out=None, phase=None):
+    """The layer walk behind quantize_checkpoint / quantize_to_file.
+
+    Per layer: read its float weights; gather its statistics on the calibration activations
+    (absmax, per-token max, H, KV maxima); fold the smoothing scales (they need only this
+    layer's absmax); re-gather after folding where derived statistics do not suffice (a
+    percentile clip); quantize the seven linears; hand the layer to `emit`; move the activations
+    on through the float layer ("float") or the quantized one ("sequential"); free everything.
+    In "float" mode every number equals the whole-model pass the converter used to make.
+    Returns ({"embed", "norm", "lm_head"} — None where written to floats_out —, recipe).
     """
     t0 = time.perf_counter()
+    phase = {} if phase is None else phase
+    for k in ("load", "calibrate", "quantize", "propagate"):
+        phase[k] = 0.0
     spec, bits, act = _resolve(method, wbits, act)
     act_clip = cal.parse_act_clip(act_clip)
     if not isinstance(group, int) or isinstance(group, bool) or group < 1:
         raise QuantizeError(f"--group must be a positive integer, got {group!r}")
-    config = ckpt.config
+    if calibration not in CALIBRATIONS:
+        raise QuantizeError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+    config = c = ckpt.config
     if spec.weights in ("pot", "int"):
         check_bits_group(bits, group)                  # before the calibration pass, not after
 
@@ -181,11 +272,13 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
         for n, k in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size)):
             if k % 2:
                 raise QuantizeError(f"4-bit packing needs an even {n}, got {k}")
-    weights = ModelWeights.from_hf(config, ckpt.tensors)
+    tensors = ckpt.tensors
+    _check_tensors(config, tensors)
     L = config.num_hidden_layers
 
     needs_static = act == "static" or spec.fptq
     need_calib = needs_static or spec.search or spec.smoothing or kv8
+    sequential = need_calib and calibration == "sequential"
     recipe = {"method": method, "wbits": bits, "group": group, "weights": spec.weights,
               "weight_search": spec.search, "act": "per-site" if spec.fptq else act,
               "act_clip": act_clip if needs_static else None, "smoothing": spec.smoothing,
@@ -193,66 +286,102 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
                                   list(SMOOTH_SITES) if spec.smoothing else []),
               "dynamic_sites": list(spec.dynamic_sites) if act == "static" else [],
               "o_proj_smoothing": "skipped (GQA: v_proj rows feed several o_proj input channels)",
-              "kv8": bool(kv8), "stats_from": "float model (not layer-sequential)",
+              "kv8": bool(kv8),
+              "stats_from": ("layer-sequential (each layer on the outputs of the quantized layers before it)"
+                             if sequential else "float model (not layer-sequential)"),
               "converter": "dgq-engine converters.quantize"}
     seqs = None
     if need_calib:
         if not isinstance(calib, np.ndarray):
             cal.check_sizes(n_seq, seq_len, config.max_position_embeddings)
         seqs, source = cal.calibration_tokens(ckpt.tokenizer, calib, n_seq, seq_len, seed, config.vocab_size)
+        for row in seqs:
+            check_tokens(row, config)
         recipe["calibration"] = {"source": source, "n_seq": int(seqs.shape[0]), "seq_len": int(seqs.shape[1]),
-                                 "tokens": int(seqs.size), "seed": seed}
+                                 "tokens": int(seqs.size), "seed": seed,
+                                 "mode": "sequential" if sequential else "float"}
 
-    # Statistics. One pass over the float model gives everything; smoothing then only
+    # The float tensors outside the layers: written (and dropped) at once when streaming.
+    t = time.perf_counter()
+    embed = _float_tensor(tensors, "model.embed_tokens.weight")                       # (V, H)
+    norm = _float_tensor(tensors, "model.norm.weight")                                # (H,)
+    lm_head = embed if c.tie_word_embeddings else _float_tensor(tensors, "lm_head.weight")
+    floats = {"embed": embed, "norm": norm, "lm_head": lm_head}
+    if floats_out is not None:
+        floats_out.add_floats(embed, norm, None if c.tie_word_embeddings else lm_head)
+        floats = {"embed": None, "norm": None, "lm_head": None}
+    del lm_head, norm
+
+    # Statistics, layer by layer. One pass per layer gives everything; smoothing then only
     # rescales absmax and H (calibrate.scaled). A percentile act_clip needs the per-token
     # maxima of the smoothed inputs, which do not rescale: then a cheap absmax-only pass
-    # picks the scales and a second pass runs on the folded model.
-    site_mode, stats = {}, None
+    # picks the scales and a second pass runs on the folded layer. In "float" mode that
+    # second pass reads the folded model's activations, a stream of its own (Xf), exactly as
+    # a second whole-model pass over the folded model would.
     two_pass = bool(spec.smoothing) and needs_static and act_clip != "max"
+    X = Xf = cos = sin = None
     if need_calib:
-        sites = None if (spec.fptq or not two_pass) else SMOOTH_SITES
-        stats = cal.calibrate(weights, seqs, gram=spec.search and not two_pass, kv=kv8 and not two_pass,
-                              sites=sites, progress=progress,
-                              desc=f"{method}: calibration" + (" (absmax pass)" if two_pass else ""))
+        X = embed[seqs]                                                                # (n, T, H)
+        if two_pass and not sequential:
+            Xf = X.copy()                                                              # (n, T, H)
+        cos, sin = rope_tables(np, c.head_dim, c.rope_theta, np.arange(seqs.shape[1]))   # (T, D)
+    del embed
+    phase["load"] += time.perf_counter() - t
     recipe["calibration_passes"] = (2 if two_pass else 1) if need_calib else 0
-    if spec.smoothing:
-        scales = {}
-        for (li, site), st in stats.sites.items():
-            if site not in (smooth.FOLDABLE_SITES if spec.fptq else SMOOTH_SITES):
-                continue
-            if spec.fptq:
-                site_mode[(li, site)] = _fptq_mode(st.amax, site)
-                if site_mode[(li, site)] != "lae":
-                    continue
-            scales[(li, site)] = smooth.scales_for(spec.smoothing, st.absmax, weights.layers[li], site)
-        if spec.fptq:
-            for (li, site), st in stats.sites.items():
-                site_mode.setdefault((li, site), _fptq_mode(st.amax, site))
-            recipe["fptq_policy"] = {
-                "static_max": FPTQ_STATIC_MAX, "lae_max": FPTQ_LAE_MAX,
-                "sites": {f"{li}.{site}": {"amax": stats.sites[(li, site)].amax, "mode": m}
-                          for (li, site), m in sorted(site_mode.items())}}
-        weights = smooth.fold_scales(weights, scales)
-        if two_pass:
-            stats = cal.calibrate(weights, seqs, gram=spec.search, kv=kv8, progress=progress,
-                                  desc=f"{method}: calibration (folded model)")
-        else:
-            for key, s in scales.items():
-                stats.sites[key] = cal.scaled(stats.sites[key], s)
-    if stats is not None:
-        recipe["calibration"]["h_dtype"] = "float64" if spec.search else None
+    kv_absmax = np.zeros((L, 2, c.num_key_value_heads), np.float32) if kv8 else None
+    site_mode, site_amax, layer_info = {}, {}, {}
+    smooth_sites = smooth.FOLDABLE_SITES if spec.fptq else SMOOTH_SITES
 
-    layers_out, layer_info = [], {}
     it = range(L)
     if progress:
         from tqdm import tqdm  # noqa: PLC0415
-        it = tqdm(it, desc=f"{method}: quantize", unit="layer")
+        it = tqdm(it, desc=f"{method}: layers" + (" (sequential)" if sequential else ""), unit="layer")
     for li in it:
-        lw = weights.layers[li]
+        t = time.perf_counter()
+        lw = LayerWeights.from_hf(c, tensors, li)
+        phase["load"] += time.perf_counter() - t
+        stats = None
+        t = time.perf_counter()
+        if need_calib:
+            sites = None if (spec.fptq or not two_pass) else SMOOTH_SITES
+            stats, kv = cal.calibrate_layer(
+                c, li, lw, X, cos, sin, gram=spec.search and not two_pass, kv=kv8 and not two_pass,
+                sites=sites, advance=not sequential, progress=progress,
+                desc=f"layer {li}: calibration" + (" (absmax pass)" if two_pass else ""))
+            if kv is not None:
+                kv_absmax[li] = kv
+        if spec.smoothing:
+            scales = {}
+            for site, st in stats.items():
+                if site not in smooth_sites:
+                    continue
+                if spec.fptq:
+                    site_mode[(li, site)] = _fptq_mode(st.amax, site)
+                    if site_mode[(li, site)] != "lae":
+                        continue
+                scales[site] = smooth.scales_for(spec.smoothing, st.absmax, lw, site)
+            if spec.fptq:
+                for site, st in stats.items():
+                    site_mode.setdefault((li, site), _fptq_mode(st.amax, site))
+                    site_amax[(li, site)] = st.amax
+            for site in sorted(scales):
+                lw = smooth.fold_layer(lw, site, scales[site])
+            if two_pass:
+                stats, kv = cal.calibrate_layer(c, li, lw, X if sequential else Xf, cos, sin, gram=spec.search,
+                                                kv=kv8, advance=not sequential, progress=progress,
+                                                desc=f"layer {li}: calibration (folded layer)")
+                if kv is not None:
+                    kv_absmax[li] = kv
+            else:
+                for site, s in scales.items():
+                    stats[site] = cal.scaled(stats[site], s)
+        phase["calibrate"] += time.perf_counter() - t
+
+        t = time.perf_counter()
         new, info = {}, {}
         for n in LINEAR_NAMES:
             site = SITE_OF[n]
-            st = stats.sites.get((li, site)) if stats is not None else None
+            st = stats.get(site) if stats is not None else None
             a_mode = site_mode.get((li, site), "static") if spec.fptq else act
             if a_mode == "static" and site in spec.dynamic_sites:
                 a_mode = "dynamic"
@@ -265,27 +394,37 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
             new[n] = ql
             if ql.meta.get("search") and "obj" in ql.meta:
                 info[HF_LINEAR[n]] = {k: ql.meta[k] for k in ("obj_rtn", "obj", "rows_rtn")}
-        if st is not None:
-            # The per-layer H are no longer needed: free them as we go.
-            for site in ("attn_in", "o_in", "mlp_in", "down_in"):
-                if (li, site) in stats.sites:
-                    stats.sites[(li, site)].H = None
-        layers_out.append(type(lw)(attn_norm=lw.attn_norm, mlp_norm=lw.mlp_norm, **new))
+        del stats                                                  # this layer's H: freed here
+        qlayer = LayerWeights(attn_norm=lw.attn_norm, mlp_norm=lw.mlp_norm, **new)
+        del lw, new
         if info:
             layer_info[str(li)] = info
-    out = ModelWeights(config=config, embed=weights.embed, layers=layers_out, norm=weights.norm,
-                       lm_head=weights.lm_head)
+        phase["quantize"] += time.perf_counter() - t
+        if sequential:
+            t = time.perf_counter()
+            cal.run_layer(c, li, qlayer, X, cos, sin, progress=progress, desc=f"layer {li}: quantized outputs")
+            phase["propagate"] += time.perf_counter() - t
+        emit(li, qlayer)
+        del qlayer
 
+    if spec.fptq and spec.smoothing:
+        recipe["fptq_policy"] = {
+            "static_max": FPTQ_STATIC_MAX, "lae_max": FPTQ_LAE_MAX,
+            "sites": {f"{li}.{site}": {"amax": site_amax[(li, site)], "mode": m}
+                      for (li, site), m in sorted(site_mode.items())}}
+    if need_calib:
+        recipe["calibration"]["h_dtype"] = "float64" if spec.search else None
     if layer_info:
         recipe["objective"] = {"rtn": sum(v["obj_rtn"] for d in layer_info.values() for v in d.values()),
                                "final": sum(v["obj"] for d in layer_info.values() for v in d.values()),
                                "layers": layer_info}
     if kv8:
-        s = np.where(stats.kv_absmax > 0, stats.kv_absmax / formats.QMAX_I8, 1.0).astype(np.float32)  # (L, 2, Hkv)
+        s = np.where(kv_absmax > 0, kv_absmax / formats.QMAX_I8, 1.0).astype(np.float32)  # (L, 2, Hkv)
         recipe["kv_cache"] = {"bits": 8, "granularity": "per layer and KV head, symmetric",
                               "k_stat": "max RoPE pair magnitude of k (bounds |k| after rotation)",
                               "k_scale": [[float(x) for x in row] for row in s[:, 0]],
                               "v_scale": [[float(x) for x in row] for row in s[:, 1]]}
     recipe["time_s"] = round(time.perf_counter() - t0, 2)
+    recipe["phase_s"] = {k: round(v, 2) for k, v in phase.items()}
     recipe["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    return out, recipe
+    return floats, recipe
