@@ -344,7 +344,7 @@ __device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two,
 }
 __device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two, int lane, bool store,
                                        i8* row, float* srow) {
-    s = row_scale(MODE_DYNAMIC, warp_max(fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y)))),
+    s = row_scale(MODE_DYNAMIC, warp_max(nan_max(nan_max(fabsf(a.x), fabsf(a.y)), nan_max(fabsf(b.x), fabsf(b.y)))),
                   nullptr);                                           // b is 0 for D = 64
     const signed char a0 = quant1(a.x, s), a1 = quant1(a.y, s), b0 = quant1(b.x, s), b1 = quant1(b.y, s);
     a = make_float2(a0, a1);
@@ -395,9 +395,11 @@ __global__ void __launch_bounds__(128) rope_qkv_cache(
 
 // amax_out (nullable): amax_out[b] = max(itself, max |out| of the warp), as float bits (the row
 // of sequence b is ≥ 0, zeroed by the norm before qkv): the o GEMV quantizes the row with it.
+// A NaN (positive: a max of fabsf values) has larger bits than any finite value or Inf, so the
+// unsigned atomicMax keeps it.
 __device__ __forceinline__ void out_amax(float am, unsigned* amax_out, int b) {
     am = warp_max(am);
-    if (amax_out && (threadIdx.x & 31) == 0 && am > 0.f) atomicMax(amax_out + b, __float_as_uint(am));
+    if (amax_out && (threadIdx.x & 31) == 0 && !(am <= 0.f)) atomicMax(amax_out + b, __float_as_uint(am));
 }
 
 template <typename KV, int CL>
@@ -540,7 +542,7 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
             for (int c = 0; c < CL; ++c) v += (ms[c] / lc) * ld_cluster(src, c);
             const __half o = __float2half_rn(v);
             out[((size_t)b * Hq + h) * D + e] = o;
-            am = fmaxf(am, fabsf(__half2float(o)));
+            am = nan_max(am, fabsf(__half2float(o)));
         }
         out_amax(am, amax_out, b);
         cluster_sync();
@@ -572,7 +574,7 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
         for (int s = 0; s < used; ++s) v += (__expf(__ldcg(ml + 2 * s) - mx) / l) * __ldcg(acc + (size_t)s * D + e);
         const __half o = __float2half_rn(v);
         out[((size_t)b * Hq + h) * D + e] = o;
-        am = fmaxf(am, fabsf(__half2float(o)));
+        am = nan_max(am, fabsf(__half2float(o)));
     }
     out_amax(am, amax_out, b);
 }

@@ -40,7 +40,9 @@ add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const flo
     if (zero && team.tid == 0) zero[team.row] = 0u;
     float* row = h + (size_t)team.row * H;
     const __half* yr = y ? y + (size_t)team.row * H : nullptr;
-    const __half* er = emb ? emb + (size_t)tok[team.row] * H : nullptr;
+    // max(., 0): a SAMPLE_NONFINITE (-1) token of a damaged step reads row 0, never out of
+    // bounds (the host refuses that step: engine/gpu/decode.py)
+    const __half* er = emb ? emb + (size_t)max(tok[team.row], 0) * H : nullptr;
     float v[PER];
     if constexpr (VEC == 1) {
         // element-strided (decode): this form compiles to the schedule measured for the decode
@@ -79,7 +81,10 @@ add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const flo
 #pragma unroll
         for (int e = 0; e < VEC; ++e) ss += v[c * VEC + e] * v[c * VEC + e];
     }
-    float rstd = 1.f / sqrtf(team.template reduce<false>(ss, 0) / H + eps);
+    // Σx² past float32's range would give rstd = 0 and a row of zeros, a finite wrong answer:
+    // NaN instead, which the logits check reports (cuda/rows.cuh: the CPU path's norm refuses it)
+    const float ms = team.template reduce<false>(ss, 0) / H;
+    const float rstd = ms <= FLT_MAX_F ? 1.f / sqrtf(ms + eps) : QNAN;
 #pragma unroll
     for (int i = 0; i < PER; ++i) v[i] = (v[i] * rstd) * wv[i];     // 0 past H
     store_row<PER, CL, VEC>(v, H, mode, static_scale, x8, ld, sx, xh, team);
@@ -145,15 +150,17 @@ quant_rows(const __half* __restrict__ x, int K, int mode, const float* __restric
 // grid (⌈ld / 1024⌉, M), block 256. Quantize rows whose absmax is already known (the batch-1
 // decode step: attn_decode and the SiLU GEMV max-reduce their outputs, engine/gpu/model.py _fold_quant):
 // x8[m, j] = quant1(x[m, j], s) for j < K, 0 for K ≤ j < ld, sx[m] = s, with s from
-// scale[m] = max|x[m]| as float bits (mode 1) or the static scale[0] (mode 0). No reduction,
-// so a row spreads over many blocks and costs one memory round trip. ld % 4 == 0.
+// amax[m] = max|x[m]| as float bits (mode 1), or the static scale[0] (mode 0; NaN when amax[m]
+// is not finite, cuda/rows.cuh row_scale). No reduction, so a row spreads over many blocks and
+// costs one memory round trip. ld % 4 == 0.
 template <typename T>
 __global__ void __launch_bounds__(256) quant_amax(const T* __restrict__ x, int K, int mode,
-                                                  const float* __restrict__ scale, signed char* __restrict__ x8,
+                                                  const float* __restrict__ static_scale,
+                                                  const unsigned* __restrict__ amax, signed char* __restrict__ x8,
                                                   int ld, float* __restrict__ sx) {
     pdl_enter();
     const int m = blockIdx.y;
-    const float s = mode == MODE_DYNAMIC ? row_scale(MODE_DYNAMIC, scale[m], nullptr) : scale[0];
+    const float s = row_scale(mode, __uint_as_float(amax[m]), static_scale);
     if (blockIdx.x == 0 && threadIdx.x == 0) sx[m] = s;
     const int j = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (j >= ld) return;

@@ -227,10 +227,11 @@ __global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0
                 a = fabsf(v);
             }
             // the max over the tile's 8 channels of each token: lanes 0..3 hold tokens 2·lane + e
-            a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
-            a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 8));
-            a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 16));
-            if (lane < 4 && em < M && a > 0.f) atomicMax(amax_out + em, __float_as_uint(a));
+            // NaN-propagating (cuda/attention.cu out_amax: NaN bits win the unsigned max)
+            a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 4));
+            a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 8));
+            a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 16));
+            if (lane < 4 && em < M && !(a <= 0.f)) atomicMax(amax_out + em, __float_as_uint(a));
         }
     } else {
         for (int idx = threadIdx.x; idx < EPI; idx += blockDim.x) {

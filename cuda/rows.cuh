@@ -4,6 +4,10 @@
 // Quantization rule (engine/formats/common.py): x8 = clamp(rint(x / s), -127, 127) with IEEE
 // division, s = max|row| / 127 (1 for an all-zero row) in dynamic mode.
 // mode: 0 = static scale static_scale[0]; 1 = dynamic per row; 2 = fp16 output only.
+// Non-finite values: every max below propagates NaN (fmaxf would drop it), and a row holding a
+// NaN or an Inf gets a NaN scale in both modes, so the GEMM's output and then the logits are
+// NaN, which the engine reports (engine/gpu/model.py, cuda/sample.cu SAMPLE_NONFINITE): the
+// rounding below maps NaN to code 0, which would otherwise hide it.
 #pragma once
 #include <cuda_fp16.h>
 #include "pdl.cuh"
@@ -13,6 +17,19 @@
 #define MODE_DYNAMIC 1
 #define MODE_FP16 2
 #define NEG_INF __int_as_float(0xff800000)   // NVRTC has no math.h INFINITY
+#define QNAN __int_as_float(0x7fffffff)
+#define FLT_MAX_F 3.402823466e38f
+
+// max(a, b), NaN when either is NaN (fmaxf returns the other operand): one instruction on sm_80+
+__device__ __forceinline__ float nan_max(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
+    return (a > b || a != a) ? a : b;
+#endif
+}
 
 __device__ __forceinline__ signed char quant1(float x, float s) {
     int q = __float2int_rn(__fdiv_rn(x, s));
@@ -25,7 +42,7 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 __device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 // Block-wide sum (MAX false) or max (MAX true); every thread gets the result.
@@ -60,8 +77,10 @@ __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(
 // SiLU(g)·u of the MLP, one definition for silu_mul_quant and the SiLU GEMV epilogue (bit-equal).
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
 
-// Scale for one row from its absmax (dynamic) or the static scale.
+// Scale for one row from its absmax (dynamic) or the static scale; NaN when the absmax is not
+// finite (a NaN or Inf in the row), in both modes.
 __device__ __forceinline__ float row_scale(int mode, float amax, const float* static_scale) {
+    if (!(amax <= FLT_MAX_F)) return QNAN;
     if (mode == MODE_DYNAMIC) return amax > 0.f ? amax / 127.f : 1.f;
     return static_scale[0];
 }
@@ -134,7 +153,7 @@ struct RowTeam {
 #pragma unroll
         for (int c = 0; c < CL; ++c) {
             const float x = ld_cluster(&part[slot], c);
-            r = MAX ? fmaxf(r, x) : r + x;
+            r = MAX ? nan_max(r, x) : r + x;
         }
         return r;
     }
@@ -230,12 +249,11 @@ __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode
         }
         return;
     }
+    // the absmax in both modes: static rows need it too, to tell a NaN or Inf (row_scale)
     float amax = 0.f;
-    if (mode == MODE_DYNAMIC) {
 #pragma unroll
-        for (int i = 0; i < PER; ++i) amax = fmaxf(amax, fabsf(v[i]));   // slots past W hold 0
-        amax = team.template reduce<true>(amax, 1);
-    }
+    for (int i = 0; i < PER; ++i) amax = nan_max(amax, fabsf(v[i]));   // slots past W hold 0
+    amax = team.template reduce<true>(amax, 1);
     float s = row_scale(mode, amax, static_scale);
     if (team.tid == 0) sx[row] = s;
     signed char* out = x8 + (size_t)row * ld;

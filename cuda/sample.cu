@@ -48,6 +48,9 @@ typedef unsigned long long u64;
 #define SAMPLE_ONE 1099511627776.0f         // 2^40: the weight of the most probable token
 #define SAMPLE_NO_CUT 0x7fffffff            // cut id that keeps every token of the cut key
 #define SAMPLE_KEY_FINITE 0x0400u           // keys below: -inf (0x03ff) and NaN (0)
+#define SAMPLE_KEY_BAD 0x10000u             // above every key: the row holds a NaN or a +Inf
+#define SAMPLE_NONFINITE (-1)               // the token for such a row, or one of only -Inf
+                                            // (ops.SAMPLE_NONFINITE; engine/model/sampling.py refuses both)
 
 static_assert(SAMPLE_THREADS == 32 * 32, "warp 0 reduces one value per warp");
 static_assert(SAMPLE_MAX_CHUNKS == 32 * 8, "warp 0 scans 8 bins per lane");
@@ -345,14 +348,20 @@ sample_rows(const __half* __restrict__ logits, long long ld, int V, const u32* _
     const float temp = __uint_as_float(params[0]), top_p = __uint_as_float(params[1]);
     const u32 top_k = params[2];
     const u64 seed = (u64)params[4] << 32 | params[3];
-    u64 best = 0;                                   // max key, then lowest id (stored inverted)
-    for_range(row, 0, V, threadIdx.x, SAMPLE_THREADS,
-              [&](__half h, int v) { best = max(best, (u64)key_of(h) << 32 | (u32)~v); });
+    // max key, then lowest id (stored inverted); a NaN or +Inf anywhere gives SAMPLE_KEY_BAD, so
+    // the same reduction tells a damaged row (the forward pass overflowed fp16 or met a NaN:
+    // cuda/rows.cuh turns a non-finite activation into NaN logits), which the host refuses.
+    // -Inf is a masked token, never drawn.
+    u64 best = 0;
+    for_range(row, 0, V, threadIdx.x, SAMPLE_THREADS, [&](__half h, int v) {
+        const u32 b = __half_as_ushort(h);
+        const u32 k = (b & 0x7fffu) > 0x7c00u || b == 0x7c00u ? SAMPLE_KEY_BAD : key_of(h);
+        best = max(best, (u64)k << 32 | (u32)~v);
+    });
     best = block_max(best, sh.red);
     const u32 kmax = (u32)(best >> 32);
-    int tok = (int)~(u32)best;
-    // greedy also when no finite max exists (all -inf or NaN, or a +inf: the host sampler refuses those)
-    if (temp > 0.f && top_k != 1 && kmax >= SAMPLE_KEY_FINITE && kmax < 0xfc00u) {
+    int tok = kmax >= SAMPLE_KEY_FINITE && kmax != SAMPLE_KEY_BAD ? (int)~(u32)best : SAMPLE_NONFINITE;
+    if (temp > 0.f && top_k != 1 && tok != SAMPLE_NONFINITE) {
         const int t = draw(row, V, temp, top_k, top_p, kmax, philox((u32)pos[b], (u32)seq[b], seed), sh);
         if (t >= 0) tok = t;
     }

@@ -428,7 +428,8 @@ def test_gemv_silu_then_quant_equals_row_kernel_path(inter, k):
     np.testing.assert_array_equal(m8.get()[0, :inter],                       # the row kernel's int8
                                   formats.quantize_act_ref(mf.get(), msx.get())[0])
     q8, qsx = cp.full((1, down.k_pad), 9, cp.int8), cp.zeros((1,), cp.float32)
-    fused.quant_amax(1, x=mf, K=inter, mode=MODE["dynamic"], scale=amax, x8=q8, ld=down.k_pad, sx=qsx)
+    fused.quant_amax(1, x=mf, K=inter, mode=MODE["dynamic"], static_scale=None, amax=amax, x8=q8,
+                     ld=down.k_pad, sx=qsx)
     np.testing.assert_array_equal(q8.get(), m8.get())                        # pad columns zeroed too
     np.testing.assert_array_equal(qsx.get(), msx.get())
     h = cp.asarray(h0)

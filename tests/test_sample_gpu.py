@@ -74,8 +74,9 @@ def test_large_row_frequencies_match_exact_top_k_top_p(t, k, p):
 def test_greedy_top_k_1_and_ties_give_lowest_argmax():
     rows = np.stack([tied_row(1000, s) for s in range(6)])                  # (6, 1000) with tied maxima
     rows[5, :] = -np.inf
-    rows[4, 3] = np.nan
-    want = np.argmax(np.where(np.isnan(rows), -np.inf, rows), axis=1)       # first maximum
+    rows[4, 3] = -np.inf                                                    # masked, never drawn
+    want = np.argmax(rows, axis=1)                                          # first maximum
+    want[5] = ops_cuda.SAMPLE_NONFINITE                                     # nothing to draw
     for t, k in [(0.0, 0), (0.0, 5), (0.9, 1), (50.0, 1)]:
         out = cp.zeros((6,), cp.int32)
         ops_cuda.sample_rows(cp.asarray(rows), cp.asarray(ops_cuda.sample_params(t, k, 0.5, 7)),
@@ -96,11 +97,23 @@ def test_seed_reproduces_and_counters_advance():
     assert pos.get().tolist() == [4, 10] and lens.get().tolist() == [5, 11]
 
 
-def test_nan_logits_are_never_drawn():
+def test_minus_inf_logits_are_never_drawn():
     x = tied_row(64, 5)
-    x[::3] = np.nan
+    x[::3] = -np.inf
     draws = kernel_draws(x, 5000, 3.0, seed=8)
-    assert not np.isnan(x[draws].astype(np.float32)).any()
+    assert (draws >= 0).all() and np.isfinite(x[draws].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("t, k", [(0.0, 0), (1.0, 0), (0.8, 5)])
+def test_nan_or_plus_inf_logits_refuse_the_row(bad, t, k):
+    """Like engine/model/sampling.py, which raises: the kernel writes SAMPLE_NONFINITE for a row
+    holding a NaN or +Inf anywhere (not just at its maximum), which the engine turns into an error."""
+    x = tied_row(3000, 6)
+    x[1777] = bad
+    assert (kernel_draws(x, 64, t, k, seed=2) == ops_cuda.SAMPLE_NONFINITE).all()
+    x[1777] = 0.0
+    assert (kernel_draws(x, 64, t, k, seed=2) >= 0).all()
 
 
 # ----------------------------------------------------------------------------- the decode step

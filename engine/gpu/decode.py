@@ -20,6 +20,18 @@ from . import ops as ops_cuda
 from .cache import Buffers, GpuKVCache
 
 
+NONFINITE_LOGITS = ("non-finite values (NaN/Inf) in the {where} on the GPU: the weights are damaged, their "
+                    "scales are out of range for this input, or an activation overflowed float16")
+
+
+def check_finite_logits(cp, logits, what: str):
+    """logits, or ModelError when one is NaN or ±Inf: the kernels turn a non-finite activation
+    anywhere in the pass into NaN logits (cuda/rows.cuh), so this one check covers the pass."""
+    if logits.size and not bool(cp.isfinite(logits).all()):
+        raise ModelError(NONFINITE_LOGITS.format(where=f"logits of the {what}"))
+    return logits
+
+
 @dataclass
 class DecodeState:
     """Device buffers of a decode step, fixed for the life of the cache (the graph holds them)."""
@@ -133,8 +145,16 @@ def decode(model, cache: GpuKVCache, last_tokens, n_steps: int, temperature: flo
                     st.workspace = ops_cuda._WS.get(cp.cuda.Device().id)
             out[i] = st.tok
             done = i + 1
-            if on_step is not None and on_step(cp.asnumpy(st.tok)):
-                break
+            if on_step is not None:
+                toks = cp.asnumpy(st.tok)
+                if (toks == ops_cuda.SAMPLE_NONFINITE).any():
+                    break                        # refused below, before on_step sees the token
+                if on_step(toks):
+                    break
     stream.synchronize()
     cache.lens_host += done
-    return cp.asnumpy(out[:done])
+    res = cp.asnumpy(out[:done])
+    bad = np.flatnonzero((res == ops_cuda.SAMPLE_NONFINITE).any(axis=1))
+    if bad.size:     # cuda/sample.cu wrote SAMPLE_NONFINITE for a row with NaN or Inf logits
+        raise ModelError(NONFINITE_LOGITS.format(where=f"logits of decode step {int(bad[0]) + 1}"))
+    return res

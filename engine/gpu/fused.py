@@ -133,8 +133,9 @@ def quant_rows(rows: int, shape: RowShape | None = None, **args):
 
 @kargs.launcher("quant_amax")
 def quant_amax(rows: int, **args):
-    """x (rows, K) fp32 or fp16 quantized into x8 (rows, ld) / sx with a known absmax: `scale`
-    holds float bits of each row's max |x| (dynamic) or the static scale. No reduction."""
+    """x (rows, K) fp32 or fp16 quantized into x8 (rows, ld) / sx with a known absmax: `amax`
+    holds float bits of each row's max |x| (the dynamic scale's source; in static mode it only
+    tells a non-finite row), `static_scale` the static scale. No reduction."""
     kind = "float" if args["x"].dtype == np.float32 else "__half"
     kargs.launch(FUSED, f"quant_amax<{kind}>", (-(-args["ld"] // 1024), rows), (256,), **args)
 

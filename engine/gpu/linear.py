@@ -34,6 +34,21 @@ def _permute_rows(ql, rows):
                                out_features=ql.out_features, group=ql.group, ascale=ql.ascale, **arrays)
 
 
+F16_MAX = 65504.0
+
+
+def to_f16(cp, w, what: str):
+    """w uploaded as float16, or ModelError naming `what` when a value does not fit (it would
+    become ±Inf on the GPU; the CPU path computes in float32)."""
+    w = np.asarray(w)
+    if w.size:
+        hi = max(float(w.max()), -float(w.min()))        # no |w| temporary of the whole table
+        if not hi <= F16_MAX:
+            raise ModelError(f"{what}: weights up to |w| = {hi:.4g} do not fit float16 (at most {F16_MAX:g}), "
+                             "which the GPU engine computes in: run this model with --device cpu")
+    return cp.asarray(w, dtype=cp.float16)
+
+
 WB_KINDS = tuple(k for k in formats.KINDS if k[:3] in ("pot", "int"))       # run by gpu/wb.py
 
 
@@ -41,7 +56,7 @@ class GpuLinear:
     """One (possibly fused) linear on the GPU: packed A8W4, b-bit weight-only (gemv_wb, fp16
     activations), or a float16 weight (matmul_f16)."""
 
-    def __init__(self, cp, ws, host_cache: dict | None = None, interleave: bool = False):
+    def __init__(self, cp, ws, host_cache: dict | None = None, interleave: bool = False, name: str = "a linear"):
         self.cp = cp
         self.interleaved = False     # gate|up rows in the SiLU GEMV's order (ops_cuda.interleave_rows)
         self.wb = None               # a PackedWB for the weight-only kinds
@@ -78,7 +93,7 @@ class GpuLinear:
             self.n = ql.out_features
         elif all(isinstance(w, np.ndarray) for w in ws):
             w = np.concatenate(ws, axis=0) if len(ws) > 1 else ws[0]
-            self.w16 = cp.asarray(w, dtype=cp.float16)                      # (N, K)
+            self.w16 = to_f16(cp, w, name)                                  # (N, K)
             self.packed, self.mode, self.scale = None, MODE["fp16"], cp.ones(1, cp.float32)
             self.n, self.kp = w.shape
         else:

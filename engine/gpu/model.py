@@ -28,11 +28,12 @@ from ..io.layout import ModelError, ModelWeights
 from ..model.llama import check_tokens
 from . import attention, fused, kernels, launch
 from . import decode as decoding
+from .decode import NONFINITE_LOGITS, check_finite_logits
 from . import ops as ops_cuda
 from .backend import BackendError, require_cupy
 from .cache import Buffers, GpuKVCache
 from .fused import MODE
-from .linear import GpuLinear
+from .linear import GpuLinear, to_f16
 from .tuning import DECODE, GEMM, GEMV_F16
 
 
@@ -62,6 +63,9 @@ class _Pass:
     amax_d: object
 
 
+ROPE_MIN_POSITIONS = 8192   # RoPE positions tabled at load; more when a larger cache is made
+
+
 class CudaModel:
     """Runs ModelWeights on the GPU. Same forward() contract as engine.model.Model."""
 
@@ -76,23 +80,25 @@ class CudaModel:
         launch.pdl_enabled()                # load the driver entry point now, not inside a capture
         kernels.module("fused.cu", fused.FUSED_EXPRS)      # compile once, up front
         kernels.module("attention.cu", attention.ATTN_EXPRS)
-        self.embed = cp.asarray(weights.embed, dtype=cp.float16)               # (V, H)
+        self.embed = to_f16(cp, weights.embed, "the token embedding")          # (V, H)
         if weights.lm_head_q is not None:            # INT8 head (ModelWeights.with_int8_lm_head)
             if c.hidden_size % 16:
                 raise BackendError(f"the INT8 lm_head GEMV takes a hidden size that is a multiple of 16, "
                                    f"got {c.hidden_size}")
             self.lm_head, self.lm_scale = (cp.asarray(a) for a in weights.lm_head_q)
         else:
-            self.lm_head = self.embed if c.tie_word_embeddings else cp.asarray(weights.lm_head, cp.float16)
+            self.lm_head = self.embed if c.tie_word_embeddings else to_f16(cp, weights.lm_head, "the lm_head")
             self.lm_scale = None
         self.norm = cp.asarray(weights.norm, dtype=cp.float32)
         self.layers = []
         hc = {}
-        for L in weights.layers:
+        for i, L in enumerate(weights.layers):
             self.layers.append(GpuLayer(
                 attn_norm=cp.asarray(L.attn_norm, cp.float32), mlp_norm=cp.asarray(L.mlp_norm, cp.float32),
-                qkv=GpuLinear(cp, [L.q, L.k, L.v], hc), o=GpuLinear(cp, [L.o], hc),
-                gu=GpuLinear(cp, [L.gate, L.up], hc, interleave=True), down=GpuLinear(cp, [L.down], hc)))
+                qkv=GpuLinear(cp, [L.q, L.k, L.v], hc, name=f"layer {i} q|k|v_proj"),
+                o=GpuLinear(cp, [L.o], hc, name=f"layer {i} o_proj"),
+                gu=GpuLinear(cp, [L.gate, L.up], hc, interleave=True, name=f"layer {i} gate|up_proj"),
+                down=GpuLinear(cp, [L.down], hc, name=f"layer {i} down_proj")))
         del hc
         # widest int8/fp16 activation row: K padded to the GEMM's multiple of the group
         self._wide = max([c.hidden_size, c.intermediate_size, c.q_size] +
@@ -102,11 +108,25 @@ class CudaModel:
         self._f16_ks = [g.w16.shape[1] for L in self.layers for g in L.linears() if g.w16 is not None]
         # the residual add folds into the A8W4 GEMV only (not the fp16 or b-bit weight-only ones)
         self._all_a8w4 = all(g.packed is not None for L in self.layers for g in L.linears())
+        # RoPE tables (P, D/2) for the positions the caches made so far hold (new_cache grows
+        # them): sized by max_position_embeddings up front, a config of a 16M context
+        # (io/config.py MAX_CONTEXT) would take 8 GiB before the first token
+        self.cos = self.sin = None
+        self._rope_old = []          # tables a captured decode graph may still read
+        self._rope(min(c.max_position_embeddings, ROPE_MIN_POSITIONS))
+        self._bufs = None
+
+    def _rope(self, positions: int) -> None:
+        """cos/sin tables covering at least `positions` positions, built in float64 on the host."""
+        if self.cos is not None and self.cos.shape[0] >= positions:
+            return
+        c, cp = self.config, self.cp
+        if self.cos is not None:
+            self._rope_old.append((self.cos, self.sin))
         inv = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
-        ang = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), inv)  # (P, D/2)
+        ang = np.outer(np.arange(positions, dtype=np.float64), inv)  # (P, D/2)
         self.cos = cp.asarray(np.cos(ang), dtype=cp.float32)
         self.sin = cp.asarray(np.sin(ang), dtype=cp.float32)
-        self._bufs = None
 
     # ------------------------------------------------------------------ bookkeeping
     def weight_bytes(self) -> dict:
@@ -126,7 +146,15 @@ class CudaModel:
                              f"(the model's context), got {capacity!r}")
         if not (isinstance(batch, (int, np.integer)) and batch >= 1):
             raise ModelError(f"batch must be a positive integer, got {batch!r}")
-        return GpuKVCache(self.cp, c, int(capacity), int(batch), kv8)
+        try:
+            cache = GpuKVCache(self.cp, c, int(capacity), int(batch), kv8)
+            self._rope(int(capacity))
+            return cache
+        except self.cp.cuda.memory.OutOfMemoryError:
+            need = 2 * c.num_hidden_layers * batch * capacity * c.num_key_value_heads * c.head_dim * (1 if kv8 else 2)
+            raise ModelError(f"a KV cache of {capacity} positions x {batch} sequences needs {need / 2**30:.1f} GiB "
+                             "of GPU memory, more than is free: ask for fewer tokens or sequences"
+                             + ("" if kv8 else ", or use the INT8 cache (kv8)")) from None
 
     def _buffers(self, m: int, vocab_rows: int):
         """Prefill scratch for m rows: one set, grown geometrically, used through [:m] views."""
@@ -209,8 +237,7 @@ class CudaModel:
 
     def _quant_amax(self, x, m: int, k: int, lin: GpuLinear, amax, x8, sx):
         """x8 (m, lin.kp), sx = the rows x[:m, :k] quantized for lin, their absmax known (amax)."""
-        dyn = lin.mode == MODE["dynamic"]
-        fused.quant_amax(m, x=x, K=k, mode=lin.mode, scale=amax if dyn else lin.scale, x8=x8, ld=lin.kp, sx=sx)
+        fused.quant_amax(m, x=x, K=k, mode=lin.mode, static_scale=lin.scale, amax=amax, x8=x8, ld=lin.kp, sx=sx)
 
     def _norm(self, b: Buffers, m: int, y, w, mode: int, scale, x8, ld: int, xh, h=None, zero=None,
               tok=None):
@@ -288,7 +315,7 @@ class CudaModel:
         y = self._layers(b, t, cache, self._attend_prefill(cache, seq, start, t, pos, seqs), tok)
         cache.lens_host[seq] += t
         self._head(b, y, slice(0, t) if logits == "all" else slice(t - 1, t), rows)
-        return b.logits[:rows]
+        return check_finite_logits(cp, b.logits[:rows], "prefill")
 
     def forward(self, tokens, cache: GpuKVCache | None = None, observer=None, last_only: bool = False):
         """Same contract as Model.forward: float32 logits (T, V), or (1, V) when last_only (CuPy)."""
@@ -308,7 +335,10 @@ class CudaModel:
         out = cp.zeros((1,), cp.int32)
         ops_cuda.sample_rows(logits[:1], cp.asarray(ops_cuda.sample_params(temperature, top_k, top_p, seed)),
                              cp.asarray([seq], cp.int32), cp.asarray([pos], cp.int32), out)
-        return int(out[0])
+        tok = int(out[0])
+        if tok == ops_cuda.SAMPLE_NONFINITE:
+            raise ModelError(NONFINITE_LOGITS.format(where="logits given to the sampler"))
+        return tok
 
     def decode_greedy(self, cache: GpuKVCache, last_tokens, n_steps: int, use_graph: bool = True,
                       on_step=None):

@@ -544,6 +544,7 @@ def linear_a8w4(x, layer: PackedA8W4, kernel: str = "auto"):
 # ----------------------------------------------------------------------------- sampling
 
 SAMPLE_THREADS = 1024    # cuda/sample.cu SAMPLE_THREADS: one block per row
+SAMPLE_NONFINITE = -1    # cuda/sample.cu: the token of a row with NaN or Inf logits
 
 
 def sample_params(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
