@@ -992,6 +992,81 @@ def report(model_path, csv_path=None, md_out=None) -> dict:
     return {"text": text, "choice": s}
 
 
+# ----------------------------------------------------------------------------- end to end, A/B
+
+def ab(model_path=None, shape: str = "llama7b", lens=(512, 2048), batches=(1, 8), rounds: int = 5,
+       reps: int = 5, md_out=None) -> list[dict]:
+    """(GPU) One random model of `shape` prefilled and decoded under the table's and the learned
+    choice in one process: each round runs both policies (order alternating), each timing
+    `reps` prefills (median) and a 32-step graphed decode; the table gives the median over
+    rounds per policy and phase, and learned / table."""
+    import time  # noqa: PLC0415
+
+    from ..gpu.backend import cupy_or_none  # noqa: PLC0415
+    from ..gpu.model import CudaModel  # noqa: PLC0415
+    from .e2e import LLAMA2_7B, SMOLLM2, random_model  # noqa: PLC0415
+    cp = cupy_or_none()
+    if cp is None:
+        raise BenchError("perf ab needs a GPU (CuPy + CUDA device)")
+    c = {"llama7b": LLAMA2_7B, "smollm2": SMOLLM2}[shape]
+    gm = CudaModel(random_model(c, True))
+    rng = np.random.default_rng(0)
+    sync = cp.cuda.Device().synchronize
+    saved = (choice.STATE.asked, choice.STATE.objective, choice.STATE.model_path)
+    got: dict = {}
+
+    def prefill_s(toks, cache):
+        cache.lens_host[:] = 0
+        sync()
+        t0 = time.perf_counter()
+        gm.prefill(toks, cache)
+        sync()
+        return time.perf_counter() - t0
+
+    try:
+        for r in range(rounds):
+            for policy in (("table", "learned") if r % 2 == 0 else ("learned", "table")):
+                choice.configure(policy, "time", model_path=model_path or "")
+                if choice.resolve() != policy:
+                    raise BenchError(f"perf ab: the learned choice is not usable here ({choice.STATE.note})")
+                for t in lens:
+                    toks, cache = rng.integers(0, c.vocab_size, t), gm.new_cache(t)
+                    prefill_s(toks, cache)                            # picks, compiles
+                    s = float(np.median([prefill_s(toks, cache) for _ in range(reps)]))
+                    got.setdefault(("prefill", t, 1), {}).setdefault(policy, []).append(t / s)
+                for b in batches:
+                    cache = gm.new_cache(128 + 34, batch=b)
+                    firsts = [int(gm.prefill(rng.integers(0, c.vocab_size, 128), cache, seq=i)[0].argmax())
+                              for i in range(b)]
+                    gm.decode_greedy(cache, firsts, 2)                # captures the step graph
+                    cache.lens_host[:] = 128
+                    sync()
+                    t0 = time.perf_counter()
+                    gm.decode_greedy(cache, firsts, 32)
+                    got.setdefault(("decode", 32, b), {}).setdefault(policy, []).append(
+                        32 * b / (time.perf_counter() - t0))
+                    del cache
+    finally:
+        choice.configure(*saved[:2], model_path=saved[2] or "")
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    out, lines = [], [f"perf ab: {shape}-shaped random DGQ model on {name}; {rounds} rounds a policy "
+                      f"(median of {reps} prefills each), median tokens/s over rounds", "",
+                      "| phase | tokens | batch | table | learned | learned / table | rounds: learned / table |",
+                      "|---|---|---|---|---|---|---|"]
+    for (phase, t, b), v in got.items():
+        tt, tl = float(np.median(v["table"])), float(np.median(v["learned"]))
+        each = " ".join(f"{a / b_:.3f}" for a, b_ in zip(v["learned"], v["table"]))
+        out.append(dict(phase=phase, tokens=t, batch=b, table_tok_s=tt, learned_tok_s=tl, ratio=tl / tt,
+                        table_all=v["table"], learned_all=v["learned"]))
+        lines.append(f"| {phase} | {t} | {b} | {tt:.0f} | {tl:.0f} | {tl / tt:.3f} | {each} |")
+    text = "\n".join(lines)
+    print(text)
+    if md_out:
+        with atomic_file(md_out, "x", flag="perf ab --md") as f:
+            f.write(text + "\n")
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def add_parser(sub) -> None:
@@ -1022,6 +1097,12 @@ def add_parser(sub) -> None:
     r.add_argument("--csv", metavar="PATH")
     r.add_argument("--md", metavar="PATH")
     r.set_defaults(func=cmd_report, reps=1, needs_gpu=False)
+    a = ps.add_parser("ab", help="(GPU) end-to-end tokens/s of a random model, table vs learned choice")
+    a.add_argument("--model", metavar="PATH", help="model file (default: the shipped one for this GPU)")
+    a.add_argument("--shape", choices=("llama7b", "smollm2"), default="llama7b")
+    a.add_argument("--rounds", type=int, default=5, help="alternating rounds a policy (default 5)")
+    a.add_argument("--md", metavar="PATH", help="also write the table here")
+    a.set_defaults(func=cmd_ab, reps=1, needs_gpu=True)
 
 
 def cmd_collect(args) -> int:
@@ -1038,6 +1119,13 @@ def cmd_fit(args) -> int:
         raise BenchError("--trees must be >= 1 and --folds >= 2")
     fit(args.csv, args.model, args.md, args.trees, args.folds, args.seed, not args.no_random_split,
         n_jobs=args.jobs, min_leaf=args.min_leaf)
+    return 0
+
+
+def cmd_ab(args) -> int:
+    if args.rounds < 1:
+        raise BenchError("--rounds must be at least 1")
+    ab(args.model, args.shape, rounds=args.rounds, md_out=args.md)
     return 0
 
 
