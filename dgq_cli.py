@@ -17,7 +17,6 @@ import numpy as np
 
 from engine.api import load_model
 from engine.gpu.backend import DEVICES, BackendError
-from engine.io.layout import LINEAR_NAMES
 from engine.util.sysinfo import peak_rss_mb
 
 
@@ -210,17 +209,25 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
 @click.option("--n-seq", type=click.IntRange(min=1), default=None,
               help="Calibration sequences (default in converters/calibrate.py).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per calibration sequence.")
+@click.option("--calibration", type=click.Choice(["float", "sequential"]), default="float", show_default=True,
+              help="Calibrate each layer on the float model's activations, or on the outputs of the "
+                   "already quantized layers before it (docs/QUALITY.md compares them).")
+@click.option("--embed-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="How the embedding and the output head are stored.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_len, quiet):
-    """Quantize MODEL (HF directory or GGUF file; default SmolLM2) into a q.safetensors file."""
+def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_len, calibration, embed_dtype,
+             quiet):
+    """Quantize MODEL (HF directory or GGUF file; default SmolLM2) into a q.safetensors file.
+
+    The model is read and quantized one layer at a time and the file written as it goes, so
+    memory holds about one layer's float weights, its statistics and the calibration activations."""
     from converters import calibrate as cal  # noqa: PLC0415
-    from converters.quantize import check_options, quantize_checkpoint  # noqa: PLC0415
+    from converters.quantize import check_options, quantize_to_file  # noqa: PLC0415
 
     from engine.io.checkpoint import default_model_path, load_checkpoint  # noqa: PLC0415
     from engine.io.corpus import load_text_file, wiki_path  # noqa: PLC0415
     from engine.io.layout import Checkpoint  # noqa: PLC0415
-    from engine.io.qfile import save_qfile  # noqa: PLC0415
     t0 = time.perf_counter()
     # Every flag and path before the model loads or the quantization runs (minutes).
     n_seq = cal.DEFAULT_N_SEQ if n_seq is None else n_seq
@@ -234,19 +241,18 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     elif calib is None and (kv8 or method not in ("w4a16", "int-rtn")):
         wiki_path()                            # the default calibration text is installed
     check_q_out(out_path, [src] + ([calib] if calib not in (None, "random") else []))
-    ck = load_checkpoint(src)
+    ck = load_checkpoint(src, lazy=True)
     if not isinstance(ck, Checkpoint):
         raise click.BadParameter("the model is already quantized; give a float HF directory or GGUF file",
                                  param_hint="MODEL")
-    mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, kv8=kv8, calib=calib,
-                                     progress=not quiet, n_seq=n_seq, seq_len=seq_len)
-    check_q_out(out_path, [src])             # the inputs may have moved while it ran
-    size = save_qfile(out_path, mw, ck.config, ck.tokenizer, ck.chat_template, recipe)
-    n_lin = sum(int(np.prod(getattr(L, n).shape)) for L in mw.layers for n in LINEAR_NAMES)
-    lin_bytes = sum(getattr(L, n).nbytes() for L in mw.layers for n in LINEAR_NAMES)
-    click.echo(f"wrote {out_path}: {size / 2**20:.1f} MiB; linears {8 * lin_bytes / n_lin:.2f} bits/param "
-               f"({n_lin / 1e6:.1f} M params); method {method}; {time.perf_counter() - t0:.0f} s; "
-               f"peak RSS {peak_rss_mb():.0f} MB", err=True)
+    recipe, size, lin = quantize_to_file(ck, out_path, method, wbits=wbits, group=group, act=act, kv8=kv8,
+                                         calib=calib, progress=not quiet, n_seq=n_seq, seq_len=seq_len,
+                                         calibration=calibration, embed_dtype=embed_dtype,
+                                         before_finish=lambda: check_q_out(out_path, [src]))  # inputs may move
+    ph = ", ".join(f"{k} {v:.0f} s" for k, v in recipe["phase_s"].items() if v >= 0.5)
+    click.echo(f"wrote {out_path}: {size / 2**20:.1f} MiB; linears {8 * lin['bytes'] / lin['params']:.2f} "
+               f"bits/param ({lin['params'] / 1e6:.1f} M params); method {method}, {calibration} calibration; "
+               f"{time.perf_counter() - t0:.0f} s ({ph}); peak RSS {peak_rss_mb():.0f} MB", err=True)
 
 
 def check_q_out(out, inputs) -> None:

@@ -196,11 +196,12 @@ def quantize_to_file(ckpt, path, method: str, wbits: int = 4, group: int = forma
                      act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
                      n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN, act_clip="max",
                      seed: int = cal.DEFAULT_SEED, calibration: str = "float", embed_dtype: str = "float16",
-                     on_layer=None) -> tuple[dict, int, dict]:
+                     on_layer=None, before_finish=None) -> tuple[dict, int, dict]:
     """quantize_checkpoint streamed into a q.safetensors file (engine.io.qfile.QFileWriter): each
     layer is written and dropped as soon as it is quantized, and with a lazy checkpoint
     (load_checkpoint(path, lazy=True)) only one layer's float weights are ever read into memory.
     The file appears atomically at the end; nothing is left behind on an error.
+    before_finish(): called before the file is put in place (the CLI re-checks its paths there).
 
     Returns (recipe, file size in bytes, {"params": linear parameters, "bytes": their stored bytes}).
     """
@@ -220,6 +221,8 @@ def quantize_to_file(ckpt, path, method: str, wbits: int = 4, group: int = forma
         phase = {"write": 0.0}
         _, recipe = _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len,
                               act_clip, seed, calibration, write, floats_out=w, phase=phase)
+        if before_finish is not None:
+            before_finish()
         t = time.perf_counter()
         recipe["embed_dtype"] = w.float_dtypes.get("model.embed_tokens.weight", embed_dtype)
         size = w.finish(ckpt.tokenizer, ckpt.chat_template, recipe)
