@@ -252,7 +252,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     ph = ", ".join(f"{k} {v:.0f} s" for k, v in recipe["phase_s"].items() if v >= 0.5)
     click.echo(f"wrote {out_path}: {size / 2**20:.1f} MiB; linears {8 * lin['bytes'] / lin['params']:.2f} "
                f"bits/param ({lin['params'] / 1e6:.1f} M params); method {method}, {calibration} calibration; "
-               f"{time.perf_counter() - t0:.0f} s ({ph}); peak RSS {peak_rss_mb():.0f} MB", err=True)
+               f"{time.perf_counter() - t0:.0f} s{f' ({ph})' if ph else ''}; peak RSS {peak_rss_mb():.0f} MB", err=True)
 
 
 def check_q_out(out, inputs) -> None:

@@ -275,3 +275,14 @@ def test_cli_quantize_streams_with_sequential_calibration(model_dir, tmp_path):
     r = CliRunner().invoke(dgq_cli.quantize, [str(d), "--out", str(out), "--calibration", "nope"])
     assert r.exit_code != 0 and "--calibration" in r.output
     json.dumps(q.recipe)
+
+
+def test_scale_bench_runs_on_a_tiny_shape(tmp_path, capsys):
+    """python -m engine.bench quantize: builds the checkpoint, runs dgq-quantize in a child,
+    reports phases and peak RSS, cleans up."""
+    from engine.bench.__main__ import main
+    assert main(["quantize", "--shape", "tiny", "--n-seq", "2", "--seq-len", "16", "--group", "32", "--quiet",
+                 "--json", "--dir", str(tmp_path), "--calibration", "sequential"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["peak_rss_mb"] > 0 and row["phase_s"]["propagate"] >= 0 and row["file_bytes"] > 0
+    assert os.listdir(tmp_path) == []

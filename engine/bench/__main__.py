@@ -6,6 +6,8 @@
                                          FP16 path (engine/bench/e2e.py)
   perf collect | fit | report            the learned runtime/power/energy model of the A8W4 GEMMs
                                          (engine/bench/perf.py; fit and report run without a GPU)
+  quantize                               dgq-quantize on a random TinyLlama / Llama-7B-shaped checkpoint:
+                                         time per phase and peak RSS (engine/bench/quantize.py; CPU)
 
 Each prints a table; bench/results/ keeps the dated ones that docs cite.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from ..gpu import kernels
 from ..gpu import ops as ops_cuda
-from . import gemm, perf, wb
+from . import gemm, perf, quantize, wb
 from .common import BenchError, cp_or_fail
 from .e2e import format_table, run_e2e
 
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)
     perf.add_parser(sub)
+    quantize.add_parser(sub)
     args = p.parse_args(argv)
     if args.reps < 1:
         raise BenchError("--reps must be at least 1")

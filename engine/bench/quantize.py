@@ -1,0 +1,207 @@
+"""Converter at scale: `python -m engine.bench quantize --shape tinyllama|llama7b` (CPU only).
+
+Builds a random Hugging Face checkpoint of that shape (fp16 shards, N(0, 0.02) linears,
+norms near 1, written tensor by tensor so the builder holds one tensor), then runs
+`dgq-quantize` on it in a child process, exactly as a user would, and reports the wall time
+of each phase (from the file's recipe: reading weights, calibration statistics, the weight
+search, the sequential forward, writing) and the child's peak RSS (ru_maxrss of the waited
+child: the converter alone, not this builder). Last, the file is read back with the engine's
+loader (every tensor checked). Random weights have no activation outliers, so the times and
+memory are representative but the search's results are not (quality: docs/QUALITY.md).
+
+The checkpoint and the q file go under --dir (default: a new temporary directory) and are
+deleted afterwards unless --keep. TinyLlama-shaped: 2.2 GB; Llama-7B-shaped: 13.5 GB.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..io.config import ModelConfig
+from ..io.layout import expected_shapes
+from ..io.qfile import load_qfile
+from ..util.files import atomic_file
+from .common import BenchError
+
+SHAPES = {
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048),
+    "llama7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=4096),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,      # tests
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
+}
+SHARD_BYTES = 2 << 30
+
+
+def shape_config(shape: str) -> ModelConfig:
+    if shape not in SHAPES:
+        raise BenchError(f"--shape: unknown {shape!r}; choose from {', '.join(SHAPES)}")
+    return ModelConfig(rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
+                       eos_token_id=2, **SHAPES[shape])
+
+
+def _tokenizer_json() -> str:
+    """A word-level tokenizer of a few entries: the converter calibrates on random ids, and the
+    file only needs a valid tokenizer.json to carry."""
+    from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "the": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok.to_str()
+
+
+def _write_shard(path: Path, names: list[str], shapes: dict, rng) -> int:
+    """One fp16 safetensors shard, its tensors generated and written one at a time."""
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for n in names:
+        nbytes = 2 * int(np.prod(shapes[n]))
+        header[n] = {"dtype": "F16", "shape": list(shapes[n]), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with atomic_file(path, flag="--dir") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for n in names:
+            shape = shapes[n]
+            if len(shape) == 1:
+                a = 1.0 + 0.05 * rng.standard_normal(shape, dtype=np.float32)        # (H,) norms
+            else:
+                a = 0.02 * rng.standard_normal(shape, dtype=np.float32)              # (N, K)
+            f.write(memoryview(a.astype(np.float16)).cast("B"))
+            del a
+    return 8 + len(hb) + off
+
+
+def build_checkpoint(d: Path, config: ModelConfig, seed: int = 0) -> int:
+    """A random HF directory of `config`'s shape in fp16 shards; returns the bytes written."""
+    d.mkdir(parents=True, exist_ok=True)
+    shapes = expected_shapes(config)
+    shards, cur, used = [], [], 0
+    for n, s in shapes.items():
+        nbytes = 2 * int(np.prod(s))
+        if cur and used + nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, used = [], 0
+        cur.append(n)
+        used += nbytes
+    shards.append(cur)
+    rng = np.random.default_rng(seed)
+    total, wmap = 0, {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        total += _write_shard(d / fname, names, shapes, rng)
+        wmap.update({n: fname for n in names})
+    cfg = config.to_hf()
+    cfg["torch_dtype"] = "float16"
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                "weight_map": wmap}))
+    (d / "tokenizer.json").write_text(_tokenizer_json())
+    return total
+
+
+def run_quantize(model_dir: Path, out: Path, method: str, n_seq: int, seq_len: int, calibration: str,
+                 extra: list[str]) -> dict:
+    """dgq-quantize in a child process; its wall time and peak RSS."""
+    argv = [str(model_dir), "--out", str(out), "--method", method, "--calib", "random", "--n-seq", str(n_seq),
+            "--seq-len", str(seq_len), "--calibration", calibration, *extra]
+    code = "import sys; sys.argv[0] = 'dgq-quantize'; from dgq_cli import quantize_main; quantize_main()"
+    root = Path(__file__).resolve().parents[2]                  # the checkout: dgq_cli.py lives there
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, *argv], env=env)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if r.returncode != 0:
+        raise BenchError(f"dgq-quantize failed (exit status {r.returncode})")
+    if peak <= before:
+        peak = float("nan")             # an earlier child peaked higher: not measurable here
+    return {"wall_s": wall, "peak_rss_mb": peak / 1024.0}
+
+
+def cmd_quantize(args) -> int:
+    config = shape_config(args.shape)
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix=f"dgq-bench-{args.shape}-"))
+    model_dir, out = base / f"{args.shape}-random-fp16", base / f"{args.shape}-{args.method}.q.safetensors"
+    need = 2 * sum(int(np.prod(s)) for s in expected_shapes(config).values()) * 1.6
+    free = shutil.disk_usage(base if base.exists() else base.parent).free
+    if not (model_dir / "config.json").exists() and free < need:
+        raise BenchError(f"--dir {base}: {free / 1e9:.1f} GB free, the checkpoint and the q file need "
+                         f"about {need / 1e9:.1f} GB")
+    try:
+        t0 = time.perf_counter()
+        if (model_dir / "config.json").exists():
+            print(f"reusing {model_dir}", flush=True)
+        else:
+            size = build_checkpoint(model_dir, config, args.seed)
+            print(f"built {model_dir}: {size / 1e9:.2f} GB fp16 in {time.perf_counter() - t0:.0f} s", flush=True)
+        extra = ["--quiet"] if args.quiet else []
+        if args.group:
+            extra += ["--group", str(args.group)]
+        res = run_quantize(model_dir, out, args.method, args.n_seq, args.seq_len, args.calibration, extra)
+        t = time.perf_counter()
+        q = load_qfile(out)
+        load_s = time.perf_counter() - t
+        recipe = q.recipe
+        del q
+        rows = [("read float weights", recipe["phase_s"]["load"]),
+                ("calibration statistics", recipe["phase_s"]["calibrate"]),
+                ("weight quantization (search)", recipe["phase_s"]["quantize"]),
+                ("sequential forward (quantized layers)", recipe["phase_s"]["propagate"]),
+                ("write the file", recipe["phase_s"]["write"])]
+        L = config.num_hidden_layers
+        lines = [f"`python -m engine.bench quantize --shape {args.shape} --method {args.method} --n-seq {args.n_seq} "
+                 f"--seq-len {args.seq_len} --calibration {args.calibration}` ({os.cpu_count()} CPU cores)", "",
+                 "| phase | seconds | per layer |", "|---|---:|---:|"]
+        lines += [f"| {name} | {s:.0f} | {s / L:.1f} |" for name, s in rows]
+        lines += [f"| **dgq-quantize wall time** | **{res['wall_s']:.0f}** | {res['wall_s'] / L:.1f} |", "",
+                  f"peak RSS of dgq-quantize: **{res['peak_rss_mb']:.0f} MB**; q file "
+                  f"{out.stat().st_size / 2**20:.0f} MiB (embeddings {recipe.get('embed_dtype')}); "
+                  f"read back by engine.io.qfile.load_qfile in {load_s:.0f} s"]
+        table = "\n".join(lines)
+        print(table, flush=True)
+        if args.md:
+            with open(args.md, "a") as f:
+                f.write(table + "\n\n")
+        if args.json:
+            print(json.dumps({"shape": args.shape, "method": args.method, "n_seq": args.n_seq,
+                              "seq_len": args.seq_len, "calibration": args.calibration, **res,
+                              "phase_s": recipe["phase_s"], "file_bytes": out.stat().st_size}))
+    finally:
+        if not args.keep:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            if out.exists():
+                out.unlink()
+            if not args.dir:
+                shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+def add_parser(sub) -> None:
+    q = sub.add_parser("quantize", help="dgq-quantize on a random TinyLlama- or Llama-7B-shaped checkpoint: "
+                                        "time per phase and peak RSS (CPU)")
+    q.add_argument("--shape", choices=tuple(SHAPES), default="tinyllama")
+    q.add_argument("--method", default="dgq")
+    q.add_argument("--n-seq", type=int, default=8)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--group", type=int, default=None)
+    q.add_argument("--calibration", choices=("float", "sequential"), default="float")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--dir", default=None, help="where the checkpoint and the q file go (default: a temp dir)")
+    q.add_argument("--keep", action="store_true", help="keep the checkpoint and the q file (reused by a later run)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars from dgq-quantize")
+    q.add_argument("--md", metavar="PATH", help="also append the markdown table to PATH")
+    q.add_argument("--json", action="store_true", help="also print one JSON object")
+    q.set_defaults(func=cmd_quantize, needs_gpu=False, reps=1)
