@@ -367,6 +367,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
                 for site, st in stats.items():
                     site_mode.setdefault((li, site), _fptq_mode(st.amax, site))
                     site_amax[(li, site)] = st.amax
+            st = None                                              # no second reference to an H
             for site in sorted(scales):
                 lw = smooth.fold_layer(lw, site, scales[site])
             if two_pass:
@@ -397,7 +398,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
             new[n] = ql
             if ql.meta.get("search") and "obj" in ql.meta:
                 info[HF_LINEAR[n]] = {k: ql.meta[k] for k in ("obj_rtn", "obj", "rows_rtn")}
-        del stats                                                  # this layer's H: freed here
+        del stats, st, H, ql                                       # this layer's H: freed here
         qlayer = LayerWeights(attn_norm=lw.attn_norm, mlp_norm=lw.mlp_norm, **new)
         del lw, new
         if info:
