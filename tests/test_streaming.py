@@ -55,6 +55,7 @@ def test_lazy_checkpoint_reads_on_access_and_equals_eager(model_dir, tmp_path, k
     d, ck = model_dir
     path = d
     if kind == "gguf":
+        pytest.importorskip("gguf")
         path = tmp_path / "m.gguf"
         write_tiny_gguf(path, ck)
     eager = load_checkpoint(path)
