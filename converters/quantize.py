@@ -1,11 +1,13 @@
 """Quantize a float checkpoint: calibration, smoothing, per-layer quantization, the recipe.
 
     from engine.io.checkpoint import load_checkpoint
-    from converters.quantize import quantize_checkpoint
+    from converters.quantize import quantize_checkpoint, quantize_to_file
     from engine.io.qfile import save_qfile
     ck = load_checkpoint(path)
-    weights, recipe = quantize_checkpoint(ck, "dgq")
+    weights, recipe = quantize_checkpoint(ck, "dgq")             # the whole result in memory
     save_qfile("model.q.safetensors", weights, ck.config, ck.tokenizer, ck.chat_template, recipe)
+    # or streamed, one layer in memory at a time (what dgq-quantize does):
+    recipe, size, _ = quantize_to_file(load_checkpoint(path, lazy=True), "model.q.safetensors", "dgq")
 
 Methods (METHODS; `wbits`, `act` as noted):
   dgq          percentile smoothing (q,k,v and gate,up inputs) + DGQ search, kind "dg";
@@ -23,10 +25,16 @@ Methods (METHODS; `wbits`, `act` as noted):
   int-rtn      uniform asymmetric min-max weights, wbits 2/3/4 (kind "int<b>"), float activations
   int-search   the same format with PoT's two-step scale search: the fair baseline for pot
 
-Calibration statistics come from the float model (not sequentially from the
-quantized layers); one forward pass serves every method: smoothing rescales
-the recorded absmax and H exactly (calibrate.scaled); only a percentile
-activation clip after smoothing needs a second pass on the folded model.
+The model is walked one decoder layer at a time (issue 18): read the layer's float weights
+(lazily, with load_checkpoint(path, lazy=True)), run the calibration activations through it
+gathering its statistics, fold the smoothing, quantize its seven linears, hand the layer on
+(quantize_to_file writes it at once), free. Memory: one layer's float weights and statistics
+plus the (n, T, H) activations, whatever the depth. The activations are the float model's
+(calibration="float", the default: every statistic, code and scale equals the former
+whole-model pass bit for bit) or the quantized layers' outputs ("sequential", as GPTQ/AWQ).
+One pass per layer serves every method: smoothing rescales the recorded absmax and H exactly
+(calibrate.scaled); only a percentile activation clip after smoothing needs a second pass
+over the folded layer.
 """
 from __future__ import annotations
 
