@@ -3,6 +3,7 @@
     python bench/quality.py [--windows 40] [--out docs/QUALITY.md]
     python bench/quality.py --set weight-only [--groups 128,64] [--bits 4,3,2]   # pot / int-* rows
     python bench/quality.py --set pot-a8 --windows 20     # W3 codes on the INT8 kernels (issue 15 stretch)
+    python bench/quality.py --calibration sequential      # each layer on the quantized layers' outputs
 
 Every row is scored on the same windows (the first N of 512 tokens of the wiki
 evaluation split) with the NumPy reference path, so the integer A8W4 rows are
@@ -64,20 +65,28 @@ def as_int8_activations(mw):
 
 
 def reuse_calibration():
-    """The weight-only rows smooth nothing, so every row's calibration pass over the float model
-    gives the same statistics: run it once and hand each row a copy (quantize_checkpoint frees
-    each layer's Gram matrices as it goes)."""
+    """The weight-only rows smooth nothing, so every row's calibration of a layer (on the float
+    model's activations) gives the same statistics and outputs: compute each layer's once and
+    hand each row a copy (quantize_checkpoint frees each layer's Gram matrices as it goes)."""
     import copy
+    import hashlib
 
     from converters import calibrate as cal
-    run, memo = cal.calibrate, {}
+    run, memo = cal.calibrate_layer, {}
 
-    def cached(weights, seqs, **kw):
-        key = (np.asarray(seqs).tobytes(), kw.get("gram"), kw.get("kv"), kw.get("sites"))
+    def cached(config, li, layer, X, cos, sin, **kw):
+        key = (li, hashlib.blake2b(X.tobytes(), digest_size=16).digest(),
+               hashlib.blake2b(b"".join(np.asarray(getattr(layer, n)).tobytes() for n in ("q", "down")),
+                               digest_size=16).digest(),
+               kw.get("gram"), kw.get("kv"), kw.get("sites"), kw.get("advance"))
         if key not in memo:
-            memo[key] = run(weights, seqs, **kw)
-        return copy.deepcopy(memo[key])
-    cal.calibrate = cached
+            stats, kv = run(config, li, layer, X, cos, sin, **kw)
+            memo[key] = (stats, kv, X.copy() if kw.get("advance") else None)
+        stats, kv, out = memo[key]
+        if out is not None:
+            X[...] = out
+        return copy.deepcopy(stats), None if kv is None else kv.copy()
+    cal.calibrate_layer = cached
 
 
 def bits_per_weight(mw) -> float:
@@ -101,6 +110,8 @@ def main(argv=None):
     ap.add_argument("--set", choices=("a8", "weight-only", "pot-a8"), default="a8",
                     help="a8: the A8W4/A16W4 table; weight-only: pot / int-search / int-rtn rows; pot-a8: "
                          "W3 codes with INT8 activations on the dual-grained kernels")
+    ap.add_argument("--calibration", choices=("float", "sequential"), default="float",
+                    help="calibrate each layer on the float model's activations or the quantized layers' outputs")
     ap.add_argument("--bits", default="4,3,2", help="weight-only: code widths")
     ap.add_argument("--groups", default="128,64", help="weight-only: group sizes")
     a = ap.parse_args(argv)
@@ -136,7 +147,8 @@ def main(argv=None):
             mw, recipe, _ = made[key]
         else:
             kw = {k: v for k, v in (("n_seq", a.n_seq), ("seq_len", a.seq_len)) if v}
-            mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, progress=False, **kw)
+            mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, progress=False,
+                                             calibration=a.calibration, **kw)
             if a.set == "pot-a8":
                 made[key] = (mw, recipe, time.perf_counter() - t0)
         if convert and convert[0]:
@@ -144,7 +156,7 @@ def main(argv=None):
         tq = time.perf_counter() - t0 + (made[key][2] if key in made and convert and convert[0] else 0.0)
         m = Model(mw)
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
-        row = dict(label=label, method=method, act=act, wbits=wbits, group=group, bits_per_weight=bits_per_weight(mw),
+        row = dict(label=label, calibration=a.calibration if method else None, method=method, act=act, wbits=wbits, group=group, bits_per_weight=bits_per_weight(mw),
                    perplexity=r["perplexity"], n_tokens=r["n_tokens"],
                    quantize_s=tq, eval_s=time.perf_counter() - t0 - tq,
                    peak_rss_mb=peak_rss_mb())
