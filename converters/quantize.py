@@ -390,8 +390,13 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
         phase["calibrate"] += time.perf_counter() - t
 
         t = time.perf_counter()
+        # Each float weight and each site's statistics are dropped as soon as their last
+        # linear is done: down_proj's search then runs beside its own H only.
+        floatw = {n: getattr(lw, n) for n in LINEAR_NAMES}
+        norms = {"attn_norm": lw.attn_norm, "mlp_norm": lw.mlp_norm}
+        del lw
         new, info = {}, {}
-        for n in LINEAR_NAMES:
+        for i, n in enumerate(LINEAR_NAMES):
             site = SITE_OF[n]
             st = stats.get(site) if stats is not None else None
             a_mode = site_mode.get((li, site), "static") if spec.fptq else act
@@ -401,14 +406,17 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
                 a_mode = "static"
             ascale = cal.static_ascale(st, act_clip) if a_mode == "static" else None
             H = st.H if (st is not None and spec.search) else None
-            ql = quantize_linear(np.asarray(getattr(lw, n)), spec.weights, a_mode, ascale, group,
+            ql = quantize_linear(np.asarray(floatw.pop(n)), spec.weights, a_mode, ascale, group,
                                  H=H, search=spec.search, bits=bits)
             new[n] = ql
             if ql.meta.get("search") and "obj" in ql.meta:
                 info[HF_LINEAR[n]] = {k: ql.meta[k] for k in ("obj_rtn", "obj", "rows_rtn")}
-        del stats, st, H, ql                                       # this layer's H: freed here
-        qlayer = LayerWeights(attn_norm=lw.attn_norm, mlp_norm=lw.mlp_norm, **new)
-        del lw, new
+            del st, H, ql
+            if stats is not None and (i + 1 == len(LINEAR_NAMES) or SITE_OF[LINEAR_NAMES[i + 1]] != site):
+                stats.pop(site, None)
+        del stats                                                  # this layer's H: all freed
+        qlayer = LayerWeights(**norms, **new)
+        del norms, new
         if info:
             layer_info[str(li)] = info
         phase["quantize"] += time.perf_counter() - t
