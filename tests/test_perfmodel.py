@@ -47,7 +47,10 @@ def rows():
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     d = tmp_path_factory.mktemp("perf")
-    res = perf.fit(CSV, d / "model.npz", d / "report.md", n_trees=12, folds=3, random_split_too=False, plot=False)
+    with pytest.MonkeyPatch.context() as mp:             # as _learn_gemv_too (module scope: set up before it)
+        mp.setattr(choice, "LEARN_GEMV", True)
+        res = perf.fit(CSV, d / "model.npz", d / "report.md", n_trees=12, folds=3, random_split_too=False,
+                       plot=False)
     return res, d
 
 
@@ -207,6 +210,20 @@ def test_default_policy_is_learned_with_the_devices_model(fake_device, monkeypat
     assert choice.resolve() == "learned" and choice.active()
 
 
+def test_shipped_models_load_and_cover_the_shipped_configurations():
+    """Each model under engine/gpu/perf_models/ (package data) is named after the GPU it was
+    fitted on and saw every configuration `candidates` offers: otherwise the default would
+    silently fall back to the table for whole shape classes (then: perf collect + perf fit)."""
+    files = sorted(perfmodel.MODEL_DIR.glob("*.npz"))
+    assert files, "no shipped model"
+    for f in files:
+        m = perfmodel.load(f)
+        assert perfmodel.shipped_path(m.device) == f
+        for mm in (1, 8, 16, 32, 128, 512, 4096):
+            for kern, cfg in choice.candidates(mm, wgmma=True):
+                assert config_key(kern, cfg) in m.configs, (f.name, mm, kern, cfg)
+
+
 def test_bad_policy_names_the_choices(fake_device):
     with pytest.raises(choice.ChoiceError, match="table, learned, exhaustive"):
         choice.configure("fastest")
@@ -281,6 +298,12 @@ def test_gemv_stays_with_the_table_by_default(fitted, fake_device, monkeypatch):
     assert choice.pick(1, 4096, 4096, 128) is None                       # decode: the table's GEMV
     assert choice.pick(16, 4096, 4096, 128, gemv_only=True) is None
     assert choice.pick(64, 4096, 4096, 128) in choice.candidates(64, True)   # above: learned
+    # M = 17..32: GEMV candidates exist, but the learned policy weighs only the tiles
+    assert any(k == "gemv" for k, _ in choice.candidates(32, True))
+    assert choice.learned_candidates(32, True) == [c for c in choice.candidates(32, True) if c[0] != "gemv"]
+    assert choice.pick(32, 4096, 4096, 128)[0] != "gemv"
+    monkeypatch.setattr(choice, "LEARN_GEMV", True)
+    assert choice.learned_candidates(32, True) == choice.candidates(32, True)
 
 
 def test_ops_hook_leaves_the_table_path_alone(fitted, fake_device):

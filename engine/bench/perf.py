@@ -754,12 +754,18 @@ def choice_eval(rows, pred_t, pred_e=None, sm_count=132, wgmma=True, margin: flo
         ii = [idx[c] for c in cands]
         t = np.array([rows[i]["runtime_ms"] for i in ii])
         table = cands.index(config_key(*choice.table_pick(m, n, g, sm_count, wgmma)))
-        learned = choice.select(pred_t[ii], None, "time", table, margin)
+        # the learned policy's own candidates (choice.learned_candidates; none: the table's pick)
+        own = [cands.index(config_key(*c)) for c in choice.learned_candidates(m, wgmma)]
+        learned = table
+        if own:
+            sub = np.asarray(ii)[own]
+            learned = own[choice.select(pred_t[sub], None, "time", own.index(table) if table in own else None,
+                                        margin)]
         rec = {"m": m, "n": n, "k": k, "oracle": float(t.min()), "learned": float(t[learned]), "table": float(t[table]),
                "tuned": (m, k, n) in TUNED, "llm": rows[ii[0]].get("source") == "llm"}
         e = [rows[i].get("energy_mj") for i in ii]
         if pred_e is not None and all(v is not None for v in e) and np.isfinite(pred_e[ii]).all():
-            je = choice.select(pred_t[ii], pred_e[ii], "energy")
+            je = own[choice.select(pred_t[sub], pred_e[sub], "energy")] if own else table
             rec.update(e_time_pick=float(e[learned]), e_energy_pick=float(e[je]), t_energy_pick=float(t[je]),
                        e_oracle=float(min(e)))
         out.append(rec)
@@ -1014,6 +1020,7 @@ def ab(model_path=None, shape: str = "llama7b", lens=(512, 2048), batches=(1, 8)
     sync = cp.cuda.Device().synchronize
     saved = (choice.STATE.asked, choice.STATE.objective, choice.STATE.model_path)
     got: dict = {}
+    used = model_path
 
     def prefill_s(toks, cache):
         cache.lens_host[:] = 0
@@ -1029,6 +1036,8 @@ def ab(model_path=None, shape: str = "llama7b", lens=(512, 2048), batches=(1, 8)
                 choice.configure(policy, "time", model_path=model_path or "")
                 if choice.resolve() != policy:
                     raise BenchError(f"perf ab: the learned choice is not usable here ({choice.STATE.note})")
+                if policy == "learned":
+                    used = choice.STATE.model.path
                 for t in lens:
                     toks, cache = rng.integers(0, c.vocab_size, t), gm.new_cache(t)
                     prefill_s(toks, cache)                            # picks, compiles
@@ -1050,7 +1059,9 @@ def ab(model_path=None, shape: str = "llama7b", lens=(512, 2048), batches=(1, 8)
         choice.configure(*saved[:2], model_path=saved[2] or "")
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     out, lines = [], [f"perf ab: {shape}-shaped random DGQ model on {name}; {rounds} rounds a policy "
-                      f"(median of {reps} prefills each), median tokens/s over rounds", "",
+                      f"(median of {reps} prefills each), median tokens/s over rounds; model "
+                      f"{used}, TABLE_MARGIN "
+                      f"{choice.TABLE_MARGIN}, LEARN_GEMV {choice.LEARN_GEMV}", "",
                       "| phase | tokens | batch | table | learned | learned / table | rounds: learned / table |",
                       "|---|---|---|---|---|---|---|"]
     for (phase, t, b), v in got.items():
@@ -1101,6 +1112,8 @@ def add_parser(sub) -> None:
     a.add_argument("--model", metavar="PATH", help="model file (default: the shipped one for this GPU)")
     a.add_argument("--shape", choices=("llama7b", "smollm2"), default="llama7b")
     a.add_argument("--rounds", type=int, default=5, help="alternating rounds a policy (default 5)")
+    a.add_argument("--lens", default="512,2048", help="prefill lengths (default 512,2048)")
+    a.add_argument("--batches", default="1,8", help="decode batches (default 1,8)")
     a.add_argument("--md", metavar="PATH", help="also write the table here")
     a.set_defaults(func=cmd_ab, reps=1, needs_gpu=True)
 
@@ -1125,7 +1138,15 @@ def cmd_fit(args) -> int:
 def cmd_ab(args) -> int:
     if args.rounds < 1:
         raise BenchError("--rounds must be at least 1")
-    ab(args.model, args.shape, rounds=args.rounds, md_out=args.md)
+    ints = {}
+    for flag in ("lens", "batches"):
+        try:
+            ints[flag] = tuple(int(v) for v in getattr(args, flag).split(",") if v.strip())
+        except ValueError:
+            raise BenchError(f"--{flag} takes comma-separated integers, got {getattr(args, flag)!r}") from None
+        if not ints[flag] or min(ints[flag]) < 1:
+            raise BenchError(f"--{flag} takes positive integers, got {getattr(args, flag)!r}")
+    ab(args.model, args.shape, ints["lens"], ints["batches"], rounds=args.rounds, md_out=args.md)
     return 0
 
 
