@@ -28,6 +28,8 @@ import numpy as np
 from engine import formats
 from engine.formats import QMAX_I8, QMAX_U4, S_MAX, S_MIN
 
+from . import gptq
+
 # Clipping-ratio grids of the DGQ paper's two phases (r = 1.02 − 0.22·i/20, i = 1..20, and
 # r = 1.02 − 0.82·i/80, i = 1..80), plus r = 1 (RTN).
 PHASE1_RATIOS = np.concatenate([[1.0], 1.02 - 0.22 * np.arange(1, 21) / 20])   # (21,)
@@ -258,7 +260,7 @@ def phase2(W, H: np.ndarray | None, codes, z, s_g, group: int, ratios=PHASE2_RAT
     return s8, S, qc, r_out, e_out
 
 
-# ----------------------------------------------------------------------------- the layer
+# ----------------------------------------------------------------------------- the layer record
 
 def _dg_linear(codes, z, S, s8, act, ascale, group, meta) -> formats.QuantLinear:
     n, k = codes.shape
@@ -271,39 +273,153 @@ def _dg_linear(codes, z, S, s8, act, ascale, group, meta) -> formats.QuantLinear
     return ql
 
 
+# ----------------------------------------------------------------------------- compensation
+
+# SmolLM2-135M, A8W4 g128 static, wiki eval 20x512 (bench/results/2026-12-02-quality-gptq-smollm2-cpu.jsonl):
+# plain 27.78, grid 27.00, regroup 27.26 (regroup has the lowest objective, 24.6M against grid's 31.0M
+# and plain 74.6M, yet not the lowest perplexity: the objective is dominated by the sink token).
+COMPENSATE_MODES = ("grid", "regroup", "phase2")
+
+
+def _group_search_at(s8, ratios):
+    """params_at for gptq.gptq: each group's clipping ratio picked on its current weights.
+
+    s8 (N,) given: the step is an integer multiple S·s8 (S ∈ 1..127) with the overflow guard's
+    code bounds, so the codes are final "dg" codes. s8 None: a float step s_g (phase 2 comes
+    later). The objective is the group's compensated loss ‖e Ugg⁻¹‖² (gptq.group_metric).
+    Extra results: S (N,) and s_g (N,).
+    """
+    def at(g, Wg, Ugg):
+        V = gptq.group_metric(Ugg)                                           # (len, len)
+        lo_w = np.minimum(Wg.min(axis=1), 0.0)                               # (N,)
+        hi_w = np.maximum(Wg.max(axis=1), 0.0)
+        best = None
+        for r in ratios:
+            sg = r * (hi_w - lo_w) / QMAX_U4                                 # (N,)
+            if s8 is None:
+                sg = np.where(sg > 0, sg, 1.0)
+                S, step, m = np.ones_like(sg), sg, np.full_like(sg, QMAX_U4)
+            else:
+                S = np.clip(np.rint(sg / s8), S_MIN, S_MAX)                  # (N,)
+                step, m = S * s8, np.floor(QMAX_I8 / S)
+            z = np.clip(np.rint(-r * lo_w / step), 0, QMAX_U4)               # (N,)
+            lo, hi = np.maximum(z - m, 0), np.minimum(z + m, QMAX_U4)
+            q = np.clip(np.rint(Wg / step[:, None]) + z[:, None], lo[:, None], hi[:, None])  # (N, len)
+            err = np.square((Wg - (q - z[:, None]) * step[:, None]) @ V).sum(axis=1)       # (N,)
+            cand = (step, z, lo, hi, S, sg)
+            if best is None:
+                best, out = err, cand
+                continue
+            better = err < best
+            best = np.where(better, err, best)
+            out = tuple(np.where(better, a, b) for a, b in zip(cand, out))
+        return out
+    return at
+
+
+def _compensated(W, H, U, group, mode, base, ratios):
+    """GPTQ-rounded "dg" parameters: codes (N, K), z (N, G), S (N, G), s8 (N,), all float64.
+
+    base = (codes, z, S, s8) of the uncompensated result (the search's or the RTN start's):
+    "grid" keeps its z, S, s8 and code bounds and only re-rounds the codes; "regroup" keeps
+    its s8 and re-picks each group's S and z on the compensated weights; "phase2" picks float
+    group steps on the compensated weights, then runs phase 2 (s8, S, guard) on the codes.
+    """
+    n, k = W.shape
+    _, z0, S0, s80 = base
+    s8f = np.float32(s80).astype(np.float64)                               # as stored
+    if mode == "grid":
+        m = np.floor(QMAX_I8 / S0)
+        lo, hi = np.maximum(z0 - m, 0), np.minimum(z0 + m, QMAX_U4)          # (N, G)
+        step = S0 * s8f[:, None]
+
+        def at(g, Wg, Ugg):
+            return step[:, g], z0[:, g], lo[:, g], hi[:, g]
+        codes, _, _ = gptq.gptq(W, U, group, at)
+        return codes, z0, S0, s80
+    if mode == "regroup":
+        codes, _, params = gptq.gptq(W, U, group, _group_search_at(s8f, ratios))
+        z = np.stack([p[1] for p in params], axis=1)                         # (N, G)
+        S = np.stack([p[4] for p in params], axis=1)
+        return codes, z, S, s80
+    codes, _, params = gptq.gptq(W, U, group, _group_search_at(None, ratios))
+    z = np.stack([p[1] for p in params], axis=1)
+    sg = np.stack([p[0] for p in params], axis=1)
+    s8, S, qc, _, _ = phase2(W, H, codes, z, sg, group)
+    return qc, z, S, s8
+
+
+# ----------------------------------------------------------------------------- the layer
+
 def dgq_linear(W, H=None, group: int = formats.DEFAULT_GROUP, act: str = "static",
-               ascale: float | None = None, search: bool = True) -> formats.QuantLinear:
+               ascale: float | None = None, search: bool = True, compensate: bool = False,
+               compensate_mode: str = "grid", damp: float = gptq.DEFAULT_DAMP) -> formats.QuantLinear:
     """DGQ A8W4: W (N, K) float -> QuantLinear(kind="dg").
 
     search=False (or H None) gives the RTN start: phase 1 and phase 2 at r = 1.
     With the search, each row ends at whichever of {searched, RTN start} has the
     lower float64 objective d H dᵀ, so it is never worse than RTN. `meta` records
     the summed objectives (obj_rtn, obj) and how many rows kept the RTN start.
+
+    compensate=True (needs H) adds a GPTQ-rounded candidate (converters/gptq.py, damping
+    `damp`) built on the search's result (or the RTN start when search=False) as
+    `compensate_mode` says (_compensated); each row still keeps the lowest objective.
     """
     W = _check_weight(W)
     n, k = W.shape
     if k % 2:
         raise QuantizeError(f"UINT4 packing needs an even in_features, got {k}")
+    if compensate:
+        if H is None:
+            raise QuantizeError("compensate=True needs the calibration Gram matrix H")
+        if compensate_mode not in COMPENSATE_MODES:
+            raise QuantizeError(f"compensate_mode must be one of {', '.join(COMPENSATE_MODES)}, "
+                                f"got {compensate_mode!r}")
     codes0, z0, sg0, _ = phase1(W, None, group)
     s80, S0, q0, _, _ = phase2(W, None, codes0, z0, sg0, group)
-    if not search or H is None:
+    if not compensate and (not search or H is None):
         return _dg_linear(q0, z0, S0, s80, act, ascale, group, {"search": False})
     H = _check_gram(H, k).astype(np.float64, copy=False)
-    codes1, z1, sg1, r1 = phase1(W, h_blocks(H, group), group)
-    s81, S1, q1, r2, _ = phase2(W, H, codes1, z1, sg1, group)
+    cands = [(q0, z0, S0, s80)]
+    if search:
+        codes1, z1, sg1, r1 = phase1(W, h_blocks(H, group), group)
+        s81, S1, q1, r2, _ = phase2(W, H, codes1, z1, sg1, group)
+        cands.append((q1, z1, S1, s81))
+    if compensate:
+        try:
+            U = gptq.inverse_cholesky(H, k, damp)
+        except gptq.HessianError as e:
+            raise QuantizeError(str(e)) from None
+        ratios = PHASE1_RATIOS if search else np.array([1.0])
+        cands.append(_compensated(W, H, U, group, compensate_mode, cands[-1], ratios))
     # Final choice per row in float64, with s8 rounded to the float32 that is stored.
-    e0 = np.empty(n)
-    e1 = np.empty(n)
+    errs = np.empty((len(cands), n))
     for a, b in _row_chunks(n, k):
-        w0 = np.float32(s80[a:b]).astype(np.float64)[:, None] * dg_int8(q0[a:b], z0[a:b], S0[a:b], group)
-        w1 = np.float32(s81[a:b]).astype(np.float64)[:, None] * dg_int8(q1[a:b], z1[a:b], S1[a:b], group)
-        e0[a:b] = row_objective(W[a:b], w0, H)
-        e1[a:b] = row_objective(W[a:b], w1, H)
-    keep = e1 <= e0                                                      # (N,) searched rows
-    pick = lambda x1, x0: np.where(keep.reshape((-1,) + (1,) * (x1.ndim - 1)), x1, x0)  # noqa: E731
-    meta = {"search": True, "obj_rtn": float(e0.sum()), "obj": float(np.where(keep, e1, e0).sum()),
-            "rows_rtn": int((~keep).sum()), "r1_mean": float(r1.mean()), "r2_mean": float(r2.mean())}
-    return _dg_linear(pick(q1, q0), pick(z1, z0), pick(S1, S0), pick(s81, s80), act, ascale, group, meta)
+        for i, (q, z, S, s8) in enumerate(cands):
+            w_hat = np.float32(s8[a:b]).astype(np.float64)[:, None] * dg_int8(q[a:b], z[a:b], S[a:b], group)
+            errs[i, a:b] = row_objective(W[a:b], w_hat, H)
+    if len(cands) == 2 and not compensate:
+        keep = errs[1] <= errs[0]                                        # (N,) searched rows
+        pick = lambda x1, x0: np.where(keep.reshape((-1,) + (1,) * (x1.ndim - 1)), x1, x0)  # noqa: E731
+        meta = {"search": True, "obj_rtn": float(errs[0].sum()), "obj": float(np.where(keep, errs[1], errs[0]).sum()),
+                "rows_rtn": int((~keep).sum()), "r1_mean": float(r1.mean()), "r2_mean": float(r2.mean())}
+        return _dg_linear(pick(q1, q0), pick(z1, z0), pick(S1, S0), pick(s81, s80), act, ascale, group, meta)
+    # Ties go to the later candidate (searched over RTN, compensated over both), as above.
+    best = len(cands) - 1 - np.argmin(errs[::-1], axis=0)                # (N,)
+    out = []
+    for j in range(4):
+        x = cands[0][j].copy()
+        for i in range(1, len(cands)):
+            sel = best == i
+            x[sel] = cands[i][j][sel]
+        out.append(x)
+    meta = {"search": bool(search), "compensate": compensate_mode, "damp": float(damp),
+            "obj_rtn": float(errs[0].sum()), "obj": float(errs[best, np.arange(n)].sum()),
+            "obj_uncompensated": float(errs[:-1].min(axis=0).sum()),
+            "rows_rtn": int((best == 0).sum()), "rows_compensated": int((best == len(cands) - 1).sum())}
+    if search:
+        meta.update(r1_mean=float(r1.mean()), r2_mean=float(r2.mean()))
+    return _dg_linear(*out, act, ascale, group, meta)
 
 
 def dequantize_f64(ql: formats.QuantLinear) -> np.ndarray:

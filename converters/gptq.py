@@ -1,0 +1,121 @@
+"""GPTQ-style error compensation: round column by column, push each column's error onto the rest.
+
+Notation as in converters/dgq.py: y = x · Wᵀ, W (N out, K in), H = XᵀX (K, K) the Gram
+matrix of the calibration inputs, groups of `group` input channels. The layer's output
+error ‖X (W − Ŵ)ᵀ‖² = Σ_n d[n] H d[n]ᵀ couples the columns of a row through H; rounding
+each weight to its nearest code ignores that. GPTQ (Frantar et al., arXiv 2210.17323,
+Algorithm 1) quantizes columns k = 0..K−1 in order and, after each, updates the columns
+not yet quantized so that they compensate its error (the optimal update under H):
+
+    U = chol_upper((H + λI)⁻¹)                 (H⁻¹ = UᵀU; λ = damp · mean diag H)
+    e = (w_k − q(w_k)) / U[k, k]               (N,)
+    W[:, k+1:] −= e ⊗ U[k, k+1:]
+
+done on "lazy batches" of columns (the updates of later batches are one GEMM per batch).
+Rows are independent (all share H), so every row is processed at once in float64.
+
+Group quantizers: each group's parameters (step, zero, code bounds) are fixed when its
+first column is reached, from a caller's `params_at(g, Wg, Ugg)` that sees the group's
+*current* (already compensated) weights Wg (N, len) and Ugg = U's diagonal block of the
+group. The batch size is a multiple of the group size and batches are aligned to groups,
+so a group's columns are always up to date when it starts.
+
+A group's parameters are best judged by the loss its rounding error e (N, len) causes
+after the later columns compensate it optimally. With F the columns not yet quantized
+and g the group (the first columns of F), that loss is e ((H_FF)⁻¹_gg)⁻¹ eᵀ, and
+(H_FF)⁻¹_gg = Ugg ᵀ Ugg because U is upper triangular — so it equals ‖e Ugg⁻¹‖²
+(`group_metric`): a Schur complement read off U for free. (It still ignores the
+compensation inside the group itself; that is what the column loop then adds.)
+
+This module knows nothing of a weight format: converters/dgq.py supplies the
+dual-grained quantizers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+DEFAULT_DAMP = 0.01      # λ = 1 % of the mean diagonal of H (the GPTQ paper's default)
+DEFAULT_BLOCK = 128      # columns per lazy batch (rounded to a multiple of the group)
+
+
+class HessianError(ValueError):
+    """A Gram matrix H that compensation cannot use (shape, NaN/Inf, not positive semi-definite)."""
+
+
+def inverse_cholesky(H, k: int, damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """U (K, K) float64 upper triangular with UᵀU = (H + λI)⁻¹, after checking H.
+
+    Channels never active in calibration (H[j, j] = 0) get H[j, j] = 1 (their weights are
+    rounded plainly and push nothing onto others), as in GPTQ's reference code.
+    """
+    H = np.asarray(H)
+    if H.shape != (k, k):
+        raise HessianError(f"Gram matrix has shape {H.shape}, expected ({k}, {k})")
+    if not np.issubdtype(H.dtype, np.number) or not np.isfinite(H).all():
+        raise HessianError("the Gram matrix holds NaN or Inf values")
+    if not (np.isfinite(damp) and damp >= 0):
+        raise HessianError(f"damping must be a finite number >= 0, got {damp!r}")
+    H = np.array(H, dtype=np.float64)                                   # (K, K) copy
+    d = np.diag(H)
+    scale = float(np.abs(H).max(initial=0.0))
+    if (d < 0).any() or float(np.abs(H - H.T).max(initial=0.0)) > 1e-6 * scale:
+        raise HessianError("the Gram matrix is not symmetric positive semi-definite (it must be XᵀX)")
+    dead = d == 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices(k)] += damp * float(np.mean(np.diag(H)))
+    try:
+        L = scipy.linalg.cholesky(H, lower=True)                         # H = L Lᵀ
+        Hinv = scipy.linalg.cho_solve((L, True), np.eye(k))              # (K, K)
+        U = scipy.linalg.cholesky(Hinv, lower=False)                     # Hinv = Uᵀ U
+    except np.linalg.LinAlgError:
+        raise HessianError(f"the Gram matrix is not positive semi-definite: Cholesky failed with "
+                           f"damping {damp} (it must be XᵀX)") from None
+    if not np.isfinite(U).all():
+        raise HessianError("the Gram matrix is too ill-conditioned to invert; raise the damping")
+    return U
+
+
+def group_metric(Ugg: np.ndarray) -> np.ndarray:
+    """V = Ugg⁻¹ (len, len): a group error e (N, len) costs ‖e V‖² per row after the later
+    columns compensate it (module docstring)."""
+    return scipy.linalg.solve_triangular(Ugg, np.eye(Ugg.shape[0]), lower=False)
+
+
+def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK):
+    """Quantize W (N, K) column by column with error compensation.
+
+    U: inverse_cholesky(H, K, damp). params_at(g, Wg, Ugg) -> (step, z, lo, hi, *extra),
+    each (N,): column k of group g becomes q = clamp(rint(w / step) + z, lo, hi), dequantized
+    (q − z)·step. Returns codes (N, K) float64 (integers), Ŵ (N, K) float64 and the list of
+    every group's params_at result (index g).
+    """
+    W = np.array(W, dtype=np.float64)                                    # (N, K), updated in place
+    n, k = W.shape
+    if U.shape != (k, k):
+        raise HessianError(f"U has shape {U.shape}, expected ({k}, {k})")
+    bs = group * max(1, block // group)                                  # aligned to groups
+    codes = np.empty((n, k))
+    W_hat = np.empty((n, k))
+    params = []
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        W1 = W[:, i1:i2].copy()                                          # (N, b) current weights
+        E1 = np.empty_like(W1)                                           # (N, b) scaled errors
+        U1 = U[i1:i2, i1:i2]                                             # (b, b)
+        for i in range(i2 - i1):
+            c = i1 + i
+            if c % group == 0:
+                ge = min(c + group, k)
+                params.append(params_at(c // group, W1[:, i:i + ge - c], U[c:ge, c:ge]))
+                step, z, lo, hi = params[-1][:4]
+            w = W1[:, i]                                                 # (N,)
+            q = np.clip(np.rint(w / step) + z, lo, hi)                   # (N,)
+            wq = (q - z) * step
+            codes[:, c] = q
+            W_hat[:, c] = wq
+            e = (w - wq) / U1[i, i]                                      # (N,)
+            W1[:, i + 1:] -= np.outer(e, U1[i, i + 1:])                  # (N, b−i−1)
+            E1[:, i] = e
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]                                  # (N, K−i2) lazy update
+    return codes, W_hat, params
