@@ -209,9 +209,10 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
 @click.option("--n-seq", type=click.IntRange(min=1), default=None,
               help="Calibration sequences (default in converters/calibrate.py).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per calibration sequence.")
-@click.option("--calibration", type=click.Choice(["float", "sequential"]), default="float", show_default=True,
+@click.option("--calibration", type=click.Choice(["float", "sequential"]), default=None,
               help="Calibrate each layer on the float model's activations, or on the outputs of the "
-                   "already quantized layers before it (docs/QUALITY.md compares them).")
+                   "already quantized layers before it. Default: sequential for dgq, dgq-rtn and rtn "
+                   "(measured better, docs/QUALITY.md), float for the others.")
 @click.option("--embed-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="How the embedding and the output head are stored.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -251,7 +252,8 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
                                          before_finish=lambda: check_q_out(out_path, [src]))  # inputs may move
     ph = ", ".join(f"{k} {v:.0f} s" for k, v in recipe["phase_s"].items() if v >= 0.5)
     click.echo(f"wrote {out_path}: {size / 2**20:.1f} MiB; linears {8 * lin['bytes'] / lin['params']:.2f} "
-               f"bits/param ({lin['params'] / 1e6:.1f} M params); method {method}, {calibration} calibration; "
+               f"bits/param ({lin['params'] / 1e6:.1f} M params); method {method}, "
+               f"{recipe.get('calibration', {}).get('mode', 'no')} calibration; "
                f"{time.perf_counter() - t0:.0f} s{f' ({ph})' if ph else ''}; peak RSS {peak_rss_mb():.0f} MB", err=True)
 
 

@@ -30,8 +30,11 @@ The model is walked one decoder layer at a time (issue 18): read the layer's flo
 gathering its statistics, fold the smoothing, quantize its seven linears, hand the layer on
 (quantize_to_file writes it at once), free. Memory: one layer's float weights and statistics
 plus the (n, T, H) activations, whatever the depth. The activations are the float model's
-(calibration="float", the default: every statistic, code and scale equals the former
-whole-model pass bit for bit) or the quantized layers' outputs ("sequential", as GPTQ/AWQ).
+(calibration="float": every statistic, code and scale equals the former whole-model pass bit
+for bit) or the quantized layers' outputs ("sequential", as GPTQ/AWQ). Each method's default
+(MethodSpec.calibration) follows the SmolLM2 measurement (docs/QUALITY.md): sequential for dgq,
+dgq-rtn and rtn, where it measured better; float for smoothquant (much worse sequentially) and
+for the methods not measured both ways.
 One pass per layer serves every method: smoothing rescales the recorded absmax and H exactly
 (calibrate.scaled); only a percentile activation clip after smoothing needs a second pass
 over the folded layer.
@@ -82,15 +85,16 @@ class MethodSpec:
     smoothing: str | None        # "percentile" | "smoothquant" | "lae" (fptq: per-site) | None
     fptq: bool = False           # per-site activation policy
     dynamic_sites: tuple = ()    # sites that stay per-token dynamic when act="static"
+    calibration: str = "float"   # the default: "sequential" where measured better (docs/QUALITY.md)
 
 
 METHODS = {
-    "dgq": MethodSpec("dg", True, "percentile", dynamic_sites=DGQ_DYNAMIC_SITES),
-    "dgq-rtn": MethodSpec("dg", False, "percentile", dynamic_sites=DGQ_DYNAMIC_SITES),
+    "dgq": MethodSpec("dg", True, "percentile", dynamic_sites=DGQ_DYNAMIC_SITES, calibration="sequential"),
+    "dgq-rtn": MethodSpec("dg", False, "percentile", dynamic_sites=DGQ_DYNAMIC_SITES, calibration="sequential"),
     "fptq": MethodSpec("g", True, "lae", fptq=True),
     "fptq-dg": MethodSpec("dg", True, "lae", fptq=True),
-    "rtn": MethodSpec("g", False, None),
-    "smoothquant": MethodSpec("g", False, "smoothquant"),
+    "rtn": MethodSpec("g", False, None, calibration="sequential"),
+    "smoothquant": MethodSpec("g", False, "smoothquant"),       # sequential measured worse: 60.2 vs 38.5
     "w4a16": MethodSpec("g", False, None),
     "w8a8": MethodSpec("i8", False, None),
     "pot": MethodSpec("pot", True, None),
@@ -116,7 +120,7 @@ def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
         if method not in ("rtn", "smoothquant", "w8a8"):
             raise QuantizeError(f"method {method} quantizes weights to 4 bits; 8-bit weights: "
                                 "rtn, smoothquant or w8a8")
-        spec = MethodSpec("i8", False, spec.smoothing, dynamic_sites=spec.dynamic_sites)
+        spec = MethodSpec("i8", False, spec.smoothing, dynamic_sites=spec.dynamic_sites)   # float: not measured
     if act not in formats.ACT_MODES:
         raise QuantizeError(f"--act must be one of {', '.join(formats.ACT_MODES)}, got {act!r}")
     if method == "w4a16":
@@ -173,15 +177,16 @@ CALIBRATIONS = ("float", "sequential")
 def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP,
                         act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
                         n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN,
-                        act_clip="max", seed: int = cal.DEFAULT_SEED, calibration: str = "float",
+                        act_clip="max", seed: int = cal.DEFAULT_SEED, calibration: str | None = None,
                         on_layer=None):
     """Quantize every linear of a float Checkpoint; return (ModelWeights with QuantLinears, recipe).
 
     ckpt: engine.io.layout.Checkpoint (config, HF tensors — a dict or a lazy mapping, tokenizer, ...).
     calib: None (wiki "calib" split), a text file path, "random", or an (n, T) token array.
     act_clip: static activation clipping, "max" or a percentile of the per-token absmax.
-    calibration: "float" (each layer calibrated on the float model's activations) or
-    "sequential" (on the outputs of the already quantized layers before it).
+    calibration: "float" (each layer calibrated on the float model's activations),
+    "sequential" (on the outputs of the already quantized layers before it) or None (the
+    method's default, MethodSpec.calibration).
     on_layer(li, layer): called with each quantized layer as it is done.
     The recipe (a JSON-able dict) records every choice; save it with engine.io.qfile.save_qfile.
     The whole result is held in memory; quantize_to_file streams it to a file instead.
@@ -203,7 +208,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
 def quantize_to_file(ckpt, path, method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP,
                      act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
                      n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN, act_clip="max",
-                     seed: int = cal.DEFAULT_SEED, calibration: str = "float", embed_dtype: str = "float16",
+                     seed: int = cal.DEFAULT_SEED, calibration: str | None = None, embed_dtype: str = "float16",
                      on_layer=None, before_finish=None) -> tuple[dict, int, dict]:
     """quantize_checkpoint streamed into a q.safetensors file (engine.io.qfile.QFileWriter): each
     layer is written and dropped as soon as it is quantized, and with a lazy checkpoint
@@ -273,6 +278,8 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
     act_clip = cal.parse_act_clip(act_clip)
     if not isinstance(group, int) or isinstance(group, bool) or group < 1:
         raise QuantizeError(f"--group must be a positive integer, got {group!r}")
+    if calibration is None:
+        calibration = spec.calibration
     if calibration not in CALIBRATIONS:
         raise QuantizeError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
     config = c = ckpt.config

@@ -114,7 +114,7 @@ def test_float_calibration_equals_a_whole_model_reference(model_dir):
     from engine.model import SITE_OF
     _, ck = model_dir
     seqs = seqs_for(ck.config)
-    got, _ = quantize_checkpoint(ck, "dgq", group=32, calib=seqs, progress=False)
+    got, _ = quantize_checkpoint(ck, "dgq", group=32, calib=seqs, progress=False, calibration="float")
     w = ModelWeights.from_hf(ck.config, ck.tensors)
     stats = cal.calibrate(w, seqs, progress=False)
     scales = {(li, s): smooth.percentile_scales(stats.sites[(li, s)].absmax)
@@ -172,13 +172,17 @@ def test_every_method_streams_to_the_same_file(model_dir, tmp_path, method):
 def test_sequential_calibration_differs_and_is_recorded(model_dir):
     _, ck = model_dir
     seqs = seqs_for(ck.config)
-    wf, rf = quantize_checkpoint(ck, "dgq", group=32, calib=seqs, progress=False, kv8=True)
-    ws, rs = quantize_checkpoint(ck, "dgq", group=32, calib=seqs, progress=False, kv8=True, calibration="sequential")
+    wf, rf = quantize_checkpoint(ck, "dgq", group=32, calib=seqs, progress=False, kv8=True, calibration="float")
+    ws, rs = quantize_checkpoint(ck, "dgq", group=32, calib=seqs, progress=False, kv8=True)   # dgq's default
     bf, bs = linear_bytes(wf), linear_bytes(ws)
     assert bf["0.q"] == bs["0.q"] and bf["0.down"] == bs["0.down"]     # layer 0 sees the same inputs
     assert any(bf[k] != bs[k] for k in bf if k.startswith("2."))         # later layers do not
     assert rs["calibration"]["mode"] == "sequential" and rf["calibration"]["mode"] == "float"
     assert "sequential" in rs["stats_from"] and rs["kv_cache"]["k_scale"] != rf["kv_cache"]["k_scale"]
+    assert {m: s.calibration for m, s in METHODS.items() if s.calibration == "sequential"} == \
+        dict.fromkeys(("dgq", "dgq-rtn", "rtn"), "sequential")                         # docs/QUALITY.md
+    _, r8 = quantize_checkpoint(ck, "rtn", wbits=8, group=32, calib=seqs, progress=False)
+    assert r8["calibration"]["mode"] == "float"                                      # W8 not measured
     # the percentile clip (two passes) walks sequentially as well
     w2, r2 = quantize_checkpoint(ck, "dgq-rtn", group=32, calib=seqs, progress=False, act_clip=99.0,
                                  calibration="sequential")
@@ -270,6 +274,10 @@ def test_cli_quantize_streams_with_sequential_calibration(model_dir, tmp_path):
                                               "--calibration", "sequential", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "sequential calibration" in r.output and "peak RSS" in r.output
+    r = CliRunner().invoke(dgq_cli.quantize, [str(d), "--out", str(tmp_path / "w8.q.safetensors"), "--method",
+                                              "w8a8", "--calib", "random",
+                                              "--n-seq", "2", "--seq-len", "16", "--quiet"])
+    assert r.exit_code == 0 and "float calibration" in r.output, r.output
     q = load_qfile(out)
     assert q.recipe["calibration"]["mode"] == "sequential" and q.recipe["embed_dtype"] == "float16"
     assert set(q.recipe["phase_s"]) == {"load", "calibrate", "quantize", "propagate", "write"}

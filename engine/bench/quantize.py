@@ -111,11 +111,11 @@ def build_checkpoint(d: Path, config: ModelConfig, seed: int = 0) -> int:
     return total
 
 
-def run_quantize(model_dir: Path, out: Path, method: str, n_seq: int, seq_len: int, calibration: str,
+def run_quantize(model_dir: Path, out: Path, method: str, n_seq: int, seq_len: int, calibration: str | None,
                  extra: list[str]) -> dict:
     """dgq-quantize in a child process; its wall time and peak RSS."""
     argv = [str(model_dir), "--out", str(out), "--method", method, "--calib", "random", "--n-seq", str(n_seq),
-            "--seq-len", str(seq_len), "--calibration", calibration, *extra]
+            "--seq-len", str(seq_len), *(["--calibration", calibration] if calibration else []), *extra]
     code = "import sys; sys.argv[0] = 'dgq-quantize'; from dgq_cli import quantize_main; quantize_main()"
     root = Path(__file__).resolve().parents[2]                  # the checkout: dgq_cli.py lives there
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
@@ -162,8 +162,9 @@ def cmd_quantize(args) -> int:
                 ("sequential forward (quantized layers)", recipe["phase_s"]["propagate"]),
                 ("write the file", recipe["phase_s"]["write"])]
         L = config.num_hidden_layers
+        mode = recipe.get("calibration", {}).get("mode")
         lines = [f"`python -m engine.bench quantize --shape {args.shape} --method {args.method} --n-seq {args.n_seq} "
-                 f"--seq-len {args.seq_len} --calibration {args.calibration}` ({os.cpu_count()} CPU cores)", "",
+                 f"--seq-len {args.seq_len}`, {mode} calibration ({os.cpu_count()} CPU cores)", "",
                  "| phase | seconds | per layer |", "|---|---:|---:|"]
         lines += [f"| {name} | {s:.0f} | {s / L:.1f} |" for name, s in rows]
         lines += [f"| **dgq-quantize wall time** | **{res['wall_s']:.0f}** | {res['wall_s'] / L:.1f} |", "",
@@ -177,7 +178,7 @@ def cmd_quantize(args) -> int:
                 f.write(table + "\n\n")
         if args.json:
             print(json.dumps({"shape": args.shape, "method": args.method, "n_seq": args.n_seq,
-                              "seq_len": args.seq_len, "calibration": args.calibration, **res,
+                              "seq_len": args.seq_len, "calibration": mode, **res,
                               "phase_s": recipe["phase_s"], "file_bytes": out.stat().st_size}))
     finally:
         if not args.keep:
@@ -197,7 +198,8 @@ def add_parser(sub) -> None:
     q.add_argument("--n-seq", type=int, default=8)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--group", type=int, default=None)
-    q.add_argument("--calibration", choices=("float", "sequential"), default="float")
+    q.add_argument("--calibration", choices=("float", "sequential"), default=None,
+                   help="default: the method's (converters/quantize.py MethodSpec.calibration)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--dir", default=None, help="where the checkpoint and the q file go (default: a temp dir)")
     q.add_argument("--keep", action="store_true", help="keep the checkpoint and the q file (reused by a later run)")
