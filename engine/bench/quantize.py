@@ -4,8 +4,8 @@ Builds a random Hugging Face checkpoint of that shape (fp16 shards, N(0, 0.02) l
 norms near 1, written tensor by tensor so the builder holds one tensor), then runs
 `dgq-quantize` on it in a child process, exactly as a user would, and reports the wall time
 of each phase (from the file's recipe: reading weights, calibration statistics, the weight
-search, the sequential forward, writing) and the child's peak RSS (ru_maxrss of the waited
-child: the converter alone, not this builder). Last, the file is read back with the engine's
+search, the sequential forward, writing) and the child's peak RSS (its own ru_maxrss, from
+os.wait4: the converter alone, not this builder). Last, the file is read back with the engine's
 loader (every tensor checked). Random weights have no activation outliers, so the times and
 memory are representative but the search's results are not (quality: docs/QUALITY.md).
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import struct
 import subprocess
@@ -119,15 +118,19 @@ def run_quantize(model_dir: Path, out: Path, method: str, n_seq: int, seq_len: i
     code = "import sys; sys.argv[0] = 'dgq-quantize'; from dgq_cli import quantize_main; quantize_main()"
     root = Path(__file__).resolve().parents[2]                  # the checkout: dgq_cli.py lives there
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", code, *argv], env=env)
+    child = subprocess.Popen([sys.executable, "-c", code, *argv], env=env)
+    try:
+        _, status, usage = os.wait4(child.pid, 0)        # this child's own rusage, not all children's
+    except BaseException:
+        child.kill()
+        child.wait()
+        raise
+    child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if r.returncode != 0:
-        raise BenchError(f"dgq-quantize failed (exit status {r.returncode})")
-    if peak <= before:
-        peak = float("nan")             # an earlier child peaked higher: not measurable here
+    if child.returncode != 0:
+        raise BenchError(f"dgq-quantize failed (exit status {child.returncode})")
+    peak = usage.ru_maxrss                               # KiB on Linux
     return {"wall_s": wall, "peak_rss_mb": peak / 1024.0}
 
 
