@@ -210,7 +210,7 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
               help="Calibration sequences (default in converters/calibrate.py).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per calibration sequence.")
 @click.option("--gptq", is_flag=True, default=False,
-              help="dgq: also try GPTQ-compensated rounding per row (lower perplexity, ~30 % more search time).")
+              help="dgq: also try GPTQ-compensated rounding per row (lower perplexity, ~37 % more search time).")
 @click.option("--calibration", type=click.Choice(["float", "sequential"]), default=None,
               help="Calibrate each layer on the float model's activations, or on the outputs of the "
                    "already quantized layers before it. Default: sequential for dgq, dgq-rtn and rtn "

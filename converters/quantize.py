@@ -57,6 +57,7 @@ from . import calibrate as cal
 from . import smooth
 from .baselines import g_linear, i8_linear
 from .dgq import QuantizeError, dgq_linear
+from .gptq import DEFAULT_DAMP
 from .pot import BITS as WEIGHT_ONLY_BITS
 from .pot import check_bits_group, int_linear, pot_linear
 
@@ -164,7 +165,9 @@ def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, searc
     if weights == "int":
         return int_linear(W, bits, group, H=H if search else None, search=search)
     if weights == "dg":
-        return dgq_linear(W, H, group, act, ascale, search=search, compensate=gptq and H is not None)
+        if gptq and H is None:
+            raise QuantizeError("--gptq needs the layer's calibration Gram matrix (a searched method)")
+        return dgq_linear(W, H, group, act, ascale, search=search, compensate=gptq)
     if weights == "g":
         return g_linear(W, group, act, ascale, H=H if search else None)
     if weights == "i8":
@@ -197,7 +200,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     "sequential" (on the outputs of the already quantized layers before it) or None (the
     method's default, MethodSpec.calibration).
     gptq: with dgq, add the GPTQ-compensated rounding as a candidate per row (converters/gptq.py;
-    SmolLM2 wiki perplexity 27.78 -> 27.00, about 30 % more search time): off by default.
+    SmolLM2 wiki perplexity 27.78 -> 27.00, about 37 % more search time): off by default.
     on_layer(li, layer): called with each quantized layer as it is done.
     The recipe (a JSON-able dict) records every choice; save it with engine.io.qfile.save_qfile.
     The whole result is held in memory; quantize_to_file streams it to a file instead.
@@ -316,7 +319,8 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
                                   list(SMOOTH_SITES) if spec.smoothing else []),
               "dynamic_sites": list(spec.dynamic_sites) if act == "static" else [],
               "o_proj_smoothing": "skipped (GQA: v_proj rows feed several o_proj input channels)",
-              "kv8": bool(kv8), "gptq": bool(gptq),
+              "kv8": bool(kv8),
+              "gptq": {"mode": "grid", "damp": DEFAULT_DAMP} if gptq else False,
               "stats_from": ("layer-sequential (each layer on the outputs of the quantized layers before it)"
                              if sequential else "float model (not layer-sequential)"),
               "converter": "dgq-engine converters.quantize"}
@@ -429,7 +433,8 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
                                  H=H, search=spec.search, bits=bits, gptq=gptq)
             new[n] = ql
             if ql.meta.get("search") and "obj" in ql.meta:
-                info[HF_LINEAR[n]] = {k: ql.meta[k] for k in ("obj_rtn", "obj", "rows_rtn")}
+                info[HF_LINEAR[n]] = {k: ql.meta[k] for k in ("obj_rtn", "obj", "rows_rtn", "obj_uncompensated",
+                                                              "rows_compensated") if k in ql.meta}
             del st, H, ql
             if stats is not None and (i + 1 == len(LINEAR_NAMES) or SITE_OF[LINEAR_NAMES[i + 1]] != site):
                 stats.pop(site, None)

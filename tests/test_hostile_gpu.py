@@ -171,10 +171,10 @@ def test_a_huge_declared_context_costs_nothing_until_a_cache_asks():
     small = gm.new_cache(16)
     want = gm.prefill(tokens, small).get()
     steps = gm.decode_greedy(small, [int(want[0].argmax())], 2)      # captures a graph on these tables
-    cache = gm.new_cache(ROPE_MIN_POSITIONS + 1000)       # grows the tables
-    assert gm.cos.shape[0] == ROPE_MIN_POSITIONS + 1000
+    cache = gm.new_cache(ROPE_MIN_POSITIONS + 1000)       # grows the tables, geometrically
+    assert gm.cos.shape[0] == gm.sin.shape[0] == 2 * ROPE_MIN_POSITIONS
     inv = 1.0 / (c.rope_theta ** (np.arange(0, 64, 2) / 64))
-    np.testing.assert_allclose(gm.cos[-1].get(), np.cos((ROPE_MIN_POSITIONS + 999) * inv), atol=1e-6)
+    np.testing.assert_allclose(gm.cos[-1].get(), np.cos((2 * ROPE_MIN_POSITIONS - 1) * inv), atol=1e-6)
     np.testing.assert_array_equal(gm.prefill(tokens, cache).get(), want)
     assert (gm.decode_greedy(small, steps[-1], 3) >= 0).all()       # the graph's old tables stay alive
     with pytest.raises(ModelError, match=r"KV cache of 16777216 positions x 4096 sequences needs .* GiB"):

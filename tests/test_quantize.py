@@ -370,7 +370,8 @@ def test_gptq_option_joins_the_dgq_search_and_is_refused_elsewhere():
     kw = dict(group=16, calib=seqs, progress=False, calibration="float")
     plain, r0 = quantize_checkpoint(ck, "dgq", **kw)
     comp, r1 = quantize_checkpoint(ck, "dgq", gptq=True, **kw)
-    assert (r0["gptq"], r1["gptq"]) == (False, True)
+    assert r0["gptq"] is False and r1["gptq"]["mode"] == "grid"
+    assert sum(v["rows_compensated"] for d in r1["objective"]["layers"].values() for v in d.values()) > 0
     changed = 0
     for a, b in zip(plain.layers, comp.layers):
         for n in LINEAR_NAMES:

@@ -107,10 +107,12 @@ def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool) -> tuple[
     return "mma", {"bm": GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128, "stages": 4, "splits": None}
 
 
-def select(t, e=None, objective: str = "time", table: int | None = None, margin: float = TABLE_MARGIN) -> int:
+def select(t, e=None, objective: str = "time", table: int | None = None, margin: float | None = None) -> int:
     """The rule, on predicted runtimes t (and energies e) of the candidates: the fastest (the
-    table's pick `table` while it is predicted within `margin` of it); with objective energy,
-    the lowest energy among those predicted within ENERGY_SLACK of the fastest."""
+    table's pick `table` while it is predicted within `margin` of it, default TABLE_MARGIN as it
+    is at the call); with objective energy, the lowest energy among those predicted within
+    ENERGY_SLACK of the fastest."""
+    margin = TABLE_MARGIN if margin is None else margin
     best = min(range(len(t)), key=lambda i: t[i])
     if objective == "energy":
         near = [i for i in range(len(t)) if t[i] <= (1 + ENERGY_SLACK) * t[best]]

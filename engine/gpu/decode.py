@@ -48,6 +48,7 @@ class DecodeState:
     stream: object
     graph: object = None       # the captured step, built on first use
     workspace: object = None   # the split-K workspace the graph points into (kept alive)
+    rope: object = None        # the RoPE tables the graph points into (kept alive)
 
 
 def new_state(model, cache: GpuKVCache) -> DecodeState:
@@ -140,6 +141,7 @@ def decode(model, cache: GpuKVCache, last_tokens, n_steps: int, temperature: flo
                         finally:
                             graph = stream.end_capture()
                     st.graph = graph
+                    st.rope = (model.cos, model.sin)   # the tables it reads, should the model grow them
                     # the graph holds the split-K workspace's pointers: keep those arrays
                     # alive even if a later, larger GEMM makes ops_cuda allocate new ones
                     st.workspace = ops_cuda._WS.get(cp.cuda.Device().id)

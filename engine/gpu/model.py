@@ -111,22 +111,23 @@ class CudaModel:
         # RoPE tables (P, D/2) for the positions the caches made so far hold (new_cache grows
         # them): sized by max_position_embeddings up front, a config of a 16M context
         # (io/config.py MAX_CONTEXT) would take 8 GiB before the first token
-        self.cos = self.sin = None
-        self._rope_old = []          # tables a captured decode graph may still read
+        self.cos = self.sin = None   # a captured decode graph keeps the pair it read (DecodeState.rope)
         self._rope(min(c.max_position_embeddings, ROPE_MIN_POSITIONS))
         self._bufs = None
 
     def _rope(self, positions: int) -> None:
-        """cos/sin tables covering at least `positions` positions, built in float64 on the host."""
-        if self.cos is not None and self.cos.shape[0] >= positions:
+        """cos/sin tables covering at least `positions` positions (grown geometrically, up to the
+        context), built in float64 on the host; both replaced together or neither (an OOM)."""
+        have = 0 if self.cos is None else min(self.cos.shape[0], self.sin.shape[0])
+        if have >= positions:
             return
         c, cp = self.config, self.cp
-        if self.cos is not None:
-            self._rope_old.append((self.cos, self.sin))
+        positions = min(max(positions, 2 * have), c.max_position_embeddings)
         inv = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
         ang = np.outer(np.arange(positions, dtype=np.float64), inv)  # (P, D/2)
-        self.cos = cp.asarray(np.cos(ang), dtype=cp.float32)
-        self.sin = cp.asarray(np.sin(ang), dtype=cp.float32)
+        cos = cp.asarray(np.cos(ang), dtype=cp.float32)
+        sin = cp.asarray(np.sin(ang), dtype=cp.float32)
+        self.cos, self.sin = cos, sin
 
     # ------------------------------------------------------------------ bookkeeping
     def weight_bytes(self) -> dict:
