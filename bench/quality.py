@@ -112,6 +112,7 @@ def main(argv=None):
                          "W3 codes with INT8 activations on the dual-grained kernels")
     ap.add_argument("--calibration", choices=("float", "sequential"), default="float",
                     help="calibrate each layer on the float model's activations or the quantized layers' outputs")
+    ap.add_argument("--gptq", action="store_true", help="dgq rows: with the GPTQ-compensated candidate (--gptq)")
     ap.add_argument("--bits", default="4,3,2", help="weight-only: code widths")
     ap.add_argument("--groups", default="128,64", help="weight-only: group sizes")
     a = ap.parse_args(argv)
@@ -140,6 +141,7 @@ def main(argv=None):
         if only and (method or "fp32") not in only:
             continue
         t0 = time.perf_counter()
+        kw = {}
         key = (method, act, wbits, group)
         if method is None:
             mw, recipe = ModelWeights.from_hf(ck.config, ck.tensors), {}
@@ -147,6 +149,8 @@ def main(argv=None):
             mw, recipe, _ = made[key]
         else:
             kw = {k: v for k, v in (("n_seq", a.n_seq), ("seq_len", a.seq_len)) if v}
+            if a.gptq and method in ("dgq", "fptq-dg"):
+                kw["gptq"] = True
             mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, progress=False,
                                              calibration=a.calibration, **kw)
             if a.set == "pot-a8":
@@ -156,7 +160,8 @@ def main(argv=None):
         tq = time.perf_counter() - t0 + (made[key][2] if key in made and convert and convert[0] else 0.0)
         m = Model(mw)
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
-        row = dict(label=label, calibration=a.calibration if method else None, method=method, act=act, wbits=wbits, group=group, bits_per_weight=bits_per_weight(mw),
+        row = dict(label=label + (" +gptq" if kw.get("gptq") and method else ""),
+                   calibration=a.calibration if method else None, method=method, act=act, wbits=wbits, group=group, bits_per_weight=bits_per_weight(mw),
                    perplexity=r["perplexity"], n_tokens=r["n_tokens"],
                    quantize_s=tq, eval_s=time.perf_counter() - t0 - tq,
                    peak_rss_mb=peak_rss_mb())
