@@ -211,6 +211,9 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per calibration sequence.")
 @click.option("--gptq", is_flag=True, default=False,
               help="dgq: also try GPTQ-compensated rounding per row (lower perplexity, ~37 % more search time).")
+@click.option("--sink-weight", type=float, default=1.0, show_default=True,
+              help="Weight of each calibration sequence's first token in the q/k/v Gram matrix "
+                   "(the searched methods; 512 measured better for dgq, docs/QUALITY.md).")
 @click.option("--calibration", type=click.Choice(["float", "sequential"]), default=None,
               help="Calibrate each layer on the float model's activations, or on the outputs of the "
                    "already quantized layers before it. Default: sequential for dgq, dgq-rtn and rtn "
@@ -219,8 +222,8 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
               help="How the embedding and the output head are stored.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_len, gptq, calibration,
-             embed_dtype, quiet):
+def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_len, gptq, sink_weight,
+             calibration, embed_dtype, quiet):
     """Quantize MODEL (HF directory or GGUF file; default SmolLM2) into a q.safetensors file.
 
     The model is read and quantized one layer at a time and the file written as it goes, so
@@ -237,6 +240,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     seq_len = cal.DEFAULT_SEQ_LEN if seq_len is None else seq_len
     check_options(method, wbits, group, act)
     check_gptq(method, gptq)
+    cal.check_sink_weight(sink_weight)
     cal.check_sizes(n_seq, seq_len)
     check_weights_arg(model, "MODEL")
     src = model or str(default_model_path())
@@ -252,6 +256,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     recipe, size, lin = quantize_to_file(ck, out_path, method, wbits=wbits, group=group, act=act, kv8=kv8,
                                          calib=calib, progress=not quiet, n_seq=n_seq, seq_len=seq_len,
                                          calibration=calibration, embed_dtype=embed_dtype, gptq=gptq,
+                                         sink_weight=sink_weight,
                                          before_finish=lambda: check_q_out(out_path, [src]))  # inputs may move
     ph = ", ".join(f"{k} {v:.0f} s" for k, v in recipe["phase_s"].items() if v >= 0.5)
     click.echo(f"wrote {out_path}: {size / 2**20:.1f} MiB; linears {8 * lin['bytes'] / lin['params']:.2f} "

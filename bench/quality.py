@@ -102,7 +102,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--only", default=None, help="comma-separated methods to run (labels' method names)")
+    ap.add_argument("--only", default=None, help="comma-separated methods to run (labels' method names, or method:act)")
     ap.add_argument("--n-seq", type=int, default=None, help="calibration sequences (default: the converter's)")
     ap.add_argument("--seq-len", type=int, default=None, help="calibration sequence length")
     ap.add_argument("--out", default=None, help="also append the markdown table to this file")
@@ -113,6 +113,7 @@ def main(argv=None):
     ap.add_argument("--calibration", choices=("float", "sequential"), default="float",
                     help="calibrate each layer on the float model's activations or the quantized layers' outputs")
     ap.add_argument("--gptq", action="store_true", help="dgq rows: with the GPTQ-compensated candidate (--gptq)")
+    ap.add_argument("--sink-weight", type=float, default=1.0, help="first-token weight in the q/k/v Gram matrix")
     ap.add_argument("--bits", default="4,3,2", help="weight-only: code widths")
     ap.add_argument("--groups", default="128,64", help="weight-only: group sizes")
     a = ap.parse_args(argv)
@@ -138,7 +139,7 @@ def main(argv=None):
         rows = [ROWS[0]] + POT_A8_ROWS
     made = {}                                   # (method, wbits, group) -> (mw, recipe, seconds)
     for label, method, act, wbits, group, *convert in rows:
-        if only and (method or "fp32") not in only:
+        if only and (method or "fp32") not in only and f"{method}:{act}" not in only:
             continue
         t0 = time.perf_counter()
         kw = {}
@@ -151,6 +152,8 @@ def main(argv=None):
             kw = {k: v for k, v in (("n_seq", a.n_seq), ("seq_len", a.seq_len)) if v}
             if a.gptq and method in ("dgq", "fptq-dg"):
                 kw["gptq"] = True
+            if a.sink_weight != 1.0:
+                kw["sink_weight"] = a.sink_weight
             mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, progress=False,
                                              calibration=a.calibration, **kw)
             if a.set == "pot-a8":
@@ -160,7 +163,8 @@ def main(argv=None):
         tq = time.perf_counter() - t0 + (made[key][2] if key in made and convert and convert[0] else 0.0)
         m = Model(mw)
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
-        row = dict(label=label + (" +gptq" if kw.get("gptq") and method else ""),
+        row = dict(label=label + (" +gptq" if kw.get("gptq") and method else "") +
+                   (f" sink x{a.sink_weight:g}" if "sink_weight" in kw else ""),
                    calibration=a.calibration if method else None, method=method, act=act, wbits=wbits, group=group, bits_per_weight=bits_per_weight(mw),
                    perplexity=r["perplexity"], n_tokens=r["n_tokens"],
                    quantize_s=tq, eval_s=time.perf_counter() - t0 - tq,

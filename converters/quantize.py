@@ -190,7 +190,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
                         act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
                         n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN,
                         act_clip="max", seed: int = cal.DEFAULT_SEED, calibration: str | None = None,
-                        gptq: bool = False, on_layer=None):
+                        gptq: bool = False, sink_weight: float = 1.0, on_layer=None):
     """Quantize every linear of a float Checkpoint; return (ModelWeights with QuantLinears, recipe).
 
     ckpt: engine.io.layout.Checkpoint (config, HF tensors — a dict or a lazy mapping, tokenizer, ...).
@@ -201,6 +201,8 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     method's default, MethodSpec.calibration).
     gptq: with dgq, add the GPTQ-compensated rounding as a candidate per row (converters/gptq.py;
     SmolLM2 wiki perplexity 27.78 -> 27.00, about 37 % more search time): off by default.
+    sink_weight: weight of each calibration sequence's first token in the q/k/v Gram matrix
+    (converters/calibrate.py; 1 = plain XᵀX, the default).
     on_layer(li, layer): called with each quantized layer as it is done.
     The recipe (a JSON-able dict) records every choice; save it with engine.io.qfile.save_qfile.
     The whole result is held in memory; quantize_to_file streams it to a file instead.
@@ -213,7 +215,8 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
             on_layer(li, layer)
 
     floats, recipe = _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len,
-                               act_clip, seed, calibration, keep, floats_out=None, gptq=gptq)
+                               act_clip, seed, calibration, keep, floats_out=None, gptq=gptq,
+                               sink_weight=sink_weight)
     out = ModelWeights(config=ckpt.config, embed=floats["embed"], layers=layers, norm=floats["norm"],
                        lm_head=floats["lm_head"])
     return out, recipe
@@ -223,7 +226,7 @@ def quantize_to_file(ckpt, path, method: str, wbits: int = 4, group: int = forma
                      act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
                      n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN, act_clip="max",
                      seed: int = cal.DEFAULT_SEED, calibration: str | None = None, embed_dtype: str = "float16",
-                     gptq: bool = False, on_layer=None, before_finish=None) -> tuple[dict, int, dict]:
+                     gptq: bool = False, sink_weight: float = 1.0, on_layer=None, before_finish=None) -> tuple[dict, int, dict]:
     """quantize_checkpoint streamed into a q.safetensors file (engine.io.qfile.QFileWriter): each
     layer is written and dropped as soon as it is quantized, and with a lazy checkpoint
     (load_checkpoint(path, lazy=True)) only one layer's float weights are ever read into memory.
@@ -247,7 +250,8 @@ def quantize_to_file(ckpt, path, method: str, wbits: int = 4, group: int = forma
 
         phase = {"write": 0.0}
         _, recipe = _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len,
-                              act_clip, seed, calibration, write, floats_out=w, phase=phase, gptq=gptq)
+                              act_clip, seed, calibration, write, floats_out=w, phase=phase, gptq=gptq,
+                              sink_weight=sink_weight)
         if before_finish is not None:
             before_finish()
         t = time.perf_counter()
@@ -273,7 +277,7 @@ def _float_tensor(tensors, name: str) -> np.ndarray:
 
 
 def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len, act_clip, seed,
-              calibration, emit, floats_out=None, phase=None, gptq: bool = False):
+              calibration, emit, floats_out=None, phase=None, gptq: bool = False, sink_weight: float = 1.0):
     """The layer walk behind quantize_checkpoint / quantize_to_file.
 
     Per layer: read its float weights; gather its statistics on the calibration activations
@@ -297,6 +301,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
     if calibration not in CALIBRATIONS:
         raise QuantizeError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
     check_gptq(method, gptq)
+    sink_weight = cal.check_sink_weight(sink_weight)
     config = c = ckpt.config
     if spec.weights in ("pot", "int"):
         check_bits_group(bits, group)                  # before the calibration pass, not after
@@ -333,7 +338,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
             check_tokens(row, config)
         recipe["calibration"] = {"source": source, "n_seq": int(seqs.shape[0]), "seq_len": int(seqs.shape[1]),
                                  "tokens": int(seqs.size), "seed": seed,
-                                 "mode": "sequential" if sequential else "float"}
+                                 "mode": "sequential" if sequential else "float", "sink_weight": sink_weight}
 
     # The float tensors outside the layers: written (and dropped) at once when streaming.
     t = time.perf_counter()
@@ -380,7 +385,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
             sites = None if (spec.fptq or not two_pass) else SMOOTH_SITES
             stats, kv = cal.calibrate_layer(
                 c, li, lw, X, cos, sin, gram=spec.search and not two_pass, kv=kv8 and not two_pass,
-                sites=sites, advance=not sequential, progress=progress,
+                sites=sites, advance=not sequential, progress=progress, sink_weight=sink_weight,
                 desc=f"layer {li}: calibration" + (" (absmax pass)" if two_pass else ""))
             if kv is not None:
                 kv_absmax[li] = kv
@@ -404,6 +409,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
             if two_pass:
                 stats, kv = cal.calibrate_layer(c, li, lw, X if sequential else Xf, cos, sin, gram=spec.search,
                                                 kv=kv8, advance=not sequential, progress=progress,
+                                                sink_weight=sink_weight,
                                                 desc=f"layer {li}: calibration (folded layer)")
                 if kv is not None:
                     kv_absmax[li] = kv

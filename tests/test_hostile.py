@@ -476,6 +476,7 @@ def test_flags_are_checked_before_the_model_loads(hf, tmp_path, monkeypatch):
         (dgq_cli.quantize, [str(hf), "--out", out, "--method", "pot", "--group", "48"], "48"),
         (dgq_cli.quantize, [str(hf), "--out", out, "--calib", str(tmp_path / "none.txt")], "none.txt"),
         (dgq_cli.quantize, [str(hf), "--out", out, "--method", "rtn", "--gptq"], "--gptq"),
+        (dgq_cli.quantize, [str(hf), "--out", out, "--sink-weight", "-2"], "--sink-weight"),
         (dgq_cli.quantize, [str(hf), "--out", str(tmp_path / "x" / "o.q.safetensors")], "does not exist"),
         (dgq_cli.export, [str(hf), "--out", str(tmp_path / "e"), "--shard-size", "huge"], "--shard-size"),
         (dgq_cli.run, ["--weights", str(hf), "--prompt", "hi", "--temperature", "nan"], "--temperature"),

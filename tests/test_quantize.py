@@ -381,3 +381,25 @@ def test_gptq_option_joins_the_dgq_search_and_is_refused_elsewhere():
     assert changed >= 5
     with pytest.raises(QuantizeError, match="--gptq applies to dgq.* not 'rtn'"):
         quantize_checkpoint(ck, "rtn", gptq=True, **kw)
+
+
+def test_sink_weight_adds_the_first_tokens_to_the_qkv_gram_only():
+    """H(w) = XᵀX + (w − 1)·Σ x₀x₀ᵀ at attn_in (linear in w), every other site untouched."""
+    ck = tiny_ckpt(hidden_size=48, intermediate_size=96, head_dim=6)
+    w = ModelWeights.from_hf(ck.config, ck.tensors)
+    seqs = tiny_seqs(ck.config)
+    st = {s: cal.calibrate(w, seqs, progress=False, sink_weight=s).sites for s in (1.0, 2.0, 5.0)}
+    for key in st[1.0]:
+        d2 = st[2.0][key].H - st[1.0][key].H
+        d5 = st[5.0][key].H - st[1.0][key].H
+        if key[1] == "attn_in":
+            assert np.abs(d2).max() > 0
+            np.testing.assert_allclose(d5, 4 * d2, rtol=1e-9, atol=1e-9)
+            assert np.linalg.matrix_rank(d2) <= seqs.shape[0]
+        else:
+            assert not d2.any() and not d5.any(), key
+    _, r = quantize_checkpoint(ck, "dgq", group=16, calib=seqs, progress=False, sink_weight=512)
+    assert r["calibration"]["sink_weight"] == 512.0
+    for bad in (-1.0, float("nan"), "x"):
+        with pytest.raises(cal.CalibrationError, match="--sink-weight"):
+            quantize_checkpoint(ck, "dgq", group=16, calib=seqs, progress=False, sink_weight=bad)
