@@ -15,8 +15,8 @@ calibration length.
 `calibrate_layer` gathers one layer's statistics from that layer's inputs (n, T, H) and
 moves the inputs on through it: converters/quantize.py walks the model a layer at a time,
 so memory holds one layer's weights and statistics, not the whole model's. The inputs are
-the float model's activations (calibration "float", the default: each layer's statistics
-are the ones a whole-model pass gives, bit for bit) or, with "sequential", the outputs of the
+the float model's activations (calibration "float": each layer's statistics are the ones a
+whole-model pass gives, bit for bit) or, with "sequential", the outputs of the
 already quantized layers 0..l−1 (as GPTQ and AWQ calibrate). `calibrate` is the whole-model
 pass over Model.forward (the reference the layer walk is tested against).
 

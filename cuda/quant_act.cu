@@ -20,11 +20,7 @@ template <typename T> __device__ __forceinline__ float to_f32(T v);
 template <> __device__ __forceinline__ float to_f32<u16>(u16 v) { return f16_bits_to_f32(v); }
 template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
 
-__device__ __forceinline__ u32 q8(float x, float s) {
-    int q = __float2int_rn(__fdiv_rn(x, s));
-    q = q < -DGQ_QMAX_I8 ? -DGQ_QMAX_I8 : (q > DGQ_QMAX_I8 ? DGQ_QMAX_I8 : q);
-    return (u32)q & 0xFFu;
-}
+__device__ __forceinline__ u32 q8(float x, float s) { return (u32)(unsigned char)quant1(x, s); }  // rows.cuh
 
 template <typename T>
 __device__ __forceinline__ void quant_row4(const T* __restrict__ xr, i8* __restrict__ orow,
@@ -68,16 +64,13 @@ __global__ void __launch_bounds__(256) quant_act_dynamic(const T* __restrict__ x
     const T* xr = x + (size_t)m * ldx;
     float amax = 0.f;
     for (int c = threadIdx.x; c < K; c += blockDim.x) amax = nan_max(amax, fabsf(to_f32<T>(xr[c])));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
+    amax = warp_max(amax);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
     __syncthreads();
     amax = red[0];
 #pragma unroll
     for (int w = 1; w < 8; ++w) amax = nan_max(amax, red[w]);
-    // formats.act_scale_dynamic; NaN for a row with a NaN or Inf (cuda/rows.cuh row_scale)
-    const float s = !(amax <= 3.402823466e38f) ? __int_as_float(0x7fffffff)
-                  : amax > 0.f ? __fdiv_rn(amax, (float)DGQ_QMAX_I8) : 1.f;
+    const float s = row_scale(MODE_DYNAMIC, amax, nullptr);   // formats.act_scale_dynamic; NaN row: NaN
     if (threadIdx.x == 0) sx[m] = s;
     i8* orow = out + (size_t)m * ldo;
     for (int c = threadIdx.x * 4; c < ldo; c += blockDim.x * 4) quant_row4<T>(xr, orow, c, K, ldo, s);

@@ -1013,7 +1013,7 @@ def ab(model_path=None, shape: str = "llama7b", lens=(512, 2048), batches=(1, 8)
 
     from ..gpu.backend import cupy_or_none  # noqa: PLC0415
     from ..gpu.model import CudaModel  # noqa: PLC0415
-    from .e2e import LLAMA2_7B, SMOLLM2, random_model  # noqa: PLC0415
+    from .e2e import LLAMA2_7B, SMOLLM2, _timed, random_model  # noqa: PLC0415
     cp = cupy_or_none()
     if cp is None:
         raise BenchError("perf ab needs a GPU (CuPy + CUDA device)")
@@ -1025,14 +1025,6 @@ def ab(model_path=None, shape: str = "llama7b", lens=(512, 2048), batches=(1, 8)
     got: dict = {}
     used = model_path
 
-    def prefill_s(toks, cache):
-        cache.lens_host[:] = 0
-        sync()
-        t0 = time.perf_counter()
-        gm.prefill(toks, cache)
-        sync()
-        return time.perf_counter() - t0
-
     try:
         for r in range(rounds):
             for policy in (("table", "learned") if r % 2 == 0 else ("learned", "table")):
@@ -1043,8 +1035,11 @@ def ab(model_path=None, shape: str = "llama7b", lens=(512, 2048), batches=(1, 8)
                     used = choice.STATE.model.path
                 for t in lens:
                     toks, cache = rng.integers(0, c.vocab_size, t), gm.new_cache(t)
-                    prefill_s(toks, cache)                            # picks, compiles
-                    s = float(np.median([prefill_s(toks, cache) for _ in range(reps)]))
+
+                    def run(toks=toks, cache=cache):
+                        cache.lens_host[:] = 0
+                        gm.prefill(toks, cache)
+                    s = _timed(cp, run, reps)                         # a warm-up call (picks), then the median
                     got.setdefault(("prefill", t, 1), {}).setdefault(policy, []).append(t / s)
                 for b in batches:
                     cache = gm.new_cache(128 + 34, batch=b)

@@ -27,7 +27,7 @@ ENERGY_SLACK = 0.05          # objective energy: within 5 % of the fastest predi
 # plain argmin; `perf fit` reports the pick's quality at 0, 2 and 5 %). H200, 2026-12-02
 # (bench/results/2026-12-02-perf-nvidia-h200.md): at 0 the worst pick on the table's own tuned
 # shapes was 7.5 % slower than the table; at 0.02 and 0.05 none was, and the held-out geomean
-# stayed 0.979 of the exhaustive best at both. 0.05: at 0.02 the 7B prefill's o_proj at M = 512
+# was 0.972 of the exhaustive best at both (0.979 when the model also picks GEMVs, LEARN_GEMV). 0.05: at 0.02 the 7B prefill's o_proj at M = 512
 # took a pick predicted 4.5 % faster and the prefill measured 0.990 of the table's
 # (bench/results/2026-12-02-perf-ab-h200.md), inside the model's median error
 TABLE_MARGIN = 0.05
@@ -54,7 +54,7 @@ def gemv_mt(m: int) -> int:
     return 1 if m <= 8 else 2 if m <= 16 else 4            # gpu/ops.py gemv_mt
 
 
-def candidates(m: int, wgmma: bool) -> list[tuple[str, dict]]:
+def candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tuple[str, dict]]:
     """Every configuration the learned and exhaustive choices weigh for M rows (and that
     `perf collect` times): the GEMV variants of M's token-tile bucket up to M = 32, mma.sync
     BM × stages × (auto, no) split-K from M = 16, and on sm_90 the wgmma tiles (BT = 64 up to
@@ -74,6 +74,8 @@ def candidates(m: int, wgmma: bool) -> list[tuple[str, dict]]:
                     continue
                 for sp in (None, 1):
                     out.append(("wgmma", {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl, "splits": sp}))
+    if gemv_only:                                         # a residual add: the GEMV alone
+        out = [c for c in out if c[0] == "gemv"]
     return out
 
 
@@ -81,9 +83,7 @@ def learned_candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tup
     """What the learned policy weighs for M rows; empty: the table decides. candidates(m) (only
     the GEMVs for a residual add, gemv_only), less the GEMV family unless LEARN_GEMV: nothing
     where the table runs the GEMV (M ≤ GEMM.gemv_max_m, or gemv_only), no GEMV above it."""
-    cands = candidates(m, wgmma)
-    if gemv_only:
-        cands = [c for c in cands if c[0] == "gemv"]
+    cands = candidates(m, wgmma, gemv_only)
     if LEARN_GEMV:
         return cands
     if gemv_only or m <= GEMM.gemv_max_m:
@@ -231,12 +231,7 @@ def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None
         return None
     info = kernels.device_info()
     wgmma = info["cc"] == 90 and GEMM.use_wgmma
-    if STATE.policy == "learned":
-        cands = learned_candidates(m, wgmma, gemv_only)
-    else:
-        cands = candidates(m, wgmma)
-        if gemv_only:
-            cands = [c for c in cands if c[0] == "gemv"]
+    cands = (learned_candidates if STATE.policy == "learned" else candidates)(m, wgmma, gemv_only)
     res = None
     if cands and STATE.policy == "learned":
         tp = table_pick(m, n, group, info["sm_count"], wgmma) if not gemv_only else None

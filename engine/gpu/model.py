@@ -118,7 +118,7 @@ class CudaModel:
     def _rope(self, positions: int) -> None:
         """cos/sin tables covering at least `positions` positions (grown geometrically, up to the
         context), built in float64 on the host; both replaced together or neither (an OOM)."""
-        have = 0 if self.cos is None else min(self.cos.shape[0], self.sin.shape[0])
+        have = 0 if self.cos is None else self.cos.shape[0]        # cos and sin always match
         if have >= positions:
             return
         c, cp = self.config, self.cp
