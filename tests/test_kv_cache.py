@@ -1,5 +1,6 @@
 """The KV cache, float32 and INT8 (kv8: per-(token, kv head) symmetric scales, dequantized on read)."""
 import numpy as np
+import pytest
 
 from engine import formats
 from engine.model.kv_cache import quantize_kv_ref
@@ -42,3 +43,13 @@ def test_kv8_decode_close_to_float_cache_and_holds_int8():
     assert c8.k.dtype == np.int8 and c8.v.dtype == np.int8
     fp16_bytes = cf.k.nbytes // 2 + cf.v.nbytes // 2                # the same cache in float16
     assert c8.nbytes() <= 0.55 * fp16_bytes                         # (D + 4) / 2D = 0.53 at D = 64
+
+
+@pytest.mark.parametrize("kv8", [False, True])
+def test_gpu_cache_size_estimate_matches_what_it_allocates(kv8):
+    """The KV-cache OOM message's 'needs X GiB' is the size of the arrays GpuKVCache makes
+    (kv8: int8 K/V plus a float32 scale per token and kv head); numpy stands in for CuPy."""
+    from engine.gpu.cache import GpuKVCache
+    c = tiny_config()
+    cache = GpuKVCache(np, c, 7, 3, kv8)
+    assert GpuKVCache.bytes_needed(c, 7, 3, kv8) == cache.nbytes()

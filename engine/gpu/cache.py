@@ -26,6 +26,12 @@ class GpuKVCache:
         self.lens_host = np.zeros(batch, dtype=np.int64)
         self.step = None           # the decode step's state and captured graph (gpu/decode.py), on first use
 
+    @staticmethod
+    def bytes_needed(config: ModelConfig, capacity: int, batch: int = 1, kv8: bool = False) -> int:
+        """What __init__ allocates: K and V, plus kv8's float32 scale per token and kv head."""
+        slots = config.num_hidden_layers * batch * capacity * config.num_key_value_heads
+        return 2 * slots * (config.head_dim + 4 if kv8 else 2 * config.head_dim)
+
     @property
     def length(self) -> int:
         return int(self.lens_host[0])

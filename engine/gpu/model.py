@@ -152,7 +152,7 @@ class CudaModel:
             self._rope(int(capacity))
             return cache
         except self.cp.cuda.memory.OutOfMemoryError:
-            need = 2 * c.num_hidden_layers * batch * capacity * c.num_key_value_heads * c.head_dim * (1 if kv8 else 2)
+            need = GpuKVCache.bytes_needed(c, int(capacity), int(batch), kv8)
             raise ModelError(f"a KV cache of {capacity} positions x {batch} sequences needs {need / 2**30:.1f} GiB "
                              "of GPU memory, more than is free: ask for fewer tokens or sequences"
                              + ("" if kv8 else ", or use the INT8 cache (kv8)")) from None
