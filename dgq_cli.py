@@ -104,9 +104,53 @@ kv8_option = click.option("--kv8", is_flag=True,
                                "arrive (about half the memory; calibrated scales in the file are not used).")
 
 
+def _stdin_is_terminal() -> bool:
+    """Whether dgq-run without a prompt chats (a terminal) or reads the prompt (a pipe)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):             # a closed stdin
+        return False
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
+    """The prompt text from --prompt, --prompt-file or stdin ('-' for either; no flag and a pipe
+    on stdin); None means chat. One trailing newline of a file or stdin is dropped (echo adds it)."""
+    from engine.model.generate import GenerationError  # noqa: PLC0415
+    if prompt is not None and prompt_file is not None:
+        raise click.UsageError("give --prompt or --prompt-file, not both")
+    if prompt is not None and prompt != "-":
+        return prompt
+    if prompt_file is None and prompt is None and _stdin_is_terminal():
+        return None
+    if prompt_file not in (None, "-"):
+        from engine.util.files import PathError, input_path  # noqa: PLC0415
+        try:
+            data = input_path(prompt_file, "--prompt-file").read_bytes()
+        except PathError as e:
+            raise click.BadParameter(str(e), param_hint="--prompt-file") from None
+        where = prompt_file
+    else:
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        where = "stdin"
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise GenerationError(f"the prompt from {where} is not UTF-8 text (invalid byte at offset {e.start})") from None
+    text = text.replace("\r\n", "\n")
+    text = text[:-1] if text.endswith("\n") else text
+    if not text.strip():
+        raise click.BadParameter(f"the prompt from {where} is empty",
+                                 param_hint="--prompt-file" if prompt_file else "--prompt")
+    return text
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @weights_option
-@click.option("--prompt", required=True, help="Text to continue or to answer.")
+@click.option("--prompt", default=None,
+              help="Text to continue or to answer; '-' reads it from stdin. Without --prompt or --prompt-file "
+                   "a terminal starts a chat, and a pipe on stdin is read as the prompt.")
+@click.option("--prompt-file", type=str, default=None, help="Read the prompt from this UTF-8 file ('-': stdin).")
+@click.option("--system", default=None, help="Chat: a system message at the start of the conversation.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = no top-k cut.")
@@ -118,19 +162,33 @@ kv8_option = click.option("--kv8", is_flag=True,
 @kernel_options
 @device_option
 @user_errors
-def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8, lm_head, kernel_choice,
-        objective, device):
-    """Generate text; tokens stream to stdout, speed goes to stderr."""
+def run(weights_path, prompt, prompt_file, system, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8,
+        lm_head, kernel_choice, objective, device):
+    """Generate text; tokens stream to stdout, speed goes to stderr. Without a prompt on a terminal:
+    a multi-turn chat (/reset, /exit)."""
     from engine.model.generate import TextStream, encode_prompt, generate, stop_ids  # noqa: PLC0415
     from engine.model.sampling import check_args  # noqa: PLC0415
-    check_prompt(prompt)                      # every flag before the model loads
+    prompt = read_prompt(prompt, prompt_file)
+    if prompt is not None:
+        check_prompt(prompt)                      # every flag before the model loads
+    elif raw:
+        raise click.UsageError("chat mode uses the chat template; --raw needs --prompt or --prompt-file")
     check_args(temperature, top_k, top_p)
     check_weights_arg(weights_path)
     t0 = time.perf_counter()
     lm = load_model(weights_path, device, lm_head=lm_head, kernel_choice=kernel_choice, objective=objective)
     load_s = time.perf_counter() - t0
-    chat = bool(lm.chat_template) and not raw
-    ids = encode_prompt(lm.tokenizer, prompt, lm.chat_template, chat, lm.config)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if prompt is None:
+        return chat(lm, max_new_tokens, sampling, kv8, system)
+    chat_mode = bool(lm.chat_template) and not raw
+    if system is not None and chat_mode:
+        from engine.model.generate import encode_messages  # noqa: PLC0415
+        check_prompt(system)
+        ids = encode_messages(lm.tokenizer, [{"role": "system", "content": system},
+                                             {"role": "user", "content": prompt}], lm.chat_template, lm.config)
+    else:
+        ids = encode_prompt(lm.tokenizer, prompt, lm.chat_template, chat_mode, lm.config)
     stream = TextStream(lm.tokenizer)
 
     def emit(tok):
@@ -139,11 +197,72 @@ def run(weights_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, r
 
     _, st = generate(lm.model, ids, max_new_tokens, temperature, top_k, top_p, seed,
                      stop_ids(lm.tokenizer, lm.config), on_token=emit, kv8=kv8)
-    sys.stdout.write("\n")
+    sys.stdout.write(stream.flush() + "\n")
     click.echo(f"[{lm.device}] loaded {os.path.basename(lm.source.rstrip('/'))} in {load_s:.1f} s; "
                f"prefill {st.prompt_tokens} tokens at {st.prefill_tps:.1f} tok/s; "
                f"decode {st.new_tokens} tokens at {st.decode_tps:.1f} tok/s; "
                f"peak RSS {peak_rss_mb():.0f} MB", err=True)
+
+
+CHAT_HELP = "chat with {name} ({device}); /reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops an answer"
+
+
+def chat(lm, max_new_tokens: int, sampling: dict, kv8: bool, system: str | None) -> None:
+    """The multi-turn chat of dgq-run: each turn re-renders the kept history with the chat
+    template; the oldest turns are dropped, with a notice, when the next answer would not fit."""
+    from engine.model.generate import Conversation, GenerationError, TextStream, generate, stop_ids  # noqa: PLC0415
+    if not lm.chat_template:
+        raise click.UsageError("this model has no chat template, so it cannot chat; give --prompt (with --raw)")
+    if system is not None:
+        check_prompt(system)
+    conv = Conversation(lm.tokenizer, lm.chat_template, lm.config, max_new_tokens, system)
+    stops = stop_ids(lm.tokenizer, lm.config)
+    click.echo(CHAT_HELP.format(name=os.path.basename(lm.source.rstrip("/")), device=lm.device), err=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            click.echo("", err=True)
+            return
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            return
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            conv.reset()
+            click.echo("(history cleared)", err=True)
+            continue
+        try:
+            ids, dropped = conv.prompt(line)
+        except (GenerationError, ValueError) as e:
+            click.echo(f"error: {one_line(e)}", err=True)
+            continue
+        if dropped:
+            click.echo(f"(history trimmed: the {dropped} oldest messages no longer fit the context of "
+                       f"{lm.config.max_position_embeddings} tokens)", err=True)
+        stream, pieces = TextStream(lm.tokenizer), []
+
+        def emit(tok):
+            piece = stream.push(tok)
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        try:
+            generate(lm.model, ids, max_new_tokens, stop=stops, on_token=emit, kv8=kv8, **sampling)
+        except KeyboardInterrupt:
+            conv.cancel()
+            sys.stdout.write("\n")
+            click.echo("(interrupted; that message is forgotten)", err=True)
+            continue
+        tail = stream.flush()
+        sys.stdout.write(tail + "\n")
+        sys.stdout.flush()
+        conv.reply("".join(pieces) + tail)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
