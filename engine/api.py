@@ -3,6 +3,7 @@
     from engine.api import load_model
     lm = load_model("q.safetensors")            # or an HF dir, a GGUF file, None = SmolLM2 default
     logits = lm.model.forward(np.array(lm.tokenizer.encode("Hello").ids))
+    outs = lm.generate(["Hello", "The capital of France is"], max_new_tokens=32)   # [Completion]
 """
 from __future__ import annotations
 
@@ -26,6 +27,61 @@ class LoadedModel:
     source: str
     device: str
     recipe: dict = field(default_factory=dict)   # quantization recipe of a q.safetensors file
+
+    def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop=None, chat: bool | None = None, kv8: bool = False,
+                 max_batch: int = 64):
+        """Completions for one prompt (a str: one Completion) or a list of them (a list).
+
+        A prompt is text, or a list of token ids (sent as is). chat None: text goes through the
+        chat template when the model has one (as dgq-run does; chat=False: raw text). Each
+        sequence ends at an end-of-turn/EOS id, at one of the `stop` strings (cut off), or after
+        max_new_tokens. On the GPU the sequences decode as one continuously batched run of up
+        to max_batch at a time (engine/gpu/decode.py SlotBatch); on the CPU one after another.
+        Greedy (temperature 0) output is the same either way and equals one prompt at a time.
+        Sampling: on the CPU sequence i draws from seed + i; on the GPU from (seed, its slot,
+        position). GenerationError for a bad prompt or setting, before anything runs."""
+        from .model.generate import (  # noqa: PLC0415
+            Completion, GenerationError, SeqRequest, SerialBatch, TextCollector, check_request,
+            check_stop_strings, encode_prompt, run_batch, stop_ids)
+        single = isinstance(prompts, str)
+        plist = [prompts] if single else prompts
+        if not isinstance(plist, (list, tuple)) or not plist:
+            raise GenerationError("prompts must be a string or a non-empty list of strings or token-id lists")
+        stops = check_stop_strings(stop)
+        use_chat = bool(self.chat_template) if chat is None else bool(chat)
+        ctx = self.config.max_position_embeddings
+        sids = frozenset(stop_ids(self.tokenizer, self.config))
+        reqs, texts = [], []
+        on_gpu = hasattr(self.model, "decode")
+        for i, p in enumerate(plist):
+            if isinstance(p, str):
+                ids = encode_prompt(self.tokenizer, p, self.chat_template, use_chat, self.config)
+            else:
+                from .model.llama import check_tokens  # noqa: PLC0415
+                ids = [int(t) for t in check_tokens(p, self.config)]
+            col = TextCollector(self.tokenizer, stops)
+            req = SeqRequest(ids, max_new_tokens, temperature, top_k, top_p,
+                             seed if on_gpu or seed is None else seed + i, sids,
+                             on_token=lambda t, col=col: col.push(t)[1], kv8=kv8)
+            check_request(req, ctx)
+            reqs.append(req)
+            texts.append(col)
+        if on_gpu:
+            from .gpu.decode import SlotBatch  # noqa: PLC0415
+            cap = min(ctx, max(len(r.prompt_ids) for r in reqs) + int(max_new_tokens))
+            batch = SlotBatch(self.model, min(len(reqs), max_batch), cap, kv8=kv8)
+        else:
+            batch = SerialBatch(self.model)
+        run_batch(batch, reqs)
+        out = []
+        for req, col in zip(reqs, texts):
+            col.finish()
+            if req.finish_reason == "error":
+                raise GenerationError(req.error)
+            ids = req.tokens[:-1] if req.tokens and req.tokens[-1] in req.stop_ids else req.tokens
+            out.append(Completion(col.text, list(ids), req.finish_reason, len(req.prompt_ids)))
+        return out[0] if single else out
 
 
 def load_weights(path=None):

@@ -39,6 +39,30 @@ class GpuKVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + (self.ks.nbytes + self.vs.nbytes if self.kv8 else 0)
 
+    def view(self, batch: int) -> "GpuKVCache":
+        """The first `batch` sequences as a cache of their own, sharing this one's memory: the
+        kernels index sequence b of a layer's (B, cap, Hkv, D) array, so a decode step for the
+        view runs `batch` rows. lens_host is a view too (a decode's += reaches this cache);
+        each view keeps its own decode state and graph (gpu/decode.py SlotBatch keeps one per
+        batch bucket)."""
+        if not 1 <= batch <= self.batch:
+            raise ValueError(f"a view of 1..{self.batch} sequences, got {batch}")
+        v = object.__new__(GpuKVCache)
+        v.kv8, v.k, v.v, v.ks, v.vs = self.kv8, self.k, self.v, self.ks, self.vs
+        v.capacity, v.batch = self.capacity, batch
+        v.lens_host = self.lens_host[:batch]
+        v.step = None
+        return v
+
+    def move(self, src: int, dst: int) -> None:
+        """Sequence src's cached positions (and length) into slot dst (SlotBatch compacts the
+        running sequences into the first slots when one leaves)."""
+        n = int(self.lens_host[src])
+        if n:
+            for a in (self.k, self.v) + ((self.ks, self.vs) if self.kv8 else ()):
+                a[:, dst, :n] = a[:, src, :n]
+        self.lens_host[dst] = n
+
 
 class Buffers:
     """Preallocated activations for up to M rows (graph capture allows no allocation).

@@ -9,6 +9,7 @@ runs its layer stack (`_layers`, `_head`, `_lm_head`) with attn_decode as the at
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,3 +161,165 @@ def decode(model, cache: GpuKVCache, last_tokens, n_steps: int, temperature: flo
     if bad.size:     # cuda/sample.cu wrote SAMPLE_NONFINITE for a row with NaN or Inf logits
         raise ModelError(NONFINITE_LOGITS.format(where=f"logits of decode step {int(bad[0]) + 1}"))
     return res
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)   # batch sizes a decode step is captured for
+
+
+def bucket(n: int, slots: int) -> int:
+    """The captured batch size that runs n sequences: the next bucket, at most `slots`."""
+    return min(next((b for b in BUCKETS if b >= n), slots), slots)
+
+
+def slots_for_memory(config, capacity: int, kv8: bool, budget_bytes: int) -> int:
+    """How many sequences of `capacity` positions a KV budget of budget_bytes holds."""
+    return int(budget_bytes // GpuKVCache.bytes_needed(config, capacity, 1, kv8))
+
+
+class SlotBatch:
+    """Continuous batching on one GPU: up to `slots` sequences of up to `capacity` positions
+    share one KV cache, allocated once (the scheduler's memory bound); the rest wait, first
+    come first served.
+
+    step() admits waiting requests into free slots (a prefill each, then the first token
+    sampled by the decode step's kernel), decodes up to `chunk` steps of every running
+    sequence, and retires the ended ones. The chunk ends early when a sequence ends or a
+    waiting one could join, so requests join and leave between decode steps. Running
+    sequences sit in slots 0..n-1 (a leaving one's slot is filled by moving the later ones
+    down, GpuKVCache.move), so a step runs the smallest captured bucket ≥ n rows
+    (BUCKETS: one CUDA graph each, a GpuKVCache.view of the first rows); rows past n decode
+    a dummy token at position 0, which no sequence reads. The decode step samples every row
+    with one setting, so a request joins only a batch with its SeqRequest.sampling_key
+    (greedy requests always share); one with another key waits until the batch drains.
+    Requests are engine.model.generate.SeqRequest; SerialBatch is the CPU counterpart.
+    after_step() (if given) runs after each decode step and after admissions.
+    """
+
+    def __init__(self, model, slots: int, capacity: int, kv8: bool = False, chunk: int = 32, after_step=None):
+        from ..model.generate import GenerationError  # noqa: PLC0415
+        if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
+            raise GenerationError(f"the batch needs at least one sequence slot, got {slots!r}")
+        self.model, self.slots, self.kv8 = model, int(slots), bool(kv8)
+        self.cache = model.new_cache(capacity, batch=self.slots, kv8=self.kv8)
+        self.capacity = self.cache.capacity
+        self.chunk = max(1, int(chunk))
+        self.after_step = after_step
+        self.views: dict[int, GpuKVCache] = {}
+        self.active: list = []          # active[i] decodes in slot i
+        self.last: list[int] = []       # the token each feeds next
+        self.waiting: deque = deque()
+
+    def submit(self, req) -> None:
+        """Queue a request (GenerationError when it cannot run here); its budget is cut to
+        what its slot holds, as generate() cuts it to the context."""
+        from ..model.generate import GenerationError, check_request  # noqa: PLC0415
+        check_request(req, self.capacity)
+        if bool(req.kv8) != self.kv8:
+            raise GenerationError(f"this batch's KV cache is {'INT8' if self.kv8 else 'fp16'}; "
+                                  f"the request asks for kv8={req.kv8}")
+        req.max_new_tokens = min(int(req.max_new_tokens), self.capacity - len(req.prompt_ids))
+        self.waiting.append(req)
+
+    def idle(self) -> bool:
+        return not self.active and not self.waiting
+
+    def step(self) -> None:
+        self._admit()
+        self._retire()
+        if self.active:
+            self._decode()
+            self._retire()
+
+    # ------------------------------------------------------------------ internals
+    def _admissible(self) -> bool:
+        if not self.waiting or len(self.active) >= self.slots:
+            return False
+        head = self.waiting[0]
+        return head.cancelled or not self.active or head.sampling_key == self.active[0].sampling_key
+
+    @staticmethod
+    def _deliver(req, tok: int) -> None:
+        """Record one new token of req and decide whether req ends with it."""
+        if req.cancelled:
+            req.finish_reason = "cancelled"
+            return
+        req.tokens.append(tok)
+        if tok in req.stop_ids:
+            req.finish_reason = "stop"
+        elif req.on_token is not None and req.on_token(tok) is True:
+            req.finish_reason = "stop"
+        elif len(req.tokens) >= req.max_new_tokens:
+            req.finish_reason = "length"
+
+    def _admit(self) -> None:
+        admitted = False
+        while self._admissible():
+            req = self.waiting.popleft()
+            if req.cancelled:
+                req.finish_reason = "cancelled"
+                continue
+            slot = len(self.active)
+            self.cache.lens_host[slot] = 0
+            try:
+                logits = self.model.prefill(np.asarray(req.prompt_ids), self.cache, seq=slot)   # (1, V)
+                first = self.model.sample_logits(logits, slot, len(req.prompt_ids) - 1, **req.sampling)
+            except ValueError as e:              # ModelError (non-finite logits), CudaOpError
+                self.cache.lens_host[slot] = 0
+                req.finish_reason, req.error = "error", " ".join(str(e).split())
+                continue
+            self.active.append(req)
+            self.last.append(first)
+            self._deliver(req, first)
+            admitted = True
+        if admitted and self.after_step is not None:
+            self.after_step()
+
+    def _decode(self) -> None:
+        n = len(self.active)
+        nb = bucket(n, self.slots)
+        view = self.views.get(nb)
+        if view is None:
+            view = self.views[nb] = self.cache.view(nb)
+        lens = self.cache.lens_host
+        lens[n:nb] = 0                                   # idle rows: a dummy token at position 0
+        last = np.zeros(nb, np.int64)
+        last[:n] = self.last
+        steps = min(self.chunk, self.capacity - int(lens[:nb].max()))
+        active = self.active
+
+        def on_step(toks):
+            ended = False
+            for i, req in enumerate(active):
+                if req.finish_reason is None:
+                    tok = int(toks[i])
+                    self.last[i] = tok
+                    self._deliver(req, tok)
+                ended = ended or req.finish_reason is not None
+            if self.after_step is not None:
+                self.after_step()
+            return ended or self._admissible()
+
+        try:
+            decode(self.model, view, last, steps, use_graph=True, on_step=on_step, **active[0].sampling)
+        except ValueError as e:                  # non-finite logits: every running sequence fails
+            for req in active:
+                if req.finish_reason is None:
+                    req.finish_reason, req.error = "error", " ".join(str(e).split())
+
+    def _retire(self) -> None:
+        keep = []
+        for i, req in enumerate(self.active):
+            if req.finish_reason is None and req.cancelled:
+                req.finish_reason = "cancelled"
+            if req.finish_reason is None:
+                keep.append(i)
+        if len(keep) == len(self.active):
+            return
+        for new, old in enumerate(keep):           # old >= new: moving down never overwrites a keeper
+            if old != new:
+                self.cache.move(old, new)
+        self.cache.lens_host[len(keep):len(self.active)] = 0
+        self.active = [self.active[i] for i in keep]
+        self.last = [self.last[i] for i in keep]

@@ -389,3 +389,52 @@ def run_batch(batch, requests) -> list[SeqRequest]:
     while not batch.idle():
         batch.step()
     return list(requests)
+
+
+@dataclass
+class Completion:
+    """One generated sequence: the text (stop strings and stop ids cut off), the new token ids
+    (a final stop id not included), why it ended ("stop", "length", "cancelled", "error") and
+    the prompt's length in tokens."""
+    text: str
+    token_ids: list
+    finish_reason: str
+    prompt_tokens: int
+    error: str | None = None
+
+
+class TextCollector:
+    """The text side of one SeqRequest: detokenizes each new token, applies stop strings and
+    keeps the text; push() returns (new text, True when a stop string ended the sequence)."""
+
+    def __init__(self, tokenizer, stops=()):
+        self.stream = TextStream(tokenizer)
+        self.stop = StopText(stops)
+        self.parts: list[str] = []
+
+    def push(self, tok: int) -> tuple[str, bool]:
+        piece, hit = self.stop.feed(self.stream.push(tok))
+        self.parts.append(piece)
+        return piece, hit
+
+    def finish(self) -> str:
+        """The held-back tail (call once, at the end); returns it."""
+        tail = "" if self.stop.stopped else self.stop.feed(self.stream.flush())[0]
+        tail += self.stop.flush()
+        self.parts.append(tail)
+        return tail
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def check_stop_strings(stop) -> tuple[str, ...]:
+    """stop: None, a string or a list of strings (each non-empty)."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise GenerationError("stop must be a non-empty string or a list of non-empty strings")
+    return tuple(stop)

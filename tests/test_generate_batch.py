@@ -1,0 +1,186 @@
+"""LoadedModel.generate over many prompts, and the GPU's continuous batching scheduler
+(engine/gpu/decode.py SlotBatch) driven on the CPU through a NumPy stand-in for the GPU model."""
+import numpy as np
+import pytest
+
+from engine.api import load_model
+from engine.gpu import decode as decoding
+from engine.model.generate import GenerationError, SeqRequest, generate, run_batch, stop_ids
+from engine.model.kv_cache import KVCache
+from tiny_model import make_tiny_checkpoint
+
+PROMPTS = ["hello there", "the cat sat on the mat", "a", "one two three four five six", "the"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_batch")
+    make_tiny_checkpoint(d, max_position_embeddings=96)
+    return load_model(str(d), "cpu")
+
+
+def test_batch_equals_one_at_a_time(lm):
+    many = lm.generate(PROMPTS, max_new_tokens=12)
+    ones = [lm.generate(p, max_new_tokens=12) for p in PROMPTS]
+    assert many == ones
+    for c, p in zip(many, PROMPTS):       # and equals the engine's generate() on the same ids
+        assert c.text == lm.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        assert c.finish_reason in ("stop", "length")
+
+
+def test_stop_strings_ids_and_errors(lm):
+    full = lm.generate("the cat", max_new_tokens=16, chat=False)
+    assert full.finish_reason == "length" and len(full.token_ids) == 16
+    cut = full.text[3:5]
+    c = lm.generate("the cat", max_new_tokens=16, chat=False, stop=[cut])
+    assert c.finish_reason == "stop" and c.text == full.text[:full.text.index(cut)]
+    ids = lm.tokenizer.encode("the cat").ids
+    assert lm.generate([ids], max_new_tokens=16)[0] == full
+    with pytest.raises(GenerationError):
+        lm.generate([], max_new_tokens=4)
+    with pytest.raises(GenerationError, match="stop"):
+        lm.generate("x", stop=[""])
+    with pytest.raises(GenerationError, match="context"):
+        lm.generate("word " * 200, chat=False)
+    with pytest.raises(ValueError):
+        lm.generate("x", temperature=-1)
+
+
+def test_sampled_batch_is_seeded(lm):
+    a = lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3)
+    b = lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3)
+    assert a == b and a[0] == lm.generate(PROMPTS[0], max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3)
+
+
+# ----------------------------------------------------------------------------- SlotBatch on a stand-in
+
+class FakeCache:
+    """GpuKVCache's interface over one NumPy KVCache a slot."""
+
+    def __init__(self, config, capacity, batch, kv8=False, slots=None, lens=None):
+        self.capacity, self.batch, self.kv8 = capacity, batch, kv8
+        self.slots = slots if slots is not None else [KVCache(config, capacity, np) for _ in range(batch)]
+        self.lens_host = lens if lens is not None else np.zeros(batch, np.int64)
+        self.step = None
+
+    def view(self, batch):
+        return FakeCache(None, self.capacity, batch, self.kv8, self.slots, self.lens_host[:batch])
+
+    def move(self, src, dst):
+        n = int(self.lens_host[src])
+        a, b = self.slots[src], self.slots[dst]
+        b.k[:, :n], b.v[:, :n] = a.k[:, :n], a.v[:, :n]
+        self.lens_host[dst] = n
+
+
+class FakeGpuModel:
+    """CudaModel's batching interface (new_cache with batch, prefill into a slot, sample_logits)
+    over the NumPy model; greedy only. `decode` below stands in for gpu/decode.py decode()."""
+
+    def __init__(self, model):
+        self.m, self.config = model, model.config
+        self.buckets = []
+
+    def new_cache(self, capacity, batch=1, kv8=False):
+        return FakeCache(self.config, capacity, batch, kv8)
+
+    def _run(self, tokens, cache, seq):
+        kv = cache.slots[seq]
+        kv.length = int(cache.lens_host[seq])
+        logits = self.m.forward(np.asarray(tokens), kv, last_only=True)
+        cache.lens_host[seq] += len(tokens)
+        return logits
+
+    def prefill(self, tokens, cache, seq=0):
+        return self._run(tokens, cache, seq)
+
+    def sample_logits(self, logits, seq, pos, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+        assert temperature == 0
+        return int(np.argmax(logits[0]))
+
+
+def fake_decode(model, cache, last, n_steps, temperature=0.0, top_k=0, top_p=1.0, seed=0, use_graph=True,
+                on_step=None):
+    """decode()'s contract: n_steps for every row of the (view) cache, lens advanced at the end."""
+    assert int(cache.lens_host.max()) + n_steps <= cache.capacity
+    model.buckets.append(cache.batch)
+    lens = cache.lens_host.copy()
+    toks = np.asarray(last).copy()
+    done = 0
+    for _ in range(n_steps):
+        for b in range(cache.batch):
+            kv = cache.slots[b]
+            kv.length = int(lens[b])
+            toks[b] = int(np.argmax(model.m.forward(np.array([toks[b]]), kv, last_only=True)[0]))
+            lens[b] += 1
+        done += 1
+        if on_step is not None and on_step(toks.copy()):
+            break
+    cache.lens_host += done
+    return np.zeros((done, cache.batch), np.int32)
+
+
+def test_slot_batch_joins_leaves_and_equals_serial(lm, monkeypatch):
+    """More requests than slots, of different lengths and budgets, one cancelled, some joining
+    mid-run: every sequence equals generate() alone; buckets follow the running count."""
+    monkeypatch.setattr(decoding, "decode", fake_decode)
+    fake = FakeGpuModel(lm.model)
+    stops = frozenset(stop_ids(lm.tokenizer, lm.config))
+    prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS * 2]
+    budgets = [3, 9, 1, 14, 6, 11, 2, 8, 5, 12]
+    batch = decoding.SlotBatch(fake, slots=3, capacity=64, chunk=4)
+    reqs = [SeqRequest(p, n, stop_ids=stops) for p, n in zip(prompts, budgets)]
+    gone = SeqRequest(prompts[0], 20, stop_ids=stops, on_token=lambda t: None)
+    for r in reqs[:4]:
+        batch.submit(r)
+    batch.submit(gone)
+    batch.step()
+    gone.cancelled = True
+    for r in reqs[4:]:
+        batch.submit(r)
+    while not batch.idle():
+        batch.step()
+        assert len(batch.active) <= 3
+    for r, p, n in zip(reqs, prompts, budgets):
+        want, _ = generate(lm.model, p, n, stop=set(stops))
+        assert r.tokens == want, (p, n)
+        assert r.finish_reason == ("stop" if want[-1] in stops else "length")
+    assert gone.finish_reason == "cancelled"
+    assert set(fake.buckets) <= {1, 2, 3} and 3 in fake.buckets and (1 in fake.buckets or 2 in fake.buckets)
+
+
+def test_slot_batch_refuses_and_clips(lm, monkeypatch):
+    monkeypatch.setattr(decoding, "decode", fake_decode)
+    batch = decoding.SlotBatch(FakeGpuModel(lm.model), slots=2, capacity=16)
+    with pytest.raises(GenerationError, match="context"):
+        batch.submit(SeqRequest(list(range(5, 25)), 4))
+    with pytest.raises(GenerationError, match="kv8"):
+        batch.submit(SeqRequest([5, 6], 4, kv8=True))
+    r = SeqRequest(list(range(5, 15)), 100)
+    run_batch(batch, [r])
+    assert r.max_new_tokens == 6 and len(r.tokens) <= 6
+
+
+def test_slot_batch_groups_by_sampling_setting(lm, monkeypatch):
+    """A request with another sampling setting waits until the running batch drains (and the
+    ones behind it wait too: first come, first served)."""
+    seen = []
+
+    def spy(model, cache, last, n_steps, temperature=0.0, **kw):
+        seen.append(temperature)
+        return fake_decode(model, cache, last, n_steps, 0.0, **kw)
+    monkeypatch.setattr(decoding, "decode", spy)
+    fake = FakeGpuModel(lm.model)
+    fake.sample_logits = lambda logits, seq, pos, temperature=0.0, **kw: int(np.argmax(logits[0]))
+    batch = decoding.SlotBatch(fake, slots=4, capacity=64)
+    a, b = SeqRequest([5, 6, 7], 6), SeqRequest([8, 9], 6, temperature=0.7)
+    c = SeqRequest([10, 11], 6)
+    run_batch(batch, [a, b, c])
+    assert all(r.finish_reason for r in (a, b, c))
+    runs = [t for i, t in enumerate(seen) if i == 0 or seen[i - 1] != t]
+    assert runs == [0.0, 0.7, 0.0]            # first come, first served: c waits behind b
+
+
+def test_bucket_sizes():
+    assert [decoding.bucket(n, 64) for n in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 64, 64]
+    assert decoding.bucket(5, 6) == 6 and decoding.bucket(300, 300) == 300
