@@ -136,6 +136,40 @@ def test_phase2_guard_never_overflows_adversarial_groups():
         formats.check_no_overflow(ql)                       # the format's own check agrees
 
 
+def _phase2_dense(W, H, codes, z, s_g, group):
+    """The phase-2 grid as the paper states it: one float64 d H dᵀ per row and ratio."""
+    amax = np.abs(W).max(axis=1)
+    best, r_best = np.full(len(W), np.inf), np.ones(len(W))
+    for r in dgq.PHASE2_RATIOS:
+        s8, S, qc = dgq.phase2_params(amax, s_g, z, codes, np.full(len(W), r), group)
+        f = dgq.row_objective(W, s8[:, None] * dgq.dg_int8(qc, z, S, group), H)
+        better = f < best
+        best, r_best = np.where(better, f, best), np.where(better, r, r_best)
+    return r_best, best
+
+
+@pytest.mark.parametrize("k,group,spread", [(256, 64, 1.0), (200, 32, 1.0), (256, 128, 6.0), (96, 64, 0.3)])
+def test_phase2_search_equals_the_dense_grid(k, group, spread):
+    """The incremental search (_phase2_search) picks the dense grid's ratio for every row and
+    reports its objective to float32-product accuracy; spread scales some groups so that the
+    overflow guard clamps at many ratios (the case the incremental updates exist for)."""
+    rng = np.random.default_rng(k + group)
+    W = rng.standard_normal((48, k)) * (1 + spread * (rng.random((1, k)) < 0.1))
+    _, H = gram(rng, 3 * k, k)
+    codes, z, s_g, _ = dgq.phase1(W, dgq.h_blocks(H, group), group)
+    r_ref, f_ref = _phase2_dense(W, H, codes, z, s_g, group)
+    _, _, _, r, f = dgq.phase2(W, H, codes, z, s_g, group)
+    # a different ratio only where two grid points tie to float32-product accuracy
+    tie = np.isclose(f_ref, _phase2_dense_at(W, H, codes, z, s_g, group, r), rtol=1e-5)
+    assert np.all((r == r_ref) | tie)
+    np.testing.assert_allclose(f, f_ref, rtol=1e-5)
+
+
+def _phase2_dense_at(W, H, codes, z, s_g, group, r):
+    s8, S, qc = dgq.phase2_params(np.abs(W).max(axis=1), s_g, z, codes, r, group)
+    return dgq.row_objective(W, s8[:, None] * dgq.dg_int8(qc, z, S, group), H)
+
+
 def test_dgq_linear_on_outlier_weights_never_overflows():
     rng = np.random.default_rng(5)
     W = rng.standard_normal((16, 64)) * 0.02
