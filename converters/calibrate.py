@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.model.ops_ref import rmsnorm
+
 DEFAULT_N_SEQ = 64       # calibration sequences ...
 DEFAULT_SEQ_LEN = 512    # ... of this many tokens: 32768 tokens for SmolLM2
 DEFAULT_SEED = 0
@@ -126,6 +128,13 @@ def _linear_float(w) -> np.ndarray:
     return w.dequantize() if hasattr(w, "dequantize") else np.asarray(w, dtype=np.float32)
 
 
+def _kv_weights(layer) -> tuple:
+    """(k weight, v weight, k bias | None, v bias | None, k_norm | None) of a layer: what k and v
+    are before RoPE (the KV statistics)."""
+    return (_linear_float(layer.k), _linear_float(layer.v), layer.bias.get("k"), layer.bias.get("v"),
+            layer.k_norm)
+
+
 # sink_weight: the weight of each sequence's first token in the q/k/v input's Gram matrix (site
 # attn_in; 1: plain XᵀX). The attention sink carries huge activations and a near-zero value
 # vector, so an error of v_proj on it reaches every position (ALGORITHMS.md); SmolLM2, DGQ
@@ -151,7 +160,7 @@ class _Observer:
         self.absmax, self.tok, self.H, self.n = {}, {}, {}, {}
         self.kv_absmax = np.zeros((c.num_hidden_layers, 2, c.num_key_value_heads), np.float32) if kv else None
         self.kv_w = kv_w if kv else {}
-        self.hkv, self.d = c.num_key_value_heads, c.head_dim
+        self.hkv, self.d, self.eps = c.num_key_value_heads, c.head_dim, c.rms_norm_eps
 
     def __call__(self, li: int, site: str, x):
         if li > self.last:
@@ -177,10 +186,12 @@ class _Observer:
                 if self.sink_extra and site == SINK_SITE:                # row 0: the sequence's first token
                     self.H[key] += self.sink_extra * np.outer(x64[0], x64[0])
         if self.kv and site == "attn_in":
-            wk, wv = self.kv_w[li]
+            wk, wv, bk, bv, k_norm = self.kv_w[li]
             t, h, d = x.shape[0], self.hkv, self.d
-            k = (x @ wk.T).reshape(t, h, d)                              # (T, Hkv, D) before RoPE
-            v = (x @ wv.T).reshape(t, h, d)                              # (T, Hkv, D)
+            k = (x @ wk.T if bk is None else x @ wk.T + bk).reshape(t, h, d)  # (T, Hkv, D) before RoPE
+            v = (x @ wv.T if bv is None else x @ wv.T + bv).reshape(t, h, d)  # (T, Hkv, D)
+            if k_norm is not None:                                       # Qwen3 / Gemma: per-head norm
+                k = rmsnorm(k, k_norm, self.eps)
             pair = np.sqrt(k[..., : d // 2] ** 2 + k[..., d // 2:] ** 2)  # (T, Hkv, D/2)
             np.maximum(self.kv_absmax[li, 0], pair.max(axis=(0, 2)), out=self.kv_absmax[li, 0])
             np.maximum(self.kv_absmax[li, 1], np.abs(v).max(axis=(0, 2)), out=self.kv_absmax[li, 1])
@@ -202,7 +213,7 @@ def calibrate(weights, seqs, *, gram: bool = True, kv: bool = False, layers=None
     c = weights.config
     layers = list(range(c.num_hidden_layers)) if layers is None else sorted(set(layers))
     sites = SITES if sites is None else tuple(sites)
-    kv_w = {li: (_linear_float(weights.layers[li].k), _linear_float(weights.layers[li].v)) for li in layers} if kv else {}
+    kv_w = {li: _kv_weights(weights.layers[li]) for li in layers} if kv else {}
     obs = _Observer(c, gram, kv, layers, sites, kv_w, sink_weight)
     model = Model(weights)
     it = range(seqs.shape[0])
@@ -232,14 +243,15 @@ def calibrate_layer(config, li: int, layer, X, cos, sin, *, gram: bool = True, k
                     sink_weight: float = 1.0):
     """Statistics of layer `li` (float LayerWeights) on its inputs X (n, T, H) float32.
 
-    Returns ({site: SiteStats}, kv (2, Hkv) float32 or None). cos, sin: RoPE tables (T, D) for
-    positions 0..T−1. advance: X[i] is replaced by the layer's output as soon as its statistics
+    Returns ({site: SiteStats}, kv (2, Hkv) float32 or None). cos, sin: unused (kept for the
+    callers): each layer's RoPE follows from the config (engine.model.llama.layer_rope: llama3
+    scaling, Gemma's local layers), built by run_layer for positions 0..T−1. advance: X[i] is replaced by the layer's output as soon as its statistics
     are taken (the inputs of the next layer, without a second buffer). The numbers are exactly
     those `calibrate` records for this layer when X holds the float model's activations.
     """
     from engine.model.llama import SITES  # noqa: PLC0415
     sites = SITES if sites is None else tuple(sites)
-    kv_w = {li: (_linear_float(layer.k), _linear_float(layer.v))} if kv else {}
+    kv_w = {li: _kv_weights(layer)} if kv else {}
     obs = _Observer(config, gram, kv, [li], sites, kv_w, sink_weight)
     run_layer(config, li, layer, X, cos, sin, observer=obs, advance=advance, progress=progress, desc=desc)
     stats = {site: st for (_, site), st in _site_stats(obs, gram).items()}
@@ -249,9 +261,10 @@ def calibrate_layer(config, li: int, layer, X, cos, sin, *, gram: bool = True, k
 def run_layer(config, li: int, layer, X, cos, sin, *, observer=None, advance: bool = True,
               progress: bool = False, desc: str = "layer") -> None:
     """Run layer `li` (float or quantized LayerWeights) over each sequence of X (n, T, H);
-    with advance, X[i] becomes its output (in place)."""
-    from engine.model.llama import layer_forward, prepare_linears  # noqa: PLC0415
+    with advance, X[i] becomes its output (in place). cos, sin: unused, see calibrate_layer."""
+    from engine.model.llama import layer_forward, layer_rope, prepare_linears  # noqa: PLC0415
     W = prepare_linears(layer)
+    cos, sin = layer_rope(config, li, np, np.arange(X.shape[1]))                  # (T, D)
     it = range(X.shape[0])
     if progress:
         from tqdm import tqdm  # noqa: PLC0415

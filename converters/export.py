@@ -12,8 +12,10 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from engine.io.tokenizer import token_string
-from engine.io.layout import Checkpoint, WeightsError, check_tensors, expected_shapes
+from engine.io.layout import Checkpoint, WeightsError, check_tensors, expected_shapes, is_norm_name
 from engine.io.safetensors import write_safetensors
 from engine.util.files import (PathError, clean_stale, forget_temporary, is_within, out_path,
                                register_temporary, temp_sibling)
@@ -101,7 +103,7 @@ def _plan_shards(sizes: dict[str, int], shard_size: int | None) -> list[list[str
 
 def export_hf_dir(ckpt: Checkpoint, out_dir: str | os.PathLike, dtype: str = "float32",
                   shard_size: int | str | None = None, overwrite: bool = False) -> Path:
-    """Write `ckpt` as an HF Llama directory in `dtype`; return the directory's path.
+    """Write `ckpt` as an HF directory of its family (config.to_hf) in `dtype`; return its path.
 
     shard_size (bytes or "2GB") splits the weights into model-0000i-of-0000n.safetensors
     plus model.safetensors.index.json; None writes one model.safetensors.
@@ -161,16 +163,22 @@ def _write_dir(ckpt: Checkpoint, d: Path, dtype: str, limit: int | None) -> None
 
     names = list(expected_shapes(cfg))             # canonical order: layers stay together
     sizes = {n: ckpt.tensors[n].size * DTYPES[dtype] for n in names}
+
+    def tensor(n):
+        # HF Gemma stores w of a (1 + w) norm; in memory we hold the multiplier (io/layout.py)
+        a = ckpt.tensors[n]
+        return a - np.float32(cfg.norm_offset) if cfg.norm_offset and is_norm_name(n) else a
+
     shards = _plan_shards(sizes, limit)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        write_safetensors(d / "model.safetensors", {n: ckpt.tensors[n] for n in names}, meta,
+        write_safetensors(d / "model.safetensors", {n: tensor(n) for n in names}, meta,
                           float_dtype=dtype)
     else:
         weight_map = {}
         for i, group in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(d / fname, {n: ckpt.tensors[n] for n in group}, meta, float_dtype=dtype)
+            write_safetensors(d / fname, {n: tensor(n) for n in group}, meta, float_dtype=dtype)
             weight_map.update({n: fname for n in group})
         _write_json(d / "model.safetensors.index.json",
                     {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})

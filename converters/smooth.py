@@ -16,8 +16,11 @@ A channel that is zero on every calibration token keeps s_j = 1.
 Where s is folded (exact in exact arithmetic; fp32 rounding only):
   attn_in  (q, k, v):  input_layernorm.weight /= s;  q, k, v columns *= s
   mlp_in   (gate, up): post_attention_layernorm.weight /= s;  gate, up columns *= s
-  down_in  (down):     up_proj rows /= s  (down_in = silu(gate)·up is linear in up);
+  down_in  (down):     up_proj rows (and its bias) /= s  (down_in = act(gate)·up is linear in up);
                        down_proj columns *= s
+Biases of the readers stay as they are (x/s · (W·diag(s))ᵀ + b = x·Wᵀ + b). A norm is the
+multiplier RMSNorm applies, also for Gemma's (1 + w) norms (the loaders hold 1 + w), so
+dividing it by s is exact for every family.
   o_in     (o):        NOT smoothed. The fold would go into v_proj rows, but under GQA
                        one v row feeds Hq/Hkv o_proj input channels, so s would have
                        to be equal across those channels; we skip o_proj instead
@@ -104,6 +107,8 @@ def fold_layer(layer, site: str, s) -> object:
     if w.shape[0] != s.shape[0]:
         raise SmoothError(f"{site}: {s.shape[0]} scales for {w.shape[0]} channels")
     new[src] = w / s if w.ndim == 1 else w / s[:, None]                # norm (K,) or up rows (K, H)
+    if src in layer.bias:                                              # up's bias: its rows' outputs
+        new["bias"] = {**layer.bias, src: np.asarray(layer.bias[src], dtype=np.float32) / s}
     for n in readers:
         new[n] = _float(getattr(layer, n), n) * s[None, :]              # (N, K) columns *= s
     return dataclasses.replace(layer, **new)

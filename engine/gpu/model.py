@@ -70,6 +70,10 @@ class CudaModel:
     """Runs ModelWeights on the GPU. Same forward() contract as engine.model.Model."""
 
     def __init__(self, weights: ModelWeights):
+        missing = weights.config.features()        # beyond the plain Llama layer: not in the kernels yet
+        if missing:
+            raise ModelError(f"the GPU engine does not run {weights.config.model_type} models yet: "
+                             f"{'; '.join(missing)} (run it with --device cpu)")
         cp = require_cupy()
         self.cp, self.config, c = cp, weights.config, weights.config
         if c.head_dim not in (64, 128):

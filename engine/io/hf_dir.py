@@ -1,10 +1,13 @@
 """Hugging Face model directories (config.json, *.safetensors [+ index], tokenizer.json),
-read as float32 tensors under their HF names into a Checkpoint (engine/io/layout.py)."""
+read as float32 tensors under their HF names into a Checkpoint (engine/io/layout.py).
+
+The families are config.json's model_type (engine/io/config.py FAMILIES: llama, mistral,
+qwen2, qwen3, gemma3_text); anything else is refused by name before a tensor is read. Gemma's
+norms are stored as w for a (1 + w) RMSNorm: they are read as the multiplier 1 + w."""
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +15,13 @@ import numpy as np
 
 from ..util.files import PathError, input_path
 from .config import ConfigError, ModelConfig
-from .layout import Checkpoint, LazyTensors, WeightsError, check_finite, check_fits, expected_shapes
+from .config import FAMILIES
+from .layout import (Checkpoint, LazyTensors, WeightsError, check_finite, check_fits, expected_shapes,
+                     is_norm_name)
 from .safetensors import read_safetensors_header, read_tensor
 from .tokenizer import TokenizerError, load_hf_tokenizer
 
-# Hugging Face model types whose checkpoints are exactly our Llama layout (no biases,
-# plain RMSNorm weight, SwiGLU MLP); anything else would load and then compute garbage.
-HF_MODEL_TYPES = ("llama", "mistral")
+HF_MODEL_TYPES = tuple(FAMILIES)
 
 
 # ----------------------------------------------------------------------------- Hugging Face directories
@@ -84,7 +87,8 @@ def _weight_files(d: Path) -> tuple[list[Path], dict[str, str] | None]:
 
 
 def load_hf_dir(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
-    """Load a Hugging Face Llama-family model directory (fp32/fp16/bf16 safetensors) as float32.
+    """Load a Hugging Face model directory of a supported family (fp32/fp16/bf16 safetensors)
+    as float32.
 
     Names, shapes and dtypes are checked against the config at once; the tensors themselves
     are read now, or with lazy=True on access (Checkpoint.tensors is then a LazyTensors: a NaN
@@ -99,13 +103,6 @@ def load_hf_dir(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
     cfg = _read_json(cfg_path)
     if not isinstance(cfg, dict):
         raise WeightsError(f"{cfg_path}: not a JSON object")
-    mtype = cfg.get("model_type")
-    if mtype is not None and mtype not in HF_MODEL_TYPES:
-        raise WeightsError(f"{cfg_path}: model_type {mtype!r} is not supported "
-                           f"(only {', '.join(HF_MODEL_TYPES)})")
-    if cfg.get("rope_scaling"):
-        warnings.warn(f"{cfg_path}: rope_scaling {cfg['rope_scaling']!r} is ignored; "
-                      "long-context outputs will differ from the reference", stacklevel=2)
     try:
         config = ModelConfig.from_hf(cfg)
     except ConfigError as e:
@@ -128,7 +125,8 @@ def load_hf_dir(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
                     continue
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
-                raise WeightsError(f"{f}: unexpected tensor {name}; is this a Llama-family checkpoint?")
+                raise WeightsError(f"{f}: unexpected tensor {name}; is this a {config.model_type} checkpoint "
+                                   "as its config.json says?")
             if name in where:
                 raise WeightsError(f"{f}: tensor {name} is also stored in {where[name].name}")
             if tuple(e["shape"]) != want[name]:
@@ -141,7 +139,8 @@ def load_hf_dir(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
                 raise WeightsError(f"{f}: holds tensor {name}, which the index places in "
                                    f"{wmap.get(name)!r}")
             where[name] = f
-            loaders[name] = _loader(f, start, e, name)
+            offset = config.norm_offset if is_norm_name(name) else 0.0
+            loaders[name] = _loader(f, start, e, name, offset)
     for name, shape in want.items():
         if name not in loaders:
             listed = f" (the index places it in {wmap[name]})" if wmap and name in wmap else ""
@@ -161,9 +160,12 @@ def load_hf_dir(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
     return Checkpoint(config, tensors, tokenizer, template, str(d))
 
 
-def _loader(f: Path, start: int, e: dict, name: str):
+def _loader(f: Path, start: int, e: dict, name: str, offset: float = 0.0):
+    """offset: added to a norm weight stored as w for a (1 + w) RMSNorm (Gemma), in float32 as
+    transformers does (1.0 + w.float())."""
     def load() -> np.ndarray:
         a = read_tensor(f, start, e, name)
         check_finite(name, a, f)
-        return a.astype(np.float32, copy=False)
+        a = a.astype(np.float32, copy=False)
+        return a + np.float32(offset) if offset else a
     return load

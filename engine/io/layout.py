@@ -1,9 +1,13 @@
-"""The Llama layout: tensor names and shapes, and the weight records every room passes around.
+"""The decoder layout: tensor names and shapes, and the weight records every room passes around.
 
 A checkpoint in memory is float32 tensors under their Hugging Face names (`expected_shapes`
-lists them; linear weights are (N out, K in), q/k rows in HF "rotate-half" RoPE order).
-`ModelWeights` holds them by role, each linear a float array or a formats.QuantLinear.
-The loaders (hf_dir, gguf_file, qfile) build these records; engine/model runs them.
+lists them for a config; linear weights are (N out, K in), q/k rows in HF "rotate-half" RoPE
+order). Every norm is held as the multiplier RMSNorm applies: Gemma's HF files store w for a
+(1 + w) norm, so the HF reader adds config.norm_offset and the exporter takes it off again
+(GGUF files already hold 1 + w). `ModelWeights` holds the tensors by role, each linear a float
+array or a formats.QuantLinear; the family's extra tensors (biases, q/k norms, Gemma's output
+norms) sit beside them in LayerWeights. The loaders (hf_dir, gguf_file, qfile) build these
+records; engine/model runs them.
 """
 from __future__ import annotations
 
@@ -29,6 +33,30 @@ class ModelError(ValueError):
     """Weights that do not fit the config, or a bad forward-pass argument."""
 
 
+# The norms of a layer by role -> HF name relative to model.layers.{i}. A Llama layer has two:
+# before attention and before the MLP (which HF calls post_attention_layernorm). A "sandwich"
+# layer (Gemma 3) also norms each sublayer's output before the residual add, and its HF names
+# shift: post_attention_layernorm is then the attention output's norm.
+HF_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+HF_NORMS_SANDWICH = {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
+                     "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
+HF_QK_NORMS = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+OPTIONAL_NORMS = ("attn_out_norm", "mlp_out_norm", "q_norm", "k_norm")
+
+
+def layer_norm_names(c: ModelConfig) -> dict:
+    """Role -> HF name (relative to model.layers.{i}., without .weight) of every norm of a layer."""
+    out = dict(HF_NORMS_SANDWICH if c.sandwich_norm else HF_NORMS)
+    if c.qk_norm:
+        out.update(HF_QK_NORMS)
+    return out
+
+
+def is_norm_name(name: str) -> bool:
+    """An RMSNorm weight (the tensors config.norm_offset applies to)."""
+    return name.endswith("norm.weight")
+
+
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray            # (H,)
@@ -40,19 +68,57 @@ class LayerWeights:
     gate: object                     # (I, H)
     up: object                       # (I, H)
     down: object                     # (H, I)
+    bias: dict = field(default_factory=dict)   # linear name -> (N,) float32, for config.linear_bias
+    q_norm: np.ndarray | None = None           # (D,) per-head norm of q before RoPE (config.qk_norm)
+    k_norm: np.ndarray | None = None           # (D,)
+    attn_out_norm: np.ndarray | None = None    # (H,) norm of the attention output (config.sandwich_norm)
+    mlp_out_norm: np.ndarray | None = None     # (H,) norm of the MLP output
 
     def linears(self) -> dict:
         return {n: getattr(self, n) for n in LINEAR_NAMES}
 
+    def floats(self) -> dict:
+        """Everything but the seven linears, as keyword arguments: LayerWeights(**L.floats(), **linears)
+        rebuilds a layer with new linears and the same norms and biases."""
+        out = {"attn_norm": self.attn_norm, "mlp_norm": self.mlp_norm, "bias": dict(self.bias)}
+        out.update({n: getattr(self, n) for n in OPTIONAL_NORMS if getattr(self, n) is not None})
+        return out
+
+    def check(self, c: ModelConfig, li: int) -> None:
+        """ModelError naming what this layer lacks (or holds) against what the config asks for."""
+        want = {n for n in layer_norm_names(c)} - {"attn_norm", "mlp_norm"}
+        for n in OPTIONAL_NORMS:
+            has = getattr(self, n) is not None
+            if has != (n in want):
+                raise ModelError(f"layer {li}: {'missing' if not has else 'unexpected'} {n} "
+                                 f"(the {c.model_type} config {'asks for' if not has else 'has no'} it)")
+        if set(self.bias) != set(c.linear_bias):
+            raise ModelError(f"layer {li}: biases on {sorted(self.bias) or 'no linear'}, the {c.model_type} "
+                             f"config asks for {list(c.linear_bias) or 'none'}")
+
     @classmethod
     def from_hf(cls, config: ModelConfig, tensors, li: int) -> "LayerWeights":
         """Layer `li`'s float32 weights out of an HF-named mapping (a dict or LazyTensors: only
-        this layer's nine tensors are read), every name and shape checked."""
+        this layer's tensors are read), every name and shape checked."""
         p = f"model.layers.{li}."
         get = _getter(config, tensors)
         lin = {n: get(p + HF_LINEAR[n] + ".weight") for n in LINEAR_NAMES}
-        return cls(attn_norm=get(p + "input_layernorm.weight"),
-                   mlp_norm=get(p + "post_attention_layernorm.weight"), **lin)
+        norms = {role: get(p + hf + ".weight") for role, hf in layer_norm_names(config).items()}
+        bias = {n: get(p + HF_LINEAR[n] + ".bias") for n in config.linear_bias}
+        return cls(**norms, **lin, bias=bias)
+
+    def to_hf(self, config: ModelConfig, li: int) -> dict:
+        """This layer's HF-named float tensors (float linears only)."""
+        p = f"model.layers.{li}."
+        out = {p + hf + ".weight": getattr(self, role) for role, hf in layer_norm_names(config).items()}
+        for n in LINEAR_NAMES:
+            w = getattr(self, n)
+            if isinstance(w, formats.QuantLinear):
+                raise ModelError("to_hf() needs float weights; this model holds quantized linears")
+            out[p + HF_LINEAR[n] + ".weight"] = w
+            if n in self.bias:
+                out[p + HF_LINEAR[n] + ".bias"] = self.bias[n]
+        return out
 
 
 def _getter(config: ModelConfig, tensors):
@@ -107,27 +173,31 @@ class ModelWeights:
         if not self.config.tie_word_embeddings:
             out["lm_head.weight"] = self.lm_head
         for i, L in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            out[p + "input_layernorm.weight"] = L.attn_norm
-            out[p + "post_attention_layernorm.weight"] = L.mlp_norm
-            for n in LINEAR_NAMES:
-                w = getattr(L, n)
-                if isinstance(w, formats.QuantLinear):
-                    raise ModelError("to_hf() needs float weights; this model holds quantized linears")
-                out[p + HF_LINEAR[n] + ".weight"] = w
+            out.update(L.to_hf(self.config, i))
         return out
 
 
 def n_params(c: ModelConfig) -> int:
     """Parameters the config implies (Python ints: a corrupt config cannot overflow this)."""
     h, i = c.hidden_size, c.intermediate_size
-    per_layer = 2 * h + c.q_size * h * 2 + c.kv_size * h * 2 + 3 * i * h
+    per_layer = c.q_size * h * 2 + c.kv_size * h * 2 + 3 * i * h
+    per_layer += sum(s[0] for s in _layer_float_shapes(c).values())
     return c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h + c.num_hidden_layers * per_layer
 
 
 def n_tensors(c: ModelConfig) -> int:
-    """Tensors of the HF layout (9 a layer: 2 norms and 7 linears)."""
-    return 2 + (0 if c.tie_word_embeddings else 1) + 9 * c.num_hidden_layers
+    """Tensors of the HF layout (Llama: 9 a layer, 2 norms and 7 linears)."""
+    return 2 + (0 if c.tie_word_embeddings else 1) + (7 + len(_layer_float_shapes(c))) * c.num_hidden_layers
+
+
+def _layer_float_shapes(c: ModelConfig) -> dict:
+    """HF name (relative to model.layers.{i}.) -> shape of a layer's norms and biases."""
+    h, d = c.hidden_size, c.head_dim
+    out = {hf + ".weight": ((d,) if role in HF_QK_NORMS else (h,)) for role, hf in layer_norm_names(c).items()}
+    n_out = {"q": c.q_size, "k": c.kv_size, "v": c.kv_size, "o": h,
+             "gate": c.intermediate_size, "up": c.intermediate_size, "down": h}
+    out.update({HF_LINEAR[n] + ".bias": (n_out[n],) for n in c.linear_bias})
+    return out
 
 
 def check_fits(c: ModelConfig, where, tensors_held: int, bytes_held: int, min_bits: float,
@@ -166,10 +236,11 @@ def expected_shapes(c: ModelConfig) -> dict:
     out = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
     if not c.tie_word_embeddings:
         out["lm_head.weight"] = (c.vocab_size, h)
+    floats = _layer_float_shapes(c)
     for li in range(c.num_hidden_layers):
         p = f"model.layers.{li}."
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "post_attention_layernorm.weight"] = (h,)
+        for name, s in floats.items():
+            out[p + name] = s
         for n, s in lin.items():
             out[p + HF_LINEAR[n] + ".weight"] = s
     return out
@@ -241,4 +312,4 @@ def check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], where: st
     extra = sorted(set(tensors) - set(want))
     if extra:
         raise WeightsError(f"{where}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all); "
-                           "is this a Llama-family checkpoint?")
+                           f"is this a {config.model_type} checkpoint?")

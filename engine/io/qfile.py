@@ -5,6 +5,9 @@ docs/FORMAT.md is the specification; this module is its only reader and writer.
   tensors   float16 (or float32): model.embed_tokens.weight, lm_head.weight (untied only);
             float32: model.norm.weight,
             model.layers.{i}.input_layernorm.weight, model.layers.{i}.post_attention_layernorm.weight
+            (Gemma 3: also pre_/post_feedforward_layernorm; Qwen3, Gemma 3: self_attn.q_norm/k_norm),
+            every norm the multiplier itself (Gemma's 1 + w), and P.bias f32 (N,) for the linears
+            in config.linear_bias (Qwen2: q, k, v)
             per linear, under its HF prefix P (e.g. model.layers.0.self_attn.q_proj), the tensors
             its kind's module defines (engine/formats/<kind>.py `tensors`):
               kind "dg":    P.qweight u8 (N, K/2), P.qzeros u8 (N, G), P.gscale u8 (N, G), P.cscale f32 (N,)
@@ -31,8 +34,8 @@ from tokenizers import Tokenizer
 from .. import formats
 from ..util.files import PathError, input_path
 from .config import ConfigError, ModelConfig
-from .layout import (HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelWeights, WeightsError, check_fits,
-                     expected_shapes)
+from .layout import (HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelError, ModelWeights, WeightsError, check_fits,
+                     expected_shapes, layer_norm_names)
 from .safetensors import SafetensorsWriter, read_safetensors, read_safetensors_header
 
 FORMAT_NAME = "dgq-safetensors"
@@ -147,13 +150,15 @@ class QFileWriter:
         if self.next_layer is None or i != self.next_layer:
             raise QFileError(f"{self.path}: layer {i} out of order (expected {self.next_layer}; "
                              "add_floats() first)")
+        try:
+            L.check(self.config, i)
+        except ModelError as e:
+            raise QFileError(f"{self.path}: {e}") from None
+        for role, hf in layer_norm_names(self.config).items():      # norms first, then the linears
+            self._w.add(f"model.layers.{i}.{hf}.weight", np.asarray(getattr(L, role), dtype=np.float32))
         for n in LINEAR_NAMES:
             p = f"model.layers.{i}.{HF_LINEAR[n]}"
             shape = self._prefixes[p][2]
-            if n == "q":
-                self._w.add(f"model.layers.{i}.input_layernorm.weight", np.asarray(L.attn_norm, dtype=np.float32))
-                self._w.add(f"model.layers.{i}.post_attention_layernorm.weight",
-                            np.asarray(L.mlp_norm, dtype=np.float32))
             w = getattr(L, n)
             if isinstance(w, formats.QuantLinear):
                 formats.validate(w)
@@ -167,6 +172,8 @@ class QFileWriter:
             else:
                 self.linears[p] = {"kind": FLOAT_KIND, "act": "none", "group": 0}
                 self._w.add(f"{p}.weight", np.asarray(w, dtype=np.float32))
+            if n in L.bias:                                            # float32, added after the epilogue
+                self._w.add(f"{p}.bias", np.asarray(L.bias[n], dtype=np.float32))
         self.next_layer = i + 1
 
     def finish(self, tokenizer_json, chat_template: str | None, recipe: dict) -> int:
@@ -336,9 +343,9 @@ def load_qfile(path) -> QCheckpoint:
     layers = []
     for i in range(config.num_hidden_layers):
         lin = {n: linear(p) for p, (li, n, _) in prefixes.items() if li == i}
-        layers.append(LayerWeights(attn_norm=tensors[f"model.layers.{i}.input_layernorm.weight"],
-                                   mlp_norm=tensors[f"model.layers.{i}.post_attention_layernorm.weight"],
-                                   **lin))
+        norms = {role: tensors[f"model.layers.{i}.{hf}.weight"] for role, hf in layer_norm_names(config).items()}
+        bias = {n: tensors[f"model.layers.{i}.{HF_LINEAR[n]}.bias"] for n in config.linear_bias}
+        layers.append(LayerWeights(**norms, **lin, bias=bias))
     embed = tensors["model.embed_tokens.weight"]
     weights = ModelWeights(config=config, embed=embed, layers=layers, norm=tensors["model.norm.weight"],
                            lm_head=embed if config.tie_word_embeddings else tensors["lm_head.weight"])

@@ -1,8 +1,15 @@
-"""The Llama-family forward pass: flat, written once against `xp`.
+"""The decoder forward pass of every family: flat, written once against `xp`.
 
 RMSNorm → (q, k, v) → RoPE → causal GQA → o → residual → RMSNorm → SwiGLU → residual,
 then the final norm and the (possibly tied) lm_head. A linear is a float (N, K)
 array or a formats.QuantLinear; the quantized ones run the integer reference.
+
+The families' differences are config data (engine/io/config.py), each one line here:
+biases after q, k, v (Qwen2: config.linear_bias), an RMSNorm over each q/k head before RoPE
+(Qwen3, Gemma 3: qk_norm), norms on the attention and MLP outputs (Gemma 3: sandwich_norm),
+GeGLU (hidden_act), the scaled embedding (embed_scale), query_pre_attn_scalar, sliding-window
+layers (config.window) and each layer's RoPE (config.rope_params: llama3 scaling, Gemma's
+local base). Gemma's (1 + w) norms are plain ones here: the loaders hold the multiplier.
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import numpy as np
 from .. import formats
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, ModelError, ModelWeights
+from ..util.arrays import xp_of as xp_of_array
 from . import ops_ref
 from .kv_cache import KVCache
 
@@ -67,37 +75,75 @@ def prepare_linears(layer) -> dict:
     return {n: Model._prepare(getattr(layer, n)) for n in LINEAR_NAMES}
 
 
-def layer_forward(c: ModelConfig, li: int, L, W: dict, h, cos, sin, start: int = 0, cache=None, observer=None):
-    """One decoder layer: h (T, H) -> h (T, H). W = prepare_linears(L); cos, sin (T, D) for the
-    positions start..start+T−1. The converters run it layer by layer (converters/quantize.py);
-    Model.forward runs it for every layer, so both compute exactly the same numbers."""
+def layer_rope(c: ModelConfig, li: int, xp, positions):
+    """cos, sin (T, D) of layer li's RoPE (config.rope_params: its base and scaling) at `positions`."""
+    theta, rtype, factor, low, high, orig = c.rope_params(li)
+    inv = ops_ref.rope_inv_freq(c.head_dim, theta, rtype, factor, low, high, orig)           # (D/2,)
+    return ops_ref.rope_tables(xp, c.head_dim, theta, positions, inv_freq=inv)
+
+
+def embed_tokens(c: ModelConfig, embed, tokens):
+    """The residual stream's start: embedding rows (..., H), times config.embed_scale (Gemma: √H,
+    in float32 as transformers computes it for a float32 model)."""
+    h = embed[tokens]                                                   # (..., H)
+    return h * np.float32(c.embed_scale) if c.embed_scale != 1.0 else h
+
+
+def layer_forward(c: ModelConfig, li: int, L, W: dict, h, cos=None, sin=None, start: int = 0, cache=None,
+                  observer=None):
+    """One decoder layer: h (T, H) -> h (T, H). W = prepare_linears(L); cos, sin (T, D): this
+    layer's RoPE tables (layer_rope) for the positions start..start+T−1, built here when None.
+    The converters run it layer by layer (converters/quantize.py); Model.forward runs it for
+    every layer, so both compute exactly the same numbers."""
     t = h.shape[0]
     hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    lin = ops_ref.linear
+    eps = c.rms_norm_eps
+    L.check(c, li)
+    if cos is None:
+        cos, sin = layer_rope(c, li, xp_of_array(h), np.arange(start, start + t))        # (T, D)
     fin = check_finite
+    b = L.bias
+
+    def lin(x, n):                                                      # y = x·Wᵀ (+ b)
+        y = ops_ref.linear(x, W[n])
+        return y + b[n] if n in b else y
+
     where = f"input of layer {li}"
-    x = fin(norm(h, L.attn_norm, c.rms_norm_eps, where), where)         # (T, H)
+    x = fin(norm(h, L.attn_norm, eps, where), where)                    # (T, H)
     if observer:
         observer(li, "attn_in", x)
-    q = fin(lin(x, W["q"]), f"q of layer {li}").reshape(t, hq, d)    # (T, Hq, D)
-    k = fin(lin(x, W["k"]), f"k of layer {li}").reshape(t, hkv, d)   # (T, Hkv, D); an INT8 cache
-    v = fin(lin(x, W["v"]), f"v of layer {li}").reshape(t, hkv, d)   # (T, Hkv, D)  would hide NaN
+    q = fin(lin(x, "q"), f"q of layer {li}").reshape(t, hq, d)        # (T, Hq, D)
+    k = fin(lin(x, "k"), f"k of layer {li}").reshape(t, hkv, d)       # (T, Hkv, D); an INT8 cache
+    v = fin(lin(x, "v"), f"v of layer {li}").reshape(t, hkv, d)       # (T, Hkv, D)  would hide NaN
+    if c.qk_norm:                                                       # per head, before RoPE
+        q = norm(q, L.q_norm, eps, f"q of layer {li}")                  # (T, Hq, D)
+        k = norm(k, L.k_norm, eps, f"k of layer {li}")                  # (T, Hkv, D)
     q = ops_ref.apply_rope(q, cos, sin)
     k = ops_ref.apply_rope(k, cos, sin)
     if cache is not None:
         k, v = cache.write(li, k, v)                                    # (S, Hkv, D)
-    a = fin(ops_ref.attention(q, k, v, start), f"attention output of layer {li}")  # (T, Hq·D)
+    a = fin(ops_ref.attention(q, k, v, start, window=c.window(li), scale=c.attn_scale),
+            f"attention output of layer {li}")                          # (T, Hq·D)
     if observer:
         observer(li, "o_in", a)
-    h = h + lin(a, W["o"])                                              # (T, H)
+    o = lin(a, "o")                                                     # (T, H)
+    if c.sandwich_norm:
+        where = f"attention output of layer {li}"
+        o = fin(norm(fin(o, where), L.attn_out_norm, eps, where), where)
+    h = h + o                                                           # (T, H)
     where = f"MLP input of layer {li}"
-    x = fin(norm(h, L.mlp_norm, c.rms_norm_eps, where), where)          # (T, H)
+    x = fin(norm(h, L.mlp_norm, eps, where), where)                     # (T, H)
     if observer:
         observer(li, "mlp_in", x)
-    m = fin(ops_ref.silu(lin(x, W["gate"])) * lin(x, W["up"]), f"MLP of layer {li}")  # (T, I)
+    act = ops_ref.ACTIVATIONS[c.hidden_act]
+    m = fin(act(lin(x, "gate")) * lin(x, "up"), f"MLP of layer {li}")  # (T, I)
     if observer:
         observer(li, "down_in", m)
-    return fin(h + lin(m, W["down"]), f"output of layer {li}")          # (T, H)
+    y = lin(m, "down")                                                  # (T, H)
+    if c.sandwich_norm:
+        where = f"MLP output of layer {li}"
+        y = fin(norm(fin(y, where), L.mlp_out_norm, eps, where), where)
+    return fin(h + y, f"output of layer {li}")                          # (T, H)
 
 
 class Model:
@@ -107,6 +153,8 @@ class Model:
         self.w = weights
         self.config = weights.config
         self.xp = np
+        for li, L in enumerate(weights.layers):
+            L.check(self.config, li)
         # Expand quantized weights once, not per token.
         self._lin = [prepare_linears(L) for L in weights.layers]
 
@@ -134,9 +182,13 @@ class Model:
     def _forward(self, tokens, cache, observer, last_only, start):
         c, xp = self.config, self.xp
         t = tokens.shape[0]
-        cos, sin = ops_ref.rope_tables(xp, c.head_dim, c.rope_theta, np.arange(start, start + t))  # (T, D)
-        h = self.w.embed[tokens]                                        # (T, H)
+        ropes = {}                                                      # one table pair per RoPE kind
+        h = embed_tokens(c, self.w.embed, tokens)                       # (T, H)
         for li, L in enumerate(self.w.layers):
+            key = c.rope_params(li)
+            if key not in ropes:
+                ropes[key] = layer_rope(c, li, xp, np.arange(start, start + t))             # (T, D)
+            cos, sin = ropes[key]
             h = layer_forward(c, li, L, self._lin[li], h, cos, sin, start, cache, observer)  # (T, H)
         if cache is not None:
             cache.commit(t)

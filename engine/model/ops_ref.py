@@ -1,4 +1,4 @@
-"""Reference ops of the Llama forward pass, written once against an array module `xp`.
+"""Reference ops of the decoder forward pass, written once against an array module `xp`.
 
 Every op takes and returns float32 arrays of the module that holds its inputs
 (NumPy here; CuPy arrays work too for the float ops). The quantized linear is
@@ -23,9 +23,31 @@ def rmsnorm(x, w, eps: float):
     return (x * (1.0 / xp.sqrt(var + eps))).astype(xp.float32) * w
 
 
-def rope_tables(xp, head_dim: int, theta: float, positions):
-    """cos, sin of shape (T, head_dim) for HF's rotate-half layout."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))  # (D/2,)
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0, original_max: int = 8192):
+    """RoPE inverse frequencies (D/2,) float64: θ^(−2i/D), then the scaling of `rope_type`:
+    "linear" divides them all by factor; "llama3" (transformers' _compute_llama3_parameters)
+    divides the low frequencies (wavelength > original_max / low_freq_factor) by factor, keeps
+    the high ones (wavelength < original_max / high_freq_factor) and blends in between."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))       # (D/2,)
+    if rope_type == "linear":
+        return inv / factor
+    if rope_type == "llama3":
+        wavelen = 2 * np.pi / inv
+        low_wl, high_wl = original_max / low_freq_factor, original_max / high_freq_factor
+        scaled = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, blended, scaled)
+    return inv
+
+
+def rope_tables(xp, head_dim: int, theta: float, positions, inv_freq=None):
+    """cos, sin of shape (T, head_dim) for HF's rotate-half layout (inv_freq: rope_inv_freq's
+    scaled frequencies; None: plain θ^(−2i/D))."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta)                                          # (D/2,)
     freqs = np.outer(np.asarray(positions, dtype=np.float64), inv_freq)                    # (T, D/2)
     emb = np.concatenate([freqs, freqs], axis=-1)                                          # (T, D)
     return xp.asarray(np.cos(emb), dtype=xp.float32), xp.asarray(np.sin(emb), dtype=xp.float32)
@@ -39,11 +61,13 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
-def attention(q, k, v, q_start: int):
+def attention(q, k, v, q_start: int, window: int | None = None, scale: float | None = None):
     """Causal grouped-query attention.
 
     q (T, Hq, D) at absolute positions q_start..q_start+T-1; k, v (S, Hkv, D) at
-    positions 0..S-1. Query i sees keys 0..q_start+i. Returns (T, Hq·D).
+    positions 0..S-1. Query i sees keys 0..q_start+i, and with a sliding `window` only the
+    last `window` of them (itself included: key j with j > q_start + i − window, as
+    transformers' sliding_window_overlay). scale: on q·k (None: 1/√D). Returns (T, Hq·D).
     """
     xp = xp_of(q)
     t, hq, d = q.shape
@@ -51,10 +75,14 @@ def attention(q, k, v, q_start: int):
     rep = hq // hkv
     qg = q.reshape(t, hkv, rep, d).transpose(1, 2, 0, 3)                  # (Hkv, rep, T, D)
     kt = k.transpose(1, 2, 0)                                             # (Hkv, D, S)
-    scores = (qg @ kt[:, None]) * (1.0 / np.sqrt(d))                      # (Hkv, rep, T, S)
+    scale = 1.0 / np.sqrt(d) if scale is None else np.float64(scale)
+    scores = (qg @ kt[:, None]) * scale                                   # (Hkv, rep, T, S)
     qpos = q_start + xp.arange(t)[:, None]                                # (T, 1)
     kpos = xp.arange(s)[None, :]                                          # (1, S)
-    scores = xp.where(kpos <= qpos, scores, xp.float32(-xp.inf))
+    seen = kpos <= qpos                                                   # (T, S)
+    if window is not None:
+        seen &= kpos > qpos - window
+    scores = xp.where(seen, scores, xp.float32(-xp.inf))
     scores = scores - scores.max(axis=-1, keepdims=True)
     p = xp.exp(scores)
     p = p / p.sum(axis=-1, keepdims=True)
@@ -65,6 +93,16 @@ def attention(q, k, v, q_start: int):
 def silu(x):
     xp = xp_of(x)
     return x / (1.0 + xp.exp(-x))
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (transformers' gelu_pytorch_tanh; Gemma's GeGLU)."""
+    xp = xp_of(x)
+    c = xp.float32(np.sqrt(2.0 / np.pi))
+    return (xp.float32(0.5) * x * (1.0 + xp.tanh(c * (x + xp.float32(0.044715) * x * x * x)))).astype(xp.float32)
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}      # config.hidden_act -> op
 
 
 def gemm_int8_exact(x8, w8f):
