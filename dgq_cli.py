@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 from engine.api import load_model
-from engine.gpu.backend import DEVICES, BackendError
+from engine.gpu.backend import DEVICES, BackendError, get_xp
 from engine.util.sysinfo import peak_rss_mb
 
 
@@ -339,10 +339,13 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
                    "(measured better, docs/QUALITY.md), float for the others.")
 @click.option("--embed-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="How the embedding and the output head are stored.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where the weight searches run: cpu (NumPy), cuda (CuPy), auto (the GPU when present). "
+                   "Both give the same file up to float rounding of the searched objectives.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
 def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_len, gptq, sink_weight,
-             calibration, embed_dtype, quiet):
+             calibration, embed_dtype, device, quiet):
     """Quantize MODEL (HF directory or GGUF file; default SmolLM2) into a q.safetensors file.
 
     The model is read and quantized one layer at a time and the file written as it goes, so
@@ -368,6 +371,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     elif calib is None and (kv8 or method not in ("w4a16", "int-rtn")):
         wiki_path()                            # the default calibration text is installed
     check_q_out(out_path, [src] + ([calib] if calib not in (None, "random") else []))
+    xp = get_xp(device)
     ck = load_checkpoint(src, lazy=True)
     if not isinstance(ck, Checkpoint):
         raise click.BadParameter("the model is already quantized; give a float HF directory or GGUF file",
@@ -375,7 +379,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     recipe, size, lin = quantize_to_file(ck, out_path, method, wbits=wbits, group=group, act=act, kv8=kv8,
                                          calib=calib, progress=not quiet, n_seq=n_seq, seq_len=seq_len,
                                          calibration=calibration, embed_dtype=embed_dtype, gptq=gptq,
-                                         sink_weight=sink_weight,
+                                         sink_weight=sink_weight, xp=xp,
                                          before_finish=lambda: check_q_out(out_path, [src]))  # inputs may move
     ph = ", ".join(f"{k} {v:.0f} s" for k, v in recipe["phase_s"].items() if v >= 0.5)
     click.echo(f"wrote {out_path}: {size / 2**20:.1f} MiB; linears {8 * lin['bytes'] / lin['params']:.2f} "
@@ -435,6 +439,71 @@ def export(model, out_dir, dtype, shard_size, overwrite):
     click.echo(f"wrote {out}", err=True)
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@weights_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
+              help="TCP port (0: any free one, printed at start).")
+@click.option("--model-id", default=None, help="The model name /v1/models reports. Default: the weights file's name.")
+@click.option("--max-batch", type=click.IntRange(min=1, max=4096), default=32, show_default=True,
+              help="GPU: sequences decoded together; more requests wait in the queue. The CPU serves one at a time.")
+@click.option("--max-context", type=click.IntRange(min=2), default=4096, show_default=True,
+              help="Positions (prompt + answer) a request may use, at most the model's context. On the GPU each "
+                   "of the --max-batch sequences gets a KV cache this long, allocated at start.")
+@click.option("--kv-memory", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="GPU: GiB for the KV cache; lowers --max-batch to what fits.")
+@click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Answer length for requests that give no max_tokens.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Requests running or waiting; past it the server answers 503.")
+@click.option("--max-body", type=click.IntRange(min=1024), default=4 << 20, show_default=True,
+              help="Largest request body in bytes (413 past it).")
+@click.option("--log-level", type=click.Choice(("critical", "error", "warning", "info", "debug")), default="info",
+              show_default=True)
+@kv8_option
+@lm_head_option
+@kernel_options
+@device_option
+@user_errors
+def serve(weights_path, host, port, model_id, max_batch, max_context, kv_memory, default_max_tokens, max_queue,
+          max_body, log_level, kv8, lm_head, kernel_choice, objective, device):
+    """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (streaming or not),
+    /v1/models, /health. On the GPU, requests are batched continuously (docs/SERVING.md)."""
+    from engine.serve.protocol import Limits  # noqa: PLC0415
+    from engine.serve.server import ServeError, check_deps, make_server  # noqa: PLC0415
+    try:
+        check_deps()
+    except ServeError as e:
+        raise click.ClickException(str(e)) from None
+    check_weights_arg(weights_path)
+    t0 = time.perf_counter()
+    lm = load_model(weights_path, device, lm_head=lm_head, kernel_choice=kernel_choice, objective=objective)
+    if lm.tokenizer is None:
+        raise click.UsageError("this model file carries no tokenizer; dgq-serve needs one")
+    context = min(max_context, lm.config.max_position_embeddings)
+    if lm.device == "cuda" and kv_memory is not None:
+        from engine.gpu.decode import slots_for_memory  # noqa: PLC0415
+        fit = slots_for_memory(lm.config, context, kv8, int(kv_memory * 2**30))
+        if fit < 1:
+            raise click.BadParameter(f"{kv_memory} GiB holds no sequence of {context} positions; give more "
+                                     "or lower --max-context", param_hint="--kv-memory")
+        max_batch = min(max_batch, fit)
+    limits = Limits(max_body=max_body, max_tokens=context, default_max_tokens=default_max_tokens, max_queue=max_queue)
+    try:
+        server, sock, url = make_server(lm, host, port, model_id, max_batch=max_batch, context=context, kv8=kv8,
+                                        limits=limits, log_level=log_level)
+    except ServeError as e:
+        raise click.ClickException(str(e)) from None
+    w = server.config.app.state.server.worker
+    kv = ""
+    if lm.device == "cuda":
+        kv = f", KV cache {w.batch.cache.nbytes() / 2**30:.2f} GiB"
+    click.echo(f"dgq-serve: {os.path.basename(lm.source.rstrip('/'))} on {lm.device} (loaded in "
+               f"{time.perf_counter() - t0:.1f} s); {w.slots} sequence(s) at a time x {w.context} positions{kv}; "
+               f"listening on {url}", err=True)
+    server.run(sockets=[sock])
+
+
 def run_main():
     run(prog_name="dgq-run")
 
@@ -449,3 +518,7 @@ def quantize_main():
 
 def export_main():
     export(prog_name="dgq-export")
+
+
+def serve_main():
+    serve(prog_name="dgq-serve")

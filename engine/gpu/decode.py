@@ -225,6 +225,15 @@ class SlotBatch:
     def idle(self) -> bool:
         return not self.active and not self.waiting
 
+    def drop_all(self, error: str) -> None:
+        """End every request, running or waiting, with finish_reason "error" and free the slots."""
+        for req in list(self.active) + list(self.waiting):
+            if req.finish_reason is None:
+                req.finish_reason, req.error = "error", error
+        self.waiting.clear()
+        self.active, self.last = [], []
+        self.cache.lens_host[:] = 0
+
     def step(self) -> None:
         self._admit()
         self._retire()

@@ -351,6 +351,12 @@ class SerialBatch:
     def idle(self) -> bool:
         return not self.waiting
 
+    def drop_all(self, error: str) -> None:
+        """End every request with finish_reason "error" (after a failure of the batch itself)."""
+        for req in self.waiting:
+            req.finish_reason, req.error = req.finish_reason or "error", req.error or error
+        self.waiting.clear()
+
     def step(self) -> None:
         if not self.waiting:
             return
