@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import formats
+from engine.util.arrays import to_numpy, xp_of
 from engine.formats import QMAX_I8, QMAX_U4, S_MAX, S_MIN
 
 from . import gptq
@@ -55,19 +56,21 @@ def _row_chunks(n: int, per_row: int):
 
 
 def _check_weight(W) -> np.ndarray:
-    W = np.asarray(W)
+    xp = xp_of(W)
+    W = xp.asarray(W)
     if W.ndim != 2 or W.size == 0:
         raise QuantizeError(f"a weight must be a non-empty 2-D (N, K) array, got shape {W.shape}")
-    if not np.isfinite(W).all():
+    if not xp.isfinite(W).all():
         raise QuantizeError("the weight holds NaN or Inf values")
     return W
 
 
 def _check_gram(H, k: int) -> np.ndarray:
-    H = np.asarray(H)
+    xp = xp_of(H)
+    H = xp.asarray(H)
     if H.shape != (k, k):
         raise QuantizeError(f"Gram matrix has shape {H.shape}, expected ({k}, {k})")
-    if not np.isfinite(H).all():
+    if not xp.isfinite(H).all():
         raise QuantizeError("the Gram matrix holds NaN or Inf values")
     return H
 
@@ -76,9 +79,10 @@ def _check_gram(H, k: int) -> np.ndarray:
 
 def to_groups(W: np.ndarray, group: int) -> np.ndarray:
     """(N, K) -> (N, G, group) float64, the short last group zero-padded."""
+    xp = xp_of(W)
     n, k = W.shape
     G = formats.n_groups(k, group)
-    Wp = np.zeros((n, G * group), dtype=np.float64)
+    Wp = xp.zeros((n, G * group), dtype=xp.float64)
     Wp[:, :k] = W
     return Wp.reshape(n, G, group)
 
@@ -90,17 +94,19 @@ def from_groups(a: np.ndarray, k: int) -> np.ndarray:
 
 def h_blocks(H: np.ndarray, group: int) -> np.ndarray:
     """The diagonal (group, group) blocks of H, zero-padded: (G, group, group) float64."""
+    xp = xp_of(H)
     k = H.shape[0]
     G = formats.n_groups(k, group)
-    Hp = np.zeros((G * group, G * group), dtype=np.float64)
+    Hp = xp.zeros((G * group, G * group), dtype=xp.float64)
     Hp[:k, :k] = H
-    idx = np.arange(G)
+    idx = xp.arange(G)
     return Hp.reshape(G, group, G, group)[idx, :, idx, :]       # (G, g, g)
 
 
 def group_range(Wg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """lo = min(w, 0), hi = max(w, 0) per group: two (N, G) arrays."""
-    return np.minimum(Wg.min(axis=-1), 0.0), np.maximum(Wg.max(axis=-1), 0.0)
+    xp = xp_of(Wg)
+    return xp.minimum(Wg.min(axis=-1), 0.0), xp.maximum(Wg.max(axis=-1), 0.0)
 
 
 def group_params(lo: np.ndarray, hi: np.ndarray, r) -> tuple[np.ndarray, np.ndarray]:
@@ -109,18 +115,20 @@ def group_params(lo: np.ndarray, hi: np.ndarray, r) -> tuple[np.ndarray, np.ndar
     s = r·(hi − lo)/15, z = clamp(round(−r·lo/s), 0, 15). An all-zero group gets
     s = 1 (any positive value works: its codes are all z and dequantize to 0).
     """
-    r = np.asarray(r, dtype=np.float64)
+    xp = xp_of(lo)
+    r = xp.asarray(r, dtype=xp.float64)
     if r.ndim == 1:
         r = r[:, None]                                                   # per-row ratio
     s = r * (hi - lo) / QMAX_U4                                          # (N, G)
-    s = np.where(s > 0, s, 1.0)
-    z = np.clip(np.rint(-r * lo / s), 0, QMAX_U4)                        # (N, G)
+    s = xp.where(s > 0, s, 1.0)
+    z = xp.clip(xp.rint(-r * lo / s), 0, QMAX_U4)                        # (N, G)
     return s, z
 
 
 def group_codes(Wg: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
     """q = clamp(round(w / s) + z, 0, 15): (N, G, group) float64 holding integers."""
-    return np.clip(np.rint(Wg / s[..., None]) + z[..., None], 0, QMAX_U4)
+    xp = xp_of(Wg)
+    return xp.clip(xp.rint(Wg / s[..., None]) + z[..., None], 0, QMAX_U4)
 
 
 def rtn_w4(W, group: int = formats.DEFAULT_GROUP):
@@ -154,6 +162,7 @@ def phase1(W, Hb: np.ndarray | None, group: int, ratios=PHASE1_RATIOS):
     The objective of group g in row n is (w − ŵ) H_g (w − ŵ)ᵀ = ‖X_g (w − ŵ)ᵀ‖²
     over ALL calibration tokens (the reference code's last-batch-only H is a bug).
     """
+    xp = xp_of(W)
     W = _check_weight(W)
     n, k = W.shape
     G = formats.n_groups(k, group)
@@ -161,14 +170,14 @@ def phase1(W, Hb: np.ndarray | None, group: int, ratios=PHASE1_RATIOS):
         ratios = np.array([1.0])
     elif Hb.shape != (G, group, group):
         raise QuantizeError(f"Gram blocks have shape {Hb.shape}, expected ({G}, {group}, {group})")
-    Hb32 = None if Hb is None else Hb.astype(np.float32)
-    codes = np.empty((G, n, group))
-    z_out = np.empty((G, n))
-    s_out = np.empty((G, n))
-    r_out = np.empty((G, n))
+    Hb32 = None if Hb is None else Hb.astype(xp.float32)
+    codes = xp.empty((G, n, group))
+    z_out = xp.empty((G, n))
+    s_out = xp.empty((G, n))
+    r_out = xp.empty((G, n))
     for a, b in _row_chunks(n, G * group * 4):
         # Group-major (G, n, g) so that each group's (n, g) @ (g, g) product is one contiguous GEMM.
-        Wg = np.ascontiguousarray(to_groups(W[a:b], group).transpose(1, 0, 2))   # (G, n, g)
+        Wg = xp.ascontiguousarray(to_groups(W[a:b], group).transpose(1, 0, 2))   # (G, n, g)
         lo, hi = group_range(Wg)                                                   # (G, n)
         best = None
         for r in ratios:
@@ -177,18 +186,18 @@ def phase1(W, Hb: np.ndarray | None, group: int, ratios=PHASE1_RATIOS):
             if Hb is None:
                 codes[:, a:b], z_out[:, a:b], s_out[:, a:b], r_out[:, a:b] = q, z, s, r
                 break
-            D = (Wg - (q - z[..., None]) * s[..., None]).astype(np.float32)        # (G, n, g)
-            err = np.einsum("gni,gni->gn", D @ Hb32, D)                            # (G, n)
+            D = (Wg - (q - z[..., None]) * s[..., None]).astype(xp.float32)        # (G, n, g)
+            err = xp.einsum("gni,gni->gn", D @ Hb32, D)                            # (G, n)
             if best is None:
                 best = err
                 codes[:, a:b], z_out[:, a:b], s_out[:, a:b], r_out[:, a:b] = q, z, s, r
                 continue
             better = err < best                                                    # (G, n)
-            best = np.where(better, err, best)
-            codes[:, a:b] = np.where(better[..., None], q, codes[:, a:b])
-            z_out[:, a:b] = np.where(better, z, z_out[:, a:b])
-            s_out[:, a:b] = np.where(better, s, s_out[:, a:b])
-            r_out[:, a:b] = np.where(better, r, r_out[:, a:b])
+            best = xp.where(better, err, best)
+            codes[:, a:b] = xp.where(better[..., None], q, codes[:, a:b])
+            z_out[:, a:b] = xp.where(better, z, z_out[:, a:b])
+            s_out[:, a:b] = xp.where(better, s, s_out[:, a:b])
+            r_out[:, a:b] = xp.where(better, r, r_out[:, a:b])
     return from_groups(codes.transpose(1, 0, 2), k), z_out.T.copy(), s_out.T.copy(), r_out.T.copy()
 
 
@@ -201,27 +210,30 @@ def phase2_params(w_absmax, s_g, z, codes, r, group: int):
     m = floor(127/S): codes clamped to [max(0, z−m), min(15, z+m)] so that
     |q − z|·S ≤ 127 always (formats.check_no_overflow).
     """
+    xp = xp_of(codes)
     k = codes.shape[1]
-    gi = formats.group_index(k, group)
-    amax = np.where(w_absmax > 0, w_absmax, float(QMAX_I8))             # all-zero row: any s8
-    s8 = np.asarray(r, dtype=np.float64) * amax / QMAX_I8               # (N,)
-    S = np.clip(np.rint(s_g / s8[:, None]), S_MIN, S_MAX)               # (N, G)
-    m = np.floor(QMAX_I8 / S)                                           # (N, G)
-    lo = np.maximum(z - m, 0)[:, gi]                                    # (N, K)
-    hi = np.minimum(z + m, QMAX_U4)[:, gi]                              # (N, K)
-    return s8, S, np.clip(codes, lo, hi)
+    gi = xp.asarray(formats.group_index(k, group))
+    amax = xp.where(w_absmax > 0, w_absmax, float(QMAX_I8))             # all-zero row: any s8
+    s8 = xp.asarray(r, dtype=xp.float64) * amax / QMAX_I8               # (N,)
+    S = xp.clip(xp.rint(s_g / s8[:, None]), S_MIN, S_MAX)               # (N, G)
+    m = xp.floor(QMAX_I8 / S)                                           # (N, G)
+    lo = xp.maximum(z - m, 0)[:, gi]                                    # (N, K)
+    hi = xp.minimum(z + m, QMAX_U4)[:, gi]                              # (N, K)
+    return s8, S, xp.clip(codes, lo, hi)
 
 
 def dg_int8(codes, z, S, group: int) -> np.ndarray:
     """W8 = (q − z)·S: (N, K) float array holding integers in [−127, 127]."""
-    gi = formats.group_index(codes.shape[1], group)
+    xp = xp_of(codes)
+    gi = xp.asarray(formats.group_index(codes.shape[1], group))
     return (codes - z[:, gi]) * S[:, gi]
 
 
 def row_objective(W, W_hat, H, dtype=np.float64) -> np.ndarray:
     """‖X (W[n] − Ŵ[n])ᵀ‖² per row = d H dᵀ: (N,) float64."""
-    d = (np.asarray(W, dtype=np.float64) - W_hat).astype(dtype, copy=False)  # (N, K)
-    return np.einsum("nk,nk->n", d @ H.astype(dtype, copy=False), d).astype(np.float64)
+    xp = xp_of(W_hat)
+    d = (xp.asarray(W, dtype=xp.float64) - W_hat).astype(dtype, copy=False)  # (N, K)
+    return xp.einsum("nk,nk->n", d @ H.astype(dtype, copy=False), d).astype(xp.float64)
 
 
 def phase2(W, H: np.ndarray | None, codes, z, s_g, group: int, ratios=PHASE2_RATIOS):
@@ -230,16 +242,17 @@ def phase2(W, H: np.ndarray | None, codes, z, s_g, group: int, ratios=PHASE2_RAT
     Returns s8 (N,) f64, S (N, G) f64, clamped codes (N, K) f64, r (N,), err (N,)
     (err is the searched objective, _phase2_search; NaN when H is None, i.e. r = 1 only).
     """
+    xp = xp_of(W)
     W = _check_weight(W)
     n, k = W.shape
-    amax = np.abs(W).max(axis=1).astype(np.float64)                      # (N,)
-    r_out = np.ones(n)
-    e_out = np.full(n, np.nan)
+    amax = xp.abs(W).max(axis=1).astype(xp.float64)                      # (N,)
+    r_out = xp.ones(n)
+    e_out = xp.full(n, xp.nan)
     if H is not None:
         G = formats.n_groups(k, group)
-        Hp = np.zeros((G * group, G * group), dtype=np.float32)
+        Hp = xp.zeros((G * group, G * group), dtype=xp.float32)
         Hp[:k, :k] = H
-        gi = formats.group_index(k, group)
+        gi = xp.asarray(formats.group_index(k, group))
         for a, b in _row_chunks(n, G * group):
             w = to_groups(W[a:b], group).reshape(b - a, -1)              # (n, Kp) f64, zero-padded
             qz = to_groups(codes[a:b] - z[a:b][:, gi], group)            # (n, G, g)
@@ -267,57 +280,59 @@ def _phase2_search(w, qz, amax, s_g, Hp, ratios):
     (the objective agrees with a float64 dense d H dᵀ to ~1e-6 relative, tests/test_quantize.py).
     Ties keep the earlier ratio. Returns r (n,) and the objective at it (n,).
     """
+    xp = xp_of(w)
     n, G, g = qz.shape
     Kp = G * g
-    f64, f32 = np.float64, np.float32
+    f64, f32 = xp.float64, xp.float32
     d0 = w - (s_g[:, :, None] * qz).reshape(n, Kp)                        # (n, Kp)
     v = (d0.astype(f32) @ Hp).astype(f64)                                 # (n, Kp) H d0
-    f0 = np.einsum("nk,nk->n", d0, v)
-    Lq = np.einsum("ngi,ngi->ng", qz, v.reshape(n, G, g))
+    f0 = xp.einsum("nk,nk->n", d0, v)
+    Lq = xp.einsum("ngi,ngi->ng", qz, v.reshape(n, G, g))
     qz32 = qz.astype(f32)
-    P = np.empty((n, G, G))
+    P = xp.empty((n, G, G))
     for h in range(G):
         Y = (qz32[:, h] @ Hp[h * g:(h + 1) * g]).reshape(n, G, g)         # qz_h H_h,:
-        P[:, h] = np.einsum("ngi,ngi->ng", Y, qz32, dtype=f64)
-    R, E, Le = np.zeros((n, G, G)), np.zeros((n, G, G)), np.zeros((n, G))
-    mag, sign = np.abs(qz32), np.sign(qz32)                               # (n, G, g)
+        P[:, h] = xp.einsum("ngi,ngi->ng", Y, qz32)
+    R, E, Le = xp.zeros((n, G, G)), xp.zeros((n, G, G)), xp.zeros((n, G))
+    mag, sign = xp.abs(qz32), xp.sign(qz32)                               # (n, G, g)
     top = mag.max(axis=2).astype(f64)                                     # (n, G) max|qz|
     level = top.copy()                                                    # no clamp yet
-    e = np.zeros((n, G, g), dtype=f32)
+    e = xp.zeros((n, G, g), dtype=f32)
     vg = v.reshape(n, G, g)
-    amax = np.where(amax > 0, amax, float(QMAX_I8))
-    best = np.full(n, np.inf)
-    r_best = np.ones(n)
+    amax = xp.where(amax > 0, amax, float(QMAX_I8))
+    best = xp.full(n, xp.inf)
+    r_best = xp.ones(n)
     for r in ratios:
         s8 = r * amax / QMAX_I8                                           # (n,), as phase2_params
-        S = np.clip(np.rint(s_g / s8[:, None]), S_MIN, S_MAX)             # (n, G)
-        new_level = np.minimum(np.floor(QMAX_I8 / S), top)
+        S = xp.clip(xp.rint(s_g / s8[:, None]), S_MIN, S_MAX)             # (n, G)
+        new_level = xp.minimum(xp.floor(QMAX_I8 / S), top)
         changed = new_level != level
         if changed.any():
             e_new = e.copy()
-            e_new[changed] = sign[changed] * np.maximum(mag[changed] - new_level[changed][:, None].astype(f32), 0)
-            for h in np.flatnonzero(changed.any(axis=0)):
-                rows = np.flatnonzero(changed[:, h])
+            e_new[changed] = sign[changed] * xp.maximum(mag[changed] - new_level[changed][:, None].astype(f32), 0)
+            for h in to_numpy(xp.flatnonzero(changed.any(axis=0))).tolist():
+                rows = xp.flatnonzero(changed[:, h])
                 Z = ((e_new[rows, h] - e[rows, h]) @ Hp[h * g:(h + 1) * g]).reshape(-1, G, g)
-                R[rows, :, h] += np.einsum("rgi,rgi->rg", Z, qz32[rows])
-                E[rows, h, :] += np.einsum("rgi,rgi->rg", Z, e_new[rows])
-                E[rows, :, h] += np.einsum("rgi,rgi->rg", Z, e[rows])
-            Le[changed] = np.einsum("pi,pi->p", e_new[changed], vg[changed])
+                R[rows, :, h] += xp.einsum("rgi,rgi->rg", Z, qz32[rows])
+                E[rows, h, :] += xp.einsum("rgi,rgi->rg", Z, e_new[rows])
+                E[rows, :, h] += xp.einsum("rgi,rgi->rg", Z, e[rows])
+            Le[changed] = xp.einsum("pi,pi->p", e_new[changed], vg[changed])
             e, level = e_new, new_level
         a = s8[:, None] * S                                               # (n, G) steps
         beta = s_g - a
-        f = (f0 + 2 * np.einsum("ng,ng->n", beta, Lq) + 2 * np.einsum("ng,ng->n", a, Le)
-             + np.einsum("ng,ngh,nh->n", beta, P, beta) + 2 * np.einsum("ng,ngh,nh->n", beta, R, a)
-             + np.einsum("ng,ngh,nh->n", a, E, a))
+        f = (f0 + 2 * xp.einsum("ng,ng->n", beta, Lq) + 2 * xp.einsum("ng,ng->n", a, Le)
+             + xp.einsum("ng,ngh,nh->n", beta, P, beta) + 2 * xp.einsum("ng,ngh,nh->n", beta, R, a)
+             + xp.einsum("ng,ngh,nh->n", a, E, a))
         better = f < best
-        best = np.where(better, f, best)
-        r_best = np.where(better, r, r_best)
+        best = xp.where(better, f, best)
+        r_best = xp.where(better, r, r_best)
     return r_best, best
 
 
 # ----------------------------------------------------------------------------- the layer record
 
 def _dg_linear(codes, z, S, s8, act, ascale, group, meta) -> formats.QuantLinear:
+    codes, z, S, s8 = (to_numpy(a) for a in (codes, z, S, s8))
     n, k = codes.shape
     ql = formats.QuantLinear(
         kind="dg", act=act, in_features=k, out_features=n, group=group,
@@ -420,6 +435,10 @@ def dgq_linear(W, H=None, group: int = formats.DEFAULT_GROUP, act: str = "static
     `damp`) built on the search's result (or the RTN start when search=False) as
     `compensate_mode` says (_compensated); each row still keeps the lowest objective.
     """
+    xp = xp_of(W)
+    if compensate and xp is not np:                 # GPTQ's Cholesky and column walk: NumPy/SciPy
+        return dgq_linear(to_numpy(W), None if H is None else to_numpy(H), group, act, ascale, search,
+                          compensate, compensate_mode, damp)
     W = _check_weight(W)
     n, k = W.shape
     if k % 2:
@@ -434,7 +453,7 @@ def dgq_linear(W, H=None, group: int = formats.DEFAULT_GROUP, act: str = "static
     s80, S0, q0, _, _ = phase2(W, None, codes0, z0, sg0, group)
     if not compensate and (not search or H is None):
         return _dg_linear(q0, z0, S0, s80, act, ascale, group, {"search": False})
-    H = _check_gram(H, k).astype(np.float64, copy=False)
+    H = _check_gram(H, k).astype(xp.float64, copy=False)
     cands = [(q0, z0, S0, s80)]
     if search:
         codes1, z1, sg1, r1 = phase1(W, h_blocks(H, group), group)
@@ -448,19 +467,19 @@ def dgq_linear(W, H=None, group: int = formats.DEFAULT_GROUP, act: str = "static
         ratios = PHASE1_RATIOS if search else np.array([1.0])
         cands.append(_compensated(W, H, U, group, compensate_mode, cands[-1], ratios))
     # Final choice per row in float64, with s8 rounded to the float32 that is stored.
-    errs = np.empty((len(cands), n))
+    errs = xp.empty((len(cands), n))
     for a, b in _row_chunks(n, k):
         for i, (q, z, S, s8) in enumerate(cands):
-            w_hat = np.float32(s8[a:b]).astype(np.float64)[:, None] * dg_int8(q[a:b], z[a:b], S[a:b], group)
+            w_hat = s8[a:b].astype(xp.float32).astype(xp.float64)[:, None] * dg_int8(q[a:b], z[a:b], S[a:b], group)
             errs[i, a:b] = row_objective(W[a:b], w_hat, H)
     if len(cands) == 2 and not compensate:
         keep = errs[1] <= errs[0]                                        # (N,) searched rows
-        pick = lambda x1, x0: np.where(keep.reshape((-1,) + (1,) * (x1.ndim - 1)), x1, x0)  # noqa: E731
-        meta = {"search": True, "obj_rtn": float(errs[0].sum()), "obj": float(np.where(keep, errs[1], errs[0]).sum()),
+        pick = lambda x1, x0: xp.where(keep.reshape((-1,) + (1,) * (x1.ndim - 1)), x1, x0)  # noqa: E731
+        meta = {"search": True, "obj_rtn": float(errs[0].sum()), "obj": float(xp.where(keep, errs[1], errs[0]).sum()),
                 "rows_rtn": int((~keep).sum()), "r1_mean": float(r1.mean()), "r2_mean": float(r2.mean())}
         return _dg_linear(pick(q1, q0), pick(z1, z0), pick(S1, S0), pick(s81, s80), act, ascale, group, meta)
     # Ties go to the later candidate (searched over RTN, compensated over both), as above.
-    best = len(cands) - 1 - np.argmin(errs[::-1], axis=0)                # (N,)
+    best = len(cands) - 1 - xp.argmin(errs[::-1], axis=0)                # (N,)
     out = []
     for j in range(4):
         x = cands[0][j].copy()
@@ -469,7 +488,7 @@ def dgq_linear(W, H=None, group: int = formats.DEFAULT_GROUP, act: str = "static
             x[sel] = cands[i][j][sel]
         out.append(x)
     meta = {"search": bool(search), "compensate": compensate_mode, "damp": float(damp),
-            "obj_rtn": float(errs[0].sum()), "obj": float(errs[best, np.arange(n)].sum()),
+            "obj_rtn": float(errs[0].sum()), "obj": float(errs[best, xp.arange(n)].sum()),
             "obj_uncompensated": float(errs[:-1].min(axis=0).sum()),
             "rows_rtn": int((best == 0).sum()), "rows_compensated": int((best == len(cands) - 1).sum())}
     if search:

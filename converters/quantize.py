@@ -157,9 +157,11 @@ def _fptq_mode(amax: float, site: str) -> str:
 
 
 def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, search: bool = False,
-                    bits: int = 4, gptq: bool = False):
+                    bits: int = 4, gptq: bool = False, xp=np):
     """One float (N, K) weight -> QuantLinear of kind `weights` ("dg" | "g" | "i8" | "pot" | "int").
-    gptq: DGQ's GPTQ-compensated candidate (converters/gptq.py; "dg" with H only)."""
+    gptq: DGQ's GPTQ-compensated candidate (converters/gptq.py; "dg" with H only).
+    xp: the array module the dual-grained search runs on (numpy, or cupy for --device cuda: the
+    weight and H are copied there and the result comes back as NumPy)."""
     if weights == "pot":
         return pot_linear(W, bits, group, H=H if search else None, search=search)
     if weights == "int":
@@ -167,6 +169,8 @@ def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, searc
     if weights == "dg":
         if gptq and H is None:
             raise QuantizeError("--gptq needs the layer's calibration Gram matrix (a searched method)")
+        if xp is not np:
+            W, H = xp.asarray(W), None if H is None else xp.asarray(H)
         return dgq_linear(W, H, group, act, ascale, search=search, compensate=gptq)
     if weights == "g":
         return g_linear(W, group, act, ascale, H=H if search else None)
@@ -190,7 +194,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
                         act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
                         n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN,
                         act_clip="max", seed: int = cal.DEFAULT_SEED, calibration: str | None = None,
-                        gptq: bool = False, sink_weight: float = 1.0, on_layer=None):
+                        gptq: bool = False, sink_weight: float = 1.0, on_layer=None, xp=np):
     """Quantize every linear of a float Checkpoint; return (ModelWeights with QuantLinears, recipe).
 
     ckpt: engine.io.layout.Checkpoint (config, HF tensors — a dict or a lazy mapping, tokenizer, ...).
@@ -204,6 +208,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     sink_weight: weight of each calibration sequence's first token in the q/k/v Gram matrix
     (converters/calibrate.py; 1 = plain XᵀX, the default).
     on_layer(li, layer): called with each quantized layer as it is done.
+    xp: numpy, or cupy to run the weight searches on the GPU (dgq-quantize --device cuda).
     The recipe (a JSON-able dict) records every choice; save it with engine.io.qfile.save_qfile.
     The whole result is held in memory; quantize_to_file streams it to a file instead.
     """
@@ -216,7 +221,7 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
 
     floats, recipe = _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len,
                                act_clip, seed, calibration, keep, floats_out=None, gptq=gptq,
-                               sink_weight=sink_weight)
+                               sink_weight=sink_weight, xp=xp)
     out = ModelWeights(config=ckpt.config, embed=floats["embed"], layers=layers, norm=floats["norm"],
                        lm_head=floats["lm_head"])
     return out, recipe
@@ -226,7 +231,8 @@ def quantize_to_file(ckpt, path, method: str, wbits: int = 4, group: int = forma
                      act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
                      n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN, act_clip="max",
                      seed: int = cal.DEFAULT_SEED, calibration: str | None = None, embed_dtype: str = "float16",
-                     gptq: bool = False, sink_weight: float = 1.0, on_layer=None, before_finish=None) -> tuple[dict, int, dict]:
+                     gptq: bool = False, sink_weight: float = 1.0, on_layer=None, before_finish=None,
+                     xp=np) -> tuple[dict, int, dict]:
     """quantize_checkpoint streamed into a q.safetensors file (engine.io.qfile.QFileWriter): each
     layer is written and dropped as soon as it is quantized, and with a lazy checkpoint
     (load_checkpoint(path, lazy=True)) only one layer's float weights are ever read into memory.
@@ -251,7 +257,7 @@ def quantize_to_file(ckpt, path, method: str, wbits: int = 4, group: int = forma
         phase = {"write": 0.0}
         _, recipe = _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len,
                               act_clip, seed, calibration, write, floats_out=w, phase=phase, gptq=gptq,
-                              sink_weight=sink_weight)
+                              sink_weight=sink_weight, xp=xp)
         if before_finish is not None:
             before_finish()
         t = time.perf_counter()
@@ -277,7 +283,8 @@ def _float_tensor(tensors, name: str) -> np.ndarray:
 
 
 def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len, act_clip, seed,
-              calibration, emit, floats_out=None, phase=None, gptq: bool = False, sink_weight: float = 1.0):
+              calibration, emit, floats_out=None, phase=None, gptq: bool = False, sink_weight: float = 1.0,
+              xp=np):
     """The layer walk behind quantize_checkpoint / quantize_to_file.
 
     Per layer: read its float weights; gather its statistics on the calibration activations
@@ -328,7 +335,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
               "gptq": {"mode": "grid", "damp": DEFAULT_DAMP} if gptq else False,
               "stats_from": ("layer-sequential (each layer on the outputs of the quantized layers before it)"
                              if sequential else "float model (not layer-sequential)"),
-              "converter": "dgq-engine converters.quantize"}
+              "converter": "dgq-engine converters.quantize", "search_device": "cuda" if xp is not np else "cpu"}
     seqs = None
     if need_calib:
         if not isinstance(calib, np.ndarray):
@@ -436,7 +443,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
             ascale = cal.static_ascale(st, act_clip) if a_mode == "static" else None
             H = st.H if (st is not None and spec.search) else None
             ql = quantize_linear(np.asarray(floatw.pop(n)), spec.weights, a_mode, ascale, group,
-                                 H=H, search=spec.search, bits=bits, gptq=gptq)
+                                 H=H, search=spec.search, bits=bits, gptq=gptq, xp=xp)
             new[n] = ql
             if ql.meta.get("search") and "obj" in ql.meta:
                 info[HF_LINEAR[n]] = {k: ql.meta[k] for k in ("obj_rtn", "obj", "rows_rtn", "obj_uncompensated",
