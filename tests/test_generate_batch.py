@@ -128,7 +128,10 @@ def test_slot_batch_joins_leaves_and_equals_serial(lm, monkeypatch):
     stops = frozenset(stop_ids(lm.tokenizer, lm.config))
     prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS * 2]
     budgets = [3, 9, 1, 14, 6, 11, 2, 8, 5, 12]
-    batch = decoding.SlotBatch(fake, slots=3, capacity=64, chunk=4)
+    batch = decoding.SlotBatch(fake, slots=3, capacity=64, chunk=4, prefill_budget=10)
+    batch.warm_up()
+    assert fake.buckets == [1, 2, 3] and not batch.cache.lens_host.any()
+    fake.buckets.clear()
     reqs = [SeqRequest(p, n, stop_ids=stops) for p, n in zip(prompts, budgets)]
     gone = SeqRequest(prompts[0], 20, stop_ids=stops, on_token=lambda t: None)
     for r in reqs[:4]:

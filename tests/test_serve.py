@@ -346,3 +346,15 @@ def test_serve_flag_errors(tiny_dir):
     assert r.exit_code == 2 and "--port" in r.output
     r = CliRunner().invoke(serve, ["--weights", "/nonexistent/x", "--device", "cpu"])
     assert r.exit_code == 1 and "/nonexistent/x" in r.output
+
+
+def test_bench_serve_runs_on_the_cpu():
+    """`python -m engine.bench serve` end to end on a tiny random model: a child process serves,
+    clients stream, the row has every figure."""
+    from engine.bench.serve import format_row, run_serve
+    opts = dict(model="tiny", weights=None, device="cpu", clients=3, requests=6, prompt_tokens=16, answer_tokens=8,
+                max_batch=3, kv8=False, baseline_batch=0, timeout=120, vocab=None)
+    row = run_serve(opts)
+    assert row["failed"] == 0 and row["requests"] == 6 and row["mean_answer_tokens"] == 8
+    assert row["out_tok_s"] > 0 and row["ttft_ms_p50"] > 0
+    assert "output tokens/s" in format_row(row)

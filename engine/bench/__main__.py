@@ -8,6 +8,8 @@
                                          (engine/bench/perf.py; fit and report run without a GPU)
   quantize                               dgq-quantize on a random TinyLlama / Llama-7B-shaped checkpoint:
                                          time per phase and peak RSS (engine/bench/quantize.py; CPU)
+  serve                                  dgq-serve under N concurrent streaming clients: requests/s,
+                                         output tokens/s, TTFT and inter-token latency (engine/bench/serve.py)
 
 Each prints a table; bench/results/ keeps the dated ones that docs cite.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from ..gpu import kernels
 from ..gpu import ops as ops_cuda
-from . import gemm, perf, quantize, wb
+from . import gemm, perf, quantize, serve, wb
 from .common import BenchError, cp_or_fail
 from .e2e import format_table, run_e2e
 
@@ -79,6 +81,7 @@ def main(argv=None) -> int:
     e.set_defaults(func=cmd_e2e, reps=1)
     perf.add_parser(sub)
     quantize.add_parser(sub)
+    serve.add_parser(sub)
     args = p.parse_args(argv)
     if args.reps < 1:
         raise BenchError("--reps must be at least 1")

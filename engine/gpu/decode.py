@@ -194,10 +194,13 @@ class SlotBatch:
     with one setting, so a request joins only a batch with its SeqRequest.sampling_key
     (greedy requests always share); one with another key waits until the batch drains.
     Requests are engine.model.generate.SeqRequest; SerialBatch is the CPU counterpart.
-    after_step() (if given) runs after each decode step and after admissions.
+    after_step() (if given) runs after each decode step and after admissions. A round admits
+    prompts of up to prefill_budget tokens together (at least one), so a crowd arriving at once
+    joins over a few steps instead of stalling the running sequences for every prefill.
     """
 
-    def __init__(self, model, slots: int, capacity: int, kv8: bool = False, chunk: int = 32, after_step=None):
+    def __init__(self, model, slots: int, capacity: int, kv8: bool = False, chunk: int = 32, after_step=None,
+                 prefill_budget: int = 2048):
         from ..model.generate import GenerationError  # noqa: PLC0415
         if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
             raise GenerationError(f"the batch needs at least one sequence slot, got {slots!r}")
@@ -205,6 +208,7 @@ class SlotBatch:
         self.cache = model.new_cache(capacity, batch=self.slots, kv8=self.kv8)
         self.capacity = self.cache.capacity
         self.chunk = max(1, int(chunk))
+        self.prefill_budget = int(prefill_budget)
         self.after_step = after_step
         self.views: dict[int, GpuKVCache] = {}
         self.active: list = []          # active[i] decodes in slot i
@@ -262,9 +266,29 @@ class SlotBatch:
         elif len(req.tokens) >= req.max_new_tokens:
             req.finish_reason = "length"
 
+    def warm_up(self) -> None:
+        """Compile the prefill and decode kernels and capture the decode step of every bucket
+        now, not while the first requests wait (each bucket's first decode runs eagerly, then
+        captures its graph)."""
+        if self.active or self.waiting:
+            raise RuntimeError("warm_up runs on an idle batch")
+        self.model.prefill(np.zeros(2, np.int64), self.cache, seq=0)
+        for nb in sorted({bucket(n, self.slots) for n in range(1, self.slots + 1)}):
+            view = self.views.get(nb)
+            if view is None:
+                view = self.views[nb] = self.cache.view(nb)
+            self.cache.lens_host[:] = 0
+            decode(self.model, view, np.zeros(nb, np.int64), 2)
+        self.cache.lens_host[:] = 0
+
     def _admit(self) -> None:
         admitted = False
+        spent = 0
         while self._admissible():
+            n = len(self.waiting[0].prompt_ids)
+            if spent and spent + n > self.prefill_budget:
+                break
+            spent += n
             req = self.waiting.popleft()
             if req.cancelled:
                 req.finish_reason = "cancelled"

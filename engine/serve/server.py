@@ -42,13 +42,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 def make_server(lm, host: str = "127.0.0.1", port: int = 8000, model_id: str | None = None,
                 max_batch: int = 32, context: int | None = None, kv8: bool = False, chunk: int = 32,
-                limits: Limits | None = None, log_level: str = "warning"):
+                limits: Limits | None = None, log_level: str = "warning", warm_up: bool = True):
     """(uvicorn.Server, bound socket, url) for a LoadedModel; run with server.run(sockets=[sock])."""
     check_deps()
     import uvicorn  # noqa: PLC0415
     from .app import create_app  # noqa: PLC0415
     limits = limits or Limits()
-    worker = Worker(lm, max_batch=max_batch, context=context, kv8=kv8, chunk=chunk, max_queue=limits.max_queue)
+    worker = Worker(lm, max_batch=max_batch, context=context, kv8=kv8, chunk=chunk, max_queue=limits.max_queue,
+                    warm_up=warm_up)
     app = create_app(lm, worker, model_id or default_model_id(lm), limits)
     sock = bind(host, port)
     h, p = sock.getsockname()[:2]

@@ -41,7 +41,7 @@ class Worker:
     here once, is the memory bound: the rest queue); the CPU serves one at a time."""
 
     def __init__(self, lm, max_batch: int = 32, context: int | None = None, kv8: bool = False, chunk: int = 32,
-                 max_queue: int = 512):
+                 max_queue: int = 512, warm_up: bool = True):
         self.lm, self.kv8, self.max_queue = lm, kv8, max_queue
         ctx = lm.config.max_position_embeddings
         self.context = ctx if context is None else min(int(context), ctx)
@@ -51,6 +51,8 @@ class Worker:
             self.batch = SlotBatch(lm.model, max_batch, self.context, kv8=kv8, chunk=chunk,
                                    after_step=self._hand_over)
             self.slots = max_batch
+            if warm_up:
+                self.batch.warm_up()
         else:
             self.batch = SerialBatch(lm.model, after_token=self._hand_over)
             self.slots = 1
