@@ -54,6 +54,9 @@ class LoadedModel:
         sids = frozenset(stop_ids(self.tokenizer, self.config))
         reqs, texts = [], []
         on_gpu = hasattr(self.model, "decode")
+        if seed is None:                              # as generate(): a fresh seed
+            import numpy as np  # noqa: PLC0415
+            seed = int(np.random.default_rng().integers(2**62))
         for i, p in enumerate(plist):
             if isinstance(p, str):
                 ids = encode_prompt(self.tokenizer, p, self.chat_template, use_chat, self.config)
@@ -62,7 +65,7 @@ class LoadedModel:
                 ids = [int(t) for t in check_tokens(p, self.config)]
             col = TextCollector(self.tokenizer, stops)
             req = SeqRequest(ids, max_new_tokens, temperature, top_k, top_p,
-                             seed if on_gpu or seed is None else seed + i, sids,
+                             seed if on_gpu else seed + i, sids,
                              on_token=lambda t, col=col: col.push(t)[1], kv8=kv8)
             check_request(req, ctx)
             reqs.append(req)
