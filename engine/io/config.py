@@ -14,6 +14,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
+
 
 class ConfigError(ValueError):
     """A model config that is missing a field or holds an impossible value."""
@@ -397,6 +399,26 @@ def _rope_fields(d: dict, mtype: str, fam: dict) -> dict:
                    rope_high_freq_factor=_float(full, "high_freq_factor", None),
                    rope_original_max_position=_int(full, "original_max_position_embeddings"))
     return out
+
+
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0, original_max: int = 8192):
+    """RoPE inverse frequencies (D/2,) float64: θ^(−2i/D), then the scaling of `rope_type`:
+    "linear" divides them all by factor; "llama3" (transformers' _compute_llama3_parameters)
+    divides the low frequencies (wavelength > original_max / low_freq_factor) by factor, keeps
+    the high ones (wavelength < original_max / high_freq_factor) and blends in between."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))       # (D/2,)
+    if rope_type == "linear":
+        return inv / factor
+    if rope_type == "llama3":
+        wavelen = 2 * np.pi / inv
+        low_wl, high_wl = original_max / low_freq_factor, original_max / high_freq_factor
+        scaled = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, blended, scaled)
+    return inv
 
 
 def _int(d: dict, key: str, default=None) -> int:

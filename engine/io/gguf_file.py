@@ -1,5 +1,14 @@
-"""llama.cpp GGUF files (llama architecture): every tensor dequantized to float32 in the HF
-layout (llama.cpp's q/k row permutation undone), the tokenizer and chat template rebuilt."""
+"""llama.cpp GGUF files of the llama, qwen2, qwen3 and gemma3 architectures: every tensor
+dequantized to float32 in the HF layout (llama.cpp's q/k row permutation undone for llama),
+the config rebuilt as the HF config.json it was converted from (ModelConfig.from_hf reads it),
+the tokenizer (byte-level or SentencePiece BPE) and chat template rebuilt.
+
+What llama.cpp's converter changed and we take back: llama q/k rows permuted for its
+adjacent-pair RoPE (the other three keep HF's order); Llama 3.1's RoPE scaling stored as a
+rope_freqs tensor of per-frequency divisors (we recognise the llama3 rule in it); Gemma's norms
+stored as 1 + w (what we hold anyway), its sliding-window pattern (every 6th layer global) and
+local RoPE base 10000 fixed by llama.cpp unless the file says otherwise.
+"""
 from __future__ import annotations
 
 import os
@@ -10,32 +19,41 @@ from typing import Any
 import numpy as np
 
 from ..util.files import PathError, input_path
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, rope_inv_freq
 from .layout import Checkpoint, LazyTensors, WeightsError, check_finite, check_fits, expected_shapes
 from .tokenizer import TokenizerError, chat_template_from_gguf, gguf_value, tokenizer_from_gguf
 
 
 # ----------------------------------------------------------------------------- GGUF
 
+# GGUF architecture -> HF model_type.
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+
 _GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
     "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
+# Gemma 3's four norms a layer: ffn_norm is then the MLP's input norm.
+_GGUF_SANDWICH_NAMES = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                        "post_ffw_norm": "post_feedforward_layernorm"}
 _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None when unknown."""
+def gguf_to_hf_name(name: str, sandwich: bool = False) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (also .bias); None when
+    unknown. sandwich: Gemma 3's names for the four norms of a layer."""
     stem, _, kind = name.rpartition(".")
-    if kind != "weight":
+    if kind not in ("weight", "bias"):
         return None
-    if stem in _GGUF_TOP_NAMES:
+    if stem in _GGUF_TOP_NAMES and kind == "weight":
         return _GGUF_TOP_NAMES[stem] + ".weight"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{int(parts[1])}.{_GGUF_LAYER_NAMES[parts[2]]}.weight"
+    names = {**_GGUF_LAYER_NAMES, **_GGUF_SANDWICH_NAMES} if sandwich else _GGUF_LAYER_NAMES
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        return f"model.layers.{int(parts[1])}.{names[parts[2]]}.{kind}"
     return None
 
 
@@ -80,7 +98,7 @@ def _gguf_float(fields: dict, path: Path, key: str, default: float) -> float:
 
 
 def load_gguf(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
-    """Load a llama-architecture GGUF: dequantize every tensor to float32 in HF layout.
+    """Load a GGUF of a GGUF_ARCHS architecture: dequantize every tensor to float32 in HF layout.
 
     Names and shapes are checked at once; the tensors are dequantized now, or with lazy=True
     each when it is asked for (Checkpoint.tensors is then a LazyTensors). Either way a tensor is
@@ -117,50 +135,10 @@ def load_gguf(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
             raise WeightsError(f"{path}: corrupt GGUF file: tensors {n0} [{b0}, {e0}) and {n1} "
                                f"[{b1}, {e1}) share bytes")
     arch = _gguf_kv(f, path, "general.architecture")
-    if arch != "llama":
-        raise WeightsError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-
-    hidden = _gguf_int(f, path, "llama.embedding_length")
-    n_head = _gguf_int(f, path, "llama.attention.head_count")
-    if n_head <= 0:
-        raise WeightsError(f"{path}: llama.attention.head_count must be positive, got {n_head}")
-    n_kv = _gguf_int(f, path, "llama.attention.head_count_kv", n_head)
-    head_dim = _gguf_int(f, path, "llama.attention.key_length", hidden // n_head)
-    rope_dim = _gguf_int(f, path, "llama.rope.dimension_count", None)
-    if rope_dim is not None and rope_dim != head_dim:
-        raise WeightsError(f"{path}: partial RoPE (rope.dimension_count {rope_dim} < head_dim "
-                           f"{head_dim}) is not supported")
-    scaling = _gguf_kv(f, path, "llama.rope.scaling.type", "none")
-    if scaling not in ("none", ""):
-        warnings.warn(f"{path}: RoPE scaling {scaling!r} is ignored", stacklevel=2)
-
-    # The embedding's rows are the model's vocabulary (HF's vocab_size); the token list
-    # normally has the same length, since convert_hf_to_gguf pads it.
-    if "token_embd.weight" in by_name:
-        vocab = int(by_name["token_embd.weight"].shape[-1])   # GGUF shapes are (K, N): N is last
-    elif "tokenizer.ggml.tokens" in f:
-        toks = _gguf_kv(f, path, "tokenizer.ggml.tokens")
-        vocab = len(toks) if isinstance(toks, list) else 0
-    else:
-        vocab = _gguf_int(f, path, "llama.vocab_size")
-    try:
-        config = ModelConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=_gguf_int(f, path, "llama.feed_forward_length"),
-            num_hidden_layers=_gguf_int(f, path, "llama.block_count"),
-            num_attention_heads=n_head,
-            num_key_value_heads=n_kv,
-            head_dim=head_dim,
-            rope_theta=_gguf_float(f, path, "llama.rope.freq_base", 10000.0),
-            rms_norm_eps=_gguf_float(f, path, "llama.attention.layer_norm_rms_epsilon", 1e-5),
-            max_position_embeddings=_gguf_int(f, path, "llama.context_length", 2048),
-            tie_word_embeddings="output.weight" not in by_name,
-            bos_token_id=_gguf_int(f, path, "tokenizer.ggml.bos_token_id", None),
-            eos_token_id=_gguf_int(f, path, "tokenizer.ggml.eos_token_id", None),
-        )
-    except ConfigError as e:
-        raise WeightsError(f"{path}: {e}") from None
+    if arch not in GGUF_ARCHS:
+        raise WeightsError(f"{path}: GGUF architecture {arch!r} is not supported "
+                           f"(only {', '.join(repr(a) for a in GGUF_ARCHS)})")
+    config = _gguf_config(f, path, arch, by_name)
     # Against what the file really holds, before anything is sized from the config
     # (1 bit a parameter: below every GGML quantization type).
     check_fits(config, path, len(reader.tensors), path.stat().st_size, min_bits=1)
@@ -168,14 +146,20 @@ def load_gguf(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
     want = expected_shapes(config)
     loaders = {}
     for t in reader.tensors:
-        name = gguf_to_hf_name(t.name)
+        if t.name == "rope_freqs.weight":                 # read by _gguf_config: the llama3 scaling
+            continue
+        name = gguf_to_hf_name(t.name, sandwich=config.sandwich_norm)
         if name is None or name not in want:
-            raise WeightsError(f"{path}: unsupported tensor {t.name} in a llama GGUF")
+            raise WeightsError(f"{path}: unsupported tensor {t.name} in a {arch} GGUF "
+                               f"(the {config.model_type} layout has no {name or 'such tensor'})")
         want_n = int(np.prod(want[name], dtype=np.int64))
         if int(np.prod([int(x) for x in t.shape], dtype=np.int64)) != want_n:
             raise WeightsError(f"{path}: tensor {t.name} has shape {tuple(int(x) for x in reversed(t.shape))}, "
                                f"the config needs {want[name]} for {name}")
-        heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
+        heads = None
+        if arch == "llama":                               # only llama's q/k rows are permuted
+            n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+            heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else None
         loaders[name] = _loader(path, t, name, want[name], heads)
     for name, shape in want.items():
         if name not in loaders:
@@ -248,3 +232,92 @@ def _f32_value(v: Any) -> float:
 
 def _opt_int(v: Any) -> int | None:
     return None if v is None else int(v)
+
+
+def _gguf_config(f: dict, path: Path, arch: str, by_name: dict) -> ModelConfig:
+    """The HF config.json the file was converted from, rebuilt from `{arch}.*` keys and read by
+    ModelConfig.from_hf (so a family's rules live in one place)."""
+    def key(k, default=WeightsError, kind=int):
+        return (_gguf_int if kind is int else _gguf_float)(f, path, f"{arch}.{k}", default)
+
+    hidden = key("embedding_length")
+    n_head = key("attention.head_count")
+    if n_head <= 0:
+        raise WeightsError(f"{path}: {arch}.attention.head_count must be positive, got {n_head}")
+    head_dim = key("attention.key_length", hidden // n_head)
+    rope_dim = key("rope.dimension_count", None)
+    if rope_dim is not None and rope_dim != head_dim:
+        raise WeightsError(f"{path}: partial RoPE (rope.dimension_count {rope_dim} < head_dim "
+                           f"{head_dim}) is not supported")
+    for moe in ("expert_count", "expert_used_count"):
+        if key(moe, 0):
+            raise WeightsError(f"{path}: mixture-of-experts models ({arch}.{moe} = {key(moe, 0)}) are not supported")
+    # The embedding's rows are the model's vocabulary (HF's vocab_size); the token list
+    # normally has the same length, since convert_hf_to_gguf pads it.
+    if "token_embd.weight" in by_name:
+        vocab = int(by_name["token_embd.weight"].shape[-1])   # GGUF shapes are (K, N): N is last
+    elif "tokenizer.ggml.tokens" in f:
+        toks = _gguf_kv(f, path, "tokenizer.ggml.tokens")
+        vocab = len(toks) if isinstance(toks, list) else 0
+    else:
+        vocab = key("vocab_size")
+    layers = key("block_count")
+    mtype = GGUF_ARCHS[arch]
+    d = dict(model_type=mtype, vocab_size=vocab, hidden_size=hidden,
+             intermediate_size=key("feed_forward_length"), num_hidden_layers=layers,
+             num_attention_heads=n_head, num_key_value_heads=key("attention.head_count_kv", n_head),
+             head_dim=head_dim, rope_theta=key("rope.freq_base", 10000.0, float),
+             rms_norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5 if arch == "llama" else 1e-6, float),
+             max_position_embeddings=key("context_length", 2048),
+             tie_word_embeddings="output.weight" not in by_name,
+             bos_token_id=_gguf_int(f, path, "tokenizer.ggml.bos_token_id", None),
+             eos_token_id=_gguf_int(f, path, "tokenizer.ggml.eos_token_id", None))
+    if arch in ("llama", "qwen3"):
+        d["attention_bias"] = "blk.0.attn_q.bias" in by_name
+    if arch == "llama":
+        d["mlp_bias"] = "blk.0.ffn_up.bias" in by_name
+    if arch == "gemma3":
+        # llama.cpp: every 6th layer global, local base 10000, 1/√head_dim except the 27B (62 layers)
+        d.update(sliding_window=key("attention.sliding_window", 4096),
+                 sliding_window_pattern=key("attention.sliding_window_pattern", 6),
+                 rope_local_base_freq=key("rope.freq_base_swa", 10000.0, float),
+                 query_pre_attn_scalar=hidden // n_head if layers == 62 else head_dim,
+                 hidden_activation="gelu_pytorch_tanh")
+    scaling = _gguf_kv(f, path, f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        d["rope_scaling"] = {"rope_type": "linear", "factor": key("rope.scaling.factor", kind=float)}
+    elif scaling not in ("none", ""):
+        raise WeightsError(f"{path}: RoPE scaling {scaling!r} is not supported (only linear and llama3)")
+    if "rope_freqs.weight" in by_name:
+        d["rope_scaling"] = _llama3_from_rope_freqs(path, by_name["rope_freqs.weight"], head_dim,
+                                                    d["rope_theta"])
+    try:
+        return ModelConfig.from_hf(d)
+    except ConfigError as e:
+        raise WeightsError(f"{path}: {e}") from None
+
+
+# Llama 3.1 / 3.2 / 3.3 all use low 1, high 4 over an original context of 8192; the factor varies
+# (8; 32 for 3.2). llama.cpp stores only the resulting divisors: we try these rules (the factor
+# is the largest divisor) and keep the one that gives the stored divisors back.
+_LLAMA3_CANDIDATES = [(lo, hi, 1 << e) for lo in (1.0, 2.0) for hi in (4.0, 8.0) for e in range(4, 21)]
+
+
+def _llama3_from_rope_freqs(path: Path, t, head_dim: int, theta: float) -> dict:
+    """rope_freqs.weight (D/2 divisors of the frequencies, llama.cpp's Llama 3.1 conversion) as the
+    llama3 rope_scaling that produces them; anything else is refused."""
+    try:
+        div = np.array(t.data, dtype=np.float32).reshape(-1).astype(np.float64)       # (D/2,)
+    except Exception as e:
+        raise WeightsError(f"{path}: tensor rope_freqs.weight is unreadable ({type(e).__name__})") from None
+    if div.shape != (head_dim // 2,) or not np.isfinite(div).all() or (div <= 0).any():
+        raise WeightsError(f"{path}: rope_freqs.weight must hold {head_dim // 2} positive divisors")
+    base = rope_inv_freq(head_dim, theta)
+    factor = float(div.max())
+    for lo, hi, orig in _LLAMA3_CANDIDATES:
+        pred = base / rope_inv_freq(head_dim, theta, "llama3", factor, lo, hi, orig)
+        if np.allclose(pred, div, rtol=1e-5, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": lo, "high_freq_factor": hi,
+                    "original_max_position_embeddings": orig}
+    raise WeightsError(f"{path}: rope_freqs.weight holds RoPE frequency divisors that are not Llama 3's "
+                       "llama3 scaling; this RoPE is not supported")

@@ -1,10 +1,15 @@
 """Tokenizers and chat templates, from a Hugging Face directory or a GGUF file.
 
 A GGUF file stores the vocabulary as plain lists (tokenizer.ggml.tokens, .merges,
-.token_type); `tokenizer_from_gguf` rebuilds the exact `tokenizers.Tokenizer` that
-the model's tokenizer.json describes, so both sources encode identically. Only
-byte-level BPE ("gpt2" in GGUF terms) is rebuilt, with the pre-tokenizers of the
-llama.cpp `tokenizer.ggml.pre` names we can reproduce faithfully.
+.token_type, .scores); `tokenizer_from_gguf` rebuilds the `tokenizers.Tokenizer` that
+the model's tokenizer.json describes, so both sources encode identically. Two kinds:
+byte-level BPE ("gpt2" in GGUF terms: SmolLM2, Llama 3, Qwen2/2.5/3), with the
+pre-tokenizers of the llama.cpp `tokenizer.ggml.pre` names we can reproduce faithfully;
+and SentencePiece BPE ("llama": Gemma 3, Llama 2), rebuilt as transformers' SpmConverter
+does (merges from the piece scores, byte fallback, "▁" for spaces). When the GGUF says
+add_bos_token, encode() with add_special_tokens (the default) puts BOS first, as the
+model's tokenizer.json does; encode(..., add_special_tokens=False) never adds it (chat
+templates write their own).
 
 Chat templates are Jinja, rendered the way transformers' apply_chat_template does:
 a sandboxed environment with trim_blocks/lstrip_blocks, `raise_exception`, a
@@ -41,7 +46,14 @@ _PRE_TOKENIZERS: dict[str, tuple[dict, bool]] = {
     "llama-bpe": ({"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
         {**_BYTE_LEVEL, "use_regex": False}]}, True),
+    # Qwen2 / 2.5 / 3: Llama 3's regex with single digits (tokenizer.json of Qwen2.5, NFC first).
+    "qwen2": ({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")},
+         "behavior": "Isolated", "invert": False},
+        {**_BYTE_LEVEL, "use_regex": False}]}, False),
 }
+_NORMALIZERS = {"qwen2": {"type": "NFC"}}         # tokenizer.ggml.pre -> normalizer (default none)
+SPM_SPACE = "\u2581"                               # "▁": SentencePiece's space
 
 
 class TokenizerError(ValueError):
@@ -84,8 +96,11 @@ def tokenizer_from_gguf(fields: Mapping[str, Any]):
     model = _get(fields, "tokenizer.ggml.model")
     if model is None:
         return None
+    if model == "llama":
+        return _spm_tokenizer(fields)
     if model != "gpt2":
-        raise TokenizerError(f"tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise TokenizerError(f"tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2' "
+                             "and SentencePiece BPE 'llama')")
     pre = _get(fields, "tokenizer.ggml.pre", "default")
     if pre not in _PRE_TOKENIZERS:
         raise TokenizerError(f"tokenizer pre-tokenizer {pre!r} is not supported "
@@ -110,11 +125,11 @@ def tokenizer_from_gguf(fields: Mapping[str, Any]):
         "truncation": None,
         "padding": None,
         "added_tokens": added,
-        "normalizer": None,
+        "normalizer": _NORMALIZERS.get(pre),
         "pre_tokenizer": pre_tok,
-        # ByteLevel post-processing only fixes offsets; it adds no tokens.
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
-                           "use_regex": True},
+        # ByteLevel post-processing only fixes offsets; BOS where the GGUF asks for it.
+        "post_processor": _with_bos(fields, tokens, {"type": "ByteLevel", "add_prefix_space": True,
+                                                     "trim_offsets": False, "use_regex": True}),
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
                     "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -128,8 +143,108 @@ def tokenizer_from_gguf(fields: Mapping[str, Any]):
         raise TokenizerError(f"cannot build the tokenizer from the GGUF vocabulary: {e}") from None
 
 
+def _with_bos(fields: Mapping[str, Any], tokens: list, post: dict | None) -> dict | None:
+    """The post-processor `post`, preceded by BOS insertion when tokenizer.ggml.add_bos_token is set."""
+    if not _get(fields, "tokenizer.ggml.add_bos_token", False):
+        return post
+    bos = _get(fields, "tokenizer.ggml.bos_token_id")
+    if not isinstance(bos, int) or not 0 <= bos < len(tokens):
+        raise TokenizerError(f"add_bos_token is set but bos_token_id {bos!r} is not a token id")
+    b = tokens[bos]
+    tp = {"type": "TemplateProcessing",
+          "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+          "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                   {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+          "special_tokens": {b: {"id": b, "ids": [bos], "tokens": [b]}}}
+    return tp if post is None else {"type": "Sequence", "processors": [post, tp]}
+
+
+def spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> list:
+    """BPE merges that make greedy merging by piece score (SentencePiece BPE, llama.cpp's SPM
+    tokenizer) a BPE: every split of a piece into two pieces, ranked by the merged piece's score
+    (higher first; ties: longer left piece, then longer right, then vocabulary order), as
+    transformers' generate_merges does for its Gemma/Llama converters."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for t, sc in zip(tokens, scores):
+        local = [(t[:i], t[i:], sc) for i in range(1, len(t)) if t[:i] in vocab and t[i:] in vocab]
+        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [[a, b] for a, b, _ in merges]
+
+
+def _spm_tokenizer(fields: Mapping[str, Any]):
+    """SentencePiece BPE (GGUF tokenizer model "llama") as transformers' SpmConverter builds it:
+    spaces become "▁" (with a leading one when add_space_prefix), merges from the scores, unknown
+    characters fall back to the <0xXX> byte pieces; control pieces are special added tokens and
+    user-defined ones (Gemma's runs of newlines) plain added tokens, matched before the BPE."""
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    tokens = _get(fields, "tokenizer.ggml.tokens")
+    scores = _get(fields, "tokenizer.ggml.scores")
+    if not tokens or scores is None or len(scores) != len(tokens):
+        raise TokenizerError("a SentencePiece vocabulary needs tokenizer.ggml.tokens and one score a token")
+    types = _get(fields, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise TokenizerError(f"{len(tokens)} tokens but {len(types)} token types")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise TokenizerError("the vocabulary holds duplicate tokens")
+    unk = _get(fields, "tokenizer.ggml.unknown_token_id")
+    unk_token = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
+    prefix = _get(fields, "tokenizer.ggml.add_space_prefix", True)
+    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": tt == TOKEN_TYPE_CONTROL}
+             for i, tt in enumerate(types) if tt in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
+    norm = [{"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE}]
+    decoder = [{"type": "Replace", "pattern": {"String": SPM_SPACE}, "content": " "},
+               {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if prefix:
+        norm.insert(0, {"type": "Prepend", "prepend": SPM_SPACE})
+        decoder.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": norm},
+        "pre_tokenizer": None,
+        "post_processor": _with_bos(fields, tokens, None),
+        "decoder": {"type": "Sequence", "decoders": decoder},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk_token, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": spm_merges(tokens, scores)},
+    }
+    try:
+        return Tokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # tokenizers raises its own Exception type on a bad spec
+        raise TokenizerError(f"cannot build the SentencePiece tokenizer from the GGUF vocabulary: {e}") from None
+
+
+# The chat template of Gemma 3's instruction-tuned models (google/gemma-3-*-it, text turns only):
+# GGUF conversions of Gemma 3 often carry none, and without <start_of_turn> framing the model
+# cannot chat. Used only for a gemma3 GGUF that has no tokenizer.chat_template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+DEFAULT_CHAT_TEMPLATES = {"gemma3": GEMMA3_CHAT_TEMPLATE}   # GGUF architecture -> template
+
+
 def chat_template_from_gguf(fields: Mapping[str, Any]) -> str | None:
-    return _get(fields, "tokenizer.chat_template")
+    t = _get(fields, "tokenizer.chat_template")
+    if t is None:
+        return DEFAULT_CHAT_TEMPLATES.get(_get(fields, "general.architecture"))
+    return t
 
 
 def load_hf_tokenizer(model_dir: str | os.PathLike):
