@@ -44,6 +44,9 @@ def build_model(model: str, device: str, weights: str | None = None):
     if weights:
         return load_model(weights, device)
     device = resolve_device(device)
+    if device == "cpu" and model == "llama7b":
+        raise BenchError("a 7B-shaped model on the NumPy path would take minutes a token: use a GPU, "
+                         "or --model tiny / smollm2 with --device cpu")
     if model == "tiny":
         c = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, rope_theta=10000.0,
@@ -89,7 +92,8 @@ def _child(conn, opts: dict) -> None:
         if ctx > lm.config.max_position_embeddings:
             raise BenchError(f"prompt + answer ({ctx} tokens) exceed the model's context of "
                              f"{lm.config.max_position_embeddings}")
-        info = {"device": lm.device, "model": opts["weights"] or opts["model"], "load_s": time.perf_counter() - t0}
+        info = {"device": lm.device, "model": opts["weights"] or opts["model"], "load_s": time.perf_counter() - t0,
+                "vocab": lm.config.vocab_size}
         if lm.device == "cuda" and opts["baseline_batch"]:
             info["baseline_batch"] = opts["baseline_batch"]
             info["baseline_tok_s"] = decode_baseline(lm.model, opts["baseline_batch"],
@@ -124,12 +128,12 @@ async def _client(c, todo: list, opts: dict, out: list, rng) -> None:
                     t = time.perf_counter()
                     if line == "data: [DONE]":
                         break
-                    if '"choices": []' in line:                # the usage chunk
+                    if line.startswith('data: {"error"'):
+                        err = line[6:200]
+                    elif '"choices": []' in line:              # the usage chunk
                         n = json.loads(line[6:])["usage"]["completion_tokens"]
                     elif '"text": ""' not in line:              # the last chunk carries no text
                         times.append(t)
-                    elif '"error"' in line:
-                        err = line[6:200]
         out.append(dict(t0=t0, end=time.perf_counter(), times=times, tokens=n, error=err))
 
 
@@ -205,7 +209,7 @@ def run_serve(opts: dict) -> dict:
         if "error" in info:
             raise BenchError(f"the server failed: {info['error']}")
         if opts["vocab"] is None:
-            opts["vocab"] = {"llama7b": 32000, "smollm2": 49152, "tiny": 512}.get(opts["model"], 256)
+            opts["vocab"] = info["vocab"]
         out, wall = asyncio.run(_load(info["url"], opts))
         return summarize(out, wall, opts, info)
     finally:
