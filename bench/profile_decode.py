@@ -2,6 +2,7 @@
 
     python bench/profile_decode.py [--model smollm2] [--batch 8] [--fp16] [--sweep-gemv] [--ablate] [--int8-head]
                                    [--gemv-tunes '1,2/1,3;1,2/1,2,16'] [--row-widths 2048,4096]
+    python bench/profile_decode.py --context 128,1024,2048,4096,8192 [--batch 1] [--attn heads,gqa]
 
 Prints the first-run cost (model build with the fused.cu compile, first prefill with the
 GEMM compiles, first decode steps with the GEMV compiles and the graph capture; CuPy
@@ -11,9 +12,12 @@ each launch costs inside a graph; no profiler needed: the device has ncu, no nsy
 times the step with each kind of launch left out, which is a kernel's cost in place on the
 critical path; the A/B lines compare PDL, attn_decode's cluster merge, the SiLU GEMV with
 quant_amax against silu_mul_quant and quant_rows (tuning.DECODE.fold_quant) and GEMV settings.
+--context times the step at each context instead (fp16 and INT8 KV, engine.bench.e2e.context_row:
+the bytes a step reads and the % of copy bandwidth, the attention launch alone against its K/V).
 """
 import argparse
 import contextlib
+import dataclasses
 import time
 
 import numpy as np
@@ -21,7 +25,8 @@ import numpy as np
 from engine.gpu.backend import cupy_or_none
 from engine.gpu import attention, fused, kargs, kernels, launch, linear, tuning
 from engine.gpu import ops as ops_cuda
-from engine.bench.e2e import (LLAMA2_7B, SMOLLM2, dequantized_copy, format_breakdown, graph_breakdown,
+from engine.bench.common import copy_bandwidth
+from engine.bench.e2e import (LLAMA2_7B, SMOLLM2, context_row, dequantized_copy, format_breakdown, graph_breakdown,
                               graph_time, model_kernel, random_model)
 from engine.gpu.model import CudaModel
 
@@ -43,9 +48,40 @@ def main():
                     "(ModelWeights.with_int8_lm_head, dgq-run --lm-head int8)")
     ap.add_argument("--row-widths", default="", help="comma-separated tuning.ROWS.cta_width values to time, for every row kernel "
                     "(a row wider than this is split over a cluster of CTAs)")
+    ap.add_argument("--context", default="", help="comma-separated contexts (e.g. 128,1024,2048,4096,8192): decode "
+                    "tok/s, bytes a step reads and %% of copy bandwidth at each, fp16 and INT8 KV, then exit")
+    ap.add_argument("--attn", default="", help="with --context: the decode attention kernels to time, e.g. heads,gqa "
+                    "(default: the engine's, DGQ_ATTN_DECODE)")
     a = ap.parse_args()
     cp = cupy_or_none()
-    mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
+    config = LLAMA2_7B if a.model == "llama7b" else SMOLLM2
+    if a.context:
+        contexts = [int(v) for v in a.context.split(",") if v.strip()]
+        config = dataclasses.replace(config, max_position_embeddings=max(config.max_position_embeddings,
+                                                                         max(contexts) + a.steps + 3))
+        gm = CudaModel(random_model(config, True))
+        bw, rng = copy_bandwidth() * 1e9, np.random.default_rng(0)
+        print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
+        saved = attention.DECODE_KERNEL
+        try:
+            for kernel in [k.strip() for k in a.attn.split(",") if k.strip()] or [saved]:
+                attention.DECODE_KERNEL = kernel
+                for ctx in contexts:
+                    for kv8 in (False, True):
+                        r = context_row(cp, gm, a.model, ctx, a.batch, kv8, a.steps, bw, rng)
+                        if "skipped" in r:
+                            print(f"{kernel} ctx {ctx} b={a.batch} {r['kv']} KV: skipped, {r['skipped']}")
+                            continue
+                        print(f"{kernel} ctx {ctx} b={a.batch} {r['kv']} KV: {r['tok_s']:.0f} tok/s, "
+                              f"{r['step_ms']:.3f} ms/step, {r['bytes_per_step'] / 1e6:.0f} MB a step "
+                              f"({r['kv_mb']:.0f} K/V), {r['pct_copy_bw']:.0f} % of copy BW "
+                              f"(roofline {r['roof_tok_s']:.0f} tok/s); attention "
+                              f"{r.get('attn_us', float('nan')):.1f} us/layer, "
+                              f"{r.get('attn_pct_copy_bw', float('nan')):.0f} % of copy BW")
+        finally:
+            attention.DECODE_KERNEL = saved
+        return
+    mw = random_model(config, True)
     t0 = time.perf_counter()
     gm = CudaModel(mw)
     cp.cuda.Device().synchronize()

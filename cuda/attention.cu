@@ -578,3 +578,394 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
     }
     out_amax(am, amax_out, b);
 }
+
+// ================================================================= flash-decoding, GQA-shared
+// attn_decode_gqa<KV, DT>: the same step as attn_decode (the same parameters: RoPE of the new
+// q and k, the cache write, attention over the cache, the merge of the splits, the output's
+// absmax), built to stream K/V at the bandwidth limit (engine/gpu/flags.py DGQ_ATTN_DECODE
+// picks it). attn_decode gives every query head its own blocks, so under GQA each K/V byte is
+// loaded rep times, and a block does one 64-key round trip; here:
+// - block (split sp, kv head × group of ≤ GQ_HEADS query heads, sequence b): the query heads
+//   of a kv group are the rows of one tensor-core tile, so each K/V row is loaded once for all
+//   of them (SmolLM2 3, Llama-3 4, Llama-2 1 per kv head; rep > 8 runs ⌈rep / 8⌉ groups);
+// - S = Q·Kᵀ and O += P·V on mma.sync m16n8k16 (fp16 in, fp32 accumulate). Q (the group's
+//   heads, rows 8..15 zero) is the A operand and K the B operand, 8 keys a mma; P stays in
+//   registers as the A operand of P·V (the C fragment of S is P's A fragment, as in
+//   attn_prefill), split into fp16 hi + lo (two mmas) so that P·V is as exact as fp32 P;
+// - each lane copies exactly the bytes of its own B fragments with cp.async into a
+//   GqLayout::STAGES-deep ring of its warp (no barrier in the key loop: a lane reads back only
+//   what it copied itself). The k index of a mma is free to permute (the same permutation on
+//   Q), and so is the n index of P·V (the output columns): a lane's bytes of a key are whole
+//   16-byte pieces and each copy instruction of the warp reads 64 (K) or 128 (V) contiguous
+//   bytes of a cache row. int8 (kv8) codes become fp16 exactly in registers (the 0x6400 magic
+//   bias); the scales multiply the scores (k) and P (v) in fp32, as in attn_decode;
+// - split over the sequence (flash-decoding): the launcher sizes the grid from the capacity,
+//   the batch and the SMs (the graph of the decode step is captured once); the kernel divides
+//   the keys it finds in lens among the splits (chunks of ⌈n / NS⌉ keys rounded up to a step,
+//   at least GQ_WARPS steps), so every length fills the grid alike and splits past the last
+//   key are empty. Keys [0, p) stream from the cache; the new token p joins split 0's partial
+//   from registers (its row is written by this launch: no block reads it);
+// - warps merge in shared memory, blocks through global memory: the last block of a head
+//   group (an atomic counter, reset by it for the next replay) combines the partials
+//   (part_ml: max and sum in log2 units, part_acc: D unnormalised outputs) into out.
+// Scratch: part_ml (B·Hq·NS·2), part_acc (B·Hq·NS·D), counters (B·Hkv·⌈rep/8⌉): within
+// attn_decode's (NS ≤ its nsplit), so the decode step's buffers serve both kernels.
+// The cache rows before p, lens and the scales are read (cp.async) before the PDL wait.
+// Tests: tests/test_decode_attention_gpu.py (both kernels against float64, graph replay);
+// the index maps and the split/merge arithmetic are emulated on the CPU in
+// tests/test_decode_attention.py.
+#define GQ_WARPS 4                          // warps a block (tuning.ATTENTION.threads / 32)
+#define GQ_HEADS 8                          // query heads a block: the used rows of the m16 tile
+#define GQ_STEP 16                          // keys a warp takes per step (the k16 of P·V)
+#define GQ_MAX_SPLITS 64                    // grid x at most (tuning.ATTENTION.gqa_max_splits)
+
+// A lane's record of one step (bytes, in order): the K of keys g and 8 + g (KB each: its
+// B fragments of D/16 k-steps), the V of keys 2t, 2t+1, 2t+8, 2t+9 (VB each: its B fragments
+// of D/8 n-tiles), kv8: the k then the v scales of those four keys. Record byte x lives at
+// ((x / 16)·32 + lane)·16 + x % 16 of the warp's stage: the 16-byte reads of a warp are
+// consecutive, conflict-free.
+template <int D, typename KV>
+struct GqLayout {
+    static constexpr int ES = sizeof(KV);
+    static constexpr int KB = D * ES / 4;
+    static constexpr int VB = D * ES / 8;
+    static constexpr int VCH = VB < 16 ? VB : 16;      // bytes a value copy moves (8: kv8, D = 64)
+    static constexpr int SB = ES == 1 ? 32 : 0;
+    static constexpr int REC = 2 * KB + 4 * VB + SB;
+    static constexpr int STAGE = 32 * REC;             // one warp, one step
+    static constexpr int STAGES = GQ_WARPS * STAGE * 4 > 100 * 1024 ? 3 : 4;   // 2 blocks an SM at fp16, D = 128
+    static constexpr int RING = GQ_WARPS * STAGES * STAGE;
+    static constexpr int MERGE = GQ_WARPS * GQ_HEADS * (D + 2) * 4;             // the warps' partials, after the loop
+    static constexpr int BYTES = RING > MERGE ? RING : MERGE;
+};
+
+// N = 4 or 8 bytes global -> shared (cp.async.cg moves only 16); pred false writes zeros.
+template <int N>
+__device__ __forceinline__ void cp_async_ca(u32 dst, const void* src, bool pred) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" :: "r"(dst), "l"(src), "n"(N), "r"(pred ? N : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ uint4 lds128(u32 addr) {
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr));
+    return r;
+}
+
+// Four int8 (bytes 0..3 of w) as two fp16 pairs, exactly: x + 128 as the low byte of 0x64xx
+// (1024 + x + 128), minus 1152.
+__device__ __forceinline__ void i8x4_h2(u32 w, u32& lo, u32& hi) {
+    const u32 u = w ^ 0x80808080u;
+    u32 a = __byte_perm(u, 0x64646464u, 0x4140), b = __byte_perm(u, 0x64646464u, 0x4342);
+    const __half bh = __ushort_as_half((unsigned short)0x6480);     // 1152
+    const __half2 bias = __halves2half2(bh, bh);
+    const __half2 ha = __hsub2(*reinterpret_cast<const __half2*>(&a), bias);
+    const __half2 hb = __hsub2(*reinterpret_cast<const __half2*>(&b), bias);
+    lo = *reinterpret_cast<const u32*>(&ha);
+    hi = *reinterpret_cast<const u32*>(&hb);
+}
+
+// D(rows 0..7) += A·B with A's rows 8..15 zero (a1 = a3 = 0): only c0, c1 (row g) are kept;
+// rows 8..15 of C and D live in registers local to the asm.
+__device__ __forceinline__ void mma_f16_top(float& d0, float& d1, u32 a0, u32 a2, u32 b0, u32 b1) {
+    asm("{\n\t.reg .f32 z2, z3;\n\t.reg .b32 za;\n\t"
+        "mov.f32 z2, 0f00000000;\n\tmov.f32 z3, 0f00000000;\n\tmov.b32 za, 0;\n\t"
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, z2, z3}, {%2, za, %3, za}, {%4, %5}, {%0, %1, z2, z3};\n\t}"
+        : "+f"(d0), "+f"(d1) : "r"(a0), "r"(a2), "r"(b0), "r"(b1));
+}
+
+template <typename KV, int DT>
+__global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa(
+        const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+        KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
+        const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
+        float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
+        __half* __restrict__ out, unsigned* __restrict__ amax_out) {
+    typedef GqLayout<DT, KV> L;
+    constexpr bool KV8 = sizeof(KV) == 1;
+    constexpr int ES = sizeof(KV);
+    constexpr int CHK = 16 / ES;                // elements of a 16-byte K piece
+    constexpr int CHV = L::VCH / ES;            // elements of a V piece
+    constexpr int KS = DT / 16;                 // k-steps of Q·Kᵀ
+    constexpr int NT = DT / 8;                  // n-tiles of P·V
+    constexpr int VU = L::VB / 4;               // words of one key's V a lane holds
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ __align__(16) __half sq[GQ_HEADS][DT];     // the group's rotated q (fp16), rows ≥ nh zero
+    __shared__ float snk[DT], snv[DT];                    // the new token's k, v (fp16 values or int8 codes)
+    __shared__ float snew[GQ_HEADS + 2];                  // its scores (log2 units), then its k, v scales
+    __shared__ float wts[GQ_HEADS][GQ_MAX_SPLITS];        // the final merge's split weights
+    __shared__ int last;
+    if (D != DT || gridDim.x > GQ_MAX_SPLITS) __trap();   // the launcher instantiates by D, caps the splits
+
+    pdl_trigger();
+    const int sp = blockIdx.x, NS = gridDim.x, b = blockIdx.z;
+    const int rep = Hq / Hkv, ngrp = (rep + GQ_HEADS - 1) / GQ_HEADS;
+    const int kvh = blockIdx.y / ngrp, grp = blockIdx.y % ngrp;
+    const int h0 = kvh * rep + grp * GQ_HEADS, nh = min(GQ_HEADS, rep - grp * GQ_HEADS);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    // lens is fixed for a whole step (cuda/pdl.cuh): keys [0, n) stream from the cache, n = p
+    const int len = lens[b], p = len - 1, n = p;
+    const int per = (n + NS - 1) / NS;
+    const int chunk = max(GQ_WARPS * GQ_STEP, (per + GQ_STEP - 1) / GQ_STEP * GQ_STEP);
+    const int active = n > 0 ? (n + chunk - 1) / chunk : 1;          // splits holding keys (split 0: p too)
+    const int c0 = sp * chunk, c1 = min(n, c0 + chunk);
+    const int nsteps = c0 < c1 ? (c1 - c0 + GQ_STEP - 1) / GQ_STEP : 0;
+    const int mine = nsteps > warp ? (nsteps - warp + GQ_WARPS - 1) / GQ_WARPS : 0;   // steps warp, warp + W, ...
+    const size_t row0 = (size_t)b * cap * Hkv + kvh;     // row of key k: row0 + k·Hkv (scales: the same index)
+    const char* kbytes = reinterpret_cast<const char*>(kc);
+    const char* vbytes = reinterpret_cast<const char*>(vc);
+    const u32 ring = smem_u32(smem) + warp * L::STAGES * L::STAGE + lane * 16;
+    const float sl2 = scale * 1.4426950408889634f;       // scores in log2 units: exp2
+
+    auto rec = [&](int slot, int x) -> u32 { return ring + slot * L::STAGE + (x >> 4) * 512 + (x & 15); };
+    auto issue = [&](int i) {                            // cp.async of this warp's step i into its slot
+        const int slot = i % L::STAGES, kb = c0 + (warp + i * GQ_WARPS) * GQ_STEP;
+#pragma unroll
+        for (int kg = 0; kg < 2; ++kg) {
+            const int key = kb + kg * 8 + g;
+            const bool ok = key < c1;
+            const char* src = kbytes + (row0 + (size_t)(ok ? key : c0) * Hkv) * (DT * ES);
+#pragma unroll
+            for (int j = 0; j < L::KB / 16; ++j) cp_async16(rec(slot, kg * L::KB + 16 * j), src + (4 * j + t) * 16, ok);
+        }
+#pragma unroll
+        for (int jv = 0; jv < 4; ++jv) {
+            const int key = kb + 2 * t + (jv & 1) + (jv >> 1) * 8;
+            const bool ok = key < c1;
+            const size_t r = row0 + (size_t)(ok ? key : c0) * Hkv;
+            const char* src = vbytes + r * (DT * ES);
+#pragma unroll
+            for (int a = 0; a < L::VB / L::VCH; ++a) {
+                const u32 dst = rec(slot, 2 * L::KB + jv * L::VB + a * L::VCH);
+                if constexpr (L::VCH == 16) cp_async16(dst, src + (8 * a + g) * 16, ok);
+                else cp_async_ca<L::VCH>(dst, src + (8 * a + g) * L::VCH, ok);
+            }
+            if constexpr (KV8) {
+                cp_async_ca<4>(rec(slot, 2 * L::KB + 4 * L::VB + 4 * jv), ks + r, ok);
+                cp_async_ca<4>(rec(slot, 2 * L::KB + 4 * L::VB + 16 + 4 * jv), vs + r, ok);
+            }
+        }
+    };
+#pragma unroll
+    for (int i = 0; i < L::STAGES - 1; ++i) {
+        if (i < mine) issue(i);
+        cp_async_commit();
+    }
+    pdl_wait();
+
+    // the group's q, rotated and rounded to fp16 (as rope_qkv_cache stores q); rows ≥ nh zero
+    const __half* row = qkv + (size_t)b * (Hq + 2 * Hkv) * DT;
+    for (int h = warp; h < GQ_HEADS; h += GQ_WARPS) {     // warp-uniform: rope_lane shuffles at D = 64
+        __half2* dst = reinterpret_cast<__half2*>(sq[h]);
+        float2 qa = make_float2(0.f, 0.f), qb = qa;
+        if (h < nh) rope_lane(row + (size_t)(h0 + h) * DT, p, DT, cos_t, sin_t, lane, qa, qb);
+        dst[lane] = __floats2half2_rn(qa.x, qa.y);
+        if (DT > 64) dst[lane + 32] = __floats2half2_rn(qb.x, qb.y);
+    }
+    // the new token's k and v (split 0): as the cache will hold them; group 0 writes them there
+    if (sp == 0 && warp == 0) {
+        float2 ka, kb, va, vb;
+        float skn, svn;
+        rope_lane(row + (size_t)(Hq + kvh) * DT, p, DT, cos_t, sin_t, lane, ka, kb);
+        const __half* v = row + (size_t)(Hq + Hkv + kvh) * DT;
+        va = load2(v, lane);
+        vb = DT > 64 ? load2(v, lane + 32) : make_float2(0.f, 0.f);
+        const size_t r = row0 + (size_t)p * Hkv;
+        new_kv(ka, kb, skn, DT > 64, lane, grp == 0, kc + r * DT, ks + r);
+        new_kv(va, vb, svn, DT > 64, lane, grp == 0, vc + r * DT, vs + r);
+        snk[2 * lane] = ka.x; snk[2 * lane + 1] = ka.y;
+        snv[2 * lane] = va.x; snv[2 * lane + 1] = va.y;
+        if (DT > 64) {
+            snk[64 + 2 * lane] = kb.x; snk[65 + 2 * lane] = kb.y;
+            snv[64 + 2 * lane] = vb.x; snv[65 + 2 * lane] = vb.y;
+        }
+        if (lane == 0) { snew[GQ_HEADS] = skn; snew[GQ_HEADS + 1] = svn; }
+    }
+    __syncthreads();
+    // Q as the A operand, k-step s: the lane's k slots (2t, 2t+1, 2t+8, 2t+9) are its K record
+    // elements 4s..4s+3, i.e. d = CHK·(4·⌊4s / CHK⌋ + t) + 4s mod CHK + 0..3 (rows 8..15: zero)
+    u32 qa[KS][2];
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+        const int d0 = CHK * (4 * (4 * s / CHK) + t) + (4 * s) % CHK;
+        qa[s][0] = *reinterpret_cast<const u32*>(&sq[g][d0]);
+        qa[s][1] = *reinterpret_cast<const u32*>(&sq[g][d0 + 2]);
+    }
+
+    // O of row (head) g: n-tile i, column c ↔ d = CHV·(8·⌊i / CHV⌋ + 2t + c) + i mod CHV
+    float o[NT][2];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) o[i][0] = o[i][1] = 0.f;
+    float m = NEG_INF, l = 0.f;                          // row g's running max (log2 units), this lane's sum
+    for (int i = 0; i < mine; ++i) {
+        if (i + L::STAGES - 1 < mine) issue(i + L::STAGES - 1);
+        cp_async_commit();
+        cp_async_wait<L::STAGES - 1>();                  // this lane's copies of step i have landed
+        const int slot = i % L::STAGES, kb = c0 + (warp + i * GQ_WARPS) * GQ_STEP;
+        float ksc[4] = {1.f, 1.f, 1.f, 1.f}, vsc[4] = {1.f, 1.f, 1.f, 1.f};
+        if constexpr (KV8) {
+            const uint4 a = lds128(rec(slot, 2 * L::KB + 4 * L::VB)), c = lds128(rec(slot, 2 * L::KB + 4 * L::VB + 16));
+            ksc[0] = __uint_as_float(a.x); ksc[1] = __uint_as_float(a.y);
+            ksc[2] = __uint_as_float(a.z); ksc[3] = __uint_as_float(a.w);
+            vsc[0] = __uint_as_float(c.x); vsc[1] = __uint_as_float(c.y);
+            vsc[2] = __uint_as_float(c.z); vsc[3] = __uint_as_float(c.w);
+        }
+        // S = Q·Kᵀ: key group kg, column j ↔ key kb + 8·kg + j; this lane: row g, keys 2t, 2t + 1
+        float x[2][2];
+#pragma unroll
+        for (int kg = 0; kg < 2; ++kg) {
+            u32 kw[L::KB / 4];
+#pragma unroll
+            for (int u = 0; u < L::KB / 16; ++u) {
+                const uint4 w = lds128(rec(slot, kg * L::KB + 16 * u));
+                kw[4 * u] = w.x; kw[4 * u + 1] = w.y; kw[4 * u + 2] = w.z; kw[4 * u + 3] = w.w;
+            }
+            float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+            for (int s = 0; s < KS; ++s) {
+                u32 b0, b1;
+                if constexpr (KV8) i8x4_h2(kw[s], b0, b1);
+                else { b0 = kw[2 * s]; b1 = kw[2 * s + 1]; }
+                mma_f16_top(s0, s1, qa[s][0], qa[s][1], b0, b1);
+            }
+            const int key = kb + 8 * kg + 2 * t;
+            x[kg][0] = key < c1 ? s0 * ksc[2 * kg] * sl2 : NEG_INF;
+            x[kg][1] = key + 1 < c1 ? s1 * ksc[2 * kg + 1] * sl2 : NEG_INF;
+        }
+        // online softmax of row g over the four lanes t that hold it; key kb is real, so mx is finite
+        float mx = fmaxf(fmaxf(x[0][0], x[0][1]), fmaxf(x[1][0], x[1][1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mnew = fmaxf(m, mx);
+        const float alpha = exp2f(m - mnew);             // 0 at the first step (m = −inf)
+        m = mnew;
+        float pr[2][2];
+#pragma unroll
+        for (int kg = 0; kg < 2; ++kg) {
+            pr[kg][0] = exp2f(x[kg][0] - mnew);
+            pr[kg][1] = exp2f(x[kg][1] - mnew);
+        }
+        l = l * alpha + (pr[0][0] + pr[0][1]) + (pr[1][0] + pr[1][1]);
+#pragma unroll
+        for (int i2 = 0; i2 < NT; ++i2) { o[i2][0] *= alpha; o[i2][1] *= alpha; }
+        // P·V: P (· the v scales) is the A operand (k slots 2t, 2t+1 ↔ keys 2t, 2t+1, slots
+        // 2t+8, 2t+9 ↔ keys 8 + 2t, 9 + 2t), as fp16 hi + lo
+        u32 ph0, pl0, ph2, pl2;
+        split_h2(pr[0][0] * vsc[0], pr[0][1] * vsc[1], ph0, pl0);
+        split_h2(pr[1][0] * vsc[2], pr[1][1] * vsc[3], ph2, pl2);
+        u32 vw[4][VU];
+#pragma unroll
+        for (int u = 0; u < VU; ++u) {                  // the 4·VB bytes of V: VU 16-byte pieces
+            const uint4 w = lds128(rec(slot, 2 * L::KB + 16 * u));
+            const u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) vw[(4 * u + e) / VU][(4 * u + e) % VU] = ws[e];
+        }
+        // V as the B operand: n-tile i, column g ↔ record element i of the lane's keys; the k
+        // pairs (2t, 2t+1) and (2t+8, 2t+9) come from two keys: byte permutes pair them
+        constexpr int TPW = KV8 ? 4 : 2;                // n-tiles a word of V feeds
+#pragma unroll
+        for (int w = 0; w < NT / TPW; ++w) {
+            u32 b0[TPW], b1[TPW];
+            if constexpr (KV8) {
+                i8x4_h2(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);
+                i8x4_h2(__byte_perm(vw[0][w], vw[1][w], 0x7362), b0[2], b0[3]);
+                i8x4_h2(__byte_perm(vw[2][w], vw[3][w], 0x5140), b1[0], b1[1]);
+                i8x4_h2(__byte_perm(vw[2][w], vw[3][w], 0x7362), b1[2], b1[3]);
+            } else {
+                b0[0] = __byte_perm(vw[0][w], vw[1][w], 0x5410);
+                b0[1] = __byte_perm(vw[0][w], vw[1][w], 0x7632);
+                b1[0] = __byte_perm(vw[2][w], vw[3][w], 0x5410);
+                b1[1] = __byte_perm(vw[2][w], vw[3][w], 0x7632);
+            }
+#pragma unroll
+            for (int e = 0; e < TPW; ++e) {
+                mma_f16_top(o[TPW * w + e][0], o[TPW * w + e][1], ph0, ph2, b0[e], b1[e]);
+                mma_f16_top(o[TPW * w + e][0], o[TPW * w + e][1], pl0, pl2, b0[e], b1[e]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();                                    // the ring becomes the warps' partials
+    float* mo = reinterpret_cast<float*>(smem);         // [GQ_WARPS][GQ_HEADS][DT]
+    float* mml = mo + GQ_WARPS * GQ_HEADS * DT;         // [GQ_WARPS][GQ_HEADS][2]: max, sum
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (t == 0) { mml[(warp * GQ_HEADS + g) * 2] = m; mml[(warp * GQ_HEADS + g) * 2 + 1] = l; }
+    {
+        float* ro = mo + (warp * GQ_HEADS + g) * DT;
+#pragma unroll
+        for (int i = 0; i < NT; ++i)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) ro[CHV * (8 * (i / CHV) + 2 * t + c) + i % CHV] = o[i][c];
+    }
+    if (sp == 0) {                                      // the new token's score for each head
+        for (int h = warp; h < nh; h += GQ_WARPS) {
+            float dot = 0.f;
+            for (int d = lane; d < DT; d += 32) dot += __half2float(sq[h][d]) * snk[d];
+            dot = warp_sum(dot);
+            if (lane == 0) snew[h] = dot * snew[GQ_HEADS] * sl2;
+        }
+    }
+    __syncthreads();
+    const size_t pbase = ((size_t)b * Hq + h0) * NS;    // partial of head h0 + h, split s: pbase + h·NS + s
+    if (sp < active) {
+        for (int idx = threadIdx.x; idx < nh * DT; idx += blockDim.x) {
+            const int h = idx / DT, d = idx % DT;
+            float M = sp == 0 ? snew[h] : NEG_INF;
+#pragma unroll
+            for (int w = 0; w < GQ_WARPS; ++w) M = fmaxf(M, mml[(w * GQ_HEADS + h) * 2]);
+            float lsum = 0.f, acc = 0.f;
+#pragma unroll
+            for (int w = 0; w < GQ_WARPS; ++w) {
+                const float e = exp2f(mml[(w * GQ_HEADS + h) * 2] - M);     // 0 for a warp without keys
+                lsum += e * mml[(w * GQ_HEADS + h) * 2 + 1];
+                acc += e * mo[(w * GQ_HEADS + h) * DT + d];
+            }
+            if (sp == 0) {
+                const float e = exp2f(snew[h] - M);
+                lsum += e;
+                acc += e * (snv[d] * snew[GQ_HEADS + 1]);
+            }
+            const size_t pi = pbase + (size_t)h * NS + sp;
+            part_acc[pi * DT + d] = acc;
+            if (d == 0) { part_ml[2 * pi] = M; part_ml[2 * pi + 1] = lsum; }
+        }
+    }
+
+    // The last block of the head group merges the `active` partials (threadfence pattern, as in
+    // attn_decode).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* cnt = counters + (size_t)b * gridDim.y + blockIdx.y;
+        last = atomicAdd(cnt, 1) == NS - 1;
+        if (last) *cnt = 0;                             // ready for the next step (graph replays)
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int h = warp; h < nh; h += GQ_WARPS) {
+        const float* ml = part_ml + 2 * (pbase + (size_t)h * NS);
+        float M = NEG_INF, lsum = 0.f;
+        for (int s = lane; s < active; s += 32) M = fmaxf(M, __ldcg(ml + 2 * s));
+        M = warp_max(M);
+        for (int s = lane; s < active; s += 32) lsum += exp2f(__ldcg(ml + 2 * s) - M) * __ldcg(ml + 2 * s + 1);
+        lsum = warp_sum(lsum);
+        for (int s = lane; s < active; s += 32) wts[h][s] = exp2f(__ldcg(ml + 2 * s) - M) / lsum;
+    }
+    __syncthreads();
+    float am = 0.f;
+    for (int idx = threadIdx.x; idx < nh * DT; idx += blockDim.x) {
+        const int h = idx / DT, d = idx % DT;
+        const float* acc = part_acc + (pbase + (size_t)h * NS) * DT + d;
+        float v = 0.f;
+#pragma unroll 8
+        for (int s = 0; s < active; ++s) v += wts[h][s] * __ldcg(acc + (size_t)s * DT);
+        const __half o16 = __float2half_rn(v);
+        out[((size_t)b * Hq + h0 + h) * DT + d] = o16;
+        am = nan_max(am, fabsf(__half2float(o16)));
+    }
+    out_amax(am, amax_out, b);
+}

@@ -120,17 +120,20 @@ def rope_f64(x, p, cos_t, sin_t):
 @pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
 @pytest.mark.parametrize("rep", [1, 4])
 @pytest.mark.parametrize("d", [64, 128])
-def test_flash_decoding_matches_float64(d, rep, kv8):
+def test_flash_decoding_matches_float64(monkeypatch, d, rep, kv8):
     """attn_decode (RoPE of the new q and k, cache write, flash-decoding, merge of the splits)
     for ragged lengths: one key, a whole 64-key split, one past it, several splits, empty
     splits. The new token's cache row and every row past it start as NaN (kv8: their scales),
     so a read of the row being written, or past the length, fails; the row must come back
     holding the rotated k and the v. A second launch must give the same bits (the merge's
-    counters reset themselves), and so must the cluster merges (sm_90)."""
+    counters reset themselves), and so must the cluster merges (sm_90). This is the "heads"
+    kernel (attn_decode itself); tests/test_decode_attention_gpu.py runs both decode kernels."""
     import cupy as cp
 
+    from engine.gpu import attention
     from engine.gpu.attention import attn_decode
     from engine.gpu.tuning import ATTENTION
+    monkeypatch.setattr(attention, "DECODE_KERNEL", "heads")
     rng = np.random.default_rng(7 * d + rep)
     hq, lens = HKV * rep, np.array([1, 64, 65, 200], np.int32)
     b, cap = len(lens), 256

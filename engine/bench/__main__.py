@@ -3,7 +3,8 @@
   gemm, gemm-tune, gemm-pick, gemm-one   the A8W4 GEMM family (engine/bench/gemm.py)
   gemv-wb                                weight-only pot / int GEMVs (engine/bench/wb.py)
   e2e                                    prefill / decode tokens/s of the GPU engine against our
-                                         FP16 path (engine/bench/e2e.py)
+                                         FP16 path (engine/bench/e2e.py); --context: decode at
+                                         long contexts against the bytes roofline
   perf collect | fit | report            the learned runtime/power/energy model of the A8W4 GEMMs
                                          (engine/bench/perf.py; fit and report run without a GPU)
   quantize                               dgq-quantize on a random TinyLlama / Llama-7B-shaped checkpoint:
@@ -23,14 +24,36 @@ from ..gpu import kernels
 from ..gpu import ops as ops_cuda
 from . import gemm, perf, quantize, serve, wb
 from .common import BenchError, cp_or_fail
-from .e2e import format_table, run_e2e
+from .e2e import MODELS, format_context_table, format_table, run_context, run_e2e
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise BenchError(f"{flag}: comma-separated positive integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise BenchError(f"{flag}: comma-separated positive integers, got {text!r}")
+    return vals
 
 
 def cmd_e2e(args) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    bad = set(models) - {"smollm2", "llama7b"}
+    bad = set(models) - set(MODELS)
     if bad:
-        raise BenchError(f"--models: unknown {', '.join(sorted(bad))}; choose from smollm2, llama7b")
+        raise BenchError(f"--models: unknown {', '.join(sorted(bad))}; choose from {', '.join(MODELS)}")
+    if args.context:                    # the context table (engine/bench/e2e.py run_context)
+        from ..gpu.attention import DECODE_KERNELS  # noqa: PLC0415
+        attn = tuple(k.strip() for k in args.attn.split(",") if k.strip())
+        if set(attn) - set(DECODE_KERNELS):
+            raise BenchError(f"--attn: choose from {', '.join(DECODE_KERNELS)}, got {args.attn!r}")
+        if args.steps < 1:
+            raise BenchError(f"--steps must be at least 1, got {args.steps}")
+        rows = run_context(_ints(args.context, "--context"), models, _ints(args.batches, "--batches"),
+                           args.steps, attn, args.json, args.qfile)
+        if args.md:
+            Path(args.md).write_text(format_context_table(rows) + "\n")
+        return 0
     pot = tuple(int(b) for b in args.pot_bits.split(",") if b.strip())
     if set(pot) - {2, 3, 4}:
         raise BenchError(f"--pot-bits: choose from 2, 3, 4, got {args.pot_bits!r}")
@@ -75,7 +98,13 @@ def main(argv=None) -> int:
     e.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
     e.add_argument("--quick", action="store_true", help="512-token prefill, batch 1 and 8 only")
     e.add_argument("--qfile", metavar="PATH", help="a SmolLM2 q.safetensors (default: random DGQ weights of its shape)")
-    e.add_argument("--models", default="smollm2,llama7b", help="comma-separated: smollm2, llama7b")
+    e.add_argument("--models", default="smollm2,llama7b", help="comma-separated: smollm2, llama7b, llama3-8b")
+    e.add_argument("--context", default="", help="comma-separated contexts, e.g. 128,1024,2048,4096,8192: the "
+                   "decode context table (batches x fp16/INT8 KV, bytes a step reads, %% of copy bandwidth) instead")
+    e.add_argument("--batches", default="1,8,32", help="the context table's batches (default 1,8,32)")
+    e.add_argument("--steps", type=int, default=32, help="the context table's timed decode steps a row")
+    e.add_argument("--attn", default="", help="the context table's decode attention kernels, e.g. heads,gqa "
+                   "(default: the engine's, DGQ_ATTN_DECODE)")
     e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)

@@ -7,9 +7,17 @@ speed (never for quality). Each model also runs through our FP16 path (cuBLAS li
 for prefill, our fp16 GEMV in the graphed decode step) as the in-run baseline; the
 A8W4 model also decodes with the INT8 KV cache (kv8 rows). Prints one JSON object per
 row with --json, and a table.
+
+--context 128,1024,...: the context table instead (run_context): A8W4 decode tokens/s of each
+model at each context for batch 1, 8 and 32, fp16 and INT8 KV, with the bytes a step must read
+(linear weights, head, norms, the embedding rows, and the K/V it attends), computed from the
+model's shapes and the context, and the % of the copy bandwidth measured in the same process
+that this reaches; the attention launch alone is timed too (graph_breakdown) against its K/V
+bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu/attention.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import time
@@ -28,6 +36,12 @@ SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
 LLAMA2_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=32, head_dim=128, rope_theta=10000.0,
                         max_position_embeddings=4096, tie_word_embeddings=False)
+LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                        max_position_embeddings=8192, tie_word_embeddings=False)
+MODELS = {"smollm2": (SMOLLM2, "SmolLM2-135M-shaped (random DGQ)"),
+          "llama7b": (LLAMA2_7B, "Llama-2-7B-shaped (random DGQ)"),
+          "llama3-8b": (LLAMA3_8B, "Llama-3-8B-shaped (random DGQ)")}
 
 
 def _shapes(c: ModelConfig) -> dict:
@@ -191,9 +205,9 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
                 from ..io.qfile import load_qfile  # noqa: PLC0415
                 mw, label = load_qfile(qfile).weights, "SmolLM2-135M DGQ"
             else:
-                mw, label = random_model(SMOLLM2, True), "SmolLM2-135M-shaped (random DGQ)"
+                mw, label = random_model(SMOLLM2, True), MODELS[key][1]
         else:
-            mw, label = random_model(LLAMA2_7B, True), "Llama-2-7B-shaped (random DGQ)"
+            mw, label = random_model(MODELS[key][0], True), MODELS[key][1]
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
         rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32), **kw)
         # the same with the opt-in INT8 output head (--lm-head int8): decode only
@@ -202,7 +216,7 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
         rows += bench_model(cp, label + " FP16", dequantized_copy(mw), bw=bw, **kw)
         del mw
         for b in pot_bits:          # weight-only power-of-two models of the same shape: decode only
-            shape = SMOLLM2 if key == "smollm2" else LLAMA2_7B
+            shape = MODELS[key][0]
             rows += bench_model(cp, label.split(" (")[0] + f" (random W{b}-PoT)", random_model(shape, b), bw=bw,
                                 prefill_lens=(), batches=(1, 8), steps=kw.get("steps", 64))
     for r in rows:
@@ -210,6 +224,150 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             print(json.dumps(r))
     print(format_table(rows))
     return rows
+
+
+# ----------------------------------------------------------------------------- the context table
+def step_bytes(gm, bsz: int, ctx: int, steps: int, kv8: bool) -> tuple[float, float]:
+    """(weight bytes, K/V bytes) a decode step of bsz sequences must read, on average over
+    `steps` steps that start from `ctx` cached positions: every linear, the head and the norms
+    once, one embedding row per sequence; each sequence's K and V (kv8: int8 plus one float32
+    scale per token and kv head) at every position it attends, ctx + 1 .. ctx + steps."""
+    c = gm.config
+    wb = gm.weight_bytes()
+    wbytes = wb["linears"] + wb["other"] - gm.embed.nbytes + bsz * c.hidden_size * 2
+    if gm.lm_head is gm.embed:                        # a tied fp16 head reads the whole embedding
+        wbytes += gm.embed.nbytes
+    kv = c.num_hidden_layers * bsz * kv_bytes_per_position(c, kv8) * (ctx + (steps + 1) / 2)
+    return float(wbytes), float(kv)
+
+
+def kv_bytes_per_position(c: ModelConfig, kv8: bool) -> int:
+    """K and V bytes of one position of one sequence in one layer."""
+    return 2 * c.num_key_value_heads * (c.head_dim + 4 if kv8 else 2 * c.head_dim)
+
+
+def _fits(cp, nbytes: int, spare: int = 4 << 30) -> bool:
+    free = cp.cuda.runtime.memGetInfo()[0] + cp.get_default_memory_pool().free_bytes()
+    return nbytes + spare <= free
+
+
+def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, bw: float | None,
+                rng, breakdown: bool = True) -> dict:
+    """Graphed A8W4 decode of bsz sequences from ctx cached positions (one prefill of ctx random
+    tokens, its K/V copied to every sequence), timed over `steps` replays; the row's bytes are
+    step_bytes, and with `breakdown` the attention launch alone (graph_breakdown) against the
+    K/V it reads."""
+    from ..gpu import attention  # noqa: PLC0415
+    from ..gpu.cache import GpuKVCache  # noqa: PLC0415
+    c = gm.config
+    cap = ctx + steps + 3
+    row = dict(model=label, phase="context", attn=attention.DECODE_KERNEL, context=ctx, batch=bsz,
+               kv="int8" if kv8 else "fp16")
+    need = GpuKVCache.bytes_needed(c, cap, bsz, kv8)
+    if not _fits(cp, need):
+        row["skipped"] = f"the cache needs {need / 2**30:.1f} GiB"
+        return row
+    cache = gm.new_cache(cap, batch=bsz, kv8=kv8)
+    first = int(gm.prefill(rng.integers(0, c.vocab_size, ctx), cache, seq=0)[0].astype(cp.float32).argmax())
+    arrays = (cache.k, cache.v) + ((cache.ks, cache.vs) if kv8 else ())
+    for i in range(1, bsz):                           # the same context in every sequence
+        for a in arrays:
+            a[:, i, :ctx] = a[:, 0, :ctx]
+    firsts = [first] * bsz
+    cache.lens_host[:] = ctx
+    gm.decode_greedy(cache, firsts, 2)                # warm-up: compiles, captures the step graph
+    cache.lens_host[:] = ctx
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    gm.decode_greedy(cache, firsts, steps)            # graph replays only
+    s = (time.perf_counter() - t0) / steps
+    wbytes, kv = step_bytes(gm, bsz, ctx, steps, kv8)
+    row.update(tok_s=bsz / s, step_ms=1e3 * s, weight_mb=wbytes / 1e6, kv_mb=kv / 1e6,
+               bytes_per_step=wbytes + kv)
+    if bw:
+        row.update(roof_tok_s=bsz * bw / (wbytes + kv), pct_copy_bw=100 * (wbytes + kv) / s / bw)
+    if breakdown and all(gm.graphable(bsz)[:1]):
+        prof = graph_breakdown(gm, cache)
+        attn = [(k, us) for k, (n, us) in prof.items() if k.startswith("attn_decode")]
+        if attn:
+            name, us = attn[0]
+            # the positions of the step graph_breakdown replays: the lengths the timed steps left
+            abytes = bsz * kv_bytes_per_position(c, kv8) * (ctx + steps + 1)
+            row.update(attn_kernel=name, attn_us=us, attn_gbs=abytes / us / 1e3)
+            if bw:
+                row["attn_pct_copy_bw"] = 100 * abytes / (us * 1e-6) / bw
+    del cache
+    gc.collect()
+    return row
+
+
+def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), steps: int = 32,
+                attn_kernels=(), json_out: bool = False, qfile=None):
+    """The context table (module docstring): every model × decode attention kernel × context ×
+    KV type × batch; rows whose cache does not fit the free memory say so."""
+    from ..gpu import attention  # noqa: PLC0415
+    from ..gpu.backend import cupy_or_none  # noqa: PLC0415
+    from ..gpu.model import CudaModel  # noqa: PLC0415
+    cp = cupy_or_none()
+    if cp is None:
+        raise SystemExit("engine.bench e2e needs a GPU (CuPy + CUDA device)")
+    bw = copy_bandwidth() * 1e9                        # bytes/s, read + written
+    rows = [dict(phase="device", name=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+                 copy_bw_gbs=bw / 1e9)]
+    if json_out:
+        print(json.dumps(rows[0]), flush=True)
+    kernels = tuple(attn_kernels) or (attention.DECODE_KERNEL,)
+    for key in models:
+        c, label = MODELS[key]
+        if key == "smollm2" and qfile:
+            from ..io.qfile import load_qfile  # noqa: PLC0415
+            mw, label = load_qfile(qfile).weights, "SmolLM2-135M DGQ"
+        else:
+            mw = random_model(c, True)
+        longest = max(contexts) + steps + 3
+        if mw.config.max_position_embeddings < longest:   # the shapes, with room for the longest context
+            mw = dataclasses.replace(mw, config=dataclasses.replace(mw.config, max_position_embeddings=longest))
+        gm = CudaModel(mw)
+        rng = np.random.default_rng(0)
+        saved = attention.DECODE_KERNEL
+        try:
+            for kernel in kernels:
+                attention.DECODE_KERNEL = kernel
+                for ctx in contexts:
+                    for kv8 in (False, True):
+                        for bsz in batches:
+                            row = context_row(cp, gm, label + " A8W4", ctx, bsz, kv8, steps, bw, rng)
+                            rows.append(row)
+                            if json_out:
+                                print(json.dumps(row), flush=True)
+        finally:
+            attention.DECODE_KERNEL = saved
+        del gm, mw
+        gc.collect()
+        cp.get_default_memory_pool().free_all_blocks()
+    print(format_context_table(rows))
+    return rows
+
+
+def format_context_table(rows) -> str:
+    out = ["| model | attention | context | batch | KV | tok/s | step ms | weights MB | K/V MB | roofline tok/s "
+           "| % copy BW | attention µs/layer | attention % copy BW |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["phase"] == "device":
+            out.insert(0, f"device: {r['name']}, copy bandwidth {r['copy_bw_gbs']:.0f} GB/s (read + write)\n")
+            continue
+        if r["phase"] != "context":
+            continue
+        f = lambda k, fmt: (fmt % r[k]) if k in r else ""  # noqa: E731
+        head = f"| {r['model']} | {r['attn']} | {r['context']} | {r['batch']} | {r['kv']} |"
+        if "skipped" in r:
+            out.append(f"{head} skipped: {r['skipped']} | | | | | | | |")
+            continue
+        out.append(f"{head} {f('tok_s', '%.0f')} | {f('step_ms', '%.3f')} | {f('weight_mb', '%.0f')} | "
+                   f"{f('kv_mb', '%.0f')} | {f('roof_tok_s', '%.0f')} | {f('pct_copy_bw', '%.0f')} | "
+                   f"{f('attn_us', '%.1f')} | {f('attn_pct_copy_bw', '%.0f')} |")
+    return "\n".join(out)
 
 
 def format_table(rows) -> str:
@@ -231,7 +389,7 @@ def format_table(rows) -> str:
 # the kernels the model launches itself (gpu/fused.py, gpu/attention.py): a breakdown row each
 # by kernel expression; the linears, the lm_head and sampling are rows of their own
 MODEL_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows", "quant_amax", "rope_qkv_cache",
-                 "attn_decode", "attn_prefill")
+                 "attn_decode", "attn_decode_gqa", "attn_prefill")
 
 
 def model_kernel(expr: str) -> bool:

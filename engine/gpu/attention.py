@@ -5,19 +5,31 @@ its causal GQA ↔ attn_prefill (flash attention, prefill) and attn_decode (RoPE
 write, flash-decoding and the merge of the splits in one launch). The cache is fp16, or
 int8 with one float32 scale per token and kv head (kv8). The launchers take the kernel's
 parameters as keywords (gpu/kargs.py checks the names).
+
+Decode has two kernels with one parameter list, chosen by DECODE_KERNEL (flags.ATTN_DECODE,
+DGQ_ATTN_DECODE): "gqa", attn_decode_gqa (a block per split of the sequence, kv head and
+group of ≤ 8 query heads: each K/V row loaded once per kv head, tensor-core scores, the grid
+sized by gqa_splits), or "heads", attn_decode (a block per query head and 64-key split).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import kargs
+from . import flags, kargs, kernels
+from .backend import BackendError
 from .tuning import ATTENTION
 
 ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in ATTENTION.kv_types]
                    + [f"attn_decode<{t}, {cl}>" for t in ATTENTION.kv_types
                       for cl in (0,) + ATTENTION.decode_clusters]
+                   + [f"attn_decode_gqa<{t}, {d}>" for t in ATTENTION.kv_types for d in ATTENTION.head_dims]
                    + [f"attn_prefill<{d}, {t}>" for d in ATTENTION.head_dims for t in ATTENTION.kv_types])
 ATTN = kargs.KernelFile("attention.cu", ATTN_EXPRS)
+
+DECODE_KERNELS = ("gqa", "heads")
+if flags.ATTN_DECODE not in DECODE_KERNELS:
+    raise BackendError(f"DGQ_ATTN_DECODE must be one of {', '.join(DECODE_KERNELS)}, got {flags.ATTN_DECODE!r}")
+DECODE_KERNEL = flags.ATTN_DECODE      # read at each launch: a benchmark or test may switch it
 
 
 def kv_type(cache_array) -> str:
@@ -80,7 +92,66 @@ def attn_prefill(**args):
 @kargs.launcher("attn_decode")
 def attn_decode(batch: int, nsplit: int, cl: int, **args):
     """One decode step's attention for `batch` sequences (cuda/attention.cu): RoPE, cache
-    write, flash-decoding over nsplit splits of DEC_CHUNK keys and their merge, through a
-    cluster of cl CTAs (sm_90) or global memory (cl = 0: part_ml, part_acc, counters)."""
+    write, flash-decoding and the merge of the splits. DECODE_KERNEL "heads": attn_decode over
+    nsplit splits of DEC_CHUNK keys a query head, merged through a cluster of cl CTAs (sm_90) or
+    global memory (cl = 0: part_ml, part_acc, counters); "gqa": attn_decode_gqa over
+    gqa_splits(...) ≤ nsplit splits a kv head group (cl unused), in the same scratch (sized for
+    nsplit by the caller: (B·Hq·nsplit·2,), (B·Hq·nsplit·D,) and (B·Hq,))."""
+    if DECODE_KERNEL == "gqa":
+        _decode_gqa("attn_decode", batch, nsplit, args)
+        return
     kargs.launch(ATTN, f"attn_decode<{kv_type(args['kc'])}, {cl}>", (batch, args["Hq"], cl or nsplit),
                  (ATTENTION.threads,), **args)
+
+
+def gqa_smem(d: int, kv8: bool) -> int:
+    """Dynamic shared memory of attn_decode_gqa<KV, d> (cuda/attention.cu GqLayout::BYTES)."""
+    es, w = (1 if kv8 else 2), ATTENTION.threads // 32
+    kb, vb = d * es // 4, d * es // 8
+    stage = 32 * (2 * kb + 4 * vb + (32 if kv8 else 0))
+    stages = 3 if w * stage * 4 > 100 * 1024 else 4
+    return max(w * stages * stage, w * ATTENTION.gqa_heads * (d + 2) * 4)
+
+
+# attn_decode_gqa's static shared memory, bytes (sq, snk, snv, snew, wts, last) at D = 128, rounded up
+GQA_STATIC_SMEM = 8 * 1024
+
+
+def gqa_groups(hq: int, hkv: int) -> int:
+    """Blocks of attn_decode_gqa per kv head and split: groups of ≤ gqa_heads query heads."""
+    return -(-(hq // hkv) // ATTENTION.gqa_heads)
+
+
+def gqa_splits(batch: int, hq: int, hkv: int, d: int, kv8: bool, nsplit: int, sms: int, smem_sm: int) -> int:
+    """attn_decode_gqa's grid x (splits of the sequence) for a step of `batch` sequences on `sms`
+    SMs of `smem_sm` bytes of shared memory each: as many as fill gqa_waves waves of the blocks
+    the SMs hold (one sequence at batch 1 then covers the GPU), at most gqa_max_splits and nsplit
+    (attn_decode's splits of the capacity, DEC_CHUNK keys each: the scratch is sized for them).
+    Fixed for the capacity and batch (the graph of the step is captured once); the kernel divides
+    the keys it finds among them, so a short sequence leaves the later splits empty."""
+    per_sm = max(1, smem_sm // (gqa_smem(d, kv8) + GQA_STATIC_SMEM))
+    units = batch * hkv * gqa_groups(hq, hkv)
+    ns = ATTENTION.gqa_waves * sms * per_sm // units
+    return int(max(1, min(ns, ATTENTION.gqa_max_splits, nsplit)))
+
+
+def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict):
+    """attn_decode_gqa for the launcher of `kernel` (attn_decode): the same parameters
+    (tests/test_decode_attention.py holds the two lists equal), its own grid and shared memory."""
+    kc, d = args["kc"], args["D"]
+    kv8 = kc.dtype.itemsize == 1
+    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit)
+    hit = _GQA_LAUNCH.get(key)
+    if hit is None:
+        info = kernels.device_info()
+        ns = gqa_splits(batch, args["Hq"], args["Hkv"], d, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024)
+        kvt, smem = kv_type(kc), gqa_smem(d, kv8)
+        fn = kargs.function(ATTN, f"attn_decode_gqa<{kvt}, {d}>")
+        if fn.max_dynamic_shared_size_bytes < smem:      # > 48 KB: opt in (before any capture)
+            fn.max_dynamic_shared_size_bytes = smem
+        hit = _GQA_LAUNCH[key] = (kvt, (ns, args["Hkv"] * gqa_groups(args["Hq"], args["Hkv"]), batch), smem)
+    kvt, grid, smem = hit
+    kargs.launch(ATTN, f"attn_decode_gqa<{kvt}, {d}>", grid, (ATTENTION.threads,), shared_mem=smem, **args)
+
+
+_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit) -> (cache type, grid, shared memory)

@@ -105,6 +105,14 @@ class AttentionShape:
     decode_chunk: int = 64     # keys per flash-decoding block (DEC_CHUNK)
     # attn_decode's splits of a head as one cluster (sm_90, nsplit ≤ 8); 0: merge through memory
     decode_clusters: tuple = (1, 2, 4, 8)
+    # attn_decode_gqa (flags.ATTN_DECODE "gqa"): a block serves ≤ gqa_heads query heads of one kv
+    # head (GQ_HEADS), its warps take gqa_step keys a step (GQ_STEP); the grid's splits fill
+    # gqa_waves waves of the SMs (blocks an SM holds from the shared memory), at most
+    # gqa_max_splits (≤ GQ_MAX_SPLITS): the last block merges that many partials alone
+    gqa_heads: int = 8
+    gqa_step: int = 16
+    gqa_max_splits: int = 32
+    gqa_waves: int = 1
 
 
 ATTENTION = AttentionShape()
