@@ -12,7 +12,7 @@ row with --json, and a table.
 model at each context for batch 1, 8 and 32, fp16 and INT8 KV, with the bytes a step must read
 (linear weights, head, norms, the embedding rows, and the K/V it attends), computed from the
 model's shapes and the context, and the % of the copy bandwidth measured in the same process
-that this reaches; the attention launch alone is timed too (graph_breakdown) against its K/V
+that this reaches; the attention launch alone is timed too (attention_time) against its K/V
 bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu/attention.py).
 """
 from __future__ import annotations
@@ -255,7 +255,7 @@ def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, b
                 rng, breakdown: bool = True) -> dict:
     """Graphed A8W4 decode of bsz sequences from ctx cached positions (one prefill of ctx random
     tokens, its K/V copied to every sequence), timed over `steps` replays; the row's bytes are
-    step_bytes, and with `breakdown` the attention launch alone (graph_breakdown) against the
+    step_bytes, and with `breakdown` the attention launch alone (attention_time) against the
     K/V it reads."""
     from ..gpu import attention  # noqa: PLC0415
     from ..gpu.cache import GpuKVCache  # noqa: PLC0415
@@ -286,19 +286,43 @@ def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, b
                bytes_per_step=wbytes + kv)
     if bw:
         row.update(roof_tok_s=bsz * bw / (wbytes + kv), pct_copy_bw=100 * (wbytes + kv) / s / bw)
-    if breakdown and all(gm.graphable(bsz)[:1]):
-        prof = graph_breakdown(gm, cache)
-        attn = [(k, us) for k, (n, us) in prof.items() if k.startswith("attn_decode")]
-        if attn:
-            name, us = attn[0]
-            # the positions of the step graph_breakdown replays: the lengths the timed steps left
-            abytes = bsz * kv_bytes_per_position(c, kv8) * (ctx + steps + 1)
-            row.update(attn_kernel=name, attn_us=us, attn_gbs=abytes / us / 1e3)
-            if bw:
-                row["attn_pct_copy_bw"] = 100 * abytes / (us * 1e-6) / bw
+    if breakdown and gm.graphable(bsz)[0]:
+        name, us = attention_time(gm, cache)
+        # the positions of the step attention_time replays: the lengths the timed steps left
+        abytes = bsz * kv_bytes_per_position(c, kv8) * (ctx + steps + 1)
+        row.update(attn_kernel=name, attn_us=us, attn_gbs=abytes / us / 1e3)
+        if bw:
+            row["attn_pct_copy_bw"] = 100 * abytes / (us * 1e-6) / bw
     del cache
     gc.collect()
     return row
+
+
+def attention_time(gm, cache, reps: int = 20) -> tuple[str, float]:
+    """(kernel expression, µs a launch) of the decode attention as a graph replays it: the
+    attention launches of one eager step (one a layer, each its own cache) captured into a graph
+    of their own (graph_breakdown's method, for this one kind). The step's device state is put
+    back afterwards, so the launches see the lengths the cache holds."""
+    from ..gpu import decode, kargs  # noqa: PLC0415
+    cp, st = gm.cp, cache.step
+    saved = {k: getattr(st, k).copy() for k in ("tok", "pos", "lens")}
+
+    def restore():
+        for k, v in saved.items():
+            getattr(st, k)[...] = v
+    calls = []
+
+    def record(expr, run):
+        if expr.startswith("attn_decode"):
+            calls.append((expr, run))
+        return run()
+    with kargs.intercepted(record):
+        decode.step(gm, cache, st, with_tail=False)      # no sampling: the lengths stay
+    cp.cuda.Device().synchronize()
+    restore()
+    us = graph_time(cp, [fn for _, fn in calls] * -(-reps // len(calls)))
+    restore()
+    return calls[0][0], us
 
 
 def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), steps: int = 32,
