@@ -34,11 +34,13 @@ first token carries at run time, so the statistics include them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
+from engine import formats
 from engine.model.ops_ref import rmsnorm
+from engine.util.arrays import to_numpy, xp_of
 
 DEFAULT_N_SEQ = 64       # calibration sequences ...
 DEFAULT_SEQ_LEN = 512    # ... of this many tokens: 32768 tokens for SmolLM2
@@ -167,24 +169,25 @@ class _Observer:
             raise _Stop
         if li not in self.layers:
             return
-        x = np.asarray(x, dtype=np.float32)                              # (T, K)
+        xp = xp_of(x)                                                    # numpy, or cupy (--device cuda)
+        x = x.astype(xp.float32, copy=False)                             # (T, K)
         if site in self.sites:
             key = (li, site)
-            ax = np.abs(x)                                               # (T, K)
+            ax = xp.abs(x)                                               # (T, K)
             cmax = ax.max(axis=0)                                        # (K,)
-            self.absmax[key] = cmax if key not in self.absmax else np.maximum(self.absmax[key], cmax)
+            self.absmax[key] = cmax if key not in self.absmax else xp.maximum(self.absmax[key], cmax)
             self.tok.setdefault(key, []).append(ax.max(axis=1))          # (T,)
             self.n[key] = self.n.get(key, 0) + x.shape[0]
             if self.gram:
                 k = x.shape[1]
                 if key not in self.H:
-                    self.H[key] = np.zeros((k, k), dtype=np.float64)
+                    self.H[key] = xp.zeros((k, k), dtype=xp.float64)
                 # Plain float64 GEMM, not BLAS syrk: with this OpenBLAS, interleaving
                 # ?syrk with the forward's sgemm made both 2-3x slower (measured).
-                x64 = x.astype(np.float64)                               # (T, K)
+                x64 = x.astype(xp.float64)                               # (T, K)
                 self.H[key] += x64.T @ x64                               # (K, K)
                 if self.sink_extra and site == SINK_SITE:                # row 0: the sequence's first token
-                    self.H[key] += self.sink_extra * np.outer(x64[0], x64[0])
+                    self.H[key] += self.sink_extra * xp.outer(x64[0], x64[0])
         if self.kv and site == "attn_in":
             wk, wv, bk, bv, k_norm = self.kv_w[li]
             t, h, d = x.shape[0], self.hkv, self.d
@@ -192,9 +195,9 @@ class _Observer:
             v = (x @ wv.T if bv is None else x @ wv.T + bv).reshape(t, h, d)  # (T, Hkv, D)
             if k_norm is not None:                                       # Qwen3 / Gemma: per-head norm
                 k = rmsnorm(k, k_norm, self.eps)
-            pair = np.sqrt(k[..., : d // 2] ** 2 + k[..., d // 2:] ** 2)  # (T, Hkv, D/2)
-            np.maximum(self.kv_absmax[li, 0], pair.max(axis=(0, 2)), out=self.kv_absmax[li, 0])
-            np.maximum(self.kv_absmax[li, 1], np.abs(v).max(axis=(0, 2)), out=self.kv_absmax[li, 1])
+            pair = xp.sqrt(k[..., : d // 2] ** 2 + k[..., d // 2:] ** 2)  # (T, Hkv, D/2)
+            np.maximum(self.kv_absmax[li, 0], to_numpy(pair.max(axis=(0, 2))), out=self.kv_absmax[li, 0])
+            np.maximum(self.kv_absmax[li, 1], to_numpy(xp.abs(v).max(axis=(0, 2))), out=self.kv_absmax[li, 1])
 
 
 def calibrate(weights, seqs, *, gram: bool = True, kv: bool = False, layers=None, sites=None,
@@ -232,8 +235,9 @@ def calibrate(weights, seqs, *, gram: bool = True, kv: bool = False, layers=None
 def _site_stats(obs: _Observer, gram: bool) -> dict:
     stats = {}
     for key in obs.absmax:
-        stats[key] = SiteStats(absmax=obs.absmax[key], tok_absmax=np.concatenate(obs.tok[key]),
-                               H=obs.H[key] if gram else None, n_tokens=obs.n[key])
+        stats[key] = SiteStats(absmax=to_numpy(obs.absmax[key]),
+                               tok_absmax=np.concatenate([to_numpy(t) for t in obs.tok[key]]),
+                               H=obs.H[key] if gram else None, n_tokens=obs.n[key])   # H stays on its device
         obs.H.pop(key, None)                                             # free as we go
     return stats
 
@@ -251,6 +255,7 @@ def calibrate_layer(config, li: int, layer, X, cos, sin, *, gram: bool = True, k
     """
     from engine.model.llama import SITES  # noqa: PLC0415
     sites = SITES if sites is None else tuple(sites)
+    layer = on_device(layer, xp_of(X))
     kv_w = {li: _kv_weights(layer)} if kv else {}
     obs = _Observer(config, gram, kv, [li], sites, kv_w, sink_weight)
     run_layer(config, li, layer, X, cos, sin, observer=obs, advance=advance, progress=progress, desc=desc)
@@ -263,8 +268,10 @@ def run_layer(config, li: int, layer, X, cos, sin, *, observer=None, advance: bo
     """Run layer `li` (float or quantized LayerWeights) over each sequence of X (n, T, H);
     with advance, X[i] becomes its output (in place). cos, sin: unused, see calibrate_layer."""
     from engine.model.llama import layer_forward, layer_rope, prepare_linears  # noqa: PLC0415
-    W = prepare_linears(layer)
-    cos, sin = layer_rope(config, li, np, np.arange(X.shape[1]))                  # (T, D)
+    xp = xp_of(X)
+    layer = on_device(layer, xp)
+    W = prepare_linears(layer) if xp is np else {n: _DeviceLinear(getattr(layer, n), xp) for n in layer.linears()}
+    cos, sin = layer_rope(config, li, xp, np.arange(X.shape[1]))                  # (T, D)
     it = range(X.shape[0])
     if progress:
         from tqdm import tqdm  # noqa: PLC0415
@@ -276,6 +283,46 @@ def run_layer(config, li: int, layer, X, cos, sin, *, observer=None, advance: bo
                 X[i] = y
 
 
+def on_device(layer, xp):
+    """`layer` (LayerWeights) with its float arrays on the array module xp (QuantLinears as they
+    are: run_layer expands them there); the layer itself for NumPy."""
+    if xp is np:
+        return layer
+    mv = lambda a: xp.asarray(a) if isinstance(a, np.ndarray) else a  # noqa: E731
+    kw = {f.name: mv(getattr(layer, f.name)) for f in fields(layer) if f.name != "bias"}
+    return replace(layer, **kw, bias={n: mv(b) for n, b in layer.bias.items()})
+
+
+class _DeviceLinear:
+    """A linear of run_layer on CuPy: the NumPy reference's numbers (formats.linear_ref) with
+    the integer GEMM in float64, which is exact for INT8 x INT8 sums (< 2^53)."""
+
+    def __init__(self, w, xp):
+        self.xp, self.ql = xp, w if isinstance(w, formats.QuantLinear) else None
+        if self.ql is None:
+            self.w = w                                                   # float (N, K), on xp
+        elif self.ql.act != "none" and formats.KINDS[self.ql.kind].INTEGER:
+            self.w = xp.asarray(self.ql.int8_weight(), dtype=xp.float64)          # (N, K) exact
+            self.cscale = xp.asarray(self.ql.cscale, dtype=xp.float32)            # (N,)
+        else:
+            self.w = xp.asarray(self.ql.dequantize(), dtype=xp.float32)           # (N, K)
+
+    def __call__(self, x):
+        xp, ql = self.xp, self.ql
+        if ql is None or ql.act == "none":
+            return x @ self.w.T
+        if ql.act == "static":
+            sx = xp.full((x.shape[0],), ql.ascale, dtype=xp.float32)             # (M,)
+        else:
+            amax = xp.abs(x).max(axis=-1)
+            sx = xp.where(amax > 0, amax / xp.float32(formats.QMAX_I8), xp.float32(1.0)).astype(xp.float32)
+        x8 = xp.clip(xp.rint(x / sx[:, None]), -formats.QMAX_I8, formats.QMAX_I8).astype(xp.float64)
+        if self.w.dtype == xp.float64:                                   # integer kinds
+            acc = (x8 @ self.w.T).astype(xp.float32)                     # exact integers, then as int32 -> f32
+            return acc * sx[:, None] * self.cscale[None, :]
+        return ((x8 @ self.w.astype(xp.float64).T) * sx[:, None]).astype(xp.float32)
+
+
 def scaled(st: SiteStats, s) -> SiteStats:
     """The statistics of the input x / s (s: (K,) smoothing scales), derived without a new pass.
 
@@ -284,7 +331,12 @@ def scaled(st: SiteStats, s) -> SiteStats:
     dropped: after smoothing, only act_clip "max" can use derived statistics.
     """
     s = np.asarray(s, dtype=np.float64)                                  # (K,)
-    H = None if st.H is None else st.H / np.outer(s, s)                  # (K, K)
+    if st.H is not None:
+        xp = xp_of(st.H)
+        sd = xp.asarray(s)
+        H = st.H / xp.outer(sd, sd)                                      # (K, K)
+    else:
+        H = None
     return SiteStats(absmax=(st.absmax / s).astype(np.float32), tok_absmax=None, H=H, n_tokens=st.n_tokens)
 
 

@@ -49,8 +49,7 @@ import numpy as np
 from engine import formats
 from engine.io.layout import HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelError, ModelWeights, expected_shapes
 from engine.io.qfile import QFileWriter
-from engine.model.llama import SITE_OF, check_tokens
-from engine.model.ops_ref import rope_tables
+from engine.model.llama import SITE_OF, check_tokens, embed_tokens
 from engine.util.sysinfo import peak_rss_mb
 
 from . import calibrate as cal
@@ -365,12 +364,13 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
     # second pass reads the folded model's activations, a stream of its own (Xf), exactly as
     # a second whole-model pass over the folded model would.
     two_pass = bool(spec.smoothing) and needs_static and act_clip != "max"
-    X = Xf = cos = sin = None
+    X = Xf = cos = sin = None            # cos, sin: each layer's RoPE comes from the config (run_layer)
     if need_calib:
-        X = embed[seqs]                                                                # (n, T, H)
+        X = embed_tokens(c, embed, seqs)                                               # (n, T, H)
+        if xp is not np:                 # --device cuda: calibration forwards and H on the GPU too
+            X = xp.asarray(X)
         if two_pass and not sequential:
             Xf = X.copy()                                                              # (n, T, H)
-        cos, sin = rope_tables(np, c.head_dim, c.rope_theta, np.arange(seqs.shape[1]))   # (T, D)
     del embed
     phase["load"] += time.perf_counter() - t
     recipe["calibration_passes"] = (2 if two_pass else 1) if need_calib else 0
@@ -429,7 +429,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
         # Each float weight and each site's statistics are dropped as soon as their last
         # linear is done: down_proj's search then runs beside its own H only.
         floatw = {n: getattr(lw, n) for n in LINEAR_NAMES}
-        norms = {"attn_norm": lw.attn_norm, "mlp_norm": lw.mlp_norm}
+        norms = lw.floats()                                        # norms and biases
         del lw
         new, info = {}, {}
         for i, n in enumerate(LINEAR_NAMES):

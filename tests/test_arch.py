@@ -370,9 +370,8 @@ def test_qfile_and_export_keep_every_tensor(tmp_path, family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_quantize_dgq_per_family(family):
-    """dgq on every family. Qwen2/Qwen3/Gemma 3 need converters/quantize.py to carry each layer's
-    biases and extra norms (LayerWeights.floats()) and to scale the embedding (llama.embed_tokens):
-    until it does they stop at layer 0 with one ModelError, reported here as xfail."""
+    """dgq on every family: the converter carries each layer's biases and extra norms
+    (LayerWeights.floats()) and scales the embedding (llama.embed_tokens)."""
     from converters.quantize import quantize_checkpoint
     from engine.io.layout import Checkpoint
 
@@ -380,12 +379,7 @@ def test_quantize_dgq_per_family(family):
     t = as_multipliers(c, hf_tensors(c, 5))
     ck = Checkpoint(c, t, None, None, "memory")
     seqs = np.random.default_rng(0).integers(0, c.vocab_size, (4, 16))
-    try:
-        w, recipe = quantize_checkpoint(ck, "dgq", calib=seqs, progress=False, group=16)
-    except ModelError as e:
-        if family in ("llama3", "mistral") or "layer 0" not in str(e):
-            raise
-        pytest.xfail(f"converters/quantize.py drops the {family} layer's extra tensors: {e}")
+    w, recipe = quantize_checkpoint(ck, "dgq", calib=seqs, progress=False, group=16)
     f = Model(ModelWeights.from_hf(c, t)).forward(PROMPT)
     q = Model(w).forward(PROMPT)
     assert np.linalg.norm(q - f) < 0.5 * np.linalg.norm(f)

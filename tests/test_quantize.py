@@ -437,3 +437,19 @@ def test_sink_weight_adds_the_first_tokens_to_the_qkv_gram_only():
     for bad in (-1.0, float("nan"), "x"):
         with pytest.raises(cal.CalibrationError, match="--sink-weight"):
             quantize_checkpoint(ck, "dgq", group=16, calib=seqs, progress=False, sink_weight=bad)
+
+
+@pytest.mark.parametrize("method,act", [("dgq", "static"), ("dgq", "dynamic"), ("w8a8", "static"),
+                                        ("rtn", "static"), ("w4a16", "static"), ("pot", "static")])
+def test_device_linear_equals_the_reference(method, act):
+    """calibrate._DeviceLinear (run_layer's linear on CuPy) run on NumPy gives the reference
+    linear's numbers bit for bit (its integer GEMM in float64 instead of chunked float32)."""
+    from engine.model.ops_ref import PreparedLinear
+    ck = tiny_ckpt(hidden_size=64, intermediate_size=128, head_dim=8)
+    w, _ = quantize_checkpoint(ck, method, group=32 if method == "pot" else 16, act=act,
+                               calib=tiny_seqs(ck.config), progress=False, **({"wbits": 3} if method == "pot" else {}))
+    x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+    x[1] = 0.0                                                        # an all-zero token
+    for n in ("q", "gate"):
+        ql = getattr(w.layers[0], n)
+        np.testing.assert_array_equal(cal._DeviceLinear(ql, np)(x), PreparedLinear(ql)(x))

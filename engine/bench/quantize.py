@@ -14,6 +14,7 @@ deleted afterwards unless --keep. TinyLlama-shaped: 2.2 GB; Llama-7B-shaped: 13.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import shutil
@@ -74,12 +75,34 @@ def _write_shard(path: Path, names: list[str], shapes: dict, rng) -> int:
         for n in names:
             shape = shapes[n]
             if len(shape) == 1:
-                a = 1.0 + 0.05 * rng.standard_normal(shape, dtype=np.float32)        # (H,) norms
+                a = (1.0 + 0.05 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float16)  # norms
             else:
-                a = 0.02 * rng.standard_normal(shape, dtype=np.float32)              # (N, K)
-            f.write(memoryview(a.astype(np.float16)).cast("B"))
+                a = _normal_f16(shape, 0.02, rng)                                    # (N, K)
+            f.write(memoryview(a).cast("B"))
             del a
     return 8 + len(hb) + off
+
+
+def _normal_f16(shape, std: float, rng) -> np.ndarray:
+    """N(0, std²) fp16 of `shape`, its row blocks drawn on all cores (NumPy's generators release
+    the GIL); deterministic for a given rng state."""
+    out = np.empty(shape, dtype=np.float16)
+    blocks = np.array_split(np.arange(shape[0]), max(1, min(os.cpu_count() or 1, shape[0])))
+    seeds = rng.bit_generator.seed_seq.spawn(len(blocks)) if hasattr(rng.bit_generator, "seed_seq") else None
+    gens = [np.random.default_rng(s) for s in seeds] if seeds else [rng] * len(blocks)
+
+    def fill(i):
+        b = blocks[i]
+        if b.size:
+            out[b[0]:b[-1] + 1] = std * gens[i].standard_normal((b.size,) + tuple(shape[1:]), dtype=np.float32)
+
+    if seeds:
+        with ThreadPoolExecutor(len(blocks)) as ex:
+            list(ex.map(fill, range(len(blocks))))
+    else:
+        for i in range(len(blocks)):
+            fill(i)
+    return out
 
 
 def build_checkpoint(d: Path, config: ModelConfig, seed: int = 0) -> int:
@@ -110,9 +133,46 @@ def build_checkpoint(d: Path, config: ModelConfig, seed: int = 0) -> int:
     return total
 
 
+class _GpuPeak:
+    """The most GPU memory one process held, polled through NVML (nvidia-ml-py) every 0.2 s."""
+
+    def __init__(self, pid: int):
+        import threading  # noqa: PLC0415
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        try:
+            import pynvml  # noqa: PLC0415
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:                                # no NVML: no figure, said in the table
+            self._nvml = None
+            return
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.2):
+            for h in self._handles:
+                try:
+                    procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(h)
+                except Exception:
+                    continue
+                for p in procs:
+                    if p.pid == self.pid and p.usedGpuMemory:
+                        self.peak = max(self.peak, int(p.usedGpuMemory))
+
+    def stop(self) -> float | None:
+        """MiB, or None where NVML is missing."""
+        if self._nvml is None:
+            return None
+        self._stop.set()
+        self._thread.join()
+        return self.peak / 2**20
+
+
 def run_quantize(model_dir: Path, out: Path, method: str, n_seq: int, seq_len: int, calibration: str | None,
-                 extra: list[str]) -> dict:
-    """dgq-quantize in a child process; its wall time and peak RSS."""
+                 extra: list[str], gpu: bool = False) -> dict:
+    """dgq-quantize in a child process; its wall time, peak RSS and (gpu) peak GPU memory."""
     argv = [str(model_dir), "--out", str(out), "--method", method, "--calib", "random", "--n-seq", str(n_seq),
             "--seq-len", str(seq_len), *(["--calibration", calibration] if calibration else []), *extra]
     code = "import sys; sys.argv[0] = 'dgq-quantize'; from dgq_cli import quantize_main; quantize_main()"
@@ -120,18 +180,21 @@ def run_quantize(model_dir: Path, out: Path, method: str, n_seq: int, seq_len: i
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     t0 = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", code, *argv], env=env)
+    poll = _GpuPeak(child.pid) if gpu else None
     try:
         _, status, usage = os.wait4(child.pid, 0)        # this child's own rusage, not all children's
     except BaseException:
         child.kill()
         child.wait()
         raise
+    finally:
+        gpu_mb = poll.stop() if poll is not None else None
     child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if child.returncode != 0:
         raise BenchError(f"dgq-quantize failed (exit status {child.returncode})")
     peak = usage.ru_maxrss                               # KiB on Linux
-    return {"wall_s": wall, "peak_rss_mb": peak / 1024.0}
+    return {"wall_s": wall, "peak_rss_mb": peak / 1024.0, "peak_gpu_mb": gpu_mb}
 
 
 def cmd_quantize(args) -> int:
@@ -150,10 +213,11 @@ def cmd_quantize(args) -> int:
         else:
             size = build_checkpoint(model_dir, config, args.seed)
             print(f"built {model_dir}: {size / 1e9:.2f} GB fp16 in {time.perf_counter() - t0:.0f} s", flush=True)
-        extra = ["--quiet"] if args.quiet else []
+        extra = (["--quiet"] if args.quiet else []) + ["--device", args.device]
         if args.group:
             extra += ["--group", str(args.group)]
-        res = run_quantize(model_dir, out, args.method, args.n_seq, args.seq_len, args.calibration, extra)
+        res = run_quantize(model_dir, out, args.method, args.n_seq, args.seq_len, args.calibration, extra,
+                           gpu=args.device != "cpu")
         t = time.perf_counter()
         q = load_qfile(out)
         load_s = time.perf_counter() - t
@@ -167,11 +231,14 @@ def cmd_quantize(args) -> int:
         L = config.num_hidden_layers
         mode = recipe.get("calibration", {}).get("mode")
         lines = [f"`python -m engine.bench quantize --shape {args.shape} --method {args.method} --n-seq {args.n_seq} "
-                 f"--seq-len {args.seq_len}`, {mode} calibration ({os.cpu_count()} CPU cores)", "",
+                 f"--seq-len {args.seq_len} --device {args.device}`, {mode} calibration, searches on "
+                 f"{recipe.get('search_device', 'cpu')} ({os.cpu_count()} CPU cores)", "",
                  "| phase | seconds | per layer |", "|---|---:|---:|"]
         lines += [f"| {name} | {s:.0f} | {s / L:.1f} |" for name, s in rows]
         lines += [f"| **dgq-quantize wall time** | **{res['wall_s']:.0f}** | {res['wall_s'] / L:.1f} |", "",
-                  f"peak RSS of dgq-quantize: **{res['peak_rss_mb']:.0f} MB**; q file "
+                  f"peak RSS of dgq-quantize: **{res['peak_rss_mb']:.0f} MB**"
+                  + (f"; peak GPU memory **{res['peak_gpu_mb']:.0f} MiB**" if res["peak_gpu_mb"] else "")
+                  + f"; q file "
                   f"{out.stat().st_size / 2**20:.0f} MiB (embeddings {recipe.get('embed_dtype')}); "
                   f"read back by engine.io.qfile.load_qfile in {load_s:.0f} s"]
         table = "\n".join(lines)
@@ -204,6 +271,8 @@ def add_parser(sub) -> None:
     q.add_argument("--calibration", choices=("float", "sequential"), default=None,
                    help="default: the method's (converters/quantize.py MethodSpec.calibration)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="dgq-quantize --device: where the weight searches run (cuda also reports peak GPU memory)")
     q.add_argument("--dir", default=None, help="where the checkpoint and the q file go (default: a temp dir)")
     q.add_argument("--keep", action="store_true", help="keep the checkpoint and the q file (reused by a later run)")
     q.add_argument("--quiet", action="store_true", help="no progress bars from dgq-quantize")

@@ -21,7 +21,7 @@ from . import sampling
 from ..util.arrays import to_numpy
 
 # Tokens that end a turn in the chat formats we know; used when present in the vocabulary.
-END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<end_of_turn>")
 
 
 class GenerationError(ValueError):
