@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     e = sub.add_parser("e2e", help="end-to-end prefill/decode tokens/s of the GPU engine vs our FP16 path")
     e.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
     e.add_argument("--quick", action="store_true", help="512-token prefill, batch 1 and 8 only")
-    e.add_argument("--qfile", metavar="PATH", help="a SmolLM2 q.safetensors (default: random DGQ weights of its shape)")
+    e.add_argument("--qfile", metavar="PATH", help="a q.safetensors of any shape (dgq-quantize's output), benchmarked instead of --models")
     e.add_argument("--models", default="smollm2,llama7b", help="comma-separated: smollm2, llama7b, llama3-8b")
     e.add_argument("--context", default="", help="comma-separated contexts, e.g. 128,1024,2048,4096,8192: the "
                    "decode context table (batches x fp16/INT8 KV, bytes a step reads, %% of copy bandwidth) instead")

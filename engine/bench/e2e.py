@@ -1,7 +1,7 @@
 """`python -m engine.bench e2e`: end-to-end prefill and decode speed of the GPU engine.
 
-Models: SmolLM2-135M (a q.safetensors given with --qfile, else random weights of its
-shape in valid DGQ format) and a Llama-2-7B-shaped model with random DGQ weights
+Models: SmolLM2-135M (random weights of its shape in valid DGQ format; --qfile runs a given
+q.safetensors of any shape instead) and a Llama-2-7B-shaped model with random DGQ weights
 generated here. Speed depends on shapes, not values, so random weights are honest for
 speed (never for quality). Each model also runs through our FP16 path (cuBLAS linears
 for prefill, our fp16 GEMV in the graphed decode step) as the in-run baseline; the
@@ -21,6 +21,7 @@ import dataclasses
 import gc
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -199,13 +200,16 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
     bw = copy_bandwidth() * 1e9                        # bytes/s, read + written
     rows = [dict(phase="device", name=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
                  copy_bw_gbs=bw / 1e9)]
+    if qfile:                                          # that file alone, whatever its shape
+        from ..io.qfile import load_qfile  # noqa: PLC0415
+        q = load_qfile(qfile)
+        c = q.config
+        qlabel = (f"{Path(qfile).name} ({c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                  f"{q.recipe.get('method', '?')})")
+        models, pot_bits = ("qfile",), ()
     for key in models:
-        if key == "smollm2":
-            if qfile:
-                from ..io.qfile import load_qfile  # noqa: PLC0415
-                mw, label = load_qfile(qfile).weights, "SmolLM2-135M DGQ"
-            else:
-                mw, label = random_model(SMOLLM2, True), MODELS[key][1]
+        if key == "qfile":
+            mw, label, q = q.weights, qlabel, None
         else:
             mw, label = random_model(MODELS[key][0], True), MODELS[key][1]
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
@@ -295,6 +299,7 @@ def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, b
             row["attn_pct_copy_bw"] = 100 * abytes / (us * 1e-6) / bw
     del cache
     gc.collect()
+    cp.get_default_memory_pool().free_all_blocks()    # the next row's cache may be larger
     return row
 
 
