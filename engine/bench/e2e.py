@@ -346,13 +346,12 @@ def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), ste
     if json_out:
         print(json.dumps(rows[0]), flush=True)
     kernels = tuple(attn_kernels) or (attention.DECODE_KERNEL,)
-    for key in models:
-        c, label = MODELS[key]
-        if key == "smollm2" and qfile:
+    for key in ("qfile",) if qfile else models:      # a given q.safetensors alone, as run_e2e
+        if key == "qfile":
             from ..io.qfile import load_qfile  # noqa: PLC0415
-            mw, label = load_qfile(qfile).weights, "SmolLM2-135M DGQ"
+            mw, label = load_qfile(qfile).weights, Path(qfile).name
         else:
-            mw = random_model(c, True)
+            mw, label = random_model(MODELS[key][0], True), MODELS[key][1]
         longest = max(contexts) + steps + 3
         if mw.config.max_position_embeddings < longest:   # the shapes, with room for the longest context
             mw = dataclasses.replace(mw, config=dataclasses.replace(mw.config, max_position_embeddings=longest))
