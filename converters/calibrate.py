@@ -127,7 +127,7 @@ class _Stop(Exception):
 
 
 def _linear_float(w) -> np.ndarray:
-    return w.dequantize() if hasattr(w, "dequantize") else np.asarray(w, dtype=np.float32)
+    return w.dequantize() if hasattr(w, "dequantize") else w.astype(np.float32, copy=False)
 
 
 def _kv_weights(layer) -> tuple:

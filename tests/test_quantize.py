@@ -450,6 +450,9 @@ def test_device_linear_equals_the_reference(method, act):
                                calib=tiny_seqs(ck.config), progress=False, **({"wbits": 3} if method == "pot" else {}))
     x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
     x[1] = 0.0                                                        # an all-zero token
+    from engine.model.ops_ref import linear
     for n in ("q", "gate"):
         ql = getattr(w.layers[0], n)
-        np.testing.assert_array_equal(cal._DeviceLinear(ql, np)(x), PreparedLinear(ql)(x))
+        np.testing.assert_array_equal(linear(x, cal._DeviceLinear(ql, np)), PreparedLinear(ql)(x))
+    wf = ck.tensors["model.layers.0.self_attn.q_proj.weight"]                 # a float weight
+    np.testing.assert_array_equal(linear(x, cal._DeviceLinear(wf, np)), x @ wf.T)

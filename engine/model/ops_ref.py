@@ -125,7 +125,8 @@ class PreparedLinear:
 
 
 def linear(x, w):
-    """y = x · wᵀ for a float weight (N, K) or a PreparedLinear."""
-    if isinstance(w, PreparedLinear):
+    """y = x · wᵀ for a float weight (N, K), or w(x) for a prepared linear (PreparedLinear, or
+    the converter's CuPy one, converters/calibrate.py)."""
+    if callable(w):
         return w(x)
     return x @ w.T
