@@ -165,6 +165,24 @@ def test_phase2_search_equals_the_dense_grid(k, group, spread):
     np.testing.assert_allclose(f, f_ref, rtol=1e-5)
 
 
+def test_phase2_dense_search_equals_the_incremental_one():
+    """The GPU's grid search (_phase2_dense) and the CPU's (_phase2_search) on the same chunk."""
+    rng = np.random.default_rng(11)
+    k, group = 256, 64
+    W = rng.standard_normal((40, k)) * (1 + 4 * (rng.random((1, k)) < 0.1))
+    _, H = gram(rng, 3 * k, k)
+    codes, z, s_g, _ = dgq.phase1(W, dgq.h_blocks(H, group), group)
+    gi = formats.group_index(k, group)
+    w, qz = dgq.to_groups(W, group).reshape(len(W), -1), dgq.to_groups(codes - z[:, gi], group)
+    args = (w, qz, np.abs(W).max(axis=1), s_g, H.astype(np.float32), dgq.PHASE2_RATIOS)
+    r1, f1 = dgq._phase2_search(*args)
+    r2, f2 = dgq._phase2_dense(*args)
+    np.testing.assert_allclose(f2, f1, rtol=1e-5)
+    tie = np.isclose(_phase2_dense_at(W, H, codes, z, s_g, group, r1),
+                     _phase2_dense_at(W, H, codes, z, s_g, group, r2), rtol=1e-5)
+    assert np.all((r1 == r2) | tie)
+
+
 def _phase2_dense_at(W, H, codes, z, s_g, group, r):
     s8, S, qc = dgq.phase2_params(np.abs(W).max(axis=1), s_g, z, codes, r, group)
     return dgq.row_objective(W, s8[:, None] * dgq.dg_int8(qc, z, S, group), H)
