@@ -9,7 +9,8 @@
   DGQ_PERF_MODEL=PATH  the performance model file to use instead of the shipped one (gpu/perfmodel.py)
   DGQ_ATTN_DECODE=     gqa | heads: the decode attention kernel (gpu/attention.py): attn_decode_gqa (a
                        block per kv head group and sequence chunk, K/V loaded once per kv head, tensor
-                       cores), or attn_decode (a block per query head and 64 keys); default gqa
+                       cores; new, not yet run on a GPU), or attn_decode (a block per query head and
+                       64 keys; measured and tested on the H100/H200); default heads
 
 DGQ_DEBUG=1 (tracebacks instead of one-line errors) belongs to the CLI and is read there.
 """
@@ -23,4 +24,4 @@ WGMMA = not os.environ.get("DGQ_NO_WGMMA")
 KERNEL_CHOICE = os.environ.get("DGQ_KERNEL_CHOICE", "").strip().lower()
 OBJECTIVE = os.environ.get("DGQ_OBJECTIVE", "time").strip().lower() or "time"
 PERF_MODEL = os.environ.get("DGQ_PERF_MODEL", "")
-ATTN_DECODE = os.environ.get("DGQ_ATTN_DECODE", "gqa").strip().lower() or "gqa"
+ATTN_DECODE = os.environ.get("DGQ_ATTN_DECODE", "heads").strip().lower() or "heads"
