@@ -17,12 +17,13 @@ Choices the paper leaves open (documented in docs/FORMAT.md as well):
   paper does; it does not re-round them at the effective scale S·s8.
 - Both grids also contain r = 1 exactly (the RTN start), and the final choice per
   row is whichever of {searched, RTN start (r=1, r=1)} has the lower full-row
-  objective in float64 — so the search is never worse than RTN on the objective.
+  objective (the float64 difference W − Ŵ times H in float32 products, ~1e-6 relative) — so
+  the search is never worse than RTN on the objective.
 - Both grids are evaluated with float32 products (2× faster BLAS; every product is of
   the size of the error, so the objectives agree with float64 to ~1e-6 relative); phase 2
   never forms one K x K product per ratio (_phase2_search: about 3 + the number of clamp
   levels a group passes, ~6 for Gaussian rows, instead of 81); on a GPU the direct 81
-  products are faster (_phase2_dense). The final RTN comparison is in float64.
+  products are faster (_phase2_dense).
 """
 from __future__ import annotations
 
@@ -458,7 +459,7 @@ def dgq_linear(W, H=None, group: int = formats.DEFAULT_GROUP, act: str = "static
 
     search=False (or H None) gives the RTN start: phase 1 and phase 2 at r = 1.
     With the search, each row ends at whichever of {searched, RTN start} has the
-    lower float64 objective d H dᵀ, so it is never worse than RTN. `meta` records
+    lower objective d H dᵀ, so it is never worse than RTN. `meta` records
     the summed objectives (obj_rtn, obj) and how many rows kept the RTN start.
 
     compensate=True (needs H) adds a GPTQ-rounded candidate (converters/gptq.py, damping
@@ -496,12 +497,14 @@ def dgq_linear(W, H=None, group: int = formats.DEFAULT_GROUP, act: str = "static
             raise QuantizeError(str(e)) from None
         ratios = PHASE1_RATIOS if search else np.array([1.0])
         cands.append(_compensated(W, H, U, group, compensate_mode, cands[-1], ratios))
-    # Final choice per row in float64, with s8 rounded to the float32 that is stored.
+    # Final choice per row, with s8 rounded to the float32 that is stored: d = W − Ŵ in float64,
+    # its products with H in float32 (half the time of float64; the objectives agree to ~1e-6).
+    H32 = H.astype(xp.float32)
     errs = xp.empty((len(cands), n))
     for a, b in _row_chunks(n, k, xp):
         for i, (q, z, S, s8) in enumerate(cands):
             w_hat = s8[a:b].astype(xp.float32).astype(xp.float64)[:, None] * dg_int8(q[a:b], z[a:b], S[a:b], group)
-            errs[i, a:b] = row_objective(W[a:b], w_hat, H)
+            errs[i, a:b] = row_objective(W[a:b], w_hat, H32, dtype=xp.float32)
     if len(cands) == 2 and not compensate:
         keep = errs[1] <= errs[0]                                        # (N,) searched rows
         pick = lambda x1, x0: xp.where(keep.reshape((-1,) + (1,) * (x1.ndim - 1)), x1, x0)  # noqa: E731

@@ -103,10 +103,10 @@ def test_dgq_compensated_is_a_valid_dg_layer_with_lower_output_error(mode, searc
     formats.validate(ql)
     formats.check_no_overflow(ql)
     e_c, e_p = dgq.layer_objective(ql, W, H), dgq.layer_objective(plain, W, H)
-    assert np.all(e_c <= e_p * (1 + 1e-9))                           # per row: never worse
+    assert np.all(e_c <= e_p * (1 + 1e-6))        # per row: never worse (to float32 products)
     assert e_c.sum() < 0.85 * e_p.sum()
     np.testing.assert_allclose(out_err(X, W, dgq.dequantize_f64(ql)), e_c.sum(), rtol=1e-8)
-    np.testing.assert_allclose(ql.meta["obj"], e_c.sum(), rtol=1e-9)
+    np.testing.assert_allclose(ql.meta["obj"], e_c.sum(), rtol=1e-6)
     assert ql.meta["compensate"] == mode and ql.meta["rows_compensated"] > 0
 
 

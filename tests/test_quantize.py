@@ -212,9 +212,9 @@ def test_dgq_search_never_worse_than_rtn_on_every_layer_of_a_tiny_model():
             q_search = dgq.dgq_linear(W, H, 16, "dynamic")
             q_rtn = dgq.dgq_linear(W, H, 16, "dynamic", search=False)
             e_s, e_r = dgq.layer_objective(q_search, W, H), dgq.layer_objective(q_rtn, W, H)
-            assert np.all(e_s <= e_r * (1 + 1e-12)), (li, n)
+            assert np.all(e_s <= e_r * (1 + 1e-6)), (li, n)        # the choice uses float32 products
             n_better += e_s.sum() < e_r.sum()
-            np.testing.assert_allclose(q_search.meta["obj"], e_s.sum(), rtol=1e-9)
+            np.testing.assert_allclose(q_search.meta["obj"], e_s.sum(), rtol=1e-6)
     assert n_better >= 10                                     # the search actually helps
 
 
