@@ -268,6 +268,15 @@ def phase2(W, H: np.ndarray | None, codes, z, s_g, group: int, ratios=PHASE2_RAT
     return s8, S, qc, r_out, e_out
 
 
+def _grid(amax, s_g, ratios):
+    """(r, s8 (n,), S (n, G)) at each ratio of the phase-2 grid, as phase2_params computes them."""
+    xp = xp_of(s_g)
+    amax = xp.where(amax > 0, amax, float(QMAX_I8))                      # all-zero row: any s8
+    for r in ratios:
+        s8 = r * amax / QMAX_I8                                           # (n,)
+        yield r, s8, xp.clip(xp.rint(s_g / s8[:, None]), S_MIN, S_MAX)   # (n, G)
+
+
 def _phase2_search(w, qz, amax, s_g, Hp, ratios):
     """The phase-2 grid search of one chunk of rows, exact without one K x K product per ratio.
 
@@ -306,12 +315,9 @@ def _phase2_search(w, qz, amax, s_g, Hp, ratios):
     level = top.copy()                                                    # no clamp yet
     e = xp.zeros((n, G, g), dtype=f32)
     vg = v.reshape(n, G, g)
-    amax = xp.where(amax > 0, amax, float(QMAX_I8))
     best = xp.full(n, xp.inf)
     r_best = xp.ones(n)
-    for r in ratios:
-        s8 = r * amax / QMAX_I8                                           # (n,), as phase2_params
-        S = xp.clip(xp.rint(s_g / s8[:, None]), S_MIN, S_MAX)             # (n, G)
+    for r, s8, S in _grid(amax, s_g, ratios):
         new_level = xp.minimum(xp.floor(QMAX_I8 / S), top)
         changed = new_level != level
         if changed.any():
@@ -344,12 +350,9 @@ def _phase2_dense(w, qz, amax, s_g, Hp, ratios):
     n, G, g = qz.shape
     f32 = xp.float32
     w32, qz32 = w.astype(f32), qz.astype(f32)
-    amax = xp.where(amax > 0, amax, float(QMAX_I8))
     best = xp.full(n, xp.inf)
     r_best = xp.ones(n)
-    for r in ratios:
-        s8 = r * amax / QMAX_I8                                           # (n,), as phase2_params
-        S = xp.clip(xp.rint(s_g / s8[:, None]), S_MIN, S_MAX)             # (n, G)
+    for r, s8, S in _grid(amax, s_g, ratios):
         m = xp.floor(QMAX_I8 / S).astype(f32)[..., None]                  # (n, G, 1)
         w8 = xp.minimum(xp.maximum(qz32, -m), m) * S.astype(f32)[..., None]   # (n, G, g)
         d = w32 - s8.astype(f32)[:, None] * w8.reshape(n, G * g)          # (n, Kp)

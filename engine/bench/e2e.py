@@ -192,14 +192,19 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
     return rows
 
 
-def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b"), pot_bits=(4, 3, 2)):
+def _device():
+    """(cupy, copy bandwidth in bytes/s read + written, [the device row]) or SystemExit without a GPU."""
     from ..gpu.backend import cupy_or_none  # noqa: PLC0415
     cp = cupy_or_none()
     if cp is None:
         raise SystemExit("engine.bench e2e needs a GPU (CuPy + CUDA device)")
-    bw = copy_bandwidth() * 1e9                        # bytes/s, read + written
-    rows = [dict(phase="device", name=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-                 copy_bw_gbs=bw / 1e9)]
+    bw = copy_bandwidth() * 1e9
+    return cp, bw, [dict(phase="device", name=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+                         copy_bw_gbs=bw / 1e9)]
+
+
+def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b"), pot_bits=(4, 3, 2)):
+    cp, bw, rows = _device()
     if qfile:                                          # that file alone, whatever its shape
         from ..io.qfile import load_qfile  # noqa: PLC0415
         q = load_qfile(qfile)
@@ -335,14 +340,8 @@ def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), ste
     """The context table (module docstring): every model × decode attention kernel × context ×
     KV type × batch; rows whose cache does not fit the free memory say so."""
     from ..gpu import attention  # noqa: PLC0415
-    from ..gpu.backend import cupy_or_none  # noqa: PLC0415
     from ..gpu.model import CudaModel  # noqa: PLC0415
-    cp = cupy_or_none()
-    if cp is None:
-        raise SystemExit("engine.bench e2e needs a GPU (CuPy + CUDA device)")
-    bw = copy_bandwidth() * 1e9                        # bytes/s, read + written
-    rows = [dict(phase="device", name=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-                 copy_bw_gbs=bw / 1e9)]
+    cp, bw, rows = _device()
     if json_out:
         print(json.dumps(rows[0]), flush=True)
     kernels = tuple(attn_kernels) or (attention.DECODE_KERNEL,)
