@@ -73,9 +73,18 @@ class FakeCache:
         self.lens_host[dst] = n
 
 
+def fake_sample(logits, seq, pos, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    """cuda/sample.cu's contract on the host: argmax, or a draw fixed by (seed, seq, pos)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    noise = np.random.default_rng([seed, seq, pos]).gumbel(size=logits.shape[-1])
+    return int(np.argmax(np.asarray(logits, np.float64) / temperature + noise))
+
+
 class FakeGpuModel:
-    """CudaModel's batching interface (new_cache with batch, prefill into a slot, sample_logits)
-    over the NumPy model; greedy only. `decode` below stands in for gpu/decode.py decode()."""
+    """CudaModel's batching interface (new_cache with batch, prefill into a slot, sample_logits,
+    decode) over the NumPy model; sampling by fake_sample. `fake_decode` below stands in for
+    gpu/decode.py decode()."""
 
     def __init__(self, model):
         self.m, self.config = model, model.config
@@ -95,15 +104,22 @@ class FakeGpuModel:
         return self._run(tokens, cache, seq)
 
     def sample_logits(self, logits, seq, pos, temperature=0.0, top_k=0, top_p=1.0, seed=0):
-        assert temperature == 0
-        return int(np.argmax(logits[0]))
+        return fake_sample(logits[0], seq, pos, temperature, top_k, top_p, seed)
+
+    def decode(self, cache, last, n_steps, temperature=0.0, top_k=0, top_p=1.0, seed=0, use_graph=True,
+               on_step=None):
+        """CudaModel.decode (generate() runs it: one sequence, stream 0)."""
+        return fake_decode(self, cache, last, n_steps, temperature, top_k, top_p, seed, use_graph, on_step)
 
 
 def fake_decode(model, cache, last, n_steps, temperature=0.0, top_k=0, top_p=1.0, seed=0, use_graph=True,
-                on_step=None):
-    """decode()'s contract: n_steps for every row of the (view) cache, lens advanced at the end."""
+                on_step=None, seq=None):
+    """decode()'s contract: n_steps for every row of the (view) cache, lens advanced at the end;
+    row b draws from stream seq[b] (default b) at the position of the token it feeds."""
     assert int(cache.lens_host.max()) + n_steps <= cache.capacity
     model.buckets.append(cache.batch)
+    seq = np.arange(cache.batch) if seq is None else np.asarray(seq)
+    assert seq.shape == (cache.batch,)
     lens = cache.lens_host.copy()
     toks = np.asarray(last).copy()
     done = 0
@@ -111,7 +127,8 @@ def fake_decode(model, cache, last, n_steps, temperature=0.0, top_k=0, top_p=1.0
         for b in range(cache.batch):
             kv = cache.slots[b]
             kv.length = int(lens[b])
-            toks[b] = int(np.argmax(model.m.forward(np.array([toks[b]]), kv, last_only=True)[0]))
+            logits = model.m.forward(np.array([toks[b]]), kv, last_only=True)[0]
+            toks[b] = fake_sample(logits, int(seq[b]), int(lens[b]), temperature, top_k, top_p, seed)
             lens[b] += 1
         done += 1
         if on_step is not None and on_step(toks.copy()):
@@ -187,3 +204,33 @@ def test_slot_batch_groups_by_sampling_setting(lm, monkeypatch):
 def test_bucket_sizes():
     assert [decoding.bucket(n, 64) for n in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 64, 64]
     assert decoding.bucket(5, 6) == 6 and decoding.bucket(300, 300) == 300
+
+
+SAMPLED = dict(temperature=1.5, seed=7)
+
+
+def test_slot_batch_streams_follow_the_request(lm, monkeypatch):
+    """A sampled request draws from (seed, its stream, position), not from its slot: with
+    stream 0 it equals generate() alone wherever it runs, among others and through the moves
+    that fill a leaver's slot; two streams of one prompt and seed draw differently."""
+    monkeypatch.setattr(decoding, "decode", fake_decode)
+    fake = FakeGpuModel(lm.model)
+    prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS]
+    budgets = [2, 12, 5, 16, 9]
+    batch = decoding.SlotBatch(fake, slots=3, capacity=64, chunk=3)
+    reqs = [SeqRequest(p, n, **SAMPLED) for p, n in zip(prompts, budgets)]
+    for r in reqs:
+        batch.submit(r, stream=0)
+    twin = SeqRequest(prompts[3], 16, **SAMPLED)
+    batch.submit(twin, stream=12345)
+    while not batch.idle():
+        batch.step()
+    for r, p, n in zip(reqs, prompts, budgets):
+        assert r.tokens == generate(fake, p, n, **SAMPLED)[0], (p, n)
+    assert twin.tokens != reqs[3].tokens
+    plain = decoding.SlotBatch(fake, slots=2, capacity=64)   # no stream given: one per submission
+    a, b = SeqRequest(prompts[3], 16, **SAMPLED), SeqRequest(prompts[3], 16, **SAMPLED)
+    run_batch(plain, [a, b])
+    assert a.tokens == reqs[3].tokens and b.tokens != a.tokens
+    with pytest.raises(GenerationError, match="stream"):
+        plain.submit(SeqRequest(prompts[0], 4), stream=-1)

@@ -83,3 +83,20 @@ def test_slot_batch_many_slots_past_the_fp16_gemv(lm):
     run_batch(decoding.SlotBatch(lm.model, slots=16, capacity=48), reqs)
     for r, p in zip(reqs, prompts):
         assert r.tokens == generate(lm.model, p, 10, stop=set(stops))[0]
+
+
+def test_seeded_request_draws_as_generate_alone_in_any_slot(lm):
+    """Sampling follows the request's stream, not its slot: seeded requests with stream 0 (as
+    the server submits them) in slots 0..2, one leaving early so another moves, each equal
+    generate() of its prompt alone with that seed."""
+    prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS[:4]]
+    budgets = [3, 14, 10, 12]
+    kw = dict(temperature=0.9, top_p=0.95, seed=5)
+    batch = decoding.SlotBatch(lm.model, slots=3, capacity=64, chunk=4)
+    reqs = [SeqRequest(p, n, **kw) for p, n in zip(prompts, budgets)]
+    for r in reqs:
+        batch.submit(r, stream=0)
+    while not batch.idle():
+        batch.step()
+    for r, p, n in zip(reqs, prompts, budgets):
+        assert r.tokens == generate(lm.model, p, n, **kw)[0], (p, n)

@@ -358,3 +358,46 @@ def test_bench_serve_runs_on_the_cpu():
     assert row["failed"] == 0 and row["requests"] == 6 and row["mean_answer_tokens"] == 8
     assert row["out_tok_s"] > 0 and row["ttft_ms_p50"] > 0
     assert "output tokens/s" in format_row(row)
+
+
+# ----------------------------------------------------------------------------- the GPU worker on a stand-in
+
+def fake_gpu_worker(lm, monkeypatch, **kw):
+    """A Worker driving SlotBatch over the NumPy stand-in of tests/test_generate_batch.py (no
+    thread, no loop: the test takes and steps)."""
+    from types import SimpleNamespace
+
+    from engine.gpu import decode as decoding
+    from engine.serve.worker import Worker
+    from test_generate_batch import FakeGpuModel, fake_decode
+    monkeypatch.setattr(decoding, "decode", fake_decode)
+    fake = FakeGpuModel(lm.model)
+    w = Worker(SimpleNamespace(model=fake, config=lm.config), warm_up=False, **kw)
+    w.loop = SimpleNamespace(call_soon_threadsafe=lambda *a: None)
+    assert w.on_gpu
+    return w, fake
+
+
+def run_jobs(w, jobs):
+    for j in jobs:
+        w.submit(j)
+    assert w._take(block=False)
+    while not w.batch.idle():
+        w.batch.step()
+
+
+def test_gpu_worker_samples_per_request_not_per_slot(lm, monkeypatch):
+    """Unseeded requests share the server's seed but not its random stream: the same prompt
+    alone twice gets two draws. A seeded one draws what generate() draws for its seed, in
+    whatever slot it runs."""
+    from engine.model.generate import generate
+    w, fake = fake_gpu_worker(lm, monkeypatch, max_batch=3, context=64)
+    ids = lm.tokenizer.encode("the cat").ids
+    alone = [w.new_job(ids, 16, 1.5, 0, 1.0, None, ()) for _ in range(2)]
+    for j in alone:
+        run_jobs(w, [j])                 # each alone, in slot 0
+    assert alone[0].req.tokens != alone[1].req.tokens
+    ahead = w.new_job(lm.tokenizer.encode("one two three").ids, 3, 1.5, 0, 1.0, 7, ())
+    seeded = w.new_job(ids, 16, 1.5, 0, 1.0, 7, ())
+    run_jobs(w, [ahead, seeded])         # slot 1, then slot 0 once `ahead` leaves
+    assert seeded.req.tokens == generate(fake, ids, 16, temperature=1.5, seed=7)[0]

@@ -41,7 +41,7 @@ class DecodeState:
     tok: object          # (B,) int32: the token each sequence feeds, then the sampled one
     pos: object          # (B,) int32: its position (the sampler's Philox counter)
     lens: object         # (B,) int32: lengths including it; attn_decode reads, sample_rows advances
-    seq: object          # (B,) int32: 0..B-1
+    seq: object          # (B,) int32: row b's random stream (0..B-1 unless decode() is given seq)
     params: object       # uint32[5] sampling settings (ops_cuda.sample_params), read at every replay
     ml: object           # (B·Hq·nsplit·2,) float32: attn_decode's split maxima and sums
     acc: object          # (B·Hq·nsplit·D,) float32: its split outputs
@@ -94,8 +94,10 @@ def tail(model, cache: GpuKVCache, st: DecodeState):
 
 
 def decode(model, cache: GpuKVCache, last_tokens, n_steps: int, temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0, seed: int = 0, use_graph: bool = True, on_step=None):
-    """CudaModel.decode: n_steps sampled tokens for every sequence of the cache (see there)."""
+           top_p: float = 1.0, seed: int = 0, use_graph: bool = True, on_step=None, seq=None):
+    """CudaModel.decode: n_steps sampled tokens for every sequence of the cache (see there).
+    seq: (B,) the random stream of each row (the Philox counter's second word; default 0..B-1):
+    SlotBatch gives each request its own, whatever slot it sits in."""
     cp = model.cp
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 0:
         raise ModelError(f"n_steps must be an integer >= 0, got {n_steps!r}")
@@ -109,6 +111,9 @@ def decode(model, cache: GpuKVCache, last_tokens, n_steps: int, temperature: flo
     if cache.step is None:
         cache.step = new_state(model, cache)
     st = cache.step
+    streams = np.arange(cache.batch) if seq is None else np.asarray(seq)
+    if streams.shape != (cache.batch,) or streams.min() < 0 or streams.max() >= 2**31:
+        raise ModelError(f"need one stream id in [0, 2^31) per sequence ({cache.batch}), got {seq!r}")
     # graphs need every call capturable (see CudaModel.graphable): the step up to the final norm,
     # and the lm_head with sampling when our GEMV runs it; else cuBLAS runs it after each replay
     body, with_tail = model.graphable(cache.batch)
@@ -119,6 +124,7 @@ def decode(model, cache: GpuKVCache, last_tokens, n_steps: int, temperature: flo
     st.pos.set(lens)
     st.lens.set(lens + 1)
     st.params.set(st_params)
+    st.seq.set(streams.astype(np.int32))   # the graph reads it at each replay
     cp.cuda.Device().synchronize()       # prefill and the resets ran on the default stream
     stream = st.stream
     done = 0
@@ -193,6 +199,10 @@ class SlotBatch:
     a dummy token at position 0, which no sequence reads. The decode step samples every row
     with one setting, so a request joins only a batch with its SeqRequest.sampling_key
     (greedy requests always share); one with another key waits until the batch drains.
+    Each request draws from its own random stream (submit's `stream`: the Philox counter's
+    sequence word, kept with the request through moves), so what it samples depends on its
+    seed and stream, not on its slot or on who else runs: a request with stream 0 draws what
+    generate() draws for its seed alone.
     Requests are engine.model.generate.SeqRequest; SerialBatch is the CPU counterpart.
     after_step() (if given) runs after each decode step and after admissions. A round admits
     prompts of up to prefill_budget tokens together (at least one), so a crowd arriving at once
@@ -213,18 +223,28 @@ class SlotBatch:
         self.views: dict[int, GpuKVCache] = {}
         self.active: list = []          # active[i] decodes in slot i
         self.last: list[int] = []       # the token each feeds next
+        self.streams: list[int] = []    # the random stream each draws from
         self.waiting: deque = deque()
+        self._stream_of: dict[int, int] = {}   # id(waiting request) -> its stream
+        self._submitted = 0
 
-    def submit(self, req) -> None:
+    def submit(self, req, stream: int | None = None) -> None:
         """Queue a request (GenerationError when it cannot run here); its budget is cut to
-        what its slot holds, as generate() cuts it to the context."""
+        what its slot holds, as generate() cuts it to the context. stream: its random stream
+        in [0, 2^31) (default: the number of requests submitted before it, so the sequences
+        of one LoadedModel.generate call draw differently and reproducibly)."""
         from ..model.generate import GenerationError, check_request  # noqa: PLC0415
         check_request(req, self.capacity)
+        stream = self._submitted % 2**31 if stream is None else stream
+        if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or not 0 <= stream < 2**31:
+            raise GenerationError(f"stream must be an integer in [0, 2^31), got {stream!r}")
         if bool(req.kv8) != self.kv8:
             raise GenerationError(f"this batch's KV cache is {'INT8' if self.kv8 else 'fp16'}; "
                                   f"the request asks for kv8={req.kv8}")
         req.max_new_tokens = min(int(req.max_new_tokens), self.capacity - len(req.prompt_ids))
         self.waiting.append(req)
+        self._stream_of[id(req)] = int(stream)
+        self._submitted += 1
 
     def idle(self) -> bool:
         return not self.active and not self.waiting
@@ -235,7 +255,8 @@ class SlotBatch:
             if req.finish_reason is None:
                 req.finish_reason, req.error = "error", error
         self.waiting.clear()
-        self.active, self.last = [], []
+        self._stream_of.clear()
+        self.active, self.last, self.streams = [], [], []
         self.cache.lens_host[:] = 0
 
     def step(self) -> None:
@@ -290,6 +311,7 @@ class SlotBatch:
                 break
             spent += n
             req = self.waiting.popleft()
+            stream = self._stream_of.pop(id(req), 0)
             if req.cancelled:
                 req.finish_reason = "cancelled"
                 continue
@@ -297,13 +319,14 @@ class SlotBatch:
             self.cache.lens_host[slot] = 0
             try:
                 logits = self.model.prefill(np.asarray(req.prompt_ids), self.cache, seq=slot)   # (1, V)
-                first = self.model.sample_logits(logits, slot, len(req.prompt_ids) - 1, **req.sampling)
+                first = self.model.sample_logits(logits, stream, len(req.prompt_ids) - 1, **req.sampling)
             except ValueError as e:              # ModelError (non-finite logits), CudaOpError
                 self.cache.lens_host[slot] = 0
                 req.finish_reason, req.error = "error", " ".join(str(e).split())
                 continue
             self.active.append(req)
             self.last.append(first)
+            self.streams.append(stream)
             self._deliver(req, first)
             admitted = True
         if admitted and self.after_step is not None:
@@ -319,6 +342,8 @@ class SlotBatch:
         lens[n:nb] = 0                                   # idle rows: a dummy token at position 0
         last = np.zeros(nb, np.int64)
         last[:n] = self.last
+        seq = np.zeros(nb, np.int64)                     # idle rows draw from stream 0, unread
+        seq[:n] = self.streams
         steps = min(self.chunk, self.capacity - int(lens[:nb].max()))
         active = self.active
 
@@ -335,7 +360,8 @@ class SlotBatch:
             return ended or self._admissible()
 
         try:
-            decode(self.model, view, last, steps, use_graph=True, on_step=on_step, **active[0].sampling)
+            decode(self.model, view, last, steps, use_graph=True, on_step=on_step, seq=seq,
+                   **active[0].sampling)
         except ValueError as e:                  # non-finite logits: every running sequence fails
             for req in active:
                 if req.finish_reason is None:
@@ -356,3 +382,4 @@ class SlotBatch:
         self.cache.lens_host[len(keep):len(self.active)] = 0
         self.active = [self.active[i] for i in keep]
         self.last = [self.last[i] for i in keep]
+        self.streams = [self.streams[i] for i in keep]

@@ -26,8 +26,9 @@ _STOP = object()
 class Job:
     """One request between the loop and the model thread."""
 
-    def __init__(self, req: SeqRequest, worker):
+    def __init__(self, req: SeqRequest, worker, stream: int = 0):
         self.req, self.worker = req, worker
+        self.stream = stream           # its random stream on the GPU (SlotBatch.submit)
         self.events: asyncio.Queue = asyncio.Queue()
         self.new: list[int] = []       # tokens produced since the last hand-over (model thread)
         self.submitted = time.perf_counter()
@@ -84,15 +85,18 @@ class Worker:
 
     def new_job(self, ids, max_tokens: int, temperature: float, top_k: int, top_p: float, seed, stop_ids) -> Job:
         """A Job for prompt ids (GenerationError when it cannot run; the caller answers 400)."""
-        if seed is None:   # the GPU batches rows of one seed together: unseeded requests share one
-            seed = self.default_seed if self.on_gpu else int(np.random.default_rng().integers(2**62))
+        stream = 0         # seeded: the stream generate() draws from, so a seed replays alone
+        if seed is None:   # the GPU batches rows of one seed together: unseeded requests share one,
+            rng = np.random.default_rng()            # each with a random stream of its own
+            seed = self.default_seed if self.on_gpu else int(rng.integers(2**62))
+            stream = int(rng.integers(1, 2**31))
         n = len(ids)
         if n >= self.context:
             raise GenerationError(f"the prompt is {n} tokens; this server's context is {self.context}")
         req = SeqRequest(list(ids), min(max_tokens, self.context - n), temperature, top_k, top_p, seed,
                          frozenset(stop_ids), kv8=self.kv8)
         check_request(req, self.context)
-        job = Job(req, self)
+        job = Job(req, self, stream)
         req.on_token = lambda tok, job=job: self._on_token(job, tok)
         return job
 
@@ -136,7 +140,10 @@ class Worker:
             if job is _STOP:
                 return False
             try:
-                self.batch.submit(job.req)
+                if self.on_gpu:
+                    self.batch.submit(job.req, job.stream)
+                else:
+                    self.batch.submit(job.req)
                 self.live.add(job)
             except (GenerationError, ValueError) as e:
                 job.req.finish_reason, job.req.error = "error", " ".join(str(e).split())
