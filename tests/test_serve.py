@@ -401,3 +401,28 @@ def test_gpu_worker_samples_per_request_not_per_slot(lm, monkeypatch):
     seeded = w.new_job(ids, 16, 1.5, 0, 1.0, 7, ())
     run_jobs(w, [ahead, seeded])         # slot 1, then slot 0 once `ahead` leaves
     assert seeded.req.tokens == generate(fake, ids, 16, temperature=1.5, seed=7)[0]
+
+
+def test_gpu_worker_arrival_ends_the_decode_chunk(lm, monkeypatch):
+    """A request arriving while a slot is free ends the running chunk (of 32 steps) at the next
+    step, so it waits one decode step for its prefill, not a chunk."""
+    from engine.model.generate import generate
+    w, fake = fake_gpu_worker(lm, monkeypatch, max_batch=2, context=96, chunk=32)
+    a_ids, b_ids = lm.tokenizer.encode("the cat").ids, lm.tokenizer.encode("one two").ids
+    a, b = w.new_job(a_ids, 40, 0.0, 0, 1.0, None, ()), w.new_job(b_ids, 8, 0.0, 0, 1.0, None, ())
+    w.submit(a)
+    assert w._take(block=False)
+    hand_over, steps = w.batch.after_step, []
+
+    def arrive():                        # b arrives during a's second decode step
+        steps.append(1)
+        if len(steps) == 3:
+            w.submit(b)
+        hand_over()
+    w.batch.after_step = arrive
+    w.batch.step()
+    assert len(a.req.tokens) <= 4, len(a.req.tokens)
+    assert w._take(block=False) and w.incoming.empty()
+    while not w.batch.idle():
+        w.batch.step()
+    assert a.req.tokens == generate(fake, a_ids, 40)[0] and b.req.tokens == generate(fake, b_ids, 8)[0]

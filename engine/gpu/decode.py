@@ -207,10 +207,12 @@ class SlotBatch:
     after_step() (if given) runs after each decode step and after admissions. A round admits
     prompts of up to prefill_budget tokens together (at least one), so a crowd arriving at once
     joins over a few steps instead of stalling the running sequences for every prefill.
+    pending() (if given) says whether requests not yet submitted are queued (the server's
+    incoming queue): with a slot free, the chunk ends for them too.
     """
 
     def __init__(self, model, slots: int, capacity: int, kv8: bool = False, chunk: int = 32, after_step=None,
-                 prefill_budget: int = 2048):
+                 prefill_budget: int = 2048, pending=None):
         from ..model.generate import GenerationError  # noqa: PLC0415
         if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
             raise GenerationError(f"the batch needs at least one sequence slot, got {slots!r}")
@@ -220,6 +222,7 @@ class SlotBatch:
         self.chunk = max(1, int(chunk))
         self.prefill_budget = int(prefill_budget)
         self.after_step = after_step
+        self.pending = pending
         self.views: dict[int, GpuKVCache] = {}
         self.active: list = []          # active[i] decodes in slot i
         self.last: list[int] = []       # the token each feeds next
@@ -357,7 +360,8 @@ class SlotBatch:
                 ended = ended or req.finish_reason is not None
             if self.after_step is not None:
                 self.after_step()
-            return ended or self._admissible()
+            return ended or self._admissible() or (
+                self.pending is not None and len(active) < self.slots and self.pending())
 
         try:
             decode(self.model, view, last, steps, use_graph=True, on_step=on_step, seq=seq,

@@ -51,7 +51,7 @@ class Worker:
         if self.on_gpu:
             from ..gpu.decode import SlotBatch  # noqa: PLC0415
             self.batch = SlotBatch(lm.model, max_batch, self.context, kv8=kv8, chunk=chunk,
-                                   after_step=self._hand_over)
+                                   after_step=self._hand_over, pending=lambda: not self.incoming.empty())
             self.slots = max_batch
             if warm_up:
                 self.batch.warm_up()
