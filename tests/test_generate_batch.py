@@ -234,3 +234,65 @@ def test_slot_batch_streams_follow_the_request(lm, monkeypatch):
     assert a.tokens == reqs[3].tokens and b.tokens != a.tokens
     with pytest.raises(GenerationError, match="stream"):
         plain.submit(SeqRequest(prompts[0], 4), stream=-1)
+
+
+def test_slot_batch_fills_holes_with_the_last_sequence(lm, monkeypatch):
+    """Three of five leave at once: one move (the last running sequence into the first hole),
+    not a shift of every later one; every sequence still equals generate() alone."""
+    monkeypatch.setattr(decoding, "decode", fake_decode)
+    fake = FakeGpuModel(lm.model)
+    batch = decoding.SlotBatch(fake, slots=5, capacity=64, chunk=2)
+    moves, move = [], batch.cache.move
+    batch.cache.move = lambda src, dst: (moves.append((src, dst)), move(src, dst))
+    prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS]
+    budgets = [3, 20, 3, 16, 3]
+    reqs = [SeqRequest(p, n) for p, n in zip(prompts, budgets)]
+    for r in reqs:
+        batch.submit(r)
+    batch.step()                          # 1 + 2 tokens each: reqs 0, 2, 4 end
+    assert moves == [(3, 0)] and batch.active == [reqs[3], reqs[1]]
+    assert list(batch.cache.lens_host) == [len(prompts[3]) + 2, len(prompts[1]) + 2, 0, 0, 0]
+    while not batch.idle():
+        batch.step()
+    for r, p, n in zip(reqs, prompts, budgets):
+        assert r.tokens == generate(fake, p, n)[0], (p, n)
+
+
+def test_gpu_cache_move_copies_layer_by_layer():
+    """GpuKVCache.move (NumPy standing in for CuPy) copies K, V and kv8's scales of one sequence
+    into another slot, one layer per assignment: a copy spanning the layers overlaps in bounds,
+    and CuPy would stage it through a temporary of the sequence's whole KV."""
+    from types import SimpleNamespace
+
+    from engine.gpu.cache import GpuKVCache
+    from tiny_model import make_tiny_config
+
+    class Recording(np.ndarray):
+        keys = []
+
+        def __setitem__(self, key, value):
+            Recording.keys.append(key)
+            super().__setitem__(key, value)
+
+    def made(fill):
+        return lambda shape, dtype: fill(shape, dtype=dtype).view(Recording)
+    cp = SimpleNamespace(int8=np.int8, float16=np.float16, float32=np.float32, zeros=made(np.zeros),
+                         ones=made(np.ones))
+    cfg = make_tiny_config()
+    for kv8 in (False, True):
+        c = GpuKVCache(cp, cfg, capacity=12, batch=4, kv8=kv8)
+        rng = np.random.default_rng(0)
+        arrays = (c.k, c.v) + ((c.ks, c.vs) if kv8 else ())
+        for a in arrays:
+            np.ndarray.__setitem__(a, ..., rng.integers(-100, 100, a.shape))
+        before = [np.array(a) for a in arrays]
+        c.lens_host[:] = [4, 3, 7, 0]
+        Recording.keys.clear()
+        c.move(2, 0)
+        assert Recording.keys and all(isinstance(k[0], int) for k in Recording.keys), Recording.keys
+        assert len(Recording.keys) == len(arrays) * cfg.num_hidden_layers
+        for a, b in zip(arrays, before):
+            want = b.copy()
+            want[:, 0, :7] = b[:, 2, :7]
+            assert np.array_equal(np.asarray(a), want)
+        assert list(c.lens_host) == [7, 3, 7, 0]

@@ -56,11 +56,15 @@ class GpuKVCache:
 
     def move(self, src: int, dst: int) -> None:
         """Sequence src's cached positions (and length) into slot dst (SlotBatch compacts the
-        running sequences into the first slots when one leaves)."""
+        running sequences into the first slots when one leaves). One layer at a time: each
+        copy is then between two disjoint contiguous blocks and runs in place, where a copy
+        spanning the layers has overlapping bounds and goes through a temporary the size of
+        the sequence's whole KV."""
         n = int(self.lens_host[src])
-        if n:
+        if n and src != dst:
             for a in (self.k, self.v) + ((self.ks, self.vs) if self.kv8 else ()):
-                a[:, dst, :n] = a[:, src, :n]
+                for layer in range(a.shape[0]):
+                    a[layer, dst, :n] = a[layer, src, :n]
         self.lens_host[dst] = n
 
 

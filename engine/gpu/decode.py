@@ -193,8 +193,8 @@ class SlotBatch:
     sampled by the decode step's kernel), decodes up to `chunk` steps of every running
     sequence, and retires the ended ones. The chunk ends early when a sequence ends or a
     waiting one could join, so requests join and leave between decode steps. Running
-    sequences sit in slots 0..n-1 (a leaving one's slot is filled by moving the later ones
-    down, GpuKVCache.move), so a step runs the smallest captured bucket ≥ n rows
+    sequences sit in slots 0..n-1 (a leaving one's slot is filled by moving the last running
+    one there, GpuKVCache.move), so a step runs the smallest captured bucket ≥ n rows
     (BUCKETS: one CUDA graph each, a GpuKVCache.view of the first rows); rows past n decode
     a dummy token at position 0, which no sequence reads. The decode step samples every row
     with one setting, so a request joins only a batch with its SeqRequest.sampling_key
@@ -372,18 +372,25 @@ class SlotBatch:
                     req.finish_reason, req.error = "error", " ".join(str(e).split())
 
     def _retire(self) -> None:
-        keep = []
-        for i, req in enumerate(self.active):
+        """Drop the ended sequences; the last running one fills each hole (one move a leaver)."""
+        for req in self.active:
             if req.finish_reason is None and req.cancelled:
                 req.finish_reason = "cancelled"
-            if req.finish_reason is None:
-                keep.append(i)
-        if len(keep) == len(self.active):
-            return
-        for new, old in enumerate(keep):           # old >= new: moving down never overwrites a keeper
-            if old != new:
-                self.cache.move(old, new)
-        self.cache.lens_host[len(keep):len(self.active)] = 0
-        self.active = [self.active[i] for i in keep]
-        self.last = [self.last[i] for i in keep]
-        self.streams = [self.streams[i] for i in keep]
+        i = 0
+        while i < len(self.active):
+            end = len(self.active) - 1
+            if self.active[end].finish_reason is not None:     # the last leaves: no move
+                self._pop()
+            elif self.active[i].finish_reason is not None:      # the last running one fills slot i
+                self.cache.move(end, i)
+                self.active[i], self.last[i], self.streams[i] = self.active[end], self.last[end], self.streams[end]
+                self._pop()
+                i += 1
+            else:
+                i += 1
+
+    def _pop(self) -> None:
+        self.cache.lens_host[len(self.active) - 1] = 0
+        self.active.pop()
+        self.last.pop()
+        self.streams.pop()
