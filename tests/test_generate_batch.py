@@ -1,5 +1,7 @@
 """LoadedModel.generate over many prompts, and the GPU's continuous batching scheduler
 (engine/gpu/decode.py SlotBatch) driven on the CPU through a NumPy stand-in for the GPU model."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -262,8 +264,6 @@ def test_gpu_cache_move_copies_layer_by_layer():
     """GpuKVCache.move (NumPy standing in for CuPy) copies K, V and kv8's scales of one sequence
     into another slot, one layer per assignment: a copy spanning the layers overlaps in bounds,
     and CuPy would stage it through a temporary of the sequence's whole KV."""
-    from types import SimpleNamespace
-
     from engine.gpu.cache import GpuKVCache
     from tiny_model import make_tiny_config
 
@@ -296,3 +296,35 @@ def test_gpu_cache_move_copies_layer_by_layer():
             want[:, 0, :7] = b[:, 2, :7]
             assert np.array_equal(np.asarray(a), want)
         assert list(c.lens_host) == [7, 3, 7, 0]
+
+
+def test_slot_batch_prefill_out_of_memory_fails_that_request_only(lm, monkeypatch):
+    """CuPy's OutOfMemoryError is a MemoryError: the prefill that hits it fails its own request;
+    the running and the later ones go on."""
+    monkeypatch.setattr(decoding, "decode", fake_decode)
+    fake = FakeGpuModel(lm.model)
+    prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS[:4]]
+    big = prompts[1]
+    prefill = fake.prefill
+
+    def prefill_or_oom(tokens, cache, seq=0):
+        if list(tokens) == big:
+            raise MemoryError("Out of memory allocating 268,435,456 bytes")
+        return prefill(tokens, cache, seq)
+    fake.prefill = prefill_or_oom
+    freed = []
+    pool = SimpleNamespace(free_all_blocks=lambda: freed.append(1))
+    fake.cp = SimpleNamespace(get_default_memory_pool=lambda: pool)      # CuPy's pool, as CudaModel.cp
+    batch = decoding.SlotBatch(fake, slots=2, capacity=64, chunk=2)
+    reqs = [SeqRequest(p, 6) for p in prompts]
+    batch.submit(reqs[0])
+    batch.step()
+    for r in reqs[1:]:
+        batch.submit(r)
+    while not batch.idle():
+        batch.step()
+    assert reqs[1].finish_reason == "error" and "out of GPU memory" in reqs[1].error and not reqs[1].tokens
+    assert freed == [1]
+    for r, p in zip(reqs, prompts):
+        if r is not reqs[1]:
+            assert r.finish_reason == "length" and r.tokens == generate(fake, p, 6)[0]

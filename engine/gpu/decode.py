@@ -323,9 +323,15 @@ class SlotBatch:
             try:
                 logits = self.model.prefill(np.asarray(req.prompt_ids), self.cache, seq=slot)   # (1, V)
                 first = self.model.sample_logits(logits, stream, len(req.prompt_ids) - 1, **req.sampling)
-            except ValueError as e:              # ModelError (non-finite logits), CudaOpError
-                self.cache.lens_host[slot] = 0
-                req.finish_reason, req.error = "error", " ".join(str(e).split())
+            except (ValueError, MemoryError) as e:   # ModelError (non-finite logits), CudaOpError,
+                self.cache.lens_host[slot] = 0       # CuPy's OutOfMemoryError: this request fails
+                msg = " ".join(str(e).split())
+                if isinstance(e, MemoryError):
+                    cp = getattr(self.model, "cp", None)
+                    if cp is not None:           # give the pool's cached blocks back for the next
+                        cp.get_default_memory_pool().free_all_blocks()
+                    msg = f"out of GPU memory for this prompt's prefill ({msg or type(e).__name__})"
+                req.finish_reason, req.error = "error", msg
                 continue
             self.active.append(req)
             self.last.append(first)
