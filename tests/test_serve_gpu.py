@@ -72,7 +72,13 @@ def test_concurrent_clients_equal_one_at_a_time(lm, kv8):
 
 
 def test_disconnect_frees_the_slot(lm):
-    with ServerThread(lm, max_batch=2, context=256, chunk=4, model_id="tiny") as url:
+    """Three streaming clients that leave after their first event: each sequence is cancelled
+    (not run to its 240 tokens, ~60 chunks of 4 each), and the later clients get their answers."""
+    st = ServerThread(lm, max_batch=2, context=256, chunk=4, model_id="tiny")
+    with st as url:
+        worker = st.server.config.app.state.server.worker
+        submitted, submit = [], worker.batch.submit
+        worker.batch.submit = lambda req, *a: (submitted.append(req), submit(req, *a))
         with httpx.Client(base_url=url, timeout=60) as c:
             for _ in range(3):
                 with c.stream("POST", "/v1/completions", json={"prompt": "the cat", "max_tokens": 240,
@@ -86,6 +92,11 @@ def test_disconnect_frees_the_slot(lm):
                     break
                 time.sleep(0.01)
             assert c.get("/health").json()["running_or_queued"] == 0
+        steps = worker.steps
+    assert len(submitted) == 7
+    for req in submitted[:3]:
+        assert req.finish_reason == "cancelled" and len(req.tokens) < 120, (req.finish_reason, len(req.tokens))
+    assert steps < 60, steps          # 3 × 240 tokens run out would take ~120 batch steps
     want = [c.text for c in lm.generate(PROMPTS[:4], max_new_tokens=24, chat=False)]
     assert got == want
 
