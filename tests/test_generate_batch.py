@@ -152,12 +152,15 @@ def test_slot_batch_joins_leaves_and_equals_serial(lm, monkeypatch):
     assert fake.buckets == [1, 2, 3] and not batch.cache.lens_host.any()
     fake.buckets.clear()
     reqs = [SeqRequest(p, n, stop_ids=stops) for p, n in zip(prompts, budgets)]
-    gone = SeqRequest(prompts[0], 20, stop_ids=stops, on_token=lambda t: None)
-    for r in reqs[:4]:
+    gone = SeqRequest(prompts[0], 20, on_token=lambda t: None)     # no stop id: runs until cancelled
+    for r in [reqs[0], gone] + reqs[1:4]:          # gone runs, between two others
         batch.submit(r)
-    batch.submit(gone)
-    batch.step()
-    gone.cancelled = True
+    for _ in range(8):                             # until gone runs with a later slot taken
+        batch.step()
+        if gone in batch.active[:-1]:
+            break
+    assert gone in batch.active[:-1] and gone.tokens and gone.finish_reason is None
+    gone.cancelled = True                          # leaves while running: another moves into its slot
     for r in reqs[4:]:
         batch.submit(r)
     while not batch.idle():

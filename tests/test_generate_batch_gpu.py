@@ -58,11 +58,15 @@ def test_slot_batch_join_leave_equals_serial(lm):
     budgets = [3, 9, 1, 14, 6, 11, 2, 8, 5, 12, 7, 4]
     batch = decoding.SlotBatch(lm.model, slots=3, capacity=64, chunk=4)
     reqs = [SeqRequest(p, n, stop_ids=stops) for p, n in zip(prompts, budgets)]
-    gone = SeqRequest(prompts[1], 30, stop_ids=stops)
-    for r in reqs[:4] + [gone]:
+    gone = SeqRequest(prompts[1], 30)          # no stop id: runs until cancelled
+    for r in [reqs[0], gone] + reqs[1:4]:          # gone runs, between two others
         batch.submit(r)
-    batch.step()
-    gone.cancelled = True
+    for _ in range(8):                             # until gone runs with a later slot taken
+        batch.step()
+        if gone in batch.active[:-1]:
+            break
+    assert gone in batch.active[:-1] and gone.tokens and gone.finish_reason is None
+    gone.cancelled = True                          # leaves while running: another moves into its slot
     for r in reqs[4:]:
         batch.submit(r)
     while not batch.idle():
