@@ -49,16 +49,18 @@ def test_sampled_batch_is_reproducible(lm):
     assert a == lm.generate(PROMPTS, max_new_tokens=12, chat=False, temperature=0.9, top_p=0.95, seed=5)
 
 
-def test_slot_batch_join_leave_equals_serial(lm):
-    """Three slots, ten requests of different lengths and budgets, one cancelled mid-run, more
+@pytest.mark.parametrize("kv8", [False, True])
+def test_slot_batch_join_leave_equals_serial(lm, kv8):
+    """Three slots, twelve requests of different lengths and budgets, one cancelled mid-run, more
     arriving while others decode: the running set changes bucket (1, 2, 3 rows; compaction moves
-    KV between slots), and every sequence equals generate() of its prompt alone."""
+    KV, and with kv8 its scales, between slots), and every sequence equals generate() of its
+    prompt alone."""
     stops = frozenset(stop_ids(lm.tokenizer, lm.config))
     prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS] * 2
     budgets = [3, 9, 1, 14, 6, 11, 2, 8, 5, 12, 7, 4]
-    batch = decoding.SlotBatch(lm.model, slots=3, capacity=64, chunk=4)
-    reqs = [SeqRequest(p, n, stop_ids=stops) for p, n in zip(prompts, budgets)]
-    gone = SeqRequest(prompts[1], 30)          # no stop id: runs until cancelled
+    batch = decoding.SlotBatch(lm.model, slots=3, capacity=64, chunk=4, kv8=kv8)
+    reqs = [SeqRequest(p, n, stop_ids=stops, kv8=kv8) for p, n in zip(prompts, budgets)]
+    gone = SeqRequest(prompts[1], 30, kv8=kv8)          # no stop id: runs until cancelled
     for r in [reqs[0], gone] + reqs[1:4]:          # gone runs, between two others
         batch.submit(r)
     for _ in range(8):                             # until gone runs with a later slot taken
@@ -74,7 +76,7 @@ def test_slot_batch_join_leave_equals_serial(lm):
     assert gone.finish_reason == "cancelled"
     assert {1, 2, 3} & set(batch.views) and 3 in batch.views
     for r, p, n in zip(reqs, prompts, budgets):
-        want, _ = generate(lm.model, p, n, stop=set(stops))
+        want, _ = generate(lm.model, p, n, stop=set(stops), kv8=kv8)
         assert r.tokens == want, (p, n)
 
 
@@ -104,3 +106,18 @@ def test_seeded_request_draws_as_generate_alone_in_any_slot(lm):
         batch.step()
     for r, p, n in zip(reqs, prompts, budgets):
         assert r.tokens == generate(lm.model, p, n, **kw)[0], (p, n)
+
+
+@pytest.mark.parametrize("kv8", [False, True])
+def test_slot_batch_past_16_rows_equals_serial(lm, kv8):
+    """Twenty-four sequences of different budgets on 32 slots: the bucket of 32 rows, then
+    smaller ones as they leave (moves at every size), each equal to generate() alone."""
+    stops = frozenset(stop_ids(lm.tokenizer, lm.config))
+    prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS] + [[5 + i, 9 + i % 7, 12 + i] for i in range(18)]
+    budgets = [4 + (7 * i) % 13 for i in range(len(prompts))]
+    reqs = [SeqRequest(p, n, stop_ids=stops, kv8=kv8) for p, n in zip(prompts, budgets)]
+    batch = decoding.SlotBatch(lm.model, slots=32, capacity=48, chunk=4, kv8=kv8)
+    run_batch(batch, reqs)
+    assert 32 in batch.views and len(batch.views) > 1
+    for r, p, n in zip(reqs, prompts, budgets):
+        assert r.tokens == generate(lm.model, p, n, stop=set(stops), kv8=kv8)[0], (p, n)
