@@ -119,6 +119,22 @@ def test_streaming_equals_non_streaming(client, endpoint):
     assert all(e["choices"][0]["finish_reason"] is None for e in chunks[:-1])
 
 
+def test_usage_counts_tokens_without_the_stop_id(client, lm):
+    """completion_tokens counts the tokens of the answer (Completion.token_ids), not the final
+    end-of-turn id, streaming or not."""
+    ended = [(p, c) for p in PROMPTS + ["hello there"]
+             for c in [lm.generate(p, max_new_tokens=16, chat=False)] if c.finish_reason == "stop"]
+    assert ended, "no prompt ends at a stop id within 16 tokens"
+    for p, c in ended[:2]:
+        body = {"model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0}
+        whole = client.post("/v1/completions", json=body).json()
+        assert whole["choices"][0]["finish_reason"] == "stop"
+        assert whole["usage"]["completion_tokens"] == len(c.token_ids), (p, c.token_ids)
+        with client.stream("POST", "/v1/completions",
+                           json=body | {"stream": True, "stream_options": {"include_usage": True}}) as r:
+            assert sse_events(list(r.iter_lines()))[-1]["usage"] == whole["usage"]
+
+
 def test_stop_strings(client):
     full = client.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 16, "temperature": 0}).json()
     text = full["choices"][0]["text"]

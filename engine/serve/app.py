@@ -185,7 +185,7 @@ class Server:
                         return
                     text += col.finish()
                     reason = "length" if req.finish_reason == "length" else "stop"
-                    yield text, reason, len(req.tokens), None
+                    yield text, reason, n, None      # the tokens passed on: a final stop id is not
                     return
                 if text:
                     yield text, None, n, None
