@@ -39,8 +39,8 @@ class LoadedModel:
         max_new_tokens. On the GPU the sequences decode as one continuously batched run of up
         to max_batch at a time (engine/gpu/decode.py SlotBatch); on the CPU one after another.
         Greedy (temperature 0) output is the same either way and equals one prompt at a time.
-        Sampling: on the CPU sequence i draws from seed + i; on the GPU from (seed, its slot,
-        position). GenerationError for a bad prompt or setting, before anything runs."""
+        Sampling: on the CPU sequence i draws from seed + i; on the GPU from (seed, i, position),
+        i its submission index, whatever slot it runs in. GenerationError for a bad prompt or setting, before anything runs."""
         from .model.generate import (  # noqa: PLC0415
             Completion, GenerationError, SeqRequest, SerialBatch, TextCollector, check_request,
             check_stop_strings, encode_prompt, run_batch, stop_ids)
