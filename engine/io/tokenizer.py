@@ -85,6 +85,17 @@ def _get(fields: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return gguf_value(fields[key]) if key in fields else default
 
 
+def _types_and_vocab(fields: Mapping[str, Any], tokens: list) -> tuple[list, dict]:
+    """The GGUF's token types (default: all normal) and token -> id, checked against the tokens."""
+    types = _get(fields, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise TokenizerError(f"{len(tokens)} tokens but {len(types)} token types")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise TokenizerError("the vocabulary holds duplicate tokens")
+    return types, vocab
+
+
 def tokenizer_from_gguf(fields: Mapping[str, Any]):
     """Build a tokenizers.Tokenizer from GGUF metadata (GGUFReader.fields or a plain dict).
 
@@ -109,12 +120,7 @@ def tokenizer_from_gguf(fields: Mapping[str, Any]):
     merges = _get(fields, "tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise TokenizerError("tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
-    types = _get(fields, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise TokenizerError(f"{len(tokens)} tokens but {len(types)} token types")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise TokenizerError("the vocabulary holds duplicate tokens")
+    types, vocab = _types_and_vocab(fields, tokens)
 
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": tt == TOKEN_TYPE_CONTROL}
@@ -185,12 +191,7 @@ def _spm_tokenizer(fields: Mapping[str, Any]):
     scores = _get(fields, "tokenizer.ggml.scores")
     if not tokens or scores is None or len(scores) != len(tokens):
         raise TokenizerError("a SentencePiece vocabulary needs tokenizer.ggml.tokens and one score a token")
-    types = _get(fields, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise TokenizerError(f"{len(tokens)} tokens but {len(types)} token types")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise TokenizerError("the vocabulary holds duplicate tokens")
+    types, vocab = _types_and_vocab(fields, tokens)
     unk = _get(fields, "tokenizer.ggml.unknown_token_id")
     unk_token = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
     prefix = _get(fields, "tokenizer.ggml.add_space_prefix", True)
