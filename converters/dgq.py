@@ -219,13 +219,20 @@ def phase2_params(w_absmax, s_g, z, codes, r, group: int):
     xp = xp_of(codes)
     k = codes.shape[1]
     gi = xp.asarray(formats.group_index(k, group))
-    amax = xp.where(w_absmax > 0, w_absmax, float(QMAX_I8))             # all-zero row: any s8
-    s8 = xp.asarray(r, dtype=xp.float64) * amax / QMAX_I8               # (N,)
-    S = xp.clip(xp.rint(s_g / s8[:, None]), S_MIN, S_MAX)               # (N, G)
+    s8, S = _steps(w_absmax, s_g, xp.asarray(r, dtype=xp.float64))      # (N,), (N, G)
     m = xp.floor(QMAX_I8 / S)                                           # (N, G)
     lo = xp.maximum(z - m, 0)[:, gi]                                    # (N, K)
     hi = xp.minimum(z + m, QMAX_U4)[:, gi]                              # (N, K)
     return s8, S, xp.clip(codes, lo, hi)
+
+
+def _steps(w_absmax, s_g, r):
+    """s8 = r·max|W[n,:]|/127 (N,) and S = clamp(round(s_g/s8), 1, 127) (N, G) at ratio r (a
+    scalar or one per row): the one definition phase2_params and the phase-2 grid share."""
+    xp = xp_of(s_g)
+    amax = xp.where(w_absmax > 0, w_absmax, float(QMAX_I8))             # all-zero row: any s8
+    s8 = r * amax / QMAX_I8                                             # (N,)
+    return s8, xp.clip(xp.rint(s_g / s8[:, None]), S_MIN, S_MAX)
 
 
 def dg_int8(codes, z, S, group: int) -> np.ndarray:
@@ -259,22 +266,19 @@ def phase2(W, H: np.ndarray | None, codes, z, s_g, group: int, ratios=PHASE2_RAT
         Hp = xp.zeros((G * group, G * group), dtype=xp.float32)
         Hp[:k, :k] = H
         gi = xp.asarray(formats.group_index(k, group))
+        search = _phase2_search if xp is np else _phase2_dense
         for a, b in _row_chunks(n, G * group, xp):
             w = to_groups(W[a:b], group).reshape(b - a, -1)              # (n, Kp) f64, zero-padded
             qz = to_groups(codes[a:b] - z[a:b][:, gi], group)            # (n, G, g)
-            search = _phase2_search if xp is np else _phase2_dense
             r_out[a:b], e_out[a:b] = search(w, qz, amax[a:b], s_g[a:b], Hp, ratios)
     s8, S, qc = phase2_params(amax, s_g, z, codes, r_out, group)
     return s8, S, qc, r_out, e_out
 
 
 def _grid(amax, s_g, ratios):
-    """(r, s8 (n,), S (n, G)) at each ratio of the phase-2 grid, as phase2_params computes them."""
-    xp = xp_of(s_g)
-    amax = xp.where(amax > 0, amax, float(QMAX_I8))                      # all-zero row: any s8
+    """(r, s8 (n,), S (n, G)) at each ratio of the phase-2 grid (_steps)."""
     for r in ratios:
-        s8 = r * amax / QMAX_I8                                           # (n,)
-        yield r, s8, xp.clip(xp.rint(s_g / s8[:, None]), S_MIN, S_MAX)   # (n, G)
+        yield (r, *_steps(amax, s_g, r))
 
 
 def _phase2_search(w, qz, amax, s_g, Hp, ratios):
