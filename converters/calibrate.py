@@ -242,15 +242,15 @@ def _site_stats(obs: _Observer, gram: bool) -> dict:
     return stats
 
 
-def calibrate_layer(config, li: int, layer, X, cos, sin, *, gram: bool = True, kv: bool = False,
+def calibrate_layer(config, li: int, layer, X, *, gram: bool = True, kv: bool = False,
                     sites=None, advance: bool = False, progress: bool = False, desc: str = "calibrate",
                     sink_weight: float = 1.0):
     """Statistics of layer `li` (float LayerWeights) on its inputs X (n, T, H) float32.
 
-    Returns ({site: SiteStats}, kv (2, Hkv) float32 or None). cos, sin: unused (kept for the
-    callers): each layer's RoPE follows from the config (engine.model.llama.layer_rope: llama3
-    scaling, Gemma's local layers), built by run_layer for positions 0..T−1. advance: X[i] is replaced by the layer's output as soon as its statistics
-    are taken (the inputs of the next layer, without a second buffer). The numbers are exactly
+    Returns ({site: SiteStats}, kv (2, Hkv) float32 or None). Each layer's RoPE follows from the
+    config (engine.model.llama.layer_rope: llama3 scaling, Gemma's local layers), built by
+    run_layer for positions 0..T−1. advance: X[i] is replaced by the layer's output as soon as
+    its statistics are taken (the inputs of the next layer, without a second buffer). The numbers are exactly
     those `calibrate` records for this layer when X holds the float model's activations.
     """
     from engine.model.llama import SITES  # noqa: PLC0415
@@ -258,15 +258,15 @@ def calibrate_layer(config, li: int, layer, X, cos, sin, *, gram: bool = True, k
     layer = on_device(layer, xp_of(X))
     kv_w = {li: _kv_weights(layer)} if kv else {}
     obs = _Observer(config, gram, kv, [li], sites, kv_w, sink_weight)
-    run_layer(config, li, layer, X, cos, sin, observer=obs, advance=advance, progress=progress, desc=desc)
+    run_layer(config, li, layer, X, observer=obs, advance=advance, progress=progress, desc=desc)
     stats = {site: st for (_, site), st in _site_stats(obs, gram).items()}
     return stats, (obs.kv_absmax[li] if kv else None)
 
 
-def run_layer(config, li: int, layer, X, cos, sin, *, observer=None, advance: bool = True,
+def run_layer(config, li: int, layer, X, *, observer=None, advance: bool = True,
               progress: bool = False, desc: str = "layer") -> None:
     """Run layer `li` (float or quantized LayerWeights) over each sequence of X (n, T, H);
-    with advance, X[i] becomes its output (in place). cos, sin: unused, see calibrate_layer."""
+    with advance, X[i] becomes its output (in place)."""
     from engine.model.llama import layer_forward, layer_rope, prepare_linears  # noqa: PLC0415
     xp = xp_of(X)
     layer = on_device(layer, xp)

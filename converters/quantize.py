@@ -364,7 +364,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
     # second pass reads the folded model's activations, a stream of its own (Xf), exactly as
     # a second whole-model pass over the folded model would.
     two_pass = bool(spec.smoothing) and needs_static and act_clip != "max"
-    X = Xf = cos = sin = None            # cos, sin: each layer's RoPE comes from the config (run_layer)
+    X = Xf = None
     if need_calib:
         X = embed_tokens(c, embed, seqs)                                               # (n, T, H)
         if xp is not np:                 # --device cuda: calibration forwards and H on the GPU too
@@ -391,7 +391,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
         if need_calib:
             sites = None if (spec.fptq or not two_pass) else SMOOTH_SITES
             stats, kv = cal.calibrate_layer(
-                c, li, lw, X, cos, sin, gram=spec.search and not two_pass, kv=kv8 and not two_pass,
+                c, li, lw, X, gram=spec.search and not two_pass, kv=kv8 and not two_pass,
                 sites=sites, advance=not sequential, progress=progress, sink_weight=sink_weight,
                 desc=f"layer {li}: calibration" + (" (absmax pass)" if two_pass else ""))
             if kv is not None:
@@ -414,7 +414,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
             for site in sorted(scales):
                 lw = smooth.fold_layer(lw, site, scales[site])
             if two_pass:
-                stats, kv = cal.calibrate_layer(c, li, lw, X if sequential else Xf, cos, sin, gram=spec.search,
+                stats, kv = cal.calibrate_layer(c, li, lw, X if sequential else Xf, gram=spec.search,
                                                 kv=kv8, advance=not sequential, progress=progress,
                                                 sink_weight=sink_weight,
                                                 desc=f"layer {li}: calibration (folded layer)")
@@ -459,7 +459,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
         phase["quantize"] += time.perf_counter() - t
         if sequential:
             t = time.perf_counter()
-            cal.run_layer(c, li, qlayer, X, cos, sin, progress=progress, desc=f"layer {li}: quantized outputs")
+            cal.run_layer(c, li, qlayer, X, progress=progress, desc=f"layer {li}: quantized outputs")
             phase["propagate"] += time.perf_counter() - t
         emit(li, qlayer)
         del qlayer
