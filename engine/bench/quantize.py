@@ -84,24 +84,19 @@ def _write_shard(path: Path, names: list[str], shapes: dict, rng) -> int:
 
 
 def _normal_f16(shape, std: float, rng) -> np.ndarray:
-    """N(0, std²) fp16 of `shape`, its row blocks drawn on all cores (NumPy's generators release
-    the GIL); deterministic for a given rng state."""
+    """N(0, std²) fp16 of `shape`, its row blocks drawn on all cores from generators spawned off
+    rng's seed (NumPy's generators release the GIL); deterministic for a given rng state."""
     out = np.empty(shape, dtype=np.float16)
     blocks = np.array_split(np.arange(shape[0]), max(1, min(os.cpu_count() or 1, shape[0])))
-    seeds = rng.bit_generator.seed_seq.spawn(len(blocks)) if hasattr(rng.bit_generator, "seed_seq") else None
-    gens = [np.random.default_rng(s) for s in seeds] if seeds else [rng] * len(blocks)
+    gens = [np.random.default_rng(s) for s in rng.bit_generator.seed_seq.spawn(len(blocks))]
 
     def fill(i):
         b = blocks[i]
         if b.size:
             out[b[0]:b[-1] + 1] = std * gens[i].standard_normal((b.size,) + tuple(shape[1:]), dtype=np.float32)
 
-    if seeds:
-        with ThreadPoolExecutor(len(blocks)) as ex:
-            list(ex.map(fill, range(len(blocks))))
-    else:
-        for i in range(len(blocks)):
-            fill(i)
+    with ThreadPoolExecutor(len(blocks)) as ex:
+        list(ex.map(fill, range(len(blocks))))
     return out
 
 
