@@ -139,6 +139,25 @@ def fake_decode(model, cache, last, n_steps, temperature=0.0, top_k=0, top_p=1.0
     return np.zeros((done, cache.batch), np.int32)
 
 
+def run_with_a_cancel(batch, reqs, gone, slots: int) -> None:
+    """Drive a SlotBatch: reqs[0], gone and reqs[1:4] join; once gone runs with a later slot
+    taken it is cancelled (another sequence moves into its slot); the rest join mid-run; step
+    until idle, never more than `slots` running. Shared by the CPU stand-in and the GPU test."""
+    for r in [reqs[0], gone] + reqs[1:4]:          # gone runs, between two others
+        batch.submit(r)
+    for _ in range(8):                             # until gone runs with a later slot taken
+        batch.step()
+        if gone in batch.active[:-1]:
+            break
+    assert gone in batch.active[:-1] and gone.tokens and gone.finish_reason is None
+    gone.cancelled = True                          # leaves while running: another moves into its slot
+    for r in reqs[4:]:
+        batch.submit(r)
+    while not batch.idle():
+        batch.step()
+        assert len(batch.active) <= slots
+
+
 def test_slot_batch_joins_leaves_and_equals_serial(lm, monkeypatch):
     """More requests than slots, of different lengths and budgets, one cancelled, some joining
     mid-run: every sequence equals generate() alone; buckets follow the running count."""
@@ -153,19 +172,7 @@ def test_slot_batch_joins_leaves_and_equals_serial(lm, monkeypatch):
     fake.buckets.clear()
     reqs = [SeqRequest(p, n, stop_ids=stops) for p, n in zip(prompts, budgets)]
     gone = SeqRequest(prompts[0], 20, on_token=lambda t: None)     # no stop id: runs until cancelled
-    for r in [reqs[0], gone] + reqs[1:4]:          # gone runs, between two others
-        batch.submit(r)
-    for _ in range(8):                             # until gone runs with a later slot taken
-        batch.step()
-        if gone in batch.active[:-1]:
-            break
-    assert gone in batch.active[:-1] and gone.tokens and gone.finish_reason is None
-    gone.cancelled = True                          # leaves while running: another moves into its slot
-    for r in reqs[4:]:
-        batch.submit(r)
-    while not batch.idle():
-        batch.step()
-        assert len(batch.active) <= 3
+    run_with_a_cancel(batch, reqs, gone, slots=3)
     for r, p, n in zip(reqs, prompts, budgets):
         want, _ = generate(lm.model, p, n, stop=set(stops))
         assert r.tokens == want, (p, n)

@@ -1,6 +1,5 @@
 """Batched generation and continuous batching on the GPU engine (gpu-marked): every sequence
 equals the same prompt generated alone (greedy), whatever joins or leaves around it."""
-import numpy as np
 import pytest
 
 from engine.gpu.backend import has_gpu
@@ -12,6 +11,7 @@ if not has_gpu():
 from engine.api import LoadedModel  # noqa: E402
 from engine.gpu import decode as decoding  # noqa: E402
 from engine.model.generate import SeqRequest, generate, run_batch, stop_ids  # noqa: E402
+from test_generate_batch import run_with_a_cancel  # noqa: E402
 from test_model_cuda import quantized_tiny  # noqa: E402
 from tiny_model import TINY_CHAT_TEMPLATE, TINY_VOCAB, make_tiny_tokenizer  # noqa: E402
 
@@ -61,18 +61,7 @@ def test_slot_batch_join_leave_equals_serial(lm, kv8):
     batch = decoding.SlotBatch(lm.model, slots=3, capacity=64, chunk=4, kv8=kv8)
     reqs = [SeqRequest(p, n, stop_ids=stops, kv8=kv8) for p, n in zip(prompts, budgets)]
     gone = SeqRequest(prompts[1], 30, kv8=kv8)          # no stop id: runs until cancelled
-    for r in [reqs[0], gone] + reqs[1:4]:          # gone runs, between two others
-        batch.submit(r)
-    for _ in range(8):                             # until gone runs with a later slot taken
-        batch.step()
-        if gone in batch.active[:-1]:
-            break
-    assert gone in batch.active[:-1] and gone.tokens and gone.finish_reason is None
-    gone.cancelled = True                          # leaves while running: another moves into its slot
-    for r in reqs[4:]:
-        batch.submit(r)
-    while not batch.idle():
-        batch.step()
+    run_with_a_cancel(batch, reqs, gone, slots=3)
     assert gone.finish_reason == "cancelled"
     assert {1, 2, 3} & set(batch.views) and 3 in batch.views
     for r, p, n in zip(reqs, prompts, budgets):

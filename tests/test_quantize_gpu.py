@@ -40,14 +40,17 @@ def test_dgq_linear_compensated_on_cupy_runs_on_numpy():
     np.testing.assert_array_equal(got.int8_weight(), ref.int8_weight())
 
 
-def test_quantize_checkpoint_on_gpu_equals_cpu():
+def _cpu_and_gpu(calibration):
+    """quantize_checkpoint of one tiny model on NumPy and on CuPy: (w_cpu, r_cpu, w_gpu, r_gpu)."""
     ck = tiny_ckpt(hidden_size=64, intermediate_size=128, head_dim=8)
-    seqs = tiny_seqs(ck.config, n=4, t=32)
+    kw = dict(group=16, calib=tiny_seqs(ck.config, n=4, t=32), progress=False, calibration=calibration)
+    return (*quantize_checkpoint(ck, "dgq", **kw), *quantize_checkpoint(ck, "dgq", **kw, xp=cp))
+
+
+def test_quantize_checkpoint_on_gpu_equals_cpu():
     # float calibration: both paths see the same H (sequentially, a tie decided the other way
     # in one layer would move the activations every later layer calibrates on)
-    kw = dict(group=16, calib=seqs, progress=False, calibration="float")
-    w_cpu, r_cpu = quantize_checkpoint(ck, "dgq", **kw)
-    w_gpu, r_gpu = quantize_checkpoint(ck, "dgq", **kw, xp=cp)
+    w_cpu, r_cpu, w_gpu, r_gpu = _cpu_and_gpu("float")
     assert r_gpu["search_device"] == "cuda" and r_cpu["search_device"] == "cpu"
     np.testing.assert_allclose(r_gpu["objective"]["final"], r_cpu["objective"]["final"], rtol=1e-4)
     rows = same = 0
@@ -64,9 +67,5 @@ def test_quantize_checkpoint_on_gpu_equals_cpu():
 
 def test_sequential_calibration_on_gpu_matches_cpu():
     """The quantized-layer forward of sequential calibration (calibrate._DeviceLinear on CuPy)."""
-    ck = tiny_ckpt(hidden_size=64, intermediate_size=128, head_dim=8)
-    seqs = tiny_seqs(ck.config, n=4, t=32)
-    kw = dict(group=16, calib=seqs, progress=False, calibration="sequential")
-    _, r_cpu = quantize_checkpoint(ck, "dgq", **kw)
-    _, r_gpu = quantize_checkpoint(ck, "dgq", **kw, xp=cp)
+    _, r_cpu, _, r_gpu = _cpu_and_gpu("sequential")
     np.testing.assert_allclose(r_gpu["objective"]["final"], r_cpu["objective"]["final"], rtol=1e-3)
