@@ -292,7 +292,8 @@ def _phase2_search(w, qz, amax, s_g, Hp, ratios):
         f(r) = d0 H d0ᵀ + 2 β·Lq + 2 a·Le + βᵀ P β + 2 βᵀ R a + aᵀ E a
 
     with per-group products Lq_g = qz_g·(H d0)_g, Le_g = e_g·(H d0)_g, P_gh = qz_g H_gh qz_hᵀ,
-    R_gh = qz_g H_gh e_hᵀ, E_gh = e_g H_gh e_hᵀ (n, G, G). Only e depends on r, and only through
+    R_gh = qz_g H_gh e_hᵀ, E_gh = e_g H_gh e_hᵀ (n, G, G; kept only up to
+    transposition, which aᵀEa cannot see). Only e depends on r, and only through
     min(m_g, max|qz_g|), which changes a few times a group over the grid: R, E and Le are updated
     for those (row, group) pairs alone, with one (rows, g) x (g, Kp) product per group. The cost is
     about 3 + (level changes a group) products of the rows with H, instead of one per ratio
@@ -331,8 +332,9 @@ def _phase2_search(w, qz, amax, s_g, Hp, ratios):
                 rows = xp.flatnonzero(changed[:, h])
                 Z = ((e_new[rows, h] - e[rows, h]) @ Hp[h * g:(h + 1) * g]).reshape(-1, G, g)
                 R[rows, :, h] += xp.einsum("rgi,rgi->rg", Z, qz32[rows])
-                E[rows, h, :] += xp.einsum("rgi,rgi->rg", Z, e_new[rows])
-                E[rows, :, h] += xp.einsum("rgi,rgi->rg", Z, e[rows])
+                # E' − E = Δe_h H e'ᵀ (row h) + e H Δe_hᵀ (column h); aᵀEa only needs E up to
+                # transposition, so both go into row h: one pass over Z instead of two.
+                E[rows, h, :] += xp.einsum("rgi,rgi->rg", Z, e_new[rows] + e[rows])
             Le[changed] = xp.einsum("pi,pi->p", e_new[changed], vg[changed])
             e, level = e_new, new_level
         a = s8[:, None] * S                                               # (n, G) steps
@@ -499,7 +501,7 @@ def dgq_linear(W, H=None, group: int = formats.DEFAULT_GROUP, act: str = "static
         cands.append((q1, z1, S1, s81))
     if compensate:
         try:
-            U = gptq.inverse_cholesky(H, k, damp)
+            U = gptq.inverse_cholesky_of(H, k, damp)
         except gptq.HessianError as e:
             raise QuantizeError(str(e)) from None
         ratios = PHASE1_RATIOS if search else np.array([1.0])

@@ -165,3 +165,33 @@ def test_dead_channels_and_an_all_zero_row():
     ql = dgq.dgq_linear(W, H, 16, "dynamic", compensate=True)
     formats.validate(ql)
     assert np.all(dgq.dequantize_f64(ql)[2] == 0.0)
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.01])
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(damp):
+    """U is upper triangular with UᵀU = (H + λI)⁻¹ (computed here the direct way), dead
+    channels counted as H[j, j] = 1, and an asymmetric matrix refused."""
+    rng = np.random.default_rng(11)
+    _, H = correlated(rng, 200, 40)
+    H[7, :] = H[:, 7] = 0.0                                          # a dead channel
+    U = gptq.inverse_cholesky(H, 40, damp)
+    assert np.array_equal(U, np.triu(U))
+    Hd = H.copy()
+    Hd[7, 7] = 1.0
+    Hd[np.diag_indices(40)] += damp * np.mean(np.diag(Hd))
+    np.testing.assert_allclose(U.T @ U, np.linalg.inv(Hd), rtol=1e-7, atol=1e-9 * np.abs(np.linalg.inv(Hd)).max())
+    A = H.copy()
+    A[3, 5] += 1e-3 * np.abs(H).max()
+    with pytest.raises(gptq.HessianError, match="symmetric"):
+        gptq.inverse_cholesky(A, 40, damp)
+
+
+def test_inverse_cholesky_of_reuses_the_factor_of_the_same_matrix_only():
+    rng = np.random.default_rng(12)
+    H1, H2 = correlated(rng, 100, 24)[1], correlated(rng, 100, 24)[1]
+    U1 = gptq.inverse_cholesky_of(H1, 24)
+    assert gptq.inverse_cholesky_of(H1, 24) is U1
+    assert gptq.inverse_cholesky_of(H1, 24, 0.05) is not U1                # another damping
+    U2 = gptq.inverse_cholesky_of(H2, 24)
+    np.testing.assert_array_equal(U2, gptq.inverse_cholesky(H2, 24))
+    np.testing.assert_array_equal(gptq.inverse_cholesky_of(H1, 24), U1)   # recomputed, same values
