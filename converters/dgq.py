@@ -435,12 +435,13 @@ def _compensated(W, H, U, group, mode, base, ratios):
     its s8 and re-picks each group's S and z on the compensated weights; "phase2" picks float
     group steps on the compensated weights, then runs phase 2 (s8, S, guard) on the codes.
     """
+    xp = xp_of(W)
     n, k = W.shape
     _, z0, S0, s80 = base
-    s8f = np.float32(s80).astype(np.float64)                               # as stored
-    if mode == "grid":
-        m = np.floor(QMAX_I8 / S0)
-        lo, hi = np.maximum(z0 - m, 0), np.minimum(z0 + m, QMAX_U4)          # (N, G)
+    s8f = s80.astype(xp.float32).astype(xp.float64)                        # as stored
+    if mode == "grid":                                                      # NumPy or CuPy
+        m = xp.floor(QMAX_I8 / S0)
+        lo, hi = xp.maximum(z0 - m, 0), xp.minimum(z0 + m, QMAX_U4)          # (N, G)
         step = S0 * s8f[:, None]
 
         def at(g, Wg, Ugg):
@@ -476,7 +477,7 @@ def dgq_linear(W, H=None, group: int = formats.DEFAULT_GROUP, act: str = "static
     `compensate_mode` says (_compensated); each row still keeps the lowest objective.
     """
     xp = xp_of(W)
-    if compensate and xp is not np:                 # GPTQ's Cholesky and column walk: NumPy/SciPy
+    if compensate and compensate_mode != "grid" and xp is not np:   # their group searches: NumPy
         return dgq_linear(to_numpy(W), None if H is None else to_numpy(H), group, act, ascale, search,
                           compensate, compensate_mode, damp)
     W = _check_weight(W)

@@ -38,6 +38,8 @@ import weakref
 import numpy as np
 import scipy.linalg
 
+from engine.util.arrays import xp_of
+
 DEFAULT_DAMP = 0.01      # λ = 1 % of the mean diagonal of H (the GPTQ paper's default)
 DEFAULT_BLOCK = 128      # columns per lazy batch (rounded to a multiple of the group)
 
@@ -56,27 +58,37 @@ def inverse_cholesky(H, k: int, damp: float = DEFAULT_DAMP) -> np.ndarray:
     factor L of J H J gives H = Ũ Ũᵀ with Ũ = J L J upper triangular, so U = Ũ⁻¹ (one Cholesky
     and one triangular inverse, 2K³/3 flops, against 8K³/3 for inverse-then-Cholesky).
     """
-    H = np.asarray(H)
+    xp = xp_of(H)
     if H.shape != (k, k):
         raise HessianError(f"Gram matrix has shape {H.shape}, expected ({k}, {k})")
-    if not np.issubdtype(H.dtype, np.number) or not np.isfinite(H).all():
+    if not np.issubdtype(H.dtype, np.number) or not bool(xp.isfinite(H).all()):
         raise HessianError("the Gram matrix holds NaN or Inf values")
     if not (np.isfinite(damp) and damp >= 0):
         raise HessianError(f"damping must be a finite number >= 0, got {damp!r}")
-    H = np.array(H[::-1, ::-1], dtype=np.float64)                      # (K, K) copy, J H J
-    d = np.diag(H)
-    if (d < 0).any() or not _symmetric(H):
+    H = xp.array(H[::-1, ::-1], dtype=xp.float64)                      # (K, K) copy, J H J
+    d = xp.diag(H)
+    if bool((d < 0).any()) or not _symmetric(H):
         raise HessianError("the Gram matrix is not symmetric positive semi-definite (it must be XᵀX)")
     dead = d == 0
     H[dead, dead] = 1.0
-    H[np.diag_indices(k)] += damp * float(np.mean(np.diag(H)))
-    L, info = scipy.linalg.lapack.dpotrf(H, lower=1, overwrite_a=1, clean=1)   # J H J = L Lᵀ
-    if info != 0:
-        raise HessianError(f"the Gram matrix is not positive semi-definite: Cholesky failed with "
-                           f"damping {damp} (it must be XᵀX)")
-    Linv, info = scipy.linalg.lapack.dtrtri(L, lower=1, overwrite_c=1)
-    U = np.ascontiguousarray(Linv[::-1, ::-1])                         # (J L J)⁻¹ = J L⁻¹ J
-    if info != 0 or not np.isfinite(U).all():
+    H[xp.diag_indices(k)] += damp * float(xp.mean(xp.diag(H)))
+    not_pd = HessianError(f"the Gram matrix is not positive semi-definite: Cholesky failed with "
+                          f"damping {damp} (it must be XᵀX)")
+    if xp is np:
+        L, info = scipy.linalg.lapack.dpotrf(H, lower=1, overwrite_a=1, clean=1)   # J H J = L Lᵀ
+        if info != 0:
+            raise not_pd
+        Linv, info = scipy.linalg.lapack.dtrtri(L, lower=1, overwrite_c=1)
+    else:                                                   # CuPy: cuSOLVER potrf, then getrf/getrs
+        try:
+            L = xp.linalg.cholesky(H)           # NaN where not positive definite (CuPy raises
+        except np.linalg.LinAlgError:           # only under cupyx.errstate(linalg="raise"))
+            raise not_pd from None
+        if not bool(xp.isfinite(L).all()):
+            raise not_pd
+        Linv, info = xp.tril(xp.linalg.inv(L)), 0
+    U = xp.ascontiguousarray(Linv[::-1, ::-1])                         # (J L J)⁻¹ = J L⁻¹ J
+    if info != 0 or not bool(xp.isfinite(U).all()):
         raise HessianError("the Gram matrix is too ill-conditioned to invert; raise the damping")
     return U
 
@@ -103,9 +115,10 @@ _LAST = (None, None, None)
 def _symmetric(H: np.ndarray, tol: float = 1e-6) -> bool:
     """Whether H = Hᵀ to `tol` of its largest entry, from two products with random vectors
     (any asymmetry shows in ‖(H − Hᵀ) v‖ for almost every v; K² work instead of K² temporaries)."""
-    v = np.random.default_rng(0).standard_normal((H.shape[0], 2))
-    diff = np.abs(H @ v - H.T @ v).max(initial=0.0)
-    scale = max(float(np.abs(np.diag(H)).max(initial=0.0)), float(np.abs(H[0]).max(initial=0.0)))
+    xp = xp_of(H)
+    v = xp.asarray(np.random.default_rng(0).standard_normal((H.shape[0], 2)))
+    diff = float(xp.abs(H @ v - H.T @ v).max())
+    scale = max(float(xp.abs(xp.diag(H)).max()), float(xp.abs(H[0]).max()))
     return diff <= tol * max(scale, np.finfo(float).tiny) * np.sqrt(H.shape[0]) * 4
 
 
@@ -127,20 +140,21 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK):
     applies each column's update to the next `sub` columns only (sub = gcd(group, 32), so
     groups start on a sub-block); the rest of the batch gets one product per sub-block.
     """
-    W = np.asarray(W, dtype=np.float64)
+    xp = xp_of(W)
+    W = xp.asarray(W, dtype=xp.float64)
     n, k = W.shape
     if U.shape != (k, k):
         raise HessianError(f"U has shape {U.shape}, expected ({k}, {k})")
     bs = group * max(1, block // group)                                  # aligned to groups
     sub = math.gcd(group, 32)
-    WT = np.array(W.T, order="C")                                        # (K, N), updated in place
-    codes = np.empty((k, n))
-    W_hat = np.empty((k, n))
+    WT = xp.array(W.T, order="C")                                        # (K, N), updated in place
+    codes = xp.empty((k, n))
+    W_hat = xp.empty((k, n))
     params = []
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
         W1 = WT[i1:i2]                                                   # (b, N) current weights (a view)
-        E1 = np.empty_like(W1)                                           # (b, N) scaled errors
+        E1 = xp.empty_like(W1)                                           # (b, N) scaled errors
         U1 = U[i1:i2, i1:i2]                                             # (b, b)
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
@@ -151,7 +165,7 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK):
                     params.append(params_at(c // group, W1[i:i + ge - c].T, U[c:ge, c:ge]))
                     step, z, lo, hi = params[-1][:4]
                 w = W1[i]                                                # (N,)
-                q = np.clip(np.rint(w / step) + z, lo, hi)               # (N,)
+                q = xp.clip(xp.rint(w / step) + z, lo, hi)               # (N,)
                 wq = (q - z) * step
                 codes[c] = q
                 W_hat[c] = wq

@@ -18,10 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -132,7 +134,6 @@ class _GpuPeak:
     """The most GPU memory one process held, polled through NVML (nvidia-ml-py) every 0.2 s."""
 
     def __init__(self, pid: int):
-        import threading  # noqa: PLC0415
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
         try:
             import pynvml  # noqa: PLC0415
@@ -176,13 +177,25 @@ def run_quantize(model_dir: Path, out: Path, method: str, n_seq: int, seq_len: i
     t0 = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", code, *argv], env=env)
     poll = _GpuPeak(child.pid) if gpu else None
+    # A SIGTERM/SIGHUP to this bench (e.g. `timeout`) goes on to the converter, whose atomic
+    # writer then removes its half-written file; without this it would run on as an orphan.
+    forwarded = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            forwarded[sig] = signal.signal(sig, lambda signum, _f: child.send_signal(signum))
     try:
         _, status, usage = os.wait4(child.pid, 0)        # this child's own rusage, not all children's
     except BaseException:
-        child.kill()
-        child.wait()
+        child.terminate()                                # SIGTERM: the child cleans its temporaries
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
         raise
     finally:
+        for sig, old in forwarded.items():
+            signal.signal(sig, old)
         gpu_mb = poll.stop() if poll is not None else None
     child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
