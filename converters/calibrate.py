@@ -20,9 +20,9 @@ whole-model pass gives, bit for bit) or, with "sequential", the outputs of the
 already quantized layers 0..l−1 (as GPTQ and AWQ calibrate). `calibrate` is the whole-model
 pass over Model.forward (the reference the layer walk is tested against).
 
-H is accumulated in float64 (float64 products, one sequence at a time). Its
-cost is close to the forward's own linears (SmolLM2, 512 tokens, 2 cores:
-forward 1.8 s, with H 3 s). Memory is Σ K² · 8 bytes over the sites: one layer's worth in
+H is accumulated in float64 from one float32 product per sequence (the searches round H
+to float32 anyway). Its cost is close to the forward's own linears (SmolLM2, 512 tokens,
+2 cores: forward 1.8 s, with float64 products H 3 s). Memory is Σ K² · 8 bytes over the sites: one layer's worth in
 the layer walk (TinyLlama: 0.35 GB), every layer's in `calibrate` (SmolLM2-135M: 0.8 GB).
 
 Default calibration set: 64 sequences × 512 tokens (32768 tokens) cut from the
@@ -182,12 +182,14 @@ class _Observer:
                 k = x.shape[1]
                 if key not in self.H:
                     self.H[key] = xp.zeros((k, k), dtype=xp.float64)
-                # Plain float64 GEMM, not BLAS syrk: with this OpenBLAS, interleaving
+                # One float32 GEMM per sequence, summed in float64: the searches use H in
+                # float32 anyway, and this halves the statistics' time on a CPU (a float64
+                # GEMM per sequence before). Not BLAS syrk: with this OpenBLAS, interleaving
                 # ?syrk with the forward's sgemm made both 2-3x slower (measured).
-                x64 = x.astype(xp.float64)                               # (T, K)
-                self.H[key] += x64.T @ x64                               # (K, K)
+                self.H[key] += x.T @ x                                   # (K, K)
                 if self.sink_extra and site == SINK_SITE:                # row 0: the sequence's first token
-                    self.H[key] += self.sink_extra * xp.outer(x64[0], x64[0])
+                    x0 = x[0].astype(xp.float64)
+                    self.H[key] += self.sink_extra * xp.outer(x0, x0)
         if self.kv and site == "attn_in":
             wk, wv, bk, bv, k_norm = self.kv_w[li]
             t, h, d = x.shape[0], self.hkv, self.d

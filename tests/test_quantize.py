@@ -258,7 +258,8 @@ def test_calibration_statistics_match_a_direct_recording():
         st = stats.sites[key]
         np.testing.assert_array_equal(st.absmax, np.abs(X).max(axis=0).astype(np.float32))
         np.testing.assert_array_equal(st.tok_absmax, np.abs(X).max(axis=1).astype(np.float32))
-        np.testing.assert_allclose(st.H, X.T @ X, rtol=1e-10, atol=1e-9)
+        ref = X.T @ X                                  # H sums float32 products per sequence: ~1e-7 of the scale
+        np.testing.assert_allclose(st.H, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
         assert st.n_tokens == seqs.size
     # layers= restricts the statistics and stops the forward early
     part = cal.calibrate(w, seqs, gram=False, layers=[0], progress=False)
