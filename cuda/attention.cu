@@ -111,11 +111,16 @@ __device__ __forceinline__ void dequant_tile(__half* dst, const i8* stage, const
     }
 }
 
-template <int D, typename KV>
-__global__ void __launch_bounds__(FA_THREADS)
-attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
-             const float* __restrict__ ks, const float* __restrict__ vs, __half* __restrict__ out,
-             int t, int start, int Hq, int Hkv, int cap, int seq, float scale_log2) {
+// WIN (attn_prefill_sw: sliding-window layers, Mistral, Gemma 3's local layers): query i sees only
+// keys j > start + i − window (itself included, as engine/model/ops_ref.py attention). The block
+// starts at the tile of its first row's first key, a warp skips a tile none of its rows sees,
+// and a row may meet tiles that hold none of its keys: its running max then stays −inf, and
+// the softmax step takes 0 in its place (exp2(−inf) = 0 instead of NaN from −inf − −inf).
+template <int D, typename KV, bool WIN>
+__device__ __forceinline__ void attn_prefill_body(
+        const __half* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
+        const float* __restrict__ ks, const float* __restrict__ vs, __half* __restrict__ out,
+        int t, int start, int Hq, int Hkv, int cap, int seq, float scale_log2, int window) {
     pdl_enter();
     constexpr bool KV8 = sizeof(KV) == 1;
     constexpr int LD = FaSmem<D, KV>::LD, TILE = FaSmem<D, KV>::TILE, STAGE = FaSmem<D, KV>::STAGE;
@@ -131,6 +136,7 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
     const int m0 = qt * FA_BM, n = start + t;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
     const int ntiles = (min(n, start + m0 + FA_BM) + FA_BN - 1) / FA_BN;
+    const int jlo = WIN ? max(0, start + m0 - window + 1) / FA_BN : 0;     // the first tile a row sees
     const size_t kv_stride = (size_t)Hkv * D;        // elements between consecutive positions
     const KV* kbase = kc + (size_t)seq * cap * kv_stride + (size_t)kvh * D;
     const KV* vbase = vc + (size_t)seq * cap * kv_stride + (size_t)kvh * D;
@@ -149,7 +155,7 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
     // Q rows [m0, m0 + 64) of head h are staged in K buffer 1 (free until tile 1 is issued).
     load_tile<2 * D>(sK_a + TILE, 2 * LD, (const char*)(q + (size_t)m0 * Hq * D + (size_t)h * D),
                      (size_t)Hq * D * 2, 0, t - m0);
-    issue(0, 0);
+    issue(jlo, 0);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -171,8 +177,8 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
     const u32 k_off = (((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8) * 2;
     const u32 v_off = ((((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8) * 2;
 
-    for (int j = 0; j < ntiles; ++j) {
-        const int buf = j & 1;
+    for (int j = jlo; j < ntiles; ++j) {
+        const int buf = (j - jlo) & 1;
         if (j + 1 < ntiles) issue(j + 1, buf ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
@@ -183,7 +189,8 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
             __syncthreads();
         }
         const int j0 = j * FA_BN;
-        if (j0 <= qpos0 - g + 15) {                  // some row of this warp sees a key of the tile
+        // some row of this warp sees a key of the tile (WIN: and the tile reaches its first row's window)
+        if (j0 <= qpos0 - g + 15 && (!WIN || j0 + FA_BN - 1 > qpos0 - g - window)) {
             float s[FA_BN / 8][4];
 #pragma unroll
             for (int i = 0; i < FA_BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
@@ -198,17 +205,19 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
                     mma_f16(s[2 * np + 1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b2, b3);
                 }
             }
-            if (j0 + FA_BN - 1 > qpos0 - g || j0 + FA_BN > n) {   // the diagonal (or the end): mask
+            // the diagonal (or the end; WIN: or the window's start of the warp's last row): mask
+            if (j0 + FA_BN - 1 > qpos0 - g || j0 + FA_BN > n || (WIN && j0 <= qpos0 - g + 15 - window)) {
 #pragma unroll
                 for (int i = 0; i < FA_BN / 8; ++i)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         int key = j0 + i * 8 + 2 * tq + (e & 1);
                         int lim = min(qpos0 + (e >> 1) * 8, n - 1);
-                        if (key > lim) s[i][e] = NEG_INF;
+                        if (key > lim || (WIN && key <= qpos0 + (e >> 1) * 8 - window)) s[i][e] = NEG_INF;
                     }
             }
-            // online softmax; every row sees key 0 in tile 0, so mrow is finite from then on
+            // online softmax; every row sees key 0 in tile 0, so mrow is finite from then on (WIN:
+            // a row's first tiles may hold none of its keys, mref below)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 float mx = NEG_INF;
@@ -217,9 +226,10 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 float mnew = fmaxf(mrow[r], mx);
-                float alpha = exp2f((mrow[r] - mnew) * scale_log2);
+                const float mref = WIN && mnew == NEG_INF ? 0.f : mnew;      // WIN: no key of the row yet
+                float alpha = exp2f((mrow[r] - mref) * scale_log2);
                 mrow[r] = mnew;
-                float off = mnew * scale_log2, sum = 0.f;
+                float off = mref * scale_log2, sum = 0.f;
 #pragma unroll
                 for (int i = 0; i < FA_BN / 8; ++i) {
                     s[i][2 * r] = exp2f(fmaf(s[i][2 * r], scale_log2, -off));
@@ -270,6 +280,23 @@ attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* 
                 *reinterpret_cast<__half2*>(dst + i * 8) = __floats2half2_rn(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
         }
     }
+}
+
+template <int D, typename KV>
+__global__ void __launch_bounds__(FA_THREADS)
+attn_prefill(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
+             const float* __restrict__ ks, const float* __restrict__ vs, __half* __restrict__ out,
+             int t, int start, int Hq, int Hkv, int cap, int seq, float scale_log2) {
+    attn_prefill_body<D, KV, false>(q, kc, vc, ks, vs, out, t, start, Hq, Hkv, cap, seq, scale_log2, 0);
+}
+
+// attn_prefill for a sliding-window layer: query i sees keys start + i − window < j ≤ start + i.
+template <int D, typename KV>
+__global__ void __launch_bounds__(FA_THREADS)
+attn_prefill_sw(const __half* __restrict__ q, const KV* __restrict__ kc, const KV* __restrict__ vc,
+                const float* __restrict__ ks, const float* __restrict__ vs, __half* __restrict__ out,
+                int t, int start, int Hq, int Hkv, int cap, int seq, float scale_log2, int window) {
+    attn_prefill_body<D, KV, true>(q, kc, vc, ks, vs, out, t, start, Hq, Hkv, cap, seq, scale_log2, window);
 }
 
 // ================================================================= flash-decoding
@@ -393,6 +420,52 @@ __global__ void __launch_bounds__(128) rope_qkv_cache(
     }
 }
 
+// grid (M, ⌈(Hq + 2 Hkv) / 4⌉), block 128: warp w of block (m, y) takes head 4y + w of token m of the
+// fused qkv output (M, (Hq + 2 Hkv) D) fp16 and rewrites it in place before RoPE reads it (rope_qkv_cache,
+// attn_decode): + bias (nullable: Qwen2's q, k, v biases, ((Hq + 2 Hkv)·D,) float32), then on the q
+// and k heads RMSNorm over the head's D values times qw or kw ((D,) float32; nullable: no norm —
+// the per-head q/k norms of Qwen3 and Gemma 3), in float32, rounded to fp16 once. The NumPy
+// model adds the bias and norms the float32 q, k (engine/model/llama.py layer_forward); here q, k
+// are the GEMM's fp16 output. A lane holds the D/64 pairs lane + 32·i of its head.
+template <int D>
+__global__ void __launch_bounds__(128) qk_norm_bias(__half* __restrict__ qkv, int Hq, int Hkv,
+                                                    const float* __restrict__ bias, const float* __restrict__ qw,
+                                                    const float* __restrict__ kw, float eps) {
+    constexpr int NP = D / 64;
+    const int m = blockIdx.x, lane = threadIdx.x & 31, head = blockIdx.y * 4 + (threadIdx.x >> 5);
+    const int heads = Hq + 2 * Hkv;
+    const float* w = head < Hq ? qw : head < Hq + Hkv ? kw : nullptr;
+    pdl_enter();
+    if (head >= heads || (w == nullptr && bias == nullptr)) return;         // warp-uniform
+    __half2* row = reinterpret_cast<__half2*>(qkv + ((size_t)m * heads + head) * D);
+    float2 x[NP];
+#pragma unroll
+    for (int i = 0; i < NP; ++i) x[i] = __half22float2(row[lane + 32 * i]);
+    if (bias != nullptr) {
+        const float2* b2 = reinterpret_cast<const float2*>(bias + (size_t)head * D);
+#pragma unroll
+        for (int i = 0; i < NP; ++i) {
+            const float2 bv = b2[lane + 32 * i];
+            x[i].x += bv.x;
+            x[i].y += bv.y;
+        }
+    }
+    if (w != nullptr) {
+        float ss = 0.f;
+#pragma unroll
+        for (int i = 0; i < NP; ++i) ss += x[i].x * x[i].x + x[i].y * x[i].y;
+        const float rstd = 1.f / sqrtf(warp_sum(ss) / D + eps);
+        const float2* w2 = reinterpret_cast<const float2*>(w);
+#pragma unroll
+        for (int i = 0; i < NP; ++i) {
+            const float2 wv = w2[lane + 32 * i];
+            x[i] = make_float2((x[i].x * rstd) * wv.x, (x[i].y * rstd) * wv.y);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < NP; ++i) row[lane + 32 * i] = __floats2half2_rn(x[i].x, x[i].y);
+}
+
 // amax_out (nullable): amax_out[b] = max(itself, max |out| of the warp), as float bits (the row
 // of sequence b is ≥ 0, zeroed by the norm before qkv): the o GEMV quantizes the row with it.
 // A NaN (positive: a max of fabsf values) has larger bits than any finite value or Inf, so the
@@ -402,13 +475,16 @@ __device__ __forceinline__ void out_amax(float am, unsigned* amax_out, int b) {
     if (amax_out && (threadIdx.x & 31) == 0 && !(am <= 0.f)) atomicMax(amax_out + b, __float_as_uint(am));
 }
 
+// window > 0 (attn_decode_sw, a sliding-window layer): the query at p sees keys lo = p − window + 1
+// .. p only; a split's keys start at lo, the splits wholly before lo are empty and the merge
+// starts at lo's split. window = 0 (attn_decode): every key, and the code of before.
 template <typename KV, int CL>
-__global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 3 : 4) attn_decode(
+__device__ __forceinline__ void attn_decode_body(
         const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
         KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
-        __half* __restrict__ out, unsigned* __restrict__ amax_out) {
+        __half* __restrict__ out, unsigned* __restrict__ amax_out, int window) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     if (CL > 0) __trap();                       // clusters are sm_90: the launcher never asks here
 #endif
@@ -420,7 +496,8 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
     const int b = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, nsplit = gridDim.z;
     const int rep = Hq / Hkv, kvh = h / rep;
     const int len = lens[b], p = len - 1;
-    const int k0 = sp * DEC_CHUNK, k1 = min(len, k0 + DEC_CHUNK);
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;          // the first key the query sees
+    const int s0 = sp * DEC_CHUNK, k0 = window > 0 ? max(s0, lo) : s0, k1 = min(len, s0 + DEC_CHUNK);
     const bool two = D > 64;                    // a lane holds pairs lane and lane + 32 (D = 128)
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     const size_t pidx = ((size_t)b * Hq + h) * nsplit + sp;
@@ -562,21 +639,43 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
     if (!last) return;
     __threadfence();
     const int used = min(nsplit, (len + DEC_CHUNK - 1) / DEC_CHUNK);
+    const int slo = lo / DEC_CHUNK;             // splits slo..used-1 hold keys (window: earlier ones are empty)
     const float* ml = part_ml + 2 * ((size_t)b * Hq + h) * nsplit;
     const float* acc = part_acc + ((size_t)b * Hq + h) * nsplit * D;
     float mx = NEG_INF, l = 0.f;
-    for (int s = 0; s < used; ++s) mx = fmaxf(mx, __ldcg(ml + 2 * s));
-    for (int s = 0; s < used; ++s) l += __expf(__ldcg(ml + 2 * s) - mx) * __ldcg(ml + 2 * s + 1);
+    for (int s = slo; s < used; ++s) mx = fmaxf(mx, __ldcg(ml + 2 * s));
+    for (int s = slo; s < used; ++s) l += __expf(__ldcg(ml + 2 * s) - mx) * __ldcg(ml + 2 * s + 1);
     float am = 0.f;
     for (int e = threadIdx.x; e < D; e += blockDim.x) {
         float v = 0.f;
 #pragma unroll 4
-        for (int s = 0; s < used; ++s) v += (__expf(__ldcg(ml + 2 * s) - mx) / l) * __ldcg(acc + (size_t)s * D + e);
+        for (int s = slo; s < used; ++s) v += (__expf(__ldcg(ml + 2 * s) - mx) / l) * __ldcg(acc + (size_t)s * D + e);
         const __half o = __float2half_rn(v);
         out[((size_t)b * Hq + h) * D + e] = o;
         am = nan_max(am, fabsf(__half2float(o)));
     }
     out_amax(am, amax_out, b);
+}
+
+template <typename KV, int CL>
+__global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 3 : 4) attn_decode(
+        const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+        KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
+        const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
+        float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
+        __half* __restrict__ out, unsigned* __restrict__ amax_out) {
+    attn_decode_body<KV, CL>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc, counters, out, amax_out, 0);
+}
+
+// attn_decode for a sliding-window layer: the query at position p sees keys p − window < j ≤ p.
+template <typename KV, int CL>
+__global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 3 : 4) attn_decode_sw(
+        const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+        KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
+        const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
+        float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
+        __half* __restrict__ out, unsigned* __restrict__ amax_out, int window) {
+    attn_decode_body<KV, CL>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc, counters, out, amax_out, window);
 }
 
 // ================================================================= flash-decoding, GQA-shared
@@ -675,13 +774,15 @@ __device__ __forceinline__ void mma_f16_top(float& d0, float& d1, u32 a0, u32 a2
         : "+f"(d0), "+f"(d1) : "r"(a0), "r"(a2), "r"(b0), "r"(b1));
 }
 
+// window > 0 (attn_decode_gqa_sw): keys [lo, p) stream from the cache, lo = max(0, p − window + 1),
+// divided among the splits as [0, p) is without a window; window = 0: the code of before.
 template <typename KV, int DT>
-__global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa(
+__device__ __forceinline__ void attn_decode_gqa_body(
         const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
         KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
-        __half* __restrict__ out, unsigned* __restrict__ amax_out) {
+        __half* __restrict__ out, unsigned* __restrict__ amax_out, int window) {
     typedef GqLayout<DT, KV> L;
     constexpr bool KV8 = sizeof(KV) == 1;
     constexpr int ES = sizeof(KV);
@@ -706,10 +807,11 @@ __global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     // lens is fixed for a whole step (cuda/pdl.cuh): keys [0, n) stream from the cache, n = p
     const int len = lens[b], p = len - 1, n = p;
-    const int per = (n + NS - 1) / NS;
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;          // keys [lo, n) stream (window: p's)
+    const int per = (n - lo + NS - 1) / NS;
     const int chunk = max(GQ_WARPS * GQ_STEP, (per + GQ_STEP - 1) / GQ_STEP * GQ_STEP);
-    const int active = n > 0 ? (n + chunk - 1) / chunk : 1;          // splits holding keys (split 0: p too)
-    const int c0 = sp * chunk, c1 = min(n, c0 + chunk);
+    const int active = n > lo ? (n - lo + chunk - 1) / chunk : 1;    // splits holding keys (split 0: p too)
+    const int c0 = lo + sp * chunk, c1 = min(n, c0 + chunk);
     const int nsteps = c0 < c1 ? (c1 - c0 + GQ_STEP - 1) / GQ_STEP : 0;
     const int mine = nsteps > warp ? (nsteps - warp + GQ_WARPS - 1) / GQ_WARPS : 0;   // steps warp, warp + W, ...
     const size_t row0 = (size_t)b * cap * Hkv + kvh;     // row of key k: row0 + k·Hkv (scales: the same index)
@@ -968,4 +1070,25 @@ __global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa(
         am = nan_max(am, fabsf(__half2float(o16)));
     }
     out_amax(am, amax_out, b);
+}
+
+template <typename KV, int DT>
+__global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa(
+        const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+        KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
+        const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
+        float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
+        __half* __restrict__ out, unsigned* __restrict__ amax_out) {
+    attn_decode_gqa_body<KV, DT>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc, counters, out, amax_out, 0);
+}
+
+// attn_decode_gqa for a sliding-window layer (the keys of attn_decode_sw).
+template <typename KV, int DT>
+__global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa_sw(
+        const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+        KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
+        const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
+        float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
+        __half* __restrict__ out, unsigned* __restrict__ amax_out, int window) {
+    attn_decode_gqa_body<KV, DT>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc, counters, out, amax_out, window);
 }

@@ -92,13 +92,14 @@ add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const flo
 }
 
 // grid (M·CL), clusters of CL, block ≤ 1024. gu is the fused gate|up GEMM output (M, 2I):
-// m = silu(gate) * up. il: gate and up interleaved per 16 columns (8 gate channels, then the
-// same 8 up channels: ops_cuda.interleave_rows), else gate is columns 0..I-1 and up I..2I-1.
-// A chunk (VEC ≤ 8 elements, 8 % VEC == 0) lies within one run of 8 channels.
-template <int PER, int CL, int VEC>
-__global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
-silu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __restrict__ static_scale,
-               signed char* __restrict__ x8, int ld, float* __restrict__ sx, __half* __restrict__ mh, int il) {
+// m = silu(gate) * up (gelu_mul_quant: gelu_tanh(gate) * up, Gemma's GeGLU). il: gate and up
+// interleaved per 16 columns (8 gate channels, then the same 8 up channels: ops_cuda.interleave_rows),
+// else gate is columns 0..I-1 and up I..2I-1. A chunk (VEC ≤ 8 elements, 8 % VEC == 0) lies within
+// one run of 8 channels. The two kernels share this body (ACT: rows.cuh act_mul).
+template <int ACT, int PER, int CL, int VEC>
+__device__ __forceinline__ void act_mul_row(const __half* __restrict__ gu, int I, int mode,
+                                            const float* __restrict__ static_scale, signed char* __restrict__ x8,
+                                            int ld, float* __restrict__ sx, __half* __restrict__ mh, int il) {
     RowTeam<CL> team;
     pdl_enter();
     const __half* g = gu + (size_t)team.row * 2 * I;
@@ -108,7 +109,7 @@ silu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __re
         for (int i = 0; i < PER; ++i) {
             const int j = team.tid + i * team.T;
             const int jg = il ? ((j >> 3) << 4) + (j & 7) : j, ju = il ? jg + 8 : j + I;
-            v[i] = j < I ? silu_mul(__half2float(g[jg]), __half2float(g[ju])) : 0.f;
+            v[i] = j < I ? act_mul<ACT>(__half2float(g[jg]), __half2float(g[ju])) : 0.f;
         }
     } else {
 #pragma unroll
@@ -121,11 +122,96 @@ silu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __re
                 load_vec<VEC>(g + ju, uv);
             }
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) v[c * VEC + e] = j < I ? silu_mul(gv[e], uv[e]) : 0.f;
+            for (int e = 0; e < VEC; ++e) v[c * VEC + e] = j < I ? act_mul<ACT>(gv[e], uv[e]) : 0.f;
         }
     }
     store_row<PER, CL, VEC>(v, I, mode, static_scale, x8, ld, sx, mh, team);
     team.finish();
+}
+
+template <int PER, int CL, int VEC>
+__global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
+silu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __restrict__ static_scale,
+               signed char* __restrict__ x8, int ld, float* __restrict__ sx, __half* __restrict__ mh, int il) {
+    act_mul_row<ACT_SILU, PER, CL, VEC>(gu, I, mode, static_scale, x8, ld, sx, mh, il);
+}
+
+template <int PER, int CL, int VEC>
+__global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
+gelu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __restrict__ static_scale,
+               signed char* __restrict__ x8, int ld, float* __restrict__ sx, __half* __restrict__ mh, int il) {
+    act_mul_row<ACT_GELU_TANH, PER, CL, VEC>(gu, I, mode, static_scale, x8, ld, sx, mh, il);
+}
+
+// grid (M·CL), clusters of CL, block ≤ 1024. h += RMSNorm(y)·w: a sublayer's output y (the o or
+// down GEMM's, (M, H) fp16) normed before the residual add (Gemma 3's post-attention and
+// post-feedforward norms, config.sandwich_norm); add_rmsnorm_quant (y null) then norms h for the
+// next sublayer. The norm of y in float32 as add_rmsnorm_quant's of h.
+template <int PER, int CL, int VEC>
+__global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
+norm_add_rows(float* __restrict__ h, const __half* __restrict__ y, const float* __restrict__ w, int H, float eps) {
+    RowTeam<CL> team;
+    constexpr int NC = PER / VEC;
+    float wv[PER];                  // the norm weight is no kernel's output: read before the PDL wait
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+        const int j = chunk_col<VEC>(team, c);
+        if (j < H) load_vec<VEC>(w + j, &wv[c * VEC]);
+        else zero_vec<VEC>(&wv[c * VEC]);
+    }
+    pdl_enter();
+    const __half* yr = y + (size_t)team.row * H;
+    float* row = h + (size_t)team.row * H;
+    float v[PER];
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+        const int j = chunk_col<VEC>(team, c);
+        if (j < H) load_vec<VEC>(yr + j, &v[c * VEC]);
+        else zero_vec<VEC>(&v[c * VEC]);
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) ss += v[i] * v[i];
+    const float ms = team.template reduce<false>(ss, 0) / H;
+    const float rstd = ms <= FLT_MAX_F ? 1.f / sqrtf(ms + eps) : QNAN;
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+        const int j = chunk_col<VEC>(team, c);
+        if (j < H) {
+            float hv[VEC];
+            load_vec<VEC>(row + j, hv);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) hv[e] += (v[c * VEC + e] * rstd) * wv[c * VEC + e];
+            store_vec<VEC>(row + j, hv);
+        }
+    }
+    team.finish();
+}
+
+// grid (M, ⌈N / 256⌉), block 256: y[m, n] += bias[n] for y (M, N) row-major (fp16: rounded once):
+// the biases of the o, gate|up and down linears where a config has them (Llama's attention_bias,
+// mlp_bias); q|k|v's go through qk_norm_bias (cuda/attention.cu).
+template <typename T>
+__global__ void __launch_bounds__(256) add_bias(T* __restrict__ y, const float* __restrict__ bias, int N) {
+    const int n = blockIdx.y * blockDim.x + threadIdx.x;
+    const float b = n < N ? bias[n] : 0.f;       // a weight: read before the PDL wait
+    pdl_enter();
+    if (n >= N) return;
+    T* p = y + (size_t)blockIdx.x * N + n;
+    from_float(*p, to_float(*p) + b);
+}
+
+// grid (M, ⌈H / 256⌉), block 256: h[m] = emb[tok[m]]·scale, the scaled embedding (Gemma: √H, in
+// float32 from the fp16 table). add_rmsnorm_quant gathers an unscaled embedding itself.
+// max(., 0): a SAMPLE_NONFINITE (-1) token reads row 0 (see add_rmsnorm_quant).
+template <typename T>
+__global__ void __launch_bounds__(256) embed_rows(float* __restrict__ h, const T* __restrict__ emb,
+                                                  const int* __restrict__ tok, int H, float scale) {
+    pdl_enter();
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= H) return;
+    const size_t t = (size_t)max(tok[blockIdx.x], 0);
+    h[(size_t)blockIdx.x * H + j] = to_float(emb[t * H + j]) * scale;
 }
 
 // grid (M·CL), clusters of CL, block ≤ 1024. Quantize fp16 rows (the attention output

@@ -76,6 +76,18 @@ __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(
 
 // SiLU(g)·u of the MLP, one definition for silu_mul_quant and the SiLU GEMV epilogue (bit-equal).
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+// GELU(g)·u of Gemma's GeGLU MLP, GELU's tanh approximation (transformers' gelu_pytorch_tanh,
+// engine/model/ops_ref.py gelu_tanh): 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))), tanhf (not a
+// fast approximation: its error would be ~1e-3 where the fp16 inputs hold 5e-4).
+__device__ __forceinline__ float gelu_tanh_mul(float g, float u) {
+    return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
+}
+#define ACT_SILU 0
+#define ACT_GELU_TANH 1
+template <int ACT>
+__device__ __forceinline__ float act_mul(float g, float u) {
+    return ACT == ACT_GELU_TANH ? gelu_tanh_mul(g, u) : silu_mul(g, u);
+}
 
 // Scale for one row from its absmax (dynamic) or the static scale; NaN when the absmax is not
 // finite (a NaN or Inf in the row), in both modes.

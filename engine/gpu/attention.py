@@ -6,6 +6,12 @@ write, flash-decoding and the merge of the splits in one launch). The cache is f
 int8 with one float32 scale per token and kv head (kv8). The launchers take the kernel's
 parameters as keywords (gpu/kargs.py checks the names).
 
+The families' attention (compiled on first use: ATTN_FAMILY, a second module of attention.cu):
+qk_norm_bias (q|k|v biases and per-head q/k RMSNorm, in place on the qkv output before RoPE);
+the sliding-window layers' attn_prefill_sw, attn_decode_sw, attn_decode_gqa_sw (the same
+kernels with a window: `window=` of the attn_prefill and attn_decode launchers, 0 for none).
+A layer's RoPE tables and the attention scale are arguments already (cos_t, sin_t; scale).
+
 Decode has two kernels with one parameter list, chosen by DECODE_KERNEL (flags.ATTN_DECODE,
 DGQ_ATTN_DECODE): "gqa", attn_decode_gqa (a block per split of the sequence, kv head and
 group of ≤ 8 query heads: each K/V row loaded once per kv head, tensor-core scores, the grid
@@ -25,6 +31,12 @@ ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in ATTENTION.kv_types]
                    + [f"attn_decode_gqa<{t}, {d}>" for t in ATTENTION.kv_types for d in ATTENTION.head_dims]
                    + [f"attn_prefill<{d}, {t}>" for d in ATTENTION.head_dims for t in ATTENTION.kv_types])
 ATTN = kargs.KernelFile("attention.cu", ATTN_EXPRS)
+ATTN_FAMILY_EXPRS = tuple([f"qk_norm_bias<{d}>" for d in ATTENTION.head_dims]
+                          + [f"attn_decode_sw<{t}, {cl}>" for t in ATTENTION.kv_types
+                             for cl in (0,) + ATTENTION.decode_clusters]
+                          + [f"attn_decode_gqa_sw<{t}, {d}>" for t in ATTENTION.kv_types for d in ATTENTION.head_dims]
+                          + [f"attn_prefill_sw<{d}, {t}>" for d in ATTENTION.head_dims for t in ATTENTION.kv_types])
+ATTN_FAMILY = kargs.KernelFile("attention.cu", ATTN_FAMILY_EXPRS)
 
 DECODE_KERNELS = ("gqa", "heads")
 if flags.ATTN_DECODE not in DECODE_KERNELS:
@@ -59,9 +71,22 @@ def prefill_smem(d: int, kv8: bool) -> int:
     return 4 * bn * (d + 8) * 2 + (4 * bn * d if kv8 else 0)
 
 
-def prefill_scale(d: int) -> float:
-    """attn_prefill's scale_log2: the softmax scale 1/√d times log2(e) (the kernel uses exp2)."""
-    return np.log2(np.e) / np.sqrt(d)
+def prefill_scale(d: int, scalar: float | None = None) -> float:
+    """attn_prefill's scale_log2: the softmax scale 1/√d (1/√scalar: Gemma's query_pre_attn_scalar)
+    times log2(e) (the kernel uses exp2)."""
+    return np.log2(np.e) / np.sqrt(d if scalar is None else scalar)
+
+
+def decode_scale(d: int, scalar: float | None = None) -> float:
+    """attn_decode's scale: 1/√d, or 1/√scalar (config.query_pre_attn_scalar)."""
+    return 1.0 / np.sqrt(d if scalar is None else scalar)
+
+
+def qk_norm_bias(rows: int, qkv, Hq: int, Hkv: int, D: int, bias, qw, kw, eps: float):
+    """In place on qkv (rows, (Hq + 2·Hkv)·D) fp16: + bias (None: no bias), then RMSNorm of each q
+    head times qw and each k head times kw (None: no norm), before RoPE (cuda/attention.cu)."""
+    kargs.launch(ATTN_FAMILY, f"qk_norm_bias<{D}>", (rows, -(-(Hq + 2 * Hkv) // ATTENTION.rope_heads)),
+                 (ATTENTION.threads,), qkv=qkv, Hq=Hq, Hkv=Hkv, bias=bias, qw=qw, kw=kw, eps=eps)
 
 
 @kargs.launcher("rope_qkv_cache")
@@ -73,10 +98,14 @@ def rope_qkv_cache(rows: int, **args):
 
 
 @kargs.launcher("attn_prefill")
-def attn_prefill(**args):
+def attn_prefill(window: int = 0, **args):
     """out[:t] (t, Hq·D) fp16 = causal GQA of q[:t] (t, Hq, D) at positions start..start+t-1
     against the first start+t positions of sequence seq in one layer's cache kc, vc
-    (B, cap, Hkv, D) — fp16, or int8 with scales ks, vs (B, cap, Hkv) (read only then)."""
+    (B, cap, Hkv, D) — fp16, or int8 with scales ks, vs (B, cap, Hkv) (read only then).
+    window > 0: a sliding-window layer (attn_prefill_sw), query i sees the keys after
+    start + i − window only."""
+    if window > 0:
+        return _prefill_sw("attn_prefill", window, args)
     kc = args["kc"]
     d = kc.shape[-1]
     expr = f"attn_prefill<{d}, {kv_type(kc)}>"
@@ -89,19 +118,43 @@ def attn_prefill(**args):
     return args["out"]
 
 
+def _prefill_sw(kernel: str, window: int, args: dict):
+    """attn_prefill_sw for the launcher of `kernel` (attn_prefill): its parameters and `window`."""
+    kc = args["kc"]
+    d = kc.shape[-1]
+    smem = prefill_smem(d, kc.dtype.itemsize == 1)
+    fn = kargs.function(ATTN_FAMILY, f"attn_prefill_sw<{d}, {kv_type(kc)}>")
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    kargs.launch(ATTN_FAMILY, f"attn_prefill_sw<{d}, {kv_type(kc)}>", (-(-args["t"] // ATTENTION.prefill_bm),
+                 args["Hq"]), (ATTENTION.threads,), shared_mem=smem, window=window, **args)
+    return args["out"]
+
+
 @kargs.launcher("attn_decode")
-def attn_decode(batch: int, nsplit: int, cl: int, **args):
+def attn_decode(batch: int, nsplit: int, cl: int, window: int = 0, **args):
     """One decode step's attention for `batch` sequences (cuda/attention.cu): RoPE, cache
     write, flash-decoding and the merge of the splits. DECODE_KERNEL "heads": attn_decode over
     nsplit splits of DEC_CHUNK keys a query head, merged through a cluster of cl CTAs (sm_90) or
     global memory (cl = 0: part_ml, part_acc, counters); "gqa": attn_decode_gqa over
     gqa_splits(...) ≤ nsplit splits a kv head group (cl unused), in the same scratch (sized for
-    nsplit by the caller: (B·Hq·nsplit·2,), (B·Hq·nsplit·D,) and (B·Hq,))."""
+    nsplit by the caller: (B·Hq·nsplit·2,), (B·Hq·nsplit·D,) and (B·Hq,)). window > 0: a
+    sliding-window layer (attn_decode_sw, attn_decode_gqa_sw): the new token at p sees the keys
+    after p − window only."""
     if DECODE_KERNEL == "gqa":
-        _decode_gqa("attn_decode", batch, nsplit, args)
+        _decode_gqa("attn_decode", batch, nsplit, args, window)
+        return
+    if window > 0:
+        _decode_heads_sw("attn_decode", batch, nsplit, cl, window, args)
         return
     kargs.launch(ATTN, f"attn_decode<{kv_type(args['kc'])}, {cl}>", (batch, args["Hq"], cl or nsplit),
                  (ATTENTION.threads,), **args)
+
+
+def _decode_heads_sw(kernel: str, batch: int, nsplit: int, cl: int, window: int, args: dict):
+    """attn_decode_sw for the launcher of `kernel` (attn_decode): its grid, and `window`."""
+    kargs.launch(ATTN_FAMILY, f"attn_decode_sw<{kv_type(args['kc'])}, {cl}>", (batch, args["Hq"], cl or nsplit),
+                 (ATTENTION.threads,), window=window, **args)
 
 
 def gqa_smem(d: int, kv8: bool) -> int:
@@ -135,23 +188,30 @@ def gqa_splits(batch: int, hq: int, hkv: int, d: int, kv8: bool, nsplit: int, sm
     return int(max(1, min(ns, ATTENTION.gqa_max_splits, nsplit)))
 
 
-def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict):
+def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict, window: int = 0):
     """attn_decode_gqa for the launcher of `kernel` (attn_decode): the same parameters
-    (tests/test_decode_attention.py holds the two lists equal), its own grid and shared memory."""
+    (tests/test_decode_attention.py holds the two lists equal), its own grid and shared memory;
+    window > 0: attn_decode_gqa_sw."""
     kc, d = args["kc"], args["D"]
     kv8 = kc.dtype.itemsize == 1
-    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit)
+    sw = window > 0
+    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit, sw)
     hit = _GQA_LAUNCH.get(key)
     if hit is None:
         info = kernels.device_info()
         ns = gqa_splits(batch, args["Hq"], args["Hkv"], d, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024)
         kvt, smem = kv_type(kc), gqa_smem(d, kv8)
-        fn = kargs.function(ATTN, f"attn_decode_gqa<{kvt}, {d}>")
+        fn = (kargs.function(ATTN_FAMILY, f"attn_decode_gqa_sw<{kvt}, {d}>") if sw
+              else kargs.function(ATTN, f"attn_decode_gqa<{kvt}, {d}>"))
         if fn.max_dynamic_shared_size_bytes < smem:      # > 48 KB: opt in (before any capture)
             fn.max_dynamic_shared_size_bytes = smem
         hit = _GQA_LAUNCH[key] = (kvt, (ns, args["Hkv"] * gqa_groups(args["Hq"], args["Hkv"]), batch), smem)
     kvt, grid, smem = hit
+    if sw:
+        kargs.launch(ATTN_FAMILY, f"attn_decode_gqa_sw<{kvt}, {d}>", grid, (ATTENTION.threads,), shared_mem=smem,
+                     window=window, **args)
+        return
     kargs.launch(ATTN, f"attn_decode_gqa<{kvt}, {d}>", grid, (ATTENTION.threads,), shared_mem=smem, **args)
 
 
-_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit) -> (cache type, grid, shared memory)
+_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed) -> (cache type, grid, shared memory)

@@ -49,7 +49,7 @@ class DecodeState:
     stream: object
     graph: object = None       # the captured step, built on first use
     workspace: object = None   # the split-K workspace the graph points into (kept alive)
-    rope: object = None        # the RoPE tables the graph points into (kept alive)
+    rope: object = None        # the RoPE tables the graph points into (CudaModel.ropes, kept alive)
 
 
 def new_state(model, cache: GpuKVCache) -> DecodeState:
@@ -74,11 +74,14 @@ def step(model, cache: GpuKVCache, st: DecodeState, with_tail: bool = True):
         if model._clusters else 0
 
     def attend(li, bb, amax=None):
-        # RoPE, cache write, flash-decoding and the merge in one launch (cuda/attention.cu)
-        attention.attn_decode(nb, st.nsplit, cl, qkv=bb.qkv, cos_t=model.cos, sin_t=model.sin, kc=cache.k[li],
-                              vc=cache.v[li], ks=cache.ks[li], vs=cache.vs[li], lens=st.lens, Hq=hq,
-                              Hkv=c.num_key_value_heads, D=d, cap=cache.capacity, scale=1.0 / np.sqrt(d),
-                              part_ml=st.ml, part_acc=st.acc, counters=st.counters, out=bb.a, amax_out=amax)
+        # RoPE, cache write, flash-decoding and the merge in one launch (cuda/attention.cu), with
+        # the layer's RoPE tables, window (0: none) and the model's attention scale
+        cos, sin = model.layer_rope[li]
+        attention.attn_decode(nb, st.nsplit, cl, window=model.layers[li].window, qkv=bb.qkv, cos_t=cos,
+                              sin_t=sin, kc=cache.k[li], vc=cache.v[li], ks=cache.ks[li], vs=cache.vs[li],
+                              lens=st.lens, Hq=hq, Hkv=c.num_key_value_heads, D=d, cap=cache.capacity,
+                              scale=model._decode_scale, part_ml=st.ml, part_acc=st.acc, counters=st.counters,
+                              out=bb.a, amax_out=amax)
 
     y = model._layers(b, nb, cache, attend, st.tok, decode=True)   # the first norm gathers the embeddings
     model._head(b, y, slice(0, nb), nb, lm_head=False)
@@ -148,7 +151,7 @@ def decode(model, cache: GpuKVCache, last_tokens, n_steps: int, temperature: flo
                         finally:
                             graph = stream.end_capture()
                     st.graph = graph
-                    st.rope = (model.cos, model.sin)   # the tables it reads, should the model grow them
+                    st.rope = model.ropes   # the tables it reads, should the model grow them
                     # the graph holds the split-K workspace's pointers: keep those arrays
                     # alive even if a later, larger GEMM makes ops_cuda allocate new ones
                     st.workspace = ops_cuda._WS.get(cp.cuda.Device().id)

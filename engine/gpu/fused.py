@@ -3,6 +3,9 @@
 Name triplets (reference ↔ kernel ↔ launcher): the NumPy model's RMSNorm + formats.quantize_act_ref ↔
 add_rmsnorm_quant; silu·up + quantize ↔ silu_mul_quant; quantize_act_ref ↔ quant_rows,
 quant_amax; x @ w.T ↔ gemv_f16_m<MT> (matmul_f16) and gemv_w8_m<MT> (matmul_w8).
+The families' extras (engine/model/llama.py layer_forward, compiled only for a model that uses
+them: FAMILY): gelu_tanh·up + quantize ↔ gelu_mul_quant; the sandwich norm h + rmsnorm(y)·w ↔
+norm_add_rows; y + b ↔ add_bias; embed_tokens with config.embed_scale ↔ embed_rows.
 
 A row kernel handles one row of `width` values per CTA, or per cluster of CTAs on sm_90
 (cuda/rows.cuh RowTeam); `row_launch` picks the instantiation <PER, CL, VEC> and the block.
@@ -26,13 +29,22 @@ FUSED_EXPRS = tuple(f"{k}<{p}, {cl}, 1>" for k in ROW_KERNELS for cl in _V.clust
     f"{k}<{p}, 1, {min(p, _V.max_vec)}>" for k in ROW_KERNELS for p in _V.pers if p >= 4
 ) + ("quant_amax<float>", "quant_amax<__half>")
 FUSED = kargs.KernelFile("fused.cu", FUSED_EXPRS)
+# The families' kernels: a second module of fused.cu, compiled on the first launch (a Llama model
+# never builds it). The row kernels come in the instantiations of ROW_KERNELS.
+FAMILY_ROW_KERNELS = ("gelu_mul_quant", "norm_add_rows")
+FAMILY_EXPRS = tuple(f"{k}<{p}, {cl}, 1>" for k in FAMILY_ROW_KERNELS for cl in _V.clusters
+                     for p in (_V.pers if cl == 1 else _V.cluster_pers)) + tuple(
+    f"{k}<{p}, 1, {min(p, _V.max_vec)}>" for k in FAMILY_ROW_KERNELS for p in _V.pers if p >= 4
+) + ("add_bias<__half>", "embed_rows<__half>")
+FAMILY = kargs.KernelFile("fused.cu", FAMILY_EXPRS)
 
 # the parameter holding each row kernel's width, and the arrays it reads or writes row by
 # row (wide accesses need each to start 32-byte aligned; sx and the like are read or
 # written one value at a time)
-ROW_WIDTH = {"add_rmsnorm_quant": "H", "silu_mul_quant": "I", "quant_rows": "K"}
+ROW_WIDTH = {"add_rmsnorm_quant": "H", "silu_mul_quant": "I", "quant_rows": "K",
+             "gelu_mul_quant": "I", "norm_add_rows": "H"}
 ROW_ARRAYS = {"add_rmsnorm_quant": ("h", "y", "w", "x8", "xh", "emb"), "silu_mul_quant": ("gu", "x8", "mh"),
-              "quant_rows": ("x", "x8")}
+              "quant_rows": ("x", "x8"), "gelu_mul_quant": ("gu", "x8", "mh"), "norm_add_rows": ("h", "y", "w")}
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,12 @@ def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = 
     to ROWS.per_many, past which the 1024-thread rule applies. vec (one CTA a row, and the
     caller has checked that every row starts 32-byte aligned): VEC = min(PER, ROWS.vec) when
     PER ≥ 4 and VEC divides the width, else 1."""
+    per, threads, v = row_dims(name, width, cl, cap, vec)
+    return f"{name}<{per}, {cl}, {v}>", threads
+
+
+def row_dims(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = False) -> tuple[int, int, int]:
+    """(PER, threads, VEC) of row_launch."""
     if cl not in _V.clusters:
         raise BackendError(f"{name} runs on clusters of {_V.clusters} CTAs, not {cl}")
     share = -(-width // cl)
@@ -73,7 +91,7 @@ def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = 
     threads = min(1024, 32 * -(-share // (32 * per)))
     v = min(per, ROWS.vec) if vec and cl == 1 and per >= 4 else 1
     v = v if width % v == 0 else 1
-    return f"{name}<{per}, {cl}, {v}>", threads
+    return per, threads, v
 
 
 _ROW_LAUNCHES: dict[tuple, tuple[str, int]] = {}
@@ -89,26 +107,38 @@ def _row_launch(name: str, width: int, cl: int, cap: int, vec: bool) -> tuple[st
     return hit
 
 
-def _row(name: str, rows: int, shape: RowShape | None, args: dict):
-    """One row kernel over `rows` rows. shape None: the engine's choice. A cluster shares a
-    row while the rows alone leave SMs idle (decode); a prefill's thousands of rows fill the
-    GPU one CTA each (H100, 7B, 2048 tokens: silu_mul_quant on clusters of 8 took 293 µs a
-    launch, 7.7× its bytes at copy bandwidth), with wide accesses where every array starts
-    32-byte aligned and every int8 row 8-byte aligned."""
+def _row_shape(name: str, rows: int, shape: RowShape | None, args: dict) -> tuple[int, int, bool]:
+    """(cl, cap, vec) of a row kernel over `rows` rows. shape None: the engine's choice. A
+    cluster shares a row while the rows alone leave SMs idle (decode); a prefill's thousands of
+    rows fill the GPU one CTA each (H100, 7B, 2048 tokens: silu_mul_quant on clusters of 8 took
+    293 µs a launch, 7.7× its bytes at copy bandwidth), with wide accesses where every array
+    starts 32-byte aligned and every int8 row 8-byte aligned."""
+    if shape is not None:
+        return shape.cl, shape.cap, shape.vec
     width = args[ROW_WIDTH[name]]
-    if shape is None:
-        info = kernels.device_info()
-        few = rows < info["sm_count"]
-        cl = row_cluster(width, ROWS.cta_width_by_kernel.get(name)) if info["cc"] >= 90 and few else 1
-        ld = None if args["mode"] == MODE["fp16"] else args["ld"]    # fp16 mode writes no int8 row
-        cp = cupy_or_none()
-        vec = not few and (ld is None or ld % 8 == 0) and all(
-            args[a].data.ptr % 32 == 0 for a in ROW_ARRAYS[name] if isinstance(args[a], cp.ndarray))
-        cap = 1024 if few else ROWS.threads_many
-    else:
-        cl, cap, vec = shape.cl, shape.cap, shape.vec
-    expr, threads = _row_launch(name, width, cl, cap, vec)
+    info = kernels.device_info()
+    few = rows < info["sm_count"]
+    cl = row_cluster(width, ROWS.cta_width_by_kernel.get(name)) if info["cc"] >= 90 and few else 1
+    # fp16 mode (and a kernel without modes) writes no int8 row
+    ld = None if args.get("mode", MODE["fp16"]) == MODE["fp16"] else args["ld"]
+    cp = cupy_or_none()
+    vec = not few and (ld is None or ld % 8 == 0) and all(
+        args[a].data.ptr % 32 == 0 for a in ROW_ARRAYS[name] if isinstance(args[a], cp.ndarray))
+    return cl, 1024 if few else ROWS.threads_many, vec
+
+
+def _row(name: str, rows: int, shape: RowShape | None, args: dict):
+    """One row kernel over `rows` rows (_row_shape)."""
+    cl, cap, vec = _row_shape(name, rows, shape, args)
+    expr, threads = _row_launch(name, args[ROW_WIDTH[name]], cl, cap, vec)
     kargs.launch(FUSED, expr, (rows * cl,), (threads,), **args)
+
+
+def _family_row(name: str, rows: int, shape: RowShape | None, args: dict) -> tuple[int, int, int, int]:
+    """(PER, CL, VEC, threads) of a FAMILY row kernel, chosen as _row chooses."""
+    cl, cap, vec = _row_shape(name, rows, shape, args)
+    per, threads, v = row_dims(name, args[ROW_WIDTH[name]], cl, cap, vec)
+    return per, cl, v, threads
 
 
 @kargs.launcher("add_rmsnorm_quant")
@@ -138,6 +168,38 @@ def quant_amax(rows: int, **args):
     tells a non-finite row), `static_scale` the static scale. No reduction."""
     kind = "float" if args["x"].dtype == np.float32 else "__half"
     kargs.launch(FUSED, f"quant_amax<{kind}>", (-(-args["ld"] // 1024), rows), (256,), **args)
+
+
+# ------------------------------------------------------------------ the families' kernels (FAMILY)
+# Plain functions, not @kargs.launcher: each launch names its keywords (gpu/kargs.py checks them).
+
+def gelu_mul_quant(rows: int, gu, I: int, mode: int, static_scale, x8, ld: int, sx, mh, il: int,
+                   shape: RowShape | None = None):
+    """silu_mul_quant with GELU (tanh) for SiLU: gelu_tanh(gate)·up of gu (rows, 2I), quantized
+    into x8/sx or written to mh (fp16 mode): Gemma's GeGLU."""
+    per, cl, v, threads = _family_row("gelu_mul_quant", rows, shape, {"I": I, "mode": mode, "ld": ld, "gu": gu,
+                                                                        "x8": x8, "mh": mh})
+    kargs.launch(FAMILY, f"gelu_mul_quant<{per}, {cl}, {v}>", (rows * cl,), (threads,), gu=gu, I=I, mode=mode,
+                 static_scale=static_scale, x8=x8, ld=ld, sx=sx, mh=mh, il=il)
+
+
+def norm_add_rows(rows: int, h, y, w, H: int, eps: float, shape: RowShape | None = None):
+    """h (rows, H) float32 += RMSNorm(y)·w for y (rows, H) fp16: a sublayer output's norm
+    before the residual add (config.sandwich_norm)."""
+    per, cl, v, threads = _family_row("norm_add_rows", rows, shape, {"H": H, "h": h, "y": y, "w": w})
+    kargs.launch(FAMILY, f"norm_add_rows<{per}, {cl}, {v}>", (rows * cl,), (threads,), h=h, y=y, w=w, H=H,
+                 eps=eps)
+
+
+def add_bias(rows: int, y, bias, N: int):
+    """y (rows, N) fp16 += bias (N,) float32."""
+    kargs.launch(FAMILY, "add_bias<__half>", (rows, -(-N // 256)), (256,), y=y, bias=bias, N=N)
+
+
+def embed_rows(rows: int, h, emb, tok, H: int, scale: float):
+    """h (rows, H) float32 = emb[tok] (fp16 table (V, H)) · scale (config.embed_scale)."""
+    kargs.launch(FAMILY, "embed_rows<__half>", (rows, -(-H // 256)), (256,), h=h, emb=emb, tok=tok, H=H,
+                 scale=scale)
 
 
 def matmul_f16(cp, x, w, out):

@@ -1,4 +1,4 @@
-"""The GPU engine: the same Llama forward as engine/model/llama.py on CuPy, with fused kernels.
+"""The GPU engine: the same forward as engine/model/llama.py (every family) on CuPy, with fused kernels.
 
 Per layer and step: add_rmsnorm_quant (the previous sublayer's residual add unless the GEMV
 did it, RMSNorm, INT8 quantization) → fused qkv A8W4 GEMM → attention (gpu/attention.py:
@@ -15,6 +15,17 @@ or INT8 with one float32 scale per token and kv head (kv8). Layers whose weights
 the same steps with FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 8 rows, so their
 decode step is graphed too): that is "our FP16 path", the in-run speed baseline.
 
+The families (engine/io/config.py features()) add launches only where a config asks for them
+(GpuLayer's extras): qk_norm_bias after the qkv GEMM (q|k|v biases, per-head q/k norms, before
+RoPE); add_bias after the o, gate|up and down GEMMs that carry biases; gelu_mul_quant for
+silu_mul_quant (GeGLU); norm_add_rows for the residual add of a sandwich layer (Gemma 3: the
+sublayer output normed first, then add_rmsnorm_quant norms h with no add); embed_rows for a
+scaled embedding (the first norm then reads h); the sliding-window attention kernels for a
+windowed layer; each layer's RoPE tables (config.rope_params: its base and scaling; one pair
+per distinct kind) and the attention scale (query_pre_attn_scalar). A sandwich layer or a bias
+on o or down keeps the o and down GEMVs from adding into h (_fold_resid); GeGLU or a gate|up
+bias keeps the decode step off the SiLU GEMV (_fold_quant).
+
 The decode step, its device state and its CUDA graph live in gpu/decode.py; the kernels'
 launchers in gpu/fused.py, gpu/attention.py and gpu/ops.py; launch choices in gpu/tuning.py.
 """
@@ -24,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..io.config import rope_inv_freq
 from ..io.layout import ModelError, ModelWeights
 from ..model.llama import check_tokens
 from . import attention, fused, kernels, launch
@@ -34,21 +46,64 @@ from .backend import BackendError, require_cupy
 from .cache import Buffers, GpuKVCache
 from .fused import MODE
 from .linear import GpuLinear, to_f16
-from .tuning import DECODE, GEMM, GEMV_F16
+from .tuning import ATTENTION, DECODE, GEMM, GEMV_F16
 
 
 @dataclass
 class GpuLayer:
-    """One decoder layer on the GPU: the two norm weights (float32) and the fused linears."""
+    """One decoder layer on the GPU: the two norm weights (float32) and the fused linears, and
+    the family's extras (engine/io/layout.py LayerWeights; None where the config has none)."""
     attn_norm: object      # (H,) float32
     mlp_norm: object       # (H,) float32
     qkv: GpuLinear         # q|k|v
     o: GpuLinear
     gu: GpuLinear          # gate|up, rows interleaved for the SiLU GEMV where it can run
     down: GpuLinear
+    qkv_bias: object = None       # ((Hq + 2·Hkv)·D,) float32, zeros for a linear without one
+    q_norm: object = None         # (D,) float32
+    k_norm: object = None         # (D,) float32
+    o_bias: object = None         # (H,) float32
+    gu_bias: object = None        # (2I,) float32 in gu's row order
+    down_bias: object = None      # (H,) float32
+    attn_out_norm: object = None  # (H,) float32, the sandwich norms
+    mlp_out_norm: object = None   # (H,) float32
+    window: int = 0               # sliding window (config.window); 0: every earlier key
 
     def linears(self) -> tuple:
         return (self.qkv, self.o, self.gu, self.down)
+
+    def extras(self) -> tuple:
+        """The family's arrays this layer holds."""
+        return tuple(a for a in (self.qkv_bias, self.q_norm, self.k_norm, self.o_bias, self.gu_bias,
+                                 self.down_bias, self.attn_out_norm, self.mlp_out_norm) if a is not None)
+
+
+def _f32(cp, a):
+    return None if a is None else cp.asarray(a, dtype=cp.float32)
+
+
+def _bias(cp, L, names, sizes, rows=None):
+    """The biases of the linears `names` fused into one GEMM ((Σ sizes,) float32, zeros for a
+    linear without one, in the GEMM's row order `rows`), or None when none of them has one."""
+    if not any(n in L.bias for n in names):
+        return None
+    b = np.concatenate([np.asarray(L.bias[n], np.float32) if n in L.bias else np.zeros(k, np.float32)
+                        for n, k in zip(names, sizes)])
+    return cp.asarray(b if rows is None else b[rows])
+
+
+def layer_extras(cp, c, L, li: int, gu: GpuLinear) -> dict:
+    """GpuLayer's extras of layer li (engine/io/layout.py LayerWeights L) on the device."""
+    inter = c.intermediate_size
+    return dict(
+        qkv_bias=_bias(cp, L, ("q", "k", "v"), (c.q_size, c.kv_size, c.kv_size)),
+        q_norm=_f32(cp, L.q_norm), k_norm=_f32(cp, L.k_norm),
+        o_bias=_bias(cp, L, ("o",), (c.hidden_size,)),
+        gu_bias=_bias(cp, L, ("gate", "up"), (inter, inter),
+                      ops_cuda.interleave_rows(2 * inter) if gu.interleaved else None),
+        down_bias=_bias(cp, L, ("down",), (c.hidden_size,)),
+        attn_out_norm=_f32(cp, L.attn_out_norm), mlp_out_norm=_f32(cp, L.mlp_out_norm),
+        window=c.window(li) or 0)
 
 
 @dataclass
@@ -66,18 +121,29 @@ class _Pass:
 ROPE_MIN_POSITIONS = 8192   # RoPE positions tabled at load; more when a larger cache is made
 
 
+def gpu_refusals(c) -> list[str]:
+    """What of config c the GPU engine cannot run, in words (empty: it runs). Every feature of
+    c.features() runs; the attention kernels take head_dim 64 or 128 only (Gemma 3's 256 not)."""
+    out = []
+    if c.head_dim not in ATTENTION.head_dims:
+        out.append(f"head_dim {c.head_dim} (the GPU attention kernels take head_dim "
+                   f"{' or '.join(map(str, ATTENTION.head_dims))})")
+    return out
+
+
 class CudaModel:
     """Runs ModelWeights on the GPU. Same forward() contract as engine.model.Model."""
 
     def __init__(self, weights: ModelWeights):
-        missing = weights.config.features()        # beyond the plain Llama layer: not in the kernels yet
+        c = weights.config
+        missing = gpu_refusals(c)
         if missing:
-            raise ModelError(f"the GPU engine does not run {weights.config.model_type} models yet: "
-                             f"{'; '.join(missing)} (run it with --device cpu)")
+            raise ModelError(f"the GPU engine does not run this {c.model_type} model: {'; '.join(missing)} "
+                             "(run it with --device cpu)")
         cp = require_cupy()
-        self.cp, self.config, c = cp, weights.config, weights.config
-        if c.head_dim not in (64, 128):
-            raise BackendError(f"the GPU attention kernels take head_dim 64 or 128, got {c.head_dim}")
+        self.cp, self.config = cp, c
+        for li, L in enumerate(weights.layers):
+            L.check(c, li)                  # its norms and biases are the ones the config names
         for width in (c.hidden_size, c.q_size, c.intermediate_size):
             fused.row_launch("rows", width)                 # raises for rows too wide
         self._clusters = kernels.device_info()["cc"] >= 90   # row kernels split wide rows over clusters
@@ -97,13 +163,15 @@ class CudaModel:
         self.layers = []
         hc = {}
         for i, L in enumerate(weights.layers):
+            gu = GpuLinear(cp, [L.gate, L.up], hc, interleave=True, name=f"layer {i} gate|up_proj")
             self.layers.append(GpuLayer(
                 attn_norm=cp.asarray(L.attn_norm, cp.float32), mlp_norm=cp.asarray(L.mlp_norm, cp.float32),
                 qkv=GpuLinear(cp, [L.q, L.k, L.v], hc, name=f"layer {i} q|k|v_proj"),
                 o=GpuLinear(cp, [L.o], hc, name=f"layer {i} o_proj"),
-                gu=GpuLinear(cp, [L.gate, L.up], hc, interleave=True, name=f"layer {i} gate|up_proj"),
-                down=GpuLinear(cp, [L.down], hc, name=f"layer {i} down_proj")))
+                gu=gu, down=GpuLinear(cp, [L.down], hc, name=f"layer {i} down_proj"),
+                **layer_extras(cp, c, L, i, gu)))
         del hc
+        self._family_plan()
         # widest int8/fp16 activation row: K padded to the GEMM's multiple of the group
         self._wide = max([c.hidden_size, c.intermediate_size, c.q_size] +
                          [g.kp for L in self.layers for g in L.linears()])
@@ -114,30 +182,50 @@ class CudaModel:
         self._all_a8w4 = all(g.packed is not None for L in self.layers for g in L.linears())
         # RoPE tables (P, D/2) for the positions the caches made so far hold (new_cache grows
         # them): sized by max_position_embeddings up front, a config of a 16M context
-        # (io/config.py MAX_CONTEXT) would take 8 GiB before the first token
-        self.cos = self.sin = None   # a captured decode graph keeps the pair it read (DecodeState.rope)
+        # (io/config.py MAX_CONTEXT) would take 8 GiB before the first token. One pair per kind
+        # of RoPE the layers use (config.rope_params: Gemma's local layers have their own base).
+        self._rope_keys = [c.rope_params(li) for li in range(c.num_hidden_layers)]
+        self.ropes = {}              # rope_params -> (cos, sin); a captured decode graph keeps those it read
+        self.cos = self.sin = None   # layer 0's pair (DecodeState.rope)
+        self.layer_rope = []         # (cos, sin) of each layer
         self._rope(min(c.max_position_embeddings, ROPE_MIN_POSITIONS))
         self._bufs = None
 
+    def _family_plan(self) -> None:
+        """What the family adds to the layer stack (module docstring): nothing for a Llama config."""
+        c = self.config
+        bias = set(c.linear_bias)
+        self._qk_prep = [L.qkv_bias is not None or L.q_norm is not None for L in self.layers]
+        self._geglu = c.hidden_act == "gelu_tanh"
+        self._fold_ok = not c.sandwich_norm and not bias & {"o", "down"}            # _fold_resid
+        self._silu_gemv_ok = c.hidden_act == "silu" and not bias & {"gate", "up"}   # _fold_quant
+        self._scale_log2 = attention.prefill_scale(c.head_dim, c.query_pre_attn_scalar)
+        self._decode_scale = attention.decode_scale(c.head_dim, c.query_pre_attn_scalar)
+
     def _rope(self, positions: int) -> None:
         """cos/sin tables covering at least `positions` positions (grown geometrically, up to the
-        context), built in float64 on the host; both replaced together or neither (an OOM)."""
-        have = 0 if self.cos is None else self.cos.shape[0]        # cos and sin always match
+        context), built in float64 on the host as the NumPy model's (config.rope_inv_freq, its
+        scaling included); all replaced together or none (an OOM)."""
+        have = 0 if self.cos is None else self.cos.shape[0]        # every table has as many rows
         if have >= positions:
             return
         c, cp = self.config, self.cp
         positions = min(max(positions, 2 * have), c.max_position_embeddings)
-        inv = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
-        ang = np.outer(np.arange(positions, dtype=np.float64), inv)  # (P, D/2)
-        cos = cp.asarray(np.cos(ang), dtype=cp.float32)
-        sin = cp.asarray(np.sin(ang), dtype=cp.float32)
-        self.cos, self.sin = cos, sin
+        ropes = {}
+        for key in dict.fromkeys(self._rope_keys):
+            theta, rtype, factor, low, high, orig = key
+            inv = rope_inv_freq(c.head_dim, theta, rtype, factor, low, high, orig)         # (D/2,)
+            ang = np.outer(np.arange(positions, dtype=np.float64), inv)  # (P, D/2)
+            ropes[key] = (cp.asarray(np.cos(ang), dtype=cp.float32), cp.asarray(np.sin(ang), dtype=cp.float32))
+        self.ropes = ropes
+        self.layer_rope = [ropes[k] for k in self._rope_keys]
+        self.cos, self.sin = self.layer_rope[0]
 
     # ------------------------------------------------------------------ bookkeeping
     def weight_bytes(self) -> dict:
         lin = sum(g.nbytes() for L in self.layers for g in L.linears())
         other = self.embed.nbytes + self.norm.nbytes + sum(
-            L.attn_norm.nbytes + L.mlp_norm.nbytes for L in self.layers)
+            L.attn_norm.nbytes + L.mlp_norm.nbytes + sum(a.nbytes for a in L.extras()) for L in self.layers)
         if self.lm_head is not self.embed:
             other += self.lm_head.nbytes + (0 if self.lm_scale is None else self.lm_scale.nbytes)
         return {"linears": lin, "other": other}
@@ -174,16 +262,17 @@ class CudaModel:
     # ------------------------------------------------------------------ the layer stack
     def _fold_resid(self, m: int) -> bool:
         """Whether the o and down GEMVs add into h themselves for m rows (every linear A8W4 and
-        M small enough for the GEMV kernel): the norms after them then skip the add."""
-        return m <= GEMM.gemv_max_m and self._all_a8w4
+        M small enough for the GEMV kernel): the norms after them then skip the add. Not for a
+        sandwich layer (its sublayer output is normed before the add) or biases on o or down."""
+        return m <= GEMM.gemv_max_m and self._all_a8w4 and self._fold_ok
 
     def _fold_quant(self, m: int) -> bool:
         """Whether a one-token decode step drops silu_mul_quant and the absmax reductions of
         silu_mul_quant and quant_rows: the SiLU GEMV (gate|up rows interleaved) writes
         silu(gate)·up and its absmax, attn_decode the absmax of its output row, and quant_amax
-        launches quantize both rows for down and o. Needs _fold_resid and int8 activations
-        for o and down."""
-        return (DECODE.fold_quant and m == 1 and self._fold_resid(m) and all(
+        launches quantize both rows for down and o. Needs _fold_resid, int8 activations
+        for o and down, and SiLU without gate|up biases (the GEMV's epilogue)."""
+        return (DECODE.fold_quant and m == 1 and self._fold_resid(m) and self._silu_gemv_ok and all(
             L.gu.interleaved and L.o.mode != MODE["fp16"] and L.down.mode != MODE["fp16"]
             for L in self.layers))
 
@@ -201,6 +290,10 @@ class CudaModel:
         fold = decode and self._fold_quant(m)
         p = _Pass(m, b.h[:m] if self._fold_resid(m) else None, fold,
                   b.amax[0, :m] if fold else None, b.amax[1, :m] if fold else None)
+        c = self.config
+        if tok is not None and c.embed_scale != 1.0:    # the scaled embedding: the first norm reads h
+            fused.embed_rows(m, h=b.h, emb=self.embed, tok=tok, H=c.hidden_size, scale=c.embed_scale)
+            tok = None
         y = None                # the previous sublayer's output, added to h by the next norm
         for li, L in enumerate(self.layers):
             y = self._attention_block(b, p, li, L, y, attend, tok if li == 0 else None)
@@ -214,6 +307,9 @@ class CudaModel:
         x8, xh = b.x8(m, qkv.kp), b.xh(m, c.hidden_size)                   # (M, Kp) int8, (M, H) fp16
         self._norm(b, m, y, L.attn_norm, qkv.mode, qkv.scale, x8, qkv.kp, xh, zero=p.amax_o, tok=tok)
         qkv(x8, b.sx[:m], xh, b.qkv[:m])                                    # (M, (Hq + 2·Hkv)·D)
+        if self._qk_prep[li]:                                               # biases, q/k norms
+            attention.qk_norm_bias(m, qkv=b.qkv, Hq=c.num_attention_heads, Hkv=c.num_key_value_heads,
+                                   D=c.head_dim, bias=L.qkv_bias, qw=L.q_norm, kw=L.k_norm, eps=c.rms_norm_eps)
         attend(li, b, p.amax_o)                                             # b.a (M, Hq·D)
         a8, ah = b.x8(m, o.kp), b.a[:m]
         if p.fold:
@@ -221,7 +317,7 @@ class CudaModel:
         elif o.mode != MODE["fp16"]:
             fused.quant_rows(m, x=b.a, K=c.q_size, mode=o.mode, static_scale=o.scale, x8=a8, ld=o.kp, sx=b.sx)
         o(a8, b.sx[:m], ah, b.y[:m], p.resid)                               # (M, H)
-        return None if p.resid is not None else b.y
+        return self._sublayer_out(b, m, L.o_bias, L.attn_out_norm, p)
 
     def _mlp_block(self, b: Buffers, p: _Pass, L: GpuLayer, y):
         """h += y; x = RMSNorm(h) → gate|up → silu(gate)·up → down; returns down's output."""
@@ -235,10 +331,28 @@ class CudaModel:
             self._quant_amax(b.mf, m, inter, down, p.amax_d, m8, b.sx)
         else:
             gu(x8, b.sx[:m], xh, b.gu[:m])                                  # (M, 2I)
-            fused.silu_mul_quant(m, gu=b.gu, I=inter, mode=down.mode, static_scale=down.scale, x8=m8,
-                                 ld=down.kp, sx=b.sx, mh=mh, il=int(gu.interleaved))
+            if L.gu_bias is not None:
+                fused.add_bias(m, y=b.gu, bias=L.gu_bias, N=2 * inter)
+            if self._geglu:
+                fused.gelu_mul_quant(m, gu=b.gu, I=inter, mode=down.mode, static_scale=down.scale, x8=m8,
+                                     ld=down.kp, sx=b.sx, mh=mh, il=int(gu.interleaved))
+            else:
+                fused.silu_mul_quant(m, gu=b.gu, I=inter, mode=down.mode, static_scale=down.scale, x8=m8,
+                                     ld=down.kp, sx=b.sx, mh=mh, il=int(gu.interleaved))
         down(m8, b.sx[:m], mh, b.y[:m], p.resid)                            # (M, H)
-        return None if p.resid is not None else b.y
+        return self._sublayer_out(b, m, L.down_bias, L.mlp_out_norm, p)
+
+    def _sublayer_out(self, b: Buffers, m: int, bias, out_norm, p: _Pass):
+        """What the next norm adds to h of a sublayer's output b.y[:m] (None: added already):
+        + bias where the linear has one; a sandwich layer adds RMSNorm(y)·out_norm here."""
+        if p.resid is not None:
+            return None                             # the GEMV added it (_fold_resid: no bias, no sandwich)
+        if bias is not None:
+            fused.add_bias(m, y=b.y, bias=bias, N=self.config.hidden_size)
+        if out_norm is not None:
+            fused.norm_add_rows(m, h=b.h, y=b.y, w=out_norm, H=self.config.hidden_size, eps=self.config.rms_norm_eps)
+            return None
+        return b.y
 
     def _quant_amax(self, x, m: int, k: int, lin: GpuLinear, amax, x8, sx):
         """x8 (m, lin.kp), sx = the rows x[:m, :k] quantized for lin, their absmax known (amax)."""
@@ -291,12 +405,13 @@ class CudaModel:
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
 
         def attend(li, b, amax=None):
-            attention.rope_qkv_cache(t, qkv=b.qkv, Hq=hq, Hkv=hkv, D=d, pos=pos, seq=seqs, cos_t=self.cos,
-                                     sin_t=self.sin, q_out=b.q, kc=cache.k[li], vc=cache.v[li], ks=cache.ks[li],
+            cos, sin = self.layer_rope[li]
+            attention.rope_qkv_cache(t, qkv=b.qkv, Hq=hq, Hkv=hkv, D=d, pos=pos, seq=seqs, cos_t=cos,
+                                     sin_t=sin, q_out=b.q, kc=cache.k[li], vc=cache.v[li], ks=cache.ks[li],
                                      vs=cache.vs[li], cap=cache.capacity)
             attention.attn_prefill(q=b.q, kc=cache.k[li], vc=cache.v[li], ks=cache.ks[li], vs=cache.vs[li],
                                    out=b.a, t=t, start=start, Hq=hq, Hkv=hkv, cap=cache.capacity, seq=s,
-                                   scale_log2=attention.prefill_scale(d))
+                                   scale_log2=self._scale_log2, window=self.layers[li].window)
         return attend
 
     def prefill(self, tokens, cache: GpuKVCache, seq: int = 0, logits: str = "last"):
