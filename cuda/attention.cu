@@ -664,7 +664,8 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out, unsigned* __restrict__ amax_out) {
-    attn_decode_body<KV, CL>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc, counters, out, amax_out, 0);
+    attn_decode_body<KV, CL>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
+                             counters, out, amax_out, 0);
 }
 
 // attn_decode for a sliding-window layer: the query at position p sees keys p − window < j ≤ p.
@@ -675,7 +676,8 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out, unsigned* __restrict__ amax_out, int window) {
-    attn_decode_body<KV, CL>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc, counters, out, amax_out, window);
+    attn_decode_body<KV, CL>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
+                             counters, out, amax_out, window);
 }
 
 // ================================================================= flash-decoding, GQA-shared
@@ -1079,7 +1081,8 @@ __global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa(
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out, unsigned* __restrict__ amax_out) {
-    attn_decode_gqa_body<KV, DT>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc, counters, out, amax_out, 0);
+    attn_decode_gqa_body<KV, DT>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
+                             counters, out, amax_out, 0);
 }
 
 // attn_decode_gqa for a sliding-window layer (the keys of attn_decode_sw).
@@ -1090,5 +1093,6 @@ __global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa_sw(
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out, unsigned* __restrict__ amax_out, int window) {
-    attn_decode_gqa_body<KV, DT>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc, counters, out, amax_out, window);
+    attn_decode_gqa_body<KV, DT>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
+                             counters, out, amax_out, window);
 }

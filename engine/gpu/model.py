@@ -172,6 +172,8 @@ class CudaModel:
                 **layer_extras(cp, c, L, i, gu)))
         del hc
         self._family_plan()
+        for name, exprs in self._family_modules:          # the families' kernels, compiled up front too
+            kernels.module(name, exprs)
         # widest int8/fp16 activation row: K padded to the GEMM's multiple of the group
         self._wide = max([c.hidden_size, c.intermediate_size, c.q_size] +
                          [g.kp for L in self.layers for g in L.linears()])
@@ -201,6 +203,11 @@ class CudaModel:
         self._silu_gemv_ok = c.hidden_act == "silu" and not bias & {"gate", "up"}   # _fold_quant
         self._scale_log2 = attention.prefill_scale(c.head_dim, c.query_pre_attn_scalar)
         self._decode_scale = attention.decode_scale(c.head_dim, c.query_pre_attn_scalar)
+        rows = self._geglu or c.embed_scale != 1.0 or any(
+            a is not None for L in self.layers for a in (L.o_bias, L.gu_bias, L.down_bias, L.attn_out_norm))
+        attn = any(self._qk_prep) or any(L.window for L in self.layers)
+        self._family_modules = ([("fused.cu", fused.FAMILY_EXPRS)] if rows else []) + (
+            [("attention.cu", attention.ATTN_FAMILY_EXPRS)] if attn else [])
 
     def _rope(self, positions: int) -> None:
         """cos/sin tables covering at least `positions` positions (grown geometrically, up to the

@@ -36,7 +36,7 @@ class RowTuning:
     # 2048 / 4096 / none = 2.56 / 2.46 / 2.55 ms a step)
     cta_width: int = 4096
     # 11008 wide: 8 CTAs 3.4 µs, 4 CTAs 3.8 µs
-    cta_width_by_kernel: dict = field(default_factory=lambda: {"silu_mul_quant": 2048})
+    cta_width_by_kernel: dict = field(default_factory=lambda: {"silu_mul_quant": 2048, "gelu_mul_quant": 2048})
     threads_many: int = 256    # threads a row when the rows fill the GPU (prefill): 4× the rows in flight
     per_many: int = 16         # ... up to this many values a thread (PER = 32 spills at 64 registers)
     # elements a thread moves in one access in the many-row (prefill) launches, 4 where PER = 4;

@@ -180,8 +180,8 @@ class ModelConfig:
         return float((self.query_pre_attn_scalar or self.head_dim) ** -0.5)
 
     def features(self) -> list[str]:
-        """What this model uses beyond the plain Llama layer, in words (the GPU engine refuses
-        what it cannot run by these names)."""
+        """What this model uses beyond the plain Llama layer, in words (every one runs on both
+        engines; engine/gpu/model.py gpu_refusals says what the GPU engine cannot run)."""
         out = []
         if self.linear_bias:
             out.append(f"biases on {', '.join(self.linear_bias)}")
