@@ -383,6 +383,51 @@ __device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two,
     }
 }
 
+// Wide heads (D = WIDE_D, Gemma 3's 256): a lane holds the WIDE_NP pairs lane + 32·i of a head
+// row; pair i's rotate-half partner is pair i + WIDE_NP/2 (elements j and j + 128), the table row
+// holds the frequency of pair i < WIDE_NP/2 at lane + 32·i. rope_lane's arithmetic per pair.
+#define WIDE_D 256
+#define WIDE_NP (WIDE_D / 64)
+__device__ __forceinline__ void rope_lane_wide(const __half* src, int p, const float* cos_t, const float* sin_t,
+                                               int lane, float2 (&x)[WIDE_NP]) {
+    float2 v[WIDE_NP];
+#pragma unroll
+    for (int i = 0; i < WIDE_NP; ++i) v[i] = load2(src, lane + 32 * i);
+    const float2* c2 = reinterpret_cast<const float2*>(cos_t + (size_t)p * (WIDE_D / 2));
+    const float2* s2 = reinterpret_cast<const float2*>(sin_t + (size_t)p * (WIDE_D / 2));
+#pragma unroll
+    for (int i = 0; i < WIDE_NP / 2; ++i) {
+        const float2 c = c2[lane + 32 * i], sn = s2[lane + 32 * i], a = v[i], b = v[i + WIDE_NP / 2];
+        x[i] = make_float2(a.x * c.x - b.x * sn.x, a.y * c.y - b.y * sn.y);
+        x[i + WIDE_NP / 2] = make_float2(b.x * c.x + a.x * sn.x, b.y * c.y + a.y * sn.y);
+    }
+}
+// new_kv for a wide head: the row as the cache holds it (fp16-rounded, or int8 codes as floats
+// with the scale from the head's absmax), stored when `store`.
+__device__ __forceinline__ void new_kv_wide(float2 (&x)[WIDE_NP], float& s, int lane, bool store, __half* row,
+                                            float* srow) {
+    s = 1.f;
+#pragma unroll
+    for (int i = 0; i < WIDE_NP; ++i) {
+        x[i] = round_h2(x[i]);
+        if (store) reinterpret_cast<__half2*>(row)[lane + 32 * i] = __floats2half2_rn(x[i].x, x[i].y);
+    }
+}
+__device__ __forceinline__ void new_kv_wide(float2 (&x)[WIDE_NP], float& s, int lane, bool store, i8* row,
+                                            float* srow) {
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < WIDE_NP; ++i) m = nan_max(m, nan_max(fabsf(x[i].x), fabsf(x[i].y)));
+    s = row_scale(MODE_DYNAMIC, warp_max(m), nullptr);
+#pragma unroll
+    for (int i = 0; i < WIDE_NP; ++i) {
+        const signed char q0 = quant1(x[i].x, s), q1 = quant1(x[i].y, s);
+        x[i] = make_float2(q0, q1);
+        if (store) reinterpret_cast<char2*>(row)[lane + 32 * i] = make_char2(q0, q1);
+    }
+    if (store && lane == 0) *srow = s;
+}
+
 // grid (M, ⌈(Hq + Hkv) / 4⌉), block 128: warp w of block (m, y) takes head 4y + w of token m.
 // RoPE (HF rotate-half pairs j, j + D/2) on q and k of the fused qkv output (M, (Hq + 2 Hkv) D);
 // q goes to q_out (M, Hq, D), k and v to the cache at [seq[m], pos[m]] (kv8: quantized from the
@@ -390,8 +435,9 @@ __device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two,
 // its head as pairs (rope_lane, new_kv: the same arithmetic as attn_decode's new token).
 // cos/sin tables are (max_pos, D/2) float32, built on the host in float64. (v1 ran a block of
 // D/2 threads per head and token with 2-byte accesses: 161 µs a layer for 2048 tokens of the
-// 7B shape on the H100, 8 % of the prefill.)
-template <typename KV>
+// 7B shape on the H100, 8 % of the prefill.) DW = WIDE_D: a wide head (D = DW; rope_lane_wide,
+// new_kv_wide); DW = 0: D ≤ 128, read at run time.
+template <typename KV, int DW = 0>
 __global__ void __launch_bounds__(128) rope_qkv_cache(
         const __half* __restrict__ qkv, int Hq, int Hkv, int D, const int* __restrict__ pos,
         const int* __restrict__ seq, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
@@ -401,22 +447,44 @@ __global__ void __launch_bounds__(128) rope_qkv_cache(
     const int m = blockIdx.x, lane = threadIdx.x & 31, head = blockIdx.y * 4 + (threadIdx.x >> 5);
     if (head >= Hq + Hkv) return;                           // warp-uniform
     const int p = pos[m];
-    const bool two = D > 64;
-    const __half* row = qkv + (size_t)m * (Hq + 2 * Hkv) * D;
-    float2 a, b;
-    rope_lane(row + (size_t)head * D, p, D, cos_t, sin_t, lane, a, b);
-    if (head < Hq) {
-        __half2* dst = reinterpret_cast<__half2*>(q_out + ((size_t)m * Hq + head) * D);
-        dst[lane] = __floats2half2_rn(a.x, a.y);
-        if (two) dst[lane + 32] = __floats2half2_rn(b.x, b.y);
+    if constexpr (DW != 0) {
+        static_assert(DW == WIDE_D, "rope_qkv_cache: the wide path is D = WIDE_D");
+        const __half* row = qkv + (size_t)m * (Hq + 2 * Hkv) * DW;
+        float2 x[WIDE_NP];
+        rope_lane_wide(row + (size_t)head * DW, p, cos_t, sin_t, lane, x);
+        if (head < Hq) {
+            __half2* dst = reinterpret_cast<__half2*>(q_out + ((size_t)m * Hq + head) * DW);
+#pragma unroll
+            for (int i = 0; i < WIDE_NP; ++i) dst[lane + 32 * i] = __floats2half2_rn(x[i].x, x[i].y);
+        } else {
+            const int kh = head - Hq;
+            const size_t r = ((size_t)seq[m] * cap + p) * Hkv + kh;   // (b, position, kv head)
+            float s;
+            new_kv_wide(x, s, lane, true, kc + r * DW, ks + r);
+            const __half* v = row + (size_t)(Hq + Hkv + kh) * DW;
+            float2 y[WIDE_NP];
+#pragma unroll
+            for (int i = 0; i < WIDE_NP; ++i) y[i] = load2(v, lane + 32 * i);
+            new_kv_wide(y, s, lane, true, vc + r * DW, vs + r);
+        }
     } else {
-        const int kh = head - Hq;
-        const size_t r = ((size_t)seq[m] * cap + p) * Hkv + kh;   // (b, position, kv head)
-        float s;
-        new_kv(a, b, s, two, lane, true, kc + r * D, ks + r);
-        const __half* v = row + (size_t)(Hq + Hkv + kh) * D;
-        float2 va = load2(v, lane), vb = two ? load2(v, lane + 32) : make_float2(0.f, 0.f);
-        new_kv(va, vb, s, two, lane, true, vc + r * D, vs + r);
+        const bool two = D > 64;
+        const __half* row = qkv + (size_t)m * (Hq + 2 * Hkv) * D;
+        float2 a, b;
+        rope_lane(row + (size_t)head * D, p, D, cos_t, sin_t, lane, a, b);
+        if (head < Hq) {
+            __half2* dst = reinterpret_cast<__half2*>(q_out + ((size_t)m * Hq + head) * D);
+            dst[lane] = __floats2half2_rn(a.x, a.y);
+            if (two) dst[lane + 32] = __floats2half2_rn(b.x, b.y);
+        } else {
+            const int kh = head - Hq;
+            const size_t r = ((size_t)seq[m] * cap + p) * Hkv + kh;   // (b, position, kv head)
+            float s;
+            new_kv(a, b, s, two, lane, true, kc + r * D, ks + r);
+            const __half* v = row + (size_t)(Hq + Hkv + kh) * D;
+            float2 va = load2(v, lane), vb = two ? load2(v, lane + 32) : make_float2(0.f, 0.f);
+            new_kv(va, vb, s, two, lane, true, vc + r * D, vs + r);
+        }
     }
 }
 
@@ -862,13 +930,41 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     const __half* row = qkv + (size_t)b * (Hq + 2 * Hkv) * DT;
     for (int h = warp; h < GQ_HEADS; h += GQ_WARPS) {     // warp-uniform: rope_lane shuffles at D = 64
         __half2* dst = reinterpret_cast<__half2*>(sq[h]);
+        if constexpr (DT > 128) {                         // a wide head (rope_lane_wide)
+            float2 x[WIDE_NP];
+#pragma unroll
+            for (int i = 0; i < WIDE_NP; ++i) x[i] = make_float2(0.f, 0.f);
+            if (h < nh) rope_lane_wide(row + (size_t)(h0 + h) * DT, p, cos_t, sin_t, lane, x);
+#pragma unroll
+            for (int i = 0; i < WIDE_NP; ++i) dst[lane + 32 * i] = __floats2half2_rn(x[i].x, x[i].y);
+            continue;
+        }
         float2 qa = make_float2(0.f, 0.f), qb = qa;
         if (h < nh) rope_lane(row + (size_t)(h0 + h) * DT, p, DT, cos_t, sin_t, lane, qa, qb);
         dst[lane] = __floats2half2_rn(qa.x, qa.y);
         if (DT > 64) dst[lane + 32] = __floats2half2_rn(qb.x, qb.y);
     }
     // the new token's k and v (split 0): as the cache will hold them; group 0 writes them there
-    if (sp == 0 && warp == 0) {
+    if constexpr (DT > 128) {
+        if (sp == 0 && warp == 0) {
+            float2 kx[WIDE_NP], vx[WIDE_NP];
+            float skn, svn;
+            rope_lane_wide(row + (size_t)(Hq + kvh) * DT, p, cos_t, sin_t, lane, kx);
+            const __half* v = row + (size_t)(Hq + Hkv + kvh) * DT;
+#pragma unroll
+            for (int i = 0; i < WIDE_NP; ++i) vx[i] = load2(v, lane + 32 * i);
+            const size_t r = row0 + (size_t)p * Hkv;
+            new_kv_wide(kx, skn, lane, grp == 0, kc + r * DT, ks + r);
+            new_kv_wide(vx, svn, lane, grp == 0, vc + r * DT, vs + r);
+#pragma unroll
+            for (int i = 0; i < WIDE_NP; ++i) {
+                const int e = 2 * (lane + 32 * i);
+                snk[e] = kx[i].x; snk[e + 1] = kx[i].y;
+                snv[e] = vx[i].x; snv[e + 1] = vx[i].y;
+            }
+            if (lane == 0) { snew[GQ_HEADS] = skn; snew[GQ_HEADS + 1] = svn; }
+        }
+    } else if (sp == 0 && warp == 0) {
         float2 ka, kb, va, vb;
         float skn, svn;
         rope_lane(row + (size_t)(Hq + kvh) * DT, p, DT, cos_t, sin_t, lane, ka, kb);

@@ -47,6 +47,7 @@ CONFIGS = {
     "qwen3-bias": dict(family="qwen3", attention_bias=True),                  # biases and q/k norms at once
     "llama-bias": dict(family="llama3", attention_bias=True, mlp_bias=True),   # o, gate, up, down biases too
     "mistral-long": dict(family="mistral", sliding_window=70),               # windows across tiles and splits
+    "gemma3-256": dict(family="gemma3", head_dim=256, num_key_value_heads=1),  # Gemma 3's real head size
 }
 
 
@@ -83,17 +84,17 @@ def prompt_for(c: ModelConfig, n: int) -> np.ndarray:
 
 # ============================================================================ CPU: what runs where
 
-def test_every_feature_runs_and_head_dim_256_is_refused():
-    """No feature of config.features() is refused any more; Gemma 3's real head size is, by name,
-    before CuPy is asked for (so here too)."""
+def test_every_feature_runs_and_other_head_sizes_are_refused():
+    """No feature of config.features() is refused any more, nor Gemma 3's head size 256; another
+    head size is, by name, before CuPy is asked for (so here too)."""
     for name in CONFIGS:
         c = family_config(name)
         assert gpu_refusals(c) == [], name
     assert family_config("gemma3").features()           # the configs do use features
-    c = family_config("gemma3", head_dim=256)
-    assert gpu_refusals(c) == ["head_dim 256 (the GPU attention kernels take head_dim 64 or 128)"]
+    c = family_config("gemma3", head_dim=96)
+    assert gpu_refusals(c) == ["head_dim 96 (the GPU attention kernels take head_dim 64, 128 or 256)"]
     w = ModelWeights.from_hf(c, as_multipliers(c, hf_tensors(c)))
-    with pytest.raises(ModelError, match=r"does not run this gemma3_text model: head_dim 256"):
+    with pytest.raises(ModelError, match=r"does not run this gemma3_text model: head_dim 96"):
         CudaModel(w)
 
 
@@ -102,13 +103,15 @@ def test_family_kernels_are_instantiated_and_share_the_parameter_lists():
     sliding-window kernels take their base kernel's parameters and `window`, gelu_mul_quant
     silu_mul_quant's (the launchers pass the same keywords)."""
     src = {f: (ROOT / "cuda" / f).read_text() for f in ("fused.cu", "attention.cu")}
-    for kf in (fused.FAMILY, attention.ATTN_FAMILY):
+    for kf in (fused.FAMILY, attention.ATTN_FAMILY, attention.ATTN_WIDE):
         names = kargs.parse_kernels(kernels.source(kf.file))
         for expr in kf.exprs:
             name, targs = expr.split("<")[0].strip(), expr[expr.index("<") + 1:-1]
             assert name in names, expr
             tmpl = re.search(rf"template\s*<([^>]*)>\s*__global__[^;{{]*?\b{name}\(", src[kf.file], re.S)
-            assert tmpl and len(tmpl.group(1).split(",")) == len(targs.split(",")), expr
+            assert tmpl, expr
+            nparams, defaults = len(tmpl.group(1).split(",")), tmpl.group(1).count("=")
+            assert nparams - defaults <= len(targs.split(",")) <= nparams, expr
     sig = kargs.signature
     for base in ("attn_prefill", "attn_decode", "attn_decode_gqa"):
         got = sig("attention.cu", base + "_sw")
@@ -117,6 +120,7 @@ def test_family_kernels_are_instantiated_and_share_the_parameter_lists():
     # no instantiation of the engine's modules moved: a Llama model compiles what it did
     assert not set(fused.FAMILY_EXPRS) & set(fused.FUSED_EXPRS)
     assert not set(attention.ATTN_FAMILY_EXPRS) & set(attention.ATTN_EXPRS)
+    assert not set(attention.ATTN_WIDE_EXPRS) & (set(attention.ATTN_EXPRS) | set(attention.ATTN_FAMILY_EXPRS))
 
 
 def test_gelu_kernel_is_the_reference_formula():
@@ -180,6 +184,9 @@ def fake_model(c: ModelConfig, log, a8w4=True, seed=0):
     return gm, w
 
 
+FAMILY_FILES = (fused.FAMILY, attention.ATTN_FAMILY, attention.ATTN_WIDE)
+
+
 @pytest.fixture
 def recording(monkeypatch):
     """Every kargs.launch recorded as (kernel, keywords) after kargs.bind checked the keywords
@@ -190,7 +197,7 @@ def recording(monkeypatch):
         kargs.bind(kf, expr, args)                          # exactly the kernel's parameter names
         if "<" in expr:
             assert expr in kf.exprs, expr                   # an instantiation its module compiles
-        log.append((expr.split("<")[0], dict(args, _family=kf in (fused.FAMILY, attention.ATTN_FAMILY))))
+        log.append((expr.split("<")[0], dict(args, _family=kf in FAMILY_FILES, _kf=kf)))
 
     monkeypatch.setattr(kargs, "launch", launch)
     monkeypatch.setattr(kargs, "function", lambda kf, expr: SimpleNamespace(max_dynamic_shared_size_bytes=1 << 30))
@@ -259,18 +266,24 @@ def test_plain_llama_launches_what_it_did(recording, a8w4):
     np.testing.assert_array_equal(gm.cos, np.cos(np.outer(np.arange(64.0), inv)).astype(np.float32))
 
 
+def attention_kernel(c: ModelConfig, li: int, phase: str) -> str:
+    """The attention kernel of layer li: windowed or not; a wide head decodes on the GQA kernel."""
+    base = "attn_prefill" if phase == "prefill" else (
+        "attn_decode_gqa" if c.head_dim in tuning.ATTENTION.wide_head_dims else "attn_decode")
+    return base + ("_sw" if c.window(li) else "")
+
+
 def layer_plan(c: ModelConfig, li: int, phase: str) -> list[str]:
     """The launches (and recorded linear calls) of layer li: what the module docstring of
     engine/gpu/model.py promises for config c."""
     bias, sandwich = set(c.linear_bias), c.sandwich_norm
     folded = not sandwich and not bias & {"o", "down"}                      # _fold_resid (m ≤ 16)
     silu_fold = folded and c.hidden_act == "silu" and not bias & {"gate", "up"}   # _fold_quant (m = 1)
-    win = c.window(li) or 0
     out = ["add_rmsnorm_quant", "qkv"] + (["qk_norm_bias"] if "q" in bias or c.qk_norm else [])
     if phase == "prefill":                                                  # 20 rows: no folds
-        out += ["rope_qkv_cache", "attn_prefill_sw" if win else "attn_prefill", "quant_rows", "o"]
+        out += ["rope_qkv_cache", attention_kernel(c, li, phase), "quant_rows", "o"]
     else:
-        out += ["attn_decode_sw" if win else "attn_decode"]
+        out += [attention_kernel(c, li, phase)]
         out += ["quant_amax", "o+h"] if silu_fold else ["quant_rows", "o+h" if folded else "o"]
     out += (["add_bias"] if "o" in bias else []) + (["norm_add_rows"] if sandwich else [])
     out += ["add_rmsnorm_quant"]
@@ -307,16 +320,18 @@ def test_family_launch_plan(recording, name):
             calls, at = log[at:at + len(plan)], at + len(plan)
             a = dict(calls)
             win = c.window(li) or 0
+            wide = c.head_dim in tuning.ATTENTION.wide_head_dims
             cos, sin = gm.ropes[c.rope_params(li)]
+            att = a[attention_kernel(c, li, phase)]
             if phase == "prefill":
-                att = a["attn_prefill_sw" if win else "attn_prefill"]
                 assert a["rope_qkv_cache"]["cos_t"] is cos and a["rope_qkv_cache"]["sin_t"] is sin
+                assert (a["rope_qkv_cache"]["_kf"] is attention.ATTN_WIDE) == wide
                 assert np.isclose(att["scale_log2"], np.log2(np.e) * c.attn_scale, rtol=1e-12)
             else:
-                att = a["attn_decode_sw" if win else "attn_decode"]
                 assert att["cos_t"] is cos and att["sin_t"] is sin
                 assert np.isclose(att["scale"], c.attn_scale, rtol=1e-12)
-            assert att.get("window", 0) == win and att["_family"] == bool(win)
+            assert att.get("window", 0) == win and att["_family"] == bool(win or wide)
+            assert (att["_kf"] is attention.ATTN_WIDE) == wide
             L = w.layers[li]
             if "qk_norm_bias" in a:
                 k = a["qk_norm_bias"]
@@ -345,12 +360,15 @@ def test_family_modules_compiled_only_where_needed():
     each family the ones its kernels live in."""
     want = {"llama3": [], "mistral": ["attention.cu"], "qwen2": ["attention.cu"], "qwen3": ["attention.cu"],
             "gemma3": ["fused.cu", "attention.cu"], "qwen3-bias": ["fused.cu", "attention.cu"],
-            "llama-bias": ["fused.cu", "attention.cu"], "mistral-long": ["attention.cu"]}
+            "llama-bias": ["fused.cu", "attention.cu"], "mistral-long": ["attention.cu"],
+            "gemma3-256": ["fused.cu", "attention.cu"]}
     for name, files in want.items():
         gm, _ = fake_model(family_config(name), [])
         assert [f for f, _ in gm._family_modules] == files, name
+        wide = name == "gemma3-256"
         for f, exprs in gm._family_modules:
-            assert exprs is (fused.FAMILY_EXPRS if f == "fused.cu" else attention.ATTN_FAMILY_EXPRS)
+            assert exprs is (fused.FAMILY_EXPRS if f == "fused.cu" else
+                             attention.ATTN_WIDE_EXPRS if wide else attention.ATTN_FAMILY_EXPRS)
 
 
 def test_gate_up_bias_follows_the_interleaved_rows():
@@ -473,7 +491,19 @@ def test_decode_window_splits(length, window):
         assert keys == list(range(lo, n))
 
 
+@pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
+@pytest.mark.parametrize("n,ns,nh", [(0, 4, 3), (5, 8, 1), (77, 3, 4), (300, 4, 8)])
+def test_gqa_decode_emulated_at_the_wide_head(kv8, n, ns, nh):
+    """attn_decode_gqa's records, fragments and merges at D = 256 (the decode kernel of a wide
+    head), by tests/test_decode_attention.py's NumPy model of the kernel, against one-pass softmax."""
+    from test_decode_attention import test_split_merge_emulation_equals_one_pass_softmax as emulated
+    for d in tuning.ATTENTION.wide_head_dims:
+        emulated(d, kv8, n, ns, nh)
+
+
 # ============================================================================ GPU: the kernels
+
+HEAD_DIMS = tuning.ATTENTION.head_dims + tuning.ATTENTION.wide_head_dims
 
 def qk_norm_bias_ref(qkv, hq, hkv, d, bias, qw, kw, eps):
     """qkv (M, (Hq + 2 Hkv)·D) fp16 -> what qk_norm_bias writes, in float64 then fp16."""
@@ -488,7 +518,7 @@ def qk_norm_bias_ref(qkv, hq, hkv, d, bias, qw, kw, eps):
 
 
 @gpu_test
-@pytest.mark.parametrize("d", tuning.ATTENTION.head_dims)
+@pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("what", ["bias", "norm", "both"])
 @pytest.mark.parametrize("rep", [1, 3])
 def test_qk_norm_bias_kernel(d, what, rep):
@@ -579,11 +609,12 @@ def windowed_gqa_f64(q, k, v, start, window, scale):
 
 @gpu_test
 @pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
-@pytest.mark.parametrize("d", tuning.ATTENTION.head_dims)
-@pytest.mark.parametrize("window", [1, 5, 64, 70, 200])
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("window", [0, 1, 5, 64, 70, 200])
 def test_attn_prefill_sw_matches_float64(d, window, kv8):
     """attn_prefill_sw over chunks that start at 0 and later, the window shorter and longer than
-    the tiles; the bound of tests/test_attention_gpu.py, rows past t untouched."""
+    the tiles (0: attn_prefill itself; D = 256 from the wide module); the bound of
+    tests/test_attention_gpu.py, rows past t untouched."""
     import cupy as cp
     rng = np.random.default_rng(d + window)
     hkv, rep, cap, bsz, seq = 2, 3, 336, 2, 1
@@ -610,7 +641,7 @@ def test_attn_prefill_sw_matches_float64(d, window, kv8):
                                start=start, Hq=hq, Hkv=hkv, cap=cap, seq=seq,
                                scale_log2=attention.prefill_scale(d, 12), window=window)
         got = out.get().astype(np.float64)
-        ref = windowed_gqa_f64(q.astype(np.float64), kref, vref, start, window, scale)
+        ref = windowed_gqa_f64(q.astype(np.float64), kref, vref, start, window or None, scale)
         err = np.abs(got[:t] - ref).max()
         assert err <= 2.0 ** -9 * np.abs(vref).max(), (start, t, err)
         assert np.isnan(got[t:]).all()
@@ -619,14 +650,17 @@ def test_attn_prefill_sw_matches_float64(d, window, kv8):
 @gpu_test
 @pytest.mark.parametrize("kernel", ["heads", "gqa"])
 @pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
-@pytest.mark.parametrize("d", tuning.ATTENTION.head_dims)
-@pytest.mark.parametrize("window", [1, 5, 64, 70, 130])
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("window", [0, 1, 5, 64, 70, 130])
 def test_attn_decode_sw_matches_float64(monkeypatch, kernel, d, kv8, window):
-    """attn_decode_sw and attn_decode_gqa_sw (the launcher's window=) for ragged lengths against
-    float64: the new token's row written, keys before the window never read (set to NaN), the
-    merges through global memory and (sm_90) clusters giving the same bits, twice."""
+    """attn_decode_sw and attn_decode_gqa_sw (the launcher's window=; 0: the kernels themselves)
+    for ragged lengths against float64: the new token's row written, keys before the window never
+    read (set to NaN), the merges through global memory and (sm_90) clusters giving the same
+    bits, twice. D = 256 decodes on the GQA kernel whatever DECODE_KERNEL says."""
     import cupy as cp
     from engine.gpu.attention import attn_decode, decode_cluster
+    if kernel == "heads" and d in tuning.ATTENTION.wide_head_dims:
+        pytest.skip("a wide head decodes on attn_decode_gqa")
     monkeypatch.setattr(attention, "DECODE_KERNEL", kernel)
     rng = np.random.default_rng(d + window + kv8)
     hkv, rep = 2, 4
@@ -658,18 +692,20 @@ def test_attn_decode_sw_matches_float64(monkeypatch, kernel, d, kv8, window):
         kref, vref = k8.astype(np.float64) * ks[..., None], v8.astype(np.float64) * vs[..., None]
         for i, n in enumerate(lens):
             ks[i, n - 1:], vs[i, n - 1:] = np.nan, np.nan
-            ks[i, :max(0, n - window)], vs[i, :max(0, n - window)] = np.nan, np.nan   # outside the window
+            if window:
+                ks[i, :max(0, n - window)], vs[i, :max(0, n - window)] = np.nan, np.nan   # outside the window
         kc, vc = cp.asarray(k8), cp.asarray(v8)
     else:
         kref, vref = k.astype(np.float64), v.astype(np.float64)
         for i, n in enumerate(lens):
             k[i, n - 1:], v[i, n - 1:] = np.nan, np.nan
-            k[i, :max(0, n - window)], v[i, :max(0, n - window)] = np.nan, np.nan
+            if window:
+                k[i, :max(0, n - window)], v[i, :max(0, n - window)] = np.nan, np.nan
         ks = vs = np.ones((1,), np.float32)
         kc, vc = cp.asarray(k), cp.asarray(v)
     scale = 1 / np.sqrt(d)
     ref = np.concatenate([windowed_gqa_f64(q[i:i + 1].astype(np.float64), kref[i, :n], vref[i, :n], n - 1,
-                                           window, scale) for i, n in enumerate(lens)])
+                                           window or None, scale) for i, n in enumerate(lens)])
     clusters = (0,)
     if kernel == "heads" and kernels.device_info()["cc"] >= 90:
         clusters = (0, decode_cluster(nsplit), 8)
@@ -693,6 +729,48 @@ def test_attn_decode_sw_matches_float64(monkeypatch, kernel, d, kv8, window):
         np.testing.assert_array_equal(got, outs[0])
     err = np.abs(outs[0].astype(np.float64) - ref).max(axis=1)
     assert (err <= 2.0 ** -8 * np.nanmax(np.abs(vref))).all(), err
+
+
+@gpu_test
+@pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
+def test_rope_qkv_cache_wide_head(kv8):
+    """rope_qkv_cache<KV, 256>: q rotated into q_out, k rotated and v into the cache rows of
+    (seq, pos) — fp16, or int8 with the head's absmax scale — against float64 RoPE."""
+    import cupy as cp
+    d, hq, hkv, cap, m = 256, 4, 1, 40, 6
+    rng = np.random.default_rng(kv8)
+    qkv = rng.standard_normal((m, (hq + 2 * hkv) * d)).astype(np.float16)
+    pos = np.array([0, 1, 7, 31, 32, 39], np.int32)
+    seqs = np.array([0, 1, 1, 0, 1, 0], np.int32)
+    inv = ops_ref.rope_inv_freq(d, 10000.0)
+    ang = np.outer(np.arange(cap, dtype=np.float64), inv)
+    cos_t, sin_t = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    kc = cp.zeros((2, cap, hkv, d), cp.int8 if kv8 else cp.float16)
+    vc = cp.zeros_like(kc)
+    ks, vs = (cp.zeros((2, cap, hkv), cp.float32) for _ in range(2))
+    q_out = cp.full((m, hq, d), np.nan, cp.float16)
+    attention.rope_qkv_cache(m, qkv=cp.asarray(qkv), Hq=hq, Hkv=hkv, D=d, pos=cp.asarray(pos), seq=cp.asarray(seqs),
+                             cos_t=cp.asarray(cos_t), sin_t=cp.asarray(sin_t), q_out=q_out, kc=kc, vc=vc, ks=ks, vs=vs,
+                             cap=cap)
+    heads = qkv.reshape(m, hq + 2 * hkv, d).astype(np.float64)
+
+    def rope(x, p):
+        c, sn = cos_t[p].astype(np.float64), sin_t[p].astype(np.float64)
+        return np.concatenate([x[..., :128] * c - x[..., 128:] * sn, x[..., 128:] * c + x[..., :128] * sn], -1)
+
+    for i, (p, b) in enumerate(zip(pos, seqs)):
+        np.testing.assert_allclose(q_out.get()[i].astype(np.float64), rope(heads[i, :hq], p), rtol=2e-3, atol=2e-3)
+        k, v = rope(heads[i, hq:hq + hkv], p), heads[i, hq + hkv:]
+        if kv8:
+            k8, sk = quantize_kv_ref(k.astype(np.float32))
+            assert np.abs(kc.get()[b, p].astype(np.int32) - k8).max() <= 1
+            np.testing.assert_allclose(ks.get()[b, p], sk, rtol=1e-5)
+            v8, sv = quantize_kv_ref(v.astype(np.float32))
+            np.testing.assert_array_equal(vc.get()[b, p], v8)
+            np.testing.assert_allclose(vs.get()[b, p], sv, rtol=1e-6)
+        else:
+            np.testing.assert_allclose(kc.get()[b, p].astype(np.float64), k, rtol=2e-3, atol=2e-3)
+            np.testing.assert_array_equal(vc.get()[b, p], qkv.reshape(m, hq + 2 * hkv, d)[i, hq + hkv:])
 
 
 # ============================================================================ GPU: the families end to end

@@ -6,6 +6,9 @@ write, flash-decoding and the merge of the splits in one launch). The cache is f
 int8 with one float32 scale per token and kv head (kv8). The launchers take the kernel's
 parameters as keywords (gpu/kargs.py checks the names).
 
+Wide heads (D = 256, Gemma 3) run every attention kernel from a third module, ATTN_WIDE (RoPE
+with four pairs a lane; decode on attn_decode_gqa whatever DECODE_KERNEL says).
+
 The families' attention (compiled on first use: ATTN_FAMILY, a second module of attention.cu):
 qk_norm_bias (q|k|v biases and per-head q/k RMSNorm, in place on the qkv output before RoPE);
 the sliding-window layers' attn_prefill_sw, attn_decode_sw, attn_decode_gqa_sw (the same
@@ -37,6 +40,20 @@ ATTN_FAMILY_EXPRS = tuple([f"qk_norm_bias<{d}>" for d in ATTENTION.head_dims]
                           + [f"attn_decode_gqa_sw<{t}, {d}>" for t in ATTENTION.kv_types for d in ATTENTION.head_dims]
                           + [f"attn_prefill_sw<{d}, {t}>" for d in ATTENTION.head_dims for t in ATTENTION.kv_types])
 ATTN_FAMILY = kargs.KernelFile("attention.cu", ATTN_FAMILY_EXPRS)
+# Wide heads (ATTENTION.wide_head_dims, Gemma 3's 256): every attention kernel a model of that head
+# size launches, in one more module (decode: attn_decode_gqa only).
+_W = ATTENTION.wide_head_dims
+ATTN_WIDE_EXPRS = tuple([f"rope_qkv_cache<{t}, {d}>" for t in ATTENTION.kv_types for d in _W]
+                        + [f"qk_norm_bias<{d}>" for d in _W]
+                        + [f"attn_decode_gqa{sw}<{t}, {d}>" for sw in ("", "_sw") for t in ATTENTION.kv_types
+                           for d in _W]
+                        + [f"attn_prefill{sw}<{d}, {t}>" for sw in ("", "_sw") for d in _W
+                           for t in ATTENTION.kv_types])
+ATTN_WIDE = kargs.KernelFile("attention.cu", ATTN_WIDE_EXPRS)
+
+
+def _wide(d: int) -> bool:
+    return d in ATTENTION.wide_head_dims
 
 DECODE_KERNELS = ("gqa", "heads")
 if flags.ATTN_DECODE not in DECODE_KERNELS:
@@ -85,8 +102,9 @@ def decode_scale(d: int, scalar: float | None = None) -> float:
 def qk_norm_bias(rows: int, qkv, Hq: int, Hkv: int, D: int, bias, qw, kw, eps: float):
     """In place on qkv (rows, (Hq + 2·Hkv)·D) fp16: + bias (None: no bias), then RMSNorm of each q
     head times qw and each k head times kw (None: no norm), before RoPE (cuda/attention.cu)."""
-    kargs.launch(ATTN_FAMILY, f"qk_norm_bias<{D}>", (rows, -(-(Hq + 2 * Hkv) // ATTENTION.rope_heads)),
-                 (ATTENTION.threads,), qkv=qkv, Hq=Hq, Hkv=Hkv, bias=bias, qw=qw, kw=kw, eps=eps)
+    kargs.launch(ATTN_WIDE if _wide(D) else ATTN_FAMILY, f"qk_norm_bias<{D}>",
+                 (rows, -(-(Hq + 2 * Hkv) // ATTENTION.rope_heads)), (ATTENTION.threads,), qkv=qkv, Hq=Hq,
+                 Hkv=Hkv, bias=bias, qw=qw, kw=kw, eps=eps)
 
 
 @kargs.launcher("rope_qkv_cache")
@@ -94,6 +112,10 @@ def rope_qkv_cache(rows: int, **args):
     """RoPE of the q and k heads of qkv (rows, (Hq + 2·Hkv)·D) at positions pos: q into q_out,
     k and v into the cache rows (seq, pos) of kc, vc (kv8: quantized, scales into ks, vs)."""
     grid = (rows, -(-(args["Hq"] + args["Hkv"]) // ATTENTION.rope_heads))
+    if _wide(args["D"]):
+        kargs.launch(ATTN_WIDE, f"rope_qkv_cache<{kv_type(args['kc'])}, {args['D']}>", grid, (ATTENTION.threads,),
+                     **args)
+        return
     kargs.launch(ATTN, f"rope_qkv_cache<{kv_type(args['kc'])}>", grid, (ATTENTION.threads,), **args)
 
 
@@ -109,11 +131,12 @@ def attn_prefill(window: int = 0, **args):
     kc = args["kc"]
     d = kc.shape[-1]
     expr = f"attn_prefill<{d}, {kv_type(kc)}>"
+    kf = ATTN_WIDE if _wide(d) else ATTN
     smem = prefill_smem(d, kc.dtype.itemsize == 1)
-    fn = kargs.function(ATTN, expr)
+    fn = kargs.function(kf, expr)
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    kargs.launch(ATTN, expr, (-(-args["t"] // ATTENTION.prefill_bm), args["Hq"]), (ATTENTION.threads,),
+    kargs.launch(kf, expr, (-(-args["t"] // ATTENTION.prefill_bm), args["Hq"]), (ATTENTION.threads,),
                  shared_mem=smem, **args)
     return args["out"]
 
@@ -122,12 +145,13 @@ def _prefill_sw(kernel: str, window: int, args: dict):
     """attn_prefill_sw for the launcher of `kernel` (attn_prefill): its parameters and `window`."""
     kc = args["kc"]
     d = kc.shape[-1]
+    kf = ATTN_WIDE if _wide(d) else ATTN_FAMILY
     smem = prefill_smem(d, kc.dtype.itemsize == 1)
-    fn = kargs.function(ATTN_FAMILY, f"attn_prefill_sw<{d}, {kv_type(kc)}>")
+    fn = kargs.function(kf, f"attn_prefill_sw<{d}, {kv_type(kc)}>")
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    kargs.launch(ATTN_FAMILY, f"attn_prefill_sw<{d}, {kv_type(kc)}>", (-(-args["t"] // ATTENTION.prefill_bm),
-                 args["Hq"]), (ATTENTION.threads,), shared_mem=smem, window=window, **args)
+    kargs.launch(kf, f"attn_prefill_sw<{d}, {kv_type(kc)}>", (-(-args["t"] // ATTENTION.prefill_bm), args["Hq"]),
+                 (ATTENTION.threads,), shared_mem=smem, window=window, **args)
     return args["out"]
 
 
@@ -141,7 +165,7 @@ def attn_decode(batch: int, nsplit: int, cl: int, window: int = 0, **args):
     nsplit by the caller: (B·Hq·nsplit·2,), (B·Hq·nsplit·D,) and (B·Hq,)). window > 0: a
     sliding-window layer (attn_decode_sw, attn_decode_gqa_sw): the new token at p sees the keys
     after p − window only."""
-    if DECODE_KERNEL == "gqa":
+    if DECODE_KERNEL == "gqa" or _wide(args["D"]):
         _decode_gqa("attn_decode", batch, nsplit, args, window)
         return
     if window > 0:
@@ -201,17 +225,23 @@ def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict, window: int = 
         info = kernels.device_info()
         ns = gqa_splits(batch, args["Hq"], args["Hkv"], d, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024)
         kvt, smem = kv_type(kc), gqa_smem(d, kv8)
-        fn = (kargs.function(ATTN_FAMILY, f"attn_decode_gqa_sw<{kvt}, {d}>") if sw
-              else kargs.function(ATTN, f"attn_decode_gqa<{kvt}, {d}>"))
+        fn = (kargs.function(_gqa_file(d, sw), f"attn_decode_gqa_sw<{kvt}, {d}>") if sw
+              else kargs.function(_gqa_file(d, sw), f"attn_decode_gqa<{kvt}, {d}>"))
         if fn.max_dynamic_shared_size_bytes < smem:      # > 48 KB: opt in (before any capture)
             fn.max_dynamic_shared_size_bytes = smem
         hit = _GQA_LAUNCH[key] = (kvt, (ns, args["Hkv"] * gqa_groups(args["Hq"], args["Hkv"]), batch), smem)
     kvt, grid, smem = hit
     if sw:
-        kargs.launch(ATTN_FAMILY, f"attn_decode_gqa_sw<{kvt}, {d}>", grid, (ATTENTION.threads,), shared_mem=smem,
-                     window=window, **args)
+        kargs.launch(_gqa_file(d, sw), f"attn_decode_gqa_sw<{kvt}, {d}>", grid, (ATTENTION.threads,),
+                     shared_mem=smem, window=window, **args)
         return
-    kargs.launch(ATTN, f"attn_decode_gqa<{kvt}, {d}>", grid, (ATTENTION.threads,), shared_mem=smem, **args)
+    kargs.launch(_gqa_file(d, sw), f"attn_decode_gqa<{kvt}, {d}>", grid, (ATTENTION.threads,), shared_mem=smem,
+                 **args)
+
+
+def _gqa_file(d: int, sw: bool) -> kargs.KernelFile:
+    """The module attn_decode_gqa(_sw)<KV, d> lives in."""
+    return ATTN_WIDE if _wide(d) else ATTN_FAMILY if sw else ATTN
 
 
 _GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed) -> (cache type, grid, shared memory)

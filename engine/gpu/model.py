@@ -123,11 +123,13 @@ ROPE_MIN_POSITIONS = 8192   # RoPE positions tabled at load; more when a larger 
 
 def gpu_refusals(c) -> list[str]:
     """What of config c the GPU engine cannot run, in words (empty: it runs). Every feature of
-    c.features() runs; the attention kernels take head_dim 64 or 128 only (Gemma 3's 256 not)."""
+    c.features() runs; the attention kernels take the head sizes of tuning.ATTENTION (64, 128, and
+    256 as a wide head)."""
     out = []
-    if c.head_dim not in ATTENTION.head_dims:
+    dims = ATTENTION.head_dims + ATTENTION.wide_head_dims
+    if c.head_dim not in dims:
         out.append(f"head_dim {c.head_dim} (the GPU attention kernels take head_dim "
-                   f"{' or '.join(map(str, ATTENTION.head_dims))})")
+                   f"{', '.join(map(str, dims[:-1]))} or {dims[-1]})")
     return out
 
 
@@ -147,6 +149,13 @@ class CudaModel:
         for width in (c.hidden_size, c.q_size, c.intermediate_size):
             fused.row_launch("rows", width)                 # raises for rows too wide
         self._clusters = kernels.device_info()["cc"] >= 90   # row kernels split wide rows over clusters
+        if c.head_dim in ATTENTION.wide_head_dims:        # a wide head's attention needs ~200 KB a block
+            # (the GQA decode kernel's static arrays are under 16 KB at D = 256)
+            need = max(attention.prefill_smem(c.head_dim, True), attention.gqa_smem(c.head_dim, False) + 16384)
+            have = kernels.device_info()["smem_optin"]
+            if have < need:
+                raise BackendError(f"head_dim {c.head_dim}: the attention kernels need {need // 1024} KiB of shared "
+                                   f"memory a block, this GPU gives {have // 1024} KiB (run it with --device cpu)")
         launch.pdl_enabled()                # load the driver entry point now, not inside a capture
         kernels.module("fused.cu", fused.FUSED_EXPRS)      # compile once, up front
         kernels.module("attention.cu", attention.ATTN_EXPRS)
@@ -206,7 +215,9 @@ class CudaModel:
         rows = self._geglu or c.embed_scale != 1.0 or any(
             a is not None for L in self.layers for a in (L.o_bias, L.gu_bias, L.down_bias, L.attn_out_norm))
         attn = any(self._qk_prep) or any(L.window for L in self.layers)
+        wide = c.head_dim in ATTENTION.wide_head_dims          # every attention kernel from ATTN_WIDE
         self._family_modules = ([("fused.cu", fused.FAMILY_EXPRS)] if rows else []) + (
+            [("attention.cu", attention.ATTN_WIDE_EXPRS)] if wide else
             [("attention.cu", attention.ATTN_FAMILY_EXPRS)] if attn else [])
 
     def _rope(self, positions: int) -> None:

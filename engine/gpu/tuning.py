@@ -97,6 +97,9 @@ WB_TUNE = WbTuning()
 @dataclass(frozen=True)
 class AttentionShape:
     head_dims: tuple = (64, 128)              # attn_prefill<D, KV> instantiations
+    # wide heads (WIDE_D, cuda/attention.cu: Gemma 3's 256): their own module (attention.ATTN_WIDE);
+    # decode always on attn_decode_gqa (attn_decode holds a key's row in registers, D ≤ 128)
+    wide_head_dims: tuple = (256,)
     kv_types: tuple = ("__half", "signed char")   # the cache element types the kernels take
     prefill_bm: int = 64       # query rows per block of attn_prefill (FA_BM)
     prefill_bn: int = 64       # keys per tile (FA_BN)
