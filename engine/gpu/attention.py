@@ -55,6 +55,7 @@ ATTN_WIDE = kargs.KernelFile("attention.cu", ATTN_WIDE_EXPRS)
 def _wide(d: int) -> bool:
     return d in ATTENTION.wide_head_dims
 
+
 DECODE_KERNELS = ("gqa", "heads")
 if flags.ATTN_DECODE not in DECODE_KERNELS:
     raise BackendError(f"DGQ_ATTN_DECODE must be one of {', '.join(DECODE_KERNELS)}, got {flags.ATTN_DECODE!r}")

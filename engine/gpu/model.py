@@ -158,7 +158,8 @@ class CudaModel:
                                    f"memory a block, this GPU gives {have // 1024} KiB (run it with --device cpu)")
         launch.pdl_enabled()                # load the driver entry point now, not inside a capture
         kernels.module("fused.cu", fused.FUSED_EXPRS)      # compile once, up front
-        kernels.module("attention.cu", attention.ATTN_EXPRS)
+        if c.head_dim not in ATTENTION.wide_head_dims:     # (a wide head's are all in ATTN_WIDE)
+            kernels.module("attention.cu", attention.ATTN_EXPRS)
         self.embed = to_f16(cp, weights.embed, "the token embedding")          # (V, H)
         if weights.lm_head_q is not None:            # INT8 head (ModelWeights.with_int8_lm_head)
             if c.hidden_size % 16:
