@@ -4,7 +4,7 @@ their own RoPE base, sliding windows (Mistral, Gemma 3), llama3 and linear RoPE 
 biases on every linear (Llama's attention_bias and mlp_bias).
 
 gpu-marked tests: each family as a tiny random model (tests/test_arch.py's configs at head_dim
-64, A8W4 or float linears) against the NumPy model (engine/model): prefill logits, decode-step
+64, Gemma 3 also at 256; A8W4 or float linears) against the NumPy model (engine/model): prefill logits, decode-step
 logits and greedy tokens, graphs on and off, fp16 and INT8 KV, batched decode and SlotBatch;
 windows shorter than the sequence; the new kernels one by one against NumPy.
 
@@ -40,7 +40,8 @@ def gpu_test(fn):
     """gpu-marked, skipped without a GPU (this module's CPU tests run everywhere)."""
     return pytest.mark.gpu(pytest.mark.skipif(not has_gpu(), reason="no GPU")(fn))
 
-# tests/test_arch.py's families at the GPU's head_dim, and two with every bias
+
+# tests/test_arch.py's families at head_dim 64 (and Gemma 3 at its real 256), two with every bias
 SHAPE = dict(head_dim=64, hidden_size=64, intermediate_size=96, max_position_embeddings=256)
 CONFIGS = {
     "llama3": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma3": {},
@@ -834,7 +835,7 @@ def test_family_decode_graph_and_eager_match_reference(name, kv8):
 
 
 @gpu_test
-@pytest.mark.parametrize("name", ["gemma3", "mistral-long", "qwen3-bias", "llama-bias"])
+@pytest.mark.parametrize("name", ["gemma3", "gemma3-256", "mistral-long", "qwen3-bias", "llama-bias"])
 def test_family_fp16_path_decode(name):
     """Float linears: the FP16 path's graphed decode (our fp16 GEMV) with the families' kernels."""
     mw = family_weights(name, "fp16", seed=3)
@@ -848,7 +849,7 @@ def test_family_fp16_path_decode(name):
 
 @gpu_test
 @pytest.mark.parametrize("kv8", [False, True], ids=["fp16kv", "kv8"])
-@pytest.mark.parametrize("name", ["gemma3", "mistral-long", "qwen2", "llama-bias"])
+@pytest.mark.parametrize("name", ["gemma3", "gemma3-256", "mistral-long", "qwen2", "llama-bias"])
 def test_family_batched_decode_and_slot_batch(name, kv8):
     """Three sequences of different lengths decoded in one batch equal each decoded alone; and
     through SlotBatch (continuous batching, graphs per bucket, KV moves) equal generate()."""
