@@ -546,7 +546,7 @@ def test_qk_norm_bias_kernel(d, what, rep):
 @pytest.mark.parametrize("mode", ["static", "dynamic", "fp16"])
 @pytest.mark.parametrize("shape", [fused.RowShape(1, 1024, False), fused.RowShape(1, 256, True),
                                    fused.RowShape(2, 1024, False), fused.RowShape(8, 1024, False), None], ids=str)
-def test_family_row_kernels_match_numpy(width, mode, shape):
+def test_gelu_and_norm_add_row_kernels_match_numpy(width, mode, shape):
     """gelu_mul_quant (gate|up plain and interleaved) and norm_add_rows, at the shapes the
     engine picks (None) and by hand, against NumPy float32 (tests/test_model_cuda.py's rules)."""
     import cupy as cp
