@@ -30,12 +30,7 @@ add_rmsnorm_quant(float* __restrict__ h, const __half* __restrict__ y, const flo
     RowTeam<CL> team;
     constexpr int NC = PER / VEC;   // chunks a thread holds (cuda/rows.cuh Pack)
     float wv[PER];                  // the norm weight is no kernel's output: read before the PDL wait
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-        const int j = chunk_col<VEC>(team, c);
-        if (j < H) load_vec<VEC>(w + j, &wv[c * VEC]);
-        else zero_vec<VEC>(&wv[c * VEC]);
-    }
+    load_row<PER, VEC>(w, H, wv, team);
     pdl_enter();
     if (zero && team.tid == 0) zero[team.row] = 0u;
     float* row = h + (size_t)team.row * H;
@@ -153,22 +148,12 @@ norm_add_rows(float* __restrict__ h, const __half* __restrict__ y, const float* 
     RowTeam<CL> team;
     constexpr int NC = PER / VEC;
     float wv[PER];                  // the norm weight is no kernel's output: read before the PDL wait
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-        const int j = chunk_col<VEC>(team, c);
-        if (j < H) load_vec<VEC>(w + j, &wv[c * VEC]);
-        else zero_vec<VEC>(&wv[c * VEC]);
-    }
+    load_row<PER, VEC>(w, H, wv, team);
     pdl_enter();
     const __half* yr = y + (size_t)team.row * H;
     float* row = h + (size_t)team.row * H;
     float v[PER];
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-        const int j = chunk_col<VEC>(team, c);
-        if (j < H) load_vec<VEC>(yr + j, &v[c * VEC]);
-        else zero_vec<VEC>(&v[c * VEC]);
-    }
+    load_row<PER, VEC>(yr, H, v, team);
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < PER; ++i) ss += v[i] * v[i];

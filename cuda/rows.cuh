@@ -247,6 +247,17 @@ __device__ __forceinline__ void zero_pad(signed char* row, int width, int ld, co
 // about 300 bytes, attn_decode_combine<32> about 100; L1-cached); the rows of the models we
 // run (4096 values or fewer a CTA) stay in registers.
 // Store a row held as v[PER] (VEC-chunk team-strided) quantized per mode, with its scale.
+// A thread's chunks of a row p[0..W) as float (store_row's order), zero past W.
+template <int PER, int VEC, int CL, class T>
+__device__ __forceinline__ void load_row(const T* p, int W, float (&v)[PER], const RowTeam<CL>& team) {
+#pragma unroll
+    for (int c = 0; c < PER / VEC; ++c) {
+        const int j = chunk_col<VEC>(team, c);
+        if (j < W) load_vec<VEC>(p + j, &v[c * VEC]);
+        else zero_vec<VEC>(&v[c * VEC]);
+    }
+}
+
 // W % VEC == 0; the x8 rows (ld) and xh rows (W) start VEC-element aligned.
 template <int PER, int CL, int VEC>
 __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode, const float* static_scale,

@@ -28,17 +28,19 @@ from . import flags, kargs, kernels
 from .backend import BackendError
 from .tuning import ATTENTION
 
-ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in ATTENTION.kv_types]
-                   + [f"attn_decode<{t}, {cl}>" for t in ATTENTION.kv_types
-                      for cl in (0,) + ATTENTION.decode_clusters]
-                   + [f"attn_decode_gqa<{t}, {d}>" for t in ATTENTION.kv_types for d in ATTENTION.head_dims]
-                   + [f"attn_prefill<{d}, {t}>" for d in ATTENTION.head_dims for t in ATTENTION.kv_types])
+
+def _attention_exprs(sw: str) -> list[str]:
+    """The decode and prefill kernels at the narrow head sizes: sw "" the plain ones, "_sw" their
+    sliding-window twins."""
+    kv, dims = ATTENTION.kv_types, ATTENTION.head_dims
+    return ([f"attn_decode{sw}<{t}, {cl}>" for t in kv for cl in (0,) + ATTENTION.decode_clusters]
+            + [f"attn_decode_gqa{sw}<{t}, {d}>" for t in kv for d in dims]
+            + [f"attn_prefill{sw}<{d}, {t}>" for d in dims for t in kv])
+
+
+ATTN_EXPRS = tuple([f"rope_qkv_cache<{t}>" for t in ATTENTION.kv_types] + _attention_exprs(""))
 ATTN = kargs.KernelFile("attention.cu", ATTN_EXPRS)
-ATTN_FAMILY_EXPRS = tuple([f"qk_norm_bias<{d}>" for d in ATTENTION.head_dims]
-                          + [f"attn_decode_sw<{t}, {cl}>" for t in ATTENTION.kv_types
-                             for cl in (0,) + ATTENTION.decode_clusters]
-                          + [f"attn_decode_gqa_sw<{t}, {d}>" for t in ATTENTION.kv_types for d in ATTENTION.head_dims]
-                          + [f"attn_prefill_sw<{d}, {t}>" for d in ATTENTION.head_dims for t in ATTENTION.kv_types])
+ATTN_FAMILY_EXPRS = tuple([f"qk_norm_bias<{d}>" for d in ATTENTION.head_dims] + _attention_exprs("_sw"))
 ATTN_FAMILY = kargs.KernelFile("attention.cu", ATTN_FAMILY_EXPRS)
 # Wide heads (ATTENTION.wide_head_dims, Gemma 3's 256): every attention kernel a model of that head
 # size launches, in one more module (decode: attn_decode_gqa only).
