@@ -562,7 +562,9 @@ def test_gelu_and_norm_add_row_kernels_match_numpy(width, mode, shape):
     gate, up = gu[:, :width].astype(np.float32), gu[:, width:].astype(np.float32)
     want = ops_ref.gelu_tanh(gate) * up
     for il in ((0, 1) if width % 8 == 0 else (0,)):
-        src = gu[:, interleave_rows(2 * width)] if il else gu
+        # gu[:, perm] is Fortran-ordered and cp.asarray keeps that order: the kernel reads rows
+        # of 2I contiguous values (the engine's gate|up GEMM output), so make it C-ordered
+        src = np.ascontiguousarray(gu[:, interleave_rows(2 * width)]) if il else gu
         x8, sx = cp.full((m, ld), 7, cp.int8), cp.zeros((m,), cp.float32)
         mh = cp.zeros((m, width), cp.float16)
         fused.gelu_mul_quant(m, gu=cp.asarray(src), I=width, mode=MODE[mode], static_scale=sc, x8=x8, ld=ld, sx=sx,
@@ -615,7 +617,8 @@ def windowed_gqa_f64(q, k, v, start, window, scale):
 def test_attn_prefill_sw_matches_float64(d, window, kv8):
     """attn_prefill_sw over chunks that start at 0 and later, the window shorter and longer than
     the tiles (0: attn_prefill itself; D = 256 from the wide module); the bound of
-    tests/test_attention_gpu.py, rows past t untouched."""
+    tests/test_attention_gpu.py against float64 on the K, V the kernel computes with (kv8: the
+    fp16-rounded dequantized tiles), rows past t untouched."""
     import cupy as cp
     rng = np.random.default_rng(d + window)
     hkv, rep, cap, bsz, seq = 2, 3, 336, 2, 1
@@ -630,8 +633,15 @@ def test_attn_prefill_sw_matches_float64(d, window, kv8):
             (k8, ks), (v8, vs) = quantize_kv_ref(k), quantize_kv_ref(v)
             ks[:, n:], vs[:, n:] = np.nan, np.nan
             kc, vc = cp.asarray(k8), cp.asarray(v8)
-            kref = k8[seq, :n].astype(np.float64) * ks[seq, :n, :, None]
-            vref = v8[seq, :n].astype(np.float64) * vs[seq, :n, :, None]
+            # K and V as attn_prefill's dequant_tile holds them: x8·s in float32, rounded once to
+            # fp16. Against the exact x8·s, K's rounding (≤ 2^-11·|k| an element) moves a score by
+            # ~scale·√d·rms(q)·rms(k)·2^-11/√3: 2.6e-3 at d = 256 with this scale and rms(q) = 2,
+            # which the peaked softmax (scores' spread ~9) carries into the output at 1.0-1.3× the
+            # bound below (NumPy emulation; 0.5× at d = 64, 0.8× at 128: it grows as √d; window 1,
+            # p = 1, is immune). That is the kernel's documented rounding, not an error; with
+            # these K, V the output's fp16 rounding is what is left, ~0.25× the bound.
+            kref = (k8[seq, :n] * ks[seq, :n, :, None]).astype(np.float16).astype(np.float64)
+            vref = (v8[seq, :n] * vs[seq, :n, :, None]).astype(np.float16).astype(np.float64)
         else:
             k[:, n:], v[:, n:] = np.nan, np.nan
             ks = vs = np.ones((1,), np.float32)
@@ -782,13 +792,28 @@ def test_rope_qkv_cache_wide_head(kv8):
 def test_family_prefill_matches_reference(name, linears):
     """Prefill logits of every position (a prompt longer than the windows) and a second chunk
     continuing the cached sequence, against the NumPy model: A8W4 against its integer
-    reference (test_model_cuda's 2e-2), float linears on our FP16 path (1e-2)."""
+    reference (test_model_cuda's 2e-2, or twice the reference's own move under one fp16
+    rounding, whichever is larger), float linears on our FP16 path (1e-2)."""
+    from dataclasses import replace
     mw = family_weights(name, linears, seed=1)
     c = mw.config
     gm, ref = CudaModel(mw), Model(mw)
     tokens = prompt_for(c, 150)
-    tol = 2e-2 if linears == "a8w4" else 1e-2
     want = ref.forward(tokens)
+    tol = 1e-2
+    if linears == "a8w4":
+        # The integer reference is piecewise constant (INT8 rounding at four sites a layer), so a
+        # 2^-12 perturbation flips codes downstream and moves its logits by a model-dependent
+        # amount. The GPU rounds to fp16 at several points (embedding table, q|k|v, q/k after
+        # norm and RoPE, attention output, every linear's output); the reference with only its
+        # table rounded as the GPU holds it measures that sensitivity: ~0.9 % for llama3, 2.0 %
+        # for gemma3 and 2.9 % for gemma3-256 (sandwich norms lift o's and down's flip noise to
+        # the residual's size, and 1/√12 at d = 256 makes the softmax sharp). With every fp16
+        # point emulated the reference moves 2.8 %; the GPU measured 2.7 %. STYLE: within 2× of that.
+        e16 = mw.embed.astype(np.float16).astype(np.float32)
+        head = e16 if mw.lm_head is mw.embed else mw.lm_head.astype(np.float16).astype(np.float32)
+        floor = rel(Model(replace(mw, embed=e16, lm_head=head)).forward(tokens), want)
+        tol = max(2e-2, 2 * floor)
     got = gm.forward(tokens).get()
     assert rel(got, want) < tol, rel(got, want)
     cache = gm.new_cache(200)
