@@ -319,8 +319,9 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
               help="4 or 8 for the A8 methods; 2, 3 or 4 for pot, int-rtn, int-search.")
 @click.option("--group", type=click.IntRange(min=1), default=128, show_default=True,
               help="Input channels per weight group.")
-@click.option("--act", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
-              help="INT8 activations: calibrated per-tensor scale, or per token at run time.")
+@click.option("--act", type=click.Choice(["static", "dynamic"]), default=None,
+              help="INT8 activations: calibrated per-tensor scale, or per token at run time. "
+                   "Default: the method's (dynamic for dgq, static for the others).")
 @click.option("--kv8", is_flag=True, help="Also store calibrated 8-bit KV-cache scales in the recipe "
               "(dgq-run/dgq-eval --kv8 scale per token instead).")
 @click.option("--calib", default=None,
@@ -328,11 +329,12 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
 @click.option("--n-seq", type=click.IntRange(min=1), default=None,
               help="Calibration sequences (default in converters/calibrate.py).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per calibration sequence.")
-@click.option("--gptq", is_flag=True, default=False,
-              help="dgq: also try GPTQ-compensated rounding per row (lower perplexity, ~37 % more search time).")
-@click.option("--sink-weight", type=float, default=1.0, show_default=True,
+@click.option("--gptq/--no-gptq", default=None,
+              help="dgq, fptq-dg: also try GPTQ-compensated rounding per row (lower perplexity, more "
+                   "search time; docs/QUALITY.md). Default: on for dgq, off for fptq-dg.")
+@click.option("--sink-weight", type=float, default=None,
               help="Weight of each calibration sequence's first token in the q/k/v Gram matrix "
-                   "(the searched methods; 512 measured better for dgq, docs/QUALITY.md).")
+                   "(the searched methods). Default: 512 for dgq (measured, docs/QUALITY.md), 1 for the others.")
 @click.option("--calibration", type=click.Choice(["float", "sequential"]), default=None,
               help="Calibrate each layer on the float model's activations, or on the outputs of the "
                    "already quantized layers before it. Default: sequential for dgq, dgq-rtn and rtn "
@@ -351,7 +353,8 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     The model is read and quantized one layer at a time and the file written as it goes, so
     memory holds about one layer's float weights, its statistics and the calibration activations."""
     from converters import calibrate as cal  # noqa: PLC0415
-    from converters.quantize import check_gptq, check_options, quantize_to_file  # noqa: PLC0415
+    from converters.quantize import (check_gptq, check_options, quantize_to_file,  # noqa: PLC0415
+                                     resolve_defaults)
 
     from engine.io.checkpoint import default_model_path, load_checkpoint  # noqa: PLC0415
     from engine.io.corpus import load_text_file, wiki_path  # noqa: PLC0415
@@ -360,6 +363,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     # Every flag and path before the model loads or the quantization runs (minutes).
     n_seq = cal.DEFAULT_N_SEQ if n_seq is None else n_seq
     seq_len = cal.DEFAULT_SEQ_LEN if seq_len is None else seq_len
+    act, gptq, sink_weight = resolve_defaults(method, act, gptq, sink_weight)
     check_options(method, wbits, group, act)
     check_gptq(method, gptq)
     cal.check_sink_weight(sink_weight)
@@ -383,7 +387,8 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
                                          before_finish=lambda: check_q_out(out_path, [src]))  # inputs may move
     ph = ", ".join(f"{k} {v:.0f} s" for k, v in recipe["phase_s"].items() if v >= 0.5)
     click.echo(f"wrote {out_path}: {size / 2**20:.1f} MiB; linears {8 * lin['bytes'] / lin['params']:.2f} "
-               f"bits/param ({lin['params'] / 1e6:.1f} M params); method {method}, "
+               f"bits/param ({lin['params'] / 1e6:.1f} M params); method {method}, act {recipe['act']}"
+               f"{', gptq' if recipe.get('gptq') else ''}, "
                f"{recipe.get('calibration', {}).get('mode', 'no')} calibration; "
                f"{time.perf_counter() - t0:.0f} s{f' ({ph})' if ph else ''}; peak RSS {peak_rss_mb():.0f} MB", err=True)
 

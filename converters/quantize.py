@@ -86,10 +86,17 @@ class MethodSpec:
     fptq: bool = False           # per-site activation policy
     dynamic_sites: tuple = ()    # sites that stay per-token dynamic when act="static"
     calibration: str = "float"   # the default: "sequential" where measured better (docs/QUALITY.md)
+    # The recipe a plain `dgq-quantize --method M` uses; each measured in docs/QUALITY.md.
+    act: str = "static"          # --act
+    gptq: bool = False           # --gptq
+    sink_weight: float = 1.0     # --sink-weight
 
 
 METHODS = {
-    "dgq": MethodSpec("dg", True, "percentile", dynamic_sites=DGQ_DYNAMIC_SITES, calibration="sequential"),
+    # dgq's default: per-token activations, GPTQ rounding, sink weight 512 (SmolLM2 1.137x the
+    # float perplexity, against 1.218x static without GPTQ; docs/QUALITY.md).
+    "dgq": MethodSpec("dg", True, "percentile", dynamic_sites=DGQ_DYNAMIC_SITES, calibration="sequential",
+                      act="dynamic", gptq=True, sink_weight=512.0),
     "dgq-rtn": MethodSpec("dg", False, "percentile", dynamic_sites=DGQ_DYNAMIC_SITES, calibration="sequential"),
     "fptq": MethodSpec("g", True, "lae", fptq=True),
     "fptq-dg": MethodSpec("dg", True, "lae", fptq=True),
@@ -103,10 +110,22 @@ METHODS = {
 }
 
 
-def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
+def method_spec(method: str) -> MethodSpec:
     if method not in METHODS:
         raise QuantizeError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    spec = METHODS[method]
+    return METHODS[method]
+
+
+def resolve_defaults(method: str, act: str | None, gptq: bool | None, sink_weight: float | None):
+    """(act, gptq, sink_weight) with each None replaced by the method's default (MethodSpec)."""
+    spec = method_spec(method)
+    return (spec.act if act is None else act, spec.gptq if gptq is None else bool(gptq),
+            spec.sink_weight if sink_weight is None else sink_weight)
+
+
+def _resolve(method: str, wbits: int, act: str | None) -> tuple[MethodSpec, int, str]:
+    spec = method_spec(method)
+    act = spec.act if act is None else act
     if spec.weights in ("pot", "int"):
         if wbits not in WEIGHT_ONLY_BITS:
             raise QuantizeError(f"{method} takes --wbits 2, 3 or 4, got {wbits!r}")
@@ -134,7 +153,7 @@ def _resolve(method: str, wbits: int, act: str) -> tuple[MethodSpec, int, str]:
     return spec, bits, act
 
 
-def check_options(method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP, act: str = "static") -> None:
+def check_options(method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP, act: str | None = None) -> None:
     """Every option that needs no model, checked before one is loaded (QuantizeError)."""
     if isinstance(wbits, bool) or not isinstance(wbits, (int, np.integer)):
         raise QuantizeError(f"--wbits must be an integer, got {wbits!r}")
@@ -181,19 +200,20 @@ def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, searc
 CALIBRATIONS = ("float", "sequential")
 
 
-def check_gptq(method: str, gptq: bool) -> None:
+def check_gptq(method: str, gptq: bool | None) -> None:
     """--gptq needs searched dual-grained weights (dgq, fptq-dg): the GPTQ candidate joins their search."""
     spec = METHODS.get(method)
+    gptq = spec.gptq if gptq is None and spec is not None else gptq
     if gptq and not (spec is not None and spec.weights == "dg" and spec.search):
         ok = ", ".join(m for m, sp in METHODS.items() if sp.weights == "dg" and sp.search)
         raise QuantizeError(f"--gptq applies to {ok} (searched dual-grained weights), not {method!r}")
 
 
 def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP,
-                        act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
+                        act: str | None = None, kv8: bool = False, calib=None, progress: bool = True, *,
                         n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN,
                         act_clip="max", seed: int = cal.DEFAULT_SEED, calibration: str | None = None,
-                        gptq: bool = False, sink_weight: float = 1.0, on_layer=None, xp=np):
+                        gptq: bool | None = None, sink_weight: float | None = None, on_layer=None, xp=np):
     """Quantize every linear of a float Checkpoint; return (ModelWeights with QuantLinears, recipe).
 
     ckpt: engine.io.layout.Checkpoint (config, HF tensors — a dict or a lazy mapping, tokenizer, ...).
@@ -202,10 +222,12 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     calibration: "float" (each layer calibrated on the float model's activations),
     "sequential" (on the outputs of the already quantized layers before it) or None (the
     method's default, MethodSpec.calibration).
-    gptq: with dgq, add the GPTQ-compensated rounding as a candidate per row (converters/gptq.py;
-    SmolLM2 wiki perplexity 27.78 -> 27.00, about 37 % more search time): off by default.
+    act, gptq, sink_weight: None = the method's default (MethodSpec; dgq: "dynamic", True, 512).
+    act: "static" (calibrated per-tensor INT8 scales), "dynamic" (per token at run time), "none".
+    gptq: with dgq / fptq-dg, add the GPTQ-compensated rounding as a candidate per row
+    (converters/gptq.py; docs/QUALITY.md has its perplexity and time).
     sink_weight: weight of each calibration sequence's first token in the q/k/v Gram matrix
-    (converters/calibrate.py; 1 = plain XᵀX, the default).
+    (converters/calibrate.py; 1 = plain XᵀX).
     on_layer(li, layer): called with each quantized layer as it is done.
     xp: numpy, or cupy to run the weight searches on the GPU (dgq-quantize --device cuda).
     The recipe (a JSON-able dict) records every choice; save it with engine.io.qfile.save_qfile.
@@ -227,10 +249,10 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
 
 
 def quantize_to_file(ckpt, path, method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP,
-                     act: str = "static", kv8: bool = False, calib=None, progress: bool = True, *,
+                     act: str | None = None, kv8: bool = False, calib=None, progress: bool = True, *,
                      n_seq: int = cal.DEFAULT_N_SEQ, seq_len: int = cal.DEFAULT_SEQ_LEN, act_clip="max",
                      seed: int = cal.DEFAULT_SEED, calibration: str | None = None, embed_dtype: str = "float16",
-                     gptq: bool = False, sink_weight: float = 1.0, on_layer=None, before_finish=None,
+                     gptq: bool | None = None, sink_weight: float | None = None, on_layer=None, before_finish=None,
                      xp=np) -> tuple[dict, int, dict]:
     """quantize_checkpoint streamed into a q.safetensors file (engine.io.qfile.QFileWriter): each
     layer is written and dropped as soon as it is quantized, and with a lazy checkpoint
@@ -282,8 +304,8 @@ def _float_tensor(tensors, name: str) -> np.ndarray:
 
 
 def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_len, act_clip, seed,
-              calibration, emit, floats_out=None, phase=None, gptq: bool = False, sink_weight: float = 1.0,
-              xp=np):
+              calibration, emit, floats_out=None, phase=None, gptq: bool | None = None,
+              sink_weight: float | None = None, xp=np):
     """The layer walk behind quantize_checkpoint / quantize_to_file.
 
     Per layer: read its float weights; gather its statistics on the calibration activations
@@ -298,6 +320,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
     phase = {} if phase is None else phase
     for k in ("load", "calibrate", "quantize", "propagate"):
         phase[k] = 0.0
+    act, gptq, sink_weight = resolve_defaults(method, act, gptq, sink_weight)
     spec, bits, act = _resolve(method, wbits, act)
     act_clip = cal.parse_act_clip(act_clip)
     if not isinstance(group, int) or isinstance(group, bool) or group < 1:

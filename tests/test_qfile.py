@@ -30,7 +30,8 @@ def seqs_for(c):
 def saved(tmp_path_factory):
     """A dgq model (static acts, kv8) written once; tests copy and damage it."""
     ck = tiny_ckpt()
-    w, recipe = quantize_checkpoint(ck, "dgq", group=16, kv8=True, calib=seqs_for(ck.config), progress=False)
+    w, recipe = quantize_checkpoint(ck, "dgq", group=16, kv8=True, calib=seqs_for(ck.config), progress=False,
+                                    act="static")
     path = tmp_path_factory.mktemp("q") / "tiny.q.safetensors"
     save_qfile(path, w, ck.config, ck.tokenizer, ck.chat_template, recipe)
     return ck, w, recipe, path

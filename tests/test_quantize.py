@@ -334,9 +334,9 @@ def test_quantize_checkpoint_every_method(method):
         for n in LINEAR_NAMES:
             ql = getattr(L, n)
             assert isinstance(ql, formats.QuantLinear) and ql.kind == KINDS[method]
-            want = "none" if method == "w4a16" else "static"
-            if method.startswith("dgq") and n == "down":
-                want = "dynamic"                             # DGQ keeps down_proj's input per token
+            want = "none" if method == "w4a16" else METHODS[method].act        # the method's default
+            if method == "dgq-rtn" and n == "down":
+                want = "dynamic"                             # static DGQ keeps down_proj's input per token
             assert ql.act == want, (method, n)
         assert L.q.ascale == L.k.ascale == L.v.ascale                # one input, one scale
         assert L.gate.ascale == L.up.ascale
@@ -421,8 +421,8 @@ def test_gptq_option_joins_the_dgq_search_and_is_refused_elsewhere():
     ck = tiny_ckpt(hidden_size=48, intermediate_size=96, head_dim=6)
     seqs = tiny_seqs(ck.config)
     kw = dict(group=16, calib=seqs, progress=False, calibration="float")
-    plain, r0 = quantize_checkpoint(ck, "dgq", **kw)
-    comp, r1 = quantize_checkpoint(ck, "dgq", gptq=True, **kw)
+    plain, r0 = quantize_checkpoint(ck, "dgq", gptq=False, **kw)
+    comp, r1 = quantize_checkpoint(ck, "dgq", **kw)                     # on by default for dgq
     assert r0["gptq"] is False and r1["gptq"]["mode"] == "grid"
     assert sum(v["rows_compensated"] for d in r1["objective"]["layers"].values() for v in d.values()) > 0
     changed = 0

@@ -112,7 +112,8 @@ def test_float_calibration_equals_a_whole_model_reference(model_dir):
     from engine.model import SITE_OF
     _, ck = model_dir
     seqs = seqs_for(ck.config)
-    got, _ = quantize_checkpoint(ck, "dgq", group=32, calib=seqs, progress=False, calibration="float")
+    got, _ = quantize_checkpoint(ck, "dgq", group=32, calib=seqs, progress=False, calibration="float",
+                                 act="static", gptq=False, sink_weight=1.0)
     w = ModelWeights.from_hf(ck.config, ck.tensors)
     stats = cal.calibrate(w, seqs, progress=False)
     scales = {(li, s): smooth.percentile_scales(stats.sites[(li, s)].absmax)
