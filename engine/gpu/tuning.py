@@ -116,7 +116,7 @@ class AttentionShape:
     gqa_step: int = 16
     gqa_max_splits: int = 32
     gqa_waves: int = 1
-    # DECODE_KERNEL "auto": attn_decode_gqa for caches of at least this many positions, attn_decode
+    # DGQ_ATTN_DECODE=auto: attn_decode_gqa for caches of at least this many positions, attn_decode
     # below (H200, 7B shape, batch 1: heads 528 vs gqa 495 tok/s at 128 keys, 384 vs 427 at 2048)
     gqa_min_keys: int = 1024
 
