@@ -279,6 +279,19 @@ def test_cli_quantize_streams_with_sequential_calibration(model_dir, tmp_path):
     assert r.exit_code == 0 and "float calibration" in r.output, r.output
     q = load_qfile(out)
     assert q.recipe["calibration"]["mode"] == "sequential" and q.recipe["embed_dtype"] == "float16"
+    # dgq's default recipe (MethodSpec): per-token activations, GPTQ, sink weight 512
+    assert (q.recipe["act"], q.recipe["gptq"]["mode"], q.recipe["calibration"]["sink_weight"]) == \
+        ("dynamic", "grid", 512.0)
+    former = tmp_path / "former.q.safetensors"
+    r = CliRunner().invoke(dgq_cli.quantize, [str(d), "--out", str(former), "--group", "32", "--calib", "random",
+                                              "--n-seq", "2", "--seq-len", "16", "--quiet", "--act", "static",
+                                              "--no-gptq", "--sink-weight", "1"])
+    assert r.exit_code == 0 and "act static," in r.output, r.output
+    f = load_qfile(former).recipe
+    assert (f["act"], f["gptq"], f["calibration"]["sink_weight"], f["dynamic_sites"]) == \
+        ("static", False, 1.0, ["down_in"])
+    r = CliRunner().invoke(dgq_cli.quantize, [str(d), "--out", str(former), "--method", "rtn", "--gptq"])
+    assert r.exit_code != 0 and "--gptq" in r.output, r.output
     assert set(q.recipe["phase_s"]) == {"load", "calibrate", "quantize", "propagate", "write"}
     r = CliRunner().invoke(dgq_cli.quantize, [str(d), "--out", str(out), "--calibration", "nope"])
     assert r.exit_code != 0 and "--calibration" in r.output
