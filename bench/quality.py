@@ -2,6 +2,7 @@
 
     python bench/quality.py [--windows 40] [--out docs/QUALITY.md]
     python bench/quality.py --set weight-only [--groups 128,64] [--bits 4,3,2]   # pot / int-* rows
+    python bench/quality.py --set weight-only --gptq-pairs --only pot,int-search # each also with --gptq
     python bench/quality.py --set pot-a8 --windows 20     # W3 codes on the INT8 kernels (issue 15 stretch)
     python bench/quality.py --calibration sequential      # each layer on the quantized layers' outputs
 
@@ -31,13 +32,20 @@ ROWS = [  # (label, method, act, wbits, group)
     ("DGQ A8W4 g128 dynamic", "dgq", "dynamic", 4, 128),
 ]
 WEIGHT_ONLY = ("pot", "int-search", "int-rtn")     # b-bit weights, float activations
+GPTQ_METHODS = ("dgq", "fptq-dg", "pot", "int-search")   # the methods that take --gptq
 
 
-def weight_only_rows(bits, groups):
+def weight_only_rows(bits, groups, gptq_pairs=False):
+    """(label, method, act, wbits, group, as dg, gptq) rows; gptq_pairs: pot / int-search twice,
+    without and with --gptq (None: the --gptq flag decides)."""
     rows = [ROWS[0]]
     for g in groups:
         for b in bits:
-            rows += [(f"{m} W{b} g{g}", m, "none", b, g) for m in WEIGHT_ONLY]
+            for m in WEIGHT_ONLY:
+                pair = gptq_pairs and m in GPTQ_METHODS
+                rows += [(f"{m} W{b} g{g}", m, "none", b, g, False, False if pair else None)]
+                if pair:
+                    rows += [(f"{m} W{b} g{g}", m, "none", b, g, False, True)]
     return rows
 
 
@@ -112,7 +120,10 @@ def main(argv=None):
                          "W3 codes with INT8 activations on the dual-grained kernels")
     ap.add_argument("--calibration", choices=("float", "sequential"), default="float",
                     help="calibrate each layer on the float model's activations or the quantized layers' outputs")
-    ap.add_argument("--gptq", action="store_true", help="dgq rows: with the GPTQ-compensated candidate (--gptq)")
+    ap.add_argument("--gptq", action="store_true",
+                    help="dgq / pot / int-search rows: with GPTQ-compensated rounding (--gptq)")
+    ap.add_argument("--gptq-pairs", action="store_true",
+                    help="weight-only: each pot / int-search row twice, without and with --gptq")
     ap.add_argument("--sink-weight", type=float, default=1.0, help="first-token weight in the q/k/v Gram matrix")
     ap.add_argument("--bits", default="4,3,2", help="weight-only: code widths")
     ap.add_argument("--groups", default="128,64", help="weight-only: group sizes")
@@ -134,23 +145,26 @@ def main(argv=None):
     if a.set == "a8":
         rows = ROWS
     elif a.set == "weight-only":
-        rows = weight_only_rows([int(b) for b in a.bits.split(",")], [int(g) for g in a.groups.split(",")])
+        rows = weight_only_rows([int(b) for b in a.bits.split(",")], [int(g) for g in a.groups.split(",")],
+                                a.gptq_pairs)
     else:
         rows = [ROWS[0]] + POT_A8_ROWS
     made = {}                                   # (method, wbits, group) -> (mw, recipe, seconds)
-    for label, method, act, wbits, group, *convert in rows:
+    for label, method, act, wbits, group, *extra in rows:
         if only and (method or "fp32") not in only and f"{method}:{act}" not in only:
             continue
+        convert = extra[:1]
+        row_gptq = a.gptq if len(extra) < 2 or extra[1] is None else extra[1]
         t0 = time.perf_counter()
         kw = {}
-        key = (method, act, wbits, group)
+        key = (method, act, wbits, group, row_gptq)
         if method is None:
             mw, recipe = ModelWeights.from_hf(ck.config, ck.tensors), {}
         elif key in made:
             mw, recipe, _ = made[key]
         else:
             kw = {k: v for k, v in (("n_seq", a.n_seq), ("seq_len", a.seq_len)) if v}
-            if a.gptq and method in ("dgq", "fptq-dg"):
+            if row_gptq and method in GPTQ_METHODS:
                 kw["gptq"] = True
             if a.sink_weight != 1.0:
                 kw["sink_weight"] = a.sink_weight
@@ -165,7 +179,8 @@ def main(argv=None):
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
         row = dict(label=label + (" +gptq" if kw.get("gptq") and method else "") +
                    (f" sink x{a.sink_weight:g}" if "sink_weight" in kw else ""),
-                   calibration=a.calibration if method else None, method=method, act=act, wbits=wbits, group=group, bits_per_weight=bits_per_weight(mw),
+                   calibration=a.calibration if method else None, method=method, act=act, wbits=wbits, group=group,
+                   gptq=bool(kw.get("gptq")), bits_per_weight=bits_per_weight(mw),
                    perplexity=r["perplexity"], n_tokens=r["n_tokens"],
                    quantize_s=tq, eval_s=time.perf_counter() - t0 - tq,
                    peak_rss_mb=peak_rss_mb())

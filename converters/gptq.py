@@ -28,7 +28,7 @@ and g the group (the first columns of F), that loss is e ((H_FF)⁻¹_gg)⁻¹ e
 compensation inside the group itself; that is what the column loop then adds.)
 
 This module knows nothing of a weight format: converters/dgq.py supplies the
-dual-grained quantizers.
+dual-grained quantizers, converters/pot.py the weight-only power-of-two and uniform grids.
 """
 from __future__ import annotations
 
@@ -128,13 +128,23 @@ def group_metric(Ugg: np.ndarray) -> np.ndarray:
     return scipy.linalg.solve_triangular(Ugg, np.eye(Ugg.shape[0]), lower=False)
 
 
-def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK):
+def uniform_round(w, p):
+    """The default rounding of gptq(): p = (step, z, lo, hi, *extra), each (N,); the column
+    w (N,) becomes q = clamp(rint(w / step) + z, lo, hi), dequantized (q − z)·step."""
+    step, z, lo, hi = p[:4]
+    xp = xp_of(w)
+    q = xp.clip(xp.rint(w / step) + z, lo, hi)                                   # (N,)
+    return q, (q - z) * step
+
+
+def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK, rounding=uniform_round):
     """Quantize W (N, K) column by column with error compensation.
 
-    U: inverse_cholesky(H, K, damp). params_at(g, Wg, Ugg) -> (step, z, lo, hi, *extra),
-    each (N,): column k of group g becomes q = clamp(rint(w / step) + z, lo, hi), dequantized
-    (q − z)·step. Returns codes (N, K) float64 (integers), Ŵ (N, K) float64 and the list of
-    every group's params_at result (index g).
+    U: inverse_cholesky(H, K, damp). params_at(g, Wg, Ugg) -> the parameters p of group g;
+    rounding(w, p) -> (q, ŵ): the codes (N,) and dequantized values (N,) of a column w (N,) of
+    that group. The default (uniform_round) takes p = (step, z, lo, hi, *extra); other grids
+    (converters/pot.py's power-of-two levels) pass their own. Returns codes (N, K) float64
+    (integers), Ŵ (N, K) float64 and the list of every group's params_at result (index g).
 
     The walk keeps the weights transposed (K, N), so that a column is one contiguous row, and
     applies each column's update to the next `sub` columns only (sub = gcd(group, 32), so
@@ -163,10 +173,8 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK):
                 if c % group == 0:
                     ge = min(c + group, k)
                     params.append(params_at(c // group, W1[i:i + ge - c].T, U[c:ge, c:ge]))
-                    step, z, lo, hi = params[-1][:4]
                 w = W1[i]                                                # (N,)
-                q = xp.clip(xp.rint(w / step) + z, lo, hi)               # (N,)
-                wq = (q - z) * step
+                q, wq = rounding(w, params[-1])                          # (N,), (N,)
                 codes[c] = q
                 W_hat[c] = wq
                 e = (w - wq) / U1[i, i]                                  # (N,)

@@ -20,6 +20,14 @@ domain (the least squared error; the paper rounds log2|w|); a zero code exists (
 formats/pot.py); uniform kinds include 0 in each group's range (as the A8W4 kinds do), so a
 zero weight stays exact. Baselines: "int-rtn" = min-max uniform (no search), "int-search" =
 uniform with the same two-step scale search.
+
+Optional GPTQ rounding (compensate=True, `--gptq` for pot / int-search): once the search has
+fixed every group's scale (and zero point), the codes are rounded again column by column on
+that same grid with GPTQ's error propagation (converters/gptq.py; PoT: the nearest level of
+the group's scale, zero included; uniform: the nearest code in 0..2^b-1). Each row then keeps
+whichever of {searched, compensated} codes has the lower output error d H dᵀ (full H), as
+DGQ's compensation does, so no row gets worse on that objective. NumPy only (the searches
+here are NumPy too; --device cuda runs them on the host).
 """
 from __future__ import annotations
 
@@ -29,7 +37,11 @@ from engine import formats
 from engine.formats import planes
 from engine.formats.pot import FP16_EXP_BIAS
 
-from .dgq import QuantizeError, _check_gram, _check_weight, from_groups, group_range, h_blocks, to_groups
+from engine.util.arrays import to_numpy
+
+from . import gptq
+from .dgq import (QuantizeError, _check_gram, _check_weight, from_groups, group_range, h_blocks, row_objective,
+                  to_groups)
 
 BETAS = np.arange(1, 201) / 100.0                      # step 1: 0.01 … 2.00 × S0 (the paper's grid)
 BETA_COARSE = 5                                        # ... visited coarse to fine: every 5th point,
@@ -96,6 +108,23 @@ class _Pot:
         m = np.where(nz, j + 1, 0).astype(np.uint8)
         return np.where((Wg < 0) & nz, np.uint8(1 << (self.bits - 1)), np.uint8(0)) | m
 
+    def round_column(self, w, p):
+        """gptq.gptq's rounding on this grid: w (N,) float64, p = (s,) the groups' stored
+        scales (N,). Returns the codes (N,) (as codes() writes them) and ŵ (N,), the same
+        closed-form nearest level as fields()."""
+        s = p[0]
+        with np.errstate(divide="ignore"):
+            u = np.log2(s) - np.log2(np.abs(w))                                  # +inf for 0
+        j = np.clip(np.floor(u + self.SHIFT), 0, self.levels - 1)
+        nz = u <= self.levels
+        mag = np.where(nz, np.exp2(-j), 0.0) * s
+        neg = (w < 0) & nz
+        return np.where(nz, j + 1, 0) + np.where(neg, 1 << (self.bits - 1), 0), np.where(neg, -mag, mag)
+
+    def grid(self, scales, zeros):
+        """(params_at, rounding) for gptq.gptq on the fixed grid of stored scales (N, G)."""
+        return (lambda g, Wg, Ugg: (scales[:, g],)), self.round_column
+
 
 class _Int:
     """Uniform asymmetric codes q ∈ 0..2^b-1 with zero point z: ŵ = (q - z)·s."""
@@ -123,6 +152,10 @@ class _Int:
 
     def weight_error(self, Wg, s):
         return ((Wg - self.dequant(Wg, s)) ** 2).sum(axis=-1)                    # (R, G)
+
+    def grid(self, scales, zeros):
+        """(params_at, rounding) for gptq.gptq on the fixed grid of stored scales and zero points (N, G)."""
+        return (lambda g, Wg, Ugg: (scales[:, g], zeros[:, g], 0.0, float(self.qmax))), gptq.uniform_round
 
 
 # ----------------------------------------------------------------------------- search
@@ -176,15 +209,21 @@ def check_bits_group(bits: int, group: int) -> None:
         raise QuantizeError(f"{bits}-bit weights take groups of 32, 64 or 128, got {group!r}")
 
 
-def _quantize(fam, kind: str, W, H, group: int, search: bool) -> formats.QuantLinear:
-    """The QuantLinear of `kind` for W: codes and scales (and zero points) row chunk by row chunk."""
+def _quantize(fam, kind: str, W, H, group: int, search: bool, compensate: bool = False,
+              damp: float = gptq.DEFAULT_DAMP) -> formats.QuantLinear:
+    """The QuantLinear of `kind` for W: codes and scales (and zero points) row chunk by row chunk;
+    compensate: then the GPTQ-rounded codes on the same grid where a row's d H dᵀ is lower."""
     check_bits_group(fam.bits, group)
-    W = _check_weight(W)
+    W = _check_weight(to_numpy(W))
     n, k = W.shape
-    Hb = None if H is None else h_blocks(_check_gram(H, k).astype(np.float64, copy=False), group).astype(np.float32)
+    if compensate and (H is None or not search):
+        raise QuantizeError("GPTQ rounding (--gptq) needs the scale search and the calibration Gram matrix H")
+    H = None if H is None else _check_gram(to_numpy(H), k).astype(np.float64, copy=False)
+    Hb = None if H is None else h_blocks(H, group).astype(np.float32)
     codes = np.empty((n, k), dtype=np.uint8)
     scales = np.empty((n, formats.n_groups(k, group)), dtype=np.float32)
     zeros = np.empty(scales.shape, dtype=np.uint8) if isinstance(fam, _Int) else None
+    W_hat = np.empty((n, k)) if compensate else None                            # the searched Ŵ, float64
     for a in range(0, n, ROWS_PER_CHUNK):
         b = min(n, a + ROWS_PER_CHUNK)
         # float32 halves the cost of the grids; the scales are stored in float16 anyway
@@ -194,26 +233,52 @@ def _quantize(fam, kind: str, W, H, group: int, search: bool) -> formats.QuantLi
         codes[a:b] = from_groups(fam.codes(Wg, s), k)
         if zeros is not None:
             zeros[a:b] = fam.zero(s)                                             # of this chunk's lo
+        if W_hat is not None:
+            W_hat[a:b] = from_groups(fam.dequant(Wg, s), k)                      # exact: fp16 scale × level
+    meta = {"search": bool(search), "gram": H is not None}
+    if compensate:
+        codes, meta = _compensate(fam, W, H, group, codes, W_hat, scales, zeros, damp, meta)
     extra = {} if zeros is None else {"qzeros": zeros}
     return formats.QuantLinear(kind=f"{kind}{fam.bits}", act="none", in_features=k, out_features=n, group=group,
                                qweight=planes.pack_planes(codes, fam.bits), wscale=scales.astype(np.float16),
-                               meta={"search": bool(search), "gram": H is not None}, **extra)
+                               meta=meta, **extra)
+
+
+def _compensate(fam, W, H, group, codes, W_hat, scales, zeros, damp, meta):
+    """GPTQ codes on the searched grid (scales, zeros fixed); per row the lower d H dᵀ of
+    {searched, compensated}, ties to the compensated (as dgq_linear). Returns (codes, meta)."""
+    n, k = W.shape
+    try:
+        U = gptq.inverse_cholesky_of(H, k, damp)                                 # (K, K), cached per site
+    except gptq.HessianError as e:
+        raise QuantizeError(str(e)) from None
+    params_at, rounding = fam.grid(scales.astype(np.float64), None if zeros is None else zeros.astype(np.float64))
+    qc, W_hat_c, _ = gptq.gptq(W, U, group, params_at, rounding=rounding)      # (N, K), (N, K)
+    err_s = row_objective(W, W_hat, H)                                           # (N,)
+    err_c = row_objective(W, W_hat_c, H)
+    keep = err_c <= err_s                                                        # (N,) compensated rows
+    codes = np.where(keep[:, None], qc.astype(np.uint8), codes)
+    meta = dict(meta, compensate="grid", damp=float(damp), obj_uncompensated=float(err_s.sum()),
+                obj=float(np.where(keep, err_c, err_s).sum()), rows_compensated=int(keep.sum()))
+    return codes, meta
 
 
 def pot_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
-               search: bool = True) -> formats.QuantLinear:
+               search: bool = True, compensate: bool = False, damp: float = gptq.DEFAULT_DAMP) -> formats.QuantLinear:
     """Power-of-two b-bit weights, float activations: QuantLinear(kind="pot<b>").
-    search=False: S0 (the group's largest magnitude) as the scale; H adds step 2."""
+    search=False: S0 (the group's largest magnitude) as the scale; H adds step 2;
+    compensate=True (needs search and H): GPTQ rounding on the searched scales (module docstring)."""
     check_bits_group(bits, group)
-    return _quantize(_Pot(bits), "pot", W, H, group, search)
+    return _quantize(_Pot(bits), "pot", W, H, group, search, compensate, damp)
 
 
 def int_linear(W, bits: int, group: int = formats.DEFAULT_GROUP, H=None,
-               search: bool = False) -> formats.QuantLinear:
+               search: bool = False, compensate: bool = False, damp: float = gptq.DEFAULT_DAMP) -> formats.QuantLinear:
     """Uniform asymmetric b-bit weights, float activations: QuantLinear(kind="int<b>").
-    search=False is min-max RTN ("int-rtn"); search=True the same two steps as PoT."""
+    search=False is min-max RTN ("int-rtn"); search=True the same two steps as PoT;
+    compensate=True (needs search and H): GPTQ rounding on the searched scales and zero points."""
     check_bits_group(bits, group)
-    return _quantize(_Int(bits), "int", W, H, group, search)
+    return _quantize(_Int(bits), "int", W, H, group, search, compensate, damp)
 
 
 def as_dual_grained(ql: formats.QuantLinear, act: str = "dynamic") -> formats.QuantLinear:

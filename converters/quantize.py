@@ -24,6 +24,9 @@ Methods (METHODS; `wbits`, `act` as noted):
                data-free scale grid, then refinement on the calibration Gram matrix (pot.py)
   int-rtn      uniform asymmetric min-max weights, wbits 2/3/4 (kind "int<b>"), float activations
   int-search   the same format with PoT's two-step scale search: the fair baseline for pot
+  --gptq       GPTQ error-compensated rounding: a per-row candidate in dgq / fptq-dg's search (on by
+               default for dgq), or for pot / int-search the codes re-rounded on the searched grid
+               (off by default; converters/gptq.py, docs/QUALITY.md)
 
 The model is walked one decoder layer at a time (issue 18): read the layer's float weights
 (lazily, with load_checkpoint(path, lazy=True)), run the calibration activations through it
@@ -177,13 +180,14 @@ def _fptq_mode(amax: float, site: str) -> str:
 def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, search: bool = False,
                     bits: int = 4, gptq: bool = False, xp=np):
     """One float (N, K) weight -> QuantLinear of kind `weights` ("dg" | "g" | "i8" | "pot" | "int").
-    gptq: DGQ's GPTQ-compensated candidate (converters/gptq.py; "dg" with H only).
+    gptq: the GPTQ-compensated candidate (converters/gptq.py; "dg", or searched "pot" / "int", with H only).
     xp: the array module the dual-grained search runs on (numpy, or cupy for --device cuda: the
     weight and H are copied there and the result comes back as NumPy)."""
-    if weights == "pot":
-        return pot_linear(W, bits, group, H=H if search else None, search=search)
-    if weights == "int":
-        return int_linear(W, bits, group, H=H if search else None, search=search)
+    if weights in ("pot", "int"):
+        if gptq and (H is None or not search):
+            raise QuantizeError("--gptq needs the layer's calibration Gram matrix (a searched method)")
+        make = pot_linear if weights == "pot" else int_linear
+        return make(W, bits, group, H=H if search else None, search=search, compensate=gptq)
     if weights == "dg":
         if gptq and H is None:
             raise QuantizeError("--gptq needs the layer's calibration Gram matrix (a searched method)")
@@ -200,13 +204,19 @@ def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, searc
 CALIBRATIONS = ("float", "sequential")
 
 
+GPTQ_WEIGHTS = ("dg", "pot", "int")      # weight kinds whose searched methods take --gptq
+
+
 def check_gptq(method: str, gptq: bool | None) -> None:
-    """--gptq needs searched dual-grained weights (dgq, fptq-dg): the GPTQ candidate joins their search."""
+    """--gptq needs a scale search on the calibration Gram matrix: dgq, fptq-dg (the GPTQ candidate
+    joins their search) and pot, int-search (codes re-rounded on the searched grid)."""
     spec = METHODS.get(method)
     gptq = spec.gptq if gptq is None and spec is not None else gptq
-    if gptq and not (spec is not None and spec.weights == "dg" and spec.search):
-        ok = ", ".join(m for m, sp in METHODS.items() if sp.weights == "dg" and sp.search)
-        raise QuantizeError(f"--gptq applies to {ok} (searched dual-grained weights), not {method!r}")
+    if gptq and not (spec is not None and spec.weights in GPTQ_WEIGHTS and spec.search):
+        dg = ", ".join(m for m, sp in METHODS.items() if sp.weights == "dg" and sp.search)
+        wo = ", ".join(m for m, sp in METHODS.items() if sp.weights in ("pot", "int") and sp.search)
+        raise QuantizeError(f"--gptq applies to {dg} (searched dual-grained weights) and {wo} (searched "
+                            f"weight-only), not {method!r}: it needs the scale search and its Gram matrix")
 
 
 def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP,
@@ -224,8 +234,9 @@ def quantize_checkpoint(ckpt, method: str, wbits: int = 4, group: int = formats.
     method's default, MethodSpec.calibration).
     act, gptq, sink_weight: None = the method's default (MethodSpec; dgq: "dynamic", True, 512).
     act: "static" (calibrated per-tensor INT8 scales), "dynamic" (per token at run time), "none".
-    gptq: with dgq / fptq-dg, add the GPTQ-compensated rounding as a candidate per row
-    (converters/gptq.py; docs/QUALITY.md has its perplexity and time).
+    gptq: with dgq / fptq-dg, add the GPTQ-compensated rounding as a candidate per row; with
+    pot / int-search, re-round the codes on the searched grid with GPTQ, per row where better
+    (converters/gptq.py, converters/pot.py; docs/QUALITY.md has its perplexity and time).
     sink_weight: weight of each calibration sequence's first token in the q/k/v Gram matrix
     (converters/calibrate.py; 1 = plain XᵀX).
     on_layer(li, layer): called with each quantized layer as it is done.
@@ -354,7 +365,10 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
               "dynamic_sites": list(spec.dynamic_sites) if act == "static" else [],
               "o_proj_smoothing": "skipped (GQA: v_proj rows feed several o_proj input channels)",
               "kv8": bool(kv8),
-              "gptq": {"mode": "grid", "damp": DEFAULT_DAMP} if gptq else False,
+              "gptq": ({"mode": "grid", "damp": DEFAULT_DAMP} |
+                       ({"grid": "searched scales" + (" and zero points" if spec.weights == "int" else ""),
+                         "choice": "per row, the lower d H dT of searched and compensated codes"}
+                        if spec.weights in ("pot", "int") else {})) if gptq else False,
               "stats_from": ("layer-sequential (each layer on the outputs of the quantized layers before it)"
                              if sequential else "float model (not layer-sequential)"),
               "converter": "dgq-engine converters.quantize", "search_device": "cuda" if xp is not np else "cpu"}
@@ -495,9 +509,11 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
     if need_calib:
         recipe["calibration"]["h_dtype"] = "float64" if spec.search else None
     if layer_info:
-        recipe["objective"] = {"rtn": sum(v["obj_rtn"] for d in layer_info.values() for v in d.values()),
-                               "final": sum(v["obj"] for d in layer_info.values() for v in d.values()),
-                               "layers": layer_info}
+        objs = [v for d in layer_info.values() for v in d.values()]
+        recipe["objective"] = {k: sum(v[key] for v in objs) for k, key in
+                               (("rtn", "obj_rtn"), ("uncompensated", "obj_uncompensated"), ("final", "obj"))
+                               if all(key in v for v in objs)}
+        recipe["objective"]["layers"] = layer_info
     if kv8:
         s = np.where(kv_absmax > 0, kv_absmax / formats.QMAX_I8, 1.0).astype(np.float32)  # (L, 2, Hkv)
         recipe["kv_cache"] = {"bits": 8, "granularity": "per layer and KV head, symmetric",
