@@ -82,13 +82,13 @@ def reuse_calibration():
     from converters import calibrate as cal
     run, memo = cal.calibrate_layer, {}
 
-    def cached(config, li, layer, X, cos, sin, **kw):
+    def cached(config, li, layer, X, **kw):
         key = (li, hashlib.blake2b(X.tobytes(), digest_size=16).digest(),
                hashlib.blake2b(b"".join(np.asarray(getattr(layer, n)).tobytes() for n in ("q", "down")),
                                digest_size=16).digest(),
                kw.get("gram"), kw.get("kv"), kw.get("sites"), kw.get("advance"))
         if key not in memo:
-            stats, kv = run(config, li, layer, X, cos, sin, **kw)
+            stats, kv = run(config, li, layer, X, **kw)
             memo[key] = (stats, kv, X.copy() if kw.get("advance") else None)
         stats, kv, out = memo[key]
         if out is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -203,6 +204,13 @@ def _device():
                          copy_bw_gbs=bw / 1e9)]
 
 
+def _progress(rows, what: str) -> None:
+    """One line on stderr as each model's rows are done: a run cut short still shows them."""
+    decode = [r for r in rows if str(r.get("model", "")).startswith(what) and r.get("phase") == "decode"]
+    got = ", ".join(f"{r['model'][len(what):].strip()} b{r['batch']} {r['tok_s']:.0f} tok/s".strip() for r in decode)
+    print(f"[e2e] {what}: {got or 'done'}", file=sys.stderr, flush=True)
+
+
 def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b"), pot_bits=(4, 3, 2)):
     cp, bw, rows = _device()
     if qfile:                                          # that file alone, whatever its shape
@@ -219,6 +227,7 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             mw, label = random_model(MODELS[key][0], True), MODELS[key][1]
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
         rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32), **kw)
+        _progress(rows, label + " A8W4")
         # the same with the opt-in INT8 output head (--lm-head int8): decode only
         rows += bench_model(cp, label + " A8W4 int8-head", mw.with_int8_lm_head(), bw=bw, prefill_lens=(),
                             batches=(1, 8), steps=kw.get("steps", 64))
