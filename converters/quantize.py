@@ -183,9 +183,7 @@ def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, searc
     gptq: the GPTQ-compensated candidate (converters/gptq.py; "dg", or searched "pot" / "int", with H only).
     xp: the array module the dual-grained search runs on (numpy, or cupy for --device cuda: the
     weight and H are copied there and the result comes back as NumPy)."""
-    if weights in ("pot", "int"):
-        if gptq and (H is None or not search):
-            raise QuantizeError("--gptq needs the layer's calibration Gram matrix (a searched method)")
+    if weights in ("pot", "int"):                 # they refuse gptq without search and H (pot.py)
         make = pot_linear if weights == "pot" else int_linear
         return make(W, bits, group, H=H if search else None, search=search, compensate=gptq)
     if weights == "dg":
@@ -207,11 +205,11 @@ CALIBRATIONS = ("float", "sequential")
 GPTQ_WEIGHTS = ("dg", "pot", "int")      # weight kinds whose searched methods take --gptq
 
 
-def check_gptq(method: str, gptq: bool | None) -> None:
+def check_gptq(method: str, gptq: bool) -> None:
     """--gptq needs a scale search on the calibration Gram matrix: dgq, fptq-dg (the GPTQ candidate
-    joins their search) and pot, int-search (codes re-rounded on the searched grid)."""
+    joins their search) and pot, int-search (codes re-rounded on the searched grid). gptq: the
+    resolved flag (resolve_defaults)."""
     spec = METHODS.get(method)
-    gptq = spec.gptq if gptq is None and spec is not None else gptq
     if gptq and not (spec is not None and spec.weights in GPTQ_WEIGHTS and spec.search):
         dg = ", ".join(m for m, sp in METHODS.items() if sp.weights == "dg" and sp.search)
         wo = ", ".join(m for m, sp in METHODS.items() if sp.weights in ("pot", "int") and sp.search)
