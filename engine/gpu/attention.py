@@ -19,7 +19,7 @@ Decode has two kernels with one parameter list, chosen by DECODE_KERNEL (flags.A
 DGQ_ATTN_DECODE): "gqa", attn_decode_gqa (a block per split of the sequence, kv head and
 group of ≤ 8 query heads: each K/V row loaded once per kv head, tensor-core scores, the grid
 sized by gqa_splits), or "heads", attn_decode (a block per query head and 64-key split);
-"auto": by the cache's capacity, decode_kernel() (measured faster; not yet the default).
+"auto" (the default): by the cache's capacity, decode_kernel() (measured faster).
 """
 from __future__ import annotations
 

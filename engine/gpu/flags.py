@@ -9,9 +9,9 @@
   DGQ_PERF_MODEL=PATH  the performance model file to use instead of the shipped one (gpu/perfmodel.py)
   DGQ_ATTN_DECODE=     auto | gqa | heads: the decode attention kernel (gpu/attention.py): attn_decode_gqa
                        (a block per kv head group and sequence split, K/V loaded once per kv head,
-                       tensor cores), attn_decode (a block per query head and 64 keys; default), or
-                       auto: gqa for caches of ≥ tuning.ATTENTION.gqa_min_keys positions (measured
-                       faster, docs/KERNELS.md; the default once the GPU suite has run with it)
+                       tensor cores), attn_decode (a block per query head and 64 keys), or auto (the
+                       default): gqa for caches of ≥ tuning.ATTENTION.gqa_min_keys positions, heads
+                       below (measured faster, docs/KERNELS.md)
 
 DGQ_DEBUG=1 (tracebacks instead of one-line errors) belongs to the CLI and is read there.
 """
@@ -25,4 +25,4 @@ WGMMA = not os.environ.get("DGQ_NO_WGMMA")
 KERNEL_CHOICE = os.environ.get("DGQ_KERNEL_CHOICE", "").strip().lower()
 OBJECTIVE = os.environ.get("DGQ_OBJECTIVE", "time").strip().lower() or "time"
 PERF_MODEL = os.environ.get("DGQ_PERF_MODEL", "")
-ATTN_DECODE = os.environ.get("DGQ_ATTN_DECODE", "heads").strip().lower() or "heads"
+ATTN_DECODE = os.environ.get("DGQ_ATTN_DECODE", "auto").strip().lower() or "auto"
