@@ -6,6 +6,9 @@
              GB/s and % of the device-to-device copy bandwidth measured in the
              same run. torch is used only here, only for the peers, and only
              when it imports.
+             Ends with a summary per M range: the geometric mean over the shapes of
+             ×fp16, ×int8 and ×tinygemm, against issue 20's targets (SUMMARY_RANGES).
+  gemm-summary  that summary of a `gemm --json` log (any run, any device).
   gemm-tune  the same timing over kernel variants (tile sizes, stages, split-K),
              to choose engine.gpu.tuning.GEMM.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import sys
 
 
@@ -146,6 +150,78 @@ def _table(rows, header: str) -> str:
     return "\n".join(lines)
 
 
+# M ranges of the summary, and issue 20's targets there: the geometric mean over the shapes of
+# peer time / our time must reach these (> 1: we are faster)
+SUMMARY_RANGES = ((1, 16), (32, 32), (64, 256), (1024, 4096), (8192, 8192))
+SUMMARY_TARGETS = {(64, 256): {"x_fp16": 1.3}, (1024, 4096): {"x_fp16": 1.3, "x_int8": 1.0}}
+SUMMARY_PEERS = (("x_fp16", "cuBLAS fp16"), ("x_int8", "cuBLAS int8"), ("x_tiny", "tinygemm"))
+
+
+def geomean(values) -> float | None:
+    """The geometric mean of positive numbers; None for none."""
+    vals = [float(v) for v in values]
+    if any(not (v > 0 and math.isfinite(v)) for v in vals):
+        raise ValueError(f"a geometric mean needs positive finite ratios, got {vals}")
+    return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
+
+
+def summary(rows) -> list[dict]:
+    """Per M range of SUMMARY_RANGES that has rows: the number of rows and, per peer, the
+    geometric mean of its ×ratio over the rows that timed it (None where none did), and
+    whether issue 20's target there is met (True / False, None where the peer was not timed;
+    absent without a target)."""
+    out = []
+    for lo, hi in SUMMARY_RANGES:
+        sel = [r for r in rows if lo <= r["m"] <= hi]
+        if not sel:
+            continue
+        rec = {"m_lo": lo, "m_hi": hi, "rows": len(sel)}
+        for key, _ in SUMMARY_PEERS:
+            rec[key] = geomean(r[key] for r in sel if r.get(key) is not None)
+        for key, want in SUMMARY_TARGETS.get((lo, hi), {}).items():
+            rec[f"target_{key}"] = want
+            rec[f"{key}_ok"] = None if rec[key] is None else rec[key] >= want         # None: not timed
+        out.append(rec)
+    return out
+
+
+_VERDICT = {True: "meets", False: "short", None: "not timed"}
+
+
+def summary_table(rows) -> str:
+    """summary() as markdown."""
+    lines = ["| M | rows | " + " | ".join(f"geomean ×{name}" for _, name in SUMMARY_PEERS) + " | issue 20 target |",
+             "|---|---:|" + "---:|" * len(SUMMARY_PEERS) + "---|"]
+    for s in summary(rows):
+        m = f"{s['m_lo']}" if s["m_lo"] == s["m_hi"] else f"{s['m_lo']}–{s['m_hi']}"
+        target = ", ".join(f"×{dict(SUMMARY_PEERS)[k]} ≥ {s[f'target_{k}']}: "
+                           f"{_VERDICT[s[f'{k}_ok']]}"
+                           for k in SUMMARY_TARGETS.get((s["m_lo"], s["m_hi"]), {}))
+        lines.append(f"| {m} | {s['rows']} | " + " | ".join(_fmt(s[k], ".2f") for k, _ in SUMMARY_PEERS)
+                     + f" | {target or '—'} |")
+    return "\n".join(lines)
+
+
+def cmd_gemm_summary(args) -> int:
+    """The per-M-range summary of a `gemm --json` log."""
+    rows = []
+    with open(args.log) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{args.log}:{i}: not a JSON row ({e.msg})") from None
+                if isinstance(r, dict) and "m" in r and "x_fp16" in r:
+                    rows.append(r)
+    if not rows:
+        raise SystemExit(f"{args.log}: no `python -m engine.bench gemm --json` rows in it")
+    devices = sorted({r.get("device", "?") for r in rows})
+    print(f"{len(rows)} rows of {args.log} ({', '.join(devices)})\n")
+    print(summary_table(rows))
+    return 0
+
+
 def _header(copy_gbs: float, peers: Peers, quick: bool, empty_ms: float) -> str:
     info = kernels.device_info()
     cp = cp_or_fail()
@@ -228,7 +304,10 @@ def cmd_gemm(args) -> int:
             print(f"M={r['m']:5d} K={r['k']:5d} N={r['n']:5d} {r['kernel']:5s} {r['ms']:.4f} ms "
                   f"{r['tops']:7.1f} TOP/s {r['pct_copy']:5.1f}% copy  x{r['x_fp16']:.2f} fp16",
                   file=sys.stderr, flush=True)
-    text = _table(rows, _header(copy_gbs, peers, args.quick, empty_ms))
+    text = _table(rows, _header(copy_gbs, peers, args.quick, empty_ms)) + "\n\n" + summary_table(rows)
+    if args.json:
+        for rec in summary(rows):
+            print(json.dumps({"summary": True, **rec}), flush=True)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text + "\n")
