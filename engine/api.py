@@ -12,9 +12,9 @@ import sys
 from dataclasses import dataclass, field
 
 from .gpu.backend import BackendError, resolve_device
-from .io.checkpoint import default_model_path, load_checkpoint
+from .io.checkpoint import default_model_path, load_checkpoint, model_weights
 from .io.config import ModelConfig
-from .io.layout import Checkpoint, ModelWeights, WeightsError
+from .io.layout import Checkpoint, WeightsError
 from .model.llama import Model
 
 
@@ -96,11 +96,8 @@ def load_weights(path=None):
     if isinstance(path, str) and not path.strip():
         raise WeightsError("path is empty; give a weights file or directory, or None for the default model")
     ck = load_checkpoint(default_model_path() if path is None else path)
-    if isinstance(ck, Checkpoint):
-        mw = ModelWeights.from_hf(ck.config, ck.tensors)
-        return mw, ck.tokenizer, ck.chat_template, str(ck.source), {}
-    # a quantized file: engine.io.qfile returns the weights already assembled
-    return ck.weights, ck.tokenizer, ck.chat_template, str(ck.source), dict(ck.recipe)
+    recipe = {} if isinstance(ck, Checkpoint) else dict(ck.recipe)
+    return model_weights(ck), ck.tokenizer, ck.chat_template, str(ck.source), recipe
 
 
 LM_HEADS = ("fp16", "int8")

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..util.files import PathError, input_path
 from .gguf_file import load_gguf
 from .hf_dir import load_hf_dir
-from .layout import WeightsError
+from .layout import Checkpoint, ModelWeights, WeightsError
 from .qfile import FORMAT_NAME, load_qfile
 from .safetensors import read_safetensors_header
 
@@ -25,6 +25,12 @@ def is_dgq_file(path: str | os.PathLike) -> bool:
     """True when a .safetensors file's metadata says format = dgq-safetensors (engine/io/qfile.py)."""
     _, metadata, _ = read_safetensors_header(path)
     return metadata.get("format") == FORMAT_NAME
+
+
+def model_weights(ck) -> ModelWeights:
+    """The ModelWeights of a loaded checkpoint: a float one's tensors assembled per layer, a
+    quantized one's as engine.io.qfile already assembled them."""
+    return ModelWeights.from_hf(ck.config, ck.tensors) if isinstance(ck, Checkpoint) else ck.weights
 
 
 def load_checkpoint(path: str | os.PathLike, lazy: bool = False):

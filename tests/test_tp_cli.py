@@ -1,0 +1,54 @@
+"""`python -m engine.parallel WEIGHTS --tp N [--check T]`: the split a user would get, its bytes
+per rank, the simulated sharded forward against TP = 1, and the one-line error of a model that
+cannot be split that way."""
+import pytest
+
+from converters.quantize import quantize_checkpoint
+from engine.io.qfile import save_qfile
+from engine.parallel import shard
+from engine.parallel.__main__ import main, rank_bytes
+from test_qfile import seqs_for, tiny_ckpt
+
+
+@pytest.fixture(scope="module")
+def qfile(tmp_path_factory):
+    """A tiny dgq file (per-token activations): hidden 32 = 4 heads of 8, 2 KV heads, FFN 48, group 16."""
+    ck = tiny_ckpt()
+    w, recipe = quantize_checkpoint(ck, "dgq", group=16, calib=seqs_for(ck.config), progress=False)
+    path = tmp_path_factory.mktemp("tp") / "tiny.q.safetensors"
+    save_qfile(path, w, ck.config, ck.tokenizer, ck.chat_template, recipe)
+    return path, w
+
+
+def test_plan_bytes_and_check(qfile, capsys):
+    path, w = qfile
+    assert main([str(path), "--tp", "2", "--check", "12"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{path}: 2 layers") and out[0].endswith("over 2 ranks")
+    assert out[1].startswith("rank 0: heads 0..1 (2), KV heads 0..0 (1)")
+    assert out[2].startswith("rank 1: heads 2..3 (2), KV heads 1..1 (1)")
+    assert "greedy token agreed by every rank and TP=1" in out[3]
+    diff = float(out[3].split("max |logit difference| ")[1].split()[0])
+    assert diff < 1e-3
+    # the ranks' bytes add up to the whole, plus what every rank repeats: the norms, and the
+    # row-parallel o's and down's per-row scales (applied once, after the all-reduce)
+    _, shards = shard(w, 2)
+    norms = sum(a.nbytes for L in w.layers for a in L.floats().values() if a is not None and not isinstance(a, dict))
+    row_scales = sum(getattr(L, n).cscale.nbytes for L in w.layers for n in ("o", "down"))
+    assert row_scales > 0
+    assert sum(rank_bytes(s) for s in shards) == rank_bytes(w) + norms + w.norm.nbytes + row_scales
+
+
+def test_unsplittable_model_is_one_line_error(qfile, capsys):
+    path, _ = qfile
+    assert main([str(path), "--tp", "4"]) == 1                  # o's groups of 16 hold 2 heads each
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "4 ranks" in err
+
+
+def test_bad_arguments(qfile, tmp_path):
+    path, _ = qfile
+    with pytest.raises(SystemExit):
+        main([str(path), "--tp", "2", "--check", "-1"])
+    assert main([str(tmp_path / "missing.q.safetensors"), "--tp", "2"]) == 1
+    assert main([str(path), "--tp", "0"]) == 1
