@@ -31,7 +31,8 @@ def test_plan_bytes_and_check(qfile, capsys):
     diff = float(out[3].split("max |logit difference| ")[1].split()[0])
     assert diff < 1e-3
     # the ranks' bytes add up to the whole, plus what every rank repeats: the norms, and the
-    # row-parallel o's and down's per-row scales (applied once, after the all-reduce)
+    # row-parallel o's and down's per-row scales (applied once, after the all-reduce); at TP = 2
+    # that is one extra copy of each
     _, shards = shard(w, 2)
     norms = sum(a.nbytes for L in w.layers for a in L.floats().values() if a is not None and not isinstance(a, dict))
     row_scales = sum(getattr(L, n).cscale.nbytes for L in w.layers for n in ("o", "down"))
@@ -52,3 +53,15 @@ def test_bad_arguments(qfile, tmp_path):
         main([str(path), "--tp", "2", "--check", "-1"])
     assert main([str(tmp_path / "missing.q.safetensors"), "--tp", "2"]) == 1
     assert main([str(path), "--tp", "0"]) == 1
+
+
+def test_check_reports_a_disagreement(qfile, capsys, monkeypatch):
+    """--check exits 1 and shows TP=1's top-two gap when the ranks' token is not TP=1's."""
+    from engine.parallel import sim
+    path, _ = qfile
+    real = sim.TPModel.forward_greedy
+    monkeypatch.setattr(sim.TPModel, "forward_greedy",
+                        lambda self, tokens, cache=None: (real(self, tokens)[0], [-1] * self.tp))
+    assert main([str(path), "--tp", "2", "--check", "8"]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERS: [-1, -1] vs" in out and "top two logits are" in out

@@ -285,6 +285,30 @@ def test_a_failing_rank_raises_its_error_instead_of_hanging():
     assert_logits_close(good.forward(PROMPT), Model(w).forward(PROMPT))
 
 
+def test_narrow_token_dtypes_and_an_uneven_vocabulary():
+    """uint8 / int16 token arrays (Model.forward takes them) on a rank whose vocabulary rows start
+    past the dtype's range: `tokens - v0` must not run in that dtype. And vocabularies that do
+    not divide by tp (601 over 2 and 3 ranks)."""
+    for vocab, dtype, tp in ((601, np.uint8, 2), (601, np.uint8, 3), (66001, np.int16, 2)):
+        c = make_tiny_config(vocab_size=vocab)                 # rank 1 starts at row 301, 201, 33001
+        w = ModelWeights.from_hf(c, make_tiny_tensors(c, seed=5))
+        ids = np.array([0, 7, 250, 255, 200, 3], dtype=dtype)
+        assert_logits_close(TPModel(w, tp).forward(ids), Model(w).forward(ids))
+
+
+def test_collectives_refuse_mismatched_calls_and_say_when_a_rank_never_arrives(monkeypatch):
+    comm = Comm(2)
+    with pytest.raises(RuntimeError, match="different collectives"):
+        run_ranks(comm, lambda r: comm.all_reduce(r, np.ones(2), "sum" if r == 0 else "max"))
+    from engine.parallel import sim
+    monkeypatch.setattr(sim, "BARRIER_TIMEOUT_S", 0.2)
+    comm = Comm(2)                                              # built after the patch: its barrier times out
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not all reach a collective"):
+        run_ranks(comm, lambda r: comm.all_reduce(r, np.ones(2)) if r == 0 else None)
+    assert time.monotonic() - t0 < 5
+
+
 def test_weight_only_bit_plane_kinds():
     """pot / int (groups of 32 along o's 128 and down's 256 inputs) at TP = 2 and 4."""
     c = make_tiny_config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,

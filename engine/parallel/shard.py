@@ -14,7 +14,8 @@ two textbook cases — KV heads divided (num_kv_heads % tp == 0) and KV heads re
 works in which the rank holds the same number of query heads for each KV head it touches (the
 attention reference groups query heads per KV head): `plan` picks the most even such split
 (fewest heads on the busiest rank, then fewest KV heads held), so SmolLM2-135M's 9 heads and
-3 KV heads split 6|3 over two ranks and 2|2|2|3 over four. A ModelError names what cannot
+3 KV heads split 6|3 over two ranks and 2|2|2|3 over four with group-128 weights (o cut every
+2 heads; float weights: 3|3|2|1). A ModelError names what cannot
 be split: heads, the group size on o's or down's input, the intermediate size, the vocabulary.
 """
 from __future__ import annotations
@@ -94,9 +95,10 @@ def plan(config: ModelConfig, tp: int, o_align: int = 1, down_align: int = 1) ->
     c = config
     heads = _split_heads(c, tp, o_align)
     ffn = _split_aligned(c.intermediate_size, tp, down_align, lambda blocks: (
-        f"cannot split the MLP's intermediate size {c.intermediate_size} over {tp} ranks: down_proj's input "
-        f"may only be cut at multiples of {down_align} channels (its quantization group), which gives "
-        f"{blocks} piece{'s' * (blocks != 1)}"))
+        f"cannot split the MLP's intermediate size {c.intermediate_size} over {tp} ranks: "
+        + (f"down_proj's input may only be cut at multiples of {down_align} channels (its quantization "
+           f"group), which gives {blocks} piece{'s' * (blocks != 1)}" if down_align > 1
+           else "each rank needs at least one channel")))
     if c.vocab_size < tp:
         raise ModelError(f"cannot split the vocabulary of {c.vocab_size} tokens over {tp} ranks")
     vocab = _split_aligned(c.vocab_size, tp, 1, None)
@@ -229,6 +231,8 @@ def shard(weights: ModelWeights, tp: int, the_plan: Plan | None = None) -> tuple
     tied head stays the rank's embedding slice; an INT8 head's codes and scales are sliced
     together), its shard of every layer, the final norm whole."""
     pl = the_plan or plan_for(weights, tp)
+    if pl.tp != tp:
+        raise ModelError(f"the plan is for {pl.tp} ranks, not tp={tp}")
     c = weights.config
     tied = weights.lm_head is weights.embed
     out = []

@@ -40,23 +40,25 @@ class Comm:
     def __init__(self, tp: int):
         self.tp = tp
         self._parts: list = [None] * tp
-        self._op = None
+        self._ops: list = [None] * tp
         self._out = None
         self._barrier = threading.Barrier(tp, action=self._reduce, timeout=BARRIER_TIMEOUT_S)
 
     def _reduce(self):                     # runs once, in the last thread to arrive
-        parts = self._parts
-        if self._op == "gather":
+        parts, op = self._parts, self._ops[0]
+        if any(o != op for o in self._ops) or op not in ("sum", "max", "gather"):
+            raise RuntimeError(f"the ranks called different collectives at once: {self._ops}")   # breaks the barrier
+        if op == "gather":
             self._out = list(parts)
         else:                              # a fixed order, rank 0 first: the same bits every call
             out = parts[0].copy()
             for p in parts[1:]:
-                out = out + p if self._op == "sum" else np.maximum(out, p)
+                out = out + p if op == "sum" else np.maximum(out, p)
             self._out = out
 
     def _call(self, rank: int, x, op: str):
         self._parts[rank] = x
-        self._op = op
+        self._ops[rank] = op
         self._barrier.wait()
         out = self._out                    # read before this rank can enter the next collective
         return list(out) if op == "gather" else out.copy()
@@ -159,10 +161,15 @@ class TPModel:
         """The next token after `tokens` as each rank decides it (one entry a rank: they agree)."""
         return [int(tok[-1]) for _, tok in self._run(tokens, cache, True)]
 
+    def forward_greedy(self, tokens, cache: TPCache | None = None) -> tuple[np.ndarray, list[int]]:
+        """forward() and greedy() from one run: (logits (T, V), each rank's next token)."""
+        out = self._run(tokens, cache, False)
+        return out[0][0], [int(tok[-1]) for _, tok in out]
+
     def _run(self, tokens, cache, last_only):
         c = self.config
         start = cache.length if cache is not None else 0
-        tokens = check_tokens(tokens, c, start)
+        tokens = check_tokens(tokens, c, start).astype(np.int64)    # `tokens - v0` below: no narrow-int wrap
         t = tokens.shape[0]
         ropes = [layer_rope(c, li, np, np.arange(start, start + t)) for li in range(c.num_hidden_layers)]
 
@@ -205,15 +212,23 @@ def run_ranks(comm: Comm, fn) -> list:
             errs[r] = e
             comm.abort()
 
-    threads = [threading.Thread(target=main, args=(r,), name=f"tp-rank-{r}") for r in range(comm.tp)]
+    threads = [threading.Thread(target=main, args=(r,), name=f"tp-rank-{r}", daemon=True) for r in range(comm.tp)]
     for th in threads:
         th.start()
-    for th in threads:
-        th.join()
+    try:
+        for th in threads:
+            th.join()
+    finally:              # interrupted (Ctrl-C): release the ranks waiting in a collective
+        if any(th.is_alive() for th in threads):
+            comm.abort()
     failed = [e for e in errs if e is not None]
-    if failed:            # the rank that failed, not the ranks it released from a barrier
-        raise next((e for e in failed if not isinstance(e, threading.BrokenBarrierError)), failed[0])
-    return out
+    if not failed:
+        return out
+    real = [e for e in failed if not isinstance(e, threading.BrokenBarrierError)]
+    if real:              # the rank that failed, not the ranks it released from a barrier
+        raise real[0]
+    raise RuntimeError(f"the ranks did not all reach a collective within {BARRIER_TIMEOUT_S:g} s "
+                       "(a rank skipped one, or the collectives' action failed)") from failed[0]
 
 
 def agree_argmax(comm: Comm, rank: int, logits: np.ndarray, v0: int) -> np.ndarray:
