@@ -76,8 +76,7 @@ def test_quant_amax_takes_a_nan_absmax_in_both_modes(mode):
 
 def test_silu_gemv_absmax_keeps_a_nan():
     """The SiLU GEMV's atomic absmax (cuda/gemm_a8w4.cu): NaN outputs leave NaN bits, not 0."""
-    from engine.gpu.linear import _permute_rows
-    layer = ops_cuda.pack_for_gpu(_permute_rows(random_dg(64, 256, 128, seed=2), ops_cuda.interleave_rows(64)))
+    layer = ops_cuda.pack_for_gpu(random_dg(64, 256, 128, seed=2).take_rows(ops_cuda.interleave_rows(64)))
     out, amax = cp.zeros((1, 32), cp.float32), cp.zeros((1,), cp.uint32)
     ops_cuda.gemv_a8w4_silu(cp.asarray(random_x8(1, 256)), cp.asarray([np.nan], cp.float32), layer, out, amax)
     assert np.isnan(out.get()).all() and np.isnan(amax.get().view(np.float32)[0])

@@ -400,12 +400,12 @@ def test_gemv_silu_then_quant_equals_row_kernel_path(inter, k):
     import cupy as cp
     from engine.gpu import fused
     from engine.gpu.fused import MODE, RowShape
-    from engine.gpu.linear import _fuse, _permute_rows
+    from engine.gpu.linear import _fuse
     gate, up = random_dg(inter, k, 128, seed=1), random_dg(inter, k, 128, seed=2)
     down = ops_cuda.pack_for_gpu(random_dg(96, inter, 128, seed=3))
     gu = _fuse([gate, up])
     plain = ops_cuda.pack_for_gpu(gu)
-    inter_l = ops_cuda.pack_for_gpu(_permute_rows(gu, ops_cuda.interleave_rows(2 * inter)))
+    inter_l = ops_cuda.pack_for_gpu(gu.take_rows(ops_cuda.interleave_rows(2 * inter)))
     x8 = cp.asarray(random_x8(1, k, seed=5))
     sx = cp.asarray(np.float32([0.013]))
     h0 = np.random.default_rng(0).standard_normal((1, 96)).astype(np.float32)

@@ -172,6 +172,12 @@ def test_slices_are_the_weights_slices(name):
             if w.kind in ("dg", "i8"):
                 np.testing.assert_array_equal(part.int8_weight(), w.int8_weight()[:, k0:k1])
     np.testing.assert_array_equal(_deq(slice_rows(w, 3, 7)), full[3:7], err_msg=f"{name} rows")
+    if isinstance(w, formats.QuantLinear):        # QuantLinear.take_rows: any order (the GPU's interleave)
+        perm = np.random.default_rng(0).permutation(w.out_features)[:9]
+        part = w.take_rows(perm)
+        np.testing.assert_array_equal(part.dequantize(), full[perm], err_msg=f"{name} take_rows")
+        assert part.shape == (9, w.in_features) and part.meta == w.meta and part.meta is not w.meta
+        assert all(a.flags.c_contiguous for a in part.tensors().values())
     if isinstance(w, formats.QuantLinear) and w.kind != "i8":
         with pytest.raises(ModelError, match="only be cut at multiples of 32"):
             slice_cols(w, 16, 80)

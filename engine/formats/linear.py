@@ -73,6 +73,14 @@ class QuantLinear:
         return sum(getattr(self, f).nbytes for f in ARRAY_FIELDS if getattr(self, f) is not None) + (
             4 if self.ascale is not None else 0)
 
+    def take_rows(self, rows) -> QuantLinear:
+        """The layer of output rows `rows` (a slice or an index array, in that order): every
+        per-row array taken with them (C-contiguous); kind, act, ascale and meta unchanged."""
+        arrays = {f: np.ascontiguousarray(getattr(self, f)[rows]) for f in ARRAY_FIELDS
+                  if getattr(self, f) is not None}
+        return QuantLinear(self.kind, self.act, self.in_features, arrays["qweight"].shape[0], self.group,
+                           ascale=self.ascale, meta=dict(self.meta), **arrays)
+
 
 def kind_tensors(kind: str, n: int, k: int, group: int) -> dict:
     """name -> (dtype, shape) of the arrays a layer of `kind` stores (FormatError for an unknown kind)."""

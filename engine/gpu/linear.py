@@ -27,13 +27,6 @@ def _fuse(qls):
                                ascale=a.ascale, **arrays)
 
 
-def _permute_rows(ql, rows):
-    """The QuantLinear with output rows in the order `rows` (per-row arrays only)."""
-    arrays = {f: getattr(ql, f)[rows] for f in formats.ARRAY_FIELDS if getattr(ql, f) is not None}
-    return formats.QuantLinear(kind=ql.kind, act=ql.act, in_features=ql.in_features,
-                               out_features=ql.out_features, group=ql.group, ascale=ql.ascale, **arrays)
-
-
 F16_MAX = 65504.0
 
 
@@ -79,7 +72,7 @@ class GpuLinear:
             if ph is None:
                 ql = ws[0] if len(ws) == 1 else _fuse(ws)
                 if self.interleaved:
-                    ql = _permute_rows(ql, ops_cuda.interleave_rows(ql.out_features))
+                    ql = ql.take_rows(ops_cuda.interleave_rows(ql.out_features))
                 formats.check_no_overflow(ql)
                 ph = ops_cuda.pack_host(ql)
                 if host_cache is not None:

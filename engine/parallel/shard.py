@@ -182,10 +182,7 @@ def slice_rows(w, r0: int, r1: int):
     with them; the activation mode and ascale (per input tensor) unchanged."""
     if not isinstance(w, formats.QuantLinear):
         return np.ascontiguousarray(w[r0:r1])
-    arrays = {f: np.ascontiguousarray(getattr(w, f)[r0:r1]) for f in formats.ARRAY_FIELDS
-              if getattr(w, f) is not None}
-    return formats.QuantLinear(w.kind, w.act, w.in_features, r1 - r0, w.group, ascale=w.ascale,
-                               meta=dict(w.meta), **arrays)
+    return w.take_rows(slice(r0, r1))
 
 
 def slice_cols(w, k0: int, k1: int):
