@@ -16,6 +16,7 @@ from .common import (QMAX_I8, QMAX_U4, FormatError, check, check_even_k, check_s
 NAME = "dg"
 S_MIN, S_MAX = 1, 127   # integer group scale range
 INTEGER = True          # runs as an INT8 GEMM (int8_weight) when activations are quantized
+CODES_PER_COLUMN = 2    # input channels a qweight column holds (two UINT4 codes a byte)
 
 
 def tensors(n: int, k: int, group: int) -> dict:

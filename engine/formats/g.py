@@ -9,6 +9,7 @@ from .common import QMAX_U4, check, check_even_k, check_scale, expand_groups, n_
 
 NAME = "g"
 INTEGER = False
+CODES_PER_COLUMN = 2    # input channels a qweight column holds (two UINT4 codes a byte)
 
 
 def tensors(n: int, k: int, group: int) -> dict:

@@ -7,6 +7,7 @@ from .common import QMAX_I8, check, check_scale
 
 NAME = "i8"
 INTEGER = True
+CODES_PER_COLUMN = 1    # input channels a qweight column holds
 
 
 def tensors(n: int, k: int, group: int) -> dict:

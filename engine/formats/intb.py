@@ -13,11 +13,12 @@ from __future__ import annotations
 import numpy as np
 
 from .common import check, expand_groups, n_groups
-from .planes import PLANE_BITS, n_chunks, padding_is_zero, unpack_planes
+from .planes import CHUNK, PLANE_BITS, n_chunks, padding_is_zero, unpack_planes
 
 
 class IntKind:
     INTEGER = False
+    CODES_PER_COLUMN = CHUNK   # input channels a qweight column (one word a bit plane) holds
 
     def __init__(self, bits: int):
         self.bits = bits

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from .common import check, expand_groups, n_groups
-from .planes import PLANE_BITS, n_chunks, padding_is_zero, unpack_planes
+from .planes import CHUNK, PLANE_BITS, n_chunks, padding_is_zero, unpack_planes
 
 FP16_EXP_SHIFT = 10
 FP16_EXP_BIAS = 15
@@ -34,6 +34,7 @@ FP16_EXP_BIAS = 15
 class PotKind:
     """One power-of-two kind (b bits); the registry in linear.py holds one per width."""
     INTEGER = False
+    CODES_PER_COLUMN = CHUNK   # input channels a qweight column (one word a bit plane) holds
 
     def __init__(self, bits: int):
         self.bits = bits

@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import formats
-from ..formats.planes import CHUNK
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 
@@ -76,7 +75,7 @@ def k_align(w) -> int:
     (two UINT4 codes) or whole bit-plane words (32 codes). Float and i8 weights cut anywhere."""
     if not isinstance(w, formats.QuantLinear) or w.kind == "i8":
         return 1
-    return math.lcm(w.group, 2 if w.kind in ("dg", "g") else CHUNK)
+    return math.lcm(w.group, formats.KINDS[w.kind].CODES_PER_COLUMN)
 
 
 def plan_for(weights: ModelWeights, tp: int) -> Plan:
@@ -196,7 +195,7 @@ def slice_cols(w, k0: int, k1: int):
                          f"not at [{k0}, {k1})")
     if not isinstance(w, formats.QuantLinear):
         return np.ascontiguousarray(w[:, k0:k1])
-    per_col = {"qweight": {"dg": 2, "g": 2, "i8": 1}.get(w.kind, CHUNK),      # channels per column
+    per_col = {"qweight": formats.KINDS[w.kind].CODES_PER_COLUMN,           # channels per column
                "qzeros": w.group, "gscale": w.group, "wscale": w.group}
     arrays = {}
     for f in formats.ARRAY_FIELDS:
