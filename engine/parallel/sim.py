@@ -171,7 +171,11 @@ class TPModel:
         start = cache.length if cache is not None else 0
         tokens = check_tokens(tokens, c, start).astype(np.int64)    # `tokens - v0` below: no narrow-int wrap
         t = tokens.shape[0]
-        ropes = [layer_rope(c, li, np, np.arange(start, start + t)) for li in range(c.num_hidden_layers)]
+        kinds = {}                                                      # one table pair per RoPE kind
+        for li in range(c.num_hidden_layers):
+            if c.rope_params(li) not in kinds:
+                kinds[c.rope_params(li)] = layer_rope(c, li, np, np.arange(start, start + t))   # (T, D) each
+        ropes = [kinds[c.rope_params(li)] for li in range(c.num_hidden_layers)]
 
         def rank_main(r):
             with np.errstate(over="ignore", invalid="ignore"):         # checked: one clear error
