@@ -161,9 +161,12 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
 @lm_head_option
 @kernel_options
 @device_option
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the model over this many tensor-parallel ranks. Only the CPU simulation "
+                   "(--device cpu) is built: it checks a split end to end; it is not faster (docs/PARALLEL.md).")
 @user_errors
 def run(weights_path, prompt, prompt_file, system, max_new_tokens, temperature, top_k, top_p, seed, raw, kv8,
-        lm_head, kernel_choice, objective, device):
+        lm_head, kernel_choice, objective, device, tp):
     """Generate text; tokens stream to stdout, speed goes to stderr. Without a prompt on a terminal:
     a multi-turn chat (/reset, /exit)."""
     from engine.model.generate import TextStream, encode_prompt, generate, stop_ids  # noqa: PLC0415
@@ -176,7 +179,7 @@ def run(weights_path, prompt, prompt_file, system, max_new_tokens, temperature, 
     check_args(temperature, top_k, top_p)
     check_weights_arg(weights_path)
     t0 = time.perf_counter()
-    lm = load_model(weights_path, device, lm_head=lm_head, kernel_choice=kernel_choice, objective=objective)
+    lm = load_model(weights_path, device, lm_head=lm_head, kernel_choice=kernel_choice, objective=objective, tp=tp)
     load_s = time.perf_counter() - t0
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if prompt is None:

@@ -20,7 +20,8 @@ from .model.llama import Model
 
 @dataclass
 class LoadedModel:
-    model: object                 # engine.model.Model (NumPy) or engine.gpu.model.CudaModel
+    model: object                 # engine.model.Model (NumPy), engine.gpu.model.CudaModel or
+                                  # engine.parallel.TPModel (tp > 1, simulated on the CPU)
     config: ModelConfig
     tokenizer: object             # tokenizers.Tokenizer
     chat_template: str | None
@@ -104,17 +105,24 @@ LM_HEADS = ("fp16", "int8")
 
 
 def load_model(path=None, device: str = "cpu", lm_head: str = "fp16", kernel_choice: str | None = None,
-               objective: str | None = None) -> LoadedModel:
+               objective: str | None = None, tp: int = 1) -> LoadedModel:
     """Load weights and build the NumPy or GPU model. lm_head "int8": the output head as
     symmetric INT8 with one scale per vocabulary row (ModelWeights.with_int8_lm_head), on
     both paths; "fp16" (default) keeps it as the file has it. kernel_choice ("table" |
     "learned" | "exhaustive") and objective ("time" | "energy") set how the GPU engine picks
     each A8W4 GEMM's configuration (engine/gpu/choice.py); None keeps DGQ_KERNEL_CHOICE /
-    DGQ_OBJECTIVE (default: learned when the GPU's model file exists, else the table)."""
+    DGQ_OBJECTIVE (default: learned when the GPU's model file exists, else the table).
+    tp > 1: the model split over tp ranks (engine/parallel, docs/PARALLEL.md); only the CPU
+    simulation of the sharded model is built (device "cpu"), the multi-GPU run is not yet."""
     if not isinstance(lm_head, str) or lm_head not in LM_HEADS:
         raise BackendError(f"lm_head must be one of {LM_HEADS}, got {lm_head!r}")
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise BackendError(f"tp must be a whole number of ranks (1 or more), got {tp!r}")
     asked = device
     device = resolve_device(device)
+    if tp > 1 and device == "cuda":
+        raise BackendError(f"tp={tp}: tensor parallelism over several GPUs is not built yet; with device 'cpu' "
+                           "the sharded model runs as a CPU simulation (docs/PARALLEL.md)")
     mw, tok, tmpl, source, recipe = load_weights(path)
     if lm_head == "int8":
         mw = mw.with_int8_lm_head()
@@ -133,6 +141,9 @@ def load_model(path=None, device: str = "cpu", lm_head: str = "fp16", kernel_cho
             # --device auto: a file the GPU engine cannot run (e.g. a simulated baseline) runs on the CPU
             print(f"note: running on the CPU: {e}", file=sys.stderr)
             device = "cpu"
+    if model is None and tp > 1:
+        from .parallel.sim import TPModel  # noqa: PLC0415
+        model = TPModel(mw, tp)            # ModelError naming what cannot be split that way
     if model is None:
         model = Model(mw)
     return LoadedModel(model, mw.config, tok, tmpl, source, device, recipe)

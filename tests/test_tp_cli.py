@@ -65,3 +65,44 @@ def test_check_reports_a_disagreement(qfile, capsys, monkeypatch):
     assert main([str(path), "--tp", "2", "--check", "8"]) == 1
     out = capsys.readouterr().out
     assert "DIFFERS: [-1, -1] vs" in out and "top two logits are" in out
+
+
+def test_load_model_tp_generates_what_tp1_generates(qfile):
+    """load_model(..., tp=2) on the CPU: the simulated sharded model through the whole
+    generation path gives TP=1's greedy tokens."""
+    from engine.api import load_model
+    from engine.parallel import TPModel
+    path, _ = qfile
+    one, two = load_model(str(path), "cpu"), load_model(str(path), "cpu", tp=2)
+    assert isinstance(two.model, TPModel) and two.model.tp == 2 and two.device == "cpu"
+    prompt = [5, 17, 33, 2, 90, 41]
+    (a,) = one.generate([prompt], max_new_tokens=10, chat=False)
+    (b,) = two.generate([prompt], max_new_tokens=10, chat=False)
+    assert a.token_ids == b.token_ids and len(a.token_ids) > 0
+
+
+def test_load_model_tp_refusals(qfile, monkeypatch):
+    import engine.api as api
+    from engine.gpu.backend import BackendError
+    from engine.io.layout import ModelError
+    path, _ = qfile
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(BackendError, match="tp must be a whole number"):
+            api.load_model(str(path), "cpu", tp=bad)
+    with pytest.raises(ModelError, match="4 ranks"):
+        api.load_model(str(path), "cpu", tp=4)              # o's groups of 16 hold 2 heads each
+    monkeypatch.setattr(api, "resolve_device", lambda device: "cuda")
+    with pytest.raises(BackendError, match="over several GPUs is not built yet"):
+        api.load_model(str(path), "cuda", tp=2)
+
+
+def test_dgq_run_tp_flag(qfile):
+    from click.testing import CliRunner
+    from dgq_cli import run
+    path, _ = qfile
+    args = ["--weights", str(path), "--device", "cpu", "--raw", "--prompt", "hello world", "--max-new-tokens", "6"]
+    one, two = CliRunner().invoke(run, args), CliRunner().invoke(run, args + ["--tp", "2"])
+    assert one.exit_code == two.exit_code == 0, (one.output, two.output)
+    assert one.stdout == two.stdout and one.stdout.strip()
+    bad = CliRunner().invoke(run, args + ["--tp", "4"])
+    assert bad.exit_code != 0 and "4 ranks" in bad.output
