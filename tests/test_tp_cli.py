@@ -106,3 +106,32 @@ def test_dgq_run_tp_flag(qfile):
     assert one.stdout == two.stdout and one.stdout.strip()
     bad = CliRunner().invoke(run, args + ["--tp", "4"])
     assert bad.exit_code != 0 and "4 ranks" in bad.output
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "gemma3", "mistral"])
+def test_planned_bytes_equal_the_real_shards(family):
+    """--shape's sizes come from the config alone (shard.planned_bytes); on every family's tiny
+    dg model (biases, q/k norms, sandwich norms, tied heads) they equal the sliced weights' bytes."""
+    from engine.parallel.shard import planned_bytes
+    from test_tp_sim import family_model
+    w = family_model(family, "dg-dynamic")                   # group 8, float32 embedding
+    for tp in (1, 2):
+        plan, shards = shard(w, tp)
+        got = [planned_bytes(w.config, p, "dg", 8, w.embed.itemsize) for p in plan.ranks]
+        assert got == [rank_bytes(s) for s in shards], (family, tp)
+
+
+def test_shape_report(capsys):
+    assert main(["--shape", "llama3-70b", "--tp", "2", "--context", "8192"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("llama3-70b (80 layers, hidden 8192, 64 heads / 8 KV heads), dg g128:")
+    assert "over 2 ranks" in out[0] and len(out) == 3
+    assert out[1].startswith("rank 0: heads 0..31 (32), KV heads 0..3 (4)")
+    # KV: 80 layers x 4 KV heads x (K and V) x 128 x 2 bytes x 8192 positions = 1.25 GiB a rank
+    assert "KV 1.25 GiB" in out[1] and "KV 1.25 GiB" in out[2]
+    assert main(["--shape", "nope", "--tp", "2"]) == 1
+    assert "unknown model shape 'nope'" in capsys.readouterr().err
+    assert main(["--shape", "llama7b", "--tp", "64"]) == 1                     # 32 heads
+    assert "error: cannot split 32 attention heads over 64 ranks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--shape", "llama7b", "--tp", "2", "--check", "4"])

@@ -30,17 +30,10 @@ from .. import formats
 from ..gpu import launch
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
+from ..io.shapes import shape_config
 from .common import copy_bandwidth
 
-SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                      max_position_embeddings=8192, tie_word_embeddings=True)
-LLAMA2_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=32, head_dim=128, rope_theta=10000.0,
-                        max_position_embeddings=4096, tie_word_embeddings=False)
-LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                        max_position_embeddings=8192, tie_word_embeddings=False)
+SMOLLM2, LLAMA2_7B, LLAMA3_8B = (shape_config(n) for n in ("smollm2", "llama7b", "llama3-8b"))
 MODELS = {"smollm2": (SMOLLM2, "SmolLM2-135M-shaped (random DGQ)"),
           "llama7b": (LLAMA2_7B, "Llama-2-7B-shaped (random DGQ)"),
           "llama3-8b": (LLAMA3_8B, "Llama-3-8B-shaped (random DGQ)")}

@@ -1,12 +1,14 @@
-"""`python -m engine.parallel [WEIGHTS] --tp N [--check T]`: how a model splits over N ranks.
+"""`python -m engine.parallel [WEIGHTS | --shape NAME] --tp N [--check T]`: how a model splits over N ranks.
 
 Prints what each rank would hold (query and KV heads, FFN channels, vocabulary rows) and its
 weight bytes, or the one error that says why the model cannot be split that way. With --check T,
 runs T tokens through the CPU simulation of the sharded forward (sim.TPModel) and through the
 unsharded NumPy model, and prints how far their logits are apart and whether every rank agrees
 on the greedy token. WEIGHTS: anything dgq-run reads (a q.safetensors, a GGUF, an HF directory);
-none = the embedded default model. The GPU run over several processes is not built yet
-(docs/PARALLEL.md).
+none = the embedded default model. --shape NAME (engine/io/shapes.py: llama70b, llama3-405b, ...)
+sizes a published shape from its config alone, A8W4 (dg, group 128) unless --kind / --group say
+otherwise, with --context and --batch its KV cache per rank. The GPU run over several processes
+is not built yet (docs/PARALLEL.md).
 """
 from __future__ import annotations
 
@@ -48,15 +50,50 @@ def check(weights: ModelWeights, tp: int, n_tokens: int, seed: int = 0) -> dict:
             "greedy_ref": int(ref[-1].argmax()), "greedy_ranks": picks, "top_gap": float(top2[1] - top2[0])}
 
 
+GIB = 2**30
+
+
+def shape_report(name: str, tp: int, kind: str, group: int, context: int, batch: int, kv8: bool) -> None:
+    """Per-rank weight and KV-cache GiB of a named shape, from its config alone."""
+    from ..io.shapes import shape_config  # noqa: PLC0415
+    from .shard import kv_bytes, plan, planned_bytes  # noqa: PLC0415
+    c = shape_config(name)
+    pl = plan(c, tp, o_align=group, down_align=group)
+    per = [(planned_bytes(c, p, kind, group), kv_bytes(c, p, context * batch, kv8)) for p in pl.ranks]
+    whole = planned_bytes(c, plan(c, 1).ranks[0], kind, group)
+    print(f"{name} ({c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads / "
+          f"{c.num_key_value_heads} KV heads), {kind} g{group}: {whole / GIB:.1f} GiB of weights, "
+          f"over {tp} rank{'s' * (tp != 1)}; KV cache for {batch} × {context} positions, {'INT8' if kv8 else 'fp16'}")
+    for line, (wb, kb) in zip(pl.describe().splitlines(), per):
+        print(f"{line}; weights {wb / GIB:.2f} GiB + KV {kb / GIB:.2f} GiB = {(wb + kb) / GIB:.2f} GiB")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.parallel", description=__doc__.split("\n\n")[0])
     ap.add_argument("weights", nargs="?", help="q.safetensors, GGUF or HF directory (default: the embedded model)")
     ap.add_argument("--tp", type=int, required=True, help="ranks (GPUs) to split the model over")
     ap.add_argument("--check", type=int, default=0, metavar="T",
                     help="also run T random tokens through the simulated sharded forward and compare")
+    ap.add_argument("--shape", help="size a published shape instead of a file (engine/io/shapes.py)")
+    ap.add_argument("--kind", default="dg", help="--shape: the linears' weight kind (default dg: A8W4)")
+    ap.add_argument("--group", type=int, default=128, help="--shape: the quantization group (default 128)")
+    ap.add_argument("--context", type=int, default=4096, help="--shape: cached positions a sequence (default 4096)")
+    ap.add_argument("--batch", type=int, default=1, help="--shape: sequences (default 1)")
+    ap.add_argument("--kv8", action="store_true", help="--shape: INT8 KV cache")
     args = ap.parse_args(argv)
     if args.check < 0:
         ap.error("--check must be 0 or more tokens")
+    if args.shape is not None:
+        if args.weights is not None or args.check:
+            ap.error("--shape sizes a shape without weights: give no WEIGHTS and no --check")
+        if min(args.group, args.context, args.batch) < 1:
+            ap.error("--group, --context and --batch must be at least 1")
+        try:
+            shape_report(args.shape, args.tp, args.kind, args.group, args.context, args.batch, args.kv8)
+        except ValueError as e:                         # ModelError, FormatError, an unknown shape
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+        return 0
     from ..io.checkpoint import default_model_path, load_checkpoint, model_weights  # noqa: PLC0415
     from .shard import shard  # noqa: PLC0415
     try:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import formats
 from ..io.config import ModelConfig
-from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
+from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights, layer_norm_names
 
 COLUMN = ("q", "k", "v", "gate", "up")       # output rows split: whole heads, FFN channels
 ROW = ("o", "down")                          # input channels split; all-reduce after
@@ -240,3 +240,34 @@ def shard(weights: ModelWeights, tp: int, the_plan: Plan | None = None) -> tuple
         out.append(ModelWeights(config=p.config(c), embed=embed, norm=weights.norm, lm_head=head,
                                 lm_head_q=head_q, layers=[shard_layer(L, p, c) for L in weights.layers]))
     return pl, out
+
+
+# ----------------------------------------------------------------------------- sizes without weights
+
+def planned_bytes(c: ModelConfig, p: RankPlan, kind: str = "dg", group: int = formats.DEFAULT_GROUP,
+                  embed_itemsize: int = 2) -> int:
+    """Bytes of rank p's weights computed from the config alone, as shard() would slice a model
+    whose every linear is of `kind` and group (formats' tensor sizes), norms and biases float32,
+    the embedding and an untied head of `embed_itemsize` bytes a value (a q file's fp16: 2), dynamic
+    activations (a static scale adds 4 bytes a linear). Equals rank_bytes of the real shard
+    (tests/test_tp_cli.py)."""
+    d, h = c.head_dim, c.hidden_size
+    rows = _qkv_rows(p, d)
+    nq, nf = _n(p.heads) * d, _n(p.ffn)
+    shapes = {n: (rows[n][1] - rows[n][0], h) for n in COLUMN} | {"o": (h, nq), "down": (h, nf)}
+
+    def linear(n: int, k: int) -> int:
+        return sum(int(np.dtype(dt).itemsize) * math.prod(shape)
+                   for dt, shape in formats.kind_tensors(kind, n, k, group).values())
+    per_layer = sum(linear(*shapes[n]) for n in LINEAR_NAMES)
+    per_layer += sum(4 * shapes[n][0] for n in c.linear_bias)           # column slices; o/down: whole
+    per_layer += sum(4 * (d if role in ("q_norm", "k_norm") else h) for role in layer_norm_names(c))
+    vocab = _n(p.vocab) * h * embed_itemsize
+    return c.num_hidden_layers * per_layer + 4 * h + vocab * (1 if c.tie_word_embeddings else 2)
+
+
+def kv_bytes(c: ModelConfig, p: RankPlan, positions: int, kv8: bool = False) -> int:
+    """Rank p's KV cache for `positions` cached positions (batch × context): its KV heads' K and
+    V, fp16, or INT8 with one float32 scale per position and KV head."""
+    per_head = c.head_dim + 4 if kv8 else 2 * c.head_dim
+    return 2 * c.num_hidden_layers * _n(p.kv_heads) * per_head * positions
