@@ -57,5 +57,28 @@ def test_gemm_summary_command(tmp_path, capsys):
         main(["gemm-summary", str(bad)])
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"phase": "device"}\n')
-    with pytest.raises(SystemExit, match="no `python -m engine.bench gemm --json` rows"):
+    with pytest.raises(SystemExit, match="no `python -m engine.bench gemm --json` .*rows"):
         main(["gemm-summary", str(empty)])
+
+
+def _wb(kernel, k, n, vs_int, vs_a8w4, m=1):
+    return {"k": k, "n": n, "m": m, "kernel": kernel, "vs_int_same_bits": vs_int, "vs_a8w4": vs_a8w4}
+
+
+def test_gemv_wb_summary_against_issue_15(tmp_path, capsys):
+    from engine.bench import wb
+    rows = [_wb("pot3", 4096, 4096, 2.0, 1.0), _wb("pot3", 4096, 11008, 1.125, 1.3),
+            _wb("pot3", 8192, 8192, 1.0, 1.2), _wb("pot2", 4096, 4096, 1.6, 0.9),
+            _wb("pot3", 4096, 4096, 9.0, 9.0, m=16), _wb("int3", 4096, 4096, None, 0.8)]
+    by = {r["kernel"]: r for r in wb.summary(rows)}
+    assert set(by) == {"pot2", "pot3"} and by["pot3"]["rows"] == 3                  # M = 1 PoT rows only
+    assert by["pot3"]["vs_int"] == pytest.approx(((2.0 * 1.125 * 1.0) ** (1 / 3)))
+    assert not by["pot3"]["vs_int_ok"] and by["pot2"]["vs_int_ok"]
+    assert by["pot3"]["vs_a8w4_target_shapes"] == pytest.approx((1.3 * 1.2) ** 0.5)
+    assert not by["pot3"]["vs_a8w4_ok"]                                               # 1.2 < 1.25 on 8192²
+    assert "vs_a8w4_ok" not in by["pot2"]
+    log = tmp_path / "wb.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["gemm-summary", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "6 gemv-wb rows" in out and "| pot2 | 1 | 1.60× | 0.90× | INT-b / PoT-b ≥ 1.5: meets |" in out

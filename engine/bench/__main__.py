@@ -2,6 +2,7 @@
 
   gemm, gemm-tune, gemm-pick, gemm-one   the A8W4 GEMM family (engine/bench/gemm.py)
   gemm-summary LOG                       its geometric means per M range, from a `gemm --json` log
+                                         (or a `gemv-wb --json` log: PoT against INT and A8W4 at M = 1)
   gemv-wb                                weight-only pot / int GEMVs (engine/bench/wb.py)
   e2e                                    prefill / decode tokens/s of the GPU engine against our
                                          FP16 path (engine/bench/e2e.py); --context: decode at
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     g.add_argument("--reps", type=int, default=50, help="timed calls per measurement (median; default 50)")
     g.add_argument("--tune-json", metavar="PATH", help="dispatch choices from `gemm-pick` (else engine/gpu/tuning.py GEMM)")
     g.set_defaults(func=gemm.cmd_gemm)
-    gs = sub.add_parser("gemm-summary", help="geometric means per M range of a `gemm --json` log")
+    gs = sub.add_parser("gemm-summary", help="geometric means per M range of a `gemm --json` log "
+                        "(or issue 15's M = 1 PoT summary of a `gemv-wb --json` log)")
     gs.add_argument("log")
     gs.set_defaults(func=gemm.cmd_gemm_summary, reps=1, needs_gpu=False)
     pk = sub.add_parser("gemm-pick", help="choose tuning.GEMM values from a gemm-tune log")

@@ -203,8 +203,10 @@ def summary_table(rows) -> str:
 
 
 def cmd_gemm_summary(args) -> int:
-    """The per-M-range summary of a `gemm --json` log."""
-    rows = []
+    """The per-M-range summary of a `gemm --json` log, or the M = 1 PoT summary of a
+    `gemv-wb --json` log (engine/bench/wb.py summary)."""
+    from .wb import summary_table as wb_table  # noqa: PLC0415
+    rows, wb_rows = [], []
     with open(args.log) as f:
         for i, line in enumerate(f, 1):
             if line.strip():
@@ -214,11 +216,17 @@ def cmd_gemm_summary(args) -> int:
                     raise SystemExit(f"{args.log}:{i}: not a JSON row ({e.msg})") from None
                 if isinstance(r, dict) and "m" in r and "x_fp16" in r:
                     rows.append(r)
-    if not rows:
-        raise SystemExit(f"{args.log}: no `python -m engine.bench gemm --json` rows in it")
-    devices = sorted({r.get("device", "?") for r in rows})
-    print(f"{len(rows)} rows of {args.log} ({', '.join(devices)})\n")
-    print(summary_table(rows))
+                elif isinstance(r, dict) and "m" in r and "vs_a8w4" in r:
+                    wb_rows.append(r)
+    if not rows and not wb_rows:
+        raise SystemExit(f"{args.log}: no `python -m engine.bench gemm --json` (or gemv-wb --json) rows in it")
+    if rows:
+        devices = sorted({r.get("device", "?") for r in rows})
+        print(f"{len(rows)} rows of {args.log} ({', '.join(devices)})\n")
+        print(summary_table(rows))
+    if wb_rows:
+        print(f"{len(wb_rows)} gemv-wb rows of {args.log}\n")
+        print(wb_table(wb_rows) or "(no M = 1 PoT rows)")
     return 0
 
 

@@ -92,9 +92,52 @@ def cmd_gemv_wb(args) -> int:
         lines.append(f"| {r['k']}×{r['n']} | {r['m']} | {r['kernel']} | {r['ms']:.4f} | {r['bits_per_weight']:.2f} | "
                      f"{r['weight_gbs']:.0f} | {r['pct_copy_bw']:.0f} | {vi} | {r['vs_a8w4']:.2f}× | {r['vs_fp16']:.2f}× | "
                      + (f"{r['vs_tinygemm']:.2f}× |" if r["vs_tinygemm"] else " |"))
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + summary_table(rows)
     print(table)
     if args.md:
         with open(args.md, "w") as f:
             f.write(f"copy bandwidth {bw:.0f} GB/s\n\n{table}\n")
     return 0
+
+
+# Issue 15's speed targets at M = 1: PoT against our uniform INT GEMV of the same bits (every
+# shape), and W3-PoT against our A8W4 GEMV on these shapes
+POT_OVER_INT = 1.5
+POT3_OVER_A8W4, POT3_A8W4_SHAPES = 1.25, ((4096, 11008), (8192, 8192))
+
+
+def summary(rows) -> list[dict]:
+    """At M = 1, per PoT width: the geometric mean over the shapes of INT-b time / PoT-b time
+    and of A8W4 time / PoT-b time, and issue 15's targets (pot3 vs A8W4 on its two shapes)."""
+    from .gemm import geomean  # noqa: PLC0415
+    out = []
+    for b in (2, 3, 4):
+        sel = [r for r in rows if r["m"] == 1 and r["kernel"] == f"pot{b}"]
+        if not sel:
+            continue
+        rec = {"kernel": f"pot{b}", "rows": len(sel),
+               "vs_int": geomean(r["vs_int_same_bits"] for r in sel if r.get("vs_int_same_bits")),
+               "vs_a8w4": geomean(r["vs_a8w4"] for r in sel)}
+        rec["vs_int_ok"] = None if rec["vs_int"] is None else rec["vs_int"] >= POT_OVER_INT
+        if b == 3:
+            on = [r["vs_a8w4"] for r in sel if (r["k"], r["n"]) in POT3_A8W4_SHAPES]
+            rec["vs_a8w4_target_shapes"] = geomean(on)
+            rec["vs_a8w4_ok"] = None if not on else min(on) >= POT3_OVER_A8W4
+        out.append(rec)
+    return out
+
+
+def summary_table(rows) -> str:
+    """summary() as markdown (empty when the rows have no M = 1 PoT row)."""
+    recs = summary(rows)
+    if not recs:
+        return ""
+    verdict = {True: "meets", False: "short", None: "not timed"}
+    lines = ["| M = 1 | rows | geomean INT-b / PoT-b | geomean A8W4 / PoT-b | issue 15 asks |", "|---|---:|---:|---:|---|"]
+    for r in recs:
+        ask = f"INT-b / PoT-b ≥ {POT_OVER_INT}: {verdict[r['vs_int_ok']]}"
+        if "vs_a8w4_ok" in r:
+            ask += (f"; A8W4 / PoT3 ≥ {POT3_OVER_A8W4} on 4096×11008 and 8192×8192: {verdict[r['vs_a8w4_ok']]}")
+        vi = "—" if r["vs_int"] is None else f"{r['vs_int']:.2f}×"
+        lines.append(f"| {r['kernel']} | {r['rows']} | {vi} | {r['vs_a8w4']:.2f}× | {ask} |")
+    return "\n".join(lines)
