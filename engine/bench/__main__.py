@@ -19,6 +19,7 @@ Each prints a table; bench/results/ keeps the dated ones that docs cite.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -65,6 +66,33 @@ def cmd_e2e(args) -> int:
     return 0
 
 
+def cmd_gemm_summary(args) -> int:
+    """The per-M-range summary of a `gemm --json` log, or the M = 1 PoT summary of a
+    `gemv-wb --json` log (engine/bench/wb.py summary)."""
+    rows, wb_rows = [], []
+    with open(args.log) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{args.log}:{i}: not a JSON row ({e.msg})") from None
+                if isinstance(r, dict) and "m" in r and "x_fp16" in r:
+                    rows.append(r)
+                elif isinstance(r, dict) and "m" in r and "vs_a8w4" in r:
+                    wb_rows.append(r)
+    if not rows and not wb_rows:
+        raise SystemExit(f"{args.log}: no `python -m engine.bench gemm --json` (or gemv-wb --json) rows in it")
+    if rows:
+        devices = sorted({r.get("device", "?") for r in rows})
+        print(f"{len(rows)} rows of {args.log} ({', '.join(devices)})\n")
+        print(gemm.summary_table(rows))
+    if wb_rows:
+        print(f"{len(wb_rows)} gemv-wb rows of {args.log}\n")
+        print(wb.summary_table(wb_rows) or "(no M = 1 PoT rows)")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.bench", description="Benchmarks of the GPU engine")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -78,7 +106,7 @@ def main(argv=None) -> int:
     gs = sub.add_parser("gemm-summary", help="geometric means per M range of a `gemm --json` log "
                         "(or issue 15's M = 1 PoT summary of a `gemv-wb --json` log)")
     gs.add_argument("log")
-    gs.set_defaults(func=gemm.cmd_gemm_summary, reps=1, needs_gpu=False)
+    gs.set_defaults(func=cmd_gemm_summary, reps=1, needs_gpu=False)
     pk = sub.add_parser("gemm-pick", help="choose tuning.GEMM values from a gemm-tune log")
     pk.add_argument("tune_log")
     pk.add_argument("--out", metavar="PATH")

@@ -89,3 +89,11 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 def n_buffers(nbytes: int) -> int:
     l2 = kernels.device_info()["l2_bytes"]
     return int(min(16, max(2, math.ceil(3 * l2 / max(nbytes, 1)))))
+
+
+def geomean(values) -> float | None:
+    """The geometric mean of positive numbers; None for none."""
+    vals = [float(v) for v in values]
+    if any(not (v > 0 and math.isfinite(v)) for v in vals):
+        raise ValueError(f"a geometric mean needs positive finite ratios, got {vals}")
+    return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None

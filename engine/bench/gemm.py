@@ -8,7 +8,7 @@
              when it imports.
              Ends with a summary per M range: the geometric mean over the shapes of
              ×fp16, ×int8 and ×tinygemm, against issue 20's targets (SUMMARY_RANGES).
-  gemm-summary  that summary of a `gemm --json` log (any run, any device).
+  gemm-summary  that summary of a `gemm --json` log (any run, any device; engine/bench/__main__.py).
   gemm-tune  the same timing over kernel variants (tile sizes, stages, split-K),
              to choose engine.gpu.tuning.GEMM.
 """
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import sys
 
 
 from ..gpu import choice, kernels, tuning
 from ..gpu import ops as ops_cuda
-from .common import copy_bandwidth, cp_or_fail, launch_overhead_ms, n_buffers, time_calls
+from .common import copy_bandwidth, cp_or_fail, geomean, launch_overhead_ms, n_buffers, time_calls
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (8192, 8192), (8192, 28672), (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -157,14 +156,6 @@ SUMMARY_TARGETS = {(64, 256): {"x_fp16": 1.3}, (1024, 4096): {"x_fp16": 1.3, "x_
 SUMMARY_PEERS = (("x_fp16", "cuBLAS fp16"), ("x_int8", "cuBLAS int8"), ("x_tiny", "tinygemm"))
 
 
-def geomean(values) -> float | None:
-    """The geometric mean of positive numbers; None for none."""
-    vals = [float(v) for v in values]
-    if any(not (v > 0 and math.isfinite(v)) for v in vals):
-        raise ValueError(f"a geometric mean needs positive finite ratios, got {vals}")
-    return math.exp(sum(map(math.log, vals)) / len(vals)) if vals else None
-
-
 def summary(rows) -> list[dict]:
     """Per M range of SUMMARY_RANGES that has rows: the number of rows and, per peer, the
     geometric mean of its ×ratio over the rows that timed it (None where none did), and
@@ -200,34 +191,6 @@ def summary_table(rows) -> str:
         lines.append(f"| {m} | {s['rows']} | " + " | ".join(_fmt(s[k], ".2f") for k, _ in SUMMARY_PEERS)
                      + f" | {target or '—'} |")
     return "\n".join(lines)
-
-
-def cmd_gemm_summary(args) -> int:
-    """The per-M-range summary of a `gemm --json` log, or the M = 1 PoT summary of a
-    `gemv-wb --json` log (engine/bench/wb.py summary)."""
-    from .wb import summary_table as wb_table  # noqa: PLC0415
-    rows, wb_rows = [], []
-    with open(args.log) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{args.log}:{i}: not a JSON row ({e.msg})") from None
-                if isinstance(r, dict) and "m" in r and "x_fp16" in r:
-                    rows.append(r)
-                elif isinstance(r, dict) and "m" in r and "vs_a8w4" in r:
-                    wb_rows.append(r)
-    if not rows and not wb_rows:
-        raise SystemExit(f"{args.log}: no `python -m engine.bench gemm --json` (or gemv-wb --json) rows in it")
-    if rows:
-        devices = sorted({r.get("device", "?") for r in rows})
-        print(f"{len(rows)} rows of {args.log} ({', '.join(devices)})\n")
-        print(summary_table(rows))
-    if wb_rows:
-        print(f"{len(wb_rows)} gemv-wb rows of {args.log}\n")
-        print(wb_table(wb_rows) or "(no M = 1 PoT rows)")
-    return 0
 
 
 def _header(copy_gbs: float, peers: Peers, quick: bool, empty_ms: float) -> str:

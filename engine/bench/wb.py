@@ -15,7 +15,7 @@ from .. import formats
 from ..formats import tiles
 from ..gpu import ops as ops_cuda
 from ..gpu import wb
-from .common import copy_bandwidth, cp_or_fail, n_buffers, time_calls
+from .common import copy_bandwidth, cp_or_fail, geomean, n_buffers, time_calls
 from .gemm import GROUP, Peers
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]     # (K, N)
@@ -109,7 +109,6 @@ POT3_OVER_A8W4, POT3_A8W4_SHAPES = 1.25, ((4096, 11008), (8192, 8192))
 def summary(rows) -> list[dict]:
     """At M = 1, per PoT width: the geometric mean over the shapes of INT-b time / PoT-b time
     and of A8W4 time / PoT-b time, and issue 15's targets (pot3 vs A8W4 on its two shapes)."""
-    from .gemm import geomean  # noqa: PLC0415
     out = []
     for b in (2, 3, 4):
         sel = [r for r in rows if r["m"] == 1 and r["kernel"] == f"pot{b}"]
