@@ -31,6 +31,7 @@ from ..gpu import launch
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
+from ..model.kv_cache import bytes_per_position as kv_bytes_per_position
 from .common import copy_bandwidth
 
 SMOLLM2, LLAMA2_7B, LLAMA3_8B = (shape_config(n) for n in ("smollm2", "llama7b", "llama3-8b"))
@@ -250,11 +251,6 @@ def step_bytes(gm, bsz: int, ctx: int, steps: int, kv8: bool) -> tuple[float, fl
         wbytes += gm.embed.nbytes
     kv = c.num_hidden_layers * bsz * kv_bytes_per_position(c, kv8) * (ctx + (steps + 1) / 2)
     return float(wbytes), float(kv)
-
-
-def kv_bytes_per_position(c: ModelConfig, kv8: bool) -> int:
-    """K and V bytes of one position of one sequence in one layer."""
-    return 2 * c.num_key_value_heads * (c.head_dim + 4 if kv8 else 2 * c.head_dim)
 
 
 def _fits(cp, nbytes: int, spare: int = 4 << 30) -> bool:

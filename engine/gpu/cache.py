@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..io.config import ModelConfig
+from ..model.kv_cache import bytes_per_position
 
 
 class GpuKVCache:
@@ -29,8 +30,7 @@ class GpuKVCache:
     @staticmethod
     def bytes_needed(config: ModelConfig, capacity: int, batch: int = 1, kv8: bool = False) -> int:
         """What __init__ allocates: K and V, plus kv8's float32 scale per token and kv head."""
-        slots = config.num_hidden_layers * batch * capacity * config.num_key_value_heads
-        return 2 * slots * (config.head_dim + 4 if kv8 else 2 * config.head_dim)
+        return config.num_hidden_layers * batch * capacity * bytes_per_position(config, kv8)
 
     @property
     def length(self) -> int:

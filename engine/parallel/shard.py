@@ -28,6 +28,7 @@ import numpy as np
 from .. import formats
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights, layer_norm_names
+from ..model.kv_cache import bytes_per_position
 
 COLUMN = ("q", "k", "v", "gate", "up")       # output rows split: whole heads, FFN channels
 ROW = ("o", "down")                          # input channels split; all-reduce after
@@ -269,5 +270,4 @@ def planned_bytes(c: ModelConfig, p: RankPlan, kind: str = "dg", group: int = fo
 def kv_bytes(c: ModelConfig, p: RankPlan, positions: int, kv8: bool = False) -> int:
     """Rank p's KV cache for `positions` cached positions (batch × context): its KV heads' K and
     V, fp16, or INT8 with one float32 scale per position and KV head."""
-    per_head = c.head_dim + 4 if kv8 else 2 * c.head_dim
-    return 2 * c.num_hidden_layers * _n(p.kv_heads) * per_head * positions
+    return c.num_hidden_layers * positions * bytes_per_position(c, kv8, _n(p.kv_heads))
