@@ -91,6 +91,9 @@ def n_buffers(nbytes: int) -> int:
     return int(min(16, max(2, math.ceil(3 * l2 / max(nbytes, 1)))))
 
 
+VERDICT = {True: "meets", False: "short", None: "not timed"}     # a summary's target: met, missed, no peer
+
+
 def geomean(values) -> float | None:
     """The geometric mean of positive numbers; None for none."""
     vals = [float(v) for v in values]

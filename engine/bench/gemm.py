@@ -21,7 +21,7 @@ import sys
 
 from ..gpu import choice, kernels, tuning
 from ..gpu import ops as ops_cuda
-from .common import copy_bandwidth, cp_or_fail, geomean, launch_overhead_ms, n_buffers, time_calls
+from .common import VERDICT, copy_bandwidth, cp_or_fail, geomean, launch_overhead_ms, n_buffers, time_calls
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (8192, 8192), (8192, 28672), (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -176,9 +176,6 @@ def summary(rows) -> list[dict]:
     return out
 
 
-_VERDICT = {True: "meets", False: "short", None: "not timed"}
-
-
 def summary_table(rows) -> str:
     """summary() as markdown."""
     lines = ["| M | rows | " + " | ".join(f"geomean ×{name}" for _, name in SUMMARY_PEERS) + " | issue 20 target |",
@@ -186,7 +183,7 @@ def summary_table(rows) -> str:
     for s in summary(rows):
         m = f"{s['m_lo']}" if s["m_lo"] == s["m_hi"] else f"{s['m_lo']}–{s['m_hi']}"
         target = ", ".join(f"×{dict(SUMMARY_PEERS)[k]} ≥ {s[f'target_{k}']}: "
-                           f"{_VERDICT[s[f'{k}_ok']]}"
+                           f"{VERDICT[s[f'{k}_ok']]}"
                            for k in SUMMARY_TARGETS.get((s["m_lo"], s["m_hi"]), {}))
         lines.append(f"| {m} | {s['rows']} | " + " | ".join(_fmt(s[k], ".2f") for k, _ in SUMMARY_PEERS)
                      + f" | {target or '—'} |")

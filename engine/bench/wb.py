@@ -15,7 +15,7 @@ from .. import formats
 from ..formats import tiles
 from ..gpu import ops as ops_cuda
 from ..gpu import wb
-from .common import copy_bandwidth, cp_or_fail, geomean, n_buffers, time_calls
+from .common import VERDICT, copy_bandwidth, cp_or_fail, geomean, n_buffers, time_calls
 from .gemm import GROUP, Peers
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]     # (K, N)
@@ -131,12 +131,11 @@ def summary_table(rows) -> str:
     recs = summary(rows)
     if not recs:
         return ""
-    verdict = {True: "meets", False: "short", None: "not timed"}
     lines = ["| M = 1 | rows | geomean INT-b / PoT-b | geomean A8W4 / PoT-b | issue 15 asks |", "|---|---:|---:|---:|---|"]
     for r in recs:
-        ask = f"INT-b / PoT-b ≥ {POT_OVER_INT}: {verdict[r['vs_int_ok']]}"
+        ask = f"INT-b / PoT-b ≥ {POT_OVER_INT}: {VERDICT[r['vs_int_ok']]}"
         if "vs_a8w4_ok" in r:
-            ask += (f"; A8W4 / PoT3 ≥ {POT3_OVER_A8W4} on 4096×11008 and 8192×8192: {verdict[r['vs_a8w4_ok']]}")
+            ask += (f"; A8W4 / PoT3 ≥ {POT3_OVER_A8W4} on 4096×11008 and 8192×8192: {VERDICT[r['vs_a8w4_ok']]}")
         vi = "—" if r["vs_int"] is None else f"{r['vs_int']:.2f}×"
         lines.append(f"| {r['kernel']} | {r['rows']} | {vi} | {r['vs_a8w4']:.2f}× | {ask} |")
     return "\n".join(lines)
