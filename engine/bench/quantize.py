@@ -15,6 +15,7 @@ deleted afterwards unless --keep. TinyLlama-shaped: 2.2 GB; Llama-7B-shaped: 13.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 import json
 import os
 import shutil
@@ -32,25 +33,21 @@ import numpy as np
 from ..io.config import ModelConfig
 from ..io.layout import expected_shapes
 from ..io.qfile import load_qfile
+from ..io.shapes import shape_config as named_shape
 from ..util.files import atomic_file
 from .common import BenchError
 
-SHAPES = {
-    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048),
-    "llama7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=4096),
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,      # tests
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
-}
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # tests
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+SHAPES = ("tinyllama", "llama7b", "tiny")   # named shapes: engine/io/shapes.py, plus the tests' tiny one
 SHARD_BYTES = 2 << 30
 
 
 def shape_config(shape: str) -> ModelConfig:
     if shape not in SHAPES:
         raise BenchError(f"--shape: unknown {shape!r}; choose from {', '.join(SHAPES)}")
-    return ModelConfig(rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
-                       eos_token_id=2, **SHAPES[shape])
+    base = ModelConfig(**TINY) if shape == "tiny" else named_shape(shape)
+    return dataclasses.replace(base, bos_token_id=1, eos_token_id=2)
 
 
 def _tokenizer_json() -> str:
@@ -271,7 +268,7 @@ def cmd_quantize(args) -> int:
 def add_parser(sub) -> None:
     q = sub.add_parser("quantize", help="dgq-quantize on a random TinyLlama- or Llama-7B-shaped checkpoint: "
                                         "time per phase and peak RSS (CPU)")
-    q.add_argument("--shape", choices=tuple(SHAPES), default="tinyllama")
+    q.add_argument("--shape", choices=SHAPES, default="tinyllama")
     q.add_argument("--method", default="dgq")
     q.add_argument("--n-seq", type=int, default=8)
     q.add_argument("--seq-len", type=int, default=512)
