@@ -304,7 +304,7 @@ class _DeviceLinear:
         if self.ql is None:
             self.w = w                                                   # float (N, K), on xp
         elif self.ql.act != "none" and formats.KINDS[self.ql.kind].INTEGER:
-            self.w = xp.asarray(self.ql.int8_weight(), dtype=xp.float64)          # (N, K) exact
+            self.w = self.ql.int8_weight(xp).astype(xp.float64)                   # (N, K) exact, made on xp
             self.cscale = xp.asarray(self.ql.cscale, dtype=xp.float32)            # (N,)
         else:
             self.w = xp.asarray(self.ql.dequantize(), dtype=xp.float32)           # (N, K)

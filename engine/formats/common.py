@@ -46,9 +46,9 @@ def group_index(k: int, group: int) -> np.ndarray:
     return np.arange(k) // group
 
 
-def expand_groups(a: np.ndarray, k: int, group: int) -> np.ndarray:
-    """(N, G) per-group values -> (N, K) per-channel values."""
-    return np.asarray(a)[:, group_index(k, group)]
+def expand_groups(a: np.ndarray, k: int, group: int, xp=np) -> np.ndarray:
+    """(N, G) per-group values -> (N, K) per-channel values (on the array module xp)."""
+    return xp.asarray(a)[:, xp.arange(k) // group]
 
 
 # ----------------------------------------------------------------------------- UINT4 packing
@@ -64,10 +64,10 @@ def pack_uint4(codes: np.ndarray) -> np.ndarray:
     return (c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)
 
 
-def unpack_uint4(packed: np.ndarray) -> np.ndarray:
-    """(N, K/2) uint8 -> (N, K) uint8 codes; the inverse of pack_uint4."""
-    p = np.asarray(packed, dtype=np.uint8)
-    out = np.empty((p.shape[0], p.shape[1] * 2), dtype=np.uint8)
+def unpack_uint4(packed: np.ndarray, xp=np) -> np.ndarray:
+    """(N, K/2) uint8 -> (N, K) uint8 codes; the inverse of pack_uint4 (on the array module xp)."""
+    p = xp.asarray(packed, dtype=xp.uint8)
+    out = xp.empty((p.shape[0], p.shape[1] * 2), dtype=xp.uint8)
     out[:, 0::2] = p & 0x0F
     out[:, 1::2] = p >> 4
     return out

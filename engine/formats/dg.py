@@ -35,21 +35,22 @@ def validate(ql) -> None:
     check_scale("cscale", ql.cscale, QMAX_I8)
 
 
-def _w8_int32(ql) -> np.ndarray:
+def _w8_int16(ql, xp=np) -> np.ndarray:
     k, g = ql.in_features, ql.group
-    q = unpack_uint4(ql.qweight).astype(np.int32)
-    z = expand_groups(ql.qzeros, k, g).astype(np.int32)
-    s = expand_groups(ql.gscale, k, g).astype(np.int32)
-    return (q - z) * s                                   # (N, K)
+    q = unpack_uint4(ql.qweight, xp).astype(xp.int16)
+    z = expand_groups(ql.qzeros, k, g, xp).astype(xp.int16)
+    s = expand_groups(ql.gscale, k, g, xp).astype(xp.int16)
+    return (q - z) * s                                   # (N, K): |q - z| ≤ 15, S ≤ 127, so no int16 overflow
 
 
-def int8_weight(ql) -> np.ndarray:
-    """(N, K) int8 W8 = (q - z) · S; FormatError when the overflow guard is broken (a cast
-    would wrap 128 to -128 silently)."""
-    w = _w8_int32(ql)
-    if w.size and int(np.abs(w).max()) > QMAX_I8:
+def int8_weight(ql, xp=np) -> np.ndarray:
+    """(N, K) int8 W8 = (q - z) · S on the array module xp (the packed arrays move there
+    first); FormatError when the overflow guard is broken (a cast would wrap 128 to -128
+    silently)."""
+    w = _w8_int16(ql, xp)
+    if w.size and int(xp.abs(w).max()) > QMAX_I8:
         raise FormatError(_OVERFLOW)
-    return w.astype(np.int8)
+    return w.astype(xp.int8)
 
 
 def dequantize(ql) -> np.ndarray:

@@ -19,8 +19,8 @@ def validate(ql) -> None:
     check_scale("cscale", ql.cscale, QMAX_I8)
 
 
-def int8_weight(ql) -> np.ndarray:
-    return ql.qweight
+def int8_weight(ql, xp=np) -> np.ndarray:
+    return xp.asarray(ql.qweight)
 
 
 def dequantize(ql) -> np.ndarray:

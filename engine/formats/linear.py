@@ -58,12 +58,13 @@ class QuantLinear:
         """(N, K) uint8 codes for the UINT4 kinds ("dg", "g")."""
         return unpack_uint4(self.qweight)
 
-    def int8_weight(self) -> np.ndarray:
-        """(N, K) int8 W8 of an integer kind: (q - z) · S for "dg", q8 for "i8"."""
+    def int8_weight(self, xp=np) -> np.ndarray:
+        """(N, K) int8 W8 of an integer kind: (q - z) · S for "dg", q8 for "i8"; computed on
+        the array module xp (NumPy, or CuPy for the converter's device calibration)."""
         mod = KINDS[self.kind]
         if not mod.INTEGER:
             raise FormatError(f"kind {self.kind!r} has no integer weight")
-        return mod.int8_weight(self)
+        return mod.int8_weight(self, xp)
 
     def dequantize(self) -> np.ndarray:
         """(N, K) float32 weight this layer stands for."""
