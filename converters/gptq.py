@@ -148,7 +148,10 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK, ro
 
     The walk keeps the weights transposed (K, N), so that a column is one contiguous row, and
     applies each column's update to the next `sub` columns only (sub = gcd(group, 32), so
-    groups start on a sub-block); the rest of the batch gets one product per sub-block.
+    groups start on a sub-block); the rest of the batch gets one product per sub-block. On
+    CuPy with the default rounding, a sub-block's column walk is one kernel launch
+    (`_column_kernel`) instead of ~15 array operations a column: the same float64 operations
+    in the same order, so the codes equal the per-column walk's.
     """
     xp = xp_of(W)
     W = xp.asarray(W, dtype=xp.float64)
@@ -161,6 +164,9 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK, ro
     codes = xp.empty((k, n))
     W_hat = xp.empty((k, n))
     params = []
+    fused = _column_kernel(xp) if xp is not np and rounding is uniform_round else None
+    if fused is not None:
+        U = xp.ascontiguousarray(U, dtype=xp.float64)
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
         W1 = WT[i1:i2]                                                   # (b, N) current weights (a view)
@@ -168,6 +174,18 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK, ro
         U1 = U[i1:i2, i1:i2]                                             # (b, b)
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
+            if fused is not None:
+                c = i1 + j1
+                if c % group == 0:                                       # groups start on a sub-block
+                    ge = min(c + group, k)
+                    params.append(params_at(c // group, W1[j1:j1 + ge - c].T, U[c:ge, c:ge]))
+                p = [xp.ascontiguousarray(xp.broadcast_to(xp.asarray(a, dtype=xp.float64), (n,)))
+                     for a in params[-1][:4]]                            # step, z, lo, hi (N,)
+                fused(((n + 127) // 128,), (128,), (W1[j1:j2], U, *p, codes[c:c + j2 - j1],
+                                                    W_hat[c:c + j2 - j1], E1[j1:j2], np.int32(n),
+                                                    np.int32(k), np.int32(c), np.int32(j2 - j1)))
+                W1[j2:] -= U1[j1:j2, j2:].T @ E1[j1:j2]
+                continue
             for i in range(j1, j2):
                 c = i1 + i
                 if c % group == 0:
@@ -183,3 +201,43 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK, ro
             W1[j2:] -= U1[j1:j2, j2:].T @ E1[j1:j2]                      # rest of the batch
         WT[i2:] -= U[i1:i2, i2:].T @ E1                                  # (K−i2, N) lazy update
     return codes.T, W_hat.T, params
+
+
+# The column walk of one sub-block on the GPU, a thread a row: uniform_round and the in-block
+# updates of gptq() with the same float64 operations in the same order (_rn intrinsics: no
+# fused multiply-add the NumPy walk does not do). W, codes, W_hat, E: (len, N) views at the
+# sub-block's first column c0; U: (K, K). Compiled through the array module the caller handed
+# in (converters never import the GPU package, docs/ARCHITECTURE.md).
+_COLUMN_WALK = r"""
+extern "C" __global__ void gptq_columns(double* __restrict__ W, const double* __restrict__ U,
+        const double* __restrict__ step, const double* __restrict__ z, const double* __restrict__ lo,
+        const double* __restrict__ hi, double* __restrict__ codes, double* __restrict__ what,
+        double* __restrict__ E, int n, int k, int c0, int len) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= n) return;
+    const double st = step[r], zr = z[r], l = lo[r], h = hi[r];
+    for (int i = 0; i < len; ++i) {
+        const size_t at = (size_t)i * n + r;
+        const double w = W[at];
+        const double q = fmin(fmax(__dadd_rn(rint(__ddiv_rn(w, st)), zr), l), h);
+        const double wq = __dmul_rn(__dsub_rn(q, zr), st);
+        const double* u = U + (size_t)(c0 + i) * k + c0;
+        const double e = __ddiv_rn(__dsub_rn(w, wq), u[i]);
+        codes[at] = q;
+        what[at] = wq;
+        E[at] = e;
+        for (int j = i + 1; j < len; ++j) {
+            const size_t aj = (size_t)j * n + r;
+            W[aj] = __dsub_rn(W[aj], __dmul_rn(u[j], e));
+        }
+    }
+}
+"""
+_KERNELS: dict = {}
+
+
+def _column_kernel(xp):
+    """gptq_columns compiled by xp (CuPy), once a process."""
+    if xp not in _KERNELS:
+        _KERNELS[xp] = xp.RawKernel(_COLUMN_WALK, "gptq_columns")
+    return _KERNELS[xp]

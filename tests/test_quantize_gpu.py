@@ -64,6 +64,33 @@ def test_inverse_cholesky_on_cupy_equals_numpy():
         gptq.inverse_cholesky(cp.asarray(np.ones((8, 8)) - 0.5 * np.eye(8)), 8, damp=0.0)
 
 
+@pytest.mark.parametrize("n,k,group", [(300, 256, 128), (77, 200, 32), (64, 192, 64)])
+def test_gptq_column_kernel_equals_the_column_walk(n, k, group):
+    """On CuPy the default rounding's column walk is one kernel a sub-block; it must give the
+    per-column walk's codes and Ŵ exactly (a wrapped rounding takes that walk), and match NumPy
+    up to the GEMMs' float rounding."""
+    from converters import gptq
+    rng = np.random.default_rng(n)
+    W = rng.standard_normal((n, k))
+    _, H = gram(rng, 2 * k, k)
+    G = -(-k // group)
+    step = 0.05 + 0.1 * rng.random((n, G))
+    z = rng.integers(4, 12, (n, G)).astype(np.float64)
+    lo, hi = np.maximum(z - 7, 0.0), np.minimum(z + 7, 15.0)
+
+    def at(xp):
+        arrs = [xp.asarray(a) for a in (step, z, lo, hi)]
+        return lambda g, Wg, Ugg: tuple(a[:, g] for a in arrs)
+    U = gptq.inverse_cholesky(cp.asarray(H), k)
+    fused = gptq.gptq(cp.asarray(W), U, group, at(cp))
+    walk = gptq.gptq(cp.asarray(W), U, group, at(cp), rounding=lambda w, p: gptq.uniform_round(w, p))
+    np.testing.assert_array_equal(cp.asnumpy(fused[0]), cp.asnumpy(walk[0]))
+    np.testing.assert_array_equal(cp.asnumpy(fused[1]), cp.asnumpy(walk[1]))
+    ref = gptq.gptq(W, gptq.inverse_cholesky(H, k), group, at(np))
+    assert (cp.asnumpy(fused[0]) == ref[0]).mean() > 0.99
+    assert len(fused[2]) == G
+
+
 def _cpu_and_gpu(calibration):
     """quantize_checkpoint of one tiny model on NumPy and on CuPy: (w_cpu, r_cpu, w_gpu, r_gpu)."""
     ck = tiny_ckpt(hidden_size=64, intermediate_size=128, head_dim=8)
