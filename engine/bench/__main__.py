@@ -60,7 +60,9 @@ def cmd_e2e(args) -> int:
     pot = tuple(int(b) for b in args.pot_bits.split(",") if b.strip())
     if set(pot) - {2, 3, 4}:
         raise BenchError(f"--pot-bits: choose from 2, 3, 4, got {args.pot_bits!r}")
-    rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models, pot_bits=pot)
+    prefetch = tuple(_ints(args.prefetch, "--prefetch")) if args.prefetch else ()
+    rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models, pot_bits=pot,
+                   prefetch=prefetch)
     if args.md:
         Path(args.md).write_text(format_table(rows) + "\n")
     return 0
@@ -139,6 +141,8 @@ def main(argv=None) -> int:
     e.add_argument("--steps", type=int, default=32, help="the context table's timed decode steps a row")
     e.add_argument("--attn", default="", help="the context table's decode attention kernels, e.g. heads,gqa "
                    "(default: the engine's, DGQ_ATTN_DECODE)")
+    e.add_argument("--prefetch", default="", help="comma-separated MB of gate|up weights: batch-1 decode rows with "
+                   "the L2 prefetch on (o weights + that many MB; tuning.PrefetchTuning), beside the default's")
     e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)

@@ -17,6 +17,7 @@ bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -28,6 +29,7 @@ import numpy as np
 
 from .. import formats
 from ..gpu import launch
+from ..gpu.tuning import PREFETCH
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
@@ -119,7 +121,7 @@ def _timed(cp, fn, reps):
 
 
 def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_batches=(), ctx=128, steps=64,
-                bw=None):
+                bw=None, prefetch=()):
     from ..gpu.model import CudaModel  # noqa: PLC0415
     rows = []
     pool = cp.get_default_memory_pool()
@@ -179,6 +181,11 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
                 with launch.plain_launches():
                     row, cache = decode_row(bsz, kv8, name + " no-PDL")
                 rows.append(row)
+                for mb in prefetch:                   # the L2 prefetch A/B (tuning.PrefetchTuning)
+                    del cache
+                    with _prefetching(mb << 20):
+                        row, cache = decode_row(bsz, kv8, name + f" prefetch o+{mb}MB")
+                    rows.append(row)
         del cache
     rows.append(dict(model=name, phase="memory", gpu_bytes=pool.used_bytes() - base, bits_per_param=bits,
                      linear_bytes=wb["linears"]))
@@ -205,7 +212,19 @@ def _progress(rows, what: str) -> None:
     print(f"[e2e] {what}: {got or 'done'}", file=sys.stderr, flush=True)
 
 
-def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b"), pot_bits=(4, 3, 2)):
+@contextlib.contextmanager
+def _prefetching(gate_up_bytes: int):
+    """Within the block, captured decode steps prefetch o and gate_up_bytes of gate|up into L2."""
+    old = (PREFETCH.enabled, PREFETCH.gate_up_bytes)
+    PREFETCH.enabled, PREFETCH.gate_up_bytes = True, gate_up_bytes
+    try:
+        yield
+    finally:
+        PREFETCH.enabled, PREFETCH.gate_up_bytes = old
+
+
+def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b"), pot_bits=(4, 3, 2),
+            prefetch=()):
     cp, bw, rows = _device()
     if qfile:                                          # that file alone, whatever its shape
         from ..io.qfile import load_qfile  # noqa: PLC0415
@@ -220,7 +239,8 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
         else:
             mw, label = random_model(MODELS[key][0], True), MODELS[key][1]
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
-        rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32), **kw)
+        rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32),
+                            prefetch=prefetch, **kw)
         _progress(rows, label + " A8W4")
         # the same with the opt-in INT8 output head (--lm-head int8): decode only
         rows += bench_model(cp, label + " A8W4 int8-head", mw.with_int8_lm_head(), bw=bw, prefill_lens=(),

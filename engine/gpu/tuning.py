@@ -132,6 +132,21 @@ class DecodeTuning:
 
 DECODE = DecodeTuning()
 
+
+@dataclass
+class PrefetchTuning:
+    """L2 prefetch in the captured decode step (cuda/fused.cu prefetch_l2, sm_90 with PDL only):
+    a launch after each q|k|v GEMV pulls the o weights and the first `gate_up_bytes` of the
+    gate|up weights into L2, while attention leaves DRAM idle. Off by default until measured
+    (docs/KERNELS.md); the e2e bench's --prefetch runs A/B rows."""
+    enabled: bool = False
+    gate_up_bytes: int = 0
+    threads: int = 128          # cuda/fused.cu PF_THREADS
+    chunk: int = 65536          # cuda/fused.cu PF_CHUNK: bytes one prefetch instruction asks for
+
+
+PREFETCH = PrefetchTuning()
+
 # ----------------------------------------------------------------------------- fp16 / int8 GEMV
 # cuda/fused.cu gemv_f16_m<MT>, gemv_w8_m<MT>: the lm_head and the FP16 path's linears
 
