@@ -32,7 +32,6 @@
 #define WB_WARPS 8                          // GEMV: warps a block, splitting one row tile's k tiles
 #define WB_THREADS (32 * WB_WARPS)
 #define WB_U 4                              // GEMV: tiles a warp has in flight
-#define WB_XU 8                             // GEMV: x pieces a thread loads at once into shared memory
 #define WB_GEMM_WARPS 4                     // GEMM: warps a block, one row tile each
 #define WB_GEMM_NT 8                        // GEMM: 8-row tiles of x a block (64 rows)
 #define WB_XS (WB_TILE_K + 16)              // GEMM: x row stride in shared memory, halves (B loads conflict-free)
@@ -246,19 +245,9 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
     pdl_enter();
     const int kp = KT * WB_TILE_K;
     if (xsmem) {              // x once into shared memory: B loads then wait ~30 cycles, not an L2 round trip
-        const int per = kp / 4, total = M * per;                         // 4-channel pieces
-        for (int i0 = threadIdx.x; i0 < total; i0 += WB_THREADS * WB_XU) {
-            uint2 v[WB_XU];                                              // WB_XU loads in flight, then the stores
-#pragma unroll
-            for (int u = 0; u < WB_XU; ++u) {
-                const int i = i0 + u * WB_THREADS;
-                v[u] = i < total ? wb_x4(x, i / per, 4 * (i % per), M, K, vec) : make_uint2(0u, 0u);
-            }
-#pragma unroll
-            for (int u = 0; u < WB_XU; ++u) {
-                const int i = i0 + u * WB_THREADS;
-                if (i < total) *reinterpret_cast<uint2*>(&xsh[(size_t)(i / per) * kp + 4 * (i % per)]) = v[u];
-            }
+        for (int i = threadIdx.x; i < M * (kp / 4); i += WB_THREADS) {
+            const int m = i / (kp / 4), c = 4 * (i % (kp / 4));
+            *reinterpret_cast<uint2*>(&xsh[(size_t)m * kp + c]) = wb_x4(x, m, c, M, K, vec);
         }
         __syncthreads();
     }
