@@ -339,8 +339,8 @@ def test_l2_prefetch_changes_no_bits(monkeypatch):
         pre = gm.prefill(prompt, cache).get()
         toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 30, True)[:, 0]
         runs.append((toks, cache.step.bufs.logits[:1].get()))
-    L = mw.config.num_hidden_layers
-    assert launched and all(launched) and len(launched) % L == 0, launched      # once a layer a capture
+    L = mw.config.num_hidden_layers             # launched once a layer in the capture (False: the eager
+    assert sum(launched) >= L and sum(launched) % L == 0, launched             # warm-up step launches none)
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(Exception, match="past its array"):

@@ -30,13 +30,14 @@ from .common import BenchError, cp_or_fail
 from .e2e import MODELS, format_context_table, format_table, run_context, run_e2e
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
+def _ints(text: str, flag: str, least: int = 1) -> tuple[int, ...]:
+    what = "positive integers" if least == 1 else f"integers >= {least}"
     try:
         vals = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise BenchError(f"{flag}: comma-separated positive integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise BenchError(f"{flag}: comma-separated positive integers, got {text!r}")
+        raise BenchError(f"{flag}: comma-separated {what}, got {text!r}") from None
+    if not vals or min(vals) < least:
+        raise BenchError(f"{flag}: comma-separated {what}, got {text!r}")
     return vals
 
 
@@ -60,7 +61,7 @@ def cmd_e2e(args) -> int:
     pot = tuple(int(b) for b in args.pot_bits.split(",") if b.strip())
     if set(pot) - {2, 3, 4}:
         raise BenchError(f"--pot-bits: choose from 2, 3, 4, got {args.pot_bits!r}")
-    prefetch = tuple(_ints(args.prefetch, "--prefetch")) if args.prefetch else ()
+    prefetch = _ints(args.prefetch, "--prefetch", least=0) if args.prefetch else ()
     rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models, pot_bits=pot,
                    prefetch=prefetch)
     if args.md:
@@ -141,8 +142,8 @@ def main(argv=None) -> int:
     e.add_argument("--steps", type=int, default=32, help="the context table's timed decode steps a row")
     e.add_argument("--attn", default="", help="the context table's decode attention kernels, e.g. heads,gqa "
                    "(default: the engine's, DGQ_ATTN_DECODE)")
-    e.add_argument("--prefetch", default="", help="comma-separated MB of gate|up weights: batch-1 decode rows with "
-                   "the L2 prefetch on (o weights + that many MB; tuning.PrefetchTuning), beside the default's")
+    e.add_argument("--prefetch", default="", help="comma-separated MB of gate|up weights (0: o only): batch-1 decode "
+                   "rows with the L2 prefetch on (o weights + that many MB; tuning.PrefetchTuning), beside the default's")
     e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)

@@ -137,11 +137,13 @@ DECODE = DecodeTuning()
 class PrefetchTuning:
     """L2 prefetch in the captured decode step (cuda/fused.cu prefetch_l2, sm_90 with PDL only):
     a launch after each q|k|v GEMV pulls the o weights and the first `gate_up_bytes` of the
-    gate|up weights into L2, while attention leaves DRAM idle. Off by default until measured
-    (docs/KERNELS.md); the e2e bench's --prefetch runs A/B rows."""
+    gate|up weights into L2, while attention leaves DRAM idle. Off: it measured slower (H200,
+    7B-shaped A8W4, batch 1: 524 tok/s without it; 509 with o + 8 MB of gate|up, 498 with
+    o + 24 MB; 318 with 128 threads a block, the prefetches queued on 4 SMs; docs/KERNELS.md).
+    The e2e bench's --prefetch runs the A/B rows."""
     enabled: bool = False
     gate_up_bytes: int = 0
-    threads: int = 128          # cuda/fused.cu PF_THREADS
+    threads: int = 1            # a block a chunk, spread over the SMs (≤ cuda/fused.cu PF_THREADS)
     chunk: int = 65536          # cuda/fused.cu PF_CHUNK: bytes one prefetch instruction asks for
 
 
