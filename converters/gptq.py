@@ -179,8 +179,8 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK, ro
                 if c % group == 0:                                       # groups start on a sub-block
                     ge = min(c + group, k)
                     params.append(params_at(c // group, W1[j1:j1 + ge - c].T, U[c:ge, c:ge]))
-                p = [xp.ascontiguousarray(xp.broadcast_to(xp.asarray(a, dtype=xp.float64), (n,)))
-                     for a in params[-1][:4]]                            # step, z, lo, hi (N,)
+                    p = [xp.ascontiguousarray(xp.broadcast_to(xp.asarray(a, dtype=xp.float64), (n,)))
+                         for a in params[-1][:4]]                        # step, z, lo, hi (N,)
                 fused(((n + 127) // 128,), (128,), (W1[j1:j2], U, *p, codes[c:c + j2 - j1],
                                                     W_hat[c:c + j2 - j1], E1[j1:j2], np.int32(n),
                                                     np.int32(k), np.int32(c), np.int32(j2 - j1)))
@@ -205,7 +205,8 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK, ro
 
 # The column walk of one sub-block on the GPU, a thread a row: uniform_round and the in-block
 # updates of gptq() with the same float64 operations in the same order (_rn intrinsics: no
-# fused multiply-add the NumPy walk does not do). W, codes, W_hat, E: (len, N) views at the
+# fused multiply-add the NumPy walk does not do; fmin/fmax clip as np.clip does for step > 0 and
+# lo <= hi, which every caller's grid has). W, codes, W_hat, E: (len, N) views at the
 # sub-block's first column c0; U: (K, K). Compiled through the array module the caller handed
 # in (converters never import the GPU package, docs/ARCHITECTURE.md).
 _COLUMN_WALK = r"""

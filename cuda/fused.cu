@@ -349,7 +349,7 @@ GEMV_W8_ENTRY(8, 4)
 // L2 prefetch (decode, sm_90): up to four byte ranges, weights a later kernel of the step reads,
 // pulled into L2 with cp.async.bulk.prefetch while the kernels before that one run (they leave
 // DRAM idle: attention, norms, a GEMV's last wave). Reads and writes nothing, so correctness
-// never depends on it; grid any, block PF_THREADS, each thread one PF_CHUNK at a time. It
+// never depends on it; grid any, block ≤ PF_THREADS, each thread one PF_CHUNK at a time. It
 // triggers its successor at once and waits before it returns (pdl.cuh: a grid that completed
 // without waiting would let the kernel after it pass its own wait early). Ranges: 16-byte
 // aligned starts (CuPy allocations are), sizes rounded down to 16 bytes; null or 0: none.

@@ -64,31 +64,42 @@ def test_inverse_cholesky_on_cupy_equals_numpy():
         gptq.inverse_cholesky(cp.asarray(np.ones((8, 8)) - 0.5 * np.eye(8)), 8, damp=0.0)
 
 
-@pytest.mark.parametrize("n,k,group", [(300, 256, 128), (77, 200, 32), (64, 192, 64)])
+@pytest.mark.parametrize("n,k,group", [(300, 256, 128), (77, 200, 32), (64, 192, 64), (50, 192, 48), (40, 160, 16)])
 def test_gptq_column_kernel_equals_the_column_walk(n, k, group):
     """On CuPy the default rounding's column walk is one kernel a sub-block; it must give the
-    per-column walk's codes and Ŵ exactly (a wrapped rounding takes that walk), and match NumPy
-    up to the GEMMs' float rounding."""
+    per-column walk's codes, Ŵ and compensated weights exactly (a wrapped rounding takes that
+    walk; every group start records the weights it sees, which carry every earlier column's
+    error bit for bit), and match NumPy up to the GEMMs' float rounding. Steps of 0.3-0.6 keep
+    most codes inside their bounds, so a rounding-level difference would show."""
     from converters import gptq
     rng = np.random.default_rng(n)
     W = rng.standard_normal((n, k))
     _, H = gram(rng, 2 * k, k)
     G = -(-k // group)
-    step = 0.05 + 0.1 * rng.random((n, G))
-    z = rng.integers(4, 12, (n, G)).astype(np.float64)
+    step = 0.3 + 0.3 * rng.random((n, G))
+    z = rng.integers(6, 10, (n, G)).astype(np.float64)
     lo, hi = np.maximum(z - 7, 0.0), np.minimum(z + 7, 15.0)
 
-    def at(xp):
+    def at(xp, seen):
         arrs = [xp.asarray(a) for a in (step, z, lo, hi)]
-        return lambda g, Wg, Ugg: tuple(a[:, g] for a in arrs)
+
+        def params(g, Wg, Ugg):
+            seen.append(cp.asnumpy(Wg) if xp is cp else Wg.copy())
+            return tuple(a[:, g] for a in arrs)
+        return params
     U = gptq.inverse_cholesky(cp.asarray(H), k)
-    fused = gptq.gptq(cp.asarray(W), U, group, at(cp))
-    walk = gptq.gptq(cp.asarray(W), U, group, at(cp), rounding=lambda w, p: gptq.uniform_round(w, p))
+    seen_k, seen_w = [], []
+    fused = gptq.gptq(cp.asarray(W), U, group, at(cp, seen_k))
+    walk = gptq.gptq(cp.asarray(W), U, group, at(cp, seen_w), rounding=lambda w, p: gptq.uniform_round(w, p))
     np.testing.assert_array_equal(cp.asnumpy(fused[0]), cp.asnumpy(walk[0]))
     np.testing.assert_array_equal(cp.asnumpy(fused[1]), cp.asnumpy(walk[1]))
-    ref = gptq.gptq(W, gptq.inverse_cholesky(H, k), group, at(np))
+    assert len(seen_k) == len(seen_w) == G
+    for a, b in zip(seen_k, seen_w):
+        np.testing.assert_array_equal(a, b)
+    inside = (cp.asnumpy(fused[0]) > lo.repeat(group, 1)[:, :k]) & (cp.asnumpy(fused[0]) < hi.repeat(group, 1)[:, :k])
+    assert inside.mean() > 0.5, inside.mean()
+    ref = gptq.gptq(W, gptq.inverse_cholesky(H, k), group, at(np, []))
     assert (cp.asnumpy(fused[0]) == ref[0]).mean() > 0.99
-    assert len(fused[2]) == G
 
 
 def _cpu_and_gpu(calibration):
