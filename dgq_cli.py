@@ -335,10 +335,11 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
 @click.option("--gptq/--no-gptq", default=None,
               help="dgq, fptq-dg: also try GPTQ-compensated rounding per row (lower perplexity, more "
                    "search time; docs/QUALITY.md). pot, int-search: re-round the codes with GPTQ on the "
-                   "searched scales, per row where better. Default: on for dgq, off for the others.")
+                   "searched scales, per row where better. Default: on for dgq, pot and int-search, off for the others.")
 @click.option("--sink-weight", type=float, default=None,
               help="Weight of each calibration sequence's first token in the q/k/v Gram matrix "
-                   "(the searched methods). Default: 512 for dgq (measured, docs/QUALITY.md), 1 for the others.")
+                   "(the searched methods). Default: 512 for dgq, pot and int-search (measured, docs/QUALITY.md), "
+                   "1 for the others.")
 @click.option("--calibration", type=click.Choice(["float", "sequential"]), default=None,
               help="Calibrate each layer on the float model's activations, or on the outputs of the "
                    "already quantized layers before it. Default: sequential for dgq, dgq-rtn and rtn "

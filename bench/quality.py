@@ -120,11 +120,13 @@ def main(argv=None):
                          "W3 codes with INT8 activations on the dual-grained kernels")
     ap.add_argument("--calibration", choices=("float", "sequential"), default="float",
                     help="calibrate each layer on the float model's activations or the quantized layers' outputs")
-    ap.add_argument("--gptq", action="store_true",
-                    help="dgq / pot / int-search rows: with GPTQ-compensated rounding (--gptq)")
+    ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                    help="dgq / pot / int-search rows: with (--gptq) or without (--no-gptq) GPTQ-compensated "
+                         "rounding; default: each method's own (converters/quantize.py METHODS)")
     ap.add_argument("--gptq-pairs", action="store_true",
                     help="weight-only: each pot / int-search row twice, without and with --gptq")
-    ap.add_argument("--sink-weight", type=float, default=1.0, help="first-token weight in the q/k/v Gram matrix")
+    ap.add_argument("--sink-weight", type=float, default=None,
+                    help="first-token weight in the q/k/v Gram matrix (default: each method's own)")
     ap.add_argument("--bits", default="4,3,2", help="weight-only: code widths")
     ap.add_argument("--groups", default="128,64", help="weight-only: group sizes")
     a = ap.parse_args(argv)
@@ -164,9 +166,9 @@ def main(argv=None):
             mw, recipe, _ = made[key]
         else:
             kw = {k: v for k, v in (("n_seq", a.n_seq), ("seq_len", a.seq_len)) if v}
-            if row_gptq and method in GPTQ_METHODS:
-                kw["gptq"] = True
-            if a.sink_weight != 1.0:
+            if row_gptq is not None and method in GPTQ_METHODS:
+                kw["gptq"] = row_gptq
+            if a.sink_weight is not None:
                 kw["sink_weight"] = a.sink_weight
             mw, recipe = quantize_checkpoint(ck, method, wbits=wbits, group=group, act=act, progress=False,
                                              calibration=a.calibration, **kw)
@@ -177,10 +179,11 @@ def main(argv=None):
         tq = time.perf_counter() - t0 + (made[key][2] if key in made and convert and convert[0] else 0.0)
         m = Model(mw)
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
-        row = dict(label=label + (" +gptq" if kw.get("gptq") and method else "") +
-                   (f" sink x{a.sink_weight:g}" if "sink_weight" in kw else ""),
+        gptq_on = bool(recipe.get("gptq"))                         # what the converter did, defaults included
+        sink = (recipe.get("calibration") or {}).get("sink_weight")
+        row = dict(label=label + (" +gptq" if gptq_on else "") + (f" sink x{sink:g}" if sink and sink != 1.0 else ""),
                    calibration=a.calibration if method else None, method=method, act=act, wbits=wbits, group=group,
-                   gptq=bool(kw.get("gptq")), bits_per_weight=bits_per_weight(mw),
+                   gptq=gptq_on, sink_weight=sink, bits_per_weight=bits_per_weight(mw),
                    perplexity=r["perplexity"], n_tokens=r["n_tokens"],
                    quantize_s=tq, eval_s=time.perf_counter() - t0 - tq,
                    peak_rss_mb=peak_rss_mb())
