@@ -167,6 +167,12 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK, ro
     fused = _column_kernel(xp) if xp is not np and rounding is uniform_round else None
     if fused is not None:
         U = xp.ascontiguousarray(U, dtype=xp.float64)
+
+    def start_group(W1, i, c):
+        """params_at of the group starting at column c (row i of the batch W1): its current weights."""
+        ge = min(c + group, k)
+        params.append(params_at(c // group, W1[i:i + ge - c].T, U[c:ge, c:ge]))
+
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
         W1 = WT[i1:i2]                                                   # (b, N) current weights (a view)
@@ -174,30 +180,27 @@ def gptq(W, U: np.ndarray, group: int, params_at, block: int = DEFAULT_BLOCK, ro
         U1 = U[i1:i2, i1:i2]                                             # (b, b)
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
-            if fused is not None:
+            if fused is None:
+                for i in range(j1, j2):
+                    c = i1 + i
+                    if c % group == 0:
+                        start_group(W1, i, c)
+                    w = W1[i]                                            # (N,)
+                    q, wq = rounding(w, params[-1])                      # (N,), (N,)
+                    codes[c] = q
+                    W_hat[c] = wq
+                    e = (w - wq) / U1[i, i]                              # (N,)
+                    W1[i + 1:j2] -= U1[i, i + 1:j2, None] * e            # (j2−i−1, N)
+                    E1[i] = e
+            else:                                                        # the same walk, one launch
                 c = i1 + j1
                 if c % group == 0:                                       # groups start on a sub-block
-                    ge = min(c + group, k)
-                    params.append(params_at(c // group, W1[j1:j1 + ge - c].T, U[c:ge, c:ge]))
+                    start_group(W1, j1, c)
                     p = [xp.ascontiguousarray(xp.broadcast_to(xp.asarray(a, dtype=xp.float64), (n,)))
                          for a in params[-1][:4]]                        # step, z, lo, hi (N,)
                 fused(((n + 127) // 128,), (128,), (W1[j1:j2], U, *p, codes[c:c + j2 - j1],
                                                     W_hat[c:c + j2 - j1], E1[j1:j2], np.int32(n),
                                                     np.int32(k), np.int32(c), np.int32(j2 - j1)))
-                W1[j2:] -= U1[j1:j2, j2:].T @ E1[j1:j2]
-                continue
-            for i in range(j1, j2):
-                c = i1 + i
-                if c % group == 0:
-                    ge = min(c + group, k)
-                    params.append(params_at(c // group, W1[i:i + ge - c].T, U[c:ge, c:ge]))
-                w = W1[i]                                                # (N,)
-                q, wq = rounding(w, params[-1])                          # (N,), (N,)
-                codes[c] = q
-                W_hat[c] = wq
-                e = (w - wq) / U1[i, i]                                  # (N,)
-                W1[i + 1:j2] -= U1[i, i + 1:j2, None] * e                # (j2−i−1, N)
-                E1[i] = e
             W1[j2:] -= U1[j1:j2, j2:].T @ E1[j1:j2]                      # rest of the batch
         WT[i2:] -= U[i1:i2, i2:].T @ E1                                  # (K−i2, N) lazy update
     return codes.T, W_hat.T, params
