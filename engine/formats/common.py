@@ -48,7 +48,7 @@ def group_index(k: int, group: int) -> np.ndarray:
 
 def expand_groups(a: np.ndarray, k: int, group: int, xp=np) -> np.ndarray:
     """(N, G) per-group values -> (N, K) per-channel values (on the array module xp)."""
-    return xp.asarray(a)[:, xp.arange(k) // group]
+    return xp.asarray(a)[:, xp.asarray(group_index(k, group))]
 
 
 # ----------------------------------------------------------------------------- UINT4 packing

@@ -12,12 +12,12 @@ from .. import formats
 from ..io.config import ModelConfig
 
 
-
 def bytes_per_position(config: ModelConfig, kv8: bool, kv_heads: int | None = None) -> int:
     """K and V bytes of one position of one sequence in one layer as the GPU engine stores them:
     fp16, or (kv8) INT8 plus one float32 scale per kv head; kv_heads: those held (default all)."""
     heads = config.num_key_value_heads if kv_heads is None else kv_heads
     return 2 * heads * (config.head_dim + 4 if kv8 else 2 * config.head_dim)
+
 
 def quantize_kv_ref(x):
     """x (..., D), e.g. (T, Hkv, D) -> (x8 int8 (..., D), s float32 (...)): x8 = clamp(rint(x / s), ±127),
