@@ -83,6 +83,47 @@ __device__ __forceinline__ void dq_word(u32 w, const DqConst& d, u32& a, u32& b)
     b = __byte_perm(r1, r3, 0x7250);
 }
 
+// ----------------------------------------------------------------- one token: dp4a
+// Σ_i a.byte[i]·b.byte[i], a's bytes signed, b's unsigned, plus c (one instruction).
+__device__ __forceinline__ int dp4a_su(u32 a, u32 b, int c) {
+    int d;
+    asm("dp4a.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// One chunk of one row tile against ONE token, no widening and no mma. Per (row, group),
+// Σ x·(q - z)·S = S·(Σ x·q - z·Σ x), exact in int32, so the 4-bit codes go straight into dp4a:
+// the low nibbles as they are, the high ones masked in place (16·q: that sum is shifted down by
+// 4, exactly). w, m: the lane's weight vector and meta word (layout above); x: the token's int8
+// at the lane's k positions, as the mma B fragment holds them (b0, b1 of k-step 0, then of
+// k-step 1: k = 4t.., 16+4t.., 32+4t.., 48+4t..). Adds rows g and g+8 over those k positions into
+// acc_lo and acc_hi. About half the instructions of dq_word's widening plus the two mma.
+__device__ __forceinline__ void dp_chunk(const u32x4& w, u32 m, const u32* x, int& acc_lo, int& acc_hi) {
+    int xs = dp4a_su(x[0], 0x01010101u, 0);
+    xs = dp4a_su(x[1], 0x01010101u, xs);
+    xs = dp4a_su(x[2], 0x01010101u, xs);
+    xs = dp4a_su(x[3], 0x01010101u, xs);
+    // row g: words x (k-step 0), z (k-step 1); row g+8: y, w. Low nibbles: k = 4t+i (x[0], x[2]);
+    // high ones: k = 16+4t+i (x[1], x[3])
+    const int la = dp4a_su(x[2], w.z & 0x0F0F0F0Fu, dp4a_su(x[0], w.x & 0x0F0F0F0Fu, 0));
+    const int lb = dp4a_su(x[3], w.z & 0xF0F0F0F0u, dp4a_su(x[1], w.x & 0xF0F0F0F0u, 0));
+    const int ha = dp4a_su(x[2], w.w & 0x0F0F0F0Fu, dp4a_su(x[0], w.y & 0x0F0F0F0Fu, 0));
+    const int hb = dp4a_su(x[3], w.w & 0xF0F0F0F0u, dp4a_su(x[1], w.y & 0xF0F0F0F0u, 0));
+    const int sl = m & 0xFF, zl = (m >> 8) & 0xFF, sh = (m >> 16) & 0xFF, zh = m >> 24;
+    acc_lo += sl * (la + (lb >> 4) - zl * xs);
+    acc_hi += sh * (ha + (hb >> 4) - zh * xs);
+}
+
+// After dp_chunk: sum the 4 lanes t of each row, so every lane holds the token-0 elements of the
+// mma D fragment (e = 0: row g, e = 2: row g+8); the tokens 2t + (e & 1) > 0 are never live.
+__device__ __forceinline__ void dp_lanes_sum(int* d) {
+#pragma unroll
+    for (int e = 0; e < 4; e += 2) {
+        d[e] += __shfl_xor_sync(0xffffffffu, d[e], 1);
+        d[e] += __shfl_xor_sync(0xffffffffu, d[e], 2);
+    }
+}
+
 // ----------------------------------------------------------------- memory helpers
 __device__ __forceinline__ u32 smem_u32(const void* p) {
     u32 r;

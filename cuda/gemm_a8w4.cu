@@ -31,6 +31,9 @@
 //   and amax_out[m] the atomic max of |out| (zeroed by the norm before this GEMV),
 //   which quant_amax (cuda/fused.cu) then quantizes with: no row reduction, no
 //   silu_mul_quant launch.
+//   DP (M = 1, MT = RW = 1): dp_chunk (common.cuh) multiplies the packed codes with dp4a
+//   instead of widening them for mma: half the instructions a chunk, and the GEMV was bound by
+//   issue (7B decode step on the H200 1.915 -> 1.586 ms). Same reduction and epilogues.
 //
 // gemm_a8w4_mma<BM, STAGES, OUT_I32> — prefill, M > 16, any sm_80+ GPU.
 //   Block tile BM tokens x 128 output channels x 128 k, 8 warps as 2 (M) x 4
@@ -56,7 +59,10 @@ struct GemvBatch {           // one batch of U chunks per warp, held in register
 // SM hold twice the loads in flight of 2 blocks of 8, within 64 registers). The SiLU
 // epilogue's extra registers would drop gate|up (U = 2, 64 registers, 4 blocks an SM) to 3
 // blocks an SM: its bound keeps 4.
-template <int MT, int RW, int U, bool OUT_I32, bool SILU = false, int NW = 8>
+// DP (M = 1, MT = RW = 1): dp_chunk (common.cuh) instead of widening to int8 and mma. A lane
+// keeps its rows g and g+8 over its k positions; the shuffles over t at the end leave the mma
+// fragment's token-0 elements (e = 0, 2), so the reduction and the epilogues are the mma path's.
+template <int MT, int RW, int U, bool OUT_I32, bool SILU = false, int NW = 8, bool DP = false>
 __global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0) gemm_a8w4_gemv(
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
@@ -64,6 +70,7 @@ __global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0
     unsigned* __restrict__ amax_out) {
     static_assert(NW * RW * MT <= 64, "reduction buffer must stay within 32 KB of static shared memory");
     static_assert(!SILU || (MT == 1 && RW == 1 && !OUT_I32), "the SiLU variant runs M <= 8, one row tile a block");
+    static_assert(!DP || (MT == 1 && RW == 1), "the dp4a variant runs M = 1, one row tile a block");
     __shared__ int red[NW][RW * MT * 4][32];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -92,9 +99,9 @@ __global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0
     bool mok[MT];
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
-        mok[j] = 8 * j + g < M;
+        mok[j] = DP || 8 * j + g < M;        // DP: every lane reads token 0 at its k positions
         // b0/b1 of k-step 0 and 1: k = 4t, 16+4t, 32+4t, 48+4t (natural order)
-        xbase[j] = x8 + (size_t)(mok[j] ? 8 * j + g : 0) * ldx + 4 * t;
+        xbase[j] = x8 + (size_t)(!DP && mok[j] ? 8 * j + g : 0) * ldx + 4 * t;
     }
 
     // Issue every load of a batch (chunks c0, c0+8, ..., c0+8(U-1)); past C: zeros, no access.
@@ -140,6 +147,10 @@ __global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (c0 + NW * u >= C) break;  // warp-uniform
+            if constexpr (DP) {
+                dp_chunk(b.wv[u][0], b.mv[u][0], b.xb[u][0], acc[0][0][0], acc[0][0][2]);
+                continue;
+            }
 #pragma unroll
             for (int r = 0; r < RW; ++r) {
                 DqConst lo, hi;
@@ -204,6 +215,7 @@ __global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0
         load(c0 + 3 * NW * U, b1);
     }
 
+    if (DP) dp_lanes_sum(acc[0][0]);
     // reduce the NW warps' partial sums (each covers a different part of K)
 #pragma unroll
     for (int r = 0; r < RW; ++r)

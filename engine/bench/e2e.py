@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import sys
@@ -29,7 +30,7 @@ import numpy as np
 
 from .. import formats
 from ..gpu import launch
-from ..gpu.tuning import PREFETCH
+from ..gpu.tuning import GEMM, PREFETCH
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
@@ -121,7 +122,7 @@ def _timed(cp, fn, reps):
 
 
 def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_batches=(), ctx=128, steps=64,
-                bw=None, prefetch=()):
+                bw=None, variants=()):
     from ..gpu.model import CudaModel  # noqa: PLC0415
     rows = []
     pool = cp.get_default_memory_pool()
@@ -181,11 +182,14 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
                 with launch.plain_launches():
                     row, cache = decode_row(bsz, kv8, name + " no-PDL")
                 rows.append(row)
-                for mb in prefetch:                   # the L2 prefetch A/B (tuning.PrefetchTuning)
+                for suffix, setting in variants:     # A/B rows of decode settings (run_e2e)
                     del cache
-                    with _prefetching(mb << 20):
-                        row, cache = decode_row(bsz, kv8, name + f" prefetch o+{mb}MB")
-                    rows.append(row)
+                    with setting():
+                        row, cache = decode_row(bsz, kv8, name + " " + suffix)
+                        rows.append(row)
+                        prof = graph_breakdown(gm, cache)
+                    rows.append(dict(model=name + " " + suffix, phase="profile", batch=bsz,
+                                     us_per_launch={k: [n, round(us, 2)] for k, (n, us) in prof.items()}))
         del cache
     rows.append(dict(model=name, phase="memory", gpu_bytes=pool.used_bytes() - base, bits_per_param=bits,
                      linear_bytes=wb["linears"]))
@@ -213,18 +217,45 @@ def _progress(rows, what: str) -> None:
 
 
 @contextlib.contextmanager
-def _prefetching(gate_up_bytes: int):
-    """Within the block, captured decode steps prefetch o and gate_up_bytes of gate|up into L2."""
-    old = (PREFETCH.enabled, PREFETCH.gate_up_bytes)
-    PREFETCH.enabled, PREFETCH.gate_up_bytes = True, gate_up_bytes
+def _setting(obj, **values):
+    """Within the block, obj's fields (a tuning dataclass) take these values."""
+    old = {k: getattr(obj, k) for k in values}
+    for k, v in values.items():
+        setattr(obj, k, v)
     try:
         yield
     finally:
-        PREFETCH.enabled, PREFETCH.gate_up_bytes = old
+        for k, v in old.items():
+            setattr(obj, k, v)
+
+
+def decode_variants(prefetch=(), ab=()) -> list:
+    """(row suffix, context manager factory) for the batch-1 A/B rows: the L2 prefetch of o and
+    that many MB of gate|up (tuning.PrefetchTuning); each item of ab, a dict of tuning.GEMM
+    fields and values (e.g. {"gemv_dp4a": False, "gemv_dp_u": 4})."""
+    out = [(f"prefetch o+{mb}MB", functools.partial(_setting, PREFETCH, enabled=True, gate_up_bytes=mb << 20))
+           for mb in prefetch]
+    out += [(",".join(f"{k}={int(v)}" for k, v in d.items()), functools.partial(_setting, GEMM, **d)) for d in ab]
+    return out
+
+
+def parse_ab(item: str) -> dict:
+    """"gemv_dp4a=1,gemv_dp_u=4" -> {"gemv_dp4a": True, "gemv_dp_u": 4}: integer or
+    boolean fields of tuning.GEMM only."""
+    out = {}
+    for kv in filter(None, (t.strip() for t in item.split(","))):
+        k, _, v = kv.partition("=")
+        cur = getattr(GEMM, k, None)
+        if not isinstance(cur, int) or not v.strip().lstrip("-").isdigit():
+            raise ValueError(f"--ab: {kv!r} is not FIELD=INTEGER for an integer or boolean field of tuning.GEMM")
+        out[k] = bool(int(v)) if isinstance(cur, bool) else int(v)
+    if not out:
+        raise ValueError(f"--ab: no setting in {item!r}")
+    return out
 
 
 def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b"), pot_bits=(4, 3, 2),
-            prefetch=()):
+            prefetch=(), ab=()):
     cp, bw, rows = _device()
     if qfile:                                          # that file alone, whatever its shape
         from ..io.qfile import load_qfile  # noqa: PLC0415
@@ -240,7 +271,7 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             mw, label = random_model(MODELS[key][0], True), MODELS[key][1]
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
         rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32),
-                            prefetch=prefetch, **kw)
+                            variants=decode_variants(prefetch, ab), **kw)
         _progress(rows, label + " A8W4")
         # the same with the opt-in INT8 output head (--lm-head int8): decode only
         rows += bench_model(cp, label + " A8W4 int8-head", mw.with_int8_lm_head(), bw=bw, prefill_lens=(),

@@ -37,7 +37,7 @@ import numpy as np
 from .. import formats
 from ..model import sampling
 from . import backend, choice, kargs, kernels, launch
-from .tuning import GEMM, GEMV_CFGS, GEMV_MT, GEMV_SILU_U, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS  # noqa: F401
+from .tuning import GEMM, GEMV_CFGS, GEMV_DP_U, GEMV_MT, GEMV_SILU_U, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS  # noqa: F401
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
 CHUNK_K = 64         # k per 16-byte lane vector (DGQ_CHUNK_K)
@@ -196,7 +196,9 @@ _GEMV = (tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false>" for mt, cfgs in GEMV_C
                for rw, u in cfgs for o in _B)
          + tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false,16>" for mt, cfgs in GEMV_WIDE.items()
                  for rw, u in cfgs for o in _B)
-         + tuple(f"gemm_a8w4_gemv<1,1,{u},false,true>" for u in GEMV_SILU_U))
+         + tuple(f"gemm_a8w4_gemv<1,1,{u},false,true>" for u in GEMV_SILU_U)
+         + tuple(f"gemm_a8w4_gemv<1,1,{u},{o},false,8,true>" for u in GEMV_DP_U for o in _B)
+         + ("gemm_a8w4_gemv<1,1,2,false,false,16,true>", "gemm_a8w4_gemv<1,1,2,false,true,8,true>"))
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
@@ -220,6 +222,11 @@ def _gemv_tune(mt: int, r: int) -> tuple[int, int, int]:
     few = mt in GEMM.gemv_few and r <= GEMM.gemv_few_tiles_per_sm * kernels.device_info()["sm_count"]
     cfg = GEMM.gemv_few[mt] if few else GEMM.gemv[mt]
     return cfg.rw, cfg.u, GEMM.gemv_few_nw if few else 8
+
+
+def _dp_instantiated(mt: int, rw: int, u: int, nw: int, out_i32: bool) -> bool:
+    """Whether the dp4a GEMV (M = 1) exists with these template arguments (_GEMV)."""
+    return mt == 1 and rw == 1 and ((nw == 8 and u in GEMV_DP_U) or (nw == 16 and u == 2 and not out_i32))
 
 
 def has_wgmma() -> bool:
@@ -448,12 +455,19 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         rw0, u0, nw0 = _gemv_tune(mt, R)
         rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
         nw = cfg.get("nw", nw0 if "rw" not in cfg and "u" not in cfg else 8)
+        if m == 1 and nw == 8 and rw == 1 and "u" not in cfg and cfg.get("dp", GEMM.gemv_dp4a):
+            u = GEMM.gemv_dp_u
         if (rw, u) not in (GEMV_CFGS[mt] if nw == 8 else GEMV_WIDE.get(mt, ()) if nw == 16 else ()):
             raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} NW={nw} is not instantiated "
                               f"(GEMV_CFGS, GEMV_WIDE)")
-        kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false{'' if nw == 8 else ',16'}>",
-                     (-(-R // rw),), (32 * nw,), qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out,
-                     M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=resid, amax_out=None)
+        dp = cfg.get("dp", GEMM.gemv_dp4a and m == 1 and _dp_instantiated(mt, rw, u, nw, out_i32))
+        if dp and not (m == 1 and _dp_instantiated(mt, rw, u, nw, out_i32)):
+            raise CudaOpError(f"the dp4a GEMV takes M = 1 with MT = RW = 1, U in {GEMV_DP_U} (NW = 8) or "
+                              f"U = 2 (NW = 16); got M={m}, MT={mt}, RW={rw}, U={u}, NW={nw}")
+        tail = f",{nw},true" if dp else "" if nw == 8 else ",16"
+        kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false{tail}>", (-(-R // rw),), (32 * nw,),
+                     qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=m, N=n, R=g.R, C=g.C,
+                     Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=resid, amax_out=None)
         return out
     if kernel == "mma":
         bm = cfg.get("bm", GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128)
@@ -505,10 +519,11 @@ def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None 
     return _run_gemm(x8, sx, layer, False, kernel, cfg, out, resid)
 
 
-def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax):
+def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None):
     """The fused gate|up layer (rows interleaved by interleave_rows) for one token: out (1, N/2)
     float32 = silu(gate)·up from the fp16-rounded gate and up, amax (1,) uint32 = max(amax, max|out|)
-    as float bits (zero it first). x8 (1, Kp) int8 and sx (1,) float32 as for gemm_a8w4."""
+    as float bits (zero it first). x8 (1, Kp) int8 and sx (1,) float32 as for gemm_a8w4.
+    dp: the dp4a variant or the mma one (None: tuning.GEMM.gemv_dp4a)."""
     cp = _cp()
     x8 = _prep_x8(x8, layer)
     if x8.shape[0] != 1 or layer.n % TILE_N:
@@ -524,7 +539,9 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax):
     g = _geometry(layer)
     u = _gemv_tune(1, g.R)[1]
     u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
-    kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<1,1,{u},false,true>", (g.R,), (THREADS,),
+    dp = GEMM.gemv_dp4a if dp is None else dp
+    expr = "gemm_a8w4_gemv<1,1,2,false,true,8,true>" if dp else f"gemm_a8w4_gemv<1,1,{u},false,true>"
+    kargs.launch(GEMV_FILE, expr, (g.R,), (THREADS,),
                  qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=1, N=layer.n, R=g.R, C=g.C,
                  Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=None, amax_out=amax)
     return out

@@ -178,6 +178,7 @@ GEMV_CFGS = {                                             # MT -> (RW, U) instan
 GEMV_WIDE = {1: ((1, 2),)}          # MT -> (RW, U) also instantiated with 16 warps a block (NW)
 GEMV_MT = tuple(GEMV_CFGS)
 GEMV_SILU_U = (2, 3)                                      # U of the SiLU GEMV (RW = MT = 1)
+GEMV_DP_U = (2, 4)                                        # U of the dp4a GEMV (M = 1; NW = 8; NW = 16: U = 2)
 MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
 WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
     (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
@@ -229,6 +230,11 @@ class GemmTuning:
     gemv_few: dict = field(default_factory=lambda: {1: GemvCfg(1, 2)})
     gemv_few_tiles_per_sm: int = 2
     gemv_few_nw: int = 16
+    # M = 1: the GEMV multiplies the 4-bit codes with dp4a, S·(Σx·q − z·Σx), instead of
+    # widening them for mma (cuda/gemm_a8w4.cu DP); the same bits. H200, 7B b=1 step
+    # 1.915 → 1.586 ms (522 → 631 tok/s, same process; docs/KERNELS.md)
+    gemv_dp4a: bool = True
+    gemv_dp_u: int = 2                                   # its U with 8 warps a block (GEMV_DP_U)
     wgmma_bounds: tuple = (64, 512)
     wgmma: dict = field(default_factory=lambda: {"small": WgmmaCfg(64, 6, 2, 4, 2, None),
                                                  "mid": WgmmaCfg(128, 4, 2, 2, 2, None),

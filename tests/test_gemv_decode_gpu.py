@@ -1,0 +1,135 @@
+"""The dp4a decode GEMV (M = 1, cuda/gemm_a8w4.cu DP: the codes multiplied by dp4a,
+S·(Σx·q − z·Σx)) against the NumPy integer reference and against the mma GEMV, bit for bit, in
+every epilogue (fp16, int32, residual add, SiLU with absmax); a decode step with it on gives the
+tokens and logits of the step with it off."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.gpu import backend
+from engine.gpu import ops as ops_cuda
+
+from test_kernels_gpu import _acc_check, random_dg, random_x8
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not backend.has_gpu(), reason="needs an NVIDIA GPU and CuPy")]
+
+
+DP_CFGS = [{"dp": True, "u": 2}, {"dp": True, "u": 4}]
+
+
+@pytest.mark.parametrize("k,n,group", [(4096, 4104, 128), (11008, 200, 128), (576, 24, 64), (2304, 1032, 256),
+                                       (128, 8, 128)])
+def test_dp4a_gemv_bitexact(k, n, group):
+    import cupy as cp
+    ql = random_dg(n, k, group, seed=n + k)
+    x8 = random_x8(1, k, seed=k)
+    sx = np.float32([0.0137])
+    for cfg in [{"dp": False}] + DP_CFGS:
+        layer, ref = _acc_check(ql, x8, "gemv", cfg=cfg)
+    want = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx), layer, kernel="gemv", cfg={"dp": False}).get()
+    np.testing.assert_array_equal(want.view(np.uint16),
+                                  formats_f16(ref, sx, ql.cscale).view(np.uint16))
+    h0 = np.random.default_rng(k).standard_normal((1, n)).astype(np.float32)
+    for cfg in DP_CFGS + [{"dp": True, "u": 2, "rw": 1, "nw": 16}]:
+        got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx), layer, kernel="gemv", cfg=cfg,
+                                 out=cp.full((1, n), np.nan, cp.float16))
+        np.testing.assert_array_equal(got.get().view(np.uint16), want.view(np.uint16), err_msg=str(cfg))
+        h = cp.asarray(h0)
+        ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx), layer, kernel="gemv", cfg=cfg, resid=h)
+        np.testing.assert_array_equal(h.get(), h0 + want.astype(np.float32), err_msg=str(cfg))
+
+
+def formats_f16(acc, sx, cscale):
+    from engine import formats
+    return formats.epilogue_ref(acc, sx, cscale).astype(np.float16)
+
+
+def test_dp4a_gemv_extremes():
+    """Codes 0 and 15 against zero points 15 and 0, S = 127 and 8/9, |x| = 127, K = 16384."""
+    from engine import formats
+    n, k, group = 64, 16384, 128
+    G = k // group
+    rng = np.random.default_rng(6)
+    z = np.where(rng.random((n, G)) < 0.5, 0, 15).astype(np.uint8)
+    s = rng.choice(np.array([127, 8, 9, 1], np.uint8), (n, G))
+    mx = formats.expand_groups(127 // s.astype(np.int32), k, group)
+    ze = formats.expand_groups(z.astype(np.int32), k, group)
+    q = np.where(rng.random((n, k)) < 0.5, 0, 15)
+    q = np.clip(q, np.maximum(0, ze - mx), np.minimum(15, ze + mx)).astype(np.uint8)
+    ql = formats.QuantLinear(kind="dg", act="dynamic", in_features=k, out_features=n, group=group,
+                             qweight=formats.pack_uint4(q), qzeros=z, gscale=s,
+                             cscale=np.full(n, 1e-6, np.float32))
+    for x in (np.where(rng.random((1, k)) < 0.5, -127, 127), np.full((1, k), -127), np.full((1, k), 127)):
+        for cfg in DP_CFGS:
+            _acc_check(ql, x.astype(np.int8), "gemv", cfg=cfg)
+
+
+def test_dp4a_rejects_more_than_one_token():
+    import cupy as cp
+    layer = ops_cuda.pack_for_gpu(random_dg(64, 256, 128, seed=1))
+    with pytest.raises(ops_cuda.CudaOpError, match="dp4a GEMV takes M = 1"):
+        ops_cuda.gemm_a8w4(cp.asarray(random_x8(2, 256)), cp.ones(2, cp.float32), layer, kernel="gemv",
+                           cfg={"dp": True})
+
+
+@pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (5504, 4096)])
+def test_dp4a_silu_gemv_equals_mma(inter, k):
+    """The SiLU GEMV (gate|up interleaved) with dp4a: the mma path's bits."""
+    import cupy as cp
+    from engine.gpu.linear import _fuse
+    gu = _fuse([random_dg(inter, k, 128, seed=1), random_dg(inter, k, 128, seed=2)])
+    layer = ops_cuda.pack_for_gpu(gu.take_rows(ops_cuda.interleave_rows(2 * inter)))
+    x8 = cp.asarray(random_x8(1, k, seed=5))
+    sx = cp.asarray(np.float32([0.013]))
+    outs = []
+    for dp in (False, True):
+        mf = cp.full((1, inter), np.nan, cp.float32)
+        amax = cp.zeros((1,), cp.uint32)
+        ops_cuda.gemv_a8w4_silu(x8, sx, layer, mf, amax, dp=dp)
+        outs.append((mf.get(), amax.get()))
+    assert not np.isnan(outs[0][0]).any() and outs[0][1][0] > 0
+    np.testing.assert_array_equal(outs[1][0], outs[0][0])
+    np.testing.assert_array_equal(outs[1][1], outs[0][1])
+
+
+def test_decode_step_with_dp4a_changes_no_bits(monkeypatch):
+    """tuning.GEMM.gemv_dp4a on: the captured batch-1 step (q|k|v, o and down with the residual
+    add, the SiLU gate|up) replays to the tokens and logits it gives with the mma GEMV."""
+    from engine.gpu import kargs, tuning
+    from engine.gpu.model import CudaModel
+    from test_model_cuda import quantized_tiny
+    mw = quantized_tiny("dynamic", seed=5, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
+                        hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
+                        max_position_embeddings=256)
+    gm = CudaModel(mw)
+    prompt = np.arange(3, 90) % mw.config.vocab_size
+    runs, seen = [], []
+    real = kargs.launch
+
+    def counted(kf, expr, *a, **kw):
+        seen.append(expr)
+        return real(kf, expr, *a, **kw)
+    monkeypatch.setattr(kargs, "launch", counted)
+    for on in (False, True):
+        seen.clear()
+        monkeypatch.setattr(tuning.GEMM, "gemv_dp4a", on)
+        cache = gm.new_cache(256)
+        pre = gm.prefill(prompt, cache).get()
+        toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 30, True)[:, 0]
+        runs.append((toks, cache.step.bufs.logits[:1].get()))
+        assert _dp4a_launches(seen) == ({"silu", "plain"} if on else set()), seen   # SiLU GEMV and others
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def _dp4a_launches(exprs) -> set:
+    """Which GEMVs ("silu", "plain") of the launched kernel expressions ran the dp4a variant,
+    gemm_a8w4_gemv<MT, RW, U, OUT_I32, SILU, NW, DP>."""
+    kinds = set()
+    for e in exprs:
+        name, _, args = e.partition("<")
+        a = args.rstrip(">").split(",")
+        if name == "gemm_a8w4_gemv" and len(a) == 7 and a[6] == "true":
+            kinds.add("silu" if a[4] == "true" else "plain")
+    return kinds
