@@ -91,18 +91,23 @@ __device__ __forceinline__ int dp4a_su(u32 a, u32 b, int c) {
     return d;
 }
 
+// Σ of the token's 16 int8 at a lane's k positions of a chunk (x as dp_chunk takes it).
+__device__ __forceinline__ int dp_xsum(const u32* x) {
+    int xs = dp4a_su(x[0], 0x01010101u, 0);
+    xs = dp4a_su(x[1], 0x01010101u, xs);
+    xs = dp4a_su(x[2], 0x01010101u, xs);
+    return dp4a_su(x[3], 0x01010101u, xs);
+}
+
 // One chunk of one row tile against ONE token, no widening and no mma. Per (row, group),
 // Σ x·(q - z)·S = S·(Σ x·q - z·Σ x), exact in int32, so the 4-bit codes go straight into dp4a:
 // the low nibbles as they are, the high ones masked in place (16·q: that sum is shifted down by
 // 4, exactly). w, m: the lane's weight vector and meta word (layout above); x: the token's int8
 // at the lane's k positions, as the mma B fragment holds them (b0, b1 of k-step 0, then of
-// k-step 1: k = 4t.., 16+4t.., 32+4t.., 48+4t..). Adds rows g and g+8 over those k positions into
-// acc_lo and acc_hi. About half the instructions of dq_word's widening plus the two mma.
-__device__ __forceinline__ void dp_chunk(const u32x4& w, u32 m, const u32* x, int& acc_lo, int& acc_hi) {
-    int xs = dp4a_su(x[0], 0x01010101u, 0);
-    xs = dp4a_su(x[1], 0x01010101u, xs);
-    xs = dp4a_su(x[2], 0x01010101u, xs);
-    xs = dp4a_su(x[3], 0x01010101u, xs);
+// k-step 1: k = 4t.., 16+4t.., 32+4t.., 48+4t..); xs = dp_xsum(x). Adds rows g and g+8 over those
+// k positions into acc_lo and acc_hi. About half the instructions of dq_word's widening plus
+// the two mma.
+__device__ __forceinline__ void dp_chunk(const u32x4& w, u32 m, const u32* x, int xs, int& acc_lo, int& acc_hi) {
     // row g: words x (k-step 0), z (k-step 1); row g+8: y, w. Low nibbles: k = 4t+i (x[0], x[2]);
     // high ones: k = 16+4t+i (x[1], x[3])
     const int la = dp4a_su(x[2], w.z & 0x0F0F0F0Fu, dp4a_su(x[0], w.x & 0x0F0F0F0Fu, 0));

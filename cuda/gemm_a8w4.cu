@@ -59,18 +59,19 @@ struct GemvBatch {           // one batch of U chunks per warp, held in register
 // SM hold twice the loads in flight of 2 blocks of 8, within 64 registers). The SiLU
 // epilogue's extra registers would drop gate|up (U = 2, 64 registers, 4 blocks an SM) to 3
 // blocks an SM: its bound keeps 4.
-// DP (M = 1, MT = RW = 1): dp_chunk (common.cuh) instead of widening to int8 and mma. A lane
-// keeps its rows g and g+8 over its k positions; the shuffles over t at the end leave the mma
-// fragment's token-0 elements (e = 0, 2), so the reduction and the epilogues are the mma path's.
+// DP (M = 1, MT = 1): dp_chunk (common.cuh) instead of widening to int8 and mma. A lane keeps
+// its rows g and g+8 of each row tile over its k positions; the shuffles over t at the end leave
+// the mma fragment's token-0 elements (e = 0, 2), so the reduction and the epilogues are the mma
+// path's.
 template <int MT, int RW, int U, bool OUT_I32, bool SILU = false, int NW = 8, bool DP = false>
-__global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0) gemm_a8w4_gemv(
+__global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW : 0) gemm_a8w4_gemv(
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
     int M, int N, int R, int C, int Gp, int gshift, int ldx, float* __restrict__ resid,
     unsigned* __restrict__ amax_out) {
     static_assert(NW * RW * MT <= 64, "reduction buffer must stay within 32 KB of static shared memory");
     static_assert(!SILU || (MT == 1 && RW == 1 && !OUT_I32), "the SiLU variant runs M <= 8, one row tile a block");
-    static_assert(!DP || (MT == 1 && RW == 1), "the dp4a variant runs M = 1, one row tile a block");
+    static_assert(!DP || MT == 1, "the dp4a variant runs M = 1");
     __shared__ int red[NW][RW * MT * 4][32];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -148,7 +149,9 @@ __global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0
         for (int u = 0; u < U; ++u) {
             if (c0 + NW * u >= C) break;  // warp-uniform
             if constexpr (DP) {
-                dp_chunk(b.wv[u][0], b.mv[u][0], b.xb[u][0], acc[0][0][0], acc[0][0][2]);
+                const int xs = dp_xsum(b.xb[u][0]);
+#pragma unroll
+                for (int r = 0; r < RW; ++r) dp_chunk(b.wv[u][r], b.mv[u][r], b.xb[u][0], xs, acc[r][0][0], acc[r][0][2]);
                 continue;
             }
 #pragma unroll
@@ -187,7 +190,7 @@ __global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0
         m = 8 * j + 2 * (ln & 3) + (e & 1);
     };
     constexpr int EPI = RW * MT * 4 * 32;
-    constexpr bool EPI1 = EPI <= 256 && !OUT_I32;
+    constexpr bool EPI1 = EPI <= 32 * NW && !OUT_I32;
     float s8p = 0.f, sxp = 0.f, hp = 0.f, s8u = 0.f;
     int em = 0, en = 0;
     if (SILU) {                          // threads 0..63: channel (gate row en, up row en + 8), token em
@@ -215,7 +218,9 @@ __global__ void __launch_bounds__(32 * NW, SILU && U == 2 ? 4 : NW == 16 ? 2 : 0
         load(c0 + 3 * NW * U, b1);
     }
 
-    if (DP) dp_lanes_sum(acc[0][0]);
+    if (DP)
+#pragma unroll
+        for (int r = 0; r < RW; ++r) dp_lanes_sum(acc[r][0]);
     // reduce the NW warps' partial sums (each covers a different part of K)
 #pragma unroll
     for (int r = 0; r < RW; ++r)

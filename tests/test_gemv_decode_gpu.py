@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.gpu import backend
+from engine.gpu import backend, tuning
 from engine.gpu import ops as ops_cuda
 
 from test_kernels_gpu import _acc_check, random_dg, random_x8
@@ -15,7 +15,7 @@ from test_kernels_gpu import _acc_check, random_dg, random_x8
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not backend.has_gpu(), reason="needs an NVIDIA GPU and CuPy")]
 
 
-DP_CFGS = [{"dp": True, "u": 2}, {"dp": True, "u": 4}]
+DP_CFGS = [{"dp": True, "rw": rw, "u": u, "nw": nw} for rw, u, nw in tuning.GEMV_DP_CFGS]
 
 
 @pytest.mark.parametrize("k,n,group", [(4096, 4104, 128), (11008, 200, 128), (576, 24, 64), (2304, 1032, 256),
@@ -31,7 +31,7 @@ def test_dp4a_gemv_bitexact(k, n, group):
     np.testing.assert_array_equal(want.view(np.uint16),
                                   formats_f16(ref, sx, ql.cscale).view(np.uint16))
     h0 = np.random.default_rng(k).standard_normal((1, n)).astype(np.float32)
-    for cfg in DP_CFGS + [{"dp": True, "u": 2, "rw": 1, "nw": 16}]:
+    for cfg in DP_CFGS + [{}]:                    # {}: the default, dp4a at M = 1
         got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx), layer, kernel="gemv", cfg=cfg,
                                  out=cp.full((1, n), np.nan, cp.float16))
         np.testing.assert_array_equal(got.get().view(np.uint16), want.view(np.uint16), err_msg=str(cfg))
@@ -63,14 +63,18 @@ def test_dp4a_gemv_extremes():
     for x in (np.where(rng.random((1, k)) < 0.5, -127, 127), np.full((1, k), -127), np.full((1, k), 127)):
         for cfg in DP_CFGS:
             _acc_check(ql, x.astype(np.int8), "gemv", cfg=cfg)
+        assert x.shape == (1, k)
 
 
-def test_dp4a_rejects_more_than_one_token():
+def test_dp4a_rejects_what_it_cannot_run():
     import cupy as cp
     layer = ops_cuda.pack_for_gpu(random_dg(64, 256, 128, seed=1))
     with pytest.raises(ops_cuda.CudaOpError, match="dp4a GEMV takes M = 1"):
         ops_cuda.gemm_a8w4(cp.asarray(random_x8(2, 256)), cp.ones(2, cp.float32), layer, kernel="gemv",
                            cfg={"dp": True})
+    with pytest.raises(ops_cuda.CudaOpError, match="not instantiated"):
+        ops_cuda.gemm_a8w4(cp.asarray(random_x8(1, 256)), cp.ones(1, cp.float32), layer, kernel="gemv",
+                           cfg={"dp": True, "rw": 4, "u": 2})
 
 
 @pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (5504, 4096)])
@@ -83,20 +87,26 @@ def test_dp4a_silu_gemv_equals_mma(inter, k):
     x8 = cp.asarray(random_x8(1, k, seed=5))
     sx = cp.asarray(np.float32([0.013]))
     outs = []
-    for dp in (False, True):
+    for dp, nw in [(False, 8)] + [(True, nw) for nw in tuning.GEMV_DP_SILU_NW]:
         mf = cp.full((1, inter), np.nan, cp.float32)
         amax = cp.zeros((1,), cp.uint32)
-        ops_cuda.gemv_a8w4_silu(x8, sx, layer, mf, amax, dp=dp)
+        old = tuning.GEMM.gemv_dp_silu_nw
+        tuning.GEMM.gemv_dp_silu_nw = nw
+        try:
+            ops_cuda.gemv_a8w4_silu(x8, sx, layer, mf, amax, dp=dp)
+        finally:
+            tuning.GEMM.gemv_dp_silu_nw = old
         outs.append((mf.get(), amax.get()))
     assert not np.isnan(outs[0][0]).any() and outs[0][1][0] > 0
-    np.testing.assert_array_equal(outs[1][0], outs[0][0])
-    np.testing.assert_array_equal(outs[1][1], outs[0][1])
+    for got in outs[1:]:
+        np.testing.assert_array_equal(got[0], outs[0][0])
+        np.testing.assert_array_equal(got[1], outs[0][1])
 
 
 def test_decode_step_with_dp4a_changes_no_bits(monkeypatch):
     """tuning.GEMM.gemv_dp4a on: the captured batch-1 step (q|k|v, o and down with the residual
     add, the SiLU gate|up) replays to the tokens and logits it gives with the mma GEMV."""
-    from engine.gpu import kargs, tuning
+    from engine.gpu import kargs
     from engine.gpu.model import CudaModel
     from test_model_cuda import quantized_tiny
     mw = quantized_tiny("dynamic", seed=5, head_dim=64, num_attention_heads=8, num_key_value_heads=2,

@@ -37,7 +37,7 @@ import numpy as np
 from .. import formats
 from ..model import sampling
 from . import backend, choice, kargs, kernels, launch
-from .tuning import GEMM, GEMV_CFGS, GEMV_DP_U, GEMV_MT, GEMV_SILU_U, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS  # noqa: F401
+from .tuning import GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_DP_SILU_NW, GEMV_MT, GEMV_SILU_U, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS  # noqa: F401
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
 CHUNK_K = 64         # k per 16-byte lane vector (DGQ_CHUNK_K)
@@ -197,8 +197,8 @@ _GEMV = (tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false>" for mt, cfgs in GEMV_C
          + tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false,16>" for mt, cfgs in GEMV_WIDE.items()
                  for rw, u in cfgs for o in _B)
          + tuple(f"gemm_a8w4_gemv<1,1,{u},false,true>" for u in GEMV_SILU_U)
-         + tuple(f"gemm_a8w4_gemv<1,1,{u},{o},false,8,true>" for u in GEMV_DP_U for o in _B)
-         + ("gemm_a8w4_gemv<1,1,2,false,false,16,true>", "gemm_a8w4_gemv<1,1,2,false,true,8,true>"))
+         + tuple(f"gemm_a8w4_gemv<1,{rw},{u},{o},false,{nw},true>" for rw, u, nw in GEMV_DP_CFGS for o in _B)
+         + tuple(f"gemm_a8w4_gemv<1,1,2,false,true,{nw},true>" for nw in GEMV_DP_SILU_NW))
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
@@ -224,9 +224,29 @@ def _gemv_tune(mt: int, r: int) -> tuple[int, int, int]:
     return cfg.rw, cfg.u, GEMM.gemv_few_nw if few else 8
 
 
-def _dp_instantiated(mt: int, rw: int, u: int, nw: int, out_i32: bool) -> bool:
-    """Whether the dp4a GEMV (M = 1) exists with these template arguments (_GEMV)."""
-    return mt == 1 and rw == 1 and ((nw == 8 and u in GEMV_DP_U) or (nw == 16 and u == 2 and not out_i32))
+def _gemv_cfg(m: int, mt: int, r: int, cfg: dict) -> tuple[int, int, int, bool]:
+    """(RW, U, NW, dp4a) of a GEMV call over r row tiles: cfg's keys where given, else tuning.GEMM's
+    (the dp4a GEMV for M = 1 where gemv_dp4a is on; an explicit (RW, U, NW) it does not have
+    runs the mma GEMV unless cfg asks for dp)."""
+    rw0, u0, nw0 = _gemv_tune(mt, r)
+    explicit = any(key in cfg for key in ("rw", "u", "nw"))
+    rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
+    nw = cfg.get("nw", nw0 if "rw" not in cfg and "u" not in cfg else 8)
+    dp = cfg.get("dp")
+    if dp and not (m == 1 and mt == 1):
+        raise CudaOpError(f"the dp4a GEMV takes M = 1, got M={m} (MT={mt})")
+    if dp is None:
+        dp = GEMM.gemv_dp4a and m == 1 and mt == 1
+    if dp and not explicit and nw0 == 8:
+        rw, u, nw = GEMM.gemv_dp_rw, GEMM.gemv_dp_u, GEMM.gemv_dp_nw
+    if dp and (rw, u, nw) not in GEMV_DP_CFGS:
+        if cfg.get("dp"):
+            raise CudaOpError(f"dp4a GEMV config RW={rw} U={u} NW={nw} is not instantiated (GEMV_DP_CFGS)")
+        dp = False
+    if not dp and (rw, u) not in (GEMV_CFGS[mt] if nw == 8 else GEMV_WIDE.get(mt, ()) if nw == 16 else ()):
+        raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} NW={nw} is not instantiated "
+                          f"(GEMV_CFGS, GEMV_WIDE)")
+    return rw, u, nw, dp
 
 
 def has_wgmma() -> bool:
@@ -452,18 +472,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         mt = cfg.get("mt", gemv_mt(m))
         if m > 8 * mt or mt not in GEMV_CFGS:
             raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
-        rw0, u0, nw0 = _gemv_tune(mt, R)
-        rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
-        nw = cfg.get("nw", nw0 if "rw" not in cfg and "u" not in cfg else 8)
-        if m == 1 and nw == 8 and rw == 1 and "u" not in cfg and cfg.get("dp", GEMM.gemv_dp4a):
-            u = GEMM.gemv_dp_u
-        if (rw, u) not in (GEMV_CFGS[mt] if nw == 8 else GEMV_WIDE.get(mt, ()) if nw == 16 else ()):
-            raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} NW={nw} is not instantiated "
-                              f"(GEMV_CFGS, GEMV_WIDE)")
-        dp = cfg.get("dp", GEMM.gemv_dp4a and m == 1 and _dp_instantiated(mt, rw, u, nw, out_i32))
-        if dp and not (m == 1 and _dp_instantiated(mt, rw, u, nw, out_i32)):
-            raise CudaOpError(f"the dp4a GEMV takes M = 1 with MT = RW = 1, U in {GEMV_DP_U} (NW = 8) or "
-                              f"U = 2 (NW = 16); got M={m}, MT={mt}, RW={rw}, U={u}, NW={nw}")
+        rw, u, nw, dp = _gemv_cfg(m, mt, R, cfg)
         tail = f",{nw},true" if dp else "" if nw == 8 else ",16"
         kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false{tail}>", (-(-R // rw),), (32 * nw,),
                      qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=m, N=n, R=g.R, C=g.C,
@@ -540,8 +549,11 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None)
     u = _gemv_tune(1, g.R)[1]
     u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
     dp = GEMM.gemv_dp4a if dp is None else dp
-    expr = "gemm_a8w4_gemv<1,1,2,false,true,8,true>" if dp else f"gemm_a8w4_gemv<1,1,{u},false,true>"
-    kargs.launch(GEMV_FILE, expr, (g.R,), (THREADS,),
+    nw = GEMM.gemv_dp_silu_nw if dp else THREADS // 32
+    if nw not in (GEMV_DP_SILU_NW if dp else (8,)):
+        raise CudaOpError(f"the dp4a SiLU GEMV takes NW in {GEMV_DP_SILU_NW}, got {nw}")
+    expr = f"gemm_a8w4_gemv<1,1,2,false,true,{nw},true>" if dp else f"gemm_a8w4_gemv<1,1,{u},false,true>"
+    kargs.launch(GEMV_FILE, expr, (g.R,), (32 * nw,),
                  qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=1, N=layer.n, R=g.R, C=g.C,
                  Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=None, amax_out=amax)
     return out
