@@ -10,7 +10,7 @@ import pytest
 from engine.gpu import backend, tuning
 from engine.gpu import ops as ops_cuda
 
-from test_kernels_gpu import _acc_check, random_dg, random_x8
+from test_kernels_gpu import _acc_check, extreme_dg, random_dg, random_x8
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not backend.has_gpu(), reason="needs an NVIDIA GPU and CuPy")]
 
@@ -47,19 +47,9 @@ def formats_f16(acc, sx, cscale):
 
 def test_dp4a_gemv_extremes():
     """Codes 0 and 15 against zero points 15 and 0, S = 127 and 8/9, |x| = 127, K = 16384."""
-    from engine import formats
-    n, k, group = 64, 16384, 128
-    G = k // group
+    k = 16384
     rng = np.random.default_rng(6)
-    z = np.where(rng.random((n, G)) < 0.5, 0, 15).astype(np.uint8)
-    s = rng.choice(np.array([127, 8, 9, 1], np.uint8), (n, G))
-    mx = formats.expand_groups(127 // s.astype(np.int32), k, group)
-    ze = formats.expand_groups(z.astype(np.int32), k, group)
-    q = np.where(rng.random((n, k)) < 0.5, 0, 15)
-    q = np.clip(q, np.maximum(0, ze - mx), np.minimum(15, ze + mx)).astype(np.uint8)
-    ql = formats.QuantLinear(kind="dg", act="dynamic", in_features=k, out_features=n, group=group,
-                             qweight=formats.pack_uint4(q), qzeros=z, gscale=s,
-                             cscale=np.full(n, 1e-6, np.float32))
+    ql = extreme_dg(64, k, 128, rng)
     for x in (np.where(rng.random((1, k)) < 0.5, -127, 127), np.full((1, k), -127), np.full((1, k), 127)):
         for cfg in DP_CFGS:
             _acc_check(ql, x.astype(np.int8), "gemv", cfg=cfg)

@@ -212,6 +212,21 @@ def test_gemm_fuzz():
         _f16_check(ql, layer, x8, ref, sx, "auto")
 
 
+def extreme_dg(n, k, group, rng):
+    """A "dg" layer at the edges of its format: codes 0 and 15 against zero points 15 and 0,
+    S = 127, 8, 9 and 1 (|(q - z)·S| within int8)."""
+    G = k // group
+    z = np.where(rng.random((n, G)) < 0.5, 0, 15).astype(np.uint8)
+    s = rng.choice(np.array([127, 8, 9, 1], np.uint8), (n, G))
+    m = formats.expand_groups(127 // s.astype(np.int32), k, group)
+    ze = formats.expand_groups(z.astype(np.int32), k, group)
+    q = np.where(rng.random((n, k)) < 0.5, 0, 15)
+    q = np.clip(q, np.maximum(0, ze - m), np.minimum(15, ze + m)).astype(np.uint8)
+    return formats.QuantLinear(kind="dg", act="dynamic", in_features=k, out_features=n, group=group,
+                               qweight=formats.pack_uint4(q), qzeros=z, gscale=s,
+                               cscale=np.full(n, 1e-6, np.float32))
+
+
 @gpu
 @needs_gpu
 def test_gemm_extremes():
@@ -219,15 +234,7 @@ def test_gemm_extremes():
     n, k, group = 64, 16384, 128
     G = k // group
     rng = np.random.default_rng(5)
-    z = np.where(rng.random((n, G)) < 0.5, 0, 15).astype(np.uint8)
-    s = rng.choice(np.array([127, 8, 9, 1], np.uint8), (n, G))
-    m = formats.expand_groups(127 // s.astype(np.int32), k, group)
-    ze = formats.expand_groups(z.astype(np.int32), k, group)
-    q = np.where(rng.random((n, k)) < 0.5, 0, 15)
-    q = np.clip(q, np.maximum(0, ze - m), np.minimum(15, ze + m)).astype(np.uint8)
-    ql = formats.QuantLinear(kind="dg", act="dynamic", in_features=k, out_features=n, group=group,
-                             qweight=formats.pack_uint4(q), qzeros=z, gscale=s,
-                             cscale=np.full(n, 1e-6, np.float32))
+    ql = extreme_dg(n, k, group, rng)
     x8 = np.where(rng.random((20, k)) < 0.5, -127, 127).astype(np.int8)
     x8[0] = 127
     for kernel in ops_cuda.kernels_for(20):
