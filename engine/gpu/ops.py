@@ -37,7 +37,8 @@ import numpy as np
 from .. import formats
 from ..model import sampling
 from . import backend, choice, kargs, kernels, launch
-from .tuning import GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_DP_SILU_NW, GEMV_MT, GEMV_SILU_U, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS  # noqa: F401
+from .tuning import (GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_MT, GEMV_SILU_U, GEMV_WIDE,  # noqa: F401
+                     MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS, gemv_expr)
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
 CHUNK_K = 64         # k per 16-byte lane vector (DGQ_CHUNK_K)
@@ -198,7 +199,7 @@ _GEMV = (tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false>" for mt, cfgs in GEMV_C
                  for rw, u in cfgs for o in _B)
          + tuple(f"gemm_a8w4_gemv<1,1,{u},false,true>" for u in GEMV_SILU_U)
          + tuple(f"gemm_a8w4_gemv<1,{rw},{u},{o},false,{nw},true>" for rw, u, nw in GEMV_DP_CFGS for o in _B)
-         + tuple(f"gemm_a8w4_gemv<1,1,2,false,true,{nw},true>" for nw in GEMV_DP_SILU_NW))
+         + ("gemm_a8w4_gemv<1,1,2,false,true,8,true>",))
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
@@ -236,9 +237,9 @@ def _gemv_cfg(m: int, mt: int, r: int, cfg: dict) -> tuple[int, int, int, bool]:
     if dp and not (m == 1 and mt == 1):
         raise CudaOpError(f"the dp4a GEMV takes M = 1, got M={m} (MT={mt})")
     if dp is None:
-        dp = GEMM.gemv_dp4a and m == 1 and mt == 1
+        dp = GEMM.gemv_dp4a and m == 1 and mt == 1       # perfmodel.launch_plan mirrors this choice
     if dp and not explicit and nw0 == 8:
-        rw, u, nw = GEMM.gemv_dp_rw, GEMM.gemv_dp_u, GEMM.gemv_dp_nw
+        rw, u, nw = 1, GEMM.gemv_dp_u, 8
     if dp and (rw, u, nw) not in GEMV_DP_CFGS:
         if cfg.get("dp"):
             raise CudaOpError(f"dp4a GEMV config RW={rw} U={u} NW={nw} is not instantiated (GEMV_DP_CFGS)")
@@ -473,8 +474,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if m > 8 * mt or mt not in GEMV_CFGS:
             raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
         rw, u, nw, dp = _gemv_cfg(m, mt, R, cfg)
-        tail = f",{nw},true" if dp else "" if nw == 8 else ",16"
-        kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false{tail}>", (-(-R // rw),), (32 * nw,),
+        kargs.launch(GEMV_FILE, gemv_expr(mt, rw, u, nw, dp, out_i32), (-(-R // rw),), (32 * nw,),
                      qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=m, N=n, R=g.R, C=g.C,
                      Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=resid, amax_out=None)
         return out
@@ -549,11 +549,8 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None)
     u = _gemv_tune(1, g.R)[1]
     u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
     dp = GEMM.gemv_dp4a if dp is None else dp
-    nw = GEMM.gemv_dp_silu_nw if dp else THREADS // 32
-    if nw not in (GEMV_DP_SILU_NW if dp else (8,)):
-        raise CudaOpError(f"the dp4a SiLU GEMV takes NW in {GEMV_DP_SILU_NW}, got {nw}")
-    expr = f"gemm_a8w4_gemv<1,1,2,false,true,{nw},true>" if dp else f"gemm_a8w4_gemv<1,1,{u},false,true>"
-    kargs.launch(GEMV_FILE, expr, (g.R,), (32 * nw,),
+    expr = "gemm_a8w4_gemv<1,1,2,false,true,8,true>" if dp else f"gemm_a8w4_gemv<1,1,{u},false,true>"
+    kargs.launch(GEMV_FILE, expr, (g.R,), (THREADS,),
                  qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=1, N=layer.n, R=g.R, C=g.C,
                  Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=None, amax_out=amax)
     return out

@@ -178,8 +178,15 @@ GEMV_CFGS = {                                             # MT -> (RW, U) instan
 GEMV_WIDE = {1: ((1, 2),)}          # MT -> (RW, U) also instantiated with 16 warps a block (NW)
 GEMV_MT = tuple(GEMV_CFGS)
 GEMV_SILU_U = (2, 3)                                      # U of the SiLU GEMV (RW = MT = 1)
-GEMV_DP_CFGS = ((1, 2, 8), (1, 4, 8), (1, 2, 16), (1, 2, 4), (2, 2, 8))  # dp4a GEMV (RW, U, NW)
-GEMV_DP_SILU_NW = (8, 4)                                  # NW of the dp4a SiLU GEMV (RW = 1, U = 2)
+# dp4a GEMV (RW, U, NW); its SiLU variant runs (1, 2, 8). Measured slower and dropped (H200, 7B b=1,
+# 635 tok/s with these): NW = 4 for q|k|v and gate|up 625, NW = 4 for gate|up alone 635 (a tie).
+GEMV_DP_CFGS = ((1, 2, 8), (1, 4, 8), (1, 2, 16))
+
+
+def gemv_expr(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = False) -> str:
+    """The gemm_a8w4_gemv instantiation a GEMV call launches (gpu/ops.py; gpu/perfmodel.py mirrors it)."""
+    tail = f",{nw},true" if dp else "" if nw == 8 else ",16"
+    return f"gemm_a8w4_gemv<{mt},{rw},{u},{'true' if out_i32 else 'false'},false{tail}>"
 MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
 WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
     (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
@@ -235,12 +242,7 @@ class GemmTuning:
     # widening them for mma (cuda/gemm_a8w4.cu DP); the same bits. H200, 7B b=1 step
     # 1.915 → 1.586 ms (522 → 631 tok/s, same process; docs/KERNELS.md)
     gemv_dp4a: bool = True
-    # its (RW, U, NW) where the row tiles are more than gemv_few_tiles_per_sm an SM (GEMV_DP_CFGS;
-    # the few-tile shapes keep gemv_few's), and the SiLU GEMV's NW (GEMV_DP_SILU_NW)
-    gemv_dp_rw: int = 1
-    gemv_dp_u: int = 2
-    gemv_dp_nw: int = 8
-    gemv_dp_silu_nw: int = 8
+    gemv_dp_u: int = 2    # its U where the row tiles are more than gemv_few_tiles_per_sm an SM (4: 618 tok/s)
     wgmma_bounds: tuple = (64, 512)
     wgmma: dict = field(default_factory=lambda: {"small": WgmmaCfg(64, 6, 2, 4, 2, None),
                                                  "mid": WgmmaCfg(128, 4, 2, 2, 2, None),
