@@ -152,21 +152,21 @@ __global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW
                 const int xs = dp_xsum(b.xb[u][0]);
 #pragma unroll
                 for (int r = 0; r < RW; ++r) dp_chunk(b.wv[u][r], b.mv[u][r], b.xb[u][0], xs, acc[r][0][0], acc[r][0][2]);
-                continue;
-            }
+            } else {
 #pragma unroll
-            for (int r = 0; r < RW; ++r) {
-                DqConst lo, hi;
-                dq_meta(b.mv[u][r], lo, hi);
-                u32 a0, a1, a2, a3;
-                dq_word(b.wv[u][r].x, lo, a0, a2);   // rows g,   k-step 0
-                dq_word(b.wv[u][r].y, hi, a1, a3);   // rows g+8, k-step 0
+                for (int r = 0; r < RW; ++r) {
+                    DqConst lo, hi;
+                    dq_meta(b.mv[u][r], lo, hi);
+                    u32 a0, a1, a2, a3;
+                    dq_word(b.wv[u][r].x, lo, a0, a2);   // rows g,   k-step 0
+                    dq_word(b.wv[u][r].y, hi, a1, a3);   // rows g+8, k-step 0
 #pragma unroll
-                for (int j = 0; j < MT; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, b.xb[u][j][0], b.xb[u][j][1]);
-                dq_word(b.wv[u][r].z, lo, a0, a2);   // k-step 1
-                dq_word(b.wv[u][r].w, hi, a1, a3);
+                    for (int j = 0; j < MT; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, b.xb[u][j][0], b.xb[u][j][1]);
+                    dq_word(b.wv[u][r].z, lo, a0, a2);   // k-step 1
+                    dq_word(b.wv[u][r].w, hi, a1, a3);
 #pragma unroll
-                for (int j = 0; j < MT; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, b.xb[u][j][2], b.xb[u][j][3]);
+                    for (int j = 0; j < MT; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, b.xb[u][j][2], b.xb[u][j][3]);
+                }
             }
         }
     };
