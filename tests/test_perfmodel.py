@@ -325,7 +325,7 @@ def test_ops_hook_leaves_the_table_path_alone(fitted, fake_device):
 def test_gemv_launch_plan_mirrors_ops(monkeypatch):
     """launch_plan names the GEMV instantiation gpu/ops.py launches for every candidate, the dp4a
     variant at M = 1 included (its (RW, U, NW) where instantiated, the mma one elsewhere)."""
-    from engine.gpu.tuning import gemv_expr
+    from engine.gpu.tuning import gemv_targs
     monkeypatch.setattr(kernels, "device_info", lambda: dict(DEV, cc=90))
     seen_dp = set()
     for m in (1, 2, 8, 9, 16):
@@ -335,7 +335,8 @@ def test_gemv_launch_plan_mirrors_ops(monkeypatch):
                     continue
                 rw, u, nw, dp = ops_cuda._gemv_cfg(m, cfg["mt"], -(-n // 16), dict(cfg))
                 plan = perfmodel.launch_plan(kern, cfg, m, n, 4096, 128, DEV["sm_count"])
-                assert (plan["expr"], plan["threads"]) == (gemv_expr(cfg["mt"], rw, u, nw, dp), 32 * nw), cfg
+                want = f"gemm_a8w4_gemv<{gemv_targs(cfg['mt'], rw, u, nw, dp)}>"
+                assert (plan["expr"], plan["threads"]) == (want, 32 * nw), cfg
                 seen_dp.add((m == 1, dp))
     assert seen_dp == {(True, True), (True, False), (False, False)}    # M = 1: dp4a where it exists
 

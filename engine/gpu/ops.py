@@ -38,7 +38,7 @@ from .. import formats
 from ..model import sampling
 from . import backend, choice, kargs, kernels, launch
 from .tuning import (GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_MT, GEMV_SILU_U, GEMV_WIDE,  # noqa: F401
-                     MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS, gemv_expr)
+                     MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS, gemv_targs)
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
 CHUNK_K = 64         # k per 16-byte lane vector (DGQ_CHUNK_K)
@@ -474,7 +474,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if m > 8 * mt or mt not in GEMV_CFGS:
             raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
         rw, u, nw, dp = _gemv_cfg(m, mt, R, cfg)
-        kargs.launch(GEMV_FILE, gemv_expr(mt, rw, u, nw, dp, out_i32), (-(-R // rw),), (32 * nw,),
+        kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{gemv_targs(mt, rw, u, nw, dp, out_i32)}>", (-(-R // rw),), (32 * nw,),
                      qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=m, N=n, R=g.R, C=g.C,
                      Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=resid, amax_out=None)
         return out
@@ -549,8 +549,8 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None)
     u = _gemv_tune(1, g.R)[1]
     u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
     dp = GEMM.gemv_dp4a if dp is None else dp
-    expr = "gemm_a8w4_gemv<1,1,2,false,true,8,true>" if dp else f"gemm_a8w4_gemv<1,1,{u},false,true>"
-    kargs.launch(GEMV_FILE, expr, (g.R,), (THREADS,),
+    u, tail = (2, ",8,true") if dp else (u, "")                       # dp4a: U = 2, NW = 8 (_GEMV)
+    kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<1,1,{u},false,true{tail}>", (g.R,), (THREADS,),
                  qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=1, N=layer.n, R=g.R, C=g.C,
                  Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=None, amax_out=amax)
     return out

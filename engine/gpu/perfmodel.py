@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tuning import GEMM, GEMV_DP_CFGS, gemv_expr
+from .tuning import GEMM, GEMV_DP_CFGS, gemv_targs
 
 FORMAT = "dgq-perfmodel-1"
 FAMILIES = ("gemv", "mma", "wgmma")
@@ -102,7 +102,7 @@ def launch_plan(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_c
         mt, rw, u, nw = cfg["mt"], cfg["rw"], cfg["u"], cfg.get("nw", 8)
         # gpu/ops.py _gemv_cfg with an explicit (RW, U, NW): the dp4a GEMV at M = 1 where it exists
         dp = cfg.get("dp", GEMM.gemv_dp4a and m == 1 and mt == 1 and (rw, u, nw) in GEMV_DP_CFGS)
-        p.update(mt=mt, rw=rw, u=u, nw=nw, expr=gemv_expr(mt, rw, u, nw, dp),
+        p.update(mt=mt, rw=rw, u=u, nw=nw, expr=f"gemm_a8w4_gemv<{gemv_targs(mt, rw, u, nw, dp)}>",
                  grid=(-(-R // rw), 1), threads=32 * nw, smem=0, splits=1, tile_m=8 * mt, tile_n=TILE_N * rw,
                  tile_k=CHUNK_K * u, tiles=-(-R // rw))
         return p

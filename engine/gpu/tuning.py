@@ -183,10 +183,11 @@ GEMV_SILU_U = (2, 3)                                      # U of the SiLU GEMV (
 GEMV_DP_CFGS = ((1, 2, 8), (1, 4, 8), (1, 2, 16))
 
 
-def gemv_expr(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = False) -> str:
-    """The gemm_a8w4_gemv instantiation a GEMV call launches (gpu/ops.py; gpu/perfmodel.py mirrors it)."""
+def gemv_targs(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = False) -> str:
+    """The template arguments of the gemm_a8w4_gemv a GEMV call launches (gpu/ops.py;
+    gpu/perfmodel.py mirrors it)."""
     tail = f",{nw},true" if dp else "" if nw == 8 else ",16"
-    return f"gemm_a8w4_gemv<{mt},{rw},{u},{'true' if out_i32 else 'false'},false{tail}>"
+    return f"{mt},{rw},{u},{'true' if out_i32 else 'false'},false{tail}"
 MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
 WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
     (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
