@@ -145,6 +145,50 @@ def test_dequant_trick_exhaustive():
         assert not out[:, others].any()
 
 
+def _dp4a_su_np(a, b, c):
+    """NumPy twin of common.cuh dp4a_su: Σ_i int8(a.byte i)·uint8(b.byte i) + c, int64."""
+    av = np.ascontiguousarray(np.asarray(a, np.uint32).astype("<u4")).view(np.int8).reshape(-1, 4).astype(np.int64)
+    bv = np.ascontiguousarray(np.asarray(b, np.uint32).astype("<u4")).view(np.uint8).reshape(-1, 4).astype(np.int64)
+    return (av * bv).sum(axis=1) + c
+
+
+@pytest.mark.parametrize("layer", ["random", "extreme"])
+def test_dp4a_chunk_emulated(layer):
+    """The one-token GEMV's arithmetic (common.cuh dp_chunk, dp_xsum, dp_lanes_sum) emulated
+    lane by lane over the packed layout: each lane's dp4a sums of masked nibbles, S·(Σx·q − z·Σx)
+    a chunk, the sum over the lanes t of a row: exactly formats.gemm_a8w4_ref."""
+    rng = np.random.default_rng(11)
+    ql = random_dg(40, 1152, 128, seed=3, small_s=False) if layer == "random" else extreme_dg(32, 2048, 128, rng)
+    ph = ops_cuda.pack_host(ql)
+    R, C = ph.n_pad // 16, ph.k_pad // 64
+    x8 = np.zeros(ph.k_pad, np.int8)
+    x8[:ql.in_features] = rng.integers(-127, 128, ql.in_features) if layer == "random" else \
+        np.where(rng.random(ql.in_features) < 0.5, -127, 127)
+    xw = x8.view("<u4")                                      # x as words: word i = x8[4i..4i+3]
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    m0f, m0h = np.uint32(0x0F0F0F0F), np.uint32(0xF0F0F0F0)
+    acc = np.zeros((R, 2, 32), np.int64)                     # row tile, (row g, row g+8), lane
+    for r in range(R):
+        for c in range(C):
+            w = ph.qw[r, c]                                  # (32, 4): x, y, z, w words of each lane
+            mw = ph.meta[r, (c * 64) // ph.group][g].astype(np.int64)
+            x = [xw[16 * c + 4 * q + t] for q in range(4)]   # k = 64c + 16q + 4t .. +3
+            xs = sum(_dp4a_su_np(x[q], np.uint32(0x01010101), 0) for q in range(4))
+            la = _dp4a_su_np(x[2], w[:, 2] & m0f, _dp4a_su_np(x[0], w[:, 0] & m0f, 0))
+            lb = _dp4a_su_np(x[3], w[:, 2] & m0h, _dp4a_su_np(x[1], w[:, 0] & m0h, 0))
+            ha = _dp4a_su_np(x[2], w[:, 3] & m0f, _dp4a_su_np(x[0], w[:, 1] & m0f, 0))
+            hb = _dp4a_su_np(x[3], w[:, 3] & m0h, _dp4a_su_np(x[1], w[:, 1] & m0h, 0))
+            assert not (lb % 16).any() and not (hb % 16).any()          # 16·q sums: >> 4 is exact
+            acc[r, 0] += (mw & 0xFF) * (la + (lb >> 4) - ((mw >> 8) & 0xFF) * xs)
+            acc[r, 1] += ((mw >> 16) & 0xFF) * (ha + (hb >> 4) - (mw >> 24) * xs)
+    rows = acc.reshape(R, 2, 8, 4).sum(axis=3)               # dp_lanes_sum: over t
+    got = rows.reshape(-1)[:ql.out_features]                 # rows 16r + 8h + g
+    want = formats.gemm_a8w4_ref(x8[None, :ql.in_features], ql.int8_weight())[0]
+    assert np.all(np.abs(rows) < 2**31)
+    np.testing.assert_array_equal(got, want)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 def _cp():
