@@ -105,8 +105,8 @@ __device__ __forceinline__ int dp_xsum(const u32* x) {
 // 4, exactly). w, m: the lane's weight vector and meta word (layout above); x: the token's int8
 // at the lane's k positions, as the mma B fragment holds them (b0, b1 of k-step 0, then of
 // k-step 1: k = 4t.., 16+4t.., 32+4t.., 48+4t..); xs = dp_xsum(x). Adds rows g and g+8 over those
-// k positions into acc_lo and acc_hi. About half the instructions of dq_word's widening plus
-// the two mma.
+// k positions into acc_lo and acc_hi. 34 instructions (8 masks, 12 dp4a, the meta bytes and
+// the combination) against the 4 dq_word, dq_meta and 2 mma of the mma path.
 __device__ __forceinline__ void dp_chunk(const u32x4& w, u32 m, const u32* x, int xs, int& acc_lo, int& acc_hi) {
     // row g: words x (k-step 0), z (k-step 1); row g+8: y, w. Low nibbles: k = 4t+i (x[0], x[2]);
     // high ones: k = 16+4t+i (x[1], x[3])

@@ -31,9 +31,11 @@
 //   and amax_out[m] the atomic max of |out| (zeroed by the norm before this GEMV),
 //   which quant_amax (cuda/fused.cu) then quantizes with: no row reduction, no
 //   silu_mul_quant launch.
-//   DP (M = 1, MT = RW = 1): dp_chunk (common.cuh) multiplies the packed codes with dp4a
-//   instead of widening them for mma: half the instructions a chunk, and the GEMV was bound by
-//   issue (7B decode step on the H200 1.915 -> 1.586 ms). Same reduction and epilogues.
+//   DP (M = 1, MT = 1): dp_chunk (common.cuh) multiplies the packed codes with dp4a instead
+//   of widening them for mma: fewer instructions a chunk (Nsight Compute, the 7B gate|up GEMV:
+//   108 executed a 512-byte chunk against 126, prologue and epilogue included), and the GEMV
+//   was bound by issue (7B decode step on the H200 1.915 -> 1.586 ms). Same reduction and
+//   epilogues.
 //
 // gemm_a8w4_mma<BM, STAGES, OUT_I32> — prefill, M > 16, any sm_80+ GPU.
 //   Block tile BM tokens x 128 output channels x 128 k, 8 warps as 2 (M) x 4
@@ -58,7 +60,8 @@ struct GemvBatch {           // one batch of U chunks per warp, held in register
 // NW warps a block split K (8, or 16 for shapes with few row tiles: 2 blocks of 16 warps an
 // SM hold twice the loads in flight of 2 blocks of 8, within 64 registers). The SiLU
 // epilogue's extra registers would drop gate|up (U = 2, 64 registers, 4 blocks an SM) to 3
-// blocks an SM: its bound keeps 4.
+// blocks an SM: its bound keeps 4. Any NW other than 8 is bound to 32 warps an SM (64
+// registers); an NW = 4 instantiation with RW = 2 would spill under that bound.
 // DP (M = 1, MT = 1): dp_chunk (common.cuh) instead of widening to int8 and mma. A lane keeps
 // its rows g and g+8 of each row tile over its k positions; the shuffles over t at the end leave
 // the mma fragment's token-0 elements (e = 0, 2), so the reduction and the epilogues are the mma

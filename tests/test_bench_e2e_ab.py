@@ -9,7 +9,7 @@ from engine.gpu import tuning
 
 def test_parse_ab_types_and_errors():
     assert parse_ab("gemv_dp4a=0, gemv_dp_u=4") == {"gemv_dp4a": False, "gemv_dp_u": 4}
-    for bad in ("nope=1", "gemv_dp4a", "gemv_dp_u=x", "gemv=1", ""):
+    for bad in ("nope=1", "gemv_dp4a", "gemv_dp_u=x", "gemv_dp_u=--5", "gemv=1", ""):
         with pytest.raises(ValueError, match="--ab"):
             parse_ab(bad)
 

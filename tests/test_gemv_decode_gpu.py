@@ -19,7 +19,7 @@ DP_CFGS = [{"dp": True, "rw": rw, "u": u, "nw": nw} for rw, u, nw in tuning.GEMV
 
 
 @pytest.mark.parametrize("k,n,group", [(4096, 4104, 128), (11008, 200, 128), (576, 24, 64), (2304, 1032, 256),
-                                       (128, 8, 128)])
+                                       (128, 8, 128), (700, 200, 128), (2048, 64, 512), (1536, 40, 1024)])
 def test_dp4a_gemv_bitexact(k, n, group):
     import cupy as cp
     ql = random_dg(n, k, group, seed=n + k)
@@ -53,7 +53,6 @@ def test_dp4a_gemv_extremes():
     for x in (np.where(rng.random((1, k)) < 0.5, -127, 127), np.full((1, k), -127), np.full((1, k), 127)):
         for cfg in DP_CFGS:
             _acc_check(ql, x.astype(np.int8), "gemv", cfg=cfg)
-        assert x.shape == (1, k)
 
 
 def test_dp4a_rejects_what_it_cannot_run():

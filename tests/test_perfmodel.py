@@ -322,6 +322,30 @@ def test_ops_hook_leaves_the_table_path_alone(fitted, fake_device):
 
 # ----------------------------------------------------------------------------- mirrors of gpu/ops.py
 
+def test_gemv_choice_defaults_fallback_and_errors(monkeypatch):
+    """tuning.gemv_choice (what gpu/ops.py launches): the dp4a GEMV at M = 1 by default, with
+    gemv_dp_u on wide shapes and gemv_few on few-tile ones; an explicit mma configuration it lacks
+    runs the mma GEMV; a dp4a request or tuning value it lacks is an error naming the knob."""
+    ch = tuning.gemv_choice
+    assert ch(1, 1, False, {}) == (1, tuning.GEMM.gemv_dp_u, 8, True)
+    assert ch(1, 1, True, {}) == (1, 2, 16, True)                        # gemv_few: 16 warps
+    assert ch(2, 1, False, {}) == (1, 2, 8, False) and ch(12, 2, False, {})[3] is False
+    assert ch(1, 1, False, {"rw": 1, "u": 3}) == (1, 3, 8, False)       # mma (1, 3): no dp4a twin
+    assert ch(1, 1, False, {"rw": 1, "u": 4}) == (1, 4, 8, True)
+    assert ch(1, 1, False, {"dp": False}) == (1, 2, 8, False)
+    with pytest.raises(ValueError, match="not instantiated"):
+        ch(1, 1, False, {"rw": 1, "u": 3, "dp": True})
+    with pytest.raises(ValueError, match="takes M = 1"):
+        ch(2, 1, False, {"dp": True})
+    monkeypatch.setattr(tuning.GEMM, "gemv_dp_u", 3)
+    with pytest.raises(ValueError, match="gemv_dp_u"):
+        ch(1, 1, False, {})
+    monkeypatch.setattr(tuning.GEMM, "gemv_dp4a", False)
+    assert ch(1, 1, False, {}) == (1, 2, 8, False)
+    with pytest.raises(PerfModelError, match="takes M = 1"):
+        perfmodel.launch_plan("gemv", {"mt": 1, "rw": 1, "u": 2, "dp": True}, 4, 4096, 4096, 128, 132)
+
+
 def test_gemv_launch_plan_mirrors_ops(monkeypatch):
     """launch_plan names the GEMV instantiation gpu/ops.py launches for every candidate, the dp4a
     variant at M = 1 included (its (RW, U, NW) where instantiated, the mma one elsewhere)."""
@@ -351,7 +375,9 @@ def test_table_pick_mirrors_ops(monkeypatch, cc):
             assert (kern, cfg) in choice.candidates(m, cc == 90), (m, n, kern, cfg)
             if kern == "gemv":
                 assert cfg["mt"] == ops_cuda.gemv_mt(m)
-                assert (cfg["rw"], cfg["u"], cfg["nw"]) == ops_cuda._gemv_tune(cfg["mt"], -(-n // 16))
+                # the explicit cfg runs what the default runs (the dp4a GEMV at M = 1)
+                assert ops_cuda._gemv_cfg(m, cfg["mt"], -(-n // 16), cfg) == \
+                    ops_cuda._gemv_cfg(m, cfg["mt"], -(-n // 16), {})
             elif kern == "wgmma":
                 assert cfg == dataclasses.asdict(tuning.GEMM.wgmma[ops_cuda.wgmma_bucket(m)])
 

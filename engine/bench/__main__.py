@@ -150,7 +150,8 @@ def main(argv=None) -> int:
                    "rows with the L2 prefetch on (o weights + that many MB; tuning.PrefetchTuning), beside the default's")
     e.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
                    help="a batch-1 decode row (and its per-launch profile) with these tuning.GEMM fields set, "
-                   "beside the default's; repeatable, e.g. --ab gemv_dp4a=0 --ab gemv_dp_u=4")
+                   "beside the default's, where the step runs with PDL (sm_90); repeatable, e.g. "
+                   "--ab gemv_dp4a=0 --ab gemv_dp_u=4")
     e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)

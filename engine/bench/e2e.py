@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import gc
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -246,7 +247,7 @@ def parse_ab(item: str) -> dict:
     for kv in filter(None, (t.strip() for t in item.split(","))):
         k, _, v = kv.partition("=")
         cur = getattr(GEMM, k, None)
-        if not isinstance(cur, int) or not v.strip().lstrip("-").isdigit():
+        if not isinstance(cur, int) or not re.fullmatch(r"-?\d+", v.strip()):
             raise ValueError(f"--ab: {kv!r} is not FIELD=INTEGER for an integer or boolean field of tuning.GEMM")
         out[k] = bool(int(v)) if isinstance(cur, bool) else int(v)
     if not out:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import flags, kernels, perfmodel
 from .perfmodel import PerfModelError, config_key
-from .tuning import GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS
+from .tuning import GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, gemv_choice
 
 POLICIES = ("table", "learned", "exhaustive")
 OBJECTIVES = ("time", "energy")
@@ -92,14 +92,13 @@ def learned_candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tup
 
 
 def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool) -> tuple[str, dict]:
-    """The configuration tuning.GEMM gives (gpu/ops.py choose_kernel, _gemv_tune, wgmma_bucket),
-    spelled out as an explicit cfg."""
+    """The configuration tuning.GEMM gives (gpu/ops.py choose_kernel, tuning.gemv_choice,
+    wgmma_bucket), spelled out as an explicit cfg (at M = 1 it runs the dp4a GEMV, as the default)."""
     rt = -(-n // 16)
     if m <= GEMM.gemv_max_m:
         mt = gemv_mt(m)
-        few = mt in GEMM.gemv_few and rt <= GEMM.gemv_few_tiles_per_sm * sm_count
-        c = GEMM.gemv_few[mt] if few else GEMM.gemv[mt]
-        return "gemv", {"mt": mt, "rw": c.rw, "u": c.u, "nw": GEMM.gemv_few_nw if few else 8}
+        rw, u, nw, _ = gemv_choice(m, mt, rt <= GEMM.gemv_few_tiles_per_sm * sm_count, {})
+        return "gemv", {"mt": mt, "rw": rw, "u": u, "nw": nw}
     if GEMM.use_wgmma and wgmma:
         lo, hi = GEMM.wgmma_bounds
         c = GEMM.wgmma["small" if m <= lo else "mid" if m <= hi else "large"]

@@ -38,7 +38,7 @@ from .. import formats
 from ..model import sampling
 from . import backend, choice, kargs, kernels, launch
 from .tuning import (GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_MT, GEMV_SILU_U, GEMV_WIDE,  # noqa: F401
-                     MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS, gemv_targs)
+                     MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS, gemv_choice, gemv_targs)
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
 CHUNK_K = 64         # k per 16-byte lane vector (DGQ_CHUNK_K)
@@ -226,28 +226,12 @@ def _gemv_tune(mt: int, r: int) -> tuple[int, int, int]:
 
 
 def _gemv_cfg(m: int, mt: int, r: int, cfg: dict) -> tuple[int, int, int, bool]:
-    """(RW, U, NW, dp4a) of a GEMV call over r row tiles: cfg's keys where given, else tuning.GEMM's
-    (the dp4a GEMV for M = 1 where gemv_dp4a is on; an explicit (RW, U, NW) it does not have
-    runs the mma GEMV unless cfg asks for dp)."""
-    rw0, u0, nw0 = _gemv_tune(mt, r)
-    explicit = any(key in cfg for key in ("rw", "u", "nw"))
-    rw, u = cfg.get("rw", rw0), cfg.get("u", u0)
-    nw = cfg.get("nw", nw0 if "rw" not in cfg and "u" not in cfg else 8)
-    dp = cfg.get("dp")
-    if dp and not (m == 1 and mt == 1):
-        raise CudaOpError(f"the dp4a GEMV takes M = 1, got M={m} (MT={mt})")
-    if dp is None:
-        dp = GEMM.gemv_dp4a and m == 1 and mt == 1       # perfmodel.launch_plan mirrors this choice
-    if dp and not explicit and nw0 == 8:
-        rw, u, nw = 1, GEMM.gemv_dp_u, 8
-    if dp and (rw, u, nw) not in GEMV_DP_CFGS:
-        if cfg.get("dp"):
-            raise CudaOpError(f"dp4a GEMV config RW={rw} U={u} NW={nw} is not instantiated (GEMV_DP_CFGS)")
-        dp = False
-    if not dp and (rw, u) not in (GEMV_CFGS[mt] if nw == 8 else GEMV_WIDE.get(mt, ()) if nw == 16 else ()):
-        raise CudaOpError(f"GEMV config MT={mt} RW={rw} U={u} NW={nw} is not instantiated "
-                          f"(GEMV_CFGS, GEMV_WIDE)")
-    return rw, u, nw, dp
+    """(RW, U, NW, dp4a) of a GEMV call over r row tiles (tuning.gemv_choice)."""
+    few = r <= GEMM.gemv_few_tiles_per_sm * kernels.device_info()["sm_count"]
+    try:
+        return gemv_choice(m, mt, few, cfg)
+    except ValueError as e:
+        raise CudaOpError(str(e)) from None
 
 
 def has_wgmma() -> bool:
@@ -546,10 +530,11 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None)
     if not (isinstance(sx, cp.ndarray) and sx.dtype == np.float32 and sx.shape == (1,)):
         raise CudaOpError("sx must be a (1,) float32 CuPy array")
     g = _geometry(layer)
-    u = _gemv_tune(1, g.R)[1]
-    u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
-    dp = GEMM.gemv_dp4a if dp is None else dp
-    u, tail = (2, ",8,true") if dp else (u, "")                       # dp4a: U = 2, NW = 8 (_GEMV)
+    if GEMM.gemv_dp4a if dp is None else dp:
+        u, tail = 2, ",8,true"                                        # the dp4a SiLU GEMV: U = 2, NW = 8
+    else:
+        u, tail = _gemv_tune(1, g.R)[1], ""
+        u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
     kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<1,1,{u},false,true{tail}>", (g.R,), (THREADS,),
                  qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=1, N=layer.n, R=g.R, C=g.C,
                  Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=None, amax_out=amax)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tuning import GEMM, GEMV_DP_CFGS, gemv_targs
+from .tuning import GEMM, gemv_choice, gemv_targs
 
 FORMAT = "dgq-perfmodel-1"
 FAMILIES = ("gemv", "mma", "wgmma")
@@ -100,8 +100,10 @@ def launch_plan(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_c
          "split_auto": 0, "nreg": 0}
     if kernel == "gemv":
         mt, rw, u, nw = cfg["mt"], cfg["rw"], cfg["u"], cfg.get("nw", 8)
-        # gpu/ops.py _gemv_cfg with an explicit (RW, U, NW): the dp4a GEMV at M = 1 where it exists
-        dp = cfg.get("dp", GEMM.gemv_dp4a and m == 1 and mt == 1 and (rw, u, nw) in GEMV_DP_CFGS)
+        try:                                   # what gpu/ops.py runs for this cfg (the dp4a GEMV at M = 1)
+            rw, u, nw, dp = gemv_choice(m, mt, False, {**cfg, "nw": nw})
+        except ValueError as e:
+            raise PerfModelError(str(e)) from None
         p.update(mt=mt, rw=rw, u=u, nw=nw, expr=f"gemm_a8w4_gemv<{gemv_targs(mt, rw, u, nw, dp)}>",
                  grid=(-(-R // rw), 1), threads=32 * nw, smem=0, splits=1, tile_m=8 * mt, tile_n=TILE_N * rw,
                  tile_k=CHUNK_K * u, tiles=-(-R // rw))

@@ -181,13 +181,6 @@ GEMV_SILU_U = (2, 3)                                      # U of the SiLU GEMV (
 # dp4a GEMV (RW, U, NW); its SiLU variant runs (1, 2, 8). Measured slower and dropped (H200, 7B b=1,
 # 635 tok/s with these): NW = 4 for q|k|v and gate|up 625, NW = 4 for gate|up alone 635 (a tie).
 GEMV_DP_CFGS = ((1, 2, 8), (1, 4, 8), (1, 2, 16))
-
-
-def gemv_targs(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = False) -> str:
-    """The template arguments of the gemm_a8w4_gemv a GEMV call launches (gpu/ops.py;
-    gpu/perfmodel.py mirrors it)."""
-    tail = f",{nw},true" if dp else "" if nw == 8 else ",16"
-    return f"{mt},{rw},{u},{'true' if out_i32 else 'false'},false{tail}"
 MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
 WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
     (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
@@ -243,7 +236,9 @@ class GemmTuning:
     # widening them for mma (cuda/gemm_a8w4.cu DP); the same bits. H200, 7B b=1 step
     # 1.915 → 1.586 ms (522 → 631 tok/s, same process; docs/KERNELS.md)
     gemv_dp4a: bool = True
-    gemv_dp_u: int = 2    # its U where the row tiles are more than gemv_few_tiles_per_sm an SM (4: 618 tok/s)
+    # its U where the row tiles are more than gemv_few_tiles_per_sm an SM (q|k|v of 7B; not the SiLU
+    # GEMV, which runs U = 2, nor the few-tile shapes, which take gemv_few): 4 measured 618 tok/s
+    gemv_dp_u: int = 2
     wgmma_bounds: tuple = (64, 512)
     wgmma: dict = field(default_factory=lambda: {"small": WgmmaCfg(64, 6, 2, 4, 2, None),
                                                  "mid": WgmmaCfg(128, 4, 2, 2, 2, None),
@@ -256,3 +251,40 @@ class GemmTuning:
 
 
 GEMM = GemmTuning()
+
+
+def gemv_targs(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = False) -> str:
+    """The template arguments of the gemm_a8w4_gemv a GEMV call launches (gpu/ops.py;
+    gpu/perfmodel.py mirrors it)."""
+    tail = f",{nw},true" if dp else "" if nw == 8 else f",{nw}"
+    return f"{mt},{rw},{u},{'true' if out_i32 else 'false'},false{tail}"
+
+
+def gemv_choice(m: int, mt: int, few: bool, cfg: dict) -> tuple[int, int, int, bool]:
+    """(RW, U, NW, dp4a) of a GEMV call for M rows in MT token tiles, `few` when its row tiles are
+    at most GEMM.gemv_few_tiles_per_sm an SM: cfg's keys where given, else GEMM's (gemv_few or
+    gemv for MT; at M = 1 the dp4a GEMV, with gemv_dp_u where the tiles are not few). gpu/ops.py
+    launches what this returns; gpu/choice.py and gpu/perfmodel.py use it to mirror ops. An
+    explicit (RW, U, NW) that the dp4a GEMV lacks runs the mma GEMV, unless cfg asks for dp.
+    Raises ValueError for a configuration that is not instantiated."""
+    fewc = few and mt in GEMM.gemv_few
+    base = GEMM.gemv_few[mt] if fewc else GEMM.gemv[mt]
+    explicit = any(key in cfg for key in ("rw", "u", "nw"))
+    rw, u = cfg.get("rw", base.rw), cfg.get("u", base.u)
+    nw = cfg.get("nw", (GEMM.gemv_few_nw if fewc else 8) if "rw" not in cfg and "u" not in cfg else 8)
+    dp = cfg.get("dp")
+    if dp and not (m == 1 and mt == 1):
+        raise ValueError(f"the dp4a GEMV takes M = 1, got M={m} (MT={mt})")
+    if dp is None:
+        dp = GEMM.gemv_dp4a and m == 1 and mt == 1
+    if dp and not explicit and not fewc:
+        rw, u, nw = 1, GEMM.gemv_dp_u, 8
+    if dp and (rw, u, nw) not in GEMV_DP_CFGS:
+        if explicit and "dp" not in cfg:
+            dp = False                                   # an mma configuration asked for by name
+        else:
+            raise ValueError(f"dp4a GEMV config RW={rw} U={u} NW={nw} is not instantiated (GEMV_DP_CFGS; "
+                             f"tuning.GEMM.gemv_dp_u, gemv_few)")
+    if not dp and (rw, u) not in (GEMV_CFGS[mt] if nw == 8 else GEMV_WIDE.get(mt, ()) if nw == 16 else ()):
+        raise ValueError(f"GEMV config MT={mt} RW={rw} U={u} NW={nw} is not instantiated (GEMV_CFGS, GEMV_WIDE)")
+    return rw, u, nw, dp
