@@ -15,7 +15,7 @@ if not has_gpu():
     pytest.skip("no GPU", allow_module_level=True)
 
 
-def quantized_tiny(act, seed=0, **kw):
+def quantized_tiny(act, seed=0, group=64, **kw):
     c = tiny_config(**kw)
     mw = ModelWeights.from_hf(c, random_tensors(c, seed))
     rng = np.random.default_rng(seed)
@@ -24,7 +24,7 @@ def quantized_tiny(act, seed=0, **kw):
             n, k = getattr(L, name).shape
             site_scale = {"q": 0.02, "k": 0.02, "v": 0.02, "gate": 0.03, "up": 0.03}.get(name, 0.01)
             cscale = rng.uniform(0.5, 1.5, n) / (60 * np.sqrt(k))
-            setattr(L, name, random_dg_layer(rng, n, k, 64, act, site_scale, cscale))
+            setattr(L, name, random_dg_layer(rng, n, k, group, act, site_scale, cscale))
     return mw
 
 
@@ -45,6 +45,29 @@ def test_gpu_logits_match_reference(act, n_tokens):
     got = CudaModel(mw).forward(tokens).get()
     assert got.shape == ref.shape
     assert rel(got, ref) < 2e-2, rel(got, ref)
+
+
+def test_two_layers_of_7b_widths_match_reference():
+    """The benchmarked configuration itself (issue 19): Llama-2-7B widths (hidden 4096, 32 heads
+    of 128, intermediate 11008, groups of 128), two layers. The prefill's logits and the graphed
+    batch-1 decode step's (the dp4a GEMVs with their residual and SiLU epilogues, the folded row
+    kernels, PDL on sm_90) against the NumPy integer reference of the same token sequence."""
+    from engine.gpu.model import CudaModel
+    mw = quantized_tiny("dynamic", seed=7, group=128, head_dim=128, num_attention_heads=32,
+                        num_key_value_heads=32, hidden_size=4096, intermediate_size=11008,
+                        num_hidden_layers=2, max_position_embeddings=256)
+    gm = CudaModel(mw)
+    prompt = (np.arange(40) * 7 + 3) % mw.config.vocab_size
+    cache = gm.new_cache(64)
+    pre = gm.prefill(prompt, cache).get().astype(np.float32).reshape(-1)
+    first = int(pre.argmax())
+    steps = 6
+    toks = gm.decode_greedy(cache, [first], steps, True)[:, 0]
+    last = cache.step.bufs.logits[:1].get().astype(np.float32).reshape(-1)
+    ref = Model(mw).forward(np.concatenate([prompt, [first], toks[:steps - 1]]))   # (T, V)
+    assert rel(pre, ref[len(prompt) - 1]) < 2e-2, rel(pre, ref[len(prompt) - 1])
+    assert rel(last, ref[-1]) < 2e-2, rel(last, ref[-1])
+    assert int(last.argmax()) == int(toks[-1])
 
 
 @pytest.mark.parametrize("act", ["dynamic", "static"])
