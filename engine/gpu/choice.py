@@ -2,7 +2,7 @@
 measurement of every candidate (docs/PERFMODEL.md).
 
 Policies (flags.KERNEL_CHOICE, DGQ_KERNEL_CHOICE; `configure(...)` from the API):
-  table        tuning.GEMM, exactly as before (gpu/ops.py choose_kernel, _gemv_tune)
+  table        tuning.GEMM, exactly as before (gpu/ops.py choose_kernel, tuning.gemv_choice)
   learned      the candidate with the lowest predicted runtime (objective "time"), or the lowest
                predicted energy among those predicted within 5 % of the fastest ("energy"), from
                the device's model file (perfmodel.py); the default when that file exists

@@ -217,14 +217,6 @@ def wgmma_bucket(m: int) -> str:
     return "small" if m <= lo else "mid" if m <= hi else "large"
 
 
-def _gemv_tune(mt: int, r: int) -> tuple[int, int, int]:
-    """(RW, U, NW) that tuning.GEMM gives the GEMV for MT token tiles over r row tiles: the
-    "few" setting while the row tiles are at most gemv_few_tiles_per_sm per SM."""
-    few = mt in GEMM.gemv_few and r <= GEMM.gemv_few_tiles_per_sm * kernels.device_info()["sm_count"]
-    cfg = GEMM.gemv_few[mt] if few else GEMM.gemv[mt]
-    return cfg.rw, cfg.u, GEMM.gemv_few_nw if few else 8
-
-
 def _gemv_cfg(m: int, mt: int, r: int, cfg: dict) -> tuple[int, int, int, bool]:
     """(RW, U, NW, dp4a) of a GEMV call over r row tiles (tuning.gemv_choice)."""
     few = r <= GEMM.gemv_few_tiles_per_sm * kernels.device_info()["sm_count"]
@@ -533,7 +525,7 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None)
     if GEMM.gemv_dp4a if dp is None else dp:
         u, tail = 2, ",8,true"                                        # the dp4a SiLU GEMV: U = 2, NW = 8
     else:
-        u, tail = _gemv_tune(1, g.R)[1], ""
+        u, tail = _gemv_cfg(1, 1, g.R, {"dp": False})[1], ""            # the mma GEMV's table U
         u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
     kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<1,1,{u},false,true{tail}>", (g.R,), (THREADS,),
                  qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=1, N=layer.n, R=g.R, C=g.C,
