@@ -793,7 +793,7 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 // of D/8 n-tiles), kv8: the k then the v scales of those four keys. Record byte x lives at
 // ((x / 16)·32 + lane)·16 + x % 16 of the warp's stage: the 16-byte reads of a warp are
 // consecutive, conflict-free.
-template <int D, typename KV>
+template <int D, typename KV, int ST = 0>
 struct GqLayout {
     static constexpr int ES = sizeof(KV);
     static constexpr int KB = D * ES / 4;
@@ -802,7 +802,8 @@ struct GqLayout {
     static constexpr int SB = ES == 1 ? 32 : 0;
     static constexpr int REC = 2 * KB + 4 * VB + SB;
     static constexpr int STAGE = 32 * REC;             // one warp, one step
-    static constexpr int STAGES = GQ_WARPS * STAGE * 4 > 100 * 1024 ? 3 : 4;   // 2 blocks an SM at fp16, D = 128
+    static constexpr int AUTO_STAGES = GQ_WARPS * STAGE * 4 > 100 * 1024 ? 3 : 4;   // 2 blocks an SM at fp16, D = 128
+    static constexpr int STAGES = ST > 0 ? ST : AUTO_STAGES;   // ST: tuning.ATTENTION.gqa_stages
     static constexpr int RING = GQ_WARPS * STAGES * STAGE;
     static constexpr int MERGE = GQ_WARPS * GQ_HEADS * (D + 2) * 4;             // the warps' partials, after the loop
     static constexpr int BYTES = RING > MERGE ? RING : MERGE;
@@ -846,14 +847,14 @@ __device__ __forceinline__ void mma_f16_top(float& d0, float& d1, u32 a0, u32 a2
 
 // window > 0 (attn_decode_gqa_sw): keys [lo, p) stream from the cache, lo = max(0, p − window + 1),
 // divided among the splits as [0, p) is without a window; window = 0: the code of before.
-template <typename KV, int DT>
+template <typename KV, int DT, int ST>
 __device__ __forceinline__ void attn_decode_gqa_body(
         const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
         KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out, unsigned* __restrict__ amax_out, int window) {
-    typedef GqLayout<DT, KV> L;
+    typedef GqLayout<DT, KV, ST> L;
     constexpr bool KV8 = sizeof(KV) == 1;
     constexpr int ES = sizeof(KV);
     constexpr int CHK = 16 / ES;                // elements of a 16-byte K piece
@@ -1170,25 +1171,25 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     out_amax(am, amax_out, b);
 }
 
-template <typename KV, int DT>
-__global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa(
+template <typename KV, int DT, int ST = 0>
+__global__ void __launch_bounds__(GQ_WARPS * 32, ST == 2 ? 3 : 2) attn_decode_gqa(
         const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
         KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out, unsigned* __restrict__ amax_out) {
-    attn_decode_gqa_body<KV, DT>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
+    attn_decode_gqa_body<KV, DT, ST>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
                              counters, out, amax_out, 0);
 }
 
 // attn_decode_gqa for a sliding-window layer (the keys of attn_decode_sw).
-template <typename KV, int DT>
-__global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa_sw(
+template <typename KV, int DT, int ST = 0>
+__global__ void __launch_bounds__(GQ_WARPS * 32, ST == 2 ? 3 : 2) attn_decode_gqa_sw(
         const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
         KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out, unsigned* __restrict__ amax_out, int window) {
-    attn_decode_gqa_body<KV, DT>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
+    attn_decode_gqa_body<KV, DT, ST>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
                              counters, out, amax_out, window);
 }

@@ -201,7 +201,8 @@ def recording(monkeypatch):
         log.append((expr.split("<")[0], dict(args, _family=kf in FAMILY_FILES, _kf=kf)))
 
     monkeypatch.setattr(kargs, "launch", launch)
-    monkeypatch.setattr(kargs, "function", lambda kf, expr: SimpleNamespace(max_dynamic_shared_size_bytes=1 << 30))
+    monkeypatch.setattr(kargs, "function",
+                        lambda kf, expr: SimpleNamespace(max_dynamic_shared_size_bytes=1 << 30, num_regs=0))
     monkeypatch.setattr(kernels, "device_info", lambda: {"name": "fake", "cc": 90, "sm_count": 132,
                                                          "l2_bytes": 50 << 20, "smem_optin": 232448})
     monkeypatch.setattr(attention, "DECODE_KERNEL", "heads")

@@ -10,6 +10,7 @@ C row g / g + 8, columns 2t, 2t+1.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -44,19 +45,19 @@ def test_gqa_constants_and_shared_memory():
     assert (d["GQ_HEADS"], d["GQ_STEP"]) == (A.gqa_heads, A.gqa_step)
     assert A.gqa_max_splits <= d["GQ_MAX_SPLITS"]
     body = re.search(r"struct GqLayout \{(.*?)\};", (ROOT / "cuda" / "attention.cu").read_text(), re.S).group(1)
-    for hd in A.head_dims:
-        for kv8 in (False, True):
-            env = {"D": hd, "GQ_WARPS": d["GQ_WARPS"], "GQ_HEADS": d["GQ_HEADS"]}
-            for name, expr in re.findall(r"static constexpr int (\w+) = ([^;]+);", body):
-                expr = expr.replace("sizeof(KV)", "1" if kv8 else "2").replace("/", "//")
-                expr = re.sub(r"(.+?) \? (.+?) : (.+)", r"(\2) if (\1) else (\3)", expr)
-                env[name] = eval(expr, {}, dict(env))  # noqa: S307  (a constexpr of our own source)
-            assert env["BYTES"] == attention.gqa_smem(hd, kv8)
-            assert env["REC"] % 16 == 0 and env["VB"] in (8, 16, 32)
-            # static shared memory (sq, snk, snv, snew, wts) within the launcher's allowance
-            static = (2 * d["GQ_HEADS"] * hd + 8 * hd + 4 * (d["GQ_HEADS"] + 2)
-                      + 4 * d["GQ_HEADS"] * d["GQ_MAX_SPLITS"] + 4)
-            assert static <= attention.GQA_STATIC_SMEM
+    for hd, kv8, st in itertools.product(A.head_dims, (False, True), attention.GQA_STAGES):
+        env = {"D": hd, "GQ_WARPS": d["GQ_WARPS"], "GQ_HEADS": d["GQ_HEADS"], "ST": st}
+        for name, expr in re.findall(r"static constexpr int (\w+) = ([^;]+);", body):
+            expr = expr.replace("sizeof(KV)", "1" if kv8 else "2").replace("/", "//")
+            expr = re.sub(r"(.+?) \? (.+?) : (.+)", r"(\2) if (\1) else (\3)", expr)
+            env[name] = eval(expr, {}, dict(env))  # noqa: S307  (a constexpr of our own source)
+        assert env["BYTES"] == attention.gqa_smem(hd, kv8, st)
+        assert env["STAGES"] == (st or env["AUTO_STAGES"]) and env["STAGES"] >= 2
+        assert env["REC"] % 16 == 0 and env["VB"] in (8, 16, 32)
+        # static shared memory (sq, snk, snv, snew, wts) within the launcher's allowance
+        static = (2 * d["GQ_HEADS"] * hd + 8 * hd + 4 * (d["GQ_HEADS"] + 2)
+                  + 4 * d["GQ_HEADS"] * d["GQ_MAX_SPLITS"] + 4)
+        assert static <= attention.GQA_STATIC_SMEM
 
 
 def test_gqa_splits_policy():
@@ -72,6 +73,14 @@ def test_gqa_splits_policy():
     assert attention.gqa_splits(1, 9, 3, 64, False, 129, 132, sm) == A.gqa_max_splits
     assert attention.gqa_splits(1, 9, 3, 64, False, 3, 132, sm) == 3          # a small cache
     assert attention.gqa_groups(48, 3) == 2 and attention.gqa_groups(9, 3) == 1
+    # a ring of 2 stages (tuning.ATTENTION.gqa_stages) at fp16, D = 128: 3 blocks an SM by shared
+    # memory and by 166 registers (168 in units of 8), so 12 splits (384 blocks); at 172 registers
+    # the registers hold only 2, so 8 splits
+    assert attention.gqa_smem(128, False, 2) == 64 * 1024 and attention.gqa_smem(128, False) == 96 * 1024
+    assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 2) == 12
+    assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 2, 166) == 12
+    assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 2, 172) == 8
+    assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 0, 168) == 8
     for b in (1, 2, 8, 32):
         for hq, hkv in ((32, 32), (32, 8), (9, 3), (64, 4)):
             ns = attention.gqa_splits(b, hq, hkv, 128, False, 1 << 20, 132, sm)

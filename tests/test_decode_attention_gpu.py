@@ -1,5 +1,6 @@
 """Decode attention on the GPU (cuda/attention.cu): both kernels, attn_decode ("heads") and
-attn_decode_gqa ("gqa", gpu/attention.py DECODE_KERNEL), against the NumPy reference
+attn_decode_gqa ("gqa", gpu/attention.py DECODE_KERNEL; "gqa2": with its 2-stage ring), against
+the NumPy reference
 (engine/model/ops_ref.py attention in float64; kv8 dequantized as engine/model/kv_cache.py
 quantizes) over contexts up to 8192, GQA ratios 1, 3, 4 and 8, fp16 and INT8 KV, batch 1, 8
 and 32, the Llama-2-7B and Llama-3-8B attention shapes, and several steps replayed through one
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.gpu
 if not has_gpu():
     pytest.skip("no GPU", allow_module_level=True)
 
-KERNELS = ("heads", "gqa")
+KERNELS = ("heads", "gqa", "gqa2")   # gqa2: attn_decode_gqa with a ring of 2 stages (ATTENTION.gqa_stages)
 HKV = 2
 BATCHES = {                     # name -> (lens, capacity)
     "b1": ([8192], 8192),
@@ -92,12 +93,13 @@ def cache_case(d, kv8, lens, cap, hkv=HKV):
 @contextlib.contextmanager
 def decode_kernel(name):
     from engine.gpu import attention
-    saved = attention.DECODE_KERNEL
-    attention.DECODE_KERNEL = name
+    saved = attention.DECODE_KERNEL, attention.ATTENTION.gqa_stages
+    attention.DECODE_KERNEL = "gqa" if name == "gqa2" else name
+    attention.ATTENTION.gqa_stages = 2 if name == "gqa2" else 0
     try:
         yield
     finally:
-        attention.DECODE_KERNEL = saved
+        attention.DECODE_KERNEL, attention.ATTENTION.gqa_stages = saved
 
 
 def launch(c, qkv, kc, vc, ksd, vsd, lens_d, hq, hkv, d, out, amax, scratch):
@@ -183,7 +185,8 @@ def test_decode_kernels_match_reference(d, kv8, batch):
     for rep in (1, 3, 4, 8):
         outs = [check_case(cp, c, kernel, rep, d, kv8) for kernel in KERNELS]
         vmax = np.abs(c["vref"]).max()
-        assert np.abs(outs[0].astype(np.float64) - outs[1]).max() <= 2.0 ** -8 * vmax
+        for other in outs[1:]:
+            assert np.abs(outs[0].astype(np.float64) - other).max() <= 2.0 ** -8 * vmax
 
 
 @pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
@@ -313,8 +316,9 @@ def test_batched_model_decode_kernels_agree(kv8):
                 logits = cache.step.bufs.logits[:batch].get().astype(np.float32)
                 more = gm.decode_greedy(cache, one[0], 6)
                 runs.append((logits, np.concatenate([one, more])))
-        assert rel(runs[1][0], runs[0][0]) < 1e-2, rel(runs[1][0], runs[0][0])
-        assert (runs[0][1] == runs[1][1]).mean() >= 0.8
+        for other in runs[1:]:
+            assert rel(other[0], runs[0][0]) < 1e-2, rel(other[0], runs[0][0])
+            assert (runs[0][1] == other[1]).mean() >= 0.8
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

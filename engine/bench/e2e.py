@@ -13,7 +13,8 @@ model at each context for batch 1, 8 and 32, fp16 and INT8 KV, with the bytes a 
 (linear weights, head, norms, the embedding rows, and the K/V it attends), computed from the
 model's shapes and the context, and the % of the copy bandwidth measured in the same process
 that this reaches; the attention launch alone is timed too (attention_time) against its K/V
-bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu/attention.py).
+bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu/attention.py),
+--gqa-stages 0,2 with each ring depth of attn_decode_gqa (tuning.ATTENTION.gqa_stages).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import itertools
 import json
 import re
 import sys
@@ -31,7 +33,7 @@ import numpy as np
 
 from .. import formats
 from ..gpu import launch
-from ..gpu.tuning import GEMM, PREFETCH
+from ..gpu.tuning import ATTENTION, GEMM, PREFETCH
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
@@ -321,6 +323,8 @@ def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, b
     c = gm.config
     cap = ctx + steps + 3
     attn = attention.decode_kernel(attention.decode_splits(cap), c.head_dim)
+    if attn == "gqa" and ATTENTION.gqa_stages:
+        attn += f" st={ATTENTION.gqa_stages}"
     attn = f"auto: {attn}" if attention.DECODE_KERNEL == "auto" else attn
     row = dict(model=label, phase="context", attn=attn, context=ctx, batch=bsz,
                kv="int8" if kv8 else "fp16")
@@ -393,9 +397,10 @@ def attention_time(gm, cache, reps: int = 20) -> tuple[str, float]:
 
 
 def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), steps: int = 32,
-                attn_kernels=(), json_out: bool = False, qfile=None):
+                attn_kernels=(), json_out: bool = False, qfile=None, gqa_stages=()):
     """The context table (module docstring): every model × decode attention kernel × context ×
-    KV type × batch; rows whose cache does not fit the free memory say so."""
+    KV type × batch, and × attn_decode_gqa's ring depth (gqa_stages, tuning.ATTENTION.gqa_stages);
+    rows whose cache does not fit the free memory say so."""
     from ..gpu import attention  # noqa: PLC0415
     from ..gpu.model import CudaModel  # noqa: PLC0415
     cp, bw, rows = _device()
@@ -413,10 +418,10 @@ def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), ste
             mw = dataclasses.replace(mw, config=dataclasses.replace(mw.config, max_position_embeddings=longest))
         gm = CudaModel(mw)
         rng = np.random.default_rng(0)
-        saved = attention.DECODE_KERNEL
+        saved = attention.DECODE_KERNEL, ATTENTION.gqa_stages
         try:
-            for kernel in kernels:
-                attention.DECODE_KERNEL = kernel
+            for kernel, st in itertools.product(kernels, gqa_stages or (ATTENTION.gqa_stages,)):
+                attention.DECODE_KERNEL, ATTENTION.gqa_stages = kernel, st
                 for ctx in contexts:
                     for kv8 in (False, True):
                         for bsz in batches:
@@ -425,7 +430,7 @@ def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), ste
                             if json_out:
                                 print(json.dumps(row), flush=True)
         finally:
-            attention.DECODE_KERNEL = saved
+            attention.DECODE_KERNEL, ATTENTION.gqa_stages = saved
         del gm, mw
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()

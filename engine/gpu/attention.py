@@ -30,12 +30,20 @@ from .backend import BackendError
 from .tuning import ATTENTION
 
 
+GQA_STAGES = (0, 2)        # attn_decode_gqa's ST instantiations at the narrow head sizes (0: automatic)
+
+
+def _st(stages: int) -> str:
+    """The template argument suffix of attn_decode_gqa's ring depth ("" for the automatic one)."""
+    return f", {stages}" if stages else ""
+
+
 def _attention_exprs(sw: str) -> list[str]:
     """The decode and prefill kernels at the narrow head sizes: sw "" the plain ones, "_sw" their
     sliding-window twins."""
     kv, dims = ATTENTION.kv_types, ATTENTION.head_dims
     return ([f"attn_decode{sw}<{t}, {cl}>" for t in kv for cl in (0,) + ATTENTION.decode_clusters]
-            + [f"attn_decode_gqa{sw}<{t}, {d}>" for t in kv for d in dims]
+            + [f"attn_decode_gqa{sw}<{t}, {d}{_st(st)}>" for t in kv for d in dims for st in GQA_STAGES]
             + [f"attn_prefill{sw}<{d}, {t}>" for d in dims for t in kv])
 
 
@@ -197,12 +205,12 @@ def _decode_heads_sw(kernel: str, batch: int, nsplit: int, cl: int, window: int,
                  (ATTENTION.threads,), window=window, **args)
 
 
-def gqa_smem(d: int, kv8: bool) -> int:
-    """Dynamic shared memory of attn_decode_gqa<KV, d> (cuda/attention.cu GqLayout::BYTES)."""
+def gqa_smem(d: int, kv8: bool, st: int = 0) -> int:
+    """Dynamic shared memory of attn_decode_gqa<KV, d, st> (cuda/attention.cu GqLayout::BYTES)."""
     es, w = (1 if kv8 else 2), ATTENTION.threads // 32
     kb, vb = d * es // 4, d * es // 8
     stage = 32 * (2 * kb + 4 * vb + (32 if kv8 else 0))
-    stages = 3 if w * stage * 4 > 100 * 1024 else 4
+    stages = st or (3 if w * stage * 4 > 100 * 1024 else 4)
     return max(w * stages * stage, w * ATTENTION.gqa_heads * (d + 2) * 4)
 
 
@@ -215,14 +223,19 @@ def gqa_groups(hq: int, hkv: int) -> int:
     return -(-(hq // hkv) // ATTENTION.gqa_heads)
 
 
-def gqa_splits(batch: int, hq: int, hkv: int, d: int, kv8: bool, nsplit: int, sms: int, smem_sm: int) -> int:
+def gqa_splits(batch: int, hq: int, hkv: int, d: int, kv8: bool, nsplit: int, sms: int, smem_sm: int,
+               st: int = 0, regs_per_thread: int = 0) -> int:
     """attn_decode_gqa's grid x (splits of the sequence) for a step of `batch` sequences on `sms`
     SMs of `smem_sm` bytes of shared memory each: as many as fill gqa_waves waves of the blocks
     the SMs hold (one sequence at batch 1 then covers the GPU), at most gqa_max_splits and nsplit
     (attn_decode's splits of the capacity, DEC_CHUNK keys each: the scratch is sized for them).
     Fixed for the capacity and batch (the graph of the step is captured once); the kernel divides
-    the keys it finds among them, so a short sequence leaves the later splits empty."""
-    per_sm = max(1, smem_sm // (gqa_smem(d, kv8) + GQA_STATIC_SMEM))
+    the keys it finds among them, so a short sequence leaves the later splits empty. st: the ring
+    depth (GqLayout ST); regs_per_thread (the compiled kernel's, when known) caps the blocks an SM
+    holds by its 64 K registers as well as by its shared memory."""
+    per_sm = max(1, smem_sm // (gqa_smem(d, kv8, st) + GQA_STATIC_SMEM))
+    if regs_per_thread:
+        per_sm = max(1, min(per_sm, 65536 // (-(-regs_per_thread // 8) * 8 * ATTENTION.threads)))   # 8-register units
     units = batch * hkv * gqa_groups(hq, hkv)
     ns = ATTENTION.gqa_waves * sms * per_sm // units
     return int(max(1, min(ns, ATTENTION.gqa_max_splits, nsplit)))
@@ -235,24 +248,29 @@ def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict, window: int = 
     kc, d = args["kc"], args["D"]
     kv8 = kc.dtype.itemsize == 1
     sw = window > 0
-    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit, sw)
+    st = 0 if _wide(d) else ATTENTION.gqa_stages       # wide heads: the automatic ring only
+    if st not in GQA_STAGES:
+        raise BackendError(f"attn_decode_gqa is built for ring depths {GQA_STAGES} (0: automatic), "
+                           f"not tuning.ATTENTION.gqa_stages = {st}")
+    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit, sw, st)
     hit = _GQA_LAUNCH.get(key)
     if hit is None:
         info = kernels.device_info()
-        ns = gqa_splits(batch, args["Hq"], args["Hkv"], d, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024)
-        kvt, smem = kv_type(kc), gqa_smem(d, kv8)
-        fn = (kargs.function(_gqa_file(d, sw), f"attn_decode_gqa_sw<{kvt}, {d}>") if sw
-              else kargs.function(_gqa_file(d, sw), f"attn_decode_gqa<{kvt}, {d}>"))
+        kvt, smem = kv_type(kc), gqa_smem(d, kv8, st)
+        fn = (kargs.function(_gqa_file(d, sw), f"attn_decode_gqa_sw<{kvt}, {d}{_st(st)}>") if sw
+              else kargs.function(_gqa_file(d, sw), f"attn_decode_gqa<{kvt}, {d}{_st(st)}>"))
+        ns = gqa_splits(batch, args["Hq"], args["Hkv"], d, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024,
+                        st, fn.num_regs)
         if fn.max_dynamic_shared_size_bytes < smem:      # > 48 KB: opt in (before any capture)
             fn.max_dynamic_shared_size_bytes = smem
         hit = _GQA_LAUNCH[key] = (kvt, (ns, args["Hkv"] * gqa_groups(args["Hq"], args["Hkv"]), batch), smem)
     kvt, grid, smem = hit
     if sw:
-        kargs.launch(_gqa_file(d, sw), f"attn_decode_gqa_sw<{kvt}, {d}>", grid, (ATTENTION.threads,),
+        kargs.launch(_gqa_file(d, sw), f"attn_decode_gqa_sw<{kvt}, {d}{_st(st)}>", grid, (ATTENTION.threads,),
                      shared_mem=smem, window=window, **args)
         return
-    kargs.launch(_gqa_file(d, sw), f"attn_decode_gqa<{kvt}, {d}>", grid, (ATTENTION.threads,), shared_mem=smem,
-                 **args)
+    kargs.launch(_gqa_file(d, sw), f"attn_decode_gqa<{kvt}, {d}{_st(st)}>", grid, (ATTENTION.threads,),
+                 shared_mem=smem, **args)
 
 
 def _gqa_file(d: int, sw: bool) -> kargs.KernelFile:
@@ -260,4 +278,4 @@ def _gqa_file(d: int, sw: bool) -> kargs.KernelFile:
     return ATTN_WIDE if _wide(d) else ATTN_FAMILY if sw else ATTN
 
 
-_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed) -> (cache type, grid, shared memory)
+_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed, ST) -> (cache type, grid, shared memory)

@@ -116,6 +116,10 @@ class AttentionShape:
     gqa_step: int = 16
     gqa_max_splits: int = 32
     gqa_waves: int = 1
+    # the depth of each warp's cp.async ring (GqLayout ST; narrow heads): 0 = 3 at fp16 and D = 128
+    # (2 blocks an SM), else 4; 2 = one step in flight while one computes (fp16, D = 128: 3 blocks
+    # and 12 warps an SM)
+    gqa_stages: int = 0
     # DGQ_ATTN_DECODE=auto: attn_decode_gqa for caches of at least this many positions, attn_decode
     # below (H200, 7B shape, batch 1: heads 490 vs gqa 479 tok/s at 512 keys, 437 vs 465 at 1024)
     gqa_min_keys: int = 1024
