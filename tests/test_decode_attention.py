@@ -410,3 +410,20 @@ def test_context_table_bytes_come_from_the_shapes():
     assert "| m | gqa | 128 | 1 | int8 | 900 | 1.100 | 3600 | 17 | 1170 | 77 | 3.0 | 20 |" in table
     head_cols = table.splitlines()[2].count("|")
     assert all(line.count("|") == head_cols for line in table.splitlines()[2:])
+
+
+def test_ring_depth_switches_and_restores():
+    """attention.ring_depth(st): _decode_gqa's ATTENTION has gqa_stages = st within the block
+    (tuning's record is frozen, so the module holds a copy), the original after it, also after an
+    error; a depth with no instantiation is refused."""
+    before = attention.ATTENTION
+    with attention.ring_depth(2):
+        assert attention.ATTENTION.gqa_stages == 2 and attention.ATTENTION.threads == before.threads
+    assert attention.ATTENTION is before
+    with pytest.raises(RuntimeError):
+        with attention.ring_depth(2):
+            raise RuntimeError
+    assert attention.ATTENTION is before
+    with pytest.raises(attention.BackendError, match="ring depths"):
+        with attention.ring_depth(3):
+            pass

@@ -93,13 +93,13 @@ def cache_case(d, kv8, lens, cap, hkv=HKV):
 @contextlib.contextmanager
 def decode_kernel(name):
     from engine.gpu import attention
-    saved = attention.DECODE_KERNEL, attention.ATTENTION.gqa_stages
+    saved = attention.DECODE_KERNEL
     attention.DECODE_KERNEL = "gqa" if name == "gqa2" else name
-    attention.ATTENTION.gqa_stages = 2 if name == "gqa2" else 0
     try:
-        yield
+        with attention.ring_depth(2 if name == "gqa2" else 0):
+            yield
     finally:
-        attention.DECODE_KERNEL, attention.ATTENTION.gqa_stages = saved
+        attention.DECODE_KERNEL = saved
 
 
 def launch(c, qkv, kc, vc, ksd, vsd, lens_d, hq, hkv, d, out, amax, scratch):

@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import formats
 from ..gpu import launch
-from ..gpu.tuning import ATTENTION, GEMM, PREFETCH
+from ..gpu.tuning import GEMM, PREFETCH
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
@@ -323,8 +323,8 @@ def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, b
     c = gm.config
     cap = ctx + steps + 3
     attn = attention.decode_kernel(attention.decode_splits(cap), c.head_dim)
-    if attn == "gqa" and ATTENTION.gqa_stages:
-        attn += f" st={ATTENTION.gqa_stages}"
+    if attn == "gqa" and attention.ATTENTION.gqa_stages:
+        attn += f" st={attention.ATTENTION.gqa_stages}"
     attn = f"auto: {attn}" if attention.DECODE_KERNEL == "auto" else attn
     row = dict(model=label, phase="context", attn=attn, context=ctx, batch=bsz,
                kv="int8" if kv8 else "fp16")
@@ -418,19 +418,20 @@ def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), ste
             mw = dataclasses.replace(mw, config=dataclasses.replace(mw.config, max_position_embeddings=longest))
         gm = CudaModel(mw)
         rng = np.random.default_rng(0)
-        saved = attention.DECODE_KERNEL, ATTENTION.gqa_stages
+        saved = attention.DECODE_KERNEL
         try:
-            for kernel, st in itertools.product(kernels, gqa_stages or (ATTENTION.gqa_stages,)):
-                attention.DECODE_KERNEL, ATTENTION.gqa_stages = kernel, st
-                for ctx in contexts:
-                    for kv8 in (False, True):
-                        for bsz in batches:
-                            row = context_row(cp, gm, label + " A8W4", ctx, bsz, kv8, steps, bw, rng)
-                            rows.append(row)
-                            if json_out:
-                                print(json.dumps(row), flush=True)
+            for kernel, st in itertools.product(kernels, gqa_stages or (attention.ATTENTION.gqa_stages,)):
+                attention.DECODE_KERNEL = kernel
+                with attention.ring_depth(st):
+                    for ctx in contexts:
+                        for kv8 in (False, True):
+                            for bsz in batches:
+                                row = context_row(cp, gm, label + " A8W4", ctx, bsz, kv8, steps, bw, rng)
+                                rows.append(row)
+                                if json_out:
+                                    print(json.dumps(row), flush=True)
         finally:
-            attention.DECODE_KERNEL, ATTENTION.gqa_stages = saved
+            attention.DECODE_KERNEL = saved
         del gm, mw
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()

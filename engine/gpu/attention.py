@@ -23,6 +23,9 @@ sized by gqa_splits), or "heads", attn_decode (a block per query head and 64-key
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import numpy as np
 
 from . import flags, kargs, kernels
@@ -31,6 +34,21 @@ from .tuning import ATTENTION
 
 
 GQA_STAGES = (0, 2)        # attn_decode_gqa's ST instantiations at the narrow head sizes (0: automatic)
+
+
+@contextlib.contextmanager
+def ring_depth(st: int):
+    """Within the block, attn_decode_gqa launches with the ring depth st (tuning.ATTENTION is
+    frozen: this module's ATTENTION becomes a copy with gqa_stages = st; benchmarks and tests)."""
+    global ATTENTION
+    if st not in GQA_STAGES:
+        raise BackendError(f"attn_decode_gqa is built for ring depths {GQA_STAGES} (0: automatic), not {st}")
+    saved = ATTENTION
+    ATTENTION = dataclasses.replace(saved, gqa_stages=st)
+    try:
+        yield
+    finally:
+        ATTENTION = saved
 
 
 def _st(stages: int) -> str:
