@@ -427,3 +427,30 @@ def test_ring_depth_switches_and_restores():
     with pytest.raises(attention.BackendError, match="ring depths"):
         with attention.ring_depth(3):
             pass
+
+
+def test_ring_depth_kernels_live_in_their_own_module(monkeypatch):
+    """With gqa_stages = 2 the launcher names attn_decode_gqa<KV, d, 2> of attention.ATTN_STAGES
+    (compiled only when asked for), sizes its shared memory and splits for 3 blocks an SM, and the
+    default launch stays on the main module's attn_decode_gqa<KV, d>."""
+    from types import SimpleNamespace
+    from engine.gpu import kargs, kernels
+    seen = []
+    monkeypatch.setattr(kargs, "function", lambda kf, expr: SimpleNamespace(max_dynamic_shared_size_bytes=1 << 30,
+                                                                          num_regs=166))
+    monkeypatch.setattr(kargs, "launch", lambda kf, expr, grid, block, shared_mem=0, **a: seen.append(
+        (kf, expr, grid, shared_mem)))
+    monkeypatch.setattr(kernels, "device_info", lambda: {"name": "fake", "cc": 90, "sm_count": 132,
+                                                         "l2_bytes": 50 << 20, "smem_optin": 232448})
+    monkeypatch.setattr(attention, "_GQA_LAUNCH", {})
+    kc = np.zeros((1,), np.float16)
+    args = dict(kc=kc, D=128, Hq=32, Hkv=32)
+    attention._decode_gqa("attn_decode", 1, 129, args)
+    with attention.ring_depth(2):
+        attention._decode_gqa("attn_decode", 1, 129, args)
+    (kf0, e0, g0, s0), (kf2, e2, g2, s2) = seen
+    assert (kf0, e0, g0[0], s0) == (attention.ATTN, "attn_decode_gqa<__half, 128>", 8, 96 * 1024)
+    assert (kf2, e2, g2[0], s2) == (attention.ATTN_STAGES, "attn_decode_gqa<__half, 128, 2>", 12, 64 * 1024)
+    assert e0 in attention.ATTN.exprs and e2 in attention.ATTN_STAGES.exprs
+    assert not any(e.startswith("attn_decode_gqa") and e.count(",") == 2
+                   for e in attention.ATTN.exprs + attention.ATTN_FAMILY.exprs)     # no ST there

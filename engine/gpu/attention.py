@@ -61,7 +61,7 @@ def _attention_exprs(sw: str) -> list[str]:
     sliding-window twins."""
     kv, dims = ATTENTION.kv_types, ATTENTION.head_dims
     return ([f"attn_decode{sw}<{t}, {cl}>" for t in kv for cl in (0,) + ATTENTION.decode_clusters]
-            + [f"attn_decode_gqa{sw}<{t}, {d}{_st(st)}>" for t in kv for d in dims for st in GQA_STAGES]
+            + [f"attn_decode_gqa{sw}<{t}, {d}>" for t in kv for d in dims]
             + [f"attn_prefill{sw}<{d}, {t}>" for d in dims for t in kv])
 
 
@@ -79,6 +79,11 @@ ATTN_WIDE_EXPRS = tuple([f"rope_qkv_cache<{t}, {d}>" for t in ATTENTION.kv_types
                         + [f"attn_prefill{sw}<{d}, {t}>" for sw in ("", "_sw") for d in _W
                            for t in ATTENTION.kv_types])
 ATTN_WIDE = kargs.KernelFile("attention.cu", ATTN_WIDE_EXPRS)
+# attn_decode_gqa(_sw) with another ring depth than the automatic one (tuning.ATTENTION.gqa_stages;
+# narrow heads), in a module of their own: compiled only when a run asks for them
+ATTN_STAGES = kargs.KernelFile("attention.cu", tuple(
+    f"attn_decode_gqa{sw}<{t}, {d}, {st}>" for st in GQA_STAGES if st for sw in ("", "_sw")
+    for t in ATTENTION.kv_types for d in ATTENTION.head_dims))
 
 
 def _wide(d: int) -> bool:
@@ -275,8 +280,8 @@ def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict, window: int = 
     if hit is None:
         info = kernels.device_info()
         kvt, smem = kv_type(kc), gqa_smem(d, kv8, st)
-        fn = (kargs.function(_gqa_file(d, sw), f"attn_decode_gqa_sw<{kvt}, {d}{_st(st)}>") if sw
-              else kargs.function(_gqa_file(d, sw), f"attn_decode_gqa<{kvt}, {d}{_st(st)}>"))
+        fn = (kargs.function(_gqa_file(d, sw, st), f"attn_decode_gqa_sw<{kvt}, {d}{_st(st)}>") if sw
+              else kargs.function(_gqa_file(d, sw, st), f"attn_decode_gqa<{kvt}, {d}{_st(st)}>"))
         ns = gqa_splits(batch, args["Hq"], args["Hkv"], d, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024,
                         st, fn.num_regs)
         if fn.max_dynamic_shared_size_bytes < smem:      # > 48 KB: opt in (before any capture)
@@ -284,16 +289,16 @@ def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict, window: int = 
         hit = _GQA_LAUNCH[key] = (kvt, (ns, args["Hkv"] * gqa_groups(args["Hq"], args["Hkv"]), batch), smem)
     kvt, grid, smem = hit
     if sw:
-        kargs.launch(_gqa_file(d, sw), f"attn_decode_gqa_sw<{kvt}, {d}{_st(st)}>", grid, (ATTENTION.threads,),
+        kargs.launch(_gqa_file(d, sw, st), f"attn_decode_gqa_sw<{kvt}, {d}{_st(st)}>", grid, (ATTENTION.threads,),
                      shared_mem=smem, window=window, **args)
         return
-    kargs.launch(_gqa_file(d, sw), f"attn_decode_gqa<{kvt}, {d}{_st(st)}>", grid, (ATTENTION.threads,),
+    kargs.launch(_gqa_file(d, sw, st), f"attn_decode_gqa<{kvt}, {d}{_st(st)}>", grid, (ATTENTION.threads,),
                  shared_mem=smem, **args)
 
 
-def _gqa_file(d: int, sw: bool) -> kargs.KernelFile:
-    """The module attn_decode_gqa(_sw)<KV, d> lives in."""
-    return ATTN_WIDE if _wide(d) else ATTN_FAMILY if sw else ATTN
+def _gqa_file(d: int, sw: bool, st: int = 0) -> kargs.KernelFile:
+    """The module attn_decode_gqa(_sw)<KV, d[, st]> lives in."""
+    return ATTN_WIDE if _wide(d) else ATTN_STAGES if st else ATTN_FAMILY if sw else ATTN
 
 
 _GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed, ST) -> (cache type, grid, shared memory)
