@@ -271,10 +271,7 @@ def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict, window: int = 
     kc, d = args["kc"], args["D"]
     kv8 = kc.dtype.itemsize == 1
     sw = window > 0
-    st = 0 if _wide(d) else ATTENTION.gqa_stages       # wide heads: the automatic ring only
-    if st not in GQA_STAGES:
-        raise BackendError(f"attn_decode_gqa is built for ring depths {GQA_STAGES} (0: automatic), "
-                           f"not tuning.ATTENTION.gqa_stages = {st}")
+    st = 0 if _wide(d) else ATTENTION.gqa_stages       # wide heads: the automatic ring only (ring_depth checks st)
     key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit, sw, st)
     hit = _GQA_LAUNCH.get(key)
     if hit is None:

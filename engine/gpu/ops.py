@@ -37,8 +37,8 @@ import numpy as np
 from .. import formats
 from ..model import sampling
 from . import backend, choice, kargs, kernels, launch
-from .tuning import (GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_MT, GEMV_SILU_U, GEMV_WIDE,  # noqa: F401
-                     MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS, gemv_choice, gemv_targs)
+from .tuning import (GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_DP_SILU, GEMV_MT, GEMV_SILU_U,  # noqa: F401
+                     GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS, gemv_choice, gemv_targs)
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
 CHUNK_K = 64         # k per 16-byte lane vector (DGQ_CHUNK_K)
@@ -193,13 +193,12 @@ def random_packed(n: int, k: int, group: int = 128, seed: int = 0, act: str = "d
 # ----------------------------------------------------------------------------- kernel registry
 
 _B = ("false", "true")
-_GEMV = (tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false>" for mt, cfgs in GEMV_CFGS.items()
-               for rw, u in cfgs for o in _B)
-         + tuple(f"gemm_a8w4_gemv<{mt},{rw},{u},{o},false,16>" for mt, cfgs in GEMV_WIDE.items()
-                 for rw, u in cfgs for o in _B)
-         + tuple(f"gemm_a8w4_gemv<1,1,{u},false,true>" for u in GEMV_SILU_U)
-         + tuple(f"gemm_a8w4_gemv<1,{rw},{u},{o},false,{nw},true>" for rw, u, nw in GEMV_DP_CFGS for o in _B)
-         + ("gemm_a8w4_gemv<1,1,2,false,true,8,true>",))
+_GEMV = tuple(f"gemm_a8w4_gemv<{gemv_targs(*a)}>" for a in
+              [(mt, rw, u, 8, False, o) for mt, cfgs in GEMV_CFGS.items() for rw, u in cfgs for o in (False, True)]
+              + [(mt, rw, u, 16, False, o) for mt, cfgs in GEMV_WIDE.items() for rw, u in cfgs for o in (False, True)]
+              + [(1, 1, u, 8, False, False, True) for u in GEMV_SILU_U]
+              + [(1, rw, u, nw, True, o) for rw, u, nw in GEMV_DP_CFGS for o in (False, True)]
+              + [(1, *GEMV_DP_SILU, True, False, True)])
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
@@ -522,12 +521,13 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None)
     if not (isinstance(sx, cp.ndarray) and sx.dtype == np.float32 and sx.shape == (1,)):
         raise CudaOpError("sx must be a (1,) float32 CuPy array")
     g = _geometry(layer)
-    if GEMM.gemv_dp4a if dp is None else dp:
-        u, tail = 2, ",8,true"                                        # the dp4a SiLU GEMV: U = 2, NW = 8
+    dp = GEMM.gemv_dp4a if dp is None else dp
+    if dp:
+        rw, u, nw = GEMV_DP_SILU
     else:
-        u, tail = _gemv_cfg(1, 1, g.R, {"dp": False})[1], ""            # the mma GEMV's table U
+        rw, u, nw = 1, _gemv_cfg(1, 1, g.R, {"dp": False})[1], 8        # the mma GEMV's table U
         u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
-    kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<1,1,{u},false,true{tail}>", (g.R,), (THREADS,),
+    kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{gemv_targs(1, rw, u, nw, dp, silu=True)}>", (g.R,), (32 * nw,),
                  qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=1, N=layer.n, R=g.R, C=g.C,
                  Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=None, amax_out=amax)
     return out

@@ -182,9 +182,10 @@ GEMV_CFGS = {                                             # MT -> (RW, U) instan
 GEMV_WIDE = {1: ((1, 2),)}          # MT -> (RW, U) also instantiated with 16 warps a block (NW)
 GEMV_MT = tuple(GEMV_CFGS)
 GEMV_SILU_U = (2, 3)                                      # U of the SiLU GEMV (RW = MT = 1)
-# dp4a GEMV (RW, U, NW); its SiLU variant runs (1, 2, 8). Measured slower and dropped (H200, 7B b=1,
+# dp4a GEMV (RW, U, NW), and its SiLU variant's. Measured slower and dropped (H200, 7B b=1,
 # 635 tok/s with these): NW = 4 for q|k|v and gate|up 625, NW = 4 for gate|up alone 635 (a tie).
 GEMV_DP_CFGS = ((1, 2, 8), (1, 4, 8), (1, 2, 16))
+GEMV_DP_SILU = (1, 2, 8)
 MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
 WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
     (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
@@ -257,11 +258,11 @@ class GemmTuning:
 GEMM = GemmTuning()
 
 
-def gemv_targs(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = False) -> str:
-    """The template arguments of the gemm_a8w4_gemv a GEMV call launches (gpu/ops.py;
-    gpu/perfmodel.py mirrors it)."""
+def gemv_targs(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = False, silu: bool = False) -> str:
+    """The template arguments of a gemm_a8w4_gemv<MT, RW, U, OUT_I32, SILU, NW, DP>, as gpu/ops.py
+    instantiates and launches it (gpu/perfmodel.py mirrors the launches)."""
     tail = f",{nw},true" if dp else "" if nw == 8 else f",{nw}"
-    return f"{mt},{rw},{u},{'true' if out_i32 else 'false'},false{tail}"
+    return f"{mt},{rw},{u},{'true' if out_i32 else 'false'},{'true' if silu else 'false'}{tail}"
 
 
 def gemv_choice(m: int, mt: int, few: bool, cfg: dict) -> tuple[int, int, int, bool]:
