@@ -1,0 +1,160 @@
+"""Where attn_decode_gqa's time goes, at the Llama-2-7B attention shape (32 query and kv heads,
+D = 128, batch 1), on the GPU:
+
+    python bench/attn_decode_ablate.py [--contexts 2048,8192] [--variants base,ringonly,...] > out.jsonl
+    python bench/attn_decode_ablate.py --splits > out.jsonl
+
+The kernel alone (plain back-to-back launches, the engine's launcher arguments), against variants
+compiled in the same process from cuda/attention.cu with one piece of source patched out:
+ringonly (the cp.async ring streams, no math), mathonly (the math on whatever the ring holds, no
+copies), nolo (P·V without its fp16 lo half), noloop (no key loop: the prologue's copies, q, the
+merge), ca and ringonly_ca (the copies through L1: cp.async.ca, not .cg). Each patch must match the source exactly once, so a changed kernel fails loudly here
+rather than measuring something else. --splits: the engine's launcher with other split counts
+(tuning.ATTENTION.gqa_waves, gqa_max_splits) and ring depths. One JSON line per row: µs a launch
+(median of alternating rounds) and GB/s of the K/V bytes read. docs/KERNELS.md cites the H200 run.
+"""
+import argparse
+import dataclasses
+import json
+
+import numpy as np
+
+HQ = HKV = 32
+D = 128
+ORDER = ("qkv", "cos_t", "sin_t", "kc", "vc", "ks", "vs", "lens", "Hq", "Hkv", "D", "cap", "scale", "part_ml",
+         "part_acc", "counters", "out", "amax_out")
+WAIT = "        cp_async_wait<L::STAGES - 1>();                  // this lane's copies of step i have landed\n"
+ISSUE = "        if (i + L::STAGES - 1 < mine) issue(i + L::STAGES - 1);\n"
+PROLOGUE = "        if (i < mine) issue(i);\n"
+LO = "                mma_f16_top(o[TPW * w + e][0], o[TPW * w + e][1], pl0, pl2, b0[e], b1[e]);\n"
+LOOP = "    for (int i = 0; i < mine; ++i) {\n"
+CG = "cp.async.cg.shared.global [%0], [%1], 16, %2;"       # cuda/common.cuh cp_async16
+
+
+def variants(src: str) -> dict:
+    """name -> source of attention.cu with that piece removed (lens[0] keeps the compiler from
+    proving a loop empty or a branch dead)."""
+    for piece in (WAIT, ISSUE, PROLOGUE, LO, LOOP, CG):
+        if src.count(piece) != 1:
+            raise SystemExit(f"cuda/attention.cu changed: update the patch {piece.strip()!r}")
+    ringonly = src.replace(WAIT, WAIT + "        if (lens[0] > 0) continue;\n")
+    ca = CG.replace(".cg.", ".ca.")
+    return {"base": src, "ringonly": ringonly, "ca": src.replace(CG, ca), "ringonly_ca": ringonly.replace(CG, ca),
+            "mathonly": src.replace(ISSUE, "").replace(PROLOGUE, ""),
+            "nolo": src.replace(LO, ""),
+            "noloop": src.replace(LOOP, "    for (int i = 0; i < (lens[0] < 0 ? mine : 0); ++i) {\n")}
+
+
+def setup(cp, attention, ctx: int, kv8: bool):
+    """The launcher's keyword arguments for one sequence of ctx keys (random cache), and the K/V
+    bytes a launch reads."""
+    cap = ctx + 64
+    rng = np.random.default_rng(0)
+    if kv8:
+        kc, vc = (cp.asarray(rng.integers(-127, 128, (1, cap, HKV, D), dtype=np.int8)) for _ in range(2))
+        ks, vs = (cp.asarray(rng.random((1, cap, HKV), dtype=np.float32) * 0.01) for _ in range(2))
+    else:
+        kc, vc = (cp.asarray(rng.standard_normal((1, cap, HKV, D), dtype=np.float32).astype(np.float16))
+                  for _ in range(2))
+        ks = vs = cp.ones((1,), cp.float32)
+    ang = np.outer(np.arange(cap), 1.0 / (10000.0 ** (np.arange(0, D, 2) / D)))
+    nsplit = attention.decode_splits(cap)
+    args = dict(qkv=cp.asarray(rng.standard_normal((1, HQ + 2 * HKV, D), dtype=np.float32).astype(np.float16)),
+                cos_t=cp.asarray(np.cos(ang).astype(np.float32)), sin_t=cp.asarray(np.sin(ang).astype(np.float32)),
+                kc=kc, vc=vc, ks=ks, vs=vs, lens=cp.full((1,), ctx, cp.int32), Hq=HQ, Hkv=HKV, D=D, cap=cap,
+                scale=1 / np.sqrt(D), part_ml=cp.zeros((HQ * nsplit * 2,), cp.float32),
+                part_acc=cp.zeros((HQ * nsplit * D,), cp.float32), counters=cp.zeros((HQ,), cp.int32),
+                out=cp.zeros((1, HQ * D), cp.float16), amax_out=cp.zeros((1,), cp.uint32))
+    kv_bytes = 2 * ctx * HKV * D * (1 if kv8 else 2) + (2 * ctx * HKV * 4 if kv8 else 0)
+    return nsplit, args, kv_bytes
+
+
+def median_us(cp, launches: dict, rounds: int = 4, reps: int = 100) -> dict:
+    """name -> median µs a launch over `rounds` rounds, the order alternating."""
+    times = {k: [] for k in launches}
+    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+    for r in range(rounds):
+        for k in (list(launches) if r % 2 == 0 else list(launches)[::-1]):
+            for _ in range(5):
+                launches[k]()
+            e0.record()
+            for _ in range(reps):
+                launches[k]()
+            e1.record()
+            e1.synchronize()
+            times[k].append(cp.cuda.get_elapsed_time(e0, e1) * 1e3 / reps)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def run_variants(cp, attention, kernels, contexts, names):
+    srcs = variants(kernels.source("attention.cu"))
+    unknown = set(names) - set(srcs)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(srcs)}")
+    arch = f"sm_{kernels.device_info()['cc']}" + ("a" if kernels.device_info()["cc"] == 90 else "")
+    exprs = [f"attn_decode_gqa<{t}, {D}>" for t in ("__half", "signed char")]
+    mods = {n: cp.RawModule(code=srcs[n], options=("--std=c++17", f"--gpu-architecture={arch}"),
+                            name_expressions=exprs) for n in names}
+    info = kernels.device_info()
+    for ctx in contexts:
+        for kv8 in (False, True):
+            nsplit, args, kv_bytes = setup(cp, attention, ctx, kv8)
+            vals = tuple(np.float32(args[n]) if n == "scale" else np.int32(args[n]) if isinstance(args[n], int)
+                         else args[n] for n in ORDER)
+            smem = attention.gqa_smem(D, kv8)
+            launches, regs = {}, {}
+            for n in names:
+                fn = mods[n].get_function(exprs[kv8])
+                fn.max_dynamic_shared_size_bytes = smem
+                ns = attention.gqa_splits(1, HQ, HKV, D, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024,
+                                          0, fn.num_regs)
+                launches[n] = (lambda fn=fn, ns=ns: fn((ns, HKV, 1), (attention.ATTENTION.threads,), vals,
+                                                       shared_mem=smem))
+                regs[n] = fn.num_regs
+            for n, us in median_us(cp, launches).items():
+                print(json.dumps(dict(ctx=ctx, kv="int8" if kv8 else "fp16", variant=n, regs=regs[n],
+                                      us=round(us, 2), gbs=round(kv_bytes / us / 1e3, 1))), flush=True)
+
+
+def run_splits(cp, attention, contexts):
+    base = attention.ATTENTION
+    configs = [("heads", 1, 32, 0), ("gqa", 1, 32, 0), ("gqa", 2, 32, 0), ("gqa", 4, 64, 0), ("gqa", 8, 64, 0),
+               ("gqa", 1, 32, 2), ("gqa", 2, 64, 2)]
+    saved_kernel = attention.DECODE_KERNEL
+    try:
+        for ctx in contexts:
+            for kv8 in (False, True):
+                nsplit, args, kv_bytes = setup(cp, attention, ctx, kv8)
+                for kernel, waves, max_splits, st in configs:
+                    attention.DECODE_KERNEL = kernel
+                    attention.ATTENTION = dataclasses.replace(base, gqa_waves=waves, gqa_max_splits=max_splits,
+                                                              gqa_stages=st)
+                    attention._GQA_LAUNCH.clear()
+                    us = median_us(cp, {kernel: lambda: attention.attn_decode(1, nsplit, 0, **args)}, rounds=1,
+                                   reps=200)[kernel]
+                    grid = next(iter(attention._GQA_LAUNCH.values()))[1] if attention._GQA_LAUNCH else None
+                    print(json.dumps(dict(ctx=ctx, kv="int8" if kv8 else "fp16", kernel=kernel, waves=waves,
+                                          max_splits=max_splits, st=st, grid=grid, us=round(us, 2),
+                                          gbs=round(kv_bytes / us / 1e3, 1))), flush=True)
+    finally:
+        attention.ATTENTION, attention.DECODE_KERNEL = base, saved_kernel
+        attention._GQA_LAUNCH.clear()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="2048,8192")
+    ap.add_argument("--variants", default="base,ringonly,mathonly,nolo,noloop")
+    ap.add_argument("--splits", action="store_true", help="the split-count and ring-depth sweep instead")
+    a = ap.parse_args()
+    import cupy as cp
+    from engine.gpu import attention, kernels
+    contexts = [int(c) for c in a.contexts.split(",")]
+    if a.splits:
+        run_splits(cp, attention, contexts)
+    else:
+        run_variants(cp, attention, kernels, contexts, a.variants.split(","))
+
+
+if __name__ == "__main__":
+    main()
