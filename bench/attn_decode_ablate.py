@@ -8,7 +8,9 @@ The kernel alone (plain back-to-back launches, the engine's launcher arguments),
 compiled in the same process from cuda/attention.cu with one piece of source patched out:
 ringonly (the cp.async ring streams, no math), mathonly (the math on whatever the ring holds, no
 copies), nolo (P·V without its fp16 lo half), noloop (no key loop: the prologue's copies, q, the
-merge), ca and ringonly_ca (the copies through L1: cp.async.ca, not .cg). Each patch must match the source exactly once, so a changed kernel fails loudly here
+merge), zfill and ringonly_zfill (the copies in cp.async's zero-filling form, with a src-size
+operand, as the kernel had them before 2026-12-03), cg and ringonly_cg (fp16 K/V through
+cp.async.cg, as before 2026-12-03, not .ca), ca (int8 K/V through .ca as well). Each patch must match the source exactly once, so a changed kernel fails loudly here
 rather than measuring something else. --splits: the engine's launcher with other split counts
 (tuning.ATTENTION.gqa_waves, gqa_max_splits) and ring depths. One JSON line per row: µs a launch
 (median of alternating rounds) and GB/s of the K/V bytes read. docs/KERNELS.md cites the H200 run.
@@ -28,18 +30,27 @@ ISSUE = "        if (i + L::STAGES - 1 < mine) issue(i + L::STAGES - 1);\n"
 PROLOGUE = "        if (i < mine) issue(i);\n"
 LO = "                mma_f16_top(o[TPW * w + e][0], o[TPW * w + e][1], pl0, pl2, b0[e], b1[e]);\n"
 LOOP = "    for (int i = 0; i < mine; ++i) {\n"
-CG = "cp.async.cg.shared.global [%0], [%1], 16, %2;"       # cuda/common.cuh cp_async16
+VIA_L1 = "    constexpr bool VIA_L1 = !KV8;\n"
+# cuda/common.cuh cp_async16(dst, src) and attention.cu cp_async_ca<N>(dst, src): the copies without src-size
+CG = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");'
+CA = 'asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(N) : "memory");'
+# ... in the zero-filling form (src-size in a register, always the whole copy): the kernel before 2026-12-03
+CG_Z = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(16) : "memory");'
+CA_Z = 'asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" :: "r"(dst), "l"(src), "n"(N), "r"(N) : "memory");'
 
 
 def variants(src: str) -> dict:
     """name -> source of attention.cu with that piece removed (lens[0] keeps the compiler from
     proving a loop empty or a branch dead)."""
-    for piece in (WAIT, ISSUE, PROLOGUE, LO, LOOP, CG):
+    for piece in (WAIT, ISSUE, PROLOGUE, LO, LOOP, CG, CA, VIA_L1):
         if src.count(piece) != 1:
             raise SystemExit(f"cuda/attention.cu changed: update the patch {piece.strip()!r}")
     ringonly = src.replace(WAIT, WAIT + "        if (lens[0] > 0) continue;\n")
-    ca = CG.replace(".cg.", ".ca.")
-    return {"base": src, "ringonly": ringonly, "ca": src.replace(CG, ca), "ringonly_ca": ringonly.replace(CG, ca),
+    zfill = src.replace(CG, CG_Z).replace(CA, CA_Z)
+    cg = VIA_L1.replace("!KV8", "false")
+    return {"base": src, "ringonly": ringonly, "zfill": zfill, "ringonly_zfill": ringonly.replace(CG, CG_Z).replace(CA, CA_Z),
+            "cg": src.replace(VIA_L1, cg), "ringonly_cg": ringonly.replace(VIA_L1, cg),
+            "ca": src.replace(VIA_L1, VIA_L1.replace("!KV8", "true")),
             "mathonly": src.replace(ISSUE, "").replace(PROLOGUE, ""),
             "nolo": src.replace(LO, ""),
             "noloop": src.replace(LOOP, "    for (int i = 0; i < (lens[0] < 0 ? mine : 0); ++i) {\n")}
@@ -130,8 +141,16 @@ def run_splits(cp, attention, contexts):
                     attention.ATTENTION = dataclasses.replace(base, gqa_waves=waves, gqa_max_splits=max_splits,
                                                               gqa_stages=st)
                     attention._GQA_LAUNCH.clear()
-                    us = median_us(cp, {kernel: lambda: attention.attn_decode(1, nsplit, 0, **args)}, rounds=1,
-                                   reps=200)[kernel]
+                    a = args
+
+                    def launch():
+                        attention.attn_decode(1, nsplit, 0, qkv=a["qkv"], cos_t=a["cos_t"], sin_t=a["sin_t"],
+                                              kc=a["kc"], vc=a["vc"], ks=a["ks"], vs=a["vs"], lens=a["lens"],
+                                              Hq=a["Hq"], Hkv=a["Hkv"], D=a["D"], cap=a["cap"], scale=a["scale"],
+                                              part_ml=a["part_ml"], part_acc=a["part_acc"],
+                                              counters=a["counters"], out=a["out"], amax_out=a["amax_out"])
+
+                    us = median_us(cp, {kernel: launch}, rounds=1, reps=200)[kernel]
                     grid = next(iter(attention._GQA_LAUNCH.values()))[1] if attention._GQA_LAUNCH else None
                     print(json.dumps(dict(ctx=ctx, kv="int8" if kv8 else "fp16", kernel=kernel, waves=waves,
                                           max_splits=max_splits, st=st, grid=grid, us=round(us, 2),
@@ -144,7 +163,7 @@ def run_splits(cp, attention, contexts):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="2048,8192")
-    ap.add_argument("--variants", default="base,ringonly,mathonly,nolo,noloop")
+    ap.add_argument("--variants", default="base,cg,zfill,ca,ringonly,ringonly_cg,mathonly,noloop")
     ap.add_argument("--splits", action="store_true", help="the split-count and ring-depth sweep instead")
     a = ap.parse_args()
     import cupy as cp

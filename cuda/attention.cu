@@ -766,8 +766,11 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 //   what it copied itself). The k index of a mma is free to permute (the same permutation on
 //   Q), and so is the n index of P·V (the output columns): a lane's bytes of a key are whole
 //   16-byte pieces and each copy instruction of the warp reads 64 (K) or 128 (V) contiguous
-//   bytes of a cache row. int8 (kv8) codes become fp16 exactly in registers (the 0x6400 magic
-//   bias); the scales multiply the scores (k) and P (v) in fp32, as in attn_decode;
+//   bytes of a cache row; fp16 K/V go through L1 (cp.async.ca: 1.33× the rate of .cg at 8192
+//   keys, docs/KERNELS.md). A key past the split's end copies the split's first row (finite,
+//   and its score is −inf, so its P is 0; zero-filling measured the same). int8 (kv8) codes
+//   become fp16 exactly in registers (the 0x6400 magic bias); the scales multiply the scores
+//   (k) and P (v) in fp32, as in attn_decode;
 // - split over the sequence (flash-decoding): the launcher sizes the grid from the capacity,
 //   the batch and the SMs (the graph of the decode step is captured once); the kernel divides
 //   the keys it finds in lens among the splits (chunks of ⌈n / NS⌉ keys rounded up to a step,
@@ -814,6 +817,11 @@ template <int N>
 __device__ __forceinline__ void cp_async_ca(u32 dst, const void* src, bool pred) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" :: "r"(dst), "l"(src), "n"(N), "r"(pred ? N : 0)
                  : "memory");
+}
+// The same from an always valid src, without the zero-filling src-size (common.cuh cp_async16).
+template <int N>
+__device__ __forceinline__ void cp_async_ca(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(N) : "memory");
 }
 
 __device__ __forceinline__ uint4 lds128(u32 addr) {
@@ -892,6 +900,12 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     const float sl2 = scale * 1.4426950408889634f;       // scores in log2 units: exp2
 
     auto rec = [&](int slot, int x) -> u32 { return ring + slot * L::STAGE + (x >> 4) * 512 + (x & 15); };
+    // fp16 K/V through L1 (cp.async.ca): at 8192 keys 1.33× the rate of .cg; int8: .cg (.ca: ±2.5 %)
+    constexpr bool VIA_L1 = !KV8;
+    auto copy16 = [&](u32 dst, const char* src) {
+        if constexpr (VIA_L1) cp_async_ca<16>(dst, src);
+        else cp_async16(dst, src);
+    };
     auto issue = [&](int i) {                            // cp.async of this warp's step i into its slot
         const int slot = i % L::STAGES, kb = c0 + (warp + i * GQ_WARPS) * GQ_STEP;
 #pragma unroll
@@ -900,7 +914,7 @@ __device__ __forceinline__ void attn_decode_gqa_body(
             const bool ok = key < c1;
             const char* src = kbytes + (row0 + (size_t)(ok ? key : c0) * Hkv) * (DT * ES);
 #pragma unroll
-            for (int j = 0; j < L::KB / 16; ++j) cp_async16(rec(slot, kg * L::KB + 16 * j), src + (4 * j + t) * 16, ok);
+            for (int j = 0; j < L::KB / 16; ++j) copy16(rec(slot, kg * L::KB + 16 * j), src + (4 * j + t) * 16);
         }
 #pragma unroll
         for (int jv = 0; jv < 4; ++jv) {
@@ -911,12 +925,12 @@ __device__ __forceinline__ void attn_decode_gqa_body(
 #pragma unroll
             for (int a = 0; a < L::VB / L::VCH; ++a) {
                 const u32 dst = rec(slot, 2 * L::KB + jv * L::VB + a * L::VCH);
-                if constexpr (L::VCH == 16) cp_async16(dst, src + (8 * a + g) * 16, ok);
-                else cp_async_ca<L::VCH>(dst, src + (8 * a + g) * L::VCH, ok);
+                if constexpr (L::VCH == 16) copy16(dst, src + (8 * a + g) * 16);
+                else cp_async_ca<L::VCH>(dst, src + (8 * a + g) * L::VCH);
             }
             if constexpr (KV8) {
-                cp_async_ca<4>(rec(slot, 2 * L::KB + 4 * L::VB + 4 * jv), ks + r, ok);
-                cp_async_ca<4>(rec(slot, 2 * L::KB + 4 * L::VB + 16 + 4 * jv), vs + r, ok);
+                cp_async_ca<4>(rec(slot, 2 * L::KB + 4 * L::VB + 4 * jv), ks + r);
+                cp_async_ca<4>(rec(slot, 2 * L::KB + 4 * L::VB + 16 + 4 * jv), vs + r);
             }
         }
     };
