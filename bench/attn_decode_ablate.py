@@ -12,12 +12,17 @@ merge), zfill and ringonly_zfill (the copies in cp.async's zero-filling form, wi
 operand, as the kernel had them before 2026-12-03), cg and ringonly_cg (fp16 K/V through
 cp.async.cg, as before 2026-12-03, not .ca), ca (int8 K/V through .ca as well). Each patch must match the source exactly once, so a changed kernel fails loudly here
 rather than measuring something else. --splits: the engine's launcher with other split counts
-(tuning.ATTENTION.gqa_waves, gqa_max_splits) and ring depths. One JSON line per row: µs a launch
+(tuning.ATTENTION.gqa_waves, gqa_max_splits) and ring depths. --file NAME=PATH (repeatable): one
+more variant compiled from another attention.cu (e.g. `git show REV:cuda/attention.cu > PATH`;
+its includes come from cuda/), to compare a kernel change in one process. One JSON line per row: µs a launch
 (median of alternating rounds) and GB/s of the K/V bytes read. docs/KERNELS.md cites the H200 run.
 """
 import argparse
 import dataclasses
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -54,6 +59,20 @@ def variants(src: str) -> dict:
             "mathonly": src.replace(ISSUE, "").replace(PROLOGUE, ""),
             "nolo": src.replace(LO, ""),
             "noloop": src.replace(LOOP, "    for (int i = 0; i < (lens[0] < 0 ? mine : 0); ++i) {\n")}
+
+
+def source_of(kernels, path: str) -> str:
+    """attention.cu's text from `path` with its includes expanded from cuda/ (kernels.source on a
+    copy of cuda/ where attention.cu is that file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for header in Path(kernels.CUDA_DIR).glob("*.cuh"):
+            shutil.copy(header, tmp)
+        shutil.copy(path, Path(tmp) / "attention.cu")
+        saved, kernels.CUDA_DIR = kernels.CUDA_DIR, Path(tmp)
+        try:
+            return kernels.source("attention.cu")
+        finally:
+            kernels.CUDA_DIR = saved
 
 
 def setup(cp, attention, ctx: int, kv8: bool):
@@ -97,8 +116,14 @@ def median_us(cp, launches: dict, rounds: int = 4, reps: int = 100) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def run_variants(cp, attention, kernels, contexts, names):
+def run_variants(cp, attention, kernels, contexts, names, files=()):
     srcs = variants(kernels.source("attention.cu"))
+    for spec in files:
+        name, _, path = spec.partition("=")
+        if not path or name in srcs:
+            raise SystemExit(f"--file wants NAME=PATH with a new NAME, not {spec!r}")
+        srcs[name] = source_of(kernels, path)
+        names = [*names, name]
     unknown = set(names) - set(srcs)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(srcs)}")
@@ -164,6 +189,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="2048,8192")
     ap.add_argument("--variants", default="base,cg,zfill,ca,ringonly,ringonly_cg,mathonly,noloop")
+    ap.add_argument("--file", action="append", default=[], metavar="NAME=PATH",
+                    help="one more variant: attention.cu from PATH (its includes from cuda/)")
     ap.add_argument("--splits", action="store_true", help="the split-count and ring-depth sweep instead")
     a = ap.parse_args()
     import cupy as cp
@@ -172,7 +199,7 @@ def main():
     if a.splits:
         run_splits(cp, attention, contexts)
     else:
-        run_variants(cp, attention, kernels, contexts, a.variants.split(","))
+        run_variants(cp, attention, kernels, contexts, a.variants.split(","), a.file)
 
 
 if __name__ == "__main__":
