@@ -27,7 +27,7 @@ from ..gpu import kernels
 from ..gpu import ops as ops_cuda
 from . import gemm, perf, quantize, serve, wb
 from .common import BenchError, cp_or_fail
-from .e2e import MODELS, format_context_table, format_table, parse_ab, run_context, run_e2e
+from .e2e import MODELS, format_context_table, format_table, parse_ab, read_patches, run_context, run_e2e
 
 
 def _ints(text: str, flag: str, least: int = 1) -> tuple[int, ...]:
@@ -68,10 +68,11 @@ def cmd_e2e(args) -> int:
     prefetch = _ints(args.prefetch, "--prefetch", least=0) if args.prefetch else ()
     try:
         ab = [parse_ab(item) for item in args.ab]
+        patches = read_patches(args.patch) if args.patch else ()
     except ValueError as e:
         raise BenchError(str(e)) from None
     rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models, pot_bits=pot,
-                   prefetch=prefetch, ab=ab)
+                   prefetch=prefetch, ab=ab, patches=patches)
     if args.md:
         Path(args.md).write_text(format_table(rows) + "\n")
     return 0
@@ -155,9 +156,13 @@ def main(argv=None) -> int:
     e.add_argument("--prefetch", default="", help="comma-separated MB of gate|up weights (0: o only): batch-1 decode "
                    "rows with the L2 prefetch on (o weights + that many MB; tuning.PrefetchTuning), beside the default's")
     e.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
-                   help="a batch-1 decode row (and its per-launch profile) with these tuning.GEMM fields set, "
-                   "beside the default's, where the step runs with PDL (sm_90); repeatable, e.g. "
-                   "--ab gemv_dp4a=0 --ab gemv_dp_u=4")
+                   help="a batch-1 decode row (and its per-launch profile) and a prefill row with these "
+                   "tuning.GEMM fields set, beside the default's, where the step runs with PDL (sm_90); "
+                   "repeatable, e.g. --ab gemv_dp4a=0 --ab gemv_dp_u=4")
+    e.add_argument("--patch", metavar="FILE.json",
+                   help="the same A/B rows for kernels compiled from edited source, beside the landed ones in "
+                   "one process: a JSON list of {\"name\": ..., \"edits\": [[\"gemm_a8w4.cu\", old text, new "
+                   "text], ...]} (each old must occur in that module's inlined source; bench/patches/ has examples)")
     e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)

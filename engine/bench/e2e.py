@@ -15,6 +15,10 @@ model's shapes and the context, and the % of the copy bandwidth measured in the 
 that this reaches; the attention launch alone is timed too (attention_time) against its K/V
 bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu/attention.py),
 --gqa-stages 0,2 with each ring depth of attn_decode_gqa (tuning.ATTENTION.gqa_stages).
+
+A/B rows beside the default's, in the same process (batch-1 decode with its per-launch profile,
+and the first prefill length): --prefetch (the L2 prefetch), --ab (tuning.GEMM fields), --patch
+FILE.json (kernels compiled from edited source: kargs.patched; bench/patches/).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import formats
-from ..gpu import launch
+from ..gpu import kargs, launch
 from ..gpu.tuning import GEMM, PREFETCH
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
@@ -138,9 +142,9 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
     bits = 8 * wb["linears"] / n_params
     rng = np.random.default_rng(0)
     c = mw.config
-    for t in prefill_lens:
-        if t > c.max_position_embeddings:
-            continue
+    prefill_lens = [t for t in prefill_lens if t <= c.max_position_embeddings]
+
+    def prefill_row(t, label):
         toks = rng.integers(0, c.vocab_size, t)
         cache = gm.new_cache(t)
 
@@ -148,8 +152,11 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
             cache.lens_host[:] = 0
             gm.prefill(toks, cache)
         s = _timed(cp, run, 3)
-        rows.append(dict(model=name, phase="prefill", tokens=t, batch=1, seconds=s, tok_s=t / s,
-                         bits_per_param=bits, weight_bytes=wb["linears"] + wb["other"]))
+        return dict(model=label, phase="prefill", tokens=t, batch=1, seconds=s, tok_s=t / s,
+                    bits_per_param=bits, weight_bytes=wb["linears"] + wb["other"])
+
+    for t in prefill_lens:
+        rows.append(prefill_row(t, name))
     def decode_row(bsz, kv8, label):
         cache = gm.new_cache(ctx + steps + 1, batch=bsz, kv8=kv8)
         firsts = []
@@ -185,9 +192,10 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
                 with launch.plain_launches():
                     row, cache = decode_row(bsz, kv8, name + " no-PDL")
                 rows.append(row)
-                for suffix, setting in variants:     # A/B rows of decode settings (run_e2e)
+                for suffix, setting in variants:     # A/B rows of settings (run_e2e): decode, 1st prefill
                     del cache
                     with setting():
+                        rows += [prefill_row(t, name + " " + suffix) for t in prefill_lens[:1]]
                         row, cache = decode_row(bsz, kv8, name + " " + suffix)
                         rows.append(row)
                         prof = graph_breakdown(gm, cache)
@@ -232,13 +240,40 @@ def _setting(obj, **values):
             setattr(obj, k, v)
 
 
-def decode_variants(prefetch=(), ab=()) -> list:
-    """(row suffix, context manager factory) for the batch-1 A/B rows: the L2 prefetch of o and
-    that many MB of gate|up (tuning.PrefetchTuning); each item of ab, a dict of tuning.GEMM
-    fields and values (e.g. {"gemv_dp4a": False, "gemv_dp_u": 4})."""
+def decode_variants(prefetch=(), ab=(), patches=()) -> list:
+    """(row suffix, context manager factory) for the A/B rows (batch-1 decode and the first
+    prefill length): the L2 prefetch of o and that many MB of gate|up (tuning.PrefetchTuning);
+    each item of ab, a dict of tuning.GEMM fields and values (e.g. {"gemv_dp4a": False,
+    "gemv_dp_u": 4}); each of patches, (name, source edits) for kargs.patched (read_patches)."""
     out = [(f"prefetch o+{mb}MB", functools.partial(_setting, PREFETCH, enabled=True, gate_up_bytes=mb << 20))
            for mb in prefetch]
     out += [(",".join(f"{k}={int(v)}" for k, v in d.items()), functools.partial(_setting, GEMM, **d)) for d in ab]
+    out += [(f"patch {name}", functools.partial(kargs.patched, edits)) for name, edits in patches]
+    return out
+
+
+def read_patches(path) -> list:
+    """--patch FILE: a JSON list of {"name": str, "edits": [[file.cu, old, new], ...]}, each an A/B
+    row whose kernels compile from cuda/<file.cu> with every `old` of its inlined source (headers
+    included) replaced by `new` (kargs.patched). -> [(name, edits), ...]; one clear error for a
+    file that is not that."""
+    try:
+        items = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--patch {path}: cannot read a JSON list from it ({e})") from None
+    out = []
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"--patch {path}: want a non-empty JSON list of {{\"name\": ..., \"edits\": [...]}}")
+    for i, item in enumerate(items):
+        edits = item.get("edits") if isinstance(item, dict) else None
+        name = item.get("name") if isinstance(item, dict) else None
+        ok = isinstance(name, str) and name and isinstance(edits, list) and edits and all(
+            isinstance(e, list) and len(e) == 3 and all(isinstance(x, str) for x in e) and e[0].endswith(".cu")
+            and e[1] for e in edits)
+        if not ok:
+            raise ValueError(f"--patch {path}: item {i} is not {{\"name\": str, \"edits\": [[file.cu, old, new], ...]}} "
+                             "with a non-empty old text")
+        out.append((name, tuple(tuple(e) for e in edits)))
     return out
 
 
@@ -258,7 +293,7 @@ def parse_ab(item: str) -> dict:
 
 
 def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b"), pot_bits=(4, 3, 2),
-            prefetch=(), ab=()):
+            prefetch=(), ab=(), patches=()):
     cp, bw, rows = _device()
     if qfile:                                          # that file alone, whatever its shape
         from ..io.qfile import load_qfile  # noqa: PLC0415
@@ -274,7 +309,7 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             mw, label = random_model(MODELS[key][0], True), MODELS[key][1]
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
         rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32),
-                            variants=decode_variants(prefetch, ab), **kw)
+                            variants=decode_variants(prefetch, ab, patches), **kw)
         _progress(rows, label + " A8W4")
         # the same with the opt-in INT8 output head (--lm-head int8): decode only
         rows += bench_model(cp, label + " A8W4 int8-head", mw.with_int8_lm_head(), bw=bw, prefill_lens=(),

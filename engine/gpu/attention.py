@@ -272,7 +272,7 @@ def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict, window: int = 
     kv8 = kc.dtype.itemsize == 1
     sw = window > 0
     st = 0 if _wide(d) else ATTENTION.gqa_stages       # wide heads: the automatic ring only (ring_depth checks st)
-    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit, sw, st)
+    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit, sw, st, kernels.EDITS)   # EDITS: kargs.patched
     hit = _GQA_LAUNCH.get(key)
     if hit is None:
         info = kernels.device_info()
@@ -298,4 +298,4 @@ def _gqa_file(d: int, sw: bool, st: int = 0) -> kargs.KernelFile:
     return ATTN_WIDE if _wide(d) else ATTN_STAGES if st else ATTN_FAMILY if sw else ATTN
 
 
-_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed, ST) -> (cache type, grid, shared memory)
+_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed, ST, edits) -> (cache type, grid, shared memory)

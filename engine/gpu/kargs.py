@@ -19,7 +19,9 @@ tests/test_kernel_args.py checks statically that every call of `launch` and of a
 launcher in engine/, tests/ and bench/ passes exactly the kernel's parameter names.
 
 `intercepted(wrap)` routes every keyword launch through wrap(expr, run) (run() launches):
-how benchmarks time, record or leave out launches by kernel.
+how benchmarks time, record or leave out launches by kernel. `patched(edits)` compiles the
+kernels launched within it from edited sources (kernels.EDITS): how a benchmark times a kernel
+change beside the landed one in one process (python -m engine.bench e2e --patch).
 """
 from __future__ import annotations
 
@@ -229,6 +231,26 @@ def bind(kf: KernelFile, expr: str, args: dict) -> tuple:
 def function(kf: KernelFile, expr: str):
     """The launch.Kernel of `expr` (for attributes such as max_dynamic_shared_size_bytes)."""
     return kernels.function(kf.file, expr, kf.exprs)
+
+
+@contextlib.contextmanager
+def patched(edits):
+    """Within the block, cuda/<file> compiles with each (file, old, new) edit applied to its
+    inlined source (kernels.apply_edits: every occurrence of old; a missing old fails at compile).
+    The launch cache is emptied on entry and exit, so launches pick the edited kernels inside
+    and the landed ones after; a CUDA graph captured inside keeps the edited kernels."""
+    edits = tuple(tuple(e) for e in edits)
+    for e in edits:
+        if len(e) != 3 or not all(isinstance(x, str) for x in e) or not e[0].endswith(".cu") or not e[1]:
+            raise ValueError(f"a source edit is (file.cu, old text, new text) with old text non-empty, not {e!r}")
+    saved = kernels.EDITS
+    kernels.EDITS = saved + edits
+    _LAUNCHES.clear()
+    try:
+        yield
+    finally:
+        kernels.EDITS = saved
+        _LAUNCHES.clear()
 
 
 def launch(kf: KernelFile, expr: str, grid, block, shared_mem: int = 0, **args):

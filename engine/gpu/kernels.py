@@ -11,6 +11,10 @@ through -I, so inlining makes the key cover every header: editing common.cuh
 can never leave a stale kernel behind. In-process, modules are cached by a
 SHA-256 of (inlined code, options, name expressions).
 
+EDITS (set by kargs.patched, for benchmarks only): (file, old, new) text edits applied to a
+module's inlined source before it compiles, so a kernel change can be timed beside the landed
+kernel in one process; modules and kernels are cached per edit set.
+
 The architecture comes from the device: `sm_90a` on compute capability 9.0
 (needed for wgmma), `sm_XY` elsewhere; below sm_80 there is no int8 mma.sync
 and we refuse.
@@ -87,6 +91,24 @@ def arch_flag() -> str:
 
 _MODULES: dict[tuple, object] = {}
 _FUNCS: dict[tuple, object] = {}
+EDITS: tuple = ()       # ((file, old, new), ...): kargs.patched sets it; () outside benchmarks
+
+
+def edits_for(name: str) -> tuple:
+    """The EDITS that apply to cuda/<name>."""
+    return tuple(e for e in EDITS if e[0] == name)
+
+
+def apply_edits(name: str, code: str, edits) -> str:
+    """code with each (name, old, new) edit's old replaced by new (every occurrence); an old that
+    is not there is an error, so a benchmark never times an unchanged kernel under a new name."""
+    for file, old, new in edits:
+        if file != name:
+            continue
+        if old not in code:
+            raise KernelError(f"source edit for cuda/{name}: {old!r} is not in its inlined source")
+        code = code.replace(old, new)
+    return code
 
 
 def module(name: str, name_expressions: tuple[str, ...]):
@@ -99,10 +121,11 @@ def module(name: str, name_expressions: tuple[str, ...]):
     if cp is None:
         raise KernelError("no usable GPU: CuPy is missing or sees no CUDA device")
     arch = arch_flag()
-    mkey = (name, name_expressions, arch)
+    edits = edits_for(name)
+    mkey = (name, name_expressions, arch, edits)
     mod = _MODULES.get(mkey)
     if mod is None:
-        code = source(name)
+        code = apply_edits(name, source(name), edits)
         options = ("--std=c++17", f"--gpu-architecture={arch}")
         try:
             mod = cp.RawModule(code=code, options=options, name_expressions=list(name_expressions))
@@ -110,7 +133,8 @@ def module(name: str, name_expressions: tuple[str, ...]):
         except Exception as e:  # CompileException carries the NVRTC log
             raise KernelError(f"compiling cuda/{name} for {arch} failed:\n{e}") from e
         _MODULES[mkey] = mod
-        _MODULES[("sha256", name, arch)] = hashlib.sha256(code.encode()).hexdigest()
+        if not edits:
+            _MODULES[("sha256", name, arch)] = hashlib.sha256(code.encode()).hexdigest()
     return mod
 
 
@@ -122,7 +146,7 @@ def source_hash(name: str) -> str | None:
 def function(name: str, expr: str, name_expressions: tuple[str, ...]):
     """One kernel out of cuda/<name> (a launch.Kernel: a RawKernel launched with programmatic
     dependent launch where the GPU has it); `expr` must be in name_expressions."""
-    key = (name, expr, name_expressions)
+    key = (name, expr, name_expressions, edits_for(name))
     fn = _FUNCS.get(key)
     if fn is None:
         fn = launch.Kernel(module(name, name_expressions).get_function(expr))
