@@ -18,7 +18,8 @@ bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu
 
 A/B rows beside the default's, in the same process (batch-1 decode with its per-launch profile,
 and the first prefill length): --prefetch (the L2 prefetch), --ab (tuning.GEMM fields), --patch
-FILE.json (kernels compiled from edited source: kargs.patched; bench/patches/).
+FILE.json (kernels compiled from edited source: kargs.patched; bench/patches/; its rows also
+for the W<b>-PoT models' batch-1 decode).
 """
 from __future__ import annotations
 
@@ -319,7 +320,8 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
         for b in pot_bits:          # weight-only power-of-two models of the same shape: decode only
             shape = MODELS[key][0]
             rows += bench_model(cp, label.split(" (")[0] + f" (random W{b}-PoT)", random_model(shape, b), bw=bw,
-                                prefill_lens=(), batches=(1, 8), steps=kw.get("steps", 64))
+                                prefill_lens=(), batches=(1, 8), steps=kw.get("steps", 64),
+                                variants=decode_variants(patches=patches))
     for r in rows:
         if json_out:
             print(json.dumps(r))
