@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from engine.bench.e2e import decode_variants, read_patches
-from engine.gpu import backend, kargs, kernels
+from engine.gpu import attention, backend, kargs, kernels, ops
 
 ROOT = Path(__file__).resolve().parents[1]
+# a real edit of today's sources (bench/patches/loads.json's first)
+GEMV_L1 = ("gemm_a8w4.cu", "ld.global.nc.L1::no_allocate.L2::256B.v4.u32", "ld.global.nc.L2::256B.v4.u32")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "bench" / "patches").glob("*.json")), ids=lambda p: p.name)
@@ -29,22 +33,45 @@ def test_apply_edits_replaces_every_occurrence_of_its_file_only():
         kernels.apply_edits("f.cu", code, [("f.cu", "nowhere", "y")])
 
 
+def item(name, *edits):
+    return {"name": name, "edits": [list(e) for e in edits]}
+
+
 @pytest.mark.parametrize("bad, match", [
-    ("{}", "non-empty JSON list"),
-    ("[]", "non-empty JSON list"),
-    ('[{"name": "a"}]', "item 0"),
-    ('[{"name": "a", "edits": [["common.cuh", "x", "y"]]}]', "item 0"),
-    ('[{"name": "a", "edits": [["f.cu", "", "y"]]}]', "item 0"),
-    ('[{"name": "a", "edits": [["f.cu", "x", "y"]]}, {"name": "", "edits": [["f.cu", "x", "y"]]}]', "item 1"),
+    ({}, "non-empty JSON list"),
+    ([], "non-empty JSON list"),
+    ([{"name": "a"}], "item 0"),
+    ([item("a", ("common.cuh", "x", "y"))], "item 0"),                      # a header: name its module
+    ([item("a", ("gemm_a8w4.cu", "", "y"))], "item 0"),
+    ([item("a", GEMV_L1), item("", GEMV_L1)], "item 1"),
+    ([item("a", GEMV_L1), item("a", GEMV_L1)], "item 1"),                   # the same name twice
+    ([item("a", ("gemm_a8w4.cu", GEMV_L1[1], GEMV_L1[1]))], "item 0"),      # no change
+    ([item("a", ("gemm_a8w4_sm9.cu", "x", "y"))], "missing"),               # no such file
+    ([item("a", ("gemm_a8w4.cu", "no such text", "y"))], "not in its inlined source"),
+    ([item("a", ("gemm_a8w4.cu", "int M, int N, int R, int C", "int M, int N, int R, long long C"))],
+     "parameters"),                                                          # launches would mis-pass C
     ("not json", "cannot read"),
 ])
-def test_read_patches_refuses_bad_files(tmp_path, bad, match):
+def test_read_patches_refuses_bad_files_before_any_gpu_time(tmp_path, bad, match):
     p = tmp_path / "p.json"
-    p.write_text(bad)
+    p.write_text(bad if isinstance(bad, str) else json.dumps(bad))
     with pytest.raises(ValueError, match=match):
         read_patches(p)
+
+
+def test_read_patches_missing_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read"):
         read_patches(tmp_path / "missing.json")
+
+
+class FakeKernel:
+    """A compiled kernel of the fake CuPy: remembers the source it came from and its launches."""
+
+    def __init__(self, code):
+        self.code, self.calls, self.max_dynamic_shared_size_bytes, self.num_regs = code, [], 0, 168
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.calls.append(args)
 
 
 class FakeModule:
@@ -55,47 +82,72 @@ class FakeModule:
         pass
 
     def get_function(self, expr):
-        return ("fn", expr, self.code)
+        return FakeKernel(self.code)
 
 
-class FakeCupy:
-    RawModule = FakeModule
-
-
-def test_patched_compiles_edited_modules_beside_the_landed_ones(monkeypatch):
-    monkeypatch.setattr(backend, "cupy_or_none", lambda: FakeCupy)
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """kernels/kargs with a fake CuPy and a one-kernel source for every file; fresh caches."""
+    monkeypatch.setattr(backend, "cupy_or_none", lambda: SimpleNamespace(RawModule=FakeModule))
     monkeypatch.setattr(kernels, "arch_flag", lambda: "sm_90a")
-    monkeypatch.setattr(kernels, "source", lambda name: f"// {name}\nint v = 1;\n")
-    monkeypatch.setattr(kernels, "_MODULES", {})
-    monkeypatch.setattr(kernels, "_FUNCS", {})
+    monkeypatch.setattr(kernels, "source", lambda name: f"// {name}\n__global__ void k(int n) {{ int v = 1; }}\n")
     monkeypatch.setattr(kernels.launch, "Kernel", lambda raw: raw)
-    exprs = ("k",)
-    landed = kernels.function("fused.cu", "k", exprs)
-    kargs._LAUNCHES[("sentinel",)] = None
-    with kargs.patched([("fused.cu", "v = 1", "v = 2")]):
-        assert kernels.EDITS == (("fused.cu", "v = 1", "v = 2"),)
-        assert not kargs._LAUNCHES                              # launches look their kernels up again
-        edited = kernels.function("fused.cu", "k", exprs)
-        assert "v = 2" in edited[2] and "v = 1" not in edited[2]
-        assert kernels.function("attention.cu", "k", exprs)[2].endswith("v = 1;\n")   # another file: as landed
-        assert kernels.function("fused.cu", "k", exprs) is edited
-    assert kernels.EDITS == ()
-    assert kernels.function("fused.cu", "k", exprs) is landed   # the landed kernel again, not recompiled
-    assert kernels.source_hash("fused.cu") is not None
-    with pytest.raises(RuntimeError):                           # restored on an error too
+    for mod, attr in ((kernels, "_MODULES"), (kernels, "_FUNCS"), (kargs, "_LAUNCHES"), (kargs, "_PARSED"),
+                      (kargs, "_ORDER"), (kargs, "_BOUND")):
+        monkeypatch.setattr(mod, attr, {})
+
+
+def test_launches_go_landed_edited_landed(fake_gpu):
+    kf = kargs.KernelFile("fused.cu", ("k",))
+    kargs.launch(kf, "k", (1,), (1,), n=1)
+    landed = kernels.function("fused.cu", "k", kf.exprs)
+    with kargs.patched([("fused.cu", "v = 1", "v = 2")]) as used:
+        assert kernels.EDITS == (("fused.cu", "v = 1", "v = 2"),) and used == set()
+        kargs.launch(kf, "k", (1,), (1,), n=2)
+        edited = kernels.function("fused.cu", "k", kf.exprs)
+        assert used == {"fused.cu"}
+        assert "v = 2" in edited.code and "v = 1" not in edited.code
+        assert kernels.function("attention.cu", "k", ("k",)).code.count("v = 1")     # another file: as landed
+    kargs.launch(kf, "k", (1,), (1,), n=3)                                          # the landed kernel again
+    assert [a[0] for a in landed.calls] == [1, 3] and [a[0] for a in edited.calls] == [2]
+    assert kernels.EDITS == () and kernels.function("fused.cu", "k", kf.exprs) is landed
+    assert kernels.source_hash("fused.cu") == __import__("hashlib").sha256(landed.code.encode()).hexdigest()
+    with pytest.raises(RuntimeError):                                               # restored on an error too
         with kargs.patched([("fused.cu", "v = 1", "v = 3")]):
             raise RuntimeError
-    assert kernels.EDITS == ()
-    with pytest.raises(ValueError, match="source edit"):
-        with kargs.patched([("common.cuh", "a", "b")]):
-            pass
+    assert kernels.EDITS == () and kernels.EDITS_USED == set()
+    kargs.launch(kf, "k", (1,), (1,), n=4)
+    assert [a[0] for a in landed.calls] == [1, 3, 4]
+
+
+def test_edited_kernels_get_their_shared_memory_opt_in(fake_gpu, monkeypatch):
+    """set_smem and attn_decode_gqa's launch cache: the edited kernel of an expression is another
+    function, so it must get its own max_dynamic_shared_size_bytes."""
+    a, b = FakeKernel(""), FakeKernel("")
+    ops.set_smem(a, "e", 96 * 1024)
+    ops.set_smem(b, "e", 96 * 1024)
+    assert a.max_dynamic_shared_size_bytes == b.max_dynamic_shared_size_bytes == 96 * 1024
+    monkeypatch.setattr(kernels, "device_info", lambda: {"name": "fake", "cc": 90, "sm_count": 132,
+                                                         "l2_bytes": 50 << 20, "smem_optin": 232448})
+    monkeypatch.setattr(attention, "_GQA_LAUNCH", {})
+    launched = []
+    monkeypatch.setattr(kargs, "launch", lambda kf, expr, grid, block, shared_mem=0, **a: launched.append(expr))
+    args = dict(kc=np.zeros((1,), np.float16), D=128, Hq=32, Hkv=32)
+    attention._decode_gqa("attn_decode", 1, 129, args)
+    expr = "attn_decode_gqa<__half, 128>"
+    landed = kernels.function("attention.cu", expr, attention.ATTN.exprs)
+    with kargs.patched([("attention.cu", "v = 1", "v = 2")]):
+        attention._decode_gqa("attn_decode", 1, 129, args)
+        edited = kernels.function("attention.cu", expr, attention.ATTN.exprs)
+    assert edited is not landed and launched == [expr, expr]
+    assert landed.max_dynamic_shared_size_bytes == edited.max_dynamic_shared_size_bytes == 96 * 1024
 
 
 def test_patch_rows_in_the_ab_variants(tmp_path):
     p = tmp_path / "p.json"
-    p.write_text(json.dumps([{"name": "w-l1", "edits": [["gemm_a8w4.cu", "a", "b"]]}]))
+    p.write_text(json.dumps([item("w-l1", GEMV_L1)]))
     rows = decode_variants(patches=read_patches(p))
     assert [r[0] for r in rows] == ["patch w-l1"]
-    with rows[0][1]():
-        assert kernels.EDITS == (("gemm_a8w4.cu", "a", "b"),)
+    with rows[0][1]() as used:
+        assert kernels.EDITS == (GEMV_L1,) and used == set()
     assert kernels.EDITS == ()

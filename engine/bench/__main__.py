@@ -162,7 +162,8 @@ def main(argv=None) -> int:
     e.add_argument("--patch", metavar="FILE.json",
                    help="the same A/B rows for kernels compiled from edited source, beside the landed ones in "
                    "one process: a JSON list of {\"name\": ..., \"edits\": [[\"gemm_a8w4.cu\", old text, new "
-                   "text], ...]} (each old must occur in that module's inlined source; bench/patches/ has examples)")
+                   "text], ...]} (each old must occur in that module's inlined source, checked before the run; a row for "
+                   "each model that runs an edited kernel; needs PDL (sm_90), as --ab; bench/patches/ has examples)")
     e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)

@@ -195,11 +195,15 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
                 rows.append(row)
                 for suffix, setting in variants:     # A/B rows of settings (run_e2e): decode, 1st prefill
                     del cache
-                    with setting():
-                        rows += [prefill_row(t, name + " " + suffix) for t in prefill_lens[:1]]
+                    with setting() as used:          # used: a patch's edited files this model ran (else None)
+                        got = [prefill_row(t, name + " " + suffix) for t in prefill_lens[:1]]
                         row, cache = decode_row(bsz, kv8, name + " " + suffix)
-                        rows.append(row)
+                        got.append(row)
                         prof = graph_breakdown(gm, cache)
+                    if used is not None and not used:
+                        print(f"[e2e] {name}: {suffix} edits no kernel this model runs: no row", file=sys.stderr)
+                        continue
+                    rows += got
                     rows.append(dict(model=name + " " + suffix, phase="profile", batch=bsz,
                                      us_per_launch={k: [n, round(us, 2)] for k, (n, us) in prof.items()}))
         del cache
@@ -262,7 +266,7 @@ def read_patches(path) -> list:
         items = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"--patch {path}: cannot read a JSON list from it ({e})") from None
-    out = []
+    out, names = [], set()
     if not isinstance(items, list) or not items:
         raise ValueError(f"--patch {path}: want a non-empty JSON list of {{\"name\": ..., \"edits\": [...]}}")
     for i, item in enumerate(items):
@@ -271,10 +275,14 @@ def read_patches(path) -> list:
         ok = isinstance(name, str) and name and isinstance(edits, list) and edits and all(
             isinstance(e, list) and len(e) == 3 and all(isinstance(x, str) for x in e) and e[0].endswith(".cu")
             and e[1] for e in edits)
-        if not ok:
+        if not ok or name in names:
             raise ValueError(f"--patch {path}: item {i} is not {{\"name\": str, \"edits\": [[file.cu, old, new], ...]}} "
-                             "with a non-empty old text")
-        out.append((name, tuple(tuple(e) for e in edits)))
+                             "with a new name and a non-empty old text")
+        names.add(name)
+        try:
+            out.append((name, kargs.check_edits(edits)))
+        except ValueError as e:
+            raise ValueError(f"--patch {path}: item {i} ({name}): {e}") from None
     return out
 
 

@@ -233,23 +233,44 @@ def function(kf: KernelFile, expr: str):
     return kernels.function(kf.file, expr, kf.exprs)
 
 
+def check_edits(edits) -> tuple:
+    """edits as a tuple of (file.cu, old, new), checked on the CPU before any GPU time is spent:
+    each file exists, each old occurs in its inlined source and differs from new, and the edited
+    source declares the same kernels with the same parameters (launches pass the landed source's
+    argument list). ValueError naming the edit otherwise."""
+    edits = tuple(tuple(e) for e in edits)
+    for e in edits:
+        if len(e) != 3 or not all(isinstance(x, str) for x in e) or not e[0].endswith(".cu") or not e[1] \
+                or e[1] == e[2]:
+            raise ValueError(f"a source edit is (file.cu, old text, new text), old non-empty and not new, not {e!r}")
+    for file in dict.fromkeys(e[0] for e in edits):
+        try:
+            landed = kernels.source(file)
+            edited = kernels.apply_edits(file, landed, edits)
+        except kernels.KernelError as err:
+            raise ValueError(str(err)) from None
+        if parse_kernels(edited) != parse_kernels(landed):
+            raise ValueError(f"source edits of cuda/{file} change a kernel's name or parameters; launches would "
+                             "pass the landed argument list")
+    return edits
+
+
 @contextlib.contextmanager
 def patched(edits):
     """Within the block, cuda/<file> compiles with each (file, old, new) edit applied to its
-    inlined source (kernels.apply_edits: every occurrence of old; a missing old fails at compile).
-    The launch cache is emptied on entry and exit, so launches pick the edited kernels inside
-    and the landed ones after; a CUDA graph captured inside keeps the edited kernels."""
-    edits = tuple(tuple(e) for e in edits)
-    for e in edits:
-        if len(e) != 3 or not all(isinstance(x, str) for x in e) or not e[0].endswith(".cu") or not e[1]:
-            raise ValueError(f"a source edit is (file.cu, old text, new text) with old text non-empty, not {e!r}")
-    saved = kernels.EDITS
-    kernels.EDITS = saved + edits
+    inlined source (kernels.apply_edits: every occurrence of old; check_edits first). The launch
+    cache is emptied on entry and exit, so launches pick the edited kernels inside and the landed
+    ones after; a CUDA graph captured inside keeps the edited kernels (modules live for the
+    process). Yields the set of files whose edited kernels were looked up in the block (empty:
+    nothing the block ran came from an edited file, so its timing says nothing about the edit)."""
+    edits = check_edits(edits)
+    saved, saved_used = kernels.EDITS, kernels.EDITS_USED
+    kernels.EDITS, kernels.EDITS_USED = saved + edits, set()
     _LAUNCHES.clear()
     try:
-        yield
+        yield kernels.EDITS_USED
     finally:
-        kernels.EDITS = saved
+        kernels.EDITS, kernels.EDITS_USED = saved, saved_used
         _LAUNCHES.clear()
 
 

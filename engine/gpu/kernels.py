@@ -92,6 +92,7 @@ def arch_flag() -> str:
 _MODULES: dict[tuple, object] = {}
 _FUNCS: dict[tuple, object] = {}
 EDITS: tuple = ()       # ((file, old, new), ...): kargs.patched sets it; () outside benchmarks
+EDITS_USED: set = set()  # the files whose edited kernels were looked up (kargs.patched yields it)
 
 
 def edits_for(name: str) -> tuple:
@@ -122,6 +123,8 @@ def module(name: str, name_expressions: tuple[str, ...]):
         raise KernelError("no usable GPU: CuPy is missing or sees no CUDA device")
     arch = arch_flag()
     edits = edits_for(name)
+    if edits:
+        EDITS_USED.add(name)
     mkey = (name, name_expressions, arch, edits)
     mod = _MODULES.get(mkey)
     if mod is None:
@@ -146,7 +149,10 @@ def source_hash(name: str) -> str | None:
 def function(name: str, expr: str, name_expressions: tuple[str, ...]):
     """One kernel out of cuda/<name> (a launch.Kernel: a RawKernel launched with programmatic
     dependent launch where the GPU has it); `expr` must be in name_expressions."""
-    key = (name, expr, name_expressions, edits_for(name))
+    edits = edits_for(name)
+    if edits:
+        EDITS_USED.add(name)
+    key = (name, expr, name_expressions, edits)
     fn = _FUNCS.get(key)
     if fn is None:
         fn = launch.Kernel(module(name, name_expressions).get_function(expr))

@@ -366,7 +366,7 @@ _SMEM_SET: dict = {}
 
 def set_smem(fn, expr: str, smem: int):
     """Let kernel fn (named expr) use `smem` bytes of dynamic shared memory past the 48 KiB default."""
-    key = (expr, id(fn))            # the same expr compiled from edited source (kargs.patched) is another fn
+    key = (expr, fn)                # the same expr compiled from edited source (kargs.patched) is another fn
     if smem > 48 * 1024 and _SMEM_SET.get(key, 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[key] = smem
