@@ -10,7 +10,10 @@ ringonly (the cp.async ring streams, no math), mathonly (the math on whatever th
 copies), nolo (P·V without its fp16 lo half), noloop (no key loop: the prologue's copies, q, the
 merge), zfill and ringonly_zfill (the copies in cp.async's zero-filling form, with a src-size
 operand, as the kernel had them before 2026-12-03), cg and ringonly_cg (fp16 K/V through
-cp.async.cg, as before 2026-12-03, not .ca), ca (int8 K/V through .ca as well). Each patch must match the source exactly once, so a changed kernel fails loudly here
+cp.async.cg, as before 2026-12-03, not .ca), ca (int8 K/V through .ca as well), nokeys (no
+copies and no key loop at all: the launch, q, the new token and the merge), nokeys_nomerge (and
+no cross-block merge: the launch, q and the block's partial), launchonly (the kernel returns at
+once: the launch of this grid alone). Each patch must match the source exactly once, so a changed kernel fails loudly here
 rather than measuring something else. --splits: the engine's launcher with other split counts
 (tuning.ATTENTION.gqa_waves, gqa_max_splits) and ring depths. --file NAME=PATH (repeatable): one
 more variant compiled from another attention.cu (e.g. `git show REV:cuda/attention.cu > PATH`;
@@ -36,6 +39,9 @@ PROLOGUE = "        if (i < mine) issue(i);\n"
 LO = "                mma_f16_top(o[TPW * w + e][0], o[TPW * w + e][1], pl0, pl2, b0[e], b1[e]);\n"
 LOOP = "    for (int i = 0; i < mine; ++i) {\n"
 VIA_L1 = "    constexpr bool VIA_L1 = !KV8;\n"
+MINE = "    const int mine = nsteps > warp ?"
+MERGE = "    // The last block of the head group merges the `active` partials"
+START = "    if (D != DT || gridDim.x > GQ_MAX_SPLITS) __trap();   // the launcher instantiates by D, caps the splits\n"
 # cuda/common.cuh cp_async16(dst, src) and attention.cu cp_async_ca<N>(dst, src): the copies without src-size
 CG = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");'
 CA = 'asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(N) : "memory");'
@@ -47,7 +53,7 @@ CA_Z = 'asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" :: "r"(dst)
 def variants(src: str) -> dict:
     """name -> source of attention.cu with that piece removed (lens[0] keeps the compiler from
     proving a loop empty or a branch dead)."""
-    for piece in (WAIT, ISSUE, PROLOGUE, LO, LOOP, CG, CA, VIA_L1):
+    for piece in (WAIT, ISSUE, PROLOGUE, LO, LOOP, CG, CA, VIA_L1, MINE, MERGE, START):
         if src.count(piece) != 1:
             raise SystemExit(f"cuda/attention.cu changed: update the patch {piece.strip()!r}")
     ringonly = src.replace(WAIT, WAIT + "        if (lens[0] > 0) continue;\n")
@@ -56,6 +62,10 @@ def variants(src: str) -> dict:
     return {"base": src, "ringonly": ringonly, "zfill": zfill, "ringonly_zfill": ringonly.replace(CG, CG_Z).replace(CA, CA_Z),
             "cg": src.replace(VIA_L1, cg), "ringonly_cg": ringonly.replace(VIA_L1, cg),
             "ca": src.replace(VIA_L1, VIA_L1.replace("!KV8", "true")),
+            "nokeys": src.replace(MINE, "    const int mine = lens[0] < 0 && nsteps > warp ?"),
+            "nokeys_nomerge": src.replace(MINE, "    const int mine = lens[0] < 0 && nsteps > warp ?")
+                                 .replace(MERGE, "    if (lens[0] > 0) return;\n" + MERGE),
+            "launchonly": src.replace(START, START + "    if (lens[0] > 0) return;\n"),
             "mathonly": src.replace(ISSUE, "").replace(PROLOGUE, ""),
             "nolo": src.replace(LO, ""),
             "noloop": src.replace(LOOP, "    for (int i = 0; i < (lens[0] < 0 ? mine : 0); ++i) {\n")}
@@ -188,7 +198,7 @@ def run_splits(cp, attention, contexts):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="2048,8192")
-    ap.add_argument("--variants", default="base,cg,zfill,ca,ringonly,ringonly_cg,mathonly,noloop")
+    ap.add_argument("--variants", default="base,cg,ringonly,mathonly,noloop,nokeys,nokeys_nomerge,launchonly")
     ap.add_argument("--file", action="append", default=[], metavar="NAME=PATH",
                     help="one more variant: attention.cu from PATH (its includes from cuda/)")
     ap.add_argument("--splits", action="store_true", help="the split-count and ring-depth sweep instead")
