@@ -125,8 +125,8 @@ def test_edited_kernels_get_their_shared_memory_opt_in(fake_gpu, monkeypatch):
     """set_smem and attn_decode_gqa's launch cache: the edited kernel of an expression is another
     function, so it must get its own max_dynamic_shared_size_bytes."""
     a, b = FakeKernel(""), FakeKernel("")
-    ops.set_smem(a, "e", 96 * 1024)
-    ops.set_smem(b, "e", 96 * 1024)
+    ops.set_smem(a, 96 * 1024)
+    ops.set_smem(b, 96 * 1024)
     assert a.max_dynamic_shared_size_bytes == b.max_dynamic_shared_size_bytes == 96 * 1024
     monkeypatch.setattr(kernels, "device_info", lambda: {"name": "fake", "cc": 90, "sm_count": 132,
                                                          "l2_bytes": 50 << 20, "smem_optin": 232448})

@@ -364,12 +364,12 @@ def mma_smem(bm: int, stages: int) -> int:
 _SMEM_SET: dict = {}
 
 
-def set_smem(fn, expr: str, smem: int):
-    """Let kernel fn (named expr) use `smem` bytes of dynamic shared memory past the 48 KiB default."""
-    key = (expr, fn)                # the same expr compiled from edited source (kargs.patched) is another fn
-    if smem > 48 * 1024 and _SMEM_SET.get(key, 0) < smem:
+def set_smem(fn, smem: int):
+    """Let kernel fn use `smem` bytes of dynamic shared memory past the 48 KiB default (once a
+    kernel: the same expression compiled from edited source, kargs.patched, is another fn)."""
+    if smem > 48 * 1024 and _SMEM_SET.get(fn, 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
-        _SMEM_SET[key] = smem
+        _SMEM_SET[fn] = smem
 
 
 @dataclass(frozen=True)
@@ -479,7 +479,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     splits = cfg.get("splits") or _splits(tiles, C // 2, bps)
     splits = int(max(1, min(splits, C // 2)))
     ws, cnt = _workspace(splits * tiles * nreg * threads if splits > 1 else 0, tiles)
-    set_smem(kargs.function(kf, expr), expr, smem)
+    set_smem(kargs.function(kf, expr), smem)
     if kernel == "mma":
         kargs.launch(kf, f"gemm_a8w4_mma<{bm},{st},{o}>", (tiles, splits), (threads,), shared_mem=smem,
                      qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,

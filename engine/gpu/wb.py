@@ -134,7 +134,7 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
         xsmem = int(m <= WB_TUNE.xs_max_rows and xs <= WB_TUNE.xs_max_bytes)
         smem = xs if xsmem else 0
         expr = f"gemv_{p.kind}<{p.bits}, {nt}>"
-        set_smem(kargs.function(WB_FILE, expr), expr, smem)
+        set_smem(kargs.function(WB_FILE, expr), smem)
         if p.kind == "pot":
             kargs.launch(WB_FILE, f"gemv_pot<{p.bits}, {nt}>", grid, block, shared_mem=smem, x=x, tiles=p.tiles,
                          scale=p.scale, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec, xsmem=xsmem)
