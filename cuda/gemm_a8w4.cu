@@ -129,9 +129,9 @@ __global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW
         }
     };
     // x is written by the kernel before this one, which may still run while this one is resident
-    // (PDL): ld.global.nc (read-only for the kernel's lifetime) is outside its contract here, and
-    // ptxas may be free to hoist it above the wait (docs/KERNELS.md, "Leaner loads": a coherent
-    // load is the next thing to measure).
+    // (PDL): ld.global.nc (read-only for the kernel's lifetime) is outside its contract here. In
+    // nvcc 13.0's SASS the loads stay after the wait; a coherent load is still to be measured
+    // (bench/patches/loads.json; docs/KERNELS.md, "Leaner loads").
     auto load_x = [&](int c0, GemvBatch<MT, RW, U>& b) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
