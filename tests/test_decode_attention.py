@@ -380,7 +380,14 @@ def test_nvcc_is_not_needed_here():
     for frag in ("__byte_perm(u, 0x64646464u, 0x4140)", "__byte_perm(vw[0][w], vw[1][w], 0x5140)",
                  "__byte_perm(vw[0][w], vw[1][w], 0x7632)", "(4 * j + t) * 16", "(8 * a + g) * L::VCH",
                  "CHK * (4 * (4 * s / CHK) + t) + (4 * s) % CHK", "CHV * (8 * (i / CHV) + 2 * t + c) + i % CHV",
-                 "max(GQ_WARPS * GQ_STEP, (per + GQ_STEP - 1) / GQ_STEP * GQ_STEP)"):
+                 "max(GQ_WARPS * GQ_STEP, (per + GQ_STEP - 1) / GQ_STEP * GQ_STEP)",
+                 # kv8 scales: lane r < 16 copies key kb + r's k scale, 16 + r its v scale; a lane
+                 # reads the pairs at 8t, 32 + 8t (k) and 64 + 8t, 96 + 8t (v)
+                 "const int key = kb + (lane & 15);", "cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + r);",
+                 "const u32 sa = scales(slot) + 8 * t;",
+                 "k0 = lds64f(sa), k1 = lds64f(sa + 32), v0 = lds64f(sa + 64), v1 = lds64f(sa + 96);",
+                 "ksc[0] = k0.x; ksc[1] = k0.y; ksc[2] = k1.x; ksc[3] = k1.y;",
+                 "vsc[0] = v0.x; vsc[1] = v0.y; vsc[2] = v1.x; vsc[3] = v1.y;"):
         assert frag in src, frag
 
 
