@@ -762,8 +762,8 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 //   registers as the A operand of P·V (the C fragment of S is P's A fragment, as in
 //   attn_prefill), split into fp16 hi + lo (two mmas) so that P·V is as exact as fp32 P;
 // - each lane copies exactly the bytes of its own B fragments with cp.async into a
-//   GqLayout::STAGES-deep ring of its warp (no barrier in the key loop: a lane reads back only
-//   what it copied itself). The k index of a mma is free to permute (the same permutation on
+//   GqLayout::STAGES-deep ring of its warp (no barrier in the key loop at fp16: a lane reads
+//   back only what it copied itself; kv8: two __syncwarp a step, for the scales). The k index of a mma is free to permute (the same permutation on
 //   Q), and so is the n index of P·V (the output columns): a lane's bytes of a key are whole
 //   16-byte pieces and each copy instruction of the warp reads 64 (K) or 128 (V) contiguous
 //   bytes of a cache row; fp16 K/V go through L1 (cp.async.ca: 1.33× the rate of .cg at 8192
@@ -793,18 +793,20 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 
 // A lane's record of one step (bytes, in order): the K of keys g and 8 + g (KB each: its
 // B fragments of D/16 k-steps), the V of keys 2t, 2t+1, 2t+8, 2t+9 (VB each: its B fragments
-// of D/8 n-tiles), kv8: the k then the v scales of those four keys. Record byte x lives at
-// ((x / 16)·32 + lane)·16 + x % 16 of the warp's stage: the 16-byte reads of a warp are
-// consecutive, conflict-free.
+// of D/8 n-tiles). Record byte x lives at ((x / 16)·32 + lane)·16 + x % 16 of the warp's
+// stage: the 16-byte reads of a warp are consecutive, conflict-free. kv8: after the 32 records,
+// the step's 16 k then 16 v scales (SCB bytes), one 4-byte copy a lane (a single instruction;
+// 8 a lane when each lane copied the scales of its own keys), read by the lanes that need them
+// after a __syncwarp.
 template <int D, typename KV, int ST = 0>
 struct GqLayout {
     static constexpr int ES = sizeof(KV);
     static constexpr int KB = D * ES / 4;
     static constexpr int VB = D * ES / 8;
     static constexpr int VCH = VB < 16 ? VB : 16;      // bytes a value copy moves (8: kv8, D = 64)
-    static constexpr int SB = ES == 1 ? 32 : 0;
-    static constexpr int REC = 2 * KB + 4 * VB + SB;
-    static constexpr int STAGE = 32 * REC;             // one warp, one step
+    static constexpr int REC = 2 * KB + 4 * VB;
+    static constexpr int SCB = ES == 1 ? 2 * GQ_STEP * 4 : 0;   // kv8: the step's k and v scales
+    static constexpr int STAGE = 32 * REC + SCB;       // one warp, one step
     static constexpr int AUTO_STAGES = GQ_WARPS * STAGE * 4 > 100 * 1024 ? 3 : 4;   // 2 blocks an SM at fp16, D = 128
     static constexpr int STAGES = ST > 0 ? ST : AUTO_STAGES;   // ST: tuning.ATTENTION.gqa_stages
     static constexpr int RING = GQ_WARPS * STAGES * STAGE;
@@ -822,6 +824,12 @@ __device__ __forceinline__ void cp_async_ca(u32 dst, const void* src, bool pred)
 template <int N>
 __device__ __forceinline__ void cp_async_ca(u32 dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(N) : "memory");
+}
+
+__device__ __forceinline__ float2 lds64f(u32 addr) {
+    float2 r;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(r.x), "=f"(r.y) : "r"(addr));
+    return r;
 }
 
 __device__ __forceinline__ uint4 lds128(u32 addr) {
@@ -900,6 +908,7 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     const float sl2 = scale * 1.4426950408889634f;       // scores in log2 units: exp2
 
     auto rec = [&](int slot, int x) -> u32 { return ring + slot * L::STAGE + (x >> 4) * 512 + (x & 15); };
+    auto scales = [&](int slot) -> u32 { return ring - lane * 16 + slot * L::STAGE + 32 * L::REC; };   // kv8
     // fp16 K/V through L1 (cp.async.ca): at 8192 keys 1.33× the rate of .cg; int8: .cg (.ca: ±2.5 %)
     constexpr bool VIA_L1 = !KV8;
     auto copy16 = [&](u32 dst, const char* src) {
@@ -928,10 +937,11 @@ __device__ __forceinline__ void attn_decode_gqa_body(
                 if constexpr (L::VCH == 16) copy16(dst, src + (8 * a + g) * 16);
                 else cp_async_ca<L::VCH>(dst, src + (8 * a + g) * L::VCH);
             }
-            if constexpr (KV8) {
-                cp_async_ca<4>(rec(slot, 2 * L::KB + 4 * L::VB + 4 * jv), ks + r);
-                cp_async_ca<4>(rec(slot, 2 * L::KB + 4 * L::VB + 16 + 4 * jv), vs + r);
-            }
+        }
+        if constexpr (KV8) {                             // lane r < 16: key kb + r's k scale, 16 + r: its v scale
+            const int key = kb + (lane & 15);
+            const size_t r = row0 + (size_t)(key < c1 ? key : c0) * Hkv;
+            cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + r);
         }
     };
 #pragma unroll
@@ -1014,17 +1024,18 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     for (int i = 0; i < NT; ++i) o[i][0] = o[i][1] = 0.f;
     float m = NEG_INF, l = 0.f;                          // row g's running max (log2 units), this lane's sum
     for (int i = 0; i < mine; ++i) {
+        if constexpr (KV8) __syncwarp();                 // the warp has read the scales of the slot refilled here
         if (i + L::STAGES - 1 < mine) issue(i + L::STAGES - 1);
         cp_async_commit();
         cp_async_wait<L::STAGES - 1>();                  // this lane's copies of step i have landed
+        if constexpr (KV8) __syncwarp();                 // and every lane's (the scales)
         const int slot = i % L::STAGES, kb = c0 + (warp + i * GQ_WARPS) * GQ_STEP;
         float ksc[4] = {1.f, 1.f, 1.f, 1.f}, vsc[4] = {1.f, 1.f, 1.f, 1.f};
-        if constexpr (KV8) {
-            const uint4 a = lds128(rec(slot, 2 * L::KB + 4 * L::VB)), c = lds128(rec(slot, 2 * L::KB + 4 * L::VB + 16));
-            ksc[0] = __uint_as_float(a.x); ksc[1] = __uint_as_float(a.y);
-            ksc[2] = __uint_as_float(a.z); ksc[3] = __uint_as_float(a.w);
-            vsc[0] = __uint_as_float(c.x); vsc[1] = __uint_as_float(c.y);
-            vsc[2] = __uint_as_float(c.z); vsc[3] = __uint_as_float(c.w);
+        if constexpr (KV8) {                             // keys 2t, 2t + 1, 8 + 2t, 9 + 2t of the step
+            const u32 sa = scales(slot) + 8 * t;
+            const float2 k0 = lds64f(sa), k1 = lds64f(sa + 32), v0 = lds64f(sa + 64), v1 = lds64f(sa + 96);
+            ksc[0] = k0.x; ksc[1] = k0.y; ksc[2] = k1.x; ksc[3] = k1.y;
+            vsc[0] = v0.x; vsc[1] = v0.y; vsc[2] = v1.x; vsc[3] = v1.y;
         }
         // S = Q·Kᵀ: key group kg, column j ↔ key kb + 8·kg + j; this lane: row g, keys 2t, 2t + 1
         float x[2][2];

@@ -46,7 +46,7 @@ def test_gqa_constants_and_shared_memory():
     assert A.gqa_max_splits <= d["GQ_MAX_SPLITS"]
     body = re.search(r"struct GqLayout \{(.*?)\};", (ROOT / "cuda" / "attention.cu").read_text(), re.S).group(1)
     for hd, kv8, st in itertools.product(A.head_dims, (False, True), attention.GQA_STAGES):
-        env = {"D": hd, "GQ_WARPS": d["GQ_WARPS"], "GQ_HEADS": d["GQ_HEADS"], "ST": st}
+        env = {"D": hd, "GQ_WARPS": d["GQ_WARPS"], "GQ_HEADS": d["GQ_HEADS"], "GQ_STEP": d["GQ_STEP"], "ST": st}
         for name, expr in re.findall(r"static constexpr int (\w+) = ([^;]+);", body):
             expr = expr.replace("sizeof(KV)", "1" if kv8 else "2").replace("/", "//")
             expr = re.sub(r"(.+?) \? (.+?) : (.+)", r"(\2) if (\1) else (\3)", expr)
@@ -214,29 +214,31 @@ def emulate_gqa(q16, kc, vc, ks, vs, n, k_new, v_new, skn, svn, ns, scale):
             m, l = np.full(32, -np.inf, np.float32), np.zeros(32, np.float32)
             for i in range(mine):
                 kb = c0 + (warp + i * W) * STEP
-                # the lane records (cp.async: zeros past c1)
+                # the lane records (a key past c1 copies row c0: its score is masked, its P is 0)
                 krec = np.zeros((2, 32, KB), np.uint8)
                 for kg in range(2):
                     key = kb + kg * 8 + g
-                    ok = key < c1
+                    row = np.where(key < c1, key, c0)
                     for j in range(KB // 16):
                         for ln in range(32):
-                            if ok[ln]:
-                                off = (4 * j + t[ln]) * 16
-                                krec[kg, ln, 16 * j:16 * j + 16] = kbytes[key[ln], off:off + 16]
+                            off = (4 * j + t[ln]) * 16
+                            krec[kg, ln, 16 * j:16 * j + 16] = kbytes[row[ln], off:off + 16]
                 vrec = np.zeros((4, 32, VB), np.uint8)
                 ksc, vsc = np.ones((4, 32), np.float32), np.ones((4, 32), np.float32)
+                if kv8:     # the step's scales: lane r < 16 copies key kb + r's k scale, 16 + r its v scale
+                    skey = kb + (lane & 15)
+                    srow = np.where(skey < c1, skey, c0)
+                    sblock = np.where(lane < 16, ks[srow], vs[srow]).astype(np.float32)
+                    # a lane reads the 8-byte pairs at 8t, 32 + 8t (k) and 64 + 8t, 96 + 8t (v)
+                    ksc = np.stack([sblock[2 * t], sblock[2 * t + 1], sblock[8 + 2 * t], sblock[9 + 2 * t]])
+                    vsc = np.stack([sblock[16 + 2 * t], sblock[17 + 2 * t], sblock[24 + 2 * t], sblock[25 + 2 * t]])
                 for jv in range(4):
                     key = kb + 2 * t + (jv & 1) + (jv >> 1) * 8
-                    ok = key < c1
+                    row = np.where(key < c1, key, c0)
                     for a in range(VB // VCH):
                         for ln in range(32):
-                            if ok[ln]:
-                                off = (8 * a + g[ln]) * VCH
-                                vrec[jv, ln, a * VCH:(a + 1) * VCH] = vbytes[key[ln], off:off + VCH]
-                    if kv8:
-                        ksc[jv] = np.where(ok, ks[np.minimum(key, len(ks) - 1)], 0)
-                        vsc[jv] = np.where(ok, vs[np.minimum(key, len(vs) - 1)], 0)
+                            off = (8 * a + g[ln]) * VCH
+                            vrec[jv, ln, a * VCH:(a + 1) * VCH] = vbytes[row[ln], off:off + VCH]
                 # S = Q·Kᵀ
                 x = np.zeros((2, 2, 32), np.float32)
                 for kg in range(2):
@@ -378,7 +380,14 @@ def test_nvcc_is_not_needed_here():
     for frag in ("__byte_perm(u, 0x64646464u, 0x4140)", "__byte_perm(vw[0][w], vw[1][w], 0x5140)",
                  "__byte_perm(vw[0][w], vw[1][w], 0x7632)", "(4 * j + t) * 16", "(8 * a + g) * L::VCH",
                  "CHK * (4 * (4 * s / CHK) + t) + (4 * s) % CHK", "CHV * (8 * (i / CHV) + 2 * t + c) + i % CHV",
-                 "max(GQ_WARPS * GQ_STEP, (per + GQ_STEP - 1) / GQ_STEP * GQ_STEP)"):
+                 "max(GQ_WARPS * GQ_STEP, (per + GQ_STEP - 1) / GQ_STEP * GQ_STEP)",
+                 # kv8 scales: lane r < 16 copies key kb + r's k scale, 16 + r its v scale; a lane
+                 # reads the pairs at 8t, 32 + 8t (k) and 64 + 8t, 96 + 8t (v)
+                 "const int key = kb + (lane & 15);", "cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + r);",
+                 "const u32 sa = scales(slot) + 8 * t;",
+                 "k0 = lds64f(sa), k1 = lds64f(sa + 32), v0 = lds64f(sa + 64), v1 = lds64f(sa + 96);",
+                 "ksc[0] = k0.x; ksc[1] = k0.y; ksc[2] = k1.x; ksc[3] = k1.y;",
+                 "vsc[0] = v0.x; vsc[1] = v0.y; vsc[2] = v1.x; vsc[3] = v1.y;"):
         assert frag in src, frag
 
 

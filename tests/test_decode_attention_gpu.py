@@ -1,5 +1,5 @@
 """Decode attention on the GPU (cuda/attention.cu): both kernels, attn_decode ("heads") and
-attn_decode_gqa ("gqa", gpu/attention.py DECODE_KERNEL; "gqa2": with its 2-stage ring), against
+attn_decode_gqa ("gqa", gpu/attention.py DECODE_KERNEL; "gqa2", "gqa6": with a 2- or 6-stage ring), against
 the NumPy reference
 (engine/model/ops_ref.py attention in float64; kv8 dequantized as engine/model/kv_cache.py
 quantizes) over contexts up to 8192, GQA ratios 1, 3, 4 and 8, fp16 and INT8 KV, batch 1, 8
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gpu
 if not has_gpu():
     pytest.skip("no GPU", allow_module_level=True)
 
-KERNELS = ("heads", "gqa", "gqa2")   # gqa2: attn_decode_gqa with a ring of 2 stages (ATTENTION.gqa_stages)
+KERNELS = ("heads", "gqa", "gqa2", "gqa6")   # gqaN: attn_decode_gqa with a ring of N stages (ATTENTION.gqa_stages)
 HKV = 2
 BATCHES = {                     # name -> (lens, capacity)
     "b1": ([8192], 8192),
@@ -94,9 +94,10 @@ def cache_case(d, kv8, lens, cap, hkv=HKV):
 def decode_kernel(name):
     from engine.gpu import attention
     saved = attention.DECODE_KERNEL
-    attention.DECODE_KERNEL = "gqa" if name == "gqa2" else name
+    st = int(name[3:]) if name.startswith("gqa") and name[3:] else 0
+    attention.DECODE_KERNEL = "gqa" if st else name
     try:
-        with attention.ring_depth(2 if name == "gqa2" else 0):
+        with attention.ring_depth(st):
             yield
     finally:
         attention.DECODE_KERNEL = saved

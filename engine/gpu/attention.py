@@ -33,7 +33,7 @@ from .backend import BackendError
 from .tuning import ATTENTION
 
 
-GQA_STAGES = (0, 2)        # attn_decode_gqa's ST instantiations at the narrow head sizes (0: automatic)
+GQA_STAGES = (0, 2, 6)     # attn_decode_gqa's ST instantiations at the narrow head sizes (0: automatic)
 
 
 @contextlib.contextmanager
@@ -232,7 +232,7 @@ def gqa_smem(d: int, kv8: bool, st: int = 0) -> int:
     """Dynamic shared memory of attn_decode_gqa<KV, d, st> (cuda/attention.cu GqLayout::BYTES)."""
     es, w = (1 if kv8 else 2), ATTENTION.threads // 32
     kb, vb = d * es // 4, d * es // 8
-    stage = 32 * (2 * kb + 4 * vb + (32 if kv8 else 0))
+    stage = 32 * (2 * kb + 4 * vb) + (2 * ATTENTION.gqa_step * 4 if kv8 else 0)     # kv8: + the step's scales
     stages = st or (3 if w * stage * 4 > 100 * 1024 else 4)
     return max(w * stages * stage, w * ATTENTION.gqa_heads * (d + 2) * 4)
 
