@@ -1,5 +1,5 @@
 """Decode attention on the GPU (cuda/attention.cu): both kernels, attn_decode ("heads") and
-attn_decode_gqa ("gqa", gpu/attention.py DECODE_KERNEL; "gqa2", "gqa6": with a 2- or 6-stage ring), against
+attn_decode_gqa ("gqa", gpu/attention.py DECODE_KERNEL; "gqa2": with its 2-stage ring), against
 the NumPy reference
 (engine/model/ops_ref.py attention in float64; kv8 dequantized as engine/model/kv_cache.py
 quantizes) over contexts up to 8192, GQA ratios 1, 3, 4 and 8, fp16 and INT8 KV, batch 1, 8
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gpu
 if not has_gpu():
     pytest.skip("no GPU", allow_module_level=True)
 
-KERNELS = ("heads", "gqa", "gqa2", "gqa6")   # gqaN: attn_decode_gqa with a ring of N stages (ATTENTION.gqa_stages)
+KERNELS = ("heads", "gqa", "gqa2")   # gqaN: attn_decode_gqa with a ring of N stages (ATTENTION.gqa_stages)
 HKV = 2
 BATCHES = {                     # name -> (lens, capacity)
     "b1": ([8192], 8192),

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     e.add_argument("--attn", default="", help="the context table's decode attention kernels, e.g. heads,gqa "
                    "(default: the engine's, DGQ_ATTN_DECODE)")
     e.add_argument("--gqa-stages", default="", help="the context table again with each ring depth of attn_decode_gqa, "
-                   "e.g. 0,2,6 (tuning.ATTENTION.gqa_stages; 0: automatic; default: the engine's)")
+                   "e.g. 0,2 (tuning.ATTENTION.gqa_stages; 0: automatic; default: the engine's)")
     e.add_argument("--prefetch", default="", help="comma-separated MB of gate|up weights (0: o only): batch-1 decode "
                    "rows with the L2 prefetch on (o weights + that many MB; tuning.PrefetchTuning), beside the default's")
     e.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",

@@ -14,7 +14,7 @@ model at each context for batch 1, 8 and 32, fp16 and INT8 KV, with the bytes a 
 model's shapes and the context, and the % of the copy bandwidth measured in the same process
 that this reaches; the attention launch alone is timed too (attention_time) against its K/V
 bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu/attention.py),
---gqa-stages 0,2,6 with each ring depth of attn_decode_gqa (tuning.ATTENTION.gqa_stages).
+--gqa-stages 0,2 with each ring depth of attn_decode_gqa (tuning.ATTENTION.gqa_stages).
 
 A/B rows beside the default's, in the same process (batch-1 decode with its per-launch profile,
 and the first prefill length): --prefetch (the L2 prefetch), --ab (tuning.GEMM fields), --patch

@@ -33,7 +33,7 @@ from .backend import BackendError
 from .tuning import ATTENTION
 
 
-GQA_STAGES = (0, 2, 6)     # attn_decode_gqa's ST instantiations at the narrow head sizes (0: automatic)
+GQA_STAGES = (0, 2)        # attn_decode_gqa's ST instantiations at the narrow head sizes (0: automatic)
 
 
 @contextlib.contextmanager

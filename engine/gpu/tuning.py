@@ -118,7 +118,7 @@ class AttentionShape:
     gqa_waves: int = 1
     # the depth of each warp's cp.async ring (GqLayout ST; narrow heads): 0 = 3 at fp16 and D = 128
     # (2 blocks an SM), else 4; 2 = one step in flight while one computes (fp16, D = 128: 3 blocks
-    # and 12 warps an SM); 6 = five in flight (int8, D = 128: 99 KB, still 2 blocks an SM)
+    # and 12 warps an SM); both measured on the H200, ring depths 2 and 6 are slower (docs/KERNELS.md)
     gqa_stages: int = 0
     # DGQ_ATTN_DECODE=auto: attn_decode_gqa for caches of at least this many positions, attn_decode
     # below (H200, 7B shape, batch 1: heads 490 vs gqa 479 tok/s at 512 keys, 437 vs 465 at 1024)
