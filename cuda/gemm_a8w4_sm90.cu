@@ -36,6 +36,17 @@ __device__ __forceinline__ u64 desc_sw128(u32 addr) {
     return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
 }
 
+// Small-M tiles (decode batches of 17-32): N = 32 holds 16 accumulators a thread.
+__device__ __forceinline__ void wgmma_m64n32k32_rs(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+          "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(1));
+}
+
 __device__ __forceinline__ void wgmma_m64n64k32_rs(int* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
@@ -106,6 +117,11 @@ __device__ __forceinline__ void wgmma_m64n256k32_rs(int* d, u32 a0, u32 a1, u32 
 }
 
 template <int BT> struct WgmmaRS;
+template <> struct WgmmaRS<32> {
+    static __device__ __forceinline__ void run(int* d, const u32 (&a)[4], u64 desc) {
+        wgmma_m64n32k32_rs(d, a[0], a[1], a[2], a[3], desc);
+    }
+};
 template <> struct WgmmaRS<64> {
     static __device__ __forceinline__ void run(int* d, const u32 (&a)[4], u64 desc) {
         wgmma_m64n64k32_rs(d, a[0], a[1], a[2], a[3], desc);
@@ -124,8 +140,14 @@ template <> struct WgmmaRS<256> {
 
 // Launch bounds: 2 blocks per SM need <= 128 registers: 2 warpgroups and a
 // 2-stage weight prefetch ring; deeper rings or 4 warpgroups run one block.
+// BT = 32 (16 accumulators a thread) with the 2-stage ring: 3 blocks, 24 warps an SM,
+// within 85 registers (WPF = 4 spills there: 2 blocks). What fits in the end (BT = 64 with WPF = 4
+// compiles to < 128 registers: 2 blocks) is engine/gpu/tuning.py wgmma_blocks, checked on the GPU.
 template <int BT, int NWG, int WPF>
-struct WgmmaMinBlocks { static constexpr int value = (BT <= 128 && NWG == 2 && WPF <= 2) ? 2 : 1; };
+struct WgmmaMinBlocks {
+    static constexpr int value = (BT <= 32 && NWG == 2 && WPF <= 2) ? 3
+                               : (NWG == 2 && (BT <= 32 || (BT <= 128 && WPF <= 2))) ? 2 : 1;
+};
 
 __device__ __forceinline__ void reg_fence4(u32 (&a)[4]) {
     asm volatile("" : "+r"(a[0]), "+r"(a[1]), "+r"(a[2]), "+r"(a[3]) :: "memory");
@@ -145,7 +167,7 @@ __device__ __forceinline__ void dq_kstep(const u32x4 (&w)[2], const DqConst (&lo
     }
 }
 
-// BT     tokens per block (wgmma N: 64 or 128)
+// BT     tokens per block (wgmma N: 32, 64, 128 or 256)
 // STAGES activation pipeline depth (shared memory buffers)
 // NWG    warpgroups per block; block = NWG*64 output channels, warp w owns row tile rt0+w
 // WPF    weight prefetch distance in stages (register ring of WPF buffers)

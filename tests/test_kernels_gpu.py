@@ -394,6 +394,24 @@ def test_every_instantiated_variant_bitexact():
 
 @gpu
 @needs_gpu
+def test_wgmma_blocks_is_the_driver_occupancy():
+    """tuning.wgmma_blocks (what split-K fills, ops and the performance model alike) is the number
+    of blocks an SM the driver reports for every compiled wgmma configuration."""
+    cp = _cp()
+    if not ops_cuda.has_wgmma():
+        pytest.skip("needs sm_90")
+    from engine.gpu import kargs, tuning
+    for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
+        expr = f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},false>"
+        fn = kargs.function(ops_cuda.WGMMA_FILE, expr)
+        smem = tuning.wgmma_smem(bt, st, nwg)
+        ops_cuda.set_smem(fn, smem)
+        occ = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.raw.kernel.ptr, nwg * 128, smem)
+        assert occ == tuning.wgmma_blocks(bt, nwg, wpf), (expr, fn.num_regs, occ)
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("m,cfg", [(1, {}), (3, {}), (1, {"rw": 2, "u": 2}), (12, {"rw": 4, "u": 2}),
                                    (1, {"rw": 1, "u": 2, "nw": 16})])
 def test_gemv_residual_add_bitexact(m, cfg):

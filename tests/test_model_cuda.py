@@ -142,9 +142,10 @@ def test_graph_decode_equals_eager_and_incremental_reference(weights):
     check_graph_decode(mw)
 
 
-@pytest.mark.parametrize("batch", [3, 10])
+@pytest.mark.parametrize("batch", [3, 10, 24])
 def test_batched_decode_equals_single_sequences(batch):
-    """Batch 10 is past the fp16 GEMV: the graph ends at the final norm, cuBLAS runs the lm_head."""
+    """Batch 10 is past the fp16 GEMV: the graph ends at the final norm, cuBLAS runs the lm_head.
+    Batch 24: the linears run the wgmma GEMM's 32-token tiles (tuning.GEMM.wgmma["tiny"])."""
     from engine.gpu.model import CudaModel
     mw = quantized_tiny("dynamic", seed=2, head_dim=64, hidden_size=64, intermediate_size=96)
     gm = CudaModel(mw)

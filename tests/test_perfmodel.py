@@ -392,7 +392,7 @@ def test_launch_plan_mirrors_ops(monkeypatch):
             if kern == "mma":
                 assert p["smem"] == ops_cuda.mma_smem(cfg["bm"], cfg["stages"])
             if kern != "gemv" and not cfg["splits"]:
-                bps = 2 if kern == "mma" or (cfg["bt"] <= 128 and cfg["nwg"] == 2 and cfg["wpf"] <= 2) else 1
+                bps = 2 if kern == "mma" else tuning.wgmma_blocks(cfg["bt"], cfg["nwg"], cfg["wpf"])
                 n_pad, k_pad = ops_cuda.padded_dims(n, k, 128)
                 want = max(1, min(ops_cuda._splits(p["tiles"], k_pad // 128, bps), k_pad // 128))
                 assert p["splits"] == want
@@ -626,3 +626,21 @@ def test_collect_plumbing_with_a_fake_gpu(tmp_path, monkeypatch):
     assert pw and all(abs(r["power_w"] - 300.0) < 15 and r["power_src"] == "energy" for r in pw)
     assert all(r["runtime_ms"] == 0.0123 and r["regs"] == 96 and r["occ"] == 2 for r in rows)
     assert {r["m"] for r in rows} <= {1, 300}
+
+
+def test_auto_splits_fill_one_wave_and_refit_keeps_recorded_splits(rows):
+    """auto_splits: the most splits whose blocks fit one wave (at least 1, at most kt // 4 and 16);
+    a CSV row measured with automatic splits keeps the count it ran with when refeatured."""
+    assert perfmodel.auto_splits(64, 64, 2, 132) == 4          # 256 blocks of 264 slots, not 5 (320)
+    assert perfmodel.auto_splits(32, 86, 2, 132) == 8
+    assert perfmodel.auto_splits(200, 64, 2, 132) == 1         # never a second, partial wave
+    assert perfmodel.auto_splits(500, 64, 2, 132) == 1
+    assert perfmodel.auto_splits(4, 64, 2, 132) == 16
+    assert perfmodel.auto_splits(4, 8, 2, 132) == 2            # kt // 4
+    auto = [r for r in rows if r["kernel"] == "wgmma" and "splits=auto" in r["config"] and int(r["splits"]) > 0]
+    assert auto
+    for r in auto[:20]:
+        f = perf._refeature(r, DEV["sm_count"])
+        assert f["splits"] == int(r["splits"]) and f["split_auto"] == 1
+    assert tuning.wgmma_blocks(64, 2, 4) == 2 and tuning.wgmma_blocks(128, 2, 4) == 1
+    assert tuning.wgmma_blocks(32, 2, 2) == 3 and tuning.wgmma_blocks(256, 2, 2) == 1

@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     pk.set_defaults(func=gemm.cmd_gemm_pick, reps=1)
     t = sub.add_parser("gemm-tune", help="time kernel variants to choose tuning.GEMM")
     t.add_argument("--reps", type=int, default=50)
+    t.add_argument("--cases", default="", help="M:K:N,... instead of the built-in TUNE_CASES")
+    t.add_argument("--splits", default="", help="comma-separated split-K counts timed beside auto and 1 (M <= 512)")
     t.set_defaults(func=gemm.cmd_gemm_tune)
     o = sub.add_parser("gemm-one", help="time one shape and kernel configuration (also for profilers)")
     o.add_argument("--m", type=int, required=True)

@@ -225,8 +225,8 @@ def cmd_gemm_pick(args) -> int:
     rows = [json.loads(line) for line in open(args.tune_log) if line.strip()]
     rows = [r for r in rows if "ms" in r]
     picks: dict = {"wgmma": {}, "gemv": {}}
-    lo, hi = tuning.GEMM.wgmma_bounds
-    buckets = {"small": lambda m: 16 < m <= lo, "mid": lambda m: lo < m <= hi, "large": lambda m: m > hi}
+    buckets = {name: (lambda m, name=name: m > tuning.GEMM.gemv_max_m and tuning.wgmma_bucket(m) == name)
+               for name in tuning.WGMMA_BUCKETS}
     for name, inb in buckets.items():
         cases = {(r["m"], r["k"], r["n"]) for r in rows if r["kernel"] == "wgmma" and inb(r["m"])}
         tot: dict = {}
@@ -292,7 +292,9 @@ TUNE_CASES = [(1, 8192, 8192), (1, 4096, 4096), (16, 8192, 8192), (16, 4096, 409
 # every row of TUNE_CASES is timed with every variant that applies to its M
 
 
-def _variants(m):
+def _variants(m, splits=()):
+    """Every kernel configuration that applies to M rows; splits: explicit split-K counts to time
+    beside automatic and none (M <= 512)."""
     v = []
     if m <= 32:
         mt = 1 if m <= 8 else 2 if m <= 16 else 4
@@ -304,9 +306,9 @@ def _variants(m):
                 v.append(("mma", {"bm": bm, "splits": sp or None}))
         if ops_cuda.has_wgmma():
             for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
-                if (bt == 64) != (m <= 64) or (bt == 256 and m < 256):
+                if (m > 2 * bt if bt < 64 else (bt == 64) != (m <= 64)) or (bt == 256 and m < 256):
                     continue
-                for sp in ((1, 0) if m <= 512 else (1,)):
+                for sp in ((1, 0, *splits) if m <= 512 else (1,)):
                     v.append(("wgmma", {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl,
                                         "splits": sp or None}))
     return v
@@ -326,10 +328,19 @@ def gemm_case(m: int, k: int, n: int):
 
 def cmd_gemm_tune(args) -> int:
     cp = cp_or_fail()
-    for m, k, n in TUNE_CASES:
+    cases = TUNE_CASES
+    if args.cases:
+        try:
+            cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
+        except ValueError:
+            cases = [()]
+        if any(len(c) != 3 or min(c) < 1 for c in cases):
+            raise SystemExit(f"--cases takes M:K:N,... with positive integers, got {args.cases!r}")
+    splits = tuple(int(s) for s in args.splits.split(",") if s.strip()) if args.splits else ()
+    for m, k, n in cases:
         layers, x8, sx, y = gemm_case(m, k, n)
         layer, nb = layers[0], len(layers)
-        for kern, cfg in _variants(m):
+        for kern, cfg in _variants(m, splits):
             try:
                 ms = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, layers[i % nb], kernel=kern, cfg=cfg, out=y),
                                 args.reps)

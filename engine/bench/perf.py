@@ -236,6 +236,19 @@ def _launch_recorder(kargs, record: dict):
     return orig, rec
 
 
+def _refeature(r: dict, sm: int) -> dict:
+    """perfmodel.features of a CSV row. A row with automatic split-K keeps the split count it ran
+    with (its `splits` column), not the one today's rule (perfmodel.auto_splits) would choose."""
+    kern, cfg = parse_key(r["config"])
+    auto = kern != "gemv" and not cfg.get("splits") and int(r.get("splits") or 0) > 0
+    if auto:
+        cfg = {**cfg, "splits": int(r["splits"])}
+    f = perfmodel.features(kern, cfg, r["m"], r["n"], r["k"], r["group"], sm, {"regs": r["regs"], "occ": r["occ"]})
+    if auto:
+        f["split_auto"] = 1
+    return f
+
+
 def _attrs(cp, kargs, kf, expr, threads, smem, info) -> dict:
     """Registers a thread and resident blocks per SM of a compiled kernel (driver occupancy query;
     the register/shared-memory/thread limits as a fallback)."""
@@ -461,9 +474,8 @@ def read_csv(path, refeature: bool = True) -> tuple[dict, list[dict]]:
         if sm <= 0:
             raise BenchError(f"perf: {path} has no `# meta:` line with the device's sm_count")
         try:
-            rows = [{**r, **perfmodel.features(*parse_key(r["config"]), r["m"], r["n"], r["k"], r["group"], sm,
-                                               {"regs": r["regs"], "occ": r["occ"]})} for r in rows]
-        except (perfmodel.PerfModelError, KeyError, TypeError) as e:
+            rows = [{**r, **_refeature(r, sm)} for r in rows]
+        except (perfmodel.PerfModelError, KeyError, TypeError, ValueError) as e:
             raise BenchError(f"perf: {path}: a row's configuration or attributes are unusable ({e})") from None
     return meta, rows
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import flags, kernels, perfmodel
 from .perfmodel import PerfModelError, config_key
-from .tuning import GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, gemv_choice
+from .tuning import GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, gemv_choice, wgmma_bucket
 
 POLICIES = ("table", "learned", "exhaustive")
 OBJECTIVES = ("time", "energy")
@@ -70,7 +70,7 @@ def candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tuple[str, 
                 out.append(("mma", {"bm": bm, "stages": st, "splits": sp}))
         if wgmma:
             for bt, st, nwg, wpf, ovl in WGMMA_CFGS:
-                if (bt == 64 and m > 128) or (bt == 256 and m < 256):
+                if (bt < 64 and m > bt) or (bt == 64 and m > 128) or (bt == 256 and m < 256):
                     continue
                 for sp in (None, 1):
                     out.append(("wgmma", {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl, "splits": sp}))
@@ -100,8 +100,7 @@ def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool) -> tuple[
         rw, u, nw, _ = gemv_choice(m, mt, rt <= GEMM.gemv_few_tiles_per_sm * sm_count, {})
         return "gemv", {"mt": mt, "rw": rw, "u": u, "nw": nw}
     if GEMM.use_wgmma and wgmma:
-        lo, hi = GEMM.wgmma_bounds
-        c = GEMM.wgmma["small" if m <= lo else "mid" if m <= hi else "large"]
+        c = GEMM.wgmma[wgmma_bucket(m)]
         return "wgmma", {"bt": c.bt, "stages": c.stages, "nwg": c.nwg, "wpf": c.wpf, "ovl": c.ovl, "splits": c.splits}
     return "mma", {"bm": GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128, "stages": 4, "splits": None}
 
@@ -234,6 +233,9 @@ def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None
     res = None
     if cands and STATE.policy == "learned":
         tp = table_pick(m, n, group, info["sm_count"], wgmma) if not gemv_only else None
+        if tp is not None and config_key(*tp) not in STATE.model.configs:
+            STATE.memo[key] = (None,)          # a tile newer than the model (the tiny bucket): the table's
+            return None
         i, pred = learned_pick(STATE.model, m, n, k, group, cands, STATE.objective,
                                cands.index(tp) if tp in cands else None)
         if i is None:

@@ -29,14 +29,13 @@ split-K workspace.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import formats
 from ..model import sampling
-from . import backend, choice, kargs, kernels, launch
+from . import backend, choice, kargs, kernels, launch, perfmodel, tuning
 from .tuning import (GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_DP_SILU, GEMV_MT, GEMV_SILU_U,  # noqa: F401
                      GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS, gemv_choice, gemv_targs)
 
@@ -211,9 +210,7 @@ QUANT_FILE = kargs.KernelFile("quant_act.cu", _QUANT)
 SAMPLE_FILE = kargs.KernelFile("sample.cu", ())
 
 
-def wgmma_bucket(m: int) -> str:
-    lo, hi = GEMM.wgmma_bounds
-    return "small" if m <= lo else "mid" if m <= hi else "large"
+wgmma_bucket = tuning.wgmma_bucket
 
 
 def _gemv_cfg(m: int, mt: int, r: int, cfg: dict) -> tuple[int, int, int, bool]:
@@ -348,11 +345,7 @@ def _prep_x8(x8, layer: PackedA8W4):
 
 
 def _splits(tiles: int, kt: int, blocks_per_sm: int) -> int:
-    sms = kernels.device_info()["sm_count"]
-    target = GEMM.split_target * sms * blocks_per_sm
-    if tiles >= target:
-        return 1
-    return int(max(1, min(kt // 4, math.ceil(target / tiles), 16)))
+    return perfmodel.auto_splits(tiles, kt, blocks_per_sm, kernels.device_info()["sm_count"])
 
 
 def mma_smem(bm: int, stages: int) -> int:
@@ -469,9 +462,9 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if (bt, st, nwg, wpf, ovl) not in WGMMA_CFGS:
             raise CudaOpError(f"wgmma config {(bt, st, nwg, wpf, ovl)} is not instantiated (WGMMA_CFGS)")
         threads = nwg * 128
-        smem = max(st * bt * 128, bt * (nwg * 64 + 8) * 2) + 1024
+        smem = tuning.wgmma_smem(bt, st, nwg)
         kf, expr = WGMMA_FILE, f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
-        nreg, bps = bt // 2, (2 if (bt <= 128 and nwg == 2 and wpf <= 2) else 1)
+        nreg, bps = bt // 2, tuning.wgmma_blocks(bt, nwg, wpf)
         tile_m, tile_rt = bt, nwg * 4
     else:
         raise CudaOpError(f"unknown kernel {kernel!r}; expected auto, gemv, mma or wgmma")

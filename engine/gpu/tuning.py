@@ -188,6 +188,7 @@ GEMV_DP_CFGS = ((1, 2, 8), (1, 4, 8), (1, 2, 16))
 GEMV_DP_SILU = (1, 2, 8)
 MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
 WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
+    (32, 4, 2, 2, 2), (32, 6, 2, 4, 2),                   # M = 17-32 (the tiny bucket; BT = 16 measured slower)
     (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
     (128, 4, 2, 2, 0), (128, 4, 2, 2, 1), (128, 4, 2, 2, 2), (128, 5, 2, 2, 2), (128, 6, 2, 4, 2),
     (256, 4, 2, 2, 2),
@@ -221,11 +222,29 @@ class WgmmaCfg:
 WGMMA_KEYS = tuple(f.name for f in fields(WgmmaCfg))      # the cfg-dict keys of the wgmma kernel
 
 
+def wgmma_smem(bt: int, stages: int, nwg: int) -> int:
+    """Dynamic shared memory of gemm_a8w4_wgmma: the activation stages or the epilogue's staging
+    rows, whichever is larger, and 1 KB to align the swizzle atoms."""
+    return max(stages * bt * 128, bt * (nwg * 64 + 8) * 2) + 1024
+
+
+def wgmma_blocks(bt: int, nwg: int, wpf: int) -> int:
+    """Resident blocks an SM of gemm_a8w4_wgmma<BT, ., NWG, WPF, ..> (registers within its launch
+    bounds, cuda/gemm_a8w4_sm90.cu WgmmaMinBlocks, and shared memory; tests/test_kernels_gpu.py
+    checks it against the driver's occupancy query): split K fills this many a SM."""
+    if nwg != 2 or bt >= 256:
+        return 1
+    if bt <= 32:
+        return 3 if wpf <= 2 else 2
+    return 2 if bt <= 64 or wpf <= 2 else 1
+
+
 @dataclass
 class GemmTuning:
     """Dispatch knobs: `python -m engine.bench gemm-pick` over the 2026-11-25 H100 tuning log
     (bench/results/2026-11-25-gemm-tune-h100.jsonl) chose these; the bench table of that run
-    used exactly them. wgmma buckets by M: small ≤ wgmma_bounds[0] < mid ≤ wgmma_bounds[1] < large."""
+    used exactly them. wgmma buckets by M (wgmma_bucket): tiny ≤ wgmma_bounds[0] < small ≤
+    wgmma_bounds[1] < mid ≤ wgmma_bounds[2] < large."""
     gemv_max_m: int = 16                                 # M at or below this runs the GEMV
     gemv: dict = field(default_factory=lambda: {1: GemvCfg(1, 2), 2: GemvCfg(4, 2), 4: GemvCfg(2, 2)})
     # with at most gemv_few_tiles_per_sm row tiles per SM (N = 4096: 256 tiles) a block runs
@@ -244,18 +263,32 @@ class GemmTuning:
     # its U where the row tiles are more than gemv_few_tiles_per_sm an SM (q|k|v of 7B; not the SiLU
     # GEMV, which runs U = 2, nor the few-tile shapes, which take gemv_few): 4 measured 618 tok/s
     gemv_dp_u: int = 2
-    wgmma_bounds: tuple = (64, 512)
-    wgmma: dict = field(default_factory=lambda: {"small": WgmmaCfg(64, 6, 2, 4, 2, None),
+    # tiny (M = 17-32, batched decode): 32-token tiles, 3 blocks an SM (H200, 2026-12-03, same
+    # process, 7B shapes at M = 32: q|k|v 26.8 → 20.4 µs, gate|up 41.6 → 31.6, o 16.1 → 14.1,
+    # down 23.9 → 22.6 against the small bucket's tile; bench/results/2026-12-03-gemm-small-m-h200.md)
+    wgmma_bounds: tuple = (32, 64, 512)
+    wgmma: dict = field(default_factory=lambda: {"tiny": WgmmaCfg(32, 4, 2, 2, 2, None),
+                                                 "small": WgmmaCfg(64, 6, 2, 4, 2, None),
                                                  "mid": WgmmaCfg(128, 4, 2, 2, 2, None),
                                                  "large": WgmmaCfg(128, 4, 2, 2, 2, 1)})
     mma_bm_small: int = 64
     mma_small_max_m: int = 64
-    split_target: float = 1.0   # split K until tiles*splits >= split_target * SMs * blocks/SM
+    split_target: float = 1.0   # split K while tiles*splits <= split_target * SMs * blocks/SM (perfmodel.auto_splits)
     # sm_90 only; the portable mma.sync path is the fallback. DGQ_NO_WGMMA=1 turns it off (flags.py)
     use_wgmma: bool = flags.WGMMA
 
 
 GEMM = GemmTuning()
+
+WGMMA_BUCKETS = ("tiny", "small", "mid", "large")
+
+
+def wgmma_bucket(m: int) -> str:
+    """The GEMM.wgmma entry for M rows (GEMM.wgmma_bounds)."""
+    for name, hi in zip(WGMMA_BUCKETS, GEMM.wgmma_bounds):
+        if m <= hi:
+            return name
+    return WGMMA_BUCKETS[-1]
 
 
 def gemv_targs(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = False, silu: bool = False) -> str:
