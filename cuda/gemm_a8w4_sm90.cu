@@ -139,10 +139,11 @@ template <> struct WgmmaRS<256> {
 };
 
 // Launch bounds: 2 blocks per SM need <= 128 registers: 2 warpgroups and a
-// 2-stage weight prefetch ring; deeper rings or 4 warpgroups run one block.
-// BT = 32 (16 accumulators a thread) with the 2-stage ring: 3 blocks, 24 warps an SM,
-// within 85 registers (WPF = 4 spills there: 2 blocks). What fits in the end (BT = 64 with WPF = 4
-// compiles to < 128 registers: 2 blocks) is engine/gpu/tuning.py wgmma_blocks, checked on the GPU.
+// 2-stage weight prefetch ring; deeper rings or 4 warpgroups are not bounded (the 64-token tile
+// with WPF = 4 still compiles to 108-127 registers and fits 2; bounding it changes its schedule,
+// unmeasured). BT = 32 (16 accumulators a thread) with the 2-stage ring: 3 blocks, 24 warps an
+// SM, within 80 registers (WPF = 4 spills there: 2 blocks). What fits in the end is
+// engine/gpu/tuning.py wgmma_blocks, held to the driver's occupancy query by a GPU test.
 template <int BT, int NWG, int WPF>
 struct WgmmaMinBlocks {
     static constexpr int value = (BT <= 32 && NWG == 2 && WPF <= 2) ? 3

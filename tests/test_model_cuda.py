@@ -145,7 +145,8 @@ def test_graph_decode_equals_eager_and_incremental_reference(weights):
 @pytest.mark.parametrize("batch", [3, 10, 24])
 def test_batched_decode_equals_single_sequences(batch):
     """Batch 10 is past the fp16 GEMV: the graph ends at the final norm, cuBLAS runs the lm_head.
-    Batch 24: the linears run the wgmma GEMM's 32-token tiles (tuning.GEMM.wgmma["tiny"])."""
+    Batch 24: M = 17-32, the wgmma GEMM's 32-token tiles' range (tuning.GEMM.wgmma["tiny"], the
+    table's pick; the learned policy may pick another candidate)."""
     from engine.gpu.model import CudaModel
     mw = quantized_tiny("dynamic", seed=2, head_dim=64, hidden_size=64, intermediate_size=96)
     gm = CudaModel(mw)

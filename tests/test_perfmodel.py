@@ -368,9 +368,11 @@ def test_gemv_launch_plan_mirrors_ops(monkeypatch):
 @pytest.mark.parametrize("cc", [80, 90])
 def test_table_pick_mirrors_ops(monkeypatch, cc):
     monkeypatch.setattr(kernels, "device_info", lambda: dict(DEV, cc=cc))
-    for m in (1, 5, 8, 9, 16, 17, 40, 64, 65, 300, 512, 513, 8192):
+    for m in (1, 5, 8, 9, 16, 17, 32, 33, 40, 64, 65, 300, 512, 513, 8192):
         for n in (512, 4096, 8448, 32768):
             kern, cfg = choice.table_pick(m, n, 128, DEV["sm_count"], cc == 90)
+            if kern == "wgmma":                   # the buckets' edges: 32-token tiles up to M = 32
+                assert (cfg["bt"] == 32) == (m <= 32) and (cfg["bt"] == 64) == (32 < m <= 64)
             assert kern == ops_cuda.choose_kernel(m)
             assert (kern, cfg) in choice.candidates(m, cc == 90), (m, n, kern, cfg)
             if kern == "gemv":
@@ -637,10 +639,14 @@ def test_auto_splits_fill_one_wave_and_refit_keeps_recorded_splits(rows):
     assert perfmodel.auto_splits(500, 64, 2, 132) == 1
     assert perfmodel.auto_splits(4, 64, 2, 132) == 16
     assert perfmodel.auto_splits(4, 8, 2, 132) == 2            # kt // 4
-    auto = [r for r in rows if r["kernel"] == "wgmma" and "splits=auto" in r["config"] and int(r["splits"]) > 0]
-    assert auto
-    for r in auto[:20]:
-        f = perf._refeature(r, DEV["sm_count"])
-        assert f["splits"] == int(r["splits"]) and f["split_auto"] == 1
+    # M = 32, 8192 x 8192, the 64-token tile: 64 tiles, today's rule 4 splits; a row measured
+    # under the former rule recorded 3 and keeps them
+    r = {"config": "wgmma bt=64 stages=6 nwg=2 wpf=4 ovl=2 splits=auto", "m": 32, "n": 8192, "k": 8192,
+         "group": 128, "splits": 3, "regs": 114, "occ": 2}
+    kern, cfg = perfmodel.parse_key(r["config"])
+    assert perfmodel.features(kern, cfg, 32, 8192, 8192, 128, DEV["sm_count"], r)["splits"] == 4
+    f = perf._refeature(r, DEV["sm_count"])
+    assert f["splits"] == 3 and f["split_auto"] == 1
+    assert perf._refeature({**r, "splits": None}, DEV["sm_count"])["splits"] == 4      # not recorded: today's
     assert tuning.wgmma_blocks(64, 2, 4) == 2 and tuning.wgmma_blocks(128, 2, 4) == 1
     assert tuning.wgmma_blocks(32, 2, 2) == 3 and tuning.wgmma_blocks(256, 2, 2) == 1

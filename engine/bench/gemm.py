@@ -306,7 +306,7 @@ def _variants(m, splits=()):
                 v.append(("mma", {"bm": bm, "splits": sp or None}))
         if ops_cuda.has_wgmma():
             for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
-                if (m > 2 * bt if bt < 64 else (bt == 64) != (m <= 64)) or (bt == 256 and m < 256):
+                if (m > bt if bt < 64 else (bt == 64) != (m <= 64)) or (bt == 256 and m < 256):   # choice.candidates' ranges
                     continue
                 for sp in ((1, 0, *splits) if m <= 512 else (1,)):
                     v.append(("wgmma", {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl,
@@ -336,7 +336,12 @@ def cmd_gemm_tune(args) -> int:
             cases = [()]
         if any(len(c) != 3 or min(c) < 1 for c in cases):
             raise SystemExit(f"--cases takes M:K:N,... with positive integers, got {args.cases!r}")
-    splits = tuple(int(s) for s in args.splits.split(",") if s.strip()) if args.splits else ()
+    try:
+        splits = tuple(int(s) for s in args.splits.split(",") if s.strip()) if args.splits else ()
+    except ValueError:
+        splits = (0,)
+    if any(s < 1 for s in splits):
+        raise SystemExit(f"--splits takes positive integers, e.g. 2,4,8, got {args.splits!r}")
     for m, k, n in cases:
         layers, x8, sx, y = gemm_case(m, k, n)
         layer, nb = layers[0], len(layers)

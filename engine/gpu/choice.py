@@ -57,8 +57,9 @@ def gemv_mt(m: int) -> int:
 def candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tuple[str, dict]]:
     """Every configuration the learned and exhaustive choices weigh for M rows (and that
     `perf collect` times): the GEMV variants of M's token-tile bucket up to M = 32, mma.sync
-    BM × stages × (auto, no) split-K from M = 16, and on sm_90 the wgmma tiles (BT = 64 up to
-    M = 128, BT = 256 from M = 256) × (auto, no) split-K. Every pick of the table is among them."""
+    BM × stages × (auto, no) split-K from M = 16, and on sm_90 the wgmma tiles (BT = 32 up to
+    M = 32, BT = 64 up to M = 128, BT = 256 from M = 256) × (auto, no) split-K. Every pick of the
+    table is among them."""
     out = []
     if m <= 8 * max(GEMV_CFGS):
         mt = gemv_mt(m)
@@ -233,9 +234,6 @@ def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None
     res = None
     if cands and STATE.policy == "learned":
         tp = table_pick(m, n, group, info["sm_count"], wgmma) if not gemv_only else None
-        if tp is not None and config_key(*tp) not in STATE.model.configs:
-            STATE.memo[key] = (None,)          # a tile newer than the model (the tiny bucket): the table's
-            return None
         i, pred = learned_pick(STATE.model, m, n, k, group, cands, STATE.objective,
                                cands.index(tp) if tp in cands else None)
         if i is None:

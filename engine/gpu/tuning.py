@@ -205,7 +205,7 @@ class GemvCfg:
 @dataclass(frozen=True)
 class WgmmaCfg:
     """One gemm_a8w4_wgmma choice: the template arguments and the K splits (None: split K
-    until the GPU is full)."""
+    to one wave, perfmodel.auto_splits)."""
     bt: int
     stages: int
     nwg: int
@@ -229,9 +229,11 @@ def wgmma_smem(bt: int, stages: int, nwg: int) -> int:
 
 
 def wgmma_blocks(bt: int, nwg: int, wpf: int) -> int:
-    """Resident blocks an SM of gemm_a8w4_wgmma<BT, ., NWG, WPF, ..> (registers within its launch
-    bounds, cuda/gemm_a8w4_sm90.cu WgmmaMinBlocks, and shared memory; tests/test_kernels_gpu.py
-    checks it against the driver's occupancy query): split K fills this many a SM."""
+    """Resident blocks an SM of gemm_a8w4_wgmma<BT, ., NWG, WPF, ..> as compiled (registers; the
+    shared memory of today's WGMMA_CFGS never binds first): split K fills this many a SM.
+    tests/test_kernels_gpu.py holds it to the driver's occupancy query for every WGMMA_CFGS entry,
+    so a compiler that allocates more registers (the 64-token tile with WPF = 4 is not bounded
+    to 2 blocks, cuda/gemm_a8w4_sm90.cu WgmmaMinBlocks) fails a test instead of mis-splitting."""
     if nwg != 2 or bt >= 256:
         return 1
     if bt <= 32:
@@ -242,7 +244,8 @@ def wgmma_blocks(bt: int, nwg: int, wpf: int) -> int:
 @dataclass
 class GemmTuning:
     """Dispatch knobs: `python -m engine.bench gemm-pick` over the 2026-11-25 H100 tuning log
-    (bench/results/2026-11-25-gemm-tune-h100.jsonl) chose these; the bench table of that run
+    (bench/results/2026-11-25-gemm-tune-h100.jsonl) chose these, except the tiny wgmma bucket
+    (H200 sweep of 2026-12-03, bench/results/2026-12-03-gemm-small-m-h200.md); the bench table of that run
     used exactly them. wgmma buckets by M (wgmma_bucket): tiny ≤ wgmma_bounds[0] < small ≤
     wgmma_bounds[1] < mid ≤ wgmma_bounds[2] < large."""
     gemv_max_m: int = 16                                 # M at or below this runs the GEMV
