@@ -126,6 +126,12 @@ def median_us(cp, launches: dict, rounds: int = 4, reps: int = 100) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def layout_of(src: str) -> str:
+    """The text of `struct GqLayout` in an attention.cu source ("" when it has none)."""
+    i = src.find("struct GqLayout {")
+    return src[i:src.find("};", i)] if i >= 0 else ""
+
+
 def run_variants(cp, attention, kernels, contexts, names, files=()):
     srcs = variants(kernels.source("attention.cu"))
     for spec in files:
@@ -133,6 +139,10 @@ def run_variants(cp, attention, kernels, contexts, names, files=()):
         if not path or name in srcs:
             raise SystemExit(f"--file wants NAME=PATH with a new NAME, not {spec!r}")
         srcs[name] = source_of(kernels, path)
+        if layout_of(srcs[name]) != layout_of(srcs["base"]):     # shared memory and scratch are sized for today's
+            raise SystemExit(f"--file {spec}: its GqLayout differs from cuda/attention.cu's; this bench sizes shared "
+                             "memory for today's layout (gpu/attention.py gqa_smem), so that kernel would run out "
+                             "of bounds (as an INT8 run of 2026-12-03 did): compare trees with the same layout")
         names = [*names, name]
     unknown = set(names) - set(srcs)
     if unknown:
