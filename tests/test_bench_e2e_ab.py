@@ -26,3 +26,33 @@ def test_decode_variants_set_and_restore_tuning():
         with rows[1][1]():
             raise RuntimeError
     assert (tuning.GEMM.gemv_dp4a, tuning.GEMM.gemv_dp_u, tuning.PREFETCH.enabled) == before
+
+
+def test_context_table_repeats_under_each_ab_setting(monkeypatch):
+    """run_context(ab=...): the table again under each setting, in one process, the setting in
+    force while its rows run and named in the attention column; restored afterwards."""
+    import sys
+    import types
+
+    from engine.bench import e2e
+    from engine.gpu import attention
+    seen = []
+
+    def context_row(cp, gm, label, ctx, bsz, kv8, steps, bw, rng):
+        seen.append((tuning.GEMM.gemv_dp_u, ctx, kv8, bsz))
+        return {"model": label, "phase": "context", "attn": "gqa", "context": ctx, "batch": bsz,
+                "kv": "int8" if kv8 else "fp16", "tok_s": 1.0}
+    monkeypatch.setattr(e2e, "context_row", context_row)
+    monkeypatch.setattr(e2e, "random_model", lambda shape, q: types.SimpleNamespace(
+        config=types.SimpleNamespace(max_position_embeddings=1 << 20)))
+    monkeypatch.setitem(sys.modules, "engine.gpu.model", types.SimpleNamespace(CudaModel=lambda mw: object()))
+    monkeypatch.setattr(attention, "ring_depth", lambda st: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(e2e, "gc", types.SimpleNamespace(collect=lambda: None))
+    cp = types.SimpleNamespace(get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
+    monkeypatch.setattr(e2e, "_device", lambda: (cp, None, [{"phase": "device", "name": "fake", "copy_bw_gbs": 1.0}]))
+    before = tuning.GEMM.gemv_dp_u
+    rows = e2e.run_context([128], models=("llama7b",), batches=(32,), ab=[{"gemv_dp_u": before + 3}])
+    ctx_rows = [r for r in rows if r["phase"] == "context"]
+    assert [r["attn"] for r in ctx_rows] == ["gqa", "gqa", f"gqa gemv_dp_u={before + 3}", f"gqa gemv_dp_u={before + 3}"]
+    assert [s[0] for s in seen] == [before, before, before + 3, before + 3]
+    assert tuning.GEMM.gemv_dp_u == before

@@ -57,8 +57,12 @@ def cmd_e2e(args) -> int:
         stages = _ints(args.gqa_stages, "--gqa-stages", least=0) if args.gqa_stages else ()
         if set(stages) - set(GQA_STAGES):
             raise BenchError(f"--gqa-stages: choose from {', '.join(map(str, GQA_STAGES))}, got {args.gqa_stages!r}")
+        try:
+            ab = [parse_ab(item) for item in args.ab]
+        except ValueError as e:
+            raise BenchError(str(e)) from None
         rows = run_context(_ints(args.context, "--context"), models, _ints(args.batches, "--batches"),
-                           args.steps, attn, args.json, args.qfile, stages)
+                           args.steps, attn, args.json, args.qfile, stages, ab)
         if args.md:
             Path(args.md).write_text(format_context_table(rows) + "\n")
         return 0
@@ -158,7 +162,8 @@ def main(argv=None) -> int:
     e.add_argument("--prefetch", default="", help="comma-separated MB of gate|up weights (0: o only): batch-1 decode "
                    "rows with the L2 prefetch on (o weights + that many MB; tuning.PrefetchTuning), beside the default's")
     e.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
-                   help="a batch-1 decode row (and its per-launch profile) and a prefill row with these "
+                   help="with --context: the context table again with these settings; else a batch-1 decode "
+                   "row (and its per-launch profile) and a prefill row with these "
                    "tuning.GEMM fields set, beside the default's, where the step runs with PDL (sm_90); "
                    "repeatable, e.g. --ab gemv_dp4a=0 --ab gemv_dp_u=4")
     e.add_argument("--patch", metavar="FILE.json",

@@ -14,7 +14,8 @@ model at each context for batch 1, 8 and 32, fp16 and INT8 KV, with the bytes a 
 model's shapes and the context, and the % of the copy bandwidth measured in the same process
 that this reaches; the attention launch alone is timed too (attention_time) against its K/V
 bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu/attention.py),
---gqa-stages 0,2 with each ring depth of attn_decode_gqa (tuning.ATTENTION.gqa_stages).
+--gqa-stages 0,2 with each ring depth of attn_decode_gqa (tuning.ATTENTION.gqa_stages), --ab
+FIELD=INT with tuning.GEMM fields set (e.g. gemv_dp_u=4), each in the same process.
 
 A/B rows beside the default's, in the same process (batch-1 decode with its per-launch profile,
 and the first prefill length): --prefetch (the L2 prefetch), --ab (tuning.GEMM fields), --patch
@@ -441,10 +442,11 @@ def attention_time(gm, cache, reps: int = 20) -> tuple[str, float]:
 
 
 def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), steps: int = 32,
-                attn_kernels=(), json_out: bool = False, qfile=None, gqa_stages=()):
+                attn_kernels=(), json_out: bool = False, qfile=None, gqa_stages=(), ab=()):
     """The context table (module docstring): every model × decode attention kernel × context ×
-    KV type × batch, and × attn_decode_gqa's ring depth (gqa_stages, tuning.ATTENTION.gqa_stages);
-    rows whose cache does not fit the free memory say so."""
+    KV type × batch, and × attn_decode_gqa's ring depth (gqa_stages, tuning.ATTENTION.gqa_stages),
+    and again under each --ab setting of tuning.GEMM (ab: parse_ab dicts; the attention column
+    names it), all in one process; rows whose cache does not fit the free memory say so."""
     from ..gpu import attention  # noqa: PLC0415
     from ..gpu.model import CudaModel  # noqa: PLC0415
     cp, bw, rows = _device()
@@ -464,13 +466,17 @@ def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), ste
         rng = np.random.default_rng(0)
         saved = attention.DECODE_KERNEL
         try:
-            for kernel, st in itertools.product(kernels, gqa_stages or (attention.ATTENTION.gqa_stages,)):
+            settings = [("", contextlib.nullcontext)] + decode_variants(ab=ab)
+            for (suffix, setting), kernel, st in itertools.product(settings, kernels,
+                                                                   gqa_stages or (attention.ATTENTION.gqa_stages,)):
                 attention.DECODE_KERNEL = kernel
-                with attention.ring_depth(st):
+                with attention.ring_depth(st), setting():
                     for ctx in contexts:
                         for kv8 in (False, True):
                             for bsz in batches:
                                 row = context_row(cp, gm, label + " A8W4", ctx, bsz, kv8, steps, bw, rng)
+                                if suffix:
+                                    row["attn"] += f" {suffix}"
                                 rows.append(row)
                                 if json_out:
                                     print(json.dumps(row), flush=True)
