@@ -26,19 +26,8 @@ from pathlib import Path
 from ..gpu import kernels
 from ..gpu import ops as ops_cuda
 from . import gemm, perf, quantize, serve, wb
-from .common import BenchError, cp_or_fail
+from .common import BenchError, cp_or_fail, ints
 from .e2e import MODELS, format_context_table, format_table, parse_ab, read_patches, run_context, run_e2e
-
-
-def _ints(text: str, flag: str, least: int = 1) -> tuple[int, ...]:
-    what = "positive integers" if least == 1 else f"integers >= {least}"
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise BenchError(f"{flag}: comma-separated {what}, got {text!r}") from None
-    if not vals or min(vals) < least:
-        raise BenchError(f"{flag}: comma-separated {what}, got {text!r}")
-    return vals
 
 
 def cmd_e2e(args) -> int:
@@ -54,14 +43,14 @@ def cmd_e2e(args) -> int:
         if args.steps < 1:
             raise BenchError(f"--steps must be at least 1, got {args.steps}")
         from ..gpu.attention import GQA_STAGES  # noqa: PLC0415
-        stages = _ints(args.gqa_stages, "--gqa-stages", least=0) if args.gqa_stages else ()
+        stages = ints(args.gqa_stages, "--gqa-stages", least=0) if args.gqa_stages else ()
         if set(stages) - set(GQA_STAGES):
             raise BenchError(f"--gqa-stages: choose from {', '.join(map(str, GQA_STAGES))}, got {args.gqa_stages!r}")
         try:
             ab = [parse_ab(item) for item in args.ab]
         except ValueError as e:
             raise BenchError(str(e)) from None
-        rows = run_context(_ints(args.context, "--context"), models, _ints(args.batches, "--batches"),
+        rows = run_context(ints(args.context, "--context"), models, ints(args.batches, "--batches"),
                            args.steps, attn, args.json, args.qfile, stages, ab)
         if args.md:
             Path(args.md).write_text(format_context_table(rows) + "\n")
@@ -69,7 +58,7 @@ def cmd_e2e(args) -> int:
     pot = tuple(int(b) for b in args.pot_bits.split(",") if b.strip())
     if set(pot) - {2, 3, 4}:
         raise BenchError(f"--pot-bits: choose from 2, 3, 4, got {args.pot_bits!r}")
-    prefetch = _ints(args.prefetch, "--prefetch", least=0) if args.prefetch else ()
+    prefetch = ints(args.prefetch, "--prefetch", least=0) if args.prefetch else ()
     try:
         ab = [parse_ab(item) for item in args.ab]
         patches = read_patches(args.patch) if args.patch else ()

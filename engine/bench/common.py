@@ -29,6 +29,20 @@ class BenchError(ValueError):
     """The benchmark cannot run here (no GPU) or was given impossible options."""
 
 
+def ints(text: str, flag: str, least: int = 1, sep: str = ",") -> tuple[int, ...]:
+    """A command line's list of integers (comma-separated, or by sep), each at least `least`;
+    BenchError naming the flag otherwise."""
+    what = ("comma" if sep == "," else f"{sep!r}") + "-separated " + (
+        "positive integers" if least == 1 else f"integers >= {least}")
+    try:
+        vals = tuple(int(v) for v in text.split(sep) if v.strip())
+    except ValueError:
+        raise BenchError(f"{flag}: {what}, got {text!r}") from None
+    if not vals or min(vals) < least:
+        raise BenchError(f"{flag}: {what}, got {text!r}")
+    return vals
+
+
 def cp_or_fail():
     cp = backend.cupy_or_none()
     if cp is None:

@@ -21,7 +21,8 @@ import sys
 
 from ..gpu import choice, kernels, tuning
 from ..gpu import ops as ops_cuda
-from .common import VERDICT, copy_bandwidth, cp_or_fail, geomean, launch_overhead_ms, n_buffers, time_calls
+from .common import (VERDICT, BenchError, copy_bandwidth, cp_or_fail, geomean, ints, launch_overhead_ms, n_buffers,
+                     time_calls)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (8192, 8192), (8192, 28672), (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -306,7 +307,8 @@ def _variants(m, splits=()):
                 v.append(("mma", {"bm": bm, "splits": sp or None}))
         if ops_cuda.has_wgmma():
             for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
-                if (m > bt if bt < 64 else (bt == 64) != (m <= 64)) or (bt == 256 and m < 256):   # choice.candidates' ranges
+                # BT < 64 over choice.candidates' range (M <= BT); BT = 64 up to M = 64, the wider tiles above
+                if (m > bt if bt < 64 else (bt == 64) != (m <= 64)) or (bt == 256 and m < 256):
                     continue
                 for sp in ((1, 0, *splits) if m <= 512 else (1,)):
                     v.append(("wgmma", {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl,
@@ -328,20 +330,10 @@ def gemm_case(m: int, k: int, n: int):
 
 def cmd_gemm_tune(args) -> int:
     cp = cp_or_fail()
-    cases = TUNE_CASES
-    if args.cases:
-        try:
-            cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
-        except ValueError:
-            cases = [()]
-        if any(len(c) != 3 or min(c) < 1 for c in cases):
-            raise SystemExit(f"--cases takes M:K:N,... with positive integers, got {args.cases!r}")
-    try:
-        splits = tuple(int(s) for s in args.splits.split(",") if s.strip()) if args.splits else ()
-    except ValueError:
-        splits = (0,)
-    if any(s < 1 for s in splits):
-        raise SystemExit(f"--splits takes positive integers, e.g. 2,4,8, got {args.splits!r}")
+    cases = [ints(c, "--cases (M:K:N,...)", sep=":") for c in args.cases.split(",")] if args.cases else TUNE_CASES
+    if any(len(c) != 3 for c in cases):
+        raise BenchError(f"--cases takes M:K:N,... with positive integers, got {args.cases!r}")
+    splits = ints(args.splits, "--splits") if args.splits else ()
     for m, k, n in cases:
         layers, x8, sx, y = gemm_case(m, k, n)
         layer, nb = layers[0], len(layers)
