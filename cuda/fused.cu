@@ -142,18 +142,31 @@ gelu_mul_quant(const __half* __restrict__ gu, int I, int mode, const float* __re
 // down GEMM's, (M, H) fp16) normed before the residual add (Gemma 3's post-attention and
 // post-feedforward norms, config.sandwich_norm); add_rmsnorm_quant (y null) then norms h for the
 // next sublayer. The norm of y in float32 as add_rmsnorm_quant's of h.
+// acc (nullable; y is then not read): the A8W4 GEMM's int32 accumulators (M, H) instead of its fp16
+// output, y = dg_epilogue(acc, sx[row], s8[col]) kept in float32 as the NumPy reference keeps a
+// linear's output: the sublayer outputs reach the float32 residual stream unrounded (Gemma 3's
+// GPU/CPU perplexity gap, docs/QUALITY.md).
 template <int PER, int CL, int VEC>
 __global__ void ROW_CLUSTER_DIMS(CL) __launch_bounds__(1024)
-norm_add_rows(float* __restrict__ h, const __half* __restrict__ y, const float* __restrict__ w, int H, float eps) {
+norm_add_rows(float* __restrict__ h, const __half* __restrict__ y, const int* __restrict__ acc,
+              const float* __restrict__ sx, const float* __restrict__ s8, const float* __restrict__ w, int H,
+              float eps) {
     RowTeam<CL> team;
     constexpr int NC = PER / VEC;
-    float wv[PER];                  // the norm weight is no kernel's output: read before the PDL wait
+    float wv[PER], sv[PER];         // the norm weight and s8 are no kernel's output: read before the PDL wait
     load_row<PER, VEC>(w, H, wv, team);
+    if (acc) load_row<PER, VEC>(s8, H, sv, team);
     pdl_enter();
-    const __half* yr = y + (size_t)team.row * H;
     float* row = h + (size_t)team.row * H;
     float v[PER];
-    load_row<PER, VEC>(yr, H, v, team);
+    if (acc) {
+        load_row<PER, VEC>(acc + (size_t)team.row * H, H, v, team);
+        const float s = sx[team.row];
+#pragma unroll
+        for (int i = 0; i < PER; ++i) v[i] = __fmul_rn(__fmul_rn(v[i], s), sv[i]);   // dg_epilogue, 0 past H
+    } else {
+        load_row<PER, VEC>(y + (size_t)team.row * H, H, v, team);
+    }
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < PER; ++i) ss += v[i] * v[i];

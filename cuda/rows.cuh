@@ -183,6 +183,7 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack { T e[N]; };
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(int x) { return __int2float_rn(x); }   // dg_epilogue's conversion
 __device__ __forceinline__ void from_float(float& d, float x) { d = x; }
 __device__ __forceinline__ void from_float(__half& d, float x) { d = __float2half_rn(x); }
 

@@ -146,7 +146,8 @@ class FakeLinear:
         self.interleaved = interleaved
         self.mode = MODE["dynamic"] if a8w4 else MODE["fp16"]
         self.scale = np.ones(1, np.float32)
-        self.packed, self.w16, self.wb = (object(), None, None) if a8w4 else (None, np.zeros((n, k), np.float16), None)
+        self.packed, self.w16, self.wb = ((SimpleNamespace(s8=np.ones(n, np.float32)), None, None) if a8w4
+                                          else (None, np.zeros((n, k), np.float16), None))
 
     def __call__(self, x8, sx, xh, out, resid=None):
         self.log.append((self.name + ("+h" if resid is not None else ""), {"_family": False}))
@@ -154,6 +155,11 @@ class FakeLinear:
 
     def silu_gemv(self, x8, sx, out, amax):
         self.log.append(("silu_gemv", {"_family": False}))
+
+    def accumulate(self, x8, out):
+        assert self.packed is not None and out.dtype == np.int32 and out.shape == (x8.shape[0], self.n)
+        self.log.append((self.name + ":acc", {"_family": False}))
+        return out
 
 
 def fake_model(c: ModelConfig, log, a8w4=True, seed=0):
@@ -281,12 +287,15 @@ def layer_plan(c: ModelConfig, li: int, phase: str) -> list[str]:
     bias, sandwich = set(c.linear_bias), c.sandwich_norm
     folded = not sandwich and not bias & {"o", "down"}                      # _fold_resid (m ≤ 16)
     silu_fold = folded and c.hidden_act == "silu" and not bias & {"gate", "up"}   # _fold_quant (m = 1)
+    # a sandwich layer's A8W4 o and down without a bias: int32 accumulators into norm_add_rows
+    o = "o:acc" if sandwich and "o" not in bias else "o"
+    down = "down:acc" if sandwich and "down" not in bias else "down"
     out = ["add_rmsnorm_quant", "qkv"] + (["qk_norm_bias"] if "q" in bias or c.qk_norm else [])
     if phase == "prefill":                                                  # 20 rows: no folds
-        out += ["rope_qkv_cache", attention_kernel(c, li, phase), "quant_rows", "o"]
+        out += ["rope_qkv_cache", attention_kernel(c, li, phase), "quant_rows", o]
     else:
         out += [attention_kernel(c, li, phase)]
-        out += ["quant_amax", "o+h"] if silu_fold else ["quant_rows", "o+h" if folded else "o"]
+        out += ["quant_amax", "o+h"] if silu_fold else ["quant_rows", "o+h" if folded else o]
     out += (["add_bias"] if "o" in bias else []) + (["norm_add_rows"] if sandwich else [])
     out += ["add_rmsnorm_quant"]
     if phase == "decode" and silu_fold:
@@ -294,7 +303,7 @@ def layer_plan(c: ModelConfig, li: int, phase: str) -> list[str]:
     else:
         out += ["gate|up"] + (["add_bias"] if bias & {"gate", "up"} else [])
         out += ["gelu_mul_quant" if c.hidden_act == "gelu_tanh" else "silu_mul_quant"]
-    out += ["down+h" if phase == "decode" and folded else "down"]
+    out += ["down+h" if phase == "decode" and folded else down]
     out += (["add_bias"] if "down" in bias else []) + (["norm_add_rows"] if sandwich else [])
     return out
 
@@ -586,6 +595,17 @@ def test_gelu_and_norm_add_row_kernels_match_numpy(width, mode, shape):
     hd = cp.asarray(h)
     fused.norm_add_rows(m, h=hd, y=cp.asarray(y), w=cp.asarray(wn), H=width, eps=1e-6, shape=shape)
     np.testing.assert_allclose(hd.get(), h + ops_ref.rmsnorm(y.astype(np.float32), wn, 1e-6), rtol=1e-5, atol=1e-5)
+    # from the A8W4 GEMM's int32 accumulators: y = (float(acc)·sx)·s8 in float32 (formats.epilogue_ref), unrounded
+    from engine import formats
+    acc = rng.integers(-2**22, 2**22, (m, width)).astype(np.int32)
+    sxa = rng.uniform(1e-3, 2e-2, m).astype(np.float32)
+    s8 = rng.uniform(1e-4, 1e-3, width + 40).astype(np.float32)          # padded channels past H
+    yf = formats.epilogue_ref(acc, sxa, s8[:width])
+    assert yf.dtype == np.float32 and not np.array_equal(yf, yf.astype(np.float16).astype(np.float32))
+    hd = cp.asarray(h)
+    fused.norm_add_rows(m, h=hd, y=None, w=cp.asarray(wn), H=width, eps=1e-6, shape=shape, acc=cp.asarray(acc),
+                        sx=cp.asarray(sxa), s8=cp.asarray(s8))
+    np.testing.assert_allclose(hd.get(), h + ops_ref.rmsnorm(yf, wn, 1e-6), rtol=1e-5, atol=1e-5)
 
 
 @gpu_test

@@ -87,6 +87,8 @@ class Buffers:
         self.q = cp.zeros((m, c.num_attention_heads, d), f16)
         self.a = cp.zeros((m, c.q_size), f16)
         self.y = cp.zeros((m, h), f16)
+        # a sandwich layer's o and down accumulators (int32), normed and added in float32 (gpu/model.py _sublayer)
+        self.yi = cp.zeros((m, h), cp.int32) if c.sandwich_norm else None
         self.gu = cp.zeros((m, 2 * i), f16)
         self.mf = cp.zeros((m, i), f32)               # silu(gate)·up of the SiLU GEMV (fold_quant)
         self.amax = cp.zeros((2, m), cp.uint32)       # max|row| of b.a (o's input) and of mf, float bits

@@ -44,7 +44,8 @@ FAMILY = kargs.KernelFile("fused.cu", FAMILY_EXPRS)
 ROW_WIDTH = {"add_rmsnorm_quant": "H", "silu_mul_quant": "I", "quant_rows": "K",
              "gelu_mul_quant": "I", "norm_add_rows": "H"}
 ROW_ARRAYS = {"add_rmsnorm_quant": ("h", "y", "w", "x8", "xh", "emb"), "silu_mul_quant": ("gu", "x8", "mh"),
-              "quant_rows": ("x", "x8"), "gelu_mul_quant": ("gu", "x8", "mh"), "norm_add_rows": ("h", "y", "w")}
+              "quant_rows": ("x", "x8"), "gelu_mul_quant": ("gu", "x8", "mh"),
+              "norm_add_rows": ("h", "y", "w", "acc", "s8")}
 
 
 @dataclass(frozen=True)
@@ -183,12 +184,15 @@ def gelu_mul_quant(rows: int, gu, I: int, mode: int, static_scale, x8, ld: int, 
                  static_scale=static_scale, x8=x8, ld=ld, sx=sx, mh=mh, il=il)
 
 
-def norm_add_rows(rows: int, h, y, w, H: int, eps: float, shape: RowShape | None = None):
+def norm_add_rows(rows: int, h, y, w, H: int, eps: float, shape: RowShape | None = None, acc=None, sx=None,
+                  s8=None):
     """h (rows, H) float32 += RMSNorm(y)·w for y (rows, H) fp16: a sublayer output's norm
-    before the residual add (config.sandwich_norm)."""
-    per, cl, v, threads = _family_row("norm_add_rows", rows, shape, {"H": H, "h": h, "y": y, "w": w})
-    kargs.launch(FAMILY, f"norm_add_rows<{per}, {cl}, {v}>", (rows * cl,), (threads,), h=h, y=y, w=w, H=H,
-                 eps=eps)
+    before the residual add (config.sandwich_norm). acc (rows, H) int32 with sx (rows,) and s8
+    (≥ H,) float32 instead of y: y = (float(acc)·sx)·s8 in float32, the A8W4 GEMM's output unrounded."""
+    args = {"H": H, "h": h, "y": y, "w": w, "acc": acc, "s8": s8}
+    per, cl, v, threads = _family_row("norm_add_rows", rows, shape, args)
+    kargs.launch(FAMILY, f"norm_add_rows<{per}, {cl}, {v}>", (rows * cl,), (threads,), h=h, y=y, acc=acc, sx=sx,
+                 s8=s8, w=w, H=H, eps=eps)
 
 
 def add_bias(rows: int, y, bias, N: int):

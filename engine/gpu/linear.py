@@ -105,6 +105,10 @@ class GpuLinear:
             ops_cuda.gemm_a8w4(x8, sx, self.packed, out=out, resid=resid)
         return out if resid is None else resid
 
+    def accumulate(self, x8, out):
+        """out (M, N) int32 = Σ_k x8·W8 of this A8W4 layer, without the epilogue (ops_cuda.gemm_a8w4_acc)."""
+        return ops_cuda.gemm_a8w4_acc(x8, self.packed, out=out)
+
     def silu_gemv(self, x8, sx, out, amax):
         """out (1, N/2) float32 = silu(gate)·up of this interleaved gate|up layer, amax = its
         max |·| (ops_cuda.gemv_a8w4_silu)."""

@@ -19,7 +19,8 @@ The families (engine/io/config.py features()) add launches only where a config a
 (GpuLayer's extras): qk_norm_bias after the qkv GEMM (q|k|v biases, per-head q/k norms, before
 RoPE); add_bias after the o, gate|up and down GEMMs that carry biases; gelu_mul_quant for
 silu_mul_quant (GeGLU); norm_add_rows for the residual add of a sandwich layer (Gemma 3: the
-sublayer output normed first, then add_rmsnorm_quant norms h with no add); embed_rows for a
+sublayer output normed first, from the A8W4 o or down GEMM's int32 accumulators in float32, then
+add_rmsnorm_quant norms h with no add); embed_rows for a
 scaled embedding (the first norm then reads h); the sliding-window attention kernels for a
 windowed layer; each layer's RoPE tables (config.rope_params: its base and scaling; one pair
 per distinct kind) and the attention scale (query_pre_attn_scalar). A sandwich layer or a bias
@@ -337,8 +338,7 @@ class CudaModel:
             self._quant_amax(b.a, m, c.q_size, o, p.amax_o, a8, b.sx)
         elif o.mode != MODE["fp16"]:
             fused.quant_rows(m, x=b.a, K=c.q_size, mode=o.mode, static_scale=o.scale, x8=a8, ld=o.kp, sx=b.sx)
-        o(a8, b.sx[:m], ah, b.y[:m], p.resid)                               # (M, H)
-        return self._sublayer_out(b, m, L.o_bias, L.attn_out_norm, p)
+        return self._sublayer(b, m, o, a8, ah, L.o_bias, L.attn_out_norm, p)    # o: (M, H)
 
     def _mlp_block(self, b: Buffers, p: _Pass, L: GpuLayer, y):
         """h += y; x = RMSNorm(h) → gate|up → silu(gate)·up → down; returns down's output."""
@@ -360,8 +360,21 @@ class CudaModel:
             else:
                 fused.silu_mul_quant(m, gu=b.gu, I=inter, mode=down.mode, static_scale=down.scale, x8=m8,
                                      ld=down.kp, sx=b.sx, mh=mh, il=int(gu.interleaved))
-        down(m8, b.sx[:m], mh, b.y[:m], p.resid)                            # (M, H)
-        return self._sublayer_out(b, m, L.down_bias, L.mlp_out_norm, p)
+        return self._sublayer(b, m, down, m8, mh, L.down_bias, L.mlp_out_norm, p)   # down: (M, H)
+
+    def _sublayer(self, b: Buffers, m: int, lin: GpuLinear, x8, xh, bias, out_norm, p: _Pass):
+        """lin (o or down) on its input, then _sublayer_out. A sandwich layer's A8W4 linear without
+        a bias hands its int32 accumulators to norm_add_rows, which applies the epilogue in
+        float32: the sublayer output reaches h unrounded, as the NumPy reference's does (Gemma 3's
+        GPU/CPU perplexity gap, docs/QUALITY.md)."""
+        if out_norm is not None and bias is None and lin.packed is not None and p.resid is None:
+            c = self.config
+            lin.accumulate(x8, b.yi[:m])
+            fused.norm_add_rows(m, h=b.h, y=None, w=out_norm, H=c.hidden_size, eps=c.rms_norm_eps, acc=b.yi,
+                                sx=b.sx, s8=lin.packed.s8)
+            return None
+        lin(x8, b.sx[:m], xh, b.y[:m], p.resid)
+        return self._sublayer_out(b, m, bias, out_norm, p)
 
     def _sublayer_out(self, b: Buffers, m: int, bias, out_norm, p: _Pass):
         """What the next norm adds to h of a sublayer's output b.y[:m] (None: added already):
