@@ -212,6 +212,10 @@ def recording(monkeypatch):
     monkeypatch.setattr(kernels, "device_info", lambda: {"name": "fake", "cc": 90, "sm_count": 132,
                                                          "l2_bytes": 50 << 20, "smem_optin": 232448})
     monkeypatch.setattr(attention, "DECODE_KERNEL", "heads")
+    # the GQA launcher memoizes grid and shared memory per shape: a fake function's entry (no
+    # registers, the attribute set on the fake) must not reach a later real launch, which then
+    # skipped the shared-memory opt-in (CUDA_ERROR_INVALID_VALUE in a GPU test run after this one)
+    monkeypatch.setattr(attention, "_GQA_LAUNCH", {})
     return log
 
 
