@@ -108,7 +108,8 @@ METHODS = {
     "w4a16": MethodSpec("g", False, None),
     "w8a8": MethodSpec("i8", False, None),
     # pot and int-search: GPTQ rounding with sink weight 512 (SmolLM2 W3 g128: pot 47.00 -> 41.60,
-    # int-search 49.36 -> 38.24; W4: 32.78 -> 30.88, 27.09 -> 25.47; docs/QUALITY.md)
+    # int-search 49.36 -> 38.24; W4: 32.78 -> 30.88, 27.09 -> 25.47), then the joint scale refit
+    # (converters/pot.py REFIT: 41.05, 37.12; 30.79, 25.28; docs/QUALITY.md)
     "pot": MethodSpec("pot", True, None, gptq=True, sink_weight=512.0),
     "int-rtn": MethodSpec("int", False, None),
     "int-search": MethodSpec("int", True, None, gptq=True, sink_weight=512.0),

@@ -158,7 +158,7 @@ def test_search_is_never_worse(fn, bits):
         return np.stack([np.einsum("ni,ij,nj->n", d[:, g:g + 32], H[g:g + 32, g:g + 32], d[:, g:g + 32])
                          for g in range(0, 96, 32)], axis=1)                  # (N, G)
     no_h, rtn = fn(W, bits, 32, search=True), fn(W, bits, 32, search=False)
-    with_h = group_obj(fn(W, bits, 32, H=H, search=True))
+    with_h = group_obj(fn(W, bits, 32, H=H, search=True, refit=False))   # the search alone (the refit: below)
     assert (with_h <= group_obj(no_h) * (1 + 1e-9)).all()
     assert (with_h <= group_obj(rtn) * (1 + 1e-9)).all()
     assert ((no_h.dequantize() - W) ** 2).sum() <= ((rtn.dequantize() - W) ** 2).sum() * (1 + 1e-6)
@@ -276,3 +276,35 @@ def test_as_dual_grained_refuses_pot4():
     ql = pot_linear(np.ones((2, 128), np.float32), 4, 128, search=False)
     with pytest.raises(QuantizeError, match="pot2, pot3"):
         as_dual_grained(ql)
+
+
+@pytest.mark.parametrize("fn", [pot_linear, int_linear])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("compensate", [False, True])
+def test_scale_refit_keeps_codes_and_never_worsens_a_row(fn, bits, compensate):
+    """The joint least-squares refit of a row's group scales (converters/pot.py _refit_scales):
+    the codes (and zero points) stay, every stored scale is a float16 value (PoT: at or above its
+    floor), no row's full-H output error d H dᵀ grows, the total falls, and a group whose codes are
+    all zero keeps its scale."""
+    from converters.dgq import row_objective
+    rng = np.random.default_rng(10 * bits + compensate)
+    W = (rng.standard_t(3, size=(48, 160)) * 0.03).astype(np.float32)
+    W[5, 32:64] = 0.0                                                       # a dead group
+    X = rng.standard_normal((400, 160)) * np.exp(rng.standard_normal(160))
+    H = X.T @ X
+    a = fn(W, bits, 32, H=H, search=True, compensate=compensate, refit=False)
+    b = fn(W, bits, 32, H=H, search=True, compensate=compensate, refit=True)
+    np.testing.assert_array_equal(b.qweight, a.qweight)
+    if a.qzeros is not None:
+        np.testing.assert_array_equal(b.qzeros, a.qzeros)
+    assert b.wscale.dtype == np.float16 and np.isfinite(b.wscale.astype(np.float32)).all()
+    if fn is pot_linear:
+        assert (b.wscale.astype(np.float32) >= 2.0 ** (formats.KINDS[f"pot{bits}"].min_scale_exp - 15)).all()
+    dead = (a.dequantize().reshape(48, 5, 32) == 0).all(axis=2)             # groups without a nonzero level
+    assert dead[5, 1] or compensate                                         # GPTQ may move weight into it
+    np.testing.assert_array_equal(b.wscale[dead], a.wscale[dead])
+    ea = row_objective(W, a.dequantize().astype(np.float64), H)
+    eb = row_objective(W, b.dequantize().astype(np.float64), H)
+    assert (eb <= ea * (1 + 1e-9)).all()
+    assert eb.sum() < ea.sum() * 0.999
+    assert b.meta["refit_rows"] > 0 and np.isclose(b.meta["obj"], eb.sum(), rtol=1e-6)
