@@ -61,6 +61,7 @@ GAMMAS = np.round(np.arange(-15, 31) * 0.05, 2)
 ROWS_PER_CHUNK = 4096                                  # bounds the (rows, G, group) temporaries
 GROUPS = (32, 64, 128)                                 # a 32-code plane word never straddles two groups
 REFIT = True                                           # the joint least-squares scale refit (_refit_scales) by default
+REFIT_ROUNDS = 1                                       # GPTQ + refit again this many times in all (QUALITY.md: 2 and 3 measured)
 BITS = planes.PLANE_BITS
 
 
@@ -249,6 +250,12 @@ def _quantize(fam, kind: str, W, H, group: int, search: bool, compensate: bool =
         codes, meta = _compensate(fam, W, H, group, codes, W_hat, scales, zeros, damp, meta)
     if (REFIT if refit is None else refit) and H is not None and search:
         scales, meta = _refit_scales(fam, W, H, group, codes, scales, zeros, meta)
+        for _ in range(REFIT_ROUNDS - 1):           # GPTQ again on the refit grid, then refit again
+            if not compensate:
+                break
+            W_cur = np.repeat(scales.astype(np.float64), group, axis=1)[:, :k] * unit_levels(fam, codes, zeros, group)
+            codes, meta = _compensate(fam, W, H, group, codes, W_cur, scales, zeros, damp, meta)
+            scales, meta = _refit_scales(fam, W, H, group, codes, scales, zeros, meta)
     extra = {} if zeros is None else {"qzeros": zeros}
     return formats.QuantLinear(kind=f"{kind}{fam.bits}", act="none", in_features=k, out_features=n, group=group,
                                qweight=planes.pack_planes(codes, fam.bits), wscale=scales.astype(np.float16),
