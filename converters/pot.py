@@ -250,10 +250,8 @@ def _quantize(fam, kind: str, W, H, group: int, search: bool, compensate: bool =
         codes, meta = _compensate(fam, W, H, group, codes, W_hat, scales, zeros, damp, meta)
     if (REFIT if refit is None else refit) and H is not None and search:
         scales, meta = _refit_scales(fam, W, H, group, codes, scales, zeros, meta)
-        for _ in range(REFIT_ROUNDS - 1):           # GPTQ again on the refit grid, then refit again
-            if not compensate:
-                break
-            W_cur = np.repeat(scales.astype(np.float64), group, axis=1)[:, :k] * unit_levels(fam, codes, zeros, group)
+        for _ in range(REFIT_ROUNDS - 1 if compensate else 0):   # GPTQ again on the refit grid, then refit again
+            W_cur = formats.expand_groups(scales, k, group).astype(np.float64) * unit_levels(fam, codes, zeros, group)
             codes, meta = _compensate(fam, W, H, group, codes, W_cur, scales, zeros, damp, meta)
             scales, meta = _refit_scales(fam, W, H, group, codes, scales, zeros, meta)
     extra = {} if zeros is None else {"qzeros": zeros}
@@ -285,8 +283,7 @@ def unit_levels(fam, codes: np.ndarray, zeros, group: int) -> np.ndarray:
     """(N, K) float64: each weight's level at scale 1 (PoT: ±2^-j or 0; uniform: q - z), so that
     Ŵ[n, k] = scale[n, group of k] · level[n, k]."""
     if isinstance(fam, _Int):
-        z = np.repeat(zeros.astype(np.float64), group, axis=1)[:, :codes.shape[1]]
-        return codes.astype(np.float64) - z
+        return codes.astype(np.float64) - formats.expand_groups(zeros, codes.shape[1], group).astype(np.float64)
     m = (codes & np.uint8((1 << (fam.bits - 1)) - 1)).astype(np.int64)           # 0 = zero, else 2^-(m-1)
     mag = np.where(m > 0, np.exp2(-(m - 1).astype(np.float64)), 0.0)
     return np.where(codes >> np.uint8(fam.bits - 1), -mag, mag)
@@ -313,21 +310,19 @@ def _refit_scales(fam, W, H, group, codes, scales, zeros, meta, ridge: float = 1
     diag = np.einsum("ngg->ng", A)                                               # (N, G)
     live = diag > 0
     old = scales.astype(np.float64)
-    # dead groups pinned to their old scale; a relative ridge toward the old scales for the rest
+    # a relative ridge toward the old scales; a dead group (all levels 0: its row and column of A
+    # and its b are 0) gets weight 1 on its old scale alone, which pins it there
     reg = np.where(live, ridge * diag, 1.0)
     A = A + reg[:, :, None] * np.eye(G)[None]
     b = b + reg * old
-    A = np.where(live[:, :, None] & live[:, None, :], A, np.where(np.eye(G, dtype=bool)[None], A, 0.0))
-    b = np.where(live, b, old)
     try:
         s_new = np.linalg.solve(A, b[..., None])[..., 0]
     except np.linalg.LinAlgError:
         return scales, dict(meta, refit_rows=0)
     ok = np.isfinite(s_new).all(axis=1) & (np.where(live, s_new, 1.0) > 0).all(axis=1)
     s_new = fam.scale(np.where(ok[:, None] & live, s_new, old).astype(np.float32))   # as stored
-    rep = lambda s: np.repeat(s.astype(np.float64), group, axis=1)[:, :k]          # noqa: E731
-    err_old = row_objective(W, rep(scales) * L, H)
-    err_new = row_objective(W, rep(s_new) * L, H)
+    err_old = row_objective(W, formats.expand_groups(scales, k, group).astype(np.float64) * L, H)
+    err_new = row_objective(W, formats.expand_groups(s_new, k, group).astype(np.float64) * L, H)
     keep = ok & (err_new < err_old)
     out = np.where(keep[:, None], s_new, scales).astype(np.float32)
     return out, dict(meta, refit_rows=int(keep.sum()), obj_before_refit=float(err_old.sum()),
