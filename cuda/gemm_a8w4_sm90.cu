@@ -147,7 +147,8 @@ template <> struct WgmmaRS<256> {
 template <int BT, int NWG, int WPF>
 struct WgmmaMinBlocks {
     static constexpr int value = (BT <= 32 && NWG == 2 && WPF <= 2) ? 3
-                               : (NWG == 2 && (BT <= 32 || (BT <= 128 && WPF <= 2))) ? 2 : 1;
+                               : (NWG == 2 && (BT <= 32 || (BT <= 128 && WPF <= 2))) ? 2
+                               : (NWG == 1 && BT <= 128) ? (WPF <= 2 ? 4 : 3) : 1;
 };
 
 __device__ __forceinline__ void reg_fence4(u32 (&a)[4]) {
@@ -184,7 +185,7 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
     int* __restrict__ ws, int* __restrict__ counters,
     int M, int N, int R, int C, int Gp, int gshift, int ldx, int splits) {
-    pdl_enter();
+    pdl_trigger();
     constexpr int BK = 128;
     constexpr int NT = NWG * 128;       // threads
     constexpr int RTB = NWG * 4;        // row tiles per block
@@ -251,16 +252,19 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
 #pragma unroll
     for (int r = 0; r < NACC; ++r) acc[r] = 0;
 
-#pragma unroll
-    for (int s = 0; s < PD; ++s) {
-        if (s < nkt) load_x(kt0 + s, s);
-        cp_async_commit();
-    }
+    // The first WPF stages of weights (no kernel writes them) stream before the PDL wait
+    // (cuda/pdl.cuh), in the shadow of the kernels before this one; the activations after it.
     u32x4 wb[WPF][2];
     u32 mb[WPF][2];
 #pragma unroll
     for (int p = 0; p < WPF; ++p)
         if (p < nkt) load_w(kt0 + p, wb[p], mb[p]);
+    pdl_wait();
+#pragma unroll
+    for (int s = 0; s < PD; ++s) {
+        if (s < nkt) load_x(kt0 + s, s);
+        cp_async_commit();
+    }
 
     u32 aring[4][4];   // OVL == 2: A fragments of the last 4 k-steps (read by in-flight wgmmas)
 

@@ -48,10 +48,11 @@ def cmd_e2e(args) -> int:
             raise BenchError(f"--gqa-stages: choose from {', '.join(map(str, GQA_STAGES))}, got {args.gqa_stages!r}")
         try:
             ab = [parse_ab(item) for item in args.ab]
+            patches = read_patches(args.patch) if args.patch else ()
         except ValueError as e:
             raise BenchError(str(e)) from None
         rows = run_context(ints(args.context, "--context"), models, ints(args.batches, "--batches"),
-                           args.steps, attn, args.json, args.qfile, stages, ab)
+                           args.steps, attn, args.json, args.qfile, stages, ab, patches)
         if args.md:
             Path(args.md).write_text(format_context_table(rows) + "\n")
         return 0
@@ -107,6 +108,9 @@ def main(argv=None) -> int:
     g.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     g.add_argument("--reps", type=int, default=50, help="timed calls per measurement (median; default 50)")
     g.add_argument("--tune-json", metavar="PATH", help="dispatch choices from `gemm-pick` (else engine/gpu/tuning.py GEMM)")
+    g.add_argument("--policy", choices=("table", "learned"), default="table",
+                   help="the kernel choice the rows run: the table (default) or, as the engine does where its "
+                   "device has a model file, the learned model (docs/PERFMODEL.md)")
     g.set_defaults(func=gemm.cmd_gemm)
     gs = sub.add_parser("gemm-summary", help="geometric means per M range of a `gemm --json` log "
                         "(or issue 15's M = 1 PoT summary of a `gemv-wb --json` log)")
@@ -156,8 +160,8 @@ def main(argv=None) -> int:
                    "tuning.GEMM fields set, beside the default's, where the step runs with PDL (sm_90); "
                    "repeatable, e.g. --ab gemv_dp4a=0 --ab gemv_dp_u=4")
     e.add_argument("--patch", metavar="FILE.json",
-                   help="the same A/B rows for kernels compiled from edited source, beside the landed ones in "
-                   "one process: a JSON list of {\"name\": ..., \"edits\": [[\"gemm_a8w4.cu\", old text, new "
+                   help="the same A/B rows (with --context: the context table again) for kernels compiled from "
+                   "edited source, beside the landed ones in one process: a JSON list of {\"name\": ..., \"edits\": [[\"gemm_a8w4.cu\", old text, new "
                    "text], ...]} (each old must occur in that module's inlined source, checked before the run; a row for "
                    "each model that runs an edited kernel; needs PDL (sm_90), as --ab; bench/patches/ has examples)")
     e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")

@@ -442,11 +442,12 @@ def attention_time(gm, cache, reps: int = 20) -> tuple[str, float]:
 
 
 def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), steps: int = 32,
-                attn_kernels=(), json_out: bool = False, qfile=None, gqa_stages=(), ab=()):
+                attn_kernels=(), json_out: bool = False, qfile=None, gqa_stages=(), ab=(), patches=()):
     """The context table (module docstring): every model × decode attention kernel × context ×
     KV type × batch, and × attn_decode_gqa's ring depth (gqa_stages, tuning.ATTENTION.gqa_stages),
-    and again under each --ab setting of tuning.GEMM (ab: parse_ab dicts; the attention column
-    names it), all in one process; rows whose cache does not fit the free memory say so."""
+    and again under each --ab setting of tuning.GEMM (ab: parse_ab dicts) and each --patch
+    (patches: read_patches; the attention column names the setting), all in one process; rows
+    whose cache does not fit the free memory say so."""
     from ..gpu import attention  # noqa: PLC0415
     from ..gpu.model import CudaModel  # noqa: PLC0415
     cp, bw, rows = _device()
@@ -466,7 +467,7 @@ def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), ste
         rng = np.random.default_rng(0)
         saved = attention.DECODE_KERNEL
         try:
-            settings = [("", contextlib.nullcontext)] + decode_variants(ab=ab)
+            settings = [("", contextlib.nullcontext)] + decode_variants(ab=ab, patches=patches)
             for (suffix, setting), kernel, st in itertools.product(settings, kernels,
                                                                    gqa_stages or (attention.ATTENTION.gqa_stages,)):
                 attention.DECODE_KERNEL = kernel

@@ -21,6 +21,7 @@ import sys
 
 from ..gpu import choice, kernels, tuning
 from ..gpu import ops as ops_cuda
+from ..gpu.perfmodel import config_key
 from .common import (VERDICT, BenchError, copy_bandwidth, cp_or_fail, geomean, ints, launch_overhead_ms, n_buffers,
                      time_calls)
 
@@ -96,7 +97,10 @@ def _gemm_rows(shapes, ms, peers: Peers, copy_gbs: float, reps: int):
             sx = cp.full((m,), 0.01, dtype=cp.float32)
             y = cp.empty((m, n), dtype=cp.float16)
             kern = ops_cuda.choose_kernel(m)
-            if kern == "wgmma":
+            picked = choice.pick(m, n, k, GROUP)            # None: the table's choice (below)
+            if picked is not None:
+                kern = config_key(*picked)
+            elif kern == "wgmma":
                 kern = "wgmma {}/{}/{}/{}/{}".format(*tuning.GEMM.wgmma[ops_cuda.wgmma_bucket(m)].tile)
             elif kern == "gemv":
                 mt = 1 if m <= 8 else 2 if m <= 16 else 4
@@ -191,14 +195,15 @@ def summary_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _header(copy_gbs: float, peers: Peers, quick: bool, empty_ms: float) -> str:
+def _header(copy_gbs: float, peers: Peers, quick: bool, empty_ms: float, policy: str = "table") -> str:
     info = kernels.device_info()
     cp = cp_or_fail()
     t = peers.torch
     date = _dt.date.today().isoformat()
     lines = [f"# A8W4 GEMM, {info['name']} ({info['sm_count']} SMs, L2 {info['l2_bytes'] >> 20} MiB), {date}",
              "",
-             f"`python -m engine.bench gemm{' --quick' if quick else ''}`; CuPy {cp.__version__}, "
+             f"`python -m engine.bench gemm{' --quick' if quick else ''}"
+             f"{' --policy learned' if policy == 'learned' else ''}`; CuPy {cp.__version__}, "
              f"torch {t.__version__ if t else 'absent'}; device-to-device copy {copy_gbs:.0f} GB/s "
              f"(read + write). Median of ≥ 50 event-timed calls after warm-up (tinygemm at M ≥ 1024: 10), "
              f"rotating weight buffers (> 3× L2). Our weight bytes = packed int4 + meta + s8. "
@@ -256,7 +261,12 @@ def cmd_gemm_pick(args) -> int:
 
 
 def cmd_gemm(args) -> int:
-    choice.configure("table")       # the rows name the table's configurations (or --tune-json's)
+    policy = getattr(args, "policy", "table")
+    if policy == "learned" and args.tune_json:
+        raise BenchError("--tune-json sets the table; it does not combine with --policy learned")
+    choice.configure(policy)        # the rows name the configurations that policy runs
+    if policy == "learned" and choice.resolve() != "learned":
+        raise BenchError("--policy learned: no usable performance model for this device (see the warning above)")
     if args.tune_json:
         apply_tune(args.tune_json)
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -273,7 +283,7 @@ def cmd_gemm(args) -> int:
             print(f"M={r['m']:5d} K={r['k']:5d} N={r['n']:5d} {r['kernel']:5s} {r['ms']:.4f} ms "
                   f"{r['tops']:7.1f} TOP/s {r['pct_copy']:5.1f}% copy  x{r['x_fp16']:.2f} fp16",
                   file=sys.stderr, flush=True)
-    text = _table(rows, _header(copy_gbs, peers, args.quick, empty_ms)) + "\n\n" + summary_table(rows)
+    text = _table(rows, _header(copy_gbs, peers, args.quick, empty_ms, policy)) + "\n\n" + summary_table(rows)
     if args.json:
         for rec in summary(rows):
             print(json.dumps({"summary": True, **rec}), flush=True)

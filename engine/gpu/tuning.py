@@ -192,6 +192,10 @@ WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WP
     (64, 4, 2, 2, 2), (64, 6, 2, 4, 1), (64, 6, 2, 4, 2),
     (128, 4, 2, 2, 0), (128, 4, 2, 2, 1), (128, 4, 2, 2, 2), (128, 5, 2, 2, 2), (128, 6, 2, 4, 2),
     (256, 4, 2, 2, 2),
+    # one warpgroup a block (64 channels): twice the blocks of the two-warpgroup tile, so split K
+    # fills the SMs with fewer, longer splits (H200, 2026-12-03, M = 64: 6-11 % faster on the 7B
+    # linears; bench/results/2026-12-03-gemm-nwg1-h200.md)
+    (64, 4, 1, 2, 2), (64, 6, 1, 4, 2), (128, 4, 1, 2, 2),
 )   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
 
 
@@ -229,11 +233,13 @@ def wgmma_smem(bt: int, stages: int, nwg: int) -> int:
 
 
 def wgmma_blocks(bt: int, nwg: int, wpf: int) -> int:
-    """Resident blocks an SM of gemm_a8w4_wgmma<BT, ., NWG, WPF, ..> as compiled (registers; the
-    shared memory of today's WGMMA_CFGS never binds first): split K fills this many a SM.
+    """Resident blocks an SM of gemm_a8w4_wgmma<BT, ., NWG, WPF, ..> as compiled (registers, and
+    for the one-warpgroup 128-token tile its shared memory): split K fills this many a SM.
     tests/test_kernels_gpu.py holds it to the driver's occupancy query for every WGMMA_CFGS entry,
     so a compiler that allocates more registers (the 64-token tile with WPF = 4 is not bounded
     to 2 blocks, cuda/gemm_a8w4_sm90.cu WgmmaMinBlocks) fails a test instead of mis-splitting."""
+    if nwg == 1 and bt <= 128:          # 128 threads: 94 / 123 / 127 registers (nvcc 13.0, sm_90a)
+        return 5 if bt <= 64 and wpf <= 2 else 4 if bt <= 64 else 3   # BT = 128: its 67 KB of stages bind
     if nwg != 2 or bt >= 256:
         return 1
     if bt <= 32:
@@ -269,9 +275,11 @@ class GemmTuning:
     # tiny (M = 17-32, batched decode): 32-token tiles, 3 blocks an SM (H200, 2026-12-03, same
     # process, 7B shapes at M = 32: q|k|v 26.8 → 20.4 µs, gate|up 41.6 → 31.6, o 16.1 → 14.1,
     # down 23.9 → 22.6 against the small bucket's tile; bench/results/2026-12-03-gemm-small-m-h200.md)
+    # small (M = 33-64): one warpgroup a block (H200, 2026-12-03, M = 64, 7B linears and 8192²:
+    # 6-11 % faster than the two-warpgroup tile; bench/results/2026-12-03-gemm-nwg1-h200.md)
     wgmma_bounds: tuple = (32, 64, 512)
     wgmma: dict = field(default_factory=lambda: {"tiny": WgmmaCfg(32, 4, 2, 2, 2, None),
-                                                 "small": WgmmaCfg(64, 6, 2, 4, 2, None),
+                                                 "small": WgmmaCfg(64, 6, 1, 4, 2, None),
                                                  "mid": WgmmaCfg(128, 4, 2, 2, 2, None),
                                                  "large": WgmmaCfg(128, 4, 2, 2, 2, 1)})
     mma_bm_small: int = 64
