@@ -1,7 +1,7 @@
 """Where attn_decode_gqa's time goes, at the Llama-2-7B attention shape (32 query and kv heads,
-D = 128, batch 1), on the GPU:
+D = 128, batch 1 or --batch B sequences of the same length), on the GPU:
 
-    python bench/attn_decode_ablate.py [--contexts 2048,8192] [--variants base,ringonly,...] > out.jsonl
+    python bench/attn_decode_ablate.py [--contexts 2048,8192] [--batch 32] [--variants base,ringonly,...] > out.jsonl
     python bench/attn_decode_ablate.py --splits > out.jsonl
 
 The kernel alone (plain back-to-back launches, the engine's launcher arguments), against variants
@@ -9,11 +9,12 @@ compiled in the same process from cuda/attention.cu with one piece of source pat
 ringonly (the cp.async ring streams, no math), mathonly (the math on whatever the ring holds, no
 copies), nolo (P·V without its fp16 lo half), noloop (no key loop: the prologue's copies, q, the
 merge), zfill and ringonly_zfill (the copies in cp.async's zero-filling form, with a src-size
-operand, as the kernel had them before 2026-12-03), cg and ringonly_cg (fp16 K/V through
-cp.async.cg, as before 2026-12-03, not .ca), ca (int8 K/V through .ca as well), nokeys (no
+operand, as the kernel had them before 2026-12-03), cg and ringonly_cg (K/V through cp.async.cg,
+as before 2026-12-03, not .ca), cg8 (int8 K/V alone through .cg: the kernel of 2026-12-03), nokeys (no
 copies and no key loop at all: the launch, q, the new token and the merge), nokeys_nomerge (and
 no cross-block merge: the launch, q and the block's partial), launchonly (the kernel returns at
-once: the launch of this grid alone). Each patch must match the source exactly once, so a changed kernel fails loudly here
+once: the launch of this grid alone), noscales (int8: the step's scales are not copied, each lane
+reads whatever its slot holds: the K/V codes alone, for timing only). Each patch must match the source exactly once, so a changed kernel fails loudly here
 rather than measuring something else. --splits: the engine's launcher with other split counts
 (tuning.ATTENTION.gqa_waves, gqa_max_splits) and ring depths. --file NAME=PATH (repeatable): one
 more variant compiled from another attention.cu (e.g. `git show REV:cuda/attention.cu > PATH`;
@@ -38,9 +39,10 @@ ISSUE = "        if (i + L::STAGES - 1 < mine) issue(i + L::STAGES - 1);\n"
 PROLOGUE = "        if (i < mine) issue(i);\n"
 LO = "                mma_f16_top(o[TPW * w + e][0], o[TPW * w + e][1], pl0, pl2, b0[e], b1[e]);\n"
 LOOP = "    for (int i = 0; i < mine; ++i) {\n"
-VIA_L1 = "    constexpr bool VIA_L1 = !KV8;\n"
+VIA_L1 = "    constexpr bool VIA_L1 = true;\n"
 MINE = "    const int mine = nsteps > warp ?"
 MERGE = "    // The last block of the head group merges the `active` partials"
+SCALES = "            cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + r);\n"
 START = "    if (D != DT || gridDim.x > GQ_MAX_SPLITS) __trap();   // the launcher instantiates by D, caps the splits\n"
 # cuda/common.cuh cp_async16(dst, src) and attention.cu cp_async_ca<N>(dst, src): the copies without src-size
 CG = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");'
@@ -53,21 +55,22 @@ CA_Z = 'asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" :: "r"(dst)
 def variants(src: str) -> dict:
     """name -> source of attention.cu with that piece removed (lens[0] keeps the compiler from
     proving a loop empty or a branch dead)."""
-    for piece in (WAIT, ISSUE, PROLOGUE, LO, LOOP, CG, CA, VIA_L1, MINE, MERGE, START):
+    for piece in (WAIT, ISSUE, PROLOGUE, LO, LOOP, CG, CA, VIA_L1, MINE, MERGE, START, SCALES):
         if src.count(piece) != 1:
             raise SystemExit(f"cuda/attention.cu changed: update the patch {piece.strip()!r}")
     ringonly = src.replace(WAIT, WAIT + "        if (lens[0] > 0) continue;\n")
     zfill = src.replace(CG, CG_Z).replace(CA, CA_Z)
-    cg = VIA_L1.replace("!KV8", "false")
+    cg = VIA_L1.replace("true", "false")
     return {"base": src, "ringonly": ringonly, "zfill": zfill, "ringonly_zfill": ringonly.replace(CG, CG_Z).replace(CA, CA_Z),
             "cg": src.replace(VIA_L1, cg), "ringonly_cg": ringonly.replace(VIA_L1, cg),
-            "ca": src.replace(VIA_L1, VIA_L1.replace("!KV8", "true")),
+            "cg8": src.replace(VIA_L1, VIA_L1.replace("true", "!KV8")),
             "nokeys": src.replace(MINE, "    const int mine = lens[0] < 0 && nsteps > warp ?"),
             "nokeys_nomerge": src.replace(MINE, "    const int mine = lens[0] < 0 && nsteps > warp ?")
                                  .replace(MERGE, "    if (lens[0] > 0) return;\n" + MERGE),
             "launchonly": src.replace(START, START + "    if (lens[0] > 0) return;\n"),
             "mathonly": src.replace(ISSUE, "").replace(PROLOGUE, ""),
             "nolo": src.replace(LO, ""),
+            "noscales": src.replace(SCALES, "            if (lens[0] < 0) " + SCALES.lstrip()),
             "noloop": src.replace(LOOP, "    for (int i = 0; i < (lens[0] < 0 ? mine : 0); ++i) {\n")}
 
 
@@ -85,27 +88,28 @@ def source_of(kernels, path: str) -> str:
             kernels.CUDA_DIR = saved
 
 
-def setup(cp, attention, ctx: int, kv8: bool):
-    """The launcher's keyword arguments for one sequence of ctx keys (random cache), and the K/V
-    bytes a launch reads."""
+def setup(cp, attention, ctx: int, kv8: bool, batch: int = 1):
+    """The launcher's keyword arguments for `batch` sequences of ctx keys each (random cache), and
+    the K/V bytes a launch reads."""
     cap = ctx + 64
     rng = np.random.default_rng(0)
+    B = batch
     if kv8:
-        kc, vc = (cp.asarray(rng.integers(-127, 128, (1, cap, HKV, D), dtype=np.int8)) for _ in range(2))
-        ks, vs = (cp.asarray(rng.random((1, cap, HKV), dtype=np.float32) * 0.01) for _ in range(2))
+        kc, vc = (cp.asarray(rng.integers(-127, 128, (B, cap, HKV, D), dtype=np.int8)) for _ in range(2))
+        ks, vs = (cp.asarray(rng.random((B, cap, HKV), dtype=np.float32) * 0.01) for _ in range(2))
     else:
-        kc, vc = (cp.asarray(rng.standard_normal((1, cap, HKV, D), dtype=np.float32).astype(np.float16))
+        kc, vc = (cp.random.standard_normal((B, cap, HKV, D), dtype=cp.float32).astype(cp.float16)
                   for _ in range(2))
         ks = vs = cp.ones((1,), cp.float32)
     ang = np.outer(np.arange(cap), 1.0 / (10000.0 ** (np.arange(0, D, 2) / D)))
     nsplit = attention.decode_splits(cap)
-    args = dict(qkv=cp.asarray(rng.standard_normal((1, HQ + 2 * HKV, D), dtype=np.float32).astype(np.float16)),
+    args = dict(qkv=cp.asarray(rng.standard_normal((B, HQ + 2 * HKV, D), dtype=np.float32).astype(np.float16)),
                 cos_t=cp.asarray(np.cos(ang).astype(np.float32)), sin_t=cp.asarray(np.sin(ang).astype(np.float32)),
-                kc=kc, vc=vc, ks=ks, vs=vs, lens=cp.full((1,), ctx, cp.int32), Hq=HQ, Hkv=HKV, D=D, cap=cap,
-                scale=1 / np.sqrt(D), part_ml=cp.zeros((HQ * nsplit * 2,), cp.float32),
-                part_acc=cp.zeros((HQ * nsplit * D,), cp.float32), counters=cp.zeros((HQ,), cp.int32),
-                out=cp.zeros((1, HQ * D), cp.float16), amax_out=cp.zeros((1,), cp.uint32))
-    kv_bytes = 2 * ctx * HKV * D * (1 if kv8 else 2) + (2 * ctx * HKV * 4 if kv8 else 0)
+                kc=kc, vc=vc, ks=ks, vs=vs, lens=cp.full((B,), ctx, cp.int32), Hq=HQ, Hkv=HKV, D=D, cap=cap,
+                scale=1 / np.sqrt(D), part_ml=cp.zeros((B * HQ * nsplit * 2,), cp.float32),
+                part_acc=cp.zeros((B * HQ * nsplit * D,), cp.float32), counters=cp.zeros((B * HQ,), cp.int32),
+                out=cp.zeros((B, HQ * D), cp.float16), amax_out=cp.zeros((B,), cp.uint32))
+    kv_bytes = B * (2 * ctx * HKV * D * (1 if kv8 else 2) + (2 * ctx * HKV * 4 if kv8 else 0))
     return nsplit, args, kv_bytes
 
 
@@ -132,7 +136,7 @@ def layout_of(src: str) -> str:
     return src[i:src.find("};", i)] if i >= 0 else ""
 
 
-def run_variants(cp, attention, kernels, contexts, names, files=()):
+def run_variants(cp, attention, kernels, contexts, names, files=(), batch: int = 1):
     srcs = variants(kernels.source("attention.cu"))
     for spec in files:
         name, _, path = spec.partition("=")
@@ -154,7 +158,7 @@ def run_variants(cp, attention, kernels, contexts, names, files=()):
     info = kernels.device_info()
     for ctx in contexts:
         for kv8 in (False, True):
-            nsplit, args, kv_bytes = setup(cp, attention, ctx, kv8)
+            nsplit, args, kv_bytes = setup(cp, attention, ctx, kv8, batch)
             vals = tuple(np.float32(args[n]) if n == "scale" else np.int32(args[n]) if isinstance(args[n], int)
                          else args[n] for n in ORDER)
             smem = attention.gqa_smem(D, kv8)
@@ -162,13 +166,13 @@ def run_variants(cp, attention, kernels, contexts, names, files=()):
             for n in names:
                 fn = mods[n].get_function(exprs[kv8])
                 fn.max_dynamic_shared_size_bytes = smem
-                ns = attention.gqa_splits(1, HQ, HKV, D, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024,
+                ns = attention.gqa_splits(batch, HQ, HKV, D, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024,
                                           0, fn.num_regs)
-                launches[n] = (lambda fn=fn, ns=ns: fn((ns, HKV, 1), (attention.ATTENTION.threads,), vals,
+                launches[n] = (lambda fn=fn, ns=ns: fn((ns, HKV, batch), (attention.ATTENTION.threads,), vals,
                                                        shared_mem=smem))
                 regs[n] = fn.num_regs
             for n, us in median_us(cp, launches).items():
-                print(json.dumps(dict(ctx=ctx, kv="int8" if kv8 else "fp16", variant=n, regs=regs[n],
+                print(json.dumps(dict(ctx=ctx, batch=batch, kv="int8" if kv8 else "fp16", variant=n, regs=regs[n],
                                       us=round(us, 2), gbs=round(kv_bytes / us / 1e3, 1))), flush=True)
 
 
@@ -212,6 +216,7 @@ def main():
     ap.add_argument("--file", action="append", default=[], metavar="NAME=PATH",
                     help="one more variant: attention.cu from PATH (its includes from cuda/)")
     ap.add_argument("--splits", action="store_true", help="the split-count and ring-depth sweep instead")
+    ap.add_argument("--batch", type=int, default=1, help="sequences a launch (each of the context's length)")
     a = ap.parse_args()
     import cupy as cp
     from engine.gpu import attention, kernels
@@ -219,7 +224,9 @@ def main():
     if a.splits:
         run_splits(cp, attention, contexts)
     else:
-        run_variants(cp, attention, kernels, contexts, a.variants.split(","), a.file)
+        if a.batch < 1:
+            raise SystemExit(f"--batch must be at least 1, got {a.batch}")
+        run_variants(cp, attention, kernels, contexts, a.variants.split(","), a.file, a.batch)
 
 
 if __name__ == "__main__":

@@ -909,8 +909,9 @@ __device__ __forceinline__ void attn_decode_gqa_body(
 
     auto rec = [&](int slot, int x) -> u32 { return ring + slot * L::STAGE + (x >> 4) * 512 + (x & 15); };
     auto scales = [&](int slot) -> u32 { return ring - lane * 16 + slot * L::STAGE + 32 * L::REC; };   // kv8
-    // fp16 K/V through L1 (cp.async.ca): at 8192 keys 1.33× the rate of .cg; int8: .cg (.ca: ±2.5 %)
-    constexpr bool VIA_L1 = !KV8;
+    // K/V through L1 (cp.async.ca): fp16 at 8192 keys 1.33× the rate of .cg; int8 1.32-1.59× at
+    // batch 8 and 32, 1.18-1.33× at batch 1 from 1024 and 8192 keys (docs/KERNELS.md)
+    constexpr bool VIA_L1 = true;
     auto copy16 = [&](u32 dst, const char* src) {
         if constexpr (VIA_L1) cp_async_ca<16>(dst, src);
         else cp_async16(dst, src);

@@ -12,6 +12,8 @@ pytestmark = pytest.mark.gpu
 if not has_gpu():
     pytest.skip("no GPU", allow_module_level=True)
 
+for _extra in ("starlette", "uvicorn"):       # dgq-serve's optional stack: pip install -e '.[serve]'
+    pytest.importorskip(_extra, reason="dgq-serve needs the serve extras (pip install -e '.[serve]')")
 import httpx  # noqa: E402
 
 from engine.api import LoadedModel  # noqa: E402
