@@ -766,8 +766,8 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 //   back only what it copied itself; kv8: two __syncwarp a step, for the scales). The k index of a mma is free to permute (the same permutation on
 //   Q), and so is the n index of P·V (the output columns): a lane's bytes of a key are whole
 //   16-byte pieces and each copy instruction of the warp reads 64 (K) or 128 (V) contiguous
-//   bytes of a cache row; fp16 K/V go through L1 (cp.async.ca: 1.33× the rate of .cg at 8192
-//   keys, docs/KERNELS.md). A key past the split's end copies the split's first row (finite,
+//   bytes of a cache row; K/V go through L1 (cp.async.ca: fp16 1.33× the rate of .cg at 8192
+//   keys, int8 1.18-1.59× from batch 1 to 32, docs/KERNELS.md). A key past the split's end copies the split's first row (finite,
 //   and its score is −inf, so its P is 0; zero-filling measured the same). int8 (kv8) codes
 //   become fp16 exactly in registers (the 0x6400 magic bias); the scales multiply the scores
 //   (k) and P (v) in fp32, as in attn_decode;
