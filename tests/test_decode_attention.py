@@ -97,6 +97,12 @@ def test_decode_kernel_switch(monkeypatch):
         monkeypatch.setattr(attention, "DECODE_KERNEL", name)
         assert (attention.decode_kernel(short), attention.decode_kernel(long)) == want
         assert attention.decode_kernel(short, 256) == "gqa"            # wide heads: only the gqa kernel
+    # from gqa_batch sequences a step, auto takes the gqa kernel from gqa_min_keys_batch positions
+    monkeypatch.setattr(attention, "DECODE_KERNEL", "auto")
+    lo, hi = A.gqa_min_keys_batch // A.decode_chunk - 1, A.gqa_min_keys_batch // A.decode_chunk
+    assert A.gqa_min_keys_batch < A.gqa_min_keys
+    assert [attention.decode_kernel(n, 128, A.gqa_batch) for n in (lo, hi, long)] == ["heads", "gqa", "gqa"]
+    assert [attention.decode_kernel(n, 128, A.gqa_batch - 1) for n in (lo, hi, long)] == ["heads", "heads", "gqa"]
 
 
 # ----------------------------------------------------------------------------- bit-level helpers

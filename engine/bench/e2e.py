@@ -367,7 +367,7 @@ def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, b
     from ..gpu.cache import GpuKVCache  # noqa: PLC0415
     c = gm.config
     cap = ctx + steps + 3
-    attn = attention.decode_kernel(attention.decode_splits(cap), c.head_dim)
+    attn = attention.decode_kernel(attention.decode_splits(cap), c.head_dim, bsz)
     if attn == "gqa" and attention.ATTENTION.gqa_stages:
         attn += f" st={attention.ATTENTION.gqa_stages}"
     attn = f"auto: {attn}" if attention.DECODE_KERNEL == "auto" else attn

@@ -190,15 +190,17 @@ def _prefill_sw(kernel: str, window: int, args: dict):
     return args["out"]
 
 
-def decode_kernel(nsplit: int, d: int = 128) -> str:
-    """The decode attention kernel a step runs: DECODE_KERNEL, where "auto" is "gqa" for a cache
-    of at least ATTENTION.gqa_min_keys positions (nsplit splits of decode_chunk keys) and "heads"
-    below (docs/KERNELS.md has the measurement); wide heads always "gqa". Fixed for a cache's
-    capacity, as the captured step graph needs."""
+def decode_kernel(nsplit: int, d: int = 128, batch: int = 1) -> str:
+    """The decode attention kernel a step of `batch` sequences runs: DECODE_KERNEL, where "auto"
+    is "gqa" for a cache of at least ATTENTION.gqa_min_keys positions (nsplit splits of
+    decode_chunk keys), or gqa_min_keys_batch from gqa_batch sequences, and "heads" below
+    (docs/KERNELS.md has the measurements); wide heads always "gqa". Fixed for a cache's capacity
+    and batch, as the captured step graph needs."""
     if DECODE_KERNEL == "gqa" or _wide(d):
         return "gqa"
     if DECODE_KERNEL == "auto":
-        return "gqa" if nsplit * ATTENTION.decode_chunk >= ATTENTION.gqa_min_keys else "heads"
+        least = ATTENTION.gqa_min_keys_batch if batch >= ATTENTION.gqa_batch else ATTENTION.gqa_min_keys
+        return "gqa" if nsplit * ATTENTION.decode_chunk >= least else "heads"
     return "heads"
 
 
@@ -212,7 +214,7 @@ def attn_decode(batch: int, nsplit: int, cl: int, window: int = 0, **args):
     nsplit by the caller: (B·Hq·nsplit·2,), (B·Hq·nsplit·D,) and (B·Hq,)). window > 0: a
     sliding-window layer (attn_decode_sw, attn_decode_gqa_sw): the new token at p sees the keys
     after p − window only."""
-    if decode_kernel(nsplit, args["D"]) == "gqa":
+    if decode_kernel(nsplit, args["D"], batch) == "gqa":
         _decode_gqa("attn_decode", batch, nsplit, args, window)
         return
     if window > 0:

@@ -10,8 +10,9 @@
   DGQ_ATTN_DECODE=     auto | gqa | heads: the decode attention kernel (gpu/attention.py): attn_decode_gqa
                        (a block per kv head group and sequence split, K/V loaded once per kv head,
                        tensor cores), attn_decode (a block per query head and 64 keys), or auto (the
-                       default): gqa for caches of ≥ tuning.ATTENTION.gqa_min_keys positions, heads
-                       below (measured faster, docs/KERNELS.md)
+                       default): gqa for caches of ≥ tuning.ATTENTION.gqa_min_keys positions (≥
+                       gqa_min_keys_batch from gqa_batch sequences a step), heads below (measured
+                       faster, docs/KERNELS.md)
 
 DGQ_DEBUG=1 (tracebacks instead of one-line errors) belongs to the CLI and is read there.
 """

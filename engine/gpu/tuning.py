@@ -121,8 +121,14 @@ class AttentionShape:
     # and 12 warps an SM); both measured on the H200, ring depths 2 and 6 are slower (docs/KERNELS.md)
     gqa_stages: int = 0
     # DGQ_ATTN_DECODE=auto: attn_decode_gqa for caches of at least this many positions, attn_decode
-    # below (H200, 7B shape, batch 1: heads 490 vs gqa 479 tok/s at 512 keys, 437 vs 465 at 1024)
+    # below (H200, 7B shape, batch 1: heads 490 vs gqa 479 tok/s at 512 keys, 437 vs 465 at 1024;
+    # again after INT8 K/V went through L1, 2026-12-03: 579 vs 571 fp16, 577 vs 553 INT8 at 512)
     gqa_min_keys: int = 1024
+    # ... and from gqa_batch sequences a step, for caches of at least gqa_min_keys_batch positions
+    # (H200, 7B, 512 keys, heads → gqa tok/s: batch 8 fp16 2350 → 2519, INT8 2319 → 2756; batch 32
+    # 4676 → 5053, 4168 → 5707; at 128 keys within ±2 %; bench/results/2026-12-03-attn-threshold-h200.md)
+    gqa_batch: int = 8
+    gqa_min_keys_batch: int = 512
 
 
 ATTENTION = AttentionShape()
