@@ -75,61 +75,91 @@ def fp16_scale(s: np.ndarray, min_exp: int = 1) -> np.ndarray:
 # ----------------------------------------------------------------------------- the two families
 
 class _Pot:
-    """Power-of-two codes: sign bit on top, magnitude field m (0 = zero, else 2^-(m-1)).
+    """Power-of-two codes: sign bit on top, magnitude field m (0 = zero, else 2^-(m-1)), and
+    where the kind has one (pot2, pot3) the spare code (sign set, m = 0) for the level +2 (engine/formats/pot.py).
 
     Nearest level in the linear domain, in closed form: with u = log2(s / |w|), the
     candidates 2^-j and 2^-(j+1) around |w|/s meet at 0.75·2^-j, i.e. at frac(u) = log2(4/3),
     so j = floor(u + 1 - log2(4/3)) clipped to 0..levels-1; below half the smallest level
-    (u > levels) the weight rounds to zero.
+    (u > levels) the weight rounds to zero; with the spare level, at or above 1.5 s on its side
+    the weight takes 2s. The spare level's side is each group's choice, carried by the sign of its
+    stored scale: start() mirrors every group so that its largest-magnitude weight is positive
+    (σ = the sign of that weight), the search runs on the mirrored weights and scale() returns
+    σ·|s| (σ = 1 without a spare code, as before).
     """
     SHIFT = 1.0 - np.log2(4.0 / 3.0)
 
     def __init__(self, bits: int):
         self.kind = formats.KINDS[f"pot{bits}"]
         self.bits, self.levels = bits, self.kind.levels
+        self.spare = self.kind.spare
 
     def start(self, Wg):
-        self.absw = np.abs(Wg)                                                   # (R, G, g)
+        self.sigma = np.ones(Wg.shape[:-1], dtype=np.float32)                     # (R, G)
+        if self.spare:
+            top = np.take_along_axis(Wg, np.abs(Wg).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+            self.sigma = np.where(top < 0, np.float32(-1), np.float32(1))
+        self.wm = Wg * self.sigma[..., None]                                     # mirrored (R, G, g)
+        self.absw = np.abs(self.wm)
         with np.errstate(divide="ignore"):
             self.log2w = np.log2(self.absw)                                      # -inf for 0
         return self.absw.max(axis=-1)                                            # (R, G): S0
 
+    def store(self, s):
+        """|s| as stored: float16, floored so every level is a normal float16."""
+        return fp16_scale(np.abs(s), self.kind.min_scale_exp)
+
     def scale(self, s):
-        return fp16_scale(s, self.kind.min_scale_exp)
+        """The stored scale of the current groups (start()): σ·|s|."""
+        return self.sigma * self.store(s)
 
     def fields(self, s):
-        """(j, nonzero): the level 2^-j of every weight and whether it is not zero."""
+        """(j, nonzero): the level 2^-j of every weight and whether it is not zero (s: |scale|)."""
         u = np.log2(s)[..., None] - self.log2w                                   # (R, G, g)
         j = np.clip(np.floor(u + self.SHIFT), 0, self.levels - 1)
         return j, u <= self.levels
 
-    def magnitude(self, s):
-        j, nz = self.fields(s)
-        return np.where(nz, np.exp2(-j), np.float32(0)) * s[..., None]          # (R, G, g)
+    def _round(self, s):
+        """(ŵ of the mirrored weights, spare taken, j, nonzero) at stored scales s (R, G)."""
+        a = np.abs(s)
+        j, nz = self.fields(a)
+        w = np.where(nz, np.exp2(-j), np.float32(0)) * np.where(self.wm < 0, np.float32(-1), np.float32(1))
+        spare = self.wm >= np.float32(1.5) * a[..., None] if self.spare else np.zeros(self.wm.shape, bool)
+        if self.spare:
+            w = np.where(spare, np.float32(self.spare), w)
+        return w * a[..., None], spare, j, nz
 
     def dequant(self, Wg, s):
-        return np.copysign(self.magnitude(s), Wg)
+        return self._round(s)[0] * np.where(s < 0, np.float32(-1), np.float32(1))[..., None]
 
     def weight_error(self, Wg, s):
-        return ((self.absw - self.magnitude(s)) ** 2).sum(axis=-1)               # (R, G)
+        return ((self.wm - self._round(s)[0]) ** 2).sum(axis=-1)                 # (R, G)
 
     def codes(self, Wg, s):
-        j, nz = self.fields(s)
+        _, spare, j, nz = self._round(s)
         m = np.where(nz, j + 1, 0).astype(np.uint8)
-        return np.where((Wg < 0) & nz, np.uint8(1 << (self.bits - 1)), np.uint8(0)) | m
+        c = np.where((self.wm < 0) & nz, np.uint8(self.kind.spare_code), np.uint8(0)) | m
+        return np.where(spare, np.uint8(self.kind.spare_code), c).astype(np.uint8)
 
     def round_column(self, w, p):
         """gptq.gptq's rounding on this grid: w (N,) float64, p = (s,) the groups' stored
         scales (N,). Returns the codes (N,) (as codes() writes them) and ŵ (N,), the same
-        closed-form nearest level as fields()."""
+        closed-form nearest level as fields(), on w mirrored by the sign of s."""
         s = p[0]
+        sg, a = np.where(s < 0, -1.0, 1.0), np.abs(s)
+        wm = sg * w
         with np.errstate(divide="ignore"):
-            u = np.log2(s) - np.log2(np.abs(w))                                  # +inf for 0
+            u = np.log2(a) - np.log2(np.abs(wm))                                 # +inf for 0
         j = np.clip(np.floor(u + self.SHIFT), 0, self.levels - 1)
         nz = u <= self.levels
-        mag = np.where(nz, np.exp2(-j), 0.0) * s
-        neg = (w < 0) & nz
-        return np.where(nz, j + 1, 0) + np.where(neg, 1 << (self.bits - 1), 0), np.where(neg, -mag, mag)
+        mag = np.where(nz, np.exp2(-j), 0.0) * a
+        neg = (wm < 0) & nz
+        code = np.where(nz, j + 1, 0) + np.where(neg, self.kind.spare_code, 0)
+        val = np.where(neg, -mag, mag)
+        if self.spare:
+            take = wm >= 1.5 * a
+            code, val = np.where(take, self.kind.spare_code, code), np.where(take, self.spare * a, val)
+        return code, sg * val
 
     def grid(self, scales, zeros):
         """(params_at, rounding) for gptq.gptq on the fixed grid of stored scales (N, G)."""
@@ -146,6 +176,9 @@ class _Int:
         lo, hi = group_range(Wg)
         self.lo = lo
         return np.where(hi > lo, (hi - lo) / np.float32(self.qmax), np.float32(1))
+
+    def store(self, s):
+        return fp16_scale(s)
 
     def scale(self, s):
         return fp16_scale(s)
@@ -284,9 +317,7 @@ def unit_levels(fam, codes: np.ndarray, zeros, group: int) -> np.ndarray:
     Ŵ[n, k] = scale[n, group of k] · level[n, k]."""
     if isinstance(fam, _Int):
         return codes.astype(np.float64) - formats.expand_groups(zeros, codes.shape[1], group).astype(np.float64)
-    m = (codes & np.uint8((1 << (fam.bits - 1)) - 1)).astype(np.int64)           # 0 = zero, else 2^-(m-1)
-    mag = np.where(m > 0, np.exp2(-(m - 1).astype(np.float64)), 0.0)
-    return np.where(codes >> np.uint8(fam.bits - 1), -mag, mag)
+    return fam.kind.units().astype(np.float64)[codes]                            # the spare code included
 
 
 def _refit_scales(fam, W, H, group, codes, scales, zeros, meta, ridge: float = 1e-6):
@@ -296,7 +327,11 @@ def _refit_scales(fam, W, H, group, codes, scales, zeros, meta, ridge: float = 1
     its d H dᵀ, with the stored values, is lower; groups without a nonzero level keep theirs."""
     n, k = W.shape
     G = scales.shape[1]
-    L = unit_levels(fam, codes, zeros, group)                                    # (N, K)
+    # signed PoT scales (the spare level's mirror): Ŵ = s·L = |s|·(sign(s)·L), so fit |s|
+    sg = np.where(scales < 0, -1.0, 1.0)                                         # (N, G)
+    signs = sg.astype(np.float32)
+    scales = np.abs(scales)
+    L = unit_levels(fam, codes, zeros, group) * formats.expand_groups(sg, k, group)   # (N, K)
     pad = G * group - k
     Lg = np.pad(L, ((0, 0), (0, pad))).reshape(n, G, group)                      # (N, G, g)
     Hp = np.pad(H, ((0, pad), (0, pad)))
@@ -318,13 +353,13 @@ def _refit_scales(fam, W, H, group, codes, scales, zeros, meta, ridge: float = 1
     try:
         s_new = np.linalg.solve(A, b[..., None])[..., 0]
     except np.linalg.LinAlgError:
-        return scales, dict(meta, refit_rows=0)
+        return scales * signs, dict(meta, refit_rows=0)
     ok = np.isfinite(s_new).all(axis=1) & (np.where(live, s_new, 1.0) > 0).all(axis=1)
-    s_new = fam.scale(np.where(ok[:, None] & live, s_new, old).astype(np.float32))   # as stored
+    s_new = fam.store(np.where(ok[:, None] & live, s_new, old).astype(np.float32))   # as stored
     err_old = row_objective(W, formats.expand_groups(scales, k, group).astype(np.float64) * L, H)
     err_new = row_objective(W, formats.expand_groups(s_new, k, group).astype(np.float64) * L, H)
     keep = ok & (err_new < err_old)
-    out = np.where(keep[:, None], s_new, scales).astype(np.float32)
+    out = (np.where(keep[:, None], s_new, scales) * signs).astype(np.float32)
     return out, dict(meta, refit_rows=int(keep.sum()), obj_before_refit=float(err_old.sum()),
                      obj=float(np.where(keep, err_new, err_old).sum()))
 
@@ -354,7 +389,9 @@ def as_dual_grained(ql: formats.QuantLinear, act: str = "dynamic") -> formats.Qu
     question of issue 15, whether PoT weights can ride the INT8 tensor-core kernels.
 
     Every code becomes an exact small integer q - z of INT4: PoT units ±2^-(m-1) times
-    c = 2^(levels-1) (pot2: {0, ±1}, pot3: {0, ±1, ±2, ±4}), uniform q - z as they are. What
+    c = 2^(levels-1) (pot2: {0, ±1}, pot3: {0, ±1, ±2, ±4} and the spare level 8, mirrored by the
+    sign of the group's scale, so the zero point is 7 where the spare level is positive and 8
+    where it is negative), uniform q - z as they are. What
     changes is the group scale: s[n, g] / c ≈ s8[n] · S[n, g] with S an integer in 1 .. Smax,
     Smax = ⌊127 / max|q - z|⌋ of the row (the INT8 overflow guard), s8 the row's largest step
     over Smax. pot4 reaches 2^-6 and does not fit INT4."""
@@ -367,13 +404,13 @@ def as_dual_grained(ql: formats.QuantLinear, act: str = "dynamic") -> formats.Qu
     codes = planes.unpack_planes(ql.qweight, bits, k).astype(np.int32)              # (N, K)
     G = formats.n_groups(k, group)
     if kind == "pot":
-        levels = (1 << (bits - 1)) - 1
-        c = 1 << (levels - 1)
-        m = codes & levels
-        unit = np.where(m == 0, 0, c >> np.maximum(m - 1, 0)) * np.where(codes >> (bits - 1), -1, 1)
-        z = np.full((ql.out_features, G), 8, dtype=np.int32)
-        q = unit + 8                                                                 # 8 ± c: in 0..15
-        step = ql.wscale.astype(np.float64) / c
+        pk = formats.KINDS[ql.kind]
+        c = 1 << (pk.levels - 1)
+        sg = np.where(ql.wscale.astype(np.float32) < 0, -1, 1).astype(np.int32)     # (N, G): the mirror
+        unit = np.rint(pk.units()[codes] * c).astype(np.int32) * formats.expand_groups(sg, k, group)
+        z = np.where(sg > 0, 7 if pk.spare else 8, 8).astype(np.int32)             # units -c..c (and ±2c)
+        q = unit + formats.expand_groups(z, k, group)                                # in 0..15
+        step = np.abs(ql.wscale.astype(np.float64)) / c
     else:
         z = ql.qzeros.astype(np.int32)
         q = codes

@@ -15,7 +15,7 @@
 //
 // Dequantization, to exact "unit" weights (the group scale multiplies fp32 partial sums):
 //   pot: one byte permute (PRMT) looks the four codes up in an 8-entry table of fp16 high
-//        bytes (0, ±2^0, ±2^-1, ...; b = 4 looks up the magnitude and ORs in the sign with a
+//        bytes (0, ±2^0, ±2^-1, ..., the spare +2 of pot2/3; b = 4 looks up the magnitude and ORs in the sign with a
 //        second, sign-replicating PRMT), two more PRMTs spread them into two half2 registers.
 //        About 1.2 (b = 2, 3) to 1.8 (b = 4) instructions a weight; no conversion, no multiply.
 //   int: a PRMT puts a code pair's byte twice into a word, one AND/OR (LOP3) makes the fp16
@@ -44,10 +44,11 @@ __device__ __forceinline__ unsigned wb_prmt(unsigned a, unsigned b, unsigned sel
     return r;
 }
 
-// fp16 high bytes of the units: pot<b> code = sign (bit b-1) | m, unit 0 (m = 0) or ±2^-(m-1)
+// fp16 high bytes of the units: pot<b> code = sign (bit b-1) | m, unit 0 (m = 0) or ±2^-(m-1);
+// the spare code of pot2 and pot3 (sign set, m = 0) is +2 (engine/formats/pot.py; the scale's sign mirrors a group)
 template <int BITS> struct WbLut;
-template <> struct WbLut<2> { static constexpr unsigned a = 0xBC003C00u, b = 0u; };          // 0 +1 0 -1
-template <> struct WbLut<3> { static constexpr unsigned a = 0x34383C00u, b = 0xB4B8BC00u; };  // 0 +1 +½ +¼ 0 -1 -½ -¼
+template <> struct WbLut<2> { static constexpr unsigned a = 0xBC403C00u, b = 0u; };          // 0 +1 +2 -1
+template <> struct WbLut<3> { static constexpr unsigned a = 0x34383C00u, b = 0xB4B8BC40u; };  // 0 +1 +½ +¼ +2 -1 -½ -¼
 template <> struct WbLut<4> { static constexpr unsigned a = 0x34383C00u, b = 0x24282C30u; };  // m = 0..7 (sign apart)
 
 // The spare word of b = 3 (steps 6, 7): nibble i = bit 3 of nibble i of w0, w1, w2.

@@ -47,9 +47,11 @@ def test_compensated_rows_are_never_worse_and_codes_stay_on_the_grid(kind, bits,
         np.testing.assert_array_equal(comp.qzeros, plain.qzeros)
     codes = planes.unpack_planes(comp.qweight, bits, k)                        # (N, K)
     assert codes.max() < (1 << bits)
-    if kind == "pot":                                                          # the zero code carries no sign
-        levels = formats.KINDS[comp.kind].levels
-        assert not (((codes & levels) == 0) & ((codes >> (bits - 1)) == 1)).any()
+    if kind == "pot":     # the zero code carries no sign; the spare code (pot2, pot3) only on the mirror's side
+        pk = formats.KINDS[comp.kind]
+        spare = codes == pk.spare_code
+        assert pk.spare or not spare.any()
+        assert (comp.dequantize()[spare] * formats.expand_groups(comp.wscale, k, group)[spare] > 0).all()
     # per row never worse on d H dᵀ, better in total, and the meta says so
     e0, e1 = _row_obj(plain, W, H), _row_obj(comp, W, H)
     assert (e1 <= e0 * (1 + 1e-9)).all()
@@ -62,19 +64,21 @@ def test_compensated_rows_are_never_worse_and_codes_stay_on_the_grid(kind, bits,
 @pytest.mark.parametrize("bits", BITS)
 def test_pot_column_rounding_is_the_nearest_level(bits):
     """The rounding gptq() uses on the PoT grid agrees with the searched codes' closed form:
-    every value lands on its nearest level of s·{0, ±2^-j}, and codes encode those values."""
+    every value lands on its nearest level of |s|·{0, ±2^-j} (pot3: and the spare level 2s, on
+    the side of the sign of s), and codes encode those values."""
     fam = _Pot(bits)
+    kind = formats.KINDS[f"pot{bits}"]
     rng = np.random.default_rng(bits)
-    s = np.abs(rng.standard_normal(500)) + 0.1
-    w = rng.standard_normal(500) * s * rng.choice([0.003, 0.1, 0.5, 1.0, 1.6], 500)
+    s = (np.abs(rng.standard_normal(500)) + 0.1) * (rng.choice([-1.0, 1.0], 500) if kind.spare else 1.0)
+    w = rng.standard_normal(500) * np.abs(s) * rng.choice([0.003, 0.1, 0.5, 1.0, 1.6, 2.5], 500)
     w[:3] = 0.0
     q, wq = fam.round_column(w, (s,))
-    lev = formats.KINDS[f"pot{bits}"].magnitudes().astype(np.float64)
-    cand = np.sign(w)[:, None] * lev * s[:, None]                              # (500, L+1)
+    lev = kind.magnitudes().astype(np.float64)
+    cand = np.sign(w)[:, None] * lev * np.abs(s)[:, None]                      # (500, L+1)
+    if kind.spare:
+        cand = np.concatenate([cand, (kind.spare * s)[:, None]], axis=1)
     np.testing.assert_allclose(np.abs(wq - w), np.abs(cand - w[:, None]).min(axis=1), rtol=0, atol=1e-12)
-    m = q.astype(np.int64) & fam.levels
-    sign = np.where(q.astype(np.int64) >> (bits - 1), -1.0, 1.0)
-    np.testing.assert_array_equal(np.where(m == 0, 0.0, sign * lev[m] * s), wq)
+    np.testing.assert_array_equal(kind.units().astype(np.float64)[q.astype(np.int64)] * s, wq)
 
 
 def test_int_grid_is_gptq_uniform_rounding_on_the_stored_zero_points():

@@ -47,7 +47,8 @@ def _pot(bits, k=64, group=32, seed=0, n=6):
 
 @pytest.mark.parametrize("bits", BITS)
 def test_pot_levels(bits):
-    """Hand-built codes: m = 0 is zero whatever the sign, m ≥ 1 is ±s·2^-(m-1)."""
+    """Hand-built codes: m = 0 is zero, m ≥ 1 is ±s·2^-(m-1); the spare code of pot2, pot3 (sign set, m = 0)
+    is +2s, and a negative scale mirrors every level."""
     kind = formats.KINDS[f"pot{bits}"]
     L = kind.levels
     codes = np.array([[m | (sgn << (bits - 1)) for sgn in (0, 1) for m in range(L + 1)]], dtype=np.uint8)
@@ -56,25 +57,38 @@ def test_pot_levels(bits):
     ql = formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=1, group=k,
                              qweight=planes.pack_planes(codes, bits), wscale=np.array([[s]], np.float16))
     want = [sg * (0.0 if m == 0 else 0.75 * 2.0 ** -(m - 1)) for sg in (1, -1) for m in range(L + 1)]
+    if kind.spare:
+        want[L + 1] = 1.5                                                     # the spare code: +2s
+        ql.wscale = -ql.wscale
+        np.testing.assert_array_equal(ql.dequantize()[0], -np.array(want, dtype=np.float32))
+        ql.wscale = -ql.wscale
     np.testing.assert_array_equal(ql.dequantize()[0], np.array(want, dtype=np.float32))
 
 
 @pytest.mark.parametrize("bits", BITS)
 def test_pot_reference_equals_fp16_bit_trick(bits):
     """The format's guarantee (engine/formats/pot.py): on the fp16 bits, bits(s) - ((m-1) << 10)
-    with the sign XOR-ed in (0 for m = 0) is exactly the reference weight for every valid scale."""
+    with the sign XOR-ed in (0 for m = 0; the spare code: bits(s) + (1 << 10), 2s) is exactly
+    the reference weight for every valid scale, negative ones (pot2, pot3) included."""
     W, ql = _pot(bits, k=256, group=32, n=40, seed=bits)
+    kind = formats.KINDS[f"pot{bits}"]
     rng = np.random.default_rng(7)
-    exp = rng.integers(formats.KINDS[f"pot{bits}"].min_scale_exp, 31, ql.wscale.shape)
+    exp = rng.integers(kind.min_scale_exp, kind.max_scale_exp + 1, ql.wscale.shape)
     mant = rng.integers(0, 1024, ql.wscale.shape)
-    ql.wscale = ((exp << 10) | mant).astype(np.uint16).view(np.float16)     # any valid scale
+    neg = (rng.random(ql.wscale.shape) < 0.5) if kind.spare else np.zeros(ql.wscale.shape, bool)
+    ql.wscale = ((exp << 10) | mant | (neg.astype(np.int64) << 15)).astype(np.uint16).view(np.float16)
+    codes = rng.integers(0, 1 << bits, (ql.out_features, ql.in_features)).astype(np.uint8)
+    ql.qweight = planes.pack_planes(codes, bits)                            # every code, the spare one too
     formats.validate(ql)
-    codes = planes.unpack_planes(ql.qweight, bits, ql.in_features).astype(np.uint16)
+    codes = codes.astype(np.uint16)
     m = codes & ((1 << (bits - 1)) - 1)
     sign = codes >> (bits - 1)
     sbits = formats.expand_groups(ql.wscale.view(np.uint16), ql.in_features, ql.group).astype(np.uint16)
     w16 = ((sbits - ((m - 1) << 10)) ^ (sign << 15)).astype(np.uint16)
-    w16 = np.where(m == 0, np.uint16(0), w16).view(np.float16)
+    w16 = np.where(m == 0, np.uint16(0), w16)
+    if kind.spare:
+        w16 = np.where(codes == kind.spare_code, (sbits + (1 << 10)).astype(np.uint16), w16)
+    w16 = w16.view(np.float16)
     np.testing.assert_array_equal(w16.astype(np.float32), ql.dequantize())
 
 
@@ -89,10 +103,18 @@ def test_pot_validation(bits):
     low[0, 0] = np.float16(2.0 ** (formats.KINDS[ql.kind].min_scale_exp - 16))   # one below the floor
     with pytest.raises(formats.FormatError, match="at least 2"):
         formats.QuantLinear(act="none", qweight=ql.qweight, wscale=low, **kw)
-    for bad in (-1.0, np.nan, np.inf):
+    spare = formats.KINDS[ql.kind].spare
+    for bad in (np.nan, np.inf) if spare else (-1.0, np.nan, np.inf):
         s = ql.wscale.copy()
         s[1, 0] = bad
-        with pytest.raises(formats.FormatError, match="positive finite"):
+        with pytest.raises(formats.FormatError, match="finite"):
+            formats.QuantLinear(act="none", qweight=ql.qweight, wscale=s, **kw)
+    if spare:                  # a negative scale mirrors the group; 2|s| must stay finite
+        s = ql.wscale.copy()
+        s[1, 0] = -s[1, 0]
+        formats.QuantLinear(act="none", qweight=ql.qweight, wscale=s, **kw)
+        s[1, 0] = np.float16(-32768.0)
+        with pytest.raises(formats.FormatError, match="spare level"):
             formats.QuantLinear(act="none", qweight=ql.qweight, wscale=s, **kw)
     with pytest.raises(formats.FormatError, match="weight-only"):
         formats.QuantLinear(act="dynamic", qweight=ql.qweight, wscale=ql.wscale, **kw)
@@ -130,12 +152,18 @@ def test_padding_must_be_zero():
 
 @pytest.mark.parametrize("bits", BITS)
 def test_pot_rounds_to_the_nearest_level(bits):
-    """search=False keeps s = the group's max |w|; every weight lands on its nearest level."""
+    """search=False keeps |s| = the group's max |w|; every weight lands on its nearest level (pot3:
+    the spare level 2s among them, on the side the sign of s chose: the group's largest weight's)."""
     W, ql = _pot(bits, k=96, group=32, n=20)
     D = ql.dequantize()
-    lev = formats.KINDS[ql.kind].magnitudes()
+    kind = formats.KINDS[ql.kind]
+    lev = kind.magnitudes()
     s = formats.expand_groups(ql.wscale, 96, 32).astype(np.float64)
-    cand = np.sign(W)[..., None] * lev * s[..., None]                          # (N, K, L+1)
+    top = np.take_along_axis(W.reshape(20, 3, 32), np.abs(W.reshape(20, 3, 32)).argmax(-1)[..., None], -1)
+    assert (np.sign(ql.wscale.astype(np.float32)) == (np.sign(top[..., 0]) if kind.spare else 1)).all()
+    cand = np.sign(W)[..., None] * lev * np.abs(s)[..., None]                  # (N, K, L+1)
+    if kind.spare:
+        cand = np.concatenate([cand, (kind.spare * s)[..., None]], axis=-1)
     best = np.abs(cand - W[..., None]).min(axis=-1)
     np.testing.assert_allclose(np.abs(D - W), best, rtol=0, atol=1e-7)
 
@@ -260,11 +288,11 @@ def test_as_dual_grained_keeps_codes_and_rounds_only_scales(kind, bits):
     ql = (pot_linear if kind == "pot" else int_linear)(W, bits, 64, search=False)
     d = as_dual_grained(ql)
     w8 = dgk.int8_weight(d).astype(np.int64)                        # raises if the guard broke
-    unit = ql.dequantize().astype(np.float64) / expand_groups(ql.wscale, 256, 64).astype(np.float64)
+    unit = ql.dequantize().astype(np.float64) / np.abs(expand_groups(ql.wscale, 256, 64).astype(np.float64))
     S = expand_groups(d.gscale, 256, 64).astype(np.int64)
     c = (1 << ((1 << (bits - 1)) - 2)) if kind == "pot" else 1
     np.testing.assert_array_equal(w8, np.rint(unit * c).astype(np.int64) * S)      # codes exact
-    step = ql.wscale.astype(np.float64) / c
+    step = np.abs(ql.wscale.astype(np.float64)) / c
     got = d.gscale.astype(np.float64) * d.cscale[:, None]
     near = np.abs(got - step) <= 0.5 * d.cscale[:, None] + 1e-12 * step
     assert (near | ((d.gscale == 1) & (step < d.cscale[:, None]))).all()     # S floors at 1
@@ -298,8 +326,9 @@ def test_scale_refit_keeps_codes_and_never_worsens_a_row(fn, bits, compensate):
     if a.qzeros is not None:
         np.testing.assert_array_equal(b.qzeros, a.qzeros)
     assert b.wscale.dtype == np.float16 and np.isfinite(b.wscale.astype(np.float32)).all()
-    if fn is pot_linear:
-        assert (b.wscale.astype(np.float32) >= 2.0 ** (formats.KINDS[f"pot{bits}"].min_scale_exp - 15)).all()
+    if fn is pot_linear:          # |s| (pot3's sign mirrors a group and the refit keeps it)
+        assert (np.abs(b.wscale.astype(np.float32)) >= 2.0 ** (formats.KINDS[f"pot{bits}"].min_scale_exp - 15)).all()
+        np.testing.assert_array_equal(np.signbit(b.wscale), np.signbit(a.wscale))
     dead = (a.dequantize().reshape(48, 5, 32) == 0).all(axis=2)             # groups without a nonzero level
     assert dead[5, 1] or compensate                                         # GPTQ may move weight into it
     np.testing.assert_array_equal(b.wscale[dead], a.wscale[dead])

@@ -47,7 +47,7 @@ def prmt(a: int, b: int, sel: int) -> int:
     return out
 
 
-LUT = {2: (0xBC003C00, 0), 3: (0x34383C00, 0xB4B8BC00), 4: (0x34383C00, 0x24282C30)}
+LUT = {2: (0xBC403C00, 0), 3: (0x34383C00, 0xB4B8BC40), 4: (0x34383C00, 0x24282C30)}
 
 
 def half2(v: int) -> tuple[float, float]:
@@ -84,7 +84,10 @@ def step_units(kind: str, bits: int, rw, s: int, z: int) -> list[float]:
 
 
 def pot_unit(code: int, bits: int) -> float:
+    """The format's unit (engine/formats/pot.py PotKind.units), written out again here."""
     m, sign = code & ((1 << (bits - 1)) - 1), -1.0 if code >> (bits - 1) else 1.0
+    if bits in (2, 3) and code == 1 << (bits - 1):
+        return 2.0                                        # the spare code of pot2 and pot3
     return 0.0 if m == 0 else sign * 2.0 ** -(m - 1)
 
 
