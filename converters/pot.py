@@ -124,9 +124,11 @@ class _Pot:
         a = np.abs(s)
         j, nz = self.fields(a)
         w = np.where(nz, np.exp2(-j), np.float32(0)) * np.where(self.wm < 0, np.float32(-1), np.float32(1))
-        spare = self.wm >= np.float32(1.5) * a[..., None] if self.spare else np.zeros(self.wm.shape, bool)
-        if self.spare:
+        if self.spare:                                   # 2s from 1.5s on (the midpoint to s)
+            spare = self.wm >= np.float32(1.5) * a[..., None]
             w = np.where(spare, np.float32(self.spare), w)
+        else:
+            spare = np.zeros(self.wm.shape, bool)
         return w * a[..., None], spare, j, nz
 
     def dequant(self, Wg, s):
@@ -180,8 +182,7 @@ class _Int:
     def store(self, s):
         return fp16_scale(s)
 
-    def scale(self, s):
-        return fp16_scale(s)
+    scale = store                                        # uniform codes: scales are positive
 
     def zero(self, s):
         return np.clip(np.rint(-self.lo / s), 0, self.qmax)

@@ -14,7 +14,7 @@ there it is one more power of two, ŵ = SPARE · s = 2s, above the largest level
 may then be negative: ŵ = s · unit mirrors the group, so the spare level lands on the side of
 the group's largest weight, which the converter chooses. pot3's levels are {0, ±1/4, ±1/2, ±1}
 · |s| and 2|s| on one side (eight distinct values for eight codes), pot2's {0, ±1} · |s| and
-2|s|. SmolLM2 g128 wiki perplexity with it: W3 41.05 → 36.08 (int-search W3 37.12), W2 3213 →
+2|s|. SmolLM2 g128 wiki perplexity with it: W3 41.05 → 36.08 (int-search W3 37.12), W2 2207 →
 285 (docs/QUALITY.md); at 4 bits it measured no gain (30.79 → 31.01), and pot4 keeps the zero
 meaning (its INT8 reuse would overflow, converters/pot.py as_dual_grained). Files written before
 the spare code existed never hold it (the converter set the sign bit only with m ≥ 1) nor
