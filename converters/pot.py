@@ -113,54 +113,44 @@ class _Pot:
         """The stored scale of the current groups (start()): σ·|s|."""
         return self.sigma * self.store(s)
 
-    def fields(self, s):
-        """(j, nonzero): the level 2^-j of every weight and whether it is not zero (s: |scale|)."""
-        u = np.log2(s)[..., None] - self.log2w                                   # (R, G, g)
+    def _nearest(self, wm, log2w, a):
+        """(codes, ŵ) of mirrored weights wm (log2w = log2|wm|) at |scale| a, broadcast against
+        them: the closed-form nearest level above, and the spare level from 1.5a on its side.
+        The codes are floats holding small integers (gptq.gptq takes them so)."""
+        u = np.log2(a) - log2w                                                   # +inf for 0
         j = np.clip(np.floor(u + self.SHIFT), 0, self.levels - 1)
-        return j, u <= self.levels
+        nz = u <= self.levels
+        neg = (wm < 0) & nz
+        code = np.where(nz, j + 1, 0) + np.where(neg, self.kind.spare_code, 0)
+        unit = np.where(nz, np.exp2(-j), 0) * np.where(neg, np.float32(-1), np.float32(1))
+        if self.spare:
+            take = wm >= 1.5 * a
+            code, unit = np.where(take, self.kind.spare_code, code), np.where(take, self.spare, unit)
+        return code, unit * a
 
     def _round(self, s):
-        """(ŵ of the mirrored weights, spare taken, j, nonzero) at stored scales s (R, G)."""
-        a = np.abs(s)
-        j, nz = self.fields(a)
-        w = np.where(nz, np.exp2(-j), np.float32(0)) * np.where(self.wm < 0, np.float32(-1), np.float32(1))
-        if self.spare:                                   # 2s from 1.5s on (the midpoint to s)
-            spare = self.wm >= np.float32(1.5) * a[..., None]
-            w = np.where(spare, np.float32(self.spare), w)
-        else:
-            spare = np.zeros(self.wm.shape, bool)
-        return w * a[..., None], spare, j, nz
+        """(codes, ŵ) of the current groups' mirrored weights (start()) at stored scales s (R, G)."""
+        return self._nearest(self.wm, self.log2w, np.abs(s)[..., None])
 
     def dequant(self, Wg, s):
-        return self._round(s)[0] * np.where(s < 0, np.float32(-1), np.float32(1))[..., None]
+        return self._round(s)[1] * np.where(s < 0, np.float32(-1), np.float32(1))[..., None]
 
     def weight_error(self, Wg, s):
-        return ((self.wm - self._round(s)[0]) ** 2).sum(axis=-1)                 # (R, G)
+        return ((self.wm - self._round(s)[1]) ** 2).sum(axis=-1)                 # (R, G)
 
     def codes(self, Wg, s):
-        _, spare, j, nz = self._round(s)
-        m = np.where(nz, j + 1, 0).astype(np.uint8)
-        c = np.where((self.wm < 0) & nz, np.uint8(self.kind.spare_code), np.uint8(0)) | m
-        return np.where(spare, np.uint8(self.kind.spare_code), c).astype(np.uint8)
+        return self._round(s)[0].astype(np.uint8)
 
     def round_column(self, w, p):
         """gptq.gptq's rounding on this grid: w (N,) float64, p = (s,) the groups' stored
-        scales (N,). Returns the codes (N,) (as codes() writes them) and ŵ (N,), the same
-        closed-form nearest level as fields(), on w mirrored by the sign of s."""
+        scales (N,). Returns the codes (N,) (as codes() writes them) and ŵ (N,): _nearest on w
+        mirrored by the sign of s."""
         s = p[0]
         sg, a = np.where(s < 0, -1.0, 1.0), np.abs(s)
         wm = sg * w
         with np.errstate(divide="ignore"):
-            u = np.log2(a) - np.log2(np.abs(wm))                                 # +inf for 0
-        j = np.clip(np.floor(u + self.SHIFT), 0, self.levels - 1)
-        nz = u <= self.levels
-        mag = np.where(nz, np.exp2(-j), 0.0) * a
-        neg = (wm < 0) & nz
-        code = np.where(nz, j + 1, 0) + np.where(neg, self.kind.spare_code, 0)
-        val = np.where(neg, -mag, mag)
-        if self.spare:
-            take = wm >= 1.5 * a
-            code, val = np.where(take, self.kind.spare_code, code), np.where(take, self.spare * a, val)
+            log2w = np.log2(np.abs(wm))
+        code, val = self._nearest(wm, log2w, a)
         return code, sg * val
 
     def grid(self, scales, zeros):
@@ -329,8 +319,7 @@ def _refit_scales(fam, W, H, group, codes, scales, zeros, meta, ridge: float = 1
     n, k = W.shape
     G = scales.shape[1]
     # signed PoT scales (the spare level's mirror): Ŵ = s·L = |s|·(sign(s)·L), so fit |s|
-    sg = np.where(scales < 0, -1.0, 1.0)                                         # (N, G)
-    signs = sg.astype(np.float32)
+    sg = np.where(scales < 0, np.float32(-1), np.float32(1))                     # (N, G)
     scales = np.abs(scales)
     L = unit_levels(fam, codes, zeros, group) * formats.expand_groups(sg, k, group)   # (N, K)
     pad = G * group - k
@@ -354,13 +343,13 @@ def _refit_scales(fam, W, H, group, codes, scales, zeros, meta, ridge: float = 1
     try:
         s_new = np.linalg.solve(A, b[..., None])[..., 0]
     except np.linalg.LinAlgError:
-        return scales * signs, dict(meta, refit_rows=0)
+        return scales * sg, dict(meta, refit_rows=0)
     ok = np.isfinite(s_new).all(axis=1) & (np.where(live, s_new, 1.0) > 0).all(axis=1)
     s_new = fam.store(np.where(ok[:, None] & live, s_new, old).astype(np.float32))   # as stored
     err_old = row_objective(W, formats.expand_groups(scales, k, group).astype(np.float64) * L, H)
     err_new = row_objective(W, formats.expand_groups(s_new, k, group).astype(np.float64) * L, H)
     keep = ok & (err_new < err_old)
-    out = (np.where(keep[:, None], s_new, scales) * signs).astype(np.float32)
+    out = (np.where(keep[:, None], s_new, scales) * sg).astype(np.float32)
     return out, dict(meta, refit_rows=int(keep.sum()), obj_before_refit=float(err_old.sum()),
                      obj=float(np.where(keep, err_new, err_old).sum()))
 

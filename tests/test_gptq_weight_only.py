@@ -64,7 +64,7 @@ def test_compensated_rows_are_never_worse_and_codes_stay_on_the_grid(kind, bits,
 @pytest.mark.parametrize("bits", BITS)
 def test_pot_column_rounding_is_the_nearest_level(bits):
     """The rounding gptq() uses on the PoT grid agrees with the searched codes' closed form:
-    every value lands on its nearest level of |s|·{0, ±2^-j} (pot3: and the spare level 2s, on
+    every value lands on its nearest level of |s|·{0, ±2^-j} (pot2, pot3: and the spare level 2s, on
     the side of the sign of s), and codes encode those values."""
     fam = _Pot(bits)
     kind = formats.KINDS[f"pot{bits}"]

@@ -261,7 +261,7 @@ def cmd_gemm_pick(args) -> int:
 
 
 def cmd_gemm(args) -> int:
-    policy = getattr(args, "policy", "table")
+    policy = args.policy
     if policy == "learned" and args.tune_json:
         raise BenchError("--tune-json sets the table; it does not combine with --policy learned")
     choice.configure(policy)        # the rows name the configurations that policy runs

@@ -68,14 +68,12 @@ class PotKind:
         check(padding_is_zero(ql.qweight, ql.in_features), "bit planes past in_features must be 0")
         bits = ql.wscale.view(np.uint16)
         exp = (bits >> FP16_EXP_SHIFT) & 0x1F
-        if self.spare:            # the sign of s mirrors the group (the spare level's side)
-            check(bool((exp < 0x1F).all()), f"{self.NAME} scales must be finite float16 values")
-            check(bool((exp <= self.max_scale_exp).all()),
-                  f"{self.NAME} scales must be below 2^{self.max_scale_exp - FP16_EXP_BIAS + 1} in magnitude "
-                  "(so the spare level 2|s| is a finite float16)")
-        else:
-            check(not (bits & 0x8000).any() and bool((exp < 0x1F).all()),
-                  f"{self.NAME} scales must be positive finite float16 values")
+        # with a spare code the sign of s mirrors the group (the spare level's side)
+        check(bool((exp < 0x1F).all()) and (self.spare or not (bits & 0x8000).any()),
+              f"{self.NAME} scales must be {'' if self.spare else 'positive '}finite float16 values")
+        check(bool((exp <= self.max_scale_exp).all()),
+              f"{self.NAME} scales must be below 2^{self.max_scale_exp - FP16_EXP_BIAS + 1} in magnitude "
+              "(so the spare level 2|s| is a finite float16)")
         check(bool((exp >= self.min_scale_exp).all()),
               f"{self.NAME} scales must be at least 2^{self.min_scale_exp - FP16_EXP_BIAS} in magnitude "
               "(so every level is a normal float16)")
