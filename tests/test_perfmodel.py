@@ -437,6 +437,23 @@ def test_cli_fit_and_report(tmp_path, capsys):
     assert "Synthetic GPU" in text and "learned / best" in text
 
 
+def test_fit_pools_several_csvs_of_one_device(tmp_path):
+    meta, rows = perf.read_csv(CSV, refeature=False)
+    a, b = rows[: len(rows) // 2], rows[len(rows) // 2:]
+    perf.write_csv(tmp_path / "a.csv", meta, a)
+    perf.write_csv(tmp_path / "b.csv", meta, b)
+    res = perf.fit([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "m.npz", tmp_path / "r.md", n_trees=4,
+                   folds=2, random_split_too=False, plot=False)
+    assert len(res["rows"]) == len(rows)
+    assert "a.csv" in (tmp_path / "r.md").read_text() and "b.csv" in (tmp_path / "r.md").read_text()
+    other = dict(meta, device=dict(meta["device"], name="Another GPU"))
+    perf.write_csv(tmp_path / "c.csv", other, [dict(r, device="Another GPU") for r in b])
+    with pytest.raises(perf.BenchError, match="another device"):
+        perf.fit([tmp_path / "a.csv", tmp_path / "c.csv"], tmp_path / "m2.npz", tmp_path / "r2.md", n_trees=4,
+                 folds=2, random_split_too=False, plot=False)
+    assert not (tmp_path / "m2.npz").exists()
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @gpu

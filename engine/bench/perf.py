@@ -864,7 +864,14 @@ def fit(csv_path, model_out=None, md_out=None, n_trees: int = 64, folds: int = 5
         random_split_too: bool = True, plot: bool = True, n_jobs: int = 1, min_leaf: int = 3) -> dict:
     """Cross-validate by shape, fit the shipped forests on every row, export, write the report."""
     sklearn, *_ = _sk()
-    meta, rows = read_csv(csv_path)
+    paths = [csv_path] if isinstance(csv_path, (str, Path)) else list(csv_path)
+    meta, rows = read_csv(paths[0])
+    for extra in paths[1:]:                # further collections of the same device (e.g. power-heavy runs)
+        m2, r2 = read_csv(extra)
+        if (m2.get("device") or {}).get("name") != (meta.get("device") or {}).get("name"):
+            raise BenchError(f"perf fit: {extra} was collected on another device than {paths[0]}")
+        rows += r2
+    csv_path = " ".join(str(p) for p in paths)
     dev = meta.get("device") or {"name": rows[0]["device"], "sm_count": 132, "cc": 90}
     names = {r["device"] for r in rows}
     if len(names) != 1 or dev["name"] not in names:
@@ -892,7 +899,7 @@ def fit(csv_path, model_out=None, md_out=None, n_trees: int = 64, folds: int = 5
     mmeta = {"device": {k: dev[k] for k in ("name", "sm_count", "cc") if k in dev}, "feature_names": list(FEATURES),
              "families": sorted({r["kernel"] for r in rows}), "configs": configs, "date": date,
              "groups": sorted({int(r["group"]) for r in rows}),
-             "sklearn": sklearn.__version__, "csv": Path(csv_path).name, "rows": len(rows), "power_rows": len(prow),
+             "sklearn": sklearn.__version__, "csv": " ".join(Path(p).name for p in paths), "rows": len(rows), "power_rows": len(prow),
              "n_trees": n_trees, "min_leaf": min_leaf, "seed": seed,
              "cv": {"runtime": metrics([r["runtime_ms"] for r in rows], pred["ours"]["runtime_ms"], True)}}
     model_out = Path(model_out) if model_out else perfmodel.shipped_path(dev["name"])
@@ -1103,7 +1110,7 @@ def add_parser(sub) -> None:
     c.add_argument("--out", metavar="PATH", help="CSV path (default bench/data/<device>-<date>-perf.csv)")
     c.set_defaults(func=cmd_collect, reps=1, needs_gpu=True)
     f = ps.add_parser("fit", help="(CPU, scikit-learn) fit and evaluate on held-out shapes; export the model")
-    f.add_argument("csv")
+    f.add_argument("csv", nargs="+", help="one or more `perf collect` CSVs of one device (rows are pooled)")
     f.add_argument("--model", metavar="PATH", help="model file (default engine/gpu/perf_models/<device>.npz)")
     f.add_argument("--md", metavar="PATH", help="report (default bench/results/<date>-perf-<device>.md)")
     f.add_argument("--trees", type=int, default=64, help="trees a forest (default 64)")
