@@ -2,8 +2,9 @@
 // ("pot") and uniform ("int") codes in the tile layout of engine/formats/tiles.py, fp16 x.
 //
 // What: out (M, N) fp16 = x (M, K) fp16 · Ŵ (N, K)ᵀ. gemv_*<BITS, NT> takes M ≤ 8·NT (decode):
-// a block owns one row tile (16 output rows), its WB_WARPS warps split the k tiles and meet in
-// shared memory at the end. gemm_*<BITS> takes any M (prefill): a block owns WB_GEMM_WARPS row
+// a block takes every gridDim-th row tile (16 output rows; engine/gpu/wb.py launches no more
+// blocks than are resident), its WB_WARPS warps split each row tile's k tiles and meet in shared
+// memory once a row tile. gemm_*<BITS> takes any M (prefill): a block owns WB_GEMM_WARPS row
 // tiles (one a warp) and 64 rows of x, staged in shared memory a k tile at a time.
 //
 // Layout (tiles.py): a tile is 16 rows × 128 channels, 64·BITS words; lane l = 4g + t reads
@@ -140,27 +141,25 @@ __device__ __forceinline__ void wb_load_x(const __half* __restrict__ x, int k0, 
 }
 
 // The per-group pair (rows g, g + 8) of a tile: scale as half2 bits, zero points as two bytes.
-// The tile's first group is loaded with its words; further ones (groups of 64 or 32) when used.
+// The tile's first group is loaded with its words; further ones (groups of 64 or 32) when used,
+// from the 32-bit offset `at` (not two pointers: a ring slot's registers are few).
 struct WbGroups {
-    unsigned s0, z0;
-    const unsigned* sp;
-    const unsigned short* zp;
+    unsigned s0, z0, at;
 };
 
 template <int KIND>
 __device__ __forceinline__ void wb_load_groups(const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
                                                size_t tile, int gpt, int g, bool live, WbGroups& q) {
-    const size_t at = tile * gpt * 8 + g;
-    q.sp = scale + at;
-    q.zp = KIND == WB_KIND_INT ? zero + at : nullptr;
-    q.s0 = live ? __ldg(q.sp) : 0u;
-    q.z0 = (KIND == WB_KIND_INT && live) ? (unsigned)__ldg(q.zp) : 0u;
+    q.at = (unsigned)(tile * gpt * 8 + g);
+    q.s0 = live ? __ldg(scale + q.at) : 0u;
+    q.z0 = (KIND == WB_KIND_INT && live) ? (unsigned)__ldg(zero + q.at) : 0u;
 }
 
 template <int KIND>
-__device__ __forceinline__ void wb_group(const WbGroups& q, int gi, unsigned& sv, unsigned& zz) {
-    sv = gi == 0 ? q.s0 : __ldg(q.sp + 8 * gi);
-    zz = KIND != WB_KIND_INT ? 0u : gi == 0 ? q.z0 : (unsigned)__ldg(q.zp + 8 * gi);
+__device__ __forceinline__ void wb_group(const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
+                                         const WbGroups& q, int gi, unsigned& sv, unsigned& zz) {
+    sv = gi == 0 ? q.s0 : __ldg(scale + q.at + 8 * gi);
+    zz = KIND != WB_KIND_INT ? 0u : gi == 0 ? q.z0 : (unsigned)__ldg(zero + q.at + 8 * gi);
 }
 
 // The (1024 + z, 64 + z) and (256 + z, 16 + z) half2 constants of one zero point.
@@ -173,7 +172,8 @@ __device__ __forceinline__ void wb_zc(unsigned z, unsigned& zc0, unsigned& zc1) 
 
 // One tile of one lane: acc[j] += Σ_groups s · (A_tile · B_j); xb(s, j): B of step s (registers or shared memory).
 template <int KIND, int BITS, int NT, typename XB>
-__device__ __forceinline__ void wb_tile(const unsigned (&w)[2 * BITS], const WbGroups& q, int gpt, XB xb,
+__device__ __forceinline__ void wb_tile(const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
+                                        const unsigned (&w)[2 * BITS], const WbGroups& q, int gpt, XB xb,
                                         float (&acc)[NT][4]) {
     unsigned wg[BITS], wh[BITS];
 #pragma unroll
@@ -190,7 +190,7 @@ __device__ __forceinline__ void wb_tile(const unsigned (&w)[2 * BITS], const WbG
         if ((s & last) == 0) {
 #pragma unroll
             for (int j = 0; j < NT; ++j) d[j][0] = d[j][1] = d[j][2] = d[j][3] = 0.f;
-            wb_group<KIND>(q, gi, sv, zz);
+            wb_group<KIND>(scale, zero, q, gi, sv, zz);
             if constexpr (KIND == WB_KIND_INT) {
                 wb_zc(zz & 0xFFu, zg0, zg1);
                 wb_zc(zz >> 8, zh0, zh1);
@@ -218,83 +218,110 @@ __device__ __forceinline__ void wb_tile(const unsigned (&w)[2 * BITS], const WbG
     }
 }
 
+// The GEMV. A block takes row tiles blockIdx.x, blockIdx.x + gridDim.x, ... (a grid of R blocks:
+// one each; the launcher's smaller grid keeps every block resident, so the ring of weights in
+// flight runs on from one row tile into the next instead of a second wave starting cold). Its
+// warps split each row tile's k tiles alike (warp w: tiles k_lo .. k_hi - 1 of every row tile), so
+// a warp stages only its own slice of x (shared memory, __syncwarp, no block barrier before the
+// first tile) and a block meets once a row tile, in a double-buffered reduction buffer.
 template <int KIND, int BITS, int NT>
 __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const unsigned* __restrict__ tiles,
                                              const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
                                              __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec,
                                              int xsmem) {
-    __shared__ float red[WB_WARPS][WB_ROWS][8 * NT];
+    __shared__ float red[2][WB_WARPS][WB_ROWS][8 * NT];
     extern __shared__ __align__(16) __half xsh[];                         // xsmem: x (M, KT·128), zero past K
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int rt = blockIdx.x;
-    const int per = (KT + WB_WARPS - 1) / WB_WARPS;                      // contiguous k tiles a warp
+    const int R = (N + WB_ROWS - 1) / WB_ROWS;
+    const int per = (KT + WB_WARPS - 1) / WB_WARPS;                      // k tiles a warp a row tile
     const int k_lo = min(KT, warp * per), k_hi = min(KT, k_lo + per);
-    const size_t tile0 = (size_t)rt * KT;
+    const int nr = (R - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;   // this block's row tiles
+    const int items = nr * per;                                           // the same for every warp of the block
+    // item i: row tile blockIdx.x + (i / per)·gridDim.x, k tile k_lo + i % per (dead past k_hi)
+    auto tile_of = [&](int i, bool& live) -> size_t {
+        const int r = i / per, kt = k_lo + (i - r * per);
+        live = i < items && kt < k_hi;
+        return (size_t)((int)blockIdx.x + r * (int)gridDim.x) * KT + kt;
+    };
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-    unsigned w[WB_U][2 * BITS];                                           // a ring: tile kt sits in slot (kt - k_lo) % WB_U
+    unsigned w[WB_U][2 * BITS];                                           // a ring: item i sits in slot i % WB_U
     WbGroups q[WB_U];
 #pragma unroll
     for (int u = 0; u < WB_U; ++u) {          // weights are no kernel's output: in flight before the wait (pdl.cuh)
-        const bool live = k_lo + u < k_hi;
-        wb_load<BITS>(tiles + (tile0 + k_lo + u) * (64 * BITS), lane, live, w[u]);
-        wb_load_groups<KIND>(scale, zero, tile0 + k_lo + u, gpt, g, live, q[u]);
+        bool live;
+        const size_t tl = tile_of(u, live);
+        wb_load<BITS>(tiles + tl * (64 * BITS), lane, live, w[u]);
+        wb_load_groups<KIND>(scale, zero, tl, gpt, g, live, q[u]);
     }
     pdl_enter();
     const int kp = KT * WB_TILE_K;
-    if (xsmem) {              // x once into shared memory: B loads then wait ~30 cycles, not an L2 round trip
-        for (int i = threadIdx.x; i < M * (kp / 4); i += WB_THREADS) {
-            const int m = i / (kp / 4), c = 4 * (i % (kp / 4));
+    if (xsmem) {              // this warp's slice of x into shared memory, once for all the block's row tiles
+        const int c0 = k_lo * WB_TILE_K, q4 = (k_hi - k_lo) * (WB_TILE_K / 4);
+        for (int i = lane; i < M * q4; i += 32) {
+            const int m = i / q4, c = c0 + 4 * (i - m * q4);
             *reinterpret_cast<uint2*>(&xsh[(size_t)m * kp + c]) = wb_x4(x, m, c, M, K, vec);
         }
-        __syncthreads();
+        __syncwarp();
     }
     uint2 xc[WB_STEPS][NT];
     if (!xsmem) wb_load_x<NT>(x, k_lo < k_hi ? k_lo * WB_TILE_K : K, g, t, M, K, vec, xc);
-    for (int kt0 = k_lo; kt0 < k_hi; kt0 += WB_U) {
+    for (int i0 = 0; i0 < items; i0 += WB_U) {
 #pragma unroll
         for (int u = 0; u < WB_U; ++u) {
-            const int kt = kt0 + u;
-            if (kt >= k_hi) break;
-            if (xsmem) {
-                const int kb = kt * WB_TILE_K + 4 * t;
-                wb_tile<KIND, BITS, NT>(w[u], q[u], gpt, [&](int s, int j) {
-                    const int m = 8 * j + g;
-                    return m < M ? *reinterpret_cast<const uint2*>(&xsh[(size_t)m * kp + kb + 16 * s]) : make_uint2(0u, 0u);
-                }, acc);
-            } else {
-                uint2 xn[WB_STEPS][NT];                                   // the next tile's x, in flight meanwhile
-                wb_load_x<NT>(x, kt + 1 < k_hi ? (kt + 1) * WB_TILE_K : K, g, t, M, K, vec, xn);
-                wb_tile<KIND, BITS, NT>(w[u], q[u], gpt, [&](int s, int j) { return xc[s][j]; }, acc);
+            const int i = i0 + u;
+            if (i >= items) break;                                        // block-uniform
+            const int r = i / per, kt = k_lo + (i - r * per);
+            if (kt < k_hi) {
+                if (xsmem) {
+                    const int kb = kt * WB_TILE_K + 4 * t;
+                    wb_tile<KIND, BITS, NT>(scale, zero, w[u], q[u], gpt, [&](int s, int j) {
+                        const int m = 8 * j + g;
+                        return m < M ? *reinterpret_cast<const uint2*>(&xsh[(size_t)m * kp + kb + 16 * s])
+                                     : make_uint2(0u, 0u);
+                    }, acc);
+                } else {
+                    uint2 xn[WB_STEPS][NT];                               // the next item's x, in flight meanwhile
+                    const int kn = kt + 1 < k_hi ? kt + 1 : k_lo;         // the next row tile starts at k_lo again
+                    wb_load_x<NT>(x, i + 1 < items && k_lo < k_hi ? kn * WB_TILE_K : K, g, t, M, K, vec, xn);
+                    wb_tile<KIND, BITS, NT>(scale, zero, w[u], q[u], gpt, [&](int s, int j) { return xc[s][j]; }, acc);
 #pragma unroll
-                for (int s = 0; s < WB_STEPS; ++s)
+                    for (int s = 0; s < WB_STEPS; ++s)
 #pragma unroll
-                    for (int j = 0; j < NT; ++j) xc[s][j] = xn[s][j];
+                        for (int j = 0; j < NT; ++j) xc[s][j] = xn[s][j];
+                }
             }
-            const bool live = kt + WB_U < k_hi;                           // the slot takes tile kt + WB_U
-            wb_load<BITS>(tiles + (tile0 + kt + WB_U) * (64 * BITS), lane, live, w[u]);
-            wb_load_groups<KIND>(scale, zero, tile0 + kt + WB_U, gpt, g, live, q[u]);
-        }
-    }
+            {                                                             // the slot takes item i + WB_U
+                bool live;
+                const size_t tl = tile_of(i + WB_U, live);
+                wb_load<BITS>(tiles + tl * (64 * BITS), lane, live, w[u]);
+                wb_load_groups<KIND>(scale, zero, tl, gpt, g, live, q[u]);
+            }
+            if (i - r * per == per - 1) {                                 // row tile r done by every warp
+                float (*rb)[8 * NT] = red[r & 1][warp];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {                                       // D[row][col]: col = 2t + e
-        red[warp][g][8 * j + 2 * t] = acc[j][0];
-        red[warp][g][8 * j + 2 * t + 1] = acc[j][1];
-        red[warp][g + 8][8 * j + 2 * t] = acc[j][2];
-        red[warp][g + 8][8 * j + 2 * t + 1] = acc[j][3];
-    }
-    __syncthreads();
-    const int n0 = rt * WB_ROWS;
-    for (int i = threadIdx.x; i < WB_ROWS * 8 * NT; i += WB_THREADS) {
-        const int m = i / WB_ROWS, r = i % WB_ROWS;                       // consecutive threads: consecutive n
-        if (n0 + r < N && m < M) {
-            float v = 0.f;
+                for (int j = 0; j < NT; ++j) {                            // D[row][col]: col = 2t + e
+                    rb[g][8 * j + 2 * t] = acc[j][0];
+                    rb[g][8 * j + 2 * t + 1] = acc[j][1];
+                    rb[g + 8][8 * j + 2 * t] = acc[j][2];
+                    rb[g + 8][8 * j + 2 * t + 1] = acc[j][3];
+                    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+                }
+                __syncthreads();              // red[r & 1] is next written at row tile r + 2, after the next barrier
+                const int n0 = ((int)blockIdx.x + r * (int)gridDim.x) * WB_ROWS;
+                for (int e = threadIdx.x; e < WB_ROWS * 8 * NT; e += WB_THREADS) {
+                    const int m = e / WB_ROWS, rr = e % WB_ROWS;          // consecutive threads: consecutive n
+                    if (n0 + rr < N && m < M) {
+                        float v = 0.f;
 #pragma unroll
-            for (int wv = 0; wv < WB_WARPS; ++wv) v += red[wv][r][m];
-            out[(size_t)m * N + n0 + r] = __float2half_rn(v);
+                        for (int wv = 0; wv < WB_WARPS; ++wv) v += red[r & 1][wv][rr][m];
+                        out[(size_t)m * N + n0 + rr] = __float2half_rn(v);
+                    }
+                }
+            }
         }
     }
 }
@@ -332,7 +359,7 @@ __device__ __forceinline__ void gemm_wb_body(const __half* __restrict__ x, const
         wb_load<BITS>(tiles + (tile0 + kt + 1) * (64 * BITS), lane, nlive, wn);
         wb_load_groups<KIND>(scale, zero, tile0 + kt + 1, gpt, g, nlive, qn);
         if (rlive)
-            wb_tile<KIND, BITS, WB_GEMM_NT>(w, q, gpt, [&](int s, int j) {
+            wb_tile<KIND, BITS, WB_GEMM_NT>(scale, zero, w, q, gpt, [&](int s, int j) {
                 return *reinterpret_cast<const uint2*>(&xs[8 * j + g][16 * s + 4 * t]);
             }, acc);
 #pragma unroll
@@ -376,7 +403,7 @@ __device__ __forceinline__ void wb_dequant_body(const unsigned* __restrict__ til
     for (int s = 0; s < WB_STEPS; ++s) {
         const int gi = s >> lg;
         unsigned zg0 = 0u, zg1 = 0u, zh0 = 0u, zh1 = 0u, sv, zz;
-        wb_group<KIND>(q, gi, sv, zz);
+        wb_group<KIND>(scale, zero, q, gi, sv, zz);
         if constexpr (KIND == WB_KIND_INT) {
             wb_zc(zz & 0xFFu, zg0, zg1);
             wb_zc(zz >> 8, zh0, zh1);

@@ -56,3 +56,15 @@ def test_context_table_repeats_under_each_ab_setting(monkeypatch):
     assert [r["attn"] for r in ctx_rows] == ["gqa", "gqa", f"gqa gemv_dp_u={before + 3}", f"gqa gemv_dp_u={before + 3}"]
     assert [s[0] for s in seen] == [before, before, before + 3, before + 3]
     assert tuning.GEMM.gemv_dp_u == before
+
+
+def test_ab_reaches_the_weight_only_tuning_too():
+    assert parse_ab("wb.resident=0,gemv_dp_u=4") == {"wb.resident": False, "gemv_dp_u": 4}
+    with pytest.raises(ValueError, match="wb.FIELD"):
+        parse_ab("wb.no_such_field=1")
+    before = (tuning.WB_TUNE.resident, tuning.GEMM.gemv_dp_u)
+    (name, ctx), = decode_variants(ab=[{"wb.resident": not before[0], "gemv_dp_u": 4}])
+    assert "wb.resident" in name
+    with ctx():
+        assert tuning.WB_TUNE.resident is (not before[0]) and tuning.GEMM.gemv_dp_u == 4
+    assert (tuning.WB_TUNE.resident, tuning.GEMM.gemv_dp_u) == before

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.bench.e2e import decode_variants, read_patches
-from engine.gpu import attention, backend, kargs, kernels, ops
+from engine.gpu import attention, backend, kargs, kernels, ops, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 # a real edit of today's sources (bench/patches/loads.json's first)
@@ -20,7 +20,7 @@ GEMV_L1 = ("gemm_a8w4.cu", "ld.global.nc.L1::no_allocate.L2::256B.v4.u32", "ld.g
 
 @pytest.mark.parametrize("path", sorted((ROOT / "bench" / "patches").glob("*.json")), ids=lambda p: p.name)
 def test_example_patches_apply_to_todays_sources(path):
-    for name, edits in read_patches(path):
+    for name, edits, _ab in read_patches(path):
         for edit in edits:
             code = kernels.source(edit[0])
             assert kernels.apply_edits(edit[0], code, [edit]) != code, (path.name, name, edit)
@@ -69,6 +69,7 @@ class FakeKernel:
 
     def __init__(self, code):
         self.code, self.calls, self.max_dynamic_shared_size_bytes, self.num_regs = code, [], 0, 168
+        self.shared_size_bytes = 8192                     # static shared memory
 
     def __call__(self, grid, block, args, shared_mem=0):
         self.calls.append(args)
@@ -128,6 +129,12 @@ def test_edited_kernels_get_their_shared_memory_opt_in(fake_gpu, monkeypatch):
     ops.set_smem(a, 96 * 1024)
     ops.set_smem(b, 96 * 1024)
     assert a.max_dynamic_shared_size_bytes == b.max_dynamic_shared_size_bytes == 96 * 1024
+    c = FakeKernel("")                      # under 48 KiB dynamic, past it with the static 8 KiB: opted in too
+    ops.set_smem(c, 44 * 1024)
+    assert c.max_dynamic_shared_size_bytes == 44 * 1024
+    d = FakeKernel("")
+    ops.set_smem(d, 32 * 1024)
+    assert d.max_dynamic_shared_size_bytes == 0
     monkeypatch.setattr(kernels, "device_info", lambda: {"name": "fake", "cc": 90, "sm_count": 132,
                                                          "l2_bytes": 50 << 20, "smem_optin": 232448})
     monkeypatch.setattr(attention, "_GQA_LAUNCH", {})
@@ -152,3 +159,18 @@ def test_patch_rows_in_the_ab_variants(tmp_path):
     with rows[0][1]() as used:
         assert kernels.EDITS == (GEMV_L1,) and used == set()
     assert kernels.EDITS == ()
+
+
+def test_a_patch_may_set_tuning_fields_too(tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps([dict(item("w-l1", GEMV_L1), ab="wb.resident=0")]))
+    (name, edits, ab), = read_patches(p)
+    assert ab == {"wb.resident": False}
+    (row, ctx), = decode_variants(patches=[(name, edits, ab)])
+    before = tuning.WB_TUNE.resident
+    with ctx() as used:
+        assert kernels.EDITS == (GEMV_L1,) and used == set() and tuning.WB_TUNE.resident is False
+    assert kernels.EDITS == () and tuning.WB_TUNE.resident is before
+    p.write_text(json.dumps([dict(item("w-l1", GEMV_L1), ab="no_such_field=1")]))
+    with pytest.raises(ValueError, match="w-l1"):
+        read_patches(p)

@@ -56,6 +56,36 @@ def test_gemv_wb_matches_reference(kind, bits, n, k, group, m, large_m, xs, monk
     assert (err <= bound).all(), f"max err {err.max()} at {np.unravel_index(np.argmax(err - bound), err.shape)}"
 
 
+@pytest.mark.parametrize("kind,bits", [("pot", 2), ("pot", 3), ("pot", 4), ("int", 3), ("int", 4)])
+@pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 257, 64), (24, 4480, 64), (200, 1000, 32)])
+@pytest.mark.parametrize("m,xs", [(1, True), (5, True), (16, True), (1, False), (12, False)])
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_gemv_wb_blocks_take_several_row_tiles(kind, bits, n, k, group, m, xs, blocks, monkeypatch):
+    """The resident grid (WB_TUNE.resident) capped at `blocks` blocks: each block takes every
+    blocks-th row tile with its ring of weights running on, and meets its warps once a row tile.
+    Bit-equal to a block a row tile (the same sums in the same order)."""
+    import cupy as cp
+
+    from engine.gpu import tuning, wb
+    monkeypatch.setattr(tuning.WB_TUNE, "xs_max_rows", 16 if xs else 0)
+    rng = np.random.default_rng(zlib.crc32(repr((kind, bits, n, k, group, m, "grid")).encode()))
+    W = (rng.standard_normal((n, k)) * rng.uniform(0.01, 0.2, (n, 1))).astype(np.float32)
+    ql = (pot_linear if kind == "pot" else int_linear)(W, bits, group, search=False)
+    x = cp.asarray(rng.standard_normal((m, k)).astype(np.float16))
+    p = wb.pack_wb(ql)
+    outs = []
+    for resident, cap in ((False, 0), (True, blocks)):
+        monkeypatch.setattr(tuning.WB_TUNE, "resident", resident)
+        monkeypatch.setattr(tuning.WB_TUNE, "max_blocks", cap)
+        out = cp.full((m, n), np.nan, dtype=cp.float16)
+        wb.gemv_wb(x, p, out)
+        outs.append(cp.asnumpy(out))
+    assert np.isfinite(outs[0]).all()
+    np.testing.assert_array_equal(outs[1], outs[0])
+    fn = wb.kargs.function(wb.WB_FILE, f"gemv_{kind}<{bits}, {1 if m <= 8 else 2}>")
+    assert wb.gemv_grid(fn, -(-n // 16), 0) <= blocks          # the cap held (grid of the last call's setting)
+
+
 def test_gemv_wb_rejects_other_kinds():
     from engine.bench.e2e import random_dg_layer
     from engine.gpu import wb

@@ -138,6 +138,11 @@ def main(argv=None) -> int:
     w.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     w.add_argument("--reps", type=int, default=50)
     w.add_argument("--ms", default="", help="comma-separated M (default 1,4,16,64,256,1024)")
+    w.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
+                   help="each pot/int row again with these settings (as e2e --ab; wb.FIELD: tuning.WB_TUNE), "
+                   "same process and buffers, e.g. --ab wb.resident=0")
+    w.add_argument("--patch", metavar="FILE.json", help="each pot/int row again for kernels compiled from edited "
+                   "source (as e2e --patch)")
     w.set_defaults(func=wb.cmd_gemv_wb)
     e = sub.add_parser("e2e", help="end-to-end prefill/decode tokens/s of the GPU engine vs our FP16 path")
     e.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
@@ -157,8 +162,8 @@ def main(argv=None) -> int:
     e.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
                    help="with --context: the context table again with these settings; else a batch-1 decode "
                    "row (and its per-launch profile) and a prefill row with these "
-                   "tuning.GEMM fields set, beside the default's, where the step runs with PDL (sm_90); "
-                   "repeatable, e.g. --ab gemv_dp4a=0 --ab gemv_dp_u=4")
+                   "tuning.GEMM fields (or wb.FIELD of tuning.WB_TUNE, also on the PoT rows) set, beside the "
+                   "default's, where the step runs with PDL (sm_90); repeatable, e.g. --ab gemv_dp4a=0 --ab wb.resident=0")
     e.add_argument("--patch", metavar="FILE.json",
                    help="the same A/B rows (with --context: the context table again) for kernels compiled from "
                    "edited source, beside the landed ones in one process: a JSON list of {\"name\": ..., \"edits\": [[\"gemm_a8w4.cu\", old text, new "

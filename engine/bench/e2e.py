@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import formats
 from ..gpu import kargs, launch
-from ..gpu.tuning import GEMM, PREFETCH
+from ..gpu.tuning import GEMM, PREFETCH, WB_TUNE
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
@@ -253,16 +253,23 @@ def decode_variants(prefetch=(), ab=(), patches=()) -> list:
     "gemv_dp_u": 4}); each of patches, (name, source edits) for kargs.patched (read_patches)."""
     out = [(f"prefetch o+{mb}MB", functools.partial(_setting, PREFETCH, enabled=True, gate_up_bytes=mb << 20))
            for mb in prefetch]
-    out += [(",".join(f"{k}={int(v)}" for k, v in d.items()), functools.partial(_setting, GEMM, **d)) for d in ab]
-    out += [(f"patch {name}", functools.partial(kargs.patched, edits)) for name, edits in patches]
+    out += [(",".join(f"{k}={int(v)}" for k, v in d.items()), functools.partial(_ab_setting, d)) for d in ab]
+    out += [(f"patch {name}", functools.partial(_patch_setting, edits, d)) for name, edits, d in patches]
     return out
+
+
+@contextlib.contextmanager
+def _patch_setting(edits, ab: dict):
+    """kargs.patched(edits), with a patch's own --ab settings (its "ab" field) set too."""
+    with kargs.patched(edits) as used, _ab_setting(ab):
+        yield used
 
 
 def read_patches(path) -> list:
     """--patch FILE: a JSON list of {"name": str, "edits": [[file.cu, old, new], ...]}, each an A/B
     row whose kernels compile from cuda/<file.cu> with every `old` of its inlined source (headers
-    included) replaced by `new` (kargs.patched). -> [(name, edits), ...]; one clear error for a
-    file that is not that."""
+    included) replaced by `new` (kargs.patched), and with an optional "ab": "FIELD=INT,..." (as
+    --ab) set as well. -> [(name, edits, ab dict), ...]; one clear error for a file that is not that."""
     try:
         items = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -280,21 +287,42 @@ def read_patches(path) -> list:
                              "with a new name")
         names.add(name)
         try:
-            out.append((name, kargs.check_edits(edits)))
+            ab = item.get("ab", "")
+            if not isinstance(ab, str):
+                raise ValueError(f"its \"ab\" is not a string FIELD=INT,... but {ab!r}")
+            out.append((name, kargs.check_edits(edits), parse_ab(ab) if ab.strip() else {}))
         except ValueError as e:
             raise ValueError(f"--patch {path}: item {i} ({name}): {e}") from None
     return out
 
 
+AB_OBJECTS = {"": GEMM, "wb.": WB_TUNE}     # --ab FIELD (tuning.GEMM) or wb.FIELD (tuning.WB_TUNE)
+
+
+@contextlib.contextmanager
+def _ab_setting(d: dict):
+    """Within the block, the fields of one parse_ab dict take their values."""
+    parts: dict = {}
+    for k, v in d.items():
+        prefix = "wb." if k.startswith("wb.") else ""
+        parts.setdefault(prefix, {})[k[len(prefix):]] = v
+    with contextlib.ExitStack() as stack:
+        for prefix, part in parts.items():
+            stack.enter_context(_setting(AB_OBJECTS[prefix], **part))
+        yield
+
+
 def parse_ab(item: str) -> dict:
     """"gemv_dp4a=1,gemv_dp_u=4" -> {"gemv_dp4a": True, "gemv_dp_u": 4}: integer or
-    boolean fields of tuning.GEMM only."""
+    boolean fields of tuning.GEMM, or of tuning.WB_TUNE as wb.FIELD (e.g. wb.resident=0)."""
     out = {}
     for kv in filter(None, (t.strip() for t in item.split(","))):
         k, _, v = kv.partition("=")
-        cur = getattr(GEMM, k, None)
+        prefix = "wb." if k.startswith("wb.") else ""
+        cur = getattr(AB_OBJECTS[prefix], k[len(prefix):], None)
         if not isinstance(cur, int) or not re.fullmatch(r"-?\d+", v.strip()):
-            raise ValueError(f"--ab: {kv!r} is not FIELD=INTEGER for an integer or boolean field of tuning.GEMM")
+            raise ValueError(f"--ab: {kv!r} is not FIELD=INTEGER for an integer or boolean field of tuning.GEMM "
+                             "(or wb.FIELD of tuning.WB_TUNE)")
         out[k] = bool(int(v)) if isinstance(cur, bool) else int(v)
     if not out:
         raise ValueError(f"--ab: no setting in {item!r}")
@@ -318,7 +346,8 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             mw, label = random_model(MODELS[key][0], True), MODELS[key][1]
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
         rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32),
-                            variants=decode_variants(prefetch, ab, patches), **kw)
+                            variants=decode_variants(prefetch, [d for d in ab if not all(k.startswith("wb.") for k in d)],
+                                                     patches), **kw)
         _progress(rows, label + " A8W4")
         # the same with the opt-in INT8 output head (--lm-head int8): decode only
         rows += bench_model(cp, label + " A8W4 int8-head", mw.with_int8_lm_head(), bw=bw, prefill_lens=(),
@@ -329,7 +358,8 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             shape = MODELS[key][0]
             rows += bench_model(cp, label.split(" (")[0] + f" (random W{b}-PoT)", random_model(shape, b), bw=bw,
                                 prefill_lens=(), batches=(1, 8), steps=kw.get("steps", 64),
-                                variants=decode_variants(patches=patches))
+                                variants=decode_variants(ab=[d for d in ab if any(k.startswith("wb.") for k in d)],
+                                                         patches=patches))
     for r in rows:
         if json_out:
             print(json.dumps(r))

@@ -41,6 +41,9 @@ def cmd_gemv_wb(args) -> int:
     rows = []
     peers = Peers()
     ms_list = [int(v) for v in args.ms.split(",")] if getattr(args, "ms", None) else MS
+    from .e2e import decode_variants, parse_ab, read_patches  # noqa: PLC0415
+    variants = decode_variants(ab=[parse_ab(a) for a in getattr(args, "ab", None) or ()],
+                               patches=read_patches(args.patch) if getattr(args, "patch", None) else ())
     for k, n in SHAPES:
         cases = {}
         for kind in ("pot", "int"):
@@ -65,6 +68,9 @@ def cmd_gemv_wb(args) -> int:
                 else:
                     fn = lambda i, L=layers: wb.gemv_wb(x, L[i % len(L)], out)                    # noqa: E731
                 res[name] = (time_calls(fn, reps=args.reps), layers[0].nbytes())
+                for vname, setting in variants if name != "a8w4" else ():     # same process, same buffers
+                    with setting():
+                        res[f"{name} [{vname}]"] = (time_calls(fn, reps=args.reps), layers[0].nbytes())
                 if name in ("pot3", "int3") and m > wb.WB.gemv_max_m:   # the in-register GEMM, for comparison
                     res[name + "-mma"] = (time_calls(lambda i, L=layers: wb.gemv_wb(x, L[i % len(L)], out, large_m="mma"),
                                                      reps=args.reps), layers[0].nbytes())

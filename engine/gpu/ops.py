@@ -358,11 +358,14 @@ _SMEM_SET: dict = {}
 
 
 def set_smem(fn, smem: int):
-    """Let kernel fn use `smem` bytes of dynamic shared memory past the 48 KiB default (once a
-    kernel: the same expression compiled from edited source, kargs.patched, is another fn)."""
-    if smem > 48 * 1024 and _SMEM_SET.get(fn, 0) < smem:
+    """Let kernel fn use `smem` bytes of dynamic shared memory where that and its static shared
+    memory pass the 48 KiB default (once a kernel and size: the same expression compiled from
+    edited source, kargs.patched, is another fn)."""
+    if smem <= _SMEM_SET.get(fn, 0):
+        return
+    if smem + int(fn.shared_size_bytes) > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
-        _SMEM_SET[fn] = smem
+    _SMEM_SET[fn] = smem
 
 
 @dataclass(frozen=True)

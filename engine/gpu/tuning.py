@@ -86,6 +86,10 @@ class WbTuning:
     # they save: with staging up to M = 16, decode at b=8 fell from 2387 to 1662 tok/s.
     xs_max_rows: int = 1
     xs_max_bytes: int = 96 * 1024
+    # the GEMV's grid: no more blocks than are resident at once, each taking every gridDim-th row
+    # tile with its ring of weights running on (gpu/wb.py gemv_grid); False: a block a row tile
+    resident: bool = True
+    max_blocks: int = 0          # the resident grid's cap (0: what the occupancy query allows; tests set it)
 
 
 WB_TUNE = WbTuning()

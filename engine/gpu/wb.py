@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import formats
 from ..formats import planes, tiles
-from . import kargs, launch
+from . import kargs, kernels, launch
 from .backend import require_cupy
 from .ops import CudaOpError, set_smem
 from .tuning import WB, WB_TUNE
@@ -101,6 +101,25 @@ def dequantize_wb(p: PackedWB, out=None):
     return w16
 
 
+_RESIDENT: dict = {}
+
+
+def gemv_grid(fn, row_tiles: int, smem: int) -> int:
+    """The GEMV's grid: one block a row tile, or (WB_TUNE.resident) no more blocks than the GPU
+    holds at once, each taking every gridDim-th row tile (cuda/gemv_wb.cu gemv_wb_body)."""
+    if not WB_TUNE.resident:
+        return row_tiles
+    key = (fn, smem)
+    if key not in _RESIDENT:
+        cp = require_cupy()
+        per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.raw.kernel.ptr, 32 * WB.warps, smem)
+        _RESIDENT[key] = max(1, int(per_sm)) * kernels.device_info()["sm_count"]
+    slots = min(_RESIDENT[key], WB_TUNE.max_blocks) if WB_TUNE.max_blocks > 0 else _RESIDENT[key]
+    if row_tiles <= slots:
+        return row_tiles
+    return -(-row_tiles // -(-row_tiles // slots))     # as few blocks as keep the most row tiles a block
+
+
 LARGE_M = ("dequant", "mma", "slices")
 
 
@@ -129,12 +148,13 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
     gpt = tiles.TILE_K // p.group
     if m <= WB.gemv_max_m:
         nt = next(t for t in WB.nts if 8 * t >= m)
-        grid, block = (nt_rows,), (32 * WB.warps,)
         xs = m * kt * tiles.TILE_K * 2                   # x in shared memory, when it fits
         xsmem = int(m <= WB_TUNE.xs_max_rows and xs <= WB_TUNE.xs_max_bytes)
         smem = xs if xsmem else 0
         expr = f"gemv_{p.kind}<{p.bits}, {nt}>"
-        set_smem(kargs.function(WB_FILE, expr), smem)
+        fn = kargs.function(WB_FILE, expr)
+        set_smem(fn, smem)
+        grid, block = (gemv_grid(fn, nt_rows, smem),), (32 * WB.warps,)
         if p.kind == "pot":
             kargs.launch(WB_FILE, f"gemv_pot<{p.bits}, {nt}>", grid, block, shared_mem=smem, x=x, tiles=p.tiles,
                          scale=p.scale, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec, xsmem=xsmem)
