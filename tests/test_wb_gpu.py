@@ -57,7 +57,8 @@ def test_gemv_wb_matches_reference(kind, bits, n, k, group, m, large_m, xs, monk
 
 
 @pytest.mark.parametrize("kind,bits", [("pot", 2), ("pot", 3), ("pot", 4), ("int", 3), ("int", 4)])
-@pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 257, 64), (24, 4480, 64), (200, 1000, 32)])
+@pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 257, 64), (24, 4480, 64), (200, 1000, 32),
+                                       (56, 1408, 128)])   # 11 k tiles: warp 5 has one live tile, warps 6-7 none
 @pytest.mark.parametrize("m,xs", [(1, True), (5, True), (16, True), (1, False), (12, False)])
 @pytest.mark.parametrize("blocks", [1, 2, 3])
 def test_gemv_wb_blocks_take_several_row_tiles(kind, bits, n, k, group, m, xs, blocks, monkeypatch):
@@ -82,6 +83,9 @@ def test_gemv_wb_blocks_take_several_row_tiles(kind, bits, n, k, group, m, xs, b
         outs.append(cp.asnumpy(out))
     assert np.isfinite(outs[0]).all()
     np.testing.assert_array_equal(outs[1], outs[0])
+    ref = x.get().astype(np.float64) @ ql.dequantize().astype(np.float64).T      # and both right
+    mass = np.abs(x.get().astype(np.float64)) @ np.abs(ql.dequantize().astype(np.float64)).T
+    assert (np.abs(outs[0] - ref) <= fp16_ulp(ref) + 2.0 ** -20 * mass + 1e-7).all()
     fn = wb.kargs.function(wb.WB_FILE, f"gemv_{kind}<{bits}, {1 if m <= 8 else 2}>")
     assert wb.gemv_grid(fn, -(-n // 16), 0) <= blocks          # the cap held (grid of the last call's setting)
 

@@ -346,7 +346,8 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             mw, label = random_model(MODELS[key][0], True), MODELS[key][1]
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
         rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32),
-                            variants=decode_variants(prefetch, [d for d in ab if not all(k.startswith("wb.") for k in d)],
+                            variants=decode_variants(prefetch, ab if key == "qfile" else   # a file may be weight-only
+                                                     [d for d in ab if not all(k.startswith("wb.") for k in d)],
                                                      patches), **kw)
         _progress(rows, label + " A8W4")
         # the same with the opt-in INT8 output head (--lm-head int8): decode only

@@ -135,6 +135,9 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
     out = cp.empty((m, p.n), dtype=cp.float16) if out is None else out
     if m == 0:
         return out
+    if k == 0:                                           # an empty sum (the kernels divide by K's tiles)
+        out.fill(0)
+        return out
     large_m = large_m or WB_TUNE.large_m
     if large_m not in LARGE_M:
         raise CudaOpError(f"large_m is one of {', '.join(LARGE_M)}, not {large_m!r}")
