@@ -2,6 +2,7 @@
 peer ratios over the shapes, and the targets; `gemm-summary LOG` reads a `gemm --json` log."""
 import json
 import math
+import types
 
 import pytest
 
@@ -82,3 +83,19 @@ def test_gemv_wb_summary_against_issue_15(tmp_path, capsys):
     assert main(["gemm-summary", str(log)]) == 0
     out = capsys.readouterr().out
     assert "6 gemv-wb rows" in out and "| pot2 | 1 | 1.60× | 0.90× | INT-b / PoT-b ≥ 1.5: meets |" in out
+
+
+def test_gemv_wb_shapes_and_kinds_are_checked_before_any_gpu_time():
+    from engine.bench import wb
+    from engine.bench.common import BenchError
+    assert wb.parse_shapes("8192x8192, 4096×11008") == [(8192, 8192), (4096, 11008)]
+    assert wb.parse_shapes("") == []
+    for bad in ("8192", "8192x", "0x128", "axb", "1x2x3"):
+        with pytest.raises(BenchError, match="--shapes"):
+            wb.parse_shapes(bad)
+    with pytest.raises(BenchError, match="--kinds: pot5"):
+        wb.cmd_gemv_wb(types.SimpleNamespace(ms="1", shapes="", kinds="pot3,pot5", reps=1, json=False, md=None,
+                                             ab=[], patch=None))
+    with pytest.raises(BenchError, match="--ab"):
+        wb.cmd_gemv_wb(types.SimpleNamespace(ms="1", shapes="", kinds="", reps=1, json=False, md=None,
+                                             ab=["wb.nope=1"], patch=None))

@@ -15,10 +15,22 @@ from .. import formats
 from ..formats import tiles
 from ..gpu import ops as ops_cuda
 from ..gpu import wb
-from .common import VERDICT, copy_bandwidth, cp_or_fail, geomean, n_buffers, time_calls
+from .common import VERDICT, BenchError, copy_bandwidth, cp_or_fail, geomean, n_buffers, time_calls
 from .gemm import GROUP, Peers
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]     # (K, N)
+KINDS = tuple(f"{kind}{b}" for kind in ("pot", "int") for b in (2, 3, 4))
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"8192x8192,4096x11008" (K×N; x or ×) -> [(8192, 8192), (4096, 11008)]; one clear error otherwise."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.replace("×", "x").split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise BenchError(f"gemv-wb --shapes: {item!r} is not KxN with positive integers (e.g. 8192x8192)")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
 MS = [1, 4, 16, 64, 256, 1024]
 
 
@@ -34,20 +46,30 @@ def random_wb_layer(cp, rng, kind: str, bits: int, n: int, k: int, group: int = 
 
 
 def cmd_gemv_wb(args) -> int:
+    shapes = parse_shapes(getattr(args, "shapes", "") or "") or SHAPES
+    kinds = [k.strip() for k in (getattr(args, "kinds", "") or "").split(",") if k.strip()] or KINDS
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise BenchError(f"gemv-wb --kinds: {', '.join(bad)} not among {', '.join(KINDS)}")
+    ms_list = [int(v) for v in args.ms.split(",")] if getattr(args, "ms", None) else MS
+    from .e2e import decode_variants, parse_ab, read_patches  # noqa: PLC0415
+    try:
+        variants = decode_variants(ab=[parse_ab(a) for a in getattr(args, "ab", None) or ()],
+                                   patches=read_patches(args.patch) if getattr(args, "patch", None) else ())
+    except ValueError as e:
+        raise BenchError(str(e)) from None
     cp = cp_or_fail()
     rng = np.random.default_rng(0)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s (read + write)")
     rows = []
     peers = Peers()
-    ms_list = [int(v) for v in args.ms.split(",")] if getattr(args, "ms", None) else MS
-    from .e2e import decode_variants, parse_ab, read_patches  # noqa: PLC0415
-    variants = decode_variants(ab=[parse_ab(a) for a in getattr(args, "ab", None) or ()],
-                               patches=read_patches(args.patch) if getattr(args, "patch", None) else ())
-    for k, n in SHAPES:
+    for k, n in shapes:
         cases = {}
         for kind in ("pot", "int"):
             for bits in (2, 3, 4):
+                if f"{kind}{bits}" not in kinds:
+                    continue
                 layer = random_wb_layer(cp, rng, kind, bits, n, k)
                 cases[f"{kind}{bits}"] = [layer] + [random_wb_layer(cp, rng, kind, bits, n, k)
                                                      for _ in range(n_buffers(layer.nbytes()) - 1)]
@@ -85,7 +107,8 @@ def cmd_gemv_wb(args) -> int:
             for name, (ms, nbytes) in res.items():
                 row = {"k": k, "n": n, "m": m, "kernel": name, "ms": ms, "weight_gbs": nbytes / ms / 1e6,
                        "pct_copy_bw": 100 * nbytes / ms / 1e6 / bw, "bits_per_weight": 8 * nbytes / (n * k),
-                       "vs_int_same_bits": (res["int" + name[3:]][0] / ms) if name.startswith("pot") else None,
+                       "vs_int_same_bits": (res["int" + name[3:]][0] / ms) if name.startswith("pot") and "int" + name[3:] in res
+                       else None,
                        "vs_a8w4": res["a8w4"][0] / ms, "vs_fp16": res["fp16"][0] / ms,
                        "vs_tinygemm": (res["tinygemm-w4"][0] / ms) if "tinygemm-w4" in res else None}
                 rows.append(row)
