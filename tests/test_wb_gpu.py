@@ -56,7 +56,7 @@ def test_gemv_wb_matches_reference(kind, bits, n, k, group, m, large_m, xs, monk
     assert (err <= bound).all(), f"max err {err.max()} at {np.unravel_index(np.argmax(err - bound), err.shape)}"
 
 
-@pytest.mark.parametrize("kind,bits", [("pot", 2), ("pot", 3), ("pot", 4), ("int", 3), ("int", 4)])
+@pytest.mark.parametrize("kind,bits", [("pot", 2), ("pot", 3), ("pot", 4), ("int", 2), ("int", 3), ("int", 4)])
 @pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 257, 64), (24, 4480, 64), (200, 1000, 32),
                                        (56, 1408, 128)])   # 11 k tiles: warp 5 has one live tile, warps 6-7 none
 @pytest.mark.parametrize("m,xs", [(1, True), (5, True), (16, True), (1, False), (12, False)])
