@@ -448,7 +448,7 @@ def test_fit_pools_several_csvs_of_one_device(tmp_path):
     assert "a.csv" in (tmp_path / "r.md").read_text() and "b.csv" in (tmp_path / "r.md").read_text()
     other = dict(meta, device=dict(meta["device"], name="Another GPU"))
     perf.write_csv(tmp_path / "c.csv", other, [dict(r, device="Another GPU") for r in b])
-    with pytest.raises(perf.BenchError, match="another device"):
+    with pytest.raises(perf.BenchError, match="mixes devices"):
         perf.fit([tmp_path / "a.csv", tmp_path / "c.csv"], tmp_path / "m2.npz", tmp_path / "r2.md", n_trees=4,
                  folds=2, random_split_too=False, plot=False)
     assert not (tmp_path / "m2.npz").exists()

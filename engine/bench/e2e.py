@@ -299,13 +299,24 @@ def read_patches(path) -> list:
 AB_OBJECTS = {"": GEMM, "wb.": WB_TUNE}     # --ab FIELD (tuning.GEMM) or wb.FIELD (tuning.WB_TUNE)
 
 
+def _ab_target(key: str) -> tuple[str, str]:
+    """An --ab key -> (its AB_OBJECTS prefix, the field name)."""
+    prefix = "wb." if key.startswith("wb.") else ""
+    return prefix, key[len(prefix):]
+
+
+def _wb_only(d: dict) -> bool:
+    """Whether a parse_ab dict sets tuning.WB_TUNE fields alone (the weight-only kernels')."""
+    return all(_ab_target(k)[0] == "wb." for k in d)
+
+
 @contextlib.contextmanager
 def _ab_setting(d: dict):
     """Within the block, the fields of one parse_ab dict take their values."""
     parts: dict = {}
     for k, v in d.items():
-        prefix = "wb." if k.startswith("wb.") else ""
-        parts.setdefault(prefix, {})[k[len(prefix):]] = v
+        prefix, name = _ab_target(k)
+        parts.setdefault(prefix, {})[name] = v
     with contextlib.ExitStack() as stack:
         for prefix, part in parts.items():
             stack.enter_context(_setting(AB_OBJECTS[prefix], **part))
@@ -318,8 +329,8 @@ def parse_ab(item: str) -> dict:
     out = {}
     for kv in filter(None, (t.strip() for t in item.split(","))):
         k, _, v = kv.partition("=")
-        prefix = "wb." if k.startswith("wb.") else ""
-        cur = getattr(AB_OBJECTS[prefix], k[len(prefix):], None)
+        prefix, name = _ab_target(k)
+        cur = getattr(AB_OBJECTS[prefix], name, None)
         if not isinstance(cur, int) or not re.fullmatch(r"-?\d+", v.strip()):
             raise ValueError(f"--ab: {kv!r} is not FIELD=INTEGER for an integer or boolean field of tuning.GEMM "
                              "(or wb.FIELD of tuning.WB_TUNE)")
@@ -347,8 +358,7 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
         rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32),
                             variants=decode_variants(prefetch, ab if key == "qfile" else   # a file may be weight-only
-                                                     [d for d in ab if not all(k.startswith("wb.") for k in d)],
-                                                     patches), **kw)
+                                                     [d for d in ab if not _wb_only(d)], patches), **kw)
         _progress(rows, label + " A8W4")
         # the same with the opt-in INT8 output head (--lm-head int8): decode only
         rows += bench_model(cp, label + " A8W4 int8-head", mw.with_int8_lm_head(), bw=bw, prefill_lens=(),
@@ -359,7 +369,7 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             shape = MODELS[key][0]
             rows += bench_model(cp, label.split(" (")[0] + f" (random W{b}-PoT)", random_model(shape, b), bw=bw,
                                 prefill_lens=(), batches=(1, 8), steps=kw.get("steps", 64),
-                                variants=decode_variants(ab=[d for d in ab if any(k.startswith("wb.") for k in d)],
+                                variants=decode_variants(ab=[d for d in ab if any(_ab_target(k)[0] for k in d)],
                                                          patches=patches))
     for r in rows:
         if json_out:

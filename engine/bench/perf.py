@@ -866,11 +866,8 @@ def fit(csv_path, model_out=None, md_out=None, n_trees: int = 64, folds: int = 5
     sklearn, *_ = _sk()
     paths = [csv_path] if isinstance(csv_path, (str, Path)) else list(csv_path)
     meta, rows = read_csv(paths[0])
-    for extra in paths[1:]:                # further collections of the same device (e.g. power-heavy runs)
-        m2, r2 = read_csv(extra)
-        if (m2.get("device") or {}).get("name") != (meta.get("device") or {}).get("name"):
-            raise BenchError(f"perf fit: {extra} was collected on another device than {paths[0]}")
-        rows += r2
+    for extra in paths[1:]:                # further collections of the same device (the check below)
+        rows += read_csv(extra)[1]
     csv_path = " ".join(str(p) for p in paths)
     dev = meta.get("device") or {"name": rows[0]["device"], "sm_count": 132, "cc": 90}
     names = {r["device"] for r in rows}

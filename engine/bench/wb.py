@@ -20,6 +20,7 @@ from .gemm import GROUP, Peers
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]     # (K, N)
 KINDS = tuple(f"{kind}{b}" for kind in ("pot", "int") for b in (2, 3, 4))
+MS = [1, 4, 16, 64, 256, 1024]
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -31,7 +32,6 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             raise BenchError(f"gemv-wb --shapes: {item!r} is not KxN with positive integers (e.g. 8192x8192)")
         out.append((int(parts[0]), int(parts[1])))
     return out
-MS = [1, 4, 16, 64, 256, 1024]
 
 
 def random_wb_layer(cp, rng, kind: str, bits: int, n: int, k: int, group: int = 128) -> wb.PackedWB:
@@ -107,8 +107,8 @@ def cmd_gemv_wb(args) -> int:
             for name, (ms, nbytes) in res.items():
                 row = {"k": k, "n": n, "m": m, "kernel": name, "ms": ms, "weight_gbs": nbytes / ms / 1e6,
                        "pct_copy_bw": 100 * nbytes / ms / 1e6 / bw, "bits_per_weight": 8 * nbytes / (n * k),
-                       "vs_int_same_bits": (res["int" + name[3:]][0] / ms) if name.startswith("pot") and "int" + name[3:] in res
-                       else None,
+                       "vs_int_same_bits": (res["int" + name[3:]][0] / ms)
+                       if name.startswith("pot") and "int" + name[3:] in res else None,
                        "vs_a8w4": res["a8w4"][0] / ms, "vs_fp16": res["fp16"][0] / ms,
                        "vs_tinygemm": (res["tinygemm-w4"][0] / ms) if "tinygemm-w4" in res else None}
                 rows.append(row)
