@@ -289,6 +289,12 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
         asm volatile("cp.async.wait_all;\n" ::: "memory");
         __syncwarp();
     }
+    // B column n = 8j + g of the mma is token n. Past M a lane reads token M - 1 instead of zeros (no
+    // predicate, no zeroing a step): a column's products never reach another column, and the
+    // reduction stores only tokens below M.
+    int xrow[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) xrow[j] = min(8 * j + g, M - 1) * kp;
     uint2 xc[WB_STEPS][NT];
     if (!xsmem) wb_load_x<NT>(x, k_lo < k_hi ? k_lo * WB_TILE_K : K, g, t, M, K, vec, xc);
     int r = 0, kt = k_lo;                                                 // the item computed now
@@ -301,9 +307,7 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
                 if (xsmem) {
                     const int kb = kt * WB_TILE_K + 4 * t;
                     wb_tile_g<KIND, BITS, NT>(scale, zero, w[u], q[u], gpt, [&](int s, int j) {
-                        const int m = 8 * j + g;
-                        return m < M ? *reinterpret_cast<const uint2*>(&xsh[(size_t)m * kp + kb + 16 * s])
-                                     : make_uint2(0u, 0u);
+                        return *reinterpret_cast<const uint2*>(&xsh[xrow[j] + kb + 16 * s]);
                     }, acc);
                 } else {
                     uint2 xn[WB_STEPS][NT];                               // the next item's x, in flight meanwhile
