@@ -90,6 +90,37 @@ def test_gemv_wb_blocks_take_several_row_tiles(kind, bits, n, k, group, m, xs, b
     assert wb.gemv_grid(fn, -(-n // 16), 0) <= blocks          # the cap held (grid of the last call's setting)
 
 
+@pytest.mark.parametrize("kind,bits", [("pot", 3), ("int", 4)])
+@pytest.mark.parametrize("m", [2, 8, 9, 15])
+def test_gemv_wb_lanes_past_m_cannot_reach_outputs(kind, bits, m, monkeypatch):
+    """x staged in shared memory: the mma columns past M (tokens M..8·NT-1) read token M - 1 instead
+    of a predicated zero. Each column is its own dot product and only tokens below M are stored, so
+    rows below M - 1 are bit-identical whatever token M - 1 holds (NaN, Inf), and all rows match the
+    reference when it is finite. M = 9 and 15 clamp in the second token tile (NT = 2)."""
+    import cupy as cp
+
+    from engine.gpu import tuning, wb
+    monkeypatch.setattr(tuning.WB_TUNE, "xs_max_rows", 16)
+    n, k, group = 40, 576, 64
+    rng = np.random.default_rng(zlib.crc32(repr((kind, bits, m, "past-m")).encode()))
+    W = (rng.standard_normal((n, k)) * rng.uniform(0.01, 0.2, (n, 1))).astype(np.float32)
+    ql = (pot_linear if kind == "pot" else int_linear)(W, bits, group, search=False)
+    p = wb.pack_wb(ql)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    wd = ql.dequantize().astype(np.float64)
+    outs = []
+    for last in (x[m - 1], np.where(np.arange(k) % 2 == 0, np.inf, np.nan).astype(np.float16)):
+        xi = x.copy()
+        xi[m - 1] = last
+        out = cp.full((m, n), np.nan, dtype=cp.float16)
+        wb.gemv_wb(cp.asarray(xi), p, out)
+        outs.append(cp.asnumpy(out))
+    ref = x.astype(np.float64) @ wd.T
+    bound = fp16_ulp(ref) + 2.0 ** -20 * (np.abs(x.astype(np.float64)) @ np.abs(wd).T) + 1e-7
+    assert (np.abs(outs[0].astype(np.float64) - ref) <= bound).all()
+    np.testing.assert_array_equal(outs[1][:m - 1], outs[0][:m - 1])
+
+
 def test_gemv_wb_rejects_other_kinds():
     from engine.bench.e2e import random_dg_layer
     from engine.gpu import wb
