@@ -1,0 +1,184 @@
+"""The machine code of every kernel the engine compiles, read without a GPU.
+
+    python bench/sass_scan.py [--match REGEX] [--arch sm_90a] [--dump REGEX --out DIR] [--json]
+
+Each .cu file of the engine is expanded as engine/gpu/kernels.py expands it, every template
+instantiation the engine launches (the KernelFile lists of gpu/wb.py, fused.py, attention.py and
+ops.py) is made concrete by taking its address, nvcc compiles the lot to a cubin for `--arch`,
+and nvdisasm lists the SASS. A row a kernel: its instructions, registers, spilled bytes, integer
+divisions (the I2F.RP … MUFU.RCP … F2I sequence a 32-bit `/` or `%` by a runtime value becomes,
+~20 dependent instructions) and how many of those sit inside a loop (between a backward branch
+and its target). `--dump` writes the SASS of the matching kernels to DIR for reading.
+
+Why: a session has minutes of GPU time, and Nsight Compute on the device is the only other way to
+see what a kernel executes. The weight-only GEMV's item loop divided by a runtime count twice an
+item and carried its group size as a runtime value (docs/KERNELS.md, "Where the instructions
+went"); both show here as divisions in a loop and as the instruction count. What this cannot see:
+how often each instruction runs, stalls, and NVRTC's choices where they differ from nvcc's (the
+engine compiles with NVRTC on the device); the counts are static.
+
+Needs nvcc and nvdisasm on PATH or beside nvcc (the CUDA toolkit; nvdisasm alone also ships as
+the PyPI wheel nvidia-cuda-nvdisasm: `--nvdisasm PATH`), and c++filt for readable names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from engine.gpu import attention, fused, kargs, kernels, ops, wb
+
+MODULES = (wb, fused, attention, ops)
+_FN_RE = re.compile(r"^\s*\.text\.([^:\s]+):\s*$", re.M)
+_INS_RE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)
+_LABEL_RE = re.compile(r"^\s*(\.L_x_\d+):\s*$")
+_PTXAS_RE = re.compile(r"Compiling entry function '([^']+)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads"
+                       r".*?Used (\d+) registers", re.S)
+
+
+def kernel_files() -> dict[str, list[str]]:
+    """cuda file -> the instantiations the engine launches from it (sorted, unique)."""
+    files: dict[str, set] = {}
+    for mod in MODULES:
+        for v in vars(mod).values():
+            if isinstance(v, kargs.KernelFile):
+                files.setdefault(v.file, set()).update(v.exprs)
+    return {f: sorted(e) for f, e in sorted(files.items()) if e}
+
+
+def instantiation_source(file: str, exprs: list[str]) -> str:
+    """The file's expanded text plus one host-side address a kernel, which makes nvcc emit each."""
+    lines = [f"void* __dgq_inst_{i} = (void*)&{e};" for i, e in enumerate(exprs)]
+    return kernels.source(file) + "\n// ---- instantiations (bench/sass_scan.py)\n" + "\n".join(lines) + "\n"
+
+
+def parse_sass(text: str) -> dict[str, list[tuple[int, str]]]:
+    """nvdisasm -c output -> {mangled kernel name: [(address, instruction), ...]}, labels as ("", label)."""
+    out: dict[str, list] = {}
+    parts = _FN_RE.split(text)
+    for name, body in zip(parts[1::2], parts[2::2]):
+        rows = []
+        for line in body.split("\n"):
+            lm = _LABEL_RE.match(line)
+            if lm:
+                rows.append((-1, lm.group(1)))
+                continue
+            m = _INS_RE.match(line)
+            if m:
+                rows.append((int(m.group(1), 16), m.group(2)))
+        out[name] = rows
+    return out
+
+
+def divisions(rows: list[tuple[int, str]]) -> tuple[int, int]:
+    """(integer divisions, those inside a loop) of one kernel's SASS."""
+    ins = [(a, t) for a, t in rows if a >= 0]
+    labels, pending = {}, []
+    for a, t in rows:                      # a label names the address of the next instruction
+        if a < 0:
+            pending.append(t)
+        elif pending:
+            labels.update({p: a for p in pending})
+            pending = []
+    loops = []
+    for a, t in ins:
+        m = re.search(r"\bBRA\b.*?`\((\.L_x_\d+)\)", t)
+        if m and labels.get(m.group(1), a + 1) < a:
+            loops.append((labels[m.group(1)], a))
+    divs = []
+    for i, (a, t) in enumerate(ins):
+        m = re.search(r"\bMUFU\.RCP\s+R\d+,\s*(R\d+)", t)        # the reciprocal of an I2F.RP's result
+        if m and any(re.search(rf"\bI2F\S*\.RP\s+{m.group(1)},", u) for _, u in ins[max(0, i - 8):i]):
+            divs.append(a)
+    return len(divs), sum(any(s <= d <= e for s, e in loops) for d in divs)
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    filt = shutil.which("c++filt")
+    if not filt or not names:
+        return {n: n for n in names}
+    res = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True)
+    outs = res.stdout.split("\n")
+    return {n: (outs[i] if i < len(outs) and outs[i] else n) for i, n in enumerate(names)}
+
+
+def find_nvdisasm(given: str | None) -> str:
+    cands = [given] if given else [shutil.which("nvdisasm")]
+    nvcc = shutil.which("nvcc")
+    if not given and nvcc:
+        cands.append(str(Path(nvcc).resolve().parent / "nvdisasm"))
+    for c in cands:
+        if c and Path(c).is_file():
+            return c
+    sys.exit("sass_scan: nvdisasm not found (the CUDA toolkit's, or `pip download nvidia-cuda-nvdisasm` "
+             "and --nvdisasm .../nvidia/cu13/bin/nvdisasm)")
+
+
+def scan(files: dict[str, list[str]], arch: str, nvdisasm: str, work: Path) -> list[dict]:
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        sys.exit("sass_scan: nvcc not found on PATH")
+    rows = []
+    for file, exprs in files.items():
+        cu = work / file
+        cu.write_text(instantiation_source(file, exprs))
+        cubin = work / (file + ".cubin")
+        res = subprocess.run([nvcc, f"-arch={arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o", str(cubin), str(cu)],
+                             capture_output=True, text=True)
+        if res.returncode:
+            sys.exit(f"sass_scan: nvcc failed on {file}:\n{res.stderr[-2000:]}")
+        ptxas = {m.group(1): (int(m.group(4)), int(m.group(2)), int(m.group(3))) for m in _PTXAS_RE.finditer(res.stderr)}
+        sass = parse_sass(subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout)
+        for name, body in sass.items():
+            regs, st, ld = ptxas.get(name, (None, None, None))
+            nd, nl = divisions(body)
+            rows.append(dict(file=file, kernel=name, instructions=sum(a >= 0 for a, _ in body), registers=regs,
+                             spill_stores=st, spill_loads=ld, divisions=nd, divisions_in_loops=nl, sass=body))
+    names = demangle([r["kernel"] for r in rows])
+    for r in rows:
+        r["name"] = names[r["kernel"]]
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--match", default="", help="only kernels whose readable name matches this regex")
+    ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--nvdisasm", default=None, help="path of nvdisasm when it is not beside nvcc")
+    ap.add_argument("--dump", default=None, help="write the SASS of kernels matching this regex to --out")
+    ap.add_argument("--out", default="sass_dump")
+    ap.add_argument("--json", action="store_true", help="one JSON object a kernel (without the SASS)")
+    a = ap.parse_args(argv)
+    nvdisasm = find_nvdisasm(a.nvdisasm)
+    files = {f: e for f, e in kernel_files().items() if any(re.search(a.match, x) for x in e)}   # by template name
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = scan(files, a.arch, nvdisasm, Path(tmp))
+    rows = [r for r in rows if re.search(a.match, r["name"])]
+    if a.dump:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(x for x in rows if re.search(a.dump, x["name"])):
+            text = "\n".join(f"{t}:" if addr < 0 else f"/*{addr:05x}*/ {t}" for addr, t in r["sass"])
+            (out / f"{i:03d}.sass").write_text(f"// {r['name']}\n{text}\n")
+    for r in rows:
+        r.pop("sass")
+    if a.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    print(f"| kernel | instructions | registers | spilled bytes (st/ld) | divisions (in loops) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        short = re.sub(r"^void ", "", r["name"].split("(")[0])
+        print(f"| `{short}` | {r['instructions']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} "
+              f"| {r['divisions']} ({r['divisions_in_loops']}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
