@@ -155,7 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object a kernel (without the SASS)")
     a = ap.parse_args(argv)
     nvdisasm = find_nvdisasm(a.nvdisasm)
-    files = {f: e for f, e in kernel_files().items() if any(re.search(a.match, x) for x in e)}   # by template name
+    # compile only the files with a matching instantiation (written as c++filt writes it: ", ")
+    files = {f: e for f, e in kernel_files().items()
+             if any(re.search(a.match, re.sub(r",\s*", ", ", x)) for x in e)}
     with tempfile.TemporaryDirectory() as tmp:
         rows = scan(files, a.arch, nvdisasm, Path(tmp))
     rows = [r for r in rows if re.search(a.match, r["name"])]
