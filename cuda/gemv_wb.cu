@@ -280,12 +280,12 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
         // Asynchronous copies, all in flight at once (a load and a store a lane and step waited for
         // each load in turn: 14 % of the stall samples, Nsight Compute, H200); the ragged end through registers.
         const int c0 = k_lo * WB_TILE_K, q4 = (k_hi - k_lo) * (WB_TILE_K / 4);
-        for (int i = lane; i < M * q4; i += 32) {
-            const int m = i / q4, c = c0 + 4 * (i - m * q4);
-            __half* dst = &xsh[(size_t)m * kp + c];
-            if (vec && c + 4 <= K) wb_cp8(dst, x + (size_t)m * K + c);
-            else *reinterpret_cast<uint2*>(dst) = wb_x4(x, m, c, M, K, vec);
-        }
+        for (int m = 0; m < M; ++m)           // q4 is a multiple of 32: the flat loop's lanes, no division
+            for (int c = c0 + 4 * lane; c < c0 + 4 * q4; c += 128) {
+                __half* dst = &xsh[(size_t)m * kp + c];
+                if (vec && c + 4 <= K) wb_cp8(dst, x + (size_t)m * K + c);
+                else *reinterpret_cast<uint2*>(dst) = wb_x4(x, m, c, M, K, vec);
+            }
         asm volatile("cp.async.wait_all;\n" ::: "memory");
         __syncwarp();
     }
