@@ -151,6 +151,13 @@ struct WgmmaMinBlocks {
                                : (NWG == 1 && BT <= 128) ? (WPF <= 2 ? 4 : 3) : 1;
 };
 
+// 4-byte async copy global -> shared through L1 (the meta word a lane reads; four lanes t share
+// it); pred false writes zeros.
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool pred) {
+    const int n = pred ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(n) : "memory");
+}
+
 __device__ __forceinline__ void reg_fence4(u32 (&a)[4]) {
     asm volatile("" : "+r"(a[0]), "+r"(a[1]), "+r"(a[2]), "+r"(a[3]) :: "memory");
 }
@@ -172,7 +179,12 @@ __device__ __forceinline__ void dq_kstep(const u32x4 (&w)[2], const DqConst (&lo
 // BT     tokens per block (wgmma N: 32, 64, 128 or 256)
 // STAGES activation pipeline depth (shared memory buffers)
 // NWG    warpgroups per block; block = NWG*64 output channels, warp w owns row tile rt0+w
-// WPF    weight prefetch distance in stages (register ring of WPF buffers)
+// WPF    weight prefetch distance in stages (register ring of WPF buffers); 0: the weights
+//        and their meta words travel with the activations through the STAGES-deep cp.async
+//        ring in shared memory instead (each lane copies and reads back only its own 16-byte
+//        words), so PD stages of weights are in flight a warp, not one or two: at M = 17-64 the
+//        register ring left the warps waiting on their weight loads (Nsight Compute, H200,
+//        M = 32, 4096x12288: 18 % of all stall samples on the first use of a stage's meta word).
 // OVL    0: dequantize a whole stage, 4 wgmmas, wait for all (v1/v2).
 //        1: k-step pipeline — dequantize k-step s+1 while wgmma s runs (wait_group 1),
 //           the last k-step of a stage stays in flight across the barrier, so the
@@ -193,9 +205,12 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
     constexpr int XS = BT * BK;         // bytes of one activation stage
     constexpr int OS = RTB * 16 + 8;    // epilogue staging row stride in halves (bank spread)
     constexpr int PD = OVL ? STAGES - 2 : STAGES - 1;   // activation stages in flight
+    constexpr bool WSM = WPF == 0;      // weights through the shared-memory ring (see above)
+    constexpr int WW = 2 * 512 + 2 * 128;               // a warp's weight + meta bytes a stage
+    constexpr int WST = WSM ? NWG * 4 * WW : 0;         // bytes of one weight stage (after the x stages)
     static_assert(OVL >= 0 && OVL <= 2, "OVL is 0, 1 or 2");
     constexpr int NLX = (BT * 8) / NT;  // 16-byte activation copies per thread per stage
-    static_assert(PD >= 1 && (WPF == 2 || WPF == 4), "bad pipeline shape");
+    static_assert(PD >= 1 && (WPF == 0 || WPF == 2 || WPF == 4), "bad pipeline shape");
     static_assert((BT * 8) % NT == 0, "activation tile must split evenly over the threads");
     extern __shared__ unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
@@ -235,6 +250,23 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
 #pragma unroll
         for (int i = 0; i < NLX; ++i) cp_async16(sbase + buf * XS + xdst[i], xsrc[i] + (size_t)kt * BK, xok[i]);
     };
+    // WSM: this lane's weight words (chunk cl at +cl*512) and meta words (+1024 + cl*128) of a stage
+    const u32 wdst = sbase + STAGES * XS + warp * WW + lane * 16;
+    const u32 mdst = sbase + STAGES * XS + warp * WW + 1024 + lane * 4;
+    auto load_ws = [&](int kt, int buf) {
+#pragma unroll
+        for (int cl = 0; cl < 2; ++cl) {
+            cp_async16(wdst + buf * WST + cl * 512, wptr + (2 * kt + cl) * 32, rt_ok);
+            cp_async4(mdst + buf * WST + cl * 128, mptr + ((2 * kt + cl) >> gshift) * 8, rt_ok);
+        }
+    };
+    auto read_ws = [&](int buf, u32x4 (&w)[2], u32 (&mt)[2]) {
+#pragma unroll
+        for (int cl = 0; cl < 2; ++cl) {
+            w[cl] = *reinterpret_cast<const u32x4*>(smem + (wdst - sbase) + buf * WST + cl * 512);
+            mt[cl] = *reinterpret_cast<const u32*>(smem + (mdst - sbase) + buf * WST + cl * 128);
+        }
+    };
     auto load_w = [&](int kt, u32x4 (&w)[2], u32 (&mt)[2]) {
 #pragma unroll
         for (int cl = 0; cl < 2; ++cl) {
@@ -254,11 +286,17 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
 
     // The first WPF stages of weights (no kernel writes them) stream before the PDL wait
     // (cuda/pdl.cuh), in the shadow of the kernels before this one; the activations after it.
-    u32x4 wb[WPF][2];
-    u32 mb[WPF][2];
+    u32x4 wb[WSM ? 1 : WPF][2];
+    u32 mb[WSM ? 1 : WPF][2];
+    if constexpr (WSM) {
 #pragma unroll
-    for (int p = 0; p < WPF; ++p)
-        if (p < nkt) load_w(kt0 + p, wb[p], mb[p]);
+        for (int s = 0; s < PD; ++s)
+            if (s < nkt) load_ws(kt0 + s, s);     // in the first commit group below
+    } else {
+#pragma unroll
+        for (int p = 0; p < WPF; ++p)
+            if (p < nkt) load_w(kt0 + p, wb[p], mb[p]);
+    }
     pdl_wait();
 #pragma unroll
     for (int s = 0; s < PD; ++s) {
@@ -276,9 +314,13 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
         __syncthreads();   // stage i landed for all threads; the buffer refilled below is free
         {
             const int nx = i + PD;
-            if (nx < nkt) load_x(kt0 + nx, nx % STAGES);
+            if (nx < nkt) {
+                load_x(kt0 + nx, nx % STAGES);
+                if constexpr (WSM) load_ws(kt0 + nx, nx % STAGES);
+            }
             cp_async_commit();
         }
+        if constexpr (WSM) read_ws(i % STAGES, w, mt);
         DqConst lo[2], hi[2];
         dq_meta(mt[0], lo[0], hi[0]);
         dq_meta(mt[1], lo[1], hi[1]);
@@ -293,7 +335,7 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
                 WgmmaRS<BT>::run(acc, aring[s], dstage + 2 * s);
                 wgmma_commit();
             }
-            if (i + WPF < nkt) load_w(kt0 + i + WPF, w, mt);
+            if (!WSM && i + WPF < nkt) load_w(kt0 + i + WPF, w, mt);
         } else if (OVL == 1) {
             u32 a[2][4];
             dq_kstep(w, lo, hi, 0, a[0]);
@@ -308,13 +350,13 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
                     dq_kstep(w, lo, hi, s + 1, a[(s + 1) & 1]);
                 }
             }
-            if (i + WPF < nkt) load_w(kt0 + i + WPF, w, mt);
+            if (!WSM && i + WPF < nkt) load_w(kt0 + i + WPF, w, mt);
             wgmma_wait<1>();           // only this stage's last k-step stays in flight
         } else {
             u32 a[4][4];
 #pragma unroll
             for (int s = 0; s < 4; ++s) dq_kstep(w, lo, hi, s, a[s]);
-            if (i + WPF < nkt) load_w(kt0 + i + WPF, w, mt);
+            if (!WSM && i + WPF < nkt) load_w(kt0 + i + WPF, w, mt);
 #pragma unroll
             for (int s = 0; s < 4; ++s) reg_fence4(a[s]);
             wgmma_fence();
@@ -324,10 +366,14 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
             wgmma_wait<0>();
         }
     };
-    for (int i = 0; i < nkt; i += WPF) {
+    if constexpr (WSM) {
+        for (int i = 0; i < nkt; ++i) step(i, wb[0], mb[0]);
+    } else {
+        for (int i = 0; i < nkt; i += WPF) {
 #pragma unroll
-        for (int p = 0; p < WPF; ++p)
-            if (i + p < nkt) step(i + p, wb[p], mb[p]);
+            for (int p = 0; p < WPF; ++p)
+                if (i + p < nkt) step(i + p, wb[p], mb[p]);
+        }
     }
     wgmma_wait<0>();
     cp_async_wait<0>();

@@ -394,6 +394,36 @@ def test_every_instantiated_variant_bitexact():
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("group", [64, 128])
+def test_wgmma_shared_memory_weights_bitexact(group):
+    """The WPF = 0 tiles (weights and meta through the shared-memory ring with the activations)
+    at the token counts they serve, N = 200 (a partial row tile: zero-filled copies), K = 1152 and
+    1408 (9 and 11 stages), split K 1, 2 and 5 (fewer stages a block than the ring keeps in
+    flight), int32 accumulators and the fp16 epilogue."""
+    cp = _cp()
+    if not ops_cuda.has_wgmma():
+        pytest.skip("needs sm_90")
+    wsm = [c for c in ops_cuda.WGMMA_CFGS if c[3] == 0]
+    assert wsm
+    for k in (1152, 1408):
+        ql = random_dg(200, k, group, seed=k + group)
+        for m in (17, 32, 64):
+            x8 = random_x8(m, k, seed=m)
+            sxm = (np.random.default_rng(m).random(m, dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
+            for bt, st, nwg, wpf, ovl in wsm:
+                if m > bt:
+                    continue
+                cfg = {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl}
+                for splits in (1, 2, 5):
+                    layer, ref = _acc_check(ql, x8, "wgmma", cfg={**cfg, "splits": splits})
+                want = formats.epilogue_ref(ref, sxm, ql.cscale).astype(np.float16)
+                got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sxm), layer, kernel="wgmma", cfg=cfg,
+                                         out=cp.full(want.shape, np.float16(np.nan), dtype=cp.float16))
+                np.testing.assert_array_equal(cp.asnumpy(got), want, err_msg=str(cfg))
+
+
+@gpu
+@needs_gpu
 def test_wgmma_blocks_is_the_driver_occupancy():
     """tuning.wgmma_blocks (what split-K fills, ops and the performance model alike) is the number
     of blocks an SM the driver reports for every compiled wgmma configuration."""
@@ -404,10 +434,10 @@ def test_wgmma_blocks_is_the_driver_occupancy():
     for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
         expr = f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},false>"
         fn = kargs.function(ops_cuda.WGMMA_FILE, expr)
-        smem = tuning.wgmma_smem(bt, st, nwg)
+        smem = tuning.wgmma_smem(bt, st, nwg, wpf)
         ops_cuda.set_smem(fn, smem)
         occ = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.raw.kernel.ptr, nwg * 128, smem)
-        assert occ == tuning.wgmma_blocks(bt, nwg, wpf), (expr, fn.num_regs, occ)
+        assert occ == tuning.wgmma_blocks(bt, nwg, wpf, st), (expr, fn.num_regs, occ)
 
 
 @gpu

@@ -145,8 +145,8 @@ def test_graph_decode_equals_eager_and_incremental_reference(weights):
 @pytest.mark.parametrize("batch", [3, 10, 24, 48])
 def test_batched_decode_equals_single_sequences(batch):
     """Batch 10 is past the fp16 GEMV: the graph ends at the final norm, cuBLAS runs the lm_head.
-    Batch 24: M = 17-32, the wgmma GEMM's 32-token tiles' range (tuning.GEMM.wgmma["tiny"], the
-    table's pick; the learned policy may pick another candidate); 48: the one-warpgroup 64-token
+    Batch 24: M = 17-32, the wgmma GEMM's 32-token tiles' range (tuning.wgmma_cfg, the table's
+    pick; the learned policy may pick another candidate); 48: the one-warpgroup 64-token
     tile ("small"). On sm_90 the step is captured with PDL, where the wgmma GEMM streams its first
     weights before its wait."""
     from engine.gpu.model import CudaModel

@@ -29,6 +29,14 @@ def _learn_gemv_too(monkeypatch):
     the table (choice.LEARN_GEMV; test_gemv_stays_with_the_table_by_default)."""
     monkeypatch.setattr(choice, "LEARN_GEMV", True)
 
+
+@pytest.fixture(autouse=True)
+def _modeled_tiles_only(monkeypatch):
+    """The mechanism tests below run the table among the modeled tiles: with GEMM.wgmma_wsm (the
+    default) the learned policy leaves M = 17-64 to the table (choice.wsm_defers; its own tests
+    set it back on)."""
+    monkeypatch.setattr(tuning.GEMM, "wgmma_wsm", False)
+
 sklearn = pytest.importorskip("sklearn", reason="the fit needs scikit-learn: pip install -e '.[test]'")
 from engine.bench import perf  # noqa: E402
 
@@ -381,7 +389,7 @@ def test_table_pick_mirrors_ops(monkeypatch, cc):
                 assert ops_cuda._gemv_cfg(m, cfg["mt"], -(-n // 16), cfg) == \
                     ops_cuda._gemv_cfg(m, cfg["mt"], -(-n // 16), {})
             elif kern == "wgmma":
-                assert cfg == dataclasses.asdict(tuning.GEMM.wgmma[ops_cuda.wgmma_bucket(m)])
+                assert cfg == dataclasses.asdict(tuning.wgmma_cfg(m))
 
 
 def test_launch_plan_mirrors_ops(monkeypatch):
@@ -394,7 +402,7 @@ def test_launch_plan_mirrors_ops(monkeypatch):
             if kern == "mma":
                 assert p["smem"] == ops_cuda.mma_smem(cfg["bm"], cfg["stages"])
             if kern != "gemv" and not cfg["splits"]:
-                bps = 2 if kern == "mma" else tuning.wgmma_blocks(cfg["bt"], cfg["nwg"], cfg["wpf"])
+                bps = 2 if kern == "mma" else tuning.wgmma_blocks(cfg["bt"], cfg["nwg"], cfg["wpf"], cfg["stages"])
                 n_pad, k_pad = ops_cuda.padded_dims(n, k, 128)
                 want = max(1, min(ops_cuda._splits(p["tiles"], k_pad // 128, bps), k_pad // 128))
                 assert p["splits"] == want
@@ -667,3 +675,27 @@ def test_auto_splits_fill_one_wave_and_refit_keeps_recorded_splits(rows):
     assert perf._refeature({**r, "splits": None}, DEV["sm_count"])["splits"] == 4      # not recorded: today's
     assert tuning.wgmma_blocks(64, 2, 4) == 2 and tuning.wgmma_blocks(128, 2, 4) == 1
     assert tuning.wgmma_blocks(32, 2, 2) == 3 and tuning.wgmma_blocks(256, 2, 2) == 1
+    # WPF = 0 (weights in the shared-memory ring): its stages bind, 14 KB a stage at BT = 32
+    assert tuning.wgmma_smem(32, 5, 2, 0) == 5 * (32 * 128 + 8 * 1280) + 1024
+    assert tuning.wgmma_blocks(32, 2, 0, 5) == 3 and tuning.wgmma_blocks(32, 2, 0, 6) == 2
+    assert tuning.wgmma_blocks(64, 1, 0, 4) == 4
+
+
+def test_wgmma_wsm_knob_swaps_the_small_buckets_only(monkeypatch):
+    assert tuning.wgmma_cfg(24) == tuning.GEMM.wgmma["tiny"]
+    monkeypatch.setattr(tuning.GEMM, "wgmma_wsm", True)
+    assert tuning.wgmma_cfg(24).wpf == 0 and tuning.wgmma_cfg(64).wpf == 0
+    assert tuning.wgmma_cfg(1024) == tuning.GEMM.wgmma["large"]
+    for m in (24, 64):
+        assert tuning.wgmma_cfg(m).tile in tuning.WGMMA_CFGS
+        assert all(c[1].get("wpf") != 0 for c in choice.candidates(m, wgmma=True))   # unmodeled: not offered
+
+
+def test_learned_policy_leaves_the_wsm_buckets_to_the_table(fake_device, fitted, monkeypatch):
+    choice.configure("learned", "time", str(fitted[1] / "model.npz"))
+    assert choice.pick(24, 4096, 4096, 128) is not None and choice.pick(64, 4096, 4096, 128) is not None
+    monkeypatch.setattr(tuning.GEMM, "wgmma_wsm", True)
+    assert choice.pick(24, 4096, 4096, 128) is None and choice.pick(64, 4096, 4096, 128) is None   # the table
+    assert choice.pick(256, 4096, 4096, 128) is not None                  # the mid bucket has no WPF = 0 tile
+    assert not choice.wsm_defers(8, True) and not choice.wsm_defers(24, False)
+    assert not choice.wsm_defers(24, True, gemv_only=True)

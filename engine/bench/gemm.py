@@ -101,7 +101,7 @@ def _gemm_rows(shapes, ms, peers: Peers, copy_gbs: float, reps: int):
             if picked is not None:
                 kern = config_key(*picked)
             elif kern == "wgmma":
-                kern = "wgmma {}/{}/{}/{}/{}".format(*tuning.GEMM.wgmma[ops_cuda.wgmma_bucket(m)].tile)
+                kern = "wgmma {}/{}/{}/{}/{}".format(*tuning.wgmma_cfg(m).tile)
             elif kern == "gemv":
                 mt = 1 if m <= 8 else 2 if m <= 16 else 4
                 g = tuning.GEMM.gemv[mt]

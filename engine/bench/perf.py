@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..gpu import choice, perfmodel
+from ..gpu.tuning import GEMM
 from ..gpu.perfmodel import FAMILIES, FEATURES, PAPER_FEATURES, config_key, parse_key
 from ..util.files import atomic_file
 from .common import BenchError
@@ -754,7 +755,17 @@ def cross_validate(rows, n_splits=5, n_trees=64, seed=0, random_split=False, n_j
 def choice_eval(rows, pred_t, pred_e=None, sm_count=132, wgmma=True, margin: float = 0.0) -> dict:
     """Per problem with every candidate measured: the measured runtime of the pick by predicted
     runtime, of the table's pick and of the best (oracle); with energy predictions, the energy
-    objective's pick (lowest predicted energy within 5 % of the fastest predicted)."""
+    objective's pick (lowest predicted energy within 5 % of the fastest predicted). The table is
+    the one among the modeled tiles (GEMM.wgmma_wsm off: its tiles are not candidates)."""
+    wsm = GEMM.wgmma_wsm
+    GEMM.wgmma_wsm = False
+    try:
+        return _choice_eval(rows, pred_t, pred_e, sm_count, wgmma, margin)
+    finally:
+        GEMM.wgmma_wsm = wsm
+
+
+def _choice_eval(rows, pred_t, pred_e, sm_count, wgmma, margin) -> dict:
     by: dict = {}
     for i, r in enumerate(rows):
         by.setdefault((r["m"], r["n"], r["k"], r["group"]), {})[r["config"]] = i

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from . import flags, kernels, perfmodel
 from .perfmodel import PerfModelError, config_key
-from .tuning import GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, gemv_choice, wgmma_bucket
+from .tuning import (GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_UNMODELED, gemv_choice, wgmma_bucket,
+                     wgmma_cfg)
 
 POLICIES = ("table", "learned", "exhaustive")
 OBJECTIVES = ("time", "energy")
@@ -58,8 +59,9 @@ def candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tuple[str, 
     """Every configuration the learned and exhaustive choices weigh for M rows (and that
     `perf collect` times): the GEMV variants of M's token-tile bucket up to M = 32, mma.sync
     BM × stages × (auto, no) split-K from M = 16, and on sm_90 the wgmma tiles (BT = 32 up to
-    M = 32, BT = 64 up to M = 128, BT = 256 from M = 256) × (auto, no) split-K. Every pick of the
-    table is among them."""
+    M = 32, BT = 64 up to M = 128, BT = 256 from M = 256) × (auto, no) split-K, less the tiles the
+    shipped model has not timed (tuning.WGMMA_UNMODELED). Every pick of the table is among them,
+    except a WPF = 0 tile of GEMM.wgmma_wsm (those M the learned policy leaves to the table)."""
     out = []
     if m <= 8 * max(GEMV_CFGS):
         mt = gemv_mt(m)
@@ -72,6 +74,8 @@ def candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tuple[str, 
         if wgmma:
             for bt, st, nwg, wpf, ovl in WGMMA_CFGS:
                 if (bt < 64 and m > bt) or (bt == 64 and m > 128) or (bt == 256 and m < 256):
+                    continue
+                if (bt, st, nwg, wpf, ovl) in WGMMA_UNMODELED:
                     continue
                 for sp in (None, 1):
                     out.append(("wgmma", {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl, "splits": sp}))
@@ -94,14 +98,14 @@ def learned_candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tup
 
 def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool) -> tuple[str, dict]:
     """The configuration tuning.GEMM gives (gpu/ops.py choose_kernel, tuning.gemv_choice,
-    wgmma_bucket), spelled out as an explicit cfg (at M = 1 it runs the dp4a GEMV, as the default)."""
+    wgmma_cfg), spelled out as an explicit cfg (at M = 1 it runs the dp4a GEMV, as the default)."""
     rt = -(-n // 16)
     if m <= GEMM.gemv_max_m:
         mt = gemv_mt(m)
         rw, u, nw, _ = gemv_choice(m, mt, rt <= GEMM.gemv_few_tiles_per_sm * sm_count, {})
         return "gemv", {"mt": mt, "rw": rw, "u": u, "nw": nw}
     if GEMM.use_wgmma and wgmma:
-        c = GEMM.wgmma[wgmma_bucket(m)]
+        c = wgmma_cfg(m)
         return "wgmma", {"bt": c.bt, "stages": c.stages, "nwg": c.nwg, "wpf": c.wpf, "ovl": c.ovl, "splits": c.splits}
     return "mma", {"bm": GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128, "stages": 4, "splits": None}
 
@@ -219,10 +223,19 @@ def active() -> bool:
     return (STATE.policy or resolve()) != "table"
 
 
+def wsm_defers(m: int, wgmma: bool, gemv_only: bool = False) -> bool:
+    """Whether the learned policy leaves M rows to the table: with GEMM.wgmma_wsm, above the GEMV's
+    range, in a wgmma bucket with a WPF = 0 tile (GEMM.wgmma_wsm_tiles). Those tiles are not in
+    the shipped model (tuning.WGMMA_UNMODELED) and beat every tile it knows at M = 32 and 64 on
+    the 7B linears (H200, same process, bench/results/2026-12-04-gemm-wsm-h200.md)."""
+    return (GEMM.wgmma_wsm and wgmma and not gemv_only and m > GEMM.gemv_max_m
+            and wgmma_bucket(m) in GEMM.wgmma_wsm_tiles)
+
+
 def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None):
     """(kernel, cfg) for an A8W4 GEMM, or None for the table's choice. gemv_only: the call
     needs the GEMV (a residual add). timer(kernel, cfg) -> ms times one candidate (exhaustive)."""
-    key = (m, n, k, group, gemv_only)
+    key = (m, n, k, group, gemv_only, GEMM.wgmma_wsm)
     hit = STATE.memo.get(key)
     if hit is not None:
         return hit[0]
@@ -230,6 +243,9 @@ def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None
         return None
     info = kernels.device_info()
     wgmma = info["cc"] == 90 and GEMM.use_wgmma
+    if STATE.policy == "learned" and wsm_defers(m, wgmma, gemv_only):
+        STATE.memo[key] = (None,)
+        return None
     cands = (learned_candidates if STATE.policy == "learned" else candidates)(m, wgmma, gemv_only)
     res = None
     if cands and STATE.policy == "learned":

@@ -460,14 +460,14 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     elif kernel == "wgmma":
         if not has_wgmma():
             raise CudaOpError("the wgmma kernel needs an sm_90 GPU (H100/H200)")
-        cfg = {**dataclasses.asdict(GEMM.wgmma[wgmma_bucket(m)]), **cfg}
+        cfg = {**dataclasses.asdict(tuning.wgmma_cfg(m)), **cfg}
         bt, st, nwg, wpf, ovl = (cfg[key] for key in WGMMA_KEYS[:5])
         if (bt, st, nwg, wpf, ovl) not in WGMMA_CFGS:
             raise CudaOpError(f"wgmma config {(bt, st, nwg, wpf, ovl)} is not instantiated (WGMMA_CFGS)")
         threads = nwg * 128
-        smem = tuning.wgmma_smem(bt, st, nwg)
+        smem = tuning.wgmma_smem(bt, st, nwg, wpf)
         kf, expr = WGMMA_FILE, f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
-        nreg, bps = bt // 2, tuning.wgmma_blocks(bt, nwg, wpf)
+        nreg, bps = bt // 2, tuning.wgmma_blocks(bt, nwg, wpf, st)
         tile_m, tile_rt = bt, nwg * 4
     else:
         raise CudaOpError(f"unknown kernel {kernel!r}; expected auto, gemv, mma or wgmma")

@@ -117,8 +117,8 @@ def launch_plan(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_c
     elif kernel == "wgmma":
         bt, st, nwg, wpf, ovl = (cfg[x] for x in ("bt", "stages", "nwg", "wpf", "ovl"))
         threads = nwg * 128
-        smem = wgmma_smem(bt, st, nwg)
-        nreg, bps = bt // 2, wgmma_blocks(bt, nwg, wpf)
+        smem = wgmma_smem(bt, st, nwg, wpf)
+        nreg, bps = bt // 2, wgmma_blocks(bt, nwg, wpf, st)
         tile_m, tile_rt = bt, nwg * 4
         p.update(bt=bt, stages=st, nwg=nwg, wpf=wpf, ovl=ovl,
                  expr=f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},false>")

@@ -206,7 +206,14 @@ WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WP
     # fills the SMs with fewer, longer splits (H200, 2026-12-03, M = 64: 6-11 % faster on the 7B
     # linears; bench/results/2026-12-03-gemm-nwg1-h200.md)
     (64, 4, 1, 2, 2), (64, 6, 1, 4, 2), (128, 4, 1, 2, 2),
+    # WPF = 0: the weights travel through the shared-memory ring with the activations (more of
+    # them in flight at M = 17-64, where the register ring left the warps waiting on their loads)
+    (32, 4, 2, 0, 2), (32, 5, 2, 0, 2), (64, 4, 1, 0, 2),
 )   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
+# Instantiated, tested and timed by `gemm-tune`, but not offered to the learned choice
+# (choice.candidates, which `perf collect` also times): take an entry out of here, then
+# `perf collect` + `perf fit`, to let the shipped model weigh it.
+WGMMA_UNMODELED = ((32, 4, 2, 0, 2), (32, 5, 2, 0, 2), (64, 4, 1, 0, 2))
 
 
 @dataclass(frozen=True)
@@ -236,18 +243,28 @@ class WgmmaCfg:
 WGMMA_KEYS = tuple(f.name for f in fields(WgmmaCfg))      # the cfg-dict keys of the wgmma kernel
 
 
-def wgmma_smem(bt: int, stages: int, nwg: int) -> int:
-    """Dynamic shared memory of gemm_a8w4_wgmma: the activation stages or the epilogue's staging
-    rows, whichever is larger, and 1 KB to align the swizzle atoms."""
-    return max(stages * bt * 128, bt * (nwg * 64 + 8) * 2) + 1024
+WGMMA_WSM_WARP = 2 * 512 + 2 * 128      # WPF = 0: a warp's weight + meta bytes a stage (gemm_a8w4_sm90.cu WW)
+SM_SMEM = 233472                         # shared memory an sm_90 SM holds for its blocks (228 KB)
 
 
-def wgmma_blocks(bt: int, nwg: int, wpf: int) -> int:
-    """Resident blocks an SM of gemm_a8w4_wgmma<BT, ., NWG, WPF, ..> as compiled (registers, and
-    for the one-warpgroup 128-token tile its shared memory): split K fills this many a SM.
-    tests/test_kernels_gpu.py holds it to the driver's occupancy query for every WGMMA_CFGS entry,
-    so a compiler that allocates more registers (the 64-token tile with WPF = 4 is not bounded
-    to 2 blocks, cuda/gemm_a8w4_sm90.cu WgmmaMinBlocks) fails a test instead of mis-splitting."""
+def wgmma_smem(bt: int, stages: int, nwg: int, wpf: int = 2) -> int:
+    """Dynamic shared memory of gemm_a8w4_wgmma: the activation stages (with WPF = 0 the weight
+    stages too) or the epilogue's staging rows, whichever is larger, and 1 KB to align the
+    swizzle atoms."""
+    stage = bt * 128 + (nwg * 4 * WGMMA_WSM_WARP if wpf == 0 else 0)
+    return max(stages * stage, bt * (nwg * 64 + 8) * 2) + 1024
+
+
+def wgmma_blocks(bt: int, nwg: int, wpf: int, stages: int = 4) -> int:
+    """Resident blocks an SM of gemm_a8w4_wgmma<BT, STAGES, NWG, WPF, ..> as compiled (registers,
+    and for the one-warpgroup 128-token tile and the WPF = 0 tiles their shared memory): split K
+    fills this many a SM. tests/test_kernels_gpu.py holds it to the driver's occupancy query for
+    every WGMMA_CFGS entry, so a compiler that allocates more registers (the 64-token tile with
+    WPF = 4 is not bounded to 2 blocks, cuda/gemm_a8w4_sm90.cu WgmmaMinBlocks) fails a test
+    instead of mis-splitting."""
+    if wpf == 0:                        # registers as the 2-stage register ring, or shared memory
+        by_smem = SM_SMEM // (wgmma_smem(bt, stages, nwg, wpf) + 1024)
+        return min(wgmma_blocks(bt, nwg, 2), by_smem)
     if nwg == 1 and bt <= 128:          # 128 threads: 94 / 123 / 127 registers (nvcc 13.0, sm_90a)
         return 5 if bt <= 64 and wpf <= 2 else 4 if bt <= 64 else 3   # BT = 128: its 67 KB of stages bind
     if nwg != 2 or bt >= 256:
@@ -292,6 +309,17 @@ class GemmTuning:
                                                  "small": WgmmaCfg(64, 6, 1, 4, 2, None),
                                                  "mid": WgmmaCfg(128, 4, 2, 2, 2, None),
                                                  "large": WgmmaCfg(128, 4, 2, 2, 2, 1)})
+    # On: the tiny and small buckets run these WPF = 0 tiles (weights through the shared-memory
+    # ring), and the learned policy leaves M = 17-64 to this table (choice.wsm_defers) until its
+    # model has timed them. Faster alone (H200, same process, µs, register ring -> shared memory:
+    # M = 32 q|k|v 20.0 -> 18.4, gate|up 30.6 -> 26.8, o 13.9 -> 13.4, down 21.8 -> 20.2; M = 64
+    # gate|up 37.9 -> 31.7) and in the batch-32 step with fp16 K/V (+3-4 %), but off: with INT8 K/V
+    # at 1024 positions the step loses 16 % (4787 -> 4025 tok/s), because its shared memory takes
+    # the L1 that INT8 attention streams through (docs/KERNELS.md; bench/results/2026-12-04-gemm-wsm-h200.md).
+    # `e2e --ab wgmma_wsm=1`: with.
+    wgmma_wsm: bool = False
+    wgmma_wsm_tiles: dict = field(default_factory=lambda: {"tiny": WgmmaCfg(32, 5, 2, 0, 2, None),
+                                                           "small": WgmmaCfg(64, 4, 1, 0, 2, None)})
     mma_bm_small: int = 64
     mma_small_max_m: int = 64
     split_target: float = 1.0   # split K while tiles*splits <= split_target * SMs * blocks/SM (perfmodel.auto_splits)
@@ -310,6 +338,15 @@ def wgmma_bucket(m: int) -> str:
         if m <= hi:
             return name
     return WGMMA_BUCKETS[-1]
+
+
+def wgmma_cfg(m: int) -> WgmmaCfg:
+    """The table's wgmma configuration for M rows: GEMM.wgmma of its bucket (wgmma_bucket), or
+    with GEMM.wgmma_wsm the bucket's GEMM.wgmma_wsm_tiles entry where it has one."""
+    b = wgmma_bucket(m)
+    if GEMM.wgmma_wsm and b in GEMM.wgmma_wsm_tiles:
+        return GEMM.wgmma_wsm_tiles[b]
+    return GEMM.wgmma[b]
 
 
 def gemv_targs(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = False, silu: bool = False) -> str:
