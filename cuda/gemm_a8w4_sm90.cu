@@ -181,8 +181,8 @@ __device__ __forceinline__ void dq_kstep(const u32x4 (&w)[2], const DqConst (&lo
 // NWG    warpgroups per block; block = NWG*64 output channels, warp w owns row tile rt0+w
 // WPF    weight prefetch distance in stages (register ring of WPF buffers); 0: the weights
 //        and their meta words travel with the activations through the STAGES-deep cp.async
-//        ring in shared memory instead (each lane copies and reads back only its own 16-byte
-//        words), so PD stages of weights are in flight a warp, not one or two: at M = 17-64 the
+//        ring in shared memory instead (each lane copies and reads back its own 16-byte words;
+//        lane t = 0 copies its row's meta word for the four lanes t), so PD stages of weights are in flight a warp, not one or two: at M = 17-64 the
 //        register ring left the warps waiting on their weight loads (Nsight Compute, H200,
 //        M = 32, 4096x12288: 18 % of all stall samples on the first use of a stage's meta word).
 // OVL    0: dequantize a whole stage, 4 wgmmas, wait for all (v1/v2).
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
     constexpr int OS = RTB * 16 + 8;    // epilogue staging row stride in halves (bank spread)
     constexpr int PD = OVL ? STAGES - 2 : STAGES - 1;   // activation stages in flight
     constexpr bool WSM = WPF == 0;      // weights through the shared-memory ring (see above)
-    constexpr int WW = 2 * 512 + 2 * 128;               // a warp's weight + meta bytes a stage
+    constexpr int WW = 2 * 512 + 2 * 32;                // a warp's weight + meta bytes a stage
     constexpr int WST = WSM ? NWG * 4 * WW : 0;         // bytes of one weight stage (after the x stages)
     static_assert(OVL >= 0 && OVL <= 2, "OVL is 0, 1 or 2");
     constexpr int NLX = (BT * 8) / NT;  // 16-byte activation copies per thread per stage
@@ -250,21 +250,22 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
 #pragma unroll
         for (int i = 0; i < NLX; ++i) cp_async16(sbase + buf * XS + xdst[i], xsrc[i] + (size_t)kt * BK, xok[i]);
     };
-    // WSM: this lane's weight words (chunk cl at +cl*512) and meta words (+1024 + cl*128) of a stage
+    // WSM: this lane's weight words (chunk cl at +cl*512) and its row's meta words (+1024 + cl*32) of a
+    // stage; the four lanes t of a row read the word lane t = 0 copied, after the stage barrier
     const u32 wdst = sbase + STAGES * XS + warp * WW + lane * 16;
-    const u32 mdst = sbase + STAGES * XS + warp * WW + 1024 + lane * 4;
+    const u32 mdst = sbase + STAGES * XS + warp * WW + 1024 + g * 4;   // row g's word, copied by lane t = 0
     auto load_ws = [&](int kt, int buf) {
 #pragma unroll
         for (int cl = 0; cl < 2; ++cl) {
             cp_async16(wdst + buf * WST + cl * 512, wptr + (2 * kt + cl) * 32, rt_ok);
-            cp_async4(mdst + buf * WST + cl * 128, mptr + ((2 * kt + cl) >> gshift) * 8, rt_ok);
+            if (t == 0) cp_async4(mdst + buf * WST + cl * 32, mptr + ((2 * kt + cl) >> gshift) * 8, rt_ok);
         }
     };
     auto read_ws = [&](int buf, u32x4 (&w)[2], u32 (&mt)[2]) {
 #pragma unroll
         for (int cl = 0; cl < 2; ++cl) {
             w[cl] = *reinterpret_cast<const u32x4*>(smem + (wdst - sbase) + buf * WST + cl * 512);
-            mt[cl] = *reinterpret_cast<const u32*>(smem + (mdst - sbase) + buf * WST + cl * 128);
+            mt[cl] = *reinterpret_cast<const u32*>(smem + (mdst - sbase) + buf * WST + cl * 32);
         }
     };
     auto load_w = [&](int kt, u32x4 (&w)[2], u32 (&mt)[2]) {

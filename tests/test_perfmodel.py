@@ -675,8 +675,8 @@ def test_auto_splits_fill_one_wave_and_refit_keeps_recorded_splits(rows):
     assert perf._refeature({**r, "splits": None}, DEV["sm_count"])["splits"] == 4      # not recorded: today's
     assert tuning.wgmma_blocks(64, 2, 4) == 2 and tuning.wgmma_blocks(128, 2, 4) == 1
     assert tuning.wgmma_blocks(32, 2, 2) == 3 and tuning.wgmma_blocks(256, 2, 2) == 1
-    # WPF = 0 (weights in the shared-memory ring): its stages bind, 14 KB a stage at BT = 32
-    assert tuning.wgmma_smem(32, 5, 2, 0) == 5 * (32 * 128 + 8 * 1280) + 1024
+    # WPF = 0 (weights in the shared-memory ring): its stages bind, 12.5 KB a stage at BT = 32
+    assert tuning.wgmma_smem(32, 5, 2, 0) == 5 * (32 * 128 + 8 * 1088) + 1024
     assert tuning.wgmma_blocks(32, 2, 0, 5) == 3 and tuning.wgmma_blocks(32, 2, 0, 6) == 2
     assert tuning.wgmma_blocks(64, 1, 0, 4) == 4
 

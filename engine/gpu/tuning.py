@@ -243,7 +243,7 @@ class WgmmaCfg:
 WGMMA_KEYS = tuple(f.name for f in fields(WgmmaCfg))      # the cfg-dict keys of the wgmma kernel
 
 
-WGMMA_WSM_WARP = 2 * 512 + 2 * 128      # WPF = 0: a warp's weight + meta bytes a stage (gemm_a8w4_sm90.cu WW)
+WGMMA_WSM_WARP = 2 * 512 + 2 * 32      # WPF = 0: a warp's weight + meta bytes a stage (gemm_a8w4_sm90.cu WW)
 SM_SMEM = 233472                         # shared memory an sm_90 SM holds for its blocks (228 KB)
 
 
@@ -309,16 +309,16 @@ class GemmTuning:
                                                  "small": WgmmaCfg(64, 6, 1, 4, 2, None),
                                                  "mid": WgmmaCfg(128, 4, 2, 2, 2, None),
                                                  "large": WgmmaCfg(128, 4, 2, 2, 2, 1)})
-    # On: the tiny and small buckets run these WPF = 0 tiles (weights through the shared-memory
-    # ring), and the learned policy leaves M = 17-64 to this table (choice.wsm_defers) until its
-    # model has timed them. Faster alone (H200, same process, µs, register ring -> shared memory:
-    # M = 32 q|k|v 20.0 -> 18.4, gate|up 30.6 -> 26.8, o 13.9 -> 13.4, down 21.8 -> 20.2; M = 64
-    # gate|up 37.9 -> 31.7) and in the batch-32 step with fp16 K/V (+3-4 %), but off: with INT8 K/V
-    # at 1024 positions the step loses 16 % (4787 -> 4025 tok/s), because its shared memory takes
-    # the L1 that INT8 attention streams through (docs/KERNELS.md; bench/results/2026-12-04-gemm-wsm-h200.md).
-    # `e2e --ab wgmma_wsm=1`: with.
-    wgmma_wsm: bool = False
-    wgmma_wsm_tiles: dict = field(default_factory=lambda: {"tiny": WgmmaCfg(32, 5, 2, 0, 2, None),
+    # The tiny and small buckets run these WPF = 0 tiles (weights through the shared-memory ring),
+    # and the learned policy leaves M = 17-64 to this table (choice.wsm_defers) until its model has
+    # timed them. H200, same process, µs (register ring -> shared memory): M = 32 q|k|v 20.0 -> 18.4,
+    # gate|up 30.6 -> 26.8, o 13.9 -> 13.4, down 21.8 -> 20.2; M = 64 gate|up 37.9 -> 31.7. Batch-32
+    # decode, tok/s: context 128 fp16 7196 -> 7468, INT8 6722 -> 7014; 1024 fp16 3757 -> 3854, INT8
+    # 4776 -> 4918. The tiny tile's 52 KB a block keep three blocks an SM within the shared-memory
+    # carveout INT8 attention runs under (73 KB tiles took its L1: INT8 at 1024 lost 16 %;
+    # docs/KERNELS.md, bench/results/2026-12-04-gemm-wsm-h200.md). `e2e --ab wgmma_wsm=0`: without.
+    wgmma_wsm: bool = True
+    wgmma_wsm_tiles: dict = field(default_factory=lambda: {"tiny": WgmmaCfg(32, 4, 2, 0, 2, None),
                                                            "small": WgmmaCfg(64, 4, 1, 0, 2, None)})
     mma_bm_small: int = 64
     mma_small_max_m: int = 64
