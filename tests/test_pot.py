@@ -168,6 +168,23 @@ def test_pot_rounds_to_the_nearest_level(bits):
     np.testing.assert_allclose(np.abs(D - W), best, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_search_value_path_is_nearest_bit_for_bit(bits):
+    """The scale search's ŵ (_Pot._value: no codes, fewer passes) is _nearest's, bit for bit,
+    over multipliers that put weights past the spare level and below half the smallest level,
+    with zeros of both signs and tiny weights."""
+    from converters.pot import _Pot
+    rng = np.random.default_rng(bits)
+    W = (rng.standard_normal((40, 6, 64)) * rng.choice([1e-3, 0.05, 3.0], (40, 6, 1))).astype(np.float32)
+    W[0, 0, :4], W[1, 1, :4], W[2, 2, 0] = 0.0, -0.0, 1e-30
+    f = _Pot(bits)
+    s0 = f.start(W)
+    for beta in (0.05, 0.3, 0.77, 1.0, 1.37, 2.0):
+        a = np.abs(f.scale(np.float32(beta) * s0))[..., None]
+        want, got = f._nearest(f.wm, f.log2w, a)[1], f._value(f.wm, f.log2w, a)
+        assert got.dtype == want.dtype and np.array_equal(got.view(np.uint32), want.view(np.uint32)), beta
+
+
 @pytest.mark.parametrize("fn", [pot_linear, int_linear])
 @pytest.mark.parametrize("bits", BITS)
 def test_search_is_never_worse(fn, bits):
