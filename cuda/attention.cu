@@ -814,18 +814,6 @@ struct GqLayout {
     static constexpr int BYTES = RING > MERGE ? RING : MERGE;
 };
 
-// N = 4 or 8 bytes global -> shared (cp.async.cg moves only 16); pred false writes zeros.
-template <int N>
-__device__ __forceinline__ void cp_async_ca(u32 dst, const void* src, bool pred) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" :: "r"(dst), "l"(src), "n"(N), "r"(pred ? N : 0)
-                 : "memory");
-}
-// The same from an always valid src, without the zero-filling src-size (common.cuh cp_async16).
-template <int N>
-__device__ __forceinline__ void cp_async_ca(u32 dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(N) : "memory");
-}
-
 __device__ __forceinline__ float2 lds64f(u32 addr) {
     float2 r;
     asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(r.x), "=f"(r.y) : "r"(addr));

@@ -166,6 +166,18 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool pred) 
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
 }
+// N = 4, 8 or 16 bytes global -> shared through L1 (cp.async.cg moves only 16); pred false writes zeros.
+template <int N>
+__device__ __forceinline__ void cp_async_ca(u32 dst, const void* src, bool pred) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" :: "r"(dst), "l"(src), "n"(N), "r"(pred ? N : 0)
+                 : "memory");
+}
+// The same from an always valid src, without the zero-filling src-size (as cp_async16).
+template <int N>
+__device__ __forceinline__ void cp_async_ca(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(N) : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }

@@ -151,13 +151,6 @@ struct WgmmaMinBlocks {
                                : (NWG == 1 && BT <= 128) ? (WPF <= 2 ? 4 : 3) : 1;
 };
 
-// 4-byte async copy global -> shared through L1 (the meta word a lane reads; four lanes t share
-// it); pred false writes zeros.
-__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool pred) {
-    const int n = pred ? 4 : 0;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(n) : "memory");
-}
-
 __device__ __forceinline__ void reg_fence4(u32 (&a)[4]) {
     asm volatile("" : "+r"(a[0]), "+r"(a[1]), "+r"(a[2]), "+r"(a[3]) :: "memory");
 }
@@ -182,9 +175,10 @@ __device__ __forceinline__ void dq_kstep(const u32x4 (&w)[2], const DqConst (&lo
 // WPF    weight prefetch distance in stages (register ring of WPF buffers); 0: the weights
 //        and their meta words travel with the activations through the STAGES-deep cp.async
 //        ring in shared memory instead (each lane copies and reads back its own 16-byte words;
-//        lane t = 0 copies its row's meta word for the four lanes t), so PD stages of weights are in flight a warp, not one or two: at M = 17-64 the
-//        register ring left the warps waiting on their weight loads (Nsight Compute, H200,
-//        M = 32, 4096x12288: 18 % of all stall samples on the first use of a stage's meta word).
+//        lane t = 0 copies its row's meta word for the four lanes t), so PD stages of weights
+//        are in flight a warp, not one or two: at M = 17-64 the register ring left the warps
+//        waiting on their weight loads (Nsight Compute, H200, M = 32, 4096x12288: 18 % of all
+//        stall samples on the first use of a stage's meta word).
 // OVL    0: dequantize a whole stage, 4 wgmmas, wait for all (v1/v2).
 //        1: k-step pipeline — dequantize k-step s+1 while wgmma s runs (wait_group 1),
 //           the last k-step of a stage stays in flight across the barrier, so the
@@ -258,7 +252,7 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
 #pragma unroll
         for (int cl = 0; cl < 2; ++cl) {
             cp_async16(wdst + buf * WST + cl * 512, wptr + (2 * kt + cl) * 32, rt_ok);
-            if (t == 0) cp_async4(mdst + buf * WST + cl * 32, mptr + ((2 * kt + cl) >> gshift) * 8, rt_ok);
+            if (t == 0) cp_async_ca<4>(mdst + buf * WST + cl * 32, mptr + ((2 * kt + cl) >> gshift) * 8, rt_ok);
         }
     };
     auto read_ws = [&](int buf, u32x4 (&w)[2], u32 (&mt)[2]) {
