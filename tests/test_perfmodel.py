@@ -689,6 +689,10 @@ def test_wgmma_wsm_knob_swaps_the_small_buckets_only(monkeypatch):
     for m in (24, 64):
         assert tuning.wgmma_cfg(m).tile in tuning.WGMMA_CFGS
         assert all(c[1].get("wpf") != 0 for c in choice.candidates(m, wgmma=True))   # unmodeled: not offered
+        assert choice.table_pick(m, 4096, 128, 132, True)[1]["wpf"] == 0
+        modeled = choice.table_pick(m, 4096, 128, 132, True, modeled=True)        # perf's choice_eval table
+        assert modeled in choice.candidates(m, wgmma=True)
+        assert modeled[1]["wpf"] == tuning.GEMM.wgmma[tuning.wgmma_bucket(m)].wpf != 0
 
 
 def test_learned_policy_leaves_the_wsm_buckets_to_the_table(fake_device, fitted, monkeypatch):

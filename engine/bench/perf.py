@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from ..gpu import choice, perfmodel
-from ..gpu.tuning import GEMM
 from ..gpu.perfmodel import FAMILIES, FEATURES, PAPER_FEATURES, config_key, parse_key
 from ..util.files import atomic_file
 from .common import BenchError
@@ -756,16 +755,8 @@ def choice_eval(rows, pred_t, pred_e=None, sm_count=132, wgmma=True, margin: flo
     """Per problem with every candidate measured: the measured runtime of the pick by predicted
     runtime, of the table's pick and of the best (oracle); with energy predictions, the energy
     objective's pick (lowest predicted energy within 5 % of the fastest predicted). The table is
-    the one among the modeled tiles (GEMM.wgmma_wsm off: its tiles are not candidates)."""
-    wsm = GEMM.wgmma_wsm
-    GEMM.wgmma_wsm = False
-    try:
-        return _choice_eval(rows, pred_t, pred_e, sm_count, wgmma, margin)
-    finally:
-        GEMM.wgmma_wsm = wsm
-
-
-def _choice_eval(rows, pred_t, pred_e, sm_count, wgmma, margin) -> dict:
+    the one among the modeled tiles (choice.table_pick modeled: its WPF = 0 tiles are not
+    candidates)."""
     by: dict = {}
     for i, r in enumerate(rows):
         by.setdefault((r["m"], r["n"], r["k"], r["group"]), {})[r["config"]] = i
@@ -776,7 +767,7 @@ def _choice_eval(rows, pred_t, pred_e, sm_count, wgmma, margin) -> dict:
             continue
         ii = [idx[c] for c in cands]
         t = np.array([rows[i]["runtime_ms"] for i in ii])
-        table = cands.index(config_key(*choice.table_pick(m, n, g, sm_count, wgmma)))
+        table = cands.index(config_key(*choice.table_pick(m, n, g, sm_count, wgmma, modeled=True)))
         # the learned policy's own candidates (choice.learned_candidates; none: the table's pick)
         own = [cands.index(config_key(*c)) for c in choice.learned_candidates(m, wgmma)]
         learned = table

@@ -96,16 +96,17 @@ def learned_candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tup
     return [c for c in cands if c[0] != "gemv"]
 
 
-def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool) -> tuple[str, dict]:
+def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool, modeled: bool = False) -> tuple[str, dict]:
     """The configuration tuning.GEMM gives (gpu/ops.py choose_kernel, tuning.gemv_choice,
-    wgmma_cfg), spelled out as an explicit cfg (at M = 1 it runs the dp4a GEMV, as the default)."""
+    wgmma_cfg), spelled out as an explicit cfg (at M = 1 it runs the dp4a GEMV, as the default);
+    modeled: the table among the tiles the performance model knows (no WPF = 0 tile)."""
     rt = -(-n // 16)
     if m <= GEMM.gemv_max_m:
         mt = gemv_mt(m)
         rw, u, nw, _ = gemv_choice(m, mt, rt <= GEMM.gemv_few_tiles_per_sm * sm_count, {})
         return "gemv", {"mt": mt, "rw": rw, "u": u, "nw": nw}
     if GEMM.use_wgmma and wgmma:
-        c = wgmma_cfg(m)
+        c = wgmma_cfg(m, modeled)
         return "wgmma", {"bt": c.bt, "stages": c.stages, "nwg": c.nwg, "wpf": c.wpf, "ovl": c.ovl, "splits": c.splits}
     return "mma", {"bm": GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128, "stages": 4, "splits": None}
 
