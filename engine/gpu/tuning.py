@@ -211,9 +211,9 @@ WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WP
     (32, 4, 2, 0, 2), (32, 5, 2, 0, 2), (64, 4, 1, 0, 2),
 )   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
 # Instantiated, tested and timed by `gemm-tune`, but not offered to the learned choice
-# (choice.candidates, which `perf collect` also times): take an entry out of here, then
-# `perf collect` + `perf fit`, to let the shipped model weigh it.
-WGMMA_UNMODELED = ((32, 4, 2, 0, 2), (32, 5, 2, 0, 2), (64, 4, 1, 0, 2))
+# (choice.candidates, which `perf collect` also times): the WPF = 0 tiles, until `perf collect`
+# + `perf fit` have let the shipped model weigh them.
+WGMMA_UNMODELED = tuple(c for c in WGMMA_CFGS if c[3] == 0)
 
 
 @dataclass(frozen=True)
@@ -340,11 +340,12 @@ def wgmma_bucket(m: int) -> str:
     return WGMMA_BUCKETS[-1]
 
 
-def wgmma_cfg(m: int) -> WgmmaCfg:
+def wgmma_cfg(m: int, modeled: bool = False) -> WgmmaCfg:
     """The table's wgmma configuration for M rows: GEMM.wgmma of its bucket (wgmma_bucket), or
-    with GEMM.wgmma_wsm the bucket's GEMM.wgmma_wsm_tiles entry where it has one."""
+    with GEMM.wgmma_wsm the bucket's GEMM.wgmma_wsm_tiles entry where it has one (not with
+    modeled: the table among the tiles the performance model knows)."""
     b = wgmma_bucket(m)
-    if GEMM.wgmma_wsm and b in GEMM.wgmma_wsm_tiles:
+    if GEMM.wgmma_wsm and not modeled and b in GEMM.wgmma_wsm_tiles:
         return GEMM.wgmma_wsm_tiles[b]
     return GEMM.wgmma[b]
 
