@@ -117,33 +117,31 @@ class _Pot:
         """(codes, ŵ) of mirrored weights wm (log2w = log2|wm|) at |scale| a, broadcast against
         them: the closed-form nearest level above, and the spare level from 1.5a on its side.
         The codes are floats holding small integers (gptq.gptq takes them so)."""
-        u = np.log2(a) - log2w                                                   # +inf for 0
-        j = np.clip(np.floor(u + self.SHIFT), 0, self.levels - 1)
+        u, j = self._level(log2w, a)
         nz = u <= self.levels
         neg = (wm < 0) & nz
         code = np.where(nz, j + 1, 0) + np.where(neg, self.kind.spare_code, 0)
-        unit = np.where(nz, np.exp2(-j), 0) * np.where(neg, np.float32(-1), np.float32(1))
         if self.spare:
-            take = wm >= 1.5 * a
-            code, unit = np.where(take, self.kind.spare_code, code), np.where(take, self.spare, unit)
-        return code, unit * a
+            code = np.where(wm >= 1.5 * a, self.kind.spare_code, code)
+        return code, self._value(wm, u, j, a)
 
-    def _value(self, wm, log2w, a):
-        """ŵ of _nearest(wm, log2w, a), bit for bit, without the codes and in fewer passes over the
-        weights (the scale search calls it ~95 times a layer: half of `dgq-quantize --method pot`'s
-        time went to _nearest). |ŵ| = 2^-j·a with the same j and the same float rounding as
-        unit·a; its sign is wm's; zero below half the smallest level; the spare level from 1.5a."""
-        u = np.log2(a) - log2w                                                   # +inf for 0
-        v = np.floor(u + self.SHIFT)
-        np.clip(v, 0, self.levels - 1, out=v)
-        np.negative(v, out=v)
+    def _level(self, log2w, a):
+        """u = log2(a / |w|) (+inf for 0) and j, the exponent of the nearest level 2^-j (0..levels-1)."""
+        u = np.log2(a) - log2w
+        return u, np.clip(np.floor(u + self.SHIFT), 0, self.levels - 1)
+
+    def _value(self, wm, u, j, a):
+        """ŵ at level j (_level): 2^-j·a with wm's sign, zero below half the smallest level
+        (u > levels), the spare level from 1.5a. In place on one array: the scale search asks for
+        ŵ alone ~95 times a layer (half of `dgq-quantize --method pot`'s time went here when the
+        codes were computed alongside)."""
+        v = np.negative(j)
         np.exp2(v, out=v)
         v *= a
         np.copysign(v, wm, out=v)
         v[u > self.levels] = 0
         if self.spare:
-            take = wm >= 1.5 * a
-            v = np.where(take, self.spare * a, v)
+            v = np.where(wm >= 1.5 * a, self.spare * a, v)
         return v
 
     def _round(self, s):
@@ -151,8 +149,9 @@ class _Pot:
         return self._nearest(self.wm, self.log2w, np.abs(s)[..., None])
 
     def _round_value(self, s):
-        """_round(s)[1] alone (_value)."""
-        return self._value(self.wm, self.log2w, np.abs(s)[..., None])
+        """_round(s)[1] alone, without the codes."""
+        a = np.abs(s)[..., None]
+        return self._value(self.wm, *self._level(self.log2w, a), a)
 
     def dequant(self, Wg, s):
         return self._round_value(s) * np.where(s < 0, np.float32(-1), np.float32(1))[..., None]

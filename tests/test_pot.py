@@ -169,10 +169,10 @@ def test_pot_rounds_to_the_nearest_level(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_search_value_path_is_nearest_bit_for_bit(bits):
-    """The scale search's ŵ (_Pot._value: no codes, fewer passes) is _nearest's, bit for bit,
-    over multipliers that put weights past the spare level and below half the smallest level,
-    with zeros of both signs and tiny weights."""
+def test_pot_rounding_is_the_closed_form_bit_for_bit(bits):
+    """ŵ of the search (_round_value) and of the codes (_nearest) is, bit for bit, the closed form
+    unit·a (unit = ±2^-j, 0 below half the smallest level, the spare level from 1.5a), over
+    multipliers that reach both ends, with zeros of both signs and tiny weights."""
     from converters.pot import _Pot
     rng = np.random.default_rng(bits)
     W = (rng.standard_normal((40, 6, 64)) * rng.choice([1e-3, 0.05, 3.0], (40, 6, 1))).astype(np.float32)
@@ -180,9 +180,17 @@ def test_search_value_path_is_nearest_bit_for_bit(bits):
     f = _Pot(bits)
     s0 = f.start(W)
     for beta in (0.05, 0.3, 0.77, 1.0, 1.37, 2.0):
-        a = np.abs(f.scale(np.float32(beta) * s0))[..., None]
-        want, got = f._nearest(f.wm, f.log2w, a)[1], f._value(f.wm, f.log2w, a)
-        assert got.dtype == want.dtype and np.array_equal(got.view(np.uint32), want.view(np.uint32)), beta
+        s = f.scale(np.float32(beta) * s0)
+        a = np.abs(s)[..., None]
+        u = np.log2(a) - f.log2w
+        j = np.clip(np.floor(u + f.SHIFT), 0, f.levels - 1)
+        nz = u <= f.levels
+        unit = np.where(nz, np.exp2(-j), 0) * np.where((f.wm < 0) & nz, np.float32(-1), np.float32(1))
+        if f.spare:
+            unit = np.where(f.wm >= 1.5 * a, f.spare, unit)
+        want = unit * a
+        for got in (f._round_value(s), f._nearest(f.wm, f.log2w, a)[1]):
+            assert got.dtype == want.dtype and np.array_equal(got.view(np.uint32), want.view(np.uint32)), beta
 
 
 @pytest.mark.parametrize("fn", [pot_linear, int_linear])
