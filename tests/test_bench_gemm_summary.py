@@ -99,3 +99,15 @@ def test_gemv_wb_shapes_and_kinds_are_checked_before_any_gpu_time():
     with pytest.raises(BenchError, match="--ab"):
         wb.cmd_gemv_wb(types.SimpleNamespace(ms="1", shapes="", kinds="", reps=1, json=False, md=None,
                                              ab=["wb.nope=1"], patch=None))
+
+
+def test_tune_picks_override_the_wpf0_table(tmp_path, monkeypatch):
+    """`gemm --tune-json`: gemm-pick's choices (over every timed tile, WPF = 0 ones too) are what
+    runs; GEMM.wgmma_wsm's tiles must not override them."""
+    from engine.gpu import tuning
+    monkeypatch.setattr(tuning.GEMM, "wgmma_wsm", True)
+    monkeypatch.setattr(tuning.GEMM, "wgmma", dict(tuning.GEMM.wgmma))
+    pick = {"bt": 128, "stages": 5, "nwg": 2, "wpf": 2, "ovl": 2, "splits": None}
+    (tmp_path / "picks.json").write_text(json.dumps({"wgmma": {"mid": pick}}))
+    gemm.apply_tune(str(tmp_path / "picks.json"))
+    assert tuning.wgmma_cfg(200, 4096) == tuning.WgmmaCfg(**pick)

@@ -101,7 +101,7 @@ def _gemm_rows(shapes, ms, peers: Peers, copy_gbs: float, reps: int):
             if picked is not None:
                 kern = config_key(*picked)
             elif kern == "wgmma":
-                kern = "wgmma {}/{}/{}/{}/{}".format(*tuning.wgmma_cfg(m).tile)
+                kern = "wgmma {}/{}/{}/{}/{}".format(*tuning.wgmma_cfg(m, n).tile)
             elif kern == "gemv":
                 mt = 1 if m <= 8 else 2 if m <= 16 else 4
                 g = tuning.GEMM.gemv[mt]
@@ -216,9 +216,13 @@ def _header(copy_gbs: float, peers: Peers, quick: bool, empty_ms: float, policy:
 
 
 def apply_tune(path: str) -> dict:
-    """Load dispatch choices written by `gemm-pick` into tuning.GEMM (same session's tuning)."""
+    """Load dispatch choices written by `gemm-pick` into tuning.GEMM (same session's tuning). The
+    picks are over every tile `gemm-tune` timed, WPF = 0 ones included: GEMM.wgmma_wsm is turned
+    off so that its tiles do not override them."""
     with open(path) as f:
         picks = json.load(f)
+    if picks.get("wgmma"):
+        tuning.GEMM.wgmma_wsm = False
     for bucket, cfg in picks.get("wgmma", {}).items():
         tuning.GEMM.wgmma[bucket] = tuning.WgmmaCfg(**{k: cfg[k] for k in tuning.WGMMA_KEYS})
     for mt, cfg in picks.get("gemv", {}).items():
@@ -317,8 +321,15 @@ def _variants(m, splits=()):
                 v.append(("mma", {"bm": bm, "splits": sp or None}))
         if ops_cuda.has_wgmma():
             for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
-                # BT < 64 over choice.candidates' range (M <= BT); BT = 64 up to M = 64, the wider tiles above
-                if (m > bt if bt < 64 else (bt == 64) != (m <= 64)) or (bt == 256 and m < 256):
+                # BT < 64 over choice.candidates' range (M <= BT); BT = 64 up to M = 64 (WPF = 0: 128),
+                # the wider tiles above M = 64 (BT = 256 from M = 256)
+                if bt < 64:
+                    skip = m > bt
+                elif bt == 64:
+                    skip = m > (128 if wpf == 0 else 64)
+                else:
+                    skip = m <= 64 or (bt == 256 and m < 256)
+                if skip:
                     continue
                 for sp in ((1, 0, *splits) if m <= 512 else (1,)):
                     v.append(("wgmma", {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl,
