@@ -33,7 +33,7 @@ def _learn_gemv_too(monkeypatch):
 @pytest.fixture(autouse=True)
 def _modeled_tiles_only(monkeypatch):
     """The mechanism tests below run the table among the modeled tiles: with GEMM.wgmma_wsm (the
-    default) the learned policy leaves M = 17-64 to the table (choice.wsm_defers; its own tests
+    default) the learned policy leaves M > 16 to the table (choice.wsm_defers; its own tests
     set it back on)."""
     monkeypatch.setattr(tuning.GEMM, "wgmma_wsm", False)
 
@@ -681,12 +681,23 @@ def test_auto_splits_fill_one_wave_and_refit_keeps_recorded_splits(rows):
     assert tuning.wgmma_blocks(64, 1, 0, 4) == 4
 
 
-def test_wgmma_wsm_knob_swaps_the_small_buckets_only(monkeypatch):
+def test_wgmma_wsm_knob_gives_every_m_a_wpf0_tile(monkeypatch):
     assert tuning.wgmma_cfg(24) == tuning.GEMM.wgmma["tiny"]
     monkeypatch.setattr(tuning.GEMM, "wgmma_wsm", True)
-    assert tuning.wgmma_cfg(24).wpf == 0 and tuning.wgmma_cfg(64).wpf == 0
-    assert tuning.wgmma_cfg(1024) == tuning.GEMM.wgmma["large"]
-    for m in (24, 64):
+    assert all(tuning.wgmma_cfg(m).wpf == 0 for m in (24, 64, 200, 1024))
+    assert [tuning.wgmma_cfg(m).bt for m in (17, 32, 33, 64, 65, 128, 129, 512, 513, 8192)] == \
+        [32, 32, 64, 64, 128, 128, 256, 256, 256, 256]
+    assert tuning.wgmma_cfg(1024).splits == 1 and tuning.wgmma_cfg(512).splits is None
+    assert tuning.wgmma_cfg(1024, modeled=True) == tuning.GEMM.wgmma["large"]
+    # few tiles of 128 or 256 tokens (M = 128 or 256, N = 4096: 32) take one warpgroup a block
+    for m in (128, 256):
+        assert tuning.wgmma_cfg(m, 4096) == tuning.GEMM.wgmma_wsm_few and tuning.wgmma_cfg(m, 4096).nwg == 1
+        assert tuning.wgmma_cfg(m, 11008).nwg == 2 and tuning.wgmma_cfg(m).nwg == 2
+    assert tuning.wgmma_cfg(32, 4096).bt == 32 and tuning.wgmma_cfg(2048, 4096).bt == 256
+    assert all(c.tile in tuning.WGMMA_UNMODELED for _, c in tuning.GEMM.wgmma_wsm_tiles)
+    assert tuning.GEMM.wgmma_wsm_few.tile in tuning.WGMMA_UNMODELED
+    assert tuning.GEMM.wgmma_wsm_tiles[-1][0] is None                     # every M has a tile
+    for m in (24, 64, 200, 1024):
         assert tuning.wgmma_cfg(m).tile in tuning.WGMMA_CFGS
         assert all(c[1].get("wpf") != 0 for c in choice.candidates(m, wgmma=True))   # unmodeled: not offered
         assert choice.table_pick(m, 4096, 128, 132, True)[1]["wpf"] == 0
@@ -700,6 +711,9 @@ def test_learned_policy_leaves_the_wsm_buckets_to_the_table(fake_device, fitted,
     assert choice.pick(24, 4096, 4096, 128) is not None and choice.pick(64, 4096, 4096, 128) is not None
     monkeypatch.setattr(tuning.GEMM, "wgmma_wsm", True)
     assert choice.pick(24, 4096, 4096, 128) is None and choice.pick(64, 4096, 4096, 128) is None   # the table
-    assert choice.pick(256, 4096, 4096, 128) is not None                  # the mid bucket has no WPF = 0 tile
+    assert choice.pick(256, 4096, 4096, 128) is None
+    monkeypatch.setattr(tuning.GEMM, "wgmma_wsm_tiles", tuning.GEMM.wgmma_wsm_tiles[:2])   # none past M = 64
+    choice.STATE.memo.clear()
+    assert choice.pick(256, 4096, 4096, 128) is not None                  # is the learned policy's
     assert not choice.wsm_defers(8, True) and not choice.wsm_defers(24, False)
     assert not choice.wsm_defers(24, True, gemv_only=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import flags, kernels, perfmodel
 from .perfmodel import PerfModelError, config_key
 from .tuning import (GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_UNMODELED, gemv_choice, wgmma_bucket,
-                     wgmma_cfg)
+                     wgmma_cfg, wsm_tile)
 
 POLICIES = ("table", "learned", "exhaustive")
 OBJECTIVES = ("time", "energy")
@@ -106,7 +106,7 @@ def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool, modeled: 
         rw, u, nw, _ = gemv_choice(m, mt, rt <= GEMM.gemv_few_tiles_per_sm * sm_count, {})
         return "gemv", {"mt": mt, "rw": rw, "u": u, "nw": nw}
     if GEMM.use_wgmma and wgmma:
-        c = wgmma_cfg(m, modeled)
+        c = wgmma_cfg(m, n, modeled)
         return "wgmma", {"bt": c.bt, "stages": c.stages, "nwg": c.nwg, "wpf": c.wpf, "ovl": c.ovl, "splits": c.splits}
     return "mma", {"bm": GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128, "stages": 4, "splits": None}
 
@@ -226,11 +226,12 @@ def active() -> bool:
 
 def wsm_defers(m: int, wgmma: bool, gemv_only: bool = False) -> bool:
     """Whether the learned policy leaves M rows to the table: with GEMM.wgmma_wsm, above the GEMV's
-    range, in a wgmma bucket with a WPF = 0 tile (GEMM.wgmma_wsm_tiles). Those tiles are not in
-    the shipped model (tuning.WGMMA_UNMODELED) and beat every tile it knows at M = 32 and 64 on
-    the 7B linears (H200, same process, bench/results/2026-12-04-gemm-wsm-h200.md)."""
+    range, where the table runs a WPF = 0 tile (tuning.wsm_tile). Those tiles are not in
+    the shipped model (tuning.WGMMA_UNMODELED) and beat every tile it knows at M = 32 to 4096 on
+    the 7B linears and 8192² (H200, same process, bench/results/2026-12-04-gemm-wsm-h200.md and
+    2026-12-04-gemm-wsm-mid-h200.md)."""
     return (GEMM.wgmma_wsm and wgmma and not gemv_only and m > GEMM.gemv_max_m
-            and wgmma_bucket(m) in GEMM.wgmma_wsm_tiles)
+            and wsm_tile(m) is not None)
 
 
 def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None):

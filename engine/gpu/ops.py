@@ -460,7 +460,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     elif kernel == "wgmma":
         if not has_wgmma():
             raise CudaOpError("the wgmma kernel needs an sm_90 GPU (H100/H200)")
-        cfg = {**dataclasses.asdict(tuning.wgmma_cfg(m)), **cfg}
+        cfg = {**dataclasses.asdict(tuning.wgmma_cfg(m, n)), **cfg}
         bt, st, nwg, wpf, ovl = (cfg[key] for key in WGMMA_KEYS[:5])
         if (bt, st, nwg, wpf, ovl) not in WGMMA_CFGS:
             raise CudaOpError(f"wgmma config {(bt, st, nwg, wpf, ovl)} is not instantiated (WGMMA_CFGS)")

@@ -209,6 +209,7 @@ WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WP
     # WPF = 0: the weights travel through the shared-memory ring with the activations (more of
     # them in flight at M = 17-64, where the register ring left the warps waiting on their loads)
     (32, 4, 2, 0, 2), (32, 5, 2, 0, 2), (64, 4, 1, 0, 2),
+    (64, 4, 2, 0, 2), (128, 4, 1, 0, 2), (128, 4, 2, 0, 2), (256, 4, 2, 0, 2),
 )   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1
 # Instantiated, tested and timed by `gemm-tune`, but not offered to the learned choice
 # (choice.candidates, which `perf collect` also times): the WPF = 0 tiles, until `perf collect`
@@ -309,17 +310,28 @@ class GemmTuning:
                                                  "small": WgmmaCfg(64, 6, 1, 4, 2, None),
                                                  "mid": WgmmaCfg(128, 4, 2, 2, 2, None),
                                                  "large": WgmmaCfg(128, 4, 2, 2, 2, 1)})
-    # The tiny and small buckets run these WPF = 0 tiles (weights through the shared-memory ring),
-    # and the learned policy leaves M = 17-64 to this table (choice.wsm_defers) until its model has
-    # timed them. H200, same process, µs (register ring -> shared memory): M = 32 q|k|v 20.0 -> 18.4,
-    # gate|up 30.6 -> 26.8, o 13.9 -> 13.4, down 21.8 -> 20.2; M = 64 gate|up 37.9 -> 31.7. Batch-32
-    # decode, tok/s: context 128 fp16 7196 -> 7468, INT8 6722 -> 7014; 1024 fp16 3757 -> 3854, INT8
-    # 4776 -> 4918. The tiny tile's 52 KB a block keep three blocks an SM within the shared-memory
-    # carveout INT8 attention runs under (73 KB tiles took its L1: INT8 at 1024 lost 16 %;
-    # docs/KERNELS.md, bench/results/2026-12-04-gemm-wsm-h200.md). `e2e --ab wgmma_wsm=0`: without.
+    # With wgmma_wsm every M above the GEMV runs a WPF = 0 tile (weights through the shared-memory
+    # ring), wsm_tiles' first entry whose bound M does not exceed (None: any M), and the learned
+    # policy leaves those M to this table (choice.wsm_defers) until its model has timed them.
+    # H200, same process (docs/KERNELS.md, bench/results/2026-12-04-gemm-wsm-h200.md and
+    # 2026-12-04-gemm-wsm-mid-h200.md), register ring -> shared memory: M = 32 q|k|v 20.0 -> 18.4 µs,
+    # gate|up 30.6 -> 26.8, o 13.9 -> 13.4, down 21.8 -> 20.2; M = 64 gate|up 37.9 -> 31.7; M = 128
+    # 6-15 % faster on the 7B linears and 8192², M = 256-4096 with the 256-token tile 11-25 %
+    # (8192² M = 4096 0.686 -> 0.539 ms). Batch-32 decode, tok/s: context 128 fp16 7196 -> 7468,
+    # INT8 6722 -> 7014; 1024 fp16 3757 -> 3854, INT8 4776 -> 4918. The tiny tile's 52 KB a block
+    # keep three blocks an SM within the shared-memory carveout INT8 attention runs under (73 KB
+    # tiles took its L1: INT8 at 1024 lost 16 %). `e2e --ab wgmma_wsm=0`: without.
     wgmma_wsm: bool = True
-    wgmma_wsm_tiles: dict = field(default_factory=lambda: {"tiny": WgmmaCfg(32, 4, 2, 0, 2, None),
-                                                           "small": WgmmaCfg(64, 4, 1, 0, 2, None)})
+    wgmma_wsm_tiles: tuple = ((32, WgmmaCfg(32, 4, 2, 0, 2, None)),
+                              (64, WgmmaCfg(64, 4, 1, 0, 2, None)),
+                              (128, WgmmaCfg(128, 4, 2, 0, 2, None)),
+                              (512, WgmmaCfg(256, 4, 2, 0, 2, None)),
+                              (None, WgmmaCfg(256, 4, 2, 0, 2, 1)))
+    # ... except where a tile of 128 tokens or more leaves fewer than wgmma_few_tiles output tiles
+    # (N = 4096 at M = 128 or 256: 32): one warpgroup a block, 128 tokens, more blocks (same runs:
+    # M = 128 4096² 0.0216 -> 0.0175 ms, 11008×4096 0.0305 -> 0.0272; M = 256 4096² 0.0236 -> 0.0215)
+    wgmma_wsm_few: WgmmaCfg = WgmmaCfg(128, 4, 1, 0, 2, None)
+    wgmma_few_tiles: int = 64
     mma_bm_small: int = 64
     mma_small_max_m: int = 64
     split_target: float = 1.0   # split K while tiles*splits <= split_target * SMs * blocks/SM (perfmodel.auto_splits)
@@ -340,14 +352,27 @@ def wgmma_bucket(m: int) -> str:
     return WGMMA_BUCKETS[-1]
 
 
-def wgmma_cfg(m: int, modeled: bool = False) -> WgmmaCfg:
-    """The table's wgmma configuration for M rows: GEMM.wgmma of its bucket (wgmma_bucket), or
-    with GEMM.wgmma_wsm the bucket's GEMM.wgmma_wsm_tiles entry where it has one (not with
-    modeled: the table among the tiles the performance model knows)."""
-    b = wgmma_bucket(m)
-    if GEMM.wgmma_wsm and not modeled and b in GEMM.wgmma_wsm_tiles:
-        return GEMM.wgmma_wsm_tiles[b]
-    return GEMM.wgmma[b]
+def wsm_tile(m: int) -> WgmmaCfg | None:
+    """The WPF = 0 tile GEMM.wgmma_wsm_tiles gives M rows (None: wgmma_wsm off, or no entry)."""
+    if not GEMM.wgmma_wsm:
+        return None
+    for hi, c in GEMM.wgmma_wsm_tiles:
+        if hi is None or m <= hi:
+            return c
+    return None
+
+
+def wgmma_cfg(m: int, n: int | None = None, modeled: bool = False) -> WgmmaCfg:
+    """The table's wgmma configuration for an (M, ·) × (N, ·)ᵀ product: with GEMM.wgmma_wsm the
+    WPF = 0 tile of wsm_tile(M), or GEMM.wgmma_wsm_few where N (when given) leaves fewer than
+    GEMM.wgmma_few_tiles of a 128- or 256-token tile; else (or with modeled: the table among the
+    tiles the performance model knows) GEMM.wgmma of M's bucket (wgmma_bucket)."""
+    c = None if modeled else wsm_tile(m)
+    if c is None:
+        return GEMM.wgmma[wgmma_bucket(m)]
+    if c.bt >= 128 and n is not None and -(-m // c.bt) * -(-n // (64 * c.nwg)) < GEMM.wgmma_few_tiles:
+        return GEMM.wgmma_wsm_few
+    return c
 
 
 def gemv_targs(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = False, silu: bool = False) -> str:
