@@ -57,6 +57,18 @@ def test_context_table_repeats_under_each_ab_setting(monkeypatch):
     assert [s[0] for s in seen] == [before, before, before + 3, before + 3]
     assert tuning.GEMM.gemv_dp_u == before
 
+    # fp16: the FP16 path's rows after the A8W4 ones, under the engine's own settings only
+    seen.clear()
+    monkeypatch.setattr(e2e, "dequantized_copy", lambda mw: "dequantized")
+    models = []
+    monkeypatch.setitem(sys.modules, "engine.gpu.model", types.SimpleNamespace(CudaModel=lambda mw: models.append(mw)))
+    rows = e2e.run_context([128, 1024], models=("llama7b",), batches=(32,), ab=[{"gemv_dp_u": before + 3}], fp16=True)
+    ctx_rows = [r for r in rows if r["phase"] == "context"]
+    assert [r["model"].split()[-1] for r in ctx_rows] == ["A8W4"] * 8 + ["FP16"] * 4
+    assert [r["attn"] for r in ctx_rows[8:]] == ["gqa"] * 4 and [s[0] for s in seen[8:]] == [before] * 4
+    assert [(s[1], s[2]) for s in seen[8:]] == [(128, False), (128, True), (1024, False), (1024, True)]
+    assert models[-1] == "dequantized" and len(models) == 2
+
 
 def test_ab_reaches_the_weight_only_tuning_too():
     assert parse_ab("wb.resident=0,gemv_dp_u=4") == {"wb.resident": False, "gemv_dp_u": 4}

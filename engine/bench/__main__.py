@@ -35,6 +35,9 @@ def cmd_e2e(args) -> int:
     bad = set(models) - set(MODELS)
     if bad:
         raise BenchError(f"--models: unknown {', '.join(sorted(bad))}; choose from {', '.join(MODELS)}")
+    if args.fp16 and not args.context:
+        raise BenchError("--fp16 adds the FP16 path to the context table: give --context too "
+                         "(without it e2e runs the FP16 path anyway)")
     if args.context:                    # the context table (engine/bench/e2e.py run_context)
         from ..gpu.attention import DECODE_KERNELS  # noqa: PLC0415
         attn = tuple(k.strip() for k in args.attn.split(",") if k.strip())
@@ -52,7 +55,7 @@ def cmd_e2e(args) -> int:
         except ValueError as e:
             raise BenchError(str(e)) from None
         rows = run_context(ints(args.context, "--context"), models, ints(args.batches, "--batches"),
-                           args.steps, attn, args.json, args.qfile, stages, ab, patches)
+                           args.steps, attn, args.json, args.qfile, stages, ab, patches, args.fp16)
         if args.md:
             Path(args.md).write_text(format_context_table(rows) + "\n")
         return 0
@@ -155,6 +158,8 @@ def main(argv=None) -> int:
     e.add_argument("--context", default="", help="comma-separated contexts, e.g. 128,1024,2048,4096,8192: the "
                    "decode context table (batches x fp16/INT8 KV, bytes a step reads, %% of copy bandwidth) instead")
     e.add_argument("--batches", default="1,8,32", help="the context table's batches (default 1,8,32)")
+    e.add_argument("--fp16", action="store_true", help="with --context: each model's FP16 path too (the same "
+                   "graphed step with float linears), for the A8W4 / FP16 ratio at each row")
     e.add_argument("--steps", type=int, default=32, help="the context table's timed decode steps a row")
     e.add_argument("--attn", default="", help="the context table's decode attention kernels, e.g. heads,gqa "
                    "(default: the engine's, DGQ_ATTN_DECODE)")

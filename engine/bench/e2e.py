@@ -400,7 +400,7 @@ def _fits(cp, nbytes: int, spare: int = 4 << 30) -> bool:
 
 def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, bw: float | None,
                 rng, breakdown: bool = True) -> dict:
-    """Graphed A8W4 decode of bsz sequences from ctx cached positions (one prefill of ctx random
+    """Graphed decode (A8W4, or the FP16 path) of bsz sequences from ctx cached positions (one prefill of ctx random
     tokens, its K/V copied to every sequence), timed over `steps` replays; the row's bytes are
     step_bytes, and with `breakdown` the attention launch alone (attention_time) against the
     K/V it reads."""
@@ -483,12 +483,14 @@ def attention_time(gm, cache, reps: int = 20) -> tuple[str, float]:
 
 
 def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), steps: int = 32,
-                attn_kernels=(), json_out: bool = False, qfile=None, gqa_stages=(), ab=(), patches=()):
+                attn_kernels=(), json_out: bool = False, qfile=None, gqa_stages=(), ab=(), patches=(),
+                fp16: bool = False):
     """The context table (module docstring): every model × decode attention kernel × context ×
     KV type × batch, and × attn_decode_gqa's ring depth (gqa_stages, tuning.ATTENTION.gqa_stages),
     and again under each --ab setting of tuning.GEMM (ab: parse_ab dicts) and each --patch
-    (patches: read_patches; the attention column names the setting), all in one process; rows
-    whose cache does not fit the free memory say so."""
+    (patches: read_patches; the attention column names the setting), all in one process; with
+    fp16, each model's FP16 path too (dequantized_copy, the same graphed step; the engine's
+    attention kernel and ring depth only); rows whose cache does not fit the free memory say so."""
     from ..gpu import attention  # noqa: PLC0415
     from ..gpu.model import CudaModel  # noqa: PLC0415
     cp, bw, rows = _device()
@@ -507,24 +509,34 @@ def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), ste
         gm = CudaModel(mw)
         rng = np.random.default_rng(0)
         saved = attention.DECODE_KERNEL
+
+        def table(gm, name, suffix=""):
+            for ctx in contexts:
+                for kv8 in (False, True):
+                    for bsz in batches:
+                        row = context_row(cp, gm, name, ctx, bsz, kv8, steps, bw, rng)
+                        if suffix:
+                            row["attn"] += f" {suffix}"
+                        rows.append(row)
+                        if json_out:
+                            print(json.dumps(row), flush=True)
         try:
             settings = [("", contextlib.nullcontext)] + decode_variants(ab=ab, patches=patches)
             for (suffix, setting), kernel, st in itertools.product(settings, kernels,
                                                                    gqa_stages or (attention.ATTENTION.gqa_stages,)):
                 attention.DECODE_KERNEL = kernel
                 with attention.ring_depth(st), setting():
-                    for ctx in contexts:
-                        for kv8 in (False, True):
-                            for bsz in batches:
-                                row = context_row(cp, gm, label + " A8W4", ctx, bsz, kv8, steps, bw, rng)
-                                if suffix:
-                                    row["attn"] += f" {suffix}"
-                                rows.append(row)
-                                if json_out:
-                                    print(json.dumps(row), flush=True)
+                    table(gm, label + " A8W4", suffix)
         finally:
             attention.DECODE_KERNEL = saved
-        del gm, mw
+        del gm
+        gc.collect()
+        cp.get_default_memory_pool().free_all_blocks()
+        if fp16:                                      # after the A8W4 model is freed: both never share the GPU
+            gm = CudaModel(dequantized_copy(mw))
+            table(gm, label + " FP16")
+            del gm
+        del mw
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
     print(format_context_table(rows))
