@@ -111,3 +111,38 @@ def test_tune_picks_override_the_wpf0_table(tmp_path, monkeypatch):
     (tmp_path / "picks.json").write_text(json.dumps({"wgmma": {"mid": pick}}))
     gemm.apply_tune(str(tmp_path / "picks.json"))
     assert tuning.wgmma_cfg(200, 4096) == tuning.WgmmaCfg(**pick)
+
+
+def test_gemm_tune_times_each_variant_again_under_each_patch(monkeypatch, capsys, tmp_path):
+    """`gemm-tune --patch FILE`: every variant timed as landed, then under each patch (kargs.patched in
+    force while it runs), rows named by "setting"; gemm-pick reads only the landed rows."""
+    from engine.gpu import kernels
+    pool = types.SimpleNamespace(free_all_blocks=lambda: None)
+    monkeypatch.setattr(gemm, "cp_or_fail", lambda: types.SimpleNamespace(get_default_memory_pool=lambda: pool))
+    layer = types.SimpleNamespace(nbytes=lambda: 1)
+    monkeypatch.setattr(gemm, "gemm_case", lambda m, k, n: ([layer], None, None, None))
+    variants = [("wgmma", {"bt": 32, "stages": 4, "nwg": 2, "wpf": 0, "ovl": 2, "splits": None}),
+                ("mma", {"bm": 64, "splits": None})]
+    monkeypatch.setattr(gemm, "_variants", lambda m, splits=(): variants)
+    seen = []
+
+    def fake_gemm(x8, sx, layer, kernel, cfg, out):
+        seen.append((kernel, bool(kernels.EDITS)))
+        if kernel == "wgmma" and kernels.EDITS:          # as kernels.function would for an edited file
+            kernels.EDITS_USED.add("gemm_a8w4_sm90.cu")
+    monkeypatch.setattr(gemm.ops_cuda, "gemm_a8w4", fake_gemm)
+    monkeypatch.setattr(gemm, "time_calls", lambda fn, reps: (fn(0), 0.01 * (1 + len(seen)))[1])
+    args = types.SimpleNamespace(cases="32:4096:4096", splits="", reps=1, ab=[],
+                                 patch="bench/patches/wgmma-splitk.json")
+    assert gemm.cmd_gemm_tune(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = json.load(open("bench/patches/wgmma-splitk.json"))
+    assert len(rows) == 2 * (1 + len(names))
+    assert [r.get("setting", "") for r in rows[:1 + len(names)]] == [""] + [f"patch {p['name']}" for p in names]
+    assert [p for _, p in seen] == ([False] + [True] * len(names)) * 2
+    assert [r.get("edited") for r in rows] == [None] + [True] * len(names) + [None] + [False] * len(names)
+    log = tmp_path / "tune.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["gemm-pick", str(log), "--out", str(tmp_path / "picks.json")]) == 0
+    picks = json.loads((tmp_path / "picks.json").read_text())
+    assert picks["wgmma"]["tiny"]["bt"] == 32                        # from the landed row alone

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import sys
@@ -233,7 +234,7 @@ def apply_tune(path: str) -> dict:
 def cmd_gemm_pick(args) -> int:
     """Choose, per M bucket, the configuration with the smallest summed time in a tune log."""
     rows = [json.loads(line) for line in open(args.tune_log) if line.strip()]
-    rows = [r for r in rows if "ms" in r]
+    rows = [r for r in rows if "ms" in r and not r.get("setting")]      # not the --ab / --patch rows
     picks: dict = {"wgmma": {}, "gemv": {}}
     buckets = {name: (lambda m, name=name: m > tuning.GEMM.gemv_max_m and tuning.wgmma_bucket(m) == name)
                for name in tuning.WGMMA_BUCKETS}
@@ -350,24 +351,34 @@ def gemm_case(m: int, k: int, n: int):
 
 
 def cmd_gemm_tune(args) -> int:
-    cp = cp_or_fail()
     cases = [ints(c, "--cases (M:K:N,...)", sep=":") for c in args.cases.split(",")] if args.cases else TUNE_CASES
     if any(len(c) != 3 for c in cases):
         raise BenchError(f"--cases takes M:K:N,... with positive integers, got {args.cases!r}")
     splits = ints(args.splits, "--splits") if args.splits else ()
+    from .e2e import decode_variants, parse_ab, read_patches  # noqa: PLC0415
+    try:                                        # each variant again under these, same process and buffers
+        settings = decode_variants(ab=[parse_ab(a) for a in getattr(args, "ab", None) or ()],
+                                   patches=read_patches(args.patch) if getattr(args, "patch", None) else ())
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    cp = cp_or_fail()
     for m, k, n in cases:
         layers, x8, sx, y = gemm_case(m, k, n)
         layer, nb = layers[0], len(layers)
         for kern, cfg in _variants(m, splits):
-            try:
-                ms = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, layers[i % nb], kernel=kern, cfg=cfg, out=y),
-                                args.reps)
-                res = {"m": m, "k": k, "n": n, "kernel": kern, "cfg": cfg, "ms": ms,
-                       "tops": 2.0 * m * n * k / (ms * 1e-3) / 1e12,
-                       "weight_gbs": layer.nbytes() / (ms * 1e-3) / 1e9}
-            except Exception as e:
-                res = {"m": m, "k": k, "n": n, "kernel": kern, "cfg": cfg, "error": str(e)[:300]}
-            print(json.dumps(res), flush=True)
+            for name, setting in [("", contextlib.nullcontext)] + settings:
+                res = {"m": m, "k": k, "n": n, "kernel": kern, "cfg": cfg, **({"setting": name} if name else {})}
+                try:
+                    with setting() as used:
+                        ms = time_calls(lambda i: ops_cuda.gemm_a8w4(x8, sx, layers[i % nb], kernel=kern, cfg=cfg,
+                                                                     out=y), args.reps)
+                    if isinstance(used, set):           # a patch: did this variant run an edited kernel
+                        res["edited"] = bool(used)
+                    res.update(ms=ms, tops=2.0 * m * n * k / (ms * 1e-3) / 1e12,
+                               weight_gbs=layer.nbytes() / (ms * 1e-3) / 1e9)
+                except Exception as e:
+                    res["error"] = str(e)[:300]
+                print(json.dumps(res), flush=True)
         del layers, layer
         cp.get_default_memory_pool().free_all_blocks()
     return 0
