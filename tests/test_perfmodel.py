@@ -389,7 +389,7 @@ def test_table_pick_mirrors_ops(monkeypatch, cc):
                 assert ops_cuda._gemv_cfg(m, cfg["mt"], -(-n // 16), cfg) == \
                     ops_cuda._gemv_cfg(m, cfg["mt"], -(-n // 16), {})
             elif kern == "wgmma":
-                assert cfg == dataclasses.asdict(tuning.wgmma_cfg(m))
+                assert cfg == dataclasses.asdict(tuning.wgmma_cfg(m, n))
 
 
 def test_launch_plan_mirrors_ops(monkeypatch):
@@ -687,6 +687,8 @@ def test_wgmma_wsm_knob_gives_every_m_a_wpf0_tile(monkeypatch):
     assert all(tuning.wgmma_cfg(m).wpf == 0 for m in (24, 64, 200, 1024))
     assert [tuning.wgmma_cfg(m).bt for m in (17, 32, 33, 64, 65, 128, 129, 512, 513, 8192)] == \
         [32, 32, 64, 64, 128, 128, 256, 256, 256, 256]
+    assert tuning.wgmma_cfg(512, 4096).bt == 256                          # 2 × 32 = 64 tiles: not few
+    assert tuning.wgmma_cfg(64, 2048).bt == 64 and tuning.wgmma_cfg(32, 512).bt == 32   # BT < 128: never few
     assert tuning.wgmma_cfg(1024).splits == 1 and tuning.wgmma_cfg(512).splits is None
     assert tuning.wgmma_cfg(1024, modeled=True) == tuning.GEMM.wgmma["large"]
     # few tiles of 128 or 256 tokens (M = 128 or 256, N = 4096: 32) take one warpgroup a block
@@ -713,7 +715,27 @@ def test_learned_policy_leaves_the_wsm_buckets_to_the_table(fake_device, fitted,
     assert choice.pick(24, 4096, 4096, 128) is None and choice.pick(64, 4096, 4096, 128) is None   # the table
     assert choice.pick(256, 4096, 4096, 128) is None
     monkeypatch.setattr(tuning.GEMM, "wgmma_wsm_tiles", tuning.GEMM.wgmma_wsm_tiles[:2])   # none past M = 64
-    choice.STATE.memo.clear()
-    assert choice.pick(256, 4096, 4096, 128) is not None                  # is the learned policy's
+    assert choice.pick(256, 4096, 4096, 128) is not None                  # is the learned policy's (memo keyed on it)
     assert not choice.wsm_defers(8, True) and not choice.wsm_defers(24, False)
     assert not choice.wsm_defers(24, True, gemv_only=True)
+
+
+def test_exhaustive_policy_times_the_wpf0_tiles_too(fake_device, monkeypatch):
+    """The exhaustive choice weighs every instantiated tile, the WPF = 0 ones the model has not
+    timed included (choice.candidates unmodeled): with a timer that makes one of them fastest it
+    picks it; and GEMM.wgmma_wsm_skip (gemm --tune-json's buckets) leaves only those buckets'
+    table entries to GEMM.wgmma."""
+    monkeypatch.setattr(tuning.GEMM, "wgmma_wsm", True)
+    choice.configure("exhaustive", "time", "")
+    best = {"bt": 128, "stages": 4, "nwg": 1, "wpf": 0, "ovl": 2, "splits": 1}
+    timed = []
+
+    def timer(kern, cfg):
+        timed.append(cfg)
+        return 1.0 if cfg == best else 2.0
+    assert choice.pick(200, 4096, 4096, 128, timer=timer) == ("wgmma", best)
+    assert any(c.get("wpf") == 0 for c in timed) and any(c.get("wpf") == 2 for c in timed)
+    assert choice.pick(200, 4096, 4096, 128, timer=None) == ("wgmma", best)   # memoised
+    monkeypatch.setattr(tuning.GEMM, "wgmma_wsm_skip", frozenset({"mid"}))
+    assert tuning.wgmma_cfg(200, 11008) == tuning.GEMM.wgmma["mid"] and tuning.wgmma_cfg(1024).wpf == 0
+    assert tuning.wgmma_cfg(24).wpf == 0 and not choice.wsm_defers(200, True) and choice.wsm_defers(1024, True)

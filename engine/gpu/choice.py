@@ -18,8 +18,8 @@ from pathlib import Path
 
 from . import flags, kernels, perfmodel
 from .perfmodel import PerfModelError, config_key
-from .tuning import (GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_UNMODELED, gemv_choice, wgmma_bucket,
-                     wgmma_cfg, wsm_tile)
+from .tuning import (GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_UNMODELED, gemv_choice, wgmma_cfg,
+                     wsm_tile)
 
 POLICIES = ("table", "learned", "exhaustive")
 OBJECTIVES = ("time", "energy")
@@ -55,13 +55,14 @@ def gemv_mt(m: int) -> int:
     return 1 if m <= 8 else 2 if m <= 16 else 4            # gpu/ops.py gemv_mt
 
 
-def candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tuple[str, dict]]:
+def candidates(m: int, wgmma: bool, gemv_only: bool = False, unmodeled: bool = False) -> list[tuple[str, dict]]:
     """Every configuration the learned and exhaustive choices weigh for M rows (and that
     `perf collect` times): the GEMV variants of M's token-tile bucket up to M = 32, mma.sync
     BM × stages × (auto, no) split-K from M = 16, and on sm_90 the wgmma tiles (BT = 32 up to
     M = 32, BT = 64 up to M = 128, BT = 256 from M = 256) × (auto, no) split-K, less the tiles the
-    shipped model has not timed (tuning.WGMMA_UNMODELED). Every pick of the table is among them,
-    except a WPF = 0 tile of GEMM.wgmma_wsm (those M the learned policy leaves to the table)."""
+    shipped model has not timed (tuning.WGMMA_UNMODELED) unless unmodeled (the exhaustive policy
+    times them too). Every pick of the table is among them, except a WPF = 0 tile of
+    GEMM.wgmma_wsm (those M the learned policy leaves to the table)."""
     out = []
     if m <= 8 * max(GEMV_CFGS):
         mt = gemv_mt(m)
@@ -75,7 +76,7 @@ def candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tuple[str, 
             for bt, st, nwg, wpf, ovl in WGMMA_CFGS:
                 if (bt < 64 and m > bt) or (bt == 64 and m > 128) or (bt == 256 and m < 256):
                     continue
-                if (bt, st, nwg, wpf, ovl) in WGMMA_UNMODELED:
+                if not unmodeled and (bt, st, nwg, wpf, ovl) in WGMMA_UNMODELED:
                     continue
                 for sp in (None, 1):
                     out.append(("wgmma", {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl, "splits": sp}))
@@ -237,7 +238,7 @@ def wsm_defers(m: int, wgmma: bool, gemv_only: bool = False) -> bool:
 def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None):
     """(kernel, cfg) for an A8W4 GEMM, or None for the table's choice. gemv_only: the call
     needs the GEMV (a residual add). timer(kernel, cfg) -> ms times one candidate (exhaustive)."""
-    key = (m, n, k, group, gemv_only, GEMM.wgmma_wsm)
+    key = (m, n, k, group, gemv_only, wsm_tile(m))     # a change of the WPF = 0 table is a new pick
     hit = STATE.memo.get(key)
     if hit is not None:
         return hit[0]
@@ -248,7 +249,10 @@ def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None
     if STATE.policy == "learned" and wsm_defers(m, wgmma, gemv_only):
         STATE.memo[key] = (None,)
         return None
-    cands = (learned_candidates if STATE.policy == "learned" else candidates)(m, wgmma, gemv_only)
+    if STATE.policy == "learned":
+        cands = learned_candidates(m, wgmma, gemv_only)
+    else:
+        cands = candidates(m, wgmma, gemv_only, unmodeled=True)
     res = None
     if cands and STATE.policy == "learned":
         tp = table_pick(m, n, group, info["sm_count"], wgmma) if not gemv_only else None
