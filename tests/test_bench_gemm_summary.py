@@ -107,10 +107,30 @@ def test_tune_picks_override_the_wpf0_table(tmp_path, monkeypatch):
     from engine.gpu import tuning
     monkeypatch.setattr(tuning.GEMM, "wgmma_wsm", True)
     monkeypatch.setattr(tuning.GEMM, "wgmma", dict(tuning.GEMM.wgmma))
+    monkeypatch.setattr(tuning.GEMM, "wgmma_wsm_skip", frozenset())
     pick = {"bt": 128, "stages": 5, "nwg": 2, "wpf": 2, "ovl": 2, "splits": None}
     (tmp_path / "picks.json").write_text(json.dumps({"wgmma": {"mid": pick}}))
     gemm.apply_tune(str(tmp_path / "picks.json"))
     assert tuning.wgmma_cfg(200, 4096) == tuning.WgmmaCfg(**pick)
+    assert tuning.wgmma_cfg(1024, 4096).wpf == 0 and tuning.wgmma_cfg(24).wpf == 0   # the buckets not picked
+
+
+def test_gemm_tune_variants_reach_the_tables_tiles():
+    """gemm-tune times, at every M, the tile the table runs there (WPF = 0 ones included), and no
+    tile of another M range: BT = 64 up to M = 128 only with WPF = 0, BT = 256 from M = 129 only
+    with WPF = 0 (from 256 otherwise)."""
+    from engine.gpu import tuning
+    saved = gemm.ops_cuda.has_wgmma
+    gemm.ops_cuda.has_wgmma = lambda: True
+    try:
+        for m in (17, 32, 64, 65, 128, 129, 200, 256, 512, 1024):
+            tiles = {(c["bt"], c["stages"], c["nwg"], c["wpf"], c["ovl"]) for k, c in gemm._variants(m) if k == "wgmma"}
+            assert tuning.wgmma_cfg(m).tile in tiles and tuning.GEMM.wgmma[tuning.wgmma_bucket(m)].tile in tiles
+            assert all(bt >= m or bt >= 64 for bt, *_ in tiles)
+            assert all(wpf == 0 for bt, _, _, wpf, _ in tiles if (bt == 64 and m > 64) or (bt == 256 and m < 256))
+            assert (m > 128) == any(bt == 256 for bt, *_ in tiles) and (m <= 128) == any(bt == 64 for bt, *_ in tiles)
+    finally:
+        gemm.ops_cuda.has_wgmma = saved
 
 
 def test_gemm_tune_times_each_variant_again_under_each_patch(monkeypatch, capsys, tmp_path):
@@ -122,6 +142,7 @@ def test_gemm_tune_times_each_variant_again_under_each_patch(monkeypatch, capsys
     layer = types.SimpleNamespace(nbytes=lambda: 1)
     monkeypatch.setattr(gemm, "gemm_case", lambda m, k, n: ([layer], None, None, None))
     variants = [("wgmma", {"bt": 32, "stages": 4, "nwg": 2, "wpf": 0, "ovl": 2, "splits": None}),
+                ("wgmma", {"bt": 32, "stages": 5, "nwg": 2, "wpf": 0, "ovl": 2, "splits": None}),
                 ("mma", {"bm": 64, "splits": None})]
     monkeypatch.setattr(gemm, "_variants", lambda m, splits=(): variants)
     seen = []
@@ -131,18 +152,26 @@ def test_gemm_tune_times_each_variant_again_under_each_patch(monkeypatch, capsys
         if kernel == "wgmma" and kernels.EDITS:          # as kernels.function would for an edited file
             kernels.EDITS_USED.add("gemm_a8w4_sm90.cu")
     monkeypatch.setattr(gemm.ops_cuda, "gemm_a8w4", fake_gemm)
-    monkeypatch.setattr(gemm, "time_calls", lambda fn, reps: (fn(0), 0.01 * (1 + len(seen)))[1])
+    # landed rows: the first variant 1.0 ms, the others 2.0; patched rows: the first 5.0, the others
+    # 0.1. A pick that read the patched rows would take the second variant; the landed give the first
+    per = 1 + len(json.load(open("bench/patches/wgmma-splitk.json")))
+
+    def fake_time(fn, reps):
+        fn(0)
+        first = len(seen) <= per
+        return (5.0 if first else 0.1) if seen[-1][1] else (1.0 if first else 2.0)
+    monkeypatch.setattr(gemm, "time_calls", fake_time)
     args = types.SimpleNamespace(cases="32:4096:4096", splits="", reps=1, ab=[],
                                  patch="bench/patches/wgmma-splitk.json")
     assert gemm.cmd_gemm_tune(args) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     names = json.load(open("bench/patches/wgmma-splitk.json"))
-    assert len(rows) == 2 * (1 + len(names))
+    assert len(rows) == 3 * (1 + len(names))
     assert [r.get("setting", "") for r in rows[:1 + len(names)]] == [""] + [f"patch {p['name']}" for p in names]
-    assert [p for _, p in seen] == ([False] + [True] * len(names)) * 2
-    assert [r.get("edited") for r in rows] == [None] + [True] * len(names) + [None] + [False] * len(names)
+    assert [p for _, p in seen] == ([False] + [True] * len(names)) * 3
+    assert [r.get("edited") for r in rows] == ([None] + [True] * len(names)) * 2 + [None] + [False] * len(names)
     log = tmp_path / "tune.jsonl"
     log.write_text("\n".join(json.dumps(r) for r in rows))
     assert main(["gemm-pick", str(log), "--out", str(tmp_path / "picks.json")]) == 0
     picks = json.loads((tmp_path / "picks.json").read_text())
-    assert picks["wgmma"]["tiny"]["bt"] == 32                        # from the landed row alone
+    assert picks["wgmma"]["tiny"]["stages"] == 4                     # from the landed rows alone

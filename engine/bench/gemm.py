@@ -218,12 +218,11 @@ def _header(copy_gbs: float, peers: Peers, quick: bool, empty_ms: float, policy:
 
 def apply_tune(path: str) -> dict:
     """Load dispatch choices written by `gemm-pick` into tuning.GEMM (same session's tuning). The
-    picks are over every tile `gemm-tune` timed, WPF = 0 ones included: GEMM.wgmma_wsm is turned
-    off so that its tiles do not override them."""
+    picks are over every tile `gemm-tune` timed, WPF = 0 ones included: their buckets leave the
+    WPF = 0 table (GEMM.wgmma_wsm_skip), the others keep it."""
     with open(path) as f:
         picks = json.load(f)
-    if picks.get("wgmma"):
-        tuning.GEMM.wgmma_wsm = False
+    tuning.GEMM.wgmma_wsm_skip = tuning.GEMM.wgmma_wsm_skip | frozenset(picks.get("wgmma", {}))
     for bucket, cfg in picks.get("wgmma", {}).items():
         tuning.GEMM.wgmma[bucket] = tuning.WgmmaCfg(**{k: cfg[k] for k in tuning.WGMMA_KEYS})
     for mt, cfg in picks.get("gemv", {}).items():
@@ -328,8 +327,8 @@ def _variants(m, splits=()):
                     skip = m > bt
                 elif bt == 64:
                     skip = m > (128 if wpf == 0 else 64)
-                else:
-                    skip = m <= 64 or (bt == 256 and m < 256)
+                else:                                # WPF = 0: the 256-token tile from M = 129 (the table's)
+                    skip = m <= 64 or (bt == 256 and m < (129 if wpf == 0 else 256))
                 if skip:
                     continue
                 for sp in ((1, 0, *splits) if m <= 512 else (1,)):

@@ -326,13 +326,18 @@ class GemmTuning:
     wgmma_wsm_tiles: tuple = ((32, WgmmaCfg(32, 4, 2, 0, 2, None)),
                               (64, WgmmaCfg(64, 4, 1, 0, 2, None)),
                               (128, WgmmaCfg(128, 4, 2, 0, 2, None)),
-                              (512, WgmmaCfg(256, 4, 2, 0, 2, None)),
+                              (512, WgmmaCfg(256, 4, 2, 0, 2, None)),   # 129-255 untimed (below)
                               (None, WgmmaCfg(256, 4, 2, 0, 2, 1)))
+    # M = 129-255 was not timed; the 256-token tile, as either tile there pays for its padded rows
+    # (the 128-token one two passes over the weights, which at M = 256 took 0.0464 ms against the
+    # 256-token tile's 0.0397 on 4096×11008). `gemm-tune --cases 192:K:N` times both.
     # ... except where a tile of 128 tokens or more leaves fewer than wgmma_few_tiles output tiles
     # (N = 4096 at M = 128 or 256: 32): one warpgroup a block, 128 tokens, more blocks (same runs:
     # M = 128 4096² 0.0216 -> 0.0175 ms, 11008×4096 0.0305 -> 0.0272; M = 256 4096² 0.0236 -> 0.0215)
     wgmma_wsm_few: WgmmaCfg = WgmmaCfg(128, 4, 1, 0, 2, None)
     wgmma_few_tiles: int = 64
+    # buckets whose GEMM.wgmma entry runs even with wgmma_wsm: those `gemm --tune-json` picked
+    wgmma_wsm_skip: frozenset = frozenset()
     mma_bm_small: int = 64
     mma_small_max_m: int = 64
     split_target: float = 1.0   # split K while tiles*splits <= split_target * SMs * blocks/SM (perfmodel.auto_splits)
@@ -354,8 +359,9 @@ def wgmma_bucket(m: int) -> str:
 
 
 def wsm_tile(m: int) -> WgmmaCfg | None:
-    """The WPF = 0 tile GEMM.wgmma_wsm_tiles gives M rows (None: wgmma_wsm off, or no entry)."""
-    if not GEMM.wgmma_wsm:
+    """The WPF = 0 tile GEMM.wgmma_wsm_tiles gives M rows (None: wgmma_wsm off, M's bucket in
+    GEMM.wgmma_wsm_skip, or no entry)."""
+    if not GEMM.wgmma_wsm or wgmma_bucket(m) in GEMM.wgmma_wsm_skip:
         return None
     for hi, c in GEMM.wgmma_wsm_tiles:
         if hi is None or m <= hi:
