@@ -69,6 +69,14 @@ def test_context_table_repeats_under_each_ab_setting(monkeypatch):
     assert [(s[1], s[2]) for s in seen[8:]] == [(128, False), (128, True), (1024, False), (1024, True)]
     assert models[-1] == "dequantized" and len(models) == 2
 
+    def no_room(mw):                                                   # the FP16 model does not fit
+        if mw == "dequantized":
+            raise e2e.ModelError("out of memory")
+    monkeypatch.setitem(sys.modules, "engine.gpu.model", types.SimpleNamespace(CudaModel=no_room))
+    rows = e2e.run_context([128], models=("llama7b",), batches=(32,), fp16=True)
+    assert [r["model"].split()[-1] for r in rows if r["phase"] == "context"] == ["A8W4", "A8W4", "FP16"]
+    assert "does not fit" in rows[-1]["skipped"] and "skipped" in e2e.format_context_table(rows)
+
 
 def test_ab_reaches_the_weight_only_tuning_too():
     assert parse_ab("wb.resident=0,gemv_dp_u=4") == {"wb.resident": False, "gemv_dp_u": 4}

@@ -533,9 +533,14 @@ def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), ste
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
         if fp16:                                      # after the A8W4 model is freed: both never share the GPU
-            gm = CudaModel(dequantized_copy(mw))
-            table(gm, label + " FP16")
-            del gm
+            try:
+                gm = CudaModel(dequantized_copy(mw))
+            except (ModelError, MemoryError) as e:      # CuPy's OutOfMemoryError is a MemoryError
+                rows.append(dict(model=label + " FP16", phase="context", attn="", context=max(contexts), batch="",
+                                 kv="", skipped=f"the FP16 model does not fit ({str(e)[:120]})"))
+            else:
+                table(gm, label + " FP16")
+                del gm
         del mw
         gc.collect()
         cp.get_default_memory_pool().free_all_blocks()
