@@ -117,7 +117,7 @@ def test_tune_picks_override_the_wpf0_table(tmp_path, monkeypatch):
 
 def test_gemm_tune_variants_reach_the_tables_tiles():
     """gemm-tune times, at every M, the tile the table runs there (WPF = 0 ones included), and no
-    tile of another M range: BT = 64 up to M = 128 only with WPF = 0, BT = 256 from M = 129 only
+    tile of another M range: BT = 64 up to M = 256 only with WPF = 0, BT = 256 from M = 129 only
     with WPF = 0 (from 256 otherwise)."""
     from engine.gpu import tuning
     saved = gemm.ops_cuda.has_wgmma
@@ -128,7 +128,7 @@ def test_gemm_tune_variants_reach_the_tables_tiles():
             assert tuning.wgmma_cfg(m).tile in tiles and tuning.GEMM.wgmma[tuning.wgmma_bucket(m)].tile in tiles
             assert all(bt >= m or bt >= 64 for bt, *_ in tiles)
             assert all(wpf == 0 for bt, _, _, wpf, _ in tiles if (bt == 64 and m > 64) or (bt == 256 and m < 256))
-            assert (m > 128) == any(bt == 256 for bt, *_ in tiles) and (m <= 128) == any(bt == 64 for bt, *_ in tiles)
+            assert (m > 128) == any(bt == 256 for bt, *_ in tiles) and (m <= 256) == any(bt == 64 for bt, *_ in tiles)
     finally:
         gemm.ops_cuda.has_wgmma = saved
 

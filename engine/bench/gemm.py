@@ -321,12 +321,13 @@ def _variants(m, splits=()):
                 v.append(("mma", {"bm": bm, "splits": sp or None}))
         if ops_cuda.has_wgmma():
             for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
-                # BT < 64 over choice.candidates' range (M <= BT); BT = 64 up to M = 64 (WPF = 0: 128),
+                # BT < 64 over choice.candidates' range (M <= BT); BT = 64 up to M = 64 (WPF = 0: 256, the
+                # token tile Machete shrinks to where N = 4096 leaves few tiles),
                 # the wider tiles above M = 64 (BT = 256 from M = 256)
                 if bt < 64:
                     skip = m > bt
                 elif bt == 64:
-                    skip = m > (128 if wpf == 0 else 64)
+                    skip = m > (256 if wpf == 0 else 64)
                 else:                                # WPF = 0: the 256-token tile from M = 129 (the table's)
                     skip = m <= 64 or (bt == 256 and m < (129 if wpf == 0 else 256))
                 if skip:
