@@ -44,7 +44,7 @@ from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
 from ..model.kv_cache import bytes_per_position as kv_bytes_per_position
-from .common import copy_bandwidth
+from .common import BenchError, copy_bandwidth
 
 SMOLLM2, LLAMA2_7B, LLAMA3_8B = (shape_config(n) for n in ("smollm2", "llama7b", "llama3-8b"))
 MODELS = {"smollm2": (SMOLLM2, "SmolLM2-135M-shaped (random DGQ)"),
@@ -258,6 +258,16 @@ def decode_variants(prefetch=(), ab=(), patches=()) -> list:
     return out
 
 
+def args_variants(args) -> list:
+    """decode_variants of a command's --ab (repeatable) and --patch FILE.json arguments (gemv-wb,
+    gemm-tune), checked before any GPU time: BenchError names what is wrong."""
+    try:
+        return decode_variants(ab=[parse_ab(a) for a in getattr(args, "ab", None) or ()],
+                               patches=read_patches(args.patch) if getattr(args, "patch", None) else ())
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+
+
 @contextlib.contextmanager
 def _patch_setting(edits, ab: dict):
     """kargs.patched(edits), with a patch's own --ab settings (its "ab" field) set too."""
@@ -400,10 +410,10 @@ def _fits(cp, nbytes: int, spare: int = 4 << 30) -> bool:
 
 def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, bw: float | None,
                 rng, breakdown: bool = True) -> dict:
-    """Graphed decode (A8W4, or the FP16 path) of bsz sequences from ctx cached positions (one prefill of ctx random
-    tokens, its K/V copied to every sequence), timed over `steps` replays; the row's bytes are
-    step_bytes, and with `breakdown` the attention launch alone (attention_time) against the
-    K/V it reads."""
+    """Graphed decode (A8W4, or the FP16 path) of bsz sequences from ctx cached positions (one
+    prefill of ctx random tokens, its K/V copied to every sequence), timed over `steps` replays;
+    the row's bytes are step_bytes, and with `breakdown` the attention launch alone
+    (attention_time) against the K/V it reads."""
     from ..gpu import attention  # noqa: PLC0415
     from ..gpu.cache import GpuKVCache  # noqa: PLC0415
     c = gm.config

@@ -322,8 +322,7 @@ def _variants(m, splits=()):
         if ops_cuda.has_wgmma():
             for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
                 # BT < 64 over choice.candidates' range (M <= BT); BT = 64 up to M = 64 (WPF = 0: 256, the
-                # token tile Machete shrinks to where N = 4096 leaves few tiles),
-                # the wider tiles above M = 64 (BT = 256 from M = 256)
+                # token tile Machete shrinks to where N = 4096 leaves few tiles); the wider tiles above M = 64
                 if bt < 64:
                     skip = m > bt
                 elif bt == 64:
@@ -355,12 +354,8 @@ def cmd_gemm_tune(args) -> int:
     if any(len(c) != 3 for c in cases):
         raise BenchError(f"--cases takes M:K:N,... with positive integers, got {args.cases!r}")
     splits = ints(args.splits, "--splits") if args.splits else ()
-    from .e2e import decode_variants, parse_ab, read_patches  # noqa: PLC0415
-    try:                                        # each variant again under these, same process and buffers
-        settings = decode_variants(ab=[parse_ab(a) for a in getattr(args, "ab", None) or ()],
-                                   patches=read_patches(args.patch) if getattr(args, "patch", None) else ())
-    except ValueError as e:
-        raise BenchError(str(e)) from None
+    from .e2e import args_variants  # noqa: PLC0415
+    settings = args_variants(args)              # each variant again under these, same process and buffers
     cp = cp_or_fail()
     for m, k, n in cases:
         layers, x8, sx, y = gemm_case(m, k, n)

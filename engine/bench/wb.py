@@ -52,12 +52,8 @@ def cmd_gemv_wb(args) -> int:
     if bad:
         raise BenchError(f"gemv-wb --kinds: {', '.join(bad)} not among {', '.join(KINDS)}")
     ms_list = [int(v) for v in args.ms.split(",")] if getattr(args, "ms", None) else MS
-    from .e2e import decode_variants, parse_ab, read_patches  # noqa: PLC0415
-    try:
-        variants = decode_variants(ab=[parse_ab(a) for a in getattr(args, "ab", None) or ()],
-                                   patches=read_patches(args.patch) if getattr(args, "patch", None) else ())
-    except ValueError as e:
-        raise BenchError(str(e)) from None
+    from .e2e import args_variants  # noqa: PLC0415
+    variants = args_variants(args)
     cp = cp_or_fail()
     rng = np.random.default_rng(0)
     bw = copy_bandwidth()
