@@ -231,8 +231,7 @@ def wsm_defers(m: int, wgmma: bool, gemv_only: bool = False) -> bool:
     the shipped model (tuning.WGMMA_UNMODELED) and beat every tile it knows at M = 32 to 4096 on
     the 7B linears and 8192² (H200, same process, bench/results/2026-12-04-gemm-wsm-h200.md and
     2026-12-04-gemm-wsm-mid-h200.md)."""
-    return (GEMM.wgmma_wsm and wgmma and not gemv_only and m > GEMM.gemv_max_m
-            and wsm_tile(m) is not None)
+    return wgmma and not gemv_only and m > GEMM.gemv_max_m and wsm_tile(m) is not None
 
 
 def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None):

@@ -322,15 +322,15 @@ class GemmTuning:
     # INT8 6722 -> 7014; 1024 fp16 3757 -> 3854, INT8 4776 -> 4918. The tiny tile's 52 KB a block
     # keep three blocks an SM within the shared-memory carveout INT8 attention runs under (73 KB
     # tiles took its L1: INT8 at 1024 lost 16 %). `e2e --ab wgmma_wsm=0`: without.
+    # M = 129-255 was not timed; the 256-token tile, as either tile there pays for its padded rows
+    # (the 128-token one two passes over the weights, which at M = 256 took 0.0464 ms against the
+    # 256-token tile's 0.0397 on 4096×11008). `gemm-tune --cases 192:K:N` times both.
     wgmma_wsm: bool = True
     wgmma_wsm_tiles: tuple = ((32, WgmmaCfg(32, 4, 2, 0, 2, None)),
                               (64, WgmmaCfg(64, 4, 1, 0, 2, None)),
                               (128, WgmmaCfg(128, 4, 2, 0, 2, None)),
-                              (512, WgmmaCfg(256, 4, 2, 0, 2, None)),   # 129-255 untimed (below)
+                              (512, WgmmaCfg(256, 4, 2, 0, 2, None)),   # 129-255 untimed (above)
                               (None, WgmmaCfg(256, 4, 2, 0, 2, 1)))
-    # M = 129-255 was not timed; the 256-token tile, as either tile there pays for its padded rows
-    # (the 128-token one two passes over the weights, which at M = 256 took 0.0464 ms against the
-    # 256-token tile's 0.0397 on 4096×11008). `gemm-tune --cases 192:K:N` times both.
     # ... except where a tile of 128 tokens or more leaves fewer than wgmma_few_tiles output tiles
     # (N = 4096 at M = 128 or 256: 32): one warpgroup a block, 128 tokens, more blocks (same runs:
     # M = 128 4096² 0.0216 -> 0.0175 ms, 11008×4096 0.0305 -> 0.0272; M = 256 4096² 0.0236 -> 0.0215)
