@@ -230,6 +230,8 @@ __device__ __forceinline__ float dg_epilogue(int acc, float sx, float s8) {
 // [r][tid]); the last split to arrive at a tile (counter) adds the others into
 // its registers and runs the epilogue, then re-arms the counter for the next
 // launch. Integer sums are exact, so the order of arrival does not matter.
+// `tile` indexes the workspace and the counters among `ntiles` split tiles (the
+// wgmma kernel's split tail numbers its tiles from 0 within the tail).
 // Returns true in the block that must finish the tile.
 template <int NREG, int NTHREADS>
 __device__ __forceinline__ bool splitk_reduce(int (&acc)[NREG], int* ws, int* counters,

@@ -169,6 +169,29 @@ __device__ __forceinline__ void dq_kstep(const u32x4 (&w)[2], const DqConst (&lo
     }
 }
 
+// What a block computes. Tiles below tail_from run whole (or `splits` ways along grid y); the
+// last, partial wave's tiles from tail_from on run tail_splits ways each, split-major along
+// grid x, their partials in a workspace of their own (slot: the tile's place in the tail; the
+// host never sets both splits > 1 and a tail, engine/gpu/perfmodel.py wgmma_tail). The epilogue
+// calls it again rather than keep the job live through the main loop. Reading %ctaid through
+// asm volatile instead (no common subexpression) ran 2.5-7 % slower (H200, same process); this
+// form, against the kernel before the tail: -2 % (256-token tile) to +2 % (128/4/1/0/2), and
+// 0-15 more registers, which took 64/4/1/2/2's fifth block an SM (tuning.wgmma_blocks).
+struct TileJob { int tile, split, nsplit, slot, nslots; };
+__device__ __forceinline__ TileJob tile_job(int num_tiles, int splits, int tail_from, int tail_splits) {
+    const u32 bx = blockIdx.x, by = blockIdx.y;
+    TileJob j{(int)bx, (int)by, splits, (int)bx, num_tiles};
+    if (j.tile >= tail_from) {
+        const int tail = num_tiles - tail_from, i = j.tile - tail_from;
+        j.slot = i % tail;
+        j.tile = tail_from + j.slot;
+        j.split = i / tail;
+        j.nsplit = tail_splits;
+        j.nslots = tail;
+    }
+    return j;
+}
+
 // BT     tokens per block (wgmma N: 32, 64, 128 or 256)
 // STAGES activation pipeline depth (shared memory buffers)
 // NWG    warpgroups per block; block = NWG*64 output channels, warp w owns row tile rt0+w
@@ -190,7 +213,7 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
     int* __restrict__ ws, int* __restrict__ counters,
-    int M, int N, int R, int C, int Gp, int gshift, int ldx, int splits) {
+    int M, int N, int R, int C, int Gp, int gshift, int ldx, int splits, int tail_from, int tail_splits) {
     pdl_trigger();
     constexpr int BK = 128;
     constexpr int NT = NWG * 128;       // threads
@@ -214,15 +237,16 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int num_m = (M + BT - 1) / BT, num_n = (R + RTB - 1) / RTB;
+    const TileJob job = tile_job(num_m * num_n, splits, tail_from, tail_splits);
+    const int split = job.split;
     int tm, tn;
-    raster(blockIdx.x, num_m, num_n, 8, tm, tn);
+    raster(job.tile, num_m, num_n, 8, tm, tn);
     const int m0 = tm * BT, rt0 = tn * RTB;
     const int rt = rt0 + warp;
     const bool rt_ok = rt < R;
-    const int split = blockIdx.y;
     const int KT = C / 2;
-    const int kt0 = (int)((long long)KT * split / splits);
-    const int nkt = (int)((long long)KT * (split + 1) / splits) - kt0;
+    const int kt0 = (int)((long long)KT * split / job.nsplit);
+    const int nkt = (int)((long long)KT * (split + 1) / job.nsplit) - kt0;
 
     // Addresses that do not change from stage to stage, computed once.
     const i8* xsrc[NLX];
@@ -375,7 +399,10 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
 #pragma unroll
     for (int r = 0; r < NACC; ++r) reg_fence(acc[r]);
 
-    if (!splitk_reduce<NACC, NT>(acc, ws, counters, blockIdx.x, split, splits, gridDim.x)) return;
+    {
+        const TileJob fin = tile_job(num_m * num_n, splits, tail_from, tail_splits);   // see tile_job
+        if (!splitk_reduce<NACC, NT>(acc, ws, counters, fin.slot, fin.split, fin.nsplit, fin.nslots)) return;
+    }
 
     // D fragment (per warp 16 channels x BT tokens): acc[4i+e] is channel
     // 16*rt + g + 8*(e>>1), token m0 + 8i + 2t + (e&1).

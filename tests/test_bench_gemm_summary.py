@@ -115,6 +115,22 @@ def test_tune_picks_override_the_wpf0_table(tmp_path, monkeypatch):
     assert tuning.wgmma_cfg(1024, 4096).wpf == 0 and tuning.wgmma_cfg(24).wpf == 0   # the buckets not picked
 
 
+def test_gemm_tune_tails_and_tiles_filter_the_variants(monkeypatch):
+    """--tails adds split-tail variants beside each unsplit wgmma one; --tiles keeps those wgmma
+    tiles alone."""
+    monkeypatch.setattr(gemm.ops_cuda, "has_wgmma", lambda: True)
+    tile = (256, 4, 2, 0, 2)
+    v = gemm._variants(1024, (), (1, 3), {tile})
+    assert [c.get("tail") for _, c in v] == [None, 1, 3]
+    assert all(k == "wgmma" and (c["bt"], c["stages"], c["nwg"], c["wpf"], c["ovl"]) == tile for k, c in v)
+    full = gemm._variants(1024)
+    tails = gemm._variants(1024, (), (2,))
+    assert len(tails) == len(full) + sum(k == "wgmma" and c["splits"] == 1 for k, c in full)
+    assert not any("tail" in c for k, c in tails if k != "wgmma")
+    # at M <= 512 the automatic-split variant gets no tail (K is split there)
+    assert not any("tail" in c and not c["splits"] == 1 for _, c in gemm._variants(256, (), (2,)))
+
+
 def test_gemm_tune_variants_reach_the_tables_tiles():
     """gemm-tune times, at every M, the tile the table runs there (WPF = 0 ones included), and no
     tile of another M range: BT = 64 up to M = 256 only with WPF = 0, BT = 256 from M = 129 only
@@ -144,7 +160,7 @@ def test_gemm_tune_times_each_variant_again_under_each_patch(monkeypatch, capsys
     variants = [("wgmma", {"bt": 32, "stages": 4, "nwg": 2, "wpf": 0, "ovl": 2, "splits": None}),
                 ("wgmma", {"bt": 32, "stages": 5, "nwg": 2, "wpf": 0, "ovl": 2, "splits": None}),
                 ("mma", {"bm": 64, "splits": None})]
-    monkeypatch.setattr(gemm, "_variants", lambda m, splits=(): variants)
+    monkeypatch.setattr(gemm, "_variants", lambda m, *rest: variants)
     seen = []
 
     def fake_gemm(x8, sx, layer, kernel, cfg, out):

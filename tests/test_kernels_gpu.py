@@ -394,6 +394,34 @@ def test_every_instantiated_variant_bitexact():
 
 @gpu
 @needs_gpu
+def test_wgmma_split_tail_bitexact():
+    """The split tail (cfg["tail"] = [tail_from, splits]: the tiles from tail_from on split K,
+    the rest whole) of every instantiated wgmma tile: int32 and fp16 outputs bit-exact, the tail at
+    the first, a middle and the last tile, 2, 3 and 7 ways (more than a split has stages for the
+    ring: K = 1152 is 9 stages), each twice on one workspace (the counters re-arm)."""
+    cp = _cp()
+    if not ops_cuda.has_wgmma():
+        pytest.skip("needs sm_90")
+    ql = random_dg(520, 1152, 128, seed=33)
+    for bt, st, nwg, wpf, ovl in ops_cuda.WGMMA_CFGS:
+        m = 2 * bt + 5
+        x8 = random_x8(m, 1152, seed=bt)
+        sxm = (np.random.default_rng(m).random(m, dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
+        tiles = 3 * -(-520 // (64 * nwg))
+        cfg = {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl, "splits": 1}
+        for tail in ([0, 2], [tiles // 2, 3], [tiles - 1, 7]):
+            for _ in range(2):
+                layer, ref = _acc_check(ql, x8, "wgmma", cfg={**cfg, "tail": tail})
+            want = formats.epilogue_ref(ref, sxm, ql.cscale).astype(np.float16)
+            got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sxm), layer, kernel="wgmma", cfg={**cfg, "tail": tail},
+                                     out=cp.full(want.shape, np.float16(np.nan), dtype=cp.float16))
+            np.testing.assert_array_equal(cp.asnumpy(got), want, err_msg=f"{cfg} tail {tail}")
+    with pytest.raises(ops_cuda.CudaOpError, match="tail"):
+        _acc_check(ql, random_x8(40, 1152, seed=1), "wgmma", cfg={**cfg, "splits": 2, "tail": [1, 2]})
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("group", [64, 128])
 def test_wgmma_shared_memory_weights_bitexact(group):
     """The WPF = 0 tiles (weights and meta through the shared-memory ring with the activations)

@@ -681,6 +681,55 @@ def test_auto_splits_fill_one_wave_and_refit_keeps_recorded_splits(rows):
     assert tuning.wgmma_blocks(64, 1, 0, 4) == 4
 
 
+def test_tail_split_fills_one_round_and_leaves_big_tails_whole(monkeypatch):
+    """tail_split: the last, partial wave's tiles split as many ways as fit one round of the slots
+    (one block an SM: 132), at most wgmma_tail_max; never without a partial wave, never with less
+    than one full wave, never below 4 stages a split, never for a tail of more than half the slots
+    (the H200 timings in its docstring)."""
+    monkeypatch.setattr(tuning.GEMM, "wgmma_tail_max", 6)
+    assert perfmodel.tail_split(344, 32, 132) == (344, 1)       # 2 waves + 80 tiles: whole (timed)
+    assert perfmodel.tail_split(432, 40, 132) == (396, 3)       # 3 waves + 36: 108 blocks
+    assert perfmodel.tail_split(1728, 40, 132) == (1716, 6)     # + 12: 11 would fit, 6 at most
+    assert perfmodel.tail_split(1376, 32, 132) == (1320, 2)     # + 56
+    assert perfmodel.tail_split(192, 32, 132) == (132, 2)       # + 60
+    assert perfmodel.tail_split(264, 32, 132) == (264, 1)       # whole waves
+    assert perfmodel.tail_split(100, 32, 132) == (100, 1)       # under one wave: auto_splits' business
+    assert perfmodel.tail_split(140, 7, 132) == (140, 1)        # 7 stages: no two splits of >= 4
+    assert perfmodel.tail_split(140, 8, 132) == (132, 2)
+    assert perfmodel.tail_split(300, 64, 264) == (264, 6)       # two blocks an SM: 264 slots
+    monkeypatch.setattr(tuning.GEMM, "wgmma_tail_max", 1)
+    assert perfmodel.tail_split(432, 40, 132) == (432, 1)
+    # cfg["tail"]: a count for the partial wave, or [tail_from, count]; one clear error otherwise
+    assert perfmodel.wgmma_tail({"tail": 2}, 344, 1, 32, 132) == (264, 2)      # timed, not the rule's
+    assert perfmodel.wgmma_tail({"tail": 2}, 264, 1, 32, 132) == (264, 1)
+    assert perfmodel.wgmma_tail({"tail": [0, 5]}, 20, 1, 32, 132) == (0, 5)
+    assert perfmodel.wgmma_tail({}, 344, 2, 32, 132) == (344, 1)            # K already split
+    assert perfmodel.wgmma_tail({"tail": [20, 2]}, 20, 1, 32, 132) == (20, 1)      # from the end: none
+    for bad in ([21, 2], [-1, 2], [3, 0], [3, 33]):
+        with pytest.raises(PerfModelError, match="tail"):
+            perfmodel.wgmma_tail({"tail": bad}, 20, 1, 32, 132)
+    with pytest.raises(PerfModelError, match="tail"):
+        perfmodel.wgmma_tail({"tail": [3, 2]}, 20, 2, 32, 132)
+
+
+def test_launch_plan_and_refeature_carry_the_split_tail(monkeypatch):
+    """launch_plan's grid has the split tail's blocks (what ops launches), its features count the
+    partials' bytes, and a CSV row recorded without a tail is refeatured without one."""
+    monkeypatch.setattr(tuning.GEMM, "wgmma_tail_max", 6)
+    cfg = {"bt": 256, "stages": 4, "nwg": 2, "wpf": 0, "ovl": 2, "splits": 1}
+    p = perfmodel.launch_plan("wgmma", cfg, 1024, 13824, 5120, 128, 132)     # 432 tiles: 396 + 36 · 3
+    assert (p["tiles"], p["tail_from"], p["tail_splits"], p["grid"]) == (432, 396, 3, (396 + 36 * 3, 1))
+    attrs = {"regs": 253, "occ": 1}
+    f = perfmodel.features("wgmma", cfg, 1024, 13824, 5120, 128, 132, attrs)
+    f0 = perfmodel.features("wgmma", {**cfg, "tail": 1}, 1024, 13824, 5120, 128, 132, attrs)
+    assert f["grid"] == 504 and f0["grid"] == 432
+    assert f["bytes"] - f0["bytes"] == 2 * 4 * 3 * 36 * 128 * 256
+    r = {"config": config_key("wgmma", cfg), "m": 1024, "n": 13824, "k": 5120, "group": 128, "regs": 253,
+         "occ": 1, "splits": 1, "grid_x": 432}
+    assert perf._refeature(r, 132)["grid"] == 432
+    assert perf._refeature({**r, "grid_x": 504}, 132)["grid"] == 504
+
+
 def test_wgmma_wsm_knob_gives_every_m_a_wpf0_tile(monkeypatch):
     assert tuning.wgmma_cfg(24) == tuning.GEMM.wgmma["tiny"]
     monkeypatch.setattr(tuning.GEMM, "wgmma_wsm", True)

@@ -127,6 +127,10 @@ def main(argv=None) -> int:
     t.add_argument("--reps", type=int, default=50)
     t.add_argument("--cases", default="", help="M:K:N,... instead of the built-in TUNE_CASES")
     t.add_argument("--splits", default="", help="comma-separated split-K counts timed beside auto and 1 (M <= 512)")
+    t.add_argument("--tails", default="", help="comma-separated split counts of the last, partial wave timed beside "
+                   "the automatic one (wgmma without a K split; 1: none)")
+    t.add_argument("--tiles", default="", metavar="BT/STAGES/NWG/WPF/OVL,...",
+                   help="only these wgmma tiles (no GEMV or mma.sync variants)")
     t.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
                    help="each variant again with these tuning settings (as e2e --ab), rows named by \"setting\"")
     t.add_argument("--patch", metavar="FILE.json", help="each variant again for kernels compiled from edited source "

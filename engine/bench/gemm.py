@@ -307,10 +307,20 @@ TUNE_CASES = [(1, 8192, 8192), (1, 4096, 4096), (16, 8192, 8192), (16, 4096, 409
 # every row of TUNE_CASES is timed with every variant that applies to its M
 
 
-def _variants(m, splits=()):
+def _variants(m, splits=(), tails=(), tiles=None):
     """Every kernel configuration that applies to M rows; splits: explicit split-K counts to time
-    beside automatic and none (M <= 512)."""
+    beside automatic and none (M <= 512); tails: split counts of the last, partial wave (cfg
+    "tail") to time beside the automatic one where K is not split, wgmma only; tiles: only these
+    wgmma tiles (BT, STAGES, NWG, WPF, OVL) and no GEMV or mma.sync."""
     v = []
+    if tiles is not None:
+        return [(kern, {**cfg, "tail": t}) if t else (kern, cfg)
+                for kern, cfg in _variants(m, splits) if kern == "wgmma"
+                and tuple(cfg[x] for x in ("bt", "stages", "nwg", "wpf", "ovl")) in tiles
+                for t in ((0, *tails) if cfg["splits"] == 1 else (0,))]
+    if tails:
+        return [(kern, {**cfg, "tail": t}) if t else (kern, cfg) for kern, cfg in _variants(m, splits)
+                for t in ((0, *tails) if kern == "wgmma" and cfg["splits"] == 1 else (0,))]
     if m <= 32:
         mt = 1 if m <= 8 else 2 if m <= 16 else 4
         v += [("gemv", {"mt": mt, "rw": rw, "u": u}) for rw, u in ops_cuda.GEMV_CFGS[mt]]
@@ -354,13 +364,20 @@ def cmd_gemm_tune(args) -> int:
     if any(len(c) != 3 for c in cases):
         raise BenchError(f"--cases takes M:K:N,... with positive integers, got {args.cases!r}")
     splits = ints(args.splits, "--splits") if args.splits else ()
+    tails = ints(args.tails, "--tails") if getattr(args, "tails", "") else ()
+    tiles = None
+    if getattr(args, "tiles", ""):
+        tiles = {tuple(ints(t, "--tiles (BT/STAGES/NWG/WPF/OVL,...)", least=0, sep="/")) for t in args.tiles.split(",")}
+        if not tiles <= set(ops_cuda.WGMMA_CFGS):
+            raise BenchError(f"--tiles {args.tiles}: not instantiated: {sorted(tiles - set(ops_cuda.WGMMA_CFGS))} "
+                             f"(tuning.WGMMA_CFGS)")
     from .e2e import args_variants  # noqa: PLC0415
     settings = args_variants(args)              # each variant again under these, same process and buffers
     cp = cp_or_fail()
     for m, k, n in cases:
         layers, x8, sx, y = gemm_case(m, k, n)
         layer, nb = layers[0], len(layers)
-        for kern, cfg in _variants(m, splits):
+        for kern, cfg in _variants(m, splits, tails, tiles):
             for name, setting in [("", contextlib.nullcontext)] + settings:
                 res = {"m": m, "k": k, "n": n, "kernel": kern, "cfg": cfg, **({"setting": name} if name else {})}
                 try:

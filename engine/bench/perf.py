@@ -238,11 +238,16 @@ def _launch_recorder(kargs, record: dict):
 
 def _refeature(r: dict, sm: int) -> dict:
     """perfmodel.features of a CSV row. A row with automatic split-K keeps the split count it ran
-    with (its `splits` column), not the one today's rule (perfmodel.auto_splits) would choose."""
+    with (its `splits` column), not the one today's rule (perfmodel.auto_splits) would choose; a
+    wgmma row whose recorded grid has no split tail (collected before perfmodel.tail_split, or
+    under a setting without one) keeps none."""
     kern, cfg = parse_key(r["config"])
     auto = kern != "gemv" and not cfg.get("splits") and int(r.get("splits") or 0) > 0
     if auto:
         cfg = {**cfg, "splits": int(r["splits"])}
+    if kern == "wgmma" and r.get("grid_x") and perfmodel.launch_plan(
+            kern, cfg, r["m"], r["n"], r["k"], r["group"], sm)["grid"][0] != int(r["grid_x"]):
+        cfg = {**cfg, "tail": 1}
     f = perfmodel.features(kern, cfg, r["m"], r["n"], r["k"], r["group"], sm, {"regs": r["regs"], "occ": r["occ"]})
     if auto:
         f["split_auto"] = 1
@@ -1057,7 +1062,7 @@ def ab(model_path=None, shape: str = "llama7b", lens=(512, 2048), batches=(1, 8)
                     def run(toks=toks, cache=cache):
                         cache.lens_host[:] = 0
                         gm.prefill(toks, cache)
-                    s = _timed(cp, run, reps)                         # a warm-up call (picks), then the median
+                    s = _timed(cp, run, reps)                         # warm-up (picks, clocks), then the median
                     got.setdefault(("prefill", t, 1), {}).setdefault(policy, []).append(t / s)
                 for b in batches:
                     cache = gm.new_cache(128 + 34, batch=b)

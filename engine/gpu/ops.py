@@ -474,16 +474,26 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     tiles = -(-m // tile_m) * -(-R // tile_rt)
     splits = cfg.get("splits") or _splits(tiles, C // 2, bps)
     splits = int(max(1, min(splits, C // 2)))
-    ws, cnt = _workspace(splits * tiles * nreg * threads if splits > 1 else 0, tiles)
+    tail_from, tail_splits = tiles, 1
+    if kernel == "wgmma":
+        try:
+            tail_from, tail_splits = perfmodel.wgmma_tail(cfg, tiles, splits, C // 2,
+                                                          bps * kernels.device_info()["sm_count"])
+        except perfmodel.PerfModelError as e:
+            raise CudaOpError(str(e)) from None
+    split_tiles = splits * tiles if splits > 1 else tail_splits * (tiles - tail_from) if tail_splits > 1 else 0
+    ws, cnt = _workspace(split_tiles * nreg * threads, tiles)
     set_smem(kargs.function(kf, expr), smem)
     if kernel == "mma":
         kargs.launch(kf, f"gemm_a8w4_mma<{bm},{st},{o}>", (tiles, splits), (threads,), shared_mem=smem,
                      qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,
                      M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits)
     else:
-        kargs.launch(kf, f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>", (tiles, splits), (threads,),
-                     shared_mem=smem, qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws,
-                     counters=cnt, M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits)
+        kargs.launch(kf, f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>",
+                     (tail_from + (tiles - tail_from) * tail_splits, splits), (threads,), shared_mem=smem,
+                     qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,
+                     M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits,
+                     tail_from=tail_from, tail_splits=tail_splits)
     return out
 
 

@@ -92,6 +92,40 @@ def auto_splits(tiles: int, kt: int, blocks_per_sm: int, sm_count: int) -> int:
     return int(max(1, min(kt // 4, math.floor(target / tiles), 16)))
 
 
+def tail_split(tiles: int, kt: int, slots: int) -> tuple[int, int]:
+    """(tail_from, tail_splits) of a wgmma launch with no K split: where the tiles fill whole
+    waves of `slots` (SMs × blocks/SM) and leave a partial one, that wave's tiles split K as many
+    ways as still fit one round of the slots (the rule of auto_splits, for the tail alone; at
+    most GEMM.wgmma_tail_max, each split 4 stages or more): the data-parallel + split-K hybrid
+    of CUTLASS's stream-K scheduler, in its simplest form. A tail of more than half the slots
+    stays whole: H200, 256-token tile, 344 tiles (80 in the tail) ran 3 % slower split 3 ways
+    and 9 % slower 2 ways, a partial wave being faster than a full one (fewer blocks share L2);
+    36 tiles 3 ways: 11 % faster (docs/KERNELS.md). (tiles, 1): no split tail."""
+    full, tail = divmod(tiles, slots)
+    s = min(GEMM.wgmma_tail_max, slots // tail if tail else 0, kt // 4)
+    if full == 0 or s < 2:
+        return tiles, 1
+    return tiles - tail, s
+
+
+def wgmma_tail(cfg: dict, tiles: int, splits: int, kt: int, slots: int) -> tuple[int, int]:
+    """(tail_from, tail_splits) of a wgmma launch: tail_split where K is not split, unless cfg
+    ["tail"] says: s (the last, partial wave's tiles split s ways; 1: none) or [tail_from, s] (the
+    tiles from tail_from on, any tail_from below tiles: tests)."""
+    t = cfg.get("tail")
+    if t is None:
+        return tail_split(tiles, kt, slots) if splits == 1 else (tiles, 1)
+    if isinstance(t, int):
+        t = [tiles - tiles % slots if tiles > slots and tiles % slots else tiles, t]
+    tail_from, ts = (int(v) for v in t)
+    if tail_from == tiles:
+        return tiles, 1
+    if splits != 1 or not 0 <= tail_from < tiles or not 1 <= ts <= kt:
+        raise PerfModelError(f"tail {cfg['tail']}: want [tail_from < {tiles} tiles, 1 <= splits <= {kt}] "
+                             f"and no K split of the whole (splits = {splits})")
+    return tail_from, ts
+
+
 def launch_plan(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_count: int) -> dict:
     """What gpu/ops.py _run_gemm launches for this configuration: expr, grid, block, smem and
     the tile geometry."""
@@ -127,8 +161,11 @@ def launch_plan(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_c
     tiles = -(-m // tile_m) * -(-R // tile_rt)
     splits = cfg.get("splits") or auto_splits(tiles, C // 2, bps, sm_count)
     splits = int(max(1, min(splits, C // 2)))
-    p.update(grid=(tiles, splits), threads=threads, smem=smem, splits=splits, split_auto=int(not cfg.get("splits")),
-             tile_m=tile_m, tile_n=TILE_N * tile_rt, tile_k=128, tiles=tiles, nreg=nreg)
+    tail_from, tail_splits = (wgmma_tail(cfg, tiles, splits, C // 2, bps * sm_count) if kernel == "wgmma"
+                              else (tiles, 1))
+    p.update(grid=(tail_from + (tiles - tail_from) * tail_splits, splits), threads=threads, smem=smem,
+             splits=splits, split_auto=int(not cfg.get("splits")), tile_m=tile_m, tile_n=TILE_N * tile_rt,
+             tile_k=128, tiles=tiles, nreg=nreg, tail_from=tail_from, tail_splits=tail_splits)
     return p
 
 
@@ -144,7 +181,10 @@ def features(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_coun
     w_bytes = n_pad * k_pad // 2 + (n_pad // TILE_N) * (k_pad // group) * 32 + 4 * n_pad   # qw + meta + s8
     x_bytes = m * k_pad + 4 * m
     o_bytes = 2 * m * n
-    ws_bytes = 2 * 4 * p["splits"] * p["tiles"] * p["nreg"] * p["threads"] if p["splits"] > 1 else 0
+    split_tiles = p["splits"] * p["tiles"] if p["splits"] > 1 else 0
+    if p.get("tail_splits", 1) > 1:
+        split_tiles = p["tail_splits"] * (p["tiles"] - p["tail_from"])
+    ws_bytes = 2 * 4 * split_tiles * p["nreg"] * p["threads"]
     nbytes = w_bytes + x_bytes + o_bytes + ws_bytes
     m_tiles = -(-m // p["tile_m"])
     n_tiles = -(-n_pad // p["tile_n"])

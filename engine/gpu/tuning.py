@@ -267,8 +267,8 @@ def wgmma_blocks(bt: int, nwg: int, wpf: int, stages: int = 4) -> int:
     if wpf == 0:                        # registers as the 2-stage register ring, or shared memory
         by_smem = SM_SMEM // (wgmma_smem(bt, stages, nwg, wpf) + 1024)
         return min(wgmma_blocks(bt, nwg, 2), by_smem)
-    if nwg == 1 and bt <= 128:          # 128 threads: 94 / 123 / 127 registers (nvcc 13.0, sm_90a)
-        return 5 if bt <= 64 and wpf <= 2 else 4 if bt <= 64 else 3   # BT = 128: its 67 KB of stages bind
+    if nwg == 1 and bt <= 128:          # 128 threads: 102 / 119 / 127 registers (nvcc 13.0, sm_90a; 94
+        return 4 if bt <= 64 else 3     # kept 64/4/1/2/2 five blocks before the split tail); BT = 128: 67 KB of stages
     if nwg != 2 or bt >= 256:
         return 1
     if bt <= 32:
@@ -341,6 +341,10 @@ class GemmTuning:
     mma_bm_small: int = 64
     mma_small_max_m: int = 64
     split_target: float = 1.0   # split K while tiles*splits <= split_target * SMs * blocks/SM (perfmodel.auto_splits)
+    # wgmma with more tiles than one wave and no K split: the last, partial wave's tiles split K as
+    # many ways as fit one round (perfmodel.tail_split), at most wgmma_tail_max (1: never; 6: the
+    # most timed, H200 M = 4096 5120×13824, 12 tiles in the tail: 0.606 -> 0.578 ms)
+    wgmma_tail_max: int = 6
     # sm_90 only; the portable mma.sync path is the fallback. DGQ_NO_WGMMA=1 turns it off (flags.py)
     use_wgmma: bool = flags.WGMMA
 
