@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from engine.gpu.backend import cupy_or_none
+from engine.bench.common import warm_clocks
 from engine.bench.e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
 from engine.gpu import tuning
 from engine.gpu.model import CudaModel
@@ -37,8 +38,7 @@ def main():
     def run():
         cache.lens_host[:] = 0
         gm.prefill(toks, cache)
-    run()
-    cp.cuda.Device().synchronize()
+    warm_clocks(cp, run)
     ts = []
     for _ in range(5):
         t0 = time.perf_counter()

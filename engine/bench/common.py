@@ -64,6 +64,18 @@ def _spin(ns: int):
     _spin_module().get_function("spin")((1,), (1,), (np.uint64(ns),))
 
 
+def warm_clocks(cp, fn, seconds: float = 0.5) -> None:
+    """Call fn until `seconds` of wall time have passed (at least once), synchronizing after each:
+    an idle H200 sits at 345 MHz and takes tens of milliseconds of work to reach its 1980 MHz
+    boost, so a prefill timed after one warm-up call ran up to 2× slow (docs/KERNELS.md)."""
+    t0 = time.perf_counter()
+    while True:
+        fn()
+        cp.cuda.Device().synchronize()
+        if time.perf_counter() - t0 >= seconds:
+            return
+
+
 def launch_overhead_ms() -> float:
     """Median event-timed duration of an empty kernel: the floor under every row's time."""
     fn = _spin_module().get_function("empty")

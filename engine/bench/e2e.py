@@ -44,7 +44,7 @@ from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
 from ..model.kv_cache import bytes_per_position as kv_bytes_per_position
-from .common import BenchError, copy_bandwidth
+from .common import BenchError, copy_bandwidth, warm_clocks
 
 SMOLLM2, LLAMA2_7B, LLAMA3_8B = (shape_config(n) for n in ("smollm2", "llama7b", "llama3-8b"))
 MODELS = {"smollm2": (SMOLLM2, "SmolLM2-135M-shaped (random DGQ)"),
@@ -119,8 +119,7 @@ def dequantized_copy(mw: ModelWeights) -> ModelWeights:
 
 
 def _timed(cp, fn, reps):
-    fn()
-    cp.cuda.Device().synchronize()
+    warm_clocks(cp, fn)
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -153,7 +152,7 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
         def run():
             cache.lens_host[:] = 0
             gm.prefill(toks, cache)
-        s = _timed(cp, run, 3)
+        s = _timed(cp, run, 10)
         return dict(model=label, phase="prefill", tokens=t, batch=1, seconds=s, tok_s=t / s,
                     bits_per_param=bits, weight_bytes=wb["linears"] + wb["other"])
 
