@@ -681,6 +681,14 @@ def test_auto_splits_fill_one_wave_and_refit_keeps_recorded_splits(rows):
     assert tuning.wgmma_blocks(64, 1, 0, 4) == 4
 
 
+def test_wgmma_cfg_as_cfg_is_asdict():
+    """WgmmaCfg.as_cfg (gpu/ops.py's cfg of a table tile) is dataclasses.asdict, for every tile."""
+    cfgs = [c for _, c in tuning.GEMM.wgmma_wsm_tiles] + list(tuning.GEMM.wgmma.values()) + [
+        tuning.GEMM.wgmma_wsm_few, tuning.WgmmaCfg(*tuning.WGMMA_CFGS[0], 3)]
+    for c in cfgs:
+        assert c.as_cfg() == dataclasses.asdict(c) and list(c.as_cfg()) == list(tuning.WGMMA_KEYS)
+
+
 def test_tail_split_fills_one_round_and_leaves_big_tails_whole(monkeypatch):
     """tail_split: the last, partial wave's tiles split as many ways as fit one round of the slots
     (one block an SM: 132), at most wgmma_tail_max; never without a partial wave, never with less

@@ -28,7 +28,6 @@ split-K workspace.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -460,7 +459,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     elif kernel == "wgmma":
         if not has_wgmma():
             raise CudaOpError("the wgmma kernel needs an sm_90 GPU (H100/H200)")
-        cfg = {**dataclasses.asdict(tuning.wgmma_cfg(m, n)), **cfg}
+        cfg = {**tuning.wgmma_cfg(m, n).as_cfg(), **cfg}
         bt, st, nwg, wpf, ovl = (cfg[key] for key in WGMMA_KEYS[:5])
         if (bt, st, nwg, wpf, ovl) not in WGMMA_CFGS:
             raise CudaOpError(f"wgmma config {(bt, st, nwg, wpf, ovl)} is not instantiated (WGMMA_CFGS)")
