@@ -175,7 +175,7 @@ __device__ __forceinline__ void dq_kstep(const u32x4 (&w)[2], const DqConst (&lo
 // host never sets both splits > 1 and a tail, engine/gpu/perfmodel.py wgmma_tail). The epilogue
 // calls it again rather than keep the job live through the main loop. Reading %ctaid through
 // asm volatile instead (no common subexpression) ran 2.5-7 % slower (H200, same process); this
-// form, against the kernel before the tail: -2 % (256-token tile) to +2 % (128/4/1/0/2), and
+// form, against the kernel before the tail: -2 % (256-token tile) to +2.6 % (128/4/1/0/2), and
 // 0-15 more registers, which took 64/4/1/2/2's fifth block an SM (tuning.wgmma_blocks).
 struct TileJob { int tile, split, nsplit, slot, nslots; };
 __device__ __forceinline__ TileJob tile_job(int num_tiles, int splits, int tail_from, int tail_splits) {

@@ -131,6 +131,20 @@ def test_gemm_tune_tails_and_tiles_filter_the_variants(monkeypatch):
     assert not any("tail" in c and not c["splits"] == 1 for _, c in gemm._variants(256, (), (2,)))
 
 
+def test_gemm_pick_leaves_out_the_tail_rows(tmp_path):
+    """gemm-pick chooses among the landed rows only: a --tails row (cfg "tail") of a slower tile
+    must not stand for that tile (it would replace the tile's own time in the pick's sums)."""
+    base = {"m": 2048, "k": 4096, "n": 22016, "kernel": "wgmma"}
+    fast = {"bt": 256, "stages": 4, "nwg": 2, "wpf": 0, "ovl": 2, "splits": 1}
+    slow = {"bt": 128, "stages": 4, "nwg": 2, "wpf": 2, "ovl": 2, "splits": 1}
+    rows = [{**base, "cfg": fast, "ms": 1.0}, {**base, "cfg": slow, "ms": 2.0},
+            {**base, "cfg": {**slow, "tail": 2}, "ms": 0.5}, {**base, "cfg": {**fast, "tail": 2}, "ms": 3.0}]
+    log = tmp_path / "tune.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["gemm-pick", str(log), "--out", str(tmp_path / "picks.json")]) == 0
+    assert json.loads((tmp_path / "picks.json").read_text())["wgmma"]["large"]["bt"] == 256
+
+
 def test_gemm_tune_variants_reach_the_tables_tiles():
     """gemm-tune times, at every M, the tile the table runs there (WPF = 0 ones included), and no
     tile of another M range: BT = 64 up to M = 256 only with WPF = 0, BT = 256 from M = 129 only

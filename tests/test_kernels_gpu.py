@@ -422,6 +422,26 @@ def test_wgmma_split_tail_bitexact():
 
 @gpu
 @needs_gpu
+def test_wgmma_automatic_split_tail_bitexact():
+    """The split tail the 256-token tile takes by itself on a shape past one wave (M = 1024, the
+    tiles one wave + 12 on this GPU's SMs: perfmodel.tail_split splits those 12 tiles), and as
+    cfg {"tail": 2}, int32 accumulators bit-exact."""
+    if not ops_cuda.has_wgmma():
+        pytest.skip("needs sm_90")
+    from engine.gpu import kernels, perfmodel
+    sm = kernels.device_info()["sm_count"]
+    n, k = 128 * -(-(sm + 12) // 4), 3072
+    cfg = {"bt": 256, "stages": 4, "nwg": 2, "wpf": 0, "ovl": 2, "splits": 1}
+    plan = perfmodel.launch_plan("wgmma", cfg, 1024, n, k, 128, sm)
+    assert plan["tail_splits"] > 1 and plan["tail_from"] == plan["tiles"] - plan["tiles"] % sm
+    ql = random_dg(n, k, 128, seed=5)
+    x8 = random_x8(1024, k, seed=6)
+    for c in (cfg, {**cfg, "tail": 2}):
+        _acc_check(ql, x8, "wgmma", cfg=c)
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("group", [64, 128])
 def test_wgmma_shared_memory_weights_bitexact(group):
     """The WPF = 0 tiles (weights and meta through the shared-memory ring with the activations)

@@ -736,6 +736,10 @@ def test_launch_plan_and_refeature_carry_the_split_tail(monkeypatch):
          "occ": 1, "splits": 1, "grid_x": 432}
     assert perf._refeature(r, 132)["grid"] == 432
     assert perf._refeature({**r, "grid_x": 504}, 132)["grid"] == 504
+    f2 = perf._refeature({**r, "grid_x": 396 + 36 * 2}, 132)       # run under another tail count
+    assert f2["grid"] == 468 and f2["bytes"] - f0["bytes"] == 2 * 4 * 2 * 36 * 128 * 256
+    with pytest.raises(PerfModelError, match="split tail"):
+        perf._refeature({**r, "grid_x": 450}, 132)
 
 
 def test_wgmma_wsm_knob_gives_every_m_a_wpf0_tile(monkeypatch):

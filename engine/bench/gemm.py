@@ -233,7 +233,8 @@ def apply_tune(path: str) -> dict:
 def cmd_gemm_pick(args) -> int:
     """Choose, per M bucket, the configuration with the smallest summed time in a tune log."""
     rows = [json.loads(line) for line in open(args.tune_log) if line.strip()]
-    rows = [r for r in rows if "ms" in r and not r.get("setting")]      # not the --ab / --patch rows
+    # not the --ab / --patch rows, nor the --tails ones (the table's tiles run the automatic tail)
+    rows = [r for r in rows if "ms" in r and not r.get("setting") and "tail" not in (r.get("cfg") or {})]
     picks: dict = {"wgmma": {}, "gemv": {}}
     buckets = {name: (lambda m, name=name: m > tuning.GEMM.gemv_max_m and tuning.wgmma_bucket(m) == name)
                for name in tuning.WGMMA_BUCKETS}
@@ -310,7 +311,8 @@ TUNE_CASES = [(1, 8192, 8192), (1, 4096, 4096), (16, 8192, 8192), (16, 4096, 409
 def _variants(m, splits=(), tails=(), tiles=None):
     """Every kernel configuration that applies to M rows; splits: explicit split-K counts to time
     beside automatic and none (M <= 512); tails: split counts of the last, partial wave (cfg
-    "tail") to time beside the automatic one where K is not split, wgmma only; tiles: only these
+    "tail") to time beside the automatic one where K is not split, wgmma only (a shape whose tiles
+    fill whole waves, or less than one, runs the same launch for every count); tiles: only these
     wgmma tiles (BT, STAGES, NWG, WPF, OVL) and no GEMV or mma.sync."""
     v = []
     if tiles is not None:

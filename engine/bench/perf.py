@@ -236,6 +236,22 @@ def _launch_recorder(kargs, record: dict):
     return orig, rec
 
 
+def _recorded_tail(kern: str, cfg: dict, r: dict, sm: int) -> list:
+    """[tail_from, splits] of the split tail a wgmma row ran with, read off its recorded grid:
+    the tiles past the last whole wave, split (grid_x − tail_from) / tail ways; none where the
+    grid is the tiles (rows collected before the split tail, or with it off)."""
+    p = perfmodel.launch_plan(kern, {**cfg, "tail": 1}, r["m"], r["n"], r["k"], r["group"], sm)
+    tiles, gx = p["tiles"], int(r["grid_x"])
+    if gx == tiles or p["splits"] != 1 or int(r.get("grid_y") or 1) != 1:
+        return [tiles, 1]
+    slots = sm * max(int(r["occ"]), 1)
+    tail_from = tiles - tiles % slots if tiles > slots else 0
+    tail = tiles - tail_from
+    if tail <= 0 or (gx - tail_from) % tail:
+        raise perfmodel.PerfModelError(f"grid {gx} of {tiles} tiles is no split tail of {slots} slots")
+    return [tail_from, (gx - tail_from) // tail]
+
+
 def _refeature(r: dict, sm: int) -> dict:
     """perfmodel.features of a CSV row. A row with automatic split-K keeps the split count it ran
     with (its `splits` column), not the one today's rule (perfmodel.auto_splits) would choose; a
@@ -245,9 +261,8 @@ def _refeature(r: dict, sm: int) -> dict:
     auto = kern != "gemv" and not cfg.get("splits") and int(r.get("splits") or 0) > 0
     if auto:
         cfg = {**cfg, "splits": int(r["splits"])}
-    if kern == "wgmma" and r.get("grid_x") and perfmodel.launch_plan(
-            kern, cfg, r["m"], r["n"], r["k"], r["group"], sm)["grid"][0] != int(r["grid_x"]):
-        cfg = {**cfg, "tail": 1}
+    if kern == "wgmma" and r.get("grid_x"):
+        cfg = {**cfg, "tail": _recorded_tail(kern, cfg, r, sm)}
     f = perfmodel.features(kern, cfg, r["m"], r["n"], r["k"], r["group"], sm, {"regs": r["regs"], "occ": r["occ"]})
     if auto:
         f["split_auto"] = 1

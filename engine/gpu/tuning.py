@@ -273,7 +273,7 @@ def wgmma_blocks(bt: int, nwg: int, wpf: int, stages: int = 4) -> int:
     if wpf == 0:                        # registers as the 2-stage register ring, or shared memory
         by_smem = SM_SMEM // (wgmma_smem(bt, stages, nwg, wpf) + 1024)
         return min(wgmma_blocks(bt, nwg, 2), by_smem)
-    if nwg == 1 and bt <= 128:          # 128 threads: 102 / 119 / 127 registers (nvcc 13.0, sm_90a; 94
+    if nwg == 1 and bt <= 128:          # 128 threads: 106 / 120 / 128 registers (nvcc 13.0, sm_90a; 94
         return 4 if bt <= 64 else 3     # kept 64/4/1/2/2 five blocks before the split tail); BT = 128: 67 KB of stages
     if nwg != 2 or bt >= 256:
         return 1
