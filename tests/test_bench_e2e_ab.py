@@ -88,3 +88,23 @@ def test_ab_reaches_the_weight_only_tuning_too():
     with ctx():
         assert tuning.WB_TUNE.resident is (not before[0]) and tuning.GEMM.gemv_dp_u == 4
     assert (tuning.WB_TUNE.resident, tuning.GEMM.gemv_dp_u) == before
+
+
+def test_host_ms_times_the_prefill_without_its_wait_on_the_gpu():
+    """e2e's host_ms: fn runs with the model's logits check (its one sync) replaced, which comes
+    back after; the device is synchronised after each call, outside the timed part."""
+    import types
+
+    from engine.bench import e2e
+    from engine.gpu import model as model_mod
+    landed = model_mod.check_finite_logits
+    syncs, seen = [], []
+    cp = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda: types.SimpleNamespace(synchronize=lambda: syncs.append(1))))
+
+    def fn():
+        seen.append(model_mod.check_finite_logits is landed)
+        assert model_mod.check_finite_logits(cp, "logits", "prefill") == "logits"
+    ms = e2e._host_ms(cp, fn, reps=3)
+    assert ms >= 0 and seen == [False] * 3 and len(syncs) == 3
+    assert model_mod.check_finite_logits is landed

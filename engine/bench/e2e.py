@@ -5,8 +5,10 @@ q.safetensors of any shape instead) and a Llama-2-7B-shaped model with random DG
 generated here. Speed depends on shapes, not values, so random weights are honest for
 speed (never for quality). Each model also runs through our FP16 path (cuBLAS linears
 for prefill, our fp16 GEMV in the graphed decode step) as the in-run baseline; the
-A8W4 model also decodes with the INT8 KV cache (kv8 rows). Prints one JSON object per
-row with --json, and a table.
+A8W4 model also decodes with the INT8 KV cache (kv8 rows). A prefill row is the median of
+10 after 0.5 s of warm-up, with host_ms beside it: the time the host takes to issue its
+launches (a row whose host_ms is near its step_ms is bound by the host, not the GPU).
+Prints one JSON object per row with --json, and a table.
 
 --context 128,1024,...: the context table instead (run_context): A8W4 decode tokens/s of each
 model at each context for batch 1, 8 and 32, fp16 and INT8 KV, with the bytes a step must read
@@ -118,6 +120,21 @@ def dequantized_copy(mw: ModelWeights) -> ModelWeights:
     return ModelWeights(config=mw.config, embed=mw.embed, layers=layers, norm=mw.norm, lm_head=mw.lm_head)
 
 
+def _host_ms(cp, fn, reps: int = 5) -> float:
+    """Median milliseconds for fn (a prefill) to return with the logits check, its one wait on
+    the GPU, left out: the host's time to issue the launches. Where it comes near the row's own
+    time the host, not the GPU, bounds the row (a 7B prefill of 512 tokens, 2026-12-04)."""
+    from ..gpu import model as model_mod  # noqa: PLC0415
+    ts = []
+    with _setting(model_mod, check_finite_logits=lambda cp_, logits, where: logits):
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+            cp.cuda.Device().synchronize()
+    return 1e3 * float(np.median(ts))
+
+
 def _timed(cp, fn, reps):
     warm_clocks(cp, fn)
     ts = []
@@ -154,6 +171,7 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
             gm.prefill(toks, cache)
         s = _timed(cp, run, 10)
         return dict(model=label, phase="prefill", tokens=t, batch=1, seconds=s, tok_s=t / s,
+                    step_ms=1e3 * s, host_ms=_host_ms(cp, run),
                     bits_per_param=bits, weight_bytes=wb["linears"] + wb["other"])
 
     for t in prefill_lens:
@@ -579,8 +597,8 @@ def format_context_table(rows) -> str:
 
 
 def format_table(rows) -> str:
-    out = ["| model | phase | tokens | batch | tok/s | step ms | % copy BW | bits/param | GPU MB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | phase | tokens | batch | tok/s | step ms | host ms | % copy BW | bits/param | GPU MB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["phase"] == "profile":
             continue
@@ -589,7 +607,7 @@ def format_table(rows) -> str:
             continue
         f = lambda k, fmt: (fmt % r[k]) if k in r else ""  # noqa: E731
         out.append(f"| {r['model']} | {r['phase']} | {f('tokens', '%d')} | {f('batch', '%d')} | "
-                   f"{f('tok_s', '%.0f')} | {f('step_ms', '%.2f')} | {f('pct_copy_bw', '%.0f')} | "
+                   f"{f('tok_s', '%.0f')} | {f('step_ms', '%.2f')} | {f('host_ms', '%.2f')} | {f('pct_copy_bw', '%.0f')} | "
                    f"{f('bits_per_param', '%.2f')} | {('%.0f' % (r['gpu_bytes'] / 2**20)) if 'gpu_bytes' in r else ''} |")
     return "\n".join(out)
 
