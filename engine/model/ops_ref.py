@@ -54,11 +54,12 @@ def attention(q, k, v, q_start: int, window: int | None = None, scale: float | N
     t, hq, d = q.shape
     s, hkv, _ = k.shape
     rep = hq // hkv
-    # contiguous operands: every head's product then runs the same matmul, however many heads
-    # there are (a tensor-parallel rank's subset gave other roundings in the last bit: strided
-    # views take other paths through NumPy's matmul; tests/test_tp_sim.py)
-    qg = xp.ascontiguousarray(q.reshape(t, hkv, rep, d).transpose(1, 2, 0, 3))   # (Hkv, rep, T, D)
-    kt = xp.ascontiguousarray(k.transpose(1, 2, 0))                              # (Hkv, D, S)
+    qg = q.reshape(t, hkv, rep, d).transpose(1, 2, 0, 3)                  # (Hkv, rep, T, D)
+    # K head-major and contiguous, read transposed: each head's product is then the same matmul
+    # however many heads there are (with k.transpose(1, 2, 0), strided by Hkv, a tensor-parallel
+    # rank's heads rounded otherwise in the last bit, tests/test_tp_sim.py). The copy is of rows
+    # of D: a 2048-key decode step costs as before (a copy of the (D, S) transpose doubled it)
+    kt = xp.ascontiguousarray(k.transpose(1, 0, 2)).swapaxes(-1, -2)     # (Hkv, D, S)
     scale = 1.0 / np.sqrt(d) if scale is None else np.float64(scale)
     scores = (qg @ kt[:, None]) * scale                                   # (Hkv, rep, T, S)
     qpos = q_start + xp.arange(t)[:, None]                                # (T, 1)
@@ -70,7 +71,7 @@ def attention(q, k, v, q_start: int, window: int | None = None, scale: float | N
     scores = scores - scores.max(axis=-1, keepdims=True)
     p = xp.exp(scores)
     p = p / p.sum(axis=-1, keepdims=True)
-    out = p @ xp.ascontiguousarray(v.transpose(1, 0, 2))[:, None]        # (Hkv, rep, T, D)
+    out = p @ v.transpose(1, 0, 2)[:, None]                               # (Hkv, rep, T, D)
     return out.transpose(2, 0, 1, 3).reshape(t, hq * d).astype(xp.float32)
 
 
