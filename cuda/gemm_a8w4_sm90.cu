@@ -172,11 +172,11 @@ __device__ __forceinline__ void dq_kstep(const u32x4 (&w)[2], const DqConst (&lo
 // What a block computes. Tiles below tail_from run whole (or `splits` ways along grid y); the
 // last, partial wave's tiles from tail_from on run tail_splits ways each, split-major along
 // grid x, their partials in a workspace of their own (slot: the tile's place in the tail; the
-// host never sets both splits > 1 and a tail, engine/gpu/perfmodel.py wgmma_tail). The epilogue
-// calls it again rather than keep the job live through the main loop. Reading %ctaid through
-// asm volatile instead (no common subexpression) ran 2.5-7 % slower (H200, same process); this
-// form, against the kernel before the tail: -2 % (256-token tile) to +2.6 % (128/4/1/0/2), and
-// 0-15 more registers, which took 64/4/1/2/2's fifth block an SM (tuning.wgmma_blocks).
+// host never sets both splits > 1 and a tail, engine/gpu/perfmodel.py wgmma_tail). Against the
+// kernel before the tail (H200, same process): -2 % (256-token tile) to +2.6 % (128/4/1/0/2),
+// and 0-15 more registers, which took 64/4/1/2/2's fifth block an SM (tuning.wgmma_blocks).
+// Re-reading %ctaid through asm volatile at the epilogue, so as not to hold the job through the
+// main loop, ran 2.5-7 % slower.
 struct TileJob { int tile, split, nsplit, slot, nslots; };
 __device__ __forceinline__ TileJob tile_job(int num_tiles, int splits, int tail_from, int tail_splits) {
     const u32 bx = blockIdx.x, by = blockIdx.y;
@@ -399,10 +399,7 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
 #pragma unroll
     for (int r = 0; r < NACC; ++r) reg_fence(acc[r]);
 
-    {
-        const TileJob fin = tile_job(num_m * num_n, splits, tail_from, tail_splits);   // see tile_job
-        if (!splitk_reduce<NACC, NT>(acc, ws, counters, fin.slot, fin.split, fin.nsplit, fin.nslots)) return;
-    }
+    if (!splitk_reduce<NACC, NT>(acc, ws, counters, job.slot, split, job.nsplit, job.nslots)) return;
 
     // D fragment (per warp 16 channels x BT tokens): acc[4i+e] is channel
     // 16*rt + g + 8*(e>>1), token m0 + 8i + 2t + (e&1).
