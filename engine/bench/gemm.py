@@ -315,13 +315,9 @@ def _variants(m, splits=(), tails=(), tiles=None):
     fill whole waves, or less than one, runs the same launch for every count); tiles: only these
     wgmma tiles (BT, STAGES, NWG, WPF, OVL) and no GEMV or mma.sync."""
     v = []
-    if tiles is not None:
-        return [(kern, {**cfg, "tail": t}) if t else (kern, cfg)
-                for kern, cfg in _variants(m, splits) if kern == "wgmma"
-                and tuple(cfg[x] for x in ("bt", "stages", "nwg", "wpf", "ovl")) in tiles
-                for t in ((0, *tails) if cfg["splits"] == 1 else (0,))]
-    if tails:
-        return [(kern, {**cfg, "tail": t}) if t else (kern, cfg) for kern, cfg in _variants(m, splits)
+    if tails or tiles is not None:
+        return [(kern, {**cfg, "tail": t} if t else cfg) for kern, cfg in _variants(m, splits)
+                if tiles is None or (kern == "wgmma" and tuple(cfg[x] for x in tuning.WGMMA_KEYS[:5]) in tiles)
                 for t in ((0, *tails) if kern == "wgmma" and cfg["splits"] == 1 else (0,))]
     if m <= 32:
         mt = 1 if m <= 8 else 2 if m <= 16 else 4

@@ -108,7 +108,7 @@ def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool, modeled: 
         return "gemv", {"mt": mt, "rw": rw, "u": u, "nw": nw}
     if GEMM.use_wgmma and wgmma:
         c = wgmma_cfg(m, n, modeled)
-        return "wgmma", {"bt": c.bt, "stages": c.stages, "nwg": c.nwg, "wpf": c.wpf, "ovl": c.ovl, "splits": c.splits}
+        return "wgmma", c.as_cfg()
     return "mma", {"bm": GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128, "stages": 4, "splits": None}
 
 

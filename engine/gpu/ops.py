@@ -480,8 +480,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
                                                           bps * kernels.device_info()["sm_count"])
         except perfmodel.PerfModelError as e:
             raise CudaOpError(str(e)) from None
-    split_tiles = splits * tiles if splits > 1 else tail_splits * (tiles - tail_from) if tail_splits > 1 else 0
-    ws, cnt = _workspace(split_tiles * nreg * threads, tiles)
+    ws, cnt = _workspace(perfmodel.split_tiles(tiles, splits, tail_from, tail_splits) * nreg * threads, tiles)
     set_smem(kargs.function(kf, expr), smem)
     if kernel == "mma":
         kargs.launch(kf, f"gemm_a8w4_mma<{bm},{st},{o}>", (tiles, splits), (threads,), shared_mem=smem,

@@ -126,6 +126,14 @@ def wgmma_tail(cfg: dict, tiles: int, splits: int, kt: int, slots: int) -> tuple
     return tail_from, ts
 
 
+def split_tiles(tiles: int, splits: int, tail_from: int, tail_splits: int) -> int:
+    """How many partial tiles a launch's split-K workspace holds: every tile's splits, or the
+    split tail's (the host never sets both)."""
+    if splits > 1:
+        return splits * tiles
+    return tail_splits * (tiles - tail_from) if tail_splits > 1 else 0
+
+
 def launch_plan(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_count: int) -> dict:
     """What gpu/ops.py _run_gemm launches for this configuration: expr, grid, block, smem and
     the tile geometry."""
@@ -181,10 +189,8 @@ def features(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_coun
     w_bytes = n_pad * k_pad // 2 + (n_pad // TILE_N) * (k_pad // group) * 32 + 4 * n_pad   # qw + meta + s8
     x_bytes = m * k_pad + 4 * m
     o_bytes = 2 * m * n
-    split_tiles = p["splits"] * p["tiles"] if p["splits"] > 1 else 0
-    if p.get("tail_splits", 1) > 1:
-        split_tiles = p["tail_splits"] * (p["tiles"] - p["tail_from"])
-    ws_bytes = 2 * 4 * split_tiles * p["nreg"] * p["threads"]
+    parts = split_tiles(p["tiles"], p["splits"], p.get("tail_from", p["tiles"]), p.get("tail_splits", 1))
+    ws_bytes = 2 * 4 * parts * p["nreg"] * p["threads"]
     nbytes = w_bytes + x_bytes + o_bytes + ws_bytes
     m_tiles = -(-m // p["tile_m"])
     n_tiles = -(-n_pad // p["tile_n"])
