@@ -2,19 +2,18 @@
 
     python bench/profile_prefill.py [--model smollm2|llama7b] [--tokens 512]
 
-Times the prefill (median of 5 after a warm-up), then runs one under cProfile and prints the
-functions with the most host time. Prefill launches eagerly, through CuPy (no PDL).
+Times the prefill (median of 5 after 0.5 s of warm-up) and the host's time to issue its launches
+(engine.bench.e2e.prefill_host_ms: near the total, the host bounds it), then runs one under
+cProfile and prints the functions with the most host time. Prefill launches eagerly, through CuPy (no PDL).
 """
 import argparse
 import cProfile
 import pstats
-import time
 
 import numpy as np
 
 from engine.gpu.backend import cupy_or_none
-from engine.bench.common import warm_clocks
-from engine.bench.e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, random_model
+from engine.bench.e2e import LLAMA2_7B, SMOLLM2, _timed, dequantized_copy, prefill_host_ms, random_model
 from engine.gpu import tuning
 from engine.gpu.model import CudaModel
 
@@ -38,17 +37,10 @@ def main():
     def run():
         cache.lens_host[:] = 0
         gm.prefill(toks, cache)
-    warm_clocks(cp, run)
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        run()
-        t1 = time.perf_counter()
-        cp.cuda.Device().synchronize()
-        ts.append((t1 - t0, time.perf_counter() - t0))
-    host, total = np.median([t[0] for t in ts]), np.median([t[1] for t in ts])
+    total = _timed(cp, run, 5)                      # after 0.5 s of warm-up
+    host = prefill_host_ms(cp, run)
     print(f"{a.model} {'FP16' if a.fp16 else 'A8W4'} prefill {a.tokens}: {1e3 * total:.2f} ms "
-          f"({a.tokens / total:.0f} tok/s), host returns after {1e3 * host:.2f} ms")
+          f"({a.tokens / total:.0f} tok/s); the host issues its launches in {host:.2f} ms")
     if a.no_profile:
         return
     prof = cProfile.Profile()

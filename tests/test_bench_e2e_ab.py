@@ -105,6 +105,6 @@ def test_host_ms_times_the_prefill_without_its_wait_on_the_gpu():
     def fn():
         seen.append(model_mod.check_finite_logits is landed)
         assert model_mod.check_finite_logits(cp, "logits", "prefill") == "logits"
-    ms = e2e._host_ms(cp, fn, reps=3)
+    ms = e2e.prefill_host_ms(cp, fn, reps=3)
     assert ms >= 0 and seen == [False] * 3 and len(syncs) == 3
     assert model_mod.check_finite_logits is landed

@@ -120,7 +120,7 @@ def dequantized_copy(mw: ModelWeights) -> ModelWeights:
     return ModelWeights(config=mw.config, embed=mw.embed, layers=layers, norm=mw.norm, lm_head=mw.lm_head)
 
 
-def _host_ms(cp, fn, reps: int = 5) -> float:
+def prefill_host_ms(cp, fn, reps: int = 5) -> float:
     """Median milliseconds for fn (a prefill) to return with the logits check, its one wait on
     the GPU, left out: the host's time to issue the launches. Where it comes near the row's own
     time the host, not the GPU, bounds the row (a 7B prefill of 512 tokens, 2026-12-04)."""
@@ -171,7 +171,7 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
             gm.prefill(toks, cache)
         s = _timed(cp, run, 10)
         return dict(model=label, phase="prefill", tokens=t, batch=1, seconds=s, tok_s=t / s,
-                    step_ms=1e3 * s, host_ms=_host_ms(cp, run),
+                    step_ms=1e3 * s, host_ms=prefill_host_ms(cp, run),
                     bits_per_param=bits, weight_bytes=wb["linears"] + wb["other"])
 
     for t in prefill_lens:
