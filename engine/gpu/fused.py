@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kargs, kernels, launch
+from . import cublas, kargs, kernels, launch
 from .backend import BackendError, cupy_or_none
 from .tuning import GEMV_F16, PREFETCH, ROW_VARIANTS, ROWS
 
@@ -227,8 +227,16 @@ def prefetch_l2(ranges) -> bool:
     return True
 
 
+def f16_capturable(m: int, k: int) -> bool:
+    """Whether matmul_f16 of M rows of width K can be captured in a CUDA graph: our GEMV's
+    rows, or cuBLAS called through gpu/cublas.py."""
+    return (m <= GEMV_F16.max_m and k % 8 == 0) or cublas.available()
+
+
 def matmul_f16(cp, x, w, out):
-    """out (M, N) fp16 = x (M, K) · w (N, K)ᵀ: our GEMV for M ≤ 8 (graph-capturable), else cuBLAS.
+    """out (M, N) fp16 = x (M, K) · w (N, K)ᵀ: our GEMV below GEMV_F16.blas_from rows, else
+    cuBLAS (gpu/cublas.py, capturable); where that cannot load, the GEMV up to 8 rows and
+    cp.matmul past them (eager only).
 
     Used for the lm_head and the FP16 path's linears, which sit inside the captured decode step.
     w must be a weight (no kernel of the step writes it): the GEMV reads its first rows before
@@ -236,11 +244,11 @@ def matmul_f16(cp, x, w, out):
     """
     m, k = x.shape
     n = w.shape[0]
-    if m <= GEMV_F16.max_m and k % 8 == 0:
+    if m <= GEMV_F16.max_m and k % 8 == 0 and (m < GEMV_F16.blas_from or not cublas.available()):
         mt = next(t for t in GEMV_F16.mts if t >= m)
         kargs.launch(FUSED, f"gemv_f16_m{mt}", (-(-n // GEMV_F16.rows_per_block),), (GEMV_F16.threads,),
                      x=x, w=w, out=out, M=m, N=n, K=k)
-    else:
+    elif not cublas.gemm_f16(cp, x, w, out):
         cp.matmul(x, w.T, out=out)
     return out
 

@@ -12,8 +12,9 @@ and max-reduces the row's absmax, attn_decode max-reduces its output's, and quan
 launches (no reduction) quantize both rows: silu_mul_quant and quant_rows drop out of the
 step. The residual stream is float32; GEMM outputs and q are float16; the KV cache is float16,
 or INT8 with one float32 scale per token and kv head (kv8). Layers whose weights are float run
-the same steps with FP16 linears (cuBLAS for prefill, our fp16 GEMV for up to 8 rows, so their
-decode step is graphed too): that is "our FP16 path", the in-run speed baseline.
+the same steps with FP16 linears (our fp16 GEMV for up to 8 rows, cuBLAS past them, called
+through gpu/cublas.py so that the decode step is graphed at every batch too): that is "our FP16
+path", the in-run speed baseline.
 
 The families (engine/io/config.py features()) add launches only where a config asks for them
 (GpuLayer's extras): qk_norm_bias after the qkv GEMM (q|k|v biases, per-head q/k norms, before
@@ -47,7 +48,7 @@ from .backend import BackendError, require_cupy
 from .cache import Buffers, GpuKVCache
 from .fused import MODE
 from .linear import GpuLinear, to_f16
-from .tuning import ATTENTION, DECODE, GEMM, GEMV_F16, PREFETCH
+from .tuning import ATTENTION, DECODE, GEMM, PREFETCH
 
 
 @dataclass
@@ -188,8 +189,8 @@ class CudaModel:
         # widest int8/fp16 activation row: K padded to the GEMM's multiple of the group
         self._wide = max([c.hidden_size, c.intermediate_size, c.q_size] +
                          [g.kp for L in self.layers for g in L.linears()])
-        # CuPy cannot capture cuBLAS calls: float linears are graphed through our fp16 GEMV
-        # (M ≤ GEMV_F16.max_m, K % 8 == 0); otherwise such a model decodes eagerly
+        # float linears are graphed through our fp16 GEMV (M ≤ GEMV_F16.max_m, K % 8 == 0) or
+        # cuBLAS called past CuPy (gpu/cublas.py); where neither can, such a model decodes eagerly
         self._f16_ks = [g.w16.shape[1] for L in self.layers for g in L.linears() if g.w16 is not None]
         # the residual add folds into the A8W4 GEMV only (not the fp16 or b-bit weight-only ones)
         self._all_a8w4 = all(g.packed is not None for L in self.layers for g in L.linears())
@@ -436,12 +437,11 @@ class CudaModel:
 
     def graphable(self, batch: int) -> tuple[bool, bool]:
         """(layers, head): whether a decode step for `batch` sequences can be captured up to the
-        final norm, and the lm_head with sampling too. CuPy cannot capture cuBLAS: A8W4 linears
-        always can be, float linears and the lm_head through our fp16 GEMV (M ≤ GEMV_F16.max_m),
-        an INT8 lm_head at any batch (8-row slices of its GEMV)."""
-        gemv = batch <= GEMV_F16.max_m
-        return (all(gemv and k % 8 == 0 for k in self._f16_ks),
-                self.lm_scale is not None or (gemv and self.config.hidden_size % 8 == 0))
+        final norm, and the lm_head with sampling too. A8W4 linears always can be, an INT8
+        lm_head at any batch (8-row slices of its GEMV); float linears and the fp16 lm_head
+        where fused.f16_capturable (our GEMV's rows, or cuBLAS through gpu/cublas.py)."""
+        return (all(fused.f16_capturable(batch, k) for k in self._f16_ks),
+                self.lm_scale is not None or fused.f16_capturable(batch, self.config.hidden_size))
 
     # ------------------------------------------------------------------ prefill / full forward
     def _attend_prefill(self, cache: GpuKVCache, s: int, start: int, t: int, pos, seqs):
