@@ -331,3 +331,47 @@ def test_cached_bind_and_launch_match_the_checked_one(monkeypatch):
     with pytest.raises(kargs.KernelArgError, match=r"missing \['tok'\], unknown none"):
         launch(kf, expr, (1,), (32,), **short)
     assert len(kargs._BOUND) == 1 and len(seen) == 2                        # nothing wrong was cached
+
+
+def test_edited_source_compiles_only_the_kernel_asked_for(monkeypatch):
+    """Under kargs.patched (a benchmark's A/B), kernels.function compiles the one instantiation
+    it is asked for, not the file's every one; where a caller compiled the whole edited file
+    already (CudaModel, up front), it takes the kernel from that module. Landed source: always the
+    whole list. (A fake CuPy records what each RawModule was compiled with.)"""
+    compiled = []
+
+    class FakeModule:
+        def __init__(self, code, options, name_expressions):
+            self.code, self.exprs = code, tuple(name_expressions)
+
+        def compile(self):
+            compiled.append((self.exprs, "EDITED" in self.code))
+
+        def get_function(self, expr):
+            assert expr in self.exprs
+            return object()
+
+    class FakeCupy:
+        RawModule = FakeModule
+
+    monkeypatch.setattr(kernels.backend, "cupy_or_none", lambda: FakeCupy)
+    monkeypatch.setattr(kernels, "arch_flag", lambda: "sm_90a")
+    monkeypatch.setattr(kernels, "_MODULES", {})
+    monkeypatch.setattr(kernels, "_FUNCS", {})
+    file = "fused.cu"
+    old = "quant_amax"                                   # occurs in fused.cu's inlined source
+    assert old in kernels.source(file)
+    exprs = ("quant_amax<float>", "quant_amax<__half>", "gemv_f16_m1")
+    kernels.function(file, exprs[0], exprs)
+    assert compiled == [(exprs, False)]                  # landed: the whole file
+    with kargs.patched([(file, old, old + " /*EDITED*/")]):
+        kernels.function(file, exprs[1], exprs)
+        kernels.function(file, exprs[2], exprs)
+        kernels.function(file, exprs[2], exprs)          # cached
+    assert compiled[1:] == [((exprs[1],), True), ((exprs[2],), True)]
+    compiled.clear()
+    monkeypatch.setattr(kernels, "_FUNCS", {})
+    with kargs.patched([(file, old, old + " /*EDITED 2*/")]):
+        kernels.module(file, exprs)                      # up front, as CudaModel does
+        kernels.function(file, exprs[0], exprs)
+    assert compiled == [(exprs, True)]
