@@ -1,13 +1,15 @@
 """Where a prefill of a random Llama-2-7B-shaped DGQ model spends its time, A8W4 against FP16.
 
     python bench/prefill_breakdown.py [--tokens 2048] [--model llama7b|smollm2] [--row-vec 8,1]
+                                      [--act-per 0,32]
 
 Runs one warm prefill with every launch (row kernels, attention, linears, lm_head) bracketed
 by CUDA events and sums the milliseconds by kind, then the same for the FP16 path (the
 dequantized copy: cuBLAS linears). Events around each launch add a little time per launch,
 so the totals sit slightly above an unprofiled prefill (printed too); at 2048 tokens every
 kernel runs for tens of microseconds or more, so the split is what matters. --row-vec runs
-both paths once per tuning.ROWS.vec value (the row kernels' access width), in one process.
+both paths once per tuning.ROWS.vec value (the row kernels' access width), in one process;
+--act-per likewise for tuning.ROWS.act_per (silu_mul_quant's values a thread on wide rows).
 """
 import argparse
 import time
@@ -79,6 +81,8 @@ def main():
     ap.add_argument("--model", choices=("llama7b", "smollm2"), default="llama7b")
     ap.add_argument("--row-vec", default=str(tuning.ROWS.vec),
                     help="comma-separated tuning.ROWS.vec values, each 8 or 1 (the instantiated ones)")
+    ap.add_argument("--act-per", default=str(tuning.ROWS.act_per),
+                    help="comma-separated tuning.ROWS.act_per values (0: the rule; 32)")
     a = ap.parse_args()
     cp = cupy_or_none()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
@@ -86,11 +90,15 @@ def main():
     vecs = [int(v) for v in a.row_vec.split(",")]
     if not set(vecs) <= {1, 8}:
         ap.error(f"--row-vec takes 8 or 1, got {a.row_vec}")
+    pers = [int(v) for v in a.act_per.split(",")]
+    if not set(pers) <= {0, *tuning.ROW_VARIANTS.pers}:
+        ap.error(f"--act-per takes 0 or an instantiated PER {tuning.ROW_VARIANTS.pers}, got {a.act_per}")
     for label, weights in (("A8W4", mw), ("FP16", None)):
         gm = CudaModel(weights or dequantized_copy(mw))
         for vec in vecs:
-            tuning.ROWS.vec = vec
-            show(f"{label} ROW_VEC={vec}", *profile(gm, tokens, cp))
+            for per in pers:
+                tuning.ROWS.vec, tuning.ROWS.act_per = vec, per
+                show(f"{label} ROW_VEC={vec} ACT_PER={per}", *profile(gm, tokens, cp))
         del gm
         cp.get_default_memory_pool().free_all_blocks()
 

@@ -124,3 +124,24 @@ def test_is_capturing_follows_the_capture_context():
             assert launch.is_capturing()
         assert launch.is_capturing()
     assert not launch.is_capturing()
+
+
+def test_act_per_widens_only_the_activation_rows_of_wide_prefill_rows(monkeypatch):
+    """ROWS.act_per: silu/gelu_mul_quant rows past per_many · threads_many (the 7B's 11008) take
+    that PER in many-row launches; narrower rows, other kernels, decode launches (cap 1024) and
+    a PER whose threads would pass 1024 keep the rule."""
+    from engine.gpu import fused, tuning
+    monkeypatch.setattr(fused, "_ROW_LAUNCHES", {})
+    assert row_launch("silu_mul_quant", 11008, 1, 256, vec=True) == ("silu_mul_quant<16, 1, 8>", 704)
+    monkeypatch.setattr(tuning.ROWS, "act_per", 32)
+    assert row_launch("silu_mul_quant", 11008, 1, 256, vec=True) == ("silu_mul_quant<32, 1, 8>", 352)
+    assert row_launch("gelu_mul_quant", 14336, 1, 256, vec=True) == ("gelu_mul_quant<32, 1, 8>", 448)
+    assert row_launch("silu_mul_quant", 1536, 1, 256, vec=True) == ("silu_mul_quant<8, 1, 8>", 192)
+    assert row_launch("quant_rows", 11008, 1, 256, vec=True) == ("quant_rows<16, 1, 8>", 704)
+    assert row_launch("silu_mul_quant", 11008, 1, 1024)[0] == "silu_mul_quant<16, 1, 1>"
+    monkeypatch.setattr(tuning.ROWS, "act_per", 8)                   # 1376 threads: the rule
+    assert row_launch("silu_mul_quant", 11008, 1, 256, vec=True) == ("silu_mul_quant<16, 1, 8>", 704)
+    monkeypatch.setattr(tuning.ROWS, "act_per", 32)
+    assert fused._row_launch("silu_mul_quant", 11008, 1, 256, True)[0] == "silu_mul_quant<32, 1, 8>"
+    monkeypatch.setattr(tuning.ROWS, "act_per", 0)
+    assert fused._row_launch("silu_mul_quant", 11008, 1, 256, True)[0] == "silu_mul_quant<16, 1, 8>"

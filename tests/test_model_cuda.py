@@ -309,6 +309,41 @@ def test_row_kernels_match_numpy(width, mode, cl, cap, vec):
             y.astype(np.float32), 1e-6)
 
 
+@pytest.mark.parametrize("il", [0, 1])
+@pytest.mark.parametrize("mode", ["dynamic", "static", "fp16"])
+def test_act_per_rows_equal_the_rules(monkeypatch, mode, il):
+    """silu_mul_quant on the 7B's 11008-wide prefill rows with tuning.ROWS.act_per = 32 (352
+    threads) writes exactly what the rule's PER 16 (704 threads) writes: the max is exact in any
+    order."""
+    import cupy as cp
+    from engine.gpu import fused, tuning
+    from engine.gpu.fused import MODE
+    rng = np.random.default_rng(il)
+    m, width = 300, 11008                         # ≥ the SMs: one CTA a row, 16-byte accesses
+    gu = cp.asarray((rng.standard_normal((m, 2 * width)) * 2).astype(np.float16))
+    outs = []
+    for per in (0, 32):
+        monkeypatch.setattr(tuning.ROWS, "act_per", per)
+        x8, sx = cp.full((m, width + 64), 7, cp.int8), cp.zeros((m,), cp.float32)
+        mh = cp.zeros((m, width), cp.float16)
+        seen = []
+        with kargs_spy(seen):
+            fused.silu_mul_quant(m, gu=gu, I=width, mode=MODE[mode], static_scale=cp.asarray([0.02], cp.float32),
+                                 x8=x8, ld=width + 64, sx=sx, mh=mh, il=il)
+        assert seen == [f"silu_mul_quant<{per or 16}, 1, 8>"]
+        outs.append((x8.get(), sx.get(), mh.get()))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+
+
+@contextlib.contextmanager
+def kargs_spy(seen):
+    """Within the block, the expressions of every keyword launch are appended to seen."""
+    from engine.gpu import kargs
+    with kargs.intercepted(lambda expr, run: (seen.append(expr), run())[1]):
+        yield
+
+
 @pytest.mark.parametrize("merge", ["cluster", "memory"])
 def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
     """Programmatic dependent launch (engine/gpu/launch.py, cuda/pdl.cuh) changes when kernels

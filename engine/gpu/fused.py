@@ -23,6 +23,7 @@ from .tuning import GEMV_F16, PREFETCH, ROW_VARIANTS, ROWS
 
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}     # cuda/rows.cuh MODE_STATIC, MODE_DYNAMIC, MODE_FP16
 ROW_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows")
+ACT_ROW_KERNELS = ("silu_mul_quant", "gelu_mul_quant")     # the MLP's activation·up rows (ROWS.act_per)
 _V = ROW_VARIANTS
 FUSED_EXPRS = tuple(f"{k}<{p}, {cl}, 1>" for k in ROW_KERNELS for cl in _V.clusters
                     for p in (_V.pers if cl == 1 else _V.cluster_pers)) + tuple(
@@ -71,7 +72,8 @@ def row_launch(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = 
     """(kernel expression, block size) of a row kernel (cuda/rows.cuh) for rows of `width`
     shared by clusters of `cl` CTAs: the smallest PER with PER · cap ≥ ⌈width / cl⌉, and
     ⌈width / (cl · PER)⌉ threads in whole warps. cap < 1024 (many rows: prefill) takes PER up
-    to ROWS.per_many, past which the 1024-thread rule applies. vec (one CTA a row, and the
+    to ROWS.per_many, past which the 1024-thread rule applies (or, for ACT_ROW_KERNELS,
+    ROWS.act_per where set). vec (one CTA a row, and the
     caller has checked that every row starts 32-byte aligned): VEC = min(PER, ROWS.vec) when
     PER ≥ 4 and VEC divides the width, else 1."""
     per, threads, v = row_dims(name, width, cl, cap, vec)
@@ -85,6 +87,9 @@ def row_dims(name: str, width: int, cl: int = 1, cap: int = 1024, vec: bool = Fa
     share = -(-width // cl)
     pers = _V.pers if cl == 1 else _V.cluster_pers
     per = next((p for p in pers if p * cap >= share and p <= ROWS.per_many), None) if cap < 1024 else None
+    if per is None and cap < 1024 and name in ACT_ROW_KERNELS and ROWS.act_per in pers \
+            and ROWS.act_per * 1024 >= share:
+        per = ROWS.act_per
     per = per or next((p for p in pers if p * 1024 >= share), None)
     if per is None:
         raise BackendError(f"the GPU row kernels take rows of up to {pers[-1] * 1024 * cl} values on "
@@ -101,7 +106,7 @@ _ROW_LAUNCHES: dict[tuple, tuple[str, int]] = {}
 def _row_launch(name: str, width: int, cl: int, cap: int, vec: bool) -> tuple[str, int]:
     """row_launch, memoized on its arguments and the tuning fields it reads (a launch's host
     time: ~1 µs of Python per call otherwise; ROW_VARIANTS is frozen, ROWS may be patched)."""
-    key = (name, width, cl, cap, vec, ROWS.per_many, ROWS.vec)
+    key = (name, width, cl, cap, vec, ROWS.per_many, ROWS.vec, ROWS.act_per)
     hit = _ROW_LAUNCHES.get(key)
     if hit is None:
         hit = _ROW_LAUNCHES[key] = row_launch(name, width, cl, cap, vec)

@@ -39,6 +39,13 @@ class RowTuning:
     cta_width_by_kernel: dict = field(default_factory=lambda: {"silu_mul_quant": 2048, "gelu_mul_quant": 2048})
     threads_many: int = 256    # threads a row when the rows fill the GPU (prefill): 4× the rows in flight
     per_many: int = 16         # ... up to this many values a thread (PER = 32 spills at 64 registers)
+    # PER of silu_mul_quant / gelu_mul_quant in those launches where rows are wider than
+    # per_many · threads_many (0: the rule above). The 7B's 11008-wide rows take PER 16 there:
+    # 704 threads at 44 registers, which leaves one CTA an SM (22 warps, 1.4 TB/s at 2048 tokens,
+    # 2.5 ms a prefill); PER 32 (60 registers, no spill, sass_scan) takes 352 threads, two CTAs
+    # an SM with twice the loads in flight a thread. Not yet measured: bench/prefill_breakdown.py
+    # --act-per 0,32 is the A/B
+    act_per: int = 0
     # elements a thread moves in one access in the many-row (prefill) launches, 4 where PER = 4;
     # 8 or 1 (the element stride everywhere): the values FUSED_EXPRS instantiates. The few-row
     # (decode) launches of one CTA a row stay element-strided.
