@@ -10,7 +10,8 @@ ringonly (the cp.async ring streams, no math), mathonly (the math on whatever th
 copies), nolo (P·V without its fp16 lo half), noloop (no key loop: the prologue's copies, q, the
 merge), zfill and ringonly_zfill (the copies in cp.async's zero-filling form, with a src-size
 operand, as the kernel had them before 2026-12-03), cg and ringonly_cg (K/V through cp.async.cg,
-as before 2026-12-03, not .ca), cg8 (int8 K/V alone through .cg: the kernel of 2026-12-03), nokeys (no
+as before 2026-12-03, not .ca), cg8 (int8 K/V alone through .cg: the kernel of 2026-12-03), nol2
+(the K/V copies without the .L2::128B prefetch: the kernel before 2026-12-04), nokeys (no
 copies and no key loop at all: the launch, q, the new token and the merge), nokeys_nomerge (and
 no cross-block merge: the launch, q and the block's partial), launchonly (the kernel returns at
 once: the launch of this grid alone), noscales (int8: the step's scales are not copied, each lane
@@ -39,7 +40,8 @@ ISSUE = "        if (i + L::STAGES - 1 < mine) issue(i + L::STAGES - 1);\n"
 PROLOGUE = "        if (i < mine) issue(i);\n"
 LO = "                mma_f16_top(o[TPW * w + e][0], o[TPW * w + e][1], pl0, pl2, b0[e], b1[e]);\n"
 LOOP = "    for (int i = 0; i < mine; ++i) {\n"
-VIA_L1 = "    constexpr bool VIA_L1 = true;\n"
+# the K/V copies: through L1 with an L2 line prefetch (the kernel since 2026-12-04)
+COPY16 = "    auto copy16 = [&](u32 dst, const char* src) { cp_async_ca16_l2line(dst, src); };\n"
 MINE = "    const int mine = nsteps > warp ?"
 MERGE = "    // The last block of the head group merges the `active` partials"
 SCALES = "            cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + r);\n"
@@ -47,23 +49,29 @@ START = "    if (D != DT || gridDim.x > GQ_MAX_SPLITS) __trap();   // the launch
 # cuda/common.cuh cp_async16(dst, src) and attention.cu cp_async_ca<N>(dst, src): the copies without src-size
 CG = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");'
 CA = 'asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(N) : "memory");'
+L2 = 'asm volatile("cp.async.ca.shared.global.L2::128B [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");'
 # ... in the zero-filling form (src-size in a register, always the whole copy): the kernel before 2026-12-03
 CG_Z = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(16) : "memory");'
 CA_Z = 'asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" :: "r"(dst), "l"(src), "n"(N), "r"(N) : "memory");'
+L2_Z = 'asm volatile("cp.async.ca.shared.global.L2::128B [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(16) : "memory");'
 
 
 def variants(src: str) -> dict:
     """name -> source of attention.cu with that piece removed (lens[0] keeps the compiler from
     proving a loop empty or a branch dead)."""
-    for piece in (WAIT, ISSUE, PROLOGUE, LO, LOOP, CG, CA, VIA_L1, MINE, MERGE, START, SCALES):
+    for piece in (WAIT, ISSUE, PROLOGUE, LO, LOOP, CG, CA, L2, COPY16, MINE, MERGE, START, SCALES):
         if src.count(piece) != 1:
             raise SystemExit(f"cuda/attention.cu changed: update the patch {piece.strip()!r}")
     ringonly = src.replace(WAIT, WAIT + "        if (lens[0] > 0) continue;\n")
-    zfill = src.replace(CG, CG_Z).replace(CA, CA_Z)
-    cg = VIA_L1.replace("true", "false")
-    return {"base": src, "ringonly": ringonly, "zfill": zfill, "ringonly_zfill": ringonly.replace(CG, CG_Z).replace(CA, CA_Z),
-            "cg": src.replace(VIA_L1, cg), "ringonly_cg": ringonly.replace(VIA_L1, cg),
-            "cg8": src.replace(VIA_L1, VIA_L1.replace("true", "!KV8")),
+
+    def zf(s):
+        return s.replace(CG, CG_Z).replace(CA, CA_Z).replace(L2, L2_Z)
+    cg = COPY16.replace("cp_async_ca16_l2line(dst, src)", "cp_async16(dst, src)")
+    return {"base": src, "ringonly": ringonly, "zfill": zf(src), "ringonly_zfill": zf(ringonly),
+            "cg": src.replace(COPY16, cg), "ringonly_cg": ringonly.replace(COPY16, cg),
+            "cg8": src.replace(COPY16, COPY16.replace(
+                "cp_async_ca16_l2line(dst, src);", "if constexpr (KV8) cp_async16(dst, src); else cp_async_ca16_l2line(dst, src);")),
+            "nol2": src.replace(COPY16, COPY16.replace("cp_async_ca16_l2line(dst, src)", "cp_async_ca<16>(dst, src)")),
             "nokeys": src.replace(MINE, "    const int mine = lens[0] < 0 && nsteps > warp ?"),
             "nokeys_nomerge": src.replace(MINE, "    const int mine = lens[0] < 0 && nsteps > warp ?")
                                  .replace(MERGE, "    if (lens[0] > 0) return;\n" + MERGE),

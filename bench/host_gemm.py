@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from engine.gpu import backend, choice, kernels, ops
+from engine.gpu import backend, choice, kargs, kernels, ops
 
 H200 = {"name": "NVIDIA H200", "cc": 90, "sm_count": 132, "l2_bytes": 62914560, "smem_optin": 232448}
 LINEARS_7B = {"q|k|v": (12288, 4096), "o": (4096, 4096), "gate|up": (22016, 4096), "down": (4096, 11008)}
@@ -45,24 +45,27 @@ def fake_cupy():
                            int32=np.int32, float16=np.float16, float32=np.float32, uint32=np.uint32)
 
 
+# the caches that would keep a fake past the block: launches (the kernel), workspaces (NumPy
+# arrays), kernels given more shared memory, and the learned policy's picks
+CACHES = ((kargs, "_LAUNCHES"), (ops, "_WS"), (ops, "_SMEM_SET"), (choice.STATE, "memo"))
+
+
 @contextlib.contextmanager
 def faked():
-    """Within the block, gpu/ sees fake_cupy() and kernels that do nothing."""
+    """Within the block, gpu/ sees fake_cupy() and kernels that do nothing; after it, every hook
+    and cache is as before (a GPU test run in the same process must not meet the fakes)."""
     cp, kern = fake_cupy(), _Kernel()
-    saved = (backend.cupy_or_none, kernels.function, kernels.device_info, choice.STATE.policy,
-             choice.STATE.model, dict(choice.STATE.memo))
-    backend.cupy_or_none = lambda: cp
-    kernels.function = lambda name, expr, exprs: kern
-    kernels.device_info = lambda: H200
-    choice.STATE.policy, choice.STATE.model = None, None
-    choice.STATE.memo.clear()
+    hooks = ((backend, "cupy_or_none", lambda: cp), (kernels, "function", lambda name, expr, exprs: kern),
+             (kernels, "device_info", lambda: H200), (choice.STATE, "policy", None), (choice.STATE, "model", None))
+    hooks += tuple((obj, name, {}) for obj, name in CACHES)
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in hooks]
     try:
+        for obj, name, value in hooks:
+            setattr(obj, name, value)
         yield cp
     finally:
-        backend.cupy_or_none, kernels.function, kernels.device_info = saved[:3]
-        choice.STATE.policy, choice.STATE.model = saved[3], saved[4]
-        choice.STATE.memo.clear()
-        choice.STATE.memo.update(saved[5])
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
 
 def layer_of(n: int, k: int, group: int = 128) -> ops.PackedA8W4:

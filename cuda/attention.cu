@@ -781,7 +781,7 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 //   group (an atomic counter, reset by it for the next replay) combines the partials
 //   (part_ml: max and sum in log2 units, part_acc: D unnormalised outputs) into out. With one
 //   split (the batched step at long context) a block normalises its shared-memory merge and
-//   writes out itself: no partials, fences or counter (+4.4 % tok/s, batch 32, 1024 positions).
+//   writes out itself: no partials, fences or counter (tok/s +4.4 % INT8 K/V, +3.2 % fp16, batch 32, 1024 positions).
 // Scratch: part_ml (B·Hq·NS·2), part_acc (B·Hq·NS·D), counters (B·Hkv·⌈rep/8⌉): within
 // attn_decode's (NS ≤ its nsplit), so the decode step's buffers serve both kernels.
 // The cache rows before p, lens and the scales are read (cp.async) before the PDL wait.
@@ -901,7 +901,7 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     auto scales = [&](int slot) -> u32 { return ring - lane * 16 + slot * L::STAGE + 32 * L::REC; };   // kv8
     // K/V through L1 (cp.async.ca): fp16 at 8192 keys 1.33× the rate of .cg; int8 1.32-1.59× at
     // batch 8 and 32, 1.18-1.33× at batch 1 from 1024 and 8192 keys; with an L2 prefetch of the
-    // 128-byte line, fp16 +1.5-2.6 % at batch 8 and 32 (docs/KERNELS.md)
+    // 128-byte line, fp16 +1.4-2.6 % at batch 8 and 32 (docs/KERNELS.md)
     auto copy16 = [&](u32 dst, const char* src) { cp_async_ca16_l2line(dst, src); };
     auto issue = [&](int i) {                            // cp.async of this warp's step i into its slot
         const int slot = i % L::STAGES, kb = c0 + (warp + i * GQ_WARPS) * GQ_STEP;

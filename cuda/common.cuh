@@ -179,7 +179,7 @@ __device__ __forceinline__ void cp_async_ca(u32 dst, const void* src) {
 }
 
 // 16 bytes through L1 with an L2 prefetch of the whole 128-byte line (.L2::128B): the
-// streaming K/V copies of decode attention (+2 % tok/s fp16 K/V, docs/KERNELS.md).
+// streaming K/V copies of decode attention (+1.4-2.6 % tok/s fp16 K/V, docs/KERNELS.md).
 __device__ __forceinline__ void cp_async_ca16_l2line(u32 dst, const void* src) {
     asm volatile("cp.async.ca.shared.global.L2::128B [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
 }

@@ -26,6 +26,18 @@ def test_example_patches_apply_to_todays_sources(path):
             assert kernels.apply_edits(edit[0], code, [edit]) != code, (path.name, name, edit)
 
 
+def test_attn_decode_ablate_variants_apply_to_todays_attention():
+    """bench/attn_decode_ablate.py patches pieces of cuda/attention.cu out by exact text: each must
+    still occur once (it exits naming the piece otherwise), and each variant must differ."""
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    import attn_decode_ablate
+    src = kernels.source("attention.cu")
+    variants = attn_decode_ablate.variants(src)
+    assert variants.pop("base") == src
+    assert all(v != src for v in variants.values()), [k for k, v in variants.items() if v == src]
+
+
 def test_apply_edits_replaces_every_occurrence_of_its_file_only():
     code = "a x b x"
     assert kernels.apply_edits("f.cu", code, [("f.cu", "x", "y"), ("g.cu", "a", "z")]) == "a y b y"

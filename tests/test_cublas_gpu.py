@@ -1,6 +1,8 @@
 """cuBLAS past CuPy (engine/gpu/cublas.py): the FP16 path's GEMMs past our GEMV's rows,
-captured in a CUDA graph, equal cp.matmul's eager product bit for bit; and the FP16 path's
-decode step is graphed at any batch, equal to its eager decoding."""
+captured in a CUDA graph, replay the eager call's product bit for bit and agree with a float64
+product; strided operands run with their leading dimensions, and what cuBLAS cannot take is
+refused; the FP16 path's decode step is graphed at any batch, equal to its eager decoding (its
+prefill, through the same calls, is checked against the NumPy model in test_model_cuda.py)."""
 import numpy as np
 import pytest
 
@@ -22,34 +24,46 @@ def test_captured_gemm_equals_cupy_matmul(m, k, n):
     rng = np.random.default_rng(m + k + n)
     x = cp.asarray(rng.standard_normal((m, k)).astype(np.float16))
     w = cp.asarray((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16))
-    want = cp.matmul(x, w.T)
+    eager = cp.empty((m, n), cp.float16)
     out = cp.full((m, n), cp.nan, cp.float16)
     s = cp.cuda.Stream(non_blocking=True)
     with s:
+        assert cublas.gemm_f16(cp, x, w, eager)   # eagerly first, as the decode step's first run
         s.begin_capture()
         assert cublas.gemm_f16(cp, x, w, out)
         g = s.end_capture()
+    s.synchronize()
     assert bool(cp.isnan(out).all())          # captured, not run
     g.launch(s)
     s.synchronize()
-    cp.testing.assert_array_equal(out, want)
+    cp.testing.assert_array_equal(out, eager)
+    ref = x.get().astype(np.float64) @ w.get().astype(np.float64).T
+    err = np.abs(out.get().astype(np.float64) - ref).max() / np.abs(ref).max()
+    assert err < 2e-3, err
 
 
 def test_strided_rows_and_refusals():
-    """A view of every other row runs with its leading dimension; a transposed operand or a
-    mismatched shape is refused (False: the caller's cp.matmul runs or raises)."""
+    """Views with a leading dimension past their width (every other row of x, the first columns
+    of w, a column block of out) run as such; a transposed operand, a mismatched shape, another
+    dtype or an out overlapping an input are refused (False: the caller's cp.matmul runs or
+    raises)."""
     import cupy as cp
     from engine.gpu import cublas
     rng = np.random.default_rng(0)
     big = cp.asarray(rng.standard_normal((40, 64)).astype(np.float16))
-    w = cp.asarray(rng.standard_normal((48, 64)).astype(np.float16))
-    x = big[::2]
-    out = cp.empty((20, 48), cp.float16)
+    wide = cp.asarray((rng.standard_normal((48, 64)) / 8).astype(np.float16))
+    x, w = big[::2, :40], wide[:, :40]                   # ld 128 and 64 for K = 40
+    canvas = cp.zeros((20, 100), cp.float16)
+    out = canvas[:, 10:58]                               # ld 100 for N = 48
     assert cublas.gemm_f16(cp, x, w, out)
-    cp.testing.assert_array_equal(out, cp.matmul(x, w.T))
-    assert not cublas.gemm_f16(cp, big.T[:20], w[:, :40], cp.empty((20, 48), cp.float16))
-    assert not cublas.gemm_f16(cp, big, w, cp.empty((40, 47), cp.float16))
-    assert not cublas.gemm_f16(cp, big.astype(cp.float32), w, cp.empty((40, 48), cp.float16))
+    ref = x.get().astype(np.float64) @ w.get().astype(np.float64).T
+    np.testing.assert_allclose(out.get().astype(np.float64), ref, rtol=2e-3, atol=2e-3)
+    assert not canvas[:, :10].any() and not canvas[:, 58:].any()       # nothing outside out
+    assert not cublas.gemm_f16(cp, big.T[:20], w, cp.empty((20, 48), cp.float16))       # columns of stride 64
+    assert not cublas.gemm_f16(cp, big, wide, cp.empty((40, 47), cp.float16))
+    assert not cublas.gemm_f16(cp, big.astype(cp.float32), wide, cp.empty((40, 48), cp.float16))
+    square = cp.asarray(rng.standard_normal((64, 64)).astype(np.float16))
+    assert not cublas.gemm_f16(cp, square, wide[:, :64][:48], square[:, :48])           # out overlaps x
 
 
 @pytest.mark.parametrize("batch", [10, 33])

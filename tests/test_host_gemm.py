@@ -18,8 +18,14 @@ def test_every_linear_reaches_a_launch_and_fakes_are_undone(monkeypatch):
 
     monkeypatch.setattr(host_gemm, "_Kernel", Recording)
     before = (backend.cupy_or_none, kernels.function, kernels.device_info, choice.STATE.policy)
+    caches = [getattr(obj, name) for obj, name in host_gemm.CACHES]
+    snapshot = [dict(c) for c in caches]
     with host_gemm.faked():
         res = host_gemm.time_calls(512, 2)
+        assert all(len(getattr(obj, name)) for obj, name in host_gemm.CACHES[:3])    # the fakes filled them
+    assert [getattr(obj, name) for obj, name in host_gemm.CACHES] == caches
+    assert all(a is b for a, b in zip((getattr(obj, name) for obj, name in host_gemm.CACHES), caches))
+    assert [dict(c) for c in caches] == snapshot                     # untouched
     assert set(res) == set(host_gemm.LINEARS_7B) and all(v > 0 for v in res.values())
     assert len(launched) == 3 * len(host_gemm.LINEARS_7B)          # a warm call and two timed, each
     assert all(len(g) == 2 and g[0] >= 1 and nargs > 10 and smem > 0 for g, _, nargs, smem in launched)

@@ -661,7 +661,7 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         return orig_call(self, *args)
 
     def mm(*args):                       # (cp, x, w, out): only the lm_head's is a row of its own
-        if args[2] is gm.lm_head and tail:  # (eager, after the replay, where it is not capturable)
+        if args[2] is gm.lm_head and tail:  # a row where the graph captures it (else it runs after each replay)
             calls.append(("lm_head", lambda: orig_mm(*args)))
         return orig_mm(*args)
 

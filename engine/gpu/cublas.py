@@ -76,7 +76,9 @@ def _load():
 
 
 _LIB: list = []                  # [lib or None] once looked up
-_TLS = threading.local()         # .handles: {device id: _Handle}
+# (thread id, device id) -> _Handle, for the life of the process: a captured graph holds its
+# workspace's pointer, so neither may go when a thread ends
+_HANDLES: dict = {}
 _ONE = np.ones(1, np.float32)    # alpha, beta: host scalars, read when a call is made (or captured)
 _ZERO = np.zeros(1, np.float32)
 
@@ -87,7 +89,11 @@ def _check(status: int, what: str):
 
 
 class _Handle:
-    """A cuBLAS handle of the current device with its own workspace, bound to the last stream."""
+    """A cuBLAS handle of the current device with its own workspace, bound to the last stream.
+    One workspace serves every stream a thread runs products on, so those products must not
+    overlap in time: the engine synchronises between prefill and decode steps, and a decode
+    step runs once eagerly on its stream before it is captured (gpu/decode.py), so the handle
+    and workspace exist before any capture."""
 
     def __init__(self, cp, lib):
         self.lib, self.stream = lib, None
@@ -118,6 +124,15 @@ def _row_major(a, itemsize: int = 2) -> int | None:
     return a.strides[0] // itemsize
 
 
+def _overlap(a, lda: int, b, ldb: int) -> bool:
+    """Whether the fp16 rows of a and b (leading dimensions lda, ldb) may share bytes."""
+    def span(x, ld):
+        lo = x.data.ptr
+        return lo, lo + 2 * ((x.shape[0] - 1) * ld + x.shape[1])
+    (a0, a1), (b0, b1) = span(a, lda), span(b, ldb)
+    return a0 < b1 and b0 < a1
+
+
 def gemm_f16(cp, x, w, out) -> bool:
     """out (M, N) fp16 = x (M, K) · w (N, K)ᵀ on the current stream, fp32 accumulation, as
     cp.matmul(x, w.T, out=out); capturable. False (nothing run) where cuBLAS was not found or an
@@ -131,13 +146,12 @@ def gemm_f16(cp, x, w, out) -> bool:
     n = w.shape[0]
     if w.shape[1] != k or out.shape != (m, n) or 0 in (m, n, k):
         return False                     # cp.matmul says what is wrong, or fills an empty product
-    handles = getattr(_TLS, "handles", None)
-    if handles is None:
-        handles = _TLS.handles = {}
-    dev = cp.cuda.Device().id
-    h = handles.get(dev)
+    if _overlap(out, ldo, x, ldx) or _overlap(out, ldo, w, ldw):
+        return False                     # cp.matmul copies first
+    key = (threading.get_ident(), cp.cuda.Device().id)
+    h = _HANDLES.get(key)
     if h is None:
-        h = handles[dev] = _Handle(cp, _LIB[0])
+        h = _HANDLES[key] = _Handle(cp, _LIB[0])
     h.bind(cp.cuda.get_current_stream().ptr)
     # column-major view: outᵀ (N, M) = op_T(w as K × N) · (x as K × M)
     _check(h.lib.cublasGemmEx(h.ptr, _OP_T, _OP_N, n, m, k, _ONE.ctypes.data, w.data.ptr, _R_16F, ldw,

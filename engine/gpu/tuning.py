@@ -182,7 +182,7 @@ class GemvF16Shape:
     # fp16 products of this many rows or more run cuBLAS (gpu/cublas.py, capturable) where it
     # loads, not the GEMV: in graphs on the H200 (4096², 11008×4096, 4096×11008, 32000×4096)
     # cuBLAS took 12.6-65.4 µs at M = 2 against the GEMV's 14.8-72.2, 12.8-65.6 at M = 8 against
-    # 35.9-135.6; at M = 1 they are within ±8 % (the GEMV ahead on 4096² and 32000×4096).
+    # 35.9-135.6; at M = 1 they are within 9 % (the GEMV ahead on 4096² and 32000×4096).
     # Measured 2026-12-04; 2 is the setting to take once the GPU tests have run with it (the
     # device was spent): until then 9, the GEMV's whole range, as the tested tree had it
     blas_from: int = 9
