@@ -90,6 +90,18 @@ def test_ab_reaches_the_weight_only_tuning_too():
     assert (tuning.WB_TUNE.resident, tuning.GEMM.gemv_dp_u) == before
 
 
+def test_ab_reaches_the_row_kernels_tuning():
+    assert parse_ab("rows.act_per=32") == {"rows.act_per": 32}
+    with pytest.raises(ValueError, match="rows.FIELD"):
+        parse_ab("rows.no_such_field=1")
+    before = tuning.ROWS.act_per
+    (name, ctx), = decode_variants(ab=[{"rows.act_per": 32}])
+    assert name == "rows.act_per=32"
+    with ctx():
+        assert tuning.ROWS.act_per == 32
+    assert tuning.ROWS.act_per == before
+
+
 def test_host_ms_times_the_prefill_without_its_wait_on_the_gpu():
     """e2e's host_ms: fn runs with the model's logits check (its one sync) replaced, which comes
     back after; the device is synchronised after each call, outside the timed part."""

@@ -20,7 +20,8 @@ bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu
 FIELD=INT with tuning.GEMM fields set (e.g. gemv_dp_u=4), each in the same process.
 
 A/B rows beside the default's, in the same process (batch-1 decode with its per-launch profile,
-and the first prefill length): --prefetch (the L2 prefetch), --ab (tuning.GEMM fields), --patch
+and each prefill length): --prefetch (the L2 prefetch), --ab (tuning.GEMM fields; wb.FIELD,
+rows.FIELD), --patch
 FILE.json (kernels compiled from edited source: kargs.patched; bench/patches/; its rows also
 for the W<b>-PoT models' batch-1 decode).
 """
@@ -41,7 +42,7 @@ import numpy as np
 
 from .. import formats
 from ..gpu import kargs, launch
-from ..gpu.tuning import GEMM, PREFETCH, WB_TUNE
+from ..gpu.tuning import GEMM, PREFETCH, ROWS, WB_TUNE
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
@@ -211,10 +212,10 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
                 with launch.plain_launches():
                     row, cache = decode_row(bsz, kv8, name + " no-PDL")
                 rows.append(row)
-                for suffix, setting in variants:     # A/B rows of settings (run_e2e): decode, 1st prefill
+                for suffix, setting in variants:     # A/B rows of settings (run_e2e): decode, each prefill
                     del cache
                     with setting() as used:          # used: a patch's edited files this model ran (else None)
-                        got = [prefill_row(t, name + " " + suffix) for t in prefill_lens[:1]]
+                        got = [prefill_row(t, name + " " + suffix) for t in prefill_lens]
                         row, cache = decode_row(bsz, kv8, name + " " + suffix)
                         got.append(row)
                         prof = graph_breakdown(gm, cache)
@@ -323,12 +324,13 @@ def read_patches(path) -> list:
     return out
 
 
-AB_OBJECTS = {"": GEMM, "wb.": WB_TUNE}     # --ab FIELD (tuning.GEMM) or wb.FIELD (tuning.WB_TUNE)
+# --ab FIELD (tuning.GEMM), wb.FIELD (tuning.WB_TUNE) or rows.FIELD (tuning.ROWS, the row kernels)
+AB_OBJECTS = {"": GEMM, "wb.": WB_TUNE, "rows.": ROWS}
 
 
 def _ab_target(key: str) -> tuple[str, str]:
     """An --ab key -> (its AB_OBJECTS prefix, the field name)."""
-    prefix = "wb." if key.startswith("wb.") else ""
+    prefix = next((p for p in AB_OBJECTS if p and key.startswith(p)), "")
     return prefix, key[len(prefix):]
 
 
@@ -352,7 +354,8 @@ def _ab_setting(d: dict):
 
 def parse_ab(item: str) -> dict:
     """"gemv_dp4a=1,gemv_dp_u=4" -> {"gemv_dp4a": True, "gemv_dp_u": 4}: integer or
-    boolean fields of tuning.GEMM, or of tuning.WB_TUNE as wb.FIELD (e.g. wb.resident=0)."""
+    boolean fields of tuning.GEMM, of tuning.WB_TUNE as wb.FIELD (e.g. wb.resident=0), or of
+    tuning.ROWS as rows.FIELD (e.g. rows.act_per=32)."""
     out = {}
     for kv in filter(None, (t.strip() for t in item.split(","))):
         k, _, v = kv.partition("=")
@@ -360,7 +363,7 @@ def parse_ab(item: str) -> dict:
         cur = getattr(AB_OBJECTS[prefix], name, None)
         if not isinstance(cur, int) or not re.fullmatch(r"-?\d+", v.strip()):
             raise ValueError(f"--ab: {kv!r} is not FIELD=INTEGER for an integer or boolean field of tuning.GEMM "
-                             "(or wb.FIELD of tuning.WB_TUNE)")
+                             "(or wb.FIELD of tuning.WB_TUNE, rows.FIELD of tuning.ROWS)")
         out[k] = bool(int(v)) if isinstance(cur, bool) else int(v)
     if not out:
         raise ValueError(f"--ab: no setting in {item!r}")
@@ -396,7 +399,7 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             shape = MODELS[key][0]
             rows += bench_model(cp, label.split(" (")[0] + f" (random W{b}-PoT)", random_model(shape, b), bw=bw,
                                 prefill_lens=(), batches=(1, 8), steps=kw.get("steps", 64),
-                                variants=decode_variants(ab=[d for d in ab if any(_ab_target(k)[0] for k in d)],
+                                variants=decode_variants(ab=[d for d in ab if any(_ab_target(k)[0] == "wb." for k in d)],
                                                          patches=patches))
     for r in rows:
         if json_out:

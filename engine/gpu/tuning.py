@@ -44,7 +44,7 @@ class RowTuning:
     # 704 threads at 44 registers, which leaves one CTA an SM (22 warps, 1.4 TB/s at 2048 tokens,
     # 2.5 ms a prefill); PER 32 (60 registers, no spill, sass_scan) takes 352 threads, two CTAs
     # an SM with twice the loads in flight a thread. Not yet measured: bench/prefill_breakdown.py
-    # --act-per 0,32 is the A/B
+    # --act-per 0,32 (or e2e --ab rows.act_per=32) is the A/B
     act_per: int = 0
     # elements a thread moves in one access in the many-row (prefill) launches, 4 where PER = 4;
     # 8 or 1 (the element stride everywhere): the values FUSED_EXPRS instantiates. The few-row
