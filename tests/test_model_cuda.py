@@ -316,7 +316,7 @@ def test_act_per_rows_equal_the_rules(monkeypatch, mode, il):
     threads) writes exactly what the rule's PER 16 (704 threads) writes: the max is exact in any
     order."""
     import cupy as cp
-    from engine.gpu import fused, tuning
+    from engine.gpu import fused, kargs, tuning
     from engine.gpu.fused import MODE
     rng = np.random.default_rng(il)
     m, width = 300, 11008                         # ≥ the SMs: one CTA a row, 16-byte accesses
@@ -327,21 +327,13 @@ def test_act_per_rows_equal_the_rules(monkeypatch, mode, il):
         x8, sx = cp.full((m, width + 64), 7, cp.int8), cp.zeros((m,), cp.float32)
         mh = cp.zeros((m, width), cp.float16)
         seen = []
-        with kargs_spy(seen):
+        with kargs.intercepted(lambda expr, run: (seen.append(expr), run())):
             fused.silu_mul_quant(m, gu=gu, I=width, mode=MODE[mode], static_scale=cp.asarray([0.02], cp.float32),
                                  x8=x8, ld=width + 64, sx=sx, mh=mh, il=il)
         assert seen == [f"silu_mul_quant<{per or 16}, 1, 8>"]
         outs.append((x8.get(), sx.get(), mh.get()))
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
-
-
-@contextlib.contextmanager
-def kargs_spy(seen):
-    """Within the block, the expressions of every keyword launch are appended to seen."""
-    from engine.gpu import kargs
-    with kargs.intercepted(lambda expr, run: (seen.append(expr), run())[1]):
-        yield
 
 
 @pytest.mark.parametrize("merge", ["cluster", "memory"])
