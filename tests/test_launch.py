@@ -52,7 +52,8 @@ def test_row_launch_wide_accesses():
     assert row_launch("add_rmsnorm_quant", 4096, 1, 256, vec=True) == ("add_rmsnorm_quant<16, 1, 8>", 256)
     assert row_launch("add_rmsnorm_quant", 576, 1, 256, vec=True) == ("add_rmsnorm_quant<4, 1, 4>", 160)
     assert row_launch("silu_mul_quant", 1536, 1, 256, vec=True) == ("silu_mul_quant<8, 1, 8>", 192)
-    assert row_launch("silu_mul_quant", 4100, 1, 256, vec=True)[0] == "silu_mul_quant<8, 1, 1>"
+    assert row_launch("silu_mul_quant", 4100, 1, 256, vec=True)[0] == "silu_mul_quant<32, 1, 1>"  # ROWS.act_per
+    assert row_launch("quant_rows", 4100, 1, 256, vec=True)[0] == "quant_rows<8, 1, 1>"            # the rule
     assert row_launch("quant_rows", 4096, 2, 1024, vec=True)[0] == "quant_rows<2, 2, 1>"   # clusters: 1
 
 
@@ -132,6 +133,7 @@ def test_act_per_widens_only_the_activation_rows_of_wide_prefill_rows(monkeypatc
     a PER whose threads would pass 1024 keep the rule."""
     from engine.gpu import fused, tuning
     monkeypatch.setattr(fused, "_ROW_LAUNCHES", {})
+    monkeypatch.setattr(tuning.ROWS, "act_per", 0)                    # the rule
     assert row_launch("silu_mul_quant", 11008, 1, 256, vec=True) == ("silu_mul_quant<16, 1, 8>", 704)
     monkeypatch.setattr(tuning.ROWS, "act_per", 32)
     assert row_launch("silu_mul_quant", 11008, 1, 256, vec=True) == ("silu_mul_quant<32, 1, 8>", 352)

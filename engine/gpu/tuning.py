@@ -40,12 +40,12 @@ class RowTuning:
     threads_many: int = 256    # threads a row when the rows fill the GPU (prefill): 4× the rows in flight
     per_many: int = 16         # ... up to this many values a thread (PER = 32 spills at 64 registers)
     # PER of silu_mul_quant / gelu_mul_quant in those launches where rows are wider than
-    # per_many · threads_many (0: the rule above). The 7B's 11008-wide rows take PER 16 there:
-    # 704 threads at 44 registers, which leaves one CTA an SM (22 warps, 1.4 TB/s at 2048 tokens,
-    # 2.5 ms a prefill); PER 32 (60 registers, no spill, sass_scan) takes 352 threads, two CTAs
-    # an SM with twice the loads in flight a thread. Not yet measured: bench/prefill_breakdown.py
-    # --act-per 0,32 (or e2e --ab rows.act_per=32) is the A/B
-    act_per: int = 0
+    # per_many · threads_many (0: the rule above). The 7B's 11008-wide rows take PER 16 by the
+    # rule: 704 threads at 44 registers, one CTA an SM (22 warps). PER 32 (60 registers, no
+    # spill, sass_scan) takes 352 threads, two CTAs an SM with twice the loads in flight a
+    # thread. H200, 7B prefill of 2048 tokens, same process (bench/prefill_breakdown.py
+    # --act-per 0,32, 2026-12-04): silu_mul_quant 2.509 -> 2.141 ms, the prefill 41.94 -> 41.49 ms
+    act_per: int = 32
     # elements a thread moves in one access in the many-row (prefill) launches, 4 where PER = 4;
     # 8 or 1 (the element stride everywhere): the values FUSED_EXPRS instantiates. The few-row
     # (decode) launches of one CTA a row stay element-strided.
@@ -183,9 +183,8 @@ class GemvF16Shape:
     # loads, not the GEMV: in graphs on the H200 (4096², 11008×4096, 4096×11008, 32000×4096)
     # cuBLAS took 12.6-65.4 µs at M = 2 against the GEMV's 14.8-72.2, 12.8-65.6 at M = 8 against
     # 35.9-135.6; at M = 1 they are within 9 % (the GEMV ahead on 4096² and 32000×4096).
-    # Measured 2026-12-04; 2 is the setting to take once the GPU tests have run with it (the
-    # device was spent): until then 9, the GEMV's whole range, as the tested tree had it
-    blas_from: int = 9
+    # Measured 2026-12-04; tests/test_model_cuda.py's GEMV buckets passed with it on the H200
+    blas_from: int = 2
 
     @property
     def max_m(self) -> int:
