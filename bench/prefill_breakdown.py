@@ -1,7 +1,7 @@
 """Where a prefill of a random Llama-2-7B-shaped DGQ model spends its time, A8W4 against FP16.
 
     python bench/prefill_breakdown.py [--tokens 2048] [--model llama7b|smollm2] [--row-vec 8,1]
-                                      [--act-per 0,32]
+                                      [--act-per 0,32] [--patch bench/patches/FILE.json]
 
 Runs one warm prefill with every launch (row kernels, attention, linears, lm_head) bracketed
 by CUDA events and sums the milliseconds by kind, then the same for the FP16 path (the
@@ -9,7 +9,9 @@ dequantized copy: cuBLAS linears). Events around each launch add a little time p
 so the totals sit slightly above an unprofiled prefill (printed too); at 2048 tokens every
 kernel runs for tens of microseconds or more, so the split is what matters. --row-vec runs
 both paths once per tuning.ROWS.vec value (the row kernels' access width), in one process;
---act-per likewise for tuning.ROWS.act_per (silu_mul_quant's values a thread on wide rows).
+--act-per likewise for tuning.ROWS.act_per (silu_mul_quant's values a thread on wide rows);
+--patch adds both paths' rows again for each entry's edited kernels (kargs.patched, as
+`python -m engine.bench e2e --patch`), in the same process.
 """
 import argparse
 import time
@@ -20,7 +22,8 @@ import numpy as np
 from engine.gpu.backend import cupy_or_none
 from engine.gpu import fused, kargs, linear, tuning
 from engine.bench.common import warm_clocks
-from engine.bench.e2e import LLAMA2_7B, SMOLLM2, dequantized_copy, model_kernel, random_model
+from engine.bench.e2e import (LLAMA2_7B, SMOLLM2, _patch_setting, dequantized_copy, model_kernel, random_model,
+                              read_patches)
 from engine.gpu.model import CudaModel
 
 
@@ -83,7 +86,12 @@ def main():
                     help="comma-separated tuning.ROWS.vec values, each 8 or 1 (the instantiated ones)")
     ap.add_argument("--act-per", default=str(tuning.ROWS.act_per),
                     help="comma-separated tuning.ROWS.act_per values (0: the rule; 32)")
+    ap.add_argument("--patch", default=None, help="a bench/patches JSON list: each entry's rows too")
     a = ap.parse_args()
+    try:
+        patches = read_patches(a.patch) if a.patch else []
+    except ValueError as e:
+        ap.error(str(e))
     cp = cupy_or_none()
     mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
     tokens = np.random.default_rng(0).integers(0, mw.config.vocab_size, a.tokens)
@@ -99,6 +107,9 @@ def main():
             for per in pers:
                 tuning.ROWS.vec, tuning.ROWS.act_per = vec, per
                 show(f"{label} ROW_VEC={vec} ACT_PER={per}", *profile(gm, tokens, cp))
+                for name, edits, ab in patches:
+                    with _patch_setting(edits, ab):
+                        show(f"{label} ROW_VEC={vec} ACT_PER={per} patch {name}", *profile(gm, tokens, cp))
         del gm
         cp.get_default_memory_pool().free_all_blocks()
 

@@ -36,6 +36,34 @@ __device__ __forceinline__ signed char quant1(float x, float s) {
     return (signed char)max(-QMAX, min(QMAX, q));
 }
 
+// quant1 for the many values of one row: the same codes from one reciprocal a row. __fdiv_rn
+// compiles to div.rn's fast path, MUFU.RCP refined by a Newton step (y), the quotient x·y and
+// its FMA correction, behind an FCHK that sends extreme operands to a slow path: ~12
+// instructions an element with its branch. Here y is computed once and each element runs the
+// quotient and the correction only (3 FMAs), so it gets __fdiv_rn's bits wherever FCHK would
+// have passed it. RowQuant::ok(s) keeps the slow-path cases out (a non-finite row's NaN scale,
+// scales past 2^±100: the caller runs quant1 there), and x is clamped to ±128·s first, so the
+// quotient lies in [-128, 128]: no overflow, and below 2^-100 in magnitude both give code 0.
+// tests/test_kernels_gpu.py compares the codes with quant1's on quotients at and beside every
+// half-integer, and the prefill's silu_mul_quant 2048 × 11008 rows (docs/KERNELS.md).
+struct RowQuant {
+    float s, y, lim;
+    __device__ __forceinline__ static bool ok(float s) { return s >= 0x1p-100f && s <= 0x1p100f; }
+    __device__ __forceinline__ explicit RowQuant(float s_) : s(s_), lim(128.f * s_) {
+        float y0;
+        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(s_));
+        y = __fmaf_rn(y0, __fmaf_rn(-s_, y0, 1.f), y0);
+    }
+    __device__ __forceinline__ signed char operator()(float x) const {
+        x = fminf(fmaxf(x, -lim), lim);
+        const float q0 = __fmaf_rn(x, y, 0.f);
+        const int q = __float2int_rn(__fmaf_rn(y, __fmaf_rn(-s, q0, x), q0));
+        return (signed char)max(-QMAX, min(QMAX, q));
+    }
+};
+__device__ __forceinline__ signed char quant_with(float x, float s) { return quant1(x, s); }
+__device__ __forceinline__ signed char quant_with(float x, const RowQuant& q) { return q(x); }
+
 // Block-wide reductions for blockDim.x a multiple of 32, at most 1024.
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -74,8 +102,19 @@ __device__ __forceinline__ float block_reduce_once(float v, float* sh) {
 }
 __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
-// SiLU(g)·u of the MLP, one definition for silu_mul_quant and the SiLU GEMV epilogue (bit-equal).
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+// SiLU(g)·u of the MLP, one definition for silu_mul_quant and the SiLU GEMV epilogue (bit-equal):
+// g · rcp(1 + 2^(−g·log2 e)) · u with the approximate ex2 and rcp (MUFU, flushing subnormals). The
+// ex2 is __expf's: where __expf's result is subnormal, 1 + it rounds to 1 either way. The rcp
+// replaces an IEEE division (its Newton steps, FCHK and slow-path branch, ~12 instructions an
+// element) and is within an ulp of it; ±inf and NaN come out as the division gives them (g → −inf:
+// d = inf, rcp 0, −0 · u). Below g ≈ −87.3 the rcp flushes to 0 where the division gave under
+// 1e-37: 0 once rounded to fp16 or int8. H200, 7B prefill of 2048 tokens: docs/KERNELS.md.
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    float e, r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(g * -1.4426950408889634f));
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+    return g * r * u;
+}
 // GELU(g)·u of Gemma's GeGLU MLP, GELU's tanh approximation (transformers' gelu_pytorch_tanh,
 // engine/model/ops_ref.py gelu_tanh): 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))), tanhf (not a
 // fast approximation: its error would be ~1e-3 where the fp16 inputs hold 5e-4).
@@ -213,14 +252,15 @@ __device__ __forceinline__ void store_vec(T* p, const float* v) {
         *reinterpret_cast<Pack<T, VEC>*>(p) = q;
     }
 }
-template <int VEC>
-__device__ __forceinline__ void store_quant(signed char* out, int j, const float* v, float s) {
+// Q: a float scale (quant1 each element) or a RowQuant.
+template <int VEC, class Q>
+__device__ __forceinline__ void store_quant(signed char* out, int j, const float* v, const Q& s) {
     if constexpr (VEC == 1) {
-        out[j] = quant1(v[0], s);
+        out[j] = quant_with(v[0], s);
     } else {
         Pack<signed char, VEC> q;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) q.e[e] = quant1(v[e], s);
+        for (int e = 0; e < VEC; ++e) q.e[e] = quant_with(v[e], s);
         *reinterpret_cast<Pack<signed char, VEC>*>(out + j) = q;
     }
 }
@@ -281,10 +321,19 @@ __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode
     float s = row_scale(mode, amax, static_scale);
     if (team.tid == 0) sx[row] = s;
     signed char* out = x8 + (size_t)row * ld;
+    if (RowQuant::ok(s)) {          // one reciprocal for the row, quant1's codes
+        const RowQuant q(s);
 #pragma unroll
-    for (int c = 0; c < PER / VEC; ++c) {
-        const int j = chunk_col<VEC>(team, c);
-        if (j < W) store_quant<VEC>(out, j, &v[c * VEC], s);
+        for (int c = 0; c < PER / VEC; ++c) {
+            const int j = chunk_col<VEC>(team, c);
+            if (j < W) store_quant<VEC>(out, j, &v[c * VEC], q);
+        }
+    } else {                        // a non-finite row's NaN scale, or one past 2^±100
+#pragma unroll
+        for (int c = 0; c < PER / VEC; ++c) {
+            const int j = chunk_col<VEC>(team, c);
+            if (j < W) store_quant<VEC>(out, j, &v[c * VEC], s);
+        }
     }
     zero_pad(out, W, ld, team);
 }
