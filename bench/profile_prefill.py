@@ -4,7 +4,8 @@
 
 Times the prefill (median of 5 after 0.5 s of warm-up) and the host's time to issue its launches
 (engine.bench.e2e.prefill_host_ms: near the total, the host bounds it), then runs one under
-cProfile and prints the functions with the most host time. Prefill launches eagerly, through CuPy (no PDL).
+cProfile and prints the functions with the most host time. Prefill launches eagerly, through CuPy (no PDL):
+captured prefills (tuning.PREFILL) are off unless --graphs, which times the replays instead.
 """
 import argparse
 import cProfile
@@ -25,7 +26,10 @@ def main():
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--row-cta-width", type=int, default=None, help="tuning.ROWS.cta_width for this run")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="replay captured prefills (tuning.PREFILL) as the engine does")
     a = ap.parse_args()
+    if not a.graphs:
+        tuning.PREFILL.graphs = 0
     if a.row_cta_width:
         tuning.ROWS.cta_width = a.row_cta_width
     cp = cupy_or_none()

@@ -120,3 +120,14 @@ def test_host_ms_times_the_prefill_without_its_wait_on_the_gpu():
     ms = e2e.prefill_host_ms(cp, fn, reps=3)
     assert ms >= 0 and seen == [False] * 3 and len(syncs) == 3
     assert model_mod.check_finite_logits is landed
+
+
+def test_ab_reaches_the_captured_prefills():
+    assert parse_ab("prefill.graphs=0") == {"prefill.graphs": 0}
+    with pytest.raises(ValueError, match="prefill.FIELD"):
+        parse_ab("prefill.nope=1")
+    before = tuning.PREFILL.graphs
+    (name, ctx), = decode_variants(ab=[{"prefill.graphs": 0}])
+    with ctx():
+        assert tuning.PREFILL.graphs == 0
+    assert tuning.PREFILL.graphs == before

@@ -470,3 +470,49 @@ def test_int8_lm_head_gpu(tie):
             outs.append(gm.decode_greedy(cache, firsts, 10, use_graph))
             assert (cache.step.graph is not None) == use_graph
         np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("weights", ["a8w4", "fp16", "a8w4-kv8"])
+@pytest.mark.parametrize("logits", ["last", "all"])
+def test_captured_prefill_equals_eager(weights, logits, monkeypatch):
+    """A prefill shape seen before replays a CUDA graph (tuning.PREFILL): the first sighting
+    runs eagerly, the second captures and launches, the third replays. Each with new tokens, a
+    start past 0 and a second sequence: the same logits bits and cache contents as eager
+    prefills (PREFILL.graphs = 0) of the same tokens, and a settings change is not replayed."""
+    from engine.gpu import tuning
+    from engine.gpu.model import CudaModel
+    if weights == "fp16":
+        c = tiny_config(head_dim=64, hidden_size=64, intermediate_size=96)
+        mw = ModelWeights.from_hf(c, random_tensors(c, 3))
+    else:
+        mw = quantized_tiny("dynamic", seed=2, head_dim=64, hidden_size=64, intermediate_size=96)
+    gm = CudaModel(mw)
+    kv8 = weights.endswith("kv8")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, mw.config.vocab_size, 9) for _ in range(4)]
+
+    def run(graphs):
+        monkeypatch.setattr(tuning.PREFILL, "graphs", graphs)
+        gm._prefill_graphs.clear()
+        cache = gm.new_cache(32, batch=2, kv8=kv8)
+        got = []
+        for i, p in enumerate(prompts):                  # the same shape each time: 7 tokens at 2
+            cache.lens_host[:] = 2
+            got.append(gm.prefill(p[:7], cache, seq=1, logits=logits).get())
+            if i == 1 and graphs:
+                assert any(g.graph is not None for g in gm._prefill_graphs.values())
+        return got, cache.k.get(), cache.v.get(), cache.ks.get(), cache
+
+    eager, graphed = run(0), run(4)
+    for a, b in zip(eager[0], graphed[0]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(eager[1:4], graphed[1:4]):
+        np.testing.assert_array_equal(a, b)
+    # a setting that picks other kernels makes another key: the old settings' graph is not replayed
+    cache = graphed[4]
+    monkeypatch.setattr(tuning.ROWS, "vec", 1 if tuning.ROWS.vec == 8 else 8)
+    cache.lens_host[:] = 2
+    gm.prefill(prompts[0][:7], cache, seq=1, logits=logits)
+    newest = list(gm._prefill_graphs.values())[-1]
+    assert newest.graph is None and newest.tok is None          # a first sighting: eager
+    assert sum(g.graph is not None for g in gm._prefill_graphs.values()) == 1

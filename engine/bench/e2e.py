@@ -7,7 +7,10 @@ speed (never for quality). Each model also runs through our FP16 path (cuBLAS li
 for prefill, our fp16 GEMV in the graphed decode step) as the in-run baseline; the
 A8W4 model also decodes with the INT8 KV cache (kv8 rows). A prefill row is the median of
 10 after 0.5 s of warm-up, with host_ms beside it: the time the host takes to issue its
-launches (a row whose host_ms is near its step_ms is bound by the host, not the GPU).
+launches (a row whose host_ms is near its step_ms is bound by the host, not the GPU). Its
+repeats are one shape, so from the second on they replay a captured graph (tuning.PREFILL, as a
+perplexity window or a fixed-size chunk would); the `eager` row beside it launches every kernel
+from the host (PREFILL.graphs = 0), as a prompt seen once does.
 Prints one JSON object per row with --json, and a table.
 
 --context 128,1024,...: the context table instead (run_context): A8W4 decode tokens/s of each
@@ -42,7 +45,7 @@ import numpy as np
 
 from .. import formats
 from ..gpu import kargs, launch
-from ..gpu.tuning import GEMM, PREFETCH, ROWS, WB_TUNE
+from ..gpu.tuning import GEMM, PREFETCH, PREFILL, ROWS, WB_TUNE
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
@@ -177,6 +180,9 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
 
     for t in prefill_lens:
         rows.append(prefill_row(t, name))
+        if PREFILL.graphs:                       # the same shape from the host, launch by launch
+            with _setting(PREFILL, graphs=0):
+                rows.append(prefill_row(t, name + " eager"))
     def decode_row(bsz, kv8, label):
         cache = gm.new_cache(ctx + steps + 1, batch=bsz, kv8=kv8)
         firsts = []
@@ -324,8 +330,9 @@ def read_patches(path) -> list:
     return out
 
 
-# --ab FIELD (tuning.GEMM), wb.FIELD (tuning.WB_TUNE) or rows.FIELD (tuning.ROWS, the row kernels)
-AB_OBJECTS = {"": GEMM, "wb.": WB_TUNE, "rows.": ROWS}
+# --ab FIELD (tuning.GEMM), wb.FIELD (tuning.WB_TUNE), rows.FIELD (tuning.ROWS, the row kernels) or
+# prefill.FIELD (tuning.PREFILL, captured prefills)
+AB_OBJECTS = {"": GEMM, "wb.": WB_TUNE, "rows.": ROWS, "prefill.": PREFILL}
 
 
 def _ab_target(key: str) -> tuple[str, str]:
@@ -354,8 +361,9 @@ def _ab_setting(d: dict):
 
 def parse_ab(item: str) -> dict:
     """"gemv_dp4a=1,gemv_dp_u=4" -> {"gemv_dp4a": True, "gemv_dp_u": 4}: integer or
-    boolean fields of tuning.GEMM, of tuning.WB_TUNE as wb.FIELD (e.g. wb.resident=0), or of
-    tuning.ROWS as rows.FIELD (e.g. rows.act_per=32)."""
+    boolean fields of tuning.GEMM, of tuning.WB_TUNE as wb.FIELD (e.g. wb.resident=0), of
+    tuning.ROWS as rows.FIELD (e.g. rows.act_per=32), or of tuning.PREFILL as prefill.FIELD
+    (prefill.graphs=0: eager prefills)."""
     out = {}
     for kv in filter(None, (t.strip() for t in item.split(","))):
         k, _, v = kv.partition("=")
@@ -363,7 +371,7 @@ def parse_ab(item: str) -> dict:
         cur = getattr(AB_OBJECTS[prefix], name, None)
         if not isinstance(cur, int) or not re.fullmatch(r"-?\d+", v.strip()):
             raise ValueError(f"--ab: {kv!r} is not FIELD=INTEGER for an integer or boolean field of tuning.GEMM "
-                             "(or wb.FIELD of tuning.WB_TUNE, rows.FIELD of tuning.ROWS)")
+                             "(or wb.FIELD of tuning.WB_TUNE, rows.FIELD of tuning.ROWS, prefill.FIELD of tuning.PREFILL)")
         out[k] = bool(int(v)) if isinstance(cur, bool) else int(v)
     if not out:
         raise ValueError(f"--ab: no setting in {item!r}")

@@ -33,6 +33,7 @@ launchers in gpu/fused.py, gpu/attention.py and gpu/ops.py; launch choices in gp
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ import numpy as np
 from ..io.config import rope_inv_freq
 from ..io.layout import ModelError, ModelWeights
 from ..model.llama import check_tokens
-from . import attention, fused, kernels, launch
+from . import attention, choice, fused, kargs, kernels, launch, tuning
 from . import decode as decoding
 from .decode import NONFINITE_LOGITS, check_finite_logits
 from . import ops as ops_cuda
@@ -48,7 +49,7 @@ from .backend import BackendError, require_cupy
 from .cache import Buffers, GpuKVCache
 from .fused import MODE
 from .linear import GpuLinear, to_f16
-from .tuning import ATTENTION, DECODE, GEMM, PREFETCH
+from .tuning import ATTENTION, DECODE, GEMM, PREFETCH, PREFILL
 
 
 @dataclass
@@ -135,6 +136,33 @@ def gpu_refusals(c) -> list[str]:
     return out
 
 
+@dataclass
+class _PrefillGraph:
+    """A captured prefill shape (CudaModel._graph_for) and what its graph points into."""
+    cache: object         # weakref to the GpuKVCache its K/V go to
+    kv: tuple             # that cache's K/V pointers when seen (_kv_ptrs)
+    bufs: Buffers         # the scratch it runs in
+    tok: object           # (t,) int32 each replay's tokens are copied into
+    pos: object           # (t,) int32 positions start..start+t-1
+    seqs: object          # (t,) int32 the sequence index
+    stream: object        # capture and replay stream
+    graph: object = None
+    failed: bool = False  # a launch refused capture: the shape stays eager
+    rope: object = None   # the RoPE tables and split-K workspace the graph reads, kept alive
+    workspace: object = None
+
+
+def _kv_ptrs(cache: GpuKVCache) -> tuple:
+    return tuple(a.data.ptr for a in (cache.k, cache.v, cache.ks, cache.vs))
+
+
+def _settings_key() -> str:
+    """What picks a prefill's kernels besides its shape: the tuning tables, the GEMM policy and
+    any kernel source edits (kargs.patched). Part of a captured prefill's key."""
+    return repr((tuning.GEMM, tuning.ROWS, tuning.ATTENTION, tuning.DECODE, fused.GEMV_F16, choice.STATE.policy,
+                 id(choice.STATE.model), kernels.EDITS, launch.pdl_enabled()))
+
+
 class CudaModel:
     """Runs ModelWeights on the GPU. Same forward() contract as engine.model.Model."""
 
@@ -204,6 +232,7 @@ class CudaModel:
         self.layer_rope = []         # (cos, sin) of each layer
         self._rope(min(c.max_position_embeddings, ROPE_MIN_POSITIONS))
         self._bufs = None
+        self._prefill_graphs = {}    # shape key -> _PrefillGraph (tuning.PrefillTuning), oldest first
 
     def _family_plan(self) -> None:
         """What the family adds to the layer stack (module docstring): nothing for a Llama config."""
@@ -463,24 +492,95 @@ class CudaModel:
         """Append tokens (T,) to sequence `seq` of the cache; fp16 logits (T or 1, V) on the GPU.
 
         The logits are a view of scratch memory, valid until the next prefill: copy to keep them.
+        A prefill of a shape seen before replays a CUDA graph (tuning.PrefillTuning, _graph_for).
         """
         cp, c = self.cp, self.config
         if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < cache.batch:
             raise ModelError(f"seq must be a sequence index in 0..{cache.batch - 1}, got {seq!r}")
+        seq = int(seq)
         start = int(cache.lens_host[seq])
         tokens = check_tokens(tokens, c, start)
         t = int(tokens.shape[0])
         if start + t > cache.capacity:
             raise ModelError(f"cannot add {t} tokens to a sequence of {start}: the cache holds {cache.capacity}")
+        if logits not in ("last", "all"):
+            raise ModelError(f"logits must be 'last' or 'all', got {logits!r}")
         rows = t if logits == "all" else 1
         b = self._buffers(t, rows)
-        tok = cp.asarray(tokens, dtype=cp.int32)
-        pos = cp.arange(start, start + t, dtype=cp.int32)
-        seqs = cp.full((t,), seq, dtype=cp.int32)
-        y = self._layers(b, t, cache, self._attend_prefill(cache, seq, start, t, pos, seqs), tok)
+        g = self._graph_for((t, start, seq, rows), cache, b)
+        toks = np.ascontiguousarray(tokens, dtype=np.int32)
+        if g is None:
+            self._prefill_pass(b, cache, seq, start, t, rows, cp.asarray(toks), cp.arange(start, start + t, dtype=cp.int32),
+                               cp.full((t,), seq, dtype=cp.int32))
+        else:
+            with g.stream:
+                g.tok.set(toks)
+                if g.graph is None:
+                    self._capture(g, b, cache, seq, start, t, rows)
+                if g.graph is None:              # not capturable after all: this shape stays eager
+                    self._prefill_pass(b, cache, seq, start, t, rows, g.tok, g.pos, g.seqs)
+                else:
+                    g.graph.launch(g.stream)
         cache.lens_host[seq] += t
-        self._head(b, y, slice(0, t) if logits == "all" else slice(t - 1, t), rows)
         return check_finite_logits(cp, b.logits[:rows], "prefill")
+
+    def _prefill_pass(self, b: Buffers, cache: GpuKVCache, seq: int, start: int, t: int, rows: int, tok, pos, seqs):
+        """The launches of a prefill: the layers, then the head for the last row or all rows."""
+        y = self._layers(b, t, cache, self._attend_prefill(cache, seq, start, t, pos, seqs), tok)
+        self._head(b, y, slice(0, t) if rows == t else slice(t - 1, t), rows)
+
+    def _graph_for(self, shape: tuple, cache: GpuKVCache, b: Buffers):
+        """The _PrefillGraph for a prefill of shape (t, start, seq, rows) into this cache, or None
+        to launch eagerly: at its first sighting (which compiles kernels and sizes workspaces,
+        none of which a capture may do), where PREFILL.graphs is 0, where a float linear or the
+        head cannot be captured (CudaModel.graphable), or where launches are intercepted
+        (kargs.intercepted: a profiler wants to see them). The second sighting returns an entry
+        without a graph, for prefill() to capture; later ones replay it. The key holds the
+        settings that pick kernels (tuning, the GEMM policy, kernel source edits), so an A/B of
+        a setting never replays the other side's graph; PREFILL.graphs shapes are kept, the
+        least recently used dropped first."""
+        t, _, _, rows = shape
+        graphs = self._prefill_graphs
+        if PREFILL.graphs <= 0 or kargs._WRAP or not self._prefill_graphable(t, rows):
+            return None
+        key = (shape, id(cache), _settings_key())
+        g = graphs.pop(key, None)
+        live = g is not None and g.cache() is cache and g.bufs is b and g.kv == _kv_ptrs(cache)
+        if not live:
+            g = _PrefillGraph(weakref.ref(cache), _kv_ptrs(cache), b, *(None,) * 4)
+            graphs[key] = g
+            while len(graphs) > PREFILL.graphs:
+                graphs.pop(next(iter(graphs)))
+            return None                               # first sighting: eager
+        graphs[key] = g                               # most recently used last
+        if g.tok is None:                             # second: the capture's fixed inputs
+            cp, (t, start, seq, _) = self.cp, shape
+            g.tok = cp.zeros((t,), cp.int32)
+            g.pos = cp.arange(start, start + t, dtype=cp.int32)
+            g.seqs = cp.full((t,), seq, dtype=cp.int32)
+            g.stream = cp.cuda.Stream()
+        return None if g.failed else g
+
+    def _prefill_graphable(self, t: int, rows: int) -> bool:
+        """Whether a prefill of t tokens with `rows` logits rows can be captured (graphable's rule)."""
+        return all(fused.f16_capturable(t, k) for k in self._f16_ks) and (
+            self.lm_scale is not None or fused.f16_capturable(rows, self.config.hidden_size))
+
+    def _capture(self, g, b: Buffers, cache: GpuKVCache, seq: int, start: int, t: int, rows: int):
+        """Capture the prefill into g.graph on g.stream (capture runs nothing: prefill() launches
+        it). A launch that cannot be captured leaves g.failed set and the shape eager."""
+        with launch.capturing():
+            g.stream.begin_capture()
+            try:
+                self._prefill_pass(b, cache, seq, start, t, rows, g.tok, g.pos, g.seqs)
+            except Exception:                           # noqa: BLE001 - end the capture, then decide
+                g.stream.end_capture()
+                g.failed = True
+                return
+            graph = g.stream.end_capture()
+        g.graph = graph
+        g.rope = self.ropes                             # the tables it reads, should they grow
+        g.workspace = ops_cuda._WS.get(self.cp.cuda.Device().id)   # its split-K workspace, kept alive
 
     def forward(self, tokens, cache: GpuKVCache | None = None, observer=None, last_only: bool = False):
         """Same contract as Model.forward: float32 logits (T, V), or (1, V) when last_only (CuPy)."""

@@ -155,6 +155,19 @@ DECODE = DecodeTuning()
 
 
 @dataclass
+class PrefillTuning:
+    """Captured prefills (gpu/model.py CudaModel.prefill): the second prefill of one shape (same
+    length, start position, sequence and cache: a perplexity window, a fixed-size chunk, a
+    benchmark's repeats) is captured as a CUDA graph and later ones replay it, so the host's
+    ~320 launches (11-19 ms at 7B, which bound a 512-token prefill) become one. `graphs`: how
+    many shapes a model keeps captured (0: every prefill launches eagerly)."""
+    graphs: int = 4
+
+
+PREFILL = PrefillTuning()
+
+
+@dataclass
 class PrefetchTuning:
     """L2 prefetch in the captured decode step (cuda/fused.cu prefetch_l2, sm_90 with PDL only):
     a launch after each q|k|v GEMV pulls the o weights and the first `gate_up_bytes` of the
