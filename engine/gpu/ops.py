@@ -488,7 +488,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
                      M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits)
     else:
         kargs.launch(kf, f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>",
-                     (tail_from + (tiles - tail_from) * tail_splits, splits), (threads,), shared_mem=smem,
+                     (perfmodel.wgmma_grid_x(tiles, tail_from, tail_splits), splits), (threads,), shared_mem=smem,
                      qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,
                      M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits,
                      tail_from=tail_from, tail_splits=tail_splits)

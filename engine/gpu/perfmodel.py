@@ -126,6 +126,12 @@ def wgmma_tail(cfg: dict, tiles: int, splits: int, kt: int, slots: int) -> tuple
     return tail_from, ts
 
 
+def wgmma_grid_x(tiles: int, tail_from: int, tail_splits: int) -> int:
+    """Grid x of a wgmma launch: the tiles before the tail, then each tail tile tail_splits
+    times (cuda/gemm_a8w4_sm90.cu tile_job)."""
+    return tail_from + (tiles - tail_from) * tail_splits
+
+
 def split_tiles(tiles: int, splits: int, tail_from: int, tail_splits: int) -> int:
     """How many partial tiles a launch's split-K workspace holds: every tile's splits, or the
     split tail's (the host never sets both)."""
@@ -171,7 +177,7 @@ def launch_plan(kernel: str, cfg: dict, m: int, n: int, k: int, group: int, sm_c
     splits = int(max(1, min(splits, C // 2)))
     tail_from, tail_splits = (wgmma_tail(cfg, tiles, splits, C // 2, bps * sm_count) if kernel == "wgmma"
                               else (tiles, 1))
-    p.update(grid=(tail_from + (tiles - tail_from) * tail_splits, splits), threads=threads, smem=smem,
+    p.update(grid=(wgmma_grid_x(tiles, tail_from, tail_splits), splits), threads=threads, smem=smem,
              splits=splits, split_auto=int(not cfg.get("splits")), tile_m=tile_m, tile_n=TILE_N * tile_rt,
              tile_k=128, tiles=tiles, nreg=nreg, tail_from=tail_from, tail_splits=tail_splits)
     return p
