@@ -41,11 +41,13 @@ __device__ __forceinline__ signed char quant1(float x, float s) {
 // its FMA correction, behind an FCHK that sends extreme operands to a slow path: ~12
 // instructions an element with its branch. Here y is computed once and each element runs the
 // quotient and the correction only (3 FMAs), so it gets __fdiv_rn's bits wherever FCHK would
-// have passed it. RowQuant::ok(s) keeps the slow-path cases out (a non-finite row's NaN scale,
-// scales past 2^±100: the caller runs quant1 there), and x is clamped to ±128·s first, so the
-// quotient lies in [-128, 128]: no overflow, and below 2^-100 in magnitude both give code 0.
-// tests/test_kernels_gpu.py compares the codes with quant1's on quotients at and beside every
-// half-integer, and the prefill's silu_mul_quant 2048 × 11008 rows (docs/KERNELS.md).
+// have passed it. For finite x only (a row holding a NaN or an Inf has a NaN scale, which
+// RowQuant::ok refuses, as it refuses scales past 2^±100: the caller runs quant1 there). x is
+// clamped to ±128·s first, which moves only quotients past 128 (code 127 either way), so nothing
+// overflows; where |x / s| ≥ 0.5, x ≥ 2^-101 and the FMA remainder is exact, div.rn's own
+// arithmetic; below 0.5 both give code 0 (±0 and subnormal x included).
+// tests/test_rows_gpu.py compares the codes with quant1's on quotients at and beside every
+// half-integer over scales 2^-126..2^127.
 struct RowQuant {
     float s, y, lim;
     __device__ __forceinline__ static bool ok(float s) { return s >= 0x1p-100f && s <= 0x1p100f; }
@@ -106,9 +108,10 @@ __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(
 // g · rcp(1 + 2^(−g·log2 e)) · u with the approximate ex2 and rcp (MUFU, flushing subnormals). The
 // ex2 is __expf's: where __expf's result is subnormal, 1 + it rounds to 1 either way. The rcp
 // replaces an IEEE division (its Newton steps, FCHK and slow-path branch, ~12 instructions an
-// element) and is within an ulp of it; ±inf and NaN come out as the division gives them (g → −inf:
-// d = inf, rcp 0, −0 · u). Below g ≈ −87.3 the rcp flushes to 0 where the division gave under
-// 1e-37: 0 once rounded to fp16 or int8. H200, 7B prefill of 2048 tokens: docs/KERNELS.md.
+// element) and is within an ulp of it; ±inf and NaN come out as the division gives them (g = −inf
+// is NaN in both; a large finite negative g gives d = inf, rcp 0, −0 · u). Below g ≈ −87.3 the rcp
+// flushes to 0 where the division gave at most |g|·2^-126 (~1e-36): 0 once rounded to fp16 or
+// int8. H200, 7B prefill of 2048 tokens: docs/KERNELS.md.
 __device__ __forceinline__ float silu_mul(float g, float u) {
     float e, r;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(g * -1.4426950408889634f));

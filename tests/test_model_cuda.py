@@ -472,35 +472,51 @@ def test_int8_lm_head_gpu(tie):
         np.testing.assert_array_equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("weights", ["a8w4", "fp16", "a8w4-kv8"])
+def _prefill_model(weights):
+    """A tiny model of 256 positions: A8W4, its FP16 twin, or every linear 3-bit PoT (weight-only)."""
+    kw = dict(head_dim=64, hidden_size=64, intermediate_size=96, max_position_embeddings=256)
+    if weights in ("a8w4", "a8w4-kv8"):
+        return quantized_tiny("dynamic", seed=2, **kw)
+    c = tiny_config(**kw)
+    mw = ModelWeights.from_hf(c, random_tensors(c, 3))
+    if weights == "pot":
+        from converters.pot import pot_linear
+        for L in mw.layers:
+            for n in LINEAR_NAMES:
+                setattr(L, n, pot_linear(getattr(L, n), 3, 32, search=False))
+    return mw
+
+
+@pytest.mark.parametrize("weights", ["a8w4", "fp16", "a8w4-kv8", "pot"])
 @pytest.mark.parametrize("logits", ["last", "all"])
-def test_captured_prefill_equals_eager(weights, logits, monkeypatch):
+@pytest.mark.parametrize("t", [7, 80])
+def test_captured_prefill_equals_eager(weights, logits, t, monkeypatch):
     """A prefill shape seen before replays a CUDA graph (tuning.PREFILL): the first sighting
-    runs eagerly, the second captures and launches, the third replays. Each with new tokens, a
-    start past 0 and a second sequence: the same logits bits and cache contents as eager
-    prefills (PREFILL.graphs = 0) of the same tokens, and a settings change is not replayed."""
+    runs eagerly, the second captures and launches, the third on replay. Each with new tokens,
+    a start past 0 and a second sequence, at t = 7 (the GEMVs) and 80 (the GEMMs with split-K
+    workspaces, two attn_prefill query tiles): the same logits bits and cache contents as eager
+    prefills (PREFILL.graphs = 0) of the same tokens. A b-bit weight-only model past 16 rows is
+    never captured (gemv_wb would slice it into GEMVs), a settings change is another key, and
+    a longer prefill, which regrows the scratch, drops the graphs that point into the old."""
     from engine.gpu import tuning
     from engine.gpu.model import CudaModel
-    if weights == "fp16":
-        c = tiny_config(head_dim=64, hidden_size=64, intermediate_size=96)
-        mw = ModelWeights.from_hf(c, random_tensors(c, 3))
-    else:
-        mw = quantized_tiny("dynamic", seed=2, head_dim=64, hidden_size=64, intermediate_size=96)
+    mw = _prefill_model(weights)
     gm = CudaModel(mw)
     kv8 = weights.endswith("kv8")
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, mw.config.vocab_size, 9) for _ in range(4)]
+    prompts = [rng.integers(0, mw.config.vocab_size, t) for _ in range(4)]
+    capturable = not (weights == "pot" and t > 16)
 
     def run(graphs):
         monkeypatch.setattr(tuning.PREFILL, "graphs", graphs)
         gm._prefill_graphs.clear()
-        cache = gm.new_cache(32, batch=2, kv8=kv8)
+        cache = gm.new_cache(t + 40, batch=2, kv8=kv8)
         got = []
-        for i, p in enumerate(prompts):                  # the same shape each time: 7 tokens at 2
+        for i, p in enumerate(prompts):                  # the same shape each time: t tokens at 2
             cache.lens_host[:] = 2
-            got.append(gm.prefill(p[:7], cache, seq=1, logits=logits).get())
-            if i == 1 and graphs:
-                assert any(g.graph is not None for g in gm._prefill_graphs.values())
+            got.append(gm.prefill(p, cache, seq=1, logits=logits).get())
+            captured = sum(g.graph is not None for g in gm._prefill_graphs.values())
+            assert captured == (graphs > 0 and capturable and i >= 1)
         return got, cache.k.get(), cache.v.get(), cache.ks.get(), cache
 
     eager, graphed = run(0), run(4)
@@ -508,11 +524,18 @@ def test_captured_prefill_equals_eager(weights, logits, monkeypatch):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(eager[1:4], graphed[1:4]):
         np.testing.assert_array_equal(a, b)
+    if not capturable:
+        return
     # a setting that picks other kernels makes another key: the old settings' graph is not replayed
     cache = graphed[4]
-    monkeypatch.setattr(tuning.ROWS, "vec", 1 if tuning.ROWS.vec == 8 else 8)
-    cache.lens_host[:] = 2
-    gm.prefill(prompts[0][:7], cache, seq=1, logits=logits)
-    newest = list(gm._prefill_graphs.values())[-1]
-    assert newest.graph is None and newest.tok is None          # a first sighting: eager
-    assert sum(g.graph is not None for g in gm._prefill_graphs.values()) == 1
+    with monkeypatch.context() as mp:
+        mp.setattr(tuning.ROWS, "vec", 1 if tuning.ROWS.vec == 8 else 8)
+        cache.lens_host[:] = 2
+        gm.prefill(prompts[0], cache, seq=1, logits=logits)
+        newest = list(gm._prefill_graphs.values())[-1]
+        assert newest.graph is None and newest.tok is None      # a first sighting: eager
+        assert sum(g.graph is not None for g in gm._prefill_graphs.values()) == 1
+    # a longer prefill regrows the scratch: the graphs pointing into the old set are dropped
+    cache.lens_host[:] = 0
+    gm.prefill(rng.integers(0, mw.config.vocab_size, t + 30), cache, seq=0, logits="all")
+    assert not any(g.graph is not None for g in gm._prefill_graphs.values())

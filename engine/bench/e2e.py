@@ -8,9 +8,9 @@ for prefill, our fp16 GEMV in the graphed decode step) as the in-run baseline; t
 A8W4 model also decodes with the INT8 KV cache (kv8 rows). A prefill row is the median of
 10 after 0.5 s of warm-up, with host_ms beside it: the time the host takes to issue its
 launches (a row whose host_ms is near its step_ms is bound by the host, not the GPU). Its
-repeats are one shape, so from the second on they replay a captured graph (tuning.PREFILL, as a
-perplexity window or a fixed-size chunk would); the `eager` row beside it launches every kernel
-from the host (PREFILL.graphs = 0), as a prompt seen once does.
+repeats are one shape, so from the third on they replay a captured graph (tuning.PREFILL, as a
+perplexity window or a fixed-size chunk would): the `graphed` rows; the `eager` row beside each
+launches every kernel from the host (PREFILL.graphs = 0), as a prompt seen once does.
 Prints one JSON object per row with --json, and a table.
 
 --context 128,1024,...: the context table instead (run_context): A8W4 decode tokens/s of each
@@ -167,6 +167,7 @@ def bench_model(cp, name, mw, prefill_lens=(512, 2048), batches=(1, 8, 32), kv8_
     prefill_lens = [t for t in prefill_lens if t <= c.max_position_embeddings]
 
     def prefill_row(t, label):
+        label += " graphed" if PREFILL.graphs else ""      # its repeats replay a captured prefill
         toks = rng.integers(0, c.vocab_size, t)
         cache = gm.new_cache(t)
 

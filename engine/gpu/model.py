@@ -49,7 +49,7 @@ from .backend import BackendError, require_cupy
 from .cache import Buffers, GpuKVCache
 from .fused import MODE
 from .linear import GpuLinear, to_f16
-from .tuning import ATTENTION, DECODE, GEMM, PREFETCH, PREFILL
+from .tuning import ATTENTION, DECODE, GEMM, PREFETCH, PREFILL, WB
 
 
 @dataclass
@@ -139,16 +139,15 @@ def gpu_refusals(c) -> list[str]:
 @dataclass
 class _PrefillGraph:
     """A captured prefill shape (CudaModel._graph_for) and what its graph points into."""
-    cache: object         # weakref to the GpuKVCache its K/V go to
-    kv: tuple             # that cache's K/V pointers when seen (_kv_ptrs)
-    bufs: Buffers         # the scratch it runs in
-    tok: object           # (t,) int32 each replay's tokens are copied into
-    pos: object           # (t,) int32 positions start..start+t-1
-    seqs: object          # (t,) int32 the sequence index
-    stream: object        # capture and replay stream
+    cache: object           # weakref to the GpuKVCache its K/V go to
+    kv: tuple               # that cache's K/V pointers when seen (_kv_ptrs)
+    bufs: Buffers           # the scratch it runs in
+    tok: object = None      # (t,) int32 each replay's tokens are copied into
+    pos: object = None      # (t,) int32 positions start..start+t-1
+    seqs: object = None     # (t,) int32 the sequence index
     graph: object = None
-    failed: bool = False  # a launch refused capture: the shape stays eager
-    rope: object = None   # the RoPE tables and split-K workspace the graph reads, kept alive
+    failed: bool = False    # a launch refused capture: the shape stays eager
+    rope: object = None     # the RoPE tables and split-K workspace the graph reads, kept alive
     workspace: object = None
 
 
@@ -157,10 +156,13 @@ def _kv_ptrs(cache: GpuKVCache) -> tuple:
 
 
 def _settings_key() -> str:
-    """What picks a prefill's kernels besides its shape: the tuning tables, the GEMM policy and
-    any kernel source edits (kargs.patched). Part of a captured prefill's key."""
-    return repr((tuning.GEMM, tuning.ROWS, tuning.ATTENTION, tuning.DECODE, fused.GEMV_F16, choice.STATE.policy,
-                 id(choice.STATE.model), kernels.EDITS, launch.pdl_enabled()))
+    """What picks a prefill's kernels besides its shape: the tuning tables, the GEMM policy (as
+    resolved, its objective and model file) and any kernel source edits (kargs.patched). Part
+    of a captured prefill's key."""
+    st = choice.STATE
+    choice.active()                                   # resolves the policy on first use
+    return repr((tuning.GEMM, tuning.ROWS, tuning.ATTENTION, tuning.DECODE, tuning.WB_TUNE, fused.GEMV_F16,
+                 st.asked, st.policy, st.objective, st.model_path, kernels.EDITS, launch.pdl_enabled()))
 
 
 class CudaModel:
@@ -220,6 +222,7 @@ class CudaModel:
         # float linears are graphed through our fp16 GEMV (M ≤ GEMV_F16.max_m, K % 8 == 0) or
         # cuBLAS called past CuPy (gpu/cublas.py); where neither can, such a model decodes eagerly
         self._f16_ks = [g.w16.shape[1] for L in self.layers for g in L.linears() if g.w16 is not None]
+        self._has_wb = any(g.wb is not None for L in self.layers for g in L.linears())
         # the residual add folds into the A8W4 GEMV only (not the fp16 or b-bit weight-only ones)
         self._all_a8w4 = all(g.packed is not None for L in self.layers for g in L.linears())
         # RoPE tables (P, D/2) for the positions the caches made so far hold (new_cache grows
@@ -233,6 +236,7 @@ class CudaModel:
         self._rope(min(c.max_position_embeddings, ROPE_MIN_POSITIONS))
         self._bufs = None
         self._prefill_graphs = {}    # shape key -> _PrefillGraph (tuning.PrefillTuning), oldest first
+        self._capture_stream = None  # the stream captured prefills are recorded on
 
     def _family_plan(self) -> None:
         """What the family adds to the layer stack (module docstring): nothing for a Llama config."""
@@ -304,6 +308,7 @@ class CudaModel:
         b = self._bufs
         if b is None or b.m < m or b.vocab_rows < vocab_rows:
             self._bufs = None                   # let the old set go before allocating the new
+            self._prefill_graphs.clear()        # (the captured prefills hold it)
             grow = lambda need, have: max(need, 2 * have) if have else need  # noqa: E731
             b = self._bufs = Buffers(self.cp, self.config, grow(m, b.m if b else 0),
                                      grow(vocab_rows, b.vocab_rows if b else 0), self._wide)
@@ -492,7 +497,7 @@ class CudaModel:
         """Append tokens (T,) to sequence `seq` of the cache; fp16 logits (T or 1, V) on the GPU.
 
         The logits are a view of scratch memory, valid until the next prefill: copy to keep them.
-        A prefill of a shape seen before replays a CUDA graph (tuning.PrefillTuning, _graph_for).
+        A prefill of a shape seen twice before replays a CUDA graph (tuning.PrefillTuning, _graph_for).
         """
         cp, c = self.cp, self.config
         if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < cache.batch:
@@ -513,14 +518,13 @@ class CudaModel:
             self._prefill_pass(b, cache, seq, start, t, rows, cp.asarray(toks), cp.arange(start, start + t, dtype=cp.int32),
                                cp.full((t,), seq, dtype=cp.int32))
         else:
-            with g.stream:
-                g.tok.set(toks)
-                if g.graph is None:
-                    self._capture(g, b, cache, seq, start, t, rows)
-                if g.graph is None:              # not capturable after all: this shape stays eager
-                    self._prefill_pass(b, cache, seq, start, t, rows, g.tok, g.pos, g.seqs)
-                else:
-                    g.graph.launch(g.stream)
+            g.tok.set(toks)                              # on the current stream, as the eager launches
+            if g.graph is None:
+                self._capture(g, b, cache, seq, start, t, rows)
+            if g.graph is None:                          # not capturable after all: this shape stays eager
+                self._prefill_pass(b, cache, seq, start, t, rows, g.tok, g.pos, g.seqs)
+            else:
+                g.graph.launch(cp.cuda.get_current_stream())
         cache.lens_host[seq] += t
         return check_finite_logits(cp, b.logits[:rows], "prefill")
 
@@ -542,13 +546,14 @@ class CudaModel:
         t, _, _, rows = shape
         graphs = self._prefill_graphs
         if PREFILL.graphs <= 0 or kargs._WRAP or not self._prefill_graphable(t, rows):
+            if PREFILL.graphs <= 0:
+                graphs.clear()
             return None
         key = (shape, id(cache), _settings_key())
         g = graphs.pop(key, None)
         live = g is not None and g.cache() is cache and g.bufs is b and g.kv == _kv_ptrs(cache)
         if not live:
-            g = _PrefillGraph(weakref.ref(cache), _kv_ptrs(cache), b, *(None,) * 4)
-            graphs[key] = g
+            graphs[key] = _PrefillGraph(cache=weakref.ref(cache), kv=_kv_ptrs(cache), bufs=b)
             while len(graphs) > PREFILL.graphs:
                 graphs.pop(next(iter(graphs)))
             return None                               # first sighting: eager
@@ -558,29 +563,44 @@ class CudaModel:
             g.tok = cp.zeros((t,), cp.int32)
             g.pos = cp.arange(start, start + t, dtype=cp.int32)
             g.seqs = cp.full((t,), seq, dtype=cp.int32)
-            g.stream = cp.cuda.Stream()
         return None if g.failed else g
 
     def _prefill_graphable(self, t: int, rows: int) -> bool:
-        """Whether a prefill of t tokens with `rows` logits rows can be captured (graphable's rule)."""
+        """Whether a prefill of t tokens with `rows` logits rows can be captured with the kernels
+        it runs eagerly: graphable's rule for the float linears and the head, and no b-bit
+        weight-only linear past its GEMV's rows (captured, gemv_wb runs 16-row GEMV slices
+        instead of dequantizing for cuBLAS: other kernels, other bits)."""
+        if self._has_wb and t > WB.gemv_max_m:
+            return False
         return all(fused.f16_capturable(t, k) for k in self._f16_ks) and (
             self.lm_scale is not None or fused.f16_capturable(rows, self.config.hidden_size))
 
     def _capture(self, g, b: Buffers, cache: GpuKVCache, seq: int, start: int, t: int, rows: int):
-        """Capture the prefill into g.graph on g.stream (capture runs nothing: prefill() launches
-        it). A launch that cannot be captured leaves g.failed set and the shape eager."""
-        with launch.capturing():
-            g.stream.begin_capture()
+        """Capture the prefill into g.graph on the model's capture stream (capture runs nothing:
+        prefill() launches it). A launch that cannot be captured, or a capture that does not end
+        cleanly, leaves g.failed set and the shape eager."""
+        cp = self.cp
+        if self._capture_stream is None:
+            self._capture_stream = cp.cuda.Stream()
+        st, graph, ran = self._capture_stream, None, False
+        g.failed = True                                 # until the capture has ended cleanly
+        with st, launch.capturing():
+            st.begin_capture()
             try:
                 self._prefill_pass(b, cache, seq, start, t, rows, g.tok, g.pos, g.seqs)
-            except Exception:                           # noqa: BLE001 - end the capture, then decide
-                g.stream.end_capture()
-                g.failed = True
-                return
-            graph = g.stream.end_capture()
-        g.graph = graph
+                ran = True
+            except Exception:                           # noqa: BLE001 - a launch refused capture: eager
+                pass
+            finally:
+                try:
+                    graph = st.end_capture()
+                except Exception:                       # noqa: BLE001 - the capture was invalidated
+                    graph = None
+        if not ran or graph is None:
+            return
+        g.graph, g.failed = graph, False
         g.rope = self.ropes                             # the tables it reads, should they grow
-        g.workspace = ops_cuda._WS.get(self.cp.cuda.Device().id)   # its split-K workspace, kept alive
+        g.workspace = ops_cuda._WS.get(cp.cuda.Device().id)   # its split-K workspace, kept alive
 
     def forward(self, tokens, cache: GpuKVCache | None = None, observer=None, last_only: bool = False):
         """Same contract as Model.forward: float32 logits (T, V), or (1, V) when last_only (CuPy)."""
