@@ -8,8 +8,9 @@ ops.gemm_a8w4 runs for one launch (validation, the kernel choice, the tile, spli
 arithmetic, the argument tuple) with a fake CuPy whose arrays are NumPy arrays and whose kernels
 do nothing, on the 7B prefill's four linears (q|k|v, o, gate|up, down) under the learned policy
 of the H200 model, as on the device. What it cannot see: CuPy's own launch (~11-22 µs a kernel
-on the H200's host, bench/pdl_probe.py) and the CPU's speed there. `--profile` prints the
-functions that take the time.
+on the H200's host, bench/pdl_probe.py) and the CPU's speed there. The `planned` rows make the
+calls inside ops.plan_scope, as a prefill's pass does (the launch worked out once a shape).
+`--profile` prints the functions that take the time.
 """
 from __future__ import annotations
 
@@ -76,9 +77,17 @@ def layer_of(n: int, k: int, group: int = 128) -> ops.PackedA8W4:
                           np.zeros((R, g_pad, 8), np.uint32), np.zeros(n_pad, np.float32))
 
 
-def time_calls(m: int, calls: int) -> dict[str, float]:
-    """µs of host time per gemm_a8w4 call, for each 7B linear at M rows (after one warm call)."""
+def time_calls(m: int, calls: int, planned: bool = False) -> dict[str, float]:
+    """µs of host time per gemm_a8w4 call, for each 7B linear at M rows (after one warm call);
+    planned: inside ops.plan_scope, as a prefill's pass makes them (the warm call plans)."""
     res = {}
+    scope = ops.plan_scope() if planned else contextlib.nullcontext()
+    with scope:
+        _time_each(m, calls, res)
+    return res
+
+
+def _time_each(m: int, calls: int, res: dict):
     for name, (n, k) in LINEARS_7B.items():
         layer = layer_of(n, k)
         x8, sx, out = np.zeros((m, layer.k_pad), np.int8), np.ones(m, np.float32), np.empty((m, n), np.float16)
@@ -87,14 +96,13 @@ def time_calls(m: int, calls: int) -> dict[str, float]:
         for _ in range(calls):
             ops.gemm_a8w4(x8, sx, layer, out=out)
         res[name] = (time.perf_counter() - t0) / calls * 1e6
-    return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", default="512,2048", help="comma-separated token counts")
     ap.add_argument("--calls", type=int, default=3000)
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="cProfile the calls of the first M (unplanned)")
     a = ap.parse_args(argv)
     ms = [int(v) for v in a.m.split(",")]
     with faked():
@@ -102,8 +110,10 @@ def main(argv=None) -> int:
         print("| M | " + " | ".join(LINEARS_7B) + " | mean |")
         print("|---:|" + "---:|" * (len(LINEARS_7B) + 1))
         for m in ms:
-            r = time_calls(m, a.calls)
-            print(f"| {m} | " + " | ".join(f"{v:.1f}" for v in r.values()) + f" | {np.mean(list(r.values())):.1f} |")
+            for planned in (False, True):
+                r = time_calls(m, a.calls, planned)
+                print(f"| {m}{' planned' if planned else ''} | " + " | ".join(f"{v:.1f}" for v in r.values())
+                      + f" | {np.mean(list(r.values())):.1f} |")
         if a.profile:
             prof = cProfile.Profile()
             prof.runcall(time_calls, ms[0], a.calls)

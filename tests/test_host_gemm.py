@@ -36,3 +36,49 @@ def test_main_prints_a_row_per_m(capsys):
     assert host_gemm.main(["--m", "64", "--calls", "2"]) == 0
     out = capsys.readouterr().out
     assert "| 64 |" in out and "policy" in out
+
+
+def test_plan_scope_launches_what_unplanned_calls_launch(monkeypatch):
+    """ops.plan_scope (a prefill pass): a second layer of the same shape, and the same layer
+    again, launch the kernel, grid, block, shared memory and arguments an unplanned call does,
+    with their own arrays; other M and the residual GEMV are other plans; outside the scope
+    nothing is kept."""
+    import numpy as np
+    from engine.gpu import kargs, ops
+    seen = []
+    monkeypatch.setattr(kargs, "_WRAP", [lambda expr, run: (seen.append(expr), run())])
+
+    def launches(planned, calls):
+        seen.clear()
+        got = []
+        orig = host_gemm._Kernel.__call__
+
+        def record(self, grid, block, args, shared_mem=0):
+            got.append((seen[-1], grid, block, shared_mem,             # the workspace: each faked() its own
+                        tuple((id(a) if id(a) in mine else "ws") if isinstance(a, np.ndarray) else a for a in args)))
+        monkeypatch.setattr(host_gemm._Kernel, "__call__", record)
+        with host_gemm.faked():
+            with ops.plan_scope() if planned else contextlib.nullcontext():
+                for fn in calls:
+                    fn()
+                if planned:                  # one a shape: 4096² at M = 512, 8, 1, with resid; 12288 at 512
+                    assert len(ops._PLANS[-1]) == 5
+            assert not ops._PLANS
+        monkeypatch.setattr(host_gemm._Kernel, "__call__", orig)
+        return got
+
+    import contextlib
+    a, b = host_gemm.layer_of(4096, 4096), host_gemm.layer_of(4096, 4096)
+    c = host_gemm.layer_of(12288, 4096)
+    xs = {m: (np.zeros((m, a.k_pad), np.int8), np.ones(m, np.float32), np.empty((m, 4096), np.float16))
+          for m in (1, 8, 512)}
+    resid = np.zeros((8, 4096), np.float32)
+    out_c = np.empty((512, 12288), np.float16)
+    calls = [lambda L=L, m=m: ops.gemm_a8w4(*xs[m][:2], L, out=xs[m][2]) for m in (512, 8, 1) for L in (a, b, a)]
+    calls += [lambda L=L: ops.gemm_a8w4(*xs[8][:2], L, resid=resid) for L in (a, b)]
+    calls += [lambda: ops.gemm_a8w4(*xs[512][:2], c, out=out_c)]
+    mine = {id(v) for v in (resid, out_c, *(x for t in xs.values() for x in t))}
+    mine |= {id(v) for L in (a, b, c) for v in (L.qw, L.meta, L.s8)}
+    plain, planned = launches(False, calls), launches(True, calls)
+    assert len(plain) == len(calls) and planned == plain
+    assert len({g[0] for g in plain}) >= 3                       # wgmma, GEMV, and the dp4a GEMV at M = 1

@@ -529,9 +529,11 @@ class CudaModel:
         return check_finite_logits(cp, b.logits[:rows], "prefill")
 
     def _prefill_pass(self, b: Buffers, cache: GpuKVCache, seq: int, start: int, t: int, rows: int, tok, pos, seqs):
-        """The launches of a prefill: the layers, then the head for the last row or all rows."""
-        y = self._layers(b, t, cache, self._attend_prefill(cache, seq, start, t, pos, seqs), tok)
-        self._head(b, y, slice(0, t) if rows == t else slice(t - 1, t), rows)
+        """The launches of a prefill: the layers, then the head for the last row or all rows. The
+        GEMMs of one shape share one launch plan (ops_cuda.plan_scope)."""
+        with ops_cuda.plan_scope():
+            y = self._layers(b, t, cache, self._attend_prefill(cache, seq, start, t, pos, seqs), tok)
+            self._head(b, y, slice(0, t) if rows == t else slice(t - 1, t), rows)
 
     def _graph_for(self, shape: tuple, cache: GpuKVCache, b: Buffers):
         """The _PrefillGraph for a prefill of shape (t, start, seq, rows) into this cache, or None

@@ -28,6 +28,7 @@ split-K workspace.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -406,6 +407,40 @@ def _learned(x8, sx, layer: PackedA8W4, kernel: str, cfg, out_i32: bool, gemv_on
     return got if got is not None else (kernel, cfg)
 
 
+_PLANS: list = []     # the memos of the open plan_scope blocks, innermost last
+
+
+@contextlib.contextmanager
+def plan_scope():
+    """Within the block, gemm_a8w4 keeps each call's launch (the kernel and its tile, the splits
+    and grid, shared memory, the arguments other than x8, sx, out and resid) by the layer, M and
+    the call's kernel and cfg, and later calls of the same layer and M, or of another layer of
+    the same shape, reuse it: a prefill's 32 layers work out 4 launches instead of 128 (the host's
+    ~20 µs a GEMM call, bench/host_gemm.py). Settings must not change inside the block
+    (CudaModel's prefill pass holds one)."""
+    _PLANS.append({})
+    try:
+        yield
+    finally:
+        _PLANS.pop()
+
+
+def _plan_key(layer: PackedA8W4, m: int, kernel: str, cfg: dict | None, resid) -> tuple:
+    """A plan_scope key: what _run_gemm's choices read from a call (the layer's shape, not the
+    layer: its arrays are swapped in at launch)."""
+    return (layer.n, layer.k, layer.group, layer.n_pad, layer.k_pad, m, kernel,
+            None if not cfg else tuple(sorted(cfg.items())), resid is not None)
+
+
+def _planned(memo, call: tuple, run, x8, sx, out, resid):
+    """run(layer, x8, sx, out, resid) launches a GEMM call; kept in memo (plan_scope) for the
+    calls of its shape, call = (layer, M, kernel, cfg, resid)."""
+    run(call[0], x8, sx, out, resid)
+    if memo is not None:
+        memo[_plan_key(*call)] = run
+    return out
+
+
 def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict | None, out=None, resid=None):
     cp = _cp()
     x8 = _prep_x8(x8, layer)
@@ -433,6 +468,14 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if not isinstance(sx, cp.ndarray) or sx.dtype != np.float32 or sx.shape != (m,):
             raise CudaOpError(f"sx must be a ({m},) float32 CuPy array, got "
                               f"{getattr(sx, 'dtype', None)} {getattr(sx, 'shape', None)}")
+    kernel0, cfg0 = kernel, cfg                 # the call's own, a plan's key
+    memo = _PLANS[-1] if _PLANS and not out_i32 else None
+    if memo is not None:
+        key = _plan_key(layer, m, kernel, cfg, resid)
+        plan = memo.get(key)
+        if plan is not None:
+            plan(layer, x8, sx, out, resid)
+            return out
     if resid is None:
         kernel, cfg = _learned(x8, sx, layer, kernel, cfg, out_i32, False)
     cfg = dict(cfg or {})
@@ -445,10 +488,13 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if m > 8 * mt or mt not in GEMV_CFGS:
             raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
         rw, u, nw, dp = _gemv_cfg(m, mt, R, cfg)
-        kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{gemv_targs(mt, rw, u, nw, dp, out_i32)}>", (-(-R // rw),), (32 * nw,),
-                     qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=m, N=n, R=g.R, C=g.C,
-                     Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=resid, amax_out=None)
-        return out
+        targs = gemv_targs(mt, rw, u, nw, dp, out_i32)
+
+        def run(layer, x8, sx, out, resid):
+            kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{targs}>", (-(-R // rw),), (32 * nw,), qw=layer.qw,
+                         meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=m, N=n, R=g.R, C=g.C, Gp=g.Gp,
+                         gshift=g.gshift, ldx=g.ldx, resid=resid, amax_out=None)
+        return _planned(memo, (layer, m, kernel0, cfg0, resid), run, x8, sx, out, resid)
     if kernel == "mma":
         bm = cfg.get("bm", GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128)
         st = cfg.get("stages", 4)
@@ -483,16 +529,19 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
     ws, cnt = _workspace(perfmodel.split_tiles(tiles, splits, tail_from, tail_splits) * nreg * threads, tiles)
     set_smem(kargs.function(kf, expr), smem)
     if kernel == "mma":
-        kargs.launch(kf, f"gemm_a8w4_mma<{bm},{st},{o}>", (tiles, splits), (threads,), shared_mem=smem,
-                     qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,
-                     M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits)
+        def run(layer, x8, sx, out, resid):
+            kargs.launch(kf, f"gemm_a8w4_mma<{bm},{st},{o}>", (tiles, splits), (threads,), shared_mem=smem,
+                         qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,
+                         M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits)
     else:
-        kargs.launch(kf, f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>",
-                     (perfmodel.wgmma_grid_x(tiles, tail_from, tail_splits), splits), (threads,), shared_mem=smem,
-                     qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,
-                     M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits,
-                     tail_from=tail_from, tail_splits=tail_splits)
-    return out
+        grid = (perfmodel.wgmma_grid_x(tiles, tail_from, tail_splits), splits)
+
+        def run(layer, x8, sx, out, resid):
+            kargs.launch(kf, f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>", grid, (threads,), shared_mem=smem,
+                         qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,
+                         M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits,
+                         tail_from=tail_from, tail_splits=tail_splits)
+    return _planned(memo, (layer, m, kernel0, cfg0, resid), run, x8, sx, out, resid)
 
 
 def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None,
