@@ -41,44 +41,57 @@ def test_main_prints_a_row_per_m(capsys):
 def test_plan_scope_launches_what_unplanned_calls_launch(monkeypatch):
     """ops.plan_scope (a prefill pass): a second layer of the same shape, and the same layer
     again, launch the kernel, grid, block, shared memory and arguments an unplanned call does,
-    with their own arrays; other M and the residual GEMV are other plans; outside the scope
-    nothing is kept."""
+    with their own arrays (each call its own activations, scales, outputs and residual); other
+    M, the residual GEMV and an explicit kernel are other plans; a hit still refuses a bad
+    output; outside the scope nothing is kept."""
+    import contextlib
     import numpy as np
+    import pytest
     from engine.gpu import kargs, ops
-    seen = []
+    seen, planned_keys = [], []
     monkeypatch.setattr(kargs, "_WRAP", [lambda expr, run: (seen.append(expr), run())])
+    a, b = host_gemm.layer_of(4096, 4096), host_gemm.layer_of(4096, 4096)
+    c = host_gemm.layer_of(12288, 4096)
+    mine = {id(v) for L in (a, b, c) for v in (L.qw, L.meta, L.s8)}
 
-    def launches(planned, calls):
+    def arrays(m, n=4096):
+        got = (np.zeros((m, a.k_pad), np.int8), np.ones(m, np.float32), np.empty((m, n), np.float16))
+        mine.update(id(v) for v in got)
+        return got
+
+    def resid():
+        r = np.zeros((8, 4096), np.float32)
+        mine.add(id(r))
+        return r
+
+    calls = [(L, *arrays(m), None, "auto") for m in (512, 8, 1) for L in (a, b, a)]
+    calls += [(L, *arrays(8), resid(), "auto") for L in (a, b, a)]
+    calls += [(L, *arrays(512), None, "mma") for L in (a, b)]
+    calls += [(c, *arrays(512, 12288), None, "auto")]
+
+    def launches(planned):
         seen.clear()
         got = []
-        orig = host_gemm._Kernel.__call__
 
         def record(self, grid, block, args, shared_mem=0):
             got.append((seen[-1], grid, block, shared_mem,             # the workspace: each faked() its own
-                        tuple((id(a) if id(a) in mine else "ws") if isinstance(a, np.ndarray) else a for a in args)))
+                        tuple((id(v) if id(v) in mine else "ws") if isinstance(v, np.ndarray) else v for v in args)))
         monkeypatch.setattr(host_gemm._Kernel, "__call__", record)
         with host_gemm.faked():
             with ops.plan_scope() if planned else contextlib.nullcontext():
-                for fn in calls:
-                    fn()
-                if planned:                  # one a shape: 4096² at M = 512, 8, 1, with resid; 12288 at 512
-                    assert len(ops._PLANS[-1]) == 5
+                for L, x8, sx, out, r, kernel in calls:
+                    if r is None:
+                        ops.gemm_a8w4(x8, sx, L, kernel=kernel, out=out)
+                    else:
+                        ops.gemm_a8w4(x8, sx, L, kernel=kernel, resid=r)
+                if planned:      # a plan a shape: 4096² at M = 512, 8, 1, 8 with resid, mma; 12288 at 512
+                    planned_keys.extend(ops._PLANS[-1])
+                    with pytest.raises(ops.CudaOpError, match="out must be"):      # a hit still checks
+                        ops.gemm_a8w4(*calls[0][1:3], a, out=np.empty((512, 4095), np.float16))
             assert not ops._PLANS
-        monkeypatch.setattr(host_gemm._Kernel, "__call__", orig)
         return got
 
-    import contextlib
-    a, b = host_gemm.layer_of(4096, 4096), host_gemm.layer_of(4096, 4096)
-    c = host_gemm.layer_of(12288, 4096)
-    xs = {m: (np.zeros((m, a.k_pad), np.int8), np.ones(m, np.float32), np.empty((m, 4096), np.float16))
-          for m in (1, 8, 512)}
-    resid = np.zeros((8, 4096), np.float32)
-    out_c = np.empty((512, 12288), np.float16)
-    calls = [lambda L=L, m=m: ops.gemm_a8w4(*xs[m][:2], L, out=xs[m][2]) for m in (512, 8, 1) for L in (a, b, a)]
-    calls += [lambda L=L: ops.gemm_a8w4(*xs[8][:2], L, resid=resid) for L in (a, b)]
-    calls += [lambda: ops.gemm_a8w4(*xs[512][:2], c, out=out_c)]
-    mine = {id(v) for v in (resid, out_c, *(x for t in xs.values() for x in t))}
-    mine |= {id(v) for L in (a, b, c) for v in (L.qw, L.meta, L.s8)}
-    plain, planned = launches(False, calls), launches(True, calls)
+    plain, planned = launches(False), launches(True)
     assert len(plain) == len(calls) and planned == plain
-    assert len({g[0] for g in plain}) >= 3                       # wgmma, GEMV, and the dp4a GEMV at M = 1
+    assert len(planned_keys) == 6
+    assert len({g[0] for g in plain}) >= 4                       # wgmma, mma, the GEMV and its dp4a form

@@ -416,8 +416,8 @@ def plan_scope():
     and grid, shared memory, the arguments other than x8, sx, out and resid) by the layer, M and
     the call's kernel and cfg, and later calls of the same layer and M, or of another layer of
     the same shape, reuse it: a prefill's 32 layers work out 4 launches instead of 128 (the host's
-    ~20 µs a GEMM call, bench/host_gemm.py). Settings must not change inside the block
-    (CudaModel's prefill pass holds one)."""
+    ~20 µs a GEMM call, bench/host_gemm.py). Settings, the GEMM policy and kernel source edits
+    (kargs.patched) must not change inside the block (CudaModel's prefill pass holds one)."""
     _PLANS.append({})
     try:
         yield
@@ -427,17 +427,17 @@ def plan_scope():
 
 def _plan_key(layer: PackedA8W4, m: int, kernel: str, cfg: dict | None, resid) -> tuple:
     """A plan_scope key: what _run_gemm's choices read from a call (the layer's shape, not the
-    layer: its arrays are swapped in at launch)."""
-    return (layer.n, layer.k, layer.group, layer.n_pad, layer.k_pad, m, kernel,
-            None if not cfg else tuple(sorted(cfg.items())), resid is not None)
+    layer: its arrays are swapped in at launch). Lists in cfg (a tail) count as tuples."""
+    items = None if not cfg else tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()))
+    return (layer.n, layer.k, layer.group, layer.n_pad, layer.k_pad, m, kernel, items, resid is not None)
 
 
-def _planned(memo, call: tuple, run, x8, sx, out, resid):
-    """run(layer, x8, sx, out, resid) launches a GEMM call; kept in memo (plan_scope) for the
-    calls of its shape, call = (layer, M, kernel, cfg, resid)."""
-    run(call[0], x8, sx, out, resid)
+def _planned(memo, key, run, layer, x8, sx, out, resid):
+    """run(layer, x8, sx, out, resid) launches a GEMM call; kept in memo under key (plan_scope)
+    for the later calls of its shape."""
+    run(layer, x8, sx, out, resid)
     if memo is not None:
-        memo[_plan_key(*call)] = run
+        memo[key] = run
     return out
 
 
@@ -468,10 +468,10 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if not isinstance(sx, cp.ndarray) or sx.dtype != np.float32 or sx.shape != (m,):
             raise CudaOpError(f"sx must be a ({m},) float32 CuPy array, got "
                               f"{getattr(sx, 'dtype', None)} {getattr(sx, 'shape', None)}")
-    kernel0, cfg0 = kernel, cfg                 # the call's own, a plan's key
     memo = _PLANS[-1] if _PLANS and not out_i32 else None
+    key = None
     if memo is not None:
-        key = _plan_key(layer, m, kernel, cfg, resid)
+        key = _plan_key(layer, m, kernel, cfg, resid)      # the call's own kernel and cfg
         plan = memo.get(key)
         if plan is not None:
             plan(layer, x8, sx, out, resid)
@@ -494,7 +494,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
             kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{targs}>", (-(-R // rw),), (32 * nw,), qw=layer.qw,
                          meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=m, N=n, R=g.R, C=g.C, Gp=g.Gp,
                          gshift=g.gshift, ldx=g.ldx, resid=resid, amax_out=None)
-        return _planned(memo, (layer, m, kernel0, cfg0, resid), run, x8, sx, out, resid)
+        return _planned(memo, key, run, layer, x8, sx, out, resid)
     if kernel == "mma":
         bm = cfg.get("bm", GEMM.mma_bm_small if m <= GEMM.mma_small_max_m else 128)
         st = cfg.get("stages", 4)
@@ -541,7 +541,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
                          qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,
                          M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits,
                          tail_from=tail_from, tail_splits=tail_splits)
-    return _planned(memo, (layer, m, kernel0, cfg0, resid), run, x8, sx, out, resid)
+    return _planned(memo, key, run, layer, x8, sx, out, resid)
 
 
 def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None = None, out=None,
