@@ -324,19 +324,14 @@ __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode
     float s = row_scale(mode, amax, static_scale);
     if (team.tid == 0) sx[row] = s;
     signed char* out = x8 + (size_t)row * ld;
-    if (RowQuant::ok(s)) {          // one reciprocal for the row, quant1's codes
-        const RowQuant q(s);
+    auto store = [&](const auto& q) {
 #pragma unroll
         for (int c = 0; c < PER / VEC; ++c) {
             const int j = chunk_col<VEC>(team, c);
             if (j < W) store_quant<VEC>(out, j, &v[c * VEC], q);
         }
-    } else {                        // a non-finite row's NaN scale, or one past 2^±100
-#pragma unroll
-        for (int c = 0; c < PER / VEC; ++c) {
-            const int j = chunk_col<VEC>(team, c);
-            if (j < W) store_quant<VEC>(out, j, &v[c * VEC], s);
-        }
-    }
+    };
+    if (RowQuant::ok(s)) store(RowQuant(s));   // one reciprocal for the row, quant1's codes
+    else store(s);                             // a non-finite row's NaN scale, or one past 2^±100
     zero_pad(out, W, ld, team);
 }
