@@ -52,6 +52,19 @@ CACHES = ((kargs, "_LAUNCHES"), (ops, "_WS"), (ops, "_SMEM_SET"), (choice.STATE,
 
 
 @contextlib.contextmanager
+def hooked(hooks):
+    """Within the block each (obj, name, value) of hooks is set; after it, as before."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in hooks]
+    try:
+        for obj, name, value in hooks:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+@contextlib.contextmanager
 def faked():
     """Within the block, gpu/ sees fake_cupy() and kernels that do nothing; after it, every hook
     and cache is as before (a GPU test run in the same process must not meet the fakes)."""
@@ -59,14 +72,8 @@ def faked():
     hooks = ((backend, "cupy_or_none", lambda: cp), (kernels, "function", lambda name, expr, exprs: kern),
              (kernels, "device_info", lambda: H200), (choice.STATE, "policy", None), (choice.STATE, "model", None))
     hooks += tuple((obj, name, {}) for obj, name in CACHES)
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in hooks]
-    try:
-        for obj, name, value in hooks:
-            setattr(obj, name, value)
+    with hooked(hooks):
         yield cp
-    finally:
-        for obj, name, value in saved:
-            setattr(obj, name, value)
 
 
 def layer_of(n: int, k: int, group: int = 128) -> ops.PackedA8W4:

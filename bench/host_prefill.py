@@ -82,14 +82,8 @@ def faked():
         hooks += ((model_mod, "require_cupy", lambda: cp), (wb, "require_cupy", lambda: cp),
                   (kernels, "module", lambda *a, **k: None), (tuning.PREFILL, "graphs", 0),
                   (model_mod, "check_finite_logits", lambda cp_, logits, what: logits))
-        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in hooks]
-        try:
-            for obj, name, value in hooks:
-                setattr(obj, name, value)
+        with host_gemm.hooked(hooks):
             yield cp
-        finally:
-            for obj, name, value in saved:
-                setattr(obj, name, value)
 
 
 def host_ms(model: str, tokens: int, reps: int, profile: bool = False) -> tuple[float, int]:
