@@ -90,16 +90,21 @@ def test_ab_reaches_the_weight_only_tuning_too():
     assert (tuning.WB_TUNE.resident, tuning.GEMM.gemv_dp_u) == before
 
 
-def test_ab_reaches_the_row_kernels_tuning():
-    assert parse_ab("rows.act_per=32") == {"rows.act_per": 32}
-    with pytest.raises(ValueError, match="rows.FIELD"):
-        parse_ab("rows.no_such_field=1")
-    before = tuning.ROWS.act_per
-    (name, ctx), = decode_variants(ab=[{"rows.act_per": 32}])
-    assert name == "rows.act_per=32"
+@pytest.mark.parametrize("prefix,obj,field,value", [("rows.", "ROWS", "act_per", 32),
+                                                     ("prefill.", "PREFILL", "graphs", 0)])
+def test_ab_reaches_the_row_kernels_and_captured_prefills(prefix, obj, field, value):
+    """--ab rows.FIELD (tuning.ROWS) and prefill.FIELD (tuning.PREFILL): parsed, refused for an
+    unknown field, set inside the variant and restored after."""
+    target = getattr(tuning, obj)
+    assert parse_ab(f"{prefix}{field}={value}") == {f"{prefix}{field}": value}
+    with pytest.raises(ValueError, match=f"{prefix}FIELD"):
+        parse_ab(f"{prefix}no_such_field=1")
+    before = getattr(target, field)
+    (name, ctx), = decode_variants(ab=[{f"{prefix}{field}": value}])
+    assert name == f"{prefix}{field}={value}"
     with ctx():
-        assert tuning.ROWS.act_per == 32
-    assert tuning.ROWS.act_per == before
+        assert getattr(target, field) == value
+    assert getattr(target, field) == before
 
 
 def test_host_ms_times_the_prefill_without_its_wait_on_the_gpu():
@@ -120,14 +125,3 @@ def test_host_ms_times_the_prefill_without_its_wait_on_the_gpu():
     ms = e2e.prefill_host_ms(cp, fn, reps=3)
     assert ms >= 0 and seen == [False] * 3 and len(syncs) == 3
     assert model_mod.check_finite_logits is landed
-
-
-def test_ab_reaches_the_captured_prefills():
-    assert parse_ab("prefill.graphs=0") == {"prefill.graphs": 0}
-    with pytest.raises(ValueError, match="prefill.FIELD"):
-        parse_ab("prefill.nope=1")
-    before = tuning.PREFILL.graphs
-    (name, ctx), = decode_variants(ab=[{"prefill.graphs": 0}])
-    with ctx():
-        assert tuning.PREFILL.graphs == 0
-    assert tuning.PREFILL.graphs == before

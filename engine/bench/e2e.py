@@ -24,7 +24,7 @@ FIELD=INT with tuning.GEMM fields set (e.g. gemv_dp_u=4), each in the same proce
 
 A/B rows beside the default's, in the same process (batch-1 decode with its per-launch profile,
 and each prefill length): --prefetch (the L2 prefetch), --ab (tuning.GEMM fields; wb.FIELD,
-rows.FIELD), --patch
+rows.FIELD, prefill.FIELD), --patch
 FILE.json (kernels compiled from edited source: kargs.patched; bench/patches/; its rows also
 for the W<b>-PoT models' batch-1 decode).
 """

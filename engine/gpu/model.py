@@ -569,13 +569,12 @@ class CudaModel:
 
     def _prefill_graphable(self, t: int, rows: int) -> bool:
         """Whether a prefill of t tokens with `rows` logits rows can be captured with the kernels
-        it runs eagerly: graphable's rule for the float linears and the head, and no b-bit
-        weight-only linear past its GEMV's rows (captured, gemv_wb runs 16-row GEMV slices
+        it runs eagerly: graphable's rule for the layers at t rows and the head at `rows`, and no
+        b-bit weight-only linear past its GEMV's rows (captured, gemv_wb runs 16-row GEMV slices
         instead of dequantizing for cuBLAS: other kernels, other bits)."""
         if self._has_wb and t > WB.gemv_max_m:
             return False
-        return all(fused.f16_capturable(t, k) for k in self._f16_ks) and (
-            self.lm_scale is not None or fused.f16_capturable(rows, self.config.hidden_size))
+        return self.graphable(t)[0] and self.graphable(rows)[1]
 
     def _capture(self, g, b: Buffers, cache: GpuKVCache, seq: int, start: int, t: int, rows: int):
         """Capture the prefill into g.graph on the model's capture stream (capture runs nothing:
