@@ -27,6 +27,7 @@
 // with z = 0, S = 1, code 0. Every padded weight dequantizes to exactly 0.
 #pragma once
 #include "pdl.cuh"
+#include "cluster.cuh"
 
 #define DGQ_QMAX_U4 15        // formats.QMAX_U4
 #define DGQ_QMAX_I8 127       // formats.QMAX_I8
@@ -265,6 +266,46 @@ __device__ __forceinline__ bool splitk_reduce(int (&acc)[NREG], int* ws, int* co
     }
     if (tid == 0) counters[tile] = 0;
     return true;
+}
+
+// Split K over a thread block cluster (sm_90; the host launches a tile's splits as one cluster):
+// every CTA stores its partial accumulators to its own shared memory and, after one cluster
+// barrier, CTA `rank` sums every CTA's partials of its share of the registers, groups of four
+// [lo, hi) = [rank, rank + 1) · (NREG/4) / size, through distributed shared memory: no
+// workspace, fence or counter, and every CTA finishes a part of the tile. Integer sums are
+// exact, so the order does not matter. On return acc holds the tile's sums in [lo, hi) (the
+// other registers are stale). smem: NREG · NTHREADS · 4 bytes that the caller no longer uses
+// (its __syncthreads); free again on return.
+template <int NREG, int NTHREADS>
+__device__ __forceinline__ void cluster_split_reduce(int (&acc)[NREG], unsigned char* smem, int& lo, int& hi) {
+    static_assert(NREG % 4 == 0, "partials travel as int4");
+    constexpr int NV = NREG / 4;
+    const int tid = threadIdx.x, n = cluster_size(), rank = cluster_rank();
+    int4* part = reinterpret_cast<int4*>(smem) + tid;       // group v at part[v * NTHREADS]
+#pragma unroll
+    for (int v = 0; v < NV; ++v)
+        part[v * NTHREADS] = make_int4(acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3]);
+    cluster_sync();
+    lo = rank * NV / n;
+    hi = (rank + 1) * NV / n;
+    for (int v = lo; v < hi; ++v) {         // this CTA's share: its own slots, which no other CTA reads
+        int4 sum = part[v * NTHREADS];
+#pragma unroll
+        for (int c = 1; c < 8; ++c) {       // portable clusters: at most 8 CTAs; all loads in flight
+            if (c < n) {
+                const int4 p = ld_cluster_s32x4(part + v * NTHREADS, rank + c < n ? rank + c : rank + c - n);
+                sum.x += p.x; sum.y += p.y; sum.z += p.z; sum.w += p.w;
+            }
+        }
+        part[v * NTHREADS] = sum;
+    }
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {          // back to registers (this thread's own stores)
+        if (v < lo || v >= hi) continue;
+        const int4 sum = part[v * NTHREADS];
+        acc[4 * v] = sum.x; acc[4 * v + 1] = sum.y; acc[4 * v + 2] = sum.z; acc[4 * v + 3] = sum.w;
+    }
+    cluster_sync();                         // every CTA has read its shares: shared memory is free
 }
 
 // Grouped rasterization (tiles of GROUP_M consecutive M-tiles sweep N together)

@@ -11,6 +11,7 @@
 #pragma once
 #include <cuda_fp16.h>
 #include "pdl.cuh"
+#include "cluster.cuh"
 
 #define QMAX 127
 #define MODE_STATIC 0
@@ -158,31 +159,6 @@ __device__ __forceinline__ float row_scale(int mode, float amax, const float* st
 #define ROW_CLUSTER_DIMS(CL) __cluster_dims__(CL, 1, 1)
 #define ROW_CLUSTER_DIMS_Z(CL) __cluster_dims__(1, 1, (CL) > 0 ? (CL) : 1)   // CL = 0: clusters of one CTA
 #endif
-
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-
-// The float at p in the shared memory of CTA `rank` of this cluster (distributed shared memory).
-__device__ __forceinline__ float ld_cluster(const float* p, int rank) {
-    float x = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    unsigned remote;
-    const unsigned local = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(x) : "r"(remote) : "memory");
-#endif
-    return x;
-}
-__device__ __forceinline__ int cluster_rank() {
-    unsigned rank = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-#endif
-    return (int)rank;
-}
 
 template <int CL>
 struct RowTeam {

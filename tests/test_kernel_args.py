@@ -20,7 +20,7 @@ from engine.gpu import kargs, kernels, tuning
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = sorted(p.name for p in (ROOT / "cuda").glob("*.cu"))
-LAUNCH_OWN = {"shared_mem"}       # keywords of kargs.launch itself
+LAUNCH_OWN = {"shared_mem", "cluster"}       # keywords of kargs.launch itself
 
 
 def all_kernels() -> dict[str, tuple[str, ...]]:

@@ -472,6 +472,42 @@ def test_wgmma_shared_memory_weights_bitexact(group):
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("cluster_max", [0, 8])
+def test_wgmma_split_k_cluster_and_workspace_bitexact(cluster_max, monkeypatch):
+    """Split K 2, 3, 5 and 8 ways, the partials summed in a thread block cluster (GEMM.wgmma_cluster_max
+    = 8, the tiles of ops.wgmma_cluster_tile: each CTA finishes its share of the token groups, uneven
+    at 3 and 5 ways, empty for some CTAs where a 32-token tile has 4 groups for 5 or 8) or through
+    the workspace turnstile (0, and the other tiles); every WPF = 0 tile and two register-ring
+    tiles, M within one and over two token tiles, int32 accumulators and the fp16 epilogue."""
+    cp = _cp()
+    if not ops_cuda.has_wgmma():
+        pytest.skip("needs sm_90")
+    monkeypatch.setattr(ops_cuda.GEMM, "wgmma_cluster_max", cluster_max)
+    assert (ops_cuda._split_cluster(3, 1) is not None) == (cluster_max > 0)
+    assert ops_cuda._split_cluster(9, 1) is None and ops_cuda._split_cluster(3, 2) is None
+    clusters = []
+    rule = ops_cuda._split_cluster
+    monkeypatch.setattr(ops_cuda, "_split_cluster", lambda *a: clusters.append(rule(*a)) or clusters[-1])
+    tiles = [c for c in ops_cuda.WGMMA_CFGS if c[3] == 0] + [(128, 4, 2, 2, 2), (64, 6, 1, 4, 2)]
+    ql = random_dg(200, 1152, 128, seed=7)
+    for m in (17, 64, 130):
+        x8 = random_x8(m, 1152, seed=m)
+        sxm = (np.random.default_rng(m).random(m, dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
+        for bt, st, nwg, wpf, ovl in tiles:
+            if m > 2 * bt:
+                continue
+            for splits in (2, 3, 5, 8):
+                cfg = {"bt": bt, "stages": st, "nwg": nwg, "wpf": wpf, "ovl": ovl, "splits": splits}
+                layer, ref = _acc_check(ql, x8, "wgmma", cfg=cfg)
+                want = formats.epilogue_ref(ref, sxm, ql.cscale).astype(np.float16)
+                got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sxm), layer, kernel="wgmma", cfg=cfg,
+                                         out=cp.full(want.shape, np.float16(np.nan), dtype=cp.float16))
+                np.testing.assert_array_equal(cp.asnumpy(got), want, err_msg=str(cfg))
+    assert any(c is not None for c in clusters) == (cluster_max > 0)       # the cluster path ran, or never
+
+
+@gpu
+@needs_gpu
 def test_wgmma_blocks_is_the_driver_occupancy():
     """tuning.wgmma_blocks (what split-K fills, ops and the performance model alike) is the number
     of blocks an SM the driver reports for every compiled wgmma configuration."""

@@ -274,8 +274,9 @@ def patched(edits):
         _LAUNCHES.clear()
 
 
-def launch(kf: KernelFile, expr: str, grid, block, shared_mem: int = 0, **args):
-    """Launch kernel `expr` of kf with keyword arguments (module docstring)."""
+def launch(kf: KernelFile, expr: str, grid, block, shared_mem: int = 0, cluster=None, **args):
+    """Launch kernel `expr` of kf with keyword arguments (module docstring); cluster: the CTAs of
+    a thread block cluster (x, y, z), sm_90 (launch.Kernel)."""
     key = (kf.file, expr, tuple(args))
     hit = _LAUNCHES.get(key)
     if hit is not None and hit[0] is kf.exprs:
@@ -284,9 +285,10 @@ def launch(kf: KernelFile, expr: str, grid, block, shared_mem: int = 0, **args):
         vals = bind(kf, expr, args)
         fn = function(kf, expr)
         _LAUNCHES[key] = (kf.exprs, _BOUND[key], fn)
+    kw = {"shared_mem": shared_mem} if cluster is None else {"shared_mem": shared_mem, "cluster": cluster}
     if _WRAP:
-        return _WRAP[-1](expr, lambda: fn(grid, block, vals, shared_mem=shared_mem))
-    return fn(grid, block, vals, shared_mem=shared_mem)
+        return _WRAP[-1](expr, lambda: fn(grid, block, vals, **kw))
+    return fn(grid, block, vals, **kw)
 
 
 def launcher(kernel: str):

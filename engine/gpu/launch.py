@@ -30,12 +30,13 @@ import numpy as np
 from . import flags
 from .backend import BackendError, cupy_or_none
 
+CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
 class _Attr(ctypes.Structure):          # CUlaunchAttribute: id, pad to 8, a 64-byte value union
-    _fields_ = [("id", ctypes.c_uint32), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int32),
-                ("value_rest", ctypes.c_char * 60)]
+    _fields_ = [("id", ctypes.c_uint32), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint32 * 3),
+                ("value_rest", ctypes.c_char * 52)]
 
 
 class _Config(ctypes.Structure):        # CUlaunchConfig
@@ -48,24 +49,59 @@ class _Config(ctypes.Structure):        # CUlaunchConfig
 _STATE: dict = {}
 
 
-def _driver():
-    """cuLaunchKernelEx from libcuda, or None where PDL is off or unavailable (cached)."""
-    if "fn" not in _STATE:
+def _launch_ex():
+    """cuLaunchKernelEx from libcuda on an sm_90+ GPU, else None (cached)."""
+    if "ex" not in _STATE:
         fn = None
         cp = cupy_or_none()
-        if cp is not None and flags.PDL \
-                and int(cp.cuda.Device().compute_capability) >= 90:
+        if cp is not None and int(cp.cuda.Device().compute_capability) >= 90:
             try:
-                lib = ctypes.CDLL("libcuda.so.1")
-                fn = lib.cuLaunchKernelEx
+                fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
             except (OSError, AttributeError):
                 fn = None           # a driver older than CUDA 12.0: plain launches
             if fn is not None:
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
                                ctypes.c_void_p]
-        _STATE["fn"] = fn
+        _STATE["ex"] = fn
+    return _STATE["ex"]
+
+
+def _driver():
+    """cuLaunchKernelEx where PDL is on, else None (cached)."""
+    if "fn" not in _STATE:
+        _STATE["fn"] = _launch_ex() if flags.PDL else None
     return _STATE["fn"]
+
+
+def clusters_available() -> bool:
+    """Whether a launch may ask for thread block clusters (sm_90+, cuLaunchKernelEx found)."""
+    return _launch_ex() is not None
+
+
+def max_active_clusters(kernel, block, shared_mem: int, cluster) -> int:
+    """How many clusters of `cluster` CTAs of `kernel` (a Kernel or RawKernel) with `block`
+    threads and `shared_mem` dynamic bytes the GPU holds at once (cuOccupancyMaxActiveClusters;
+    clusters must fit within one GPC, so this can be fewer than blocks an SM × SMs / size);
+    cached. 0 where clusters are unavailable."""
+    raw = getattr(kernel, "raw", kernel)
+    key = (raw.kernel.ptr, _dims(block, "block"), int(shared_mem), _dims(cluster, "cluster"))
+    cache = _STATE.setdefault("occ", {})
+    if key not in cache:
+        n = ctypes.c_int(0)
+        if clusters_available():
+            fn = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters
+            fn.restype = ctypes.c_int
+            attr = _Attr(id=CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
+            attr.value[:] = key[3]
+            bx, by, bz = key[1]
+            cx, cy, cz = key[3]
+            cfg = _Config(cx, cy, cz, bx, by, bz, key[2], None, ctypes.pointer(attr), 1)
+            err = fn(ctypes.byref(n), ctypes.c_void_p(raw.kernel.ptr), ctypes.byref(cfg))
+            if err != 0:
+                raise BackendError(f"cuOccupancyMaxActiveClusters of {raw.name} failed with CUresult {err}")
+        cache[key] = n.value
+    return cache[key]
 
 
 def is_capturing() -> bool:
@@ -137,23 +173,33 @@ class Kernel:
     def __setattr__(self, name, value):
         setattr(self.raw, name, value)
 
-    def __call__(self, grid, block, args, shared_mem: int = 0):
-        fn = _driver() if _STATE.get("capturing") else None
-        if fn is None:
+    def __call__(self, grid, block, args, shared_mem: int = 0, cluster=None):
+        """cluster: (x, y, z) CTAs a thread block cluster (sm_90; clusters_available()), or None."""
+        pdl = _driver() if _STATE.get("capturing") else None
+        if pdl is None and cluster is None:
             # Eagerly the host is the bottleneck of short kernels, and this ctypes path costs
             # about twice CuPy's launch (bench/pdl_probe.py: 22 vs 11 µs): PDL in graphs only.
             return self.raw(grid, block, args, shared_mem=shared_mem)
+        fn = pdl if pdl is not None else _launch_ex()
+        if fn is None:
+            raise BackendError(f"{self.raw.name}: thread block clusters need an sm_90 GPU and a CUDA 12 driver")
         cp = cupy_or_none()
         stream = cp.cuda.get_current_stream()
         gx, gy, gz = _dims(grid, "grid")
         bx, by, bz = _dims(block, "block")
-        attr = _Attr(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-        cfg = _Config(gx, gy, gz, bx, by, bz, int(shared_mem), stream.ptr,
-                      ctypes.pointer(attr), 1)
+        attrs = (_Attr * 2)()
+        n = 0
+        if pdl is not None:
+            attrs[n].id, attrs[n].value[0], n = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1, n + 1
+        if cluster is not None:
+            attrs[n].id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            attrs[n].value[:] = _dims(cluster, "cluster")
+            n += 1
+        cfg = _Config(gx, gy, gz, bx, by, bz, int(shared_mem), stream.ptr, attrs, n)
         held = [_arg(a, cp) for a in args]          # alive until the driver has copied them
         params = (ctypes.c_void_p * max(1, len(held)))(*[ctypes.addressof(h) for h in held])
         err = fn(ctypes.byref(cfg), self.raw.kernel.ptr, params, None)
         if err != 0:
             raise BackendError(f"cuLaunchKernelEx of {self.raw.name} failed with CUresult {err} "
-                               f"(grid {grid}, block {block}, shared {shared_mem} B); DGQ_PDL=0 launches "
-                               f"without programmatic dependent launch")
+                               f"(grid {grid}, block {block}, shared {shared_mem} B, cluster {cluster}); "
+                               f"DGQ_PDL=0 launches without programmatic dependent launch")

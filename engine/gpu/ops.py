@@ -344,6 +344,26 @@ def _prep_x8(x8, layer: PackedA8W4):
     return xp
 
 
+def wgmma_cluster_tile(bt: int, nwg: int, wpf: int) -> bool:
+    """Whether gemm_a8w4_wgmma<bt, ., nwg, wpf, ..> can sum split K in a cluster (cuda/
+    gemm_a8w4_sm90.cu WgmmaCluster, which says why only these)."""
+    return wpf == 0 and (bt <= 64 or (bt == 128 and nwg == 2))
+
+
+def _split_cluster(splits: int, tail_splits: int, fn=None, threads: int = 0, smem: int = 0,
+                   tiles: int = 0) -> tuple | None:
+    """The cluster (1, splits, 1) whose CTAs sum a wgmma tile's K splits in distributed shared
+    memory (GEMM.wgmma_cluster_max), or None: the workspace turnstile. With fn given, only where
+    all `tiles` clusters are resident at once (launch.max_active_clusters): a cluster's CTAs
+    must share a GPC, and a grid split to one wave of blocks can need two waves of clusters."""
+    if not (tail_splits == 1 and 1 < splits <= min(GEMM.wgmma_cluster_max, 8) and launch.clusters_available()):
+        return None
+    cluster = (1, splits, 1)
+    if fn is not None and launch.max_active_clusters(fn, threads, smem, cluster) < tiles:
+        return None
+    return cluster
+
+
 def _splits(tiles: int, kt: int, blocks_per_sm: int) -> int:
     return perfmodel.auto_splits(tiles, kt, blocks_per_sm, kernels.device_info()["sm_count"])
 
@@ -526,8 +546,11 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
                                                           bps * kernels.device_info()["sm_count"])
         except perfmodel.PerfModelError as e:
             raise CudaOpError(str(e)) from None
-    ws, cnt = _workspace(perfmodel.split_tiles(tiles, splits, tail_from, tail_splits) * nreg * threads, tiles)
     set_smem(kargs.function(kf, expr), smem)
+    cluster = _split_cluster(splits, tail_splits, kargs.function(kf, expr), threads, smem, tiles) \
+        if kernel == "wgmma" and wgmma_cluster_tile(bt, nwg, wpf) else None
+    ws, cnt = (None, None) if cluster else \
+        _workspace(perfmodel.split_tiles(tiles, splits, tail_from, tail_splits) * nreg * threads, tiles)
     if kernel == "mma":
         def run(layer, x8, sx, out, resid):
             kargs.launch(kf, f"gemm_a8w4_mma<{bm},{st},{o}>", (tiles, splits), (threads,), shared_mem=smem,
@@ -540,7 +563,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
             kargs.launch(kf, f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>", grid, (threads,), shared_mem=smem,
                          qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, ws=ws, counters=cnt,
                          M=m, N=n, R=g.R, C=g.C, Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, splits=splits,
-                         tail_from=tail_from, tail_splits=tail_splits)
+                         tail_from=tail_from, tail_splits=tail_splits, cluster=cluster)
     return _planned(memo, key, run, layer, x8, sx, out, resid)
 
 

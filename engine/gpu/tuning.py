@@ -377,6 +377,10 @@ class GemmTuning:
     # many ways as fit one round (perfmodel.tail_split), at most wgmma_tail_max (1: never; 6: the
     # most timed, H200 M = 4096 5120×13824, 12 tiles in the tail: 0.606 -> 0.578 ms)
     wgmma_tail_max: int = 6
+    # wgmma split K (no tail) of 2..wgmma_cluster_max ways runs a tile's splits as one thread block
+    # cluster that sums the partials through distributed shared memory (cuda/common.cuh
+    # cluster_split_reduce) instead of the workspace turnstile (splitk_reduce); 0: never
+    wgmma_cluster_max: int = 8
     # sm_90 only; the portable mma.sync path is the fallback. DGQ_NO_WGMMA=1 turns it off (flags.py)
     use_wgmma: bool = flags.WGMMA
 
