@@ -428,8 +428,9 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
     // i in [ilo, ihi): all of them, or with split K over a cluster its share (cluster_split_reduce;
     // the tiles of WgmmaCluster only).
     int ilo = 0, ihi = BT / 8;
+    static_assert(!WgmmaCluster<BT, NWG, WPF>::value || NACC * NT * 4 <= STAGES * XS,
+                  "the cluster's partials reuse the stages' shared memory");
     if (WgmmaCluster<BT, NWG, WPF>::value && cluster_size() > 1) {
-        static_assert(NACC * NT * 4 <= STAGES * XS, "the partials reuse the stages' shared memory");
         __syncthreads();   // every warp is done with the stages
         cluster_split_reduce<NACC, NT>(acc, smem, ilo, ihi);
     } else if (!splitk_reduce<NACC, NT>(acc, ws, counters, job.slot, split, job.nsplit, job.nslots)) {

@@ -39,6 +39,13 @@ class _Attr(ctypes.Structure):          # CUlaunchAttribute: id, pad to 8, a 64-
                 ("value_rest", ctypes.c_char * 52)]
 
 
+def _attr(attr_id: int, value: tuple) -> _Attr:
+    """A launch attribute whose value is up to three uint32 (a flag, or cluster dimensions)."""
+    a = _Attr(id=attr_id)
+    a.value[:len(value)] = value
+    return a
+
+
 class _Config(ctypes.Structure):        # CUlaunchConfig
     _fields_ = [("grid_x", ctypes.c_uint32), ("grid_y", ctypes.c_uint32), ("grid_z", ctypes.c_uint32),
                 ("block_x", ctypes.c_uint32), ("block_y", ctypes.c_uint32), ("block_z", ctypes.c_uint32),
@@ -92,11 +99,8 @@ def max_active_clusters(kernel, block, shared_mem: int, cluster) -> int:
         if clusters_available():
             fn = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters
             fn.restype = ctypes.c_int
-            attr = _Attr(id=CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
-            attr.value[:] = key[3]
-            bx, by, bz = key[1]
-            cx, cy, cz = key[3]
-            cfg = _Config(cx, cy, cz, bx, by, bz, key[2], None, ctypes.pointer(attr), 1)
+            attr = _attr(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, key[3])
+            cfg = _Config(*key[3], *key[1], key[2], None, ctypes.pointer(attr), 1)   # grid: one cluster
             err = fn(ctypes.byref(n), ctypes.c_void_p(raw.kernel.ptr), ctypes.byref(cfg))
             if err != 0:
                 raise BackendError(f"cuOccupancyMaxActiveClusters of {raw.name} failed with CUresult {err}")
@@ -187,15 +191,12 @@ class Kernel:
         stream = cp.cuda.get_current_stream()
         gx, gy, gz = _dims(grid, "grid")
         bx, by, bz = _dims(block, "block")
-        attrs = (_Attr * 2)()
-        n = 0
+        attrs = []
         if pdl is not None:
-            attrs[n].id, attrs[n].value[0], n = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1, n + 1
+            attrs.append(_attr(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, (1, 0, 0)))
         if cluster is not None:
-            attrs[n].id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            attrs[n].value[:] = _dims(cluster, "cluster")
-            n += 1
-        cfg = _Config(gx, gy, gz, bx, by, bz, int(shared_mem), stream.ptr, attrs, n)
+            attrs.append(_attr(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, _dims(cluster, "cluster")))
+        cfg = _Config(gx, gy, gz, bx, by, bz, int(shared_mem), stream.ptr, (_Attr * len(attrs))(*attrs), len(attrs))
         held = [_arg(a, cp) for a in args]          # alive until the driver has copied them
         params = (ctypes.c_void_p * max(1, len(held)))(*[ctypes.addressof(h) for h in held])
         err = fn(ctypes.byref(cfg), self.raw.kernel.ptr, params, None)

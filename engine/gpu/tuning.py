@@ -379,7 +379,10 @@ class GemmTuning:
     wgmma_tail_max: int = 6
     # wgmma split K (no tail) of 2..wgmma_cluster_max ways runs a tile's splits as one thread block
     # cluster that sums the partials through distributed shared memory (cuda/common.cuh
-    # cluster_split_reduce) instead of the workspace turnstile (splitk_reduce); 0: never
+    # cluster_split_reduce) instead of the workspace turnstile (splitk_reduce), on the tiles of
+    # ops.wgmma_cluster_tile and where every cluster is resident at once; 0: never. H200, same
+    # process against the kernel before it: GEMM at M = 32 / 64 / 128 1.05 / 1.07 / 1.03x (7-shape
+    # geomeans), 7B batch-32 decode +1.6-2.9 % (bench/results/2026-12-04-gemm-cluster-unroll-h200.md)
     wgmma_cluster_max: int = 8
     # sm_90 only; the portable mma.sync path is the fallback. DGQ_NO_WGMMA=1 turns it off (flags.py)
     use_wgmma: bool = flags.WGMMA
