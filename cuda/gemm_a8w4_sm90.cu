@@ -263,8 +263,12 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
     const int nkt = (int)((long long)KT * (split + 1) / job.nsplit) - kt0;
 
     // Addresses that do not change from stage to stage, computed once.
+    // Copy i of a thread takes row tid/8 + i*NT/8, 16-byte chunk tid%8: NT/8 is a multiple of 8, so
+    // every copy has the same swizzle and lands XROW bytes after the one before (an immediate offset).
+    static_assert((NT / 8) % 8 == 0, "a thread's activation copies must share their swizzle");
+    constexpr u32 XROW = (NT / 8) * 128;
     const i8* xsrc[NLX];
-    u32 xdst[NLX];
+    u32 xdst[NLX];      // the register-ring tiles' offsets (as their register allocation was timed)
     bool xok[NLX];
 #pragma unroll
     for (int i = 0; i < NLX; ++i) {
@@ -274,13 +278,15 @@ __global__ void __launch_bounds__(NWG * 128, (WgmmaMinBlocks<BT, NWG, WPF>::valu
         xsrc[i] = x8 + (size_t)(xok[i] ? m0 + row : 0) * ldx + ch * 16;
         xdst[i] = row * 128 + ((ch ^ (row & 7)) << 4);
     }
+    const u32 xdst0 = (tid >> 3) * 128 + (((tid & 7) ^ ((tid >> 3) & 7)) << 4);   // = xdst[0]
     const u32x4* wptr = qw + (size_t)(rt_ok ? rt : 0) * C * 32 + lane;
     const u32* mptr = meta + (size_t)(rt_ok ? rt : 0) * Gp * 8 + g;
     const u64 dbase = desc_sw128(sbase);
 
     auto load_x = [&](int kt, int buf) {
 #pragma unroll
-        for (int i = 0; i < NLX; ++i) cp_async16(sbase + buf * XS + xdst[i], xsrc[i] + (size_t)kt * BK, xok[i]);
+        for (int i = 0; i < NLX; ++i)
+            cp_async16(sbase + buf * XS + (WSM ? xdst0 + i * XROW : xdst[i]), xsrc[i] + (size_t)kt * BK, xok[i]);
     };
     // WSM: this lane's weight words (chunk cl at +cl*512) and its row's meta words (+1024 + cl*32) of a
     // stage; the four lanes t of a row read the word lane t = 0 copied, after the stage barrier
