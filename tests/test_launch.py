@@ -106,6 +106,35 @@ def test_kernel_launch_marshalling_without_a_gpu():
             launch._dims(bad, "grid")
 
 
+def test_wgmma_split_cluster_policy(monkeypatch):
+    """ops._split_cluster: a tile's K splits sum in a cluster only for 2..GEMM.wgmma_cluster_max (≤ 8)
+    splits without a split tail, where clusters launch at all, on the tiles compiled with the
+    cluster code, and where every tile's cluster is resident at once (max_active_clusters)."""
+    from engine.gpu import launch, ops
+    monkeypatch.setattr(launch, "clusters_available", lambda: True)
+    resident = {}
+    monkeypatch.setattr(launch, "max_active_clusters", lambda fn, threads, smem, cl: resident[cl[1]])
+    resident.update({2: 132, 4: 62, 8: 30})
+    assert ops._split_cluster(2, 1) == (1, 2, 1) and ops._split_cluster(8, 1) == (1, 8, 1)
+    assert ops._split_cluster(1, 1) is None and ops._split_cluster(9, 1) is None
+    assert ops._split_cluster(2, 3) is None                                 # a split tail: the workspace
+    assert ops._split_cluster(2, 1, "fn", 256, 99 << 10, 132) == (1, 2, 1)  # 132 clusters, all resident
+    assert ops._split_cluster(4, 1, "fn", 256, 99 << 10, 64) is None        # 64 tiles, 62 resident
+    assert ops._split_cluster(8, 1, "fn", 256, 99 << 10, 30) == (1, 8, 1)
+    monkeypatch.setattr(ops.GEMM, "wgmma_cluster_max", 4)
+    assert ops._split_cluster(4, 1) == (1, 4, 1) and ops._split_cluster(5, 1) is None
+    monkeypatch.setattr(ops.GEMM, "wgmma_cluster_max", 0)
+    assert ops._split_cluster(2, 1) is None
+    monkeypatch.setattr(ops.GEMM, "wgmma_cluster_max", 8)
+    monkeypatch.setattr(launch, "clusters_available", lambda: False)
+    assert ops._split_cluster(2, 1) is None
+    assert [ops.wgmma_cluster_tile(*t) for t in ((32, 2, 0), (64, 1, 0), (64, 2, 0), (128, 2, 0),
+                                                 (128, 1, 0), (256, 2, 0), (64, 1, 2))] == \
+        [True, True, True, True, False, False, False]
+    a = launch._attr(launch.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, (1, 6, 1))
+    assert (a.id, tuple(a.value)) == (4, (1, 6, 1))
+
+
 def test_decode_cluster_policy():
     from engine.gpu.attention import decode_cluster
     from engine.gpu.tuning import ATTENTION
