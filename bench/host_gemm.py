@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from engine.gpu import backend, choice, kargs, kernels, ops
+from engine.gpu import backend, choice, kargs, kernels, launch, ops
 
 H200 = {"name": "NVIDIA H200", "cc": 90, "sm_count": 132, "l2_bytes": 62914560, "smem_optin": 232448}
 LINEARS_7B = {"q|k|v": (12288, 4096), "o": (4096, 4096), "gate|up": (22016, 4096), "down": (4096, 11008)}
@@ -35,7 +35,7 @@ class _Kernel:
     shared_size_bytes = 0
     max_dynamic_shared_size_bytes = 0
 
-    def __call__(self, grid, block, args, shared_mem=0):
+    def __call__(self, grid, block, args, shared_mem=0, cluster=None):
         return None
 
 
@@ -70,6 +70,7 @@ def faked():
     and cache is as before (a GPU test run in the same process must not meet the fakes)."""
     cp, kern = fake_cupy(), _Kernel()
     hooks = ((backend, "cupy_or_none", lambda: cp), (kernels, "function", lambda name, expr, exprs: kern),
+             (launch, "clusters_available", lambda: False),          # launch.py holds its own cupy_or_none
              (kernels, "device_info", lambda: H200), (choice.STATE, "policy", None), (choice.STATE, "model", None))
     hooks += tuple((obj, name, {}) for obj, name in CACHES)
     with hooked(hooks):

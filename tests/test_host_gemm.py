@@ -13,7 +13,7 @@ def test_every_linear_reaches_a_launch_and_fakes_are_undone(monkeypatch):
     launched = []
 
     class Recording(host_gemm._Kernel):
-        def __call__(self, grid, block, args, shared_mem=0):
+        def __call__(self, grid, block, args, shared_mem=0, cluster=None):
             launched.append((grid, block, len(args), shared_mem))
 
     monkeypatch.setattr(host_gemm, "_Kernel", Recording)
@@ -73,7 +73,7 @@ def test_plan_scope_launches_what_unplanned_calls_launch(monkeypatch):
         seen.clear()
         got = []
 
-        def record(self, grid, block, args, shared_mem=0):
+        def record(self, grid, block, args, shared_mem=0, cluster=None):
             got.append((seen[-1], grid, block, shared_mem,             # the workspace: each faked() its own
                         tuple((id(v) if id(v) in mine else "ws") if isinstance(v, np.ndarray) else v for v in args)))
         monkeypatch.setattr(host_gemm._Kernel, "__call__", record)
@@ -95,3 +95,33 @@ def test_plan_scope_launches_what_unplanned_calls_launch(monkeypatch):
     assert len(plain) == len(calls) and planned == plain
     assert len(planned_keys) == 6
     assert len({g[0] for g in plain}) >= 4                       # wgmma, mma, the GEMV and its dp4a form
+
+
+def test_split_k_launches_a_cluster_where_every_cluster_is_resident(monkeypatch):
+    """ops._run_gemm hands the wgmma kernel's K splits to one cluster a tile (grid y = cluster y =
+    splits) where launch says clusters are there and all of them fit at once; otherwise the same
+    grid without a cluster. The workspace is passed either way (a kernel without the cluster path
+    still reduces through it)."""
+    import numpy as np
+    from engine.gpu import launch, ops
+    got = []
+
+    def record(self, grid, block, args, shared_mem=0, cluster=None):
+        got.append((grid, cluster, sum(isinstance(v, np.ndarray) for v in args)))
+    monkeypatch.setattr(host_gemm._Kernel, "__call__", record)
+    L = host_gemm.layer_of(4096, 4096)
+    x8, sx, out = np.zeros((64, L.k_pad), np.int8), np.ones(64, np.float32), np.empty((64, 4096), np.float16)
+    before = (launch.clusters_available, launch.max_active_clusters)
+    with host_gemm.faked():
+        with host_gemm.hooked([(launch, "clusters_available", lambda: True),
+                               (launch, "max_active_clusters", lambda *a: 10**6)]):
+            ops.gemm_a8w4(x8, sx, L, kernel="wgmma", out=out)       # the table: 64/4/1/0/2, K split 8 ways
+        with host_gemm.hooked([(launch, "clusters_available", lambda: True),
+                               (launch, "max_active_clusters", lambda *a: 1)]):
+            ops.gemm_a8w4(x8, sx, L, kernel="wgmma", out=out)
+        ops.gemm_a8w4(x8, sx, L, kernel="wgmma", out=out)           # faked(): no clusters at all
+    (g1, c1, n1), (g2, c2, n2), (g3, c3, n3) = got
+    assert g1[1] > 1 and c1 == (1, g1[1], 1)
+    assert g2 == g3 == g1 and c2 is None and c3 is None
+    assert n1 == n2 == n3                                            # workspace and counters every time
+    assert (launch.clusters_available, launch.max_active_clusters) == before          # hooks undone

@@ -485,9 +485,9 @@ def test_wgmma_split_k_cluster_and_workspace_bitexact(cluster_max, monkeypatch):
     monkeypatch.setattr(ops_cuda.GEMM, "wgmma_cluster_max", cluster_max)
     assert (ops_cuda._split_cluster(3, 1) is not None) == (cluster_max > 0)
     assert ops_cuda._split_cluster(9, 1) is None and ops_cuda._split_cluster(3, 2) is None
-    clusters = []
+    clusters = []                        # (splits, the rule's answer) of every call
     rule = ops_cuda._split_cluster
-    monkeypatch.setattr(ops_cuda, "_split_cluster", lambda *a: clusters.append(rule(*a)) or clusters[-1])
+    monkeypatch.setattr(ops_cuda, "_split_cluster", lambda *a: clusters.append((a[0], rule(*a))) or clusters[-1][1])
     tiles = [c for c in ops_cuda.WGMMA_CFGS if c[3] == 0] + [(128, 4, 2, 2, 2), (64, 6, 1, 4, 2)]
     ql = random_dg(200, 1152, 128, seed=7)
     for m in (17, 64, 130):
@@ -503,7 +503,8 @@ def test_wgmma_split_k_cluster_and_workspace_bitexact(cluster_max, monkeypatch):
                 got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sxm), layer, kernel="wgmma", cfg=cfg,
                                          out=cp.full(want.shape, np.float16(np.nan), dtype=cp.float16))
                 np.testing.assert_array_equal(cp.asnumpy(got), want, err_msg=str(cfg))
-    assert any(c is not None for c in clusters) == (cluster_max > 0)       # the cluster path ran, or never
+    # every split of a cluster tile ran in a cluster (these few tiles are always resident), or none did
+    assert clusters and all((c is not None) == (cluster_max > 0 and s > 1) for s, c in clusters), clusters
 
 
 @gpu

@@ -118,6 +118,7 @@ def test_wgmma_split_cluster_policy(monkeypatch):
     assert ops._split_cluster(2, 1) == (1, 2, 1) and ops._split_cluster(8, 1) == (1, 8, 1)
     assert ops._split_cluster(1, 1) is None and ops._split_cluster(9, 1) is None
     assert ops._split_cluster(2, 3) is None                                 # a split tail: the workspace
+    assert ops._split_cluster(2, 1, "fn", 256, 99 << 10, 132, 100) is None  # tiles from 100 on: a tail
     assert ops._split_cluster(2, 1, "fn", 256, 99 << 10, 132) == (1, 2, 1)  # 132 clusters, all resident
     assert ops._split_cluster(4, 1, "fn", 256, 99 << 10, 64) is None        # 64 tiles, 62 resident
     assert ops._split_cluster(8, 1, "fn", 256, 99 << 10, 30) == (1, 8, 1)
@@ -131,6 +132,17 @@ def test_wgmma_split_cluster_policy(monkeypatch):
     assert [ops.wgmma_cluster_tile(*t) for t in ((32, 2, 0), (64, 1, 0), (64, 2, 0), (128, 2, 0),
                                                  (128, 1, 0), (256, 2, 0), (64, 1, 2))] == \
         [True, True, True, True, False, False, False]
+    # the host's rule is the kernel's: WgmmaCluster's expression in cuda/gemm_a8w4_sm90.cu, read
+    # and evaluated for every instantiated tile (a kernel without the cluster path launched as a
+    # cluster would leave its partials unsummed)
+    import re
+    from engine.gpu import kernels, tuning
+    m = re.search(r"struct WgmmaCluster \{ static constexpr bool value = ([^;]+); \};",
+                  kernels.source("gemm_a8w4_sm90.cu"))
+    expr = m.group(1).replace("&&", " and ").replace("||", " or ")
+    for bt, st, nwg, wpf, ovl in tuning.WGMMA_CFGS:
+        assert eval(expr, {}, {"BT": bt, "NWG": nwg, "WPF": wpf}) == ops.wgmma_cluster_tile(bt, nwg, wpf), \
+            (bt, nwg, wpf)
     a = launch._attr(launch.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, (1, 6, 1))
     assert (a.id, tuple(a.value)) == (4, (1, 6, 1))
 

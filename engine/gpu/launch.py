@@ -19,6 +19,10 @@ null pointer.
 
 DGQ_PDL=0 in the environment turns PDL off (plain CuPy launches): the A/B switch of the
 benchmarks. GPUs below compute capability 9.0 have no PDL and always launch plainly.
+
+A launch that asks for a thread block cluster (`cluster=`, sm_90: the wgmma GEMM's K splits,
+engine/gpu/ops.py) always goes through cuLaunchKernelEx, with the cluster dimension attribute
+(and PDL's where it applies), also eagerly and under DGQ_PDL=0 or plain_launches().
 """
 from __future__ import annotations
 
@@ -201,6 +205,7 @@ class Kernel:
         params = (ctypes.c_void_p * max(1, len(held)))(*[ctypes.addressof(h) for h in held])
         err = fn(ctypes.byref(cfg), self.raw.kernel.ptr, params, None)
         if err != 0:
+            hint = "GEMM.wgmma_cluster_max = 0 launches split K without clusters" if cluster is not None \
+                else "DGQ_PDL=0 launches without programmatic dependent launch"
             raise BackendError(f"cuLaunchKernelEx of {self.raw.name} failed with CUresult {err} "
-                               f"(grid {grid}, block {block}, shared {shared_mem} B, cluster {cluster}); "
-                               f"DGQ_PDL=0 launches without programmatic dependent launch")
+                               f"(grid {grid}, block {block}, shared {shared_mem} B, cluster {cluster}); {hint}")

@@ -351,12 +351,14 @@ def wgmma_cluster_tile(bt: int, nwg: int, wpf: int) -> bool:
 
 
 def _split_cluster(splits: int, tail_splits: int, fn=None, threads: int = 0, smem: int = 0,
-                   tiles: int = 0) -> tuple | None:
+                   tiles: int = 0, tail_from: int | None = None) -> tuple | None:
     """The cluster (1, splits, 1) whose CTAs sum a wgmma tile's K splits in distributed shared
-    memory (GEMM.wgmma_cluster_max), or None: the workspace turnstile. With fn given, only where
-    all `tiles` clusters are resident at once (launch.max_active_clusters): a cluster's CTAs
-    must share a GPC, and a grid split to one wave of blocks can need two waves of clusters."""
-    if not (tail_splits == 1 and 1 < splits <= min(GEMM.wgmma_cluster_max, 8) and launch.clusters_available()):
+    memory (GEMM.wgmma_cluster_max), or None: the workspace turnstile. Never with a split tail
+    (tail_splits > 1, or tail_from short of `tiles`). With fn given, only where all `tiles`
+    clusters are resident at once (launch.max_active_clusters): a cluster's CTAs must share a
+    GPC, and a grid split to one wave of blocks can need two waves of clusters."""
+    if not (tail_splits == 1 and (tail_from is None or tail_from == tiles)
+            and 1 < splits <= min(GEMM.wgmma_cluster_max, 8) and launch.clusters_available()):
         return None
     cluster = (1, splits, 1)
     if fn is not None and launch.max_active_clusters(fn, threads, smem, cluster) < tiles:
@@ -547,10 +549,11 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         except perfmodel.PerfModelError as e:
             raise CudaOpError(str(e)) from None
     set_smem(kargs.function(kf, expr), smem)
-    cluster = _split_cluster(splits, tail_splits, kargs.function(kf, expr), threads, smem, tiles) \
+    cluster = _split_cluster(splits, tail_splits, kargs.function(kf, expr), threads, smem, tiles, tail_from) \
         if kernel == "wgmma" and wgmma_cluster_tile(bt, nwg, wpf) else None
-    ws, cnt = (None, None) if cluster else \
-        _workspace(perfmodel.split_tiles(tiles, splits, tail_from, tail_splits) * nreg * threads, tiles)
+    # the workspace even with a cluster: a kernel compiled without the cluster path (kargs.patched
+    # source) then still reduces correctly through it
+    ws, cnt = _workspace(perfmodel.split_tiles(tiles, splits, tail_from, tail_splits) * nreg * threads, tiles)
     if kernel == "mma":
         def run(layer, x8, sx, out, resid):
             kargs.launch(kf, f"gemm_a8w4_mma<{bm},{st},{o}>", (tiles, splits), (threads,), shared_mem=smem,
