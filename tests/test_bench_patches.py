@@ -83,7 +83,7 @@ class FakeKernel:
         self.code, self.calls, self.max_dynamic_shared_size_bytes, self.num_regs = code, [], 0, 168
         self.shared_size_bytes = 8192                     # static shared memory
 
-    def __call__(self, grid, block, args, shared_mem=0):
+    def __call__(self, grid, block, args, shared_mem=0, cluster=None):
         self.calls.append(args)
 
 

@@ -303,7 +303,7 @@ def test_cached_bind_and_launch_match_the_checked_one(monkeypatch):
     monkeypatch.setattr(kargs, "_BOUND", {})
     monkeypatch.setattr(kargs, "_LAUNCHES", {})
     seen = []
-    monkeypatch.setattr(kernels, "function", lambda file, expr, exprs: lambda g, b, vals, shared_mem=0:
+    monkeypatch.setattr(kernels, "function", lambda file, expr, exprs: lambda g, b, vals, shared_mem=0, cluster=None:
                         seen.append(vals))
     launch = kargs.launch         # by another name: the static check reads literal keywords, these are dicts
     expr = "add_rmsnorm_quant<2, 1, 1>"

@@ -147,6 +147,38 @@ def test_wgmma_split_cluster_policy(monkeypatch):
     assert (a.id, tuple(a.value)) == (4, (1, 6, 1))
 
 
+def test_driver_functions_are_found_once_and_only_on_sm90(monkeypatch):
+    """launch._driver_fn: libcuda's entry points with their argument types, looked up once; None
+    without CuPy, below sm_90, or where the driver lacks the function (plain launches then)."""
+    import ctypes
+    from types import SimpleNamespace
+    from engine.gpu import launch
+    opened = []
+
+    class Lib:
+        cuLaunchKernelEx = SimpleNamespace()
+
+    def cdll(name):
+        opened.append(name)
+        return Lib()
+    monkeypatch.setattr(launch, "_STATE", {})
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    cc = ["90"]
+    monkeypatch.setattr(launch, "cupy_or_none", lambda: SimpleNamespace(cuda=SimpleNamespace(
+        Device=lambda: SimpleNamespace(compute_capability=cc[0]))))
+    fn = launch._launch_ex()
+    assert fn is Lib.cuLaunchKernelEx and fn.restype is ctypes.c_int and len(fn.argtypes) == 4
+    assert launch._launch_ex() is fn and opened == ["libcuda.so.1"]          # cached
+    assert launch._driver_fn("cuOccupancyMaxActiveClusters", []) is None      # not in this driver
+    assert launch.clusters_available()
+    monkeypatch.setattr(launch, "_STATE", {})
+    cc[0] = "89"
+    assert launch._launch_ex() is None and not launch.clusters_available()
+    monkeypatch.setattr(launch, "_STATE", {})
+    monkeypatch.setattr(launch, "cupy_or_none", lambda: None)
+    assert launch._launch_ex() is None
+
+
 def test_decode_cluster_policy():
     from engine.gpu.attention import decode_cluster
     from engine.gpu.tuning import ATTENTION

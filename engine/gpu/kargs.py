@@ -285,10 +285,9 @@ def launch(kf: KernelFile, expr: str, grid, block, shared_mem: int = 0, cluster=
         vals = bind(kf, expr, args)
         fn = function(kf, expr)
         _LAUNCHES[key] = (kf.exprs, _BOUND[key], fn)
-    kw = {"shared_mem": shared_mem} if cluster is None else {"shared_mem": shared_mem, "cluster": cluster}
     if _WRAP:
-        return _WRAP[-1](expr, lambda: fn(grid, block, vals, **kw))
-    return fn(grid, block, vals, **kw)
+        return _WRAP[-1](expr, lambda: fn(grid, block, vals, shared_mem=shared_mem, cluster=cluster))
+    return fn(grid, block, vals, shared_mem=shared_mem, cluster=cluster)
 
 
 def launcher(kernel: str):

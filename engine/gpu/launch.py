@@ -60,22 +60,29 @@ class _Config(ctypes.Structure):        # CUlaunchConfig
 _STATE: dict = {}
 
 
-def _launch_ex():
-    """cuLaunchKernelEx from libcuda on an sm_90+ GPU, else None (cached)."""
-    if "ex" not in _STATE:
+def _driver_fn(name: str, argtypes: list):
+    """libcuda's `name` (CUresult-returning) on an sm_90+ GPU, else None: no CuPy, an older GPU,
+    or a driver older than CUDA 12.0 (cached)."""
+    key = "drv:" + name
+    if key not in _STATE:
         fn = None
         cp = cupy_or_none()
         if cp is not None and int(cp.cuda.Device().compute_capability) >= 90:
             try:
-                fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+                fn = getattr(ctypes.CDLL("libcuda.so.1"), name)
             except (OSError, AttributeError):
-                fn = None           # a driver older than CUDA 12.0: plain launches
+                fn = None
             if fn is not None:
                 fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
-                               ctypes.c_void_p]
-        _STATE["ex"] = fn
-    return _STATE["ex"]
+                fn.argtypes = argtypes
+        _STATE[key] = fn
+    return _STATE[key]
+
+
+def _launch_ex():
+    """cuLaunchKernelEx, or None: plain launches (_driver_fn)."""
+    return _driver_fn("cuLaunchKernelEx", [ctypes.POINTER(_Config), ctypes.c_void_p,
+                                           ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p])
 
 
 def _driver():
@@ -100,9 +107,9 @@ def max_active_clusters(kernel, block, shared_mem: int, cluster) -> int:
     cache = _STATE.setdefault("occ", {})
     if key not in cache:
         n = ctypes.c_int(0)
-        if clusters_available():
-            fn = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters
-            fn.restype = ctypes.c_int
+        fn = _driver_fn("cuOccupancyMaxActiveClusters",
+                        [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.POINTER(_Config)])
+        if clusters_available() and fn is not None:
             attr = _attr(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, key[3])
             cfg = _Config(*key[3], *key[1], key[2], None, ctypes.pointer(attr), 1)   # grid: one cluster
             err = fn(ctypes.byref(n), ctypes.c_void_p(raw.kernel.ptr), ctypes.byref(cfg))

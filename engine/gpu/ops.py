@@ -548,8 +548,9 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
                                                           bps * kernels.device_info()["sm_count"])
         except perfmodel.PerfModelError as e:
             raise CudaOpError(str(e)) from None
-    set_smem(kargs.function(kf, expr), smem)
-    cluster = _split_cluster(splits, tail_splits, kargs.function(kf, expr), threads, smem, tiles, tail_from) \
+    fn = kargs.function(kf, expr)
+    set_smem(fn, smem)
+    cluster = _split_cluster(splits, tail_splits, fn, threads, smem, tiles, tail_from) \
         if kernel == "wgmma" and wgmma_cluster_tile(bt, nwg, wpf) else None
     # the workspace even with a cluster: a kernel compiled without the cluster path (kargs.patched
     # source) then still reduces correctly through it
