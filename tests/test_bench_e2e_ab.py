@@ -125,3 +125,20 @@ def test_host_ms_times_the_prefill_without_its_wait_on_the_gpu():
     ms = e2e.prefill_host_ms(cp, fn, reps=3)
     assert ms >= 0 and seen == [False] * 3 and len(syncs) == 3
     assert model_mod.check_finite_logits is landed
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_random_pot_layer_has_no_spare_code_and_averages_zero(bits):
+    """The benchmarks' random W<b>-PoT layers: valid codes without pot2/pot3's spare level (+2·s),
+    so their weights average zero and a deep random stack stays finite in float16 (with the
+    spare code a random row summed +s/4 of its input a weight: NaN logits at the 7B shape)."""
+    import numpy as np
+
+    from engine.bench.e2e import random_pot_layer
+    from engine.formats import planes, pot
+    ql = random_pot_layer(np.random.default_rng(1), 64, 512, bits)
+    codes = planes.unpack_planes(ql.qweight, bits, 512)
+    assert not (codes == (1 << (bits - 1))).any() or bits not in pot.SPARE_BITS
+    w = ql.dequantize().astype(np.float64)
+    unit = float(np.abs(w).mean())
+    assert unit > 0 and abs(float(w.mean())) < 0.02 * unit

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import formats
+from ..formats import pot
 from ..gpu import kargs, launch
 from ..gpu.tuning import GEMM, PREFETCH, PREFILL, ROWS, WB_TUNE
 from ..io.config import ModelConfig
@@ -84,10 +85,15 @@ def random_dg_layer(rng, n, k, group=128, act="dynamic", ascale=0.05, cscale=Non
 
 def random_pot_layer(rng, n, k, bits, group=128):
     """Random valid power-of-two weights: any plane words are valid codes when K is a multiple
-    of 32; scales 2/√K put the typical |w| near the random DGQ layers' ~1/√K."""
+    of 32; scales 2/√K put the typical |w| near the random DGQ layers' ~1/√K. The spare code of
+    pot2/pot3 (sign set, m = 0: the level +2·s, formats/pot.py) is left out, so the weights
+    average zero: with it every random row summed +s/4 of its input a weight, and a 7B-shaped
+    stack overflowed float16 in its first two layers (NaN logits)."""
     if k % 32:
         raise ValueError(f"random_pot_layer needs K a multiple of 32, got {k}")
     qw = rng.integers(0, 2**32, (n, k // 32, bits), dtype=np.uint32)
+    if bits in pot.SPARE_BITS:                   # the sign plane only where the magnitude is non-zero
+        qw[..., bits - 1] &= np.bitwise_or.reduce(qw[..., :bits - 1], axis=-1)
     s = np.full((n, formats.n_groups(k, group)), 2.0 / np.sqrt(k), dtype=np.float16)
     return formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=n, group=group,
                                qweight=qw, wscale=s)
