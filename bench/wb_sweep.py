@@ -1,8 +1,8 @@
 """What limits the weight-only GEMV (cuda/gemv_wb.cu) at M = 1: a profiling script.
 
 Compiles variants of the source text (tiles in flight WB_U, warps a block WB_WARPS, blocks an SM,
-and two ablations: no dequantization, no mma) and times gemv_pot<b, 1> on LLM shapes against a
-plain copy of the same bytes. Run on a GPU: python bench/wb_sweep.py [--json PATH].
+and two ablations: no dequantization, no mma) and times gemv_pot<b, 1, 0> on LLM shapes against a
+plain copy of the same bytes (x prefetched into registers, XS = 0). Run on a GPU: python bench/wb_sweep.py [--json PATH].
 """
 from __future__ import annotations
 
@@ -63,12 +63,12 @@ def main() -> None:
             t_copy = time_calls(lambda i: dst.__setitem__(Ellipsis, src), reps=30)
             for cfg in configs if bits == 3 else configs[:1]:
                 u, warps, mb, abl = cfg
-                expr = f"gemv_pot<{bits}, 1>"
+                expr = f"gemv_pot<{bits}, 1, 0>"
                 mod = cp.RawModule(code=variant(u, warps, mb, abl), options=("--std=c++17", f"--gpu-architecture={kernels.arch_flag()}"),
                                    name_expressions=[expr])
                 fn = mod.get_function(expr)
-                # M, N, K, KT, gpt, vec, xsmem = 0: x prefetched into registers, as when this sweep was run
-                a = (np.int32(1), np.int32(n), np.int32(k), np.int32(kt), np.int32(1), np.int32(1), np.int32(0))
+                # M, N, K, KT, gpt, vec
+                a = (np.int32(1), np.int32(n), np.int32(k), np.int32(kt), np.int32(1), np.int32(1))
                 ms = time_calls(lambda i: fn((nt,), (32 * warps,), (x, bufs[i % len(bufs)], scale, out) + a), reps=30)
                 row = dict(k=k, n=n, bits=bits, u=u, warps=warps, min_blocks=mb, ablate=abl, us=ms * 1e3,
                            pct_bw=100 * nbytes / (ms * 1e-3) / 1e9 / bw, copy_us=t_copy * 1e3, regs=fn.num_regs)

@@ -1,10 +1,10 @@
 // gemv_wb.cu — weight-only b-bit GEMV and GEMM on tensor cores (b = 2, 3, 4): power-of-two
 // ("pot") and uniform ("int") codes in the tile layout of engine/formats/tiles.py, fp16 x.
 //
-// What: out (M, N) fp16 = x (M, K) fp16 · Ŵ (N, K)ᵀ. gemv_*<BITS, NT> takes M ≤ 8·NT (decode):
+// What: out (M, N) fp16 = x (M, K) fp16 · Ŵ (N, K)ᵀ. gemv_*<BITS, NT, XS> takes M ≤ 8·NT (decode):
 // a block takes every gridDim-th row tile (16 output rows; engine/gpu/wb.py launches no more
 // blocks than are resident), its WB_WARPS warps split each row tile's k tiles and meet in shared
-// memory once a row tile. gemm_*<BITS> takes any M (prefill): a block owns WB_GEMM_WARPS row
+// memory once a row tile; XS = 1 stages x in shared memory, 0 prefetches it into registers. gemm_*<BITS> takes any M (prefill): a block owns WB_GEMM_WARPS row
 // tiles (one a warp) and 64 rows of x, staged in shared memory a k tile at a time.
 //
 // Layout (tiles.py): a tile is 16 rows × 128 channels, 64·BITS words; lane l = 4g + t reads
@@ -240,13 +240,12 @@ __device__ __forceinline__ void wb_tile_g(const unsigned* __restrict__ scale, co
 // warps split each row tile's k tiles alike (warp w: tiles k_lo .. k_hi - 1 of every row tile), so
 // a warp stages only its own slice of x (shared memory, __syncwarp, no block barrier before the
 // first tile) and a block meets once a row tile, in a double-buffered reduction buffer.
-template <int KIND, int BITS, int NT>
+template <int KIND, int BITS, int NT, int XS>
 __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const unsigned* __restrict__ tiles,
                                              const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
-                                             __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec,
-                                             int xsmem) {
+                                             __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
     __shared__ float red[2][WB_WARPS][WB_ROWS][8 * NT];
-    extern __shared__ __align__(16) __half xsh[];                         // xsmem: x (M, KT·128), zero past K
+    extern __shared__ __align__(16) __half xsh[];                         // XS: x (M, KT·128), zero past K
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int R = (N + WB_ROWS - 1) / WB_ROWS;
@@ -258,25 +257,37 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
     // Two cursors walk the items, the one being computed and the one a ring slot loads next: no division
     // in the loop (the quotient and remainder cost ~90 of ~250 instructions an item; Nsight Compute, H200).
     auto advance = [&](int& r, int& kt) { if (++kt == k_lo + per) { kt = k_lo; ++r; } };
-    auto tile_at = [&](int r, int kt) -> size_t { return (size_t)((int)blockIdx.x + r * (int)gridDim.x) * KT + kt; };
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
     unsigned w[WB_U][2 * BITS];                                           // a ring: item i sits in slot i % WB_U
     WbGroups q[WB_U];
-    int fr = 0, fk = k_lo;                                                // the next item a slot loads
+    // The load cursor: item fi, k tile fk, the tile's first word fw and its first scale pair fs (32-bit
+    // offsets that advance: the ring's address arithmetic had been ~40 instructions an item of 64-bit
+    // multiplies, a fifth of the GEMV's; SASS, nvcc 13). Past a row tile's last k tile both jump to the
+    // next row tile's first, gridDim.x row tiles on.
+    int fi = 0, fk = k_lo;
+    const unsigned ft0 = (unsigned)blockIdx.x * (unsigned)KT + (unsigned)k_lo;
+    const unsigned jump = (unsigned)gridDim.x * (unsigned)KT - (unsigned)per + 1u;   // tiles
+    unsigned fw = ft0 * (64u * BITS), fs = ft0 * (unsigned)gpt * 8u + (unsigned)g;
+    auto load_next = [&](unsigned (&wu)[2 * BITS], WbGroups& qu) {
+        const bool live = fi < items && fk < k_hi;
+        wb_load<BITS>(tiles + fw, lane, live, wu);
+        qu.at = fs;
+        qu.s0 = live ? __ldg(scale + fs) : 0u;
+        qu.z0 = (KIND == WB_KIND_INT && live) ? (unsigned)__ldg(zero + fs) : 0u;
+        ++fi;
+        const unsigned step = ++fk == k_lo + per ? jump : 1u;
+        if (step != 1u) fk = k_lo;
+        fw += step * (64u * BITS);
+        fs += step * (unsigned)gpt * 8u;
+    };
 #pragma unroll
-    for (int u = 0; u < WB_U; ++u) {          // weights are no kernel's output: in flight before the wait (pdl.cuh)
-        const bool live = fr < nr && fk < k_hi;
-        const size_t tl = tile_at(fr, fk);
-        wb_load<BITS>(tiles + tl * (64 * BITS), lane, live, w[u]);
-        wb_load_groups<KIND>(scale, zero, tl, gpt, g, live, q[u]);
-        advance(fr, fk);
-    }
+    for (int u = 0; u < WB_U; ++u) load_next(w[u], q[u]);   // weights are no kernel's output: before the wait (pdl.cuh)
     pdl_enter();
     const int kp = KT * WB_TILE_K;
-    if (xsmem) {              // this warp's slice of x into shared memory, once for all the block's row tiles
+    if constexpr (XS) {       // this warp's slice of x into shared memory, once for all the block's row tiles
         // Asynchronous copies, all in flight at once (a load and a store a lane and step waited for
         // each load in turn: 14 % of the stall samples, Nsight Compute, H200); the ragged end through registers.
         const int c0 = k_lo * WB_TILE_K, q4 = (k_hi - k_lo) * (WB_TILE_K / 4);
@@ -296,18 +307,21 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
 #pragma unroll
     for (int j = 0; j < NT; ++j) xrow[j] = min(8 * j + g, M - 1) * kp;
     uint2 xc[WB_STEPS][NT];
-    if (!xsmem) wb_load_x<NT>(x, k_lo < k_hi ? k_lo * WB_TILE_K : K, g, t, M, K, vec, xc);
+    if constexpr (!XS) wb_load_x<NT>(x, k_lo < k_hi ? k_lo * WB_TILE_K : K, g, t, M, K, vec, xc);
     int r = 0, kt = k_lo;                                                 // the item computed now
+    // XS: the item's x in shared memory starts at xo (halves; advanced with kt, so it is not recomputed
+    // from the thread index every item)
+    const int xo0 = xrow[0] + k_lo * WB_TILE_K + 4 * t;
+    int xo = xo0;
     for (int i0 = 0; i0 < items; i0 += WB_U) {
 #pragma unroll
         for (int u = 0; u < WB_U; ++u) {
             const int i = i0 + u;
             if (i >= items) break;                                        // block-uniform
             if (kt < k_hi) {
-                if (xsmem) {
-                    const int kb = kt * WB_TILE_K + 4 * t;
+                if constexpr (XS) {
                     wb_tile_g<KIND, BITS, NT>(scale, zero, w[u], q[u], gpt, [&](int s, int j) {
-                        return *reinterpret_cast<const uint2*>(&xsh[xrow[j] + kb + 16 * s]);
+                        return *reinterpret_cast<const uint2*>(&xsh[xo + (xrow[j] - xrow[0]) + 16 * s]);
                     }, acc);
                 } else {
                     uint2 xn[WB_STEPS][NT];                               // the next item's x, in flight meanwhile
@@ -320,13 +334,7 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
                         for (int j = 0; j < NT; ++j) xc[s][j] = xn[s][j];
                 }
             }
-            {                                                             // the slot takes item i + WB_U
-                const bool live = fr < nr && fk < k_hi;
-                const size_t tl = tile_at(fr, fk);
-                wb_load<BITS>(tiles + tl * (64 * BITS), lane, live, w[u]);
-                wb_load_groups<KIND>(scale, zero, tl, gpt, g, live, q[u]);
-                advance(fr, fk);
-            }
+            load_next(w[u], q[u]);                                        // the slot takes item i + WB_U
             if (kt == k_lo + per - 1) {                                   // row tile r done by every warp
                 float (*rb)[8 * NT] = red[r & 1][warp];
 #pragma unroll
@@ -339,7 +347,8 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
                 }
                 __syncthreads();              // red[r & 1] is next written at row tile r + 2, after the next barrier
                 const int n0 = ((int)blockIdx.x + r * (int)gridDim.x) * WB_ROWS;
-                for (int e = threadIdx.x; e < WB_ROWS * 8 * NT; e += WB_THREADS) {
+                static_assert(WB_ROWS * 8 * NT <= WB_THREADS, "a thread an output of the row tile");
+                if (const int e = threadIdx.x; e < WB_ROWS * 8 * NT) {
                     const int m = e / WB_ROWS, rr = e % WB_ROWS;          // consecutive threads: consecutive n
                     if (n0 + rr < N && m < M) {
                         float v = 0.f;
@@ -349,6 +358,7 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
                     }
                 }
             }
+            xo = kt == k_lo + per - 1 ? xo0 : xo + WB_TILE_K;
             advance(r, kt);
         }
     }
@@ -478,19 +488,18 @@ dequant_int(const unsigned* __restrict__ tiles, const unsigned* __restrict__ sca
     wb_dequant_body<WB_KIND_INT, BITS>(tiles, scale, zero, w16, N, K, KT, gpt);
 }
 
-template <int BITS, int NT>
+template <int BITS, int NT, int XS>
 __global__ void __launch_bounds__(WB_THREADS, NT == 1 ? 2 : 1)   // NT = 2 needs more than 128 registers
 gemv_pot(const __half* __restrict__ x, const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale,
-         __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec, int xsmem) {
-    gemv_wb_body<WB_KIND_POT, BITS, NT>(x, tiles, scale, nullptr, out, M, N, K, KT, gpt, vec, xsmem);
+         __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
+    gemv_wb_body<WB_KIND_POT, BITS, NT, XS>(x, tiles, scale, nullptr, out, M, N, K, KT, gpt, vec);
 }
 
-template <int BITS, int NT>
+template <int BITS, int NT, int XS>
 __global__ void __launch_bounds__(WB_THREADS, NT == 1 ? 2 : 1)   // NT = 2 needs more than 128 registers
 gemv_int(const __half* __restrict__ x, const unsigned* __restrict__ tiles, const unsigned* __restrict__ scale,
-         const unsigned short* __restrict__ zero, __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec,
-         int xsmem) {
-    gemv_wb_body<WB_KIND_INT, BITS, NT>(x, tiles, scale, zero, out, M, N, K, KT, gpt, vec, xsmem);
+         const unsigned short* __restrict__ zero, __half* __restrict__ out, int M, int N, int K, int KT, int gpt, int vec) {
+    gemv_wb_body<WB_KIND_INT, BITS, NT, XS>(x, tiles, scale, zero, out, M, N, K, KT, gpt, vec);
 }
 
 template <int BITS>

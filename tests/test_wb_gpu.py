@@ -86,8 +86,10 @@ def test_gemv_wb_blocks_take_several_row_tiles(kind, bits, n, k, group, m, xs, b
     ref = x.get().astype(np.float64) @ ql.dequantize().astype(np.float64).T      # and both right
     mass = np.abs(x.get().astype(np.float64)) @ np.abs(ql.dequantize().astype(np.float64)).T
     assert (np.abs(outs[0] - ref) <= fp16_ulp(ref) + 2.0 ** -20 * mass + 1e-7).all()
-    fn = wb.kargs.function(wb.WB_FILE, f"gemv_{kind}<{bits}, {1 if m <= 8 else 2}>")
-    assert wb.gemv_grid(fn, -(-n // 16), 0) <= blocks          # the cap held (grid of the last call's setting)
+    expr, smem = wb.gemv_variant(p, m)
+    assert expr.endswith(f"{1 if m <= 8 else 2}, {int(xs and m * -(-k // 128) * 256 <= tuning.WB_TUNE.xs_max_bytes)}>")
+    fn = wb.kargs.function(wb.WB_FILE, expr)
+    assert wb.gemv_grid(fn, -(-n // 16), smem) <= blocks       # the cap held (grid of the last call's setting)
 
 
 @pytest.mark.parametrize("kind,bits", [("pot", 3), ("int", 4)])

@@ -56,7 +56,7 @@ ROW_VARIANTS = RowVariants()
 ROWS = RowTuning()
 
 # ----------------------------------------------------------------------------- b-bit weight-only GEMV / GEMM
-# cuda/gemv_wb.cu gemv_pot<BITS, NT>, gemv_int<BITS, NT>, gemm_pot<BITS>, gemm_int<BITS>
+# cuda/gemv_wb.cu gemv_pot<BITS, NT, XS>, gemv_int<BITS, NT, XS>, gemm_pot<BITS>, gemm_int<BITS>
 
 
 @dataclass(frozen=True)
