@@ -2,7 +2,8 @@
 
 Compiles variants of the source text (tiles in flight WB_U, warps a block WB_WARPS, blocks an SM,
 and two ablations: no dequantization, no mma) and times gemv_pot<b, 1, 0> on LLM shapes against a
-plain copy of the same bytes (x prefetched into registers, XS = 0). Run on a GPU: python bench/wb_sweep.py [--json PATH].
+plain copy of the same bytes (x prefetched into registers, XS = 0).
+Run on a GPU: python bench/wb_sweep.py [--json PATH].
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 // gemv_wb.cu — weight-only b-bit GEMV and GEMM on tensor cores (b = 2, 3, 4): power-of-two
 // ("pot") and uniform ("int") codes in the tile layout of engine/formats/tiles.py, fp16 x.
 //
-// What: out (M, N) fp16 = x (M, K) fp16 · Ŵ (N, K)ᵀ. gemv_*<BITS, NT, XS> takes M ≤ 8·NT (decode):
-// a block takes every gridDim-th row tile (16 output rows; engine/gpu/wb.py launches no more
-// blocks than are resident), its WB_WARPS warps split each row tile's k tiles and meet in shared
-// memory once a row tile; XS = 1 stages x in shared memory, 0 prefetches it into registers. gemm_*<BITS> takes any M (prefill): a block owns WB_GEMM_WARPS row
-// tiles (one a warp) and 64 rows of x, staged in shared memory a k tile at a time.
+// What: out (M, N) fp16 = x (M, K) fp16 · Ŵ (N, K)ᵀ. gemv_*<BITS, NT, XS> takes M ≤ 8·NT
+// (decode): a block takes every gridDim-th row tile (16 output rows; engine/gpu/wb.py launches no
+// more blocks than are resident), its WB_WARPS warps split each row tile's k tiles and meet in
+// shared memory once a row tile; XS = 1 stages x in shared memory, 0 prefetches it into registers.
+// gemm_*<BITS> takes any M (prefill): a block owns WB_GEMM_WARPS row tiles (one a warp) and 64
+// rows of x, staged in shared memory a k tile at a time.
 //
 // Layout (tiles.py): a tile is 16 rows × 128 channels, 64·BITS words; lane l = 4g + t reads
 // its 2·BITS words (rows g and g + 8) with one or two coalesced vector loads. Of each row the
@@ -278,8 +279,9 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
         qu.s0 = live ? __ldg(scale + fs) : 0u;
         qu.z0 = (KIND == WB_KIND_INT && live) ? (unsigned)__ldg(zero + fs) : 0u;
         ++fi;
-        const unsigned step = ++fk == k_lo + per ? jump : 1u;
-        if (step != 1u) fk = k_lo;
+        const bool wrap = ++fk == k_lo + per;                             // (jump may be 1 too: grid 1, KT 1)
+        if (wrap) fk = k_lo;
+        const unsigned step = wrap ? jump : 1u;
         fw += step * (64u * BITS);
         fs += step * (unsigned)gpt * 8u;
     };

@@ -136,8 +136,8 @@ def test_random_pot_layer_has_no_spare_code_and_averages_zero(bits):
 
     from engine.bench.e2e import random_pot_layer
     from engine.formats import planes, pot
-    ql = random_pot_layer(np.random.default_rng(1), 64, 512, bits)
-    codes = planes.unpack_planes(ql.qweight, bits, 512)
+    ql = random_pot_layer(np.random.default_rng(1), 128, 1024, bits)
+    codes = planes.unpack_planes(ql.qweight, bits, 1024)
     assert not (codes == (1 << (bits - 1))).any() or bits not in pot.SPARE_BITS
     w = ql.dequantize().astype(np.float64)
     unit = float(np.abs(w).mean())

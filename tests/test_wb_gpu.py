@@ -58,7 +58,8 @@ def test_gemv_wb_matches_reference(kind, bits, n, k, group, m, large_m, xs, monk
 
 @pytest.mark.parametrize("kind,bits", [("pot", 2), ("pot", 3), ("pot", 4), ("int", 2), ("int", 3), ("int", 4)])
 @pytest.mark.parametrize("n,k,group", [(72, 256, 128), (40, 257, 64), (24, 4480, 64), (200, 1000, 32),
-                                       (56, 1408, 128)])   # 11 k tiles: warp 5 has one live tile, warps 6-7 none
+                                       (56, 1408, 128),    # 11 k tiles: warp 5 has one live tile, warps 6-7 none
+                                       (40, 96, 32)])      # one k tile: on one block the cursor's jump is 1 tile
 @pytest.mark.parametrize("m,xs", [(1, True), (5, True), (16, True), (1, False), (12, False)])
 @pytest.mark.parametrize("blocks", [1, 2, 3])
 def test_gemv_wb_blocks_take_several_row_tiles(kind, bits, n, k, group, m, xs, blocks, monkeypatch):
@@ -86,9 +87,9 @@ def test_gemv_wb_blocks_take_several_row_tiles(kind, bits, n, k, group, m, xs, b
     ref = x.get().astype(np.float64) @ ql.dequantize().astype(np.float64).T      # and both right
     mass = np.abs(x.get().astype(np.float64)) @ np.abs(ql.dequantize().astype(np.float64)).T
     assert (np.abs(outs[0] - ref) <= fp16_ulp(ref) + 2.0 ** -20 * mass + 1e-7).all()
-    expr, smem = wb.gemv_variant(p, m)
-    assert expr.endswith(f"{1 if m <= 8 else 2}, {int(xs and m * -(-k // 128) * 256 <= tuning.WB_TUNE.xs_max_bytes)}>")
-    fn = wb.kargs.function(wb.WB_FILE, expr)
+    nt, xsmem, smem = wb.gemv_variant(p, m)
+    assert (nt, xsmem) == (1 if m <= 8 else 2, int(xs and m * -(-k // 128) * 256 <= tuning.WB_TUNE.xs_max_bytes))
+    fn = wb.kargs.function(wb.WB_FILE, f"gemv_{kind}<{bits}, {nt}, {xsmem}>")
     assert wb.gemv_grid(fn, -(-n // 16), smem) <= blocks       # the cap held (grid of the last call's setting)
 
 

@@ -121,14 +121,14 @@ def gemv_grid(fn, row_tiles: int, smem: int) -> int:
     return -(-row_tiles // -(-row_tiles // slots))     # as few blocks as keep the most row tiles a block
 
 
-def gemv_variant(p: PackedWB, m: int) -> tuple[str, int]:
-    """(the GEMV instantiation, its dynamic shared memory) for m ≤ WB.gemv_max_m rows of x:
-    NT 8-row tiles of x, and XS = 1 (x staged in shared memory, m·KT·128·2 bytes) where
-    WB_TUNE allows it."""
+def gemv_variant(p: PackedWB, m: int) -> tuple[int, int, int]:
+    """(NT, XS, dynamic shared memory) of the GEMV gemv_<kind><BITS, NT, XS> for m ≤
+    WB.gemv_max_m rows of x: NT 8-row tiles of x, and XS = 1 (x staged in shared memory,
+    m·KT·128·2 bytes) where WB_TUNE allows it."""
     nt = next(t for t in WB.nts if 8 * t >= m)
     xs = m * tiles.tile_dims(p.n, p.k)[1] * tiles.TILE_K * 2
     xsmem = int(m <= WB_TUNE.xs_max_rows and xs <= WB_TUNE.xs_max_bytes)
-    return f"gemv_{p.kind}<{p.bits}, {nt}, {xsmem}>", xs if xsmem else 0
+    return nt, xsmem, xs if xsmem else 0
 
 
 LARGE_M = ("dequant", "mma", "slices")
@@ -161,15 +161,15 @@ def gemv_wb(x, p: PackedWB, out=None, large_m: str | None = None):
     vec = int(k % 4 == 0 and x.data.ptr % 8 == 0)
     gpt = tiles.TILE_K // p.group
     if m <= WB.gemv_max_m:
-        expr, smem = gemv_variant(p, m)
-        fn = kargs.function(WB_FILE, expr)
+        nt, xs, smem = gemv_variant(p, m)
+        fn = kargs.function(WB_FILE, f"gemv_{p.kind}<{p.bits}, {nt}, {xs}>")
         set_smem(fn, smem)
         grid, block = (gemv_grid(fn, nt_rows, smem),), (32 * WB.warps,)
         if p.kind == "pot":
-            kargs.launch(WB_FILE, expr, grid, block, shared_mem=smem, x=x, tiles=p.tiles,
+            kargs.launch(WB_FILE, f"gemv_pot<{p.bits}, {nt}, {xs}>", grid, block, shared_mem=smem, x=x, tiles=p.tiles,
                          scale=p.scale, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec)
         else:
-            kargs.launch(WB_FILE, expr, grid, block, shared_mem=smem, x=x, tiles=p.tiles,
+            kargs.launch(WB_FILE, f"gemv_int<{p.bits}, {nt}, {xs}>", grid, block, shared_mem=smem, x=x, tiles=p.tiles,
                          scale=p.scale, zero=p.zero, out=out, M=m, N=p.n, K=k, KT=kt, gpt=gpt, vec=vec)
     elif large_m == "dequant":
         cp.matmul(x, dequantize_wb(p).T, out=out)          # cuBLAS (eager: see the capture case above)
