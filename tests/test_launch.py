@@ -220,3 +220,109 @@ def test_act_per_widens_only_the_activation_rows_of_wide_prefill_rows(monkeypatc
     assert fused._row_launch("silu_mul_quant", 11008, 1, 256, True)[0] == "silu_mul_quant<32, 1, 8>"
     monkeypatch.setattr(tuning.ROWS, "act_per", 0)
     assert fused._row_launch("silu_mul_quant", 11008, 1, 256, True)[0] == "silu_mul_quant<16, 1, 8>"
+
+
+def test_param_layout_offsets_and_bytes():
+    """launch.ParamLayout lays parameters out as the CUDA ABI does (each at a multiple of its
+    size) and packs pointers as 8-byte integers and scalars by their C type."""
+    import struct
+
+    from engine.gpu import launch
+    lay = launch.ParamLayout(("ptr", "int", "ptr", "float", "long long", "int", "double", "unsigned"))
+    assert lay.offsets == (0, 8, 16, 24, 32, 40, 48, 56) and lay.size == 60
+    lay.pack([0x7F00DEAD0000, -3, 0, 0.5, -(1 << 40), np.int32(7), 2.25, np.uint32(4000000000)])
+    want = struct.pack("<QiiQfiqiidI", 0x7F00DEAD0000, -3, 0, 0, 0.5, 0, -(1 << 40), 7, 0, 2.25, 4000000000)
+    assert lay.packed() == want
+    assert launch.ParamLayout(("int", "int", "ptr")).offsets == (0, 4, 8)
+    extra = [v or 0 for v in lay.extra]
+    assert extra[0] == launch.CU_LAUNCH_PARAM_BUFFER_POINTER and extra[2] == launch.CU_LAUNCH_PARAM_BUFFER_SIZE
+    assert extra[4] == launch.CU_LAUNCH_PARAM_END
+    with pytest.raises(struct.error):
+        lay.pack([0, 1.5, 0, 0.5, 0, 0, 0.0, 0])                # a float for an int: launch_bound falls back
+
+
+def test_launch_bound_packs_eager_launches_and_falls_back(monkeypatch):
+    """Kernel.launch_bound: an eager keyword launch is one cuLaunchKernel with the packed buffer
+    (kargs' Bound for the call site); captures (PDL), clusters, DGQ_PACKED=0 / unpacked_launches(),
+    a layout the driver lays out otherwise and values the buffer cannot hold go through CuPy's
+    launch with the NumPy-scalar tuple, as before."""
+    from types import SimpleNamespace
+
+    from engine.gpu import kargs, launch
+    calls, plain = [], []
+
+    def cu_launch(fptr, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        calls.append((fptr, (gx, gy, gz), (bx, by, bz), smem, stream, params, extra))
+        return 0
+    stream = SimpleNamespace(ptr=0x5151)
+    cp = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(getDevice=lambda: 0),
+                                              get_current_stream=lambda: stream))
+    monkeypatch.setattr(launch, "cupy_or_none", lambda: cp)
+    monkeypatch.setattr(launch, "_cu_launch", lambda: cu_launch)
+    same = [True]
+    monkeypatch.setattr(launch, "layout_matches", lambda fptr, layout: same[0])
+    monkeypatch.setattr(launch, "_STATE", {"packed": True})
+
+    class Raw:
+        kernel = SimpleNamespace(ptr=0xF00)
+        name = "quant_amax<__half>"
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            plain.append((grid, block, args, shared_mem))
+
+    class Arr:
+        def __init__(self, p):
+            self.data = SimpleNamespace(ptr=p)
+    k = launch.Kernel(Raw())
+    order = kargs._binding("fused.cu", "quant_amax<__half>")
+    bound = kargs._builder(order)
+    args = dict(x=Arr(0x1000), K=4096, mode=1, static_scale=None, amax=Arr(0x2000), x8=Arr(0x3000), ld=4096,
+                sx=Arr(0x4000))
+    k.launch_bound((4, 1), (256,), bound, args, 0)
+    assert len(calls) == 1 and not plain
+    fptr, grid, block, smem, st, params, extra = calls[0]
+    assert (fptr, grid, block, smem, st, params) == (0xF00, (4, 1, 1), (256, 1, 1), 0, 0x5151, None)
+    assert extra is bound.layout.extra
+    assert bound.layout.packed() == launch.ParamLayout(bound.layout.kinds)._st.pack(
+        0x1000, 4096, 1, 0, 0x2000, 0x3000, 4096, 0x4000)
+    with launch.unpacked_launches():
+        k.launch_bound((4, 1), (256,), bound, args, 0)
+    assert len(plain) == 1 and plain[0][2] == bound.build(args)
+    assert launch.packed_enabled()
+    launch._STATE["capturing"] = 1                       # a capture: Kernel.__call__ (PDL where on)
+    monkeypatch.setattr(launch, "_driver", lambda: None)
+    k.launch_bound((4, 1), (256,), bound, args, 0)
+    launch._STATE["capturing"] = 0
+    k.launch_bound((4, 1), (256,), bound, {**args, "K": 4096.5}, 0)    # a float for an int
+    assert len(plain) == 3 and len(calls) == 1
+    same[0] = False
+    k2 = launch.Kernel(Raw())
+    k2.launch_bound((4, 1), (256,), bound, args, 0)      # the driver's layout differs: CuPy, remembered
+    k2.launch_bound((4, 1), (256,), bound, args, 0)
+    assert len(plain) == 5 and len(calls) == 1
+
+
+def test_layout_matches_asks_the_driver_for_every_parameter(monkeypatch):
+    """launch.layout_matches: each parameter's offset and size as cuFuncGetParamInfo reports
+    them, and none past the last; no such driver call: not packed."""
+    import ctypes
+
+    from engine.gpu import launch
+    lay = launch.ParamLayout(("ptr", "int", "float", "ptr"))
+    driver = {0: (0, 8), 1: (8, 4), 2: (12, 4), 3: (16, 8)}
+
+    def info(fptr, i, off, size):
+        if i not in driver:
+            return 1
+        off._obj.value, size._obj.value = driver[i]
+        return 0
+    monkeypatch.setattr(launch, "_param_info", lambda: info)
+    assert launch.layout_matches(1, lay)
+    driver[2] = (16, 4)
+    assert not launch.layout_matches(1, lay)
+    driver[2] = (12, 4)
+    driver[4] = (24, 4)                                  # a parameter more than the layout has
+    assert not launch.layout_matches(1, lay)
+    monkeypatch.setattr(launch, "_param_info", lambda: None)
+    assert not launch.layout_matches(1, launch.ParamLayout(("ptr",)))
+    assert ctypes.sizeof(ctypes.c_size_t) == 8

@@ -539,3 +539,52 @@ def test_captured_prefill_equals_eager(weights, logits, t, monkeypatch):
     cache.lens_host[:] = 0
     gm.prefill(rng.integers(0, mw.config.vocab_size, t + 30), cache, seq=0, logits="all")
     assert not any(g.graph is not None for g in gm._prefill_graphs.values())
+
+
+def test_packed_launches_equal_cupy_launches():
+    """Eager keyword launches through one packed parameter buffer (launch.Kernel.launch_bound,
+    cuLaunchKernel) compute what CuPy's launches do: an eager prefill and decode steps give
+    bit-identical logits and tokens either way, and the packed path did launch (counted), its
+    layouts the driver's (cuFuncGetParamInfo) for every kernel the prefill used."""
+    from engine.gpu import kernels, launch
+    from engine.gpu.model import CudaModel
+    if not launch.packed_enabled():
+        pytest.skip("DGQ_PACKED=0")
+    mw = quantized_tiny("dynamic", seed=6, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
+                        hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
+                        max_position_embeddings=256)
+    gm = CudaModel(mw)
+    prompt = np.arange(3, 200) % mw.config.vocab_size
+    fn = launch._cu_launch()
+    assert fn is not None
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return fn(*args)
+
+    def forget():                    # each Kernel looks the launch function up again
+        for k in kernels._FUNCS.values():
+            k._packed.clear()
+    runs = []
+    try:
+        for packed in (True, False):
+            launch._STATE["drv:cuLaunchKernel"] = counted
+            forget()
+            with contextlib.nullcontext() if packed else launch.unpacked_launches():
+                cache = gm.new_cache(256)
+                pre = gm.prefill(prompt, cache).get()
+                toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 12, True)[:, 0]
+            runs.append((pre, toks))
+            if packed:
+                assert len(calls) >= 8 * mw.config.num_hidden_layers, len(calls)
+                bad = [k.raw.name for k in kernels._FUNCS.values() for v in k._packed.values() if v[1] is None]
+                assert not bad, bad                      # every kernel's layout was the driver's
+                calls.clear()
+            else:
+                assert not calls
+    finally:
+        launch._STATE["drv:cuLaunchKernel"] = fn
+        forget()
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)

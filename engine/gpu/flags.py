@@ -2,6 +2,7 @@
 
   DGQ_DISABLE_CUDA=1   behave as if no GPU were present (--device auto runs NumPy)
   DGQ_PDL=0            no programmatic dependent launch in captured decode steps (gpu/launch.py)
+  DGQ_PACKED=0         eager kernel launches through CuPy, not one packed parameter buffer (gpu/launch.py)
   DGQ_NO_WGMMA=1       A8W4 GEMMs on the mma.sync kernels even on sm_90 (gpu/ops.py)
   DGQ_KERNEL_CHOICE=   table | learned | exhaustive: how an A8W4 GEMM's configuration is chosen
                        (gpu/choice.py); unset: learned when the device's model file exists, else table
@@ -22,6 +23,7 @@ import os
 
 DISABLE_CUDA = bool(os.environ.get("DGQ_DISABLE_CUDA"))
 PDL = os.environ.get("DGQ_PDL", "1") != "0"
+PACKED = os.environ.get("DGQ_PACKED", "1") != "0"
 WGMMA = not os.environ.get("DGQ_NO_WGMMA")
 KERNEL_CHOICE = os.environ.get("DGQ_KERNEL_CHOICE", "").strip().lower()
 OBJECTIVE = os.environ.get("DGQ_OBJECTIVE", "time").strip().lower() or "time"

@@ -11,7 +11,9 @@ launch from that call site costs one dict lookup and a tuple build (add_rmsnorm_
 parameters, 4 of them scalars: 1.5 µs on the CPU, 3.4 µs checked each time). Any other tuple
 of names, a wrong one included, is another key and is checked in full
 (tests/test_kernel_args.py). Launches go through kernels.function, i.e. launch.Kernel:
-programmatic dependent launch inside `launch.capturing()`, CuPy's plain launch otherwise.
+programmatic dependent launch inside `launch.capturing()`; eagerly one packed parameter buffer
+and cuLaunchKernel (`Bound.values`, `launch.ParamLayout`; CuPy's launch with `Bound.build`'s
+NumPy scalars where that cannot be used).
 
 Named launchers (the row and attention kernels, gpu/fused.py and gpu/attention.py) are
 marked with `@launcher(kernel)`; they choose a grid and pass their keywords through.
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
+from .launch import ParamLayout
 
 # C scalar type -> the NumPy scalar CuPy and launch.py marshal with that type's bytes
 SCALARS = {"int": np.int32, "unsigned": np.uint32, "unsigned int": np.uint32, "float": np.float32,
@@ -181,8 +184,20 @@ def _binding(file: str, expr: str) -> tuple:
     return tuple(out)
 
 
-def _builder(order: tuple):
-    """args dict -> the argument tuple, for keywords already checked against `order`."""
+class Bound:
+    """One call site's arguments for a kernel (a tuple of keyword names, checked once):
+    build(args) the tuple CuPy and cuLaunchKernelEx take (scalars as NumPy scalars, None as a null
+    pointer), values(args) those of the packed parameter buffer (pointers as integers, scalars as
+    given), layout the kernel's launch.ParamLayout."""
+
+    __slots__ = ("build", "values", "layout")
+
+    def __init__(self, build, values, layout):
+        self.build, self.values, self.layout = build, values, layout
+
+
+def _builder(order: tuple) -> Bound:
+    """The Bound for keywords already checked against `order`."""
     names = tuple(n for n, _ in order)
     get = operator.itemgetter(*names) if len(names) > 1 else lambda a: tuple(a[n] for n in names)
     scalars = tuple((i, conv) for i, (_, conv) in enumerate(order) if conv is not None)
@@ -196,11 +211,20 @@ def _builder(order: tuple):
             if vals[i] is None:
                 vals[i] = _NULL
         return tuple(vals)
-    return build
+
+    def values(args: dict) -> list:
+        vals = list(get(args))
+        for i in pointers:
+            v = vals[i]
+            vals[i] = 0 if v is None else v.data.ptr
+        return vals
+    kinds = tuple("ptr" if conv is None else _CTYPE[conv] for _, conv in order)
+    return Bound(build, values, ParamLayout(kinds))
 
 
+_CTYPE = {conv: ctype for ctype, conv in SCALARS.items()}      # the converter's C type (first of equals)
 _ORDER: dict[tuple, tuple] = {}       # (file, expr) -> ((name, converter), ...)
-_BOUND: dict[tuple, object] = {}      # (file, expr, keyword names in call order) -> build
+_BOUND: dict[tuple, Bound] = {}       # (file, expr, keyword names in call order) -> its Bound
 _LAUNCHES: dict[tuple, tuple] = {}    # the same key -> (kf.exprs, build, kernel function)
 _WRAP: list = []
 
@@ -216,16 +240,16 @@ def _checked(kf: KernelFile, expr: str, args: dict):
         missing, extra = [n for n in names if n not in args], [n for n in args if n not in names]
         raise KernelArgError(f"{expr} (cuda/{kf.file}) takes {', '.join(names)}; "
                              f"missing {missing or 'none'}, unknown {extra or 'none'}")
-    build = _BOUND[(kf.file, expr, tuple(args))] = _builder(order)
-    return build
+    bound = _BOUND[(kf.file, expr, tuple(args))] = _builder(order)
+    return bound
 
 
 def bind(kf: KernelFile, expr: str, args: dict) -> tuple:
     """The kernel's argument tuple from keywords: exactly its parameter names, in its order."""
-    build = _BOUND.get((kf.file, expr, tuple(args)))
-    if build is None:
-        build = _checked(kf, expr, args)
-    return build(args)
+    bound = _BOUND.get((kf.file, expr, tuple(args)))
+    if bound is None:
+        bound = _checked(kf, expr, args)
+    return bound.build(args)
 
 
 def function(kf: KernelFile, expr: str):
@@ -276,18 +300,24 @@ def patched(edits):
 
 def launch(kf: KernelFile, expr: str, grid, block, shared_mem: int = 0, cluster=None, **args):
     """Launch kernel `expr` of kf with keyword arguments (module docstring); cluster: the CTAs of
-    a thread block cluster (x, y, z), sm_90 (launch.Kernel)."""
+    a thread block cluster (x, y, z), sm_90 (launch.Kernel). Eagerly one packed parameter buffer
+    (launch.Kernel.launch_bound)."""
     key = (kf.file, expr, tuple(args))
     hit = _LAUNCHES.get(key)
-    if hit is not None and hit[0] is kf.exprs:
-        vals, fn = hit[1](args), hit[2]
-    else:                                   # first launch with these names (or another KernelFile)
-        vals = bind(kf, expr, args)
+    if hit is None or hit[0] is not kf.exprs:   # first launch with these names (or another KernelFile)
+        bound = _BOUND.get(key) or _checked(kf, expr, args)
         fn = function(kf, expr)
-        _LAUNCHES[key] = (kf.exprs, _BOUND[key], fn)
+        hit = _LAUNCHES[key] = (kf.exprs, bound, fn, getattr(fn, "launch_bound", None))
     if _WRAP:
-        return _WRAP[-1](expr, lambda: fn(grid, block, vals, shared_mem=shared_mem, cluster=cluster))
-    return fn(grid, block, vals, shared_mem=shared_mem, cluster=cluster)
+        return _WRAP[-1](expr, lambda: _run(hit, grid, block, shared_mem, cluster, args))
+    return _run(hit, grid, block, shared_mem, cluster, args)
+
+
+def _run(hit, grid, block, shared_mem, cluster, args):
+    _, bound, fn, bound_launch = hit
+    if bound_launch is not None:
+        return bound_launch(grid, block, bound, args, shared_mem, cluster)
+    return fn(grid, block, bound.build(args), shared_mem=shared_mem, cluster=cluster)   # a plain callable (fakes)
 
 
 def launcher(kernel: str):

@@ -23,11 +23,21 @@ benchmarks. GPUs below compute capability 9.0 have no PDL and always launch plai
 A launch that asks for a thread block cluster (`cluster=`, sm_90: the wgmma GEMM's K splits,
 engine/gpu/ops.py) always goes through cuLaunchKernelEx, with the cluster dimension attribute
 (and PDL's where it applies), also eagerly and under DGQ_PDL=0 or plain_launches().
+
+Eager keyword launches (kargs.launch, `Kernel.launch_bound`) pack their arguments into one
+parameter buffer with `struct` (ParamLayout: the kernel's parameters at their C offsets) and hand
+it to cuLaunchKernel as CU_LAUNCH_PARAM_BUFFER_POINTER: no NumPy scalar and no ctypes object is
+made per launch, where CuPy's launch converts every argument (a prefill is ~320 launches, and at
+512 tokens of a 7B model the host, not the GPU, bounds it). The layout is checked once per kernel
+against the driver's own (cuFuncGetParamInfo, CUDA 12.4+); a kernel whose layout differs, or a
+driver without that call, launches through CuPy as before. DGQ_PACKED=0 turns the packed path
+off (`unpacked_launches()` within a block): the A/B switch.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import struct
 
 import numpy as np
 
@@ -60,14 +70,14 @@ class _Config(ctypes.Structure):        # CUlaunchConfig
 _STATE: dict = {}
 
 
-def _driver_fn(name: str, argtypes: list):
-    """libcuda's `name` (CUresult-returning) on an sm_90+ GPU, else None: no CuPy, an older GPU,
-    or a driver older than CUDA 12.0 (cached)."""
+def _driver_fn(name: str, argtypes: list, min_cc: int = 90):
+    """libcuda's `name` (CUresult-returning) on a GPU of compute capability ≥ min_cc, else None:
+    no CuPy, an older GPU, or a driver without that entry point (cached)."""
     key = "drv:" + name
     if key not in _STATE:
         fn = None
         cp = cupy_or_none()
-        if cp is not None and int(cp.cuda.Device().compute_capability) >= 90:
+        if cp is not None and int(cp.cuda.Device().compute_capability) >= min_cc:
             try:
                 fn = getattr(ctypes.CDLL("libcuda.so.1"), name)
             except (OSError, AttributeError):
@@ -170,6 +180,99 @@ def _arg(a, cp):
     raise BackendError(f"kernel arguments are CuPy arrays, NumPy scalars or None, got {type(a).__name__}")
 
 
+# ----------------------------------------------------------------------------- packed eager launches
+CU_LAUNCH_PARAM_END, CU_LAUNCH_PARAM_BUFFER_POINTER, CU_LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2
+# struct format character and size of each parameter kind ("ptr": a device pointer)
+PACK_CHARS = {"ptr": ("Q", 8), "int": ("i", 4), "unsigned": ("I", 4), "unsigned int": ("I", 4),
+              "float": ("f", 4), "long long": ("q", 8), "unsigned long long": ("Q", 8), "double": ("d", 8)}
+
+
+class ParamLayout:
+    """The parameter buffer of a kernel whose parameters have these kinds (PACK_CHARS keys):
+    each at the next multiple of its size, as the CUDA ABI lays them out. `pack(values)` writes
+    them (pointers as integers) into one reusable buffer that `extra` points the driver at; the
+    driver copies it when the launch is issued, so the next launch may overwrite it (the engine
+    launches from one thread)."""
+
+    __slots__ = ("kinds", "offsets", "sizes", "size", "_st", "_buf", "_size", "extra")
+
+    def __init__(self, kinds: tuple):
+        fmt, off, offsets, sizes = "=", 0, [], []
+        for k in kinds:
+            ch, n = PACK_CHARS[k]
+            pad = -off % n
+            fmt += "x" * pad + ch
+            off += pad
+            offsets.append(off)
+            sizes.append(n)
+            off += n
+        self.kinds, self.offsets, self.sizes, self.size = tuple(kinds), tuple(offsets), tuple(sizes), off
+        self._st = struct.Struct(fmt)
+        self._buf = (ctypes.c_char * max(8, off))()
+        self._size = ctypes.c_size_t(off)
+        self.extra = (ctypes.c_void_p * 5)(CU_LAUNCH_PARAM_BUFFER_POINTER, ctypes.addressof(self._buf),
+                                           CU_LAUNCH_PARAM_BUFFER_SIZE, ctypes.addressof(self._size),
+                                           CU_LAUNCH_PARAM_END)
+
+    def pack(self, values) -> None:
+        self._st.pack_into(self._buf, 0, *values)
+
+    def packed(self) -> bytes:
+        return bytes(self._buf)[:self.size]
+
+
+def _cu_launch():
+    """cuLaunchKernel (any GPU), or None without CuPy / libcuda."""
+    return _driver_fn("cuLaunchKernel", [ctypes.c_void_p] + [ctypes.c_uint] * 7
+                      + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], min_cc=0)
+
+
+def _param_info():
+    """cuFuncGetParamInfo (CUDA 12.4+ drivers), or None."""
+    return _driver_fn("cuFuncGetParamInfo", [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
+                                             ctypes.POINTER(ctypes.c_size_t)], min_cc=0)
+
+
+def layout_matches(fptr: int, layout: ParamLayout) -> bool:
+    """Whether the driver lays out the kernel at fptr's parameters as `layout` does: the same
+    offset and size for each, and no parameter past the last (cuFuncGetParamInfo)."""
+    info = _param_info()
+    if info is None:
+        return False
+    off, size = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    for i, (o, n) in enumerate(zip(layout.offsets, layout.sizes)):
+        if info(ctypes.c_void_p(fptr), i, ctypes.byref(off), ctypes.byref(size)) != 0 \
+                or (off.value, size.value) != (o, n):
+            return False
+    return info(ctypes.c_void_p(fptr), len(layout.offsets), ctypes.byref(off), ctypes.byref(size)) != 0
+
+
+def packed_enabled() -> bool:
+    """Whether eager keyword launches pack their arguments (DGQ_PACKED, unpacked_launches())."""
+    return _STATE.get("packed", flags.PACKED)
+
+
+@contextlib.contextmanager
+def unpacked_launches():
+    """Within the block, eager keyword launches go through CuPy (the packed path's A/B)."""
+    saved = packed_enabled()
+    _STATE["packed"] = False
+    try:
+        yield
+    finally:
+        _STATE["packed"] = saved
+
+
+def _dims3(d) -> tuple:
+    """_dims for the launch path: a tuple of 1-3 positive ints (the launchers' form) without the
+    general checks; anything else goes through _dims."""
+    if type(d) is tuple and 1 <= len(d) <= 3:
+        if len(d) == 3:
+            return d
+        return d + (1, 1) if len(d) == 1 else d + (1,)
+    return _dims(d, "grid or block")
+
+
 class Kernel:
     """A compiled kernel (CuPy RawKernel) whose calls launch with PDL where available.
 
@@ -177,16 +280,46 @@ class Kernel:
     writes (max_dynamic_shared_size_bytes, num_regs, ...) go to the RawKernel.
     """
 
-    __slots__ = ("raw",)
+    __slots__ = ("raw", "_packed")
 
     def __init__(self, raw):
         object.__setattr__(self, "raw", raw)
+        object.__setattr__(self, "_packed", {})     # (device, layout kinds) -> (function pointer, ok)
 
     def __getattr__(self, name):
         return getattr(self.raw, name)
 
     def __setattr__(self, name, value):
         setattr(self.raw, name, value)
+
+    def launch_bound(self, grid, block, bound, args: dict, shared_mem: int = 0, cluster=None):
+        """A keyword launch (kargs.launch; `bound`: the call site's kargs.Bound). Eager, without a
+        cluster, with packed launches on and the driver's layout the same: one cuLaunchKernel with
+        the packed buffer. Otherwise, or for values the buffer cannot hold (a Python float for an
+        int), as __call__ with bound.build(args)."""
+        if cluster is None and not _STATE.get("capturing") and _STATE.get("packed", flags.PACKED):
+            cp = cupy_or_none()
+            dev = cp.cuda.runtime.getDevice()
+            layout = bound.layout
+            hit = self._packed.get((dev, layout.kinds))
+            if hit is None:                          # once per device and layout: is the driver's the same?
+                fptr, fn = int(self.raw.kernel.ptr), _cu_launch()
+                hit = self._packed[(dev, layout.kinds)] = (fptr, fn if fn is not None and layout_matches(fptr, layout)
+                                                           else None)
+            if hit[1] is not None:
+                try:
+                    layout.pack(bound.values(args))
+                except (struct.error, AttributeError):
+                    return self(grid, block, bound.build(args), shared_mem=shared_mem)
+                gx, gy, gz = _dims3(grid)
+                bx, by, bz = _dims3(block)
+                err = hit[1](hit[0], gx, gy, gz, bx, by, bz, shared_mem, cp.cuda.get_current_stream().ptr, None,
+                             layout.extra)
+                if err != 0:
+                    raise BackendError(f"cuLaunchKernel of {self.raw.name} failed with CUresult {err} (grid {grid}, "
+                                       f"block {block}, shared {shared_mem} B); DGQ_PACKED=0 launches through CuPy")
+                return None
+        return self(grid, block, bound.build(args), shared_mem=shared_mem, cluster=cluster)
 
     def __call__(self, grid, block, args, shared_mem: int = 0, cluster=None):
         """cluster: (x, y, z) CTAs a thread block cluster (sm_90; clusters_available()), or None."""
