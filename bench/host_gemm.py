@@ -38,6 +38,14 @@ class _Kernel:
     def __call__(self, grid, block, args, shared_mem=0, cluster=None):
         return None
 
+    def launch_bound(self, grid, block, bound, args, shared_mem=0, cluster=None):
+        """launch.Kernel.launch_bound's Python without the driver call: the packed buffer (arrays
+        with a .data.ptr, as host_prefill's), else the NumPy-scalar tuple CuPy would take."""
+        try:
+            bound.layout.pack(bound.values(args))
+        except AttributeError:
+            self(grid, block, bound.build(args), shared_mem=shared_mem, cluster=cluster)
+
 
 def fake_cupy():
     """A stand-in for the parts of CuPy that ops.gemm_a8w4 touches: NumPy arrays on one device."""

@@ -7,8 +7,8 @@ A prefill run eagerly (a prompt seen once: tuning.PREFILL's graphs only serve re
 as the GPU to run them (docs/KERNELS.md). This runs CudaModel.prefill with a fake CuPy (NumPy
 arrays with CuPy's .data.ptr, modules and kernels that do nothing; bench/host_gemm.py's fakes plus
 what the model itself touches) and times the engine's own Python: every launcher, the GEMM plans,
-the row and attention launchers, the argument tuples. What it cannot see: CuPy's launch of each
-kernel (~11 µs on the H200's host, bench/pdl_probe.py) and that CPU's speed. The host's time is
+the row and attention launchers, the packed parameter buffers (launch.Kernel.launch_bound). What it
+cannot see: the driver's launch call of each kernel and that CPU's speed. The host's time is
 per launch, not per FLOP, so the SmolLM2 shape (30 layers) stands for the 7B one (32).
 `--profile` prints the functions that take the time.
 """
@@ -30,11 +30,16 @@ from engine.gpu import backend, kargs, kernels, tuning
 
 
 class FakeArray(np.ndarray):
-    """A NumPy array with the CuPy attributes the engine reads (.data.ptr, get, set)."""
+    """A NumPy array with the CuPy attributes the engine reads (.data.ptr, get, set). The pointer
+    is read when the array (or view) is made, as CuPy's ndarray holds its MemoryPointer: reading
+    .data.ptr then costs about what CuPy's does, not NumPy's ~1 µs array-interface lookup."""
+
+    def __array_finalize__(self, obj):
+        self._data = SimpleNamespace(ptr=self.__array_interface__["data"][0])
 
     @property
     def data(self):
-        return SimpleNamespace(ptr=self.__array_interface__["data"][0])
+        return self._data
 
     def get(self):
         return np.asarray(self)
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     ms, n = host_ms(a.model, a.tokens, a.reps, a.profile)
     print(f"{a.model} A8W4 eager prefill of {a.tokens} tokens: {ms:.2f} ms of the engine's Python on this CPU, "
-          f"{n} launches ({1e3 * ms / n:.1f} µs each, before CuPy's own launch)")
+          f"{n} launches ({1e3 * ms / n:.1f} µs each, before the driver's launch call)")
     return 0
 
 

@@ -234,9 +234,11 @@ def test_param_layout_offsets_and_bytes():
     want = struct.pack("<QiiQfiqiidI", 0x7F00DEAD0000, -3, 0, 0, 0.5, 0, -(1 << 40), 7, 0, 2.25, 4000000000)
     assert lay.packed() == want
     assert launch.ParamLayout(("int", "int", "ptr")).offsets == (0, 4, 8)
+    import ctypes
     extra = [v or 0 for v in lay.extra]
     assert extra[0] == launch.CU_LAUNCH_PARAM_BUFFER_POINTER and extra[2] == launch.CU_LAUNCH_PARAM_BUFFER_SIZE
     assert extra[4] == launch.CU_LAUNCH_PARAM_END
+    assert ctypes.string_at(extra[1], lay.size) == want and ctypes.c_size_t.from_address(extra[3]).value == 60
     with pytest.raises(struct.error):
         lay.pack([0, 1.5, 0, 0.5, 0, 0, 0.0, 0])                # a float for an int: launch_bound falls back
 
@@ -244,8 +246,10 @@ def test_param_layout_offsets_and_bytes():
 def test_launch_bound_packs_eager_launches_and_falls_back(monkeypatch):
     """Kernel.launch_bound: an eager keyword launch is one cuLaunchKernel with the packed buffer
     (kargs' Bound for the call site); captures (PDL), clusters, DGQ_PACKED=0 / unpacked_launches(),
-    a layout the driver lays out otherwise and values the buffer cannot hold go through CuPy's
-    launch with the NumPy-scalar tuple, as before."""
+    a layout the driver lays out otherwise (asked once a kernel), values the buffer cannot hold,
+    sizes past the launch limits and a launch the driver refuses go through CuPy's launch with the
+    NumPy-scalar tuple, as before."""
+    import struct
     from types import SimpleNamespace
 
     from engine.gpu import kargs, launch
@@ -259,8 +263,8 @@ def test_launch_bound_packs_eager_launches_and_falls_back(monkeypatch):
                                               get_current_stream=lambda: stream))
     monkeypatch.setattr(launch, "cupy_or_none", lambda: cp)
     monkeypatch.setattr(launch, "_cu_launch", lambda: cu_launch)
-    same = [True]
-    monkeypatch.setattr(launch, "layout_matches", lambda fptr, layout: same[0])
+    same, asked = [True], []
+    monkeypatch.setattr(launch, "layout_matches", lambda fptr, layout: asked.append(fptr) or same[0])
     monkeypatch.setattr(launch, "_STATE", {"packed": True})
 
     class Raw:
@@ -283,8 +287,8 @@ def test_launch_bound_packs_eager_launches_and_falls_back(monkeypatch):
     fptr, grid, block, smem, st, params, extra = calls[0]
     assert (fptr, grid, block, smem, st, params) == (0xF00, (4, 1, 1), (256, 1, 1), 0, 0x5151, None)
     assert extra is bound.layout.extra
-    assert bound.layout.packed() == launch.ParamLayout(bound.layout.kinds)._st.pack(
-        0x1000, 4096, 1, 0, 0x2000, 0x3000, 4096, 0x4000)
+    # x, K, mode, static_scale, amax, x8, ld, sx: pointers at multiples of 8, the int ld padded
+    assert bound.layout.packed() == struct.pack("<QiiQQQixxxxQ", 0x1000, 4096, 1, 0, 0x2000, 0x3000, 4096, 0x4000)
     with launch.unpacked_launches():
         k.launch_bound((4, 1), (256,), bound, args, 0)
     assert len(plain) == 1 and plain[0][2] == bound.build(args)
@@ -294,12 +298,23 @@ def test_launch_bound_packs_eager_launches_and_falls_back(monkeypatch):
     k.launch_bound((4, 1), (256,), bound, args, 0)
     launch._STATE["capturing"] = 0
     k.launch_bound((4, 1), (256,), bound, {**args, "K": 4096.5}, 0)    # a float for an int
-    assert len(plain) == 3 and len(calls) == 1
+    k.launch_bound((1 << 32 | 4, 1), (256,), bound, args, 0)          # a grid ctypes would wrap
+    assert len(plain) == 4 and len(calls) == 1 and asked == [0xF00]
+    refuse = [1]
+
+    def refusing(*a):                                    # e.g. no context current in this thread yet
+        calls.append(a)
+        return refuse.pop() if refuse else 0
+    monkeypatch.setattr(launch, "_cu_launch", lambda: refusing)
+    k3 = launch.Kernel(Raw())
+    k3.launch_bound((4, 1), (256,), bound, args, 0)      # refused: CuPy's launch (its context, its errors)
+    k3.launch_bound((4, 1), (256,), bound, args, 0)      # then packed again
+    assert len(plain) == 5 and len(calls) == 3
     same[0] = False
     k2 = launch.Kernel(Raw())
     k2.launch_bound((4, 1), (256,), bound, args, 0)      # the driver's layout differs: CuPy, remembered
     k2.launch_bound((4, 1), (256,), bound, args, 0)
-    assert len(plain) == 5 and len(calls) == 1
+    assert len(plain) == 7 and len(calls) == 3 and asked == [0xF00, 0xF00, 0xF00]
 
 
 def test_layout_matches_asks_the_driver_for_every_parameter(monkeypatch):
@@ -325,4 +340,5 @@ def test_layout_matches_asks_the_driver_for_every_parameter(monkeypatch):
     assert not launch.layout_matches(1, lay)
     monkeypatch.setattr(launch, "_param_info", lambda: None)
     assert not launch.layout_matches(1, launch.ParamLayout(("ptr",)))
-    assert ctypes.sizeof(ctypes.c_size_t) == 8
+    from engine.gpu import kargs                         # every scalar type a kernel may take packs
+    assert set(kargs.SCALARS) <= set(launch.PACK_CHARS)

@@ -28,6 +28,12 @@ def quantized_tiny(act, seed=0, group=64, **kw):
     return mw
 
 
+def wide_tiny(seed: int):
+    """A 3-layer dynamic DGQ model wide enough for kernels to overlap (GQA 8 / 2, 256 positions)."""
+    return quantized_tiny("dynamic", seed=seed, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
+                          hidden_size=512, intermediate_size=1408, num_hidden_layers=3, max_position_embeddings=256)
+
+
 def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -389,9 +395,7 @@ def test_l2_prefetch_changes_no_bits(monkeypatch):
     from engine.gpu.model import CudaModel
     if kernels.device_info()["cc"] < 90 or not launch.pdl_enabled():
         pytest.skip("the prefetch runs in PDL captures on sm_90 only")
-    mw = quantized_tiny("dynamic", seed=5, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
-                        hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
-                        max_position_embeddings=256)
+    mw = wide_tiny(seed=5)
     gm = CudaModel(mw)
     prompt = np.arange(3, 90) % mw.config.vocab_size
     real, launched = fused.prefetch_l2, []
@@ -548,11 +552,9 @@ def test_packed_launches_equal_cupy_launches():
     layouts the driver's (cuFuncGetParamInfo) for every kernel the prefill used."""
     from engine.gpu import kernels, launch
     from engine.gpu.model import CudaModel
-    if not launch.packed_enabled():
-        pytest.skip("DGQ_PACKED=0")
-    mw = quantized_tiny("dynamic", seed=6, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
-                        hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
-                        max_position_embeddings=256)
+    if not launch.packed_enabled() or launch._param_info() is None:
+        pytest.skip("DGQ_PACKED=0, or a driver without cuFuncGetParamInfo (before CUDA 12.4): CuPy's launches")
+    mw = wide_tiny(seed=6)
     gm = CudaModel(mw)
     prompt = np.arange(3, 200) % mw.config.vocab_size
     fn = launch._cu_launch()

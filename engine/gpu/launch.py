@@ -31,7 +31,8 @@ made per launch, where CuPy's launch converts every argument (a prefill is ~320 
 512 tokens of a 7B model the host, not the GPU, bounds it). The layout is checked once per kernel
 against the driver's own (cuFuncGetParamInfo, CUDA 12.4+); a kernel whose layout differs, or a
 driver without that call, launches through CuPy as before. DGQ_PACKED=0 turns the packed path
-off (`unpacked_launches()` within a block): the A/B switch.
+off (`unpacked_launches()` within a block): the A/B switch. A launch the driver refuses goes
+through CuPy again, which sets up a thread's context or raises CuPy's own error.
 """
 from __future__ import annotations
 
@@ -264,8 +265,9 @@ def unpacked_launches():
 
 
 def _dims3(d) -> tuple:
-    """_dims for the launch path: a tuple of 1-3 positive ints (the launchers' form) without the
-    general checks; anything else goes through _dims."""
+    """_dims for the packed launch path: a tuple of 1-3 sizes (the launchers' form) padded with
+    ones, without the general checks (launch_bound checks the limits); anything else goes through
+    _dims."""
     if type(d) is tuple and 1 <= len(d) <= 3:
         if len(d) == 3:
             return d
@@ -295,8 +297,11 @@ class Kernel:
     def launch_bound(self, grid, block, bound, args: dict, shared_mem: int = 0, cluster=None):
         """A keyword launch (kargs.launch; `bound`: the call site's kargs.Bound). Eager, without a
         cluster, with packed launches on and the driver's layout the same: one cuLaunchKernel with
-        the packed buffer. Otherwise, or for values the buffer cannot hold (a Python float for an
-        int), as __call__ with bound.build(args)."""
+        the packed buffer. Otherwise as __call__ with bound.build(args): for values the buffer
+        cannot hold (a Python float for an int, a float past float32), sizes past the launch
+        limits, and any launch the driver refuses (no context current in this thread yet, too
+        much shared memory, an earlier kernel's fault), so that CuPy's launch sets the context up
+        or raises its own error."""
         if cluster is None and not _STATE.get("capturing") and _STATE.get("packed", flags.PACKED):
             cp = cupy_or_none()
             dev = cp.cuda.runtime.getDevice()
@@ -309,16 +314,15 @@ class Kernel:
             if hit[1] is not None:
                 try:
                     layout.pack(bound.values(args))
-                except (struct.error, AttributeError):
-                    return self(grid, block, bound.build(args), shared_mem=shared_mem)
-                gx, gy, gz = _dims3(grid)
-                bx, by, bz = _dims3(block)
-                err = hit[1](hit[0], gx, gy, gz, bx, by, bz, shared_mem, cp.cuda.get_current_stream().ptr, None,
-                             layout.extra)
-                if err != 0:
-                    raise BackendError(f"cuLaunchKernel of {self.raw.name} failed with CUresult {err} (grid {grid}, "
-                                       f"block {block}, shared {shared_mem} B); DGQ_PACKED=0 launches through CuPy")
-                return None
+                    gx, gy, gz = _dims3(grid)
+                    bx, by, bz = _dims3(block)
+                    ok = 0 < gx < 1 << 31 and 0 < gy < 1 << 16 and 0 < gz < 1 << 16 and 0 < bx * by * bz <= 1024 \
+                        and 0 <= shared_mem < 1 << 31
+                except (struct.error, AttributeError, OverflowError, TypeError, BackendError):
+                    ok = False
+                if ok and hit[1](hit[0], gx, gy, gz, bx, by, bz, shared_mem, cp.cuda.get_current_stream().ptr, None,
+                                 layout.extra) == 0:
+                    return None
         return self(grid, block, bound.build(args), shared_mem=shared_mem, cluster=cluster)
 
     def __call__(self, grid, block, args, shared_mem: int = 0, cluster=None):
