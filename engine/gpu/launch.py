@@ -286,7 +286,7 @@ class Kernel:
 
     def __init__(self, raw):
         object.__setattr__(self, "raw", raw)
-        object.__setattr__(self, "_packed", {})     # (device, layout kinds) -> (function pointer, ok)
+        object.__setattr__(self, "_packed", {})     # (device, layout kinds) -> (CUfunction, cuLaunchKernel or None)
 
     def __getattr__(self, name):
         return getattr(self.raw, name)
