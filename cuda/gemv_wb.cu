@@ -155,11 +155,17 @@ struct WbGroups {
 };
 
 template <int KIND>
+__device__ __forceinline__ void wb_load_groups_at(const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
+                                                  unsigned at, bool live, WbGroups& q) {
+    q.at = at;
+    q.s0 = live ? __ldg(scale + at) : 0u;
+    q.z0 = (KIND == WB_KIND_INT && live) ? (unsigned)__ldg(zero + at) : 0u;
+}
+
+template <int KIND>
 __device__ __forceinline__ void wb_load_groups(const unsigned* __restrict__ scale, const unsigned short* __restrict__ zero,
                                                size_t tile, int gpt, int g, bool live, WbGroups& q) {
-    q.at = (unsigned)(tile * gpt * 8 + g);
-    q.s0 = live ? __ldg(scale + q.at) : 0u;
-    q.z0 = (KIND == WB_KIND_INT && live) ? (unsigned)__ldg(zero + q.at) : 0u;
+    wb_load_groups_at<KIND>(scale, zero, (unsigned)(tile * gpt * 8 + g), live, q);
 }
 
 template <int KIND>
@@ -275,9 +281,7 @@ __device__ __forceinline__ void gemv_wb_body(const __half* __restrict__ x, const
     auto load_next = [&](unsigned (&wu)[2 * BITS], WbGroups& qu) {
         const bool live = fi < items && fk < k_hi;
         wb_load<BITS>(tiles + fw, lane, live, wu);
-        qu.at = fs;
-        qu.s0 = live ? __ldg(scale + fs) : 0u;
-        qu.z0 = (KIND == WB_KIND_INT && live) ? (unsigned)__ldg(zero + fs) : 0u;
+        wb_load_groups_at<KIND>(scale, zero, fs, live, qu);
         ++fi;
         const bool wrap = ++fk == k_lo + per;                             // (jump may be 1 too: grid 1, KT 1)
         if (wrap) fk = k_lo;

@@ -225,7 +225,7 @@ def _builder(order: tuple) -> Bound:
 _CTYPE = {conv: ctype for ctype, conv in SCALARS.items()}      # the converter's C type (any of equals)
 _ORDER: dict[tuple, tuple] = {}       # (file, expr) -> ((name, converter), ...)
 _BOUND: dict[tuple, Bound] = {}       # (file, expr, keyword names in call order) -> its Bound
-_LAUNCHES: dict[tuple, tuple] = {}    # the same key -> (kf.exprs, build, kernel function)
+_LAUNCHES: dict[tuple, tuple] = {}    # the same key -> (kf.exprs, Bound, kernel function, its launch_bound)
 _WRAP: list = []
 
 
