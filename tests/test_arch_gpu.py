@@ -289,7 +289,7 @@ def layer_plan(c: ModelConfig, li: int, phase: str) -> list[str]:
     """The launches (and recorded linear calls) of layer li: what the module docstring of
     engine/gpu/model.py promises for config c."""
     bias, sandwich = set(c.linear_bias), c.sandwich_norm
-    folded = not sandwich and not bias & {"o", "down"}                      # _fold_resid (m ≤ 16)
+    folded = not sandwich and not bias & {"o", "down"}                      # _fold_resid (m ≤ ops.gemv_max_m())
     silu_fold = folded and c.hidden_act == "silu" and not bias & {"gate", "up"}   # _fold_quant (m = 1)
     # a sandwich layer's A8W4 o and down without a bias: int32 accumulators into norm_add_rows
     o = "o:acc" if sandwich and "o" not in bias else "o"

@@ -553,6 +553,26 @@ def test_gemv_residual_add_bitexact(m, cfg):
 
 @gpu
 @needs_gpu
+def test_auto_residual_add_keeps_the_gemv():
+    """M = 12: `auto` runs wgmma on sm_90 (ops.gemv_max_m() = 8), but a residual add still runs the
+    GEMV (up to GEMM.gemv_max_m rows), bit-exactly h + float(y)."""
+    cp = _cp()
+    m, rng = 12, np.random.default_rng(12)
+    ql = random_dg(200, 576, 128, seed=m)
+    layer = ops_cuda.pack_for_gpu(ql)
+    x8 = random_x8(m, 576, seed=m)
+    sx = (rng.random(m, dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
+    y = formats.epilogue_ref(formats.gemm_a8w4_ref(x8, ql.int8_weight()), sx, ql.cscale).astype(np.float16)
+    h0 = rng.standard_normal((m, 200)).astype(np.float32)
+    h = cp.asarray(h0)
+    ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx), layer, resid=h)
+    np.testing.assert_array_equal(h.get(), h0 + y.astype(np.float32))
+    got = ops_cuda.gemm_a8w4(cp.asarray(x8), cp.asarray(sx), layer)        # auto without resid: any kernel
+    np.testing.assert_array_equal(cp.asnumpy(got), y)
+
+
+@gpu
+@needs_gpu
 def test_gemv_residual_rejects_bad_input():
     cp = _cp()
     layer = ops_cuda.pack_for_gpu(random_dg(64, 256, 128, seed=2))

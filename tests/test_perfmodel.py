@@ -374,6 +374,19 @@ def test_gemv_launch_plan_mirrors_ops(monkeypatch):
 
 
 @pytest.mark.parametrize("cc", [80, 90])
+def test_gemv_row_bound_depends_on_wgmma(monkeypatch, cc):
+    """The GEMV takes up to GEMM.gemv_max_m_wgmma rows where the wgmma GEMM runs above it (sm_90),
+    else up to GEMM.gemv_max_m (mma.sync loses to the GEMV there); the model's fold follows."""
+    monkeypatch.setattr(kernels, "device_info", lambda: dict(DEV, cc=cc))
+    bound = ops_cuda.GEMM.gemv_max_m_wgmma if cc == 90 else ops_cuda.GEMM.gemv_max_m
+    assert ops_cuda.gemv_max_m() == bound and (cc != 90 or bound < ops_cuda.GEMM.gemv_max_m)
+    assert ops_cuda.choose_kernel(bound) == "gemv"
+    assert ops_cuda.choose_kernel(bound + 1) == ("wgmma" if cc == 90 else "mma")
+    monkeypatch.setattr(ops_cuda.GEMM, "use_wgmma", False)              # sm_90 without wgmma: the old bound
+    assert ops_cuda.gemv_max_m() == ops_cuda.GEMM.gemv_max_m and ops_cuda.choose_kernel(16) == "gemv"
+
+
+@pytest.mark.parametrize("cc", [80, 90])
 def test_table_pick_mirrors_ops(monkeypatch, cc):
     monkeypatch.setattr(kernels, "device_info", lambda: dict(DEV, cc=cc))
     for m in (1, 5, 8, 9, 16, 17, 32, 33, 40, 64, 65, 300, 512, 513, 8192):

@@ -236,7 +236,7 @@ def cmd_gemm_pick(args) -> int:
     # not the --ab / --patch rows, nor the --tails ones (the table's tiles run the automatic tail)
     rows = [r for r in rows if "ms" in r and not r.get("setting") and "tail" not in (r.get("cfg") or {})]
     picks: dict = {"wgmma": {}, "gemv": {}}
-    buckets = {name: (lambda m, name=name: m > tuning.GEMM.gemv_max_m and tuning.wgmma_bucket(m) == name)
+    buckets = {name: (lambda m, name=name: m > tuning.gemv_bound(True) and tuning.wgmma_bucket(m) == name)
                for name in tuning.WGMMA_BUCKETS}
     for name, inb in buckets.items():
         cases = {(r["m"], r["k"], r["n"]) for r in rows if r["kernel"] == "wgmma" and inb(r["m"])}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from . import flags, kernels, perfmodel
 from .perfmodel import PerfModelError, config_key
-from .tuning import (GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_UNMODELED, gemv_choice, wgmma_cfg,
-                     wsm_tile)
+from .tuning import (GEMM, GEMV_CFGS, GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_UNMODELED, gemv_bound, gemv_choice,
+                     wgmma_cfg, wsm_tile)
 
 POLICIES = ("table", "learned", "exhaustive")
 OBJECTIVES = ("time", "energy")
@@ -36,7 +36,7 @@ TABLE_MARGIN = 0.05
 # the learned GEMV picks decoded the 7B-shaped model 1.5-1.9 % slower than the table's, whose
 # GEMV choices were tuned on whole decode steps (PDL overlap, fused variants), and the GEMV is the
 # family the model predicts worst (runtime R² 0.925, where configurations differ by a few per
-# cent). So the decode (M ≤ GEMM.gemv_max_m) runs the table's GEMV, and above it the model
+# cent). So the decode (M ≤ tuning.gemv_bound) runs the table's GEMV, and above it the model
 # chooses among the mma/wgmma tiles only.
 LEARN_GEMV = False
 
@@ -58,7 +58,8 @@ def gemv_mt(m: int) -> int:
 def candidates(m: int, wgmma: bool, gemv_only: bool = False, unmodeled: bool = False) -> list[tuple[str, dict]]:
     """Every configuration the learned and exhaustive choices weigh for M rows (and that
     `perf collect` times): the GEMV variants of M's token-tile bucket up to M = 32, mma.sync
-    BM × stages × (auto, no) split-K from M = 16, and on sm_90 the wgmma tiles (BT = 32 up to
+    BM × stages × (auto, no) split-K from M = 16 (on sm_90 from above the table's GEMV range,
+    tuning.gemv_bound), and on sm_90 the wgmma tiles (BT = 32 up to
     M = 32, BT = 64 up to M = 128, BT = 256 from M = 256) × (auto, no) split-K, less the tiles the
     shipped model has not timed (tuning.WGMMA_UNMODELED) unless unmodeled (the exhaustive policy
     times them too). Every pick of the table is among them, except a WPF = 0 tile of
@@ -68,7 +69,7 @@ def candidates(m: int, wgmma: bool, gemv_only: bool = False, unmodeled: bool = F
         mt = gemv_mt(m)
         out += [("gemv", {"mt": mt, "rw": rw, "u": u, "nw": 8}) for rw, u in GEMV_CFGS[mt]]
         out += [("gemv", {"mt": mt, "rw": rw, "u": u, "nw": 16}) for rw, u in GEMV_WIDE.get(mt, ())]
-    if m >= 16:
+    if m >= 16 or m > gemv_bound(wgmma):
         for bm, st in MMA_CFGS:
             for sp in (None, 1):
                 out.append(("mma", {"bm": bm, "stages": st, "splits": sp}))
@@ -88,11 +89,11 @@ def candidates(m: int, wgmma: bool, gemv_only: bool = False, unmodeled: bool = F
 def learned_candidates(m: int, wgmma: bool, gemv_only: bool = False) -> list[tuple[str, dict]]:
     """What the learned policy weighs for M rows; empty: the table decides. candidates(m) (only
     the GEMVs for a residual add, gemv_only), less the GEMV family unless LEARN_GEMV: nothing
-    where the table runs the GEMV (M ≤ GEMM.gemv_max_m, or gemv_only), no GEMV above it."""
+    where the table runs the GEMV (M ≤ gemv_bound(wgmma), or gemv_only), no GEMV above it."""
     cands = candidates(m, wgmma, gemv_only)
     if LEARN_GEMV:
         return cands
-    if gemv_only or m <= GEMM.gemv_max_m:
+    if gemv_only or m <= gemv_bound(wgmma):
         return []
     return [c for c in cands if c[0] != "gemv"]
 
@@ -102,7 +103,7 @@ def table_pick(m: int, n: int, group: int, sm_count: int, wgmma: bool, modeled: 
     wgmma_cfg), spelled out as an explicit cfg (at M = 1 it runs the dp4a GEMV, as the default);
     modeled: the table among the tiles the performance model knows (no WPF = 0 tile)."""
     rt = -(-n // 16)
-    if m <= GEMM.gemv_max_m:
+    if m <= gemv_bound(wgmma):
         mt = gemv_mt(m)
         rw, u, nw, _ = gemv_choice(m, mt, rt <= GEMM.gemv_few_tiles_per_sm * sm_count, {})
         return "gemv", {"mt": mt, "rw": rw, "u": u, "nw": nw}
@@ -231,7 +232,7 @@ def wsm_defers(m: int, wgmma: bool, gemv_only: bool = False) -> bool:
     the shipped model (tuning.WGMMA_UNMODELED) and beat every tile it knows at M = 32 to 4096 on
     the 7B linears and 8192² (H200, same process, bench/results/2026-12-04-gemm-wsm-h200.md and
     2026-12-04-gemm-wsm-mid-h200.md)."""
-    return wgmma and not gemv_only and m > GEMM.gemv_max_m and wsm_tile(m) is not None
+    return wgmma and not gemv_only and m > gemv_bound(wgmma) and wsm_tile(m) is not None
 
 
 def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None):

@@ -4,7 +4,7 @@ Per layer and step: add_rmsnorm_quant (the previous sublayer's residual add unle
 did it, RMSNorm, INT8 quantization) → fused qkv A8W4 GEMM → attention (gpu/attention.py:
 for prefill rope_qkv_cache then flash-attention; for decode one attn_decode launch: RoPE,
 cache write, flash-decoding, merge of the splits) → quant_rows → o GEMM → add_rmsnorm_quant →
-fused gate|up GEMM → silu_mul_quant → down GEMM. Up to 16 rows of an all-A8W4 model, the o and
+fused gate|up GEMM → silu_mul_quant → down GEMM. Up to ops.gemv_max_m() rows of an all-A8W4 model, the o and
 down GEMVs add their output into the residual stream themselves (_fold_resid); otherwise the
 next norm adds it, and the last layer's add happens in the final norm. In a one-token decode
 step (_fold_quant) the gate|up rows are interleaved so its GEMV epilogue writes silu(gate)·up
@@ -319,7 +319,7 @@ class CudaModel:
         """Whether the o and down GEMVs add into h themselves for m rows (every linear A8W4 and
         M small enough for the GEMV kernel): the norms after them then skip the add. Not for a
         sandwich layer (its sublayer output is normed before the add) or biases on o or down."""
-        return m <= GEMM.gemv_max_m and self._all_a8w4 and self._fold_ok
+        return m <= ops_cuda.gemv_max_m() and self._all_a8w4 and self._fold_ok
 
     def _fold_quant(self, m: int) -> bool:
         """Whether a one-token decode step drops silu_mul_quant and the absmax reductions of

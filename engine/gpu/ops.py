@@ -21,7 +21,7 @@ Public API (all arrays CuPy unless noted):
   gemv_a8w4_silu(x8, sx, layer, out, amax) -> out (1, N/2) f32 = silu(gate)·up, amax (gate|up rows
                                               interleaved by interleave_rows at load)
   sample_rows(logits, params, seq, pos, out, lens=, rows=)  out (B,) int32 ids  (sample_params packs)
-Kernels are chosen by M (`choose_kernel`): "gemv" (M ≤ 16), "wgmma" (sm_90),
+Kernels are chosen by M (`choose_kernel`): "gemv" (M ≤ 8 on sm_90, else 16: gemv_max_m), "wgmma" (sm_90),
 "mma" (any sm_80+), and their configurations by tuning.GEMM, unless gpu/choice.py's policy is
 learned or exhaustive (`_learned`; docs/PERFMODEL.md). One CUDA stream at a time may use the
 split-K workspace.
@@ -231,8 +231,13 @@ def gemv_mt(m: int) -> int:
     return 1 if m <= 8 else 2 if m <= 16 else 4
 
 
+def gemv_max_m() -> int:
+    """The most rows `auto` runs on the GEMV on this device (tuning.gemv_bound)."""
+    return tuning.gemv_bound(has_wgmma())
+
+
 def choose_kernel(m: int) -> str:
-    if m <= GEMM.gemv_max_m:
+    if m <= gemv_max_m():
         return "gemv"
     if GEMM.use_wgmma and has_wgmma():
         return "wgmma"
@@ -474,7 +479,8 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
                 and resid.flags.c_contiguous):
             raise CudaOpError(f"resid must be a C-contiguous ({m}, {n}) float32 CuPy array")
         kernel, cfg = _learned(x8, sx, layer, kernel, cfg, out_i32, True)
-        kernel = choose_kernel(m) if kernel == "auto" else kernel
+        # the GEMV up to GEMM.gemv_max_m rows even where `auto` runs wgmma from fewer (gemv_max_m())
+        kernel = ("gemv" if m <= GEMM.gemv_max_m else choose_kernel(m)) if kernel == "auto" else kernel
         if kernel != "gemv":
             raise CudaOpError(f"the residual add runs in the GEMV kernel (M ≤ {GEMM.gemv_max_m}), not for M={m}")
         out = resid                              # a valid pointer: with resid the kernel writes only resid

@@ -315,7 +315,14 @@ class GemmTuning:
     (H200 sweep of 2026-12-03, bench/results/2026-12-03-gemm-small-m-h200.md); the bench table of that run
     used exactly them. wgmma buckets by M (wgmma_bucket): tiny ≤ wgmma_bounds[0] < small ≤
     wgmma_bounds[1] < mid ≤ wgmma_bounds[2] < large."""
-    gemv_max_m: int = 16                                 # M at or below this runs the GEMV
+    gemv_max_m: int = 16                                 # M at or below this runs the GEMV (no wgmma: sm_80/89)
+    # ... and where the wgmma GEMM runs (sm_90): from 9 rows its 32-token tile beats the GEMV, whose
+    # second token tile (MT = 2) costs as much as the first. H200, same process, µs at M = 12 / 16
+    # (GEMV → wgmma): q|k|v 24.2 → 18.4 / 25.1 → 18.5, gate|up 33.3 → 26.1 / 34.9 → 26.4, o 13.6 →
+    # 12.9 / 14.0 → 12.8, down 24.9 → 20.1 / 25.4 → 20.3; at M = 8 the GEMV still wins (17.4 against
+    # 18.3 for q|k|v); 7B batch-16 decode +14-22 % (`e2e --ab gemv_max_m_wgmma=16` times the old cut;
+    # bench/results/2026-12-04-gemv-cut-h200.md)
+    gemv_max_m_wgmma: int = 8
     gemv: dict = field(default_factory=lambda: {1: GemvCfg(1, 2), 2: GemvCfg(4, 2), 4: GemvCfg(2, 2)})
     # with at most gemv_few_tiles_per_sm row tiles per SM (N = 4096: 256 tiles) a block runs
     # gemv_few: more bytes in flight per warp beats occupancy there (2026-11-25 H100 sweep,
@@ -430,6 +437,12 @@ def gemv_targs(mt: int, rw: int, u: int, nw: int, dp: bool, out_i32: bool = Fals
     instantiates and launches it (gpu/perfmodel.py mirrors the launches)."""
     tail = f",{nw},true" if dp else "" if nw == 8 else f",{nw}"
     return f"{mt},{rw},{u},{'true' if out_i32 else 'false'},{'true' if silu else 'false'}{tail}"
+
+
+def gemv_bound(wgmma: bool) -> int:
+    """The most rows the table runs on the A8W4 GEMV: GEMM.gemv_max_m_wgmma where the wgmma GEMM
+    takes the rows above (sm_90 and GEMM.use_wgmma), else GEMM.gemv_max_m."""
+    return GEMM.gemv_max_m_wgmma if wgmma and GEMM.use_wgmma else GEMM.gemv_max_m
 
 
 def gemv_choice(m: int, mt: int, few: bool, cfg: dict) -> tuple[int, int, int, bool]:
