@@ -153,7 +153,7 @@ def test_gemm_tune_variants_reach_the_tables_tiles():
     saved = gemm.ops_cuda.has_wgmma
     gemm.ops_cuda.has_wgmma = lambda: True
     try:
-        for m in (17, 32, 64, 65, 128, 129, 200, 256, 512, 1024):
+        for m in (9, 12, 17, 32, 64, 65, 128, 129, 200, 256, 512, 1024):
             tiles = {(c["bt"], c["stages"], c["nwg"], c["wpf"], c["ovl"]) for k, c in gemm._variants(m) if k == "wgmma"}
             assert tuning.wgmma_cfg(m).tile in tiles and tuning.GEMM.wgmma[tuning.wgmma_bucket(m)].tile in tiles
             assert all(bt >= m or bt >= 64 for bt, *_ in tiles)

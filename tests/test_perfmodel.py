@@ -794,6 +794,20 @@ def test_learned_policy_leaves_the_wsm_buckets_to_the_table(fake_device, fitted,
     assert not choice.wsm_defers(24, True, gemv_only=True)
 
 
+def test_pick_memo_follows_the_gemv_row_bound(fake_device, monkeypatch):
+    """A pick is memoised per GEMV row bound (e2e --ab gemv_max_m_wgmma=16 in one process): at M = 12
+    the exhaustive choice weighs the tiles under bound 8 and only GEMVs under bound 16, and neither
+    answer survives into the other setting."""
+    choice.configure("exhaustive", "time", "")
+    timer = lambda kern, cfg: 1.0 if kern == "wgmma" else 2.0           # noqa: E731
+    monkeypatch.setattr(tuning.GEMM, "gemv_max_m_wgmma", 8)
+    assert choice.pick(12, 4096, 4096, 128, timer=timer)[0] == "wgmma"
+    monkeypatch.setattr(tuning.GEMM, "gemv_max_m_wgmma", 16)
+    assert choice.pick(12, 4096, 4096, 128, timer=timer)[0] == "gemv"
+    monkeypatch.setattr(tuning.GEMM, "gemv_max_m_wgmma", 8)
+    assert choice.pick(12, 4096, 4096, 128, timer=None)[0] == "wgmma"    # memoised, its own bound
+
+
 def test_exhaustive_policy_times_the_wpf0_tiles_too(fake_device, monkeypatch):
     """The exhaustive choice weighs every instantiated tile, the WPF = 0 ones the model has not
     timed included (choice.candidates unmodeled): with a timer that makes one of them fastest it

@@ -323,7 +323,7 @@ def _variants(m, splits=(), tails=(), tiles=None):
         mt = 1 if m <= 8 else 2 if m <= 16 else 4
         v += [("gemv", {"mt": mt, "rw": rw, "u": u}) for rw, u in ops_cuda.GEMV_CFGS[mt]]
         v += [("gemv", {"mt": mt, "rw": rw, "u": u, "nw": 16}) for rw, u in ops_cuda.GEMV_WIDE.get(mt, ())]
-    if m >= 16:
+    if m >= 16 or m > tuning.gemv_bound(ops_cuda.has_wgmma()):     # above the table's GEMV rows too
         for bm in ((64, 128) if m <= 256 else (128,)):
             for sp in ((1, 0) if m <= 256 else (1,)):
                 v.append(("mma", {"bm": bm, "splits": sp or None}))

@@ -238,14 +238,15 @@ def wsm_defers(m: int, wgmma: bool, gemv_only: bool = False) -> bool:
 def pick(m: int, n: int, k: int, group: int, gemv_only: bool = False, timer=None):
     """(kernel, cfg) for an A8W4 GEMM, or None for the table's choice. gemv_only: the call
     needs the GEMV (a residual add). timer(kernel, cfg) -> ms times one candidate (exhaustive)."""
-    key = (m, n, k, group, gemv_only, wsm_tile(m))     # a change of the WPF = 0 table is a new pick
+    info = kernels.device_info()
+    wgmma = info["cc"] == 90 and GEMM.use_wgmma
+    # a change of the WPF = 0 table, of use_wgmma or of the GEMV's row bound (e2e --ab) is a new pick
+    key = (m, n, k, group, gemv_only, wsm_tile(m), wgmma, gemv_bound(wgmma))
     hit = STATE.memo.get(key)
     if hit is not None:
         return hit[0]
     if (STATE.policy or resolve()) == "table":
         return None
-    info = kernels.device_info()
-    wgmma = info["cc"] == 90 and GEMM.use_wgmma
     if STATE.policy == "learned" and wsm_defers(m, wgmma, gemv_only):
         STATE.memo[key] = (None,)
         return None
