@@ -91,7 +91,8 @@ def test_ab_reaches_the_weight_only_tuning_too():
 
 
 @pytest.mark.parametrize("prefix,obj,field,value", [("rows.", "ROWS", "act_per", 32),
-                                                     ("prefill.", "PREFILL", "graphs", 0)])
+                                                     ("prefill.", "PREFILL", "graphs", 0),
+                                                     ("decode.", "DECODE", "gqa_wave_fit", 1)])
 def test_ab_reaches_the_row_kernels_and_captured_prefills(prefix, obj, field, value):
     """--ab rows.FIELD (tuning.ROWS) and prefill.FIELD (tuning.PREFILL): parsed, refused for an
     unknown field, set inside the variant and restored after."""

@@ -81,6 +81,19 @@ def test_gqa_splits_policy():
     assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 2, 166) == 12
     assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 2, 172) == 8
     assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 0, 168) == 8
+    # DECODE.gqa_wave_fit (off by default): with more units than slots (264), two splits where that
+    # leaves fewer waves a unit's work (batch 12: 384 units, 2 waves at one split, 3 for twice the
+    # blocks), else one
+    saved = tuning.DECODE.gqa_wave_fit
+    try:
+        tuning.DECODE.gqa_wave_fit = True
+        for b, want in ((9, 2), (12, 2), (13, 1), (16, 1), (20, 2), (24, 1), (32, 1)):
+            assert attention.gqa_splits(b, 32, 32, 128, False, 129, 132, sm) == want, b
+            assert attention.gqa_splits(b, 32, 32, 128, False, 1, 132, sm) == 1        # the scratch holds one
+        tuning.DECODE.gqa_wave_fit = False
+        assert attention.gqa_splits(12, 32, 32, 128, False, 129, 132, sm) == 1
+    finally:
+        tuning.DECODE.gqa_wave_fit = saved
     for b in (1, 2, 8, 32):
         for hq, hkv in ((32, 32), (32, 8), (9, 3), (64, 4)):
             ns = attention.gqa_splits(b, hq, hkv, 128, False, 1 << 20, 132, sm)

@@ -178,8 +178,9 @@ def main(argv=None) -> int:
     e.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
                    help="with --context: the context table again with these settings; else a batch-1 decode "
                    "row (and its per-launch profile) and prefill rows with these "
-                   "tuning.GEMM fields (or wb.FIELD of tuning.WB_TUNE, also on the PoT rows, or rows.FIELD of "
-                   "tuning.ROWS) set, beside the default's, where the step runs with PDL (sm_90); repeatable, "
+                   "tuning.GEMM fields (or wb.FIELD of tuning.WB_TUNE, also on the PoT rows, rows.FIELD of "
+                   "tuning.ROWS, prefill.FIELD of tuning.PREFILL or decode.FIELD of tuning.DECODE) set, beside the "
+                   "default's, where the step runs with PDL (sm_90); repeatable, "
                    "e.g. --ab gemv_dp4a=0 --ab wb.resident=0 --ab rows.act_per=32")
     e.add_argument("--patch", metavar="FILE.json",
                    help="the same A/B rows (with --context: the context table again) for kernels compiled from "

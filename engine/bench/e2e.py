@@ -24,7 +24,7 @@ FIELD=INT with tuning.GEMM fields set (e.g. gemv_dp_u=4), each in the same proce
 
 A/B rows beside the default's, in the same process (batch-1 decode with its per-launch profile,
 and each prefill length): --prefetch (the L2 prefetch), --ab (tuning.GEMM fields; wb.FIELD,
-rows.FIELD, prefill.FIELD), --patch
+rows.FIELD, prefill.FIELD, decode.FIELD), --patch
 FILE.json (kernels compiled from edited source: kargs.patched; bench/patches/; its rows also
 for the W<b>-PoT models' batch-1 decode).
 """
@@ -46,7 +46,7 @@ import numpy as np
 from .. import formats
 from ..formats import pot
 from ..gpu import kargs, launch
-from ..gpu.tuning import GEMM, PREFETCH, PREFILL, ROWS, WB_TUNE
+from ..gpu.tuning import DECODE, GEMM, PREFETCH, PREFILL, ROWS, WB_TUNE
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
@@ -337,9 +337,9 @@ def read_patches(path) -> list:
     return out
 
 
-# --ab FIELD (tuning.GEMM), wb.FIELD (tuning.WB_TUNE), rows.FIELD (tuning.ROWS, the row kernels) or
-# prefill.FIELD (tuning.PREFILL, captured prefills)
-AB_OBJECTS = {"": GEMM, "wb.": WB_TUNE, "rows.": ROWS, "prefill.": PREFILL}
+# --ab FIELD (tuning.GEMM), wb.FIELD (tuning.WB_TUNE), rows.FIELD (tuning.ROWS, the row kernels),
+# prefill.FIELD (tuning.PREFILL, captured prefills) or decode.FIELD (tuning.DECODE)
+AB_OBJECTS = {"": GEMM, "wb.": WB_TUNE, "rows.": ROWS, "prefill.": PREFILL, "decode.": DECODE}
 
 
 def _ab_target(key: str) -> tuple[str, str]:
@@ -369,8 +369,8 @@ def _ab_setting(d: dict):
 def parse_ab(item: str) -> dict:
     """"gemv_dp4a=1,gemv_dp_u=4" -> {"gemv_dp4a": True, "gemv_dp_u": 4}: integer or
     boolean fields of tuning.GEMM, of tuning.WB_TUNE as wb.FIELD (e.g. wb.resident=0), of
-    tuning.ROWS as rows.FIELD (e.g. rows.act_per=32), or of tuning.PREFILL as prefill.FIELD
-    (prefill.graphs=0: eager prefills)."""
+    tuning.ROWS as rows.FIELD (e.g. rows.act_per=32), of tuning.PREFILL as prefill.FIELD
+    (prefill.graphs=0: eager prefills), or of tuning.DECODE as decode.FIELD (decode.gqa_wave_fit=0)."""
     out = {}
     for kv in filter(None, (t.strip() for t in item.split(","))):
         k, _, v = kv.partition("=")
@@ -378,7 +378,8 @@ def parse_ab(item: str) -> dict:
         cur = getattr(AB_OBJECTS[prefix], name, None)
         if not isinstance(cur, int) or not re.fullmatch(r"-?\d+", v.strip()):
             raise ValueError(f"--ab: {kv!r} is not FIELD=INTEGER for an integer or boolean field of tuning.GEMM "
-                             "(or wb.FIELD of tuning.WB_TUNE, rows.FIELD of tuning.ROWS, prefill.FIELD of tuning.PREFILL)")
+                             "(or wb.FIELD of tuning.WB_TUNE, rows.FIELD of tuning.ROWS, prefill.FIELD of tuning.PREFILL, "
+                             "decode.FIELD of tuning.DECODE)")
         out[k] = bool(int(v)) if isinstance(cur, bool) else int(v)
     if not out:
         raise ValueError(f"--ab: no setting in {item!r}")

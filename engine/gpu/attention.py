@@ -30,7 +30,7 @@ import numpy as np
 
 from . import flags, kargs, kernels
 from .backend import BackendError
-from .tuning import ATTENTION
+from .tuning import ATTENTION, DECODE
 
 
 GQA_STAGES = (0, 2)        # attn_decode_gqa's ST instantiations at the narrow head sizes (0: automatic)
@@ -262,7 +262,11 @@ def gqa_splits(batch: int, hq: int, hkv: int, d: int, kv8: bool, nsplit: int, sm
     if regs_per_thread:
         per_sm = max(1, min(per_sm, 65536 // (-(-regs_per_thread // 8) * 8 * ATTENTION.threads)))   # 8-register units
     units = batch * hkv * gqa_groups(hq, hkv)
-    ns = ATTENTION.gqa_waves * sms * per_sm // units
+    slots = ATTENTION.gqa_waves * sms * per_sm
+    ns = slots // units
+    if ns <= 1 and DECODE.gqa_wave_fit and min(ATTENTION.gqa_max_splits, nsplit) >= 2 \
+            and -(-2 * units // slots) < 2 * -(-units // slots):
+        ns = 2      # more units than slots: two splits a unit where that leaves fewer waves a unit's work
     return int(max(1, min(ns, ATTENTION.gqa_max_splits, nsplit)))
 
 
@@ -274,7 +278,8 @@ def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict, window: int = 
     kv8 = kc.dtype.itemsize == 1
     sw = window > 0
     st = 0 if _wide(d) else ATTENTION.gqa_stages       # wide heads: the automatic ring only (ring_depth checks st)
-    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit, sw, st, kernels.EDITS)   # EDITS: kargs.patched
+    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit, sw, st, kernels.EDITS,   # EDITS: kargs.patched
+           DECODE.gqa_wave_fit, ATTENTION.gqa_waves)
     hit = _GQA_LAUNCH.get(key)
     if hit is None:
         info = kernels.device_info()

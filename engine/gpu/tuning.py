@@ -149,6 +149,12 @@ ATTENTION = AttentionShape()
 class DecodeTuning:
     # one-token steps: SiLU in the gate|up GEMV, no absmax reductions (gpu/model.py fold_quant)
     fold_quant: bool = True
+    # attn_decode_gqa with more (sequence, kv head) units than block slots (one split each, so
+    # several waves): two splits a unit where that takes fewer waves per unit of work. Off: measured
+    # mixed (H200, Llama-2-7B, batches 10/12/20, one process): fp16 K/V at 4096 positions +5-11 %
+    # tok/s, at 1024 -3 to +2 %, INT8 K/V -3 to -13 % (bench/results/2026-12-04-gemv-cut-h200.md;
+    # `e2e --ab decode.gqa_wave_fit=1` times it)
+    gqa_wave_fit: bool = False
 
 
 DECODE = DecodeTuning()
