@@ -257,7 +257,8 @@ def gqa_splits(batch: int, hq: int, hkv: int, d: int, kv8: bool, nsplit: int, sm
     Fixed for the capacity and batch (the graph of the step is captured once); the kernel divides
     the keys it finds among them, so a short sequence leaves the later splits empty. st: the ring
     depth (GqLayout ST); regs_per_thread (the compiled kernel's, when known) caps the blocks an SM
-    holds by its 64 K registers as well as by its shared memory."""
+    holds by its 64 K registers as well as by its shared memory. With tuning.DECODE.gqa_wave_fit
+    (off), two splits where one split a unit leaves more waves per unit of work."""
     per_sm = max(1, smem_sm // (gqa_smem(d, kv8, st) + GQA_STATIC_SMEM))
     if regs_per_thread:
         per_sm = max(1, min(per_sm, 65536 // (-(-regs_per_thread // 8) * 8 * ATTENTION.threads)))   # 8-register units
