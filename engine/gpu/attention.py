@@ -306,4 +306,5 @@ def _gqa_file(d: int, sw: bool, st: int = 0) -> kargs.KernelFile:
     return ATTN_WIDE if _wide(d) else ATTN_STAGES if st else ATTN_FAMILY if sw else ATTN
 
 
-_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed, ST, edits) -> (cache type, grid, shared memory)
+_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed, ST, edits, wave_fit, gqa_waves)
+                            # -> (cache type, grid, shared memory)

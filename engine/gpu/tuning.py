@@ -153,7 +153,7 @@ class DecodeTuning:
     # several waves): two splits a unit where that takes fewer waves per unit of work. Off: measured
     # mixed (H200, Llama-2-7B, batches 10/12/20, one process): fp16 K/V at 4096 positions +5-11 %
     # tok/s, at 1024 -3 to +2 %, INT8 K/V -3 to -13 % (bench/results/2026-12-04-gemv-cut-h200.md;
-    # `e2e --ab decode.gqa_wave_fit=1` times it)
+    # `e2e --context 1024,4096 --batches 10,12,20 --ab decode.gqa_wave_fit=1` times it)
     gqa_wave_fit: bool = False
 
 
@@ -326,8 +326,8 @@ class GemmTuning:
     # second token tile (MT = 2) costs as much as the first. H200, same process, µs at M = 12 / 16
     # (GEMV → wgmma): q|k|v 24.2 → 18.4 / 25.1 → 18.5, gate|up 33.3 → 26.1 / 34.9 → 26.4, o 13.6 →
     # 12.9 / 14.0 → 12.8, down 24.9 → 20.1 / 25.4 → 20.3; at M = 8 the GEMV still wins (17.4 against
-    # 18.3 for q|k|v); 7B batch-16 decode +14-22 % (`e2e --ab gemv_max_m_wgmma=16` times the old cut;
-    # bench/results/2026-12-04-gemv-cut-h200.md)
+    # 18.3 for q|k|v); 7B batch-16 decode +14-22 % (`e2e --context 128,1024 --batches 12,16 --ab
+    # gemv_max_m_wgmma=16` times the old cut; bench/results/2026-12-04-gemv-cut-h200.md)
     gemv_max_m_wgmma: int = 8
     gemv: dict = field(default_factory=lambda: {1: GemvCfg(1, 2), 2: GemvCfg(4, 2), 4: GemvCfg(2, 2)})
     # with at most gemv_few_tiles_per_sm row tiles per SM (N = 4096: 256 tiles) a block runs
