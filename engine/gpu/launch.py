@@ -302,7 +302,7 @@ class Kernel:
         limits, and any launch the driver refuses (no context current in this thread yet, too
         much shared memory, an earlier kernel's fault), so that CuPy's launch sets the context up
         or raises its own error."""
-        if cluster is None and not _STATE.get("capturing") and _STATE.get("packed", flags.PACKED):
+        if cluster is None and not _STATE.get("capturing") and packed_enabled():
             cp = cupy_or_none()
             dev = cp.cuda.runtime.getDevice()
             layout = bound.layout

@@ -480,7 +480,7 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
             raise CudaOpError(f"resid must be a C-contiguous ({m}, {n}) float32 CuPy array")
         kernel, cfg = _learned(x8, sx, layer, kernel, cfg, out_i32, True)
         # the GEMV up to GEMM.gemv_max_m rows even where `auto` runs wgmma from fewer (gemv_max_m())
-        kernel = ("gemv" if m <= GEMM.gemv_max_m else choose_kernel(m)) if kernel == "auto" else kernel
+        kernel = "gemv" if kernel == "auto" and m <= GEMM.gemv_max_m else kernel
         if kernel != "gemv":
             raise CudaOpError(f"the residual add runs in the GEMV kernel (M ≤ {GEMM.gemv_max_m}), not for M={m}")
         out = resid                              # a valid pointer: with resid the kernel writes only resid
