@@ -19,7 +19,8 @@ reads whatever its slot holds: the K/V codes alone, for timing only). Each patch
 rather than measuring something else. --splits: the engine's launcher with other split counts
 (tuning.ATTENTION.gqa_waves, gqa_max_splits) and ring depths. --file NAME=PATH (repeatable): one
 more variant compiled from another attention.cu (e.g. `git show REV:cuda/attention.cu > PATH`;
-its includes come from cuda/), to compare a kernel change in one process. One JSON line per row: µs a launch
+its includes come from cuda/), to compare a kernel change in one process; --patch FILE.json
+(repeatable): one more variant per item of an `e2e --patch` file (bench/patches/attn-quad.json). One JSON line per row: µs a launch
 (median of alternating rounds) and GB/s of the K/V bytes read. docs/KERNELS.md cites the H200 run.
 """
 import argparse
@@ -144,8 +145,28 @@ def layout_of(src: str) -> str:
     return src[i:src.find("};", i)] if i >= 0 else ""
 
 
-def run_variants(cp, attention, kernels, contexts, names, files=(), batch: int = 1):
+def patched_variants(kernels, src: str, path) -> dict:
+    """name -> attention.cu's inlined source with a --patch FILE.json item's edits applied (the
+    file format of `python -m engine.bench e2e --patch`; edits of other files are refused here)."""
+    from engine.bench.e2e import read_patches  # noqa: PLC0415
+    out = {}
+    for name, edits, ab in read_patches(path):
+        others = sorted({e[0] for e in edits} - {"attention.cu"})
+        if others or ab:
+            raise SystemExit(f"--patch {path}: item {name!r} edits {others or 'settings'}; this bench "
+                             "times attn_decode_gqa from cuda/attention.cu alone")
+        out[name] = kernels.apply_edits("attention.cu", src, edits)
+    return out
+
+
+def run_variants(cp, attention, kernels, contexts, names, files=(), batch: int = 1, patches=()):
     srcs = variants(kernels.source("attention.cu"))
+    for path in patches:
+        for name, code in patched_variants(kernels, srcs["base"], path).items():
+            if name in srcs:
+                raise SystemExit(f"--patch {path}: variant {name!r} exists already")
+            srcs[name] = code
+            names = [*names, name]
     for spec in files:
         name, _, path = spec.partition("=")
         if not path or name in srcs:
@@ -223,6 +244,9 @@ def main():
     ap.add_argument("--variants", default="base,cg,ringonly,mathonly,noloop,nokeys,nokeys_nomerge,launchonly")
     ap.add_argument("--file", action="append", default=[], metavar="NAME=PATH",
                     help="one more variant: attention.cu from PATH (its includes from cuda/)")
+    ap.add_argument("--patch", action="append", default=[], metavar="FILE.json",
+                    help="one more variant per item of an `e2e --patch` file that edits attention.cu "
+                         "(e.g. bench/patches/attn-quad.json)")
     ap.add_argument("--splits", action="store_true", help="the split-count and ring-depth sweep instead")
     ap.add_argument("--batch", type=int, default=1, help="sequences a launch (each of the context's length)")
     a = ap.parse_args()
@@ -234,7 +258,7 @@ def main():
     else:
         if a.batch < 1:
             raise SystemExit(f"--batch must be at least 1, got {a.batch}")
-        run_variants(cp, attention, kernels, contexts, a.variants.split(","), a.file, a.batch)
+        run_variants(cp, attention, kernels, contexts, a.variants.split(","), a.file, a.batch, a.patch)
 
 
 if __name__ == "__main__":

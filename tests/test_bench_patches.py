@@ -38,6 +38,24 @@ def test_attn_decode_ablate_variants_apply_to_todays_attention():
     assert all(v != src for v in variants.values()), [k for k, v in variants.items() if v == src]
 
 
+def test_attn_decode_ablate_takes_e2e_patch_files():
+    """bench/attn_decode_ablate.py --patch: each item of bench/patches/attn-quad.json becomes a
+    variant of today's attention.cu whose shared-memory layout (GqLayout, which the bench sizes
+    from today's source) is unchanged; a patch of another file is refused before any GPU time."""
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    import attn_decode_ablate
+    src = kernels.source("attention.cu")
+    got = attn_decode_ablate.patched_variants(kernels, src, ROOT / "bench" / "patches" / "attn-quad.json")
+    assert set(got) == {"quad", "quad-kv8-bias"}
+    for name, code in got.items():
+        assert code != src and "mma_f16_quad" in code, name
+        assert attn_decode_ablate.layout_of(code) == attn_decode_ablate.layout_of(src), name
+    assert "i8x4_h2b" in got["quad-kv8-bias"] and "i8x4_h2b" not in got["quad"]
+    with pytest.raises(SystemExit, match="attention.cu alone"):
+        attn_decode_ablate.patched_variants(kernels, src, ROOT / "bench" / "patches" / "loads.json")
+
+
 def test_apply_edits_replaces_every_occurrence_of_its_file_only():
     code = "a x b x"
     assert kernels.apply_edits("f.cu", code, [("f.cu", "x", "y"), ("g.cu", "a", "z")]) == "a y b y"
