@@ -306,6 +306,27 @@ def test_tiny_gguf_roundtrip_undoes_the_qk_permutation(tmp_path):
     assert got.chat_template == ck.chat_template
 
 
+def test_plain_gguf_reader_parses_what_ggufs_own_does(tmp_path):
+    """gguf_file._plain_reader (gguf's reader over an ndarray view of its map, 3× faster) gives the
+    same fields and tensors as gguf.GGUFReader, and no memmap slices."""
+    gguf = pytest.importorskip("gguf")
+    from engine.io.gguf_file import _plain_reader
+    ck = make_tiny_checkpoint(tmp_path / "m", seed=6)
+    p = tmp_path / "tiny.gguf"
+    write_tiny_gguf(p, ck, qtypes={"ffn_up": gguf.GGMLQuantizationType.Q8_0,
+                                   "ffn_gate": gguf.GGMLQuantizationType.Q4_1})
+    want, got = gguf.GGUFReader(p), _plain_reader(gguf)(p)
+    assert type(got.data) is np.ndarray and not isinstance(got.tensors[0].data, np.memmap)
+    assert list(got.fields) == list(want.fields)
+    for k, f in want.fields.items():
+        g = got.fields[k]
+        assert (g.offset, g.name, g.types, g.data) == (f.offset, f.name, f.types, f.data), k
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(g.parts, f.parts)), k
+    assert [(t.name, t.tensor_type, int(t.data_offset), t.data.shape) for t in got.tensors] == \
+           [(t.name, t.tensor_type, int(t.data_offset), t.data.shape) for t in want.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(got.tensors, want.tensors))
+
+
 def test_tiny_gguf_tied(tmp_path):
     pytest.importorskip("gguf")
     ck = make_tiny_checkpoint(tmp_path / "m", tie=True)
