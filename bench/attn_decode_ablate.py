@@ -150,12 +150,19 @@ def patched_variants(kernels, src: str, path) -> dict:
     file format of `python -m engine.bench e2e --patch`; edits of other files are refused here)."""
     from engine.bench.e2e import read_patches  # noqa: PLC0415
     out = {}
-    for name, edits, ab in read_patches(path):
+    try:
+        items = read_patches(path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    for name, edits, ab in items:
         others = sorted({e[0] for e in edits} - {"attention.cu"})
         if others or ab:
             raise SystemExit(f"--patch {path}: item {name!r} edits {others or 'settings'}; this bench "
                              "times attn_decode_gqa from cuda/attention.cu alone")
         out[name] = kernels.apply_edits("attention.cu", src, edits)
+        if layout_of(out[name]) != layout_of(src):        # shared memory is sized for today's layout
+            raise SystemExit(f"--patch {path}: item {name!r} changes GqLayout; this bench sizes shared memory "
+                             "for today's (gpu/attention.py gqa_smem)")
     return out
 
 

@@ -56,6 +56,36 @@ def test_attn_decode_ablate_takes_e2e_patch_files():
         attn_decode_ablate.patched_variants(kernels, src, ROOT / "bench" / "patches" / "loads.json")
 
 
+def test_session_compiles_the_patch_dgq_test_patch_names():
+    """tests/conftest.py: under DGQ_TEST_PATCH=FILE.json:NAME every kernel of the session compiles
+    from that item's edited source; unset, from the landed source."""
+    import os
+    spec = os.environ.get("DGQ_TEST_PATCH", "")
+    if not spec:
+        assert kernels.EDITS == ()
+        return
+    path, _, name = spec.rpartition(":")
+    want = next(edits for n, edits, _ab in read_patches(path) if n == name)
+    assert tuple(kernels.EDITS[-len(want):]) == tuple(want)
+
+
+@pytest.mark.parametrize("spec, ok", [("bench/patches/attn-quad.json:quad", True),
+                                      ("bench/patches/attn-quad.json:nope", False),
+                                      ("bench/patches/missing.json:quad", False)])
+def test_dgq_test_patch_runs_a_session_on_a_patch_item(spec, ok):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "DGQ_TEST_PATCH": spec}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_bench_patches.py::test_session_compiles_the_patch_dgq_test_patch_names"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout + r.stderr
+    else:
+        assert r.returncode != 0 and "DGQ_TEST_PATCH" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 def test_apply_edits_replaces_every_occurrence_of_its_file_only():
     code = "a x b x"
     assert kernels.apply_edits("f.cu", code, [("f.cu", "x", "y"), ("g.cu", "a", "z")]) == "a y b y"

@@ -191,6 +191,44 @@ def test_decode_kernels_match_reference(d, kv8, batch):
 
 
 @pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
+@pytest.mark.parametrize("rep", [1, 4])
+def test_decode_kernels_with_a_dominant_key(rep, kv8):
+    """A peaked softmax, which random q and k never give: in each sequence two keys a kv head
+    (positions 0 and n // 3, like an attention sink) score 12 above the rest for the group's first
+    query head, so almost all of its weight sits on two keys and the others' P are tiny, down to
+    fp16 subnormals. Bound 2^-10·max|v| (the output's own fp16 rounding is at most half that): a
+    kernel whose P·V or bias terms lose 10^-3 of max|v| fails here where the flat cases pass."""
+    import cupy as cp
+    d, lens, cap = 128, [4096, 1000, 65], 4096
+    base = cache_case(d, kv8, lens, cap)
+    c = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in base.items()}
+    _CASES.clear()
+    b, hq = len(lens), HKV * rep
+    rng = np.random.default_rng(rep)                                   # check_case's q (seed 0)
+    q = (2 * rng.standard_normal((b, hq, d), dtype=np.float32)).astype(np.float16)
+    for i, n in enumerate(lens):
+        q16 = rope_f64(q[i], n - 1, c["cos_t"], c["sin_t"])             # (Hq, D), as the kernels rotate it
+        for j in (0, (n - 1) // 3):
+            rows = np.stack([q16[h * rep] * (12.0 * np.sqrt(d) / np.sum(q16[h * rep] ** 2)) for h in range(HKV)])
+            if kv8:
+                k8, ks = quantize_kv_ref(rows.astype(np.float32))
+                c["k"][i, j], c["ks"][i, j] = k8, ks
+                c["kref"][i, j] = k8.astype(np.float32) * ks[..., None]
+            else:
+                c["k"][i, j] = rows.astype(np.float16)
+                c["kref"][i, j] = c["k"][i, j].astype(np.float32)
+    for kernel in KERNELS:
+        got = check_case(cp, c, kernel, rep, d, kv8).astype(np.float64)
+        q16 = np.stack([rope_f64(q[i], n - 1, c["cos_t"], c["sin_t"]) for i, n in enumerate(lens)]).astype(np.float16)
+        ref = reference(c, q16)
+        for i, n in enumerate(lens):
+            vmax = np.abs(c["vref"][i, :n]).max()
+            lead = np.arange(HKV) * rep * d                                # each group's first head
+            cols = (lead[:, None] + np.arange(d)).ravel()
+            assert np.abs(got[i, cols] - ref[i, cols]).max() <= 2.0 ** -10 * vmax, (kernel, i)
+
+
+@pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
 @pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)], ids=["llama2-7b", "llama3-8b"])
 def test_decode_kernels_at_7b_shapes(hq, hkv, kv8):
     """The benchmarked shapes themselves: 32 query heads of D 128 on 32 or 8 kv heads, one

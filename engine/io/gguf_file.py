@@ -196,7 +196,7 @@ def _plain_reader(gguf):
 
         @data.setter
         def data(self, mm):
-            self._plain = mm.view(np.ndarray)
+            self._plain = mm.view(np.ndarray) if isinstance(mm, np.ndarray) else mm
     return PlainReader
 
 
