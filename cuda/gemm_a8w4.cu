@@ -279,6 +279,151 @@ __global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW
     }
 }
 
+// gemm_a8w4_gemv_res<U, SILU, NW>: the dp4a GEMV of one token (gemm_a8w4_gemv<1, 1, U, false, SILU,
+// NW, true>: the same chunks, arithmetic, reduction and epilogues, bit for bit) on a grid of no more
+// blocks than the GPU holds at once (gpu/ops.py gemv_res_grid). Block b takes row tiles b, b + gridDim.x,
+// ...; a warp walks its batches of U chunks through them in one sequence, so its two register batches
+// run on from one row tile into the next (the next tile's first loads are in flight during this tile's
+// reduction) where a grid of one block a row tile starts every block past the first wave cold: the
+// q|k|v (768 row tiles) and gate|up (1376) GEMVs of a 7B batch-1 step are 1.5 and 2.6 waves of 528
+// resident blocks. The warps meet once a row tile, in a double-buffered reduction buffer (as
+// gemv_wb.cu's GEMV, whose resident grid measured 15 % faster at M = 1, docs/KERNELS.md).
+template <int U, bool SILU, int NW>
+__global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW : 0) gemm_a8w4_gemv_res(
+    const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
+    const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
+    int M, int N, int R, int C, int Gp, int gshift, int ldx, float* __restrict__ resid,
+    unsigned* __restrict__ amax_out) {
+    __shared__ int red[2][NW][4][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    constexpr int SPAN = NW * U;                           // chunks one batch of every warp covers
+    const int pairs = (C + 2 * SPAN - 1) / (2 * SPAN);     // batch pairs a row tile (b0, b1 alike in each)
+    const int tiles = (R - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;   // this block's row tiles
+    const i8* xb0 = x8 + 4 * t;                            // token 0 at this lane's k positions
+
+    int acc[4] = {0, 0, 0, 0};
+    // The load cursor: the row tile (its place lt in this block's sequence, its weights at wp and meta
+    // at mp) and first chunk lc of the batch a register batch takes next; past the tile's last pair it
+    // moves gridDim.x row tiles on (pointers advanced, not recomputed: no 64-bit multiply a load).
+    int lt = 0, lc = warp;
+    const u32x4* wp = qw + (size_t)blockIdx.x * C * 32 + lane;
+    const u32* mp = meta + (size_t)blockIdx.x * Gp * 8 + g;
+    const size_t wstep = (size_t)gridDim.x * C * 32, mstep = (size_t)gridDim.x * Gp * 8;
+    auto load_w = [&](GemvBatch<1, 1, U>& b) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = lc + NW * u;
+            if (lt < tiles && c < C) {
+                b.wv[u][0] = ldg_stream(wp + c * 32);
+                b.mv[u][0] = ldg_u32(mp + (c >> gshift) * 8);
+            } else {
+                b.wv[u][0].x = b.wv[u][0].y = b.wv[u][0].z = b.wv[u][0].w = 0u;
+                b.mv[u][0] = 0u;
+            }
+        }
+    };
+    auto load_x = [&](GemvBatch<1, 1, U>& b) {            // after the PDL wait: x is the kernel before's output
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = lc + NW * u;
+            if (lt < tiles && c < C) {
+                const i8* xp = xb0 + c * DGQ_CHUNK_K;
+                b.xb[u][0][0] = ldg_u32(xp);
+                b.xb[u][0][1] = ldg_u32(xp + 16);
+                b.xb[u][0][2] = ldg_u32(xp + 32);
+                b.xb[u][0][3] = ldg_u32(xp + 48);
+            } else {
+                b.xb[u][0][0] = b.xb[u][0][1] = b.xb[u][0][2] = b.xb[u][0][3] = 0u;
+            }
+        }
+    };
+    const int lend = warp + 2 * SPAN * pairs;
+    auto advance = [&]() { if ((lc += SPAN) >= lend) { lc = warp; ++lt; wp += wstep; mp += mstep; } };
+    auto compute = [&](int c0, const GemvBatch<1, 1, U>& b) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (c0 + NW * u >= C) break;                   // warp-uniform
+            dp_chunk(b.wv[u][0], b.mv[u][0], b.xb[u][0], dp_xsum(b.xb[u][0]), acc[0], acc[2]);
+        }
+    };
+    // This thread's output element of a row tile (the EPI1 map of gemm_a8w4_gemv; SILU: threads 0..63)
+    // and the weights' scales it needs, fetched as the tile starts (its batches hide the round trip).
+    const int em = SILU ? 2 * (lane & 3) + (threadIdx.x >> 5) : 2 * (lane & 3) + ((threadIdx.x >> 5) & 1);
+    const int ecol = SILU ? (lane >> 2) : (lane >> 2) + 8 * ((threadIdx.x >> 6) & 1);
+    const bool ethread = threadIdx.x < (SILU ? 64 : 128) && em < M;
+    auto scales_of = [&](int it, float& a, float& b) {
+        const int n = DGQ_TILE_N * ((int)blockIdx.x + it * (int)gridDim.x) + ecol;
+        a = ethread && it < tiles && n < N ? s8[n] : 0.f;
+        b = SILU && ethread && it < tiles && n + 8 < N ? s8[n + 8] : 0.f;
+    };
+
+    GemvBatch<1, 1, U> b0, b1;
+    load_w(b0);
+    advance();
+    load_w(b1);
+    float s8p, s8u;
+    scales_of(0, s8p, s8u);
+    pdl_enter();
+    const float sxp = ethread ? sx[em] : 0.f;
+    {                                                       // the x of the two batches loaded above
+        const int slc = lc;                                 // (a tile holds at least one pair: lt is still 0)
+        lc = warp;
+        load_x(b0);
+        lc = slc;
+        load_x(b1);
+    }
+    advance();                                              // the cursor now names the batch after b1
+    for (int it = 0; it < tiles; ++it) {
+        const int rt = (int)blockIdx.x + it * (int)gridDim.x;
+        float hp = 0.f;
+        if (!SILU && resid && ethread && DGQ_TILE_N * rt + ecol < N) hp = resid[(size_t)em * N + DGQ_TILE_N * rt + ecol];
+        if (it > 0) scales_of(it, s8p, s8u);                // tile 0's came before the PDL wait
+        for (int p = 0; p < pairs; ++p) {
+            const int c0 = warp + 2 * SPAN * p;
+            compute(c0, b0);
+            load_w(b0); load_x(b0); advance();
+            compute(c0 + SPAN, b1);
+            load_w(b1); load_x(b1); advance();
+        }
+        dp_lanes_sum(acc);
+        int (*rb)[32] = red[it & 1][warp];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) { rb[e][lane] = acc[e]; acc[e] = 0; }
+        __syncthreads();                                    // red[it & 1] is next written at tile it + 2, after the next barrier
+        const int n = DGQ_TILE_N * rt + ecol;
+        if constexpr (SILU) {
+            if (threadIdx.x < 64) {                         // warp-uniform (the shuffles below): warps 0 and 1
+                const int e = threadIdx.x >> 5;
+                int vg = 0, vu = 0;
+#pragma unroll
+                for (int w = 0; w < NW; ++w) { vg += red[it & 1][w][e][lane]; vu += red[it & 1][w][e + 2][lane]; }
+                float a = 0.f;
+                if (ethread && n < N) {
+                    const float gf = __half2float(__ushort_as_half(f32_to_f16_bits(dg_epilogue(vg, sxp, s8p))));
+                    const float uf = __half2float(__ushort_as_half(f32_to_f16_bits(dg_epilogue(vu, sxp, s8u))));
+                    const float v = silu_mul(gf, uf);
+                    static_cast<float*>(out)[(size_t)em * (N >> 1) + 8 * rt + (lane >> 2)] = v;
+                    a = fabsf(v);
+                }
+                a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 4));
+                a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 8));
+                a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 16));
+                if (lane < 4 && em < M && !(a <= 0.f)) atomicMax(amax_out + em, __float_as_uint(a));
+            }
+        } else if (ethread && n < N) {
+            const int el = threadIdx.x >> 5;
+            int v = 0;
+#pragma unroll
+            for (int w = 0; w < NW; ++w) v += red[it & 1][w][el][lane];
+            const u16 y = f32_to_f16_bits(dg_epilogue(v, sxp, s8p));
+            const size_t o = (size_t)em * N + n;
+            if (resid) resid[o] = hp + __half2float(__ushort_as_half(y));
+            else static_cast<u16*>(out)[o] = y;
+        }
+    }
+}
+
 // ============================================================================ prefill (mma.sync)
 template <int BM, int STAGES, bool OUT_I32>
 __global__ void __launch_bounds__(256) gemm_a8w4_mma(

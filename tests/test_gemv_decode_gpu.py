@@ -1,7 +1,8 @@
 """The dp4a decode GEMV (M = 1, cuda/gemm_a8w4.cu DP: the codes multiplied by dp4a,
 S·(Σx·q − z·Σx)) against the NumPy integer reference and against the mma GEMV, bit for bit, in
 every epilogue (fp16, int32, residual add, SiLU with absmax); a decode step with it on gives the
-tokens and logits of the step with it off."""
+tokens and logits of the step with it off. The same for its resident-grid form
+(gemm_a8w4_gemv_res, tuning.GEMM.gemv_resident)."""
 from __future__ import annotations
 
 import numpy as np
@@ -84,6 +85,84 @@ def test_dp4a_silu_gemv_equals_mma(inter, k):
     assert not np.isnan(outs[0][0]).any() and outs[0][1][0] > 0
     np.testing.assert_array_equal(outs[1][0], outs[0][0])
     np.testing.assert_array_equal(outs[1][1], outs[0][1])
+
+
+RES_BLOCKS = [1, 7, 0]   # grid caps of the resident GEMV: one block takes every row tile, 7 blocks, the GPU's
+
+
+@pytest.mark.parametrize("k,n,group", [(4096, 4104, 128), (576, 24, 64), (2304, 1032, 256), (700, 200, 128),
+                                       (1536, 40, 1024), (8192, 520, 128)])
+def test_resident_gemv_equals_the_gemv(k, n, group):
+    """gemm_a8w4_gemv_res (cfg res, tuning.GEMM.gemv_resident): the dp4a GEMV's bits with fp16 out and
+    with the residual add, from one block over every row tile to one block a row tile, for K of one
+    batch pair or more and a ragged last one (the register batches run on across row tiles)."""
+    import cupy as cp
+    layer = ops_cuda.pack_for_gpu(random_dg(n, k, group, seed=n + k + 1))
+    x8 = cp.asarray(random_x8(1, k, seed=k + 1))
+    sx = cp.asarray(np.float32([0.0137]))
+    base = {"dp": True, "rw": 1, "u": 2, "nw": 8}
+    want = ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=base).get()
+    h0 = np.random.default_rng(k).standard_normal((1, n)).astype(np.float32)
+    hw = cp.asarray(h0)
+    ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=base, resid=hw)
+    for blocks in RES_BLOCKS:
+        cfg = {**base, "res": True, "res_blocks": blocks}
+        got = ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=cfg, out=cp.full((1, n), np.nan, cp.float16))
+        np.testing.assert_array_equal(got.get().view(np.uint16), want.view(np.uint16), err_msg=str(blocks))
+        h = cp.asarray(h0)
+        ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=cfg, resid=h)
+        np.testing.assert_array_equal(h.get(), hw.get(), err_msg=str(blocks))
+
+
+@pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (5504, 4096)])
+def test_resident_silu_gemv_equals_the_gemv(inter, k):
+    """The SiLU GEMV on the resident grid: the same silu(gate)·up and absmax bits."""
+    import cupy as cp
+    from engine.gpu.linear import _fuse
+    gu = _fuse([random_dg(inter, k, 128, seed=3), random_dg(inter, k, 128, seed=4)])
+    layer = ops_cuda.pack_for_gpu(gu.take_rows(ops_cuda.interleave_rows(2 * inter)))
+    x8 = cp.asarray(random_x8(1, k, seed=6))
+    sx = cp.asarray(np.float32([0.011]))
+    outs = []
+    for res, blocks in [(False, 0)] + [(True, b) for b in RES_BLOCKS]:
+        mf = cp.full((1, inter), np.nan, cp.float32)
+        amax = cp.zeros((1,), cp.uint32)
+        ops_cuda.gemv_a8w4_silu(x8, sx, layer, mf, amax, dp=True, res=res, res_blocks=blocks)
+        outs.append((mf.get(), amax.get()))
+    assert not np.isnan(outs[0][0]).any() and outs[0][1][0] > 0
+    for got in outs[1:]:
+        np.testing.assert_array_equal(got[0], outs[0][0])
+        np.testing.assert_array_equal(got[1], outs[0][1])
+
+
+def test_decode_step_on_the_resident_gemv_changes_no_bits(monkeypatch):
+    """tuning.GEMM.gemv_resident on: the captured batch-1 step replays to the tokens and logits it
+    gives without (this model's SiLU GEMV runs resident; its other GEMVs have few row tiles)."""
+    from engine.gpu import kargs
+    from engine.gpu.model import CudaModel
+    from test_model_cuda import quantized_tiny
+    mw = quantized_tiny("dynamic", seed=7, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
+                        hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
+                        max_position_embeddings=256)
+    gm = CudaModel(mw)
+    prompt = np.arange(5, 80) % mw.config.vocab_size
+    runs, seen = [], []
+    real = kargs.launch
+
+    def counted(kf, expr, *a, **kw):
+        seen.append(expr)
+        return real(kf, expr, *a, **kw)
+    monkeypatch.setattr(kargs, "launch", counted)
+    for on in (False, True):
+        seen.clear()
+        monkeypatch.setattr(tuning.GEMM, "gemv_resident", on)
+        cache = gm.new_cache(256)
+        pre = gm.prefill(prompt, cache).get()
+        toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 30, True)[:, 0]
+        runs.append((toks, cache.step.bufs.logits[:1].get()))
+        assert any(e.startswith("gemm_a8w4_gemv_res<") for e in seen) == on, sorted(set(seen))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_decode_step_with_dp4a_changes_no_bits(monkeypatch):

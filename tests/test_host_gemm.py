@@ -125,3 +125,55 @@ def test_split_k_launches_a_cluster_where_every_cluster_is_resident(monkeypatch)
     assert g2 == g3 == g1 and c2 is None and c3 is None
     assert n1 == n2 == n3                                            # workspace and counters every time
     assert (launch.clusters_available, launch.max_active_clusters) == before          # hooks undone
+
+
+def test_resident_gemv_launches_on_a_resident_grid(monkeypatch):
+    """tuning.GEMM.gemv_resident (or cfg "res"): the one-token dp4a GEMV (fp16 out, residual add, the
+    SiLU GEMV) launches gemm_a8w4_gemv_res on min(row tiles, resident blocks) blocks (cfg res_blocks
+    caps them); off, the GEMV of one block a row tile; asked of a configuration it lacks (16 warps,
+    int32 out, two tokens), an error. The kernel's arithmetic is tests/test_gemv_decode_gpu.py's."""
+    import numpy as np
+    import pytest
+    from engine.gpu import kargs, ops, tuning
+    launched = []
+
+    class Recording(host_gemm._Kernel):
+        def launch_bound(self, grid, block, bound, args, shared_mem=0, cluster=None):
+            launched.append((grid, block))
+
+    monkeypatch.setattr(host_gemm, "_Kernel", Recording)
+    names = []
+    monkeypatch.setattr(kargs, "_WRAP", [lambda expr, run: (names.append(expr), run())])
+    qkv, o, gu = host_gemm.layer_of(12288, 4096), host_gemm.layer_of(4096, 4096), host_gemm.layer_of(22016, 4096)
+
+    def call(layer, m=1, **cfg):
+        launched.clear(), names.clear()
+        x8, sx = np.zeros((m, layer.k_pad), np.int8), np.ones(m, np.float32)
+        ops.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=cfg or None, out=np.empty((m, layer.n), np.float16))
+        return names[-1], launched[-1][0]
+
+    def silu(**kw):
+        launched.clear(), names.clear()
+        ops.gemv_a8w4_silu(np.zeros((1, gu.k_pad), np.int8), np.ones(1, np.float32), gu,
+                           np.empty((1, gu.n // 2), np.float32), np.zeros(1, np.uint32), **kw)
+        return names[-1], launched[-1][0]
+
+    with host_gemm.faked():
+        monkeypatch.setattr(ops, "_RES_SLOTS", {"gemm_a8w4_gemv_res<2,false,8>": 528,
+                                                "gemm_a8w4_gemv_res<2,true,8>": 528})
+        assert call(qkv) == ("gemm_a8w4_gemv<1,1,2,false,false,8,true>", (768,))
+        assert silu() == ("gemm_a8w4_gemv<1,1,2,false,true,8,true>", (1376,))
+        assert call(qkv, res=True) == ("gemm_a8w4_gemv_res<2,false,8>", (528,))
+        monkeypatch.setattr(tuning.GEMM, "gemv_resident", True)
+        assert call(qkv) == ("gemm_a8w4_gemv_res<2,false,8>", (528,))
+        assert call(qkv, res_blocks=7) == ("gemm_a8w4_gemv_res<2,false,8>", (7,))
+        assert call(qkv, res=False) == ("gemm_a8w4_gemv<1,1,2,false,false,8,true>", (768,))
+        assert silu() == ("gemm_a8w4_gemv_res<2,true,8>", (528,))
+        assert silu(res_blocks=1000) == ("gemm_a8w4_gemv_res<2,true,8>", (528,))
+        assert call(o)[0] == "gemm_a8w4_gemv<1,1,2,false,false,16,true>"      # few row tiles: 16 warps
+        assert call(qkv, m=2)[0].startswith("gemm_a8w4_gemv<1,")               # two tokens: no dp4a
+        for layer, m, cfg in ((o, 1, {}), (qkv, 2, {}), (qkv, 1, {"dp": False})):
+            with pytest.raises(ops.CudaOpError, match="resident GEMV"):
+                call(layer, m, res=True, **cfg)
+        with pytest.raises(ops.CudaOpError, match="resident GEMV"):
+            silu(dp=False, res=True)

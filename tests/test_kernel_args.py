@@ -60,7 +60,10 @@ def test_every_global_kernel_is_parsed():
 def _expr_kernels(node, known) -> set[str]:
     """The kernels a launch's expression argument can name: a string, or an f-string whose
     literal head reaches the '<' of the template arguments or, failing that, is the prefix of
-    each kernel it may name (f"gemv_f16_m{mt}")."""
+    each kernel it may name (f"gemv_f16_m{mt}"); of `a if c else b`, both (each must be one of those)."""
+    if isinstance(node, ast.IfExp):
+        a, b = _expr_kernels(node.body, known), _expr_kernels(node.orelse, known)
+        return a | b if a and b else set()
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return {node.value.split("<")[0].strip()}
     if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
