@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW
 // resident blocks. The warps meet once a row tile, in a double-buffered reduction buffer (as
 // gemv_wb.cu's GEMV, whose resident grid measured 15 % faster at M = 1, docs/KERNELS.md).
 template <int U, bool SILU, int NW>
-__global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW : 0) gemm_a8w4_gemv_res(
+__global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 warps an SM: 64 registers
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
     int M, int N, int R, int C, int Gp, int gshift, int ldx, float* __restrict__ resid,

@@ -159,17 +159,19 @@ def test_resident_gemv_launches_on_a_resident_grid(monkeypatch):
         return names[-1], launched[-1][0]
 
     with host_gemm.faked():
-        monkeypatch.setattr(ops, "_RES_SLOTS", {"gemm_a8w4_gemv_res<2,false,8>": 528,
-                                                "gemm_a8w4_gemv_res<2,true,8>": 528})
+        fn = kargs.function(ops.GEMV_FILE, "gemm_a8w4_gemv_res<2,false,8>")      # the fake kernel
+        monkeypatch.setattr(ops, "_RES_SLOTS", {(fn, host_gemm.H200["name"]): 528})   # 4 blocks an SM
         assert call(qkv) == ("gemm_a8w4_gemv<1,1,2,false,false,8,true>", (768,))
         assert silu() == ("gemm_a8w4_gemv<1,1,2,false,true,8,true>", (1376,))
-        assert call(qkv, res=True) == ("gemm_a8w4_gemv_res<2,false,8>", (528,))
+        # 768 row tiles on 528 slots: 384 blocks of two (not 240 of two and 288 of one)
+        assert call(qkv, res=True) == ("gemm_a8w4_gemv_res<2,false,8>", (384,))
         monkeypatch.setattr(tuning.GEMM, "gemv_resident", True)
-        assert call(qkv) == ("gemm_a8w4_gemv_res<2,false,8>", (528,))
+        assert call(qkv) == ("gemm_a8w4_gemv_res<2,false,8>", (384,))
         assert call(qkv, res_blocks=7) == ("gemm_a8w4_gemv_res<2,false,8>", (7,))
+        assert call(qkv, res_blocks=1000) == ("gemm_a8w4_gemv_res<2,false,8>", (384,))
         assert call(qkv, res=False) == ("gemm_a8w4_gemv<1,1,2,false,false,8,true>", (768,))
-        assert silu() == ("gemm_a8w4_gemv_res<2,true,8>", (528,))
-        assert silu(res_blocks=1000) == ("gemm_a8w4_gemv_res<2,true,8>", (528,))
+        assert silu() == ("gemm_a8w4_gemv_res<2,true,8>", (459,))                 # 1376 tiles, 3 a block
+        assert silu(res_blocks=100) == ("gemm_a8w4_gemv_res<2,true,8>", (99,))    # 14 a block
         assert call(o)[0] == "gemm_a8w4_gemv<1,1,2,false,false,16,true>"      # few row tiles: 16 warps
         assert call(qkv, m=2)[0].startswith("gemm_a8w4_gemv<1,")               # two tokens: no dp4a
         for layer, m, cfg in ((o, 1, {}), (qkv, 2, {}), (qkv, 1, {"dp": False})):
