@@ -57,6 +57,26 @@ struct GemvBatch {           // one batch of U chunks per warp, held in register
     u32 xb[U][MT][4];
 };
 
+// The SiLU GEMV's epilogue, for a thread of warps 0 and 1 (the caller's branch must keep them whole:
+// shuffles): silu(gate)·up of its channel from the fp16-rounded gate and up into *dst where live, and
+// the max over the row tile's 8 channels of each token's |·| atomically into *amax (lanes 0..3, where
+// amax_live), NaN-propagating (cuda/attention.cu out_amax: NaN bits win the unsigned max).
+__device__ __forceinline__ void silu_epilogue(int vg, int vu, float sxp, float s8g, float s8u, bool live, float* dst,
+                                              unsigned* amax, bool amax_live, int lane) {
+    float a = 0.f;
+    if (live) {
+        const float gf = __half2float(__ushort_as_half(f32_to_f16_bits(dg_epilogue(vg, sxp, s8g))));
+        const float uf = __half2float(__ushort_as_half(f32_to_f16_bits(dg_epilogue(vu, sxp, s8u))));
+        const float v = silu_mul(gf, uf);
+        *dst = v;
+        a = fabsf(v);
+    }
+    a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 4));
+    a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 8));
+    a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 16));
+    if (lane < 4 && amax_live && !(a <= 0.f)) atomicMax(amax, __float_as_uint(a));
+}
+
 // NW warps a block split K (8, or 16 for shapes with few row tiles: 2 blocks of 16 warps an
 // SM hold twice the loads in flight of 2 blocks of 8, within 64 registers). The SiLU
 // epilogue's extra registers would drop gate|up (U = 2, 64 registers, 4 blocks an SM) to 3
@@ -242,20 +262,9 @@ __global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW
             int vg = 0, vu = 0;
 #pragma unroll
             for (int w = 0; w < NW; ++w) { vg += red[w][e][lane]; vu += red[w][e + 2][lane]; }
-            float a = 0.f;
-            if (elive) {
-                const float gf = __half2float(__ushort_as_half(f32_to_f16_bits(dg_epilogue(vg, sxp, s8p))));
-                const float uf = __half2float(__ushort_as_half(f32_to_f16_bits(dg_epilogue(vu, sxp, s8u))));
-                const float v = silu_mul(gf, uf);
-                static_cast<float*>(out)[(size_t)em * (N >> 1) + 8 * rt0 + (lane >> 2)] = v;
-                a = fabsf(v);
-            }
-            // the max over the tile's 8 channels of each token: lanes 0..3 hold tokens 2·lane + e
-            // NaN-propagating (cuda/attention.cu out_amax: NaN bits win the unsigned max)
-            a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 4));
-            a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 8));
-            a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 16));
-            if (lane < 4 && em < M && !(a <= 0.f)) atomicMax(amax_out + em, __float_as_uint(a));
+            // lanes 0..3 of the max hold tokens 2·lane + e
+            silu_epilogue(vg, vu, sxp, s8p, s8u, elive, static_cast<float*>(out) + (size_t)em * (N >> 1) + 8 * rt0 + (lane >> 2),
+                          amax_out + em, em < M, lane);
         }
     } else {
         for (int idx = threadIdx.x; idx < EPI; idx += blockDim.x) {
@@ -398,18 +407,9 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
                 int vg = 0, vu = 0;
 #pragma unroll
                 for (int w = 0; w < NW; ++w) { vg += red[it & 1][w][e][lane]; vu += red[it & 1][w][e + 2][lane]; }
-                float a = 0.f;
-                if (ethread && n < N) {
-                    const float gf = __half2float(__ushort_as_half(f32_to_f16_bits(dg_epilogue(vg, sxp, s8p))));
-                    const float uf = __half2float(__ushort_as_half(f32_to_f16_bits(dg_epilogue(vu, sxp, s8u))));
-                    const float v = silu_mul(gf, uf);
-                    static_cast<float*>(out)[(size_t)em * (N >> 1) + 8 * rt + (lane >> 2)] = v;
-                    a = fabsf(v);
-                }
-                a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 4));
-                a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 8));
-                a = nan_max(a, __shfl_xor_sync(0xffffffffu, a, 16));
-                if (lane < 4 && em < M && !(a <= 0.f)) atomicMax(amax_out + em, __float_as_uint(a));
+                silu_epilogue(vg, vu, sxp, s8p, s8u, ethread && n < N,
+                              static_cast<float*>(out) + (size_t)em * (N >> 1) + 8 * rt + (lane >> 2), amax_out + em,
+                              em < M, lane);
             }
         } else if (ethread && n < N) {
             const int el = threadIdx.x >> 5;

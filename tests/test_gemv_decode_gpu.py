@@ -67,26 +67,6 @@ def test_dp4a_rejects_what_it_cannot_run():
                            cfg={"dp": True, "rw": 4, "u": 2})
 
 
-@pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (5504, 4096)])
-def test_dp4a_silu_gemv_equals_mma(inter, k):
-    """The SiLU GEMV (gate|up interleaved) with dp4a: the mma path's bits."""
-    import cupy as cp
-    from engine.gpu.linear import _fuse
-    gu = _fuse([random_dg(inter, k, 128, seed=1), random_dg(inter, k, 128, seed=2)])
-    layer = ops_cuda.pack_for_gpu(gu.take_rows(ops_cuda.interleave_rows(2 * inter)))
-    x8 = cp.asarray(random_x8(1, k, seed=5))
-    sx = cp.asarray(np.float32([0.013]))
-    outs = []
-    for dp in (False, True):
-        mf = cp.full((1, inter), np.nan, cp.float32)
-        amax = cp.zeros((1,), cp.uint32)
-        ops_cuda.gemv_a8w4_silu(x8, sx, layer, mf, amax, dp=dp)
-        outs.append((mf.get(), amax.get()))
-    assert not np.isnan(outs[0][0]).any() and outs[0][1][0] > 0
-    np.testing.assert_array_equal(outs[1][0], outs[0][0])
-    np.testing.assert_array_equal(outs[1][1], outs[0][1])
-
-
 RES_BLOCKS = [1, 7, 0]   # grid caps of the resident GEMV: one block takes every row tile, 7 blocks, the GPU's
 
 
@@ -115,19 +95,20 @@ def test_resident_gemv_equals_the_gemv(k, n, group):
 
 
 @pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (5504, 4096)])
-def test_resident_silu_gemv_equals_the_gemv(inter, k):
-    """The SiLU GEMV on the resident grid: the same silu(gate)·up and absmax bits."""
+def test_silu_gemv_variants_agree(inter, k):
+    """The SiLU GEMV (gate|up interleaved) with dp4a, and with dp4a on the resident grid (every grid cap
+    of RES_BLOCKS): the mma path's silu(gate)·up and absmax bits."""
     import cupy as cp
     from engine.gpu.linear import _fuse
-    gu = _fuse([random_dg(inter, k, 128, seed=3), random_dg(inter, k, 128, seed=4)])
+    gu = _fuse([random_dg(inter, k, 128, seed=1), random_dg(inter, k, 128, seed=2)])
     layer = ops_cuda.pack_for_gpu(gu.take_rows(ops_cuda.interleave_rows(2 * inter)))
-    x8 = cp.asarray(random_x8(1, k, seed=6))
-    sx = cp.asarray(np.float32([0.011]))
+    x8 = cp.asarray(random_x8(1, k, seed=5))
+    sx = cp.asarray(np.float32([0.013]))
     outs = []
-    for res, blocks in [(False, 0)] + [(True, b) for b in RES_BLOCKS]:
+    for dp, res, blocks in [(False, False, 0), (True, False, 0)] + [(True, True, b) for b in RES_BLOCKS]:
         mf = cp.full((1, inter), np.nan, cp.float32)
         amax = cp.zeros((1,), cp.uint32)
-        ops_cuda.gemv_a8w4_silu(x8, sx, layer, mf, amax, dp=True, res=res, res_blocks=blocks)
+        ops_cuda.gemv_a8w4_silu(x8, sx, layer, mf, amax, dp=dp, res=res, res_blocks=blocks)
         outs.append((mf.get(), amax.get()))
     assert not np.isnan(outs[0][0]).any() and outs[0][1][0] > 0
     for got in outs[1:]:
@@ -135,42 +116,10 @@ def test_resident_silu_gemv_equals_the_gemv(inter, k):
         np.testing.assert_array_equal(got[1], outs[0][1])
 
 
-def test_decode_step_on_the_resident_gemv_changes_no_bits(monkeypatch):
-    """tuning.GEMM.gemv_resident on: the captured batch-1 step replays to the tokens and logits it
-    gives without (this model's SiLU GEMV runs resident, its other GEMVs have few row tiles), on a
-    grid of at most 7 blocks, so that the PDL-captured kernel runs many row tiles a block."""
-    from engine.gpu import kargs
-    grid = ops_cuda.gemv_res_grid
-    monkeypatch.setattr(ops_cuda, "gemv_res_grid", lambda expr, rows, nw, cap=0: grid(expr, rows, nw, cap or 7))
-    from engine.gpu.model import CudaModel
-    from test_model_cuda import quantized_tiny
-    mw = quantized_tiny("dynamic", seed=7, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
-                        hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
-                        max_position_embeddings=256)
-    gm = CudaModel(mw)
-    prompt = np.arange(5, 80) % mw.config.vocab_size
-    runs, seen = [], []
-    real = kargs.launch
-
-    def counted(kf, expr, *a, **kw):
-        seen.append(expr)
-        return real(kf, expr, *a, **kw)
-    monkeypatch.setattr(kargs, "launch", counted)
-    for on in (False, True):
-        seen.clear()
-        monkeypatch.setattr(tuning.GEMM, "gemv_resident", on)
-        cache = gm.new_cache(256)
-        pre = gm.prefill(prompt, cache).get()
-        toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 30, True)[:, 0]
-        runs.append((toks, cache.step.bufs.logits[:1].get()))
-        assert any(e.startswith("gemm_a8w4_gemv_res<") for e in seen) == on, sorted(set(seen))
-    for a, b in zip(*runs):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_decode_step_with_dp4a_changes_no_bits(monkeypatch):
-    """tuning.GEMM.gemv_dp4a on: the captured batch-1 step (q|k|v, o and down with the residual
-    add, the SiLU gate|up) replays to the tokens and logits it gives with the mma GEMV."""
+def _step_off_and_on(monkeypatch, field: str, check) -> None:
+    """A tiny model's captured batch-1 step (q|k|v, o and down with the residual add, the SiLU gate|up)
+    with tuning.GEMM.<field> off, then on: 30 greedy tokens and the last logits must be equal;
+    check(on, the kernel expressions launched) after each run."""
     from engine.gpu import kargs
     from engine.gpu.model import CudaModel
     from test_model_cuda import quantized_tiny
@@ -188,14 +137,34 @@ def test_decode_step_with_dp4a_changes_no_bits(monkeypatch):
     monkeypatch.setattr(kargs, "launch", counted)
     for on in (False, True):
         seen.clear()
-        monkeypatch.setattr(tuning.GEMM, "gemv_dp4a", on)
+        monkeypatch.setattr(tuning.GEMM, field, on)
         cache = gm.new_cache(256)
         pre = gm.prefill(prompt, cache).get()
         toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 30, True)[:, 0]
         runs.append((toks, cache.step.bufs.logits[:1].get()))
-        assert _dp4a_launches(seen) == ({"silu", "plain"} if on else set()), seen   # SiLU GEMV and others
+        check(on, list(seen))
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_decode_step_on_the_resident_gemv_changes_no_bits(monkeypatch):
+    """tuning.GEMM.gemv_resident on: the same tokens and logits (this model's SiLU GEMV runs resident,
+    its other GEMVs have few row tiles), on a grid of at most 7 blocks, so that the PDL-captured kernel
+    runs many row tiles a block."""
+    grid = ops_cuda.gemv_res_grid
+    monkeypatch.setattr(ops_cuda, "gemv_res_grid", lambda expr, rows, nw, cap=0: grid(expr, rows, nw, cap or 7))
+
+    def check(on, exprs):
+        assert any(e.startswith("gemm_a8w4_gemv_res<") for e in exprs) == on, sorted(set(exprs))
+    _step_off_and_on(monkeypatch, "gemv_resident", check)
+
+
+def test_decode_step_with_dp4a_changes_no_bits(monkeypatch):
+    """tuning.GEMM.gemv_dp4a on: the captured batch-1 step replays to the tokens and logits it gives
+    with the mma GEMV."""
+    def check(on, exprs):
+        assert _dp4a_launches(exprs) == ({"silu", "plain"} if on else set()), exprs   # SiLU GEMV and others
+    _step_off_and_on(monkeypatch, "gemv_dp4a", check)
 
 
 def _dp4a_launches(exprs) -> set:
