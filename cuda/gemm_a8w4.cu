@@ -288,8 +288,9 @@ __global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW
     }
 }
 
-// gemm_a8w4_gemv_res<U, SILU, NW>: the dp4a GEMV of one token (gemm_a8w4_gemv<1, 1, U, false, SILU,
-// NW, true>: the same chunks, arithmetic, reduction and epilogues, bit for bit) on a grid of no more
+// gemm_a8w4_gemv_res<U, SILU, NW, DP>: the GEMV of one token tile at RW = 1 (gemm_a8w4_gemv<1, 1, U,
+// false, SILU, NW, DP>: the dp4a GEMV of one token, or the mma GEMV of up to 8; the same chunks,
+// arithmetic, reduction and epilogues, bit for bit) on a grid of no more
 // blocks than the GPU holds at once (gpu/ops.py gemv_res_grid). Block b takes row tiles b, b + gridDim.x,
 // ...; a warp walks its batches of U chunks through them in one sequence, so its two register batches
 // run on from one row tile into the next (the next tile's first loads are in flight during this tile's
@@ -297,7 +298,7 @@ __global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW
 // q|k|v (768 row tiles) and gate|up (1376) GEMVs of a 7B batch-1 step are 1.5 and 2.6 waves of 528
 // resident blocks. The warps meet once a row tile, in a double-buffered reduction buffer (as
 // gemv_wb.cu's GEMV, whose resident grid measured 15 % faster at M = 1, docs/KERNELS.md).
-template <int U, bool SILU, int NW>
+template <int U, bool SILU, int NW, bool DP = true>
 __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 warps an SM: 64 registers
     const u32x4* __restrict__ qw, const u32* __restrict__ meta, const i8* __restrict__ x8,
     const float* __restrict__ sx, const float* __restrict__ s8, void* __restrict__ out,
@@ -309,7 +310,9 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
     constexpr int SPAN = NW * U;                           // chunks one batch of every warp covers
     const int pairs = (C + 2 * SPAN - 1) / (2 * SPAN);     // batch pairs a row tile (b0, b1 alike in each)
     const int tiles = (R - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;   // this block's row tiles
-    const i8* xb0 = x8 + 4 * t;                            // token 0 at this lane's k positions
+    // DP: token 0 at this lane's k positions (every lane); mma: token g's (zeros past M)
+    const bool xok = DP || g < M;
+    const i8* xb0 = x8 + (size_t)(DP || g >= M ? 0 : g) * ldx + 4 * t;
 
     int acc[4] = {0, 0, 0, 0};
     // The load cursor: the row tile (its place lt in this block's sequence, its weights at wp and meta
@@ -318,7 +321,7 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
     int lt = 0, lc = warp;
     const u32x4* wp = qw + (size_t)blockIdx.x * C * 32 + lane;
     const u32* mp = meta + (size_t)blockIdx.x * Gp * 8 + g;
-    const size_t wstep = (size_t)gridDim.x * C * 32, mstep = (size_t)gridDim.x * Gp * 8;
+    const int wstep = (int)gridDim.x * C * 32, mstep = (int)gridDim.x * Gp * 8;   // < 2^31: R·C·32 vectors
     auto load_w = [&](GemvBatch<1, 1, U>& b) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -336,7 +339,7 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = lc + NW * u;
-            if (lt < tiles && c < C) {
+            if (lt < tiles && c < C && xok) {
                 const i8* xp = xb0 + c * DGQ_CHUNK_K;
                 b.xb[u][0][0] = ldg_u32(xp);
                 b.xb[u][0][1] = ldg_u32(xp + 16);
@@ -353,11 +356,23 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (c0 + NW * u >= C) break;                   // warp-uniform
-            dp_chunk(b.wv[u][0], b.mv[u][0], b.xb[u][0], dp_xsum(b.xb[u][0]), acc[0], acc[2]);
+            if constexpr (DP) {
+                dp_chunk(b.wv[u][0], b.mv[u][0], b.xb[u][0], dp_xsum(b.xb[u][0]), acc[0], acc[2]);
+            } else {                                       // gemm_a8w4_gemv's MT = RW = 1 step
+                DqConst lo, hi;
+                dq_meta(b.mv[u][0], lo, hi);
+                u32 a0, a1, a2, a3;
+                dq_word(b.wv[u][0].x, lo, a0, a2);
+                dq_word(b.wv[u][0].y, hi, a1, a3);
+                mma_s8(acc, a0, a1, a2, a3, b.xb[u][0][0], b.xb[u][0][1]);
+                dq_word(b.wv[u][0].z, lo, a0, a2);
+                dq_word(b.wv[u][0].w, hi, a1, a3);
+                mma_s8(acc, a0, a1, a2, a3, b.xb[u][0][2], b.xb[u][0][3]);
+            }
         }
     };
     // This thread's output element of a row tile (the EPI1 map of gemm_a8w4_gemv; SILU: threads 0..63)
-    // and the weights' scales it needs, fetched as the tile starts (its batches hide the round trip).
+    // and the weights' scales it needs.
     const int em = SILU ? 2 * (lane & 3) + (threadIdx.x >> 5) : 2 * (lane & 3) + ((threadIdx.x >> 5) & 1);
     const int ecol = SILU ? (lane >> 2) : (lane >> 2) + 8 * ((threadIdx.x >> 6) & 1);
     const bool ethread = threadIdx.x < (SILU ? 64 : 128) && em < M;
@@ -385,9 +400,6 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
     advance();                                              // the cursor now names the batch after b1
     for (int it = 0; it < tiles; ++it) {
         const int rt = (int)blockIdx.x + it * (int)gridDim.x;
-        float hp = 0.f;
-        if (!SILU && resid && ethread && DGQ_TILE_N * rt + ecol < N) hp = resid[(size_t)em * N + DGQ_TILE_N * rt + ecol];
-        if (it > 0) scales_of(it, s8p, s8u);                // tile 0's came before the PDL wait
         for (int p = 0; p < pairs; ++p) {
             const int c0 = warp + 2 * SPAN * p;
             compute(c0, b0);
@@ -395,7 +407,12 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
             compute(c0 + SPAN, b1);
             load_w(b1); load_x(b1); advance();
         }
-        dp_lanes_sum(acc);
+        // the epilogue's operands of this tile (tile 0's scales came before the PDL wait): requested
+        // here, after the loop, so that they hold no registers through it; the barrier hides them
+        float hp = 0.f;
+        if (!SILU && resid && ethread && DGQ_TILE_N * rt + ecol < N) hp = resid[(size_t)em * N + DGQ_TILE_N * rt + ecol];
+        if (it > 0) scales_of(it, s8p, s8u);
+        if constexpr (DP) dp_lanes_sum(acc);
         int (*rb)[32] = red[it & 1][warp];
 #pragma unroll
         for (int e = 0; e < 4; ++e) { rb[e][lane] = acc[e]; acc[e] = 0; }

@@ -73,25 +73,27 @@ RES_BLOCKS = [1, 7, 0]   # grid caps of the resident GEMV: one block takes every
 @pytest.mark.parametrize("k,n,group", [(4096, 4104, 128), (576, 24, 64), (2304, 1032, 256), (700, 200, 128),
                                        (1536, 40, 1024), (8192, 520, 128), (1536, 200, 128)])
 def test_resident_gemv_equals_the_gemv(k, n, group):
-    """gemm_a8w4_gemv_res (cfg res, tuning.GEMM.gemv_resident): the dp4a GEMV's bits with fp16 out and
-    with the residual add, from one block over every row tile to one block a row tile, for K of one
-    batch pair or more and a ragged last one (the register batches run on across row tiles)."""
+    """gemm_a8w4_gemv_res (cfg res, tuning.GEMM.gemv_resident): the bits of the GEMV it stands for, the
+    dp4a one at M = 1 and the mma one at M = 1, 3 and 8, with fp16 out and with the residual add, from
+    one block over every row tile to one block a row tile, for K of one batch pair or more and a ragged
+    last one (the register batches run on across row tiles)."""
     import cupy as cp
     layer = ops_cuda.pack_for_gpu(random_dg(n, k, group, seed=n + k + 1))
-    x8 = cp.asarray(random_x8(1, k, seed=k + 1))
-    sx = cp.asarray(np.float32([0.0137]))
-    base = {"dp": True, "rw": 1, "u": 2, "nw": 8}
-    want = ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=base).get()
-    h0 = np.random.default_rng(k).standard_normal((1, n)).astype(np.float32)
-    hw = cp.asarray(h0)
-    ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=base, resid=hw)
-    for blocks in RES_BLOCKS:
-        cfg = {**base, "res": True, "res_blocks": blocks}
-        got = ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=cfg, out=cp.full((1, n), np.nan, cp.float16))
-        np.testing.assert_array_equal(got.get().view(np.uint16), want.view(np.uint16), err_msg=str(blocks))
-        h = cp.asarray(h0)
-        ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=cfg, resid=h)
-        np.testing.assert_array_equal(h.get(), hw.get(), err_msg=str(blocks))
+    for m, dp in ((1, True), (1, False), (3, False), (8, False)):
+        x8 = cp.asarray(random_x8(m, k, seed=k + m))
+        sx = cp.asarray(np.linspace(0.011, 0.017, m, dtype=np.float32))
+        base = {"dp": dp, "rw": 1, "u": 2, "nw": 8}
+        want = ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=base).get()
+        h0 = np.random.default_rng(k + m).standard_normal((m, n)).astype(np.float32)
+        hw = cp.asarray(h0)
+        ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=base, resid=hw)
+        for blocks in RES_BLOCKS:
+            cfg = {**base, "res": True, "res_blocks": blocks}
+            got = ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=cfg, out=cp.full((m, n), np.nan, cp.float16))
+            np.testing.assert_array_equal(got.get().view(np.uint16), want.view(np.uint16), err_msg=str((m, dp, blocks)))
+            h = cp.asarray(h0)
+            ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=cfg, resid=h)
+            np.testing.assert_array_equal(h.get(), hw.get(), err_msg=str((m, dp, blocks)))
 
 
 @pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (5504, 4096)])
@@ -116,18 +118,18 @@ def test_silu_gemv_variants_agree(inter, k):
         np.testing.assert_array_equal(got[1], outs[0][1])
 
 
-def _step_off_and_on(monkeypatch, field: str, check) -> None:
-    """A tiny model's captured batch-1 step (q|k|v, o and down with the residual add, the SiLU gate|up)
-    with tuning.GEMM.<field> off, then on: 30 greedy tokens and the last logits must be equal;
-    check(on, the kernel expressions launched) after each run."""
+def _step_off_and_on(monkeypatch, field: str, check, batch: int = 1, intermediate: int = 1408) -> None:
+    """A tiny model's captured decode step (batch 1: q|k|v, o and down with the residual add, the SiLU
+    gate|up) with tuning.GEMM.<field> off, then on: 30 greedy tokens of each sequence and the last
+    logits must be equal; check(on, the kernel expressions launched) after each run."""
     from engine.gpu import kargs
     from engine.gpu.model import CudaModel
     from test_model_cuda import quantized_tiny
     mw = quantized_tiny("dynamic", seed=5, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
-                        hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
+                        hidden_size=512, intermediate_size=intermediate, num_hidden_layers=3,
                         max_position_embeddings=256)
     gm = CudaModel(mw)
-    prompt = np.arange(3, 90) % mw.config.vocab_size
+    prompts = [(np.arange(3, 90) * (1 + i)) % mw.config.vocab_size for i in range(batch)]
     runs, seen = [], []
     real = kargs.launch
 
@@ -138,25 +140,27 @@ def _step_off_and_on(monkeypatch, field: str, check) -> None:
     for on in (False, True):
         seen.clear()
         monkeypatch.setattr(tuning.GEMM, field, on)
-        cache = gm.new_cache(256)
-        pre = gm.prefill(prompt, cache).get()
-        toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 30, True)[:, 0]
-        runs.append((toks, cache.step.bufs.logits[:1].get()))
+        cache = gm.new_cache(256, batch=batch)
+        firsts = [int(gm.prefill(p, cache, seq=i).get().astype(np.float32).argmax()) for i, p in enumerate(prompts)]
+        toks = gm.decode_greedy(cache, firsts, 30, True)
+        runs.append((toks, cache.step.bufs.logits[:batch].get()))
         check(on, list(seen))
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
 
 
-def test_decode_step_on_the_resident_gemv_changes_no_bits(monkeypatch):
-    """tuning.GEMM.gemv_resident on: the same tokens and logits (this model's SiLU GEMV runs resident,
-    its other GEMVs have few row tiles), on a grid of at most 7 blocks, so that the PDL-captured kernel
-    runs many row tiles a block."""
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_step_on_the_resident_gemv_changes_no_bits(monkeypatch, batch):
+    """tuning.GEMM.gemv_resident on: the same tokens and logits, batch 1 (the dp4a GEMVs; the SiLU one
+    resident) and 4 (the mma GEMV of 4 tokens; gate|up resident: 512 row tiles, past the few-tile
+    bound), on a grid of at most 7 blocks, so that the PDL-captured kernels run many row tiles a block."""
     grid = ops_cuda.gemv_res_grid
     monkeypatch.setattr(ops_cuda, "gemv_res_grid", lambda expr, rows, nw, cap=0: grid(expr, rows, nw, cap or 7))
 
     def check(on, exprs):
-        assert any(e.startswith("gemm_a8w4_gemv_res<") for e in exprs) == on, sorted(set(exprs))
-    _step_off_and_on(monkeypatch, "gemv_resident", check)
+        want = "gemm_a8w4_gemv_res<2,true,8,true>" if batch == 1 else "gemm_a8w4_gemv_res<2,false,8,false>"
+        assert (want in exprs) == on, sorted(set(exprs))
+    _step_off_and_on(monkeypatch, "gemv_resident", check, batch, intermediate=4096)
 
 
 def test_decode_step_with_dp4a_changes_no_bits(monkeypatch):

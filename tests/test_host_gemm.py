@@ -129,9 +129,10 @@ def test_split_k_launches_a_cluster_where_every_cluster_is_resident(monkeypatch)
 
 def test_resident_gemv_launches_on_a_resident_grid(monkeypatch):
     """tuning.GEMM.gemv_resident (or cfg "res"): the one-token dp4a GEMV (fp16 out, residual add, the
-    SiLU GEMV) launches gemm_a8w4_gemv_res on min(row tiles, resident blocks) blocks (cfg res_blocks
-    caps them); off, the GEMV of one block a row tile; asked of a configuration it lacks (16 warps,
-    int32 out, two tokens), an error. The kernel's arithmetic is tests/test_gemv_decode_gpu.py's."""
+    SiLU GEMV) launches gemm_a8w4_gemv_res on as few of the resident blocks as keep the most row tiles
+    a block (cfg res_blocks
+    caps them), and the mma GEMV of 2-8 tokens too; off, the GEMV of one block a row tile; asked of a
+    configuration it lacks (16 warps, two token tiles, U = 4), an error. The kernel's arithmetic is tests/test_gemv_decode_gpu.py's."""
     import numpy as np
     import pytest
     from engine.gpu import kargs, ops, tuning
@@ -159,23 +160,26 @@ def test_resident_gemv_launches_on_a_resident_grid(monkeypatch):
         return names[-1], launched[-1][0]
 
     with host_gemm.faked():
-        fn = kargs.function(ops.GEMV_FILE, "gemm_a8w4_gemv_res<2,false,8>")      # the fake kernel
+        fn = kargs.function(ops.GEMV_FILE, "gemm_a8w4_gemv_res<2,false,8,true>")  # the fake kernel
         monkeypatch.setattr(ops, "_RES_SLOTS", {(fn, host_gemm.H200["name"]): 528})   # 4 blocks an SM
         assert call(qkv) == ("gemm_a8w4_gemv<1,1,2,false,false,8,true>", (768,))
         assert silu() == ("gemm_a8w4_gemv<1,1,2,false,true,8,true>", (1376,))
         # 768 row tiles on 528 slots: 384 blocks of two (not 240 of two and 288 of one)
-        assert call(qkv, res=True) == ("gemm_a8w4_gemv_res<2,false,8>", (384,))
+        assert call(qkv, res=True) == ("gemm_a8w4_gemv_res<2,false,8,true>", (384,))
         monkeypatch.setattr(tuning.GEMM, "gemv_resident", True)
-        assert call(qkv) == ("gemm_a8w4_gemv_res<2,false,8>", (384,))
-        assert call(qkv, res_blocks=7) == ("gemm_a8w4_gemv_res<2,false,8>", (7,))
-        assert call(qkv, res_blocks=1000) == ("gemm_a8w4_gemv_res<2,false,8>", (384,))
+        assert call(qkv) == ("gemm_a8w4_gemv_res<2,false,8,true>", (384,))
+        assert call(qkv, res_blocks=7) == ("gemm_a8w4_gemv_res<2,false,8,true>", (7,))
+        assert call(qkv, res_blocks=1000) == ("gemm_a8w4_gemv_res<2,false,8,true>", (384,))
         assert call(qkv, res=False) == ("gemm_a8w4_gemv<1,1,2,false,false,8,true>", (768,))
-        assert silu() == ("gemm_a8w4_gemv_res<2,true,8>", (459,))                 # 1376 tiles, 3 a block
-        assert silu(res_blocks=100) == ("gemm_a8w4_gemv_res<2,true,8>", (99,))    # 14 a block
+        assert silu() == ("gemm_a8w4_gemv_res<2,true,8,true>", (459,))                 # 1376 tiles, 3 a block
+        assert silu(res_blocks=100) == ("gemm_a8w4_gemv_res<2,true,8,true>", (99,))    # 14 a block
         assert call(o)[0] == "gemm_a8w4_gemv<1,1,2,false,false,16,true>"      # few row tiles: 16 warps
-        assert call(qkv, m=2)[0].startswith("gemm_a8w4_gemv<1,")               # two tokens: no dp4a
-        for layer, m, cfg in ((o, 1, {}), (qkv, 2, {}), (qkv, 1, {"dp": False})):
+        assert call(qkv, m=2) == ("gemm_a8w4_gemv_res<2,false,8,false>", (384,))  # 2-8 tokens: the mma GEMV
+        assert call(qkv, m=8) == ("gemm_a8w4_gemv_res<2,false,8,false>", (384,))
+        assert call(qkv, m=1, dp=False) == ("gemm_a8w4_gemv_res<2,false,8,false>", (384,))
+        assert call(qkv, m=9)[0].startswith("gemm_a8w4_gemv<2,")               # two token tiles: the GEMV
+        for layer, m, cfg in ((o, 1, {}), (qkv, 9, {}), (qkv, 1, {"u": 4})):
             with pytest.raises(ops.CudaOpError, match="resident GEMV"):
                 call(layer, m, res=True, **cfg)
         with pytest.raises(ops.CudaOpError, match="resident GEMV"):
-            silu(dp=False, res=True)
+            silu(dp=False, res=True)                                           # the mma SiLU GEMV: not built

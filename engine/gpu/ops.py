@@ -192,14 +192,13 @@ def random_packed(n: int, k: int, group: int = 128, seed: int = 0, act: str = "d
 # ----------------------------------------------------------------------------- kernel registry
 
 _B = ("false", "true")
-_B_SILU = _B                                 # gemm_a8w4_gemv_res's SILU argument
 _GEMV = tuple(f"gemm_a8w4_gemv<{gemv_targs(*a)}>" for a in
               [(mt, rw, u, 8, False, o) for mt, cfgs in GEMV_CFGS.items() for rw, u in cfgs for o in (False, True)]
               + [(mt, rw, u, 16, False, o) for mt, cfgs in GEMV_WIDE.items() for rw, u in cfgs for o in (False, True)]
               + [(1, 1, u, 8, False, False, True) for u in GEMV_SILU_U]
               + [(1, rw, u, nw, True, o) for rw, u, nw in GEMV_DP_CFGS for o in (False, True)]
               + [(1, *GEMV_DP_SILU, True, False, True)]) \
-    + tuple(f"gemm_a8w4_gemv_res<{u},{b},{nw}>" for u, nw in GEMV_RES for b in _B_SILU)
+    + tuple(f"gemm_a8w4_gemv_res<{u},{_B[silu]},{nw},{_B[dp]}>" for u, nw, silu, dp in GEMV_RES)
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
@@ -226,12 +225,13 @@ def _gemv_cfg(m: int, mt: int, r: int, cfg: dict) -> tuple[int, int, int, bool]:
 
 def _gemv_res(cfg: dict, runs: bool) -> bool:
     """Whether a GEMV call takes the resident grid (gemm_a8w4_gemv_res): cfg's "res", else
-    GEMM.gemv_resident, where the call runs a configuration the resident kernel has (`runs`: the
-    dp4a GEMV at RW = 1 with (U, NW) in GEMV_RES, fp16 out); asked for by cfg elsewhere, an error."""
+    GEMM.gemv_resident, where the call runs a configuration the resident kernel has (`runs`: one
+    token tile at RW = 1 with (U, NW, SILU, DP) in GEMV_RES, fp16, residual or SiLU out); asked for by
+    cfg elsewhere, an error."""
     want = cfg.get("res")
     if want and not runs:
-        raise CudaOpError("the resident GEMV (cfg res) runs the dp4a GEMV of one token at RW = 1, "
-                          f"(U, NW) in {GEMV_RES}, fp16 or SiLU out")
+        raise CudaOpError("the resident GEMV (cfg res) runs one token tile (M ≤ 8) at RW = 1 with "
+                          f"(U, NW, SILU, DP) in {GEMV_RES}, fp16, residual or SiLU out")
     return bool(GEMM.gemv_resident if want is None else want) and runs
 
 
@@ -548,13 +548,14 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if m > 8 * mt or mt not in GEMV_CFGS:
             raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
         rw, u, nw, dp = _gemv_cfg(m, mt, R, cfg)
-        res = _gemv_res(cfg, dp and rw == 1 and (u, nw) in GEMV_RES and not out_i32)
+        res = _gemv_res(cfg, mt == 1 and rw == 1 and (u, nw, False, dp) in GEMV_RES and not out_i32)
         targs = gemv_targs(mt, rw, u, nw, dp, out_i32)
-        grid = (gemv_res_grid(f"gemm_a8w4_gemv_res<{u},false,{nw}>", R, nw, cfg.get("res_blocks", 0)) if res
+        rargs = f"{u},false,{nw},{_B[dp]}"
+        grid = (gemv_res_grid(f"gemm_a8w4_gemv_res<{rargs}>", R, nw, cfg.get("res_blocks", 0)) if res
                 else -(-R // rw),)
 
         def run(layer, x8, sx, out, resid):
-            kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv_res<{u},false,{nw}>" if res else f"gemm_a8w4_gemv<{targs}>",
+            kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv_res<{rargs}>" if res else f"gemm_a8w4_gemv<{targs}>",
                          grid, (32 * nw,), qw=layer.qw,
                          meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=m, N=n, R=g.R, C=g.C, Gp=g.Gp,
                          gshift=g.gshift, ldx=g.ldx, resid=resid, amax_out=None)
@@ -652,9 +653,9 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None,
     else:
         rw, u, nw = 1, _gemv_cfg(1, 1, g.R, {"dp": False})[1], 8        # the mma GEMV's table U
         u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
-    res = _gemv_res({} if res is None else {"res": res}, dp and rw == 1 and (u, nw) in GEMV_RES)
-    grid = (gemv_res_grid(f"gemm_a8w4_gemv_res<{u},true,{nw}>", g.R, nw, res_blocks) if res else g.R,)
-    kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv_res<{u},true,{nw}>" if res
+    res = _gemv_res({} if res is None else {"res": res}, rw == 1 and (u, nw, True, dp) in GEMV_RES)
+    grid = (gemv_res_grid(f"gemm_a8w4_gemv_res<{u},true,{nw},{_B[dp]}>", g.R, nw, res_blocks) if res else g.R,)
+    kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv_res<{u},true,{nw},{_B[dp]}>" if res
                  else f"gemm_a8w4_gemv<{gemv_targs(1, rw, u, nw, dp, silu=True)}>", grid, (32 * nw,),
                  qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=1, N=layer.n, R=g.R, C=g.C,
                  Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=None, amax_out=amax)
