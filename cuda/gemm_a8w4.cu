@@ -335,10 +335,10 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
             }
         }
     };
-    auto load_x = [&](GemvBatch<1, 1, U>& b) {            // after the PDL wait: x is the kernel before's output
+    auto load_x = [&](GemvBatch<1, 1, U>& b, int c0) {    // after the PDL wait: x is the kernel before's output
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int c = lc + NW * u;
+            const int c = c0 + NW * u;
             if (lt < tiles && c < C && xok) {
                 const i8* xp = xb0 + c * DGQ_CHUNK_K;
                 b.xb[u][0][0] = ldg_u32(xp);
@@ -378,8 +378,8 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
     const bool ethread = threadIdx.x < (SILU ? 64 : 128) && em < M;
     auto scales_of = [&](int it, float& a, float& b) {
         const int n = DGQ_TILE_N * ((int)blockIdx.x + it * (int)gridDim.x) + ecol;
-        a = ethread && it < tiles && n < N ? s8[n] : 0.f;
-        b = SILU && ethread && it < tiles && n + 8 < N ? s8[n + 8] : 0.f;
+        a = ethread && n < N ? s8[n] : 0.f;
+        b = SILU && ethread && n + 8 < N ? s8[n + 8] : 0.f;
     };
 
     GemvBatch<1, 1, U> b0, b1;
@@ -390,22 +390,17 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
     scales_of(0, s8p, s8u);
     pdl_enter();
     const float sxp = ethread ? sx[em] : 0.f;
-    {                                                       // the x of the two batches loaded above
-        const int slc = lc;                                 // (a tile holds at least one pair: lt is still 0)
-        lc = warp;
-        load_x(b0);
-        lc = slc;
-        load_x(b1);
-    }
+    load_x(b0, warp);                                       // the x of the two batches loaded above
+    load_x(b1, warp + SPAN);                                // (a tile holds at least one pair: lt is still 0)
     advance();                                              // the cursor now names the batch after b1
     for (int it = 0; it < tiles; ++it) {
         const int rt = (int)blockIdx.x + it * (int)gridDim.x;
         for (int p = 0; p < pairs; ++p) {
             const int c0 = warp + 2 * SPAN * p;
             compute(c0, b0);
-            load_w(b0); load_x(b0); advance();
+            load_w(b0); load_x(b0, lc); advance();
             compute(c0 + SPAN, b1);
-            load_w(b1); load_x(b1); advance();
+            load_w(b1); load_x(b1, lc); advance();
         }
         // the epilogue's operands of this tile (tile 0's scales came before the PDL wait): requested
         // here, after the loop, so that they hold no registers through it; the barrier hides them

@@ -21,8 +21,9 @@ def walk(C: int, R: int, grid: int, NW: int = 8, U: int = 2) -> collections.Coun
         for warp in range(NW):
             lt, lc, lend = 0, warp, warp + 2 * SPAN * pairs
 
-            def load():                      # load_w / load_x: what a batch's U slots hold (None: zeros)
-                return [(bx + lt * grid, lc + NW * u) if lt < tiles and lc + NW * u < C else None for u in range(U)]
+            def load(c0=None):               # load_w / load_x: what a batch's U slots hold (None: zeros)
+                c0 = lc if c0 is None else c0
+                return [(bx + lt * grid, c0 + NW * u) if lt < tiles and c0 + NW * u < C else None for u in range(U)]
 
             def advance():
                 nonlocal lt, lc
@@ -32,10 +33,8 @@ def walk(C: int, R: int, grid: int, NW: int = 8, U: int = 2) -> collections.Coun
             b0 = load()                      # before the PDL wait: the weights of the first two batches
             advance()
             b1 = load()
-            slc, lc = lc, warp               # after it, their x (the same slots)
-            assert load() == b0
-            lc = slc
-            assert load() == b1
+            assert load(warp) == b0          # after it, their x (the same slots)
+            assert load(warp + SPAN) == b1
             advance()
             for it in range(tiles):
                 rt = bx + it * grid

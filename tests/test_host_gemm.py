@@ -161,7 +161,7 @@ def test_resident_gemv_launches_on_a_resident_grid(monkeypatch):
 
     with host_gemm.faked():
         fn = kargs.function(ops.GEMV_FILE, "gemm_a8w4_gemv_res<2,false,8,true>")  # the fake kernel
-        monkeypatch.setattr(ops, "_RES_SLOTS", {(fn, host_gemm.H200["name"]): 528})   # 4 blocks an SM
+        monkeypatch.setattr(kargs, "_RESIDENT", {(fn, 256, 0, host_gemm.H200["name"]): 528})   # 4 blocks an SM
         assert call(qkv) == ("gemm_a8w4_gemv<1,1,2,false,false,8,true>", (768,))
         assert silu() == ("gemm_a8w4_gemv<1,1,2,false,true,8,true>", (1376,))
         # 768 row tiles on 528 slots: 384 blocks of two (not 240 of two and 288 of one)

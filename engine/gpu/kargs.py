@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
+from .backend import require_cupy
 from .launch import ParamLayout
 
 # C scalar type -> the NumPy scalar CuPy and launch.py marshal with that type's bytes
@@ -250,6 +251,26 @@ def bind(kf: KernelFile, expr: str, args: dict) -> tuple:
     if bound is None:
         bound = _checked(kf, expr, args)
     return bound.build(args)
+
+
+_RESIDENT: dict = {}     # (launch.Kernel, threads, dynamic shared memory, device) -> blocks held at once
+
+
+def resident_grid(fn, row_tiles: int, threads: int, smem: int = 0, cap: int = 0) -> int:
+    """The grid of a kernel whose block b takes row tiles b, b + gridDim.x, ... (cuda/gemv_wb.cu
+    gemv_wb_body, cuda/gemm_a8w4.cu gemm_a8w4_gemv_res): one block a row tile where they all fit,
+    else no more blocks than the GPU holds at once (the driver's occupancy query for fn as compiled,
+    with this block and shared memory) nor than cap where cap > 0, and of those as few as keep the
+    most row tiles a block (768 row tiles on 528 slots: 384 blocks of two, not 240 of two and 288 of
+    one)."""
+    key = (fn, threads, smem, kernels.device_info()["name"])
+    if key not in _RESIDENT:
+        per_sm = require_cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.raw.kernel.ptr, threads, smem)
+        _RESIDENT[key] = max(1, int(per_sm)) * kernels.device_info()["sm_count"]
+    slots = min(_RESIDENT[key], cap) if cap > 0 else _RESIDENT[key]
+    if row_tiles <= slots:
+        return row_tiles
+    return -(-row_tiles // -(-row_tiles // slots))
 
 
 def function(kf: KernelFile, expr: str):

@@ -235,23 +235,10 @@ def _gemv_res(cfg: dict, runs: bool) -> bool:
     return bool(GEMM.gemv_resident if want is None else want) and runs
 
 
-_RES_SLOTS: dict = {}
-
-
 def gemv_res_grid(expr: str, row_tiles: int, nw: int, cap: int = 0) -> int:
-    """Blocks of gemm_a8w4_gemv_res over row_tiles: no more than the GPU holds at once (the driver's
-    occupancy query for the kernel as compiled) nor than cap where cap > 0 (tests: several row tiles a
-    block on small shapes), and of those as few as keep the most row tiles a block (gpu/wb.py
-    gemv_grid's rule: 768 row tiles on 528 slots run as 384 blocks of two, not 240 of two and 288 of one)."""
-    fn = kargs.function(GEMV_FILE, expr)
-    key = (fn, kernels.device_info()["name"])
-    if key not in _RES_SLOTS:
-        per_sm = _cp().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.raw.kernel.ptr, 32 * nw, 0)
-        _RES_SLOTS[key] = max(1, int(per_sm)) * kernels.device_info()["sm_count"]
-    slots = min(_RES_SLOTS[key], cap) if cap > 0 else _RES_SLOTS[key]
-    if row_tiles <= slots:
-        return max(1, row_tiles)
-    return -(-row_tiles // -(-row_tiles // slots))
+    """Blocks of gemm_a8w4_gemv_res `expr` (NW warps) over row_tiles (kargs.resident_grid); cap > 0:
+    at most that many (tests: several row tiles a block on small shapes)."""
+    return kargs.resident_grid(kargs.function(GEMV_FILE, expr), row_tiles, 32 * nw, 0, cap)
 
 
 def has_wgmma() -> bool:

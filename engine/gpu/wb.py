@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import formats
 from ..formats import planes, tiles
-from . import kargs, kernels, launch
+from . import kargs, launch
 from .backend import require_cupy
 from .ops import CudaOpError, set_smem
 from .tuning import WB, WB_TUNE
@@ -102,23 +102,13 @@ def dequantize_wb(p: PackedWB, out=None):
     return w16
 
 
-_RESIDENT: dict = {}
-
-
 def gemv_grid(fn, row_tiles: int, smem: int) -> int:
     """The GEMV's grid: one block a row tile, or (WB_TUNE.resident) no more blocks than the GPU
-    holds at once, each taking every gridDim-th row tile (cuda/gemv_wb.cu gemv_wb_body)."""
+    holds at once, each taking every gridDim-th row tile (cuda/gemv_wb.cu gemv_wb_body;
+    kargs.resident_grid)."""
     if not WB_TUNE.resident:
         return row_tiles
-    key = (fn, smem)
-    if key not in _RESIDENT:
-        cp = require_cupy()
-        per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.raw.kernel.ptr, 32 * WB.warps, smem)
-        _RESIDENT[key] = max(1, int(per_sm)) * kernels.device_info()["sm_count"]
-    slots = min(_RESIDENT[key], WB_TUNE.max_blocks) if WB_TUNE.max_blocks > 0 else _RESIDENT[key]
-    if row_tiles <= slots:
-        return row_tiles
-    return -(-row_tiles // -(-row_tiles // slots))     # as few blocks as keep the most row tiles a block
+    return kargs.resident_grid(fn, row_tiles, 32 * WB.warps, smem, WB_TUNE.max_blocks)
 
 
 def gemv_variant(p: PackedWB, m: int) -> tuple[int, int, int]:
