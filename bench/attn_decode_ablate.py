@@ -17,7 +17,7 @@ no cross-block merge: the launch, q and the block's partial), launchonly (the ke
 once: the launch of this grid alone), noscales (int8: the step's scales are not copied, each lane
 reads whatever its slot holds: the K/V codes alone, for timing only). Each patch must match the source exactly once, so a changed kernel fails loudly here
 rather than measuring something else. --splits: the engine's launcher with other split counts
-(tuning.ATTENTION.gqa_waves, gqa_max_splits) and ring depths. --file NAME=PATH (repeatable): one
+(tuning.ATTENTION.gqa_waves, gqa_max_splits). --file NAME=PATH (repeatable): one
 more variant compiled from another attention.cu (e.g. `git show REV:cuda/attention.cu > PATH`;
 its includes come from cuda/), to compare a kernel change in one process; --patch FILE.json
 (repeatable): one more variant per item of an `e2e --patch` file (bench/patches/attn-quad.json). One JSON line per row: µs a launch
@@ -203,7 +203,7 @@ def run_variants(cp, attention, kernels, contexts, names, files=(), batch: int =
                 fn = mods[n].get_function(exprs[kv8])
                 fn.max_dynamic_shared_size_bytes = smem
                 ns = attention.gqa_splits(batch, HQ, HKV, D, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024,
-                                          0, fn.num_regs)
+                                          fn.num_regs)
                 launches[n] = (lambda fn=fn, ns=ns: fn((ns, HKV, batch), (attention.ATTENTION.threads,), vals,
                                                        shared_mem=smem))
                 regs[n] = fn.num_regs
@@ -214,17 +214,15 @@ def run_variants(cp, attention, kernels, contexts, names, files=(), batch: int =
 
 def run_splits(cp, attention, contexts):
     base = attention.ATTENTION
-    configs = [("heads", 1, 32, 0), ("gqa", 1, 32, 0), ("gqa", 2, 32, 0), ("gqa", 4, 64, 0), ("gqa", 8, 64, 0),
-               ("gqa", 1, 32, 2), ("gqa", 2, 64, 2)]
+    configs = [("heads", 1, 32), ("gqa", 1, 32), ("gqa", 2, 32), ("gqa", 4, 64), ("gqa", 8, 64)]
     saved_kernel = attention.DECODE_KERNEL
     try:
         for ctx in contexts:
             for kv8 in (False, True):
                 nsplit, args, kv_bytes = setup(cp, attention, ctx, kv8)
-                for kernel, waves, max_splits, st in configs:
+                for kernel, waves, max_splits in configs:
                     attention.DECODE_KERNEL = kernel
-                    attention.ATTENTION = dataclasses.replace(base, gqa_waves=waves, gqa_max_splits=max_splits,
-                                                              gqa_stages=st)
+                    attention.ATTENTION = dataclasses.replace(base, gqa_waves=waves, gqa_max_splits=max_splits)
                     attention._GQA_LAUNCH.clear()
                     a = args
 
@@ -238,7 +236,7 @@ def run_splits(cp, attention, contexts):
                     us = median_us(cp, {kernel: launch}, rounds=1, reps=200)[kernel]
                     grid = next(iter(attention._GQA_LAUNCH.values()))[1] if attention._GQA_LAUNCH else None
                     print(json.dumps(dict(ctx=ctx, kv="int8" if kv8 else "fp16", kernel=kernel, waves=waves,
-                                          max_splits=max_splits, st=st, grid=grid, us=round(us, 2),
+                                          max_splits=max_splits, grid=grid, us=round(us, 2),
                                           gbs=round(kv_bytes / us / 1e3, 1))), flush=True)
     finally:
         attention.ATTENTION, attention.DECODE_KERNEL = base, saved_kernel
@@ -254,7 +252,7 @@ def main():
     ap.add_argument("--patch", action="append", default=[], metavar="FILE.json",
                     help="one more variant per item of an `e2e --patch` file that edits attention.cu "
                          "(e.g. bench/patches/attn-quad.json)")
-    ap.add_argument("--splits", action="store_true", help="the split-count and ring-depth sweep instead")
+    ap.add_argument("--splits", action="store_true", help="the split-count sweep instead")
     ap.add_argument("--batch", type=int, default=1, help="sequences a launch (each of the context's length)")
     a = ap.parse_args()
     import cupy as cp

@@ -800,7 +800,7 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 // the step's 16 k then 16 v scales (SCB bytes), one 4-byte copy a lane (a single instruction;
 // 8 a lane when each lane copied the scales of its own keys), read by the lanes that need them
 // after a __syncwarp.
-template <int D, typename KV, int ST = 0>
+template <int D, typename KV>
 struct GqLayout {
     static constexpr int ES = sizeof(KV);
     static constexpr int KB = D * ES / 4;
@@ -809,8 +809,9 @@ struct GqLayout {
     static constexpr int REC = 2 * KB + 4 * VB;
     static constexpr int SCB = ES == 1 ? 2 * GQ_STEP * 4 : 0;   // kv8: the step's k and v scales
     static constexpr int STAGE = 32 * REC + SCB;       // one warp, one step
-    static constexpr int AUTO_STAGES = GQ_WARPS * STAGE * 4 > 100 * 1024 ? 3 : 4;   // 2 blocks an SM at fp16, D = 128
-    static constexpr int STAGES = ST > 0 ? ST : AUTO_STAGES;   // ST: tuning.ATTENTION.gqa_stages
+    // the ring's depth: 3 at fp16, D = 128 (2 blocks an SM), else 4; depths 2 (3 blocks an SM) and
+    // 6 measured slower (docs/KERNELS.md)
+    static constexpr int STAGES = GQ_WARPS * STAGE * 4 > 100 * 1024 ? 3 : 4;
     static constexpr int RING = GQ_WARPS * STAGES * STAGE;
     static constexpr int MERGE = GQ_WARPS * GQ_HEADS * (D + 2) * 4;             // the warps' partials, after the loop
     static constexpr int BYTES = RING > MERGE ? RING : MERGE;
@@ -853,14 +854,14 @@ __device__ __forceinline__ void mma_f16_top(float& d0, float& d1, u32 a0, u32 a2
 
 // window > 0 (attn_decode_gqa_sw): keys [lo, p) stream from the cache, lo = max(0, p − window + 1),
 // divided among the splits as [0, p) is without a window; window = 0: the code of before.
-template <typename KV, int DT, int ST>
+template <typename KV, int DT>
 __device__ __forceinline__ void attn_decode_gqa_body(
         const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
         KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out, unsigned* __restrict__ amax_out, int window) {
-    typedef GqLayout<DT, KV, ST> L;
+    typedef GqLayout<DT, KV> L;
     constexpr bool KV8 = sizeof(KV) == 1;
     constexpr int ES = sizeof(KV);
     constexpr int CHK = 16 / ES;                // elements of a 16-byte K piece
@@ -1208,25 +1209,25 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     out_amax(am, amax_out, b);
 }
 
-template <typename KV, int DT, int ST = 0>
-__global__ void __launch_bounds__(GQ_WARPS * 32, ST == 2 ? 3 : 2) attn_decode_gqa(
+template <typename KV, int DT>
+__global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa(
         const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
         KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out, unsigned* __restrict__ amax_out) {
-    attn_decode_gqa_body<KV, DT, ST>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
+    attn_decode_gqa_body<KV, DT>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
                              counters, out, amax_out, 0);
 }
 
 // attn_decode_gqa for a sliding-window layer (the keys of attn_decode_sw).
-template <typename KV, int DT, int ST = 0>
-__global__ void __launch_bounds__(GQ_WARPS * 32, ST == 2 ? 3 : 2) attn_decode_gqa_sw(
+template <typename KV, int DT>
+__global__ void __launch_bounds__(GQ_WARPS * 32, 2) attn_decode_gqa_sw(
         const __half* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
         KV* __restrict__ kc, KV* __restrict__ vc, float* __restrict__ ks, float* __restrict__ vs,
         const int* __restrict__ lens, int Hq, int Hkv, int D, int cap, float scale,
         float* __restrict__ part_ml, float* __restrict__ part_acc, int* __restrict__ counters,
         __half* __restrict__ out, unsigned* __restrict__ amax_out, int window) {
-    attn_decode_gqa_body<KV, DT, ST>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
+    attn_decode_gqa_body<KV, DT>(qkv, cos_t, sin_t, kc, vc, ks, vs, lens, Hq, Hkv, D, cap, scale, part_ml, part_acc,
                              counters, out, amax_out, window);
 }

@@ -358,38 +358,3 @@ GEMV_F16_ENTRY(8, 4)
 GEMV_W8_ENTRY(1, 8)
 GEMV_W8_ENTRY(4, 4)
 GEMV_W8_ENTRY(8, 4)
-
-// L2 prefetch (decode, sm_90): up to four byte ranges, weights a later kernel of the step reads,
-// pulled into L2 with cp.async.bulk.prefetch while the kernels before that one run (they leave
-// DRAM idle: attention, norms, a GEMV's last wave). Reads and writes nothing, so correctness
-// never depends on it; grid any, block ≤ PF_THREADS, each thread one PF_CHUNK at a time. It
-// triggers its successor at once and waits before it returns (pdl.cuh: a grid that completed
-// without waiting would let the kernel after it pass its own wait early). Ranges: 16-byte
-// aligned starts (CuPy allocations are), sizes rounded down to 16 bytes; null or 0: none.
-#define PF_CHUNK 65536
-#define PF_THREADS 128
-extern "C" __global__ void __launch_bounds__(PF_THREADS) prefetch_l2(
-    const char* __restrict__ a, long long na, const char* __restrict__ b, long long nb,
-    const char* __restrict__ c, long long nc, const char* __restrict__ d, long long nd) {
-    pdl_trigger();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long nt = (long long)gridDim.x * blockDim.x;
-    const char* ps[4] = {a, b, c, d};
-    const long long ns[4] = {na, nb, nc, nd};
-    long long first = 0;                                   // chunk numbers run on across the ranges
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const long long chunks = ps[r] == nullptr ? 0 : (ns[r] + PF_CHUNK - 1) / PF_CHUNK;
-        long long i = ((tid - first) % nt + nt) % nt;      // this thread's first chunk of the range
-        for (; i < chunks; i += nt) {
-            const long long off = i * PF_CHUNK;
-            const unsigned size = (unsigned)min((long long)PF_CHUNK, ns[r] - off) & ~15u;
-            if (size)
-                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ps[r] + off), "r"(size) : "memory");
-        }
-        first += chunks;
-    }
-#endif
-    pdl_wait();
-}

@@ -104,7 +104,7 @@ def test_family_kernels_are_instantiated_and_share_the_parameter_lists():
     sliding-window kernels take their base kernel's parameters and `window`, gelu_mul_quant
     silu_mul_quant's (the launchers pass the same keywords)."""
     src = {f: (ROOT / "cuda" / f).read_text() for f in ("fused.cu", "attention.cu")}
-    for kf in (fused.FAMILY, attention.ATTN_FAMILY, attention.ATTN_WIDE, attention.ATTN_STAGES):
+    for kf in (fused.FAMILY, attention.ATTN_FAMILY, attention.ATTN_WIDE):
         names = kargs.parse_kernels(kernels.source(kf.file))
         for expr in kf.exprs:
             name, targs = expr.split("<")[0].strip(), expr[expr.index("<") + 1:-1]

@@ -15,17 +15,19 @@ def test_parse_ab_types_and_errors():
 
 
 def test_decode_variants_set_and_restore_tuning():
-    before = (tuning.GEMM.gemv_dp4a, tuning.GEMM.gemv_dp_u, tuning.PREFETCH.enabled)
-    rows = decode_variants(prefetch=(8,), ab=[{"gemv_dp4a": not before[0], "gemv_dp_u": 4}])
-    assert [r[0] for r in rows] == ["prefetch o+8MB", f"gemv_dp4a={int(not before[0])},gemv_dp_u=4"]
-    with rows[1][1]():
-        assert (tuning.GEMM.gemv_dp4a, tuning.GEMM.gemv_dp_u) == (not before[0], 4)
+    before = (tuning.GEMM.gemv_dp4a, tuning.GEMM.gemv_dp_u, tuning.DECODE.gqa_wave_fit)
+    rows = decode_variants(ab=[{"gemv_dp4a": not before[0], "gemv_dp_u": 4},
+                               {"decode.gqa_wave_fit": not before[2]}])
+    assert [r[0] for r in rows] == [f"gemv_dp4a={int(not before[0])},gemv_dp_u=4",
+                                    f"decode.gqa_wave_fit={int(not before[2])}"]
     with rows[0][1]():
-        assert tuning.PREFETCH.enabled and tuning.PREFETCH.gate_up_bytes == 8 << 20
+        assert (tuning.GEMM.gemv_dp4a, tuning.GEMM.gemv_dp_u) == (not before[0], 4)
+    with rows[1][1]():
+        assert tuning.DECODE.gqa_wave_fit == (not before[2])
     with pytest.raises(RuntimeError):
-        with rows[1][1]():
+        with rows[0][1]():
             raise RuntimeError
-    assert (tuning.GEMM.gemv_dp4a, tuning.GEMM.gemv_dp_u, tuning.PREFETCH.enabled) == before
+    assert (tuning.GEMM.gemv_dp4a, tuning.GEMM.gemv_dp_u, tuning.DECODE.gqa_wave_fit) == before
 
 
 def test_context_table_repeats_under_each_ab_setting(monkeypatch):
@@ -35,7 +37,6 @@ def test_context_table_repeats_under_each_ab_setting(monkeypatch):
     import types
 
     from engine.bench import e2e
-    from engine.gpu import attention
     seen = []
 
     def context_row(cp, gm, label, ctx, bsz, kv8, steps, bw, rng):
@@ -46,7 +47,6 @@ def test_context_table_repeats_under_each_ab_setting(monkeypatch):
     monkeypatch.setattr(e2e, "random_model", lambda shape, q: types.SimpleNamespace(
         config=types.SimpleNamespace(max_position_embeddings=1 << 20)))
     monkeypatch.setitem(sys.modules, "engine.gpu.model", types.SimpleNamespace(CudaModel=lambda mw: object()))
-    monkeypatch.setattr(attention, "ring_depth", lambda st: __import__("contextlib").nullcontext())
     monkeypatch.setattr(e2e, "gc", types.SimpleNamespace(collect=lambda: None))
     cp = types.SimpleNamespace(get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
     monkeypatch.setattr(e2e, "_device", lambda: (cp, None, [{"phase": "device", "name": "fake", "copy_bw_gbs": 1.0}]))

@@ -45,14 +45,14 @@ def test_gqa_constants_and_shared_memory():
     assert (d["GQ_HEADS"], d["GQ_STEP"]) == (A.gqa_heads, A.gqa_step)
     assert A.gqa_max_splits <= d["GQ_MAX_SPLITS"]
     body = re.search(r"struct GqLayout \{(.*?)\};", (ROOT / "cuda" / "attention.cu").read_text(), re.S).group(1)
-    for hd, kv8, st in itertools.product(A.head_dims, (False, True), attention.GQA_STAGES):
-        env = {"D": hd, "GQ_WARPS": d["GQ_WARPS"], "GQ_HEADS": d["GQ_HEADS"], "GQ_STEP": d["GQ_STEP"], "ST": st}
+    for hd, kv8 in itertools.product(A.head_dims, (False, True)):
+        env = {"D": hd, "GQ_WARPS": d["GQ_WARPS"], "GQ_HEADS": d["GQ_HEADS"], "GQ_STEP": d["GQ_STEP"]}
         for name, expr in re.findall(r"static constexpr int (\w+) = ([^;]+);", body):
             expr = expr.replace("sizeof(KV)", "1" if kv8 else "2").replace("/", "//")
             expr = re.sub(r"(.+?) \? (.+?) : (.+)", r"(\2) if (\1) else (\3)", expr)
             env[name] = eval(expr, {}, dict(env))  # noqa: S307  (a constexpr of our own source)
-        assert env["BYTES"] == attention.gqa_smem(hd, kv8, st)
-        assert env["STAGES"] == (st or env["AUTO_STAGES"]) and env["STAGES"] >= 2
+        assert env["BYTES"] == attention.gqa_smem(hd, kv8)
+        assert env["STAGES"] in (3, 4)
         assert env["REC"] % 16 == 0 and env["VB"] in (8, 16, 32)
         # static shared memory (sq, snk, snv, snew, wts) within the launcher's allowance
         static = (2 * d["GQ_HEADS"] * hd + 8 * hd + 4 * (d["GQ_HEADS"] + 2)
@@ -73,14 +73,13 @@ def test_gqa_splits_policy():
     assert attention.gqa_splits(1, 9, 3, 64, False, 129, 132, sm) == A.gqa_max_splits
     assert attention.gqa_splits(1, 9, 3, 64, False, 3, 132, sm) == 3          # a small cache
     assert attention.gqa_groups(48, 3) == 2 and attention.gqa_groups(9, 3) == 1
-    # a ring of 2 stages (tuning.ATTENTION.gqa_stages) at fp16, D = 128: 3 blocks an SM by shared
-    # memory and by 166 registers (168 in units of 8), so 12 splits (384 blocks); at 172 registers
-    # the registers hold only 2, so 8 splits
-    assert attention.gqa_smem(128, False, 2) == 64 * 1024 and attention.gqa_smem(128, False) == 96 * 1024
-    assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 2) == 12
-    assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 2, 166) == 12
-    assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 2, 172) == 8
-    assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 0, 168) == 8
+    # INT8 K/V at D = 128: a 66 KB ring, 3 blocks an SM by shared memory, so 12 splits (396 slots),
+    # and by 166 registers (168 in units of 8); at 172 registers the registers hold only 2: 8 splits
+    assert attention.gqa_smem(128, True) == 66 * 1024 and attention.gqa_smem(128, False) == 96 * 1024
+    assert attention.gqa_splits(1, 32, 32, 128, True, 129, 132, sm) == 12
+    assert attention.gqa_splits(1, 32, 32, 128, True, 129, 132, sm, 166) == 12
+    assert attention.gqa_splits(1, 32, 32, 128, True, 129, 132, sm, 172) == 8
+    assert attention.gqa_splits(1, 32, 32, 128, False, 129, 132, sm, 168) == 8
     # DECODE.gqa_wave_fit (off by default): with more units than slots (264), two splits where that
     # leaves fewer waves a unit's work (batch 12: 384 units, 2 waves at one split, 3 for twice the
     # blocks), else one
@@ -440,27 +439,10 @@ def test_context_table_bytes_come_from_the_shapes():
     assert all(line.count("|") == head_cols for line in table.splitlines()[2:])
 
 
-def test_ring_depth_switches_and_restores():
-    """attention.ring_depth(st): _decode_gqa's ATTENTION has gqa_stages = st within the block
-    (tuning's record is frozen, so the module holds a copy), the original after it, also after an
-    error; a depth with no instantiation is refused."""
-    before = attention.ATTENTION
-    with attention.ring_depth(2):
-        assert attention.ATTENTION.gqa_stages == 2 and attention.ATTENTION.threads == before.threads
-    assert attention.ATTENTION is before
-    with pytest.raises(RuntimeError):
-        with attention.ring_depth(2):
-            raise RuntimeError
-    assert attention.ATTENTION is before
-    with pytest.raises(attention.BackendError, match="ring depths"):
-        with attention.ring_depth(3):
-            pass
-
-
-def test_ring_depth_kernels_live_in_their_own_module(monkeypatch):
-    """With gqa_stages = 2 the launcher names attn_decode_gqa<KV, d, 2> of attention.ATTN_STAGES
-    (compiled only when asked for), sizes its shared memory and splits for 3 blocks an SM, and the
-    default launch stays on the main module's attn_decode_gqa<KV, d>."""
+def test_gqa_launch_names_sizes_and_splits(monkeypatch):
+    """The launcher names the main module's attn_decode_gqa<KV, d>, opts in to its shared memory
+    and sizes its grid by the blocks an SM holds (fp16, D = 128: 2, so 8 splits at batch 1; INT8
+    at 166 registers: 3, so 12)."""
     from types import SimpleNamespace
     from engine.gpu import kargs, kernels
     seen = []
@@ -474,11 +456,8 @@ def test_ring_depth_kernels_live_in_their_own_module(monkeypatch):
     kc = np.zeros((1,), np.float16)
     args = dict(kc=kc, D=128, Hq=32, Hkv=32)
     attention._decode_gqa("attn_decode", 1, 129, args)
-    with attention.ring_depth(2):
-        attention._decode_gqa("attn_decode", 1, 129, args)
-    (kf0, e0, g0, s0), (kf2, e2, g2, s2) = seen
-    assert (kf0, e0, g0[0], s0) == (attention.ATTN, "attn_decode_gqa<__half, 128>", 8, 96 * 1024)
-    assert (kf2, e2, g2[0], s2) == (attention.ATTN_STAGES, "attn_decode_gqa<__half, 128, 2>", 12, 64 * 1024)
-    assert e0 in attention.ATTN.exprs and e2 in attention.ATTN_STAGES.exprs
-    assert not any(e.startswith("attn_decode_gqa") and e.count(",") == 2
-                   for e in attention.ATTN.exprs + attention.ATTN_FAMILY.exprs)     # no ST there
+    attention._decode_gqa("attn_decode", 1, 129, dict(args, kc=np.zeros((1,), np.int8)))
+    (kf0, e0, g0, s0), (kf8, e8, g8, s8) = seen
+    assert (kf0, e0, g0, s0) == (attention.ATTN, "attn_decode_gqa<__half, 128>", (8, 32, 1), 96 * 1024)
+    assert (kf8, e8, g8, s8) == (attention.ATTN, "attn_decode_gqa<signed char, 128>", (12, 32, 1), 66 * 1024)
+    assert e0 in attention.ATTN.exprs and e8 in attention.ATTN.exprs

@@ -1,6 +1,5 @@
 """Decode attention on the GPU (cuda/attention.cu): both kernels, attn_decode ("heads") and
-attn_decode_gqa ("gqa", gpu/attention.py DECODE_KERNEL; "gqa2": with its 2-stage ring), against
-the NumPy reference
+attn_decode_gqa ("gqa", gpu/attention.py DECODE_KERNEL), against the NumPy reference
 (engine/model/ops_ref.py attention in float64; kv8 dequantized as engine/model/kv_cache.py
 quantizes) over contexts up to 8192, GQA ratios 1, 3, 4 and 8, fp16 and INT8 KV, batch 1, 8
 and 32, the Llama-2-7B and Llama-3-8B attention shapes, and several steps replayed through one
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.gpu
 if not has_gpu():
     pytest.skip("no GPU", allow_module_level=True)
 
-KERNELS = ("heads", "gqa", "gqa2")   # gqaN: attn_decode_gqa with a ring of N stages (ATTENTION.gqa_stages)
+KERNELS = ("heads", "gqa")
 HKV = 2
 BATCHES = {                     # name -> (lens, capacity)
     "b1": ([8192], 8192),
@@ -94,11 +93,9 @@ def cache_case(d, kv8, lens, cap, hkv=HKV):
 def decode_kernel(name):
     from engine.gpu import attention
     saved = attention.DECODE_KERNEL
-    st = int(name[3:]) if name.startswith("gqa") and name[3:] else 0
-    attention.DECODE_KERNEL = "gqa" if st else name
+    attention.DECODE_KERNEL = name
     try:
-        with attention.ring_depth(st):
-            yield
+        yield
     finally:
         attention.DECODE_KERNEL = saved
 

@@ -387,41 +387,6 @@ def test_pdl_launches_equal_plain_launches(monkeypatch, merge):
         np.testing.assert_array_equal(a, b)
 
 
-def test_l2_prefetch_changes_no_bits(monkeypatch):
-    """The decode step's L2 prefetch (tuning.PREFETCH, cuda/fused.cu prefetch_l2) only moves
-    weights into L2: with it on (launched once a layer, counted) the captured step replays to
-    the logits and tokens it gives with it off, bit for bit."""
-    from engine.gpu import fused, kernels, launch, tuning
-    from engine.gpu.model import CudaModel
-    if kernels.device_info()["cc"] < 90 or not launch.pdl_enabled():
-        pytest.skip("the prefetch runs in PDL captures on sm_90 only")
-    mw = wide_tiny(seed=5)
-    gm = CudaModel(mw)
-    prompt = np.arange(3, 90) % mw.config.vocab_size
-    real, launched = fused.prefetch_l2, []
-
-    def counted(ranges):
-        ok = real(ranges)
-        launched.append(ok)
-        return ok
-    monkeypatch.setattr(fused, "prefetch_l2", counted)
-    runs = []
-    for on in (False, True):
-        monkeypatch.setattr(tuning.PREFETCH, "enabled", on)
-        monkeypatch.setattr(tuning.PREFETCH, "gate_up_bytes", 1 << 20 if on else 0)
-        cache = gm.new_cache(256)
-        pre = gm.prefill(prompt, cache).get()
-        toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 30, True)[:, 0]
-        runs.append((toks, cache.step.bufs.logits[:1].get()))
-    L = mw.config.num_hidden_layers             # launched once a layer in the capture (False: the eager
-    assert sum(launched) >= L and sum(launched) % L == 0, launched             # warm-up step launches none)
-    for a, b in zip(*runs):
-        np.testing.assert_array_equal(a, b)
-    with pytest.raises(Exception, match="past its array"):
-        with launch.capturing():
-            real([(gm.layers[0].o.weight_arrays()[0], 1 << 40)])
-
-
 @pytest.mark.parametrize("act", ["dynamic", "static"])
 def test_fold_quant_equals_row_kernels(monkeypatch, act):
     """A one-token decode step without silu_mul_quant and quant_rows (CudaModel._fold_quant:

@@ -45,31 +45,26 @@ def cmd_e2e(args) -> int:
             raise BenchError(f"--attn: choose from {', '.join(DECODE_KERNELS)}, got {args.attn!r}")
         if args.steps < 1:
             raise BenchError(f"--steps must be at least 1, got {args.steps}")
-        from ..gpu.attention import GQA_STAGES  # noqa: PLC0415
-        stages = ints(args.gqa_stages, "--gqa-stages", least=0) if args.gqa_stages else ()
-        if set(stages) - set(GQA_STAGES):
-            raise BenchError(f"--gqa-stages: choose from {', '.join(map(str, GQA_STAGES))}, got {args.gqa_stages!r}")
         try:
             ab = [parse_ab(item) for item in args.ab]
             patches = read_patches(args.patch) if args.patch else ()
         except ValueError as e:
             raise BenchError(str(e)) from None
         rows = run_context(ints(args.context, "--context"), models, ints(args.batches, "--batches"),
-                           args.steps, attn, args.json, args.qfile, stages, ab, patches, args.fp16)
+                           args.steps, attn, args.json, args.qfile, ab, patches, args.fp16)
         if args.md:
             Path(args.md).write_text(format_context_table(rows) + "\n")
         return 0
     pot = tuple(int(b) for b in args.pot_bits.split(",") if b.strip())
     if set(pot) - {2, 3, 4}:
         raise BenchError(f"--pot-bits: choose from 2, 3, 4, got {args.pot_bits!r}")
-    prefetch = ints(args.prefetch, "--prefetch", least=0) if args.prefetch else ()
     try:
         ab = [parse_ab(item) for item in args.ab]
         patches = read_patches(args.patch) if args.patch else ()
     except ValueError as e:
         raise BenchError(str(e)) from None
     rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models, pot_bits=pot,
-                   prefetch=prefetch, ab=ab, patches=patches)
+                   ab=ab, patches=patches)
     if args.md:
         Path(args.md).write_text(format_table(rows) + "\n")
     return 0
@@ -171,10 +166,6 @@ def main(argv=None) -> int:
     e.add_argument("--steps", type=int, default=32, help="the context table's timed decode steps a row")
     e.add_argument("--attn", default="", help="the context table's decode attention kernels, e.g. heads,gqa "
                    "(default: the engine's, DGQ_ATTN_DECODE)")
-    e.add_argument("--gqa-stages", default="", help="the context table again with each ring depth of attn_decode_gqa, "
-                   "e.g. 0,2 (tuning.ATTENTION.gqa_stages; 0: automatic; default: the engine's)")
-    e.add_argument("--prefetch", default="", help="comma-separated MB of gate|up weights (0: o only): batch-1 decode "
-                   "rows with the L2 prefetch on (o weights + that many MB; tuning.PrefetchTuning), beside the default's")
     e.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
                    help="with --context: the context table again with these settings; else a batch-1 decode "
                    "row (and its per-launch profile) and prefill rows with these "

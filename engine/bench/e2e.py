@@ -19,11 +19,10 @@ model at each context for batch 1, 8 and 32, fp16 and INT8 KV, with the bytes a 
 model's shapes and the context, and the % of the copy bandwidth measured in the same process
 that this reaches; the attention launch alone is timed too (attention_time) against its K/V
 bytes. --attn heads,gqa repeats the table with each decode attention kernel (gpu/attention.py),
---gqa-stages 0,2 with each ring depth of attn_decode_gqa (tuning.ATTENTION.gqa_stages), --ab
-FIELD=INT with tuning.GEMM fields set (e.g. gemv_dp_u=4), each in the same process.
+--ab FIELD=INT with tuning.GEMM fields set (e.g. gemv_dp_u=4), each in the same process.
 
 A/B rows beside the default's, in the same process (batch-1 decode with its per-launch profile,
-and each prefill length): --prefetch (the L2 prefetch), --ab (tuning.GEMM fields; wb.FIELD,
+and each prefill length): --ab (tuning.GEMM fields; wb.FIELD,
 rows.FIELD, prefill.FIELD, decode.FIELD), --patch
 FILE.json (kernels compiled from edited source: kargs.patched; bench/patches/; its rows also
 for the W<b>-PoT models' batch-1 decode).
@@ -46,7 +45,7 @@ import numpy as np
 from .. import formats
 from ..formats import pot
 from ..gpu import kargs, launch
-from ..gpu.tuning import DECODE, GEMM, PREFETCH, PREFILL, ROWS, WB_TUNE
+from ..gpu.tuning import DECODE, GEMM, PREFILL, ROWS, WB_TUNE
 from ..io.config import ModelConfig
 from ..io.layout import LINEAR_NAMES, LayerWeights, ModelError, ModelWeights
 from ..io.shapes import shape_config
@@ -277,14 +276,12 @@ def _setting(obj, **values):
             setattr(obj, k, v)
 
 
-def decode_variants(prefetch=(), ab=(), patches=()) -> list:
+def decode_variants(ab=(), patches=()) -> list:
     """(row suffix, context manager factory) for the A/B rows (batch-1 decode and the first
-    prefill length): the L2 prefetch of o and that many MB of gate|up (tuning.PrefetchTuning);
-    each item of ab, a dict of tuning.GEMM fields and values (e.g. {"gemv_dp4a": False,
-    "gemv_dp_u": 4}); each of patches, (name, source edits) for kargs.patched (read_patches)."""
-    out = [(f"prefetch o+{mb}MB", functools.partial(_setting, PREFETCH, enabled=True, gate_up_bytes=mb << 20))
-           for mb in prefetch]
-    out += [(",".join(f"{k}={int(v)}" for k, v in d.items()), functools.partial(_ab_setting, d)) for d in ab]
+    prefill length): each item of ab, a dict of tuning.GEMM fields and values (e.g.
+    {"gemv_dp4a": False, "gemv_dp_u": 4}); each of patches, (name, source edits) for
+    kargs.patched (read_patches)."""
+    out = [(",".join(f"{k}={int(v)}" for k, v in d.items()), functools.partial(_ab_setting, d)) for d in ab]
     out += [(f"patch {name}", functools.partial(_patch_setting, edits, d)) for name, edits, d in patches]
     return out
 
@@ -387,7 +384,7 @@ def parse_ab(item: str) -> dict:
 
 
 def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b"), pot_bits=(4, 3, 2),
-            prefetch=(), ab=(), patches=()):
+            ab=(), patches=()):
     cp, bw, rows = _device()
     if qfile:                                          # that file alone, whatever its shape
         from ..io.qfile import load_qfile  # noqa: PLC0415
@@ -403,7 +400,7 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
             mw, label = random_model(MODELS[key][0], True), MODELS[key][1]
         kw = dict(prefill_lens=(512,), batches=(1, 8), steps=32) if quick else {}
         rows += bench_model(cp, label + " A8W4", mw, bw=bw, kv8_batches=(1,) if quick else (1, 32),
-                            variants=decode_variants(prefetch, ab if key == "qfile" else   # a file may be weight-only
+                            variants=decode_variants(ab if key == "qfile" else   # a file may be weight-only
                                                      [d for d in ab if not _wb_only(d)], patches), **kw)
         _progress(rows, label + " A8W4")
         # the same with the opt-in INT8 output head (--lm-head int8): decode only
@@ -455,8 +452,6 @@ def context_row(cp, gm, label: str, ctx: int, bsz: int, kv8: bool, steps: int, b
     c = gm.config
     cap = ctx + steps + 3
     attn = attention.decode_kernel(attention.decode_splits(cap), c.head_dim, bsz)
-    if attn == "gqa" and attention.ATTENTION.gqa_stages:
-        attn += f" st={attention.ATTENTION.gqa_stages}"
     attn = f"auto: {attn}" if attention.DECODE_KERNEL == "auto" else attn
     row = dict(model=label, phase="context", attn=attn, context=ctx, batch=bsz,
                kv="int8" if kv8 else "fp16")
@@ -529,14 +524,13 @@ def attention_time(gm, cache, reps: int = 20) -> tuple[str, float]:
 
 
 def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), steps: int = 32,
-                attn_kernels=(), json_out: bool = False, qfile=None, gqa_stages=(), ab=(), patches=(),
+                attn_kernels=(), json_out: bool = False, qfile=None, ab=(), patches=(),
                 fp16: bool = False):
     """The context table (module docstring): every model × decode attention kernel × context ×
-    KV type × batch, and × attn_decode_gqa's ring depth (gqa_stages, tuning.ATTENTION.gqa_stages),
-    and again under each --ab setting of tuning.GEMM (ab: parse_ab dicts) and each --patch
-    (patches: read_patches; the attention column names the setting), all in one process; with
-    fp16, each model's FP16 path too (dequantized_copy, the same graphed step; the engine's
-    attention kernel and ring depth only); rows whose cache does not fit the free memory say so."""
+    KV type × batch, and again under each --ab setting of tuning.GEMM (ab: parse_ab dicts) and
+    each --patch (patches: read_patches; the attention column names the setting), all in one
+    process; with fp16, each model's FP16 path too (dequantized_copy, the same graphed step; the
+    engine's attention kernel only); rows whose cache does not fit the free memory say so."""
     from ..gpu import attention  # noqa: PLC0415
     from ..gpu.model import CudaModel  # noqa: PLC0415
     cp, bw, rows = _device()
@@ -568,10 +562,9 @@ def run_context(contexts, models=("smollm2", "llama7b"), batches=(1, 8, 32), ste
                             print(json.dumps(row), flush=True)
         try:
             settings = [("", contextlib.nullcontext)] + decode_variants(ab=ab, patches=patches)
-            for (suffix, setting), kernel, st in itertools.product(settings, kernels,
-                                                                   gqa_stages or (attention.ATTENTION.gqa_stages,)):
+            for (suffix, setting), kernel in itertools.product(settings, kernels):
                 attention.DECODE_KERNEL = kernel
-                with attention.ring_depth(st), setting():
+                with setting():
                     table(gm, label + " A8W4", suffix)
         finally:
             attention.DECODE_KERNEL = saved

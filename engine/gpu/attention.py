@@ -23,37 +23,11 @@ sized by gqa_splits), or "heads", attn_decode (a block per query head and 64-key
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-
 import numpy as np
 
 from . import flags, kargs, kernels
 from .backend import BackendError
 from .tuning import ATTENTION, DECODE
-
-
-GQA_STAGES = (0, 2)        # attn_decode_gqa's ST instantiations at the narrow head sizes (0: automatic)
-
-
-@contextlib.contextmanager
-def ring_depth(st: int):
-    """Within the block, attn_decode_gqa launches with the ring depth st (tuning.ATTENTION is
-    frozen: this module's ATTENTION becomes a copy with gqa_stages = st; benchmarks and tests)."""
-    global ATTENTION
-    if st not in GQA_STAGES:
-        raise BackendError(f"attn_decode_gqa is built for ring depths {GQA_STAGES} (0: automatic), not {st}")
-    saved = ATTENTION
-    ATTENTION = dataclasses.replace(saved, gqa_stages=st)
-    try:
-        yield
-    finally:
-        ATTENTION = saved
-
-
-def _st(stages: int) -> str:
-    """The template argument suffix of attn_decode_gqa's ring depth ("" for the automatic one)."""
-    return f", {stages}" if stages else ""
 
 
 def _attention_exprs(sw: str) -> list[str]:
@@ -79,12 +53,6 @@ ATTN_WIDE_EXPRS = tuple([f"rope_qkv_cache<{t}, {d}>" for t in ATTENTION.kv_types
                         + [f"attn_prefill{sw}<{d}, {t}>" for sw in ("", "_sw") for d in _W
                            for t in ATTENTION.kv_types])
 ATTN_WIDE = kargs.KernelFile("attention.cu", ATTN_WIDE_EXPRS)
-# attn_decode_gqa(_sw) with another ring depth than the automatic one (tuning.ATTENTION.gqa_stages;
-# narrow heads), in a module of their own: compiled only when a run asks for them
-ATTN_STAGES = kargs.KernelFile("attention.cu", tuple(
-    f"attn_decode_gqa{sw}<{t}, {d}, {st}>" for st in GQA_STAGES if st for sw in ("", "_sw")
-    for t in ATTENTION.kv_types for d in ATTENTION.head_dims))
-
 
 def _wide(d: int) -> bool:
     return d in ATTENTION.wide_head_dims
@@ -230,12 +198,12 @@ def _decode_heads_sw(kernel: str, batch: int, nsplit: int, cl: int, window: int,
                  (ATTENTION.threads,), window=window, **args)
 
 
-def gqa_smem(d: int, kv8: bool, st: int = 0) -> int:
-    """Dynamic shared memory of attn_decode_gqa<KV, d, st> (cuda/attention.cu GqLayout::BYTES)."""
+def gqa_smem(d: int, kv8: bool) -> int:
+    """Dynamic shared memory of attn_decode_gqa<KV, d> (cuda/attention.cu GqLayout::BYTES)."""
     es, w = (1 if kv8 else 2), ATTENTION.threads // 32
     kb, vb = d * es // 4, d * es // 8
     stage = 32 * (2 * kb + 4 * vb) + (2 * ATTENTION.gqa_step * 4 if kv8 else 0)     # kv8: + the step's scales
-    stages = st or (3 if w * stage * 4 > 100 * 1024 else 4)
+    stages = 3 if w * stage * 4 > 100 * 1024 else 4
     return max(w * stages * stage, w * ATTENTION.gqa_heads * (d + 2) * 4)
 
 
@@ -249,17 +217,17 @@ def gqa_groups(hq: int, hkv: int) -> int:
 
 
 def gqa_splits(batch: int, hq: int, hkv: int, d: int, kv8: bool, nsplit: int, sms: int, smem_sm: int,
-               st: int = 0, regs_per_thread: int = 0) -> int:
+               regs_per_thread: int = 0) -> int:
     """attn_decode_gqa's grid x (splits of the sequence) for a step of `batch` sequences on `sms`
     SMs of `smem_sm` bytes of shared memory each: as many as fill gqa_waves waves of the blocks
     the SMs hold (one sequence at batch 1 then covers the GPU), at most gqa_max_splits and nsplit
     (attn_decode's splits of the capacity, DEC_CHUNK keys each: the scratch is sized for them).
     Fixed for the capacity and batch (the graph of the step is captured once); the kernel divides
-    the keys it finds among them, so a short sequence leaves the later splits empty. st: the ring
-    depth (GqLayout ST); regs_per_thread (the compiled kernel's, when known) caps the blocks an SM
-    holds by its 64 K registers as well as by its shared memory. With tuning.DECODE.gqa_wave_fit
+    the keys it finds among them, so a short sequence leaves the later splits empty.
+    regs_per_thread (the compiled kernel's, when known) caps the blocks an SM holds by its 64 K
+    registers as well as by its shared memory. With tuning.DECODE.gqa_wave_fit
     (off), two splits where one split a unit leaves more waves per unit of work."""
-    per_sm = max(1, smem_sm // (gqa_smem(d, kv8, st) + GQA_STATIC_SMEM))
+    per_sm = max(1, smem_sm // (gqa_smem(d, kv8) + GQA_STATIC_SMEM))
     if regs_per_thread:
         per_sm = max(1, min(per_sm, 65536 // (-(-regs_per_thread // 8) * 8 * ATTENTION.threads)))   # 8-register units
     units = batch * hkv * gqa_groups(hq, hkv)
@@ -278,33 +246,32 @@ def _decode_gqa(kernel: str, batch: int, nsplit: int, args: dict, window: int = 
     kc, d = args["kc"], args["D"]
     kv8 = kc.dtype.itemsize == 1
     sw = window > 0
-    st = 0 if _wide(d) else ATTENTION.gqa_stages       # wide heads: the automatic ring only (ring_depth checks st)
-    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit, sw, st, kernels.EDITS,   # EDITS: kargs.patched
+    key = (batch, args["Hq"], args["Hkv"], d, kv8, nsplit, sw, kernels.EDITS,   # EDITS: kargs.patched
            DECODE.gqa_wave_fit, ATTENTION.gqa_waves)
     hit = _GQA_LAUNCH.get(key)
     if hit is None:
         info = kernels.device_info()
-        kvt, smem = kv_type(kc), gqa_smem(d, kv8, st)
-        fn = (kargs.function(_gqa_file(d, sw, st), f"attn_decode_gqa_sw<{kvt}, {d}{_st(st)}>") if sw
-              else kargs.function(_gqa_file(d, sw, st), f"attn_decode_gqa<{kvt}, {d}{_st(st)}>"))
+        kvt, smem = kv_type(kc), gqa_smem(d, kv8)
+        fn = (kargs.function(_gqa_file(d, sw), f"attn_decode_gqa_sw<{kvt}, {d}>") if sw
+              else kargs.function(_gqa_file(d, sw), f"attn_decode_gqa<{kvt}, {d}>"))
         ns = gqa_splits(batch, args["Hq"], args["Hkv"], d, kv8, nsplit, info["sm_count"], info["smem_optin"] + 1024,
-                        st, fn.num_regs)
+                        fn.num_regs)
         if fn.max_dynamic_shared_size_bytes < smem:      # > 48 KB: opt in (before any capture)
             fn.max_dynamic_shared_size_bytes = smem
         hit = _GQA_LAUNCH[key] = (kvt, (ns, args["Hkv"] * gqa_groups(args["Hq"], args["Hkv"]), batch), smem)
     kvt, grid, smem = hit
     if sw:
-        kargs.launch(_gqa_file(d, sw, st), f"attn_decode_gqa_sw<{kvt}, {d}{_st(st)}>", grid, (ATTENTION.threads,),
+        kargs.launch(_gqa_file(d, sw), f"attn_decode_gqa_sw<{kvt}, {d}>", grid, (ATTENTION.threads,),
                      shared_mem=smem, window=window, **args)
         return
-    kargs.launch(_gqa_file(d, sw, st), f"attn_decode_gqa<{kvt}, {d}{_st(st)}>", grid, (ATTENTION.threads,),
+    kargs.launch(_gqa_file(d, sw), f"attn_decode_gqa<{kvt}, {d}>", grid, (ATTENTION.threads,),
                  shared_mem=smem, **args)
 
 
-def _gqa_file(d: int, sw: bool, st: int = 0) -> kargs.KernelFile:
-    """The module attn_decode_gqa(_sw)<KV, d[, st]> lives in."""
-    return ATTN_WIDE if _wide(d) else ATTN_STAGES if st else ATTN_FAMILY if sw else ATTN
+def _gqa_file(d: int, sw: bool) -> kargs.KernelFile:
+    """The module attn_decode_gqa(_sw)<KV, d> lives in."""
+    return ATTN_WIDE if _wide(d) else ATTN_FAMILY if sw else ATTN
 
 
-_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed, ST, edits, wave_fit, gqa_waves)
+_GQA_LAUNCH: dict = {}      # (batch, Hq, Hkv, D, kv8, nsplit, windowed, edits, wave_fit, gqa_waves)
                             # -> (cache type, grid, shared memory)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cublas, kargs, kernels, launch
+from . import cublas, kargs, kernels
 from .backend import BackendError, cupy_or_none
-from .tuning import GEMV_F16, PREFETCH, ROW_VARIANTS, ROWS
+from .tuning import GEMV_F16, ROW_VARIANTS, ROWS
 
 MODE = {"static": 0, "dynamic": 1, "fp16": 2}     # cuda/rows.cuh MODE_STATIC, MODE_DYNAMIC, MODE_FP16
 ROW_KERNELS = ("add_rmsnorm_quant", "silu_mul_quant", "quant_rows")
@@ -209,27 +209,6 @@ def embed_rows(rows: int, h, emb, tok, H: int, scale: float):
     """h (rows, H) float32 = emb[tok] (fp16 table (V, H)) · scale (config.embed_scale)."""
     kargs.launch(FAMILY, "embed_rows<__half>", (rows, -(-H // 256)), (256,), h=h, emb=emb, tok=tok, H=H,
                  scale=scale)
-
-
-def prefetch_l2(ranges) -> bool:
-    """Launch prefetch_l2 over up to four (array, bytes) ranges (bytes ≤ the array's), when
-    the decode step is being captured with PDL on sm_90 (elsewhere a prefetch launch would only
-    cost time); returns whether it launched."""
-    ranges = [(a, int(n)) for a, n in ranges if a is not None and n > 0]
-    if not ranges or not launch.is_capturing() or not launch.pdl_enabled() or kernels.device_info()["cc"] < 90:
-        return False
-    if len(ranges) > 4:
-        raise BackendError(f"prefetch_l2 takes at most 4 ranges, got {len(ranges)}")
-    for a, n in ranges:
-        if n > a.nbytes:
-            raise BackendError(f"prefetch range of {n} bytes past its array's {a.nbytes}")
-    ranges += [(None, 0)] * (4 - len(ranges))
-    chunks = sum(-(-n // PREFETCH.chunk) for _, n in ranges)
-    blocks = max(1, -(-chunks // PREFETCH.threads))
-    (a, na), (b, nb), (c, nc), (d, nd) = ranges
-    kargs.launch(FUSED, "prefetch_l2", (blocks,), (PREFETCH.threads,), a=a, na=na, b=b, nb=nb, c=c, nc=nc,
-                 d=d, nd=nd)
-    return True
 
 
 def f16_capturable(m: int, k: int) -> bool:

@@ -114,14 +114,6 @@ class GpuLinear:
         max |·| (ops_cuda.gemv_a8w4_silu)."""
         return ops_cuda.gemv_a8w4_silu(x8, sx, self.packed, out, amax)
 
-    def weight_arrays(self) -> tuple:
-        """The device arrays a GEMV of this layer streams, largest first (L2 prefetch)."""
-        if self.wb is not None:
-            return tuple(a for a in (self.wb.tiles, self.wb.scale, self.wb.zero) if a is not None)
-        if self.w16 is not None:
-            return (self.w16,)
-        return (self.packed.qw, self.packed.meta)
-
     def nbytes(self) -> int:
         if self.wb is not None:
             return self.wb.nbytes()

@@ -49,7 +49,7 @@ from .backend import BackendError, require_cupy
 from .cache import Buffers, GpuKVCache
 from .fused import MODE
 from .linear import GpuLinear, to_f16
-from .tuning import ATTENTION, DECODE, GEMM, PREFETCH, PREFILL, WB
+from .tuning import ATTENTION, DECODE, GEMM, PREFILL, WB
 
 
 @dataclass
@@ -362,8 +362,6 @@ class CudaModel:
         x8, xh = b.x8(m, qkv.kp), b.xh(m, c.hidden_size)                   # (M, Kp) int8, (M, H) fp16
         self._norm(b, m, y, L.attn_norm, qkv.mode, qkv.scale, x8, qkv.kp, xh, zero=p.amax_o, tok=tok)
         qkv(x8, b.sx[:m], xh, b.qkv[:m])                                    # (M, (Hq + 2·Hkv)·D)
-        if PREFETCH.enabled and p.fold:                                     # batch-1 decode: o, gate|up into L2
-            self._prefetch(L)
         if self._qk_prep[li]:                                               # biases, q/k norms
             attention.qk_norm_bias(m, qkv=b.qkv, Hq=c.num_attention_heads, Hkv=c.num_key_value_heads,
                                    D=c.head_dim, bias=L.qkv_bias, qw=L.q_norm, kw=L.k_norm, eps=c.rms_norm_eps)
@@ -422,17 +420,6 @@ class CudaModel:
             fused.norm_add_rows(m, h=b.h, y=b.y, w=out_norm, H=self.config.hidden_size, eps=self.config.rms_norm_eps)
             return None
         return b.y
-
-    @staticmethod
-    def _prefetch(L: GpuLayer):
-        """L2 prefetch of layer L's o weights and the first PREFETCH.gate_up_bytes of its gate|up
-        weights (tuning.PrefetchTuning; a no-op outside a PDL capture on sm_90)."""
-        o = L.o.weight_arrays()
-        gu = L.gu.weight_arrays()
-        rest = PREFETCH.gate_up_bytes
-        ranges = [(a, a.nbytes) for a in o[:2]]
-        ranges.append((gu[0], min(rest, gu[0].nbytes)))
-        fused.prefetch_l2(ranges)
 
     def _quant_amax(self, x, m: int, k: int, lin: GpuLinear, amax, x8, sx):
         """x8 (m, lin.kp), sx = the rows x[:m, :k] quantized for lin, their absmax known (amax)."""

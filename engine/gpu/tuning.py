@@ -127,10 +127,6 @@ class AttentionShape:
     gqa_step: int = 16
     gqa_max_splits: int = 32
     gqa_waves: int = 1
-    # the depth of each warp's cp.async ring (GqLayout ST; narrow heads): 0 = 3 at fp16 and D = 128
-    # (2 blocks an SM), else 4; 2 = one step in flight while one computes (fp16, D = 128: 3 blocks
-    # and 12 warps an SM); both measured on the H200, ring depths 2 and 6 are slower (docs/KERNELS.md)
-    gqa_stages: int = 0
     # DGQ_ATTN_DECODE=auto: attn_decode_gqa for caches of at least this many positions, attn_decode
     # below (H200, 7B shape, batch 1: heads 490 vs gqa 479 tok/s at 512 keys, 437 vs 465 at 1024;
     # again after INT8 K/V went through L1, 2026-12-03: 579 vs 571 fp16, 577 vs 553 INT8 at 512)
@@ -172,22 +168,6 @@ class PrefillTuning:
 
 PREFILL = PrefillTuning()
 
-
-@dataclass
-class PrefetchTuning:
-    """L2 prefetch in the captured decode step (cuda/fused.cu prefetch_l2, sm_90 with PDL only):
-    a launch after each q|k|v GEMV pulls the o weights and the first `gate_up_bytes` of the
-    gate|up weights into L2, while attention leaves DRAM idle. Off: it measured slower (H200,
-    7B-shaped A8W4, batch 1: 524 tok/s without it; 509 with o + 8 MB of gate|up, 498 with
-    o + 24 MB; 318 with 128 threads a block, the prefetches queued on 4 SMs; docs/KERNELS.md).
-    The e2e bench's --prefetch runs the A/B rows."""
-    enabled: bool = False
-    gate_up_bytes: int = 0
-    threads: int = 1            # a block a chunk, spread over the SMs (≤ cuda/fused.cu PF_THREADS)
-    chunk: int = 65536          # cuda/fused.cu PF_CHUNK: bytes one prefetch instruction asks for
-
-
-PREFETCH = PrefetchTuning()
 
 # ----------------------------------------------------------------------------- fp16 / int8 GEMV
 # cuda/fused.cu gemv_f16_m<MT>, gemv_w8_m<MT>: the lm_head and the FP16 path's linears
