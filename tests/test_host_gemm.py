@@ -130,8 +130,7 @@ def test_split_k_launches_a_cluster_where_every_cluster_is_resident(monkeypatch)
 def test_resident_gemv_launches_on_a_resident_grid(monkeypatch):
     """tuning.GEMM.gemv_resident (or cfg "res"): the one-token dp4a GEMV (fp16 out, residual add, the
     SiLU GEMV) launches gemm_a8w4_gemv_res on as few of the resident blocks as keep the most row tiles
-    a block (cfg res_blocks
-    caps them), and the mma GEMV of 2-8 tokens too; off, the GEMV of one block a row tile; asked of a
+    a block (cfg res_blocks caps them, else GEMM.gemv_res_per_sm blocks an SM), and the mma GEMV of 2-8 tokens too; off, the GEMV of one block a row tile; asked of a
     configuration it lacks (16 warps, two token tiles, U = 4), an error. The kernel's arithmetic is tests/test_gemv_decode_gpu.py's."""
     import numpy as np
     import pytest
@@ -171,6 +170,10 @@ def test_resident_gemv_launches_on_a_resident_grid(monkeypatch):
         assert call(qkv, res_blocks=7) == ("gemm_a8w4_gemv_res<2,false,8,true>", (7,))
         assert call(qkv, res_blocks=1000) == ("gemm_a8w4_gemv_res<2,false,8,true>", (384,))
         assert call(qkv, res=False) == ("gemm_a8w4_gemv<1,1,2,false,false,8,true>", (768,))
+        monkeypatch.setattr(tuning.GEMM, "gemv_res_per_sm", 2)                 # 264 slots: 256 blocks of three
+        assert call(qkv) == ("gemm_a8w4_gemv_res<2,false,8,true>", (256,))
+        assert call(qkv, res_blocks=7) == ("gemm_a8w4_gemv_res<2,false,8,true>", (7,))   # the test's cap first
+        monkeypatch.setattr(tuning.GEMM, "gemv_res_per_sm", 0)
         assert silu() == ("gemm_a8w4_gemv_res<2,true,8,true>", (459,))                 # 1376 tiles, 3 a block
         assert silu(res_blocks=100) == ("gemm_a8w4_gemv_res<2,true,8,true>", (99,))    # 14 a block
         assert call(o)[0] == "gemm_a8w4_gemv<1,1,2,false,false,16,true>"      # few row tiles: 16 warps

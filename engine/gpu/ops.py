@@ -237,7 +237,10 @@ def _gemv_res(cfg: dict, runs: bool) -> bool:
 
 def gemv_res_grid(expr: str, row_tiles: int, nw: int, cap: int = 0) -> int:
     """Blocks of gemm_a8w4_gemv_res `expr` (NW warps) over row_tiles (kargs.resident_grid); cap > 0:
-    at most that many (tests: several row tiles a block on small shapes)."""
+    at most that many (tests: several row tiles a block on small shapes), else at most
+    GEMM.gemv_res_per_sm blocks an SM where that is > 0."""
+    if cap <= 0 and GEMM.gemv_res_per_sm > 0:
+        cap = GEMM.gemv_res_per_sm * kernels.device_info()["sm_count"]
     return kargs.resident_grid(kargs.function(GEMV_FILE, expr), row_tiles, 32 * nw, 0, cap)
 
 

@@ -334,6 +334,10 @@ class GemmTuning:
     # 2.6 waves of 528 blocks. The weight-only GEMV gained 15 % from it (docs/KERNELS.md). Written in
     # session 31 without a GPU: off until its GPU tests pass and `e2e --ab gemv_resident=1` times it.
     gemv_resident: bool = False
+    # its blocks an SM (0: as many as fit, 4 at 64 registers and 8 warps). Fewer leave registers
+    # for the next kernel's blocks, which under PDL start their loads before this GEMV ends
+    # (`e2e --ab gemv_resident=1,gemv_res_per_sm=2` times it; not yet run)
+    gemv_res_per_sm: int = 0
     # its U where the row tiles are more than gemv_few_tiles_per_sm an SM (q|k|v of 7B; not the SiLU
     # GEMV, which runs U = 2, nor the few-tile shapes, which take gemv_few): 4 measured 618 tok/s
     gemv_dp_u: int = 2
