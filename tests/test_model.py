@@ -136,6 +136,41 @@ def test_exact_f32_gemm_equals_reference():
                                       formats.gemm_a8w4_ref(x8, w8))
 
 
+def _attention_plain(q, k, v, q_start, window=None, scale=None):
+    """ops_ref.attention as written before its in-place softmax (a temporary a step)."""
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    qg = q.reshape(t, hkv, hq // hkv, d).transpose(1, 2, 0, 3)
+    kt = np.ascontiguousarray(k.transpose(1, 0, 2)).swapaxes(-1, -2)
+    scale = 1.0 / np.sqrt(d) if scale is None else np.float64(scale)
+    scores = (qg @ kt[:, None]) * scale
+    qpos, kpos = q_start + np.arange(t)[:, None], np.arange(s)[None, :]
+    seen = kpos <= qpos
+    if window is not None:
+        seen &= kpos > qpos - window
+    scores = np.where(seen, scores, np.float32(-np.inf))
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p = p / p.sum(axis=-1, keepdims=True)
+    out = p @ v.transpose(1, 0, 2)[:, None]
+    return out.transpose(2, 0, 1, 3).reshape(t, hq * d).astype(np.float32)
+
+
+def test_attention_in_place_softmax_keeps_the_bits():
+    """The reference attention's softmax runs in place in its float64 scores: the same values,
+    bit for bit, as one temporary a step (prefill, decode, GQA, windows, a given scale)."""
+    rng = np.random.default_rng(3)
+    for t, start, hq, hkv, d, window, scale in [(96, 0, 9, 3, 64, None, None), (1, 700, 32, 8, 128, None, None),
+                                                (37, 63, 4, 4, 64, 16, None), (5, 0, 2, 1, 32, None, 0.3),
+                                                (20, 10, 8, 2, 16, 1, 2.0)]:
+        q = (rng.standard_normal((t, hq, d)) * 4).astype(np.float32)
+        k = rng.standard_normal((start + t, hkv, d)).astype(np.float32)
+        v = rng.standard_normal((start + t, hkv, d)).astype(np.float32)
+        got = ops_ref.attention(q, k, v, start, window=window, scale=scale)
+        assert got.dtype == np.float32 and got.shape == (t, hq * d)
+        np.testing.assert_array_equal(got, _attention_plain(q, k, v, start, window, scale))
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_int8_lm_head(tie):
     """with_int8_lm_head: one scale per vocabulary row, codes within ±127, each weight within
