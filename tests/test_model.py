@@ -126,7 +126,8 @@ def test_from_hf_names_missing_and_misshaped_tensors():
 
 def test_exact_f32_gemm_equals_reference():
     rng = np.random.default_rng(0)
-    for m, k, n in [(1, 2500, 7), (5, 3000, 16), (3, 128, 4)]:
+    for m, k, n in [(1, 2500, 7), (5, 3000, 16), (3, 128, 4), (4, ops_ref.EXACT_F32_CHUNK, 5),
+                    (2, ops_ref.EXACT_F32_CHUNK + 1, 3)]:
         x8 = rng.integers(-127, 128, (m, k)).astype(np.int8)
         w8 = rng.integers(-127, 128, (n, k)).astype(np.int8)
         # worst case too: all ±127 pushes every chunk to its bound

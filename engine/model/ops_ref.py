@@ -102,6 +102,8 @@ def gemm_int8_exact(x8, w8f):
     """
     xf = x8.astype(np.float32)                                           # (M, K)
     k = xf.shape[1]
+    if k <= EXACT_F32_CHUNK:                   # one chunk: its float32 sums are the integers already
+        return (xf @ w8f.T).astype(np.int32)                             # (M, N)
     acc = np.zeros((xf.shape[0], w8f.shape[0]), dtype=np.int64)          # (M, N)
     for k0 in range(0, k, EXACT_F32_CHUNK):
         k1 = min(k, k0 + EXACT_F32_CHUNK)
