@@ -45,7 +45,7 @@ def test_gqa_constants_and_shared_memory():
     assert (d["GQ_HEADS"], d["GQ_STEP"]) == (A.gqa_heads, A.gqa_step)
     assert A.gqa_max_splits <= d["GQ_MAX_SPLITS"]
     body = re.search(r"struct GqLayout \{(.*?)\};", (ROOT / "cuda" / "attention.cu").read_text(), re.S).group(1)
-    for hd, kv8 in itertools.product(A.head_dims, (False, True)):
+    for hd, kv8 in itertools.product(A.head_dims + A.wide_head_dims, (False, True)):
         env = {"D": hd, "GQ_WARPS": d["GQ_WARPS"], "GQ_HEADS": d["GQ_HEADS"], "GQ_STEP": d["GQ_STEP"]}
         for name, expr in re.findall(r"static constexpr int (\w+) = ([^;]+);", body):
             expr = expr.replace("sizeof(KV)", "1" if kv8 else "2").replace("/", "//")
@@ -53,7 +53,7 @@ def test_gqa_constants_and_shared_memory():
             env[name] = eval(expr, {}, dict(env))  # noqa: S307  (a constexpr of our own source)
         assert env["BYTES"] == attention.gqa_smem(hd, kv8)
         assert env["STAGES"] in (3, 4)
-        assert env["REC"] % 16 == 0 and env["VB"] in (8, 16, 32)
+        assert env["REC"] % 16 == 0 and env["VB"] in (8, 16, 32, 64)
         # static shared memory (sq, snk, snv, snew, wts) within the launcher's allowance
         static = (2 * d["GQ_HEADS"] * hd + 8 * hd + 4 * (d["GQ_HEADS"] + 2)
                   + 4 * d["GQ_HEADS"] * d["GQ_MAX_SPLITS"] + 4)
@@ -446,8 +446,9 @@ def test_gqa_launch_names_sizes_and_splits(monkeypatch):
     from types import SimpleNamespace
     from engine.gpu import kargs, kernels
     seen = []
-    monkeypatch.setattr(kargs, "function", lambda kf, expr: SimpleNamespace(max_dynamic_shared_size_bytes=1 << 30,
-                                                                          num_regs=166))
+    fns = []
+    monkeypatch.setattr(kargs, "function", lambda kf, expr: fns.append(SimpleNamespace(
+        max_dynamic_shared_size_bytes=0, num_regs=166)) or fns[-1])
     monkeypatch.setattr(kargs, "launch", lambda kf, expr, grid, block, shared_mem=0, **a: seen.append(
         (kf, expr, grid, shared_mem)))
     monkeypatch.setattr(kernels, "device_info", lambda: {"name": "fake", "cc": 90, "sm_count": 132,
@@ -461,3 +462,4 @@ def test_gqa_launch_names_sizes_and_splits(monkeypatch):
     assert (kf0, e0, g0, s0) == (attention.ATTN, "attn_decode_gqa<__half, 128>", (8, 32, 1), 96 * 1024)
     assert (kf8, e8, g8, s8) == (attention.ATTN, "attn_decode_gqa<signed char, 128>", (12, 32, 1), 66 * 1024)
     assert e0 in attention.ATTN.exprs and e8 in attention.ATTN.exprs
+    assert [f.max_dynamic_shared_size_bytes for f in fns] == [96 * 1024, 66 * 1024]     # opted in

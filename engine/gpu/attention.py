@@ -207,8 +207,9 @@ def gqa_smem(d: int, kv8: bool) -> int:
     return max(w * stages * stage, w * ATTENTION.gqa_heads * (d + 2) * 4)
 
 
-# attn_decode_gqa's static shared memory, bytes (sq, snk, snv, snew, wts, last) at D = 128, rounded up
-GQA_STATIC_SMEM = 8 * 1024
+# attn_decode_gqa's static shared memory, bytes (sq, snk, snv, snew, wts, last) at D ≤ 256 (8236 at
+# 256), rounded up; the blocks an SM of every narrow and wide instantiation are those of 8 KB
+GQA_STATIC_SMEM = 9 * 1024
 
 
 def gqa_groups(hq: int, hkv: int) -> int:
