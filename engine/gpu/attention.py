@@ -54,6 +54,7 @@ ATTN_WIDE_EXPRS = tuple([f"rope_qkv_cache<{t}, {d}>" for t in ATTENTION.kv_types
                            for t in ATTENTION.kv_types])
 ATTN_WIDE = kargs.KernelFile("attention.cu", ATTN_WIDE_EXPRS)
 
+
 def _wide(d: int) -> bool:
     return d in ATTENTION.wide_head_dims
 

@@ -49,7 +49,7 @@ from .backend import BackendError, require_cupy
 from .cache import Buffers, GpuKVCache
 from .fused import MODE
 from .linear import GpuLinear, to_f16
-from .tuning import ATTENTION, DECODE, GEMM, PREFILL, WB
+from .tuning import ATTENTION, DECODE, PREFILL, WB
 
 
 @dataclass
