@@ -327,6 +327,54 @@ def test_plain_gguf_reader_parses_what_ggufs_own_does(tmp_path):
     assert all(np.array_equal(a.data, b.data) for a, b in zip(got.tensors, want.tensors))
 
 
+def _gguf_kv_file(path, kvs):
+    """A GGUF v3 file of metadata only, written by hand (gguf's writer drops empty arrays):
+    kvs is [(key, value type, payload bytes)]."""
+    import struct
+    out = b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs))
+    for key, vtype, payload in kvs:
+        k = key.encode()
+        out += struct.pack("<Q", len(k)) + k + struct.pack("<I", vtype) + payload
+    path.write_bytes(out)
+
+
+def test_plain_gguf_reader_arrays_match_ggufs_own(tmp_path):
+    """The reader's own loop over arrays of strings and numbers gives gguf's fields for empty,
+    bool, float, nested and UTF-8 string arrays, and a string array cut short by the file's end
+    is an error (gguf's own reader returns short parts there)."""
+    import struct
+    gguf = pytest.importorskip("gguf")
+    from engine.io.gguf_file import _plain_reader
+    T = gguf.GGUFValueType
+
+    def arr(itype, items):
+        return struct.pack("<IQ", itype, len(items)) + b"".join(items)
+
+    def s(x):
+        b = x.encode()
+        return struct.pack("<Q", len(b)) + b
+    kvs = [("general.architecture", T.STRING, s("llama")),
+           ("a.empty_ints", T.ARRAY, arr(T.INT32, [])),
+           ("a.empty_strs", T.ARRAY, arr(T.STRING, [])),
+           ("a.bools", T.ARRAY, arr(T.BOOL, [b"\x01", b"\x00"])),
+           ("a.floats", T.ARRAY, arr(T.FLOAT32, [struct.pack("<f", 1.5), struct.pack("<f", -2.0)])),
+           ("a.nested", T.ARRAY, arr(T.ARRAY, [arr(T.UINT16, [struct.pack("<H", 7)]), arr(T.STRING, [s("x")])])),
+           ("a.strs", T.ARRAY, arr(T.STRING, [s("a"), s(""), s("héllo")]))]
+    p = tmp_path / "kv.gguf"
+    _gguf_kv_file(p, kvs)
+    want, got = gguf.GGUFReader(p), _plain_reader(gguf)(p)
+    assert list(got.fields) == list(want.fields) and "a.empty_strs" in got.fields
+    for k, f in want.fields.items():
+        g = got.fields[k]
+        assert (g.offset, g.name, g.types, g.data) == (f.offset, f.name, f.types, f.data), k
+        assert len(g.parts) == len(f.parts), k
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(g.parts, f.parts)), k
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(p.read_bytes()[:-3])                 # inside the last string's bytes
+    with pytest.raises(ValueError, match="past the end"):
+        _plain_reader(gguf)(cut)
+
+
 def test_tiny_gguf_tied(tmp_path):
     pytest.importorskip("gguf")
     ck = make_tiny_checkpoint(tmp_path / "m", tie=True)

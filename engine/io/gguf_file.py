@@ -188,7 +188,14 @@ def _plain_reader(gguf):
     once or more for every metadata element (the vocabulary and merges: ~100k strings), and a slice
     of an np.memmap runs memmap.__array_finalize__ each time: 2.2 s of SmolLM2's load on the
     development CPU, 0.74 s through the view (the same fields: tests/test_weights.py). The view's
-    base is the map, so dropping the reader still drops the mapping."""
+    base is the map, so dropping the reader still drops the mapping.
+
+    Arrays of strings and of numbers (a little-endian file's) are also read by a loop of its own:
+    the same parts (a string's uint64 length and its bytes, a number's one-element array: views
+    of `data`) without gguf's recursion into every element. An array or string that runs past the
+    file's end is an error, not a short part."""
+    string, array = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+
     class PlainReader(gguf.GGUFReader):
         @property
         def data(self):
@@ -197,6 +204,41 @@ def _plain_reader(gguf):
         @data.setter
         def data(self, mm):
             self._plain = mm.view(np.ndarray) if isinstance(mm, np.ndarray) else mm
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type != array or getattr(self, "byte_order", "I") != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            itype = gguf.GGUFValueType(raw_itype[0]) if len(raw_itype) == 1 else None
+            scalar = self.gguf_scalar_to_np.get(itype)
+            if itype != string and scalar is None:               # arrays of arrays: gguf's own way
+                return super()._get_field_parts(orig_offs, raw_type)
+            alen = self._get(orig_offs + 4, np.uint64)
+            if len(alen) != 1:
+                raise ValueError(f"an array's length at byte {orig_offs + 4} is past the end of the file")
+            n = int(alen[0])
+            data, offs = self._plain, orig_offs + 12
+            end = len(data)
+            parts = [raw_itype, alen]
+            if scalar is not None:                               # an element a part, as gguf has them
+                size = n * np.dtype(scalar).itemsize
+                if size > end - offs:
+                    raise ValueError(f"an array of {n} values at byte {offs} runs past the end of the file")
+                vals = data[offs:offs + size].view(scalar)
+                parts += [vals[i:i + 1] for i in range(n)]
+                offs += size
+            else:                                                # each string: its length, its bytes
+                buf = memoryview(data)
+                for _ in range(n):
+                    if offs + 8 > end:
+                        raise ValueError(f"a string array runs past the end of the file at byte {offs}")
+                    k = int.from_bytes(buf[offs:offs + 8], "little")
+                    if k > end - offs - 8:
+                        raise ValueError(f"a string of {k} bytes at byte {offs} runs past the end of the file")
+                    parts += (data[offs:offs + 8].view(np.uint64), data[offs + 8:offs + 8 + k])
+                    offs += 8 + k
+            idxs = list(range(2, len(parts))) if scalar is not None else list(range(3, len(parts), 2))
+            return offs - orig_offs, parts, idxs, [array] + ([itype] if n else [])
     return PlainReader
 
 
