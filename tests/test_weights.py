@@ -375,6 +375,28 @@ def test_plain_gguf_reader_arrays_match_ggufs_own(tmp_path):
         _plain_reader(gguf)(cut)
 
 
+def test_own_q4_1_and_q8_0_dequantization_matches_ggufs():
+    """gguf_file._dequantize's Q4_1 and Q8_0 give gguf's values bit for bit, on random bytes (so
+    every fp16 scale pattern, NaN and Inf included) and every row shape; other types are gguf's;
+    rows that are not whole blocks are refused."""
+    gguf = pytest.importorskip("gguf")
+    from engine.io.gguf_file import _dequantize
+    t = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(11)
+    for qtype, nb in ((t.Q4_1, 20), (t.Q8_0, 34)):
+        for shape in ((1, nb), (3, 2 * nb), (5, 7 * nb), (4 * nb,)):
+            data = rng.integers(0, 256, shape, dtype=np.uint8)
+            with np.errstate(invalid="ignore", over="ignore"):        # Inf·0 of the random scales
+                want, got = gguf.quants.dequantize(data, qtype), _dequantize(gguf, data, qtype)
+            assert got.dtype == np.float32 and got.shape == want.shape, (qtype, shape)
+            assert np.array_equal(got, want, equal_nan=True), (qtype, shape)
+        with pytest.raises(ValueError, match="whole blocks"):
+            _dequantize(gguf, np.zeros((2, nb + 1), np.uint8), qtype)
+    q4_0 = rng.integers(0, 256, (2, 36), dtype=np.uint8)                 # not ours: gguf's own
+    with np.errstate(invalid="ignore", over="ignore"):
+        assert np.array_equal(_dequantize(gguf, q4_0, t.Q4_0), gguf.quants.dequantize(q4_0, t.Q4_0), equal_nan=True)
+
+
 def test_tiny_gguf_tied(tmp_path):
     pytest.importorskip("gguf")
     ck = make_tiny_checkpoint(tmp_path / "m", tie=True)
