@@ -373,12 +373,30 @@ def test_plain_gguf_reader_arrays_match_ggufs_own(tmp_path):
     cut.write_bytes(p.read_bytes()[:-3])                 # inside the last string's bytes
     with pytest.raises(ValueError, match="past the end"):
         _plain_reader(gguf)(cut)
+    # an empty array of an unknown element type is gguf's to accept (it never reads an element)
+    odd = tmp_path / "odd.gguf"
+    _gguf_kv_file(odd, kvs[:1] + [("a.odd", T.ARRAY, struct.pack("<IQ", 99, 0))])
+    assert _plain_reader(gguf)(odd).fields["a.odd"].types == gguf.GGUFReader(odd).fields["a.odd"].types
+    # lengths that lie: a string value, a numeric array, and the same array in a big-endian file
+    # (gguf's own reader walks its 2^63 elements), all errors at once
+    for name, kv in (("str", ("a.s", T.STRING, struct.pack("<Q", 2**63) + b"x")),
+                     ("ints", ("a.i", T.ARRAY, struct.pack("<IQ", T.INT32, 2**63) + bytes(8)))):
+        bad = tmp_path / f"lie-{name}.gguf"
+        _gguf_kv_file(bad, kvs[:1] + [kv])
+        with pytest.raises(ValueError, match="past the end"):
+            _plain_reader(gguf)(bad)
+    key = b"a.i"
+    big = (b"GGUF" + struct.pack(">IQQ", 3, 0, 1) + struct.pack(">Q", len(key)) + key
+           + struct.pack(">IIQ", T.ARRAY, T.INT32, 2**63) + bytes(8))
+    (tmp_path / "big.gguf").write_bytes(big)
+    with pytest.raises(ValueError, match="past the end"):
+        _plain_reader(gguf)(tmp_path / "big.gguf")
 
 
 def test_own_q4_1_and_q8_0_dequantization_matches_ggufs():
     """gguf_file._dequantize's Q4_1 and Q8_0 give gguf's values bit for bit, on random bytes (so
-    every fp16 scale pattern, NaN and Inf included) and every row shape; other types are gguf's;
-    rows that are not whole blocks are refused."""
+    every fp16 scale pattern, NaN and Inf included) and every row shape, no rows included; other
+    types are gguf's; rows that are not whole blocks are refused."""
     gguf = pytest.importorskip("gguf")
     from engine.io.gguf_file import _dequantize
     t = gguf.GGMLQuantizationType
@@ -389,7 +407,9 @@ def test_own_q4_1_and_q8_0_dequantization_matches_ggufs():
             with np.errstate(invalid="ignore", over="ignore"):        # Inf·0 of the random scales
                 want, got = gguf.quants.dequantize(data, qtype), _dequantize(gguf, data, qtype)
             assert got.dtype == np.float32 and got.shape == want.shape, (qtype, shape)
-            assert np.array_equal(got, want, equal_nan=True), (qtype, shape)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (qtype, shape)   # bits, NaNs too
+        empty = np.zeros((0, 3 * nb), np.uint8)                             # a tensor of no rows
+        assert _dequantize(gguf, empty, qtype).shape == (0, 96)             # (gguf: Q8_0 the same, Q4_1 fails)
         with pytest.raises(ValueError, match="whole blocks"):
             _dequantize(gguf, np.zeros((2, nb + 1), np.uint8), qtype)
     q4_0 = rng.integers(0, 256, (2, 36), dtype=np.uint8)                 # not ours: gguf's own

@@ -12,6 +12,7 @@ local RoPE base 10000 fixed by llama.cpp unless the file says otherwise.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -190,11 +191,15 @@ def _plain_reader(gguf):
     development CPU, 0.74 s through the view (the same fields: tests/test_weights.py). The view's
     base is the map, so dropping the reader still drops the mapping.
 
-    Arrays of strings and of numbers (a little-endian file's) are also read by a loop of its own:
-    the same parts (a string's uint64 length and its bytes, a number's one-element array: views
-    of `data`) without gguf's recursion into every element. An array or string that runs past the
-    file's end is an error, not a short part."""
-    string, array = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+    Arrays of strings and of numbers (in a file of the machine's byte order) are also read by a
+    loop of its own: the same parts (a string's uint64 length and its bytes, a number's
+    one-element array: views of `data`) without gguf's recursion into every element. Before
+    gguf or the loop reads a string or array value, its length is checked against the bytes left
+    (at the smallest size an element can take), so a lying length is an error, not a short part
+    or a walk over 2^63 empty elements (in either byte order)."""
+    t = gguf.GGUFValueType
+    string, array = t.STRING, t.ARRAY
+    least = {string: 8, array: 12}                          # bytes an element takes at the least
 
     class PlainReader(gguf.GGUFReader):
         @property
@@ -206,33 +211,39 @@ def _plain_reader(gguf):
             self._plain = mm.view(np.ndarray) if isinstance(mm, np.ndarray) else mm
 
         def _get_field_parts(self, orig_offs, raw_type):
-            if raw_type != array or getattr(self, "byte_order", "I") != "I":
+            data, end = self._plain, len(self._plain)
+            if raw_type not in (string, array):
                 return super()._get_field_parts(orig_offs, raw_type)
-            raw_itype = self._get(orig_offs, np.uint32)
-            itype = gguf.GGUFValueType(raw_itype[0]) if len(raw_itype) == 1 else None
-            scalar = self.gguf_scalar_to_np.get(itype)
-            if itype != string and scalar is None:               # arrays of arrays: gguf's own way
+            head = 8 if raw_type == string else 12              # a string's length; an array's type + length
+            if orig_offs + head > end:
+                raise ValueError(f"a value at byte {orig_offs} runs past the end of the file")
+            if raw_type == string:
+                if int(self._get(orig_offs, np.uint64)[0]) > end - orig_offs - 8:
+                    raise ValueError(f"a string at byte {orig_offs} runs past the end of the file")
                 return super()._get_field_parts(orig_offs, raw_type)
-            alen = self._get(orig_offs + 4, np.uint64)
-            if len(alen) != 1:
-                raise ValueError(f"an array's length at byte {orig_offs + 4} is past the end of the file")
+            raw_itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
             n = int(alen[0])
-            data, offs = self._plain, orig_offs + 12
-            end = len(data)
-            parts = [raw_itype, alen]
+            try:
+                itype = t(int(raw_itype[0]))
+            except ValueError:                                   # gguf's to judge (an empty one passes)
+                itype = None
+            scalar = self.gguf_scalar_to_np.get(itype)
+            each = np.dtype(scalar).itemsize if scalar is not None else least.get(itype, 1)
+            if n > (end - orig_offs - 12) // each:
+                raise ValueError(f"an array of {n} values at byte {orig_offs} runs past the end of the file")
+            if (scalar is None and itype != string) or getattr(self, "byte_order", "I") != "I":
+                return super()._get_field_parts(orig_offs, raw_type)   # nested, unknown, byte-swapped
+            offs, parts = orig_offs + 12, [raw_itype, alen]
             if scalar is not None:                               # an element a part, as gguf has them
-                size = n * np.dtype(scalar).itemsize
-                if size > end - offs:
-                    raise ValueError(f"an array of {n} values at byte {offs} runs past the end of the file")
-                vals = data[offs:offs + size].view(scalar)
+                vals = data[offs:offs + n * each].view(scalar)
                 parts += [vals[i:i + 1] for i in range(n)]
-                offs += size
+                offs += n * each
             else:                                                # each string: its length, its bytes
                 buf = memoryview(data)
                 for _ in range(n):
                     if offs + 8 > end:
                         raise ValueError(f"a string array runs past the end of the file at byte {offs}")
-                    k = int.from_bytes(buf[offs:offs + 8], "little")
+                    k = int.from_bytes(buf[offs:offs + 8], sys.byteorder)
                     if k > end - offs - 8:
                         raise ValueError(f"a string of {k} bytes at byte {offs} runs past the end of the file")
                     parts += (data[offs:offs + 8].view(np.uint64), data[offs + 8:offs + 8 + k])
@@ -287,14 +298,17 @@ def _dequantize(gguf, data: np.ndarray, qtype) -> np.ndarray:
     """gguf.quants.dequantize, with Q4_1 and Q8_0 (SmolLM2's linears and embedding) done here over
     the whole tensor at once: the same operations per value, so the same bits (tests/test_weights.py),
     without gguf's split of every tensor into row groups and blocks in Python. On the development
-    CPU, SmolLM2's load_gguf, one process, three alternating runs: 1.03-1.29 -> 0.77-0.78 s.
+    CPU, SmolLM2's load_gguf, one process, four alternating rounds: 1.01-1.49 -> 0.74-0.83 s.
     data: the tensor's raw bytes, (rows, bytes a row) uint8; returns (rows, values a row) float32."""
     t = gguf.GGMLQuantizationType
     if qtype not in (t.Q4_1, t.Q8_0):
         return gguf.quants.dequantize(data, qtype)
     nbytes = 20 if qtype == t.Q4_1 else 34             # fp16 d (and m), then 32 codes a block
-    if data.dtype != np.uint8 or data.ndim < 1 or data.shape[-1] % nbytes:
-        raise ValueError(f"{qtype.name} rows of {data.shape[-1] if data.ndim else 0} bytes are not whole blocks")
+    if data.dtype != np.uint8 or data.ndim < 1:
+        raise ValueError(f"{qtype.name} dequantization takes the raw bytes (uint8 rows), not {data.dtype} "
+                         f"of {data.ndim} dimensions")
+    if data.shape[-1] % nbytes:
+        raise ValueError(f"{qtype.name} rows of {data.shape[-1]} bytes are not whole blocks")
     b = data.reshape(-1, nbytes)                                           # (blocks, bytes)
     d = b[:, 0:2].copy().view(np.float16).astype(np.float32)              # (blocks, 1)
     out = np.empty((b.shape[0], 32), np.float32)                           # (blocks, 32)
@@ -307,7 +321,7 @@ def _dequantize(gguf, data: np.ndarray, qtype) -> np.ndarray:
         np.right_shift(b[:, 4:], 4, out=out[:, 16:], casting="unsafe")     # high nibbles: values 16..31
         out *= d                                                            # d·q + m, gguf's order
         out += m
-    return out.reshape(*data.shape[:-1], -1)
+    return out.reshape(data.shape[:-1] + (data.shape[-1] // nbytes * 32,))
 
 
 def _f32_value(v: Any) -> float:
