@@ -1,6 +1,7 @@
 """The machine code of every kernel the engine compiles, read without a GPU.
 
     python bench/sass_scan.py [--match REGEX] [--arch sm_90a] [--dump REGEX --out DIR] [--json]
+                              [--patch FILE.json:NAME]
 
 Each .cu file of the engine is expanded as engine/gpu/kernels.py expands it, every template
 instantiation the engine launches (the KernelFile lists of gpu/wb.py, fused.py, attention.py and
@@ -8,7 +9,10 @@ ops.py) is made concrete by taking its address, nvcc compiles the lot to a cubin
 and nvdisasm lists the SASS. A row a kernel: its instructions, registers, spilled bytes, integer
 divisions (the I2F.RP … MUFU.RCP … F2I sequence a 32-bit `/` or `%` by a runtime value becomes,
 ~20 dependent instructions) and how many of those sit inside a loop (between a backward branch
-and its target). `--dump` writes the SASS of the matching kernels to DIR for reading.
+and its target), and the instructions of its longest innermost loop (a hot loop's body, e.g.
+a decode attention key step). `--dump` writes the SASS of the matching kernels to DIR for reading.
+`--patch FILE.json:NAME` compiles the sources with one item of an `e2e --patch` file applied
+(bench/patches/), so a prepared variant's counts stand beside today's (run both).
 
 Why: a session has minutes of GPU time, and Nsight Compute on the device is the only other way to
 see what a kernel executes. The weight-only GEMV's item loop divided by a runtime count twice an
@@ -51,10 +55,12 @@ def kernel_files() -> dict[str, list[str]]:
     return {f: sorted(e) for f, e in sorted(files.items()) if e}
 
 
-def instantiation_source(file: str, exprs: list[str]) -> str:
-    """The file's expanded text plus one host-side address a kernel, which makes nvcc emit each."""
+def instantiation_source(file: str, exprs: list[str], edits=()) -> str:
+    """The file's expanded text (with the source edits of a patch item applied) plus one host-side
+    address a kernel, which makes nvcc emit each."""
     lines = [f"void* __dgq_inst_{i} = (void*)&{e};" for i, e in enumerate(exprs)]
-    return kernels.source(file) + "\n// ---- instantiations (bench/sass_scan.py)\n" + "\n".join(lines) + "\n"
+    code = kernels.apply_edits(file, kernels.source(file), edits)
+    return code + "\n// ---- instantiations (bench/sass_scan.py)\n" + "\n".join(lines) + "\n"
 
 
 def parse_sass(text: str) -> dict[str, list[tuple[int, str]]]:
@@ -75,9 +81,8 @@ def parse_sass(text: str) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
-def divisions(rows: list[tuple[int, str]]) -> tuple[int, int]:
-    """(integer divisions, those inside a loop) of one kernel's SASS."""
-    ins = [(a, t) for a, t in rows if a >= 0]
+def loops(rows: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(first, last) instruction addresses of each loop: a branch back to a label before it."""
     labels, pending = {}, []
     for a, t in rows:                      # a label names the address of the next instruction
         if a < 0:
@@ -85,17 +90,46 @@ def divisions(rows: list[tuple[int, str]]) -> tuple[int, int]:
         elif pending:
             labels.update({p: a for p in pending})
             pending = []
-    loops = []
-    for a, t in ins:
-        m = re.search(r"\bBRA\b.*?`\((\.L_x_\d+)\)", t)
+    out = []
+    for a, t in rows:
+        m = re.search(r"\bBRA\b.*?`\((\.L_x_\d+)\)", t) if a >= 0 else None
         if m and labels.get(m.group(1), a + 1) < a:
-            loops.append((labels[m.group(1)], a))
+            out.append((labels[m.group(1)], a))
+    return out
+
+
+def longest_inner_loop(rows: list[tuple[int, str]]) -> int:
+    """Instructions of the longest loop that holds no other loop (0: none)."""
+    ls = loops(rows)
+    inner = [(s, e) for s, e in ls if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in ls)]
+    addrs = [a for a, _ in rows if a >= 0]
+    return max((sum(s <= a <= e for a in addrs) for s, e in inner), default=0)
+
+
+def divisions(rows: list[tuple[int, str]]) -> tuple[int, int]:
+    """(integer divisions, those inside a loop) of one kernel's SASS."""
+    ins = [(a, t) for a, t in rows if a >= 0]
+    loops_ = loops(rows)
     divs = []
     for i, (a, t) in enumerate(ins):
         m = re.search(r"\bMUFU\.RCP\s+R\d+,\s*(R\d+)", t)        # the reciprocal of an I2F.RP's result
         if m and any(re.search(rf"\bI2F\S*\.RP\s+{m.group(1)},", u) for _, u in ins[max(0, i - 8):i]):
             divs.append(a)
-    return len(divs), sum(any(s <= d <= e for s, e in loops) for d in divs)
+    return len(divs), sum(any(s <= d <= e for s, e in loops_) for d in divs)
+
+
+def patch_edits(spec: str) -> tuple:
+    """The source edits of item NAME of an `e2e --patch` FILE.json ("FILE.json:NAME"), checked."""
+    from engine.bench.e2e import read_patches  # noqa: PLC0415
+    path, _, name = spec.rpartition(":")
+    try:
+        items = {n: edits for n, edits, _ in read_patches(path)} if path else {}
+    except ValueError as e:
+        sys.exit(f"sass_scan: {e}")
+    if name not in items:
+        sys.exit(f"sass_scan: --patch wants FILE.json:NAME with NAME one of {', '.join(items) or '(none)'}, "
+                 f"got {spec!r}")
+    return items[name]
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -119,14 +153,14 @@ def find_nvdisasm(given: str | None) -> str:
              "and --nvdisasm .../nvidia/cu13/bin/nvdisasm)")
 
 
-def scan(files: dict[str, list[str]], arch: str, nvdisasm: str, work: Path) -> list[dict]:
+def scan(files: dict[str, list[str]], arch: str, nvdisasm: str, work: Path, edits=()) -> list[dict]:
     nvcc = shutil.which("nvcc")
     if not nvcc:
         sys.exit("sass_scan: nvcc not found on PATH")
     rows = []
     for file, exprs in files.items():
         cu = work / file
-        cu.write_text(instantiation_source(file, exprs))
+        cu.write_text(instantiation_source(file, exprs, edits))
         cubin = work / (file + ".cubin")
         res = subprocess.run([nvcc, f"-arch={arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o", str(cubin), str(cu)],
                              capture_output=True, text=True)
@@ -138,7 +172,8 @@ def scan(files: dict[str, list[str]], arch: str, nvdisasm: str, work: Path) -> l
             regs, st, ld = ptxas.get(name, (None, None, None))
             nd, nl = divisions(body)
             rows.append(dict(file=file, kernel=name, instructions=sum(a >= 0 for a, _ in body), registers=regs,
-                             spill_stores=st, spill_loads=ld, divisions=nd, divisions_in_loops=nl, sass=body))
+                             spill_stores=st, spill_loads=ld, divisions=nd, divisions_in_loops=nl,
+                             longest_loop=longest_inner_loop(body), sass=body))
     names = demangle([r["kernel"] for r in rows])
     for r in rows:
         r["name"] = names[r["kernel"]]
@@ -153,13 +188,16 @@ def main(argv=None) -> int:
     ap.add_argument("--dump", default=None, help="write the SASS of kernels matching this regex to --out")
     ap.add_argument("--out", default="sass_dump")
     ap.add_argument("--json", action="store_true", help="one JSON object a kernel (without the SASS)")
+    ap.add_argument("--patch", default=None, metavar="FILE.json:NAME",
+                    help="compile with this item of an `e2e --patch` file applied (bench/patches/)")
     a = ap.parse_args(argv)
+    edits = patch_edits(a.patch) if a.patch else ()
     nvdisasm = find_nvdisasm(a.nvdisasm)
     # compile only the files with a matching instantiation (written as c++filt writes it: ", ")
     files = {f: e for f, e in kernel_files().items()
              if any(re.search(a.match, re.sub(r",\s*", ", ", x)) for x in e)}
     with tempfile.TemporaryDirectory() as tmp:
-        rows = scan(files, a.arch, nvdisasm, Path(tmp))
+        rows = scan(files, a.arch, nvdisasm, Path(tmp), edits)
     rows = [r for r in rows if re.search(a.match, r["name"])]
     if a.dump:
         out = Path(a.out)
@@ -173,12 +211,12 @@ def main(argv=None) -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    print(f"| kernel | instructions | registers | spilled bytes (st/ld) | divisions (in loops) |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| kernel | instructions | longest inner loop | registers | spilled bytes (st/ld) | divisions (in loops) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         short = re.sub(r"^void ", "", r["name"].split("(")[0])
-        print(f"| `{short}` | {r['instructions']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} "
-              f"| {r['divisions']} ({r['divisions_in_loops']}) |")
+        print(f"| `{short}` | {r['instructions']} | {r['longest_loop']} | {r['registers']} "
+              f"| {r['spill_stores']}/{r['spill_loads']} | {r['divisions']} ({r['divisions_in_loops']}) |")
     return 0
 
 

@@ -41,6 +41,26 @@ def test_parse_and_divisions_inside_loops():
     assert sass_scan.divisions(fns["_Z1gv"]) == (0, 0)
 
 
+def test_longest_inner_loop_counts_its_instructions():
+    fns = sass_scan.parse_sass(LISTING)
+    assert sass_scan.loops(fns["_Z1fPii"]) == [(0x40, 0xa0)]
+    assert sass_scan.longest_inner_loop(fns["_Z1fPii"]) == 7          # 0x40 .. 0xa0, the branch included
+    assert sass_scan.longest_inner_loop(fns["_Z1gv"]) == 0
+
+
+def test_patch_items_edit_the_compiled_source():
+    """--patch FILE.json:NAME: that item's edits are in the source nvcc compiles; a name the file
+    lacks is one clear error."""
+    root = Path(__file__).resolve().parents[1]
+    edits = sass_scan.patch_edits(f"{root}/bench/patches/attn-occupancy.json:kv8-3blocks")
+    src = sass_scan.instantiation_source("attention.cu", ["attn_decode_gqa<signed char, 128>"], edits)
+    assert "sizeof(KV) == 1 && DT <= 128 ? 3 : 2) attn_decode_gqa(" in src
+    assert "sizeof(KV) == 1 && DT <= 128" not in sass_scan.instantiation_source(
+        "attention.cu", ["attn_decode_gqa<signed char, 128>"])
+    with pytest.raises(SystemExit, match="kv8-3blocks"):
+        sass_scan.patch_edits(f"{root}/bench/patches/attn-occupancy.json:nope")
+
+
 def test_instantiation_source_takes_each_address():
     src = sass_scan.instantiation_source("quant_act.cu", ["quant_act_dynamic<float>", "quant_act_static<float>"])
     assert "void* __dgq_inst_0 = (void*)&quant_act_dynamic<float>;" in src
