@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from engine.bench.e2e import decode_variants, read_patches
+from engine.bench.e2e import decode_variants, read_patch_files, read_patches
 from engine.gpu import attention, backend, kargs, kernels, ops, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,17 @@ def test_example_patches_apply_to_todays_sources(path):
         for edit in edits:
             code = kernels.source(edit[0])
             assert kernels.apply_edits(edit[0], code, [edit]) != code, (path.name, name, edit)
+
+
+def test_patch_files_repeat_and_names_stay_unique(tmp_path):
+    """--patch is repeatable (e2e, gemm-tune, gemv-wb): the items of every file, in order; an item
+    name that two files share is refused, since rows are named by it."""
+    quad, occ = ROOT / "bench/patches/attn-quad.json", ROOT / "bench/patches/attn-occupancy.json"
+    got = [n for n, _e, _ab in read_patch_files([str(quad), str(occ)])]
+    assert got == ["quad", "quad-kv8-bias", "kv8-3blocks"]
+    assert [n for n, _e, _ab in read_patch_files(str(occ))] == ["kv8-3blocks"]
+    with pytest.raises(ValueError, match="also in"):
+        read_patch_files([str(occ), str(occ)])
 
 
 def test_attn_decode_ablate_variants_apply_to_todays_attention():

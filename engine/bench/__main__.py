@@ -27,7 +27,7 @@ from ..gpu import kernels
 from ..gpu import ops as ops_cuda
 from . import gemm, perf, quantize, serve, wb
 from .common import BenchError, cp_or_fail, ints
-from .e2e import MODELS, format_context_table, format_table, parse_ab, read_patches, run_context, run_e2e
+from .e2e import MODELS, format_context_table, format_table, parse_ab, read_patch_files, run_context, run_e2e
 
 
 def cmd_e2e(args) -> int:
@@ -47,7 +47,7 @@ def cmd_e2e(args) -> int:
             raise BenchError(f"--steps must be at least 1, got {args.steps}")
         try:
             ab = [parse_ab(item) for item in args.ab]
-            patches = read_patches(args.patch) if args.patch else ()
+            patches = read_patch_files(args.patch)
         except ValueError as e:
             raise BenchError(str(e)) from None
         rows = run_context(ints(args.context, "--context"), models, ints(args.batches, "--batches"),
@@ -60,7 +60,7 @@ def cmd_e2e(args) -> int:
         raise BenchError(f"--pot-bits: choose from 2, 3, 4, got {args.pot_bits!r}")
     try:
         ab = [parse_ab(item) for item in args.ab]
-        patches = read_patches(args.patch) if args.patch else ()
+        patches = read_patch_files(args.patch)
     except ValueError as e:
         raise BenchError(str(e)) from None
     rows = run_e2e(qfile=args.qfile, json_out=args.json, quick=args.quick, models=models, pot_bits=pot,
@@ -128,8 +128,9 @@ def main(argv=None) -> int:
                    help="only these wgmma tiles (no GEMV or mma.sync variants)")
     t.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
                    help="each variant again with these tuning settings (as e2e --ab), rows named by \"setting\"")
-    t.add_argument("--patch", metavar="FILE.json", help="each variant again for kernels compiled from edited source "
-                   "(as e2e --patch), e.g. bench/patches/wgmma-splitk.json")
+    t.add_argument("--patch", metavar="FILE.json", action="append", default=[],
+                   help="each variant again for kernels compiled from edited source (as e2e --patch; "
+                   "repeatable), e.g. bench/patches/wgmma-splitk.json")
     t.set_defaults(func=gemm.cmd_gemm_tune)
     o = sub.add_parser("gemm-one", help="time one shape and kernel configuration (also for profilers)")
     o.add_argument("--m", type=int, required=True)
@@ -150,8 +151,8 @@ def main(argv=None) -> int:
     w.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
                    help="each pot/int row again with these settings (as e2e --ab; wb.FIELD: tuning.WB_TUNE), "
                    "same process and buffers, e.g. --ab wb.resident=0")
-    w.add_argument("--patch", metavar="FILE.json", help="each pot/int row again for kernels compiled from edited "
-                   "source (as e2e --patch)")
+    w.add_argument("--patch", metavar="FILE.json", action="append", default=[],
+                   help="each pot/int row again for kernels compiled from edited source (as e2e --patch; repeatable)")
     w.set_defaults(func=wb.cmd_gemv_wb)
     e = sub.add_parser("e2e", help="end-to-end prefill/decode tokens/s of the GPU engine vs our FP16 path")
     e.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
@@ -173,8 +174,8 @@ def main(argv=None) -> int:
                    "tuning.ROWS, prefill.FIELD of tuning.PREFILL or decode.FIELD of tuning.DECODE) set, beside the "
                    "default's, where the step runs with PDL (sm_90); repeatable, "
                    "e.g. --ab gemv_dp4a=0 --ab wb.resident=0 --ab rows.act_per=32")
-    e.add_argument("--patch", metavar="FILE.json",
-                   help="the same A/B rows (with --context: the context table again) for kernels compiled from "
+    e.add_argument("--patch", metavar="FILE.json", action="append", default=[],
+                   help="(repeatable) the same A/B rows (with --context: the context table again) for kernels compiled from "
                    "edited source, beside the landed ones in one process: a JSON list of {\"name\": ..., \"edits\": [[\"gemm_a8w4.cu\", old text, new "
                    "text], ...]} (each old must occur in that module's inlined source, checked before the run; a row for "
                    "each model that runs an edited kernel; needs PDL (sm_90), as --ab; bench/patches/ has examples)")

@@ -291,7 +291,7 @@ def args_variants(args) -> list:
     gemm-tune), checked before any GPU time: BenchError names what is wrong."""
     try:
         return decode_variants(ab=[parse_ab(a) for a in getattr(args, "ab", None) or ()],
-                               patches=read_patches(args.patch) if getattr(args, "patch", None) else ())
+                               patches=read_patch_files(getattr(args, "patch", None) or ()))
     except ValueError as e:
         raise BenchError(str(e)) from None
 
@@ -301,6 +301,19 @@ def _patch_setting(edits, ab: dict):
     """kargs.patched(edits), with a patch's own --ab settings (its "ab" field) set too."""
     with kargs.patched(edits) as used, _ab_setting(ab):
         yield used
+
+
+def read_patch_files(paths) -> list:
+    """read_patches of each --patch FILE (repeatable; one path or a list), their items in order;
+    an item name that two files share is an error (the rows are named by it)."""
+    out, seen = [], {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        for item in read_patches(path):
+            if item[0] in seen:
+                raise ValueError(f"--patch {path}: item {item[0]!r} is also in {seen[item[0]]}")
+            seen[item[0]] = path
+            out.append(item)
+    return out
 
 
 def read_patches(path) -> list:
