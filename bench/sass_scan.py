@@ -10,7 +10,8 @@ and nvdisasm lists the SASS. A row a kernel: its instructions, registers, spille
 divisions (the I2F.RP … MUFU.RCP … F2I sequence a 32-bit `/` or `%` by a runtime value becomes,
 ~20 dependent instructions) and how many of those sit inside a loop (between a backward branch
 and its target), and the instructions of its longest innermost loop (a hot loop's body, e.g.
-a decode attention key step). `--dump` writes the SASS of the matching kernels to DIR for reading.
+a decode attention key step); a kernel whose wgmmas ptxas serialized (warning C7513: one in
+flight whatever its waits ask, a large loss) is flagged. `--dump` writes the SASS of the matching kernels to DIR for reading.
 `--patch FILE.json:NAME` compiles the sources with one item of an `e2e --patch` file applied
 (bench/patches/), so a prepared variant's counts stand beside today's (run both).
 
@@ -41,6 +42,8 @@ MODULES = (wb, fused, attention, ops)
 _FN_RE = re.compile(r"^\s*\.text\.([^:\s]+):\s*$", re.M)
 _INS_RE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)
 _LABEL_RE = re.compile(r"^\s*(\.L_x_\d+):\s*$")
+# ptxas's note that it serialized a kernel's wgmmas (one in flight, whatever the code's waits say)
+_SERIAL_RE = re.compile(r"\(C7513\)[^\n]*?in the function '([^']+)'")
 _PTXAS_RE = re.compile(r"Compiling entry function '([^']+)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads"
                        r".*?Used (\d+) registers", re.S)
 
@@ -167,13 +170,14 @@ def scan(files: dict[str, list[str]], arch: str, nvdisasm: str, work: Path, edit
         if res.returncode:
             sys.exit(f"sass_scan: nvcc failed on {file}:\n{res.stderr[-2000:]}")
         ptxas = {m.group(1): (int(m.group(4)), int(m.group(2)), int(m.group(3))) for m in _PTXAS_RE.finditer(res.stderr)}
+        serial = set(_SERIAL_RE.findall(res.stderr))
         sass = parse_sass(subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout)
         for name, body in sass.items():
             regs, st, ld = ptxas.get(name, (None, None, None))
             nd, nl = divisions(body)
             rows.append(dict(file=file, kernel=name, instructions=sum(a >= 0 for a, _ in body), registers=regs,
                              spill_stores=st, spill_loads=ld, divisions=nd, divisions_in_loops=nl,
-                             longest_loop=longest_inner_loop(body), sass=body))
+                             longest_loop=longest_inner_loop(body), wgmma_serialized=name in serial, sass=body))
     names = demangle([r["kernel"] for r in rows])
     for r in rows:
         r["name"] = names[r["kernel"]]
@@ -215,7 +219,8 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         short = re.sub(r"^void ", "", r["name"].split("(")[0])
-        print(f"| `{short}` | {r['instructions']} | {r['longest_loop']} | {r['registers']} "
+        flag = " **wgmma serialized (C7513)**" if r["wgmma_serialized"] else ""
+        print(f"| `{short}`{flag} | {r['instructions']} | {r['longest_loop']} | {r['registers']} "
               f"| {r['spill_stores']}/{r['spill_loads']} | {r['divisions']} ({r['divisions_in_loops']}) |")
     return 0
 

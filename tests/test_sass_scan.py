@@ -48,6 +48,13 @@ def test_longest_inner_loop_counts_its_instructions():
     assert sass_scan.longest_inner_loop(fns["_Z1gv"]) == 0
 
 
+def test_serialized_wgmma_warning_names_its_kernel():
+    err = ("ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+           "due to non wgmma instructions defining input registers of a wgmma between start and end of the "
+           "pipeline stage in the function '_Z15gemm_a8w4_wgmmaILi32EEvv'\nptxas info    : Used 64 registers")
+    assert sass_scan._SERIAL_RE.findall(err) == ["_Z15gemm_a8w4_wgmmaILi32EEvv"]
+
+
 def test_patch_items_edit_the_compiled_source():
     """--patch FILE.json:NAME: that item's edits are in the source nvcc compiles; a name the file
     lacks is one clear error."""
