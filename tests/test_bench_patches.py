@@ -31,7 +31,7 @@ def test_patch_files_repeat_and_names_stay_unique(tmp_path):
     name that two files share is refused, since rows are named by it."""
     quad, occ = ROOT / "bench/patches/attn-quad.json", ROOT / "bench/patches/attn-occupancy.json"
     got = [n for n, _e, _ab in read_patch_files([str(quad), str(occ)])]
-    assert got == ["quad", "quad-kv8-bias", "kv8-3blocks"]
+    assert got == ["quad", "quad-kv8-bias", "addr", "quad-kv8-bias-addr", "kv8-3blocks"]
     assert [n for n, _e, _ab in read_patch_files(str(occ))] == ["kv8-3blocks"]
     with pytest.raises(ValueError, match="also in"):
         read_patch_files([str(occ), str(occ)])
@@ -50,19 +50,22 @@ def test_attn_decode_ablate_variants_apply_to_todays_attention():
 
 
 def test_attn_decode_ablate_takes_e2e_patch_files():
-    """bench/attn_decode_ablate.py --patch: each item of bench/patches/attn-quad.json becomes a
-    variant of today's attention.cu whose shared-memory layout (GqLayout, which the bench sizes
+    """bench/attn_decode_ablate.py --patch: each item of bench/patches/attn-quad.json (quad, the
+    bias on top, the step's copy addresses, both) becomes a variant of today's attention.cu whose
+    shared-memory layout (GqLayout, which the bench sizes
     from today's source) is unchanged; a patch of another file is refused before any GPU time."""
     import sys
     sys.path.insert(0, str(ROOT / "bench"))
     import attn_decode_ablate
     src = kernels.source("attention.cu")
     got = attn_decode_ablate.patched_variants(kernels, src, ROOT / "bench" / "patches" / "attn-quad.json")
-    assert set(got) == {"quad", "quad-kv8-bias"}
+    assert set(got) == {"quad", "quad-kv8-bias", "addr", "quad-kv8-bias-addr"}
     for name, code in got.items():
-        assert code != src and "mma_f16_quad" in code, name
+        assert code != src and ("mma_f16_quad" in code) == ("quad" in name), name
+        assert ("const int rowb = Hkv * DT * ES;" in code) == ("addr" in name), name
         assert attn_decode_ablate.layout_of(code) == attn_decode_ablate.layout_of(src), name
     assert "i8x4_h2b" in got["quad-kv8-bias"] and "i8x4_h2b" not in got["quad"]
+    assert "i8x4_h2b" in got["quad-kv8-bias-addr"] and "i8x4_h2b" not in got["addr"]
     with pytest.raises(SystemExit, match="attention.cu alone"):
         attn_decode_ablate.patched_variants(kernels, src, ROOT / "bench" / "patches" / "loads.json")
 
