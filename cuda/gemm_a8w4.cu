@@ -57,6 +57,28 @@ struct GemvBatch {           // one batch of U chunks per warp, held in register
     u32 xb[U][MT][4];
 };
 
+// One chunk of one row tile against MT token tiles, the step of both GEMVs: DP (one token) feeds the
+// codes to dp4a (dp_chunk; xs = dp_xsum of the token's x, shared by a warp's row tiles), else the
+// weights are widened to int8 and multiplied on the tensor cores; acc[j]: token tile j's fragment.
+template <int MT, bool DP>
+__device__ __forceinline__ void gemv_chunk(const u32x4& w, u32 m, const u32 (&x)[MT][4], int xs, int (&acc)[MT][4]) {
+    if constexpr (DP) {
+        dp_chunk(w, m, x[0], xs, acc[0][0], acc[0][2]);
+    } else {
+        DqConst lo, hi;
+        dq_meta(m, lo, hi);
+        u32 a0, a1, a2, a3;
+        dq_word(w.x, lo, a0, a2);   // rows g,   k-step 0
+        dq_word(w.y, hi, a1, a3);   // rows g+8, k-step 0
+#pragma unroll
+        for (int j = 0; j < MT; ++j) mma_s8(acc[j], a0, a1, a2, a3, x[j][0], x[j][1]);
+        dq_word(w.z, lo, a0, a2);   // k-step 1
+        dq_word(w.w, hi, a1, a3);
+#pragma unroll
+        for (int j = 0; j < MT; ++j) mma_s8(acc[j], a0, a1, a2, a3, x[j][2], x[j][3]);
+    }
+}
+
 // The SiLU GEMV's epilogue, for a thread of warps 0 and 1 (the caller's branch must keep them whole:
 // shuffles): silu(gate)·up of its channel from the fp16-rounded gate and up into *dst where live, and
 // the max over the row tile's 8 channels of each token's |·| atomically into *amax (lanes 0..3, where
@@ -175,26 +197,9 @@ __global__ void __launch_bounds__(32 * NW, (SILU && U == 2) || NW != 8 ? 32 / NW
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (c0 + NW * u >= C) break;  // warp-uniform
-            if constexpr (DP) {
-                const int xs = dp_xsum(b.xb[u][0]);
+            const int xs = DP ? dp_xsum(b.xb[u][0]) : 0;
 #pragma unroll
-                for (int r = 0; r < RW; ++r) dp_chunk(b.wv[u][r], b.mv[u][r], b.xb[u][0], xs, acc[r][0][0], acc[r][0][2]);
-            } else {
-#pragma unroll
-                for (int r = 0; r < RW; ++r) {
-                    DqConst lo, hi;
-                    dq_meta(b.mv[u][r], lo, hi);
-                    u32 a0, a1, a2, a3;
-                    dq_word(b.wv[u][r].x, lo, a0, a2);   // rows g,   k-step 0
-                    dq_word(b.wv[u][r].y, hi, a1, a3);   // rows g+8, k-step 0
-#pragma unroll
-                    for (int j = 0; j < MT; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, b.xb[u][j][0], b.xb[u][j][1]);
-                    dq_word(b.wv[u][r].z, lo, a0, a2);   // k-step 1
-                    dq_word(b.wv[u][r].w, hi, a1, a3);
-#pragma unroll
-                    for (int j = 0; j < MT; ++j) mma_s8(acc[r][j], a0, a1, a2, a3, b.xb[u][j][2], b.xb[u][j][3]);
-                }
-            }
+            for (int r = 0; r < RW; ++r) gemv_chunk<MT, DP>(b.wv[u][r], b.mv[u][r], b.xb[u], xs, acc[r]);
         }
     };
 
@@ -314,7 +319,7 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
     const bool xok = DP || g < M;
     const i8* xb0 = x8 + (size_t)(DP || g >= M ? 0 : g) * ldx + 4 * t;
 
-    int acc[4] = {0, 0, 0, 0};
+    int acc[1][4] = {{0, 0, 0, 0}};                          // gemv_chunk's fragment of the one token tile
     // The load cursor: the row tile (its place lt in this block's sequence, its weights at wp and meta
     // at mp) and first chunk lc of the batch a register batch takes next; past the tile's last pair it
     // moves gridDim.x row tiles on (pointers advanced, not recomputed: no 64-bit multiply a load).
@@ -356,19 +361,7 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (c0 + NW * u >= C) break;                   // warp-uniform
-            if constexpr (DP) {
-                dp_chunk(b.wv[u][0], b.mv[u][0], b.xb[u][0], dp_xsum(b.xb[u][0]), acc[0], acc[2]);
-            } else {                                       // gemm_a8w4_gemv's MT = RW = 1 step
-                DqConst lo, hi;
-                dq_meta(b.mv[u][0], lo, hi);
-                u32 a0, a1, a2, a3;
-                dq_word(b.wv[u][0].x, lo, a0, a2);
-                dq_word(b.wv[u][0].y, hi, a1, a3);
-                mma_s8(acc, a0, a1, a2, a3, b.xb[u][0][0], b.xb[u][0][1]);
-                dq_word(b.wv[u][0].z, lo, a0, a2);
-                dq_word(b.wv[u][0].w, hi, a1, a3);
-                mma_s8(acc, a0, a1, a2, a3, b.xb[u][0][2], b.xb[u][0][3]);
-            }
+            gemv_chunk<1, DP>(b.wv[u][0], b.mv[u][0], b.xb[u], DP ? dp_xsum(b.xb[u][0]) : 0, acc);
         }
     };
     // This thread's output element of a row tile (the EPI1 map of gemm_a8w4_gemv; SILU: threads 0..63)
@@ -407,10 +400,10 @@ __global__ void __launch_bounds__(32 * NW, 32 / NW) gemm_a8w4_gemv_res(   // 32 
         float hp = 0.f;
         if (!SILU && resid && ethread && DGQ_TILE_N * rt + ecol < N) hp = resid[(size_t)em * N + DGQ_TILE_N * rt + ecol];
         if (it > 0) scales_of(it, s8p, s8u);
-        if constexpr (DP) dp_lanes_sum(acc);
+        if constexpr (DP) dp_lanes_sum(acc[0]);
         int (*rb)[32] = red[it & 1][warp];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) { rb[e][lane] = acc[e]; acc[e] = 0; }
+        for (int e = 0; e < 4; ++e) { rb[e][lane] = acc[0][e]; acc[0][e] = 0; }
         __syncthreads();                                    // red[it & 1] is next written at tile it + 2, after the next barrier
         const int n = DGQ_TILE_N * rt + ecol;
         if constexpr (SILU) {
