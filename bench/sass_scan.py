@@ -123,16 +123,11 @@ def divisions(rows: list[tuple[int, str]]) -> tuple[int, int]:
 
 def patch_edits(spec: str) -> tuple:
     """The source edits of item NAME of an `e2e --patch` FILE.json ("FILE.json:NAME"), checked."""
-    from engine.bench.e2e import read_patches  # noqa: PLC0415
-    path, _, name = spec.rpartition(":")
+    from engine.bench.e2e import read_patch_item  # noqa: PLC0415
     try:
-        items = {n: edits for n, edits, _ in read_patches(path)} if path else {}
+        return read_patch_item(spec)[1]
     except ValueError as e:
-        sys.exit(f"sass_scan: {e}")
-    if name not in items:
-        sys.exit(f"sass_scan: --patch wants FILE.json:NAME with NAME one of {', '.join(items) or '(none)'}, "
-                 f"got {spec!r}")
-    return items[name]
+        sys.exit(f"sass_scan: --patch {e}")
 
 
 def demangle(names: list[str]) -> dict[str, str]:

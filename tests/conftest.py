@@ -18,15 +18,11 @@ def session_patch() -> tuple:
     spec = os.environ.get("DGQ_TEST_PATCH", "")
     if not spec:
         return ()
-    from engine.bench.e2e import read_patches  # noqa: PLC0415
-    path, _, name = spec.rpartition(":")
+    from engine.bench.e2e import read_patch_item  # noqa: PLC0415
     try:
-        items = {n: (edits, ab) for n, edits, ab in read_patches(path)} if path else {}
+        _name, edits, ab = read_patch_item(spec)
     except ValueError as e:
         raise pytest.UsageError(f"DGQ_TEST_PATCH={spec}: {e}") from None
-    if name not in items:
-        raise pytest.UsageError(f"DGQ_TEST_PATCH={spec}: want FILE.json:NAME with NAME one of {sorted(items)}")
-    edits, ab = items[name]
     if ab:
         raise pytest.UsageError(f"DGQ_TEST_PATCH={spec}: the item sets tuning fields too ({ab}); "
                                 "only source edits can run under the tests")

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from engine.bench.e2e import decode_variants, read_patch_files, read_patches
+from engine.bench.e2e import decode_variants, read_patch_files, read_patch_item, read_patches
 from engine.gpu import attention, backend, kargs, kernels, ops, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +78,7 @@ def test_session_compiles_the_patch_dgq_test_patch_names():
     if not spec:
         assert kernels.EDITS == ()
         return
-    path, _, name = spec.rpartition(":")
-    want = next(edits for n, edits, _ab in read_patches(path) if n == name)
+    want = read_patch_item(spec)[1]
     assert tuple(kernels.EDITS[-len(want):]) == tuple(want)
 
 

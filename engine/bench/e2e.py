@@ -316,6 +316,16 @@ def read_patch_files(paths) -> list:
     return out
 
 
+def read_patch_item(spec: str) -> tuple:
+    """One item of a --patch file named as FILE.json:NAME (sass_scan --patch, DGQ_TEST_PATCH):
+    (name, edits, ab dict) as read_patches gives it; ValueError naming the choices otherwise."""
+    path, _, name = spec.rpartition(":")
+    items = {item[0]: item for item in read_patches(path)} if path else {}
+    if name not in items:
+        raise ValueError(f"want FILE.json:NAME with NAME one of {sorted(items)}, got {spec!r}")
+    return items[name]
+
+
 def read_patches(path) -> list:
     """--patch FILE: a JSON list of {"name": str, "edits": [[file.cu, old, new], ...]}, each an A/B
     row whose kernels compile from cuda/<file.cu> with every `old` of its inlined source (headers
