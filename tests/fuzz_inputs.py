@@ -194,6 +194,9 @@ def _entry_lies():
     def shape_empty(e, h): e["shape"] = []
     def shape_str(e, h): e["shape"] = "12"
     def shape_float(e, h): e["shape"] = [float(d) + 0.5 for d in e["shape"]]
+    def shape_zero_huge(e, h):        # no byte, so the sizes agree; NumPy cannot hold the shape
+        e["shape"], e["data_offsets"] = [0, 2**64], [e["data_offsets"][0]] * 2
+    def shape_zero_ndim65(e, h): e["shape"], e["data_offsets"] = [1] * 64 + [0], [e["data_offsets"][0]] * 2
     def off_plus1(e, h): e["data_offsets"] = [e["data_offsets"][0], e["data_offsets"][1] + 1]
     def off_reversed(e, h): e["data_offsets"] = e["data_offsets"][::-1]
     def off_negative(e, h): e["data_offsets"] = [-8, e["data_offsets"][1] - e["data_offsets"][0] - 8]
@@ -365,6 +368,8 @@ def q_metadata_cases() -> list[Case]:
             lambda d: d.update(kv_cache={"bits": 8, "k_scale": "x", "v_scale": "y"}))),
         "kv-missing-part": _meta_edit("recipe", fn=_json_edit(
             lambda d: d.update(kv_cache={"bits": 8, "k_scale": [[1.0, 1.0]] * 2}))),
+        "kv-int-1e400": _meta_edit("recipe", fn=_json_edit(
+            lambda d: d.update(kv_cache={"bits": 8, "k_scale": [[10**400, 1]] * 2, "v_scale": [[1, 1]] * 2}))),
     }
     cases = []
     for t in ("q_dg", "q_g"):
@@ -523,6 +528,12 @@ def hf_cases() -> list[Case]:
         "config-eps-neg": cfg(lambda c: c.update(rms_norm_eps=-1.0)),
         "config-theta-0": cfg(lambda c: c.update(rope_theta=0)),
         "config-tie-str": cfg(lambda c: c.update(tie_word_embeddings="no")),
+        "config-bos-2e70": cfg(lambda c: c.update(bos_token_id=2**70)),
+        "config-eos-2e60": cfg(lambda c: c.update(eos_token_id=2**60)),
+        "config-sliding-2e63": cfg(lambda c: c.update(model_type="mistral", sliding_window=2**63)),
+        "config-llama3-original-1e400": cfg(lambda c: c.update(rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 10**400})),
         "config-fifo": fifo("config.json"),
         "config-loop": loop("config.json"),
         "weights-missing": remove("model.safetensors"),
@@ -538,6 +549,9 @@ def hf_cases() -> list[Case]:
         "chat-template-broken": write("tokenizer_config.json",
                                       json.dumps({"chat_template": "{% for m in messages %}{{ m"})),
         "chat-template-not-json": write("tokenizer_config.json", "{nope"),
+        "chat-template-divides-by-zero": write("tokenizer_config.json", json.dumps({"chat_template": "{{ 1/0 }}"})),
+        "chat-template-adds-a-number": write("tokenizer_config.json", json.dumps(
+            {"chat_template": "{{ messages[0].content + 1 }}"})),
         "tokenizer-fifo": fifo("tokenizer.json"),
         "tokenizer-loop": loop("tokenizer.json"),
         "jinja-not-utf8": write("chat_template.jinja", b"\xff\xfe{{ messages }}"),
@@ -664,6 +678,9 @@ def gguf_cases() -> list[Case]:
         "ffn-missing": drop_kv("llama.feed_forward_length"),
         "arch-gpt2": kv("general.architecture", "gpt2", T.STRING),
         "arch-missing": drop_kv("general.architecture"),
+        "arch-array": kv("general.architecture", ["llama"], T.ARRAY),
+        "eos-2e60": kv("tokenizer.ggml.eos_token_id", 2**60, T.UINT64),
+        "tensor-embd-0d": lambda w: setattr(w.tensors[0]["token_embd.weight"], "shape", ()),
         "rope-nan": kv("llama.rope.freq_base", float("nan"), T.FLOAT32),
         "eps-neg": kv("llama.attention.layer_norm_rms_epsilon", -1.0, T.FLOAT32),
         "rope-dim-partial": kv("llama.rope.dimension_count", 4, T.UINT32),

@@ -282,7 +282,46 @@ def test_boolean_token_array_is_not_a_mask(hf):
         m.forward(np.array([1.0, 2.0]))
 
 
+def test_ragged_tokens_seeds_and_stops_are_refused_in_our_words(hf):
+    """The Python API's token arrays, seed and stop set: one clear error, not NumPy's."""
+    from engine.model.generate import generate
+    ck = load_hf_dir(hf)
+    m = Model(ModelWeights.from_hf(ck.config, ck.tensors))
+    with pytest.raises(ModelError, match="1-D token array"):
+        m.forward([1, [2, 3]])
+    with pytest.raises(GenerationError, match="1-D sequence of integer token ids"):
+        generate(m, [1, [2, 3]], 1)
+    for seed in (-1, 0.5, 2**63, True):
+        with pytest.raises(GenerationError, match="seed must be an integer"):
+            generate(m, [1, 2], 1, seed=seed, temperature=1.0)
+    for stop in (5, {1.5}, {"a"}):
+        with pytest.raises(GenerationError, match="stop must be a set of integer token ids"):
+            generate(m, [1, 2], 1, stop=stop)
+    assert len(generate(m, [1, 2], 2, seed=None, stop=[np.int64(10**6)])[0]) == 2     # valid ones still run
+
+
 # ----------------------------------------------------------------------------- lost data
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_out_that_is_a_fifo_or_a_device_is_not_replaced(tmp_path, hf, kind):
+    """`--out /dev/null` (as root) must not turn the device into a regular file. The device here
+    is a null device of our own in tmp_path (root only), so a regression cannot harm /dev/null."""
+    import stat
+    out = tmp_path / "out"
+    if kind == "fifo":
+        os.mkfifo(out)
+    else:
+        try:
+            os.mknod(out, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("making a device node needs root")
+    r = cli(dgq_cli.quantize, [str(hf), "--out", str(out), "--method", "w4a16", "--group", "16", "--quiet",
+                               "--device", "cpu"])
+    assert_one_line_error(r, "not a regular file")
+    assert out.is_fifo() if kind == "fifo" else out.is_char_device()
+    with pytest.raises(Exception, match="not a regular file"):
+        with atomic_file(out):
+            pass
 
 def test_quantize_out_that_is_its_own_input_is_refused(tmp_path, hf):
     g = tmp_path / "m.gguf"

@@ -105,8 +105,9 @@ class ModelConfig:
                 raise ConfigError(f"config field {f} must be a finite {sign} number, got {v!r}")
         for f in ("bos_token_id", "eos_token_id"):
             v = getattr(self, f)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise ConfigError(f"config field {f} must be a token id (an integer >= 0) or null, got {v!r}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < MAX_VOCAB):
+                raise ConfigError(f"config field {f} must be a token id (an integer in [0, {MAX_VOCAB})) "
+                                  f"or null, got {v!r:.40}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ConfigError(f"config field tie_word_embeddings must be true or false, "
                               f"got {self.tie_word_embeddings!r}")
@@ -140,8 +141,9 @@ class ModelConfig:
                     or (v == 0 and f != "norm_offset"):
                 raise ConfigError(f"config field {f} must be a finite positive number, got {v!r}")
         sw = self.sliding_window
-        if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or sw <= 0):
-            raise ConfigError(f"config field sliding_window must be a positive integer or null, got {sw!r}")
+        if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or not 0 < sw <= MAX_CONTEXT):
+            raise ConfigError(f"config field sliding_window must be a positive integer (at most {MAX_CONTEXT}) "
+                              f"or null, got {sw!r:.40}")
         lt = self.layer_types
         if lt is not None:
             if not isinstance(lt, tuple) or len(lt) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in lt):
@@ -152,8 +154,9 @@ class ModelConfig:
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"RoPE scaling {self.rope_type!r} is not supported (only {', '.join(ROPE_TYPES)})")
         o = self.rope_original_max_position
-        if not isinstance(o, int) or isinstance(o, bool) or o <= 0:
-            raise ConfigError(f"rope original_max_position_embeddings must be a positive integer, got {o!r}")
+        if not isinstance(o, int) or isinstance(o, bool) or not 0 < o <= MAX_CONTEXT:
+            raise ConfigError(f"rope original_max_position_embeddings must be a positive integer (at most "
+                              f"{MAX_CONTEXT}), got {o!r:.40}")
         if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
             raise ConfigError("llama3 RoPE scaling needs high_freq_factor > low_freq_factor, got "
                               f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}")

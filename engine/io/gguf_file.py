@@ -136,7 +136,7 @@ def load_gguf(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
             raise WeightsError(f"{path}: corrupt GGUF file: tensors {n0} [{b0}, {e0}) and {n1} "
                                f"[{b1}, {e1}) share bytes")
     arch = _gguf_kv(f, path, "general.architecture")
-    if arch not in GGUF_ARCHS:
+    if not isinstance(arch, str) or arch not in GGUF_ARCHS:
         raise WeightsError(f"{path}: GGUF architecture {arch!r} is not supported "
                            f"(only {', '.join(repr(a) for a in GGUF_ARCHS)})")
     config = _gguf_config(f, path, arch, by_name)
@@ -355,7 +355,10 @@ def _gguf_config(f: dict, path: Path, arch: str, by_name: dict) -> ModelConfig:
     # The embedding's rows are the model's vocabulary (HF's vocab_size); the token list
     # normally has the same length, since convert_hf_to_gguf pads it.
     if "token_embd.weight" in by_name:
-        vocab = int(by_name["token_embd.weight"].shape[-1])   # GGUF shapes are (K, N): N is last
+        shape = by_name["token_embd.weight"].shape
+        if len(shape) != 2:
+            raise WeightsError(f"{path}: token_embd.weight must be 2-D, got shape {tuple(int(d) for d in shape)}")
+        vocab = int(shape[-1])                                # GGUF shapes are (K, N): N is last
     elif "tokenizer.ggml.tokens" in f:
         toks = _gguf_kv(f, path, "tokenizer.ggml.tokens")
         vocab = len(toks) if isinstance(toks, list) else 0

@@ -354,7 +354,7 @@ def load_qfile(path) -> QCheckpoint:
                      tokenizer_json=meta["tokenizer"], linears=linears)
     try:
         kv = ck.kv_scales
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         _fail(path, f"recipe 'kv_cache' is malformed ({e})")
     if kv is not None and (kv.shape != (config.num_hidden_layers, 2, config.num_key_value_heads)
                            or not np.isfinite(kv).all() or (kv <= 0).any()):

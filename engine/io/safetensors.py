@@ -63,6 +63,7 @@ _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i
 _FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _ST_ITEMSIZE = {**{k: np.dtype(v).itemsize for k, v in _ST_DTYPES.items()}, "BF16": 2}
 _MAX_HEADER = 100_000_000   # the safetensors spec's own limit on the JSON header
+MAX_NDIM = 64               # NumPy's limit on an array's dimensions
 
 
 def _st_code(dtype: np.dtype) -> str | None:
@@ -122,6 +123,12 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         if any(d < 0 for d in shape) or b < 0 or end < b:
             raise WeightsError(f"{path}: corrupt safetensors header: tensor {name} has a negative "
                                f"size or byte range (shape {shape}, data_offsets [{b}, {end}])")
+        span = _ST_ITEMSIZE[code]             # NumPy refuses an array whose non-zero sides span 2**63 bytes
+        for d in shape:                       # (with a zero side it still holds no byte)
+            span *= max(d, 1)
+        if len(shape) > MAX_NDIM or span >= 1 << 63:
+            raise WeightsError(f"{path}: corrupt safetensors header: tensor {name} has an impossible shape "
+                               f"{str(shape)[:80]} (at most {MAX_NDIM} dimensions spanning under 2**63 bytes)")
         nbytes = _ST_ITEMSIZE[code]
         for d in shape:                       # Python ints: a lying shape cannot overflow
             nbytes *= d

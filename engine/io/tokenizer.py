@@ -340,6 +340,8 @@ def render_chat(template: str, messages: Sequence[Mapping[str, Any]], add_genera
                                bos_token=bos_token, eos_token=eos_token, **extra)
     except jinja2.exceptions.TemplateError as e:
         raise TokenizerError(f"chat template failed: {e}") from None
+    except Exception as e:  # noqa: BLE001  (the template is the file's code: 1/0, "a" + 1, ...)
+        raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- helpers

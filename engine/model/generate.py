@@ -221,7 +221,10 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     ctx = model.config.max_position_embeddings
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
         raise GenerationError(f"--max-new-tokens must be an integer, got {max_new_tokens!r}")
-    ids = np.asarray(prompt_ids)
+    try:
+        ids = np.asarray(prompt_ids)
+    except (TypeError, ValueError) as e:          # ragged or nested lists
+        raise GenerationError(f"prompt_ids must be a 1-D sequence of integer token ids ({e})") from None
     if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
         raise GenerationError(f"prompt_ids must be a 1-D sequence of integer token ids, got "
                               f"{ids.dtype} {ids.shape}")
@@ -234,9 +237,12 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     if max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     sampling.check_args(temperature, top_k, top_p)
+    check_seed(seed)
+    stop = set(stop) if isinstance(stop, (set, frozenset, list, tuple)) else stop or set()
+    if not isinstance(stop, set) or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in stop):
+        raise GenerationError(f"stop must be a set of integer token ids, got {stop!r:.80}")
     budget = min(max_new_tokens, ctx - n)
     rng = np.random.default_rng(seed)
-    stop = stop or set()
     cache = model.new_cache(n + budget, kv8=kv8)
     if hasattr(model, "decode"):
         seed = int(rng.integers(2**63)) if seed is None else seed
@@ -329,8 +335,15 @@ def check_request(req: SeqRequest, context: int) -> None:
             or req.max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {req.max_new_tokens!r}")
     sampling.check_args(req.temperature, req.top_k, req.top_p)
-    if isinstance(req.seed, bool) or not isinstance(req.seed, (int, np.integer)) or not 0 <= req.seed < 2**63:
-        raise GenerationError(f"seed must be an integer in [0, 2^63), got {req.seed!r}")
+    check_seed(req.seed, none_ok=False)
+
+
+def check_seed(seed, none_ok: bool = True) -> None:
+    """GenerationError unless seed is an integer in [0, 2^63) (or None, where a fresh one is drawn)."""
+    if seed is None and none_ok:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise GenerationError(f"seed must be an integer in [0, 2^63), got {seed!r}")
 
 
 class SerialBatch:

@@ -30,7 +30,10 @@ SITES = ("attn_in", "o_in", "mlp_in", "down_in")
 
 def check_tokens(tokens, c: ModelConfig, start: int = 0) -> np.ndarray:
     """tokens as a non-empty 1-D array of valid ids that fit the context after `start`."""
-    tokens = np.asarray(tokens)
+    try:
+        tokens = np.asarray(tokens)
+    except (TypeError, ValueError) as e:          # ragged or nested lists
+        raise ModelError(f"forward needs a 1-D token array ({e})") from None
     if tokens.ndim != 1 or tokens.size == 0:
         raise ModelError(f"forward needs a non-empty 1-D token array, got shape {tokens.shape}")
     if tokens.dtype.kind not in "iu":     # a bool array would index as a mask, floats truncate

@@ -177,6 +177,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "xb", flag: str = "output")
     path = out_path(path, flag)
     if path.is_dir():
         raise PathError(f"{flag} {path}: is a directory; name a file")
+    if os.path.lexists(path) and not path.is_symlink() and not path.is_file():
+        # the final rename would put a regular file where a FIFO, socket or device (/dev/null) was
+        raise PathError(f"{flag} {path}: exists and is not a regular file; name a file to write")
     clean_stale(path)
     tmp = temp_sibling(path)
     register_temporary(tmp)
