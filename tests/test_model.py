@@ -158,12 +158,20 @@ def _attention_plain(q, k, v, q_start, window=None, scale=None):
 
 
 def test_attention_in_place_softmax_keeps_the_bits():
-    """The reference attention's softmax runs in place in its float64 scores: the same values,
-    bit for bit, as one temporary a step (prefill, decode, GQA, windows, a given scale)."""
+    """The reference attention's softmax runs in place in its float64 scores, a block of
+    ATTN_ROW_BLOCK query rows at a time against the keys the block sees: the same values, bit for
+    bit, as one temporary a step over all (T, S) scores (prefill, decode, GQA, windows, a given
+    scale; one block, several, a short remainder joined to the last, a window that starts past
+    the first keys, queries after a cache)."""
     rng = np.random.default_rng(3)
+    b = ops_ref.ATTN_ROW_BLOCK
     for t, start, hq, hkv, d, window, scale in [(96, 0, 9, 3, 64, None, None), (1, 700, 32, 8, 128, None, None),
                                                 (37, 63, 4, 4, 64, 16, None), (5, 0, 2, 1, 32, None, 0.3),
-                                                (20, 10, 8, 2, 16, 1, 2.0)]:
+                                                (20, 10, 8, 2, 16, 1, 2.0), (4 * b, 0, 9, 3, 64, None, None),
+                                                (2 * b + 5, 0, 9, 3, 64, None, None),
+                                                (2 * b + b // 2 + 3, 40, 8, 2, 32, None, 0.7),
+                                                (3 * b + 1, 0, 4, 1, 16, b // 2 + 7, None),
+                                                (2 * b + 9, 300, 6, 3, 64, 3 * b, None), (1, 900, 4, 2, 16, 50, None)]:
         q = (rng.standard_normal((t, hq, d)) * 4).astype(np.float32)
         k = rng.standard_normal((start + t, hkv, d)).astype(np.float32)
         v = rng.standard_normal((start + t, hkv, d)).astype(np.float32)

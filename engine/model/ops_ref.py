@@ -17,6 +17,9 @@ from ..util.arrays import xp_of
 # whatever order BLAS sums in. Chunks are then added in int64.
 EXACT_F32_CHUNK = (1 << 24) // (formats.QMAX_I8 * formats.QMAX_I8)  # 1040
 
+# Query rows a block of the reference attention (attention below).
+ATTN_ROW_BLOCK = 128
+
 
 def rmsnorm(x, w, eps: float):
     xp = xp_of(x)
@@ -49,6 +52,13 @@ def attention(q, k, v, q_start: int, window: int | None = None, scale: float | N
     positions 0..S-1. Query i sees keys 0..q_start+i, and with a sliding `window` only the
     last `window` of them (itself included: key j with j > q_start + i − window, as
     transformers' sliding_window_overlay). scale: on q·k (None: 1/√D). Returns (T, Hq·D).
+
+    The queries go in blocks of ATTN_ROW_BLOCK rows. A block's scores and exponentials are
+    computed only for the keys c0..c1−1 some row of it sees (causal: none past its last row; a
+    window: none before its first row's window); the rest of its (B, S) rows are exact zeros,
+    as exp(−inf) gave before, so the row sums and the product with V are the same sums of the
+    same numbers: the same floats as one (T, S) block (tests/test_model.py), in less time and
+    a block's memory (the converter's calibration and dgq-eval run this at 512 tokens and more).
     """
     xp = xp_of(q)
     t, hq, d = q.shape
@@ -60,22 +70,42 @@ def attention(q, k, v, q_start: int, window: int | None = None, scale: float | N
     # rank's heads rounded otherwise in the last bit, tests/test_tp_sim.py). The copy is of rows
     # of D: a 2048-key decode step costs as before (a copy of the (D, S) transpose doubled it)
     kt = xp.ascontiguousarray(k.transpose(1, 0, 2)).swapaxes(-1, -2)     # (Hkv, D, S)
+    vt = v.transpose(1, 0, 2)[:, None]                                    # (Hkv, 1, S, D)
     scale = 1.0 / np.sqrt(d) if scale is None else np.float64(scale)
-    # A float64 scale makes the softmax float64 (NEP 50: a NumPy scalar is not weak). The steps
-    # below work in that one array, in place: the same operations in the same order as separate
-    # temporaries gave, bit for bit, in half the time at 512 tokens (the converter's calibration
-    # and dgq-eval run this for every layer and sequence).
-    p = xp.multiply(qg @ kt[:, None], scale)                              # (Hkv, rep, T, S)
-    qpos = q_start + xp.arange(t)[:, None]                                # (T, 1)
-    kpos = xp.arange(s)[None, :]                                          # (1, S)
-    seen = kpos <= qpos                                                   # (T, S)
-    if window is not None:
-        seen &= kpos > qpos - window
-    xp.copyto(p, -xp.inf, where=~seen)
-    p -= p.max(axis=-1, keepdims=True)
-    xp.exp(p, out=p)
-    p /= p.sum(axis=-1, keepdims=True)
-    out = p @ v.transpose(1, 0, 2)[:, None]                               # (Hkv, rep, T, D)
+    out = p = None
+    i1 = 0
+    while i1 < t:
+        i0, i1 = i1, i1 + ATTN_ROW_BLOCK
+        if i1 + ATTN_ROW_BLOCK // 2 > t:          # a short remainder joins this block: BLAS
+            i1 = t                                # rounds a product of a few rows otherwise
+        c0 = 0 if window is None else min(s, max(0, q_start + i0 - window + 1))
+        c1 = min(s, q_start + i1)                                         # keys c0..c1−1
+        if c1 <= c0:                 # keys shorter than the positions: every key, as before
+            c0, c1 = 0, s
+        sc = qg[:, :, i0:i1] @ kt[:, None, :, c0:c1]                      # (Hkv, rep, B, C)
+        # A float64 scale makes the softmax float64 (NEP 50: a NumPy scalar is not weak). It
+        # works in place in one (B, S) array: the same operations in the same order as
+        # separate temporaries gave, bit for bit.
+        if p is None or p.shape[2] != i1 - i0:
+            p = xp.zeros(sc.shape[:3] + (s,), xp.result_type(sc, scale))  # (Hkv, rep, B, S)
+        else:
+            p[..., :c0] = 0
+            p[..., c1:] = 0
+        pc = p[..., c0:c1]                                                # (Hkv, rep, B, C)
+        xp.multiply(sc, scale, out=pc)
+        qpos = q_start + xp.arange(i0, i1)[:, None]                       # (B, 1)
+        kpos = xp.arange(c0, c1)[None, :]                                 # (1, C)
+        seen = kpos <= qpos                                               # (B, C)
+        if window is not None:
+            seen &= kpos > qpos - window
+        xp.copyto(pc, -xp.inf, where=~seen)
+        pc -= pc.max(axis=-1, keepdims=True)
+        xp.exp(pc, out=pc)
+        pc /= p.sum(axis=-1, keepdims=True)
+        o = p @ vt                                                        # (Hkv, rep, B, D)
+        if out is None:
+            out = xp.empty(o.shape[:2] + (t, d), o.dtype)                  # (Hkv, rep, T, D)
+        out[:, :, i0:i1] = o
     return out.transpose(2, 0, 1, 3).reshape(t, hq * d).astype(xp.float32)
 
 
