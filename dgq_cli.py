@@ -36,6 +36,16 @@ def user_errors(fn):
             return fn(*a, **kw)
         except click.ClickException:
             raise
+        except BrokenPipeError:
+            # The reader of our output went away (`dgq-run ... | head`): stop quietly, as Unix
+            # tools do; stdout goes to /dev/null so the interpreter's last flush cannot fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        except ModuleNotFoundError as e:
+            if os.environ.get("DGQ_DEBUG"):
+                raise
+            raise click.ClickException(f"the Python module {e.name!r} is not installed; reinstall this package "
+                                       "(pip install -e . in the checkout) to get what the dgq-* commands need") from None
         except (ValueError, BackendError, OSError) as e:
             if os.environ.get("DGQ_DEBUG"):
                 raise
@@ -324,7 +334,8 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
               help="Input channels per weight group.")
 @click.option("--act", type=click.Choice(["static", "dynamic"]), default=None,
               help="INT8 activations: calibrated per-tensor scale, or per token at run time. "
-                   "Default: the method's (dynamic for dgq, static for the others).")
+                   "Default: the method's (dynamic for dgq, static for the other A8 methods; the "
+                   "weight-only ones, w4a16, pot, int-rtn and int-search, keep float activations).")
 @click.option("--kv8", is_flag=True, help="Also store calibrated 8-bit KV-cache scales in the recipe "
               "(dgq-run/dgq-eval --kv8 scale per token instead).")
 @click.option("--calib", default=None,
@@ -358,18 +369,24 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     The model is read and quantized one layer at a time and the file written as it goes, so
     memory holds about one layer's float weights, its statistics and the calibration activations."""
     from converters import calibrate as cal  # noqa: PLC0415
-    from converters.quantize import (check_gptq, check_options, quantize_to_file,  # noqa: PLC0415
-                                     resolve_defaults)
+    from converters.quantize import (check_gptq, check_options, needs_calibration,  # noqa: PLC0415
+                                     quantize_to_file, resolve_defaults)
 
     from engine.io.checkpoint import default_model_path, load_checkpoint  # noqa: PLC0415
     from engine.io.corpus import load_text_file, wiki_path  # noqa: PLC0415
     from engine.io.layout import Checkpoint  # noqa: PLC0415
     t0 = time.perf_counter()
     # Every flag and path before the model loads or the quantization runs (minutes).
+    check_options(method, wbits, group, act)
+    calibrated = needs_calibration(method, wbits, act, kv8)
+    unused = [f for f, v in (("--calib", calib), ("--n-seq", n_seq), ("--seq-len", seq_len),
+                             ("--calibration", calibration)) if v is not None]
+    if unused and not calibrated:
+        raise click.BadParameter(f"--method {method} reads no calibration text, so {' and '.join(unused)} "
+                                 "would do nothing", param_hint=unused[0])
     n_seq = cal.DEFAULT_N_SEQ if n_seq is None else n_seq
     seq_len = cal.DEFAULT_SEQ_LEN if seq_len is None else seq_len
     act, gptq, sink_weight = resolve_defaults(method, act, gptq, sink_weight)
-    check_options(method, wbits, group, act)
     check_gptq(method, gptq)
     cal.check_sink_weight(sink_weight)
     cal.check_sizes(n_seq, seq_len)
@@ -377,7 +394,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     src = model or str(default_model_path())
     if calib is not None and calib != "random":
         load_text_file(calib)
-    elif calib is None and (kv8 or method not in ("w4a16", "int-rtn")):
+    elif calib is None and calibrated:
         wiki_path()                            # the default calibration text is installed
     check_q_out(out_path, [src] + ([calib] if calib not in (None, "random") else []))
     xp = get_xp(device)

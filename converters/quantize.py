@@ -105,14 +105,14 @@ METHODS = {
     "fptq-dg": MethodSpec("dg", True, "lae", fptq=True),
     "rtn": MethodSpec("g", False, None, calibration="sequential"),
     "smoothquant": MethodSpec("g", False, "smoothquant"),       # sequential measured worse: 60.2 vs 38.5
-    "w4a16": MethodSpec("g", False, None),
+    "w4a16": MethodSpec("g", False, None, act="none"),
     "w8a8": MethodSpec("i8", False, None),
     # pot and int-search: GPTQ rounding with sink weight 512 (SmolLM2 W3 g128: pot 47.00 -> 41.60,
     # int-search 49.36 -> 38.24; W4: 32.78 -> 30.88, 27.09 -> 25.47), then the joint scale refit
     # (converters/pot.py REFIT: 41.05, 37.12; 30.79, 25.28; docs/QUALITY.md)
-    "pot": MethodSpec("pot", True, None, gptq=True, sink_weight=512.0),
-    "int-rtn": MethodSpec("int", False, None),
-    "int-search": MethodSpec("int", True, None, gptq=True, sink_weight=512.0),
+    "pot": MethodSpec("pot", True, None, act="none", gptq=True, sink_weight=512.0),
+    "int-rtn": MethodSpec("int", False, None, act="none"),
+    "int-search": MethodSpec("int", True, None, act="none", gptq=True, sink_weight=512.0),
 }
 
 
@@ -135,7 +135,7 @@ def _resolve(method: str, wbits: int, act: str | None) -> tuple[MethodSpec, int,
     if spec.weights in ("pot", "int"):
         if wbits not in WEIGHT_ONLY_BITS:
             raise QuantizeError(f"{method} takes --wbits 2, 3 or 4, got {wbits!r}")
-        if act not in ("static", "none"):
+        if act != "none":
             raise QuantizeError(f"{method} keeps activations in float; --act does not apply")
         return spec, wbits, "none"
     bits = 8 if method == "w8a8" else wbits
@@ -149,9 +149,8 @@ def _resolve(method: str, wbits: int, act: str | None) -> tuple[MethodSpec, int,
     if act not in formats.ACT_MODES:
         raise QuantizeError(f"--act must be one of {', '.join(formats.ACT_MODES)}, got {act!r}")
     if method == "w4a16":
-        if act not in ("static", "none"):
+        if act != "none":
             raise QuantizeError("w4a16 keeps activations in float; --act does not apply")
-        act = "none"
     elif spec.fptq and act != "static":
         raise QuantizeError(f"{method} picks the activation mode per layer; --act does not apply")
     elif act == "none" and method != "rtn":
@@ -168,6 +167,18 @@ def check_options(method: str, wbits: int = 4, group: int = formats.DEFAULT_GROU
         raise QuantizeError(f"--group must be a positive integer, got {group!r}")
     if spec.weights in ("pot", "int"):
         check_bits_group(bits, int(group))
+
+
+def needs_calibration(method: str, wbits: int = 4, act: str | None = None, kv8: bool = False) -> bool:
+    """Whether the method (with these options) reads calibration text: a static activation scale,
+    a weight search's H, smoothing scales or KV-cache scales need it; w4a16, int-rtn and a
+    weight-only rtn do not."""
+    spec, _, act = _resolve(method, wbits, resolve_defaults(method, act, None, None)[0])
+    return _needs_calibration(spec, act, kv8)
+
+
+def _needs_calibration(spec: MethodSpec, act: str, kv8: bool) -> bool:
+    return act == "static" or spec.fptq or spec.search or bool(spec.smoothing) or kv8
 
 
 def _fptq_mode(amax: float, site: str) -> str:
@@ -356,7 +367,7 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
     L = config.num_hidden_layers
 
     needs_static = act == "static" or spec.fptq
-    need_calib = needs_static or spec.search or spec.smoothing or kv8
+    need_calib = _needs_calibration(spec, act, kv8)
     sequential = need_calib and calibration == "sequential"
     recipe = {"method": method, "wbits": bits, "group": group, "weights": spec.weights,
               "weight_search": spec.search, "act": "per-site" if spec.fptq else act,

@@ -131,3 +131,51 @@ def test_kernel_choice_flags_reach_load_model(tiny_dir, monkeypatch):
     assert (seen["kernel_choice"], seen["objective"]) == ("learned", "energy")
     r = CliRunner().invoke(run, ["--weights", str(tiny_dir), "--prompt", "x", "--kernel-choice", "fastest"])
     assert r.exit_code == 2 and "--kernel-choice" in r.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "pot", "--wbits", "3", "--act", "static"], "--act does not apply"),
+    (["--method", "w4a16", "--act", "dynamic"], "--act does not apply"),
+    (["--method", "w4a16", "--calib", "random"], "--calib would do nothing"),
+    (["--method", "int-rtn", "--wbits", "3", "--group", "32", "--n-seq", "4", "--seq-len", "8"], "--n-seq and --seq-len"),
+    (["--method", "rtn", "--act", "dynamic", "--calibration", "float"], "reads no calibration text"),
+])
+def test_quantize_refuses_options_the_method_ignores(tiny_dir, tmp_path, args, needle):
+    """A flag that would change nothing is refused before the model loads, not ignored after
+    minutes of work (`--method pot --act static` wrote a float-activation file)."""
+    from dgq_cli import quantize
+    out = tmp_path / "o.q.safetensors"
+    r = CliRunner().invoke(quantize, [str(tiny_dir), "--out", str(out), "--quiet", "--device", "cpu", "--group", "16"]
+                           + args, env={"DGQ_DEBUG": ""})
+    assert r.exit_code != 0 and needle in r.output, r.output
+    assert "internal error" not in r.output and not out.exists()
+    r = CliRunner().invoke(quantize, [str(tiny_dir), "--out", str(out), "--quiet", "--device", "cpu", "--group", "16",
+                                      "--method", "rtn", "--act", "static", "--calib", "random", "--n-seq", "2",
+                                      "--seq-len", "8"])
+    assert r.exit_code == 0, r.output                          # a method that calibrates takes them
+
+
+def test_a_missing_module_is_named_not_an_internal_error(tiny_dir, tmp_path, monkeypatch):
+    import converters.quantize
+    from dgq_cli import quantize
+
+    def missing(*a, **kw):
+        raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
+    monkeypatch.setattr(converters.quantize, "quantize_to_file", missing)
+    r = CliRunner().invoke(quantize, [str(tiny_dir), "--out", str(tmp_path / "o.q.safetensors"), "--quiet",
+                                      "--device", "cpu"], env={"DGQ_DEBUG": ""})
+    assert r.exit_code == 1 and "'scipy' is not installed" in r.output and "internal error" not in r.output, r.output
+
+
+def test_a_closed_pipe_ends_the_run_quietly(tiny_dir):
+    """`dgq-run ... | head -c 1`: no "Error: Broken pipe" once the reader has what it wanted."""
+    import subprocess
+    import sys
+    code = ("import sys; from dgq_cli import run_main; sys.argv = ['dgq-run', '--weights', sys.argv[1], "
+            "'--prompt', 'the cat', '--raw', '--max-new-tokens', '60', '--device', 'cpu']; run_main()")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tiny_dir)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, bufsize=0)
+    p.stdout.read(1)
+    p.stdout.close()                                  # the reader goes away, as head does
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) in (0, 1) and "Error" not in err and "Traceback" not in err, err

@@ -77,6 +77,40 @@ def install_requires() -> list[str]:
     return [re.match(r"[\w.-]+", line).group(0) for line in _setup_cfg("options", "install_requires")]
 
 
+# Modules that belong to an extra: a module-level import there needs that extra, and the command
+# that imports the module says what to install when it is missing (dgq-serve).
+EXTRA_MODULES = {"engine/serve/app.py": "serve"}
+
+
+def _dist_names(lines: list[str]) -> set[str]:
+    return {re.match(r"[\w.-]+", line).group(0).lower().replace("_", "-") for line in lines}
+
+
+def test_every_module_level_import_is_a_declared_requirement():
+    """What a module of the package imports at its top must come with `pip install -e .` (or
+    with the extra that module belongs to): scipy, imported by converters/gptq.py, was only in
+    the test extra, so `dgq-quantize` failed after the README's own install. Function-level
+    imports are the optional ones (CuPy, scikit-learn) and say what to install themselves."""
+    import ast
+    dists_of = importlib.metadata.packages_distributions()
+    base = _dist_names(_setup_cfg("options", "install_requires"))
+    wrong = []
+    for path in sorted([*(REPO / "engine").rglob("*.py"), *(REPO / "converters").rglob("*.py"), REPO / "dgq_cli.py"]):
+        rel = path.relative_to(REPO).as_posix()
+        allowed = base | (_dist_names(_setup_cfg("options.extras_require", EXTRA_MODULES[rel]))
+                          if rel in EXTRA_MODULES else set())
+        for node in ast.parse(path.read_text()).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for top in {n.split(".")[0] for n in names}:
+                if top in sys.stdlib_module_names or top in ("__future__", "engine", "converters", "dgq_cli"):
+                    continue
+                dists = {d.lower().replace("_", "-") for d in dists_of.get(top, [])}
+                if not dists & allowed:
+                    wrong.append(f"{rel}: import {top} ({', '.join(sorted(dists)) or 'not installed'})")
+    assert not wrong, "module-level imports missing from setup.cfg install_requires:\n" + "\n".join(wrong)
+
+
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
