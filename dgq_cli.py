@@ -191,6 +191,9 @@ def run(weights_path, prompt, prompt_file, system, max_new_tokens, temperature, 
     t0 = time.perf_counter()
     lm = load_model(weights_path, device, lm_head=lm_head, kernel_choice=kernel_choice, objective=objective, tp=tp)
     load_s = time.perf_counter() - t0
+    if lm.tokenizer is None:
+        raise click.UsageError(f"{lm.source}: this model file carries no tokenizer; dgq-run needs one to read "
+                               "the prompt")
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if prompt is None:
         return chat(lm, max_new_tokens, sampling, kv8, system)
@@ -304,7 +307,8 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
         raise click.BadParameter(f"{window} tokens exceed the model's context of "
                                  f"{lm.config.max_position_embeddings}", param_hint="--window")
     if lm.tokenizer is None:
-        raise click.UsageError("this model file carries no tokenizer; dgq-eval needs one to read text")
+        raise click.UsageError(f"{lm.source}: this model file carries no tokenizer; dgq-eval needs one to read "
+                               "text")
     tokens = np.asarray(encode_text(lm.tokenizer, text), dtype=np.int32)
     t0 = time.perf_counter()
     if kv8:     # each window through a fresh INT8 cache: its keys are quantized before attention
@@ -506,7 +510,7 @@ def serve(weights_path, host, port, model_id, max_batch, max_context, kv_memory,
     t0 = time.perf_counter()
     lm = load_model(weights_path, device, lm_head=lm_head, kernel_choice=kernel_choice, objective=objective)
     if lm.tokenizer is None:
-        raise click.UsageError("this model file carries no tokenizer; dgq-serve needs one")
+        raise click.UsageError(f"{lm.source}: this model file carries no tokenizer; dgq-serve needs one")
     context = min(max_context, lm.config.max_position_embeddings)
     if lm.device == "cuda" and kv_memory is not None:
         from engine.gpu.decode import slots_for_memory  # noqa: PLC0415

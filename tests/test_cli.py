@@ -179,3 +179,11 @@ def test_a_closed_pipe_ends_the_run_quietly(tiny_dir):
     p.stdout.close()                                  # the reader goes away, as head does
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) in (0, 1) and "Error" not in err and "Traceback" not in err, err
+
+
+def test_a_model_without_a_tokenizer_is_named(tmp_path):
+    make_tiny_checkpoint(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    for cmd, args in ((run, ["--prompt", "hi", "--raw"]), (eval_cmd, ["--corpus", "wiki", "--window", "64"])):
+        r = CliRunner().invoke(cmd, ["--weights", str(tmp_path / "m"), "--device", "cpu"] + args)
+        assert r.exit_code != 0 and str(tmp_path / "m") in r.output and "no tokenizer" in r.output, r.output

@@ -567,3 +567,17 @@ def test_valid_inputs_still_work_through_every_command(tmp_path, hf):
     r = cli(dgq_cli.export, [str(hf), "--out", str(tmp_path / "e"), "--shard-size", "20KB"])
     assert r.exit_code == 0, r.output
     assert load_hf_dir(tmp_path / "e").config == load_hf_dir(hf).config
+
+
+def test_a_q_file_loads_whatever_its_name(tmp_path):
+    """dgq-quantize writes whatever --out names; the loader knows a DGQ file by its header, as it
+    knows a GGUF by its magic, so `--out model.bin` can be run."""
+    q = q_file(tmp_path)
+    for name in ("model.bin", "model"):
+        other = tmp_path / name
+        shutil.copy(q, other)
+        assert load_checkpoint(other).recipe == load_checkpoint(q).recipe
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes((5).to_bytes(8, "little") + b"{abcd")
+    with pytest.raises(WeightsError, match="corrupt safetensors header"):
+        load_checkpoint(junk)

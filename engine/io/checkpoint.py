@@ -63,11 +63,14 @@ def _load(path, lazy=False):
         return load_qfile(p)
     try:
         with open(p, "rb") as fh:              # a regular file (input_path): this cannot block
-            magic = fh.read(4)
+            magic = fh.read(9)
     except OSError as e:
         raise WeightsError(f"{p}: cannot read: {e.strerror or e}") from None
-    if magic == b"GGUF":
+    if magic[:4] == b"GGUF":
         return load_gguf(p, lazy)
+    if magic[8:9] == b"{" and 2 <= int.from_bytes(magic[:8], "little") < p.stat().st_size:
+        if is_dgq_file(p):                     # a safetensors header, whatever the file's name
+            return load_qfile(p)
     raise WeightsError(f"{p}: unknown checkpoint kind; expected a Hugging Face directory, "
                        "a .gguf file or a DGQ .safetensors file")
 

@@ -79,7 +79,7 @@ def encode_prompt(tokenizer, prompt: str, chat_template: str | None, chat: bool,
     """Token ids for a prompt: through the model's chat template when `chat`, else as is."""
     prompt = check_text(prompt)
     if not prompt.strip():
-        raise GenerationError("--prompt is empty: give some text to continue")
+        raise GenerationError("the prompt is empty: give some text to continue")
     if tokenizer is None:
         raise GenerationError("this model file carries no tokenizer")
     if chat:
