@@ -220,7 +220,8 @@ def run(weights_path, prompt, prompt_file, system, max_new_tokens, temperature, 
                f"peak RSS {peak_rss_mb():.0f} MB", err=True)
 
 
-CHAT_HELP = "chat with {name} ({device}); /reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops an answer"
+CHAT_HELP = ("chat with {name} ({device}); /reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops an "
+             "answer, /help says this again")
 
 
 def chat(lm, max_new_tokens: int, sampling: dict, kv8: bool, system: str | None) -> None:
@@ -248,6 +249,9 @@ def chat(lm, max_new_tokens: int, sampling: dict, kv8: bool, system: str | None)
             continue
         if cmd in ("/exit", "/quit"):
             return
+        if cmd in ("/help", "/?"):
+            click.echo(CHAT_HELP.format(name=os.path.basename(lm.source.rstrip("/")), device=lm.device), err=True)
+            continue
         if cmd == "/reset":
             conv.reset()
             click.echo("(history cleared)", err=True)

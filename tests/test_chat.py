@@ -66,9 +66,10 @@ def test_chat_turns_reset_and_exit(tiny_dir, lm, monkeypatch):
     """On a terminal without a prompt: each turn answers with the history through the template;
     /reset forgets it; /exit leaves. The first answer equals dgq-run --prompt's."""
     monkeypatch.setattr(dgq_cli, "_stdin_is_terminal", lambda: True)
-    r = CliRunner().invoke(run, ["--weights", str(tiny_dir)] + BASE, input="hello there\nand then?\n/reset\nhello there\n/exit\n")
+    r = CliRunner().invoke(run, ["--weights", str(tiny_dir)] + BASE, input="hello there\nand then?\n/reset\n/help\nhello there\n/exit\n")
     assert r.exit_code == 0, r.output
     assert "/reset" in r.stderr and "history cleared" in r.stderr
+    assert r.stderr.count("/help says this again") == 2                # the greeting, and /help (not a message)
     one = CliRunner().invoke(run, ["--weights", str(tiny_dir), "--prompt", "hello there"] + BASE)
     first = greedy_text(lm, encode_prompt(lm.tokenizer, "hello there", lm.chat_template, True, lm.config))
     assert one.stdout == first + "\n"
