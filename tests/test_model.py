@@ -180,6 +180,24 @@ def test_attention_in_place_softmax_keeps_the_bits():
         np.testing.assert_array_equal(got, _attention_plain(q, k, v, start, window, scale))
 
 
+@pytest.mark.parametrize("core", ["Haswell", "Zen", "Sandybridge"])
+def test_attention_keeps_the_bits_on_other_blas_kernels(core):
+    """The same test with another of OpenBLAS's kernels (OPENBLAS_CORETYPE picks one in NumPy's
+    DYNAMIC_ARCH builds; elsewhere it does nothing and this repeats the test): the Haswell and
+    Zen kernels round a block of rows' float32 scores differently from the whole product, which
+    is why the scores stay one product."""
+    import os
+    import subprocess
+    import sys
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if core != "Sandybridge" and " avx2" not in flags:
+        pytest.skip(f"the {core} kernel needs AVX2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"{__file__}::test_attention_in_place_softmax_keeps_the_bits"],
+                       env={**os.environ, "OPENBLAS_CORETYPE": core}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_int8_lm_head(tie):
     """with_int8_lm_head: one scale per vocabulary row, codes within ±127, each weight within

@@ -53,17 +53,22 @@ def attention(q, k, v, q_start: int, window: int | None = None, scale: float | N
     last `window` of them (itself included: key j with j > q_start + i − window, as
     transformers' sliding_window_overlay). scale: on q·k (None: 1/√D). Returns (T, Hq·D).
 
-    The queries go in blocks of ATTN_ROW_BLOCK rows. A block's scores and exponentials are
-    computed only for the keys c0..c1−1 some row of it sees (causal: none past its last row; a
-    window: none before its first row's window); the rest of its (B, S) rows are exact zeros,
-    as exp(−inf) gave before, so the row sums and the product with V are the same sums of the
-    same numbers: the same floats as one (T, S) block (tests/test_model.py), in less time and
-    a block's memory (the converter's calibration and dgq-eval run this at 512 tokens and more).
+    The q·k scores are one product, as before; the float64 softmax and the product with V go a
+    block of ATTN_ROW_BLOCK query rows at a time. A block's exponentials are taken only for the
+    keys c0..c1−1 some row of it sees (causal: none past its last row; a window: none before its
+    first row's window); the rest of its (B, S) rows are exact zeros, as exp(−inf) gave before,
+    so the row sums and the product with V are the same sums of the same numbers: the same floats
+    as one (T, S) block on every OpenBLAS kernel tried (tests/test_model.py), with a block's
+    float64 memory instead of the whole (T, S) (4096 tokens, SmolLM2's heads: 1.7 GB -> 0.66 GB,
+    3.3-4.2 s -> 1.0 s). Scores sliced per block instead would save more, but OpenBLAS's
+    Haswell and Zen kernels round a block's float32 product differently from the whole one.
     """
     xp = xp_of(q)
     t, hq, d = q.shape
     s, hkv, _ = k.shape
     rep = hq // hkv
+    if t == 0:
+        return xp.zeros((0, hq * d), xp.float32)
     qg = q.reshape(t, hkv, rep, d).transpose(1, 2, 0, 3)                  # (Hkv, rep, T, D)
     # K head-major and contiguous, read transposed: each head's product is then the same matmul
     # however many heads there are (with k.transpose(1, 2, 0), strided by Hkv, a tensor-parallel
@@ -72,22 +77,24 @@ def attention(q, k, v, q_start: int, window: int | None = None, scale: float | N
     kt = xp.ascontiguousarray(k.transpose(1, 0, 2)).swapaxes(-1, -2)     # (Hkv, D, S)
     vt = v.transpose(1, 0, 2)[:, None]                                    # (Hkv, 1, S, D)
     scale = 1.0 / np.sqrt(d) if scale is None else np.float64(scale)
+    scores = qg @ kt[:, None]                                             # (Hkv, rep, T, S)
     out = p = None
     i1 = 0
     while i1 < t:
         i0, i1 = i1, i1 + ATTN_ROW_BLOCK
         if i1 + ATTN_ROW_BLOCK // 2 > t:          # a short remainder joins this block: BLAS
-            i1 = t                                # rounds a product of a few rows otherwise
+            i1 = t                                # rounds a p·V of a few rows otherwise
         c0 = 0 if window is None else min(s, max(0, q_start + i0 - window + 1))
         c1 = min(s, q_start + i1)                                         # keys c0..c1−1
         if c1 <= c0:                 # keys shorter than the positions: every key, as before
             c0, c1 = 0, s
-        sc = qg[:, :, i0:i1] @ kt[:, None, :, c0:c1]                      # (Hkv, rep, B, C)
-        # A float64 scale makes the softmax float64 (NEP 50: a NumPy scalar is not weak). It
-        # works in place in one (B, S) array: the same operations in the same order as
-        # separate temporaries gave, bit for bit.
+        sc = scores[:, :, i0:i1, c0:c1]                                   # (Hkv, rep, B, C)
+        # A float64 scale makes the softmax float64 (NEP 50: a NumPy scalar is not weak; p takes
+        # whatever type xp's own multiply gives). It works in place in one (B, S) array: the
+        # same operations in the same order as separate temporaries gave, bit for bit.
         if p is None or p.shape[2] != i1 - i0:
-            p = xp.zeros(sc.shape[:3] + (s,), xp.result_type(sc, scale))  # (Hkv, rep, B, S)
+            kind = xp.multiply(sc[..., :1, :1], scale).dtype
+            p = xp.zeros(sc.shape[:3] + (s,), kind)                        # (Hkv, rep, B, S)
         else:
             p[..., :c0] = 0
             p[..., c1:] = 0
