@@ -39,13 +39,17 @@ def user_errors(fn):
         except BrokenPipeError:
             # The reader of our output went away (`dgq-run ... | head`): stop quietly, as Unix
             # tools do; stdout goes to /dev/null so the interpreter's last flush cannot fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):                    # a stdout without a descriptor
+                pass
             sys.exit(1)
         except ModuleNotFoundError as e:
             if os.environ.get("DGQ_DEBUG"):
                 raise
-            raise click.ClickException(f"the Python module {e.name!r} is not installed; reinstall this package "
-                                       "(pip install -e . in the checkout) to get what the dgq-* commands need") from None
+            raise click.ClickException(f"the Python module {e.name!r} is not installed; install the package "
+                                       "that provides it (`pip install -e .` in the checkout brings every "
+                                       "dependency of the dgq-* commands)") from None
         except (ValueError, BackendError, OSError) as e:
             if os.environ.get("DGQ_DEBUG"):
                 raise

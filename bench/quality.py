@@ -23,7 +23,7 @@ import numpy as np
 
 ROWS = [  # (label, method, act, wbits, group)
     ("FP32 (dequantized Q4_1 GGUF)", None, None, None, None),
-    ("A16W4 RTN g128", "w4a16", "static", 4, 128),
+    ("A16W4 RTN g128", "w4a16", "none", 4, 128),
     ("A8W8 (per-channel W8, static A8)", "w8a8", "static", 8, 128),
     ("RTN A8W4 g128", "rtn", "static", 4, 128),
     ("SmoothQuant A8W4 g128", "smoothquant", "static", 4, 128),

@@ -298,6 +298,8 @@ def test_ragged_tokens_seeds_and_stops_are_refused_in_our_words(hf):
         with pytest.raises(GenerationError, match="stop must be a set of integer token ids"):
             generate(m, [1, 2], 1, stop=stop)
     assert len(generate(m, [1, 2], 2, seed=None, stop=[np.int64(10**6)])[0]) == 2     # valid ones still run
+    assert len(generate(m, [1, 2], 2, stop=np.array([10**6]))[0]) == 2
+    assert len(generate(m, [1, 2], 2, stop=range(10**6, 10**6 + 2))[0]) == 2
 
 
 # ----------------------------------------------------------------------------- lost data

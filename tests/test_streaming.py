@@ -307,3 +307,15 @@ def test_scale_bench_runs_on_a_tiny_shape(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["peak_rss_mb"] > 0 and row["phase_s"]["propagate"] >= 0 and row["file_bytes"] > 0
     assert os.listdir(tmp_path) == []
+
+
+def test_scale_bench_knows_which_methods_calibrate(tmp_path, capsys):
+    """The bench's list of methods without calibration is the converter's (it may not import
+    converters/), and a weight-only run goes through (dgq-quantize refuses --calib there)."""
+    from converters.quantize import METHODS, needs_calibration
+    from engine.bench.__main__ import main
+    from engine.bench.quantize import UNCALIBRATED
+    assert set(UNCALIBRATED) == {m for m in METHODS if not needs_calibration(m, 3 if m.startswith("int") else 4)}
+    assert main(["quantize", "--shape", "tiny", "--method", "w4a16", "--group", "32", "--quiet", "--json",
+                 "--dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["file_bytes"] > 0

@@ -163,11 +163,18 @@ class _GpuPeak:
         return self.peak / 2**20
 
 
+# The methods that read no calibration text by default (converters.quantize.needs_calibration;
+# tests/test_streaming.py checks the two agree): dgq-quantize refuses --calib for them.
+UNCALIBRATED = ("w4a16", "int-rtn")
+
+
 def run_quantize(model_dir: Path, out: Path, method: str, n_seq: int, seq_len: int, calibration: str | None,
                  extra: list[str], gpu: bool = False) -> dict:
     """dgq-quantize in a child process; its wall time, peak RSS and (gpu) peak GPU memory."""
-    argv = [str(model_dir), "--out", str(out), "--method", method, "--calib", "random", "--n-seq", str(n_seq),
-            "--seq-len", str(seq_len), *(["--calibration", calibration] if calibration else []), *extra]
+    calib = ["--calib", "random", "--n-seq", str(n_seq), "--seq-len", str(seq_len),
+             *(["--calibration", calibration] if calibration else [])]
+    uncalibrated = method in UNCALIBRATED and "--kv8" not in extra
+    argv = [str(model_dir), "--out", str(out), "--method", method, *([] if uncalibrated else calib), *extra]
     code = "import sys; sys.argv[0] = 'dgq-quantize'; from dgq_cli import quantize_main; quantize_main()"
     root = Path(__file__).resolve().parents[2]                  # the checkout: dgq_cli.py lives there
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))

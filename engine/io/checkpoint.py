@@ -71,6 +71,8 @@ def _load(path, lazy=False):
     if magic[8:9] == b"{" and 2 <= int.from_bytes(magic[:8], "little") < p.stat().st_size:
         if is_dgq_file(p):                     # a safetensors header, whatever the file's name
             return load_qfile(p)
+        raise WeightsError(f"{p}: a plain safetensors file carries no config; "
+                           "pass the Hugging Face directory that holds it")
     raise WeightsError(f"{p}: unknown checkpoint kind; expected a Hugging Face directory, "
                        "a .gguf file or a DGQ .safetensors file")
 

@@ -63,7 +63,7 @@ _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i
 _FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _ST_ITEMSIZE = {**{k: np.dtype(v).itemsize for k, v in _ST_DTYPES.items()}, "BF16": 2}
 _MAX_HEADER = 100_000_000   # the safetensors spec's own limit on the JSON header
-MAX_NDIM = 64               # NumPy's limit on an array's dimensions
+MAX_NDIM = 64 if int(np.__version__.split(".")[0]) >= 2 else 32   # NumPy's limit on an array's dimensions
 
 
 def _st_code(dtype: np.dtype) -> str | None:

@@ -238,8 +238,11 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
         raise GenerationError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     sampling.check_args(temperature, top_k, top_p)
     check_seed(seed)
-    stop = set(stop) if isinstance(stop, (set, frozenset, list, tuple)) else stop or set()
-    if not isinstance(stop, set) or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in stop):
+    try:
+        stop = set() if stop is None else set(stop.tolist() if isinstance(stop, np.ndarray) else stop)
+    except TypeError:                                          # not a collection (stop=5)
+        raise GenerationError(f"stop must be a set of integer token ids, got {stop!r:.80}") from None
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in stop):
         raise GenerationError(f"stop must be a set of integer token ids, got {stop!r:.80}")
     budget = min(max_new_tokens, ctx - n)
     rng = np.random.default_rng(seed)
