@@ -7,6 +7,7 @@ to see the traceback instead.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -215,13 +216,35 @@ def run(weights_path, prompt, prompt_file, system, max_new_tokens, temperature, 
         sys.stdout.write(stream.push(tok))
         sys.stdout.flush()
 
-    _, st = generate(lm.model, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                     stop_ids(lm.tokenizer, lm.config), on_token=emit, kv8=kv8)
+    with prefill_progress(len(ids)) as on_prefill:
+        _, st = generate(lm.model, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                         stop_ids(lm.tokenizer, lm.config), on_token=emit, kv8=kv8, on_prefill=on_prefill)
     sys.stdout.write(stream.flush() + "\n")
     click.echo(f"[{lm.device}] loaded {os.path.basename(lm.source.rstrip('/'))} in {load_s:.1f} s; "
                f"prefill {st.prompt_tokens} tokens at {st.prefill_tps:.1f} tok/s; "
                f"decode {st.new_tokens} tokens at {st.decode_tps:.1f} tok/s; "
                f"peak RSS {peak_rss_mb():.0f} MB", err=True)
+
+
+@contextlib.contextmanager
+def prefill_progress(n: int):
+    """on_prefill for generate(): a progress bar on a terminal while a prompt of more than one
+    chunk goes through the host path (a 5527-token prompt takes about a minute on 2 cores)."""
+    from engine.model.generate import PREFILL_CHUNK  # noqa: PLC0415
+    if n <= PREFILL_CHUNK or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm  # noqa: PLC0415
+    bar = tqdm(total=n, desc="prefill", unit="tok", leave=False, file=sys.stderr, mininterval=0)  # a chunk takes seconds
+
+    def update(done, total):
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 CHAT_HELP = ("chat with {name} ({device}); /reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops an "

@@ -187,3 +187,26 @@ def test_a_model_without_a_tokenizer_is_named(tmp_path):
     for cmd, args in ((run, ["--prompt", "hi", "--raw"]), (eval_cmd, ["--corpus", "wiki", "--window", "64"])):
         r = CliRunner().invoke(cmd, ["--weights", str(tmp_path / "m"), "--device", "cpu"] + args)
         assert r.exit_code != 0 and str(tmp_path / "m") in r.output and "no tokenizer" in r.output, r.output
+
+
+def test_a_long_prompt_shows_prefill_progress_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    import dgq_cli
+    from engine.model.generate import PREFILL_CHUNK
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    with dgq_cli.prefill_progress(PREFILL_CHUNK) as cb:
+        assert cb is None                                      # one chunk: nothing to show
+    with dgq_cli.prefill_progress(3 * PREFILL_CHUNK) as cb:
+        for done in (PREFILL_CHUNK, 2 * PREFILL_CHUNK, 3 * PREFILL_CHUNK):
+            cb(done, 3 * PREFILL_CHUNK)
+    assert "prefill" in err.getvalue() and f"{2 * PREFILL_CHUNK}/{3 * PREFILL_CHUNK}" in err.getvalue()
+    monkeypatch.setattr(Tty, "isatty", lambda self: False)
+    with dgq_cli.prefill_progress(3 * PREFILL_CHUNK) as cb:
+        assert cb is None                                      # not a terminal: no bar

@@ -338,3 +338,24 @@ def test_slot_batch_prefill_out_of_memory_fails_that_request_only(lm, monkeypatc
     for r, p in zip(reqs, prompts):
         if r is not reqs[1]:
             assert r.finish_reason == "length" and r.tokens == generate(fake, p, 6)[0]
+
+
+def test_host_prefill_goes_by_chunks_through_the_cache(lm, monkeypatch):
+    """A prompt longer than PREFILL_CHUNK runs a chunk at a time through the cache, reports its
+    progress, and continues as the whole prompt in one forward does (the last logits within
+    float rounding, the greedy tokens the same)."""
+    from engine.model import generate as gen
+    ids = np.random.default_rng(4).integers(0, lm.config.vocab_size, 37)
+    cache = lm.model.new_cache(64)
+    whole = lm.model.forward(ids, cache, last_only=True)
+    want, _ = generate(lm.model, ids, 6)
+    for chunk in (5, 16, 36):
+        monkeypatch.setattr(gen, "PREFILL_CHUNK", chunk)
+        seen = []
+        got, st = generate(lm.model, ids, 6, on_prefill=lambda done, total: seen.append((done, total)))
+        assert got == want and st.prompt_tokens == 37
+        assert seen == [(min(37, c + chunk), 37) for c in range(0, 37, chunk)]
+        cache = lm.model.new_cache(64)
+        for c in range(0, 37, chunk):
+            last = lm.model.forward(ids[c:c + chunk], cache, last_only=True)
+        np.testing.assert_allclose(last, whole, rtol=1e-5, atol=1e-5 * float(np.abs(whole).max()))
