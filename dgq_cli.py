@@ -48,9 +48,9 @@ def user_errors(fn):
         except ModuleNotFoundError as e:
             if os.environ.get("DGQ_DEBUG"):
                 raise
-            raise click.ClickException(f"the Python module {e.name!r} is not installed; install the package "
-                                       "that provides it (`pip install -e .` in the checkout brings every "
-                                       "dependency of the dgq-* commands)") from None
+            what = f"the Python module {e.name!r}" if e.name else one_line(e)
+            raise click.ClickException(f"{what} is not installed; `pip install -e .` in the checkout brings "
+                                       "what the dgq-* commands need (optional features name their extra)") from None
         except (ValueError, BackendError, OSError) as e:
             if os.environ.get("DGQ_DEBUG"):
                 raise
@@ -216,7 +216,7 @@ def run(weights_path, prompt, prompt_file, system, max_new_tokens, temperature, 
         sys.stdout.write(stream.push(tok))
         sys.stdout.flush()
 
-    with prefill_progress(len(ids)) as on_prefill:
+    with prefill_progress(0 if hasattr(lm.model, "decode") else len(ids)) as on_prefill:   # the GPU: one go
         _, st = generate(lm.model, ids, max_new_tokens, temperature, top_k, top_p, seed,
                          stop_ids(lm.tokenizer, lm.config), on_token=emit, kv8=kv8, on_prefill=on_prefill)
     sys.stdout.write(stream.flush() + "\n")
