@@ -359,3 +359,21 @@ def test_host_prefill_goes_by_chunks_through_the_cache(lm, monkeypatch):
         for c in range(0, 37, chunk):
             last = lm.model.forward(ids[c:c + chunk], cache, last_only=True)
         np.testing.assert_allclose(last, whole, rtol=1e-5, atol=1e-5 * float(np.abs(whole).max()))
+
+
+def test_a_request_cancelled_during_its_prompt_stops_at_the_next_chunk(lm, monkeypatch):
+    """The CPU server's SerialBatch checks `cancelled` between prefill chunks, not only once
+    tokens flow: a client gone during a long prompt frees the model a chunk later."""
+    from engine.model import generate as gen
+    from engine.model.generate import SerialBatch
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 4)
+    req = SeqRequest(prompt_ids=list(range(5, 30)), max_new_tokens=5)
+    calls, forward = [], lm.model.forward
+
+    def counting(tokens, *a, **kw):
+        calls.append(len(tokens))
+        req.cancelled = True                                   # the client leaves during chunk 1
+        return forward(tokens, *a, **kw)
+    monkeypatch.setattr(lm.model, "forward", counting)
+    run_batch(SerialBatch(lm.model), [req])
+    assert calls == [4] and req.finish_reason == "cancelled" and req.tokens == []

@@ -220,7 +220,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     A model with decode() (the GPU engine) samples on the device in graph-replayed steps;
     others run the host loop with engine/model/sampling.py. seed None draws a fresh seed.
     on_token(id) is called as each token is produced; returning True stops generation after
-    that token. on_prefill(done, total) follows the host path's prompt, a PREFILL_CHUNK at a time. Generation stops at a stop id (which is returned but not passed on) or when
+    that token. on_prefill(done, total) follows the host path's prompt, a PREFILL_CHUNK at a time;
+    returning True stops there, with no token (a request cancelled while its prompt goes through). Generation stops at a stop id (which is returned but not passed on) or when
     the context is full.
     """
     ctx = model.config.max_position_embeddings
@@ -261,8 +262,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     ids = np.asarray(prompt_ids, dtype=np.int64)
     for c0 in range(0, n, PREFILL_CHUNK):
         logits = model.forward(ids[c0:c0 + PREFILL_CHUNK], cache, last_only=True)
-        if on_prefill is not None:
-            on_prefill(min(n, c0 + PREFILL_CHUNK), n)
+        if on_prefill is not None and on_prefill(min(n, c0 + PREFILL_CHUNK), n) is True:
+            return [], GenerationStats(n, 0, time.perf_counter() - t0, 0.0)
     tok = sampling.sample(to_numpy(logits[0]), temperature, top_k, top_p, rng)
     t1 = time.perf_counter()
     out = [tok]
@@ -400,7 +401,8 @@ class SerialBatch:
 
         try:
             out, _ = generate(self.model, req.prompt_ids, req.max_new_tokens, req.temperature, req.top_k,
-                              req.top_p, req.seed, set(req.stop_ids), on_token=on_token, kv8=req.kv8)
+                              req.top_p, req.seed, set(req.stop_ids), on_token=on_token, kv8=req.kv8,
+                              on_prefill=lambda done, total: req.cancelled)
         except (ValueError, ArithmeticError) as e:      # ModelError, SamplingError: say why
             req.finish_reason, req.error = "error", " ".join(str(e).split())
             return
