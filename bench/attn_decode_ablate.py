@@ -254,7 +254,17 @@ def main():
                          "(e.g. bench/patches/attn-quad.json)")
     ap.add_argument("--splits", action="store_true", help="the split-count sweep instead")
     ap.add_argument("--batch", type=int, default=1, help="sequences a launch (each of the context's length)")
+    ap.add_argument("--heads", default=None, metavar="HQ,HKV,D",
+                    help="another attention shape (default 32,32,128: Llama-2-7B), e.g. 8,4,256 (Gemma 3 4B)")
     a = ap.parse_args()
+    if a.heads:
+        global HQ, HKV, D
+        try:
+            HQ, HKV, D = (int(x) for x in a.heads.split(","))
+        except ValueError:
+            raise SystemExit(f"--heads wants HQ,HKV,D, got {a.heads!r}") from None
+        if HQ % HKV or D not in (64, 128, 256):
+            raise SystemExit(f"--heads {a.heads}: HQ must be a multiple of HKV and D one of 64, 128, 256")
     import cupy as cp
     from engine.gpu import attention, kernels
     contexts = [int(c) for c in a.contexts.split(",")]

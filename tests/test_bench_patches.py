@@ -247,3 +247,13 @@ def test_a_patch_may_set_tuning_fields_too(tmp_path):
     p.write_text(json.dumps([dict(item("w-l1", GEMV_L1), ab="no_such_field=1")]))
     with pytest.raises(ValueError, match="w-l1"):
         read_patches(p)
+
+
+@pytest.mark.parametrize("heads", ["3,2,128", "8,4,96", "8,x,128"])
+def test_attn_decode_ablate_refuses_a_shape_it_cannot_run(heads, monkeypatch):
+    """--heads HQ,HKV,D (another attention shape than Llama-2-7B's): checked before CuPy loads."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(ROOT / "bench/attn_decode_ablate.py"), "--heads", heads],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--heads" in r.stderr and "Traceback" not in r.stderr, r.stderr
