@@ -123,15 +123,13 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         if any(d < 0 for d in shape) or b < 0 or end < b:
             raise WeightsError(f"{path}: corrupt safetensors header: tensor {name} has a negative "
                                f"size or byte range (shape {shape}, data_offsets [{b}, {end}])")
-        span = _ST_ITEMSIZE[code]             # NumPy refuses an array whose non-zero sides span 2**63 bytes
-        for d in shape:                       # (with a zero side it still holds no byte)
-            span *= max(d, 1)
-        if len(shape) > MAX_NDIM or span >= 1 << 63:
+        nbytes = span = _ST_ITEMSIZE[code]    # Python ints: a lying shape cannot overflow
+        for d in shape:
+            nbytes *= d
+            span *= max(d, 1)                 # NumPy refuses non-zero sides spanning 2**63 bytes, even
+        if len(shape) > MAX_NDIM or span >= 1 << 63:                     # beside a zero side
             raise WeightsError(f"{path}: corrupt safetensors header: tensor {name} has an impossible shape "
                                f"{str(shape)[:80]} (at most {MAX_NDIM} dimensions spanning under 2**63 bytes)")
-        nbytes = _ST_ITEMSIZE[code]
-        for d in shape:                       # Python ints: a lying shape cannot overflow
-            nbytes *= d
         if end - b != nbytes:
             raise WeightsError(f"{path}: corrupt safetensors header: tensor {name} with shape "
                                f"{shape} {code} does not match its byte range [{b}, {end})")

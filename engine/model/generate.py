@@ -221,8 +221,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     others run the host loop with engine/model/sampling.py. seed None draws a fresh seed.
     on_token(id) is called as each token is produced; returning True stops generation after
     that token. on_prefill(done, total) follows the host path's prompt, a PREFILL_CHUNK at a time;
-    returning True stops there, with no token (a request cancelled while its prompt goes through). Generation stops at a stop id (which is returned but not passed on) or when
-    the context is full.
+    returning True stops there, with no token (a request cancelled while its prompt goes through).
+    Generation stops at a stop id (which is returned but not passed on) or when the context is full.
     """
     ctx = model.config.max_position_embeddings
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
@@ -259,7 +259,7 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
                              dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
 
     t0 = time.perf_counter()
-    ids = np.asarray(prompt_ids, dtype=np.int64)
+    ids = ids.astype(np.int64, copy=False)
     for c0 in range(0, n, PREFILL_CHUNK):
         logits = model.forward(ids[c0:c0 + PREFILL_CHUNK], cache, last_only=True)
         if on_prefill is not None and on_prefill(min(n, c0 + PREFILL_CHUNK), n) is True:
