@@ -20,7 +20,7 @@ rather than measuring something else. --splits: the engine's launcher with other
 (tuning.ATTENTION.gqa_waves, gqa_max_splits). --file NAME=PATH (repeatable): one
 more variant compiled from another attention.cu (e.g. `git show REV:cuda/attention.cu > PATH`;
 its includes come from cuda/), to compare a kernel change in one process; --patch FILE.json
-(repeatable): one more variant per item of an `e2e --patch` file (bench/patches/attn-quad.json). One JSON line per row: µs a launch
+(repeatable): one more variant per item of an `e2e --patch` file (bench/patches/attn-2026-12-04.json). One JSON line per row: µs a launch
 (median of alternating rounds) and GB/s of the K/V bytes read. docs/KERNELS.md cites the H200 run.
 """
 import argparse
@@ -39,13 +39,13 @@ ORDER = ("qkv", "cos_t", "sin_t", "kc", "vc", "ks", "vs", "lens", "Hq", "Hkv", "
 WAIT = "        cp_async_wait<L::STAGES - 1>();                  // this lane's copies of step i have landed\n"
 ISSUE = "        if (i + L::STAGES - 1 < mine) issue(i + L::STAGES - 1);\n"
 PROLOGUE = "        if (i < mine) issue(i);\n"
-LO = "                mma_f16_top(o[TPW * w + e][0], o[TPW * w + e][1], pl0, pl2, b0[e], b1[e]);\n"
+LO = "                mma_row<LEAN>(o[TPW * w + e], pal, b0[e], b1[e]);\n"
 LOOP = "    for (int i = 0; i < mine; ++i) {\n"
 # the K/V copies: through L1 with an L2 line prefetch (the kernel since 2026-12-04)
 COPY16 = "    auto copy16 = [&](u32 dst, const char* src) { cp_async_ca16_l2line(dst, src); };\n"
 MINE = "    const int mine = nsteps > warp ?"
 MERGE = "    // The last block of the head group merges the `active` partials"
-SCALES = "            cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + r);\n"
+SCALES = "            cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + sc(lane & 15));\n"
 START = "    if (D != DT || gridDim.x > GQ_MAX_SPLITS) __trap();   // the launcher instantiates by D, caps the splits\n"
 # cuda/common.cuh cp_async16(dst, src) and attention.cu cp_async_ca<N>(dst, src): the copies without src-size
 CG = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");'
@@ -251,7 +251,7 @@ def main():
                     help="one more variant: attention.cu from PATH (its includes from cuda/)")
     ap.add_argument("--patch", action="append", default=[], metavar="FILE.json",
                     help="one more variant per item of an `e2e --patch` file that edits attention.cu "
-                         "(e.g. bench/patches/attn-quad.json)")
+                         "(e.g. bench/patches/attn-2026-12-04.json: the kernel before quads)")
     ap.add_argument("--splits", action="store_true", help="the split-count sweep instead")
     ap.add_argument("--batch", type=int, default=1, help="sequences a launch (each of the context's length)")
     ap.add_argument("--heads", default=None, metavar="HQ,HKV,D",

@@ -769,8 +769,9 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 //   bytes of a cache row; K/V go through L1 (cp.async.ca: fp16 1.33× the rate of .cg at 8192
 //   keys, int8 1.18-1.59× from batch 1 to 32, docs/KERNELS.md). A key past the split's end copies the split's first row (finite,
 //   and its score is −inf, so its P is 0; zero-filling measured the same). int8 (kv8) codes
-//   become fp16 exactly in registers (the 0x6400 magic bias); the scales multiply the scores
-//   (k) and P (v) in fp32, as in attn_decode;
+//   become fp16 exactly in registers (the 0x6400 magic bias; at D ≤ 128 1152 + x, the bias
+//   taken out of the fp32 scores and outputs, i8x4_h2); the scales multiply the scores (k) and
+//   P (v) in fp32, as in attn_decode;
 // - split over the sequence (flash-decoding): the launcher sizes the grid from the capacity,
 //   the batch and the SMs (the graph of the decode step is captured once); the kernel divides
 //   the keys it finds in lens among the splits (chunks of ⌈n / NS⌉ keys rounded up to a step,
@@ -830,16 +831,33 @@ __device__ __forceinline__ uint4 lds128(u32 addr) {
 }
 
 // Four int8 (bytes 0..3 of w) as two fp16 pairs, exactly: x + 128 as the low byte of 0x64xx
-// (1024 + x + 128), minus 1152.
+// (1024 + x + 128), minus 1152; BIASED: 1152 + x, the subtraction left out. The decode kernel
+// at D ≤ 128 keeps the bias in the mma operands and takes it out of the fp32 sums: a score is
+// q·(k + 1152) − 1152·Σq, an output Σ P·(v + 1152) − 1152·Σ P (one subtraction a score and an
+// output instead of an __hsub2 a word of K/V).
+constexpr float KV8_BIAS = 1152.f;
+template <bool BIASED = false>
 __device__ __forceinline__ void i8x4_h2(u32 w, u32& lo, u32& hi) {
     const u32 u = w ^ 0x80808080u;
-    u32 a = __byte_perm(u, 0x64646464u, 0x4140), b = __byte_perm(u, 0x64646464u, 0x4342);
-    const __half bh = __ushort_as_half((unsigned short)0x6480);     // 1152
-    const __half2 bias = __halves2half2(bh, bh);
-    const __half2 ha = __hsub2(*reinterpret_cast<const __half2*>(&a), bias);
-    const __half2 hb = __hsub2(*reinterpret_cast<const __half2*>(&b), bias);
-    lo = *reinterpret_cast<const u32*>(&ha);
-    hi = *reinterpret_cast<const u32*>(&hb);
+    lo = __byte_perm(u, 0x64646464u, 0x4140);
+    hi = __byte_perm(u, 0x64646464u, 0x4342);
+    if constexpr (!BIASED) {
+        const __half bh = __ushort_as_half((unsigned short)0x6480);     // 1152
+        const __half2 bias = __halves2half2(bh, bh);
+        const __half2 ha = __hsub2(*reinterpret_cast<const __half2*>(&lo), bias);
+        const __half2 hb = __hsub2(*reinterpret_cast<const __half2*>(&hi), bias);
+        lo = *reinterpret_cast<const u32*>(&ha);
+        hi = *reinterpret_cast<const u32*>(&hb);
+    }
+}
+
+// D += A·B on whole fragments: rows 8..15 of A and D are carried along and never read, so the
+// operand quads stay where they are from one mma to the next (no register moves a mma).
+__device__ __forceinline__ void mma_f16_quad(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // D(rows 0..7) += A·B with A's rows 8..15 zero (a1 = a3 = 0): only c0, c1 (row g) are kept;
@@ -850,6 +868,14 @@ __device__ __forceinline__ void mma_f16_top(float& d0, float& d1, u32 a0, u32 a2
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0, %1, z2, z3}, {%2, za, %3, za}, {%4, %5}, {%0, %1, z2, z3};\n\t}"
         : "+f"(d0), "+f"(d1) : "r"(a0), "r"(a2), "r"(b0), "r"(b1));
+}
+
+// Row g's mma of the decode kernel: whole quads (mma_f16_quad, LEAN) or rows 0..7 alone
+// (mma_f16_top). d[2], d[3], a[1], a[3]: rows 8..15.
+template <bool QUAD>
+__device__ __forceinline__ void mma_row(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if constexpr (QUAD) mma_f16_quad(d, a, b0, b1);
+    else mma_f16_top(d[0], d[1], a[0], a[2], b0, b1);
 }
 
 // window > 0 (attn_decode_gqa_sw): keys [lo, p) stream from the cache, lo = max(0, p − window + 1),
@@ -869,6 +895,11 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     constexpr int KS = DT / 16;                 // k-steps of Q·Kᵀ
     constexpr int NT = DT / 8;                  // n-tiles of P·V
     constexpr int VU = L::VB / 4;               // words of one key's V a lane holds
+    // LEAN (D ≤ 128): whole mma quads, the int8 codes' bias left in (KV8B) and a step's copy
+    // addresses as two adds; at D = 256, where each measured slower (fp16 quads 4-6 %, INT8 bias
+    // and addresses 2-3 %, docs/KERNELS.md), the kernel of 2026-12-04
+    constexpr bool LEAN = DT <= 128;
+    constexpr bool KV8B = KV8 && LEAN;
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ __align__(16) __half sq[GQ_HEADS][DT];     // the group's rotated q (fp16), rows ≥ nh zero
     __shared__ float snk[DT], snv[DT];                    // the new token's k, v (fp16 values or int8 codes)
@@ -904,22 +935,22 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     // batch 8 and 32, 1.18-1.33× at batch 1 from 1024 and 8192 keys; with an L2 prefetch of the
     // 128-byte line, fp16 +1.4-2.6 % at batch 8 and 32 (docs/KERNELS.md)
     auto copy16 = [&](u32 dst, const char* src) { cp_async_ca16_l2line(dst, src); };
-    auto issue = [&](int i) {                            // cp.async of this warp's step i into its slot
-        const int slot = i % L::STAGES, kb = c0 + (warp + i * GQ_WARPS) * GQ_STEP;
+    // A step's copies: the bytes of key kb + d's K and V rows lie kv(d) past kbytes and vbytes, its
+    // scales at index sc(d). LEAN, where the whole step lies before c1 (every step but a split's
+    // last), kv(d) is kb's row offset plus d·Hkv·D·ES, a lane constant, so a copy's address is two
+    // adds, not a clamp and a multiply a key; else a key at or past c1 copies c0's row.
+    // (Whole mma quads, the int8 bias left in and these addresses: INT8 attention 2.8-4.8 % faster
+    // at D = 128 than the kernel of 2026-12-04, fp16 within ±1 %, docs/KERNELS.md.)
+    auto copies = [&](int slot, auto kv, auto sc) {
 #pragma unroll
         for (int kg = 0; kg < 2; ++kg) {
-            const int key = kb + kg * 8 + g;
-            const bool ok = key < c1;
-            const char* src = kbytes + (row0 + (size_t)(ok ? key : c0) * Hkv) * (DT * ES);
+            const char* src = kbytes + kv(kg * 8 + g);
 #pragma unroll
             for (int j = 0; j < L::KB / 16; ++j) copy16(rec(slot, kg * L::KB + 16 * j), src + (4 * j + t) * 16);
         }
 #pragma unroll
         for (int jv = 0; jv < 4; ++jv) {
-            const int key = kb + 2 * t + (jv & 1) + (jv >> 1) * 8;
-            const bool ok = key < c1;
-            const size_t r = row0 + (size_t)(ok ? key : c0) * Hkv;
-            const char* src = vbytes + r * (DT * ES);
+            const char* src = vbytes + kv(2 * t + (jv & 1) + (jv >> 1) * 8);
 #pragma unroll
             for (int a = 0; a < L::VB / L::VCH; ++a) {
                 const u32 dst = rec(slot, 2 * L::KB + jv * L::VB + a * L::VCH);
@@ -927,10 +958,19 @@ __device__ __forceinline__ void attn_decode_gqa_body(
                 else cp_async_ca<L::VCH>(dst, src + (8 * a + g) * L::VCH);
             }
         }
-        if constexpr (KV8) {                             // lane r < 16: key kb + r's k scale, 16 + r: its v scale
-            const int key = kb + (lane & 15);
-            const size_t r = row0 + (size_t)(key < c1 ? key : c0) * Hkv;
-            cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + r);
+        if constexpr (KV8)                               // lane r < 16: key kb + r's k scale, 16 + r: its v scale
+            cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + sc(lane & 15));
+    };
+    const int rowb = Hkv * DT * ES;                      // bytes from one key's row to the next
+    auto issue = [&](int i) {                            // cp.async of this warp's step i into its slot
+        const int slot = i % L::STAGES, kb = c0 + (warp + i * GQ_WARPS) * GQ_STEP;
+        const size_t rb = row0 + (size_t)kb * Hkv;       // key kb's row
+        if (LEAN && kb + GQ_STEP <= c1) {
+            const size_t kvb = rb * (DT * ES);
+            copies(slot, [&](int d) { return kvb + (size_t)(d * rowb); }, [&](int d) { return rb + (size_t)(d * Hkv); });
+        } else {
+            auto row = [&](int d) { return row0 + (size_t)(kb + d < c1 ? kb + d : c0) * Hkv; };
+            copies(slot, [&](int d) { return row(d) * (DT * ES); }, row);
         }
     };
 #pragma unroll
@@ -999,18 +1039,33 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     __syncthreads();
     // Q as the A operand, k-step s: the lane's k slots (2t, 2t+1, 2t+8, 2t+9) are its K record
     // elements 4s..4s+3, i.e. d = CHK·(4·⌊4s / CHK⌋ + t) + 4s mod CHK + 0..3 (rows 8..15: zero)
-    u32 qa[KS][2];
+    u32 qa[KS][4];                                     // [1], [3]: rows 8..15, zero
 #pragma unroll
     for (int s = 0; s < KS; ++s) {
         const int d0 = CHK * (4 * (4 * s / CHK) + t) + (4 * s) % CHK;
         qa[s][0] = *reinterpret_cast<const u32*>(&sq[g][d0]);
-        qa[s][1] = *reinterpret_cast<const u32*>(&sq[g][d0 + 2]);
+        qa[s][2] = *reinterpret_cast<const u32*>(&sq[g][d0 + 2]);
+        qa[s][1] = qa[s][3] = 0u;
     }
 
-    // O of row (head) g: n-tile i, column c ↔ d = CHV·(8·⌊i / CHV⌋ + 2t + c) + i mod CHV
-    float o[NT][2];
+    float qsum = 0.f;                                   // KV8B: Σ_d q[g][d], the scores' bias / 1152
+    if constexpr (KV8B) {                                // the four lanes t of row g hold all its k slots
 #pragma unroll
-    for (int i = 0; i < NT; ++i) o[i][0] = o[i][1] = 0.f;
+        for (int s = 0; s < KS; ++s)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&qa[s][2 * j]));
+                qsum += f.x + f.y;
+            }
+        qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
+        qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
+    }
+    float cv = 0.f;                                     // KV8B: this lane's Σ P (· v scale), the outputs' bias / 1152
+    // O of row (head) g: n-tile i, column c ↔ d = CHV·(8·⌊i / CHV⌋ + 2t + c) + i mod CHV
+    float o[NT][4];                                    // [2], [3]: rows 8..15, never read
+#pragma unroll
+    for (int i = 0; i < NT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    u32 pah[4] = {0u, 0u, 0u, 0u}, pal[4] = {0u, 0u, 0u, 0u};   // P's A quads (hi, lo), rows 8..15 zero
     float m = NEG_INF, l = 0.f;                          // row g's running max (log2 units), this lane's sum
     for (int i = 0; i < mine; ++i) {
         if constexpr (KV8) __syncwarp();                 // the warp has read the scales of the slot refilled here
@@ -1036,14 +1091,16 @@ __device__ __forceinline__ void attn_decode_gqa_body(
                 const uint4 w = lds128(rec(slot, kg * L::KB + 16 * u));
                 kw[4 * u] = w.x; kw[4 * u + 1] = w.y; kw[4 * u + 2] = w.z; kw[4 * u + 3] = w.w;
             }
-            float s0 = 0.f, s1 = 0.f;
+            float sacc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int s = 0; s < KS; ++s) {
                 u32 b0, b1;
-                if constexpr (KV8) i8x4_h2(kw[s], b0, b1);
+                if constexpr (KV8) i8x4_h2<KV8B>(kw[s], b0, b1);
                 else { b0 = kw[2 * s]; b1 = kw[2 * s + 1]; }
-                mma_f16_top(s0, s1, qa[s][0], qa[s][1], b0, b1);
+                mma_row<LEAN>(sacc, qa[s], b0, b1);
             }
+            float s0 = sacc[0], s1 = sacc[1];
+            if constexpr (KV8B) { s0 -= KV8_BIAS * qsum; s1 -= KV8_BIAS * qsum; }
             const int key = kb + 8 * kg + 2 * t;
             x[kg][0] = key < c1 ? s0 * ksc[2 * kg] * sl2 : NEG_INF;
             x[kg][1] = key + 1 < c1 ? s1 * ksc[2 * kg + 1] * sl2 : NEG_INF;
@@ -1066,9 +1123,15 @@ __device__ __forceinline__ void attn_decode_gqa_body(
         for (int i2 = 0; i2 < NT; ++i2) { o[i2][0] *= alpha; o[i2][1] *= alpha; }
         // P·V: P (· the v scales) is the A operand (k slots 2t, 2t+1 ↔ keys 2t, 2t+1, slots
         // 2t+8, 2t+9 ↔ keys 8 + 2t, 9 + 2t), as fp16 hi + lo
-        u32 ph0, pl0, ph2, pl2;
-        split_h2(pr[0][0] * vsc[0], pr[0][1] * vsc[1], ph0, pl0);
-        split_h2(pr[1][0] * vsc[2], pr[1][1] * vsc[3], ph2, pl2);
+        split_h2(pr[0][0] * vsc[0], pr[0][1] * vsc[1], pah[0], pal[0]);
+        split_h2(pr[1][0] * vsc[2], pr[1][1] * vsc[3], pah[2], pal[2]);
+        if constexpr (KV8B) {                            // ΣP as the mma sees it: the fp16 hi + lo pairs
+            const float2 h0 = __half22float2(*reinterpret_cast<const __half2*>(&pah[0]));
+            const float2 l0 = __half22float2(*reinterpret_cast<const __half2*>(&pal[0]));
+            const float2 h2 = __half22float2(*reinterpret_cast<const __half2*>(&pah[2]));
+            const float2 l2 = __half22float2(*reinterpret_cast<const __half2*>(&pal[2]));
+            cv = cv * alpha + (((h0.x + l0.x) + (h0.y + l0.y)) + ((h2.x + l2.x) + (h2.y + l2.y)));
+        }
         u32 vw[4][VU];
 #pragma unroll
         for (int u = 0; u < VU; ++u) {                  // the 4·VB bytes of V: VU 16-byte pieces
@@ -1084,10 +1147,10 @@ __device__ __forceinline__ void attn_decode_gqa_body(
         for (int w = 0; w < NT / TPW; ++w) {
             u32 b0[TPW], b1[TPW];
             if constexpr (KV8) {
-                i8x4_h2(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);
-                i8x4_h2(__byte_perm(vw[0][w], vw[1][w], 0x7362), b0[2], b0[3]);
-                i8x4_h2(__byte_perm(vw[2][w], vw[3][w], 0x5140), b1[0], b1[1]);
-                i8x4_h2(__byte_perm(vw[2][w], vw[3][w], 0x7362), b1[2], b1[3]);
+                i8x4_h2<KV8B>(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);
+                i8x4_h2<KV8B>(__byte_perm(vw[0][w], vw[1][w], 0x7362), b0[2], b0[3]);
+                i8x4_h2<KV8B>(__byte_perm(vw[2][w], vw[3][w], 0x5140), b1[0], b1[1]);
+                i8x4_h2<KV8B>(__byte_perm(vw[2][w], vw[3][w], 0x7362), b1[2], b1[3]);
             } else {
                 b0[0] = __byte_perm(vw[0][w], vw[1][w], 0x5410);
                 b0[1] = __byte_perm(vw[0][w], vw[1][w], 0x7632);
@@ -1096,10 +1159,16 @@ __device__ __forceinline__ void attn_decode_gqa_body(
             }
 #pragma unroll
             for (int e = 0; e < TPW; ++e) {
-                mma_f16_top(o[TPW * w + e][0], o[TPW * w + e][1], ph0, ph2, b0[e], b1[e]);
-                mma_f16_top(o[TPW * w + e][0], o[TPW * w + e][1], pl0, pl2, b0[e], b1[e]);
+                mma_row<LEAN>(o[TPW * w + e], pah, b0[e], b1[e]);
+                mma_row<LEAN>(o[TPW * w + e], pal, b0[e], b1[e]);
             }
         }
+    }
+    if constexpr (KV8B) {
+        cv += __shfl_xor_sync(0xffffffffu, cv, 1);
+        cv += __shfl_xor_sync(0xffffffffu, cv, 2);
+#pragma unroll
+        for (int i = 0; i < NT; ++i) { o[i][0] -= KV8_BIAS * cv; o[i][1] -= KV8_BIAS * cv; }
     }
     cp_async_wait<0>();
     __syncthreads();                                    // the ring becomes the warps' partials

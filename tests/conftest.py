@@ -2,7 +2,7 @@
 of one item of a `--patch` file (kargs.patched, as `python -m engine.bench e2e --patch` does), so a
 prepared kernel variant meets the GPU tests before it lands, e.g. on a lent GPU:
 
-    DGQ_TEST_PATCH=bench/patches/attn-quad.json:quad python -m pytest -m gpu tests/test_decode_attention_gpu.py
+    DGQ_TEST_PATCH=bench/patches/attn-2026-12-04.json:attn-2026-12-04 python -m pytest -m gpu tests/test_decode_attention_gpu.py
 
 Unset (always, in CI), nothing changes."""
 from __future__ import annotations

@@ -29,12 +29,12 @@ def test_example_patches_apply_to_todays_sources(path):
 def test_patch_files_repeat_and_names_stay_unique(tmp_path):
     """--patch is repeatable (e2e, gemm-tune, gemv-wb): the items of every file, in order; an item
     name that two files share is refused, since rows are named by it."""
-    quad, occ = ROOT / "bench/patches/attn-quad.json", ROOT / "bench/patches/attn-occupancy.json"
-    got = [n for n, _e, _ab in read_patch_files([str(quad), str(occ)])]
-    assert got == ["quad", "quad-kv8-bias", "addr", "quad-kv8-bias-addr", "kv8-3blocks"]
-    assert [n for n, _e, _ab in read_patch_files(str(occ))] == ["kv8-3blocks"]
+    attn, wait = ROOT / "bench/patches/attn-2026-12-04.json", ROOT / "bench/patches/wgmma-wait-first.json"
+    got = [n for n, _e, _ab in read_patch_files([str(attn), str(wait)])]
+    assert got == ["attn-2026-12-04", "wgmma-wait-first"]
+    assert [n for n, _e, _ab in read_patch_files(str(wait))] == ["wgmma-wait-first"]
     with pytest.raises(ValueError, match="also in"):
-        read_patch_files([str(occ), str(occ)])
+        read_patch_files([str(wait), str(wait)])
 
 
 def test_attn_decode_ablate_variants_apply_to_todays_attention():
@@ -50,22 +50,20 @@ def test_attn_decode_ablate_variants_apply_to_todays_attention():
 
 
 def test_attn_decode_ablate_takes_e2e_patch_files():
-    """bench/attn_decode_ablate.py --patch: each item of bench/patches/attn-quad.json (quad, the
-    bias on top, the step's copy addresses, both) becomes a variant of today's attention.cu whose
-    shared-memory layout (GqLayout, which the bench sizes
-    from today's source) is unchanged; a patch of another file is refused before any GPU time."""
+    """bench/attn_decode_ablate.py --patch: the item of bench/patches/attn-2026-12-04.json (the
+    kernel before whole mma quads, the int8 bias and the step's copy addresses) becomes a variant of
+    today's attention.cu whose shared-memory layout (GqLayout, which the bench sizes from today's
+    source) is unchanged; a patch of another file is refused before any GPU time."""
     import sys
     sys.path.insert(0, str(ROOT / "bench"))
     import attn_decode_ablate
     src = kernels.source("attention.cu")
-    got = attn_decode_ablate.patched_variants(kernels, src, ROOT / "bench" / "patches" / "attn-quad.json")
-    assert set(got) == {"quad", "quad-kv8-bias", "addr", "quad-kv8-bias-addr"}
-    for name, code in got.items():
-        assert code != src and ("mma_f16_quad" in code) == ("quad" in name), name
-        assert ("const int rowb = Hkv * DT * ES;" in code) == ("addr" in name), name
-        assert attn_decode_ablate.layout_of(code) == attn_decode_ablate.layout_of(src), name
-    assert "i8x4_h2b" in got["quad-kv8-bias"] and "i8x4_h2b" not in got["quad"]
-    assert "i8x4_h2b" in got["quad-kv8-bias-addr"] and "i8x4_h2b" not in got["addr"]
+    got = attn_decode_ablate.patched_variants(kernels, src, ROOT / "bench" / "patches" / "attn-2026-12-04.json")
+    assert set(got) == {"attn-2026-12-04"}
+    code = got["attn-2026-12-04"]
+    assert code != src and attn_decode_ablate.layout_of(code) == attn_decode_ablate.layout_of(src)
+    for today in ("mma_f16_quad", "KV8_BIAS", "const int rowb = Hkv * DT * ES;"):
+        assert today in src and today not in code, today
     with pytest.raises(SystemExit, match="attention.cu alone"):
         attn_decode_ablate.patched_variants(kernels, src, ROOT / "bench" / "patches" / "loads.json")
 
@@ -82,9 +80,9 @@ def test_session_compiles_the_patch_dgq_test_patch_names():
     assert tuple(kernels.EDITS[-len(want):]) == tuple(want)
 
 
-@pytest.mark.parametrize("spec, ok", [("bench/patches/attn-quad.json:quad", True),
-                                      ("bench/patches/attn-quad.json:nope", False),
-                                      ("bench/patches/missing.json:quad", False)])
+@pytest.mark.parametrize("spec, ok", [("bench/patches/attn-2026-12-04.json:attn-2026-12-04", True),
+                                      ("bench/patches/attn-2026-12-04.json:nope", False),
+                                      ("bench/patches/missing.json:attn-2026-12-04", False)])
 def test_dgq_test_patch_runs_a_session_on_a_patch_item(spec, ok):
     import os
     import subprocess

@@ -59,13 +59,12 @@ def test_patch_items_edit_the_compiled_source():
     """--patch FILE.json:NAME: that item's edits are in the source nvcc compiles; a name the file
     lacks is one clear error."""
     root = Path(__file__).resolve().parents[1]
-    edits = sass_scan.patch_edits(f"{root}/bench/patches/attn-occupancy.json:kv8-3blocks")
-    src = sass_scan.instantiation_source("attention.cu", ["attn_decode_gqa<signed char, 128>"], edits)
-    assert "sizeof(KV) == 1 && DT <= 128 ? 3 : 2) attn_decode_gqa(" in src
-    assert "sizeof(KV) == 1 && DT <= 128" not in sass_scan.instantiation_source(
-        "attention.cu", ["attn_decode_gqa<signed char, 128>"])
-    with pytest.raises(SystemExit, match="kv8-3blocks"):
-        sass_scan.patch_edits(f"{root}/bench/patches/attn-occupancy.json:nope")
+    edits = sass_scan.patch_edits(f"{root}/bench/patches/attn-2026-12-04.json:attn-2026-12-04")
+    expr = ["attn_decode_gqa<signed char, 128>"]
+    assert "mma_f16_quad" not in sass_scan.instantiation_source("attention.cu", expr, edits)
+    assert "mma_f16_quad" in sass_scan.instantiation_source("attention.cu", expr)
+    with pytest.raises(SystemExit, match="attn-2026-12-04"):
+        sass_scan.patch_edits(f"{root}/bench/patches/attn-2026-12-04.json:nope")
 
 
 def test_instantiation_source_takes_each_address():
