@@ -1,8 +1,7 @@
 """The dp4a decode GEMV (M = 1, cuda/gemm_a8w4.cu DP: the codes multiplied by dp4a,
 S·(Σx·q − z·Σx)) against the NumPy integer reference and against the mma GEMV, bit for bit, in
 every epilogue (fp16, int32, residual add, SiLU with absmax); a decode step with it on gives the
-tokens and logits of the step with it off. The same for its resident-grid form
-(gemm_a8w4_gemv_res, tuning.GEMM.gemv_resident)."""
+tokens and logits of the step with it off."""
 from __future__ import annotations
 
 import numpy as np
@@ -67,39 +66,9 @@ def test_dp4a_rejects_what_it_cannot_run():
                            cfg={"dp": True, "rw": 4, "u": 2})
 
 
-RES_BLOCKS = [1, 7, 0]   # grid caps of the resident GEMV: one block takes every row tile, 7 blocks, the GPU's
-
-
-@pytest.mark.parametrize("k,n,group", [(4096, 4104, 128), (576, 24, 64), (2304, 1032, 256), (700, 200, 128),
-                                       (1536, 40, 1024), (8192, 520, 128), (1536, 200, 128)])
-def test_resident_gemv_equals_the_gemv(k, n, group):
-    """gemm_a8w4_gemv_res (cfg res, tuning.GEMM.gemv_resident): the bits of the GEMV it stands for, the
-    dp4a one at M = 1 and the mma one at M = 1, 3 and 8, with fp16 out and with the residual add, from
-    one block over every row tile to one block a row tile, for K of one batch pair or more and a ragged
-    last one (the register batches run on across row tiles)."""
-    import cupy as cp
-    layer = ops_cuda.pack_for_gpu(random_dg(n, k, group, seed=n + k + 1))
-    for m, dp in ((1, True), (1, False), (3, False), (8, False)):
-        x8 = cp.asarray(random_x8(m, k, seed=k + m))
-        sx = cp.asarray(np.linspace(0.011, 0.017, m, dtype=np.float32))
-        base = {"dp": dp, "rw": 1, "u": 2, "nw": 8}
-        want = ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=base).get()
-        h0 = np.random.default_rng(k + m).standard_normal((m, n)).astype(np.float32)
-        hw = cp.asarray(h0)
-        ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=base, resid=hw)
-        for blocks in RES_BLOCKS:
-            cfg = {**base, "res": True, "res_blocks": blocks}
-            got = ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=cfg, out=cp.full((m, n), np.nan, cp.float16))
-            np.testing.assert_array_equal(got.get().view(np.uint16), want.view(np.uint16), err_msg=str((m, dp, blocks)))
-            h = cp.asarray(h0)
-            ops_cuda.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=cfg, resid=h)
-            np.testing.assert_array_equal(h.get(), hw.get(), err_msg=str((m, dp, blocks)))
-
-
 @pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (5504, 4096)])
-def test_silu_gemv_variants_agree(inter, k):
-    """The SiLU GEMV (gate|up interleaved) with dp4a, and with dp4a on the resident grid (every grid cap
-    of RES_BLOCKS): the mma path's silu(gate)·up and absmax bits."""
+def test_dp4a_silu_gemv_equals_mma(inter, k):
+    """The SiLU GEMV (gate|up interleaved) with dp4a: the mma path's silu(gate)·up and absmax bits."""
     import cupy as cp
     from engine.gpu.linear import _fuse
     gu = _fuse([random_dg(inter, k, 128, seed=1), random_dg(inter, k, 128, seed=2)])
@@ -107,15 +76,14 @@ def test_silu_gemv_variants_agree(inter, k):
     x8 = cp.asarray(random_x8(1, k, seed=5))
     sx = cp.asarray(np.float32([0.013]))
     outs = []
-    for dp, res, blocks in [(False, False, 0), (True, False, 0)] + [(True, True, b) for b in RES_BLOCKS]:
+    for dp in (False, True):
         mf = cp.full((1, inter), np.nan, cp.float32)
         amax = cp.zeros((1,), cp.uint32)
-        ops_cuda.gemv_a8w4_silu(x8, sx, layer, mf, amax, dp=dp, res=res, res_blocks=blocks)
+        ops_cuda.gemv_a8w4_silu(x8, sx, layer, mf, amax, dp=dp)
         outs.append((mf.get(), amax.get()))
     assert not np.isnan(outs[0][0]).any() and outs[0][1][0] > 0
-    for got in outs[1:]:
-        np.testing.assert_array_equal(got[0], outs[0][0])
-        np.testing.assert_array_equal(got[1], outs[0][1])
+    np.testing.assert_array_equal(outs[1][0], outs[0][0])
+    np.testing.assert_array_equal(outs[1][1], outs[0][1])
 
 
 def _step_off_and_on(monkeypatch, field: str, check, batch: int = 1, intermediate: int = 1408) -> None:
@@ -147,20 +115,6 @@ def _step_off_and_on(monkeypatch, field: str, check, batch: int = 1, intermediat
         check(on, list(seen))
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("batch", [1, 4])
-def test_decode_step_on_the_resident_gemv_changes_no_bits(monkeypatch, batch):
-    """tuning.GEMM.gemv_resident on: the same tokens and logits, batch 1 (the dp4a GEMVs; the SiLU one
-    resident) and 4 (the mma GEMV of 4 tokens; gate|up resident: 512 row tiles, past the few-tile
-    bound), on a grid of at most 7 blocks, so that the PDL-captured kernels run many row tiles a block."""
-    grid = ops_cuda.gemv_res_grid
-    monkeypatch.setattr(ops_cuda, "gemv_res_grid", lambda expr, rows, nw, cap=0: grid(expr, rows, nw, cap or 7))
-
-    def check(on, exprs):
-        want = "gemm_a8w4_gemv_res<2,true,8,true>" if batch == 1 else "gemm_a8w4_gemv_res<2,false,8,false>"
-        assert (want in exprs) == on, sorted(set(exprs))
-    _step_off_and_on(monkeypatch, "gemv_resident", check, batch, intermediate=4096)
 
 
 def test_decode_step_with_dp4a_changes_no_bits(monkeypatch):

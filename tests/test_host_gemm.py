@@ -127,14 +127,11 @@ def test_split_k_launches_a_cluster_where_every_cluster_is_resident(monkeypatch)
     assert (launch.clusters_available, launch.max_active_clusters) == before          # hooks undone
 
 
-def test_resident_gemv_launches_on_a_resident_grid(monkeypatch):
-    """tuning.GEMM.gemv_resident (or cfg "res"): the one-token dp4a GEMV (fp16 out, residual add, the
-    SiLU GEMV) launches gemm_a8w4_gemv_res on as few of the resident blocks as keep the most row tiles
-    a block (cfg res_blocks caps them, else GEMM.gemv_res_per_sm blocks an SM), and the mma GEMV of 2-8 tokens too; off, the GEMV of one block a row tile; asked of a
-    configuration it lacks (16 warps, two token tiles, U = 4), an error. The kernel's arithmetic is tests/test_gemv_decode_gpu.py's."""
+def test_gemv_launches_one_block_a_row_tile(monkeypatch):
+    """The one-token GEMV (fp16 out, the SiLU GEMV) launches one block a row tile, 16 warps where the
+    row tiles are few; nine tokens take two token tiles."""
     import numpy as np
-    import pytest
-    from engine.gpu import kargs, ops, tuning
+    from engine.gpu import kargs, ops
     launched = []
 
     class Recording(host_gemm._Kernel):
@@ -146,43 +143,34 @@ def test_resident_gemv_launches_on_a_resident_grid(monkeypatch):
     monkeypatch.setattr(kargs, "_WRAP", [lambda expr, run: (names.append(expr), run())])
     qkv, o, gu = host_gemm.layer_of(12288, 4096), host_gemm.layer_of(4096, 4096), host_gemm.layer_of(22016, 4096)
 
-    def call(layer, m=1, **cfg):
+    def call(layer, m=1):
         launched.clear(), names.clear()
         x8, sx = np.zeros((m, layer.k_pad), np.int8), np.ones(m, np.float32)
-        ops.gemm_a8w4(x8, sx, layer, kernel="gemv", cfg=cfg or None, out=np.empty((m, layer.n), np.float16))
-        return names[-1], launched[-1][0]
-
-    def silu(**kw):
-        launched.clear(), names.clear()
-        ops.gemv_a8w4_silu(np.zeros((1, gu.k_pad), np.int8), np.ones(1, np.float32), gu,
-                           np.empty((1, gu.n // 2), np.float32), np.zeros(1, np.uint32), **kw)
+        ops.gemm_a8w4(x8, sx, layer, kernel="gemv", out=np.empty((m, layer.n), np.float16))
         return names[-1], launched[-1][0]
 
     with host_gemm.faked():
-        fn = kargs.function(ops.GEMV_FILE, "gemm_a8w4_gemv_res<2,false,8,true>")  # the fake kernel
-        monkeypatch.setattr(kargs, "_RESIDENT", {(fn, 256, 0, host_gemm.H200["name"]): 528})   # 4 blocks an SM
         assert call(qkv) == ("gemm_a8w4_gemv<1,1,2,false,false,8,true>", (768,))
-        assert silu() == ("gemm_a8w4_gemv<1,1,2,false,true,8,true>", (1376,))
-        # 768 row tiles on 528 slots: 384 blocks of two (not 240 of two and 288 of one)
-        assert call(qkv, res=True) == ("gemm_a8w4_gemv_res<2,false,8,true>", (384,))
-        monkeypatch.setattr(tuning.GEMM, "gemv_resident", True)
-        assert call(qkv) == ("gemm_a8w4_gemv_res<2,false,8,true>", (384,))
-        assert call(qkv, res_blocks=7) == ("gemm_a8w4_gemv_res<2,false,8,true>", (7,))
-        assert call(qkv, res_blocks=1000) == ("gemm_a8w4_gemv_res<2,false,8,true>", (384,))
-        assert call(qkv, res=False) == ("gemm_a8w4_gemv<1,1,2,false,false,8,true>", (768,))
-        monkeypatch.setattr(tuning.GEMM, "gemv_res_per_sm", 2)                 # 264 slots: 256 blocks of three
-        assert call(qkv) == ("gemm_a8w4_gemv_res<2,false,8,true>", (256,))
-        assert call(qkv, res_blocks=400) == ("gemm_a8w4_gemv_res<2,false,8,true>", (384,))  # the call's cap first
-        monkeypatch.setattr(tuning.GEMM, "gemv_res_per_sm", 0)
-        assert silu() == ("gemm_a8w4_gemv_res<2,true,8,true>", (459,))                 # 1376 tiles, 3 a block
-        assert silu(res_blocks=100) == ("gemm_a8w4_gemv_res<2,true,8,true>", (99,))    # 14 a block
+        launched.clear(), names.clear()
+        ops.gemv_a8w4_silu(np.zeros((1, gu.k_pad), np.int8), np.ones(1, np.float32), gu,
+                           np.empty((1, gu.n // 2), np.float32), np.zeros(1, np.uint32))
+        assert (names[-1], launched[-1][0]) == ("gemm_a8w4_gemv<1,1,2,false,true,8,true>", (1376,))
         assert call(o)[0] == "gemm_a8w4_gemv<1,1,2,false,false,16,true>"      # few row tiles: 16 warps
-        assert call(qkv, m=2) == ("gemm_a8w4_gemv_res<2,false,8,false>", (384,))  # 2-8 tokens: the mma GEMV
-        assert call(qkv, m=8) == ("gemm_a8w4_gemv_res<2,false,8,false>", (384,))
-        assert call(qkv, m=1, dp=False) == ("gemm_a8w4_gemv_res<2,false,8,false>", (384,))
-        assert call(qkv, m=9)[0].startswith("gemm_a8w4_gemv<2,")               # two token tiles: the GEMV
-        for layer, m, cfg in ((o, 1, {}), (qkv, 9, {}), (qkv, 1, {"u": 4})):
-            with pytest.raises(ops.CudaOpError, match="resident GEMV"):
-                call(layer, m, res=True, **cfg)
-        with pytest.raises(ops.CudaOpError, match="resident GEMV"):
-            silu(dp=False, res=True)                                           # the mma SiLU GEMV: not built
+        assert call(qkv, m=9)[0].startswith("gemm_a8w4_gemv<2,")               # two token tiles
+
+
+def test_resident_grid_keeps_the_most_row_tiles_a_block(monkeypatch):
+    """kargs.resident_grid (gpu/wb.py gemv_grid): one block a row tile where they all fit, else no
+    more blocks than are resident (or than the cap) and of those as few as keep the most row tiles a
+    block."""
+    from engine.gpu import kargs
+    with host_gemm.faked():
+        monkeypatch.setattr(kargs, "_RESIDENT", {("fn", 256, 0, host_gemm.H200["name"]): 528})  # 4 blocks an SM
+        grid = kargs.resident_grid
+        assert grid("fn", 500, 256) == 500
+        assert grid("fn", 768, 256) == 384            # 768 row tiles on 528 slots: 384 blocks of two
+        assert grid("fn", 768, 256, 0, 7) == 7
+        assert grid("fn", 768, 256, 0, 1000) == 384   # a cap past the resident blocks changes nothing
+        assert grid("fn", 768, 256, 0, 264) == 256    # 264 slots: 256 blocks of three
+        assert grid("fn", 1376, 256) == 459           # 3 a block
+        assert grid("fn", 1376, 256, 0, 100) == 99    # 14 a block

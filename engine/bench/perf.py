@@ -417,11 +417,8 @@ def collect(out: str | None = None, budget_s: float = 480.0, quick: bool = False
                     if (key, m, k, n) in done:
                         continue
 
-                    # the GEMV as launch_plan describes it: one block a row tile (not GEMM.gemv_resident's grid)
-                    run_cfg = {**cfg, "res": False} if kern == "gemv" else dict(cfg)
-
-                    def call(j, kern=kern, run_cfg=run_cfg):
-                        return ops_cuda.gemm_a8w4(x8, sx, layers[j % nb], kernel=kern, cfg=dict(run_cfg), out=y)
+                    def call(j, kern=kern, cfg=cfg):
+                        return ops_cuda.gemm_a8w4(x8, sx, layers[j % nb], kernel=kern, cfg=dict(cfg), out=y)
                     rec: dict = {}
                     orig, recorder = _launch_recorder(kargs, rec)
                     kargs.launch = recorder

@@ -258,11 +258,10 @@ _RESIDENT: dict = {}     # (launch.Kernel, threads, dynamic shared memory, devic
 
 def resident_grid(fn, row_tiles: int, threads: int, smem: int = 0, cap: int = 0) -> int:
     """The grid of a kernel whose block b takes row tiles b, b + gridDim.x, ... (cuda/gemv_wb.cu
-    gemv_wb_body, cuda/gemm_a8w4.cu gemm_a8w4_gemv_res): one block a row tile where they all fit,
-    else no more blocks than the GPU holds at once (the driver's occupancy query for fn as compiled,
-    with this block and shared memory) nor than cap where cap > 0, and of those as few as keep the
-    most row tiles a block (768 row tiles on 528 slots: 384 blocks of two, not 240 of two and 288 of
-    one)."""
+    gemv_wb_body): one block a row tile where they all fit, else no more blocks than the GPU holds
+    at once (the driver's occupancy query for fn as compiled, with this block and shared memory) nor
+    than cap where cap > 0, and of those as few as keep the most row tiles a block (768 row tiles on
+    528 slots: 384 blocks of two, not 240 of two and 288 of one)."""
     key = (fn, threads, smem, kernels.device_info()["name"])
     if key not in _RESIDENT:
         per_sm = require_cupy().cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.raw.kernel.ptr, threads, smem)

@@ -36,7 +36,7 @@ import numpy as np
 from .. import formats
 from ..model import sampling
 from . import backend, choice, kargs, kernels, launch, perfmodel, tuning
-from .tuning import (GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_DP_SILU, GEMV_MT, GEMV_RES, GEMV_SILU_U,  # noqa: F401
+from .tuning import (GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_DP_SILU, GEMV_MT, GEMV_SILU_U,  # noqa: F401
                      GEMV_WIDE, MMA_CFGS, WGMMA_CFGS, WGMMA_KEYS, gemv_choice, gemv_targs)
 
 TILE_N = 16          # rows per packed row tile (cuda/common.cuh DGQ_TILE_N)
@@ -197,8 +197,7 @@ _GEMV = tuple(f"gemm_a8w4_gemv<{gemv_targs(*a)}>" for a in
               + [(mt, rw, u, 16, False, o) for mt, cfgs in GEMV_WIDE.items() for rw, u in cfgs for o in (False, True)]
               + [(1, 1, u, 8, False, False, True) for u in GEMV_SILU_U]
               + [(1, rw, u, nw, True, o) for rw, u, nw in GEMV_DP_CFGS for o in (False, True)]
-              + [(1, *GEMV_DP_SILU, True, False, True)]) \
-    + tuple(f"gemm_a8w4_gemv_res<{u},{_B[silu]},{nw},{_B[dp]}>" for u, nw, silu, dp in GEMV_RES)
+              + [(1, *GEMV_DP_SILU, True, False, True)])
 _MMA = tuple(f"gemm_a8w4_mma<{bm},{st},{o}>" for bm, st in MMA_CFGS for o in _B)
 _WGMMA = tuple(f"gemm_a8w4_wgmma<{bt},{st},{nwg},{wpf},{ovl},{o}>"
                for bt, st, nwg, wpf, ovl in WGMMA_CFGS for o in _B)
@@ -221,27 +220,6 @@ def _gemv_cfg(m: int, mt: int, r: int, cfg: dict) -> tuple[int, int, int, bool]:
         return gemv_choice(m, mt, few, cfg)
     except ValueError as e:
         raise CudaOpError(str(e)) from None
-
-
-def _gemv_res(cfg: dict, runs: bool) -> bool:
-    """Whether a GEMV call takes the resident grid (gemm_a8w4_gemv_res): cfg's "res", else
-    GEMM.gemv_resident, where the call runs a configuration the resident kernel has (`runs`: one
-    token tile at RW = 1 with (U, NW, SILU, DP) in GEMV_RES, fp16, residual or SiLU out); asked for by
-    cfg elsewhere, an error."""
-    want = cfg.get("res")
-    if want and not runs:
-        raise CudaOpError("the resident GEMV (cfg res) runs one token tile (M ≤ 8) at RW = 1 with "
-                          f"(U, NW, SILU, DP) in {GEMV_RES}, fp16, residual or SiLU out")
-    return bool(GEMM.gemv_resident if want is None else want) and runs
-
-
-def gemv_res_grid(expr: str, row_tiles: int, nw: int, cap: int = 0) -> int:
-    """Blocks of gemm_a8w4_gemv_res `expr` (NW warps) over row_tiles (kargs.resident_grid); cap > 0:
-    at most that many (tests: several row tiles a block on small shapes), else at most
-    GEMM.gemv_res_per_sm blocks an SM where that is > 0."""
-    if cap <= 0 and GEMM.gemv_res_per_sm > 0:
-        cap = GEMM.gemv_res_per_sm * kernels.device_info()["sm_count"]
-    return kargs.resident_grid(kargs.function(GEMV_FILE, expr), row_tiles, 32 * nw, 0, cap)
 
 
 def has_wgmma() -> bool:
@@ -538,15 +516,10 @@ def _run_gemm(x8, sx, layer: PackedA8W4, out_i32: bool, kernel: str, cfg: dict |
         if m > 8 * mt or mt not in GEMV_CFGS:
             raise CudaOpError(f"the GEMV kernel takes M ≤ {8 * max(GEMV_MT)}, got {m}")
         rw, u, nw, dp = _gemv_cfg(m, mt, R, cfg)
-        res = _gemv_res(cfg, mt == 1 and rw == 1 and (u, nw, False, dp) in GEMV_RES and not out_i32)
         targs = gemv_targs(mt, rw, u, nw, dp, out_i32)
-        rargs = f"{u},false,{nw},{_B[dp]}"
-        grid = (gemv_res_grid(f"gemm_a8w4_gemv_res<{rargs}>", R, nw, cfg.get("res_blocks", 0)) if res
-                else -(-R // rw),)
 
         def run(layer, x8, sx, out, resid):
-            kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv_res<{rargs}>" if res else f"gemm_a8w4_gemv<{targs}>",
-                         grid, (32 * nw,), qw=layer.qw,
+            kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{targs}>", (-(-R // rw),), (32 * nw,), qw=layer.qw,
                          meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=m, N=n, R=g.R, C=g.C, Gp=g.Gp,
                          gshift=g.gshift, ldx=g.ldx, resid=resid, amax_out=None)
         return _planned(memo, key, run, layer, x8, sx, out, resid)
@@ -617,13 +590,11 @@ def gemm_a8w4(x8, sx, layer: PackedA8W4, kernel: str = "auto", cfg: dict | None 
     return _run_gemm(x8, sx, layer, False, kernel, cfg, out, resid)
 
 
-def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None, res: bool | None = None,
-                   res_blocks: int = 0):
+def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None):
     """The fused gate|up layer (rows interleaved by interleave_rows) for one token: out (1, N/2)
     float32 = silu(gate)·up from the fp16-rounded gate and up, amax (1,) uint32 = max(amax, max|out|)
     as float bits (zero it first). x8 (1, Kp) int8 and sx (1,) float32 as for gemm_a8w4.
-    dp: the dp4a variant or the mma one (None: tuning.GEMM.gemv_dp4a); res: the dp4a one on a resident
-    grid (None: tuning.GEMM.gemv_resident), at most res_blocks blocks where that is > 0 (tests)."""
+    dp: the dp4a variant or the mma one (None: tuning.GEMM.gemv_dp4a)."""
     cp = _cp()
     x8 = _prep_x8(x8, layer)
     if x8.shape[0] != 1 or layer.n % TILE_N:
@@ -643,10 +614,7 @@ def gemv_a8w4_silu(x8, sx, layer: PackedA8W4, out, amax, dp: bool | None = None,
     else:
         rw, u, nw = 1, _gemv_cfg(1, 1, g.R, {"dp": False})[1], 8        # the mma GEMV's table U
         u = u if u in GEMV_SILU_U else GEMV_SILU_U[0]
-    res = _gemv_res({} if res is None else {"res": res}, rw == 1 and (u, nw, True, dp) in GEMV_RES)
-    grid = (gemv_res_grid(f"gemm_a8w4_gemv_res<{u},true,{nw},{_B[dp]}>", g.R, nw, res_blocks) if res else g.R,)
-    kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv_res<{u},true,{nw},{_B[dp]}>" if res
-                 else f"gemm_a8w4_gemv<{gemv_targs(1, rw, u, nw, dp, silu=True)}>", grid, (32 * nw,),
+    kargs.launch(GEMV_FILE, f"gemm_a8w4_gemv<{gemv_targs(1, rw, u, nw, dp, silu=True)}>", (g.R,), (32 * nw,),
                  qw=layer.qw, meta=layer.meta, x8=x8, sx=sx, s8=layer.s8, out=out, M=1, N=layer.n, R=g.R, C=g.C,
                  Gp=g.Gp, gshift=g.gshift, ldx=g.ldx, resid=None, amax_out=amax)
     return out

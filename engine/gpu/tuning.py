@@ -208,10 +208,6 @@ GEMV_SILU_U = (2, 3)                                      # U of the SiLU GEMV (
 # 635 tok/s with these): NW = 4 for q|k|v and gate|up 625, NW = 4 for gate|up alone 635 (a tie).
 GEMV_DP_CFGS = ((1, 2, 8), (1, 4, 8), (1, 2, 16))
 GEMV_DP_SILU = (1, 2, 8)
-# The one-token-tile GEMV on a resident grid (cuda/gemm_a8w4.cu gemm_a8w4_gemv_res<U, SILU, NW, DP>,
-# GEMM.gemv_resident): (U, NW, SILU, DP) instantiated: the dp4a GEMV of one token (fp16 or residual out,
-# and the SiLU GEMV), the mma GEMV of 2-8 tokens
-GEMV_RES = ((2, 8, False, True), (2, 8, True, True), (2, 8, False, False))
 MMA_CFGS = ((64, 4), (128, 4))                            # (BM, STAGES)
 WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WPF, OVL)
     (32, 4, 2, 2, 2), (32, 6, 2, 4, 2),                   # M = 17-32 (the tiny bucket; BT = 16 measured slower)
@@ -327,17 +323,6 @@ class GemmTuning:
     # widening them for mma (cuda/gemm_a8w4.cu DP); the same bits. H200, 7B b=1 step
     # 1.915 → 1.586 ms (522 → 631 tok/s, same process; docs/KERNELS.md)
     gemv_dp4a: bool = True
-    # the GEMV of one token tile (RW = 1, U = 2, 8 warps: the dp4a GEMV of one token with its fp16,
-    # residual or SiLU epilogue, the mma GEMV of 2-8 tokens) on a grid of no more blocks than are
-    # resident, each block's register batches running on from one row tile into the next
-    # (gemm_a8w4_gemv_res), where one block a row tile runs the 7B q|k|v and gate|up GEMVs as 1.5 and
-    # 2.6 waves of 528 blocks. The weight-only GEMV gained 15 % from it (docs/KERNELS.md). Written in
-    # session 31 without a GPU: off until its GPU tests pass and `e2e --ab gemv_resident=1` times it.
-    gemv_resident: bool = False
-    # its blocks an SM (0: as many as fit, 4 at 64 registers and 8 warps). Fewer leave registers
-    # for the next kernel's blocks, which under PDL start their loads before this GEMV ends
-    # (`e2e --ab gemv_resident=1,gemv_res_per_sm=2` times it; not yet run)
-    gemv_res_per_sm: int = 0
     # its U where the row tiles are more than gemv_few_tiles_per_sm an SM (q|k|v of 7B; not the SiLU
     # GEMV, which runs U = 2, nor the few-tile shapes, which take gemv_few): 4 measured 618 tok/s
     gemv_dp_u: int = 2
