@@ -513,7 +513,8 @@ def test_gqa_decode_emulated_at_the_wide_head(kv8, n, ns, nh):
     head), by tests/test_decode_attention.py's NumPy model of the kernel, against one-pass softmax."""
     from test_decode_attention import test_split_merge_emulation_equals_one_pass_softmax as emulated
     for d in tuning.ATTENTION.wide_head_dims:
-        emulated(d, kv8, n, ns, nh)
+        for qs in (2, 16):                                  # q's scale: a flat and a peaked softmax
+            emulated(d, kv8, n, ns, nh, qs)
 
 
 # ============================================================================ GPU: the kernels
