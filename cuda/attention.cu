@@ -769,9 +769,9 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 //   bytes of a cache row; K/V go through L1 (cp.async.ca: fp16 1.33× the rate of .cg at 8192
 //   keys, int8 1.18-1.59× from batch 1 to 32, docs/KERNELS.md). A key past the split's end copies the split's first row (finite,
 //   and its score is −inf, so its P is 0; zero-filling measured the same). int8 (kv8) codes
-//   become fp16 exactly in registers (the 0x6400 magic bias; at D ≤ 128 1152 + x, the bias
-//   taken out of the fp32 scores and outputs, i8x4_h2); the scales multiply the scores (k) and
-//   P (v) in fp32, as in attn_decode;
+//   become fp16 exactly in registers (the 0x6400 magic bias; K's at D ≤ 128 as 1152 + x, the
+//   bias taken out of the fp32 scores, i8x4_h2); the scales multiply the scores (k) and P (v)
+//   in fp32, as in attn_decode;
 // - split over the sequence (flash-decoding): the launcher sizes the grid from the capacity,
 //   the batch and the SMs (the graph of the decode step is captured once); the kernel divides
 //   the keys it finds in lens among the splits (chunks of ⌈n / NS⌉ keys rounded up to a step,
@@ -832,11 +832,13 @@ __device__ __forceinline__ uint4 lds128(u32 addr) {
 
 // Four int8 (bytes 0..3 of w) as two fp16 pairs, exactly: x + 128 as the low byte of 0x64xx
 // (1024 + x + 128), minus 1152; BIASED: 1152 + x, the subtraction left out. The decode kernel
-// at D ≤ 128 keeps the bias in the mma operands and takes it out of the fp32 sums: a score is
-// q·(k + 1152) − 1152·Σq, an output Σ P·(v + 1152) − 1152·Σ P (one subtraction a score and an
-// output instead of an __hsub2 a word of K/V).
+// at D ≤ 128 keeps the bias in K's mma operands and takes it out of each step's fp32 scores,
+// q·(k + 1152) − 1152·Σq (one subtraction a score instead of an __hsub2 a word of K). Not V's:
+// O accumulates over every step of a warp, and a bias 1152·ΣP carried in it drifts (the mma
+// does not round its fp32 sums to nearest): with one split of 32768 keys the outputs were off by
+// 11 % of their largest, always low (helper-63, H200); with V converted exactly, 3·10⁻⁴ as before.
 constexpr float KV8_BIAS = 1152.f;
-template <bool BIASED = false>
+template <bool BIASED>
 __device__ __forceinline__ void i8x4_h2(u32 w, u32& lo, u32& hi) {
     const u32 u = w ^ 0x80808080u;
     lo = __byte_perm(u, 0x64646464u, 0x4140);
@@ -895,7 +897,7 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     constexpr int KS = DT / 16;                 // k-steps of Q·Kᵀ
     constexpr int NT = DT / 8;                  // n-tiles of P·V
     constexpr int VU = L::VB / 4;               // words of one key's V a lane holds
-    // LEAN (D ≤ 128): whole mma quads, the int8 codes' bias left in (KV8B) and a step's copy
+    // LEAN (D ≤ 128): whole mma quads, the int8 K codes' bias left in (KV8B) and a step's copy
     // addresses as two adds; at D = 256, where each measured slower (fp16 quads 4-6 %, INT8 bias
     // and addresses 2-3 %, docs/KERNELS.md), the kernel of 2026-12-04
     constexpr bool LEAN = DT <= 128;
@@ -939,8 +941,8 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     // scales at index sc(d). LEAN, where the whole step lies before c1 (every step but a split's
     // last), kv(d) is kb's row offset plus d·Hkv·D·ES, a lane constant, so a copy's address is two
     // adds, not a clamp and a multiply a key; else a key at or past c1 copies c0's row.
-    // (Whole mma quads, the int8 bias left in and these addresses: INT8 attention 2.8-4.8 % faster
-    // at D = 128 than the kernel of 2026-12-04, fp16 within ±1 %, docs/KERNELS.md.)
+    // (Whole mma quads, K's int8 bias left in and these addresses: INT8 attention XXX faster
+    // at D = 128 than the kernel of 2026-12-04, fp16 within ±1.3 %, docs/KERNELS.md.)
     auto copies = [&](int slot, auto kv, auto sc) {
 #pragma unroll
         for (int kg = 0; kg < 2; ++kg) {
@@ -1060,7 +1062,6 @@ __device__ __forceinline__ void attn_decode_gqa_body(
         qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
         qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
     }
-    float cv = 0.f;                                     // KV8B: this lane's Σ P (· v scale), the outputs' bias / 1152
     // O of row (head) g: n-tile i, column c ↔ d = CHV·(8·⌊i / CHV⌋ + 2t + c) + i mod CHV
     float o[NT][4];                                    // [2], [3]: rows 8..15, never read
 #pragma unroll
@@ -1125,13 +1126,6 @@ __device__ __forceinline__ void attn_decode_gqa_body(
         // 2t+8, 2t+9 ↔ keys 8 + 2t, 9 + 2t), as fp16 hi + lo
         split_h2(pr[0][0] * vsc[0], pr[0][1] * vsc[1], pah[0], pal[0]);
         split_h2(pr[1][0] * vsc[2], pr[1][1] * vsc[3], pah[2], pal[2]);
-        if constexpr (KV8B) {                            // ΣP as the mma sees it: the fp16 hi + lo pairs
-            const float2 h0 = __half22float2(*reinterpret_cast<const __half2*>(&pah[0]));
-            const float2 l0 = __half22float2(*reinterpret_cast<const __half2*>(&pal[0]));
-            const float2 h2 = __half22float2(*reinterpret_cast<const __half2*>(&pah[2]));
-            const float2 l2 = __half22float2(*reinterpret_cast<const __half2*>(&pal[2]));
-            cv = cv * alpha + (((h0.x + l0.x) + (h0.y + l0.y)) + ((h2.x + l2.x) + (h2.y + l2.y)));
-        }
         u32 vw[4][VU];
 #pragma unroll
         for (int u = 0; u < VU; ++u) {                  // the 4·VB bytes of V: VU 16-byte pieces
@@ -1147,10 +1141,10 @@ __device__ __forceinline__ void attn_decode_gqa_body(
         for (int w = 0; w < NT / TPW; ++w) {
             u32 b0[TPW], b1[TPW];
             if constexpr (KV8) {
-                i8x4_h2<KV8B>(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);
-                i8x4_h2<KV8B>(__byte_perm(vw[0][w], vw[1][w], 0x7362), b0[2], b0[3]);
-                i8x4_h2<KV8B>(__byte_perm(vw[2][w], vw[3][w], 0x5140), b1[0], b1[1]);
-                i8x4_h2<KV8B>(__byte_perm(vw[2][w], vw[3][w], 0x7362), b1[2], b1[3]);
+                i8x4_h2<false>(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);
+                i8x4_h2<false>(__byte_perm(vw[0][w], vw[1][w], 0x7362), b0[2], b0[3]);
+                i8x4_h2<false>(__byte_perm(vw[2][w], vw[3][w], 0x5140), b1[0], b1[1]);
+                i8x4_h2<false>(__byte_perm(vw[2][w], vw[3][w], 0x7362), b1[2], b1[3]);
             } else {
                 b0[0] = __byte_perm(vw[0][w], vw[1][w], 0x5410);
                 b0[1] = __byte_perm(vw[0][w], vw[1][w], 0x7632);
@@ -1163,12 +1157,6 @@ __device__ __forceinline__ void attn_decode_gqa_body(
                 mma_row<LEAN>(o[TPW * w + e], pal, b0[e], b1[e]);
             }
         }
-    }
-    if constexpr (KV8B) {
-        cv += __shfl_xor_sync(0xffffffffu, cv, 1);
-        cv += __shfl_xor_sync(0xffffffffu, cv, 2);
-#pragma unroll
-        for (int i = 0; i < NT; ++i) { o[i][0] -= KV8_BIAS * cv; o[i][1] -= KV8_BIAS * cv; }
     }
     cp_async_wait<0>();
     __syncthreads();                                    // the ring becomes the warps' partials

@@ -158,9 +158,6 @@ def i8x4_h2(w, biased=False):
     return sub(a), sub(b)
 
 
-KV8_BIAS = np.float32(1152.0)
-
-
 def words(lst):
     """A lane's record elements (fp16 or int8, last axis) as uint32 words, little-endian."""
     return np.ascontiguousarray(lst).view(np.uint32)
@@ -208,7 +205,7 @@ def emulate_gqa(q16, kc, vc, ks, vs, n, k_new, v_new, skn, svn, ns, scale):
     Returns (out (nh, D) float32, the partials used)."""
     nh, D = q16.shape
     kv8 = kc.dtype == np.int8
-    kv8b = kv8 and D <= 128                                       # LEAN: the codes' bias left in, out in fp32
+    kv8b = kv8 and D <= 128                                       # LEAN: K's codes' bias left in, out in fp32
     ES = 1 if kv8 else 2
     W, STEP = A.threads // 32, A.gqa_step
     CHK, KB, VB = 16 // ES, D * ES // 4, D * ES // 8
@@ -246,7 +243,6 @@ def emulate_gqa(q16, kc, vc, ks, vs, n, k_new, v_new, skn, svn, ns, scale):
             mine = -(-(nsteps - warp) // W) if nsteps > warp else 0
             o = np.zeros((NT, 2, 32), np.float32)
             m, l = np.full(32, -np.inf, np.float32), np.zeros(32, np.float32)
-            cv = np.zeros(32, np.float32)                     # kv8: Σ P (· v scale), the outputs' bias / 1152
             for i in range(mine):
                 kb = c0 + (warp + i * W) * STEP
                 # the lane records (a key past c1 copies row c0: its score is masked, its P is 0)
@@ -285,8 +281,9 @@ def emulate_gqa(q16, kc, vc, ks, vs, n, k_new, v_new, skn, svn, ns, scale):
                         else:
                             b0, b1 = kw[:, 2 * s], kw[:, 2 * s + 1]
                         s0, s1 = mma_top(s0, s1, qa[s][0], qa[s][1], b0, b1)
-                    if kv8b:
-                        s0, s1 = s0 - KV8_BIAS * qsum, s1 - KV8_BIAS * qsum
+                    if kv8b:                                  # one fused multiply-add each (nvcc contracts it)
+                        s0 = (s0.astype(np.float64) - 1152.0 * qsum.astype(np.float64)).astype(np.float32)
+                        s1 = (s1.astype(np.float64) - 1152.0 * qsum.astype(np.float64)).astype(np.float32)
                     key = kb + 8 * kg + 2 * t
                     x[kg, 0] = np.where(key < c1, s0 * ksc[2 * kg] * sl2, -np.inf)
                     x[kg, 1] = np.where(key + 1 < c1, s1 * ksc[2 * kg + 1] * sl2, -np.inf)
@@ -302,29 +299,21 @@ def emulate_gqa(q16, kc, vc, ks, vs, n, k_new, v_new, skn, svn, ns, scale):
                 o *= alpha
                 ph0, pl0 = split_h2(pr[0, 0] * vsc[0], pr[0, 1] * vsc[1])
                 ph2, pl2 = split_h2(pr[1, 0] * vsc[2], pr[1, 1] * vsc[3])
-                if kv8b:                                      # ΣP as the mma sees it: the fp16 hi + lo pairs
-                    (h0x, h0y), (l0x, l0y), (h2x, h2y), (l2x, l2y) = (
-                        [a.astype(np.float32) for a in h2(r)] for r in (ph0, pl0, ph2, pl2))
-                    cv = (cv * alpha + (((h0x + l0x) + (h0y + l0y)) + ((h2x + l2x) + (h2y + l2y)))).astype(np.float32)
                 vw = words(vrec)                                      # (4, 32, VU)
                 assert vw.shape[-1] == VU
                 TPW = 4 if kv8 else 2
                 for w in range(NT // TPW):
                     if kv8:
-                        b0 = [*i8x4_h2(byte_perm(vw[0, :, w], vw[1, :, w], 0x5140), kv8b),
-                              *i8x4_h2(byte_perm(vw[0, :, w], vw[1, :, w], 0x7362), kv8b)]
-                        b1 = [*i8x4_h2(byte_perm(vw[2, :, w], vw[3, :, w], 0x5140), kv8b),
-                              *i8x4_h2(byte_perm(vw[2, :, w], vw[3, :, w], 0x7362), kv8b)]
+                        b0 = [*i8x4_h2(byte_perm(vw[0, :, w], vw[1, :, w], 0x5140)),
+                              *i8x4_h2(byte_perm(vw[0, :, w], vw[1, :, w], 0x7362))]
+                        b1 = [*i8x4_h2(byte_perm(vw[2, :, w], vw[3, :, w], 0x5140)),
+                              *i8x4_h2(byte_perm(vw[2, :, w], vw[3, :, w], 0x7362))]
                     else:
                         b0 = [byte_perm(vw[0, :, w], vw[1, :, w], 0x5410), byte_perm(vw[0, :, w], vw[1, :, w], 0x7632)]
                         b1 = [byte_perm(vw[2, :, w], vw[3, :, w], 0x5410), byte_perm(vw[2, :, w], vw[3, :, w], 0x7632)]
                     for e in range(TPW):
                         o[TPW * w + e] = mma_top(*o[TPW * w + e], ph0, ph2, b0[e], b1[e])
                         o[TPW * w + e] = mma_top(*o[TPW * w + e], pl0, pl2, b0[e], b1[e])
-            if kv8b:
-                cv = cv + cv[lane ^ 1]
-                cv = cv + cv[lane ^ 2]
-                o -= KV8_BIAS * cv
             lsum = l + l[lane ^ 1]
             lsum = lsum + lsum[lane ^ 2]
             for ln in range(32):
@@ -370,8 +359,8 @@ def test_split_merge_emulation_equals_one_pass_softmax(d, kv8, n, ns, nh, qs):
     """The kernel's arithmetic (its records, fragments, online softmax, merges), emulated, equals
     a one-pass float64 softmax over keys 0..n (key n the new token) within the GPU tests' bound;
     ragged chunks, empty splits, warps without keys, n = 0 (the new token alone) included, and a
-    peaked softmax (q 16× N(0, 1): a few keys carry the weight, where the kv8 bias 1152·ΣP, taken
-    out in fp32, is largest against the output)."""
+    peaked softmax (q 16× N(0, 1): a few keys carry the weight, and the kv8 scores' bias 1152·Σq,
+    taken out in fp32, is largest)."""
     rng = np.random.default_rng(n * 7 + d + kv8 + nh + qs)
     cap = n + 3
     q16 = (qs * rng.standard_normal((nh, d))).astype(np.float16)
@@ -437,8 +426,9 @@ def test_nvcc_is_not_needed_here():
                  "return row0 + (size_t)(kb + d < c1 ? kb + d : c0) * Hkv;",
                  "cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + sc(lane & 15));",
                  # kv8: the codes' bias 1152 comes out of the fp32 scores and outputs
-                 "s0 -= KV8_BIAS * qsum; s1 -= KV8_BIAS * qsum;", "o[i][0] -= KV8_BIAS * cv; o[i][1] -= KV8_BIAS * cv;",
-                 "cv = cv * alpha + (((h0.x + l0.x) + (h0.y + l0.y)) + ((h2.x + l2.x) + (h2.y + l2.y)));",
+                 "s0 -= KV8_BIAS * qsum; s1 -= KV8_BIAS * qsum;",
+                 # ... and V's codes enter the P·V mma exactly (no bias carried in O)
+                 "i8x4_h2<false>(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);",
                  "const u32 sa = scales(slot) + 8 * t;",
                  "k0 = lds64f(sa), k1 = lds64f(sa + 32), v0 = lds64f(sa + 64), v1 = lds64f(sa + 96);",
                  "ksc[0] = k0.x; ksc[1] = k0.y; ksc[2] = k1.x; ksc[3] = k1.y;",
