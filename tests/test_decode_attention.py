@@ -425,7 +425,7 @@ def test_nvcc_is_not_needed_here():
                  # reads the pairs at 8t, 32 + 8t (k) and 64 + 8t, 96 + 8t (v)
                  "return row0 + (size_t)(kb + d < c1 ? kb + d : c0) * Hkv;",
                  "cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + sc(lane & 15));",
-                 # kv8: the codes' bias 1152 comes out of the fp32 scores and outputs
+                 # kv8 (D ≤ 128): K's codes' bias 1152 comes out of the fp32 scores
                  "s0 -= KV8_BIAS * qsum; s1 -= KV8_BIAS * qsum;",
                  # ... and V's codes enter the P·V mma exactly (no bias carried in O)
                  "i8x4_h2<false>(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);",
