@@ -769,9 +769,8 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 //   bytes of a cache row; K/V go through L1 (cp.async.ca: fp16 1.33× the rate of .cg at 8192
 //   keys, int8 1.18-1.59× from batch 1 to 32, docs/KERNELS.md). A key past the split's end copies the split's first row (finite,
 //   and its score is −inf, so its P is 0; zero-filling measured the same). int8 (kv8) codes
-//   become fp16 exactly in registers (the 0x6400 magic bias; K's at D ≤ 128 as 1152 + x, the
-//   bias taken out of the fp32 scores, i8x4_h2); the scales multiply the scores (k) and P (v)
-//   in fp32, as in attn_decode;
+//   become fp16 exactly in registers (the 0x6400 magic bias, i8x4_h2); the scales multiply the
+//   scores (k) and P (v) in fp32, as in attn_decode;
 // - split over the sequence (flash-decoding): the launcher sizes the grid from the capacity,
 //   the batch and the SMs (the graph of the decode step is captured once); the kernel divides
 //   the keys it finds in lens among the splits (chunks of ⌈n / NS⌉ keys rounded up to a step,
@@ -831,26 +830,19 @@ __device__ __forceinline__ uint4 lds128(u32 addr) {
 }
 
 // Four int8 (bytes 0..3 of w) as two fp16 pairs, exactly: x + 128 as the low byte of 0x64xx
-// (1024 + x + 128), minus 1152; BIASED: 1152 + x, the subtraction left out. The decode kernel
-// at D ≤ 128 keeps the bias in K's mma operands and takes it out of each step's fp32 scores,
-// q·(k + 1152) − 1152·Σq (one subtraction a score instead of an __hsub2 a word of K). Not V's:
-// O accumulates over every step of a warp, and a bias 1152·ΣP carried in it drifts (the mma
-// does not round its fp32 sums to nearest): with one split of 32768 keys the outputs were off by
-// 11 % of their largest, always low (helper-63, H200); with V converted exactly, 3·10⁻⁴ as before.
-constexpr float KV8_BIAS = 1152.f;
-template <bool BIASED>
+// (1024 + x + 128), minus 1152. K's and V's codes both (a bias 1152 carried into the mma
+// measured 0.2-0.3 % faster for K, its score then carrying the rounding of 1152·Σq, and drifted
+// for V, O off by 11 % at one split of 32768 keys: docs/KERNELS.md).
 __device__ __forceinline__ void i8x4_h2(u32 w, u32& lo, u32& hi) {
     const u32 u = w ^ 0x80808080u;
     lo = __byte_perm(u, 0x64646464u, 0x4140);
     hi = __byte_perm(u, 0x64646464u, 0x4342);
-    if constexpr (!BIASED) {
-        const __half bh = __ushort_as_half((unsigned short)0x6480);     // 1152
-        const __half2 bias = __halves2half2(bh, bh);
-        const __half2 ha = __hsub2(*reinterpret_cast<const __half2*>(&lo), bias);
-        const __half2 hb = __hsub2(*reinterpret_cast<const __half2*>(&hi), bias);
-        lo = *reinterpret_cast<const u32*>(&ha);
-        hi = *reinterpret_cast<const u32*>(&hb);
-    }
+    const __half bh = __ushort_as_half((unsigned short)0x6480);     // 1152
+    const __half2 bias = __halves2half2(bh, bh);
+    const __half2 ha = __hsub2(*reinterpret_cast<const __half2*>(&lo), bias);
+    const __half2 hb = __hsub2(*reinterpret_cast<const __half2*>(&hi), bias);
+    lo = *reinterpret_cast<const u32*>(&ha);
+    hi = *reinterpret_cast<const u32*>(&hb);
 }
 
 // D += A·B on whole fragments: rows 8..15 of A and D are carried along and never read, so the
@@ -897,11 +889,10 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     constexpr int KS = DT / 16;                 // k-steps of Q·Kᵀ
     constexpr int NT = DT / 8;                  // n-tiles of P·V
     constexpr int VU = L::VB / 4;               // words of one key's V a lane holds
-    // LEAN (D ≤ 128): whole mma quads, the int8 K codes' bias left in (KV8B) and a step's copy
-    // addresses as two adds; at D = 256, where each measured slower (fp16 quads 4-6 %, INT8 bias
-    // and addresses 2-3 %, docs/KERNELS.md), the kernel of 2026-12-04
+    // LEAN (D ≤ 128): whole mma quads and a step's copy addresses as two adds; at D = 256, where
+    // each measured slower (fp16 quads 4-6 %, INT8 addresses 2-3 %, docs/KERNELS.md), the kernel
+    // of 2026-12-04
     constexpr bool LEAN = DT <= 128;
-    constexpr bool KV8B = KV8 && LEAN;
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ __align__(16) __half sq[GQ_HEADS][DT];     // the group's rotated q (fp16), rows ≥ nh zero
     __shared__ float snk[DT], snv[DT];                    // the new token's k, v (fp16 values or int8 codes)
@@ -941,9 +932,9 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     // scales at index sc(d). LEAN, where the whole step lies before c1 (every step but a split's
     // last), kv(d) is kb's row offset plus d·Hkv·D·ES, a lane constant, so a copy's address is two
     // adds, not a clamp and a multiply a key; else a key at or past c1 copies c0's row.
-    // (Whole mma quads, K's int8 bias left in and these addresses: INT8 attention 107.4 against
-    // 110.6 µs for the kernel of 2026-12-04 at batch 32 and 1024 positions, 7B heads, one H200
-    // run; fp16 within ±1.3 %, docs/KERNELS.md.)
+    // (Whole mma quads and these addresses: INT8 attention 124.5 against 129.1 µs for the kernel
+    // of 2026-12-04 at batch 32 and 1024 positions, 7B heads, one H100 run; fp16 -0.2 to -0.9 %,
+    // docs/KERNELS.md.)
     auto copies = [&](int slot, auto kv, auto sc) {
 #pragma unroll
         for (int kg = 0; kg < 2; ++kg) {
@@ -1050,19 +1041,6 @@ __device__ __forceinline__ void attn_decode_gqa_body(
         qa[s][2] = *reinterpret_cast<const u32*>(&sq[g][d0 + 2]);
         qa[s][1] = qa[s][3] = 0u;
     }
-
-    float qsum = 0.f;                                   // KV8B: Σ_d q[g][d], the scores' bias / 1152
-    if constexpr (KV8B) {                                // the four lanes t of row g hold all its k slots
-#pragma unroll
-        for (int s = 0; s < KS; ++s)
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&qa[s][2 * j]));
-                qsum += f.x + f.y;
-            }
-        qsum += __shfl_xor_sync(0xffffffffu, qsum, 1);
-        qsum += __shfl_xor_sync(0xffffffffu, qsum, 2);
-    }
     // O of row (head) g: n-tile i, column c ↔ d = CHV·(8·⌊i / CHV⌋ + 2t + c) + i mod CHV
     float o[NT][4];                                    // [2], [3]: rows 8..15, never read
 #pragma unroll
@@ -1097,12 +1075,11 @@ __device__ __forceinline__ void attn_decode_gqa_body(
 #pragma unroll
             for (int s = 0; s < KS; ++s) {
                 u32 b0, b1;
-                if constexpr (KV8) i8x4_h2<KV8B>(kw[s], b0, b1);
+                if constexpr (KV8) i8x4_h2(kw[s], b0, b1);
                 else { b0 = kw[2 * s]; b1 = kw[2 * s + 1]; }
                 mma_row<LEAN>(sacc, qa[s], b0, b1);
             }
-            float s0 = sacc[0], s1 = sacc[1];
-            if constexpr (KV8B) { s0 -= KV8_BIAS * qsum; s1 -= KV8_BIAS * qsum; }
+            const float s0 = sacc[0], s1 = sacc[1];
             const int key = kb + 8 * kg + 2 * t;
             x[kg][0] = key < c1 ? s0 * ksc[2 * kg] * sl2 : NEG_INF;
             x[kg][1] = key + 1 < c1 ? s1 * ksc[2 * kg + 1] * sl2 : NEG_INF;
@@ -1142,10 +1119,10 @@ __device__ __forceinline__ void attn_decode_gqa_body(
         for (int w = 0; w < NT / TPW; ++w) {
             u32 b0[TPW], b1[TPW];
             if constexpr (KV8) {
-                i8x4_h2<false>(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);
-                i8x4_h2<false>(__byte_perm(vw[0][w], vw[1][w], 0x7362), b0[2], b0[3]);
-                i8x4_h2<false>(__byte_perm(vw[2][w], vw[3][w], 0x5140), b1[0], b1[1]);
-                i8x4_h2<false>(__byte_perm(vw[2][w], vw[3][w], 0x7362), b1[2], b1[3]);
+                i8x4_h2(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);
+                i8x4_h2(__byte_perm(vw[0][w], vw[1][w], 0x7362), b0[2], b0[3]);
+                i8x4_h2(__byte_perm(vw[2][w], vw[3][w], 0x5140), b1[0], b1[1]);
+                i8x4_h2(__byte_perm(vw[2][w], vw[3][w], 0x7362), b1[2], b1[3]);
             } else {
                 b0[0] = __byte_perm(vw[0][w], vw[1][w], 0x5410);
                 b0[1] = __byte_perm(vw[0][w], vw[1][w], 0x7632);

@@ -62,7 +62,7 @@ def test_attn_decode_ablate_takes_e2e_patch_files():
     assert set(got) == {"attn-2026-12-04"}
     code = got["attn-2026-12-04"]
     assert code != src and attn_decode_ablate.layout_of(code) == attn_decode_ablate.layout_of(src)
-    for today in ("mma_f16_quad", "KV8_BIAS", "const int rowb = Hkv * DT * ES;"):
+    for today in ("mma_f16_quad", "const int rowb = Hkv * DT * ES;"):
         assert today in src and today not in code, today
     with pytest.raises(SystemExit, match="attention.cu alone"):
         attn_decode_ablate.patched_variants(kernels, src, ROOT / "bench" / "patches" / "loads.json")

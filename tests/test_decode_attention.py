@@ -143,13 +143,11 @@ def pack_h2(lo, hi):
     return lo | (hi << 16)
 
 
-def i8x4_h2(w, biased=False):
-    """The kernel's i8x4_h2<biased>: ((b0, b1), (b2, b3)) of w as fp16 pairs, by its bit operations:
-    b exactly, or 1152 + b where biased (D ≤ 128, the bias taken out in fp32)."""
+def i8x4_h2(w):
+    """The kernel's i8x4_h2: ((b0, b1), (b2, b3)) of w as fp16 pairs, exactly, by its bit operations
+    (1024 + b + 128 as the bits 0x64xx, minus 1152)."""
     u = np.asarray(w, np.uint32) ^ np.uint32(0x80808080)
     a, b = byte_perm(u, 0x64646464, 0x4140), byte_perm(u, 0x64646464, 0x4342)
-    if biased:
-        return a, b
     bias = np.float16(1152.0)
 
     def sub(v):                  # __hsub2 (v, bias): exact here, fp16 arithmetic
@@ -167,10 +165,9 @@ def test_int8_to_fp16_trick_is_exact_for_every_byte():
     v = np.arange(-128, 128, dtype=np.int8)
     w = words(np.stack([v, np.roll(v, 1), np.roll(v, 2), np.roll(v, 3)], axis=-1))[:, 0]     # (256,) words
     want = np.stack([v, np.roll(v, 1), np.roll(v, 2), np.roll(v, 3)], axis=-1).astype(np.float64)
-    for biased in (False, True):
-        lo, hi = i8x4_h2(w, biased)
-        got = np.stack([*h2(lo), *h2(hi)], axis=-1)
-        np.testing.assert_array_equal(got, want + (1152 if biased else 0))
+    lo, hi = i8x4_h2(w)
+    got = np.stack([*h2(lo), *h2(hi)], axis=-1)
+    np.testing.assert_array_equal(got, want)
 
 
 def mma_top(d0, d1, a0, a2, b0, b1):
@@ -205,7 +202,6 @@ def emulate_gqa(q16, kc, vc, ks, vs, n, k_new, v_new, skn, svn, ns, scale):
     Returns (out (nh, D) float32, the partials used)."""
     nh, D = q16.shape
     kv8 = kc.dtype == np.int8
-    kv8b = kv8 and D <= 128                                       # LEAN: K's codes' bias left in, out in fp32
     ES = 1 if kv8 else 2
     W, STEP = A.threads // 32, A.gqa_step
     CHK, KB, VB = 16 // ES, D * ES // 4, D * ES // 8
@@ -221,14 +217,6 @@ def emulate_gqa(q16, kc, vc, ks, vs, n, k_new, v_new, skn, svn, ns, scale):
     for s in range(KS):
         d0 = CHK * (4 * (4 * s // CHK) + t) + (4 * s) % CHK
         qa.append((pack_h2(sq[g, d0], sq[g, d0 + 1]), pack_h2(sq[g, d0 + 2], sq[g, d0 + 3])))
-    # kv8: Σ_d q[g][d] (the scores' bias / 1152), summed as the lane holds it, then over the four lanes t
-    qsum = np.zeros(32, np.float32)
-    for s in range(KS):
-        for j in range(2):
-            lo, hi = h2(qa[s][j])
-            qsum = (qsum + (lo.astype(np.float32) + hi.astype(np.float32))).astype(np.float32)
-    qsum = qsum + qsum[lane ^ 1]
-    qsum = qsum + qsum[lane ^ 2]
     per = -(-n // ns)
     chunk = max(W * STEP, -(-per // STEP) * STEP)
     active = -(-n // chunk) if n > 0 else 1
@@ -277,13 +265,10 @@ def emulate_gqa(q16, kc, vc, ks, vs, n, k_new, v_new, skn, svn, ns, scale):
                     s0, s1 = np.zeros(32, np.float32), np.zeros(32, np.float32)
                     for s in range(KS):
                         if kv8:
-                            b0, b1 = i8x4_h2(kw[:, s], kv8b)
+                            b0, b1 = i8x4_h2(kw[:, s])
                         else:
                             b0, b1 = kw[:, 2 * s], kw[:, 2 * s + 1]
                         s0, s1 = mma_top(s0, s1, qa[s][0], qa[s][1], b0, b1)
-                    if kv8b:                                  # one fused multiply-add each (nvcc contracts it)
-                        s0 = (s0.astype(np.float64) - 1152.0 * qsum.astype(np.float64)).astype(np.float32)
-                        s1 = (s1.astype(np.float64) - 1152.0 * qsum.astype(np.float64)).astype(np.float32)
                     key = kb + 8 * kg + 2 * t
                     x[kg, 0] = np.where(key < c1, s0 * ksc[2 * kg] * sl2, -np.inf)
                     x[kg, 1] = np.where(key + 1 < c1, s1 * ksc[2 * kg + 1] * sl2, -np.inf)
@@ -359,8 +344,7 @@ def test_split_merge_emulation_equals_one_pass_softmax(d, kv8, n, ns, nh, qs):
     """The kernel's arithmetic (its records, fragments, online softmax, merges), emulated, equals
     a one-pass float64 softmax over keys 0..n (key n the new token) within the GPU tests' bound;
     ragged chunks, empty splits, warps without keys, n = 0 (the new token alone) included, and a
-    peaked softmax (q 16× N(0, 1): a few keys carry the weight, and the kv8 scores' bias 1152·Σq,
-    taken out in fp32, is largest)."""
+    peaked softmax (q 16× N(0, 1): a few keys carry the weight)."""
     rng = np.random.default_rng(n * 7 + d + kv8 + nh + qs)
     cap = n + 3
     q16 = (qs * rng.standard_normal((nh, d))).astype(np.float16)
@@ -390,10 +374,7 @@ def test_split_merge_emulation_equals_one_pass_softmax(d, kv8, n, ns, nh, qs):
     M = max(float(p[0].max()) for p in parts)
     total = sum((np.exp2(p[0].astype(np.float64) - M) * p[1]).sum() for p in parts)
     s = q16.astype(np.float64) @ kref[:n + 1].T * scale * np.log2(np.e)
-    # (kv8: a score is q·(k + 1152) − 1152·Σq in fp32, so it carries the rounding of a sum ~1152·|Σq|:
-    # with the peaked q (|Σq| ~ 200) up to ~5·10⁻⁵ of the normaliser; without the bias within 10⁻⁵;
-    # the outputs stay within the bound above, fp16 rounds them at 2⁻¹¹)
-    assert np.isclose(total, np.exp2(s - M).sum(), rtol=1e-4 if kv8 and d <= 128 else 1e-5)
+    assert np.isclose(total, np.exp2(s - M).sum(), rtol=1e-5)
 
 
 def test_merge_of_partial_softmaxes_equals_one_pass():
@@ -425,10 +406,10 @@ def test_nvcc_is_not_needed_here():
                  # reads the pairs at 8t, 32 + 8t (k) and 64 + 8t, 96 + 8t (v)
                  "return row0 + (size_t)(kb + d < c1 ? kb + d : c0) * Hkv;",
                  "cp_async_ca<4>(scales(slot) + 4 * lane, (lane < 16 ? ks : vs) + sc(lane & 15));",
-                 # kv8 (D ≤ 128): K's codes' bias 1152 comes out of the fp32 scores
-                 "s0 -= KV8_BIAS * qsum; s1 -= KV8_BIAS * qsum;",
-                 # ... and V's codes enter the P·V mma exactly (no bias carried in O)
-                 "i8x4_h2<false>(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);",
+                 # kv8: K's and V's codes enter the mmas exactly (no bias 1152 carried in S or O)
+                 "if constexpr (KV8) i8x4_h2(kw[s], b0, b1);", "const float s0 = sacc[0], s1 = sacc[1];",
+                 "i8x4_h2(__byte_perm(vw[0][w], vw[1][w], 0x5140), b0[0], b0[1]);",
+                 "const __half2 ha = __hsub2(*reinterpret_cast<const __half2*>(&lo), bias);",
                  "const u32 sa = scales(slot) + 8 * t;",
                  "k0 = lds64f(sa), k1 = lds64f(sa + 32), v0 = lds64f(sa + 64), v1 = lds64f(sa + 96);",
                  "ksc[0] = k0.x; ksc[1] = k0.y; ksc[2] = k1.x; ksc[3] = k1.y;",
