@@ -831,7 +831,7 @@ __device__ __forceinline__ uint4 lds128(u32 addr) {
 
 // Four int8 (bytes 0..3 of w) as two fp16 pairs, exactly: x + 128 as the low byte of 0x64xx
 // (1024 + x + 128), minus 1152. K's and V's codes both (a bias 1152 carried into the mma
-// measured 0.2-0.3 % faster for K, its score then carrying the rounding of 1152·Σq, and drifted
+// measured 0-0.9 % faster for K, its score then carrying the rounding of 1152·Σq, and drifted
 // for V, O off by 11 % at one split of 32768 keys: docs/KERNELS.md).
 __device__ __forceinline__ void i8x4_h2(u32 w, u32& lo, u32& hi) {
     const u32 u = w ^ 0x80808080u;
