@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    print(f"| kernel | instructions | longest inner loop | registers | spilled bytes (st/ld) | divisions (in loops) |")
+    print("| kernel | instructions | longest inner loop | registers | spilled bytes (st/ld) | divisions (in loops) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         short = re.sub(r"^void ", "", r["name"].split("(")[0])

@@ -415,7 +415,6 @@ def as_dual_grained(ql: formats.QuantLinear, act: str = "dynamic") -> formats.Qu
     if k % 2:
         raise QuantizeError(f"dual-grained layers pack two 4-bit codes a byte: in_features must be even, got {k}")
     codes = planes.unpack_planes(ql.qweight, bits, k).astype(np.int32)              # (N, K)
-    G = formats.n_groups(k, group)
     if kind == "pot":
         pk = formats.KINDS[ql.kind]
         c = 1 << (pk.levels - 1)

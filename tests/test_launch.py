@@ -320,8 +320,6 @@ def test_launch_bound_packs_eager_launches_and_falls_back(monkeypatch):
 def test_layout_matches_asks_the_driver_for_every_parameter(monkeypatch):
     """launch.layout_matches: each parameter's offset and size as cuFuncGetParamInfo reports
     them, and none past the last; no such driver call: not packed."""
-    import ctypes
-
     from engine.gpu import launch
     lay = launch.ParamLayout(("ptr", "int", "float", "ptr"))
     driver = {0: (0, 8), 1: (8, 4), 2: (12, 4), 3: (16, 8)}
