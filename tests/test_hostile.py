@@ -573,9 +573,10 @@ def test_valid_inputs_still_work_through_every_command(tmp_path, hf):
 
 def test_a_q_file_loads_whatever_its_name(tmp_path):
     """dgq-quantize writes whatever --out names; the loader knows a DGQ file by its header, as it
-    knows a GGUF by its magic, so `--out model.bin` can be run."""
+    knows a GGUF by its magic, so `--out model.bin` (or `model.gguf`) can be run, and a GGUF named
+    .safetensors loads as the GGUF it is."""
     q = q_file(tmp_path)
-    for name in ("model.bin", "model"):
+    for name in ("model.bin", "model", "model.gguf"):          # the header decides, not the suffix
         other = tmp_path / name
         shutil.copy(q, other)
         assert load_checkpoint(other).recipe == load_checkpoint(q).recipe
@@ -583,3 +584,7 @@ def test_a_q_file_loads_whatever_its_name(tmp_path):
     junk.write_bytes((5).to_bytes(8, "little") + b"{abcd")
     with pytest.raises(WeightsError, match="corrupt safetensors header"):
         load_checkpoint(junk)
+    for name, want in (("cut.gguf", "GGUF"), ("cut.safetensors", "safetensors")):   # neither signature:
+        (tmp_path / name).write_bytes(b"GGU")                                     # the suffix names the kind
+        with pytest.raises(WeightsError, match=want):
+            load_checkpoint(tmp_path / name)

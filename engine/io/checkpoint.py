@@ -54,25 +54,22 @@ def _load(path, lazy=False):
         raise WeightsError(str(e)) from None
     if p.is_dir():
         return load_hf_dir(p, lazy)
-    if p.suffix.lower() == ".gguf":
-        return load_gguf(p, lazy)
-    if p.suffix.lower() == ".safetensors":
-        if not is_dgq_file(p):
-            raise WeightsError(f"{p}: a plain .safetensors file carries no config; "
-                               "pass the Hugging Face directory that holds it")
-        return load_qfile(p)
+    # The file's first bytes decide, not its name (a q.safetensors saved as model.gguf is still one);
+    # the suffix only names the kind whose error a file of neither signature gets (a truncated one).
     try:
         with open(p, "rb") as fh:              # a regular file (input_path): this cannot block
             magic = fh.read(9)
     except OSError as e:
         raise WeightsError(f"{p}: cannot read: {e.strerror or e}") from None
-    if magic[:4] == b"GGUF":
+    gguf = magic[:4] == b"GGUF"
+    safetensors = magic[8:9] == b"{" and 2 <= int.from_bytes(magic[:8], "little") < p.stat().st_size
+    if gguf or (not safetensors and p.suffix.lower() == ".gguf"):
         return load_gguf(p, lazy)
-    if magic[8:9] == b"{" and 2 <= int.from_bytes(magic[:8], "little") < p.stat().st_size:
-        if is_dgq_file(p):                     # a safetensors header, whatever the file's name
-            return load_qfile(p)
-        raise WeightsError(f"{p}: a plain safetensors file carries no config; "
-                           "pass the Hugging Face directory that holds it")
+    if safetensors or p.suffix.lower() == ".safetensors":
+        if not is_dgq_file(p):
+            raise WeightsError(f"{p}: a plain safetensors file carries no config; "
+                               "pass the Hugging Face directory that holds it")
+        return load_qfile(p)
     raise WeightsError(f"{p}: unknown checkpoint kind; expected a Hugging Face directory, "
                        "a .gguf file or a DGQ .safetensors file")
 
