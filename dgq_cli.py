@@ -404,7 +404,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     The model is read and quantized one layer at a time and the file written as it goes, so
     memory holds about one layer's float weights, its statistics and the calibration activations."""
     from converters import calibrate as cal  # noqa: PLC0415
-    from converters.quantize import (check_gptq, check_options, needs_calibration,  # noqa: PLC0415
+    from converters.quantize import (check_gptq, check_options, gpu_refusal, needs_calibration,  # noqa: PLC0415
                                      quantize_to_file, resolve_defaults)
 
     from engine.io.checkpoint import default_model_path, load_checkpoint  # noqa: PLC0415
@@ -413,6 +413,7 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     t0 = time.perf_counter()
     # Every flag and path before the model loads or the quantization runs (minutes).
     check_options(method, wbits, group, act)
+    cpu_only = gpu_refusal(method, wbits, group, act)
     calibrated = needs_calibration(method, wbits, act, kv8)
     unused = [f for f, v in (("--calib", calib), ("--n-seq", n_seq), ("--seq-len", seq_len),
                              ("--calibration", calibration)) if v is not None]
@@ -432,6 +433,8 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     elif calib is None and calibrated:
         wiki_path()                            # the default calibration text is installed
     check_q_out(out_path, [src] + ([calib] if calib not in (None, "random") else []))
+    if cpu_only:                                   # every check passed: a note, not a refusal
+        click.echo(f"note: {cpu_only}; the file will run with --device cpu only", err=True)
     xp = get_xp(device)
     ck = load_checkpoint(src, lazy=True)
     if not isinstance(ck, Checkpoint):

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import formats
+from engine.formats import dg as dg_format
 from engine.io.layout import HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelError, ModelWeights, expected_shapes
 from engine.io.qfile import QFileWriter
 from engine.model.llama import SITE_OF, check_tokens, embed_tokens
@@ -167,6 +168,17 @@ def check_options(method: str, wbits: int = 4, group: int = formats.DEFAULT_GROU
         raise QuantizeError(f"--group must be a positive integer, got {group!r}")
     if spec.weights in ("pot", "int"):
         check_bits_group(bits, int(group))
+
+
+def gpu_refusal(method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP, act: str | None = None) -> str | None:
+    """Why the GPU engine will not run the file these (checked) options make, or None: it runs
+    dual-grained layers of groups 64·2^j and every pot/int layer (engine/gpu/linear.py)."""
+    spec, _, _ = _resolve(method, int(wbits), act)
+    if spec.weights not in ("dg", "pot", "int"):
+        return f"{method} writes '{spec.weights}' layers, which the GPU engine does not run"
+    if spec.weights == "dg" and not dg_format.gpu_group(int(group)):
+        return f"the GPU kernels take dual-grained groups of 64·2^j (64, 128, 256, ...), not {group}"
+    return None
 
 
 def needs_calibration(method: str, wbits: int = 4, act: str | None = None, kv8: bool = False) -> bool:

@@ -155,6 +155,25 @@ def test_quantize_refuses_options_the_method_ignores(tiny_dir, tmp_path, args, n
     assert r.exit_code == 0, r.output                          # a method that calibrates takes them
 
 
+@pytest.mark.parametrize("args,note", [(["--method", "dgq-rtn", "--group", "16"], "groups of 64·2^j"),
+                                       (["--method", "w4a16", "--group", "16"], "'g' layers"),
+                                       (["--method", "dgq-rtn", "--group", "64"], None),
+                                       (["--method", "int-rtn", "--wbits", "3", "--group", "32"], None)])
+def test_quantize_notes_a_file_only_the_cpu_runs(tiny_dir, tmp_path, args, note):
+    """A group or kind the GPU kernels do not run is written (the CPU engine runs it) with one note
+    on stderr saying so; a file the GPU runs gets none."""
+    from dgq_cli import quantize
+    from engine.formats import dg
+    from engine.gpu import ops
+    assert ops.CHUNK_K == dg.GPU_GROUP_UNIT and [g for g in range(1, 600) if dg.gpu_group(g)] == [64, 128, 256, 512]
+    out = tmp_path / "o.q.safetensors"
+    extra = ["--calib", "random", "--n-seq", "2", "--seq-len", "8"] if args[1] == "dgq-rtn" else []
+    r = CliRunner().invoke(quantize, [str(tiny_dir), "--out", str(out), "--quiet", "--device", "cpu"] + args + extra)
+    assert r.exit_code == 0 and out.exists(), r.output
+    notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note:")]
+    assert notes == ([] if note is None else [notes[0]]) and (note is None or note in notes[0]), r.stderr
+
+
 def test_a_missing_module_is_named_not_an_internal_error(tiny_dir, tmp_path, monkeypatch):
     import converters.quantize
     from dgq_cli import quantize

@@ -17,6 +17,14 @@ NAME = "dg"
 S_MIN, S_MAX = 1, 127   # integer group scale range
 INTEGER = True          # runs as an INT8 GEMM (int8_weight) when activations are quantized
 CODES_PER_COLUMN = 2    # input channels a qweight column holds (two UINT4 codes a byte)
+GPU_GROUP_UNIT = 64     # the CUDA kernels' k per 16-byte lane vector (cuda/common.cuh DGQ_CHUNK_K)
+
+
+def gpu_group(group: int) -> bool:
+    """Whether the CUDA kernels run this group size: 64·2^j (64, 128, 256, ...), so that a
+    chunk's group is a shift (engine/gpu/ops.py padded_dims). Any group runs on the CPU."""
+    u = GPU_GROUP_UNIT
+    return group >= u and group % u == 0 and (group // u) & (group // u - 1) == 0
 
 
 def tensors(n: int, k: int, group: int) -> dict:

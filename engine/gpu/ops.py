@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import formats
+from ..formats import dg
 from ..model import sampling
 from . import backend, choice, kargs, kernels, launch, perfmodel, tuning
 from .tuning import (GEMM, GEMV_CFGS, GEMV_DP_CFGS, GEMV_DP_SILU, GEMV_MT, GEMV_SILU_U,  # noqa: F401
@@ -66,7 +67,7 @@ class PackedHost:
 
 def padded_dims(n: int, k: int, group: int) -> tuple[int, int]:
     """(Np, Kp) of the GPU layout; the group must be 64·2^j so chunk→group is a shift."""
-    if group < CHUNK_K or group % CHUNK_K or (group // CHUNK_K) & (group // CHUNK_K - 1):
+    if not dg.gpu_group(group):
         raise CudaOpError(f"the CUDA kernels need a group size of 64·2^j (64, 128, 256, ...), got {group}")
     ka = max(K_ALIGN, group)
     return -(-n // TILE_N) * TILE_N, -(-k // ka) * ka
