@@ -491,6 +491,10 @@ def test_errors_about_out_name_the_users_path_not_the_temporary(tmp_path, hf):
     r = cli(dgq_cli.quantize, [str(hf), "--out", str(missing), "--method", "w4a16", "--quiet"])
     line = assert_one_line_error(r, "--out", str(missing))
     assert ".tmp" not in line
+    if Path("/proc/self").is_dir():                   # Linux: a directory there that takes no new files
+        with pytest.raises(OSError) as e:
+            write_safetensors("/proc/x.safetensors", {"x": np.zeros(2, np.float32)})
+        assert str(e.value) == "output /proc/x.safetensors: cannot write: /proc takes no new files", str(e.value)
 
 
 def test_out_dot_is_not_an_empty_name(tmp_path, hf, monkeypatch):

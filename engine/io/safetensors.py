@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..util.files import (PathError, atomic_file, forget_temporary, input_path, out_path, register_temporary,
-                          temp_sibling)
+                          temp_sibling, write_error)
 from .layout import WeightsError
 
 
@@ -288,11 +288,11 @@ class SafetensorsWriter:
                 self._spills[size] = (tmp, open(tmp, "xb"))
             except OSError as e:
                 forget_temporary(tmp)
-                raise OSError(e.errno, f"{self.flag} {self.path}: cannot write: {e.strerror or e}") from None
+                raise write_error(self.path, e, self.flag) from None
         try:
             self._spills[size][1].write(memoryview(data).cast("B"))
         except OSError as e:
-            raise OSError(e.errno, f"{self.flag} {self.path}: cannot write: {e.strerror or e}") from None
+            raise write_error(self.path, e, self.flag) from None
         self._names.add(name)
         self._entries.append((name, code, tuple(a.shape), size, data.nbytes))
 

@@ -156,17 +156,26 @@ def clean_stale(path: str | os.PathLike, min_age_s: float = STALE_AFTER_S) -> li
     return done
 
 
-def _write_error(path: Path, e: OSError, flag: str) -> OSError:
+class WriteError(OSError):
+    """An OSError of a write told about the user's path: str() is that one sentence, without the
+    "[Errno N]" prefix OSError puts before it."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def write_error(path: Path, e: OSError, flag: str) -> WriteError:
     """The OSError of a write, retold about the user's path (not the temporary's name)."""
     why = e.strerror or str(e)
     parent = path.parent
-    if e.errno == errno.ENOENT and not parent.is_dir():
-        why = f"the directory {parent} does not exist"
+    if e.errno == errno.ENOENT:
+        why = f"the directory {parent} does not exist" if not parent.is_dir() else \
+            f"{parent} takes no new files"          # /proc, /sys: the directory is there, a file cannot be
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         why = f"no permission to write in {parent}"
     elif e.errno == errno.ENOSPC:
         why = "no space left on the device"
-    return OSError(e.errno, f"{flag} {path}: cannot write: {why}")
+    return WriteError(e.errno, f"{flag} {path}: cannot write: {why}")
 
 
 @contextlib.contextmanager
@@ -189,7 +198,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "xb", flag: str = "output")
                 yield f
             os.replace(tmp, path)
         except OSError as e:
-            raise _write_error(path, e, flag) from None
+            raise write_error(path, e, flag) from None
     except BaseException:
         _remove(os.fspath(tmp), False)
         raise
