@@ -57,7 +57,8 @@ def check_out_dir(out_dir, overwrite: bool = False, sources=()) -> Path:
             raise ExportError(f"--out {out_dir}: cannot read the directory: {e.strerror or e}") from None
         if entries and not overwrite:
             raise ExportError(f"--out {out_dir}: directory exists and is not empty "
-                              "(pass --overwrite / overwrite=True to replace an earlier export)")
+                              + ("(pass --overwrite / overwrite=True to replace this earlier export)" if MARKER in entries
+                                 else "and was not written by dgq-export; pick a new or empty directory"))
         if entries and MARKER not in entries:
             raise ExportError(f"--out {out_dir}: not a directory written by dgq-export (no {MARKER} file); "
                               "--overwrite only replaces earlier exports. Remove it yourself or pick another path")

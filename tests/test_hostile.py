@@ -347,6 +347,8 @@ def test_export_overwrite_only_replaces_its_own_exports(tmp_path, hf):
     mine = tmp_path / "notes"
     mine.mkdir()
     (mine / "thesis.txt").write_text("years of work")
+    r = cli(dgq_cli.export, [str(hf), "--out", str(mine)])                 # no hint at --overwrite here
+    assert "--overwrite" not in assert_one_line_error(r, "not empty and was not written by dgq-export")
     r = cli(dgq_cli.export, [str(hf), "--out", str(mine), "--overwrite"])
     assert_one_line_error(r, "not a directory written by dgq-export")
     with pytest.raises(ExportError, match="not a directory written by dgq-export"):
@@ -356,6 +358,7 @@ def test_export_overwrite_only_replaces_its_own_exports(tmp_path, hf):
     assert cli(dgq_cli.export, [str(hf), "--out", str(out)]).exit_code == 0
     assert (out / MARKER).is_file()
     (out / "stale.txt").write_text("x")
+    assert_one_line_error(cli(dgq_cli.export, [str(hf), "--out", str(out)]), "pass --overwrite")   # an export: the hint
     assert cli(dgq_cli.export, [str(hf), "--out", str(out), "--overwrite"]).exit_code == 0
     assert not (out / "stale.txt").exists() and (out / MARKER).is_file()
     empty = tmp_path / "empty"
