@@ -1,0 +1,83 @@
+"""Progress on stderr (engine/util/progress.py): tqdm bars on a terminal, plain occasional lines
+in a log, nothing with --quiet; and the long commands that use it."""
+import io
+
+import pytest
+from tqdm import tqdm
+
+import engine.util.progress as P
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    t = [0.0]
+    monkeypatch.setattr(P, "_clock", lambda: t[0])
+    yield t
+    assert not P._active, "a bar was left open"
+
+
+def no_cursor_codes(text: str) -> bool:
+    return "\r" not in text and "\x1b" not in text
+
+
+def test_a_log_gets_one_plain_line_per_interval_for_nested_bars(clock):
+    log = io.StringIO()
+    for li in P.progress_bar(range(4), desc="dgq: layers", unit="layer", file=log):
+        for _ in P.progress_bar(range(10), desc=f"layer {li}: calibration", unit="seq", leave=False, file=log):
+            clock[0] += 2.0                                        # 80 s in all
+    lines = log.getvalue().splitlines()
+    assert no_cursor_codes(log.getvalue())
+    assert lines == [
+        "[dgq: layers] 1/4 layer (25%), 30s elapsed, ~1m30s left | [layer 1: calibration] 5/10 seq (50%), "
+        "10s elapsed, ~10s left",
+        "[dgq: layers] 2/4 layer (50%), 1m00s elapsed, ~1m00s left | [layer 2: calibration] 10/10 seq (100%), "
+        "20s elapsed",
+        "[dgq: layers] done: 4/4 layer in 1m20s"]              # the inner bars (leave=False) end silently
+
+
+def test_lines_carry_the_running_value_and_stay_occasional(clock):
+    log = io.StringIO()
+    with P.progress_bar(total=854, desc="perplexity", unit="win", file=log) as bar:
+        for i in range(854):                                       # ~30 min at 2.1 s a window
+            clock[0] += 2.1
+            bar.set_postfix(ppl=f"{20 - i / 100:.3f}", refresh=False)
+            bar.update(1)
+    lines = log.getvalue().splitlines()
+    assert 55 <= len(lines) <= 62 and no_cursor_codes(log.getvalue())
+    assert lines[0] == "[perplexity] 15/854 win (1%), 31s elapsed, ~29m21s left, ppl 19.860"
+    assert lines[-1] == "[perplexity] done: 854/854 win in 29m53s, ppl 11.470"
+
+
+def test_work_within_the_first_interval_prints_nothing(clock):
+    log = io.StringIO()
+    for _ in P.progress_bar(range(100), desc="quick", file=log):
+        clock[0] += 0.25                                           # 25 s
+    assert log.getvalue() == ""
+
+
+def test_a_terminal_keeps_the_tqdm_bar(clock):
+    term = Tty()
+    bar = P.progress_bar(total=3, desc="perplexity", unit="win", file=term)
+    assert isinstance(bar, tqdm)
+    bar.update(3)
+    bar.close()
+    assert "perplexity" in term.getvalue() and "\r" in term.getvalue()
+
+
+def test_disabled_shows_nothing_anywhere(clock, monkeypatch):
+    monkeypatch.setattr(P, "INTERVAL_S", 0.0)
+    for f in (Tty(), io.StringIO()):
+        assert list(P.progress_bar(range(5), desc="x", enabled=False, file=f)) == list(range(5))
+        assert f.getvalue() == ""
+
+
+def test_a_broken_stderr_does_not_stop_the_work(clock, monkeypatch):
+    monkeypatch.setattr(P, "INTERVAL_S", 0.0)
+    log = io.StringIO()
+    log.close()
+    assert sum(P.progress_bar(range(4), desc="x", file=log)) == 6
