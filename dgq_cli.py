@@ -119,6 +119,10 @@ kv8_option = click.option("--kv8", is_flag=True,
                                "arrive (about half the memory; calibrated scales in the file are not used).")
 
 
+QUIET_HELP = ("No progress on stderr (a bar on a terminal; elsewhere, such as a log file, a plain line "
+              "every 30 s).")
+
+
 def _stdin_is_terminal() -> bool:
     """Whether dgq-run without a prompt chats (a terminal) or reads the prompt (a pipe)."""
     try:
@@ -228,14 +232,14 @@ def run(weights_path, prompt, prompt_file, system, max_new_tokens, temperature, 
 
 @contextlib.contextmanager
 def prefill_progress(n: int):
-    """on_prefill for generate(): a progress bar on a terminal while a prompt of more than one
+    """on_prefill for generate(): progress (engine/util/progress.py) while a prompt of more than one
     chunk goes through the host path (a 5527-token prompt takes about a minute on 2 cores)."""
     from engine.model.generate import PREFILL_CHUNK  # noqa: PLC0415
-    if n <= PREFILL_CHUNK or not sys.stderr.isatty():
+    from engine.util.progress import progress_bar  # noqa: PLC0415
+    if n <= PREFILL_CHUNK:
         yield None
         return
-    from tqdm import tqdm  # noqa: PLC0415
-    bar = tqdm(total=n, desc="prefill", unit="tok", leave=False, file=sys.stderr, mininterval=0)  # a chunk takes seconds
+    bar = progress_bar(total=n, desc="prefill", unit="tok", leave=False, mininterval=0)  # a chunk takes seconds
 
     def update(done, total):
         bar.update(done - bar.n)
@@ -324,8 +328,10 @@ def chat(lm, max_new_tokens: int, sampling: dict, kv8: bool, system: str | None)
 @lm_head_option
 @kernel_options
 @device_option
+@click.option("--quiet", is_flag=True, help=QUIET_HELP)
 @user_errors
-def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head, kernel_choice, objective, device):
+def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head, kernel_choice, objective, device,
+             quiet):
     """Perplexity over non-overlapping windows; the last line is `perplexity: <value>`."""
     from engine.io.corpus import encode_text, load_text_file, wiki_text  # noqa: PLC0415
     from engine.model.perplexity import perplexity  # noqa: PLC0415
@@ -347,7 +353,7 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
             return lm.model.forward(t, lm.model.new_cache(len(t), kv8=True))
     else:
         logits_fn = lm.model.forward
-    r = perplexity(logits_fn, tokens, window=window, max_windows=max_windows)
+    r = perplexity(logits_fn, tokens, window=window, max_windows=max_windows, progress=not quiet)
     dt = time.perf_counter() - t0
     click.echo(f"source: {text_path or 'wiki eval split'}; {len(tokens)} tokens in text; "
                f"scored {r['n_tokens']} tokens in {r['n_windows']} windows of {window} "
@@ -395,7 +401,7 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where the weight searches run: cpu (NumPy), cuda (CuPy), auto (the GPU when present). "
                    "Both give the same file up to float rounding of the searched objectives.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help=QUIET_HELP)
 @user_errors
 def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_len, gptq, sink_weight,
              calibration, embed_dtype, device, quiet):

@@ -41,6 +41,7 @@ import numpy as np
 from engine import formats
 from engine.model.ops_ref import rmsnorm
 from engine.util.arrays import to_numpy, xp_of
+from engine.util.progress import progress_bar
 
 DEFAULT_N_SEQ = 64       # calibration sequences ...
 DEFAULT_SEQ_LEN = 512    # ... of this many tokens: 32768 tokens for SmolLM2
@@ -221,11 +222,7 @@ def calibrate(weights, seqs, *, gram: bool = True, kv: bool = False, layers=None
     kv_w = {li: _kv_weights(weights.layers[li]) for li in layers} if kv else {}
     obs = _Observer(c, gram, kv, layers, sites, kv_w, sink_weight)
     model = Model(weights)
-    it = range(seqs.shape[0])
-    if progress:
-        from tqdm import tqdm  # noqa: PLC0415
-        it = tqdm(it, desc=desc, unit="seq", leave=False)
-    for i in it:
+    for i in progress_bar(range(seqs.shape[0]), desc=desc, unit="seq", leave=False, enabled=progress):
         try:
             model.forward(seqs[i], observer=obs, last_only=True)
         except _Stop:
@@ -274,10 +271,7 @@ def run_layer(config, li: int, layer, X, *, observer=None, advance: bool = True,
     layer = on_device(layer, xp)
     W = prepare_linears(layer) if xp is np else {n: _DeviceLinear(getattr(layer, n), xp) for n in layer.linears()}
     cos, sin = layer_rope(config, li, xp, np.arange(X.shape[1]))                  # (T, D)
-    it = range(X.shape[0])
-    if progress:
-        from tqdm import tqdm  # noqa: PLC0415
-        it = tqdm(it, desc=desc, unit="seq", leave=False)
+    it = progress_bar(range(X.shape[0]), desc=desc, unit="seq", leave=False, enabled=progress)
     with np.errstate(over="ignore", invalid="ignore"):       # checked inside: one clear ModelError
         for i in it:
             y = layer_forward(config, li, layer, W, X[i], cos, sin, observer=observer)     # (T, H)

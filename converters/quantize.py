@@ -54,6 +54,7 @@ from engine.formats import dg as dg_format
 from engine.io.layout import HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelError, ModelWeights, expected_shapes
 from engine.io.qfile import QFileWriter
 from engine.model.llama import SITE_OF, check_tokens, embed_tokens
+from engine.util.progress import progress_bar
 from engine.util.sysinfo import peak_rss_mb
 
 from . import calibrate as cal
@@ -439,11 +440,8 @@ def _quantize(ckpt, method, wbits, group, act, kv8, calib, progress, n_seq, seq_
     site_mode, site_amax, layer_info = {}, {}, {}
     smooth_sites = smooth.FOLDABLE_SITES if spec.fptq else SMOOTH_SITES
 
-    it = range(L)
-    if progress:
-        from tqdm import tqdm  # noqa: PLC0415
-        it = tqdm(it, desc=f"{method}: layers" + (" (sequential)" if sequential else ""), unit="layer")
-    for li in it:
+    for li in progress_bar(range(L), desc=f"{method}: layers" + (" (sequential)" if sequential else ""),
+                           unit="layer", enabled=progress):
         t = time.perf_counter()
         lw = LayerWeights.from_hf(c, tensors, li)
         phase["load"] += time.perf_counter() - t

@@ -208,7 +208,7 @@ def test_a_model_without_a_tokenizer_is_named(tmp_path):
         assert r.exit_code != 0 and str(tmp_path / "m") in r.output and "no tokenizer" in r.output, r.output
 
 
-def test_a_long_prompt_shows_prefill_progress_on_a_terminal(monkeypatch):
+def test_a_long_prompt_shows_prefill_progress(monkeypatch):
     import io
     import sys
 
@@ -226,6 +226,12 @@ def test_a_long_prompt_shows_prefill_progress_on_a_terminal(monkeypatch):
         for done in (PREFILL_CHUNK, 2 * PREFILL_CHUNK, 3 * PREFILL_CHUNK):
             cb(done, 3 * PREFILL_CHUNK)
     assert "prefill" in err.getvalue() and f"{2 * PREFILL_CHUNK}/{3 * PREFILL_CHUNK}" in err.getvalue()
-    monkeypatch.setattr(Tty, "isatty", lambda self: False)
+    import engine.util.progress
+    monkeypatch.setattr(Tty, "isatty", lambda self: False)    # a log: plain lines, no bar
+    monkeypatch.setattr(engine.util.progress, "INTERVAL_S", 0.0)
+    err.seek(0)
+    err.truncate()
     with dgq_cli.prefill_progress(3 * PREFILL_CHUNK) as cb:
-        assert cb is None                                      # not a terminal: no bar
+        cb(PREFILL_CHUNK, 3 * PREFILL_CHUNK)
+    assert err.getvalue().startswith(f"[prefill] {PREFILL_CHUNK}/{3 * PREFILL_CHUNK} tok (33%)")
+    assert "\r" not in err.getvalue() and "\x1b" not in err.getvalue()

@@ -3,9 +3,11 @@ in a log, nothing with --quiet; and the long commands that use it."""
 import io
 
 import pytest
+from click.testing import CliRunner
 from tqdm import tqdm
 
 import engine.util.progress as P
+from tiny_model import make_tiny_checkpoint
 
 
 class Tty(io.StringIO):
@@ -81,3 +83,49 @@ def test_a_broken_stderr_does_not_stop_the_work(clock, monkeypatch):
     log = io.StringIO()
     log.close()
     assert sum(P.progress_bar(range(4), desc="x", file=log)) == 6
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny_checkpoint(d, dtype="bfloat16", shards=1, max_position_embeddings=64)
+    return d
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quantize_writes_plain_progress_to_a_log(tiny_dir, tmp_path, monkeypatch, quiet):
+    """Redirected stderr used to collect tqdm's \\r redraws and the nested bars' ESC[A moves."""
+    from dgq_cli import quantize
+    monkeypatch.setattr(P, "INTERVAL_S", 0.0)                      # a line at every step
+    r = CliRunner().invoke(quantize, [str(tiny_dir), "--out", str(tmp_path / "o.q.safetensors"), "--device", "cpu",
+                                      "--group", "16", "--method", "rtn", "--act", "static", "--calib", "random",
+                                      "--n-seq", "2", "--seq-len", "8"] + (["--quiet"] if quiet else []))
+    assert r.exit_code == 0, r.output
+    assert no_cursor_codes(r.stderr)
+    progress = [ln for ln in r.stderr.splitlines() if ln.startswith("[")]
+    if quiet:
+        assert progress == []
+    else:
+        assert any("[rtn: layers (sequential)] 1/2 layer (50%)" in ln and "[layer 1: calibration]" in ln
+                   for ln in progress), r.stderr
+        assert progress[-1].startswith("[rtn: layers (sequential)] done: 2/2 layer in ")
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_eval_writes_plain_progress_to_a_log(tiny_dir, tmp_path, monkeypatch, quiet):
+    """dgq-eval showed nothing at all unless stderr was a terminal."""
+    from dgq_cli import eval_cmd
+    monkeypatch.setattr(P, "INTERVAL_S", 0.0)
+    f = tmp_path / "t.txt"
+    f.write_text("the cat sat on the mat. " * 40)
+    r = CliRunner().invoke(eval_cmd, ["--weights", str(tiny_dir), "--text", str(f), "--window", "32",
+                                      "--device", "cpu"] + (["--quiet"] if quiet else []))
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[-1].startswith("perplexity: ")
+    assert no_cursor_codes(r.stderr)
+    if quiet:
+        assert r.stderr == ""
+    else:
+        lines = r.stderr.splitlines()
+        assert lines[0].startswith("[perplexity] 1/") and ", ppl " in lines[0], r.stderr
+        assert lines[-1].startswith("[perplexity] done: ")

@@ -34,6 +34,7 @@ import numpy as np
 from ..gpu import choice, perfmodel
 from ..gpu.perfmodel import FAMILIES, FEATURES, PAPER_FEATURES, config_key, parse_key
 from ..util.files import atomic_file
+from ..util.progress import progress_bar
 from .common import BenchError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -387,11 +388,7 @@ def collect(out: str | None = None, budget_s: float = 480.0, quick: bool = False
     attrs_cache: dict = {}
     t_start = time.perf_counter()
     stopped = None
-    try:
-        from tqdm import tqdm  # noqa: PLC0415
-        bar = tqdm(total=len(pl["points"]), disable=not progress, unit="problem", file=sys.stderr)
-    except ImportError:
-        bar = None
+    bar = progress_bar(total=len(pl["points"]), desc="perf collect", unit="problem", enabled=progress)
     pts = pl["points"]
     with open(partial, "a", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
@@ -450,13 +447,11 @@ def collect(out: str | None = None, budget_s: float = 480.0, quick: bool = False
                     row.update({c: v for c, v in f.items() if c not in row})
                     w.writerow(["" if row.get(c) is None else row.get(c) for c in COLUMNS])
                 fh.flush()
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
                 del x8, sx, y
             del layers, layer
             cp.get_default_memory_pool().free_all_blocks()
-    if bar is not None:
-        bar.close()
+    bar.close()
     meter.close()
     elapsed = time.perf_counter() - t_start
     text = partial.read_text()

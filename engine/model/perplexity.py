@@ -18,13 +18,12 @@ computed and summed in float64, so the number does not drift with N.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from ..util.arrays import to_numpy
+from ..util.progress import progress_bar
 
 ROW_CHUNK = 128  # rows of logits converted to float64 at once: bounds memory at V = 49k
 
@@ -68,8 +67,8 @@ def perplexity(logits_fn: Callable, tokens, window: int = 512, max_windows: int 
 
     logits_fn(tokens (W,) int32) -> (W, V) float logits, numpy or cupy (the model's
     forward without a cache). `max_windows` scores only the first windows (a
-    quick estimate). A progress bar goes to stderr when `progress` and stderr is
-    a terminal.
+    quick estimate). With `progress`, stderr shows a bar on a terminal and a line every
+    30 s elsewhere (engine/util/progress.py).
 
     Returns {"perplexity", "nll" (mean per scored token, nats), "n_tokens"
     (scored tokens = n_windows·(window-1)), "n_windows", "window"}.
@@ -91,8 +90,7 @@ def perplexity(logits_fn: Callable, tokens, window: int = 512, max_windows: int 
         n_windows = min(n_windows, max_windows)
 
     total_nll, n_scored = 0.0, 0
-    bar = tqdm(total=n_windows, desc="perplexity", unit="win", file=sys.stderr,
-               disable=not (progress and sys.stderr.isatty()))
+    bar = progress_bar(total=n_windows, desc="perplexity", unit="win", enabled=progress)
     try:
         for i in range(n_windows):
             w = toks[i * window:(i + 1) * window].astype(np.int32)     # (W,)
@@ -108,8 +106,8 @@ def perplexity(logits_fn: Callable, tokens, window: int = 512, max_windows: int 
                 raise EvalError(f"window {i}: the model produced non-finite logits (NLL {nll})")
             total_nll += nll
             n_scored += window - 1
+            bar.set_postfix(ppl=f"{_ppl(total_nll / n_scored):.3f}", refresh=False)   # shown by the update
             bar.update(1)
-            bar.set_postfix(ppl=f"{_ppl(total_nll / n_scored):.3f}", refresh=False)
     finally:
         bar.close()
     mean = total_nll / n_scored
