@@ -54,7 +54,7 @@ def user_errors(fn):
         except (ValueError, BackendError, OSError) as e:
             if os.environ.get("DGQ_DEBUG"):
                 raise
-            raise click.ClickException(one_line(e) or type(e).__name__) from None
+            raise click.ClickException(flag_message(e) or type(e).__name__) from None
         except MemoryError:
             if os.environ.get("DGQ_DEBUG"):
                 raise
@@ -66,6 +66,18 @@ def user_errors(fn):
             raise click.ClickException(f"internal error: {type(e).__name__}: {one_line(e)[:300]} "
                                        "(please report it; DGQ_DEBUG=1 shows the traceback)") from None
     return wrapper
+
+
+def flag_message(e: Exception) -> str:
+    """One line of an engine error; one about a parameter (engine/util/errors.py) names this
+    command's flag for it: `temperature must be ...` reads `--temperature must be ...`."""
+    msg, name = one_line(e), getattr(e, "param", None)
+    ctx = click.get_current_context(silent=True)
+    if name and ctx is not None and msg.startswith(name):
+        for p in ctx.command.params:
+            if isinstance(p, click.Option) and p.name == name:
+                return next((o for o in p.opts if o.startswith("--")), p.opts[0]) + msg[len(name):]
+    return msg
 
 
 def check_prompt(prompt: str) -> None:

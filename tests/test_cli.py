@@ -58,7 +58,8 @@ def test_run_chat_template_and_sampling(tiny_dir):
     (["--prompt", "  "], "prompt"),
     (["--prompt", "x", "--weights", "/nonexistent/model"], "/nonexistent/model"),
     (["--prompt", "x " * 200, "--raw"], "context"),
-    (["--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["--prompt", "x", "--temperature", "-1"], "Error: --temperature must be a finite number >= 0"),
+    (["--prompt", "x", "--top-p", "1.5"], "Error: --top-p must be in (0, 1]"),
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
 ])
 def test_run_errors_are_one_line(tiny_dir, args, needle):
@@ -113,6 +114,30 @@ def test_lm_head_int8(tiny_dir, tmp_path):
 def test_eval_needs_exactly_one_source(tiny_dir):
     r = CliRunner().invoke(eval_cmd, ["--weights", str(tiny_dir), "--device", "cpu"])
     assert r.exit_code != 0 and "--text" in r.output
+
+
+def test_eval_names_its_flag_for_an_engine_error(tiny_dir, tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("the cat")
+    r = CliRunner().invoke(eval_cmd, ["--weights", str(tiny_dir), "--text", str(f), "--window", "32",
+                                      "--device", "cpu"])
+    assert r.exit_code == 1 and "Error: --window 32: the text has only" in r.output, r.output
+
+
+def test_engine_errors_about_a_parameter_name_the_commands_flag():
+    """engine/util/errors.py param_error: Python reads `top_p must be ...`, a command its flag."""
+    import click
+
+    from dgq_cli import user_errors
+    from engine.util.errors import param_error
+
+    @click.command()
+    @click.option("--top-p", type=float)
+    @user_errors
+    def cmd(top_p):
+        raise param_error(ValueError, "top_p" if top_p else "top_k", "must be in (0, 1]")
+    assert CliRunner().invoke(cmd, ["--top-p", "2"]).output == "Error: --top-p must be in (0, 1]\n"
+    assert CliRunner().invoke(cmd, []).output == "Error: top_k must be in (0, 1]\n"   # no such flag: as is
 
 
 def test_kernel_choice_flags_reach_load_model(tiny_dir, monkeypatch):

@@ -104,12 +104,12 @@ def test_progress_bar_path_runs():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(window=1), "--window"),
-    (dict(window=0), "--window"),
-    (dict(window=2.0), "--window"),
-    (dict(window=True), "--window"),
-    (dict(max_windows=0), "--max-windows"),
-    (dict(window=11), "only 10 tokens"),
+    (dict(window=1), "^window must be an integer >= 2"),
+    (dict(window=0), "^window must"),
+    (dict(window=2.0), "^window must"),
+    (dict(window=True), "^window must"),
+    (dict(max_windows=0), "^max_windows must be an integer >= 1"),
+    (dict(window=11), "^window 11: the text has only 10 tokens"),
 ])
 def test_argument_errors(kwargs, match):
     with pytest.raises(EvalError, match=match):

@@ -11,6 +11,7 @@ import functools
 import numpy as np
 
 from . import flags
+from ..util.errors import param_error
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -48,12 +49,12 @@ def has_gpu() -> bool:
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; 'cuda' without a GPU is an error."""
     if device not in DEVICES:
-        raise BackendError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+        raise param_error(BackendError, "device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "auto":
         return "cuda" if has_gpu() else "cpu"
     if device == "cuda" and not has_gpu():
-        raise BackendError("--device cuda: no usable GPU (CuPy missing or no CUDA device); "
-                           "install the 'cuda' extra on a GPU machine or use --device cpu")
+        raise param_error(BackendError, "device", "cuda: no usable GPU (CuPy missing or no CUDA device); "
+                                                  "install the 'cuda' extra on a GPU machine, or run on the cpu device")
     return device
 
 

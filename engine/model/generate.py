@@ -19,6 +19,7 @@ import numpy as np
 
 from . import sampling
 from ..util.arrays import to_numpy
+from ..util.errors import param_error
 
 # Prompt tokens a forward on the host path (the GPU prefills in one go): a long prompt goes
 # through the cache in chunks, so the attention holds a chunk's scores, not the whole prompt's
@@ -63,7 +64,7 @@ def stop_ids(tokenizer, config) -> set[int]:
     return ids
 
 
-def check_text(prompt, what: str = "--prompt") -> str:
+def check_text(prompt, what: str = "the prompt") -> str:
     """prompt as str: bytes must be UTF-8; lone surrogates (undecodable argv bytes) refused."""
     if isinstance(prompt, (bytes, bytearray)):
         try:
@@ -98,7 +99,7 @@ def encode_messages(tokenizer, messages, chat_template: str | None, config=None)
     if tokenizer is None:
         raise GenerationError("this model file carries no tokenizer")
     if not chat_template:
-        raise GenerationError("this model has no chat template; use --raw")
+        raise GenerationError("this model has no chat template; encode the prompt without it (chat=False)")
     from ..io.tokenizer import render_chat, token_string  # noqa: PLC0415
     special = {}
     if config is not None:   # templates that write {{ bos_token }} need the strings
@@ -226,7 +227,7 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
     """
     ctx = model.config.max_position_embeddings
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-        raise GenerationError(f"--max-new-tokens must be an integer, got {max_new_tokens!r}")
+        raise param_error(GenerationError, "max_new_tokens", f"must be an integer, got {max_new_tokens!r}")
     try:
         ids = np.asarray(prompt_ids)
     except (TypeError, ValueError) as e:          # ragged or nested lists
@@ -241,7 +242,7 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, temperature: float = 
         raise GenerationError(f"the prompt has {n} tokens but the model's context is {ctx}; "
                               "shorten the prompt")
     if max_new_tokens < 1:
-        raise GenerationError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise param_error(GenerationError, "max_new_tokens", f"must be at least 1, got {max_new_tokens}")
     sampling.check_args(temperature, top_k, top_p)
     check_seed(seed)
     try:
@@ -346,7 +347,7 @@ def check_request(req: SeqRequest, context: int) -> None:
         raise GenerationError(f"the prompt has {n} tokens but the context is {context}; shorten the prompt")
     if isinstance(req.max_new_tokens, bool) or not isinstance(req.max_new_tokens, (int, np.integer)) \
             or req.max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {req.max_new_tokens!r}")
+        raise param_error(GenerationError, "max_new_tokens", f"must be an integer >= 1, got {req.max_new_tokens!r}")
     sampling.check_args(req.temperature, req.top_k, req.top_p)
     check_seed(req.seed, none_ok=False)
 
@@ -356,7 +357,7 @@ def check_seed(seed, none_ok: bool = True) -> None:
     if seed is None and none_ok:
         return
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-        raise GenerationError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        raise param_error(GenerationError, "seed", f"must be an integer in [0, 2^63), got {seed!r}")
 
 
 class SerialBatch:

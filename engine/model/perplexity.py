@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..util.arrays import to_numpy
+from ..util.errors import param_error
 from ..util.progress import progress_bar
 
 ROW_CHUNK = 128  # rows of logits converted to float64 at once: bounds memory at V = 49k
@@ -34,7 +35,7 @@ class EvalError(ValueError):
 
 def _check_int(name: str, v, lo: int) -> int:
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-        raise EvalError(f"{name} must be an integer >= {lo}, got {v!r}")
+        raise param_error(EvalError, name, f"must be an integer >= {lo}, got {v!r}")
     return int(v)
 
 
@@ -73,9 +74,9 @@ def perplexity(logits_fn: Callable, tokens, window: int = 512, max_windows: int 
     Returns {"perplexity", "nll" (mean per scored token, nats), "n_tokens"
     (scored tokens = n_windows·(window-1)), "n_windows", "window"}.
     """
-    window = _check_int("--window", window, 2)
+    window = _check_int("window", window, 2)
     if max_windows is not None:
-        max_windows = _check_int("--max-windows", max_windows, 1)
+        max_windows = _check_int("max_windows", max_windows, 1)
     toks = to_numpy(tokens)
     if toks.ndim != 1 or not np.issubdtype(toks.dtype, np.integer):
         raise EvalError(f"tokens must be a 1-D integer array, got shape {toks.shape} "
@@ -84,8 +85,8 @@ def perplexity(logits_fn: Callable, tokens, window: int = 512, max_windows: int 
         raise EvalError("tokens must be non-negative token ids")
     n_windows = len(toks) // window
     if n_windows < 1:
-        raise EvalError(f"need at least one window of --window {window} tokens, but the text "
-                        f"has only {len(toks)} tokens; use a longer text or a smaller --window")
+        raise param_error(EvalError, "window", f"{window}: the text has only {len(toks)} tokens, fewer than one "
+                                               "window; use a longer text or a smaller window")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
 

@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from ..util.arrays import to_numpy
+from ..util.errors import param_error
 
 
 class SamplingError(ValueError):
@@ -31,16 +32,16 @@ class SamplingError(ValueError):
 
 
 def check_args(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> None:
-    """Validate the flags up front (the CLI calls this before loading a model)."""
+    """Validate the settings up front (the CLI calls this before loading a model)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
             or not math.isfinite(temperature) or temperature < 0:
-        raise SamplingError(f"--temperature must be a finite number >= 0 (0 = greedy), "
-                            f"got {temperature!r}")
+        raise param_error(SamplingError, "temperature", f"must be a finite number >= 0 (0 = greedy), "
+                                                        f"got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise SamplingError(f"--top-k must be an integer >= 0 (0 = no limit), got {top_k!r}")
+        raise param_error(SamplingError, "top_k", f"must be an integer >= 0 (0 = no limit), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating, np.integer)) \
             or not (0.0 < top_p <= 1.0):    # also rejects NaN
-        raise SamplingError(f"--top-p must be in (0, 1] (1 = no limit), got {top_p!r}")
+        raise param_error(SamplingError, "top_p", f"must be in (0, 1] (1 = no limit), got {top_p!r}")
 
 
 def sample(logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
