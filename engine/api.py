@@ -11,11 +11,18 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .gpu.backend import BackendError, resolve_device
 from .io.checkpoint import default_model_path, load_checkpoint, model_weights
 from .io.config import ModelConfig
 from .io.layout import Checkpoint, WeightsError
+from .model.generate import GenerationError
 from .model.llama import Model
+from .util.errors import param_error
+
+PROMPT_FORMS = "a string or a list of token ids"
+WRAP_IDS = "to send one prompt of token ids, wrap it: generate([ids])"
 
 
 @dataclass
@@ -34,41 +41,58 @@ class LoadedModel:
                  max_batch: int = 64):
         """Completions for one prompt (a str: one Completion) or a list of them (a list).
 
-        A prompt is text, or a list of token ids (sent as is). chat None: text goes through the
-        chat template when the model has one (as dgq-run does; chat=False: raw text). Each
+        A prompt is text (a str) or token ids (a list, tuple or 1-D integer array of ids, sent as
+        is): generate("Hi"), generate(["Hi", "Bye"]), generate([ids]) — one token-id prompt goes
+        in a list, since a list of ints would read as many prompts. chat None: text goes through
+        the chat template when the model has one (as dgq-run does); chat=False: raw text;
+        chat=True: the template, required (an error for a model without one, and for token-id
+        prompts, which are already encoded: pass their text, or leave chat None/False). Each
         sequence ends at an end-of-turn/EOS id, at one of the `stop` strings (cut off), or after
         max_new_tokens. On the GPU the sequences decode as one continuously batched run of up
         to max_batch at a time (engine/gpu/decode.py SlotBatch); on the CPU one after another.
         Greedy (temperature 0) output is the same either way and equals one prompt at a time.
         Sampling: on the CPU sequence i draws from seed + i; on the GPU from (seed, i, position),
-        i its submission index, whatever slot it runs in. GenerationError for a bad prompt or setting, before anything runs."""
+        i its submission index, whatever slot it runs in. GenerationError (SamplingError for the
+        sampling settings) for a bad prompt or setting, before anything runs."""
         from .model.generate import (  # noqa: PLC0415
-            Completion, GenerationError, SeqRequest, SerialBatch, TextCollector, check_request,
+            Completion, SeqRequest, SerialBatch, TextCollector, check_request, check_seed,
             check_stop_strings, encode_prompt, run_batch, stop_ids)
-        single = isinstance(prompts, str)
-        plist = [prompts] if single else prompts
-        if not isinstance(plist, (list, tuple)) or not plist:
-            raise GenerationError("prompts must be a string or a non-empty list of strings or token-id lists")
+        single, plist = _prompt_list(prompts)
         stops = check_stop_strings(stop)
+        check_seed(seed)                              # before seed + i below
+        if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+            raise param_error(GenerationError, "max_batch", f"must be an integer >= 1, got {max_batch!r}")
         use_chat = bool(self.chat_template) if chat is None else bool(chat)
+        if chat is not None and use_chat:
+            if not self.chat_template:
+                raise GenerationError("chat=True needs a chat template and this model has none; pass chat=False "
+                                      "(or None) to send the text as is")
+            ids_at = [i for i, p in enumerate(plist) if not isinstance(p, str)]
+            if ids_at:
+                raise GenerationError(f"chat=True applies the chat template to text, but prompts[{ids_at[0]}] is "
+                                      "token ids (already encoded); pass its text, or chat=None/False to send "
+                                      "token ids as is")
         ctx = self.config.max_position_embeddings
         sids = frozenset(stop_ids(self.tokenizer, self.config))
         reqs, texts = [], []
         on_gpu = hasattr(self.model, "decode")
         if seed is None:                              # as generate(): a fresh seed
-            import numpy as np  # noqa: PLC0415
             seed = int(np.random.default_rng().integers(2**62))
         for i, p in enumerate(plist):
-            if isinstance(p, str):
-                ids = encode_prompt(self.tokenizer, p, self.chat_template, use_chat, self.config)
-            else:
-                from .model.llama import check_tokens  # noqa: PLC0415
-                ids = [int(t) for t in check_tokens(p, self.config)]
-            col = TextCollector(self.tokenizer, stops)
-            req = SeqRequest(ids, max_new_tokens, temperature, top_k, top_p,
-                             seed if on_gpu else seed + i, sids,
-                             on_token=lambda t, col=col: col.push(t)[1], kv8=kv8)
-            check_request(req, ctx)
+            try:
+                if isinstance(p, str):
+                    ids = encode_prompt(self.tokenizer, p, self.chat_template, use_chat, self.config)
+                else:
+                    ids = _token_ids(p, self.config.vocab_size)
+                col = TextCollector(self.tokenizer, stops)
+                req = SeqRequest(ids, max_new_tokens, temperature, top_k, top_p,
+                                 seed if on_gpu else seed + i, sids,
+                                 on_token=lambda t, col=col: col.push(t)[1], kv8=kv8)
+                check_request(req, ctx)
+            except GenerationError as e:      # (max_new_tokens, sampling: check_request; about no one prompt)
+                if single or getattr(e, "param", None):
+                    raise
+                raise GenerationError(f"prompts[{i}]: {e}") from None
             reqs.append(req)
             texts.append(col)
         if on_gpu:
@@ -86,6 +110,48 @@ class LoadedModel:
             ids = req.tokens[:-1] if req.tokens and req.tokens[-1] in req.stop_ids else req.tokens
             out.append(Completion(col.text, list(ids), req.finish_reason, len(req.prompt_ids)))
         return out[0] if single else out
+
+
+def _prompt_list(prompts) -> tuple[bool, list]:
+    """(one prompt given alone, the prompts as a list); GenerationError saying what a prompt may be
+    and which one is not."""
+    if isinstance(prompts, str):
+        return True, [prompts]
+    if isinstance(prompts, np.ndarray):
+        raise GenerationError(f"prompts is a NumPy array; give a list of prompts, each {PROMPT_FORMS}; {WRAP_IDS}")
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise GenerationError(f"prompts must be a string or a non-empty list of prompts, each {PROMPT_FORMS}; "
+                              f"got {_show(prompts)}")
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, list, tuple, np.ndarray)):
+            continue
+        hint = ""
+        if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
+            hint = f"; {WRAP_IDS}"
+        raise GenerationError(f"prompts[{i}] is {_show(p)}; each prompt must be {PROMPT_FORMS}{hint}")
+    return False, list(prompts)
+
+
+def _token_ids(p, vocab_size: int) -> list[int]:
+    """A token-id prompt (list, tuple or 1-D array of ints) as a list of ints in [0, vocab_size)."""
+    if isinstance(p, np.ndarray):
+        if p.ndim != 1 or p.dtype.kind not in "iu":
+            raise GenerationError(f"token ids must be a 1-D integer array, got {p.dtype} of shape {p.shape}")
+        p = p.tolist()                                 # Python ints, checked as a list's are
+    if len(p) == 0:
+        raise GenerationError("no token ids (an empty list)")
+    for j, t in enumerate(p):
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise GenerationError(f"token ids must be ints; the one at position {j} is {_show(t)}")
+        if not 0 <= t < vocab_size:
+            raise GenerationError(f"token id {int(t)} at position {j} is outside the vocabulary [0, {vocab_size})")
+    return [int(t) for t in p]
+
+
+def _show(x) -> str:
+    """A value for an error message: its type and a short repr."""
+    r = repr(x)
+    return f"{type(x).__name__} {r if len(r) <= 40 else r[:37] + '...'}"
 
 
 def load_weights(path=None):

@@ -1,5 +1,6 @@
 """LoadedModel.generate over many prompts, and the GPU's continuous batching scheduler
 (engine/gpu/decode.py SlotBatch) driven on the CPU through a NumPy stand-in for the GPU model."""
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -46,6 +47,71 @@ def test_stop_strings_ids_and_errors(lm):
         lm.generate("word " * 200, chat=False)
     with pytest.raises(ValueError):
         lm.generate("x", temperature=-1)
+
+
+@pytest.mark.parametrize("prompts, needle", [
+    (["a", 5], r"^prompts\[1\] is int 5; each prompt must be a string or a list of token ids; to send one "
+               r"prompt of token ids, wrap it: generate\(\[ids\]\)"),
+    ([5, 6], r"^prompts\[0\] is int 5; .* wrap it"),
+    (np.array([5, 6]), r"^prompts is a NumPy array; .* wrap it"),
+    ([], r"^prompts must be a string or a non-empty list of prompts"),
+    (None, r"^prompts must be .* got NoneType None"),
+    (["a", b"b"], r"^prompts\[1\] is bytes b'b'; each prompt must be"),
+    (["a", [1, "x"]], r"^prompts\[1\]: token ids must be ints; the one at position 1 is str 'x'"),
+    ([[1, True]], r"^prompts\[0\]: token ids must be ints; the one at position 1 is bool True"),
+    ([[1, [2]]], r"^prompts\[0\]: token ids must be ints; the one at position 1 is list \[2\]"),
+    ([np.zeros((2, 2), np.int64)], r"^prompts\[0\]: token ids must be a 1-D integer array"),
+    ([[3, 10**6]], r"^prompts\[0\]: token id 1000000 at position 1 is outside the vocabulary"),
+    (["a", []], r"^prompts\[1\]: no token ids"),
+    (["a", "  "], r"^prompts\[1\]: the prompt is empty"),
+    (["a", "word " * 200], r"^prompts\[1\]: the prompt has \d+ tokens but the context is 96"),
+])
+def test_a_bad_prompt_is_named_with_what_a_prompt_may_be(lm, prompts, needle):
+    """lm.generate(["a", 5]) said `forward needs a non-empty 1-D token array, got shape ()`."""
+    with pytest.raises(GenerationError, match=needle):
+        lm.generate(prompts, max_new_tokens=2, chat=False)
+
+
+def test_token_id_prompts_as_list_tuple_or_array(lm):
+    ids = lm.tokenizer.encode("the cat").ids
+    one = lm.generate([ids], max_new_tokens=4)
+    assert lm.generate((tuple(ids), np.array(ids, np.int32)), max_new_tokens=4) == one * 2
+
+
+def test_chat_true_needs_text_and_a_template(lm):
+    """chat=True with token ids was silently ignored; without a template it said `use --raw`."""
+    ids = lm.tokenizer.encode("the cat").ids
+    with pytest.raises(GenerationError, match=r"^chat=True applies the chat template to text, but prompts\[1\] "
+                                              r"is token ids"):
+        lm.generate(["the cat", ids], max_new_tokens=2, chat=True)
+    assert lm.generate([ids], max_new_tokens=2, chat=None) == lm.generate([ids], max_new_tokens=2, chat=False)
+    bare = replace(lm, chat_template=None)
+    with pytest.raises(GenerationError, match="^chat=True needs a chat template and this model has none"):
+        bare.generate("the cat", max_new_tokens=2, chat=True)
+    assert bare.generate("the cat", max_new_tokens=2) == lm.generate("the cat", max_new_tokens=2, chat=False)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(temperature=-1), "^temperature must be a finite number >= 0"),
+    (dict(top_p=1.5), r"^top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "^top_k must be an integer >= 0"),
+    (dict(max_new_tokens=0), "^max_new_tokens must be an integer >= 1"),
+    (dict(seed="s"), "^seed must be an integer"),
+    (dict(max_batch=0), "^max_batch must be an integer >= 1"),
+])
+def test_setting_errors_name_the_python_parameter(lm, kwargs, needle):
+    """`SamplingError: --temperature must be ...` named a flag the Python caller never saw; and a
+    setting is about no one prompt, so no `prompts[i]:` either."""
+    with pytest.raises(ValueError, match=needle):
+        lm.generate(["a", "b"], **{"max_new_tokens": 2, **kwargs})
+
+
+def test_device_errors_name_the_python_parameter():
+    from engine.gpu.backend import BackendError, resolve_device
+    with pytest.raises(BackendError, match="^device must be one of cpu, cuda, auto, got 'tpu'"):
+        resolve_device("tpu")
+    with pytest.raises(BackendError, match="^device must be one of"):
+        load_model(None, device="tpu")
 
 
 def test_sampled_batch_is_seeded(lm):
