@@ -71,6 +71,8 @@ def user_errors(fn):
 def flag_message(e: Exception) -> str:
     """One line of an engine error; one about a parameter (engine/util/errors.py) names this
     command's flag for it: `temperature must be ...` reads `--temperature must be ...`."""
+    if isinstance(e, OSError) and e.strerror:          # the sentence, without OSError's "[Errno N]"
+        return one_line(e.strerror + (f": {e.filename}" if e.filename else ""))
     msg, name = one_line(e), getattr(e, "param", None)
     ctx = click.get_current_context(silent=True)
     if name and ctx is not None and msg.startswith(name):
@@ -451,13 +453,13 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     elif calib is None and calibrated:
         wiki_path()                            # the default calibration text is installed
     check_q_out(out_path, [src] + ([calib] if calib not in (None, "random") else []))
-    if cpu_only:                                   # every check passed: a note, not a refusal
-        click.echo(f"note: {cpu_only}; the file will run with --device cpu only", err=True)
     xp = get_xp(device)
     ck = load_checkpoint(src, lazy=True)
     if not isinstance(ck, Checkpoint):
         raise click.BadParameter("the model is already quantized; give a float HF directory or GGUF file",
                                  param_hint="MODEL")
+    if cpu_only:                                   # every check passed: a note, not a refusal
+        click.echo(f"note: {cpu_only}; the file will run with --device cpu only", err=True)
     recipe, size, lin = quantize_to_file(ck, out_path, method, wbits=wbits, group=group, act=act, kv8=kv8,
                                          calib=calib, progress=not quiet, n_seq=n_seq, seq_len=seq_len,
                                          calibration=calibration, embed_dtype=embed_dtype, gptq=gptq,

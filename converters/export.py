@@ -18,7 +18,7 @@ from engine.io.tokenizer import token_string
 from engine.io.layout import Checkpoint, WeightsError, check_tensors, expected_shapes, is_norm_name
 from engine.io.safetensors import write_safetensors
 from engine.util.files import (PathError, clean_stale, forget_temporary, is_within, out_path,
-                               register_temporary, temp_sibling)
+                               register_temporary, temp_sibling, write_reason)
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}   # name -> bytes per element
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -143,7 +143,8 @@ def export_hf_dir(ckpt: Checkpoint, out_dir: str | os.PathLike, dtype: str = "fl
             os.replace(tmp, out)                   # replaces an empty directory too
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"--out {given}: cannot write the export: {e.strerror or e}") from None
+        why = write_reason(out, e, creating=e.filename == os.fspath(tmp))
+        raise ExportError(f"--out {given}: cannot write the export: {why}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

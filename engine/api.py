@@ -38,20 +38,20 @@ class LoadedModel:
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop=None, chat: bool | None = None, kv8: bool = False,
-                 max_batch: int = 64):
+                 max_batch: int | None = 64):
         """Completions for one prompt (a str: one Completion) or a list of them (a list).
 
-        A prompt is text (a str) or token ids (a list, tuple or 1-D integer array of ids, sent as
-        is): generate("Hi"), generate(["Hi", "Bye"]), generate([ids]) — one token-id prompt goes
+        A prompt is text (a str) or token ids (a list or tuple of ints, or anything np.asarray
+        makes a 1-D integer array of: an array, a range, a tensor; sent as is): generate("Hi"), generate(["Hi", "Bye"]), generate([ids]) — one token-id prompt goes
         in a list, since a list of ints would read as many prompts. chat None: text goes through
         the chat template when the model has one (as dgq-run does); chat=False: raw text;
         chat=True: the template, required (an error for a model without one, and for token-id
         prompts, which are already encoded: pass their text, or leave chat None/False). Each
         sequence ends at an end-of-turn/EOS id, at one of the `stop` strings (cut off), or after
         max_new_tokens. On the GPU the sequences decode as one continuously batched run of up
-        to max_batch at a time (engine/gpu/decode.py SlotBatch); on the CPU one after another.
+        to max_batch at a time (None: 64; engine/gpu/decode.py SlotBatch); on the CPU one after another.
         Greedy (temperature 0) output is the same either way and equals one prompt at a time.
-        Sampling: on the CPU sequence i draws from seed + i; on the GPU from (seed, i, position),
+        Sampling: on the CPU sequence i draws from seed + i (mod 2^63); on the GPU from (seed, i, position),
         i its submission index, whatever slot it runs in. GenerationError (SamplingError for the
         sampling settings) for a bad prompt or setting, before anything runs."""
         from .model.generate import (  # noqa: PLC0415
@@ -60,8 +60,10 @@ class LoadedModel:
         single, plist = _prompt_list(prompts)
         stops = check_stop_strings(stop)
         check_seed(seed)                              # before seed + i below
-        if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
-            raise param_error(GenerationError, "max_batch", f"must be an integer >= 1, got {max_batch!r}")
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer))
+                                      or max_batch < 1):
+            raise param_error(GenerationError, "max_batch", f"must be an integer >= 1 or None, got {max_batch!r}")
+        max_batch = 64 if max_batch is None else int(max_batch)
         use_chat = bool(self.chat_template) if chat is None else bool(chat)
         if chat is not None and use_chat:
             if not self.chat_template:
@@ -86,7 +88,7 @@ class LoadedModel:
                     ids = _token_ids(p, self.config.vocab_size)
                 col = TextCollector(self.tokenizer, stops)
                 req = SeqRequest(ids, max_new_tokens, temperature, top_k, top_p,
-                                 seed if on_gpu else seed + i, sids,
+                                 seed if on_gpu else (int(seed) + i) % 2**63, sids,
                                  on_token=lambda t, col=col: col.push(t)[1], kv8=kv8)
                 check_request(req, ctx)
             except GenerationError as e:      # (max_new_tokens, sampling: check_request; about no one prompt)
@@ -123,21 +125,25 @@ def _prompt_list(prompts) -> tuple[bool, list]:
         raise GenerationError(f"prompts must be a string or a non-empty list of prompts, each {PROMPT_FORMS}; "
                               f"got {_show(prompts)}")
     for i, p in enumerate(prompts):
-        if isinstance(p, (str, list, tuple, np.ndarray)):
-            continue
-        hint = ""
-        if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
-            hint = f"; {WRAP_IDS}"
-        raise GenerationError(f"prompts[{i}] is {_show(p)}; each prompt must be {PROMPT_FORMS}{hint}")
+        # a scalar, bytes or None cannot be a prompt; any other sequence is token ids if
+        # np.asarray makes it a 1-D integer array (range, array.array, a tensor): _token_ids
+        if p is None or isinstance(p, (bytes, bytearray, int, float, np.integer, np.floating)):
+            hint = f"; {WRAP_IDS}" if isinstance(p, (int, np.integer)) and not isinstance(p, bool) else ""
+            raise GenerationError(f"prompts[{i}] is {_show(p)}; each prompt must be {PROMPT_FORMS}{hint}")
     return False, list(prompts)
 
 
 def _token_ids(p, vocab_size: int) -> list[int]:
     """A token-id prompt (list, tuple or 1-D array of ints) as a list of ints in [0, vocab_size)."""
-    if isinstance(p, np.ndarray):
-        if p.ndim != 1 or p.dtype.kind not in "iu":
-            raise GenerationError(f"token ids must be a 1-D integer array, got {p.dtype} of shape {p.shape}")
-        p = p.tolist()                                 # Python ints, checked as a list's are
+    if not isinstance(p, (list, tuple)):              # an array, range, array.array, tensor, ...
+        try:
+            a = np.asarray(p)
+        except (TypeError, ValueError) as e:
+            raise GenerationError(f"a prompt must be {PROMPT_FORMS}; {_show(p)} is neither ({e})") from None
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+            raise GenerationError(f"token ids must be a 1-D integer array, got {_show(p)} as {a.dtype} of "
+                                  f"shape {a.shape}")
+        p = a.tolist()                                 # Python ints, checked as a list's are
     if len(p) == 0:
         raise GenerationError("no token ids (an empty list)")
     for j, t in enumerate(p):

@@ -73,9 +73,29 @@ def test_a_bad_prompt_is_named_with_what_a_prompt_may_be(lm, prompts, needle):
 
 
 def test_token_id_prompts_as_list_tuple_or_array(lm):
+    """Token ids as any sequence np.asarray makes a 1-D integer array of (a range, array.array,
+    a tensor-like object with __array__), as before the prompt checks; max_batch None is the default."""
+    import array
     ids = lm.tokenizer.encode("the cat").ids
     one = lm.generate([ids], max_new_tokens=4)
     assert lm.generate((tuple(ids), np.array(ids, np.int32)), max_new_tokens=4) == one * 2
+
+    class Tensor:                                   # torch.Tensor's part of the protocol
+        def __init__(self, a):
+            self.a = a
+
+        def __array__(self, dtype=None, copy=None):
+            return np.asarray(self.a, dtype)
+
+        def __len__(self):
+            return len(self.a)
+    assert lm.generate([array.array("q", ids), Tensor(ids)], max_new_tokens=4, max_batch=None) == one * 2
+    top = lm.generate([ids, ids], max_new_tokens=2, seed=2**63 - 1, temperature=0.5)   # seed + 1 wraps
+    assert len(top) == 2
+    lo = min(ids)
+    assert lm.generate([range(lo, lo + 3)], max_new_tokens=2) == lm.generate([[lo, lo + 1, lo + 2]], max_new_tokens=2)
+    with pytest.raises(GenerationError, match=r"^prompts\[0\]: token ids must be a 1-D integer array"):
+        lm.generate([np.array([1.5, 2.0])], max_new_tokens=2)
 
 
 def test_chat_true_needs_text_and_a_template(lm):

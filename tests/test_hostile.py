@@ -497,7 +497,10 @@ def test_errors_about_out_name_the_users_path_not_the_temporary(tmp_path, hf):
     if Path("/proc/self").is_dir():                   # Linux: a directory there that takes no new files
         with pytest.raises(OSError) as e:
             write_safetensors("/proc/x.safetensors", {"x": np.zeros(2, np.float32)})
-        assert str(e.value) == "output /proc/x.safetensors: cannot write: /proc takes no new files", str(e.value)
+        assert e.value.strerror == "output /proc/x.safetensors: cannot write: /proc takes no new files", str(e.value)
+        assert isinstance(e.value, FileNotFoundError)            # the errno's own subclass, for callers
+        r = cli(dgq_cli.quantize, [str(hf), "--out", "/proc/x.safetensors", "--method", "w4a16", "--quiet"])
+        assert assert_one_line_error(r) == "Error: output /proc/x.safetensors: cannot write: /proc takes no new files"
 
 
 def test_out_dot_is_not_an_empty_name(tmp_path, hf, monkeypatch):
@@ -591,7 +594,7 @@ def test_a_q_file_loads_whatever_its_name(tmp_path):
     junk.write_bytes((5).to_bytes(8, "little") + b"{abcd")
     with pytest.raises(WeightsError, match="corrupt safetensors header"):
         load_checkpoint(junk)
-    for name, want in (("cut.gguf", "GGUF"), ("cut.safetensors", "safetensors")):   # neither signature:
-        (tmp_path / name).write_bytes(b"GGU")                                     # the suffix names the kind
+    for name, want in (("cut.gguf", "not a readable GGUF"), ("cut.safetensors", "truncated safetensors file")):
+        (tmp_path / name).write_bytes(b"GGU")                    # neither signature: the suffix names the kind
         with pytest.raises(WeightsError, match=want):
             load_checkpoint(tmp_path / name)

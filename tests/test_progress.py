@@ -55,6 +55,41 @@ def test_lines_carry_the_running_value_and_stay_occasional(clock):
     assert lines[-1] == "[perplexity] done: 854/854 win in 29m53s, ppl 11.470"
 
 
+def test_a_bar_closed_short_of_its_total_says_stopped_not_done(clock):
+    """A failure, break or interrupt closes the bar early: its last line must not read as the end."""
+    log = io.StringIO()
+    with pytest.raises(RuntimeError):
+        with P.progress_bar(total=10, desc="perplexity", unit="win", file=log) as bar:
+            for i in range(10):
+                clock[0] += 40.0
+                bar.update(1)
+                if i == 2:
+                    raise RuntimeError("non-finite logits")
+    assert log.getvalue().splitlines()[-1] == "[perplexity] stopped at: 3/10 win in 2m00s"
+    log = io.StringIO()
+    for i in P.progress_bar(range(10), desc="layers", unit="layer", file=log):
+        clock[0] += 40.0
+        if i == 3:
+            break
+    assert log.getvalue().splitlines()[-1] == "[layers] stopped at: 3/10 layer in 2m40s"
+
+
+def test_the_plain_bar_takes_initial_and_disable_and_refuses_what_it_would_drop(clock):
+    log = io.StringIO()
+    with P.progress_bar(total=10, desc="resume", file=log, initial=4) as bar:
+        clock[0] += 31.0
+        bar.update(1)
+    assert log.getvalue().splitlines() == ["[resume] 5/10 it (50%), 31s elapsed, ~31s left",
+                                           "[resume] stopped at: 5/10 it in 31s"]
+    log = io.StringIO()
+    with P.progress_bar(total=2, desc="off", file=log, disable=True) as bar:
+        clock[0] += 99.0
+        bar.update(2)
+    assert log.getvalue() == ""
+    with pytest.raises(TypeError, match="position"):
+        P.progress_bar(total=2, file=io.StringIO(), position=1)
+
+
 def test_work_within_the_first_interval_prints_nothing(clock):
     log = io.StringIO()
     for _ in P.progress_bar(range(100), desc="quick", file=log):

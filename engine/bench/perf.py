@@ -388,9 +388,9 @@ def collect(out: str | None = None, budget_s: float = 480.0, quick: bool = False
     attrs_cache: dict = {}
     t_start = time.perf_counter()
     stopped = None
-    bar = progress_bar(total=len(pl["points"]), desc="perf collect", unit="problem", enabled=progress)
     pts = pl["points"]
-    with open(partial, "a", newline="") as fh:
+    with progress_bar(total=len(pts), desc="perf collect", unit="problem", enabled=progress) as bar, \
+            open(partial, "a", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         i = 0
         while i < len(pts):
@@ -451,7 +451,6 @@ def collect(out: str | None = None, budget_s: float = 480.0, quick: bool = False
                 del x8, sx, y
             del layers, layer
             cp.get_default_memory_pool().free_all_blocks()
-    bar.close()
     meter.close()
     elapsed = time.perf_counter() - t_start
     text = partial.read_text()

@@ -54,7 +54,7 @@ def resolve_device(device: str) -> str:
         return "cuda" if has_gpu() else "cpu"
     if device == "cuda" and not has_gpu():
         raise param_error(BackendError, "device", "cuda: no usable GPU (CuPy missing or no CUDA device); "
-                                                  "install the 'cuda' extra on a GPU machine, or run on the cpu device")
+                                                  "install the 'cuda' extra on a GPU machine, or choose cpu instead")
     return device
 
 

@@ -1,7 +1,9 @@
 """Which loader reads a path, and where the default model lives.
 
-    load_checkpoint(path): HF directory -> hf_dir.load_hf_dir; *.gguf -> gguf_file.load_gguf;
-    DGQ *.safetensors -> qfile.load_qfile (a QCheckpoint, weights already assembled).
+    load_checkpoint(path): HF directory -> hf_dir.load_hf_dir; a GGUF file -> gguf_file.load_gguf;
+    a DGQ safetensors file -> qfile.load_qfile (a QCheckpoint, weights already assembled). A file's
+    first bytes (GGUF magic, a safetensors header) decide, whatever its name; the suffix only
+    names the kind whose error a file with neither gets.
 """
 from __future__ import annotations
 

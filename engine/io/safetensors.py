@@ -288,7 +288,7 @@ class SafetensorsWriter:
                 self._spills[size] = (tmp, open(tmp, "xb"))
             except OSError as e:
                 forget_temporary(tmp)
-                raise write_error(self.path, e, self.flag) from None
+                raise write_error(self.path, e, self.flag, creating=True) from None
         try:
             self._spills[size][1].write(memoryview(data).cast("B"))
         except OSError as e:

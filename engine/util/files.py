@@ -156,26 +156,26 @@ def clean_stale(path: str | os.PathLike, min_age_s: float = STALE_AFTER_S) -> li
     return done
 
 
-class WriteError(OSError):
-    """An OSError of a write told about the user's path: str() is that one sentence, without the
-    "[Errno N]" prefix OSError puts before it."""
-
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
-
-
-def write_error(path: Path, e: OSError, flag: str) -> WriteError:
-    """The OSError of a write, retold about the user's path (not the temporary's name)."""
-    why = e.strerror or str(e)
+def write_reason(path: Path, e: OSError, creating: bool = False) -> str:
+    """Why a write of `path` failed, told about the user's path (not a temporary's name).
+    creating: the call that failed was the one creating the file (or directory), so ENOENT in an
+    existing directory means that directory takes no new files (/proc, /sys)."""
     parent = path.parent
-    if e.errno == errno.ENOENT:
-        why = f"the directory {parent} does not exist" if not parent.is_dir() else \
-            f"{parent} takes no new files"          # /proc, /sys: the directory is there, a file cannot be
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = f"no permission to write in {parent}"
-    elif e.errno == errno.ENOSPC:
-        why = "no space left on the device"
-    return WriteError(e.errno, f"{flag} {path}: cannot write: {why}")
+    if e.errno == errno.ENOENT and not parent.is_dir():
+        return f"the directory {parent} does not exist"
+    if e.errno == errno.ENOENT and creating:
+        return f"{parent} takes no new files"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write in {parent}"
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return e.strerror or str(e)
+
+
+def write_error(path: Path, e: OSError, flag: str, creating: bool = False) -> OSError:
+    """The OSError of a write, retold (write_reason): the errno's own subclass (FileNotFoundError,
+    PermissionError, ...), its strerror the sentence the commands print (dgq_cli.flag_message)."""
+    return OSError(e.errno, f"{flag} {path}: cannot write: {write_reason(path, e, creating)}")
 
 
 @contextlib.contextmanager
@@ -194,7 +194,11 @@ def atomic_file(path: str | os.PathLike, mode: str = "xb", flag: str = "output")
     register_temporary(tmp)
     try:
         try:
-            with open(tmp, mode) as f:
+            f = open(tmp, mode)
+        except OSError as e:
+            raise write_error(path, e, flag, creating=True) from None
+        try:
+            with f:
                 yield f
             os.replace(tmp, path)
         except OSError as e:

@@ -6,7 +6,8 @@ line at most every INTERVAL_S seconds — what, how far, elapsed, time left, the
 redrawn bar after another. Nested bars (quantize's layers, each layer's calibration) share
 that one line, outermost first, so a log gets one line per interval however deep the nesting.
 Work done within the first interval prints nothing; a bar that printed and has leave=True ends
-with a "done" line.
+with a "done" line, or "stopped at" n/total when it closed short of its total (a break, an
+error, an interrupt).
 """
 from __future__ import annotations
 
@@ -31,7 +32,12 @@ def progress_bar(iterable=None, *, total: int | None = None, desc: str = "", uni
     if enabled and _is_terminal(file):
         from tqdm import tqdm  # noqa: PLC0415
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=file, **tqdm_kw)
-    return _Lines(iterable, total, desc, unit, leave, file, enabled)
+    unknown = set(tqdm_kw) - {"disable", "initial", "dynamic_ncols", "ncols", "mininterval", "smoothing"}
+    if unknown:                                        # the plain bar would drop them silently
+        raise TypeError(f"progress_bar: the plain bar does not take {sorted(unknown)}")
+    bar = _Lines(iterable, total, desc, unit, leave, file, enabled and not tqdm_kw.get("disable", False))
+    bar.n = int(tqdm_kw.get("initial", 0))
+    return bar
 
 
 def _is_terminal(file) -> bool:
@@ -104,14 +110,15 @@ class _Lines:
         with _lock:
             if self in _active:
                 _active.remove(self)
-            if self.leave and _state["lines"] > self.lines_at_start:   # it printed: say that it ended
+            if self.leave and _state["lines"] > self.lines_at_start:   # it printed: say how it ended
                 self._write(self._status(_clock(), done=True))
 
     def _status(self, now: float, done: bool = False) -> str:
         el = now - self.t0
         count = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
-        if done:
-            parts = [f"[{self.desc}] done: {count} in {_duration(el)}"]
+        if done:          # short of its total: a break, an error or an interrupt, not the end
+            ended = "done" if not self.total or self.n >= self.total else "stopped at"
+            parts = [f"[{self.desc}] {ended}: {count} in {_duration(el)}"]
         else:
             parts = [f"[{self.desc}] {count}"]
             if self.total:
