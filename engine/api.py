@@ -22,6 +22,7 @@ from .model.llama import Model
 from .util.errors import param_error
 
 PROMPT_FORMS = "a string or a list of token ids"
+MAX_BATCH = 64                 # generate()'s max_batch default (None asks for it)
 WRAP_IDS = "to send one prompt of token ids, wrap it: generate([ids])"
 
 
@@ -38,21 +39,23 @@ class LoadedModel:
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop=None, chat: bool | None = None, kv8: bool = False,
-                 max_batch: int | None = 64):
+                 max_batch: int | None = MAX_BATCH):
         """Completions for one prompt (a str: one Completion) or a list of them (a list).
 
         A prompt is text (a str) or token ids (a list or tuple of ints, or anything np.asarray
-        makes a 1-D integer array of: an array, a range, a tensor; sent as is): generate("Hi"), generate(["Hi", "Bye"]), generate([ids]) — one token-id prompt goes
-        in a list, since a list of ints would read as many prompts. chat None: text goes through
+        makes a 1-D integer array of: an array, a range, a tensor; sent as is): generate("Hi"),
+        generate(["Hi", "Bye"]), generate([ids]) — one token-id prompt goes in a list, since a
+        list of ints would read as many prompts. chat None: text goes through
         the chat template when the model has one (as dgq-run does); chat=False: raw text;
         chat=True: the template, required (an error for a model without one, and for token-id
         prompts, which are already encoded: pass their text, or leave chat None/False). Each
         sequence ends at an end-of-turn/EOS id, at one of the `stop` strings (cut off), or after
         max_new_tokens. On the GPU the sequences decode as one continuously batched run of up
-        to max_batch at a time (None: 64; engine/gpu/decode.py SlotBatch); on the CPU one after another.
+        to max_batch at a time (None: MAX_BATCH; engine/gpu/decode.py SlotBatch); on the CPU one
+        after another.
         Greedy (temperature 0) output is the same either way and equals one prompt at a time.
-        Sampling: on the CPU sequence i draws from seed + i (mod 2^63); on the GPU from (seed, i, position),
-        i its submission index, whatever slot it runs in. GenerationError (SamplingError for the
+        Sampling: on the CPU sequence i draws from seed + i (mod 2^63); on the GPU from (seed, i,
+        position), i its submission index, whatever slot it runs in. GenerationError (SamplingError for the
         sampling settings) for a bad prompt or setting, before anything runs."""
         from .model.generate import (  # noqa: PLC0415
             Completion, SeqRequest, SerialBatch, TextCollector, check_request, check_seed,
@@ -63,7 +66,7 @@ class LoadedModel:
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer))
                                       or max_batch < 1):
             raise param_error(GenerationError, "max_batch", f"must be an integer >= 1 or None, got {max_batch!r}")
-        max_batch = 64 if max_batch is None else int(max_batch)
+        max_batch = MAX_BATCH if max_batch is None else int(max_batch)
         use_chat = bool(self.chat_template) if chat is None else bool(chat)
         if chat is not None and use_chat:
             if not self.chat_template:
