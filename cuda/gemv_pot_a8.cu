@@ -36,9 +36,9 @@
 #define PA8_STEP 32                  // chunks a warp step, one a lane (formats/pot_a8.py STEP)
 #define PA8_GROUP 128                // channels a scale (GROUP)
 #define PA8_TILE_ROWS 8              // rows a tile of the layout (TILE_ROWS)
-#define PA8_LUT_LO 0x01020400u       // int8 4·unit of codes 0..3: 0, +4, +2, +1
-#define PA8_LUT_HI 0xFFFEFC08u       // codes 4..7: +8 (spare), -4, -2, -1
-#define PA8_LOW3 0x77777777u         // bits 0-2 of every nibble
+#define PA8_LUT_LO 0x01020400        // int8 4·unit of codes 0..3: 0, +4, +2, +1
+#define PA8_LUT_HI 0xFFFEFC08        // codes 4..7: +8 (spare), -4, -2, -1
+#define PA8_LOW3 0x77777777          // bits 0-2 of every nibble
 
 __device__ __forceinline__ int pa8_dp4a(u32 a, u32 b, int c) {
     int d;                                             // both operands' bytes signed

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     w.add_argument("--ms", default="", help="comma-separated M (default 1,4,16,64,256,1024)")
     w.add_argument("--shapes", default="", help="comma-separated KxN (default 4096x4096,4096x11008,11008x4096,"
                    "8192x8192), e.g. 8192x8192 for one profiled kernel")
-    w.add_argument("--kinds", default="", help="comma-separated of pot2..4, int2..4 (default all)")
+    w.add_argument("--kinds", default="", help="comma-separated of pot2..4, int2..4 (default all), and pot3a8 (the W3-PoT × INT8 dp4a GEMV, M = 1)")
     w.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
                    help="each pot/int row again with these settings (as e2e --ab; wb.FIELD: tuning.WB_TUNE), "
                    "same process and buffers, e.g. --ab wb.resident=0")
