@@ -15,7 +15,7 @@
 // token's x8[32c .. 32c+31] as two 16-byte loads in natural order. Scales: groups of 128,
 // scales[t][st][r][q] = s[8t + r][8·st + q] fp16, zero-padded; lane l's is q = l / 4.
 //
-// Dot of a chunk (pa8_chunk, 25 operations): prmt looks four codes (the low 16 bits of its
+// Dot of a chunk (pa8_chunk; nvcc 13.0 sm_90a: 8 PRMT, 8 IDP.4A, 7 SHF, 6 LOP3): prmt looks four codes (the low 16 bits of its
 // selector, one nibble each) up in the 8-byte table VALUES held in two registers; a nibble's
 // bit 3 would switch prmt to sign replication, so the selectors are masked: w & 0x77777777 for
 // the 24 codes of a word's nibbles (the high half shifted down for the second prmt), and the
@@ -25,9 +25,11 @@
 // rows; warp w takes steps w, w + NW, ...; two steps' loads are in registers (one computing,
 // the next in flight), both weight batches issued before the PDL wait (cuda/pdl.cuh: no kernel
 // writes the weights), x after it. Lanes past the last chunk read zero words and clamp their x
-// to the last chunk (no predicated loads); rows past N are the tile's zero rows. Per (row, chunk): acc = fmaf(s, float(dot), acc); then
-// a butterfly over the lanes, the warps' sums in order through shared memory, and
-// out = fp16(acc · (0.25 · sx)). The order of those sums is the reference's.
+// to the last chunk (no predicated loads); rows past N are the tile's zero rows. Per (row,
+// chunk): acc = fmaf(s, float(dot), acc); then a butterfly over the lanes, the warps' sums in
+// order through shared memory, and out = fp16(acc · (0.25 · sx)). The order of those sums is
+// the reference's. About 38 instructions a (row, chunk) of 32 weights in the loop (the dot, 3
+// weight and 1 scale loads, I2FP, HADD2, FFMA), against ~75 for A8W4's dp4a GEMV's 32.
 #include <cuda_fp16.h>
 #include "common.cuh"
 
