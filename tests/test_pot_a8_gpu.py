@@ -1,6 +1,6 @@
 """cuda/gemv_pot_a8.cu (W3-PoT × INT8 dp4a GEMV, M = 1) against formats/pot_a8.py's reference, bit for bit (gpu-marked).
 
-Not yet run on a GPU (written in session 36 without one).
+Not yet run on a GPU (written without one).
 """
 from __future__ import annotations
 
