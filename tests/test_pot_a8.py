@@ -197,3 +197,41 @@ def test_reference_against_float64(n, k, nw):
     bound = fp16_ulp(ref) + 64 * np.finfo(np.float32).eps * (np.abs(P.dequantized(w, sp, n, k)) @ np.abs(
         x8.astype(np.float64) * np.float64(sx)))
     assert (np.abs(y - ref) <= bound).all()
+
+
+def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
+    """engine/gpu/pot_a8.py through kargs with bench/host_prefill.py's fake CuPy: the keywords are
+    the kernel's parameters, the grid one block per RB rows; bad inputs get one clear error."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import host_gemm
+    import host_prefill
+
+    from engine.gpu import kargs, pot_a8
+    from engine.gpu.ops import CudaOpError
+    n, k = 13, 1100
+    codes, s = rand_layer(np.random.default_rng(5), n, k)
+    words, scale = P.pack_pot_a8(codes), P.pack_scales(s, k)
+    grids, exprs = [], []
+    real = host_gemm._Kernel.launch_bound
+    monkeypatch.setattr(host_gemm._Kernel, "launch_bound",
+                        lambda self, grid, block, bound, args, *a, **kw: (grids.append((grid, block)),
+                                                                          real(self, grid, block, bound, args, *a, **kw)))
+    with host_prefill.faked() as cp:
+        monkeypatch.setattr(pot_a8, "require_cupy", lambda: cp)
+        p = pot_a8.upload(words, scale, n, k)
+        x8 = cp.zeros(32 * P.n_chunks(k), dtype=np.int8)
+        sx = cp.ones(1, dtype=np.float32)
+        with kargs.intercepted(lambda expr, run: (exprs.append(expr), run())):
+            for v in pot_a8.VARIANTS:
+                pot_a8.gemv_pot_a8(x8, sx, p, variant=v)
+        with pytest.raises(CudaOpError, match="at least 1120 bytes"):
+            pot_a8.gemv_pot_a8(x8[:1100], sx, p)
+        with pytest.raises(CudaOpError, match="not among"):
+            pot_a8.gemv_pot_a8(x8, sx, p, variant=(16, 4))
+        with pytest.raises(CudaOpError, match="do not make"):
+            pot_a8.upload(words, scale, n + 8, k)
+    assert exprs == [f"gemv_pot3_a8<{rb}, {nw}>" for rb, nw in pot_a8.VARIANTS]
+    assert [g for g, _ in grids] == [(-(-n // rb),) for rb, _ in pot_a8.VARIANTS]
+    assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS]
