@@ -68,10 +68,11 @@ __device__ __forceinline__ int pa8_chunk(const u32 (&w)[PA8_WORDS], const u32 (&
     return pa8_dp4a(pa8_lut(e >> 16), x[7], d);
 }
 
-// Weights are read once: no L1 allocation.
+// Weights are read once: no L1 allocation; 256-byte L2 sectors as ldg_stream (common.cuh) asks
+// (a block's lines of a step are 3 KB in a row).
 __device__ __forceinline__ u32 pa8_ldw(const u32* p) {
     u32 r;
-    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(r) : "l"(p));
     return r;
 }
 
