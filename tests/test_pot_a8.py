@@ -230,6 +230,12 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
             pot_a8.gemv_pot_a8(x8[:1100], sx, p)
         with pytest.raises(CudaOpError, match="not among"):
             pot_a8.gemv_pot_a8(x8, sx, p, variant=(16, 4))
+        with pytest.raises(CudaOpError, match="sx as a float32"):
+            pot_a8.gemv_pot_a8(x8, cp.ones(1, dtype=np.float16), p)
+        with pytest.raises(CudaOpError, match="float16"):
+            pot_a8.gemv_pot_a8(x8, sx, p, out=cp.zeros(n, dtype=np.float32))
+        empty = pot_a8.upload(P.pack_pot_a8(codes[:, :0]), P.pack_scales(s[:, :0], 0), n, 0)
+        assert pot_a8.gemv_pot_a8(x8, sx, empty) is not None             # K = 0: zeros, returned
         with pytest.raises(CudaOpError, match="do not make"):
             pot_a8.upload(words, scale, n + 8, k)
     assert exprs == [f"gemv_pot3_a8<{rb}, {nw}>" for rb, nw in pot_a8.VARIANTS]

@@ -57,9 +57,14 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
     if x8.dtype != np.int8 or not x8.flags.c_contiguous or x8.size < 32 * kc or x8.data.ptr % 16:
         raise CudaOpError(f"gemv_pot_a8 needs x8 as a C-contiguous 16-byte aligned int8 array of at least "
                           f"{32 * kc} bytes (K = {p.k} padded to 32), got {x8.dtype} {x8.shape}")
+    if sx.dtype != np.float32 or sx.size < 1:
+        raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least one element, got {sx.dtype} {sx.shape}")
     out = cp.empty((p.n,), dtype=cp.float16) if out is None else out
+    if out.dtype != np.float16 or out.shape != (p.n,) or not out.flags.c_contiguous:
+        raise CudaOpError(f"gemv_pot_a8 writes a C-contiguous float16 ({p.n},) array, got {out.dtype} {out.shape}")
     if p.n == 0 or p.k == 0:
-        return out.fill(0) if p.n else out
+        out.fill(0)
+        return out
     kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}>", (-(-p.n // rb),), (32 * nw,), words=p.words,
                  scale=p.scale, x8=x8, sx=sx, out=out, N=p.n, KC=kc)
     return out
