@@ -1,6 +1,6 @@
-// gemv_pot_a8.cu — W3-PoT weights × one INT8 token with dp4a (M = 1), standalone: not yet used by
-// the model (docs/KERNELS.md, "A route to the 1.25× bar"; bench: python -m engine.bench gemv-wb
-// --kinds pot3,pot3a8 --ms 1).
+// gemv_pot_a8.cu — W3-PoT weights × INT8 tokens with dp4a, made for one token a step; the model
+// runs pot3 layers with it behind tuning.WB_TUNE.pot3_a8 (docs/KERNELS.md, "A route to the 1.25×
+// bar"; bench: python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1).
 //
 // What: out (N) fp16 = sx · Σ_g (s[n,g] / 4) · Σ_{k∈g} VALUES[code[n,k]] · x8[k], bit-exactly as
 // engine/formats/pot_a8.py gemv_pot_a8_ref. pot3 units ×4 are the integers VALUES = {0, +4, +2,
@@ -98,12 +98,14 @@ struct Pa8Batch {                    // one warp step of a lane: its chunk of RB
 };
 
 // words (T, S, 3, 8, 32) uint32 and scale (T, S, 8, 8) fp16, T = ceil(N / 8), S = ceil(KC / 32);
-// x8 at least 32·KC bytes, 16-byte aligned (its bytes past K meet code 0); sx the token's scale;
-// out (N) fp16. RB = 4 or 8 rows a block (half a tile or one).
+// x8 (M, ldx) int8, ldx ≥ 32·KC and a multiple of 16, 16-byte aligned (bytes past K meet code 0);
+// sx (M) the tokens' scales; out (M, ldo) fp16. RB = 4 or 8 rows a block (half a tile or one).
+// Grid (ceil(N / RB), M): token blockIdx.y. Each token's blocks read the weights again, so M > 1
+// (prefill, batched decode) costs M times the bytes: this kernel is for one token a step.
 template <int RB, int NW>
 __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     const u32* __restrict__ words, const __half* __restrict__ scale, const i8* __restrict__ x8,
-    const float* __restrict__ sx, __half* __restrict__ out, int N, int KC) {
+    const float* __restrict__ sx, __half* __restrict__ out, int N, int KC, int ldx, int ldo) {
     static_assert(PA8_GROUP == 4 * PA8_CHUNK, "a lane's scale index is its chunk / 4");
     static_assert(PA8_TILE_ROWS % RB == 0, "a block takes a tile or a part of one");
     constexpr int TILE_STEP = PA8_WORDS * PA8_TILE_ROWS * PA8_STEP;                // words a (tile, step)
@@ -112,6 +114,9 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n0 = blockIdx.x * RB;
     const int steps = (KC + PA8_STEP - 1) / PA8_STEP;
+    x8 += (size_t)blockIdx.y * ldx;                    // token blockIdx.y: its row of x8, scale, out
+    sx += blockIdx.y;
+    out += (size_t)blockIdx.y * ldo;
 
     // The block's rows' words and scales of step `warp`, lane `lane`: row r, word j at + (j·8 + r)·32,
     // and every later step a constant stride on.

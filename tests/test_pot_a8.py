@@ -201,7 +201,7 @@ def test_reference_against_float64(n, k, nw):
 
 def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
     """engine/gpu/pot_a8.py through kargs with bench/host_prefill.py's fake CuPy: the keywords are
-    the kernel's parameters, the grid one block per RB rows; bad inputs get one clear error."""
+    the kernel's parameters, the grid one block per RB rows and token; bad inputs get one clear error."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -226,8 +226,14 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
         with kargs.intercepted(lambda expr, run: (exprs.append(expr), run())):
             for v in pot_a8.VARIANTS:
                 pot_a8.gemv_pot_a8(x8, sx, p, variant=v)
+            x3 = cp.zeros((3, 1136), dtype=np.int8)                   # three tokens, rows of 1136 bytes
+            assert pot_a8.gemv_pot_a8(x3, cp.ones(3, dtype=np.float32), p).shape == (3, n)
         with pytest.raises(CudaOpError, match="at least 1120 bytes"):
             pot_a8.gemv_pot_a8(x8[:1100], sx, p)
+        with pytest.raises(CudaOpError, match="a multiple of 16"):
+            pot_a8.gemv_pot_a8(cp.zeros((2, 1128), dtype=np.int8), cp.ones(2, dtype=np.float32), p)
+        with pytest.raises(CudaOpError, match="at least 3 elements"):
+            pot_a8.gemv_pot_a8(x3, sx, p)
         with pytest.raises(CudaOpError, match="not among"):
             pot_a8.gemv_pot_a8(x8, sx, p, variant=(16, 4))
         with pytest.raises(CudaOpError, match="sx as a float32"):
@@ -238,6 +244,67 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
         assert pot_a8.gemv_pot_a8(x8, sx, empty) is not None             # K = 0: zeros, returned
         with pytest.raises(CudaOpError, match="do not make"):
             pot_a8.upload(words, scale, n + 8, k)
-    assert exprs == [f"gemv_pot3_a8<{rb}, {nw}>" for rb, nw in pot_a8.VARIANTS]
-    assert [g for g, _ in grids] == [(-(-n // rb),) for rb, _ in pot_a8.VARIANTS]
-    assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS]
+    assert exprs == [f"gemv_pot3_a8<{rb}, {nw}>" for rb, nw in pot_a8.VARIANTS] + ["gemv_pot3_a8<8, 4>"]
+    assert [g for g, _ in grids] == [(-(-n // rb), 1) for rb, _ in pot_a8.VARIANTS] + [(2, 3)]
+    assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS] + [(128,)]
+
+
+def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch):
+    """tuning.WB_TUNE.pot3_a8 at load: every pot3 linear of a (fake-CuPy) CudaModel holds the
+    pot3-a8 layout, its norms and quantizers write INT8 rows of K padded to 32 (mode dynamic),
+    and a prefill of M tokens launches gemv_pot3_a8 over a (row blocks, M) grid for q|k|v, o,
+    gate|up and down, and no fp16-activation GEMV. Off (the default), the same model loads its
+    layers for gemv_pot."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import host_gemm
+    import host_prefill
+
+    from engine.bench.e2e import SMOLLM2, random_model
+    from engine.gpu import kargs, tuning
+    from engine.gpu import pot_a8 as gpu_pot_a8
+    from engine.gpu.fused import MODE
+    cfg = dataclasses.replace(SMOLLM2, num_hidden_layers=2)
+    mw = random_model(cfg, 3)
+    launches = []
+    real = host_gemm._Kernel.launch_bound
+    monkeypatch.setattr(host_gemm._Kernel, "launch_bound",
+                        lambda self, grid, block, bound, args, *a, **kw: (launches.append((grid, dict(args))),
+                                                                          real(self, grid, block, bound, args, *a, **kw)))
+
+    def run(a8: bool, m: int):
+        exprs = []
+        launches.clear()
+        monkeypatch.setattr(tuning.WB_TUNE, "pot3_a8", a8)
+        with host_prefill.faked() as cp:
+            monkeypatch.setattr(gpu_pot_a8, "require_cupy", lambda: cp)
+            for name in ("stack", "concatenate"):               # gpu/wb.py's tiles (pot3_a8 off)
+                setattr(cp, name, host_prefill._fake(getattr(np, name)))
+            from engine.gpu.model import CudaModel
+            gm = CudaModel(mw)
+            cache = gm.new_cache(m + 8)
+            if a8:                       # (the fp16-activation GEMV's grid asks the driver: not faked)
+                with kargs.intercepted(lambda expr, go: (exprs.append(expr), go())):
+                    gm.prefill(np.arange(m), cache)
+            return gm, exprs, list(zip(exprs, launches))
+
+    gm, exprs, pairs = run(True, 5)
+    assert all(g.pa8 is not None and g.wb is None and g.mode == MODE["dynamic"] and g.kp % 32 == 0
+               for L in gm.layers for g in L.linears())
+    a8 = [(grid, args) for e, (grid, args) in pairs if e.startswith("gemv_pot3_a8")]
+    assert len(a8) == 4 * cfg.num_hidden_layers and not any(e.startswith("gemv_pot<") for e in exprs)
+    ns = [cfg.q_size + 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size, 2 * cfg.intermediate_size,
+          cfg.hidden_size] * cfg.num_hidden_layers
+    rb = gpu_pot_a8.DEFAULT[0]
+    assert [grid for grid, _ in a8] == [(-(-n // rb), 5) for n in ns]
+    assert [args["N"] for _, args in a8] == ns and all(args["ldo"] == args["N"] for _, args in a8)
+    assert [args["ldx"] for _, args in a8] == [cfg.hidden_size, cfg.q_size, cfg.hidden_size,
+                                               cfg.intermediate_size] * cfg.num_hidden_layers
+    rows = [args["mode"] for e, (_, args) in pairs if "rmsnorm_quant" in e or "quant_rows" in e or "silu_mul_quant" in e]
+    # per layer: norm, quant of the attention output, norm, silu_mul_quant; the final norm feeds the fp16 head
+    assert rows == [MODE["dynamic"]] * 4 * cfg.num_hidden_layers + [MODE["fp16"]]
+
+    gm, _, _ = run(False, 5)
+    assert all(g.pa8 is None and g.wb is not None and g.mode == MODE["fp16"] for L in gm.layers for g in L.linears())

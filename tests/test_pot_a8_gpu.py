@@ -1,4 +1,5 @@
-"""cuda/gemv_pot_a8.cu (W3-PoT × INT8 dp4a GEMV, M = 1) against formats/pot_a8.py's reference, bit for bit (gpu-marked).
+"""cuda/gemv_pot_a8.cu (W3-PoT × INT8 dp4a GEMV) against formats/pot_a8.py's reference, bit for bit,
+and a model run with it (tuning.WB_TUNE.pot3_a8) against a NumPy model with INT8 activations (gpu-marked).
 
 Not yet run on a GPU (written without one).
 """
@@ -38,3 +39,73 @@ def test_gemv_pot_a8_matches_reference(n, k):
         want = P.gemv_pot_a8_ref(words, scale, x8, sx, n, k, nw)
         got = pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray([sx], dtype=cp.float32), p, variant=(rb, nw)).get()
         assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (rb, nw)
+
+
+def test_gemv_pot_a8_tokens_are_rows_of_the_grid():
+    """M tokens in one launch (grid y): each row bit-equal to the one-token reference, x8 rows
+    padded past 32·Kc (ldx), each token its own scale."""
+    import cupy as cp
+
+    from engine.gpu import pot_a8
+    rng = np.random.default_rng(7)
+    n, k, m, ldx = 300, 1000, 5, 1024 + 16
+    words, scale = layer(rng, n, k)
+    p = pot_a8.upload(words, scale, n, k)
+    x8 = rng.integers(-127, 128, (m, ldx)).astype(np.int8)
+    sx = rng.uniform(0.001, 0.1, m).astype(np.float32)
+    got = pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p).get()
+    nw = pot_a8.DEFAULT[1]
+    for i in range(m):
+        want = P.gemv_pot_a8_ref(words, scale, x8[i], sx[i], n, k, nw)
+        assert np.array_equal(got[i].view(np.uint16), want.view(np.uint16)), i
+
+
+def _pot3_model(seed=1):
+    from converters.pot import pot_linear
+    from engine.model import LINEAR_NAMES, ModelWeights
+    from test_model import random_tensors, tiny_config
+    c = tiny_config(head_dim=64, hidden_size=256, intermediate_size=384)
+    mw = ModelWeights.from_hf(c, random_tensors(c, seed))
+    for L in mw.layers:
+        for name in LINEAR_NAMES:
+            setattr(L, name, pot_linear(getattr(L, name), 3, 128, search=False))
+    return mw
+
+
+def test_model_with_pot3_a8_matches_an_int8_activation_reference(monkeypatch):
+    """WB_TUNE.pot3_a8 at load: prefill logits within 1 % of a NumPy model whose pot3 linears
+    quantize their inputs per token (act_scale_dynamic, as the GPU's row kernels), and 2 % or more
+    away from the float-activation model (the path really quantizes: ~5 % apart on this model);
+    the captured decode step equals eager decoding."""
+    from engine.formats.common import act_scale_dynamic, quantize_act_ref
+    from engine.gpu import tuning
+    from engine.gpu.model import CudaModel
+    from engine.model import Model, ops_ref
+    mw = _pot3_model()
+    tokens = np.arange(20) % mw.config.vocab_size
+    r16 = Model(mw).forward(tokens)
+    orig = ops_ref.PreparedLinear.__call__
+
+    def int8_inputs(self, x):
+        if self.ql.kind != "pot3":
+            return orig(self, x)
+        x = np.asarray(x, dtype=np.float32)
+        sx = act_scale_dynamic(x)
+        y = (quantize_act_ref(x, sx).astype(np.float64) @ self.wdeq.astype(np.float64).T) * sx[:, None]
+        return y.astype(np.float32)
+    with monkeypatch.context() as mp:
+        mp.setattr(ops_ref.PreparedLinear, "__call__", int8_inputs)
+        r8 = Model(mw).forward(tokens)
+    monkeypatch.setattr(tuning.WB_TUNE, "pot3_a8", True)
+    gm = CudaModel(mw)
+    assert all(g.pa8 is not None for L in gm.layers for g in L.linears())
+    g = gm.forward(tokens).get().astype(np.float64)
+    assert np.linalg.norm(g - r8) / np.linalg.norm(r8) < 1e-2
+    assert np.linalg.norm(g - r16) / np.linalg.norm(r16) > 2e-2
+    prompt, outs = np.array([5, 9, 2, 44, 7]) % mw.config.vocab_size, []
+    for use_graph in (True, False):
+        cache = gm.new_cache(64)
+        first = int(gm.prefill(prompt, cache).astype(np.float32).argmax())
+        outs.append(gm.decode_greedy(cache, [first], 12, use_graph))
+        assert (cache.step.graph is not None) == use_graph
+    np.testing.assert_array_equal(outs[0], outs[1])

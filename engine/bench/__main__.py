@@ -55,9 +55,10 @@ def cmd_e2e(args) -> int:
         if args.md:
             Path(args.md).write_text(format_context_table(rows) + "\n")
         return 0
-    pot = tuple(int(b) for b in args.pot_bits.split(",") if b.strip())
-    if set(pot) - {2, 3, 4}:
-        raise BenchError(f"--pot-bits: choose from 2, 3, 4, got {args.pot_bits!r}")
+    pot = tuple(b.strip() for b in args.pot_bits.split(",") if b.strip())
+    if set(pot) - {"2", "3", "4", "3a8"}:
+        raise BenchError(f"--pot-bits: choose from 2, 3, 4 and 3a8 (W3 with INT8 activations), got {args.pot_bits!r}")
+    pot = tuple(b if b == "3a8" else int(b) for b in pot)
     try:
         ab = [parse_ab(item) for item in args.ab]
         patches = read_patch_files(args.patch)
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
                    "edited source, beside the landed ones in one process: a JSON list of {\"name\": ..., \"edits\": [[\"gemm_a8w4.cu\", old text, new "
                    "text], ...]} (each old must occur in that module's inlined source, checked before the run; a row for "
                    "each model that runs an edited kernel; needs PDL (sm_90), as --ab; bench/patches/ has examples)")
-    e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")
+    e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none; 3a8: W3 with INT8 activations)")
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)
     perf.add_parser(sub)

@@ -432,11 +432,16 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
         rows += bench_model(cp, label + " FP16", dequantized_copy(mw), bw=bw, **kw)
         del mw
         for b in pot_bits:          # weight-only power-of-two models of the same shape: decode only
-            shape = MODELS[key][0]
-            rows += bench_model(cp, label.split(" (")[0] + f" (random W{b}-PoT)", random_model(shape, b), bw=bw,
-                                prefill_lens=(), batches=(1, 8), steps=kw.get("steps", 64),
-                                variants=decode_variants(ab=[d for d in ab if any(_ab_target(k)[0] == "wb." for k in d)],
-                                                         patches=patches))
+            shape, a8 = MODELS[key][0], b == "3a8"
+            # "3a8": W3-PoT run with INT8 activations (tuning.WB_TUNE.pot3_a8, read at load); its
+            # GEMV reads the weights once a token, so batch 1 only
+            with _setting(WB_TUNE, pot3_a8=a8):
+                rows += bench_model(cp, label.split(" (")[0] + (" (random W3-PoT, INT8 activations)" if a8 else
+                                                                f" (random W{b}-PoT)"),
+                                    random_model(shape, 3 if a8 else b), bw=bw, prefill_lens=(),
+                                    batches=(1,) if a8 else (1, 8), steps=kw.get("steps", 64),
+                                    variants=decode_variants(ab=[d for d in ab if any(_ab_target(k)[0] == "wb." for k in d)],
+                                                             patches=patches))
     for r in rows:
         if json_out:
             print(json.dumps(r))

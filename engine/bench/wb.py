@@ -1,6 +1,6 @@
 """`python -m engine.bench gemv-wb`: the weight-only b-bit GEMVs (pot2..4, int2..4) against our
 A8W4 GEMV and cuBLAS FP16, same process, at small M on LLM shapes. Kind "pot3a8" (not in the
-default set): the standalone W3-PoT × INT8 dp4a GEMV (cuda/gemv_pot_a8.cu), M = 1 only, one row
+default set): the W3-PoT × INT8 dp4a GEMV (cuda/gemv_pot_a8.cu), M = 1 only, one row
 a variant (RB, NW) of engine/gpu/pot_a8.py ("pot3a8" itself is the default variant):
     python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1
 

@@ -1,5 +1,6 @@
-"""Launcher of cuda/gemv_pot_a8.cu: W3-PoT weights × one INT8 token (dp4a GEMV, M = 1). Standalone:
-the model does not use it yet; `python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1` times it.
+"""Launcher of cuda/gemv_pot_a8.cu: W3-PoT weights × INT8 tokens (dp4a GEMV, made for M = 1). The
+model runs pot3 layers with it when tuning.WB_TUNE.pot3_a8 is set at load (gpu/linear.py; off by
+default); `python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1` times it alone.
 
 Name triplet: formats.pot_a8.gemv_pot_a8_ref ↔ gemv_pot3_a8<RB, NW> ↔ gemv_pot_a8. The layout
 (three word planes a 32-channel chunk) is made on the host by formats.pot_a8.pack_pot_a8.
@@ -46,25 +47,33 @@ def upload(words: np.ndarray, scale: np.ndarray, n: int, k: int) -> PackedPotA8:
 
 
 def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | None = None):
-    """out (N,) fp16 = sx · (x8 · Ŵᵀ) for one token: x8 int8 with at least 32·Kc bytes (its
-    bytes past K meet code 0), 16-byte aligned; sx (≥ 1,) float32 on the GPU; variant (RB, NW)
-    one of VARIANTS (default DEFAULT)."""
+    """out (M, N) fp16 = sx[m] · (x8[m] · Ŵᵀ) for M tokens, or (N,) for one: x8 (M, ldx) or (ldx,)
+    int8, C-contiguous and 16-byte aligned, ldx ≥ 32·Kc and a multiple of 16 (its bytes past K meet
+    code 0); sx (≥ M,) float32 on the GPU; variant (RB, NW) one of VARIANTS (default DEFAULT). The
+    grid takes the tokens as its y dimension: every token reads the weights again."""
     cp = require_cupy()
     rb, nw = variant or DEFAULT
     if (rb, nw) not in VARIANTS:
         raise CudaOpError(f"gemv_pot_a8 variant {(rb, nw)} is not among {VARIANTS}")
     kc = fmt.n_chunks(p.k)
-    if x8.dtype != np.int8 or not x8.flags.c_contiguous or x8.size < 32 * kc or x8.data.ptr % 16:
-        raise CudaOpError(f"gemv_pot_a8 needs x8 as a C-contiguous 16-byte aligned int8 array of at least "
-                          f"{32 * kc} bytes (K = {p.k} padded to 32), got {x8.dtype} {x8.shape}")
-    if sx.dtype != np.float32 or sx.size < 1:
-        raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least one element, got {sx.dtype} {sx.shape}")
-    out = cp.empty((p.n,), dtype=cp.float16) if out is None else out
-    if out.dtype != np.float16 or out.shape != (p.n,) or not out.flags.c_contiguous:
-        raise CudaOpError(f"gemv_pot_a8 writes a C-contiguous float16 ({p.n},) array, got {out.dtype} {out.shape}")
+    one = x8.ndim == 1
+    m, ldx = (1, x8.size) if one else (x8.shape if x8.ndim == 2 else (0, 0))
+    if x8.dtype != np.int8 or not x8.flags.c_contiguous or ldx < 32 * kc or ldx % 16 or x8.data.ptr % 16 \
+            or x8.ndim not in (1, 2):
+        raise CudaOpError(f"gemv_pot_a8 needs x8 as C-contiguous 16-byte aligned int8 rows of at least "
+                          f"{32 * kc} bytes (K = {p.k} padded to 32), a multiple of 16, got {x8.dtype} {x8.shape}")
+    if sx.dtype != np.float32 or sx.size < max(m, 1):
+        raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least {max(m, 1)} elements, "
+                          f"got {sx.dtype} {sx.shape}")
+    shape = (p.n,) if one else (m, p.n)
+    out = cp.empty(shape, dtype=cp.float16) if out is None else out
+    if out.dtype != np.float16 or out.shape != shape or not out.flags.c_contiguous:
+        raise CudaOpError(f"gemv_pot_a8 writes a C-contiguous float16 {shape} array, got {out.dtype} {out.shape}")
+    if m == 0:
+        return out
     if p.n == 0 or p.k == 0:
         out.fill(0)
         return out
-    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}>", (-(-p.n // rb),), (32 * nw,), words=p.words,
-                 scale=p.scale, x8=x8, sx=sx, out=out, N=p.n, KC=kc)
+    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}>", (-(-p.n // rb), m), (32 * nw,), words=p.words,
+                 scale=p.scale, x8=x8, sx=sx, out=out, N=p.n, KC=kc, ldx=ldx, ldo=p.n)
     return out
