@@ -32,6 +32,7 @@
 // weight and 1 scale loads, I2FP, HADD2, FFMA), against ~75 for A8W4's dp4a GEMV's 32.
 #include <cuda_fp16.h>
 #include "common.cuh"
+#include "rows.cuh"
 
 #define PA8_CHUNK 32                 // channels a (row, chunk) (formats/pot_a8.py CHUNK)
 #define PA8_WORDS 3                  // words a chunk
@@ -102,17 +103,27 @@ struct Pa8Batch {                    // one warp step of a lane: its chunk of RB
 // sx (M) the tokens' scales; out (M, ldo) fp16. RB = 4 or 8 rows a block (half a tile or one).
 // Grid (ceil(N / RB), M): token blockIdx.y. Each token's blocks read the weights again, so M > 1
 // (prefill, batched decode) costs M times the bytes: this kernel is for one token a step.
-template <int RB, int NW>
+// SILU (the batch-1 decode step's fused gate|up layer, engine/gpu/model.py _fold_quant; RB = 8, one
+// token): N = 2I rows, gate then up, I % 8 == 0; block b takes gate rows 4b..4b+3 and up rows
+// I + 4b..I + 4b + 3 (its rows 0-3 and 4-7, two halves of one tile each, from two pointers), and
+// writes mf[4b + t] (float32, (I)) = silu_mul of the fp16-rounded gate and up, the same fp16 values
+// the plain variant would write to out, and the max of |mf| over its 4 channels atomically into
+// *amax (float bits, NaN-propagating, zeroed by the norm before): quant_amax then quantizes mf for
+// down, as after the A8W4 SiLU GEMV (cuda/gemm_a8w4.cu silu_epilogue). out and ldo are unused.
+template <int RB, int NW, bool SILU = false>
 __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     const u32* __restrict__ words, const __half* __restrict__ scale, const i8* __restrict__ x8,
-    const float* __restrict__ sx, __half* __restrict__ out, int N, int KC, int ldx, int ldo) {
+    const float* __restrict__ sx, __half* __restrict__ out, int N, int KC, int ldx, int ldo,
+    float* __restrict__ mf, unsigned* __restrict__ amax) {
     static_assert(PA8_GROUP == 4 * PA8_CHUNK, "a lane's scale index is its chunk / 4");
     static_assert(PA8_TILE_ROWS % RB == 0, "a block takes a tile or a part of one");
+    static_assert(!SILU || RB == PA8_TILE_ROWS, "the SiLU variant takes 4 gate and 4 up rows a block");
+    constexpr int HALF = SILU ? RB / 2 : RB;          // rows from the first pointer; the rest from the second
     constexpr int TILE_STEP = PA8_WORDS * PA8_TILE_ROWS * PA8_STEP;                // words a (tile, step)
     constexpr int SCALES_STEP = PA8_TILE_ROWS * PA8_STEP * PA8_CHUNK / PA8_GROUP;  // scales a (tile, step)
     __shared__ float red[NW][RB];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n0 = blockIdx.x * RB;
+    const int n0 = SILU ? blockIdx.x * HALF : blockIdx.x * RB;     // SILU: the block's first gate row
     const int steps = (KC + PA8_STEP - 1) / PA8_STEP;
     x8 += (size_t)blockIdx.y * ldx;                    // token blockIdx.y: its row of x8, scale, out
     sx += blockIdx.y;
@@ -124,14 +135,20 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     const u32* wp = words + ts * TILE_STEP + r0 * PA8_STEP + lane;
     const unsigned short* sp = reinterpret_cast<const unsigned short*>(scale) + ts * SCALES_STEP
                                + r0 * (SCALES_STEP / PA8_TILE_ROWS) + (lane >> 2);
+    // SILU: the up rows n0 + N/2 lie at the same row of their tile (N/2 % 8 == 0), N/16 tiles on
+    const size_t tu = SILU ? (size_t)(N / 2 / PA8_TILE_ROWS) * steps : 0;
+    const u32* wpu = wp + tu * TILE_STEP;
+    const unsigned short* spu = sp + tu * SCALES_STEP;
     // half = 0: the step at the pointers, 1: NW steps on
     auto load_w = [&](int half, Pa8Batch<RB>& b) {
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
+            const u32* w = r < HALF ? wp : wpu;        // resolved at compile time (r unrolled)
+            const int rr = r < HALF ? r : r - HALF;
 #pragma unroll
             for (int j = 0; j < PA8_WORDS; ++j)
-                b.w[r][j] = pa8_ldw(wp + half * NW * TILE_STEP + (j * PA8_TILE_ROWS + r) * PA8_STEP);
-            b.s[r] = pa8_lds(sp + half * NW * SCALES_STEP + r * (SCALES_STEP / PA8_TILE_ROWS));
+                b.w[r][j] = pa8_ldw(w + half * NW * TILE_STEP + (j * PA8_TILE_ROWS + rr) * PA8_STEP);
+            b.s[r] = pa8_lds((r < HALF ? sp : spu) + half * NW * SCALES_STEP + rr * (SCALES_STEP / PA8_TILE_ROWS));
         }
     };
     auto load_x = [&](int st, Pa8Batch<RB>& b) {
@@ -140,6 +157,10 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     auto advance = [&]() {
         wp += 2 * NW * TILE_STEP;
         sp += 2 * NW * SCALES_STEP;
+        if (SILU) {
+            wpu += 2 * NW * TILE_STEP;
+            spu += 2 * NW * SCALES_STEP;
+        }
     };
     float acc[RB];
 #pragma unroll
@@ -183,10 +204,24 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
 #pragma unroll
         for (int r = 0; r < RB; ++r) red[warp][r] = acc[r];
     __syncthreads();
-    if (threadIdx.x < RB && n0 + (int)threadIdx.x < N) {
-        float v = red[0][threadIdx.x];
+    auto row_sum = [&](int r) {                        // the warps' sums in order 0..NW-1
+        float v = red[0][r];
 #pragma unroll
-        for (int w = 1; w < NW; ++w) v += red[w][threadIdx.x];
-        out[n0 + threadIdx.x] = __float2half_rn(v * sxq);
+        for (int w = 1; w < NW; ++w) v += red[w][r];
+        return v;
+    };
+    if constexpr (SILU) {
+        if (threadIdx.x < HALF) {                      // lanes 0..3 of warp 0: gate row n0 + t, up row N/2 + n0 + t
+            const float g = __half2float(__float2half_rn(row_sum(threadIdx.x) * sxq));
+            const float u = __half2float(__float2half_rn(row_sum(threadIdx.x + HALF) * sxq));
+            const float v = silu_mul(g, u);
+            mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x] = v;
+            float a = fabsf(v);
+            a = nan_max(a, __shfl_xor_sync(0xfu, a, 1));
+            a = nan_max(a, __shfl_xor_sync(0xfu, a, 2));
+            if (threadIdx.x == 0 && !(a <= 0.f)) atomicMax(amax + blockIdx.y, __float_as_uint(a));
+        }
+    } else if (threadIdx.x < RB && n0 + (int)threadIdx.x < N) {
+        out[n0 + threadIdx.x] = __float2half_rn(row_sum(threadIdx.x) * sxq);
     }
 }

@@ -244,17 +244,32 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
         assert pot_a8.gemv_pot_a8(x8, sx, empty) is not None             # K = 0: zeros, returned
         with pytest.raises(CudaOpError, match="do not make"):
             pot_a8.upload(words, scale, n + 8, k)
-    assert exprs == [f"gemv_pot3_a8<{rb}, {nw}>" for rb, nw in pot_a8.VARIANTS] + ["gemv_pot3_a8<8, 4>"]
-    assert [g for g, _ in grids] == [(-(-n // rb), 1) for rb, _ in pot_a8.VARIANTS] + [(2, 3)]
-    assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS] + [(128,)]
+        # the SiLU variant: N = 2I rows (I = 16), grid I / 4 blocks, one token
+        c32, s32 = rand_layer(np.random.default_rng(6), 32, k)
+        gu = pot_a8.upload(P.pack_pot_a8(c32), P.pack_scales(s32, k), 32, k)
+        mf, amax = cp.zeros((1, 16), dtype=np.float32), cp.zeros(1, dtype=np.uint32)
+        with kargs.intercepted(lambda expr, run: (exprs.append(expr), run())):
+            assert pot_a8.gemv_pot_a8_silu(x8.reshape(1, -1), sx, gu, mf, amax) is mf
+        with pytest.raises(CudaOpError, match="I % 8"):
+            pot_a8.gemv_pot_a8_silu(x8, sx, p, cp.zeros(6, dtype=np.float32), amax)
+        with pytest.raises(CudaOpError, match="one token"):
+            pot_a8.gemv_pot_a8_silu(x3, cp.ones(3, dtype=np.float32), gu, mf, amax)
+        with pytest.raises(CudaOpError, match="mf must be"):
+            pot_a8.gemv_pot_a8_silu(x8, sx, gu, cp.zeros((1, 32), dtype=np.float32), amax)
+        with pytest.raises(CudaOpError, match="amax must be"):
+            pot_a8.gemv_pot_a8_silu(x8, sx, gu, mf, cp.zeros(1, dtype=np.float32))
+    assert exprs == [f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in pot_a8.VARIANTS] + [
+        "gemv_pot3_a8<8, 4, false>", pot_a8.SILU_EXPR]
+    assert [g for g, _ in grids] == [(-(-n // rb), 1) for rb, _ in pot_a8.VARIANTS] + [(2, 3), (4, 1)]
+    assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS] + [(128,), (128,)]
 
 
 def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch):
     """tuning.WB_TUNE.pot3_a8 at load: every pot3 linear of a (fake-CuPy) CudaModel holds the
     pot3-a8 layout, its norms and quantizers write INT8 rows of K padded to 32 (mode dynamic),
     and a prefill of M tokens launches gemv_pot3_a8 over a (row blocks, M) grid for q|k|v, o,
-    gate|up and down, and no fp16-activation GEMV. Off (the default), the same model loads its
-    layers for gemv_pot."""
+    gate|up and down, and no fp16-activation GEMV; a decode step's layers fold their quantization
+    (the SiLU variant, quant_amax). Off (the default), the same model loads its layers for gemv_pot."""
     import dataclasses
     import sys
     from pathlib import Path
@@ -265,6 +280,7 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     from engine.bench.e2e import SMOLLM2, random_model
     from engine.gpu import kargs, tuning
     from engine.gpu import pot_a8 as gpu_pot_a8
+    from engine.gpu.cache import Buffers
     from engine.gpu.fused import MODE
     cfg = dataclasses.replace(SMOLLM2, num_hidden_layers=2)
     mw = random_model(cfg, 3)
@@ -275,7 +291,7 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
                                                                           real(self, grid, block, bound, args, *a, **kw)))
 
     def run(a8: bool, m: int):
-        exprs = []
+        exprs, pairs = [], []
         launches.clear()
         monkeypatch.setattr(tuning.WB_TUNE, "pot3_a8", a8)
         with host_prefill.faked() as cp:
@@ -288,7 +304,15 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
             if a8:                       # (the fp16-activation GEMV's grid asks the driver: not faked)
                 with kargs.intercepted(lambda expr, go: (exprs.append(expr), go())):
                     gm.prefill(np.arange(m), cache)
-            return gm, exprs, list(zip(exprs, launches))
+                pairs = list(zip(exprs, launches))
+                launches.clear()
+                folds.extend([gm._fold_quant(1), gm._fold_quant(2)])
+                b = Buffers(cp, cfg, 1, 1, gm._wide)          # a decode step's layers, attention left out
+                with kargs.intercepted(lambda expr, go: (steps.append(expr), go())):
+                    gm._layers(b, 1, cache, lambda li, bb, amax=None: None, cp.zeros(1, np.int32), decode=True)
+            return gm, exprs, pairs
+
+    steps, folds = [], []
 
     gm, exprs, pairs = run(True, 5)
     assert all(g.pa8 is not None and g.wb is None and g.mode == MODE["dynamic"] and g.kp % 32 == 0
@@ -305,6 +329,17 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     rows = [args["mode"] for e, (_, args) in pairs if "rmsnorm_quant" in e or "quant_rows" in e or "silu_mul_quant" in e]
     # per layer: norm, quant of the attention output, norm, silu_mul_quant; the final norm feeds the fp16 head
     assert rows == [MODE["dynamic"]] * 4 * cfg.num_hidden_layers + [MODE["fp16"]]
+
+    # the one-token step folds its quantization (CudaModel._fold_quant): the SiLU variant for gate|up
+    # (grid I/4, writing mf and amax), quant_amax for o and down, no silu_mul_quant or quant_rows
+    assert folds == [True, False]
+    per = cfg.num_hidden_layers
+    assert sum(e == gpu_pot_a8.SILU_EXPR for e in steps) == per
+    assert sum(e.startswith("gemv_pot3_a8") for e in steps) == 4 * per
+    assert sum(e.startswith("quant_amax") for e in steps) == 2 * per
+    assert not any(e.startswith(("silu_mul_quant", "quant_rows")) for e in steps)
+    silu = [args for grid, args in launches if "mf" in args and args["mf"] is not None]
+    assert len(silu) == per and all(a["N"] == 2 * cfg.intermediate_size and a["amax"] is not None for a in silu)
 
     gm, _, _ = run(False, 5)
     assert all(g.pa8 is None and g.wb is not None and g.mode == MODE["fp16"] for L in gm.layers for g in L.linears())

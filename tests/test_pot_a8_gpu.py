@@ -64,7 +64,7 @@ def _pot3_model(seed=1):
     from converters.pot import pot_linear
     from engine.model import LINEAR_NAMES, ModelWeights
     from test_model import random_tensors, tiny_config
-    c = tiny_config(head_dim=64, hidden_size=256, intermediate_size=384)
+    c = tiny_config(head_dim=64, hidden_size=256, intermediate_size=384, max_position_embeddings=256)
     mw = ModelWeights.from_hf(c, random_tensors(c, seed))
     for L in mw.layers:
         for name in LINEAR_NAMES:
@@ -109,3 +109,47 @@ def test_model_with_pot3_a8_matches_an_int8_activation_reference(monkeypatch):
         outs.append(gm.decode_greedy(cache, [first], 12, use_graph))
         assert (cache.step.graph is not None) == use_graph
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (11008 // 8, 4096)])
+def test_silu_variant_then_quant_equals_the_row_kernel_path(inter, k):
+    """The batch-1 MLP without silu_mul_quant: the SiLU variant (fp32 silu(gate)·up, atomic absmax)
+    then quant_amax gives the int8 row and scale that the plain GEMV then silu_mul_quant give."""
+    import cupy as cp
+
+    from engine.gpu import fused, pot_a8
+    from engine.gpu.fused import MODE, RowShape
+    rng = np.random.default_rng(inter + k)
+    words, scale = layer(rng, 2 * inter, k)
+    p = pot_a8.upload(words, scale, 2 * inter, k)
+    kp = 32 * P.n_chunks(k)
+    x8 = cp.asarray(rng.integers(-127, 128, (1, kp)).astype(np.int8))
+    sx = cp.asarray([0.0123], dtype=cp.float32)
+    ld = -(-inter // 16) * 16
+    g = pot_a8.gemv_pot_a8(x8, sx, p)                                       # (1, 2I) fp16, gate then up
+    m8, msx = cp.zeros((1, ld), cp.int8), cp.zeros((1,), cp.float32)
+    fused.silu_mul_quant(1, RowShape(), gu=g, I=inter, mode=MODE["dynamic"], static_scale=cp.ones(1, cp.float32),
+                         x8=m8, ld=ld, sx=msx, mh=cp.zeros((1, inter), cp.float16), il=0)
+    mf, amax = cp.full((1, inter), np.nan, cp.float32), cp.zeros((1,), cp.uint32)
+    pot_a8.gemv_pot_a8_silu(x8, sx, p, mf, amax)
+    gh = g.get().astype(np.float32)
+    ref = gh[:, :inter] / (1 + np.exp(-gh[:, :inter])) * gh[:, inter:]
+    np.testing.assert_allclose(mf.get(), ref, rtol=1e-5, atol=1e-7)
+    assert amax.get().view(np.float32)[0] == np.abs(mf.get()).max()
+    q8, qsx = cp.full((1, ld), 9, cp.int8), cp.zeros((1,), cp.float32)
+    fused.quant_amax(1, x=mf, K=inter, mode=MODE["dynamic"], static_scale=None, amax=amax, x8=q8, ld=ld, sx=qsx)
+    np.testing.assert_array_equal(q8.get(), m8.get())
+    np.testing.assert_array_equal(qsx.get(), msx.get())
+
+
+def test_pot3_a8_fold_quant_equals_row_kernels(monkeypatch):
+    """A pot3-a8 model's one-token step with its quantization folded (the SiLU variant, attention's
+    absmax, quant_amax) gives the bits of the step with silu_mul_quant and quant_rows, graphed and eager."""
+    from engine.gpu import tuning
+    from engine.gpu.model import CudaModel
+    from test_model_cuda import check_fold_quant_bits
+    monkeypatch.setattr(tuning.WB_TUNE, "pot3_a8", True)
+    mw = _pot3_model(seed=3)
+    gm = CudaModel(mw)
+    assert gm._fold_quant(1) and all(L.gu.silu_fused and not L.gu.interleaved for L in gm.layers)
+    check_fold_quant_bits(gm, monkeypatch, np.arange(5, 60) % mw.config.vocab_size, 128, 16)

@@ -55,6 +55,7 @@ class GpuLinear:
     def __init__(self, cp, ws, host_cache: dict | None = None, interleave: bool = False, name: str = "a linear"):
         self.cp = cp
         self.interleaved = False     # gate|up rows in the SiLU GEMV's order (ops_cuda.interleave_rows)
+        self.silu_fused = False      # silu_gemv runs (an interleaved A8W4 or a pot3-a8 gate|up layer)
         self.wb = None               # a PackedWB for the weight-only kinds
         self.pa8 = None              # a PackedPotA8 for pot3 layers run with INT8 activations
         if WB_TUNE.pot3_a8 and all(isinstance(w, formats.QuantLinear) and w.kind == "pot3" and w.group == pot_a8.GROUP
@@ -65,6 +66,8 @@ class GpuLinear:
             self.packed, self.w16, self.mode = None, None, MODE["dynamic"]    # int8 rows, a scale a token
             self.scale = cp.ones(1, cp.float32)
             self.n, self.kp = ql.out_features, pot_a8.CHUNK * pot_a8.n_chunks(ql.in_features)
+            self.silu_fused = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
+                and ws[0].out_features % 8 == 0           # gate then up, in place (gpu_pot_a8.gemv_pot_a8_silu)
         elif all(isinstance(w, formats.QuantLinear) and w.kind in WB_KINDS for w in ws):
             self.wb = wb.pack_wb(ws[0] if len(ws) == 1 else _fuse(ws))
             self.packed, self.w16, self.mode = None, None, MODE["fp16"]       # reads the fp16 activations
@@ -77,6 +80,7 @@ class GpuLinear:
                                    f"this file holds {kinds} (one fused group may not mix kinds): use --device cpu")
             self.interleaved = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
                 and ws[0].out_features % 8 == 0
+            self.silu_fused = self.interleaved
             # Host repacking is the slow part of loading; layers that share arrays (the
             # random bench models) repack once and upload once per layer.
             key = tuple(id(w) for w in ws) + (self.interleaved,)
@@ -124,8 +128,10 @@ class GpuLinear:
         return ops_cuda.gemm_a8w4_acc(x8, self.packed, out=out)
 
     def silu_gemv(self, x8, sx, out, amax):
-        """out (1, N/2) float32 = silu(gate)·up of this interleaved gate|up layer, amax = its
-        max |·| (ops_cuda.gemv_a8w4_silu)."""
+        """out (1, N/2) float32 = silu(gate)·up of this gate|up layer (silu_fused), amax = its
+        max |·| (ops_cuda.gemv_a8w4_silu, gpu_pot_a8.gemv_pot_a8_silu)."""
+        if self.pa8 is not None:
+            return gpu_pot_a8.gemv_pot_a8_silu(x8, sx, self.pa8, out, amax)
         return ops_cuda.gemv_a8w4_silu(x8, sx, self.packed, out, amax)
 
     def nbytes(self) -> int:

@@ -2,7 +2,7 @@
 model runs pot3 layers with it when tuning.WB_TUNE.pot3_a8 is set at load (gpu/linear.py; off by
 default); `python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1` times it alone.
 
-Name triplet: formats.pot_a8.gemv_pot_a8_ref ↔ gemv_pot3_a8<RB, NW> ↔ gemv_pot_a8. The layout
+Name triplet: formats.pot_a8.gemv_pot_a8_ref ↔ gemv_pot3_a8<RB, NW, SILU> ↔ gemv_pot_a8. The layout
 (three word planes a 32-channel chunk) is made on the host by formats.pot_a8.pack_pot_a8.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from .ops import CudaOpError
 # (RB rows a block, NW warps a block): the instantiations; DEFAULT until a GPU has timed them
 VARIANTS = ((4, 4), (8, 4), (4, 8), (8, 8))
 DEFAULT = (8, 4)
-POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}>" for rb, nw in VARIANTS)
+SILU_EXPR = f"gemv_pot3_a8<8, {DEFAULT[1]}, true>"      # the fused gate|up layer of the batch-1 step
+POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS) + (SILU_EXPR,)
 POT_A8_FILE = kargs.KernelFile("gemv_pot_a8.cu", POT_A8_EXPRS)
 
 
@@ -74,6 +75,32 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
     if p.n == 0 or p.k == 0:
         out.fill(0)
         return out
-    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}>", (-(-p.n // rb), m), (32 * nw,), words=p.words,
-                 scale=p.scale, x8=x8, sx=sx, out=out, N=p.n, KC=kc, ldx=ldx, ldo=p.n)
+    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (-(-p.n // rb), m), (32 * nw,), words=p.words,
+                 scale=p.scale, x8=x8, sx=sx, out=out, N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None, amax=None)
     return out
+
+
+def gemv_pot_a8_silu(x8, sx, p: PackedPotA8, mf, amax):
+    """The fused gate|up layer (N = 2I rows, gate then up, I % 8 == 0) for one token: mf (1, I)
+    float32 = silu(gate)·up from the fp16-rounded gate and up (the values gemv_pot_a8 would write),
+    amax (≥ 1,) uint32 = max(amax, max |mf|) as float bits (zero it first). x8 and sx as for
+    gemv_pot_a8, one token."""
+    cp = require_cupy()
+    kc, i = fmt.n_chunks(p.k), p.n // 2
+    ldx = x8.shape[-1] if x8.ndim in (1, 2) else 0
+    if x8.dtype != np.int8 or not x8.flags.c_contiguous or x8.size != ldx or ldx < 32 * kc or ldx % 16 \
+            or x8.data.ptr % 16:
+        raise CudaOpError(f"the pot3-a8 SiLU GEMV takes one token: x8 as one C-contiguous 16-byte aligned int8 row "
+                          f"of at least {32 * kc} bytes, a multiple of 16, got {x8.dtype} {x8.shape}")
+    if p.n % 16 or p.k == 0:
+        raise CudaOpError(f"the pot3-a8 SiLU GEMV takes gate|up rows with I % 8 == 0 and K > 0, got N = {p.n}, "
+                          f"K = {p.k}")
+    if not (isinstance(mf, cp.ndarray) and mf.dtype == np.float32 and mf.size == i and mf.flags.c_contiguous):
+        raise CudaOpError(f"mf must be a C-contiguous float32 array of {i} elements, got {mf.dtype} {mf.shape}")
+    if not (isinstance(amax, cp.ndarray) and amax.dtype == np.uint32 and amax.size >= 1):
+        raise CudaOpError("amax must be a uint32 array of at least one element")
+    if sx.dtype != np.float32 or sx.size < 1:
+        raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least 1 element, got {sx.dtype} {sx.shape}")
+    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<8, {DEFAULT[1]}, true>", (i // 4, 1), (32 * DEFAULT[1],),   # SILU_EXPR
+                 words=p.words, scale=p.scale, x8=x8, sx=sx, out=None, N=p.n, KC=kc, ldx=ldx, ldo=0, mf=mf, amax=amax)
+    return mf
