@@ -3,11 +3,15 @@
 Round trips of the packing (odd shapes, K past a warp step, the spare code under both signs of
 the scale), the kernel's selector masking, prmt lookup (with its sign-replicate rule) and dp4a
 word for word against the code table, the exact fma emulation, and the reference GEMV against
-a float64 W·x. tests/test_pot_a8_gpu.py runs the kernel against the same reference.
+a float64 W·x; the kernel's index arithmetic, read from its source, run for every block, warp
+and lane of both variants against the layout (check_kernel_offsets). tests/test_pot_a8_gpu.py runs
+the kernel against the same reference.
 """
 from __future__ import annotations
 
+import re
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,3 +347,246 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
 
     gm, _, _ = run(False, 5)
     assert all(g.pa8 is None and g.wb is not None and g.mode == MODE["fp16"] for L in gm.layers for g in L.linears())
+
+
+# ----------------------------------------------------------------- the kernel's index arithmetic
+
+KERNEL_SRC = Path(__file__).resolve().parents[1] / "cuda" / "gemv_pot_a8.cu"
+
+# gemv_pot3_a8's index expressions, read from its source (one match each in the kernel's body)
+_KERNEL_EXPRS = {
+    "steps": r"const int steps = ([^;]+);", "n0": r"const int n0 = ([^;]+);",
+    "x8": r"\bx8 \+= ([^;]+);", "out": r"\bout \+= ([^;]+);",
+    "ts": r"const size_t ts = (.+?), r0 = ", "r0": r", r0 = ([^;]+);",
+    "wp": r"const u32\* wp = ([^;]+);", "sp": r"const unsigned short\* sp = ([^;]+);",
+    "tu": r"const size_t tu = ([^;]+);",
+    "wpu": r"const u32\* wpu = ([^;]+);", "spu": r"const unsigned short\* spu = ([^;]+);",
+    "w": r"const u32\* w = ([^;]+);", "rr": r"const int rr = ([^;]+);",
+    "ldw": r"b\.w\[r\]\[j\] = pa8_ldw\((.+)\);$", "lds": r"b\.s\[r\] = pa8_lds\((.+)\);$",
+    "ldx": r"pa8_ldx\((.+), b\.x\);$",
+    "adv_wp": r"\bwp \+= ([^;]+);", "adv_sp": r"\bsp \+= ([^;]+);",
+    "adv_wpu": r"\bwpu \+= ([^;]+);", "adv_spu": r"\bspu \+= ([^;]+);",
+    "silu_live": r"if \(threadIdx\.x < (\w+)\) \{", "gate": r"const float g = .*?row_sum\(([^)]+)\)",
+    "up": r"const float u = .*?row_sum\(([^)]+)\)", "mf": r"mf\[([^\]]+)\] = v;",
+    "amax": r"atomicMax\(amax \+ ([^,]+),",
+    "plain_live": r"\} else if \((.+)\) \{$", "out_idx": r"out\[([^\]]+)\] = ",
+    "out_row": r"out\[[^\]]+\] = __float2half_rn\(row_sum\(([^)]+)\)",
+}
+
+
+# the kernel's load/compute loop, which check_kernel_offsets mirrors statement for statement
+KERNEL_LOOP = """
+    Pa8Batch<RB> b0, b1;
+    if (warp < steps) load_w(0, b0);
+    if (warp + NW < steps) load_w(1, b1);
+    pdl_enter();
+    float sxq = 0.f;
+    if (threadIdx.x < RB) sxq = 0.25f * sx[0];
+    if (warp < steps) load_x(warp, b0);
+    if (warp + NW < steps) load_x(warp + NW, b1);
+    for (int st = warp; st < steps; st += 2 * NW) {
+        compute(b0);
+        advance();
+        if (st + 2 * NW < steps) {
+            load_w(0, b0);
+            load_x(st + 2 * NW, b0);
+        }
+        if (st + NW >= steps) break;
+        compute(b1);
+        if (st + 3 * NW < steps) {
+            load_w(1, b1);
+            load_x(st + 3 * NW, b1);
+        }
+    }
+"""
+
+
+def _c_to_py(e: str) -> str:
+    """One of the kernel's integer expressions as Python (NumPy arrays for the thread indices)."""
+    e = " ".join(e.split())
+    e = re.sub(r"reinterpret_cast<[^>]*>\((\w+)\)", r"\1", e)
+    e = re.sub(r"\((?:size_t|int)\)", "", e)
+    for c, p in (("blockIdx.x", "bx"), ("blockIdx.y", "by"), ("threadIdx.x", "tid"), ("/", "//"),
+                 ("min(", "np.minimum(")):
+        e = e.replace(c, p)
+    e = re.sub(r"\(([^()?:]+?) \? ([^()?:]+?) : ([^()?:]+?)\)", r"((\2) if (\1) else (\3))", e)
+    e = re.sub(r"^([^?]+?) \? ([^?]+?) : ([^?]+)$", r"(\2) if (\1) else (\3)", e)
+    if "&&" in e:
+        e = "(" + ") & (".join(e.split(" && ")) + ")"
+    assert "?" not in e and "&&" not in e, e
+    return e
+
+
+def kernel_index_exprs(src: str) -> dict:
+    body = src[src.index("gemv_pot3_a8(\n"):]
+    code = " ".join(re.sub(r"//[^\n]*", "", body).split())
+    assert " ".join(KERNEL_LOOP.split()) in code, "the kernel's loop changed: update check_kernel_offsets and KERNEL_LOOP"
+    ex = {}
+    for name, pat in _KERNEL_EXPRS.items():
+        hits = re.findall(pat, body, re.M)
+        assert len(hits) == 1, f"{name}: {hits} in cuda/gemv_pot_a8.cu (update _KERNEL_EXPRS with the kernel)"
+        ex[name] = _c_to_py(hits[0])
+    ex["defines"] = {d: int(v) for d, v in re.findall(r"^#define (PA8_\w+) (\d+)\b", src, re.M)}
+    ex["constexpr"] = [(c, _c_to_py(v)) for c, v in re.findall(r"constexpr int (\w+) = ([^;]+);", body)]
+    ex["shfl"] = [(int(mk, 16), int(off)) for mk, off in re.findall(r"__shfl_xor_sync\((0x[0-9a-f]+)u, a, (\d+)\)", body)]
+    return ex
+
+
+def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int, m: int = 1, ldx: int = 0):
+    """Run the kernel's pointer arithmetic (ex) for every block, token, warp and lane through its
+    load/compute loop, and assert: each batch compute() reads holds, for register row r and word j,
+    word j of chunk 32·st + lane of row R(r) (words[R // 8, st, j, R % 8, lane]), that row's scale
+    of the chunk's group and the token's x8 at min(chunk, Kc - 1); warp w reads the steps w, w + NW, ...
+    in order; the epilogue writes every output once, from the register row of its row. R(r) = n0 + r
+    (plain), gate row 4b + r for r < 4 and up row I + 4b + r - 4 (SILU, N = 2I)."""
+    kc, steps, nt, i = P.n_chunks(k), P.n_steps(k), P.n_tiles(n), n // 2
+    ldx = ldx or 32 * kc
+    wshape, sshape = (nt, steps, 3, 8, 32), (nt, steps, 8, 8)
+    gx = i // 4 if silu else -(-n // rb)              # the launchers' grids (test_launcher_binds_the_kernel...)
+    env = dict(ex["defines"], RB=rb, NW=nw, SILU=silu, N=n, KC=kc, ldx=ldx, ldo=0 if silu else n)
+    for name, e in ex["constexpr"]:
+        env[name] = eval(e, {}, env)                   # noqa: S307  (our kernel's constexprs)
+    bx, by, lane = np.arange(gx)[None, :, None], np.arange(m)[:, None, None], np.arange(32)[None, None, :]
+    grid = np.zeros((m, gx, 32), np.int64)
+
+    def ev(name, e):
+        return eval(ex[name], {"np": np}, e) + grid    # noqa: S307
+
+    for warp in range(nw):
+        e = dict(env, bx=bx, by=by, lane=lane, warp=warp, words=0, scale=0, x8=0)
+        assert (ev("steps", e) == steps).all()
+        e["steps"] = steps
+        e["n0"] = ev("n0", e)
+        e["x8"] = ev("x8", e)
+        for name in ("ts", "r0", "wp", "sp", "tu", "wpu", "spu"):
+            e[name] = ev(name, e)
+
+        def load_w(half):
+            b = {}
+            for r in range(rb):
+                e.update(r=r, half=half)
+                e["w"], e["rr"] = ev("w", e), ev("rr", e)
+                for j in range(3):
+                    e["j"] = j
+                    b[r, j] = ev("ldw", e)
+                b[r, "s"] = ev("lds", e)
+            return b
+
+        def load_x(st, b):
+            e["st"] = st
+            b["x"] = ev("ldx", e)
+
+        def advance():
+            for p in ("wp", "sp") + (("wpu", "spu") if silu else ()):
+                e[p] = e[p] + ev("adv_" + p, e)
+
+        read = []                # the batches compute() reads, in order: the kernel's loop
+        b0 = load_w(0) if warp < steps else None
+        b1 = load_w(1) if warp + nw < steps else None
+        if warp < steps:
+            load_x(warp, b0)
+        if warp + nw < steps:
+            load_x(warp + nw, b1)
+        for st in range(warp, steps, 2 * nw):
+            read.append(b0)
+            advance()
+            if st + 2 * nw < steps:
+                b0 = load_w(0)
+                load_x(st + 2 * nw, b0)
+            if st + nw >= steps:
+                break
+            read.append(b1)
+            if st + 3 * nw < steps:
+                b1 = load_w(1)
+                load_x(st + 3 * nw, b1)
+        assert len(read) == len(range(warp, steps, nw)), (warp, len(read))
+        for st, b in zip(range(warp, steps, nw), read):
+            c = 32 * st + lane
+            for r in range(rb):
+                row = (4 * bx + r if r < 4 else i + 4 * bx + r - 4) if silu else bx * rb + r
+                for key, shape, want in [((r, j), wshape, (row // 8, st, j, row % 8, lane)) for j in range(3)] + [
+                        ((r, "s"), sshape, (row // 8, st, row % 8, (c >> 2) - 8 * st))]:
+                    off = b[key]
+                    assert ((off >= 0) & (off < np.prod(shape))).all(), (key, st, "out of bounds")
+                    for got, w in zip(np.unravel_index(off, shape), want):
+                        assert (got == w).all(), (key, warp, st)
+            assert (b["x"] == by * ldx + 32 * np.minimum(c, kc - 1)).all() and (b["x"] + 32 <= m * ldx).all()
+
+    # the epilogue: thread tid of block (bx, by) writes which output, from which register row
+    tid = np.arange(32 * nw)[None, None, :]
+    e = dict(env, bx=bx, by=by, tid=tid, out=0)
+    e["n0"] = eval(ex["n0"], {"np": np}, e)            # noqa: S307
+    full = np.zeros((m, gx, tid.size), np.int64)
+
+    def at(expr, live):
+        return (eval(expr, {"np": np}, e) + full)[live]   # noqa: S307
+
+    if silu:
+        live = tid + full < env[ex["silu_live"]]
+        assert np.array_equal(np.nonzero(live[0, 0])[0], np.arange(4))
+        for mask, off in ex["shfl"]:                   # the absmax butterfly within exactly those lanes
+            assert {t for t in range(32) if mask >> t & 1} == {0, 1, 2, 3} == {t ^ off for t in range(4)}
+        assert (at(ex["amax"], live) == at("by", live)).all()
+        rg, ru = at(ex["gate"], live), at(ex["up"], live)
+        assert (rg < 4).all() and (ru - 4 == rg).all()         # gate row 4b + t, up row I + 4b + t
+        mf = at(ex["mf"], live)
+        assert (mf == at("by", live) * i + 4 * at("bx", live) + rg).all()
+        assert np.array_equal(np.sort(mf), np.arange(m * i))
+    else:
+        live = at(ex["plain_live"], Ellipsis).astype(bool)
+        idx, r = at(ex["out"], live) + at(ex["out_idx"], live), at(ex["out_row"], live)
+        assert (r < rb).all() and (idx == at("by", live) * n + at("bx", live) * rb + r).all()
+        assert np.array_equal(np.sort(idx), np.arange(m * n))
+
+
+PLAIN_CASES = [(rb, nw, n, k, m) for rb in (4, 8) for nw in (4, 8)
+               for n, k in [(1, 1), (13, 77), (8, 1024), (21, 2080), (37, 9300)] for m in (1, 3)]
+SILU_CASES = [(nw, i, k) for nw in (4, 8) for i in (8, 16, 24, 1376) for k in (77, 2080, 4096, 9300)]
+
+
+def test_kernel_offsets_address_the_layout():
+    """gemv_pot3_a8's pointer arithmetic, read from cuda/gemv_pot_a8.cu and run for every block, token,
+    warp and lane (check_kernel_offsets): the plain variant (RB 4 and 8, NW 4 and 8; N with a partial
+    last tile, K not a multiple of 1024, up to 10 warp steps; 3 tokens with rows of 32·Kc + 16 bytes)
+    reads row n0 + r, the SiLU variant gate row 4b + r and up row I + 4b + r - 4 (I = 8, 16, 24,
+    1376), of chunk 32·st + lane as pack_pot_a8 and pack_scales lay them out, and writes each output once."""
+    ex = kernel_index_exprs(KERNEL_SRC.read_text())
+    for rb, nw, n, k, m in PLAIN_CASES:
+        check_kernel_offsets(ex, rb, nw, False, n, k, m, 0 if m == 1 else 32 * P.n_chunks(k) + 16)
+    for nw, i, k in SILU_CASES:
+        check_kernel_offsets(ex, 8, nw, True, 2 * i, k)
+
+
+@pytest.mark.parametrize("old,new", [
+    ("r0 * PA8_STEP + lane", "r0 * PA8_TILE_ROWS + lane"),                     # a half tile's row offset
+    ("(size_t)(N / 2 / PA8_TILE_ROWS) * steps", "(size_t)(N / 2 / PA8_TILE_ROWS)"),   # the up rows' tile
+    ("wpu += 2 * NW * TILE_STEP", "wpu += NW * TILE_STEP"),                   # the up pointer's advance
+    ("spu += 2 * NW * SCALES_STEP", "spu += NW * SCALES_STEP"),
+    ("+ (lane >> 2);", "+ (lane >> 3);"),                                     # a lane's group
+    ("rr * (SCALES_STEP / PA8_TILE_ROWS)", "r * (SCALES_STEP / PA8_TILE_ROWS)"),
+    ("(j * PA8_TILE_ROWS + rr) * PA8_STEP", "(j * PA8_TILE_ROWS + r) * PA8_STEP"),
+    ("half * NW * TILE_STEP", "half * TILE_STEP"),                            # the second batch
+    ("SILU ? blockIdx.x * HALF : blockIdx.x * RB", "blockIdx.x * RB"),
+    ("KC - 1)", "KC)"),                                                       # the lanes past Kc
+    ("x8 += (size_t)blockIdx.y * ldx", "x8 += (size_t)blockIdx.y * KC * 32"), # the token's row
+    ("row_sum(threadIdx.x + HALF)", "row_sum(threadIdx.x + 1)"),
+    ("mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x]", "mf[(size_t)blockIdx.y * (N / 2) + 2 * n0 + threadIdx.x]"),
+    ("__shfl_xor_sync(0xfu, a, 2)", "__shfl_xor_sync(0x3u, a, 2)"),
+    ("n0 + (int)threadIdx.x < N", "n0 + (int)threadIdx.x <= N"),
+    ("if (st + NW >= steps) break;", "if (st + NW > steps) break;"),          # the loop (KERNEL_LOOP)
+])
+def test_offset_check_catches_a_mutated_kernel(old, new):
+    """check_kernel_offsets (or kernel_index_exprs' check of the loop it mirrors) fails on the
+    kernel's source with one index expression or loop condition broken."""
+    src = KERNEL_SRC.read_text()
+    assert src.count(old) == 1
+    if old in KERNEL_LOOP:
+        with pytest.raises(AssertionError, match="loop changed"):
+            kernel_index_exprs(src.replace(old, new))
+        return
+    ex = kernel_index_exprs(src.replace(old, new))
+    with pytest.raises(AssertionError):
+        for rb, nw, n, k, m in PLAIN_CASES:
+            check_kernel_offsets(ex, rb, nw, False, n, k, m, 0 if m == 1 else 32 * P.n_chunks(k) + 16)
+        for nw, i, k in SILU_CASES:
+            check_kernel_offsets(ex, 8, nw, True, 2 * i, k)
