@@ -82,6 +82,8 @@ def test_ab_reaches_the_weight_only_tuning_too():
     assert parse_ab("wb.resident=0,gemv_dp_u=4") == {"wb.resident": False, "gemv_dp_u": 4}
     with pytest.raises(ValueError, match="wb.FIELD"):
         parse_ab("wb.no_such_field=1")
+    with pytest.raises(ValueError, match="read when a model loads.*--pot-bits 3a8"):
+        parse_ab("wb.pot3_a8=1")                          # an A/B row could not change it
     before = (tuning.WB_TUNE.resident, tuning.GEMM.gemv_dp_u)
     (name, ctx), = decode_variants(ab=[{"wb.resident": not before[0], "gemv_dp_u": 4}])
     assert "wb.resident" in name

@@ -219,8 +219,10 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
     words, scale = P.pack_pot_a8(codes), P.pack_scales(s, k)
     grids, exprs = [], []
     real = host_gemm._Kernel.launch_bound
+    args_seen = []
     monkeypatch.setattr(host_gemm._Kernel, "launch_bound",
                         lambda self, grid, block, bound, args, *a, **kw: (grids.append((grid, block)),
+                                                                          args_seen.append(dict(args)),
                                                                           real(self, grid, block, bound, args, *a, **kw)))
     with host_prefill.faked() as cp:
         monkeypatch.setattr(pot_a8, "require_cupy", lambda: cp)
@@ -232,6 +234,13 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
                 pot_a8.gemv_pot_a8(x8, sx, p, variant=v)
             x3 = cp.zeros((3, 1136), dtype=np.int8)                   # three tokens, rows of 1136 bytes
             assert pot_a8.gemv_pot_a8(x3, cp.ones(3, dtype=np.float32), p).shape == (3, n)
+            monkeypatch.setattr(pot_a8, "MAX_GRID_Y", 2)             # past the grid's y limit: launches of 2, 1
+            at = len(args_seen)
+            pot_a8.gemv_pot_a8(x3, cp.ones(3, dtype=np.float32), p)
+            monkeypatch.setattr(pot_a8, "MAX_GRID_Y", 65535)
+            sliced = args_seen[at:]
+            assert [a["x8"].data.ptr - x3.data.ptr for a in sliced] == [0, 2 * 1136]
+            assert [a["out"].shape[0] for a in sliced] == [3, 1] and sliced[1]["sx"].size == 1
         with pytest.raises(CudaOpError, match="at least 1120 bytes"):
             pot_a8.gemv_pot_a8(x8[:1100], sx, p)
         with pytest.raises(CudaOpError, match="a multiple of 16"):
@@ -263,9 +272,9 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
         with pytest.raises(CudaOpError, match="amax must be"):
             pot_a8.gemv_pot_a8_silu(x8, sx, gu, mf, cp.zeros(1, dtype=np.float32))
     assert exprs == [f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in pot_a8.VARIANTS] + [
-        "gemv_pot3_a8<8, 4, false>", pot_a8.SILU_EXPR]
-    assert [g for g, _ in grids] == [(-(-n // rb), 1) for rb, _ in pot_a8.VARIANTS] + [(2, 3), (4, 1)]
-    assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS] + [(128,), (128,)]
+        "gemv_pot3_a8<8, 4, false>"] * 3 + [pot_a8.SILU_EXPR]
+    assert [g for g, _ in grids] == [(-(-n // rb), 1) for rb, _ in pot_a8.VARIANTS] + [(2, 3), (2, 2), (2, 1), (4, 1)]
+    assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS] + [(128,)] * 4
 
 
 def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch):

@@ -61,8 +61,13 @@ class GpuLinear:
         if WB_TUNE.pot3_a8 and all(isinstance(w, formats.QuantLinear) and w.kind == "pot3" and w.group == pot_a8.GROUP
                                    for w in ws):
             ql = ws[0] if len(ws) == 1 else _fuse(ws)
-            self.pa8 = gpu_pot_a8.upload(*pot_a8.from_pot3(ql.qweight, ql.wscale, ql.in_features, ql.group),
-                                         ql.out_features, ql.in_features)
+            key = ("pot3-a8",) + tuple(id(w) for w in ws)       # layers that share arrays pack once
+            host = (host_cache or {}).get(key)
+            if host is None:
+                host = pot_a8.from_pot3(ql.qweight, ql.wscale, ql.in_features, ql.group)
+                if host_cache is not None:
+                    host_cache[key] = host
+            self.pa8 = gpu_pot_a8.upload(*host, ql.out_features, ql.in_features)
             self.packed, self.w16, self.mode = None, None, MODE["dynamic"]    # int8 rows, a scale a token
             self.scale = cp.ones(1, cp.float32)
             self.n, self.kp = ql.out_features, pot_a8.CHUNK * pot_a8.n_chunks(ql.in_features)
@@ -114,7 +119,7 @@ class GpuLinear:
         if self.packed is None and resid is not None:
             raise BackendError("the residual add runs in the A8W4 GEMV only")
         if self.pa8 is not None:
-            gpu_pot_a8.gemv_pot_a8(x8, sx, self.pa8, out)   # a launch for any M; M times the weight bytes
+            gpu_pot_a8.gemv_pot_a8(x8, sx, self.pa8, out)   # any M (launches of ≤ 65535 tokens); M × the weight bytes
         elif self.wb is not None:
             wb.gemv_wb(xh, self.wb, out)                   # any M; in a capture, 16-row GEMV slices
         elif self.w16 is not None:

@@ -7,8 +7,9 @@ cache write, flash-decoding, merge of the splits) → quant_rows → o GEMM → 
 fused gate|up GEMM → silu_mul_quant → down GEMM. Up to ops.gemv_max_m() rows of an all-A8W4 model, the o and
 down GEMVs add their output into the residual stream themselves (_fold_resid); otherwise the
 next norm adds it, and the last layer's add happens in the final norm. In a one-token decode
-step (_fold_quant) the gate|up rows are interleaved so its GEMV epilogue writes silu(gate)·up
-and max-reduces the row's absmax, attn_decode max-reduces its output's, and quant_amax
+step (_fold_quant) the gate|up GEMV's epilogue writes silu(gate)·up and max-reduces the row's
+absmax (A8W4: gate|up rows interleaved; pot3-a8 behind tuning.WB_TUNE.pot3_a8: gate and up rows
+read through two pointers), attn_decode max-reduces its output's, and quant_amax
 launches (no reduction) quantize both rows: silu_mul_quant and quant_rows drop out of the
 step. The residual stream is float32; GEMM outputs and q are float16; the KV cache is float16,
 or INT8 with one float32 scale per token and kv head (kv8). Layers whose weights are float run

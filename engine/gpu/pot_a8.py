@@ -19,7 +19,11 @@ from .ops import CudaOpError
 # (RB rows a block, NW warps a block): the instantiations; DEFAULT until a GPU has timed them
 VARIANTS = ((4, 4), (8, 4), (4, 8), (8, 8))
 DEFAULT = (8, 4)
-SILU_EXPR = f"gemv_pot3_a8<8, {DEFAULT[1]}, true>"      # the fused gate|up layer of the batch-1 step
+# the fused gate|up layer of the batch-1 step. Its NW is DEFAULT's, as gemv_pot_a8's default: the
+# warp count fixes the order of a row's sums, so the folded step (this) and the unfolded one (the
+# plain kernel, then silu_mul_quant) agree bit for bit only while both run DEFAULT[1] warps
+SILU_EXPR = f"gemv_pot3_a8<8, {DEFAULT[1]}, true>"
+MAX_GRID_Y = 65535
 POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS) + (SILU_EXPR,)
 POT_A8_FILE = kargs.KernelFile("gemv_pot_a8.cu", POT_A8_EXPRS)
 
@@ -75,8 +79,11 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
     if p.n == 0 or p.k == 0:
         out.fill(0)
         return out
-    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (-(-p.n // rb), m), (32 * nw,), words=p.words,
-                 scale=p.scale, x8=x8, sx=sx, out=out, N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None, amax=None)
+    for m0 in range(0, m, MAX_GRID_Y):                  # the grid's y dimension holds 65535 tokens
+        mc = min(MAX_GRID_Y, m - m0)
+        kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (-(-p.n // rb), mc), (32 * nw,), words=p.words,
+                     scale=p.scale, x8=x8[m0:] if m0 else x8, sx=sx[m0:] if m0 else sx, out=out[m0:] if m0 else out,
+                     N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None, amax=None)
     return out
 
 
