@@ -363,19 +363,17 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
 
 KERNEL_SRC = Path(__file__).resolve().parents[1] / "cuda" / "gemv_pot_a8.cu"
 
-# gemv_pot3_a8's index expressions, read from its source (one match each in the kernel's body)
+# gemv_pot3_a8's index expressions, read from its source (one match each in the kernel's body):
+# the declarations `TYPE NAME = EXPR;`, the pointer advances `NAME += EXPR;`, and the rest
+_DECLS = {"steps": "int", "n0": "int", "tu": "size_t", "wp": r"u32\*", "wpu": r"u32\*", "w": r"u32\*",
+          "rr": "int", "sp": r"unsigned short\*", "spu": r"unsigned short\*"}
 _KERNEL_EXPRS = {
-    "steps": r"const int steps = ([^;]+);", "n0": r"const int n0 = ([^;]+);",
+    **{name: rf"const {ty} {name} = ([^;]+);" for name, ty in _DECLS.items()},
+    **{f"adv_{v}": rf"\b{v} \+= ([^;]+);" for v in ("wp", "sp", "wpu", "spu")},
     "x8": r"\bx8 \+= ([^;]+);", "out": r"\bout \+= ([^;]+);",
     "ts": r"const size_t ts = (.+?), r0 = ", "r0": r", r0 = ([^;]+);",
-    "wp": r"const u32\* wp = ([^;]+);", "sp": r"const unsigned short\* sp = ([^;]+);",
-    "tu": r"const size_t tu = ([^;]+);",
-    "wpu": r"const u32\* wpu = ([^;]+);", "spu": r"const unsigned short\* spu = ([^;]+);",
-    "w": r"const u32\* w = ([^;]+);", "rr": r"const int rr = ([^;]+);",
     "ldw": r"b\.w\[r\]\[j\] = pa8_ldw\((.+)\);$", "lds": r"b\.s\[r\] = pa8_lds\((.+)\);$",
     "ldx": r"pa8_ldx\((.+), b\.x\);$",
-    "adv_wp": r"\bwp \+= ([^;]+);", "adv_sp": r"\bsp \+= ([^;]+);",
-    "adv_wpu": r"\bwpu \+= ([^;]+);", "adv_spu": r"\bspu \+= ([^;]+);",
     "silu_live": r"if \(threadIdx\.x < (\w+)\) \{", "gate": r"const float g = .*?row_sum\(([^)]+)\)",
     "up": r"const float u = .*?row_sum\(([^)]+)\)", "mf": r"mf\[([^\]]+)\] = v;",
     "amax": r"atomicMax\(amax \+ ([^,]+),",
