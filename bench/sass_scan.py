@@ -4,8 +4,8 @@
                               [--patch FILE.json:NAME]
 
 Each .cu file of the engine is expanded as engine/gpu/kernels.py expands it, every template
-instantiation the engine launches (the KernelFile lists of gpu/wb.py, fused.py, attention.py and
-ops.py) is made concrete by taking its address, nvcc compiles the lot to a cubin for `--arch`,
+instantiation the engine launches (the KernelFile lists of gpu/wb.py, fused.py, attention.py,
+ops.py and pot_a8.py) is made concrete by taking its address, nvcc compiles the lot to a cubin for `--arch`,
 and nvdisasm lists the SASS. A row a kernel: its instructions, registers, spilled bytes, integer
 divisions (the I2F.RP … MUFU.RCP … F2I sequence a 32-bit `/` or `%` by a runtime value becomes,
 ~20 dependent instructions) and how many of those sit inside a loop (between a backward branch
@@ -36,9 +36,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.gpu import attention, fused, kargs, kernels, ops, wb
+from engine.gpu import attention, fused, kargs, kernels, ops, pot_a8, wb
 
-MODULES = (wb, fused, attention, ops)
+MODULES = (wb, fused, attention, ops, pot_a8)
 _FN_RE = re.compile(r"^\s*\.text\.([^:\s]+):\s*$", re.M)
 _INS_RE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)
 _LABEL_RE = re.compile(r"^\s*(\.L_x_\d+):\s*$")

@@ -143,7 +143,7 @@ class FakeLinear:
 
     def __init__(self, log, name, n, k, interleaved=False, a8w4=True):
         self.log, self.name, self.n, self.kp = log, name, n, k
-        self.interleaved = interleaved
+        self.interleaved = self.silu_fused = interleaved
         self.mode = MODE["dynamic"] if a8w4 else MODE["fp16"]
         self.scale = np.ones(1, np.float32)
         self.packed, self.w16, self.wb = ((SimpleNamespace(s8=np.ones(n, np.float32)), None, None) if a8w4
@@ -179,6 +179,7 @@ def fake_model(c: ModelConfig, log, a8w4=True, seed=0):
             **layer_extras(np, c, L, li, gu)))
     gm._family_plan()
     gm._all_a8w4 = a8w4
+    gm._all_pa8 = False
     gm._clusters = True
     gm._wide = max(h, i, c.q_size)
     gm.embed = np.zeros((c.vocab_size, h), np.float16)

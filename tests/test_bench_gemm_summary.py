@@ -205,3 +205,13 @@ def test_gemm_tune_times_each_variant_again_under_each_patch(monkeypatch, capsys
     assert main(["gemm-pick", str(log), "--out", str(tmp_path / "picks.json")]) == 0
     picks = json.loads((tmp_path / "picks.json").read_text())
     assert picks["wgmma"]["tiny"]["stages"] == 4                     # from the landed rows alone
+
+
+def test_gemv_wb_summary_of_the_pot3_a8_gemv():
+    """The W3-PoT × INT8 GEMV's default variant ("pot3a8") against A8W4's 1.25× bar; variants apart."""
+    from engine.bench import wb
+    rows = [_wb("pot3a8", 4096, 11008, None, 1.3), _wb("pot3a8", 8192, 8192, None, 1.26),
+            _wb("pot3a8 rb4 nw4", 8192, 8192, None, 0.5), _wb("pot3", 8192, 8192, None, 0.8)]
+    by = {r["kernel"]: r for r in wb.summary(rows)}
+    assert set(by) == {"pot3", "pot3a8"} and by["pot3a8"]["rows"] == 2 and by["pot3a8"]["vs_a8w4_ok"]
+    assert "pot3a8 | 2 | — | 1.28× | A8W4 / PoT3 ≥ 1.25" in wb.summary_table(rows)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.gpu import attention, fused, kargs, kernels, ops, tuning, wb
+from engine.gpu import attention, fused, kargs, kernels, ops, pot_a8, tuning, wb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,12 +103,22 @@ def test_wb_constants():
                                                                    tuning.WB.gemm_nt)
 
 
+def test_pot_a8_constants():
+    """gemv_pot_a8.cu's chunk, step, tile and code table are formats/pot_a8.py's."""
+    from engine.formats import pot_a8 as fmt
+    d = defines("gemv_pot_a8.cu")
+    assert (d["PA8_CHUNK"], d["PA8_WORDS"], d["PA8_STEP"], d["PA8_GROUP"], d["PA8_TILE_ROWS"]) == (
+        fmt.CHUNK, fmt.WORDS, fmt.STEP, fmt.GROUP, fmt.TILE_ROWS)
+    assert (d["PA8_LUT_LO"], d["PA8_LUT_HI"], d["PA8_LOW3"]) == (fmt.LUT_LO, fmt.LUT_HI, fmt.LOW3)
+    assert all(fmt.TILE_ROWS % rb == 0 for rb, _ in pot_a8.VARIANTS) and pot_a8.DEFAULT in pot_a8.VARIANTS
+
+
 def test_sample_block():
     assert defines("sample.cu")["SAMPLE_THREADS"] == ops.SAMPLE_THREADS
 
 
 @pytest.mark.parametrize("kf", [fused.FUSED, attention.ATTN, ops.GEMV_FILE, ops.MMA_FILE, ops.WGMMA_FILE,
-                                ops.QUANT_FILE, wb.WB_FILE], ids=lambda kf: kf.exprs[0])
+                                ops.QUANT_FILE, wb.WB_FILE, pot_a8.POT_A8_FILE], ids=lambda kf: kf.exprs[0])
 def test_every_instantiation_names_a_kernel_of_its_file(kf):
     names = kargs.parse_kernels(kernels.source(kf.file))
     src = text(kf.file)

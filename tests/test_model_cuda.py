@@ -394,21 +394,26 @@ def test_fold_quant_equals_row_kernels(monkeypatch, act):
     bits of the step with the row kernels, graphed and eager (gate|up interleaved in both).
     Prefills never fold, a one-token one included (checked against NumPy in
     test_gpu_logits_match_reference)."""
-    from engine.gpu import tuning
     from engine.gpu.model import CudaModel
     mw = quantized_tiny(act, seed=6, head_dim=64, num_attention_heads=8, num_key_value_heads=2,
                         hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
                         max_position_embeddings=256)
     gm = CudaModel(mw)
     assert all(L.gu.interleaved for L in gm.layers) and gm._fold_quant(1) and not gm._fold_quant(2)
-    prompt = np.arange(5, 120) % mw.config.vocab_size
+    check_fold_quant_bits(gm, monkeypatch, np.arange(5, 120) % mw.config.vocab_size, 256, 24)
+
+
+def check_fold_quant_bits(gm, monkeypatch, prompt, capacity: int, steps: int):
+    """Prefill, then greedy decoding with tuning.DECODE.fold_quant on and off, graphed and eager:
+    the prefill logits, tokens, last step's logits and K cache are the same bits in all four."""
+    from engine.gpu import tuning
     runs = []
     for fold in (True, False):
         monkeypatch.setattr(tuning.DECODE, "fold_quant", fold)
         for graph in (True, False):
-            cache = gm.new_cache(256)
+            cache = gm.new_cache(capacity)
             pre = gm.prefill(prompt, cache).get()
-            toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], 24, graph)[:, 0]
+            toks = gm.decode_greedy(cache, [int(pre.astype(np.float32).argmax())], steps, graph)[:, 0]
             runs.append((pre, toks, cache.step.bufs.logits[:1].get(), cache.k.get()))
     for other in runs[1:]:
         for a, b in zip(runs[0], other):

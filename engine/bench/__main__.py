@@ -55,9 +55,10 @@ def cmd_e2e(args) -> int:
         if args.md:
             Path(args.md).write_text(format_context_table(rows) + "\n")
         return 0
-    pot = tuple(int(b) for b in args.pot_bits.split(",") if b.strip())
-    if set(pot) - {2, 3, 4}:
-        raise BenchError(f"--pot-bits: choose from 2, 3, 4, got {args.pot_bits!r}")
+    pot = tuple(b.strip() for b in args.pot_bits.split(",") if b.strip())
+    if set(pot) - {"2", "3", "4", "3a8"}:
+        raise BenchError(f"--pot-bits: choose from 2, 3, 4 and 3a8 (W3 with INT8 activations), got {args.pot_bits!r}")
+    pot = tuple(b if b == "3a8" else int(b) for b in pot)
     try:
         ab = [parse_ab(item) for item in args.ab]
         patches = read_patch_files(args.patch)
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     w.add_argument("--ms", default="", help="comma-separated M (default 1,4,16,64,256,1024)")
     w.add_argument("--shapes", default="", help="comma-separated KxN (default 4096x4096,4096x11008,11008x4096,"
                    "8192x8192), e.g. 8192x8192 for one profiled kernel")
-    w.add_argument("--kinds", default="", help="comma-separated of pot2..4, int2..4 (default all)")
+    w.add_argument("--kinds", default="", help="comma-separated of pot2..4, int2..4 (default all), and pot3a8 (the W3-PoT × INT8 dp4a GEMV, M = 1)")
     w.add_argument("--ab", action="append", default=[], metavar="FIELD=INT[,FIELD=INT]",
                    help="each pot/int row again with these settings (as e2e --ab; wb.FIELD: tuning.WB_TUNE), "
                    "same process and buffers, e.g. --ab wb.resident=0")
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
                    "edited source, beside the landed ones in one process: a JSON list of {\"name\": ..., \"edits\": [[\"gemm_a8w4.cu\", old text, new "
                    "text], ...]} (each old must occur in that module's inlined source, checked before the run; a row for "
                    "each model that runs an edited kernel; needs PDL (sm_90), as --ab; bench/patches/ has examples)")
-    e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none)")
+    e.add_argument("--pot-bits", default="4,3,2", help="decode rows of random W<b>-PoT models ('' for none; 3a8: W3 with INT8 activations)")
     e.add_argument("--md", metavar="PATH", help="also write the markdown table to PATH")
     e.set_defaults(func=cmd_e2e, reps=1)
     perf.add_parser(sub)

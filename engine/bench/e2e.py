@@ -360,6 +360,7 @@ def read_patches(path) -> list:
 # --ab FIELD (tuning.GEMM), wb.FIELD (tuning.WB_TUNE), rows.FIELD (tuning.ROWS, the row kernels),
 # prefill.FIELD (tuning.PREFILL, captured prefills) or decode.FIELD (tuning.DECODE)
 AB_OBJECTS = {"": GEMM, "wb.": WB_TUNE, "rows.": ROWS, "prefill.": PREFILL, "decode.": DECODE}
+LOAD_ONLY = {"wb.pot3_a8": "time it with --pot-bits 3a8"}       # fields an A/B row could not change
 
 
 def _ab_target(key: str) -> tuple[str, str]:
@@ -396,6 +397,8 @@ def parse_ab(item: str) -> dict:
         k, _, v = kv.partition("=")
         prefix, name = _ab_target(k)
         cur = getattr(AB_OBJECTS[prefix], name, None)
+        if k.strip() in LOAD_ONLY:
+            raise ValueError(f"--ab: {k.strip()} is read when a model loads, before any A/B row: {LOAD_ONLY[k.strip()]}")
         if not isinstance(cur, int) or not re.fullmatch(r"-?\d+", v.strip()):
             raise ValueError(f"--ab: {kv!r} is not FIELD=INTEGER for an integer or boolean field of tuning.GEMM "
                              "(or wb.FIELD of tuning.WB_TUNE, rows.FIELD of tuning.ROWS, prefill.FIELD of tuning.PREFILL, "
@@ -432,11 +435,16 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
         rows += bench_model(cp, label + " FP16", dequantized_copy(mw), bw=bw, **kw)
         del mw
         for b in pot_bits:          # weight-only power-of-two models of the same shape: decode only
-            shape = MODELS[key][0]
-            rows += bench_model(cp, label.split(" (")[0] + f" (random W{b}-PoT)", random_model(shape, b), bw=bw,
-                                prefill_lens=(), batches=(1, 8), steps=kw.get("steps", 64),
-                                variants=decode_variants(ab=[d for d in ab if any(_ab_target(k)[0] == "wb." for k in d)],
-                                                         patches=patches))
+            shape, a8 = MODELS[key][0], b == "3a8"
+            # "3a8": W3-PoT run with INT8 activations (tuning.WB_TUNE.pot3_a8, read at load); its
+            # GEMV reads the weights once a token, so batch 1 only
+            with _setting(WB_TUNE, pot3_a8=a8):
+                rows += bench_model(cp, label.split(" (")[0] + (" (random W3-PoT, INT8 activations)" if a8 else
+                                                                f" (random W{b}-PoT)"),
+                                    random_model(shape, 3 if a8 else b), bw=bw, prefill_lens=(),
+                                    batches=(1,) if a8 else (1, 8), steps=kw.get("steps", 64),
+                                    variants=decode_variants(ab=[d for d in ab if any(_ab_target(k)[0] == "wb." for k in d)],
+                                                             patches=patches))
     for r in rows:
         if json_out:
             print(json.dumps(r))
@@ -691,7 +699,9 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         return run()
 
     def call(self, *args):
-        name = f"{'gemm_a8w4' if self.w16 is None else 'linear_f16'}{'+resid' if len(args) > 4 and args[4] is not None else ''} N={self.n}"
+        kind = 'linear_f16' if self.w16 is not None else 'gemv_pot3_a8' if getattr(self, 'pa8', None) is not None else \
+            'gemv_wb' if getattr(self, 'wb', None) is not None else 'gemm_a8w4'
+        name = f"{kind}{'+resid' if len(args) > 4 and args[4] is not None else ''} N={self.n}"
         calls.append((name, lambda: orig_call(self, *args)))
         return orig_call(self, *args)
 
@@ -706,7 +716,8 @@ def graph_breakdown(gm, cache, reps: int = 20) -> dict:
         return orig_w8(*args)
 
     def scall(self, *args):                  # gate|up with SiLU in its epilogue (fold_quant)
-        calls.append((f"gemm_a8w4+silu N={self.n}", lambda: orig_s(self, *args)))
+        kind = 'gemv_pot3_a8' if getattr(self, 'pa8', None) is not None else 'gemm_a8w4'
+        calls.append((f"{kind}+silu N={self.n}", lambda: orig_s(self, *args)))
         return orig_s(self, *args)
 
     orig_sample = ops_cuda.sample_rows

@@ -1,5 +1,8 @@
 """`python -m engine.bench gemv-wb`: the weight-only b-bit GEMVs (pot2..4, int2..4) against our
-A8W4 GEMV and cuBLAS FP16, same process, at small M on LLM shapes.
+A8W4 GEMV and cuBLAS FP16, same process, at small M on LLM shapes. Kind "pot3a8" (not in the
+default set): the W3-PoT × INT8 dp4a GEMV (cuda/gemv_pot_a8.cu), M = 1 only, one row
+a variant (RB, NW) of engine/gpu/pot_a8.py ("pot3a8" itself is the default variant):
+    python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1
 
 Weights are random valid codes (made on the GPU) with scales of realistic size; enough copies rotate that a
 call never finds the previous call's weights in L2. Bytes counted: codes plus scales (plus
@@ -13,13 +16,15 @@ import numpy as np
 
 from .. import formats
 from ..formats import tiles
+from ..formats import pot_a8 as pa8_fmt
 from ..gpu import ops as ops_cuda
-from ..gpu import wb
+from ..gpu import pot_a8, wb
 from .common import VERDICT, BenchError, copy_bandwidth, cp_or_fail, geomean, n_buffers, time_calls
 from .gemm import GROUP, Peers
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]     # (K, N)
 KINDS = tuple(f"{kind}{b}" for kind in ("pot", "int") for b in (2, 3, 4))
+EXTRA_KINDS = ("pot3a8",)        # only when named in --kinds
 MS = [1, 4, 16, 64, 256, 1024]
 
 
@@ -45,12 +50,21 @@ def random_wb_layer(cp, rng, kind: str, bits: int, n: int, k: int, group: int = 
     return wb.pack_tiles(kind, bits, n, k, group, None, s, z, words=words)
 
 
+def random_pot_a8_layer(cp, n: int, k: int) -> pot_a8.PackedPotA8:
+    """A random pot3-a8 layer made on the GPU: any words are valid codes (the padding is not zero
+    here, which only matters for exactness, not for time); scales around 0.02."""
+    t, st = pa8_fmt.n_tiles(n), pa8_fmt.n_steps(k)
+    words = (cp.random.random((t, st, pa8_fmt.WORDS, pa8_fmt.TILE_ROWS, pa8_fmt.STEP)) * 2.0**32).astype(cp.uint32)
+    scale = cp.random.uniform(0.01, 0.03, (t, st, pa8_fmt.TILE_ROWS, 8)).astype(cp.float16)
+    return pot_a8.PackedPotA8(n, k, words, scale)
+
+
 def cmd_gemv_wb(args) -> int:
     shapes = parse_shapes(getattr(args, "shapes", "") or "") or SHAPES
     kinds = [k.strip() for k in (getattr(args, "kinds", "") or "").split(",") if k.strip()] or KINDS
-    bad = [k for k in kinds if k not in KINDS]
+    bad = [k for k in kinds if k not in KINDS + EXTRA_KINDS]
     if bad:
-        raise BenchError(f"gemv-wb --kinds: {', '.join(bad)} not among {', '.join(KINDS)}")
+        raise BenchError(f"gemv-wb --kinds: {', '.join(bad)} not among {', '.join(KINDS + EXTRA_KINDS)}")
     ms_list = [int(v) for v in args.ms.split(",")] if getattr(args, "ms", None) else MS
     from .e2e import args_variants  # noqa: PLC0415
     variants = args_variants(args)
@@ -69,6 +83,10 @@ def cmd_gemv_wb(args) -> int:
                 layer = random_wb_layer(cp, rng, kind, bits, n, k)
                 cases[f"{kind}{bits}"] = [layer] + [random_wb_layer(cp, rng, kind, bits, n, k)
                                                      for _ in range(n_buffers(layer.nbytes()) - 1)]
+        pa8 = []
+        if "pot3a8" in kinds:
+            pa8 = [random_pot_a8_layer(cp, n, k)]
+            pa8 += [random_pot_a8_layer(cp, n, k) for _ in range(n_buffers(pa8[0].nbytes()) - 1)]
         dg = ops_cuda.random_packed(n, k, 128, seed=1)
         cases["a8w4"] = [dg] + [ops_cuda.random_packed(n, k, 128, seed=i) for i in range(2, n_buffers(dg.nbytes()) + 1)]
         w16 = [cp.asarray(rng.standard_normal((n, k)) * 0.02, dtype=cp.float16)
@@ -92,6 +110,12 @@ def cmd_gemv_wb(args) -> int:
                 if name in ("pot3", "int3") and m > wb.WB.gemv_max_m:   # the in-register GEMM, for comparison
                     res[name + "-mma"] = (time_calls(lambda i, L=layers: wb.gemv_wb(x, L[i % len(L)], out, large_m="mma"),
                                                      reps=args.reps), layers[0].nbytes())
+            if pa8 and m == 1:            # the W3-PoT × INT8 dp4a GEMV: every variant, the default as "pot3a8"
+                out1 = out.reshape(-1)
+                for rb, nw in pot_a8.VARIANTS:
+                    name = "pot3a8" if (rb, nw) == pot_a8.DEFAULT else f"pot3a8 rb{rb} nw{nw}"
+                    res[name] = (time_calls(lambda i, v=(rb, nw): pot_a8.gemv_pot_a8(
+                        x8.reshape(-1), sx, pa8[i % len(pa8)], out1, variant=v), reps=args.reps), pa8[0].nbytes())
             res["fp16"] = (time_calls(lambda i: cp.matmul(x, w16[i % len(w16)].T, out=out), reps=args.reps),
                            2 * n * k)
             if tiny is not None:                  # tinygemm W4A16 (g128, bf16) through torch: a peer
@@ -148,6 +172,12 @@ def summary(rows) -> list[dict]:
             rec["vs_a8w4_target_shapes"] = geomean(on)
             rec["vs_a8w4_ok"] = None if not on else min(on) >= POT3_OVER_A8W4
         out.append(rec)
+    sel = [r for r in rows if r["m"] == 1 and r["kernel"] == "pot3a8"]
+    if sel:                          # the W3-PoT × INT8 dp4a GEMV against the same bar
+        on = [r["vs_a8w4"] for r in sel if (r["k"], r["n"]) in POT3_A8W4_SHAPES]
+        out.append({"kernel": "pot3a8", "rows": len(sel), "vs_int": None, "vs_int_ok": None,
+                    "vs_a8w4": geomean(r["vs_a8w4"] for r in sel), "vs_a8w4_target_shapes": geomean(on),
+                    "vs_a8w4_ok": None if not on else min(on) >= POT3_OVER_A8W4})
     return out
 
 
@@ -158,9 +188,9 @@ def summary_table(rows) -> str:
         return ""
     lines = ["| M = 1 | rows | geomean INT-b / PoT-b | geomean A8W4 / PoT-b | issue 15 asks |", "|---|---:|---:|---:|---|"]
     for r in recs:
-        ask = f"INT-b / PoT-b ≥ {POT_OVER_INT}: {VERDICT[r['vs_int_ok']]}"
+        ask = f"INT-b / PoT-b ≥ {POT_OVER_INT}: {VERDICT[r['vs_int_ok']]}" if r["kernel"] != "pot3a8" else ""
         if "vs_a8w4_ok" in r:
-            ask += (f"; A8W4 / PoT3 ≥ {POT3_OVER_A8W4} on 4096×11008 and 8192×8192: {VERDICT[r['vs_a8w4_ok']]}")
+            ask += (f"{'; ' if ask else ''}A8W4 / PoT3 ≥ {POT3_OVER_A8W4} on 4096×11008 and 8192×8192: {VERDICT[r['vs_a8w4_ok']]}")
         vi = "—" if r["vs_int"] is None else f"{r['vs_int']:.2f}×"
         lines.append(f"| {r['kernel']} | {r['rows']} | {vi} | {r['vs_a8w4']:.2f}× | {ask} |")
     return "\n".join(lines)

@@ -1,15 +1,18 @@
-"""One (possibly fused) linear of the CuPy model: packed A8W4, b-bit weight-only (pot, int) or
-a float16 weight."""
+"""One (possibly fused) linear of the CuPy model: packed A8W4, b-bit weight-only (pot, int), pot3
+with INT8 activations (tuning.WB_TUNE.pot3_a8), or a float16 weight."""
 from __future__ import annotations
 
 import numpy as np
 
 from .. import formats
+from ..formats import pot_a8
 from ..io.layout import ModelError
 from . import fused, wb
 from . import ops as ops_cuda
+from . import pot_a8 as gpu_pot_a8
 from .backend import BackendError
 from .fused import MODE
+from .tuning import WB_TUNE
 
 
 def _fuse(qls):
@@ -52,8 +55,25 @@ class GpuLinear:
     def __init__(self, cp, ws, host_cache: dict | None = None, interleave: bool = False, name: str = "a linear"):
         self.cp = cp
         self.interleaved = False     # gate|up rows in the SiLU GEMV's order (ops_cuda.interleave_rows)
+        self.silu_fused = False      # silu_gemv runs (an interleaved A8W4 or a pot3-a8 gate|up layer)
         self.wb = None               # a PackedWB for the weight-only kinds
-        if all(isinstance(w, formats.QuantLinear) and w.kind in WB_KINDS for w in ws):
+        self.pa8 = None              # a PackedPotA8 for pot3 layers run with INT8 activations
+        if WB_TUNE.pot3_a8 and all(isinstance(w, formats.QuantLinear) and w.kind == "pot3" and w.group == pot_a8.GROUP
+                                   for w in ws):
+            ql = ws[0] if len(ws) == 1 else _fuse(ws)
+            key = ("pot3-a8",) + tuple(id(w) for w in ws)       # layers that share arrays pack once
+            host = (host_cache or {}).get(key)
+            if host is None:
+                host = pot_a8.from_pot3(ql.qweight, ql.wscale, ql.in_features, ql.group)
+                if host_cache is not None:
+                    host_cache[key] = host
+            self.pa8 = gpu_pot_a8.upload(*host, ql.out_features, ql.in_features)
+            self.packed, self.w16, self.mode = None, None, MODE["dynamic"]    # int8 rows, a scale a token
+            self.scale = cp.ones(1, cp.float32)
+            self.n, self.kp = ql.out_features, pot_a8.CHUNK * pot_a8.n_chunks(ql.in_features)
+            self.silu_fused = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
+                and ws[0].out_features % 8 == 0           # gate then up, in place (gpu_pot_a8.gemv_pot_a8_silu)
+        elif all(isinstance(w, formats.QuantLinear) and w.kind in WB_KINDS for w in ws):
             self.wb = wb.pack_wb(ws[0] if len(ws) == 1 else _fuse(ws))
             self.packed, self.w16, self.mode = None, None, MODE["fp16"]       # reads the fp16 activations
             self.scale = cp.ones(1, cp.float32)
@@ -65,6 +85,7 @@ class GpuLinear:
                                    f"this file holds {kinds} (one fused group may not mix kinds): use --device cpu")
             self.interleaved = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
                 and ws[0].out_features % 8 == 0
+            self.silu_fused = self.interleaved
             # Host repacking is the slow part of loading; layers that share arrays (the
             # random bench models) repack once and upload once per layer.
             key = tuple(id(w) for w in ws) + (self.interleaved,)
@@ -95,9 +116,11 @@ class GpuLinear:
     def __call__(self, x8, sx, xh, out, resid=None):
         """out (M, N) fp16 = x · Wᵀ from int8 x8 with scales sx, or from fp16 xh; with resid
         (A8W4 GEMV sizes only), resid += that instead (ops_cuda.gemm_a8w4)."""
-        if (self.w16 is not None or self.wb is not None) and resid is not None:
+        if self.packed is None and resid is not None:
             raise BackendError("the residual add runs in the A8W4 GEMV only")
-        if self.wb is not None:
+        if self.pa8 is not None:
+            gpu_pot_a8.gemv_pot_a8(x8, sx, self.pa8, out)   # any M (launches of ≤ 65535 tokens); M × the weight bytes
+        elif self.wb is not None:
             wb.gemv_wb(xh, self.wb, out)                   # any M; in a capture, 16-row GEMV slices
         elif self.w16 is not None:
             fused.matmul_f16(self.cp, xh, self.w16, out)    # the FP16 baseline: cuBLAS or our GEMV
@@ -110,11 +133,15 @@ class GpuLinear:
         return ops_cuda.gemm_a8w4_acc(x8, self.packed, out=out)
 
     def silu_gemv(self, x8, sx, out, amax):
-        """out (1, N/2) float32 = silu(gate)·up of this interleaved gate|up layer, amax = its
-        max |·| (ops_cuda.gemv_a8w4_silu)."""
+        """out (1, N/2) float32 = silu(gate)·up of this gate|up layer (silu_fused), amax = its
+        max |·| (ops_cuda.gemv_a8w4_silu, gpu_pot_a8.gemv_pot_a8_silu)."""
+        if self.pa8 is not None:
+            return gpu_pot_a8.gemv_pot_a8_silu(x8, sx, self.pa8, out, amax)
         return ops_cuda.gemv_a8w4_silu(x8, sx, self.packed, out, amax)
 
     def nbytes(self) -> int:
+        if self.pa8 is not None:
+            return self.pa8.nbytes()
         if self.wb is not None:
             return self.wb.nbytes()
         if self.w16 is not None:

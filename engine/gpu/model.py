@@ -7,8 +7,9 @@ cache write, flash-decoding, merge of the splits) → quant_rows → o GEMM → 
 fused gate|up GEMM → silu_mul_quant → down GEMM. Up to ops.gemv_max_m() rows of an all-A8W4 model, the o and
 down GEMVs add their output into the residual stream themselves (_fold_resid); otherwise the
 next norm adds it, and the last layer's add happens in the final norm. In a one-token decode
-step (_fold_quant) the gate|up rows are interleaved so its GEMV epilogue writes silu(gate)·up
-and max-reduces the row's absmax, attn_decode max-reduces its output's, and quant_amax
+step (_fold_quant) the gate|up GEMV's epilogue writes silu(gate)·up and max-reduces the row's
+absmax (A8W4: gate|up rows interleaved; pot3-a8 behind tuning.WB_TUNE.pot3_a8: gate and up rows
+read through two pointers), attn_decode max-reduces its output's, and quant_amax
 launches (no reduction) quantize both rows: silu_mul_quant and quant_rows drop out of the
 step. The residual stream is float32; GEMM outputs and q are float16; the KV cache is float16,
 or INT8 with one float32 scale per token and kv head (kv8). Layers whose weights are float run
@@ -225,6 +226,7 @@ class CudaModel:
         self._has_wb = any(g.wb is not None for L in self.layers for g in L.linears())
         # the residual add folds into the A8W4 GEMV only (not the fp16 or b-bit weight-only ones)
         self._all_a8w4 = all(g.packed is not None for L in self.layers for g in L.linears())
+        self._all_pa8 = all(g.pa8 is not None for L in self.layers for g in L.linears())   # tuning.WB_TUNE.pot3_a8
         # RoPE tables (P, D/2) for the positions the caches made so far hold (new_cache grows
         # them): sized by max_position_embeddings up front, a config of a 16M context
         # (io/config.py MAX_CONTEXT) would take 8 GiB before the first token. One pair per kind
@@ -325,11 +327,13 @@ class CudaModel:
         """Whether a one-token decode step drops silu_mul_quant and the absmax reductions of
         silu_mul_quant and quant_rows: the SiLU GEMV (gate|up rows interleaved) writes
         silu(gate)·up and its absmax, attn_decode the absmax of its output row, and quant_amax
-        launches quantize both rows for down and o. Needs _fold_resid, int8 activations
-        for o and down, and SiLU without gate|up biases (the GEMV's epilogue)."""
-        return (DECODE.fold_quant and m == 1 and self._fold_resid(m) and self._silu_gemv_ok and all(
-            L.gu.interleaved and L.o.mode != MODE["fp16"] and L.down.mode != MODE["fp16"]
-            for L in self.layers))
+        launches quantize both rows for down and o. Needs _fold_resid (or every linear pot3-a8, whose
+        GEMV has the SiLU epilogue but not the residual add), int8 activations for o and down, and
+        SiLU without gate|up biases (the GEMV's epilogue)."""
+        return (DECODE.fold_quant and m == 1 and (self._fold_resid(m) or self._all_pa8 and self._fold_ok)
+                and self._silu_gemv_ok and all(
+                    L.gu.silu_fused and L.o.mode != MODE["fp16"] and L.down.mode != MODE["fp16"]
+                    for L in self.layers))
 
     def _layers(self, b: Buffers, m: int, cache: GpuKVCache, attend, tok=None, decode: bool = False):
         """Run every layer on b.h[:m]; returns the last sublayer output, not yet added to h

@@ -1,0 +1,227 @@
+// gemv_pot_a8.cu — W3-PoT weights × INT8 tokens with dp4a, made for one token a step; the model
+// runs pot3 layers with it behind tuning.WB_TUNE.pot3_a8 (docs/KERNELS.md, "A route to the 1.25×
+// bar"; bench: python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1).
+//
+// What: out (N) fp16 = sx · Σ_g (s[n,g] / 4) · Σ_{k∈g} VALUES[code[n,k]] · x8[k], bit-exactly as
+// engine/formats/pot_a8.py gemv_pot_a8_ref. pot3 units ×4 are the integers VALUES = {0, +4, +2,
+// +1, +8 (the spare), −4, −2, −1} for codes 0..7 (the spare's side is the sign of s), so each
+// chunk's dot is exact in int32 and s multiplies it in fp32.
+//
+// Layout (formats/pot_a8.py): tiles of 8 rows, words[t][st][j][r][l] = word j (0..2) of chunk
+// 32·st + l of row 8t + r (zero past the last chunk and row); channel 8j + q (q < 8) of a chunk has
+// its code in bits 0-2 of nibble q of word j, channel 24 + q has bit b of its code in bit 3 of
+// nibble q of word b. A lane takes one chunk of each of the block's rows a step: three 4-byte
+// loads a row, each warp-wide a 128-byte line, all at fixed offsets from one pointer, and the
+// token's x8[32c .. 32c+31] as two 16-byte loads in natural order. Scales: groups of 128,
+// scales[t][st][r][q] = s[8t + r][8·st + q] fp16, zero-padded; lane l's is q = l / 4.
+//
+// Dot of a chunk (pa8_chunk; nvcc 13.0 sm_90a: 8 PRMT, 8 IDP.4A, 7 SHF, 6 LOP3): prmt looks four codes (the low 16 bits of its
+// selector, one nibble each) up in the 8-byte table VALUES held in two registers; a nibble's
+// bit 3 would switch prmt to sign replication, so the selectors are masked: w & 0x77777777 for
+// the 24 codes of a word's nibbles (the high half shifted down for the second prmt), and the
+// other 8 gathered from the bit 3s. 8 prmt make 32 int8 weights, 8 dp4a their products with x8.
+//
+// Block: NW warps on RB consecutive rows. A warp step is 32 chunks (1024 channels) of the RB
+// rows; warp w takes steps w, w + NW, ...; two steps' loads are in registers (one computing,
+// the next in flight), both weight batches issued before the PDL wait (cuda/pdl.cuh: no kernel
+// writes the weights), x after it. Lanes past the last chunk read zero words and clamp their x
+// to the last chunk (no predicated loads); rows past N are the tile's zero rows. Per (row,
+// chunk): acc = fmaf(s, float(dot), acc); then a butterfly over the lanes, the warps' sums in
+// order through shared memory, and out = fp16(acc · (0.25 · sx)). The order of those sums is
+// the reference's. About 38 instructions a (row, chunk) of 32 weights in the loop (the dot, 3
+// weight and 1 scale loads, I2FP, HADD2, FFMA), against ~75 for A8W4's dp4a GEMV's 32.
+#include <cuda_fp16.h>
+#include "common.cuh"
+#include "rows.cuh"
+
+#define PA8_CHUNK 32                 // channels a (row, chunk) (formats/pot_a8.py CHUNK)
+#define PA8_WORDS 3                  // words a chunk
+#define PA8_STEP 32                  // chunks a warp step, one a lane (formats/pot_a8.py STEP)
+#define PA8_GROUP 128                // channels a scale (GROUP)
+#define PA8_TILE_ROWS 8              // rows a tile of the layout (TILE_ROWS)
+#define PA8_LUT_LO 0x01020400        // int8 4·unit of codes 0..3: 0, +4, +2, +1
+#define PA8_LUT_HI 0xFFFEFC08        // codes 4..7: +8 (spare), -4, -2, -1
+#define PA8_LOW3 0x77777777          // bits 0-2 of every nibble
+
+__device__ __forceinline__ int pa8_dp4a(u32 a, u32 b, int c) {
+    int d;                                             // both operands' bytes signed
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ u32 pa8_lut(u32 sel) {      // 4 codes (sel's low 16 bits) -> 4 int8
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(PA8_LUT_LO), "r"(PA8_LUT_HI), "r"(sel));
+    return r;
+}
+
+// Σ VALUES[code]·x8 over one chunk: w its three words, x the token's 32 int8 as 8 words.
+__device__ __forceinline__ int pa8_chunk(const u32 (&w)[PA8_WORDS], const u32 (&x)[8]) {
+    const u32 m0 = w[0] & PA8_LOW3, m1 = w[1] & PA8_LOW3, m2 = w[2] & PA8_LOW3;
+    const u32 e = ((w[0] >> 3) & 0x11111111u) | ((w[1] >> 2) & 0x22222222u) | ((w[2] >> 1) & 0x44444444u);
+    int d = pa8_dp4a(pa8_lut(m0), x[0], 0);
+    d = pa8_dp4a(pa8_lut(m0 >> 16), x[1], d);
+    d = pa8_dp4a(pa8_lut(m1), x[2], d);
+    d = pa8_dp4a(pa8_lut(m1 >> 16), x[3], d);
+    d = pa8_dp4a(pa8_lut(m2), x[4], d);
+    d = pa8_dp4a(pa8_lut(m2 >> 16), x[5], d);
+    d = pa8_dp4a(pa8_lut(e), x[6], d);
+    return pa8_dp4a(pa8_lut(e >> 16), x[7], d);
+}
+
+// Weights are read once: no L1 allocation; 256-byte L2 sectors as ldg_stream (common.cuh) asks
+// (a block's lines of a step are 3 KB in a row).
+__device__ __forceinline__ u32 pa8_ldw(const u32* p) {
+    u32 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ u32 pa8_lds(const unsigned short* p) {     // a scale's fp16 bits
+    unsigned short r;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p));
+    return r;
+}
+
+// x8 is written by the kernel before this one (PDL): a coherent load, after the wait.
+__device__ __forceinline__ void pa8_ldx(const i8* p, u32 (&x)[8]) {
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "l"(p) : "memory");
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(x[4]), "=r"(x[5]), "=r"(x[6]), "=r"(x[7]) : "l"(p + 16) : "memory");
+}
+
+template <int RB>
+struct Pa8Batch {                    // one warp step of a lane: its chunk of RB rows
+    u32 w[RB][PA8_WORDS];
+    u32 s[RB];                       // fp16 bits of the chunk's group scale
+    u32 x[8];
+};
+
+// words (T, S, 3, 8, 32) uint32 and scale (T, S, 8, 8) fp16, T = ceil(N / 8), S = ceil(KC / 32);
+// x8 (M, ldx) int8, ldx ≥ 32·KC and a multiple of 16, 16-byte aligned (bytes past K meet code 0);
+// sx (M) the tokens' scales; out (M, ldo) fp16. RB = 4 or 8 rows a block (half a tile or one).
+// Grid (ceil(N / RB), M): token blockIdx.y. Each token's blocks read the weights again, so M > 1
+// (prefill, batched decode) costs M times the bytes: this kernel is for one token a step.
+// SILU (the batch-1 decode step's fused gate|up layer, engine/gpu/model.py _fold_quant; RB = 8, one
+// token): N = 2I rows, gate then up, I % 8 == 0; block b takes gate rows 4b..4b+3 and up rows
+// I + 4b..I + 4b + 3 (its rows 0-3 and 4-7, two halves of one tile each, from two pointers), and
+// writes mf[4b + t] (float32, (I)) = silu_mul of the fp16-rounded gate and up, the same fp16 values
+// the plain variant would write to out, and the max of |mf| over its 4 channels atomically into
+// *amax (float bits, NaN-propagating, zeroed by the norm before): quant_amax then quantizes mf for
+// down, as after the A8W4 SiLU GEMV (cuda/gemm_a8w4.cu silu_epilogue). out and ldo are unused.
+template <int RB, int NW, bool SILU = false>
+__global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
+    const u32* __restrict__ words, const __half* __restrict__ scale, const i8* __restrict__ x8,
+    const float* __restrict__ sx, __half* __restrict__ out, int N, int KC, int ldx, int ldo,
+    float* __restrict__ mf, unsigned* __restrict__ amax) {
+    static_assert(PA8_GROUP == 4 * PA8_CHUNK, "a lane's scale index is its chunk / 4");
+    static_assert(PA8_TILE_ROWS % RB == 0, "a block takes a tile or a part of one");
+    static_assert(!SILU || RB == PA8_TILE_ROWS, "the SiLU variant takes 4 gate and 4 up rows a block");
+    constexpr int HALF = SILU ? RB / 2 : RB;          // rows from the first pointer; the rest from the second
+    constexpr int TILE_STEP = PA8_WORDS * PA8_TILE_ROWS * PA8_STEP;                // words a (tile, step)
+    constexpr int SCALES_STEP = PA8_TILE_ROWS * PA8_STEP * PA8_CHUNK / PA8_GROUP;  // scales a (tile, step)
+    __shared__ float red[NW][RB];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n0 = SILU ? blockIdx.x * HALF : blockIdx.x * RB;     // SILU: the block's first gate row
+    const int steps = (KC + PA8_STEP - 1) / PA8_STEP;
+    x8 += (size_t)blockIdx.y * ldx;                    // token blockIdx.y: its row of x8, scale, out
+    sx += blockIdx.y;
+    out += (size_t)blockIdx.y * ldo;
+
+    // The block's rows' words and scales of step `warp`, lane `lane`: row r, word j at + (j·8 + r)·32,
+    // and every later step a constant stride on.
+    const size_t ts = (size_t)(n0 / PA8_TILE_ROWS) * steps + warp, r0 = n0 % PA8_TILE_ROWS;
+    const u32* wp = words + ts * TILE_STEP + r0 * PA8_STEP + lane;
+    const unsigned short* sp = reinterpret_cast<const unsigned short*>(scale) + ts * SCALES_STEP
+                               + r0 * (SCALES_STEP / PA8_TILE_ROWS) + (lane >> 2);
+    // SILU: the up rows n0 + N/2 lie at the same row of their tile (N/2 % 8 == 0), N/16 tiles on
+    const size_t tu = SILU ? (size_t)(N / 2 / PA8_TILE_ROWS) * steps : 0;
+    const u32* wpu = wp + tu * TILE_STEP;
+    const unsigned short* spu = sp + tu * SCALES_STEP;
+    // half = 0: the step at the pointers, 1: NW steps on
+    auto load_w = [&](int half, Pa8Batch<RB>& b) {
+#pragma unroll
+        for (int r = 0; r < RB; ++r) {
+            const u32* w = r < HALF ? wp : wpu;        // resolved at compile time (r unrolled)
+            const int rr = r < HALF ? r : r - HALF;
+#pragma unroll
+            for (int j = 0; j < PA8_WORDS; ++j)
+                b.w[r][j] = pa8_ldw(w + half * NW * TILE_STEP + (j * PA8_TILE_ROWS + rr) * PA8_STEP);
+            b.s[r] = pa8_lds((r < HALF ? sp : spu) + half * NW * SCALES_STEP + rr * (SCALES_STEP / PA8_TILE_ROWS));
+        }
+    };
+    auto load_x = [&](int st, Pa8Batch<RB>& b) {
+        pa8_ldx(x8 + (size_t)min(PA8_STEP * st + lane, KC - 1) * PA8_CHUNK, b.x);
+    };
+    auto advance = [&]() {
+        wp += 2 * NW * TILE_STEP;
+        sp += 2 * NW * SCALES_STEP;
+        if (SILU) {
+            wpu += 2 * NW * TILE_STEP;
+            spu += 2 * NW * SCALES_STEP;
+        }
+    };
+    float acc[RB];
+#pragma unroll
+    for (int r = 0; r < RB; ++r) acc[r] = 0.f;
+    auto compute = [&](const Pa8Batch<RB>& b) {
+#pragma unroll
+        for (int r = 0; r < RB; ++r) {
+            const int d = pa8_chunk(b.w[r], b.x);
+            acc[r] = fmaf(__half2float(__ushort_as_half((unsigned short)b.s[r])), (float)d, acc[r]);
+        }
+    };
+
+    Pa8Batch<RB> b0, b1;
+    if (warp < steps) load_w(0, b0);                   // warp-uniform branches throughout
+    if (warp + NW < steps) load_w(1, b1);
+    pdl_enter();
+    float sxq = 0.f;
+    if (threadIdx.x < RB) sxq = 0.25f * sx[0];         // exact: a power of two
+    if (warp < steps) load_x(warp, b0);
+    if (warp + NW < steps) load_x(warp + NW, b1);
+    for (int st = warp; st < steps; st += 2 * NW) {
+        compute(b0);
+        advance();
+        if (st + 2 * NW < steps) {
+            load_w(0, b0);
+            load_x(st + 2 * NW, b0);
+        }
+        if (st + NW >= steps) break;
+        compute(b1);
+        if (st + 3 * NW < steps) {
+            load_w(1, b1);
+            load_x(st + 3 * NW, b1);
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < RB; ++r)
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+    if (lane == 0)
+#pragma unroll
+        for (int r = 0; r < RB; ++r) red[warp][r] = acc[r];
+    __syncthreads();
+    auto row_sum = [&](int r) {                        // the warps' sums in order 0..NW-1
+        float v = red[0][r];
+#pragma unroll
+        for (int w = 1; w < NW; ++w) v += red[w][r];
+        return v;
+    };
+    if constexpr (SILU) {
+        if (threadIdx.x < HALF) {                      // lanes 0..3 of warp 0: gate row n0 + t, up row N/2 + n0 + t
+            const float g = __half2float(__float2half_rn(row_sum(threadIdx.x) * sxq));
+            const float u = __half2float(__float2half_rn(row_sum(threadIdx.x + HALF) * sxq));
+            const float v = silu_mul(g, u);
+            mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x] = v;
+            float a = fabsf(v);
+            a = nan_max(a, __shfl_xor_sync(0xfu, a, 1));
+            a = nan_max(a, __shfl_xor_sync(0xfu, a, 2));
+            if (threadIdx.x == 0 && !(a <= 0.f)) atomicMax(amax + blockIdx.y, __float_as_uint(a));
+        }
+    } else if (threadIdx.x < RB && n0 + (int)threadIdx.x < N) {
+        out[n0 + threadIdx.x] = __float2half_rn(row_sum(threadIdx.x) * sxq);
+    }
+}

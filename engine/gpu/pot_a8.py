@@ -1,0 +1,113 @@
+"""Launcher of cuda/gemv_pot_a8.cu: W3-PoT weights × INT8 tokens (dp4a GEMV, made for M = 1). The
+model runs pot3 layers with it when tuning.WB_TUNE.pot3_a8 is set at load (gpu/linear.py; off by
+default); `python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1` times it alone.
+
+Name triplet: formats.pot_a8.gemv_pot_a8_ref ↔ gemv_pot3_a8<RB, NW, SILU> ↔ gemv_pot_a8. The layout
+(three word planes a 32-channel chunk) is made on the host by formats.pot_a8.pack_pot_a8.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..formats import pot_a8 as fmt
+from . import kargs
+from .backend import require_cupy
+from .ops import CudaOpError
+
+# (RB rows a block, NW warps a block): the instantiations; DEFAULT until a GPU has timed them
+VARIANTS = ((4, 4), (8, 4), (4, 8), (8, 8))
+DEFAULT = (8, 4)
+# the fused gate|up layer of the batch-1 step. Its NW is DEFAULT's, as gemv_pot_a8's default: the
+# warp count fixes the order of a row's sums, so the folded step (this) and the unfolded one (the
+# plain kernel, then silu_mul_quant) agree bit for bit only while both run DEFAULT[1] warps
+SILU_EXPR = f"gemv_pot3_a8<8, {DEFAULT[1]}, true>"
+MAX_GRID_Y = 65535
+POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS) + (SILU_EXPR,)
+POT_A8_FILE = kargs.KernelFile("gemv_pot_a8.cu", POT_A8_EXPRS)
+
+
+@dataclass
+class PackedPotA8:
+    """A pot3 layer on the GPU in the pot3-a8 layout: words (T, S, 3, 8, 32) uint32, scale (T, S, 8, 8)
+    fp16, T = ceil(N / 8) (formats.pot_a8.pack_pot_a8, pack_scales)."""
+    n: int
+    k: int
+    words: object
+    scale: object
+
+    def nbytes(self) -> int:
+        return int(self.words.nbytes + self.scale.nbytes)
+
+
+def upload(words: np.ndarray, scale: np.ndarray, n: int, k: int) -> PackedPotA8:
+    """Host arrays (formats.pot_a8.pack_pot_a8 and pack_scales, or from_pot3) -> the GPU."""
+    cp = require_cupy()
+    t, s = fmt.n_tiles(n), fmt.n_steps(k)
+    if words.shape != (t, s, fmt.WORDS, fmt.TILE_ROWS, fmt.STEP) or scale.shape != (t, s, fmt.TILE_ROWS, 8):
+        raise CudaOpError(f"pot3-a8 words {words.shape} and scales {scale.shape} do not make a {n}×{k} layer")
+    return PackedPotA8(n, k, cp.ascontiguousarray(cp.asarray(words, dtype=cp.uint32)),
+                       cp.ascontiguousarray(cp.asarray(scale, dtype=cp.float16)))
+
+
+def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | None = None):
+    """out (M, N) fp16 = sx[m] · (x8[m] · Ŵᵀ) for M tokens, or (N,) for one: x8 (M, ldx) or (ldx,)
+    int8, C-contiguous and 16-byte aligned, ldx ≥ 32·Kc and a multiple of 16 (its bytes past K meet
+    code 0); sx (≥ M,) float32 on the GPU; variant (RB, NW) one of VARIANTS (default DEFAULT). The
+    grid takes the tokens as its y dimension: every token reads the weights again."""
+    cp = require_cupy()
+    rb, nw = variant or DEFAULT
+    if (rb, nw) not in VARIANTS:
+        raise CudaOpError(f"gemv_pot_a8 variant {(rb, nw)} is not among {VARIANTS}")
+    kc = fmt.n_chunks(p.k)
+    one = x8.ndim == 1
+    m, ldx = (1, x8.size) if one else (x8.shape if x8.ndim == 2 else (0, 0))
+    if x8.dtype != np.int8 or not x8.flags.c_contiguous or ldx < 32 * kc or ldx % 16 or x8.data.ptr % 16 \
+            or x8.ndim not in (1, 2):
+        raise CudaOpError(f"gemv_pot_a8 needs x8 as C-contiguous 16-byte aligned int8 rows of at least "
+                          f"{32 * kc} bytes (K = {p.k} padded to 32), a multiple of 16, got {x8.dtype} {x8.shape}")
+    if sx.dtype != np.float32 or sx.size < max(m, 1):
+        raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least {max(m, 1)} elements, "
+                          f"got {sx.dtype} {sx.shape}")
+    shape = (p.n,) if one else (m, p.n)
+    out = cp.empty(shape, dtype=cp.float16) if out is None else out
+    if out.dtype != np.float16 or out.shape != shape or not out.flags.c_contiguous:
+        raise CudaOpError(f"gemv_pot_a8 writes a C-contiguous float16 {shape} array, got {out.dtype} {out.shape}")
+    if m == 0:
+        return out
+    if p.n == 0 or p.k == 0:
+        out.fill(0)
+        return out
+    for m0 in range(0, m, MAX_GRID_Y):                  # the grid's y dimension holds 65535 tokens
+        mc = min(MAX_GRID_Y, m - m0)
+        kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (-(-p.n // rb), mc), (32 * nw,), words=p.words,
+                     scale=p.scale, x8=x8[m0:] if m0 else x8, sx=sx[m0:] if m0 else sx, out=out[m0:] if m0 else out,
+                     N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None, amax=None)
+    return out
+
+
+def gemv_pot_a8_silu(x8, sx, p: PackedPotA8, mf, amax):
+    """The fused gate|up layer (N = 2I rows, gate then up, I % 8 == 0) for one token: mf (1, I)
+    float32 = silu(gate)·up from the fp16-rounded gate and up (the values gemv_pot_a8 would write),
+    amax (≥ 1,) uint32 = max(amax, max |mf|) as float bits (zero it first). x8 and sx as for
+    gemv_pot_a8, one token."""
+    cp = require_cupy()
+    kc, i = fmt.n_chunks(p.k), p.n // 2
+    ldx = x8.shape[-1] if x8.ndim in (1, 2) else 0
+    if x8.dtype != np.int8 or not x8.flags.c_contiguous or x8.size != ldx or ldx < 32 * kc or ldx % 16 \
+            or x8.data.ptr % 16:
+        raise CudaOpError(f"the pot3-a8 SiLU GEMV takes one token: x8 as one C-contiguous 16-byte aligned int8 row "
+                          f"of at least {32 * kc} bytes, a multiple of 16, got {x8.dtype} {x8.shape}")
+    if p.n % 16 or p.k == 0:
+        raise CudaOpError(f"the pot3-a8 SiLU GEMV takes gate|up rows with I % 8 == 0 and K > 0, got N = {p.n}, "
+                          f"K = {p.k}")
+    if not (isinstance(mf, cp.ndarray) and mf.dtype == np.float32 and mf.size == i and mf.flags.c_contiguous):
+        raise CudaOpError(f"mf must be a C-contiguous float32 array of {i} elements, got {mf.dtype} {mf.shape}")
+    if not (isinstance(amax, cp.ndarray) and amax.dtype == np.uint32 and amax.size >= 1):
+        raise CudaOpError("amax must be a uint32 array of at least one element")
+    if sx.dtype != np.float32 or sx.size < 1:
+        raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least 1 element, got {sx.dtype} {sx.shape}")
+    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<8, {DEFAULT[1]}, true>", (i // 4, 1), (32 * DEFAULT[1],),   # SILU_EXPR
+                 words=p.words, scale=p.scale, x8=x8, sx=sx, out=None, N=p.n, KC=kc, ldx=ldx, ldo=0, mf=mf, amax=amax)
+    return mf

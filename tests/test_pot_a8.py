@@ -1,0 +1,585 @@
+"""The W3-PoT × INT8 layout (engine/formats/pot_a8.py) and the bit tricks of cuda/gemv_pot_a8.cu, on the CPU.
+
+Round trips of the packing (odd shapes, K past a warp step, the spare code under both signs of
+the scale), the kernel's selector masking, prmt lookup (with its sign-replicate rule) and dp4a
+word for word against the code table, the exact fma emulation, and the reference GEMV against
+a float64 W·x; the kernel's index arithmetic, read from its source, run for every block, warp
+and lane of both variants against the layout (check_kernel_offsets). tests/test_pot_a8_gpu.py runs
+the kernel against the same reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.formats import planes, pot
+from engine.formats import pot_a8 as P
+
+SHAPES = [(1, 1), (5, 77), (8, 1024), (9, 1056), (16, 1100), (3, 4096), (13, 2080)]
+
+
+def rand_layer(rng, n, k, spare_share=0.2):
+    codes = rng.integers(0, 8, (n, k)).astype(np.uint8)
+    codes[rng.random((n, k)) < spare_share] = pot.KINDS["pot3"].spare_code
+    s = (rng.uniform(0.005, 0.05, (n, -(-k // 128))) * rng.choice([-1, 1], (n, -(-k // 128)))).astype(np.float16)
+    return codes, s
+
+
+def fp16_ulp(v):
+    return np.spacing(np.abs(v).astype(np.float16)).astype(np.float64)
+
+
+def test_values_are_four_times_the_pot3_units():
+    assert np.array_equal(P.VALUES.astype(np.float32), 4 * pot.KINDS["pot3"].units())
+    assert (P.LUT_LO, P.LUT_HI) == (0x01020400, 0xFFFEFC08)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_pack_round_trip(n, k):
+    rng = np.random.default_rng(n * 7919 + k)
+    codes, s = rand_layer(rng, n, k)
+    w = P.pack_pot_a8(codes)
+    assert w.shape == (P.n_tiles(n), P.n_steps(k), 3, 8, 32)
+    assert np.array_equal(P.unpack_pot_a8(w, n, k), codes)
+    # everything past K and past N is code 0 (the kernel reads it as weight 0)
+    full = P.unpack_pot_a8(w, P.n_tiles(n) * 8, P.n_steps(k) * 1024)
+    assert not full[n:].any() and not full[:, k:].any()
+    sp = P.pack_scales(s, k)
+    assert sp.shape == (P.n_tiles(n), P.n_steps(k), 8, 8)
+    assert np.array_equal(P.unpack_scales(sp, n, k), s)
+    assert np.count_nonzero(sp) == np.count_nonzero(s)
+
+
+def test_word_layout_by_hand():
+    """Channel 8j + q: bits 0-2 of nibble q of word j; channel 24 + q: bit b in bit 3 of nibble q of word b."""
+    codes = np.zeros((1, 32), dtype=np.uint8)
+    codes[0, 8 * 1 + 5] = 6                 # word 1, nibble 5
+    codes[0, 24 + 2] = 5                    # bits 0 and 2: bit 3 of nibble 2 of words 0 and 2
+    w = P.pack_pot_a8(codes)[0, 0, :, 0, 0]
+    assert [hex(v) for v in w] == [hex(1 << 11), hex(6 << 20), hex(1 << 11)]
+
+
+def test_from_pot3_matches_the_pot_kind():
+    """A pot3 layer (bit planes, negative scales, spare codes) gives the same weights in this layout."""
+    rng = np.random.default_rng(3)
+    n, k = 11, 1000
+    codes, s = rand_layer(rng, n, k)
+    qweight = planes.pack_planes(codes, 3)
+    w, sp = P.from_pot3(qweight, s, k, 128)
+    kind = pot.KINDS["pot3"]
+    want = kind.units()[codes].astype(np.float64) * np.repeat(s.astype(np.float64), 128, axis=1)[:, :k]
+    assert np.array_equal(P.dequantized(w, sp, n, k), want)
+    spare = codes == kind.spare_code
+    neg = np.repeat(s < 0, 128, axis=1)[:, :k]
+    assert (spare & neg).any() and (spare & ~neg).any()          # the spare level on both sides
+    with pytest.raises(ValueError, match="groups of 128"):
+        P.from_pot3(qweight, np.zeros((n, 32), np.float16), k, 32)
+
+
+def test_prmt_generic_and_sign_replicate():
+    a, b = 0x80017F02, 0xFF00FE10          # bytes 0..7: 02 7F 01 80 10 FE 00 FF
+    assert int(P.prmt(a, b, 0x3210)) == a and int(P.prmt(a, b, 0x7654)) == b
+    assert int(P.prmt(a, b, 0x0123)) == 0x027F0180
+    # bit 3 of a nibble: the selected byte's sign bit replicated
+    assert int(P.prmt(a, b, 0xB9F8)) == 0xFF00FF00         # bytes 0 (02), 7 (FF), 1 (7F), 3 (80) -> signs
+    assert int(P.prmt(a, b, 0x8C0D)) == 0x000002FF         # 5 (FE) -> FF, byte 0 as is, 4 (10) and 0 -> 00
+
+
+def test_selectors_never_switch_prmt_to_sign_mode():
+    rng = np.random.default_rng(1)
+    w = rng.integers(0, 2**32, (3, 4096), dtype=np.uint64).astype(np.uint32)
+    for s in P.selectors(*w):
+        assert not (s & np.uint32(0x8888)).any()
+
+
+def test_lookup_gives_every_code_its_value():
+    """All 8 codes at every position of a chunk: the kernel's selectors and prmt make VALUES[code]."""
+    for code in range(8):
+        for shift in range(8):                  # rotate the codes over the 32 channels
+            codes = ((np.arange(32) + shift + code) % 8).astype(np.uint8)[None]
+            w = P.pack_pot_a8(codes)[0, 0, :, 0, 0]
+            got = np.concatenate([P.prmt(P.LUT_LO, P.LUT_HI, s)[None].view(np.int8) for s in P.selectors(*w)])
+            assert np.array_equal(got, P.VALUES[codes[0]])
+
+
+def test_chunk_dot_emulation_matches_codes():
+    """Random words and tokens: 8 prmt + 8 dp4a (emulated) = Σ VALUES[code]·x8, exactly."""
+    rng = np.random.default_rng(2)
+    m = 3000
+    w = rng.integers(0, 2**32, (m, 3), dtype=np.uint64).astype(np.uint32)
+    x8 = rng.integers(-128, 128, (m, 32)).astype(np.int8)
+    x8[:8] = -128                                                   # the extremes: all ones is code 7
+    w[:4] = 0xFFFFFFFF                                              # everywhere, bit 3s included
+    xw = x8.view("<u4")                                             # (m, 8): channel 4i + b in byte b of word i
+    got = P.chunk_dot_emulated(w, xw)
+    tiles = np.zeros((m, 1, 3, 8, 32), dtype=np.uint32)
+    tiles[:, 0, :, 0, 0] = w
+    codes = np.stack([P.unpack_pot_a8(t[None], 1, 32)[0] for t in tiles])
+    assert np.array_equal(got, (P.VALUES[codes].astype(np.int64) * x8).sum(axis=1))
+
+
+def exact_f32(q: Fraction) -> np.float32:
+    """q rounded to float32 once, ties to even."""
+    r = np.float32(float(q))
+    cands = [r, np.nextafter(r, np.float32(np.inf)), np.nextafter(r, np.float32(-np.inf))]
+    best = min(cands, key=lambda c: (abs(Fraction(float(c)) - q), int(np.array(c).view(np.uint32)) & 1))
+    return np.float32(best)
+
+
+def test_fma32_is_one_rounding():
+    a = np.float32(2.0**-24 * (1 + 2.0**-15))
+    b = np.float32(-(1 - 2.0**-15))
+    c = np.float32(1 + 2.0**-23)           # a·b + c = 1 + 2^-24 + 2^-54: above the midpoint
+    assert np.float32(np.float64(a) * np.float64(b) + np.float64(c)) == np.float32(1.0)   # double rounding
+    assert P.fma32(a, b, c) == np.float32(1 + 2.0**-23)
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal(300).astype(np.float32) * np.float32(2.0) ** rng.integers(-30, 30, 300) for _ in range(3)]
+    got = P.fma32(*xs)
+    for a, b, c, g in zip(*xs, got):
+        assert g == exact_f32(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)))
+
+
+def kernel_loop(words, scale, x8, sx, n, k, nw):
+    """The kernel's control flow, one scalar at a time (warps, lanes, the two register batches)."""
+    kc = P.n_chunks(k)
+    steps = P.n_steps(k)
+    dots = P.chunk_dots(words, n, x8[:k])
+    s32 = np.zeros((n, 8 * steps), np.float32)
+    s32[:, :-(-k // 128)] = P.unpack_scales(scale, n, k)
+    y = np.zeros(n, np.float16)
+    for row in range(n):
+        red = []
+        for warp in range(nw):
+            lanes = []
+            for lane in range(32):
+                acc = np.float32(0)
+                st = warp
+                while st < steps:                         # compute(b0); then b1 = st + NW
+                    for s_ in (st, st + nw):
+                        if s_ >= steps:
+                            break
+                        c = 32 * s_ + lane
+                        d = dots[row, c] if c < kc else 0
+                        acc = P.fma32(s32[row, c >> 2], np.float32(d), acc)[()]
+                    st += 2 * nw
+                lanes.append(acc)
+            v = np.array(lanes, np.float32)
+            for off in (16, 8, 4, 2, 1):
+                v = v + v[np.arange(32) ^ off]
+            red.append(v[0])
+        tot = red[0]
+        for v in red[1:]:
+            tot = np.float32(tot + v)
+        y[row] = np.float16(tot * np.float32(np.float32(0.25) * np.float32(sx)))
+    return y
+
+
+@pytest.mark.parametrize("n,k,nw", [(3, 77, 4), (2, 5000, 4), (2, 9000, 8), (1, 3100, 8)])
+def test_reference_follows_the_kernel_order(n, k, nw):
+    rng = np.random.default_rng(k)
+    codes, s = rand_layer(rng, n, k)
+    w, sp = P.pack_pot_a8(codes), P.pack_scales(s, k)
+    x8 = rng.integers(-127, 128, k).astype(np.int8)
+    assert np.array_equal(P.gemv_pot_a8_ref(w, sp, x8, 0.013, n, k, nw), kernel_loop(w, sp, x8, 0.013, n, k, nw))
+
+
+@pytest.mark.parametrize("n,k", SHAPES + [(40, 11008)])
+@pytest.mark.parametrize("nw", [4, 8])
+def test_reference_against_float64(n, k, nw):
+    rng = np.random.default_rng(n + 31 * k)
+    codes, s = rand_layer(rng, n, k)
+    w, sp = P.pack_pot_a8(codes), P.pack_scales(s, k)
+    x8 = rng.integers(-127, 128, k).astype(np.int8)
+    sx = np.float32(0.0123)
+    y = P.gemv_pot_a8_ref(w, sp, x8, sx, n, k, nw).astype(np.float64)
+    ref = P.dequantized(w, sp, n, k) @ (x8.astype(np.float64) * np.float64(sx))
+    # fp16 rounding (half an ulp) plus the fp32 sums' error, far below another half ulp here
+    bound = fp16_ulp(ref) + 64 * np.finfo(np.float32).eps * (np.abs(P.dequantized(w, sp, n, k)) @ np.abs(
+        x8.astype(np.float64) * np.float64(sx)))
+    assert (np.abs(y - ref) <= bound).all()
+
+
+def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
+    """engine/gpu/pot_a8.py through kargs with bench/host_prefill.py's fake CuPy: the keywords are
+    the kernel's parameters, the grid one block per RB rows and token; bad inputs get one clear error."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import host_gemm
+    import host_prefill
+
+    from engine.gpu import kargs, pot_a8
+    from engine.gpu.ops import CudaOpError
+    n, k = 13, 1100
+    codes, s = rand_layer(np.random.default_rng(5), n, k)
+    words, scale = P.pack_pot_a8(codes), P.pack_scales(s, k)
+    grids, exprs = [], []
+    real = host_gemm._Kernel.launch_bound
+    args_seen = []
+    monkeypatch.setattr(host_gemm._Kernel, "launch_bound",
+                        lambda self, grid, block, bound, args, *a, **kw: (grids.append((grid, block)),
+                                                                          args_seen.append(dict(args)),
+                                                                          real(self, grid, block, bound, args, *a, **kw)))
+    with host_prefill.faked() as cp:
+        monkeypatch.setattr(pot_a8, "require_cupy", lambda: cp)
+        p = pot_a8.upload(words, scale, n, k)
+        x8 = cp.zeros(32 * P.n_chunks(k), dtype=np.int8)
+        sx = cp.ones(1, dtype=np.float32)
+        with kargs.intercepted(lambda expr, run: (exprs.append(expr), run())):
+            for v in pot_a8.VARIANTS:
+                pot_a8.gemv_pot_a8(x8, sx, p, variant=v)
+            x3 = cp.zeros((3, 1136), dtype=np.int8)                   # three tokens, rows of 1136 bytes
+            assert pot_a8.gemv_pot_a8(x3, cp.ones(3, dtype=np.float32), p).shape == (3, n)
+            monkeypatch.setattr(pot_a8, "MAX_GRID_Y", 2)             # past the grid's y limit: launches of 2, 1
+            at = len(args_seen)
+            pot_a8.gemv_pot_a8(x3, cp.ones(3, dtype=np.float32), p)
+            monkeypatch.setattr(pot_a8, "MAX_GRID_Y", 65535)
+            sliced = args_seen[at:]
+            assert [a["x8"].data.ptr - x3.data.ptr for a in sliced] == [0, 2 * 1136]
+            assert [a["out"].shape[0] for a in sliced] == [3, 1] and sliced[1]["sx"].size == 1
+        with pytest.raises(CudaOpError, match="at least 1120 bytes"):
+            pot_a8.gemv_pot_a8(x8[:1100], sx, p)
+        with pytest.raises(CudaOpError, match="a multiple of 16"):
+            pot_a8.gemv_pot_a8(cp.zeros((2, 1128), dtype=np.int8), cp.ones(2, dtype=np.float32), p)
+        with pytest.raises(CudaOpError, match="at least 3 elements"):
+            pot_a8.gemv_pot_a8(x3, sx, p)
+        with pytest.raises(CudaOpError, match="not among"):
+            pot_a8.gemv_pot_a8(x8, sx, p, variant=(16, 4))
+        with pytest.raises(CudaOpError, match="sx as a float32"):
+            pot_a8.gemv_pot_a8(x8, cp.ones(1, dtype=np.float16), p)
+        with pytest.raises(CudaOpError, match="float16"):
+            pot_a8.gemv_pot_a8(x8, sx, p, out=cp.zeros(n, dtype=np.float32))
+        empty = pot_a8.upload(P.pack_pot_a8(codes[:, :0]), P.pack_scales(s[:, :0], 0), n, 0)
+        assert pot_a8.gemv_pot_a8(x8, sx, empty) is not None             # K = 0: zeros, returned
+        with pytest.raises(CudaOpError, match="do not make"):
+            pot_a8.upload(words, scale, n + 8, k)
+        # the SiLU variant: N = 2I rows (I = 16), grid I / 4 blocks, one token
+        c32, s32 = rand_layer(np.random.default_rng(6), 32, k)
+        gu = pot_a8.upload(P.pack_pot_a8(c32), P.pack_scales(s32, k), 32, k)
+        mf, amax = cp.zeros((1, 16), dtype=np.float32), cp.zeros(1, dtype=np.uint32)
+        with kargs.intercepted(lambda expr, run: (exprs.append(expr), run())):
+            assert pot_a8.gemv_pot_a8_silu(x8.reshape(1, -1), sx, gu, mf, amax) is mf
+        with pytest.raises(CudaOpError, match="I % 8"):
+            pot_a8.gemv_pot_a8_silu(x8, sx, p, cp.zeros(6, dtype=np.float32), amax)
+        with pytest.raises(CudaOpError, match="one token"):
+            pot_a8.gemv_pot_a8_silu(x3, cp.ones(3, dtype=np.float32), gu, mf, amax)
+        with pytest.raises(CudaOpError, match="mf must be"):
+            pot_a8.gemv_pot_a8_silu(x8, sx, gu, cp.zeros((1, 32), dtype=np.float32), amax)
+        with pytest.raises(CudaOpError, match="amax must be"):
+            pot_a8.gemv_pot_a8_silu(x8, sx, gu, mf, cp.zeros(1, dtype=np.float32))
+    assert exprs == [f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in pot_a8.VARIANTS] + [
+        "gemv_pot3_a8<8, 4, false>"] * 3 + [pot_a8.SILU_EXPR]
+    assert [g for g, _ in grids] == [(-(-n // rb), 1) for rb, _ in pot_a8.VARIANTS] + [(2, 3), (2, 2), (2, 1), (4, 1)]
+    assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS] + [(128,)] * 4
+
+
+def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch):
+    """tuning.WB_TUNE.pot3_a8 at load: every pot3 linear of a (fake-CuPy) CudaModel holds the
+    pot3-a8 layout, its norms and quantizers write INT8 rows of K padded to 32 (mode dynamic),
+    and a prefill of M tokens launches gemv_pot3_a8 over a (row blocks, M) grid for q|k|v, o,
+    gate|up and down, and no fp16-activation GEMV; a decode step's layers fold their quantization
+    (the SiLU variant, quant_amax). Off (the default), the same model loads its layers for gemv_pot."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import host_gemm
+    import host_prefill
+
+    from engine.bench.e2e import SMOLLM2, random_model
+    from engine.gpu import kargs, tuning
+    from engine.gpu import pot_a8 as gpu_pot_a8
+    from engine.gpu.cache import Buffers
+    from engine.gpu.fused import MODE
+    cfg = dataclasses.replace(SMOLLM2, num_hidden_layers=2)
+    mw = random_model(cfg, 3)
+    launches = []
+    real = host_gemm._Kernel.launch_bound
+    monkeypatch.setattr(host_gemm._Kernel, "launch_bound",
+                        lambda self, grid, block, bound, args, *a, **kw: (launches.append((grid, dict(args))),
+                                                                          real(self, grid, block, bound, args, *a, **kw)))
+
+    def run(a8: bool, m: int):
+        exprs, pairs = [], []
+        launches.clear()
+        monkeypatch.setattr(tuning.WB_TUNE, "pot3_a8", a8)
+        with host_prefill.faked() as cp:
+            monkeypatch.setattr(gpu_pot_a8, "require_cupy", lambda: cp)
+            for name in ("stack", "concatenate"):               # gpu/wb.py's tiles (pot3_a8 off)
+                setattr(cp, name, host_prefill._fake(getattr(np, name)))
+            from engine.gpu.model import CudaModel
+            gm = CudaModel(mw)
+            cache = gm.new_cache(m + 8)
+            if a8:                       # (the fp16-activation GEMV's grid asks the driver: not faked)
+                with kargs.intercepted(lambda expr, go: (exprs.append(expr), go())):
+                    gm.prefill(np.arange(m), cache)
+                pairs = list(zip(exprs, launches))
+                launches.clear()
+                folds.extend([gm._fold_quant(1), gm._fold_quant(2)])
+                b = Buffers(cp, cfg, 1, 1, gm._wide)          # a decode step's layers, attention left out
+                with kargs.intercepted(lambda expr, go: (steps.append(expr), go())):
+                    gm._layers(b, 1, cache, lambda li, bb, amax=None: None, cp.zeros(1, np.int32), decode=True)
+            return gm, exprs, pairs
+
+    steps, folds = [], []
+
+    gm, exprs, pairs = run(True, 5)
+    assert all(g.pa8 is not None and g.wb is None and g.mode == MODE["dynamic"] and g.kp % 32 == 0
+               for L in gm.layers for g in L.linears())
+    a8 = [(grid, args) for e, (grid, args) in pairs if e.startswith("gemv_pot3_a8")]
+    assert len(a8) == 4 * cfg.num_hidden_layers and not any(e.startswith("gemv_pot<") for e in exprs)
+    ns = [cfg.q_size + 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size, 2 * cfg.intermediate_size,
+          cfg.hidden_size] * cfg.num_hidden_layers
+    rb = gpu_pot_a8.DEFAULT[0]
+    assert [grid for grid, _ in a8] == [(-(-n // rb), 5) for n in ns]
+    assert [args["N"] for _, args in a8] == ns and all(args["ldo"] == args["N"] for _, args in a8)
+    assert [args["ldx"] for _, args in a8] == [cfg.hidden_size, cfg.q_size, cfg.hidden_size,
+                                               cfg.intermediate_size] * cfg.num_hidden_layers
+    rows = [args["mode"] for e, (_, args) in pairs if "rmsnorm_quant" in e or "quant_rows" in e or "silu_mul_quant" in e]
+    # per layer: norm, quant of the attention output, norm, silu_mul_quant; the final norm feeds the fp16 head
+    assert rows == [MODE["dynamic"]] * 4 * cfg.num_hidden_layers + [MODE["fp16"]]
+
+    # the one-token step folds its quantization (CudaModel._fold_quant): the SiLU variant for gate|up
+    # (grid I/4, writing mf and amax), quant_amax for o and down, no silu_mul_quant or quant_rows
+    assert folds == [True, False]
+    per = cfg.num_hidden_layers
+    assert sum(e == gpu_pot_a8.SILU_EXPR for e in steps) == per
+    assert sum(e.startswith("gemv_pot3_a8") for e in steps) == 4 * per
+    assert sum(e.startswith("quant_amax") for e in steps) == 2 * per
+    assert not any(e.startswith(("silu_mul_quant", "quant_rows")) for e in steps)
+    silu = [args for grid, args in launches if "mf" in args and args["mf"] is not None]
+    assert len(silu) == per and all(a["N"] == 2 * cfg.intermediate_size and a["amax"] is not None for a in silu)
+
+    gm, _, _ = run(False, 5)
+    assert all(g.pa8 is None and g.wb is not None and g.mode == MODE["fp16"] for L in gm.layers for g in L.linears())
+
+
+# ----------------------------------------------------------------- the kernel's index arithmetic
+
+KERNEL_SRC = Path(__file__).resolve().parents[1] / "cuda" / "gemv_pot_a8.cu"
+
+# gemv_pot3_a8's index expressions, read from its source (one match each in the kernel's body):
+# the declarations `TYPE NAME = EXPR;`, the pointer advances `NAME += EXPR;`, and the rest
+_DECLS = {"steps": "int", "n0": "int", "tu": "size_t", "wp": r"u32\*", "wpu": r"u32\*", "w": r"u32\*",
+          "rr": "int", "sp": r"unsigned short\*", "spu": r"unsigned short\*"}
+_KERNEL_EXPRS = {
+    **{name: rf"const {ty} {name} = ([^;]+);" for name, ty in _DECLS.items()},
+    **{f"adv_{v}": rf"\b{v} \+= ([^;]+);" for v in ("wp", "sp", "wpu", "spu")},
+    "x8": r"\bx8 \+= ([^;]+);", "out": r"\bout \+= ([^;]+);",
+    "ts": r"const size_t ts = (.+?), r0 = ", "r0": r", r0 = ([^;]+);",
+    "ldw": r"b\.w\[r\]\[j\] = pa8_ldw\((.+)\);$", "lds": r"b\.s\[r\] = pa8_lds\((.+)\);$",
+    "ldx": r"pa8_ldx\((.+), b\.x\);$",
+    "silu_live": r"if \(threadIdx\.x < (\w+)\) \{", "gate": r"const float g = .*?row_sum\(([^)]+)\)",
+    "up": r"const float u = .*?row_sum\(([^)]+)\)", "mf": r"mf\[([^\]]+)\] = v;",
+    "amax": r"atomicMax\(amax \+ ([^,]+),",
+    "plain_live": r"\} else if \((.+)\) \{$", "out_idx": r"out\[([^\]]+)\] = ",
+    "out_row": r"out\[[^\]]+\] = __float2half_rn\(row_sum\(([^)]+)\)",
+}
+
+
+# the kernel's load/compute loop (from `Pa8Batch<RB> b0, b1;` to the reduction, comments dropped,
+# whitespace collapsed), which check_kernel_offsets mirrors statement for statement: when the
+# kernel's loop changes, so must that mirror and this digest
+KERNEL_LOOP_SHA256 = "14acb82b82c533bf73d47f984d88dc71bed9a31962e6361c2488a3426dd3bca4"
+
+
+def kernel_loop_text(code: str) -> str:
+    i = code.index("Pa8Batch<RB> b0, b1;")
+    return code[i:code.index("#pragma unroll", i)].strip()
+
+
+def _c_to_py(e: str) -> str:
+    """One of the kernel's integer expressions as Python (NumPy arrays for the thread indices)."""
+    e = " ".join(e.split())
+    e = re.sub(r"reinterpret_cast<[^>]*>\((\w+)\)", r"\1", e)
+    e = re.sub(r"\((?:size_t|int)\)", "", e)
+    for c, p in (("blockIdx.x", "bx"), ("blockIdx.y", "by"), ("threadIdx.x", "tid"), ("/", "//"),
+                 ("min(", "np.minimum(")):
+        e = e.replace(c, p)
+    e = re.sub(r"\(([^()?:]+?) \? ([^()?:]+?) : ([^()?:]+?)\)", r"((\2) if (\1) else (\3))", e)
+    e = re.sub(r"^([^?]+?) \? ([^?]+?) : ([^?]+)$", r"(\2) if (\1) else (\3)", e)
+    if "&&" in e:
+        e = "(" + ") & (".join(e.split(" && ")) + ")"
+    assert "?" not in e and "&&" not in e, e
+    return e
+
+
+def kernel_index_exprs(src: str) -> dict:
+    body = src[src.index("gemv_pot3_a8(\n"):]
+    code = " ".join(re.sub(r"//[^\n]*", "", body).split())
+    assert hashlib.sha256(kernel_loop_text(code).encode()).hexdigest() == KERNEL_LOOP_SHA256, \
+        "the kernel's loop changed: update check_kernel_offsets and KERNEL_LOOP_SHA256"
+    ex = {}
+    for name, pat in _KERNEL_EXPRS.items():
+        hits = re.findall(pat, body, re.M)
+        assert len(hits) == 1, f"{name}: {hits} in cuda/gemv_pot_a8.cu (update _KERNEL_EXPRS with the kernel)"
+        ex[name] = _c_to_py(hits[0])
+    ex["defines"] = {d: int(v) for d, v in re.findall(r"^#define (PA8_\w+) (\d+)\b", src, re.M)}
+    ex["constexpr"] = [(c, _c_to_py(v)) for c, v in re.findall(r"constexpr int (\w+) = ([^;]+);", body)]
+    ex["shfl"] = [(int(mk, 16), int(off)) for mk, off in re.findall(r"__shfl_xor_sync\((0x[0-9a-f]+)u, a, (\d+)\)", body)]
+    return ex
+
+
+def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int, m: int = 1, ldx: int = 0):
+    """Run the kernel's pointer arithmetic (ex) for every block, token, warp and lane through its
+    load/compute loop, and assert: each batch compute() reads holds, for register row r and word j,
+    word j of chunk 32·st + lane of row R(r) (words[R // 8, st, j, R % 8, lane]), that row's scale
+    of the chunk's group and the token's x8 at min(chunk, Kc - 1); warp w reads the steps w, w + NW, ...
+    in order; the epilogue writes every output once, from the register row of its row. R(r) = n0 + r
+    (plain), gate row 4b + r for r < 4 and up row I + 4b + r - 4 (SILU, N = 2I)."""
+    kc, steps, nt, i = P.n_chunks(k), P.n_steps(k), P.n_tiles(n), n // 2
+    ldx = ldx or 32 * kc
+    wshape, sshape = (nt, steps, 3, 8, 32), (nt, steps, 8, 8)
+    gx = i // 4 if silu else -(-n // rb)              # the launchers' grids (test_launcher_binds_the_kernel...)
+    env = dict(ex["defines"], RB=rb, NW=nw, SILU=silu, N=n, KC=kc, ldx=ldx, ldo=0 if silu else n)
+    for name, e in ex["constexpr"]:
+        env[name] = eval(e, {}, env)                   # noqa: S307  (our kernel's constexprs)
+    bx, by, lane = np.arange(gx)[None, :, None], np.arange(m)[:, None, None], np.arange(32)[None, None, :]
+    grid = np.zeros((m, gx, 32), np.int64)
+
+    def ev(name, e):
+        return eval(ex[name], {"np": np}, e) + grid    # noqa: S307
+
+    for warp in range(nw):
+        e = dict(env, bx=bx, by=by, lane=lane, warp=warp, words=0, scale=0, x8=0)
+        assert (ev("steps", e) == steps).all()
+        e["steps"] = steps
+        e["n0"] = ev("n0", e)
+        e["x8"] = ev("x8", e)
+        for name in ("ts", "r0", "wp", "sp", "tu", "wpu", "spu"):
+            e[name] = ev(name, e)
+
+        def load_w(half):
+            b = {}
+            for r in range(rb):
+                e.update(r=r, half=half)
+                e["w"], e["rr"] = ev("w", e), ev("rr", e)
+                for j in range(3):
+                    e["j"] = j
+                    b[r, j] = ev("ldw", e)
+                b[r, "s"] = ev("lds", e)
+            return b
+
+        def load_x(st, b):
+            e["st"] = st
+            b["x"] = ev("ldx", e)
+
+        def advance():
+            for p in ("wp", "sp") + (("wpu", "spu") if silu else ()):
+                e[p] = e[p] + ev("adv_" + p, e)
+
+        read = []                # the batches compute() reads, in order: the kernel's loop
+        b0 = load_w(0) if warp < steps else None
+        b1 = load_w(1) if warp + nw < steps else None
+        if warp < steps:
+            load_x(warp, b0)
+        if warp + nw < steps:
+            load_x(warp + nw, b1)
+        for st in range(warp, steps, 2 * nw):
+            read.append(b0)
+            advance()
+            if st + 2 * nw < steps:
+                b0 = load_w(0)
+                load_x(st + 2 * nw, b0)
+            if st + nw >= steps:
+                break
+            read.append(b1)
+            if st + 3 * nw < steps:
+                b1 = load_w(1)
+                load_x(st + 3 * nw, b1)
+        assert len(read) == len(range(warp, steps, nw)), (warp, len(read))
+        for st, b in zip(range(warp, steps, nw), read):
+            c = 32 * st + lane
+            for r in range(rb):
+                row = (4 * bx + r if r < 4 else i + 4 * bx + r - 4) if silu else bx * rb + r
+                for key, shape, want in [((r, j), wshape, (row // 8, st, j, row % 8, lane)) for j in range(3)] + [
+                        ((r, "s"), sshape, (row // 8, st, row % 8, (c >> 2) - 8 * st))]:
+                    off = b[key]
+                    assert ((off >= 0) & (off < np.prod(shape))).all(), (key, st, "out of bounds")
+                    for got, w in zip(np.unravel_index(off, shape), want):
+                        assert (got == w).all(), (key, warp, st)
+            assert (b["x"] == by * ldx + 32 * np.minimum(c, kc - 1)).all() and (b["x"] + 32 <= m * ldx).all()
+
+    # the epilogue: thread tid of block (bx, by) writes which output, from which register row
+    tid = np.arange(32 * nw)[None, None, :]
+    e = dict(env, bx=bx, by=by, tid=tid, out=0)
+    e["n0"] = eval(ex["n0"], {"np": np}, e)            # noqa: S307
+    full = np.zeros((m, gx, tid.size), np.int64)
+
+    def at(expr, live):
+        return (eval(expr, {"np": np}, e) + full)[live]   # noqa: S307
+
+    if silu:
+        live = tid + full < env[ex["silu_live"]]
+        assert np.array_equal(np.nonzero(live[0, 0])[0], np.arange(4))
+        for mask, off in ex["shfl"]:                   # the absmax butterfly within exactly those lanes
+            assert {t for t in range(32) if mask >> t & 1} == {0, 1, 2, 3} == {t ^ off for t in range(4)}
+        assert (at(ex["amax"], live) == at("by", live)).all()
+        rg, ru = at(ex["gate"], live), at(ex["up"], live)
+        assert (rg < 4).all() and (ru - 4 == rg).all()         # gate row 4b + t, up row I + 4b + t
+        mf = at(ex["mf"], live)
+        assert (mf == at("by", live) * i + 4 * at("bx", live) + rg).all()
+        assert np.array_equal(np.sort(mf), np.arange(m * i))
+    else:
+        live = at(ex["plain_live"], Ellipsis).astype(bool)
+        idx, r = at(ex["out"], live) + at(ex["out_idx"], live), at(ex["out_row"], live)
+        assert (r < rb).all() and (idx == at("by", live) * n + at("bx", live) * rb + r).all()
+        assert np.array_equal(np.sort(idx), np.arange(m * n))
+
+
+PLAIN_CASES = [(rb, nw, n, k, m) for rb in (4, 8) for nw in (4, 8)
+               for n, k in [(1, 1), (13, 77), (8, 1024), (21, 2080), (37, 9300)] for m in (1, 3)]
+SILU_CASES = [(nw, i, k) for nw in (4, 8) for i in (8, 16, 24, 1376) for k in (77, 2080, 4096, 9300)]
+
+
+def test_kernel_offsets_address_the_layout():
+    """gemv_pot3_a8's pointer arithmetic, read from cuda/gemv_pot_a8.cu and run for every block, token,
+    warp and lane (check_kernel_offsets): the plain variant (RB 4 and 8, NW 4 and 8; N with a partial
+    last tile, K not a multiple of 1024, up to 10 warp steps; 3 tokens with rows of 32·Kc + 16 bytes)
+    reads row n0 + r, the SiLU variant gate row 4b + r and up row I + 4b + r - 4 (I = 8, 16, 24,
+    1376), of chunk 32·st + lane as pack_pot_a8 and pack_scales lay them out, and writes each output once."""
+    ex = kernel_index_exprs(KERNEL_SRC.read_text())
+    for rb, nw, n, k, m in PLAIN_CASES:
+        check_kernel_offsets(ex, rb, nw, False, n, k, m, 0 if m == 1 else 32 * P.n_chunks(k) + 16)
+    for nw, i, k in SILU_CASES:
+        check_kernel_offsets(ex, 8, nw, True, 2 * i, k)
+
+
+@pytest.mark.parametrize("old,new", [
+    ("r0 * PA8_STEP + lane", "r0 * PA8_TILE_ROWS + lane"),                     # a half tile's row offset
+    ("(size_t)(N / 2 / PA8_TILE_ROWS) * steps", "(size_t)(N / 2 / PA8_TILE_ROWS)"),   # the up rows' tile
+    ("wpu += 2 * NW * TILE_STEP", "wpu += NW * TILE_STEP"),                   # the up pointer's advance
+    ("spu += 2 * NW * SCALES_STEP", "spu += NW * SCALES_STEP"),
+    ("+ (lane >> 2);", "+ (lane >> 3);"),                                     # a lane's group
+    ("rr * (SCALES_STEP / PA8_TILE_ROWS)", "r * (SCALES_STEP / PA8_TILE_ROWS)"),
+    ("(j * PA8_TILE_ROWS + rr) * PA8_STEP", "(j * PA8_TILE_ROWS + r) * PA8_STEP"),
+    ("half * NW * TILE_STEP", "half * TILE_STEP"),                            # the second batch
+    ("SILU ? blockIdx.x * HALF : blockIdx.x * RB", "blockIdx.x * RB"),
+    ("KC - 1)", "KC)"),                                                       # the lanes past Kc
+    ("x8 += (size_t)blockIdx.y * ldx", "x8 += (size_t)blockIdx.y * KC * 32"), # the token's row
+    ("row_sum(threadIdx.x + HALF)", "row_sum(threadIdx.x + 1)"),
+    ("mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x]", "mf[(size_t)blockIdx.y * (N / 2) + 2 * n0 + threadIdx.x]"),
+    ("__shfl_xor_sync(0xfu, a, 2)", "__shfl_xor_sync(0x3u, a, 2)"),
+    ("n0 + (int)threadIdx.x < N", "n0 + (int)threadIdx.x <= N"),
+    ("if (st + NW >= steps) break;", "if (st + NW > steps) break;"),          # the loop (KERNEL_LOOP_SHA256)
+])
+def test_offset_check_catches_a_mutated_kernel(old, new):
+    """check_kernel_offsets (or kernel_index_exprs' check of the loop it mirrors) fails on the
+    kernel's source with one index expression or loop condition broken."""
+    src = KERNEL_SRC.read_text()
+    assert src.count(old) == 1
+    if old in kernel_loop_text(" ".join(src.split())):
+        with pytest.raises(AssertionError, match="loop changed"):
+            kernel_index_exprs(src.replace(old, new))
+        return
+    ex = kernel_index_exprs(src.replace(old, new))
+    with pytest.raises(AssertionError):
+        for rb, nw, n, k, m in PLAIN_CASES:
+            check_kernel_offsets(ex, rb, nw, False, n, k, m, 0 if m == 1 else 32 * P.n_chunks(k) + 16)
+        for nw, i, k in SILU_CASES:
+            check_kernel_offsets(ex, 8, nw, True, 2 * i, k)

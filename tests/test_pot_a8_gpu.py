@@ -1,0 +1,155 @@
+"""cuda/gemv_pot_a8.cu (W3-PoT × INT8 dp4a GEMV) against formats/pot_a8.py's reference, bit for bit,
+and a model run with it (tuning.WB_TUNE.pot3_a8) against a NumPy model with INT8 activations (gpu-marked).
+
+Not yet run on a GPU (written without one).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.formats import pot_a8 as P
+from engine.gpu.backend import has_gpu
+
+pytestmark = pytest.mark.gpu
+if not has_gpu():
+    pytest.skip("no GPU", allow_module_level=True)
+
+
+def layer(rng, n, k):
+    codes = rng.integers(0, 8, (n, k)).astype(np.uint8)
+    s = (rng.uniform(0.005, 0.05, (n, -(-k // 128))) * rng.choice([-1, 1], (n, -(-k // 128)))).astype(np.float16)
+    return P.pack_pot_a8(codes), P.pack_scales(s, k)
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192),
+                                 (1, 32), (7, 77), (13, 1000), (40, 3100), (9, 2080), (100, 5000)])
+def test_gemv_pot_a8_matches_reference(n, k):
+    import cupy as cp
+
+    from engine.gpu import pot_a8
+    rng = np.random.default_rng(n * 131 + k)
+    words, scale = layer(rng, n, k)
+    p = pot_a8.upload(words, scale, n, k)
+    kp = 32 * P.n_chunks(k)
+    x8 = rng.integers(-127, 128, kp).astype(np.int8)
+    x8[k:] = rng.integers(-127, 128, kp - k)            # bytes past K meet code 0: any value
+    sx = np.float32(0.0123)
+    for rb, nw in pot_a8.VARIANTS:
+        want = P.gemv_pot_a8_ref(words, scale, x8, sx, n, k, nw)
+        got = pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray([sx], dtype=cp.float32), p, variant=(rb, nw)).get()
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (rb, nw)
+
+
+def test_gemv_pot_a8_tokens_are_rows_of_the_grid():
+    """M tokens in one launch (grid y): each row bit-equal to the one-token reference, x8 rows
+    padded past 32·Kc (ldx), each token its own scale."""
+    import cupy as cp
+
+    from engine.gpu import pot_a8
+    rng = np.random.default_rng(7)
+    n, k, m, ldx = 300, 1000, 5, 1024 + 16
+    words, scale = layer(rng, n, k)
+    p = pot_a8.upload(words, scale, n, k)
+    x8 = rng.integers(-127, 128, (m, ldx)).astype(np.int8)
+    sx = rng.uniform(0.001, 0.1, m).astype(np.float32)
+    got = pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p).get()
+    nw = pot_a8.DEFAULT[1]
+    for i in range(m):
+        want = P.gemv_pot_a8_ref(words, scale, x8[i], sx[i], n, k, nw)
+        assert np.array_equal(got[i].view(np.uint16), want.view(np.uint16)), i
+
+
+def _pot3_model(seed=1):
+    from converters.pot import pot_linear
+    from engine.model import LINEAR_NAMES, ModelWeights
+    from test_model import random_tensors, tiny_config
+    c = tiny_config(head_dim=64, hidden_size=256, intermediate_size=384, max_position_embeddings=256)
+    mw = ModelWeights.from_hf(c, random_tensors(c, seed))
+    for L in mw.layers:
+        for name in LINEAR_NAMES:
+            setattr(L, name, pot_linear(getattr(L, name), 3, 128, search=False))
+    return mw
+
+
+def test_model_with_pot3_a8_matches_an_int8_activation_reference(monkeypatch):
+    """WB_TUNE.pot3_a8 at load: prefill logits within 1 % of a NumPy model whose pot3 linears
+    quantize their inputs per token (act_scale_dynamic, as the GPU's row kernels), and 2 % or more
+    away from the float-activation model (the path really quantizes: ~5 % apart on this model);
+    the captured decode step equals eager decoding."""
+    from engine.formats.common import act_scale_dynamic, quantize_act_ref
+    from engine.gpu import tuning
+    from engine.gpu.model import CudaModel
+    from engine.model import Model, ops_ref
+    mw = _pot3_model()
+    tokens = np.arange(20) % mw.config.vocab_size
+    r16 = Model(mw).forward(tokens)
+    orig = ops_ref.PreparedLinear.__call__
+
+    def int8_inputs(self, x):
+        if self.ql.kind != "pot3":
+            return orig(self, x)
+        x = np.asarray(x, dtype=np.float32)
+        sx = act_scale_dynamic(x)
+        y = (quantize_act_ref(x, sx).astype(np.float64) @ self.wdeq.astype(np.float64).T) * sx[:, None]
+        return y.astype(np.float32)
+    with monkeypatch.context() as mp:
+        mp.setattr(ops_ref.PreparedLinear, "__call__", int8_inputs)
+        r8 = Model(mw).forward(tokens)
+    monkeypatch.setattr(tuning.WB_TUNE, "pot3_a8", True)
+    gm = CudaModel(mw)
+    assert all(g.pa8 is not None for L in gm.layers for g in L.linears())
+    g = gm.forward(tokens).get().astype(np.float64)
+    assert np.linalg.norm(g - r8) / np.linalg.norm(r8) < 1e-2
+    assert np.linalg.norm(g - r16) / np.linalg.norm(r16) > 2e-2
+    prompt, outs = np.array([5, 9, 2, 44, 7]) % mw.config.vocab_size, []
+    for use_graph in (True, False):
+        cache = gm.new_cache(64)
+        first = int(gm.prefill(prompt, cache).astype(np.float32).argmax())
+        outs.append(gm.decode_greedy(cache, [first], 12, use_graph))
+        assert (cache.step.graph is not None) == use_graph
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (11008 // 8, 4096)])
+def test_silu_variant_then_quant_equals_the_row_kernel_path(inter, k):
+    """The batch-1 MLP without silu_mul_quant: the SiLU variant (fp32 silu(gate)·up, atomic absmax)
+    then quant_amax gives the int8 row and scale that the plain GEMV then silu_mul_quant give."""
+    import cupy as cp
+
+    from engine.gpu import fused, pot_a8
+    from engine.gpu.fused import MODE, RowShape
+    rng = np.random.default_rng(inter + k)
+    words, scale = layer(rng, 2 * inter, k)
+    p = pot_a8.upload(words, scale, 2 * inter, k)
+    kp = 32 * P.n_chunks(k)
+    x8 = cp.asarray(rng.integers(-127, 128, (1, kp)).astype(np.int8))
+    sx = cp.asarray([0.0123], dtype=cp.float32)
+    ld = -(-inter // 16) * 16
+    g = pot_a8.gemv_pot_a8(x8, sx, p)                                       # (1, 2I) fp16, gate then up
+    m8, msx = cp.zeros((1, ld), cp.int8), cp.zeros((1,), cp.float32)
+    fused.silu_mul_quant(1, RowShape(), gu=g, I=inter, mode=MODE["dynamic"], static_scale=cp.ones(1, cp.float32),
+                         x8=m8, ld=ld, sx=msx, mh=cp.zeros((1, inter), cp.float16), il=0)
+    mf, amax = cp.full((1, inter), np.nan, cp.float32), cp.zeros((1,), cp.uint32)
+    pot_a8.gemv_pot_a8_silu(x8, sx, p, mf, amax)
+    gh = g.get().astype(np.float32)
+    ref = gh[:, :inter] / (1 + np.exp(-gh[:, :inter])) * gh[:, inter:]
+    np.testing.assert_allclose(mf.get(), ref, rtol=1e-5, atol=1e-7)
+    assert amax.get().view(np.float32)[0] == np.abs(mf.get()).max()
+    q8, qsx = cp.full((1, ld), 9, cp.int8), cp.zeros((1,), cp.float32)
+    fused.quant_amax(1, x=mf, K=inter, mode=MODE["dynamic"], static_scale=None, amax=amax, x8=q8, ld=ld, sx=qsx)
+    np.testing.assert_array_equal(q8.get(), m8.get())
+    np.testing.assert_array_equal(qsx.get(), msx.get())
+
+
+def test_pot3_a8_fold_quant_equals_row_kernels(monkeypatch):
+    """A pot3-a8 model's one-token step with its quantization folded (the SiLU variant, attention's
+    absmax, quant_amax) gives the bits of the step with silu_mul_quant and quant_rows, graphed and eager."""
+    from engine.gpu import tuning
+    from engine.gpu.model import CudaModel
+    from test_model_cuda import check_fold_quant_bits
+    monkeypatch.setattr(tuning.WB_TUNE, "pot3_a8", True)
+    mw = _pot3_model(seed=3)
+    gm = CudaModel(mw)
+    assert gm._fold_quant(1) and all(L.gu.silu_fused and not L.gu.interleaved for L in gm.layers)
+    check_fold_quant_bits(gm, monkeypatch, np.arange(5, 60) % mw.config.vocab_size, 128, 16)
