@@ -21,7 +21,8 @@ Methods (METHODS; `wbits`, `act` as noted):
   w4a16        RTN "g" g128, float activations (act "none"), no calibration
   w8a8         per-channel symmetric W8 (kind "i8"), static A8 = rtn with wbits=8
   pot          power-of-two weights, wbits 2/3/4 (kind "pot<b>"), float activations: PoTPTQ's
-               data-free scale grid, then refinement on the calibration Gram matrix (pot.py)
+               data-free scale grid, then refinement on the calibration Gram matrix (pot.py);
+               act="dynamic": the same codes run with per-token INT8 activations (W-PoT × INT8)
   int-rtn      uniform asymmetric min-max weights, wbits 2/3/4 (kind "int<b>"), float activations
   int-search   the same format with PoT's two-step scale search: the fair baseline for pot
   --gptq       GPTQ error-compensated rounding: a per-row candidate in dgq / fptq-dg's search (on by
@@ -44,6 +45,7 @@ over the folded layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -51,6 +53,8 @@ import numpy as np
 
 from engine import formats
 from engine.formats import dg as dg_format
+from engine.formats import pot as pot_format
+from engine.formats import pot_a8
 from engine.io.layout import HF_LINEAR, LINEAR_NAMES, LayerWeights, ModelError, ModelWeights, expected_shapes
 from engine.io.qfile import QFileWriter
 from engine.model.llama import SITE_OF, check_tokens, embed_tokens
@@ -137,6 +141,11 @@ def _resolve(method: str, wbits: int, act: str | None) -> tuple[MethodSpec, int,
     if spec.weights in ("pot", "int"):
         if wbits not in WEIGHT_ONLY_BITS:
             raise QuantizeError(f"{method} takes --wbits 2, 3 or 4, got {wbits!r}")
+        if spec.weights == "pot" and act in pot_format.ACTS:
+            return spec, wbits, act
+        if spec.weights == "pot":
+            raise QuantizeError(f"pot takes --act none (float activations, the default) or --act dynamic "
+                                f"(per-token INT8), not {act!r}")
         if act != "none":
             raise QuantizeError(f"{method} keeps activations in float; --act does not apply")
         return spec, wbits, "none"
@@ -173,12 +182,16 @@ def check_options(method: str, wbits: int = 4, group: int = formats.DEFAULT_GROU
 
 def gpu_refusal(method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP, act: str | None = None) -> str | None:
     """Why the GPU engine will not run the file these (checked) options make, or None: it runs
-    dual-grained layers of groups 64·2^j and every pot/int layer (engine/gpu/linear.py)."""
-    spec, _, _ = _resolve(method, int(wbits), act)
+    dual-grained layers of groups 64·2^j, every weight-only pot/int layer and pot3 g128 with INT8
+    activations (engine/gpu/linear.py)."""
+    spec, _, act = _resolve(method, int(wbits), act)
     if spec.weights not in ("dg", "pot", "int"):
         return f"{method} writes '{spec.weights}' layers, which the GPU engine does not run"
     if spec.weights == "dg" and not dg_format.gpu_group(int(group)):
         return f"the GPU kernels take dual-grained groups of 64·2^j (64, 128, 256, ...), not {group}"
+    if spec.weights == "pot" and act == "dynamic" and (int(wbits), int(group)) != (3, pot_a8.GROUP):
+        return (f"the GPU runs power-of-two weights with INT8 activations (--act dynamic) as pot3 in groups of "
+                f"{pot_a8.GROUP} only, not --wbits {wbits} --group {group}")
     return None
 
 
@@ -212,7 +225,9 @@ def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, searc
     weight and H are copied there and the result comes back as NumPy)."""
     if weights in ("pot", "int"):                 # they refuse gptq without search and H (pot.py)
         make = pot_linear if weights == "pot" else int_linear
-        return make(W, bits, group, H=H if search else None, search=search, compensate=gptq)
+        ql = make(W, bits, group, H=H if search else None, search=search, compensate=gptq)
+        # --method pot --act dynamic: the same codes, run with per-token INT8 inputs (W-PoT × INT8)
+        return ql if act == ql.act else dataclasses.replace(ql, act=act)
     if weights == "dg":
         if gptq and H is None:
             raise QuantizeError("--gptq needs the layer's calibration Gram matrix (a searched method)")

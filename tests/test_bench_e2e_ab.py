@@ -82,8 +82,6 @@ def test_ab_reaches_the_weight_only_tuning_too():
     assert parse_ab("wb.resident=0,gemv_dp_u=4") == {"wb.resident": False, "gemv_dp_u": 4}
     with pytest.raises(ValueError, match="wb.FIELD"):
         parse_ab("wb.no_such_field=1")
-    with pytest.raises(ValueError, match="read when a model loads.*--pot-bits 3a8"):
-        parse_ab("wb.pot3_a8=1")                          # an A/B row could not change it
     before = (tuning.WB_TUNE.resident, tuning.GEMM.gemv_dp_u)
     (name, ctx), = decode_variants(ab=[{"wb.resident": not before[0], "gemv_dp_u": 4}])
     assert "wb.resident" in name
@@ -148,8 +146,8 @@ def test_random_pot_layer_has_no_spare_code_and_averages_zero(bits):
 
 
 def test_pot_bits_3a8_loads_w3_pot_with_int8_activations(monkeypatch):
-    """--pot-bits 3a8: a W3-PoT model loaded (and timed) with tuning.WB_TUNE.pot3_a8 set, batch 1
-    only, the setting restored after; a bit width other than 2, 3, 4 and 3a8 is refused."""
+    """--pot-bits 3a8: a W3-PoT model of act "dynamic" (INT8 tokens, the pot3-a8 GEMV), batch 1
+    only; a bit width other than 2, 3, 4 and 3a8 is refused."""
     import types
 
     from engine.bench import __main__ as cli
@@ -157,18 +155,18 @@ def test_pot_bits_3a8_loads_w3_pot_with_int8_activations(monkeypatch):
     calls = []
 
     def bench_model(cp, name, mw, **kw):
-        calls.append((name, mw, tuning.WB_TUNE.pot3_a8, kw.get("batches")))
+        calls.append((name, mw, kw.get("batches")))
         return []
     monkeypatch.setattr(e2e, "bench_model", bench_model)
-    monkeypatch.setattr(e2e, "random_model", lambda shape, q: types.SimpleNamespace(q=q, with_int8_lm_head=lambda: None))
+    monkeypatch.setattr(e2e, "random_model", lambda shape, q, act="none": types.SimpleNamespace(
+        q=q, act=act, with_int8_lm_head=lambda: None))
     monkeypatch.setattr(e2e, "dequantized_copy", lambda mw: mw)
     monkeypatch.setattr(e2e, "_device", lambda: (None, None, []))
     monkeypatch.setattr(e2e, "format_table", lambda rows: "")
-    before = tuning.WB_TUNE.pot3_a8
     e2e.run_e2e(models=("llama7b",), pot_bits=(3, "3a8"))
     pot = [c for c in calls if "PoT" in c[0]]
-    assert [(mw.q, a8, b) for _, mw, a8, b in pot] == [(3, False, (1, 8)), (3, True, (1,))]
-    assert "INT8 activations" in pot[1][0] and tuning.WB_TUNE.pot3_a8 == before
+    assert [(mw.q, mw.act, b) for _, mw, b in pot] == [(3, "none", (1, 8)), (3, "dynamic", (1,))]
+    assert "INT8 activations" in pot[1][0] and "INT8" not in pot[0][0]
     monkeypatch.setattr(cli, "run_e2e", lambda **kw: calls.append(kw["pot_bits"]) or [])
     monkeypatch.setattr(cli, "cp_or_fail", lambda: None)
     assert cli.main(["e2e", "--models", "llama7b", "--pot-bits", "4,3a8"]) == 0 and calls[-1] == (4, "3a8")

@@ -159,7 +159,8 @@ def test_kernel_choice_flags_reach_load_model(tiny_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--method", "pot", "--wbits", "3", "--act", "static"], "--act does not apply"),
+    (["--method", "pot", "--wbits", "3", "--act", "static"], "pot takes --act none"),
+    (["--method", "int-search", "--wbits", "3", "--act", "dynamic"], "--act does not apply"),
     (["--method", "w4a16", "--act", "dynamic"], "--act does not apply"),
     (["--method", "w4a16", "--calib", "random"], "--calib would do nothing"),
     (["--method", "int-rtn", "--wbits", "3", "--group", "32", "--n-seq", "4", "--seq-len", "8"], "--n-seq and --seq-len"),
@@ -183,7 +184,10 @@ def test_quantize_refuses_options_the_method_ignores(tiny_dir, tmp_path, args, n
 @pytest.mark.parametrize("args,note", [(["--method", "dgq-rtn", "--group", "16"], "groups of 64·2^j"),
                                        (["--method", "w4a16", "--group", "16"], "'g' layers"),
                                        (["--method", "dgq-rtn", "--group", "64"], None),
-                                       (["--method", "int-rtn", "--wbits", "3", "--group", "32"], None)])
+                                       (["--method", "int-rtn", "--wbits", "3", "--group", "32"], None),
+                                       (["--method", "pot", "--wbits", "4", "--group", "32", "--act", "dynamic"],
+                                        "pot3 in groups of 128 only"),
+                                       (["--method", "pot", "--wbits", "3", "--group", "128", "--act", "dynamic"], None)])
 def test_quantize_notes_a_file_only_the_cpu_runs(tiny_dir, tmp_path, args, note):
     """A group or kind the GPU kernels do not run is written (the CPU engine runs it) with one note
     on stderr saying so; a file the GPU runs gets none."""
@@ -192,7 +196,7 @@ def test_quantize_notes_a_file_only_the_cpu_runs(tiny_dir, tmp_path, args, note)
     from engine.gpu import ops
     assert ops.CHUNK_K == dg.GPU_GROUP_UNIT and [g for g in range(1, 600) if dg.gpu_group(g)] == [64, 128, 256, 512]
     out = tmp_path / "o.q.safetensors"
-    extra = ["--calib", "random", "--n-seq", "2", "--seq-len", "8"] if args[1] == "dgq-rtn" else []
+    extra = ["--calib", "random", "--n-seq", "2", "--seq-len", "8"] if args[1] in ("dgq-rtn", "pot") else []
     r = CliRunner().invoke(quantize, [str(tiny_dir), "--out", str(out), "--quiet", "--device", "cpu"] + args + extra)
     assert r.exit_code == 0 and out.exists(), r.output
     notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note:")]
@@ -200,6 +204,10 @@ def test_quantize_notes_a_file_only_the_cpu_runs(tiny_dir, tmp_path, args, note)
         assert notes == [], r.stderr
     else:
         assert len(notes) == 1 and note in notes[0], r.stderr
+    if "--act" in args:             # pot with INT8 activations: every linear of the file says so
+        from engine.io.qfile import load_qfile
+        acts = {getattr(L, n).act for L in load_qfile(out).weights.layers for n in ("q", "o", "gate", "down")}
+        assert acts == {"dynamic"}
 
 
 def test_a_missing_module_is_named_not_an_internal_error(tiny_dir, tmp_path, monkeypatch):

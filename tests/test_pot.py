@@ -116,8 +116,9 @@ def test_pot_validation(bits):
         s[1, 0] = np.float16(-32768.0)
         with pytest.raises(formats.FormatError, match="spare level"):
             formats.QuantLinear(act="none", qweight=ql.qweight, wscale=s, **kw)
-    with pytest.raises(formats.FormatError, match="weight-only"):
-        formats.QuantLinear(act="dynamic", qweight=ql.qweight, wscale=ql.wscale, **kw)
+    formats.QuantLinear(act="dynamic", qweight=ql.qweight, wscale=ql.wscale, **kw)     # INT8 tokens: valid
+    with pytest.raises(formats.FormatError, match="'none'.*'dynamic'.*not act 'static'"):
+        formats.QuantLinear(act="static", qweight=ql.qweight, wscale=ql.wscale, ascale=0.1, **kw)
     with pytest.raises(formats.FormatError, match="shape"):
         formats.QuantLinear(act="none", qweight=ql.qweight[:, :1], wscale=ql.wscale, **kw)
     with pytest.raises(formats.FormatError, match="dtype"):

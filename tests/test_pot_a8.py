@@ -279,11 +279,11 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
 
 
 def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch):
-    """tuning.WB_TUNE.pot3_a8 at load: every pot3 linear of a (fake-CuPy) CudaModel holds the
+    """pot3 layers of act "dynamic": every linear of a (fake-CuPy) CudaModel holds the
     pot3-a8 layout, its norms and quantizers write INT8 rows of K padded to 32 (mode dynamic),
     and a prefill of M tokens launches gemv_pot3_a8 over a (row blocks, M) grid for q|k|v, o,
     gate|up and down, and no fp16-activation GEMV; a decode step's layers fold their quantization
-    (the SiLU variant, quant_amax). Off (the default), the same model loads its layers for gemv_pot."""
+    (the SiLU variant, quant_amax). With act "none", the same codes load for gemv_pot."""
     import dataclasses
     import sys
     from pathlib import Path
@@ -292,12 +292,12 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     import host_prefill
 
     from engine.bench.e2e import SMOLLM2, random_model
-    from engine.gpu import kargs, tuning
+    from engine.gpu import kargs
     from engine.gpu import pot_a8 as gpu_pot_a8
     from engine.gpu.cache import Buffers
     from engine.gpu.fused import MODE
     cfg = dataclasses.replace(SMOLLM2, num_hidden_layers=2)
-    mw = random_model(cfg, 3)
+    mws = {a8: random_model(cfg, 3, act="dynamic" if a8 else "none") for a8 in (True, False)}
     launches = []
     real = host_gemm._Kernel.launch_bound
     monkeypatch.setattr(host_gemm._Kernel, "launch_bound",
@@ -307,13 +307,12 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     def run(a8: bool, m: int):
         exprs, pairs = [], []
         launches.clear()
-        monkeypatch.setattr(tuning.WB_TUNE, "pot3_a8", a8)
         with host_prefill.faked() as cp:
             monkeypatch.setattr(gpu_pot_a8, "require_cupy", lambda: cp)
-            for name in ("stack", "concatenate"):               # gpu/wb.py's tiles (pot3_a8 off)
+            for name in ("stack", "concatenate"):               # gpu/wb.py's tiles (act "none")
                 setattr(cp, name, host_prefill._fake(getattr(np, name)))
             from engine.gpu.model import CudaModel
-            gm = CudaModel(mw)
+            gm = CudaModel(mws[a8])
             cache = gm.new_cache(m + 8)
             if a8:                       # (the fp16-activation GEMV's grid asks the driver: not faked)
                 with kargs.intercepted(lambda expr, go: (exprs.append(expr), go())):

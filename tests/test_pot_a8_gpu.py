@@ -1,5 +1,5 @@
 """cuda/gemv_pot_a8.cu (W3-PoT × INT8 dp4a GEMV) against formats/pot_a8.py's reference, bit for bit,
-and a model run with it (tuning.WB_TUNE.pot3_a8) against a NumPy model with INT8 activations (gpu-marked).
+and a model of pot3 layers with INT8 activations (act "dynamic") against the CPU model (gpu-marked).
 
 First run on an H100 in session 37.
 """
@@ -70,7 +70,10 @@ def _gemma_pruned():
     return mod
 
 
-def _pot3_model(seed=1):
+def _pot_model(act="dynamic", bits=3, group=128, seed=1):
+    """A tiny random model with pot<bits> linears of activation mode `act`."""
+    import dataclasses
+
     from converters.pot import pot_linear
     from engine.model import LINEAR_NAMES, ModelWeights
     from test_model import random_tensors, tiny_config
@@ -78,47 +81,32 @@ def _pot3_model(seed=1):
     mw = ModelWeights.from_hf(c, random_tensors(c, seed))
     for L in mw.layers:
         for name in LINEAR_NAMES:
-            setattr(L, name, pot_linear(getattr(L, name), 3, 128, search=False))
+            setattr(L, name, dataclasses.replace(pot_linear(getattr(L, name), bits, group, search=False), act=act))
     return mw
 
 
-def test_model_with_pot3_a8_matches_an_int8_activation_reference(monkeypatch):
-    """WB_TUNE.pot3_a8 at load: prefill logits within 1 % of a NumPy model whose pot3 linears
-    quantize their inputs per token (act_scale_dynamic, as the GPU's row kernels) and which rounds
-    to fp16 where the GPU stores fp16 (bench/gemma_pruned.py fp16_storage), and 2 % or more away
-    from the float-activation model (the path really quantizes: ~5.6 % apart on this model);
-    the captured decode step equals eager decoding.
+def test_model_with_pot3_a8_matches_the_cpu_model():
+    """pot3 layers of act "dynamic": prefill logits within 1 % of the NumPy model of the same file
+    (formats.linear_ref: inputs quantized per token, x8 · Ŵᵀ · sx) run with fp16 where the GPU
+    stores fp16 (bench/gemma_pruned.py fp16_storage), and 2 % or more away from the same codes
+    with float activations (the path really quantizes: ~5.6 % apart on this model); the captured
+    decode step equals eager decoding.
 
     The fp16 storage points matter here as they do not for a float model: an int8 quantizer turns
     the fp16 rounding of attention's output and of gate and up into flipped codes, and on this
-    random model (weights of gain ~5 a layer) that alone moves the float32 INT8 reference's logits
-    by 3.7 % (on the CPU). Against that reference the GPU measured 4.4 % (H100, session 37)."""
-    from engine.formats.common import act_scale_dynamic, quantize_act_ref
-    from engine.gpu import tuning
+    random model (weights of gain ~5 a layer) that alone moves the float32 reference's logits by
+    3.7 % (on the CPU). Against the float32 reference the GPU measured 4.4 % (H100, session 37)."""
     from engine.gpu.model import CudaModel
-    from engine.model import Model, ops_ref
+    from engine.model import Model
     fp16_storage = _gemma_pruned().fp16_storage
-    mw = _pot3_model()
+    mw, mw16 = _pot_model(), _pot_model(act="none")
     tokens = np.arange(20) % mw.config.vocab_size
     with fp16_storage():
-        r16 = Model(mw).forward(tokens)
-    orig = ops_ref.PreparedLinear.__call__
-
-    def int8_inputs(self, x):
-        if self.ql.kind != "pot3":
-            return orig(self, x)
-        x = np.asarray(x, dtype=np.float32)
-        sx = act_scale_dynamic(x)
-        y = (quantize_act_ref(x, sx).astype(np.float64) @ self.wdeq.astype(np.float64).T) * sx[:, None]
-        return y.astype(np.float32)
-    with monkeypatch.context() as mp, fp16_storage():
-        mp.setattr(ops_ref.PreparedLinear, "__call__", int8_inputs)
-        r8 = Model(mw).forward(tokens)
-    monkeypatch.setattr(tuning.WB_TUNE, "pot3_a8", True)
+        r8, r16 = Model(mw).forward(tokens), Model(mw16).forward(tokens)
     gm = CudaModel(mw)
     assert all(g.pa8 is not None for L in gm.layers for g in L.linears())
     g = gm.forward(tokens).get().astype(np.float64)
-    assert np.linalg.norm(g - r8) / np.linalg.norm(r8) < 1e-2
+    assert np.linalg.norm(g - r8) / np.linalg.norm(r8) < 1e-2, np.linalg.norm(g - r8) / np.linalg.norm(r8)
     assert np.linalg.norm(g - r16) / np.linalg.norm(r16) > 2e-2
     prompt, outs = np.array([5, 9, 2, 44, 7]) % mw.config.vocab_size, []
     for use_graph in (True, False):
@@ -127,6 +115,17 @@ def test_model_with_pot3_a8_matches_an_int8_activation_reference(monkeypatch):
         outs.append(gm.decode_greedy(cache, [first], 12, use_graph))
         assert (cache.step.graph is not None) == use_graph
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_pot_with_int8_activations_the_gpu_cannot_run_is_refused():
+    """act "dynamic" on pot2/pot4 or groups other than 128: one clear error at load, not the A16 GEMV
+    computing another function."""
+    from engine.gpu.backend import BackendError
+    from engine.gpu.model import CudaModel
+    for bits, group in ((4, 128), (3, 64)):
+        mw = _pot_model(bits=bits, group=group)
+        with pytest.raises(BackendError, match="pot3 in groups of 128 only.*--device cpu"):
+            CudaModel(mw)
 
 
 @pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (11008 // 8, 4096)])
@@ -163,11 +162,9 @@ def test_silu_variant_then_quant_equals_the_row_kernel_path(inter, k):
 def test_pot3_a8_fold_quant_equals_row_kernels(monkeypatch):
     """A pot3-a8 model's one-token step with its quantization folded (the SiLU variant, attention's
     absmax, quant_amax) gives the bits of the step with silu_mul_quant and quant_rows, graphed and eager."""
-    from engine.gpu import tuning
     from engine.gpu.model import CudaModel
     from test_model_cuda import check_fold_quant_bits
-    monkeypatch.setattr(tuning.WB_TUNE, "pot3_a8", True)
-    mw = _pot3_model(seed=3)
+    mw = _pot_model(seed=3)
     gm = CudaModel(mw)
     assert gm._fold_quant(1) and all(L.gu.silu_fused and not L.gu.interleaved for L in gm.layers)
     check_fold_quant_bits(gm, monkeypatch, np.arange(5, 60) % mw.config.vocab_size, 128, 16)

@@ -82,7 +82,7 @@ def random_dg_layer(rng, n, k, group=128, act="dynamic", ascale=0.05, cscale=Non
                                ascale=ascale if act == "static" else None)
 
 
-def random_pot_layer(rng, n, k, bits, group=128):
+def random_pot_layer(rng, n, k, bits, group=128, act="none"):
     """Random valid power-of-two weights: any plane words are valid codes when K is a multiple
     of 32; scales 2/√K put the typical |w| near the random DGQ layers' ~1/√K. The spare code of
     pot2/pot3 (sign set, m = 0: the level +2·s, formats/pot.py) is left out, so the weights
@@ -94,18 +94,19 @@ def random_pot_layer(rng, n, k, bits, group=128):
     if bits in pot.SPARE_BITS:                   # the sign plane only where the magnitude is non-zero
         qw[..., bits - 1] &= np.bitwise_or.reduce(qw[..., :bits - 1], axis=-1)
     s = np.full((n, formats.n_groups(k, group)), 2.0 / np.sqrt(k), dtype=np.float16)
-    return formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=n, group=group,
+    return formats.QuantLinear(kind=f"pot{bits}", act=act, in_features=k, out_features=n, group=group,
                                qweight=qw, wscale=s)
 
 
-def random_model(c: ModelConfig, quantized: bool | int, seed=0) -> ModelWeights:
+def random_model(c: ModelConfig, quantized: bool | int, seed=0, act="none") -> ModelWeights:
     """One random layer's arrays shared by every layer (the GPU still gets one copy per layer).
-    quantized: True = random DGQ (A8W4) layers, an int b = random pot<b> layers, False = float."""
+    quantized: True = random DGQ (A8W4) layers, an int b = random pot<b> layers of activation mode
+    `act` ("none", or "dynamic": INT8 tokens), False = float."""
     rng = np.random.default_rng(seed)
     if quantized is True:
         lin = {n: random_dg_layer(rng, *s) for n, s in _shapes(c).items()}
     elif quantized:
-        lin = {n: random_pot_layer(rng, *s, bits=int(quantized)) for n, s in _shapes(c).items()}
+        lin = {n: random_pot_layer(rng, *s, bits=int(quantized), act=act) for n, s in _shapes(c).items()}
     else:
         lin = {n: (rng.standard_normal(s, dtype=np.float32) * (0.5 / np.sqrt(s[1]))) for n, s in _shapes(c).items()}
     ones = np.ones(c.hidden_size, np.float32)
@@ -360,7 +361,6 @@ def read_patches(path) -> list:
 # --ab FIELD (tuning.GEMM), wb.FIELD (tuning.WB_TUNE), rows.FIELD (tuning.ROWS, the row kernels),
 # prefill.FIELD (tuning.PREFILL, captured prefills) or decode.FIELD (tuning.DECODE)
 AB_OBJECTS = {"": GEMM, "wb.": WB_TUNE, "rows.": ROWS, "prefill.": PREFILL, "decode.": DECODE}
-LOAD_ONLY = {"wb.pot3_a8": "time it with --pot-bits 3a8"}       # fields an A/B row could not change
 
 
 def _ab_target(key: str) -> tuple[str, str]:
@@ -397,8 +397,6 @@ def parse_ab(item: str) -> dict:
         k, _, v = kv.partition("=")
         prefix, name = _ab_target(k)
         cur = getattr(AB_OBJECTS[prefix], name, None)
-        if k.strip() in LOAD_ONLY:
-            raise ValueError(f"--ab: {k.strip()} is read when a model loads, before any A/B row: {LOAD_ONLY[k.strip()]}")
         if not isinstance(cur, int) or not re.fullmatch(r"-?\d+", v.strip()):
             raise ValueError(f"--ab: {kv!r} is not FIELD=INTEGER for an integer or boolean field of tuning.GEMM "
                              "(or wb.FIELD of tuning.WB_TUNE, rows.FIELD of tuning.ROWS, prefill.FIELD of tuning.PREFILL, "
@@ -436,15 +434,14 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
         del mw
         for b in pot_bits:          # weight-only power-of-two models of the same shape: decode only
             shape, a8 = MODELS[key][0], b == "3a8"
-            # "3a8": W3-PoT run with INT8 activations (tuning.WB_TUNE.pot3_a8, read at load); its
-            # GEMV reads the weights once a token, so batch 1 only
-            with _setting(WB_TUNE, pot3_a8=a8):
-                rows += bench_model(cp, label.split(" (")[0] + (" (random W3-PoT, INT8 activations)" if a8 else
-                                                                f" (random W{b}-PoT)"),
-                                    random_model(shape, 3 if a8 else b), bw=bw, prefill_lens=(),
-                                    batches=(1,) if a8 else (1, 8), steps=kw.get("steps", 64),
-                                    variants=decode_variants(ab=[d for d in ab if any(_ab_target(k)[0] == "wb." for k in d)],
-                                                             patches=patches))
+            # "3a8": W3-PoT layers of act "dynamic" (INT8 tokens, the pot3-a8 GEMV); that GEMV reads
+            # the weights once a token, so batch 1 only
+            rows += bench_model(cp, label.split(" (")[0] + (" (random W3-PoT, INT8 activations)" if a8 else
+                                                            f" (random W{b}-PoT)"),
+                                random_model(shape, 3 if a8 else b, act="dynamic" if a8 else "none"), bw=bw,
+                                prefill_lens=(), batches=(1,) if a8 else (1, 8), steps=kw.get("steps", 64),
+                                variants=decode_variants(ab=[d for d in ab if any(_ab_target(k)[0] == "wb." for k in d)],
+                                                         patches=patches))
     for r in rows:
         if json_out:
             print(json.dumps(r))

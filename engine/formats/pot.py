@@ -1,4 +1,8 @@
-"""Kinds "pot2", "pot3", "pot4": power-of-two weights (PoTPTQ, arXiv 2507.11959), weight-only.
+"""Kinds "pot2", "pot3", "pot4": power-of-two weights (PoTPTQ, arXiv 2507.11959).
+
+Activations: float ("none", weight-only) or per-token INT8 ("dynamic": x quantized by the
+activation rule of common.py, then x8 · Ŵᵀ · sx). The GPU runs "dynamic" for pot3 in groups of
+128 only, with its W3 × INT8 dp4a GEMV (pot_a8.py, cuda/gemv_pot_a8.cu); the CPU runs every width.
 
 A b-bit code is 1 sign bit (the top bit) and a (b-1)-bit magnitude field m:
     m = 0          ŵ = 0                      (the zero code)
@@ -42,6 +46,7 @@ FP16_EXP_SHIFT = 10
 FP16_EXP_BIAS = 15
 SPARE_BITS = (2, 3)        # widths whose spare code (sign set, m = 0) is the level +SPARE · s
 SPARE = 2.0
+ACTS = ("none", "dynamic")  # QuantLinear.act of a pot layer: float, or per-token INT8 activations
 
 
 class PotKind:
@@ -64,7 +69,8 @@ class PotKind:
                 "wscale": (np.float16, (n, n_groups(k, group)))}
 
     def validate(self, ql) -> None:
-        check(ql.act == "none", f"{self.NAME} layers are weight-only (act 'none')")
+        check(ql.act in ACTS, f"{self.NAME} layers take float activations ('none') or per-token INT8 "
+                              f"('dynamic'), not act {ql.act!r}")
         check(padding_is_zero(ql.qweight, ql.in_features), "bit planes past in_features must be 0")
         bits = ql.wscale.view(np.uint16)
         exp = (bits >> FP16_EXP_SHIFT) & 0x1F

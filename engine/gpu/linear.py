@@ -1,5 +1,5 @@
 """One (possibly fused) linear of the CuPy model: packed A8W4, b-bit weight-only (pot, int), pot3
-with INT8 activations (tuning.WB_TUNE.pot3_a8), or a float16 weight."""
+with INT8 activations (act "dynamic": the W3-PoT × INT8 GEMV), or a float16 weight."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,6 @@ from . import ops as ops_cuda
 from . import pot_a8 as gpu_pot_a8
 from .backend import BackendError
 from .fused import MODE
-from .tuning import WB_TUNE
 
 
 def _fuse(qls):
@@ -58,9 +57,14 @@ class GpuLinear:
         self.silu_fused = False      # silu_gemv runs (an interleaved A8W4 or a pot3-a8 gate|up layer)
         self.wb = None               # a PackedWB for the weight-only kinds
         self.pa8 = None              # a PackedPotA8 for pot3 layers run with INT8 activations
-        if WB_TUNE.pot3_a8 and all(isinstance(w, formats.QuantLinear) and w.kind == "pot3" and w.group == pot_a8.GROUP
-                                   for w in ws):
-            ql = ws[0] if len(ws) == 1 else _fuse(ws)
+        if any(isinstance(w, formats.QuantLinear) and w.kind in WB_KINDS and w.act != "none" for w in ws):
+            if not all(isinstance(w, formats.QuantLinear) for w in ws):
+                raise ModelError("a fused group mixes float and quantized weights")
+            ql = ws[0] if len(ws) == 1 else _fuse(ws)             # one kind, act and group (or ModelError)
+            if (ql.kind, ql.group) != ("pot3", pot_a8.GROUP):
+                raise BackendError(f"{name}: the GPU runs power-of-two weights with INT8 activations (act "
+                                   f"'{ql.act}') as pot3 in groups of {pot_a8.GROUP} only, not {ql.kind} in "
+                                   f"groups of {ql.group}: use --device cpu")
             key = ("pot3-a8",) + tuple(id(w) for w in ws)       # layers that share arrays pack once
             host = (host_cache or {}).get(key)
             if host is None:

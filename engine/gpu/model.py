@@ -8,7 +8,7 @@ fused gate|up GEMM → silu_mul_quant → down GEMM. Up to ops.gemv_max_m() rows
 down GEMVs add their output into the residual stream themselves (_fold_resid); otherwise the
 next norm adds it, and the last layer's add happens in the final norm. In a one-token decode
 step (_fold_quant) the gate|up GEMV's epilogue writes silu(gate)·up and max-reduces the row's
-absmax (A8W4: gate|up rows interleaved; pot3-a8 behind tuning.WB_TUNE.pot3_a8: gate and up rows
+absmax (A8W4: gate|up rows interleaved; pot3 of act "dynamic": gate and up rows
 read through two pointers), attn_decode max-reduces its output's, and quant_amax
 launches (no reduction) quantize both rows: silu_mul_quant and quant_rows drop out of the
 step. The residual stream is float32; GEMM outputs and q are float16; the KV cache is float16,
@@ -226,7 +226,7 @@ class CudaModel:
         self._has_wb = any(g.wb is not None for L in self.layers for g in L.linears())
         # the residual add folds into the A8W4 GEMV only (not the fp16 or b-bit weight-only ones)
         self._all_a8w4 = all(g.packed is not None for L in self.layers for g in L.linears())
-        self._all_pa8 = all(g.pa8 is not None for L in self.layers for g in L.linears())   # tuning.WB_TUNE.pot3_a8
+        self._all_pa8 = all(g.pa8 is not None for L in self.layers for g in L.linears())   # pot3 layers of act "dynamic"
         # RoPE tables (P, D/2) for the positions the caches made so far hold (new_cache grows
         # them): sized by max_position_embeddings up front, a config of a 16M context
         # (io/config.py MAX_CONTEXT) would take 8 GiB before the first token. One pair per kind

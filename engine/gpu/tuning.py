@@ -97,11 +97,6 @@ class WbTuning:
     # tile with its ring of weights running on (gpu/wb.py gemv_grid); False: a block a row tile
     resident: bool = True
     max_blocks: int = 0          # the resident grid's cap (0: what the occupancy query allows; tests set it)
-    # read when a model is loaded: pot3 layers of groups of 128 run as W3-PoT × INT8 (gpu/pot_a8.py,
-    # the dp4a GEMV of cuda/gemv_pot_a8.cu) with their inputs quantized per token like A8W4's, instead
-    # of the fp16-activation GEMV; the GPU model then no longer computes what the CPU one does (INT8
-    # activations: +6 % perplexity on SmolLM2, docs/QUALITY.md). An experiment until a GPU times it.
-    pot3_a8: bool = False
 
 
 WB_TUNE = WbTuning()
