@@ -49,18 +49,23 @@ def weight_only_rows(bits, groups, gptq_pairs=False):
     return rows
 
 
-POT_A8_ROWS = [  # (label, method, act, wbits, group, as INT8-activation "dg")
+POT_A8_ROWS = [  # (label, method, act, wbits, group, INT8 activations: False, "dg" (as a dual-grained
+    #              layer, converters.pot.as_dual_grained) or "act" (the same layers with act "dynamic"))
     ("pot W3 g128 (A16)", "pot", "none", 3, 128, False),
-    ("pot W3 g128 as dg, INT8 per-token activations", "pot", "none", 3, 128, True),
+    ("pot W3 g128, INT8 per-token activations (--act dynamic)", "pot", "none", 3, 128, "act"),
+    ("pot W3 g128 as dg, INT8 per-token activations", "pot", "none", 3, 128, "dg"),
     ("int-search W3 g128 (A16)", "int-search", "none", 3, 128, False),
-    ("int-search W3 g128 as dg, INT8 per-token activations", "int-search", "none", 3, 128, True),
+    ("int-search W3 g128 as dg, INT8 per-token activations", "int-search", "none", 3, 128, "dg"),
     ("DGQ A8W4 g128 dynamic", "dgq", "dynamic", 4, 128, False),
 ]
 
 
-def as_int8_activations(mw):
-    """Every pot/int linear as the dual-grained layer of the same codes (converters.pot.as_dual_grained)."""
+def as_int8_activations(mw, how: str):
+    """Every pot/int linear with per-token INT8 inputs: how "dg", the dual-grained layer of the same
+    codes (converters.pot.as_dual_grained); "act", the same layer with act "dynamic" (what
+    `dgq-quantize --method pot --act dynamic` writes)."""
     import copy
+    import dataclasses
 
     from converters.pot import as_dual_grained
     from engine.model import LINEAR_NAMES
@@ -68,7 +73,8 @@ def as_int8_activations(mw):
     mw.layers = [copy.copy(L) for L in mw.layers]
     for L in mw.layers:
         for n in LINEAR_NAMES:
-            setattr(L, n, as_dual_grained(getattr(L, n), "dynamic"))
+            ql = getattr(L, n)
+            setattr(L, n, as_dual_grained(ql, "dynamic") if how == "dg" else dataclasses.replace(ql, act="dynamic"))
     return mw
 
 
@@ -175,7 +181,7 @@ def main(argv=None):
             if a.set == "pot-a8":
                 made[key] = (mw, recipe, time.perf_counter() - t0)
         if convert and convert[0]:
-            mw = as_int8_activations(mw)
+            mw = as_int8_activations(mw, convert[0])
         tq = time.perf_counter() - t0 + (made[key][2] if key in made and convert and convert[0] else 0.0)
         m = Model(mw)
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
