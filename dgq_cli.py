@@ -391,7 +391,7 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
               help="INT8 activations: calibrated per-tensor scale, or per token at run time. "
                    "Default: the method's (dynamic for dgq, static for the other A8 methods; the "
                    "weight-only ones, w4a16, pot, int-rtn and int-search, keep float activations). "
-                   "pot takes dynamic too: the same codes run with INT8 tokens (on the GPU: pot3, "
+                   "pot takes dynamic too: its PoT weights then run with INT8 tokens (on the GPU: pot3, "
                    "group 128, its W3 x INT8 GEMV).")
 @click.option("--kv8", is_flag=True, help="Also store calibrated 8-bit KV-cache scales in the recipe "
               "(dgq-run/dgq-eval --kv8 scale per token instead).")

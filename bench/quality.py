@@ -182,16 +182,18 @@ def main(argv=None):
                 made[key] = (mw, recipe, time.perf_counter() - t0)
         if convert and convert[0]:
             mw = as_int8_activations(mw, convert[0])
-        tq = time.perf_counter() - t0 + (made[key][2] if key in made and convert and convert[0] else 0.0)
+        own = time.perf_counter() - t0                              # this row's quantizing (or reuse)
+        tq = own + (made[key][2] if key in made and convert and convert[0] else 0.0)   # + the codes' making
         m = Model(mw)
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
         gptq_on = bool(recipe.get("gptq"))                         # what the converter did, defaults included
         sink = (recipe.get("calibration") or {}).get("sink_weight")
         row = dict(label=label + (" +gptq" if gptq_on else "") + (f" sink x{sink:g}" if sink and sink != 1.0 else ""),
-                   calibration=a.calibration if method else None, method=method, act=act, wbits=wbits, group=group,
+                   calibration=a.calibration if method else None, method=method,
+                   act="dynamic" if convert and convert[0] else act, wbits=wbits, group=group,
                    gptq=gptq_on, sink_weight=sink, bits_per_weight=bits_per_weight(mw),
                    perplexity=r["perplexity"], n_tokens=r["n_tokens"],
-                   quantize_s=tq, eval_s=time.perf_counter() - t0 - tq,
+                   quantize_s=tq, eval_s=time.perf_counter() - t0 - own,
                    peak_rss_mb=peak_rss_mb())
         results.append(row)
         print(json.dumps(row), flush=True)

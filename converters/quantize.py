@@ -22,7 +22,8 @@ Methods (METHODS; `wbits`, `act` as noted):
   w8a8         per-channel symmetric W8 (kind "i8"), static A8 = rtn with wbits=8
   pot          power-of-two weights, wbits 2/3/4 (kind "pot<b>"), float activations: PoTPTQ's
                data-free scale grid, then refinement on the calibration Gram matrix (pot.py);
-               act="dynamic": the same codes run with per-token INT8 activations (W-PoT × INT8)
+               act="dynamic": the codes run with per-token INT8 activations (W-PoT × INT8; with
+               float calibration the codes of act="none", with sequential calibration not)
   int-rtn      uniform asymmetric min-max weights, wbits 2/3/4 (kind "int<b>"), float activations
   int-search   the same format with PoT's two-step scale search: the fair baseline for pot
   --gptq       GPTQ error-compensated rounding: a per-row candidate in dgq / fptq-dg's search (on by
@@ -89,7 +90,7 @@ DGQ_DYNAMIC_SITES = ("down_in",)
 
 @dataclass(frozen=True)
 class MethodSpec:
-    weights: str                 # "dg" | "g" | "i8" | "pot" | "int" (the last two: b-bit, weight-only)
+    weights: str                 # "dg" | "g" | "i8" | "pot" | "int" (the last two: b-bit; weight-only but pot --act dynamic)
     search: bool                 # weight search on the output objective (needs H)
     smoothing: str | None        # "percentile" | "smoothquant" | "lae" (fptq: per-site) | None
     fptq: bool = False           # per-site activation policy
@@ -144,7 +145,7 @@ def _resolve(method: str, wbits: int, act: str | None) -> tuple[MethodSpec, int,
         if spec.weights == "pot" and act in pot_format.ACTS:
             return spec, wbits, act
         if spec.weights == "pot":
-            raise QuantizeError(f"pot takes --act none (float activations, the default) or --act dynamic "
+            raise QuantizeError(f"pot keeps float activations by default (no --act) or takes --act dynamic "
                                 f"(per-token INT8), not {act!r}")
         if act != "none":
             raise QuantizeError(f"{method} keeps activations in float; --act does not apply")
@@ -226,7 +227,7 @@ def quantize_linear(W, weights: str, act: str, ascale, group: int, H=None, searc
     if weights in ("pot", "int"):                 # they refuse gptq without search and H (pot.py)
         make = pot_linear if weights == "pot" else int_linear
         ql = make(W, bits, group, H=H if search else None, search=search, compensate=gptq)
-        # --method pot --act dynamic: the same codes, run with per-token INT8 inputs (W-PoT × INT8)
+        # --method pot --act dynamic: these codes, run with per-token INT8 inputs (W-PoT × INT8)
         return ql if act == ql.act else dataclasses.replace(ql, act=act)
     if weights == "dg":
         if gptq and H is None:

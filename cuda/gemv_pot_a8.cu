@@ -1,6 +1,6 @@
 // gemv_pot_a8.cu — W3-PoT weights × INT8 tokens with dp4a, made for one token a step; the model
-// runs pot3 layers with it behind tuning.WB_TUNE.pot3_a8 (docs/KERNELS.md, "A route to the 1.25×
-// bar"; bench: python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1).
+// runs pot3 g128 layers of act "dynamic" with it (docs/KERNELS.md, "A route to the 1.25× bar";
+// bench: python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1).
 //
 // What: out (N) fp16 = sx · Σ_g (s[n,g] / 4) · Σ_{k∈g} VALUES[code[n,k]] · x8[k], bit-exactly as
 // engine/formats/pot_a8.py gemv_pot_a8_ref. pot3 units ×4 are the integers VALUES = {0, +4, +2,

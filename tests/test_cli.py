@@ -159,7 +159,7 @@ def test_kernel_choice_flags_reach_load_model(tiny_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--method", "pot", "--wbits", "3", "--act", "static"], "pot takes --act none"),
+    (["--method", "pot", "--wbits", "3", "--act", "static"], "pot keeps float activations by default"),
     (["--method", "int-search", "--wbits", "3", "--act", "dynamic"], "--act does not apply"),
     (["--method", "w4a16", "--act", "dynamic"], "--act does not apply"),
     (["--method", "w4a16", "--calib", "random"], "--calib would do nothing"),

@@ -245,6 +245,25 @@ def test_int_is_min_max(bits):
     assert (err <= ql.wscale[:, 0].astype(np.float32) * 0.51 + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_pot_with_int8_activations_computes_x8_times_w_times_sx(bits):
+    """act "dynamic": the reference quantizes each token by the A8 rule and multiplies the INT8 row
+    by the dequantized PoT weights, in float64, times the token's scale."""
+    import dataclasses
+    _, ql = _pot(bits)
+    q8 = dataclasses.replace(ql, act="dynamic")
+    x = np.random.default_rng(bits).standard_normal((5, ql.in_features)).astype(np.float32)
+    x[2] = 0.0                                                     # an all-zero token: scale 1, output 0
+    sx = formats.act_scale_dynamic(x)
+    want = ((formats.quantize_act_ref(x, sx).astype(np.float64) @ ql.dequantize().astype(np.float64).T)
+            * sx[:, None]).astype(np.float32)
+    got = formats.linear_ref(x, q8)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, formats.linear_ref(x, ql)) and not got[2].any()
+    from engine.model.ops_ref import PreparedLinear
+    np.testing.assert_array_equal(PreparedLinear(q8)(x), want)
+
+
 def test_converter_rejects_bad_bits_and_groups():
     W = np.ones((4, 64), np.float32)
     with pytest.raises(ValueError, match="2, 3 or 4"):
@@ -253,15 +272,19 @@ def test_converter_rejects_bad_bits_and_groups():
         int_linear(W, 3, 16)
 
 
-@pytest.mark.parametrize("method,kind", [("pot", "pot"), ("int-rtn", "int"), ("int-search", "int")])
+@pytest.mark.parametrize("method,kind,act", [("pot", "pot", None), ("int-rtn", "int", None),
+                                             ("int-search", "int", None), ("pot", "pot", "dynamic")])
 @pytest.mark.parametrize("bits", [2, 3])
-def test_quantize_checkpoint_weight_only(method, kind, bits, tmp_path):
+def test_quantize_checkpoint_weight_only(method, kind, act, bits, tmp_path):
+    """pot / int files (and pot with INT8 activations): kinds, recipe, output near the float model's,
+    a q.safetensors round trip computing the same logits."""
     ck = tiny_ckpt(hidden_size=48, intermediate_size=96, head_dim=6)
     seqs = tiny_seqs(ck.config)
     ref = Model(ModelWeights.from_hf(ck.config, ck.tensors)).forward(seqs[0])
-    w, recipe = quantize_checkpoint(ck, method, wbits=bits, group=32, calib=seqs, progress=False)
-    assert all(getattr(L, n).kind == f"{kind}{bits}" and getattr(L, n).act == "none"
+    w, recipe = quantize_checkpoint(ck, method, wbits=bits, group=32, calib=seqs, progress=False, act=act)
+    assert all(getattr(L, n).kind == f"{kind}{bits}" and getattr(L, n).act == (act or "none")
                for L in w.layers for n in LINEAR_NAMES)
+    assert recipe["act"] == (act or "none")
     assert recipe["wbits"] == bits and recipe["weight_search"] == (method != "int-rtn")
     out = Model(w).forward(seqs[0])
     if bits == 3:            # 2-bit weights of a random tiny model keep little of its output

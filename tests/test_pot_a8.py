@@ -582,3 +582,41 @@ def test_offset_check_catches_a_mutated_kernel(old, new):
             check_kernel_offsets(ex, rb, nw, False, n, k, m, 0 if m == 1 else 32 * P.n_chunks(k) + 16)
         for nw, i, k in SILU_CASES:
             check_kernel_offsets(ex, 8, nw, True, 2 * i, k)
+
+
+@pytest.mark.parametrize("case", ["pot4", "group64", "mixed_act", "mixed_kind"])
+def test_pot_int8_layers_the_gpu_cannot_run_are_a_backend_error(case):
+    """pot layers of act "dynamic" that are not pot3 in groups of 128, or a fused group mixing them
+    with other layers (files dgq-quantize never writes), stop a (fake-CuPy) CudaModel with one
+    BackendError naming the layer, so --device auto runs the file on the CPU (engine/api.py)."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import host_prefill
+
+    from engine.bench.e2e import SMOLLM2, random_model
+    from engine.gpu.backend import BackendError
+    cfg = dataclasses.replace(SMOLLM2, num_hidden_layers=1)
+    bits = 4 if case == "pot4" else 3
+    mw = random_model(cfg, bits, act="dynamic")
+    L = mw.layers[0]
+    if case == "group64":
+        from converters.pot import pot_linear
+        rng = np.random.default_rng(0)
+        for n in ("q", "k", "v", "o", "gate", "up", "down"):
+            w = getattr(L, n)
+            setattr(L, n, dataclasses.replace(
+                pot_linear(rng.standard_normal(w.shape).astype(np.float32) * 0.05, 3, 64, search=False), act="dynamic"))
+    elif case == "mixed_act":
+        L.k = dataclasses.replace(L.k, act="none")
+    elif case == "mixed_kind":
+        L.k = random_model(cfg, 4, act="dynamic").layers[0].k
+    want = {"pot4": "holds pot4 in groups of 128", "group64": "holds pot3 in groups of 64",
+            "mixed_act": "holds pot3 in groups of 128, act 'none'", "mixed_kind": "holds pot4"}[case]
+    with host_prefill.faked():
+        from engine.gpu.model import CudaModel
+        where = "q\\|k\\|v" if case.startswith("mixed") else "\\S+"           # the first layer built: gate|up
+        with pytest.raises(BackendError, match=f"layer 0 {where}_proj: .*pot3 in groups of 128 only.*{want}.*"
+                                               "--device cpu"):
+            CudaModel(mw)

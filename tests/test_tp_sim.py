@@ -316,12 +316,14 @@ def test_collectives_refuse_mismatched_calls_and_say_when_a_rank_never_arrives(m
 
 
 def test_weight_only_bit_plane_kinds():
-    """pot / int (groups of 32 along o's 128 and down's 256 inputs) at TP = 2 and 4."""
+    """pot / int (groups of 32 along o's 128 and down's 256 inputs) at TP = 2 and 4; pot3 with INT8
+    activations too (act "dynamic": the row-parallel linears' scale from the all-reduced max)."""
     c = make_tiny_config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
                          intermediate_size=256, num_hidden_layers=2)
     w = ModelWeights.from_hf(c, make_tiny_tensors(c, seed=2))
-    for kind, bits in (("pot", 3), ("int", 4)):
-        q = quantized(w, kind, "none", 32, bits=bits)
+    for kind, bits, act in (("pot", 3, "none"), ("int", 4, "none"), ("pot", 3, "dynamic")):
+        q = quantized(w, kind, act, 32, bits=bits)
+        assert q.layers[0].o.act == act
         want = Model(q).forward(PROMPT)
         for tp in (2, 4):
             assert_logits_close(TPModel(q, tp).forward(PROMPT), want)

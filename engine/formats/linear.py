@@ -118,9 +118,10 @@ def linear_ref(x: np.ndarray, ql: QuantLinear, w8: np.ndarray | None = None,
     """Reference y = x · Ŵᵀ for a quantized layer, float32 (M, N).
 
     For the integer kinds ("dg", "i8") this is the bit-exact integer path the GPU kernels
-    match. For "g" with quantized activations, x is quantized by the same rule and the
-    product runs in float64 on the dequantized weights (a simulation: that baseline has no
-    integer kernel). `w8`/`wdeq` pass cached expansions.
+    match. For "g" and "pot<b>" with quantized activations, x is quantized by the same rule and
+    the product runs in float64 on the dequantized weights (for "g" a simulation: that baseline has
+    no integer kernel; pot3's GPU GEMV matches it within its fp16 output rounding). `w8`/`wdeq`
+    pass cached expansions.
     """
     x = np.asarray(x, dtype=np.float32)
     if ql.act == "none":

@@ -47,9 +47,14 @@ def to_f16(cp, w, what: str):
 WB_KINDS = tuple(k for k in formats.KINDS if k[:3] in ("pot", "int"))       # run by gpu/wb.py
 
 
+def _pot_int8(w) -> bool:
+    """A power-of-two layer with INT8 activations (act "dynamic"): the pot3-a8 GEMV's layers."""
+    return isinstance(w, formats.QuantLinear) and w.kind.startswith("pot") and w.act != "none"
+
+
 class GpuLinear:
     """One (possibly fused) linear on the GPU: packed A8W4, b-bit weight-only (gemv_wb, fp16
-    activations), or a float16 weight (matmul_f16)."""
+    activations), pot3 with INT8 activations (gemv_pot_a8), or a float16 weight (matmul_f16)."""
 
     def __init__(self, cp, ws, host_cache: dict | None = None, interleave: bool = False, name: str = "a linear"):
         self.cp = cp
@@ -57,14 +62,18 @@ class GpuLinear:
         self.silu_fused = False      # silu_gemv runs (an interleaved A8W4 or a pot3-a8 gate|up layer)
         self.wb = None               # a PackedWB for the weight-only kinds
         self.pa8 = None              # a PackedPotA8 for pot3 layers run with INT8 activations
-        if any(isinstance(w, formats.QuantLinear) and w.kind in WB_KINDS and w.act != "none" for w in ws):
-            if not all(isinstance(w, formats.QuantLinear) for w in ws):
-                raise ModelError("a fused group mixes float and quantized weights")
-            ql = ws[0] if len(ws) == 1 else _fuse(ws)             # one kind, act and group (or ModelError)
-            if (ql.kind, ql.group) != ("pot3", pot_a8.GROUP):
+        if any(_pot_int8(w) for w in ws):
+            # every layer of the group pot3, groups of 128, INT8 tokens; anything else (another
+            # width or group, or a group mixing modes or kinds, which dgq-quantize never writes)
+            # is a BackendError, so --device auto runs the file on the CPU
+            odd = [w for w in ws if not (_pot_int8(w) and (w.kind, w.group) == ("pot3", pot_a8.GROUP))]
+            if odd:
+                what = (f"{odd[0].kind} in groups of {odd[0].group}, act '{odd[0].act}'"
+                        if isinstance(odd[0], formats.QuantLinear) else "a float weight")
                 raise BackendError(f"{name}: the GPU runs power-of-two weights with INT8 activations (act "
-                                   f"'{ql.act}') as pot3 in groups of {pot_a8.GROUP} only, not {ql.kind} in "
-                                   f"groups of {ql.group}: use --device cpu")
+                                   f"'dynamic') as pot3 in groups of {pot_a8.GROUP} only, every layer of a fused "
+                                   f"group alike; this one holds {what}: use --device cpu")
+            ql = ws[0] if len(ws) == 1 else _fuse(ws)
             key = ("pot3-a8",) + tuple(id(w) for w in ws)       # layers that share arrays pack once
             host = (host_cache or {}).get(key)
             if host is None:
