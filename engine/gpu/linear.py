@@ -62,6 +62,9 @@ class GpuLinear:
         self.silu_fused = False      # silu_gemv runs (an interleaved A8W4 or a pot3-a8 gate|up layer)
         self.wb = None               # a PackedWB for the weight-only kinds
         self.pa8 = None              # a PackedPotA8 for pot3 layers run with INT8 activations
+        # gate and up of one width, rows a multiple of 8: the layer the SiLU GEMVs can take
+        silu_pair = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
+            and ws[0].out_features % 8 == 0
         if any(_pot_int8(w) for w in ws):
             # every layer of the group pot3, groups of 128, INT8 tokens; anything else (another
             # width or group, or a group mixing modes or kinds, which dgq-quantize never writes)
@@ -73,19 +76,19 @@ class GpuLinear:
                 raise BackendError(f"{name}: the GPU runs power-of-two weights with INT8 activations (act "
                                    f"'dynamic') as pot3 in groups of {pot_a8.GROUP} only, every layer of a fused "
                                    f"group alike; this one holds {what}: use --device cpu")
-            ql = ws[0] if len(ws) == 1 else _fuse(ws)
-            key = ("pot3-a8",) + tuple(id(w) for w in ws)       # layers that share arrays pack once
+            self.n, k = sum(w.out_features for w in ws), ws[0].in_features
+            key = ("pot3-a8",) + tuple(id(w) for w in ws)       # layers that share arrays fuse and pack once
             host = (host_cache or {}).get(key)
             if host is None:
-                host = pot_a8.from_pot3(ql.qweight, ql.wscale, ql.in_features, ql.group)
+                ql = ws[0] if len(ws) == 1 else _fuse(ws)
+                host = pot_a8.from_pot3(ql.qweight, ql.wscale, k, ql.group)
                 if host_cache is not None:
                     host_cache[key] = host
-            self.pa8 = gpu_pot_a8.upload(*host, ql.out_features, ql.in_features)
+            self.pa8 = gpu_pot_a8.upload(*host, self.n, k)
             self.packed, self.w16, self.mode = None, None, MODE["dynamic"]    # int8 rows, a scale a token
             self.scale = cp.ones(1, cp.float32)
-            self.n, self.kp = ql.out_features, pot_a8.CHUNK * pot_a8.n_chunks(ql.in_features)
-            self.silu_fused = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
-                and ws[0].out_features % 8 == 0           # gate then up, in place (gpu_pot_a8.gemv_pot_a8_silu)
+            self.kp = pot_a8.CHUNK * pot_a8.n_chunks(k)
+            self.silu_fused = silu_pair                   # gate then up, in place (gpu_pot_a8.gemv_pot_a8_silu)
         elif all(isinstance(w, formats.QuantLinear) and w.kind in WB_KINDS for w in ws):
             self.wb = wb.pack_wb(ws[0] if len(ws) == 1 else _fuse(ws))
             self.packed, self.w16, self.mode = None, None, MODE["fp16"]       # reads the fp16 activations
@@ -96,9 +99,7 @@ class GpuLinear:
                 kinds = sorted({w.kind for w in ws})
                 raise BackendError(f"the GPU engine runs dual-grained ('dg'), pot2..4 and int2..4 layers; "
                                    f"this file holds {kinds} (one fused group may not mix kinds): use --device cpu")
-            self.interleaved = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
-                and ws[0].out_features % 8 == 0
-            self.silu_fused = self.interleaved
+            self.interleaved = self.silu_fused = silu_pair
             # Host repacking is the slow part of loading; layers that share arrays (the
             # random bench models) repack once and upload once per layer.
             key = tuple(id(w) for w in ws) + (self.interleaved,)
