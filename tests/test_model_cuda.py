@@ -63,12 +63,8 @@ def test_two_layers_of_7b_widths_match_reference():
     the float32 reference's last logits by 1.9 % (relative norm, on the CPU), and the GPU's
     prefill measured 2.2 % from the float32 reference (H200): a bound of 2 % against float32 would
     test the storage format, not the kernels."""
-    import importlib.util
-    from pathlib import Path
     from engine.gpu.model import CudaModel
-    spec = importlib.util.spec_from_file_location("gemma_pruned", Path(__file__).parents[1] / "bench" / "gemma_pruned.py")
-    gemma_pruned = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gemma_pruned)
+    from test_gemma_pruned import gemma_pruned      # bench/gemma_pruned.py as a module
     mw = quantized_tiny("dynamic", seed=7, group=128, head_dim=128, num_attention_heads=32,
                         num_key_value_heads=32, hidden_size=4096, intermediate_size=11008,
                         num_hidden_layers=2, max_position_embeddings=256)

@@ -60,16 +60,6 @@ def test_gemv_pot_a8_tokens_are_rows_of_the_grid():
         assert np.array_equal(got[i].view(np.uint16), want.view(np.uint16)), i
 
 
-def _gemma_pruned():
-    """bench/gemma_pruned.py as a module (its fp16_storage: the GPU's fp16 points in the NumPy model)."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("gemma_pruned", Path(__file__).parents[1] / "bench" / "gemma_pruned.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _pot_model(act="dynamic", bits=3, group=128, seed=1):
     """A tiny random model with pot<bits> linears of activation mode `act`."""
     import dataclasses
@@ -107,7 +97,8 @@ def test_model_with_pot3_a8_runs_every_linear_on_int8_tokens(monkeypatch):
     mw = _pot_model()
     c = mw.config
     tokens = np.arange(20) % c.vocab_size
-    with _gemma_pruned().fp16_storage():
+    from test_gemma_pruned import gemma_pruned      # bench/gemma_pruned.py as a module
+    with gemma_pruned.fp16_storage():
         ref = Model(mw).forward(tokens)
     gm = CudaModel(mw)
     assert all(g.pa8 is not None for L in gm.layers for g in L.linears())
