@@ -161,7 +161,7 @@ def main(argv=None):
     for label, method, act, wbits, group, *extra in rows:
         if only and (method or "fp32") not in only and f"{method}:{act}" not in only:
             continue
-        convert = extra[:1]
+        convert = extra[0] if extra else False        # pot-a8 rows: False, "dg" or "act"
         row_gptq = a.gptq if len(extra) < 2 or extra[1] is None else extra[1]
         t0 = time.perf_counter()
         kw = {}
@@ -180,17 +180,17 @@ def main(argv=None):
                                              calibration=a.calibration, **kw)
             if a.set == "pot-a8":
                 made[key] = (mw, recipe, time.perf_counter() - t0)
-        if convert and convert[0]:
-            mw = as_int8_activations(mw, convert[0])
+        if convert:
+            mw = as_int8_activations(mw, convert)
         own = time.perf_counter() - t0                              # this row's quantizing (or reuse)
-        tq = own + (made[key][2] if key in made and convert and convert[0] else 0.0)   # + the codes' making
+        tq = own + (made[key][2] if key in made and convert else 0.0)   # + the codes' making
         m = Model(mw)
         r = perplexity(lambda t: m.forward(t), tokens, window=a.window, max_windows=a.windows, progress=False)
         gptq_on = bool(recipe.get("gptq"))                         # what the converter did, defaults included
         sink = (recipe.get("calibration") or {}).get("sink_weight")
         row = dict(label=label + (" +gptq" if gptq_on else "") + (f" sink x{sink:g}" if sink and sink != 1.0 else ""),
                    calibration=a.calibration if method else None, method=method,
-                   act="dynamic" if convert and convert[0] else act, wbits=wbits, group=group,
+                   act="dynamic" if convert else act, wbits=wbits, group=group,
                    gptq=gptq_on, sink_weight=sink, bits_per_weight=bits_per_weight(mw),
                    perplexity=r["perplexity"], n_tokens=r["n_tokens"],
                    quantize_s=tq, eval_s=time.perf_counter() - t0 - own,
