@@ -63,8 +63,8 @@ class GpuLinear:
         self.wb = None               # a PackedWB for the weight-only kinds
         self.pa8 = None              # a PackedPotA8 for pot3 layers run with INT8 activations
         # gate and up of one width, rows a multiple of 8: the layer the SiLU GEMVs can take
-        silu_pair = interleave and len(ws) == 2 and ws[0].out_features == ws[1].out_features \
-            and ws[0].out_features % 8 == 0
+        rows = [w.shape[0] if isinstance(w, np.ndarray) else w.out_features for w in ws]
+        silu_pair = interleave and len(ws) == 2 and rows[0] == rows[1] and rows[0] % 8 == 0
         if any(_pot_int8(w) for w in ws):
             # every layer of the group pot3, groups of 128, INT8 tokens; anything else (another
             # width or group, or a group mixing modes or kinds, which dgq-quantize never writes)
