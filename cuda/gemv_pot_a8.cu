@@ -8,12 +8,15 @@
 // chunk's dot is exact in int32 and s multiplies it in fp32.
 //
 // Layout (formats/pot_a8.py): tiles of 8 rows, words[t][st][j][r][l] = word j (0..2) of chunk
-// 32·st + l of row 8t + r (zero past the last chunk and row); channel 8j + q (q < 8) of a chunk has
-// its code in bits 0-2 of nibble q of word j, channel 24 + q has bit b of its code in bit 3 of
-// nibble q of word b. A lane takes one chunk of each of the block's rows a step: three 4-byte
-// loads a row, each warp-wide a 128-byte line, all at fixed offsets from one pointer, and the
-// token's x8[32c .. 32c+31] as two 16-byte loads in natural order. Scales: groups of 128,
-// scales[t][st][r][q] = s[8t + r][8·st + q] fp16, zero-padded; lane l's is q = l / 4.
+// 32·st + l of row 8t + r for the S = KC / 32 full warp steps (zero past the last row); channel
+// 8j + q (q < 8) of a chunk has its code in bits 0-2 of nibble q of word j, channel 24 + q has bit
+// b of its code in bit 3 of nibble q of word b. A lane takes one chunk of each of the block's rows
+// a step: three 4-byte loads a row, each warp-wide a 128-byte line, all at fixed offsets from one
+// pointer, and the token's x8[32c .. 32c+31] as two 16-byte loads in natural order. Scales: groups
+// of 128, scales[t][st][r][q] = s[8t + r][8·st + q] fp16; lane l's is q = l / 4. The last
+// L = KC % 32 chunks (the tail, a partial step) are stored compactly, not padded to a step:
+// tail[t][j][r][l] = word j of chunk 32·S + l of row 8t + r (l < L), stail[n][q] = s[n][8·S + q]
+// (q < ceil(L / 4)), so a layer stores its K padded to 32, not to 1024.
 //
 // Dot of a chunk (pa8_chunk; nvcc 13.0 sm_90a: 8 PRMT, 8 IDP.4A, 7 SHF, 6 LOP3): prmt looks four codes (the low 16 bits of its
 // selector, one nibble each) up in the 8-byte table VALUES held in two registers; a nibble's
@@ -24,8 +27,12 @@
 // Block: NW warps on RB consecutive rows. A warp step is 32 chunks (1024 channels) of the RB
 // rows; warp w takes steps w, w + NW, ...; two steps' loads are in registers (one computing,
 // the next in flight), both weight batches issued before the PDL wait (cuda/pdl.cuh: no kernel
-// writes the weights), x after it. Lanes past the last chunk read zero words and clamp their x
-// to the last chunk (no predicated loads); rows past N are the tile's zero rows. Per (row,
+// writes the weights), x after it; rows past N are the tile's zero rows. The tail is the last step
+// of warp S % NW, where a padded full step would be, so the order of sums is unchanged: lanes
+// < L load it (runtime stride L, so ~1 address instruction a load, outside the loop) into b1,
+// before the PDL wait where it is the warp's first or second step (b1 is free then: S < 2·NW,
+// K < 2048·NW), else after the loop (its latency then not hidden); lanes ≥ L add nothing (with
+// the padding they added fma(s, 0, acc) = acc, the same bits). Per (row,
 // chunk): acc = fmaf(s, float(dot), acc); then a butterfly over the lanes, the warps' sums in
 // order through shared memory, and out = fp16(acc · (0.25 · sx)). The order of those sums is
 // the reference's. About 38 instructions a (row, chunk) of 32 weights in the loop (the dot, 3
@@ -98,7 +105,8 @@ struct Pa8Batch {                    // one warp step of a lane: its chunk of RB
     u32 x[8];
 };
 
-// words (T, S, 3, 8, 32) uint32 and scale (T, S, 8, 8) fp16, T = ceil(N / 8), S = ceil(KC / 32);
+// words (T, S, 3, 8, 32) uint32 and scale (T, S, 8, 8) fp16 (the full steps), tail (T, 3, 8, L)
+// uint32 and stail (8T, ceil(L / 4)) fp16, T = ceil(N / 8), S = KC / 32, L = KC % 32 (unread if 0);
 // x8 (M, ldx) int8, ldx ≥ 32·KC and a multiple of 16, 16-byte aligned (bytes past K meet code 0);
 // sx (M) the tokens' scales; out (M, ldo) fp16. RB = 4 or 8 rows a block (half a tile or one).
 // Grid (ceil(N / RB), M): token blockIdx.y. Each token's blocks read the weights again, so M > 1
@@ -112,9 +120,9 @@ struct Pa8Batch {                    // one warp step of a lane: its chunk of RB
 // down, as after the A8W4 SiLU GEMV (cuda/gemm_a8w4.cu silu_epilogue). out and ldo are unused.
 template <int RB, int NW, bool SILU = false>
 __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
-    const u32* __restrict__ words, const __half* __restrict__ scale, const i8* __restrict__ x8,
-    const float* __restrict__ sx, __half* __restrict__ out, int N, int KC, int ldx, int ldo,
-    float* __restrict__ mf, unsigned* __restrict__ amax) {
+    const u32* __restrict__ words, const __half* __restrict__ scale, const u32* __restrict__ tail,
+    const __half* __restrict__ stail, const i8* __restrict__ x8, const float* __restrict__ sx,
+    __half* __restrict__ out, int N, int KC, int ldx, int ldo, float* __restrict__ mf, unsigned* __restrict__ amax) {
     static_assert(PA8_GROUP == 4 * PA8_CHUNK, "a lane's scale index is its chunk / 4");
     static_assert(PA8_TILE_ROWS % RB == 0, "a block takes a tile or a part of one");
     static_assert(!SILU || RB == PA8_TILE_ROWS, "the SiLU variant takes 4 gate and 4 up rows a block");
@@ -124,8 +132,10 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     __shared__ float red[NW][RB];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n0 = SILU ? blockIdx.x * HALF : blockIdx.x * RB;     // SILU: the block's first gate row
-    const int steps = (KC + PA8_STEP - 1) / PA8_STEP;
-    x8 += (size_t)blockIdx.y * ldx;                    // token blockIdx.y: its row of x8, scale, out
+    const int steps = KC / PA8_STEP;                   // full warp steps (the loop's)
+    const int tl = KC % PA8_STEP;                      // the tail's chunks: lanes 0..tl-1; 0 if none
+    const int tg = (tl + PA8_GROUP / PA8_CHUNK - 1) / (PA8_GROUP / PA8_CHUNK);   // and its groups
+    x8 += (size_t)blockIdx.y * ldx + lane * PA8_CHUNK; // token blockIdx.y: its row of x8 (the lane's chunk), scale, out
     sx += blockIdx.y;
     out += (size_t)blockIdx.y * ldo;
 
@@ -152,7 +162,34 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
         }
     };
     auto load_x = [&](int st, Pa8Batch<RB>& b) {
-        pa8_ldx(x8 + (size_t)min(PA8_STEP * st + lane, KC - 1) * PA8_CHUNK, b.x);
+        // chunk 32·st + lane, below KC in a full step (and lanes < tl read the tail's)
+        pa8_ldx(x8 + (size_t)st * (PA8_STEP * PA8_CHUNK), b.x);
+    };
+    // The tail of the block's rows, lane `lane`: row r's word j at + (j·8 + r)·tl, its scale at
+    // + r·tg; SILU: the up rows' tiles N/16 tiles on, their scale rows N/2 on. Only warp
+    // steps % NW reads it (its last step, after steps / NW full ones), lanes < tl.
+    const bool tw = tl > 0 && warp == steps % NW;
+    const size_t tr = (size_t)(n0 / PA8_TILE_ROWS) * (PA8_WORDS * PA8_TILE_ROWS) + r0;   // (j, r) rows before ours
+    const u32* tp = tail + tr * tl + lane;
+    const unsigned short* tsp = reinterpret_cast<const unsigned short*>(stail) + (size_t)n0 * tg + (lane >> 2);
+    const size_t ru = SILU ? (size_t)(N / 2 / PA8_TILE_ROWS) : 0;                   // the up rows' tiles on
+    const u32* tpu = tp + ru * (PA8_WORDS * PA8_TILE_ROWS) * tl;
+    const unsigned short* tspu = tsp + ru * PA8_TILE_ROWS * tg;
+    auto load_t = [&](Pa8Batch<RB>& t) {
+        if (lane < tl) {
+#pragma unroll
+            for (int r = 0; r < RB; ++r) {
+                const u32* wt = r < HALF ? tp : tpu;
+                const int rt = r < HALF ? r : r - HALF;
+#pragma unroll
+                for (int j = 0; j < PA8_WORDS; ++j)
+                    t.w[r][j] = pa8_ldw(wt + (j * PA8_TILE_ROWS + rt) * tl);
+                t.s[r] = pa8_lds((r < HALF ? tsp : tspu) + rt * tg);
+            }
+        }
+    };
+    auto load_tx = [&](Pa8Batch<RB>& t) {
+        if (lane < tl) load_x(steps, t);
     };
     auto advance = [&]() {
         wp += 2 * NW * TILE_STEP;
@@ -176,11 +213,13 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     Pa8Batch<RB> b0, b1;
     if (warp < steps) load_w(0, b0);                   // warp-uniform branches throughout
     if (warp + NW < steps) load_w(1, b1);
+    else if (tw) load_t(b1);                           // the tail is the warp's first or second step
     pdl_enter();
     float sxq = 0.f;
     if (threadIdx.x < RB) sxq = 0.25f * sx[0];         // exact: a power of two
     if (warp < steps) load_x(warp, b0);
     if (warp + NW < steps) load_x(warp + NW, b1);
+    else if (tw) load_tx(b1);
     for (int st = warp; st < steps; st += 2 * NW) {
         compute(b0);
         advance();
@@ -194,6 +233,13 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
             load_w(1, b1);
             load_x(st + 3 * NW, b1);
         }
+    }
+    if (tw) {                                          // the tail, in b1 (the loop is done with it)
+        if (warp + NW < steps) {                       // after two or more full steps: loaded now
+            load_t(b1);
+            load_tx(b1);
+        }
+        if (lane < tl) compute(b1);                    // lanes past the tail add nothing
     }
 
 #pragma unroll

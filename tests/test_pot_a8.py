@@ -1,11 +1,12 @@
 """The W3-PoT × INT8 layout (engine/formats/pot_a8.py) and the bit tricks of cuda/gemv_pot_a8.cu, on the CPU.
 
-Round trips of the packing (odd shapes, K past a warp step, the spare code under both signs of
-the scale), the kernel's selector masking, prmt lookup (with its sign-replicate rule) and dp4a
+Round trips of the packing (odd shapes, K past a warp step, with and without a tail, the spare
+code under both signs of the scale), the bytes a layer holds (SmolLM2's shapes within issue 15's
+b + 0.2 bits), the kernel's selector masking, prmt lookup (with its sign-replicate rule) and dp4a
 word for word against the code table, the exact fma emulation, and the reference GEMV against
 a float64 W·x; the kernel's index arithmetic, read from its source, run for every block, warp
-and lane of both variants against the layout (check_kernel_offsets). tests/test_pot_a8_gpu.py runs
-the kernel against the same reference.
+and lane of both variants against the layout, the tail included (check_kernel_offsets).
+tests/test_pot_a8_gpu.py runs the kernel against the same reference.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import pytest
 from engine.formats import planes, pot
 from engine.formats import pot_a8 as P
 
-SHAPES = [(1, 1), (5, 77), (8, 1024), (9, 1056), (16, 1100), (3, 4096), (13, 2080)]
+SHAPES = [(1, 1), (5, 77), (8, 1024), (9, 1056), (16, 1100), (3, 4096), (13, 2080), (7, 576), (9, 1536), (4, 1000),
+          (6, 3100), (3, 5000)]
 
 
 def rand_layer(rng, n, k, spare_share=0.2):
@@ -44,15 +46,61 @@ def test_pack_round_trip(n, k):
     rng = np.random.default_rng(n * 7919 + k)
     codes, s = rand_layer(rng, n, k)
     w = P.pack_pot_a8(codes)
-    assert w.shape == (P.n_tiles(n), P.n_steps(k), 3, 8, 32)
+    kc, nt = P.n_chunks(k), P.n_tiles(n)
+    steps, tl = kc // 32, kc % 32
+    assert (P.n_full_steps(k), P.n_tail(k), P.n_tail_groups(k)) == (steps, tl, -(-tl // 4))
+    assert [a.shape for a in w] == [(nt, steps, 3, 8, 32), (nt, 3, 8, tl)]
     assert np.array_equal(P.unpack_pot_a8(w, n, k), codes)
-    # everything past K and past N is code 0 (the kernel reads it as weight 0)
-    full = P.unpack_pot_a8(w, P.n_tiles(n) * 8, P.n_steps(k) * 1024)
+    # everything past K (to the chunk) and past N is code 0 (the kernel reads it as weight 0)
+    full = P.unpack_pot_a8(w, nt * 8, kc * 32)
     assert not full[n:].any() and not full[:, k:].any()
+    # the tail is word for word the chunks 32·S.. of the rows, as a full step would hold them
+    padded = P.pack_pot_a8(np.pad(codes, ((0, 0), (0, (steps + 1) * 1024 - k))))[0]
+    assert np.array_equal(w[1], padded[:, steps, :, :, :tl])
     sp = P.pack_scales(s, k)
-    assert sp.shape == (P.n_tiles(n), P.n_steps(k), 8, 8)
+    assert [a.shape for a in sp] == [(nt, steps, 8, 8), (8 * nt, -(-tl // 4))]
     assert np.array_equal(P.unpack_scales(sp, n, k), s)
-    assert np.count_nonzero(sp) == np.count_nonzero(s)
+    assert sum(np.count_nonzero(a) for a in sp) == np.count_nonzero(s)
+    assert sum(a.nbytes for a in w + sp) == P.nbytes(n, k) == nt * 8 * (12 * kc + 2 * -(-k // 128))
+
+
+def test_layout_checks_its_shapes():
+    codes, s = rand_layer(np.random.default_rng(0), 9, 1100)
+    w, sp = P.pack_pot_a8(codes), P.pack_scales(s, 1100)
+    with pytest.raises(ValueError, match="cannot hold 9×1200"):
+        P.unpack_pot_a8(w, 9, 1200)
+    with pytest.raises(ValueError, match="a pair"):
+        P.unpack_pot_a8(w[0], 9, 1100)
+    with pytest.raises(ValueError, match="cannot hold 17×1100"):
+        P.unpack_scales(sp, 17, 1100)
+
+
+# SmolLM2-135M's linears (q|k|v, o, gate|up, down: N×K) and Llama-2-7B's, with the bits a weight the
+# pot3-a8 layout holds on the GPU (words, tail, scales: 3 + 16/128 = 3.125 where K % 128 == 0)
+SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (1536, 576), (576, 1536)]
+LLAMA7B_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
+
+
+def test_pot3_g128_bits_a_weight_on_the_gpu(monkeypatch):
+    """Issue 15's memory bar, b + 0.2 = 3.2 bits a weight for pot3 g128, holds for SmolLM2's shapes
+    (K = 576 and 1536, where a layout padded to warp steps of 1024 channels held 5.21) as
+    gpu/pot_a8.upload holds them from a pot3 layer's planes (fake CuPy), and for 7B's."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import host_prefill
+
+    from engine.gpu import pot_a8
+    rng = np.random.default_rng(15)
+    with host_prefill.faked() as cp:
+        monkeypatch.setattr(pot_a8, "require_cupy", lambda: cp)
+        for n, k in SMOLLM2_SHAPES:
+            codes, s = rand_layer(rng, n, k)
+            p = pot_a8.upload(*P.from_pot3(planes.pack_planes(codes, 3), s, k, 128), n, k)
+            bits = 8 * p.nbytes() / (n * k)
+            assert p.nbytes() == P.nbytes(n, k) and bits <= 3.2, (n, k, bits)
+            assert bits == pytest.approx(3 + 16 * -(-k // 128) / k)           # only K's last group padded
+    for n, k in LLAMA7B_SHAPES:
+        assert 8 * P.nbytes(n, k) / (n * k) <= 3.2, (n, k)
 
 
 def test_word_layout_by_hand():
@@ -60,8 +108,9 @@ def test_word_layout_by_hand():
     codes = np.zeros((1, 32), dtype=np.uint8)
     codes[0, 8 * 1 + 5] = 6                 # word 1, nibble 5
     codes[0, 24 + 2] = 5                    # bits 0 and 2: bit 3 of nibble 2 of words 0 and 2
-    w = P.pack_pot_a8(codes)[0, 0, :, 0, 0]
+    w = P.pack_pot_a8(codes)[1][0, :, 0, 0]                 # K = 32: one chunk, the tail
     assert [hex(v) for v in w] == [hex(1 << 11), hex(6 << 20), hex(1 << 11)]
+    assert np.array_equal(P.pack_pot_a8(np.pad(codes, ((0, 0), (0, 992))))[0][0, 0, :, 0, 0], w)   # a full step
 
 
 def test_from_pot3_matches_the_pot_kind():
@@ -102,7 +151,7 @@ def test_lookup_gives_every_code_its_value():
     for code in range(8):
         for shift in range(8):                  # rotate the codes over the 32 channels
             codes = ((np.arange(32) + shift + code) % 8).astype(np.uint8)[None]
-            w = P.pack_pot_a8(codes)[0, 0, :, 0, 0]
+            w = P.pack_pot_a8(codes)[1][0, :, 0, 0]
             got = np.concatenate([P.prmt(P.LUT_LO, P.LUT_HI, s)[None].view(np.int8) for s in P.selectors(*w)])
             assert np.array_equal(got, P.VALUES[codes[0]])
 
@@ -117,9 +166,7 @@ def test_chunk_dot_emulation_matches_codes():
     w[:4] = 0xFFFFFFFF                                              # everywhere, bit 3s included
     xw = x8.view("<u4")                                             # (m, 8): channel 4i + b in byte b of word i
     got = P.chunk_dot_emulated(w, xw)
-    tiles = np.zeros((m, 1, 3, 8, 32), dtype=np.uint32)
-    tiles[:, 0, :, 0, 0] = w
-    codes = np.stack([P.unpack_pot_a8(t[None], 1, 32)[0] for t in tiles])
+    codes = P.word_codes(w)                                         # (m, 32): the layout's decoder (unpack_pot_a8)
     assert np.array_equal(got, (P.VALUES[codes].astype(np.int64) * x8).sum(axis=1))
 
 
@@ -145,11 +192,11 @@ def test_fma32_is_one_rounding():
 
 
 def kernel_loop(words, scale, x8, sx, n, k, nw):
-    """The kernel's control flow, one scalar at a time (warps, lanes, the two register batches)."""
-    kc = P.n_chunks(k)
-    steps = P.n_steps(k)
+    """The kernel's control flow, one scalar at a time (warps, lanes, the two register batches, the
+    tail after the full steps)."""
+    steps, tl = P.n_full_steps(k), P.n_tail(k)
     dots = P.chunk_dots(words, n, x8[:k])
-    s32 = np.zeros((n, 8 * steps), np.float32)
+    s32 = np.zeros((n, 8 * steps + 8), np.float32)
     s32[:, :-(-k // 128)] = P.unpack_scales(scale, n, k)
     y = np.zeros(n, np.float16)
     for row in range(n):
@@ -164,9 +211,11 @@ def kernel_loop(words, scale, x8, sx, n, k, nw):
                         if s_ >= steps:
                             break
                         c = 32 * s_ + lane
-                        d = dots[row, c] if c < kc else 0
-                        acc = P.fma32(s32[row, c >> 2], np.float32(d), acc)[()]
+                        acc = P.fma32(s32[row, c >> 2], np.float32(dots[row, c]), acc)[()]
                     st += 2 * nw
+                if tl and warp == steps % nw and lane < tl:   # the tail: lanes < L of one warp
+                    c = 32 * steps + lane
+                    acc = P.fma32(s32[row, c >> 2], np.float32(dots[row, c]), acc)[()]
                 lanes.append(acc)
             v = np.array(lanes, np.float32)
             for off in (16, 8, 4, 2, 1):
@@ -179,7 +228,8 @@ def kernel_loop(words, scale, x8, sx, n, k, nw):
     return y
 
 
-@pytest.mark.parametrize("n,k,nw", [(3, 77, 4), (2, 5000, 4), (2, 9000, 8), (1, 3100, 8)])
+@pytest.mark.parametrize("n,k,nw", [(3, 77, 4), (2, 5000, 4), (2, 9000, 8), (1, 3100, 8), (2, 576, 4), (1, 4096, 4),
+                                   (1, 11008, 4)])
 def test_reference_follows_the_kernel_order(n, k, nw):
     rng = np.random.default_rng(k)
     codes, s = rand_layer(rng, n, k)
@@ -206,7 +256,8 @@ def test_reference_against_float64(n, k, nw):
 
 def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
     """engine/gpu/pot_a8.py through kargs with bench/host_prefill.py's fake CuPy: the keywords are
-    the kernel's parameters, the grid one block per RB rows and token; bad inputs get one clear error."""
+    the kernel's parameters (the tail's arrays included), the grid one block per RB rows and token;
+    bad inputs get one clear error."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -233,6 +284,8 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
         with kargs.intercepted(lambda expr, run: (exprs.append(expr), run())):
             for v in pot_a8.VARIANTS:
                 pot_a8.gemv_pot_a8(x8, sx, p, variant=v)
+            assert all(a["tail"] is p.tail and a["stail"] is p.stail and a["KC"] == 35 for a in args_seen)
+            assert p.tail.shape == (2, 3, 8, 3) and p.stail.shape == (16, 1)   # K = 1100: 35 chunks, one step and 3
             x3 = cp.zeros((3, 1136), dtype=np.int8)                   # three tokens, rows of 1136 bytes
             assert pot_a8.gemv_pot_a8(x3, cp.ones(3, dtype=np.float32), p).shape == (3, n)
             monkeypatch.setattr(pot_a8, "MAX_GRID_Y", 2)             # past the grid's y limit: launches of 2, 1
@@ -330,6 +383,8 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     gm, exprs, pairs = run(True, 5)
     assert all(g.pa8 is not None and g.wb is None and g.mode == MODE["dynamic"] and g.kp % 32 == 0
                for L in gm.layers for g in L.linears())
+    # issue 15's b + 0.2 bits a weight, as the model holds its layers (K = 576 and 1536: the compact tail)
+    assert all(8 * g.nbytes() <= 3.2 * g.pa8.n * g.pa8.k for L in gm.layers for g in L.linears())
     a8 = [(grid, args) for e, (grid, args) in pairs if e.startswith("gemv_pot3_a8")]
     assert len(a8) == 4 * cfg.num_hidden_layers and not any(e.startswith("gemv_pot<") for e in exprs)
     ns = [cfg.q_size + 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size, 2 * cfg.intermediate_size,
@@ -365,7 +420,10 @@ KERNEL_SRC = Path(__file__).resolve().parents[1] / "cuda" / "gemv_pot_a8.cu"
 # gemv_pot3_a8's index expressions, read from its source (one match each in the kernel's body):
 # the declarations `TYPE NAME = EXPR;`, the pointer advances `NAME += EXPR;`, and the rest
 _DECLS = {"steps": "int", "n0": "int", "tu": "size_t", "wp": r"u32\*", "wpu": r"u32\*", "w": r"u32\*",
-          "rr": "int", "sp": r"unsigned short\*", "spu": r"unsigned short\*"}
+          "rr": "int", "sp": r"unsigned short\*", "spu": r"unsigned short\*",
+          # the tail's
+          "tl": "int", "tg": "int", "tw": "bool", "tr": "size_t", "tp": r"u32\*", "tsp": r"unsigned short\*",
+          "ru": "size_t", "tpu": r"u32\*", "tspu": r"unsigned short\*", "wt": r"u32\*", "rt": "int"}
 _KERNEL_EXPRS = {
     **{name: rf"const {ty} {name} = ([^;]+);" for name, ty in _DECLS.items()},
     **{f"adv_{v}": rf"\b{v} \+= ([^;]+);" for v in ("wp", "sp", "wpu", "spu")},
@@ -373,6 +431,9 @@ _KERNEL_EXPRS = {
     "ts": r"const size_t ts = (.+?), r0 = ", "r0": r", r0 = ([^;]+);",
     "ldw": r"b\.w\[r\]\[j\] = pa8_ldw\((.+)\);$", "lds": r"b\.s\[r\] = pa8_lds\((.+)\);$",
     "ldx": r"pa8_ldx\((.+), b\.x\);$",
+    "ldt": r"t\.w\[r\]\[j\] = pa8_ldw\((.+)\);$", "ldts": r"t\.s\[r\] = pa8_lds\((.+)\);$",
+    "tlive": r"auto load_t = \[&\]\(Pa8Batch<RB>& t\) \{\s*if \((.+?)\) \{", "tx": r"if \((.+?)\) load_x\(.+, t\);",
+    "tx_st": r"load_x\((.+), t\);",
     "silu_live": r"if \(threadIdx\.x < (\w+)\) \{", "gate": r"const float g = .*?row_sum\(([^)]+)\)",
     "up": r"const float u = .*?row_sum\(([^)]+)\)", "mf": r"mf\[([^\]]+)\] = v;",
     "amax": r"atomicMax\(amax \+ ([^,]+),",
@@ -383,8 +444,10 @@ _KERNEL_EXPRS = {
 
 # the kernel's load/compute loop (from `Pa8Batch<RB> b0, b1;` to the reduction, comments dropped,
 # whitespace collapsed), which check_kernel_offsets mirrors statement for statement: when the
-# kernel's loop changes, so must that mirror and this digest
-KERNEL_LOOP_SHA256 = "14acb82b82c533bf73d47f984d88dc71bed9a31962e6361c2488a3426dd3bca4"
+# kernel's loop changes, so must that mirror and this digest. (Last changed by the compact tail:
+# the `for` loop itself is as before; the tail's loads into b1 before it, `else if (tw) ...`, and
+# the tail's step after it joined the text.)
+KERNEL_LOOP_SHA256 = "7c5e824e84e292c013507e2cd55f6a06a96ade0b5aa5351471cdd744355dafc9"
 
 
 def kernel_loop_text(code: str) -> str:
@@ -426,14 +489,18 @@ def kernel_index_exprs(src: str) -> dict:
 
 def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int, m: int = 1, ldx: int = 0):
     """Run the kernel's pointer arithmetic (ex) for every block, token, warp and lane through its
-    load/compute loop, and assert: each batch compute() reads holds, for register row r and word j,
-    word j of chunk 32·st + lane of row R(r) (words[R // 8, st, j, R % 8, lane]), that row's scale
-    of the chunk's group and the token's x8 at min(chunk, Kc - 1); warp w reads the steps w, w + NW, ...
-    in order; the epilogue writes every output once, from the register row of its row. R(r) = n0 + r
-    (plain), gate row 4b + r for r < 4 and up row I + 4b + r - 4 (SILU, N = 2I)."""
-    kc, steps, nt, i = P.n_chunks(k), P.n_steps(k), P.n_tiles(n), n // 2
+    load/compute loop and its tail, and assert: each batch compute() reads holds, for register row r
+    and word j, word j of chunk 32·st + lane of row R(r) (words[R // 8, st, j, R % 8, lane] for a
+    full step st < S, tail[R // 8, j, R % 8, lane] for the tail, st = S, lanes < L only), that
+    row's scale of the chunk's group (scale[R // 8, st, R % 8, lane // 4] or stail[R, lane // 4])
+    and the token's x8 of that chunk; warp w reads the steps w, w + NW, ... in order, the tail last
+    and only in warp S % NW, and no lane past the tail computes it; the epilogue writes every output
+    once, from the register row of its row. R(r) = n0 + r (plain), gate row 4b + r for r < 4 and up
+    row I + 4b + r - 4 (SILU, N = 2I)."""
+    kc, steps, tl, nt, i = P.n_chunks(k), P.n_full_steps(k), P.n_tail(k), P.n_tiles(n), n // 2
     ldx = ldx or 32 * kc
     wshape, sshape = (nt, steps, 3, 8, 32), (nt, steps, 8, 8)
+    tshape, tsshape = (nt, 3, 8, tl), (8 * nt, P.n_tail_groups(k))
     gx = i // 4 if silu else -(-n // rb)              # the launchers' grids (test_launcher_binds_the_kernel...)
     env = dict(ex["defines"], RB=rb, NW=nw, SILU=silu, N=n, KC=kc, ldx=ldx, ldo=0 if silu else n)
     for name, e in ex["constexpr"]:
@@ -444,17 +511,22 @@ def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int,
     def ev(name, e):
         return eval(ex[name], {"np": np}, e) + grid    # noqa: S307
 
+    def uniform(v):                                    # a warp-uniform condition
+        assert (v == v.flat[0]).all()
+        return v.flat[0]
+
     for warp in range(nw):
-        e = dict(env, bx=bx, by=by, lane=lane, warp=warp, words=0, scale=0, x8=0)
+        e = dict(env, bx=bx, by=by, lane=lane, warp=warp, words=0, scale=0, tail=0, stail=0, x8=0)
         assert (ev("steps", e) == steps).all()
         e["steps"] = steps
-        e["n0"] = ev("n0", e)
-        e["x8"] = ev("x8", e)
-        for name in ("ts", "r0", "wp", "sp", "tu", "wpu", "spu"):
+        for name in ("n0", "tl", "tg", "x8", "ts", "r0", "wp", "sp", "tu", "wpu", "spu", "tw", "tr", "tp", "tsp", "ru",
+                     "tpu", "tspu"):
             e[name] = ev(name, e)
+        assert (e["tl"] == tl).all() and (e["tg"] == tsshape[1]).all()
+        tw = bool(uniform(e["tw"]))
 
         def load_w(half):
-            b = {}
+            b = {"tail": None}
             for r in range(rb):
                 e.update(r=r, half=half)
                 e["w"], e["rr"] = ev("w", e), ev("rr", e)
@@ -464,45 +536,80 @@ def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int,
                 b[r, "s"] = ev("lds", e)
             return b
 
+        def load_t():
+            live = ev("tlive", e).astype(bool)             # the lanes that load (the rest keep stale registers)
+            b = {"tail": live}
+            for r in range(rb):
+                e["r"] = r
+                e["wt"], e["rt"] = ev("wt", e), ev("rt", e)
+                for j in range(3):
+                    e["j"] = j
+                    b[r, j] = np.where(live, ev("ldt", e), -1)
+                b[r, "s"] = np.where(live, ev("ldts", e), -1)
+            return b
+
         def load_x(st, b):
             e["st"] = st
             b["x"] = ev("ldx", e)
+
+        def load_tx(b):
+            live = ev("tx", e).astype(bool)
+            load_x(uniform(ev("tx_st", e)), b)
+            b["x"], b["xlive"] = np.where(live, b["x"], -1), live
 
         def advance():
             for p in ("wp", "sp") + (("wpu", "spu") if silu else ()):
                 e[p] = e[p] + ev("adv_" + p, e)
 
-        read = []                # the batches compute() reads, in order: the kernel's loop
+        read = []                # (batch, lanes that compute it) in compute() order: the kernel's loop
+        all_lanes = np.ones_like(grid, dtype=bool)
         b0 = load_w(0) if warp < steps else None
-        b1 = load_w(1) if warp + nw < steps else None
+        b1 = load_w(1) if warp + nw < steps else load_t() if tw else None
         if warp < steps:
             load_x(warp, b0)
         if warp + nw < steps:
             load_x(warp + nw, b1)
+        elif tw:
+            load_tx(b1)
         for st in range(warp, steps, 2 * nw):
-            read.append(b0)
+            read.append((b0, all_lanes))
             advance()
             if st + 2 * nw < steps:
                 b0 = load_w(0)
                 load_x(st + 2 * nw, b0)
             if st + nw >= steps:
                 break
-            read.append(b1)
+            read.append((b1, all_lanes))
             if st + 3 * nw < steps:
                 b1 = load_w(1)
                 load_x(st + 3 * nw, b1)
-        assert len(read) == len(range(warp, steps, nw)), (warp, len(read))
-        for st, b in zip(range(warp, steps, nw), read):
-            c = 32 * st + lane
+        if tw:
+            if warp + nw < steps:
+                b1 = load_t()
+                load_tx(b1)
+            read.append((b1, lane + grid < tl))          # if (lane < tl) compute(b1)
+        want_steps = list(range(warp, steps + (tl > 0), nw))          # the tail is step S
+        assert len(read) == len(want_steps), (warp, len(read), want_steps)
+        for st, (b, live) in zip(want_steps, read):
+            c = 32 * st + lane + grid
+            tail = st == steps
+            assert (b["tail"] is not None) == tail, (warp, st)
+            if tail:                                   # lanes < L load and compute it, the others neither
+                assert np.array_equal(live, c < kc) and np.array_equal(b["tail"], live) \
+                    and np.array_equal(b["xlive"], live), "the tail's lanes"
             for r in range(rb):
                 row = (4 * bx + r if r < 4 else i + 4 * bx + r - 4) if silu else bx * rb + r
-                for key, shape, want in [((r, j), wshape, (row // 8, st, j, row % 8, lane)) for j in range(3)] + [
-                        ((r, "s"), sshape, (row // 8, st, row % 8, (c >> 2) - 8 * st))]:
-                    off = b[key]
+                for key, shape, want in [((r, j), tshape if tail else wshape,
+                                          (row // 8, j, row % 8, lane) if tail else (row // 8, st, j, row % 8, lane))
+                                         for j in range(3)] + [
+                        ((r, "s"), tsshape if tail else sshape,
+                         (row, lane >> 2) if tail else (row // 8, st, row % 8, (c >> 2) - 8 * st))]:
+                    off = b[key][live]
                     assert ((off >= 0) & (off < np.prod(shape))).all(), (key, st, "out of bounds")
                     for got, w in zip(np.unravel_index(off, shape), want):
-                        assert (got == w).all(), (key, warp, st)
-            assert (b["x"] == by * ldx + 32 * np.minimum(c, kc - 1)).all() and (b["x"] + 32 <= m * ldx).all()
+                        assert (got == (w + grid)[live]).all(), (key, warp, st)
+            x = b["x"][live]
+            assert (x == (by * ldx + 32 * c)[live]).all() and (x + 32 <= m * ldx).all() and (c[live] < kc).all()
 
     # the epilogue: thread tid of block (bx, by) writes which output, from which register row
     tid = np.arange(32 * nw)[None, None, :]
@@ -531,9 +638,13 @@ def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int,
         assert np.array_equal(np.sort(idx), np.arange(m * n))
 
 
+# K: the tail alone (1, 77, 576), no tail (1024, 4096), the tail as a warp's first step (1536, 2080),
+# its second (9300 at NW = 8, 13412 at 8) or third and later (9300 at NW = 4, 13412 at 4, 17000)
 PLAIN_CASES = [(rb, nw, n, k, m) for rb in (4, 8) for nw in (4, 8)
-               for n, k in [(1, 1), (13, 77), (8, 1024), (21, 2080), (37, 9300)] for m in (1, 3)]
-SILU_CASES = [(nw, i, k) for nw in (4, 8) for i in (8, 16, 24, 1376) for k in (77, 2080, 4096, 9300)]
+               for n, k in [(1, 1), (13, 77), (8, 1024), (21, 2080), (37, 9300), (9, 576), (5, 1536), (3, 13412),
+                            (11, 17000)] for m in (1, 3)]
+SILU_CASES = [(nw, i, k) for nw in (4, 8) for i in (8, 16, 24, 1376) for k in (77, 576, 1536, 2080, 4096, 9300)] + [
+    (nw, 8, 17000) for nw in (4, 8)]
 
 
 def test_kernel_offsets_address_the_layout():
@@ -554,13 +665,27 @@ def test_kernel_offsets_address_the_layout():
     ("(size_t)(N / 2 / PA8_TILE_ROWS) * steps", "(size_t)(N / 2 / PA8_TILE_ROWS)"),   # the up rows' tile
     ("wpu += 2 * NW * TILE_STEP", "wpu += NW * TILE_STEP"),                   # the up pointer's advance
     ("spu += 2 * NW * SCALES_STEP", "spu += NW * SCALES_STEP"),
-    ("+ (lane >> 2);", "+ (lane >> 3);"),                                     # a lane's group
+    ("PA8_TILE_ROWS) + (lane >> 2);", "PA8_TILE_ROWS) + (lane >> 3);"),       # a lane's group
     ("rr * (SCALES_STEP / PA8_TILE_ROWS)", "r * (SCALES_STEP / PA8_TILE_ROWS)"),
     ("(j * PA8_TILE_ROWS + rr) * PA8_STEP", "(j * PA8_TILE_ROWS + r) * PA8_STEP"),
     ("half * NW * TILE_STEP", "half * TILE_STEP"),                            # the second batch
     ("SILU ? blockIdx.x * HALF : blockIdx.x * RB", "blockIdx.x * RB"),
-    ("KC - 1)", "KC)"),                                                       # the lanes past Kc
     ("x8 += (size_t)blockIdx.y * ldx", "x8 += (size_t)blockIdx.y * KC * 32"), # the token's row
+    ("ldx + lane * PA8_CHUNK", "ldx + lane"),                                 # the lane's chunk of x
+    ("const int steps = KC / PA8_STEP;", "const int steps = (KC + PA8_STEP - 1) / PA8_STEP;"),  # the padded steps
+    # the tail: its warp, lanes, strides, groups, the up rows' offsets and its chunk of x
+    ("warp == steps % NW", "warp == (steps + 1) % NW"),
+    ("if (lane < tl) {", "if (lane <= tl) {"),
+    ("if (lane < tl) load_x", "if (lane <= tl) load_x"),
+    ("tail + tr * tl + lane", "tail + tr * PA8_STEP + lane"),
+    ("(j * PA8_TILE_ROWS + rt) * tl", "(j * PA8_TILE_ROWS + rt) * PA8_STEP"),
+    ("(size_t)n0 * tg + (lane >> 2)", "(size_t)n0 * PA8_TILE_ROWS + (lane >> 2)"),
+    ("tspu) + rt * tg", "tspu) + rt * PA8_TILE_ROWS"),
+    ("(tl + PA8_GROUP / PA8_CHUNK - 1) / (PA8_GROUP / PA8_CHUNK)", "tl / (PA8_GROUP / PA8_CHUNK)"),
+    ("tp + ru * (PA8_WORDS * PA8_TILE_ROWS) * tl", "tp + ru * PA8_WORDS * tl"),
+    ("tsp + ru * PA8_TILE_ROWS * tg", "tsp + ru * tg"),
+    ("load_x(steps, t)", "load_x(steps - 1, t)"),
+    ("if (lane < tl) compute(b1);", "compute(b1);"),                          # the loop (KERNEL_LOOP_SHA256)
     ("row_sum(threadIdx.x + HALF)", "row_sum(threadIdx.x + 1)"),
     ("mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x]", "mf[(size_t)blockIdx.y * (N / 2) + 2 * n0 + threadIdx.x]"),
     ("__shfl_xor_sync(0xfu, a, 2)", "__shfl_xor_sync(0x3u, a, 2)"),

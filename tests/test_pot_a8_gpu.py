@@ -1,7 +1,10 @@
 """cuda/gemv_pot_a8.cu (W3-PoT × INT8 dp4a GEMV) against formats/pot_a8.py's reference, bit for bit,
 and a model of pot3 layers with INT8 activations (act "dynamic") against the CPU model (gpu-marked).
 
-First run on an H100 in session 37.
+First run on an H100 in session 37. The compact tail (the last Kc % 32 chunks stored unpadded, read by
+one warp after its full steps) is checked on the CPU only so far (tests/test_pot_a8.py): the shapes
+below with K % 1024 != 0 run it, the tail as a warp's first step (K < 1024, 1536, 2080), second
+(9300 at NW = 8) and later (9300 and 13412 at NW = 4, 17000).
 """
 from __future__ import annotations
 
@@ -17,13 +20,15 @@ if not has_gpu():
 
 
 def layer(rng, n, k):
+    """((words, tail), (scales, stail)) of a random n×k layer, as pack_pot_a8 and pack_scales make them."""
     codes = rng.integers(0, 8, (n, k)).astype(np.uint8)
     s = (rng.uniform(0.005, 0.05, (n, -(-k // 128))) * rng.choice([-1, 1], (n, -(-k // 128)))).astype(np.float16)
     return P.pack_pot_a8(codes), P.pack_scales(s, k)
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192),
-                                 (1, 32), (7, 77), (13, 1000), (40, 3100), (9, 2080), (100, 5000)])
+                                 (1, 32), (7, 77), (13, 1000), (40, 3100), (9, 2080), (100, 5000),
+                                 (960, 576), (3072, 576), (576, 1536), (40, 9300), (13, 13412), (24, 17000)])
 def test_gemv_pot_a8_matches_reference(n, k):
     import cupy as cp
 
@@ -118,7 +123,7 @@ def test_model_with_pot3_a8_runs_every_linear_on_int8_tokens(monkeypatch):
     for x8, sx, p, y in calls:
         x8, sx = x8.reshape(-1, x8.shape[-1])[:len(tokens), :p.k], sx.reshape(-1)[:len(tokens)]
         assert (np.abs(x8.astype(np.int32)).max(axis=1) == 127).all() and (sx > 0).all()
-        w = P.dequantized(p.words.get(), p.scale.get(), p.n, p.k)
+        w = P.dequantized((p.words.get(), p.tail.get()), (p.scale.get(), p.stail.get()), p.n, p.k)
         want = (x8.astype(np.float64) @ w.T) * sx[:, None].astype(np.float64)
         assert np.linalg.norm(y - want) / np.linalg.norm(want) < 2e-3
     assert np.linalg.norm(g - ref) / np.linalg.norm(ref) < 0.1, np.linalg.norm(g - ref) / np.linalg.norm(ref)
@@ -142,7 +147,7 @@ def test_pot_with_int8_activations_the_gpu_cannot_run_is_refused():
             CudaModel(mw)
 
 
-@pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (11008 // 8, 4096)])
+@pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (11008 // 8, 4096), (1536, 576), (40, 9300), (24, 1536)])
 def test_silu_variant_then_quant_equals_the_row_kernel_path(inter, k):
     """The batch-1 MLP without silu_mul_quant: the SiLU variant (fp32 silu(gate)·up, atomic absmax)
     then quant_amax gives the int8 row and scale that the plain GEMV then silu_mul_quant give."""

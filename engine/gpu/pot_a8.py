@@ -3,7 +3,8 @@ model runs pot3 layers of act "dynamic" with it (`dgq-quantize --method pot --wb
 gpu/linear.py); `python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1` times it alone.
 
 Name triplet: formats.pot_a8.gemv_pot_a8_ref ↔ gemv_pot3_a8<RB, NW, SILU> ↔ gemv_pot_a8. The layout
-(three word planes a 32-channel chunk) is made on the host by formats.pot_a8.pack_pot_a8.
+(three words a 32-channel chunk; the full warp steps of 1024 channels and a compact tail) is made
+on the host by formats.pot_a8.pack_pot_a8 and pack_scales.
 """
 from __future__ import annotations
 
@@ -30,25 +31,34 @@ POT_A8_FILE = kargs.KernelFile("gemv_pot_a8.cu", POT_A8_EXPRS)
 
 @dataclass
 class PackedPotA8:
-    """A pot3 layer on the GPU in the pot3-a8 layout: words (T, S, 3, 8, 32) uint32, scale (T, S, 8, 8)
-    fp16, T = ceil(N / 8) (formats.pot_a8.pack_pot_a8, pack_scales)."""
+    """A pot3 layer on the GPU in the pot3-a8 layout (formats.pot_a8.pack_pot_a8, pack_scales), T =
+    ceil(N / 8), S = Kc // 32 full warp steps, L = Kc % 32 chunks past them: words (T, S, 3, 8, 32)
+    uint32, scale (T, S, 8, 8) fp16, tail (T, 3, 8, L) uint32, stail (8T, ceil(L / 4)) fp16."""
     n: int
     k: int
     words: object
     scale: object
+    tail: object
+    stail: object
 
     def nbytes(self) -> int:
-        return int(self.words.nbytes + self.scale.nbytes)
+        return int(self.words.nbytes + self.scale.nbytes + self.tail.nbytes + self.stail.nbytes)
 
 
-def upload(words: np.ndarray, scale: np.ndarray, n: int, k: int) -> PackedPotA8:
-    """Host arrays (formats.pot_a8.pack_pot_a8 and pack_scales, or from_pot3) -> the GPU."""
+def upload(words: tuple, scale: tuple, n: int, k: int) -> PackedPotA8:
+    """Host arrays -> the GPU: words = (words, tail) as formats.pot_a8.pack_pot_a8 makes them,
+    scale = (scales, stail) as pack_scales does (or both from from_pot3)."""
     cp = require_cupy()
-    t, s = fmt.n_tiles(n), fmt.n_steps(k)
-    if words.shape != (t, s, fmt.WORDS, fmt.TILE_ROWS, fmt.STEP) or scale.shape != (t, s, fmt.TILE_ROWS, 8):
-        raise CudaOpError(f"pot3-a8 words {words.shape} and scales {scale.shape} do not make a {n}×{k} layer")
-    return PackedPotA8(n, k, cp.ascontiguousarray(cp.asarray(words, dtype=cp.uint32)),
-                       cp.ascontiguousarray(cp.asarray(scale, dtype=cp.float16)))
+    t, s, L = fmt.n_tiles(n), fmt.n_full_steps(k), fmt.n_tail(k)
+    want = ((t, s, fmt.WORDS, fmt.TILE_ROWS, fmt.STEP), (t, fmt.WORDS, fmt.TILE_ROWS, L),
+            (t, s, fmt.TILE_ROWS, fmt.PER_STEP), (t * fmt.TILE_ROWS, fmt.n_tail_groups(k)))
+    got = tuple(a.shape for a in (*words, *scale)) if len(words) == 2 and len(scale) == 2 else None
+    if got != want:
+        raise CudaOpError(f"pot3-a8 words, tail, scales and stail of shapes {got} do not make a {n}×{k} layer "
+                          f"(that takes {want})")
+    w, wt = (cp.ascontiguousarray(cp.asarray(a, dtype=cp.uint32)) for a in words)
+    sc, st = (cp.ascontiguousarray(cp.asarray(a, dtype=cp.float16)) for a in scale)
+    return PackedPotA8(n, k, w, sc, wt, st)
 
 
 def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | None = None):
@@ -82,8 +92,8 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
     for m0 in range(0, m, MAX_GRID_Y):                  # the grid's y dimension holds 65535 tokens
         mc = min(MAX_GRID_Y, m - m0)
         kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (-(-p.n // rb), mc), (32 * nw,), words=p.words,
-                     scale=p.scale, x8=x8[m0:] if m0 else x8, sx=sx[m0:] if m0 else sx, out=out[m0:] if m0 else out,
-                     N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None, amax=None)
+                     scale=p.scale, tail=p.tail, stail=p.stail, x8=x8[m0:] if m0 else x8, sx=sx[m0:] if m0 else sx,
+                     out=out[m0:] if m0 else out, N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None, amax=None)
     return out
 
 
@@ -109,5 +119,6 @@ def gemv_pot_a8_silu(x8, sx, p: PackedPotA8, mf, amax):
     if sx.dtype != np.float32 or sx.size < 1:
         raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least 1 element, got {sx.dtype} {sx.shape}")
     kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<8, {DEFAULT[1]}, true>", (i // 4, 1), (32 * DEFAULT[1],),   # SILU_EXPR
-                 words=p.words, scale=p.scale, x8=x8, sx=sx, out=None, N=p.n, KC=kc, ldx=ldx, ldo=0, mf=mf, amax=amax)
+                 words=p.words, scale=p.scale, tail=p.tail, stail=p.stail, x8=x8, sx=sx, out=None, N=p.n, KC=kc,
+                 ldx=ldx, ldo=0, mf=mf, amax=amax)
     return mf
