@@ -394,6 +394,11 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     assert [args["N"] for _, args in a8] == ns and all(args["ldo"] == args["N"] for _, args in a8)
     assert [args["ldx"] for _, args in a8] == [cfg.hidden_size, cfg.q_size, cfg.hidden_size,
                                                cfg.intermediate_size] * cfg.num_hidden_layers
+    # o and down add into h themselves (CudaModel._fold_resid), at any M: no norm adds a sublayer output
+    assert [args["resid"] is not None and args["out"] is None for _, args in a8] == \
+        [False, True, False, True] * cfg.num_hidden_layers
+    norms = [args for e, (_, args) in pairs if e.startswith("add_rmsnorm_quant")]
+    assert len(norms) == 2 * cfg.num_hidden_layers + 1 and all(a["y"] is None for a in norms)
     rows = [args["mode"] for e, (_, args) in pairs if "rmsnorm_quant" in e or "quant_rows" in e or "silu_mul_quant" in e]
     # per layer: norm, quant of the attention output, norm, silu_mul_quant; the final norm feeds the fp16 head
     assert rows == [MODE["dynamic"]] * 4 * cfg.num_hidden_layers + [MODE["fp16"]]
@@ -404,6 +409,8 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     per = cfg.num_hidden_layers
     assert sum(e == gpu_pot_a8.SILU_EXPR for e in steps) == per
     assert sum(e.startswith("gemv_pot3_a8") for e in steps) == 4 * per
+    plain = [args for grid, args in launches if "mf" in args and args["mf"] is None]
+    assert [a["resid"] is not None for a in plain] == [False, True, True] * per     # q|k|v, o, down
     assert sum(e.startswith("quant_amax") for e in steps) == 2 * per
     assert not any(e.startswith(("silu_mul_quant", "quant_rows")) for e in steps)
     silu = [args for grid, args in launches if "mf" in args and args["mf"] is not None]
@@ -438,7 +445,8 @@ _KERNEL_EXPRS = {
     "up": r"const float u = .*?row_sum\(([^)]+)\)", "mf": r"mf\[([^\]]+)\] = v;",
     "amax": r"atomicMax\(amax \+ ([^,]+),",
     "plain_live": r"\} else if \((.+)\) \{$", "out_idx": r"out\[([^\]]+)\] = ",
-    "out_row": r"out\[[^\]]+\] = __float2half_rn\(row_sum\(([^)]+)\)",
+    "out_row": r"const __half y = __float2half_rn\(row_sum\(([^)]+)\)",
+    "resid_idx": r"resid\[([^\]]+)\] \+= __half2float\(y\);",
 }
 
 
@@ -636,6 +644,7 @@ def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int,
         idx, r = at(ex["out"], live) + at(ex["out_idx"], live), at(ex["out_row"], live)
         assert (r < rb).all() and (idx == at("by", live) * n + at("bx", live) * rb + r).all()
         assert np.array_equal(np.sort(idx), np.arange(m * n))
+        assert (at(ex["resid_idx"], live) == idx).all()             # resid (M, ldo = N) takes y where out would
 
 
 # K: the tail alone (1, 77, 576), no tail (1024, 4096), the tail as a warp's first step (1536, 2080),
@@ -690,6 +699,7 @@ def test_kernel_offsets_address_the_layout():
     ("mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x]", "mf[(size_t)blockIdx.y * (N / 2) + 2 * n0 + threadIdx.x]"),
     ("__shfl_xor_sync(0xfu, a, 2)", "__shfl_xor_sync(0x3u, a, 2)"),
     ("n0 + (int)threadIdx.x < N", "n0 + (int)threadIdx.x <= N"),
+    ("resid[(size_t)blockIdx.y * ldo + n0", "resid[(size_t)blockIdx.y * N / 2 + n0"),     # the residual's row
     ("if (st + NW >= steps) break;", "if (st + NW > steps) break;"),          # the loop (KERNEL_LOOP_SHA256)
 ])
 def test_offset_check_catches_a_mutated_kernel(old, new):
