@@ -147,7 +147,8 @@ def test_random_pot_layer_has_no_spare_code_and_averages_zero(bits):
 
 def test_pot_bits_3a8_loads_w3_pot_with_int8_activations(monkeypatch):
     """--pot-bits 3a8: a W3-PoT model of act "dynamic" (INT8 tokens, the pot3-a8 GEMV), batch 1
-    only; a bit width other than 2, 3, 4 and 3a8 is refused."""
+    only, then the same model with the INT8 output head (beside "A8W4 int8-head"); a bit width other
+    than 2, 3, 4 and 3a8 is refused."""
     import types
 
     from engine.bench import __main__ as cli
@@ -158,15 +159,19 @@ def test_pot_bits_3a8_loads_w3_pot_with_int8_activations(monkeypatch):
         calls.append((name, mw, kw.get("batches")))
         return []
     monkeypatch.setattr(e2e, "bench_model", bench_model)
-    monkeypatch.setattr(e2e, "random_model", lambda shape, q, act="none": types.SimpleNamespace(
-        q=q, act=act, with_int8_lm_head=lambda: None))
+    def random_model(shape, q, act="none"):
+        mw = types.SimpleNamespace(q=q, act=act, head="fp16")
+        mw.with_int8_lm_head = lambda: types.SimpleNamespace(q=q, act=act, head="int8")
+        return mw
+    monkeypatch.setattr(e2e, "random_model", random_model)
     monkeypatch.setattr(e2e, "dequantized_copy", lambda mw: mw)
     monkeypatch.setattr(e2e, "_device", lambda: (None, None, []))
     monkeypatch.setattr(e2e, "format_table", lambda rows: "")
     e2e.run_e2e(models=("llama7b",), pot_bits=(3, "3a8"))
     pot = [c for c in calls if "PoT" in c[0]]
-    assert [(mw.q, mw.act, b) for _, mw, b in pot] == [(3, "none", (1, 8)), (3, "dynamic", (1,))]
-    assert "INT8 activations" in pot[1][0] and "INT8" not in pot[0][0]
+    assert [(mw.q, mw.act, mw.head, b) for _, mw, b in pot] == [(3, "none", "fp16", (1, 8)),
+                                                              (3, "dynamic", "fp16", (1,)), (3, "dynamic", "int8", (1,))]
+    assert "INT8 activations" in pot[1][0] and "INT8" not in pot[0][0] and pot[2][0] == pot[1][0] + " int8-head"
     monkeypatch.setattr(cli, "run_e2e", lambda **kw: calls.append(kw["pot_bits"]) or [])
     monkeypatch.setattr(cli, "cp_or_fail", lambda: None)
     assert cli.main(["e2e", "--models", "llama7b", "--pot-bits", "4,3a8"]) == 0 and calls[-1] == (4, "3a8")
