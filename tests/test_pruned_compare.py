@@ -1,4 +1,4 @@
-"""bench/gemma_pruned.py's fp16-storage diagnostic: the NumPy model with the GPU's fp16 storage
+"""bench/pruned_compare.py's fp16-storage diagnostic: the NumPy model with the GPU's fp16 storage
 points rounded, and the reference restored afterwards."""
 import importlib.util
 from pathlib import Path
@@ -8,9 +8,9 @@ import numpy as np
 from engine.model import Model, ModelWeights, ops_ref
 from tiny_model import make_tiny_config, make_tiny_tensors
 
-_SPEC = importlib.util.spec_from_file_location("gemma_pruned", Path(__file__).parents[1] / "bench" / "gemma_pruned.py")
-gemma_pruned = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(gemma_pruned)
+_SPEC = importlib.util.spec_from_file_location("pruned_compare", Path(__file__).parents[1] / "bench" / "pruned_compare.py")
+pruned_compare = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(pruned_compare)
 
 
 def test_fp16_storage_rounds_inside_and_restores_after():
@@ -19,7 +19,7 @@ def test_fp16_storage_rounds_inside_and_restores_after():
     tokens = np.arange(3, 40)
     ref = model.forward(tokens)
     linear, attention = ops_ref.linear, ops_ref.attention
-    with gemma_pruned.fp16_storage():
+    with pruned_compare.fp16_storage():
         x = np.random.default_rng(0).standard_normal((5, c.hidden_size)).astype(np.float32)
         w = np.random.default_rng(1).standard_normal((7, c.hidden_size)).astype(np.float32)
         y = ops_ref.linear(x, w)
@@ -29,5 +29,5 @@ def test_fp16_storage_rounds_inside_and_restores_after():
     assert not np.array_equal(got, ref)                        # the rounding reached the logits
     np.testing.assert_allclose(got, ref, atol=2e-2 * np.abs(ref).max())
     np.testing.assert_array_equal(model.forward(tokens), ref)  # and is gone after the block
-    with gemma_pruned.fp16_storage(False):
+    with pruned_compare.fp16_storage(False):
         np.testing.assert_array_equal(model.forward(tokens), ref)
