@@ -84,11 +84,12 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
                           f"got {sx.dtype} {sx.shape}")
     shape = (p.n,) if one else (m, p.n)
     if resid is not None:
+        if out is not None:
+            raise CudaOpError("gemv_pot_a8 writes out or adds into resid, not both")
         if not (isinstance(resid, cp.ndarray) and resid.dtype == np.float32 and resid.shape == shape
                 and resid.flags.c_contiguous):
             raise CudaOpError(f"gemv_pot_a8 adds into a C-contiguous float32 {shape} resid, got "
                               f"{getattr(resid, 'dtype', type(resid).__name__)} {getattr(resid, 'shape', '')}")
-        out = None
     else:
         out = cp.empty(shape, dtype=cp.float16) if out is None else out
         if out.dtype != np.float16 or out.shape != shape or not out.flags.c_contiguous:
