@@ -22,3 +22,17 @@ def test_a_prefill_reaches_every_launch_and_fakes_are_undone():
 def test_main_prints_the_row(capsys):
     assert host_prefill.main(["--tokens", "16", "--reps", "1"]) == 0
     assert "launches" in capsys.readouterr().out
+
+
+def test_float_gate_up_loads_as_one_fp16_linear():
+    """The FP16 baseline (float gate and up arrays, interleave asked for, as CudaModel builds
+    gate|up): one fp16 (2I, K) weight, no SiLU epilogue; float arrays have no out_features, so
+    the SiLU-pair check reads their rows (the bench's FP16 rows once failed there)."""
+    import numpy as np
+
+    from engine.gpu.linear import GpuLinear
+    with host_prefill.faked() as cp:
+        g, u = np.ones((16, 32), np.float32), np.full((16, 32), 2, np.float32)
+        lin = GpuLinear(cp, [g, u], interleave=True, name="layer 0 gate|up_proj")
+        assert (lin.n, lin.kp, lin.silu_fused, lin.interleaved) == (32, 32, False, False)
+        np.testing.assert_array_equal(np.asarray(lin.w16), np.concatenate([g, u]).astype(np.float16))

@@ -1,10 +1,10 @@
 """cuda/gemv_pot_a8.cu (W3-PoT × INT8 dp4a GEMV) against formats/pot_a8.py's reference, bit for bit,
 and a model of pot3 layers with INT8 activations (act "dynamic") against the CPU model (gpu-marked).
 
-First run on an H100 in session 37. The compact tail (the last Kc % 32 chunks stored unpadded, read by
-one warp after its full steps) is checked on the CPU only so far (tests/test_pot_a8.py): the shapes
-below with K % 1024 != 0 run it, the tail as a warp's first step (K < 1024, 1536, 2080), second
-(9300 at NW = 8) and later (9300 and 13412 at NW = 4, 17000).
+First run on an H100 in session 37; the compact tail (the last Kc % 32 chunks stored unpadded, read by
+one warp after its full steps) passed on an H100 in session 38: the shapes below with K % 1024 != 0
+run it, the tail as a warp's first step (K < 1024, 1536, 2080), second (9300 at NW = 8) and later
+(9300 and 13412 at NW = 4, 17000).
 """
 from __future__ import annotations
 
