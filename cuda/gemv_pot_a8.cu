@@ -118,11 +118,16 @@ struct Pa8Batch {                    // one warp step of a lane: its chunk of RB
 // the plain variant would write to out, and the max of |mf| over its 4 channels atomically into
 // *amax (float bits, NaN-propagating, zeroed by the norm before): quant_amax then quantizes mf for
 // down, as after the A8W4 SiLU GEMV (cuda/gemm_a8w4.cu silu_epilogue). out and ldo are unused.
+// resid (not SILU; null: none): y is added to the float32 residual stream (M, ldo) instead of
+// stored, resid[m, n] += float(fp16(y[m, n])), the add the norm after o and down would make (as
+// the A8W4 GEMV's resid, cuda/gemm_a8w4.cu); out is then unused. One thread owns each element,
+// and the next kernel's PDL wait covers this grid's writes.
 template <int RB, int NW, bool SILU = false>
 __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     const u32* __restrict__ words, const __half* __restrict__ scale, const u32* __restrict__ tail,
     const __half* __restrict__ stail, const i8* __restrict__ x8, const float* __restrict__ sx,
-    __half* __restrict__ out, int N, int KC, int ldx, int ldo, float* __restrict__ mf, unsigned* __restrict__ amax) {
+    __half* __restrict__ out, int N, int KC, int ldx, int ldo, float* __restrict__ mf, unsigned* __restrict__ amax,
+    float* __restrict__ resid) {
     static_assert(PA8_GROUP == 4 * PA8_CHUNK, "a lane's scale index is its chunk / 4");
     static_assert(PA8_TILE_ROWS % RB == 0, "a block takes a tile or a part of one");
     static_assert(!SILU || RB == PA8_TILE_ROWS, "the SiLU variant takes 4 gate and 4 up rows a block");
@@ -268,6 +273,8 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
             if (threadIdx.x == 0 && !(a <= 0.f)) atomicMax(amax + blockIdx.y, __float_as_uint(a));
         }
     } else if (threadIdx.x < RB && n0 + (int)threadIdx.x < N) {
-        out[n0 + threadIdx.x] = __float2half_rn(row_sum(threadIdx.x) * sxq);
+        const __half y = __float2half_rn(row_sum(threadIdx.x) * sxq);
+        if (resid) resid[(size_t)blockIdx.y * ldo + n0 + threadIdx.x] += __half2float(y);   // h += fp16(y)
+        else out[n0 + threadIdx.x] = y;
     }
 }

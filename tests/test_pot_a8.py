@@ -295,6 +295,16 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
             sliced = args_seen[at:]
             assert [a["x8"].data.ptr - x3.data.ptr for a in sliced] == [0, 2 * 1136]
             assert [a["out"].shape[0] for a in sliced] == [3, 1] and sliced[1]["sx"].size == 1
+            assert all(a["resid"] is None for a in args_seen)
+            # resid: the residual stream (M, N) float32 takes y instead of out, sliced as x8 is
+            h = cp.zeros((3, n), dtype=np.float32)
+            monkeypatch.setattr(pot_a8, "MAX_GRID_Y", 2)
+            at = len(args_seen)
+            assert pot_a8.gemv_pot_a8(x3, cp.ones(3, dtype=np.float32), p, resid=h) is h
+            monkeypatch.setattr(pot_a8, "MAX_GRID_Y", 65535)
+            sliced = args_seen[at:]
+            assert [a["resid"].data.ptr - h.data.ptr for a in sliced] == [0, 2 * n * 4]
+            assert all(a["out"] is None for a in sliced)
         with pytest.raises(CudaOpError, match="at least 1120 bytes"):
             pot_a8.gemv_pot_a8(x8[:1100], sx, p)
         with pytest.raises(CudaOpError, match="a multiple of 16"):
@@ -309,6 +319,14 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
             pot_a8.gemv_pot_a8(x8, sx, p, out=cp.zeros(n, dtype=np.float32))
         empty = pot_a8.upload(P.pack_pot_a8(codes[:, :0]), P.pack_scales(s[:, :0], 0), n, 0)
         assert pot_a8.gemv_pot_a8(x8, sx, empty) is not None             # K = 0: zeros, returned
+        h1 = cp.zeros(n, dtype=np.float32)
+        at = len(args_seen)
+        assert pot_a8.gemv_pot_a8(x8, sx, empty, resid=h1) is h1 and len(args_seen) == at   # K = 0: h unchanged
+        for bad in (cp.zeros(n, dtype=np.float16), cp.zeros(n + 1, dtype=np.float32), cp.zeros((1, n), np.float32)):
+            with pytest.raises(CudaOpError, match="adds into a C-contiguous float32"):
+                pot_a8.gemv_pot_a8(x8, sx, p, resid=bad)
+        with pytest.raises(CudaOpError, match="writes out or adds into resid"):
+            pot_a8.gemv_pot_a8(x8, sx, p, out=cp.zeros(n, dtype=np.float16), resid=h1)
         with pytest.raises(CudaOpError, match="do not make"):
             pot_a8.upload(words, scale, n + 8, k)
         # the SiLU variant: N = 2I rows (I = 16), grid I / 4 blocks, one token
@@ -326,9 +344,10 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
         with pytest.raises(CudaOpError, match="amax must be"):
             pot_a8.gemv_pot_a8_silu(x8, sx, gu, mf, cp.zeros(1, dtype=np.float32))
     assert exprs == [f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in pot_a8.VARIANTS] + [
-        "gemv_pot3_a8<8, 4, false>"] * 3 + [pot_a8.SILU_EXPR]
-    assert [g for g, _ in grids] == [(-(-n // rb), 1) for rb, _ in pot_a8.VARIANTS] + [(2, 3), (2, 2), (2, 1), (4, 1)]
-    assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS] + [(128,)] * 4
+        "gemv_pot3_a8<8, 4, false>"] * 5 + [pot_a8.SILU_EXPR]
+    assert [g for g, _ in grids] == [(-(-n // rb), 1) for rb, _ in pot_a8.VARIANTS] + [(2, 3), (2, 2), (2, 1), (2, 2),
+                                                                                       (2, 1), (4, 1)]
+    assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS] + [(128,)] * 6
 
 
 def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch):
@@ -380,7 +399,9 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
 
     steps, folds = [], []
 
-    gm, exprs, pairs = run(True, 5)
+    from engine.gpu import tuning
+    m = max(tuning.gemv_bound(True), tuning.gemv_bound(False)) + 4   # past the A8W4 GEMV's rows: still folded
+    gm, exprs, pairs = run(True, m)
     assert all(g.pa8 is not None and g.wb is None and g.mode == MODE["dynamic"] and g.kp % 32 == 0
                for L in gm.layers for g in L.linears())
     # issue 15's b + 0.2 bits a weight, as the model holds its layers (K = 576 and 1536: the compact tail)
@@ -390,10 +411,15 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     ns = [cfg.q_size + 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size, 2 * cfg.intermediate_size,
           cfg.hidden_size] * cfg.num_hidden_layers
     rb = gpu_pot_a8.DEFAULT[0]
-    assert [grid for grid, _ in a8] == [(-(-n // rb), 5) for n in ns]
+    assert [grid for grid, _ in a8] == [(-(-n // rb), m) for n in ns]
     assert [args["N"] for _, args in a8] == ns and all(args["ldo"] == args["N"] for _, args in a8)
     assert [args["ldx"] for _, args in a8] == [cfg.hidden_size, cfg.q_size, cfg.hidden_size,
                                                cfg.intermediate_size] * cfg.num_hidden_layers
+    # o and down add into h themselves (CudaModel._fold_resid), at any M: no norm adds a sublayer output
+    assert [args["resid"] is not None and args["out"] is None for _, args in a8] == \
+        [False, True, False, True] * cfg.num_hidden_layers
+    norms = [args for e, (_, args) in pairs if e.startswith("add_rmsnorm_quant")]
+    assert len(norms) == 2 * cfg.num_hidden_layers + 1 and all(a["y"] is None for a in norms)
     rows = [args["mode"] for e, (_, args) in pairs if "rmsnorm_quant" in e or "quant_rows" in e or "silu_mul_quant" in e]
     # per layer: norm, quant of the attention output, norm, silu_mul_quant; the final norm feeds the fp16 head
     assert rows == [MODE["dynamic"]] * 4 * cfg.num_hidden_layers + [MODE["fp16"]]
@@ -404,6 +430,8 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     per = cfg.num_hidden_layers
     assert sum(e == gpu_pot_a8.SILU_EXPR for e in steps) == per
     assert sum(e.startswith("gemv_pot3_a8") for e in steps) == 4 * per
+    plain = [args for grid, args in launches if "mf" in args and args["mf"] is None]
+    assert [a["resid"] is not None for a in plain] == [False, True, True] * per     # q|k|v, o, down
     assert sum(e.startswith("quant_amax") for e in steps) == 2 * per
     assert not any(e.startswith(("silu_mul_quant", "quant_rows")) for e in steps)
     silu = [args for grid, args in launches if "mf" in args and args["mf"] is not None]
@@ -438,7 +466,8 @@ _KERNEL_EXPRS = {
     "up": r"const float u = .*?row_sum\(([^)]+)\)", "mf": r"mf\[([^\]]+)\] = v;",
     "amax": r"atomicMax\(amax \+ ([^,]+),",
     "plain_live": r"\} else if \((.+)\) \{$", "out_idx": r"out\[([^\]]+)\] = ",
-    "out_row": r"out\[[^\]]+\] = __float2half_rn\(row_sum\(([^)]+)\)",
+    "out_row": r"const __half y = __float2half_rn\(row_sum\(([^)]+)\)",
+    "resid_idx": r"resid\[([^\]]+)\] \+= __half2float\(y\);",
 }
 
 
@@ -635,6 +664,7 @@ def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int,
         idx, r = at(ex["out"], live) + at(ex["out_idx"], live), at(ex["out_row"], live)
         assert (r < rb).all() and (idx == at("by", live) * n + at("bx", live) * rb + r).all()
         assert np.array_equal(np.sort(idx), np.arange(m * n))
+        assert (at(ex["resid_idx"], live) == idx).all()             # resid (M, ldo = N) takes y where out would
 
 
 # K: the tail alone (1, 77, 576), no tail (1024, 4096), the tail as a warp's first step (1536, 2080),
@@ -689,6 +719,7 @@ def test_kernel_offsets_address_the_layout():
     ("mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x]", "mf[(size_t)blockIdx.y * (N / 2) + 2 * n0 + threadIdx.x]"),
     ("__shfl_xor_sync(0xfu, a, 2)", "__shfl_xor_sync(0x3u, a, 2)"),
     ("n0 + (int)threadIdx.x < N", "n0 + (int)threadIdx.x <= N"),
+    ("resid[(size_t)blockIdx.y * ldo + n0", "resid[(size_t)blockIdx.y * N / 2 + n0"),     # the residual's row
     ("if (st + NW >= steps) break;", "if (st + NW > steps) break;"),          # the loop (KERNEL_LOOP_SHA256)
 ])
 def test_offset_check_catches_a_mutated_kernel(old, new):

@@ -60,9 +60,14 @@ def test_gemv_pot_a8_tokens_are_rows_of_the_grid():
     sx = rng.uniform(0.001, 0.1, m).astype(np.float32)
     got = pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p).get()
     nw = pot_a8.DEFAULT[1]
+    h = rng.standard_normal((m, n)).astype(np.float32)
+    resid = cp.asarray(h)
+    assert pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p, resid=resid) is resid
     for i in range(m):
         want = P.gemv_pot_a8_ref(words, scale, x8[i], sx[i], n, k, nw)
         assert np.array_equal(got[i].view(np.uint16), want.view(np.uint16)), i
+        # with resid: h += float(fp16(y)), the norm's add (CudaModel._fold_resid), in float32
+        assert np.array_equal(resid[i].get(), h[i] + want.astype(np.float32)), i
 
 
 def _pot_model(act="dynamic", bits=3, group=128, seed=1):
@@ -109,18 +114,21 @@ def test_model_with_pot3_a8_runs_every_linear_on_int8_tokens(monkeypatch):
     assert all(g.pa8 is not None for L in gm.layers for g in L.linears())
     calls, real = [], pot_a8.gemv_pot_a8
 
-    def spy(x8, sx, p, out=None, variant=None):
-        y = real(x8, sx, p, out, variant)
+    def spy(x8, sx, p, out=None, variant=None, resid=None):
+        h0 = None if resid is None else resid.get()       # o and down add into h (CudaModel._fold_resid)
+        y = real(x8, sx, p, out, variant, resid)
         cp.cuda.runtime.deviceSynchronize()
-        calls.append((x8.get(), sx.get(), p, y.get()))
+        calls.append((x8.get(), sx.get(), p, y.get() if h0 is None else y.get() - h0, resid is not None))
         return y
     monkeypatch.setattr(pot_a8, "gemv_pot_a8", spy)
     g = gm.forward(tokens).get().astype(np.float64)
     monkeypatch.undo()
     ns = [c.q_size + 2 * c.num_key_value_heads * c.head_dim, c.hidden_size, 2 * c.intermediate_size,
           c.hidden_size] * c.num_hidden_layers
-    assert [p.n for _, _, p, _ in calls] == ns
-    for x8, sx, p, y in calls:
+    assert [p.n for _, _, p, _, _ in calls] == ns
+    # a prefill of 20 tokens (past the A8W4 GEMV's rows): o and down still add into h themselves
+    assert [r for *_, r in calls] == [False, True, False, True] * c.num_hidden_layers
+    for x8, sx, p, y, _ in calls:
         x8, sx = x8.reshape(-1, x8.shape[-1])[:len(tokens), :p.k], sx.reshape(-1)[:len(tokens)]
         assert (np.abs(x8.astype(np.int32)).max(axis=1) == 127).all() and (sx > 0).all()
         w = P.dequantized((p.words.get(), p.tail.get()), (p.scale.get(), p.stail.get()), p.n, p.k)

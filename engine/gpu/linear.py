@@ -129,11 +129,12 @@ class GpuLinear:
 
     def __call__(self, x8, sx, xh, out, resid=None):
         """out (M, N) fp16 = x · Wᵀ from int8 x8 with scales sx, or from fp16 xh; with resid
-        (A8W4 GEMV sizes only), resid += that instead (ops_cuda.gemm_a8w4)."""
-        if self.packed is None and resid is not None:
-            raise BackendError("the residual add runs in the A8W4 GEMV only")
-        if self.pa8 is not None:
-            gpu_pot_a8.gemv_pot_a8(x8, sx, self.pa8, out)   # any M (launches of ≤ 65535 tokens); M × the weight bytes
+        (A8W4 GEMV sizes only, or pot3-a8 at any M), resid += that instead (ops_cuda.gemm_a8w4,
+        gpu_pot_a8.gemv_pot_a8)."""
+        if self.packed is None and self.pa8 is None and resid is not None:
+            raise BackendError("the residual add runs in the A8W4 and pot3-a8 GEMVs only")
+        if self.pa8 is not None:                            # any M (launches of ≤ 65535 tokens); M × the weight bytes
+            return gpu_pot_a8.gemv_pot_a8(x8, sx, self.pa8, out if resid is None else None, resid=resid)
         elif self.wb is not None:
             wb.gemv_wb(xh, self.wb, out)                   # any M; in a capture, 16-row GEMV slices
         elif self.w16 is not None:

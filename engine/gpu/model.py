@@ -4,8 +4,9 @@ Per layer and step: add_rmsnorm_quant (the previous sublayer's residual add unle
 did it, RMSNorm, INT8 quantization) → fused qkv A8W4 GEMM → attention (gpu/attention.py:
 for prefill rope_qkv_cache then flash-attention; for decode one attn_decode launch: RoPE,
 cache write, flash-decoding, merge of the splits) → quant_rows → o GEMM → add_rmsnorm_quant →
-fused gate|up GEMM → silu_mul_quant → down GEMM. Up to ops.gemv_max_m() rows of an all-A8W4 model, the o and
-down GEMVs add their output into the residual stream themselves (_fold_resid); otherwise the
+fused gate|up GEMM → silu_mul_quant → down GEMM. Up to ops.gemv_max_m() rows of an all-A8W4 model (any
+rows of an all-pot3-a8 one), the o and down GEMVs add their output into the residual stream
+themselves (_fold_resid); otherwise the
 next norm adds it, and the last layer's add happens in the final norm. In a one-token decode
 step (_fold_quant) the gate|up GEMV's epilogue writes silu(gate)·up and max-reduces the row's
 absmax (A8W4: gate|up rows interleaved; pot3 of act "dynamic": gate and up rows
@@ -224,7 +225,7 @@ class CudaModel:
         # cuBLAS called past CuPy (gpu/cublas.py); where neither can, such a model decodes eagerly
         self._f16_ks = [g.w16.shape[1] for L in self.layers for g in L.linears() if g.w16 is not None]
         self._has_wb = any(g.wb is not None for L in self.layers for g in L.linears())
-        # the residual add folds into the A8W4 GEMV only (not the fp16 or b-bit weight-only ones)
+        # the residual add folds into the A8W4 and pot3-a8 GEMVs only (not the fp16 or b-bit weight-only ones)
         self._all_a8w4 = all(g.packed is not None for L in self.layers for g in L.linears())
         self._all_pa8 = all(g.pa8 is not None for L in self.layers for g in L.linears())   # pot3 layers of act "dynamic"
         # RoPE tables (P, D/2) for the positions the caches made so far hold (new_cache grows
@@ -319,18 +320,18 @@ class CudaModel:
     # ------------------------------------------------------------------ the layer stack
     def _fold_resid(self, m: int) -> bool:
         """Whether the o and down GEMVs add into h themselves for m rows (every linear A8W4 and
-        M small enough for the GEMV kernel): the norms after them then skip the add. Not for a
-        sandwich layer (its sublayer output is normed before the add) or biases on o or down."""
-        return m <= ops_cuda.gemv_max_m() and self._all_a8w4 and self._fold_ok
+        M small enough for the GEMV kernel, or every linear pot3-a8, whose GEMV takes any M): the
+        norms after them then skip the add. Not for a sandwich layer (its sublayer output is
+        normed before the add) or biases on o or down."""
+        return self._fold_ok and (self._all_pa8 or m <= ops_cuda.gemv_max_m() and self._all_a8w4)
 
     def _fold_quant(self, m: int) -> bool:
         """Whether a one-token decode step drops silu_mul_quant and the absmax reductions of
         silu_mul_quant and quant_rows: the SiLU GEMV (gate|up rows interleaved) writes
         silu(gate)·up and its absmax, attn_decode the absmax of its output row, and quant_amax
-        launches quantize both rows for down and o. Needs _fold_resid (or every linear pot3-a8, whose
-        GEMV has the SiLU epilogue but not the residual add), int8 activations for o and down, and
-        SiLU without gate|up biases (the GEMV's epilogue)."""
-        return (DECODE.fold_quant and m == 1 and (self._fold_resid(m) or self._all_pa8 and self._fold_ok)
+        launches quantize both rows for down and o. Needs _fold_resid, int8 activations for o and
+        down, and SiLU without gate|up biases (the GEMV's epilogue)."""
+        return (DECODE.fold_quant and m == 1 and self._fold_resid(m)
                 and self._silu_gemv_ok and all(
                     L.gu.silu_fused and L.o.mode != MODE["fp16"] and L.down.mode != MODE["fp16"]
                     for L in self.layers))

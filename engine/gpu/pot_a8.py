@@ -61,11 +61,13 @@ def upload(words: tuple, scale: tuple, n: int, k: int) -> PackedPotA8:
     return PackedPotA8(n, k, w, sc, wt, st)
 
 
-def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | None = None):
+def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | None = None, resid=None):
     """out (M, N) fp16 = sx[m] · (x8[m] · Ŵᵀ) for M tokens, or (N,) for one: x8 (M, ldx) or (ldx,)
     int8, C-contiguous and 16-byte aligned, ldx ≥ 32·Kc and a multiple of 16 (its bytes past K meet
     code 0); sx (≥ M,) float32 on the GPU; variant (RB, NW) one of VARIANTS (default DEFAULT). The
-    grid takes the tokens as its y dimension: every token reads the weights again."""
+    grid takes the tokens as its y dimension: every token reads the weights again. With resid (a
+    C-contiguous float32 array of out's shape, the residual stream), resid += float(fp16(out)) instead
+    of storing out (the add the next norm would make); resid is returned and out is not written."""
     cp = require_cupy()
     rb, nw = variant or DEFAULT
     if (rb, nw) not in VARIANTS:
@@ -81,11 +83,20 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
         raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least {max(m, 1)} elements, "
                           f"got {sx.dtype} {sx.shape}")
     shape = (p.n,) if one else (m, p.n)
-    out = cp.empty(shape, dtype=cp.float16) if out is None else out
-    if out.dtype != np.float16 or out.shape != shape or not out.flags.c_contiguous:
-        raise CudaOpError(f"gemv_pot_a8 writes a C-contiguous float16 {shape} array, got {out.dtype} {out.shape}")
-    if m == 0:
-        return out
+    if resid is not None:
+        if out is not None:
+            raise CudaOpError("gemv_pot_a8 writes out or adds into resid, not both")
+        if not (isinstance(resid, cp.ndarray) and resid.dtype == np.float32 and resid.shape == shape
+                and resid.flags.c_contiguous):
+            raise CudaOpError(f"gemv_pot_a8 adds into a C-contiguous float32 {shape} resid, got "
+                              f"{getattr(resid, 'dtype', type(resid).__name__)} {getattr(resid, 'shape', '')}")
+    else:
+        out = cp.empty(shape, dtype=cp.float16) if out is None else out
+        if out.dtype != np.float16 or out.shape != shape or not out.flags.c_contiguous:
+            raise CudaOpError(f"gemv_pot_a8 writes a C-contiguous float16 {shape} array, got {out.dtype} {out.shape}")
+    res = out if resid is None else resid
+    if m == 0 or (resid is not None and (p.n == 0 or p.k == 0)):
+        return res
     if p.n == 0 or p.k == 0:
         out.fill(0)
         return out
@@ -93,8 +104,9 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
         mc = min(MAX_GRID_Y, m - m0)
         kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (-(-p.n // rb), mc), (32 * nw,), words=p.words,
                      scale=p.scale, tail=p.tail, stail=p.stail, x8=x8[m0:] if m0 else x8, sx=sx[m0:] if m0 else sx,
-                     out=out[m0:] if m0 else out, N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None, amax=None)
-    return out
+                     out=out[m0:] if m0 and out is not None else out, N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None,
+                     amax=None, resid=resid[m0:] if m0 and resid is not None else resid)
+    return res
 
 
 def gemv_pot_a8_silu(x8, sx, p: PackedPotA8, mf, amax):
@@ -120,5 +132,5 @@ def gemv_pot_a8_silu(x8, sx, p: PackedPotA8, mf, amax):
         raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least 1 element, got {sx.dtype} {sx.shape}")
     kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<8, {DEFAULT[1]}, true>", (i // 4, 1), (32 * DEFAULT[1],),   # SILU_EXPR
                  words=p.words, scale=p.scale, tail=p.tail, stail=p.stail, x8=x8, sx=sx, out=None, N=p.n, KC=kc,
-                 ldx=ldx, ldo=0, mf=mf, amax=amax)
+                 ldx=ldx, ldo=0, mf=mf, amax=amax, resid=None)
     return mf
