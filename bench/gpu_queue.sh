@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The experiments waiting for a GPU on wip/pot3-a8-resid (main + the pot3-a8 GEMV's residual fold),
+# in device calls of at most 600 s each. Each step's log goes to $OUT/<part>/<step>.log;
+# $OUT/<part>.tgz is rewritten after every step, so a call cut short still returns what it finished.
+#   resid  : the pot3-a8 GPU tests (the resid epilogue bit-exact, the model's o and down adding into
+#            h at 20 tokens) and the 7B decode with and without the INT8 head (issue 15: 1.13x A8W4
+#            before the fold, H100; ~1.17x expected). Carry .carry/cupy-cache.
+#   smollm2: GPU against CPU perplexity of the vocabulary-pruned SmolLM2 with W3-PoT x INT8 layers
+#            (issue 15). Carry .carry/smollm2-pa8 alone (45 MiB: the cupy cache does not fit beside
+#            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
+#            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157.
+set -u
+part=${1:?usage: bash bench/gpu_queue.sh resid|smollm2}
+out=${OUT:-/tmp/out}/$part
+mkdir -p "$out"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-$PWD/.carry/cupy-cache}
+
+step() {            # step NAME SECONDS COMMAND...
+    local name=$1 secs=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$secs" "$@" >"$out/$name.log" 2>&1
+    echo "$name rc=$? $((SECONDS - t0))s" | tee -a "$out/steps.txt"
+    (cd "$out/.." && tar czf "$part.tgz" "$part")
+}
+
+case $part in
+resid)
+    nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv >"$out/gpu.txt" 2>&1
+    step pot_a8_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py
+    step e2e_pot3a8 240 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --json
+    step model_cuda 150 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
+    ;;
+smollm2)
+    step compare 400 python bench/pruned_compare.py compare --dir .carry/smollm2-pa8
+    ;;
+*)
+    echo "unknown part $part: resid or smollm2" >&2
+    exit 2
+    ;;
+esac
