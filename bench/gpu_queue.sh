@@ -4,7 +4,8 @@
 # $OUT/<part>.tgz is rewritten after every step, so a call cut short still returns what it finished.
 #   resid  : the pot3-a8 GPU tests (the resid epilogue bit-exact, the model's o and down adding into
 #            h at 20 tokens) and the 7B decode with and without the INT8 head (issue 15: 1.13x A8W4
-#            before the fold, H100; ~1.17x expected). Carry .carry/cupy-cache.
+#            before the fold, H100; ~1.17x expected), and again with RB = 4 for K <= 8192 (--ab).
+#            Carry .carry/cupy-cache.
 #   smollm2: GPU against CPU perplexity of the vocabulary-pruned SmolLM2 with W3-PoT x INT8 layers
 #            (issue 15). Carry .carry/smollm2-pa8 alone (45 MiB: the cupy cache does not fit beside
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
@@ -29,7 +30,7 @@ case $part in
 resid)
     nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv >"$out/gpu.txt" 2>&1
     step pot_a8_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py
-    step e2e_pot3a8 240 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --json
+    step e2e_pot3a8 300 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --ab wb.pa8_rb4_max_k=8192 --json
     step model_cuda 150 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
     ;;
 smollm2)

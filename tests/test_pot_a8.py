@@ -350,6 +350,32 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
     assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS] + [(128,)] * 6
 
 
+def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
+    """WB_TUNE.pa8_rb4_max_k: plain launches of K up to it take RB = 4 (DEFAULT's NW, so the same
+    bits), the others DEFAULT; 0 (the default) never; an explicit variant wins."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import host_prefill
+
+    from engine.gpu import kargs, pot_a8
+    from engine.gpu.tuning import WB_TUNE
+    n, k = 13, 1100
+    codes, s = rand_layer(np.random.default_rng(5), n, k)
+    exprs = []
+    with host_prefill.faked() as cp:
+        monkeypatch.setattr(pot_a8, "require_cupy", lambda: cp)
+        p = pot_a8.upload(P.pack_pot_a8(codes), P.pack_scales(s, k), n, k)
+        x8, sx = cp.zeros(32 * P.n_chunks(k), dtype=np.int8), cp.ones(1, dtype=np.float32)
+        with kargs.intercepted(lambda expr, run: (exprs.append(expr), run())):
+            for bound in (0, k, k - 1):
+                monkeypatch.setattr(WB_TUNE, "pa8_rb4_max_k", bound)
+                pot_a8.gemv_pot_a8(x8, sx, p)
+            pot_a8.gemv_pot_a8(x8, sx, p, variant=(8, 8))
+    assert pot_a8.DEFAULT == (8, 4)
+    assert exprs == ["gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<4, 4, false>", "gemv_pot3_a8<8, 4, false>",
+                     "gemv_pot3_a8<8, 8, false>"]
+
+
 def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch):
     """pot3 layers of act "dynamic": every linear of a (fake-CuPy) CudaModel holds the
     pot3-a8 layout, its norms and quantizers write INT8 rows of K padded to 32 (mode dynamic),

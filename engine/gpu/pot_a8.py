@@ -15,6 +15,7 @@ import numpy as np
 from ..formats import pot_a8 as fmt
 from . import kargs
 from .backend import require_cupy
+from .tuning import WB_TUNE
 from .ops import CudaOpError
 
 # (RB rows a block, NW warps a block): the instantiations; DEFAULT until a GPU has timed them
@@ -61,15 +62,22 @@ def upload(words: tuple, scale: tuple, n: int, k: int) -> PackedPotA8:
     return PackedPotA8(n, k, w, sc, wt, st)
 
 
+def default_variant(k: int) -> tuple[int, int]:
+    """(RB, NW) of a plain launch for K channels: DEFAULT, or RB = 4 up to WB_TUNE.pa8_rb4_max_k
+    (the same NW: the same bits)."""
+    return (4, DEFAULT[1]) if 0 < k <= WB_TUNE.pa8_rb4_max_k else DEFAULT
+
+
 def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | None = None, resid=None):
     """out (M, N) fp16 = sx[m] · (x8[m] · Ŵᵀ) for M tokens, or (N,) for one: x8 (M, ldx) or (ldx,)
     int8, C-contiguous and 16-byte aligned, ldx ≥ 32·Kc and a multiple of 16 (its bytes past K meet
-    code 0); sx (≥ M,) float32 on the GPU; variant (RB, NW) one of VARIANTS (default DEFAULT). The
-    grid takes the tokens as its y dimension: every token reads the weights again. With resid (a
-    C-contiguous float32 array of out's shape, the residual stream), resid += float(fp16(out)) instead
-    of storing out (the add the next norm would make); resid is returned and out is not written."""
+    code 0); sx (≥ M,) float32 on the GPU; variant (RB, NW) one of VARIANTS (default
+    default_variant(K)). The grid takes the tokens as its y dimension: every token reads the weights
+    again. With resid (a C-contiguous float32 array of out's shape, the residual stream), resid +=
+    float(fp16(out)) instead of storing out (the add the next norm would make); resid is returned
+    and out is not written."""
     cp = require_cupy()
-    rb, nw = variant or DEFAULT
+    rb, nw = variant or default_variant(p.k)
     if (rb, nw) not in VARIANTS:
         raise CudaOpError(f"gemv_pot_a8 variant {(rb, nw)} is not among {VARIANTS}")
     kc = fmt.n_chunks(p.k)

@@ -97,6 +97,14 @@ class WbTuning:
     # tile with its ring of weights running on (gpu/wb.py gemv_grid); False: a block a row tile
     resident: bool = True
     max_blocks: int = 0          # the resident grid's cap (0: what the occupancy query allows; tests set it)
+    # the W3-PoT × INT8 GEMV (gpu/pot_a8.py) launches RB = 4 rows a block instead of its DEFAULT's 8
+    # for layers with K ≤ pa8_rb4_max_k (0: never; the SiLU variant keeps 8). RB leaves each row's
+    # order of sums, so the bits, as they are. H100, M = 1, (4, 4) against (8, 4), ms: 4096² 0.0070
+    # / 0.0073, 4096×11008 0.0105-0.0108 / 0.0111, 8192² 0.0133-0.0136 / 0.0143-0.0144, but
+    # 11008×4096 0.0112-0.0116 / 0.0111-0.0112 (bench/results/2026-12-05-pot3-a8-h100.md); the 7B
+    # decode with (4, 4) for every plain layer, down included, 604 tok/s against 620. Not yet
+    # A/B'd in one process with 8192 (`e2e --pot-bits 3a8 --ab wb.pa8_rb4_max_k=8192`).
+    pa8_rb4_max_k: int = 0
 
 
 WB_TUNE = WbTuning()
