@@ -190,7 +190,7 @@ def gpu_refusal(method: str, wbits: int = 4, group: int = formats.DEFAULT_GROUP,
         return f"{method} writes '{spec.weights}' layers, which the GPU engine does not run"
     if spec.weights == "dg" and not dg_format.gpu_group(int(group)):
         return f"the GPU kernels take dual-grained groups of 64·2^j (64, 128, 256, ...), not {group}"
-    if spec.weights == "pot" and act == "dynamic" and (int(wbits), int(group)) != (3, pot_a8.GROUP):
+    if spec.weights == "pot" and act == "dynamic" and not pot_a8.takes(wbits, group):
         return (f"the GPU runs power-of-two weights with INT8 activations (--act dynamic) as pot3 in groups of "
                 f"{pot_a8.GROUP} only, not --wbits {wbits} --group {group}")
     return None

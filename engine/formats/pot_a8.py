@@ -65,6 +65,13 @@ LUT_HI = int(VALUES[4:].view(np.uint8).view("<u4")[0])            # 0xFFFEFC08: 
 LOW3 = 0x77777777            # the selectors of the 24 codes held in bits 0-2 of the nibbles
 
 
+def takes(bits: int, group: int) -> bool:
+    """Whether this layout (the W3-PoT × INT8 GEMV) holds pot<bits> layers in groups of `group`: pot3
+    in groups of GROUP only. The one rule the converter's GPU check (converters.quantize.gpu_refusal)
+    and the GPU's loader (engine.gpu.linear.GpuLinear) apply."""
+    return (int(bits), int(group)) == (3, GROUP)
+
+
 def n_chunks(k: int) -> int:
     return -(-k // CHUNK)
 
