@@ -15,8 +15,8 @@ import numpy as np
 from ..formats import pot_a8 as fmt
 from . import kargs
 from .backend import require_cupy
-from .tuning import WB_TUNE
 from .ops import CudaOpError
+from .tuning import WB_TUNE
 
 # (RB rows a block, NW warps a block): the instantiations; DEFAULT until a GPU has timed them
 VARIANTS = ((4, 4), (8, 4), (4, 8), (8, 8))
@@ -72,8 +72,8 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
     """out (M, N) fp16 = sx[m] · (x8[m] · Ŵᵀ) for M tokens, or (N,) for one: x8 (M, ldx) or (ldx,)
     int8, C-contiguous and 16-byte aligned, ldx ≥ 32·Kc and a multiple of 16 (its bytes past K meet
     code 0); sx (≥ M,) float32 on the GPU; variant (RB, NW) one of VARIANTS (default
-    default_variant(K)). The
-    grid takes the tokens as its y dimension: every token reads the weights again."""
+    default_variant(K)). The grid takes the tokens as its y dimension: every token reads the
+    weights again."""
     cp = require_cupy()
     rb, nw = variant or default_variant(p.k)
     if (rb, nw) not in VARIANTS:
