@@ -15,8 +15,8 @@ import numpy as np
 from ..formats import pot_a8 as fmt
 from . import kargs
 from .backend import require_cupy
-from .tuning import WB_TUNE
 from .ops import CudaOpError
+from .tuning import WB_TUNE
 
 # (RB rows a block, NW warps a block): the instantiations; DEFAULT until a GPU has timed them
 VARIANTS = ((4, 4), (8, 4), (4, 8), (8, 8))
