@@ -12,6 +12,7 @@ from . import ops as ops_cuda
 from . import pot_a8 as gpu_pot_a8
 from .backend import BackendError
 from .fused import MODE
+from .tuning import WB_TUNE
 
 
 def _fuse(qls):
@@ -133,7 +134,11 @@ class GpuLinear:
         if self.packed is None and resid is not None:
             raise BackendError("the residual add runs in the A8W4 GEMV only")
         if self.pa8 is not None:
-            gpu_pot_a8.gemv_pot_a8(x8, sx, self.pa8, out)   # any M (launches of ≤ 65535 tokens); M × the weight bytes
+            # many tokens: Ŵ in fp16 and cuBLAS where the layer allows it; else the GEMV, any M
+            # (launches of ≤ 65535 tokens), reading M × the weight bytes
+            if x8.ndim == 2 and x8.shape[0] > WB_TUNE.pa8_gemv_max_m and gpu_pot_a8.gemm_pot_a8(x8, sx, self.pa8, out):
+                return out
+            gpu_pot_a8.gemv_pot_a8(x8, sx, self.pa8, out)
         elif self.wb is not None:
             wb.gemv_wb(xh, self.wb, out)                   # any M; in a capture, 16-row GEMV slices
         elif self.w16 is not None:
