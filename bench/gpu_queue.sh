@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The experiments waiting for a GPU on wip/pot3-a8-resid (main + the pot3-a8 GEMV's residual fold),
+# The experiments waiting for a GPU on wip/queue3 (main + wip/pot3-a8-resid + wip/pot3-a8-dequant),
 # in device calls of at most 600 s each. Each step's log goes to $OUT/<part>/<step>.log;
 # $OUT/<part>.tgz is rewritten after every step, so a call cut short still returns what it finished.
-#   resid  : the pot3-a8 GPU tests (the resid epilogue bit-exact, the model's o and down adding into
-#            h at 20 tokens) and the 7B decode with and without the INT8 head (issue 15: 1.13x A8W4
-#            before the fold, H100; ~1.17x expected), and again with RB = 4 for K <= 8192 (--ab).
-#            Carry .carry/cupy-cache.
+#   tests  : the pot3-a8 GPU tests (the resid epilogue bit-exact, o and down adding into h at 20
+#            tokens; Ŵ in fp16 bit-exact, the fp16-Ŵ GEMM within an ulp of the GEMV, a 40-token
+#            prefill through it), cuBLAS's fp32 output, and the model tests. Carry .carry/cupy-cache.
+#   bench  : the 7B W3-PoT x INT8 decode with the residual fold (issue 15: 1.13x A8W4 before, H100;
+#            ~1.17x expected), its 512-token prefill through the fp16-Ŵ GEMM, and as A/Bs RB = 4
+#            for K <= 8192 and the GEMV at every M (the prefill as before). Carry .carry/cupy-cache.
 #   smollm2: GPU against CPU perplexity of the vocabulary-pruned SmolLM2 with W3-PoT x INT8 layers
 #            (issue 15). Carry .carry/smollm2-pa8 alone (45 MiB: the cupy cache does not fit beside
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
-#            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157.
+#            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh resid|smollm2}
+part=${1:?usage: bash bench/gpu_queue.sh tests|bench|smollm2}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -27,17 +29,20 @@ step() {            # step NAME SECONDS COMMAND...
 }
 
 case $part in
-resid)
+tests)
     nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv >"$out/gpu.txt" 2>&1
-    step pot_a8_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py
-    step e2e_pot3a8 300 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --ab wb.pa8_rb4_max_k=8192 --json
+    step pot_a8_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py tests/test_cublas_gpu.py
     step model_cuda 150 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
+    ;;
+bench)
+    step e2e_pot3a8 400 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 \
+        --ab wb.pa8_rb4_max_k=8192 --ab wb.pa8_gemv_max_m=1000000 --json
     ;;
 smollm2)
     step compare 400 python bench/pruned_compare.py compare --dir .carry/smollm2-pa8
     ;;
 *)
-    echo "unknown part $part: resid or smollm2" >&2
+    echo "unknown part $part: tests, bench or smollm2" >&2
     exit 2
     ;;
 esac

@@ -98,6 +98,79 @@ __device__ __forceinline__ void pa8_ldx(const i8* p, u32 (&x)[8]) {
                  : "=r"(x[4]), "=r"(x[5]), "=r"(x[6]), "=r"(x[7]) : "l"(p + 16) : "memory");
 }
 
+// ---------------------------------------------------------------- M above the GEMV's rows
+// For many tokens (prefill; engine/gpu/pot_a8.py gemm_pot_a8) the GEMV would read the weights
+// once a token. Instead: Ŵ in fp16 (dequant_pot3_a8), the tokens' int8 rows in fp16
+// (rows_i8_to_f16: exact), cuBLAS C (M, N) fp32 = x · Ŵᵀ (every product x8·Ŵ is exact in fp32:
+// 7 bits times 11), and out = fp16(C · sx) (scale_rows_pa8). That is the GEMV's function up to
+// the order of the fp32 sums, where Ŵ is exact in fp16 (no scale·2^e subnormal or past 65504:
+// formats/pot_a8.py fp16_exact, checked once a layer; a layer without it stays on the GEMV).
+
+// w16 (N, K) fp16 = fp16(s/4 · VALUES[code]) of every weight, bit for bit
+// formats/pot_a8.py dequantized_f16: one thread a (row, chunk of 32 channels), from the full
+// steps' words and scales or the tail's. Grid (ceil(KC / blockDim), N): row blockIdx.y.
+__global__ void __launch_bounds__(256) dequant_pot3_a8(
+    const u32* __restrict__ words, const __half* __restrict__ scale, const u32* __restrict__ tail,
+    const __half* __restrict__ stail, __half* __restrict__ w16, int N, int KC, int K) {
+    constexpr int TILE_STEP = PA8_WORDS * PA8_TILE_ROWS * PA8_STEP;
+    constexpr int SCALES_STEP = PA8_TILE_ROWS * PA8_STEP * PA8_CHUNK / PA8_GROUP;
+    pdl_enter();                                       // w16 may still be read by the GEMM before us
+    const int n = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= KC) return;
+    const int steps = KC / PA8_STEP, tl = KC % PA8_STEP;
+    static_assert(PA8_GROUP == 4 * PA8_CHUNK, "four chunks a scale");
+    const int tg = (tl + 3) >> 2;                      // the tail's scales
+    const int t = n / PA8_TILE_ROWS, r = n % PA8_TILE_ROWS, st = c / PA8_STEP, l = c % PA8_STEP;
+    u32 w[PA8_WORDS];
+    unsigned short sb;
+    if (st < steps) {
+        const size_t ts = (size_t)t * steps + st;
+#pragma unroll
+        for (int j = 0; j < PA8_WORDS; ++j) w[j] = words[ts * TILE_STEP + (j * PA8_TILE_ROWS + r) * PA8_STEP + l];
+        sb = reinterpret_cast<const unsigned short*>(scale)[ts * SCALES_STEP + r * (SCALES_STEP / PA8_TILE_ROWS)
+                                                             + (l >> 2)];
+    } else {
+#pragma unroll
+        for (int j = 0; j < PA8_WORDS; ++j)
+            w[j] = tail[(((size_t)t * PA8_WORDS + j) * PA8_TILE_ROWS + r) * tl + l];
+        sb = reinterpret_cast<const unsigned short*>(stail)[(size_t)n * tg + (l >> 2)];
+    }
+    const float s = 0.25f * __half2float(__ushort_as_half(sb));     // exact: a power of two
+    const int nk = min(PA8_CHUNK, K - c * PA8_CHUNK);
+    __half* o = w16 + (size_t)n * K + (size_t)c * PA8_CHUNK;
+#pragma unroll
+    for (int q = 0; q < PA8_CHUNK; ++q) {
+        // channel 8j + p (p < 8): bits 0-2 of nibble p of word j; channel 24 + p: bit b of its code
+        // in bit 3 of nibble p of word b
+        const int code = q < 24 ? (w[q >> 3] >> (4 * (q & 7))) & 7
+                                : ((w[0] >> (4 * (q - 24) + 3)) & 1) | (((w[1] >> (4 * (q - 24) + 3)) & 1) << 1)
+                                  | (((w[2] >> (4 * (q - 24) + 3)) & 1) << 2);
+        const int v = (int)(signed char)(((code < 4 ? PA8_LUT_LO : PA8_LUT_HI) >> (8 * (code & 3))) & 0xFF);
+        if (q < nk) o[q] = __float2half_rn(s * (float)v);
+    }
+}
+
+// xh (M, K) fp16 = x8 (M, ldx) int8's first K columns (exact). Grid (ceil(K / blockDim), M).
+__global__ void __launch_bounds__(256) rows_i8_to_f16(const i8* __restrict__ x8, __half* __restrict__ xh, int K,
+                                                      int ldx) {
+    pdl_enter();
+    const int m = blockIdx.y, k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k < K) xh[(size_t)m * K + k] = __int2half_rn((int)x8[(size_t)m * ldx + k]);
+}
+
+// out (M, N) fp16 = fp16(c32 · sx[m]), the GEMV's epilogue on cuBLAS's fp32 product, or with
+// resid (non-null) resid += float(that) instead, as the GEMV's resid. Grid (ceil(N / blockDim), M).
+__global__ void __launch_bounds__(256) scale_rows_pa8(const float* __restrict__ c32, const float* __restrict__ sx,
+                                                      __half* __restrict__ out, float* __restrict__ resid, int N) {
+    pdl_enter();
+    const int m = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const size_t i = (size_t)m * N + n;
+    const __half y = __float2half_rn(c32[i] * sx[m]);
+    if (resid) resid[i] += __half2float(y);
+    else out[i] = y;
+}
+
 template <int RB>
 struct Pa8Batch {                    // one warp step of a lane: its chunk of RB rows
     u32 w[RB][PA8_WORDS];
@@ -278,3 +351,4 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
         else out[n0 + threadIdx.x] = y;
     }
 }
+

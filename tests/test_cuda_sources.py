@@ -123,8 +123,12 @@ def test_every_instantiation_names_a_kernel_of_its_file(kf):
     names = kargs.parse_kernels(kernels.source(kf.file))
     src = text(kf.file)
     for expr in kf.exprs:
-        name, targs = expr.split("<")[0].strip(), expr[expr.index("<") + 1:-1]
+        name = expr.split("<")[0].strip()
         assert name in names, expr
+        if "<" not in expr:                            # a plain kernel: no template to instantiate
+            assert not re.search(rf"template\s*<[^>]*>\s*__global__[^;{{]*?\b{name}\(", src, re.S), expr
+            continue
+        targs = expr[expr.index("<") + 1:-1]
         tmpl = re.search(rf"template\s*<([^>]*)>\s*__global__[^;{{]*?\b{name}\(", src, re.S)
         assert tmpl, f"{name} is not a template kernel of cuda/{kf.file}"
         nparams = len(tmpl.group(1).split(","))

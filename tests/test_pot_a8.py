@@ -376,6 +376,112 @@ def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
                      "gemv_pot3_a8<8, 8, false>"]
 
 
+# ----------------------------------------------------------------- many tokens: Ŵ in fp16 and cuBLAS
+
+def _dequant_kernel_numpy(words, scale, n, k):
+    """cuda/gemv_pot_a8.cu dequant_pot3_a8 transliterated: thread (row n, chunk c) reads its three
+    words and scale from the full steps' arrays or the tail's by the kernel's index formulas."""
+    (full, tail), (sc, st) = words, scale
+    fw, tw, fs, ts_ = full.ravel(), tail.ravel(), sc.view(np.uint16).ravel(), st.view(np.uint16).ravel()
+    kc = P.n_chunks(k)
+    steps, tl = kc // 32, kc % 32
+    tg = (tl + 3) >> 2
+    tile_step, scales_step = 3 * 8 * 32, 8 * 32 * 32 // 128
+    lut = [0, 4, 2, 1, 8, -4, -2, -1]
+    out = np.zeros((n, k), np.float16)
+    for row in range(n):
+        t, r = row // 8, row % 8
+        for c in range(kc):
+            stp, l = c // 32, c % 32
+            if stp < steps:
+                tsx = t * steps + stp
+                w = [int(fw[tsx * tile_step + (j * 8 + r) * 32 + l]) for j in range(3)]
+                sb = fs[tsx * scales_step + r * (scales_step // 8) + (l >> 2)]
+            else:
+                w = [int(tw[((t * 3 + j) * 8 + r) * tl + l]) for j in range(3)]
+                sb = ts_[row * tg + (l >> 2)]
+            s = np.float32(0.25) * np.array([sb], np.uint16).view(np.float16)[0].astype(np.float32)
+            for q in range(min(32, k - 32 * c)):
+                if q < 24:
+                    code = (w[q >> 3] >> (4 * (q & 7))) & 7
+                else:
+                    b = 4 * (q - 24) + 3
+                    code = ((w[0] >> b) & 1) | (((w[1] >> b) & 1) << 1) | (((w[2] >> b) & 1) << 2)
+                out[row, 32 * c + q] = np.float16(s * np.float32(lut[code]))
+    return out
+
+
+@pytest.mark.parametrize("n,k", [(9, 77), (16, 1100), (5, 2080)])
+def test_dequant_kernel_reads_the_layout_as_unpack_does(n, k):
+    """The fp16-Ŵ kernel's index formulas (transliterated) give dequantized_f16, which is the exact
+    Ŵ (dequantized, float64) in fp16 for scales where fp16_exact holds; tiny or huge scales break it."""
+    codes, s = rand_layer(np.random.default_rng(n + k), n, k)
+    words, scale = P.pack_pot_a8(codes), P.pack_scales(s, k)
+    want = P.dequantized_f16(words, scale, n, k)
+    assert P.fp16_exact(scale)
+    np.testing.assert_array_equal(want, P.dequantized(words, scale, n, k).astype(np.float16))
+    np.testing.assert_array_equal(_dequant_kernel_numpy(words, scale, n, k).view(np.uint16), want.view(np.uint16))
+    for bad in (np.float16(1e-4), np.float16(40000)):          # |s|/4 subnormal; 2|s| past 65504
+        s2 = s.copy()
+        s2[0, 0] = bad
+        assert not P.fp16_exact(P.pack_scales(s2, k))
+
+
+def test_many_tokens_take_the_fp16_weight_gemm_with_a_fake_cupy(monkeypatch):
+    """GpuLinear of a pot3-a8 layer: up to WB_TUNE.pa8_gemv_max_m tokens the GEMV; above, x8 to fp16,
+    Ŵ in fp16, cuBLAS into fp32 and the row scales, each over its (columns, rows) grid; without
+    cuBLAS or with scales that fp16 cannot hold exactly, the GEMV at any M."""
+    import dataclasses
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import host_prefill
+
+    from converters.pot import pot_linear
+    from engine.gpu import cublas, kargs
+    from engine.gpu import pot_a8 as gpu_pot_a8
+    from engine.gpu.linear import GpuLinear
+    from engine.gpu.tuning import WB_TUNE
+    n, k = 40, 1100
+    w = np.random.default_rng(3).standard_normal((n, k)).astype(np.float32) * 0.05
+    ql = dataclasses.replace(pot_linear(w, 3, 128, search=False), act="dynamic")
+    import host_gemm
+    gemms, grids = [], []
+    real = host_gemm._Kernel.launch_bound
+    seen = []
+    monkeypatch.setattr(host_gemm._Kernel, "launch_bound",
+                        lambda self, grid, block, bound, args, *a, **kw: (grids.append((grid, block)), seen.append(dict(args)),
+                                                                          real(self, grid, block, bound, args, *a, **kw)))
+    monkeypatch.setattr(cublas, "available", lambda: True)
+    monkeypatch.setattr(cublas, "gemm_f16", lambda cp, x, wt, out: gemms.append((x.shape, wt.shape, out.dtype)) or True)
+
+    def run(m, exact=True, add=False):
+        exprs = []
+        with host_prefill.faked() as cp:
+            monkeypatch.setattr(gpu_pot_a8, "require_cupy", lambda: cp)
+            lin = GpuLinear(cp, [ql], name="o_proj")
+            lin.pa8.f16_exact = exact
+            x8, sx = cp.zeros((m, lin.kp), dtype=np.int8), cp.ones(m, dtype=np.float32)
+            out = cp.zeros((m, n), dtype=np.float16)
+            h = cp.zeros((m, n), dtype=np.float32) if add else None
+            with kargs.intercepted(lambda expr, go: (exprs.append(expr), go())):
+                assert lin(x8, sx, None, out, h) is (h if add else out)
+        return exprs
+
+    bound = WB_TUNE.pa8_gemv_max_m
+    assert run(bound) == [f"gemv_pot3_a8<{gpu_pot_a8.DEFAULT[0]}, {gpu_pot_a8.DEFAULT[1]}, false>"] and not gemms
+    grids.clear()
+    assert run(bound + 1) == ["rows_i8_to_f16", "dequant_pot3_a8", "scale_rows_pa8"]
+    assert gemms == [((bound + 1, k), (n, k), np.float32)]
+    assert grids == [((5, bound + 1), (256,)), ((1, n), (256,)), ((1, bound + 1), (256,))]   # K = 1100, Kc = 35
+    seen.clear()
+    assert run(bound + 1, add=True)[-1] == "scale_rows_pa8" and len(gemms) == 2    # o, down: h += y
+    assert seen[-1]["resid"] is not None and seen[-1]["out"] is None
+    gemms.pop()
+    assert run(bound + 1, exact=False)[0].startswith("gemv_pot3_a8") and len(gemms) == 1
+    monkeypatch.setattr(cublas, "available", lambda: False)
+    assert run(bound + 1)[0].startswith("gemv_pot3_a8") and len(gemms) == 1
+
+
 def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch):
     """pot3 layers of act "dynamic": every linear of a (fake-CuPy) CudaModel holds the
     pot3-a8 layout, its norms and quantizers write INT8 rows of K padded to 32 (mode dynamic),

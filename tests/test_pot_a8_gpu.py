@@ -107,6 +107,8 @@ def test_model_with_pot3_a8_runs_every_linear_on_int8_tokens(monkeypatch):
     mw = _pot_model()
     c = mw.config
     tokens = np.arange(20) % c.vocab_size
+    from engine.gpu.tuning import WB_TUNE
+    monkeypatch.setattr(WB_TUNE, "pa8_gemv_max_m", 64)  # the 20-token prefill on the GEMV (the fp16-Ŵ path: below)
     from test_pruned_compare import pruned_compare      # bench/pruned_compare.py as a module
     with pruned_compare.fp16_storage():
         ref = Model(mw).forward(tokens)
@@ -195,3 +197,60 @@ def test_pot3_a8_fold_quant_equals_row_kernels(monkeypatch):
     gm = CudaModel(mw)
     assert gm._fold_quant(1) and all(L.gu.silu_fused and not L.gu.interleaved for L in gm.layers)
     check_fold_quant_bits(gm, monkeypatch, np.arange(5, 60) % mw.config.vocab_size, 128, 16)
+
+
+@pytest.mark.parametrize("n,k", [(9, 77), (13, 1100), (40, 9300), (4096, 4096), (576, 1536)])
+def test_dequant_pot3_a8_matches_reference(n, k):
+    """Ŵ in fp16 for cuBLAS (dequant_pot3_a8): bit for bit formats/pot_a8.py dequantized_f16, full
+    steps and tail."""
+    from engine.gpu import pot_a8
+    words, scale = layer(np.random.default_rng(n + 3 * k), n, k)
+    got = pot_a8.dequantize_pa8(pot_a8.upload(words, scale, n, k)).get()
+    np.testing.assert_array_equal(got.view(np.uint16), P.dequantized_f16(words, scale, n, k).view(np.uint16))
+
+
+@pytest.mark.parametrize("n,k,m", [(300, 1000, 40), (1536, 576, 17), (576, 1536, 64)])
+def test_fp16_weight_gemm_agrees_with_the_gemv(n, k, m):
+    """Many tokens through Ŵ in fp16 and cuBLAS (gemm_pot_a8) against the GEMV on the same int8
+    rows: the same function up to the order of fp32 sums, so every output within one fp16 ulp of
+    the GEMV's and nearly all equal; cuBLAS's fp32 output (gpu/cublas.py) exercised on the way."""
+    import cupy as cp
+
+    from engine.gpu import pot_a8
+    rng = np.random.default_rng(m)
+    words, scale = layer(rng, n, k)
+    p = pot_a8.upload(words, scale, n, k)
+    assert p.f16_exact
+    ldx = 32 * P.n_chunks(k) + 16
+    x8 = cp.asarray(rng.integers(-127, 128, (m, ldx)).astype(np.int8))
+    sx = cp.asarray(rng.uniform(0.001, 0.1, m).astype(np.float32))
+    want = pot_a8.gemv_pot_a8(x8, sx, p).get().astype(np.float64)
+    out = cp.empty((m, n), dtype=cp.float16)
+    assert pot_a8.gemm_pot_a8(x8, sx, p, out)
+    got = out.get().astype(np.float64)
+    ulp = np.spacing(np.abs(want).astype(np.float16)).astype(np.float64)
+    assert (np.abs(got - want) <= ulp).all() and (got == want).mean() > 0.95
+    h = rng.standard_normal((m, n)).astype(np.float32)          # resid: h += float(fp16(y)), as the GEMV's
+    resid = cp.asarray(h)
+    assert pot_a8.gemm_pot_a8(x8, sx, p, None, resid=resid)
+    assert np.array_equal(resid.get(), h + out.get().astype(np.float32))
+
+
+def test_model_prefill_of_many_tokens_takes_the_fp16_weights(monkeypatch):
+    """A 40-token prefill of a pot3 act-"dynamic" model runs its linears through the fp16-Ŵ GEMM
+    (above WB_TUNE.pa8_gemv_max_m) and gives the logits the GEMV gives within 10 % (the INT8
+    quantizers turn fp32-order differences into flipped codes: test_model_with_pot3_a8... says by how much)."""
+    from engine.gpu import pot_a8
+    from engine.gpu.model import CudaModel
+    from engine.gpu.tuning import WB_TUNE
+    mw = _pot_model()
+    tokens = np.arange(40) % mw.config.vocab_size
+    gm = CudaModel(mw)
+    calls, real = [], pot_a8.gemm_pot_a8
+    monkeypatch.setattr(pot_a8, "gemm_pot_a8", lambda *a: calls.append(a[2].n) or real(*a))
+    fast = gm.forward(tokens).get().astype(np.float64)
+    assert len(calls) == 4 * mw.config.num_hidden_layers
+    monkeypatch.setattr(WB_TUNE, "pa8_gemv_max_m", 1 << 20)
+    slow = gm.forward(tokens).get().astype(np.float64)
+    assert len(calls) == 4 * mw.config.num_hidden_layers
+    assert np.linalg.norm(fast - slow) / np.linalg.norm(slow) < 0.1

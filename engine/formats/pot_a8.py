@@ -290,6 +290,25 @@ def gemv_pot_a8_ref(words: tuple[np.ndarray, np.ndarray], scale: tuple[np.ndarra
     return (tot * np.float32(np.float32(0.25) * np.float32(sx))).astype(np.float16)
 
 
+def fp16_exact(scale: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether every weight s/4 · VALUES[code] of a layer with these scales (the pair pack_scales
+    makes) is a normal fp16 or zero, so that dequantized_f16 is exact: |s|/4 ≥ 2^-14 for every
+    nonzero s and 2|s| ≤ 65504 (the spare level). Then the fp16-Ŵ path (cuda/gemv_pot_a8.cu
+    dequant_pot3_a8 and cuBLAS) computes the GEMV's function up to the order of fp32 sums."""
+    a = np.concatenate([np.abs(np.asarray(x, dtype=np.float32)).ravel() for x in scale])
+    nz = a[a > 0]
+    return bool(np.isfinite(a).all() and (nz.size == 0 or (nz.min() / 4 >= 2.0 ** -14 and 2 * nz.max() <= 65504)))
+
+
+def dequantized_f16(words: tuple[np.ndarray, np.ndarray], scale: tuple[np.ndarray, np.ndarray], n: int,
+                    k: int) -> np.ndarray:
+    """Ŵ (N, K) float16 = fp16(s/4 · VALUES[code]) from float32 arithmetic, as cuda/gemv_pot_a8.cu
+    dequant_pot3_a8 writes it, bit for bit (exact where fp16_exact)."""
+    codes = unpack_pot_a8(words, n, k)
+    s = np.repeat(unpack_scales(scale, n, k).astype(np.float32) * np.float32(0.25), GROUP, axis=1)[:, :k]
+    return (s * VALUES[codes].astype(np.float32)).astype(np.float16)
+
+
 def dequantized(words: tuple[np.ndarray, np.ndarray], scale: tuple[np.ndarray, np.ndarray], n: int,
                 k: int) -> np.ndarray:
     """Ŵ (N, K) float64 = s · unit(code) (words, scale: the pairs pack_pot_a8, pack_scales make)."""

@@ -24,7 +24,7 @@ from .backend import BackendError, cupy_or_none
 
 WORKSPACE_BYTES = 32 << 20       # cuBLAS's guide: ≥ 32 MiB on Hopper
 _OP_N, _OP_T = 0, 1              # cublasOperation_t
-_R_16F = 2                       # cudaDataType CUDA_R_16F
+_R_16F, _R_32F = 2, 0            # cudaDataType CUDA_R_16F, CUDA_R_32F
 _COMPUTE_32F = 68                # cublasComputeType_t CUBLAS_COMPUTE_32F (cp.matmul's for fp16)
 _GEMM_DEFAULT = -1               # cublasGemmAlgo_t CUBLAS_GEMM_DEFAULT
 _NAMES = ("libcublas.so.13", "libcublas.so.12", "libcublas.so")
@@ -125,21 +125,22 @@ def _row_major(a, itemsize: int = 2) -> int | None:
 
 
 def _overlap(a, lda: int, b, ldb: int) -> bool:
-    """Whether the fp16 rows of a and b (leading dimensions lda, ldb) may share bytes."""
+    """Whether the rows of a and b (leading dimensions lda, ldb, in elements) may share bytes."""
     def span(x, ld):
         lo = x.data.ptr
-        return lo, lo + 2 * ((x.shape[0] - 1) * ld + x.shape[1])
+        return lo, lo + x.itemsize * ((x.shape[0] - 1) * ld + x.shape[1])
     (a0, a1), (b0, b1) = span(a, lda), span(b, ldb)
     return a0 < b1 and b0 < a1
 
 
 def gemm_f16(cp, x, w, out) -> bool:
-    """out (M, N) fp16 = x (M, K) · w (N, K)ᵀ on the current stream, fp32 accumulation, as
-    cp.matmul(x, w.T, out=out); capturable. False (nothing run) where cuBLAS was not found or an
-    operand's layout is not rows of unit stride."""
-    if not available() or x.dtype != cp.float16 or w.dtype != cp.float16 or out.dtype != cp.float16:
+    """out (M, N) fp16 or fp32 = x (M, K) · w (N, K)ᵀ (both fp16) on the current stream, fp32
+    accumulation, as cp.matmul(x, w.T, out=out) for fp16 out; capturable. False (nothing run) where
+    cuBLAS was not found or an operand's layout is not rows of unit stride."""
+    if not available() or x.dtype != cp.float16 or w.dtype != cp.float16 or out.dtype not in (cp.float16,
+                                                                                              cp.float32):
         return False
-    ldx, ldw, ldo = _row_major(x), _row_major(w), _row_major(out)
+    ldx, ldw, ldo = _row_major(x), _row_major(w), _row_major(out, out.itemsize)
     if None in (ldx, ldw, ldo):
         return False
     m, k = x.shape
@@ -155,6 +156,7 @@ def gemm_f16(cp, x, w, out) -> bool:
     h.bind(cp.cuda.get_current_stream().ptr)
     # column-major view: outᵀ (N, M) = op_T(w as K × N) · (x as K × M)
     _check(h.lib.cublasGemmEx(h.ptr, _OP_T, _OP_N, n, m, k, _ONE.ctypes.data, w.data.ptr, _R_16F, ldw,
-                              x.data.ptr, _R_16F, ldx, _ZERO.ctypes.data, out.data.ptr, _R_16F, ldo,
+                              x.data.ptr, _R_16F, ldx, _ZERO.ctypes.data, out.data.ptr,
+                              _R_16F if out.dtype == cp.float16 else _R_32F, ldo,
                               _COMPUTE_32F, _GEMM_DEFAULT), "cublasGemmEx")
     return True

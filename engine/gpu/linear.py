@@ -12,6 +12,7 @@ from . import ops as ops_cuda
 from . import pot_a8 as gpu_pot_a8
 from .backend import BackendError
 from .fused import MODE
+from .tuning import WB_TUNE
 
 
 def _fuse(qls):
@@ -130,11 +131,17 @@ class GpuLinear:
     def __call__(self, x8, sx, xh, out, resid=None):
         """out (M, N) fp16 = x · Wᵀ from int8 x8 with scales sx, or from fp16 xh; with resid
         (A8W4 GEMV sizes only, or pot3-a8 at any M), resid += that instead (ops_cuda.gemm_a8w4,
-        gpu_pot_a8.gemv_pot_a8)."""
+        gpu_pot_a8.gemv_pot_a8 and gemm_pot_a8)."""
         if self.packed is None and self.pa8 is None and resid is not None:
             raise BackendError("the residual add runs in the A8W4 and pot3-a8 GEMVs only")
-        if self.pa8 is not None:                            # any M (launches of ≤ 65535 tokens); M × the weight bytes
-            return gpu_pot_a8.gemv_pot_a8(x8, sx, self.pa8, out if resid is None else None, resid=resid)
+        if self.pa8 is not None:
+            # many tokens: Ŵ in fp16 and cuBLAS where the layer allows it; else the GEMV, any M
+            # (launches of ≤ 65535 tokens), reading M × the weight bytes
+            o = out if resid is None else None
+            if x8.ndim == 2 and x8.shape[0] > WB_TUNE.pa8_gemv_max_m and gpu_pot_a8.gemm_pot_a8(x8, sx, self.pa8, o,
+                                                                                                  resid=resid):
+                return out if resid is None else resid
+            return gpu_pot_a8.gemv_pot_a8(x8, sx, self.pa8, o, resid=resid)
         elif self.wb is not None:
             wb.gemv_wb(xh, self.wb, out)                   # any M; in a capture, 16-row GEMV slices
         elif self.w16 is not None:

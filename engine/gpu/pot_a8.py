@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..formats import pot_a8 as fmt
-from . import kargs
+from . import cublas, kargs
 from .backend import require_cupy
 from .ops import CudaOpError
 from .tuning import WB_TUNE
+from .wb import scratch
 
 # (RB rows a block, NW warps a block): the instantiations; DEFAULT until a GPU has timed them
 VARIANTS = ((4, 4), (8, 4), (4, 8), (8, 8))
@@ -26,7 +27,9 @@ DEFAULT = (8, 4)
 # plain kernel, then silu_mul_quant) agree bit for bit only while both run DEFAULT[1] warps
 SILU_EXPR = f"gemv_pot3_a8<8, {DEFAULT[1]}, true>"
 MAX_GRID_Y = 65535
-POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS) + (SILU_EXPR,)
+# above WB_TUNE.pa8_gemv_max_m tokens: Ŵ in fp16 and cuBLAS (gemm_pot_a8)
+GEMM_EXPRS = ("dequant_pot3_a8", "rows_i8_to_f16", "scale_rows_pa8")
+POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS) + (SILU_EXPR,) + GEMM_EXPRS
 POT_A8_FILE = kargs.KernelFile("gemv_pot_a8.cu", POT_A8_EXPRS)
 
 
@@ -41,6 +44,7 @@ class PackedPotA8:
     scale: object
     tail: object
     stail: object
+    f16_exact: bool = False      # formats.pot_a8.fp16_exact of its scales: gemm_pot_a8 may run it
 
     def nbytes(self) -> int:
         return int(self.words.nbytes + self.scale.nbytes + self.tail.nbytes + self.stail.nbytes)
@@ -59,7 +63,7 @@ def upload(words: tuple, scale: tuple, n: int, k: int) -> PackedPotA8:
                           f"(that takes {want})")
     w, wt = (cp.ascontiguousarray(cp.asarray(a, dtype=cp.uint32)) for a in words)
     sc, st = (cp.ascontiguousarray(cp.asarray(a, dtype=cp.float16)) for a in scale)
-    return PackedPotA8(n, k, w, sc, wt, st)
+    return PackedPotA8(n, k, w, sc, wt, st, fmt.fp16_exact(scale))
 
 
 def default_variant(k: int) -> tuple[int, int]:
@@ -142,3 +146,44 @@ def gemv_pot_a8_silu(x8, sx, p: PackedPotA8, mf, amax):
                  words=p.words, scale=p.scale, tail=p.tail, stail=p.stail, x8=x8, sx=sx, out=None, N=p.n, KC=kc,
                  ldx=ldx, ldo=0, mf=mf, amax=amax, resid=None)
     return mf
+
+
+_BLOCK = 256                     # threads a block of the fp16-Ŵ path's elementwise kernels
+
+
+def dequantize_pa8(p: PackedPotA8, out=None):
+    """Ŵ (N, K) fp16 = fp16(s/4 · VALUES[code]) (formats.pot_a8.dequantized_f16, bit for bit), into
+    gpu/wb.py's scratch unless out is given."""
+    cp = require_cupy()
+    w16 = scratch(cp, p.n * p.k).reshape(p.n, p.k) if out is None else out
+    kc = fmt.n_chunks(p.k)
+    kargs.launch(POT_A8_FILE, "dequant_pot3_a8", (-(-kc // _BLOCK), p.n), (_BLOCK,), words=p.words, scale=p.scale,
+                 tail=p.tail, stail=p.stail, w16=w16, N=p.n, KC=kc, K=p.k)
+    return w16
+
+
+def gemm_pot_a8(x8, sx, p: PackedPotA8, out, resid=None) -> bool:
+    """out (M, N) fp16 = fp16(sx[m] · (x8[m] · Ŵᵀ)) for many tokens without reading the weights once
+    a token: Ŵ in fp16 (dequantize_pa8), x8's first K columns in fp16 (exact), cuBLAS in fp32
+    (gpu/cublas.py, capturable), then the GEMV's epilogue. The GEMV's function up to the order of
+    fp32 sums where p.f16_exact. With resid (float32 (M, N)), resid += float(fp16(that)) instead
+    (out is then None). False (nothing run) without cuBLAS or p.f16_exact, or for operands
+    gemv_pot_a8 would refuse: the caller runs the GEMV then."""
+    cp = require_cupy()
+    if not p.f16_exact or x8.ndim != 2 or 0 in (p.n, p.k) or not 0 < x8.shape[0] <= MAX_GRID_Y \
+            or p.n > MAX_GRID_Y or not cublas.available():
+        return False
+    m, ldx = x8.shape
+    dst, dtype = (out, np.float16) if resid is None else (resid, np.float32)
+    if (x8.dtype != np.int8 or not x8.flags.c_contiguous or ldx < p.k or sx.dtype != np.float32 or sx.size < m
+            or (out is not None and resid is not None) or dst is None or dst.dtype != dtype
+            or dst.shape != (m, p.n) or not dst.flags.c_contiguous):
+        return False
+    xh = scratch(cp, m * p.k, name="pa8_x16").reshape(m, p.k)
+    c32 = scratch(cp, m * p.n, np.float32, "pa8_c32").reshape(m, p.n)
+    kargs.launch(POT_A8_FILE, "rows_i8_to_f16", (-(-p.k // _BLOCK), m), (_BLOCK,), x8=x8, xh=xh, K=p.k, ldx=ldx)
+    if not cublas.gemm_f16(cp, xh, dequantize_pa8(p), c32):
+        return False
+    kargs.launch(POT_A8_FILE, "scale_rows_pa8", (-(-p.n // _BLOCK), m), (_BLOCK,), c32=c32, sx=sx, out=out, resid=resid,
+                 N=p.n)
+    return True

@@ -105,6 +105,10 @@ class WbTuning:
     # decode with (4, 4) for every plain layer, down included, 604 tok/s against 620. Not yet
     # A/B'd in one process with 8192 (`e2e --pot-bits 3a8 --ab wb.pa8_rb4_max_k=8192`).
     pa8_rb4_max_k: int = 0
+    # the pot3-a8 GEMV reads the weights once a token: above this many tokens (a prefill, a large
+    # batch) a layer with fp16-exact scales runs Ŵ in fp16 and cuBLAS instead (gpu/pot_a8.py
+    # gemm_pot_a8). Not yet timed: 16 is a guess to be replaced by the e2e prefill rows' A/B.
+    pa8_gemv_max_m: int = 16
 
 
 WB_TUNE = WbTuning()

@@ -73,24 +73,27 @@ def pack_wb(ql: formats.QuantLinear) -> PackedWB:
                       None if kind == "pot" else ql.qzeros)
 
 
-_SCRATCH: dict = {}          # device id -> the fp16 buffer Ŵ is written to for cuBLAS (grows, never shrinks)
-_RETIRED: list = []          # buffers a larger one replaced: captured decode graphs may still point at them
+_SCRATCH: dict = {}          # (device id, name) -> a buffer the products before cuBLAS write (grows, never shrinks)
+_RETIRED: list = []          # buffers a larger one replaced: captured graphs may still point at them
 
 
-def _scratch(cp, size: int):
-    dev = cp.cuda.Device().id
-    buf = _SCRATCH.get(dev)
-    if buf is None or buf.size < size:
+def scratch(cp, size: int, dtype=np.float16, name: str = "w16"):
+    """The first `size` elements of this device's scratch buffer `name` ("w16": the Ŵ that
+    dequantize_wb and pot_a8.dequantize_pa8 write for cuBLAS; the pot3-a8 GEMM's operands have
+    their own): one stream's products use it in turn."""
+    key = (cp.cuda.Device().id, name)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.size < size or buf.dtype != dtype:
         if buf is not None:
             _RETIRED.append(buf)             # never freed: a graph captured with it would read freed memory
-        buf = _SCRATCH[dev] = cp.empty(size, dtype=cp.float16)
+        buf = _SCRATCH[key] = cp.empty(size, dtype=dtype)
     return buf[:size]
 
 
 def dequantize_wb(p: PackedWB, out=None):
     """Ŵ (N, K) fp16 = unit · s of every weight (exact for pot; int rounds (q - z)·s once)."""
     cp = require_cupy()
-    w16 = _scratch(cp, p.n * p.k).reshape(p.n, p.k) if out is None else out
+    w16 = scratch(cp, p.n * p.k).reshape(p.n, p.k) if out is None else out
     nt_rows, kt = tiles.tile_dims(p.n, p.k)
     grid, block, gpt = (nt_rows, -(-kt // WB.warps)), (32 * WB.warps,), tiles.TILE_K // p.group
     if p.kind == "pot":
