@@ -86,7 +86,8 @@ def faked():
         hooks = tuple((mod, "cupy_or_none", lambda: cp) for mod in (backend, fused, launch, cublas))
         hooks += ((model_mod, "require_cupy", lambda: cp), (wb, "require_cupy", lambda: cp),
                   (kernels, "module", lambda *a, **k: None), (tuning.PREFILL, "graphs", 0),
-                  (model_mod, "check_finite_logits", lambda cp_, logits, what: logits))
+                  (model_mod, "check_finite_logits", lambda cp_, logits, what: logits),
+                  (cublas, "_LIB", [None]))     # no real cuBLAS on fake arrays, and its cached answer kept
         with host_gemm.hooked(hooks):
             yield cp
 
