@@ -108,36 +108,38 @@ __device__ __forceinline__ void pa8_ldx(const i8* p, u32 (&x)[8]) {
 
 // w16 (N, K) fp16 = fp16(s/4 · VALUES[code]) of every weight, bit for bit
 // formats/pot_a8.py dequantized_f16: one thread a (row, chunk of 32 channels), from the full
-// steps' words and scales or the tail's. Grid (ceil(KC / blockDim), N): row blockIdx.y.
-__global__ void __launch_bounds__(256) dequant_pot3_a8(
+// steps' words and scales or the tail's (read before the PDL wait: no kernel writes them). A
+// whole chunk of a row whose K % 8 == 0 leaves as four 16-byte stores, else half by half. Grid
+// (ceil(KC / blockDim), N): row blockIdx.y.
+__global__ void __launch_bounds__(128) dequant_pot3_a8(
     const u32* __restrict__ words, const __half* __restrict__ scale, const u32* __restrict__ tail,
     const __half* __restrict__ stail, __half* __restrict__ w16, int N, int KC, int K) {
     constexpr int TILE_STEP = PA8_WORDS * PA8_TILE_ROWS * PA8_STEP;
     constexpr int SCALES_STEP = PA8_TILE_ROWS * PA8_STEP * PA8_CHUNK / PA8_GROUP;
-    pdl_enter();                                       // w16 may still be read by the GEMM before us
-    const int n = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= KC) return;
-    const int steps = KC / PA8_STEP, tl = KC % PA8_STEP;
     static_assert(PA8_GROUP == 4 * PA8_CHUNK, "four chunks a scale");
+    const int n = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int steps = KC / PA8_STEP, tl = KC % PA8_STEP;
     const int tg = (tl + 3) >> 2;                      // the tail's scales
     const int t = n / PA8_TILE_ROWS, r = n % PA8_TILE_ROWS, st = c / PA8_STEP, l = c % PA8_STEP;
-    u32 w[PA8_WORDS];
-    unsigned short sb;
-    if (st < steps) {
+    u32 w[PA8_WORDS] = {0u, 0u, 0u};
+    unsigned short sb = 0;
+    if (c < KC && st < steps) {
         const size_t ts = (size_t)t * steps + st;
 #pragma unroll
         for (int j = 0; j < PA8_WORDS; ++j) w[j] = words[ts * TILE_STEP + (j * PA8_TILE_ROWS + r) * PA8_STEP + l];
         sb = reinterpret_cast<const unsigned short*>(scale)[ts * SCALES_STEP + r * (SCALES_STEP / PA8_TILE_ROWS)
                                                              + (l >> 2)];
-    } else {
+    } else if (c < KC) {
 #pragma unroll
         for (int j = 0; j < PA8_WORDS; ++j)
             w[j] = tail[(((size_t)t * PA8_WORDS + j) * PA8_TILE_ROWS + r) * tl + l];
         sb = reinterpret_cast<const unsigned short*>(stail)[(size_t)n * tg + (l >> 2)];
     }
+    pdl_enter();                                       // w16 may still be read by the GEMM before us
+    if (c >= KC) return;
     const float s = 0.25f * __half2float(__ushort_as_half(sb));     // exact: a power of two
     const int nk = min(PA8_CHUNK, K - c * PA8_CHUNK);
-    __half* o = w16 + (size_t)n * K + (size_t)c * PA8_CHUNK;
+    __half h[PA8_CHUNK];
 #pragma unroll
     for (int q = 0; q < PA8_CHUNK; ++q) {
         // channel 8j + p (p < 8): bits 0-2 of nibble p of word j; channel 24 + p: bit b of its code
@@ -146,7 +148,23 @@ __global__ void __launch_bounds__(256) dequant_pot3_a8(
                                 : ((w[0] >> (4 * (q - 24) + 3)) & 1) | (((w[1] >> (4 * (q - 24) + 3)) & 1) << 1)
                                   | (((w[2] >> (4 * (q - 24) + 3)) & 1) << 2);
         const int v = (int)(signed char)(((code < 4 ? PA8_LUT_LO : PA8_LUT_HI) >> (8 * (code & 3))) & 0xFF);
-        if (q < nk) o[q] = __float2half_rn(s * (float)v);
+        h[q] = __float2half_rn(s * (float)v);
+    }
+    __half* o = w16 + (size_t)n * K + (size_t)c * PA8_CHUNK;
+    if (nk == PA8_CHUNK && (K & 7) == 0) {             // 16-byte aligned: row n starts at 2nK bytes
+#pragma unroll
+        for (int v4 = 0; v4 < PA8_CHUNK / 8; ++v4) {
+            uint4 u;
+            u.x = (u32)__half_as_ushort(h[8 * v4 + 0]) | ((u32)__half_as_ushort(h[8 * v4 + 1]) << 16);
+            u.y = (u32)__half_as_ushort(h[8 * v4 + 2]) | ((u32)__half_as_ushort(h[8 * v4 + 3]) << 16);
+            u.z = (u32)__half_as_ushort(h[8 * v4 + 4]) | ((u32)__half_as_ushort(h[8 * v4 + 5]) << 16);
+            u.w = (u32)__half_as_ushort(h[8 * v4 + 6]) | ((u32)__half_as_ushort(h[8 * v4 + 7]) << 16);
+            reinterpret_cast<uint4*>(o)[v4] = u;
+        }
+    } else {
+#pragma unroll
+        for (int q = 0; q < PA8_CHUNK; ++q)
+            if (q < nk) o[q] = h[q];
     }
 }
 

@@ -42,6 +42,25 @@ def test_captured_gemm_equals_cupy_matmul(m, k, n):
     assert err < 2e-3, err
 
 
+@pytest.mark.parametrize("m,k,n", [(40, 1000, 300), (17, 576, 1536)])
+def test_fp32_output(m, k, n):
+    """fp16 operands into a float32 out (the pot3-a8 fp16-Ŵ GEMM's product, gpu/pot_a8.py): the
+    fp32 sums unrounded, within fp32 summation error of a float64 product; an fp32 out that
+    overlaps an input is refused as an fp16 one is."""
+    import cupy as cp
+    from engine.gpu import cublas
+    rng = np.random.default_rng(m + n)
+    x = cp.asarray(rng.integers(-127, 128, (m, k)).astype(np.float16))          # exact in fp16
+    w = cp.asarray((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16))
+    out = cp.empty((m, n), cp.float32)
+    assert cublas.gemm_f16(cp, x, w, out)
+    xf, wf = x.get().astype(np.float64), w.get().astype(np.float64)
+    ref, mag = xf @ wf.T, np.abs(xf) @ np.abs(wf).T
+    assert (np.abs(out.get().astype(np.float64) - ref) <= mag * k * 2.0 ** -23).all()
+    buf = cp.zeros(m * max(k, n), cp.float32)
+    assert not cublas.gemm_f16(cp, buf.view(cp.float16)[:2 * m * k].reshape(m, 2 * k)[:, :k], w, buf[:m * n].reshape(m, n))
+
+
 def test_strided_rows_and_refusals():
     """Views with a leading dimension past their width (every other row of x, the first columns
     of w, a column block of out) run as such; a transposed operand, a mismatched shape, another

@@ -378,6 +378,16 @@ def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
 
 # ----------------------------------------------------------------- many tokens: Ŵ in fp16 and cuBLAS
 
+# cuda/gemv_pot_a8.cu dequant_pot3_a8's body (comments dropped, whitespace collapsed), which
+# _dequant_kernel_numpy transliterates: when the kernel changes, so must that and this digest
+DEQUANT_SHA256 = "223720649eb4278d335cbe20e5afaf103ad75aff3bf2b38b4e4fa8c310c5ebcc"
+
+
+def dequant_kernel_text(src: str) -> str:
+    i = src.index("dequant_pot3_a8(\n")
+    return " ".join(re.sub(r"//[^\n]*", "", src[i:src.index("\n}\n", i)]).split())
+
+
 def _dequant_kernel_numpy(words, scale, n, k):
     """cuda/gemv_pot_a8.cu dequant_pot3_a8 transliterated: thread (row n, chunk c) reads its three
     words and scale from the full steps' arrays or the tail's by the kernel's index formulas."""
@@ -415,13 +425,20 @@ def _dequant_kernel_numpy(words, scale, n, k):
 def test_dequant_kernel_reads_the_layout_as_unpack_does(n, k):
     """The fp16-Ŵ kernel's index formulas (transliterated) give dequantized_f16, which is the exact
     Ŵ (dequantized, float64) in fp16 for scales where fp16_exact holds; tiny or huge scales break it."""
+    assert hashlib.sha256(dequant_kernel_text(KERNEL_SRC.read_text()).encode()).hexdigest() == DEQUANT_SHA256, \
+        "dequant_pot3_a8 changed: update _dequant_kernel_numpy and DEQUANT_SHA256"
     codes, s = rand_layer(np.random.default_rng(n + k), n, k)
     words, scale = P.pack_pot_a8(codes), P.pack_scales(s, k)
     want = P.dequantized_f16(words, scale, n, k)
     assert P.fp16_exact(scale)
     np.testing.assert_array_equal(want, P.dequantized(words, scale, n, k).astype(np.float16))
     np.testing.assert_array_equal(_dequant_kernel_numpy(words, scale, n, k).view(np.uint16), want.view(np.uint16))
-    for bad in (np.float16(1e-4), np.float16(40000)):          # |s|/4 subnormal; 2|s| past 65504
+    exact_sub = np.float16(2.0 ** -14)                         # s/4 = 2^-16: a subnormal, exact
+    inexact = np.nextafter(np.float16(2.0 ** -14), np.float16(1))   # s/4 needs 2 bits a subnormal lacks
+    s2 = s.copy()
+    s2[0, 0] = exact_sub
+    assert P.fp16_exact(P.pack_scales(s2, k))
+    for bad in (inexact, np.float16(40000)):                   # s/4 inexact; 2|s| past 65504
         s2 = s.copy()
         s2[0, 0] = bad
         assert not P.fp16_exact(P.pack_scales(s2, k))
@@ -472,7 +489,7 @@ def test_many_tokens_take_the_fp16_weight_gemm_with_a_fake_cupy(monkeypatch):
     grids.clear()
     assert run(bound + 1) == ["rows_i8_to_f16", "dequant_pot3_a8", "scale_rows_pa8"]
     assert gemms == [((bound + 1, k), (n, k), np.float32)]
-    assert grids == [((5, bound + 1), (256,)), ((1, n), (256,)), ((1, bound + 1), (256,))]   # K = 1100, Kc = 35
+    assert grids == [((5, bound + 1), (256,)), ((1, n), (128,)), ((1, bound + 1), (256,))]   # K = 1100, Kc = 35
     seen.clear()
     assert run(bound + 1, add=True)[-1] == "scale_rows_pa8" and len(gemms) == 2    # o, down: h += y
     assert seen[-1]["resid"] is not None and seen[-1]["out"] is None

@@ -292,12 +292,14 @@ def gemv_pot_a8_ref(words: tuple[np.ndarray, np.ndarray], scale: tuple[np.ndarra
 
 def fp16_exact(scale: tuple[np.ndarray, np.ndarray]) -> bool:
     """Whether every weight s/4 · VALUES[code] of a layer with these scales (the pair pack_scales
-    makes) is a normal fp16 or zero, so that dequantized_f16 is exact: |s|/4 ≥ 2^-14 for every
-    nonzero s and 2|s| ≤ 65504 (the spare level). Then the fp16-Ŵ path (cuda/gemv_pot_a8.cu
-    dequant_pot3_a8 and cuBLAS) computes the GEMV's function up to the order of fp32 sums."""
-    a = np.concatenate([np.abs(np.asarray(x, dtype=np.float32)).ravel() for x in scale])
-    nz = a[a > 0]
-    return bool(np.isfinite(a).all() and (nz.size == 0 or (nz.min() / 4 >= 2.0 ** -14 and 2 * nz.max() <= 65504)))
+    makes) is exact in fp16, so that dequantized_f16 is: s/4 representable (a subnormal too, where
+    its bits fit) and 2|s| ≤ 65504 (the spare level); s/2 and s follow. Then the fp16-Ŵ path
+    (cuda/gemv_pot_a8.cu dequant_pot3_a8 and cuBLAS) computes the GEMV's function up to the order
+    of fp32 sums."""
+    a = np.concatenate([np.asarray(x, dtype=np.float32).ravel() for x in scale])
+    q = a * np.float32(0.25)
+    return bool(np.isfinite(a).all() and (q.astype(np.float16).astype(np.float32) == q).all()
+                and (2 * np.abs(a) <= 65504).all())
 
 
 def dequantized_f16(words: tuple[np.ndarray, np.ndarray], scale: tuple[np.ndarray, np.ndarray], n: int,

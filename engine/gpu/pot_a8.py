@@ -156,8 +156,11 @@ def dequantize_pa8(p: PackedPotA8, out=None):
     gpu/wb.py's scratch unless out is given."""
     cp = require_cupy()
     w16 = scratch(cp, p.n * p.k).reshape(p.n, p.k) if out is None else out
+    if w16.dtype != np.float16 or w16.shape != (p.n, p.k) or not w16.flags.c_contiguous or w16.data.ptr % 16:
+        raise CudaOpError(f"dequantize_pa8 writes a C-contiguous, 16-byte aligned float16 ({p.n}, {p.k}) array, "
+                          f"got {w16.dtype} {w16.shape}")
     kc = fmt.n_chunks(p.k)
-    kargs.launch(POT_A8_FILE, "dequant_pot3_a8", (-(-kc // _BLOCK), p.n), (_BLOCK,), words=p.words, scale=p.scale,
+    kargs.launch(POT_A8_FILE, "dequant_pot3_a8", (-(-kc // 128), p.n), (128,), words=p.words, scale=p.scale,
                  tail=p.tail, stail=p.stail, w16=w16, N=p.n, KC=kc, K=p.k)
     return w16
 

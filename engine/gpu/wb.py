@@ -84,9 +84,10 @@ def scratch(cp, size: int, dtype=np.float16, name: str = "w16"):
     key = (cp.cuda.Device().id, name)
     buf = _SCRATCH.get(key)
     if buf is None or buf.size < size or buf.dtype != dtype:
+        grow = size if buf is None or buf.dtype != dtype else max(size, 2 * buf.size)   # the retired stay < 2×
         if buf is not None:
             _RETIRED.append(buf)             # never freed: a graph captured with it would read freed memory
-        buf = _SCRATCH[key] = cp.empty(size, dtype=dtype)
+        buf = _SCRATCH[key] = cp.empty(grow, dtype=dtype)
     return buf[:size]
 
 
