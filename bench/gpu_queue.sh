@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The experiments waiting for a GPU on wip/queue3 (main + wip/pot3-a8-resid + wip/pot3-a8-dequant),
+# The experiments waiting for a GPU on wip/queue3 (main + the pot3-a8 residual fold + the fp16-weight GEMM),
 # in device calls of at most 600 s each. Each step's log goes to $OUT/<part>/<step>.log;
 # $OUT/<part>.tgz is rewritten after every step, so a call cut short still returns what it finished.
 #   tests  : the pot3-a8 GPU tests (the resid epilogue bit-exact, o and down adding into h at 20
