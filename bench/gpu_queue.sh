@@ -6,8 +6,9 @@
 #            tokens; Ŵ in fp16 bit-exact, the fp16-Ŵ GEMM within an ulp of the GEMV, a 40-token
 #            prefill through it), cuBLAS's fp32 output, and the model tests. Carry .carry/cupy-cache.
 #   bench  : the 7B W3-PoT x INT8 decode with the residual fold (issue 15: 1.13x A8W4 before, H100;
-#            ~1.17x expected), its 512-token prefill through the fp16-Ŵ GEMM, and as A/Bs RB = 4
-#            for K <= 8192 and the GEMV at every M (the prefill as before). Carry .carry/cupy-cache.
+#            ~1.17x expected), batch 8 and its 512-token prefill through the fp16-Ŵ GEMM, and as
+#            A/Bs RB = 4 for K <= 8192, the GEMV up to 4 tokens only (batch 8 on the fp16-Ŵ GEMM) and
+#            the GEMV at every M (the prefill as before). Carry .carry/cupy-cache.
 #   smollm2: GPU against CPU perplexity of the vocabulary-pruned SmolLM2 with W3-PoT x INT8 layers
 #            (issue 15). Carry .carry/smollm2-pa8 alone (45 MiB: the cupy cache does not fit beside
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
@@ -36,7 +37,7 @@ tests)
     ;;
 bench)
     step e2e_pot3a8 400 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 \
-        --ab wb.pa8_rb4_max_k=8192 --ab wb.pa8_gemv_max_m=1000000 --json
+        --ab wb.pa8_rb4_max_k=8192 --ab wb.pa8_gemv_max_m=4 --ab wb.pa8_gemv_max_m=1000000 --json
     ;;
 smollm2)
     step compare 400 python bench/pruned_compare.py compare --dir .carry/smollm2-pa8

@@ -147,7 +147,7 @@ def test_random_pot_layer_has_no_spare_code_and_averages_zero(bits):
 
 def test_pot_bits_3a8_loads_w3_pot_with_int8_activations(monkeypatch):
     """--pot-bits 3a8: a W3-PoT model of act "dynamic" (INT8 tokens, the pot3-a8 GEMV), decode at
-    batch 1 only and a prefill of 512 tokens, then the same model with the INT8 output head (beside
+    batches 1 and 8 and a prefill of 512 tokens, then the same model with the INT8 output head (beside
     "A8W4 int8-head", decode only); a bit width other than 2, 3, 4 and 3a8 is refused."""
     import types
 
@@ -170,7 +170,7 @@ def test_pot_bits_3a8_loads_w3_pot_with_int8_activations(monkeypatch):
     e2e.run_e2e(models=("llama7b",), pot_bits=(3, "3a8"))
     pot = [c for c in calls if "PoT" in c[0]]
     assert [(mw.q, mw.act, mw.head, b, p) for _, mw, b, p in pot] == [
-        (3, "none", "fp16", (1, 8), ()), (3, "dynamic", "fp16", (1,), (512,)), (3, "dynamic", "int8", (1,), ())]
+        (3, "none", "fp16", (1, 8), ()), (3, "dynamic", "fp16", (1, 8), (512,)), (3, "dynamic", "int8", (1,), ())]
     assert "INT8 activations" in pot[1][0] and "INT8" not in pot[0][0] and pot[2][0] == pot[1][0] + " int8-head"
     monkeypatch.setattr(cli, "run_e2e", lambda **kw: calls.append(kw["pot_bits"]) or [])
     monkeypatch.setattr(cli, "cp_or_fail", lambda: None)

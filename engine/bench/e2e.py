@@ -434,12 +434,13 @@ def run_e2e(qfile=None, json_out=False, quick=False, models=("smollm2", "llama7b
         del mw
         for b in pot_bits:          # weight-only power-of-two models of the same shape: decode only
             shape, a8 = MODELS[key][0], b == "3a8"
-            # "3a8": W3-PoT layers of act "dynamic" (INT8 tokens, the pot3-a8 GEMV); that GEMV reads
-            # the weights once a token, so batch 1 only, and a prefill of 512 tokens to show that cost
+            # "3a8": W3-PoT layers of act "dynamic" (INT8 tokens, the pot3-a8 GEMV, which reads the
+            # weights once a token; past WB_TUNE.pa8_gemv_max_m tokens Ŵ in fp16 and cuBLAS): batches
+            # 1 and 8, and a prefill of 512 tokens
             pot_label = label.split(" (")[0] + (" (random W3-PoT, INT8 activations)" if a8 else f" (random W{b}-PoT)")
             pmw = random_model(shape, 3 if a8 else b, act="dynamic" if a8 else "none")
             rows += bench_model(cp, pot_label, pmw, bw=bw,
-                                prefill_lens=(512,) if a8 else (), batches=(1,) if a8 else (1, 8), steps=kw.get("steps", 64),
+                                prefill_lens=(512,) if a8 else (), batches=(1, 8), steps=kw.get("steps", 64),
                                 variants=decode_variants(ab=[d for d in ab if any(_ab_target(k)[0] == "wb." for k in d)],
                                                          patches=patches))
             if a8:                  # beside "A8W4 int8-head": both with the INT8 output head
