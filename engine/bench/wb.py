@@ -53,17 +53,14 @@ def random_wb_layer(cp, rng, kind: str, bits: int, n: int, k: int, group: int = 
 def random_pot_a8_layer(cp, n: int, k: int) -> pot_a8.PackedPotA8:
     """A random pot3-a8 layer made on the GPU: any words are valid codes (the padding is not zero
     here, which only matters for exactness, not for time); scales around 0.02."""
-    t, st, tl = pa8_fmt.n_tiles(n), pa8_fmt.n_full_steps(k), pa8_fmt.n_tail(k)
+    (ws, ts), (ss, sts) = pa8_fmt.shapes(n, k)
 
-    def words(*shape):
+    def words(shape):
         return (cp.random.random(shape) * 2.0**32).astype(cp.uint32)
 
-    def scales(*shape):
+    def scales(shape):
         return cp.random.uniform(0.01, 0.03, shape).astype(cp.float16)
-    return pot_a8.PackedPotA8(n, k, words(t, st, pa8_fmt.WORDS, pa8_fmt.TILE_ROWS, pa8_fmt.STEP),
-                              scales(t, st, pa8_fmt.TILE_ROWS, pa8_fmt.PER_STEP),
-                              words(t, pa8_fmt.WORDS, pa8_fmt.TILE_ROWS, tl),
-                              scales(t * pa8_fmt.TILE_ROWS, pa8_fmt.n_tail_groups(k)))
+    return pot_a8.PackedPotA8(n, k, words(ws), scales(ss), words(ts), scales(sts))
 
 
 def cmd_gemv_wb(args) -> int:

@@ -94,6 +94,13 @@ def n_tiles(n: int) -> int:
     return -(-n // TILE_ROWS)
 
 
+def shapes(n: int, k: int) -> tuple[tuple, tuple]:
+    """((words, tail), (scales, stail)): the array shapes an n×k layer takes in this layout."""
+    t, s, L = n_tiles(n), n_full_steps(k), n_tail(k)
+    return (((t, s, WORDS, TILE_ROWS, STEP), (t, WORDS, TILE_ROWS, L)),
+            ((t, s, TILE_ROWS, PER_STEP), (t * TILE_ROWS, n_tail_groups(k))))
+
+
 def chunk_words(c: np.ndarray) -> np.ndarray:
     """(..., 32) codes 0..7 of chunks -> (..., 3) uint32 words (module docstring)."""
     c = np.asarray(c, dtype=np.uint32)
@@ -139,10 +146,10 @@ def _check_words(words, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     check(isinstance(words, (tuple, list)) and len(words) == 2,
           "pot3-a8 words are a pair (words, tail) as pack_pot_a8 makes it")
     full, tail = (np.asarray(a, dtype=np.uint32) for a in words)
-    t, s, L = n_tiles(n), n_full_steps(k), n_tail(k)
-    check(full.shape == (t, s, WORDS, TILE_ROWS, STEP) and tail.shape == (t, WORDS, TILE_ROWS, L),
+    want = shapes(n, k)[0]
+    check((full.shape, tail.shape) == want,
           f"pot3-a8 words {full.shape} and tail {tail.shape} cannot hold {n}×{k}: they are "
-          f"{(t, s, WORDS, TILE_ROWS, STEP)} and {(t, WORDS, TILE_ROWS, L)}")
+          f"{want[0]} and {want[1]}")
     return full, tail
 
 
@@ -174,9 +181,9 @@ def unpack_scales(scale: tuple[np.ndarray, np.ndarray], n: int, k: int) -> np.nd
     check(isinstance(scale, (tuple, list)) and len(scale) == 2,
           "pot3-a8 scales are a pair (scales, stail) as pack_scales makes it")
     full, tail = (np.asarray(a) for a in scale)
-    t, s = n_tiles(n), n_full_steps(k)
-    check(full.shape == (t, s, TILE_ROWS, PER_STEP) and tail.shape == (t * TILE_ROWS, n_tail_groups(k)),
+    check((full.shape, tail.shape) == shapes(n, k)[1],
           f"pot3-a8 scales {full.shape} and stail {tail.shape} cannot hold {n}×{k}")
+    t, s = n_tiles(n), n_full_steps(k)
     return np.concatenate([full.transpose(0, 2, 1, 3).reshape(t * TILE_ROWS, s * PER_STEP), tail], axis=1)[:n]
 
 
@@ -188,9 +195,9 @@ def from_pot3(qweight: np.ndarray, wscale: np.ndarray, k: int, group: int) -> tu
 
 
 def nbytes(n: int, k: int) -> int:
-    """Bytes an n×k layer holds in this layout: words, tail, scales and stail."""
-    t, kc = n_tiles(n), n_chunks(k)
-    return t * TILE_ROWS * (kc * WORDS * 4 + 2 * -(-k // GROUP))
+    """Bytes an n×k layer holds in this layout: words, tail (uint32), scales and stail (fp16)."""
+    (w, wt), (sc, st) = shapes(n, k)
+    return 4 * (int(np.prod(w)) + int(np.prod(wt))) + 2 * (int(np.prod(sc)) + int(np.prod(st)))
 
 
 # ----------------------------------------------------------------- the kernel's bit tricks, word for word

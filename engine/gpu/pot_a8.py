@@ -54,9 +54,7 @@ def upload(words: tuple, scale: tuple, n: int, k: int) -> PackedPotA8:
     """Host arrays -> the GPU: words = (words, tail) as formats.pot_a8.pack_pot_a8 makes them,
     scale = (scales, stail) as pack_scales does (or both from from_pot3)."""
     cp = require_cupy()
-    t, s, L = fmt.n_tiles(n), fmt.n_full_steps(k), fmt.n_tail(k)
-    want = ((t, s, fmt.WORDS, fmt.TILE_ROWS, fmt.STEP), (t, fmt.WORDS, fmt.TILE_ROWS, L),
-            (t, s, fmt.TILE_ROWS, fmt.PER_STEP), (t * fmt.TILE_ROWS, fmt.n_tail_groups(k)))
+    want = tuple(sh for pair in fmt.shapes(n, k) for sh in pair)
     got = tuple(a.shape for a in (*words, *scale)) if len(words) == 2 and len(scale) == 2 else None
     if got != want:
         raise CudaOpError(f"pot3-a8 words, tail, scales and stail of shapes {got} do not make a {n}×{k} layer "
