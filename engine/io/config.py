@@ -424,27 +424,25 @@ def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default", facto
     return inv
 
 
-def _int(d: dict, key: str, default=None) -> int:
-    """An integer field: a JSON integer (or an integral float such as 2048.0), never a bool,
-    a string or NaN. A missing or null field takes `default` (KeyError when there is none)."""
+def _number(d: dict, key: str, default, integral: bool):
+    """A numeric field: a JSON number, never a bool or a string; with `integral`, an integer
+    (or an integral float such as 2048.0, never NaN). A missing or null field takes `default`
+    (KeyError when there is none)."""
     v = d.get(key)
     if v is None:
         if default is None:
             raise KeyError(key)
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"config field {key} must be an integer, got {v!r}")
-    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
-        raise ConfigError(f"config field {key} must be an integer, got {v!r}")
-    return int(v)
+    what = "an integer" if integral else "a number"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+            integral and isinstance(v, float) and not (math.isfinite(v) and v.is_integer())):
+        raise ConfigError(f"config field {key} must be {what}, got {v!r}")
+    return int(v) if integral else float(v)
+
+
+def _int(d: dict, key: str, default=None) -> int:
+    return _number(d, key, default, integral=True)
 
 
 def _float(d: dict, key: str, default: float | None) -> float:
-    v = d.get(key)
-    if v is None:
-        if default is None:
-            raise KeyError(key)
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"config field {key} must be a number, got {v!r}")
-    return float(v)
+    return _number(d, key, default, integral=False)
