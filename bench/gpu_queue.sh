@@ -5,6 +5,8 @@
 #   tests  : the pot3-a8 GPU tests (the resid epilogue bit-exact, o and down adding into h at 20
 #            tokens; Ŵ in fp16 bit-exact, the fp16-Ŵ GEMM within an ulp of the GEMV, a 40-token
 #            prefill through it), cuBLAS's fp32 output, and the model tests. Carry .carry/cupy-cache.
+#            `pot` runs only the first half (pot3-a8 and cuBLAS), `model` only the model tests, so that
+#            `pot` and `bench` fit one call.
 #   bench  : the 7B W3-PoT x INT8 decode with the residual fold (issue 15: 1.13x A8W4 before, H100;
 #            ~1.17x expected), batch 8 and its 512-token prefill through the fp16-Ŵ GEMM, and as
 #            A/Bs RB = 4 for K <= 8192, the GEMV up to 4 tokens only (batch 8 on the fp16-Ŵ GEMM) and
@@ -14,7 +16,7 @@
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
 #            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh tests|bench|smollm2}
+part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -30,10 +32,12 @@ step() {            # step NAME SECONDS COMMAND...
 }
 
 case $part in
-tests)
+tests|pot|model)     # pot and model are the two halves of tests
     nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv >"$out/gpu.txt" 2>&1
-    step pot_a8_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py tests/test_cublas_gpu.py
-    step model_cuda 150 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
+    [ "$part" = model ] ||
+        step pot_a8_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py tests/test_cublas_gpu.py
+    [ "$part" = pot ] ||
+        step model_cuda 150 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
     ;;
 bench)
     step e2e_pot3a8 400 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 \
@@ -43,7 +47,7 @@ smollm2)
     step compare 400 python bench/pruned_compare.py compare --dir .carry/smollm2-pa8
     ;;
 *)
-    echo "unknown part $part: tests, bench or smollm2" >&2
+    echo "unknown part $part: tests, pot, model, bench or smollm2" >&2
     exit 2
     ;;
 esac
