@@ -258,6 +258,23 @@ def test_gemm_fuzz():
         _f16_check(ql, layer, x8, ref, sx, "auto")
 
 
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("m,n,k", [(1025, 1001, 4100), (2047, 4103, 1000), (4096, 517, 11008),
+                                   (8192, 1001, 4100), (3, 7, 130), (77, 999, 2050)])
+def test_gemm_bitexact_any_shape(m, n, k):
+    """Issue 20's shapes: odd N (the kernels' scalar stores), K even but not a multiple of the
+    128-wide tile (a short last group), M up to 8192 (the large tiles and their automatic tail
+    splits); every kernel for M in int32, the default choice in fp16."""
+    rng = np.random.default_rng(m * 7 + n)
+    ql = random_dg(n, k, int(rng.choice([64, 128])), seed=m + n + k)
+    x8 = random_x8(m, k, seed=k)
+    sx = (rng.random(m, dtype=np.float32) * 0.05 + 1e-4).astype(np.float32)
+    for kernel in ops_cuda.kernels_for(m):
+        layer, ref = _acc_check(ql, x8, kernel)
+    _f16_check(ql, layer, x8, ref, sx, "auto")
+
+
 def extreme_dg(n, k, group, rng):
     """A "dg" layer at the edges of its format: codes 0 and 15 against zero points 15 and 0,
     S = 127, 8, 9 and 1 (|(q - z)·S| within int8)."""

@@ -83,6 +83,63 @@ def test_two_layers_of_7b_widths_match_reference():
     assert int(last.argmax()) == int(toks[-1])
 
 
+@pytest.fixture(scope="module")
+def two_7b_layers():
+    """Two layers of Llama-2-7B widths with 8192 positions, and their CudaModel."""
+    from engine.gpu.model import CudaModel
+    mw = quantized_tiny("dynamic", seed=11, group=128, head_dim=128, num_attention_heads=32,
+                        num_key_value_heads=32, hidden_size=4096, intermediate_size=11008,
+                        num_hidden_layers=2, max_position_embeddings=8192)
+    return mw, CudaModel(mw)
+
+
+@pytest.mark.parametrize("batch,kv8,context", [(1, False, 2048), (1, True, 8192), (32, True, 1024),
+                                               (8, False, 128)])
+def test_7b_widths_decode_at_benchmarked_contexts(two_7b_layers, batch, kv8, context):
+    """Issue 19's benchmarked decode settings on two layers of Llama-2-7B widths: the graphed
+    step's logits at every step against the NumPy integer reference (fp16 storage points, as
+    above), with the first context − 4 positions of every sequence seeded with the same random
+    K/V on both sides (fp16 values, or INT8 codes with their scales) instead of a prefill, so the
+    reference runs only the 4 decoded tokens of each sequence."""
+    from test_pruned_compare import pruned_compare
+    steps = 4
+    seeded = context - steps
+    mw, gm = two_7b_layers
+    c = mw.config
+    cache = gm.new_cache(context, batch=batch, kv8=kv8)
+    rng = np.random.default_rng(context + batch)
+    shape = (c.num_hidden_layers, batch, seeded, c.num_key_value_heads, c.head_dim)
+    if kv8:
+        kv = [rng.integers(-127, 128, shape, dtype=np.int8) for _ in range(2)]
+        scales = [rng.uniform(0.5, 2.0, shape[:-1]).astype(np.float32) / 127 for _ in range(2)]
+        cache.ks[:, :, :seeded] = gm.cp.asarray(scales[0])
+        cache.vs[:, :, :seeded] = gm.cp.asarray(scales[1])
+    else:
+        kv = [rng.standard_normal(shape).astype(np.float16) for _ in range(2)]
+    cache.k[:, :, :seeded] = gm.cp.asarray(kv[0])
+    cache.v[:, :, :seeded] = gm.cp.asarray(kv[1])
+    cache.lens_host[:] = seeded
+    first = rng.integers(0, c.vocab_size, batch)
+    logits = []
+    toks = gm.decode_greedy(cache, first, steps, True, on_step=lambda ids: logits.append(
+        cache.step.bufs.logits[:batch].get().astype(np.float32).reshape(batch, -1)))
+    assert toks.shape == (steps, batch) and len(logits) == steps
+    model = Model(mw)
+    for b in range(batch):
+        ref_cache = model.new_cache(context, kv8=kv8)
+        ref_cache.k[:, :seeded] = kv[0][:, b]
+        ref_cache.v[:, :seeded] = kv[1][:, b]
+        if kv8:
+            ref_cache.ks[:, :seeded] = scales[0][:, b]
+            ref_cache.vs[:, :seeded] = scales[1][:, b]
+        ref_cache.length = seeded
+        with pruned_compare.fp16_storage():
+            ref = model.forward(np.concatenate([[first[b]], toks[:steps - 1, b]]), ref_cache)
+        for i in range(steps):
+            err = rel(logits[i][b], ref[i])
+            assert err < 2e-2, f"sequence {b}, step {i}: {err}"
+
+
 @pytest.mark.parametrize("act", ["dynamic", "static"])
 def test_gpu_prefill_with_wide_row_accesses_matches_reference(monkeypatch, act):
     """A prefill of more rows than SMs: the row kernels run one CTA a row with 8- and 4-element

@@ -96,8 +96,11 @@ EDITS_USED: set = set()  # the files whose edited kernels were looked up (kargs.
 
 
 def edits_for(name: str) -> tuple:
-    """The EDITS that apply to cuda/<name>."""
-    return tuple(e for e in EDITS if e[0] == name)
+    """The EDITS that apply to cuda/<name>; a file with some is noted in EDITS_USED."""
+    edits = tuple(e for e in EDITS if e[0] == name)
+    if edits:
+        EDITS_USED.add(name)
+    return edits
 
 
 def apply_edits(name: str, code: str, edits) -> str:
@@ -123,8 +126,6 @@ def module(name: str, name_expressions: tuple[str, ...]):
         raise KernelError("no usable GPU: CuPy is missing or sees no CUDA device")
     arch = arch_flag()
     edits = edits_for(name)
-    if edits:
-        EDITS_USED.add(name)
     mkey = (name, name_expressions, arch, edits)
     mod = _MODULES.get(mkey)
     if mod is None:
@@ -150,8 +151,6 @@ def function(name: str, expr: str, name_expressions: tuple[str, ...]):
     """One kernel out of cuda/<name> (a launch.Kernel: a RawKernel launched with programmatic
     dependent launch where the GPU has it); `expr` must be in name_expressions."""
     edits = edits_for(name)
-    if edits:
-        EDITS_USED.add(name)
     key = (name, expr, name_expressions, edits)
     fn = _FUNCS.get(key)
     if fn is None:
