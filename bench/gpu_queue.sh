@@ -4,7 +4,9 @@
 # $OUT/<part>.tgz is rewritten after every step, so a call cut short still returns what it finished.
 #   tests  : the pot3-a8 GPU tests (the resid epilogue bit-exact, o and down adding into h at 20
 #            tokens; Ŵ in fp16 bit-exact, the fp16-Ŵ GEMM within an ulp of the GEMV, a 40-token
-#            prefill through it), cuBLAS's fp32 output, and the model tests. Carry .carry/cupy-cache.
+#            prefill through it), cuBLAS's fp32 output, the model tests (with the 7B-width decode at
+#            issue 19's contexts) and the A8W4 GEMM at issue 20's shapes (odd N, M to 8192). Carry
+#            .carry/cupy-cache.
 #            `pot` runs only the first half (pot3-a8 and cuBLAS), `model` only the model tests, so that
 #            `pot` and `bench` fit one call.
 #   bench  : the 7B W3-PoT x INT8 decode with the residual fold (issue 15: 1.13x A8W4 before, H100;
@@ -37,7 +39,9 @@ tests|pot|model)     # pot and model are the two halves of tests
     [ "$part" = model ] ||
         step pot_a8_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py tests/test_cublas_gpu.py
     [ "$part" = pot ] ||
-        step model_cuda 150 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
+        step model_cuda 270 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
+    [ "$part" = pot ] ||
+        step gemm_any_shape 120 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k any_shape
     ;;
 bench)
     step e2e_pot3a8 400 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 \
