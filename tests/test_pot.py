@@ -139,6 +139,13 @@ def test_int_validation(bits):
         s[1, 1] = bad
         with pytest.raises(formats.FormatError, match="positive finite"):
             formats.QuantLinear(qzeros=ql.qzeros, wscale=s, **kw)
+    qmax = (1 << bits) - 1                                # |q - z| ≤ qmax: s·qmax must stay within fp16
+    s = ql.wscale.copy()
+    s[0, 0] = np.float16(formats.FP16_MAX / qmax * 0.99)
+    formats.QuantLinear(qzeros=ql.qzeros, wscale=s, **kw)
+    s[0, 0] = np.float16(formats.FP16_MAX / qmax * 1.01)
+    with pytest.raises(formats.FormatError, match=f"wscale holds .*times {qmax}.*beyond fp16"):
+        formats.QuantLinear(qzeros=ql.qzeros, wscale=s, **kw)
 
 
 def test_padding_must_be_zero():

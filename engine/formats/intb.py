@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import check, expand_groups, n_groups
+from .common import check, check_scale, expand_groups, n_groups
 from .planes import CHUNK, PLANE_BITS, n_chunks, padding_is_zero, unpack_planes
 
 
@@ -37,6 +37,7 @@ class IntKind:
         s = ql.wscale.astype(np.float32)
         check(bool(np.isfinite(s).all() and (s > 0).all()),
               f"{self.NAME} scales must be positive finite float16 values")
+        check_scale("wscale", ql.wscale, self.qmax)      # |q - z| ≤ qmax: the largest weight in fp16
 
     def dequantize(self, ql) -> np.ndarray:
         k, g = ql.in_features, ql.group
