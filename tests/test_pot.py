@@ -54,7 +54,7 @@ def test_pot_levels(bits):
     codes = np.array([[m | (sgn << (bits - 1)) for sgn in (0, 1) for m in range(L + 1)]], dtype=np.uint8)
     k = codes.shape[1]
     s = np.float16(0.75)
-    ql = formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=1, group=k,
+    ql = formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=1, group=32,
                              qweight=planes.pack_planes(codes, bits), wscale=np.array([[s]], np.float16))
     want = [sg * (0.0 if m == 0 else 0.75 * 2.0 ** -(m - 1)) for sg in (1, -1) for m in range(L + 1)]
     if kind.spare:
@@ -146,6 +146,27 @@ def test_int_validation(bits):
     s[0, 0] = np.float16(formats.FP16_MAX / qmax * 1.01)
     with pytest.raises(formats.FormatError, match=f"wscale holds .*times {qmax}.*beyond fp16"):
         formats.QuantLinear(qzeros=ql.qzeros, wscale=s, **kw)
+
+
+@pytest.mark.parametrize("kind", ["pot2", "pot3", "pot4", "int2", "int3", "int4"])
+def test_bit_plane_groups_are_32_64_or_128(kind):
+    """The one group rule of the bit-plane kinds (formats/planes.py GROUPS), which the converter and
+    the GPU launchers share: a layer of any other group is refused, tensors consistent or not."""
+    assert planes.GROUPS == (32, 64, 128)
+    bits = int(kind[-1])
+    W = np.random.default_rng(bits).standard_normal((4, 256)).astype(np.float32) * 0.05
+    make = pot_linear if kind.startswith("pot") else int_linear
+    for group in planes.GROUPS:
+        make(W, bits, group)
+    ql = make(W, bits, 128)
+    for group in (16, 96, 256, 1000):
+        g = -(-256 // group)
+        arrays = {t: np.resize(getattr(ql, t), (4, g) if t != "qweight" else getattr(ql, t).shape)
+                  for t in ("qweight", "qzeros", "wscale") if getattr(ql, t) is not None}
+        with pytest.raises(formats.FormatError, match=f"{kind} layers take groups of 32, 64 or 128.*not {group}"):
+            formats.QuantLinear(kind=kind, act="none", in_features=256, out_features=4, group=group, **arrays)
+        with pytest.raises(formats.FormatError, match="groups of 32, 64 or 128"):
+            formats.kind_tensors(kind, 4, 256, group)
 
 
 def test_padding_must_be_zero():

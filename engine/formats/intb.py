@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .common import check, check_scale, expand_groups, n_groups
-from .planes import CHUNK, PLANE_BITS, n_chunks, padding_is_zero, unpack_planes
+from .planes import CHUNK, PLANE_BITS, check_group, n_chunks, padding_is_zero, unpack_planes
 
 
 class IntKind:
@@ -26,6 +26,7 @@ class IntKind:
         self.qmax = (1 << bits) - 1
 
     def tensors(self, n: int, k: int, group: int) -> dict:
+        check_group(self.NAME, group)       # here, so a loader refuses the group before the shapes it implies
         G = n_groups(k, group)
         return {"qweight": (np.uint32, (n, n_chunks(k), self.bits)), "qzeros": (np.uint8, (n, G)),
                 "wscale": (np.float16, (n, G))}
