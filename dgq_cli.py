@@ -406,8 +406,8 @@ def eval_cmd(weights_path, text_path, corpus, window, max_windows, kv8, lm_head,
                    "searched scales, per row where better. Default: on for dgq, pot and int-search, off for the others.")
 @click.option("--sink-weight", type=float, default=None,
               help="Weight of each calibration sequence's first token in the q/k/v Gram matrix "
-                   "(the searched methods). Default: 512 for dgq, pot and int-search (measured, docs/QUALITY.md), "
-                   "1 for the others.")
+                   "(the searched methods: dgq, fptq, fptq-dg, pot, int-search; the others refuse it). "
+                   "Default: 512 for dgq, pot and int-search (measured, docs/QUALITY.md), 1 for fptq and fptq-dg.")
 @click.option("--calibration", type=click.Choice(["float", "sequential"]), default=None,
               help="Calibrate each layer on the float model's activations, or on the outputs of the "
                    "already quantized layers before it. Default: sequential for dgq, dgq-rtn and rtn "
@@ -426,8 +426,8 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     The model is read and quantized one layer at a time and the file written as it goes, so
     memory holds about one layer's float weights, its statistics and the calibration activations."""
     from converters import calibrate as cal  # noqa: PLC0415
-    from converters.quantize import (check_gptq, check_options, gpu_refusal, needs_calibration,  # noqa: PLC0415
-                                     quantize_to_file, resolve_defaults)
+    from converters.quantize import (METHODS, check_gptq, check_options, gpu_refusal,  # noqa: PLC0415
+                                     needs_calibration, quantize_to_file, resolve_defaults, sink_weight_acts)
 
     from engine.io.checkpoint import default_model_path, load_checkpoint  # noqa: PLC0415
     from engine.io.corpus import load_text_file, wiki_path  # noqa: PLC0415
@@ -442,6 +442,11 @@ def quantize(model, out_path, method, wbits, group, act, kv8, calib, n_seq, seq_
     if unused and not calibrated:
         raise click.BadParameter(f"--method {method} reads no calibration text, so {' and '.join(unused)} "
                                  "would do nothing", param_hint=unused[0])
+    if sink_weight is not None and not sink_weight_acts(method):
+        searched = ", ".join(m for m in METHODS if sink_weight_acts(m))
+        raise click.BadParameter(f"--method {method} runs no weight search on the calibration Gram matrix, so "
+                                 f"--sink-weight would do nothing (it weights that matrix: {searched})",
+                                 param_hint="--sink-weight")
     n_seq = cal.DEFAULT_N_SEQ if n_seq is None else n_seq
     seq_len = cal.DEFAULT_SEQ_LEN if seq_len is None else seq_len
     act, gptq, sink_weight = resolve_defaults(method, act, gptq, sink_weight)

@@ -59,7 +59,6 @@ BETA_COARSE = 5                                        # ... visited coarse to f
 # ±0.2 57.17, ±0.5 48.16, −0.75..+1.5 40.95; a log-spaced 2^(−1..1.5) grid 44.72)
 GAMMAS = np.round(np.arange(-15, 31) * 0.05, 2)
 ROWS_PER_CHUNK = 4096                                  # bounds the (rows, G, group) temporaries
-GROUPS = (32, 64, 128)                                 # a 32-code plane word never straddles two groups
 REFIT = True                                           # the joint least-squares scale refit (_refit_scales) by default
 REFIT_ROUNDS = 1                                       # GPTQ + refit again this many times in all (QUALITY.md: 2 and 3 measured)
 BITS = planes.PLANE_BITS
@@ -262,8 +261,8 @@ def _search(fam, Wg, Hb, search: bool):
 def check_bits_group(bits: int, group: int) -> None:
     if bits not in BITS:
         raise QuantizeError(f"b-bit weight-only kinds take 2, 3 or 4 bits, got {bits!r}")
-    if group not in GROUPS:
-        raise QuantizeError(f"{bits}-bit weights take groups of 32, 64 or 128, got {group!r}")
+    if group not in planes.GROUPS:                     # the format's rule (formats/planes.py)
+        raise QuantizeError(f"{bits}-bit weights take groups of {planes.groups_text()}, got {group!r}")
 
 
 def _quantize(fam, kind: str, W, H, group: int, search: bool, compensate: bool = False,

@@ -248,6 +248,12 @@ CALIBRATIONS = ("float", "sequential")
 GPTQ_WEIGHTS = ("dg", "pot", "int")      # weight kinds whose searched methods take --gptq
 
 
+def sink_weight_acts(method: str) -> bool:
+    """Whether --sink-weight can change the file: it weights the first token in the q/k/v Gram
+    matrix H, which only a method with the output-error weight search gathers (MethodSpec.search)."""
+    return method_spec(method).search
+
+
 def check_gptq(method: str, gptq: bool) -> None:
     """--gptq needs a scale search on the calibration Gram matrix: dgq, fptq-dg (the GPTQ candidate
     joins their search) and pot, int-search (codes re-rounded on the searched grid). gptq: the

@@ -165,6 +165,10 @@ def test_kernel_choice_flags_reach_load_model(tiny_dir, monkeypatch):
     (["--method", "w4a16", "--calib", "random"], "--calib would do nothing"),
     (["--method", "int-rtn", "--wbits", "3", "--group", "32", "--n-seq", "4", "--seq-len", "8"], "--n-seq and --seq-len"),
     (["--method", "rtn", "--act", "dynamic", "--calibration", "float"], "reads no calibration text"),
+    (["--method", "int-rtn", "--wbits", "3", "--group", "32", "--sink-weight", "10"], "--sink-weight would do nothing"),
+    (["--method", "w4a16", "--sink-weight", "10"], "--sink-weight would do nothing"),
+    (["--method", "rtn", "--calib", "random", "--sink-weight", "1"], "no weight search"),
+    (["--method", "dgq-rtn", "--sink-weight", "512"], "dgq, fptq, fptq-dg, pot, int-search"),
 ])
 def test_quantize_refuses_options_the_method_ignores(tiny_dir, tmp_path, args, needle):
     """A flag that would change nothing is refused before the model loads, not ignored after

@@ -54,7 +54,7 @@ def test_pot_levels(bits):
     codes = np.array([[m | (sgn << (bits - 1)) for sgn in (0, 1) for m in range(L + 1)]], dtype=np.uint8)
     k = codes.shape[1]
     s = np.float16(0.75)
-    ql = formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=1, group=k,
+    ql = formats.QuantLinear(kind=f"pot{bits}", act="none", in_features=k, out_features=1, group=32,
                              qweight=planes.pack_planes(codes, bits), wscale=np.array([[s]], np.float16))
     want = [sg * (0.0 if m == 0 else 0.75 * 2.0 ** -(m - 1)) for sg in (1, -1) for m in range(L + 1)]
     if kind.spare:
@@ -139,6 +139,34 @@ def test_int_validation(bits):
         s[1, 1] = bad
         with pytest.raises(formats.FormatError, match="positive finite"):
             formats.QuantLinear(qzeros=ql.qzeros, wscale=s, **kw)
+    qmax = (1 << bits) - 1                                # |q - z| ≤ qmax: s·qmax must stay within fp16
+    s = ql.wscale.copy()
+    s[0, 0] = np.float16(formats.FP16_MAX / qmax * 0.99)
+    formats.QuantLinear(qzeros=ql.qzeros, wscale=s, **kw)
+    s[0, 0] = np.float16(formats.FP16_MAX / qmax * 1.01)
+    with pytest.raises(formats.FormatError, match=f"wscale holds .*times {qmax}.*beyond fp16"):
+        formats.QuantLinear(qzeros=ql.qzeros, wscale=s, **kw)
+
+
+@pytest.mark.parametrize("kind", ["pot2", "pot3", "pot4", "int2", "int3", "int4"])
+def test_bit_plane_groups_are_32_64_or_128(kind):
+    """The one group rule of the bit-plane kinds (formats/planes.py GROUPS), which the converter and
+    the GPU launchers share: a layer of any other group is refused, tensors consistent or not."""
+    assert planes.GROUPS == (32, 64, 128)
+    bits = int(kind[-1])
+    W = np.random.default_rng(bits).standard_normal((4, 256)).astype(np.float32) * 0.05
+    make = pot_linear if kind.startswith("pot") else int_linear
+    for group in planes.GROUPS:
+        make(W, bits, group)
+    ql = make(W, bits, 128)
+    for group in (16, 96, 256, 1000):
+        g = -(-256 // group)
+        arrays = {t: np.resize(getattr(ql, t), (4, g) if t != "qweight" else getattr(ql, t).shape)
+                  for t in ("qweight", "qzeros", "wscale") if getattr(ql, t) is not None}
+        with pytest.raises(formats.FormatError, match=f"{kind} layers take groups of 32, 64 or 128.*not {group}"):
+            formats.QuantLinear(kind=kind, act="none", in_features=256, out_features=4, group=group, **arrays)
+        with pytest.raises(formats.FormatError, match="groups of 32, 64 or 128"):
+            formats.kind_tensors(kind, 4, 256, group)
 
 
 def test_padding_must_be_zero():
@@ -301,28 +329,110 @@ def test_quantize_rejects_bad_wbits():
         quantize_checkpoint(ck, "pot", wbits=8, progress=False)
 
 
-def test_bad_pot_file_gives_one_clear_error(tmp_path):
-    ck = tiny_ckpt(hidden_size=48, intermediate_size=96, head_dim=6)
-    w, recipe = quantize_checkpoint(ck, "int-rtn", wbits=3, group=32, calib=tiny_seqs(ck.config),
-                                    progress=False)
-    for L in w.layers:
-        for n in LINEAR_NAMES:
-            setattr(L, n, pot_linear(getattr(L, n).dequantize(), 3, 32, search=False))
-    src = tmp_path / "ok.q.safetensors"
-    save_qfile(src, w, ck.config, ck.tokenizer, ck.chat_template, recipe)
-    name = "model.layers.0.self_attn.q_proj.wscale"
-    for i, (edit, words) in enumerate([
-            (lambda t: t[name].__setitem__((0, 0), np.nan), ("NaN",)),
-            (lambda t: t[name].__setitem__((0, 0), np.float16(1e-6)), ("q_proj", "at least")),
-            (lambda t: t.__setitem__(name, t[name][:, :1]), ("shape",)),
-            (lambda t: t.__setitem__(name, t[name].astype(np.float32)), ("dtype",))]):
-        tensors, meta = read_safetensors(src)
-        edit(tensors)
-        bad = tmp_path / f"bad{i}.q.safetensors"
-        write_safetensors(bad, tensors, meta)
-        with pytest.raises(QFileError) as e:
-            load_qfile(bad)
-        assert str(bad) in str(e.value) and all(wd in str(e.value) for wd in words), str(e.value)
+BAD_P = "model.layers.0.self_attn.q_proj"      # K = 48: the last plane word has 16 padding bits
+
+
+def _set(name, idx, v):
+    return lambda t, m: t[f"{BAD_P}.{name}"].__setitem__(idx, v)
+
+
+def _retype(name, f):
+    return lambda t, m: t.__setitem__(f"{BAD_P}.{name}", np.ascontiguousarray(f(t[f"{BAD_P}.{name}"])))
+
+
+def _spec(**kw):
+    """Edit the layer's `linears` metadata entry."""
+    import json
+
+    def edit(t, m):
+        lin = json.loads(m["linears"])
+        lin[BAD_P].update(kw)
+        m["linears"] = json.dumps(lin)
+    return edit
+
+
+def _both(*edits):
+    def edit(t, m):
+        for e in edits:
+            e(t, m)
+    return edit
+
+
+def _pad_bit(t, m):
+    t[f"{BAD_P}.qweight"][0, -1, 0] |= np.uint32(1 << 31)              # channel 63 of K = 48
+
+
+def _groups_1000(t, m):                      # a foreign file: group 1000 and tensors shaped for it
+    for name in ("wscale", "qzeros"):
+        if f"{BAD_P}.{name}" in t:
+            t[f"{BAD_P}.{name}"] = np.ascontiguousarray(t[f"{BAD_P}.{name}"][:, :1])
+
+
+POT, SPARE = ("pot2", "pot3", "pot4"), ("pot2", "pot3")
+BAD_KINDS = [("pot2", "none"), ("pot2", "dynamic"), ("pot3", "none"), ("pot3", "dynamic"),
+             ("pot4", "none"), ("pot4", "dynamic"), ("int3", "none")]   # int is weight-only
+# name: (kinds it applies to, edit of (tensors, metadata), words the error must hold)
+BAD_EDITS = {
+    "NaN scale": (None, _set("wscale", (0, 0), np.nan), ("NaN",)),
+    "Inf scale": (None, _set("wscale", (1, 0), np.inf), ("Inf",)),
+    "padding bits": (None, _pad_bit, ("past in_features",)),
+    "scale below the floor": (POT, _set("wscale", (0, 0), np.float16(1e-6)), ("at least 2^",)),
+    "|s| = 2^15": (SPARE, _set("wscale", (0, 0), np.float16(-32768.0)), ("below 2^15", "spare level")),
+    "negative scale": (("pot4", "int3"), _set("wscale", (0, 0), np.float16(-0.01)), ("positive",)),
+    "int scale overflow": (("int3",), _set("wscale", (0, 0), np.float16(60000.0)), ("times 7", "beyond fp16")),
+    "qweight dtype": (None, _retype("qweight", lambda a: a.astype(np.int32)), ("qweight", "dtype int32")),
+    "qweight shape": (None, _retype("qweight", lambda a: a[:, :1]), ("qweight", "shape")),
+    "wscale dtype": (None, _retype("wscale", lambda a: a.astype(np.float32)), ("wscale", "dtype float32")),
+    "group 1000": (None, _spec(group=1000), ("groups of 32, 64 or 128", "not 1000")),
+    "group 1000, tensors to match": (None, _both(_spec(group=1000), _groups_1000), ("groups of 32, 64 or 128",)),
+    "act static on pot": (POT, _both(_spec(act="static"),
+                                     lambda t, m: t.__setitem__(f"{BAD_P}.ascale", np.array(0.05, np.float32))),
+                          ("'none'", "'dynamic'", "not act 'static'")),
+    "act dynamic on int": (("int3",), _spec(act="dynamic"), ("weight-only",)),
+}
+
+
+@pytest.fixture(scope="module")
+def good_bit_plane_file(tmp_path_factory):
+    """(kind, act) -> a valid q.safetensors of a tiny model whose linears are all of that kind,
+    groups of 32; each built once for the module."""
+    import dataclasses
+    made = {}
+
+    def get(kind, act):
+        if (kind, act) not in made:
+            ck = tiny_ckpt(hidden_size=48, intermediate_size=96, head_dim=6)
+            w, recipe = quantize_checkpoint(ck, "int-rtn", wbits=3, group=32, progress=False)
+            bits = int(kind[-1])
+            for L in w.layers:
+                for n in LINEAR_NAMES:
+                    ql = getattr(L, n)
+                    if kind.startswith("pot"):
+                        ql = pot_linear(ql.dequantize(), bits, 32, search=False)
+                    setattr(L, n, dataclasses.replace(ql, act=act))
+            p = tmp_path_factory.mktemp("bitplanes") / f"{kind}-{act}.q.safetensors"
+            save_qfile(p, w, ck.config, ck.tokenizer, ck.chat_template, recipe)
+            load_qfile(p)                                                   # the unedited file loads
+            made[(kind, act)] = p
+        return made[(kind, act)]
+    return get
+
+
+@pytest.mark.parametrize("kind,act,what", [(k, a, what) for k, a in BAD_KINDS for what, (kinds, _, _) in BAD_EDITS.items()
+                                           if kinds is None or k in kinds])
+def test_bad_bit_plane_file_gives_one_clear_error(good_bit_plane_file, kind, act, what, tmp_path):
+    """Every damaged pot/int layer is refused at load with one QFileError naming the file and the
+    layer and saying what is wrong, never a traceback from deep inside NumPy, nor a silent load."""
+    _, edit, words = BAD_EDITS[what]
+    tensors, meta = read_safetensors(good_bit_plane_file(kind, act))
+    edit(tensors, meta)
+    bad = tmp_path / "bad.q.safetensors"
+    write_safetensors(bad, tensors, meta)
+    with pytest.raises(QFileError) as e:
+        load_qfile(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and BAD_P in msg and "\n" not in msg, msg
+    assert all(wd in msg for wd in words), msg
 
 
 @pytest.mark.parametrize("kind,bits", [("pot", 2), ("pot", 3), ("int", 2), ("int", 3), ("int", 4)])

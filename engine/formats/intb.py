@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import check, expand_groups, n_groups
-from .planes import CHUNK, PLANE_BITS, n_chunks, padding_is_zero, unpack_planes
+from .common import check, check_scale, expand_groups, n_groups
+from .planes import CHUNK, PLANE_BITS, check_group, n_chunks, padding_is_zero, unpack_planes
 
 
 class IntKind:
@@ -26,6 +26,7 @@ class IntKind:
         self.qmax = (1 << bits) - 1
 
     def tensors(self, n: int, k: int, group: int) -> dict:
+        check_group(self.NAME, group)       # here, so a loader refuses the group before the shapes it implies
         G = n_groups(k, group)
         return {"qweight": (np.uint32, (n, n_chunks(k), self.bits)), "qzeros": (np.uint8, (n, G)),
                 "wscale": (np.float16, (n, G))}
@@ -37,6 +38,7 @@ class IntKind:
         s = ql.wscale.astype(np.float32)
         check(bool(np.isfinite(s).all() and (s > 0).all()),
               f"{self.NAME} scales must be positive finite float16 values")
+        check_scale("wscale", ql.wscale, self.qmax)      # |q - z| ≤ qmax: the largest weight in fp16
 
     def dequantize(self, ql) -> np.ndarray:
         k, g = ql.in_features, ql.group

@@ -15,6 +15,17 @@ from .common import check
 
 CHUNK = 32                   # codes per plane word
 PLANE_BITS = (2, 3, 4)       # the code widths this layout is used for
+GROUPS = (32, 64, 128)       # the group sizes of the bit-plane kinds: a plane word never straddles two
+                             # groups, and a GPU tile (tiles.TILE_K) holds whole groups
+
+
+def groups_text() -> str:
+    return ", ".join(map(str, GROUPS[:-1])) + f" or {GROUPS[-1]}"
+
+
+def check_group(name: str, group: int) -> None:
+    """The one rule on a bit-plane kind's group size (the converter and the GPU launchers reuse GROUPS)."""
+    check(group in GROUPS, f"{name} layers take groups of {groups_text()} channels, not {group}")
 
 
 def n_chunks(k: int) -> int:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from .common import check, expand_groups, n_groups
-from .planes import CHUNK, PLANE_BITS, n_chunks, padding_is_zero, unpack_planes
+from .planes import CHUNK, PLANE_BITS, check_group, n_chunks, padding_is_zero, unpack_planes
 
 FP16_EXP_SHIFT = 10
 FP16_EXP_BIAS = 15
@@ -65,6 +65,7 @@ class PotKind:
         self.max_scale_exp = 0x1E - 1 if self.spare else 0x1E
 
     def tensors(self, n: int, k: int, group: int) -> dict:
+        check_group(self.NAME, group)       # here, so a loader refuses the group before the shapes it implies
         return {"qweight": (np.uint32, (n, n_chunks(k), self.bits)),
                 "wscale": (np.float16, (n, n_groups(k, group)))}
 

@@ -22,7 +22,7 @@ WB_EXPRS = tuple([f"gemv_{kind}<{b}, {nt}, {xs}>" for kind in ("pot", "int") for
                   for xs in (0, 1)]
                  + [f"{f}_{kind}<{b}>" for f in ("gemm", "dequant") for kind in ("pot", "int") for b in WB.bits])
 WB_FILE = kargs.KernelFile("gemv_wb.cu", WB_EXPRS)
-GROUPS = (32, 64, 128)       # groups a tile holds whole (tiles.TILE_K is a multiple)
+GROUPS = planes.GROUPS       # groups a tile holds whole (tiles.TILE_K is a multiple)
 
 
 @dataclass
