@@ -29,6 +29,8 @@ BATCHES = {                     # name -> (lens, capacity)
     "b1": ([8192], 8192),
     "b8": ([1, 2, 17, 64, 65, 1000, 4097, 8192], 8192),
     "b32": ([1, 64, 65, 700] + list(np.random.default_rng(32).integers(1, 701, 28)), 704),
+    # issue 19's batch-32 bar sits at 1024 positions (INT8 K/V): every sequence past 1000
+    "b32-1024": ([1024, 1025, 1060] + list(np.random.default_rng(1024).integers(1000, 1061, 29)), 1088),
 }
 
 
@@ -179,7 +181,8 @@ def check_case(cp, c, kernel, rep, d, kv8, hkv=HKV, seed=0):
 @pytest.mark.parametrize("d", [64, 128])
 def test_decode_kernels_match_reference(d, kv8, batch):
     """Both kernels, GQA ratios 1, 3, 4, 8, ragged lengths (1 key, a split's 64, one past it,
-    thousands, 8192) at batch 1, 8 and 32; the two kernels agree with each other too."""
+    thousands, 8192) at batch 1, 8 and 32 (and 32 past 1000 positions); the two kernels agree with
+    each other too."""
     import cupy as cp
     c = cache_case(d, kv8, *BATCHES[batch])
     for rep in (1, 3, 4, 8):
