@@ -5,7 +5,8 @@
 #   tests  : the pot3-a8 GPU tests (the resid epilogue bit-exact, o and down adding into h at 20
 #            tokens; Ŵ in fp16 bit-exact, the fp16-Ŵ GEMM within an ulp of the GEMV, a 40-token
 #            prefill through it), cuBLAS's fp32 output, the model tests (with the 7B-width decode at
-#            issue 19's contexts) and the A8W4 GEMM at issue 20's shapes (odd N, M to 8192). Carry
+#            issue 19's contexts) the A8W4 GEMM at issue 20's shapes (odd N, M to 8192) and decode attention at batch 32 past
+#            1000 positions. Carry
 #            .carry/cupy-cache.
 #            `pot` runs only the first half (pot3-a8 and cuBLAS), `model` only the model tests, so that
 #            `pot` and `bench` fit one call.
@@ -42,6 +43,8 @@ tests|pot|model)     # pot and model are the two halves of tests
         step model_cuda 270 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
     [ "$part" = pot ] ||
         step gemm_any_shape 120 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k any_shape
+    [ "$part" = pot ] ||
+        step attn_b32_1024 120 python -m pytest -q -p no:cacheprovider tests/test_decode_attention_gpu.py -k b32-1024
     ;;
 bench)
     step e2e_pot3a8 400 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 \
