@@ -5,10 +5,9 @@
 #   tests  : the pot3-a8 GPU tests (the resid epilogue bit-exact, o and down adding into h at 20
 #            tokens; Ŵ in fp16 bit-exact, the fp16-Ŵ GEMM within an ulp of the GEMV, a 40-token
 #            prefill through it), cuBLAS's fp32 output, the model tests (with the 7B-width decode at
-#            issue 19's contexts) the A8W4 GEMM at issue 20's shapes (odd N, M to 8192) and decode attention at batch 32 past
-#            1000 positions. Carry
-#            .carry/cupy-cache.
-#            `pot` runs only the first half (pot3-a8 and cuBLAS), `model` only the model tests, so that
+#            issue 19's contexts), the A8W4 GEMM at issue 20's shapes (odd N, M to 8192) and decode
+#            attention at batch 32 past 1000 positions. Carry .carry/cupy-cache.
+#            `pot` runs only the first half (pot3-a8 and cuBLAS), `model` the rest, so that
 #            `pot` and `bench` fit one call.
 #   bench  : the 7B W3-PoT x INT8 decode with the residual fold (issue 15: 1.13x A8W4 before, H100;
 #            ~1.17x expected), batch 8 and its 512-token prefill through the fp16-Ŵ GEMM, and as
