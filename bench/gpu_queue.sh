@@ -39,7 +39,7 @@ tests|pot|model)     # pot and model are the two halves of tests
     [ "$part" = model ] ||
         step pot_a8_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py tests/test_cublas_gpu.py
     [ "$part" = pot ] ||
-        step model_cuda 270 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
+        step model_cuda 330 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
     [ "$part" = pot ] ||
         step gemm_any_shape 120 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k any_shape
     [ "$part" = pot ] ||
