@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU runs of the pot3-a8 work (issue 15) and the session-39 GPU tests, in device calls of at most
 # 600 s each. Each step's log goes to $OUT/<part>/<step>.log; $OUT/<part>.tgz is rewritten after every
-# step, so a call cut short still returns what it finished. Session 39 (H100) ran pot, bench and
-# model (docs/KERNELS.md); smollm2 is still to run.
+# step, so a call cut short still returns what it finished. Session 39 (H100) ran pot and bench,
+# and model's tests by pytest directly (docs/KERNELS.md); smollm2 is still to run.
 #   tests  : the pot3-a8 GPU tests (the resid epilogue bit-exact, o and down adding into h at 20
 #            tokens; Ŵ in fp16 bit-exact, the fp16-Ŵ GEMM within an ulp of the GEMV, a 40-token
 #            prefill through it), cuBLAS's fp32 output, the model tests (with the 7B-width decode at
@@ -12,7 +12,7 @@
 #            `pot` and `bench` fit one call.
 #   bench  : the 7B W3-PoT x INT8 decode with the residual fold (issue 15: 1.13x A8W4 before, 1.17x
 #            with it, H100), batch 8 and its 512-token prefill through the fp16-Ŵ GEMM, and as
-#            A/Bs RB = 4 for K <= 8192, the GEMV up to 4 tokens only (batch 8 on the fp16-Ŵ GEMM) and
+#            A/Bs RB = 4 for K <= 8192, the GEMV up to 4 tokens only and
 #            the GEMV at every M (the prefill as before). Carry .carry/cupy-cache.
 #   smollm2: GPU against CPU perplexity of the vocabulary-pruned SmolLM2 with W3-PoT x INT8 layers
 #            (issue 15). Carry .carry/smollm2-pa8 alone (45 MiB: the cupy cache does not fit beside

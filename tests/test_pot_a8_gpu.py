@@ -143,6 +143,8 @@ def test_model_with_pot3_a8_runs_every_linear_on_int8_tokens(monkeypatch):
         first = int(gm.prefill(prompt, cache).astype(np.float32).argmax())
         outs.append(gm.decode_greedy(cache, [first], 12, use_graph))
         assert (cache.step.graph is not None) == use_graph
+    # the 3-token prefills stay on the GEMV: every call is a decode step's, and each took the GEMM
+    assert calls and all(calls), calls
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
@@ -265,13 +267,21 @@ def test_model_prefill_of_many_tokens_takes_the_fp16_weights(monkeypatch):
     assert np.linalg.norm(fast - slow) / np.linalg.norm(slow) < 0.1
 
 
-def test_batched_decode_past_the_gemv_rows_graphs_cublas():
+def test_batched_decode_past_the_gemv_rows_graphs_cublas(monkeypatch):
     """A decode step of 20 sequences (past WB_TUNE.pa8_gemv_max_m) runs its pot3-a8 linears through
     the fp16-Ŵ GEMM, cuBLAS captured in the step's graph: graphed decoding equals eager."""
+    from engine.gpu import pot_a8
     from engine.gpu.model import CudaModel
     mw = _pot_model()
     c = mw.config
     gm = CudaModel(mw)
+    calls, real = [], pot_a8.gemm_pot_a8
+
+    def spy(*a, **kw):
+        ran = real(*a, **kw)
+        calls.append(ran)
+        return ran
+    monkeypatch.setattr(pot_a8, "gemm_pot_a8", spy)
     outs = []
     for use_graph in (True, False):
         cache = gm.new_cache(64, batch=20)
@@ -279,4 +289,6 @@ def test_batched_decode_past_the_gemv_rows_graphs_cublas():
                   for i in range(20)]
         outs.append(np.asarray(gm.decode_greedy(cache, firsts, 6, use_graph)))
         assert (cache.step.graph is not None) == use_graph
+    # the 3-token prefills stay on the GEMV: every call is a decode step's, and each took the GEMM
+    assert calls and all(calls), calls
     np.testing.assert_array_equal(outs[0], outs[1])

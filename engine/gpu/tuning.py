@@ -102,12 +102,15 @@ class WbTuning:
     # order of sums, so the bits, as they are. H100, M = 1, (4, 4) against (8, 4), ms: 4096² 0.0070
     # / 0.0073, 4096×11008 0.0105-0.0108 / 0.0111, 8192² 0.0133-0.0136 / 0.0143-0.0144, but
     # 11008×4096 0.0112-0.0116 / 0.0111-0.0112 (bench/results/2026-12-05-pot3-a8-h100.md); the 7B
-    # decode with (4, 4) for every plain layer, down included, 604 tok/s against 620. Not yet
-    # A/B'd in one process with 8192 (`e2e --pot-bits 3a8 --ab wb.pa8_rb4_max_k=8192`).
+    # decode with (4, 4) for every plain layer, down included, 604 tok/s against 620. With 8192
+    # (`e2e --pot-bits 3a8 --ab wb.pa8_rb4_max_k=8192`, one process, H100): 615 against 641 tok/s
+    # (bench/results/2026-12-05-pot3-a8-fold-h100.md), so it stays off.
     pa8_rb4_max_k: int = 0
     # the pot3-a8 GEMV reads the weights once a token: above this many tokens (a prefill, a large
     # batch) a layer with fp16-exact scales runs Ŵ in fp16 and cuBLAS instead (gpu/pot_a8.py
-    # gemm_pot_a8). Not yet timed: 16 is a guess to be replaced by the e2e prefill rows' A/B.
+    # gemm_pot_a8). H100, 7B, one process: 512 tokens 26.2 ms this way against 408.8 through the
+    # GEMV; 4 instead of 16 the same at batch 1 (bench/results/2026-12-05-pot3-a8-fold-h100.md).
+    # Between 17 and 511 tokens, and batch 8 on the GEMM, not timed: 16 stays a guess there.
     pa8_gemv_max_m: int = 16
 
 
