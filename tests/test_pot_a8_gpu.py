@@ -242,16 +242,9 @@ def test_fp16_weight_gemm_agrees_with_the_gemv(n, k, m):
     assert np.array_equal(resid.get(), h + out.get().astype(np.float32))
 
 
-def test_model_prefill_of_many_tokens_takes_the_fp16_weights(monkeypatch):
-    """A 40-token prefill of a pot3 act-"dynamic" model runs its linears through the fp16-Ŵ GEMM
-    (above WB_TUNE.pa8_gemv_max_m) and gives the logits the GEMV gives within 10 % (the INT8
-    quantizers turn fp32-order differences into flipped codes: test_model_with_pot3_a8... says by how much)."""
+def spy_gemm(monkeypatch) -> list:
+    """gpu/pot_a8.gemm_pot_a8 wrapped: the list it returns gets each call's result (True: it ran)."""
     from engine.gpu import pot_a8
-    from engine.gpu.model import CudaModel
-    from engine.gpu.tuning import WB_TUNE
-    mw = _pot_model()
-    tokens = np.arange(40) % mw.config.vocab_size
-    gm = CudaModel(mw)
     calls, real = [], pot_a8.gemm_pot_a8
 
     def spy(*a, **kw):
@@ -259,6 +252,19 @@ def test_model_prefill_of_many_tokens_takes_the_fp16_weights(monkeypatch):
         calls.append(ran)
         return ran
     monkeypatch.setattr(pot_a8, "gemm_pot_a8", spy)
+    return calls
+
+
+def test_model_prefill_of_many_tokens_takes_the_fp16_weights(monkeypatch):
+    """A 40-token prefill of a pot3 act-"dynamic" model runs its linears through the fp16-Ŵ GEMM
+    (above WB_TUNE.pa8_gemv_max_m) and gives the logits the GEMV gives within 10 % (the INT8
+    quantizers turn fp32-order differences into flipped codes: test_model_with_pot3_a8... says by how much)."""
+    from engine.gpu.model import CudaModel
+    from engine.gpu.tuning import WB_TUNE
+    mw = _pot_model()
+    tokens = np.arange(40) % mw.config.vocab_size
+    gm = CudaModel(mw)
+    calls = spy_gemm(monkeypatch)
     fast = gm.forward(tokens).get().astype(np.float64)
     assert calls == [True] * 4 * mw.config.num_hidden_layers      # every linear on the fp16 weights
     monkeypatch.setattr(WB_TUNE, "pa8_gemv_max_m", 1 << 20)
@@ -270,18 +276,11 @@ def test_model_prefill_of_many_tokens_takes_the_fp16_weights(monkeypatch):
 def test_batched_decode_past_the_gemv_rows_graphs_cublas(monkeypatch):
     """A decode step of 20 sequences (past WB_TUNE.pa8_gemv_max_m) runs its pot3-a8 linears through
     the fp16-Ŵ GEMM, cuBLAS captured in the step's graph: graphed decoding equals eager."""
-    from engine.gpu import pot_a8
     from engine.gpu.model import CudaModel
     mw = _pot_model()
     c = mw.config
     gm = CudaModel(mw)
-    calls, real = [], pot_a8.gemm_pot_a8
-
-    def spy(*a, **kw):
-        ran = real(*a, **kw)
-        calls.append(ran)
-        return ran
-    monkeypatch.setattr(pot_a8, "gemm_pot_a8", spy)
+    calls = spy_gemm(monkeypatch)
     outs = []
     for use_graph in (True, False):
         cache = gm.new_cache(64, batch=20)
