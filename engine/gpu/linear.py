@@ -70,7 +70,7 @@ class GpuLinear:
             # every layer of the group pot3, groups of 128, INT8 tokens; anything else (another
             # width or group, or a group mixing modes or kinds, which dgq-quantize never writes)
             # is a BackendError, so --device auto runs the file on the CPU
-            odd = [w for w in ws if not (_pot_int8(w) and pot_a8.takes(int(w.kind[3:]), w.group))]
+            odd = [w for w in ws if not (_pot_int8(w) and pot_a8.takes(formats.KINDS[w.kind].bits, w.group))]
             if odd:
                 what = (f"{odd[0].kind} in groups of {odd[0].group}, act '{odd[0].act}'"
                         if isinstance(odd[0], formats.QuantLinear) else "a float weight")

@@ -105,11 +105,12 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
         if out.dtype != np.float16 or out.shape != shape or not out.flags.c_contiguous:
             raise CudaOpError(f"gemv_pot_a8 writes a C-contiguous float16 {shape} array, got {out.dtype} {out.shape}")
     res = out if resid is None else resid
-    if m == 0 or (resid is not None and (p.n == 0 or p.k == 0)):
+    if m == 0:
         return res
-    if p.n == 0 or p.k == 0:
-        out.fill(0)
-        return out
+    if p.n == 0 or p.k == 0:            # y = 0: out holds zeros, resid stays as it is
+        if resid is None:
+            out.fill(0)
+        return res
     for m0 in range(0, m, MAX_GRID_Y):                  # the grid's y dimension holds 65535 tokens
         mc = min(MAX_GRID_Y, m - m0)
         kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (-(-p.n // rb), mc), (32 * nw,), words=p.words,
