@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import pytest
 
 from engine.formats import planes, pot
 from engine.formats import pot_a8 as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))   # host_prefill, host_gemm: fake CuPys
 
 SHAPES = [(1, 1), (5, 77), (8, 1024), (9, 1056), (16, 1100), (3, 4096), (13, 2080), (7, 576), (9, 1536), (4, 1000),
           (6, 3100), (3, 5000)]
@@ -85,8 +88,6 @@ def test_pot3_g128_bits_a_weight_on_the_gpu(monkeypatch):
     """Issue 15's memory bar, b + 0.2 = 3.2 bits a weight for pot3 g128, holds for SmolLM2's shapes
     (K = 576 and 1536, where a layout padded to warp steps of 1024 channels held 5.21) as
     gpu/pot_a8.upload holds them from a pot3 layer's planes (fake CuPy), and for 7B's."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import host_prefill
 
     from engine.gpu import pot_a8
@@ -258,9 +259,6 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
     """engine/gpu/pot_a8.py through kargs with bench/host_prefill.py's fake CuPy: the keywords are
     the kernel's parameters (the tail's arrays included), the grid one block per RB rows and token;
     bad inputs get one clear error."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import host_gemm
     import host_prefill
 
@@ -353,8 +351,6 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
 def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
     """WB_TUNE.pa8_rb4_max_k: plain launches of K up to it take RB = 4 (DEFAULT's NW, so the same
     bits), the others DEFAULT; 0 (the default) never; an explicit variant wins."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import host_prefill
 
     from engine.gpu import kargs, pot_a8
@@ -449,8 +445,6 @@ def test_many_tokens_take_the_fp16_weight_gemm_with_a_fake_cupy(monkeypatch):
     Ŵ in fp16, cuBLAS into fp32 and the row scales, each over its (columns, rows) grid; without
     cuBLAS or with scales that fp16 cannot hold exactly, the GEMV at any M."""
     import dataclasses
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import host_prefill
 
     from converters.pot import pot_linear
@@ -506,9 +500,6 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     gate|up and down, and no fp16-activation GEMV; a decode step's layers fold their quantization
     (the SiLU variant, quant_amax). With act "none", the same codes load for gemv_pot."""
     import dataclasses
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import host_gemm
     import host_prefill
 
@@ -894,9 +885,6 @@ def test_pot_int8_layers_the_gpu_cannot_run_are_a_backend_error(case):
     with other layers (files dgq-quantize never writes), stop a (fake-CuPy) CudaModel with one
     BackendError naming the layer, so --device auto runs the file on the CPU (engine/api.py)."""
     import dataclasses
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import host_prefill
 
     from engine.bench.e2e import SMOLLM2, random_model
