@@ -104,7 +104,8 @@ __device__ __forceinline__ void pa8_ldx(const i8* p, u32 (&x)[8]) {
 // (rows_i8_to_f16: exact), cuBLAS C (M, N) fp32 = x · Ŵᵀ (every product x8·Ŵ is exact in fp32:
 // 7 bits times 11), and out = fp16(C · sx) (scale_rows_pa8). That is the GEMV's function up to
 // the order of the fp32 sums, where Ŵ is exact in fp16 (every scale·2^e held exactly, a subnormal
-// too where its bits fit, none past 65504: formats/pot_a8.py fp16_exact, checked once a layer; a layer without it stays on the GEMV).
+// too where its bits fit, none past 65504: formats/pot_a8.py fp16_exact, checked once a layer; a
+// layer without it stays on the GEMV).
 
 // w16 (N, K) fp16 = fp16(s/4 · VALUES[code]) of every weight, bit for bit
 // formats/pot_a8.py dequantized_f16: one thread a (row, chunk of 32 channels), from the full
