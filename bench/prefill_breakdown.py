@@ -2,6 +2,7 @@
 
     python bench/prefill_breakdown.py [--tokens 2048] [--model llama7b|smollm2] [--row-vec 8,1]
                                       [--act-per 0,32] [--patch bench/patches/FILE.json]
+                                      [--paths a8w4,fp16,pot3a8]
 
 Runs one warm prefill with every launch (row kernels, attention, linears, lm_head) bracketed
 by CUDA events and sums the milliseconds by kind, then the same for the FP16 path (the
@@ -11,7 +12,11 @@ kernel runs for tens of microseconds or more, so the split is what matters. --ro
 both paths once per tuning.ROWS.vec value (the row kernels' access width), in one process;
 --act-per likewise for tuning.ROWS.act_per (silu_mul_quant's values a thread on wide rows);
 --patch adds both paths' rows again for each entry's edited kernels (kargs.patched, as
-`python -m engine.bench e2e --patch`), in the same process.
+`python -m engine.bench e2e --patch`), in the same process. --paths pot3a8 adds a W3-PoT model
+of INT8 tokens (act "dynamic": past WB_TUNE.pa8_gemv_max_m tokens its linears dequantize Ŵ to
+fp16 and run cuBLAS, engine/gpu/pot_a8.py gemm_pot_a8), whose steps inside the linears (x8 to fp16,
+the dequantization, cuBLAS, the row scales) are timed as kinds of their own too (within the
+`linear` rows, not beside them).
 """
 import argparse
 import time
@@ -20,7 +25,7 @@ from collections import defaultdict
 import numpy as np
 
 from engine.gpu.backend import cupy_or_none
-from engine.gpu import fused, kargs, linear, tuning
+from engine.gpu import cublas, fused, kargs, linear, pot_a8, tuning
 from engine.bench.common import warm_clocks
 from engine.bench.e2e import (LLAMA2_7B, SMOLLM2, _patch_setting, dequantized_copy, model_kernel, random_model,
                               read_patches)
@@ -53,20 +58,25 @@ def profile(gm, tokens, cp) -> tuple[dict, float]:
             return out
         return run
     G = linear.GpuLinear
-    orig = (G.__call__, fused.matmul_f16)
+    orig = (G.__call__, fused.matmul_f16, cublas.gemm_f16)
     # the row and attention kernels by name; the GEMMs and GEMVs inside the linears are timed
-    # by the linear's wrapper
-    kernel = timed(lambda expr, run: expr.split("<")[0] if model_kernel(expr) else None, lambda expr, run: run())
+    # by the linear's wrapper (and the pot3-a8 GEMM's steps by name, inside it: "(in linear)")
+    inner = set(pot_a8.GEMM_EXPRS)
+    kernel = timed(lambda expr, run: expr.split("<")[0] if model_kernel(expr) else
+                   f"{expr} (in linear)" if expr in inner else None, lambda expr, run: run())
     G.__call__ = timed(lambda self, *r: f"linear N={self.n}", orig[0])
     # the FP16 linears call matmul_f16 too, inside GpuLinear.__call__: only the head is its own kind
     fused.matmul_f16 = timed(lambda cp_, x, w, out: "lm_head" if w is gm.lm_head else None, orig[1])
+    if any(g.pa8 is not None for L in gm.layers for g in L.linears()):   # the pot3-a8 GEMM's cuBLAS call
+        cublas.gemm_f16 = timed(lambda cp_, x, w, out: "cublas, fp32 out (in linear)" if out.dtype == np.float32
+                                else None, orig[2])
     try:
         with kargs.intercepted(kernel):
             cache = gm.new_cache(len(tokens) + 8)
             gm.prefill(tokens, cache)
             cp.cuda.Device().synchronize()
     finally:
-        G.__call__, fused.matmul_f16 = orig
+        G.__call__, fused.matmul_f16, cublas.gemm_f16 = orig
     out = {k: (len(v), sum(cp.cuda.get_elapsed_time(a, b) for a, b in v)) for k, v in times.items()}
     return out, plain_ms
 
@@ -87,13 +97,19 @@ def main():
     ap.add_argument("--act-per", default=str(tuning.ROWS.act_per),
                     help="comma-separated tuning.ROWS.act_per values (0: the rule; 32)")
     ap.add_argument("--patch", default=None, help="a bench/patches JSON list: each entry's rows too")
+    ap.add_argument("--paths", default="a8w4,fp16",
+                    help="comma-separated of a8w4, fp16 (its dequantized copy) and pot3a8 (W3-PoT, INT8 tokens)")
     a = ap.parse_args()
+    paths = [p.strip() for p in a.paths.split(",") if p.strip()]
+    if not paths or not set(paths) <= {"a8w4", "fp16", "pot3a8"}:
+        ap.error(f"--paths takes a8w4, fp16 and pot3a8, got {a.paths!r}")
     try:
         patches = read_patches(a.patch) if a.patch else []
     except ValueError as e:
         ap.error(str(e))
     cp = cupy_or_none()
-    mw = random_model(LLAMA2_7B if a.model == "llama7b" else SMOLLM2, True)
+    shape = LLAMA2_7B if a.model == "llama7b" else SMOLLM2
+    mw = random_model(shape, True)
     tokens = np.random.default_rng(0).integers(0, mw.config.vocab_size, a.tokens)
     vecs = [int(v) for v in a.row_vec.split(",")]
     if not set(vecs) <= {1, 8}:
@@ -101,8 +117,10 @@ def main():
     pers = [int(v) for v in a.act_per.split(",")]
     if not set(pers) <= {0, *tuning.ROW_VARIANTS.pers}:
         ap.error(f"--act-per takes 0 or an instantiated PER {tuning.ROW_VARIANTS.pers}, got {a.act_per}")
-    for label, weights in (("A8W4", mw), ("FP16", None)):
-        gm = CudaModel(weights or dequantized_copy(mw))
+    builds = {"a8w4": ("A8W4", lambda: mw), "fp16": ("FP16", lambda: dequantized_copy(mw)),
+              "pot3a8": ("W3-PoT x INT8", lambda: random_model(shape, 3, act="dynamic"))}
+    for label, build in (builds[p] for p in paths):
+        gm = CudaModel(build())
         for vec in vecs:
             for per in pers:
                 tuning.ROWS.vec, tuning.ROWS.act_per = vec, per
