@@ -19,7 +19,7 @@
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
 #            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2}
+part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -53,8 +53,15 @@ bench)
 smollm2)
     step compare 400 python bench/pruned_compare.py compare --dir .carry/smollm2-pa8
     ;;
+prefill)             # session 40: the fp16-Ŵ path's kernels vectorized (the dequantization by prmt and
+                     # f16x2 multiplies), its GPU tests, the 7B prefill of 512 and where it goes.
+                     # Carry .carry/cupy-cache.
+    step pot_a8_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py
+    step e2e_prefill 240 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --json
+    step prefill_pb 150 python bench/prefill_breakdown.py --tokens 512 --paths fp16,pot3a8
+    ;;
 *)
-    echo "unknown part $part: tests, pot, model, bench or smollm2" >&2
+    echo "unknown part $part: tests, pot, model, bench, smollm2 or prefill" >&2
     exit 2
     ;;
 esac

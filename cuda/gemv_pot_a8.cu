@@ -49,6 +49,8 @@
 #define PA8_LUT_LO 0x01020400        // int8 4·unit of codes 0..3: 0, +4, +2, +1
 #define PA8_LUT_HI 0xFFFEFC08        // codes 4..7: +8 (spare), -4, -2, -1
 #define PA8_LOW3 0x77777777          // bits 0-2 of every nibble
+#define PA8_UNIT_LO 0x34383C00u      // the high bytes of the fp16 units VALUES / 4 of codes 0..3: 0, 1, 1/2, 1/4
+#define PA8_UNIT_HI 0xB4B8BC40u      // codes 4..7: 2 (spare), -1, -1/2, -1/4 (their low bytes are 0)
 
 __device__ __forceinline__ int pa8_dp4a(u32 a, u32 b, int c) {
     int d;                                             // both operands' bytes signed
@@ -60,6 +62,28 @@ __device__ __forceinline__ u32 pa8_lut(u32 sel) {      // 4 codes (sel's low 16 
     u32 r;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(PA8_LUT_LO), "r"(PA8_LUT_HI), "r"(sel));
     return r;
+}
+
+__device__ __forceinline__ u32 pa8_prmt(u32 a, u32 b, u32 sel) {   // generic prmt: bytes {b, a}
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+// The selector of channels 4i..4i+3 of a chunk (its low 16 bits), i = 0..7 (a compile-time i):
+// the nibbles of w[i/2] (bits 0-2; the high half shifted down for odd i), or for i = 6, 7 those
+// gathered from the words' bit 3s. pa8_chunk builds the same eight.
+__device__ __forceinline__ u32 pa8_selector(const u32 (&w)[PA8_WORDS], int i) {
+    if (i < 6) return (w[i >> 1] & PA8_LOW3) >> (16 * (i & 1));
+    const u32 e = ((w[0] >> 3) & 0x11111111u) | ((w[1] >> 2) & 0x22222222u) | ((w[2] >> 1) & 0x44444444u);
+    return e >> (16 * (i & 1));
+}
+
+// a · b on two fp16 pairs, each half once rounded to nearest (subnormals kept, no fma contraction)
+__device__ __forceinline__ u32 pa8_hmul2(u32 a, u32 b) {
+    u32 d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
 }
 
 // Σ VALUES[code]·x8 over one chunk: w its three words, x the token's 32 int8 as 8 words.
@@ -109,7 +133,12 @@ __device__ __forceinline__ void pa8_ldx(const i8* p, u32 (&x)[8]) {
 
 // w16 (N, K) fp16 = fp16(s/4 · VALUES[code]) of every weight, bit for bit
 // formats/pot_a8.py dequantized_f16: one thread a (row, chunk of 32 channels), from the full
-// steps' words and scales or the tail's (read before the PDL wait: no kernel writes them). A
+// steps' words and scales or the tail's (read before the PDL wait: no kernel writes them). The
+// GEMV's selectors look the units' fp16 high bytes up by prmt (four weights a prmt; a unit's low
+// byte is 0), two more prmts spread them into fp16 pairs and one f16x2 multiply by s makes two
+// weights: one rounding of the exact s · unit, as fp16(float(s/4) · VALUES) is (both exact where
+// fp16_exact holds, subnormals included; ±0 alike). 40 instructions a chunk of 32 where a scalar
+// decode per weight took ~12 a weight (session 40: the prefill spent ~40 % of its time here). A
 // whole chunk of a row whose K % 8 == 0 leaves as four 16-byte stores, else half by half. Grid
 // (ceil(KC / blockDim), N): row blockIdx.y.
 __global__ void __launch_bounds__(128) dequant_pot3_a8(
@@ -138,56 +167,89 @@ __global__ void __launch_bounds__(128) dequant_pot3_a8(
     }
     pdl_enter();                                       // w16 may still be read by the GEMM before us
     if (c >= KC) return;
-    const float s = 0.25f * __half2float(__ushort_as_half(sb));     // exact: a power of two
-    const int nk = min(PA8_CHUNK, K - c * PA8_CHUNK);
-    __half h[PA8_CHUNK];
+    const u32 s2 = (u32)sb | ((u32)sb << 16);          // s in both halves
+    u32 h[PA8_CHUNK / 2];                              // the chunk's fp16 weights, channels 2i, 2i+1 in word i
 #pragma unroll
-    for (int q = 0; q < PA8_CHUNK; ++q) {
-        // channel 8j + p (p < 8): bits 0-2 of nibble p of word j; channel 24 + p: bit b of its code
-        // in bit 3 of nibble p of word b
-        const int code = q < 24 ? (w[q >> 3] >> (4 * (q & 7))) & 7
-                                : ((w[0] >> (4 * (q - 24) + 3)) & 1) | (((w[1] >> (4 * (q - 24) + 3)) & 1) << 1)
-                                  | (((w[2] >> (4 * (q - 24) + 3)) & 1) << 2);
-        const int v = (int)(signed char)(((code < 4 ? PA8_LUT_LO : PA8_LUT_HI) >> (8 * (code & 3))) & 0xFF);
-        h[q] = __float2half_rn(s * (float)v);
+    for (int i = 0; i < 8; ++i) {                      // channels 4i..4i+3: the GEMV's selectors (pa8_chunk)
+        const u32 b = pa8_prmt(PA8_UNIT_LO, PA8_UNIT_HI, pa8_selector(w, i));  // their units' fp16 high bytes
+        h[2 * i] = pa8_hmul2(pa8_prmt(b, 0u, 0x1404u), s2);                   // (0, b0, 0, b1): channels 4i, 4i+1
+        h[2 * i + 1] = pa8_hmul2(pa8_prmt(b, 0u, 0x3424u), s2);               // 4i+2, 4i+3
     }
+    const int nk = min(PA8_CHUNK, K - c * PA8_CHUNK);
     __half* o = w16 + (size_t)n * K + (size_t)c * PA8_CHUNK;
     if (nk == PA8_CHUNK && (K & 7) == 0) {             // 16-byte aligned: row n starts at 2nK bytes
 #pragma unroll
-        for (int v4 = 0; v4 < PA8_CHUNK / 8; ++v4) {
-            uint4 u;
-            u.x = (u32)__half_as_ushort(h[8 * v4 + 0]) | ((u32)__half_as_ushort(h[8 * v4 + 1]) << 16);
-            u.y = (u32)__half_as_ushort(h[8 * v4 + 2]) | ((u32)__half_as_ushort(h[8 * v4 + 3]) << 16);
-            u.z = (u32)__half_as_ushort(h[8 * v4 + 4]) | ((u32)__half_as_ushort(h[8 * v4 + 5]) << 16);
-            u.w = (u32)__half_as_ushort(h[8 * v4 + 6]) | ((u32)__half_as_ushort(h[8 * v4 + 7]) << 16);
-            reinterpret_cast<uint4*>(o)[v4] = u;
-        }
+        for (int v4 = 0; v4 < PA8_CHUNK / 8; ++v4)
+            reinterpret_cast<uint4*>(o)[v4] = make_uint4(h[4 * v4], h[4 * v4 + 1], h[4 * v4 + 2], h[4 * v4 + 3]);
     } else {
+        unsigned short* o16 = reinterpret_cast<unsigned short*>(o);
 #pragma unroll
         for (int q = 0; q < PA8_CHUNK; ++q)
-            if (q < nk) o[q] = h[q];
+            if (q < nk) o16[q] = (unsigned short)(h[q >> 1] >> (16 * (q & 1)));
     }
 }
 
-// xh (M, K) fp16 = x8 (M, ldx) int8's first K columns (exact). Grid (ceil(K / blockDim), M).
+// xh (M, K) fp16 = x8 (M, ldx) int8's first K columns (exact): eight a thread, by one 8-byte load
+// and one 16-byte store where vec (the launcher's: K and ldx multiples of 8, x8 8-byte and xh
+// 16-byte aligned), else one by one. Grid (ceil(K / (8 · blockDim)), M).
 __global__ void __launch_bounds__(256) rows_i8_to_f16(const i8* __restrict__ x8, __half* __restrict__ xh, int K,
-                                                      int ldx) {
+                                                      int ldx, int vec) {
     pdl_enter();
-    const int m = blockIdx.y, k = blockIdx.x * blockDim.x + threadIdx.x;
-    if (k < K) xh[(size_t)m * K + k] = __int2half_rn((int)x8[(size_t)m * ldx + k]);
+    const int m = blockIdx.y, k0 = 8 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (k0 >= K) return;
+    const i8* src = x8 + (size_t)m * ldx + k0;
+    __half* dst = xh + (size_t)m * K + k0;
+    if (vec) {                                         // then k0 + 8 <= K
+        const uint2 v = *reinterpret_cast<const uint2*>(src);
+        u32 o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const u32 word = i < 2 ? v.x : v.y;
+            const int lo = (int)(signed char)(word >> (16 * (i & 1)));
+            const int hi = (int)(signed char)(word >> (16 * (i & 1) + 8));
+            o[i] = (u32)__half_as_ushort(__int2half_rn(lo)) | ((u32)__half_as_ushort(__int2half_rn(hi)) << 16);
+        }
+        *reinterpret_cast<uint4*>(dst) = make_uint4(o[0], o[1], o[2], o[3]);
+    } else {
+        for (int i = 0; i < 8 && k0 + i < K; ++i) dst[i] = __int2half_rn((int)src[i]);
+    }
 }
 
 // out (M, N) fp16 = fp16(c32 · sx[m]), the GEMV's epilogue on cuBLAS's fp32 product, or with
-// resid (non-null) resid += float(that) instead, as the GEMV's resid. Grid (ceil(N / blockDim), M).
+// resid (non-null) resid += float(that) instead, as the GEMV's resid: four a thread, by 16-byte
+// loads (and an 8-byte store of out) where vec (the launcher's: N % 4 == 0, c32 and resid 16-byte
+// and out 8-byte aligned), else one by one. Grid (ceil(N / (4 · blockDim)), M).
 __global__ void __launch_bounds__(256) scale_rows_pa8(const float* __restrict__ c32, const float* __restrict__ sx,
-                                                      __half* __restrict__ out, float* __restrict__ resid, int N) {
+                                                      __half* __restrict__ out, float* __restrict__ resid, int N,
+                                                      int vec) {
     pdl_enter();
-    const int m = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= N) return;
-    const size_t i = (size_t)m * N + n;
-    const __half y = __float2half_rn(c32[i] * sx[m]);
-    if (resid) resid[i] += __half2float(y);
-    else out[i] = y;
+    const int m = blockIdx.y, n0 = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (n0 >= N) return;
+    const size_t i0 = (size_t)m * N + n0;
+    const float s = sx[m];
+    if (vec) {                                         // then n0 + 4 <= N
+        const float4 c = *reinterpret_cast<const float4*>(c32 + i0);
+        const __half y0 = __float2half_rn(c.x * s), y1 = __float2half_rn(c.y * s);
+        const __half y2 = __float2half_rn(c.z * s), y3 = __float2half_rn(c.w * s);
+        if (resid) {
+            float4 h = *reinterpret_cast<const float4*>(resid + i0);
+            h.x += __half2float(y0);
+            h.y += __half2float(y1);
+            h.z += __half2float(y2);
+            h.w += __half2float(y3);
+            *reinterpret_cast<float4*>(resid + i0) = h;
+        } else {
+            *reinterpret_cast<uint2*>(out + i0) =
+                make_uint2((u32)__half_as_ushort(y0) | ((u32)__half_as_ushort(y1) << 16),
+                           (u32)__half_as_ushort(y2) | ((u32)__half_as_ushort(y3) << 16));
+        }
+    } else {
+        for (int n = 0; n < 4 && n0 + n < N; ++n) {
+            const __half y = __float2half_rn(c32[i0 + n] * s);
+            if (resid) resid[i0 + n] += __half2float(y);
+            else out[i0 + n] = y;
+        }
+    }
 }
 
 template <int RB>

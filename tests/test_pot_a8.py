@@ -376,12 +376,33 @@ def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
 
 # cuda/gemv_pot_a8.cu dequant_pot3_a8's body (comments dropped, whitespace collapsed), which
 # _dequant_kernel_numpy transliterates: when the kernel changes, so must that and this digest
-DEQUANT_SHA256 = "223720649eb4278d335cbe20e5afaf103ad75aff3bf2b38b4e4fa8c310c5ebcc"
+DEQUANT_SHA256 = "83d7deb5b35b50da8f43895367951c6028c9579d3990d0362bb310993182bf15"
 
 
 def dequant_kernel_text(src: str) -> str:
     i = src.index("dequant_pot3_a8(\n")
     return " ".join(re.sub(r"//[^\n]*", "", src[i:src.index("\n}\n", i)]).split())
+
+
+UNIT_LO, UNIT_HI = 0x34383C00, 0xB4B8BC40        # cuda/gemv_pot_a8.cu PA8_UNIT_LO, PA8_UNIT_HI
+
+
+def _hmul2(a, b) -> int:
+    """mul.rn.f16x2 on two uint32 words: each half the exact product rounded once to fp16."""
+    ha, hb = (np.array([int(v) & 0xFFFFFFFF], "<u4").view(np.float16).astype(np.float64) for v in (a, b))
+    return int((ha * hb).astype(np.float16).view("<u4")[0])
+
+
+def test_unit_tables_are_the_fp16_units():
+    """PA8_UNIT_LO/HI hold the high bytes of fp16(VALUES / 4) for codes 0..7, whose low bytes are 0,
+    and the kernel's defines say so."""
+    units = (P.VALUES.astype(np.float64) / 4).astype(np.float16).view(np.uint16)
+    assert not (units & 0xFF).any()
+    hi = (units >> 8).astype(np.uint8)
+    assert (int(hi[:4].view("<u4")[0]), int(hi[4:].view("<u4")[0])) == (UNIT_LO, UNIT_HI)
+    src = KERNEL_SRC.read_text()
+    assert f"#define PA8_UNIT_LO {UNIT_LO:#010X}u".replace("0X", "0x") in src
+    assert f"#define PA8_UNIT_HI {UNIT_HI:#010X}u".replace("0X", "0x") in src
 
 
 def _dequant_kernel_numpy(words, scale, n, k):
@@ -393,7 +414,6 @@ def _dequant_kernel_numpy(words, scale, n, k):
     steps, tl = kc // 32, kc % 32
     tg = (tl + 3) >> 2
     tile_step, scales_step = 3 * 8 * 32, 8 * 32 * 32 // 128
-    lut = [0, 4, 2, 1, 8, -4, -2, -1]
     out = np.zeros((n, k), np.float16)
     for row in range(n):
         t, r = row // 8, row % 8
@@ -406,14 +426,13 @@ def _dequant_kernel_numpy(words, scale, n, k):
             else:
                 w = [int(tw[((t * 3 + j) * 8 + r) * tl + l]) for j in range(3)]
                 sb = ts_[row * tg + (l >> 2)]
-            s = np.float32(0.25) * np.array([sb], np.uint16).view(np.float16)[0].astype(np.float32)
+            s2 = int(sb) | int(sb) << 16
+            h = []
+            for sel in P.selectors(*w):                   # channels 4i..4i+3: pa8_selector(w, i)
+                b = P.prmt(UNIT_LO, UNIT_HI, sel)
+                h += [_hmul2(P.prmt(b, 0, 0x1404), s2), _hmul2(P.prmt(b, 0, 0x3424), s2)]
             for q in range(min(32, k - 32 * c)):
-                if q < 24:
-                    code = (w[q >> 3] >> (4 * (q & 7))) & 7
-                else:
-                    b = 4 * (q - 24) + 3
-                    code = ((w[0] >> b) & 1) | (((w[1] >> b) & 1) << 1) | (((w[2] >> b) & 1) << 2)
-                out[row, 32 * c + q] = np.float16(s * np.float32(lut[code]))
+                out[row, 32 * c + q] = np.array([(h[q >> 1] >> (16 * (q & 1))) & 0xFFFF], np.uint16).view(np.float16)[0]
     return out
 
 
@@ -483,7 +502,9 @@ def test_many_tokens_take_the_fp16_weight_gemm_with_a_fake_cupy(monkeypatch):
     grids.clear()
     assert run(bound + 1) == ["rows_i8_to_f16", "dequant_pot3_a8", "scale_rows_pa8"]
     assert gemms == [((bound + 1, k), (n, k), np.float32)]
-    assert grids == [((5, bound + 1), (256,)), ((1, n), (128,)), ((1, bound + 1), (256,))]   # K = 1100, Kc = 35
+    # K = 1100, Kc = 35: x8 eight columns a thread, Ŵ a chunk a thread, the outputs four a thread
+    assert grids == [((1, bound + 1), (256,)), ((1, n), (128,)), ((1, bound + 1), (256,))]
+    assert [a["vec"] for a in seen if "vec" in a] == [0, 1]             # K % 8 != 0: x8 one by one; N % 4 == 0
     seen.clear()
     assert run(bound + 1, add=True)[-1] == "scale_rows_pa8" and len(gemms) == 2    # o, down: h += y
     assert seen[-1]["resid"] is not None and seen[-1]["out"] is None

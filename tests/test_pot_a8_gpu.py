@@ -204,14 +204,24 @@ def test_pot3_a8_fold_quant_equals_row_kernels(monkeypatch):
 @pytest.mark.parametrize("n,k", [(9, 77), (13, 1100), (40, 9300), (4096, 4096), (576, 1536)])
 def test_dequant_pot3_a8_matches_reference(n, k):
     """Ŵ in fp16 for cuBLAS (dequant_pot3_a8): bit for bit formats/pot_a8.py dequantized_f16, full
-    steps and tail."""
+    steps and tail; also with scales drawn from every finite fp16 (subnormal, tiny and huge: the
+    kernel's f16x2 multiply and the reference's float32 product then fp16 are both one rounding of
+    s · unit, overflow and underflow included)."""
     from engine.gpu import pot_a8
-    words, scale = layer(np.random.default_rng(n + 3 * k), n, k)
+    rng = np.random.default_rng(n + 3 * k)
+    words, scale = layer(rng, n, k)
     got = pot_a8.dequantize_pa8(pot_a8.upload(words, scale, n, k)).get()
     np.testing.assert_array_equal(got.view(np.uint16), P.dequantized_f16(words, scale, n, k).view(np.uint16))
+    bits = rng.integers(0, 1 << 16, (n, -(-k // 128))).astype(np.uint16)
+    bits[(bits & 0x7C00) == 0x7C00] &= 0x83FF          # no inf or NaN: exponent field set to 0 there
+    wild = P.pack_scales(bits.view(np.float16), k)
+    got = pot_a8.dequantize_pa8(pot_a8.upload(words, wild, n, k)).get()
+    with np.errstate(over="ignore"):                    # 2|s| past 65504: inf on both sides
+        want = P.dequantized_f16(words, wild, n, k)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
-@pytest.mark.parametrize("n,k,m", [(300, 1000, 40), (1536, 576, 17), (576, 1536, 64)])
+@pytest.mark.parametrize("n,k,m", [(300, 1000, 40), (1536, 576, 17), (576, 1536, 64), (13, 1100, 20)])
 def test_fp16_weight_gemm_agrees_with_the_gemv(n, k, m):
     """Many tokens through Ŵ in fp16 and cuBLAS (gemm_pot_a8) against the GEMV on the same int8
     rows: the same function up to the order of fp32 sums, so every output within one fp16 ulp of

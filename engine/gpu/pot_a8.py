@@ -183,9 +183,13 @@ def gemm_pot_a8(x8, sx, p: PackedPotA8, out, resid=None) -> bool:
         return False
     xh = scratch(cp, m * p.k, name="pa8_x16").reshape(m, p.k)
     c32 = scratch(cp, m * p.n, np.float32, "pa8_c32").reshape(m, p.n)
-    kargs.launch(POT_A8_FILE, "rows_i8_to_f16", (-(-p.k // _BLOCK), m), (_BLOCK,), x8=x8, xh=xh, K=p.k, ldx=ldx)
+    # eight columns a thread, four rows' outputs: vector loads where the widths and addresses allow
+    vec_x = p.k % 8 == 0 and ldx % 8 == 0 and x8.data.ptr % 8 == 0 and xh.data.ptr % 16 == 0
+    vec_y = p.n % 4 == 0 and c32.data.ptr % 16 == 0 and dst.data.ptr % (16 if resid is not None else 8) == 0
+    kargs.launch(POT_A8_FILE, "rows_i8_to_f16", (-(-p.k // (8 * _BLOCK)), m), (_BLOCK,), x8=x8, xh=xh, K=p.k,
+                 ldx=ldx, vec=int(vec_x))
     if not cublas.gemm_f16(cp, xh, dequantize_pa8(p), c32):
         return False
-    kargs.launch(POT_A8_FILE, "scale_rows_pa8", (-(-p.n // _BLOCK), m), (_BLOCK,), c32=c32, sx=sx, out=out, resid=resid,
-                 N=p.n)
+    kargs.launch(POT_A8_FILE, "scale_rows_pa8", (-(-p.n // (4 * _BLOCK)), m), (_BLOCK,), c32=c32, sx=sx, out=out,
+                 resid=resid, N=p.n, vec=int(vec_y))
     return True
