@@ -405,6 +405,19 @@ def test_unit_tables_are_the_fp16_units():
     assert f"#define PA8_UNIT_HI {UNIT_HI:#010X}u".replace("0X", "0x") in src
 
 
+def test_fp16_product_is_the_float32_product_for_every_scale():
+    """dequant_pot3_a8's fp16 multiply of s by the unit VALUES/4 (one rounding of the exact
+    product) gives dequantized_f16's fp16(float32(s/4) · VALUES) for every finite fp16 s: subnormal,
+    overflowing and signed-zero results included."""
+    s = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    s = s[np.isfinite(s)]
+    with np.errstate(over="ignore"):
+        want = (s.astype(np.float32)[:, None] * np.float32(0.25) * P.VALUES.astype(np.float32)).astype(np.float16)
+        units = (P.VALUES.astype(np.float64) / 4).astype(np.float16)
+        got = (s.astype(np.float64)[:, None] * units.astype(np.float64)).astype(np.float16)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
 def _dequant_kernel_numpy(words, scale, n, k):
     """cuda/gemv_pot_a8.cu dequant_pot3_a8 transliterated: thread (row n, chunk c) reads its three
     words and scale from the full steps' arrays or the tail's by the kernel's index formulas."""
