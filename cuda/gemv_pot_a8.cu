@@ -138,9 +138,11 @@ __device__ __forceinline__ void pa8_ldx(const i8* p, u32 (&x)[8]) {
 // byte is 0), two more prmts spread them into fp16 pairs and one f16x2 multiply by s makes two
 // weights: one rounding of the exact s · unit, as fp16(float(s/4) · VALUES) is (both exact where
 // fp16_exact holds, subnormals included; ±0 alike). 40 instructions a chunk of 32 where a scalar
-// decode per weight took ~12 a weight (session 40: the prefill spent ~40 % of its time here). A
-// whole chunk of a row whose K % 8 == 0 leaves as four 16-byte stores, else half by half. Grid
-// (ceil(KC / blockDim), N): row blockIdx.y.
+// decode took ~12 a weight, yet the same time (H100, the 7B prefill's 128 launches: 10.4 ms
+// against 10.2, ~1.3 TB/s of Ŵ written): what bounds it is the stores. A whole chunk of a row
+// whose K % 8 == 0 leaves as four 16-byte stores (a warp's lanes 64 bytes apart), else half by
+// half; branch wip/dequant-stage routes a warp's 2 KB through shared memory instead (not yet run).
+// Grid (ceil(KC / blockDim), N): row blockIdx.y.
 __global__ void __launch_bounds__(128) dequant_pot3_a8(
     const u32* __restrict__ words, const __half* __restrict__ scale, const u32* __restrict__ tail,
     const __half* __restrict__ stail, __half* __restrict__ w16, int N, int KC, int K) {
