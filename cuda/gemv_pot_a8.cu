@@ -137,9 +137,9 @@ __device__ __forceinline__ void pa8_ldx(const i8* p, u32 (&x)[8]) {
 // GEMV's selectors look the units' fp16 high bytes up by prmt (four weights a prmt; a unit's low
 // byte is 0), two more prmts spread them into fp16 pairs and one f16x2 multiply by s makes two
 // weights: one rounding of the exact s · unit, as fp16(float(s/4) · VALUES) is (both exact where
-// fp16_exact holds, subnormals included; ±0 alike). 40 instructions a chunk of 32 where a scalar
-// decode took ~12 a weight, yet the same time (H100, the 7B prefill's 128 launches: 10.4 ms
-// against 10.2, ~1.3 TB/s of Ŵ written): what bounds it is the stores. A whole chunk of a row
+// fp16_exact holds, subnormals included; ±0 alike). 24 PRMT, 16 HMUL2 and ~12 LOP3/SHF a chunk of
+// 32 where a scalar decode took ~12 a weight, yet the same time (H100, the 7B prefill's 128
+// launches: 10.4 ms against 10.2, ~1.25 TB/s of Ŵ written): what bounds it is the stores. A whole chunk of a row
 // whose K % 8 == 0 leaves as four 16-byte stores (a warp's lanes 64 bytes apart), else half by
 // half; branch wip/dequant-stage routes a warp's 2 KB through shared memory instead (not yet run).
 // Grid (ceil(KC / blockDim), N): row blockIdx.y.

@@ -374,23 +374,45 @@ def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
 
 # ----------------------------------------------------------------- many tokens: Ŵ in fp16 and cuBLAS
 
-# cuda/gemv_pot_a8.cu dequant_pot3_a8's body (comments dropped, whitespace collapsed), which
-# _dequant_kernel_numpy transliterates: when the kernel changes, so must that and this digest
-DEQUANT_SHA256 = "83d7deb5b35b50da8f43895367951c6028c9579d3990d0362bb310993182bf15"
+# cuda/gemv_pot_a8.cu dequant_pot3_a8's body and those of the helpers it calls (comments dropped,
+# whitespace collapsed), which _dequant_kernel_numpy transliterates: when they change, so must that
+# and this digest
+DEQUANT_SHA256 = "b61ea5e7161ad0bafe4e962f460c74093af67234091fcd731789f690772deae2"
+DEQUANT_HELPERS = ("pa8_prmt(u32 a", "pa8_selector(const", "pa8_hmul2(u32 a")
 
 
 def dequant_kernel_text(src: str) -> str:
-    i = src.index("dequant_pot3_a8(\n")
-    return " ".join(re.sub(r"//[^\n]*", "", src[i:src.index("\n}\n", i)]).split())
+    parts = []
+    for start in DEQUANT_HELPERS + ("dequant_pot3_a8(\n",):
+        i = src.index(start)
+        parts.append(src[i:src.index("\n}\n", i)])
+    return " ".join(re.sub(r"//[^\n]*", "", "\n".join(parts)).split())
 
 
 UNIT_LO, UNIT_HI = 0x34383C00, 0xB4B8BC40        # cuda/gemv_pot_a8.cu PA8_UNIT_LO, PA8_UNIT_HI
+
+
+def _pa8_selector(w, i: int) -> int:
+    """cuda/gemv_pot_a8.cu pa8_selector transliterated (w: three words as ints)."""
+    if i < 6:
+        return (w[i >> 1] & P.LOW3) >> (16 * (i & 1))
+    e = ((w[0] >> 3) & 0x11111111) | ((w[1] >> 2) & 0x22222222) | ((w[2] >> 1) & 0x44444444)
+    return e >> (16 * (i & 1))
 
 
 def _hmul2(a, b) -> int:
     """mul.rn.f16x2 on two uint32 words: each half the exact product rounded once to fp16."""
     ha, hb = (np.array([int(v) & 0xFFFFFFFF], "<u4").view(np.float16).astype(np.float64) for v in (a, b))
     return int((ha * hb).astype(np.float16).view("<u4")[0])
+
+
+def test_selector_transliteration_is_the_gemvs():
+    """pa8_selector (the dequantization's) gives the GEMV's eight selectors (formats.pot_a8.selectors,
+    which mirror pa8_chunk), low 16 bits, on random words."""
+    rng = np.random.default_rng(2)
+    for w in rng.integers(0, 1 << 32, (200, 3), dtype=np.uint64).tolist():
+        want = [int(v) & 0xFFFF for v in P.selectors(*w)]
+        assert [_pa8_selector(w, i) & 0xFFFF for i in range(8)] == want
 
 
 def test_unit_tables_are_the_fp16_units():
@@ -441,8 +463,8 @@ def _dequant_kernel_numpy(words, scale, n, k):
                 sb = ts_[row * tg + (l >> 2)]
             s2 = int(sb) | int(sb) << 16
             h = []
-            for sel in P.selectors(*w):                   # channels 4i..4i+3: pa8_selector(w, i)
-                b = P.prmt(UNIT_LO, UNIT_HI, sel)
+            for i in range(8):                            # channels 4i..4i+3
+                b = P.prmt(UNIT_LO, UNIT_HI, _pa8_selector(w, i))
                 h += [_hmul2(P.prmt(b, 0, 0x1404), s2), _hmul2(P.prmt(b, 0, 0x3424), s2)]
             for q in range(min(32, k - 32 * c)):
                 out[row, 32 * c + q] = np.array([(h[q >> 1] >> (16 * (q & 1))) & 0xFFFF], np.uint16).view(np.float16)[0]
@@ -525,6 +547,45 @@ def test_many_tokens_take_the_fp16_weight_gemm_with_a_fake_cupy(monkeypatch):
     assert run(bound + 1, exact=False)[0].startswith("gemv_pot3_a8") and len(gemms) == 1
     monkeypatch.setattr(cublas, "available", lambda: False)
     assert run(bound + 1)[0].startswith("gemv_pot3_a8") and len(gemms) == 1
+
+
+def test_fp16_weight_gemm_vectorizes_where_widths_and_addresses_allow(monkeypatch):
+    """gemm_pot_a8's `vec` flags (fake CuPy): x8 to fp16 eight columns a thread only where K and
+    ldx are multiples of 8 and x8 is 8-byte aligned; the row scales four outputs a thread only
+    where N % 4 == 0 and out (8 bytes) or resid (16 bytes) is aligned."""
+    import host_prefill
+
+    import host_gemm
+
+    from engine.gpu import cublas, pot_a8
+    monkeypatch.setattr(cublas, "available", lambda: True)
+    monkeypatch.setattr(cublas, "gemm_f16", lambda cp, x, wt, out: True)
+    seen, real = [], host_gemm._Kernel.launch_bound
+    monkeypatch.setattr(host_gemm._Kernel, "launch_bound", lambda self, grid, block, bound, args, *a, **kw: (
+        seen.append(args.get("vec")), real(self, grid, block, bound, args, *a, **kw)))
+    with host_prefill.faked() as cp:
+        monkeypatch.setattr(pot_a8, "require_cupy", lambda: cp)
+
+        def vecs(n, k, x_off=0, y_off=0, resid=False):
+            codes, s = rand_layer(np.random.default_rng(n + k), n, k)
+            p = pot_a8.upload(P.pack_pot_a8(codes), P.pack_scales(s, k), n, k)
+            m, ldx = 3, 32 * P.n_chunks(k)
+            x8 = cp.zeros(m * ldx + 16, dtype=np.int8)[x_off:x_off + m * ldx].reshape(m, ldx)
+            y = cp.zeros(m * n + 8, dtype=np.float32 if resid else np.float16)[y_off:y_off + m * n].reshape(m, n)
+            seen.clear()
+            assert pot_a8.gemm_pot_a8(x8, cp.ones(m, dtype=np.float32), p, None if resid else y,
+                                      resid=y if resid else None)
+            flags = [v for v in seen if v is not None]
+            assert len(flags) == 2
+            return tuple(flags)                         # rows_i8_to_f16's, scale_rows_pa8's
+
+        assert vecs(16, 1024) == (1, 1)
+        assert vecs(16, 1024, resid=True) == (1, 1)
+        assert vecs(16, 1100) == (0, 1)                 # K % 8 != 0
+        assert vecs(13, 1024) == (1, 0)                 # N % 4 != 0
+        assert vecs(16, 1024, x_off=4) == (0, 1)        # x8 4 bytes off its alignment
+        assert vecs(16, 1024, y_off=2) == (1, 0)        # out 4 bytes off (2 halves)
+        assert vecs(16, 1024, y_off=2, resid=True) == (1, 0)    # resid 8 bytes off
 
 
 def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch):

@@ -118,8 +118,12 @@ def cmd_gemv_wb(args) -> int:
                 out1 = out.reshape(-1)
                 for rb, nw in pot_a8.VARIANTS:
                     name = "pot3a8" if (rb, nw) == pot_a8.DEFAULT else f"pot3a8 rb{rb} nw{nw}"
-                    res[name] = (time_calls(lambda i, v=(rb, nw): pot_a8.gemv_pot_a8(
-                        x8.reshape(-1), sx, pa8[i % len(pa8)], out1, variant=v), reps=args.reps), pa8[0].nbytes())
+                    fn = lambda i, v=(rb, nw): pot_a8.gemv_pot_a8(x8.reshape(-1), sx, pa8[i % len(pa8)], out1,  # noqa: E731
+                                                                  variant=v)
+                    res[name] = (time_calls(fn, reps=args.reps), pa8[0].nbytes())
+                    for vname, setting in variants if name == "pot3a8" else ():   # --ab wb.pa8_*: the default
+                        with setting():
+                            res[f"{name} [{vname}]"] = (time_calls(fn, reps=args.reps), pa8[0].nbytes())
             res["fp16"] = (time_calls(lambda i: cp.matmul(x, w16[i % len(w16)].T, out=out), reps=args.reps),
                            2 * n * k)
             if tiny is not None:                  # tinygemm W4A16 (g128, bf16) through torch: a peer

@@ -314,7 +314,7 @@ def dequantized_f16(words: tuple[np.ndarray, np.ndarray], scale: tuple[np.ndarra
     """Ŵ (N, K) float16 = fp16(s/4 · VALUES[code]) from float32 arithmetic, as cuda/gemv_pot_a8.cu
     dequant_pot3_a8 writes it, bit for bit (exact where fp16_exact). The kernel multiplies fp16(s)
     by the fp16 unit VALUES/4 in fp16 instead: one rounding of the same exact product, so the
-    same bits for every finite scale (tests/test_pot_a8.py checks all 65536 scale bit patterns)."""
+    same bits for every finite scale (tests/test_pot_a8.py checks all 63488 finite fp16 patterns)."""
     codes = unpack_pot_a8(words, n, k)
     s = np.repeat(unpack_scales(scale, n, k).astype(np.float32) * np.float32(0.25), GROUP, axis=1)[:, :k]
     return (s * VALUES[codes].astype(np.float32)).astype(np.float16)

@@ -108,9 +108,9 @@ class WbTuning:
     pa8_rb4_max_k: int = 0
     # the pot3-a8 GEMV reads the weights once a token: above this many tokens (a prefill, a large
     # batch) a layer with fp16-exact scales runs Ŵ in fp16 and cuBLAS instead (gpu/pot_a8.py
-    # gemm_pot_a8). H100, 7B, one process: 512 tokens 26.2 ms this way (23.2 since session 40's
-    # vectorized row kernels) against 408.8 through the
+    # gemm_pot_a8). H100, 7B, one process: 512 tokens 26.2 ms this way against 408.8 through the
     # GEMV; 4 instead of 16 the same at batch 1 (bench/results/2026-12-05-pot3-a8-fold-h100.md).
+    # Session 40's vectorized row kernels: 23.2 ms (another run; 2026-12-05-pot3-a8-prefill-h100.md).
     # Between 17 and 511 tokens, and batch 8 on the GEMM, not timed: 16 stays a guess there.
     pa8_gemv_max_m: int = 16
 
