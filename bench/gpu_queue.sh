@@ -19,7 +19,7 @@
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
 #            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill}
+part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -60,8 +60,17 @@ prefill)             # session 40: the fp16-Ŵ path's kernels vectorized (the de
     step e2e_prefill 240 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --json
     step prefill_pb 150 python bench/prefill_breakdown.py --tokens 512 --paths fp16,pot3a8
     ;;
+ncu)                 # issue 15's last few % of decode: the two gate|up SiLU GEMVs alone, timed, then under
+                     # Nsight Compute (Firecracker machines: KINDS.md). Carry .carry/cupy-cache.
+    step gate_up 120 python bench/gate_up_one.py
+    for kern in gemm_a8w4_gemv gemv_pot3_a8; do
+        step "ncu_$kern" 200 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+            --section WarpStateStats --section Occupancy --section LaunchStats -k "regex:$kern" -s 3 -c 2 \
+            python bench/gate_up_one.py --qkv 0 --reps 2
+    done
+    ;;
 *)
-    echo "unknown part $part: tests, pot, model, bench, smollm2 or prefill" >&2
+    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill or ncu" >&2
     exit 2
     ;;
 esac
