@@ -2,7 +2,10 @@
 # GPU runs of the pot3-a8 work (issue 15) and the session-39 GPU tests, in device calls of at most
 # 600 s each. Each step's log goes to $OUT/<part>/<step>.log; $OUT/<part>.tgz is rewritten after every
 # step, so a call cut short still returns what it finished. Session 39 (H100) ran pot and bench,
-# and model's tests by pytest directly (docs/KERNELS.md); smollm2 is still to run.
+# and model's tests by pytest directly (docs/KERNELS.md); session 40 (H100) smollm2, pot, bench and
+# prefill (bench/results/2026-12-05-pot3-a8-prefill-h100.md); ncu is prepared, not yet run.
+#   prefill: the fp16-Ŵ path's GPU tests, the 7B e2e and prefill_breakdown of 512 tokens.
+#   ncu    : bench/gate_up_one.py, then its two SiLU GEMVs under Nsight Compute.
 #   tests  : the pot3-a8 GPU tests (the resid epilogue bit-exact, o and down adding into h at 20
 #            tokens; Ŵ in fp16 bit-exact, the fp16-Ŵ GEMM within an ulp of the GEMV, a 40-token
 #            prefill through it), cuBLAS's fp32 output, the model tests (with the 7B-width decode at
