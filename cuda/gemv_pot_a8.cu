@@ -58,21 +58,19 @@ __device__ __forceinline__ int pa8_dp4a(u32 a, u32 b, int c) {
     return d;
 }
 
-__device__ __forceinline__ u32 pa8_lut(u32 sel) {      // 4 codes (sel's low 16 bits) -> 4 int8
-    u32 r;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(PA8_LUT_LO), "r"(PA8_LUT_HI), "r"(sel));
-    return r;
-}
-
 __device__ __forceinline__ u32 pa8_prmt(u32 a, u32 b, u32 sel) {   // generic prmt: bytes {b, a}
     u32 r;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
     return r;
 }
 
+__device__ __forceinline__ u32 pa8_lut(u32 sel) {      // 4 codes (sel's low 16 bits) -> 4 int8
+    return pa8_prmt(PA8_LUT_LO, PA8_LUT_HI, sel);
+}
+
 // The selector of channels 4i..4i+3 of a chunk (its low 16 bits), i = 0..7 (a compile-time i):
 // the nibbles of w[i/2] (bits 0-2; the high half shifted down for odd i), or for i = 6, 7 those
-// gathered from the words' bit 3s. pa8_chunk builds the same eight.
+// gathered from the words' bit 3s: dequant_pot3_a8's, and the eight pa8_chunk builds at once.
 __device__ __forceinline__ u32 pa8_selector(const u32 (&w)[PA8_WORDS], int i) {
     if (i < 6) return (w[i >> 1] & PA8_LOW3) >> (16 * (i & 1));
     const u32 e = ((w[0] >> 3) & 0x11111111u) | ((w[1] >> 2) & 0x22222222u) | ((w[2] >> 1) & 0x44444444u);
@@ -86,7 +84,9 @@ __device__ __forceinline__ u32 pa8_hmul2(u32 a, u32 b) {
     return d;
 }
 
-// Σ VALUES[code]·x8 over one chunk: w its three words, x the token's 32 int8 as 8 words.
+// Σ VALUES[code]·x8 over one chunk: w its three words, x the token's 32 int8 as 8 words. The
+// selectors are pa8_selector's, built here once for all eight (calling it eight times costs the
+// loop ~130 of its ~600 instructions: nvcc 13.0 forms the bit-3 gather twice and shifts each mask).
 __device__ __forceinline__ int pa8_chunk(const u32 (&w)[PA8_WORDS], const u32 (&x)[8]) {
     const u32 m0 = w[0] & PA8_LOW3, m1 = w[1] & PA8_LOW3, m2 = w[2] & PA8_LOW3;
     const u32 e = ((w[0] >> 3) & 0x11111111u) | ((w[1] >> 2) & 0x22222222u) | ((w[2] >> 1) & 0x44444444u);
@@ -139,9 +139,10 @@ __device__ __forceinline__ void pa8_ldx(const i8* p, u32 (&x)[8]) {
 // weights: one rounding of the exact s · unit, as fp16(float(s/4) · VALUES) is (both exact where
 // fp16_exact holds, subnormals included; ±0 alike). 24 PRMT, 16 HMUL2 and ~12 LOP3/SHF a chunk of
 // 32 where a scalar decode took ~12 a weight, yet the same time (H100, the 7B prefill's 128
-// launches: 10.4 ms against 10.2, ~1.25 TB/s of Ŵ written): what bounds it is the stores. A whole chunk of a row
-// whose K % 8 == 0 leaves as four 16-byte stores (a warp's lanes 64 bytes apart), else half by
-// half; branch wip/dequant-stage routes a warp's 2 KB through shared memory instead (not yet run).
+// launches: 10.4 ms against 10.2, ~1.25 TB/s of Ŵ written): what bounds it is the stores. A
+// whole chunk of a row whose K % 8 == 0 leaves as four 16-byte stores (a warp's lanes 64 bytes
+// apart), else half by half; branch wip/dequant-stage routes a warp's 2 KB through shared memory
+// instead (not yet run).
 // Grid (ceil(KC / blockDim), N): row blockIdx.y.
 __global__ void __launch_bounds__(128) dequant_pot3_a8(
     const u32* __restrict__ words, const __half* __restrict__ scale, const u32* __restrict__ tail,
