@@ -139,11 +139,10 @@ __device__ __forceinline__ void pa8_ldx(const i8* p, u32 (&x)[8]) {
 // weights: one rounding of the exact s · unit, as fp16(float(s/4) · VALUES) is (both exact where
 // fp16_exact holds, subnormals included; ±0 alike). 24 PRMT, 16 HMUL2 and ~12 LOP3/SHF a chunk of
 // 32 where a scalar decode took ~12 a weight, yet the same time (H100, the 7B prefill's 128
-// launches: 10.4 ms against 10.2, ~1.25 TB/s of Ŵ written): what bounds it is the stores. A
-// whole chunk of a row whose K % 8 == 0 leaves as four 16-byte stores (a warp's lanes 64 bytes
-// apart), else half by half; branch wip/dequant-stage routes a warp's 2 KB through shared memory
-// instead (not yet run).
-// Grid (ceil(KC / blockDim), N): row blockIdx.y.
+// launches: 10.4 ms against 10.2, ~1.25 TB/s of Ŵ written): what bounds it is the stores. So a
+// warp whose 32 chunks are whole (K % 8 == 0) stages its 2 KB in shared memory and stores 512
+// contiguous bytes an instruction (this branch; not yet timed); a lone whole chunk leaves as four
+// 16-byte stores, else half by half. Grid (ceil(KC / blockDim), N): row blockIdx.y.
 __global__ void __launch_bounds__(128) dequant_pot3_a8(
     const u32* __restrict__ words, const __half* __restrict__ scale, const u32* __restrict__ tail,
     const __half* __restrict__ stail, __half* __restrict__ w16, int N, int KC, int K) {
@@ -180,7 +179,24 @@ __global__ void __launch_bounds__(128) dequant_pot3_a8(
     }
     const int nk = min(PA8_CHUNK, K - c * PA8_CHUNK);
     __half* o = w16 + (size_t)n * K + (size_t)c * PA8_CHUNK;
-    if (nk == PA8_CHUNK && (K & 7) == 0) {             // 16-byte aligned: row n starts at 2nK bytes
+    const int c0 = c - (threadIdx.x & 31);             // the warp's first chunk
+    if ((c0 + 32) * PA8_CHUNK <= K && (K & 7) == 0) {  // the warp's 32 chunks whole: 2 KB of one row
+        // through shared memory, so that each store instruction writes 512 contiguous bytes (a
+        // lane's own 64 bytes as four 16-byte stores 64 bytes apart took ~1.3 TB/s)
+        __shared__ uint4 stage[4][32 * PA8_CHUNK / 8];
+        uint4* sw = stage[threadIdx.x >> 5];
+        const int lane = threadIdx.x & 31;
+#pragma unroll
+        for (int v4 = 0; v4 < PA8_CHUNK / 8; ++v4)    // slot 4·lane + v4, rotated against bank conflicts
+            sw[4 * lane + ((v4 + lane) & 3)] = make_uint4(h[4 * v4], h[4 * v4 + 1], h[4 * v4 + 2], h[4 * v4 + 3]);
+        __syncwarp();
+        uint4* ow = reinterpret_cast<uint4*>(w16 + (size_t)n * K + (size_t)c0 * PA8_CHUNK);
+#pragma unroll
+        for (int i = 0; i < PA8_CHUNK / 8; ++i) {      // 16-byte piece 32i + lane: chunk 8i + lane/4, part lane % 4
+            const int q = 32 * i + lane, src = q >> 2, part = q & 3;
+            ow[q] = sw[4 * src + ((part + src) & 3)];
+        }
+    } else if (nk == PA8_CHUNK && (K & 7) == 0) {      // 16-byte aligned: row n starts at 2nK bytes
 #pragma unroll
         for (int v4 = 0; v4 < PA8_CHUNK / 8; ++v4)
             reinterpret_cast<uint4*>(o)[v4] = make_uint4(h[4 * v4], h[4 * v4 + 1], h[4 * v4 + 2], h[4 * v4 + 3]);

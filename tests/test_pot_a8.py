@@ -377,7 +377,7 @@ def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
 # cuda/gemv_pot_a8.cu dequant_pot3_a8's body and those of the helpers it calls (comments dropped,
 # whitespace collapsed), which _dequant_kernel_numpy transliterates: when they change, so must that
 # and this digest
-DEQUANT_SHA256 = "b61ea5e7161ad0bafe4e962f460c74093af67234091fcd731789f690772deae2"
+DEQUANT_SHA256 = "48f8d5d7c48256e1533c9b3684f5d62e631bf86cdc9de578ed71dc79408c5fc1"
 DEQUANT_HELPERS = ("pa8_prmt(u32 a", "pa8_selector(const", "pa8_hmul2(u32 a")
 
 
@@ -442,16 +442,19 @@ def test_fp16_product_is_the_float32_product_for_every_scale():
 
 def _dequant_kernel_numpy(words, scale, n, k):
     """cuda/gemv_pot_a8.cu dequant_pot3_a8 transliterated: thread (row n, chunk c) reads its three
-    words and scale from the full steps' arrays or the tail's by the kernel's index formulas."""
+    words and scale from the full steps' arrays or the tail's by the kernel's index formulas and
+    makes its 16 words of fp16 pairs; a warp whose 32 chunks are whole (K % 8 == 0) stores them
+    through its shared-memory slots (rotated) 16 bytes a lane, the others a thread its own."""
     (full, tail), (sc, st) = words, scale
     fw, tw, fs, ts_ = full.ravel(), tail.ravel(), sc.view(np.uint16).ravel(), st.view(np.uint16).ravel()
     kc = P.n_chunks(k)
     steps, tl = kc // 32, kc % 32
     tg = (tl + 3) >> 2
     tile_step, scales_step = 3 * 8 * 32, 8 * 32 * 32 // 128
-    out = np.zeros((n, k), np.float16)
+    out = np.zeros(n * k, np.uint16)
     for row in range(n):
         t, r = row // 8, row % 8
+        hs = []                                           # each chunk's 16 words
         for c in range(kc):
             stp, l = c // 32, c % 32
             if stp < steps:
@@ -466,12 +469,28 @@ def _dequant_kernel_numpy(words, scale, n, k):
             for i in range(8):                            # channels 4i..4i+3
                 b = P.prmt(UNIT_LO, UNIT_HI, _pa8_selector(w, i))
                 h += [_hmul2(P.prmt(b, 0, 0x1404), s2), _hmul2(P.prmt(b, 0, 0x3424), s2)]
-            for q in range(min(32, k - 32 * c)):
-                out[row, 32 * c + q] = np.array([(h[q >> 1] >> (16 * (q & 1))) & 0xFFFF], np.uint16).view(np.float16)[0]
-    return out
+            hs.append(h)
+        for c0 in range(0, kc, 32):                       # a warp's chunks (blocks of 128 threads: 4 warps)
+            if (c0 + 32) * 32 <= k and k % 8 == 0:
+                sw = [None] * 128                         # stage: 16-byte slots
+                for lane in range(32):
+                    for v4 in range(4):
+                        sw[4 * lane + ((v4 + lane) & 3)] = hs[c0 + lane][4 * v4:4 * v4 + 4]
+                for i in range(4):
+                    for lane in range(32):
+                        q = 32 * i + lane
+                        src, part = q >> 2, q & 3
+                        at = row * k + c0 * 32 + 8 * q    # ow[q]: 8 halves
+                        for e, word in enumerate(sw[4 * src + ((part + src) & 3)]):
+                            out[at + 2 * e], out[at + 2 * e + 1] = word & 0xFFFF, word >> 16
+            else:
+                for c in range(c0, min(c0 + 32, kc)):
+                    for q in range(min(32, k - 32 * c)):
+                        out[row * k + 32 * c + q] = (hs[c][q >> 1] >> (16 * (q & 1))) & 0xFFFF
+    return out.view(np.float16).reshape(n, k)
 
 
-@pytest.mark.parametrize("n,k", [(9, 77), (16, 1100), (5, 2080)])
+@pytest.mark.parametrize("n,k", [(9, 77), (16, 1100), (5, 2080), (3, 4096)])
 def test_dequant_kernel_reads_the_layout_as_unpack_does(n, k):
     """The fp16-Ŵ kernel's index formulas (transliterated) give dequantized_f16, which is the exact
     Ŵ (dequantized, float64) in fp16 for scales where fp16_exact holds; tiny or huge scales break it."""
