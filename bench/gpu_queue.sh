@@ -22,7 +22,7 @@
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
 #            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|stage|nw}
+part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|stage}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -87,7 +87,7 @@ nw)                  # session 41: NW = 1, 2 (WB_TUNE.pa8_nw; at K = 4096 and NW
         --ab wb.pa8_nw=2 --ab wb.pa8_nw=1 --json
     ;;
 *)
-    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu, stage or nw" >&2
+    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu or stage" >&2
     exit 2
     ;;
 esac
