@@ -78,14 +78,6 @@ stage)               # branch wip/dequant-stage: the dequantization's stores thr
     step prefill_pb 150 python bench/prefill_breakdown.py --tokens 512 --paths fp16,pot3a8
     step e2e_prefill 240 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --json
     ;;
-nw)                  # session 41: NW = 1, 2 (WB_TUNE.pa8_nw; at K = 4096 and NW = 4 a warp takes one step and its
-                     # two-batch ring never runs). GPU tests, the GEMV alone per variant, then the 7B decode.
-                     # Carry .carry/cupy-cache.
-    step pot_a8_gpu 200 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py
-    step gemv_wb 120 python -m engine.bench gemv-wb --kinds pot3a8 --ms 1
-    step e2e_nw 240 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 \
-        --ab wb.pa8_nw=2 --ab wb.pa8_nw=1 --json
-    ;;
 *)
     echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu or stage" >&2
     exit 2

@@ -372,40 +372,6 @@ def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
                      "gemv_pot3_a8<8, 8, false>"]
 
 
-
-def test_pa8_nw_sets_every_launchs_warps(monkeypatch):
-    """WB_TUNE.pa8_nw: the plain launches (RB 8, or 4 up to pa8_rb4_max_k) and the SiLU one take
-    that many warps a block; an NW without a SiLU instantiation is refused before any launch."""
-    import host_prefill
-
-    from engine.gpu import kargs, pot_a8
-    from engine.gpu.ops import CudaOpError
-    from engine.gpu.tuning import WB_TUNE
-    k = 1100
-    codes, s = rand_layer(np.random.default_rng(8), 32, k)
-    launches = []
-    with host_prefill.faked() as cp:
-        monkeypatch.setattr(pot_a8, "require_cupy", lambda: cp)
-        p = pot_a8.upload(P.pack_pot_a8(codes), P.pack_scales(s, k), 32, k)
-        x8, sx = cp.zeros(32 * P.n_chunks(k), dtype=np.int8), cp.ones(1, dtype=np.float32)
-        mf, amax = cp.zeros((1, 16), dtype=np.float32), cp.zeros(1, dtype=np.uint32)
-        with kargs.intercepted(lambda expr, run: (launches.append(expr), run())):
-            for nw in pot_a8.SILU_NWS:
-                monkeypatch.setattr(WB_TUNE, "pa8_nw", nw)
-                pot_a8.gemv_pot_a8(x8, sx, p)
-                pot_a8.gemv_pot_a8_silu(x8.reshape(1, -1), sx, p, mf, amax)
-            monkeypatch.setattr(WB_TUNE, "pa8_rb4_max_k", k)
-            pot_a8.gemv_pot_a8(x8, sx, p)
-            for bad in (8, 3, 0):
-                monkeypatch.setattr(WB_TUNE, "pa8_nw", bad)
-                with pytest.raises(CudaOpError, match="pa8_nw must be one of"):
-                    pot_a8.gemv_pot_a8(x8, sx, p)
-                with pytest.raises(CudaOpError, match="pa8_nw must be one of"):
-                    pot_a8.gemv_pot_a8_silu(x8.reshape(1, -1), sx, p, mf, amax)
-    assert launches == [e for nw in (1, 2, 4) for e in (f"gemv_pot3_a8<8, {nw}, false>", f"gemv_pot3_a8<8, {nw}, true>")
-                        ] + ["gemv_pot3_a8<4, 4, false>"]
-    assert all(e in pot_a8.POT_A8_EXPRS for e in launches)
-
 # ----------------------------------------------------------------- many tokens: Ŵ in fp16 and cuBLAS
 
 # cuda/gemv_pot_a8.cu dequant_pot3_a8's body and those of the helpers it calls (comments dropped,

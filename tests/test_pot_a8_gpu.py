@@ -46,15 +46,12 @@ def test_gemv_pot_a8_matches_reference(n, k):
         assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (rb, nw)
 
 
-@pytest.mark.parametrize("nw", [1, 2, 4])
-def test_gemv_pot_a8_tokens_are_rows_of_the_grid(nw, monkeypatch):
-    """M tokens in one launch (grid y): each row bit-equal to the one-token reference of the NW
-    WB_TUNE.pa8_nw picks, x8 rows padded past 32·Kc (ldx), each token its own scale."""
+def test_gemv_pot_a8_tokens_are_rows_of_the_grid():
+    """M tokens in one launch (grid y): each row bit-equal to the one-token reference, x8 rows
+    padded past 32·Kc (ldx), each token its own scale."""
     import cupy as cp
 
     from engine.gpu import pot_a8
-    from engine.gpu.tuning import WB_TUNE
-    monkeypatch.setattr(WB_TUNE, "pa8_nw", nw)
     rng = np.random.default_rng(7)
     n, k, m, ldx = 300, 1000, 5, 1024 + 16
     words, scale = layer(rng, n, k)
@@ -62,6 +59,7 @@ def test_gemv_pot_a8_tokens_are_rows_of_the_grid(nw, monkeypatch):
     x8 = rng.integers(-127, 128, (m, ldx)).astype(np.int8)
     sx = rng.uniform(0.001, 0.1, m).astype(np.float32)
     got = pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p).get()
+    nw = pot_a8.DEFAULT[1]
     h = rng.standard_normal((m, n)).astype(np.float32)
     resid = cp.asarray(h)
     assert pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p, resid=resid) is resid
@@ -161,17 +159,13 @@ def test_pot_with_int8_activations_the_gpu_cannot_run_is_refused():
             CudaModel(mw)
 
 
-@pytest.mark.parametrize("nw", [1, 2, 4])
 @pytest.mark.parametrize("inter,k", [(64, 576), (1376, 1024), (11008 // 8, 4096), (1536, 576), (40, 9300), (24, 1536)])
-def test_silu_variant_then_quant_equals_the_row_kernel_path(inter, k, nw, monkeypatch):
+def test_silu_variant_then_quant_equals_the_row_kernel_path(inter, k):
     """The batch-1 MLP without silu_mul_quant: the SiLU variant (fp32 silu(gate)·up, atomic absmax)
-    then quant_amax gives the int8 row and scale that the plain GEMV then silu_mul_quant give, at
-    each NW (WB_TUNE.pa8_nw sets both launches')."""
+    then quant_amax gives the int8 row and scale that the plain GEMV then silu_mul_quant give."""
     import cupy as cp
 
     from engine.gpu import fused, pot_a8
-    from engine.gpu.tuning import WB_TUNE
-    monkeypatch.setattr(WB_TUNE, "pa8_nw", nw)
     from engine.gpu.fused import MODE, RowShape
     rng = np.random.default_rng(inter + k)
     words, scale = layer(rng, 2 * inter, k)
@@ -196,14 +190,10 @@ def test_silu_variant_then_quant_equals_the_row_kernel_path(inter, k, nw, monkey
     np.testing.assert_array_equal(qsx.get(), msx.get())
 
 
-@pytest.mark.parametrize("nw", [1, 4])
-def test_pot3_a8_fold_quant_equals_row_kernels(nw, monkeypatch):
+def test_pot3_a8_fold_quant_equals_row_kernels(monkeypatch):
     """A pot3-a8 model's one-token step with its quantization folded (the SiLU variant, attention's
-    absmax, quant_amax) gives the bits of the step with silu_mul_quant and quant_rows, graphed and
-    eager, at NW = 1 and the default 4."""
+    absmax, quant_amax) gives the bits of the step with silu_mul_quant and quant_rows, graphed and eager."""
     from engine.gpu.model import CudaModel
-    from engine.gpu.tuning import WB_TUNE
-    monkeypatch.setattr(WB_TUNE, "pa8_nw", nw)
     from test_model_cuda import check_fold_quant_bits
     mw = _pot_model(seed=3)
     gm = CudaModel(mw)

@@ -19,22 +19,17 @@ from .ops import CudaOpError
 from .tuning import WB_TUNE
 from .wb import scratch
 
-# (RB rows a block, NW warps a block): the instantiations; DEFAULT until a GPU has timed them.
-# NW = 1 and 2 (session 41): at K = 4096 a warp of NW = 4 takes one step of 1024 channels, so its
-# two-batch ring never runs (Nsight Compute, H200, gate|up: 25 % occupancy, 52 % of DRAM bandwidth);
-# fewer warps a block give each warp K / (1024·NW) steps. WB_TUNE.pa8_nw picks the NW of every launch.
-VARIANTS = ((4, 4), (8, 4), (4, 8), (8, 8), (4, 1), (8, 1), (4, 2), (8, 2))
+# (RB rows a block, NW warps a block): the instantiations; DEFAULT until a GPU has timed them
+VARIANTS = ((4, 4), (8, 4), (4, 8), (8, 8))
 DEFAULT = (8, 4)
-SILU_NWS = (1, 2, 4)
-# the fused gate|up layer of the batch-1 step. Its NW is the plain launches' (WB_TUNE.pa8_nw): the
+# the fused gate|up layer of the batch-1 step. Its NW is DEFAULT's, as gemv_pot_a8's default: the
 # warp count fixes the order of a row's sums, so the folded step (this) and the unfolded one (the
-# plain kernel, then silu_mul_quant) agree bit for bit only while both run the same NW
+# plain kernel, then silu_mul_quant) agree bit for bit only while both run DEFAULT[1] warps
 SILU_EXPR = f"gemv_pot3_a8<8, {DEFAULT[1]}, true>"
 MAX_GRID_Y = 65535
 # above WB_TUNE.pa8_gemv_max_m tokens: Ŵ in fp16 and cuBLAS (gemm_pot_a8)
 GEMM_EXPRS = ("dequant_pot3_a8", "rows_i8_to_f16", "scale_rows_pa8")
-POT_A8_EXPRS = (tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS)
-                + tuple(f"gemv_pot3_a8<8, {nw}, true>" for nw in SILU_NWS) + GEMM_EXPRS)
+POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS) + (SILU_EXPR,) + GEMM_EXPRS
 POT_A8_FILE = kargs.KernelFile("gemv_pot_a8.cu", POT_A8_EXPRS)
 
 
@@ -69,18 +64,10 @@ def upload(words: tuple, scale: tuple, n: int, k: int) -> PackedPotA8:
     return PackedPotA8(n, k, w, sc, wt, st, fmt.fp16_exact(scale))
 
 
-def default_nw() -> int:
-    """The NW of every launch: WB_TUNE.pa8_nw, one of SILU_NWS (the fold needs its SiLU variant)."""
-    nw = WB_TUNE.pa8_nw
-    if nw not in SILU_NWS:
-        raise CudaOpError(f"WB_TUNE.pa8_nw must be one of {SILU_NWS}, got {nw!r}")
-    return nw
-
-
 def default_variant(k: int) -> tuple[int, int]:
-    """(RB, NW) of a plain launch for K channels: RB = DEFAULT's 8, or 4 up to WB_TUNE.pa8_rb4_max_k
-    (the same NW: the same bits); NW = WB_TUNE.pa8_nw."""
-    return (4 if 0 < k <= WB_TUNE.pa8_rb4_max_k else DEFAULT[0], default_nw())
+    """(RB, NW) of a plain launch for K channels: DEFAULT, or RB = 4 up to WB_TUNE.pa8_rb4_max_k
+    (the same NW: the same bits)."""
+    return (4, DEFAULT[1]) if 0 < k <= WB_TUNE.pa8_rb4_max_k else DEFAULT
 
 
 def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | None = None, resid=None):
@@ -154,8 +141,7 @@ def gemv_pot_a8_silu(x8, sx, p: PackedPotA8, mf, amax):
         raise CudaOpError("amax must be a uint32 array of at least one element")
     if sx.dtype != np.float32 or sx.size < 1:
         raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least 1 element, got {sx.dtype} {sx.shape}")
-    nw = default_nw()
-    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<8, {nw}, true>", (i // 4, 1), (32 * nw,),   # SILU_EXPR at DEFAULT
+    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<8, {DEFAULT[1]}, true>", (i // 4, 1), (32 * DEFAULT[1],),   # SILU_EXPR
                  words=p.words, scale=p.scale, tail=p.tail, stail=p.stail, x8=x8, sx=sx, out=None, N=p.n, KC=kc,
                  ldx=ldx, ldo=0, mf=mf, amax=amax, resid=None)
     return mf

@@ -106,10 +106,6 @@ class WbTuning:
     # (`e2e --pot-bits 3a8 --ab wb.pa8_rb4_max_k=8192`, one process, H100): 615 against 641 tok/s
     # (bench/results/2026-12-05-pot3-a8-fold-h100.md), so it stays off.
     pa8_rb4_max_k: int = 0
-    # warps a block of every W3-PoT × INT8 GEMV launch, the SiLU one included (1, 2 or 4; gpu/pot_a8.py
-    # VARIANTS). NW fixes each row's order of sums, so the bits move with it (gemv_pot_a8_ref's nw).
-    # 4: session 38's default; 1 and 2 not yet timed in the model.
-    pa8_nw: int = 4
     # the pot3-a8 GEMV reads the weights once a token: above this many tokens (a prefill, a large
     # batch) a layer with fp16-exact scales runs Ŵ in fp16 and cuBLAS instead (gpu/pot_a8.py
     # gemm_pot_a8). H100, 7B, one process: 512 tokens 26.2 ms this way against 408.8 through the
