@@ -22,7 +22,7 @@
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
 #            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|stage|res}
+part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|stage}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -78,14 +78,8 @@ stage)               # branch wip/dequant-stage: the dequantization's stores thr
     step prefill_pb 150 python bench/prefill_breakdown.py --tokens 512 --paths fp16,pot3a8
     step e2e_prefill 240 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --json
     ;;
-res)                 # session 41: the resident grid for layers of one step a warp (WB_TUNE.pa8_resident,
-                     # cuda/gemv_pot_a8.cu gemv_pot3_a8_res). Carry .carry/cupy-cache.
-    step pot_a8_gpu 240 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py
-    step gemv_wb 120 python -m engine.bench gemv-wb --kinds pot3a8 --ms 1 --ab wb.pa8_resident=1
-    step e2e_res 240 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --ab wb.pa8_resident=1 --json
-    ;;
 *)
-    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu, stage or res" >&2
+    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu or stage" >&2
     exit 2
     ;;
 esac

@@ -271,37 +271,6 @@ __global__ void __launch_bounds__(256) scale_rows_pa8(const float* __restrict__ 
     }
 }
 
-// A block's outputs from its warps' row sums red[w][r] (summed in order w = 0..NW-1, the
-// reference's), token blockIdx.y, rows n0.. (SILU: gate rows n0..n0+3, up rows N/2 + n0..): out
-// = fp16(sum · sxq), or resid += float(fp16(y)), or SILU's mf and amax (gemv_pot3_a8's comment).
-template <int RB, int NW, bool SILU>
-__device__ __forceinline__ void pa8_epilogue(const float (&red)[NW][RB], int n0, int N, float sxq, __half* out,
-                                             float* mf, unsigned* amax, float* resid, int ldo) {
-    constexpr int HALF = SILU ? RB / 2 : RB;
-    auto row_sum = [&](int r) {                        // the warps' sums in order 0..NW-1
-        float v = red[0][r];
-#pragma unroll
-        for (int w = 1; w < NW; ++w) v += red[w][r];
-        return v;
-    };
-    if constexpr (SILU) {
-        if (threadIdx.x < HALF) {                      // lanes 0..3 of warp 0: gate row n0 + t, up row N/2 + n0 + t
-            const float g = __half2float(__float2half_rn(row_sum(threadIdx.x) * sxq));
-            const float u = __half2float(__float2half_rn(row_sum(threadIdx.x + HALF) * sxq));
-            const float v = silu_mul(g, u);
-            mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x] = v;
-            float a = fabsf(v);
-            a = nan_max(a, __shfl_xor_sync(0xfu, a, 1));
-            a = nan_max(a, __shfl_xor_sync(0xfu, a, 2));
-            if (threadIdx.x == 0 && !(a <= 0.f)) atomicMax(amax + blockIdx.y, __float_as_uint(a));
-        }
-    } else if (threadIdx.x < RB && n0 + (int)threadIdx.x < N) {
-        const __half y = __float2half_rn(row_sum(threadIdx.x) * sxq);
-        if (resid) resid[(size_t)blockIdx.y * ldo + n0 + threadIdx.x] += __half2float(y);   // h += fp16(y)
-        else out[n0 + threadIdx.x] = y;
-    }
-}
-
 template <int RB>
 struct Pa8Batch {                    // one warp step of a lane: its chunk of RB rows
     u32 w[RB][PA8_WORDS];
@@ -459,111 +428,27 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
 #pragma unroll
         for (int r = 0; r < RB; ++r) red[warp][r] = acc[r];
     __syncthreads();
-    pa8_epilogue<RB, NW, SILU>(red, n0, N, sxq, out, mf, amax, resid, ldo);
-}
-
-
-// The same function for layers where a warp has at most one step of a row block (KC ≤ 32·NW
-// with the tail counted as a step: K ≤ 4096 at NW = 4, so the 7B's q|k|v, o and gate|up), on a
-// resident grid (engine/gpu/pot_a8.py, kargs.resident_grid): block b takes row blocks b, b + G,
-// b + 2G, ... (G = gridDim.x) of units = ceil(N / RB) (SILU: N / 8), with a ring of two row
-// blocks' weights in registers across them, so a warp's next loads are in flight while it
-// computes, where gemv_pot3_a8 at one step a warp loads, computes and exits (Nsight Compute,
-// H100, gate|up: 3.5 warps a scheduler, half of each warp's cycles waiting on its loads, 64 % of
-// DRAM bandwidth against A8W4's GEMV's 7 warps and 72 %). Warp w's step of every row block is
-// step w (the tail where w == S), so its 32 int8 of x are loaded once. Each row block's sums are
-// gemv_pot3_a8's at NW (one fma a lane, the butterfly, the warps' in order): the same bits. The
-// warps' sums pass through red[p], p alternating, one barrier a row block: a warp writes red[p]
-// of row block i + 2 only after the barrier of row block i + 1, which warp 0 reaches after its
-// epilogue of row block i has read red[p].
-template <int RB, int NW, bool SILU = false>
-__global__ void __launch_bounds__(32 * NW) gemv_pot3_a8_res(
-    const u32* __restrict__ words, const __half* __restrict__ scale, const u32* __restrict__ tail,
-    const __half* __restrict__ stail, const i8* __restrict__ x8, const float* __restrict__ sx,
-    __half* __restrict__ out, int N, int KC, int ldx, int ldo, float* __restrict__ mf, unsigned* __restrict__ amax,
-    float* __restrict__ resid) {
-    static_assert(PA8_GROUP == 4 * PA8_CHUNK, "a lane's scale index is its chunk / 4");
-    static_assert(PA8_TILE_ROWS % RB == 0, "a row block is a tile or a part of one");
-    static_assert(!SILU || RB == PA8_TILE_ROWS, "the SiLU variant takes 4 gate and 4 up rows a block");
-    constexpr int HALF = SILU ? RB / 2 : RB;
-    constexpr int TILE_STEP = PA8_WORDS * PA8_TILE_ROWS * PA8_STEP;
-    constexpr int SCALES_STEP = PA8_TILE_ROWS * PA8_STEP * PA8_CHUNK / PA8_GROUP;
-    __shared__ float red[2][NW][RB];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int steps = KC / PA8_STEP, tl = KC % PA8_STEP;
-    const int tg = (tl + PA8_GROUP / PA8_CHUNK - 1) / (PA8_GROUP / PA8_CHUNK);
-    const bool full = warp < steps;                    // warp-uniform: a full step, the tail, or nothing
-    const bool tw = !full && warp == steps && tl > 0;
-    const bool adds = full || (tw && lane < tl);       // lanes whose chunk is below KC
-    const int units = SILU ? N / 2 / HALF : (N + RB - 1) / RB;
-    const int G = gridDim.x;
-    const size_t tu = SILU ? (size_t)(N / 2 / PA8_TILE_ROWS) : 0;   // SILU: the up rows' tiles on
-    const unsigned short* sc16 = reinterpret_cast<const unsigned short*>(scale);
-    const unsigned short* st16 = reinterpret_cast<const unsigned short*>(stail);
-    auto load = [&](int u, Pa8Batch<RB>& b) {          // row block u's weights and scales of this warp's step
-        const int n0 = u * HALF;
-        const size_t t = n0 / PA8_TILE_ROWS, r0 = n0 % PA8_TILE_ROWS;
-        if (full) {
-            const size_t ts = t * steps + warp, tsu = (t + tu) * steps + warp;
-            const u32* wp = words + ts * TILE_STEP + r0 * PA8_STEP + lane;
-            const u32* wpu = words + tsu * TILE_STEP + r0 * PA8_STEP + lane;
-            const unsigned short* sp = sc16 + ts * SCALES_STEP + r0 * (SCALES_STEP / PA8_TILE_ROWS) + (lane >> 2);
-            const unsigned short* spu = sc16 + tsu * SCALES_STEP + r0 * (SCALES_STEP / PA8_TILE_ROWS) + (lane >> 2);
+    auto row_sum = [&](int r) {                        // the warps' sums in order 0..NW-1
+        float v = red[0][r];
 #pragma unroll
-            for (int r = 0; r < RB; ++r) {
-                const int rr = r < HALF ? r : r - HALF;
-#pragma unroll
-                for (int j = 0; j < PA8_WORDS; ++j)
-                    b.w[r][j] = pa8_ldw((r < HALF ? wp : wpu) + (j * PA8_TILE_ROWS + rr) * PA8_STEP);
-                b.s[r] = pa8_lds((r < HALF ? sp : spu) + rr * (SCALES_STEP / PA8_TILE_ROWS));
-            }
-        } else if (tw && lane < tl) {
-            const u32* tp = tail + (t * (PA8_WORDS * PA8_TILE_ROWS) + r0) * tl + lane;
-            const u32* tpu = tp + tu * (PA8_WORDS * PA8_TILE_ROWS) * tl;
-            const unsigned short* tsp = st16 + (size_t)n0 * tg + (lane >> 2);
-            const unsigned short* tspu = tsp + tu * PA8_TILE_ROWS * tg;
-#pragma unroll
-            for (int r = 0; r < RB; ++r) {
-                const int rr = r < HALF ? r : r - HALF;
-#pragma unroll
-                for (int j = 0; j < PA8_WORDS; ++j)
-                    b.w[r][j] = pa8_ldw((r < HALF ? tp : tpu) + (j * PA8_TILE_ROWS + rr) * tl);
-                b.s[r] = pa8_lds((r < HALF ? tsp : tspu) + rr * tg);
-            }
+        for (int w = 1; w < NW; ++w) v += red[w][r];
+        return v;
+    };
+    if constexpr (SILU) {
+        if (threadIdx.x < HALF) {                      // lanes 0..3 of warp 0: gate row n0 + t, up row N/2 + n0 + t
+            const float g = __half2float(__float2half_rn(row_sum(threadIdx.x) * sxq));
+            const float u = __half2float(__float2half_rn(row_sum(threadIdx.x + HALF) * sxq));
+            const float v = silu_mul(g, u);
+            mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x] = v;
+            float a = fabsf(v);
+            a = nan_max(a, __shfl_xor_sync(0xfu, a, 1));
+            a = nan_max(a, __shfl_xor_sync(0xfu, a, 2));
+            if (threadIdx.x == 0 && !(a <= 0.f)) atomicMax(amax + blockIdx.y, __float_as_uint(a));
         }
-    };
-    out += (size_t)blockIdx.y * ldo;
-    int p = 0;
-    Pa8Batch<RB> b0, b1;
-    int u = blockIdx.x;
-    if (u < units) load(u, b0);
-    if (u + G < units) load(u + G, b1);
-    pdl_enter();
-    float sxq = 0.f;
-    if (threadIdx.x < RB) sxq = 0.25f * sx[blockIdx.y];   // exact: a power of two
-    u32 x[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-    if (adds) pa8_ldx(x8 + (size_t)blockIdx.y * ldx + (size_t)warp * (PA8_STEP * PA8_CHUNK) + lane * PA8_CHUNK, x);
-    auto step = [&](int uu, Pa8Batch<RB>& b) {         // row block uu from b, then b refilled with uu + 2G
-        float acc[RB];
-#pragma unroll
-        for (int r = 0; r < RB; ++r)
-            acc[r] = adds ? fmaf(__half2float(__ushort_as_half((unsigned short)b.s[r])), (float)pa8_chunk(b.w[r], x), 0.f)
-                          : 0.f;
-        if (uu + 2 * G < units) load(uu + 2 * G, b);
-#pragma unroll
-        for (int r = 0; r < RB; ++r)
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-        if (lane == 0)
-#pragma unroll
-            for (int r = 0; r < RB; ++r) red[p][warp][r] = acc[r];
-        __syncthreads();
-        pa8_epilogue<RB, NW, SILU>(red[p], uu * HALF, N, sxq, out, mf, amax, resid, ldo);
-        p ^= 1;
-    };
-    for (; u < units; u += 2 * G) {
-        step(u, b0);
-        if (u + G >= units) break;
-        step(u + G, b1);
+    } else if (threadIdx.x < RB && n0 + (int)threadIdx.x < N) {
+        const __half y = __float2half_rn(row_sum(threadIdx.x) * sxq);
+        if (resid) resid[(size_t)blockIdx.y * ldo + n0 + threadIdx.x] += __half2float(y);   // h += fp16(y)
+        else out[n0 + threadIdx.x] = y;
     }
 }
+

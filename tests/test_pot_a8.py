@@ -372,43 +372,6 @@ def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
                      "gemv_pot3_a8<8, 8, false>"]
 
 
-
-def test_resident_launches_only_where_a_warp_has_one_step(monkeypatch):
-    """WB_TUNE.pa8_resident: a layer whose full steps and tail fit NW warps (K ≤ 4096 at NW = 4)
-    launches gemv_pot3_a8_res on kargs.resident_grid's blocks (capped by WB_TUNE.max_blocks), the
-    SiLU one too; K past that, another NW, or the setting off keep a block a row block."""
-    import host_prefill
-
-    from engine.gpu import kargs, pot_a8
-    from engine.gpu.tuning import WB_TUNE
-    assert [pot_a8.resident(kc, 4) for kc in (1, 96, 127, 128, 129, 160)] == [False] * 6   # off by default
-    monkeypatch.setattr(WB_TUNE, "pa8_resident", True)
-    assert [pot_a8.resident(kc, 4) for kc in (0, 1, 96, 127, 128, 129, 160)] == [False, True, True, True, True,
-                                                                                False, False]
-    assert not pot_a8.resident(64, 8)
-    caps = []
-    monkeypatch.setattr(kargs, "resident_grid", lambda fn, units, threads, smem, cap: (caps.append((units, cap)),
-                                                                                      min(units, 3))[1])
-    monkeypatch.setattr(WB_TUNE, "max_blocks", 7)
-    launches = []
-    with host_prefill.faked() as cp:
-        monkeypatch.setattr(pot_a8, "require_cupy", lambda: cp)
-        for k in (4096, 4097):
-            codes, s = rand_layer(np.random.default_rng(k), 32, k)
-            p = pot_a8.upload(P.pack_pot_a8(codes), P.pack_scales(s, k), 32, k)
-            x8, sx = cp.zeros(32 * P.n_chunks(k), dtype=np.int8), cp.ones(1, dtype=np.float32)
-            mf, amax = cp.zeros((1, 16), dtype=np.float32), cp.zeros(1, dtype=np.uint32)
-            with kargs.intercepted(lambda expr, run: (launches.append(expr), run())):
-                pot_a8.gemv_pot_a8(x8, sx, p)
-                pot_a8.gemv_pot_a8(x8, sx, p, variant=(4, 4))
-                pot_a8.gemv_pot_a8(x8, sx, p, variant=(8, 8))
-                pot_a8.gemv_pot_a8_silu(x8.reshape(1, -1), sx, p, mf, amax)
-    assert launches == ["gemv_pot3_a8_res<8, 4, false>", "gemv_pot3_a8_res<4, 4, false>", "gemv_pot3_a8<8, 8, false>",
-                        "gemv_pot3_a8_res<8, 4, true>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<4, 4, false>",
-                        "gemv_pot3_a8<8, 8, false>", "gemv_pot3_a8<8, 4, true>"]
-    assert caps == [(4, 7), (8, 7), (4, 7)]
-    assert all(e in pot_a8.POT_A8_EXPRS for e in launches)
-
 # ----------------------------------------------------------------- many tokens: Ŵ in fp16 and cuBLAS
 
 # cuda/gemv_pot_a8.cu dequant_pot3_a8's body and those of the helpers it calls (comments dropped,
@@ -791,16 +754,8 @@ def _c_to_py(e: str) -> str:
     return e
 
 
-def kernel_body(src: str) -> str:
-    """gemv_pot3_a8's text, up to the resident kernel after it, and the epilogue it calls."""
-    i = src.index("gemv_pot3_a8(\n")
-    j = src.find("gemv_pot3_a8_res(", i)
-    e = src.index("void pa8_epilogue(")
-    return src[i:j if j > 0 else len(src)] + src[e:src.index("struct Pa8Batch", e)]
-
-
 def kernel_index_exprs(src: str) -> dict:
-    body = kernel_body(src)
+    body = src[src.index("gemv_pot3_a8(\n"):]
     code = " ".join(re.sub(r"//[^\n]*", "", body).split())
     assert hashlib.sha256(kernel_loop_text(code).encode()).hexdigest() == KERNEL_LOOP_SHA256, \
         "the kernel's loop changed: update check_kernel_offsets and KERNEL_LOOP_SHA256"
@@ -1025,14 +980,12 @@ def test_offset_check_catches_a_mutated_kernel(old, new):
     """check_kernel_offsets (or kernel_index_exprs' check of the loop it mirrors) fails on the
     kernel's source with one index expression or loop condition broken."""
     src = KERNEL_SRC.read_text()
-    head = src[:src.index("gemv_pot3_a8_res(")]         # gemv_pot3_a8 and the epilogue, not the resident kernel
-    assert head.count(old) == 1
-    mutated = head.replace(old, new) + src[len(head):]
+    assert src.count(old) == 1
     if old in kernel_loop_text(" ".join(src.split())):
         with pytest.raises(AssertionError, match="loop changed"):
-            kernel_index_exprs(mutated)
+            kernel_index_exprs(src.replace(old, new))
         return
-    ex = kernel_index_exprs(mutated)
+    ex = kernel_index_exprs(src.replace(old, new))
     with pytest.raises(AssertionError):
         for rb, nw, n, k, m in PLAIN_CASES:
             check_kernel_offsets(ex, rb, nw, False, n, k, m, 0 if m == 1 else 32 * P.n_chunks(k) + 16)

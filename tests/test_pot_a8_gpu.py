@@ -70,67 +70,6 @@ def test_gemv_pot_a8_tokens_are_rows_of_the_grid():
         assert np.array_equal(resid[i].get(), h[i] + want.astype(np.float32)), i
 
 
-@pytest.mark.parametrize("n,k", [(4096, 4096), (12288, 4096), (1, 32), (7, 77), (13, 1000), (40, 3100),
-                                 (9, 2080), (960, 576), (3072, 576), (100, 4064), (36, 4096)])
-@pytest.mark.parametrize("cap", [0, 1, 3])
-def test_resident_grid_gives_the_reference_bits(n, k, cap, monkeypatch):
-    """WB_TUNE.pa8_resident: layers of at most one step a warp run gemv_pot3_a8_res, whose blocks
-    take every gridDim-th row block with a ring of two in registers: each of M tokens bit-equal to
-    the reference (RB 8 and 4), resid adding the same fp16 values, on the occupancy's grid and on
-    grids capped at 1 and 3 blocks (every block through the ring many times, odd counts included)."""
-    import cupy as cp
-
-    from engine.gpu import kargs, pot_a8
-    from engine.gpu.tuning import WB_TUNE
-    monkeypatch.setattr(WB_TUNE, "pa8_resident", True)
-    monkeypatch.setattr(WB_TUNE, "max_blocks", cap)
-    rng = np.random.default_rng(n * 7 + k + cap)
-    words, scale = layer(rng, n, k)
-    p = pot_a8.upload(words, scale, n, k)
-    m, ldx = 3, 32 * P.n_chunks(k) + 16
-    x8 = rng.integers(-127, 128, (m, ldx)).astype(np.int8)
-    sx = rng.uniform(0.001, 0.1, m).astype(np.float32)
-    nw = pot_a8.DEFAULT[1]
-    want = np.stack([P.gemv_pot_a8_ref(words, scale, x8[i], sx[i], n, k, nw) for i in range(m)])
-    seen = []
-    for rb in (8, 4):
-        with kargs.intercepted(lambda expr, run: (seen.append(expr), run())):
-            got = pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p, variant=(rb, nw)).get()
-            h = rng.standard_normal((m, n)).astype(np.float32)
-            resid = cp.asarray(h)
-            pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p, variant=(rb, nw), resid=resid)
-        assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), rb
-        assert np.array_equal(resid.get(), h + want.astype(np.float32)), rb
-    assert seen == [f"gemv_pot3_a8_res<{rb}, {nw}, false>" for rb in (8, 8, 4, 4)]
-
-
-@pytest.mark.parametrize("inter,k", [(11008 // 8, 4096), (64, 576), (1536, 576), (24, 1536), (40, 4096)])
-@pytest.mark.parametrize("cap", [0, 5])
-def test_resident_silu_variant_gives_the_row_kernels_bits(inter, k, cap, monkeypatch):
-    """The SiLU variant on the resident grid writes the mf and amax of the one-block-a-row-block
-    kernel, bit for bit."""
-    import cupy as cp
-
-    from engine.gpu import kargs, pot_a8
-    from engine.gpu.tuning import WB_TUNE
-    rng = np.random.default_rng(inter + k)
-    words, scale = layer(rng, 2 * inter, k)
-    p = pot_a8.upload(words, scale, 2 * inter, k)
-    x8 = cp.asarray(rng.integers(-127, 128, (1, 32 * P.n_chunks(k))).astype(np.int8))
-    sx = cp.asarray([0.0123], dtype=cp.float32)
-    runs, seen = [], []
-    for res in (False, True):
-        monkeypatch.setattr(WB_TUNE, "pa8_resident", res)
-        monkeypatch.setattr(WB_TUNE, "max_blocks", cap)
-        mf, amax = cp.full((1, inter), np.nan, cp.float32), cp.zeros((1,), cp.uint32)
-        with kargs.intercepted(lambda expr, run: (seen.append(expr), run())):
-            pot_a8.gemv_pot_a8_silu(x8, sx, p, mf, amax)
-        runs.append((mf.get(), amax.get()))
-    assert seen == [pot_a8.SILU_EXPR, pot_a8.SILU_EXPR.replace("<", "_res<", 1)]
-    assert np.array_equal(runs[0][0].view(np.uint32), runs[1][0].view(np.uint32))
-    assert np.array_equal(runs[0][1], runs[1][1]) and runs[0][1][0] > 0
-
-
 def _pot_model(act="dynamic", bits=3, group=128, seed=1):
     """A tiny random model with pot<bits> linears of activation mode `act`."""
     import dataclasses
@@ -251,14 +190,10 @@ def test_silu_variant_then_quant_equals_the_row_kernel_path(inter, k):
     np.testing.assert_array_equal(qsx.get(), msx.get())
 
 
-@pytest.mark.parametrize("res", [False, True])
-def test_pot3_a8_fold_quant_equals_row_kernels(res, monkeypatch):
+def test_pot3_a8_fold_quant_equals_row_kernels(monkeypatch):
     """A pot3-a8 model's one-token step with its quantization folded (the SiLU variant, attention's
-    absmax, quant_amax) gives the bits of the step with silu_mul_quant and quant_rows, graphed and
-    eager; and on the resident grid (WB_TUNE.pa8_resident) too."""
+    absmax, quant_amax) gives the bits of the step with silu_mul_quant and quant_rows, graphed and eager."""
     from engine.gpu.model import CudaModel
-    from engine.gpu.tuning import WB_TUNE
-    monkeypatch.setattr(WB_TUNE, "pa8_resident", res)
     from test_model_cuda import check_fold_quant_bits
     mw = _pot_model(seed=3)
     gm = CudaModel(mw)

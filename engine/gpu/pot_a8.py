@@ -29,11 +29,7 @@ SILU_EXPR = f"gemv_pot3_a8<8, {DEFAULT[1]}, true>"
 MAX_GRID_Y = 65535
 # above WB_TUNE.pa8_gemv_max_m tokens: Ŵ in fp16 and cuBLAS (gemm_pot_a8)
 GEMM_EXPRS = ("dequant_pot3_a8", "rows_i8_to_f16", "scale_rows_pa8")
-# a warp at most one step of a row block (K ≤ 4096 at NW = 4) and WB_TUNE.pa8_resident: the
-# resident grid's kernel, the same bits (gemv_pot3_a8_res)
-RES_EXPRS = tuple(f"gemv_pot3_a8_res<{rb}, {DEFAULT[1]}, false>" for rb in (4, 8)) + (
-    f"gemv_pot3_a8_res<8, {DEFAULT[1]}, true>",)
-POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS) + (SILU_EXPR,) + GEMM_EXPRS + RES_EXPRS
+POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS) + (SILU_EXPR,) + GEMM_EXPRS
 POT_A8_FILE = kargs.KernelFile("gemv_pot_a8.cu", POT_A8_EXPRS)
 
 
@@ -72,21 +68,6 @@ def default_variant(k: int) -> tuple[int, int]:
     """(RB, NW) of a plain launch for K channels: DEFAULT, or RB = 4 up to WB_TUNE.pa8_rb4_max_k
     (the same NW: the same bits)."""
     return (4, DEFAULT[1]) if 0 < k <= WB_TUNE.pa8_rb4_max_k else DEFAULT
-
-
-def resident(kc: int, nw: int) -> bool:
-    """Whether a layer of kc chunks runs gemv_pot3_a8_res at NW = nw: WB_TUNE.pa8_resident, nw
-    DEFAULT's, and at most one step a warp (the full steps and the tail, if any, ≤ nw)."""
-    return bool(WB_TUNE.pa8_resident) and nw == DEFAULT[1] and 0 < kc and kc // fmt.STEP + (kc % fmt.STEP > 0) <= nw
-
-
-def _resident_grid(res_expr: str, units: int, nw: int, kc: int) -> int:
-    """The grid x of res_expr (a gemv_pot3_a8_res) over `units` row blocks where resident(kc, nw):
-    kargs.resident_grid's blocks, at most WB_TUNE.max_blocks where that is set; else 0 (the
-    launch takes gemv_pot3_a8 on one block a row block)."""
-    if not resident(kc, nw):
-        return 0
-    return kargs.resident_grid(kargs.function(POT_A8_FILE, res_expr), units, 32 * nw, 0, WB_TUNE.max_blocks)
 
 
 def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | None = None, resid=None):
@@ -130,12 +111,9 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
         if resid is None:
             out.fill(0)
         return res
-    units = -(-p.n // rb)
-    gr = _resident_grid(f"gemv_pot3_a8_res<{rb}, {nw}, false>", units, nw, kc)
     for m0 in range(0, m, MAX_GRID_Y):                  # the grid's y dimension holds 65535 tokens
         mc = min(MAX_GRID_Y, m - m0)
-        kargs.launch(POT_A8_FILE, f"gemv_pot3_a8_res<{rb}, {nw}, false>" if gr else f"gemv_pot3_a8<{rb}, {nw}, false>",
-                     (gr or units, mc), (32 * nw,), words=p.words,
+        kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (-(-p.n // rb), mc), (32 * nw,), words=p.words,
                      scale=p.scale, tail=p.tail, stail=p.stail, x8=x8[m0:] if m0 else x8, sx=sx[m0:] if m0 else sx,
                      out=out[m0:] if m0 and out is not None else out, N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None,
                      amax=None, resid=resid[m0:] if m0 and resid is not None else resid)
@@ -163,9 +141,7 @@ def gemv_pot_a8_silu(x8, sx, p: PackedPotA8, mf, amax):
         raise CudaOpError("amax must be a uint32 array of at least one element")
     if sx.dtype != np.float32 or sx.size < 1:
         raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least 1 element, got {sx.dtype} {sx.shape}")
-    gr = _resident_grid(f"gemv_pot3_a8_res<8, {DEFAULT[1]}, true>", i // 4, DEFAULT[1], kc)
-    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8_res<8, {DEFAULT[1]}, true>" if gr else f"gemv_pot3_a8<8, {DEFAULT[1]}, true>",
-                 (gr or i // 4, 1), (32 * DEFAULT[1],),
+    kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<8, {DEFAULT[1]}, true>", (i // 4, 1), (32 * DEFAULT[1],),   # SILU_EXPR
                  words=p.words, scale=p.scale, tail=p.tail, stail=p.stail, x8=x8, sx=sx, out=None, N=p.n, KC=kc,
                  ldx=ldx, ldo=0, mf=mf, amax=amax, resid=None)
     return mf

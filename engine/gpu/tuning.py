@@ -106,10 +106,6 @@ class WbTuning:
     # (`e2e --pot-bits 3a8 --ab wb.pa8_rb4_max_k=8192`, one process, H100): 615 against 641 tok/s
     # (bench/results/2026-12-05-pot3-a8-fold-h100.md), so it stays off.
     pa8_rb4_max_k: int = 0
-    # layers where a warp of the W3-PoT × INT8 GEMV has at most one step of 1024 channels (K ≤ 4096
-    # at NW = 4: q|k|v, o and gate|up of a 7B) run on a resident grid with a ring of two row blocks
-    # a warp (cuda/gemv_pot_a8.cu gemv_pot3_a8_res; the same bits). Session 41: not yet timed.
-    pa8_resident: bool = False
     # the pot3-a8 GEMV reads the weights once a token: above this many tokens (a prefill, a large
     # batch) a layer with fp16-exact scales runs Ŵ in fp16 and cuBLAS instead (gpu/pot_a8.py
     # gemm_pot_a8). H100, 7B, one process: 512 tokens 26.2 ms this way against 408.8 through the
