@@ -22,7 +22,7 @@
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
 #            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|stage}
+part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|stage|tokx}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -78,8 +78,13 @@ stage)               # branch wip/dequant-stage: the dequantization's stores thr
     step prefill_pb 150 python bench/prefill_breakdown.py --tokens 512 --paths fp16,pot3a8
     step e2e_prefill 240 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --json
     ;;
+tokx)                # session 41: several tokens along the GEMV's grid x (WB_TUNE.pa8_tok_x): the GPU tests,
+                     # then batched decode with it and without, beside A8W4. Carry .carry/cupy-cache.
+    step pot_a8_gpu 200 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py
+    step batches 300 python bench/pa8_batches.py --batches 2,8,16
+    ;;
 *)
-    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu or stage" >&2
+    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu, stage or tokx" >&2
     exit 2
     ;;
 esac

@@ -282,7 +282,9 @@ struct Pa8Batch {                    // one warp step of a lane: its chunk of RB
 // uint32 and stail (8T, ceil(L / 4)) fp16, T = ceil(N / 8), S = KC / 32, L = KC % 32 (unread if 0);
 // x8 (M, ldx) int8, ldx ≥ 32·KC and a multiple of 16, 16-byte aligned (bytes past K meet code 0);
 // sx (M) the tokens' scales; out (M, ldo) fp16. RB = 4 or 8 rows a block (half a tile or one).
-// Grid (ceil(N / RB), M): token blockIdx.y. Each token's blocks read the weights again, so M > 1
+// Grid (ceil(N / RB), M): token blockIdx.y; with tok_x, (M, ceil(N / RB)): token blockIdx.x, so
+// the M blocks of a row block are issued together and all but the first find its weights in L2
+// (M > 1: batched decode). Each token's blocks read the weights again, so M > 1
 // (prefill, batched decode) costs M times the bytes: this kernel is for one token a step.
 // SILU (the batch-1 decode step's fused gate|up layer, engine/gpu/model.py _fold_quant; RB = 8, one
 // token): N = 2I rows, gate then up, I % 8 == 0; block b takes gate rows 4b..4b+3 and up rows
@@ -300,7 +302,7 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     const u32* __restrict__ words, const __half* __restrict__ scale, const u32* __restrict__ tail,
     const __half* __restrict__ stail, const i8* __restrict__ x8, const float* __restrict__ sx,
     __half* __restrict__ out, int N, int KC, int ldx, int ldo, float* __restrict__ mf, unsigned* __restrict__ amax,
-    float* __restrict__ resid) {
+    float* __restrict__ resid, int tok_x) {
     static_assert(PA8_GROUP == 4 * PA8_CHUNK, "a lane's scale index is its chunk / 4");
     static_assert(PA8_TILE_ROWS % RB == 0, "a block takes a tile or a part of one");
     static_assert(!SILU || RB == PA8_TILE_ROWS, "the SiLU variant takes 4 gate and 4 up rows a block");
@@ -309,13 +311,14 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     constexpr int SCALES_STEP = PA8_TILE_ROWS * PA8_STEP * PA8_CHUNK / PA8_GROUP;  // scales a (tile, step)
     __shared__ float red[NW][RB];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n0 = SILU ? blockIdx.x * HALF : blockIdx.x * RB;     // SILU: the block's first gate row
+    const int token = tok_x ? blockIdx.x : blockIdx.y, row_blk = tok_x ? blockIdx.y : blockIdx.x;
+    const int n0 = SILU ? row_blk * HALF : row_blk * RB;           // SILU: the block's first gate row
     const int steps = KC / PA8_STEP;                   // full warp steps (the loop's)
     const int tl = KC % PA8_STEP;                      // the tail's chunks: lanes 0..tl-1; 0 if none
     const int tg = (tl + PA8_GROUP / PA8_CHUNK - 1) / (PA8_GROUP / PA8_CHUNK);   // and its groups
-    x8 += (size_t)blockIdx.y * ldx + lane * PA8_CHUNK; // token blockIdx.y: its row of x8 (the lane's chunk), scale, out
-    sx += blockIdx.y;
-    out += (size_t)blockIdx.y * ldo;
+    x8 += (size_t)token * ldx + lane * PA8_CHUNK;      // the token's row of x8 (the lane's chunk), scale, out
+    sx += token;
+    out += (size_t)token * ldo;
 
     // The block's rows' words and scales of step `warp`, lane `lane`: row r, word j at + (j·8 + r)·32,
     // and every later step a constant stride on.
@@ -439,15 +442,15 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
             const float g = __half2float(__float2half_rn(row_sum(threadIdx.x) * sxq));
             const float u = __half2float(__float2half_rn(row_sum(threadIdx.x + HALF) * sxq));
             const float v = silu_mul(g, u);
-            mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x] = v;
+            mf[(size_t)token * (N / 2) + n0 + threadIdx.x] = v;
             float a = fabsf(v);
             a = nan_max(a, __shfl_xor_sync(0xfu, a, 1));
             a = nan_max(a, __shfl_xor_sync(0xfu, a, 2));
-            if (threadIdx.x == 0 && !(a <= 0.f)) atomicMax(amax + blockIdx.y, __float_as_uint(a));
+            if (threadIdx.x == 0 && !(a <= 0.f)) atomicMax(amax + token, __float_as_uint(a));
         }
     } else if (threadIdx.x < RB && n0 + (int)threadIdx.x < N) {
         const __half y = __float2half_rn(row_sum(threadIdx.x) * sxq);
-        if (resid) resid[(size_t)blockIdx.y * ldo + n0 + threadIdx.x] += __half2float(y);   // h += fp16(y)
+        if (resid) resid[(size_t)token * ldo + n0 + threadIdx.x] += __half2float(y);   // h += fp16(y)
         else out[n0 + threadIdx.x] = y;
     }
 }

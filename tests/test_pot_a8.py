@@ -343,10 +343,41 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
             pot_a8.gemv_pot_a8_silu(x8, sx, gu, mf, cp.zeros(1, dtype=np.float32))
     assert exprs == [f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in pot_a8.VARIANTS] + [
         "gemv_pot3_a8<8, 4, false>"] * 5 + [pot_a8.SILU_EXPR]
-    assert [g for g, _ in grids] == [(-(-n // rb), 1) for rb, _ in pot_a8.VARIANTS] + [(2, 3), (2, 2), (2, 1), (2, 2),
-                                                                                       (2, 1), (4, 1)]
+    # one token: (row blocks, 1); several: tokens along x (tok_x), each launch's share of them
+    assert [g for g, _ in grids] == [(-(-n // rb), 1) for rb, _ in pot_a8.VARIANTS] + [(3, 2), (2, 2), (1, 2), (2, 2),
+                                                                                       (1, 2), (4, 1)]
+    assert [a["tok_x"] for a in args_seen] == [0] * len(pot_a8.VARIANTS) + [1] * 5 + [0]
     assert [b for _, b in grids] == [(32 * nw,) for _, nw in pot_a8.VARIANTS] + [(128,)] * 6
 
+
+def test_tokens_along_x_only_for_several_tokens_and_when_set(monkeypatch):
+    """WB_TUNE.pa8_tok_x: several tokens launch over (M, row blocks) with tok_x = 1; one token, the
+    setting off, or more row blocks than the grid's y holds keep (row blocks, M) and tok_x = 0."""
+    import host_gemm
+    import host_prefill
+
+    from engine.gpu import pot_a8
+    from engine.gpu.tuning import WB_TUNE
+    n, k = 40, 300
+    codes, s = rand_layer(np.random.default_rng(9), n, k)
+    seen = []
+    real = host_gemm._Kernel.launch_bound
+    monkeypatch.setattr(host_gemm._Kernel, "launch_bound",
+                        lambda self, grid, block, bound, args, *a, **kw: (seen.append((grid, args["tok_x"])),
+                                                                          real(self, grid, block, bound, args, *a, **kw)))
+    with host_prefill.faked() as cp:
+        monkeypatch.setattr(pot_a8, "require_cupy", lambda: cp)
+        p = pot_a8.upload(P.pack_pot_a8(codes), P.pack_scales(s, k), n, k)
+        x1, x4 = cp.zeros(320, dtype=np.int8), cp.zeros((4, 320), dtype=np.int8)
+        sx = cp.ones(4, dtype=np.float32)
+        pot_a8.gemv_pot_a8(x1, sx, p)
+        pot_a8.gemv_pot_a8(x4, sx, p)
+        monkeypatch.setattr(WB_TUNE, "pa8_tok_x", False)
+        pot_a8.gemv_pot_a8(x4, sx, p)
+        monkeypatch.setattr(WB_TUNE, "pa8_tok_x", True)
+        monkeypatch.setattr(pot_a8, "MAX_GRID_Y", 4)            # 5 row blocks past the y limit: tokens on y
+        pot_a8.gemv_pot_a8(x4, sx, p)
+    assert seen == [((5, 1), 0), ((4, 5), 1), ((5, 4), 0), ((5, 4), 0)]
 
 def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
     """WB_TUNE.pa8_rb4_max_k: plain launches of K up to it take RB = 4 (DEFAULT's NW, so the same
@@ -610,7 +641,7 @@ def test_fp16_weight_gemm_vectorizes_where_widths_and_addresses_allow(monkeypatc
 def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch):
     """pot3 layers of act "dynamic": every linear of a (fake-CuPy) CudaModel holds the
     pot3-a8 layout, its norms and quantizers write INT8 rows of K padded to 32 (mode dynamic),
-    and a prefill of M tokens launches gemv_pot3_a8 over a (row blocks, M) grid for q|k|v, o,
+    and a prefill of M tokens launches gemv_pot3_a8 over an (M, row blocks) grid (tok_x) for q|k|v, o,
     gate|up and down, and no fp16-activation GEMV; a decode step's layers fold their quantization
     (the SiLU variant, quant_amax). With act "none", the same codes load for gemv_pot."""
     import dataclasses
@@ -665,7 +696,7 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     ns = [cfg.q_size + 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size, 2 * cfg.intermediate_size,
           cfg.hidden_size] * cfg.num_hidden_layers
     rb = gpu_pot_a8.DEFAULT[0]
-    assert [grid for grid, _ in a8] == [(-(-n // rb), m) for n in ns]
+    assert [grid for grid, _ in a8] == [(m, -(-n // rb)) for n in ns] and all(args["tok_x"] for _, args in a8)
     assert [args["N"] for _, args in a8] == ns and all(args["ldo"] == args["N"] for _, args in a8)
     assert [args["ldx"] for _, args in a8] == [cfg.hidden_size, cfg.q_size, cfg.hidden_size,
                                                cfg.intermediate_size] * cfg.num_hidden_layers
@@ -743,7 +774,7 @@ def _c_to_py(e: str) -> str:
     e = " ".join(e.split())
     e = re.sub(r"reinterpret_cast<[^>]*>\((\w+)\)", r"\1", e)
     e = re.sub(r"\((?:size_t|int)\)", "", e)
-    for c, p in (("blockIdx.x", "bx"), ("blockIdx.y", "by"), ("threadIdx.x", "tid"), ("/", "//"),
+    for c, p in (("row_blk", "bx"), ("token", "by"), ("threadIdx.x", "tid"), ("/", "//"),
                  ("min(", "np.minimum(")):
         e = e.replace(c, p)
     e = re.sub(r"\(([^()?:]+?) \? ([^()?:]+?) : ([^()?:]+?)\)", r"((\2) if (\1) else (\3))", e)
@@ -952,8 +983,8 @@ def test_kernel_offsets_address_the_layout():
     ("rr * (SCALES_STEP / PA8_TILE_ROWS)", "r * (SCALES_STEP / PA8_TILE_ROWS)"),
     ("(j * PA8_TILE_ROWS + rr) * PA8_STEP", "(j * PA8_TILE_ROWS + r) * PA8_STEP"),
     ("half * NW * TILE_STEP", "half * TILE_STEP"),                            # the second batch
-    ("SILU ? blockIdx.x * HALF : blockIdx.x * RB", "blockIdx.x * RB"),
-    ("x8 += (size_t)blockIdx.y * ldx", "x8 += (size_t)blockIdx.y * KC * 32"), # the token's row
+    ("SILU ? row_blk * HALF : row_blk * RB", "row_blk * RB"),
+    ("x8 += (size_t)token * ldx", "x8 += (size_t)token * KC * 32"), # the token's row
     ("ldx + lane * PA8_CHUNK", "ldx + lane"),                                 # the lane's chunk of x
     ("const int steps = KC / PA8_STEP;", "const int steps = (KC + PA8_STEP - 1) / PA8_STEP;"),  # the padded steps
     # the tail: its warp, lanes, strides, groups, the up rows' offsets and its chunk of x
@@ -970,10 +1001,10 @@ def test_kernel_offsets_address_the_layout():
     ("load_x(steps, t)", "load_x(steps - 1, t)"),
     ("if (lane < tl) compute(b1);", "compute(b1);"),                          # the loop (KERNEL_LOOP_SHA256)
     ("row_sum(threadIdx.x + HALF)", "row_sum(threadIdx.x + 1)"),
-    ("mf[(size_t)blockIdx.y * (N / 2) + n0 + threadIdx.x]", "mf[(size_t)blockIdx.y * (N / 2) + 2 * n0 + threadIdx.x]"),
+    ("mf[(size_t)token * (N / 2) + n0 + threadIdx.x]", "mf[(size_t)token * (N / 2) + 2 * n0 + threadIdx.x]"),
     ("__shfl_xor_sync(0xfu, a, 2)", "__shfl_xor_sync(0x3u, a, 2)"),
     ("n0 + (int)threadIdx.x < N", "n0 + (int)threadIdx.x <= N"),
-    ("resid[(size_t)blockIdx.y * ldo + n0", "resid[(size_t)blockIdx.y * N / 2 + n0"),     # the residual's row
+    ("resid[(size_t)token * ldo + n0", "resid[(size_t)token * N / 2 + n0"),     # the residual's row
     ("if (st + NW >= steps) break;", "if (st + NW > steps) break;"),          # the loop (KERNEL_LOOP_SHA256)
 ])
 def test_offset_check_catches_a_mutated_kernel(old, new):

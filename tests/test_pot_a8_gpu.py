@@ -46,12 +46,15 @@ def test_gemv_pot_a8_matches_reference(n, k):
         assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (rb, nw)
 
 
-def test_gemv_pot_a8_tokens_are_rows_of_the_grid():
-    """M tokens in one launch (grid y): each row bit-equal to the one-token reference, x8 rows
-    padded past 32·Kc (ldx), each token its own scale."""
+@pytest.mark.parametrize("tok_x", [True, False])
+def test_gemv_pot_a8_tokens_are_rows_of_the_grid(tok_x, monkeypatch):
+    """M tokens in one launch (grid x, WB_TUNE.pa8_tok_x, or y): each row bit-equal to the
+    one-token reference, x8 rows padded past 32·Kc (ldx), each token its own scale."""
     import cupy as cp
 
     from engine.gpu import pot_a8
+    from engine.gpu.tuning import WB_TUNE
+    monkeypatch.setattr(WB_TUNE, "pa8_tok_x", tok_x)
     rng = np.random.default_rng(7)
     n, k, m, ldx = 300, 1000, 5, 1024 + 16
     words, scale = layer(rng, n, k)

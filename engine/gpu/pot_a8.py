@@ -111,12 +111,16 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
         if resid is None:
             out.fill(0)
         return res
+    units = -(-p.n // rb)
+    # several tokens (WB_TUNE.pa8_tok_x): tokens along x, so a row block's blocks run together and
+    # share its weights through L2 (the kernel's tok_x); its row blocks along y then, which holds 65535
+    tok_x = int(WB_TUNE.pa8_tok_x and m > 1 and units <= MAX_GRID_Y)
     for m0 in range(0, m, MAX_GRID_Y):                  # the grid's y dimension holds 65535 tokens
         mc = min(MAX_GRID_Y, m - m0)
-        kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (-(-p.n // rb), mc), (32 * nw,), words=p.words,
-                     scale=p.scale, tail=p.tail, stail=p.stail, x8=x8[m0:] if m0 else x8, sx=sx[m0:] if m0 else sx,
-                     out=out[m0:] if m0 and out is not None else out, N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None,
-                     amax=None, resid=resid[m0:] if m0 and resid is not None else resid)
+        kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (mc, units) if tok_x else (units, mc), (32 * nw,),
+                     words=p.words, scale=p.scale, tail=p.tail, stail=p.stail, x8=x8[m0:] if m0 else x8,
+                     sx=sx[m0:] if m0 else sx, out=out[m0:] if m0 and out is not None else out, N=p.n, KC=kc, ldx=ldx,
+                     ldo=p.n, mf=None, amax=None, resid=resid[m0:] if m0 and resid is not None else resid, tok_x=tok_x)
     return res
 
 
@@ -143,7 +147,7 @@ def gemv_pot_a8_silu(x8, sx, p: PackedPotA8, mf, amax):
         raise CudaOpError(f"gemv_pot_a8 needs sx as a float32 array of at least 1 element, got {sx.dtype} {sx.shape}")
     kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<8, {DEFAULT[1]}, true>", (i // 4, 1), (32 * DEFAULT[1],),   # SILU_EXPR
                  words=p.words, scale=p.scale, tail=p.tail, stail=p.stail, x8=x8, sx=sx, out=None, N=p.n, KC=kc,
-                 ldx=ldx, ldo=0, mf=mf, amax=amax, resid=None)
+                 ldx=ldx, ldo=0, mf=mf, amax=amax, resid=None, tok_x=0)
     return mf
 
 

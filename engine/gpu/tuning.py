@@ -106,6 +106,11 @@ class WbTuning:
     # (`e2e --pot-bits 3a8 --ab wb.pa8_rb4_max_k=8192`, one process, H100): 615 against 641 tok/s
     # (bench/results/2026-12-05-pot3-a8-fold-h100.md), so it stays off.
     pa8_rb4_max_k: int = 0
+    # several tokens through the pot3-a8 GEMV (batched decode up to pa8_gemv_max_m): tokens along
+    # the grid's x, so a row block's blocks run together and all but the first read its weights
+    # from L2 (gpu/pot_a8.py; False: tokens along y, every token's pass from DRAM). Session 41,
+    # bench/pa8_batches.py: not yet timed.
+    pa8_tok_x: bool = True
     # the pot3-a8 GEMV reads the weights once a token: above this many tokens (a prefill, a large
     # batch) a layer with fp16-exact scales runs Ŵ in fp16 and cuBLAS instead (gpu/pot_a8.py
     # gemm_pot_a8). H100, 7B, one process: 512 tokens 26.2 ms this way against 408.8 through the
