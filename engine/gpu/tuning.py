@@ -108,14 +108,16 @@ class WbTuning:
     pa8_rb4_max_k: int = 0
     # several tokens through the pot3-a8 GEMV (batched decode up to pa8_gemv_max_m): tokens along
     # the grid's x, so a row block's blocks run together and all but the first read its weights
-    # from L2 (gpu/pot_a8.py; False: tokens along y, every token's pass from DRAM). Session 41,
-    # bench/pa8_batches.py: not yet timed.
+    # from L2 (gpu/pot_a8.py; False: tokens along y, every token's pass from DRAM). H100, 7B, one
+    # process (bench/pa8_batches.py): batch 2, 8, 16 at 939, 1381, 1488 tok/s against 799, 1065, 1130.
     pa8_tok_x: bool = True
     # the pot3-a8 GEMV reads the weights once a token: above this many tokens (a prefill, a large
     # batch) a layer with fp16-exact scales runs Ŵ in fp16 and cuBLAS instead (gpu/pot_a8.py
     # gemm_pot_a8). H100, 7B, one process: 512 tokens 26.2 ms this way against 408.8 through the
     # GEMV; 4 instead of 16 the same at batch 1 (bench/results/2026-12-05-pot3-a8-fold-h100.md).
-    # Session 40's vectorized row kernels: 23.2 ms (another run; 2026-12-05-pot3-a8-prefill-h100.md).
+    # Session 40's vectorized row kernels: 23.2 ms (another run; 2026-12-05-pot3-a8-prefill-h100.md);
+    # session 41's staged Ŵ stores: 19.1 ms (H100), 16.2 against 20.5 before (H200, one machine;
+    # 2026-12-05-pot3-a8-session41-h200-h100.md).
     # Between 17 and 511 tokens, and batch 8 on the GEMM, not timed: 16 stays a guess there.
     pa8_gemv_max_m: int = 16
 
