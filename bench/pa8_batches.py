@@ -1,14 +1,18 @@
-"""Batched decode of a random Llama-2-7B-shaped W3-PoT × INT8 model, tokens along the pot3-a8
-GEMV's grid x against y, beside A8W4, in one process.
+"""Batched decode of a random Llama-2-7B-shaped W3-PoT × INT8 model under WB_TUNE settings of the
+pot3-a8 GEMV (tokens along the grid's x or y, tokens a block), beside A8W4, in one process.
 
     python bench/pa8_batches.py [--batches 2,4,8,16] [--steps 32] [--model llama7b|smollm2]
+                                [--settings "pa8_tok_x=0;pa8_mt=4;pa8_mt=4,pa8_rb4_max_k=65536"]
 
 Why: the pot3-a8 GEMV (cuda/gemv_pot_a8.cu) reads a layer's weights once a token. With the
 tokens along the grid's y (WB_TUNE.pa8_tok_x = 0), every token's pass over the weights comes
 from DRAM: batch 8 decoded 1063 tok/s against A8W4's 2848 (H100, session 41). With them along
-x (the default), a row block's M blocks are issued together and all but the first should find
-its weights in L2. Each setting builds its own CudaModel (its step graphs capture the launches
-as the setting makes them) over the same weights; rows as `python -m engine.bench e2e`.
+x (the default), a row block's M blocks are issued together and the later ones should find its
+weights in L2. With WB_TUNE.pa8_mt > 1 a block decodes each chunk's weights once for MT tokens.
+The W3 rows run as landed, then under each of --settings (';' between settings, ',' between
+FIELD=INT of one), then as landed again (drift shows). Each builds its own CudaModel (its step
+graphs capture the launches as the setting makes them) over the same weights; rows as
+`python -m engine.bench e2e`.
 """
 import argparse
 
@@ -16,13 +20,34 @@ from engine.bench.common import copy_bandwidth, cp_or_fail
 from engine.bench.e2e import MODELS, _setting, bench_model, format_table, random_model
 from engine.gpu.tuning import WB_TUNE
 
+DEFAULT_SETTINGS = "pa8_tok_x=0;pa8_mt=2;pa8_mt=4;pa8_mt=2,pa8_rb4_max_k=65536;pa8_mt=4,pa8_rb4_max_k=65536"
+
+
+def parse_settings(text: str) -> list[dict]:
+    """';'-separated settings, each ','-separated FIELD=INT of WB_TUNE; ValueError names a bad one."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        d = {}
+        for kv in item.split(","):
+            field, _, val = kv.strip().partition("=")
+            if not hasattr(WB_TUNE, field) or not val.strip().lstrip("-").isdigit():
+                raise ValueError(f"{kv.strip()!r}: not FIELD=INT of a WB_TUNE field")
+            d[field] = type(getattr(WB_TUNE, field))(int(val))
+        out.append(d)
+    return out
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="2,4,8,16", help="comma-separated batch sizes")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--model", choices=sorted(MODELS), default="llama7b")
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS, help="WB_TUNE settings to compare (module docstring)")
     a = ap.parse_args(argv)
+    try:
+        settings = parse_settings(a.settings)
+    except ValueError as e:
+        ap.error(str(e))
     try:
         batches = tuple(int(b) for b in a.batches.split(","))
     except ValueError:
@@ -36,9 +61,10 @@ def main(argv=None) -> int:
                        steps=a.steps, bw=bw)
     pmw = random_model(shape, 3, act="dynamic")
     name = label.split(" (")[0] + " (random W3-PoT, INT8 activations)"
-    for tok_x in (1, 0, 1):         # the default twice, around the other: drift shows
-        with _setting(WB_TUNE, pa8_tok_x=bool(tok_x)):
-            rows += bench_model(cp, f"{name} tok_x={tok_x}", pmw, prefill_lens=(), batches=batches,
+    for d in [{}] + settings + [{}]:  # as landed first and last: drift shows
+        with _setting(WB_TUNE, **d):
+            suffix = ",".join(f"{k}={int(v)}" for k, v in d.items()) or "as landed"
+            rows += bench_model(cp, f"{name} {suffix}", pmw, prefill_lens=(), batches=batches,
                                 steps=a.steps, bw=bw)
     print(format_table(rows))
     return 0

@@ -18,7 +18,7 @@
 // tail[t][j][r][l] = word j of chunk 32·S + l of row 8t + r (l < L), stail[n][q] = s[n][8·S + q]
 // (q < ceil(L / 4)), so a layer stores its K padded to 32, not to 1024.
 //
-// Dot of a chunk (pa8_chunk; nvcc 13.0 sm_90a: 8 PRMT, 8 IDP.4A, 7 SHF, 6 LOP3): prmt looks four codes (the low 16 bits of its
+// Dot of a chunk (pa8_weights, pa8_dot; nvcc 13.0 sm_90a: 8 PRMT, 8 IDP.4A, 7 SHF, 6 LOP3): prmt looks four codes (the low 16 bits of its
 // selector, one nibble each) up in the 8-byte table VALUES held in two registers; a nibble's
 // bit 3 would switch prmt to sign replication, so the selectors are masked: w & 0x77777777 for
 // the 24 codes of a word's nibbles (the high half shifted down for the second prmt), and the
@@ -70,7 +70,7 @@ __device__ __forceinline__ u32 pa8_lut(u32 sel) {      // 4 codes (sel's low 16 
 
 // The selector of channels 4i..4i+3 of a chunk (its low 16 bits), i = 0..7 (a compile-time i):
 // the nibbles of w[i/2] (bits 0-2; the high half shifted down for odd i), or for i = 6, 7 those
-// gathered from the words' bit 3s: dequant_pot3_a8's, and the eight pa8_chunk builds at once.
+// gathered from the words' bit 3s: dequant_pot3_a8's, and the eight pa8_weights builds at once.
 __device__ __forceinline__ u32 pa8_selector(const u32 (&w)[PA8_WORDS], int i) {
     if (i < 6) return (w[i >> 1] & PA8_LOW3) >> (16 * (i & 1));
     const u32 e = ((w[0] >> 3) & 0x11111111u) | ((w[1] >> 2) & 0x22222222u) | ((w[2] >> 1) & 0x44444444u);
@@ -84,20 +84,30 @@ __device__ __forceinline__ u32 pa8_hmul2(u32 a, u32 b) {
     return d;
 }
 
-// Σ VALUES[code]·x8 over one chunk: w its three words, x the token's 32 int8 as 8 words. The
-// selectors are pa8_selector's, built here once for all eight (calling it eight times costs the
-// loop ~130 of its ~600 instructions: nvcc 13.0 forms the bit-3 gather twice and shifts each mask).
-__device__ __forceinline__ int pa8_chunk(const u32 (&w)[PA8_WORDS], const u32 (&x)[8]) {
+// One chunk's 32 int8 weights VALUES[code] as eight words (channels 4i..4i+3 in q[i]) from its
+// three words w: a block of MT tokens decodes them once for all. The selectors are
+// pa8_selector's, built here once for all eight (calling it eight times costs the loop ~130 of
+// its ~600 instructions: nvcc 13.0 forms the bit-3 gather twice and shifts each mask).
+__device__ __forceinline__ void pa8_weights(const u32 (&w)[PA8_WORDS], u32 (&q)[8]) {
     const u32 m0 = w[0] & PA8_LOW3, m1 = w[1] & PA8_LOW3, m2 = w[2] & PA8_LOW3;
     const u32 e = ((w[0] >> 3) & 0x11111111u) | ((w[1] >> 2) & 0x22222222u) | ((w[2] >> 1) & 0x44444444u);
-    int d = pa8_dp4a(pa8_lut(m0), x[0], 0);
-    d = pa8_dp4a(pa8_lut(m0 >> 16), x[1], d);
-    d = pa8_dp4a(pa8_lut(m1), x[2], d);
-    d = pa8_dp4a(pa8_lut(m1 >> 16), x[3], d);
-    d = pa8_dp4a(pa8_lut(m2), x[4], d);
-    d = pa8_dp4a(pa8_lut(m2 >> 16), x[5], d);
-    d = pa8_dp4a(pa8_lut(e), x[6], d);
-    return pa8_dp4a(pa8_lut(e >> 16), x[7], d);
+    q[0] = pa8_lut(m0);
+    q[1] = pa8_lut(m0 >> 16);
+    q[2] = pa8_lut(m1);
+    q[3] = pa8_lut(m1 >> 16);
+    q[4] = pa8_lut(m2);
+    q[5] = pa8_lut(m2 >> 16);
+    q[6] = pa8_lut(e);
+    q[7] = pa8_lut(e >> 16);
+}
+
+// Σ VALUES[code]·x8 over one chunk (pa8_chunk, exact in int32): q its weights (pa8_weights), x a
+// token's 32 int8 as 8 words.
+__device__ __forceinline__ int pa8_dot(const u32 (&q)[8], const u32 (&x)[8]) {
+    int d = pa8_dp4a(q[0], x[0], 0);
+#pragma unroll
+    for (int i = 1; i < 8; ++i) d = pa8_dp4a(q[i], x[i], d);
+    return d;
 }
 
 // Weights are read once: no L1 allocation; 256-byte L2 sectors as ldg_stream (common.cuh) asks
@@ -271,21 +281,23 @@ __global__ void __launch_bounds__(256) scale_rows_pa8(const float* __restrict__ 
     }
 }
 
-template <int RB>
+template <int RB, int MT = 1>
 struct Pa8Batch {                    // one warp step of a lane: its chunk of RB rows
     u32 w[RB][PA8_WORDS];
     u32 s[RB];                       // fp16 bits of the chunk's group scale
-    u32 x[8];
+    u32 x[MT][8];                    // that chunk of x8 of each of the block's MT tokens
 };
 
 // words (T, S, 3, 8, 32) uint32 and scale (T, S, 8, 8) fp16 (the full steps), tail (T, 3, 8, L)
 // uint32 and stail (8T, ceil(L / 4)) fp16, T = ceil(N / 8), S = KC / 32, L = KC % 32 (unread if 0);
 // x8 (M, ldx) int8, ldx ≥ 32·KC and a multiple of 16, 16-byte aligned (bytes past K meet code 0);
 // sx (M) the tokens' scales; out (M, ldo) fp16. RB = 4 or 8 rows a block (half a tile or one).
-// Grid (ceil(N / RB), M): token blockIdx.y; with tok_x, (M, ceil(N / RB)): token blockIdx.x, so
-// the M blocks of a row block are issued together and all but the first find its weights in L2
-// (M > 1: batched decode). Each token's blocks read the weights again, so M > 1
-// (prefill, batched decode) costs M times the bytes: this kernel is for one token a step.
+// MT tokens a block (M a multiple of MT): each chunk's weights are decoded once for all of them
+// (pa8_weights), each token's sums in the same order as alone, so the same bits. Grid
+// (ceil(N / RB), M / MT): tokens MT·blockIdx.y..; with tok_x, (M / MT, ceil(N / RB)): tokens
+// MT·blockIdx.x.., so the blocks of a row block are issued together and the later ones may find
+// its weights in L2 (M > 1: batched decode). Each block reads the weights again: a prefill past
+// WB_TUNE.pa8_gemv_max_m tokens takes Ŵ in fp16 and cuBLAS instead (gemm_pot_a8).
 // SILU (the batch-1 decode step's fused gate|up layer, engine/gpu/model.py _fold_quant; RB = 8, one
 // token): N = 2I rows, gate then up, I % 8 == 0; block b takes gate rows 4b..4b+3 and up rows
 // I + 4b..I + 4b + 3 (its rows 0-3 and 4-7, two halves of one tile each, from two pointers), and
@@ -297,7 +309,7 @@ struct Pa8Batch {                    // one warp step of a lane: its chunk of RB
 // stored, resid[m, n] += float(fp16(y[m, n])), the add the norm after o and down would make (as
 // the A8W4 GEMV's resid, cuda/gemm_a8w4.cu); out is then unused. One thread owns each element,
 // and the next kernel's PDL wait covers this grid's writes.
-template <int RB, int NW, bool SILU = false>
+template <int RB, int NW, bool SILU = false, int MT = 1>
 __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     const u32* __restrict__ words, const __half* __restrict__ scale, const u32* __restrict__ tail,
     const __half* __restrict__ stail, const i8* __restrict__ x8, const float* __restrict__ sx,
@@ -306,17 +318,18 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     static_assert(PA8_GROUP == 4 * PA8_CHUNK, "a lane's scale index is its chunk / 4");
     static_assert(PA8_TILE_ROWS % RB == 0, "a block takes a tile or a part of one");
     static_assert(!SILU || RB == PA8_TILE_ROWS, "the SiLU variant takes 4 gate and 4 up rows a block");
+    static_assert(!SILU || MT == 1, "the SiLU variant takes one token");
     constexpr int HALF = SILU ? RB / 2 : RB;          // rows from the first pointer; the rest from the second
     constexpr int TILE_STEP = PA8_WORDS * PA8_TILE_ROWS * PA8_STEP;                // words a (tile, step)
     constexpr int SCALES_STEP = PA8_TILE_ROWS * PA8_STEP * PA8_CHUNK / PA8_GROUP;  // scales a (tile, step)
-    __shared__ float red[NW][RB];
+    __shared__ float red[NW][RB * MT];                // slot t·RB + r: token t, row r
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int token = tok_x ? blockIdx.x : blockIdx.y, row_blk = tok_x ? blockIdx.y : blockIdx.x;
+    const int token = (tok_x ? blockIdx.x : blockIdx.y) * MT, row_blk = tok_x ? blockIdx.y : blockIdx.x;
     const int n0 = SILU ? row_blk * HALF : row_blk * RB;           // SILU: the block's first gate row
     const int steps = KC / PA8_STEP;                   // full warp steps (the loop's)
     const int tl = KC % PA8_STEP;                      // the tail's chunks: lanes 0..tl-1; 0 if none
     const int tg = (tl + PA8_GROUP / PA8_CHUNK - 1) / (PA8_GROUP / PA8_CHUNK);   // and its groups
-    x8 += (size_t)token * ldx + lane * PA8_CHUNK;      // the token's row of x8 (the lane's chunk), scale, out
+    x8 += (size_t)token * ldx + lane * PA8_CHUNK;      // the first token's row of x8 (the lane's chunk), scale, out
     sx += token;
     out += (size_t)token * ldo;
 
@@ -331,7 +344,7 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     const u32* wpu = wp + tu * TILE_STEP;
     const unsigned short* spu = sp + tu * SCALES_STEP;
     // half = 0: the step at the pointers, 1: NW steps on
-    auto load_w = [&](int half, Pa8Batch<RB>& b) {
+    auto load_w = [&](int half, Pa8Batch<RB, MT>& b) {
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
             const u32* w = r < HALF ? wp : wpu;        // resolved at compile time (r unrolled)
@@ -342,9 +355,11 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
             b.s[r] = pa8_lds((r < HALF ? sp : spu) + half * NW * SCALES_STEP + rr * (SCALES_STEP / PA8_TILE_ROWS));
         }
     };
-    auto load_x = [&](int st, Pa8Batch<RB>& b) {
-        // chunk 32·st + lane, below KC in a full step (and lanes < tl read the tail's)
-        pa8_ldx(x8 + (size_t)st * (PA8_STEP * PA8_CHUNK), b.x);
+    auto load_x = [&](int st, Pa8Batch<RB, MT>& b) {
+        // chunk 32·st + lane, below KC in a full step (and lanes < tl read the tail's), of each token
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+            pa8_ldx(x8 + (size_t)t * ldx + (size_t)st * (PA8_STEP * PA8_CHUNK), b.x[t]);
     };
     // The tail of the block's rows, lane `lane`: row r's word j at + (j·8 + r)·tl, its scale at
     // + r·tg; SILU: the up rows' tiles N/16 tiles on, their scale rows N/2 on. Only warp
@@ -356,7 +371,7 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     const size_t ru = SILU ? (size_t)(N / 2 / PA8_TILE_ROWS) : 0;                   // the up rows' tiles on
     const u32* tpu = tp + ru * (PA8_WORDS * PA8_TILE_ROWS) * tl;
     const unsigned short* tspu = tsp + ru * PA8_TILE_ROWS * tg;
-    auto load_t = [&](Pa8Batch<RB>& t) {
+    auto load_t = [&](Pa8Batch<RB, MT>& t) {
         if (lane < tl) {
 #pragma unroll
             for (int r = 0; r < RB; ++r) {
@@ -369,7 +384,7 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
             }
         }
     };
-    auto load_tx = [&](Pa8Batch<RB>& t) {
+    auto load_tx = [&](Pa8Batch<RB, MT>& t) {
         if (lane < tl) load_x(steps, t);
     };
     auto advance = [&]() {
@@ -380,24 +395,27 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
             spu += 2 * NW * SCALES_STEP;
         }
     };
-    float acc[RB];
+    float acc[RB * MT];                                // slot t·RB + r, as red
 #pragma unroll
-    for (int r = 0; r < RB; ++r) acc[r] = 0.f;
-    auto compute = [&](const Pa8Batch<RB>& b) {
+    for (int i = 0; i < RB * MT; ++i) acc[i] = 0.f;
+    auto compute = [&](const Pa8Batch<RB, MT>& b) {
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
-            const int d = pa8_chunk(b.w[r], b.x);
-            acc[r] = fmaf(__half2float(__ushort_as_half((unsigned short)b.s[r])), (float)d, acc[r]);
+            u32 q[8];
+            pa8_weights(b.w[r], q);
+            const float sc = __half2float(__ushort_as_half((unsigned short)b.s[r]));
+#pragma unroll
+            for (int t = 0; t < MT; ++t) acc[t * RB + r] = fmaf(sc, (float)pa8_dot(q, b.x[t]), acc[t * RB + r]);
         }
     };
 
-    Pa8Batch<RB> b0, b1;
+    Pa8Batch<RB, MT> b0, b1;
     if (warp < steps) load_w(0, b0);                   // warp-uniform branches throughout
     if (warp + NW < steps) load_w(1, b1);
     else if (tw) load_t(b1);                           // the tail is the warp's first or second step
     pdl_enter();
     float sxq = 0.f;
-    if (threadIdx.x < RB) sxq = 0.25f * sx[0];         // exact: a power of two
+    if (threadIdx.x < RB * MT) sxq = 0.25f * sx[threadIdx.x / RB];   // token t = tid / RB's; exact: a power of two
     if (warp < steps) load_x(warp, b0);
     if (warp + NW < steps) load_x(warp + NW, b1);
     else if (tw) load_tx(b1);
@@ -424,17 +442,17 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
     }
 
 #pragma unroll
-    for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < RB * MT; ++i)
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+        for (int off = 16; off > 0; off >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
     if (lane == 0)
 #pragma unroll
-        for (int r = 0; r < RB; ++r) red[warp][r] = acc[r];
+        for (int i = 0; i < RB * MT; ++i) red[warp][i] = acc[i];
     __syncthreads();
-    auto row_sum = [&](int r) {                        // the warps' sums in order 0..NW-1
-        float v = red[0][r];
+    auto row_sum = [&](int i) {                        // slot i's warp sums in order 0..NW-1
+        float v = red[0][i];
 #pragma unroll
-        for (int w = 1; w < NW; ++w) v += red[w][r];
+        for (int w = 1; w < NW; ++w) v += red[w][i];
         return v;
     };
     if constexpr (SILU) {
@@ -448,10 +466,11 @@ __global__ void __launch_bounds__(32 * NW) gemv_pot3_a8(
             a = nan_max(a, __shfl_xor_sync(0xfu, a, 2));
             if (threadIdx.x == 0 && !(a <= 0.f)) atomicMax(amax + token, __float_as_uint(a));
         }
-    } else if (threadIdx.x < RB && n0 + (int)threadIdx.x < N) {
+    } else if (threadIdx.x < RB * MT && n0 + (int)(threadIdx.x % RB) < N) {
+        const int r = threadIdx.x % RB, t = threadIdx.x / RB;   // row n0 + r of token `token` + t
         const __half y = __float2half_rn(row_sum(threadIdx.x) * sxq);
-        if (resid) resid[(size_t)token * ldo + n0 + threadIdx.x] += __half2float(y);   // h += fp16(y)
-        else out[n0 + threadIdx.x] = y;
+        if (resid) resid[(size_t)(token + t) * ldo + n0 + r] += __half2float(y);   // h += fp16(y)
+        else out[(size_t)t * ldo + n0 + r] = y;
     }
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+import types
 from fractions import Fraction
 from pathlib import Path
 
@@ -379,6 +380,50 @@ def test_tokens_along_x_only_for_several_tokens_and_when_set(monkeypatch):
         pot_a8.gemv_pot_a8(x4, sx, p)
     assert seen == [((5, 1), 0), ((4, 5), 1), ((5, 4), 0), ((5, 4), 0)]
 
+
+def test_token_blocks_take_mt_tokens_and_the_rest_one_each(monkeypatch):
+    """WB_TUNE.pa8_mt: M ≥ 2 tokens of an MT_VARIANTS launch go MT a block (gemv_pot3_a8<RB, NW,
+    false, MT>, M // MT blocks along the tokens), the last M % MT one a block in a second launch
+    whose x8, sx and out start at that token; one token, another variant or MT = 1 launch once;
+    an MT without instantiations is refused before any launch."""
+    import host_gemm
+    import host_prefill
+
+    from engine.gpu import kargs, pot_a8
+    from engine.gpu.ops import CudaOpError
+    from engine.gpu.tuning import WB_TUNE
+    n, k = 40, 300
+    codes, s = rand_layer(np.random.default_rng(10), n, k)
+    seen = []
+    real = host_gemm._Kernel.launch_bound
+    monkeypatch.setattr(host_gemm._Kernel, "launch_bound",
+                        lambda self, grid, block, bound, args, *a, **kw: (seen.append((grid, dict(args))),
+                                                                          real(self, grid, block, bound, args, *a, **kw)))
+    exprs = []
+    with host_prefill.faked() as cp:
+        monkeypatch.setattr(pot_a8, "require_cupy", lambda: cp)
+        p = pot_a8.upload(P.pack_pot_a8(codes), P.pack_scales(s, k), n, k)
+        x6, sx = cp.zeros((6, 320), dtype=np.int8), cp.ones(6, dtype=np.float32)
+        with kargs.intercepted(lambda expr, run: (exprs.append(expr), run())):
+            monkeypatch.setattr(WB_TUNE, "pa8_mt", 4)
+            pot_a8.gemv_pot_a8(x6, sx, p)                       # 4 in one block, 2 one a block
+            pot_a8.gemv_pot_a8(x6[:4], sx, p, variant=(4, 4))   # 4: one launch of MT blocks
+            pot_a8.gemv_pot_a8(x6, sx, p, variant=(8, 8))       # no MT instantiation: one a block
+            pot_a8.gemv_pot_a8(x6[0], sx, p)                    # one token
+            monkeypatch.setattr(WB_TUNE, "pa8_mt", 2)
+            pot_a8.gemv_pot_a8(x6, sx, p)                       # 6 = 3 blocks of 2
+            for bad in (3, 8, 0):
+                monkeypatch.setattr(WB_TUNE, "pa8_mt", bad)
+                with pytest.raises(CudaOpError, match="pa8_mt must be 1 or one of"):
+                    pot_a8.gemv_pot_a8(x6, sx, p)
+    assert exprs == ["gemv_pot3_a8<8, 4, false, 4>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<4, 4, false, 4>",
+                     "gemv_pot3_a8<8, 8, false>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<8, 4, false, 2>"]
+    assert [g for g, _ in seen] == [(1, 5), (2, 5), (1, 10), (6, 5), (5, 1), (3, 5)]
+    a = [args for _, args in seen]
+    assert a[1]["x8"].data.ptr - x6.data.ptr == 4 * 320 and a[1]["sx"].size == 2 and a[1]["out"].shape == (2, n)
+    assert a[0]["x8"] is x6 and a[0]["out"].shape == (6, n)
+    assert all(e in pot_a8.POT_A8_EXPRS for e in exprs)
+
 def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
     """WB_TUNE.pa8_rb4_max_k: plain launches of K up to it take RB = 4 (DEFAULT's NW, so the same
     bits), the others DEFAULT; 0 (the default) never; an explicit variant wins."""
@@ -743,9 +788,9 @@ _KERNEL_EXPRS = {
     "x8": r"\bx8 \+= ([^;]+);", "out": r"\bout \+= ([^;]+);",
     "ts": r"const size_t ts = (.+?), r0 = ", "r0": r", r0 = ([^;]+);",
     "ldw": r"b\.w\[r\]\[j\] = pa8_ldw\((.+)\);$", "lds": r"b\.s\[r\] = pa8_lds\((.+)\);$",
-    "ldx": r"pa8_ldx\((.+), b\.x\);$",
+    "ldx": r"pa8_ldx\((.+), b\.x\[t\]\);$",
     "ldt": r"t\.w\[r\]\[j\] = pa8_ldw\((.+)\);$", "ldts": r"t\.s\[r\] = pa8_lds\((.+)\);$",
-    "tlive": r"auto load_t = \[&\]\(Pa8Batch<RB>& t\) \{\s*if \((.+?)\) \{", "tx": r"if \((.+?)\) load_x\(.+, t\);",
+    "tlive": r"auto load_t = \[&\]\(Pa8Batch<RB, MT>& t\) \{\s*if \((.+?)\) \{", "tx": r"if \((.+?)\) load_x\(.+, t\);",
     "tx_st": r"load_x\((.+), t\);",
     "silu_live": r"if \(threadIdx\.x < (\w+)\) \{", "gate": r"const float g = .*?row_sum\(([^)]+)\)",
     "up": r"const float u = .*?row_sum\(([^)]+)\)", "mf": r"mf\[([^\]]+)\] = v;",
@@ -753,19 +798,27 @@ _KERNEL_EXPRS = {
     "plain_live": r"\} else if \((.+)\) \{$", "out_idx": r"out\[([^\]]+)\] = ",
     "out_row": r"const __half y = __float2half_rn\(row_sum\(([^)]+)\)",
     "resid_idx": r"resid\[([^\]]+)\] \+= __half2float\(y\);",
+    # MT tokens a block: the epilogue's row and token of thread tid, the accumulator slot of
+    # (token t, row r) in compute() and the token whose x it dots
+    "ep_r": r"const int r = (threadIdx\.x % RB), t = ", "ep_t": r"const int r = threadIdx\.x % RB, t = ([^;]+);",
+    "acc_slot": r"acc\[([^\]]+)\] = fmaf\(sc,", "acc_x": r"pa8_dot\(q, b\.x\[(\w+)\]\)",
+    "sxq": r"sxq = 0\.25f \* sx\[([^\]]+)\];",
+    "token_mt": r"const int token = \([^)]*\)(?: \* (\w+))?, row_blk",
+    # which grid index is the token (block) and which the row block, by tok_x
+    "token_sel": r"const int token = \(([^)]*)\)(?: \* \w+)?, row_blk", "row_sel": r", row_blk = ([^;]+);",
 }
 
 
-# the kernel's load/compute loop (from `Pa8Batch<RB> b0, b1;` to the reduction, comments dropped,
+# the kernel's load/compute loop (from `Pa8Batch<RB, MT> b0, b1;` to the reduction, comments dropped,
 # whitespace collapsed), which check_kernel_offsets mirrors statement for statement: when the
-# kernel's loop changes, so must that mirror and this digest. (Last changed by the compact tail:
-# the `for` loop itself is as before; the tail's loads into b1 before it, `else if (tw) ...`, and
-# the tail's step after it joined the text.)
-KERNEL_LOOP_SHA256 = "7c5e824e84e292c013507e2cd55f6a06a96ade0b5aa5351471cdd744355dafc9"
+# kernel's loop changes, so must that mirror and this digest. (Last changed by MT tokens a block:
+# the batches' type Pa8Batch<RB, MT> and each epilogue thread's token scale sx[threadIdx.x / RB],
+# pinned by _KERNEL_EXPRS["sxq"]; the statements the mirror follows are as before.)
+KERNEL_LOOP_SHA256 = "470aef6992b738b395bc510fb28cca84d91910d7c077c7126e1aa4025e072c33"
 
 
 def kernel_loop_text(code: str) -> str:
-    i = code.index("Pa8Batch<RB> b0, b1;")
+    i = code.index("Pa8Batch<RB, MT> b0, b1;")
     return code[i:code.index("#pragma unroll", i)].strip()
 
 
@@ -774,7 +827,7 @@ def _c_to_py(e: str) -> str:
     e = " ".join(e.split())
     e = re.sub(r"reinterpret_cast<[^>]*>\((\w+)\)", r"\1", e)
     e = re.sub(r"\((?:size_t|int)\)", "", e)
-    for c, p in (("row_blk", "bx"), ("token", "by"), ("threadIdx.x", "tid"), ("/", "//"),
+    for c, p in (("row_blk", "bx"), ("token", "(by * MT)"), ("threadIdx.x", "tid"), ("/", "//"),
                  ("min(", "np.minimum(")):
         e = e.replace(c, p)
     e = re.sub(r"\(([^()?:]+?) \? ([^()?:]+?) : ([^()?:]+?)\)", r"((\2) if (\1) else (\3))", e)
@@ -797,11 +850,13 @@ def kernel_index_exprs(src: str) -> dict:
         ex[name] = _c_to_py(hits[0])
     ex["defines"] = {d: int(v) for d, v in re.findall(r"^#define (PA8_\w+) (\d+)\b", src, re.M)}
     ex["constexpr"] = [(c, _c_to_py(v)) for c, v in re.findall(r"constexpr int (\w+) = ([^;]+);", body)]
+    ex["blockidx_uses"] = re.sub(r"//[^\n]*", "", body).count("blockIdx")   # the two selections' only
     ex["shfl"] = [(int(mk, 16), int(off)) for mk, off in re.findall(r"__shfl_xor_sync\((0x[0-9a-f]+)u, a, (\d+)\)", body)]
     return ex
 
 
-def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int, m: int = 1, ldx: int = 0):
+def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int, m: int = 1, ldx: int = 0,
+                         mt: int = 1):
     """Run the kernel's pointer arithmetic (ex) for every block, token, warp and lane through its
     load/compute loop and its tail, and assert: each batch compute() reads holds, for register row r
     and word j, word j of chunk 32·st + lane of row R(r) (words[R // 8, st, j, R % 8, lane] for a
@@ -810,17 +865,32 @@ def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int,
     and the token's x8 of that chunk; warp w reads the steps w, w + NW, ... in order, the tail last
     and only in warp S % NW, and no lane past the tail computes it; the epilogue writes every output
     once, from the register row of its row. R(r) = n0 + r (plain), gate row 4b + r for r < 4 and up
-    row I + 4b + r - 4 (SILU, N = 2I)."""
+    row I + 4b + r - 4 (SILU, N = 2I). mt: tokens a block (m a multiple of it, grid y m / mt): the
+    x8 of each of its tokens, and each (token, row) from its own accumulator slot."""
     kc, steps, tl, nt, i = P.n_chunks(k), P.n_full_steps(k), P.n_tail(k), P.n_tiles(n), n // 2
     ldx = ldx or 32 * kc
     wshape, sshape = (nt, steps, 3, 8, 32), (nt, steps, 8, 8)
     tshape, tsshape = (nt, 3, 8, tl), (8 * nt, P.n_tail_groups(k))
     gx = i // 4 if silu else -(-n // rb)              # the launchers' grids (test_launcher_binds_the_kernel...)
-    env = dict(ex["defines"], RB=rb, NW=nw, SILU=silu, N=n, KC=kc, ldx=ldx, ldo=0 if silu else n)
+    assert m % mt == 0 and (mt == 1 or not silu)
+    env = dict(ex["defines"], RB=rb, NW=nw, SILU=silu, N=n, KC=kc, ldx=ldx, ldo=0 if silu else n, MT=mt)
     for name, e in ex["constexpr"]:
         env[name] = eval(e, {}, env)                   # noqa: S307  (our kernel's constexprs)
-    bx, by, lane = np.arange(gx)[None, :, None], np.arange(m)[:, None, None], np.arange(32)[None, None, :]
-    grid = np.zeros((m, gx, 32), np.int64)
+    gy = m // mt
+    bx, by, lane = np.arange(gx)[None, :, None], np.arange(gy)[:, None, None], np.arange(32)[None, None, :]
+    grid = np.zeros((gy, gx, 32), np.int64)
+    # compute(): token t's dot takes b.x[t] into slot t·RB + r, the slot the epilogue reads for (t, r);
+    # block b's first token is b·MT (_c_to_py reads `token` as that)
+    assert ex["acc_x"] == "t" and ex["token_mt"] == "MT"
+    # tok_x: the token block is blockIdx.x and the row block blockIdx.y, else the reverse; the
+    # kernel reads blockIdx nowhere else (_c_to_py reads `row_blk` as bx and `token` as by·MT)
+    idx = types.SimpleNamespace(x="x", y="y")
+    for tok_x, want in ((1, ("x", "y")), (0, ("y", "x"))):
+        got = tuple(eval(ex[k], {}, {"tok_x": tok_x, "blockIdx": idx}) for k in ("token_sel", "row_sel"))   # noqa: S307
+        assert got == want, (tok_x, got)
+    assert ex["blockidx_uses"] == 4
+    rr_, tt_ = np.meshgrid(np.arange(rb), np.arange(mt))
+    assert np.array_equal(eval(ex["acc_slot"], {}, dict(env, r=rr_, t=tt_)), tt_ * rb + rr_)   # noqa: S307
 
     def ev(name, e):
         return eval(ex[name], {"np": np}, e) + grid    # noqa: S307
@@ -864,12 +934,12 @@ def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int,
 
         def load_x(st, b):
             e["st"] = st
-            b["x"] = ev("ldx", e)
+            b["x"] = [ev("ldx", dict(e, t=t)) for t in range(mt)]
 
         def load_tx(b):
             live = ev("tx", e).astype(bool)
             load_x(uniform(ev("tx_st", e)), b)
-            b["x"], b["xlive"] = np.where(live, b["x"], -1), live
+            b["x"], b["xlive"] = [np.where(live, x, -1) for x in b["x"]], live
 
         def advance():
             for p in ("wp", "sp") + (("wpu", "spu") if silu else ()):
@@ -921,14 +991,16 @@ def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int,
                     assert ((off >= 0) & (off < np.prod(shape))).all(), (key, st, "out of bounds")
                     for got, w in zip(np.unravel_index(off, shape), want):
                         assert (got == (w + grid)[live]).all(), (key, warp, st)
-            x = b["x"][live]
-            assert (x == (by * ldx + 32 * c)[live]).all() and (x + 32 <= m * ldx).all() and (c[live] < kc).all()
+            for t in range(mt):
+                x = b["x"][t][live]
+                assert (x == ((by * mt + t) * ldx + 32 * c)[live]).all() and (x + 32 <= m * ldx).all()
+            assert (c[live] < kc).all()
 
     # the epilogue: thread tid of block (bx, by) writes which output, from which register row
     tid = np.arange(32 * nw)[None, None, :]
     e = dict(env, bx=bx, by=by, tid=tid, out=0)
     e["n0"] = eval(ex["n0"], {"np": np}, e)            # noqa: S307
-    full = np.zeros((m, gx, tid.size), np.int64)
+    full = np.zeros((gy, gx, tid.size), np.int64)
 
     def at(expr, live):
         return (eval(expr, {"np": np}, e) + full)[live]   # noqa: S307
@@ -945,18 +1017,25 @@ def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int,
         assert (mf == at("by", live) * i + 4 * at("bx", live) + rg).all()
         assert np.array_equal(np.sort(mf), np.arange(m * i))
     else:
+        e["r"], e["t"] = eval(ex["ep_r"], {}, e), eval(ex["ep_t"], {}, e)   # noqa: S307
         live = at(ex["plain_live"], Ellipsis).astype(bool)
-        idx, r = at(ex["out"], live) + at(ex["out_idx"], live), at(ex["out_row"], live)
-        assert (r < rb).all() and (idx == at("by", live) * n + at("bx", live) * rb + r).all()
+        idx, slot = at(ex["out"], live) + at(ex["out_idx"], live), at(ex["out_row"], live)
+        r, t = at("r", live), at("t", live)
+        assert (r < rb).all() and (t < mt).all() and (slot == t * rb + r).all()
+        assert (idx == (at("by", live) * mt + t) * n + at("bx", live) * rb + r).all()
         assert np.array_equal(np.sort(idx), np.arange(m * n))
         assert (at(ex["resid_idx"], live) == idx).all()             # resid (M, ldo = N) takes y where out would
+        assert (at(ex["sxq"], live) == t).all()                     # the scale of the row's token
 
 
 # K: the tail alone (1, 77, 576), no tail (1024, 4096), the tail as a warp's first step (1536, 2080),
 # its second (9300 at NW = 8, 13412 at 8) or third and later (9300 at NW = 4, 13412 at 4, 17000)
-PLAIN_CASES = [(rb, nw, n, k, m) for rb in (4, 8) for nw in (4, 8)
+PLAIN_CASES = [(rb, nw, n, k, m, 1) for rb in (4, 8) for nw in (4, 8)
                for n, k in [(1, 1), (13, 77), (8, 1024), (21, 2080), (37, 9300), (9, 576), (5, 1536), (3, 13412),
-                            (11, 17000)] for m in (1, 3)]
+                            (11, 17000)] for m in (1, 3)] + [
+    # MT tokens a block (gpu/pot_a8.py MT_VARIANTS, MTS): m tokens, m / MT blocks along the tokens
+    (rb, 4, n, k, m, mt) for rb in (4, 8) for n, k in [(13, 77), (21, 2080), (37, 9300), (11, 17000)]
+    for m, mt in [(2, 2), (6, 2), (4, 4), (8, 4)]]
 SILU_CASES = [(nw, i, k) for nw in (4, 8) for i in (8, 16, 24, 1376) for k in (77, 576, 1536, 2080, 4096, 9300)] + [
     (nw, 8, 17000) for nw in (4, 8)]
 
@@ -968,8 +1047,8 @@ def test_kernel_offsets_address_the_layout():
     reads row n0 + r, the SiLU variant gate row 4b + r and up row I + 4b + r - 4 (I = 8, 16, 24,
     1376), of chunk 32·st + lane as pack_pot_a8 and pack_scales lay them out, and writes each output once."""
     ex = kernel_index_exprs(KERNEL_SRC.read_text())
-    for rb, nw, n, k, m in PLAIN_CASES:
-        check_kernel_offsets(ex, rb, nw, False, n, k, m, 0 if m == 1 else 32 * P.n_chunks(k) + 16)
+    for rb, nw, n, k, m, mt in PLAIN_CASES:
+        check_kernel_offsets(ex, rb, nw, False, n, k, m, 0 if m == 1 else 32 * P.n_chunks(k) + 16, mt)
     for nw, i, k in SILU_CASES:
         check_kernel_offsets(ex, 8, nw, True, 2 * i, k)
 
@@ -1003,8 +1082,19 @@ def test_kernel_offsets_address_the_layout():
     ("row_sum(threadIdx.x + HALF)", "row_sum(threadIdx.x + 1)"),
     ("mf[(size_t)token * (N / 2) + n0 + threadIdx.x]", "mf[(size_t)token * (N / 2) + 2 * n0 + threadIdx.x]"),
     ("__shfl_xor_sync(0xfu, a, 2)", "__shfl_xor_sync(0x3u, a, 2)"),
-    ("n0 + (int)threadIdx.x < N", "n0 + (int)threadIdx.x <= N"),
-    ("resid[(size_t)token * ldo + n0", "resid[(size_t)token * N / 2 + n0"),     # the residual's row
+    ("n0 + (int)(threadIdx.x % RB) < N", "n0 + (int)(threadIdx.x % RB) <= N"),
+    ("resid[(size_t)(token + t) * ldo + n0", "resid[(size_t)(token + t) * N / 2 + n0"),   # the residual's row
+    # MT tokens a block: the block's first token, token t's x, its accumulator slot, the
+    # epilogue's token of a thread, its scale (the loop: KERNEL_LOOP_SHA256)
+    ("(tok_x ? blockIdx.x : blockIdx.y) * MT", "(tok_x ? blockIdx.x : blockIdx.y)"),
+    ("(tok_x ? blockIdx.x : blockIdx.y) * MT", "(tok_x ? blockIdx.y : blockIdx.x) * MT"),
+    ("row_blk = tok_x ? blockIdx.y : blockIdx.x", "row_blk = blockIdx.x"),
+    ("x8 += (size_t)token * ldx", "x8 += (size_t)blockIdx.y * MT * ldx"),
+    ("(size_t)t * ldx + (size_t)st", "(size_t)st"),
+    ("acc[t * RB + r] = fmaf", "acc[r * MT + t] = fmaf"),
+    ("pa8_dot(q, b.x[t])", "pa8_dot(q, b.x[0])"),
+    ("t = threadIdx.x / RB;", "t = threadIdx.x / MT;"),
+    ("sx[threadIdx.x / RB]", "sx[threadIdx.x % RB]"),
     ("if (st + NW >= steps) break;", "if (st + NW > steps) break;"),          # the loop (KERNEL_LOOP_SHA256)
 ])
 def test_offset_check_catches_a_mutated_kernel(old, new):
@@ -1018,8 +1108,8 @@ def test_offset_check_catches_a_mutated_kernel(old, new):
         return
     ex = kernel_index_exprs(src.replace(old, new))
     with pytest.raises(AssertionError):
-        for rb, nw, n, k, m in PLAIN_CASES:
-            check_kernel_offsets(ex, rb, nw, False, n, k, m, 0 if m == 1 else 32 * P.n_chunks(k) + 16)
+        for rb, nw, n, k, m, mt in PLAIN_CASES:
+            check_kernel_offsets(ex, rb, nw, False, n, k, m, 0 if m == 1 else 32 * P.n_chunks(k) + 16, mt)
         for nw, i, k in SILU_CASES:
             check_kernel_offsets(ex, 8, nw, True, 2 * i, k)
 

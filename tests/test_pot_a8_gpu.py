@@ -8,6 +8,8 @@ run it, the tail as a warp's first step (K < 1024, 1536, 2080), second (9300 at 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -46,31 +48,44 @@ def test_gemv_pot_a8_matches_reference(n, k):
         assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (rb, nw)
 
 
-@pytest.mark.parametrize("tok_x", [True, False])
-def test_gemv_pot_a8_tokens_are_rows_of_the_grid(tok_x, monkeypatch):
-    """M tokens in one launch (grid x, WB_TUNE.pa8_tok_x, or y): each row bit-equal to the
-    one-token reference, x8 rows padded past 32·Kc (ldx), each token its own scale."""
-    import cupy as cp
-
-    from engine.gpu import pot_a8
-    from engine.gpu.tuning import WB_TUNE
-    monkeypatch.setattr(WB_TUNE, "pa8_tok_x", tok_x)
-    rng = np.random.default_rng(7)
-    n, k, m, ldx = 300, 1000, 5, 1024 + 16
+@functools.lru_cache(maxsize=None)
+def _tokens_case(n, k, m=7):
+    """A random n×k layer, m tokens' x8 rows (padded past 32·Kc), their scales, a residual stream
+    and the reference's rows (NW = 4), computed once for every test of the shape."""
+    rng = np.random.default_rng(n + k)
     words, scale = layer(rng, n, k)
-    p = pot_a8.upload(words, scale, n, k)
+    ldx = 32 * P.n_chunks(k) + 16
     x8 = rng.integers(-127, 128, (m, ldx)).astype(np.int8)
     sx = rng.uniform(0.001, 0.1, m).astype(np.float32)
-    got = pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p).get()
-    nw = pot_a8.DEFAULT[1]
     h = rng.standard_normal((m, n)).astype(np.float32)
+    want = np.stack([P.gemv_pot_a8_ref(words, scale, x8[i], sx[i], n, k, 4) for i in range(m)])
+    return words, scale, x8, sx, h, want
+
+
+@pytest.mark.parametrize("tok_x,mt,rb", [(True, 1, 8), (False, 1, 8), (True, 2, 8), (True, 4, 8), (False, 4, 8),
+                                         (True, 2, 4), (True, 4, 4)])
+@pytest.mark.parametrize("n,k", [(300, 1000), (4096, 4096), (37, 9300)])
+def test_gemv_pot_a8_tokens_are_rows_of_the_grid(tok_x, mt, rb, n, k, monkeypatch):
+    """7 tokens (grid x, WB_TUNE.pa8_tok_x, or y; WB_TUNE.pa8_mt tokens a block, the last 7 % MT
+    one each): each row bit-equal to the one-token reference, x8 rows padded past 32·Kc (ldx),
+    each token its own scale, resid adding the same values."""
+    import cupy as cp
+
+    from engine.gpu import kargs, pot_a8
+    from engine.gpu.tuning import WB_TUNE
+    monkeypatch.setattr(WB_TUNE, "pa8_tok_x", tok_x)
+    monkeypatch.setattr(WB_TUNE, "pa8_mt", mt)
+    words, scale, x8, sx, h, want = _tokens_case(n, k)
+    p = pot_a8.upload(words, scale, n, k)
+    seen = []
+    with kargs.intercepted(lambda expr, run: (seen.append(expr), run())):
+        got = pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p, variant=(rb, 4)).get()
     resid = cp.asarray(h)
-    assert pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p, resid=resid) is resid
-    for i in range(m):
-        want = P.gemv_pot_a8_ref(words, scale, x8[i], sx[i], n, k, nw)
-        assert np.array_equal(got[i].view(np.uint16), want.view(np.uint16)), i
-        # with resid: h += float(fp16(y)), the norm's add (CudaModel._fold_resid), in float32
-        assert np.array_equal(resid[i].get(), h[i] + want.astype(np.float32)), i
+    assert pot_a8.gemv_pot_a8(cp.asarray(x8), cp.asarray(sx), p, variant=(rb, 4), resid=resid) is resid
+    assert seen == ([f"gemv_pot3_a8<{rb}, 4, false, {mt}>"] if mt > 1 else []) + [f"gemv_pot3_a8<{rb}, 4, false>"]
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    # with resid: h += float(fp16(y)), the norm's add (CudaModel._fold_resid), in float32
+    assert np.array_equal(resid.get(), h + want.astype(np.float32))
 
 
 def _pot_model(act="dynamic", bits=3, group=128, seed=1):
@@ -204,7 +219,7 @@ def test_pot3_a8_fold_quant_equals_row_kernels(monkeypatch):
     check_fold_quant_bits(gm, monkeypatch, np.arange(5, 60) % mw.config.vocab_size, 128, 16)
 
 
-@pytest.mark.parametrize("n,k", [(9, 77), (13, 1100), (40, 9300), (4096, 4096), (576, 1536)])
+@pytest.mark.parametrize("n,k", [(9, 77), (13, 1100), (40, 9300), (4096, 4096), (576, 1536), (5, 2080)])
 def test_dequant_pot3_a8_matches_reference(n, k):
     """Ŵ in fp16 for cuBLAS (dequant_pot3_a8): bit for bit formats/pot_a8.py dequantized_f16, full
     steps and tail; also with scales drawn from every finite fp16 (subnormal, tiny and huge: the

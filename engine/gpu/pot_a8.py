@@ -29,7 +29,11 @@ SILU_EXPR = f"gemv_pot3_a8<8, {DEFAULT[1]}, true>"
 MAX_GRID_Y = 65535
 # above WB_TUNE.pa8_gemv_max_m tokens: Ŵ in fp16 and cuBLAS (gemm_pot_a8)
 GEMM_EXPRS = ("dequant_pot3_a8", "rows_i8_to_f16", "scale_rows_pa8")
-POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS) + (SILU_EXPR,) + GEMM_EXPRS
+# several tokens a block (WB_TUNE.pa8_mt): each chunk's weights decoded once for MT tokens
+MTS = (2, 4)
+MT_VARIANTS = ((4, 4), (8, 4))
+MT_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false, {mt}>" for rb, nw in MT_VARIANTS for mt in MTS)
+POT_A8_EXPRS = tuple(f"gemv_pot3_a8<{rb}, {nw}, false>" for rb, nw in VARIANTS) + (SILU_EXPR,) + GEMM_EXPRS + MT_EXPRS
 POT_A8_FILE = kargs.KernelFile("gemv_pot_a8.cu", POT_A8_EXPRS)
 
 
@@ -70,12 +74,23 @@ def default_variant(k: int) -> tuple[int, int]:
     return (4, DEFAULT[1]) if 0 < k <= WB_TUNE.pa8_rb4_max_k else DEFAULT
 
 
+def token_block(m: int, variant: tuple[int, int]) -> int:
+    """Tokens a block of an m-token launch of `variant`: WB_TUNE.pa8_mt (1 or one of MTS) where
+    m > 1 and the variant has those instantiations (MT_VARIANTS), else 1."""
+    mt = WB_TUNE.pa8_mt
+    if mt != 1 and mt not in MTS:
+        raise CudaOpError(f"WB_TUNE.pa8_mt must be 1 or one of {MTS}, got {mt!r}")
+    return mt if m > 1 and variant in MT_VARIANTS else 1
+
+
 def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | None = None, resid=None):
     """out (M, N) fp16 = sx[m] · (x8[m] · Ŵᵀ) for M tokens, or (N,) for one: x8 (M, ldx) or (ldx,)
     int8, C-contiguous and 16-byte aligned, ldx ≥ 32·Kc and a multiple of 16 (its bytes past K meet
     code 0); sx (≥ M,) float32 on the GPU; variant (RB, NW) one of VARIANTS (default
-    default_variant(K)). The grid takes the tokens as its y dimension: every token reads the weights
-    again. With resid (a C-contiguous float32 array of out's shape, the residual stream), resid +=
+    default_variant(K)). Each block takes token_block(M) tokens (the last M % MT one each), and
+    every block reads its row block's weights again: with WB_TUNE.pa8_tok_x the blocks of a row
+    block are launched next to each other (tokens along the grid's x), so that the later ones may
+    find the weights in L2. With resid (a C-contiguous float32 array of out's shape, the residual stream), resid +=
     float(fp16(out)) instead of storing out (the add the next norm would make); resid is returned
     and out is not written."""
     cp = require_cupy()
@@ -115,12 +130,17 @@ def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | Non
     # several tokens (WB_TUNE.pa8_tok_x): tokens along x, so a row block's blocks run together and
     # share its weights through L2 (the kernel's tok_x); its row blocks along y then, which holds 65535
     tok_x = int(WB_TUNE.pa8_tok_x and m > 1 and units <= MAX_GRID_Y)
-    for m0 in range(0, m, MAX_GRID_Y):                  # the grid's y dimension holds 65535 tokens
-        mc = min(MAX_GRID_Y, m - m0)
-        kargs.launch(POT_A8_FILE, f"gemv_pot3_a8<{rb}, {nw}, false>", (mc, units) if tok_x else (units, mc), (32 * nw,),
-                     words=p.words, scale=p.scale, tail=p.tail, stail=p.stail, x8=x8[m0:] if m0 else x8,
-                     sx=sx[m0:] if m0 else sx, out=out[m0:] if m0 and out is not None else out, N=p.n, KC=kc, ldx=ldx,
-                     ldo=p.n, mf=None, amax=None, resid=resid[m0:] if m0 and resid is not None else resid, tok_x=tok_x)
+    mt = token_block(m, (rb, nw))
+    whole = m - m % mt
+    for lo, hi, t in ((0, whole, mt), (whole, m, 1)):  # MT tokens a block, then the rest one a block
+        for m0 in range(lo, hi, MAX_GRID_Y * t):        # 65535 token blocks a launch (y's limit; x's is 2^31 - 1)
+            mc = min(MAX_GRID_Y * t, hi - m0) // t
+            kargs.launch(POT_A8_FILE,
+                         f"gemv_pot3_a8<{rb}, {nw}, false, {t}>" if t > 1 else f"gemv_pot3_a8<{rb}, {nw}, false>",
+                         (mc, units) if tok_x else (units, mc), (32 * nw,), words=p.words, scale=p.scale,
+                         tail=p.tail, stail=p.stail, x8=x8[m0:] if m0 else x8, sx=sx[m0:] if m0 else sx,
+                         out=out[m0:] if m0 and out is not None else out, N=p.n, KC=kc, ldx=ldx, ldo=p.n, mf=None,
+                         amax=None, resid=resid[m0:] if m0 and resid is not None else resid, tok_x=tok_x)
     return res
 
 

@@ -107,10 +107,14 @@ class WbTuning:
     # (bench/results/2026-12-05-pot3-a8-fold-h100.md), so it stays off.
     pa8_rb4_max_k: int = 0
     # several tokens through the pot3-a8 GEMV (batched decode up to pa8_gemv_max_m): tokens along
-    # the grid's x, so a row block's blocks run together and all but the first read its weights
-    # from L2 (gpu/pot_a8.py; False: tokens along y, every token's pass from DRAM). H100, 7B, one
+    # the grid's x, so a row block's blocks run together and the later ones may find its weights
+    # in L2 (gpu/pot_a8.py; False: tokens along y, each token's pass far from the others'). H100, 7B, one
     # process (bench/pa8_batches.py): batch 2, 8, 16 at 939, 1381, 1488 tok/s against 799, 1065, 1130.
     pa8_tok_x: bool = True
+    # tokens a block of the pot3-a8 GEMV with several tokens (1, 2 or 4; gpu/pot_a8.py MTS): each
+    # chunk's weights are decoded once for MT tokens (a token's sums as alone: the same bits);
+    # a launch's last M % MT tokens take a block each. Session 41: not yet timed.
+    pa8_mt: int = 1
     # the pot3-a8 GEMV reads the weights once a token: above this many tokens (a prefill, a large
     # batch) a layer with fp16-exact scales runs Ŵ in fp16 and cuBLAS instead (gpu/pot_a8.py
     # gemm_pot_a8). H100, 7B, one process: 512 tokens 26.2 ms this way against 408.8 through the
