@@ -259,12 +259,15 @@ def test_reference_against_float64(n, k, nw):
 def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
     """engine/gpu/pot_a8.py through kargs with bench/host_prefill.py's fake CuPy: the keywords are
     the kernel's parameters (the tail's arrays included), the grid one block per RB rows and token;
-    bad inputs get one clear error."""
+    bad inputs get one clear error. (One token a block here: WB_TUNE.pa8_mt = 1; MT tokens a block
+    in test_token_blocks_take_mt_tokens_and_the_rest_one_each.)"""
     import host_gemm
     import host_prefill
 
     from engine.gpu import kargs, pot_a8
     from engine.gpu.ops import CudaOpError
+    from engine.gpu.tuning import WB_TUNE
+    monkeypatch.setattr(WB_TUNE, "pa8_mt", 1)
     n, k = 13, 1100
     codes, s = rand_layer(np.random.default_rng(5), n, k)
     words, scale = P.pack_pot_a8(codes), P.pack_scales(s, k)
@@ -353,12 +356,14 @@ def test_launcher_binds_the_kernel_with_a_fake_cupy(monkeypatch):
 
 def test_tokens_along_x_only_for_several_tokens_and_when_set(monkeypatch):
     """WB_TUNE.pa8_tok_x: several tokens launch over (M, row blocks) with tok_x = 1; one token, the
-    setting off, or more row blocks than the grid's y holds keep (row blocks, M) and tok_x = 0."""
+    setting off, or more row blocks than the grid's y holds keep (row blocks, M) and tok_x = 0
+    (one token a block: WB_TUNE.pa8_mt = 1)."""
     import host_gemm
     import host_prefill
 
     from engine.gpu import pot_a8
     from engine.gpu.tuning import WB_TUNE
+    monkeypatch.setattr(WB_TUNE, "pa8_mt", 1)
     n, k = 40, 300
     codes, s = rand_layer(np.random.default_rng(9), n, k)
     seen = []
@@ -382,10 +387,11 @@ def test_tokens_along_x_only_for_several_tokens_and_when_set(monkeypatch):
 
 
 def test_token_blocks_take_mt_tokens_and_the_rest_one_each(monkeypatch):
-    """WB_TUNE.pa8_mt: M ≥ 2 tokens of an MT_VARIANTS launch go MT a block (gemv_pot3_a8<RB, NW,
-    false, MT>, M // MT blocks along the tokens), the last M % MT one a block in a second launch
-    whose x8, sx and out start at that token; one token, another variant or MT = 1 launch once;
-    an MT without instantiations is refused before any launch."""
+    """WB_TUNE.pa8_mt: M ≥ 2 tokens of an MT_VARIANTS launch go MT a block, MT the largest of 1, 2,
+    4 up to min(M, pa8_mt) (gemv_pot3_a8<RB, NW, false, MT>, M // MT blocks along the tokens), the
+    last M % MT one a block in a second launch whose x8, sx and out start at that token; one token,
+    another variant or MT = 1 launch once; an MT without instantiations is refused before any
+    launch."""
     import host_gemm
     import host_prefill
 
@@ -410,6 +416,8 @@ def test_token_blocks_take_mt_tokens_and_the_rest_one_each(monkeypatch):
             pot_a8.gemv_pot_a8(x6[:4], sx, p, variant=(4, 4))   # 4: one launch of MT blocks
             pot_a8.gemv_pot_a8(x6, sx, p, variant=(8, 8))       # no MT instantiation: one a block
             pot_a8.gemv_pot_a8(x6[0], sx, p)                    # one token
+            pot_a8.gemv_pot_a8(x6[:2], sx, p)                   # 2 of at most 4: one block of 2
+            pot_a8.gemv_pot_a8(x6[:3], sx, p)                   # 3: one block of 2, then one of 1
             monkeypatch.setattr(WB_TUNE, "pa8_mt", 2)
             pot_a8.gemv_pot_a8(x6, sx, p)                       # 6 = 3 blocks of 2
             for bad in (3, 8, 0):
@@ -417,8 +425,9 @@ def test_token_blocks_take_mt_tokens_and_the_rest_one_each(monkeypatch):
                 with pytest.raises(CudaOpError, match="pa8_mt must be 1 or one of"):
                     pot_a8.gemv_pot_a8(x6, sx, p)
     assert exprs == ["gemv_pot3_a8<8, 4, false, 4>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<4, 4, false, 4>",
-                     "gemv_pot3_a8<8, 8, false>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<8, 4, false, 2>"]
-    assert [g for g, _ in seen] == [(1, 5), (2, 5), (1, 10), (6, 5), (5, 1), (3, 5)]
+                     "gemv_pot3_a8<8, 8, false>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<8, 4, false, 2>",
+                     "gemv_pot3_a8<8, 4, false, 2>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<8, 4, false, 2>"]
+    assert [g for g, _ in seen] == [(1, 5), (2, 5), (1, 10), (6, 5), (5, 1), (1, 5), (1, 5), (1, 5), (3, 5)]
     a = [args for _, args in seen]
     assert a[1]["x8"].data.ptr - x6.data.ptr == 4 * 320 and a[1]["sx"].size == 2 and a[1]["out"].shape == (2, n)
     assert a[0]["x8"] is x6 and a[0]["out"].shape == (6, n)
@@ -628,7 +637,10 @@ def test_many_tokens_take_the_fp16_weight_gemm_with_a_fake_cupy(monkeypatch):
         return exprs
 
     bound = WB_TUNE.pa8_gemv_max_m
-    assert run(bound) == [f"gemv_pot3_a8<{gpu_pot_a8.DEFAULT[0]}, {gpu_pot_a8.DEFAULT[1]}, false>"] and not gemms
+    mt = gpu_pot_a8.token_block(bound, gpu_pot_a8.DEFAULT)             # the bound's tokens, MT a block
+    assert run(bound) == [f"gemv_pot3_a8<{gpu_pot_a8.DEFAULT[0]}, {gpu_pot_a8.DEFAULT[1]}, false, {mt}>"] * (mt > 1) + [
+        f"gemv_pot3_a8<{gpu_pot_a8.DEFAULT[0]}, {gpu_pot_a8.DEFAULT[1]}, false>"] * (bound % mt > 0 or mt == 1) \
+        and not gemms
     grids.clear()
     assert run(bound + 1) == ["rows_i8_to_f16", "dequant_pot3_a8", "scale_rows_pa8"]
     assert gemms == [((bound + 1, k), (n, k), np.float32)]
@@ -741,7 +753,10 @@ def test_model_runs_pot3_layers_through_the_a8_gemv_with_a_fake_cupy(monkeypatch
     ns = [cfg.q_size + 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size, 2 * cfg.intermediate_size,
           cfg.hidden_size] * cfg.num_hidden_layers
     rb = gpu_pot_a8.DEFAULT[0]
-    assert [grid for grid, _ in a8] == [(m, -(-n // rb)) for n in ns] and all(args["tok_x"] for _, args in a8)
+    mt = gpu_pot_a8.token_block(m, gpu_pot_a8.DEFAULT)                 # MT tokens a block (WB_TUNE.pa8_mt)
+    assert m % mt == 0                                                  # so one launch a layer, m / MT blocks
+    assert [grid for grid, _ in a8] == [(m // mt, -(-n // rb)) for n in ns]
+    assert all(args["tok_x"] for _, args in a8)
     assert [args["N"] for _, args in a8] == ns and all(args["ldo"] == args["N"] for _, args in a8)
     assert [args["ldx"] for _, args in a8] == [cfg.hidden_size, cfg.q_size, cfg.hidden_size,
                                                cfg.intermediate_size] * cfg.num_hidden_layers

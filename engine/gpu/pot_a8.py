@@ -75,12 +75,15 @@ def default_variant(k: int) -> tuple[int, int]:
 
 
 def token_block(m: int, variant: tuple[int, int]) -> int:
-    """Tokens a block of an m-token launch of `variant`: WB_TUNE.pa8_mt (1 or one of MTS) where
-    m > 1 and the variant has those instantiations (MT_VARIANTS), else 1."""
-    mt = WB_TUNE.pa8_mt
-    if mt != 1 and mt not in MTS:
-        raise CudaOpError(f"WB_TUNE.pa8_mt must be 1 or one of {MTS}, got {mt!r}")
-    return mt if m > 1 and variant in MT_VARIANTS else 1
+    """Tokens a block of an m-token launch of `variant`: the largest of 1 and MTS up to
+    min(m, WB_TUNE.pa8_mt) where the variant has those instantiations (MT_VARIANTS), else 1. At
+    the default 4: 2 tokens take one block of 2, 3 one of 2 and one of 1, 8 two of 4."""
+    cap = WB_TUNE.pa8_mt
+    if cap != 1 and cap not in MTS:
+        raise CudaOpError(f"WB_TUNE.pa8_mt must be 1 or one of {MTS}, got {cap!r}")
+    if variant not in MT_VARIANTS:
+        return 1
+    return max(t for t in (1, *MTS) if t <= min(m, cap))
 
 
 def gemv_pot_a8(x8, sx, p: PackedPotA8, out=None, variant: tuple[int, int] | None = None, resid=None):

@@ -111,10 +111,13 @@ class WbTuning:
     # in L2 (gpu/pot_a8.py; False: tokens along y, each token's pass far from the others'). H100, 7B, one
     # process (bench/pa8_batches.py): batch 2, 8, 16 at 939, 1381, 1488 tok/s against 799, 1065, 1130.
     pa8_tok_x: bool = True
-    # tokens a block of the pot3-a8 GEMV with several tokens (1, 2 or 4; gpu/pot_a8.py MTS): each
-    # chunk's weights are decoded once for MT tokens (a token's sums as alone: the same bits);
-    # a launch's last M % MT tokens take a block each. Session 41: not yet timed.
-    pa8_mt: int = 1
+    # the most tokens a block of the pot3-a8 GEMV with several tokens (1, 2 or 4; gpu/pot_a8.py
+    # token_block takes the largest of 1, 2, 4 up to min(M, this)): each chunk's weights are decoded
+    # once for those tokens (each token's sums as alone: the same bits); a launch's last M % MT
+    # tokens take a block each. H200, 7B, one process (bench/pa8_batches.py): batch 2 with blocks
+    # of 2 tokens 1075 tok/s against 1008 one a block; batch 8 with 4 1857 against 1414 (2: 1699);
+    # batch 16 with 4 2052 against 1520 (A8W4 987, 3042, 4914).
+    pa8_mt: int = 4
     # the pot3-a8 GEMV reads the weights once a token: above this many tokens (a prefill, a large
     # batch) a layer with fp16-exact scales runs Ŵ in fp16 and cuBLAS instead (gpu/pot_a8.py
     # gemm_pot_a8). H100, 7B, one process: 512 tokens 26.2 ms this way against 408.8 through the
