@@ -15,24 +15,30 @@ graphs capture the launches as the setting makes them) over the same weights; ro
 `python -m engine.bench e2e`.
 """
 import argparse
+import dataclasses
 
 from engine.bench.common import copy_bandwidth, cp_or_fail
 from engine.bench.e2e import MODELS, _setting, bench_model, format_table, random_model
+from engine.gpu import pot_a8
 from engine.gpu.tuning import WB_TUNE
 
-DEFAULT_SETTINGS = "pa8_tok_x=0;pa8_mt=2;pa8_mt=4;pa8_mt=2,pa8_rb4_max_k=65536;pa8_mt=4,pa8_rb4_max_k=65536"
+DEFAULT_SETTINGS = "pa8_mt=1;pa8_tok_x=0,pa8_mt=1;pa8_mt=2;pa8_mt=4;pa8_mt=2,pa8_rb4_max_k=65536"
 
 
 def parse_settings(text: str) -> list[dict]:
-    """';'-separated settings, each ','-separated FIELD=INT of WB_TUNE; ValueError names a bad one."""
+    """';'-separated settings, each ','-separated FIELD=INT of WB_TUNE's int or bool fields (pa8_mt
+    1 or one of pot_a8.MTS), checked before any GPU time; ValueError names a bad one."""
+    kinds = {f.name: type(getattr(WB_TUNE, f.name)) for f in dataclasses.fields(WB_TUNE)}
     out = []
     for item in filter(None, (t.strip() for t in text.split(";"))):
         d = {}
         for kv in item.split(","):
             field, _, val = kv.strip().partition("=")
-            if not hasattr(WB_TUNE, field) or not val.strip().lstrip("-").isdigit():
-                raise ValueError(f"{kv.strip()!r}: not FIELD=INT of a WB_TUNE field")
-            d[field] = type(getattr(WB_TUNE, field))(int(val))
+            if kinds.get(field) not in (int, bool) or not val.strip().lstrip("-").isdigit():
+                raise ValueError(f"{kv.strip()!r}: not FIELD=INT of an int or bool WB_TUNE field")
+            d[field] = kinds[field](int(val))
+        if d.get("pa8_mt", 1) not in (1, *pot_a8.MTS):
+            raise ValueError(f"pa8_mt={d['pa8_mt']}: 1 or one of {pot_a8.MTS}")
         out.append(d)
     return out
 

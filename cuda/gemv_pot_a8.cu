@@ -101,7 +101,7 @@ __device__ __forceinline__ void pa8_weights(const u32 (&w)[PA8_WORDS], u32 (&q)[
     q[7] = pa8_lut(e >> 16);
 }
 
-// Σ VALUES[code]·x8 over one chunk (pa8_chunk, exact in int32): q its weights (pa8_weights), x a
+// Σ VALUES[code]·x8 over one chunk (exact in int32): q its weights (pa8_weights), x a
 // token's 32 int8 as 8 words.
 __device__ __forceinline__ int pa8_dot(const u32 (&q)[8], const u32 (&x)[8]) {
     int d = pa8_dp4a(q[0], x[0], 0);
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(128) dequant_pot3_a8(
     const u32 s2 = (u32)sb | ((u32)sb << 16);          // s in both halves
     u32 h[PA8_CHUNK / 2];                              // the chunk's fp16 weights, channels 2i, 2i+1 in word i
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {                      // channels 4i..4i+3: the GEMV's selectors (pa8_chunk)
+    for (int i = 0; i < 8; ++i) {                      // channels 4i..4i+3: the GEMV's selectors (pa8_weights)
         const u32 b = pa8_prmt(PA8_UNIT_LO, PA8_UNIT_HI, pa8_selector(w, i));  // their units' fp16 high bytes
         h[2 * i] = pa8_hmul2(pa8_prmt(b, 0u, 0x1404u), s2);                   // (0, b0, 0, b1): channels 4i, 4i+1
         h[2 * i + 1] = pa8_hmul2(pa8_prmt(b, 0u, 0x3424u), s2);               // 4i+2, 4i+3

@@ -424,13 +424,28 @@ def test_token_blocks_take_mt_tokens_and_the_rest_one_each(monkeypatch):
                 monkeypatch.setattr(WB_TUNE, "pa8_mt", bad)
                 with pytest.raises(CudaOpError, match="pa8_mt must be 1 or one of"):
                     pot_a8.gemv_pot_a8(x6, sx, p)
-    assert exprs == ["gemv_pot3_a8<8, 4, false, 4>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<4, 4, false, 4>",
-                     "gemv_pot3_a8<8, 8, false>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<8, 4, false, 2>",
-                     "gemv_pot3_a8<8, 4, false, 2>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<8, 4, false, 2>"]
-    assert [g for g, _ in seen] == [(1, 5), (2, 5), (1, 10), (6, 5), (5, 1), (1, 5), (1, 5), (1, 5), (3, 5)]
+            at = len(seen)
+            monkeypatch.setattr(WB_TUNE, "pa8_mt", 4)          # resid: the second launch's rows start at token 4
+            h = cp.zeros((6, n), dtype=np.float32)
+            pot_a8.gemv_pot_a8(x6, sx, p, resid=h)
+            monkeypatch.setattr(WB_TUNE, "pa8_mt", 2)          # one token block a launch: 3 launches of 2 tokens
+            monkeypatch.setattr(pot_a8, "MAX_GRID_Y", 1)
+            monkeypatch.setattr(WB_TUNE, "pa8_tok_x", False)
+            pot_a8.gemv_pot_a8(x6, sx, p)
+    assert exprs[:9] == ["gemv_pot3_a8<8, 4, false, 4>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<4, 4, false, 4>",
+                         "gemv_pot3_a8<8, 8, false>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<8, 4, false, 2>",
+                         "gemv_pot3_a8<8, 4, false, 2>", "gemv_pot3_a8<8, 4, false>", "gemv_pot3_a8<8, 4, false, 2>"]
+    assert [g for g, _ in seen[:at]] == [(1, 5), (2, 5), (1, 10), (6, 5), (5, 1), (1, 5), (1, 5), (1, 5), (3, 5)]
     a = [args for _, args in seen]
     assert a[1]["x8"].data.ptr - x6.data.ptr == 4 * 320 and a[1]["sx"].size == 2 and a[1]["out"].shape == (2, n)
     assert a[0]["x8"] is x6 and a[0]["out"].shape == (6, n)
+    r = a[at:at + 2]                                            # the resid pair
+    assert [x["resid"].data.ptr - h.data.ptr for x in r] == [0, 4 * n * 4] and all(x["out"] is None for x in r)
+    last = seen[at + 2:]                                        # tokens along y, one block of 2 a launch
+    assert [g for g, _ in last] == [(5, 1)] * 3 and [x["tok_x"] for _, x in last] == [0] * 3
+    assert [x["x8"].data.ptr - x6.data.ptr for _, x in last] == [0, 2 * 320, 4 * 320]
+    assert exprs[9:] == ["gemv_pot3_a8<8, 4, false, 4>", "gemv_pot3_a8<8, 4, false>"] + [
+        "gemv_pot3_a8<8, 4, false, 2>"] * 3
     assert all(e in pot_a8.POT_A8_EXPRS for e in exprs)
 
 def test_plain_launches_take_rb4_up_to_the_tuned_k(monkeypatch):
@@ -821,6 +836,13 @@ _KERNEL_EXPRS = {
     "token_mt": r"const int token = \([^)]*\)(?: \* (\w+))?, row_blk",
     # which grid index is the token (block) and which the row block, by tok_x
     "token_sel": r"const int token = \(([^)]*)\)(?: \* \w+)?, row_blk", "row_sel": r", row_blk = ([^;]+);",
+    # the MT bounds: x loaded and dotted for each token, the slots initialised, reduced, stored and
+    # declared (acc and red), and the scale pointer's token
+    "x_loop": r"for \(int t = 0; t < (\w+); \+\+t\)\s*pa8_ldx\(", "dot_loop": r"for \(int t = 0; t < (\w+); \+\+t\) acc\[",
+    "acc_decl": r"float acc\[([^\]]+)\];", "acc_init": r"for \(int i = 0; i < ([^;]+); \+\+i\) acc\[i\] = 0\.f;",
+    "shfl_loop": r"for \(int i = 0; i < ([^;]+); \+\+i\)\s*#pragma unroll\s*for \(int off = 16",
+    "red_loop": r"for \(int i = 0; i < ([^;]+); \+\+i\) red\[warp\]\[i\] = acc\[i\];",
+    "red_decl": r"__shared__ float red\[NW\]\[([^\]]+)\];", "sx_adv": r"\bsx \+= ([^;]+);",
 }
 
 
@@ -904,6 +926,10 @@ def check_kernel_offsets(ex: dict, rb: int, nw: int, silu: bool, n: int, k: int,
         got = tuple(eval(ex[k], {}, {"tok_x": tok_x, "blockIdx": idx}) for k in ("token_sel", "row_sel"))   # noqa: S307
         assert got == want, (tok_x, got)
     assert ex["blockidx_uses"] == 4
+    for name, want in (("x_loop", mt), ("dot_loop", mt), ("acc_decl", rb * mt), ("acc_init", rb * mt),
+                       ("shfl_loop", rb * mt), ("red_loop", rb * mt), ("red_decl", rb * mt)):
+        assert eval(ex[name], {}, env) == want, (name, ex[name])   # noqa: S307
+    assert np.array_equal(eval(ex["sx_adv"], {}, dict(env, by=by)), by * mt)   # noqa: S307  block's first token
     rr_, tt_ = np.meshgrid(np.arange(rb), np.arange(mt))
     assert np.array_equal(eval(ex["acc_slot"], {}, dict(env, r=rr_, t=tt_)), tt_ * rb + rr_)   # noqa: S307
 
@@ -1110,6 +1136,15 @@ def test_kernel_offsets_address_the_layout():
     ("pa8_dot(q, b.x[t])", "pa8_dot(q, b.x[0])"),
     ("t = threadIdx.x / RB;", "t = threadIdx.x / MT;"),
     ("sx[threadIdx.x / RB]", "sx[threadIdx.x % RB]"),
+    ("for (int t = 0; t < MT; ++t)\n            pa8_ldx(", "for (int t = 0; t < 1; ++t)\n            pa8_ldx("),
+    ("for (int t = 0; t < MT; ++t) acc[", "for (int t = 0; t < 1; ++t) acc["),
+    ("float acc[RB * MT];", "float acc[RB];"),
+    ("for (int i = 0; i < RB * MT; ++i) acc[i] = 0.f;", "for (int i = 0; i < RB; ++i) acc[i] = 0.f;"),
+    ("for (int i = 0; i < RB * MT; ++i)\n#pragma unroll\n        for (int off",
+     "for (int i = 0; i < RB; ++i)\n#pragma unroll\n        for (int off"),
+    ("for (int i = 0; i < RB * MT; ++i) red[warp][i]", "for (int i = 0; i < RB; ++i) red[warp][i]"),
+    ("__shared__ float red[NW][RB * MT];", "__shared__ float red[NW][RB];"),
+    ("sx += token;", "sx += token / MT;"),
     ("if (st + NW >= steps) break;", "if (st + NW > steps) break;"),          # the loop (KERNEL_LOOP_SHA256)
 ])
 def test_offset_check_catches_a_mutated_kernel(old, new):

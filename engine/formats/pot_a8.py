@@ -204,7 +204,7 @@ def nbytes(n: int, k: int) -> int:
 
 def selectors(w0, w1, w2) -> list:
     """The eight prmt selectors of a chunk (uint32 arrays, only the low 16 bits count), in the
-    order of the token's x8 words 0..7 (channels 4i..4i+3): as cuda/gemv_pot_a8.cu pa8_chunk."""
+    order of the token's x8 words 0..7 (channels 4i..4i+3): as cuda/gemv_pot_a8.cu pa8_weights and pa8_dot."""
     u = np.uint32
     m = [np.asarray(w, dtype=u) & u(LOW3) for w in (w0, w1, w2)]
     e = (((np.asarray(w0, dtype=u) >> u(3)) & u(0x11111111)) | ((np.asarray(w1, dtype=u) >> u(2)) & u(0x22222222))

@@ -1,8 +1,8 @@
-"""Launcher of cuda/gemv_pot_a8.cu: W3-PoT weights × INT8 tokens (dp4a GEMV, made for M = 1). The
+"""Launcher of cuda/gemv_pot_a8.cu: W3-PoT weights × INT8 tokens (dp4a GEMV, up to 4 tokens a block). The
 model runs pot3 layers of act "dynamic" with it (`dgq-quantize --method pot --wbits 3 --act dynamic`,
 gpu/linear.py); `python -m engine.bench gemv-wb --kinds pot3,pot3a8 --ms 1` times it alone.
 
-Name triplet: formats.pot_a8.gemv_pot_a8_ref ↔ gemv_pot3_a8<RB, NW, SILU> ↔ gemv_pot_a8. The layout
+Name triplet: formats.pot_a8.gemv_pot_a8_ref ↔ gemv_pot3_a8<RB, NW, SILU, MT> ↔ gemv_pot_a8. The layout
 (three words a 32-channel chunk; the full warp steps of 1024 channels and a compact tail) is made
 on the host by formats.pot_a8.pack_pot_a8 and pack_scales.
 """
