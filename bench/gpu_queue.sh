@@ -22,7 +22,7 @@
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
 #            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|stage|tokx}
+part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|tokx}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -72,12 +72,6 @@ ncu)                 # issue 15's last few % of decode: the two gate|up SiLU GEM
             python bench/gate_up_one.py --qkv 0 --reps 2
     done
     ;;
-stage)               # the dequantization's stores through shared memory (branch wip/dequant-stage, merged in session 41).
-                     # Carry .carry/cupy-cache. Against main's 10.4 ms (breakdown) and 23.2 ms (e2e).
-    step pot_a8_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py -k "dequant or fp16_weight or many"
-    step prefill_pb 150 python bench/prefill_breakdown.py --tokens 512 --paths fp16,pot3a8
-    step e2e_prefill 240 python -m engine.bench e2e --models llama7b --quick --pot-bits 3a8 --json
-    ;;
 tokx)                # session 41: several tokens along the GEMV's grid x (WB_TUNE.pa8_tok_x) and MT tokens a
                      # block (WB_TUNE.pa8_mt): the GPU tests, then batched decode under each setting
                      # (bench/pa8_batches.py DEFAULT_SETTINGS), beside A8W4. Carry .carry/cupy-cache.
@@ -85,7 +79,7 @@ tokx)                # session 41: several tokens along the GEMV's grid x (WB_TU
     step batches 300 python bench/pa8_batches.py --batches 2,8,16
     ;;
 *)
-    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu, stage or tokx" >&2
+    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu or tokx" >&2
     exit 2
     ;;
 esac

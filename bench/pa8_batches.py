@@ -15,30 +15,23 @@ graphs capture the launches as the setting makes them) over the same weights; ro
 `python -m engine.bench e2e`.
 """
 import argparse
-import dataclasses
 
 from engine.bench.common import copy_bandwidth, cp_or_fail
-from engine.bench.e2e import MODELS, _setting, bench_model, format_table, random_model
+from engine.bench.e2e import MODELS, _ab_setting, bench_model, format_table, parse_ab, random_model
 from engine.gpu import pot_a8
-from engine.gpu.tuning import WB_TUNE
 
 DEFAULT_SETTINGS = "pa8_mt=1;pa8_tok_x=0,pa8_mt=1;pa8_mt=2;pa8_mt=4;pa8_mt=2,pa8_rb4_max_k=65536"
 
 
 def parse_settings(text: str) -> list[dict]:
     """';'-separated settings, each ','-separated FIELD=INT of WB_TUNE's int or bool fields (pa8_mt
-    1 or one of pot_a8.MTS), checked before any GPU time; ValueError names a bad one."""
-    kinds = {f.name: type(getattr(WB_TUNE, f.name)) for f in dataclasses.fields(WB_TUNE)}
+    1 or one of pot_a8.MTS), checked before any GPU time by e2e's --ab parser (as wb.FIELD);
+    ValueError names a bad one. Each dict is parse_ab's, keys wb.FIELD."""
     out = []
     for item in filter(None, (t.strip() for t in text.split(";"))):
-        d = {}
-        for kv in item.split(","):
-            field, _, val = kv.strip().partition("=")
-            if kinds.get(field) not in (int, bool) or not val.strip().lstrip("-").isdigit():
-                raise ValueError(f"{kv.strip()!r}: not FIELD=INT of an int or bool WB_TUNE field")
-            d[field] = kinds[field](int(val))
-        if d.get("pa8_mt", 1) not in (1, *pot_a8.MTS):
-            raise ValueError(f"pa8_mt={d['pa8_mt']}: 1 or one of {pot_a8.MTS}")
+        d = parse_ab(",".join("wb." + kv.strip() for kv in item.split(",")))
+        if d.get("wb.pa8_mt", 1) not in (1, *pot_a8.MTS):
+            raise ValueError(f"pa8_mt={d['wb.pa8_mt']}: 1 or one of {pot_a8.MTS}")
         out.append(d)
     return out
 
@@ -68,8 +61,8 @@ def main(argv=None) -> int:
     pmw = random_model(shape, 3, act="dynamic")
     name = label.split(" (")[0] + " (random W3-PoT, INT8 activations)"
     for d in [{}] + settings + [{}]:  # as landed first and last: drift shows
-        with _setting(WB_TUNE, **d):
-            suffix = ",".join(f"{k}={int(v)}" for k, v in d.items()) or "as landed"
+        with _ab_setting(d):
+            suffix = ",".join(f"{k[len('wb.'):]}={int(v)}" for k, v in d.items()) or "as landed"
             rows += bench_model(cp, f"{name} {suffix}", pmw, prefill_lens=(), batches=batches,
                                 steps=a.steps, bw=bw)
     print(format_table(rows))

@@ -13,9 +13,9 @@ _SPEC.loader.exec_module(pa8_batches)
 
 def test_settings_parse_into_typed_wb_tune_fields():
     got = pa8_batches.parse_settings(" pa8_mt=2 ; pa8_tok_x=0,pa8_rb4_max_k=65536;")
-    assert got == [{"pa8_mt": 2}, {"pa8_tok_x": False, "pa8_rb4_max_k": 65536}]
-    assert type(got[1]["pa8_tok_x"]) is bool
-    assert all(d.get("pa8_mt", 1) in (1, 2, 4) for d in pa8_batches.parse_settings(pa8_batches.DEFAULT_SETTINGS))
+    assert got == [{"wb.pa8_mt": 2}, {"wb.pa8_tok_x": False, "wb.pa8_rb4_max_k": 65536}]
+    assert type(got[1]["wb.pa8_tok_x"]) is bool
+    assert all(d.get("wb.pa8_mt", 1) in (1, 2, 4) for d in pa8_batches.parse_settings(pa8_batches.DEFAULT_SETTINGS))
 
 
 @pytest.mark.parametrize("bad", ["__class__=1", "nope=1", "pa8_mt=x", "pa8_mt", "pa8_mt=3", "pa8_mt=2,resident=y"])
