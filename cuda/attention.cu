@@ -334,53 +334,71 @@ attn_prefill_sw(const __half* __restrict__ q, const KV* __restrict__ kc, const K
 // RoPE (rotate-half pairs j, j + D/2) of one head row at position p, as a lane of a warp holds
 // it: elements (2·lane, 2·lane + 1) in a and, for D = 128, (2·lane + 64, 2·lane + 65) in b —
 // each other's partners. For D = 64 the partner pair sits in lane ^ 16.
-__device__ __forceinline__ void rope_lane(const __half* src, int p, int D, const float* cos_t,
-                                          const float* sin_t, int lane, float2& a, float2& b) {
-    const int hd = D >> 1;
-    const float2 x = load2(src, lane);
+// In three parts, so that a kernel can issue every load before the first use (one memory round
+// trip for q, k and v of the new token instead of one each): rope_row loads a lane's pairs of a
+// head row, rope_tab its pairs' cos and sin at p (the same for every head: the tables are no
+// kernel's output, so they may be read before the PDL wait), rope_apply rotates.
+struct RopeRow { float2 x, y; };                 // pairs lane and, for D = 128, lane + 32
+struct RopeTab { float2 c, s; };
+__device__ __forceinline__ RopeRow rope_row(const __half* src, int D, int lane) {
+    return {load2(src, lane), D > 64 ? load2(src, lane + 32) : make_float2(0.f, 0.f)};
+}
+__device__ __forceinline__ RopeTab rope_tab(int p, int D, const float* cos_t, const float* sin_t, int lane) {
+    const int hd = D >> 1, j2 = D > 64 ? lane : lane & 15;         // D = 64: pair index j / 2 within the half
+    return {reinterpret_cast<const float2*>(cos_t + (size_t)p * hd)[j2],
+            reinterpret_cast<const float2*>(sin_t + (size_t)p * hd)[j2]};
+}
+__device__ __forceinline__ void rope_apply(const RopeRow& r, const RopeTab& t, int D, int lane, float2& a,
+                                           float2& b) {
+    const float2 x = r.x, c = t.c, s = t.s;
     if (D > 64) {
-        const float2 y = load2(src, lane + 32);
-        const float2 c = reinterpret_cast<const float2*>(cos_t + (size_t)p * hd)[lane];
-        const float2 s = reinterpret_cast<const float2*>(sin_t + (size_t)p * hd)[lane];
+        const float2 y = r.y;
         a = make_float2(x.x * c.x - y.x * s.x, x.y * c.y - y.y * s.y);
         b = make_float2(y.x * c.x + x.x * s.x, y.y * c.y + x.y * s.y);
     } else {
         const float2 y = make_float2(__shfl_xor_sync(0xffffffffu, x.x, 16), __shfl_xor_sync(0xffffffffu, x.y, 16));
-        const int j2 = lane & 15;                                   // pair index j / 2 within the half
-        const float2 c = reinterpret_cast<const float2*>(cos_t + (size_t)p * hd)[j2];
-        const float2 s = reinterpret_cast<const float2*>(sin_t + (size_t)p * hd)[j2];
         a = lane < 16 ? make_float2(x.x * c.x - y.x * s.x, x.y * c.y - y.y * s.y)
                       : make_float2(x.x * c.x + y.x * s.x, x.y * c.y + y.y * s.y);
         b = make_float2(0.f, 0.f);
     }
 }
+__device__ __forceinline__ void rope_lane(const __half* src, int p, int D, const float* cos_t,
+                                          const float* sin_t, int lane, float2& a, float2& b) {
+    rope_apply(rope_row(src, D, lane), rope_tab(p, D, cos_t, sin_t, lane), D, lane, a, b);
+}
 
 __device__ __forceinline__ float2 round_h2(float2 v) { return __half22float2(__floats2half2_rn(v.x, v.y)); }
 
+// The new token's k (or v) row into the cache as new_kv made it (a, b: fp16 values, or int8 codes
+// as floats, and s their scale): exact conversions. One warp per kv head.
+__device__ __forceinline__ void store_kv(const float2& a, const float2& b, float s, bool two, int lane, __half* row,
+                                         float* srow) {
+    reinterpret_cast<__half2*>(row)[lane] = __floats2half2_rn(a.x, a.y);
+    if (two) reinterpret_cast<__half2*>(row)[lane + 32] = __floats2half2_rn(b.x, b.y);
+}
+__device__ __forceinline__ void store_kv(const float2& a, const float2& b, float s, bool two, int lane, i8* row,
+                                         float* srow) {
+    reinterpret_cast<char2*>(row)[lane] = make_char2((signed char)a.x, (signed char)a.y);
+    if (two) reinterpret_cast<char2*>(row)[lane + 32] = make_char2((signed char)b.x, (signed char)b.y);
+    if (lane == 0) *srow = s;
+}
+
 // The new token's k (or v) row as the cache will hold it: fp16-rounded, or int8 codes (as
-// floats) with the scale s from the head's absmax. Stores it when `store` (one warp per kv head).
+// floats) with the scale s from the head's absmax. Stores it when `store` (store_kv).
 __device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two, int lane, bool store,
                                        __half* row, float* srow) {
     a = round_h2(a);
     b = round_h2(b);
     s = 1.f;
-    if (store) {
-        reinterpret_cast<__half2*>(row)[lane] = __floats2half2_rn(a.x, a.y);
-        if (two) reinterpret_cast<__half2*>(row)[lane + 32] = __floats2half2_rn(b.x, b.y);
-    }
+    if (store) store_kv(a, b, s, two, lane, row, srow);
 }
 __device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two, int lane, bool store,
                                        i8* row, float* srow) {
     s = row_scale(MODE_DYNAMIC, warp_max(nan_max(nan_max(fabsf(a.x), fabsf(a.y)), nan_max(fabsf(b.x), fabsf(b.y)))),
                   nullptr);                                           // b is 0 for D = 64
-    const signed char a0 = quant1(a.x, s), a1 = quant1(a.y, s), b0 = quant1(b.x, s), b1 = quant1(b.y, s);
-    a = make_float2(a0, a1);
-    b = make_float2(b0, b1);
-    if (store) {
-        reinterpret_cast<char2*>(row)[lane] = make_char2(a0, a1);
-        if (two) reinterpret_cast<char2*>(row)[lane + 32] = make_char2(b0, b1);
-        if (lane == 0) *srow = s;
-    }
+    a = make_float2(quant1(a.x, s), quant1(a.y, s));
+    b = make_float2(quant1(b.x, s), quant1(b.y, s));
+    if (store) store_kv(a, b, s, two, lane, row, srow);
 }
 
 // Wide heads (D = WIDE_D, Gemma 3's 256): a lane holds the WIDE_NP pairs lane + 32·i of a head
@@ -580,7 +598,9 @@ __device__ __forceinline__ void attn_decode_body(
     // Row p is written by this kernel: its values are replaced by the new token's registers.
     typename KvPair<KV>::T kra[DEC_KPW], krb[DEC_KPW], vra[DEC_KPW], vrb[DEC_KPW];
     float ksc[DEC_KPW], vsc[DEC_KPW];
+    RopeTab tab;                                            // the new token's cos and sin (rope_tab)
     if (k0 < k1) {
+        tab = rope_tab(p, D, cos_t, sin_t, lane);
         const KV* kbase = kc + sbase * D;
         const KV* vbase = vc + sbase * D;
 #pragma unroll
@@ -596,26 +616,37 @@ __device__ __forceinline__ void attn_decode_body(
             vsc[i] = kv_scale<KV>(vs, sbase + (size_t)k * Hkv);
         }
     }
+    // the new token's k and v as the cache holds them (the split that holds p), and whether this
+    // warp writes them to the cache (row rnew)
+    float2 kna = make_float2(0.f, 0.f), knb = kna, vna = kna, vnb = kna;
+    float skn = 1.f, svn = 1.f;
+    bool store_new = false;
+    const size_t rnew = sbase + (size_t)p * Hkv;
     pdl_enter();
     if (k0 < k1) {
         const __half* row = qkv + (size_t)b * (Hq + 2 * Hkv) * D;
+        // the new token's key and value go to the blocks of the split that holds p. Its q, k and
+        // v rows are all loaded before the first is used: one round trip after the wait, not two
+        const bool has_new = k1 == len;                     // block-uniform
+        const RopeRow qr = rope_row(row + (size_t)h * D, D, lane);
+        RopeRow kr{}, vr{};
+        if (has_new) {
+            kr = rope_row(row + (size_t)(Hq + kvh) * D, D, lane);
+            vr = rope_row(row + (size_t)(Hq + Hkv + kvh) * D, D, lane);    // y: (0, 0) at D = 64
+        }
         float2 qa, qb;
-        rope_lane(row + (size_t)h * D, p, D, cos_t, sin_t, lane, qa, qb);
+        rope_apply(qr, tab, D, lane, qa, qb);
         qa = round_h2(qa);
         qb = round_h2(qb);
-        // the new token's key and value (blocks of the split that holds p)
-        const bool has_new = k1 == len;                     // block-uniform
-        float2 kna = make_float2(0.f, 0.f), knb = kna, vna = kna, vnb = kna;
-        float skn = 1.f, svn = 1.f;
         if (has_new) {
-            const bool store = h % rep == 0 && p >= kw && p < kw + DEC_KPW;   // one warp per kv head
-            const size_t r = sbase + (size_t)p * Hkv;
-            rope_lane(row + (size_t)(Hq + kvh) * D, p, D, cos_t, sin_t, lane, kna, knb);
-            const __half* v = row + (size_t)(Hq + Hkv + kvh) * D;
-            vna = load2(v, lane);
-            vnb = two ? load2(v, lane + 32) : make_float2(0.f, 0.f);
-            new_kv(kna, knb, skn, two, lane, store, kc + r * D, ks + r);
-            new_kv(vna, vnb, svn, two, lane, store, vc + r * D, vs + r);
+            store_new = h % rep == 0 && p >= kw && p < kw + DEC_KPW;          // one warp per kv head
+            rope_apply(kr, tab, D, lane, kna, knb);
+            vna = vr.x;
+            vnb = vr.y;
+            // a cluster stores them after its first barrier (below): that barrier's release would
+            // otherwise wait for these stores to reach L2 before any block of the head merges
+            new_kv(kna, knb, skn, two, lane, store_new && CL == 0, kc + rnew * D, ks + rnew);
+            new_kv(vna, vnb, svn, two, lane, store_new && CL == 0, vc + rnew * D, vs + rnew);
         }
 
         float dot[DEC_KPW];
@@ -672,25 +703,40 @@ __device__ __forceinline__ void attn_decode_body(
         // global-memory merge below costs a fence, an atomic and an L2 round trip: about 3 µs a
         // layer more in the 7B step on the H100.)
         cluster_sync();
-        const int rank = cluster_rank(), per = D / CL;
-        float ms[CL], mxc = NEG_INF, lc = 0.f;
+        if (store_new) {
+            store_kv(kna, knb, skn, two, lane, kc + rnew * D, ks + rnew);
+            store_kv(vna, vnb, svn, two, lane, vc + rnew * D, vs + rnew);
+        }
+        // every peer value this thread needs is loaded before the first is used: one round trip
+        // of distributed shared memory, not three (the maxima, the sums, the partials)
+        const int rank = cluster_rank(), per = D / CL, e = rank * per + threadIdx.x;
+        const bool mine = threadIdx.x < per;           // per <= D <= 128 = blockDim: one output a thread
+        const float* src = reinterpret_cast<const float*>(sacc) + e;
+        float ms[CL], ls[CL], xs[CL], mxc = NEG_INF, lc = 0.f;
 #pragma unroll
-        for (int c = 0; c < CL; ++c) { ms[c] = ld_cluster(&sml[0], c); mxc = fmaxf(mxc, ms[c]); }
+        for (int c = 0; c < CL; ++c) {
+            ms[c] = ld_cluster(&sml[0], c);
+            ls[c] = ld_cluster(&sml[1], c);
+            xs[c] = mine ? ld_cluster(src, c) : 0.f;
+        }
 #pragma unroll
-        for (int c = 0; c < CL; ++c) { ms[c] = __expf(ms[c] - mxc); lc += ms[c] * ld_cluster(&sml[1], c); }
+        for (int c = 0; c < CL; ++c) mxc = fmaxf(mxc, ms[c]);
+#pragma unroll
+        for (int c = 0; c < CL; ++c) { ms[c] = __expf(ms[c] - mxc); lc += ms[c] * ls[c]; }
         float am = 0.f;
-        for (int i = threadIdx.x; i < per; i += blockDim.x) {
-            const int e = rank * per + i;
-            const float* src = reinterpret_cast<const float*>(sacc) + e;
+        if (mine) {
             float v = 0.f;
 #pragma unroll
-            for (int c = 0; c < CL; ++c) v += (ms[c] / lc) * ld_cluster(src, c);
+            for (int c = 0; c < CL; ++c) v += (ms[c] / lc) * xs[c];
             const __half o = __float2half_rn(v);
             out[((size_t)b * Hq + h) * D + e] = o;
-            am = nan_max(am, fabsf(__half2float(o)));
+            am = fabsf(__half2float(o));
         }
         out_amax(am, amax_out, b);
-        cluster_sync();
+        // keep this block's shared memory until its peers have read it; no memory order is
+        // needed (their loads have returned: their values were used before they arrive), and a
+        // release here would first wait for this block's stores above to reach L2
+        cluster_sync_relaxed();
         return;
     }
 
@@ -972,10 +1018,20 @@ __device__ __forceinline__ void attn_decode_gqa_body(
         if (i < mine) issue(i);
         cp_async_commit();
     }
+    // D <= 128: the new token's cos and sin (the wide path reads its own in rope_lane_wide)
+    const RopeTab tab = DT <= 128 ? rope_tab(p, DT, cos_t, sin_t, lane) : RopeTab{};
     pdl_wait();
 
-    // the group's q, rotated and rounded to fp16 (as rope_qkv_cache stores q); rows ≥ nh zero
+    // warp 0 of split 0 takes the new token's k and v (below, D <= 128): their rows are loaded
+    // now, so that they arrive with its q's (one round trip after the wait, not two)
     const __half* row = qkv + (size_t)b * (Hq + 2 * Hkv) * DT;
+    const bool kv_new = DT <= 128 && sp == 0 && warp == 0;        // warp-uniform
+    RopeRow kr{}, vr{};
+    if (kv_new) {
+        kr = rope_row(row + (size_t)(Hq + kvh) * DT, DT, lane);
+        vr = rope_row(row + (size_t)(Hq + Hkv + kvh) * DT, DT, lane);    // y: (0, 0) at D = 64
+    }
+    // the group's q, rotated and rounded to fp16 (as rope_qkv_cache stores q); rows ≥ nh zero
     for (int h = warp; h < GQ_HEADS; h += GQ_WARPS) {     // warp-uniform: rope_lane shuffles at D = 64
         __half2* dst = reinterpret_cast<__half2*>(sq[h]);
         if constexpr (DT > 128) {                         // a wide head (rope_lane_wide)
@@ -988,7 +1044,7 @@ __device__ __forceinline__ void attn_decode_gqa_body(
             continue;
         }
         float2 qa = make_float2(0.f, 0.f), qb = qa;
-        if (h < nh) rope_lane(row + (size_t)(h0 + h) * DT, p, DT, cos_t, sin_t, lane, qa, qb);
+        if (h < nh) rope_apply(rope_row(row + (size_t)(h0 + h) * DT, DT, lane), tab, DT, lane, qa, qb);
         dst[lane] = __floats2half2_rn(qa.x, qa.y);
         if (DT > 64) dst[lane + 32] = __floats2half2_rn(qb.x, qb.y);
     }
@@ -1012,13 +1068,10 @@ __device__ __forceinline__ void attn_decode_gqa_body(
             }
             if (lane == 0) { snew[GQ_HEADS] = skn; snew[GQ_HEADS + 1] = svn; }
         }
-    } else if (sp == 0 && warp == 0) {
-        float2 ka, kb, va, vb;
+    } else if (kv_new) {
+        float2 ka, kb, va = vr.x, vb = vr.y;
         float skn, svn;
-        rope_lane(row + (size_t)(Hq + kvh) * DT, p, DT, cos_t, sin_t, lane, ka, kb);
-        const __half* v = row + (size_t)(Hq + Hkv + kvh) * DT;
-        va = load2(v, lane);
-        vb = DT > 64 ? load2(v, lane + 32) : make_float2(0.f, 0.f);
+        rope_apply(kr, tab, DT, lane, ka, kb);
         const size_t r = row0 + (size_t)p * Hkv;
         new_kv(ka, kb, skn, DT > 64, lane, grp == 0, kc + r * DT, ks + r);
         new_kv(va, vb, svn, DT > 64, lane, grp == 0, vc + r * DT, vs + r);

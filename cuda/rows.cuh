@@ -187,8 +187,11 @@ struct RowTeam {
         }
         return r;
     }
+    // the end of the kernel: each CTA's reduction slots stay alive until its peers have read
+    // them (they used the values before arriving, so no memory order is needed, and a release
+    // would first wait for the row's stores to reach L2)
     __device__ __forceinline__ void finish() {
-        if (CL > 1) cluster_sync();
+        if (CL > 1) cluster_sync_relaxed();
     }
 };
 
