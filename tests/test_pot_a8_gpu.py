@@ -319,3 +319,36 @@ def test_batched_decode_past_the_gemv_rows_graphs_cublas(monkeypatch):
     # the 3-token prefills stay on the GEMV: every call is a decode step's, and each took the GEMM
     assert calls and all(calls), calls
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("batch", [2, 5, 8])
+def test_batched_decode_with_tokens_a_block_equals_one_a_block(batch, monkeypatch):
+    """Batched decode of a pot3 act-"dynamic" model with WB_TUNE.pa8_mt = 4 (the default, a cap: 2
+    tokens a block at batch 2; 4 and a remainder launch of one a block at 5; 4 at 8) gives the
+    tokens one token a block gives, graphed and eager: MT tokens a block keep each token's sums in
+    the order of one alone (cuda/gemv_pot_a8.cu), so the whole step is the same bits."""
+    from engine.gpu import kargs
+    from engine.gpu.model import CudaModel
+    from engine.gpu.tuning import WB_TUNE
+    mw = _pot_model()
+    c = mw.config
+    gm = CudaModel(mw)
+    mt = {2: 2, 5: 4, 8: 4}[batch]
+    outs = {}
+    for cap in (4, 1):
+        monkeypatch.setattr(WB_TUNE, "pa8_mt", cap)
+        for use_graph in (True, False):
+            seen = set()
+            cache = gm.new_cache(64, batch=batch)
+            firsts = [int(gm.prefill(np.array([3 + i, 9, 2 + i]) % c.vocab_size, cache, seq=i)[0].argmax())
+                      for i in range(batch)]
+            with kargs.intercepted(lambda expr, run: (seen.add(expr), run())):
+                outs[cap, use_graph] = np.asarray(gm.decode_greedy(cache, firsts, 8, use_graph))
+            assert (cache.step.graph is not None) == use_graph
+            if cap > 1:         # the decode steps' linears took MT tokens a block (and the remainder one)
+                assert f"gemv_pot3_a8<8, 4, false, {mt}>" in seen, seen
+                assert ("gemv_pot3_a8<8, 4, false>" in seen) == (batch % mt != 0), seen
+    ref = outs[1, False]
+    assert len({o.shape for o in outs.values()}) == 1 and len(np.unique(ref)) > 1
+    for key, o in outs.items():
+        np.testing.assert_array_equal(o, ref, err_msg=str(key))
