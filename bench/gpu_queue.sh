@@ -22,7 +22,7 @@
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
 #            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|tokx}
+part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|tokx|p512|attn42}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -78,8 +78,25 @@ tokx)                # session 41: several tokens along the GEMV's grid x (WB_TU
     step pot_a8_gpu 200 python -m pytest -q -p no:cacheprovider tests/test_pot_a8_gpu.py
     step batches 300 python bench/pa8_batches.py --batches 2,8,16
     ;;
+p512)                # session 42, issue 20's 512-token prefill (1.27-1.30x FP16, bar 1.3x): the wgmma tiles of its
+                     # four linears timed alone, where its time goes, and the e2e prefill with N = 4096 at 512
+                     # tokens on the few-tile configuration (wgmma_few_tiles 64 -> 65). Carry .carry/cupy-cache.
+    step tune512 200 python -m engine.bench gemm-tune --cases 512:4096:4096,512:11008:4096,512:4096:12288,512:4096:22016 \
+        --tiles 256/4/2/0/2,128/4/1/0/2,128/4/2/0/2,64/4/1/0/2,64/4/2/0/2 --reps 30
+    step breakdown512 120 python bench/prefill_breakdown.py --tokens 512 --paths a8w4,fp16
+    step e2e_few 250 python -m engine.bench e2e --models llama7b --quick --pot-bits '' --ab wgmma_few_tiles=65 --json
+    ;;
+attn42)              # session 42, the decode step's attention (issue 19): the new token's q, k and v rows in one
+                     # round trip, the cluster merge's peer loads in one, its exit barrier and the cluster row
+                     # kernels' without a release; against the kernels before (bench/patches/attn-s42-before.json)
+                     # in one process. Carry .carry/cupy-cache.
+    step attn_gpu 240 python -m pytest -q -p no:cacheprovider tests/test_decode_attention_gpu.py tests/test_rows_gpu.py
+    step e2e_ctx 300 python -m engine.bench e2e --models llama7b --context 128,1024 --batches 1,32 --pot-bits '' \
+        --patch bench/patches/attn-s42-before.json --json
+    step model_cuda 330 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
+    ;;
 *)
-    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu or tokx" >&2
+    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu, tokx, p512 or attn42" >&2
     exit 2
     ;;
 esac
