@@ -330,6 +330,7 @@ attn_prefill_sw(const __half* __restrict__ q, const KV* __restrict__ kc, const K
 #define DEC_CHUNK 64                        // keys per block (engine/gpu/tuning.py ATTENTION)
 #define DEC_KPW (DEC_CHUNK / DEC_WARPS)     // keys per warp
 #define DEC_MAX_D2 64                       // D/2 pairs, D ≤ 128
+#define DEC_MERGE_REGS 8                    // the most splits the last block merges from registers
 
 // RoPE (rotate-half pairs j, j + D/2) of one head row at position p, as a lane of a warp holds
 // it: elements (2·lane, 2·lane + 1) in a and, for D = 128, (2·lane + 64, 2·lane + 65) in b —
@@ -756,6 +757,38 @@ __device__ __forceinline__ void attn_decode_body(
     const int slo = lo / DEC_CHUNK;             // splits slo..used-1 hold keys (window: earlier ones are empty)
     const float* ml = part_ml + 2 * ((size_t)b * Hq + h) * nsplit;
     const float* acc = part_acc + ((size_t)b * Hq + h) * nsplit * D;
+    if (used - slo <= DEC_MERGE_REGS) {
+        // every partial this thread needs (each split's max and sum, and its output e's value) is
+        // loaded before the first is used: one L2 round trip, not three; the sums in the order below
+        const int e = threadIdx.x;                    // D <= 128 = blockDim: one output a thread
+        float m[DEC_MERGE_REGS], ls[DEC_MERGE_REGS], xs[DEC_MERGE_REGS];
+#pragma unroll
+        for (int i = 0; i < DEC_MERGE_REGS; ++i) {
+            const int sp_i = slo + i;
+            const bool in = sp_i < used;
+            m[i] = in ? __ldcg(ml + 2 * sp_i) : NEG_INF;
+            ls[i] = in ? __ldcg(ml + 2 * sp_i + 1) : 0.f;
+            xs[i] = in && e < D ? __ldcg(acc + (size_t)sp_i * D + e) : 0.f;
+        }
+        float mx = NEG_INF, l = 0.f, v = 0.f;
+#pragma unroll
+        for (int i = 0; i < DEC_MERGE_REGS; ++i)
+            if (slo + i < used) mx = fmaxf(mx, m[i]);
+#pragma unroll
+        for (int i = 0; i < DEC_MERGE_REGS; ++i)
+            if (slo + i < used) l += __expf(m[i] - mx) * ls[i];
+#pragma unroll
+        for (int i = 0; i < DEC_MERGE_REGS; ++i)
+            if (slo + i < used) v += (__expf(m[i] - mx) / l) * xs[i];
+        float am = 0.f;
+        if (e < D) {
+            const __half o = __float2half_rn(v);
+            out[((size_t)b * Hq + h) * D + e] = o;
+            am = fabsf(__half2float(o));
+        }
+        out_amax(am, amax_out, b);
+        return;
+    }
     float mx = NEG_INF, l = 0.f;
     for (int s = slo; s < used; ++s) mx = fmaxf(mx, __ldcg(ml + 2 * s));
     for (int s = slo; s < used; ++s) l += __expf(__ldcg(ml + 2 * s) - mx) * __ldcg(ml + 2 * s + 1);
