@@ -644,8 +644,8 @@ __device__ __forceinline__ void attn_decode_body(
             rope_apply(kr, tab, D, lane, kna, knb);
             vna = vr.x;
             vnb = vr.y;
-            // a cluster stores them after its first barrier (below): that barrier's release would
-            // otherwise wait for these stores to reach L2 before any block of the head merges
+            // a cluster stores them after its barriers (below): their release would otherwise
+            // wait for these stores to reach L2
             new_kv(kna, knb, skn, two, lane, store_new && CL == 0, kc + rnew * D, ks + rnew);
             new_kv(vna, vnb, svn, two, lane, store_new && CL == 0, vc + rnew * D, vs + rnew);
         }
@@ -702,42 +702,43 @@ __device__ __forceinline__ void attn_decode_body(
         // each block merges D / CL outputs from the partials in its peers' shared memory, then a
         // second barrier keeps every block's shared memory alive until all have read it. (The
         // global-memory merge below costs a fence, an atomic and an L2 round trip: about 3 µs a
-        // layer more in the 7B step on the H100.)
+        // layer more in the 7B step on the H100.) Both barriers release (on sm_90 that is a
+        // MEMBAR.ALL.GPU, which waits for the thread's outstanding stores), so every global store
+        // of the block comes after the second: the output, its absmax and the new k and v.
         cluster_sync();
-        if (store_new) {
-            store_kv(kna, knb, skn, two, lane, kc + rnew * D, ks + rnew);
-            store_kv(vna, vnb, svn, two, lane, vc + rnew * D, vs + rnew);
-        }
-        // every peer value this thread needs is loaded before the first is used: one round trip
-        // of distributed shared memory, not three (the maxima, the sums, the partials)
+        // the threads with an output load every peer value they need before using any (one round
+        // trip of distributed shared memory, not three); the others load none
         const int rank = cluster_rank(), per = D / CL, e = rank * per + threadIdx.x;
         const bool mine = threadIdx.x < per;           // per <= D <= 128 = blockDim: one output a thread
-        const float* src = reinterpret_cast<const float*>(sacc) + e;
-        float ms[CL], ls[CL], xs[CL], mxc = NEG_INF, lc = 0.f;
-#pragma unroll
-        for (int c = 0; c < CL; ++c) {
-            ms[c] = ld_cluster(&sml[0], c);
-            ls[c] = ld_cluster(&sml[1], c);
-            xs[c] = mine ? ld_cluster(src, c) : 0.f;
-        }
-#pragma unroll
-        for (int c = 0; c < CL; ++c) mxc = fmaxf(mxc, ms[c]);
-#pragma unroll
-        for (int c = 0; c < CL; ++c) { ms[c] = __expf(ms[c] - mxc); lc += ms[c] * ls[c]; }
-        float am = 0.f;
+        float v = 0.f;
         if (mine) {
-            float v = 0.f;
+            const float* src = reinterpret_cast<const float*>(sacc) + e;
+            float ms[CL], ls[CL], xs[CL], mxc = NEG_INF, lc = 0.f;
+#pragma unroll
+            for (int c = 0; c < CL; ++c) {
+                ms[c] = ld_cluster(&sml[0], c);
+                ls[c] = ld_cluster(&sml[1], c);
+                xs[c] = ld_cluster(src, c);
+            }
+#pragma unroll
+            for (int c = 0; c < CL; ++c) mxc = fmaxf(mxc, ms[c]);
+#pragma unroll
+            for (int c = 0; c < CL; ++c) { ms[c] = __expf(ms[c] - mxc); lc += ms[c] * ls[c]; }
 #pragma unroll
             for (int c = 0; c < CL; ++c) v += (ms[c] / lc) * xs[c];
+        }
+        cluster_sync();                                // every peer's reads of this block are done
+        float am = 0.f;
+        if (mine) {
             const __half o = __float2half_rn(v);
             out[((size_t)b * Hq + h) * D + e] = o;
             am = fabsf(__half2float(o));
         }
         out_amax(am, amax_out, b);
-        // keep this block's shared memory until its peers have read it; no memory order is
-        // needed (their loads have returned: their values were used before they arrive), and a
-        // release here would first wait for this block's stores above to reach L2
-        cluster_sync_relaxed();
+        if (store_new) {
+            store_kv(kna, knb, skn, two, lane, kc + rnew * D, ks + rnew);
+            store_kv(vna, vnb, svn, two, lane, vc + rnew * D, vs + rnew);
+        }
         return;
     }
 

@@ -11,16 +11,6 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
-// An execution barrier of the cluster with no memory order: for keeping a CTA's shared memory
-// alive until its peers have read it, where each peer used the values it loaded before arriving.
-// (cluster_sync's release compiles to MEMBAR.ALL.GPU on sm_90: it waits for the CTA's global
-// stores to complete.)
-__device__ __forceinline__ void cluster_sync_relaxed() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ int cluster_rank() {
     unsigned rank = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -305,9 +305,7 @@ __device__ __forceinline__ void cluster_split_reduce(int (&acc)[NREG], unsigned 
         const int4 sum = part[v * NTHREADS];
         acc[4 * v] = sum.x; acc[4 * v + 1] = sum.y; acc[4 * v + 2] = sum.z; acc[4 * v + 3] = sum.w;
     }
-    // every CTA has read its shares (and used them: no memory order needed, cluster.cuh):
-    // shared memory is free
-    cluster_sync_relaxed();
+    cluster_sync();                         // every CTA has read its shares: shared memory is free
 }
 
 // Grouped rasterization (tiles of GROUP_M consecutive M-tiles sweep N together)

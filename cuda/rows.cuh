@@ -187,11 +187,13 @@ struct RowTeam {
         }
         return r;
     }
-    // the end of the kernel: each CTA's reduction slots stay alive until its peers have read
-    // them (they used the values before arriving, so no memory order is needed, and a release
-    // would first wait for the row's stores to reach L2)
+    // After the kernel's last reduction: each CTA's slots stay alive until its peers have read
+    // them. store_row calls it before its stores (the barrier's release, a MEMBAR.ALL.GPU on
+    // sm_90, then has no store to wait for); the kernel's own call at its end is then a no-op.
+    bool done = false;
     __device__ __forceinline__ void finish() {
-        if (CL > 1) cluster_sync_relaxed();
+        if (CL > 1 && !done) cluster_sync();
+        done = true;
     }
 };
 
@@ -300,6 +302,7 @@ __device__ __forceinline__ void store_row(const float (&v)[PER], int W, int mode
 #pragma unroll
     for (int i = 0; i < PER; ++i) amax = nan_max(amax, fabsf(v[i]));   // slots past W hold 0
     amax = team.template reduce<true>(amax, 1);
+    team.finish();                  // the last reduction: the cluster's exit barrier before the stores
     float s = row_scale(mode, amax, static_scale);
     if (team.tid == 0) sx[row] = s;
     signed char* out = x8 + (size_t)row * ld;

@@ -415,3 +415,45 @@ def test_pdl_launches_equal_plain_launches_each_kernel(monkeypatch, kernel):
                 runs.append((toks, cache.step.bufs.logits[:2].get()))
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cl,lens,cap", [(0, [1, 2, 17, 64, 65, 300, 511, 700], 704), (2, [1, 64, 65, 128], 128),
+                                         (4, [3, 100, 200, 256], 256)], ids=["global", "cluster2", "cluster4"])
+@pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
+def test_heads_kernel_equals_the_kernels_before_session_42(cl, lens, cap, kv8):
+    """Session 42 changed attn_decode's load order, its merges and where its stores sit against the
+    cluster barriers, not its arithmetic: the output, its absmax and the cache after the step equal,
+    byte for byte, what the kernels before give (bench/patches/attn-s42-before.json compiled in), for
+    the global merge (batch 8, up to 11 splits: from registers and the loop) and cluster merges of 2
+    and 4 CTAs."""
+    import cupy as cp
+
+    from pathlib import Path
+
+    from engine.bench.e2e import read_patches
+    from engine.gpu import kargs
+    from engine.gpu.attention import attn_decode
+    d, rep = 128, 3
+    c = cache_case(d, kv8, lens, cap)
+    hq = HKV * rep
+    rng = np.random.default_rng(42)
+    q = (2 * rng.standard_normal((len(lens), hq, d), dtype=np.float32)).astype(np.float16)
+    qkv = cp.asarray(np.concatenate([q, c["kv_new"]], axis=1))
+    cos_d, sin_d = cp.asarray(c["cos_t"]), cp.asarray(c["sin_t"])
+    patch = Path(__file__).resolve().parents[1] / "bench" / "patches" / "attn-s42-before.json"
+    edits = [e for _, es, _ in read_patches(patch) for e in es]
+    got = []
+    for ctx in (contextlib.nullcontext(), kargs.patched(edits)):
+        with ctx, decode_kernel("heads"):
+            kc, vc, ksd, vsd = (cp.asarray(c[n]) for n in ("k", "v", "ks", "vs"))
+            nsplit, ml, acc, counters = new_scratch(cp, len(lens), hq, d, cap)
+            assert cl == 0 or nsplit <= cl
+            out = cp.full((len(lens), hq * d), np.nan, cp.float16)
+            amax = cp.zeros((len(lens),), cp.uint32)
+            attn_decode(len(lens), nsplit, cl, qkv=qkv, cos_t=cos_d, sin_t=sin_d, kc=kc, vc=vc, ks=ksd, vs=vsd,
+                        lens=cp.asarray(lens), Hq=hq, Hkv=HKV, D=d, cap=cap, scale=1 / np.sqrt(d), part_ml=ml,
+                        part_acc=acc, counters=counters, out=out, amax_out=amax)
+            got.append([a.get() for a in (out, amax, kc, vc, ksd, vsd)])
+    assert np.isfinite(got[0][0].astype(np.float32)).all()
+    for now, before in zip(*got):
+        assert np.array_equal(now.view(np.uint8), before.view(np.uint8))
