@@ -87,9 +87,9 @@ p512)                # session 42, issue 20's 512-token prefill (1.27-1.30x FP16
     step e2e_few 250 python -m engine.bench e2e --models llama7b --quick --pot-bits '' --ab wgmma_few_tiles=65 --json
     ;;
 attn42)              # session 42, the decode step's attention (issue 19): the new token's q, k and v rows in one
-                     # round trip, the cluster merge's peer loads in one, its exit barrier and the cluster row
-                     # kernels' without a release; against the kernels before (bench/patches/attn-s42-before.json)
-                     # in one process. Carry .carry/cupy-cache.
+                     # round trip, the merges' peer loads in one, no store before a cluster barrier; against the
+                     # kernels before (bench/patches/attn-s42-before.json) in one process. The landed form
+                     # (ac2d5f5) has not run yet. Carry .carry/cupy-cache.
     step attn_gpu 240 python -m pytest -q -p no:cacheprovider tests/test_decode_attention_gpu.py tests/test_rows_gpu.py
     step e2e_ctx 300 python -m engine.bench e2e --models llama7b --context 128,1024 --batches 1,32 --pot-bits '' \
         --patch bench/patches/attn-s42-before.json --json
