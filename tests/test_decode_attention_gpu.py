@@ -417,15 +417,17 @@ def test_pdl_launches_equal_plain_launches_each_kernel(monkeypatch, kernel):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("cl,lens,cap", [(0, [1, 2, 17, 64, 65, 300, 511, 700], 704), (2, [1, 64, 65, 128], 128),
-                                         (4, [3, 100, 200, 256], 256)], ids=["global", "cluster2", "cluster4"])
+@pytest.mark.parametrize("d,cl,lens,cap", [(128, 0, [1, 2, 17, 64, 65, 300, 511, 700], 704),
+                                           (128, 2, [1, 64, 65, 128], 128), (128, 4, [3, 100, 200, 256], 256),
+                                           (64, 8, [5, 300, 512], 512)],
+                         ids=["global", "cluster2", "cluster4", "d64-cluster8"])
 @pytest.mark.parametrize("kv8", [False, True], ids=["fp16", "kv8"])
-def test_heads_kernel_equals_the_kernels_before_session_42(cl, lens, cap, kv8):
+def test_heads_kernel_equals_the_kernels_before_session_42(d, cl, lens, cap, kv8):
     """Session 42 changed attn_decode's load order, its merges and where its stores sit against the
     cluster barriers, not its arithmetic: the output, its absmax and the cache after the step equal,
     byte for byte, what the kernels before give (bench/patches/attn-s42-before.json compiled in), for
-    the global merge (batch 8, up to 11 splits: from registers and the loop) and cluster merges of 2
-    and 4 CTAs."""
+    the global merge (batch 8, 1 to 11 splits: from registers and the loop) and cluster merges of 2,
+    4 and 8 CTAs (at D = 64 and 8 CTAs a warp's threads split between outputs and none)."""
     import cupy as cp
 
     from pathlib import Path
@@ -433,7 +435,10 @@ def test_heads_kernel_equals_the_kernels_before_session_42(cl, lens, cap, kv8):
     from engine.bench.e2e import read_patches
     from engine.gpu import kargs
     from engine.gpu.attention import attn_decode
-    d, rep = 128, 3
+    from engine.gpu.kernels import device_info
+    if cl and device_info()["cc"] < 90:
+        pytest.skip("cluster merges are sm_90")
+    rep = 3
     c = cache_case(d, kv8, lens, cap)
     hq = HKV * rep
     rng = np.random.default_rng(42)
@@ -444,16 +449,17 @@ def test_heads_kernel_equals_the_kernels_before_session_42(cl, lens, cap, kv8):
     edits = [e for _, es, _ in read_patches(patch) for e in es]
     got = []
     for ctx in (contextlib.nullcontext(), kargs.patched(edits)):
-        with ctx, decode_kernel("heads"):
+        with ctx as used, decode_kernel("heads"):
             kc, vc, ksd, vsd = (cp.asarray(c[n]) for n in ("k", "v", "ks", "vs"))
             nsplit, ml, acc, counters = new_scratch(cp, len(lens), hq, d, cap)
             assert cl == 0 or nsplit <= cl
             out = cp.full((len(lens), hq * d), np.nan, cp.float16)
             amax = cp.zeros((len(lens),), cp.uint32)
             attn_decode(len(lens), nsplit, cl, qkv=qkv, cos_t=cos_d, sin_t=sin_d, kc=kc, vc=vc, ks=ksd, vs=vsd,
-                        lens=cp.asarray(lens), Hq=hq, Hkv=HKV, D=d, cap=cap, scale=1 / np.sqrt(d), part_ml=ml,
-                        part_acc=acc, counters=counters, out=out, amax_out=amax)
+                        lens=cp.asarray(c["lens"]), Hq=hq, Hkv=HKV, D=d, cap=cap, scale=1 / np.sqrt(d), part_ml=ml,
+                        part_acc=acc, counters=counters, out=out, amax_out=amax)   # lens int32, as the kernel reads
             got.append([a.get() for a in (out, amax, kc, vc, ksd, vsd)])
+            assert used is None or used == {"attention.cu"}, used       # the patched run ran the kernels before
     assert np.isfinite(got[0][0].astype(np.float32)).all()
     for now, before in zip(*got):
         assert np.array_equal(now.view(np.uint8), before.view(np.uint8))
