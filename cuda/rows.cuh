@@ -189,7 +189,8 @@ struct RowTeam {
     }
     // After the kernel's last reduction: each CTA's slots stay alive until its peers have read
     // them. store_row calls it before its stores (the barrier's release, a MEMBAR.ALL.GPU on
-    // sm_90, then has no store to wait for); the kernel's own call at its end is then a no-op.
+    // sm_90, then has no store to wait for); the kernel's own call at its end is then a no-op, so
+    // a reduction added after store_row would need a barrier of its own.
     bool done = false;
     __device__ __forceinline__ void finish() {
         if (CL > 1 && !done) cluster_sync();
