@@ -402,6 +402,27 @@ __device__ __forceinline__ void new_kv(float2& a, float2& b, float& s, bool two,
     if (store) store_kv(a, b, s, two, lane, row, srow);
 }
 
+// One output of a head from n ≤ N splits' partials (flash-decoding's merge): the splits' maxima m,
+// sums l and partial outputs x, weighted exp(m − max) / Σ exp(m − max)·l, summed in split order in
+// fp32; entries past n are skipped. attn_decode's cluster merge and its global merge from registers.
+template <int N>
+__device__ __forceinline__ float merge_splits(const float (&m)[N], const float (&l)[N], const float (&x)[N], int n) {
+    float mx = NEG_INF, lc = 0.f, v = 0.f, w[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+        if (i < n) mx = fmaxf(mx, m[i]);
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+        if (i < n) {
+            w[i] = __expf(m[i] - mx);
+            lc += w[i] * l[i];
+        }
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+        if (i < n) v += (w[i] / lc) * x[i];
+    return v;
+}
+
 // Wide heads (D = WIDE_D, Gemma 3's 256): a lane holds the WIDE_NP pairs lane + 32·i of a head
 // row; pair i's rotate-half partner is pair i + WIDE_NP/2 (elements j and j + 128), the table row
 // holds the frequency of pair i < WIDE_NP/2 at lane + 32·i. rope_lane's arithmetic per pair.
@@ -713,19 +734,14 @@ __device__ __forceinline__ void attn_decode_body(
         float v = 0.f;
         if (mine) {
             const float* src = reinterpret_cast<const float*>(sacc) + e;
-            float ms[CL], ls[CL], xs[CL], mxc = NEG_INF, lc = 0.f;
+            float ms[CL], ls[CL], xs[CL];
 #pragma unroll
             for (int c = 0; c < CL; ++c) {
                 ms[c] = ld_cluster(&sml[0], c);
                 ls[c] = ld_cluster(&sml[1], c);
                 xs[c] = ld_cluster(src, c);
             }
-#pragma unroll
-            for (int c = 0; c < CL; ++c) mxc = fmaxf(mxc, ms[c]);
-#pragma unroll
-            for (int c = 0; c < CL; ++c) { ms[c] = __expf(ms[c] - mxc); lc += ms[c] * ls[c]; }
-#pragma unroll
-            for (int c = 0; c < CL; ++c) v += (ms[c] / lc) * xs[c];
+            v = merge_splits(ms, ls, xs, CL);
         }
         cluster_sync();                                // every peer's reads of this block are done
         float am = 0.f;
@@ -760,7 +776,7 @@ __device__ __forceinline__ void attn_decode_body(
     const float* acc = part_acc + ((size_t)b * Hq + h) * nsplit * D;
     if (used - slo <= DEC_MERGE_REGS) {
         // every partial this thread needs (each split's max and sum, and its output e's value) is
-        // loaded before the first is used: one L2 round trip, not three; the sums in the order below
+        // loaded before the first is used: one L2 round trip, not three; the sums in the loop's order
         const int e = threadIdx.x;                    // D <= 128 = blockDim: one output a thread
         float m[DEC_MERGE_REGS], ls[DEC_MERGE_REGS], xs[DEC_MERGE_REGS];
 #pragma unroll
@@ -771,16 +787,7 @@ __device__ __forceinline__ void attn_decode_body(
             ls[i] = in ? __ldcg(ml + 2 * sp_i + 1) : 0.f;
             xs[i] = in && e < D ? __ldcg(acc + (size_t)sp_i * D + e) : 0.f;
         }
-        float mx = NEG_INF, l = 0.f, v = 0.f;
-#pragma unroll
-        for (int i = 0; i < DEC_MERGE_REGS; ++i)
-            if (slo + i < used) mx = fmaxf(mx, m[i]);
-#pragma unroll
-        for (int i = 0; i < DEC_MERGE_REGS; ++i)
-            if (slo + i < used) l += __expf(m[i] - mx) * ls[i];
-#pragma unroll
-        for (int i = 0; i < DEC_MERGE_REGS; ++i)
-            if (slo + i < used) v += (__expf(m[i] - mx) / l) * xs[i];
+        const float v = merge_splits(m, ls, xs, used - slo);
         float am = 0.f;
         if (e < D) {
             const __half o = __float2half_rn(v);
