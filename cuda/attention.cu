@@ -332,6 +332,17 @@ attn_prefill_sw(const __half* __restrict__ q, const KV* __restrict__ kc, const K
 #define DEC_MAX_D2 64                       // D/2 pairs, D ≤ 128
 #define DEC_MERGE_REGS 8                    // the most splits the last block merges from registers
 
+// A rotate-half pair of RoPE: x·c − y·s (sub) or x·c + y·s, the second product rounded, then one
+// fused multiply-add. Spelled out so that every kernel rotates alike: left to the compiler, the
+// contraction of a·b ± c·d varies with the code around it (session 43: the decode kernel's q and
+// the same kernel built a little differently differed in the last bit).
+__device__ __forceinline__ float2 rot_sub(float2 x, float2 c, float2 y, float2 s) {
+    return make_float2(__fmaf_rn(x.x, c.x, -__fmul_rn(y.x, s.x)), __fmaf_rn(x.y, c.y, -__fmul_rn(y.y, s.y)));
+}
+__device__ __forceinline__ float2 rot_add(float2 x, float2 c, float2 y, float2 s) {
+    return make_float2(__fmaf_rn(x.x, c.x, __fmul_rn(y.x, s.x)), __fmaf_rn(x.y, c.y, __fmul_rn(y.y, s.y)));
+}
+
 // RoPE (rotate-half pairs j, j + D/2) of one head row at position p, as a lane of a warp holds
 // it: elements (2·lane, 2·lane + 1) in a and, for D = 128, (2·lane + 64, 2·lane + 65) in b —
 // each other's partners. For D = 64 the partner pair sits in lane ^ 16.
@@ -354,12 +365,11 @@ __device__ __forceinline__ void rope_apply(const RopeRow& r, const RopeTab& t, i
     const float2 x = r.x, c = t.c, s = t.s;
     if (D > 64) {
         const float2 y = r.y;
-        a = make_float2(x.x * c.x - y.x * s.x, x.y * c.y - y.y * s.y);
-        b = make_float2(y.x * c.x + x.x * s.x, y.y * c.y + x.y * s.y);
+        a = rot_sub(x, c, y, s);
+        b = rot_add(y, c, x, s);
     } else {
         const float2 y = make_float2(__shfl_xor_sync(0xffffffffu, x.x, 16), __shfl_xor_sync(0xffffffffu, x.y, 16));
-        a = lane < 16 ? make_float2(x.x * c.x - y.x * s.x, x.y * c.y - y.y * s.y)
-                      : make_float2(x.x * c.x + y.x * s.x, x.y * c.y + y.y * s.y);
+        a = lane < 16 ? rot_sub(x, c, y, s) : rot_add(x, c, y, s);
         b = make_float2(0.f, 0.f);
     }
 }
@@ -438,8 +448,8 @@ __device__ __forceinline__ void rope_lane_wide(const __half* src, int p, const f
 #pragma unroll
     for (int i = 0; i < WIDE_NP / 2; ++i) {
         const float2 c = c2[lane + 32 * i], sn = s2[lane + 32 * i], a = v[i], b = v[i + WIDE_NP / 2];
-        x[i] = make_float2(a.x * c.x - b.x * sn.x, a.y * c.y - b.y * sn.y);
-        x[i + WIDE_NP / 2] = make_float2(b.x * c.x + a.x * sn.x, b.y * c.y + a.y * sn.y);
+        x[i] = rot_sub(a, c, b, sn);
+        x[i + WIDE_NP / 2] = rot_add(b, c, a, sn);
     }
 }
 // new_kv for a wide head: the row as the cache holds it (fp16-rounded, or int8 codes as floats
