@@ -22,7 +22,7 @@
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
 #            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|tokx|p512|attn42}
+part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|tokx|p512|attn42|trips}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -95,8 +95,20 @@ attn42)              # session 42, the decode step's attention (issue 19): the n
         --patch bench/patches/attn-s42-before.json --json
     step model_cuda 330 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
     ;;
+trips)               # branch wip/decode-trips (session 42, not yet run): quant_amax loads the absmax with the row's
+                     # values (one round trip after the PDL wait, not two; a static scale before the wait), and
+                     # attn_decode_gqa's last block loads every partial it merges at once (one round trip, not
+                     # four). The row-kernel, attention and model GPU tests, then the 7B step at 128 and 2048
+                     # positions against the kernels before (bench/patches/decode-trips-before.json). Carry
+                     # .carry/cupy-cache.
+    step gpu_tests 240 python -m pytest -q -p no:cacheprovider tests/test_rows_gpu.py tests/test_hostile_gpu.py \
+        tests/test_decode_attention_gpu.py
+    step e2e_ab 240 python -m engine.bench e2e --models llama7b --context 128,2048 --batches 1,8 --pot-bits '' \
+        --patch bench/patches/decode-trips-before.json --json
+    step model_cuda 330 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py tests/test_pot_a8_gpu.py
+    ;;
 *)
-    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu, tokx, p512 or attn42" >&2
+    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu, tokx, p512, attn42 or trips" >&2
     exit 2
     ;;
 esac

@@ -889,6 +889,7 @@ __global__ void ROW_CLUSTER_DIMS_Z(CL) __launch_bounds__(128, sizeof(KV) == 1 ? 
 #define GQ_HEADS 8                          // query heads a block: the used rows of the m16 tile
 #define GQ_STEP 16                          // keys a warp takes per step (the k16 of P·V)
 #define GQ_MAX_SPLITS 64                    // grid x at most (tuning.ATTENTION.gqa_max_splits)
+#define GQ_MERGE_REGS 8                     // the most splits the last block merges from registers
 
 // A lane's record of one step (bytes, in order): the K of keys g and 8 + g (KB each: its
 // B fragments of D/16 k-steps), the V of keys 2t, 2t+1, 2t+8, 2t+9 (VB each: its B fragments
@@ -1324,14 +1325,40 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // Every partial the merge reads is loaded before the first is used (one L2 round trip, not
+    // four): a thread's first output's partials of up to GQ_MERGE_REGS splits, and in warp h the
+    // max and sum of splits lane and lane + 32. The arithmetic and its order are the loops' of before.
+    static_assert(GQ_MAX_SPLITS <= 64, "two splits a lane");
+    const bool pre = LEAN && active <= GQ_MERGE_REGS && (int)threadIdx.x < nh * DT;   // not at D = 256 (spills)
+    float xs[GQ_MERGE_REGS];
+    if (pre) {
+        const float* acc = part_acc + (pbase + (size_t)(threadIdx.x / DT) * NS) * DT + threadIdx.x % DT;
+#pragma unroll
+        for (int i = 0; i < GQ_MERGE_REGS; ++i) xs[i] = i < active ? __ldcg(acc + (size_t)i * DT) : 0.f;
+    }
     for (int h = warp; h < nh; h += GQ_WARPS) {
         const float* ml = part_ml + 2 * (pbase + (size_t)h * NS);
+        if constexpr (!LEAN) {                        // D = 256: the loops of before (registers)
+            float M = NEG_INF, lsum = 0.f;
+            for (int s = lane; s < active; s += 32) M = fmaxf(M, __ldcg(ml + 2 * s));
+            M = warp_max(M);
+            for (int s = lane; s < active; s += 32) lsum += exp2f(__ldcg(ml + 2 * s) - M) * __ldcg(ml + 2 * s + 1);
+            lsum = warp_sum(lsum);
+            for (int s = lane; s < active; s += 32) wts[h][s] = exp2f(__ldcg(ml + 2 * s) - M) / lsum;
+            continue;
+        }
+        const bool h0s = lane < active, h1s = lane + 32 < active;
+        const float m0 = h0s ? __ldcg(ml + 2 * lane) : 0.f, l0 = h0s ? __ldcg(ml + 2 * lane + 1) : 0.f;
+        const float m1 = h1s ? __ldcg(ml + 2 * (lane + 32)) : 0.f, l1 = h1s ? __ldcg(ml + 2 * (lane + 32) + 1) : 0.f;
         float M = NEG_INF, lsum = 0.f;
-        for (int s = lane; s < active; s += 32) M = fmaxf(M, __ldcg(ml + 2 * s));
+        if (h0s) M = fmaxf(M, m0);
+        if (h1s) M = fmaxf(M, m1);
         M = warp_max(M);
-        for (int s = lane; s < active; s += 32) lsum += exp2f(__ldcg(ml + 2 * s) - M) * __ldcg(ml + 2 * s + 1);
+        if (h0s) lsum += exp2f(m0 - M) * l0;
+        if (h1s) lsum += exp2f(m1 - M) * l1;
         lsum = warp_sum(lsum);
-        for (int s = lane; s < active; s += 32) wts[h][s] = exp2f(__ldcg(ml + 2 * s) - M) / lsum;
+        if (h0s) wts[h][lane] = exp2f(m0 - M) / lsum;
+        if (h1s) wts[h][lane + 32] = exp2f(m1 - M) / lsum;
     }
     __syncthreads();
     float am = 0.f;
@@ -1339,8 +1366,14 @@ __device__ __forceinline__ void attn_decode_gqa_body(
         const int h = idx / DT, d = idx % DT;
         const float* acc = part_acc + (pbase + (size_t)h * NS) * DT + d;
         float v = 0.f;
+        if (pre && idx == (int)threadIdx.x) {          // the partials loaded above
+#pragma unroll
+            for (int i = 0; i < GQ_MERGE_REGS; ++i)
+                if (i < active) v += wts[h][i] * xs[i];
+        } else {
 #pragma unroll 8
-        for (int s = 0; s < active; ++s) v += wts[h][s] * __ldcg(acc + (size_t)s * DT);
+            for (int s = 0; s < active; ++s) v += wts[h][s] * __ldcg(acc + (size_t)s * DT);
+        }
         const __half o16 = __float2half_rn(v);
         out[((size_t)b * Hq + h0 + h) * DT + d] = o16;
         am = nan_max(am, fabsf(__half2float(o16)));

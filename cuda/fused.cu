@@ -242,16 +242,20 @@ __global__ void __launch_bounds__(256) quant_amax(const T* __restrict__ x, int K
                                                   const float* __restrict__ static_scale,
                                                   const unsigned* __restrict__ amax, signed char* __restrict__ x8,
                                                   int ld, float* __restrict__ sx) {
+    // a static scale is no kernel's output: read before the PDL wait (null in dynamic mode)
+    const float st = mode == MODE_DYNAMIC ? 1.f : static_scale[0];
     pdl_enter();
     const int m = blockIdx.y;
-    const float s = row_scale(mode, __uint_as_float(amax[m]), static_scale);
-    if (blockIdx.x == 0 && threadIdx.x == 0) sx[m] = s;
     const int j = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
-    if (j >= ld) return;
+    // the absmax and the row's values load before either is used: one round trip, not two
+    const unsigned a = amax[m];
     const T* row = x + (size_t)m * K;
     float v[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = j + i < K ? (float)row[j + i] : 0.f;
+    for (int i = 0; i < 4; ++i) v[i] = j + i < K ? (float)row[j + i] : 0.f;   // 0 past K (and ld)
+    const float s = row_scale(mode, __uint_as_float(a), &st);
+    if (blockIdx.x == 0 && threadIdx.x == 0) sx[m] = s;
+    if (j >= ld) return;
     unsigned w = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) w |= (unsigned)(unsigned char)quant1(v[i], s) << (8 * i);
