@@ -89,14 +89,15 @@ p512)                # session 42, issue 20's 512-token prefill (1.27-1.30x FP16
 attn42)              # session 42, the decode step's attention (issue 19): the new token's q, k and v rows in one
                      # round trip, the merges' peer loads in one, no store before a cluster barrier; against the
                      # kernels before (bench/patches/attn-s42-before.json) in one process. The landed form
-                     # (ac2d5f5) has not run yet. Carry .carry/cupy-cache.
+                     # (ac2d5f5) ran in session 43 (bench/results/2026-12-05-session43-h100.md §1). Carry
+                     # .carry/cupy-cache.
     step attn_gpu 240 python -m pytest -q -p no:cacheprovider tests/test_decode_attention_gpu.py tests/test_rows_gpu.py
     step e2e_ctx 300 python -m engine.bench e2e --models llama7b --context 128,1024 --batches 1,32 --pot-bits '' \
         --patch bench/patches/attn-s42-before.json --json
     step model_cuda 330 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py
     ;;
-trips)               # branch wip/decode-trips (session 42, not yet run): quant_amax loads the absmax with the row's
-                     # values (one round trip after the PDL wait, not two; a static scale before the wait), and
+trips)               # session 42's wip/decode-trips, merged after its session-43 run (§2 there): quant_amax
+                     # loads the absmax with the row's values (one round trip after the PDL wait, not two; a static scale before the wait), and
                      # attn_decode_gqa's last block loads every partial it merges at once (one round trip, not
                      # four). The row-kernel, attention and model GPU tests, then the 7B step at 128 and 2048
                      # positions against the kernels before (bench/patches/decode-trips-before.json). Carry
