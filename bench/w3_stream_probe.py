@@ -33,28 +33,12 @@ import numpy as np
 from engine.bench.common import BenchError, copy_bandwidth, cp_or_fail, n_buffers, time_calls
 from engine.bench.wb import parse_shapes, random_pot_a8_layer
 from engine.formats import pot_a8 as pa8_fmt
+from engine.gpu import kernels, pot_a8
 from engine.gpu import ops as ops_cuda
-from engine.gpu import pot_a8
-from engine.gpu.kernels import device_info
 
-_SRC = r"""
-typedef unsigned int u32;
-__device__ __forceinline__ u32 ldw(const u32* p) {
-    u32 r;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(r) : "l"(p));
-    return r;
-}
-__device__ __forceinline__ u32 lds(const unsigned short* p) {
-    unsigned short r;
-    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p));
-    return r;
-}
-__device__ __forceinline__ uint4 ldv(const uint4* p) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
+# appended to cuda/gemv_pot_a8.cu as the engine inlines it, so the probes load through the GEMV's
+# own helpers (pa8_ldw, pa8_lds) and common.cuh's ldg_stream
+_PROBES = r"""
 __device__ __forceinline__ void finish(u32 acc, u32* out) {
     for (int o = 16; o; o >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, o);
     __shared__ u32 red[32];
@@ -74,9 +58,9 @@ __device__ __forceinline__ u32 step32(const u32* words, const unsigned short* sc
 #pragma unroll
     for (int j = 0; j < 3; ++j)
 #pragma unroll
-        for (int r = 0; r < 8; ++r) v[j * 8 + r] = ldw(w + (j * 8 + r) * 32 + lane);
+        for (int r = 0; r < 8; ++r) v[j * 8 + r] = pa8_ldw(w + (j * 8 + r) * 32 + lane);
 #pragma unroll
-    for (int r = 0; r < 8; ++r) sv[r] = lds(s + r * 8 + (lane >> 2));
+    for (int r = 0; r < 8; ++r) sv[r] = pa8_lds(s + r * 8 + (lane >> 2));
 #pragma unroll
     for (int i = 0; i < 24; ++i) acc ^= v[i];
 #pragma unroll
@@ -104,32 +88,32 @@ extern "C" __global__ void __launch_bounds__(128) probe_ldg128(const u32* words,
     u32 acc = 0;
     for (int st = warp; st < S; st += 4) {
         const size_t ts = (size_t)t * S + st;
-        const uint4* w = reinterpret_cast<const uint4*>(words + ts * 768);
-        uint4 v[6];
+        const u32x4* w = reinterpret_cast<const u32x4*>(words + ts * 768);
+        u32x4 v[6];
 #pragma unroll
-        for (int i = 0; i < 6; ++i) v[i] = ldv(w + i * 32 + lane);
-        const u32 sv = ldw(reinterpret_cast<const u32*>(scale + ts * 64) + lane);
+        for (int i = 0; i < 6; ++i) v[i] = ldg_stream(w + i * 32 + lane);
+        const u32 sv = pa8_ldw(reinterpret_cast<const u32*>(scale + ts * 64) + lane);
 #pragma unroll
         for (int i = 0; i < 6; ++i) acc ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
         acc ^= sv;
     }
     finish(acc, out);
 }
-extern "C" __global__ void __launch_bounds__(256) probe_read(const uint4* a, size_t na, const uint4* b, size_t nb,
+extern "C" __global__ void __launch_bounds__(256) probe_read(const u32x4* a, size_t na, const u32x4* b, size_t nb,
                                                              u32* out) {
     u32 acc = 0;
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     for (; i + 3 * stride < na; i += 4 * stride) {
-        uint4 v[4];
+        u32x4 v[4];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) v[u] = ldv(a + i + u * stride);
+        for (int u = 0; u < 4; ++u) v[u] = ldg_stream(a + i + u * stride);
 #pragma unroll
         for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
     }
-    for (; i < na; i += stride) { const uint4 v = ldv(a + i); acc ^= v.x ^ v.y ^ v.z ^ v.w; }
+    for (; i < na; i += stride) { const u32x4 v = ldg_stream(a + i); acc ^= v.x ^ v.y ^ v.z ^ v.w; }
     for (size_t j = (size_t)blockIdx.x * blockDim.x + threadIdx.x; j < nb; j += stride) {
-        const uint4 v = ldv(b + j);
+        const u32x4 v = ldg_stream(b + j);
         acc ^= v.x ^ v.y ^ v.z ^ v.w;
     }
     finish(acc, out);
@@ -154,11 +138,12 @@ def main(argv=None) -> int:
     except BenchError as e:
         print(f"w3_stream_probe: {e}", file=sys.stderr)
         return 2
-    mod = cp.RawModule(code=_SRC, options=("--std=c++17",))
+    mod = cp.RawModule(code=kernels.source("gemv_pot_a8.cu") + _PROBES,
+                       options=("--std=c++17", f"--gpu-architecture={kernels.arch_flag()}"))
     f32, f32r, f128, fread = (mod.get_function(n) for n in ("probe_ldg32", "probe_ldg32_resident", "probe_ldg128",
                                                              "probe_read"))
     bw = copy_bandwidth()
-    info = device_info()
+    info = kernels.device_info()
     sms = info["sm_count"]
     print(f"device: {info['name']}, {sms} SMs, copy bandwidth {bw:.0f} GB/s (read + write)")
     rows = []
