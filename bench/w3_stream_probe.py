@@ -50,21 +50,25 @@ __device__ __forceinline__ void finish(u32 acc, u32* out) {
         out[blockIdx.x] = a;
     }
 }
+// a (tile, step)'s words and scales in the layout's order (formats/pot_a8.py)
+#define PROBE_TILE_STEP (PA8_WORDS * PA8_TILE_ROWS * PA8_STEP)
+#define PROBE_SCALES_STEP (PA8_TILE_ROWS * PA8_STEP * PA8_CHUNK / PA8_GROUP)
 // one (tile, step) of a warp as gemv_pot3_a8<8, 4> loads it: words[t][st][j][r][lane], scales[t][st][r][lane/4]
 __device__ __forceinline__ u32 step32(const u32* words, const unsigned short* scale, size_t ts, int lane) {
-    const u32* w = words + ts * 768;
-    const unsigned short* s = scale + ts * 64;
-    u32 v[24], sv[8], acc = 0;
+    const u32* w = words + ts * PROBE_TILE_STEP;
+    const unsigned short* s = scale + ts * PROBE_SCALES_STEP;
+    u32 v[PA8_WORDS * PA8_TILE_ROWS], sv[PA8_TILE_ROWS], acc = 0;
 #pragma unroll
-    for (int j = 0; j < 3; ++j)
+    for (int j = 0; j < PA8_WORDS; ++j)
 #pragma unroll
-        for (int r = 0; r < 8; ++r) v[j * 8 + r] = pa8_ldw(w + (j * 8 + r) * 32 + lane);
+        for (int r = 0; r < PA8_TILE_ROWS; ++r)
+            v[j * PA8_TILE_ROWS + r] = pa8_ldw(w + (j * PA8_TILE_ROWS + r) * PA8_STEP + lane);
 #pragma unroll
-    for (int r = 0; r < 8; ++r) sv[r] = pa8_lds(s + r * 8 + (lane >> 2));
+    for (int r = 0; r < PA8_TILE_ROWS; ++r) sv[r] = pa8_lds(s + r * (PROBE_SCALES_STEP / PA8_TILE_ROWS) + (lane >> 2));
 #pragma unroll
-    for (int i = 0; i < 24; ++i) acc ^= v[i];
+    for (int i = 0; i < PA8_WORDS * PA8_TILE_ROWS; ++i) acc ^= v[i];
 #pragma unroll
-    for (int r = 0; r < 8; ++r) acc ^= sv[r];
+    for (int r = 0; r < PA8_TILE_ROWS; ++r) acc ^= sv[r];
     return acc;
 }
 extern "C" __global__ void __launch_bounds__(128) probe_ldg32(const u32* words, const unsigned short* scale, int S,
@@ -88,13 +92,14 @@ extern "C" __global__ void __launch_bounds__(128) probe_ldg128(const u32* words,
     u32 acc = 0;
     for (int st = warp; st < S; st += 4) {
         const size_t ts = (size_t)t * S + st;
-        const u32x4* w = reinterpret_cast<const u32x4*>(words + ts * 768);
-        u32x4 v[6];
+        const u32x4* w = reinterpret_cast<const u32x4*>(words + ts * PROBE_TILE_STEP);
+        constexpr int V = PROBE_TILE_STEP / 4 / 32;   // 16-byte loads a lane (6)
+        u32x4 v[V];
 #pragma unroll
-        for (int i = 0; i < 6; ++i) v[i] = ldg_stream(w + i * 32 + lane);
-        const u32 sv = pa8_ldw(reinterpret_cast<const u32*>(scale + ts * 64) + lane);
+        for (int i = 0; i < V; ++i) v[i] = ldg_stream(w + i * 32 + lane);
+        const u32 sv = pa8_ldw(reinterpret_cast<const u32*>(scale + ts * PROBE_SCALES_STEP) + lane);   // 2 a word
 #pragma unroll
-        for (int i = 0; i < 6; ++i) acc ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
+        for (int i = 0; i < V; ++i) acc ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
         acc ^= sv;
     }
     finish(acc, out);
@@ -158,23 +163,24 @@ def main(argv=None) -> int:
         out = cp.empty((n,), dtype=cp.float16)
         sink = cp.empty((max(t_tiles, 65536),), dtype=cp.uint32)
         nbytes = layers[0].nbytes()
-        assert layers[0].words.size == t_tiles * s_steps * 768 and layers[0].scale.size == t_tiles * s_steps * 64
+        (ws, _), (ss, _) = pa8_fmt.shapes(n, k)             # (T, S, 3, 8, 32) words, (T, S, 8, 8) scales
+        assert layers[0].words.shape == ws == (t_tiles, s_steps, 3, 8, 32) and ss == (t_tiles, s_steps, 8, 8)
 
         def L(i):
             return layers[i % len(layers)]
+        def step_args(i):                   # probe_ldg32's and probe_ldg128's arguments
+            return L(i).words, L(i).scale, np.int32(s_steps), sink
         cases = {
             "gemv_pot3_a8 (8, 4)": lambda i: pot_a8.gemv_pot_a8(x8, sx, L(i), out, variant=(8, 4)),
             "gemv_pot3_a8 (4, 4)": lambda i: pot_a8.gemv_pot_a8(x8, sx, L(i), out, variant=(4, 4)),
-            "ldg32": lambda i: f32((t_tiles,), (128,), (L(i).words, L(i).scale, np.int32(s_steps), sink)),
+            "ldg32": lambda i: f32((t_tiles,), (128,), step_args(i)),
             # the GEMV's residency (127 registers: 4 blocks an SM) and twice it, by unused dynamic
             # shared memory (228 KB an SM, 1 KB reserved a block); the probe alone fits 16
-            "ldg32 at 4 blocks an SM": lambda i: f32((t_tiles,), (128,), (L(i).words, L(i).scale, np.int32(s_steps),
-                                                                          sink), shared_mem=47 << 10),
-            "ldg32 at 8 blocks an SM": lambda i: f32((t_tiles,), (128,), (L(i).words, L(i).scale, np.int32(s_steps),
-                                                                          sink), shared_mem=26 << 10),
+            "ldg32 at 4 blocks an SM": lambda i: f32((t_tiles,), (128,), step_args(i), shared_mem=47 << 10),
+            "ldg32 at 8 blocks an SM": lambda i: f32((t_tiles,), (128,), step_args(i), shared_mem=26 << 10),
             "ldg32-resident": lambda i: f32r((4 * sms,), (128,), (L(i).words, L(i).scale, np.int32(s_steps),
                                                                   np.int32(t_tiles), sink)),
-            "ldg128": lambda i: f128((t_tiles,), (128,), (L(i).words, L(i).scale, np.int32(s_steps), sink)),
+            "ldg128": lambda i: f128((t_tiles,), (128,), step_args(i)),
             "read": lambda i: fread((8 * sms,), (256,), (L(i).words, np.uint64(L(i).words.nbytes // 16), L(i).scale,
                                                          np.uint64(L(i).scale.nbytes // 16), sink)),
         }
