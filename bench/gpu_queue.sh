@@ -22,7 +22,7 @@
 #            it), made here by `python bench/pruned_compare.py build --model smollm2 --recipe
 #            pot3-a8 --out .carry/smollm2-pa8`; CPU perplexity 28.2157, 28.2686 with fp16 storage.
 set -u
-part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|tokx|p512|attn42|trips}
+part=${1:?usage: bash bench/gpu_queue.sh tests|pot|model|bench|smollm2|prefill|ncu|tokx|p512|attn42|trips|b32}
 out=${OUT:-/tmp/out}/$part
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -108,8 +108,16 @@ trips)               # session 42's wip/decode-trips, merged after its session-4
         --patch bench/patches/decode-trips-before.json --json
     step model_cuda 330 python -m pytest -q -p no:cacheprovider tests/test_model_cuda.py tests/test_pot_a8_gpu.py
     ;;
+b32)                 # session 44, issues 19 and 20 at batch 32: what the batch-32 step at 1024 positions spends
+                     # per kind of launch (each left out of the captured step, outputs wrong, timing only),
+                     # fp16 K/V; then the context table's batch-32 rows. In session 43 (H100) that step ran
+                     # at 64 % of its bytes roofline with INT8 K/V (4897 of 7668 tok/s) while attention ran
+                     # at 80 %: the M = 32 GEMMs are the suspects. Carry .carry/cupy-cache.
+    step ablate 300 python bench/profile_decode.py --batch 32 --ctx 1024 --steps 16 --ablate
+    step context 240 python bench/profile_decode.py --batch 32 --context 1024 --steps 16
+    ;;
 *)
-    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu, tokx, p512, attn42 or trips" >&2
+    echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu, tokx, p512, attn42, trips or b32" >&2
     exit 2
     ;;
 esac
