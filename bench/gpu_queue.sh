@@ -112,9 +112,19 @@ b32)                 # session 44, issues 19 and 20 at batch 32: what the batch-
                      # per kind of launch (each left out of the captured step, outputs wrong, timing only),
                      # fp16 K/V; then the context table's batch-32 rows. In session 43 (H100) that step ran
                      # at 64 % of its bytes roofline with INT8 K/V (4897 of 7668 tok/s) while attention ran
-                     # at 80 %: the M = 32 GEMMs are the suspects. Carry .carry/cupy-cache.
+                     # at 80 %: the M = 32 GEMMs are the suspects (H200, 2026-12-04: 0.7-1.5 TB/s of 4.25 alone).
+                     # Then each 7B linear at M = 32 alone under the engine's pick, the mma.sync kernel and the
+                     # GEMV, and the pick for gate|up under Nsight Compute. Carry .carry/cupy-cache.
     step ablate 300 python bench/profile_decode.py --batch 32 --ctx 1024 --steps 16 --ablate
-    step context 240 python bench/profile_decode.py --batch 32 --context 1024 --steps 16
+    for nk in "12288 4096" "4096 4096" "22016 4096" "4096 11008"; do
+        set -- $nk
+        for kern in auto mma gemv; do
+            step "one_${1}x${2}_$kern" 60 python -m engine.bench gemm-one --m 32 --n "$1" --k "$2" --kernel "$kern"
+        done
+    done
+    step ncu_gate_up 200 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy --section LaunchStats -k "regex:gemm_a8w4" -s 3 -c 1 \
+        python -m engine.bench gemm-one --m 32 --n 22016 --k 4096 --kernel auto --reps 5
     ;;
 *)
     echo "unknown part $part: tests, pot, model, bench, smollm2, prefill, ncu, tokx, p512, attn42, trips or b32" >&2
