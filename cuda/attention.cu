@@ -1338,9 +1338,9 @@ __device__ __forceinline__ void attn_decode_gqa_body(
     }
     for (int h = warp; h < nh; h += GQ_WARPS) {
         const float* ml = part_ml + 2 * (pbase + (size_t)h * NS);
-        // D = 256: the loops of before; the form below, in their place, makes nvcc 13.0 spill
-        // 28/60 bytes (st/ld) instead of 4/4 with fp16 K/V (bench/sass_scan.py, session 44)
-        if constexpr (!LEAN) {
+        // (the form below in their place makes nvcc 13.0 spill 28/60 bytes (st/ld), not 4/4, at D = 256
+        // with fp16 K/V: bench/sass_scan.py, session 44)
+        if constexpr (!LEAN) {                        // D = 256: the loops of before (registers)
             float M = NEG_INF, lsum = 0.f;
             for (int s = lane; s < active; s += 32) M = fmaxf(M, __ldcg(ml + 2 * s));
             M = warp_max(M);
