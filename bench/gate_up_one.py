@@ -9,7 +9,7 @@ and their plain q|k|v-shaped GEMVs beside them, for timing and for Nsight Comput
 Why: in the graphed 7B step (session 39, H100), W3's gate|up streams its 35 MB at ~82 % of copy
 bandwidth (14.37 µs) and A8W4's its 46 MB at ~91 % (17.05 µs), while both q|k|v GEMVs sit near
 80 %. Two ways of feeding W3's GEMV, more blocks an SM and 16-byte loads, did not close that
-(session 40, docs/KERNELS.md). The counters of the two SiLU kernels side by side (DRAM
+(session 40, docs/KERNELS-HISTORY.md). The counters of the two SiLU kernels side by side (DRAM
 throughput, L2 sectors a request, warp stalls, achieved occupancy) say where the rest goes.
 
 Each kernel runs on its own copies of the weights, enough of them that a call never finds the
