@@ -1,6 +1,6 @@
 """What every benchmark shares: event timing, the copy-bandwidth ceiling, L2-busting buffer counts.
 
-Timing (docs/KERNELS.md "Measuring"): CUDA events around every call, median of >= 50 calls
+Timing: CUDA events around every call, median of >= 50 calls
 after warm-up. Before each timed batch a spin kernel holds the GPU for a few ms while the
 host enqueues the whole batch, so Python launch overhead never shows up as GPU idle time
 inside an event pair. Weight buffers rotate (several copies whose total exceeds the L2 size)
