@@ -2,7 +2,7 @@
 # GPU runs of the pot3-a8 work (issue 15) and the session-39 GPU tests, in device calls of at most
 # 600 s each. Each step's log goes to $OUT/<part>/<step>.log; $OUT/<part>.tgz is rewritten after every
 # step, so a call cut short still returns what it finished. Session 39 (H100) ran pot and bench,
-# and model's tests by pytest directly (docs/KERNELS.md); session 40 (H100) smollm2, pot, bench and
+# and model's tests by pytest directly (docs/KERNELS-HISTORY.md); session 40 (H100) smollm2, pot, bench and
 # prefill (bench/results/2026-12-05-pot3-a8-prefill-h100.md); ncu is prepared, not yet run.
 #   prefill: the fp16-Ŵ path's GPU tests, the 7B e2e and prefill_breakdown of 512 tokens.
 #   ncu    : bench/gate_up_one.py, then its two SiLU GEMVs under Nsight Compute.

@@ -252,7 +252,7 @@ WGMMA_CFGS = (                                            # (BT, STAGES, NWG, WP
     # them in flight than the register ring's one or two stages; faster at every M > 16 timed)
     (32, 4, 2, 0, 2), (32, 5, 2, 0, 2), (64, 4, 1, 0, 2),
     (64, 4, 2, 0, 2), (128, 4, 1, 0, 2), (128, 4, 2, 0, 2), (256, 4, 2, 0, 2),
-)   # measured and dropped (slower everywhere, docs/KERNELS.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1,
+)   # measured and dropped (slower everywhere, docs/KERNELS-HISTORY.md): NWG=4, OVL 0/1 at BT=64, BT=256 OVL=1,
    # 256/5/2/0/2 (0-2 % slower than 256/4/2/0/2 at M = 256-4096, 2026-12-04)
 # Instantiated, tested and timed by `gemm-tune`, but not offered to the learned choice
 # (choice.candidates, which `perf collect` also times): the WPF = 0 tiles, until `perf collect`
