@@ -2,6 +2,7 @@
 each file or doc it names mentions the results file, and every results file is cited by something
 (bench/results/ holds the tables a doc cites, not every run). A .jsonl counts as cited by the .md of
 the same run beside it."""
+import functools
 import re
 import subprocess
 from pathlib import Path
@@ -15,13 +16,17 @@ SIBLING = re.compile(r"^\d{4}-\d{2}-\d{2}-")
 ROW = re.compile(r"^\| `(?P<name>[^`]+)`(?P<plus> \(\+ `\.jsonl`\))? \|")
 
 
+@functools.lru_cache(maxsize=None)
 def index_rows() -> dict:
-    """{file name: [cited-by entries]}; a row "`X.md` (+ `.jsonl`)" indexes X.jsonl with X.md's entries."""
+    """{file name: [cited-by entries]}; a row "`X.md` (+ `.jsonl`)" indexes X.jsonl with X.md's entries.
+    Parsed once for all the tests (read-only); a file with two rows raises."""
     rows = {}
     for line in INDEX.read_text().splitlines():
         m = ROW.match(line)
         if not m:
             continue
+        if m["name"] in rows:
+            raise AssertionError(f"{m['name']}: two rows in bench/results/README.md")
         cited = [c.strip() for c in line.rstrip().rstrip("|").rsplit("|", 1)[1].split(",") if c.strip()]
         rows[m["name"]] = cited
         if m["plus"]:
