@@ -110,9 +110,9 @@ trips)               # session 42's wip/decode-trips, merged after its session-4
     ;;
 b32)                 # session 44, issues 19 and 20 at batch 32: what the batch-32 step at 1024 positions spends
                      # per kind of launch (each left out of the captured step, outputs wrong, timing only),
-                     # fp16 K/V; then the context table's batch-32 rows. In session 43 (H100) that step ran
-                     # at 64 % of its bytes roofline with INT8 K/V (4897 of 7668 tok/s) while attention ran
-                     # at 80 %: the M = 32 GEMMs are the suspects (H200, 2026-12-04: 0.7-1.5 TB/s of 4.25 alone).
+                     # fp16 K/V. In session 43 (H100) that step ran at 64 % of its bytes roofline with INT8
+                     # K/V (4897 of 7668 tok/s) while attention ran at 80 %: the M = 32 GEMMs are the
+                     # suspects (alone, H200 tuning data of 2026-12-03: 0.6-1.6 TB/s of 4.25).
                      # Then each 7B linear at M = 32 alone under the engine's pick, the mma.sync kernel and the
                      # GEMV, and the pick for gate|up under Nsight Compute. Carry .carry/cupy-cache.
     step ablate 300 python bench/profile_decode.py --batch 32 --ctx 1024 --steps 16 --ablate
